@@ -1,0 +1,1 @@
+//! The engine (issue 3): not built yet.

@@ -1,0 +1,154 @@
+//! When can a customer's values change with no new event? Windows slide, ttls expire, and
+//! `since(...)` crosses thresholds. [`CompiledRules::next_change`] finds the earliest such
+//! instant so the engine can set one timer per customer. It may be early (the engine then
+//! re-evaluates, finds nothing and asks again) but never late.
+
+use rust_decimal::prelude::*;
+
+use crate::ast::AggFunc;
+use crate::ast::BinaryOp;
+use crate::compile::{CompiledRules, DefKind, Node};
+use crate::eval::{eval_node, Facts, FactsScope};
+use crate::value::Value;
+
+/// A value that is linear in `now`: `slope * now + offset`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Linear {
+    slope: Decimal,
+    offset: Decimal,
+}
+
+impl Linear {
+    fn constant(v: Decimal) -> Linear {
+        Linear {
+            slope: Decimal::ZERO,
+            offset: v,
+        }
+    }
+
+    fn at(self, t: i64) -> Option<Decimal> {
+        self.slope.checked_mul(Decimal::from(t))?.checked_add(self.offset)
+    }
+}
+
+impl CompiledRules {
+    /// The earliest instant after `facts.now()` at which any definition's value could
+    /// change by time alone, or `None` if none can.
+    pub fn next_change<F: Facts + ?Sized>(&self, facts: &F) -> Option<i64> {
+        let now = facts.now();
+        let mut next: Option<i64> = None;
+        let mut consider = |t: Option<i64>| {
+            if let Some(t) = t.filter(|t| *t > now) {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+        };
+        for id in 0..self.aggregates.len() {
+            consider(facts.aggregate_next_change(id));
+        }
+        for def in &self.defs {
+            if def.kind == DefKind::EventTag {
+                consider(facts.event_tag_next_change(def.id));
+            }
+        }
+        for (_, op, lhs, rhs) in &self.time_comparisons {
+            consider(self.crossing(*op, lhs, rhs, facts));
+        }
+        next
+    }
+
+    /// The first instant after now at which `lhs op rhs` changes truth, when both sides are
+    /// linear in `now`.
+    fn crossing<F: Facts + ?Sized>(&self, op: BinaryOp, lhs: &Node, rhs: &Node, facts: &F) -> Option<i64> {
+        let now = facts.now();
+        let l = self.linear(lhs, facts)?;
+        let r = self.linear(rhs, facts)?;
+        let diff = Linear {
+            slope: l.slope.checked_sub(r.slope)?,
+            offset: l.offset.checked_sub(r.offset)?,
+        };
+        if diff.slope.is_zero() {
+            return None;
+        }
+        let truth = |t: i64| -> Option<bool> {
+            let d = diff.at(t)?;
+            Some(match op {
+                BinaryOp::Eq => d.is_zero(),
+                BinaryOp::Ne => !d.is_zero(),
+                BinaryOp::Lt => d < Decimal::ZERO,
+                BinaryOp::Le => d <= Decimal::ZERO,
+                BinaryOp::Gt => d > Decimal::ZERO,
+                BinaryOp::Ge => d >= Decimal::ZERO,
+                _ => return None,
+            })
+        };
+        let root = (-diff.offset).checked_div(diff.slope)?;
+        let floor = root.floor().to_i64()?;
+        let current = truth(now)?;
+        [floor, floor.saturating_add(1)]
+            .into_iter()
+            .filter(|t| *t > now)
+            .find(|t| truth(*t).is_some_and(|v| v != current))
+    }
+
+    /// The value of a numeric or duration expression as a linear function of `now`.
+    fn linear<F: Facts + ?Sized>(&self, node: &Node, facts: &F) -> Option<Linear> {
+        let now = facts.now();
+        let constant = |v: Value| match v {
+            Value::Num(n) => Some(Linear::constant(n)),
+            Value::Dur(ms) => Some(Linear::constant(Decimal::from(ms))),
+            _ => None,
+        };
+        match node {
+            Node::Agg(id) if self.aggregates[*id].func == AggFunc::Since => match facts.aggregate(*id) {
+                // since = now - last_ts
+                Value::Dur(ms) => Some(Linear {
+                    slope: Decimal::ONE,
+                    offset: Decimal::from(ms) - Decimal::from(now),
+                }),
+                _ => None,
+            },
+            Node::Def(id) => {
+                let def = &self.defs[*id];
+                match (&def.expr, def.kind, def.uses_since) {
+                    (Some(expr), DefKind::Trait, true) => self.linear(expr, facts),
+                    _ => constant(facts.definition(*id)),
+                }
+            }
+            Node::Neg(inner) => {
+                let v = self.linear(inner, facts)?;
+                Some(Linear {
+                    slope: -v.slope,
+                    offset: -v.offset,
+                })
+            }
+            Node::Binary(op @ (BinaryOp::Add | BinaryOp::Sub | BinaryOp::Mul | BinaryOp::Div), l, r) => {
+                let a = self.linear(l, facts)?;
+                let b = self.linear(r, facts)?;
+                match op {
+                    BinaryOp::Add => Some(Linear {
+                        slope: a.slope.checked_add(b.slope)?,
+                        offset: a.offset.checked_add(b.offset)?,
+                    }),
+                    BinaryOp::Sub => Some(Linear {
+                        slope: a.slope.checked_sub(b.slope)?,
+                        offset: a.offset.checked_sub(b.offset)?,
+                    }),
+                    BinaryOp::Mul if a.slope.is_zero() => Some(Linear {
+                        slope: b.slope.checked_mul(a.offset)?,
+                        offset: b.offset.checked_mul(a.offset)?,
+                    }),
+                    BinaryOp::Mul if b.slope.is_zero() => Some(Linear {
+                        slope: a.slope.checked_mul(b.offset)?,
+                        offset: a.offset.checked_mul(b.offset)?,
+                    }),
+                    BinaryOp::Div if b.slope.is_zero() && !b.offset.is_zero() => Some(Linear {
+                        slope: a.slope.checked_div(b.offset)?,
+                        offset: a.offset.checked_div(b.offset)?,
+                    }),
+                    _ => None,
+                }
+            }
+            other => constant(eval_node(other, &FactsScope(facts))),
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! Runtime values of the rule language and their semantics: the null rules, comparisons
+//! of normalised strings, exact decimal arithmetic and the JSON mapping.
+
+use std::cmp::Ordering;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use rust_decimal::prelude::*;
+use serde::ser::{SerializeSeq, Serializer};
+use serde::Serialize;
+
+use crate::normalize::normalize;
+
+/// A value computed by a rule or read from an event or profile.
+///
+/// Numbers are exact decimals ([`Decimal`], 28 significant digits), so sums of money never
+/// drift; durations are whole milliseconds. `PartialEq` is structural identity (for
+/// tests and change detection); the language's `==` is [`Value::rule_eq`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum Value {
+    #[default]
+    Null,
+    Bool(bool),
+    Num(Decimal),
+    Str(Arc<str>),
+    Dur(i64),
+    List(Arc<[Value]>),
+}
+
+/// The static type of an expression, as far as the checker can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Type {
+    Bool,
+    Num,
+    Str,
+    Dur,
+    List,
+    Null,
+    /// Not known before run time: profile attributes, event properties, `last`/`first`.
+    Any,
+}
+
+impl fmt::Display for Type {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Type::Bool => "bool",
+            Type::Num => "number",
+            Type::Str => "string",
+            Type::Dur => "duration",
+            Type::List => "list",
+            Type::Null => "null",
+            Type::Any => "any",
+        })
+    }
+}
+
+impl Value {
+    pub fn str(s: &str) -> Value {
+        Value::Str(Arc::from(s))
+    }
+
+    pub fn num(n: i64) -> Value {
+        Value::Num(Decimal::from(n))
+    }
+
+    pub fn is_true(&self) -> bool {
+        matches!(self, Value::Bool(true))
+    }
+
+    pub fn is_null(&self) -> bool {
+        matches!(self, Value::Null)
+    }
+
+    pub fn type_of(&self) -> Type {
+        match self {
+            Value::Null => Type::Null,
+            Value::Bool(_) => Type::Bool,
+            Value::Num(_) => Type::Num,
+            Value::Str(_) => Type::Str,
+            Value::Dur(_) => Type::Dur,
+            Value::List(_) => Type::List,
+        }
+    }
+
+    pub fn as_num(&self) -> Option<Decimal> {
+        match self {
+            Value::Num(n) => Some(*n),
+            _ => None,
+        }
+    }
+
+    /// `==` of the rule language: null equals nothing, values of different types are
+    /// unequal, strings compare after normalisation.
+    pub fn rule_eq(&self, other: &Value) -> bool {
+        match (self, other) {
+            (Value::Null, _) | (_, Value::Null) => false,
+            (Value::Bool(a), Value::Bool(b)) => a == b,
+            (Value::Num(a), Value::Num(b)) => a == b,
+            (Value::Dur(a), Value::Dur(b)) => a == b,
+            (Value::Str(a), Value::Str(b)) => a == b || normalize(a) == normalize(b),
+            (Value::List(a), Value::List(b)) => {
+                a.len() == b.len() && a.iter().zip(b.iter()).all(|(x, y)| x.rule_eq(y))
+            }
+            _ => false,
+        }
+    }
+
+    /// `!=`: false when either side is null, true for different types.
+    pub fn rule_ne(&self, other: &Value) -> bool {
+        if self.is_null() || other.is_null() {
+            return false;
+        }
+        !self.rule_eq(other)
+    }
+
+    /// Ordering for `< <= > >=`: only numbers, durations and strings of the same type order.
+    pub fn rule_cmp(&self, other: &Value) -> Option<Ordering> {
+        match (self, other) {
+            (Value::Num(a), Value::Num(b)) => Some(a.cmp(b)),
+            (Value::Dur(a), Value::Dur(b)) => Some(a.cmp(b)),
+            (Value::Str(a), Value::Str(b)) => Some(normalize(a).cmp(&normalize(b))),
+            _ => None,
+        }
+    }
+
+    /// A key that is equal for values `distinct` counts once (strings normalised).
+    pub fn distinct_key(&self) -> Option<DistinctKey> {
+        match self {
+            Value::Null => None,
+            Value::Bool(b) => Some(DistinctKey::Bool(*b)),
+            Value::Num(n) => Some(DistinctKey::Num(n.normalize())),
+            Value::Dur(d) => Some(DistinctKey::Dur(*d)),
+            Value::Str(s) => Some(DistinctKey::Str(normalize(s).into_owned())),
+            Value::List(_) => Some(DistinctKey::Str(self.to_string())),
+        }
+    }
+
+    /// Converts a JSON value. Objects are not values of the language and become null
+    /// (their leaves are reachable through dotted paths instead).
+    pub fn from_json(v: &serde_json::Value) -> Value {
+        match v {
+            serde_json::Value::Null | serde_json::Value::Object(_) => Value::Null,
+            serde_json::Value::Bool(b) => Value::Bool(*b),
+            serde_json::Value::Number(n) => number_from_json(n).map_or(Value::Null, Value::Num),
+            serde_json::Value::String(s) => Value::str(s),
+            serde_json::Value::Array(items) => Value::List(items.iter().map(Value::from_json).collect()),
+        }
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// Equality key used by `distinct`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DistinctKey {
+    Bool(bool),
+    Num(Decimal),
+    Dur(i64),
+    Str(String),
+}
+
+/// Exact decimal from a JSON number. Floats go through their shortest round-trip text, so
+/// `330.12` becomes exactly 330.12 rather than its binary approximation.
+pub fn number_from_json(n: &serde_json::Number) -> Option<Decimal> {
+    if let Some(i) = n.as_i64() {
+        return Some(Decimal::from(i));
+    }
+    if let Some(u) = n.as_u64() {
+        return Decimal::from_u64(u);
+    }
+    let f = n.as_f64()?;
+    if !f.is_finite() {
+        return None;
+    }
+    decimal_from_f64(f)
+}
+
+pub fn decimal_from_f64(f: f64) -> Option<Decimal> {
+    let text = f.to_string();
+    Decimal::from_str(&text)
+        .or_else(|_| Decimal::from_scientific(&format!("{f:e}")))
+        .ok()
+        .or_else(|| Decimal::from_f64(f))
+}
+
+impl fmt::Display for Value {
+    /// The rule-language spelling of the value (strings quoted).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Value::Null => f.write_str("null"),
+            Value::Bool(b) => write!(f, "{b}"),
+            Value::Num(n) => write!(f, "{}", n.normalize()),
+            Value::Str(s) => write!(f, "{}", crate::ast::quote(s)),
+            Value::Dur(ms) => f.write_str(&crate::ast::format_duration(*ms)),
+            Value::List(items) => {
+                f.write_str("[")?;
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{item}")?;
+                }
+                f.write_str("]")
+            }
+        }
+    }
+}
+
+impl Serialize for Value {
+    /// JSON as the contract prints values: exact decimals without float noise, durations
+    /// as integer milliseconds.
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Value::Null => serializer.serialize_unit(),
+            Value::Bool(b) => serializer.serialize_bool(*b),
+            Value::Num(n) => serialize_decimal(n, serializer),
+            Value::Str(s) => serializer.serialize_str(s),
+            Value::Dur(ms) => serializer.serialize_i64(*ms),
+            Value::List(items) => {
+                let mut seq = serializer.serialize_seq(Some(items.len()))?;
+                for item in items.iter() {
+                    seq.serialize_element(item)?;
+                }
+                seq.end()
+            }
+        }
+    }
+}
+
+/// Writes a decimal as a JSON number with exactly its decimal digits.
+pub fn serialize_decimal<S: Serializer>(n: &Decimal, serializer: S) -> Result<S::Ok, S::Error> {
+    let n = n.normalize();
+    if n.scale() == 0 {
+        if let Some(i) = n.to_i64() {
+            return serializer.serialize_i64(i);
+        }
+    }
+    match serde_json::value::RawValue::from_string(n.to_string()) {
+        Ok(raw) => raw.serialize(serializer),
+        Err(_) => serializer.serialize_f64(n.to_f64().unwrap_or(0.0)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn null_is_never_equal_nor_unequal() {
+        assert!(!Value::Null.rule_eq(&Value::Null));
+        assert!(!Value::Null.rule_ne(&Value::num(1)));
+        assert!(Value::num(1).rule_ne(&Value::str("1")));
+        assert!(!Value::num(1).rule_eq(&Value::str("1")));
+    }
+
+    #[test]
+    fn strings_compare_normalised() {
+        assert!(Value::str("杭州\u{200b}").rule_eq(&Value::str("杭州")));
+        assert!(Value::str("１３８").rule_eq(&Value::str("138")));
+    }
+
+    #[test]
+    fn floats_from_json_are_exact_decimals() {
+        let v: serde_json::Value = serde_json::from_str("[0.1, 0.2, 330.12, 7, 1e3]").unwrap();
+        let vals: Vec<Decimal> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| Value::from_json(x).as_num().unwrap())
+            .collect();
+        assert_eq!(vals[0] + vals[1], Decimal::from_str("0.3").unwrap());
+        assert_eq!(vals[2].to_string(), "330.12");
+        assert_eq!(vals[4], Decimal::from(1000));
+    }
+
+    #[test]
+    fn json_prints_exact_decimals() {
+        let sum = Decimal::from_str("0.1").unwrap() + Decimal::from_str("0.2").unwrap();
+        let text = serde_json::to_string(&Value::Num(sum)).unwrap();
+        assert_eq!(text, "0.3");
+        assert_eq!(serde_json::to_string(&Value::num(2000)).unwrap(), "2000");
+        assert_eq!(serde_json::to_string(&Value::Dur(2_700_000)).unwrap(), "2700000");
+    }
+}
