@@ -998,7 +998,15 @@ impl<'a> Compiler<'a> {
         };
         if nonlinear {
             cx.diags.push(
-                Diagnostic::new(Code::E0304, span, format!("`since(...)` on both sides of `{}`", op.symbol()))
+                Diagnostic::new(
+                    Code::E0304,
+                    span,
+                    if op == BinaryOp::Mul {
+                        "`since(...)` on both sides of `*`"
+                    } else {
+                        "dividing by a value that grows with time (`since(...)`)"
+                    },
+                )
                     .with_hint("values that grow with time may be added, subtracted, and multiplied or divided by values that do not"),
             );
         }
@@ -1042,5 +1050,70 @@ fn def_kind(body: &DefBody) -> DefKind {
         DefBody::ConditionTag { .. } => DefKind::ConditionTag,
         DefBody::EventTag { .. } => DefKind::EventTag,
         DefBody::Segment(_) => DefKind::Segment,
+    }
+}
+
+impl CompiledRules {
+    /// A readable account of the compiled plan: evaluation order, shared aggregates, and
+    /// which definitions each event type and profile attribute can change.
+    pub fn describe_plan(&self) -> String {
+        use std::fmt::Write as _;
+        let names = |ids: &[DefId]| -> String {
+            ids.iter()
+                .map(|&i| &*self.defs[i].name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut out = String::new();
+        let _ = writeln!(out, "evaluation order:");
+        for &i in &self.order {
+            let def = &self.defs[i];
+            let kind = match def.kind {
+                DefKind::Trait => format!("trait ({})", def.ty),
+                DefKind::ConditionTag => "tag".to_owned(),
+                DefKind::EventTag => "event tag".to_owned(),
+                DefKind::Segment => "segment".to_owned(),
+            };
+            let mut notes = Vec::new();
+            if !def.deps.is_empty() {
+                notes.push(format!("reads {}", names(&def.deps)));
+            }
+            if def.time_dependent {
+                notes.push("changes with time".to_owned());
+            }
+            let notes = if notes.is_empty() {
+                String::new()
+            } else {
+                format!("  [{}]", notes.join("; "))
+            };
+            let _ = writeln!(out, "  {} {kind}{notes}", def.name);
+        }
+        let _ = writeln!(out, "aggregates:");
+        for (id, agg) in self.aggregates.iter().enumerate() {
+            let _ = writeln!(out, "  #{id} {}", agg.text);
+        }
+        let mut types: Vec<_> = self.by_event_type.iter().collect();
+        types.sort();
+        let _ = writeln!(out, "event types:");
+        for (t, ids) in types {
+            let _ = writeln!(out, "  {t} -> {}", names(ids));
+        }
+        let mut attrs: Vec<_> = self.by_profile_attr.iter().collect();
+        attrs.sort();
+        let _ = writeln!(out, "profile attributes:");
+        for (a, ids) in attrs {
+            let _ = writeln!(out, "  {a} -> {}", names(ids));
+        }
+        if !self.time_comparisons.is_empty() {
+            let _ = writeln!(out, "since thresholds:");
+            let mut seen = Vec::new();
+            for (i, ..) in &self.time_comparisons {
+                if !seen.contains(i) {
+                    seen.push(*i);
+                    let _ = writeln!(out, "  {}", self.defs[*i].name);
+                }
+            }
+        }
+        out
     }
 }

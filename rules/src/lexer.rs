@@ -255,7 +255,19 @@ impl Lexer<'_> {
                 continue;
             }
             if c == '"' {
-                self.string(start);
+                self.string(start, '"');
+                continue;
+            }
+            if c == '\'' {
+                self.diags.push(
+                    Diagnostic::new(
+                        Code::E0001,
+                        Span::new(start, start + 1),
+                        "strings use double quotes",
+                    )
+                    .with_hint("write \"...\" instead of '...'"),
+                );
+                self.string(start, '\'');
                 continue;
             }
             self.bump();
@@ -285,22 +297,52 @@ impl Lexer<'_> {
                     self.bump();
                     Tok::Ne
                 }
-                _ => {
-                    let hint = match c {
-                        '!' => Some("write `not x` for negation and `!=` for inequality"),
-                        '&' => Some("write `and`"),
-                        '|' => Some("write `or`"),
-                        '\'' | '“' | '”' => Some("strings use straight double quotes: \"...\""),
-                        '（' | '）' | '，' => Some("this is a full-width character; use ASCII ( ) ,"),
-                        _ => None,
+                // Common slips get one clear error and lex as what was meant, so parsing
+                // goes on without a cascade of follow-on errors.
+                '&' | '|' | '!' | '（' | '）' | '，' | '＝' | '＜' | '＞' => {
+                    let (tok, hint) = match c {
+                        '&' => {
+                            if self.peek() == Some('&') {
+                                self.bump();
+                            }
+                            (Tok::Kw(Kw::And), "write `and`")
+                        }
+                        '|' => {
+                            if self.peek() == Some('|') {
+                                self.bump();
+                            }
+                            (Tok::Kw(Kw::Or), "write `or`")
+                        }
+                        '!' => (
+                            Tok::Kw(Kw::Not),
+                            "write `not x` for negation and `!=` for inequality",
+                        ),
+                        '（' => (Tok::LParen, "this is a full-width `（`; write the ASCII `(`"),
+                        '）' => (Tok::RParen, "this is a full-width `）`; write the ASCII `)`"),
+                        '，' => (Tok::Comma, "this is a full-width `，`; write the ASCII `,`"),
+                        '＝' => (Tok::Eq, "this is a full-width `＝`; compare with the ASCII `==`"),
+                        '＜' => (Tok::Lt, "this is a full-width `＜`; write the ASCII `<`"),
+                        _ => (Tok::Gt, "this is a full-width `＞`; write the ASCII `>`"),
                     };
+                    let text = &self.src[start..self.pos];
+                    self.diags.push(
+                        Diagnostic::new(
+                            Code::E0001,
+                            Span::new(start, self.pos),
+                            format!("unexpected `{text}`"),
+                        )
+                        .with_hint(hint),
+                    );
+                    tok
+                }
+                _ => {
                     let mut d = Diagnostic::new(
                         Code::E0001,
                         Span::new(start, self.pos),
                         format!("unexpected character `{c}`"),
                     );
-                    if let Some(h) = hint {
-                        d = d.with_hint(h);
+                    if matches!(c, '“' | '”' | '‘' | '’') {
+                        d = d.with_hint("strings use straight double quotes: \"...\"");
                     }
                     self.diags.push(d);
                     continue;
@@ -354,7 +396,8 @@ impl Lexer<'_> {
                 Diagnostic::new(Code::E0003, span, format!("unknown duration unit `{unit}`"))
                     .with_hint("durations are written like 500ms, 30s, 45m, 12h or 30d"),
             );
-            self.push(Tok::Dur(0), start);
+            // Recover with a valid duration so no follow-on error is reported for it.
+            self.push(Tok::Dur(1), start);
             return;
         };
         let ms = value * Decimal::from(ms_per_unit);
@@ -369,12 +412,12 @@ impl Lexer<'_> {
                     )
                     .with_hint("time is counted in whole milliseconds"),
                 );
-                self.push(Tok::Dur(0), start);
+                self.push(Tok::Dur(1), start);
             }
         }
     }
 
-    fn string(&mut self, start: usize) {
+    fn string(&mut self, start: usize, quote: char) {
         self.bump();
         let mut text = String::new();
         loop {
@@ -386,7 +429,7 @@ impl Lexer<'_> {
                 break;
             };
             match c {
-                '"' => break,
+                c if c == quote => break,
                 '\n' => {
                     self.pos -= 1;
                     self.diags.push(
@@ -486,8 +529,10 @@ mod tests {
 
     #[test]
     fn bad_unit_is_reported_and_lexing_goes_on() {
-        let (tokens, diags) = lex("count(x, 7w) @");
-        assert_eq!(diags.len(), 2);
+        let (tokens, diags) = lex("count(x, 7w) @ && y");
+        assert_eq!(diags.len(), 3);
+        assert_eq!(diags[2].code, Code::E0001);
+        assert!(tokens.iter().any(|t| t.tok == Tok::Kw(Kw::And)));
         assert_eq!(diags[0].code, Code::E0003);
         assert_eq!(diags[1].code, Code::E0001);
         assert_eq!(tokens.last().unwrap().tok, Tok::Eof);

@@ -133,13 +133,21 @@ impl Parser {
                     defs.push(def);
                     if !self.at_def_start() {
                         let t = self.peek();
+                        let hint = if t.tok == Tok::Assign {
+                            "compare with `==`; a single `=` only starts a definition"
+                        } else {
+                            "join conditions with `and` / `or`; start a definition with `trait`, `tag` or `segment`"
+                        };
                         self.diags.push(
                             Diagnostic::new(
                                 Code::E0101,
                                 t.span,
-                                format!("expected an operator or a new definition, found {}", t.tok.describe()),
+                                format!(
+                                    "expected an operator or a new definition, found {}",
+                                    t.tok.describe()
+                                ),
                             )
-                            .with_hint("join conditions with `and` / `or`; start a definition with `trait`, `tag` or `segment`"),
+                            .with_hint(hint),
                         );
                         self.recover();
                     }
@@ -236,7 +244,7 @@ impl Parser {
                     t.span,
                     format!("`{name}` is a reserved word and cannot name a definition"),
                 )
-                .with_hint(format!("choose another name, like `{name}_tag`")),
+                .with_hint(format!("choose another name, like `{name}_30d` or `my_{name}`")),
             );
         }
         Ok(Ident { name, span: t.span })
@@ -623,7 +631,14 @@ impl Parser {
         } else {
             None
         };
-        let close = self.expect(Tok::RParen, "`)`")?;
+        if !self.at(&Tok::RParen) {
+            let mut d = self.unexpected("`)`");
+            if matches!(self.peek().tok, Tok::Dur(_) | Tok::Kw(Kw::Lifetime)) {
+                d = d.with_hint("separate the window with a comma, like `, 30d`");
+            }
+            return Err(d);
+        }
+        let close = self.bump();
         Ok(Expr {
             kind: ExprKind::Agg(Box::new(Aggregate {
                 func,
