@@ -8,7 +8,7 @@ use rust_decimal::prelude::*;
 use crate::ast::AggFunc;
 use crate::ast::BinaryOp;
 use crate::compile::{CompiledRules, DefKind, Node};
-use crate::eval::{eval_node, Facts, FactsScope};
+use crate::eval::{eval_node, Facts, FactsScope, Scope};
 use crate::value::Value;
 
 /// A value that is linear in `now`: `slope * now + offset`.
@@ -24,10 +24,6 @@ impl Linear {
             slope: Decimal::ZERO,
             offset: v,
         }
-    }
-
-    fn at(self, t: i64) -> Option<Decimal> {
-        self.slope.checked_mul(Decimal::from(t))?.checked_add(self.offset)
     }
 }
 
@@ -69,25 +65,39 @@ impl CompiledRules {
         if diff.slope.is_zero() {
             return None;
         }
-        let truth = |t: i64| -> Option<bool> {
-            let d = diff.at(t)?;
-            Some(match op {
-                BinaryOp::Eq => d.is_zero(),
-                BinaryOp::Ne => !d.is_zero(),
-                BinaryOp::Lt => d < Decimal::ZERO,
-                BinaryOp::Le => d <= Decimal::ZERO,
-                BinaryOp::Gt => d > Decimal::ZERO,
-                BinaryOp::Ge => d >= Decimal::ZERO,
-                _ => return None,
-            })
-        };
         let root = (-diff.offset).checked_div(diff.slope)?;
         let floor = root.floor().to_i64()?;
-        let current = truth(now)?;
-        [floor, floor.saturating_add(1)]
-            .into_iter()
-            .filter(|t| *t > now)
-            .find(|t| truth(*t).is_some_and(|v| v != current))
+        // The linear model only locates the root (its decimal division may round); each
+        // candidate instant is confirmed by exact evaluation at that instant.
+        let current = self.compare_at(op, lhs, rhs, facts, 0);
+        let candidates = (-2..=2).filter_map(|k| floor.checked_add(k)).filter(|t| *t > now);
+        let mut last = None;
+        for t in candidates {
+            if self.compare_at(op, lhs, rhs, facts, t - now) != current {
+                return Some(t);
+            }
+            last = Some(t);
+        }
+        // The model puts the root ahead but the exact check did not confirm it nearby: wake
+        // up at the last candidate and look again (early, never late).
+        last.filter(|_| floor >= now)
+    }
+
+    /// `lhs op rhs` evaluated `delta` ms after `now`, as if no event arrived meanwhile.
+    fn compare_at<F: Facts + ?Sized>(
+        &self,
+        op: BinaryOp,
+        lhs: &Node,
+        rhs: &Node,
+        facts: &F,
+        delta: i64,
+    ) -> bool {
+        let scope = Shifted {
+            rules: self,
+            facts,
+            delta,
+        };
+        crate::eval::apply_binary(op, &eval_node(lhs, &scope), &eval_node(rhs, &scope)).is_true()
     }
 
     /// The value of a numeric or duration expression as a linear function of `now`.
@@ -150,5 +160,35 @@ impl CompiledRules {
             }
             other => constant(eval_node(other, &FactsScope(facts))),
         }
+    }
+}
+
+/// The facts `delta` ms later: `since` values grow by `delta`, and traits built on them are
+/// recomputed; everything else is as at `now`.
+struct Shifted<'a, F: ?Sized> {
+    rules: &'a CompiledRules,
+    facts: &'a F,
+    delta: i64,
+}
+
+impl<F: Facts + ?Sized> Scope for Shifted<'_, F> {
+    fn aggregate(&self, id: usize) -> Value {
+        match (self.rules.aggregates[id].func, self.facts.aggregate(id)) {
+            (AggFunc::Since, Value::Dur(ms)) => Value::Dur(ms.saturating_add(self.delta)),
+            (_, v) => v,
+        }
+    }
+    fn profile(&self, name: &str) -> Option<Value> {
+        self.facts.profile(name)
+    }
+    fn definition(&self, id: usize) -> Value {
+        let def = &self.rules.defs[id];
+        match (&def.expr, def.kind, def.uses_since) {
+            (Some(expr), DefKind::Trait, true) => eval_node(expr, self),
+            _ => self.facts.definition(id),
+        }
+    }
+    fn prop(&self, _path: &str) -> Value {
+        Value::Null
     }
 }
