@@ -137,8 +137,8 @@ fn last_and_first_break_ties_by_arrival() {
     let mut c = Case::new("trait l = last(call.outcome)\ntrait f = first(call.outcome)");
     c.push("call", 5 * HOUR, r#"{"outcome": "a"}"#);
     c.push("call", 5 * HOUR, r#"{"outcome": "b"}"#);
-    c.push("call", 1 * HOUR, r#"{"outcome": "c"}"#);
-    c.push("call", 1 * HOUR, r#"{"outcome": "d"}"#);
+    c.push("call", HOUR, r#"{"outcome": "c"}"#);
+    c.push("call", HOUR, r#"{"outcome": "d"}"#);
     c.push("call", 9 * HOUR, r#"{"other": 1}"#);
     assert_eq!(
         c.value("l", 6 * HOUR),
