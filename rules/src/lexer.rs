@@ -400,10 +400,18 @@ impl Lexer<'_> {
             self.push(Tok::Dur(1), start);
             return;
         };
-        let ms = value * Decimal::from(ms_per_unit);
-        match (ms.fract().is_zero(), i64::try_from(ms)) {
-            (true, Ok(ms)) => self.push(Tok::Dur(ms), start),
-            _ => {
+        let ms = value.checked_mul(Decimal::from(ms_per_unit));
+        match ms.map(|ms| (ms.fract().is_zero(), i64::try_from(ms))) {
+            Some((true, Ok(ms))) => self.push(Tok::Dur(ms), start),
+            None | Some((true, Err(_))) => {
+                self.diags.push(Diagnostic::new(
+                    Code::E0003,
+                    span,
+                    format!("duration `{digits}{unit}` is out of range"),
+                ));
+                self.push(Tok::Dur(1), start);
+            }
+            Some((false, _)) => {
                 self.diags.push(
                     Diagnostic::new(
                         Code::E0003,

@@ -1,0 +1,143 @@
+//! Tag and segment changes: the change log's records (contract section 4).
+
+use std::sync::Arc;
+
+use serde::ser::SerializeMap;
+use serde::{Serialize, Serializer};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MemberKind {
+    Tag,
+    Segment,
+}
+
+impl MemberKind {
+    pub fn field(self) -> &'static str {
+        match self {
+            MemberKind::Tag => "tag",
+            MemberKind::Segment => "segment",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Add,
+    Remove,
+}
+
+/// What caused a change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cause {
+    /// An event, with its `event_id` if it had one.
+    Event(Option<String>),
+    Timer,
+    RuleChange,
+    Manual,
+}
+
+impl Cause {
+    pub fn as_string(&self) -> String {
+        match self {
+            Cause::Event(Some(id)) => format!("event:{id}"),
+            Cause::Event(None) => "event:".to_owned(),
+            Cause::Timer => "timer".to_owned(),
+            Cause::RuleChange => "rule_change".to_owned(),
+            Cause::Manual => "manual".to_owned(),
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Cause> {
+        Some(match s {
+            "timer" => Cause::Timer,
+            "rule_change" => Cause::RuleChange,
+            "manual" => Cause::Manual,
+            "event:" => Cause::Event(None),
+            other => Cause::Event(Some(other.strip_prefix("event:")?.to_owned())),
+        })
+    }
+}
+
+/// `{seq, customer_id, tag|segment, op, at, cause}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub seq: u64,
+    pub customer_id: Arc<str>,
+    pub kind: MemberKind,
+    pub name: Arc<str>,
+    pub op: Op,
+    pub at: i64,
+    pub cause: Cause,
+}
+
+impl Serialize for Change {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(6))?;
+        map.serialize_entry("seq", &self.seq)?;
+        map.serialize_entry("customer_id", &*self.customer_id)?;
+        map.serialize_entry(self.kind.field(), &*self.name)?;
+        map.serialize_entry(
+            "op",
+            match self.op {
+                Op::Add => "add",
+                Op::Remove => "remove",
+            },
+        )?;
+        map.serialize_entry("at", &self.at)?;
+        map.serialize_entry("cause", &self.cause.as_string())?;
+        map.end()
+    }
+}
+
+impl Change {
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a change always serialises")
+    }
+
+    /// Reads a change back from its stored JSON.
+    pub fn from_json(bytes: &[u8]) -> Option<Change> {
+        let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+        let (kind, name) = match (v.get("tag"), v.get("segment")) {
+            (Some(t), _) => (MemberKind::Tag, t.as_str()?),
+            (None, Some(s)) => (MemberKind::Segment, s.as_str()?),
+            _ => return None,
+        };
+        Some(Change {
+            seq: v.get("seq")?.as_u64()?,
+            customer_id: Arc::from(v.get("customer_id")?.as_str()?),
+            kind,
+            name: Arc::from(name),
+            op: match v.get("op")?.as_str()? {
+                "add" => Op::Add,
+                "remove" => Op::Remove,
+                _ => return None,
+            },
+            at: v.get("at")?.as_i64()?,
+            cause: Cause::parse(v.get("cause")?.as_str()?)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changes_print_as_the_contract_says_and_read_back() {
+        let c = Change {
+            seq: 7,
+            customer_id: "13800000000".into(),
+            kind: MemberKind::Segment,
+            name: "spring_promo".into(),
+            op: Op::Add,
+            at: 1_744_000_000_000,
+            cause: Cause::Event(None),
+        };
+        let json = String::from_utf8(c.to_json()).unwrap();
+        assert_eq!(
+            json,
+            r#"{"seq":7,"customer_id":"13800000000","segment":"spring_promo","op":"add","at":1744000000000,"cause":"event:"}"#
+        );
+        assert_eq!(Change::from_json(json.as_bytes()), Some(c));
+    }
+}

@@ -1,0 +1,1031 @@
+//! The synchronous core: `ingest(events)` and `advance_clock(now)` turn events and time into
+//! tag and segment changes, with every batch committed atomically to RocksDB.
+//!
+//! Per event the engine re-evaluates only the tags and segments the event's type and the
+//! profile attributes it sets can change (the compiled plan says which); per timer only the
+//! definitions that can change with time. Each customer has at most one pending timer: the
+//! earliest instant at which time alone could change one of their tags.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
+
+use rocksdb::WriteBatch;
+use rules::{CompiledRules, DefId, DefKind, Diagnostic, Facts, Value};
+
+use crate::change::{Cause, Change, MemberKind, Op};
+use crate::codec::{Reader, Writer};
+use crate::event::{parse_event, EventLimits, ValidEvent};
+use crate::state::{CustomerState, EngineFacts, ManualTag, Membership};
+use crate::store::{
+    sortable_i64, timer_key, Store, StoreError, CF_CHANGES, CF_CUSTOMERS, CF_DEDUP, CF_DLQ, CF_META,
+    CF_TIMERS,
+};
+
+/// Where `now` comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClockMode {
+    /// `now` is the wall clock (production).
+    Wall,
+    /// `now` is the greatest event `ts` seen, or a later time set explicitly (replay, tests).
+    Event,
+}
+
+/// Engine settings; every default lives in [`EngineConfig::default`].
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub clock: ClockMode,
+    pub limits: EventLimits,
+    /// An `event_id` first applied at most this long ago (clock time) is a duplicate.
+    pub dedup_horizon_ms: i64,
+    /// How long each customer's events are kept for windows, `lifetime` and backfill.
+    pub retention_ms: i64,
+    /// Most customers kept in memory between batches.
+    pub cache_customers: usize,
+    /// fsync the WAL on every commit (acknowledged means on disk).
+    pub sync_writes: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            clock: ClockMode::Wall,
+            limits: EventLimits::default(),
+            dedup_horizon_ms: 7 * 86_400_000,
+            retention_ms: rules::DEFAULT_RETENTION_MS,
+            cache_customers: 100_000,
+            sync_writes: true,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the rule set has {} error(s)", .0.len())]
+    Rules(Vec<Diagnostic>),
+    #[error("{0}")]
+    Clock(String),
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// One rejected event of a batch.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct IngestError {
+    pub index: usize,
+    pub reason: String,
+}
+
+/// The answer to one ingest call.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct IngestOutcome {
+    pub accepted: usize,
+    pub duplicates: usize,
+    pub rejected: usize,
+    pub errors: Vec<IngestError>,
+    #[serde(skip)]
+    pub changes: Vec<Change>,
+}
+
+/// A customer as `GET /v1/customers/{id}` shows them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CustomerView {
+    pub customer_id: String,
+    pub tags: BTreeMap<Arc<str>, Membership>,
+    pub segments: BTreeMap<Arc<str>, Membership>,
+    pub traits: BTreeMap<Arc<str>, Value>,
+    pub profile: BTreeMap<Arc<str>, Value>,
+}
+
+/// A dead letter: an event that was rejected, with its original bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub id: u64,
+    pub received_at: i64,
+    pub reason: String,
+    pub raw: Vec<u8>,
+}
+
+/// Which definitions an evaluation looks at.
+enum Scope<'a> {
+    Defs(&'a [DefId]),
+    All,
+}
+
+#[derive(Default)]
+struct Batch {
+    wb: WriteBatch,
+    changes: Vec<Change>,
+    dirty: HashSet<Arc<str>>,
+    dedup: HashMap<String, i64>,
+}
+
+/// Counters that a failed commit must roll back.
+#[derive(Clone, Copy)]
+struct Counters {
+    clock: Option<i64>,
+    next_seq: u64,
+    next_arrival: u64,
+    next_dlq: u64,
+}
+
+const META_CLOCK: &str = "clock";
+const META_SEQ: &str = "next_seq";
+const META_ARRIVAL: &str = "next_arrival";
+const META_DLQ: &str = "next_dlq";
+const META_RULES: &str = "rules";
+const META_GENERATION: &str = "generation";
+const META_BACKFILL: &str = "backfill_cursor";
+
+pub struct Engine {
+    store: Store,
+    rules: Arc<CompiledRules>,
+    generation: u64,
+    config: EngineConfig,
+    counters: Counters,
+    timers: BTreeSet<(i64, Arc<str>)>,
+    cache: HashMap<Arc<str>, CustomerState>,
+    backfill_cursor: Option<Vec<u8>>,
+    /// Position of each definition in evaluation order.
+    order_pos: Vec<usize>,
+}
+
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn positions(rules: &CompiledRules) -> Vec<usize> {
+    let mut pos = vec![0; rules.defs().len()];
+    for (i, &id) in rules.evaluation_order().iter().enumerate() {
+        pos[id] = i;
+    }
+    pos
+}
+
+impl Engine {
+    /// Opens (or creates) the store at `path`. `rules_text` is used when the store has no
+    /// rule set yet, or replaces the stored one when it differs (a rule change).
+    pub fn open(path: &Path, rules_text: Option<&str>, config: EngineConfig) -> Result<Engine, EngineError> {
+        let store = Store::open(path, config.sync_writes)?;
+        let stored_rules = store
+            .get(CF_META, META_RULES.as_bytes())?
+            .map(|b| String::from_utf8_lossy(&b).into_owned());
+        let text = stored_rules
+            .clone()
+            .or_else(|| rules_text.map(str::to_owned))
+            .unwrap_or_default();
+        let rules = Arc::new(CompiledRules::compile(&text).map_err(EngineError::Rules)?);
+        let counters = Counters {
+            clock: store.meta_i64(META_CLOCK)?,
+            next_seq: store.meta_u64(META_SEQ)?.max(1),
+            next_arrival: store.meta_u64(META_ARRIVAL)?,
+            next_dlq: store.meta_u64(META_DLQ)?,
+        };
+        let generation = store.meta_u64(META_GENERATION)?.max(1);
+        let backfill_cursor = store.get(CF_META, META_BACKFILL.as_bytes())?;
+        let timers = store.timers()?.into_iter().collect();
+        let order_pos = positions(&rules);
+        let mut engine = Engine {
+            store,
+            rules,
+            generation,
+            config,
+            counters,
+            timers,
+            cache: HashMap::new(),
+            backfill_cursor,
+            order_pos,
+        };
+        if stored_rules.is_none() {
+            let mut wb = WriteBatch::default();
+            wb.put_cf(engine.store.cf(CF_META), META_RULES.as_bytes(), text.as_bytes());
+            engine.store.put_meta_u64(&mut wb, META_GENERATION, generation);
+            engine.store.commit(wb)?;
+        } else if let Some(new) = rules_text.filter(|t| Some(*t) != stored_rules.as_deref()) {
+            engine.replace_rules(new)?;
+        }
+        Ok(engine)
+    }
+
+    pub fn rules(&self) -> &Arc<CompiledRules> {
+        &self.rules
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// The evaluation instant now: the event clock, or the wall clock.
+    pub fn now(&self) -> i64 {
+        match self.config.clock {
+            ClockMode::Event => self.counters.clock.unwrap_or(0),
+            ClockMode::Wall => wall_ms().max(self.counters.clock.unwrap_or(i64::MIN)),
+        }
+    }
+
+    /// The event clock, if known.
+    pub fn clock(&self) -> Option<i64> {
+        self.counters.clock
+    }
+
+    pub fn pending_timers(&self) -> usize {
+        self.timers.len()
+    }
+
+    pub fn next_seq(&self) -> u64 {
+        self.counters.next_seq
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Ingests raw events (one JSON object each) in order, and answers once they are
+    /// durably applied. Bad events are rejected with a reason and kept as dead letters;
+    /// nothing else of the batch is lost.
+    pub fn ingest<B: AsRef<[u8]>>(&mut self, raw_events: &[B]) -> Result<IngestOutcome, EngineError> {
+        let saved = self.counters;
+        let mut batch = Batch::default();
+        let mut outcome = IngestOutcome::default();
+        let result = (|| {
+            let wall = wall_ms();
+            if self.config.clock == ClockMode::Wall {
+                self.fire_timers(self.now(), &mut batch)?;
+            }
+            for (index, raw) in raw_events.iter().enumerate() {
+                let raw = raw.as_ref();
+                let latest = wall.max(self.counters.clock.unwrap_or(i64::MIN));
+                let parsed = parse_event(raw, &self.config.limits, latest).map_err(|r| r.0);
+                let result = parsed.and_then(|ev| self.accept(ev, &mut batch));
+                match result {
+                    Ok(true) => outcome.accepted += 1,
+                    Ok(false) => outcome.duplicates += 1,
+                    Err(reason) => {
+                        self.dead_letter(&mut batch, raw, &reason, wall);
+                        outcome.rejected += 1;
+                        outcome.errors.push(IngestError { index, reason });
+                    }
+                }
+            }
+            Ok::<(), EngineError>(())
+        })();
+        match result.and_then(|()| self.commit(batch)) {
+            Ok(changes) => {
+                outcome.changes = changes;
+                Ok(outcome)
+            }
+            Err(e) => {
+                self.rollback(saved);
+                Err(e)
+            }
+        }
+    }
+
+    /// Moves the event clock forward to `now`, firing every timer due on the way, in time
+    /// order. Event clock mode only.
+    pub fn advance_clock(&mut self, now: i64) -> Result<Vec<Change>, EngineError> {
+        if self.config.clock != ClockMode::Event {
+            return Err(EngineError::Clock(
+                "the clock can only be set in `event` clock mode".into(),
+            ));
+        }
+        if let Some(current) = self.counters.clock.filter(|c| now < *c) {
+            return Err(EngineError::Clock(format!(
+                "the clock never moves backwards: it is at {current}, {now} is earlier"
+            )));
+        }
+        let saved = self.counters;
+        let mut batch = Batch::default();
+        let result = self
+            .fire_timers(now, &mut batch)
+            .map(|()| self.counters.clock = Some(now));
+        match result.and_then(|()| self.commit(batch)) {
+            Ok(changes) => Ok(changes),
+            Err(e) => {
+                self.rollback(saved);
+                Err(e)
+            }
+        }
+    }
+
+    /// Wall clock mode: fires every timer due by now. Call at least once a second.
+    pub fn tick(&mut self) -> Result<Vec<Change>, EngineError> {
+        let now = self.now();
+        if self.timers.first().is_none_or(|(due, _)| *due > now) {
+            return Ok(Vec::new());
+        }
+        let saved = self.counters;
+        let mut batch = Batch::default();
+        let result = self.fire_timers(now, &mut batch);
+        match result.and_then(|()| self.commit(batch)) {
+            Ok(changes) => Ok(changes),
+            Err(e) => {
+                self.rollback(saved);
+                Err(e)
+            }
+        }
+    }
+
+    /// Applies one valid event. `Ok(false)` for a duplicate; `Err` with a reason rejects it.
+    fn accept(&mut self, ev: ValidEvent, batch: &mut Batch) -> Result<bool, String> {
+        let ts =
+            match (ev.ts, self.config.clock, self.counters.clock) {
+                (Some(ts), _, _) => ts,
+                (None, ClockMode::Event, Some(clock)) => clock,
+                (None, ClockMode::Event, None) => return Err(
+                    "missing ts, and the event clock is not set yet (send events with ts, or POST /v1/clock)"
+                        .into(),
+                ),
+                (None, ClockMode::Wall, _) => self.now(),
+            };
+        if let Some(id) = &ev.event_id {
+            if self.is_duplicate(id, batch).map_err(|e| e.to_string())? {
+                return Ok(false);
+            }
+        }
+        if self.config.clock == ClockMode::Event && self.counters.clock.is_none_or(|c| ts > c) {
+            self.fire_timers(ts, batch).map_err(|e| e.to_string())?;
+            self.counters.clock = Some(ts);
+        }
+        let now = self.now();
+        self.apply_event(ev.clone(), ts, now, batch)
+            .map_err(|e| e.to_string())?;
+        if let Some(id) = ev.event_id {
+            let mut w = Writer::new();
+            w.i64(now);
+            batch.wb.put_cf(self.store.cf(CF_DEDUP), id.as_bytes(), w.buf);
+            batch.dedup.insert(id, now);
+        }
+        Ok(true)
+    }
+
+    fn is_duplicate(&self, event_id: &str, batch: &Batch) -> Result<bool, StoreError> {
+        let now = self.now();
+        let applied_at = match batch.dedup.get(event_id) {
+            Some(t) => Some(*t),
+            None => match self.store.get(CF_DEDUP, event_id.as_bytes())? {
+                Some(b) => Some(Reader::new(&b).i64()?),
+                None => None,
+            },
+        };
+        Ok(applied_at.is_some_and(|t| now.saturating_sub(t) <= self.config.dedup_horizon_ms))
+    }
+
+    fn apply_event(
+        &mut self,
+        ev: ValidEvent,
+        ts: i64,
+        now: i64,
+        batch: &mut Batch,
+    ) -> Result<(), EngineError> {
+        let customer = ev.customer_id.clone();
+        let mut state = self.take_customer(&customer, now, batch)?;
+        let arrival = self.counters.next_arrival;
+        self.counters.next_arrival += 1;
+        let event = rules::Event {
+            event_type: ev.event_type.clone(),
+            ts,
+            arrival,
+            props: ev.props,
+        };
+        let changed_attrs: Vec<Arc<str>> = ev.profile.iter().map(|(k, _)| k.clone()).collect();
+        self.store
+            .put_event(&mut batch.wb, &customer, &event, ev.event_id.as_deref());
+        state.history.push(event, ev.profile);
+        let rules = self.rules.clone();
+        let latest = state.history.events.last().expect("just pushed");
+        for &id in rules.event_tags_for_type(&ev.event_type) {
+            let spec = rules.def(id).event_tag.as_ref().expect("event tag");
+            let matches =
+                rules::filter_matches(spec.filter.as_ref(), latest, |n| state.history.profile_value(n));
+            if matches {
+                state
+                    .event_tags
+                    .entry(rules.def(id).name.clone())
+                    .or_default()
+                    .record(ts, now);
+            }
+        }
+        self.prune_history(&customer, &mut state, now, batch);
+        let mut scope: Vec<DefId> = rules.affected_by_event_type(&ev.event_type).to_vec();
+        for attr in &changed_attrs {
+            scope.extend_from_slice(rules.affected_by_profile_attr(attr));
+        }
+        scope.sort_by_key(|&id| self.order_pos[id]);
+        scope.dedup();
+        let cause = Cause::Event(ev.event_id);
+        self.evaluate(
+            &customer,
+            &mut state,
+            now,
+            ts.max(now),
+            Scope::Defs(&scope),
+            &cause,
+            batch,
+        );
+        self.put_back(customer, state, batch);
+        Ok(())
+    }
+
+    /// Drops events older than the retention from the customer's history.
+    fn prune_history(&self, customer: &str, state: &mut CustomerState, now: i64, batch: &mut Batch) {
+        let cutoff = now.saturating_sub(self.config.retention_ms);
+        if state.history.events.iter().all(|e| e.ts > cutoff) {
+            return;
+        }
+        let store = &self.store;
+        state.history.events.retain(|e| {
+            let keep = e.ts > cutoff;
+            if !keep {
+                store.delete_event(&mut batch.wb, customer, e.ts, e.arrival);
+            }
+            keep
+        });
+    }
+
+    /// Fires every timer due at or before `until`, in time order.
+    fn fire_timers(&mut self, until: i64, batch: &mut Batch) -> Result<(), EngineError> {
+        while let Some((due, customer)) = self.timers.first().cloned() {
+            if due > until {
+                break;
+            }
+            self.timers.remove(&(due, customer.clone()));
+            batch
+                .wb
+                .delete_cf(self.store.cf(CF_TIMERS), timer_key(due, &customer));
+            let mut state = self.take_customer(&customer, due, batch)?;
+            state.timer = None;
+            for tag in state.event_tags.values_mut() {
+                tag.settle(due);
+            }
+            self.evaluate(&customer, &mut state, due, due, Scope::All, &Cause::Timer, batch);
+            self.put_back(customer, state, batch);
+        }
+        Ok(())
+    }
+
+    /// Loads a customer (cache, then store, else new), bringing them up to the current rule
+    /// set first if they were last evaluated under an older one.
+    fn take_customer(
+        &mut self,
+        customer: &Arc<str>,
+        now: i64,
+        batch: &mut Batch,
+    ) -> Result<CustomerState, EngineError> {
+        let state = match self.cache.remove(customer) {
+            Some(s) => Some(s),
+            None => self.store.load_customer(customer)?,
+        };
+        let mut state = match state {
+            Some(s) => s,
+            None => {
+                return Ok(CustomerState {
+                    generation: self.generation,
+                    ..Default::default()
+                })
+            }
+        };
+        if state.generation < self.generation {
+            self.upgrade(customer, &mut state, now, batch);
+        }
+        Ok(state)
+    }
+
+    fn put_back(&mut self, customer: Arc<str>, state: CustomerState, batch: &mut Batch) {
+        batch.dirty.insert(customer.clone());
+        self.cache.insert(customer, state);
+    }
+
+    /// Re-evaluates a customer under a new rule set: event tags new to the rules are
+    /// computed from the retained history, every tag and segment is re-evaluated, and the
+    /// differences are `rule_change` changes.
+    fn upgrade(&mut self, customer: &Arc<str>, state: &mut CustomerState, now: i64, batch: &mut Batch) {
+        let rules = self.rules.clone();
+        let defined: HashSet<&str> = rules
+            .defs()
+            .iter()
+            .filter(|d| d.kind == DefKind::EventTag)
+            .map(|d| &*d.name)
+            .collect();
+        state.event_tags.retain(|name, _| defined.contains(&**name));
+        for def in rules.defs().iter().filter(|d| d.kind == DefKind::EventTag) {
+            if state.event_tags.contains_key(&def.name) {
+                continue;
+            }
+            let spec = def.event_tag.as_ref().expect("event tag");
+            let mut tag = crate::state::EventTagState::default();
+            for e in &state.history.events {
+                if *e.event_type == *spec.event_type
+                    && rules::filter_matches(spec.filter.as_ref(), e, |n| state.history.profile_value(n))
+                {
+                    tag.record(e.ts, now);
+                }
+            }
+            if tag.last_ts.is_some() || !tag.future.is_empty() {
+                state.event_tags.insert(def.name.clone(), tag);
+            }
+        }
+        self.evaluate(customer, state, now, now, Scope::All, &Cause::RuleChange, batch);
+        state.generation = self.generation;
+    }
+
+    /// Evaluates the definitions in `scope` for one customer at `now`, records every net
+    /// membership change `at` the given instant, and reschedules the customer's timer.
+    #[allow(clippy::too_many_arguments)]
+    fn evaluate(
+        &mut self,
+        customer: &Arc<str>,
+        state: &mut CustomerState,
+        now: i64,
+        at: i64,
+        scope: Scope,
+        cause: &Cause,
+        batch: &mut Batch,
+    ) {
+        let rules = self.rules.clone();
+        let mut desired: Vec<(Arc<str>, MemberKind, Option<Option<i64>>)> = Vec::new();
+        let next_timer;
+        {
+            let facts = EngineFacts::new(&rules, state, now, self.config.retention_ms);
+            let mut judge = |id: DefId| {
+                let def = rules.def(id);
+                let kind = if def.kind == DefKind::Segment {
+                    MemberKind::Segment
+                } else {
+                    MemberKind::Tag
+                };
+                let present = match def.kind {
+                    DefKind::Trait => return,
+                    DefKind::EventTag => {
+                        let (present, until) = facts.event_tag(id);
+                        present.then_some(until)
+                    }
+                    _ => facts.definition(id).is_true().then_some(None),
+                };
+                desired.push((def.name.clone(), kind, present));
+            };
+            match scope {
+                Scope::Defs(ids) => ids.iter().copied().for_each(&mut judge),
+                Scope::All => rules.evaluation_order().iter().copied().for_each(&mut judge),
+            }
+            let manual_expiry = state
+                .manual
+                .values()
+                .filter_map(|m| m.expires_at)
+                .filter(|e| *e > now)
+                .min();
+            next_timer = [rules.next_change(&facts), manual_expiry]
+                .into_iter()
+                .flatten()
+                .min();
+        }
+        // Manual tags on names the rules do not define.
+        let manual: Vec<(Arc<str>, Option<Option<i64>>)> = state
+            .manual
+            .iter()
+            .filter(|(name, _)| rules.lookup(name).is_none())
+            .map(|(name, m)| {
+                (
+                    name.clone(),
+                    m.expires_at.is_none_or(|e| now < e).then_some(m.expires_at),
+                )
+            })
+            .collect();
+        for (name, present) in manual {
+            desired.push((name, MemberKind::Tag, present));
+        }
+        state.manual.retain(|_, m| m.expires_at.is_none_or(|e| now < e));
+        if matches!(scope, Scope::All) {
+            // Memberships of names the rules no longer define end.
+            let stale: Vec<Arc<str>> = state
+                .members
+                .keys()
+                .filter(|n| rules.lookup(n).is_none() && !state.manual.contains_key(*n))
+                .cloned()
+                .collect();
+            for name in stale {
+                desired.push((name, MemberKind::Tag, None));
+            }
+        }
+        for (name, kind, present) in desired {
+            match (state.members.get_mut(&name), present) {
+                (None, Some(expires_at)) => {
+                    state.members.insert(
+                        name.clone(),
+                        Membership {
+                            since: at,
+                            expires_at,
+                        },
+                    );
+                    self.record_change(customer, kind, name, Op::Add, at, cause, batch);
+                }
+                (Some(_), None) => {
+                    state.members.remove(&name);
+                    self.record_change(customer, kind, name, Op::Remove, at, cause, batch);
+                }
+                (Some(m), Some(expires_at)) => m.expires_at = expires_at,
+                (None, None) => {}
+            }
+        }
+        self.schedule(customer, state, next_timer, batch);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record_change(
+        &mut self,
+        customer: &Arc<str>,
+        kind: MemberKind,
+        name: Arc<str>,
+        op: Op,
+        at: i64,
+        cause: &Cause,
+        batch: &mut Batch,
+    ) {
+        let seq = self.counters.next_seq;
+        self.counters.next_seq += 1;
+        let change = Change {
+            seq,
+            customer_id: customer.clone(),
+            kind,
+            name,
+            op,
+            at,
+            cause: cause.clone(),
+        };
+        batch
+            .wb
+            .put_cf(self.store.cf(CF_CHANGES), seq.to_be_bytes(), change.to_json());
+        batch.changes.push(change);
+    }
+
+    fn schedule(
+        &mut self,
+        customer: &Arc<str>,
+        state: &mut CustomerState,
+        next: Option<i64>,
+        batch: &mut Batch,
+    ) {
+        if state.timer == next {
+            return;
+        }
+        if let Some(old) = state.timer {
+            self.timers.remove(&(old, customer.clone()));
+            batch
+                .wb
+                .delete_cf(self.store.cf(CF_TIMERS), timer_key(old, customer));
+        }
+        if let Some(due) = next {
+            self.timers.insert((due, customer.clone()));
+            batch
+                .wb
+                .put_cf(self.store.cf(CF_TIMERS), timer_key(due, customer), []);
+        }
+        state.timer = next;
+    }
+
+    fn dead_letter(&mut self, batch: &mut Batch, raw: &[u8], reason: &str, received_at: i64) {
+        let id = self.counters.next_dlq;
+        self.counters.next_dlq += 1;
+        let mut w = Writer::new();
+        w.i64(received_at);
+        w.str(reason);
+        w.bytes(raw);
+        batch.wb.put_cf(self.store.cf(CF_DLQ), id.to_be_bytes(), w.buf);
+    }
+
+    /// Writes the batch: customer records, counters, and everything queued, atomically.
+    fn commit(&mut self, mut batch: Batch) -> Result<Vec<Change>, EngineError> {
+        for customer in &batch.dirty {
+            if let Some(state) = self.cache.get(customer) {
+                self.store.put_customer(&mut batch.wb, customer, state);
+            }
+        }
+        if let Some(clock) = self.counters.clock {
+            self.store.put_meta_i64(&mut batch.wb, META_CLOCK, clock);
+        }
+        self.store
+            .put_meta_u64(&mut batch.wb, META_SEQ, self.counters.next_seq);
+        self.store
+            .put_meta_u64(&mut batch.wb, META_ARRIVAL, self.counters.next_arrival);
+        self.store
+            .put_meta_u64(&mut batch.wb, META_DLQ, self.counters.next_dlq);
+        self.store.commit(batch.wb)?;
+        if self.cache.len() > self.config.cache_customers {
+            self.cache.clear();
+        }
+        Ok(batch.changes)
+    }
+
+    /// After a failed commit: forget everything in memory that the store does not have.
+    fn rollback(&mut self, saved: Counters) {
+        self.counters = saved;
+        self.cache.clear();
+        self.timers = self
+            .store
+            .timers()
+            .map(|t| t.into_iter().collect())
+            .unwrap_or_default();
+    }
+
+    /// Replaces the rule set. Invalid rules are refused with every diagnostic and the old
+    /// set stays. Customers are re-evaluated over their retained history: lazily when
+    /// touched, and by [`Engine::backfill_step`] for everyone else.
+    pub fn replace_rules(&mut self, text: &str) -> Result<(), EngineError> {
+        let compiled = CompiledRules::compile(text).map_err(EngineError::Rules)?;
+        self.generation += 1;
+        self.rules = Arc::new(compiled);
+        self.order_pos = positions(&self.rules);
+        self.backfill_cursor = Some(Vec::new());
+        let mut wb = WriteBatch::default();
+        wb.put_cf(self.store.cf(CF_META), META_RULES.as_bytes(), text.as_bytes());
+        self.store.put_meta_u64(&mut wb, META_GENERATION, self.generation);
+        wb.put_cf(self.store.cf(CF_META), META_BACKFILL.as_bytes(), []);
+        self.store.commit(wb)?;
+        Ok(())
+    }
+
+    /// True while customers remain to be re-evaluated after a rule change.
+    pub fn backfill_pending(&self) -> bool {
+        self.backfill_cursor.is_some()
+    }
+
+    /// Re-evaluates up to `max_customers` customers still on an older rule set, committing
+    /// them as one batch. Returns how many were re-evaluated.
+    pub fn backfill_step(&mut self, max_customers: usize) -> Result<usize, EngineError> {
+        let Some(cursor) = self.backfill_cursor.clone() else {
+            return Ok(0);
+        };
+        let mut ids = Vec::new();
+        let mut next_cursor = None;
+        for item in self.store.scan_from(CF_CUSTOMERS, &cursor) {
+            let (key, value) = item?;
+            if ids.len() == max_customers {
+                next_cursor = Some(key.to_vec());
+                break;
+            }
+            let generation = Reader::new(&value)
+                .u8()
+                .and_then(|_| Reader::new(&value[1..]).u64())
+                .map_err(StoreError::from)?;
+            if generation < self.generation {
+                ids.push(Arc::<str>::from(String::from_utf8_lossy(&key).as_ref()));
+            }
+        }
+        let saved = self.counters;
+        let mut batch = Batch::default();
+        let now = self.now();
+        let result = (|| {
+            for id in &ids {
+                if !self.cache.contains_key(id) {
+                    let state = self.take_customer(id, now, &mut batch)?;
+                    self.put_back(id.clone(), state, &mut batch);
+                } else {
+                    let mut state = self.cache.remove(id).expect("cached");
+                    if state.generation < self.generation {
+                        self.upgrade(id, &mut state, now, &mut batch);
+                    }
+                    self.put_back(id.clone(), state, &mut batch);
+                }
+            }
+            match &next_cursor {
+                Some(c) => batch
+                    .wb
+                    .put_cf(self.store.cf(CF_META), META_BACKFILL.as_bytes(), c),
+                None => batch
+                    .wb
+                    .delete_cf(self.store.cf(CF_META), META_BACKFILL.as_bytes()),
+            }
+            Ok::<(), EngineError>(())
+        })();
+        match result.and_then(|()| self.commit(batch)) {
+            Ok(_) => {
+                self.backfill_cursor = next_cursor;
+                Ok(ids.len())
+            }
+            Err(e) => {
+                self.rollback(saved);
+                Err(e)
+            }
+        }
+    }
+
+    /// Sets a manual tag, held for `ttl_ms` (or until removed). Condition tags and segments
+    /// are computed and cannot be set by hand.
+    pub fn set_manual_tag(
+        &mut self,
+        customer_id: &str,
+        tag: &str,
+        ttl_ms: Option<i64>,
+    ) -> Result<Vec<Change>, EngineError> {
+        self.manual_tag(customer_id, tag, Some(ttl_ms))
+    }
+
+    pub fn remove_manual_tag(&mut self, customer_id: &str, tag: &str) -> Result<Vec<Change>, EngineError> {
+        self.manual_tag(customer_id, tag, None)
+    }
+
+    fn manual_tag(
+        &mut self,
+        customer_id: &str,
+        tag: &str,
+        set: Option<Option<i64>>,
+    ) -> Result<Vec<Change>, EngineError> {
+        if let Some(id) = self.rules.lookup(tag) {
+            let kind = self.rules.def(id).kind;
+            if kind != DefKind::EventTag {
+                let what = match kind {
+                    DefKind::Segment => "a segment",
+                    DefKind::Trait => "a trait",
+                    _ => "a condition tag",
+                };
+                return Err(EngineError::Conflict(format!(
+                    "`{tag}` is {what}: it is computed by its rule and cannot be set or removed by hand"
+                )));
+            }
+        }
+        let customer: Arc<str> = Arc::from(rules::normalize(customer_id).as_ref());
+        if customer.is_empty() {
+            return Err(EngineError::Conflict("empty customer id".into()));
+        }
+        let saved = self.counters;
+        let mut batch = Batch::default();
+        let now = self.now();
+        let result = (|| {
+            let mut state = self.take_customer(&customer, now, &mut batch)?;
+            let name: Arc<str> = Arc::from(tag);
+            match set {
+                Some(ttl) => {
+                    let expires_at = ttl.map(|t| now.saturating_add(t));
+                    state.manual.insert(
+                        name.clone(),
+                        ManualTag {
+                            since: now,
+                            expires_at,
+                        },
+                    );
+                }
+                None => {
+                    state.manual.remove(&name);
+                    state.event_tags.remove(&name);
+                }
+            }
+            let scope: Vec<DefId> = self.rules.lookup(tag).into_iter().collect();
+            self.evaluate(
+                &customer,
+                &mut state,
+                now,
+                now,
+                Scope::Defs(&scope),
+                &Cause::Manual,
+                &mut batch,
+            );
+            self.put_back(customer.clone(), state, &mut batch);
+            Ok::<(), EngineError>(())
+        })();
+        match result.and_then(|()| self.commit(batch)) {
+            Ok(changes) => Ok(changes),
+            Err(e) => {
+                self.rollback(saved);
+                Err(e)
+            }
+        }
+    }
+
+    fn read_customer(&self, customer: &str) -> Result<Option<CustomerState>, EngineError> {
+        Ok(match self.cache.get(customer) {
+            Some(s) => Some(s.clone()),
+            None => self.store.load_customer(customer)?,
+        })
+    }
+
+    /// A customer's tags, segments, traits (evaluated now) and profile.
+    pub fn customer(&self, customer_id: &str) -> Result<Option<CustomerView>, EngineError> {
+        let id = rules::normalize(customer_id).into_owned();
+        let Some(state) = self.read_customer(&id)? else {
+            return Ok(None);
+        };
+        let now = self.now();
+        let facts = EngineFacts::new(&self.rules, &state, now, self.config.retention_ms);
+        let mut view = CustomerView {
+            customer_id: id,
+            tags: BTreeMap::new(),
+            segments: BTreeMap::new(),
+            traits: BTreeMap::new(),
+            profile: BTreeMap::new(),
+        };
+        for (name, m) in &state.members {
+            let is_segment = self
+                .rules
+                .lookup(name)
+                .is_some_and(|id| self.rules.def(id).kind == DefKind::Segment);
+            let target = if is_segment {
+                &mut view.segments
+            } else {
+                &mut view.tags
+            };
+            target.insert(name.clone(), m.clone());
+        }
+        for def in self.rules.defs().iter().filter(|d| d.kind == DefKind::Trait) {
+            view.traits.insert(def.name.clone(), facts.definition(def.id));
+        }
+        for (name, entry) in &state.history.profile {
+            if let Some(v) = &entry.value {
+                view.profile.insert(name.clone(), v.clone());
+            }
+        }
+        Ok(Some(view))
+    }
+
+    /// Every customer id, in key order.
+    pub fn customer_ids(&self) -> Result<Vec<String>, EngineError> {
+        let mut out = Vec::new();
+        for item in self.store.scan_from(CF_CUSTOMERS, &[]) {
+            let (key, _) = item?;
+            out.push(String::from_utf8_lossy(&key).into_owned());
+        }
+        Ok(out)
+    }
+
+    /// Members of a tag or segment with their membership, in customer id order.
+    pub fn members(&self, name: &str) -> Result<Vec<(String, Membership)>, EngineError> {
+        let mut out = Vec::new();
+        for item in self.store.scan_from(CF_CUSTOMERS, &[]) {
+            let (key, value) = item?;
+            let state = CustomerState::decode(&value).map_err(StoreError::from)?;
+            if let Some(m) = state.members.get(name) {
+                out.push((String::from_utf8_lossy(&key).into_owned(), m.clone()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The change log after `after`, at most `limit` changes, in `seq` order.
+    pub fn changes(&self, after: u64, limit: usize) -> Result<Vec<Change>, EngineError> {
+        let mut out = Vec::new();
+        for item in self
+            .store
+            .scan_from(CF_CHANGES, &(after.saturating_add(1)).to_be_bytes())
+        {
+            if out.len() == limit {
+                break;
+            }
+            let (_, value) = item?;
+            let change =
+                Change::from_json(&value).ok_or(StoreError::Codec(crate::codec::CodecError("bad change")))?;
+            out.push(change);
+        }
+        Ok(out)
+    }
+
+    /// Dead letters from `after` on, oldest first.
+    pub fn dead_letters(&self, after: Option<u64>, limit: usize) -> Result<Vec<DeadLetter>, EngineError> {
+        let start = after.map_or(0, |a| a.saturating_add(1));
+        let mut out = Vec::new();
+        for item in self.store.scan_from(CF_DLQ, &start.to_be_bytes()) {
+            if out.len() == limit {
+                break;
+            }
+            let (key, value) = item?;
+            let id = u64::from_be_bytes(
+                key[..8]
+                    .try_into()
+                    .map_err(|_| StoreError::Codec(crate::codec::CodecError("bad dlq key")))?,
+            );
+            let mut r = Reader::new(&value);
+            let received_at = r.i64().map_err(StoreError::from)?;
+            let reason = r.str().map_err(StoreError::from)?.to_owned();
+            let raw = r.bytes().map_err(StoreError::from)?.to_vec();
+            out.push(DeadLetter {
+                id,
+                received_at,
+                reason,
+                raw,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Deletes every dead letter; returns how many there were.
+    pub fn purge_dead_letters(&mut self) -> Result<usize, EngineError> {
+        let n = self.dead_letters(None, usize::MAX)?.len();
+        let mut wb = WriteBatch::default();
+        wb.delete_range_cf(self.store.cf(CF_DLQ), 0u64.to_be_bytes(), u64::MAX.to_be_bytes());
+        self.store.commit(wb)?;
+        Ok(n)
+    }
+
+    /// The instant of the earliest pending timer.
+    pub fn next_timer(&self) -> Option<i64> {
+        self.timers.first().map(|(t, _)| *t)
+    }
+
+    /// The key a timer is stored under (exposed for tools that inspect the store).
+    pub fn timer_sort_key(due: i64) -> [u8; 8] {
+        sortable_i64(due)
+    }
+}

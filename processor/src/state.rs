@@ -1,0 +1,353 @@
+//! One customer's state as the engine holds it, and the [`Facts`] it gives the rules.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use rules::{AggId, CompiledRules, CustomerHistory, DefId, DefKind, Facts, ProfileEntry, Value};
+
+use crate::codec::{CodecError, Reader, Writer};
+
+/// A tag or segment the customer is a member of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Membership {
+    pub since: i64,
+    pub expires_at: Option<i64>,
+}
+
+/// An event tag's matches: the newest matching `ts` at or before the clock when applied,
+/// and matches stamped in the future (wall clock mode) that start later.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventTagState {
+    pub last_ts: Option<i64>,
+    pub future: Vec<i64>,
+}
+
+impl EventTagState {
+    /// The newest match with `ts <= now`.
+    pub fn latest(&self, now: i64) -> Option<i64> {
+        self.future
+            .iter()
+            .copied()
+            .filter(|t| *t <= now)
+            .chain(self.last_ts)
+            .max()
+    }
+
+    pub fn record(&mut self, ts: i64, now: i64) {
+        if ts <= now {
+            self.last_ts = Some(self.last_ts.map_or(ts, |l| l.max(ts)));
+        } else if !self.future.contains(&ts) {
+            self.future.push(ts);
+        }
+    }
+
+    /// Folds future matches that have started into `last_ts`.
+    pub fn settle(&mut self, now: i64) {
+        self.last_ts = self.latest(now);
+        self.future.retain(|t| *t > now);
+    }
+}
+
+/// A tag set through the API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManualTag {
+    pub since: i64,
+    pub expires_at: Option<i64>,
+}
+
+/// Everything the engine keeps for one customer. The retained events live in their own
+/// column family; the rest is one record.
+#[derive(Debug, Clone, Default)]
+pub struct CustomerState {
+    pub history: CustomerHistory,
+    pub members: BTreeMap<Arc<str>, Membership>,
+    pub event_tags: BTreeMap<Arc<str>, EventTagState>,
+    pub manual: BTreeMap<Arc<str>, ManualTag>,
+    /// The pending timer instant, if any.
+    pub timer: Option<i64>,
+    /// The rule-set generation this state was last fully evaluated under.
+    pub generation: u64,
+}
+
+const RECORD_VERSION: u8 = 1;
+
+impl CustomerState {
+    /// Encodes everything but the events.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u8(RECORD_VERSION);
+        w.u64(self.generation);
+        w.opt_i64(self.timer);
+        w.u64(self.history.profile.len() as u64);
+        for (name, entry) in &self.history.profile {
+            w.str(name);
+            w.i64(entry.ts);
+            w.u64(entry.arrival);
+            match &entry.value {
+                None => w.u8(0),
+                Some(v) => {
+                    w.u8(1);
+                    w.value(v);
+                }
+            }
+        }
+        w.u64(self.members.len() as u64);
+        for (name, m) in &self.members {
+            w.str(name);
+            w.i64(m.since);
+            w.opt_i64(m.expires_at);
+        }
+        w.u64(self.event_tags.len() as u64);
+        for (name, t) in &self.event_tags {
+            w.str(name);
+            w.opt_i64(t.last_ts);
+            w.u64(t.future.len() as u64);
+            for f in &t.future {
+                w.i64(*f);
+            }
+        }
+        w.u64(self.manual.len() as u64);
+        for (name, m) in &self.manual {
+            w.str(name);
+            w.i64(m.since);
+            w.opt_i64(m.expires_at);
+        }
+        w.buf
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<CustomerState, CodecError> {
+        let mut r = Reader::new(bytes);
+        if r.u8()? != RECORD_VERSION {
+            return Err(CodecError("unknown customer record version"));
+        }
+        let mut state = CustomerState {
+            generation: r.u64()?,
+            timer: r.opt_i64()?,
+            ..Default::default()
+        };
+        for _ in 0..r.len()? {
+            let name = r.arc_str()?;
+            let ts = r.i64()?;
+            let arrival = r.u64()?;
+            let value = match r.u8()? {
+                0 => None,
+                _ => Some(r.value()?),
+            };
+            state
+                .history
+                .profile
+                .insert(name, ProfileEntry { ts, arrival, value });
+        }
+        for _ in 0..r.len()? {
+            let name = r.arc_str()?;
+            state.members.insert(
+                name,
+                Membership {
+                    since: r.i64()?,
+                    expires_at: r.opt_i64()?,
+                },
+            );
+        }
+        for _ in 0..r.len()? {
+            let name = r.arc_str()?;
+            let last_ts = r.opt_i64()?;
+            let mut future = Vec::new();
+            for _ in 0..r.len()? {
+                future.push(r.i64()?);
+            }
+            state.event_tags.insert(name, EventTagState { last_ts, future });
+        }
+        for _ in 0..r.len()? {
+            let name = r.arc_str()?;
+            state.manual.insert(
+                name,
+                ManualTag {
+                    since: r.i64()?,
+                    expires_at: r.opt_i64()?,
+                },
+            );
+        }
+        Ok(state)
+    }
+
+    pub fn manual_present(&self, name: &str, now: i64) -> bool {
+        self.manual
+            .get(name)
+            .is_some_and(|m| m.expires_at.is_none_or(|e| now < e))
+    }
+}
+
+/// The facts of one customer at `now`, computed lazily: each aggregate and definition at
+/// most once per evaluation, and only if some definition being evaluated reads it.
+pub struct EngineFacts<'a> {
+    pub rules: &'a CompiledRules,
+    pub state: &'a CustomerState,
+    pub now: i64,
+    pub retention_ms: i64,
+    aggregates: RefCell<Vec<Option<Value>>>,
+    definitions: RefCell<Vec<Option<Value>>>,
+}
+
+impl<'a> EngineFacts<'a> {
+    pub fn new(rules: &'a CompiledRules, state: &'a CustomerState, now: i64, retention_ms: i64) -> Self {
+        EngineFacts {
+            rules,
+            state,
+            now,
+            retention_ms,
+            aggregates: RefCell::new(vec![None; rules.aggregates().len()]),
+            definitions: RefCell::new(vec![None; rules.defs().len()]),
+        }
+    }
+
+    fn profile_fn(&self) -> impl Fn(&str) -> Option<Value> + Copy + '_ {
+        move |name: &str| self.state.history.profile_value(name)
+    }
+
+    /// An event tag's state at `now`: present, and until when.
+    pub fn event_tag(&self, id: DefId) -> (bool, Option<i64>) {
+        let def = self.rules.def(id);
+        let ttl = def.event_tag.as_ref().and_then(|s| s.ttl_ms);
+        let from_events = self
+            .state
+            .event_tags
+            .get(&def.name)
+            .and_then(|t| t.latest(self.now))
+            .and_then(|last| {
+                let until = ttl.map(|t| last.saturating_add(t));
+                until.is_none_or(|u| self.now < u).then_some(until)
+            });
+        let manual = self
+            .state
+            .manual
+            .get(&def.name)
+            .filter(|m| m.expires_at.is_none_or(|e| self.now < e))
+            .map(|m| m.expires_at);
+        match (from_events, manual) {
+            (None, None) => (false, None),
+            (Some(u), None) | (None, Some(u)) => (true, u),
+            (Some(a), Some(b)) => (true, a.zip(b).map(|(a, b)| a.max(b))),
+        }
+    }
+}
+
+impl Facts for EngineFacts<'_> {
+    fn now(&self) -> i64 {
+        self.now
+    }
+
+    fn aggregate(&self, id: AggId) -> Value {
+        if let Some(v) = &self.aggregates.borrow()[id] {
+            return v.clone();
+        }
+        let spec = &self.rules.aggregates()[id];
+        let v = spec.compute(
+            &self.state.history.events,
+            self.now,
+            self.retention_ms,
+            self.profile_fn(),
+        );
+        self.aggregates.borrow_mut()[id] = Some(v.clone());
+        v
+    }
+
+    fn profile(&self, name: &str) -> Option<Value> {
+        self.state.history.profile_value(name)
+    }
+
+    fn definition(&self, id: DefId) -> Value {
+        if let Some(v) = &self.definitions.borrow()[id] {
+            return v.clone();
+        }
+        let v = match self.rules.def(id).kind {
+            DefKind::EventTag => Value::Bool(self.event_tag(id).0),
+            _ => self.rules.evaluate(id, self),
+        };
+        self.definitions.borrow_mut()[id] = Some(v.clone());
+        v
+    }
+
+    fn aggregate_next_change(&self, id: AggId) -> Option<i64> {
+        let spec = &self.rules.aggregates()[id];
+        spec.next_change(
+            &self.state.history.events,
+            self.now,
+            self.retention_ms,
+            self.profile_fn(),
+        )
+    }
+
+    fn event_tag_next_change(&self, id: DefId) -> Option<i64> {
+        let def = self.rules.def(id);
+        let ttl = def.event_tag.as_ref().and_then(|s| s.ttl_ms);
+        let now = self.now;
+        let state = self.state.event_tags.get(&def.name)?;
+        let expiry = state.latest(now).zip(ttl).map(|(l, t)| l.saturating_add(t));
+        state
+            .future
+            .iter()
+            .copied()
+            .chain(expiry)
+            .filter(|t| *t > now)
+            .min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_records_round_trip() {
+        let mut s = CustomerState {
+            generation: 3,
+            timer: Some(99),
+            ..Default::default()
+        };
+        s.history.profile.insert(
+            "city".into(),
+            ProfileEntry {
+                ts: 5,
+                arrival: 2,
+                value: Some(Value::str("杭州")),
+            },
+        );
+        s.history.profile.insert(
+            "vip".into(),
+            ProfileEntry {
+                ts: 6,
+                arrival: 3,
+                value: None,
+            },
+        );
+        s.members.insert(
+            "hot".into(),
+            Membership {
+                since: 10,
+                expires_at: Some(20),
+            },
+        );
+        s.event_tags.insert(
+            "seen".into(),
+            EventTagState {
+                last_ts: Some(4),
+                future: vec![8, 9],
+            },
+        );
+        s.manual.insert(
+            "vip_tag".into(),
+            ManualTag {
+                since: 1,
+                expires_at: None,
+            },
+        );
+        let back = CustomerState::decode(&s.encode()).unwrap();
+        assert_eq!(back.generation, 3);
+        assert_eq!(back.timer, Some(99));
+        assert_eq!(back.history.profile, s.history.profile);
+        assert_eq!(back.members, s.members);
+        assert_eq!(back.event_tags, s.event_tags);
+        assert_eq!(back.manual, s.manual);
+    }
+}

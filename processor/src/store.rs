@@ -1,0 +1,325 @@
+//! The RocksDB layout. One column family per kind of data; keys keep a customer's data
+//! together and sort timers and the change log by time and sequence.
+//!
+//! | column family | key | value |
+//! |---|---|---|
+//! | `customers` | customer id | [`CustomerState`] record (profile, memberships, event tags, timer) |
+//! | `events` | id length (u32 BE), id, ts (sortable), arrival (BE) | type, props, event id |
+//! | `timers` | due (sortable), customer id | empty |
+//! | `changes` | seq (BE) | the change as JSON |
+//! | `dedup` | event id | clock instant it was first applied |
+//! | `dlq` | number (BE) | received_at, reason, original bytes |
+//! | `meta` | name | clock, sequences, rules text, source offsets |
+//!
+//! Everything a batch changes goes into one `WriteBatch` with the WAL on, so state, change
+//! log, dedup keys and offsets commit atomically.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rocksdb::{
+    ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode, Options, WriteBatch,
+    WriteOptions, DB,
+};
+use rules::{Event, Props};
+
+use crate::codec::{CodecError, Reader, Writer};
+use crate::state::CustomerState;
+
+pub const CF_CUSTOMERS: &str = "customers";
+pub const CF_EVENTS: &str = "events";
+pub const CF_TIMERS: &str = "timers";
+pub const CF_CHANGES: &str = "changes";
+pub const CF_DEDUP: &str = "dedup";
+pub const CF_DLQ: &str = "dlq";
+pub const CF_META: &str = "meta";
+const ALL_CFS: [&str; 7] = [
+    CF_CUSTOMERS,
+    CF_EVENTS,
+    CF_TIMERS,
+    CF_CHANGES,
+    CF_DEDUP,
+    CF_DLQ,
+    CF_META,
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("RocksDB: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+}
+
+/// A raw key and value read from a column family.
+pub type KeyValue = (Box<[u8]>, Box<[u8]>);
+
+/// An event as kept in the customer's history.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredEvent {
+    pub event: Event,
+    pub event_id: Option<String>,
+}
+
+pub struct Store {
+    db: DB,
+    sync: bool,
+}
+
+/// Maps an i64 to bytes that sort like the number.
+pub fn sortable_i64(v: i64) -> [u8; 8] {
+    ((v as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+fn from_sortable_i64(b: &[u8]) -> i64 {
+    let mut raw = [0u8; 8];
+    raw.copy_from_slice(&b[..8]);
+    (u64::from_be_bytes(raw) ^ (1 << 63)) as i64
+}
+
+fn event_prefix(customer: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(4 + customer.len() + 16);
+    key.extend_from_slice(&(customer.len() as u32).to_be_bytes());
+    key.extend_from_slice(customer.as_bytes());
+    key
+}
+
+pub fn event_key(customer: &str, ts: i64, arrival: u64) -> Vec<u8> {
+    let mut key = event_prefix(customer);
+    key.extend_from_slice(&sortable_i64(ts));
+    key.extend_from_slice(&arrival.to_be_bytes());
+    key
+}
+
+pub fn timer_key(due: i64, customer: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(8 + customer.len());
+    key.extend_from_slice(&sortable_i64(due));
+    key.extend_from_slice(customer.as_bytes());
+    key
+}
+
+impl Store {
+    pub fn open(path: &Path, sync: bool) -> Result<Store, StoreError> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_compression_type(DBCompressionType::Lz4);
+        opts.increase_parallelism(2);
+        let cfs = ALL_CFS.iter().map(|name| {
+            let mut cf = Options::default();
+            cf.set_compression_type(DBCompressionType::Lz4);
+            ColumnFamilyDescriptor::new(*name, cf)
+        });
+        let db = DB::open_cf_descriptors(&opts, path, cfs)?;
+        Ok(Store { db, sync })
+    }
+
+    pub fn cf(&self, name: &str) -> &ColumnFamily {
+        self.db.cf_handle(name).expect("column family created at open")
+    }
+
+    pub fn commit(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(self.sync);
+        self.db.write_opt(batch, &opts)?;
+        Ok(())
+    }
+
+    pub fn get(&self, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get_cf(self.cf(cf), key)?)
+    }
+
+    pub fn meta_u64(&self, name: &str) -> Result<u64, StoreError> {
+        Ok(self
+            .get(CF_META, name.as_bytes())?
+            .map_or(0, |b| Reader::new(&b).u64().unwrap_or(0)))
+    }
+
+    pub fn meta_i64(&self, name: &str) -> Result<Option<i64>, StoreError> {
+        match self.get(CF_META, name.as_bytes())? {
+            None => Ok(None),
+            Some(b) => Ok(Some(Reader::new(&b).i64()?)),
+        }
+    }
+
+    pub fn put_meta_u64(&self, batch: &mut WriteBatch, name: &str, v: u64) {
+        let mut w = Writer::new();
+        w.u64(v);
+        batch.put_cf(self.cf(CF_META), name.as_bytes(), w.buf);
+    }
+
+    pub fn put_meta_i64(&self, batch: &mut WriteBatch, name: &str, v: i64) {
+        let mut w = Writer::new();
+        w.i64(v);
+        batch.put_cf(self.cf(CF_META), name.as_bytes(), w.buf);
+    }
+
+    /// Loads a customer's record and retained events.
+    pub fn load_customer(&self, customer: &str) -> Result<Option<CustomerState>, StoreError> {
+        let Some(bytes) = self.get(CF_CUSTOMERS, customer.as_bytes())? else {
+            return Ok(None);
+        };
+        let mut state = CustomerState::decode(&bytes)?;
+        state.history.events = self
+            .customer_events(customer)?
+            .into_iter()
+            .map(|e| e.event)
+            .collect();
+        Ok(Some(state))
+    }
+
+    /// A customer's retained events in `ts` order.
+    pub fn customer_events(&self, customer: &str) -> Result<Vec<StoredEvent>, StoreError> {
+        let prefix = event_prefix(customer);
+        let mut events = Vec::new();
+        let iter = self.db.iterator_cf(
+            self.cf(CF_EVENTS),
+            IteratorMode::From(&prefix, Direction::Forward),
+        );
+        for item in iter {
+            let (key, value) = item?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            let rest = &key[prefix.len()..];
+            if rest.len() != 16 {
+                return Err(CodecError("bad event key").into());
+            }
+            let ts = from_sortable_i64(&rest[..8]);
+            let arrival = u64::from_be_bytes(rest[8..16].try_into().expect("8 bytes"));
+            events.push(decode_event(ts, arrival, &value)?);
+        }
+        Ok(events)
+    }
+
+    pub fn put_customer(&self, batch: &mut WriteBatch, customer: &str, state: &CustomerState) {
+        batch.put_cf(self.cf(CF_CUSTOMERS), customer.as_bytes(), state.encode());
+    }
+
+    pub fn put_event(&self, batch: &mut WriteBatch, customer: &str, event: &Event, event_id: Option<&str>) {
+        let mut w = Writer::new();
+        w.str(&event.event_type);
+        w.props(&event.props);
+        match event_id {
+            None => w.u8(0),
+            Some(id) => {
+                w.u8(1);
+                w.str(id);
+            }
+        }
+        batch.put_cf(
+            self.cf(CF_EVENTS),
+            event_key(customer, event.ts, event.arrival),
+            w.buf,
+        );
+    }
+
+    pub fn delete_event(&self, batch: &mut WriteBatch, customer: &str, ts: i64, arrival: u64) {
+        batch.delete_cf(self.cf(CF_EVENTS), event_key(customer, ts, arrival));
+    }
+
+    /// Every pending timer, in due order.
+    pub fn timers(&self) -> Result<Vec<(i64, Arc<str>)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_TIMERS), IteratorMode::Start) {
+            let (key, _) = item?;
+            if key.len() < 8 {
+                return Err(CodecError("bad timer key").into());
+            }
+            let id = std::str::from_utf8(&key[8..]).map_err(|_| CodecError("bad timer key"))?;
+            out.push((from_sortable_i64(&key), Arc::from(id)));
+        }
+        Ok(out)
+    }
+
+    /// Keys and values of a column family from `start`, in key order.
+    pub fn scan_from<'s>(
+        &'s self,
+        cf: &str,
+        start: &[u8],
+    ) -> impl Iterator<Item = Result<KeyValue, StoreError>> + 's {
+        self.db
+            .iterator_cf(self.cf(cf), IteratorMode::From(start, Direction::Forward))
+            .map(|r| r.map_err(StoreError::from))
+    }
+
+    /// Keys and values of a column family, newest (largest key) first.
+    pub fn scan_reverse<'s>(&'s self, cf: &str) -> impl Iterator<Item = Result<KeyValue, StoreError>> + 's {
+        self.db
+            .iterator_cf(self.cf(cf), IteratorMode::End)
+            .map(|r| r.map_err(StoreError::from))
+    }
+
+    pub fn approximate_size(&self) -> u64 {
+        ALL_CFS
+            .iter()
+            .filter_map(|cf| {
+                self.db
+                    .property_int_value_cf(self.cf(cf), "rocksdb.total-sst-files-size")
+                    .ok()
+                    .flatten()
+            })
+            .sum()
+    }
+
+    pub fn flush(&self) -> Result<(), StoreError> {
+        for cf in ALL_CFS {
+            self.db.flush_cf(self.cf(cf))?;
+        }
+        Ok(())
+    }
+}
+
+fn decode_event(ts: i64, arrival: u64, value: &[u8]) -> Result<StoredEvent, CodecError> {
+    let mut r = Reader::new(value);
+    let event_type = r.arc_str()?;
+    let props: Props = r.props()?;
+    let event_id = match r.u8()? {
+        0 => None,
+        _ => Some(r.str()?.to_owned()),
+    };
+    Ok(StoredEvent {
+        event: Event {
+            event_type,
+            ts,
+            arrival,
+            props,
+        },
+        event_id,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sortable_i64_sorts_like_the_number() {
+        let values = [i64::MIN, -5, -1, 0, 1, 946_684_800_000, i64::MAX];
+        for pair in values.windows(2) {
+            assert!(sortable_i64(pair[0]) < sortable_i64(pair[1]));
+            assert_eq!(from_sortable_i64(&sortable_i64(pair[0])), pair[0]);
+        }
+    }
+
+    #[test]
+    fn events_of_one_customer_stay_apart_from_a_longer_id_sharing_its_prefix() {
+        let dir = ::tests::TempDir::new("store");
+        let store = Store::open(dir.path(), false).unwrap();
+        let mut batch = WriteBatch::default();
+        let ev = |ts, arrival| Event {
+            event_type: "view".into(),
+            ts,
+            arrival,
+            props: Props::default(),
+        };
+        store.put_event(&mut batch, "ab", &ev(20, 1), Some("e1"));
+        store.put_event(&mut batch, "ab", &ev(10, 2), None);
+        store.put_event(&mut batch, "abc", &ev(5, 3), None);
+        store.commit(batch).unwrap();
+        let events = store.customer_events("ab").unwrap();
+        assert_eq!(events.iter().map(|e| e.event.ts).collect::<Vec<_>>(), [10, 20]);
+        assert_eq!(events[1].event_id.as_deref(), Some("e1"));
+        assert_eq!(store.customer_events("abc").unwrap().len(), 1);
+    }
+}
