@@ -16,7 +16,7 @@ use rules::{CompiledRules, DefId, DefKind, Diagnostic, Facts, Value};
 use crate::change::{Cause, Change, MemberKind, Op};
 use crate::codec::{Reader, Writer};
 use crate::event::{parse_event, EventLimits, ValidEvent};
-use crate::state::{CustomerState, EngineFacts, ManualTag, Membership};
+use crate::state::{CustomerState, EngineFacts, EventTagState, ManualTag, Membership};
 use crate::store::{
     sortable_i64, timer_key, Store, StoreError, CF_CHANGES, CF_CUSTOMERS, CF_DEDUP, CF_DLQ, CF_META,
     CF_TIMERS,
@@ -157,6 +157,20 @@ fn wall_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// An event tag's matches among the customer's retained events, judged with the current
+/// profile.
+fn match_history(spec: &rules::EventTagSpec, state: &CustomerState, now: i64) -> EventTagState {
+    let mut tag = EventTagState::default();
+    for e in &state.history.events {
+        if *e.event_type == *spec.event_type
+            && rules::filter_matches(spec.filter.as_ref(), e, |n| state.history.profile_value(n))
+        {
+            tag.record(e.ts, now);
+        }
+    }
+    tag
 }
 
 fn positions(rules: &CompiledRules) -> Vec<usize> {
@@ -385,6 +399,10 @@ impl Engine {
     ) -> Result<(), EngineError> {
         let customer = ev.customer_id.clone();
         let mut state = self.take_customer(&customer, now, batch)?;
+        // A customer's first event establishes every membership, including those that hold
+        // without any event (`not churn_risk`).
+        let first_event =
+            state.history.events.is_empty() && state.members.is_empty() && state.history.profile.is_empty();
         let arrival = self.counters.next_arrival;
         self.counters.next_arrival += 1;
         let event = rules::Event {
@@ -414,22 +432,47 @@ impl Engine {
         self.prune_history(&customer, &mut state, now, batch);
         let mut scope: Vec<DefId> = rules.affected_by_event_type(&ev.event_type).to_vec();
         for attr in &changed_attrs {
-            scope.extend_from_slice(rules.affected_by_profile_attr(attr));
+            for &id in rules.affected_by_profile_attr(attr) {
+                scope.push(id);
+                if rules.def(id).kind == DefKind::EventTag {
+                    self.rejudge_event_tag(id, &mut state, now);
+                }
+            }
         }
         scope.sort_by_key(|&id| self.order_pos[id]);
         scope.dedup();
         let cause = Cause::Event(ev.event_id);
-        self.evaluate(
-            &customer,
-            &mut state,
-            now,
-            ts.max(now),
-            Scope::Defs(&scope),
-            &cause,
-            batch,
-        );
+        let scope = if first_event {
+            Scope::All
+        } else {
+            Scope::Defs(&scope)
+        };
+        self.evaluate(&customer, &mut state, now, ts.max(now), scope, &cause, batch);
         self.put_back(customer, state, batch);
         Ok(())
+    }
+
+    /// Judges an event tag's matches again over the retained history, with the current
+    /// profile (its filter reads a profile attribute that just changed). Matches older than
+    /// the retained history cannot be judged again and are kept.
+    fn rejudge_event_tag(&self, id: DefId, state: &mut CustomerState, now: i64) {
+        let def = self.rules.def(id);
+        let spec = def.event_tag.as_ref().expect("event tag");
+        let mut tag = match_history(spec, state, now);
+        let cutoff = now.saturating_sub(self.config.retention_ms);
+        if let Some(old) = state
+            .event_tags
+            .get(&def.name)
+            .and_then(|t| t.last_ts)
+            .filter(|l| *l <= cutoff)
+        {
+            tag.last_ts = Some(tag.last_ts.map_or(old, |l| l.max(old)));
+        }
+        if tag.last_ts.is_some() || !tag.future.is_empty() {
+            state.event_tags.insert(def.name.clone(), tag);
+        } else {
+            state.event_tags.remove(&def.name);
+        }
     }
 
     /// Drops events older than the retention from the customer's history.
@@ -517,15 +560,7 @@ impl Engine {
             if state.event_tags.contains_key(&def.name) {
                 continue;
             }
-            let spec = def.event_tag.as_ref().expect("event tag");
-            let mut tag = crate::state::EventTagState::default();
-            for e in &state.history.events {
-                if *e.event_type == *spec.event_type
-                    && rules::filter_matches(spec.filter.as_ref(), e, |n| state.history.profile_value(n))
-                {
-                    tag.record(e.ts, now);
-                }
-            }
+            let tag = match_history(def.event_tag.as_ref().expect("event tag"), state, now);
             if tag.last_ts.is_some() || !tag.future.is_empty() {
                 state.event_tags.insert(def.name.clone(), tag);
             }

@@ -73,6 +73,8 @@ pub struct EventTagSpec {
     pub event_type: Arc<str>,
     pub filter: Option<Node>,
     pub ttl_ms: Option<i64>,
+    /// Profile attributes the filter reads: when one changes, past events are judged again.
+    pub profile_reads: Vec<Arc<str>>,
 }
 
 #[derive(Debug, Clone)]
@@ -512,17 +514,14 @@ impl<'a> Compiler<'a> {
                 }
                 let event_type: Arc<str> = Arc::from(event_type.name.as_str());
                 cx.event_types.insert(event_type.clone());
+                let profile_reads = cx.profile_attrs.iter().cloned().collect();
                 event_tag = Some(EventTagSpec {
                     event_type,
                     filter,
                     ttl_ms: ttl.map(|(ms, _)| ms),
+                    profile_reads,
                 });
             }
-        }
-        // Event-tag filters read the profile when the event is applied; the tag does not
-        // change later when the profile does.
-        if kind == DefKind::EventTag {
-            cx.profile_attrs.clear();
         }
         let mut event_types = cx.event_types;
         let mut profile_attrs = cx.profile_attrs;
