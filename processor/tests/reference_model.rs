@@ -339,17 +339,7 @@ impl Model {
         self.clock = Some(now);
     }
 
-    fn final_state(
-        &self,
-        now: i64,
-    ) -> BTreeMap<
-        String,
-        (
-            BTreeMap<String, bool>,
-            BTreeMap<String, Value>,
-            BTreeMap<String, Value>,
-        ),
-    > {
+    fn final_state(&self, now: i64) -> FinalState {
         self.customers
             .iter()
             .map(|(id, h)| {
