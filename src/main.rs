@@ -1,10 +1,13 @@
 //! The `tagstream` binary: command-line parsing and wiring only.
 
+mod replay;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use processor::{ClockMode, Engine, EngineConfig};
 
 #[derive(Parser)]
 #[command(
@@ -29,12 +32,92 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Ingest an NDJSON file at full speed; resumes where it stopped if interrupted.
+    Replay {
+        /// The NDJSON file, one event per line.
+        file: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Events per committed batch.
+        #[arg(long, default_value_t = 1000)]
+        batch_size: usize,
+        /// `event` clock mode only: afterwards, move the clock to this instant (ms) and fire
+        /// every timer due by then.
+        #[arg(long)]
+        advance_to: Option<i64>,
+        /// No progress line.
+        #[arg(long)]
+        quiet: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Clock {
+    Wall,
+    Event,
+}
+
+#[derive(Args)]
+struct StoreArgs {
+    /// Where the RocksDB store lives.
+    #[arg(long, default_value = "./tagstream-data")]
+    data_dir: PathBuf,
+    /// The rule file; replaces the stored rule set when it differs.
+    #[arg(long)]
+    rules: Option<PathBuf>,
+    /// Where `now` comes from: the wall clock, or the greatest event time seen.
+    #[arg(long, value_enum, default_value = "wall")]
+    clock: Clock,
+    /// fsync the write-ahead log on every commit.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    sync_writes: bool,
+}
+
+impl StoreArgs {
+    fn open(&self) -> anyhow::Result<Engine> {
+        let rules = match &self.rules {
+            Some(path) => {
+                Some(std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?)
+            }
+            None => None,
+        };
+        let config = EngineConfig {
+            clock: match self.clock {
+                Clock::Wall => ClockMode::Wall,
+                Clock::Event => ClockMode::Event,
+            },
+            sync_writes: self.sync_writes,
+            ..EngineConfig::default()
+        };
+        match Engine::open(&self.data_dir, rules.as_deref(), config) {
+            Ok(engine) => Ok(engine),
+            Err(processor::EngineError::Rules(diags)) => {
+                let origin = self
+                    .rules
+                    .as_ref()
+                    .map_or("rules".to_owned(), |p| p.display().to_string());
+                eprint!(
+                    "{}",
+                    rules::render_all(&diags, rules.as_deref().unwrap_or(""), &origin)
+                );
+                anyhow::bail!("the rule set has errors")
+            }
+            Err(e) => Err(e).with_context(|| format!("opening the store at {}", self.data_dir.display())),
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::CheckRules { plan, files } => check_rules(&files, plan),
+        Command::Replay {
+            file,
+            store,
+            batch_size,
+            advance_to,
+            quiet,
+        } => run_replay(&file, &store, batch_size.max(1), advance_to, quiet),
     };
     match result {
         Ok(code) => code,
@@ -68,4 +151,31 @@ fn check_rules(files: &[PathBuf], plan: bool) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+fn run_replay(
+    file: &std::path::Path,
+    store: &StoreArgs,
+    batch_size: usize,
+    advance_to: Option<i64>,
+    quiet: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut engine = store.open()?;
+    while engine.backfill_pending() {
+        engine.backfill_step(10_000)?;
+    }
+    let report = replay::replay(&mut engine, file, batch_size, !quiet)?;
+    if let Some(now) = advance_to {
+        engine.advance_clock(now)?;
+    }
+    let total = report.accepted + report.duplicates + report.rejected;
+    let secs = report.elapsed.as_secs_f64();
+    println!(
+        "replayed {total} events ({} accepted, {} duplicates, {} rejected) in {secs:.2} s: {:.0} events/s",
+        report.accepted,
+        report.duplicates,
+        report.rejected,
+        total as f64 / secs.max(1e-9)
+    );
+    Ok(ExitCode::SUCCESS)
 }
