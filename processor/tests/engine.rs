@@ -1,0 +1,322 @@
+//! The engine's behaviour around the core: restarts, rule changes, manual tags, dedup,
+//! dead letters, the clock.
+
+use processor::{Cause, ClockMode, Engine, EngineConfig, EngineError, Op};
+use tests::TempDir;
+
+const T0: i64 = 1_744_000_000_000;
+const MIN: i64 = 60_000;
+const DAY: i64 = 86_400_000;
+
+fn event_config() -> EngineConfig {
+    EngineConfig {
+        clock: ClockMode::Event,
+        sync_writes: false,
+        ..Default::default()
+    }
+}
+
+fn ev(id: &str, customer: &str, event_type: &str, ts: i64, extra: &str) -> String {
+    format!(r#"{{"event_id":"{id}","customer_id":"{customer}","type":"{event_type}","ts":{ts}{extra}}}"#)
+}
+
+const SLA: &str = r#"tag lead_sla_breach = profile.lead_status == "new" and since(lead_created) > 45m"#;
+
+#[test]
+fn timers_clock_and_sequence_survive_a_restart() {
+    let dir = TempDir::new("engine-restart");
+    {
+        let mut engine = Engine::open(dir.path(), Some(SLA), event_config()).unwrap();
+        let lead = ev(
+            "e1",
+            "c1",
+            "lead_created",
+            T0,
+            r#","profile":{"lead_status":"new"}"#,
+        );
+        engine.ingest(&[lead]).unwrap();
+        assert_eq!(engine.pending_timers(), 1);
+    }
+    let mut engine = Engine::open(dir.path(), None, event_config()).unwrap();
+    assert_eq!(engine.clock(), Some(T0));
+    assert_eq!(
+        engine.next_timer(),
+        Some(T0 + 45 * MIN + 1),
+        "the timer was reloaded"
+    );
+    let changes = engine.advance_clock(T0 + DAY).unwrap();
+    assert_eq!(changes.len(), 1);
+    assert_eq!(
+        (changes[0].seq, changes[0].at, &changes[0].cause),
+        (1, T0 + 45 * MIN + 1, &Cause::Timer)
+    );
+    // Dedup keys survive too.
+    let again = ev("e1", "c1", "lead_created", T0 + DAY, "");
+    assert_eq!(engine.ingest(&[again]).unwrap().duplicates, 1);
+}
+
+#[test]
+fn a_rule_change_sees_the_past_and_emits_rule_change_changes() {
+    let dir = TempDir::new("engine-rules");
+    let mut engine = Engine::open(
+        dir.path(),
+        Some("tag any_view = count(view, 30d) >= 1"),
+        event_config(),
+    )
+    .unwrap();
+    let events: Vec<String> = (0..5)
+        .map(|i| {
+            ev(
+                &format!("p{i}"),
+                &format!("c{}", i % 3),
+                "payment",
+                T0 + i * MIN,
+                r#","props":{"amount":900}"#,
+            )
+        })
+        .collect();
+    engine.ingest(&events).unwrap();
+    assert!(engine.changes(0, 100).unwrap().is_empty());
+
+    let bad = engine.replace_rules("tag big = sum(payment.amount, 30d) >= 1000 and nope");
+    assert!(
+        matches!(bad, Err(EngineError::Rules(d)) if d.len() == 1),
+        "bad rules are refused"
+    );
+    assert_eq!(
+        engine.rules().defs()[0].name.as_ref(),
+        "any_view",
+        "the old rules stay"
+    );
+
+    engine
+        .replace_rules("tag big = sum(payment.amount, 30d) >= 1000")
+        .unwrap();
+    assert!(engine.backfill_pending());
+    // c0 is touched by an event before the sweep reaches it: it is upgraded first.
+    let out = engine
+        .ingest(&[ev("v1", "c0", "view", T0 + 10 * MIN, "")])
+        .unwrap();
+    assert_eq!(out.changes.len(), 1);
+    assert_eq!(
+        (
+            out.changes[0].name.as_ref(),
+            out.changes[0].op,
+            &out.changes[0].cause
+        ),
+        ("big", Op::Add, &Cause::RuleChange)
+    );
+    while engine.backfill_pending() {
+        engine.backfill_step(1).unwrap();
+    }
+    let all = engine.changes(0, 100).unwrap();
+    let big: Vec<_> = all
+        .iter()
+        .filter(|c| c.name.as_ref() == "big")
+        .map(|c| c.customer_id.to_string())
+        .collect();
+    assert_eq!(
+        big,
+        ["c0", "c1"],
+        "c0 (2 payments) and c1 (2 payments) qualify, c2 (1) does not"
+    );
+    assert!(all.iter().all(|c| c.cause == Cause::RuleChange));
+    // Restarting with the same rules is not a rule change.
+    drop(engine);
+    let engine = Engine::open(
+        dir.path(),
+        Some("tag big = sum(payment.amount, 30d) >= 1000"),
+        event_config(),
+    )
+    .unwrap();
+    assert!(!engine.backfill_pending());
+}
+
+#[test]
+fn manual_tags_are_set_expire_on_time_and_cannot_override_rules() {
+    let dir = TempDir::new("engine-manual");
+    let rules = "tag vip_by_rule = count(payment, 30d) >= 10\ntag seen on view ttl 1d";
+    let mut engine = Engine::open(dir.path(), Some(rules), event_config()).unwrap();
+    engine.ingest(&[ev("e1", "c1", "view", T0, "")]).unwrap();
+
+    let set = engine.set_manual_tag("c1", "called_back", Some(7 * DAY)).unwrap();
+    assert_eq!(
+        (set[0].op, &set[0].cause, set[0].at),
+        (Op::Add, &Cause::Manual, T0)
+    );
+    let view = engine.customer("c1").unwrap().unwrap();
+    assert_eq!(view.tags["called_back"].expires_at, Some(T0 + 7 * DAY));
+
+    let expired = engine.advance_clock(T0 + 8 * DAY).unwrap();
+    let called_back: Vec<_> = expired
+        .iter()
+        .filter(|c| c.name.as_ref() == "called_back")
+        .collect();
+    assert_eq!(
+        (called_back[0].op, called_back[0].at, &called_back[0].cause),
+        (Op::Remove, T0 + 7 * DAY, &Cause::Timer)
+    );
+
+    assert!(matches!(
+        engine.set_manual_tag("c1", "vip_by_rule", None),
+        Err(EngineError::Conflict(_))
+    ));
+    // An event tag may be set by hand, and removed.
+    let set = engine.set_manual_tag("c1", "seen", None).unwrap();
+    assert_eq!(set[0].op, Op::Add);
+    let removed = engine.remove_manual_tag("c1", "seen").unwrap();
+    assert_eq!((removed[0].op, &removed[0].cause), (Op::Remove, &Cause::Manual));
+}
+
+#[test]
+fn dedup_holds_for_the_horizon_of_clock_time() {
+    let dir = TempDir::new("engine-dedup");
+    let config = EngineConfig {
+        dedup_horizon_ms: DAY,
+        ..event_config()
+    };
+    let mut engine = Engine::open(dir.path(), Some("trait n = count(view, lifetime)"), config).unwrap();
+    let first = engine
+        .ingest(&[ev("x", "c1", "view", T0, ""), ev("x", "c1", "view", T0 + 1, "")])
+        .unwrap();
+    assert_eq!(
+        (first.accepted, first.duplicates),
+        (1, 1),
+        "a duplicate within one batch"
+    );
+    engine.ingest(&[ev("later", "c2", "view", T0 + DAY, "")]).unwrap();
+    assert_eq!(
+        engine
+            .ingest(&[ev("x", "c1", "view", T0 + DAY, "")])
+            .unwrap()
+            .duplicates,
+        1,
+        "exactly the horizon ago"
+    );
+    engine
+        .ingest(&[ev("later2", "c2", "view", T0 + DAY + 1, "")])
+        .unwrap();
+    assert_eq!(
+        engine
+            .ingest(&[ev("x", "c1", "view", T0 + DAY + 1, "")])
+            .unwrap()
+            .accepted,
+        1,
+        "past the horizon"
+    );
+    // Events without an id are never duplicates.
+    let plain = r#"{"customer_id":"c1","type":"view","ts":1744086400001}"#;
+    assert_eq!(engine.ingest(&[plain, plain]).unwrap().accepted, 2);
+}
+
+#[test]
+fn rejected_events_are_dead_letters_with_their_bytes_and_nothing_else_is_lost() {
+    let dir = TempDir::new("engine-dlq");
+    let mut engine = Engine::open(
+        dir.path(),
+        Some("trait n = count(view, lifetime)"),
+        event_config(),
+    )
+    .unwrap();
+    let batch: Vec<Vec<u8>> = vec![
+        ev("a", "c1", "view", T0, "").into_bytes(),
+        b"{not json".to_vec(),
+        b"\xff\xfe".to_vec(),
+        ev("b", "c1", "view", T0 + 1, "").into_bytes(),
+    ];
+    let out = engine.ingest(&batch).unwrap();
+    assert_eq!((out.accepted, out.rejected), (2, 2));
+    assert_eq!(out.errors.iter().map(|e| e.index).collect::<Vec<_>>(), [1, 2]);
+    let dead = engine.dead_letters(None, 10).unwrap();
+    assert_eq!(dead.len(), 2);
+    assert_eq!(dead[0].raw, b"{not json");
+    assert!(dead[0].reason.starts_with("invalid JSON"));
+    assert_eq!(
+        (dead[1].raw.as_slice(), dead[1].reason.as_str()),
+        (&b"\xff\xfe"[..], "not valid UTF-8")
+    );
+    assert_eq!(
+        engine.dead_letters(Some(dead[0].id), 10).unwrap().len(),
+        1,
+        "paged by id"
+    );
+    assert_eq!(engine.purge_dead_letters().unwrap(), 2);
+    assert!(engine.dead_letters(None, 10).unwrap().is_empty());
+    let view = engine.customer("c1").unwrap().unwrap();
+    assert_eq!(view.traits["n"], rules::Value::num(2));
+}
+
+#[test]
+fn the_event_clock_never_goes_back_and_needs_a_start() {
+    let dir = TempDir::new("engine-clock");
+    let mut engine = Engine::open(
+        dir.path(),
+        Some("trait n = count(view, lifetime)"),
+        event_config(),
+    )
+    .unwrap();
+    let no_ts = r#"{"customer_id":"c1","type":"view"}"#;
+    let out = engine.ingest(&[no_ts]).unwrap();
+    assert!(
+        out.errors[0].reason.contains("event clock is not set"),
+        "{:?}",
+        out.errors
+    );
+    engine.advance_clock(T0).unwrap();
+    assert_eq!(
+        engine.ingest(&[no_ts]).unwrap().accepted,
+        1,
+        "without ts the event takes the clock"
+    );
+    assert!(matches!(engine.advance_clock(T0 - 1), Err(EngineError::Clock(_))));
+    // Rejected and duplicate events do not move the clock.
+    let future = format!(r#"{{"customer_id":"c1","type":"view","ts":{}}}"#, i64::MAX / 2);
+    engine.ingest(&[future]).unwrap();
+    assert_eq!(engine.clock(), Some(T0));
+}
+
+#[test]
+fn wall_clock_mode_fires_due_timers_on_tick() {
+    let dir = TempDir::new("engine-wall");
+    let config = EngineConfig {
+        clock: ClockMode::Wall,
+        sync_writes: false,
+        ..Default::default()
+    };
+    let mut engine = Engine::open(dir.path(), Some("tag seen on view ttl 200ms"), config).unwrap();
+    let out = engine.ingest(&[r#"{"customer_id":"c1","type":"view"}"#]).unwrap();
+    assert_eq!(out.changes.len(), 1, "no ts: stamped with the wall clock");
+    let added = out.changes[0].at;
+    std::thread::sleep(std::time::Duration::from_millis(250));
+    let fired = engine.tick().unwrap();
+    assert_eq!(fired.len(), 1);
+    assert_eq!(
+        (fired[0].op, fired[0].at),
+        (Op::Remove, added + 200),
+        "at the exact instant, not when noticed"
+    );
+}
+
+#[test]
+fn events_older_than_the_retention_leave_lifetime_windows() {
+    let dir = TempDir::new("engine-retention");
+    let config = EngineConfig {
+        retention_ms: 10 * DAY,
+        ..event_config()
+    };
+    let mut engine = Engine::open(
+        dir.path(),
+        Some("tag buyer = count(payment, lifetime) >= 1"),
+        config,
+    )
+    .unwrap();
+    let out = engine.ingest(&[ev("p", "c1", "payment", T0, "")]).unwrap();
+    assert_eq!(out.changes[0].op, Op::Add);
+    let later = engine.advance_clock(T0 + 11 * DAY).unwrap();
+    assert_eq!((later[0].op, later[0].at), (Op::Remove, T0 + 10 * DAY));
+    engine
+        .ingest(&[ev("v", "c1", "view", T0 + 11 * DAY, "")])
+        .unwrap();
+    let events = engine.store().customer_events("c1").unwrap();
+    assert_eq!(events.len(), 1, "the payment was pruned from the stored history");
+}
