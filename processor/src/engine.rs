@@ -430,6 +430,8 @@ impl Engine {
         self.store
             .put_event(&mut batch.wb, &customer, &event, ev.event_id.as_deref());
         state.history.push(event, ev.profile);
+        state.window_insert_latest(&self.rules);
+        state.window_rebuild(&self.rules, &changed_attrs, now, self.config.retention_ms);
         let rules = self.rules.clone();
         let latest = state.history.events.last().expect("just pushed");
         for &id in rules.event_tags_for_type(&ev.event_type) {
@@ -564,6 +566,7 @@ impl Engine {
     /// differences are `rule_change` changes.
     fn upgrade(&mut self, customer: &Arc<str>, state: &mut CustomerState, now: i64, batch: &mut Batch) {
         let rules = self.rules.clone();
+        state.windows = None;
         let defined: HashSet<&str> = rules
             .defs()
             .iter()
@@ -598,6 +601,7 @@ impl Engine {
         batch: &mut Batch,
     ) {
         let rules = self.rules.clone();
+        state.advance_windows(&rules, now, self.config.retention_ms);
         let mut desired: Vec<(Arc<str>, MemberKind, Option<Option<i64>>)> = Vec::new();
         let next_timer;
         {
@@ -956,10 +960,11 @@ impl Engine {
     /// A customer's tags, segments, traits (evaluated now) and profile.
     pub fn customer(&self, customer_id: &str) -> Result<Option<CustomerView>, EngineError> {
         let id = rules::normalize(customer_id).into_owned();
-        let Some(state) = self.read_customer(&id)? else {
+        let Some(mut state) = self.read_customer(&id)? else {
             return Ok(None);
         };
         let now = self.now();
+        state.advance_windows(&self.rules, now, self.config.retention_ms);
         let facts = EngineFacts::new(&self.rules, &state, now, self.config.retention_ms);
         let mut view = CustomerView {
             customer_id: id,

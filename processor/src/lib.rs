@@ -40,6 +40,7 @@ pub mod engine;
 pub mod event;
 pub mod state;
 pub mod store;
+pub mod window;
 
 pub use change::{Cause, Change, MemberKind, Op};
 pub use engine::{

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use rules::{AggId, CompiledRules, CustomerHistory, DefId, DefKind, Facts, ProfileEntry, Value};
 
 use crate::codec::{CodecError, Reader, Writer};
+use crate::window::WindowState;
 
 /// A tag or segment the customer is a member of.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,6 +69,9 @@ pub struct CustomerState {
     pub timer: Option<i64>,
     /// The rule-set generation this state was last fully evaluated under.
     pub generation: u64,
+    /// Incremental aggregates, one per aggregate of the rule set; derived from the history
+    /// on first use and never stored.
+    pub windows: Option<Vec<WindowState>>,
 }
 
 const RECORD_VERSION: u8 = 1;
@@ -171,6 +175,53 @@ impl CustomerState {
         Ok(state)
     }
 
+    /// Builds the incremental aggregates if needed and moves them to `now`.
+    pub fn advance_windows(&mut self, rules: &CompiledRules, now: i64, retention_ms: i64) {
+        match &mut self.windows {
+            Some(windows) => windows.iter_mut().for_each(|w| w.advance(now)),
+            None => {
+                let history = &self.history;
+                let profile = |n: &str| history.profile_value(n);
+                self.windows = Some(
+                    rules
+                        .aggregates()
+                        .iter()
+                        .map(|spec| WindowState::build(spec, retention_ms, now, &history.events, profile))
+                        .collect(),
+                );
+            }
+        }
+    }
+
+    /// Feeds the event just pushed to the history to the aggregates over its type.
+    pub fn window_insert_latest(&mut self, rules: &CompiledRules) {
+        let Some(windows) = &mut self.windows else { return };
+        let history = &self.history;
+        let Some(event) = history.events.last() else {
+            return;
+        };
+        for &id in rules.aggregates_for_event_type(&event.event_type) {
+            let spec = &rules.aggregates()[id];
+            if spec.matches(event, |n| history.profile_value(n)) {
+                windows[id].insert(event, spec.input(event));
+            }
+        }
+    }
+
+    /// Rebuilds the aggregates whose filter reads one of `attrs` (the profile changed).
+    pub fn window_rebuild(&mut self, rules: &CompiledRules, attrs: &[Arc<str>], now: i64, retention_ms: i64) {
+        let Some(windows) = &mut self.windows else { return };
+        let history = &self.history;
+        for (id, spec) in rules.aggregates().iter().enumerate() {
+            if spec.profile_reads.iter().any(|r| attrs.contains(r)) {
+                let at = windows[id].at().max(now);
+                windows[id] = WindowState::build(spec, retention_ms, at, &history.events, |n| {
+                    history.profile_value(n)
+                });
+            }
+        }
+    }
+
     pub fn manual_present(&self, name: &str, now: i64) -> bool {
         self.manual
             .get(name)
@@ -199,6 +250,15 @@ impl<'a> EngineFacts<'a> {
             aggregates: RefCell::new(vec![None; rules.aggregates().len()]),
             definitions: RefCell::new(vec![None; rules.defs().len()]),
         }
+    }
+
+    /// The incremental state of aggregate `id`, if it is current at `now`.
+    fn window(&self, id: AggId) -> Option<&WindowState> {
+        self.state
+            .windows
+            .as_ref()
+            .map(|w| &w[id])
+            .filter(|w| w.at() == self.now)
     }
 
     fn profile_fn(&self) -> impl Fn(&str) -> Option<Value> + Copy + '_ {
@@ -241,6 +301,9 @@ impl Facts for EngineFacts<'_> {
         if let Some(v) = &self.aggregates.borrow()[id] {
             return v.clone();
         }
+        if let Some(w) = self.window(id) {
+            return w.value();
+        }
         let spec = &self.rules.aggregates()[id];
         let v = spec.compute(
             &self.state.history.events,
@@ -269,6 +332,9 @@ impl Facts for EngineFacts<'_> {
     }
 
     fn aggregate_next_change(&self, id: AggId) -> Option<i64> {
+        if let Some(w) = self.window(id) {
+            return w.next_change();
+        }
         let spec = &self.rules.aggregates()[id];
         spec.next_change(
             &self.state.history.events,
