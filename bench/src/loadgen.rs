@@ -103,7 +103,7 @@ const OUTCOMES: [&str; 4] = ["connected", "no_answer", "busy", "rejected"];
 /// The customer id of rank `n`, spelled as a CRM would send it: phone numbers and company
 /// names, about one in ten with full-width digits, invisible characters or spaces.
 pub fn customer_id(n: u64, rng: &mut Rng) -> String {
-    let plain = if n % 5 == 0 {
+    let plain = if n.is_multiple_of(5) {
         format!("上海优选食品有限公司#{n}")
     } else {
         format!("1{:010}", 3_000_000_000 + n)
@@ -165,7 +165,7 @@ pub fn generate(spec: &StreamSpec, out: &mut impl Write) -> io::Result<u64> {
             let bad = match rng.below(4) {
                 0 => "{\"customer_id\": \"13800000000\", \"type\": ".to_owned(),
                 1 => format!("{{\"customer_id\": \"\", \"type\": \"view\", \"ts\": {ts}}}"),
-                2 => format!("{{\"customer_id\": \"x\", \"type\": \"view\", \"ts\": \"yesterday\"}}"),
+                2 => r#"{"customer_id": "x", "type": "view", "ts": "yesterday"}"#.to_owned(),
                 _ => "[1, 2, 3]".to_owned(),
             };
             out.write_all(bad.as_bytes())?;
