@@ -1,6 +1,7 @@
 //! The `tagstream` binary: command-line parsing and wiring only.
 
 mod replay;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,6 +32,33 @@ enum Command {
         /// Rule files (`.trl`).
         #[arg(required = true)]
         files: Vec<PathBuf>,
+    },
+    /// Serve the HTTP API over the store.
+    Serve {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// Largest accepted request body, in bytes.
+        #[arg(long, default_value_t = 16 * 1024 * 1024)]
+        max_request_bytes: usize,
+    },
+    /// Serve on the embedded default with the example rules and a built-in stream of
+    /// realistic events, so tags and segments change live.
+    Demo {
+        /// Where the demo keeps its store.
+        #[arg(long, default_value = "./tagstream-demo-data")]
+        data_dir: PathBuf,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// Generated events per second.
+        #[arg(long, default_value_t = 200)]
+        rate: u32,
+        /// Customers in the generated population.
+        #[arg(long, default_value_t = 2_000)]
+        customers: u64,
     },
     /// Ingest an NDJSON file at full speed; resumes where it stopped if interrupted.
     Replay {
@@ -108,8 +136,29 @@ impl StoreArgs {
 }
 
 fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TAGSTREAM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Serve {
+            store,
+            listen,
+            max_request_bytes,
+        } => store.open().and_then(|engine| {
+            let api = query_api::ApiConfig { max_request_bytes };
+            serve::serve(engine, listen, api, |_, _, _| {}).map(|()| ExitCode::SUCCESS)
+        }),
+        Command::Demo {
+            data_dir,
+            listen,
+            rate,
+            customers,
+        } => run_demo(data_dir, listen, rate, customers),
         Command::CheckRules { plan, files } => check_rules(&files, plan),
         Command::Replay {
             file,
@@ -126,6 +175,41 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// The example rules every demo starts with.
+const DEMO_RULES: &str = include_str!("../deploy/rules/example.trl");
+
+fn run_demo(
+    data_dir: PathBuf,
+    listen: std::net::SocketAddr,
+    rate: u32,
+    customers: u64,
+) -> anyhow::Result<ExitCode> {
+    let config = EngineConfig {
+        clock: ClockMode::Wall,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::open(&data_dir, Some(DEMO_RULES), config)
+        .with_context(|| format!("opening the demo store at {}", data_dir.display()))?;
+    serve::serve(
+        engine,
+        listen,
+        query_api::ApiConfig::default(),
+        move |bound, handle, stopping| {
+            println!(
+                "demo: streaming {rate} events/s for {customers} customers (rules: deploy/rules/example.trl)"
+            );
+            println!("try:");
+            println!("  curl -s http://{bound}/v1/changes?limit=5");
+            println!("  curl -s http://{bound}/v1/customers/13000000001");
+            println!("  curl -s -X POST http://{bound}/v1/segments/query -d '{{\"expr\": \"viewed_seafood and not big_ticket\", \"limit\": 5}}'");
+            println!("  curl -s http://{bound}/v1/segments/spring_promo/members?format=csv | head");
+            println!("  curl -s http://{bound}/metrics | grep tagstream_events_total");
+            serve::demo_generator(handle, stopping, rate, customers);
+        },
+    )?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn check_rules(files: &[PathBuf], plan: bool) -> anyhow::Result<ExitCode> {

@@ -176,7 +176,8 @@ pub fn generate(spec: &StreamSpec, out: &mut impl Write) -> io::Result<u64> {
     Ok(lines)
 }
 
-fn event_line(i: u64, customer: &str, ts: i64, rng: &mut Rng) -> String {
+/// One event of the scenario mix as a JSON line (no trailing newline).
+pub fn event_line(i: u64, customer: &str, ts: i64, rng: &mut Rng) -> String {
     let id = format!("ev-{i:010}");
     let roll = rng.below(100);
     let (event_type, props, profile) = match roll {

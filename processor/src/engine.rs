@@ -108,6 +108,22 @@ pub struct DeadLetter {
     pub raw: Vec<u8>,
 }
 
+/// One page of an ad-hoc segment query.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct QueryPage {
+    pub count: usize,
+    pub customers: Vec<String>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("the expression has {} error(s)", .0.len())]
+    Invalid(Vec<rules::LocatedDiagnostic>),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
 /// Which definitions an evaluation looks at.
 enum Scope<'a> {
     Defs(&'a [DefId]),
@@ -654,17 +670,16 @@ impl Engine {
             desired.push((name, MemberKind::Tag, present));
         }
         state.manual.retain(|_, m| m.expires_at.is_none_or(|e| now < e));
-        if matches!(scope, Scope::All) {
-            // Memberships of names the rules no longer define end.
-            let stale: Vec<Arc<str>> = state
-                .members
-                .keys()
-                .filter(|n| rules.lookup(n).is_none() && !state.manual.contains_key(*n))
-                .cloned()
-                .collect();
-            for name in stale {
-                desired.push((name, MemberKind::Tag, None));
-            }
+        // Memberships of names that are neither defined nor set by hand end (a manual tag
+        // removed or expired, or a definition dropped by a rule change).
+        let stale: Vec<Arc<str>> = state
+            .members
+            .keys()
+            .filter(|n| rules.lookup(n).is_none() && !state.manual.contains_key(*n))
+            .cloned()
+            .collect();
+        for name in stale {
+            desired.push((name, MemberKind::Tag, None));
         }
         for (name, kind, present) in desired {
             match (state.members.get_mut(&name), present) {
@@ -1017,6 +1032,57 @@ impl Engine {
             }
         }
         Ok(out)
+    }
+
+    /// An ad-hoc segment: customers for whom `expr` (the rule language's expression syntax,
+    /// over tags, traits, segments and profile attributes) holds now. Counts every match and
+    /// returns up to `limit` ids after `cursor`, in id order.
+    pub fn query(&self, expr: &str, limit: usize, cursor: Option<&str>) -> Result<QueryPage, QueryError> {
+        const NAME: &str = "__tagstream_query";
+        let source = self.rules.source();
+        let prefix = format!("{source}\nsegment {NAME} =\n");
+        let combined = format!("{prefix}{expr}\n");
+        let compiled = CompiledRules::compile(&combined).map_err(|diags| {
+            QueryError::Invalid(
+                diags
+                    .iter()
+                    .map(|d| {
+                        let mut d = d.clone();
+                        d.span.start = d.span.start.saturating_sub(prefix.len());
+                        d.span.end = d.span.end.saturating_sub(prefix.len()).max(d.span.start);
+                        d.located(expr)
+                    })
+                    .collect(),
+            )
+        })?;
+        let id = compiled.lookup(NAME).expect("the query definition");
+        let now = self.now();
+        let mut page = QueryPage {
+            count: 0,
+            customers: Vec::new(),
+            next_cursor: None,
+        };
+        for item in self.store.scan_from(CF_CUSTOMERS, &[]) {
+            let (key, _) = item.map_err(EngineError::from)?;
+            let customer = String::from_utf8_lossy(&key).into_owned();
+            let Some(state) = self.read_customer(&customer)? else {
+                continue;
+            };
+            let facts = EngineFacts::new(&compiled, &state, now, self.config.retention_ms);
+            if !facts.definition(id).is_true() {
+                continue;
+            }
+            page.count += 1;
+            if cursor.is_some_and(|c| customer.as_str() <= c) {
+                continue;
+            }
+            if page.customers.len() < limit {
+                page.customers.push(customer);
+            } else if page.next_cursor.is_none() {
+                page.next_cursor = page.customers.last().cloned();
+            }
+        }
+        Ok(page)
     }
 
     /// The change log after `after`, at most `limit` changes, in `seq` order.

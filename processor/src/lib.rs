@@ -45,6 +45,7 @@ pub mod window;
 pub use change::{Cause, Change, MemberKind, Op};
 pub use engine::{
     ClockMode, CustomerView, DeadLetter, Engine, EngineConfig, EngineError, IngestError, IngestOutcome,
+    QueryError, QueryPage,
 };
 pub use event::{parse_event, EventLimits, Rejection, ValidEvent};
 pub use state::Membership;

@@ -1,1 +1,121 @@
-//! The HTTP API (issue 4): not built yet.
+//! # The tagstream HTTP API
+//!
+//! The contract endpoints (`shared/spec/semantics.md` section 5) over the engine, plus
+//! dead letters, metrics and health.
+//!
+//! The key types: [`EngineHandle`] runs the synchronous engine on its own thread and takes
+//! jobs through a bounded queue; [`router`] builds the axum router whose thin handlers
+//! (`routes`) extract, call the engine once, and answer; [`ApiError`] is the one place that
+//! maps errors to statuses (every error is JSON).
+//!
+//! ```no_run
+//! # async fn run() {
+//! use processor::{Engine, EngineConfig};
+//! use query_api::{router, ApiConfig, AppState, EngineHandle, EngineThreadConfig};
+//!
+//! let engine = Engine::open("./data".as_ref(), Some("tag vip = profile.level == \"gold\""), EngineConfig::default()).unwrap();
+//! let (handle, _thread) = EngineHandle::spawn(engine, EngineThreadConfig::default());
+//! let app = router(AppState::new(handle, ApiConfig::default()));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await.unwrap();
+//! axum::serve(listener, app).await.unwrap();
+//! # }
+//! ```
+
+mod engine_thread;
+mod error;
+pub mod metrics;
+mod routes;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{FromRequest, Request};
+use axum::routing::{get, post, put};
+use axum::Router;
+
+pub use engine_thread::{EngineHandle, EngineThreadConfig};
+pub use error::ApiError;
+
+/// Limits of the HTTP layer.
+#[derive(Debug, Clone, Copy)]
+pub struct ApiConfig {
+    /// Largest request body accepted (413 beyond it).
+    pub max_request_bytes: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            max_request_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: EngineHandle,
+    pub prometheus: metrics_exporter_prometheus::PrometheusHandle,
+    pub config: ApiConfig,
+}
+
+impl AppState {
+    pub fn new(engine: EngineHandle, config: ApiConfig) -> AppState {
+        AppState {
+            engine,
+            prometheus: metrics::prometheus(),
+            config,
+        }
+    }
+}
+
+/// A request body read up to the configured limit; beyond it, 413 with a JSON error.
+pub struct LimitedBody(pub Bytes);
+
+impl FromRequest<AppState> for LimitedBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let limit = state.config.max_request_bytes;
+        let body: Body = req.into_body();
+        match axum::body::to_bytes(body, limit).await {
+            Ok(bytes) => Ok(LimitedBody(bytes)),
+            Err(e) => {
+                let too_large = std::error::Error::source(&e)
+                    .is_some_and(|s| s.to_string().contains("length limit exceeded"))
+                    || e.to_string().contains("length limit exceeded");
+                if too_large {
+                    Err(ApiError::TooLarge(limit))
+                } else {
+                    Err(ApiError::BadRequest(format!(
+                        "could not read the request body: {e}"
+                    )))
+                }
+            }
+        }
+    }
+}
+
+/// The whole API.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/events", post(routes::ingest))
+        .route("/v1/clock", post(routes::set_clock))
+        .route("/v1/rules", get(routes::get_rules).put(routes::put_rules))
+        .route("/v1/customers/{id}", get(routes::get_customer))
+        .route(
+            "/v1/customers/{id}/tags/{tag}",
+            put(routes::put_manual_tag).delete(routes::delete_manual_tag),
+        )
+        .route("/v1/segments/query", post(routes::segment_query))
+        .route("/v1/segments/{name}/members", get(routes::segment_members))
+        .route("/v1/changes", get(routes::changes))
+        .route(
+            "/v1/dlq",
+            get(routes::dead_letters).delete(routes::purge_dead_letters),
+        )
+        .route("/metrics", get(routes::metrics))
+        .route("/healthz", get(routes::healthz))
+        .route("/readyz", get(routes::readyz))
+        .fallback(routes::not_found)
+        .method_not_allowed_fallback(routes::method_not_allowed)
+        .layer(axum::middleware::from_fn(metrics::track_http))
+        .with_state(state)
+}

@@ -1,0 +1,103 @@
+//! The engine runs on one thread of its own; handlers send it jobs through a bounded queue
+//! and await the answer. A full queue is backpressure: the caller gets 503 and retries.
+//! Between jobs the thread fires due timers (wall clock mode) and continues a rule-change
+//! backfill, so both proceed while the API keeps serving.
+
+use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender, TrySendError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use processor::{ClockMode, Engine};
+
+use crate::error::ApiError;
+use crate::metrics as m;
+
+type Job = Box<dyn FnOnce(&mut Engine) + Send>;
+
+/// A cloneable handle to the engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    jobs: SyncSender<Job>,
+}
+
+/// How the engine thread paces its background work.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineThreadConfig {
+    /// Jobs waiting before callers get 503.
+    pub queue: usize,
+    /// How often timers are checked in wall clock mode (well under the one-second promise).
+    pub tick: Duration,
+    /// Customers re-evaluated per backfill step between jobs.
+    pub backfill_step: usize,
+}
+
+impl Default for EngineThreadConfig {
+    fn default() -> Self {
+        EngineThreadConfig {
+            queue: 1024,
+            tick: Duration::from_millis(100),
+            backfill_step: 2_000,
+        }
+    }
+}
+
+impl EngineHandle {
+    /// Starts the engine thread. It stops once every handle is dropped and the queued jobs
+    /// are done.
+    pub fn spawn(mut engine: Engine, config: EngineThreadConfig) -> (EngineHandle, JoinHandle<()>) {
+        let (jobs, queue) = sync_channel::<Job>(config.queue);
+        let thread = std::thread::Builder::new()
+            .name("tagstream-engine".into())
+            .spawn(move || {
+                let wall = engine.config().clock == ClockMode::Wall;
+                let mut last_tick = Instant::now();
+                loop {
+                    match queue.recv_timeout(config.tick) {
+                        Ok(job) => job(&mut engine),
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    }
+                    if wall && last_tick.elapsed() >= config.tick {
+                        last_tick = Instant::now();
+                        match engine.tick() {
+                            Ok(changes) => m::record_changes(&changes, "timer"),
+                            Err(e) => tracing::error!(error = %e, "firing timers failed; will retry"),
+                        }
+                    }
+                    if engine.backfill_pending() {
+                        if let Err(e) = engine.backfill_step(config.backfill_step) {
+                            tracing::error!(error = %e, "rule-change backfill step failed; will retry");
+                        }
+                    }
+                    m::engine_gauges(&engine);
+                }
+                if let Err(e) = engine.store().flush() {
+                    tracing::error!(error = %e, "flush at shutdown failed (the WAL still has everything)");
+                }
+            })
+            .expect("spawn the engine thread");
+        (EngineHandle { jobs }, thread)
+    }
+
+    /// Runs `f` on the engine thread and returns its result.
+    pub async fn call<R, F>(&self, f: F) -> Result<R, ApiError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Engine) -> R + Send + 'static,
+    {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |engine| {
+            let _ = reply.send(f(engine));
+        });
+        match self.jobs.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => return Err(ApiError::Busy),
+            Err(TrySendError::Disconnected(_)) => {
+                return Err(ApiError::Internal("the engine has stopped".into()))
+            }
+        }
+        answer
+            .await
+            .map_err(|_| ApiError::Internal("the engine dropped the request".into()))
+    }
+}

@@ -1,0 +1,69 @@
+//! The one place that maps errors to HTTP statuses. Every error is JSON
+//! `{"error": "...", ...}`; internals are logged, not shown, on 5xx.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use processor::EngineError;
+use serde_json::json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("the rule set has {} error(s)", .0.len())]
+    InvalidRules(Vec<rules::LocatedDiagnostic>),
+    #[error("the engine is busy; retry shortly")]
+    Busy,
+    #[error("the request body is larger than the limit of {0} bytes")]
+    TooLarge(usize),
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::Clock(m) | EngineError::Conflict(m) => ApiError::Conflict(m),
+            EngineError::Rules(d) => ApiError::InvalidRules(d.iter().map(|d| d.located("")).collect()),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, body) = match &self {
+            ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, json!({ "error": m })),
+            ApiError::NotFound(m) => (StatusCode::NOT_FOUND, json!({ "error": m })),
+            ApiError::Conflict(m) => (StatusCode::CONFLICT, json!({ "error": m })),
+            ApiError::InvalidRules(diagnostics) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({ "error": self.to_string(), "diagnostics": diagnostics }),
+            ),
+            ApiError::Busy => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({ "error": self.to_string() }),
+            ),
+            ApiError::TooLarge(limit) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                json!({ "error": self.to_string(), "limit_bytes": limit }),
+            ),
+            ApiError::MethodNotAllowed(m) => (StatusCode::METHOD_NOT_ALLOWED, json!({ "error": m })),
+            ApiError::Internal(detail) => {
+                tracing::error!(%detail, "internal error");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    json!({ "error": "internal error; see the server log" }),
+                )
+            }
+        };
+        (status, Json(body)).into_response()
+    }
+}

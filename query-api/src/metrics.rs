@@ -1,0 +1,94 @@
+//! Telemetry with fixed names and low-cardinality labels (`tagstream_<what>_<unit>`); never
+//! a customer id as a label. Counted per batch, not per event.
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::Next;
+use axum::response::Response;
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use processor::{Change, Engine, IngestOutcome, MemberKind};
+
+/// The process-wide Prometheus recorder (installed once; every router shares it).
+pub fn prometheus() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ])
+                .expect("valid buckets")
+                .build_recorder();
+            let handle = recorder.handle();
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+pub fn record_ingest(outcome: &IngestOutcome, elapsed: Duration) {
+    counter!("tagstream_events_total", "result" => "accepted").increment(outcome.accepted as u64);
+    counter!("tagstream_events_total", "result" => "duplicate").increment(outcome.duplicates as u64);
+    for e in &outcome.errors {
+        counter!("tagstream_events_rejected_total", "reason" => reason_class(&e.reason)).increment(1);
+    }
+    histogram!("tagstream_batch_apply_seconds").record(elapsed.as_secs_f64());
+    record_changes(&outcome.changes, "event");
+}
+
+/// Rejection reasons with their variable parts removed, so labels stay few.
+fn reason_class(reason: &str) -> &'static str {
+    match reason {
+        r if r.starts_with("invalid JSON") => "invalid_json",
+        "not valid UTF-8" => "not_utf8",
+        "not a JSON object" => "not_object",
+        r if r.contains("customer_id") => "customer_id",
+        r if r.contains("type") => "type",
+        r if r.starts_with("ts") || r.contains("missing ts") => "ts",
+        r if r.starts_with("event larger") => "too_large",
+        r if r.starts_with("nested deeper") => "too_deep",
+        _ => "other",
+    }
+}
+
+pub fn record_changes(changes: &[Change], cause: &'static str) {
+    let (mut tags, mut segments) = (0u64, 0u64);
+    for c in changes {
+        match c.kind {
+            MemberKind::Tag => tags += 1,
+            MemberKind::Segment => segments += 1,
+        }
+    }
+    counter!("tagstream_changes_total", "kind" => "tag", "cause" => cause).increment(tags);
+    counter!("tagstream_changes_total", "kind" => "segment", "cause" => cause).increment(segments);
+}
+
+pub fn engine_gauges(engine: &Engine) {
+    gauge!("tagstream_timers_pending").set(engine.pending_timers() as f64);
+    gauge!("tagstream_backfill_pending").set(if engine.backfill_pending() { 1.0 } else { 0.0 });
+    gauge!("tagstream_change_log_next_seq").set(engine.next_seq() as f64);
+}
+
+pub fn store_gauges(engine: &Engine) {
+    gauge!("tagstream_rocksdb_sst_bytes").set(engine.store().approximate_size() as f64);
+}
+
+/// Counts HTTP requests by route template and status, with durations.
+pub async fn track_http(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = request.method().as_str().to_owned();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    counter!("tagstream_http_requests_total", "route" => route.clone(), "method" => method.clone(), "status" => status)
+        .increment(1);
+    histogram!("tagstream_http_request_seconds", "route" => route, "method" => method)
+        .record(started.elapsed().as_secs_f64());
+    response
+}

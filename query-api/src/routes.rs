@@ -1,0 +1,417 @@
+//! Thin handlers: extract, call the engine once, answer with a DTO.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use processor::{Change, CustomerView, QueryError};
+use serde::Deserialize;
+use serde_json::{json, Value as Json_};
+
+use crate::error::ApiError;
+use crate::metrics as m;
+use crate::{AppState, LimitedBody};
+
+/// Parses a JSON body, naming the position of a syntax error and rejecting unknown fields.
+fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("malformed JSON body: {e}")))
+}
+
+/// Splits an ingest body into events: a JSON array, or NDJSON (blank lines skipped).
+fn split_events(body: &Bytes) -> Result<Vec<Vec<u8>>, ApiError> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first == Some(&b'[') {
+        let items: Vec<Box<serde_json::value::RawValue>> = serde_json::from_slice(body)
+            .map_err(|e| ApiError::BadRequest(format!("malformed JSON array body: {e}")))?;
+        return Ok(items
+            .into_iter()
+            .map(|raw| raw.get().as_bytes().to_vec())
+            .collect());
+    }
+    Ok(body
+        .split(|b| *b == b'\n')
+        .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
+        .filter(|line| !line.iter().all(u8::is_ascii_whitespace))
+        .map(<[u8]>::to_vec)
+        .collect())
+}
+
+pub async fn ingest(
+    State(app): State<AppState>,
+    LimitedBody(body): LimitedBody,
+) -> Result<Response, ApiError> {
+    let events = split_events(&body)?;
+    if events.is_empty() {
+        return Err(ApiError::BadRequest(
+            "the body holds no events (send NDJSON or a JSON array)".into(),
+        ));
+    }
+    let outcome = app
+        .engine
+        .call(move |engine| {
+            let started = Instant::now();
+            let outcome = engine.ingest(&events);
+            if let Ok(o) = &outcome {
+                m::record_ingest(o, started.elapsed());
+            }
+            outcome
+        })
+        .await??;
+    Ok(Json(json!({
+        "accepted": outcome.accepted,
+        "duplicates": outcome.duplicates,
+        "rejected": outcome.rejected,
+        "errors": outcome.errors,
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClockBody {
+    now: i64,
+}
+
+pub async fn set_clock(
+    State(app): State<AppState>,
+    LimitedBody(body): LimitedBody,
+) -> Result<Json<Json_>, ApiError> {
+    let ClockBody { now } = json_body(&body)?;
+    let changes = app
+        .engine
+        .call(move |engine| {
+            let changes = engine.advance_clock(now);
+            if let Ok(c) = &changes {
+                m::record_changes(c, "timer");
+            }
+            changes
+        })
+        .await??;
+    Ok(Json(json!({ "now": now, "changes": changes.len() })))
+}
+
+pub async fn get_rules(State(app): State<AppState>) -> Result<Response, ApiError> {
+    let text = app
+        .engine
+        .call(|engine| engine.rules().source().to_owned())
+        .await?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+}
+
+pub async fn put_rules(
+    State(app): State<AppState>,
+    LimitedBody(body): LimitedBody,
+) -> Result<Json<Json_>, ApiError> {
+    let text = String::from_utf8(body.to_vec())
+        .map_err(|_| ApiError::BadRequest("the rule set is not valid UTF-8".into()))?;
+    // Checked here, with the text at hand, so every diagnostic carries its source line.
+    let compiled = rules::CompiledRules::compile(&text)
+        .map_err(|diags| ApiError::InvalidRules(diags.iter().map(|d| d.located(&text)).collect()))?;
+    let definitions = compiled.defs().len();
+    app.engine
+        .call(move |engine| engine.replace_rules(&text))
+        .await??;
+    Ok(Json(json!({ "definitions": definitions, "backfill": "running" })))
+}
+
+#[derive(serde::Serialize)]
+struct MembershipDto {
+    since: i64,
+    expires_at: Option<i64>,
+}
+
+/// `GET /v1/customers/{id}`, serialised straight to the body so exact decimals keep their
+/// digits (a detour through `serde_json::Value` would turn them into floats).
+#[derive(serde::Serialize)]
+struct CustomerDto<'a> {
+    customer_id: &'a str,
+    tags: BTreeMap<&'a str, MembershipDto>,
+    traits: BTreeMap<&'a str, &'a rules::Value>,
+    profile: BTreeMap<&'a str, &'a rules::Value>,
+}
+
+fn customer_dto(view: &CustomerView) -> CustomerDto<'_> {
+    CustomerDto {
+        customer_id: &view.customer_id,
+        tags: view
+            .tags
+            .iter()
+            .map(|(name, m)| {
+                (
+                    &**name,
+                    MembershipDto {
+                        since: m.since,
+                        expires_at: m.expires_at,
+                    },
+                )
+            })
+            .collect(),
+        traits: view.traits.iter().map(|(k, v)| (&**k, v)).collect(),
+        profile: view.profile.iter().map(|(k, v)| (&**k, v)).collect(),
+    }
+}
+
+pub async fn get_customer(State(app): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let lookup = id.clone();
+    let view = app.engine.call(move |engine| engine.customer(&lookup)).await??;
+    match view {
+        Some(v) => Ok(Json(customer_dto(&v)).into_response()),
+        None => Err(ApiError::NotFound(format!("no customer `{id}`"))),
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ManualTagBody {
+    /// `"7d"`, or milliseconds.
+    ttl: Option<Json_>,
+}
+
+fn parse_ttl(ttl: &Json_) -> Result<i64, ApiError> {
+    let bad = || {
+        ApiError::BadRequest(format!(
+            "`ttl` must be a duration like \"7d\" or milliseconds, not {ttl}"
+        ))
+    };
+    let ms = match ttl {
+        Json_::Number(n) => n.as_i64().ok_or_else(bad)?,
+        Json_::String(s) => match rules::lexer::lex(s.trim()) {
+            (tokens, diags) if diags.is_empty() && tokens.len() == 2 => match tokens[0].tok {
+                rules::lexer::Tok::Dur(ms) => ms,
+                _ => return Err(bad()),
+            },
+            _ => return Err(bad()),
+        },
+        _ => return Err(bad()),
+    };
+    if ms <= 0 {
+        return Err(ApiError::BadRequest("`ttl` must be longer than zero".into()));
+    }
+    Ok(ms)
+}
+
+fn changes_json(changes: &[Change]) -> Json_ {
+    json!({ "changes": changes })
+}
+
+pub async fn put_manual_tag(
+    State(app): State<AppState>,
+    Path((id, tag)): Path<(String, String)>,
+    LimitedBody(body): LimitedBody,
+) -> Result<Json<Json_>, ApiError> {
+    let body: ManualTagBody = if body.iter().all(u8::is_ascii_whitespace) {
+        ManualTagBody::default()
+    } else {
+        json_body(&body)?
+    };
+    let ttl = body.ttl.as_ref().map(parse_ttl).transpose()?;
+    let changes = app
+        .engine
+        .call(move |engine| engine.set_manual_tag(&id, &tag, ttl))
+        .await??;
+    Ok(Json(changes_json(&changes)))
+}
+
+pub async fn delete_manual_tag(
+    State(app): State<AppState>,
+    Path((id, tag)): Path<(String, String)>,
+) -> Result<Json<Json_>, ApiError> {
+    let changes = app
+        .engine
+        .call(move |engine| engine.remove_manual_tag(&id, &tag))
+        .await??;
+    Ok(Json(changes_json(&changes)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QueryBody {
+    expr: String,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+pub const MAX_QUERY_LIMIT: usize = 10_000;
+
+pub async fn segment_query(
+    State(app): State<AppState>,
+    LimitedBody(body): LimitedBody,
+) -> Result<Json<Json_>, ApiError> {
+    let QueryBody { expr, limit, cursor } = json_body(&body)?;
+    let limit = limit.unwrap_or(100);
+    if limit > MAX_QUERY_LIMIT {
+        return Err(ApiError::BadRequest(format!(
+            "`limit` is at most {MAX_QUERY_LIMIT}"
+        )));
+    }
+    let page = app
+        .engine
+        .call(move |engine| engine.query(&expr, limit, cursor.as_deref()))
+        .await?
+        .map_err(|e| match e {
+            QueryError::Invalid(diagnostics) => ApiError::InvalidRules(diagnostics),
+            QueryError::Engine(e) => e.into(),
+        })?;
+    Ok(Json(
+        json!({ "count": page.count, "customers": page.customers, "next_cursor": page.next_cursor }),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MembersQuery {
+    format: Option<String>,
+}
+
+pub async fn segment_members(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+    q: Result<Query<MembersQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let format = q.format.unwrap_or_else(|| "ndjson".into());
+    if !matches!(format.as_str(), "ndjson" | "csv") {
+        return Err(ApiError::BadRequest(format!(
+            "unknown format `{format}`: use ndjson or csv"
+        )));
+    }
+    let lookup = name.clone();
+    let members = app
+        .engine
+        .call(move |engine| {
+            let known = engine
+                .rules()
+                .lookup(&lookup)
+                .is_some_and(|id| engine.rules().def(id).kind.has_members());
+            engine.members(&lookup).map(|m| (known, m))
+        })
+        .await??;
+    let (known, members) = members;
+    if !known && members.is_empty() {
+        return Err(ApiError::NotFound(format!("no tag or segment `{name}`")));
+    }
+    let mut out = Vec::with_capacity(members.len() * 48);
+    if format == "csv" {
+        out.extend_from_slice(b"customer_id,since,expires_at\n");
+        for (id, m) in &members {
+            let quoted = format!("\"{}\"", id.replace('"', "\"\""));
+            let expires = m.expires_at.map_or(String::new(), |e| e.to_string());
+            out.extend_from_slice(format!("{quoted},{},{expires}\n", m.since).as_bytes());
+        }
+        return Ok((
+            [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
+            Body::from(out),
+        )
+            .into_response());
+    }
+    for (id, m) in &members {
+        serde_json::to_writer(
+            &mut out,
+            &json!({ "customer_id": id, "since": m.since, "expires_at": m.expires_at }),
+        )
+        .expect("write to a Vec");
+        out.push(b'\n');
+    }
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from(out)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangesQuery {
+    after: Option<u64>,
+    limit: Option<usize>,
+}
+
+pub async fn changes(
+    State(app): State<AppState>,
+    q: Result<Query<ChangesQuery>, QueryRejection>,
+) -> Result<Json<Json_>, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let after = q.after.unwrap_or(0);
+    let limit = q.limit.unwrap_or(1000);
+    if limit == 0 || limit > 100_000 {
+        return Err(ApiError::BadRequest(
+            "`limit` must be between 1 and 100000".into(),
+        ));
+    }
+    let changes = app
+        .engine
+        .call(move |engine| engine.changes(after, limit))
+        .await??;
+    let next_after = changes.last().map_or(after, |c| c.seq);
+    Ok(Json(json!({ "changes": changes, "next_after": next_after })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DlqQuery {
+    after: Option<u64>,
+    limit: Option<usize>,
+}
+
+pub async fn dead_letters(
+    State(app): State<AppState>,
+    q: Result<Query<DlqQuery>, QueryRejection>,
+) -> Result<Json<Json_>, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    let letters = app
+        .engine
+        .call(move |engine| engine.dead_letters(q.after, limit))
+        .await??;
+    let items: Vec<Json_> = letters
+        .iter()
+        .map(|d| {
+            json!({
+                "id": d.id,
+                "received_at": d.received_at,
+                "reason": d.reason,
+                "raw": String::from_utf8_lossy(&d.raw),
+            })
+        })
+        .collect();
+    let next_after = letters.last().map(|d| d.id);
+    Ok(Json(json!({ "dead_letters": items, "next_after": next_after })))
+}
+
+pub async fn purge_dead_letters(State(app): State<AppState>) -> Result<Json<Json_>, ApiError> {
+    let purged = app.engine.call(|engine| engine.purge_dead_letters()).await??;
+    Ok(Json(json!({ "purged": purged })))
+}
+
+pub async fn metrics(State(app): State<AppState>) -> Result<Response, ApiError> {
+    app.engine.call(|engine| m::store_gauges(engine)).await?;
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        app.prometheus.render(),
+    )
+        .into_response())
+}
+
+pub async fn healthz() -> Json<Json_> {
+    Json(json!({ "status": "ok" }))
+}
+
+pub async fn readyz(State(app): State<AppState>) -> Response {
+    match app.engine.call(|engine| engine.backfill_pending()).await {
+        Ok(backfilling) => Json(json!({ "ready": true, "backfill_running": backfilling })).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "ready": false, "error": e.to_string() })),
+        )
+            .into_response(),
+    }
+}
+
+pub async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::NotFound(format!("no route for {}", uri.path()))
+}
+
+pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()))
+}
