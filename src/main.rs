@@ -66,8 +66,8 @@ enum Command {
         file: PathBuf,
         #[command(flatten)]
         store: StoreArgs,
-        /// Events per committed batch.
-        #[arg(long, default_value_t = 1000)]
+        /// Events per committed batch (one fsync each).
+        #[arg(long, default_value_t = 5000)]
         batch_size: usize,
         /// `event` clock mode only: afterwards, move the clock to this instant (ms) and fire
         /// every timer due by then.
@@ -76,6 +76,10 @@ enum Command {
         /// No progress line.
         #[arg(long)]
         quiet: bool,
+        /// Afterwards, compact the state and print the store's size by column family and
+        /// the state's bytes per customer.
+        #[arg(long)]
+        stats: bool,
     },
 }
 
@@ -166,7 +170,8 @@ fn main() -> ExitCode {
             batch_size,
             advance_to,
             quiet,
-        } => run_replay(&file, &store, batch_size.max(1), advance_to, quiet),
+            stats,
+        } => run_replay(&file, &store, batch_size.max(1), advance_to, quiet, stats),
     };
     match result {
         Ok(code) => code,
@@ -243,6 +248,7 @@ fn run_replay(
     batch_size: usize,
     advance_to: Option<i64>,
     quiet: bool,
+    stats: bool,
 ) -> anyhow::Result<ExitCode> {
     let mut engine = store.open()?;
     while engine.backfill_pending() {
@@ -261,5 +267,34 @@ fn run_replay(
         report.rejected,
         total as f64 / secs.max(1e-9)
     );
+    if stats {
+        print_store_stats(&engine)?;
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The store's size by column family after flushing and compacting everything but the raw
+/// history, and the per-customer state (customer records and timers) in bytes.
+fn print_store_stats(engine: &processor::Engine) -> anyhow::Result<()> {
+    use processor::store::{CF_CUSTOMERS, CF_DEDUP, CF_TIMERS};
+    let store = engine.store();
+    store.flush()?;
+    for cf in [CF_CUSTOMERS, CF_TIMERS, CF_DEDUP] {
+        store.compact(cf);
+    }
+    let sizes = store.cf_sizes();
+    let customers = store.count_keys(CF_CUSTOMERS)?;
+    for (cf, bytes) in &sizes {
+        println!("  {cf:<10} {:>12} bytes", bytes);
+    }
+    let state: u64 = sizes
+        .iter()
+        .filter(|(cf, _)| [CF_CUSTOMERS, CF_TIMERS].contains(cf))
+        .map(|(_, b)| b)
+        .sum();
+    println!(
+        "{customers} customers; state (customers + timers) {:.0} bytes per customer",
+        state as f64 / customers.max(1) as f64
+    );
+    Ok(())
 }

@@ -15,10 +15,10 @@ use rules::{CompiledRules, DefId, DefKind, Diagnostic, Facts, Value};
 
 use crate::change::{Cause, Change, MemberKind, Op};
 use crate::codec::{Reader, Writer};
-use crate::event::{parse_event, EventLimits, ValidEvent};
+use crate::event::{check_not_future, parse_event, EventLimits, Rejection, ValidEvent};
 use crate::state::{CustomerState, EngineFacts, EventTagState, ManualTag, Membership};
 use crate::store::{
-    timer_key, Store, StoreError, CF_CHANGES, CF_CUSTOMERS, CF_DEDUP, CF_DLQ, CF_META, CF_TIMERS,
+    timer_key, Retention, Store, StoreError, CF_CHANGES, CF_CUSTOMERS, CF_DEDUP, CF_DLQ, CF_META, CF_TIMERS,
 };
 
 /// Where `now` comes from.
@@ -99,6 +99,28 @@ pub struct CustomerView {
     pub profile: BTreeMap<Arc<str>, Value>,
 }
 
+/// A column of a members export besides the membership itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExportField {
+    Trait(DefId),
+    Profile(Arc<str>),
+}
+
+/// A member of a tag or segment, with the requested fields in order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemberRow {
+    pub customer_id: String,
+    pub membership: Membership,
+    pub fields: Vec<Option<Value>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MembersPage {
+    pub rows: Vec<MemberRow>,
+    /// Where the next page starts; `None` when the scan is complete.
+    pub next_cursor: Option<String>,
+}
+
 /// A dead letter: an event that was rejected, with its original bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetter {
@@ -164,6 +186,8 @@ pub struct Engine {
     counters: Counters,
     timers: BTreeSet<(i64, Arc<str>)>,
     cache: HashMap<Arc<str>, CustomerState>,
+    /// Batches committed since open; the cache's clock for eviction.
+    batches: u64,
     backfill_cursor: Option<Vec<u8>>,
     /// Position of each definition in evaluation order.
     order_pos: Vec<usize>,
@@ -201,7 +225,11 @@ impl Engine {
     /// Opens (or creates) the store at `path`. `rules_text` is used when the store has no
     /// rule set yet, or replaces the stored one when it differs (a rule change).
     pub fn open(path: &Path, rules_text: Option<&str>, config: EngineConfig) -> Result<Engine, EngineError> {
-        let store = Store::open(path, config.sync_writes)?;
+        let retention = Retention {
+            dedup_horizon_ms: config.dedup_horizon_ms,
+            history_ms: config.retention_ms,
+        };
+        let store = Store::open(path, config.sync_writes, retention)?;
         let stored_rules = store
             .get(CF_META, META_RULES.as_bytes())?
             .map(|b| String::from_utf8_lossy(&b).into_owned());
@@ -228,6 +256,7 @@ impl Engine {
             counters,
             timers,
             cache: HashMap::new(),
+            batches: 0,
             backfill_cursor,
             order_pos,
         };
@@ -290,6 +319,23 @@ impl Engine {
         raw_events: &[B],
         position: Option<(&str, u64)>,
     ) -> Result<IngestOutcome, EngineError> {
+        let parsed = raw_events
+            .iter()
+            .map(|raw| parse_event(raw.as_ref(), &self.config.limits, i64::MAX))
+            .collect();
+        self.ingest_parsed(raw_events, parsed, position)
+    }
+
+    /// Like [`Engine::ingest_from`] for events already parsed (on another thread) with
+    /// [`parse_event`]: `parsed[i]` is the result for `raw_events[i]`. Parsing may skip the
+    /// future-`ts` check (pass `i64::MAX`); it is made here against the engine's clock.
+    pub fn ingest_parsed<B: AsRef<[u8]>>(
+        &mut self,
+        raw_events: &[B],
+        parsed: Vec<Result<ValidEvent, Rejection>>,
+        position: Option<(&str, u64)>,
+    ) -> Result<IngestOutcome, EngineError> {
+        assert_eq!(raw_events.len(), parsed.len(), "one parse result per event");
         let saved = self.counters;
         let mut batch = Batch::default();
         let mut outcome = IngestOutcome::default();
@@ -298,11 +344,14 @@ impl Engine {
             if self.config.clock == ClockMode::Wall {
                 self.fire_timers(self.now(), &mut batch)?;
             }
-            for (index, raw) in raw_events.iter().enumerate() {
+            for (index, (raw, parsed)) in raw_events.iter().zip(parsed).enumerate() {
                 let raw = raw.as_ref();
                 let latest = wall.max(self.counters.clock.unwrap_or(i64::MIN));
-                let parsed = parse_event(raw, &self.config.limits, latest).map_err(|r| r.0);
-                let result = parsed.and_then(|ev| self.accept(ev, &mut batch));
+                let parsed = parsed.and_then(|ev| match ev.ts {
+                    Some(ts) => check_not_future(ts, &self.config.limits, latest).map(|()| ev),
+                    None => Ok(ev),
+                });
+                let result = parsed.map_err(|r| r.0).and_then(|ev| self.accept(ev, &mut batch));
                 match result {
                     Ok(true) => outcome.accepted += 1,
                     Ok(false) => outcome.duplicates += 1,
@@ -445,6 +494,7 @@ impl Engine {
         let changed_attrs: Vec<Arc<str>> = ev.profile.iter().map(|(k, _)| k.clone()).collect();
         self.store
             .put_event(&mut batch.wb, &customer, &event, ev.event_id.as_deref());
+        state.oldest_ts = state.oldest_ts.map(|o| o.min(ts));
         state.history.push(event, ev.profile);
         state.window_insert_latest(&self.rules);
         state.window_rebuild(&self.rules, &changed_attrs, now, self.config.retention_ms);
@@ -511,7 +561,7 @@ impl Engine {
     /// Drops events older than the retention from the customer's history.
     fn prune_history(&self, customer: &str, state: &mut CustomerState, now: i64, batch: &mut Batch) {
         let cutoff = now.saturating_sub(self.config.retention_ms);
-        if state.history.events.iter().all(|e| e.ts > cutoff) {
+        if state.oldest_ts.is_some_and(|oldest| oldest > cutoff) {
             return;
         }
         let store = &self.store;
@@ -522,6 +572,15 @@ impl Engine {
             }
             keep
         });
+        state.oldest_ts = Some(
+            state
+                .history
+                .events
+                .iter()
+                .map(|e| e.ts)
+                .min()
+                .unwrap_or(i64::MAX),
+        );
     }
 
     /// Fires every timer due at or before `until`, in time order.
@@ -572,7 +631,8 @@ impl Engine {
         Ok(state)
     }
 
-    fn put_back(&mut self, customer: Arc<str>, state: CustomerState, batch: &mut Batch) {
+    fn put_back(&mut self, customer: Arc<str>, mut state: CustomerState, batch: &mut Batch) {
+        state.last_used = self.batches;
         batch.dirty.insert(customer.clone());
         self.cache.insert(customer, state);
     }
@@ -784,10 +844,29 @@ impl Engine {
         self.store
             .put_meta_u64(&mut batch.wb, META_DLQ, self.counters.next_dlq);
         self.store.commit(batch.wb)?;
-        if self.cache.len() > self.config.cache_customers {
-            self.cache.clear();
+        if self.config.clock == ClockMode::Wall || self.counters.clock.is_some() {
+            self.store.set_clock(self.now());
         }
+        self.batches += 1;
+        self.evict();
         Ok(batch.changes)
+    }
+
+    /// Keeps the cache within its configured size: when it grows past it, the least
+    /// recently used customers are dropped down to 90% of it, so eviction work is amortised
+    /// over many batches and hot customers stay.
+    fn evict(&mut self) {
+        let capacity = self.config.cache_customers;
+        if self.cache.len() <= capacity {
+            return;
+        }
+        let keep = capacity - capacity / 10;
+        let mut ages: Vec<u64> = self.cache.values().map(|s| s.last_used).collect();
+        let drop = ages.len() - keep;
+        let (_, threshold, _) = ages.select_nth_unstable(drop - 1);
+        let threshold = *threshold;
+        // Ties at the threshold are dropped too; at worst that evicts a batch's worth more.
+        self.cache.retain(|_, state| state.last_used > threshold);
     }
 
     /// After a failed commit: forget everything in memory that the store does not have.
@@ -1022,6 +1101,98 @@ impl Engine {
     }
 
     /// Members of a tag or segment with their membership, in customer id order.
+    /// Resolves an export field: `profile.ATTR`, or the name of a trait.
+    pub fn export_field(&self, name: &str) -> Result<ExportField, String> {
+        if let Some(attr) = name.strip_prefix("profile.") {
+            if attr.is_empty() {
+                return Err("`profile.` needs an attribute name".into());
+            }
+            return Ok(ExportField::Profile(Arc::from(attr)));
+        }
+        match self.rules.lookup(name) {
+            Some(id) if self.rules.def(id).kind == DefKind::Trait => Ok(ExportField::Trait(id)),
+            Some(_) => Err(format!(
+                "`{name}` is not a trait (fields are traits or profile.ATTR)"
+            )),
+            None => Err(format!(
+                "unknown field `{name}` (fields are traits or profile.ATTR)"
+            )),
+        }
+    }
+
+    /// The value type of an export field (`Any` for profile attributes).
+    pub fn export_field_type(&self, field: &ExportField) -> rules::Type {
+        match field {
+            ExportField::Trait(id) => self.rules.def(*id).ty,
+            ExportField::Profile(_) => rules::Type::Any,
+        }
+    }
+
+    /// One page of the members of a tag or segment in customer-id order, after `after`
+    /// (exclusive). Looks at no more than `scan_budget` customers, so one call stays short
+    /// however sparse the membership; `next_cursor` is `None` once the scan reached the end.
+    /// Paging by customer id stays correct while membership changes: a customer who is a
+    /// member throughout appears exactly once.
+    pub fn members_page(
+        &self,
+        name: &str,
+        after: Option<&str>,
+        limit: usize,
+        scan_budget: usize,
+        fields: &[ExportField],
+    ) -> Result<MembersPage, EngineError> {
+        let start = match after {
+            Some(a) => {
+                let mut key = a.as_bytes().to_vec();
+                key.push(0);
+                key
+            }
+            None => Vec::new(),
+        };
+        let mut page = MembersPage::default();
+        let mut last_key = None;
+        let needs_traits = fields.iter().any(|f| matches!(f, ExportField::Trait(_)));
+        for (scanned, item) in self.store.scan_from(CF_CUSTOMERS, &start).enumerate() {
+            if page.rows.len() >= limit || scanned >= scan_budget {
+                page.next_cursor = last_key;
+                return Ok(page);
+            }
+            let (key, value) = item?;
+            let id = String::from_utf8_lossy(&key).into_owned();
+            let state = CustomerState::decode(&value).map_err(StoreError::from)?;
+            if let Some(m) = state.members.get(name) {
+                let values = if needs_traits {
+                    let full = self.read_customer(&id)?.unwrap_or(state.clone());
+                    self.field_values(full, fields)
+                } else {
+                    self.field_values(state.clone(), fields)
+                };
+                page.rows.push(MemberRow {
+                    customer_id: id.clone(),
+                    membership: m.clone(),
+                    fields: values,
+                });
+            }
+            last_key = Some(id);
+        }
+        Ok(page)
+    }
+
+    fn field_values(&self, mut state: CustomerState, fields: &[ExportField]) -> Vec<Option<Value>> {
+        let now = self.now();
+        if fields.iter().any(|f| matches!(f, ExportField::Trait(_))) {
+            state.advance_windows(&self.rules, now, self.config.retention_ms);
+        }
+        let facts = EngineFacts::new(&self.rules, &state, now, self.config.retention_ms);
+        fields
+            .iter()
+            .map(|f| match f {
+                ExportField::Trait(id) => Some(facts.definition(*id)).filter(|v| *v != Value::Null),
+                ExportField::Profile(attr) => state.history.profile_value(attr),
+            })
+            .collect()
+    }
+
     pub fn members(&self, name: &str) -> Result<Vec<(String, Membership)>, EngineError> {
         let mut out = Vec::new();
         for item in self.store.scan_from(CF_CUSTOMERS, &[]) {

@@ -118,9 +118,7 @@ pub fn validate_value(
             if ts < MIN_TS {
                 return reject("ts before 2000-01-01");
             }
-            if ts > latest_known_ms.saturating_add(limits.future_tolerance_ms) {
-                return reject("ts too far in the future");
-            }
+            check_not_future(ts, limits, latest_known_ms)?;
             Some(ts)
         }
     };
@@ -147,6 +145,15 @@ pub fn validate_value(
         props,
         profile,
     })
+}
+
+/// Rejects a `ts` further ahead of `latest_known_ms` than the tolerance. Parsing on another
+/// thread passes `i64::MAX` to [`parse_event`] and the engine checks this against its clock.
+pub fn check_not_future(ts: i64, limits: &EventLimits, latest_known_ms: i64) -> Result<(), Rejection> {
+    if ts > latest_known_ms.saturating_add(limits.future_tolerance_ms) {
+        return reject("ts too far in the future");
+    }
+    Ok(())
 }
 
 fn profile_updates(object: Map<String, serde_json::Value>) -> Vec<(Arc<str>, Option<Value>)> {

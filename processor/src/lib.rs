@@ -44,8 +44,8 @@ pub mod window;
 
 pub use change::{Cause, Change, MemberKind, Op};
 pub use engine::{
-    ClockMode, CustomerView, DeadLetter, Engine, EngineConfig, EngineError, IngestError, IngestOutcome,
-    QueryError, QueryPage,
+    ClockMode, CustomerView, DeadLetter, Engine, EngineConfig, EngineError, ExportField, IngestError,
+    IngestOutcome, MemberRow, MembersPage, QueryError, QueryPage,
 };
 pub use event::{parse_event, EventLimits, Rejection, ValidEvent};
 pub use state::Membership;

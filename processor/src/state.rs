@@ -72,6 +72,12 @@ pub struct CustomerState {
     /// Incremental aggregates, one per aggregate of the rule set; derived from the history
     /// on first use and never stored.
     pub windows: Option<Vec<WindowState>>,
+    /// A lower bound of the oldest retained event's `ts` (`None`: unknown), so pruning the
+    /// history costs nothing until an event actually falls out of retention.
+    pub oldest_ts: Option<i64>,
+    /// The engine batch that last touched this customer, for evicting the least recently
+    /// used customers from the cache. Not stored.
+    pub last_used: u64,
 }
 
 const RECORD_VERSION: u8 = 1;

@@ -15,11 +15,13 @@
 //! log, dedup keys and offsets commit atomically.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
+use rocksdb::compaction_filter::Decision;
 use rocksdb::{
-    ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode, Options, WriteBatch,
-    WriteOptions, DB,
+    BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode,
+    Options, WriteBatch, WriteOptions, DB,
 };
 use rules::{Event, Props};
 
@@ -64,6 +66,50 @@ pub struct StoredEvent {
 pub struct Store {
     db: DB,
     sync: bool,
+    /// The engine's clock at its last commit, read by the compaction filters; `i64::MIN`
+    /// until the first commit (keep everything).
+    clock: Arc<AtomicI64>,
+}
+
+/// How long the store keeps what only matters for a while. Compaction filters drop older
+/// entries in the background, so data of customers who went quiet does not stay forever.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Dedup keys older than this (by the clock when the event was applied) are dropped.
+    pub dedup_horizon_ms: i64,
+    /// Retained events with a `ts` at or before `clock - history_ms` are dropped.
+    pub history_ms: i64,
+}
+
+/// The compaction filter of the `dedup` column family.
+fn dedup_filter(clock: Arc<AtomicI64>, horizon_ms: i64) -> impl FnMut(u32, &[u8], &[u8]) -> Decision {
+    move |_level, _key, value| {
+        let now = clock.load(Ordering::Relaxed);
+        match Reader::new(value).i64() {
+            Ok(applied_at) if now != i64::MIN && now.saturating_sub(applied_at) > horizon_ms => {
+                Decision::Remove
+            }
+            _ => Decision::Keep,
+        }
+    }
+}
+
+/// The compaction filter of the `events` column family.
+fn history_filter(clock: Arc<AtomicI64>, retention_ms: i64) -> impl FnMut(u32, &[u8], &[u8]) -> Decision {
+    move |_level, key, _value| {
+        let now = clock.load(Ordering::Relaxed);
+        match event_key_ts(key) {
+            Some(ts) if now != i64::MIN && ts <= now.saturating_sub(retention_ms) => Decision::Remove,
+            _ => Decision::Keep,
+        }
+    }
+}
+
+/// The `ts` of an `events` key.
+fn event_key_ts(key: &[u8]) -> Option<i64> {
+    let len = u32::from_be_bytes(key.get(..4)?.try_into().ok()?) as usize;
+    let ts = key.get(4 + len..4 + len + 8)?;
+    Some(from_sortable_i64(ts))
 }
 
 /// Maps an i64 to bytes that sort like the number.
@@ -99,7 +145,8 @@ pub fn timer_key(due: i64, customer: &str) -> Vec<u8> {
 }
 
 impl Store {
-    pub fn open(path: &Path, sync: bool) -> Result<Store, StoreError> {
+    pub fn open(path: &Path, sync: bool, retention: Retention) -> Result<Store, StoreError> {
+        let clock = Arc::new(AtomicI64::new(i64::MIN));
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
@@ -108,10 +155,41 @@ impl Store {
         let cfs = ALL_CFS.iter().map(|name| {
             let mut cf = Options::default();
             cf.set_compression_type(DBCompressionType::Lz4);
+            if [CF_CUSTOMERS, CF_DEDUP].contains(name) {
+                // Point lookups, most of them for keys that are not there (new customers,
+                // new event ids): a bloom filter answers those without reading a block.
+                let mut table = BlockBasedOptions::default();
+                table.set_bloom_filter(10.0, false);
+                table.set_cache_index_and_filter_blocks(true);
+                cf.set_block_based_table_factory(&table);
+            }
+            if *name == CF_DEDUP {
+                cf.set_compaction_filter(
+                    "dedup-horizon",
+                    dedup_filter(clock.clone(), retention.dedup_horizon_ms),
+                );
+            }
+            if *name == CF_EVENTS {
+                cf.set_compaction_filter(
+                    "history-retention",
+                    history_filter(clock.clone(), retention.history_ms),
+                );
+            }
             ColumnFamilyDescriptor::new(*name, cf)
         });
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
-        Ok(Store { db, sync })
+        Ok(Store { db, sync, clock })
+    }
+
+    /// Tells the compaction filters the clock of the last commit.
+    pub fn set_clock(&self, now: i64) {
+        self.clock.store(now, Ordering::Relaxed);
+    }
+
+    /// Compacts a whole column family now (tests and maintenance).
+    pub fn compact(&self, cf: &str) {
+        self.db
+            .compact_range_cf(self.cf(cf), None::<&[u8]>, None::<&[u8]>);
     }
 
     pub fn cf(&self, name: &str) -> &ColumnFamily {
@@ -250,6 +328,32 @@ impl Store {
             .map(|r| r.map_err(StoreError::from))
     }
 
+    /// Live SST bytes of each column family (after a flush, everything on disk).
+    pub fn cf_sizes(&self) -> Vec<(&'static str, u64)> {
+        ALL_CFS
+            .iter()
+            .map(|cf| {
+                let bytes = self
+                    .db
+                    .property_int_value_cf(self.cf(cf), "rocksdb.total-sst-files-size")
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0);
+                (*cf, bytes)
+            })
+            .collect()
+    }
+
+    /// Counts the keys of a column family by scanning it.
+    pub fn count_keys(&self, cf: &str) -> Result<u64, StoreError> {
+        let mut n = 0;
+        for item in self.db.iterator_cf(self.cf(cf), IteratorMode::Start) {
+            item?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     pub fn approximate_size(&self) -> u64 {
         ALL_CFS
             .iter()
@@ -302,10 +406,57 @@ mod tests {
         }
     }
 
+    const RETENTION: Retention = Retention {
+        dedup_horizon_ms: 1_000,
+        history_ms: 10_000,
+    };
+
+    #[test]
+    fn compaction_drops_dedup_keys_past_the_horizon_and_events_past_retention() {
+        let dir = ::tests::TempDir::new("store-retention");
+        let store = Store::open(dir.path(), false, RETENTION).unwrap();
+        let mut batch = WriteBatch::default();
+        for (id, applied_at) in [("old", 100), ("edge", 1_000), ("new", 1_900)] {
+            let mut w = Writer::new();
+            w.i64(applied_at);
+            batch.put_cf(store.cf(CF_DEDUP), id, w.buf);
+        }
+        let ev = |ts| Event {
+            event_type: "view".into(),
+            ts,
+            arrival: ts as u64,
+            props: Props::default(),
+        };
+        for ts in [-8_500, -8_000, -7_999, 5_000] {
+            store.put_event(&mut batch, "c1", &ev(ts), None);
+        }
+        store.commit(batch).unwrap();
+        store.set_clock(2_000);
+        store.flush().unwrap();
+        store.compact(CF_DEDUP);
+        store.compact(CF_EVENTS);
+        let kept: Vec<_> = ["old", "edge", "new"]
+            .into_iter()
+            .filter(|id| store.get(CF_DEDUP, id.as_bytes()).unwrap().is_some())
+            .collect();
+        assert_eq!(kept, ["edge", "new"]);
+        let ts: Vec<i64> = store
+            .customer_events("c1")
+            .unwrap()
+            .iter()
+            .map(|e| e.event.ts)
+            .collect();
+        assert_eq!(
+            ts,
+            [-7_999, 5_000],
+            "events at or before clock - retention are dropped"
+        );
+    }
+
     #[test]
     fn events_of_one_customer_stay_apart_from_a_longer_id_sharing_its_prefix() {
         let dir = ::tests::TempDir::new("store");
-        let store = Store::open(dir.path(), false).unwrap();
+        let store = Store::open(dir.path(), false, RETENTION).unwrap();
         let mut batch = WriteBatch::default();
         let ev = |ts, arrival| Event {
             event_type: "view".into(),

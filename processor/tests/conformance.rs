@@ -41,7 +41,7 @@ fn conformance_value(v: &rules::Value) -> Json {
     }
 }
 
-fn run(rules_name: &str) {
+fn run(rules_name: &str, cache_customers: usize) {
     let dir = conformance_dir();
     let rules = std::fs::read_to_string(dir.join(format!("{rules_name}.trl"))).expect("rules");
     let expected_dir = dir.join(format!("expected-{rules_name}"));
@@ -53,6 +53,7 @@ fn run(rules_name: &str) {
     let config = EngineConfig {
         clock: ClockMode::Event,
         sync_writes: false,
+        cache_customers,
         ..Default::default()
     };
     let mut engine = Engine::open(data.path(), Some(&rules), config).expect("open engine");
@@ -209,10 +210,17 @@ fn run(rules_name: &str) {
 
 #[test]
 fn example_rules_match_the_reference_outputs() {
-    run("example");
+    run("example", 100_000);
+}
+
+/// Customers evicted from the cache and loaded back from RocksDB between batches give the
+/// same outputs.
+#[test]
+fn example_rules_match_with_a_customer_cache_of_three() {
+    run("example", 3);
 }
 
 #[test]
 fn lead_scoring_rules_match_the_reference_outputs() {
-    run("lead_scoring");
+    run("lead_scoring", 100_000);
 }

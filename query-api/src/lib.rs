@@ -23,6 +23,7 @@
 
 mod engine_thread;
 mod error;
+pub mod export;
 pub mod metrics;
 mod routes;
 

@@ -1,6 +1,7 @@
 //! Thin handlers: extract, call the engine once, answer with a DTO.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::{Body, Bytes};
@@ -14,6 +15,7 @@ use serde::Deserialize;
 use serde_json::{json, Value as Json_};
 
 use crate::error::ApiError;
+use crate::export::{Column, EncodeError, Encoder, Format};
 use crate::metrics as m;
 use crate::{AppState, LimitedBody};
 
@@ -266,58 +268,146 @@ pub async fn segment_query(
 #[serde(deny_unknown_fields)]
 pub struct MembersQuery {
     format: Option<String>,
+    /// Comma-separated traits and `profile.ATTR`s to add as columns.
+    fields: Option<String>,
+    /// At most this many members, with the next page's cursor in `x-next-cursor`.
+    limit: Option<usize>,
+    cursor: Option<String>,
 }
 
+/// Members per engine call while exporting; also the Arrow/Parquet batch size.
+const EXPORT_PAGE: usize = 8192;
+/// Customers one engine call looks at, so a sparse segment does not hold the engine long.
+const EXPORT_SCAN_BUDGET: usize = 65_536;
+
+/// Streams the members of a tag or segment page by page, in customer-id order. Without
+/// `limit`, every member; with it, one page and `x-next-cursor` (absent at the end).
 pub async fn segment_members(
     State(app): State<AppState>,
     Path(name): Path<String>,
     q: Result<Query<MembersQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let format = q.format.unwrap_or_else(|| "ndjson".into());
-    if !matches!(format.as_str(), "ndjson" | "csv") {
-        return Err(ApiError::BadRequest(format!(
-            "unknown format `{format}`: use ndjson or csv"
-        )));
+    let format_name = q.format.unwrap_or_else(|| "ndjson".into());
+    let format = Format::parse(&format_name).ok_or_else(|| {
+        ApiError::BadRequest(format!(
+            "unknown format `{format_name}`: use ndjson, csv, parquet or arrow"
+        ))
+    })?;
+    if q.limit == Some(0) {
+        return Err(ApiError::BadRequest("limit must be at least 1".into()));
     }
+    let field_names: Vec<String> = q
+        .fields
+        .as_deref()
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|f| !f.is_empty())
+        .map(str::to_owned)
+        .collect();
     let lookup = name.clone();
-    let members = app
+    let (known, fields, columns) = app
         .engine
         .call(move |engine| {
             let known = engine
                 .rules()
                 .lookup(&lookup)
-                .is_some_and(|id| engine.rules().def(id).kind.has_members());
-            engine.members(&lookup).map(|m| (known, m))
+                .is_some_and(|id| engine.rules().def(id).kind.has_members())
+                || engine.members_page(&lookup, None, 1, usize::MAX, &[])?.rows.len() == 1;
+            let mut fields = Vec::new();
+            let mut columns = Vec::new();
+            for f in &field_names {
+                let field = engine.export_field(f).map_err(ApiError::BadRequest)?;
+                columns.push(Column {
+                    name: f.clone(),
+                    ty: engine.export_field_type(&field),
+                });
+                fields.push(field);
+            }
+            Ok::<_, ApiError>((known, fields, columns))
         })
         .await??;
-    let (known, members) = members;
-    if !known && members.is_empty() {
+    if !known {
         return Err(ApiError::NotFound(format!("no tag or segment `{name}`")));
     }
-    let mut out = Vec::with_capacity(members.len() * 48);
-    if format == "csv" {
-        out.extend_from_slice(b"customer_id,since,expires_at\n");
-        for (id, m) in &members {
-            let quoted = format!("\"{}\"", id.replace('"', "\"\""));
-            let expires = m.expires_at.map_or(String::new(), |e| e.to_string());
-            out.extend_from_slice(format!("{quoted},{},{expires}\n", m.since).as_bytes());
+    let mut encoder = Encoder::new(format, columns).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let fields = Arc::new(fields);
+    let preamble = encoder.header();
+
+    if let Some(limit) = q.limit {
+        let mut cursor = q.cursor;
+        let mut rows = Vec::new();
+        loop {
+            let (name, fields, after) = (name.clone(), fields.clone(), cursor.clone());
+            let want = limit - rows.len();
+            let page = app
+                .engine
+                .call(move |engine| {
+                    engine.members_page(&name, after.as_deref(), want, EXPORT_SCAN_BUDGET, &fields)
+                })
+                .await??;
+            rows.extend(page.rows);
+            cursor = page.next_cursor;
+            if rows.len() >= limit || cursor.is_none() {
+                break;
+            }
         }
-        return Ok((
-            [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
-            Body::from(out),
-        )
-            .into_response());
+        let mut body = preamble;
+        let encode = |e: EncodeError| ApiError::Internal(e.to_string());
+        body.extend(encoder.page(&rows).map_err(encode)?);
+        body.extend(encoder.finish().map_err(encode)?);
+        let mut response =
+            ([(header::CONTENT_TYPE, format.content_type())], Body::from(body)).into_response();
+        if let Some(next) = cursor.and_then(|c| header::HeaderValue::from_str(&c).ok()) {
+            response.headers_mut().insert("x-next-cursor", next);
+        }
+        return Ok(response);
     }
-    for (id, m) in &members {
-        serde_json::to_writer(
-            &mut out,
-            &json!({ "customer_id": id, "since": m.since, "expires_at": m.expires_at }),
-        )
-        .expect("write to a Vec");
-        out.push(b'\n');
-    }
-    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from(out)).into_response())
+
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+    let engine = app.engine.clone();
+    let mut cursor = q.cursor;
+    tokio::spawn(async move {
+        let fail = |what: String| Err(std::io::Error::other(what));
+        if tx.send(Ok(preamble)).await.is_err() {
+            return;
+        }
+        loop {
+            let (name, fields, after) = (name.clone(), fields.clone(), cursor.clone());
+            let page = engine
+                .call(move |engine| {
+                    engine.members_page(&name, after.as_deref(), EXPORT_PAGE, EXPORT_SCAN_BUDGET, &fields)
+                })
+                .await;
+            let page = match page {
+                Ok(Ok(page)) => page,
+                Ok(Err(e)) => return drop(tx.send(fail(e.to_string())).await),
+                Err(e) => return drop(tx.send(fail(e.to_string())).await),
+            };
+            match encoder.page(&page.rows) {
+                Ok(bytes) if bytes.is_empty() => {}
+                Ok(bytes) => {
+                    if tx.send(Ok(bytes)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => return drop(tx.send(fail(e.to_string())).await),
+            }
+            cursor = page.next_cursor;
+            if cursor.is_none() {
+                break;
+            }
+        }
+        let end = encoder.finish().map_err(|e| std::io::Error::other(e.to_string()));
+        let _ = tx.send(end).await;
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    Ok((
+        [(header::CONTENT_TYPE, format.content_type())],
+        Body::from_stream(stream),
+    )
+        .into_response())
 }
 
 #[derive(Deserialize)]

@@ -53,6 +53,14 @@ pub mod http {
             String::from_utf8_lossy(&self.body).into_owned()
         }
 
+        /// A response header's value (names compare case-insensitively).
+        pub fn header(&self, name: &str) -> Option<String> {
+            self.headers.lines().find_map(|line| {
+                let (n, v) = line.split_once(':')?;
+                n.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+            })
+        }
+
         pub fn json(&self) -> serde_json::Value {
             serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
         }

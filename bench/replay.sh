@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# File replay benchmark (issue #3): generates a stream with the load generator, replays it
+# into a fresh store with the 20-definition example rules (WAL on, fsync per batch), RUNS
+# times, and prints each run's throughput, peak RSS and the store's size per customer.
+#
+#   bench/replay.sh [CUSTOMERS] [EVENTS] [RUNS]      (defaults: 1000000 10000000 3)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+customers=${1:-1000000}
+events=${2:-10000000}
+runs=${3:-3}
+work=${BENCH_DIR:-/tmp/tagstream-bench}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/tagstream-target}
+cargo build --release -q -p tagstream -p bench
+bin=$CARGO_TARGET_DIR/release
+mkdir -p "$work"
+stream=$work/stream-$customers-$events.ndjson
+if [ ! -s "$stream" ]; then
+    "$bin/loadgen" --customers "$customers" --events "$events" --out "$stream"
+fi
+echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GB", $2/1048576}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+echo "stream: $customers customers, $events events, $(du -h "$stream" | cut -f1)"
+for run in $(seq "$runs"); do
+    rm -rf "$work/data"
+    /usr/bin/time -f "peak RSS %M KB" "$bin/tagstream" replay "$stream" --data-dir "$work/data" \
+        --rules deploy/rules/example.trl --clock event --quiet --stats 2>&1 | grep -v '^rejected'
+    echo "store on disk: $(du -sh "$work/data" | cut -f1) (run $run)"
+done

@@ -1,0 +1,285 @@
+//! Members exports: NDJSON, CSV, Parquet and Arrow IPC, encoded page by page so memory
+//! stays bounded whatever the segment's size.
+//!
+//! Columns: `customer_id`, `since`, `expires_at` (ms), then the requested fields. In Arrow
+//! and Parquet a trait's column type follows its rule type (bool, number as float64,
+//! duration as int64 ms, string); profile attributes and lists are strings (a string value
+//! as is, anything else as JSON).
+
+use std::sync::Arc;
+
+use arrow_array::builder::{BooleanBuilder, Float64Builder, Int64Builder, StringBuilder};
+use arrow_array::{ArrayRef, RecordBatch};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use processor::MemberRow;
+use rules::{Type, Value};
+
+/// The formats a members export can take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Ndjson,
+    Csv,
+    Parquet,
+    Arrow,
+}
+
+impl Format {
+    pub fn parse(name: &str) -> Option<Format> {
+        Some(match name {
+            "ndjson" => Format::Ndjson,
+            "csv" => Format::Csv,
+            "parquet" => Format::Parquet,
+            "arrow" => Format::Arrow,
+            _ => return None,
+        })
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Ndjson => "application/x-ndjson",
+            Format::Csv => "text/csv; charset=utf-8",
+            Format::Parquet => "application/vnd.apache.parquet",
+            Format::Arrow => "application/vnd.apache.arrow.stream",
+        }
+    }
+}
+
+/// A requested field: its column name and its rule type.
+#[derive(Debug, Clone)]
+pub struct Column {
+    pub name: String,
+    pub ty: Type,
+}
+
+/// Turns pages of members into bytes of one format.
+pub enum Encoder {
+    Ndjson(Vec<Column>),
+    Csv(Vec<Column>),
+    Parquet(Box<parquet::arrow::ArrowWriter<Vec<u8>>>, SchemaRef, Vec<Column>),
+    Arrow(
+        Box<arrow_ipc::writer::StreamWriter<Vec<u8>>>,
+        SchemaRef,
+        Vec<Column>,
+    ),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("arrow: {0}")]
+    Arrow(#[from] arrow_schema::ArrowError),
+    #[error("parquet: {0}")]
+    Parquet(#[from] parquet::errors::ParquetError),
+}
+
+impl Encoder {
+    pub fn new(format: Format, columns: Vec<Column>) -> Result<Encoder, EncodeError> {
+        Ok(match format {
+            Format::Ndjson => Encoder::Ndjson(columns),
+            Format::Csv => Encoder::Csv(columns),
+            Format::Parquet => {
+                let schema = schema(&columns);
+                let writer = parquet::arrow::ArrowWriter::try_new(Vec::new(), schema.clone(), None)?;
+                Encoder::Parquet(Box::new(writer), schema, columns)
+            }
+            Format::Arrow => {
+                let schema = schema(&columns);
+                let writer = arrow_ipc::writer::StreamWriter::try_new(Vec::new(), &schema)?;
+                Encoder::Arrow(Box::new(writer), schema, columns)
+            }
+        })
+    }
+
+    /// Bytes that go before the first page.
+    pub fn header(&mut self) -> Vec<u8> {
+        match self {
+            Encoder::Csv(columns) => {
+                let mut out = b"customer_id,since,expires_at".to_vec();
+                for c in columns.iter() {
+                    out.push(b',');
+                    csv_field(&mut out, &c.name);
+                }
+                out.push(b'\n');
+                out
+            }
+            Encoder::Arrow(writer, ..) => std::mem::take(writer.get_mut()),
+            Encoder::Ndjson(_) | Encoder::Parquet(..) => Vec::new(),
+        }
+    }
+
+    /// Encodes one page; what it returns can be sent right away.
+    pub fn page(&mut self, rows: &[MemberRow]) -> Result<Vec<u8>, EncodeError> {
+        match self {
+            Encoder::Ndjson(columns) => {
+                let mut out = Vec::with_capacity(rows.len() * 64);
+                for row in rows {
+                    let mut object = serde_json::Map::new();
+                    object.insert("customer_id".into(), row.customer_id.clone().into());
+                    object.insert("since".into(), row.membership.since.into());
+                    object.insert("expires_at".into(), row.membership.expires_at.into());
+                    for (c, v) in columns.iter().zip(&row.fields) {
+                        object.insert(
+                            c.name.clone(),
+                            v.as_ref().map_or(serde_json::Value::Null, Value::to_json),
+                        );
+                    }
+                    serde_json::to_writer(&mut out, &object).expect("writing to a Vec");
+                    out.push(b'\n');
+                }
+                Ok(out)
+            }
+            Encoder::Csv(_) => {
+                let mut out = Vec::with_capacity(rows.len() * 48);
+                for row in rows {
+                    csv_field(&mut out, &row.customer_id);
+                    out.push(b',');
+                    out.extend_from_slice(row.membership.since.to_string().as_bytes());
+                    out.push(b',');
+                    if let Some(e) = row.membership.expires_at {
+                        out.extend_from_slice(e.to_string().as_bytes());
+                    }
+                    for v in &row.fields {
+                        out.push(b',');
+                        if let Some(v) = v {
+                            csv_field(&mut out, &text(v));
+                        }
+                    }
+                    out.push(b'\n');
+                }
+                Ok(out)
+            }
+            Encoder::Parquet(writer, schema, columns) => {
+                if rows.is_empty() {
+                    return Ok(Vec::new());
+                }
+                writer.write(&record_batch(schema, columns, rows)?)?;
+                writer.flush()?;
+                Ok(std::mem::take(writer.inner_mut()))
+            }
+            Encoder::Arrow(writer, schema, columns) => {
+                if rows.is_empty() {
+                    return Ok(Vec::new());
+                }
+                writer.write(&record_batch(schema, columns, rows)?)?;
+                Ok(std::mem::take(writer.get_mut()))
+            }
+        }
+    }
+
+    /// Bytes that end the export (Parquet's footer, Arrow's end-of-stream marker).
+    pub fn finish(self) -> Result<Vec<u8>, EncodeError> {
+        match self {
+            Encoder::Parquet(writer, ..) => Ok(writer.into_inner()?),
+            Encoder::Arrow(mut writer, ..) => {
+                writer.finish()?;
+                Ok(std::mem::take(writer.get_mut()))
+            }
+            Encoder::Ndjson(_) | Encoder::Csv(_) => Ok(Vec::new()),
+        }
+    }
+}
+
+fn arrow_type(ty: Type) -> DataType {
+    match ty {
+        Type::Bool => DataType::Boolean,
+        Type::Num => DataType::Float64,
+        Type::Dur => DataType::Int64,
+        _ => DataType::Utf8,
+    }
+}
+
+fn schema(columns: &[Column]) -> SchemaRef {
+    let mut fields = vec![
+        Field::new("customer_id", DataType::Utf8, false),
+        Field::new("since", DataType::Int64, false),
+        Field::new("expires_at", DataType::Int64, true),
+    ];
+    fields.extend(
+        columns
+            .iter()
+            .map(|c| Field::new(&c.name, arrow_type(c.ty), true)),
+    );
+    Arc::new(Schema::new(fields))
+}
+
+fn record_batch(
+    schema: &SchemaRef,
+    columns: &[Column],
+    rows: &[MemberRow],
+) -> Result<RecordBatch, EncodeError> {
+    let mut ids = StringBuilder::with_capacity(rows.len(), rows.len() * 16);
+    let mut since = Int64Builder::with_capacity(rows.len());
+    let mut expires = Int64Builder::with_capacity(rows.len());
+    for row in rows {
+        ids.append_value(&row.customer_id);
+        since.append_value(row.membership.since);
+        expires.append_option(row.membership.expires_at);
+    }
+    let mut arrays: Vec<ArrayRef> = vec![
+        Arc::new(ids.finish()),
+        Arc::new(since.finish()),
+        Arc::new(expires.finish()),
+    ];
+    for (i, c) in columns.iter().enumerate() {
+        let values = rows.iter().map(|r| r.fields[i].as_ref());
+        let array: ArrayRef = match arrow_type(c.ty) {
+            DataType::Boolean => {
+                let mut b = BooleanBuilder::with_capacity(rows.len());
+                values.for_each(|v| {
+                    b.append_option(v.and_then(|v| match v {
+                        Value::Bool(b) => Some(*b),
+                        _ => None,
+                    }))
+                });
+                Arc::new(b.finish())
+            }
+            DataType::Float64 => {
+                let mut b = Float64Builder::with_capacity(rows.len());
+                values.for_each(|v| b.append_option(v.and_then(as_f64)));
+                Arc::new(b.finish())
+            }
+            DataType::Int64 => {
+                let mut b = Int64Builder::with_capacity(rows.len());
+                values.for_each(|v| {
+                    b.append_option(v.and_then(|v| match v {
+                        Value::Dur(ms) => Some(*ms),
+                        _ => None,
+                    }))
+                });
+                Arc::new(b.finish())
+            }
+            _ => {
+                let mut b = StringBuilder::with_capacity(rows.len(), rows.len() * 8);
+                values.for_each(|v| b.append_option(v.map(text)));
+                Arc::new(b.finish())
+            }
+        };
+        arrays.push(array);
+    }
+    Ok(RecordBatch::try_new(schema.clone(), arrays)?)
+}
+
+fn as_f64(v: &Value) -> Option<f64> {
+    match v {
+        Value::Num(n) => rust_decimal::prelude::ToPrimitive::to_f64(n),
+        _ => None,
+    }
+}
+
+/// A value as text: strings as they are, anything else as its JSON.
+fn text(v: &Value) -> String {
+    match v {
+        Value::Str(s) => s.to_string(),
+        other => other.to_json().to_string(),
+    }
+}
+
+/// Appends a CSV field, quoted when it holds a comma, a quote or a line break.
+fn csv_field(out: &mut Vec<u8>, s: &str) {
+    if s.contains([',', '"', '\n', '\r']) {
+        out.push(b'"');
+        out.extend_from_slice(s.replace('"', "\"\"").as_bytes());
+        out.push(b'"');
+    } else {
+        out.extend_from_slice(s.as_bytes());
+    }
+}
