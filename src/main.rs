@@ -1,5 +1,6 @@
 //! The `tagstream` binary: command-line parsing and wiring only.
 
+mod config;
 mod replay;
 mod serve;
 
@@ -8,6 +9,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use config::Settings;
 use processor::{ClockMode, Engine, EngineConfig};
 
 #[derive(Parser)]
@@ -33,16 +35,18 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Print a settings file with every key at its default.
+    DefaultConfig,
     /// Serve the HTTP API over the store.
     Serve {
         #[command(flatten)]
         store: StoreArgs,
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        listen: std::net::SocketAddr,
-        /// Largest accepted request body, in bytes.
-        #[arg(long, default_value_t = 16 * 1024 * 1024)]
-        max_request_bytes: usize,
+        /// Address to listen on [default: 127.0.0.1:8080].
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Largest accepted request body, in bytes [default: 16 MiB].
+        #[arg(long)]
+        max_request_bytes: Option<usize>,
     },
     /// Serve on the embedded default with the example rules and a built-in stream of
     /// realistic events, so tags and segments change live.
@@ -91,51 +95,81 @@ enum Clock {
 
 #[derive(Args)]
 struct StoreArgs {
-    /// Where the RocksDB store lives.
-    #[arg(long, default_value = "./tagstream-data")]
-    data_dir: PathBuf,
+    /// A settings file (TOML) with every default in one place (see deploy/tagstream.toml);
+    /// the flags below override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Where the RocksDB store lives [default: ./tagstream-data].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
     /// The rule file; replaces the stored rule set when it differs.
     #[arg(long)]
     rules: Option<PathBuf>,
-    /// Where `now` comes from: the wall clock, or the greatest event time seen.
-    #[arg(long, value_enum, default_value = "wall")]
-    clock: Clock,
-    /// fsync the write-ahead log on every commit.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    sync_writes: bool,
+    /// Where `now` comes from: the wall clock, or the greatest event time seen [default: wall].
+    #[arg(long, value_enum)]
+    clock: Option<Clock>,
+    /// fsync the write-ahead log on every commit [default: true].
+    #[arg(long, action = clap::ArgAction::Set)]
+    sync_writes: Option<bool>,
+    /// Customers kept in memory between batches [default: 100000].
+    #[arg(long)]
+    cache_customers: Option<usize>,
+    /// How long each customer's events are kept, e.g. 400d [default: 400d].
+    #[arg(long, value_parser = config::parse_duration)]
+    retention: Option<i64>,
 }
 
 impl StoreArgs {
-    fn open(&self) -> anyhow::Result<Engine> {
-        let rules = match &self.rules {
-            Some(path) => {
-                Some(std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?)
-            }
-            None => None,
-        };
-        let config = EngineConfig {
-            clock: match self.clock {
+    /// The settings file (if any) with the flags applied over it.
+    fn settings(&self) -> anyhow::Result<Settings> {
+        let mut s = Settings::load(self.config.as_deref())?;
+        if let Some(d) = &self.data_dir {
+            s.data_dir = d.clone();
+        }
+        if let Some(r) = &self.rules {
+            s.rules = Some(r.clone());
+        }
+        if let Some(c) = self.clock {
+            s.clock = match c {
                 Clock::Wall => ClockMode::Wall,
                 Clock::Event => ClockMode::Event,
-            },
-            sync_writes: self.sync_writes,
-            ..EngineConfig::default()
-        };
-        match Engine::open(&self.data_dir, rules.as_deref(), config) {
-            Ok(engine) => Ok(engine),
-            Err(processor::EngineError::Rules(diags)) => {
-                let origin = self
-                    .rules
-                    .as_ref()
-                    .map_or("rules".to_owned(), |p| p.display().to_string());
-                eprint!(
-                    "{}",
-                    rules::render_all(&diags, rules.as_deref().unwrap_or(""), &origin)
-                );
-                anyhow::bail!("the rule set has errors")
-            }
-            Err(e) => Err(e).with_context(|| format!("opening the store at {}", self.data_dir.display())),
+            };
         }
+        if let Some(sync) = self.sync_writes {
+            s.sync_writes = sync;
+        }
+        if let Some(n) = self.cache_customers {
+            s.cache.customers = n;
+        }
+        if let Some(ms) = self.retention {
+            s.retention.history = config::Duration(ms);
+        }
+        Ok(s)
+    }
+}
+
+/// Opens the engine the settings describe, printing rule diagnostics if the rules are bad.
+fn open_engine(settings: &Settings) -> anyhow::Result<Engine> {
+    let rules = match &settings.rules {
+        Some(path) => {
+            Some(std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?)
+        }
+        None => None,
+    };
+    match Engine::open(&settings.data_dir, rules.as_deref(), settings.engine_config()) {
+        Ok(engine) => Ok(engine),
+        Err(processor::EngineError::Rules(diags)) => {
+            let origin = settings
+                .rules
+                .as_ref()
+                .map_or("rules".to_owned(), |p| p.display().to_string());
+            eprint!(
+                "{}",
+                rules::render_all(&diags, rules.as_deref().unwrap_or(""), &origin)
+            );
+            anyhow::bail!("the rule set has {} error(s)", diags.len())
+        }
+        Err(e) => Err(e).with_context(|| format!("opening the store at {}", settings.data_dir.display())),
     }
 }
 
@@ -153,9 +187,15 @@ fn main() -> ExitCode {
             store,
             listen,
             max_request_bytes,
-        } => store.open().and_then(|engine| {
-            let api = query_api::ApiConfig { max_request_bytes };
-            serve::serve(engine, listen, api, |_, _, _| {}).map(|()| ExitCode::SUCCESS)
+        } => store.settings().and_then(|mut settings| {
+            settings.listen = listen.unwrap_or(settings.listen);
+            settings.limits.max_request_bytes =
+                max_request_bytes.unwrap_or(settings.limits.max_request_bytes);
+            let engine = open_engine(&settings)?;
+            let api = query_api::ApiConfig {
+                max_request_bytes: settings.limits.max_request_bytes,
+            };
+            serve::serve(engine, settings.listen, api, |_, _, _| {}).map(|()| ExitCode::SUCCESS)
         }),
         Command::Demo {
             data_dir,
@@ -164,6 +204,10 @@ fn main() -> ExitCode {
             customers,
         } => run_demo(data_dir, listen, rate, customers),
         Command::CheckRules { plan, files } => check_rules(&files, plan),
+        Command::DefaultConfig => {
+            print!("{}", Settings::default_file());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Replay {
             file,
             store,
@@ -250,7 +294,7 @@ fn run_replay(
     quiet: bool,
     stats: bool,
 ) -> anyhow::Result<ExitCode> {
-    let mut engine = store.open()?;
+    let mut engine = open_engine(&store.settings()?)?;
     while engine.backfill_pending() {
         engine.backfill_step(10_000)?;
     }

@@ -32,7 +32,7 @@ pub enum ClockMode {
 }
 
 /// Engine settings; every default lives in [`EngineConfig::default`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EngineConfig {
     pub clock: ClockMode,
     pub limits: EventLimits,
@@ -40,8 +40,12 @@ pub struct EngineConfig {
     pub dedup_horizon_ms: i64,
     /// How long each customer's events are kept for windows, `lifetime` and backfill.
     pub retention_ms: i64,
-    /// Most customers kept in memory between batches.
+    /// Most customers kept in memory between batches (least recently used go first).
     pub cache_customers: usize,
+    /// RocksDB's block cache for the customer records, events and dedup keys, in bytes.
+    pub block_cache_bytes: usize,
+    /// RocksDB's memtables, all column families together, in bytes.
+    pub memtable_bytes: usize,
     /// fsync the WAL on every commit (acknowledged means on disk).
     pub sync_writes: bool,
 }
@@ -54,6 +58,8 @@ impl Default for EngineConfig {
             dedup_horizon_ms: 7 * 86_400_000,
             retention_ms: rules::DEFAULT_RETENTION_MS,
             cache_customers: 100_000,
+            block_cache_bytes: 256 << 20,
+            memtable_bytes: 256 << 20,
             sync_writes: true,
         }
     }
@@ -228,6 +234,8 @@ impl Engine {
         let retention = Retention {
             dedup_horizon_ms: config.dedup_horizon_ms,
             history_ms: config.retention_ms,
+            block_cache_bytes: config.block_cache_bytes,
+            memtable_bytes: config.memtable_bytes,
         };
         let store = Store::open(path, config.sync_writes, retention)?;
         let stored_rules = store

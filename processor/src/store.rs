@@ -20,8 +20,8 @@ use std::sync::Arc;
 
 use rocksdb::compaction_filter::Decision;
 use rocksdb::{
-    BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode,
-    Options, WriteBatch, WriteOptions, DB,
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction,
+    IteratorMode, Options, WriteBatch, WriteOptions, DB,
 };
 use rules::{Event, Props};
 
@@ -79,6 +79,10 @@ pub struct Retention {
     pub dedup_horizon_ms: i64,
     /// Retained events with a `ts` at or before `clock - history_ms` are dropped.
     pub history_ms: i64,
+    /// RocksDB's block cache, shared by every column family.
+    pub block_cache_bytes: usize,
+    /// All memtables together.
+    pub memtable_bytes: usize,
 }
 
 /// The compaction filter of the `dedup` column family.
@@ -147,20 +151,31 @@ pub fn timer_key(due: i64, customer: &str) -> Vec<u8> {
 impl Store {
     pub fn open(path: &Path, sync: bool, retention: Retention) -> Result<Store, StoreError> {
         let clock = Arc::new(AtomicI64::new(i64::MIN));
+        let cache = Cache::new_lru_cache(retention.block_cache_bytes);
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_compression_type(DBCompressionType::Lz4);
         opts.increase_parallelism(2);
+        // Memtables of all column families together stay within this; with the block cache
+        // and the customer cache it bounds memory by configuration, not by data size.
+        opts.set_db_write_buffer_size(retention.memtable_bytes);
         let cfs = ALL_CFS.iter().map(|name| {
             let mut cf = Options::default();
             cf.set_compression_type(DBCompressionType::Lz4);
+            cf.set_write_buffer_size(retention.memtable_bytes / 4);
             if [CF_CUSTOMERS, CF_DEDUP].contains(name) {
                 // Point lookups, most of them for keys that are not there (new customers,
                 // new event ids): a bloom filter answers those without reading a block.
+                // Filters and indexes stay in the table readers' memory (about 10 bits a key),
+                // not in the block cache, where a small cache would evict and re-read them.
                 let mut table = BlockBasedOptions::default();
                 table.set_bloom_filter(10.0, false);
-                table.set_cache_index_and_filter_blocks(true);
+                table.set_block_cache(&cache);
+                cf.set_block_based_table_factory(&table);
+            } else {
+                let mut table = BlockBasedOptions::default();
+                table.set_block_cache(&cache);
                 cf.set_block_based_table_factory(&table);
             }
             if *name == CF_DEDUP {
@@ -409,6 +424,8 @@ mod tests {
     const RETENTION: Retention = Retention {
         dedup_horizon_ms: 1_000,
         history_ms: 10_000,
+        block_cache_bytes: 1 << 20,
+        memtable_bytes: 8 << 20,
     };
 
     #[test]

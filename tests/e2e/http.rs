@@ -433,3 +433,39 @@ fn exports_stream_every_member_in_every_format_and_pages_stay_correct_while_memb
     assert_eq!(s.get("/v1/segments/viewer/members?format=xlsx").status, 400);
     assert_eq!(s.get("/v1/segments/nothing/members").status, 404);
 }
+
+#[test]
+fn a_settings_file_sets_limits_and_flags_override_it() {
+    let dir = TempDir::new("settings");
+    let path = dir.path().join("tagstream.toml");
+    std::fs::write(
+        &path,
+        "clock = \"wall\"\n[limits]\nmax_request_bytes = 1500\nmax_event_bytes = 300\n",
+    )
+    .unwrap();
+    // `--clock event` on the command line wins over the file's `wall`.
+    let s = Server::start(
+        "tag viewer = count(view, 30d) >= 1",
+        &["--config", path.to_str().unwrap()],
+    );
+    let r = s.send("POST", "/v1/events", &"x".repeat(2000));
+    assert_eq!(r.status, 413);
+    assert_eq!(r.json()["limit_bytes"], 1500);
+    let big = format!(
+        r#"{{"customer_id":"c1","type":"view","ts":{T0},"props":{{"note":"{}"}}}}"#,
+        "y".repeat(400)
+    );
+    let r = s.send("POST", "/v1/events", &big);
+    assert_eq!(r.json()["errors"][0]["reason"], "event larger than 300 bytes");
+    let clock = s.send("POST", "/v1/clock", &format!(r#"{{"now": {T0}}}"#));
+    assert_eq!(clock.status, 200, "event clock from the flag: {}", clock.text());
+
+    std::fs::write(&path, "[cache]\ncustomer = 5\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tagstream"))
+        .args(["serve", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("unknown field `customer`"), "{stderr}");
+}

@@ -1,0 +1,264 @@
+//! Every setting of `tagstream serve` and `replay`, with its default, in one place.
+//!
+//! Precedence: a command-line flag, then the `--config` TOML file, then the default below.
+//! `deploy/tagstream.toml` lists every key with its default value.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use processor::{ClockMode, EngineConfig, EventLimits};
+use serde::Deserialize;
+
+/// The settings file. Unknown keys are errors, so a typo does not silently fall back to a
+/// default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Where the RocksDB store lives.
+    pub data_dir: PathBuf,
+    /// The rule file; replaces the stored rule set when it differs.
+    pub rules: Option<PathBuf>,
+    /// Address the HTTP API listens on.
+    pub listen: SocketAddr,
+    /// `wall` or `event`.
+    pub clock: ClockMode,
+    /// fsync the write-ahead log on every commit (acknowledged means on disk).
+    pub sync_writes: bool,
+    pub limits: Limits,
+    pub retention: RetentionSettings,
+    pub cache: CacheSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest HTTP request body, in bytes (413 beyond it).
+    pub max_request_bytes: usize,
+    /// Largest single event, in bytes of its JSON.
+    pub max_event_bytes: usize,
+    /// Deepest nesting of objects and arrays in an event.
+    pub max_event_depth: usize,
+    /// How far ahead of the clock an event's `ts` may be, e.g. "5m".
+    pub future_tolerance: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionSettings {
+    /// How long each customer's events are kept (windows, `lifetime`, backfill), e.g. "400d".
+    pub history: Duration,
+    /// How long an `event_id` is remembered for dedup, e.g. "7d".
+    pub dedup_horizon: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheSettings {
+    /// Customers kept in memory between batches (least recently used go first).
+    pub customers: usize,
+    /// RocksDB's block cache, in MiB.
+    pub block_cache_mb: usize,
+    /// RocksDB's memtables, all column families together, in MiB.
+    pub memtable_mb: usize,
+}
+
+/// A duration written as in the rule language (`"45m"`, `"7d"`) or as milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Duration(pub i64);
+
+impl<'de> Deserialize<'de> for Duration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Duration;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a duration like \"45m\" or \"7d\", or milliseconds")
+            }
+            fn visit_i64<E: serde::de::Error>(self, ms: i64) -> Result<Duration, E> {
+                if ms > 0 {
+                    Ok(Duration(ms))
+                } else {
+                    Err(E::custom(format!("a duration must be positive, not {ms}")))
+                }
+            }
+            fn visit_u64<E: serde::de::Error>(self, ms: u64) -> Result<Duration, E> {
+                self.visit_i64(i64::try_from(ms).map_err(|_| E::custom("duration too large"))?)
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Duration, E> {
+                parse_duration(text).map(Duration).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// Parses a duration as the rule language writes it: `"45m"`, `"7d"`, `"500ms"`.
+pub fn parse_duration(text: &str) -> Result<i64, String> {
+    let bad = || format!("`{text}` is not a duration like \"45m\" or \"7d\"");
+    match rules::lexer::lex(text.trim()) {
+        (tokens, diags) if diags.is_empty() && tokens.len() == 2 => match tokens[0].tok {
+            rules::lexer::Tok::Dur(ms) if ms > 0 => Ok(ms),
+            _ => Err(bad()),
+        },
+        _ => Err(bad()),
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        let engine = EngineConfig::default();
+        Settings {
+            data_dir: PathBuf::from("./tagstream-data"),
+            rules: None,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            clock: ClockMode::Wall,
+            sync_writes: engine.sync_writes,
+            limits: Limits::default(),
+            retention: RetentionSettings::default(),
+            cache: CacheSettings::default(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let event = EventLimits::default();
+        Limits {
+            max_request_bytes: query_api::ApiConfig::default().max_request_bytes,
+            max_event_bytes: event.max_event_bytes,
+            max_event_depth: event.max_depth,
+            future_tolerance: Duration(event.future_tolerance_ms),
+        }
+    }
+}
+
+impl Default for RetentionSettings {
+    fn default() -> Self {
+        let engine = EngineConfig::default();
+        RetentionSettings {
+            history: Duration(engine.retention_ms),
+            dedup_horizon: Duration(engine.dedup_horizon_ms),
+        }
+    }
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        let engine = EngineConfig::default();
+        CacheSettings {
+            customers: engine.cache_customers,
+            block_cache_mb: engine.block_cache_bytes >> 20,
+            memtable_mb: engine.memtable_bytes >> 20,
+        }
+    }
+}
+
+impl Settings {
+    /// The defaults, overlaid with the file at `path` if given.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Settings> {
+        let Some(path) = path else {
+            return Ok(Settings::default());
+        };
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("in the settings file {}", path.display()))
+    }
+
+    pub fn engine_config(&self) -> EngineConfig {
+        EngineConfig {
+            clock: self.clock,
+            limits: EventLimits {
+                max_event_bytes: self.limits.max_event_bytes,
+                max_depth: self.limits.max_event_depth,
+                future_tolerance_ms: self.limits.future_tolerance.0,
+            },
+            dedup_horizon_ms: self.retention.dedup_horizon.0,
+            retention_ms: self.retention.history.0,
+            cache_customers: self.cache.customers,
+            block_cache_bytes: self.cache.block_cache_mb << 20,
+            memtable_bytes: self.cache.memtable_mb << 20,
+            sync_writes: self.sync_writes,
+        }
+    }
+
+    /// The settings file with every key at its default, for `deploy/` and the docs.
+    pub fn default_file() -> String {
+        let d = Settings::default();
+        format!(
+            r#"# tagstream settings. Every key is optional; these are the defaults.
+# Command-line flags override this file.
+
+data_dir = "{data_dir}"
+# rules = "deploy/rules/example.trl"
+listen = "{listen}"
+clock = "wall"            # or "event": now is the greatest event time seen
+sync_writes = true        # fsync the WAL on every commit
+
+[limits]
+max_request_bytes = {max_request_bytes}
+max_event_bytes = {max_event_bytes}
+max_event_depth = {max_event_depth}
+future_tolerance = "5m"   # how far ahead of the clock an event's ts may be
+
+[retention]
+history = "400d"          # events kept per customer (windows, lifetime, backfill)
+dedup_horizon = "7d"      # how long an event_id is remembered
+
+[cache]
+customers = {customers}       # customers kept in memory between batches
+block_cache_mb = {block_cache_mb}      # RocksDB block cache
+memtable_mb = {memtable_mb}         # RocksDB memtables, all column families together
+"#,
+            data_dir = d.data_dir.display(),
+            listen = d.listen,
+            max_request_bytes = d.limits.max_request_bytes,
+            max_event_bytes = d.limits.max_event_bytes,
+            max_event_depth = d.limits.max_event_depth,
+            customers = d.cache.customers,
+            block_cache_mb = d.cache.block_cache_mb,
+            memtable_mb = d.cache.memtable_mb,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_file_parses_to_the_defaults() {
+        let parsed: Settings = toml::from_str(&Settings::default_file()).unwrap();
+        let defaults = Settings::default();
+        assert_eq!(parsed.engine_config(), defaults.engine_config());
+        assert_eq!(parsed.listen, defaults.listen);
+        assert_eq!(parsed.data_dir, defaults.data_dir);
+        assert_eq!(parsed.limits.max_request_bytes, defaults.limits.max_request_bytes);
+    }
+
+    #[test]
+    fn the_committed_default_file_is_current() {
+        let committed =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/tagstream.toml"))
+                .expect("deploy/tagstream.toml");
+        assert_eq!(
+            committed,
+            Settings::default_file(),
+            "regenerate with `tagstream default-config`"
+        );
+    }
+
+    #[test]
+    fn a_typo_or_a_bad_duration_is_an_error_that_names_it() {
+        let err = toml::from_str::<Settings>("[cache]\ncustomer = 5")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `customer`"), "{err}");
+        let err = toml::from_str::<Settings>("[retention]\nhistory = \"forever\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`forever` is not a duration"), "{err}");
+        let s: Settings = toml::from_str("clock = \"event\"\n[retention]\nhistory = \"30d\"").unwrap();
+        assert_eq!(s.engine_config().retention_ms, 30 * 86_400_000);
+        assert_eq!(s.engine_config().clock, ClockMode::Event);
+    }
+}
