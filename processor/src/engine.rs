@@ -18,7 +18,8 @@ use crate::codec::{Reader, Writer};
 use crate::event::{check_not_future, parse_event, EventLimits, Rejection, ValidEvent};
 use crate::state::{CustomerState, EngineFacts, EventTagState, ManualTag, Membership};
 use crate::store::{
-    timer_key, Retention, Store, StoreError, CF_CHANGES, CF_CUSTOMERS, CF_DEDUP, CF_DLQ, CF_META, CF_TIMERS,
+    timer_key, Retention, Store, StoreError, StoredEvent, CF_CHANGES, CF_CUSTOMERS, CF_DEDUP, CF_DLQ,
+    CF_META, CF_TIMERS,
 };
 
 /// Where `now` comes from.
@@ -1109,6 +1110,22 @@ impl Engine {
     }
 
     /// Members of a tag or segment with their membership, in customer id order.
+    /// A customer's retained events, newest first: at most `limit`, older than `before`
+    /// (the `(ts, arrival)` of the last event of the previous page). `None` for a customer
+    /// never seen. Events of the batch in flight are not visible until it commits.
+    pub fn timeline(
+        &self,
+        customer_id: &str,
+        before: Option<(i64, u64)>,
+        limit: usize,
+    ) -> Result<Option<Vec<StoredEvent>>, EngineError> {
+        let id = rules::normalize(customer_id);
+        if !self.cache.contains_key(&*id) && self.store.get(CF_CUSTOMERS, id.as_bytes())?.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(self.store.customer_events_newest_first(&id, before, limit)?))
+    }
+
     /// Resolves an export field: `profile.ATTR`, or the name of a trait.
     pub fn export_field(&self, name: &str) -> Result<ExportField, String> {
         if let Some(attr) = name.strip_prefix("profile.") {

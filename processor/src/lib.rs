@@ -49,3 +49,4 @@ pub use engine::{
 };
 pub use event::{parse_event, EventLimits, Rejection, ValidEvent};
 pub use state::Membership;
+pub use store::StoredEvent;

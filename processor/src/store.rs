@@ -285,6 +285,45 @@ impl Store {
         Ok(events)
     }
 
+    /// A customer's retained events newest first, starting below `before` (a `(ts, arrival)`
+    /// position, exclusive), at most `limit`.
+    pub fn customer_events_newest_first(
+        &self,
+        customer: &str,
+        before: Option<(i64, u64)>,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let prefix = event_prefix(customer);
+        let upper = match before {
+            Some((ts, arrival)) => event_key(customer, ts, arrival),
+            None => {
+                let mut end = prefix.clone();
+                end.extend_from_slice(&[0xff; 16]);
+                end
+            }
+        };
+        let mut events = Vec::new();
+        let iter = self
+            .db
+            .iterator_cf(self.cf(CF_EVENTS), IteratorMode::From(&upper, Direction::Reverse));
+        for item in iter {
+            let (key, value) = item?;
+            if !key.starts_with(&prefix) || events.len() >= limit {
+                break;
+            }
+            if *key == *upper {
+                continue;
+            }
+            let rest = &key[prefix.len()..];
+            if rest.len() != 16 {
+                return Err(CodecError("bad event key").into());
+            }
+            let arrival = u64::from_be_bytes(rest[8..16].try_into().expect("8 bytes"));
+            events.push(decode_event(from_sortable_i64(&rest[..8]), arrival, &value)?);
+        }
+        Ok(events)
+    }
+
     pub fn put_customer(&self, batch: &mut WriteBatch, customer: &str, state: &CustomerState) {
         batch.put_cf(self.cf(CF_CUSTOMERS), customer.as_bytes(), state.encode());
     }

@@ -101,6 +101,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/clock", post(routes::set_clock))
         .route("/v1/rules", get(routes::get_rules).put(routes::put_rules))
         .route("/v1/customers/{id}", get(routes::get_customer))
+        .route("/v1/customers/{id}/events", get(routes::customer_events))
         .route(
             "/v1/customers/{id}/tags/{tag}",
             put(routes::put_manual_tag).delete(routes::delete_manual_tag),
@@ -112,6 +113,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/dlq",
             get(routes::dead_letters).delete(routes::purge_dead_letters),
         )
+        .route("/openapi.json", get(routes::openapi))
         .route("/metrics", get(routes::metrics))
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))

@@ -167,6 +167,65 @@ pub async fn get_customer(State(app): State<AppState>, Path(id): Path<String>) -
     }
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimelineQuery {
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+/// `GET /v1/customers/{id}/events`: the retained events, newest first, paged.
+pub async fn customer_events(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    q: Result<Query<TimelineQuery>, QueryRejection>,
+) -> Result<Json<Json_>, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let limit = q.limit.unwrap_or(100);
+    if limit == 0 || limit > 10_000 {
+        return Err(ApiError::BadRequest("`limit` must be between 1 and 10000".into()));
+    }
+    let before = match q.cursor.as_deref() {
+        None => None,
+        Some(c) => Some(
+            c.split_once('.')
+                .and_then(|(ts, arrival)| Some((ts.parse::<i64>().ok()?, arrival.parse::<u64>().ok()?)))
+                .ok_or_else(|| {
+                    ApiError::BadRequest(format!("`cursor` {c:?} is not one this endpoint gave"))
+                })?,
+        ),
+    };
+    let lookup = id.clone();
+    let events = app
+        .engine
+        .call(move |engine| engine.timeline(&lookup, before, limit + 1))
+        .await??
+        .ok_or_else(|| ApiError::NotFound(format!("no customer `{id}`")))?;
+    let more = events.len() > limit;
+    let page = &events[..events.len().min(limit)];
+    let next_cursor = more
+        .then(|| page.last())
+        .flatten()
+        .map(|e| format!("{}.{}", e.event.ts, e.event.arrival));
+    let items: Vec<Json_> = page
+        .iter()
+        .map(|e| {
+            let props: serde_json::Map<String, Json_> = e
+                .event
+                .props
+                .iter()
+                .map(|(k, v)| (k.to_owned(), v.to_json()))
+                .collect();
+            json!({ "event_id": e.event_id, "type": &*e.event.event_type, "ts": e.event.ts, "props": props })
+        })
+        .collect();
+    Ok(Json(json!({
+        "customer_id": rules::normalize(&id),
+        "events": items,
+        "next_cursor": next_cursor,
+    })))
+}
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct ManualTagBody {
@@ -481,6 +540,15 @@ pub async fn metrics(State(app): State<AppState>) -> Result<Response, ApiError> 
         app.prometheus.render(),
     )
         .into_response())
+}
+
+/// The OpenAPI 3.1 document of this API (kept in `openapi.json`, checked by the e2e tests).
+pub async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        include_str!("openapi.json"),
+    )
+        .into_response()
 }
 
 pub async fn healthz() -> Json<Json_> {
