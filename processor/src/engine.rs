@@ -106,6 +106,52 @@ pub struct CustomerView {
     pub profile: BTreeMap<Arc<str>, Value>,
 }
 
+/// What a draft rule set would do: per definition with members, how many customers would
+/// enter, exit and be members, with a few examples of each.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Preview {
+    /// Customers evaluated.
+    pub customers: u64,
+    pub definitions: BTreeMap<String, PreviewCounts>,
+    /// Tags and segments of the current rules that the draft drops: every member exits.
+    pub removed: BTreeMap<String, PreviewCounts>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct PreviewCounts {
+    pub members: u64,
+    pub enter: u64,
+    pub exit: u64,
+    pub sample_members: Vec<String>,
+    pub sample_enter: Vec<String>,
+    pub sample_exit: Vec<String>,
+}
+
+/// Examples kept per list in a preview.
+const PREVIEW_SAMPLE: usize = 5;
+
+impl PreviewCounts {
+    fn record(&mut self, member: bool, was: bool, id: &str) {
+        let sample = |list: &mut Vec<String>| {
+            if list.len() < PREVIEW_SAMPLE {
+                list.push(id.to_owned());
+            }
+        };
+        if member {
+            self.members += 1;
+            sample(&mut self.sample_members);
+        }
+        if member && !was {
+            self.enter += 1;
+            sample(&mut self.sample_enter);
+        }
+        if !member && was {
+            self.exit += 1;
+            sample(&mut self.sample_exit);
+        }
+    }
+}
+
 /// A column of a members export besides the membership itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExportField {
@@ -1124,6 +1170,68 @@ impl Engine {
             return Ok(None);
         }
         Ok(Some(self.store.customer_events_newest_first(&id, before, limit)?))
+    }
+
+    /// Evaluates a draft rule set for the customers after `after` (exclusive, in id order),
+    /// at most `budget` of them, without changing anything, and adds what would happen to
+    /// `preview`. Returns where the next call starts, `None` once every customer is done.
+    /// Each customer is judged from scratch over their retained history, as a rule change
+    /// would.
+    pub fn preview_step(
+        &self,
+        draft: &CompiledRules,
+        after: Option<&str>,
+        budget: usize,
+        preview: &mut Preview,
+    ) -> Result<Option<String>, EngineError> {
+        let start = after.map_or_else(Vec::new, |a| {
+            let mut key = a.as_bytes().to_vec();
+            key.push(0);
+            key
+        });
+        let now = self.now();
+        let defined: Vec<&rules::CompiledDef> =
+            draft.defs().iter().filter(|d| d.kind.has_members()).collect();
+        let current: HashSet<&str> = self
+            .rules
+            .defs()
+            .iter()
+            .filter(|d| d.kind.has_members())
+            .map(|d| &*d.name)
+            .collect();
+        let mut last = None;
+        for (seen, item) in self.store.scan_from(CF_CUSTOMERS, &start).enumerate() {
+            if seen >= budget {
+                return Ok(last);
+            }
+            let (key, _) = item?;
+            let id = String::from_utf8_lossy(&key).into_owned();
+            let Some(state) = self.read_customer(&id)? else {
+                continue;
+            };
+            let facts = state.history.facts(draft, now, self.config.retention_ms);
+            preview.customers += 1;
+            for def in &defined {
+                let member = facts.definition(def.id) == Value::Bool(true);
+                let was = state.members.contains_key(&def.name);
+                let entry = preview.definitions.entry(def.name.to_string()).or_default();
+                entry.record(member, was, &id);
+            }
+            for name in state.members.keys().filter(|n| current.contains(&***n)) {
+                if draft
+                    .lookup(name)
+                    .is_none_or(|d| !draft.def(d).kind.has_members())
+                {
+                    preview
+                        .removed
+                        .entry(name.to_string())
+                        .or_default()
+                        .record(false, true, &id);
+                }
+            }
+            last = Some(id);
+        }
+        Ok(None)
     }
 
     /// Resolves an export field: `profile.ATTR`, or the name of a trait.

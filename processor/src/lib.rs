@@ -45,7 +45,7 @@ pub mod window;
 pub use change::{Cause, Change, MemberKind, Op};
 pub use engine::{
     ClockMode, CustomerView, DeadLetter, Engine, EngineConfig, EngineError, ExportField, IngestError,
-    IngestOutcome, MemberRow, MembersPage, QueryError, QueryPage,
+    IngestOutcome, MemberRow, MembersPage, Preview, PreviewCounts, QueryError, QueryPage,
 };
 pub use event::{parse_event, EventLimits, Rejection, ValidEvent};
 pub use state::Membership;

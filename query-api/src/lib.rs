@@ -100,6 +100,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/events", post(routes::ingest))
         .route("/v1/clock", post(routes::set_clock))
         .route("/v1/rules", get(routes::get_rules).put(routes::put_rules))
+        .route("/v1/rules/preview", post(routes::preview_rules))
         .route("/v1/customers/{id}", get(routes::get_customer))
         .route("/v1/customers/{id}/events", get(routes::customer_events))
         .route(

@@ -121,6 +121,42 @@ pub async fn put_rules(
     Ok(Json(json!({ "definitions": definitions, "backfill": "running" })))
 }
 
+/// Customers one preview call evaluates before giving the engine back to other requests.
+const PREVIEW_STEP: usize = 2_000;
+
+/// `POST /v1/rules/preview`: what a draft rule set would do, without applying it.
+pub async fn preview_rules(
+    State(app): State<AppState>,
+    LimitedBody(body): LimitedBody,
+) -> Result<Json<Json_>, ApiError> {
+    let text = String::from_utf8(body.to_vec())
+        .map_err(|_| ApiError::BadRequest("the rule set is not valid UTF-8".into()))?;
+    let draft = rules::CompiledRules::compile(&text)
+        .map_err(|diags| ApiError::InvalidRules(diags.iter().map(|d| d.located(&text)).collect()))?;
+    let draft = std::sync::Arc::new(draft);
+    let mut preview = processor::Preview::default();
+    let mut cursor: Option<String> = None;
+    loop {
+        let (d, after) = (draft.clone(), cursor.take());
+        let (p, next) = app
+            .engine
+            .call(move |engine| {
+                let mut preview = preview;
+                let next = engine.preview_step(&d, after.as_deref(), PREVIEW_STEP, &mut preview);
+                next.map(|n| (preview, n))
+            })
+            .await??;
+        preview = p;
+        match next {
+            Some(n) => cursor = Some(n),
+            None => break,
+        }
+    }
+    Ok(Json(
+        serde_json::to_value(&preview).expect("a preview serialises"),
+    ))
+}
+
 #[derive(serde::Serialize)]
 struct MembershipDto {
     since: i64,

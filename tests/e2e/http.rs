@@ -521,6 +521,7 @@ fn the_openapi_document_describes_every_route_the_server_answers() {
         "/v1/events",
         "/v1/clock",
         "/v1/rules",
+        "/v1/rules/preview",
         "/v1/customers/{id}",
         "/v1/customers/{id}/events",
         "/v1/customers/{id}/tags/{tag}",
@@ -558,4 +559,71 @@ fn the_openapi_document_describes_every_route_the_server_answers() {
             );
         }
     }
+}
+
+#[test]
+fn a_rules_preview_counts_who_would_enter_and_exit_and_changes_nothing() {
+    let rules = "tag viewer = count(view, 30d) >= 1";
+    let s = Server::start(rules, &[]);
+    let ev = |id: &str, customer: &str, ty: &str, dt: i64| {
+        format!(
+            r#"{{"event_id":"{id}","customer_id":"{customer}","type":"{ty}","ts":{}}}"#,
+            T0 + dt
+        ) + "\n"
+    };
+    let body = ev("a", "c1", "view", 0)
+        + &ev("b", "c2", "view", 1)
+        + &ev("c", "c2", "view", 2)
+        + &ev("d", "c3", "payment", 3);
+    assert_eq!(s.send("POST", "/v1/events", &body).json()["accepted"], 4);
+
+    let draft = "tag viewer = count(view, 30d) >= 2\ntag payer = count(payment, 30d) >= 1\ntrait views = count(view, 30d)";
+    let r = s.send("POST", "/v1/rules/preview", draft);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let p = r.json();
+    assert_eq!(p["customers"], 3);
+    let viewer = &p["definitions"]["viewer"];
+    assert_eq!(
+        (
+            viewer["members"].as_u64(),
+            viewer["enter"].as_u64(),
+            viewer["exit"].as_u64()
+        ),
+        (Some(1), Some(0), Some(1))
+    );
+    assert_eq!(viewer["sample_exit"], serde_json::json!(["c1"]));
+    assert_eq!(viewer["sample_members"], serde_json::json!(["c2"]));
+    let payer = &p["definitions"]["payer"];
+    assert_eq!(
+        (payer["members"].as_u64(), payer["enter"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(payer["sample_enter"], serde_json::json!(["c3"]));
+    assert!(p["definitions"].get("views").is_none(), "traits have no members");
+
+    let dropped = s
+        .send(
+            "POST",
+            "/v1/rules/preview",
+            "tag payer = count(payment, 30d) >= 1",
+        )
+        .json();
+    assert_eq!(dropped["removed"]["viewer"]["exit"], 2);
+
+    let bad = s.send("POST", "/v1/rules/preview", "tag broken = count(view, 30d) >=");
+    assert_eq!(bad.status, 422);
+    assert!(bad.json()["diagnostics"]
+        .as_array()
+        .is_some_and(|d| !d.is_empty()));
+
+    // Nothing changed.
+    assert_eq!(s.get("/v1/rules").text(), rules);
+    assert!(s.get("/v1/customers/c1").json()["tags"].get("viewer").is_some());
+    assert_eq!(
+        s.get("/v1/changes?after=0").json()["changes"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
 }
