@@ -106,6 +106,14 @@ pub struct CustomerView {
     pub profile: BTreeMap<Arc<str>, Value>,
 }
 
+/// Progress of the re-evaluation that follows a rule change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct BackfillProgress {
+    pub customers_done: u64,
+    /// RocksDB's estimate of all customers when the sweep began (at least `customers_done`).
+    pub customers_estimated: u64,
+}
+
 /// What a draft rule set would do: per definition with members, how many customers would
 /// enter, exit and be members, with a few examples of each.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
@@ -242,6 +250,10 @@ pub struct Engine {
     /// Batches committed since open; the cache's clock for eviction.
     batches: u64,
     backfill_cursor: Option<Vec<u8>>,
+    /// Customers the current backfill sweep has passed (since this process started it or
+    /// resumed it), and the store's estimate of all customers when it began.
+    backfill_done: u64,
+    backfill_total: u64,
     /// Position of each definition in evaluation order.
     order_pos: Vec<usize>,
 }
@@ -313,6 +325,8 @@ impl Engine {
             cache: HashMap::new(),
             batches: 0,
             backfill_cursor,
+            backfill_done: 0,
+            backfill_total: 0,
             order_pos,
         };
         if stored_rules.is_none() {
@@ -944,6 +958,8 @@ impl Engine {
         self.rules = Arc::new(compiled);
         self.order_pos = positions(&self.rules);
         self.backfill_cursor = Some(Vec::new());
+        self.backfill_done = 0;
+        self.backfill_total = self.store.estimate_keys(CF_CUSTOMERS);
         let mut wb = WriteBatch::default();
         wb.put_cf(self.store.cf(CF_META), META_RULES.as_bytes(), text.as_bytes());
         self.store.put_meta_u64(&mut wb, META_GENERATION, self.generation);
@@ -957,20 +973,34 @@ impl Engine {
         self.backfill_cursor.is_some()
     }
 
+    /// How far the rule-change backfill has come, while one runs.
+    pub fn backfill_progress(&self) -> Option<BackfillProgress> {
+        self.backfill_cursor.as_ref().map(|_| BackfillProgress {
+            customers_done: self.backfill_done,
+            customers_estimated: self.backfill_total.max(self.backfill_done),
+        })
+    }
+
     /// Re-evaluates up to `max_customers` customers still on an older rule set, committing
     /// them as one batch. Returns how many were re-evaluated.
     pub fn backfill_step(&mut self, max_customers: usize) -> Result<usize, EngineError> {
         let Some(cursor) = self.backfill_cursor.clone() else {
             return Ok(0);
         };
+        if self.backfill_total == 0 {
+            // Resumed after a restart.
+            self.backfill_total = self.store.estimate_keys(CF_CUSTOMERS);
+        }
         let mut ids = Vec::new();
         let mut next_cursor = None;
+        let mut passed = 0;
         for item in self.store.scan_from(CF_CUSTOMERS, &cursor) {
             let (key, value) = item?;
             if ids.len() == max_customers {
                 next_cursor = Some(key.to_vec());
                 break;
             }
+            passed += 1;
             let generation = Reader::new(&value)
                 .u8()
                 .and_then(|_| Reader::new(&value[1..]).u64())
@@ -1008,6 +1038,7 @@ impl Engine {
         match result.and_then(|()| self.commit(batch)) {
             Ok(_) => {
                 self.backfill_cursor = next_cursor;
+                self.backfill_done += passed;
                 Ok(ids.len())
             }
             Err(e) => {

@@ -398,6 +398,15 @@ impl Store {
             .collect()
     }
 
+    /// RocksDB's estimate of the number of keys in a column family (cheap).
+    pub fn estimate_keys(&self, cf: &str) -> u64 {
+        self.db
+            .property_int_value_cf(self.cf(cf), "rocksdb.estimate-num-keys")
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    }
+
     /// Counts the keys of a column family by scanning it.
     pub fn count_keys(&self, cf: &str) -> Result<u64, StoreError> {
         let mut n = 0;

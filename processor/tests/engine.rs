@@ -106,9 +106,17 @@ fn a_rule_change_sees_the_past_and_emits_rule_change_changes() {
         ),
         ("big", Op::Add, &Cause::RuleChange)
     );
-    while engine.backfill_pending() {
+    let mut reported = Vec::new();
+    while let Some(progress) = engine.backfill_progress() {
+        reported.push(progress.customers_done);
+        assert!(progress.customers_done <= progress.customers_estimated);
         engine.backfill_step(1).unwrap();
     }
+    assert!(!engine.backfill_pending());
+    assert!(
+        reported.windows(2).all(|w| w[0] < w[1]) && reported.len() >= 2,
+        "progress moves forward step by step: {reported:?}"
+    );
     let all = engine.changes(0, 100).unwrap();
     let big: Vec<_> = all
         .iter()

@@ -69,6 +69,10 @@ pub fn record_changes(changes: &[Change], cause: &'static str) {
 pub fn engine_gauges(engine: &Engine) {
     gauge!("tagstream_timers_pending").set(engine.pending_timers() as f64);
     gauge!("tagstream_backfill_pending").set(if engine.backfill_pending() { 1.0 } else { 0.0 });
+    let progress = engine.backfill_progress();
+    gauge!("tagstream_backfill_customers_done").set(progress.map_or(0.0, |p| p.customers_done as f64));
+    gauge!("tagstream_backfill_customers_estimated")
+        .set(progress.map_or(0.0, |p| p.customers_estimated as f64));
     gauge!("tagstream_change_log_next_seq").set(engine.next_seq() as f64);
 }
 

@@ -592,8 +592,13 @@ pub async fn healthz() -> Json<Json_> {
 }
 
 pub async fn readyz(State(app): State<AppState>) -> Response {
-    match app.engine.call(|engine| engine.backfill_pending()).await {
-        Ok(backfilling) => Json(json!({ "ready": true, "backfill_running": backfilling })).into_response(),
+    match app.engine.call(|engine| engine.backfill_progress()).await {
+        Ok(progress) => Json(json!({
+            "ready": true,
+            "backfill_running": progress.is_some(),
+            "backfill": progress,
+        }))
+        .into_response(),
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({ "ready": false, "error": e.to_string() })),
