@@ -95,14 +95,8 @@ impl<'de> Deserialize<'de> for Duration {
 
 /// Parses a duration as the rule language writes it: `"45m"`, `"7d"`, `"500ms"`.
 pub fn parse_duration(text: &str) -> Result<i64, String> {
-    let bad = || format!("`{text}` is not a duration like \"45m\" or \"7d\"");
-    match rules::lexer::lex(text.trim()) {
-        (tokens, diags) if diags.is_empty() && tokens.len() == 2 => match tokens[0].tok {
-            rules::lexer::Tok::Dur(ms) if ms > 0 => Ok(ms),
-            _ => Err(bad()),
-        },
-        _ => Err(bad()),
-    }
+    rules::lexer::parse_duration(text)
+        .ok_or_else(|| format!("`{text}` is not a duration like \"45m\" or \"7d\""))
 }
 
 impl Default for Settings {

@@ -1324,16 +1324,19 @@ impl Engine {
             let (key, value) = item?;
             let id = String::from_utf8_lossy(&key).into_owned();
             let state = CustomerState::decode(&value).map_err(StoreError::from)?;
-            if let Some(m) = state.members.get(name) {
-                let values = if needs_traits {
-                    let full = self.read_customer(&id)?.unwrap_or(state.clone());
+            if let Some(membership) = state.members.get(name).cloned() {
+                let values = if fields.is_empty() {
+                    Vec::new()
+                } else if needs_traits {
+                    // Traits need the retained events, which the record alone lacks.
+                    let full = self.read_customer(&id)?.unwrap_or(state);
                     self.field_values(full, fields)
                 } else {
-                    self.field_values(state.clone(), fields)
+                    self.field_values(state, fields)
                 };
                 page.rows.push(MemberRow {
                     customer_id: id.clone(),
-                    membership: m.clone(),
+                    membership,
                     fields: values,
                 });
             }
@@ -1357,16 +1360,15 @@ impl Engine {
             .collect()
     }
 
+    /// Every member of a tag or segment, in customer-id order (small stores and tests;
+    /// exports page with [`Engine::members_page`]).
     pub fn members(&self, name: &str) -> Result<Vec<(String, Membership)>, EngineError> {
-        let mut out = Vec::new();
-        for item in self.store.scan_from(CF_CUSTOMERS, &[]) {
-            let (key, value) = item?;
-            let state = CustomerState::decode(&value).map_err(StoreError::from)?;
-            if let Some(m) = state.members.get(name) {
-                out.push((String::from_utf8_lossy(&key).into_owned(), m.clone()));
-            }
-        }
-        Ok(out)
+        let page = self.members_page(name, None, usize::MAX, usize::MAX, &[])?;
+        Ok(page
+            .rows
+            .into_iter()
+            .map(|r| (r.customer_id, r.membership))
+            .collect())
     }
 
     /// An ad-hoc segment: customers for whom `expr` (the rule language's expression syntax,

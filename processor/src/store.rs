@@ -418,15 +418,7 @@ impl Store {
     }
 
     pub fn approximate_size(&self) -> u64 {
-        ALL_CFS
-            .iter()
-            .filter_map(|cf| {
-                self.db
-                    .property_int_value_cf(self.cf(cf), "rocksdb.total-sst-files-size")
-                    .ok()
-                    .flatten()
-            })
-            .sum()
+        self.cf_sizes().iter().map(|(_, bytes)| bytes).sum()
     }
 
     pub fn flush(&self) -> Result<(), StoreError> {

@@ -277,13 +277,7 @@ fn parse_ttl(ttl: &Json_) -> Result<i64, ApiError> {
     };
     let ms = match ttl {
         Json_::Number(n) => n.as_i64().ok_or_else(bad)?,
-        Json_::String(s) => match rules::lexer::lex(s.trim()) {
-            (tokens, diags) if diags.is_empty() && tokens.len() == 2 => match tokens[0].tok {
-                rules::lexer::Tok::Dur(ms) => ms,
-                _ => return Err(bad()),
-            },
-            _ => return Err(bad()),
-        },
+        Json_::String(s) => rules::lexer::parse_duration(s).ok_or_else(bad)?,
         _ => return Err(bad()),
     };
     if ms <= 0 {

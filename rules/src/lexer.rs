@@ -501,9 +501,30 @@ impl Lexer<'_> {
     }
 }
 
+/// Parses one duration literal as rules write it (`"45m"`, `"7d"`, `"500ms"`), surrounding
+/// white space ignored; `None` for anything else, or a duration that is not positive.
+pub fn parse_duration(text: &str) -> Option<i64> {
+    match lex(text.trim()) {
+        (tokens, diags) if diags.is_empty() && tokens.len() == 2 => match tokens[0].tok {
+            Tok::Dur(ms) if ms > 0 => Some(ms),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_positive_duration_literal_parses_and_nothing_else_does() {
+        assert_eq!(parse_duration(" 7d "), Some(7 * 86_400_000));
+        assert_eq!(parse_duration("45m"), Some(45 * 60_000));
+        for bad in ["", "7", "0s", "7d 1h", "forever", "-5m"] {
+            assert_eq!(parse_duration(bad), None, "{bad:?}");
+        }
+    }
 
     fn toks(src: &str) -> Vec<Tok> {
         let (tokens, diags) = lex(src);

@@ -298,6 +298,13 @@ fn str_at(a: &dyn arrow_array::Array, i: usize) -> Option<String> {
     (!arrow_array::Array::is_null(a, i)).then(|| a.value(i).to_owned())
 }
 
+fn customer_ids(batches: &[arrow_array::RecordBatch]) -> Vec<String> {
+    column(batches, "customer_id", str_at)
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
 fn f64_at(a: &dyn arrow_array::Array, i: usize) -> Option<f64> {
     let a = a
         .as_any()
@@ -364,11 +371,7 @@ fn exports_stream_every_member_in_every_format_and_pages_stay_correct_while_memb
     .build()
     .unwrap();
     let batches: Vec<_> = reader.map(|b| b.unwrap()).collect();
-    let got: Vec<String> = column(&batches, "customer_id", str_at)
-        .into_iter()
-        .flatten()
-        .collect();
-    assert_eq!(got, ids);
+    assert_eq!(customer_ids(&batches), ids);
     assert!(column(&batches, "views_30d", f64_at)
         .iter()
         .all(|v| *v == Some(1.0)));
@@ -381,11 +384,7 @@ fn exports_stream_every_member_in_every_format_and_pages_stay_correct_while_memb
     assert_eq!(arrow.status, 200);
     let reader = arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(arrow.body), None).unwrap();
     let batches: Vec<_> = reader.map(|b| b.unwrap()).collect();
-    let got: Vec<String> = column(&batches, "customer_id", str_at)
-        .into_iter()
-        .flatten()
-        .collect();
-    assert_eq!(got, ids);
+    assert_eq!(customer_ids(&batches), ids);
 
     // Cursor paging while membership changes: customers who are members throughout appear
     // exactly once; a member added behind the cursor is not seen, one ahead of it is.
