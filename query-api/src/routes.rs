@@ -359,9 +359,24 @@ pub struct MembersQuery {
     format: Option<String>,
     /// Comma-separated traits and `profile.ATTR`s to add as columns.
     fields: Option<String>,
-    /// At most this many members, with the next page's cursor in `x-next-cursor`.
+    /// At most this many members, with the next page's cursor (percent-encoded) in
+    /// `x-next-cursor`.
     limit: Option<usize>,
     cursor: Option<String>,
+}
+
+/// Percent-encodes every byte but RFC 3986's unreserved characters, so a cursor made of a
+/// customer id (any Unicode) fits in a header and goes back as a query parameter unchanged.
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// Members per engine call while exporting; also the Arrow/Parquet batch size.
@@ -448,8 +463,10 @@ pub async fn segment_members(
         body.extend(encoder.finish().map_err(encode)?);
         let mut response =
             ([(header::CONTENT_TYPE, format.content_type())], Body::from(body)).into_response();
-        if let Some(next) = cursor.and_then(|c| header::HeaderValue::from_str(&c).ok()) {
-            response.headers_mut().insert("x-next-cursor", next);
+        if let Some(next) = cursor {
+            let value =
+                header::HeaderValue::from_str(&percent_encode(&next)).expect("percent-encoded is ASCII");
+            response.headers_mut().insert("x-next-cursor", value);
         }
         return Ok(response);
     }

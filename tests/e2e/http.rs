@@ -407,10 +407,10 @@ fn exports_stream_every_member_in_every_format_and_pages_stay_correct_while_memb
         pages += 1;
         if pages == 1 {
             let late = format!(
-                "{{\"customer_id\":\"a-before\",\"type\":\"view\",\"ts\":{t}}}\n{{\"customer_id\":\"z-after\",\"type\":\"view\",\"ts\":{t}}}",
+                "{{\"customer_id\":\"a-before\",\"type\":\"view\",\"ts\":{t}}}\n{{\"customer_id\":\"z-after\",\"type\":\"view\",\"ts\":{t}}}\n{{\"customer_id\":\"上海 #1&2\",\"type\":\"view\",\"ts\":{t}}}\n{{\"customer_id\":\"上海 #1&3\",\"type\":\"view\",\"ts\":{t}}}",
                 t = T0 + N as i64
             );
-            assert_eq!(s.send("POST", "/v1/events", &late).json()["accepted"], 2);
+            assert_eq!(s.send("POST", "/v1/events", &late).json()["accepted"], 4);
         }
         cursor = page.header("x-next-cursor");
         if cursor.is_none() {
@@ -419,8 +419,16 @@ fn exports_stream_every_member_in_every_format_and_pages_stay_correct_while_memb
     }
     assert_eq!(pages, 3);
     let mut expected = ids.clone();
-    expected.push("z-after".into());
+    expected.extend(["z-after", "上海 #1&2", "上海 #1&3"].map(String::from));
     assert_eq!(seen, expected);
+    // A cursor that is a non-ASCII id travels percent-encoded and comes back unchanged.
+    let page = s.get("/v1/segments/viewer/members?limit=1&cursor=z-after");
+    assert!(page.text().contains("上海 #1&2"), "{}", page.text());
+    let cursor = page.header("x-next-cursor").expect("a next page");
+    assert_eq!(cursor, "%E4%B8%8A%E6%B5%B7%20%231%262");
+    let next = s.get(&format!("/v1/segments/viewer/members?limit=1&cursor={cursor}"));
+    assert!(next.text().contains("上海 #1&3"), "{}", next.text());
+    assert_eq!(next.header("x-next-cursor"), None);
 
     let bad = s.get("/v1/segments/viewer/members?fields=nope");
     assert_eq!(bad.status, 400);
