@@ -6,6 +6,10 @@
 //! definitions that can change with time. Each customer has at most one pending timer: the
 //! earliest instant at which time alone could change one of their tags.
 
+mod explain;
+
+pub use explain::{Explained, Explanation, NextChange};
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;

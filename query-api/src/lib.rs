@@ -103,6 +103,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/rules/preview", post(routes::preview_rules))
         .route("/v1/customers/{id}", get(routes::get_customer))
         .route("/v1/customers/{id}/events", get(routes::customer_events))
+        .route("/v1/customers/{id}/explain/{name}", get(routes::explain))
         .route(
             "/v1/customers/{id}/tags/{tag}",
             put(routes::put_manual_tag).delete(routes::delete_manual_tag),

@@ -10,7 +10,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use processor::{Change, CustomerView, QueryError};
+use processor::{Change, CustomerView, Explained, QueryError};
 use serde::Deserialize;
 use serde_json::{json, Value as Json_};
 
@@ -259,6 +259,39 @@ pub async fn customer_events(
         "customer_id": rules::normalize(&id),
         "events": items,
         "next_cursor": next_cursor,
+    })))
+}
+
+/// `GET /v1/customers/{id}/explain/{name}`: the value of a tag, segment or trait for one
+/// customer, every sub-expression's value and window, and when time alone changes it.
+pub async fn explain(
+    State(app): State<AppState>,
+    Path((id, name)): Path<(String, String)>,
+) -> Result<Json<Json_>, ApiError> {
+    let (lookup, wanted) = (id.clone(), name.clone());
+    let explained = app
+        .engine
+        .call(move |engine| engine.explain(&lookup, &wanted))
+        .await??;
+    let e = match explained {
+        Explained::Yes(e) => e,
+        Explained::UnknownCustomer => return Err(ApiError::NotFound(format!("no customer `{id}`"))),
+        Explained::UnknownName => {
+            return Err(ApiError::NotFound(format!(
+                "`{name}` is not defined by the rules and is not a tag set by hand on customer `{id}`"
+            )))
+        }
+    };
+    Ok(Json(json!({
+        "customer_id": e.customer_id,
+        "name": &*e.name,
+        "kind": e.kind,
+        "now": e.now,
+        "value": e.value,
+        "membership": e.membership.map(|m| json!({ "since": m.since, "expires_at": m.expires_at })),
+        "manual": e.manual.map(|expires_at| json!({ "expires_at": expires_at })),
+        "explain": e.tree,
+        "next_change": e.next_change.map(|n| json!({ "at": n.at, "value": n.value })),
     })))
 }
 

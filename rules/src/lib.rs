@@ -48,6 +48,7 @@ pub mod compile;
 pub mod diagnostic;
 pub mod eval;
 pub mod event;
+pub mod explain;
 pub mod history;
 pub mod lexer;
 pub mod normalize;
@@ -61,6 +62,7 @@ pub use compile::{AggId, AggSpec, CompiledDef, CompiledRules, DefId, DefKind, Ev
 pub use diagnostic::{render_all, Code, Diagnostic, LocatedDiagnostic, Position, Span};
 pub use eval::{apply_binary, filter_matches, Facts};
 pub use event::{Event, Props};
+pub use explain::{ExplainNode, WindowBounds};
 pub use history::{CustomerHistory, HistoryFacts, ProfileEntry, DEFAULT_RETENTION_MS};
 pub use normalize::normalize;
 pub use parser::{parse, parse_expr};

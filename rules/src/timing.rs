@@ -7,7 +7,7 @@ use rust_decimal::prelude::*;
 
 use crate::ast::AggFunc;
 use crate::ast::BinaryOp;
-use crate::compile::{CompiledRules, DefKind, Node};
+use crate::compile::{AggId, CompiledRules, DefId, DefKind, Node};
 use crate::eval::{eval_node, Facts, FactsScope, Scope};
 use crate::value::Value;
 
@@ -31,6 +31,17 @@ impl CompiledRules {
     /// The earliest instant after `facts.now()` at which any definition's value could
     /// change by time alone, or `None` if none can.
     pub fn next_change<F: Facts + ?Sized>(&self, facts: &F) -> Option<i64> {
+        self.next_change_where(facts, |_| true, |_| true)
+    }
+
+    /// Like [`CompiledRules::next_change`], restricted to the aggregates and definitions
+    /// the filters accept (for example those one definition reads).
+    pub(crate) fn next_change_where<F: Facts + ?Sized>(
+        &self,
+        facts: &F,
+        agg_wanted: impl Fn(AggId) -> bool,
+        def_wanted: impl Fn(DefId) -> bool,
+    ) -> Option<i64> {
         let now = facts.now();
         let mut next: Option<i64> = None;
         let mut consider = |t: Option<i64>| {
@@ -38,16 +49,18 @@ impl CompiledRules {
                 next = Some(next.map_or(t, |n| n.min(t)));
             }
         };
-        for id in 0..self.aggregates.len() {
+        for id in (0..self.aggregates.len()).filter(|id| agg_wanted(*id)) {
             consider(facts.aggregate_next_change(id));
         }
         for def in &self.defs {
-            if def.kind == DefKind::EventTag {
+            if def.kind == DefKind::EventTag && def_wanted(def.id) {
                 consider(facts.event_tag_next_change(def.id));
             }
         }
-        for (_, op, lhs, rhs) in &self.time_comparisons {
-            consider(self.crossing(*op, lhs, rhs, facts));
+        for (def, op, lhs, rhs) in &self.time_comparisons {
+            if def_wanted(*def) {
+                consider(self.crossing(*op, lhs, rhs, facts));
+            }
         }
         next
     }

@@ -531,6 +531,7 @@ fn the_openapi_document_describes_every_route_the_server_answers() {
         "/v1/rules/preview",
         "/v1/customers/{id}",
         "/v1/customers/{id}/events",
+        "/v1/customers/{id}/explain/{name}",
         "/v1/customers/{id}/tags/{tag}",
         "/v1/segments/query",
         "/v1/segments/{name}/members",
@@ -633,4 +634,116 @@ fn a_rules_preview_counts_who_would_enter_and_exit_and_changes_nothing() {
             .len(),
         2
     );
+}
+
+#[test]
+fn explain_shows_every_sub_expression_its_window_and_the_next_change_by_time() {
+    let s = Server::start(
+        "trait spend_30d = sum(payment.amount, 30d)\n\
+         tag big_spender = spend_30d >= 2000 and profile.city == \"上海\"\n\
+         tag viewed_seafood on view where category == \"seafood\" ttl 7d\n\
+         tag lead_waiting = since(lead_created) > 45m\n",
+        &[],
+    );
+    const DAY: i64 = 86_400_000;
+    let events = [
+        format!(
+            r#"{{"customer_id":"c1","type":"payment","ts":{T0},"props":{{"amount":300}},"profile":{{"city":"上海"}}}}"#
+        ),
+        format!(
+            r#"{{"customer_id":"c1","type":"payment","ts":{},"props":{{"amount":1500}}}}"#,
+            T0 + DAY
+        ),
+        format!(
+            r#"{{"customer_id":"c1","type":"payment","ts":{},"props":{{"amount":700}}}}"#,
+            T0 + DAY
+        ),
+        format!(
+            r#"{{"customer_id":"c1","type":"view","ts":{},"props":{{"category":"seafood"}}}}"#,
+            T0 + DAY
+        ),
+        format!(
+            r#"{{"customer_id":"c1","type":"lead_created","ts":{}}}"#,
+            T0 + 2 * DAY
+        ),
+    ];
+    let body = events.join("\n");
+    assert_eq!(s.send("POST", "/v1/events", &body).json()["accepted"], 5);
+    let now = T0 + 2 * DAY;
+
+    let e = s.get("/v1/customers/c1/explain/big_spender").json();
+    assert_eq!(e["kind"], "tag");
+    assert_eq!(e["now"], now);
+    assert_eq!(e["value"], true);
+    assert_eq!(e["membership"]["since"], T0 + DAY);
+    let and = &e["explain"]["children"][0];
+    assert_eq!(and["expr"], "spend_30d >= 2000 and profile.city == \"上海\"");
+    let spend = &and["children"][0]["children"][0];
+    assert_eq!(spend["expr"], "spend_30d");
+    assert_eq!(spend["value"], 2500);
+    let sum = &spend["children"][0];
+    assert_eq!(sum["expr"], "sum(payment.amount, 30d)");
+    assert_eq!(sum["window"]["event_type"], "payment");
+    assert_eq!(sum["window"]["from_exclusive"], now - 30 * DAY);
+    assert_eq!(sum["window"]["to_inclusive"], now);
+    assert_eq!(and["children"][1]["children"][0]["value"], "上海");
+    // The 300 payment leaves the 30-day window at T0 + 30d, but 2200 is still enough: the
+    // value changes when the other two leave, at T0 + 31d.
+    assert_eq!(e["next_change"]["at"], T0 + 31 * DAY);
+    assert_eq!(e["next_change"]["value"], false);
+
+    let e = s.get("/v1/customers/c1/explain/viewed_seafood").json();
+    assert_eq!(
+        (e["kind"].as_str(), &e["value"]),
+        (Some("event_tag"), &true.into())
+    );
+    assert_eq!(e["explain"]["window"]["where"], "category == \"seafood\"");
+    assert_eq!(e["explain"]["window"]["from_exclusive"], now - 7 * DAY);
+    assert_eq!(e["next_change"]["at"], T0 + 8 * DAY);
+
+    let e = s.get("/v1/customers/c1/explain/lead_waiting").json();
+    assert_eq!(e["value"], false);
+    assert_eq!(
+        e["explain"]["children"][0]["children"][0]["value"], 0,
+        "since is 0 ms"
+    );
+    assert_eq!(e["next_change"]["at"], now + 45 * 60_000 + 1);
+    assert_eq!(e["next_change"]["value"], true);
+
+    // A trait: its value, no membership, and its next value.
+    let e = s.get("/v1/customers/c1/explain/spend_30d").json();
+    assert_eq!((e["kind"].as_str(), &e["value"]), (Some("trait"), &2500.into()));
+    assert!(e["membership"].is_null());
+    assert_eq!(e["next_change"]["at"], T0 + 30 * DAY);
+    assert_eq!(e["next_change"]["value"], 2200);
+
+    // Move the clock: the explanation follows.
+    s.send("POST", "/v1/clock", &format!(r#"{{"now":{}}}"#, T0 + 31 * DAY));
+    let e = s.get("/v1/customers/c1/explain/big_spender").json();
+    assert_eq!(e["value"], false);
+    assert!(e["membership"].is_null());
+
+    // Manual tags: explained by their expiry.
+    assert_eq!(
+        s.send("PUT", "/v1/customers/c1/tags/vip", r#"{"ttl":"1d"}"#)
+            .status,
+        200
+    );
+    let e = s.get("/v1/customers/c1/explain/vip").json();
+    assert_eq!(
+        (e["kind"].as_str(), &e["value"]),
+        (Some("manual_tag"), &true.into())
+    );
+    assert_eq!(e["manual"]["expires_at"], T0 + 32 * DAY);
+    assert_eq!(e["next_change"]["at"], T0 + 32 * DAY);
+    assert!(e["explain"].is_null());
+
+    // Normalised ids; unknown customers and names are 404 with a reason.
+    assert_eq!(s.get("/v1/customers/%E2%80%8Bc1/explain/vip").status, 200);
+    let r = s.get("/v1/customers/nobody/explain/big_spender");
+    assert_eq!(r.status, 404);
+    assert!(r.text().contains("nobody"));
+    let r = s.get("/v1/customers/c1/explain/big_spendr");
+    assert_eq!(r.status, 404);
+    assert!(r.text().contains("big_spendr"), "{}", r.text());
 }
