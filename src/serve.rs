@@ -91,14 +91,9 @@ pub fn demo_generator(handle: EngineHandle, stopping: Arc<AtomicBool>, rate: u32
                         bench::loadgen::event_line(i, &customer, now, &mut rng).into_bytes()
                     })
                     .collect();
-                let result = runtime.block_on(handle.call(move |engine| {
-                    let started = std::time::Instant::now();
-                    let outcome = engine.ingest(&events);
-                    if let Ok(o) = &outcome {
-                        query_api::metrics::record_ingest(o, started.elapsed());
-                    }
-                    outcome
-                }));
+                let result = runtime.block_on(
+                    handle.call(move |engine| query_api::metrics::ingest_measured(engine, &events, started)),
+                );
                 if let Err(e) = result {
                     tracing::warn!(error = %e, "demo generator could not ingest; stopping");
                     return;

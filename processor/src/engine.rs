@@ -110,6 +110,21 @@ pub struct CustomerView {
     pub profile: BTreeMap<Arc<str>, Value>,
 }
 
+/// Timers fired since [`Engine::take_fired_timers`] last ran.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FiredTimers {
+    pub count: u64,
+    /// Wall clock mode: the due instants of the first [`FiredTimers::MAX_DUE`] of them, for
+    /// the caller to compare with the wall clock after the commit (lateness). Empty in event
+    /// clock mode, where timers fire at their exact instant.
+    pub due: Vec<i64>,
+}
+
+impl FiredTimers {
+    /// Bounds the memory of a caller that never takes them (a file replay).
+    pub const MAX_DUE: usize = 65_536;
+}
+
 /// Progress of the re-evaluation that follows a rule change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct BackfillProgress {
@@ -250,6 +265,8 @@ pub struct Engine {
     config: EngineConfig,
     counters: Counters,
     timers: BTreeSet<(i64, Arc<str>)>,
+    /// Timers fired since [`Engine::take_fired_timers`] last ran.
+    fired: FiredTimers,
     cache: HashMap<Arc<str>, CustomerState>,
     /// Batches committed since open; the cache's clock for eviction.
     batches: u64,
@@ -326,6 +343,7 @@ impl Engine {
             config,
             counters,
             timers,
+            fired: FiredTimers::default(),
             cache: HashMap::new(),
             batches: 0,
             backfill_cursor,
@@ -360,9 +378,20 @@ impl Engine {
         }
     }
 
+    /// The wall clock in ms, in wall clock mode (`None` in event clock mode, where time is
+    /// what the events and `advance_clock` say).
+    pub fn wall_clock_ms(&self) -> Option<i64> {
+        (self.config.clock == ClockMode::Wall).then(wall_ms)
+    }
+
     /// The event clock, if known.
     pub fn clock(&self) -> Option<i64> {
         self.counters.clock
+    }
+
+    /// The timers fired since the last call, for metrics.
+    pub fn take_fired_timers(&mut self) -> FiredTimers {
+        std::mem::take(&mut self.fired)
     }
 
     pub fn pending_timers(&self) -> usize {
@@ -663,6 +692,10 @@ impl Engine {
                 break;
             }
             self.timers.remove(&(due, customer.clone()));
+            self.fired.count += 1;
+            if self.config.clock == ClockMode::Wall && self.fired.due.len() < FiredTimers::MAX_DUE {
+                self.fired.due.push(due);
+            }
             batch
                 .wb
                 .delete_cf(self.store.cf(CF_TIMERS), timer_key(due, &customer));
@@ -946,6 +979,8 @@ impl Engine {
     fn rollback(&mut self, saved: Counters) {
         self.counters = saved;
         self.cache.clear();
+        // Timers of the failed batch were not fired: they are pending again (reloaded below).
+        self.fired = FiredTimers::default();
         self.timers = self
             .store
             .timers()

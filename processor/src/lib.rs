@@ -45,8 +45,8 @@ pub mod window;
 pub use change::{Cause, Change, MemberKind, Op};
 pub use engine::{
     BackfillProgress, ClockMode, CustomerView, DeadLetter, Engine, EngineConfig, EngineError, Explained,
-    Explanation, ExportField, IngestError, IngestOutcome, MemberRow, MembersPage, NextChange, Preview,
-    PreviewCounts, QueryError, QueryPage,
+    Explanation, ExportField, FiredTimers, IngestError, IngestOutcome, MemberRow, MembersPage, NextChange,
+    Preview, PreviewCounts, QueryError, QueryPage,
 };
 pub use event::{parse_event, EventLimits, Rejection, ValidEvent};
 pub use state::Membership;

@@ -386,16 +386,39 @@ impl Store {
     pub fn cf_sizes(&self) -> Vec<(&'static str, u64)> {
         ALL_CFS
             .iter()
-            .map(|cf| {
-                let bytes = self
-                    .db
-                    .property_int_value_cf(self.cf(cf), "rocksdb.total-sst-files-size")
-                    .ok()
-                    .flatten()
-                    .unwrap_or(0);
-                (*cf, bytes)
-            })
+            .map(|cf| (*cf, self.int_property(cf, "rocksdb.total-sst-files-size")))
             .collect()
+    }
+
+    /// An integer RocksDB property of one column family (0 when RocksDB has none).
+    fn int_property(&self, cf: &str, name: &str) -> u64 {
+        self.db
+            .property_int_value_cf(self.cf(cf), name)
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    }
+
+    /// An integer RocksDB property summed over every column family.
+    fn int_property_sum(&self, name: &str) -> u64 {
+        ALL_CFS.iter().map(|cf| self.int_property(cf, name)).sum()
+    }
+
+    /// Bytes compaction still has to rewrite to bring every level under its target: the
+    /// backlog that grows when writes outpace compaction (and ends in write stalls).
+    pub fn pending_compaction_bytes(&self) -> u64 {
+        self.int_property_sum("rocksdb.estimate-pending-compaction-bytes")
+    }
+
+    /// Compactions running now, over every column family.
+    pub fn running_compactions(&self) -> u64 {
+        // A DB-wide property: reading it through any one column family gives the total.
+        self.int_property(ALL_CFS[0], "rocksdb.num-running-compactions")
+    }
+
+    /// Bytes in memtables (active and immutable, not yet flushed), over every column family.
+    pub fn memtable_bytes(&self) -> u64 {
+        self.int_property_sum("rocksdb.cur-size-all-mem-tables")
     }
 
     /// RocksDB's estimate of the number of keys in a column family (cheap).

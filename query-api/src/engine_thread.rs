@@ -63,6 +63,7 @@ impl EngineHandle {
                             Ok(changes) => m::record_changes(&changes, "timer"),
                             Err(e) => tracing::error!(error = %e, "firing timers failed; will retry"),
                         }
+                        m::record_timers(&engine.take_fired_timers(), engine.wall_clock_ms());
                     }
                     if engine.backfill_pending() {
                         if let Err(e) = engine.backfill_step(config.backfill_step) {

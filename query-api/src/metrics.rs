@@ -9,7 +9,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use processor::{Change, Engine, IngestOutcome, MemberKind};
+use processor::{Change, Engine, EngineError, FiredTimers, IngestOutcome, MemberKind};
 
 /// The process-wide Prometheus recorder (installed once; every router shares it).
 pub fn prometheus() -> PrometheusHandle {
@@ -29,14 +29,48 @@ pub fn prometheus() -> PrometheusHandle {
         .clone()
 }
 
-pub fn record_ingest(outcome: &IngestOutcome, elapsed: Duration) {
+/// Ingests a batch on the engine thread and records what it did: events by result,
+/// apply latency, event-to-change latency from `received` (when the batch arrived, so
+/// queueing and parsing count) once per change, and the timers the batch fired.
+pub fn ingest_measured<B: AsRef<[u8]>>(
+    engine: &mut Engine,
+    events: &[B],
+    received: Instant,
+) -> Result<IngestOutcome, EngineError> {
+    let started = Instant::now();
+    let outcome = engine.ingest(events);
+    if let Ok(o) = &outcome {
+        record_ingest(o, started.elapsed(), received);
+    }
+    record_timers(&engine.take_fired_timers(), engine.wall_clock_ms());
+    outcome
+}
+
+fn record_ingest(outcome: &IngestOutcome, elapsed: Duration, received: Instant) {
     counter!("tagstream_events_total", "result" => "accepted").increment(outcome.accepted as u64);
     counter!("tagstream_events_total", "result" => "duplicate").increment(outcome.duplicates as u64);
     for e in &outcome.errors {
         counter!("tagstream_events_rejected_total", "reason" => reason_class(&e.reason)).increment(1);
     }
     histogram!("tagstream_batch_apply_seconds").record(elapsed.as_secs_f64());
+    if !outcome.changes.is_empty() {
+        histogram!("tagstream_event_to_change_seconds")
+            .record_many(received.elapsed().as_secs_f64(), outcome.changes.len());
+    }
     record_changes(&outcome.changes, "event");
+}
+
+/// Timers fired by one commit. In wall clock mode lateness is the wall clock at commit minus
+/// each timer's due instant (the contract allows one second); in event clock mode timers fire
+/// at their exact instant and lateness is not recorded.
+pub fn record_timers(fired: &FiredTimers, committed_at_wall_ms: Option<i64>) {
+    counter!("tagstream_timers_fired_total").increment(fired.count);
+    if let Some(wall) = committed_at_wall_ms {
+        let lateness = histogram!("tagstream_timer_lateness_seconds");
+        for due in &fired.due {
+            lateness.record((wall - due).max(0) as f64 / 1000.0);
+        }
+    }
 }
 
 /// Rejection reasons with their variable parts removed, so labels stay few.
@@ -77,7 +111,11 @@ pub fn engine_gauges(engine: &Engine) {
 }
 
 pub fn store_gauges(engine: &Engine) {
-    gauge!("tagstream_rocksdb_sst_bytes").set(engine.store().approximate_size() as f64);
+    let store = engine.store();
+    gauge!("tagstream_rocksdb_sst_bytes").set(store.approximate_size() as f64);
+    gauge!("tagstream_rocksdb_pending_compaction_bytes").set(store.pending_compaction_bytes() as f64);
+    gauge!("tagstream_rocksdb_running_compactions").set(store.running_compactions() as f64);
+    gauge!("tagstream_rocksdb_memtable_bytes").set(store.memtable_bytes() as f64);
 }
 
 /// Counts HTTP requests by route template and status, with durations.

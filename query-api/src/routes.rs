@@ -53,16 +53,10 @@ pub async fn ingest(
             "the body holds no events (send NDJSON or a JSON array)".into(),
         ));
     }
+    let received = Instant::now();
     let outcome = app
         .engine
-        .call(move |engine| {
-            let started = Instant::now();
-            let outcome = engine.ingest(&events);
-            if let Ok(o) = &outcome {
-                m::record_ingest(o, started.elapsed());
-            }
-            outcome
-        })
+        .call(move |engine| m::ingest_measured(engine, &events, received))
         .await??;
     Ok(Json(json!({
         "accepted": outcome.accepted,
@@ -91,6 +85,7 @@ pub async fn set_clock(
             if let Ok(c) = &changes {
                 m::record_changes(c, "timer");
             }
+            m::record_timers(&engine.take_fired_timers(), None);
             changes
         })
         .await??;

@@ -24,14 +24,9 @@ impl Server {
             .arg(dir.path().join("data"))
             .arg("--rules")
             .arg(&rules_path)
-            .args([
-                "--clock",
-                "event",
-                "--listen",
-                "127.0.0.1:0",
-                "--sync-writes",
-                "false",
-            ])
+            .args(["--listen", "127.0.0.1:0", "--sync-writes", "false"])
+            // The event clock unless the test chooses.
+            .args(if extra.contains(&"--clock") { &[][..] } else { &["--clock", "event"][..] })
             .args(extra)
             .env("TAGSTREAM_LOG", "warn")
             .stdout(Stdio::piped())
@@ -746,4 +741,55 @@ fn explain_shows_every_sub_expression_its_window_and_the_next_change_by_time() {
     let r = s.get("/v1/customers/c1/explain/big_spendr");
     assert_eq!(r.status, 404);
     assert!(r.text().contains("big_spendr"), "{}", r.text());
+}
+
+/// The value of an unlabelled Prometheus sample, e.g. `tagstream_timers_fired_total 3`.
+fn sample(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[test]
+fn metrics_report_event_to_change_latency_timers_and_compaction() {
+    let s = Server::start("tag pinged = count(ping, 2s) >= 1", &["--clock", "wall"]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let r = s.send(
+        "POST",
+        "/v1/events",
+        &format!(r#"{{"customer_id":"c1","type":"ping","ts":{}}}"#, now - 1500),
+    );
+    assert_eq!(r.json()["accepted"], 1, "{}", r.text());
+    // The ping leaves its 2 s window about 0.5 s from now; the wall clock fires the timer.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let metrics = loop {
+        let m = s.get("/metrics").text();
+        if sample(&m, "tagstream_timers_fired_total").unwrap_or(0.0) >= 1.0 {
+            break m;
+        }
+        assert!(std::time::Instant::now() < deadline, "no timer fired:\n{m}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(s.get("/v1/customers/c1").json()["tags"]["pinged"].is_null());
+    assert_eq!(sample(&metrics, "tagstream_timer_lateness_seconds_count"), Some(1.0));
+    let lateness = sample(&metrics, "tagstream_timer_lateness_seconds_sum").unwrap();
+    assert!((0.0..1.0).contains(&lateness), "the contract's one second: {lateness}");
+    // One change (the tag added) caused by the event.
+    assert_eq!(sample(&metrics, "tagstream_event_to_change_seconds_count"), Some(1.0));
+    assert_eq!(sample(&metrics, "tagstream_timers_pending"), Some(0.0));
+    for gauge in [
+        "tagstream_rocksdb_sst_bytes",
+        "tagstream_rocksdb_pending_compaction_bytes",
+        "tagstream_rocksdb_running_compactions",
+        "tagstream_rocksdb_memtable_bytes",
+    ] {
+        assert!(sample(&metrics, gauge).is_some(), "{gauge} missing:\n{metrics}");
+    }
+    assert!(
+        metrics.contains(r#"tagstream_changes_total{kind="tag",cause="timer"} 1"#),
+        "{metrics}"
+    );
 }
