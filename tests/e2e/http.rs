@@ -26,7 +26,11 @@ impl Server {
             .arg(&rules_path)
             .args(["--listen", "127.0.0.1:0", "--sync-writes", "false"])
             // The event clock unless the test chooses.
-            .args(if extra.contains(&"--clock") { &[][..] } else { &["--clock", "event"][..] })
+            .args(if extra.contains(&"--clock") {
+                &[][..]
+            } else {
+                &["--clock", "event"][..]
+            })
             .args(extra)
             .env("TAGSTREAM_LOG", "warn")
             .stdout(Stdio::piped())
@@ -774,11 +778,20 @@ fn metrics_report_event_to_change_latency_timers_and_compaction() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     };
     assert!(s.get("/v1/customers/c1").json()["tags"]["pinged"].is_null());
-    assert_eq!(sample(&metrics, "tagstream_timer_lateness_seconds_count"), Some(1.0));
+    assert_eq!(
+        sample(&metrics, "tagstream_timer_lateness_seconds_count"),
+        Some(1.0)
+    );
     let lateness = sample(&metrics, "tagstream_timer_lateness_seconds_sum").unwrap();
-    assert!((0.0..1.0).contains(&lateness), "the contract's one second: {lateness}");
+    assert!(
+        (0.0..1.0).contains(&lateness),
+        "the contract's one second: {lateness}"
+    );
     // One change (the tag added) caused by the event.
-    assert_eq!(sample(&metrics, "tagstream_event_to_change_seconds_count"), Some(1.0));
+    assert_eq!(
+        sample(&metrics, "tagstream_event_to_change_seconds_count"),
+        Some(1.0)
+    );
     assert_eq!(sample(&metrics, "tagstream_timers_pending"), Some(0.0));
     for gauge in [
         "tagstream_rocksdb_sst_bytes",
