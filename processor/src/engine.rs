@@ -7,8 +7,12 @@
 //! earliest instant at which time alone could change one of their tags.
 
 mod explain;
+mod read;
 
 pub use explain::{Explained, Explanation, NextChange};
+pub use read::ReadHandle;
+
+use read::Published;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
@@ -259,8 +263,10 @@ const META_BACKFILL: &str = "backfill_cursor";
 const META_OFFSET_PREFIX: &str = "offset:";
 
 pub struct Engine {
-    store: Store,
+    store: Arc<Store>,
     rules: Arc<CompiledRules>,
+    /// The rule set and clock as of the last commit, for [`ReadHandle`]s on other threads.
+    published: Arc<Published>,
     generation: u64,
     config: EngineConfig,
     counters: Counters,
@@ -297,6 +303,46 @@ fn match_history(spec: &rules::EventTagSpec, state: &CustomerState, now: i64) ->
         }
     }
     tag
+}
+
+/// The customer as `GET /v1/customers/{id}` shows them: memberships as stored, traits
+/// evaluated at `now`.
+fn customer_view(
+    rules: &CompiledRules,
+    customer_id: String,
+    state: &mut CustomerState,
+    now: i64,
+    retention_ms: i64,
+) -> CustomerView {
+    state.advance_windows(rules, now, retention_ms);
+    let facts = EngineFacts::new(rules, state, now, retention_ms);
+    let mut view = CustomerView {
+        customer_id,
+        tags: BTreeMap::new(),
+        segments: BTreeMap::new(),
+        traits: BTreeMap::new(),
+        profile: BTreeMap::new(),
+    };
+    for (name, m) in &state.members {
+        let is_segment = rules
+            .lookup(name)
+            .is_some_and(|id| rules.def(id).kind == DefKind::Segment);
+        let target = if is_segment {
+            &mut view.segments
+        } else {
+            &mut view.tags
+        };
+        target.insert(name.clone(), m.clone());
+    }
+    for def in rules.defs().iter().filter(|d| d.kind == DefKind::Trait) {
+        view.traits.insert(def.name.clone(), facts.definition(def.id));
+    }
+    for (name, entry) in &state.history.profile {
+        if let Some(v) = &entry.value {
+            view.profile.insert(name.clone(), v.clone());
+        }
+    }
+    view
 }
 
 fn positions(rules: &CompiledRules) -> Vec<usize> {
@@ -337,7 +383,8 @@ impl Engine {
         let timers = store.timers()?.into_iter().collect();
         let order_pos = positions(&rules);
         let mut engine = Engine {
-            store,
+            store: Arc::new(store),
+            published: Arc::new(Published::new(rules.clone(), counters.clock)),
             rules,
             generation,
             config,
@@ -953,6 +1000,7 @@ impl Engine {
         if self.config.clock == ClockMode::Wall || self.counters.clock.is_some() {
             self.store.set_clock(self.now());
         }
+        self.published.set_clock(self.counters.clock);
         self.batches += 1;
         self.evict();
         Ok(batch.changes)
@@ -995,6 +1043,7 @@ impl Engine {
         let compiled = CompiledRules::compile(text).map_err(EngineError::Rules)?;
         self.generation += 1;
         self.rules = Arc::new(compiled);
+        self.published.set_rules(self.rules.clone());
         self.order_pos = positions(&self.rules);
         self.backfill_cursor = Some(Vec::new());
         self.backfill_done = 0;
@@ -1182,37 +1231,13 @@ impl Engine {
         let Some(mut state) = self.read_customer(&id)? else {
             return Ok(None);
         };
-        let now = self.now();
-        state.advance_windows(&self.rules, now, self.config.retention_ms);
-        let facts = EngineFacts::new(&self.rules, &state, now, self.config.retention_ms);
-        let mut view = CustomerView {
-            customer_id: id,
-            tags: BTreeMap::new(),
-            segments: BTreeMap::new(),
-            traits: BTreeMap::new(),
-            profile: BTreeMap::new(),
-        };
-        for (name, m) in &state.members {
-            let is_segment = self
-                .rules
-                .lookup(name)
-                .is_some_and(|id| self.rules.def(id).kind == DefKind::Segment);
-            let target = if is_segment {
-                &mut view.segments
-            } else {
-                &mut view.tags
-            };
-            target.insert(name.clone(), m.clone());
-        }
-        for def in self.rules.defs().iter().filter(|d| d.kind == DefKind::Trait) {
-            view.traits.insert(def.name.clone(), facts.definition(def.id));
-        }
-        for (name, entry) in &state.history.profile {
-            if let Some(v) = &entry.value {
-                view.profile.insert(name.clone(), v.clone());
-            }
-        }
-        Ok(Some(view))
+        Ok(Some(customer_view(
+            &self.rules,
+            id,
+            &mut state,
+            self.now(),
+            self.config.retention_ms,
+        )))
     }
 
     /// Every customer id, in key order.

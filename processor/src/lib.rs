@@ -46,7 +46,7 @@ pub use change::{Cause, Change, MemberKind, Op};
 pub use engine::{
     BackfillProgress, ClockMode, CustomerView, DeadLetter, Engine, EngineConfig, EngineError, Explained,
     Explanation, ExportField, FiredTimers, IngestError, IngestOutcome, MemberRow, MembersPage, NextChange,
-    Preview, PreviewCounts, QueryError, QueryPage,
+    Preview, PreviewCounts, QueryError, QueryPage, ReadHandle,
 };
 pub use event::{parse_event, EventLimits, Rejection, ValidEvent};
 pub use state::Membership;

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use rocksdb::compaction_filter::Decision;
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction,
-    IteratorMode, Options, WriteBatch, WriteOptions, DB,
+    IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions, DB,
 };
 use rules::{Event, Props};
 
@@ -249,12 +249,34 @@ impl Store {
 
     /// Loads a customer's record and retained events.
     pub fn load_customer(&self, customer: &str) -> Result<Option<CustomerState>, StoreError> {
-        let Some(bytes) = self.get(CF_CUSTOMERS, customer.as_bytes())? else {
+        self.load_customer_with(customer, ReadOptions::default)
+    }
+
+    /// Like [`Store::load_customer`] for readers on other threads than the writer: the record
+    /// and the events come from one snapshot, so they always belong to the same commit.
+    pub fn load_customer_consistent(&self, customer: &str) -> Result<Option<CustomerState>, StoreError> {
+        let snapshot = self.db.snapshot();
+        self.load_customer_with(customer, || {
+            let mut opts = ReadOptions::default();
+            opts.set_snapshot(&snapshot);
+            opts
+        })
+    }
+
+    fn load_customer_with(
+        &self,
+        customer: &str,
+        read_options: impl Fn() -> ReadOptions,
+    ) -> Result<Option<CustomerState>, StoreError> {
+        let Some(bytes) =
+            self.db
+                .get_pinned_cf_opt(self.cf(CF_CUSTOMERS), customer.as_bytes(), &read_options())?
+        else {
             return Ok(None);
         };
         let mut state = CustomerState::decode(&bytes)?;
         state.history.events = self
-            .customer_events(customer)?
+            .events_with(customer, read_options())?
             .into_iter()
             .map(|e| e.event)
             .collect();
@@ -263,10 +285,15 @@ impl Store {
 
     /// A customer's retained events in `ts` order.
     pub fn customer_events(&self, customer: &str) -> Result<Vec<StoredEvent>, StoreError> {
+        self.events_with(customer, ReadOptions::default())
+    }
+
+    fn events_with(&self, customer: &str, read_options: ReadOptions) -> Result<Vec<StoredEvent>, StoreError> {
         let prefix = event_prefix(customer);
         let mut events = Vec::new();
-        let iter = self.db.iterator_cf(
+        let iter = self.db.iterator_cf_opt(
             self.cf(CF_EVENTS),
+            read_options,
             IteratorMode::From(&prefix, Direction::Forward),
         );
         for item in iter {

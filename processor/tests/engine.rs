@@ -328,3 +328,60 @@ fn events_older_than_the_retention_leave_lifetime_windows() {
     let events = engine.store().customer_events("c1").unwrap();
     assert_eq!(events.len(), 1, "the payment was pruned from the stored history");
 }
+
+#[test]
+fn lookups_off_the_engine_thread_see_whole_commits_and_follow_rules_and_clock() {
+    let dir = TempDir::new("engine-reader");
+    let rules = "trait n = count(ping, lifetime)\ntag pinged = count(ping, 1d) >= 1";
+    let mut engine = Engine::open(dir.path(), Some(rules), event_config()).unwrap();
+    let reader = engine.reader();
+    assert_eq!(reader.customer("c1").unwrap(), None);
+    assert_eq!(reader.now(), 0);
+
+    // Each event sets the profile (the customer record) and adds to the history (the events
+    // column family): a lookup must never see one commit's record with another's events.
+    const EVENTS: i64 = 300;
+    let writer = std::thread::spawn(move || {
+        for i in 1..=EVENTS {
+            let e = ev(
+                &format!("e{i}"),
+                "c1",
+                "ping",
+                T0 + i,
+                &format!(r#","profile":{{"i":{i}}}"#),
+            );
+            engine.ingest(&[e]).unwrap();
+        }
+        engine
+    });
+    let mut last = 0;
+    while last < EVENTS {
+        let Some(view) = reader.customer("c1").unwrap() else {
+            continue;
+        };
+        let n = view.traits["n"].as_num().unwrap();
+        assert_eq!(
+            Some(n),
+            view.profile["i"].as_num(),
+            "record and events of one commit"
+        );
+        let n: i64 = n.try_into().unwrap();
+        assert!(n >= last, "lookups never go back in time");
+        last = n;
+    }
+    let mut engine = writer.join().unwrap();
+    assert_eq!(reader.customer("c1").unwrap(), engine.customer("c1").unwrap());
+    assert_eq!(reader.now(), T0 + EVENTS);
+
+    // The clock and the rule set the engine publishes are the ones lookups use.
+    engine.advance_clock(T0 + 2 * DAY).unwrap();
+    let view = reader.customer("c1").unwrap().unwrap();
+    assert!(!view.tags.contains_key("pinged"));
+    engine
+        .replace_rules("trait n = count(ping, lifetime) * 2")
+        .unwrap();
+    let view = reader.customer("c1").unwrap().unwrap();
+    assert_eq!(view.traits["n"].as_num(), Some((2 * EVENTS).into()));
+    // Normalised ids, as everywhere.
+    assert!(reader.customer("ｃ1\u{200b}").unwrap().is_some());
+}

@@ -7,7 +7,7 @@ use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender, TrySendError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use processor::{ClockMode, Engine};
+use processor::{ClockMode, Engine, ReadHandle};
 
 use crate::error::ApiError;
 use crate::metrics as m;
@@ -18,6 +18,7 @@ type Job = Box<dyn FnOnce(&mut Engine) + Send>;
 #[derive(Clone)]
 pub struct EngineHandle {
     jobs: SyncSender<Job>,
+    reader: ReadHandle,
 }
 
 /// How the engine thread paces its background work.
@@ -46,6 +47,7 @@ impl EngineHandle {
     /// are done.
     pub fn spawn(mut engine: Engine, config: EngineThreadConfig) -> (EngineHandle, JoinHandle<()>) {
         let (jobs, queue) = sync_channel::<Job>(config.queue);
+        let reader = engine.reader();
         let thread = std::thread::Builder::new()
             .name("tagstream-engine".into())
             .spawn(move || {
@@ -77,7 +79,13 @@ impl EngineHandle {
                 }
             })
             .expect("spawn the engine thread");
-        (EngineHandle { jobs }, thread)
+        (EngineHandle { jobs, reader }, thread)
+    }
+
+    /// Lookups that run on the caller's thread, as of the last commit, without queueing
+    /// behind ingest batches.
+    pub fn reader(&self) -> &ReadHandle {
+        &self.reader
     }
 
     /// Runs `f` on the engine thread and returns its result.

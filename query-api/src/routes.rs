@@ -190,8 +190,8 @@ fn customer_dto(view: &CustomerView) -> CustomerDto<'_> {
 }
 
 pub async fn get_customer(State(app): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let lookup = id.clone();
-    let view = app.engine.call(move |engine| engine.customer(&lookup)).await??;
+    // A point read served here, not on the engine thread: lookups never wait for a batch.
+    let view = app.engine.reader().customer(&id)?;
     match view {
         Some(v) => Ok(Json(customer_dto(&v)).into_response()),
         None => Err(ApiError::NotFound(format!("no customer `{id}`"))),
