@@ -26,7 +26,7 @@ pub fn serve(
             .with_context(|| format!("binding {listen}"))?;
         let bound = listener.local_addr()?;
         tracing::info!(%bound, "serving");
-        println!("tagstream listening on http://{bound}");
+        announce(&format!("tagstream listening on http://{bound}"));
         on_ready(bound, handle.clone(), stopping.clone());
         let app = router(AppState::new(handle, api));
         let served = axum::serve(listener, app)
@@ -42,8 +42,17 @@ pub fn serve(
     engine_thread
         .join()
         .map_err(|_| anyhow::anyhow!("the engine thread panicked"))?;
-    println!("tagstream stopped cleanly");
+    tracing::info!("stopped cleanly");
+    announce("tagstream stopped cleanly");
     Ok(())
+}
+
+/// A line on stdout for whoever started us. Never fails: by shutdown the reader of a pipe
+/// may be gone, and a closed stdout must not turn a clean stop into a panic.
+fn announce(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}").and_then(|()| out.flush());
 }
 
 async fn shutdown_signal() {

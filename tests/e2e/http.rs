@@ -15,7 +15,11 @@ struct Server {
 
 impl Server {
     fn start(rules: &str, extra: &[&str]) -> Server {
-        let dir = TempDir::new("http");
+        Server::start_in(TempDir::new("http"), rules, extra)
+    }
+
+    /// Starts on an existing directory (its `data` store is reused: a restart).
+    fn start_in(dir: TempDir, rules: &str, extra: &[&str]) -> Server {
         let rules_path = dir.path().join("rules.trl");
         std::fs::write(&rules_path, rules).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_tagstream"))
@@ -166,27 +170,78 @@ fn ingest_move_the_clock_and_read_everything_back() {
     assert_eq!(dlq["dead_letters"][0]["raw"], "not json");
 }
 
-#[test]
-fn every_bad_request_gets_a_json_error_with_the_right_status() {
+/// A server with a small request limit for the bad-request tests, holding one accepted
+/// event that no bad request may lose.
+fn bad_request_server() -> Server {
     let s = Server::start(
         "tag big = sum(payment.amount, 30d) >= 100",
         &["--max-request-bytes", "2048"],
     );
-    let check = |r: tests::http::Response, status: u16, needle: &str| {
-        assert_eq!(r.status, status, "{}", r.text());
-        let error = r.json()["error"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no error field: {}", r.text()))
-            .to_owned();
-        assert!(error.contains(needle), "{error:?} lacks {needle:?}");
-    };
+    let ok = s.send(
+        "POST",
+        "/v1/events",
+        &format!(r#"{{"customer_id":"c1","type":"payment","ts":{T0},"props":{{"amount":150}}}}"#),
+    );
+    assert_eq!(ok.json()["accepted"], 1);
+    s
+}
+
+/// Asserts a JSON error with `status` whose message contains `needle`.
+fn check(r: tests::http::Response, status: u16, needle: &str) {
+    assert_eq!(r.status, status, "{}", r.text());
+    let error = r.json()["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error field: {}", r.text()))
+        .to_owned();
+    assert!(error.contains(needle), "{error:?} lacks {needle:?}");
+}
+
+/// After the bad requests: the accepted event is still there and the server still ingests.
+fn still_serving(s: &Server) {
+    assert_eq!(s.get("/v1/customers/c1").json()["tags"]["big"]["since"], T0);
+    let ok = s.send(
+        "POST",
+        "/v1/events",
+        &format!(r#"{{"customer_id":"c2","type":"payment","ts":{T0},"props":{{"amount":150}}}}"#),
+    );
+    assert_eq!(ok.json()["accepted"], 1);
+}
+
+#[test]
+fn malformed_json_is_400_with_its_position() {
+    let s = bad_request_server();
     check(s.send("POST", "/v1/clock", r#"{"now": 17"#), 400, "line 1 column");
     check(
         s.send("POST", "/v1/events", r#"[{"customer_id": "c1", "type": "view"}"#),
         400,
         "malformed JSON array",
     );
+    check(s.send("POST", "/v1/events", ""), 400, "no events");
+    check(s.get("/v1/changes?after=abc"), 400, "after");
+    check(
+        s.send("PUT", "/v1/customers/c1/tags/x", r#"{"ttl": "7 weeks"}"#),
+        400,
+        "ttl",
+    );
+    check(
+        s.get("/v1/segments/big/members?format=xml"),
+        400,
+        "unknown format",
+    );
+    still_serving(&s);
+}
+
+#[test]
+fn a_body_over_the_limit_is_413() {
+    let s = bad_request_server();
     check(s.send("POST", "/v1/events", &"x".repeat(4096)), 413, "2048 bytes");
+    check(s.send("PUT", "/v1/rules", &"#".repeat(4096)), 413, "2048 bytes");
+    still_serving(&s);
+}
+
+#[test]
+fn unknown_fields_are_400_naming_the_field() {
+    let s = bad_request_server();
     check(
         s.send("POST", "/v1/clock", r#"{"now": 17, "later": true}"#),
         400,
@@ -197,9 +252,21 @@ fn every_bad_request_gets_a_json_error_with_the_right_status() {
         400,
         "unknown field",
     );
+    still_serving(&s);
+}
+
+#[test]
+fn unknown_routes_and_names_are_404_json_and_wrong_methods_405() {
+    let s = bad_request_server();
     check(s.get("/v1/nothing/here"), 404, "no route");
+    check(s.get("/v1/segments/nope/members"), 404, "no tag or segment");
     check(s.send("DELETE", "/v1/changes", ""), 405, "not allowed");
-    check(s.get("/v1/changes?after=abc"), 400, "after");
+    still_serving(&s);
+}
+
+#[test]
+fn a_rule_set_with_errors_is_422_with_every_diagnostic_and_the_old_rules_stay() {
+    let s = bad_request_server();
     check(
         s.send("PUT", "/v1/rules", "tag a = count(view) >= 1\ntag b = nope"),
         422,
@@ -225,9 +292,15 @@ fn every_bad_request_gets_a_json_error_with_the_right_status() {
         422,
         "error",
     );
+    still_serving(&s);
+}
+
+#[test]
+fn conflicts_are_409() {
+    let s = bad_request_server();
     check(
-        s.send("POST", "/v1/clock", &format!(r#"{{"now": {T0}}}"#))
-            .and_back(&s, T0 - 1),
+        s.send("POST", "/v1/clock", &format!(r#"{{"now": {}}}"#, T0 + 1))
+            .and_back(&s, T0),
         409,
         "backwards",
     );
@@ -236,25 +309,7 @@ fn every_bad_request_gets_a_json_error_with_the_right_status() {
         409,
         "condition tag",
     );
-    check(
-        s.send("PUT", "/v1/customers/c1/tags/x", r#"{"ttl": "7 weeks"}"#),
-        400,
-        "ttl",
-    );
-    check(s.get("/v1/segments/nope/members"), 404, "no tag or segment");
-    check(
-        s.get("/v1/segments/big/members?format=xml"),
-        400,
-        "unknown format",
-    );
-    check(s.send("POST", "/v1/events", ""), 400, "no events");
-    // After all that, the server still ingests.
-    let ok = s.send(
-        "POST",
-        "/v1/events",
-        &format!(r#"{{"customer_id":"c1","type":"payment","ts":{T0},"props":{{"amount":150}}}}"#),
-    );
-    assert_eq!(ok.json()["accepted"], 1);
+    still_serving(&s);
 }
 
 trait AndBack {
@@ -805,4 +860,40 @@ fn metrics_report_event_to_change_latency_timers_and_compaction() {
         metrics.contains(r#"tagstream_changes_total{kind="tag",cause="timer"} 1"#),
         "{metrics}"
     );
+}
+
+#[test]
+fn sigterm_finishes_the_work_in_flight_and_exits_zero() {
+    let mut s = Server::start("tag big = sum(payment.amount, 30d) >= 100", &[]);
+    let body: String = (0..2000)
+        .map(|i| {
+            format!(
+                r#"{{"event_id":"e{i}","customer_id":"c{}","type":"payment","ts":{},"props":{{"amount":60}}}}"#,
+                i % 100,
+                T0 + i
+            ) + "\n"
+        })
+        .collect();
+    assert_eq!(s.send("POST", "/v1/events", &body).json()["accepted"], 2000);
+    let status = Command::new("kill")
+        .args(["-TERM", &s.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let exit = loop {
+        if let Some(exit) = s.child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(std::time::Instant::now() < deadline, "no exit 20 s after SIGTERM");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(exit.success(), "exit status {exit:?}");
+    // Everything accepted is there after a restart on the same store.
+    let dir = std::mem::replace(&mut s._dir, TempDir::new("http-moved"));
+    let again = Server::start_in(dir, "tag big = sum(payment.amount, 30d) >= 100", &[]);
+    let c = again.get("/v1/customers/c7").json();
+    assert_eq!(c["tags"]["big"]["since"], T0 + 107);
+    let changes = again.get("/v1/changes?after=0&limit=1000").json();
+    assert_eq!(changes["changes"].as_array().unwrap().len(), 100);
 }
