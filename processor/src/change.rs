@@ -20,7 +20,7 @@ impl MemberKind {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Op {
     Add,
     Remove,
@@ -37,6 +37,16 @@ pub enum Cause {
 }
 
 impl Cause {
+    /// The kind of cause, without the event id: a metrics label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Cause::Event(_) => "event",
+            Cause::Timer => "timer",
+            Cause::RuleChange => "rule_change",
+            Cause::Manual => "manual",
+        }
+    }
+
     pub fn as_string(&self) -> String {
         match self {
             Cause::Event(Some(id)) => format!("event:{id}"),

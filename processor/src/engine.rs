@@ -1003,7 +1003,34 @@ impl Engine {
         self.published.set_clock(self.counters.clock);
         self.batches += 1;
         self.evict();
+        self.count_changes(&batch.changes);
         Ok(batch.changes)
+    }
+
+    /// `tagstream_changes_total{kind,cause,definition,op}`, counted per commit. Names the
+    /// rules do not define (tags set by hand, any string a client chose) share the label
+    /// `(manual)`, so the label set stays as small as the rule set.
+    fn count_changes(&self, changes: &[Change]) {
+        let mut counts: HashMap<(MemberKind, &'static str, Option<DefId>, Op), u64> = HashMap::new();
+        for c in changes {
+            *counts
+                .entry((c.kind, c.cause.label(), self.rules.lookup(&c.name), c.op))
+                .or_default() += 1;
+        }
+        for ((kind, cause, def, op), n) in counts {
+            let definition =
+                def.map_or_else(|| "(manual)".to_owned(), |id| self.rules.def(id).name.to_string());
+            let kind = match kind {
+                MemberKind::Tag => "tag",
+                MemberKind::Segment => "segment",
+            };
+            let op = match op {
+                Op::Add => "add",
+                Op::Remove => "remove",
+            };
+            metrics::counter!("tagstream_changes_total", "kind" => kind, "cause" => cause, "definition" => definition, "op" => op)
+                .increment(n);
+        }
     }
 
     /// Keeps the cache within its configured size: when it grows past it, the least

@@ -9,7 +9,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use processor::{Change, Engine, EngineError, FiredTimers, IngestOutcome, MemberKind};
+use processor::{Engine, EngineError, FiredTimers, IngestOutcome};
 
 /// The process-wide Prometheus recorder (installed once; every router shares it).
 pub fn prometheus() -> PrometheusHandle {
@@ -57,7 +57,6 @@ fn record_ingest(outcome: &IngestOutcome, elapsed: Duration, received: Instant) 
         histogram!("tagstream_event_to_change_seconds")
             .record_many(received.elapsed().as_secs_f64(), outcome.changes.len());
     }
-    record_changes(&outcome.changes, "event");
 }
 
 /// Timers fired by one commit. In wall clock mode lateness is the wall clock at commit minus
@@ -86,18 +85,6 @@ fn reason_class(reason: &str) -> &'static str {
         r if r.starts_with("nested deeper") => "too_deep",
         _ => "other",
     }
-}
-
-pub fn record_changes(changes: &[Change], cause: &'static str) {
-    let (mut tags, mut segments) = (0u64, 0u64);
-    for c in changes {
-        match c.kind {
-            MemberKind::Tag => tags += 1,
-            MemberKind::Segment => segments += 1,
-        }
-    }
-    counter!("tagstream_changes_total", "kind" => "tag", "cause" => cause).increment(tags);
-    counter!("tagstream_changes_total", "kind" => "segment", "cause" => cause).increment(segments);
 }
 
 pub fn engine_gauges(engine: &Engine) {

@@ -82,9 +82,6 @@ pub async fn set_clock(
         .engine
         .call(move |engine| {
             let changes = engine.advance_clock(now);
-            if let Ok(c) = &changes {
-                m::record_changes(c, "timer");
-            }
             m::record_timers(&engine.take_fired_timers(), None);
             changes
         })

@@ -856,10 +856,17 @@ fn metrics_report_event_to_change_latency_timers_and_compaction() {
     ] {
         assert!(sample(&metrics, gauge).is_some(), "{gauge} missing:\n{metrics}");
     }
-    assert!(
-        metrics.contains(r#"tagstream_changes_total{kind="tag",cause="timer"} 1"#),
-        "{metrics}"
-    );
+    // Changes by definition; names only set by hand share one label.
+    assert_eq!(s.send("PUT", "/v1/customers/c1/tags/vip-2026", "").status, 200);
+    let metrics = s.get("/metrics").text();
+    for line in [
+        r#"tagstream_changes_total{kind="tag",cause="event",definition="pinged",op="add"} 1"#,
+        r#"tagstream_changes_total{kind="tag",cause="timer",definition="pinged",op="remove"} 1"#,
+        r#"tagstream_changes_total{kind="tag",cause="manual",definition="(manual)",op="add"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} missing:\n{metrics}");
+    }
+    assert!(!metrics.contains("vip-2026"), "no client-chosen names as labels");
 }
 
 #[test]

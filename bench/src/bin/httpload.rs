@@ -46,7 +46,11 @@ fn parse_args() -> Result<Args, String> {
             continue;
         }
         let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
-        let number = || value.parse::<u64>().map_err(|_| format!("{flag}: not a number: {value}"));
+        let number = || {
+            value
+                .parse::<u64>()
+                .map_err(|_| format!("{flag}: not a number: {value}"))
+        };
         match flag.as_str() {
             "--addr" => args.addr = value.clone(),
             "--customers" => args.customers = number()?.max(1),
@@ -157,13 +161,16 @@ fn ingest(args: &Args, stop: &AtomicBool) -> (u64, u64) {
     let mut body = Vec::new();
     let mut batch_no = 0u32;
     while !stop.load(Ordering::Relaxed) {
-        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
         body.clear();
         for _ in 0..args.ingest_batch {
             i += 1;
             let customer = bench::loadgen::customer_id(zipf.sample(&mut rng), &mut rng);
             // Ids unique to this run, so re-runs are not duplicates.
-            let line = event_line(i, &customer, now_ms, &mut rng).replacen("\"ev-", &format!("\"live-{now_ms}-"), 1);
+            let line =
+                event_line(i, &customer, now_ms, &mut rng).replacen("\"ev-", &format!("\"live-{now_ms}-"), 1);
             body.extend_from_slice(line.as_bytes());
             body.push(b'\n');
         }
