@@ -58,7 +58,7 @@ pub fn replay(
             events,
             offset,
         } = parsed?;
-        let outcome = engine.ingest_parsed(&lines, events, Some((&source, offset)))?;
+        let outcome = engine.ingest_parsed(&lines, events, &[(&source, offset)])?;
         report.accepted += outcome.accepted;
         report.duplicates += outcome.duplicates;
         report.rejected += outcome.rejected;

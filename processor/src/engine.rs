@@ -457,32 +457,32 @@ impl Engine {
     /// durably applied. Bad events are rejected with a reason and kept as dead letters;
     /// nothing else of the batch is lost.
     pub fn ingest<B: AsRef<[u8]>>(&mut self, raw_events: &[B]) -> Result<IngestOutcome, EngineError> {
-        self.ingest_from(raw_events, None)
+        self.ingest_from::<B, &str>(raw_events, &[])
     }
 
-    /// Like [`Engine::ingest`], and records `position` (where the source stands after these
-    /// events) in the same atomic commit, so a restart resumes exactly after the last
-    /// committed batch: no event lost, none counted twice.
-    pub fn ingest_from<B: AsRef<[u8]>>(
+    /// Like [`Engine::ingest`], and records `positions` (where each source — a file, a Kafka
+    /// partition — stands after these events) in the same atomic commit, so a restart
+    /// resumes exactly after the last committed batch: no event lost, none counted twice.
+    pub fn ingest_from<B: AsRef<[u8]>, S: AsRef<str>>(
         &mut self,
         raw_events: &[B],
-        position: Option<(&str, u64)>,
+        positions: &[(S, u64)],
     ) -> Result<IngestOutcome, EngineError> {
         let parsed = raw_events
             .iter()
             .map(|raw| parse_event(raw.as_ref(), &self.config.limits, i64::MAX))
             .collect();
-        self.ingest_parsed(raw_events, parsed, position)
+        self.ingest_parsed(raw_events, parsed, positions)
     }
 
     /// Like [`Engine::ingest_from`] for events already parsed (on another thread) with
     /// [`parse_event`]: `parsed[i]` is the result for `raw_events[i]`. Parsing may skip the
     /// future-`ts` check (pass `i64::MAX`); it is made here against the engine's clock.
-    pub fn ingest_parsed<B: AsRef<[u8]>>(
+    pub fn ingest_parsed<B: AsRef<[u8]>, S: AsRef<str>>(
         &mut self,
         raw_events: &[B],
         parsed: Vec<Result<ValidEvent, Rejection>>,
-        position: Option<(&str, u64)>,
+        positions: &[(S, u64)],
     ) -> Result<IngestOutcome, EngineError> {
         assert_eq!(raw_events.len(), parsed.len(), "one parse result per event");
         let saved = self.counters;
@@ -511,9 +511,9 @@ impl Engine {
                     }
                 }
             }
-            if let Some((source, offset)) = position {
-                self.store
-                    .put_meta_u64(&mut batch.wb, &format!("{META_OFFSET_PREFIX}{source}"), offset);
+            for (source, offset) in positions {
+                let key = format!("{META_OFFSET_PREFIX}{}", source.as_ref());
+                self.store.put_meta_u64(&mut batch.wb, &key, *offset);
             }
             Ok::<(), EngineError>(())
         })();
@@ -1515,48 +1515,12 @@ impl Engine {
 
     /// The change log after `after`, at most `limit` changes, in `seq` order.
     pub fn changes(&self, after: u64, limit: usize) -> Result<Vec<Change>, EngineError> {
-        let mut out = Vec::new();
-        for item in self
-            .store
-            .scan_from(CF_CHANGES, &(after.saturating_add(1)).to_be_bytes())
-        {
-            if out.len() == limit {
-                break;
-            }
-            let (_, value) = item?;
-            let change =
-                Change::from_json(&value).ok_or(StoreError::Codec(crate::codec::CodecError("bad change")))?;
-            out.push(change);
-        }
-        Ok(out)
+        read::changes(&self.store, after, limit)
     }
 
     /// Dead letters from `after` on, oldest first.
     pub fn dead_letters(&self, after: Option<u64>, limit: usize) -> Result<Vec<DeadLetter>, EngineError> {
-        let start = after.map_or(0, |a| a.saturating_add(1));
-        let mut out = Vec::new();
-        for item in self.store.scan_from(CF_DLQ, &start.to_be_bytes()) {
-            if out.len() == limit {
-                break;
-            }
-            let (key, value) = item?;
-            let id = u64::from_be_bytes(
-                key[..8]
-                    .try_into()
-                    .map_err(|_| StoreError::Codec(crate::codec::CodecError("bad dlq key")))?,
-            );
-            let mut r = Reader::new(&value);
-            let received_at = r.i64().map_err(StoreError::from)?;
-            let reason = r.str().map_err(StoreError::from)?.to_owned();
-            let raw = r.bytes().map_err(StoreError::from)?.to_vec();
-            out.push(DeadLetter {
-                id,
-                received_at,
-                reason,
-                raw,
-            });
-        }
-        Ok(out)
+        read::dead_letters(&self.store, after, limit)
     }
 
     /// Deletes every dead letter; returns how many there were.
@@ -1570,11 +1534,7 @@ impl Engine {
 
     /// Where `source` stood after the last committed batch from it.
     pub fn source_offset(&self, source: &str) -> Result<Option<u64>, EngineError> {
-        let key = format!("{META_OFFSET_PREFIX}{source}");
-        match self.store.get(CF_META, key.as_bytes())? {
-            None => Ok(None),
-            Some(b) => Ok(Some(Reader::new(&b).u64().map_err(StoreError::from)?)),
-        }
+        read::source_offset(&self.store, source)
     }
 
     /// The instant of the earliest pending timer.

@@ -241,6 +241,13 @@ impl Store {
         batch.put_cf(self.cf(CF_META), name.as_bytes(), w.buf);
     }
 
+    /// Writes one meta counter on its own (WAL on, synced when the store syncs).
+    pub fn put_meta_u64_now(&self, name: &str, v: u64) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        self.put_meta_u64(&mut batch, name, v);
+        self.commit(batch)
+    }
+
     pub fn put_meta_i64(&self, batch: &mut WriteBatch, name: &str, v: i64) {
         let mut w = Writer::new();
         w.i64(v);

@@ -11,8 +11,12 @@ use std::sync::{Arc, RwLock};
 
 use rules::CompiledRules;
 
-use super::{customer_view, wall_ms, ClockMode, CustomerView, Engine, EngineError};
-use crate::store::Store;
+use super::{
+    customer_view, wall_ms, ClockMode, CustomerView, DeadLetter, Engine, EngineError, META_OFFSET_PREFIX,
+};
+use crate::change::Change;
+use crate::codec::{CodecError, Reader};
+use crate::store::{Store, StoreError, CF_CHANGES, CF_DLQ, CF_META};
 
 /// What the engine publishes for readers after each commit and rule change.
 #[derive(Debug)]
@@ -80,6 +84,88 @@ impl ReadHandle {
             self.now(),
             self.retention_ms,
         )))
+    }
+
+    /// Committed changes with `seq > after`, in `seq` order, at most `limit`.
+    pub fn changes(&self, after: u64, limit: usize) -> Result<Vec<Change>, EngineError> {
+        changes(&self.store, after, limit)
+    }
+
+    /// Dead letters with id `> after` (all when `None`), oldest first, at most `limit`.
+    pub fn dead_letters(&self, after: Option<u64>, limit: usize) -> Result<Vec<DeadLetter>, EngineError> {
+        dead_letters(&self.store, after, limit)
+    }
+
+    /// Where `source` stood after the last committed batch from it.
+    pub fn source_offset(&self, source: &str) -> Result<Option<u64>, EngineError> {
+        source_offset(&self.store, source)
+    }
+
+    /// A counter kept by a reader-side process (a publisher's confirmed position), written
+    /// on its own: the engine never writes these keys, so there is no race with commits.
+    pub fn set_cursor(&self, name: &str, value: u64) -> Result<(), EngineError> {
+        Ok(self.store.put_meta_u64_now(&cursor_key(name), value)?)
+    }
+
+    /// A counter written by [`ReadHandle::set_cursor`]; 0 when never written.
+    pub fn cursor(&self, name: &str) -> Result<u64, EngineError> {
+        Ok(self.store.meta_u64(&cursor_key(name))?)
+    }
+}
+
+fn cursor_key(name: &str) -> String {
+    format!("cursor:{name}")
+}
+
+pub(super) fn changes(store: &Store, after: u64, limit: usize) -> Result<Vec<Change>, EngineError> {
+    let mut out = Vec::new();
+    for item in store.scan_from(CF_CHANGES, &(after.saturating_add(1)).to_be_bytes()) {
+        if out.len() == limit {
+            break;
+        }
+        let (_, value) = item?;
+        let change = Change::from_json(&value).ok_or(StoreError::Codec(CodecError("bad change")))?;
+        out.push(change);
+    }
+    Ok(out)
+}
+
+pub(super) fn dead_letters(
+    store: &Store,
+    after: Option<u64>,
+    limit: usize,
+) -> Result<Vec<DeadLetter>, EngineError> {
+    let start = after.map_or(0, |a| a.saturating_add(1));
+    let mut out = Vec::new();
+    for item in store.scan_from(CF_DLQ, &start.to_be_bytes()) {
+        if out.len() == limit {
+            break;
+        }
+        let (key, value) = item?;
+        let id = u64::from_be_bytes(
+            key[..8]
+                .try_into()
+                .map_err(|_| StoreError::Codec(CodecError("bad dlq key")))?,
+        );
+        let mut r = Reader::new(&value);
+        let received_at = r.i64().map_err(StoreError::from)?;
+        let reason = r.str().map_err(StoreError::from)?.to_owned();
+        let raw = r.bytes().map_err(StoreError::from)?.to_vec();
+        out.push(DeadLetter {
+            id,
+            received_at,
+            reason,
+            raw,
+        });
+    }
+    Ok(out)
+}
+
+pub(super) fn source_offset(store: &Store, source: &str) -> Result<Option<u64>, EngineError> {
+    let key = format!("{META_OFFSET_PREFIX}{source}");
+    match store.get(CF_META, key.as_bytes())? {
+        None => Ok(None),
+        Some(b) => Ok(Some(Reader::new(&b).u64().map_err(StoreError::from)?)),
     }
 }
 
