@@ -38,6 +38,7 @@ pub mod change;
 pub mod codec;
 pub mod engine;
 pub mod event;
+pub mod kafka;
 pub mod state;
 pub mod store;
 pub mod window;

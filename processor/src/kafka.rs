@@ -1,0 +1,593 @@
+//! Kafka in and out: events consumed from a topic in a consumer group with exactly-once
+//! state, changes and dead letters published to topics.
+//!
+//! **Exactly-once state.** Each partition's next offset is written in the same RocksDB batch
+//! as the state its events produced (`kafka:TOPIC:PARTITION` source positions). On every
+//! assignment the consumer seeks each partition to the stored offset, ignoring the group's
+//! committed offsets, so a crash or a rebalance neither loses nor double-counts an event. The
+//! group's offsets are still committed (after the batch is durable) so lag monitoring works.
+//! One batch is in flight at a time: the consumer polls the next only once the engine has
+//! committed the last, which is the backpressure (librdkafka prefetches meanwhile).
+//!
+//! **At-least-once publishing, deduplicable.** The publisher reads the durable change log and
+//! dead letters from RocksDB, produces them with the idempotent producer (order kept per
+//! partition, so per customer), and only after the broker confirmed every record of a batch
+//! moves its own cursor. After a crash it resumes from the last confirmed position: a change
+//! may be published twice, never lost; consumers drop duplicates by `seq`.
+//!
+//! **One processor per group.** State lives in this process's RocksDB; a second member taking
+//! some partitions would split customers' state between stores. When an assignment covers
+//! fewer partitions than the topic has, this is logged as an error and `/readyz` reports it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::engine::ReadHandle;
+use crate::IngestOutcome;
+
+/// Where tagstream meets Kafka. `client_options` are passed to librdkafka as they are
+/// (`security.protocol`, `sasl.mechanism`, `sasl.username`, `sasl.password`,
+/// `ssl.ca.location`, ...); they are never logged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaSettings {
+    pub brokers: String,
+    /// The events topic, keyed by `customer_id`.
+    pub topic: String,
+    pub group_id: String,
+    /// Where every change of the change log is published; `None` publishes nothing.
+    pub changes_topic: Option<String>,
+    /// Where every rejected event is published with its reason; `None` publishes nothing.
+    pub dlq_topic: Option<String>,
+    pub client_options: BTreeMap<String, String>,
+    /// Events per engine batch, at most.
+    pub max_batch: usize,
+    /// How long a batch waits to fill before it is applied anyway.
+    pub max_wait: Duration,
+}
+
+impl KafkaSettings {
+    pub fn new(brokers: impl Into<String>, topic: impl Into<String>, group_id: impl Into<String>) -> Self {
+        KafkaSettings {
+            brokers: brokers.into(),
+            topic: topic.into(),
+            group_id: group_id.into(),
+            changes_topic: Some("tag-changes".into()),
+            dlq_topic: Some("tagstream-dead-letters".into()),
+            client_options: BTreeMap::new(),
+            max_batch: 5_000,
+            max_wait: Duration::from_millis(50),
+        }
+    }
+
+    fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        for (key, value) in &self.client_options {
+            config.set(key, value);
+        }
+        config
+    }
+}
+
+/// The source name under which a partition's next offset is stored.
+pub fn source_name(topic: &str, partition: i32) -> String {
+    format!("kafka:{topic}:{partition}")
+}
+
+/// What `/readyz` and the metrics need to know about the Kafka side.
+#[derive(Debug, Default)]
+pub struct KafkaStatus {
+    assigned: AtomicUsize,
+    /// Partitions of the topic when last assigned (0: unknown).
+    partitions: AtomicUsize,
+}
+
+impl KafkaStatus {
+    /// `Err` with the reason while the consumer owns no partition, or fewer than all.
+    pub fn ready(&self) -> Result<(), String> {
+        let assigned = self.assigned.load(Ordering::Acquire);
+        let partitions = self.partitions.load(Ordering::Acquire);
+        if assigned == 0 {
+            return Err("the Kafka consumer has no partition assigned yet".into());
+        }
+        if partitions > assigned {
+            return Err(format!(
+                "the Kafka consumer owns {assigned} of {partitions} partitions: another member \
+                 joined the consumer group (one processor per group is supported)"
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn assigned_partitions(&self) -> usize {
+        self.assigned.load(Ordering::Acquire)
+    }
+}
+
+/// One batch for the engine: the raw events and where each partition stands after them.
+#[derive(Debug, Default)]
+pub struct KafkaBatch {
+    pub events: Vec<Vec<u8>>,
+    pub positions: Vec<(String, u64)>,
+}
+
+/// Why a batch was not applied. `Busy` is retried soon; `Failed` after a back-off.
+#[derive(Debug)]
+pub enum ApplyError {
+    Busy,
+    Failed(String),
+}
+
+/// Applies a batch to the engine and returns once it is committed.
+pub type Apply = Box<dyn FnMut(Arc<KafkaBatch>) -> Result<IngestOutcome, ApplyError> + Send>;
+
+/// The running consumer and publisher threads.
+pub struct KafkaWorkers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl KafkaWorkers {
+    /// Asks every thread to finish what it is doing (the batch in flight is applied) and
+    /// waits for them.
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Starts consuming `settings.topic` into the engine through `apply`, and publishing the
+/// change log and dead letters read through `reader`.
+pub fn start(
+    settings: KafkaSettings,
+    reader: ReadHandle,
+    apply: Apply,
+    status: Arc<KafkaStatus>,
+) -> Result<KafkaWorkers, KafkaError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let context = ConsumerCtx {
+        reader: reader.clone(),
+        topic: settings.topic.clone(),
+        group: settings.group_id.clone(),
+        status,
+        generation: AtomicU64::new(0),
+    };
+    let consumer: BaseConsumer<ConsumerCtx> = settings
+        .client_config()
+        .set("group.id", &settings.group_id)
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "range,roundrobin")
+        .create_with_context(context)?;
+    consumer.subscribe(&[&settings.topic])?;
+    let mut threads = Vec::new();
+    {
+        let (stop, settings) = (stop.clone(), settings.clone());
+        threads.push(
+            std::thread::Builder::new()
+                .name("tagstream-kafka-in".into())
+                .spawn(move || consume(consumer, settings, apply, &stop))
+                .expect("spawn the Kafka consumer thread"),
+        );
+    }
+    let feeds = [
+        (settings.changes_topic.clone(), Feed::Changes),
+        (settings.dlq_topic.clone(), Feed::DeadLetters),
+    ];
+    for (topic, feed) in feeds {
+        let Some(topic) = topic else { continue };
+        let producer: BaseProducer<PublishCtx> = settings
+            .client_config()
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "5")
+            .create_with_context(PublishCtx::default())?;
+        let (stop, reader) = (stop.clone(), reader.clone());
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("tagstream-kafka-{}", feed.label()))
+                .spawn(move || publish(producer, topic, feed, reader, &stop))
+                .expect("spawn a Kafka publisher thread"),
+        );
+    }
+    Ok(KafkaWorkers { stop, threads })
+}
+
+struct ConsumerCtx {
+    reader: ReadHandle,
+    topic: String,
+    group: String,
+    status: Arc<KafkaStatus>,
+    /// Bumped on every rebalance: a batch collected across one is dropped (its partitions
+    /// are re-read from the stored offsets).
+    generation: AtomicU64,
+}
+
+impl ClientContext for ConsumerCtx {
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(%error, reason, "Kafka consumer");
+    }
+}
+
+impl ConsumerContext for ConsumerCtx {
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let owned: Vec<(String, i32)> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_owned(), e.partition()))
+                    .collect();
+                for (topic, partition) in &owned {
+                    let offset = match self.reader.source_offset(&source_name(topic, *partition)) {
+                        Ok(Some(next)) => Offset::Offset(next as i64),
+                        Ok(None) => Offset::Beginning,
+                        Err(e) => {
+                            // Without the stored offset the partition cannot be read safely.
+                            tracing::error!(error = %e, topic, partition, "reading the stored offset failed");
+                            continue;
+                        }
+                    };
+                    if let Err(e) = tpl.set_partition_offset(topic, *partition, offset) {
+                        tracing::error!(error = %e, topic, partition, "setting the start offset failed");
+                    }
+                }
+                if let Err(e) = consumer.assign(tpl) {
+                    tracing::error!(error = %e, "assigning partitions failed");
+                    return;
+                }
+                let partitions = consumer
+                    .fetch_metadata(Some(&self.topic), Duration::from_secs(5))
+                    .ok()
+                    .and_then(|m| m.topics().first().map(|t| t.partitions().len()))
+                    .unwrap_or(0);
+                self.status.partitions.store(partitions, Ordering::Release);
+                self.status.assigned.store(owned.len(), Ordering::Release);
+                metrics::gauge!("tagstream_kafka_partitions_assigned").set(owned.len() as f64);
+                if partitions > owned.len() {
+                    tracing::error!(
+                        group = %self.group,
+                        assigned = owned.len(),
+                        partitions,
+                        "another member joined the consumer group: this processor now owns only part \
+                         of the topic, and customers' state would be split between stores; one \
+                         processor per consumer group is supported — stop the other member"
+                    );
+                } else {
+                    tracing::info!(topic = %self.topic, partitions = owned.len(), "Kafka partitions assigned");
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                if let Err(e) = consumer.unassign() {
+                    tracing::error!(error = %e, "unassigning partitions failed");
+                }
+                self.status.assigned.store(0, Ordering::Release);
+                metrics::gauge!("tagstream_kafka_partitions_assigned").set(0.0);
+                tracing::info!(topic = %self.topic, "Kafka partitions revoked");
+            }
+            other => {
+                let code: RDKafkaErrorCode = other.into();
+                tracing::error!(error = %code, "Kafka rebalance failed");
+            }
+        }
+    }
+}
+
+fn consume(
+    consumer: BaseConsumer<ConsumerCtx>,
+    settings: KafkaSettings,
+    mut apply: Apply,
+    stop: &AtomicBool,
+) {
+    let mut last_lag = Instant::now();
+    while !stop.load(Ordering::SeqCst) {
+        let generation = consumer.context().generation.load(Ordering::SeqCst);
+        let mut batch = KafkaBatch::default();
+        let mut next: HashMap<i32, i64> = HashMap::new();
+        let started = Instant::now();
+        // The first poll waits (and serves rebalances and errors); the rest fill the batch
+        // until it is full or `max_wait` has passed.
+        let mut wait = Duration::from_millis(100);
+        while batch.events.len() < settings.max_batch && !stop.load(Ordering::SeqCst) {
+            match consumer.poll(wait) {
+                None if batch.events.is_empty() => break,
+                None => {}
+                Some(Ok(message)) if message.topic() == settings.topic => {
+                    batch.events.push(message.payload().unwrap_or_default().to_vec());
+                    next.insert(message.partition(), message.offset() + 1);
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "Kafka consumer poll");
+                    break;
+                }
+            }
+            let left = settings.max_wait.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                break;
+            }
+            wait = left;
+        }
+        if consumer.context().generation.load(Ordering::SeqCst) != generation {
+            // A rebalance happened while collecting: the partitions start again from the
+            // stored offsets, so what was collected will be read again (or by the new owner).
+            continue;
+        }
+        if !batch.events.is_empty() {
+            batch.positions = next
+                .iter()
+                .map(|(p, o)| (source_name(&settings.topic, *p), *o as u64))
+                .collect();
+            let batch = Arc::new(batch);
+            if !apply_until_done(&mut apply, &batch, stop) {
+                break;
+            }
+            // The batch is durable: tell the group too, for lag monitoring.
+            let mut tpl = TopicPartitionList::new();
+            for (p, o) in &next {
+                let _ = tpl.add_partition_offset(&settings.topic, *p, Offset::Offset(*o));
+            }
+            if let Err(e) = consumer.store_offsets(&tpl) {
+                tracing::debug!(error = %e, "storing offsets for the group commit");
+            }
+        }
+        if last_lag.elapsed() >= Duration::from_secs(5) {
+            last_lag = Instant::now();
+            record_consumer_lag(&consumer, &settings.topic);
+        }
+    }
+    // Dropping the consumer leaves the group (revoking the partitions) before it returns.
+    drop(consumer);
+}
+
+/// Applies a batch, retrying while the engine is busy or failing; `false` when asked to
+/// stop before it could be applied (it was not committed, and will be read again).
+fn apply_until_done(apply: &mut Apply, batch: &Arc<KafkaBatch>, stop: &AtomicBool) -> bool {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match apply(batch.clone()) {
+            Ok(_) => return true,
+            Err(ApplyError::Busy) => std::thread::sleep(Duration::from_millis(20)),
+            Err(ApplyError::Failed(e)) => {
+                tracing::error!(error = %e, "applying a Kafka batch failed; retrying");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+        if stop.load(Ordering::SeqCst) {
+            return false;
+        }
+    }
+}
+
+fn record_consumer_lag(consumer: &BaseConsumer<ConsumerCtx>, topic: &str) {
+    let Ok(positions) = consumer.position() else {
+        return;
+    };
+    let mut lag = 0i64;
+    for e in positions.elements() {
+        let Offset::Offset(position) = e.offset() else {
+            continue;
+        };
+        if let Ok((_, high)) = consumer.fetch_watermarks(topic, e.partition(), Duration::from_secs(1)) {
+            lag += (high - position).max(0);
+        }
+    }
+    metrics::gauge!("tagstream_kafka_consumer_lag").set(lag as f64);
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Feed {
+    Changes,
+    DeadLetters,
+}
+
+impl Feed {
+    fn label(self) -> &'static str {
+        match self {
+            Feed::Changes => "changes",
+            Feed::DeadLetters => "dlq",
+        }
+    }
+}
+
+/// Delivery reports of the records in flight.
+#[derive(Default)]
+struct PublishCtx {
+    failure: Mutex<Option<String>>,
+}
+
+impl ClientContext for PublishCtx {
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(%error, reason, "Kafka producer");
+    }
+}
+
+impl ProducerContext for PublishCtx {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, _)) = result {
+            let mut failure = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+            failure.get_or_insert_with(|| e.to_string());
+        }
+    }
+}
+
+/// A record to publish: key, payload and headers.
+struct Outgoing {
+    key: Option<Vec<u8>>,
+    payload: Vec<u8>,
+    headers: Option<OwnedHeaders>,
+}
+
+const PUBLISH_BATCH: usize = 1_000;
+
+fn publish(
+    producer: BaseProducer<PublishCtx>,
+    topic: String,
+    feed: Feed,
+    reader: ReadHandle,
+    stop: &AtomicBool,
+) {
+    let cursor = format!("kafka-published-{}:{topic}", feed.label());
+    let mut backoff = Duration::from_millis(100);
+    while !stop.load(Ordering::SeqCst) {
+        let confirmed = match reader.cursor(&cursor) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "reading the publish cursor failed");
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let (records, last) = match next_records(&reader, feed, confirmed) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, feed = feed.label(), "reading what to publish failed");
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
+            }
+        };
+        if records.is_empty() {
+            if let Feed::Changes = feed {
+                metrics::gauge!("tagstream_kafka_publish_lag_changes").set(0.0);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        match send_all(&producer, &topic, &records, stop) {
+            Ok(()) => {
+                backoff = Duration::from_millis(100);
+                if let Err(e) = reader.set_cursor(&cursor, last) {
+                    tracing::error!(error = %e, "saving the publish cursor failed");
+                }
+                metrics::counter!("tagstream_kafka_published_total", "feed" => feed.label())
+                    .increment(records.len() as u64);
+                if let Feed::Changes = feed {
+                    let behind = reader.changes(last, PUBLISH_BATCH).map_or(0, |c| c.len());
+                    metrics::gauge!("tagstream_kafka_publish_lag_changes").set(behind as f64);
+                }
+            }
+            Err(e) => {
+                // Nothing confirmed moves the cursor: the whole batch is sent again.
+                tracing::warn!(error = %e, topic, "publishing failed; retrying");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+    let _ = producer.flush(Duration::from_secs(5));
+}
+
+/// The next records of `feed` after cursor `confirmed`, and the cursor after them.
+fn next_records(
+    reader: &ReadHandle,
+    feed: Feed,
+    confirmed: u64,
+) -> Result<(Vec<Outgoing>, u64), crate::EngineError> {
+    match feed {
+        Feed::Changes => {
+            let changes = reader.changes(confirmed, PUBLISH_BATCH)?;
+            let last = changes.last().map_or(confirmed, |c| c.seq);
+            let records = changes
+                .iter()
+                .map(|c| Outgoing {
+                    key: Some(c.customer_id.as_bytes().to_vec()),
+                    payload: serde_json::to_vec(c).expect("a change serializes"),
+                    headers: None,
+                })
+                .collect();
+            Ok((records, last))
+        }
+        Feed::DeadLetters => {
+            // The cursor is the next dead letter id to publish.
+            let letters = reader.dead_letters(confirmed.checked_sub(1), PUBLISH_BATCH)?;
+            let last = letters.last().map_or(confirmed, |d| d.id + 1);
+            let records = letters
+                .into_iter()
+                .map(|d| {
+                    let received_at = d.received_at.to_string();
+                    let headers = OwnedHeaders::new()
+                        .insert(Header {
+                            key: "tagstream-reason",
+                            value: Some(d.reason.as_str()),
+                        })
+                        .insert(Header {
+                            key: "tagstream-received-at",
+                            value: Some(received_at.as_str()),
+                        });
+                    Outgoing {
+                        key: None,
+                        payload: d.raw,
+                        headers: Some(headers),
+                    }
+                })
+                .collect();
+            Ok((records, last))
+        }
+    }
+}
+
+/// Produces every record and waits for the broker to confirm all of them.
+fn send_all(
+    producer: &BaseProducer<PublishCtx>,
+    topic: &str,
+    records: &[Outgoing],
+    stop: &AtomicBool,
+) -> Result<(), String> {
+    *producer
+        .context()
+        .failure
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = None;
+    for r in records {
+        loop {
+            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).payload(&r.payload[..]);
+            if let Some(key) = &r.key {
+                record = record.key(&key[..]);
+            }
+            if let Some(headers) = &r.headers {
+                record = record.headers(headers.clone());
+            }
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    producer.poll(Duration::from_millis(100));
+                    if stop.load(Ordering::SeqCst) {
+                        return Err("stopping".into());
+                    }
+                }
+                Err((e, _)) => return Err(e.to_string()),
+            }
+        }
+    }
+    producer
+        .flush(Duration::from_secs(30))
+        .map_err(|e| e.to_string())?;
+    match producer
+        .context()
+        .failure
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+    {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}

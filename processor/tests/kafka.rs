@@ -1,0 +1,287 @@
+//! Kafka in and out against librdkafka's own mock broker (in process, real Kafka protocol on
+//! a loopback socket): a generated stream produced to a 3-partition topic and consumed into
+//! the engine ends in the same state as the same stream ingested directly; every change is
+//! published to `tag-changes` and every rejected line to the dead-letter topic; a restart
+//! resumes from the offsets stored with the state.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use processor::kafka::{self, ApplyError, KafkaBatch, KafkaSettings, KafkaStatus};
+use processor::{ClockMode, CustomerView, Engine, EngineConfig};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use tests::TempDir;
+
+const RULES: &str = include_str!("../../deploy/rules/example.trl");
+
+/// A dedup horizon longer than the stream: which re-sent line falls outside a 7-day horizon
+/// depends on how far the clock had moved, which differs between arrival orders.
+fn config() -> EngineConfig {
+    EngineConfig {
+        clock: ClockMode::Event,
+        sync_writes: false,
+        dedup_horizon_ms: 400 * 86_400_000,
+        ..Default::default()
+    }
+}
+
+fn stream(events: u64) -> Vec<String> {
+    let spec = bench::loadgen::StreamSpec {
+        customers: 300,
+        events,
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    bench::loadgen::generate(&spec, &mut out).unwrap();
+    String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Produces each line keyed by its normalised customer id (none for lines that have none).
+fn produce(brokers: &str, topic: &str, lines: &[String]) {
+    // Idempotent: a retried produce request must not put a line in the topic twice.
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .create()
+        .unwrap();
+    for line in lines {
+        let key = serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| {
+                v["customer_id"]
+                    .as_str()
+                    .map(|c| rules::normalize(c).into_owned())
+            });
+        let mut record: BaseRecord<'_, str, str> = BaseRecord::to(topic).payload(line.as_str());
+        if let Some(key) = &key {
+            record = record.key(key.as_str());
+        }
+        while let Err((e, r)) = producer.send(record) {
+            assert!(format!("{e}").contains("Queue full"), "{e}");
+            producer.poll(Duration::from_millis(10));
+            record = r;
+        }
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+}
+
+/// Messages in the topic: the sum of its partitions' high watermarks.
+fn topic_size(brokers: &str, topic: &str, partitions: i32) -> i64 {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    (0..partitions)
+        .map(|p| {
+            consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(5))
+                .unwrap()
+                .1
+        })
+        .sum()
+}
+
+/// Every customer's view, for comparing two stores that saw the same events in different
+/// orders: everything but `since`, which the contract says depends on arrival order (with
+/// three partitions, the event clock advances differently). Numbers compare by value
+/// (`0.00 == 0`), as the API prints them.
+fn state(engine: &Engine) -> BTreeMap<String, CustomerView> {
+    engine
+        .customer_ids()
+        .unwrap()
+        .into_iter()
+        .map(|id| {
+            let mut view = engine.customer(&id).unwrap().unwrap();
+            for m in view.tags.values_mut().chain(view.segments.values_mut()) {
+                m.since = 0;
+            }
+            (id, view)
+        })
+        .collect()
+}
+
+struct Running {
+    engine: Arc<Mutex<Engine>>,
+    seen: Arc<AtomicUsize>,
+    status: Arc<KafkaStatus>,
+    workers: kafka::KafkaWorkers,
+}
+
+fn run(dir: &std::path::Path, brokers: &str, group: &str) -> Running {
+    let engine = Engine::open(dir, Some(RULES), config()).unwrap();
+    let reader = engine.reader();
+    let engine = Arc::new(Mutex::new(engine));
+    let seen = Arc::new(AtomicUsize::new(0));
+    let apply: kafka::Apply = {
+        let (engine, seen) = (engine.clone(), seen.clone());
+        Box::new(move |batch: Arc<KafkaBatch>| {
+            let outcome = engine
+                .lock()
+                .unwrap()
+                .ingest_from(&batch.events, &batch.positions)
+                .map_err(|e| ApplyError::Failed(e.to_string()))?;
+            seen.fetch_add(batch.events.len(), Ordering::SeqCst);
+            Ok(outcome)
+        })
+    };
+    let mut settings = KafkaSettings::new(brokers, "events", group);
+    settings.max_batch = 500;
+    // The mock broker keeps a closed member in the group until its session times out
+    // (45 s by default), which the restart below would wait for.
+    settings
+        .client_options
+        .insert("session.timeout.ms".into(), "6000".into());
+    settings
+        .client_options
+        .insert("heartbeat.interval.ms".into(), "500".into());
+    let status = Arc::new(KafkaStatus::default());
+    let workers = kafka::start(settings, reader, apply, status.clone()).unwrap();
+    Running {
+        engine,
+        seen,
+        status,
+        workers,
+    }
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Reads a whole topic from the beginning.
+fn read_topic(
+    brokers: &str,
+    topic: &str,
+    expected: usize,
+) -> Vec<(Option<Vec<u8>>, Vec<u8>, Vec<(String, String)>)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("reader-{topic}"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while out.len() < expected && Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            let headers = m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| {
+                            (
+                                h.key.to_owned(),
+                                String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push((
+                m.key().map(<[u8]>::to_vec),
+                m.payload().unwrap_or_default().to_vec(),
+                headers,
+            ));
+        }
+    }
+    out
+}
+
+#[test]
+fn a_stream_consumed_from_kafka_ends_like_direct_ingest_and_every_change_is_published() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("events", 3, 1).unwrap();
+    cluster.create_topic("tag-changes", 3, 1).unwrap();
+    cluster.create_topic("tagstream-dead-letters", 1, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let lines = stream(3_000);
+    produce(&brokers, "events", &lines[..2_000]);
+    assert_eq!(topic_size(&brokers, "events", 3), 2_000);
+
+    let dir = TempDir::new("kafka-consumed");
+    let first = run(dir.path(), &brokers, "g1");
+    wait_until("the consumer to be assigned", || first.status.ready().is_ok());
+    wait_until("the first 2000 lines", || {
+        first.seen.load(Ordering::SeqCst) == 2_000
+    });
+    // A restart: the stored offsets, not the group's, say where to resume.
+    first.workers.stop();
+    drop(first.engine);
+    produce(&brokers, "events", &lines[2_000..]);
+    assert_eq!(topic_size(&brokers, "events", 3), lines.len() as i64);
+    let second = run(dir.path(), &brokers, "g1");
+    let rest = lines.len() - 2_000;
+    wait_until("the remaining lines", || {
+        second.seen.load(Ordering::SeqCst) == rest
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(second.seen.load(Ordering::SeqCst), rest, "nothing consumed twice");
+
+    let direct_dir = TempDir::new("kafka-direct");
+    let mut direct = Engine::open(direct_dir.path(), Some(RULES), config()).unwrap();
+    direct.ingest(&lines).unwrap();
+    let consumed = second.engine.lock().unwrap();
+    let (a, b) = (state(&consumed), state(&direct));
+    for (id, view) in &a {
+        assert_eq!(Some(view), b.get(id), "customer {id}");
+    }
+    assert_eq!(a.len(), b.len());
+    // (How many changes happened on the way depends on the order, so only the final state
+    // is compared with the direct run.)
+    let changes = consumed.next_seq() - 1;
+    let rejected = consumed.dead_letters(None, usize::MAX).unwrap();
+    assert_eq!(
+        rejected.len(),
+        direct.dead_letters(None, usize::MAX).unwrap().len()
+    );
+    assert!(!rejected.is_empty());
+
+    // Every change on tag-changes (a change may be published twice across the restart:
+    // dropping duplicate seq leaves exactly the change log), in seq order per customer.
+    let published = read_topic(&brokers, "tag-changes", changes as usize);
+    let mut by_seq: BTreeMap<u64, serde_json::Value> = BTreeMap::new();
+    let mut last_seq: HashMap<String, u64> = HashMap::new();
+    for (key, payload, _) in &published {
+        let change: serde_json::Value = serde_json::from_slice(payload).unwrap();
+        let seq = change["seq"].as_u64().unwrap();
+        let customer = change["customer_id"].as_str().unwrap().to_owned();
+        assert_eq!(key.as_deref(), Some(customer.as_bytes()), "keyed by customer");
+        let last = last_seq.entry(customer).or_default();
+        assert!(seq > *last || by_seq.contains_key(&seq), "seq order per customer");
+        *last = (*last).max(seq);
+        by_seq.insert(seq, change);
+    }
+    let log = consumed.changes(0, usize::MAX).unwrap();
+    assert_eq!(by_seq.len(), log.len(), "every change published");
+    for c in &log {
+        assert_eq!(by_seq[&c.seq], serde_json::to_value(c).unwrap());
+    }
+
+    // Every dead letter, with its reason in a header and its original bytes.
+    let letters = read_topic(&brokers, "tagstream-dead-letters", rejected.len());
+    assert!(letters.len() >= rejected.len());
+    for (d, (_, payload, headers)) in rejected.iter().zip(&letters) {
+        assert_eq!(&d.raw, payload);
+        assert!(
+            headers.contains(&("tagstream-reason".to_owned(), d.reason.clone())),
+            "{headers:?}"
+        );
+    }
+    drop(consumed);
+    second.workers.stop();
+}
