@@ -162,12 +162,11 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// A consumed record: key, payload, headers.
+type Record = (Option<Vec<u8>>, Vec<u8>, Vec<(String, String)>);
+
 /// Reads a whole topic from the beginning.
-fn read_topic(
-    brokers: &str,
-    topic: &str,
-    expected: usize,
-) -> Vec<(Option<Vec<u8>>, Vec<u8>, Vec<(String, String)>)> {
+fn read_topic(brokers: &str, topic: &str, expected: usize) -> Vec<Record> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("reader-{topic}"))
