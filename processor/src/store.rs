@@ -259,15 +259,24 @@ impl Store {
         self.load_customer_with(customer, ReadOptions::default)
     }
 
-    /// Like [`Store::load_customer`] for readers on other threads than the writer: the record
-    /// and the events come from one snapshot, so they always belong to the same commit.
-    pub fn load_customer_consistent(&self, customer: &str) -> Result<Option<CustomerState>, StoreError> {
+    /// Like [`Store::load_customer`] for readers on other threads than the writer: the record,
+    /// the events and the meta value `meta` (the clock) come from one snapshot, so they
+    /// always belong to the same commit.
+    pub fn load_customer_consistent(
+        &self,
+        customer: &str,
+        meta: &str,
+    ) -> Result<(Option<CustomerState>, Option<Vec<u8>>), StoreError> {
         let snapshot = self.db.snapshot();
-        self.load_customer_with(customer, || {
+        let read_options = || {
             let mut opts = ReadOptions::default();
             opts.set_snapshot(&snapshot);
             opts
-        })
+        };
+        let meta = self
+            .db
+            .get_cf_opt(self.cf(CF_META), meta.as_bytes(), &read_options())?;
+        Ok((self.load_customer_with(customer, read_options)?, meta))
     }
 
     fn load_customer_with(

@@ -12,7 +12,8 @@ use std::sync::{Arc, RwLock};
 use rules::CompiledRules;
 
 use super::{
-    customer_view, wall_ms, ClockMode, CustomerView, DeadLetter, Engine, EngineError, META_OFFSET_PREFIX,
+    customer_view, wall_ms, ClockMode, CustomerView, DeadLetter, Engine, EngineError, META_CLOCK,
+    META_OFFSET_PREFIX,
 };
 use crate::change::Change;
 use crate::codec::{CodecError, Reader};
@@ -63,7 +64,11 @@ pub struct ReadHandle {
 impl ReadHandle {
     /// The evaluation instant, as [`Engine::now`] would answer after the last commit.
     pub fn now(&self) -> i64 {
-        let clock = self.published.clock();
+        self.now_at(self.published.clock())
+    }
+
+    /// The evaluation instant given the event clock of a commit.
+    fn now_at(&self, clock: Option<i64>) -> i64 {
         match self.clock_mode {
             ClockMode::Event => clock.unwrap_or(0),
             ClockMode::Wall => wall_ms().max(clock.unwrap_or(i64::MIN)),
@@ -73,15 +78,23 @@ impl ReadHandle {
     /// A customer as of the last commit, traits evaluated now; see [`Engine::customer`].
     pub fn customer(&self, customer_id: &str) -> Result<Option<CustomerView>, EngineError> {
         let id = rules::normalize(customer_id).into_owned();
-        let Some(mut state) = self.store.load_customer_consistent(&id)? else {
+        // The clock of the same commit as the state: evaluating a commit's events at an
+        // earlier clock would leave its newest events out of the traits.
+        let (state, clock) = self.store.load_customer_consistent(&id, META_CLOCK)?;
+        let Some(mut state) = state else {
             return Ok(None);
         };
+        let clock = match clock {
+            Some(bytes) => Some(Reader::new(&bytes).i64().map_err(StoreError::from)?),
+            None => None,
+        };
+        let now = self.now_at(clock);
         let rules = self.published.rules();
         Ok(Some(customer_view(
             &rules,
             id,
             &mut state,
-            self.now(),
+            now,
             self.retention_ms,
         )))
     }
