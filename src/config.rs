@@ -28,6 +28,42 @@ pub struct Settings {
     pub limits: Limits,
     pub retention: RetentionSettings,
     pub cache: CacheSettings,
+    pub kafka: KafkaFileSettings,
+}
+
+/// `[kafka]`: consume events from a topic instead of (as well as) HTTP. Off unless `brokers`
+/// is set. One processor per consumer group (see docs/kafka.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaFileSettings {
+    /// Bootstrap servers, e.g. "kafka-1:9092,kafka-2:9092".
+    pub brokers: Option<String>,
+    /// The events topic, keyed by `customer_id`.
+    pub topic: String,
+    pub group_id: String,
+    /// Where every change is published; "" publishes none.
+    pub changes_topic: String,
+    /// Where every rejected event is published with its reason; "" publishes none.
+    pub dead_letter_topic: String,
+    /// Events per engine batch, at most.
+    pub max_batch: usize,
+    /// Passed to librdkafka as they are: security.protocol, sasl.*, ssl.*, ... Never logged.
+    pub options: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for KafkaFileSettings {
+    fn default() -> Self {
+        let k = processor::kafka::KafkaSettings::new("", "events", "tagstream");
+        KafkaFileSettings {
+            brokers: None,
+            topic: k.topic,
+            group_id: k.group_id,
+            changes_topic: k.changes_topic.unwrap_or_default(),
+            dead_letter_topic: k.dlq_topic.unwrap_or_default(),
+            max_batch: k.max_batch,
+            options: Default::default(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -111,6 +147,7 @@ impl Default for Settings {
             limits: Limits::default(),
             retention: RetentionSettings::default(),
             cache: CacheSettings::default(),
+            kafka: KafkaFileSettings::default(),
         }
     }
 }
@@ -175,6 +212,18 @@ impl Settings {
         }
     }
 
+    /// The Kafka side, when `kafka.brokers` is set.
+    pub fn kafka_settings(&self) -> Option<processor::kafka::KafkaSettings> {
+        let k = &self.kafka;
+        let brokers = k.brokers.as_deref().filter(|b| !b.is_empty())?;
+        let mut settings = processor::kafka::KafkaSettings::new(brokers, &k.topic, &k.group_id);
+        settings.changes_topic = Some(k.changes_topic.clone()).filter(|t| !t.is_empty());
+        settings.dlq_topic = Some(k.dead_letter_topic.clone()).filter(|t| !t.is_empty());
+        settings.max_batch = k.max_batch.max(1);
+        settings.client_options = k.options.clone();
+        Some(settings)
+    }
+
     /// The settings file with every key at its default, for `deploy/` and the docs.
     pub fn default_file() -> String {
         let d = Settings::default();
@@ -202,6 +251,20 @@ dedup_horizon = "7d"      # how long an event_id is remembered
 customers = {customers}       # customers kept in memory between batches
 block_cache_mb = {block_cache_mb}      # RocksDB block cache
 memtable_mb = {memtable_mb}         # RocksDB memtables, all column families together
+
+[kafka]                   # off unless brokers is set; one processor per consumer group
+# brokers = "localhost:9092"
+topic = "{kafka_topic}"           # events, keyed by customer_id
+group_id = "{kafka_group}"
+changes_topic = "{kafka_changes}"  # every change as JSON, key customer_id; "" for none
+dead_letter_topic = "{kafka_dlq}"  # rejected events, reason in headers; "" for none
+max_batch = {kafka_batch}           # events per engine batch
+
+[kafka.options]           # passed to librdkafka as they are; never logged
+# "security.protocol" = "SASL_SSL"
+# "sasl.mechanism" = "SCRAM-SHA-512"
+# "sasl.username" = "tagstream"
+# "sasl.password" = "..."
 "#,
             data_dir = d.data_dir.display(),
             listen = d.listen,
@@ -211,6 +274,11 @@ memtable_mb = {memtable_mb}         # RocksDB memtables, all column families tog
             customers = d.cache.customers,
             block_cache_mb = d.cache.block_cache_mb,
             memtable_mb = d.cache.memtable_mb,
+            kafka_topic = d.kafka.topic,
+            kafka_group = d.kafka.group_id,
+            kafka_changes = d.kafka.changes_topic,
+            kafka_dlq = d.kafka.dead_letter_topic,
+            kafka_batch = d.kafka.max_batch,
         )
     }
 }
@@ -239,6 +307,29 @@ mod tests {
             Settings::default_file(),
             "regenerate with `tagstream default-config`"
         );
+    }
+
+    #[test]
+    fn kafka_is_off_until_brokers_are_set_and_options_pass_through() {
+        assert_eq!(Settings::default().kafka_settings(), None);
+        let s: Settings = toml::from_str(
+            "[kafka]\nbrokers = \"k1:9092,k2:9092\"\ntopic = \"crm-events\"\nchanges_topic = \"\"\n\
+             [kafka.options]\n\"security.protocol\" = \"SASL_SSL\"\n\"sasl.password\" = \"s3cret\"\n",
+        )
+        .unwrap();
+        let k = s.kafka_settings().unwrap();
+        assert_eq!(
+            (k.brokers.as_str(), k.topic.as_str(), k.group_id.as_str()),
+            ("k1:9092,k2:9092", "crm-events", "tagstream")
+        );
+        assert_eq!(k.changes_topic, None, "an empty topic publishes nothing");
+        assert_eq!(k.dlq_topic.as_deref(), Some("tagstream-dead-letters"));
+        assert_eq!(k.client_options["security.protocol"], "SASL_SSL");
+        assert_eq!(k.client_options["sasl.password"], "s3cret");
+        let err = toml::from_str::<Settings>("[kafka]\nbroker = \"x\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `broker`"), "{err}");
     }
 
     #[test]

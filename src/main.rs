@@ -47,6 +47,18 @@ enum Command {
         /// Largest accepted request body, in bytes [default: 16 MiB].
         #[arg(long)]
         max_request_bytes: Option<usize>,
+        /// Consume events from Kafka at these bootstrap servers (see docs/kafka.md).
+        #[arg(long)]
+        kafka_brokers: Option<String>,
+        /// The Kafka events topic [default: events].
+        #[arg(long)]
+        kafka_topic: Option<String>,
+        /// The Kafka consumer group [default: tagstream].
+        #[arg(long)]
+        kafka_group: Option<String>,
+        /// A librdkafka setting, KEY=VALUE (repeatable): security.protocol, sasl.*, ssl.*.
+        #[arg(long, value_parser = key_value)]
+        kafka_option: Vec<(String, String)>,
     },
     /// Serve on the embedded default with the example rules and a built-in stream of
     /// realistic events, so tags and segments change live.
@@ -187,15 +199,31 @@ fn main() -> ExitCode {
             store,
             listen,
             max_request_bytes,
+            kafka_brokers,
+            kafka_topic,
+            kafka_group,
+            kafka_option,
         } => store.settings().and_then(|mut settings| {
             settings.listen = listen.unwrap_or(settings.listen);
             settings.limits.max_request_bytes =
                 max_request_bytes.unwrap_or(settings.limits.max_request_bytes);
+            let kafka = &mut settings.kafka;
+            kafka.brokers = kafka_brokers.or(kafka.brokers.take());
+            kafka.topic = kafka_topic.unwrap_or(std::mem::take(&mut kafka.topic));
+            kafka.group_id = kafka_group.unwrap_or(std::mem::take(&mut kafka.group_id));
+            kafka.options.extend(kafka_option);
             let engine = open_engine(&settings)?;
             let api = query_api::ApiConfig {
                 max_request_bytes: settings.limits.max_request_bytes,
             };
-            serve::serve(engine, settings.listen, api, |_, _, _| {}).map(|()| ExitCode::SUCCESS)
+            serve::serve(
+                engine,
+                settings.listen,
+                api,
+                settings.kafka_settings(),
+                |_, _, _| {},
+            )
+            .map(|()| ExitCode::SUCCESS)
         }),
         Command::Demo {
             data_dir,
@@ -226,6 +254,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// `KEY=VALUE` of `--kafka-option`.
+fn key_value(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
+        _ => Err(format!("expected KEY=VALUE, not `{text}`")),
+    }
+}
+
 /// The example rules every demo starts with.
 const DEMO_RULES: &str = include_str!("../deploy/rules/example.trl");
 
@@ -245,6 +281,7 @@ fn run_demo(
         engine,
         listen,
         query_api::ApiConfig::default(),
+        None,
         move |bound, handle, stopping| {
             println!(
                 "demo: streaming {rate} events/s for {customers} customers (rules: deploy/rules/example.trl)"

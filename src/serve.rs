@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use processor::kafka::{self, ApplyError, KafkaBatch, KafkaSettings, KafkaStatus};
 use processor::Engine;
 use query_api::{router, ApiConfig, AppState, EngineHandle, EngineThreadConfig};
 
@@ -15,11 +16,29 @@ pub fn serve(
     engine: Engine,
     listen: SocketAddr,
     api: ApiConfig,
+    kafka: Option<KafkaSettings>,
     on_ready: impl FnOnce(SocketAddr, EngineHandle, Arc<AtomicBool>) + Send + 'static,
 ) -> anyhow::Result<()> {
     let stopping = Arc::new(AtomicBool::new(false));
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let (handle, engine_thread) = EngineHandle::spawn(engine, EngineThreadConfig::default());
+    let mut state = AppState::new(handle.clone(), api);
+    let kafka_workers = match kafka {
+        Some(settings) => {
+            let status = Arc::new(KafkaStatus::default());
+            state.kafka = Some(status.clone());
+            tracing::info!(brokers = %settings.brokers, topic = %settings.topic, group = %settings.group_id, "consuming from Kafka");
+            let workers = kafka::start(
+                settings,
+                handle.reader().clone(),
+                kafka_apply(handle.clone()),
+                status,
+            )
+            .context("starting the Kafka consumer")?;
+            Some(workers)
+        }
+        None => None,
+    };
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
@@ -28,7 +47,8 @@ pub fn serve(
         tracing::info!(%bound, "serving");
         announce(&format!("tagstream listening on http://{bound}"));
         on_ready(bound, handle.clone(), stopping.clone());
-        let app = router(AppState::new(handle, api));
+        drop(handle);
+        let app = router(state);
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown_signal())
             .await;
@@ -36,6 +56,10 @@ pub fn serve(
         served?;
         anyhow::Ok(())
     })?;
+    // The consumer applies its batch in flight and stops; publishers stop at a batch end.
+    if let Some(workers) = kafka_workers {
+        workers.stop();
+    }
     // Every handle is gone once the server stops: the engine thread drains its queue,
     // flushes, and ends.
     runtime.shutdown_timeout(Duration::from_secs(5));
@@ -45,6 +69,23 @@ pub fn serve(
     tracing::info!("stopped cleanly");
     announce("tagstream stopped cleanly");
     Ok(())
+}
+
+/// How the Kafka consumer hands a batch to the engine thread: with each partition's next
+/// offset, committed atomically with the state (see `processor::kafka`).
+fn kafka_apply(handle: EngineHandle) -> kafka::Apply {
+    Box::new(move |batch: Arc<KafkaBatch>| {
+        let received = std::time::Instant::now();
+        let result = handle.call_blocking(move |engine| {
+            query_api::metrics::ingest_measured(engine, &batch.events, &batch.positions, received)
+        });
+        match result {
+            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Err(e)) => Err(ApplyError::Failed(e.to_string())),
+            Err(query_api::ApiError::Busy) => Err(ApplyError::Busy),
+            Err(e) => Err(ApplyError::Failed(e.to_string())),
+        }
+    })
 }
 
 /// A line on stdout for whoever started us. Never fails: by shutdown the reader of a pipe
@@ -100,9 +141,9 @@ pub fn demo_generator(handle: EngineHandle, stopping: Arc<AtomicBool>, rate: u32
                         bench::loadgen::event_line(i, &customer, now, &mut rng).into_bytes()
                     })
                     .collect();
-                let result = runtime.block_on(
-                    handle.call(move |engine| query_api::metrics::ingest_measured(engine, &events, started)),
-                );
+                let result = runtime.block_on(handle.call(move |engine| {
+                    query_api::metrics::ingest_measured::<_, &str>(engine, &events, &[], started)
+                }));
                 if let Err(e) = result {
                     tracing::warn!(error = %e, "demo generator could not ingest; stopping");
                     return;

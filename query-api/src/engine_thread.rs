@@ -87,6 +87,29 @@ impl EngineHandle {
         &self.reader
     }
 
+    /// Like [`EngineHandle::call`] for threads outside the async runtime (the Kafka
+    /// consumer): blocks until the engine has run `f`.
+    pub fn call_blocking<R, F>(&self, f: F) -> Result<R, ApiError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Engine) -> R + Send + 'static,
+    {
+        let (reply, answer) = std::sync::mpsc::sync_channel(1);
+        let job: Job = Box::new(move |engine| {
+            let _ = reply.send(f(engine));
+        });
+        match self.jobs.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => return Err(ApiError::Busy),
+            Err(TrySendError::Disconnected(_)) => {
+                return Err(ApiError::Internal("the engine has stopped".into()))
+            }
+        }
+        answer
+            .recv()
+            .map_err(|_| ApiError::Internal("the engine dropped the request".into()))
+    }
+
     /// Runs `f` on the engine thread and returns its result.
     pub async fn call<R, F>(&self, f: F) -> Result<R, ApiError>
     where

@@ -55,6 +55,8 @@ pub struct AppState {
     pub engine: EngineHandle,
     pub prometheus: metrics_exporter_prometheus::PrometheusHandle,
     pub config: ApiConfig,
+    /// Set when events come from Kafka: `/readyz` is false until partitions are assigned.
+    pub kafka: Option<std::sync::Arc<processor::kafka::KafkaStatus>>,
 }
 
 impl AppState {
@@ -63,6 +65,7 @@ impl AppState {
             engine,
             prometheus: metrics::prometheus(),
             config,
+            kafka: None,
         }
     }
 }

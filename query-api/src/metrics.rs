@@ -29,16 +29,18 @@ pub fn prometheus() -> PrometheusHandle {
         .clone()
 }
 
-/// Ingests a batch on the engine thread and records what it did: events by result,
+/// Ingests a batch on the engine thread (with the source positions it reaches, for Kafka)
+/// and records what it did: events by result,
 /// apply latency, event-to-change latency from `received` (when the batch arrived, so
 /// queueing and parsing count) once per change, and the timers the batch fired.
-pub fn ingest_measured<B: AsRef<[u8]>>(
+pub fn ingest_measured<B: AsRef<[u8]>, S: AsRef<str>>(
     engine: &mut Engine,
     events: &[B],
+    positions: &[(S, u64)],
     received: Instant,
 ) -> Result<IngestOutcome, EngineError> {
     let started = Instant::now();
-    let outcome = engine.ingest(events);
+    let outcome = engine.ingest_from(events, positions);
     if let Ok(o) = &outcome {
         record_ingest(o, started.elapsed(), received);
     }

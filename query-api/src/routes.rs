@@ -56,7 +56,7 @@ pub async fn ingest(
     let received = Instant::now();
     let outcome = app
         .engine
-        .call(move |engine| m::ingest_measured(engine, &events, received))
+        .call(move |engine| m::ingest_measured::<_, &str>(engine, &events, &[], received))
         .await??;
     Ok(Json(json!({
         "accepted": outcome.accepted,
@@ -628,6 +628,13 @@ pub async fn healthz() -> Json<Json_> {
 }
 
 pub async fn readyz(State(app): State<AppState>) -> Response {
+    if let Some(Err(reason)) = app.kafka.as_ref().map(|k| k.ready()) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "ready": false, "error": reason })),
+        )
+            .into_response();
+    }
     match app.engine.call(|engine| engine.backfill_progress()).await {
         Ok(progress) => Json(json!({
             "ready": true,

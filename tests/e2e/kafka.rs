@@ -1,0 +1,352 @@
+//! Kafka end to end against a real Kafka-protocol broker (tansu, started here on loopback):
+//! the conformance stream produced to a topic and consumed by `tagstream serve`, killed with
+//! SIGKILL mid-stream several times and restarted, ends exactly like the same stream sent over
+//! HTTP to an uninterrupted server — same change log (seq, at and cause included), customers
+//! and dead letters — and the `tag-changes` topic, after dropping duplicate `seq`, is that
+//! change log.
+//!
+//! `./scripts/test-all.sh` installs tansu (a pinned prebuilt binary) and sets
+//! `TAGSTREAM_TANSU`; see DEVELOPERS notes in docs/kafka.md.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use processor::{ClockMode, Engine, EngineConfig};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use tests::http::request;
+use tests::{repo_root, TempDir};
+
+fn tansu_binary() -> PathBuf {
+    let path = std::env::var_os("TAGSTREAM_TANSU")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/tagstream-tools/tansu")))
+        .expect("HOME or TAGSTREAM_TANSU");
+    assert!(
+        path.exists(),
+        "no tansu broker at {}: run ./scripts/test-all.sh, which installs it, or set TAGSTREAM_TANSU",
+        path.display()
+    );
+    path
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A tansu broker with in-memory storage, stopped on drop.
+struct Broker {
+    child: Child,
+    addr: String,
+}
+
+impl Broker {
+    fn start() -> Broker {
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(tansu_binary())
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tansu");
+        let addr = format!("127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(&addr).is_err() {
+            assert!(Instant::now() < deadline, "tansu did not listen on {addr}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Broker { child, addr }
+    }
+
+    fn create_topic(&self, name: &str, partitions: u32) {
+        let status = Command::new(tansu_binary())
+            .args(["topic", "create", name, "--broker"])
+            .arg(format!("tcp://{}", self.addr))
+            .args(["--partitions", &partitions.to_string()])
+            .stdout(Stdio::null())
+            .status()
+            .expect("tansu topic create");
+        assert!(status.success(), "creating topic {name}");
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn conformance() -> PathBuf {
+    repo_root().parent().unwrap().join("shared/conformance")
+}
+
+/// The conformance stream's non-blank lines, as bytes (some are not UTF-8, on purpose).
+fn stream() -> Vec<Vec<u8>> {
+    std::fs::read(conformance().join("events.ndjson"))
+        .unwrap()
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
+        .map(<[u8]>::to_vec)
+        .collect()
+}
+
+fn produce(brokers: &str, lines: &[Vec<u8>]) {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .create()
+        .unwrap();
+    for line in lines {
+        let key = serde_json::from_slice::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| {
+                v["customer_id"]
+                    .as_str()
+                    .map(|c| rules::normalize(c).into_owned())
+            });
+        let mut record: BaseRecord<'_, str, [u8]> = BaseRecord::to("events").payload(&line[..]);
+        if let Some(key) = &key {
+            record = record.key(key.as_str());
+        }
+        while let Err((e, r)) = producer.send(record) {
+            assert!(e.to_string().contains("Queue full"), "{e}");
+            producer.poll(Duration::from_millis(10));
+            record = r;
+        }
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+}
+
+/// A `tagstream serve` process on a data dir; `extra` flags on top of the event clock.
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    fn start(data: &Path, config: &Path) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tagstream"))
+            .arg("serve")
+            .arg("--config")
+            .arg(config)
+            .arg("--data-dir")
+            .arg(data)
+            .arg("--rules")
+            .arg(conformance().join("example.trl"))
+            .args(["--clock", "event", "--listen", "127.0.0.1:0"])
+            .env("TAGSTREAM_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start tagstream serve");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("tagstream listening on http://")
+            .unwrap_or_else(|| panic!("{line}"))
+            .to_owned();
+        Server { child, addr }
+    }
+
+    fn last_seq(&self) -> u64 {
+        let r = request(&self.addr, "GET", "/metrics", b"");
+        r.text()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("tagstream_change_log_next_seq ")?
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+            .map_or(0, |next| (next as u64).saturating_sub(1))
+    }
+
+    fn dead_letters(&self) -> usize {
+        let r = request(&self.addr, "GET", "/v1/dlq?limit=10000", b"");
+        r.json()["dead_letters"].as_array().map_or(0, Vec::len)
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "{status}");
+    }
+
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+/// Change log, customers and dead letters (reason, bytes) of a stopped store.
+type Snapshot = (Vec<serde_json::Value>, Vec<String>, Vec<(String, Vec<u8>)>);
+
+fn snapshot(data: &Path) -> Snapshot {
+    let config = EngineConfig {
+        clock: ClockMode::Event,
+        sync_writes: false,
+        ..Default::default()
+    };
+    let engine = Engine::open(data, None, config).unwrap();
+    let changes = engine
+        .changes(0, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|c| serde_json::to_value(c).unwrap())
+        .collect();
+    let customers = engine
+        .customer_ids()
+        .unwrap()
+        .into_iter()
+        .map(|id| format!("{:?}", engine.customer(&id).unwrap().unwrap()))
+        .collect();
+    let dead = engine
+        .dead_letters(None, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .map(|d| (d.reason, d.raw))
+        .collect();
+    (changes, customers, dead)
+}
+
+fn read_changes_topic(brokers: &str, expected: usize) -> BTreeMap<u64, serde_json::Value> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("changes-reader-{}", std::process::id()))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&["tag-changes"]).unwrap();
+    let mut by_seq = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while by_seq.len() < expected && Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            let change: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+            let seq = change["seq"].as_u64().unwrap();
+            if let Some(earlier) = by_seq.insert(seq, change.clone()) {
+                assert_eq!(earlier, change, "a re-published change is the same change");
+            }
+        }
+    }
+    by_seq
+}
+
+#[test]
+fn kafka_consumer_killed_mid_stream_ends_like_an_uninterrupted_http_run() {
+    let lines = stream();
+    // The reference: the same stream over HTTP, in order, uninterrupted.
+    let reference = TempDir::new("kafka-ref");
+    let plain = reference.path().join("plain.toml");
+    std::fs::write(&plain, "").unwrap();
+    let server = Server::start(&reference.path().join("data"), &plain);
+    for chunk in lines.chunks(500) {
+        let body = chunk.join(&b'\n');
+        let r = request(&server.addr, "POST", "/v1/events", &body);
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let (expected_seq, expected_dead) = (server.last_seq(), server.dead_letters());
+    server.stop();
+    let expected = snapshot(&reference.path().join("data"));
+    assert_eq!(expected.0.len() as u64, expected_seq);
+    assert!(expected_seq > 100, "the stream produces changes");
+
+    // One partition: the consumed order is the file's order, so even `since`, `at` and
+    // `seq` must match the reference.
+    let broker = Broker::start();
+    for topic in ["events", "tag-changes", "tagstream-dead-letters"] {
+        broker.create_topic(topic, 1);
+    }
+    produce(&broker.addr, &lines);
+
+    let run = TempDir::new("kafka-killed");
+    let config = run.path().join("tagstream.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "sync_writes = true\n[kafka]\nbrokers = \"{}\"\ngroup_id = \"crash-{}\"\nmax_batch = 40\n\
+             [kafka.options]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n",
+            broker.addr,
+            std::process::id()
+        ),
+    )
+    .unwrap();
+    let data = run.path().join("data");
+    let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut kills = 0;
+    let started = Instant::now();
+    let mut seen = 0;
+    while kills < 3 {
+        assert!(
+            started.elapsed() < Duration::from_secs(240),
+            "no progress to interrupt"
+        );
+        let server = Server::start(&data, &config);
+        // Wait for progress beyond the last run's, then kill at a random moment after it.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while server.last_seq() <= seen && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        std::thread::sleep(Duration::from_millis(seed % 200));
+        let now = server.last_seq();
+        server.kill();
+        if now >= expected_seq {
+            break; // it finished before the kill: the kills so far must do
+        }
+        assert!(now >= seen, "the change log never shrinks across a kill");
+        seen = now;
+        kills += 1;
+    }
+    assert!(kills >= 2, "only {kills} kills mid-stream");
+    let server = Server::start(&data, &config);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while (server.last_seq() < expected_seq || server.dead_letters() < expected_dead)
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Whatever publishing is left, then a clean stop.
+    let published = read_changes_topic(&broker.addr, expected_seq as usize);
+    server.stop();
+
+    let actual = snapshot(&data);
+    assert_eq!(
+        actual.0.len(),
+        expected.0.len(),
+        "change count after {kills} kills"
+    );
+    assert_eq!(actual.0, expected.0, "change log after {kills} kills");
+    assert_eq!(actual.1, expected.1, "customers after {kills} kills");
+    assert_eq!(actual.2, expected.2, "dead letters after {kills} kills");
+    let published: Vec<serde_json::Value> = published.into_values().collect();
+    assert_eq!(published, expected.0, "tag-changes after dropping duplicate seq");
+}
