@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 # shellcheck source=lib/prereqs.sh
 . scripts/lib/prereqs.sh
+# shellcheck source=lib/tansu.sh
+. scripts/lib/tansu.sh
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

