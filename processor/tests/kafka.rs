@@ -284,3 +284,48 @@ fn a_stream_consumed_from_kafka_ends_like_direct_ingest_and_every_change_is_publ
     drop(consumed);
     second.workers.stop();
 }
+
+#[test]
+fn a_second_member_in_the_group_is_reported_not_silently_split() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("events", 2, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let dir = TempDir::new("kafka-two-members");
+    let first = run(dir.path(), &brokers, "shared");
+    wait_until("the first member to own the topic", || {
+        first.status.ready().is_ok()
+    });
+    assert_eq!(first.status.assigned_partitions(), 2);
+
+    // Another process joins the same group and takes a partition.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let other = {
+        let (brokers, stop) = (brokers.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let consumer: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("group.id", "shared")
+                .set("session.timeout.ms", "6000")
+                .set("heartbeat.interval.ms", "500")
+                .create()
+                .unwrap();
+            consumer.subscribe(&["events"]).unwrap();
+            while !stop.load(Ordering::SeqCst) {
+                consumer.poll(Duration::from_millis(50));
+            }
+        })
+    };
+    wait_until("the split to be reported", || {
+        first
+            .status
+            .ready()
+            .is_err_and(|e| e.contains("another member joined the consumer group"))
+    });
+    assert_eq!(first.status.assigned_partitions(), 1);
+
+    // When it leaves, this process owns the whole topic again and is ready.
+    stop.store(true, Ordering::SeqCst);
+    other.join().unwrap();
+    wait_until("the topic to come back", || first.status.ready().is_ok());
+    first.workers.stop();
+}
