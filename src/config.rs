@@ -93,6 +93,8 @@ pub struct RetentionSettings {
 pub struct CacheSettings {
     /// Customers kept in memory between batches (least recently used go first).
     pub customers: usize,
+    /// What those customers may hold in memory (retained events, window queues), in MiB.
+    pub memory_mb: usize,
     /// RocksDB's block cache, in MiB.
     pub block_cache_mb: usize,
     /// RocksDB's memtables, all column families together, in MiB.
@@ -179,6 +181,7 @@ impl Default for CacheSettings {
         let engine = EngineConfig::default();
         CacheSettings {
             customers: engine.cache_customers,
+            memory_mb: engine.cache_bytes >> 20,
             block_cache_mb: engine.block_cache_bytes >> 20,
             memtable_mb: engine.memtable_bytes >> 20,
         }
@@ -206,6 +209,7 @@ impl Settings {
             dedup_horizon_ms: self.retention.dedup_horizon.0,
             retention_ms: self.retention.history.0,
             cache_customers: self.cache.customers,
+            cache_bytes: self.cache.memory_mb << 20,
             block_cache_bytes: self.cache.block_cache_mb << 20,
             memtable_bytes: self.cache.memtable_mb << 20,
             sync_writes: self.sync_writes,
@@ -249,6 +253,7 @@ dedup_horizon = "7d"      # how long an event_id is remembered
 
 [cache]
 customers = {customers}       # customers kept in memory between batches
+memory_mb = {memory_mb}        # what they may hold: retained events, window queues
 block_cache_mb = {block_cache_mb}      # RocksDB block cache
 memtable_mb = {memtable_mb}         # RocksDB memtables, all column families together
 
@@ -272,6 +277,7 @@ max_batch = {kafka_batch}           # events per engine batch
             max_event_bytes = d.limits.max_event_bytes,
             max_event_depth = d.limits.max_event_depth,
             customers = d.cache.customers,
+            memory_mb = d.cache.memory_mb,
             block_cache_mb = d.cache.block_cache_mb,
             memtable_mb = d.cache.memtable_mb,
             kafka_topic = d.kafka.topic,

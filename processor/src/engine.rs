@@ -6,12 +6,14 @@
 //! definitions that can change with time. Each customer has at most one pending timer: the
 //! earliest instant at which time alone could change one of their tags.
 
+mod cache;
 mod explain;
 mod read;
 
 pub use explain::{Explained, Explanation, NextChange};
 pub use read::ReadHandle;
 
+use cache::CustomerCache;
 use read::Published;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -51,6 +53,9 @@ pub struct EngineConfig {
     pub retention_ms: i64,
     /// Most customers kept in memory between batches (least recently used go first).
     pub cache_customers: usize,
+    /// Most bytes (estimated: retained events, window queues, records) those customers may
+    /// hold; with `cache_customers` this bounds the engine's memory whatever the data.
+    pub cache_bytes: usize,
     /// RocksDB's block cache for the customer records, events and dedup keys, in bytes.
     pub block_cache_bytes: usize,
     /// RocksDB's memtables, all column families together, in bytes.
@@ -67,6 +72,7 @@ impl Default for EngineConfig {
             dedup_horizon_ms: 7 * 86_400_000,
             retention_ms: rules::DEFAULT_RETENTION_MS,
             cache_customers: 100_000,
+            cache_bytes: 1 << 30,
             block_cache_bytes: 256 << 20,
             memtable_bytes: 256 << 20,
             sync_writes: true,
@@ -273,7 +279,7 @@ pub struct Engine {
     timers: BTreeSet<(i64, Arc<str>)>,
     /// Timers fired since [`Engine::take_fired_timers`] last ran.
     fired: FiredTimers,
-    cache: HashMap<Arc<str>, CustomerState>,
+    cache: CustomerCache,
     /// Batches committed since open; the cache's clock for eviction.
     batches: u64,
     backfill_cursor: Option<Vec<u8>>,
@@ -391,7 +397,7 @@ impl Engine {
             counters,
             timers,
             fired: FiredTimers::default(),
-            cache: HashMap::new(),
+            cache: CustomerCache::default(),
             batches: 0,
             backfill_cursor,
             backfill_done: 0,
@@ -1037,20 +1043,12 @@ impl Engine {
     /// recently used customers are dropped down to 90% of it, so eviction work is amortised
     /// over many batches and hot customers stay.
     fn evict(&mut self) {
-        let capacity = self.config.cache_customers;
-        if self.cache.len() <= capacity {
-            return;
-        }
-        let keep = capacity - capacity / 10;
-        let mut ages: Vec<u64> = self.cache.values().map(|s| s.last_used).collect();
-        let drop = ages.len() - keep;
-        let (_, threshold, _) = ages.select_nth_unstable(drop - 1);
-        let threshold = *threshold;
-        // Ties at the threshold are dropped too; at worst that evicts a batch's worth more.
-        self.cache.retain(|_, state| state.last_used > threshold);
+        self.cache
+            .evict(self.config.cache_customers, self.config.cache_bytes);
+        metrics::gauge!("tagstream_cache_customers").set(self.cache.len() as f64);
+        metrics::gauge!("tagstream_cache_bytes").set(self.cache.bytes() as f64);
     }
 
-    /// After a failed commit: forget everything in memory that the store does not have.
     fn rollback(&mut self, saved: Counters) {
         self.counters = saved;
         self.cache.clear();
@@ -1288,7 +1286,7 @@ impl Engine {
         limit: usize,
     ) -> Result<Option<Vec<StoredEvent>>, EngineError> {
         let id = rules::normalize(customer_id);
-        if !self.cache.contains_key(&*id) && self.store.get(CF_CUSTOMERS, id.as_bytes())?.is_none() {
+        if !self.cache.contains_key(&id) && self.store.get(CF_CUSTOMERS, id.as_bytes())?.is_none() {
             return Ok(None);
         }
         Ok(Some(self.store.customer_events_newest_first(&id, before, limit)?))

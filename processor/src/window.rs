@@ -201,6 +201,15 @@ impl WindowState {
     }
 
     /// The instant the state was last advanced to.
+    /// Events held in the queue (for memory accounting).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
     pub fn at(&self) -> i64 {
         self.at
     }

@@ -42,6 +42,10 @@ fn conformance_value(v: &rules::Value) -> Json {
 }
 
 fn run(rules_name: &str, cache_customers: usize) {
+    run_with_memory(rules_name, cache_customers, EngineConfig::default().cache_bytes);
+}
+
+fn run_with_memory(rules_name: &str, cache_customers: usize, cache_bytes: usize) {
     let dir = conformance_dir();
     let rules = std::fs::read_to_string(dir.join(format!("{rules_name}.trl"))).expect("rules");
     let expected_dir = dir.join(format!("expected-{rules_name}"));
@@ -54,6 +58,7 @@ fn run(rules_name: &str, cache_customers: usize) {
         clock: ClockMode::Event,
         sync_writes: false,
         cache_customers,
+        cache_bytes,
         ..Default::default()
     };
     let mut engine = Engine::open(data.path(), Some(&rules), config).expect("open engine");
@@ -218,6 +223,13 @@ fn example_rules_match_the_reference_outputs() {
 #[test]
 fn example_rules_match_with_a_customer_cache_of_three() {
     run("example", 3);
+}
+
+/// A memory budget of 64 KiB: customers with a long history are evicted after every batch
+/// and read back from RocksDB, which must not change a thing.
+#[test]
+fn example_rules_match_with_a_tiny_memory_budget() {
+    run_with_memory("example", 100_000, 64 << 10);
 }
 
 #[test]

@@ -1,0 +1,169 @@
+//! The customers kept in memory between batches: bounded by a count and by an estimate of
+//! their bytes, least recently used evicted first.
+//!
+//! The byte estimate is what makes memory bounded by configuration rather than by data: a
+//! cached customer holds their retained history and the per-window queues, so with Zipf
+//! activity a few head customers can weigh more than the whole tail. Estimating costs O(1)
+//! per customer (counts, not a walk over the events).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::state::CustomerState;
+
+/// Bytes of one retained event in memory: the `Event` (type, ts, arrival, props vector), its
+/// property names and values on the heap, and the history's vector slot. Measured on the
+/// scenario mix (3–4 properties per event), rounded up.
+const EVENT_BYTES: usize = 320;
+/// One entry of a window's queue (ts, arrival, input value).
+const WINDOW_ENTRY_BYTES: usize = 64;
+/// The record itself: profile, memberships, maps, the cache slot.
+const BASE_BYTES: usize = 1024;
+
+/// An estimate of what `state` holds in memory.
+pub fn estimate_bytes(state: &CustomerState) -> usize {
+    let windows: usize = state
+        .windows
+        .as_ref()
+        .map_or(0, |w| w.iter().map(|w| w.len()).sum());
+    BASE_BYTES
+        + state.history.events.len() * EVENT_BYTES
+        + state.history.profile.len() * 96
+        + (state.members.len() + state.event_tags.len() + state.manual.len()) * 96
+        + windows * WINDOW_ENTRY_BYTES
+}
+
+#[derive(Default)]
+pub struct CustomerCache {
+    map: HashMap<Arc<str>, (CustomerState, usize)>,
+    bytes: usize,
+}
+
+impl CustomerCache {
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// The estimated bytes of every cached customer.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn get(&self, customer: &str) -> Option<&CustomerState> {
+        self.map.get(customer).map(|(s, _)| s)
+    }
+
+    pub fn contains_key(&self, customer: &str) -> bool {
+        self.map.contains_key(customer)
+    }
+
+    pub fn remove(&mut self, customer: &str) -> Option<CustomerState> {
+        let (state, bytes) = self.map.remove(customer)?;
+        self.bytes -= bytes;
+        Some(state)
+    }
+
+    pub fn insert(&mut self, customer: Arc<str>, state: CustomerState) {
+        let bytes = estimate_bytes(&state);
+        self.bytes += bytes;
+        if let Some((_, old)) = self.map.insert(customer, (state, bytes)) {
+            self.bytes -= old;
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.map.clear();
+        self.bytes = 0;
+    }
+
+    /// When over `max_customers` or `max_bytes`, evicts the least recently used customers
+    /// down to 90% of both (so eviction runs once in many batches, not on every one).
+    pub fn evict(&mut self, max_customers: usize, max_bytes: usize) {
+        if self.map.len() <= max_customers && self.bytes <= max_bytes {
+            return;
+        }
+        let keep_customers = max_customers - max_customers / 10;
+        let keep_bytes = max_bytes - max_bytes / 10;
+        let mut by_age: Vec<(u64, usize)> = self.map.values().map(|(s, b)| (s.last_used, *b)).collect();
+        by_age.sort_unstable_by_key(|b| std::cmp::Reverse(b.0));
+        // Keep the most recently used while both budgets allow; everything older goes.
+        let (mut kept, mut bytes) = (0usize, 0usize);
+        let mut threshold = None;
+        for (age, b) in by_age {
+            if kept + 1 > keep_customers || bytes + b > keep_bytes {
+                threshold = Some(age);
+                break;
+            }
+            kept += 1;
+            bytes += b;
+        }
+        let Some(threshold) = threshold else { return };
+        // Ties at the threshold go too; at worst that evicts a batch's worth more.
+        let mut freed = 0;
+        self.map.retain(|_, (state, b)| {
+            let keep = state.last_used > threshold;
+            if !keep {
+                freed += *b;
+            }
+            keep
+        });
+        self.bytes -= freed;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn customer(last_used: u64, events: usize) -> CustomerState {
+        let mut state = CustomerState {
+            last_used,
+            ..Default::default()
+        };
+        for i in 0..events {
+            state.history.events.push(rules::Event {
+                event_type: "view".into(),
+                ts: i as i64,
+                arrival: i as u64,
+                props: Default::default(),
+            });
+        }
+        state
+    }
+
+    #[test]
+    fn evicts_least_recently_used_to_stay_under_both_budgets() {
+        let mut cache = CustomerCache::default();
+        for i in 0..10u64 {
+            cache.insert(format!("c{i}").into(), customer(i, 10));
+        }
+        let each = estimate_bytes(&customer(0, 10));
+        assert_eq!(cache.bytes(), 10 * each);
+        // Under both budgets: nothing happens.
+        cache.evict(10, 10 * each);
+        assert_eq!(cache.len(), 10);
+        // Over the byte budget: the oldest go until 90% of it is met.
+        cache.evict(100, 5 * each);
+        assert!(cache.bytes() <= 5 * each - 5 * each / 10, "{}", cache.bytes());
+        assert!(cache.contains_key("c9") && cache.contains_key("c8"));
+        assert!(!cache.contains_key("c0"));
+        let bytes: usize = (0..10).filter(|i| cache.contains_key(&format!("c{i}"))).count() * each;
+        assert_eq!(cache.bytes(), bytes, "the running total matches what is left");
+        // Over the count budget.
+        cache.evict(2, usize::MAX);
+        assert!(cache.len() <= 2);
+        assert!(cache.contains_key("c9"));
+    }
+
+    #[test]
+    fn one_heavy_customer_weighs_as_much_as_its_history() {
+        let mut cache = CustomerCache::default();
+        cache.insert("light".into(), customer(1, 1));
+        cache.insert("heavy".into(), customer(0, 100_000));
+        assert!(cache.bytes() > 100_000 * EVENT_BYTES);
+        cache.evict(100, 10 << 20);
+        assert!(!cache.contains_key("heavy") && cache.contains_key("light"));
+        assert!(cache.remove("light").is_some());
+        assert_eq!(cache.bytes(), 0);
+    }
+}
