@@ -349,6 +349,8 @@ fn run_replay(
         total as f64 / secs.max(1e-9)
     );
     if stats {
+        let (customers, bytes) = engine.cache_usage();
+        println!("cache: {customers} customers, an estimated {} MiB", bytes >> 20);
         print_store_stats(&engine)?;
     }
     Ok(ExitCode::SUCCESS)

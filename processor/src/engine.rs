@@ -72,7 +72,7 @@ impl Default for EngineConfig {
             dedup_horizon_ms: 7 * 86_400_000,
             retention_ms: rules::DEFAULT_RETENTION_MS,
             cache_customers: 100_000,
-            cache_bytes: 1 << 30,
+            cache_bytes: 2 << 30,
             block_cache_bytes: 256 << 20,
             memtable_bytes: 256 << 20,
             sync_writes: true,
@@ -445,6 +445,11 @@ impl Engine {
     /// The timers fired since the last call, for metrics.
     pub fn take_fired_timers(&mut self) -> FiredTimers {
         std::mem::take(&mut self.fired)
+    }
+
+    /// Customers in the in-memory cache, and the estimate of their bytes (`[cache]`).
+    pub fn cache_usage(&self) -> (usize, usize) {
+        (self.cache.len(), self.cache.bytes())
     }
 
     pub fn pending_timers(&self) -> usize {
