@@ -314,6 +314,8 @@ fn consume(
                 Some(Ok(_)) => {}
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "Kafka consumer poll");
+                    // Whatever the error, do not spin on it.
+                    std::thread::sleep(Duration::from_millis(100));
                     break;
                 }
             }
