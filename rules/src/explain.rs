@@ -68,6 +68,13 @@ impl CompiledRules {
     /// aggregates and definitions it reads. Like [`CompiledRules::next_change`] it may be
     /// early (the value is then unchanged at that instant) but never late.
     pub fn next_change_of<F: Facts + ?Sized>(&self, id: DefId, facts: &F) -> Option<i64> {
+        let def = &self.defs[id];
+        // A trait built on `since` grows with the clock: it changes every millisecond.
+        if let (DefKind::Trait, true, Some(expr)) = (def.kind, def.uses_since, &def.expr) {
+            if self.grows_with_time(expr, facts) {
+                return facts.now().checked_add(1);
+            }
+        }
         let (defs, aggs) = self.reads(id);
         self.next_change_where(facts, |a| aggs[a], |d| defs[d])
     }
@@ -317,6 +324,36 @@ mod tests {
             Some(1000 + 45 * 60_000 + 1)
         );
         assert_eq!(rules.next_change(&facts), Some(1000 + 45 * 60_000 + 1));
+    }
+
+    #[test]
+    fn a_trait_that_grows_with_time_changes_at_the_next_millisecond() {
+        let rules = CompiledRules::compile(
+            "trait waited = since(lead_created)\ntrait waited_days = since(lead_created) / 1d\n",
+        )
+        .unwrap();
+        let mut carol = CustomerHistory::new();
+        carol.push(
+            Event {
+                event_type: "lead_created".into(),
+                ts: 1000,
+                arrival: 0,
+                props: Props::default(),
+            },
+            [],
+        );
+        let facts = carol.facts(&rules, 5000, DEFAULT_RETENTION_MS);
+        for name in ["waited", "waited_days"] {
+            let id = rules.lookup(name).unwrap();
+            assert_eq!(rules.next_change_of(id, &facts), Some(5001), "{name}");
+        }
+        // No lead yet: `since` is null and stays null until an event comes.
+        let empty = CustomerHistory::new();
+        let facts = empty.facts(&rules, 5000, DEFAULT_RETENTION_MS);
+        assert_eq!(
+            rules.next_change_of(rules.lookup("waited").unwrap(), &facts),
+            None
+        );
     }
 
     #[test]

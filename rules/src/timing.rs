@@ -113,6 +113,12 @@ impl CompiledRules {
         crate::eval::apply_binary(op, &eval_node(lhs, &scope), &eval_node(rhs, &scope)).is_true()
     }
 
+    /// True when `expr`, linear in `now`, has a non-zero slope at these facts (a `since`
+    /// that is set, not cancelled out).
+    pub(crate) fn grows_with_time<F: Facts + ?Sized>(&self, expr: &Node, facts: &F) -> bool {
+        self.linear(expr, facts).is_some_and(|l| !l.slope.is_zero())
+    }
+
     /// The value of a numeric or duration expression as a linear function of `now`.
     fn linear<F: Facts + ?Sized>(&self, node: &Node, facts: &F) -> Option<Linear> {
         let now = facts.now();
