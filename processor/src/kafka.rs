@@ -438,7 +438,7 @@ struct Outgoing {
     headers: Option<OwnedHeaders>,
 }
 
-const PUBLISH_BATCH: usize = 1_000;
+const PUBLISH_BATCH: usize = 10_000;
 
 fn publish(
     producer: BaseProducer<PublishCtx>,
