@@ -11,17 +11,10 @@ customers=${1:-100000}
 events=${2:-1000000}
 runs=${3:-3}
 partitions=${4:-3}
-work=${BENCH_DIR:-/tmp/tagstream-bench}
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/tagstream-target}
 # shellcheck source=../scripts/lib/tansu.sh
 . scripts/lib/tansu.sh
-cargo build --release -q -p tagstream -p bench
-bin=$CARGO_TARGET_DIR/release
-mkdir -p "$work"
-stream=$work/stream-$customers-$events.ndjson
-if [ ! -s "$stream" ]; then
-    "$bin/loadgen" --customers "$customers" --events "$events" --out "$stream"
-fi
+# shellcheck source=lib.sh
+. bench/lib.sh
 lines=$(grep -cv '^[[:space:]]*$' "$stream")
 port=${BENCH_KAFKA_PORT:-19192}
 http=${BENCH_PORT:-18490}
@@ -42,7 +35,7 @@ sleep 1
 "$TAGSTREAM_TANSU" topic create tag-changes --broker "tcp://127.0.0.1:$port" --partitions "$partitions" >/dev/null
 "$TAGSTREAM_TANSU" topic create tagstream-dead-letters --broker "tcp://127.0.0.1:$port" --partitions 1 >/dev/null
 "$bin/kafkaload" --brokers "127.0.0.1:$port" --topic events --file "$stream"
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+machine_line
 echo "stream: $customers customers, $lines lines on $partitions partitions"
 # Events applied so far: accepted + duplicate + rejected, from /metrics.
 applied() {

@@ -14,16 +14,9 @@ runs=${3:-3}
 ingest=${4:-10000}
 connections=${5:-8}
 pick=${6:-}
-work=${BENCH_DIR:-/tmp/tagstream-bench}
 port=${BENCH_PORT:-18480}
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/tagstream-target}
-cargo build --release -q -p tagstream -p bench
-bin=$CARGO_TARGET_DIR/release
-mkdir -p "$work"
-stream=$work/stream-$customers-$events.ndjson
-if [ ! -s "$stream" ]; then
-    "$bin/loadgen" --customers "$customers" --events "$events" --out "$stream"
-fi
+# shellcheck source=lib.sh
+. bench/lib.sh
 data=$work/lookup-data
 rm -rf "$data"
 "$bin/tagstream" replay "$stream" --data-dir "$data" --rules deploy/rules/example.trl --clock event --quiet
@@ -35,7 +28,7 @@ for _ in $(seq 100); do
     curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break
     sleep 0.2
 done
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+machine_line
 echo "store: $customers customers, $events events replayed; lookups ${pick:---uniform}, ingest $ingest events/s"
 for run in $(seq "$runs"); do
     "$bin/httpload" --addr "127.0.0.1:$port" --customers "$customers" --connections "$connections" \

@@ -9,16 +9,9 @@ cd "$(dirname "$0")/.."
 customers=${1:-1000000}
 events=${2:-10000000}
 runs=${3:-3}
-work=${BENCH_DIR:-/tmp/tagstream-bench}
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/tagstream-target}
-cargo build --release -q -p tagstream -p bench
-bin=$CARGO_TARGET_DIR/release
-mkdir -p "$work"
-stream=$work/stream-$customers-$events.ndjson
-if [ ! -s "$stream" ]; then
-    "$bin/loadgen" --customers "$customers" --events "$events" --out "$stream"
-fi
-echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GB", $2/1048576}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+# shellcheck source=lib.sh
+. bench/lib.sh
+machine_line
 echo "stream: $customers customers, $events events, $(du -h "$stream" | cut -f1)"
 for run in $(seq "$runs"); do
     rm -rf "$work/data"

@@ -15,7 +15,6 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use tests::TempDir;
 
 const RULES: &str = include_str!("../../deploy/rules/example.trl");
@@ -46,33 +45,9 @@ fn stream(events: u64) -> Vec<String> {
         .collect()
 }
 
-/// Produces each line keyed by its normalised customer id (none for lines that have none).
 fn produce(brokers: &str, topic: &str, lines: &[String]) {
-    // Idempotent: a retried produce request must not put a line in the topic twice.
-    let producer: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("enable.idempotence", "true")
-        .create()
-        .unwrap();
-    for line in lines {
-        let key = serde_json::from_str::<serde_json::Value>(line)
-            .ok()
-            .and_then(|v| {
-                v["customer_id"]
-                    .as_str()
-                    .map(|c| rules::normalize(c).into_owned())
-            });
-        let mut record: BaseRecord<'_, str, str> = BaseRecord::to(topic).payload(line.as_str());
-        if let Some(key) = &key {
-            record = record.key(key.as_str());
-        }
-        while let Err((e, r)) = producer.send(record) {
-            assert!(format!("{e}").contains("Queue full"), "{e}");
-            producer.poll(Duration::from_millis(10));
-            record = r;
-        }
-    }
-    producer.flush(Duration::from_secs(10)).unwrap();
+    let producer = bench::kafka::producer(brokers).unwrap();
+    bench::kafka::produce(&producer, topic, lines).unwrap();
 }
 
 /// Messages in the topic: the sum of its partitions' high watermarks.

@@ -95,19 +95,10 @@ impl EngineHandle {
         F: FnOnce(&mut Engine) -> R + Send + 'static,
     {
         let (reply, answer) = std::sync::mpsc::sync_channel(1);
-        let job: Job = Box::new(move |engine| {
+        self.submit(Box::new(move |engine| {
             let _ = reply.send(f(engine));
-        });
-        match self.jobs.try_send(job) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => return Err(ApiError::Busy),
-            Err(TrySendError::Disconnected(_)) => {
-                return Err(ApiError::Internal("the engine has stopped".into()))
-            }
-        }
-        answer
-            .recv()
-            .map_err(|_| ApiError::Internal("the engine dropped the request".into()))
+        }))?;
+        answer.recv().map_err(|_| dropped())
     }
 
     /// Runs `f` on the engine thread and returns its result.
@@ -117,18 +108,21 @@ impl EngineHandle {
         F: FnOnce(&mut Engine) -> R + Send + 'static,
     {
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let job: Job = Box::new(move |engine| {
+        self.submit(Box::new(move |engine| {
             let _ = reply.send(f(engine));
-        });
-        match self.jobs.try_send(job) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => return Err(ApiError::Busy),
-            Err(TrySendError::Disconnected(_)) => {
-                return Err(ApiError::Internal("the engine has stopped".into()))
-            }
-        }
-        answer
-            .await
-            .map_err(|_| ApiError::Internal("the engine dropped the request".into()))
+        }))?;
+        answer.await.map_err(|_| dropped())
     }
+
+    /// Queues a job; a full queue is backpressure (503), never a wait.
+    fn submit(&self, job: Job) -> Result<(), ApiError> {
+        self.jobs.try_send(job).map_err(|e| match e {
+            TrySendError::Full(_) => ApiError::Busy,
+            TrySendError::Disconnected(_) => ApiError::Internal("the engine has stopped".into()),
+        })
+    }
+}
+
+fn dropped() -> ApiError {
+    ApiError::Internal("the engine dropped the request".into())
 }

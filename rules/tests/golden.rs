@@ -15,7 +15,12 @@ use rules::ast::WithoutSpans;
 use rules::{parse, render_all, CompiledRules};
 
 fn cases(dir: &str) -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join(dir);
+    // At run time: a shared target dir may hold a build made from another clone.
+    let root = std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf(),
+        std::path::PathBuf::from,
+    );
+    let dir = root.join("tests").join(dir);
     let mut files: Vec<PathBuf> = fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
         .map(|e| e.expect("directory entry").path())

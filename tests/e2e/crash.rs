@@ -6,8 +6,11 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use processor::{ClockMode, Engine, EngineConfig};
 use tests::{repo_root, TempDir};
+
+#[path = "support/snapshot.rs"]
+mod support;
+use support::snapshot;
 
 const FINAL_CLOCK: &str = "1744732800000";
 
@@ -24,35 +27,6 @@ fn replay(data: &Path, batch_size: usize) -> Command {
         .arg("--batch-size")
         .arg(batch_size.to_string());
     cmd
-}
-
-/// Everything observable about a finished store, as comparable text.
-fn snapshot(data: &Path) -> (Vec<String>, Vec<String>, Vec<(String, String)>) {
-    let config = EngineConfig {
-        clock: ClockMode::Event,
-        sync_writes: false,
-        ..Default::default()
-    };
-    let engine = Engine::open(data, None, config).expect("open finished store");
-    let changes = engine
-        .changes(0, usize::MAX)
-        .unwrap()
-        .iter()
-        .map(|c| String::from_utf8(c.to_json()).unwrap())
-        .collect();
-    let customers = engine
-        .customer_ids()
-        .unwrap()
-        .into_iter()
-        .map(|id| format!("{:?}", engine.customer(&id).unwrap().unwrap()))
-        .collect();
-    let dead = engine
-        .dead_letters(None, usize::MAX)
-        .unwrap()
-        .into_iter()
-        .map(|d| (d.reason, String::from_utf8_lossy(&d.raw).into_owned()))
-        .collect();
-    (changes, customers, dead)
 }
 
 #[test]

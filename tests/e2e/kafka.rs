@@ -15,13 +15,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use processor::{ClockMode, Engine, EngineConfig};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use tests::http::request;
 use tests::{repo_root, TempDir};
+
+#[path = "support/snapshot.rs"]
+mod support;
+use support::snapshot;
 
 fn tansu_binary() -> PathBuf {
     let path = std::env::var_os("TAGSTREAM_TANSU")
@@ -110,30 +112,9 @@ fn stream() -> Vec<Vec<u8>> {
 }
 
 fn produce(brokers: &str, lines: &[Vec<u8>]) {
-    let producer: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("enable.idempotence", "true")
-        .create()
-        .unwrap();
-    for line in lines {
-        let key = serde_json::from_slice::<serde_json::Value>(line)
-            .ok()
-            .and_then(|v| {
-                v["customer_id"]
-                    .as_str()
-                    .map(|c| rules::normalize(c).into_owned())
-            });
-        let mut record: BaseRecord<'_, str, [u8]> = BaseRecord::to("events").payload(&line[..]);
-        if let Some(key) = &key {
-            record = record.key(key.as_str());
-        }
-        while let Err((e, r)) = producer.send(record) {
-            assert!(e.to_string().contains("Queue full"), "{e}");
-            producer.poll(Duration::from_millis(10));
-            record = r;
-        }
-    }
-    producer.flush(Duration::from_secs(30)).unwrap();
+    let producer = bench::kafka::producer(brokers).unwrap();
+    let sent = bench::kafka::produce(&producer, "events", lines).unwrap();
+    assert_eq!(sent as usize, lines.len());
 }
 
 /// A `tagstream serve` process on a data dir; `extra` flags on top of the event clock.
@@ -203,37 +184,6 @@ impl Server {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
     }
-}
-
-/// Change log, customers and dead letters (reason, bytes) of a stopped store.
-type Snapshot = (Vec<serde_json::Value>, Vec<String>, Vec<(String, Vec<u8>)>);
-
-fn snapshot(data: &Path) -> Snapshot {
-    let config = EngineConfig {
-        clock: ClockMode::Event,
-        sync_writes: false,
-        ..Default::default()
-    };
-    let engine = Engine::open(data, None, config).unwrap();
-    let changes = engine
-        .changes(0, usize::MAX)
-        .unwrap()
-        .iter()
-        .map(|c| serde_json::to_value(c).unwrap())
-        .collect();
-    let customers = engine
-        .customer_ids()
-        .unwrap()
-        .into_iter()
-        .map(|id| format!("{:?}", engine.customer(&id).unwrap().unwrap()))
-        .collect();
-    let dead = engine
-        .dead_letters(None, usize::MAX)
-        .unwrap()
-        .into_iter()
-        .map(|d| (d.reason, d.raw))
-        .collect();
-    (changes, customers, dead)
 }
 
 fn read_changes_topic(brokers: &str, expected: usize) -> BTreeMap<u64, serde_json::Value> {

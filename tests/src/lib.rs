@@ -3,11 +3,17 @@
 
 use std::path::{Path, PathBuf};
 
-/// The repository root.
+/// The repository root, found at run time from the package under test (cargo and nextest
+/// set `CARGO_MANIFEST_DIR` when they run a test). Not the path this crate was compiled at:
+/// a shared target dir can hold a build made from another clone of the repository.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ sits in the repository")
+    let start = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    start
+        .ancestors()
+        .find(|dir| dir.join("scripts/test-all.sh").is_file())
+        .unwrap_or_else(|| panic!("no repository root above {}", start.display()))
         .to_path_buf()
 }
 

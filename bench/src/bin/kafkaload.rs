@@ -7,11 +7,7 @@
 //! ```
 
 use std::io::{BufRead, BufReader};
-use std::time::{Duration, Instant};
-
-use rdkafka::config::ClientConfig;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use std::time::Instant;
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -28,51 +24,14 @@ fn main() {
         }
     }
     let file = file.unwrap_or_else(|| fail("--file is required"));
-    let producer: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "20")
-        .set("batch.num.messages", "10000")
-        .create()
-        .unwrap_or_else(|e| fail(&format!("producer: {e}")));
-    let reader = BufReader::with_capacity(
-        1 << 20,
-        std::fs::File::open(&file).unwrap_or_else(|e| fail(&format!("{file}: {e}"))),
-    );
+    let producer = bench::kafka::producer(&brokers).unwrap_or_else(|e| fail(&format!("producer: {e}")));
+    let input = std::fs::File::open(&file).unwrap_or_else(|e| fail(&format!("{file}: {e}")));
+    let lines = BufReader::with_capacity(1 << 20, input)
+        .split(b'\n')
+        .map(|line| line.unwrap_or_else(|e| fail(&format!("reading {file}: {e}"))));
     let started = Instant::now();
-    let mut sent = 0u64;
-    for line in reader.split(b'\n') {
-        let line = line.unwrap_or_else(|e| fail(&format!("reading {file}: {e}")));
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        let key = serde_json::from_slice::<serde_json::Value>(&line)
-            .ok()
-            .and_then(|v| {
-                v["customer_id"]
-                    .as_str()
-                    .map(|c| rules::normalize(c).into_owned())
-            });
-        let mut record: BaseRecord<'_, str, [u8]> = BaseRecord::to(&topic).payload(&line[..]);
-        if let Some(key) = &key {
-            record = record.key(key.as_str());
-        }
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                    producer.poll(Duration::from_millis(5));
-                    record = r;
-                }
-                Err((e, _)) => fail(&format!("producing: {e}")),
-            }
-        }
-        sent += 1;
-        producer.poll(Duration::ZERO);
-    }
-    producer
-        .flush(Duration::from_secs(120))
-        .unwrap_or_else(|e| fail(&format!("flush: {e}")));
+    let sent =
+        bench::kafka::produce(&producer, &topic, lines).unwrap_or_else(|e| fail(&format!("producing: {e}")));
     let secs = started.elapsed().as_secs_f64();
     println!(
         "produced {sent} messages in {secs:.1} s ({:.0}/s)",

@@ -1,0 +1,15 @@
+# Sourced by the bench/*.sh scripts after setting $customers and $events: builds the release
+# binaries, generates the stream once (kept in $work for later runs) and sets $bin, $work,
+# $stream. `machine_line` prints what the figures were measured on.
+work=${BENCH_DIR:-/tmp/tagstream-bench}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/tagstream-target}
+cargo build --release -q -p tagstream -p bench
+bin=$CARGO_TARGET_DIR/release
+mkdir -p "$work"
+stream=$work/stream-$customers-$events.ndjson
+if [ ! -s "$stream" ]; then
+    "$bin/loadgen" --customers "$customers" --events "$events" --out "$stream"
+fi
+machine_line() {
+    echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GB", $2/1048576}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+}
