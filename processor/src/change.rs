@@ -68,6 +68,9 @@ impl Cause {
     }
 }
 
+/// The first byte of a stored change with the customer's number (JSON starts with `{`).
+const STORED_WITH_NUMBER: u8 = 1;
+
 /// `{seq, customer_id, tag|segment, op, at, cause}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
@@ -104,7 +107,29 @@ impl Change {
         serde_json::to_vec(self).expect("a change always serialises")
     }
 
-    /// Reads a change back from its stored JSON.
+    /// The change as the `changes` column family keeps it: a format byte, the customer's
+    /// number in the membership index, then the change as JSON.
+    pub fn encode_stored(&self, number: u32) -> Vec<u8> {
+        let mut out = Vec::with_capacity(96);
+        out.push(STORED_WITH_NUMBER);
+        out.extend_from_slice(&number.to_be_bytes());
+        serde_json::to_writer(&mut out, self).expect("a change always serialises");
+        out
+    }
+
+    /// Reads back what [`Change::encode_stored`] wrote, or the bare JSON of stores written
+    /// before customers had numbers (number `None`).
+    pub fn decode_stored(bytes: &[u8]) -> Option<(Option<u32>, Change)> {
+        match bytes.split_first()? {
+            (&STORED_WITH_NUMBER, rest) if rest.len() >= 4 => {
+                let number = u32::from_be_bytes(rest[..4].try_into().ok()?);
+                Some((Some(number), Change::from_json(&rest[4..])?))
+            }
+            _ => Some((None, Change::from_json(bytes)?)),
+        }
+    }
+
+    /// Reads a change back from its JSON.
     pub fn from_json(bytes: &[u8]) -> Option<Change> {
         let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
         let (kind, name) = match (v.get("tag"), v.get("segment")) {
@@ -148,6 +173,11 @@ mod tests {
             json,
             r#"{"seq":7,"customer_id":"13800000000","segment":"spring_promo","op":"add","at":1744000000000,"cause":"event:"}"#
         );
-        assert_eq!(Change::from_json(json.as_bytes()), Some(c));
+        assert_eq!(Change::from_json(json.as_bytes()), Some(c.clone()));
+        assert_eq!(
+            Change::decode_stored(&c.encode_stored(42)),
+            Some((Some(42), c.clone()))
+        );
+        assert_eq!(Change::decode_stored(json.as_bytes()), Some((None, c)));
     }
 }

@@ -8,9 +8,11 @@
 
 mod cache;
 mod explain;
+mod query;
 mod read;
 
 pub use explain::{Explained, Explanation, NextChange};
+pub use query::parse_cursor;
 pub use read::ReadHandle;
 
 use cache::CustomerCache;
@@ -26,10 +28,11 @@ use rules::{CompiledRules, DefId, DefKind, Diagnostic, Facts, Value};
 use crate::change::{Cause, Change, MemberKind, Op};
 use crate::codec::{Reader, Writer};
 use crate::event::{check_not_future, parse_event, EventLimits, Rejection, ValidEvent};
+use crate::index::{number_key, MembershipIndex};
 use crate::state::{CustomerState, EngineFacts, EventTagState, ManualTag, Membership};
 use crate::store::{
     timer_key, Retention, Store, StoreError, StoredEvent, CF_CHANGES, CF_CUSTOMERS, CF_DEDUP, CF_DLQ,
-    CF_META, CF_TIMERS,
+    CF_META, CF_NUMBERS, CF_TIMERS,
 };
 
 /// Where `now` comes from.
@@ -189,25 +192,24 @@ impl PreviewCounts {
     }
 }
 
-/// A column of a members export besides the membership itself.
+/// A column of a members export besides the customer id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExportField {
+    /// When the customer became a member (ms).
+    Since,
+    /// When the membership ends by itself (ms), if it does.
+    ExpiresAt,
     Trait(DefId),
     Profile(Arc<str>),
 }
 
-/// A member of a tag or segment, with the requested fields in order.
-#[derive(Debug, Clone, PartialEq)]
-pub struct MemberRow {
-    pub customer_id: String,
-    pub membership: Membership,
-    pub fields: Vec<Option<Value>>,
-}
-
+/// A page of members of a tag or segment, with the requested fields of each in order.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct MembersPage {
-    pub rows: Vec<MemberRow>,
-    /// Where the next page starts; `None` when the scan is complete.
+    pub ids: crate::index::IdPage,
+    /// One entry per id when fields were requested, else empty.
+    pub fields: Vec<Vec<Option<Value>>>,
+    /// Where the next page starts; `None` after the last member.
     pub next_cursor: Option<String>,
 }
 
@@ -232,6 +234,8 @@ pub struct QueryPage {
 pub enum QueryError {
     #[error("the expression has {} error(s)", .0.len())]
     Invalid(Vec<rules::LocatedDiagnostic>),
+    #[error("{0}")]
+    Cursor(String),
     #[error(transparent)]
     Engine(#[from] EngineError),
 }
@@ -246,6 +250,10 @@ enum Scope<'a> {
 struct Batch {
     wb: WriteBatch,
     changes: Vec<Change>,
+    /// The customer number of each change, for the membership index.
+    numbers: Vec<u32>,
+    /// Customers numbered in this batch, in number order.
+    new_ids: Vec<(u32, Arc<str>)>,
     dirty: HashSet<Arc<str>>,
     dedup: HashMap<String, i64>,
 }
@@ -270,6 +278,8 @@ const META_OFFSET_PREFIX: &str = "offset:";
 
 pub struct Engine {
     store: Arc<Store>,
+    /// Members of every tag and segment, updated after each commit.
+    index: Arc<MembershipIndex>,
     rules: Arc<CompiledRules>,
     /// The rule set and clock as of the last commit, for [`ReadHandle`]s on other threads.
     published: Arc<Published>,
@@ -388,8 +398,10 @@ impl Engine {
         let backfill_cursor = store.get(CF_META, META_BACKFILL.as_bytes())?;
         let timers = store.timers()?.into_iter().collect();
         let order_pos = positions(&rules);
+        let index = MembershipIndex::open(&store, counters.next_seq - 1)?;
         let mut engine = Engine {
             store: Arc::new(store),
+            index: Arc::new(index),
             published: Arc::new(Published::new(rules.clone(), counters.clock)),
             rules,
             generation,
@@ -783,10 +795,16 @@ impl Engine {
         let mut state = match state {
             Some(s) => s,
             None => {
+                let number = self.index.read().customers() + batch.new_ids.len() as u32;
+                batch.new_ids.push((number, customer.clone()));
+                batch
+                    .wb
+                    .put_cf(self.store.cf(CF_NUMBERS), number_key(number), customer.as_bytes());
                 return Ok(CustomerState {
                     generation: self.generation,
+                    number,
                     ..Default::default()
-                })
+                });
             }
         };
         if state.generation < self.generation {
@@ -915,11 +933,11 @@ impl Engine {
                             expires_at,
                         },
                     );
-                    self.record_change(customer, kind, name, Op::Add, at, cause, batch);
+                    self.record_change(customer, state.number, kind, name, Op::Add, at, cause, batch);
                 }
                 (Some(_), None) => {
                     state.members.remove(&name);
-                    self.record_change(customer, kind, name, Op::Remove, at, cause, batch);
+                    self.record_change(customer, state.number, kind, name, Op::Remove, at, cause, batch);
                 }
                 (Some(m), Some(expires_at)) => m.expires_at = expires_at,
                 (None, None) => {}
@@ -932,6 +950,7 @@ impl Engine {
     fn record_change(
         &mut self,
         customer: &Arc<str>,
+        number: u32,
         kind: MemberKind,
         name: Arc<str>,
         op: Op,
@@ -950,10 +969,13 @@ impl Engine {
             at,
             cause: cause.clone(),
         };
-        batch
-            .wb
-            .put_cf(self.store.cf(CF_CHANGES), seq.to_be_bytes(), change.to_json());
+        batch.wb.put_cf(
+            self.store.cf(CF_CHANGES),
+            seq.to_be_bytes(),
+            change.encode_stored(number),
+        );
         batch.changes.push(change);
+        batch.numbers.push(number);
     }
 
     fn schedule(
@@ -1008,6 +1030,7 @@ impl Engine {
         self.store
             .put_meta_u64(&mut batch.wb, META_DLQ, self.counters.next_dlq);
         self.store.commit(batch.wb)?;
+        self.index.apply(&batch.new_ids, &batch.changes, &batch.numbers);
         if self.config.clock == ClockMode::Wall || self.counters.clock.is_some() {
             self.store.set_clock(self.now());
         }
@@ -1359,161 +1382,41 @@ impl Engine {
         Ok(None)
     }
 
-    /// Resolves an export field: `profile.ATTR`, or the name of a trait.
-    pub fn export_field(&self, name: &str) -> Result<ExportField, String> {
-        if let Some(attr) = name.strip_prefix("profile.") {
-            if attr.is_empty() {
-                return Err("`profile.` needs an attribute name".into());
-            }
-            return Ok(ExportField::Profile(Arc::from(attr)));
-        }
-        match self.rules.lookup(name) {
-            Some(id) if self.rules.def(id).kind == DefKind::Trait => Ok(ExportField::Trait(id)),
-            Some(_) => Err(format!(
-                "`{name}` is not a trait (fields are traits or profile.ATTR)"
-            )),
-            None => Err(format!(
-                "unknown field `{name}` (fields are traits or profile.ATTR)"
-            )),
-        }
-    }
-
-    /// The value type of an export field (`Any` for profile attributes).
-    pub fn export_field_type(&self, field: &ExportField) -> rules::Type {
-        match field {
-            ExportField::Trait(id) => self.rules.def(*id).ty,
-            ExportField::Profile(_) => rules::Type::Any,
-        }
-    }
-
-    /// One page of the members of a tag or segment in customer-id order, after `after`
-    /// (exclusive). Looks at no more than `scan_budget` customers, so one call stays short
-    /// however sparse the membership; `next_cursor` is `None` once the scan reached the end.
-    /// Paging by customer id stays correct while membership changes: a customer who is a
-    /// member throughout appears exactly once.
-    pub fn members_page(
-        &self,
-        name: &str,
-        after: Option<&str>,
-        limit: usize,
-        scan_budget: usize,
-        fields: &[ExportField],
-    ) -> Result<MembersPage, EngineError> {
-        let start = match after {
-            Some(a) => {
-                let mut key = a.as_bytes().to_vec();
-                key.push(0);
-                key
-            }
-            None => Vec::new(),
-        };
-        let mut page = MembersPage::default();
-        let mut last_key = None;
-        let needs_traits = fields.iter().any(|f| matches!(f, ExportField::Trait(_)));
-        for (scanned, item) in self.store.scan_from(CF_CUSTOMERS, &start).enumerate() {
-            if page.rows.len() >= limit || scanned >= scan_budget {
-                page.next_cursor = last_key;
-                return Ok(page);
-            }
-            let (key, value) = item?;
-            let id = String::from_utf8_lossy(&key).into_owned();
-            let state = CustomerState::decode(&value).map_err(StoreError::from)?;
-            if let Some(membership) = state.members.get(name).cloned() {
-                let values = if fields.is_empty() {
-                    Vec::new()
-                } else if needs_traits {
-                    // Traits need the retained events, which the record alone lacks.
-                    let full = self.read_customer(&id)?.unwrap_or(state);
-                    self.field_values(full, fields)
-                } else {
-                    self.field_values(state, fields)
-                };
-                page.rows.push(MemberRow {
-                    customer_id: id.clone(),
-                    membership,
-                    fields: values,
-                });
-            }
-            last_key = Some(id);
-        }
-        Ok(page)
-    }
-
-    fn field_values(&self, mut state: CustomerState, fields: &[ExportField]) -> Vec<Option<Value>> {
-        let now = self.now();
-        if fields.iter().any(|f| matches!(f, ExportField::Trait(_))) {
-            state.advance_windows(&self.rules, now, self.config.retention_ms);
-        }
-        let facts = EngineFacts::new(&self.rules, &state, now, self.config.retention_ms);
-        fields
-            .iter()
-            .map(|f| match f {
-                ExportField::Trait(id) => Some(facts.definition(*id)).filter(|v| *v != Value::Null),
-                ExportField::Profile(attr) => state.history.profile_value(attr),
-            })
-            .collect()
-    }
-
-    /// Every member of a tag or segment, in customer-id order (small stores and tests;
-    /// exports page with [`Engine::members_page`]).
+    /// Every member of a tag or segment with their membership, in customer-number order
+    /// (small stores and tests; exports page through [`ReadHandle::members_page`]).
     pub fn members(&self, name: &str) -> Result<Vec<(String, Membership)>, EngineError> {
-        let page = self.members_page(name, None, usize::MAX, usize::MAX, &[])?;
+        let reader = self.reader();
+        let Some(set) = reader.member_set(name) else {
+            return Ok(Vec::new());
+        };
+        let page = reader.members_page(
+            name,
+            &set,
+            None,
+            usize::MAX,
+            &[ExportField::Since, ExportField::ExpiresAt],
+        )?;
+        let ms = |v: &Option<Value>| match v {
+            Some(Value::Dur(ms)) => Some(*ms),
+            _ => None,
+        };
         Ok(page
-            .rows
-            .into_iter()
-            .map(|r| (r.customer_id, r.membership))
+            .ids
+            .iter()
+            .zip(&page.fields)
+            .map(|(id, fields)| {
+                let membership = Membership {
+                    since: ms(&fields[0]).unwrap_or_default(),
+                    expires_at: ms(&fields[1]),
+                };
+                (id.to_owned(), membership)
+            })
             .collect())
     }
 
-    /// An ad-hoc segment: customers for whom `expr` (the rule language's expression syntax,
-    /// over tags, traits, segments and profile attributes) holds now. Counts every match and
-    /// returns up to `limit` ids after `cursor`, in id order.
+    /// An ad-hoc segment query; see [`ReadHandle::query`].
     pub fn query(&self, expr: &str, limit: usize, cursor: Option<&str>) -> Result<QueryPage, QueryError> {
-        const NAME: &str = "__tagstream_query";
-        let source = self.rules.source();
-        let prefix = format!("{source}\nsegment {NAME} =\n");
-        let combined = format!("{prefix}{expr}\n");
-        let compiled = CompiledRules::compile(&combined).map_err(|diags| {
-            QueryError::Invalid(
-                diags
-                    .iter()
-                    .map(|d| {
-                        let mut d = d.clone();
-                        d.span.start = d.span.start.saturating_sub(prefix.len());
-                        d.span.end = d.span.end.saturating_sub(prefix.len()).max(d.span.start);
-                        d.located(expr)
-                    })
-                    .collect(),
-            )
-        })?;
-        let id = compiled.lookup(NAME).expect("the query definition");
-        let now = self.now();
-        let mut page = QueryPage {
-            count: 0,
-            customers: Vec::new(),
-            next_cursor: None,
-        };
-        for item in self.store.scan_from(CF_CUSTOMERS, &[]) {
-            let (key, _) = item.map_err(EngineError::from)?;
-            let customer = String::from_utf8_lossy(&key).into_owned();
-            let Some(state) = self.read_customer(&customer)? else {
-                continue;
-            };
-            let facts = EngineFacts::new(&compiled, &state, now, self.config.retention_ms);
-            if !facts.definition(id).is_true() {
-                continue;
-            }
-            page.count += 1;
-            if cursor.is_some_and(|c| customer.as_str() <= c) {
-                continue;
-            }
-            if page.customers.len() < limit {
-                page.customers.push(customer);
-            } else if page.next_cursor.is_none() {
-                page.next_cursor = page.customers.last().cloned();
-            }
-        }
-        Ok(page)
+        self.reader().query(expr, limit, cursor)
     }
 
     /// The change log after `after`, at most `limit` changes, in `seq` order.
@@ -1540,8 +1443,28 @@ impl Engine {
         read::source_offset(&self.store, source)
     }
 
+    /// Writes the membership index's checkpoint (what changed since the last one), so a
+    /// restart replays only the changes after it. Also done when the engine is dropped.
+    pub fn checkpoint_index(&self) -> Result<crate::index::Checkpoint, EngineError> {
+        let started = std::time::Instant::now();
+        let done = self.index.checkpoint(&self.store)?;
+        if done.sets_written + done.chunks_written > 0 {
+            metrics::histogram!("tagstream_index_checkpoint_seconds").record(started.elapsed().as_secs_f64());
+            metrics::counter!("tagstream_index_checkpoint_bytes_total").increment(done.bytes as u64);
+        }
+        Ok(done)
+    }
+
     /// The instant of the earliest pending timer.
     pub fn next_timer(&self) -> Option<i64> {
         self.timers.first().map(|(t, _)| *t)
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Err(e) = self.checkpoint_index() {
+            tracing::warn!(error = %e, "membership index checkpoint at close failed; the next open replays the change log");
+        }
     }
 }

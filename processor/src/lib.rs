@@ -38,6 +38,7 @@ pub mod change;
 pub mod codec;
 pub mod engine;
 pub mod event;
+pub mod index;
 pub mod kafka;
 pub mod state;
 pub mod store;
@@ -45,8 +46,8 @@ pub mod window;
 
 pub use change::{Cause, Change, MemberKind, Op};
 pub use engine::{
-    BackfillProgress, ClockMode, CustomerView, DeadLetter, Engine, EngineConfig, EngineError, Explained,
-    Explanation, ExportField, FiredTimers, IngestError, IngestOutcome, MemberRow, MembersPage, NextChange,
+    parse_cursor, BackfillProgress, ClockMode, CustomerView, DeadLetter, Engine, EngineConfig, EngineError,
+    Explained, Explanation, ExportField, FiredTimers, IngestError, IngestOutcome, MembersPage, NextChange,
     Preview, PreviewCounts, QueryError, QueryPage, ReadHandle,
 };
 pub use event::{parse_event, EventLimits, Rejection, ValidEvent};

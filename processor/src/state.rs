@@ -75,12 +75,16 @@ pub struct CustomerState {
     /// A lower bound of the oldest retained event's `ts` (`None`: unknown), so pruning the
     /// history costs nothing until an event actually falls out of retention.
     pub oldest_ts: Option<i64>,
+    /// The customer's dense number in the membership index ([`crate::index::NO_NUMBER`] in
+    /// records written before numbers existed, until the index is rebuilt).
+    pub number: u32,
     /// The engine batch that last touched this customer, for evicting the least recently
     /// used customers from the cache. Not stored.
     pub last_used: u64,
 }
 
-const RECORD_VERSION: u8 = 1;
+/// Version 2 appends the customer number; version 1 records decode without one.
+const RECORD_VERSION: u8 = 2;
 
 impl CustomerState {
     /// Encodes everything but the events.
@@ -123,12 +127,14 @@ impl CustomerState {
             w.i64(m.since);
             w.opt_i64(m.expires_at);
         }
+        w.u64(u64::from(self.number));
         w.buf
     }
 
     pub fn decode(bytes: &[u8]) -> Result<CustomerState, CodecError> {
         let mut r = Reader::new(bytes);
-        if r.u8()? != RECORD_VERSION {
+        let version = r.u8()?;
+        if !(1..=RECORD_VERSION).contains(&version) {
             return Err(CodecError("unknown customer record version"));
         }
         let mut state = CustomerState {
@@ -178,6 +184,11 @@ impl CustomerState {
                 },
             );
         }
+        state.number = if version >= 2 {
+            u32::try_from(r.u64()?).map_err(|_| CodecError("bad customer number"))?
+        } else {
+            crate::index::NO_NUMBER
+        };
         Ok(state)
     }
 

@@ -10,6 +10,8 @@
 //! | `dedup` | event id | clock instant it was first applied |
 //! | `dlq` | number (BE) | received_at, reason, original bytes |
 //! | `meta` | name | clock, sequences, rules text, source offsets |
+//! | `numbers` | customer number (BE u32) | customer id: the membership index's dense numbers |
+//! | `index` | `seq`, `ids:CHUNK`, `set:NAME` | the membership index's last checkpoint |
 //!
 //! Everything a batch changes goes into one `WriteBatch` with the WAL on, so state, change
 //! log, dedup keys and offsets commit atomically.
@@ -35,7 +37,9 @@ pub const CF_CHANGES: &str = "changes";
 pub const CF_DEDUP: &str = "dedup";
 pub const CF_DLQ: &str = "dlq";
 pub const CF_META: &str = "meta";
-const ALL_CFS: [&str; 7] = [
+pub const CF_NUMBERS: &str = "numbers";
+pub const CF_INDEX: &str = "index";
+const ALL_CFS: [&str; 9] = [
     CF_CUSTOMERS,
     CF_EVENTS,
     CF_TIMERS,
@@ -43,6 +47,8 @@ const ALL_CFS: [&str; 7] = [
     CF_DEDUP,
     CF_DLQ,
     CF_META,
+    CF_NUMBERS,
+    CF_INDEX,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -252,6 +258,17 @@ impl Store {
         let mut w = Writer::new();
         w.i64(v);
         batch.put_cf(self.cf(CF_META), name.as_bytes(), w.buf);
+    }
+
+    /// Loads a customer's record without the retained events.
+    pub fn load_record(&self, customer: &str) -> Result<Option<CustomerState>, StoreError> {
+        match self
+            .db
+            .get_pinned_cf(self.cf(CF_CUSTOMERS), customer.as_bytes())?
+        {
+            Some(bytes) => Ok(Some(CustomerState::decode(&bytes)?)),
+            None => Ok(None),
+        }
     }
 
     /// Loads a customer's record and retained events.

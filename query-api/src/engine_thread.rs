@@ -30,6 +30,9 @@ pub struct EngineThreadConfig {
     pub tick: Duration,
     /// Customers re-evaluated per backfill step between jobs.
     pub backfill_step: usize,
+    /// How often the membership index writes its checkpoint (a restart replays the change
+    /// log since the last one).
+    pub index_checkpoint: Duration,
 }
 
 impl Default for EngineThreadConfig {
@@ -38,6 +41,7 @@ impl Default for EngineThreadConfig {
             queue: 1024,
             tick: Duration::from_millis(100),
             backfill_step: 2_000,
+            index_checkpoint: Duration::from_secs(10),
         }
     }
 }
@@ -53,6 +57,7 @@ impl EngineHandle {
             .spawn(move || {
                 let wall = engine.config().clock == ClockMode::Wall;
                 let mut last_tick = Instant::now();
+                let mut last_checkpoint = Instant::now();
                 loop {
                     match queue.recv_timeout(config.tick) {
                         Ok(job) => job(&mut engine),
@@ -69,6 +74,12 @@ impl EngineHandle {
                     if engine.backfill_pending() {
                         if let Err(e) = engine.backfill_step(config.backfill_step) {
                             tracing::error!(error = %e, "rule-change backfill step failed; will retry");
+                        }
+                    }
+                    if last_checkpoint.elapsed() >= config.index_checkpoint {
+                        last_checkpoint = Instant::now();
+                        if let Err(e) = engine.checkpoint_index() {
+                            tracing::error!(error = %e, "membership index checkpoint failed; will retry");
                         }
                     }
                     m::engine_gauges(&engine);

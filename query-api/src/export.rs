@@ -1,17 +1,19 @@
 //! Members exports: NDJSON, CSV, Parquet and Arrow IPC, encoded page by page so memory
 //! stays bounded whatever the segment's size.
 //!
-//! Columns: `customer_id`, `since`, `expires_at` (ms), then the requested fields. In Arrow
-//! and Parquet a trait's column type follows its rule type (bool, number as float64,
-//! duration as int64 ms, string); profile attributes and lists are strings (a string value
-//! as is, anything else as JSON).
+//! Columns: `customer_id`, then the requested fields (`since`, `expires_at`, traits,
+//! `profile.ATTR`). In Arrow and Parquet a trait's column type follows its rule type (bool,
+//! number as float64, duration as int64 ms, string), `since` and `expires_at` are int64 ms;
+//! profile attributes and lists are strings (a string value as is, anything else as JSON).
+//! Ids come straight from the membership index, so an export without fields never reads
+//! the store.
 
 use std::sync::Arc;
 
 use arrow_array::builder::{BooleanBuilder, Float64Builder, Int64Builder, StringBuilder};
 use arrow_array::{ArrayRef, RecordBatch};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
-use processor::MemberRow;
+use processor::index::IdPage;
 use rules::{Type, Value};
 
 /// The formats a members export can take.
@@ -93,7 +95,7 @@ impl Encoder {
     pub fn header(&mut self) -> Vec<u8> {
         match self {
             Encoder::Csv(columns) => {
-                let mut out = b"customer_id,since,expires_at".to_vec();
+                let mut out = b"customer_id".to_vec();
                 for c in columns.iter() {
                     out.push(b',');
                     csv_field(&mut out, &c.name);
@@ -106,38 +108,32 @@ impl Encoder {
         }
     }
 
-    /// Encodes one page; what it returns can be sent right away.
-    pub fn page(&mut self, rows: &[MemberRow]) -> Result<Vec<u8>, EncodeError> {
+    /// Encodes one page: `ids` with, when fields were requested, `fields[i]` for `ids[i]`.
+    /// What it returns can be sent right away.
+    pub fn page(&mut self, ids: &IdPage, fields: &[Vec<Option<Value>>]) -> Result<Vec<u8>, EncodeError> {
+        let row_fields = |i: usize| fields.get(i).map_or(&[][..], |f| &f[..]);
         match self {
             Encoder::Ndjson(columns) => {
-                let mut out = Vec::with_capacity(rows.len() * 64);
-                for row in rows {
-                    let mut object = serde_json::Map::new();
-                    object.insert("customer_id".into(), row.customer_id.clone().into());
-                    object.insert("since".into(), row.membership.since.into());
-                    object.insert("expires_at".into(), row.membership.expires_at.into());
-                    for (c, v) in columns.iter().zip(&row.fields) {
-                        object.insert(
-                            c.name.clone(),
-                            v.as_ref().map_or(serde_json::Value::Null, Value::to_json),
-                        );
+                let mut out = Vec::with_capacity(ids.len() * 32);
+                for (i, id) in ids.iter().enumerate() {
+                    out.extend_from_slice(b"{\"customer_id\":");
+                    serde_json::to_writer(&mut out, id).expect("writing to a Vec");
+                    for (c, v) in columns.iter().zip(row_fields(i)) {
+                        out.push(b',');
+                        serde_json::to_writer(&mut out, &c.name).expect("writing to a Vec");
+                        out.push(b':');
+                        let v = v.as_ref().map_or(serde_json::Value::Null, Value::to_json);
+                        serde_json::to_writer(&mut out, &v).expect("writing to a Vec");
                     }
-                    serde_json::to_writer(&mut out, &object).expect("writing to a Vec");
-                    out.push(b'\n');
+                    out.extend_from_slice(b"}\n");
                 }
                 Ok(out)
             }
             Encoder::Csv(_) => {
-                let mut out = Vec::with_capacity(rows.len() * 48);
-                for row in rows {
-                    csv_field(&mut out, &row.customer_id);
-                    out.push(b',');
-                    out.extend_from_slice(row.membership.since.to_string().as_bytes());
-                    out.push(b',');
-                    if let Some(e) = row.membership.expires_at {
-                        out.extend_from_slice(e.to_string().as_bytes());
-                    }
-                    for v in &row.fields {
+                let mut out = Vec::with_capacity(ids.len() * 16);
+                for (i, id) in ids.iter().enumerate() {
+                    csv_field(&mut out, id);
+                    for v in row_fields(i) {
                         out.push(b',');
                         if let Some(v) = v {
                             csv_field(&mut out, &text(v));
@@ -148,18 +144,18 @@ impl Encoder {
                 Ok(out)
             }
             Encoder::Parquet(writer, schema, columns) => {
-                if rows.is_empty() {
+                if ids.is_empty() {
                     return Ok(Vec::new());
                 }
-                writer.write(&record_batch(schema, columns, rows)?)?;
+                writer.write(&record_batch(schema, columns, ids, fields)?)?;
                 writer.flush()?;
                 Ok(std::mem::take(writer.inner_mut()))
             }
             Encoder::Arrow(writer, schema, columns) => {
-                if rows.is_empty() {
+                if ids.is_empty() {
                     return Ok(Vec::new());
                 }
-                writer.write(&record_batch(schema, columns, rows)?)?;
+                writer.write(&record_batch(schema, columns, ids, fields)?)?;
                 Ok(std::mem::take(writer.get_mut()))
             }
         }
@@ -188,11 +184,7 @@ fn arrow_type(ty: Type) -> DataType {
 }
 
 fn schema(columns: &[Column]) -> SchemaRef {
-    let mut fields = vec![
-        Field::new("customer_id", DataType::Utf8, false),
-        Field::new("since", DataType::Int64, false),
-        Field::new("expires_at", DataType::Int64, true),
-    ];
+    let mut fields = vec![Field::new("customer_id", DataType::Utf8, false)];
     fields.extend(
         columns
             .iter()
@@ -204,23 +196,14 @@ fn schema(columns: &[Column]) -> SchemaRef {
 fn record_batch(
     schema: &SchemaRef,
     columns: &[Column],
-    rows: &[MemberRow],
+    ids: &IdPage,
+    rows: &[Vec<Option<Value>>],
 ) -> Result<RecordBatch, EncodeError> {
-    let mut ids = StringBuilder::with_capacity(rows.len(), rows.len() * 16);
-    let mut since = Int64Builder::with_capacity(rows.len());
-    let mut expires = Int64Builder::with_capacity(rows.len());
-    for row in rows {
-        ids.append_value(&row.customer_id);
-        since.append_value(row.membership.since);
-        expires.append_option(row.membership.expires_at);
-    }
-    let mut arrays: Vec<ArrayRef> = vec![
-        Arc::new(ids.finish()),
-        Arc::new(since.finish()),
-        Arc::new(expires.finish()),
-    ];
+    let mut id_column = StringBuilder::with_capacity(ids.len(), ids.len() * 16);
+    ids.iter().for_each(|id| id_column.append_value(id));
+    let mut arrays: Vec<ArrayRef> = vec![Arc::new(id_column.finish())];
     for (i, c) in columns.iter().enumerate() {
-        let values = rows.iter().map(|r| r.fields[i].as_ref());
+        let values = rows.iter().map(|r| r[i].as_ref());
         let array: ArrayRef = match arrow_type(c.ty) {
             DataType::Boolean => {
                 let mut b = BooleanBuilder::with_capacity(rows.len());

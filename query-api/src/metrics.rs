@@ -105,6 +105,11 @@ pub fn store_gauges(engine: &Engine) {
     gauge!("tagstream_rocksdb_pending_compaction_bytes").set(store.pending_compaction_bytes() as f64);
     gauge!("tagstream_rocksdb_running_compactions").set(store.running_compactions() as f64);
     gauge!("tagstream_rocksdb_memtable_bytes").set(store.memtable_bytes() as f64);
+    let index = engine.reader().index().read().memory();
+    gauge!("tagstream_index_customers").set(index.customers as f64);
+    gauge!("tagstream_index_id_bytes").set(index.id_bytes as f64);
+    gauge!("tagstream_index_bitmap_bytes").set(index.bitmap_bytes as f64);
+    gauge!("tagstream_index_sets").set(index.sets as f64);
 }
 
 /// Counts HTTP requests by route template and status, with durations.

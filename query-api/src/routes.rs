@@ -1,7 +1,6 @@
 //! Thin handlers: extract, call the engine once, answer with a DTO.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::{Body, Bytes};
@@ -365,12 +364,15 @@ pub async fn segment_query(
             "`limit` is at most {MAX_QUERY_LIMIT}"
         )));
     }
-    let page = app
-        .engine
-        .call(move |engine| engine.query(&expr, limit, cursor.as_deref()))
-        .await?
+    // Bitmaps answer most queries at once; a trait or profile condition reads its
+    // candidates from the store, so it runs off the async workers.
+    let reader = app.engine.reader().clone();
+    let page = tokio::task::spawn_blocking(move || reader.query(&expr, limit, cursor.as_deref()))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
         .map_err(|e| match e {
             QueryError::Invalid(diagnostics) => ApiError::InvalidRules(diagnostics),
+            QueryError::Cursor(m) => ApiError::BadRequest(m),
             QueryError::Engine(e) => e.into(),
         })?;
     Ok(Json(
@@ -382,34 +384,18 @@ pub async fn segment_query(
 #[serde(deny_unknown_fields)]
 pub struct MembersQuery {
     format: Option<String>,
-    /// Comma-separated traits and `profile.ATTR`s to add as columns.
+    /// Comma-separated `since`, `expires_at`, traits and `profile.ATTR`s to add as columns.
     fields: Option<String>,
-    /// At most this many members, with the next page's cursor (percent-encoded) in
-    /// `x-next-cursor`.
+    /// At most this many members, with the next page's cursor in `x-next-cursor`.
     limit: Option<usize>,
     cursor: Option<String>,
 }
 
-/// Percent-encodes every byte but RFC 3986's unreserved characters, so a cursor made of a
-/// customer id (any Unicode) fits in a header and goes back as a query parameter unchanged.
-fn percent_encode(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for b in text.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-/// Members per engine call while exporting; also the Arrow/Parquet batch size.
+/// Members per page while exporting; also the Arrow/Parquet batch size.
 const EXPORT_PAGE: usize = 8192;
-/// Customers one engine call looks at, so a sparse segment does not hold the engine long.
-const EXPORT_SCAN_BUDGET: usize = 65_536;
 
-/// Streams the members of a tag or segment page by page, in customer-id order. Without
+/// Streams the members of a tag or segment, in the index's customer-number order, from a
+/// copy of its bitmap taken when the request arrived (one consistent membership). Without
 /// `limit`, every member; with it, one page and `x-next-cursor` (absent at the end).
 pub async fn segment_members(
     State(app): State<AppState>,
@@ -426,112 +412,81 @@ pub async fn segment_members(
     if q.limit == Some(0) {
         return Err(ApiError::BadRequest("limit must be at least 1".into()));
     }
-    let field_names: Vec<String> = q
-        .fields
+    let after = q
+        .cursor
         .as_deref()
-        .unwrap_or("")
-        .split(',')
-        .map(str::trim)
-        .filter(|f| !f.is_empty())
-        .map(str::to_owned)
-        .collect();
-    let lookup = name.clone();
-    let (known, fields, columns) = app
-        .engine
-        .call(move |engine| {
-            let known = engine
-                .rules()
-                .lookup(&lookup)
-                .is_some_and(|id| engine.rules().def(id).kind.has_members())
-                || engine.members_page(&lookup, None, 1, usize::MAX, &[])?.rows.len() == 1;
-            let mut fields = Vec::new();
-            let mut columns = Vec::new();
-            for f in &field_names {
-                let field = engine.export_field(f).map_err(ApiError::BadRequest)?;
-                columns.push(Column {
-                    name: f.clone(),
-                    ty: engine.export_field_type(&field),
-                });
-                fields.push(field);
-            }
-            Ok::<_, ApiError>((known, fields, columns))
-        })
-        .await??;
-    if !known {
-        return Err(ApiError::NotFound(format!("no tag or segment `{name}`")));
+        .map(processor::parse_cursor)
+        .transpose()
+        .map_err(ApiError::BadRequest)?;
+    let reader = app.engine.reader().clone();
+    let mut fields = Vec::new();
+    let mut columns = Vec::new();
+    for f in q.fields.as_deref().unwrap_or("").split(',').map(str::trim) {
+        if f.is_empty() {
+            continue;
+        }
+        let (field, ty) = reader.export_field(f).map_err(ApiError::BadRequest)?;
+        columns.push(Column {
+            name: f.to_owned(),
+            ty,
+        });
+        fields.push(field);
     }
+    let set = reader
+        .member_set(&name)
+        .ok_or_else(|| ApiError::NotFound(format!("no tag or segment `{name}`")))?;
     let mut encoder = Encoder::new(format, columns).map_err(|e| ApiError::Internal(e.to_string()))?;
-    let fields = Arc::new(fields);
     let preamble = encoder.header();
 
     if let Some(limit) = q.limit {
-        let mut cursor = q.cursor;
-        let mut rows = Vec::new();
-        loop {
-            let (name, fields, after) = (name.clone(), fields.clone(), cursor.clone());
-            let want = limit - rows.len();
-            let page = app
-                .engine
-                .call(move |engine| {
-                    engine.members_page(&name, after.as_deref(), want, EXPORT_SCAN_BUDGET, &fields)
-                })
-                .await??;
-            rows.extend(page.rows);
-            cursor = page.next_cursor;
-            if rows.len() >= limit || cursor.is_none() {
-                break;
-            }
-        }
-        let mut body = preamble;
-        let encode = |e: EncodeError| ApiError::Internal(e.to_string());
-        body.extend(encoder.page(&rows).map_err(encode)?);
-        body.extend(encoder.finish().map_err(encode)?);
+        let (body, next) = tokio::task::spawn_blocking(move || {
+            let page = reader.members_page(&name, &set, after, limit, &fields)?;
+            let encode = |e: EncodeError| ApiError::Internal(e.to_string());
+            let mut body = preamble;
+            body.extend(encoder.page(&page.ids, &page.fields).map_err(encode)?);
+            body.extend(encoder.finish().map_err(encode)?);
+            Ok::<_, ApiError>((body, page.next_cursor))
+        })
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
         let mut response =
             ([(header::CONTENT_TYPE, format.content_type())], Body::from(body)).into_response();
-        if let Some(next) = cursor {
-            let value =
-                header::HeaderValue::from_str(&percent_encode(&next)).expect("percent-encoded is ASCII");
+        if let Some(next) = next {
+            let value = header::HeaderValue::from_str(&next).expect("a number is ASCII");
             response.headers_mut().insert("x-next-cursor", value);
         }
         return Ok(response);
     }
 
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
-    let engine = app.engine.clone();
-    let mut cursor = q.cursor;
-    tokio::spawn(async move {
+    tokio::task::spawn_blocking(move || {
         let fail = |what: String| Err(std::io::Error::other(what));
-        if tx.send(Ok(preamble)).await.is_err() {
+        if tx.blocking_send(Ok(preamble)).is_err() {
             return;
         }
+        let mut numbers = set.iter().skip_while(|n| after.is_some_and(|a| *n <= a));
         loop {
-            let (name, fields, after) = (name.clone(), fields.clone(), cursor.clone());
-            let page = engine
-                .call(move |engine| {
-                    engine.members_page(&name, after.as_deref(), EXPORT_PAGE, EXPORT_SCAN_BUDGET, &fields)
-                })
-                .await;
-            let page = match page {
-                Ok(Ok(page)) => page,
-                Ok(Err(e)) => return drop(tx.send(fail(e.to_string())).await),
-                Err(e) => return drop(tx.send(fail(e.to_string())).await),
+            let page: Vec<u32> = numbers.by_ref().take(EXPORT_PAGE).collect();
+            if page.is_empty() {
+                break;
+            }
+            let ids = reader.ids_of(page);
+            let values = match reader.fields_of(&name, &ids, &fields) {
+                Ok(v) => v,
+                Err(e) => return drop(tx.blocking_send(fail(e.to_string()))),
             };
-            match encoder.page(&page.rows) {
+            match encoder.page(&ids, &values) {
                 Ok(bytes) if bytes.is_empty() => {}
                 Ok(bytes) => {
-                    if tx.send(Ok(bytes)).await.is_err() {
+                    if tx.blocking_send(Ok(bytes)).is_err() {
                         return;
                     }
                 }
-                Err(e) => return drop(tx.send(fail(e.to_string())).await),
-            }
-            cursor = page.next_cursor;
-            if cursor.is_none() {
-                break;
+                Err(e) => return drop(tx.blocking_send(fail(e.to_string()))),
             }
         }
         let end = encoder.finish().map_err(|e| std::io::Error::other(e.to_string()));
-        let _ = tx.send(end).await;
+        let _ = tx.blocking_send(end);
     });
     let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
     Ok((

@@ -17,6 +17,7 @@ use super::{
 };
 use crate::change::Change;
 use crate::codec::{CodecError, Reader};
+use crate::index::MembershipIndex;
 use crate::store::{Store, StoreError, CF_CHANGES, CF_DLQ, CF_META};
 
 /// What the engine publishes for readers after each commit and rule change.
@@ -43,7 +44,7 @@ impl Published {
         *self.rules.write().unwrap_or_else(|e| e.into_inner()) = rules;
     }
 
-    fn rules(&self) -> Arc<CompiledRules> {
+    pub(super) fn rules(&self) -> Arc<CompiledRules> {
         self.rules.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
@@ -55,10 +56,11 @@ impl Published {
 /// A cheap, cloneable handle for lookups from any thread.
 #[derive(Clone)]
 pub struct ReadHandle {
-    store: Arc<Store>,
-    published: Arc<Published>,
+    pub(super) store: Arc<Store>,
+    pub(super) published: Arc<Published>,
+    pub(super) index: Arc<MembershipIndex>,
     clock_mode: ClockMode,
-    retention_ms: i64,
+    pub(super) retention_ms: i64,
 }
 
 impl ReadHandle {
@@ -99,6 +101,16 @@ impl ReadHandle {
         )))
     }
 
+    /// The membership index (for metrics and checkpoints).
+    pub fn index(&self) -> &Arc<MembershipIndex> {
+        &self.index
+    }
+
+    /// The store, for the index checkpoint.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
     /// Committed changes with `seq > after`, in `seq` order, at most `limit`.
     pub fn changes(&self, after: u64, limit: usize) -> Result<Vec<Change>, EngineError> {
         changes(&self.store, after, limit)
@@ -137,7 +149,7 @@ pub(super) fn changes(store: &Store, after: u64, limit: usize) -> Result<Vec<Cha
             break;
         }
         let (_, value) = item?;
-        let change = Change::from_json(&value).ok_or(StoreError::Codec(CodecError("bad change")))?;
+        let (_, change) = Change::decode_stored(&value).ok_or(StoreError::Codec(CodecError("bad change")))?;
         out.push(change);
     }
     Ok(out)
@@ -188,6 +200,7 @@ impl Engine {
         ReadHandle {
             store: self.store.clone(),
             published: self.published.clone(),
+            index: self.index.clone(),
             clock_mode: self.config.clock,
             retention_ms: self.config.retention_ms,
         }

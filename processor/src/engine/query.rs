@@ -1,0 +1,365 @@
+//! Segments read through the membership index: ad-hoc queries and member pages, on the
+//! caller's thread.
+//!
+//! A query is compiled as a segment appended to the current rules, then planned over the
+//! bitmaps: references to tags and segments are their member sets, and `and`, `or` and
+//! `not` over them are set operations, exact. Anything else (a trait, a profile attribute,
+//! an aggregate, a comparison) cannot be answered by the bitmaps; the plan then keeps the
+//! narrowest candidate set the exact parts allow (`vip and ltv > 100` only looks at `vip`'s
+//! members) and evaluates the whole expression on each candidate's stored state — the
+//! record alone when the expression reads no events, the record and retained events when
+//! it reads aggregates.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use roaring::RoaringBitmap;
+use rules::ast::BinaryOp;
+use rules::{AggId, CompiledRules, DefId, DefKind, Facts, Node, Type, Value};
+
+use super::{EngineError, ExportField, MembersPage, QueryError, QueryPage, ReadHandle};
+use crate::index::{IdPage, IndexState};
+use crate::state::{CustomerState, EngineFacts};
+
+/// The name the query is compiled under.
+const QUERY_NAME: &str = "__tagstream_query";
+
+/// What the bitmaps say about an expression: the customers it may hold for, and whether
+/// that set is exactly the answer.
+struct Candidates {
+    set: RoaringBitmap,
+    exact: bool,
+}
+
+fn plan(node: &Node, rules: &CompiledRules, index: &IndexState) -> Candidates {
+    let everyone = || Candidates {
+        set: index.all(),
+        exact: false,
+    };
+    match node {
+        Node::Const(Value::Bool(b)) => Candidates {
+            set: if *b { index.all() } else { RoaringBitmap::new() },
+            exact: true,
+        },
+        Node::Def(id) if rules.def(*id).kind.has_members() => Candidates {
+            set: index.set(&rules.def(*id).name).cloned().unwrap_or_default(),
+            exact: true,
+        },
+        Node::Not(inner) => {
+            let inner = plan(inner, rules, index);
+            if inner.exact {
+                Candidates {
+                    set: index.all() - inner.set,
+                    exact: true,
+                }
+            } else {
+                everyone()
+            }
+        }
+        Node::Binary(BinaryOp::And, a, b) => {
+            let (a, b) = (plan(a, rules, index), plan(b, rules, index));
+            Candidates {
+                set: a.set & b.set,
+                exact: a.exact && b.exact,
+            }
+        }
+        Node::Binary(BinaryOp::Or, a, b) => {
+            let (a, b) = (plan(a, rules, index), plan(b, rules, index));
+            Candidates {
+                set: a.set | b.set,
+                exact: a.exact && b.exact,
+            }
+        }
+        _ => everyone(),
+    }
+}
+
+/// Whether evaluating `node` needs the customer's events (aggregates, directly or through a
+/// trait); tags and segments are read from the record's memberships.
+fn needs_events(node: &Node, rules: &CompiledRules) -> bool {
+    match node {
+        Node::Agg(_) => true,
+        Node::Def(id) => {
+            let def = rules.def(*id);
+            !def.kind.has_members() && def.expr.as_ref().is_some_and(|e| needs_events(e, rules))
+        }
+        Node::List(items) => items.iter().any(|n| needs_events(n, rules)),
+        Node::Not(n) | Node::Neg(n) => needs_events(n, rules),
+        Node::Binary(_, a, b) => needs_events(a, rules) || needs_events(b, rules),
+        Node::Const(_) | Node::Profile(_) | Node::Has(_) | Node::Prop(_) => false,
+    }
+}
+
+/// The rules' facts for one customer, with tags and segments answered by the customer's
+/// memberships — what the change log and the bitmaps say — rather than recomputed.
+struct MemberFacts<'a> {
+    inner: EngineFacts<'a>,
+    definitions: RefCell<Vec<Option<Value>>>,
+}
+
+impl Facts for MemberFacts<'_> {
+    fn now(&self) -> i64 {
+        self.inner.now()
+    }
+
+    fn aggregate(&self, id: AggId) -> Value {
+        self.inner.aggregate(id)
+    }
+
+    fn profile(&self, name: &str) -> Option<Value> {
+        self.inner.profile(name)
+    }
+
+    fn definition(&self, id: DefId) -> Value {
+        let def = self.inner.rules.def(id);
+        if def.kind.has_members() {
+            return Value::Bool(self.inner.state.members.contains_key(&def.name));
+        }
+        if let Some(v) = &self.definitions.borrow()[id] {
+            return v.clone();
+        }
+        let v = self.inner.rules.evaluate(id, self);
+        self.definitions.borrow_mut()[id] = Some(v.clone());
+        v
+    }
+
+    fn aggregate_next_change(&self, id: AggId) -> Option<i64> {
+        self.inner.aggregate_next_change(id)
+    }
+
+    fn event_tag_next_change(&self, id: DefId) -> Option<i64> {
+        self.inner.event_tag_next_change(id)
+    }
+}
+
+/// Parses a members or query cursor: the customer number the previous page ended at.
+pub fn parse_cursor(cursor: &str) -> Result<u32, String> {
+    cursor
+        .parse()
+        .map_err(|_| format!("bad cursor `{cursor}`: pass back the `next_cursor` of the previous page"))
+}
+
+impl ReadHandle {
+    /// An ad-hoc segment: customers for whom `expr` (the rule language's expression syntax,
+    /// over tags, traits, segments and profile attributes) holds now. Counts every match and
+    /// returns up to `limit` ids after `cursor`; pages follow the index's customer numbers,
+    /// and each page is sorted by id.
+    pub fn query(&self, expr: &str, limit: usize, cursor: Option<&str>) -> Result<QueryPage, QueryError> {
+        let after = cursor.map(parse_cursor).transpose().map_err(QueryError::Cursor)?;
+        let rules = self.published.rules();
+        let prefix = format!("{}\nsegment {QUERY_NAME} =\n", rules.source());
+        let compiled = CompiledRules::compile(&format!("{prefix}{expr}\n")).map_err(|diags| {
+            QueryError::Invalid(
+                diags
+                    .iter()
+                    .map(|d| {
+                        let mut d = d.clone();
+                        d.span.start = d.span.start.saturating_sub(prefix.len());
+                        d.span.end = d.span.end.saturating_sub(prefix.len()).max(d.span.start);
+                        d.located(expr)
+                    })
+                    .collect(),
+            )
+        })?;
+        let id = compiled.lookup(QUERY_NAME).expect("the query definition");
+        let node = compiled
+            .def(id)
+            .expr
+            .as_ref()
+            .expect("a segment has an expression");
+        let candidates = plan(node, &compiled, &self.index.read());
+        let matches = if candidates.exact {
+            candidates.set
+        } else {
+            self.filter(&compiled, id, node, candidates.set)?
+        };
+        let mut page = matches.iter().skip_while(|n| after.is_some_and(|a| *n <= a));
+        let numbers: Vec<u32> = page.by_ref().take(limit).collect();
+        let more = page.next().is_some();
+        let ids = self.index.read().ids_of(numbers.iter().copied());
+        let mut customers: Vec<String> = ids.iter().map(str::to_owned).collect();
+        customers.sort_unstable();
+        Ok(QueryPage {
+            count: matches.len() as usize,
+            customers,
+            next_cursor: more.then(|| numbers.last().map(u32::to_string)).flatten(),
+        })
+    }
+
+    /// The candidates for whom `node` holds, evaluated one by one on their stored state.
+    fn filter(
+        &self,
+        rules: &CompiledRules,
+        id: DefId,
+        node: &Node,
+        candidates: RoaringBitmap,
+    ) -> Result<RoaringBitmap, EngineError> {
+        let with_events = needs_events(node, rules);
+        let now = self.now();
+        let mut out = RoaringBitmap::new();
+        let numbers: Vec<u32> = candidates.iter().collect();
+        for chunk in numbers.chunks(1024) {
+            let ids = self.index.read().ids_of(chunk.iter().copied());
+            for (i, customer) in ids.iter().enumerate() {
+                let state = if with_events {
+                    self.store.load_customer(customer)?
+                } else {
+                    self.store.load_record(customer)?
+                };
+                let Some(mut state) = state else { continue };
+                if with_events {
+                    state.advance_windows(rules, now, self.retention_ms);
+                }
+                let facts = MemberFacts {
+                    inner: EngineFacts::new(rules, &state, now, self.retention_ms),
+                    definitions: RefCell::new(vec![None; rules.defs().len()]),
+                };
+                if rules.evaluate(id, &facts).is_true() {
+                    out.insert(ids.numbers()[i]);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The members of a tag or segment as of the last commit (`None`: the rules do not
+    /// define it and nobody ever had it).
+    pub fn member_set(&self, name: &str) -> Option<RoaringBitmap> {
+        let index = self.index.read();
+        match index.set(name) {
+            Some(set) => Some(set.clone()),
+            None => {
+                let rules = self.published.rules();
+                let defined = rules
+                    .lookup(name)
+                    .is_some_and(|id| rules.def(id).kind.has_members());
+                defined.then(RoaringBitmap::new)
+            }
+        }
+    }
+
+    /// The ids of customer numbers, copied out of the index.
+    pub fn ids_of(&self, numbers: impl IntoIterator<Item = u32>) -> IdPage {
+        self.index.read().ids_of(numbers)
+    }
+
+    /// One page of members of `name` (whose members are `set`) after the customer number
+    /// `after`, with `fields` read from each member's stored state.
+    pub fn members_page(
+        &self,
+        name: &str,
+        set: &RoaringBitmap,
+        after: Option<u32>,
+        limit: usize,
+        fields: &[ExportField],
+    ) -> Result<MembersPage, EngineError> {
+        let mut numbers = set.iter().skip_while(|n| after.is_some_and(|a| *n <= a));
+        let page: Vec<u32> = numbers.by_ref().take(limit).collect();
+        let more = numbers.next().is_some();
+        let ids = self.ids_of(page.iter().copied());
+        let fields = self.fields_of(name, &ids, fields)?;
+        Ok(MembersPage {
+            ids,
+            fields,
+            next_cursor: more.then(|| page.last().map(u32::to_string)).flatten(),
+        })
+    }
+
+    /// The requested fields of each customer of `ids` (nothing read when `fields` is empty).
+    pub fn fields_of(
+        &self,
+        name: &str,
+        ids: &IdPage,
+        fields: &[ExportField],
+    ) -> Result<Vec<Vec<Option<Value>>>, EngineError> {
+        if fields.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rules = self.published.rules();
+        let with_events = fields.iter().any(|f| matches!(f, ExportField::Trait(_)));
+        let now = self.now();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids.iter() {
+            let state = if with_events {
+                self.store.load_customer(id)?
+            } else {
+                self.store.load_record(id)?
+            };
+            let mut state = state.unwrap_or_default();
+            out.push(field_values(
+                &rules,
+                name,
+                &mut state,
+                now,
+                self.retention_ms,
+                fields,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Resolves an export field: `since` or `expires_at` (of the membership),
+    /// `profile.ATTR`, or the name of a trait; with its value type (`Any` for profile
+    /// attributes, `Dur` — integer ms — for the membership's instants).
+    pub fn export_field(&self, name: &str) -> Result<(ExportField, Type), String> {
+        const KINDS: &str = "fields are since, expires_at, traits or profile.ATTR";
+        match name {
+            "since" => return Ok((ExportField::Since, Type::Dur)),
+            "expires_at" => return Ok((ExportField::ExpiresAt, Type::Dur)),
+            _ => {}
+        }
+        if let Some(attr) = name.strip_prefix("profile.") {
+            if attr.is_empty() {
+                return Err("`profile.` needs an attribute name".into());
+            }
+            return Ok((ExportField::Profile(Arc::from(attr)), Type::Any));
+        }
+        let rules = self.published.rules();
+        match rules.lookup(name) {
+            Some(id) if rules.def(id).kind == DefKind::Trait => {
+                Ok((ExportField::Trait(id), rules.def(id).ty))
+            }
+            Some(_) => Err(format!("`{name}` is not a trait ({KINDS})")),
+            None => Err(format!("unknown field `{name}` ({KINDS})")),
+        }
+    }
+}
+
+/// The requested fields of one member.
+pub(super) fn field_values(
+    rules: &CompiledRules,
+    name: &str,
+    state: &mut CustomerState,
+    now: i64,
+    retention_ms: i64,
+    fields: &[ExportField],
+) -> Vec<Option<Value>> {
+    if fields.iter().any(|f| matches!(f, ExportField::Trait(_))) {
+        state.advance_windows(rules, now, retention_ms);
+    }
+    let membership = state.members.get(name).cloned();
+    let facts = EngineFacts::new(rules, state, now, retention_ms);
+    fields
+        .iter()
+        .map(|f| match f {
+            ExportField::Since => membership.as_ref().map(|m| Value::Dur(m.since)),
+            ExportField::ExpiresAt => membership.as_ref().and_then(|m| m.expires_at).map(Value::Dur),
+            ExportField::Trait(id) if rules.def(*id).kind == DefKind::Trait => {
+                Some(facts.definition(*id)).filter(|v| *v != Value::Null)
+            }
+            ExportField::Trait(_) => None,
+            ExportField::Profile(attr) => state.history.profile_value(attr),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_are_customer_numbers() {
+        assert_eq!(parse_cursor("42"), Ok(42));
+        assert!(parse_cursor("c-42").unwrap_err().contains("bad cursor `c-42`"));
+    }
+}

@@ -1,0 +1,494 @@
+//! The membership index: every tag's and segment's members as a compressed (roaring) bitmap
+//! over dense customer numbers, kept current from the changes as the engine commits them.
+//!
+//! Each customer gets the next number the first time the engine sees them; the number is
+//! kept in the customer's record, in the `numbers` column family (number → id) and in every
+//! stored change, all in the engine's atomic commit. The index itself lives in memory:
+//!
+//! - an id table, number → customer id, in chunks of 65,536 ids (one byte buffer and one
+//!   offset array each: 4 bytes per customer plus the id's bytes);
+//! - one bitmap per tag or segment name.
+//!
+//! [`MembershipIndex::checkpoint`] writes the bitmaps changed since the last checkpoint, the
+//! id chunks that filled up since, and the `seq` of the last change they reflect to the
+//! `index` column family. At open, [`MembershipIndex::open`] loads the checkpoint and replays
+//! the change log after its `seq`, so a restart costs reading the bitmaps, not a scan of
+//! every customer. A store without a checkpoint (new, or written before numbers existed) is
+//! indexed by one scan of the customer records, numbering customers who have no number yet.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+
+use roaring::RoaringBitmap;
+use rocksdb::WriteBatch;
+
+use crate::change::{Change, Op};
+use crate::codec::{CodecError, Reader, Writer};
+use crate::state::CustomerState;
+use crate::store::{Store, StoreError, CF_CHANGES, CF_CUSTOMERS, CF_INDEX, CF_NUMBERS};
+
+/// The number of a customer not numbered yet (records from before the index existed).
+pub const NO_NUMBER: u32 = u32::MAX;
+
+/// Ids per chunk of the id table; a full chunk never changes again.
+const CHUNK: u32 = 1 << 16;
+
+const KEY_SEQ: &[u8] = b"seq";
+const KEY_IDS: &[u8] = b"ids:";
+const KEY_SET: &[u8] = b"set:";
+
+/// The `numbers` column family's key of a customer number.
+pub fn number_key(number: u32) -> [u8; 4] {
+    number.to_be_bytes()
+}
+
+/// Customer ids by number, append-only.
+#[derive(Debug, Default)]
+pub struct IdTable {
+    chunks: Vec<IdChunk>,
+}
+
+#[derive(Debug, Default)]
+struct IdChunk {
+    bytes: String,
+    /// End offset in `bytes` of each id.
+    ends: Vec<u32>,
+}
+
+impl IdChunk {
+    fn get(&self, i: usize) -> Option<&str> {
+        let end = *self.ends.get(i)? as usize;
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        self.bytes.get(start..end)
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u64(self.ends.len() as u64);
+        for e in &self.ends {
+            w.u64(u64::from(*e));
+        }
+        w.str(&self.bytes);
+        w.buf
+    }
+
+    fn decode(bytes: &[u8]) -> Result<IdChunk, CodecError> {
+        let mut r = Reader::new(bytes);
+        let n = r.len()?;
+        let mut ends = Vec::with_capacity(n.min(CHUNK as usize));
+        for _ in 0..n {
+            ends.push(u32::try_from(r.u64()?).map_err(|_| CodecError("bad id chunk"))?);
+        }
+        let bytes = r.str()?.to_owned();
+        if ends.windows(2).any(|w| w[0] > w[1]) || ends.last().is_some_and(|e| *e as usize > bytes.len()) {
+            return Err(CodecError("bad id chunk"));
+        }
+        Ok(IdChunk { bytes, ends })
+    }
+}
+
+impl IdTable {
+    /// Customers numbered so far (the next number).
+    pub fn len(&self) -> u32 {
+        match self.chunks.last() {
+            None => 0,
+            Some(last) => (self.chunks.len() as u32 - 1) * CHUNK + last.ends.len() as u32,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends an id and returns its number.
+    pub fn push(&mut self, id: &str) -> u32 {
+        let number = self.len();
+        if self.chunks.last().is_none_or(|c| c.ends.len() as u32 == CHUNK) {
+            self.chunks.push(IdChunk::default());
+        }
+        let chunk = self.chunks.last_mut().expect("just ensured");
+        chunk.bytes.push_str(id);
+        chunk.ends.push(chunk.bytes.len() as u32);
+        number
+    }
+
+    pub fn get(&self, number: u32) -> Option<&str> {
+        self.chunks
+            .get((number / CHUNK) as usize)?
+            .get((number % CHUNK) as usize)
+    }
+
+    /// Bytes held: the ids and their offsets.
+    pub fn heap_bytes(&self) -> usize {
+        self.chunks
+            .iter()
+            .map(|c| c.bytes.capacity() + c.ends.capacity() * 4)
+            .sum()
+    }
+
+    fn full_chunks(&self) -> usize {
+        self.chunks
+            .iter()
+            .take_while(|c| c.ends.len() as u32 == CHUNK)
+            .count()
+    }
+}
+
+/// The index's contents; read through [`MembershipIndex::read`].
+#[derive(Debug, Default)]
+pub struct IndexState {
+    ids: IdTable,
+    sets: HashMap<Arc<str>, RoaringBitmap>,
+    /// The `seq` of the last change applied.
+    applied_seq: u64,
+}
+
+impl IndexState {
+    /// The members of a tag or segment; `None` for a name that never had one.
+    pub fn set(&self, name: &str) -> Option<&RoaringBitmap> {
+        self.sets.get(name)
+    }
+
+    /// The id of a customer number.
+    pub fn id(&self, number: u32) -> Option<&str> {
+        self.ids.get(number)
+    }
+
+    /// Every customer number: `0..customers()`.
+    pub fn customers(&self) -> u32 {
+        self.ids.len()
+    }
+
+    /// Every numbered customer, as a bitmap.
+    pub fn all(&self) -> RoaringBitmap {
+        let mut all = RoaringBitmap::new();
+        all.insert_range(0..self.ids.len());
+        all
+    }
+
+    pub fn applied_seq(&self) -> u64 {
+        self.applied_seq
+    }
+
+    /// Names with at least one member.
+    pub fn names(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.sets.iter().filter(|(_, s)| !s.is_empty()).map(|(n, _)| n)
+    }
+
+    /// Bytes of the id table and of the bitmaps (serialized size, close to their memory).
+    pub fn memory(&self) -> IndexMemory {
+        IndexMemory {
+            customers: self.ids.len() as u64,
+            id_bytes: self.ids.heap_bytes() as u64,
+            bitmap_bytes: self.sets.values().map(|s| s.serialized_size() as u64).sum(),
+            sets: self.sets.values().filter(|s| !s.is_empty()).count() as u64,
+        }
+    }
+
+    /// Copies the ids of `numbers` into one buffer, so they can be used without the lock.
+    pub fn ids_of(&self, numbers: impl IntoIterator<Item = u32>) -> IdPage {
+        let mut page = IdPage::default();
+        for n in numbers {
+            if let Some(id) = self.ids.get(n) {
+                page.push(n, id);
+            }
+        }
+        page
+    }
+
+    fn apply(&mut self, number: u32, change: &Change) {
+        let set = self.sets.entry(change.name.clone()).or_default();
+        match change.op {
+            Op::Add => set.insert(number),
+            Op::Remove => set.remove(number),
+        };
+    }
+}
+
+/// The index's size, for metrics and the benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct IndexMemory {
+    pub customers: u64,
+    pub id_bytes: u64,
+    pub bitmap_bytes: u64,
+    pub sets: u64,
+}
+
+/// Customer ids copied out of the index, with their numbers.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct IdPage {
+    bytes: String,
+    ends: Vec<usize>,
+    numbers: Vec<u32>,
+}
+
+impl IdPage {
+    fn push(&mut self, number: u32, id: &str) {
+        self.bytes.push_str(id);
+        self.ends.push(self.bytes.len());
+        self.numbers.push(number);
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    pub fn get(&self, i: usize) -> &str {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.bytes[start..self.ends[i]]
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &str> + '_ {
+        (0..self.len()).map(|i| self.get(i))
+    }
+
+    pub fn numbers(&self) -> &[u32] {
+        &self.numbers
+    }
+}
+
+/// What a checkpoint wrote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub seq: u64,
+    pub sets_written: usize,
+    pub chunks_written: usize,
+    pub bytes: usize,
+}
+
+/// The membership index, shared by the engine (the only writer) and readers.
+#[derive(Debug, Default)]
+pub struct MembershipIndex {
+    state: RwLock<IndexState>,
+    /// Sets changed since the last checkpoint. Changed only under `state`'s write lock or
+    /// taken under its read lock, so a checkpoint's sets and `seq` agree.
+    dirty: Mutex<HashSet<Arc<str>>>,
+    /// Full id chunks already in the checkpoint.
+    saved_chunks: Mutex<usize>,
+}
+
+impl MembershipIndex {
+    /// Loads the index: its checkpoint plus the change log after it, or (no checkpoint) one
+    /// scan of the customer records, which also numbers customers who have none and writes
+    /// a first checkpoint. `last_seq` is the last committed change's `seq`.
+    pub fn open(store: &Store, last_seq: u64) -> Result<MembershipIndex, StoreError> {
+        let index = match store.get(CF_INDEX, KEY_SEQ)? {
+            Some(seq) => Self::load(store, Reader::new(&seq).u64()?)?,
+            None => Self::rebuild(store, last_seq)?,
+        };
+        index.catch_up(store)?;
+        Ok(index)
+    }
+
+    fn load(store: &Store, seq: u64) -> Result<MembershipIndex, StoreError> {
+        let mut state = IndexState {
+            applied_seq: seq,
+            ..Default::default()
+        };
+        for item in store.scan_from(CF_INDEX, KEY_IDS) {
+            let (key, value) = item?;
+            if !key.starts_with(KEY_IDS) {
+                break;
+            }
+            state.ids.chunks.push(IdChunk::decode(&value)?);
+        }
+        let saved_chunks = state.ids.chunks.len();
+        if state.ids.full_chunks() != saved_chunks {
+            return Err(CodecError("the index checkpoint holds a partial id chunk").into());
+        }
+        Self::load_numbers(store, &mut state.ids)?;
+        for item in store.scan_from(CF_INDEX, KEY_SET) {
+            let (key, value) = item?;
+            let Some(name) = key.strip_prefix(KEY_SET) else {
+                break;
+            };
+            let name = std::str::from_utf8(name).map_err(|_| CodecError("bad index set name"))?;
+            let set =
+                RoaringBitmap::deserialize_from(&value[..]).map_err(|_| CodecError("bad index bitmap"))?;
+            state.sets.insert(Arc::from(name), set);
+        }
+        Ok(MembershipIndex {
+            state: RwLock::new(state),
+            dirty: Mutex::default(),
+            saved_chunks: Mutex::new(saved_chunks),
+        })
+    }
+
+    /// Appends the ids numbered after the table's end from the `numbers` column family.
+    fn load_numbers(store: &Store, ids: &mut IdTable) -> Result<(), StoreError> {
+        for item in store.scan_from(CF_NUMBERS, &number_key(ids.len())) {
+            let (key, value) = item?;
+            let number = u32::from_be_bytes(key[..].try_into().map_err(|_| CodecError("bad number key"))?);
+            if number != ids.len() {
+                return Err(CodecError("customer numbers have a gap").into());
+            }
+            let id = std::str::from_utf8(&value).map_err(|_| CodecError("bad customer id"))?;
+            ids.push(id);
+        }
+        Ok(())
+    }
+
+    fn rebuild(store: &Store, last_seq: u64) -> Result<MembershipIndex, StoreError> {
+        let mut state = IndexState {
+            applied_seq: last_seq,
+            ..Default::default()
+        };
+        Self::load_numbers(store, &mut state.ids)?;
+        let mut wb = WriteBatch::default();
+        let mut pending = 0;
+        for item in store.scan_from(CF_CUSTOMERS, &[]) {
+            let (key, value) = item?;
+            let mut record = CustomerState::decode(&value)?;
+            if record.number == NO_NUMBER {
+                let id = std::str::from_utf8(&key).map_err(|_| CodecError("bad customer id"))?;
+                record.number = state.ids.push(id);
+                wb.put_cf(store.cf(CF_NUMBERS), number_key(record.number), id.as_bytes());
+                wb.put_cf(store.cf(CF_CUSTOMERS), &key, record.encode());
+                pending += 1;
+                if pending == 10_000 {
+                    store.commit(std::mem::take(&mut wb))?;
+                    pending = 0;
+                }
+            }
+            for name in record.members.keys() {
+                state.sets.entry(name.clone()).or_default().insert(record.number);
+            }
+        }
+        store.commit(wb)?;
+        let dirty = state.sets.keys().cloned().collect();
+        let index = MembershipIndex {
+            state: RwLock::new(state),
+            dirty: Mutex::new(dirty),
+            saved_chunks: Mutex::new(0),
+        };
+        index.checkpoint(store)?;
+        Ok(index)
+    }
+
+    /// Applies the committed changes the index has not seen (after a checkpoint).
+    fn catch_up(&self, store: &Store) -> Result<(), StoreError> {
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        let start = state.applied_seq.saturating_add(1);
+        for item in store.scan_from(CF_CHANGES, &start.to_be_bytes()) {
+            let (_, value) = item?;
+            let (number, change) = Change::decode_stored(&value).ok_or(CodecError("bad stored change"))?;
+            let Some(number) = number else {
+                return Err(
+                    CodecError("a change without a customer number follows the index checkpoint").into(),
+                );
+            };
+            state.apply(number, &change);
+            state.applied_seq = change.seq;
+            dirty.insert(change.name.clone());
+        }
+        Ok(())
+    }
+
+    /// The index for reading. Hold the guard briefly: the engine waits for it to apply the
+    /// next commit.
+    pub fn read(&self) -> RwLockReadGuard<'_, IndexState> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies one commit: customers numbered in it (in number order), then its changes,
+    /// `numbers[i]` being the number of `changes[i]`'s customer.
+    pub fn apply(&self, new_ids: &[(u32, Arc<str>)], changes: &[Change], numbers: &[u32]) {
+        if new_ids.is_empty() && changes.is_empty() {
+            return;
+        }
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        for (number, id) in new_ids {
+            let got = state.ids.push(id);
+            debug_assert_eq!(got, *number, "customer numbers are assigned in order");
+        }
+        for (change, &number) in changes.iter().zip(numbers) {
+            state.apply(number, change);
+            state.applied_seq = change.seq;
+            if !dirty.contains(&change.name) {
+                dirty.insert(change.name.clone());
+            }
+        }
+    }
+
+    /// Writes what changed since the last checkpoint. Serialises under the read lock (the
+    /// engine's next apply waits for it), writes to RocksDB without it.
+    pub fn checkpoint(&self, store: &Store) -> Result<Checkpoint, StoreError> {
+        let mut wb = WriteBatch::default();
+        let mut done = Checkpoint::default();
+        let taken: HashSet<Arc<str>>;
+        let new_chunks;
+        {
+            let state = self.read();
+            taken = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|e| e.into_inner()));
+            let saved = *self.saved_chunks.lock().unwrap_or_else(|e| e.into_inner());
+            new_chunks = state.ids.full_chunks();
+            if taken.is_empty() && new_chunks == saved && store.get(CF_INDEX, KEY_SEQ)?.is_some() {
+                return Ok(Checkpoint {
+                    seq: state.applied_seq,
+                    ..done
+                });
+            }
+            for (i, chunk) in state.ids.chunks.iter().enumerate().take(new_chunks).skip(saved) {
+                let value = chunk.encode();
+                done.bytes += value.len();
+                wb.put_cf(store.cf(CF_INDEX), chunk_key(i), value);
+                done.chunks_written += 1;
+            }
+            for name in &taken {
+                let key = [KEY_SET, name.as_bytes()].concat();
+                match state.sets.get(name).filter(|s| !s.is_empty()) {
+                    Some(set) => {
+                        let mut value = Vec::with_capacity(set.serialized_size());
+                        set.serialize_into(&mut value).expect("writing to a Vec");
+                        done.bytes += value.len();
+                        wb.put_cf(store.cf(CF_INDEX), key, value);
+                    }
+                    None => wb.delete_cf(store.cf(CF_INDEX), key),
+                }
+                done.sets_written += 1;
+            }
+            let mut w = Writer::new();
+            w.u64(state.applied_seq);
+            wb.put_cf(store.cf(CF_INDEX), KEY_SEQ, w.buf);
+            done.seq = state.applied_seq;
+        }
+        if let Err(e) = store.commit(wb) {
+            self.dirty.lock().unwrap_or_else(|e| e.into_inner()).extend(taken);
+            return Err(e);
+        }
+        *self.saved_chunks.lock().unwrap_or_else(|e| e.into_inner()) = new_chunks;
+        Ok(done)
+    }
+}
+
+fn chunk_key(i: usize) -> Vec<u8> {
+    [KEY_IDS, &(i as u32).to_be_bytes()].concat()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_table_numbers_ids_densely_across_chunks() {
+        let mut t = IdTable::default();
+        for i in 0..(CHUNK + 10) {
+            assert_eq!(t.push(&format!("c{i}")), i);
+        }
+        assert_eq!(t.len(), CHUNK + 10);
+        assert_eq!(t.get(0), Some("c0"));
+        assert_eq!(t.get(CHUNK - 1), Some(format!("c{}", CHUNK - 1).as_str()));
+        assert_eq!(t.get(CHUNK + 9), Some(format!("c{}", CHUNK + 9).as_str()));
+        assert_eq!(t.get(CHUNK + 10), None);
+        assert_eq!(t.full_chunks(), 1);
+        let chunk = IdChunk::decode(&t.chunks[0].encode()).unwrap();
+        assert_eq!(chunk.get(5), Some("c5"));
+        assert!(IdChunk::decode(&[3, 1]).is_err());
+    }
+}

@@ -1,0 +1,297 @@
+//! Ad-hoc segment queries through the membership index against brute force: every customer
+//! looked at one by one, the expression judged on what `GET /v1/customers/{id}` shows
+//! (tags, segments, traits, profile). Random streams, random expressions mixing tags,
+//! segments, `not`, trait comparisons and profile conditions. Also: the index survives a
+//! restart from an old checkpoint (replaying the change log) and from no checkpoint at all.
+
+use std::collections::BTreeSet;
+
+use processor::{ClockMode, CustomerView, Engine, EngineConfig};
+use proptest::prelude::*;
+use rules::Value;
+use tests::TempDir;
+
+const BASE: i64 = 1_740_000_000_000;
+
+const RULES: &str = r#"
+trait views = count(view, 60s)
+trait spend = sum(payment.amount, 120s)
+tag viewer = views >= 1
+tag buyer = count(payment, lifetime) >= 1
+tag big = spend >= 100
+tag seafood on view where p == "x" ttl 30s
+segment vip_buyers = buyer and profile.vip == true
+"#;
+
+fn config() -> EngineConfig {
+    EngineConfig {
+        clock: ClockMode::Event,
+        sync_writes: false,
+        ..Default::default()
+    }
+}
+
+/// An expression as text and as a tree the brute force judges.
+#[derive(Debug, Clone)]
+enum Expr {
+    Member(&'static str),
+    ViewsAtLeast(u8),
+    SpendBelow(u16),
+    City(&'static str),
+    HasVip,
+    Not(Box<Expr>),
+    And(Box<Expr>, Box<Expr>),
+    Or(Box<Expr>, Box<Expr>),
+}
+
+impl Expr {
+    fn text(&self) -> String {
+        match self {
+            Expr::Member(n) => (*n).to_owned(),
+            Expr::ViewsAtLeast(k) => format!("views >= {k}"),
+            Expr::SpendBelow(k) => format!("spend < {k}"),
+            Expr::City(c) => format!("profile.city == \"{c}\""),
+            Expr::HasVip => "has(profile.vip)".to_owned(),
+            Expr::Not(e) => format!("not ({})", e.text()),
+            Expr::And(a, b) => format!("({}) and ({})", a.text(), b.text()),
+            Expr::Or(a, b) => format!("({}) or ({})", a.text(), b.text()),
+        }
+    }
+
+    fn holds(&self, c: &CustomerView) -> bool {
+        let number = |name: &str| match c.traits.get(name) {
+            Some(Value::Num(n)) => Some(*n),
+            _ => None,
+        };
+        match self {
+            Expr::Member(n) => c.tags.contains_key(*n) || c.segments.contains_key(*n),
+            Expr::ViewsAtLeast(k) => number("views").is_some_and(|v| v >= (*k).into()),
+            Expr::SpendBelow(k) => number("spend").is_some_and(|v| v < (*k).into()),
+            Expr::City(city) => c.profile.get("city") == Some(&Value::str(city)),
+            Expr::HasVip => c.profile.contains_key("vip"),
+            Expr::Not(e) => !e.holds(c),
+            Expr::And(a, b) => a.holds(c) && b.holds(c),
+            Expr::Or(a, b) => a.holds(c) || b.holds(c),
+        }
+    }
+}
+
+fn expr() -> impl Strategy<Value = Expr> {
+    let leaf = prop_oneof![
+        4 => prop::sample::select(vec!["viewer", "buyer", "big", "seafood", "vip_buyers"]).prop_map(Expr::Member),
+        1 => (0u8..4).prop_map(Expr::ViewsAtLeast),
+        1 => (0u16..200).prop_map(Expr::SpendBelow),
+        1 => prop::sample::select(vec!["杭州", "上海"]).prop_map(Expr::City),
+        1 => Just(Expr::HasVip),
+    ];
+    leaf.prop_recursive(4, 16, 2, |inner| {
+        prop_oneof![
+            inner.clone().prop_map(|e| Expr::Not(Box::new(e))),
+            (inner.clone(), inner.clone()).prop_map(|(a, b)| Expr::And(Box::new(a), Box::new(b))),
+            (inner.clone(), inner).prop_map(|(a, b)| Expr::Or(Box::new(a), Box::new(b))),
+        ]
+    })
+}
+
+/// Events over 40 customers and five minutes: views, payments, profile changes.
+fn stream() -> impl Strategy<Value = Vec<String>> {
+    prop::collection::vec(
+        (
+            0u8..40,
+            prop::sample::select(vec!["view", "payment", "call"]),
+            0i64..300,
+            prop::sample::select(vec!["x", "y"]),
+            0u8..120,
+            prop::option::weighted(0.3, prop::sample::select(vec!["杭州", "上海", "北京"])),
+            prop::option::weighted(0.2, any::<bool>()),
+        ),
+        1..150,
+    )
+    .prop_map(|items| {
+        items
+            .into_iter()
+            .map(|(c, t, s, p, amount, city, vip)| {
+                let mut profile = serde_json::Map::new();
+                if let Some(city) = city {
+                    profile.insert("city".into(), city.into());
+                }
+                if let Some(vip) = vip {
+                    profile.insert("vip".into(), vip.into());
+                }
+                serde_json::json!({
+                    "customer_id": format!("cust-{c:02}"),
+                    "type": t,
+                    "ts": BASE + s * 1000,
+                    "props": {"p": p, "amount": amount},
+                    "profile": profile,
+                })
+                .to_string()
+            })
+            .collect()
+    })
+}
+
+/// Every member of a query, paging with a small limit, and the count it reported.
+fn query_all(engine: &Engine, expr: &str) -> (usize, Vec<String>) {
+    let mut all = Vec::new();
+    let mut cursor = None;
+    let mut count = None;
+    loop {
+        let page = engine.query(expr, 7, cursor.as_deref()).expect("the query runs");
+        assert!(page.customers.len() <= 7);
+        assert!(
+            count.is_none_or(|c| c == page.count),
+            "the count stays put while paging"
+        );
+        count = Some(page.count);
+        all.extend(page.customers);
+        cursor = page.next_cursor;
+        if cursor.is_none() {
+            break;
+        }
+    }
+    all.sort();
+    (count.unwrap_or(0), all)
+}
+
+fn brute_force(engine: &Engine, expr: &Expr) -> Vec<String> {
+    engine
+        .customer_ids()
+        .unwrap()
+        .into_iter()
+        .filter(|id| expr.holds(&engine.customer(id).unwrap().unwrap()))
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn queries_equal_brute_force(
+        events in stream(),
+        exprs in prop::collection::vec(expr(), 6),
+        later in 0i64..200,
+    ) {
+        let dir = TempDir::new("segments");
+        let mut engine = Engine::open(dir.path(), Some(RULES), config()).unwrap();
+        engine.ingest(&events).unwrap();
+        // Time alone moves some customers out of windows and ttls.
+        engine.advance_clock(BASE + (300 + later) * 1000).unwrap();
+        for e in &exprs {
+            let (count, members) = query_all(&engine, &e.text());
+            let expected = brute_force(&engine, e);
+            prop_assert_eq!(&members, &expected, "{}", e.text());
+            prop_assert_eq!(count, expected.len(), "{}", e.text());
+        }
+        // Exports follow the same bitmaps.
+        for name in ["viewer", "buyer", "big", "seafood", "vip_buyers"] {
+            let members: BTreeSet<String> = engine.members(name).unwrap().into_iter().map(|(id, _)| id).collect();
+            let expected: BTreeSet<String> = brute_force(&engine, &Expr::Member(name)).into_iter().collect();
+            prop_assert_eq!(members, expected, "{}", name);
+        }
+    }
+}
+
+fn snapshot_of(engine: &Engine) -> Vec<(String, Vec<String>)> {
+    ["viewer", "buyer", "big", "seafood", "vip_buyers"]
+        .iter()
+        .map(|n| {
+            let mut ids: Vec<String> = engine.members(n).unwrap().into_iter().map(|(id, _)| id).collect();
+            ids.sort();
+            (n.to_string(), ids)
+        })
+        .collect()
+}
+
+fn batch(from: usize, to: usize, second: i64) -> Vec<String> {
+    (from..to)
+        .map(|i| {
+            let t = if i % 3 == 0 { "payment" } else { "view" };
+            format!(
+                r#"{{"customer_id":"c{i}","type":"{t}","ts":{},"props":{{"p":"x","amount":150}},"profile":{{"vip":true}}}}"#,
+                BASE + second * 1000
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn the_index_comes_back_from_an_old_checkpoint_and_from_none() {
+    let dir = TempDir::new("index-restart");
+    let old_checkpoint;
+    {
+        let mut engine = Engine::open(dir.path(), Some(RULES), config()).unwrap();
+        engine.ingest(&batch(0, 50, 0)).unwrap();
+        engine.checkpoint_index().unwrap();
+        old_checkpoint = dump_index(&engine);
+        engine.ingest(&batch(30, 90, 10)).unwrap();
+        engine.advance_clock(BASE + 30_000).unwrap();
+    }
+    let expected = {
+        let engine = Engine::open(dir.path(), None, config()).unwrap();
+        let snapshot = snapshot_of(&engine);
+        assert!(snapshot.iter().all(|(_, ids)| !ids.is_empty()), "{snapshot:?}");
+        assert_eq!(
+            engine
+                .query("vip_buyers and not seafood", 100, None)
+                .unwrap()
+                .count,
+            30
+        );
+        snapshot
+    };
+
+    // Put the first checkpoint back: opening replays every change made after it.
+    {
+        let store = processor::store::Store::open(dir.path(), false, retention()).unwrap();
+        restore_index(&store, &old_checkpoint);
+    }
+    let engine = Engine::open(dir.path(), None, config()).unwrap();
+    assert_eq!(snapshot_of(&engine), expected);
+    drop(engine);
+
+    // No checkpoint at all (a store from before the index): one scan rebuilds it.
+    {
+        let store = processor::store::Store::open(dir.path(), false, retention()).unwrap();
+        restore_index(&store, &[]);
+    }
+    let mut engine = Engine::open(dir.path(), None, config()).unwrap();
+    assert_eq!(snapshot_of(&engine), expected);
+    // New customers keep getting fresh numbers after a rebuild.
+    engine.ingest(&batch(90, 95, 60)).unwrap();
+    let viewers = engine.members("viewer").unwrap();
+    assert!(viewers.iter().any(|(id, _)| id == "c94"));
+    assert_eq!(engine.reader().index().read().customers(), 95);
+}
+
+fn retention() -> processor::store::Retention {
+    processor::store::Retention {
+        dedup_horizon_ms: i64::MAX,
+        history_ms: i64::MAX,
+        block_cache_bytes: 8 << 20,
+        memtable_bytes: 8 << 20,
+    }
+}
+
+type Raw = Vec<processor::store::KeyValue>;
+
+fn dump_index(engine: &Engine) -> Raw {
+    engine
+        .store()
+        .scan_from(processor::store::CF_INDEX, &[])
+        .map(Result::unwrap)
+        .collect()
+}
+
+/// Replaces the `index` column family's contents with `raw`.
+fn restore_index(store: &processor::store::Store, raw: &[processor::store::KeyValue]) {
+    let cf = processor::store::CF_INDEX;
+    let mut wb = rocksdb::WriteBatch::default();
+    for item in store.scan_from(cf, &[]) {
+        wb.delete_cf(store.cf(cf), item.unwrap().0);
+    }
+    for (k, v) in raw {
+        wb.put_cf(store.cf(cf), k, v);
+    }
+    store.commit(wb).unwrap();
+}
