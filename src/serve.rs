@@ -48,6 +48,13 @@ pub fn serve(
         announce(&format!("tagstream listening on http://{bound}"));
         on_ready(bound, handle.clone(), stopping.clone());
         drop(handle);
+        let webhooks = state.webhooks.clone();
+        let resumed = webhooks
+            .resume(&state)
+            .map_err(|e| anyhow::anyhow!("loading webhook subscriptions: {e}"))?;
+        if resumed > 0 {
+            tracing::info!(subscriptions = resumed, "delivering webhooks");
+        }
         let app = router(state);
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown_signal())

@@ -12,7 +12,7 @@ mod query;
 mod read;
 
 pub use explain::{Explained, Explanation, NextChange};
-pub use query::parse_cursor;
+pub use query::{parse_cursor, Delta};
 pub use read::ReadHandle;
 
 use cache::CustomerCache;

@@ -46,9 +46,9 @@ pub mod window;
 
 pub use change::{Cause, Change, MemberKind, Op};
 pub use engine::{
-    parse_cursor, BackfillProgress, ClockMode, CustomerView, DeadLetter, Engine, EngineConfig, EngineError,
-    Explained, Explanation, ExportField, FiredTimers, IngestError, IngestOutcome, MembersPage, NextChange,
-    Preview, PreviewCounts, QueryError, QueryPage, ReadHandle,
+    parse_cursor, BackfillProgress, ClockMode, CustomerView, DeadLetter, Delta, Engine, EngineConfig,
+    EngineError, Explained, Explanation, ExportField, FiredTimers, IngestError, IngestOutcome, MembersPage,
+    NextChange, Preview, PreviewCounts, QueryError, QueryPage, ReadHandle,
 };
 pub use event::{parse_event, EventLimits, Rejection, ValidEvent};
 pub use state::Membership;

@@ -12,6 +12,7 @@
 //! | `meta` | name | clock, sequences, rules text, source offsets |
 //! | `numbers` | customer number (BE u32) | customer id: the membership index's dense numbers |
 //! | `index` | `seq`, `ids:CHUNK`, `set:NAME` | the membership index's last checkpoint |
+//! | `webhooks` | `sub:ID`, `dlq:ID:SEQ` | webhook subscriptions and their failed deliveries |
 //!
 //! Everything a batch changes goes into one `WriteBatch` with the WAL on, so state, change
 //! log, dedup keys and offsets commit atomically.
@@ -39,7 +40,8 @@ pub const CF_DLQ: &str = "dlq";
 pub const CF_META: &str = "meta";
 pub const CF_NUMBERS: &str = "numbers";
 pub const CF_INDEX: &str = "index";
-const ALL_CFS: [&str; 9] = [
+pub const CF_WEBHOOKS: &str = "webhooks";
+const ALL_CFS: [&str; 10] = [
     CF_CUSTOMERS,
     CF_EVENTS,
     CF_TIMERS,
@@ -49,6 +51,7 @@ const ALL_CFS: [&str; 9] = [
     CF_META,
     CF_NUMBERS,
     CF_INDEX,
+    CF_WEBHOOKS,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -245,6 +248,30 @@ impl Store {
         let mut w = Writer::new();
         w.u64(v);
         batch.put_cf(self.cf(CF_META), name.as_bytes(), w.buf);
+    }
+
+    /// Writes one key on its own, outside any engine batch (data the engine never writes,
+    /// such as webhook subscriptions).
+    pub fn put_now(&self, cf: &str, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(cf), key, value);
+        self.commit(batch)
+    }
+
+    /// Deletes every key starting with `prefix` from a column family the engine never writes.
+    pub fn delete_prefix_now(&self, cf: &str, prefix: &[u8]) -> Result<usize, StoreError> {
+        let mut batch = WriteBatch::default();
+        let mut n = 0;
+        for item in self.scan_from(cf, prefix) {
+            let (key, _) = item?;
+            if !key.starts_with(prefix) {
+                break;
+            }
+            batch.delete_cf(self.cf(cf), &key);
+            n += 1;
+        }
+        self.commit(batch)?;
+        Ok(n)
     }
 
     /// Writes one meta counter on its own (WAL on, synced when the store syncs).

@@ -19,6 +19,8 @@ type Job = Box<dyn FnOnce(&mut Engine) + Send>;
 pub struct EngineHandle {
     jobs: SyncSender<Job>,
     reader: ReadHandle,
+    /// The `seq` of the last committed change, for change streams to wait on.
+    committed: tokio::sync::watch::Receiver<u64>,
 }
 
 /// How the engine thread paces its background work.
@@ -52,6 +54,8 @@ impl EngineHandle {
     pub fn spawn(mut engine: Engine, config: EngineThreadConfig) -> (EngineHandle, JoinHandle<()>) {
         let (jobs, queue) = sync_channel::<Job>(config.queue);
         let reader = engine.reader();
+        let (committed_tx, committed) = tokio::sync::watch::channel(reader.last_seq());
+        let seq_reader = reader.clone();
         let thread = std::thread::Builder::new()
             .name("tagstream-engine".into())
             .spawn(move || {
@@ -82,6 +86,10 @@ impl EngineHandle {
                             tracing::error!(error = %e, "membership index checkpoint failed; will retry");
                         }
                     }
+                    committed_tx.send_if_modified(|seq| {
+                        let last = seq_reader.last_seq();
+                        std::mem::replace(seq, last) != last
+                    });
                     m::engine_gauges(&engine);
                 }
                 if let Err(e) = engine.store().flush() {
@@ -89,13 +97,25 @@ impl EngineHandle {
                 }
             })
             .expect("spawn the engine thread");
-        (EngineHandle { jobs, reader }, thread)
+        (
+            EngineHandle {
+                jobs,
+                reader,
+                committed,
+            },
+            thread,
+        )
     }
 
     /// Lookups that run on the caller's thread, as of the last commit, without queueing
     /// behind ingest batches.
     pub fn reader(&self) -> &ReadHandle {
         &self.reader
+    }
+
+    /// Changes with the `seq` of the last committed change after each engine job.
+    pub fn committed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.committed.clone()
     }
 
     /// Like [`EngineHandle::call`] for threads outside the async runtime (the Kafka

@@ -26,10 +26,12 @@ mod error;
 pub mod export;
 pub mod metrics;
 mod routes;
+pub mod streams;
+pub mod webhooks;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, Request};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::Router;
 
 pub use engine_thread::{EngineHandle, EngineThreadConfig};
@@ -57,6 +59,7 @@ pub struct AppState {
     pub config: ApiConfig,
     /// Set when events come from Kafka: `/readyz` is false until partitions are assigned.
     pub kafka: Option<std::sync::Arc<processor::kafka::KafkaStatus>>,
+    pub webhooks: std::sync::Arc<webhooks::Webhooks>,
 }
 
 impl AppState {
@@ -66,6 +69,7 @@ impl AppState {
             prometheus: metrics::prometheus(),
             config,
             kafka: None,
+            webhooks: std::sync::Arc::new(webhooks::Webhooks::new(webhooks::WebhookConfig::default())),
         }
     }
 }
@@ -113,6 +117,14 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/segments/query", post(routes::segment_query))
         .route("/v1/segments/{name}/members", get(routes::segment_members))
+        .route("/v1/segments/{name}/delta", get(streams::delta))
+        .route("/v1/segments/{name}/stream", get(streams::stream))
+        .route("/v1/webhooks", post(webhooks::create).get(webhooks::list))
+        .route("/v1/webhooks/{id}", delete(webhooks::delete))
+        .route(
+            "/v1/webhooks/{id}/dead_letters",
+            get(webhooks::dead_letters).delete(webhooks::purge_dead_letters),
+        )
         .route("/v1/changes", get(routes::changes))
         .route(
             "/v1/dlq",

@@ -298,6 +298,37 @@ impl ReadHandle {
         Ok(out)
     }
 
+    /// Who entered and who exited `name` between `after` and `until` (change log `seq`s):
+    /// the net of every change in between, so a customer who entered and left again is in
+    /// neither list. Ids in customer-number order.
+    pub fn delta(&self, name: &str, after: u64, until: u64) -> Result<Delta, EngineError> {
+        // Per customer: member at `after`, member at `until`.
+        let mut net: std::collections::BTreeMap<u32, (bool, bool)> = Default::default();
+        let mut from = after;
+        while from < until {
+            let changes = crate::engine::read::changes_with_numbers(&self.store, from, 10_000)?;
+            let Some(last) = changes.last() else { break };
+            from = last.1.seq;
+            for (number, change) in changes.iter().filter(|(_, c)| c.seq <= until && *c.name == *name) {
+                let now_member = change.op == crate::change::Op::Add;
+                net.entry(*number).or_insert((!now_member, now_member)).1 = now_member;
+            }
+        }
+        let (mut entered, mut exited) = (Vec::new(), Vec::new());
+        for (number, (before, after)) in net {
+            match (before, after) {
+                (false, true) => entered.push(number),
+                (true, false) => exited.push(number),
+                _ => {}
+            }
+        }
+        Ok(Delta {
+            entered: self.ids_of(entered),
+            exited: self.ids_of(exited),
+            until,
+        })
+    }
+
     /// Resolves an export field: `since` or `expires_at` (of the membership),
     /// `profile.ATTR`, or the name of a trait; with its value type (`Any` for profile
     /// attributes, `Dur` — integer ms — for the membership's instants).
@@ -323,6 +354,15 @@ impl ReadHandle {
             None => Err(format!("unknown field `{name}` ({KINDS})")),
         }
     }
+}
+
+/// The net membership change of a tag or segment between two points of the change log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delta {
+    pub entered: IdPage,
+    pub exited: IdPage,
+    /// The last `seq` included: the `after` of the next delta.
+    pub until: u64,
 }
 
 /// The requested fields of one member.

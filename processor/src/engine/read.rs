@@ -111,6 +111,11 @@ impl ReadHandle {
         &self.store
     }
 
+    /// The `seq` of the last committed change (0 before the first).
+    pub fn last_seq(&self) -> u64 {
+        self.index.read().applied_seq()
+    }
+
     /// Committed changes with `seq > after`, in `seq` order, at most `limit`.
     pub fn changes(&self, after: u64, limit: usize) -> Result<Vec<Change>, EngineError> {
         changes(&self.store, after, limit)
@@ -143,14 +148,28 @@ fn cursor_key(name: &str) -> String {
 }
 
 pub(super) fn changes(store: &Store, after: u64, limit: usize) -> Result<Vec<Change>, EngineError> {
+    Ok(changes_with_numbers(store, after, limit)?
+        .into_iter()
+        .map(|(_, c)| c)
+        .collect())
+}
+
+/// Changes after `after` with their customer numbers (`NO_NUMBER` for changes written
+/// before customers had numbers).
+pub(super) fn changes_with_numbers(
+    store: &Store,
+    after: u64,
+    limit: usize,
+) -> Result<Vec<(u32, Change)>, EngineError> {
     let mut out = Vec::new();
     for item in store.scan_from(CF_CHANGES, &(after.saturating_add(1)).to_be_bytes()) {
         if out.len() == limit {
             break;
         }
         let (_, value) = item?;
-        let (_, change) = Change::decode_stored(&value).ok_or(StoreError::Codec(CodecError("bad change")))?;
-        out.push(change);
+        let (number, change) =
+            Change::decode_stored(&value).ok_or(StoreError::Codec(CodecError("bad change")))?;
+        out.push((number.unwrap_or(crate::index::NO_NUMBER), change));
     }
     Ok(out)
 }

@@ -1,0 +1,513 @@
+//! Webhook subscriptions: the change log of one tag or segment (or of everything) POSTed to a
+//! URL in `seq` order, signed with HMAC-SHA256, retried with exponential backoff; a batch
+//! that keeps failing goes to the subscription's dead-letter list and delivery moves on.
+//!
+//! Each subscription has one task and a durable cursor (the last `seq` it delivered or dead-
+//! lettered), so deliveries are in order and survive restarts; after a crash the batch in
+//! flight is sent again (at least once — receivers dedup by the `x-tagstream-delivery` id or
+//! by `seq`).
+//!
+//! Signature: `x-tagstream-signature: t=MS,v1=HEX`, HEX being HMAC-SHA256 with the
+//! subscription's secret over `MS` + `.` + the body. Secrets are stored to sign, never shown
+//! by the API and never logged.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{Request, StatusCode, Uri};
+use axum::Json;
+use hmac::{Hmac, Mac};
+use http_body_util::Full;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use processor::store::CF_WEBHOOKS;
+use processor::{Change, ReadHandle};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value as Json_};
+use sha2::Sha256;
+
+use crate::{ApiError, AppState, LimitedBody};
+
+/// How deliveries are paced.
+#[derive(Debug, Clone, Copy)]
+pub struct WebhookConfig {
+    /// The first retry waits this long; each next one twice as long, up to `backoff_max`.
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// Attempts per batch before it is dead-lettered, unless the subscription says.
+    pub max_attempts: u32,
+    /// One attempt's time limit.
+    pub timeout: Duration,
+    /// Changes per delivery at most.
+    pub batch: usize,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        WebhookConfig {
+            backoff_base: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(30),
+            max_attempts: 8,
+            timeout: Duration::from_secs(10),
+            batch: 100,
+        }
+    }
+}
+
+/// A subscription as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Subscription {
+    id: u64,
+    url: String,
+    /// The tag or segment whose changes are sent; `None`: every change.
+    name: Option<String>,
+    secret: String,
+    max_attempts: u32,
+    created_at: i64,
+}
+
+impl Subscription {
+    /// What the API shows: everything but the secret.
+    fn public(&self) -> Json_ {
+        json!({
+            "id": self.id,
+            "url": self.url,
+            "name": self.name,
+            "max_attempts": self.max_attempts,
+            "created_at": self.created_at,
+        })
+    }
+}
+
+fn sub_key(id: u64) -> Vec<u8> {
+    [b"sub:".as_slice(), &id.to_be_bytes()].concat()
+}
+
+fn dlq_prefix(id: u64) -> Vec<u8> {
+    [b"dlq:".as_slice(), &id.to_be_bytes()].concat()
+}
+
+fn cursor_name(id: u64) -> String {
+    format!("webhook:{id}")
+}
+
+const NEXT_ID: &str = "webhook_next_id";
+
+/// The running subscriptions.
+pub struct Webhooks {
+    config: WebhookConfig,
+    tasks: Mutex<HashMap<u64, tokio::task::AbortHandle>>,
+    /// Serialises creation (the id counter).
+    create: Mutex<()>,
+}
+
+impl Webhooks {
+    pub fn new(config: WebhookConfig) -> Webhooks {
+        Webhooks {
+            config,
+            tasks: Mutex::default(),
+            create: Mutex::default(),
+        }
+    }
+
+    /// Starts a delivery task for every stored subscription (at server start).
+    pub fn resume(self: &Arc<Self>, app: &AppState) -> Result<usize, ApiError> {
+        let subs = stored(app.engine.reader())?;
+        let n = subs.len();
+        for sub in subs {
+            self.start(app, sub);
+        }
+        Ok(n)
+    }
+
+    fn start(self: &Arc<Self>, app: &AppState, sub: Subscription) {
+        let id = sub.id;
+        let task = tokio::spawn(deliver(app.clone(), self.config, sub));
+        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = tasks.insert(id, task.abort_handle()) {
+            old.abort();
+        }
+    }
+
+    fn stop(&self, id: u64) {
+        if let Some(task) = self.tasks.lock().unwrap_or_else(|e| e.into_inner()).remove(&id) {
+            task.abort();
+        }
+    }
+}
+
+fn stored(reader: &ReadHandle) -> Result<Vec<Subscription>, ApiError> {
+    let mut out = Vec::new();
+    for item in reader.store().scan_from(CF_WEBHOOKS, b"sub:") {
+        let (key, value) = item.map_err(processor::EngineError::from)?;
+        if !key.starts_with(b"sub:") {
+            break;
+        }
+        let sub: Subscription =
+            serde_json::from_slice(&value).map_err(|e| ApiError::Internal(format!("stored webhook: {e}")))?;
+        out.push(sub);
+    }
+    Ok(out)
+}
+
+fn find(reader: &ReadHandle, id: u64) -> Result<Subscription, ApiError> {
+    let value = reader
+        .store()
+        .get(CF_WEBHOOKS, &sub_key(id))
+        .map_err(processor::EngineError::from)?
+        .ok_or_else(|| ApiError::NotFound(format!("no webhook subscription {id}")))?;
+    serde_json::from_slice(&value).map_err(|e| ApiError::Internal(format!("stored webhook: {e}")))
+}
+
+fn parse_id(text: &str) -> Result<u64, ApiError> {
+    text.parse()
+        .map_err(|_| ApiError::BadRequest(format!("`{text}` is not a webhook subscription id")))
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateBody {
+    url: String,
+    /// A tag or segment; absent for every change.
+    name: Option<String>,
+    secret: String,
+    max_attempts: Option<u32>,
+    /// Deliver changes after this `seq` (default: from the last committed change on).
+    after: Option<u64>,
+}
+
+/// Checks a webhook URL: absolute `http://` with a host.
+fn check_url(url: &str) -> Result<Uri, ApiError> {
+    let uri: Uri = url
+        .parse()
+        .map_err(|e| ApiError::BadRequest(format!("`url` is not a URL: {e}")))?;
+    match uri.scheme_str() {
+        Some("http") if uri.host().is_some() => Ok(uri),
+        Some("https") => Err(ApiError::BadRequest(
+            "`url`: https is not supported yet; use http:// (behind a TLS-terminating proxy if the receiver is remote)".into(),
+        )),
+        _ => Err(ApiError::BadRequest(format!(
+            "`url` must be an absolute http:// URL, got `{url}`"
+        ))),
+    }
+}
+
+/// `POST /v1/webhooks`: subscribe; answers the subscription (without its secret).
+pub async fn create(
+    State(app): State<AppState>,
+    LimitedBody(body): LimitedBody,
+) -> Result<(StatusCode, Json<Json_>), ApiError> {
+    let b: CreateBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("bad webhook subscription: {e}")))?;
+    check_url(&b.url)?;
+    if b.secret.len() < 16 {
+        return Err(ApiError::BadRequest(
+            "`secret` must be at least 16 bytes (it keys the HMAC-SHA256 signature)".into(),
+        ));
+    }
+    let max_attempts = b.max_attempts.unwrap_or(app.webhooks.config.max_attempts);
+    if !(1..=100).contains(&max_attempts) {
+        return Err(ApiError::BadRequest(
+            "`max_attempts` must be between 1 and 100".into(),
+        ));
+    }
+    let reader = app.engine.reader().clone();
+    if let Some(name) = &b.name {
+        if reader.member_set(name).is_none() {
+            return Err(ApiError::NotFound(format!("no tag or segment `{name}`")));
+        }
+    }
+    let last = reader.last_seq();
+    let after = b.after.unwrap_or(last);
+    if after > last {
+        return Err(ApiError::BadRequest(format!(
+            "`after` is {after}, beyond the last change ({last})"
+        )));
+    }
+    let sub = {
+        let _one_at_a_time = app.webhooks.create.lock().unwrap_or_else(|e| e.into_inner());
+        let id = reader.cursor(NEXT_ID)? + 1;
+        let sub = Subscription {
+            id,
+            url: b.url,
+            name: b.name,
+            secret: b.secret,
+            max_attempts,
+            created_at: now_ms(),
+        };
+        reader.set_cursor(&cursor_name(id), after)?;
+        let value = serde_json::to_vec(&sub).expect("a subscription serialises");
+        reader
+            .store()
+            .put_now(CF_WEBHOOKS, &sub_key(id), &value)
+            .map_err(processor::EngineError::from)?;
+        reader.set_cursor(NEXT_ID, id)?;
+        sub
+    };
+    let shown = sub.public();
+    app.webhooks.start(&app, sub);
+    Ok((StatusCode::CREATED, Json(shown)))
+}
+
+/// `GET /v1/webhooks`: every subscription with its delivery position.
+pub async fn list(State(app): State<AppState>) -> Result<Json<Json_>, ApiError> {
+    let reader = app.engine.reader();
+    let mut out = Vec::new();
+    for sub in stored(reader)? {
+        let mut shown = sub.public();
+        shown["delivered_through"] = reader.cursor(&cursor_name(sub.id))?.into();
+        out.push(shown);
+    }
+    Ok(Json(json!({ "webhooks": out, "last_seq": reader.last_seq() })))
+}
+
+/// `DELETE /v1/webhooks/{id}`: stop delivering and forget the subscription and its dead
+/// letters.
+pub async fn delete(State(app): State<AppState>, Path(id): Path<String>) -> Result<Json<Json_>, ApiError> {
+    let id = parse_id(&id)?;
+    let reader = app.engine.reader();
+    find(reader, id)?;
+    app.webhooks.stop(id);
+    let store = reader.store();
+    store
+        .delete_prefix_now(CF_WEBHOOKS, &sub_key(id))
+        .and_then(|_| store.delete_prefix_now(CF_WEBHOOKS, &dlq_prefix(id)))
+        .map_err(processor::EngineError::from)?;
+    Ok(Json(json!({ "deleted": id })))
+}
+
+/// `GET /v1/webhooks/{id}/dead_letters`: batches that kept failing, oldest first.
+pub async fn dead_letters(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Json_>, ApiError> {
+    let id = parse_id(&id)?;
+    let reader = app.engine.reader();
+    find(reader, id)?;
+    let prefix = dlq_prefix(id);
+    let mut out = Vec::new();
+    for item in reader.store().scan_from(CF_WEBHOOKS, &prefix) {
+        let (key, value) = item.map_err(processor::EngineError::from)?;
+        if !key.starts_with(&prefix) {
+            break;
+        }
+        out.push(serde_json::from_slice::<Json_>(&value).map_err(|e| ApiError::Internal(e.to_string()))?);
+    }
+    Ok(Json(json!({ "dead_letters": out })))
+}
+
+/// `DELETE /v1/webhooks/{id}/dead_letters`.
+pub async fn purge_dead_letters(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Json_>, ApiError> {
+    let id = parse_id(&id)?;
+    let reader = app.engine.reader();
+    find(reader, id)?;
+    let n = reader
+        .store()
+        .delete_prefix_now(CF_WEBHOOKS, &dlq_prefix(id))
+        .map_err(processor::EngineError::from)?;
+    Ok(Json(json!({ "purged": n })))
+}
+
+/// The signature header's value for `body` sent at `at_ms`.
+pub fn signature(secret: &[u8], at_ms: i64, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(at_ms.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    let hex: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("t={at_ms},v1={hex}")
+}
+
+/// The next batch for `sub` after `cursor`: its changes (at most `batch`) and the `seq` the
+/// cursor moves to once they are delivered (past changes of other names, too).
+fn next_batch(
+    reader: &ReadHandle,
+    sub: &Subscription,
+    cursor: u64,
+    batch: usize,
+) -> Result<(Vec<Change>, u64), ApiError> {
+    let scanned = reader.changes(cursor, 10_000)?;
+    let mut picked = Vec::new();
+    let mut through = cursor;
+    for change in scanned {
+        if sub.name.as_deref().is_none_or(|n| *change.name == *n) {
+            if picked.len() == batch {
+                break;
+            }
+            picked.push(change.clone());
+        }
+        through = change.seq;
+    }
+    Ok((picked, through))
+}
+
+/// One subscription's delivery loop; runs until aborted.
+async fn deliver(app: AppState, config: WebhookConfig, sub: Subscription) {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let reader = app.engine.reader().clone();
+    let mut committed = app.engine.committed();
+    let label = sub.id.to_string();
+    let mut cursor = match reader.cursor(&cursor_name(sub.id)) {
+        Ok(c) => c,
+        Err(e) => {
+            return tracing::error!(webhook = sub.id, error = %e, "webhook cursor unreadable; not delivering")
+        }
+    };
+    loop {
+        committed.borrow_and_update();
+        let step = reader.clone();
+        let s = sub.clone();
+        let read = tokio::task::spawn_blocking(move || next_batch(&step, &s, cursor, config.batch)).await;
+        let (changes, through) = match read {
+            Ok(Ok(found)) => found,
+            Ok(Err(e)) => {
+                tracing::error!(webhook = sub.id, error = %e, "reading the change log failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(_) => return,
+        };
+        metrics::gauge!("tagstream_webhook_lag_changes", "subscription" => label.clone())
+            .set(reader.last_seq().saturating_sub(through) as f64);
+        if through == cursor {
+            // Nothing new: wait for the next commit (or look again in a while).
+            let _ = tokio::time::timeout(Duration::from_secs(5), committed.changed()).await;
+            continue;
+        }
+        if !changes.is_empty() {
+            send_with_retries(&client, &reader, &config, &sub, &changes).await;
+        }
+        cursor = through;
+        if let Err(e) = reader.set_cursor(&cursor_name(sub.id), cursor) {
+            tracing::error!(webhook = sub.id, error = %e, "saving the webhook cursor failed");
+        }
+    }
+}
+
+/// Sends one batch until it is accepted (2xx) or `max_attempts` fail; then dead-letters it.
+async fn send_with_retries(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    reader: &ReadHandle,
+    config: &WebhookConfig,
+    sub: &Subscription,
+    changes: &[Change],
+) {
+    let first = changes[0].seq;
+    let last = changes[changes.len() - 1].seq;
+    let body = Bytes::from(
+        serde_json::to_vec(&json!({ "subscription": sub.id, "name": sub.name, "changes": changes }))
+            .expect("changes serialise"),
+    );
+    let mut delay = config.backoff_base;
+    let mut last_error = String::new();
+    for attempt in 1..=sub.max_attempts {
+        let started = Instant::now();
+        let at = now_ms();
+        let request = Request::post(&sub.url)
+            .header("content-type", "application/json")
+            .header(
+                "x-tagstream-signature",
+                signature(sub.secret.as_bytes(), at, &body),
+            )
+            .header("x-tagstream-delivery", format!("{}-{first}", sub.id))
+            .header("x-tagstream-attempt", attempt.to_string())
+            .body(Full::new(body.clone()));
+        let outcome = match request {
+            Ok(request) => match tokio::time::timeout(config.timeout, client.request(request)).await {
+                Ok(Ok(response)) if response.status().is_success() => Ok(()),
+                Ok(Ok(response)) => Err(format!("the receiver answered {}", response.status())),
+                Ok(Err(e)) => Err(format!("request failed: {e}")),
+                Err(_) => Err(format!("no answer within {:?}", config.timeout)),
+            },
+            Err(e) => Err(format!("bad request: {e}")),
+        };
+        metrics::histogram!("tagstream_webhook_delivery_seconds").record(started.elapsed().as_secs_f64());
+        match outcome {
+            Ok(()) => {
+                metrics::counter!("tagstream_webhook_deliveries_total", "result" => "delivered").increment(1);
+                return;
+            }
+            Err(e) => {
+                metrics::counter!("tagstream_webhook_deliveries_total", "result" => "failed_attempt")
+                    .increment(1);
+                tracing::warn!(webhook = sub.id, attempt, first_seq = first, error = %e, "webhook delivery failed");
+                last_error = e;
+            }
+        }
+        if attempt < sub.max_attempts {
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(config.backoff_max);
+        }
+    }
+    metrics::counter!("tagstream_webhook_deliveries_total", "result" => "dead_lettered").increment(1);
+    let letter = json!({
+        "subscription": sub.id,
+        "first_seq": first,
+        "last_seq": last,
+        "attempts": sub.max_attempts,
+        "last_error": last_error,
+        "failed_at": now_ms(),
+        "changes": changes,
+    });
+    let key = [dlq_prefix(sub.id), first.to_be_bytes().to_vec()].concat();
+    let value = serde_json::to_vec(&letter).expect("a dead letter serialises");
+    if let Err(e) = reader.store().put_now(CF_WEBHOOKS, &key, &value) {
+        tracing::error!(webhook = sub.id, error = %e, "storing a webhook dead letter failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signatures_are_hmac_sha256_of_time_dot_body() {
+        let hex = |mac: Hmac<Sha256>| -> String {
+            mac.finalize()
+                .into_bytes()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        };
+        // The HMAC itself: RFC 4231, test case 2.
+        let mut mac = Hmac::<Sha256>::new_from_slice(b"Jefe").unwrap();
+        mac.update(b"what do ya want for nothing?");
+        assert_eq!(
+            hex(mac),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        // What is signed: the time, a dot, the body.
+        let mut mac = Hmac::<Sha256>::new_from_slice(b"Jefe").unwrap();
+        mac.update(b"12.{\"changes\":[]}");
+        assert_eq!(
+            signature(b"Jefe", 12, b"{\"changes\":[]}"),
+            format!("t=12,v1={}", hex(mac))
+        );
+        assert_ne!(signature(b"Jefe", 1, b"x"), signature(b"Jefe", 2, b"x"));
+    }
+
+    #[test]
+    fn only_absolute_http_urls_are_taken() {
+        assert!(check_url("http://127.0.0.1:9000/hook").is_ok());
+        assert!(check_url("https://example.com/hook").is_err());
+        assert!(check_url("/hook").is_err());
+        assert!(check_url("not a url").is_err());
+    }
+}

@@ -1,0 +1,386 @@
+//! Membership streams against the real server: Server-Sent Events resume without gaps or
+//! duplicates, the delta export nets out what happened since a `seq`, and webhooks deliver
+//! every enter and exit exactly once, in order, signed, through injected failures — with
+//! batches that never get through in the dead-letter list.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, Mac};
+use serde_json::Value;
+use sha2::Sha256;
+
+#[path = "support/server.rs"]
+mod server;
+use server::Server;
+
+const T0: i64 = 1_744_000_000_000;
+const RULES: &str = "tag viewer = count(view, 30s) >= 1\ntag buyer = count(payment, 60s) >= 1";
+
+/// Views by `customers` customers at `T0 + second`.
+fn views(customers: std::ops::Range<usize>, second: i64) -> String {
+    customers
+        .map(|i| {
+            format!(
+                r#"{{"customer_id":"c{i:03}","type":"view","ts":{}}}"#,
+                T0 + second * 1000
+            ) + "\n"
+        })
+        .collect()
+}
+
+/// The change log's changes of `name`, in order.
+fn log_of(s: &Server, name: &str) -> Vec<Value> {
+    let all = s.get("/v1/changes?limit=100000").json();
+    all["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["tag"] == name || c["segment"] == name)
+        .cloned()
+        .collect()
+}
+
+/// Some enters, some exits by time, more enters: the stream every test follows.
+fn churn(s: &Server, round: i64) {
+    let base = round * 100;
+    assert_eq!(s.send("POST", "/v1/events", &views(0..15, base)).status, 200);
+    assert_eq!(
+        s.send("POST", "/v1/events", &views(10..25, base + 20)).status,
+        200
+    );
+    // c000..c009 leave at base + 30 s; the others stay until base + 50 s.
+    let clock = format!(r#"{{"now": {}}}"#, T0 + (base + 40) * 1000);
+    assert_eq!(s.send("POST", "/v1/clock", &clock).status, 200);
+}
+
+/// A Server-Sent Events reader over a raw socket (chunked transfer encoding).
+struct Sse {
+    stream: TcpStream,
+    raw: Vec<u8>,
+    text: String,
+}
+
+impl Sse {
+    fn connect(s: &Server, path: &str, last_event_id: Option<u64>) -> Sse {
+        let mut stream = TcpStream::connect(&s.addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let resume = last_event_id.map_or(String::new(), |id| format!("Last-Event-ID: {id}\r\n"));
+        let head = format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n{resume}\r\n",
+            s.addr
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        let mut sse = Sse {
+            stream,
+            raw: Vec::new(),
+            text: String::new(),
+        };
+        while !sse.raw.windows(4).any(|w| w == b"\r\n\r\n") {
+            sse.fill();
+        }
+        let end = sse.raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let headers = String::from_utf8_lossy(&sse.raw[..end]).to_ascii_lowercase();
+        assert!(headers.starts_with("http/1.1 200"), "{headers}");
+        assert!(headers.contains("content-type: text/event-stream"), "{headers}");
+        sse.raw.drain(..end + 4);
+        sse
+    }
+
+    fn fill(&mut self) {
+        let mut buf = [0u8; 8192];
+        let n = self.stream.read(&mut buf).expect("the stream stays open");
+        assert!(n > 0, "the server closed the stream");
+        self.raw.extend_from_slice(&buf[..n]);
+    }
+
+    /// Moves whole chunks from `raw` to `text`.
+    fn dechunk(&mut self) {
+        while let Some(eol) = self.raw.windows(2).position(|w| w == b"\r\n") {
+            let size =
+                usize::from_str_radix(std::str::from_utf8(&self.raw[..eol]).unwrap().trim(), 16).unwrap();
+            if self.raw.len() < eol + 2 + size + 2 {
+                return;
+            }
+            self.text
+                .push_str(std::str::from_utf8(&self.raw[eol + 2..eol + 2 + size]).unwrap());
+            self.raw.drain(..eol + 2 + size + 2);
+        }
+    }
+
+    /// The next event: (id, event, data).
+    fn next(&mut self) -> (u64, String, Value) {
+        loop {
+            self.dechunk();
+            while let Some(end) = self.text.find("\n\n") {
+                let block: String = self.text.drain(..end + 2).collect();
+                let field = |name: &str| {
+                    block
+                        .lines()
+                        .find_map(|l| l.strip_prefix(name).map(str::to_owned))
+                };
+                if let (Some(id), Some(event), Some(data)) =
+                    (field("id: "), field("event: "), field("data: "))
+                {
+                    return (id.parse().unwrap(), event, serde_json::from_str(&data).unwrap());
+                }
+            }
+            self.fill();
+        }
+    }
+}
+
+#[test]
+fn server_sent_events_resume_after_last_event_id_without_gaps_or_duplicates() {
+    let s = Server::start(RULES, &[]);
+    churn(&s, 0);
+    let expected_first = log_of(&s, "viewer");
+    assert_eq!(expected_first.len(), 35, "25 enters and 10 exits");
+
+    // From the start of the log; drop the connection part way.
+    let mut sse = Sse::connect(&s, "/v1/segments/viewer/stream?after=0", None);
+    let mut got = Vec::new();
+    for _ in 0..12 {
+        let (id, event, data) = sse.next();
+        assert_eq!(data["seq"], id);
+        assert_eq!(event, if data["op"] == "add" { "enter" } else { "exit" });
+        got.push(data);
+    }
+    drop(sse);
+
+    // Reconnect with Last-Event-ID; new changes arrive while connected.
+    let last = got.last().unwrap()["seq"].as_u64().unwrap();
+    let mut sse = Sse::connect(&s, "/v1/segments/viewer/stream", Some(last));
+    churn(&s, 1);
+    let expected = log_of(&s, "viewer");
+    while got.len() < expected.len() {
+        got.push(sse.next().2);
+    }
+    assert_eq!(got, expected);
+
+    // The live stream carries what is committed after it connects, and only that name.
+    let mut live = Sse::connect(&s, "/v1/segments/buyer/stream", None);
+    let pay = format!(
+        r#"{{"customer_id":"c500","type":"payment","ts":{}}}"#,
+        T0 + 240_000
+    );
+    assert_eq!(s.send("POST", "/v1/events", &pay).status, 200);
+    let (_, event, data) = live.next();
+    assert_eq!(
+        (event.as_str(), data["customer_id"].as_str()),
+        ("enter", Some("c500"))
+    );
+
+    assert_eq!(s.get("/v1/segments/nothing/stream").status, 404);
+    let bad = tests::http::request(&s.addr, "GET", "/v1/segments/viewer/stream?after=x", b"");
+    assert_eq!(bad.status, 400);
+}
+
+#[test]
+fn the_delta_export_nets_out_who_entered_and_exited_since_a_seq() {
+    let s = Server::start(RULES, &[]);
+    assert_eq!(s.send("POST", "/v1/events", &views(0..10, 0)).status, 200);
+    let first = s.get("/v1/segments/viewer/delta?after=0").json();
+    assert_eq!(first["entered"].as_array().unwrap().len(), 10);
+    assert_eq!(first["exited"], serde_json::json!([]));
+    let mark = first["until"].as_u64().unwrap();
+
+    // c000..c004 view again (stay), c010 and c011 arrive; at 35 s c005..c009 have left.
+    assert_eq!(s.send("POST", "/v1/events", &views(0..5, 20)).status, 200);
+    assert_eq!(s.send("POST", "/v1/events", &views(10..12, 20)).status, 200);
+    let clock = format!(r#"{{"now": {}}}"#, T0 + 35_000);
+    assert_eq!(s.send("POST", "/v1/clock", &clock).status, 200);
+    // c012 enters and leaves in between: in neither list.
+    assert_eq!(s.send("POST", "/v1/events", &views(12..13, 35)).status, 200);
+    let clock = format!(r#"{{"now": {}}}"#, T0 + 66_000);
+    assert_eq!(s.send("POST", "/v1/clock", &clock).status, 200);
+    assert_eq!(s.send("POST", "/v1/events", &views(0..5, 66)).status, 200);
+
+    let delta = s.get(&format!("/v1/segments/viewer/delta?after={mark}")).json();
+    let ids = |v: &Value| -> Vec<String> {
+        let mut ids: Vec<String> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_str().unwrap().to_owned())
+            .collect();
+        ids.sort();
+        ids
+    };
+    // At 66 s: c000..c004 viewed at 66 s (members, as at the mark); c010, c011 left at 50 s.
+    assert_eq!(ids(&delta["entered"]), Vec::<String>::new());
+    assert_eq!(ids(&delta["exited"]), ["c005", "c006", "c007", "c008", "c009"]);
+    let later = s
+        .get(&format!("/v1/segments/viewer/delta?after={}", delta["until"]))
+        .json();
+    assert_eq!(later["entered"], serde_json::json!([]));
+
+    assert_eq!(s.get("/v1/segments/viewer/delta").status, 400);
+    assert_eq!(s.get("/v1/segments/viewer/delta?after=999999").status, 400);
+    assert_eq!(s.get("/v1/segments/nothing/delta?after=0").status, 404);
+}
+
+/// What a webhook receiver saw.
+#[derive(Default)]
+struct Received {
+    /// Accepted deliveries' changes, in arrival order.
+    changes: Vec<Value>,
+    requests: usize,
+    bad_signatures: usize,
+}
+
+/// A webhook receiver on a real socket: answers 500 to every request for which `fail(n)`
+/// (n counts requests from 0), 200 to the rest, and checks each signature.
+fn receiver(secret: &'static str, fail: fn(usize) -> bool) -> (String, Arc<Mutex<Received>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let seen = Arc::new(Mutex::new(Received::default()));
+    let state = seen.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut conn = conn;
+            loop {
+                let mut headers = HashMap::new();
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                loop {
+                    line.clear();
+                    reader.read_line(&mut line).unwrap();
+                    if line.trim().is_empty() {
+                        break;
+                    }
+                    let (k, v) = line.split_once(':').unwrap();
+                    headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
+                }
+                let len: usize = headers["content-length"].parse().unwrap();
+                let mut body = vec![0; len];
+                reader.read_exact(&mut body).unwrap();
+                let mut seen = state.lock().unwrap();
+                let n = seen.requests;
+                seen.requests += 1;
+                let status = if fail(n) {
+                    "500 Internal Server Error"
+                } else {
+                    let sig = &headers["x-tagstream-signature"];
+                    let (t, v1) = sig.split_once(",v1=").unwrap();
+                    let t = t.strip_prefix("t=").unwrap();
+                    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+                    mac.update(format!("{t}.").as_bytes());
+                    mac.update(&body);
+                    let hex: String = mac
+                        .finalize()
+                        .into_bytes()
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect();
+                    if hex != v1 {
+                        seen.bad_signatures += 1;
+                    }
+                    let delivery: Value = serde_json::from_slice(&body).unwrap();
+                    seen.changes
+                        .extend(delivery["changes"].as_array().unwrap().iter().cloned());
+                    "200 OK"
+                };
+                drop(seen);
+                let answer = format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n");
+                if conn.write_all(answer.as_bytes()).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    (url, seen)
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn webhooks_deliver_every_change_once_in_order_through_failures_and_dead_letter_the_rest() {
+    let s = Server::start(RULES, &[]);
+    const SECRET: &str = "a-secret-of-16-bytes-or-more";
+    // Every third request fails: each delivery that fails is retried and then accepted.
+    let (url, seen) = receiver(SECRET, |n| n % 3 == 1);
+    let body = format!(r#"{{"url":"{url}","name":"viewer","secret":"{SECRET}","after":0}}"#);
+    let created = s.send("POST", "/v1/webhooks", &body);
+    assert_eq!(created.status, 201, "{}", created.text());
+    let id = created.json()["id"].as_u64().unwrap();
+    assert!(!created.text().contains(SECRET), "the secret is never shown");
+
+    churn(&s, 0);
+    churn(&s, 1);
+    let expected = log_of(&s, "viewer");
+    wait_for("every viewer change", || {
+        seen.lock().unwrap().changes.len() >= expected.len()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let got = seen.lock().unwrap();
+    assert_eq!(got.changes, expected, "every change exactly once, in order");
+    assert_eq!(got.bad_signatures, 0);
+    assert!(got.requests > 1, "failures were injected and retried");
+    drop(got);
+    let listed = s.get("/v1/webhooks").json();
+    assert!(!listed.to_string().contains(SECRET));
+    assert_eq!(listed["webhooks"][0]["id"], id);
+    wait_for("the cursor to be saved", || {
+        s.get("/v1/webhooks").json()["webhooks"][0]["delivered_through"].as_u64()
+            >= expected.last().unwrap()["seq"].as_u64()
+    });
+
+    // A receiver that always fails: each batch is tried twice, then dead-lettered, and
+    // delivery moves on.
+    let (dead_url, dead_seen) = receiver(SECRET, |_| true);
+    let body = format!(r#"{{"url":"{dead_url}","name":"buyer","secret":"{SECRET}","max_attempts":2}}"#);
+    let dead = s.send("POST", "/v1/webhooks", &body).json()["id"]
+        .as_u64()
+        .unwrap();
+    let pay = format!(
+        r#"{{"customer_id":"c900","type":"payment","ts":{}}}"#,
+        T0 + 300_000
+    );
+    assert_eq!(s.send("POST", "/v1/events", &pay).status, 200);
+    let letters = format!("/v1/webhooks/{dead}/dead_letters");
+    wait_for("a dead letter", || {
+        !s.get(&letters).json()["dead_letters"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    });
+    let letter = &s.get(&letters).json()["dead_letters"][0];
+    assert_eq!(letter["attempts"], 2);
+    assert_eq!(letter["changes"][0]["customer_id"], "c900");
+    assert!(letter["last_error"].as_str().unwrap().contains("500"), "{letter}");
+    assert_eq!(dead_seen.lock().unwrap().requests, 2);
+    assert_eq!(s.send("DELETE", &letters, "").json()["purged"], 1);
+    assert_eq!(s.send("DELETE", &format!("/v1/webhooks/{dead}"), "").status, 200);
+    assert_eq!(s.get(&letters).status, 404);
+
+    // Bad subscriptions are refused with a reason.
+    let bad = |body: &str, needle: &str| {
+        let r = s.send("POST", "/v1/webhooks", body);
+        assert_eq!(r.status / 100, 4, "{body}");
+        assert!(r.text().contains(needle), "{}", r.text());
+    };
+    bad(
+        r#"{"url":"https://x.example/h","secret":"0123456789abcdef"}"#,
+        "https",
+    );
+    bad(r#"{"url":"http://x.example/h","secret":"short"}"#, "16 bytes");
+    bad(
+        r#"{"url":"http://x.example/h","secret":"0123456789abcdef","name":"nope"}"#,
+        "nope",
+    );
+    bad(r#"{"url":"x","secret":"0123456789abcdef"}"#, "url");
+}
