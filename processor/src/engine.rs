@@ -10,10 +10,12 @@ mod cache;
 mod explain;
 mod query;
 mod read;
+mod segments;
 
 pub use explain::{Explained, Explanation, NextChange};
 pub use query::{parse_cursor, Delta};
 pub use read::ReadHandle;
+pub use segments::{SavedSegment, SegmentUpdate};
 
 use cache::CustomerCache;
 use read::Published;
@@ -93,6 +95,8 @@ pub enum EngineError {
     Clock(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("{0}")]
+    NotFound(String),
 }
 
 /// One rejected event of a batch.

@@ -48,7 +48,7 @@ pub use change::{Cause, Change, MemberKind, Op};
 pub use engine::{
     parse_cursor, BackfillProgress, ClockMode, CustomerView, DeadLetter, Delta, Engine, EngineConfig,
     EngineError, Explained, Explanation, ExportField, FiredTimers, IngestError, IngestOutcome, MembersPage,
-    NextChange, Preview, PreviewCounts, QueryError, QueryPage, ReadHandle,
+    NextChange, Preview, PreviewCounts, QueryError, QueryPage, ReadHandle, SavedSegment, SegmentUpdate,
 };
 pub use event::{parse_event, EventLimits, Rejection, ValidEvent};
 pub use state::Membership;

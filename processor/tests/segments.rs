@@ -6,7 +6,7 @@
 
 use std::collections::BTreeSet;
 
-use processor::{ClockMode, CustomerView, Engine, EngineConfig};
+use processor::{ClockMode, CustomerView, Engine, EngineConfig, EngineError};
 use proptest::prelude::*;
 use rules::Value;
 use tests::TempDir;
@@ -190,6 +190,100 @@ proptest! {
             prop_assert_eq!(members, expected, "{}", name);
         }
     }
+}
+
+/// The members of `name` by folding its changes in the change log.
+fn members_from_log(engine: &Engine, name: &str) -> BTreeSet<String> {
+    let mut members = BTreeSet::new();
+    for c in engine.changes(0, usize::MAX).unwrap() {
+        if *c.name == *name {
+            match c.op {
+                processor::Op::Add => assert!(
+                    members.insert(c.customer_id.to_string()),
+                    "adds and removes alternate"
+                ),
+                processor::Op::Remove => {
+                    assert!(members.remove(&*c.customer_id), "adds and removes alternate")
+                }
+            }
+        }
+    }
+    members
+}
+
+fn settle(engine: &mut Engine) {
+    while engine.backfill_pending() {
+        engine.backfill_step(1000).unwrap();
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    /// A segment saved at runtime holds exactly the customers its expression selects, at
+    /// once and after more events and time; every enter and exit is in the change log.
+    #[test]
+    fn saved_segments_follow_their_expression(
+        before in stream(),
+        after in stream(),
+        first in expr(),
+        second in expr(),
+    ) {
+        let dir = TempDir::new("saved-segments");
+        let mut engine = Engine::open(dir.path(), Some(RULES), config()).unwrap();
+        engine.ingest(&before).unwrap();
+        engine.advance_clock(BASE + 300_000).unwrap();
+        for (step, e) in [&first, &second].into_iter().enumerate() {
+            engine.put_segment("audience", &e.text()).unwrap();
+            settle(&mut engine);
+            let members: BTreeSet<String> = engine.members("audience").unwrap().into_iter().map(|(id, _)| id).collect();
+            let expected: BTreeSet<String> = brute_force(&engine, e).into_iter().collect();
+            prop_assert_eq!(&members, &expected, "step {}: {}", step, e.text());
+            prop_assert_eq!(members_from_log(&engine, "audience"), expected);
+        }
+        // Maintained as events and time go on.
+        // Late events (before the clock) and time.
+        engine.ingest(&after).unwrap();
+        engine.advance_clock(BASE + 900_000).unwrap();
+        let members: BTreeSet<String> = engine.members("audience").unwrap().into_iter().map(|(id, _)| id).collect();
+        let expected: BTreeSet<String> = brute_force(&engine, &second).into_iter().collect();
+        prop_assert_eq!(&members, &expected, "{}", second.text());
+        prop_assert_eq!(members_from_log(&engine, "audience"), expected);
+        // Deleting it: everyone exits.
+        engine.delete_segment("audience").unwrap();
+        prop_assert!(engine.members("audience").unwrap().is_empty());
+        prop_assert!(members_from_log(&engine, "audience").is_empty());
+    }
+}
+
+#[test]
+fn saved_segments_refuse_what_they_cannot_do() {
+    let dir = TempDir::new("saved-segments-errors");
+    let mut engine = Engine::open(dir.path(), Some(RULES), config()).unwrap();
+    let err = |r: Result<processor::SegmentUpdate, processor::QueryError>| r.unwrap_err().to_string();
+    assert!(err(engine.put_segment("viewer", "buyer")).contains("is a tag"));
+    assert!(err(engine.put_segment("9lives", "buyer")).contains("not a valid name"));
+    match engine.put_segment("x", "buyer and nope").unwrap_err() {
+        processor::QueryError::Invalid(d) => assert!(d[0].message.contains("nope"), "{d:?}"),
+        other => panic!("{other}"),
+    }
+    engine.put_segment("base", "buyer").unwrap();
+    engine.put_segment("uses_base", "base and viewer").unwrap();
+    assert!(engine
+        .delete_segment("base")
+        .unwrap_err()
+        .to_string()
+        .contains("used by uses_base"));
+    assert!(matches!(
+        engine.delete_segment("nothing"),
+        Err(EngineError::NotFound(_))
+    ));
+    // The rules text keeps every other definition as written.
+    assert!(engine
+        .rules()
+        .source()
+        .contains("tag seafood on view where p == \"x\" ttl 30s"));
+    assert_eq!(engine.saved_segments().len(), 3);
 }
 
 fn snapshot_of(engine: &Engine) -> Vec<(String, Vec<String>)> {

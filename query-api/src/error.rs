@@ -31,6 +31,7 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
             EngineError::Clock(m) | EngineError::Conflict(m) => ApiError::Conflict(m),
+            EngineError::NotFound(m) => ApiError::NotFound(m),
             EngineError::Rules(d) => ApiError::InvalidRules(d.iter().map(|d| d.located("")).collect()),
             other => ApiError::Internal(other.to_string()),
         }

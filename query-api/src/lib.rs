@@ -115,7 +115,14 @@ pub fn router(state: AppState) -> Router {
             "/v1/customers/{id}/tags/{tag}",
             put(routes::put_manual_tag).delete(routes::delete_manual_tag),
         )
+        .route("/v1/segments", get(routes::list_segments))
         .route("/v1/segments/query", post(routes::segment_query))
+        .route(
+            "/v1/segments/{name}",
+            get(routes::get_segment)
+                .put(routes::put_segment)
+                .delete(routes::delete_segment),
+        )
         .route("/v1/segments/{name}/members", get(routes::segment_members))
         .route("/v1/segments/{name}/delta", get(streams::delta))
         .route("/v1/segments/{name}/stream", get(streams::stream))

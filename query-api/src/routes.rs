@@ -380,6 +380,69 @@ pub async fn segment_query(
     ))
 }
 
+/// `GET /v1/segments`: every saved segment with its expression and member count.
+pub async fn list_segments(State(app): State<AppState>) -> Result<Json<Json_>, ApiError> {
+    let segments = app.engine.call(|engine| engine.saved_segments()).await?;
+    Ok(Json(json!({ "segments": segments })))
+}
+
+/// `GET /v1/segments/{name}`.
+pub async fn get_segment(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Json_>, ApiError> {
+    let segments = app.engine.call(|engine| engine.saved_segments()).await?;
+    let found = segments
+        .into_iter()
+        .find(|s| s.name == name)
+        .ok_or_else(|| ApiError::NotFound(format!("no segment `{name}`")))?;
+    Ok(Json(json!(found)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SegmentBody {
+    expr: String,
+}
+
+/// `PUT /v1/segments/{name}` `{"expr": "..."}`: creates or replaces one saved segment; the
+/// rest of the rule set stays as it is.
+pub async fn put_segment(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+    LimitedBody(body): LimitedBody,
+) -> Result<Json<Json_>, ApiError> {
+    let SegmentBody { expr } = json_body(&body)?;
+    let lookup = name.clone();
+    let update = app
+        .engine
+        .call(move |engine| engine.put_segment(&lookup, &expr))
+        .await?
+        .map_err(|e| match e {
+            QueryError::Invalid(diagnostics) => ApiError::InvalidRules(diagnostics),
+            QueryError::Cursor(m) => ApiError::BadRequest(m),
+            QueryError::Engine(e) => e.into(),
+        })?;
+    let mut answer = json!(update);
+    answer["name"] = name.into();
+    Ok(Json(answer))
+}
+
+/// `DELETE /v1/segments/{name}`: every member exits.
+pub async fn delete_segment(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Json_>, ApiError> {
+    let lookup = name.clone();
+    let update = app
+        .engine
+        .call(move |engine| engine.delete_segment(&lookup))
+        .await??;
+    let mut answer = json!(update);
+    answer["name"] = name.into();
+    Ok(Json(answer))
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MembersQuery {

@@ -384,3 +384,60 @@ fn webhooks_deliver_every_change_once_in_order_through_failures_and_dead_letter_
     );
     bad(r#"{"url":"x","secret":"0123456789abcdef"}"#, "url");
 }
+
+#[test]
+fn saved_segments_are_created_updated_and_deleted_through_the_api() {
+    let s = Server::start(RULES, &[]);
+    churn(&s, 0);
+    let created = s.send(
+        "PUT",
+        "/v1/segments/active_buyers",
+        r#"{"expr": "viewer and not buyer"}"#,
+    );
+    assert_eq!(created.status, 200, "{}", created.text());
+    let created = created.json();
+    assert_eq!(created["applied"], "immediate");
+    // c010..c024 viewed at 20 s and are still in the window at 40 s.
+    assert_eq!(created["members"], 15);
+    assert_eq!(created["entered"], 15);
+    let members = s.get("/v1/segments/active_buyers/members?format=csv").text();
+    assert_eq!(members.lines().count(), 16);
+    // Every enter is a `rule_change` change in the log.
+    let log = log_of(&s, "active_buyers");
+    assert_eq!(log.len(), 15);
+    assert!(log
+        .iter()
+        .all(|c| c["cause"] == "rule_change" && c["op"] == "add"));
+
+    let updated = s
+        .send(
+            "PUT",
+            "/v1/segments/active_buyers",
+            r#"{"expr": "viewer and profile.vip == true"}"#,
+        )
+        .json();
+    assert_eq!(
+        (updated["members"].as_u64(), updated["exited"].as_u64()),
+        (Some(0), Some(15))
+    );
+    let listed = s.get("/v1/segments").json();
+    assert_eq!(listed["segments"][0]["expr"], "viewer and profile.vip == true");
+    assert_eq!(s.get("/v1/segments/active_buyers").json()["members"], 0);
+    assert!(s
+        .get("/v1/rules")
+        .text()
+        .contains("tag buyer = count(payment, 60s) >= 1"));
+
+    let bad = s.send("PUT", "/v1/segments/x", r#"{"expr": "viewer and"}"#);
+    assert_eq!(bad.status, 422, "{}", bad.text());
+    assert_eq!(bad.json()["diagnostics"][0]["line"], 1);
+    assert_eq!(
+        s.send("PUT", "/v1/segments/viewer", r#"{"expr": "buyer"}"#)
+            .status,
+        409
+    );
+    assert_eq!(s.send("PUT", "/v1/segments/x", r#"{"exp": "buyer"}"#).status, 400);
+    assert_eq!(s.send("DELETE", "/v1/segments/active_buyers", "").status, 200);
+    assert_eq!(s.get("/v1/segments/active_buyers").status, 404);
+    assert_eq!(s.send("DELETE", "/v1/segments/active_buyers", "").status, 404);
+}

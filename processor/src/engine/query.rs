@@ -132,6 +132,28 @@ impl Facts for MemberFacts<'_> {
     }
 }
 
+/// Rule text `source` with `segment NAME = EXPR` appended, compiled; diagnostics point into
+/// `expr`. Also returns the combined text.
+pub(super) fn with_segment(
+    source: &str,
+    name: &str,
+    expr: &str,
+) -> Result<(CompiledRules, String), Vec<rules::LocatedDiagnostic>> {
+    let prefix = format!("{}\nsegment {name} =\n", source.trim_end());
+    let text = format!("{prefix}{expr}\n");
+    CompiledRules::compile(&text).map(|c| (c, text)).map_err(|diags| {
+        diags
+            .iter()
+            .map(|d| {
+                let mut d = d.clone();
+                d.span.start = d.span.start.saturating_sub(prefix.len());
+                d.span.end = d.span.end.saturating_sub(prefix.len()).max(d.span.start);
+                d.located(expr)
+            })
+            .collect()
+    })
+}
+
 /// Parses a members or query cursor: the customer number the previous page ended at.
 pub fn parse_cursor(cursor: &str) -> Result<u32, String> {
     cursor
@@ -147,32 +169,9 @@ impl ReadHandle {
     pub fn query(&self, expr: &str, limit: usize, cursor: Option<&str>) -> Result<QueryPage, QueryError> {
         let after = cursor.map(parse_cursor).transpose().map_err(QueryError::Cursor)?;
         let rules = self.published.rules();
-        let prefix = format!("{}\nsegment {QUERY_NAME} =\n", rules.source());
-        let compiled = CompiledRules::compile(&format!("{prefix}{expr}\n")).map_err(|diags| {
-            QueryError::Invalid(
-                diags
-                    .iter()
-                    .map(|d| {
-                        let mut d = d.clone();
-                        d.span.start = d.span.start.saturating_sub(prefix.len());
-                        d.span.end = d.span.end.saturating_sub(prefix.len()).max(d.span.start);
-                        d.located(expr)
-                    })
-                    .collect(),
-            )
-        })?;
+        let (compiled, _) = with_segment(rules.source(), QUERY_NAME, expr).map_err(QueryError::Invalid)?;
         let id = compiled.lookup(QUERY_NAME).expect("the query definition");
-        let node = compiled
-            .def(id)
-            .expr
-            .as_ref()
-            .expect("a segment has an expression");
-        let candidates = plan(node, &compiled, &self.index.read());
-        let matches = if candidates.exact {
-            candidates.set
-        } else {
-            self.filter(&compiled, id, node, candidates.set)?
-        };
+        let matches = self.evaluate_set(&compiled, id)?;
         let mut page = matches.iter().skip_while(|n| after.is_some_and(|a| *n <= a));
         let numbers: Vec<u32> = page.by_ref().take(limit).collect();
         let more = page.next().is_some();
@@ -184,6 +183,22 @@ impl ReadHandle {
             customers,
             next_cursor: more.then(|| numbers.last().map(u32::to_string)).flatten(),
         })
+    }
+
+    /// The customers for whom definition `id` of `rules` holds now: its bitmap plan, and
+    /// the remaining candidates judged one by one when the plan is not exact.
+    pub(super) fn evaluate_set(
+        &self,
+        rules: &CompiledRules,
+        id: DefId,
+    ) -> Result<RoaringBitmap, EngineError> {
+        let node = rules.def(id).expr.as_ref().expect("a segment has an expression");
+        let candidates = plan(node, rules, &self.index.read());
+        if candidates.exact {
+            Ok(candidates.set)
+        } else {
+            self.filter(rules, id, node, candidates.set)
+        }
     }
 
     /// The candidates for whom `node` holds, evaluated one by one on their stored state.
