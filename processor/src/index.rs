@@ -109,6 +109,11 @@ impl IdTable {
         let chunk = self.chunks.last_mut().expect("just ensured");
         chunk.bytes.push_str(id);
         chunk.ends.push(chunk.bytes.len() as u32);
+        if chunk.ends.len() as u32 == CHUNK {
+            // Full chunks never grow again: give back what doubling reserved.
+            chunk.bytes.shrink_to_fit();
+            chunk.ends.shrink_to_fit();
+        }
         number
     }
 

@@ -23,8 +23,27 @@ pub enum ApiError {
     TooLarge(usize),
     #[error("{0}")]
     MethodNotAllowed(String),
+    #[error("{0}")]
+    Timeout(String),
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl From<datafusion::error::DataFusionError> for ApiError {
+    /// Planning and execution errors come from the statement (unknown column, syntax, a
+    /// refused statement kind, a bad cast): the client's to fix.
+    fn from(e: datafusion::error::DataFusionError) -> Self {
+        match e {
+            datafusion::error::DataFusionError::ResourcesExhausted(m) => ApiError::Timeout(m),
+            other => ApiError::BadRequest(format!("SQL: {}", other.strip_backtrace())),
+        }
+    }
+}
+
+impl From<arrow_schema::ArrowError> for ApiError {
+    fn from(e: arrow_schema::ArrowError) -> Self {
+        ApiError::Internal(e.to_string())
+    }
 }
 
 impl From<EngineError> for ApiError {
@@ -57,6 +76,7 @@ impl IntoResponse for ApiError {
                 json!({ "error": self.to_string(), "limit_bytes": limit }),
             ),
             ApiError::MethodNotAllowed(m) => (StatusCode::METHOD_NOT_ALLOWED, json!({ "error": m })),
+            ApiError::Timeout(m) => (StatusCode::REQUEST_TIMEOUT, json!({ "error": m })),
             ApiError::Internal(detail) => {
                 tracing::error!(%detail, "internal error");
                 (

@@ -174,7 +174,7 @@ impl Encoder {
     }
 }
 
-fn arrow_type(ty: Type) -> DataType {
+pub fn arrow_type(ty: Type) -> DataType {
     match ty {
         Type::Bool => DataType::Boolean,
         Type::Num => DataType::Float64,
@@ -203,42 +203,47 @@ fn record_batch(
     ids.iter().for_each(|id| id_column.append_value(id));
     let mut arrays: Vec<ArrayRef> = vec![Arc::new(id_column.finish())];
     for (i, c) in columns.iter().enumerate() {
-        let values = rows.iter().map(|r| r[i].as_ref());
-        let array: ArrayRef = match arrow_type(c.ty) {
-            DataType::Boolean => {
-                let mut b = BooleanBuilder::with_capacity(rows.len());
-                values.for_each(|v| {
-                    b.append_option(v.and_then(|v| match v {
-                        Value::Bool(b) => Some(*b),
-                        _ => None,
-                    }))
-                });
-                Arc::new(b.finish())
-            }
-            DataType::Float64 => {
-                let mut b = Float64Builder::with_capacity(rows.len());
-                values.for_each(|v| b.append_option(v.and_then(as_f64)));
-                Arc::new(b.finish())
-            }
-            DataType::Int64 => {
-                let mut b = Int64Builder::with_capacity(rows.len());
-                values.for_each(|v| {
-                    b.append_option(v.and_then(|v| match v {
-                        Value::Dur(ms) => Some(*ms),
-                        _ => None,
-                    }))
-                });
-                Arc::new(b.finish())
-            }
-            _ => {
-                let mut b = StringBuilder::with_capacity(rows.len(), rows.len() * 8);
-                values.for_each(|v| b.append_option(v.map(text)));
-                Arc::new(b.finish())
-            }
-        };
-        arrays.push(array);
+        arrays.push(array_of(c.ty, rows.iter().map(|r| r[i].as_ref())));
     }
     Ok(RecordBatch::try_new(schema.clone(), arrays)?)
+}
+
+/// One Arrow column of values of rule type `ty` (see [`arrow_type`]); values of another
+/// type are null, except in string columns, which hold any value as text.
+pub fn array_of<'v>(ty: Type, values: impl ExactSizeIterator<Item = Option<&'v Value>>) -> ArrayRef {
+    let n = values.len();
+    match arrow_type(ty) {
+        DataType::Boolean => {
+            let mut b = BooleanBuilder::with_capacity(n);
+            values.for_each(|v| {
+                b.append_option(v.and_then(|v| match v {
+                    Value::Bool(b) => Some(*b),
+                    _ => None,
+                }))
+            });
+            Arc::new(b.finish())
+        }
+        DataType::Float64 => {
+            let mut b = Float64Builder::with_capacity(n);
+            values.for_each(|v| b.append_option(v.and_then(as_f64)));
+            Arc::new(b.finish())
+        }
+        DataType::Int64 => {
+            let mut b = Int64Builder::with_capacity(n);
+            values.for_each(|v| {
+                b.append_option(v.and_then(|v| match v {
+                    Value::Dur(ms) => Some(*ms),
+                    _ => None,
+                }))
+            });
+            Arc::new(b.finish())
+        }
+        _ => {
+            let mut b = StringBuilder::with_capacity(n, n * 8);
+            values.for_each(|v| b.append_option(v.map(text)));
+            Arc::new(b.finish())
+        }
+    }
 }
 
 fn as_f64(v: &Value) -> Option<f64> {

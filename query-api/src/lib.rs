@@ -26,6 +26,7 @@ mod error;
 pub mod export;
 pub mod metrics;
 mod routes;
+pub mod sql;
 pub mod streams;
 pub mod webhooks;
 
@@ -132,6 +133,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/webhooks/{id}/dead_letters",
             get(webhooks::dead_letters).delete(webhooks::purge_dead_letters),
         )
+        .route("/v1/sql", post(sql::sql))
         .route("/v1/changes", get(routes::changes))
         .route(
             "/v1/dlq",

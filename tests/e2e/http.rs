@@ -543,6 +543,7 @@ fn the_openapi_document_describes_every_route_the_server_answers() {
         "/v1/segments/{name}/members",
         "/v1/segments/{name}/delta",
         "/v1/segments/{name}/stream",
+        "/v1/sql",
         "/v1/webhooks",
         "/v1/webhooks/{id}",
         "/v1/webhooks/{id}/dead_letters",

@@ -441,3 +441,129 @@ fn saved_segments_are_created_updated_and_deleted_through_the_api() {
     assert_eq!(s.get("/v1/segments/active_buyers").status, 404);
     assert_eq!(s.send("DELETE", "/v1/segments/active_buyers", "").status, 404);
 }
+
+fn sql(s: &Server, body: serde_json::Value) -> tests::http::Response {
+    s.send("POST", "/v1/sql", &body.to_string())
+}
+
+#[test]
+fn sql_reads_customers_and_changes_refuses_writes_and_keeps_its_limits() {
+    let rules = format!("{RULES}\ntrait views = count(view, 30s)");
+    let s = Server::start(&rules, &[]);
+    let events: String = (0..12)
+        .map(|i| {
+            let city = if i % 3 == 0 { "杭州" } else { "上海" };
+            let t = if i % 4 == 0 { "payment" } else { "view" };
+            format!(
+                r#"{{"customer_id":"c{i:03}","type":"{t}","ts":{},"profile":{{"city":"{city}","age":{}}}}}"#,
+                T0 + i * 1000,
+                20 + i
+            ) + "\n"
+        })
+        .collect();
+    assert_eq!(s.send("POST", "/v1/events", &events).status, 200);
+    assert_eq!(s.send("POST", "/v1/events", &views(0..3, 15)).status, 200);
+
+    // Tags from the bitmaps.
+    let r = sql(
+        &s,
+        serde_json::json!({"sql": "select count(*) as n from customers where viewer and not buyer"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let viewers = s.get("/v1/segments/viewer/members").text().lines().count();
+    assert_eq!(r.json()["rows"][0]["n"], viewers - 1, "c000 is both");
+
+    // Traits and profile attributes, compared with GET /v1/customers/{id}.
+    let r = sql(
+        &s,
+        serde_json::json!({
+            "sql": "select customer_id, views, \"profile.city\" as city, \"profile.age\" + 1 as next_age from customers where \"profile.city\" = '杭州' order by customer_id"
+        }),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let rows = r.json()["rows"].as_array().unwrap().clone();
+    assert_eq!(rows.len(), 4);
+    for row in &rows {
+        let id = row["customer_id"].as_str().unwrap();
+        let c = s.get(&format!("/v1/customers/{id}")).json();
+        assert_eq!(row["views"].as_f64(), c["traits"]["views"].as_f64(), "{id}");
+        assert_eq!(row["city"], "杭州");
+        assert_eq!(
+            row["next_age"].as_f64(),
+            Some(c["profile"]["age"].as_f64().unwrap() + 1.0)
+        );
+    }
+
+    // The change log.
+    let r = sql(
+        &s,
+        serde_json::json!({
+            "sql": "select name, count(*) as n from changes where op = 'add' group by name order by name"
+        }),
+    );
+    let by_sql: Vec<(String, u64)> = r.json()["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["name"].as_str().unwrap().to_owned(), r["n"].as_u64().unwrap()))
+        .collect();
+    let mut by_log: std::collections::BTreeMap<String, u64> = Default::default();
+    for c in s.get("/v1/changes?limit=100000").json()["changes"]
+        .as_array()
+        .unwrap()
+    {
+        if c["op"] == "add" {
+            *by_log.entry(c["tag"].as_str().unwrap().to_owned()).or_default() += 1;
+        }
+    }
+    assert_eq!(by_sql, by_log.into_iter().collect::<Vec<_>>());
+
+    // Formats and the row limit.
+    let r = sql(
+        &s,
+        serde_json::json!({"sql": "select customer_id from customers order by customer_id", "max_rows": 3}),
+    );
+    assert_eq!(r.json()["rows"].as_array().unwrap().len(), 3);
+    assert_eq!(r.json()["truncated"], true);
+    let r = sql(
+        &s,
+        serde_json::json!({"sql": "select customer_id from customers order by customer_id", "format": "csv", "max_rows": 2}),
+    );
+    assert_eq!(r.text(), "customer_id\nc000\nc001\n");
+    assert_eq!(r.header("x-truncated").as_deref(), Some("true"));
+
+    // Read-only, and every refusal names what was wrong.
+    for statement in [
+        "create table x as select 1",
+        "insert into customers (customer_id) values ('x')",
+        "drop table customers",
+        "set datafusion.execution.batch_size = 1",
+        "select nope from customers",
+        "selec 1",
+    ] {
+        let r = sql(&s, serde_json::json!({ "sql": statement }));
+        assert_eq!(r.status, 400, "{statement}: {}", r.text());
+        assert!(
+            r.json()["error"].as_str().unwrap().starts_with("SQL: "),
+            "{}",
+            r.text()
+        );
+    }
+    let slow = "select sum(a.seq + b.seq + c.seq + d.seq + e.seq + f.seq) \
+                from changes a, changes b, changes c, changes d, changes e, changes f";
+    let r = sql(&s, serde_json::json!({ "sql": slow, "timeout_ms": 1 }));
+    assert_eq!(r.status, 408, "{}", r.text());
+    assert_eq!(
+        sql(&s, serde_json::json!({"sql": "select 1", "format": "xml"})).status,
+        400
+    );
+    assert_eq!(
+        sql(&s, serde_json::json!({"sql": "select 1", "max_rows": 0})).status,
+        400
+    );
+    // The server is still fine.
+    assert_eq!(
+        sql(&s, serde_json::json!({"sql": "select 1 as one"})).json()["rows"][0]["one"],
+        1
+    );
+}

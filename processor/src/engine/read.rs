@@ -111,6 +111,11 @@ impl ReadHandle {
         &self.store
     }
 
+    /// The rule set of the last commit.
+    pub fn rules(&self) -> Arc<CompiledRules> {
+        self.published.rules()
+    }
+
     /// The `seq` of the last committed change (0 before the first).
     pub fn last_seq(&self) -> u64 {
         self.index.read().applied_seq()

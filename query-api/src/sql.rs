@@ -1,0 +1,368 @@
+//! `POST /v1/sql`: read-only SQL for analysts, run by DataFusion over two tables.
+//!
+//! - `customers`: `customer_id`, one boolean column per tag and segment (from the membership
+//!   index), one column per trait (typed by its rule type: number as float64, duration as
+//!   int64 ms, bool, string), and one column per profile attribute named `profile.ATTR`
+//!   (quote it: `"profile.city"`; float64 when every value is a number, boolean when every
+//!   value is a bool, else text).
+//! - `changes`: the change log: `seq`, `customer_id`, `kind` (`tag`/`segment`), `name`, `op`
+//!   (`add`/`remove`), `at` (ms), `cause`.
+//!
+//! Tables are materialised per query from one pass over what the statement needs: tag and
+//! segment columns come from the bitmaps alone; trait and profile columns (read from the
+//! store, one customer at a time) only when the statement mentions a trait, `profile.` or
+//! `*`; `changes` only when it mentions `changes`. Statements other than queries (DDL, DML,
+//! `SET`...) are refused; results stop at `max_rows` (`truncated: true`), and a query that
+//! runs past its `timeout_ms` is stopped with 408.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow_array::builder::{BooleanBuilder, Int64Builder, StringBuilder, UInt64Builder};
+use arrow_array::{ArrayRef, RecordBatch};
+use arrow_schema::{DataType, Field, Schema};
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use datafusion::datasource::MemTable;
+use datafusion::execution::context::SQLOptions;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use processor::{MemberKind, Op, ReadHandle};
+use rules::{DefKind, Type, Value};
+use serde::Deserialize;
+
+use crate::export::array_of;
+use crate::{ApiError, AppState, LimitedBody};
+
+/// Rows returned at most unless the request asks for fewer; the hard cap is ten times it.
+const DEFAULT_MAX_ROWS: usize = 10_000;
+const MAX_ROWS_CAP: usize = 1_000_000;
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+const TIMEOUT_CAP: Duration = Duration::from_secs(60);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqlBody {
+    sql: String,
+    /// `json` (default), `ndjson`, `csv` or `arrow`.
+    format: Option<String>,
+    max_rows: Option<usize>,
+    timeout_ms: Option<u64>,
+}
+
+/// Whether the statement may read `word` (a column or table name): a case-insensitive
+/// substring test, so it errs on the side of building a column.
+fn mentions(sql_lower: &str, word: &str) -> bool {
+    sql_lower.contains(&word.to_lowercase())
+}
+
+fn check_deadline(deadline: Instant) -> Result<(), ApiError> {
+    if Instant::now() > deadline {
+        Err(ApiError::Timeout(
+            "the query ran past its time limit while reading the store".into(),
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// The `customers` table.
+fn customers_table(reader: &ReadHandle, sql_lower: &str, deadline: Instant) -> Result<RecordBatch, ApiError> {
+    let rules = reader.rules();
+    let everyone = reader.ids_of(0..reader.index().read().customers());
+    let mut fields = vec![Field::new("customer_id", DataType::Utf8, false)];
+    let mut arrays: Vec<ArrayRef> = Vec::new();
+    let mut ids = StringBuilder::with_capacity(everyone.len(), everyone.len() * 12);
+    everyone.iter().for_each(|id| ids.append_value(id));
+    arrays.push(Arc::new(ids.finish()));
+
+    // Tags and segments: the bitmaps.
+    let mut names: Vec<Arc<str>> = rules
+        .defs()
+        .iter()
+        .filter(|d| d.kind.has_members())
+        .map(|d| d.name.clone())
+        .collect();
+    for name in reader.index().read().names() {
+        if !names.contains(name) {
+            names.push(name.clone());
+        }
+    }
+    for name in &names {
+        let set = reader.member_set(name).unwrap_or_default();
+        let mut column = BooleanBuilder::with_capacity(everyone.len());
+        everyone
+            .numbers()
+            .iter()
+            .for_each(|n| column.append_value(set.contains(*n)));
+        fields.push(Field::new(name.as_ref(), DataType::Boolean, false));
+        arrays.push(Arc::new(column.finish()));
+    }
+
+    // Traits and profile attributes: the store, only when the statement may read them.
+    let star = sql_lower.contains('*');
+    let traits: Vec<_> = rules
+        .defs()
+        .iter()
+        .filter(|d| d.kind == DefKind::Trait && (star || mentions(sql_lower, &d.name)))
+        .collect();
+    let with_profile = star || sql_lower.contains("profile.");
+    if traits.is_empty() && !with_profile {
+        return Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)?);
+    }
+    let mut trait_values: Vec<Vec<Option<Value>>> = vec![Vec::with_capacity(everyone.len()); traits.len()];
+    let mut profile: BTreeMap<Arc<str>, Vec<Option<Value>>> = BTreeMap::new();
+    for (row, id) in everyone.iter().enumerate() {
+        if row % 1024 == 0 {
+            check_deadline(deadline)?;
+        }
+        let view = reader.customer(id)?;
+        for (column, def) in trait_values.iter_mut().zip(&traits) {
+            column.push(
+                view.as_ref()
+                    .and_then(|v| v.traits.get(&def.name).cloned())
+                    .filter(|v| *v != Value::Null),
+            );
+        }
+        if with_profile {
+            for (attr, value) in view.iter().flat_map(|v| &v.profile) {
+                let column = profile.entry(attr.clone()).or_default();
+                column.resize(row, None);
+                column.push(Some(value.clone()));
+            }
+        }
+    }
+    for (def, values) in traits.iter().zip(&trait_values) {
+        fields.push(Field::new(
+            def.name.as_ref(),
+            crate::export::arrow_type(def.ty),
+            true,
+        ));
+        arrays.push(array_of(def.ty, values.iter().map(Option::as_ref)));
+    }
+    for (attr, mut values) in profile {
+        values.resize(everyone.len(), None);
+        let present = || values.iter().flatten();
+        let ty = if present().all(|v| matches!(v, Value::Num(_))) {
+            Type::Num
+        } else if present().all(|v| matches!(v, Value::Bool(_))) {
+            Type::Bool
+        } else {
+            Type::Str
+        };
+        fields.push(Field::new(
+            format!("profile.{attr}"),
+            crate::export::arrow_type(ty),
+            true,
+        ));
+        arrays.push(array_of(ty, values.iter().map(Option::as_ref)));
+    }
+    Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)?)
+}
+
+/// The `changes` table.
+fn changes_table(reader: &ReadHandle, deadline: Instant) -> Result<RecordBatch, ApiError> {
+    let mut seq = UInt64Builder::new();
+    let mut customer = StringBuilder::new();
+    let mut kind = StringBuilder::new();
+    let mut name = StringBuilder::new();
+    let mut op = StringBuilder::new();
+    let mut at = Int64Builder::new();
+    let mut cause = StringBuilder::new();
+    let mut after = 0;
+    loop {
+        check_deadline(deadline)?;
+        let page = reader.changes(after, 10_000)?;
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        for c in &page {
+            seq.append_value(c.seq);
+            customer.append_value(&c.customer_id);
+            kind.append_value(match c.kind {
+                MemberKind::Tag => "tag",
+                MemberKind::Segment => "segment",
+            });
+            name.append_value(&c.name);
+            op.append_value(match c.op {
+                Op::Add => "add",
+                Op::Remove => "remove",
+            });
+            at.append_value(c.at);
+            cause.append_value(c.cause.as_string());
+        }
+    }
+    let schema = Schema::new(vec![
+        Field::new("seq", DataType::UInt64, false),
+        Field::new("customer_id", DataType::Utf8, false),
+        Field::new("kind", DataType::Utf8, false),
+        Field::new("name", DataType::Utf8, false),
+        Field::new("op", DataType::Utf8, false),
+        Field::new("at", DataType::Int64, false),
+        Field::new("cause", DataType::Utf8, false),
+    ]);
+    let arrays: Vec<ArrayRef> = vec![
+        Arc::new(seq.finish()),
+        Arc::new(customer.finish()),
+        Arc::new(kind.finish()),
+        Arc::new(name.finish()),
+        Arc::new(op.finish()),
+        Arc::new(at.finish()),
+        Arc::new(cause.finish()),
+    ];
+    Ok(RecordBatch::try_new(Arc::new(schema), arrays)?)
+}
+
+/// Runs one statement: the tables it needs, then DataFusion, read-only.
+async fn run(
+    reader: ReadHandle,
+    sql: String,
+    max_rows: usize,
+    deadline: Instant,
+) -> Result<Vec<RecordBatch>, ApiError> {
+    let lower = sql.to_lowercase();
+    let tables = {
+        let lower = lower.clone();
+        tokio::task::spawn_blocking(move || {
+            let customers = if mentions(&lower, "customers") {
+                Some(customers_table(&reader, &lower, deadline)?)
+            } else {
+                None
+            };
+            let changes = if mentions(&lower, "changes") {
+                Some(changes_table(&reader, deadline)?)
+            } else {
+                None
+            };
+            Ok::<_, ApiError>((customers, changes))
+        })
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??
+    };
+    let config = SessionConfig::new()
+        .with_target_partitions(2)
+        .with_information_schema(false);
+    let ctx = SessionContext::new_with_config(config);
+    for (name, batch) in [("customers", tables.0), ("changes", tables.1)] {
+        if let Some(batch) = batch {
+            let table = MemTable::try_new(batch.schema(), vec![vec![batch]])?;
+            ctx.register_table(name, Arc::new(table))?;
+        }
+    }
+    let options = SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false);
+    let frame = ctx.sql_with_options(&sql, options).await?;
+    Ok(frame.limit(0, Some(max_rows + 1))?.collect().await?)
+}
+
+/// `POST /v1/sql` `{"sql": "...", "format": "json", "max_rows": n, "timeout_ms": n}`.
+pub async fn sql(State(app): State<AppState>, LimitedBody(body): LimitedBody) -> Result<Response, ApiError> {
+    let b: SqlBody =
+        serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("bad SQL request: {e}")))?;
+    let format = b.format.as_deref().unwrap_or("json");
+    if !["json", "ndjson", "csv", "arrow"].contains(&format) {
+        return Err(ApiError::BadRequest(format!(
+            "unknown format `{format}`: use json, ndjson, csv or arrow"
+        )));
+    }
+    let max_rows = b.max_rows.unwrap_or(DEFAULT_MAX_ROWS);
+    if !(1..=MAX_ROWS_CAP).contains(&max_rows) {
+        return Err(ApiError::BadRequest(format!(
+            "`max_rows` must be between 1 and {MAX_ROWS_CAP}"
+        )));
+    }
+    let timeout = b.timeout_ms.map_or(DEFAULT_TIMEOUT, Duration::from_millis);
+    if timeout.is_zero() || timeout > TIMEOUT_CAP {
+        return Err(ApiError::BadRequest(format!(
+            "`timeout_ms` must be between 1 and {}",
+            TIMEOUT_CAP.as_millis()
+        )));
+    }
+    let deadline = Instant::now() + timeout;
+    let reader = app.engine.reader().clone();
+    let batches = tokio::time::timeout(timeout, run(reader, b.sql, max_rows, deadline))
+        .await
+        .map_err(|_| {
+            ApiError::Timeout(format!(
+                "the query ran past its limit of {} ms",
+                timeout.as_millis()
+            ))
+        })??;
+    let total: usize = batches.iter().map(RecordBatch::num_rows).sum();
+    let truncated = total > max_rows;
+    let batches = keep_rows(batches, max_rows);
+    encode(format, &batches, truncated)
+}
+
+/// The first `n` rows of `batches`.
+fn keep_rows(batches: Vec<RecordBatch>, mut n: usize) -> Vec<RecordBatch> {
+    let mut out = Vec::new();
+    for batch in batches {
+        if n == 0 {
+            break;
+        }
+        let take = batch.num_rows().min(n);
+        out.push(batch.slice(0, take));
+        n -= take;
+    }
+    out
+}
+
+fn encode(format: &str, batches: &[RecordBatch], truncated: bool) -> Result<Response, ApiError> {
+    let internal = |e: arrow_schema::ArrowError| ApiError::Internal(e.to_string());
+    let (content_type, body) = match format {
+        "json" | "ndjson" => {
+            let mut rows = Vec::new();
+            {
+                let mut writer = arrow_json::LineDelimitedWriter::new(&mut rows);
+                for batch in batches {
+                    writer.write(batch).map_err(internal)?;
+                }
+                writer.finish().map_err(internal)?;
+            }
+            if format == "ndjson" {
+                ("application/x-ndjson", rows)
+            } else {
+                let rows: Vec<serde_json::Value> = rows
+                    .split(|b| *b == b'\n')
+                    .filter(|l| !l.is_empty())
+                    .map(|l| serde_json::from_slice(l).map_err(|e| ApiError::Internal(e.to_string())))
+                    .collect::<Result<_, _>>()?;
+                let body =
+                    serde_json::json!({ "rows": rows, "row_count": rows.len(), "truncated": truncated });
+                ("application/json", serde_json::to_vec(&body).expect("JSON"))
+            }
+        }
+        "csv" => {
+            let mut out = Vec::new();
+            {
+                let mut writer = arrow_csv::WriterBuilder::new().with_header(true).build(&mut out);
+                for batch in batches {
+                    writer.write(batch).map_err(internal)?;
+                }
+            }
+            ("text/csv; charset=utf-8", out)
+        }
+        _ => {
+            let mut out = Vec::new();
+            if let Some(first) = batches.first() {
+                let mut writer =
+                    arrow_ipc::writer::StreamWriter::try_new(&mut out, &first.schema()).map_err(internal)?;
+                for batch in batches {
+                    writer.write(batch).map_err(internal)?;
+                }
+                writer.finish().map_err(internal)?;
+            }
+            ("application/vnd.apache.arrow.stream", out)
+        }
+    };
+    let mut response = ([(header::CONTENT_TYPE, content_type)], Body::from(body)).into_response();
+    response.headers_mut().insert(
+        "x-truncated",
+        header::HeaderValue::from_static(if truncated { "true" } else { "false" }),
+    );
+    Ok(response)
+}
