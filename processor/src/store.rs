@@ -298,6 +298,21 @@ impl Store {
         }
     }
 
+    /// Loads many customers' records (without events) in one batched read.
+    pub fn load_records<'k>(
+        &self,
+        customers: impl IntoIterator<Item = &'k str>,
+    ) -> Result<Vec<Option<CustomerState>>, StoreError> {
+        self.db
+            .batched_multi_get_cf(self.cf(CF_CUSTOMERS), customers, false)
+            .into_iter()
+            .map(|r| match r? {
+                Some(bytes) => Ok(Some(CustomerState::decode(&bytes)?)),
+                None => Ok(None),
+            })
+            .collect()
+    }
+
     /// Loads a customer's record and retained events.
     pub fn load_customer(&self, customer: &str) -> Result<Option<CustomerState>, StoreError> {
         self.load_customer_with(customer, ReadOptions::default)

@@ -189,6 +189,15 @@ fn main() {
         memory.bitmap_bytes as f64 / memory.customers as f64,
         memory.sets
     );
+    let compile_started = Instant::now();
+    for _ in 0..20 {
+        rules::CompiledRules::compile(&format!("{}\nsegment q = t000 and t001\n", rules_text()))
+            .expect("compiles");
+    }
+    println!(
+        "compiling the rule set with a query: {:.2} ms",
+        compile_started.elapsed().as_secs_f64() * 1000.0 / 20.0
+    );
     time_query(
         &engine,
         "10-tag count",

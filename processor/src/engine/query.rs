@@ -10,6 +10,7 @@
 //! record alone when the expression reads no events, the record and retained events when
 //! it reads aggregates.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::sync::Arc;
 
@@ -24,53 +25,100 @@ use crate::state::{CustomerState, EngineFacts};
 /// The name the query is compiled under.
 const QUERY_NAME: &str = "__tagstream_query";
 
-/// What the bitmaps say about an expression: the customers it may hold for, and whether
-/// that set is exactly the answer.
-struct Candidates {
-    set: RoaringBitmap,
+/// What the bitmaps say about an expression: the customers it may hold for (the complement
+/// of `set` when `negated`, kept lazy so `a and not b` is one difference, not a complement
+/// of ten million customers and an intersection), and whether that is exactly the answer.
+/// Sets of tags are borrowed from the index until an operation makes a new one.
+struct Candidates<'a> {
+    set: Cow<'a, RoaringBitmap>,
+    negated: bool,
     exact: bool,
 }
 
-fn plan(node: &Node, rules: &CompiledRules, index: &IndexState) -> Candidates {
+impl<'a> Candidates<'a> {
+    fn exact(set: Cow<'a, RoaringBitmap>, negated: bool) -> Self {
+        Candidates {
+            set,
+            negated,
+            exact: true,
+        }
+    }
+
+    /// The candidates as a plain set.
+    fn materialise(self, index: &IndexState) -> RoaringBitmap {
+        if self.negated {
+            index.all() - self.set.as_ref()
+        } else {
+            self.set.into_owned()
+        }
+    }
+}
+
+fn plan<'a>(node: &Node, rules: &CompiledRules, index: &'a IndexState) -> Candidates<'a> {
     let everyone = || Candidates {
-        set: index.all(),
+        set: Cow::Owned(RoaringBitmap::new()),
+        negated: true,
         exact: false,
     };
     match node {
-        Node::Const(Value::Bool(b)) => Candidates {
-            set: if *b { index.all() } else { RoaringBitmap::new() },
-            exact: true,
-        },
-        Node::Def(id) if rules.def(*id).kind.has_members() => Candidates {
-            set: index.set(&rules.def(*id).name).cloned().unwrap_or_default(),
-            exact: true,
-        },
+        Node::Const(Value::Bool(b)) => Candidates::exact(Cow::Owned(RoaringBitmap::new()), *b),
+        Node::Def(id) if rules.def(*id).kind.has_members() => {
+            let set = index
+                .set(&rules.def(*id).name)
+                .map_or_else(|| Cow::Owned(RoaringBitmap::new()), Cow::Borrowed);
+            Candidates::exact(set, false)
+        }
         Node::Not(inner) => {
             let inner = plan(inner, rules, index);
             if inner.exact {
-                Candidates {
-                    set: index.all() - inner.set,
-                    exact: true,
-                }
+                Candidates::exact(inner.set, !inner.negated)
             } else {
                 everyone()
             }
         }
-        Node::Binary(BinaryOp::And, a, b) => {
+        Node::Binary(op @ (BinaryOp::And | BinaryOp::Or), a, b) => {
             let (a, b) = (plan(a, rules, index), plan(b, rules, index));
+            let exact = a.exact && b.exact;
+            // De Morgan keeps every case to one operation on the two sets, done in place on
+            // a set an earlier operation made.
+            let (set, negated) = match (op, a.negated, b.negated) {
+                (BinaryOp::And, false, false) => (and(a.set, b.set), false),
+                (BinaryOp::And, false, true) => (minus(a.set, &b.set), false),
+                (BinaryOp::And, true, false) => (minus(b.set, &a.set), false),
+                (BinaryOp::And, true, true) => (or(a.set, b.set), true),
+                (_, false, false) => (or(a.set, b.set), false),
+                (_, false, true) => (minus(b.set, &a.set), true),
+                (_, true, false) => (minus(a.set, &b.set), true),
+                (_, true, true) => (and(a.set, b.set), true),
+            };
             Candidates {
-                set: a.set & b.set,
-                exact: a.exact && b.exact,
-            }
-        }
-        Node::Binary(BinaryOp::Or, a, b) => {
-            let (a, b) = (plan(a, rules, index), plan(b, rules, index));
-            Candidates {
-                set: a.set | b.set,
-                exact: a.exact && b.exact,
+                set: Cow::Owned(set),
+                negated,
+                exact,
             }
         }
         _ => everyone(),
+    }
+}
+
+fn and(a: Cow<'_, RoaringBitmap>, b: Cow<'_, RoaringBitmap>) -> RoaringBitmap {
+    match (a, b) {
+        (Cow::Owned(x), y) | (y, Cow::Owned(x)) => x & y.as_ref(),
+        (Cow::Borrowed(x), Cow::Borrowed(y)) => x & y,
+    }
+}
+
+fn or(a: Cow<'_, RoaringBitmap>, b: Cow<'_, RoaringBitmap>) -> RoaringBitmap {
+    match (a, b) {
+        (Cow::Owned(x), y) | (y, Cow::Owned(x)) => x | y.as_ref(),
+        (Cow::Borrowed(x), Cow::Borrowed(y)) => x | y,
+    }
+}
+
+fn minus(a: Cow<'_, RoaringBitmap>, b: &RoaringBitmap) -> RoaringBitmap {
+    match a {
+        Cow::Owned(x) => x - b,
+        Cow::Borrowed(x) => x - b,
     }
 }
 
@@ -154,6 +202,51 @@ pub(super) fn with_segment(
     })
 }
 
+/// Facts for an expression that reads no events: profile attributes, memberships, and
+/// traits computed from those — without the per-definition caches of [`EngineFacts`], which
+/// cost more than the evaluation for a rule set of hundreds of definitions.
+struct StaticFacts<'a> {
+    rules: &'a CompiledRules,
+    state: &'a CustomerState,
+    now: i64,
+    traits: RefCell<Vec<(DefId, Value)>>,
+}
+
+impl Facts for StaticFacts<'_> {
+    fn now(&self) -> i64 {
+        self.now
+    }
+
+    fn aggregate(&self, _: AggId) -> Value {
+        Value::Null
+    }
+
+    fn profile(&self, name: &str) -> Option<Value> {
+        self.state.history.profile_value(name)
+    }
+
+    fn definition(&self, id: DefId) -> Value {
+        let def = self.rules.def(id);
+        if def.kind.has_members() {
+            return Value::Bool(self.state.members.contains_key(&def.name));
+        }
+        if let Some((_, v)) = self.traits.borrow().iter().find(|(d, _)| *d == id) {
+            return v.clone();
+        }
+        let v = self.rules.evaluate(id, self);
+        self.traits.borrow_mut().push((id, v.clone()));
+        v
+    }
+
+    fn aggregate_next_change(&self, _: AggId) -> Option<i64> {
+        None
+    }
+
+    fn event_tag_next_change(&self, _: DefId) -> Option<i64> {
+        None
+    }
+}
+
 /// Parses a members or query cursor: the customer number the previous page ended at.
 pub fn parse_cursor(cursor: &str) -> Result<u32, String> {
     cursor
@@ -193,15 +286,21 @@ impl ReadHandle {
         id: DefId,
     ) -> Result<RoaringBitmap, EngineError> {
         let node = rules.def(id).expr.as_ref().expect("a segment has an expression");
-        let candidates = plan(node, rules, &self.index.read());
-        if candidates.exact {
-            Ok(candidates.set)
+        let (candidates, exact) = {
+            let index = self.index.read();
+            let candidates = plan(node, rules, &index);
+            let exact = candidates.exact;
+            (candidates.materialise(&index), exact)
+        };
+        if exact {
+            Ok(candidates)
         } else {
-            self.filter(rules, id, node, candidates.set)
+            self.filter(rules, id, node, candidates)
         }
     }
 
-    /// The candidates for whom `node` holds, evaluated one by one on their stored state.
+    /// The candidates for whom `node` holds, evaluated one by one on their stored state,
+    /// split over the machine's cores.
     fn filter(
         &self,
         rules: &CompiledRules,
@@ -211,25 +310,59 @@ impl ReadHandle {
     ) -> Result<RoaringBitmap, EngineError> {
         let with_events = needs_events(node, rules);
         let now = self.now();
-        let mut out = RoaringBitmap::new();
         let numbers: Vec<u32> = candidates.iter().collect();
-        for chunk in numbers.chunks(1024) {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+        let per_thread = numbers.len().div_ceil(threads).max(4096);
+        std::thread::scope(|scope| {
+            let parts: Vec<_> = numbers
+                .chunks(per_thread)
+                .map(|part| scope.spawn(move || self.filter_part(rules, id, with_events, now, part)))
+                .collect();
+            let mut out = RoaringBitmap::new();
+            for part in parts {
+                out |= part.join().expect("a query thread panicked")?;
+            }
+            Ok(out)
+        })
+    }
+
+    fn filter_part(
+        &self,
+        rules: &CompiledRules,
+        id: DefId,
+        with_events: bool,
+        now: i64,
+        numbers: &[u32],
+    ) -> Result<RoaringBitmap, EngineError> {
+        let mut out = RoaringBitmap::new();
+        for chunk in numbers.chunks(256) {
             let ids = self.index.read().ids_of(chunk.iter().copied());
-            for (i, customer) in ids.iter().enumerate() {
-                let state = if with_events {
-                    self.store.load_customer(customer)?
-                } else {
-                    self.store.load_record(customer)?
-                };
+            let states = if with_events {
+                ids.iter()
+                    .map(|customer| self.store.load_customer(customer))
+                    .collect::<Result<Vec<_>, _>>()?
+            } else {
+                self.store.load_records(ids.iter())?
+            };
+            for (i, state) in states.into_iter().enumerate() {
                 let Some(mut state) = state else { continue };
-                if with_events {
+                let holds = if with_events {
                     state.advance_windows(rules, now, self.retention_ms);
-                }
-                let facts = MemberFacts {
-                    inner: EngineFacts::new(rules, &state, now, self.retention_ms),
-                    definitions: RefCell::new(vec![None; rules.defs().len()]),
+                    let facts = MemberFacts {
+                        inner: EngineFacts::new(rules, &state, now, self.retention_ms),
+                        definitions: RefCell::new(vec![None; rules.defs().len()]),
+                    };
+                    rules.evaluate(id, &facts).is_true()
+                } else {
+                    let facts = StaticFacts {
+                        rules,
+                        state: &state,
+                        now,
+                        traits: RefCell::default(),
+                    };
+                    rules.evaluate(id, &facts).is_true()
                 };
-                if rules.evaluate(id, &facts).is_true() {
+                if holds {
                     out.insert(ids.numbers()[i]);
                 }
             }
