@@ -99,6 +99,8 @@ pub struct CacheSettings {
     pub block_cache_mb: usize,
     /// RocksDB's memtables, all column families together, in MiB.
     pub memtable_mb: usize,
+    /// Profile attributes kept as in-memory columns for segment queries and SQL.
+    pub profile_columns: usize,
 }
 
 /// A duration written as in the rule language (`"45m"`, `"7d"`) or as milliseconds.
@@ -184,6 +186,7 @@ impl Default for CacheSettings {
             memory_mb: engine.cache_bytes >> 20,
             block_cache_mb: engine.block_cache_bytes >> 20,
             memtable_mb: engine.memtable_bytes >> 20,
+            profile_columns: engine.profile_columns,
         }
     }
 }
@@ -213,6 +216,7 @@ impl Settings {
             block_cache_bytes: self.cache.block_cache_mb << 20,
             memtable_bytes: self.cache.memtable_mb << 20,
             sync_writes: self.sync_writes,
+            profile_columns: self.cache.profile_columns,
         }
     }
 
@@ -256,6 +260,7 @@ customers = {customers}       # customers kept in memory between batches
 memory_mb = {memory_mb}        # what they may hold: retained events, window queues
 block_cache_mb = {block_cache_mb}      # RocksDB block cache
 memtable_mb = {memtable_mb}         # RocksDB memtables, all column families together
+profile_columns = {profile_columns}      # profile attributes kept as columns for queries (4 B/customer each)
 
 [kafka]                   # off unless brokers is set; one processor per consumer group
 # brokers = "localhost:9092"
@@ -280,6 +285,7 @@ max_batch = {kafka_batch}           # events per engine batch
             memory_mb = d.cache.memory_mb,
             block_cache_mb = d.cache.block_cache_mb,
             memtable_mb = d.cache.memtable_mb,
+            profile_columns = d.cache.profile_columns,
             kafka_topic = d.kafka.topic,
             kafka_group = d.kafka.group_id,
             kafka_changes = d.kafka.changes_topic,

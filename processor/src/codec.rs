@@ -149,6 +149,15 @@ impl<'a> Reader<'a> {
         Ok(n)
     }
 
+    /// The next `n` raw bytes.
+    pub fn take(&mut self, n: usize) -> Result<&'a [u8], CodecError> {
+        let end = self.pos.checked_add(n).filter(|e| *e <= self.buf.len());
+        let end = end.ok_or(CodecError("truncated"))?;
+        let b = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(b)
+    }
+
     pub fn bytes(&mut self) -> Result<&'a [u8], CodecError> {
         let n = self.len()?;
         let b = &self.buf[self.pos..self.pos + n];

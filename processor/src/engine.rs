@@ -30,11 +30,11 @@ use rules::{CompiledRules, DefId, DefKind, Diagnostic, Facts, Value};
 use crate::change::{Cause, Change, MemberKind, Op};
 use crate::codec::{Reader, Writer};
 use crate::event::{check_not_future, parse_event, EventLimits, Rejection, ValidEvent};
-use crate::index::{number_key, MembershipIndex};
+use crate::index::{number_key, MembershipIndex, ProfileUpdate};
 use crate::state::{CustomerState, EngineFacts, EventTagState, ManualTag, Membership};
 use crate::store::{
     timer_key, Retention, Store, StoreError, StoredEvent, CF_CHANGES, CF_CUSTOMERS, CF_DEDUP, CF_DLQ,
-    CF_META, CF_NUMBERS, CF_TIMERS,
+    CF_INDEX, CF_META, CF_NUMBERS, CF_TIMERS,
 };
 
 /// Where `now` comes from.
@@ -67,6 +67,10 @@ pub struct EngineConfig {
     pub memtable_bytes: usize,
     /// fsync the WAL on every commit (acknowledged means on disk).
     pub sync_writes: bool,
+    /// Most profile attributes kept as in-memory columns for segment queries and SQL (4
+    /// bytes per customer each for up to 65,536 distinct values); others are read from the
+    /// customers' records.
+    pub profile_columns: usize,
 }
 
 impl Default for EngineConfig {
@@ -81,6 +85,7 @@ impl Default for EngineConfig {
             block_cache_bytes: 256 << 20,
             memtable_bytes: 256 << 20,
             sync_writes: true,
+            profile_columns: 64,
         }
     }
 }
@@ -258,6 +263,8 @@ struct Batch {
     numbers: Vec<u32>,
     /// Customers numbered in this batch, in number order.
     new_ids: Vec<(u32, Arc<str>)>,
+    /// Customers whose profile an event of this batch changed, for the profile columns.
+    profiles: Vec<(u32, Arc<str>)>,
     dirty: HashSet<Arc<str>>,
     dedup: HashMap<String, i64>,
 }
@@ -402,7 +409,7 @@ impl Engine {
         let backfill_cursor = store.get(CF_META, META_BACKFILL.as_bytes())?;
         let timers = store.timers()?.into_iter().collect();
         let order_pos = positions(&rules);
-        let index = MembershipIndex::open(&store, counters.next_seq - 1)?;
+        let index = MembershipIndex::open(&store, counters.next_seq - 1, config.profile_columns)?;
         let mut engine = Engine {
             store: Arc::new(store),
             index: Arc::new(index),
@@ -668,6 +675,9 @@ impl Engine {
             props: ev.props,
         };
         let changed_attrs: Vec<Arc<str>> = ev.profile.iter().map(|(k, _)| k.clone()).collect();
+        if !changed_attrs.is_empty() {
+            batch.profiles.push((state.number, customer.clone()));
+        }
         self.store
             .put_event(&mut batch.wb, &customer, &event, ev.event_id.as_deref());
         state.oldest_ts = state.oldest_ts.map(|o| o.min(ts));
@@ -1033,8 +1043,10 @@ impl Engine {
             .put_meta_u64(&mut batch.wb, META_ARRIVAL, self.counters.next_arrival);
         self.store
             .put_meta_u64(&mut batch.wb, META_DLQ, self.counters.next_dlq);
+        let (profiles, journal) = self.profile_updates(&mut batch);
         self.store.commit(batch.wb)?;
-        self.index.apply(&batch.new_ids, &batch.changes, &batch.numbers);
+        self.index
+            .apply(&batch.new_ids, &batch.changes, &batch.numbers, &profiles, journal);
         if self.config.clock == ClockMode::Wall || self.counters.clock.is_some() {
             self.store.set_clock(self.now());
         }
@@ -1043,6 +1055,28 @@ impl Engine {
         self.evict();
         self.count_changes(&batch.changes);
         Ok(batch.changes)
+    }
+
+    /// The profile values of the customers whose profile this batch changed, for the
+    /// columns, and the journal entry naming them, put in the batch.
+    fn profile_updates(&self, batch: &mut Batch) -> (Vec<ProfileUpdate>, Option<u64>) {
+        if batch.profiles.is_empty() {
+            return (Vec::new(), None);
+        }
+        batch.profiles.sort_unstable_by_key(|(number, _)| *number);
+        batch.profiles.dedup_by_key(|(number, _)| *number);
+        let mut updates = Vec::new();
+        for (number, customer) in &batch.profiles {
+            if let Some(state) = self.cache.get(customer) {
+                for (attr, entry) in &state.history.profile {
+                    updates.push((*number, attr.clone(), entry.value.clone()));
+                }
+            }
+        }
+        let numbers: Vec<u32> = batch.profiles.iter().map(|(number, _)| *number).collect();
+        let (entry, key, value) = self.index.journal_entry(&numbers);
+        batch.wb.put_cf(self.store.cf(CF_INDEX), key, value);
+        (updates, Some(entry))
     }
 
     /// `tagstream_changes_total{kind,cause,definition,op}`, counted per commit. Names the

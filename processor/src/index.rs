@@ -15,6 +15,10 @@
 //! the change log after its `seq`, so a restart costs reading the bitmaps, not a scan of
 //! every customer. A store without a checkpoint (new, or written before numbers existed) is
 //! indexed by one scan of the customer records, numbering customers who have no number yet.
+//!
+//! The index also holds the profile attributes as columns ([`crate::columns`]), checkpointed
+//! alongside and caught up at open from the profile journal the engine writes with each
+//! commit that changes a profile.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
@@ -22,10 +26,13 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use roaring::RoaringBitmap;
 use rocksdb::WriteBatch;
 
+use rules::Value;
+
 use crate::change::{Change, Op};
 use crate::codec::{CodecError, Reader, Writer};
+use crate::columns::{self, ColumnsDirty, ProfileColumns};
 use crate::state::CustomerState;
-use crate::store::{Store, StoreError, CF_CHANGES, CF_CUSTOMERS, CF_INDEX, CF_NUMBERS};
+use crate::store::{KeyValue, Store, StoreError, CF_CHANGES, CF_CUSTOMERS, CF_INDEX, CF_NUMBERS};
 
 /// The number of a customer not numbered yet (records from before the index existed).
 pub const NO_NUMBER: u32 = u32::MAX;
@@ -146,7 +153,13 @@ pub struct IndexState {
     sets: HashMap<Arc<str>, RoaringBitmap>,
     /// The `seq` of the last change applied.
     applied_seq: u64,
+    columns: ProfileColumns,
+    /// The last profile journal entry applied to `columns`.
+    journal_applied: u64,
 }
+
+/// A profile value one commit set (`None`: deleted), for the columns.
+pub type ProfileUpdate = (u32, Arc<str>, Option<Value>);
 
 impl IndexState {
     /// The members of a tag or segment; `None` for a name that never had one.
@@ -175,6 +188,11 @@ impl IndexState {
         self.applied_seq
     }
 
+    /// The profile attributes as columns.
+    pub fn columns(&self) -> &ProfileColumns {
+        &self.columns
+    }
+
     /// Names with at least one member.
     pub fn names(&self) -> impl Iterator<Item = &Arc<str>> {
         self.sets.iter().filter(|(_, s)| !s.is_empty()).map(|(n, _)| n)
@@ -187,6 +205,7 @@ impl IndexState {
             id_bytes: self.ids.heap_bytes() as u64,
             bitmap_bytes: self.sets.values().map(|s| s.serialized_size() as u64).sum(),
             sets: self.sets.values().filter(|s| !s.is_empty()).count() as u64,
+            column_bytes: self.columns.heap_bytes() as u64,
         }
     }
 
@@ -217,6 +236,8 @@ pub struct IndexMemory {
     pub id_bytes: u64,
     pub bitmap_bytes: u64,
     pub sets: u64,
+    /// The profile columns.
+    pub column_bytes: u64,
 }
 
 /// Customer ids copied out of the index, with their numbers.
@@ -263,6 +284,7 @@ pub struct Checkpoint {
     pub sets_written: usize,
     pub chunks_written: usize,
     pub bytes: usize,
+    pub column_chunks_written: usize,
 }
 
 /// The membership index, shared by the engine (the only writer) and readers.
@@ -274,24 +296,29 @@ pub struct MembershipIndex {
     dirty: Mutex<HashSet<Arc<str>>>,
     /// Full id chunks already in the checkpoint.
     saved_chunks: Mutex<usize>,
+    /// Column chunks and dictionaries changed since the last checkpoint, under the same
+    /// rules as `dirty`.
+    columns_dirty: Mutex<ColumnsDirty>,
 }
 
 impl MembershipIndex {
     /// Loads the index: its checkpoint plus the change log after it, or (no checkpoint) one
     /// scan of the customer records, which also numbers customers who have none and writes
-    /// a first checkpoint. `last_seq` is the last committed change's `seq`.
-    pub fn open(store: &Store, last_seq: u64) -> Result<MembershipIndex, StoreError> {
+    /// a first checkpoint. `last_seq` is the last committed change's `seq`; at most
+    /// `max_columns` profile attributes are kept as columns.
+    pub fn open(store: &Store, last_seq: u64, max_columns: usize) -> Result<MembershipIndex, StoreError> {
         let index = match store.get(CF_INDEX, KEY_SEQ)? {
-            Some(seq) => Self::load(store, Reader::new(&seq).u64()?)?,
-            None => Self::rebuild(store, last_seq)?,
+            Some(seq) => Self::load(store, Reader::new(&seq).u64()?, max_columns)?,
+            None => Self::rebuild(store, last_seq, max_columns)?,
         };
         index.catch_up(store)?;
         Ok(index)
     }
 
-    fn load(store: &Store, seq: u64) -> Result<MembershipIndex, StoreError> {
+    fn load(store: &Store, seq: u64, max_columns: usize) -> Result<MembershipIndex, StoreError> {
         let mut state = IndexState {
             applied_seq: seq,
+            columns: ProfileColumns::new(max_columns),
             ..Default::default()
         };
         for item in store.scan_from(CF_INDEX, KEY_IDS) {
@@ -316,11 +343,104 @@ impl MembershipIndex {
                 RoaringBitmap::deserialize_from(&value[..]).map_err(|_| CodecError("bad index bitmap"))?;
             state.sets.insert(Arc::from(name), set);
         }
+        let columns_dirty = match store.get(CF_INDEX, columns::keys::APPLIED)? {
+            Some(applied) => {
+                state.journal_applied = Reader::new(&applied).u64()?;
+                state.columns = ProfileColumns::load(
+                    max_columns,
+                    store.get(CF_INDEX, columns::keys::SPILLED)?.as_deref(),
+                    Self::scan_prefix(store, columns::keys::DICT)?,
+                    Self::scan_prefix(store, columns::keys::CHUNK)?,
+                )?;
+                let journal = Self::scan_prefix(store, columns::keys::JOURNAL)?;
+                let mut dirty = ColumnsDirty::default();
+                Self::replay_journal(store, &mut state, journal, &mut dirty)?;
+                dirty
+            }
+            // A checkpoint from before the columns: build them once from the records.
+            None => Self::build_columns(store, &mut state)?,
+        };
         Ok(MembershipIndex {
             state: RwLock::new(state),
             dirty: Mutex::default(),
             saved_chunks: Mutex::new(saved_chunks),
+            columns_dirty: Mutex::new(columns_dirty),
         })
+    }
+
+    /// Every entry of the `index` column family under `prefix`, in key order.
+    fn scan_prefix(store: &Store, prefix: &[u8]) -> Result<Vec<KeyValue>, StoreError> {
+        let mut out = Vec::new();
+        for item in store.scan_from(CF_INDEX, prefix) {
+            let (key, value) = item?;
+            if !key.starts_with(prefix) {
+                break;
+            }
+            out.push((key, value));
+        }
+        Ok(out)
+    }
+
+    /// Applies the profile journal entries after the column checkpoint: each customer they
+    /// name gets every attribute of their stored profile.
+    fn replay_journal(
+        store: &Store,
+        state: &mut IndexState,
+        journal: Vec<KeyValue>,
+        dirty: &mut ColumnsDirty,
+    ) -> Result<(), StoreError> {
+        let mut numbers = Vec::new();
+        for (key, value) in &journal {
+            let entry: [u8; 8] = key[columns::keys::JOURNAL.len()..]
+                .try_into()
+                .map_err(|_| CodecError("bad journal key"))?;
+            let entry = u64::from_be_bytes(entry);
+            if entry > state.journal_applied {
+                numbers.extend(columns::decode_journal(value)?);
+                state.journal_applied = entry;
+            }
+        }
+        numbers.sort_unstable();
+        numbers.dedup();
+        for part in numbers.chunks(1024) {
+            let ids = state.ids_of(part.iter().copied());
+            let records = store.load_records(ids.iter())?;
+            for (number, record) in ids.numbers().iter().zip(records) {
+                let Some(record) = record else { continue };
+                for (attr, entry) in &record.history.profile {
+                    state.columns.set(*number, attr, entry.value.as_ref(), dirty);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds the columns from every customer record.
+    fn build_columns(store: &Store, state: &mut IndexState) -> Result<ColumnsDirty, StoreError> {
+        let mut dirty = ColumnsDirty::default();
+        for item in store.scan_from(CF_CUSTOMERS, &[]) {
+            let (_, value) = item?;
+            let record = CustomerState::decode(&value)?;
+            if record.number == NO_NUMBER {
+                return Err(CodecError("a customer without a number follows the index checkpoint").into());
+            }
+            for (attr, entry) in &record.history.profile {
+                state
+                    .columns
+                    .set(record.number, attr, entry.value.as_ref(), &mut dirty);
+            }
+        }
+        state.journal_applied = Self::last_journal_entry(store)?;
+        let mut all = state.columns.all_dirty();
+        all.merge(dirty);
+        Ok(all)
+    }
+
+    fn last_journal_entry(store: &Store) -> Result<u64, StoreError> {
+        Ok(Self::scan_prefix(store, columns::keys::JOURNAL)?
+            .last()
+            .and_then(|(key, _)| key[columns::keys::JOURNAL.len()..].try_into().ok())
+            .map_or(0, u64::from_be_bytes))
     }
 
     /// Appends the ids numbered after the table's end from the `numbers` column family.
@@ -337,11 +457,14 @@ impl MembershipIndex {
         Ok(())
     }
 
-    fn rebuild(store: &Store, last_seq: u64) -> Result<MembershipIndex, StoreError> {
+    fn rebuild(store: &Store, last_seq: u64, max_columns: usize) -> Result<MembershipIndex, StoreError> {
         let mut state = IndexState {
             applied_seq: last_seq,
+            columns: ProfileColumns::new(max_columns),
+            journal_applied: Self::last_journal_entry(store)?,
             ..Default::default()
         };
+        let mut columns_dirty = ColumnsDirty::default();
         Self::load_numbers(store, &mut state.ids)?;
         let mut wb = WriteBatch::default();
         let mut pending = 0;
@@ -362,13 +485,21 @@ impl MembershipIndex {
             for name in record.members.keys() {
                 state.sets.entry(name.clone()).or_default().insert(record.number);
             }
+            for (attr, entry) in &record.history.profile {
+                state
+                    .columns
+                    .set(record.number, attr, entry.value.as_ref(), &mut columns_dirty);
+            }
         }
         store.commit(wb)?;
         let dirty = state.sets.keys().cloned().collect();
+        let mut all_columns = state.columns.all_dirty();
+        all_columns.merge(columns_dirty);
         let index = MembershipIndex {
             state: RwLock::new(state),
             dirty: Mutex::new(dirty),
             saved_chunks: Mutex::new(0),
+            columns_dirty: Mutex::new(all_columns),
         };
         index.checkpoint(store)?;
         Ok(index)
@@ -400,13 +531,43 @@ impl MembershipIndex {
         self.state.read().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The profile journal entry the next commit that changes a profile writes, with its
+    /// key and value (the customer numbers whose profile it changes).
+    pub fn journal_entry(&self, numbers: &[u32]) -> (u64, Vec<u8>, Vec<u8>) {
+        let entry = self.read().journal_applied + 1;
+        (
+            entry,
+            columns::keys::journal(entry),
+            columns::encode_journal(numbers),
+        )
+    }
+
     /// Applies one commit: customers numbered in it (in number order), then its changes,
-    /// `numbers[i]` being the number of `changes[i]`'s customer.
-    pub fn apply(&self, new_ids: &[(u32, Arc<str>)], changes: &[Change], numbers: &[u32]) {
-        if new_ids.is_empty() && changes.is_empty() {
+    /// `numbers[i]` being the number of `changes[i]`'s customer, then the profile values it
+    /// set, written to the journal as entry `journal`.
+    pub fn apply(
+        &self,
+        new_ids: &[(u32, Arc<str>)],
+        changes: &[Change],
+        numbers: &[u32],
+        profiles: &[ProfileUpdate],
+        journal: Option<u64>,
+    ) {
+        if new_ids.is_empty() && changes.is_empty() && profiles.is_empty() {
             return;
         }
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        if !profiles.is_empty() {
+            let mut columns_dirty = self.columns_dirty.lock().unwrap_or_else(|e| e.into_inner());
+            for (number, attr, value) in profiles {
+                state
+                    .columns
+                    .set(*number, attr, value.as_ref(), &mut columns_dirty);
+            }
+        }
+        if let Some(entry) = journal {
+            state.journal_applied = entry;
+        }
         let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
         for (number, id) in new_ids {
             let got = state.ids.push(id);
@@ -427,13 +588,17 @@ impl MembershipIndex {
         let mut wb = WriteBatch::default();
         let mut done = Checkpoint::default();
         let taken: HashSet<Arc<str>>;
+        let columns_taken: ColumnsDirty;
         let new_chunks;
         {
             let state = self.read();
             taken = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|e| e.into_inner()));
+            columns_taken =
+                std::mem::take(&mut *self.columns_dirty.lock().unwrap_or_else(|e| e.into_inner()));
             let saved = *self.saved_chunks.lock().unwrap_or_else(|e| e.into_inner());
             new_chunks = state.ids.full_chunks();
-            if taken.is_empty() && new_chunks == saved && store.get(CF_INDEX, KEY_SEQ)?.is_some() {
+            let unchanged = taken.is_empty() && columns_taken.is_empty() && new_chunks == saved;
+            if unchanged && store.get(CF_INDEX, columns::keys::APPLIED)?.is_some() {
                 return Ok(Checkpoint {
                     seq: state.applied_seq,
                     ..done
@@ -458,6 +623,27 @@ impl MembershipIndex {
                 }
                 done.sets_written += 1;
             }
+            let writes = state.columns.checkpoint_writes(&columns_taken);
+            for (key, value) in writes.puts {
+                done.bytes += value.len();
+                done.column_chunks_written += usize::from(key.starts_with(columns::keys::CHUNK));
+                wb.put_cf(store.cf(CF_INDEX), key, value);
+            }
+            for key in writes.deletes {
+                wb.delete_cf(store.cf(CF_INDEX), key);
+            }
+            for (start, end) in writes.delete_ranges {
+                wb.delete_range_cf(store.cf(CF_INDEX), start, end);
+            }
+            // The journal entries the columns now reflect are no longer needed.
+            wb.delete_range_cf(
+                store.cf(CF_INDEX),
+                columns::keys::journal(0),
+                columns::keys::journal(state.journal_applied + 1),
+            );
+            let mut w = Writer::new();
+            w.u64(state.journal_applied);
+            wb.put_cf(store.cf(CF_INDEX), columns::keys::APPLIED, w.buf);
             let mut w = Writer::new();
             w.u64(state.applied_seq);
             wb.put_cf(store.cf(CF_INDEX), KEY_SEQ, w.buf);
@@ -465,6 +651,10 @@ impl MembershipIndex {
         }
         if let Err(e) = store.commit(wb) {
             self.dirty.lock().unwrap_or_else(|e| e.into_inner()).extend(taken);
+            self.columns_dirty
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .merge(columns_taken);
             return Err(e);
         }
         *self.saved_chunks.lock().unwrap_or_else(|e| e.into_inner()) = new_chunks;

@@ -36,6 +36,7 @@
 
 pub mod change;
 pub mod codec;
+pub mod columns;
 pub mod engine;
 pub mod event;
 pub mod index;

@@ -1,8 +1,10 @@
 //! Ad-hoc segment queries through the membership index against brute force: every customer
 //! looked at one by one, the expression judged on what `GET /v1/customers/{id}` shows
 //! (tags, segments, traits, profile). Random streams, random expressions mixing tags,
-//! segments, `not`, trait comparisons and profile conditions. Also: the index survives a
-//! restart from an old checkpoint (replaying the change log) and from no checkpoint at all.
+//! segments, `not`, trait comparisons and profile conditions, answered from the profile
+//! columns or (attributes beyond the column limit) the records, before and after a restart.
+//! Also: the index and its columns survive a restart from an old checkpoint (replaying the
+//! change log and the profile journal) and from no checkpoint at all.
 
 use std::collections::BTreeSet;
 
@@ -21,6 +23,7 @@ tag buyer = count(payment, lifetime) >= 1
 tag big = spend >= 100
 tag seafood on view where p == "x" ttl 30s
 segment vip_buyers = buyer and profile.vip == true
+trait home = profile.city
 "#;
 
 fn config() -> EngineConfig {
@@ -31,6 +34,13 @@ fn config() -> EngineConfig {
     }
 }
 
+fn config_with_columns(profile_columns: usize) -> EngineConfig {
+    EngineConfig {
+        profile_columns,
+        ..config()
+    }
+}
+
 /// An expression as text and as a tree the brute force judges.
 #[derive(Debug, Clone)]
 enum Expr {
@@ -38,6 +48,7 @@ enum Expr {
     ViewsAtLeast(u8),
     SpendBelow(u16),
     City(&'static str),
+    Home(&'static str),
     HasVip,
     Not(Box<Expr>),
     And(Box<Expr>, Box<Expr>),
@@ -51,6 +62,7 @@ impl Expr {
             Expr::ViewsAtLeast(k) => format!("views >= {k}"),
             Expr::SpendBelow(k) => format!("spend < {k}"),
             Expr::City(c) => format!("profile.city == \"{c}\""),
+            Expr::Home(c) => format!("home == \"{c}\""),
             Expr::HasVip => "has(profile.vip)".to_owned(),
             Expr::Not(e) => format!("not ({})", e.text()),
             Expr::And(a, b) => format!("({}) and ({})", a.text(), b.text()),
@@ -68,6 +80,7 @@ impl Expr {
             Expr::ViewsAtLeast(k) => number("views").is_some_and(|v| v >= (*k).into()),
             Expr::SpendBelow(k) => number("spend").is_some_and(|v| v < (*k).into()),
             Expr::City(city) => c.profile.get("city") == Some(&Value::str(city)),
+            Expr::Home(city) => c.traits.get("home") == Some(&Value::str(city)),
             Expr::HasVip => c.profile.contains_key("vip"),
             Expr::Not(e) => !e.holds(c),
             Expr::And(a, b) => a.holds(c) && b.holds(c),
@@ -82,6 +95,7 @@ fn expr() -> impl Strategy<Value = Expr> {
         1 => (0u8..4).prop_map(Expr::ViewsAtLeast),
         1 => (0u16..200).prop_map(Expr::SpendBelow),
         1 => prop::sample::select(vec!["杭州", "上海"]).prop_map(Expr::City),
+        1 => prop::sample::select(vec!["杭州", "北京"]).prop_map(Expr::Home),
         1 => Just(Expr::HasVip),
     ];
     leaf.prop_recursive(4, 16, 2, |inner| {
@@ -93,7 +107,8 @@ fn expr() -> impl Strategy<Value = Expr> {
     })
 }
 
-/// Events over 40 customers and five minutes: views, payments, profile changes.
+/// Events over 40 customers and five minutes: views, payments, profile changes (a city of
+/// "" deletes the attribute).
 fn stream() -> impl Strategy<Value = Vec<String>> {
     prop::collection::vec(
         (
@@ -102,7 +117,7 @@ fn stream() -> impl Strategy<Value = Vec<String>> {
             0i64..300,
             prop::sample::select(vec!["x", "y"]),
             0u8..120,
-            prop::option::weighted(0.3, prop::sample::select(vec!["杭州", "上海", "北京"])),
+            prop::option::weighted(0.3, prop::sample::select(vec!["杭州", "上海", "北京", ""])),
             prop::option::weighted(0.2, any::<bool>()),
         ),
         1..150,
@@ -112,8 +127,14 @@ fn stream() -> impl Strategy<Value = Vec<String>> {
             .into_iter()
             .map(|(c, t, s, p, amount, city, vip)| {
                 let mut profile = serde_json::Map::new();
-                if let Some(city) = city {
-                    profile.insert("city".into(), city.into());
+                match city {
+                    Some("") => {
+                        profile.insert("city".into(), serde_json::Value::Null);
+                    }
+                    Some(city) => {
+                        profile.insert("city".into(), city.into());
+                    }
+                    None => {}
                 }
                 if let Some(vip) = vip {
                     profile.insert("vip".into(), vip.into());
@@ -171,10 +192,20 @@ proptest! {
         events in stream(),
         exprs in prop::collection::vec(expr(), 6),
         later in 0i64..200,
+        profile_columns in 0usize..4,
+        restart in any::<bool>(),
     ) {
         let dir = TempDir::new("segments");
-        let mut engine = Engine::open(dir.path(), Some(RULES), config()).unwrap();
-        engine.ingest(&events).unwrap();
+        let config = config_with_columns(profile_columns);
+        let mut engine = Engine::open(dir.path(), Some(RULES), config.clone()).unwrap();
+        let (first, second) = events.split_at(events.len() / 2);
+        engine.ingest(first).unwrap();
+        if restart {
+            // The columns come back from the checkpoint written at close.
+            drop(engine);
+            engine = Engine::open(dir.path(), None, config).unwrap();
+        }
+        engine.ingest(second).unwrap();
         // Time alone moves some customers out of windows and ttls.
         engine.advance_clock(BASE + (300 + later) * 1000).unwrap();
         for e in &exprs {
@@ -312,15 +343,44 @@ fn batch(from: usize, to: usize, second: i64) -> Vec<String> {
 #[test]
 fn the_index_comes_back_from_an_old_checkpoint_and_from_none() {
     let dir = TempDir::new("index-restart");
-    let old_checkpoint;
+    let mut old_checkpoint;
     {
         let mut engine = Engine::open(dir.path(), Some(RULES), config()).unwrap();
         engine.ingest(&batch(0, 50, 0)).unwrap();
         engine.checkpoint_index().unwrap();
         old_checkpoint = dump_index(&engine);
         engine.ingest(&batch(30, 90, 10)).unwrap();
+        // Profile changes after the checkpoint reach the columns through the journal.
+        let demoted: Vec<String> = (0..10)
+            .map(|i| {
+                format!(
+                    r#"{{"customer_id":"c{i}","type":"call","ts":{},"profile":{{"vip":false,"tier":{i}}}}}"#,
+                    BASE + 20_000
+                )
+            })
+            .collect();
+        engine.ingest(&demoted).unwrap();
         engine.advance_clock(BASE + 30_000).unwrap();
+        // What a crash here would leave: the old checkpoint and the profile journal written
+        // since (closing checkpoints, and so clears the journal).
+        let journal = processor::columns::keys::JOURNAL;
+        old_checkpoint.retain(|(k, _)| !k.starts_with(journal));
+        old_checkpoint.extend(
+            dump_index(&engine)
+                .into_iter()
+                .filter(|(k, _)| k.starts_with(journal)),
+        );
+        assert!(old_checkpoint.iter().any(|(k, _)| k.starts_with(journal)));
     }
+    let profile_counts = |engine: &Engine| {
+        [
+            "profile.vip == false",
+            "has(profile.vip)",
+            "profile.tier >= 5",
+            "buyer and profile.tier < 3",
+        ]
+        .map(|q| engine.query(q, 1, None).unwrap().count)
+    };
     let expected = {
         let engine = Engine::open(dir.path(), None, config()).unwrap();
         let snapshot = snapshot_of(&engine);
@@ -330,8 +390,9 @@ fn the_index_comes_back_from_an_old_checkpoint_and_from_none() {
                 .query("vip_buyers and not seafood", 100, None)
                 .unwrap()
                 .count,
-            30
+            26
         );
+        assert_eq!(profile_counts(&engine), [10, 90, 5, 1]);
         snapshot
     };
 
@@ -342,6 +403,7 @@ fn the_index_comes_back_from_an_old_checkpoint_and_from_none() {
     }
     let engine = Engine::open(dir.path(), None, config()).unwrap();
     assert_eq!(snapshot_of(&engine), expected);
+    assert_eq!(profile_counts(&engine), [10, 90, 5, 1]);
     drop(engine);
 
     // No checkpoint at all (a store from before the index): one scan rebuilds it.
@@ -351,6 +413,7 @@ fn the_index_comes_back_from_an_old_checkpoint_and_from_none() {
     }
     let mut engine = Engine::open(dir.path(), None, config()).unwrap();
     assert_eq!(snapshot_of(&engine), expected);
+    assert_eq!(profile_counts(&engine), [10, 90, 5, 1]);
     // New customers keep getting fresh numbers after a rebuild.
     engine.ingest(&batch(90, 95, 60)).unwrap();
     let viewers = engine.members("viewer").unwrap();

@@ -110,6 +110,7 @@ pub fn store_gauges(engine: &Engine) {
     gauge!("tagstream_index_id_bytes").set(index.id_bytes as f64);
     gauge!("tagstream_index_bitmap_bytes").set(index.bitmap_bytes as f64);
     gauge!("tagstream_index_sets").set(index.sets as f64);
+    gauge!("tagstream_index_column_bytes").set(index.column_bytes as f64);
 }
 
 /// Counts HTTP requests by route template and status, with durations.

@@ -9,9 +9,11 @@
 //!   (`add`/`remove`), `at` (ms), `cause`.
 //!
 //! Tables are materialised per query from one pass over what the statement needs: tag and
-//! segment columns come from the bitmaps alone; trait and profile columns (read from the
-//! store, one customer at a time) only when the statement mentions a trait, `profile.` or
-//! `*`; `changes` only when it mentions `changes`. Statements other than queries (DDL, DML,
+//! segment columns come from the bitmaps alone; profile columns from the index's profile
+//! columns when the statement mentions `profile.` or `*`; trait columns (and the profile,
+//! when some attribute is too varied to be a column) from the store, one customer at a
+//! time, only when the statement mentions a trait or `*`; `changes` only when it mentions
+//! `changes`. Statements other than queries (DDL, DML,
 //! `SET`...) are refused; results stop at `max_rows` (`truncated: true`), and a query that
 //! runs past its `timeout_ms` is stopped with 408.
 
@@ -114,7 +116,23 @@ fn customers_table(reader: &ReadHandle, sql_lower: &str, deadline: Instant) -> R
     }
     let mut trait_values: Vec<Vec<Option<Value>>> = vec![Vec::with_capacity(everyone.len()); traits.len()];
     let mut profile: BTreeMap<Arc<str>, Vec<Option<Value>>> = BTreeMap::new();
-    for (row, id) in everyone.iter().enumerate() {
+    let profile_from_columns = with_profile && !reader.index().read().columns().any_spilled();
+    if profile_from_columns {
+        let index = reader.index().read();
+        for name in index.columns().names() {
+            let column = index.columns().column(&name).expect("a listed column");
+            let values: Vec<Option<Value>> = everyone.numbers().iter().map(|n| column.get(*n)).collect();
+            if values.iter().any(Option::is_some) {
+                profile.insert(name, values);
+            }
+        }
+    }
+    let with_profile = with_profile && !profile_from_columns;
+    for (row, id) in everyone
+        .iter()
+        .enumerate()
+        .filter(|_| with_profile || !traits.is_empty())
+    {
         if row % 1024 == 0 {
             check_deadline(deadline)?;
         }

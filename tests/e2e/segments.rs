@@ -494,6 +494,23 @@ fn sql_reads_customers_and_changes_refuses_writes_and_keeps_its_limits() {
         );
     }
 
+    // Profile attributes alone come from the index's columns: the same values.
+    let r = sql(
+        &s,
+        serde_json::json!({
+            "sql": "select customer_id, \"profile.city\" as city, \"profile.age\" as age from customers order by customer_id"
+        }),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let rows = r.json()["rows"].as_array().unwrap().clone();
+    assert_eq!(rows.len(), 12);
+    for row in &rows {
+        let id = row["customer_id"].as_str().unwrap();
+        let c = s.get(&format!("/v1/customers/{id}")).json();
+        assert_eq!(row["city"], c["profile"]["city"], "{id}");
+        assert_eq!(row["age"].as_f64(), c["profile"]["age"].as_f64(), "{id}");
+    }
+
     // The change log.
     let r = sql(
         &s,

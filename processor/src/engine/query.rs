@@ -6,12 +6,14 @@
 //! `not` over them are set operations, exact. Anything else (a trait, a profile attribute,
 //! an aggregate, a comparison) cannot be answered by the bitmaps; the plan then keeps the
 //! narrowest candidate set the exact parts allow (`vip and ltv > 100` only looks at `vip`'s
-//! members) and evaluates the whole expression on each candidate's stored state — the
-//! record alone when the expression reads no events, the record and retained events when
-//! it reads aggregates.
+//! members) and evaluates the whole expression on each candidate: on the index itself —
+//! memberships from the bitmaps, profile attributes from the columns — when the expression
+//! reads no events and only columnar attributes, else on the candidate's stored state (the
+//! record alone when it reads no events, the record and retained events when it reads
+//! aggregates).
 
 use std::borrow::Cow;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 
 use roaring::RoaringBitmap;
@@ -135,6 +137,98 @@ fn needs_events(node: &Node, rules: &CompiledRules) -> bool {
         Node::Not(n) | Node::Neg(n) => needs_events(n, rules),
         Node::Binary(_, a, b) => needs_events(a, rules) || needs_events(b, rules),
         Node::Const(_) | Node::Profile(_) | Node::Has(_) | Node::Prop(_) => false,
+    }
+}
+
+/// The profile attributes `node` reads, directly or through the definitions it uses (tags
+/// and segments excepted: their members come from the bitmaps).
+fn profile_reads(node: &Node, rules: &CompiledRules, out: &mut Vec<Arc<str>>) {
+    match node {
+        Node::Profile(name) | Node::Has(name) => out.push(name.clone()),
+        Node::Def(id) => {
+            let def = rules.def(*id);
+            if let (false, Some(expr)) = (def.kind.has_members(), &def.expr) {
+                profile_reads(expr, rules, out);
+            }
+        }
+        Node::List(items) => items.iter().for_each(|n| profile_reads(n, rules, out)),
+        Node::Not(n) | Node::Neg(n) => profile_reads(n, rules, out),
+        Node::Binary(_, a, b) => {
+            profile_reads(a, rules, out);
+            profile_reads(b, rules, out);
+        }
+        Node::Const(_) | Node::Prop(_) | Node::Agg(_) => {}
+    }
+}
+
+/// Facts for an expression that reads no events, answered by the index alone: memberships
+/// from the bitmaps, profile attributes from the columns. One per thread, moved from
+/// customer to customer.
+struct ColumnFacts<'a> {
+    rules: &'a CompiledRules,
+    index: &'a IndexState,
+    /// The bitmap of each tag or segment definition, by `DefId`.
+    sets: Vec<Option<&'a RoaringBitmap>>,
+    number: Cell<u32>,
+    now: i64,
+    traits: RefCell<Vec<(DefId, Value)>>,
+}
+
+impl<'a> ColumnFacts<'a> {
+    fn new(rules: &'a CompiledRules, index: &'a IndexState, now: i64) -> Self {
+        let sets = rules
+            .defs()
+            .iter()
+            .map(|def| def.kind.has_members().then(|| index.set(&def.name)).flatten())
+            .collect();
+        ColumnFacts {
+            rules,
+            index,
+            sets,
+            number: Cell::new(0),
+            now,
+            traits: RefCell::default(),
+        }
+    }
+
+    fn holds(&self, id: DefId, number: u32) -> bool {
+        self.number.set(number);
+        self.traits.borrow_mut().clear();
+        self.rules.evaluate(id, self).is_true()
+    }
+}
+
+impl Facts for ColumnFacts<'_> {
+    fn now(&self) -> i64 {
+        self.now
+    }
+
+    fn aggregate(&self, _: AggId) -> Value {
+        Value::Null
+    }
+
+    fn profile(&self, name: &str) -> Option<Value> {
+        self.index.columns().get(name, self.number.get())
+    }
+
+    fn definition(&self, id: DefId) -> Value {
+        if self.rules.def(id).kind.has_members() {
+            return Value::Bool(self.sets[id].is_some_and(|s| s.contains(self.number.get())));
+        }
+        if let Some((_, v)) = self.traits.borrow().iter().find(|(d, _)| *d == id) {
+            return v.clone();
+        }
+        let v = self.rules.evaluate(id, self);
+        self.traits.borrow_mut().push((id, v.clone()));
+        v
+    }
+
+    fn aggregate_next_change(&self, _: AggId) -> Option<i64> {
+        None
+    }
+
+    fn event_tag_next_change(&self, _: DefId) -> Option<i64> {
+        None
     }
 }
 
@@ -310,13 +404,27 @@ impl ReadHandle {
     ) -> Result<RoaringBitmap, EngineError> {
         let with_events = needs_events(node, rules);
         let now = self.now();
+        let columnar = !with_events && {
+            let mut attrs = Vec::new();
+            profile_reads(node, rules, &mut attrs);
+            let index = self.index.read();
+            attrs.iter().all(|a| index.columns().is_columnar(a))
+        };
         let numbers: Vec<u32> = candidates.iter().collect();
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
         let per_thread = numbers.len().div_ceil(threads).max(4096);
         std::thread::scope(|scope| {
             let parts: Vec<_> = numbers
                 .chunks(per_thread)
-                .map(|part| scope.spawn(move || self.filter_part(rules, id, with_events, now, part)))
+                .map(|part| {
+                    scope.spawn(move || {
+                        if columnar {
+                            Ok(self.filter_columnar(rules, id, now, part))
+                        } else {
+                            self.filter_part(rules, id, with_events, now, part)
+                        }
+                    })
+                })
                 .collect();
             let mut out = RoaringBitmap::new();
             for part in parts {
@@ -324,6 +432,22 @@ impl ReadHandle {
             }
             Ok(out)
         })
+    }
+
+    /// The candidates for whom `id` holds, judged on the index. The read lock is taken per
+    /// slice of candidates so that the engine's commits are not held up.
+    fn filter_columnar(&self, rules: &CompiledRules, id: DefId, now: i64, numbers: &[u32]) -> RoaringBitmap {
+        let mut out = RoaringBitmap::new();
+        for slice in numbers.chunks(16_384) {
+            let index = self.index.read();
+            let facts = ColumnFacts::new(rules, &index, now);
+            for &number in slice {
+                if facts.holds(id, number) {
+                    out.insert(number);
+                }
+            }
+        }
+        out
     }
 
     fn filter_part(
