@@ -42,6 +42,8 @@ pub struct Column {
     decimals: Vec<Decimal>,
     dict: Vec<Value>,
     lookup: HashMap<Box<[u8]>, u32>,
+    /// A value's encoding, the key of `lookup`; kept to spare an allocation per lookup.
+    scratch: Writer,
 }
 
 /// A column's strings (or lists, or booleans) outgrew its dictionary.
@@ -51,10 +53,24 @@ pub struct Spilled;
 impl Column {
     /// The value of customer `number` (`None`: no value).
     pub fn get(&self, number: u32) -> Option<Value> {
-        match self.codes.get(number as usize).copied() {
-            None | Some(ABSENT) => None,
-            Some(DECIMAL) => Some(Value::Num(self.decimals[number as usize])),
-            Some(code) => Some(self.dict[(code - FIRST_ENTRY) as usize].clone()),
+        self.value_of(self.code(number), number)
+    }
+
+    /// Customer `number`'s code: equal codes other than [`Column::DECIMAL`] are equal
+    /// values, so what depends on the value alone can be worked out once per code.
+    pub fn code(&self, number: u32) -> u32 {
+        self.codes.get(number as usize).copied().unwrap_or(ABSENT)
+    }
+
+    /// The code of a value kept as a decimal, not in the dictionary.
+    pub const DECIMAL: u32 = DECIMAL;
+
+    /// The value `code` stands for (customer `number`'s, for [`Column::DECIMAL`]).
+    pub fn value_of(&self, code: u32, number: u32) -> Option<Value> {
+        match code {
+            ABSENT => None,
+            DECIMAL => Some(Value::Num(self.decimals[number as usize])),
+            code => Some(self.dict[(code - FIRST_ENTRY) as usize].clone()),
         }
     }
 
@@ -90,9 +106,9 @@ impl Column {
 
     /// The dictionary code of `value`, adding it while the dictionary has room.
     fn code_of(&mut self, value: &Value) -> Option<u32> {
-        let mut w = Writer::new();
-        w.value(value);
-        if let Some(code) = self.lookup.get(w.buf.as_slice()) {
+        self.scratch.buf.clear();
+        self.scratch.value(value);
+        if let Some(code) = self.lookup.get(self.scratch.buf.as_slice()) {
             return Some(*code);
         }
         if self.dict.len() >= MAX_DISTINCT {
@@ -100,7 +116,7 @@ impl Column {
         }
         let code = self.dict.len() as u32 + FIRST_ENTRY;
         self.dict.push(value.clone());
-        self.lookup.insert(w.buf.into_boxed_slice(), code);
+        self.lookup.insert(self.scratch.buf.as_slice().into(), code);
         Some(code)
     }
 

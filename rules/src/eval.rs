@@ -92,6 +92,11 @@ impl CompiledRules {
         }
     }
 
+    /// Evaluates one expression of these rules (a part of a definition) on `facts`.
+    pub fn evaluate_node<F: Facts + ?Sized>(&self, node: &Node, facts: &F) -> Value {
+        eval_node(node, &FactsScope(facts))
+    }
+
     /// Evaluates every definition in evaluation order; definitions read the values computed
     /// before them in the same pass, and event tags come from `facts`.
     pub fn evaluate_all<F: Facts + ?Sized>(&self, facts: &F) -> Vec<Value> {

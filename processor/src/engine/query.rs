@@ -161,6 +161,114 @@ fn profile_reads(node: &Node, rules: &CompiledRules, out: &mut Vec<Arc<str>>) {
     }
 }
 
+/// Whether `plan` answers `node` exactly: boolean logic over tags and segments.
+fn is_exact(node: &Node, rules: &CompiledRules) -> bool {
+    match node {
+        Node::Const(Value::Bool(_)) => true,
+        Node::Def(id) => rules.def(*id).kind.has_members(),
+        Node::Not(inner) => is_exact(inner, rules),
+        Node::Binary(BinaryOp::And | BinaryOp::Or, a, b) => is_exact(a, rules) && is_exact(b, rules),
+        _ => false,
+    }
+}
+
+/// Whether `node` reads a tag's or segment's membership, directly or through traits.
+fn reads_members(node: &Node, rules: &CompiledRules) -> bool {
+    match node {
+        Node::Def(id) => {
+            let def = rules.def(*id);
+            def.kind.has_members() || def.expr.as_ref().is_some_and(|e| reads_members(e, rules))
+        }
+        Node::List(items) => items.iter().any(|n| reads_members(n, rules)),
+        Node::Not(n) | Node::Neg(n) => reads_members(n, rules),
+        Node::Binary(_, a, b) => reads_members(a, rules) || reads_members(b, rules),
+        Node::Const(_) | Node::Profile(_) | Node::Has(_) | Node::Prop(_) | Node::Agg(_) => false,
+    }
+}
+
+/// The conjuncts of a chain of `and`s.
+fn conjuncts<'n>(node: &'n Node, out: &mut Vec<&'n Node>) {
+    match node {
+        Node::Binary(BinaryOp::And, a, b) => {
+            conjuncts(a, out);
+            conjuncts(b, out);
+        }
+        _ => out.push(node),
+    }
+}
+
+/// A part of a query the bitmaps cannot answer, judged per candidate on the index. Every
+/// candidate already satisfies the exact conjuncts (their sets were intersected into the
+/// candidates), so only these are judged.
+enum Residual<'n> {
+    /// Reads one profile attribute (directly or through traits) and nothing else: judged
+    /// once per distinct value, remembered by the column's code.
+    OneAttribute(&'n Node, Arc<str>),
+    Any(&'n Node),
+}
+
+impl<'n> Residual<'n> {
+    fn of(node: &'n Node, rules: &CompiledRules) -> Vec<Residual<'n>> {
+        let mut parts = Vec::new();
+        conjuncts(node, &mut parts);
+        parts
+            .into_iter()
+            .filter(|part| !is_exact(part, rules))
+            .map(|part| {
+                let mut attrs = Vec::new();
+                profile_reads(part, rules, &mut attrs);
+                attrs.sort_unstable();
+                attrs.dedup();
+                match (&attrs[..], reads_members(part, rules)) {
+                    ([attr], false) => Residual::OneAttribute(part, attr.clone()),
+                    _ => Residual::Any(part),
+                }
+            })
+            .collect()
+    }
+}
+
+/// Facts of a customer whose only input is one profile attribute's value.
+struct OneValueFacts<'a> {
+    rules: &'a CompiledRules,
+    value: Option<Value>,
+    now: i64,
+}
+
+impl Facts for OneValueFacts<'_> {
+    fn now(&self) -> i64 {
+        self.now
+    }
+
+    fn aggregate(&self, _: AggId) -> Value {
+        Value::Null
+    }
+
+    fn profile(&self, _: &str) -> Option<Value> {
+        self.value.clone()
+    }
+
+    fn definition(&self, id: DefId) -> Value {
+        self.rules.evaluate(id, self)
+    }
+
+    fn aggregate_next_change(&self, _: AggId) -> Option<i64> {
+        None
+    }
+
+    fn event_tag_next_change(&self, _: DefId) -> Option<i64> {
+        None
+    }
+}
+
+/// What a judged code came to, for [`Residual::OneAttribute`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Memo {
+    Unknown,
+    Holds,
+    Fails,
+}
+
 /// Facts for an expression that reads no events, answered by the index alone: memberships
 /// from the bitmaps, profile attributes from the columns. One per thread, moved from
 /// customer to customer.
@@ -191,10 +299,10 @@ impl<'a> ColumnFacts<'a> {
         }
     }
 
-    fn holds(&self, id: DefId, number: u32) -> bool {
+    fn holds(&self, node: &Node, number: u32) -> bool {
         self.number.set(number);
         self.traits.borrow_mut().clear();
-        self.rules.evaluate(id, self).is_true()
+        self.rules.evaluate_node(node, self).is_true()
     }
 }
 
@@ -419,7 +527,7 @@ impl ReadHandle {
                 .map(|part| {
                     scope.spawn(move || {
                         if columnar {
-                            Ok(self.filter_columnar(rules, id, now, part))
+                            Ok(self.filter_columnar(rules, node, now, part))
                         } else {
                             self.filter_part(rules, id, with_events, now, part)
                         }
@@ -434,17 +542,59 @@ impl ReadHandle {
         })
     }
 
-    /// The candidates for whom `id` holds, judged on the index. The read lock is taken per
-    /// slice of candidates so that the engine's commits are not held up.
-    fn filter_columnar(&self, rules: &CompiledRules, id: DefId, now: i64, numbers: &[u32]) -> RoaringBitmap {
+    /// The candidates for whom `node` holds, judged on the index. The read lock is taken
+    /// per slice of candidates so that the engine's commits are not held up.
+    fn filter_columnar(
+        &self,
+        rules: &CompiledRules,
+        node: &Node,
+        now: i64,
+        numbers: &[u32],
+    ) -> RoaringBitmap {
+        let residuals = Residual::of(node, rules);
+        // Per residual, what each code came to; codes keep their value for good.
+        let mut memos: Vec<Vec<Memo>> = vec![Vec::new(); residuals.len()];
         let mut out = RoaringBitmap::new();
         for slice in numbers.chunks(16_384) {
             let index = self.index.read();
             let facts = ColumnFacts::new(rules, &index, now);
-            for &number in slice {
-                if facts.holds(id, number) {
-                    out.insert(number);
+            let columns: Vec<_> = residuals
+                .iter()
+                .map(|r| match r {
+                    Residual::OneAttribute(_, attr) => index.columns().column(attr),
+                    Residual::Any(_) => None,
+                })
+                .collect();
+            'candidates: for &number in slice {
+                for (i, residual) in residuals.iter().enumerate() {
+                    let holds = match residual {
+                        Residual::Any(part) => facts.holds(part, number),
+                        Residual::OneAttribute(part, _) => {
+                            let code = columns[i].map_or(0, |c| c.code(number));
+                            let judge = || {
+                                let value = columns[i].and_then(|c| c.value_of(code, number));
+                                let facts = OneValueFacts { rules, value, now };
+                                rules.evaluate_node(part, &facts).is_true()
+                            };
+                            if code == crate::columns::Column::DECIMAL {
+                                judge()
+                            } else {
+                                let memo = &mut memos[i];
+                                if memo.len() <= code as usize {
+                                    memo.resize(code as usize + 1, Memo::Unknown);
+                                }
+                                if memo[code as usize] == Memo::Unknown {
+                                    memo[code as usize] = if judge() { Memo::Holds } else { Memo::Fails };
+                                }
+                                memo[code as usize] == Memo::Holds
+                            }
+                        }
+                    };
+                    if !holds {
+                        continue 'candidates;
+                    }
                 }
+                out.insert(number);
             }
         }
         out
