@@ -359,6 +359,16 @@ fn exports_stream_every_member_in_every_format_and_pages_stay_correct_while_memb
     assert_eq!(lines[0], "customer_id,since,expires_at,profile.city");
     assert_eq!(lines[2], format!(r#"c00001,{},,"上海, ""浦东""""#, T0 + 1));
 
+    // Profile fields alone are read from the index's profile columns: the same values.
+    let csv = s
+        .get("/v1/segments/viewer/members?format=csv&fields=profile.city")
+        .text();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), N + 1);
+    assert_eq!(lines[0], "customer_id,profile.city");
+    assert_eq!(lines[1], "c00000,杭州");
+    assert_eq!(lines[2], r#"c00001,"上海, ""浦东""""#);
+
     let dir = TempDir::new("exports");
     let parquet = s.get("/v1/segments/viewer/members?format=parquet&fields=views_30d,profile.city");
     assert_eq!(parquet.status, 200);

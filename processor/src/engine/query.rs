@@ -697,6 +697,29 @@ impl ReadHandle {
         if fields.is_empty() {
             return Ok(Vec::new());
         }
+        // Profile attributes alone: the columns, no store read.
+        {
+            let index = self.index.read();
+            let columns = index.columns();
+            let columnar = fields
+                .iter()
+                .all(|f| matches!(f, ExportField::Profile(attr) if columns.is_columnar(attr)));
+            if columnar {
+                return Ok(ids
+                    .numbers()
+                    .iter()
+                    .map(|&n| {
+                        fields
+                            .iter()
+                            .map(|f| match f {
+                                ExportField::Profile(attr) => columns.get(attr, n),
+                                _ => None,
+                            })
+                            .collect()
+                    })
+                    .collect());
+            }
+        }
         let rules = self.published.rules();
         let with_events = fields.iter().any(|f| matches!(f, ExportField::Trait(_)));
         let now = self.now();
