@@ -101,6 +101,8 @@ pub struct CacheSettings {
     pub memtable_mb: usize,
     /// Profile attributes kept as in-memory columns for segment queries and SQL.
     pub profile_columns: usize,
+    /// Traits that read events whose values segment queries remember.
+    pub trait_columns: usize,
 }
 
 /// A duration written as in the rule language (`"45m"`, `"7d"`) or as milliseconds.
@@ -187,6 +189,7 @@ impl Default for CacheSettings {
             block_cache_mb: engine.block_cache_bytes >> 20,
             memtable_mb: engine.memtable_bytes >> 20,
             profile_columns: engine.profile_columns,
+            trait_columns: engine.trait_columns,
         }
     }
 }
@@ -217,6 +220,7 @@ impl Settings {
             memtable_bytes: self.cache.memtable_mb << 20,
             sync_writes: self.sync_writes,
             profile_columns: self.cache.profile_columns,
+            trait_columns: self.cache.trait_columns,
         }
     }
 
@@ -261,6 +265,7 @@ memory_mb = {memory_mb}        # what they may hold: retained events, window que
 block_cache_mb = {block_cache_mb}      # RocksDB block cache
 memtable_mb = {memtable_mb}         # RocksDB memtables, all column families together
 profile_columns = {profile_columns}      # profile attributes kept as columns for queries (4 B/customer each)
+trait_columns = {trait_columns}         # event-reading traits whose values queries remember (16 B/customer each)
 
 [kafka]                   # off unless brokers is set; one processor per consumer group
 # brokers = "localhost:9092"
@@ -286,6 +291,7 @@ max_batch = {kafka_batch}           # events per engine batch
             block_cache_mb = d.cache.block_cache_mb,
             memtable_mb = d.cache.memtable_mb,
             profile_columns = d.cache.profile_columns,
+            trait_columns = d.cache.trait_columns,
             kafka_topic = d.kafka.topic,
             kafka_group = d.kafka.group_id,
             kafka_changes = d.kafka.changes_topic,

@@ -16,9 +16,10 @@
 //! deletes the entries it covers, and opening replays the rest from the customers' records.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use rules::Value;
+use rules::{CompiledRules, Value};
 use rust_decimal::Decimal;
 
 use crate::codec::{CodecError, Reader, Writer};
@@ -454,6 +455,123 @@ impl ProfileColumns {
     }
 }
 
+/// Values of traits that read aggregates, remembered from the queries that computed them:
+/// a read-through cache beside the profile columns. An entry holds while the customer's
+/// generation (bumped by every commit that touches the customer) is the one it was computed
+/// at and the clock is before the instant time alone could change it, so a hit is exactly
+/// what reading the customer's events would give. Not checkpointed: after a restart the
+/// first queries fill it again. Cleared when the rules change; at most `max_traits` traits
+/// are kept, the least recently used going first.
+#[derive(Debug, Default)]
+pub struct TraitCache {
+    /// The rule set the values were computed with.
+    rules: Option<Arc<CompiledRules>>,
+    traits: HashMap<Arc<str>, TraitColumn>,
+    /// Traits whose values outgrew a column's dictionary: not cached.
+    uncacheable: HashSet<Arc<str>>,
+    max_traits: usize,
+    uses: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct TraitColumn {
+    values: Column,
+    generations: Vec<u32>,
+    /// Until when each value holds; 0 for no value.
+    valid_until: Vec<i64>,
+    last_used: AtomicU64,
+}
+
+/// One computed trait value to remember.
+pub struct TraitValue {
+    pub number: u32,
+    pub generation: u32,
+    pub value: Value,
+    pub valid_until: i64,
+}
+
+impl TraitCache {
+    pub fn new(max_traits: usize) -> TraitCache {
+        TraitCache {
+            max_traits,
+            ..Default::default()
+        }
+    }
+
+    /// Whether the cache holds values computed with `rules`.
+    pub fn is_for(&self, rules: &Arc<CompiledRules>) -> bool {
+        self.rules.as_ref().is_some_and(|r| Arc::ptr_eq(r, rules))
+    }
+
+    /// Forgets everything and starts caching values computed with `rules`.
+    pub fn reset(&mut self, rules: &Arc<CompiledRules>) {
+        self.rules = Some(rules.clone());
+        self.traits.clear();
+        self.uncacheable.clear();
+    }
+
+    /// Trait `name`'s value for customer `number` at generation `generation` and instant
+    /// `now`; `None` when not cached or no longer valid.
+    pub fn get(&self, name: &str, number: u32, generation: u32, now: i64) -> Option<Value> {
+        let column = self.traits.get(name)?;
+        let i = number as usize;
+        let valid = column.generations.get(i) == Some(&generation)
+            && column.valid_until.get(i).is_some_and(|v| now < *v);
+        valid.then(|| column.values.get(number).unwrap_or(Value::Null))
+    }
+
+    /// Marks `name` as used by a query now (for eviction).
+    pub fn touch(&self, name: &str) {
+        if let Some(column) = self.traits.get(name) {
+            let now = self.uses.fetch_add(1, Ordering::Relaxed) + 1;
+            column.last_used.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// Remembers computed values of trait `name`.
+    pub fn put(&mut self, name: &Arc<str>, values: &[TraitValue]) {
+        if self.max_traits == 0 || self.uncacheable.contains(name) || values.is_empty() {
+            return;
+        }
+        let now = self.uses.fetch_add(1, Ordering::Relaxed) + 1;
+        if !self.traits.contains_key(name) && self.traits.len() >= self.max_traits {
+            let oldest = self
+                .traits
+                .iter()
+                .min_by_key(|(_, c)| c.last_used.load(Ordering::Relaxed))
+                .map(|(n, _)| n.clone());
+            if let Some(oldest) = oldest {
+                self.traits.remove(&oldest);
+            }
+        }
+        let column = self.traits.entry(name.clone()).or_default();
+        column.last_used.store(now, Ordering::Relaxed);
+        for v in values {
+            let i = v.number as usize;
+            let value = Some(&v.value).filter(|v| !v.is_null());
+            if column.values.set(v.number, value).is_err() {
+                self.traits.remove(name);
+                self.uncacheable.insert(name.clone());
+                return;
+            }
+            if column.generations.len() <= i {
+                column.generations.resize(i + 1, 0);
+                column.valid_until.resize(i + 1, 0);
+            }
+            column.generations[i] = v.generation;
+            column.valid_until[i] = v.valid_until;
+        }
+    }
+
+    /// Bytes held.
+    pub fn heap_bytes(&self) -> usize {
+        self.traits
+            .values()
+            .map(|c| c.values.heap_bytes() + c.generations.capacity() * 4 + c.valid_until.capacity() * 8)
+            .sum()
+    }
+}
+
 /// A journal entry: the customer numbers whose profile one commit changed.
 pub fn encode_journal(numbers: &[u32]) -> Vec<u8> {
     let mut w = Writer::new();
@@ -545,5 +663,39 @@ mod tests {
         assert_eq!(loaded.get("b", 1), None);
         assert!(!loaded.is_columnar("c"));
         assert_eq!(decode_journal(&encode_journal(&[4, 9])).unwrap(), vec![4, 9]);
+    }
+
+    #[test]
+    fn the_trait_cache_answers_only_valid_entries_and_evicts_the_least_recently_used() {
+        let rules = Arc::new(CompiledRules::compile("trait a = count(x, 1d)").unwrap());
+        let mut cache = TraitCache::new(2);
+        cache.reset(&rules);
+        assert!(cache.is_for(&rules));
+        let value = |number, generation, valid_until| TraitValue {
+            number,
+            generation,
+            value: num(i64::from(number)),
+            valid_until,
+        };
+        let (a, b, c): (Arc<str>, Arc<str>, Arc<str>) = ("a".into(), "b".into(), "c".into());
+        cache.put(&a, &[value(1, 7, 100), value(2, 0, 50)]);
+        assert_eq!(cache.get("a", 1, 7, 99), Some(num(1)));
+        assert_eq!(cache.get("a", 1, 7, 100), None, "past its next change");
+        assert_eq!(
+            cache.get("a", 1, 8, 10),
+            None,
+            "a later commit touched the customer"
+        );
+        assert_eq!(cache.get("a", 3, 0, 10), None, "never computed");
+        cache.put(&b, &[value(1, 7, 100)]);
+        cache.touch("a");
+        cache.put(&c, &[value(1, 7, 100)]);
+        assert_eq!(cache.get("b", 1, 7, 10), None, "evicted");
+        assert_eq!(cache.get("a", 1, 7, 10), Some(num(1)));
+        assert_eq!(cache.get("c", 1, 7, 10), Some(num(1)));
+        let other = Arc::new(CompiledRules::compile("trait a = count(x, 2d)").unwrap());
+        assert!(!cache.is_for(&other));
+        cache.reset(&other);
+        assert_eq!(cache.get("a", 1, 7, 10), None, "a new rule set starts empty");
     }
 }

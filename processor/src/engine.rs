@@ -30,7 +30,7 @@ use rules::{CompiledRules, DefId, DefKind, Diagnostic, Facts, Value};
 use crate::change::{Cause, Change, MemberKind, Op};
 use crate::codec::{Reader, Writer};
 use crate::event::{check_not_future, parse_event, EventLimits, Rejection, ValidEvent};
-use crate::index::{number_key, MembershipIndex, ProfileUpdate};
+use crate::index::{number_key, ColumnLimits, IndexCommit, MembershipIndex, ProfileUpdate};
 use crate::state::{CustomerState, EngineFacts, EventTagState, ManualTag, Membership};
 use crate::store::{
     timer_key, Retention, Store, StoreError, StoredEvent, CF_CHANGES, CF_CUSTOMERS, CF_DEDUP, CF_DLQ,
@@ -71,6 +71,9 @@ pub struct EngineConfig {
     /// bytes per customer each for up to 65,536 distinct values); others are read from the
     /// customers' records.
     pub profile_columns: usize,
+    /// Most traits that read aggregates whose values queries remember (each up to 16 bytes
+    /// per customer, filled by the queries that read them).
+    pub trait_columns: usize,
 }
 
 impl Default for EngineConfig {
@@ -86,6 +89,7 @@ impl Default for EngineConfig {
             memtable_bytes: 256 << 20,
             sync_writes: true,
             profile_columns: 64,
+            trait_columns: 8,
         }
     }
 }
@@ -409,7 +413,14 @@ impl Engine {
         let backfill_cursor = store.get(CF_META, META_BACKFILL.as_bytes())?;
         let timers = store.timers()?.into_iter().collect();
         let order_pos = positions(&rules);
-        let index = MembershipIndex::open(&store, counters.next_seq - 1, config.profile_columns)?;
+        let index = MembershipIndex::open(
+            &store,
+            counters.next_seq - 1,
+            ColumnLimits {
+                profile_attributes: config.profile_columns,
+                traits: config.trait_columns,
+            },
+        )?;
         let mut engine = Engine {
             store: Arc::new(store),
             index: Arc::new(index),
@@ -1029,9 +1040,11 @@ impl Engine {
 
     /// Writes the batch: customer records, counters, and everything queued, atomically.
     fn commit(&mut self, mut batch: Batch) -> Result<Vec<Change>, EngineError> {
+        let mut touched = Vec::with_capacity(batch.dirty.len());
         for customer in &batch.dirty {
             if let Some(state) = self.cache.get(customer) {
                 self.store.put_customer(&mut batch.wb, customer, state);
+                touched.push(state.number);
             }
         }
         if let Some(clock) = self.counters.clock {
@@ -1045,8 +1058,14 @@ impl Engine {
             .put_meta_u64(&mut batch.wb, META_DLQ, self.counters.next_dlq);
         let (profiles, journal) = self.profile_updates(&mut batch);
         self.store.commit(batch.wb)?;
-        self.index
-            .apply(&batch.new_ids, &batch.changes, &batch.numbers, &profiles, journal);
+        self.index.apply(IndexCommit {
+            new_ids: &batch.new_ids,
+            changes: &batch.changes,
+            numbers: &batch.numbers,
+            profiles: &profiles,
+            journal,
+            touched: &touched,
+        });
         if self.config.clock == ClockMode::Wall || self.counters.clock.is_some() {
             self.store.set_clock(self.now());
         }

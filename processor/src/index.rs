@@ -30,7 +30,7 @@ use rules::Value;
 
 use crate::change::{Change, Op};
 use crate::codec::{CodecError, Reader, Writer};
-use crate::columns::{self, ColumnsDirty, ProfileColumns};
+use crate::columns::{self, ColumnsDirty, ProfileColumns, TraitCache};
 use crate::state::CustomerState;
 use crate::store::{KeyValue, Store, StoreError, CF_CHANGES, CF_CUSTOMERS, CF_INDEX, CF_NUMBERS};
 
@@ -156,10 +156,28 @@ pub struct IndexState {
     columns: ProfileColumns,
     /// The last profile journal entry applied to `columns`.
     journal_applied: u64,
+    /// Per customer number, bumped by every commit that touches the customer (for the
+    /// trait cache; not checkpointed).
+    generations: Vec<u32>,
 }
 
 /// A profile value one commit set (`None`: deleted), for the columns.
 pub type ProfileUpdate = (u32, Arc<str>, Option<Value>);
+
+/// What one engine commit brings the index.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IndexCommit<'a> {
+    /// Customers numbered in the commit, in number order.
+    pub new_ids: &'a [(u32, Arc<str>)],
+    pub changes: &'a [Change],
+    /// The customer number of each change.
+    pub numbers: &'a [u32],
+    pub profiles: &'a [ProfileUpdate],
+    /// The profile journal entry the commit wrote.
+    pub journal: Option<u64>,
+    /// Every customer the commit wrote.
+    pub touched: &'a [u32],
+}
 
 impl IndexState {
     /// The members of a tag or segment; `None` for a name that never had one.
@@ -191,6 +209,11 @@ impl IndexState {
     /// The profile attributes as columns.
     pub fn columns(&self) -> &ProfileColumns {
         &self.columns
+    }
+
+    /// How many commits have touched customer `number` since the index was opened.
+    pub fn generation(&self, number: u32) -> u32 {
+        self.generations.get(number as usize).copied().unwrap_or(0)
     }
 
     /// Names with at least one member.
@@ -299,20 +322,33 @@ pub struct MembershipIndex {
     /// Column chunks and dictionaries changed since the last checkpoint, under the same
     /// rules as `dirty`.
     columns_dirty: Mutex<ColumnsDirty>,
+    traits: RwLock<TraitCache>,
+}
+
+/// How many attributes and traits the index keeps as columns.
+#[derive(Debug, Clone, Copy)]
+pub struct ColumnLimits {
+    pub profile_attributes: usize,
+    pub traits: usize,
 }
 
 impl MembershipIndex {
     /// Loads the index: its checkpoint plus the change log after it, or (no checkpoint) one
     /// scan of the customer records, which also numbers customers who have none and writes
-    /// a first checkpoint. `last_seq` is the last committed change's `seq`; at most
-    /// `max_columns` profile attributes are kept as columns.
-    pub fn open(store: &Store, last_seq: u64, max_columns: usize) -> Result<MembershipIndex, StoreError> {
-        let index = match store.get(CF_INDEX, KEY_SEQ)? {
-            Some(seq) => Self::load(store, Reader::new(&seq).u64()?, max_columns)?,
-            None => Self::rebuild(store, last_seq, max_columns)?,
+    /// a first checkpoint. `last_seq` is the last committed change's `seq`.
+    pub fn open(store: &Store, last_seq: u64, limits: ColumnLimits) -> Result<MembershipIndex, StoreError> {
+        let mut index = match store.get(CF_INDEX, KEY_SEQ)? {
+            Some(seq) => Self::load(store, Reader::new(&seq).u64()?, limits.profile_attributes)?,
+            None => Self::rebuild(store, last_seq, limits.profile_attributes)?,
         };
+        index.traits = RwLock::new(TraitCache::new(limits.traits));
         index.catch_up(store)?;
         Ok(index)
+    }
+
+    /// The cache of aggregate traits' values.
+    pub fn traits(&self) -> &RwLock<TraitCache> {
+        &self.traits
     }
 
     fn load(store: &Store, seq: u64, max_columns: usize) -> Result<MembershipIndex, StoreError> {
@@ -365,6 +401,7 @@ impl MembershipIndex {
             dirty: Mutex::default(),
             saved_chunks: Mutex::new(saved_chunks),
             columns_dirty: Mutex::new(columns_dirty),
+            traits: RwLock::default(),
         })
     }
 
@@ -500,6 +537,7 @@ impl MembershipIndex {
             dirty: Mutex::new(dirty),
             saved_chunks: Mutex::new(0),
             columns_dirty: Mutex::new(all_columns),
+            traits: RwLock::default(),
         };
         index.checkpoint(store)?;
         Ok(index)
@@ -544,19 +582,29 @@ impl MembershipIndex {
 
     /// Applies one commit: customers numbered in it (in number order), then its changes,
     /// `numbers[i]` being the number of `changes[i]`'s customer, then the profile values it
-    /// set, written to the journal as entry `journal`.
-    pub fn apply(
-        &self,
-        new_ids: &[(u32, Arc<str>)],
-        changes: &[Change],
-        numbers: &[u32],
-        profiles: &[ProfileUpdate],
-        journal: Option<u64>,
-    ) {
-        if new_ids.is_empty() && changes.is_empty() && profiles.is_empty() {
+    /// set, written to the journal as entry `journal`. `touched` are the numbers of every
+    /// customer the commit wrote.
+    pub fn apply(&self, commit: IndexCommit<'_>) {
+        let IndexCommit {
+            new_ids,
+            changes,
+            numbers,
+            profiles,
+            journal,
+            touched,
+        } = commit;
+        if new_ids.is_empty() && changes.is_empty() && profiles.is_empty() && touched.is_empty() {
             return;
         }
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        for &number in touched {
+            let i = number as usize;
+            if state.generations.len() <= i {
+                let len = (i + 1).max(state.ids.len() as usize);
+                state.generations.resize(len, 0);
+            }
+            state.generations[i] = state.generations[i].wrapping_add(1);
+        }
         if !profiles.is_empty() {
             let mut columns_dirty = self.columns_dirty.lock().unwrap_or_else(|e| e.into_inner());
             for (number, attr, value) in profiles {

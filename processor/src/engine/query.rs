@@ -21,8 +21,19 @@ use rules::ast::BinaryOp;
 use rules::{AggId, CompiledRules, DefId, DefKind, Facts, Node, Type, Value};
 
 use super::{EngineError, ExportField, MembersPage, QueryError, QueryPage, ReadHandle};
+use crate::columns::{TraitCache, TraitValue};
 use crate::index::{IdPage, IndexState};
 use crate::state::{CustomerState, EngineFacts};
+
+/// What [`ReadHandle::filter_cached`] needs to know of the traits that read events.
+struct CachedTraits<'a> {
+    /// The published rules the query extends: the trait cache's key.
+    base: &'a Arc<CompiledRules>,
+    /// Per definition, whether it is a trait that reads events.
+    event_traits: &'a [bool],
+    /// Those the query uses.
+    used: &'a [DefId],
+}
 
 /// The name the query is compiled under.
 const QUERY_NAME: &str = "__tagstream_query";
@@ -280,6 +291,11 @@ struct ColumnFacts<'a> {
     number: Cell<u32>,
     now: i64,
     traits: RefCell<Vec<(DefId, Value)>>,
+    /// Traits that read aggregates come from the trait cache (those marked in the slice);
+    /// a customer with one not cached is `missed` and judged from the store instead.
+    cache: Option<(&'a TraitCache, &'a [bool])>,
+    generation: Cell<u32>,
+    missed: Cell<bool>,
 }
 
 impl<'a> ColumnFacts<'a> {
@@ -296,6 +312,9 @@ impl<'a> ColumnFacts<'a> {
             number: Cell::new(0),
             now,
             traits: RefCell::default(),
+            cache: None,
+            generation: Cell::new(0),
+            missed: Cell::new(false),
         }
     }
 
@@ -303,6 +322,15 @@ impl<'a> ColumnFacts<'a> {
         self.number.set(number);
         self.traits.borrow_mut().clear();
         self.rules.evaluate_node(node, self).is_true()
+    }
+
+    /// Whether `node` holds for `number`, or `None` when it needs a trait value the cache
+    /// does not have.
+    fn holds_cached(&self, node: &Node, number: u32) -> Option<bool> {
+        self.generation.set(self.index.generation(number));
+        self.missed.set(false);
+        let holds = self.holds(node, number);
+        (!self.missed.get()).then_some(holds)
     }
 }
 
@@ -326,6 +354,16 @@ impl Facts for ColumnFacts<'_> {
         if let Some((_, v)) = self.traits.borrow().iter().find(|(d, _)| *d == id) {
             return v.clone();
         }
+        if let Some((cache, _)) = self.cache.filter(|(_, cached)| cached[id]) {
+            let name = &self.rules.def(id).name;
+            return match cache.get(name, self.number.get(), self.generation.get(), self.now) {
+                Some(v) => v,
+                None => {
+                    self.missed.set(true);
+                    Value::Null
+                }
+            };
+        }
         let v = self.rules.evaluate(id, self);
         self.traits.borrow_mut().push((id, v.clone()));
         v
@@ -337,6 +375,55 @@ impl Facts for ColumnFacts<'_> {
 
     fn event_tag_next_change(&self, _: DefId) -> Option<i64> {
         None
+    }
+}
+
+/// Whether `node` reads an aggregate outside a trait (`count(view, 7d) > 3` written in
+/// the query itself): such a value has no name to be cached under.
+fn reads_inline_aggregates(node: &Node) -> bool {
+    match node {
+        Node::Agg(_) => true,
+        Node::List(items) => items.iter().any(reads_inline_aggregates),
+        Node::Not(n) | Node::Neg(n) => reads_inline_aggregates(n),
+        Node::Binary(_, a, b) => reads_inline_aggregates(a) || reads_inline_aggregates(b),
+        Node::Def(_) | Node::Const(_) | Node::Profile(_) | Node::Has(_) | Node::Prop(_) => false,
+    }
+}
+
+/// Per definition of `rules`: whether it is a trait that reads events (directly or through
+/// other traits).
+fn event_traits(rules: &CompiledRules) -> Vec<bool> {
+    rules
+        .defs()
+        .iter()
+        .map(|def| def.kind == DefKind::Trait && def.expr.as_ref().is_some_and(|e| needs_events(e, rules)))
+        .collect()
+}
+
+/// The traits reading events that `node` uses, directly or through other traits.
+fn used_event_traits(node: &Node, rules: &CompiledRules, event_traits: &[bool], out: &mut Vec<DefId>) {
+    match node {
+        Node::Def(id) => {
+            let def = rules.def(*id);
+            if def.kind.has_members() || out.contains(id) {
+                return;
+            }
+            if event_traits[*id] {
+                out.push(*id);
+            }
+            if let Some(expr) = &def.expr {
+                used_event_traits(expr, rules, event_traits, out);
+            }
+        }
+        Node::List(items) => items
+            .iter()
+            .for_each(|n| used_event_traits(n, rules, event_traits, out)),
+        Node::Not(n) | Node::Neg(n) => used_event_traits(n, rules, event_traits, out),
+        Node::Binary(_, a, b) => {
+            used_event_traits(a, rules, event_traits, out);
+            used_event_traits(b, rules, event_traits, out);
+        }
+        Node::Const(_) | Node::Profile(_) | Node::Has(_) | Node::Prop(_) | Node::Agg(_) => {}
     }
 }
 
@@ -466,7 +553,7 @@ impl ReadHandle {
         let rules = self.published.rules();
         let (compiled, _) = with_segment(rules.source(), QUERY_NAME, expr).map_err(QueryError::Invalid)?;
         let id = compiled.lookup(QUERY_NAME).expect("the query definition");
-        let matches = self.evaluate_set(&compiled, id)?;
+        let matches = self.evaluate_set(&compiled, id, Some(&rules))?;
         let mut page = matches.iter().skip_while(|n| after.is_some_and(|a| *n <= a));
         let numbers: Vec<u32> = page.by_ref().take(limit).collect();
         let more = page.next().is_some();
@@ -481,11 +568,14 @@ impl ReadHandle {
     }
 
     /// The customers for whom definition `id` of `rules` holds now: its bitmap plan, and
-    /// the remaining candidates judged one by one when the plan is not exact.
+    /// the remaining candidates judged one by one when the plan is not exact. `base`, the
+    /// published rules `rules` extends, lets values of traits that read events be taken
+    /// from (and kept in) the trait cache.
     pub(super) fn evaluate_set(
         &self,
         rules: &CompiledRules,
         id: DefId,
+        base: Option<&Arc<CompiledRules>>,
     ) -> Result<RoaringBitmap, EngineError> {
         let node = rules.def(id).expr.as_ref().expect("a segment has an expression");
         let (candidates, exact) = {
@@ -497,7 +587,7 @@ impl ReadHandle {
         if exact {
             Ok(candidates)
         } else {
-            self.filter(rules, id, node, candidates)
+            self.filter(rules, id, node, candidates, base)
         }
     }
 
@@ -509,15 +599,36 @@ impl ReadHandle {
         id: DefId,
         node: &Node,
         candidates: RoaringBitmap,
+        base: Option<&Arc<CompiledRules>>,
     ) -> Result<RoaringBitmap, EngineError> {
         let with_events = needs_events(node, rules);
         let now = self.now();
-        let columnar = !with_events && {
+        let attrs_columnar = {
             let mut attrs = Vec::new();
             profile_reads(node, rules, &mut attrs);
             let index = self.index.read();
             attrs.iter().all(|a| index.columns().is_columnar(a))
         };
+        let columnar = !with_events && attrs_columnar;
+        let cached = with_events && attrs_columnar && !reads_inline_aggregates(node);
+        let base = base.filter(|_| cached);
+        let event_traits = event_traits(rules);
+        let mut used = Vec::new();
+        if let Some(base) = base {
+            used_event_traits(node, rules, &event_traits, &mut used);
+            let cache = self.index.traits().read().unwrap_or_else(|e| e.into_inner());
+            if cache.is_for(base) {
+                used.iter().for_each(|id| cache.touch(&rules.def(*id).name));
+            } else {
+                drop(cache);
+                self.index
+                    .traits()
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .reset(base);
+            }
+        }
+        let (event_traits, used) = (&event_traits, &used);
         let numbers: Vec<u32> = candidates.iter().collect();
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
         let per_thread = numbers.len().div_ceil(threads).max(4096);
@@ -528,6 +639,13 @@ impl ReadHandle {
                     scope.spawn(move || {
                         if columnar {
                             Ok(self.filter_columnar(rules, node, now, part))
+                        } else if let Some(base) = base {
+                            let traits = CachedTraits {
+                                base,
+                                event_traits,
+                                used,
+                            };
+                            self.filter_cached(rules, node, now, part, &traits)
                         } else {
                             self.filter_part(rules, id, with_events, now, part)
                         }
@@ -598,6 +716,76 @@ impl ReadHandle {
             }
         }
         out
+    }
+
+    /// The candidates for whom `node` holds, with the values of traits that read events
+    /// from the trait cache; customers missing from it are read from the store, judged,
+    /// and their values put in the cache.
+    fn filter_cached(
+        &self,
+        rules: &CompiledRules,
+        node: &Node,
+        now: i64,
+        numbers: &[u32],
+        traits: &CachedTraits<'_>,
+    ) -> Result<RoaringBitmap, EngineError> {
+        let mut out = RoaringBitmap::new();
+        for slice in numbers.chunks(4096) {
+            // Each miss with the generation seen before its record is read: a commit in
+            // between moves the generation on and so voids what is computed here.
+            let mut misses: Vec<(u32, u32)> = Vec::new();
+            {
+                let index = self.index.read();
+                let cache = self.index.traits().read().unwrap_or_else(|e| e.into_inner());
+                let usable = cache.is_for(traits.base);
+                let mut facts = ColumnFacts::new(rules, &index, now);
+                facts.cache = Some((&cache, traits.event_traits));
+                for &number in slice {
+                    match usable.then(|| facts.holds_cached(node, number)).flatten() {
+                        Some(true) => {
+                            out.insert(number);
+                        }
+                        Some(false) => {}
+                        None => misses.push((number, index.generation(number))),
+                    }
+                }
+            }
+            if misses.is_empty() {
+                continue;
+            }
+            let ids = self.index.read().ids_of(misses.iter().map(|(n, _)| *n));
+            let generations: std::collections::HashMap<u32, u32> = misses.into_iter().collect();
+            let mut computed: Vec<Vec<TraitValue>> = traits.used.iter().map(|_| Vec::new()).collect();
+            for (i, customer) in ids.iter().enumerate() {
+                let Some(mut state) = self.store.load_customer(customer)? else {
+                    continue;
+                };
+                let number = ids.numbers()[i];
+                state.advance_windows(rules, now, self.retention_ms);
+                let facts = MemberFacts {
+                    inner: EngineFacts::new(rules, &state, now, self.retention_ms),
+                    definitions: RefCell::new(vec![None; rules.defs().len()]),
+                };
+                if rules.evaluate_node(node, &facts).is_true() {
+                    out.insert(number);
+                }
+                for (values, &id) in computed.iter_mut().zip(traits.used) {
+                    values.push(TraitValue {
+                        number,
+                        generation: generations[&number],
+                        value: facts.definition(id),
+                        valid_until: rules.next_change_of(id, &facts).unwrap_or(i64::MAX),
+                    });
+                }
+            }
+            let mut cache = self.index.traits().write().unwrap_or_else(|e| e.into_inner());
+            if cache.is_for(traits.base) {
+                for (values, &id) in computed.iter().zip(traits.used) {
+                    cache.put(&rules.def(id).name, values);
+                }
+            }
+        }
+        Ok(out)
     }
 
     fn filter_part(

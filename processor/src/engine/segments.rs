@@ -128,7 +128,7 @@ impl Engine {
             self.replace_rules(&text)?;
             return Ok(SegmentUpdate::Backfill);
         }
-        let members = self.reader().evaluate_set(&compiled, id)?;
+        let members = self.reader().evaluate_set(&compiled, id, None)?;
         Ok(self.swap_segment(compiled, text, name, members)?)
     }
 
