@@ -2,7 +2,8 @@
 # binaries, generates the stream once (kept in $work for later runs) and sets $bin, $work,
 # $stream. `machine_line` prints what the figures were measured on.
 work=${BENCH_DIR:-/tmp/tagstream-bench}
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/tagstream-target}
+# shellcheck source=../scripts/lib/prereqs.sh
+. scripts/lib/prereqs.sh
 cargo build --release -q -p tagstream -p bench
 bin=$CARGO_TARGET_DIR/release
 mkdir -p "$work"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Segments benchmark (issue #6): 10M customers with 200 tags; index rebuild and open, index
 # memory, a 10-tag count, tags mixed with a trait condition, exports in every format.
-# The store is written once into $BENCH_DIR/segments-CUSTOMERS and reused by later runs.
+# The store is written once into $BENCH_DIR/segments-v2-CUSTOMERS and reused by later runs.
 #
 #   bench/segments.sh [CUSTOMERS] [RUNS]   (defaults: 10000000 3)
 set -euo pipefail
@@ -9,11 +9,12 @@ cd "$(dirname "$0")/.."
 customers=${1:-10000000}
 runs=${2:-3}
 work=${BENCH_DIR:-/tmp/tagstream-bench}
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/tagstream-target}
+# shellcheck source=../scripts/lib/prereqs.sh
+. scripts/lib/prereqs.sh
 cargo build --release -q -p bench --bin segmentbench
 mkdir -p "$work"
 for run in $(seq "$runs"); do
     echo "--- run $run"
-    "$CARGO_TARGET_DIR/release/segmentbench" "$work/segments-$customers" "$customers" 200
+    "$CARGO_TARGET_DIR/release/segmentbench" "$work/segments-v2-$customers" "$customers" 200
 done
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GB", $2/1048576}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"

@@ -11,8 +11,10 @@
 //!
 //! Tag `tNNN` holds for a customer with probability 0.3 × 0.97^NNN (about 10 tags per
 //! customer; `t000` ≈ 30%, `t150` ≈ 0.3%); tag `all` holds for everyone. Each customer has
-//! the profile attribute `ltv` (0..10,000), and the rules define `trait ltv_band =
-//! profile.ltv / 1000`.
+//! the profile attribute `ltv` (0..10,000) and one payment event (amount 0..1,000, a day
+//! before the clock), and the rules define `trait ltv_band = profile.ltv / 1000` and `trait
+//! spend_30d = sum(payment.amount, 30d)` (which reads events: first from the store, then
+//! from the trait cache).
 //!
 //! `segmentbench DIR [CUSTOMERS] [RUNS]`
 
@@ -38,8 +40,14 @@ impl Rng {
     }
 }
 
+/// When the payments happened, and the clock a day later.
+const PAID_AT: i64 = 1_744_000_000_000;
+const CLOCK: i64 = PAID_AT + 86_400_000;
+
 fn rules_text() -> String {
-    let mut text = String::from("trait ltv_band = profile.ltv / 1000\ntag all on signup\n");
+    let mut text = String::from(
+        "trait ltv_band = profile.ltv / 1000\ntrait spend_30d = sum(payment.amount, 30d)\ntag all on signup\n",
+    );
     for i in 0..TAGS {
         text.push_str(&format!("tag t{i:03} on e{i:03}\n"));
     }
@@ -96,12 +104,21 @@ fn write_store(dir: &std::path::Path, customers: u64) {
             },
         );
         let id = customer_id(n);
+        state.oldest_ts = Some(PAID_AT);
+        let payment = rules::Event {
+            event_type: Arc::from("payment"),
+            ts: PAID_AT,
+            arrival: n,
+            props: rules::Props::new(vec![("amount".into(), Value::Num((rng.next() % 1_000).into()))]),
+        };
+        store.put_event(&mut wb, &id, &payment, None);
         store.put_customer(&mut wb, &id, &state);
         wb.put_cf(store.cf(CF_NUMBERS), (n as u32).to_be_bytes(), id.as_bytes());
         if n % 50_000 == 49_999 {
             store.commit(std::mem::take(&mut wb)).expect("write");
         }
     }
+    store.put_meta_i64(&mut wb, "clock", CLOCK);
     store.commit(wb).expect("write");
     store.flush().expect("flush");
     println!(
@@ -223,6 +240,32 @@ fn main() {
         "tag + profile (30% tag)",
         "t000 and profile.ltv >= 9000",
         runs.min(50),
+    );
+    // A trait that reads events: the first query reads every candidate's record and events
+    // and fills the trait cache; the rest are answered from it.
+    time_query(
+        &engine,
+        "tag + event trait, first (cold cache)",
+        "t150 and spend_30d >= 500",
+        1,
+    );
+    time_query(
+        &engine,
+        "tag + event trait (0.3% tag)",
+        "t150 and spend_30d >= 500",
+        runs,
+    );
+    time_query(
+        &engine,
+        "tag + event trait, first (cold cache)",
+        "t100 and spend_30d >= 500",
+        1,
+    );
+    time_query(
+        &engine,
+        "tag + event trait (1.4% tag)",
+        "t100 and spend_30d >= 500",
+        runs,
     );
     for format in [Format::Parquet, Format::Arrow, Format::Csv, Format::Ndjson] {
         time_export(&engine, format);
