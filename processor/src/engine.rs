@@ -36,6 +36,7 @@ use crate::store::{
     timer_key, Retention, Store, StoreError, StoredEvent, CF_CHANGES, CF_CUSTOMERS, CF_DEDUP, CF_DLQ,
     CF_INDEX, CF_META, CF_NUMBERS, CF_TIMERS,
 };
+use crate::writes::SortedWrites;
 
 /// Where `now` comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -261,7 +262,7 @@ enum Scope<'a> {
 
 #[derive(Default)]
 struct Batch {
-    wb: WriteBatch,
+    wb: SortedWrites,
     changes: Vec<Change>,
     /// The customer number of each change, for the membership index.
     numbers: Vec<u32>,
@@ -269,8 +270,8 @@ struct Batch {
     new_ids: Vec<(u32, Arc<str>)>,
     /// Customers whose profile an event of this batch changed, for the profile columns.
     profiles: Vec<(u32, Arc<str>)>,
-    dirty: HashSet<Arc<str>>,
-    dedup: HashMap<String, i64>,
+    dirty: foldhash::HashSet<Arc<str>>,
+    dedup: foldhash::HashMap<String, i64>,
 }
 
 /// Counters that a failed commit must roll back.
@@ -620,7 +621,7 @@ impl Engine {
     }
 
     /// Applies one valid event. `Ok(false)` for a duplicate; `Err` with a reason rejects it.
-    fn accept(&mut self, ev: ValidEvent, batch: &mut Batch) -> Result<bool, String> {
+    fn accept(&mut self, mut ev: ValidEvent, batch: &mut Batch) -> Result<bool, String> {
         let ts =
             match (ev.ts, self.config.clock, self.counters.clock) {
                 (Some(ts), _, _) => ts,
@@ -641,9 +642,10 @@ impl Engine {
             self.counters.clock = Some(ts);
         }
         let now = self.now();
-        self.apply_event(ev.clone(), ts, now, batch)
+        let event_id = ev.event_id.take();
+        self.apply_event(ev, event_id.as_deref(), ts, now, batch)
             .map_err(|e| e.to_string())?;
-        if let Some(id) = ev.event_id {
+        if let Some(id) = event_id {
             let mut w = Writer::new();
             w.i64(now);
             batch.wb.put_cf(self.store.cf(CF_DEDUP), id.as_bytes(), w.buf);
@@ -667,6 +669,7 @@ impl Engine {
     fn apply_event(
         &mut self,
         ev: ValidEvent,
+        event_id: Option<&str>,
         ts: i64,
         now: i64,
         batch: &mut Batch,
@@ -689,8 +692,7 @@ impl Engine {
         if !changed_attrs.is_empty() {
             batch.profiles.push((state.number, customer.clone()));
         }
-        self.store
-            .put_event(&mut batch.wb, &customer, &event, ev.event_id.as_deref());
+        self.store.put_event(&mut batch.wb, &customer, &event, event_id);
         state.oldest_ts = state.oldest_ts.map(|o| o.min(ts));
         state.history.push(event, ev.profile);
         state.window_insert_latest(&self.rules);
@@ -721,7 +723,7 @@ impl Engine {
         }
         scope.sort_by_key(|&id| self.order_pos[id]);
         scope.dedup();
-        let cause = Cause::Event(ev.event_id);
+        let cause = Cause::Event(event_id.map(str::to_owned));
         let scope = if first_event {
             Scope::All
         } else {
@@ -1057,7 +1059,7 @@ impl Engine {
         self.store
             .put_meta_u64(&mut batch.wb, META_DLQ, self.counters.next_dlq);
         let (profiles, journal) = self.profile_updates(&mut batch);
-        self.store.commit(batch.wb)?;
+        self.store.commit_sorted(batch.wb)?;
         self.index.apply(IndexCommit {
             new_ids: &batch.new_ids,
             changes: &batch.changes,

@@ -44,6 +44,7 @@ pub mod kafka;
 pub mod state;
 pub mod store;
 pub mod window;
+pub mod writes;
 
 pub use change::{Cause, Change, MemberKind, Op};
 pub use engine::{

@@ -30,6 +30,7 @@ use rules::{Event, Props};
 
 use crate::codec::{CodecError, Reader, Writer};
 use crate::state::CustomerState;
+use crate::writes::{SortedWrites, Writes};
 
 pub const CF_CUSTOMERS: &str = "customers";
 pub const CF_EVENTS: &str = "events";
@@ -227,6 +228,11 @@ impl Store {
         Ok(())
     }
 
+    /// Commits the engine's batch, sorted by key within each column family.
+    pub fn commit_sorted(&self, writes: SortedWrites) -> Result<(), StoreError> {
+        self.commit(writes.into_batch(ALL_CFS.iter().map(|name| self.cf(name))))
+    }
+
     pub fn get(&self, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.db.get_cf(self.cf(cf), key)?)
     }
@@ -244,10 +250,10 @@ impl Store {
         }
     }
 
-    pub fn put_meta_u64(&self, batch: &mut WriteBatch, name: &str, v: u64) {
+    pub fn put_meta_u64(&self, batch: &mut impl Writes, name: &str, v: u64) {
         let mut w = Writer::new();
         w.u64(v);
-        batch.put_cf(self.cf(CF_META), name.as_bytes(), w.buf);
+        batch.put(self.cf(CF_META), name.as_bytes(), &w.buf);
     }
 
     /// Writes one key on its own, outside any engine batch (data the engine never writes,
@@ -281,10 +287,10 @@ impl Store {
         self.commit(batch)
     }
 
-    pub fn put_meta_i64(&self, batch: &mut WriteBatch, name: &str, v: i64) {
+    pub fn put_meta_i64(&self, batch: &mut impl Writes, name: &str, v: i64) {
         let mut w = Writer::new();
         w.i64(v);
-        batch.put_cf(self.cf(CF_META), name.as_bytes(), w.buf);
+        batch.put(self.cf(CF_META), name.as_bytes(), &w.buf);
     }
 
     /// Loads a customer's record without the retained events.
@@ -426,11 +432,11 @@ impl Store {
         Ok(events)
     }
 
-    pub fn put_customer(&self, batch: &mut WriteBatch, customer: &str, state: &CustomerState) {
-        batch.put_cf(self.cf(CF_CUSTOMERS), customer.as_bytes(), state.encode());
+    pub fn put_customer(&self, batch: &mut impl Writes, customer: &str, state: &CustomerState) {
+        batch.put(self.cf(CF_CUSTOMERS), customer.as_bytes(), &state.encode());
     }
 
-    pub fn put_event(&self, batch: &mut WriteBatch, customer: &str, event: &Event, event_id: Option<&str>) {
+    pub fn put_event(&self, batch: &mut impl Writes, customer: &str, event: &Event, event_id: Option<&str>) {
         let mut w = Writer::new();
         w.str(&event.event_type);
         w.props(&event.props);
@@ -441,15 +447,15 @@ impl Store {
                 w.str(id);
             }
         }
-        batch.put_cf(
+        batch.put(
             self.cf(CF_EVENTS),
-            event_key(customer, event.ts, event.arrival),
-            w.buf,
+            &event_key(customer, event.ts, event.arrival),
+            &w.buf,
         );
     }
 
-    pub fn delete_event(&self, batch: &mut WriteBatch, customer: &str, ts: i64, arrival: u64) {
-        batch.delete_cf(self.cf(CF_EVENTS), event_key(customer, ts, arrival));
+    pub fn delete_event(&self, batch: &mut impl Writes, customer: &str, ts: i64, arrival: u64) {
+        batch.delete(self.cf(CF_EVENTS), &event_key(customer, ts, arrival));
     }
 
     /// Every pending timer, in due order.

@@ -94,7 +94,13 @@ impl WindowState {
             return;
         }
         let key = (event.ts, event.arrival);
-        let pos = self.entries.partition_point(|e| (e.ts, e.arrival) < key);
+        // Most events arrive in time order: they go at the back without a search.
+        let pos = match self.entries.back() {
+            Some(last) if (last.ts, last.arrival) > key => {
+                self.entries.partition_point(|e| (e.ts, e.arrival) < key)
+            }
+            _ => self.entries.len(),
+        };
         let counted = event.ts <= self.at;
         if counted {
             self.include(&input);
