@@ -12,6 +12,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use config::Settings;
 use processor::{ClockMode, Engine, EngineConfig};
 
+/// mimalloc instead of glibc's malloc: events are parsed on one thread and freed on the
+/// engine thread, a pattern glibc serves slowly (arena locks, consolidation) and with
+/// fragmentation that keeps freed memory in the process.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "tagstream",
