@@ -65,6 +65,26 @@ pub struct AggSpec {
     pub profile_reads: Vec<Arc<str>>,
     /// Canonical text, e.g. `sum(payment.amount, 30d)`.
     pub text: String,
+    /// The [`AggSource`] this aggregate reads its events from.
+    pub source: usize,
+    /// Where its input (the property it reads) sits in that source's `properties`.
+    pub slot: Option<usize>,
+}
+
+/// The events some aggregates read: one event type with one `where`. Aggregates that differ
+/// only in function, property or window (`sum(payment.amount, 30d)`, `count(payment,
+/// lifetime)`) share a source, so the engine keeps one queue of these events per customer
+/// for all of them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AggSource {
+    pub event_type: Arc<str>,
+    pub filter: Option<Node>,
+    /// Profile attributes the filter reads.
+    pub profile_reads: Vec<Arc<str>>,
+    /// The properties its aggregates read: one input column each.
+    pub properties: Vec<Arc<str>>,
+    /// The aggregates over it.
+    pub aggregates: Vec<AggId>,
 }
 
 /// An event tag: `tag NAME on TYPE [where PRED] [ttl D]`.
@@ -108,6 +128,8 @@ pub struct CompiledRules {
     pub(crate) defs: Vec<CompiledDef>,
     pub(crate) by_name: HashMap<Arc<str>, DefId>,
     pub(crate) aggregates: Vec<AggSpec>,
+    pub(crate) sources: Vec<AggSource>,
+    pub(crate) sources_by_event_type: HashMap<Arc<str>, Vec<usize>>,
     pub(crate) order: Vec<DefId>,
     pub(crate) by_event_type: HashMap<Arc<str>, Vec<DefId>>,
     pub(crate) aggs_by_event_type: HashMap<Arc<str>, Vec<AggId>>,
@@ -155,6 +177,18 @@ impl CompiledRules {
         &self.aggregates
     }
 
+    /// The distinct event sources of the aggregates; each aggregate's `source` indexes this.
+    pub fn aggregate_sources(&self) -> &[AggSource] {
+        &self.sources
+    }
+
+    /// Aggregate sources over events of `event_type`.
+    pub fn sources_for_event_type(&self, event_type: &str) -> &[usize] {
+        self.sources_by_event_type
+            .get(event_type)
+            .map_or(&[], Vec::as_slice)
+    }
+
     /// Definitions in evaluation order: each comes after the definitions it reads.
     pub fn evaluation_order(&self) -> &[DefId] {
         &self.order
@@ -189,6 +223,37 @@ impl CompiledRules {
     pub fn event_types(&self) -> impl Iterator<Item = &str> {
         self.by_event_type.keys().map(|k| &**k)
     }
+}
+
+/// Groups aggregates by the events they read (type and `where`) and fills in each one's
+/// `source` and input `slot`.
+fn group_sources(aggregates: &mut [AggSpec]) -> Vec<AggSource> {
+    let mut sources: Vec<AggSource> = Vec::new();
+    for (id, agg) in aggregates.iter_mut().enumerate() {
+        let found = sources
+            .iter()
+            .position(|s| s.event_type == agg.event_type && s.filter == agg.filter);
+        let source = found.unwrap_or_else(|| {
+            sources.push(AggSource {
+                event_type: agg.event_type.clone(),
+                filter: agg.filter.clone(),
+                profile_reads: agg.profile_reads.clone(),
+                properties: Vec::new(),
+                aggregates: Vec::new(),
+            });
+            sources.len() - 1
+        });
+        let s = &mut sources[source];
+        s.aggregates.push(id);
+        agg.source = source;
+        agg.slot = agg.property.as_ref().map(|p| {
+            s.properties.iter().position(|q| q == p).unwrap_or_else(|| {
+                s.properties.push(p.clone());
+                s.properties.len() - 1
+            })
+        });
+    }
+    sources
 }
 
 struct Compiler<'a> {
@@ -300,11 +365,22 @@ impl<'a> Compiler<'a> {
                 .or_default()
                 .push(id);
         }
+        let mut aggregates = self.aggregates;
+        let sources = group_sources(&mut aggregates);
+        let mut sources_by_event_type: HashMap<Arc<str>, Vec<usize>> = HashMap::new();
+        for (id, source) in sources.iter().enumerate() {
+            sources_by_event_type
+                .entry(source.event_type.clone())
+                .or_default()
+                .push(id);
+        }
         CompiledRules {
             source: self.source.to_owned(),
             defs,
             by_name,
-            aggregates: self.aggregates,
+            aggregates,
+            sources,
+            sources_by_event_type,
             order,
             by_event_type,
             aggs_by_event_type,
@@ -772,7 +848,10 @@ impl<'a> Compiler<'a> {
                 )),
             );
         }
-        let before = cx.profile_attrs.clone();
+        // The filter's own profile reads, even those the definition made before it: the
+        // aggregate is shared by every definition using it and must be rebuilt when any of
+        // them changes.
+        let before = std::mem::take(&mut cx.profile_attrs);
         let filter = agg.filter.as_ref().map(|f| {
             let (node, t) = self.filter(f, cx);
             if matches!(t.ty, Type::Num | Type::Str | Type::Dur | Type::List | Type::Null) {
@@ -787,7 +866,8 @@ impl<'a> Compiler<'a> {
             }
             node
         });
-        let profile_reads: Vec<Arc<str>> = cx.profile_attrs.difference(&before).cloned().collect();
+        let profile_reads: Vec<Arc<str>> = cx.profile_attrs.iter().cloned().collect();
+        cx.profile_attrs.extend(before);
         let event_type: Arc<str> = Arc::from(agg.event_type.name.as_str());
         cx.event_types.insert(event_type.clone());
         cx.time_dependent = true;
@@ -808,6 +888,8 @@ impl<'a> Compiler<'a> {
                     window: agg.window.map(|(w, _)| w),
                     profile_reads,
                     text: text.clone(),
+                    source: 0,
+                    slot: None,
                 });
                 self.agg_index.insert(text, id);
                 id
@@ -1114,5 +1196,48 @@ impl CompiledRules {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aggregates_over_the_same_events_share_a_source_and_its_input_columns() {
+        let rules = CompiledRules::compile(
+            "trait a = sum(pay.amount, 30d) + avg(pay.amount, 90d) + count(pay, lifetime)
+             trait b = max(pay.fee, 7d) + count(pay where amount > 5, 1d) + count(view, 1d)",
+        )
+        .unwrap();
+        let sources = rules.aggregate_sources();
+        assert_eq!(sources.len(), 3, "pay, pay where …, view");
+        let by_text = |t: &str| rules.aggregates().iter().find(|a| a.text == t).unwrap();
+        let sum = by_text("sum(pay.amount, 30d)");
+        let avg = by_text("avg(pay.amount, 90d)");
+        let count = by_text("count(pay, lifetime)");
+        let max = by_text("max(pay.fee, 7d)");
+        assert_eq!([sum.source, avg.source, count.source], [sum.source; 3]);
+        assert_eq!(max.source, sum.source);
+        assert_eq!(sum.slot, avg.slot, "one column for `amount`");
+        assert_ne!(max.slot, sum.slot);
+        assert_eq!(count.slot, None);
+        assert_eq!(sources[sum.source].properties.len(), 2);
+        assert_eq!(sources[sum.source].aggregates.len(), 4);
+        assert_eq!(rules.sources_for_event_type("pay").len(), 2);
+    }
+
+    #[test]
+    fn an_aggregate_knows_every_profile_attribute_its_filter_reads() {
+        // The definition reads `profile.vip` before the filter does: the aggregate must still
+        // list it, or a change of `vip` would not rebuild its window.
+        let rules = CompiledRules::compile(
+            "tag t = profile.vip == true and count(pay where profile.vip == true, 1d) >= 1",
+        )
+        .unwrap();
+        let vip: Arc<str> = Arc::from("vip");
+        assert_eq!(rules.aggregates()[0].profile_reads, [vip.clone()]);
+        assert_eq!(rules.aggregate_sources()[0].profile_reads, [vip]);
+        assert!(rules.def(0).profile_attrs.contains("vip"));
     }
 }

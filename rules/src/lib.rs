@@ -58,7 +58,9 @@ pub mod value;
 
 pub use aggregate::Accumulator;
 pub use ast::{AggFunc, RuleFile, Window};
-pub use compile::{AggId, AggSpec, CompiledDef, CompiledRules, DefId, DefKind, EventTagSpec, Node};
+pub use compile::{
+    AggId, AggSource, AggSpec, CompiledDef, CompiledRules, DefId, DefKind, EventTagSpec, Node,
+};
 pub use diagnostic::{render_all, Code, Diagnostic, LocatedDiagnostic, Position, Span};
 pub use eval::{apply_binary, filter_matches, Facts};
 pub use event::{Event, Props};
