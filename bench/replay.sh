@@ -5,8 +5,8 @@
 #
 #   bench/replay.sh [CUSTOMERS] [EVENTS] [RUNS] [CONFIG]   (defaults: 1000000 10000000 3, none)
 #
-# CONFIG is a settings file for the replay, e.g. bench/cache-sized-to-10m.toml, which gives
-# the customer cache room for the 10M-event stream's working set.
+# CONFIG is a settings file for the replay (e.g. other `[cache]` budgets); without it the
+# defaults of deploy/tagstream.toml apply.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 customers=${1:-1000000}

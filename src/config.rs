@@ -93,7 +93,7 @@ pub struct RetentionSettings {
 pub struct CacheSettings {
     /// Customers kept in memory between batches (least recently used go first).
     pub customers: usize,
-    /// What those customers may hold in memory (retained events, window queues), in MiB.
+    /// What those customers may hold in memory (records, window queues), in MiB.
     pub memory_mb: usize,
     /// RocksDB's block cache, in MiB.
     pub block_cache_mb: usize,
@@ -261,7 +261,7 @@ dedup_horizon = "7d"      # how long an event_id is remembered
 
 [cache]
 customers = {customers}       # customers kept in memory between batches
-memory_mb = {memory_mb}        # what they may hold: retained events, window queues
+memory_mb = {memory_mb}        # what they may hold: records and window queues
 block_cache_mb = {block_cache_mb}      # RocksDB block cache
 memtable_mb = {memtable_mb}         # RocksDB memtables, all column families together
 profile_columns = {profile_columns}      # profile attributes kept as columns for queries (4 B/customer each)

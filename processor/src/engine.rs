@@ -36,6 +36,7 @@ use crate::store::{
     timer_key, Retention, Store, StoreError, StoredEvent, CF_CHANGES, CF_CUSTOMERS, CF_DEDUP, CF_DLQ,
     CF_INDEX, CF_META, CF_NUMBERS, CF_TIMERS,
 };
+use crate::window::WindowSet;
 use crate::writes::SortedWrites;
 
 /// Where `now` comes from.
@@ -59,8 +60,9 @@ pub struct EngineConfig {
     pub retention_ms: i64,
     /// Most customers kept in memory between batches (least recently used go first).
     pub cache_customers: usize,
-    /// Most bytes (estimated: retained events, window queues, records) those customers may
-    /// hold; with `cache_customers` this bounds the engine's memory whatever the data.
+    /// Most bytes (estimated: records, window queues, histories loaded for the batch in
+    /// flight) those customers may hold; with `cache_customers` this bounds the engine's
+    /// memory whatever the data.
     pub cache_bytes: usize,
     /// RocksDB's block cache for the customer records, events and dedup keys, in bytes.
     pub block_cache_bytes: usize,
@@ -84,7 +86,7 @@ impl Default for EngineConfig {
             limits: EventLimits::default(),
             dedup_horizon_ms: 7 * 86_400_000,
             retention_ms: rules::DEFAULT_RETENTION_MS,
-            cache_customers: 100_000,
+            cache_customers: 1_000_000,
             cache_bytes: 2 << 30,
             block_cache_bytes: 256 << 20,
             memtable_bytes: 256 << 20,
@@ -272,6 +274,9 @@ struct Batch {
     profiles: Vec<(u32, Arc<str>)>,
     dirty: foldhash::HashSet<Arc<str>>,
     dedup: foldhash::HashMap<String, i64>,
+    /// Events applied to customers whose history was not loaded: not in the store until
+    /// the batch commits.
+    events: Vec<(Arc<str>, rules::Event)>,
 }
 
 /// Counters that a failed commit must roll back.
@@ -325,10 +330,17 @@ fn wall_ms() -> i64 {
 
 /// An event tag's matches among the customer's retained events, judged with the current
 /// profile.
-fn match_history(spec: &rules::EventTagSpec, state: &CustomerState, now: i64) -> EventTagState {
+fn match_history(
+    spec: &rules::EventTagSpec,
+    state: &CustomerState,
+    now: i64,
+    retention_ms: i64,
+) -> EventTagState {
     let mut tag = EventTagState::default();
+    let cutoff = now.saturating_sub(retention_ms);
     for e in &state.history.events {
-        if *e.event_type == *spec.event_type
+        if e.ts > cutoff
+            && *e.event_type == *spec.event_type
             && rules::filter_matches(spec.filter.as_ref(), e, |n| state.history.profile_value(n))
         {
             tag.record(e.ts, now);
@@ -678,8 +690,7 @@ impl Engine {
         let mut state = self.take_customer(&customer, now, batch)?;
         // A customer's first event establishes every membership, including those that hold
         // without any event (`not churn_risk`).
-        let first_event =
-            state.history.events.is_empty() && state.members.is_empty() && state.history.profile.is_empty();
+        let first_event = !state.has_events && state.members.is_empty() && state.history.profile.is_empty();
         let arrival = self.counters.next_arrival;
         self.counters.next_arrival += 1;
         let event = rules::Event {
@@ -688,21 +699,28 @@ impl Engine {
             arrival,
             props: ev.props,
         };
+        let rules = self.rules.clone();
         let changed_attrs: Vec<Arc<str>> = ev.profile.iter().map(|(k, _)| k.clone()).collect();
+        let rejudged: Vec<DefId> = changed_attrs
+            .iter()
+            .flat_map(|attr| rules.affected_by_profile_attr(attr))
+            .copied()
+            .filter(|&id| rules.def(id).kind == DefKind::EventTag)
+            .collect();
+        let rebuild = WindowSet::reads_profile(&rules, &changed_attrs);
         if !changed_attrs.is_empty() {
             batch.profiles.push((state.number, customer.clone()));
         }
+        if rebuild || !rejudged.is_empty() {
+            // Past events are judged again with the new profile.
+            self.load_history(&customer, &mut state, now, batch)?;
+        }
         self.store.put_event(&mut batch.wb, &customer, &event, event_id);
-        state.oldest_ts = state.oldest_ts.map(|o| o.min(ts));
-        state.history.push(event, ev.profile);
-        state.window_insert_latest(&self.rules);
-        state.window_rebuild(&self.rules, &changed_attrs, now, self.config.retention_ms);
-        let rules = self.rules.clone();
-        let latest = state.history.events.last().expect("just pushed");
+        state.history.apply_profile(&event, ev.profile);
         for &id in rules.event_tags_for_type(&ev.event_type) {
             let spec = rules.def(id).event_tag.as_ref().expect("event tag");
             let matches =
-                rules::filter_matches(spec.filter.as_ref(), latest, |n| state.history.profile_value(n));
+                rules::filter_matches(spec.filter.as_ref(), &event, |n| state.history.profile_value(n));
             if matches {
                 state
                     .event_tags
@@ -711,15 +729,18 @@ impl Engine {
                     .record(ts, now);
             }
         }
-        self.prune_history(&customer, &mut state, now, batch);
+        if let Some(event) = state.push_event(&rules, event) {
+            batch.events.push((customer.clone(), event));
+        }
+        if rebuild {
+            state.window_rebuild(&rules, &changed_attrs);
+        }
+        for &id in &rejudged {
+            self.rejudge_event_tag(id, &mut state, now);
+        }
         let mut scope: Vec<DefId> = rules.affected_by_event_type(&ev.event_type).to_vec();
         for attr in &changed_attrs {
-            for &id in rules.affected_by_profile_attr(attr) {
-                scope.push(id);
-                if rules.def(id).kind == DefKind::EventTag {
-                    self.rejudge_event_tag(id, &mut state, now);
-                }
-            }
+            scope.extend_from_slice(rules.affected_by_profile_attr(attr));
         }
         scope.sort_by_key(|&id| self.order_pos[id]);
         scope.dedup();
@@ -740,7 +761,7 @@ impl Engine {
     fn rejudge_event_tag(&self, id: DefId, state: &mut CustomerState, now: i64) {
         let def = self.rules.def(id);
         let spec = def.event_tag.as_ref().expect("event tag");
-        let mut tag = match_history(spec, state, now);
+        let mut tag = match_history(spec, state, now, self.config.retention_ms);
         let cutoff = now.saturating_sub(self.config.retention_ms);
         if let Some(old) = state
             .event_tags
@@ -757,29 +778,36 @@ impl Engine {
         }
     }
 
-    /// Drops events older than the retention from the customer's history.
-    fn prune_history(&self, customer: &str, state: &mut CustomerState, now: i64, batch: &mut Batch) {
-        let cutoff = now.saturating_sub(self.config.retention_ms);
-        if state.oldest_ts.is_some_and(|oldest| oldest > cutoff) {
-            return;
+    /// Makes the customer's whole retained history resident: the committed events from the
+    /// store and those of the batch in flight, older than the retention left out.
+    fn load_history(
+        &self,
+        customer: &str,
+        state: &mut CustomerState,
+        now: i64,
+        batch: &Batch,
+    ) -> Result<(), EngineError> {
+        if state.history_loaded {
+            return Ok(());
         }
-        let store = &self.store;
-        state.history.events.retain(|e| {
-            let keep = e.ts > cutoff;
-            if !keep {
-                store.delete_event(&mut batch.wb, customer, e.ts, e.arrival);
-            }
-            keep
-        });
-        state.oldest_ts = Some(
-            state
-                .history
+        let cutoff = now.saturating_sub(self.config.retention_ms);
+        let mut events: Vec<rules::Event> = self
+            .store
+            .customer_events(customer)?
+            .into_iter()
+            .map(|e| e.event)
+            .filter(|e| e.ts > cutoff)
+            .collect();
+        events.extend(
+            batch
                 .events
                 .iter()
-                .map(|e| e.ts)
-                .min()
-                .unwrap_or(i64::MAX),
+                .filter(|(c, e)| **c == *customer && e.ts > cutoff)
+                .map(|(_, e)| e.clone()),
         );
+        state.history.events = events;
+        state.history_loaded = true;
+        Ok(())
     }
 
     /// Fires every timer due at or before `until`, in time order.
@@ -830,11 +858,24 @@ impl Engine {
                 return Ok(CustomerState {
                     generation: self.generation,
                     number,
+                    history_loaded: true,
                     ..Default::default()
                 });
             }
         };
+        if state.history_loaded {
+            let cutoff = now.saturating_sub(self.config.retention_ms);
+            state.history.events.retain(|e| e.ts > cutoff);
+            state.has_events = !state.history.events.is_empty();
+        }
+        if state.windows.as_ref().is_some_and(|w| w.at() > now) {
+            // Judged at an instant before its windows (a wall clock timer that fired late):
+            // the windows are built again at `now` from the history.
+            self.load_history(customer, &mut state, now, batch)?;
+            state.windows = None;
+        }
         if state.generation < self.generation {
+            self.load_history(customer, &mut state, now, batch)?;
             self.upgrade(customer, &mut state, now, batch);
         }
         Ok(state)
@@ -863,7 +904,12 @@ impl Engine {
             if state.event_tags.contains_key(&def.name) {
                 continue;
             }
-            let tag = match_history(def.event_tag.as_ref().expect("event tag"), state, now);
+            let tag = match_history(
+                def.event_tag.as_ref().expect("event tag"),
+                state,
+                now,
+                self.config.retention_ms,
+            );
             if tag.last_ts.is_some() || !tag.future.is_empty() {
                 state.event_tags.insert(def.name.clone(), tag);
             }
@@ -1060,6 +1106,10 @@ impl Engine {
             .put_meta_u64(&mut batch.wb, META_DLQ, self.counters.next_dlq);
         let (profiles, journal) = self.profile_updates(&mut batch);
         self.store.commit_sorted(batch.wb)?;
+        // Their events are in the store now: the cache keeps only the windows.
+        for customer in &batch.dirty {
+            self.cache.update(customer, CustomerState::unload_history);
+        }
         self.index.apply(IndexCommit {
             new_ids: &batch.new_ids,
             changes: &batch.changes,
@@ -1214,16 +1264,9 @@ impl Engine {
         let now = self.now();
         let result = (|| {
             for id in &ids {
-                if !self.cache.contains_key(id) {
-                    let state = self.take_customer(id, now, &mut batch)?;
-                    self.put_back(id.clone(), state, &mut batch);
-                } else {
-                    let mut state = self.cache.remove(id).expect("cached");
-                    if state.generation < self.generation {
-                        self.upgrade(id, &mut state, now, &mut batch);
-                    }
-                    self.put_back(id.clone(), state, &mut batch);
-                }
+                // Brought up to the current rules on the way.
+                let state = self.take_customer(id, now, &mut batch)?;
+                self.put_back(id.clone(), state, &mut batch);
             }
             match &next_cursor {
                 Some(c) => batch
@@ -1330,10 +1373,13 @@ impl Engine {
         }
     }
 
+    /// A customer as of the last commit, for reading: from the cache (windows, no history)
+    /// when their windows can serve `now`, else from the store (record and history).
     fn read_customer(&self, customer: &str) -> Result<Option<CustomerState>, EngineError> {
+        let now = self.now();
         Ok(match self.cache.get(customer) {
-            Some(s) => Some(s.clone()),
-            None => self.store.load_customer(customer)?,
+            Some(s) if s.windows.as_ref().is_some_and(|w| w.at() <= now) => Some(s.clone()),
+            _ => self.store.load_customer(customer)?,
         })
     }
 
@@ -1413,7 +1459,8 @@ impl Engine {
             }
             let (key, _) = item?;
             let id = String::from_utf8_lossy(&key).into_owned();
-            let Some(state) = self.read_customer(&id)? else {
+            // The whole history, as of the last commit.
+            let Some(state) = self.store.load_customer(&id)? else {
                 continue;
             };
             let facts = state.history.facts(draft, now, self.config.retention_ms);

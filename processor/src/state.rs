@@ -7,7 +7,7 @@ use std::sync::Arc;
 use rules::{AggId, CompiledRules, CustomerHistory, DefId, DefKind, Facts, ProfileEntry, Value};
 
 use crate::codec::{CodecError, Reader, Writer};
-use crate::window::WindowState;
+use crate::window::WindowSet;
 
 /// A tag or segment the customer is a member of.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,12 +69,16 @@ pub struct CustomerState {
     pub timer: Option<i64>,
     /// The rule-set generation this state was last fully evaluated under.
     pub generation: u64,
-    /// Incremental aggregates, one per aggregate of the rule set; derived from the history
-    /// on first use and never stored.
-    pub windows: Option<Vec<WindowState>>,
-    /// A lower bound of the oldest retained event's `ts` (`None`: unknown), so pruning the
-    /// history costs nothing until an event actually falls out of retention.
-    pub oldest_ts: Option<i64>,
+    /// Incremental state of every aggregate of the rule set; derived from the history on
+    /// first use and never stored.
+    pub windows: Option<WindowSet>,
+    /// True when `history.events` holds the whole retained history. The engine's cache
+    /// keeps customers without it (the windows hold what the aggregates need); it is read
+    /// from the store (with the batch in flight's events) only when a profile change or a
+    /// rule change needs it.
+    pub history_loaded: bool,
+    /// True once the customer has any retained event (as far as this process has seen).
+    pub has_events: bool,
     /// The customer's dense number in the membership index ([`crate::index::NO_NUMBER`] in
     /// records written before numbers existed, until the index is rebuilt).
     pub number: u32,
@@ -192,51 +196,54 @@ impl CustomerState {
         Ok(state)
     }
 
-    /// Builds the incremental aggregates if needed and moves them to `now`.
+    /// Builds the incremental aggregates if needed (from the loaded history) and moves them
+    /// to `now`.
     pub fn advance_windows(&mut self, rules: &CompiledRules, now: i64, retention_ms: i64) {
         match &mut self.windows {
-            Some(windows) => windows.iter_mut().for_each(|w| w.advance(now)),
+            Some(windows) => windows.advance(rules, now),
             None => {
                 let history = &self.history;
                 let profile = |n: &str| history.profile_value(n);
-                self.windows = Some(
-                    rules
-                        .aggregates()
-                        .iter()
-                        .map(|spec| WindowState::build(spec, retention_ms, now, &history.events, profile))
-                        .collect(),
-                );
+                self.windows = Some(WindowSet::build(
+                    rules,
+                    retention_ms,
+                    now,
+                    &history.events,
+                    profile,
+                ));
             }
         }
     }
 
-    /// Feeds the event just pushed to the history to the aggregates over its type.
-    pub fn window_insert_latest(&mut self, rules: &CompiledRules) {
-        let Some(windows) = &mut self.windows else { return };
-        let history = &self.history;
-        let Some(event) = history.events.last() else {
-            return;
-        };
-        for &id in rules.aggregates_for_event_type(&event.event_type) {
-            let spec = &rules.aggregates()[id];
-            if spec.matches(event, |n| history.profile_value(n)) {
-                windows[id].insert(event, spec.input(event));
-            }
+    /// Adds an event applied now (its profile already applied) to the aggregates over its
+    /// type, and to the history if it is loaded; else gives the event back.
+    pub fn push_event(&mut self, rules: &CompiledRules, event: rules::Event) -> Option<rules::Event> {
+        if let Some(windows) = &mut self.windows {
+            let history = &self.history;
+            windows.insert(rules, &event, |n| history.profile_value(n));
+        }
+        self.has_events = true;
+        if self.history_loaded {
+            self.history.events.push(event);
+            None
+        } else {
+            Some(event)
         }
     }
 
     /// Rebuilds the aggregates whose filter reads one of `attrs` (the profile changed).
-    pub fn window_rebuild(&mut self, rules: &CompiledRules, attrs: &[Arc<str>], now: i64, retention_ms: i64) {
+    /// The history must be loaded.
+    pub fn window_rebuild(&mut self, rules: &CompiledRules, attrs: &[Arc<str>]) {
         let Some(windows) = &mut self.windows else { return };
+        debug_assert!(self.history_loaded);
         let history = &self.history;
-        for (id, spec) in rules.aggregates().iter().enumerate() {
-            if spec.profile_reads.iter().any(|r| attrs.contains(r)) {
-                let at = windows[id].at().max(now);
-                windows[id] = WindowState::build(spec, retention_ms, at, &history.events, |n| {
-                    history.profile_value(n)
-                });
-            }
-        }
+        windows.rebuild_for_profile(rules, attrs, &history.events, |n| history.profile_value(n));
+    }
+
+    /// Drops the loaded history (it is in the store once the batch commits).
+    pub fn unload_history(&mut self) {
+        self.history.events = Vec::new();
+        self.history_loaded = false;
     }
 
     pub fn manual_present(&self, name: &str, now: i64) -> bool {
@@ -269,13 +276,9 @@ impl<'a> EngineFacts<'a> {
         }
     }
 
-    /// The incremental state of aggregate `id`, if it is current at `now`.
-    fn window(&self, id: AggId) -> Option<&WindowState> {
-        self.state
-            .windows
-            .as_ref()
-            .map(|w| &w[id])
-            .filter(|w| w.at() == self.now)
+    /// The incremental state of the aggregates, if it is current at `now`.
+    fn windows(&self) -> Option<&WindowSet> {
+        self.state.windows.as_ref().filter(|w| w.at() == self.now)
     }
 
     fn profile_fn(&self) -> impl Fn(&str) -> Option<Value> + Copy + '_ {
@@ -318,8 +321,8 @@ impl Facts for EngineFacts<'_> {
         if let Some(v) = &self.aggregates.borrow()[id] {
             return v.clone();
         }
-        if let Some(w) = self.window(id) {
-            return w.value();
+        if let Some(w) = self.windows() {
+            return w.value(self.rules, id);
         }
         let spec = &self.rules.aggregates()[id];
         let v = spec.compute(
@@ -349,8 +352,8 @@ impl Facts for EngineFacts<'_> {
     }
 
     fn aggregate_next_change(&self, id: AggId) -> Option<i64> {
-        if let Some(w) = self.window(id) {
-            return w.next_change();
+        if let Some(w) = self.windows() {
+            return w.next_change(self.rules, id);
         }
         let spec = &self.rules.aggregates()[id];
         spec.next_change(

@@ -79,6 +79,7 @@ pub struct Store {
     /// The engine's clock at its last commit, read by the compaction filters; `i64::MIN`
     /// until the first commit (keep everything).
     clock: Arc<AtomicI64>,
+    history_ms: i64,
 }
 
 /// How long the store keeps what only matters for a while. Compaction filters drop older
@@ -203,12 +204,26 @@ impl Store {
             ColumnFamilyDescriptor::new(*name, cf)
         });
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
-        Ok(Store { db, sync, clock })
+        Ok(Store {
+            db,
+            sync,
+            clock,
+            history_ms: retention.history_ms,
+        })
     }
 
     /// Tells the compaction filters the clock of the last commit.
     pub fn set_clock(&self, now: i64) {
         self.clock.store(now, Ordering::Relaxed);
+    }
+
+    /// Retained events have a `ts` after this: older ones are out of the history, whether
+    /// compaction has dropped them yet or not.
+    fn history_cutoff(&self) -> i64 {
+        match self.clock.load(Ordering::Relaxed) {
+            i64::MIN => i64::MIN,
+            now => now.saturating_sub(self.history_ms),
+        }
     }
 
     /// Compacts a whole column family now (tests and maintenance).
@@ -361,6 +376,8 @@ impl Store {
             .into_iter()
             .map(|e| e.event)
             .collect();
+        state.history_loaded = true;
+        state.has_events = !state.history.events.is_empty();
         Ok(Some(state))
     }
 
@@ -371,6 +388,7 @@ impl Store {
 
     fn events_with(&self, customer: &str, read_options: ReadOptions) -> Result<Vec<StoredEvent>, StoreError> {
         let prefix = event_prefix(customer);
+        let cutoff = self.history_cutoff();
         let mut events = Vec::new();
         let iter = self.db.iterator_cf_opt(
             self.cf(CF_EVENTS),
@@ -387,6 +405,9 @@ impl Store {
                 return Err(CodecError("bad event key").into());
             }
             let ts = from_sortable_i64(&rest[..8]);
+            if ts <= cutoff {
+                continue;
+            }
             let arrival = u64::from_be_bytes(rest[8..16].try_into().expect("8 bytes"));
             events.push(decode_event(ts, arrival, &value)?);
         }
@@ -410,6 +431,7 @@ impl Store {
                 end
             }
         };
+        let cutoff = self.history_cutoff();
         let mut events = Vec::new();
         let iter = self
             .db
@@ -426,8 +448,13 @@ impl Store {
             if rest.len() != 16 {
                 return Err(CodecError("bad event key").into());
             }
+            let ts = from_sortable_i64(&rest[..8]);
+            if ts <= cutoff {
+                // Older ones are out of retention too.
+                break;
+            }
             let arrival = u64::from_be_bytes(rest[8..16].try_into().expect("8 bytes"));
-            events.push(decode_event(from_sortable_i64(&rest[..8]), arrival, &value)?);
+            events.push(decode_event(ts, arrival, &value)?);
         }
         Ok(events)
     }
@@ -452,10 +479,6 @@ impl Store {
             &event_key(customer, event.ts, event.arrival),
             &w.buf,
         );
-    }
-
-    pub fn delete_event(&self, batch: &mut impl Writes, customer: &str, ts: i64, arrival: u64) {
-        batch.delete(self.cf(CF_EVENTS), &event_key(customer, ts, arrival));
     }
 
     /// Every pending timer, in due order.

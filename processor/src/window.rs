@@ -1,265 +1,493 @@
-//! Incremental aggregates: each aggregate of each customer keeps the matching events still
-//! inside its window (or retention) and running accumulators over them, so an event or a
-//! timer costs O(log n) per aggregate instead of a scan of the customer's history.
+//! Incremental aggregates. For each customer there is one queue per aggregate source (an
+//! event type with its `where`, see [`rules::AggSource`]) holding the matching events still
+//! inside the longest window over it, and for each aggregate a range of that queue (the
+//! events inside its own window) with running accumulators. An event or a timer costs
+//! O(log n) per source and O(1) per aggregate instead of a scan of the customer's history,
+//! and an event is held once, as `(ts, arrival)` and the properties the aggregates read,
+//! however many aggregates read it.
 //!
-//! Windows only move forward (the clock never goes back), so an event that has left a
-//! window is dropped for good; a late event older than the window is never added. The state
-//! is derived from the retained history when a customer is loaded and is never stored.
+//! Windows only move forward (the clock never goes back), so an event that has left every
+//! window over its source is dropped for good; a late event older than the longest window is
+//! never added. The state is derived from the retained history when a customer is loaded and
+//! is never stored.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use rules::value::DistinctKey;
-use rules::{AggFunc, AggSpec, Event, Value, Window};
+use rules::{filter_matches, AggFunc, AggSpec, CompiledRules, Event, Value, Window};
 use rust_decimal::Decimal;
 
-/// One matching event as an aggregate needs it.
-#[derive(Debug, Clone)]
-struct Entry {
-    ts: i64,
-    arrival: u64,
-    input: Value,
+static NULL: Value = Value::Null;
+
+/// How long an event stays in aggregate `spec`'s window: the window, capped by the retention.
+fn span_ms(spec: &AggSpec, retention_ms: i64) -> i64 {
+    match spec.window {
+        Some(Window::Span(w)) => w.min(retention_ms),
+        Some(Window::Lifetime) | None => retention_ms,
+    }
 }
 
-/// Incremental state of one aggregate for one customer.
+/// The longest window over source `id`: its events at or before `at - span` are dropped.
+fn source_span_ms(rules: &CompiledRules, id: usize, retention_ms: i64) -> i64 {
+    rules.aggregate_sources()[id]
+        .aggregates
+        .iter()
+        .map(|&a| span_ms(&rules.aggregates()[a], retention_ms))
+        .max()
+        .unwrap_or(0)
+}
+
+/// The matching events of one source, sorted by `(ts, arrival)`. Positions are absolute:
+/// `base` is the position of the front, so popping the front leaves the aggregates' ranges
+/// valid.
+#[derive(Debug, Clone, Default)]
+struct Queue {
+    keys: VecDeque<(i64, u64)>,
+    /// One column per property of the source, aligned with `keys`.
+    inputs: Vec<VecDeque<Value>>,
+    base: u64,
+}
+
+impl Queue {
+    fn ts(&self, pos: u64) -> i64 {
+        self.keys[(pos - self.base) as usize].0
+    }
+
+    fn end(&self) -> u64 {
+        self.base + self.keys.len() as u64
+    }
+
+    fn input(&self, slot: Option<usize>, pos: u64) -> &Value {
+        match slot {
+            Some(s) => &self.inputs[s][(pos - self.base) as usize],
+            None => &NULL,
+        }
+    }
+}
+
+/// A source with events inside its windows: the queue and the state of each aggregate over
+/// it (in the order of [`rules::AggSource::aggregates`]).
 #[derive(Debug, Clone)]
-pub struct WindowState {
-    func: AggFunc,
-    /// How long an event stays: the window, capped by the retention.
-    span_ms: i64,
-    /// Matching events with `ts > at - span`, sorted by `(ts, arrival)`; the first
-    /// `counted` of them have `ts <= at` and are in the accumulators.
-    entries: VecDeque<Entry>,
-    counted: usize,
+struct Source {
+    queue: Queue,
+    aggs: Vec<AggState>,
+}
+
+impl Source {
+    fn new(rules: &CompiledRules, id: usize, properties: usize) -> Source {
+        Source {
+            queue: Queue {
+                inputs: vec![VecDeque::new(); properties],
+                ..Queue::default()
+            },
+            aggs: rules.aggregate_sources()[id]
+                .aggregates
+                .iter()
+                .map(|&a| AggState::new(rules.aggregates()[a].func, 0))
+                .collect(),
+        }
+    }
+}
+
+/// What an aggregate folds beyond its range of events.
+#[derive(Debug, Clone)]
+enum Acc {
+    /// `count`, `last`, `first`, `since`: the range says it all.
+    Range,
+    Sum {
+        sum: Decimal,
+        numeric: u64,
+        /// Sums that overflowed make `sum`/`avg` null until the window drains.
+        overflowed: u64,
+    },
+    Extremes(BTreeMap<Decimal, u32>),
+    Distinct(HashMap<DistinctKey, u32>),
+}
+
+/// One aggregate: the events at positions `lo..hi` of its queue are the ones inside its
+/// window (`at - span < ts <= at`), folded into `acc`.
+#[derive(Debug, Clone)]
+struct AggState {
+    lo: u64,
+    hi: u64,
+    acc: Acc,
+}
+
+impl AggState {
+    fn new(func: AggFunc, pos: u64) -> AggState {
+        let acc = match func {
+            AggFunc::Sum | AggFunc::Avg => Acc::Sum {
+                sum: Decimal::ZERO,
+                numeric: 0,
+                overflowed: 0,
+            },
+            AggFunc::Min | AggFunc::Max => Acc::Extremes(BTreeMap::new()),
+            AggFunc::Distinct => Acc::Distinct(HashMap::new()),
+            AggFunc::Count | AggFunc::Last | AggFunc::First | AggFunc::Since => Acc::Range,
+        };
+        AggState {
+            lo: pos,
+            hi: pos,
+            acc,
+        }
+    }
+
+    /// Moves the range to `now`: events that left the window go, events whose `ts` has come
+    /// (inserted in the future, or skipped over) enter.
+    fn advance(&mut self, slot: Option<usize>, span_ms: i64, q: &Queue, now: i64) {
+        let floor = now.saturating_sub(span_ms);
+        while self.lo < self.hi && q.ts(self.lo) <= floor {
+            let pos = self.lo;
+            self.lo += 1;
+            self.exclude(slot, q, pos);
+        }
+        let end = q.end();
+        while self.hi < end && q.ts(self.hi) <= now {
+            if q.ts(self.hi) > floor {
+                self.include(q.input(slot, self.hi));
+                self.hi += 1;
+            } else {
+                // Entered and left within the jump: never counted. Nothing is counted yet
+                // (the range is empty), since the queue is sorted.
+                self.hi += 1;
+                self.lo = self.hi;
+            }
+        }
+    }
+
+    fn include(&mut self, input: &Value) {
+        match &mut self.acc {
+            Acc::Range => {}
+            Acc::Sum {
+                sum,
+                numeric,
+                overflowed,
+            } => {
+                if let Value::Num(n) = input {
+                    *numeric += 1;
+                    match sum.checked_add(*n) {
+                        Some(s) => *sum = s,
+                        None => *overflowed += 1,
+                    }
+                }
+            }
+            Acc::Extremes(extremes) => {
+                if let Value::Num(n) = input {
+                    *extremes.entry(*n).or_default() += 1;
+                }
+            }
+            Acc::Distinct(distinct) => {
+                if let Some(k) = input.distinct_key() {
+                    *distinct.entry(k).or_default() += 1;
+                }
+            }
+        }
+    }
+
+    /// Takes the event at `pos` (already out of `lo..hi`) out of the accumulator.
+    fn exclude(&mut self, slot: Option<usize>, q: &Queue, pos: u64) {
+        let input = q.input(slot, pos);
+        let (lo, hi) = (self.lo, self.hi);
+        match &mut self.acc {
+            Acc::Range => {}
+            Acc::Sum {
+                sum,
+                numeric,
+                overflowed,
+            } => {
+                if let Value::Num(n) = input {
+                    *numeric -= 1;
+                    if *overflowed > 0 {
+                        *overflowed -= 1;
+                        *sum = (lo..hi)
+                            .filter_map(|p| q.input(slot, p).as_num())
+                            .fold(Decimal::ZERO, |acc, n| acc.checked_add(n).unwrap_or(acc));
+                    } else {
+                        *sum -= *n;
+                    }
+                }
+            }
+            Acc::Extremes(extremes) => {
+                if let Value::Num(n) = input {
+                    if let Some(c) = extremes.get_mut(n) {
+                        *c -= 1;
+                        if *c == 0 {
+                            extremes.remove(n);
+                        }
+                    }
+                }
+            }
+            Acc::Distinct(distinct) => {
+                if let Some(k) = input.distinct_key() {
+                    if let Some(c) = distinct.get_mut(&k) {
+                        *c -= 1;
+                        if *c == 0 {
+                            distinct.remove(&k);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn entries(&self) -> usize {
+        match &self.acc {
+            Acc::Extremes(e) => e.len(),
+            Acc::Distinct(d) => d.len(),
+            Acc::Range | Acc::Sum { .. } => 0,
+        }
+    }
+}
+
+/// Incremental state of every aggregate of the rule set for one customer.
+#[derive(Debug, Clone)]
+pub struct WindowSet {
     /// The instant the state was last advanced to.
     at: i64,
-    sum: Decimal,
-    numeric: u64,
-    /// Sums that overflowed make `sum`/`avg` null until the window drains.
-    overflowed: u64,
-    extremes: BTreeMap<Decimal, u32>,
-    distinct: HashMap<DistinctKey, u32>,
+    retention_ms: i64,
+    /// One per aggregate source; `None` while none of its events is inside its windows
+    /// (most customers touch a few event types: the others cost a pointer).
+    sources: Vec<Option<Box<Source>>>,
 }
 
-impl WindowState {
-    pub fn new(spec: &AggSpec, retention_ms: i64, now: i64) -> WindowState {
-        let span_ms = match spec.window {
-            Some(Window::Span(w)) => w.min(retention_ms),
-            Some(Window::Lifetime) | None => retention_ms,
-        };
-        WindowState {
-            func: spec.func,
-            span_ms,
-            entries: VecDeque::new(),
-            counted: 0,
-            at: now,
-            sum: Decimal::ZERO,
-            numeric: 0,
-            overflowed: 0,
-            extremes: BTreeMap::new(),
-            distinct: HashMap::new(),
-        }
-    }
-
+impl WindowSet {
     /// Builds the state at `now` from a customer's events (any order).
-    pub fn build<'e>(
-        spec: &AggSpec,
+    pub fn build(
+        rules: &CompiledRules,
         retention_ms: i64,
         now: i64,
-        events: impl IntoIterator<Item = &'e Event>,
+        events: &[Event],
         profile: impl Fn(&str) -> Option<Value> + Copy,
-    ) -> WindowState {
-        let mut state = WindowState::new(spec, retention_ms, now);
-        let mut entries: Vec<Entry> = events
-            .into_iter()
-            .filter(|e| e.ts > now.saturating_sub(state.span_ms) && spec.matches(e, profile))
-            .map(|e| Entry {
-                ts: e.ts,
-                arrival: e.arrival,
-                input: spec.input(e),
+    ) -> WindowSet {
+        let mut set = WindowSet {
+            at: now,
+            retention_ms,
+            sources: vec![None; rules.aggregate_sources().len()],
+        };
+        for id in 0..set.sources.len() {
+            set.refill(rules, id, events, profile);
+        }
+        set
+    }
+
+    /// Rebuilds the queues of the sources whose filter reads one of `attrs` (the profile
+    /// changed), from the customer's events, at the current instant.
+    pub fn rebuild_for_profile(
+        &mut self,
+        rules: &CompiledRules,
+        attrs: &[std::sync::Arc<str>],
+        events: &[Event],
+        profile: impl Fn(&str) -> Option<Value> + Copy,
+    ) {
+        for (id, source) in rules.aggregate_sources().iter().enumerate() {
+            if source.profile_reads.iter().any(|r| attrs.contains(r)) {
+                self.refill(rules, id, events, profile);
+            }
+        }
+    }
+
+    /// True when some source's filter reads one of `attrs`.
+    pub fn reads_profile(rules: &CompiledRules, attrs: &[std::sync::Arc<str>]) -> bool {
+        rules
+            .aggregate_sources()
+            .iter()
+            .any(|s| s.profile_reads.iter().any(|r| attrs.contains(r)))
+    }
+
+    /// Fills source `id`'s queue from `events` and brings its aggregates to `at`.
+    fn refill(
+        &mut self,
+        rules: &CompiledRules,
+        id: usize,
+        events: &[Event],
+        profile: impl Fn(&str) -> Option<Value> + Copy,
+    ) {
+        let source = &rules.aggregate_sources()[id];
+        let floor = self
+            .at
+            .saturating_sub(source_span_ms(rules, id, self.retention_ms));
+        let mut matching: Vec<&Event> = events
+            .iter()
+            .filter(|e| {
+                e.ts > floor
+                    && *e.event_type == *source.event_type
+                    && filter_matches(source.filter.as_ref(), e, profile)
             })
             .collect();
-        entries.sort_by_key(|e| (e.ts, e.arrival));
-        state.entries = entries.into();
-        while state.counted < state.entries.len() && state.entries[state.counted].ts <= now {
-            let input = state.entries[state.counted].input.clone();
-            state.include(&input);
-            state.counted += 1;
-        }
-        state
-    }
-
-    /// Adds a matching event applied at `now` (its `ts` may be late or in the future).
-    pub fn insert(&mut self, event: &Event, input: Value) {
-        if event.ts <= self.at.saturating_sub(self.span_ms) {
+        if matching.is_empty() {
+            self.sources[id] = None;
             return;
         }
-        let key = (event.ts, event.arrival);
-        // Most events arrive in time order: they go at the back without a search.
-        let pos = match self.entries.back() {
-            Some(last) if (last.ts, last.arrival) > key => {
-                self.entries.partition_point(|e| (e.ts, e.arrival) < key)
-            }
-            _ => self.entries.len(),
-        };
-        let counted = event.ts <= self.at;
-        if counted {
-            self.include(&input);
-            self.counted += 1;
+        matching.sort_by_key(|e| (e.ts, e.arrival));
+        let mut src = Source::new(rules, id, source.properties.len());
+        src.queue.keys = matching.iter().map(|e| (e.ts, e.arrival)).collect();
+        for (column, property) in src.queue.inputs.iter_mut().zip(&source.properties) {
+            *column = matching.iter().map(|e| e.props.get(property)).collect();
         }
-        self.entries.insert(
-            pos,
-            Entry {
-                ts: event.ts,
-                arrival: event.arrival,
-                input,
-            },
-        );
+        for (agg, &a) in src.aggs.iter_mut().zip(&source.aggregates) {
+            let spec = &rules.aggregates()[a];
+            agg.advance(spec.slot, span_ms(spec, self.retention_ms), &src.queue, self.at);
+        }
+        self.sources[id] = Some(Box::new(src));
     }
 
-    /// Moves the window to `now` (never backwards).
-    pub fn advance(&mut self, now: i64) {
+    /// Adds an event applied at the current instant (its `ts` may be late or in the future)
+    /// to the queues of the sources it matches.
+    pub fn insert(
+        &mut self,
+        rules: &CompiledRules,
+        event: &Event,
+        profile: impl Fn(&str) -> Option<Value> + Copy,
+    ) {
+        for &id in rules.sources_for_event_type(&event.event_type) {
+            let source = &rules.aggregate_sources()[id];
+            let floor = self
+                .at
+                .saturating_sub(source_span_ms(rules, id, self.retention_ms));
+            if event.ts <= floor || !filter_matches(source.filter.as_ref(), event, profile) {
+                continue;
+            }
+            let src = self.sources[id]
+                .get_or_insert_with(|| Box::new(Source::new(rules, id, source.properties.len())));
+            let q = &mut src.queue;
+            let key = (event.ts, event.arrival);
+            // Most events arrive in time order: they go at the back without a search.
+            let index = match q.keys.back() {
+                Some(last) if *last > key => q.keys.partition_point(|k| *k < key),
+                _ => q.keys.len(),
+            };
+            q.keys.insert(index, key);
+            for (column, property) in q.inputs.iter_mut().zip(&source.properties) {
+                column.insert(index, event.props.get(property));
+            }
+            if event.ts > self.at {
+                // Stamped in the future: enters when the clock reaches it (after every `hi`).
+                continue;
+            }
+            let pos = q.base + index as u64;
+            for (agg, &a) in src.aggs.iter_mut().zip(&source.aggregates) {
+                let spec = &rules.aggregates()[a];
+                if event.ts <= self.at.saturating_sub(span_ms(spec, self.retention_ms)) {
+                    // Already out of this window: it sits before the range.
+                    agg.lo += 1;
+                    agg.hi += 1;
+                } else {
+                    agg.hi += 1;
+                    agg.include(q.input(spec.slot, pos));
+                }
+            }
+        }
+    }
+
+    /// Moves every window to `now` (never backwards).
+    pub fn advance(&mut self, rules: &CompiledRules, now: i64) {
         if now <= self.at {
             return;
         }
-        let floor = now.saturating_sub(self.span_ms);
-        while let Some(front) = self.entries.front() {
-            if front.ts > floor {
-                break;
+        for (slot, source) in self.sources.iter_mut().zip(rules.aggregate_sources()) {
+            let Some(src) = slot else { continue };
+            let mut keep_from = src.queue.end();
+            for (agg, &a) in src.aggs.iter_mut().zip(&source.aggregates) {
+                let spec = &rules.aggregates()[a];
+                agg.advance(spec.slot, span_ms(spec, self.retention_ms), &src.queue, now);
+                keep_from = keep_from.min(agg.lo);
             }
-            let entry = self.entries.pop_front().expect("front exists");
-            if self.counted > 0 {
-                self.exclude(&entry.input);
-                self.counted -= 1;
+            let q = &mut src.queue;
+            while q.base < keep_from {
+                q.keys.pop_front();
+                for column in &mut q.inputs {
+                    column.pop_front();
+                }
+                q.base += 1;
             }
-        }
-        while self.counted < self.entries.len() && self.entries[self.counted].ts <= now {
-            let input = self.entries[self.counted].input.clone();
-            self.include(&input);
-            self.counted += 1;
+            if q.keys.is_empty() {
+                // Every window over it is empty, and so is every accumulator.
+                *slot = None;
+            }
         }
         self.at = now;
     }
 
-    fn include(&mut self, input: &Value) {
-        match self.func {
-            AggFunc::Sum | AggFunc::Avg | AggFunc::Min | AggFunc::Max => {
-                if let Value::Num(n) = input {
-                    self.numeric += 1;
-                    match self.sum.checked_add(*n) {
-                        Some(s) => self.sum = s,
-                        None => self.overflowed += 1,
-                    }
-                    if matches!(self.func, AggFunc::Min | AggFunc::Max) {
-                        *self.extremes.entry(*n).or_default() += 1;
-                    }
-                }
-            }
-            AggFunc::Distinct => {
-                if let Some(k) = input.distinct_key() {
-                    *self.distinct.entry(k).or_default() += 1;
-                }
-            }
-            _ => {}
-        }
-    }
-
-    fn exclude(&mut self, input: &Value) {
-        match self.func {
-            AggFunc::Sum | AggFunc::Avg | AggFunc::Min | AggFunc::Max => {
-                if let Value::Num(n) = input {
-                    self.numeric -= 1;
-                    if self.overflowed > 0 {
-                        self.overflowed -= 1;
-                        self.sum = self.recount_sum();
-                    } else {
-                        self.sum -= *n;
-                    }
-                    if let Some(c) = self.extremes.get_mut(n) {
-                        *c -= 1;
-                        if *c == 0 {
-                            self.extremes.remove(n);
-                        }
-                    }
-                }
-            }
-            AggFunc::Distinct => {
-                if let Some(k) = input.distinct_key() {
-                    if let Some(c) = self.distinct.get_mut(&k) {
-                        *c -= 1;
-                        if *c == 0 {
-                            self.distinct.remove(&k);
-                        }
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-
-    /// After an overflow, the sum of what is still counted (excluding the front entry being
-    /// removed, which the caller has popped already).
-    fn recount_sum(&self) -> Decimal {
-        self.entries
-            .iter()
-            .take(self.counted.saturating_sub(1))
-            .filter_map(|e| e.input.as_num())
-            .fold(Decimal::ZERO, |acc, n| acc.checked_add(n).unwrap_or(acc))
-    }
-
     /// The instant the state was last advanced to.
-    /// Events held in the queue (for memory accounting).
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
     pub fn at(&self) -> i64 {
         self.at
     }
 
-    /// The aggregate's value at the instant the state was advanced to.
-    pub fn value(&self) -> Value {
-        let counted = &self.entries.range(..self.counted);
-        match self.func {
-            AggFunc::Count => Value::Num(Decimal::from(self.counted as u64)),
-            AggFunc::Sum if self.overflowed > 0 => Value::Null,
-            AggFunc::Sum => Value::Num(self.sum),
-            AggFunc::Avg if self.overflowed > 0 || self.numeric == 0 => Value::Null,
-            AggFunc::Avg => self
-                .sum
-                .checked_div(Decimal::from(self.numeric))
-                .map_or(Value::Null, Value::Num),
-            AggFunc::Min => self
-                .extremes
-                .keys()
-                .next()
-                .map_or(Value::Null, |n| Value::Num(*n)),
-            AggFunc::Max => self
-                .extremes
-                .keys()
-                .next_back()
-                .map_or(Value::Null, |n| Value::Num(*n)),
-            AggFunc::Distinct => Value::Num(Decimal::from(self.distinct.len() as u64)),
-            AggFunc::Last => counted
-                .clone()
-                .next_back()
-                .map_or(Value::Null, |e| e.input.clone()),
-            AggFunc::First => counted.clone().next().map_or(Value::Null, |e| e.input.clone()),
-            AggFunc::Since => counted
-                .clone()
-                .next_back()
-                .map_or(Value::Null, |e| Value::Dur(self.at - e.ts)),
+    /// Events held in the queues, for memory accounting: `(events, property values)`.
+    pub fn held(&self) -> (usize, usize) {
+        self.sources.iter().flatten().fold((0, 0), |(events, values), s| {
+            let n = s.queue.keys.len();
+            (events + n, values + n * s.queue.inputs.len())
+        })
+    }
+
+    /// An estimate of the bytes this holds, in O(sources + aggregates): the fixed parts by
+    /// their sizes, queued events and values by their count (queues grow by doubling: a
+    /// quarter more on average), accumulator entries at a hash or tree slot each.
+    pub fn approx_bytes(&self) -> usize {
+        use std::mem::size_of;
+        const ENTRY_BYTES: usize = 64;
+        let mut bytes = size_of::<WindowSet>() + self.sources.len() * size_of::<Option<Box<Source>>>();
+        for s in self.sources.iter().flatten() {
+            let n = s.queue.keys.len();
+            let queued = n * (size_of::<(i64, u64)>() + s.queue.inputs.len() * size_of::<Value>());
+            bytes += size_of::<Source>()
+                + s.queue.inputs.len() * size_of::<VecDeque<Value>>()
+                + s.aggs.len() * size_of::<AggState>()
+                + queued
+                + queued / 4
+                + s.aggs.iter().map(AggState::entries).sum::<usize>() * ENTRY_BYTES;
+        }
+        bytes
+    }
+
+    /// Aggregate `id`'s value at the instant the state was advanced to.
+    pub fn value(&self, rules: &CompiledRules, id: usize) -> Value {
+        let spec = &rules.aggregates()[id];
+        let Some(src) = &self.sources[spec.source] else {
+            return empty_value(spec.func);
+        };
+        let agg = &src.aggs[spec.position];
+        let q = &src.queue;
+        let counted = agg.hi - agg.lo;
+        match (&agg.acc, spec.func) {
+            (_, AggFunc::Count) => Value::Num(Decimal::from(counted)),
+            (Acc::Sum { overflowed, .. }, AggFunc::Sum) if *overflowed > 0 => Value::Null,
+            (Acc::Sum { sum, .. }, AggFunc::Sum) => Value::Num(*sum),
+            (
+                Acc::Sum {
+                    sum,
+                    numeric,
+                    overflowed,
+                },
+                AggFunc::Avg,
+            ) => {
+                if *overflowed > 0 || *numeric == 0 {
+                    Value::Null
+                } else {
+                    sum.checked_div(Decimal::from(*numeric))
+                        .map_or(Value::Null, Value::Num)
+                }
+            }
+            (Acc::Extremes(e), AggFunc::Min) => e.keys().next().map_or(Value::Null, |n| Value::Num(*n)),
+            (Acc::Extremes(e), AggFunc::Max) => e.keys().next_back().map_or(Value::Null, |n| Value::Num(*n)),
+            (Acc::Distinct(d), _) => Value::Num(Decimal::from(d.len() as u64)),
+            (_, AggFunc::Last) if counted > 0 => q.input(spec.slot, agg.hi - 1).clone(),
+            (_, AggFunc::First) if counted > 0 => q.input(spec.slot, agg.lo).clone(),
+            (_, AggFunc::Since) if counted > 0 => Value::Dur(self.at - q.ts(agg.hi - 1)),
+            _ => Value::Null,
         }
     }
 
-    /// The earliest instant after the current one at which the set of counted events
-    /// changes: the oldest leaves, or the next future one enters.
-    pub fn next_change(&self) -> Option<i64> {
-        let leaves = (self.counted > 0).then(|| self.entries[0].ts.saturating_add(self.span_ms));
-        let enters = self.entries.get(self.counted).map(|e| e.ts);
+    /// The earliest instant after the current one at which aggregate `id`'s set of counted
+    /// events changes: the oldest leaves, or the next future one enters.
+    pub fn next_change(&self, rules: &CompiledRules, id: usize) -> Option<i64> {
+        let spec = &rules.aggregates()[id];
+        let src = self.sources[spec.source].as_ref()?;
+        let agg = &src.aggs[spec.position];
+        let q = &src.queue;
+        let leaves = (agg.hi > agg.lo).then(|| q.ts(agg.lo).saturating_add(span_ms(spec, self.retention_ms)));
+        let enters = (agg.hi < q.end()).then(|| q.ts(agg.hi));
         [leaves, enters]
             .into_iter()
             .flatten()
@@ -268,10 +496,20 @@ impl WindowState {
     }
 }
 
+/// An aggregate's value over no events.
+fn empty_value(func: AggFunc) -> Value {
+    match func {
+        AggFunc::Count | AggFunc::Sum | AggFunc::Distinct => Value::Num(Decimal::ZERO),
+        AggFunc::Avg | AggFunc::Min | AggFunc::Max | AggFunc::Last | AggFunc::First | AggFunc::Since => {
+            Value::Null
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rules::{CompiledRules, Props};
+    use rules::Props;
 
     fn events(spec: &[(i64, f64)]) -> Vec<Event> {
         spec.iter()
@@ -288,8 +526,8 @@ mod tests {
             .collect()
     }
 
-    /// Incremental state agrees with the reference computation at every instant, with
-    /// events applied in a scrambled order.
+    /// The incremental state of every aggregate, sharing queues, agrees with the reference
+    /// computation at every instant, with events applied in a scrambled order.
     #[test]
     fn incremental_matches_reference_at_every_step() {
         let rules = CompiledRules::compile(
@@ -300,9 +538,11 @@ mod tests {
              trait e = distinct(pay.p, 6ms)
              trait f = last(pay.amount)
              trait g = first(pay.amount)
-             trait h = since(pay)",
+             trait h = since(pay)
+             trait i = count(pay where amount > 3, 4ms) + last(pay.p where amount > 3)",
         )
         .unwrap();
+        assert_eq!(rules.aggregate_sources().len(), 2, "shared queues under test");
         let all = events(&[
             (3, 1.5),
             (1, 2.0),
@@ -312,30 +552,53 @@ mod tests {
             (9, 4.0),
             (30, 7.0),
             (12, 1.0),
+            (40, 5.0),
+            (26, 8.0),
         ]);
         let retention = 20;
-        for spec in rules.aggregates() {
-            let mut state = WindowState::new(spec, retention, 0);
-            let mut applied: Vec<Event> = Vec::new();
-            let mut pending = all.clone();
-            for now in 0..45 {
-                // Apply the events "arriving" at this instant: one per step, in list order.
-                if !pending.is_empty() && now % 2 == 0 {
-                    let e = pending.remove(0);
-                    state.insert(&e, spec.input(&e));
-                    applied.push(e);
-                }
-                state.advance(now);
+        let mut set = WindowSet::build(&rules, retention, 0, &[], |_| None);
+        let mut applied: Vec<Event> = Vec::new();
+        let mut pending = all.clone();
+        for now in 0..70 {
+            // Apply the events "arriving" at this instant: one every other step, in list order.
+            if !pending.is_empty() && now % 2 == 0 {
+                let e = pending.remove(0);
+                set.insert(&rules, &e, |_| None);
+                applied.push(e);
+            }
+            if now == 64 {
+                // Every queue has drained by now: a new event starts them again.
+                assert_eq!(set.held(), (0, 0));
+                let mut e = events(&[(63, 6.0)]).remove(0);
+                e.arrival = 99;
+                set.insert(&rules, &e, |_| None);
+                applied.push(e);
+            }
+            set.advance(&rules, now);
+            let rebuilt = WindowSet::build(&rules, retention, now, &applied, |_| None);
+            for (id, spec) in rules.aggregates().iter().enumerate() {
                 let expected = spec.compute(&applied, now, retention, |_| None);
-                assert_eq!(state.value(), expected, "{} at {now}", spec.text);
+                assert_eq!(set.value(&rules, id), expected, "{} at {now}", spec.text);
+                assert_eq!(
+                    rebuilt.value(&rules, id),
+                    expected,
+                    "{} rebuilt at {now}",
+                    spec.text
+                );
+                assert_eq!(
+                    set.next_change(&rules, id),
+                    rebuilt.next_change(&rules, id),
+                    "{} at {now}",
+                    spec.text
+                );
                 // Never late: with no new event, nothing changes before `next_change`.
-                let horizon = state.next_change().unwrap_or(now + 100);
+                let horizon = set.next_change(&rules, id).unwrap_or(now + 100);
+                let value_now = spec.compute(&applied, now, retention, |_| None);
                 for t in now + 1..horizon.min(now + 100) {
-                    let value_then = spec.compute(&applied, t, retention, |_| None);
-                    let value_now = spec.compute(&applied, now, retention, |_| None);
                     if !matches!(spec.func, AggFunc::Since) {
                         assert_eq!(
-                            value_then, value_now,
+                            spec.compute(&applied, t, retention, |_| None),
+                            value_now,
                             "{} changed at {t} before {horizon}",
                             spec.text
                         );
@@ -343,5 +606,22 @@ mod tests {
                 }
             }
         }
+        assert_eq!(set.held(), (2, 3), "only the last event is held, once per source");
+    }
+
+    #[test]
+    fn an_event_is_held_once_however_many_aggregates_read_it() {
+        let rules = CompiledRules::compile(
+            "trait a = sum(pay.amount, 30d) + avg(pay.amount, 90d) + count(pay, lifetime) + count(pay, 7d)",
+        )
+        .unwrap();
+        let set = WindowSet::build(
+            &rules,
+            400 * 86_400_000,
+            100,
+            &events(&[(1, 1.0), (2, 2.0), (3, 3.0)]),
+            |_| None,
+        );
+        assert_eq!(set.held(), (3, 3), "three events, one `amount` column");
     }
 }

@@ -329,6 +329,28 @@ fn events_older_than_the_retention_leave_lifetime_windows() {
     assert_eq!(events.len(), 1, "the payment was pruned from the stored history");
 }
 
+/// A profile change judges past events again for every aggregate whose filter reads it, also
+/// when the definition read the attribute before the filter did; and the cache holding
+/// customers without their history (the second batch) still finds every past event.
+#[test]
+fn a_profile_change_rebuilds_windows_from_the_history_of_earlier_batches() {
+    let dir = TempDir::new("engine-profile-rebuild");
+    let rules = "tag vip_buyer = profile.vip == true and count(pay where profile.vip == true, 30d) >= 2";
+    let mut engine = Engine::open(dir.path(), Some(rules), event_config()).unwrap();
+    let out = engine
+        .ingest(&[ev("p1", "c1", "pay", T0, ""), ev("p2", "c1", "pay", T0 + 1, "")])
+        .unwrap();
+    assert!(out.changes.is_empty(), "not a vip yet: {:?}", out.changes);
+    let out = engine
+        .ingest(&[ev("v", "c1", "visit", T0 + 2, r#","profile":{"vip":true}"#)])
+        .unwrap();
+    assert_eq!(
+        out.changes.iter().map(|c| (&*c.name, c.op)).collect::<Vec<_>>(),
+        [("vip_buyer", Op::Add)],
+        "both earlier payments match once `vip` is true"
+    );
+}
+
 #[test]
 fn lookups_off_the_engine_thread_see_whole_commits_and_follow_rules_and_clock() {
     let dir = TempDir::new("engine-reader");

@@ -65,8 +65,10 @@ pub struct AggSpec {
     pub profile_reads: Vec<Arc<str>>,
     /// Canonical text, e.g. `sum(payment.amount, 30d)`.
     pub text: String,
-    /// The [`AggSource`] this aggregate reads its events from.
+    /// The [`AggSource`] this aggregate reads its events from, and its place among that
+    /// source's `aggregates`.
     pub source: usize,
+    pub position: usize,
     /// Where its input (the property it reads) sits in that source's `properties`.
     pub slot: Option<usize>,
 }
@@ -244,8 +246,9 @@ fn group_sources(aggregates: &mut [AggSpec]) -> Vec<AggSource> {
             sources.len() - 1
         });
         let s = &mut sources[source];
-        s.aggregates.push(id);
         agg.source = source;
+        agg.position = s.aggregates.len();
+        s.aggregates.push(id);
         agg.slot = agg.property.as_ref().map(|p| {
             s.properties.iter().position(|q| q == p).unwrap_or_else(|| {
                 s.properties.push(p.clone());
@@ -889,6 +892,7 @@ impl<'a> Compiler<'a> {
                     profile_reads,
                     text: text.clone(),
                     source: 0,
+                    position: 0,
                     slot: None,
                 });
                 self.agg_index.insert(text, id);
@@ -1224,6 +1228,9 @@ mod tests {
         assert_eq!(count.slot, None);
         assert_eq!(sources[sum.source].properties.len(), 2);
         assert_eq!(sources[sum.source].aggregates.len(), 4);
+        for (id, agg) in rules.aggregates().iter().enumerate() {
+            assert_eq!(sources[agg.source].aggregates[agg.position], id);
+        }
         assert_eq!(rules.sources_for_event_type("pay").len(), 2);
     }
 
@@ -1236,7 +1243,7 @@ mod tests {
         )
         .unwrap();
         let vip: Arc<str> = Arc::from("vip");
-        assert_eq!(rules.aggregates()[0].profile_reads, [vip.clone()]);
+        assert_eq!(rules.aggregates()[0].profile_reads, std::slice::from_ref(&vip));
         assert_eq!(rules.aggregate_sources()[0].profile_reads, [vip]);
         assert!(rules.def(0).profile_attrs.contains("vip"));
     }

@@ -39,6 +39,17 @@ impl CustomerHistory {
     /// Adds an event; `profile` holds the attributes it sets (`None` deletes). The
     /// attribute keeps the value of the greatest `ts` (ties: the later arrival).
     pub fn push(&mut self, event: Event, profile: impl IntoIterator<Item = (Arc<str>, Option<Value>)>) {
+        self.apply_profile(&event, profile);
+        self.events.push(event);
+    }
+
+    /// The profile part of [`CustomerHistory::push`]: sets the attributes `event` carries
+    /// where it is the newest to set them.
+    pub fn apply_profile(
+        &mut self,
+        event: &Event,
+        profile: impl IntoIterator<Item = (Arc<str>, Option<Value>)>,
+    ) {
         for (name, value) in profile {
             let newer = self
                 .profile
@@ -55,7 +66,6 @@ impl CustomerHistory {
                 );
             }
         }
-        self.events.push(event);
     }
 
     pub fn profile_value(&self, name: &str) -> Option<Value> {

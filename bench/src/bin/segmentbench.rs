@@ -104,7 +104,6 @@ fn write_store(dir: &std::path::Path, customers: u64) {
             },
         );
         let id = customer_id(n);
-        state.oldest_ts = Some(PAID_AT);
         let payment = rules::Event {
             event_type: Arc::from("payment"),
             ts: PAID_AT,

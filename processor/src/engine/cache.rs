@@ -10,26 +10,20 @@ use std::sync::Arc;
 
 use crate::state::CustomerState;
 
-/// Bytes of one retained event in memory: the `Event` (type, ts, arrival, props vector), its
-/// property names and values on the heap, and the history's vector slot. Measured on the
-/// scenario mix (3–4 properties per event), rounded up.
+/// Bytes of one event held in memory with its props (while a customer's history is loaded,
+/// in the batch that loaded it): the `Event`, its property names and values on the heap, and
+/// the vector slot. Measured on the scenario mix (3–4 properties per event), rounded up.
 const EVENT_BYTES: usize = 320;
-/// One entry of a window's queue (ts, arrival, input value).
-const WINDOW_ENTRY_BYTES: usize = 64;
 /// The record itself: profile, memberships, maps, the cache slot.
 const BASE_BYTES: usize = 1024;
 
 /// An estimate of what `state` holds in memory.
 pub fn estimate_bytes(state: &CustomerState) -> usize {
-    let windows: usize = state
-        .windows
-        .as_ref()
-        .map_or(0, |w| w.iter().map(|w| w.len()).sum());
     BASE_BYTES
         + state.history.events.len() * EVENT_BYTES
         + state.history.profile.len() * 96
         + (state.members.len() + state.event_tags.len() + state.manual.len()) * 96
-        + windows * WINDOW_ENTRY_BYTES
+        + state.windows.as_ref().map_or(0, |w| w.approx_bytes())
 }
 
 #[derive(Default)]
@@ -69,6 +63,16 @@ impl CustomerCache {
         self.bytes += bytes;
         if let Some((_, old)) = self.map.insert(customer, (state, bytes)) {
             self.bytes -= old;
+        }
+    }
+
+    /// Changes a cached customer in place, keeping the byte estimate right.
+    pub fn update(&mut self, customer: &str, change: impl FnOnce(&mut CustomerState)) {
+        if let Some((state, bytes)) = self.map.get_mut(customer) {
+            change(state);
+            let now = estimate_bytes(state);
+            self.bytes = self.bytes - *bytes + now;
+            *bytes = now;
         }
     }
 
