@@ -816,21 +816,55 @@ impl Engine {
             if due > until {
                 break;
             }
+            // Out of the set first, so loading the customer does not fire it again.
             self.timers.remove(&(due, customer.clone()));
-            self.fired.count += 1;
-            if self.config.clock == ClockMode::Wall && self.fired.due.len() < FiredTimers::MAX_DUE {
-                self.fired.due.push(due);
-            }
-            batch
-                .wb
-                .delete_cf(self.store.cf(CF_TIMERS), timer_key(due, &customer));
             let mut state = self.take_customer(&customer, due, batch)?;
-            state.timer = None;
-            for tag in state.event_tags.values_mut() {
-                tag.settle(due);
-            }
-            self.evaluate(&customer, &mut state, due, due, Scope::All, &Cause::Timer, batch);
+            self.fire_timer(&customer, &mut state, due, batch)?;
             self.put_back(customer, state, batch);
+        }
+        Ok(())
+    }
+
+    /// Fires `customer`'s timer due at `due`: every definition is judged at that instant.
+    fn fire_timer(
+        &mut self,
+        customer: &Arc<str>,
+        state: &mut CustomerState,
+        due: i64,
+        batch: &mut Batch,
+    ) -> Result<(), EngineError> {
+        self.timers.remove(&(due, customer.clone()));
+        self.fired.count += 1;
+        if self.config.clock == ClockMode::Wall && self.fired.due.len() < FiredTimers::MAX_DUE {
+            self.fired.due.push(due);
+        }
+        batch
+            .wb
+            .delete_cf(self.store.cf(CF_TIMERS), timer_key(due, customer));
+        if state.timer == Some(due) {
+            // (A rule change judged on loading may have set a newer one: that one stays.)
+            state.timer = None;
+        }
+        for tag in state.event_tags.values_mut() {
+            tag.settle(due);
+        }
+        self.windows_not_after(customer, state, due, batch)?;
+        self.evaluate(customer, state, due, due, Scope::All, &Cause::Timer, batch);
+        Ok(())
+    }
+
+    /// Makes the customer's windows usable at `now`: windows never move back, so if they are
+    /// past it they are built again from the history.
+    fn windows_not_after(
+        &self,
+        customer: &str,
+        state: &mut CustomerState,
+        now: i64,
+        batch: &Batch,
+    ) -> Result<(), EngineError> {
+        if state.windows.as_ref().is_some_and(|w| w.at() > now) {
+            self.load_history(customer, state, now, batch)?;
+            state.windows = None;
         }
         Ok(())
     }
@@ -868,16 +902,19 @@ impl Engine {
             state.history.events.retain(|e| e.ts > cutoff);
             state.has_events = !state.history.events.is_empty();
         }
-        if state.windows.as_ref().is_some_and(|w| w.at() > now) {
-            // Judged at an instant before its windows (a wall clock timer that fired late):
-            // the windows are built again at `now` from the history.
-            self.load_history(customer, &mut state, now, batch)?;
-            state.windows = None;
-        }
         if state.generation < self.generation {
             self.load_history(customer, &mut state, now, batch)?;
             self.upgrade(customer, &mut state, now, batch);
+        } else if let Some(due) = state
+            .timer
+            .filter(|t| *t <= now && self.timers.contains(&(*t, customer.clone())))
+        {
+            // In wall clock mode the clock moves while a batch is built, so a customer's timer
+            // can fall due before the tick fires it. It fires first: judging the customer at
+            // `now` reschedules the timer, and the changes it stands for would be lost.
+            self.fire_timer(customer, &mut state, due, batch)?;
         }
+        self.windows_not_after(customer, &mut state, now, batch)?;
         Ok(state)
     }
 

@@ -305,6 +305,53 @@ fn wall_clock_mode_fires_due_timers_on_tick() {
     );
 }
 
+/// In wall clock mode a customer's timer can fall due between ticks. When the customer is
+/// judged at a later instant first (here a manual tag), the timer fires before: its change
+/// happens at its own instant, judged over the whole history (the cache keeps windows, not
+/// events), and is not lost when the later judgement reschedules the timer.
+#[test]
+fn a_timer_due_before_a_later_judgement_fires_first() {
+    let dir = TempDir::new("engine-wall-due-timer");
+    let config = EngineConfig {
+        clock: ClockMode::Wall,
+        sync_writes: false,
+        ..Default::default()
+    };
+    let rules = "tag recent = count(ping, 300ms) >= 1\ntag regular = count(ping, 300ms) >= 1 or count(ping, lifetime) >= 2";
+    let mut engine = Engine::open(dir.path(), Some(rules), config).unwrap();
+    let out = engine
+        .ingest(&[
+            r#"{"customer_id":"c1","type":"ping"}"#,
+            r#"{"customer_id":"c1","type":"ping"}"#,
+        ])
+        .unwrap();
+    assert_eq!(out.changes.len(), 2, "{:?}", out.changes);
+    let last_ping = out.changes.iter().map(|c| c.at).max().unwrap();
+    let due = engine.next_timer().expect("the 300ms window exit");
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    let changes = engine.set_manual_tag("c1", "vip", None).unwrap();
+    let summary: Vec<(&str, Op, Cause)> = changes
+        .iter()
+        .map(|c| (&*c.name, c.op, c.cause.clone()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("recent", Op::Remove, Cause::Timer),
+            ("vip", Op::Add, Cause::Manual)
+        ],
+        "the window exit, then the tag; `regular` holds by its lifetime count"
+    );
+    assert_eq!(changes[0].at, due);
+    assert!(due > last_ping && due <= last_ping + 300);
+    assert!(engine.tick().unwrap().is_empty(), "fired once");
+    let view = engine.customer("c1").unwrap().unwrap();
+    assert_eq!(
+        view.tags.keys().map(|k| &**k).collect::<Vec<_>>(),
+        ["regular", "vip"]
+    );
+}
+
 #[test]
 fn events_older_than_the_retention_leave_lifetime_windows() {
     let dir = TempDir::new("engine-retention");
