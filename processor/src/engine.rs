@@ -879,7 +879,14 @@ impl Engine {
     ) -> Result<CustomerState, EngineError> {
         let state = match self.cache.remove(customer) {
             Some(s) => Some(s),
-            None => self.store.load_customer(customer)?,
+            None => self.store.load_customer(customer)?.map(|mut s| {
+                // The store leaves out what is past retention as of the last commit; the
+                // clock may have moved since.
+                let cutoff = now.saturating_sub(self.config.retention_ms);
+                s.history.events.retain(|e| e.ts > cutoff);
+                s.has_events = !s.history.events.is_empty();
+                s
+            }),
         };
         let mut state = match state {
             Some(s) => s,
@@ -897,11 +904,6 @@ impl Engine {
                 });
             }
         };
-        if state.history_loaded {
-            let cutoff = now.saturating_sub(self.config.retention_ms);
-            state.history.events.retain(|e| e.ts > cutoff);
-            state.has_events = !state.history.events.is_empty();
-        }
         if state.generation < self.generation {
             self.load_history(customer, &mut state, now, batch)?;
             self.upgrade(customer, &mut state, now, batch);
@@ -1127,10 +1129,13 @@ impl Engine {
     fn commit(&mut self, mut batch: Batch) -> Result<Vec<Change>, EngineError> {
         let mut touched = Vec::with_capacity(batch.dirty.len());
         for customer in &batch.dirty {
-            if let Some(state) = self.cache.get(customer) {
+            self.cache.update(customer, |state| {
                 self.store.put_customer(&mut batch.wb, customer, state);
                 touched.push(state.number);
-            }
+                // Its events are in this batch: the cache keeps only the windows (a failed
+                // commit clears the cache).
+                state.unload_history();
+            });
         }
         if let Some(clock) = self.counters.clock {
             self.store.put_meta_i64(&mut batch.wb, META_CLOCK, clock);
@@ -1143,10 +1148,6 @@ impl Engine {
             .put_meta_u64(&mut batch.wb, META_DLQ, self.counters.next_dlq);
         let (profiles, journal) = self.profile_updates(&mut batch);
         self.store.commit_sorted(batch.wb)?;
-        // Their events are in the store now: the cache keeps only the windows.
-        for customer in &batch.dirty {
-            self.cache.update(customer, CustomerState::unload_history);
-        }
         self.index.apply(IndexCommit {
             new_ids: &batch.new_ids,
             changes: &batch.changes,

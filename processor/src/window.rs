@@ -74,10 +74,10 @@ struct Source {
 }
 
 impl Source {
-    fn new(rules: &CompiledRules, id: usize, properties: usize) -> Source {
+    fn new(rules: &CompiledRules, id: usize) -> Source {
         Source {
             queue: Queue {
-                inputs: vec![VecDeque::new(); properties],
+                inputs: vec![VecDeque::new(); rules.aggregate_sources()[id].properties.len()],
                 ..Queue::default()
             },
             aggs: rules.aggregate_sources()[id]
@@ -319,7 +319,7 @@ impl WindowSet {
             return;
         }
         matching.sort_by_key(|e| (e.ts, e.arrival));
-        let mut src = Source::new(rules, id, source.properties.len());
+        let mut src = Source::new(rules, id);
         src.queue.keys = matching.iter().map(|e| (e.ts, e.arrival)).collect();
         for (column, property) in src.queue.inputs.iter_mut().zip(&source.properties) {
             *column = matching.iter().map(|e| e.props.get(property)).collect();
@@ -347,8 +347,7 @@ impl WindowSet {
             if event.ts <= floor || !filter_matches(source.filter.as_ref(), event, profile) {
                 continue;
             }
-            let src = self.sources[id]
-                .get_or_insert_with(|| Box::new(Source::new(rules, id, source.properties.len())));
+            let src = self.sources[id].get_or_insert_with(|| Box::new(Source::new(rules, id)));
             let q = &mut src.queue;
             let key = (event.ts, event.arrival);
             // Most events arrive in time order: they go at the back without a search.
