@@ -907,14 +907,21 @@ impl Engine {
         if state.generation < self.generation {
             self.load_history(customer, &mut state, now, batch)?;
             self.upgrade(customer, &mut state, now, batch);
-        } else if let Some(due) = state
-            .timer
-            .filter(|t| *t <= now && self.timers.contains(&(*t, customer.clone())))
-        {
+        } else {
             // In wall clock mode the clock moves while a batch is built, so a customer's timer
             // can fall due before the tick fires it. It fires first: judging the customer at
-            // `now` reschedules the timer, and the changes it stands for would be lost.
-            self.fire_timer(customer, &mut state, due, batch)?;
+            // `now` reschedules the timer, and the changes it stands for would be lost. A
+            // timer may be early (an event judged only the definitions it can change and kept
+            // the sooner timer), so firing it can schedule another one that is also due:
+            // each fires in turn, each later than the one before.
+            let mut fired = i64::MIN;
+            while let Some(due) = state
+                .timer
+                .filter(|t| *t > fired && *t <= now && self.timers.contains(&(*t, customer.clone())))
+            {
+                self.fire_timer(customer, &mut state, due, batch)?;
+                fired = due;
+            }
         }
         self.windows_not_after(customer, &mut state, now, batch)?;
         Ok(state)
