@@ -357,6 +357,11 @@ fn run_replay(
     if stats {
         let (customers, bytes) = engine.cache_usage();
         println!("cache: {customers} customers, an estimated {} MiB", bytes >> 20);
+        println!(
+            "timers fired: {}; changes: {}",
+            engine.take_fired_timers().count,
+            engine.next_seq() - 1
+        );
         print_store_stats(&engine)?;
     }
     Ok(ExitCode::SUCCESS)

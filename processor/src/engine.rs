@@ -1010,7 +1010,7 @@ impl Engine {
                 .filter_map(|m| m.expires_at)
                 .filter(|e| *e > now)
                 .min();
-            next_timer = [rules.next_change(&facts), manual_expiry]
+            next_timer = [rules.next_membership_change(&facts), manual_expiry]
                 .into_iter()
                 .flatten()
                 .min();

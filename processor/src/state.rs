@@ -4,7 +4,7 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use rules::{AggId, CompiledRules, CustomerHistory, DefId, DefKind, Facts, ProfileEntry, Value};
+use rules::{AggId, Band, CompiledRules, CustomerHistory, DefId, DefKind, Facts, ProfileEntry, Value};
 
 use crate::codec::{CodecError, Reader, Writer};
 use crate::window::WindowSet;
@@ -362,6 +362,13 @@ impl Facts for EngineFacts<'_> {
             self.retention_ms,
             self.profile_fn(),
         )
+    }
+
+    fn aggregate_leaves(&self, id: AggId, band: &Band) -> Option<i64> {
+        match self.windows() {
+            Some(w) => w.leaves(self.rules, id, band),
+            None => self.aggregate_next_change(id),
+        }
     }
 
     fn event_tag_next_change(&self, id: DefId) -> Option<i64> {

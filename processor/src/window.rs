@@ -14,10 +14,15 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use rules::value::DistinctKey;
-use rules::{filter_matches, AggFunc, AggSpec, CompiledRules, Event, Value, Window};
+use rules::{filter_matches, AggFunc, AggSpec, Band, CompiledRules, Event, Value, Window};
+use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::Decimal;
 
 static NULL: Value = Value::Null;
+
+/// How many changes of its events [`WindowSet::leaves`] follows an aggregate
+/// through before asking to be asked again.
+const LOOKAHEAD: usize = 32;
 
 /// How long an event stays in aggregate `spec`'s window: the window, capped by the retention.
 fn span_ms(spec: &AggSpec, retention_ms: i64) -> i64 {
@@ -493,6 +498,81 @@ impl WindowSet {
             .filter(|t| *t > self.at)
             .min()
     }
+
+    /// The earliest instant after the current one at which aggregate `id`'s value, moved by
+    /// time alone, leaves `band`. A count whose events only leave finds it at once; counts
+    /// and sums otherwise follow their events for at most [`LOOKAHEAD`] changes (then that
+    /// instant is returned: early, never late); other aggregates stop at their next change.
+    pub fn leaves(&self, rules: &CompiledRules, id: usize, band: &Band) -> Option<i64> {
+        let spec = &rules.aggregates()[id];
+        let src = self.sources[spec.source].as_ref()?;
+        let agg = &src.aggs[spec.position];
+        let mut sum = match (&agg.acc, spec.func) {
+            (_, AggFunc::Count) => None,
+            (
+                Acc::Sum {
+                    sum, overflowed: 0, ..
+                },
+                AggFunc::Sum,
+            ) => Some(*sum),
+            _ => return self.next_change(rules, id),
+        };
+        let q = &src.queue;
+        let span = span_ms(spec, self.retention_ms);
+        let (mut lo, mut hi) = (agg.lo, agg.hi);
+        if sum.is_none() && hi == q.end() {
+            // Only leaving: the count falls by one at each exit, and leaves the band when it
+            // falls below its lowest value inside.
+            let (low, inclusive) = band.low?;
+            let lowest = if inclusive {
+                low.ceil()
+            } else {
+                low.floor() + Decimal::ONE
+            };
+            let lowest = lowest.to_u64().filter(|l| *l >= 1)?;
+            let exits = (hi - lo).checked_sub(lowest)? + 1;
+            return Some(q.ts(lo + exits - 1).saturating_add(span));
+        }
+        let mut looked = None;
+        for _ in 0..LOOKAHEAD {
+            let leaves = (lo < hi).then(|| q.ts(lo).saturating_add(span));
+            let enters = (hi < q.end()).then(|| q.ts(hi));
+            let t = leaves.into_iter().chain(enters).min()?;
+            let step =
+                |s: &mut Option<Decimal>, pos: u64, add: bool| match (s.as_mut(), q.input(spec.slot, pos)) {
+                    (Some(total), Value::Num(n)) => {
+                        let next = if add {
+                            total.checked_add(*n)
+                        } else {
+                            total.checked_sub(*n)
+                        };
+                        next.map(|v| *total = v).ok_or(())
+                    }
+                    _ => Ok(()),
+                };
+            while lo < hi && q.ts(lo).saturating_add(span) <= t {
+                if step(&mut sum, lo, false).is_err() {
+                    return Some(t);
+                }
+                lo += 1;
+            }
+            while hi < q.end() && q.ts(hi) <= t {
+                if step(&mut sum, hi, true).is_err() {
+                    return Some(t);
+                }
+                hi += 1;
+            }
+            if !band.contains(sum.unwrap_or_else(|| Decimal::from(hi - lo))) {
+                return Some(t);
+            }
+            if lo == hi && hi == q.end() {
+                return None; // every event has left: the value holds from here on
+            }
+            looked = Some(t);
+        }
+        // Looked far enough: ask again at the last instant looked at.
+        looked
+    }
 }
 
 /// An aggregate's value over no events.
@@ -606,6 +686,81 @@ mod tests {
             }
         }
         assert_eq!(set.held(), (2, 3), "only the last event is held, once per source");
+    }
+
+    /// `leaves` finds the first instant a count or sum, moved by time alone (events leaving
+    /// and future ones entering), is outside a band around its value — exactly, with fewer
+    /// changes than the look-ahead — and `None` when it never is.
+    #[test]
+    fn leaving_a_band_is_found_at_its_exact_instant() {
+        let rules = CompiledRules::compile(
+            "trait n = count(pay, 10ms)
+             trait s = sum(pay.amount, 7ms)
+             trait l = count(pay, lifetime)",
+        )
+        .unwrap();
+        let all = events(&[
+            (3, 1.5),
+            (1, 2.0),
+            (8, -3.0),
+            (2, 9.0),
+            (15, 4.0),
+            (9, 4.0),
+            (30, 7.0),
+            (12, 1.0),
+            (26, 8.0),
+            (26, 0.5),
+        ]);
+        let retention = 20;
+        let mut checked = 0;
+        for now in 0..45 {
+            // Every event known at once, some stamped after `now` (they enter later).
+            let set = WindowSet::build(&rules, retention, now, &all, |_| None);
+            for (id, spec) in rules.aggregates().iter().enumerate() {
+                let Value::Num(v) = spec.compute(&all, now, retention, |_| None) else {
+                    panic!("{} is a number", spec.text);
+                };
+                let one = Decimal::ONE;
+                let bands = [
+                    Band::default(),
+                    Band {
+                        low: Some((v, true)),
+                        high: None,
+                    },
+                    Band {
+                        low: Some((v - one, false)),
+                        high: Some((v + one, false)),
+                    },
+                    Band {
+                        low: Some((v, true)),
+                        high: Some((v, true)),
+                    },
+                    Band {
+                        low: Some((v - Decimal::TWO, true)),
+                        high: Some((v + Decimal::new(5, 1), true)),
+                    },
+                    Band {
+                        low: None,
+                        high: Some((v, true)),
+                    },
+                ];
+                for band in bands {
+                    let expected =
+                        (now + 1..now + 200).find(|t| match spec.compute(&all, *t, retention, |_| None) {
+                            Value::Num(x) => !band.contains(x),
+                            _ => true,
+                        });
+                    assert_eq!(
+                        set.leaves(&rules, id, &band),
+                        expected,
+                        "{} at {now} leaving {band:?}",
+                        spec.text
+                    );
+                    checked += usize::from(expected.is_some());
+                }
+            }
+        }
+        assert!(checked > 100, "the bands are left often: {checked}");
     }
 
     #[test]

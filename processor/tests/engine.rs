@@ -459,3 +459,37 @@ fn lookups_off_the_engine_thread_see_whole_commits_and_follow_rules_and_clock() 
     // Normalised ids, as everywhere.
     assert!(reader.customer("ｃ1\u{200b}").unwrap().is_some());
 }
+
+/// Timers are set for changes of membership only: a count a tag compares with a number
+/// wakes the customer when the comparison turns (here when the third-newest ping leaves),
+/// not at every ping leaving its window, and aggregates only traits read set none.
+#[test]
+fn timers_wait_for_the_instant_a_comparison_turns() {
+    let dir = TempDir::new("engine-thresholds");
+    let rules = "tag busy = count(ping, 1d) >= 3\ntrait pings_7d = count(ping, 7d)\ntrait amount_90d = sum(ping.n, 90d)";
+    let mut engine = Engine::open(dir.path(), Some(rules), event_config()).unwrap();
+    let pings: Vec<String> = (0..5)
+        .map(|i| {
+            format!(
+                r#"{{"customer_id":"c1","type":"ping","ts":{},"props":{{"n":1}}}}"#,
+                T0 + i * MIN
+            )
+        })
+        .collect();
+    let out = engine.ingest(&pings).unwrap();
+    assert_eq!(out.changes.len(), 1, "busy from the third ping");
+    let turns = T0 + 2 * MIN + DAY;
+    assert_eq!(engine.next_timer(), Some(turns), "the third-newest ping leaves");
+    assert!(engine.advance_clock(turns - 1).unwrap().is_empty());
+    let changes = engine.advance_clock(turns).unwrap();
+    assert_eq!(
+        changes.iter().map(|c| (&*c.name, c.op, c.at)).collect::<Vec<_>>(),
+        [("busy", Op::Remove, turns)]
+    );
+    assert_eq!(engine.next_timer(), None, "nothing a tag reads changes any more");
+    assert_eq!(
+        engine.take_fired_timers().count,
+        1,
+        "one wake-up, not one per ping"
+    );
+}

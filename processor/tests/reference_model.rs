@@ -48,7 +48,7 @@ fn definition(index: usize, earlier: Vec<String>) -> impl Strategy<Value = Strin
         prop::sample::select(earlier).boxed()
     };
     (
-        0u8..10,
+        0u8..12,
         event_type(),
         filter(),
         duration_s(),
@@ -67,6 +67,16 @@ fn definition(index: usize, earlier: Vec<String>) -> impl Strategy<Value = Strin
             6 => format!("tag {name} = distinct({t}.p, {d}s) >= 2 or avg({t}.amount, {d}s) < 20"),
             7 => format!("tag {name} = profile.city in [\"杭州\", \"上海\"] and since({t}) <= {d}s"),
             8 => format!("segment {name} = {other} or first({t}.p{f}) == \"y\""),
+            // Counts and sums compared with numbers every way round, directly and through a
+            // trait that is just the aggregate (timers wait for the comparison to turn).
+            10 => format!(
+                "trait {name}_n = count({t}{f}, {d}s)\ntag {name} = {k} > {name}_n or {name}_n == {}",
+                k + 1
+            ),
+            11 => format!(
+                "tag {name} = sum({t}.amount, {d}s) < {} and count({t}, lifetime) != {k}",
+                k * 30
+            ),
             _ => format!("tag {name} = since({t}) / 1s >= {d} and not has(profile.vip)"),
         })
 }

@@ -141,6 +141,13 @@ pub struct CompiledRules {
     /// Comparisons whose operands depend on `now`, per definition: where `since` crosses
     /// a threshold.
     pub(crate) time_comparisons: Vec<(DefId, BinaryOp, Node, Node)>,
+    /// The definitions and aggregates that tags and segments read, transitively: what a
+    /// change of membership can come from. (Traits no tag or segment reads change with
+    /// time too, but they are computed when read and have no changes to emit.)
+    pub(crate) membership_reads: (Vec<bool>, Vec<bool>),
+    /// Per aggregate, the comparisons with numbers through which alone tags and segments
+    /// read it (see [`crate::timing::membership_thresholds`]).
+    pub(crate) thresholds: Vec<Option<Vec<crate::timing::Threshold>>>,
 }
 
 impl CompiledRules {
@@ -377,7 +384,7 @@ impl<'a> Compiler<'a> {
                 .or_default()
                 .push(id);
         }
-        CompiledRules {
+        let mut rules = CompiledRules {
             source: self.source.to_owned(),
             defs,
             by_name,
@@ -391,7 +398,17 @@ impl<'a> Compiler<'a> {
             event_tags_by_type,
             time_dependent,
             time_comparisons,
-        }
+            membership_reads: (Vec::new(), Vec::new()),
+            thresholds: Vec::new(),
+        };
+        let members = rules
+            .defs
+            .iter()
+            .filter(|d| d.kind != DefKind::Trait)
+            .map(|d| d.id);
+        rules.membership_reads = rules.reads(members);
+        rules.thresholds = crate::timing::membership_thresholds(&rules);
+        rules
     }
 
     /// Definitions a definition names (outside `where`), by index.

@@ -24,6 +24,52 @@ pub trait Facts {
     fn aggregate_next_change(&self, id: AggId) -> Option<i64>;
     /// The earliest instant after `now` at which event tag `id` appears or expires.
     fn event_tag_next_change(&self, id: DefId) -> Option<i64>;
+    /// The earliest instant after `now` at which aggregate `id`'s value (a number), moved
+    /// by time alone, leaves `band` — or an earlier instant at which to ask again (never a
+    /// later one); `None` if it never does. The default asks again at every change of the
+    /// events it sees.
+    fn aggregate_leaves(&self, id: AggId, band: &Band) -> Option<i64> {
+        let _ = band;
+        self.aggregate_next_change(id)
+    }
+}
+
+/// The numbers an aggregate's value can take without changing any comparison a tag or
+/// segment makes with it: between `low` and `high`, each bound inclusive or not.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Band {
+    pub low: Option<(Decimal, bool)>,
+    pub high: Option<(Decimal, bool)>,
+}
+
+impl Band {
+    pub fn contains(&self, v: Decimal) -> bool {
+        self.low
+            .is_none_or(|(l, inclusive)| if inclusive { v >= l } else { v > l })
+            && self
+                .high
+                .is_none_or(|(h, inclusive)| if inclusive { v <= h } else { v < h })
+    }
+
+    /// Narrows the band to values above `l` (or at it, when `inclusive`).
+    pub(crate) fn above(&mut self, l: Decimal, inclusive: bool) {
+        if self
+            .low
+            .is_none_or(|(cur, cur_inc)| l > cur || l == cur && cur_inc && !inclusive)
+        {
+            self.low = Some((l, inclusive));
+        }
+    }
+
+    /// Narrows the band to values below `h` (or at it, when `inclusive`).
+    pub(crate) fn below(&mut self, h: Decimal, inclusive: bool) {
+        if self
+            .high
+            .is_none_or(|(cur, cur_inc)| h < cur || h == cur && cur_inc && !inclusive)
+        {
+            self.high = Some((h, inclusive));
+        }
+    }
 }
 
 /// Where a compiled expression reads its inputs.
@@ -136,6 +182,9 @@ impl<F: Facts + ?Sized> Facts for Overlay<'_, F> {
             Some(v) => v.clone(),
             None => self.facts.definition(id),
         }
+    }
+    fn aggregate_leaves(&self, id: AggId, band: &Band) -> Option<i64> {
+        self.facts.aggregate_leaves(id, band)
     }
     fn aggregate_next_change(&self, id: AggId) -> Option<i64> {
         self.facts.aggregate_next_change(id)

@@ -75,15 +75,15 @@ impl CompiledRules {
                 return facts.now().checked_add(1);
             }
         }
-        let (defs, aggs) = self.reads(id);
+        let (defs, aggs) = self.reads([id]);
         self.next_change_where(facts, |a| aggs[a], |d| defs[d])
     }
 
-    /// The definitions (including `id`) and aggregates that `id` reads, transitively.
-    fn reads(&self, id: DefId) -> (Vec<bool>, Vec<bool>) {
+    /// The definitions (including `ids`) and aggregates that `ids` read, transitively.
+    pub(crate) fn reads(&self, ids: impl IntoIterator<Item = DefId>) -> (Vec<bool>, Vec<bool>) {
         let mut defs = vec![false; self.defs.len()];
         let mut aggs = vec![false; self.aggregates.len()];
-        let mut stack = vec![id];
+        let mut stack: Vec<DefId> = ids.into_iter().collect();
         while let Some(d) = stack.pop() {
             if std::mem::replace(&mut defs[d], true) {
                 continue;

@@ -62,7 +62,7 @@ pub use compile::{
     AggId, AggSource, AggSpec, CompiledDef, CompiledRules, DefId, DefKind, EventTagSpec, Node,
 };
 pub use diagnostic::{render_all, Code, Diagnostic, LocatedDiagnostic, Position, Span};
-pub use eval::{apply_binary, filter_matches, Facts};
+pub use eval::{apply_binary, filter_matches, Band, Facts};
 pub use event::{Event, Props};
 pub use explain::{ExplainNode, WindowBounds};
 pub use history::{CustomerHistory, HistoryFacts, ProfileEntry, DEFAULT_RETENTION_MS};

@@ -8,7 +8,7 @@ use rust_decimal::prelude::*;
 use crate::ast::AggFunc;
 use crate::ast::BinaryOp;
 use crate::compile::{AggId, CompiledRules, DefId, DefKind, Node};
-use crate::eval::{eval_node, Facts, FactsScope, Scope};
+use crate::eval::{eval_node, Band, Facts, FactsScope, Scope};
 use crate::value::Value;
 
 /// A value that is linear in `now`: `slope * now + offset`.
@@ -32,6 +32,38 @@ impl CompiledRules {
     /// change by time alone, or `None` if none can.
     pub fn next_change<F: Facts + ?Sized>(&self, facts: &F) -> Option<i64> {
         self.next_change_where(facts, |_| true, |_| true)
+    }
+
+    /// The earliest instant after `facts.now()` at which a tag or segment could change by
+    /// time alone: [`CompiledRules::next_change`] without the aggregates and `since`
+    /// crossings only traits no tag or segment reads depend on. The engine's timers.
+    /// An aggregate that tags and segments only compare with numbers counts as changed
+    /// when one of those comparisons would turn: not at every event leaving its window.
+    pub fn next_membership_change<F: Facts + ?Sized>(&self, facts: &F) -> Option<i64> {
+        let now = facts.now();
+        let (defs, aggs) = &self.membership_reads;
+        let mut next =
+            self.next_change_where(facts, |a| aggs[a] && self.thresholds[a].is_none(), |d| defs[d]);
+        for (id, thresholds) in self.thresholds.iter().enumerate() {
+            let Some(thresholds) = thresholds.as_deref().filter(|_| aggs[id]) else {
+                continue;
+            };
+            let Value::Num(current) = facts.aggregate(id) else {
+                next = [next, facts.aggregate_next_change(id).filter(|t| *t > now)]
+                    .into_iter()
+                    .flatten()
+                    .min();
+                continue;
+            };
+            let mut band = Band::default();
+            for t in thresholds {
+                t.narrow(current, &mut band);
+            }
+            if let Some(t) = facts.aggregate_leaves(id, &band).filter(|t| *t > now) {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+        }
+        next
     }
 
     /// Like [`CompiledRules::next_change`], restricted to the aggregates and definitions
@@ -210,4 +242,103 @@ impl<F: Facts + ?Sized> Scope for Shifted<'_, F> {
     fn prop(&self, _path: &str) -> Value {
         Value::Null
     }
+}
+
+/// `aggregate op value`: how a tag or segment reads a count or sum it only compares with a
+/// number (`value op aggregate` is stored turned around).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Threshold {
+    op: BinaryOp,
+    value: Decimal,
+}
+
+impl Threshold {
+    /// Narrows `band` to the values on the same side of this comparison as `current`.
+    fn narrow(&self, current: Decimal, band: &mut Band) {
+        let c = self.value;
+        match self.op {
+            BinaryOp::Gt | BinaryOp::Le if current > c => band.above(c, false),
+            BinaryOp::Gt | BinaryOp::Le => band.below(c, true),
+            BinaryOp::Ge | BinaryOp::Lt if current >= c => band.above(c, true),
+            BinaryOp::Ge | BinaryOp::Lt => band.below(c, false),
+            // `==` and `!=` turn when the value reaches or leaves `c`.
+            _ if current == c => {
+                band.above(c, true);
+                band.below(c, true);
+            }
+            _ if current < c => band.below(c, false),
+            _ => band.above(c, false),
+        }
+    }
+}
+
+/// For each count and sum aggregate that tags and segments read only through comparisons
+/// with numbers (directly or through a trait that is just that aggregate), those
+/// comparisons; `None` for every other aggregate.
+pub(crate) fn membership_thresholds(rules: &CompiledRules) -> Vec<Option<Vec<Threshold>>> {
+    let alias = |d: DefId| match (&rules.defs[d].expr, rules.defs[d].kind) {
+        (Some(Node::Agg(a)), DefKind::Trait) => Some(*a),
+        _ => None,
+    };
+    let mut out: Vec<Option<Vec<Threshold>>> = rules
+        .aggregates
+        .iter()
+        .map(|a| matches!(a.func, AggFunc::Count | AggFunc::Sum).then(Vec::new))
+        .collect();
+    fn visit(node: &Node, alias: &dyn Fn(DefId) -> Option<usize>, out: &mut [Option<Vec<Threshold>>]) {
+        let agg_of = |n: &Node| match n {
+            Node::Agg(a) => Some(*a),
+            Node::Def(d) => alias(*d),
+            _ => None,
+        };
+        match node {
+            Node::Binary(
+                op
+                @ (BinaryOp::Eq | BinaryOp::Ne | BinaryOp::Lt | BinaryOp::Le | BinaryOp::Gt | BinaryOp::Ge),
+                l,
+                r,
+            ) => match (agg_of(l), &**l, agg_of(r), &**r) {
+                (Some(a), _, _, Node::Const(Value::Num(value))) => push(out, a, *op, *value),
+                (_, Node::Const(Value::Num(value)), Some(a), _) => {
+                    // `value op aggregate` is `aggregate op' value`.
+                    let turned = match op {
+                        BinaryOp::Lt => BinaryOp::Gt,
+                        BinaryOp::Le => BinaryOp::Ge,
+                        BinaryOp::Gt => BinaryOp::Lt,
+                        BinaryOp::Ge => BinaryOp::Le,
+                        other => *other,
+                    };
+                    push(out, a, turned, *value)
+                }
+                _ => {
+                    visit(l, alias, out);
+                    visit(r, alias, out);
+                }
+            },
+            Node::Agg(_) | Node::Def(_) => {
+                if let Some(a) = agg_of(node) {
+                    out[a] = None;
+                }
+            }
+            Node::Not(inner) | Node::Neg(inner) => visit(inner, alias, out),
+            Node::Binary(_, l, r) => {
+                visit(l, alias, out);
+                visit(r, alias, out);
+            }
+            Node::List(items) => items.iter().for_each(|i| visit(i, alias, out)),
+            Node::Const(_) | Node::Profile(_) | Node::Has(_) | Node::Prop(_) => {}
+        }
+    }
+    fn push(out: &mut [Option<Vec<Threshold>>], a: usize, op: BinaryOp, value: Decimal) {
+        if let Some(list) = &mut out[a] {
+            list.push(Threshold { op, value });
+        }
+    }
+    let (defs, _) = &rules.membership_reads;
+    for def in rules.defs.iter().filter(|d| defs[d.id] && alias(d.id).is_none()) {
+        if let Some(expr) = &def.expr {
+            visit(expr, &alias, &mut out);
+        }
+    }
+    out
 }
