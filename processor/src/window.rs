@@ -533,23 +533,24 @@ impl WindowSet {
             let exits = (hi - lo).checked_sub(lowest)? + 1;
             return Some(q.ts(lo + exits - 1).saturating_add(span));
         }
+        // Moves a running sum by the event at `pos`; `Err` when it would overflow.
+        let step = |s: &mut Option<Decimal>, pos: u64, add: bool| match (s.as_mut(), q.input(spec.slot, pos))
+        {
+            (Some(total), Value::Num(n)) => {
+                let next = if add {
+                    total.checked_add(*n)
+                } else {
+                    total.checked_sub(*n)
+                };
+                next.map(|v| *total = v).ok_or(())
+            }
+            _ => Ok(()),
+        };
         let mut looked = None;
         for _ in 0..LOOKAHEAD {
             let leaves = (lo < hi).then(|| q.ts(lo).saturating_add(span));
             let enters = (hi < q.end()).then(|| q.ts(hi));
             let t = leaves.into_iter().chain(enters).min()?;
-            let step =
-                |s: &mut Option<Decimal>, pos: u64, add: bool| match (s.as_mut(), q.input(spec.slot, pos)) {
-                    (Some(total), Value::Num(n)) => {
-                        let next = if add {
-                            total.checked_add(*n)
-                        } else {
-                            total.checked_sub(*n)
-                        };
-                        next.map(|v| *total = v).ok_or(())
-                    }
-                    _ => Ok(()),
-                };
             while lo < hi && q.ts(lo).saturating_add(span) <= t {
                 if step(&mut sum, lo, false).is_err() {
                     return Some(t);
