@@ -507,66 +507,45 @@ impl WindowSet {
         let spec = &rules.aggregates()[id];
         let src = self.sources[spec.source].as_ref()?;
         let agg = &src.aggs[spec.position];
-        let mut sum = match (&agg.acc, spec.func) {
-            (_, AggFunc::Count) => None,
-            (
-                Acc::Sum {
-                    sum, overflowed: 0, ..
-                },
-                AggFunc::Sum,
-            ) => Some(*sum),
-            _ => return self.next_change(rules, id),
-        };
         let q = &src.queue;
         let span = span_ms(spec, self.retention_ms);
-        let (mut lo, mut hi) = (agg.lo, agg.hi);
-        if sum.is_none() && hi == q.end() {
-            // Only leaving: the count falls by one at each exit, and leaves the band when it
-            // falls below its lowest value inside.
-            let (low, inclusive) = band.low?;
-            let lowest = if inclusive {
-                low.ceil()
-            } else {
-                low.floor() + Decimal::ONE
-            };
-            let lowest = lowest.to_u64().filter(|l| *l >= 1)?;
-            let exits = (hi - lo).checked_sub(lowest)? + 1;
-            return Some(q.ts(lo + exits - 1).saturating_add(span));
-        }
-        // Moves a running sum by the event at `pos`; `Err` when it would overflow.
-        let step = |s: &mut Option<Decimal>, pos: u64, add: bool| match (s.as_mut(), q.input(spec.slot, pos))
-        {
-            (Some(total), Value::Num(n)) => {
-                let next = if add {
-                    total.checked_add(*n)
+        match (&agg.acc, spec.func) {
+            (_, AggFunc::Count) if agg.hi == q.end() => {
+                // Only leaving: the count falls by one at each exit, and leaves the band when
+                // it falls below its lowest value inside.
+                let (low, inclusive) = band.low?;
+                let lowest = if inclusive {
+                    low.ceil()
                 } else {
-                    total.checked_sub(*n)
+                    low.floor() + Decimal::ONE
                 };
-                next.map(|v| *total = v).ok_or(())
+                let lowest = lowest.to_u64().filter(|l| *l >= 1)?;
+                let exits = (agg.hi - agg.lo).checked_sub(lowest)? + 1;
+                return Some(q.ts(agg.lo + exits - 1).saturating_add(span));
             }
-            _ => Ok(()),
-        };
+            (_, AggFunc::Count) | (Acc::Sum { overflowed: 0, .. }, AggFunc::Sum) => {}
+            _ => return self.next_change(rules, id),
+        }
+        // Otherwise a copy of the aggregate's state is moved from one change of its events
+        // to the next.
+        let mut probe = agg.clone();
         let mut looked = None;
         for _ in 0..LOOKAHEAD {
-            let leaves = (lo < hi).then(|| q.ts(lo).saturating_add(span));
-            let enters = (hi < q.end()).then(|| q.ts(hi));
+            let leaves = (probe.lo < probe.hi).then(|| q.ts(probe.lo).saturating_add(span));
+            let enters = (probe.hi < q.end()).then(|| q.ts(probe.hi));
             let t = leaves.into_iter().chain(enters).min()?;
-            while lo < hi && q.ts(lo).saturating_add(span) <= t {
-                if step(&mut sum, lo, false).is_err() {
-                    return Some(t);
-                }
-                lo += 1;
-            }
-            while hi < q.end() && q.ts(hi) <= t {
-                if step(&mut sum, hi, true).is_err() {
-                    return Some(t);
-                }
-                hi += 1;
-            }
-            if !band.contains(sum.unwrap_or_else(|| Decimal::from(hi - lo))) {
+            probe.advance(spec.slot, span, q, t);
+            let value = match &probe.acc {
+                Acc::Sum {
+                    sum, overflowed: 0, ..
+                } => *sum,
+                Acc::Sum { .. } => return Some(t), // overflowed: judged there
+                _ => Decimal::from(probe.hi - probe.lo),
+            };
+            if !band.contains(value) {
                 return Some(t);
             }
-            if lo == hi && hi == q.end() {
+            if probe.lo == probe.hi && probe.hi == q.end() {
                 return None; // every event has left: the value holds from here on
             }
             looked = Some(t);
