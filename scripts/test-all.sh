@@ -10,6 +10,9 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 # shellcheck source=lib/tansu.sh
 . scripts/lib/tansu.sh
 
+echo "==> prerequisite probe (scripts/check-prereqs-probe.sh)"
+./scripts/check-prereqs-probe.sh
+
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -1,4 +1,4 @@
-//! The conformance sample (`shared/conformance/`): a generated CRM stream and the exact
+//! The conformance sample (`tests/conformance/`): a generated CRM stream and the exact
 //! outputs the contract requires, computed by an independent reference implementation.
 //!
 //! `--clock event`, ingest `events.ndjson` in file order, then set the clock to the final
@@ -10,19 +10,6 @@ use std::path::PathBuf;
 
 use processor::{ClockMode, Engine, EngineConfig, MemberKind, Op};
 use serde_json::{json, Value as Json};
-
-fn conformance_dir() -> PathBuf {
-    let dir = tests::repo_root()
-        .parent()
-        .expect("repository has a parent")
-        .join("shared/conformance");
-    assert!(
-        dir.is_dir(),
-        "the conformance sample is missing at {}",
-        dir.display()
-    );
-    dir
-}
 
 fn read_ndjson(path: &PathBuf) -> Vec<Json> {
     std::fs::read_to_string(path)
@@ -46,7 +33,7 @@ fn run(rules_name: &str, cache_customers: usize) {
 }
 
 fn run_with_memory(rules_name: &str, cache_customers: usize, cache_bytes: usize) {
-    let dir = conformance_dir();
+    let dir = tests::conformance_dir();
     let rules = std::fs::read_to_string(dir.join(format!("{rules_name}.trl"))).expect("rules");
     let expected_dir = dir.join(format!("expected-{rules_name}"));
     let expected_final: Json =

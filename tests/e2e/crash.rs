@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use tests::{repo_root, TempDir};
+use tests::{conformance_dir, TempDir};
 
 #[path = "support/snapshot.rs"]
 mod support;
@@ -15,7 +15,7 @@ use support::snapshot;
 const FINAL_CLOCK: &str = "1744732800000";
 
 fn replay(data: &Path, batch_size: usize) -> Command {
-    let conformance = repo_root().parent().unwrap().join("shared/conformance");
+    let conformance = conformance_dir();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tagstream"));
     cmd.arg("replay")
         .arg(conformance.join("events.ndjson"))

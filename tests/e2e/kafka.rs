@@ -19,7 +19,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use tests::http::request;
-use tests::{repo_root, TempDir};
+use tests::{conformance_dir, TempDir};
 
 #[path = "support/snapshot.rs"]
 mod support;
@@ -98,7 +98,7 @@ impl Drop for Broker {
 }
 
 fn conformance() -> PathBuf {
-    repo_root().parent().unwrap().join("shared/conformance")
+    conformance_dir()
 }
 
 /// The conformance stream's non-blank lines, as bytes (some are not UTF-8, on purpose).

@@ -17,6 +17,18 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The conformance sample kept in the repository (`tests/conformance/`, see its README):
+/// a generated stream and the exact outputs the contract requires for two rule sets.
+pub fn conformance_dir() -> PathBuf {
+    let dir = repo_root().join("tests/conformance");
+    assert!(
+        dir.join("events.ndjson").is_file(),
+        "the conformance sample is missing at {}",
+        dir.display()
+    );
+    dir
+}
+
 /// A fresh temporary directory under the system temp dir, removed on drop.
 pub struct TempDir(PathBuf);
 
