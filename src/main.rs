@@ -25,8 +25,33 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
     about = "Real-time customer tagging and segmentation"
 )]
 struct Cli {
+    /// Log lines as human-readable text (colours only on a terminal) or as one JSON object
+    /// a line, for log shippers. The level filter is `TAGSTREAM_LOG` (default `info`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs go to stderr: text with ANSI colours only when stderr is a terminal (never escape
+/// codes in a file or a journal), or JSON lines.
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TAGSTREAM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().with_current_span(false).init(),
+    }
 }
 
 #[derive(Subcommand)]
@@ -129,7 +154,8 @@ struct StoreArgs {
     /// fsync the write-ahead log on every commit [default: true].
     #[arg(long, action = clap::ArgAction::Set)]
     sync_writes: Option<bool>,
-    /// Customers kept in memory between batches [default: 100000].
+    /// Most customers kept in memory between batches; `[cache] memory_mb` bounds their
+    /// bytes too [default: 1000000].
     #[arg(long)]
     cache_customers: Option<usize>,
     /// How long each customer's events are kept, e.g. 400d [default: 400d].
@@ -192,14 +218,8 @@ fn open_engine(settings: &Settings) -> anyhow::Result<Engine> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TAGSTREAM_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    init_logging(cli.log_format);
     let result = match cli.command {
         Command::Serve {
             store,

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use processor::kafka::{self, ApplyError, KafkaBatch, KafkaSettings, KafkaStatus};
-use processor::Engine;
-use query_api::{router, ApiConfig, AppState, EngineHandle, EngineThreadConfig};
+use processor::kafka::{self, KafkaSettings, KafkaStatus};
+use processor::{Engine, EngineHandle, ServiceConfig};
+use query_api::{router, ApiConfig, AppState};
 
 /// Serves the API until SIGTERM or Ctrl-C, then finishes the work in flight, flushes and
 /// returns. `on_ready` runs once the socket is bound (the demo starts its generator there).
@@ -21,20 +21,15 @@ pub fn serve(
 ) -> anyhow::Result<()> {
     let stopping = Arc::new(AtomicBool::new(false));
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let (handle, engine_thread) = EngineHandle::spawn(engine, EngineThreadConfig::default());
+    let (handle, engine_thread) = EngineHandle::spawn(engine, ServiceConfig::default());
     let mut state = AppState::new(handle.clone(), api);
     let kafka_workers = match kafka {
         Some(settings) => {
             let status = Arc::new(KafkaStatus::default());
             state.kafka = Some(status.clone());
             tracing::info!(brokers = %settings.brokers, topic = %settings.topic, group = %settings.group_id, "consuming from Kafka");
-            let workers = kafka::start(
-                settings,
-                handle.reader().clone(),
-                kafka_apply(handle.clone()),
-                status,
-            )
-            .context("starting the Kafka consumer")?;
+            let workers = kafka::start(settings, handle.reader().clone(), handle.kafka_apply(), status)
+                .context("starting the Kafka consumer")?;
             Some(workers)
         }
         None => None,
@@ -55,9 +50,14 @@ pub fn serve(
         if resumed > 0 {
             tracing::info!(subscriptions = resumed, "delivering webhooks");
         }
+        let shutdown = state.shutdown.clone();
         let app = router(state);
         let served = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown_signal())
+            .with_graceful_shutdown(async move {
+                shutdown_signal().await;
+                // Streams end now, or the graceful shutdown would wait for their clients.
+                shutdown.begin();
+            })
             .await;
         stopping.store(true, Ordering::SeqCst);
         served?;
@@ -76,23 +76,6 @@ pub fn serve(
     tracing::info!("stopped cleanly");
     announce("tagstream stopped cleanly");
     Ok(())
-}
-
-/// How the Kafka consumer hands a batch to the engine thread: with each partition's next
-/// offset, committed atomically with the state (see `processor::kafka`).
-fn kafka_apply(handle: EngineHandle) -> kafka::Apply {
-    Box::new(move |batch: Arc<KafkaBatch>| {
-        let received = std::time::Instant::now();
-        let result = handle.call_blocking(move |engine| {
-            query_api::metrics::ingest_measured(engine, &batch.events, &batch.positions, received)
-        });
-        match result {
-            Ok(Ok(outcome)) => Ok(outcome),
-            Ok(Err(e)) => Err(ApplyError::Failed(e.to_string())),
-            Err(query_api::ApiError::Busy) => Err(ApplyError::Busy),
-            Err(e) => Err(ApplyError::Failed(e.to_string())),
-        }
-    })
 }
 
 /// A line on stdout for whoever started us. Never fails: by shutdown the reader of a pipe
@@ -124,39 +107,63 @@ async fn shutdown_signal() {
 
 /// Streams realistic events into the engine at `rate` events per second, stamped with the
 /// wall clock: customers in Chinese cities, payments in yuan, app opens, views, leads, calls.
+/// A small batch every 10 ms goes to one of a few sender threads, as from several producers
+/// (the engine groups what has arrived into one commit). Event ids start from the wall clock,
+/// so a second run on a kept store makes new events, not duplicates of the first run's.
 pub fn demo_generator(handle: EngineHandle, stopping: Arc<AtomicBool>, rate: u32, customers: u64) {
+    const EVERY: Duration = Duration::from_millis(10);
+    const SENDERS: usize = 4;
+    let (batches, queue) = std::sync::mpsc::sync_channel::<Vec<Vec<u8>>>(SENDERS * 4);
+    let queue = Arc::new(std::sync::Mutex::new(queue));
+    for n in 0..SENDERS {
+        let (handle, queue, stopping) = (handle.clone(), queue.clone(), stopping.clone());
+        std::thread::Builder::new()
+            .name(format!("tagstream-demo-send-{n}"))
+            .spawn(move || loop {
+                let next = queue.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                let Ok(events) = next else { return };
+                if let Err(e) = handle.ingest_blocking(events, Vec::new()) {
+                    tracing::warn!(error = %e, "demo generator could not ingest; stopping");
+                    stopping.store(true, Ordering::SeqCst);
+                    return;
+                }
+            })
+            .expect("spawn a demo sender");
+    }
     std::thread::Builder::new()
         .name("tagstream-demo".into())
         .spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            let mut rng = bench::loadgen::Rng::new(7);
+            let mut rng = bench::loadgen::Rng::new(wall_ms() as u64);
             let zipf = bench::loadgen::Zipf::new(customers, 1.05);
-            let batch = (rate / 10).max(1);
-            let mut i: u64 = 0;
+            let started = std::time::Instant::now();
+            // Unique across runs: a run would need 10^6 events per ms to reach the next one.
+            let first_id = wall_ms() as u64 * 1_000_000;
+            let mut made: u64 = 0;
             while !stopping.load(Ordering::SeqCst) {
-                let started = std::time::Instant::now();
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as i64);
-                let events: Vec<Vec<u8>> = (0..batch)
-                    .map(|_| {
-                        i += 1;
+                let tick = std::time::Instant::now();
+                let due = (started.elapsed().as_secs_f64() * f64::from(rate)) as u64;
+                let now = wall_ms();
+                // Behind by more than 100 ms (a stall): skip ahead, the rate is a target.
+                let from = made.max(due.saturating_sub(u64::from(rate / 10)));
+                let events: Vec<Vec<u8>> = (from..due)
+                    .map(|i| {
                         let customer = bench::loadgen::customer_id(zipf.sample(&mut rng), &mut rng);
-                        bench::loadgen::event_line(i, &customer, now, &mut rng).into_bytes()
+                        bench::loadgen::event_line(first_id + i, &customer, now, &mut rng).into_bytes()
                     })
                     .collect();
-                let result = runtime.block_on(handle.call(move |engine| {
-                    query_api::metrics::ingest_measured::<_, &str>(engine, &events, &[], started)
-                }));
-                if let Err(e) = result {
-                    tracing::warn!(error = %e, "demo generator could not ingest; stopping");
+                made = due;
+                // A full queue (the engine is behind) waits: the generator slows with it.
+                if !events.is_empty() && batches.send(events).is_err() {
                     return;
                 }
-                std::thread::sleep(Duration::from_millis(100).saturating_sub(started.elapsed()));
+                std::thread::sleep(EVERY.saturating_sub(tick.elapsed()));
             }
         })
         .expect("spawn the demo generator");
+}
+
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }

@@ -64,10 +64,18 @@ impl Writer {
             Value::Null => self.u8(0),
             Value::Bool(false) => self.u8(1),
             Value::Bool(true) => self.u8(2),
-            Value::Num(n) => {
-                self.u8(3);
-                self.buf.extend_from_slice(&n.serialize());
-            }
+            Value::Num(n) => match i64::try_from(n.mantissa()) {
+                // Most numbers (money, counts) fit a 64-bit mantissa: 2-10 bytes instead of 16.
+                Ok(m) if !(m == 0 && n.is_sign_negative()) => {
+                    self.u8(7);
+                    self.u8(n.scale() as u8);
+                    self.i64(m);
+                }
+                _ => {
+                    self.u8(3);
+                    self.buf.extend_from_slice(&n.serialize());
+                }
+            },
             Value::Str(s) => {
                 self.u8(4);
                 self.str(s);
@@ -199,6 +207,14 @@ impl<'a> Reader<'a> {
                 }
                 Value::List(items.into())
             }
+            7 => {
+                let scale = u32::from(self.u8()?);
+                let mantissa = self.i64()?;
+                Value::Num(
+                    Decimal::try_from_i128_with_scale(i128::from(mantissa), scale)
+                        .map_err(|_| CodecError("bad decimal scale"))?,
+                )
+            }
             _ => return Err(CodecError("bad value tag")),
         })
     }
@@ -224,6 +240,10 @@ mod tests {
             Value::Null,
             Value::Bool(true),
             Value::Num("-1234.567890".parse().unwrap()),
+            Value::Num("0.30".parse().unwrap()),
+            Value::Num("-0.0".parse().unwrap()),
+            Value::Num(Decimal::MAX),
+            Value::Num("12345678901234567890123.45678".parse().unwrap()),
             Value::str("杭州\u{200b}"),
             Value::Dur(-5),
             Value::List(vec![Value::num(1), Value::str("a")].into()),
@@ -236,7 +256,15 @@ mod tests {
         w.opt_i64(Some(7));
         let mut r = Reader::new(&w.buf);
         for v in &values {
-            assert_eq!(&r.value().unwrap(), v);
+            let back = r.value().unwrap();
+            assert_eq!(&back, v);
+            // Exactly, scale and sign included: 0.30 prints as it came.
+            if let (Value::Num(a), Value::Num(b)) = (&back, v) {
+                assert_eq!(
+                    (a.to_string(), a.is_sign_negative()),
+                    (b.to_string(), b.is_sign_negative())
+                );
+            }
         }
         assert_eq!(r.i64().unwrap(), i64::MIN);
         assert_eq!(r.opt_i64().unwrap(), Some(7));

@@ -512,7 +512,7 @@ impl MembershipIndex {
                 let id = std::str::from_utf8(&key).map_err(|_| CodecError("bad customer id"))?;
                 record.number = state.ids.push(id);
                 wb.put_cf(store.cf(CF_NUMBERS), number_key(record.number), id.as_bytes());
-                wb.put_cf(store.cf(CF_CUSTOMERS), &key, record.encode());
+                wb.put_cf(store.cf(CF_CUSTOMERS), &key, record.encode(None));
                 pending += 1;
                 if pending == 10_000 {
                     store.commit(std::mem::take(&mut wb))?;

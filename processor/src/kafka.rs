@@ -233,9 +233,17 @@ impl ConsumerContext for ConsumerCtx {
                     .iter()
                     .map(|e| (e.topic().to_owned(), e.partition()))
                     .collect();
+                // Where the store says each partition stands, also stored for the group's
+                // commit: a partition with nothing new after a restart would otherwise never
+                // get a committed group offset, and lag tools would read it as unconsumed.
+                let mut resume = TopicPartitionList::new();
                 for (topic, partition) in &owned {
                     let offset = match self.reader.source_offset(&source_name(topic, *partition)) {
-                        Ok(Some(next)) => Offset::Offset(next as i64),
+                        Ok(Some(next)) => {
+                            let _ =
+                                resume.add_partition_offset(topic, *partition, Offset::Offset(next as i64));
+                            Offset::Offset(next as i64)
+                        }
                         Ok(None) => Offset::Beginning,
                         Err(e) => {
                             // Without the stored offset the partition cannot be read safely.
@@ -250,6 +258,11 @@ impl ConsumerContext for ConsumerCtx {
                 if let Err(e) = consumer.assign(tpl) {
                     tracing::error!(error = %e, "assigning partitions failed");
                     return;
+                }
+                if resume.count() > 0 {
+                    if let Err(e) = consumer.store_offsets(&resume) {
+                        tracing::debug!(error = %e, "storing the resumed offsets for the group commit");
+                    }
                 }
                 let partitions = consumer
                     .fetch_metadata(Some(&self.topic), Duration::from_secs(5))
@@ -381,16 +394,17 @@ fn record_consumer_lag(consumer: &BaseConsumer<ConsumerCtx>, topic: &str) {
     let Ok(positions) = consumer.position() else {
         return;
     };
-    let mut lag = 0i64;
+    // Per partition (few, and what an operator needs to find a stuck one).
     for e in positions.elements() {
         let Offset::Offset(position) = e.offset() else {
             continue;
         };
         if let Ok((_, high)) = consumer.fetch_watermarks(topic, e.partition(), Duration::from_secs(1)) {
-            lag += (high - position).max(0);
+            let partition = e.partition().to_string();
+            metrics::gauge!("tagstream_kafka_consumer_lag", "partition" => partition)
+                .set((high - position).max(0) as f64);
         }
     }
-    metrics::gauge!("tagstream_kafka_consumer_lag").set(lag as f64);
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -529,6 +543,10 @@ fn next_records(
                         .insert(Header {
                             key: "tagstream-reason",
                             value: Some(d.reason.as_str()),
+                        })
+                        .insert(Header {
+                            key: "tagstream-reason-code",
+                            value: Some(d.code.as_str()),
                         })
                         .insert(Header {
                             key: "tagstream-received-at",

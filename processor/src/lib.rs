@@ -41,17 +41,21 @@ pub mod engine;
 pub mod event;
 pub mod index;
 pub mod kafka;
+pub mod service;
 pub mod state;
 pub mod store;
+pub mod telemetry;
 pub mod window;
 pub mod writes;
 
 pub use change::{Cause, Change, MemberKind, Op};
 pub use engine::{
     parse_cursor, BackfillProgress, ClockMode, CustomerView, DeadLetter, Delta, Engine, EngineConfig,
-    EngineError, Explained, Explanation, ExportField, FiredTimers, IngestError, IngestOutcome, MembersPage,
-    NextChange, Preview, PreviewCounts, QueryError, QueryPage, ReadHandle, SavedSegment, SegmentUpdate,
+    EngineError, Explained, Explanation, ExportField, FiredTimers, IngestError, IngestOutcome, IngestRequest,
+    MembersPage, NextChange, Preview, PreviewCounts, QueryError, QueryPage, ReadHandle, SavedSegment,
+    SegmentUpdate,
 };
 pub use event::{parse_event, EventLimits, Rejection, ValidEvent};
+pub use service::{EngineHandle, ServiceConfig, ServiceError};
 pub use state::Membership;
 pub use store::StoredEvent;

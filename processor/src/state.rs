@@ -87,12 +87,14 @@ pub struct CustomerState {
     pub last_used: u64,
 }
 
-/// Version 2 appends the customer number; version 1 records decode without one.
-const RECORD_VERSION: u8 = 2;
+/// Version 3 appends whether the customer has events and their window state; version 2
+/// appends the customer number; version 1 records decode without one.
+const RECORD_VERSION: u8 = 3;
 
 impl CustomerState {
-    /// Encodes everything but the events.
-    pub fn encode(&self) -> Vec<u8> {
+    /// Encodes everything but the events; the window state (built under `rules`) too, so the
+    /// next load needs no scan of the history.
+    pub fn encode(&self, rules: Option<&CompiledRules>) -> Vec<u8> {
         let mut w = Writer::new();
         w.u8(RECORD_VERSION);
         w.u64(self.generation);
@@ -132,10 +134,29 @@ impl CustomerState {
             w.opt_i64(m.expires_at);
         }
         w.u64(u64::from(self.number));
+        w.u8(u8::from(self.has_events));
+        match (&self.windows, rules) {
+            (Some(windows), Some(rules)) => {
+                w.u8(1);
+                windows.encode(rules, &mut w);
+            }
+            _ => w.u8(0),
+        }
         w.buf
     }
 
+    /// Decodes a record without its window state (the caller loads the history).
     pub fn decode(bytes: &[u8]) -> Result<CustomerState, CodecError> {
+        Self::decode_with_windows(bytes, None).map(|(state, _)| state)
+    }
+
+    /// Decodes a record with its window state when that was kept under rules whose windows
+    /// are shaped like `rules`' (and the same retention); the bool says whether the windows
+    /// came with it. Without them the caller must load the history.
+    pub fn decode_with_windows(
+        bytes: &[u8],
+        current: Option<(&CompiledRules, i64)>,
+    ) -> Result<(CustomerState, bool), CodecError> {
         let mut r = Reader::new(bytes);
         let version = r.u8()?;
         if !(1..=RECORD_VERSION).contains(&version) {
@@ -193,7 +214,19 @@ impl CustomerState {
         } else {
             crate::index::NO_NUMBER
         };
-        Ok(state)
+        if version < 3 {
+            return Ok((state, false));
+        }
+        state.has_events = r.u8()? != 0;
+        let Some((rules, retention_ms)) = current else {
+            return Ok((state, false));
+        };
+        if r.u8()? == 0 {
+            return Ok((state, false));
+        }
+        state.windows = WindowSet::decode(&mut r, rules, retention_ms)?;
+        let attached = state.windows.is_some();
+        Ok((state, attached))
     }
 
     /// Builds the incremental aggregates if needed (from the loaded history) and moves them
@@ -435,7 +468,7 @@ mod tests {
                 expires_at: None,
             },
         );
-        let back = CustomerState::decode(&s.encode()).unwrap();
+        let back = CustomerState::decode(&s.encode(None)).unwrap();
         assert_eq!(back.generation, 3);
         assert_eq!(back.timer, Some(99));
         assert_eq!(back.history.profile, s.history.profile);

@@ -26,7 +26,7 @@ use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction,
     IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions, DB,
 };
-use rules::{Event, Props};
+use rules::{CompiledRules, Event, Props};
 
 use crate::codec::{CodecError, Reader, Writer};
 use crate::state::CustomerState;
@@ -61,6 +61,15 @@ pub enum StoreError {
     Rocks(#[from] rocksdb::Error),
     #[error(transparent)]
     Codec(#[from] CodecError),
+}
+
+/// What a customer is judged under: the window state stored in a record is used only when
+/// it was kept under rules whose windows are shaped the same
+/// ([`CompiledRules::window_layout`]) and the same retention.
+#[derive(Debug, Clone, Copy)]
+pub struct Current<'a> {
+    pub rules: &'a CompiledRules,
+    pub retention_ms: i64,
 }
 
 /// A raw key and value read from a column family.
@@ -340,16 +349,28 @@ impl Store {
 
     /// Loads a customer's record and retained events.
     pub fn load_customer(&self, customer: &str) -> Result<Option<CustomerState>, StoreError> {
-        self.load_customer_with(customer, ReadOptions::default)
+        self.load_customer_with(customer, None, ReadOptions::default)
     }
 
-    /// Like [`Store::load_customer`] for readers on other threads than the writer: the record,
-    /// the events and the meta value `meta` (the clock) come from one snapshot, so they
-    /// always belong to the same commit.
+    /// Loads a customer to be judged under `current` (the rules and the retention): the record with its stored window state when that was kept under these
+    /// rules — one read, whatever the history holds — else the record and the retained
+    /// events (`history_loaded`).
+    pub fn load_customer_current(
+        &self,
+        customer: &str,
+        current: Current<'_>,
+    ) -> Result<Option<CustomerState>, StoreError> {
+        self.load_customer_with(customer, Some(current), ReadOptions::default)
+    }
+
+    /// Like [`Store::load_customer_current`] for readers on other threads than the writer:
+    /// the record, the events and the meta value `meta` (the clock) come from one snapshot,
+    /// so they always belong to the same commit.
     pub fn load_customer_consistent(
         &self,
         customer: &str,
         meta: &str,
+        current: Current<'_>,
     ) -> Result<(Option<CustomerState>, Option<Vec<u8>>), StoreError> {
         let snapshot = self.db.snapshot();
         let read_options = || {
@@ -360,12 +381,16 @@ impl Store {
         let meta = self
             .db
             .get_cf_opt(self.cf(CF_META), meta.as_bytes(), &read_options())?;
-        Ok((self.load_customer_with(customer, read_options)?, meta))
+        Ok((
+            self.load_customer_with(customer, Some(current), read_options)?,
+            meta,
+        ))
     }
 
     fn load_customer_with(
         &self,
         customer: &str,
+        current: Option<Current<'_>>,
         read_options: impl Fn() -> ReadOptions,
     ) -> Result<Option<CustomerState>, StoreError> {
         let Some(bytes) =
@@ -374,14 +399,18 @@ impl Store {
         else {
             return Ok(None);
         };
-        let mut state = CustomerState::decode(&bytes)?;
+        let current = current.map(|c| (c.rules, c.retention_ms));
+        let (mut state, windows) = CustomerState::decode_with_windows(&bytes, current)?;
+        if windows {
+            return Ok(Some(state));
+        }
         state.history.events = self
             .events_with(customer, read_options())?
             .into_iter()
             .map(|e| e.event)
             .collect();
         state.history_loaded = true;
-        state.has_events = !state.history.events.is_empty();
+        state.has_events |= !state.history.events.is_empty();
         Ok(Some(state))
     }
 
@@ -463,8 +492,19 @@ impl Store {
         Ok(events)
     }
 
-    pub fn put_customer(&self, batch: &mut impl Writes, customer: &str, state: &CustomerState) {
-        batch.put(self.cf(CF_CUSTOMERS), customer.as_bytes(), &state.encode());
+    /// Writes a customer's record, with their window state as built under `rules`.
+    pub fn put_customer(
+        &self,
+        batch: &mut impl Writes,
+        customer: &str,
+        state: &CustomerState,
+        rules: &CompiledRules,
+    ) {
+        batch.put(
+            self.cf(CF_CUSTOMERS),
+            customer.as_bytes(),
+            &state.encode(Some(rules)),
+        );
     }
 
     pub fn put_event(&self, batch: &mut impl Writes, customer: &str, event: &Event, event_id: Option<&str>) {

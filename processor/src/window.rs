@@ -8,14 +8,18 @@
 //!
 //! Windows only move forward (the clock never goes back), so an event that has left every
 //! window over its source is dropped for good; a late event older than the longest window is
-//! never added. The state is derived from the retained history when a customer is loaded and
-//! is never stored.
+//! never added. The state is stored in the customer's record ([`WindowSet::encode`]), so a
+//! customer loaded from the store costs one read of what their windows hold, not a scan of
+//! their history; it is built from the retained history only when the rules that shape it
+//! changed, or when past events must be judged again.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use rules::value::DistinctKey;
 use rules::{filter_matches, AggFunc, AggSpec, Band, CompiledRules, Event, Value, Window};
 use rust_decimal::prelude::ToPrimitive;
+
+use crate::codec::{CodecError, Reader, Writer};
 use rust_decimal::Decimal;
 
 static NULL: Value = Value::Null;
@@ -412,6 +416,125 @@ impl WindowSet {
         self.at = now;
     }
 
+    /// Appends the state to a customer record: each source's events still inside its
+    /// windows (`ts` delta-encoded from the previous one, `arrival` likewise, and only the
+    /// property values the aggregates read) and each aggregate's range. Accumulators are
+    /// not stored: [`WindowSet::decode`] folds them again from the ranges.
+    pub fn encode(&self, rules: &CompiledRules, w: &mut Writer) {
+        w.u64(rules.window_layout());
+        w.i64(self.retention_ms);
+        w.i64(self.at);
+        w.u64(self.sources.len() as u64);
+        for source in &self.sources {
+            let Some(src) = source else {
+                w.u8(0);
+                continue;
+            };
+            w.u8(1);
+            let q = &src.queue;
+            w.u64(q.keys.len() as u64);
+            let (mut ts, mut arrival) = (self.at, 0i64);
+            for &(t, a) in &q.keys {
+                w.i64(t - ts);
+                w.i64(a as i64 - arrival);
+                (ts, arrival) = (t, a as i64);
+            }
+            w.u64(q.inputs.len() as u64);
+            for column in &q.inputs {
+                for v in column {
+                    w.value(v);
+                }
+            }
+            w.u64(src.aggs.len() as u64);
+            for agg in &src.aggs {
+                w.u64(agg.lo - q.base);
+                w.u64(agg.hi - q.base);
+            }
+        }
+    }
+
+    /// Reads what [`WindowSet::encode`] wrote. `Ok(None)` when it was written under rules
+    /// whose windows are shaped otherwise, or another retention: the caller builds the state
+    /// from the history instead.
+    pub fn decode(
+        r: &mut Reader<'_>,
+        rules: &CompiledRules,
+        retention_ms: i64,
+    ) -> Result<Option<WindowSet>, CodecError> {
+        let layout = r.u64()?;
+        let stored_retention = r.i64()?;
+        let at = r.i64()?;
+        let n = r.len()?;
+        let fits = layout == rules.window_layout()
+            && stored_retention == retention_ms
+            && n == rules.aggregate_sources().len();
+        let mut set = WindowSet {
+            at,
+            retention_ms,
+            sources: Vec::with_capacity(n),
+        };
+        for id in 0..n {
+            if r.u8()? == 0 {
+                set.sources.push(None);
+                continue;
+            }
+            let len = r.len()?;
+            let mut keys = VecDeque::with_capacity(len);
+            let (mut ts, mut arrival) = (at, 0i64);
+            for _ in 0..len {
+                ts += r.i64()?;
+                arrival += r.i64()?;
+                keys.push_back((ts, arrival as u64));
+            }
+            let columns = r.len()?;
+            let mut inputs = Vec::with_capacity(columns);
+            for _ in 0..columns {
+                let mut column = VecDeque::with_capacity(len);
+                for _ in 0..len {
+                    column.push_back(r.value()?);
+                }
+                inputs.push(column);
+            }
+            let aggs = r.len()?;
+            let mut ranges = Vec::with_capacity(aggs);
+            for _ in 0..aggs {
+                let (lo, hi) = (r.u64()?, r.u64()?);
+                if lo > hi || hi > len as u64 {
+                    return Err(CodecError("bad window range"));
+                }
+                ranges.push((lo, hi));
+            }
+            if !fits {
+                continue;
+            }
+            let source = &rules.aggregate_sources()[id];
+            if columns != source.properties.len() || aggs != source.aggregates.len() {
+                return Err(CodecError("window state does not match its layout"));
+            }
+            let queue = Queue {
+                keys,
+                inputs,
+                base: 0,
+            };
+            let aggs = source
+                .aggregates
+                .iter()
+                .zip(ranges)
+                .map(|(&a, (lo, hi))| {
+                    let spec = &rules.aggregates()[a];
+                    let mut agg = AggState::new(spec.func, lo);
+                    for pos in lo..hi {
+                        agg.include(queue.input(spec.slot, pos));
+                        agg.hi = pos + 1;
+                    }
+                    agg
+                })
+                .collect();
+            set.sources.push(Some(Box::new(Source { queue, aggs })));
+        }
+        Ok(fits.then_some(set))
+    }
+
     /// The instant the state was last advanced to.
     pub fn at(&self) -> i64 {
         self.at
@@ -634,6 +757,25 @@ mod tests {
                 applied.push(e);
             }
             set.advance(&rules, now);
+            // Stored and read back (a cache miss), the state is the same — and it carries on
+            // from there every third step.
+            let mut w = Writer::new();
+            set.encode(&rules, &mut w);
+            let decoded = WindowSet::decode(&mut Reader::new(&w.buf), &rules, retention)
+                .unwrap()
+                .expect("the same layout");
+            for id in 0..rules.aggregates().len() {
+                assert_eq!(
+                    decoded.value(&rules, id),
+                    set.value(&rules, id),
+                    "decoded at {now}"
+                );
+                assert_eq!(decoded.next_change(&rules, id), set.next_change(&rules, id));
+            }
+            assert_eq!(decoded.held(), set.held());
+            if now % 3 == 0 {
+                set = decoded;
+            }
             let rebuilt = WindowSet::build(&rules, retention, now, &applied, |_| None);
             for (id, spec) in rules.aggregates().iter().enumerate() {
                 let expected = spec.compute(&applied, now, retention, |_| None);
@@ -666,6 +808,37 @@ mod tests {
             }
         }
         assert_eq!(set.held(), (2, 3), "only the last event is held, once per source");
+    }
+
+    /// State kept under rules whose windows are shaped otherwise, or under another
+    /// retention, is not used (the caller rebuilds it from the history); a damaged record is
+    /// an error, never a panic.
+    #[test]
+    fn stored_state_is_used_only_under_the_same_layout() {
+        let rules =
+            CompiledRules::compile("trait n = count(pay, 10ms)\ntrait s = sum(pay.amount, 10ms)").unwrap();
+        let set = WindowSet::build(&rules, 100, 20, &events(&[(12, 1.5), (15, 2.0)]), |_| None);
+        let mut w = Writer::new();
+        set.encode(&rules, &mut w);
+        let read = |r: &CompiledRules, retention| WindowSet::decode(&mut Reader::new(&w.buf), r, retention);
+        assert!(read(&rules, 100).unwrap().is_some());
+        assert!(read(&rules, 99).unwrap().is_none(), "another retention");
+        let same = CompiledRules::compile(
+            "trait n = count(pay, 10ms)\ntrait s = sum(pay.amount, 10ms)\ntag t = n > 1",
+        )
+        .unwrap();
+        assert_eq!(same.window_layout(), rules.window_layout(), "the same windows");
+        let wider =
+            CompiledRules::compile("trait n = count(pay, 11ms)\ntrait s = sum(pay.amount, 10ms)").unwrap();
+        assert!(read(&wider, 100).unwrap().is_none(), "another window");
+        let filtered = CompiledRules::compile(
+            "trait n = count(pay where amount > 1, 10ms)\ntrait s = sum(pay.amount, 10ms)",
+        )
+        .unwrap();
+        assert!(read(&filtered, 100).unwrap().is_none(), "another filter");
+        for cut in 0..w.buf.len() {
+            assert!(WindowSet::decode(&mut Reader::new(&w.buf[..cut]), &rules, 100).is_err());
+        }
     }
 
     /// `leaves` finds the first instant a count or sum, moved by time alone (events leaving

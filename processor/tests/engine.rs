@@ -493,3 +493,64 @@ fn timers_wait_for_the_instant_a_comparison_turns() {
         "one wake-up, not one per ping"
     );
 }
+
+/// A customer read back from the store (a cache miss, a restart) comes with the window state
+/// of their record: one read of what the windows hold, not a scan of their history. Under
+/// rules whose windows differ, the history is read instead.
+#[test]
+fn a_customer_loaded_from_the_store_brings_its_windows_not_its_history() {
+    let dir = TempDir::new("engine-stored-windows");
+    let rules = "tag spender = sum(payment.amount, 30d) >= 100\ntag active = count(app_open, 7d) >= 2";
+    {
+        let mut engine = Engine::open(dir.path(), Some(rules), event_config()).unwrap();
+        let events: Vec<String> = (0..50)
+            .map(|i| {
+                let kind = if i % 2 == 0 { "payment" } else { "app_open" };
+                ev(
+                    &format!("e{i}"),
+                    "c1",
+                    kind,
+                    T0 + i * MIN,
+                    r#","props":{"amount":7.5}"#,
+                )
+            })
+            .collect();
+        engine.ingest(&events).unwrap();
+    }
+    let mut engine = Engine::open(dir.path(), None, event_config()).unwrap();
+    let current = processor::store::Current {
+        rules: engine.rules(),
+        retention_ms: engine.config().retention_ms,
+    };
+    let state = engine
+        .store()
+        .load_customer_current("c1", current)
+        .unwrap()
+        .unwrap();
+    assert!(!state.history_loaded, "the history was read");
+    assert!(state.windows.is_some() && state.has_events);
+    // Judged from the stored windows, exactly as before the restart: 25 payments of 7.5.
+    let view = engine.customer("c1").unwrap().unwrap();
+    assert!(view.tags.contains_key("spender") && view.tags.contains_key("active"));
+    // Time passes: the stored windows drain as the history would.
+    let changes = engine.advance_clock(T0 + 40 * DAY).unwrap();
+    let removed: Vec<&str> = changes.iter().map(|c| &*c.name).collect();
+    assert_eq!(removed, ["active", "spender"]);
+    assert!(changes.iter().all(|c| c.op == Op::Remove));
+
+    // Other windows: the stored state does not fit, the history is read.
+    drop(engine);
+    let wider = "tag spender = sum(payment.amount, 31d) >= 100\ntag active = count(app_open, 7d) >= 2";
+    let engine = Engine::open(dir.path(), Some(wider), event_config()).unwrap();
+    let current = processor::store::Current {
+        rules: engine.rules(),
+        retention_ms: engine.config().retention_ms,
+    };
+    let state = engine
+        .store()
+        .load_customer_current("c1", current)
+        .unwrap()
+        .unwrap();
+    assert!(state.history_loaded && state.windows.is_none());
+    assert_eq!(state.history.events.len(), 50);
+}

@@ -93,6 +93,15 @@ struct Running {
 }
 
 fn run(dir: &std::path::Path, brokers: &str, group: &str) -> Running {
+    run_with(dir, brokers, group, |_| {})
+}
+
+fn run_with(
+    dir: &std::path::Path,
+    brokers: &str,
+    group: &str,
+    adjust: impl FnOnce(&mut KafkaSettings),
+) -> Running {
     let engine = Engine::open(dir, Some(RULES), config()).unwrap();
     let reader = engine.reader();
     let engine = Arc::new(Mutex::new(engine));
@@ -119,6 +128,7 @@ fn run(dir: &std::path::Path, brokers: &str, group: &str) -> Running {
     settings
         .client_options
         .insert("heartbeat.interval.ms".into(), "500".into());
+    adjust(&mut settings);
     let status = Arc::new(KafkaStatus::default());
     let workers = kafka::start(settings, reader, apply, status.clone()).unwrap();
     Running {
@@ -255,9 +265,77 @@ fn a_stream_consumed_from_kafka_ends_like_direct_ingest_and_every_change_is_publ
             headers.contains(&("tagstream-reason".to_owned(), d.reason.clone())),
             "{headers:?}"
         );
+        assert!(
+            headers.contains(&("tagstream-reason-code".to_owned(), d.code.clone())),
+            "{headers:?}"
+        );
+        assert!(processor::Rejection::CODES.contains(&d.code.as_str()));
     }
     drop(consumed);
     second.workers.stop();
+}
+
+/// A run killed before the group's first auto-commit leaves the group without committed
+/// offsets while the store knows exactly where each partition stands. On the next
+/// assignment the stored offsets become the group's too — also for partitions with nothing
+/// new to read, which no batch would ever commit — so lag tools tell the truth.
+#[test]
+fn offsets_kept_in_the_store_become_the_groups_committed_offsets_on_assignment() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("events", 3, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    produce(&brokers, "events", &stream(300));
+    let probe: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", "after-a-crash")
+        .create()
+        .unwrap();
+    let ends: Vec<i64> = (0..3)
+        .map(|p| {
+            probe
+                .fetch_watermarks("events", p, Duration::from_secs(5))
+                .unwrap()
+                .1
+        })
+        .collect();
+    assert!(
+        ends.iter().all(|e| *e > 0),
+        "every partition has messages: {ends:?}"
+    );
+
+    let dir = TempDir::new("kafka-group-offsets");
+    {
+        let mut engine = Engine::open(dir.path(), Some(RULES), config()).unwrap();
+        let positions: Vec<(String, u64)> = ends
+            .iter()
+            .enumerate()
+            .map(|(p, end)| (kafka::source_name("events", p as i32), *end as u64))
+            .collect();
+        engine.ingest_from::<&str, String>(&[], &positions).unwrap();
+    }
+    let running = run_with(dir.path(), &brokers, "after-a-crash", |s| {
+        s.client_options
+            .insert("auto.commit.interval.ms".into(), "100".into());
+    });
+    wait_until("the consumer to be assigned", || running.status.ready().is_ok());
+    let committed = || {
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for p in 0..3 {
+            tpl.add_partition("events", p);
+        }
+        let done = probe.committed_offsets(tpl, Duration::from_secs(5)).unwrap();
+        (0..3)
+            .map(|p| match done.find_partition("events", p).map(|e| e.offset()) {
+                Some(rdkafka::Offset::Offset(o)) => o,
+                _ => -1,
+            })
+            .collect::<Vec<i64>>()
+    };
+    wait_until("the group's committed offsets to reach the stored ones", || {
+        committed() == ends
+    });
+    assert_eq!(running.seen.load(Ordering::SeqCst), 0, "nothing was read again");
+    running.workers.stop();
 }
 
 #[test]

@@ -4,7 +4,7 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use processor::EngineError;
+use processor::{EngineError, ServiceError};
 use serde_json::json;
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +53,16 @@ impl From<EngineError> for ApiError {
             EngineError::NotFound(m) => ApiError::NotFound(m),
             EngineError::Rules(d) => ApiError::InvalidRules(d.iter().map(|d| d.located("")).collect()),
             other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        match e {
+            ServiceError::Busy => ApiError::Busy,
+            ServiceError::Stopped => ApiError::Internal("the engine has stopped".into()),
+            ServiceError::Engine(e) => e.into(),
         }
     }
 }

@@ -3,25 +3,24 @@
 //! The contract endpoints (`shared/spec/semantics.md` section 5) over the engine, plus
 //! dead letters, metrics and health.
 //!
-//! The key types: [`EngineHandle`] runs the synchronous engine on its own thread and takes
-//! jobs through a bounded queue; [`router`] builds the axum router whose thin handlers
+//! The key types: the engine runs as a service in `processor` ([`EngineHandle`], one
+//! bounded queue, group-committed ingest); [`router`] builds the axum router whose thin handlers
 //! (`routes`) extract, call the engine once, and answer; [`ApiError`] is the one place that
 //! maps errors to statuses (every error is JSON).
 //!
 //! ```no_run
 //! # async fn run() {
-//! use processor::{Engine, EngineConfig};
-//! use query_api::{router, ApiConfig, AppState, EngineHandle, EngineThreadConfig};
+//! use processor::{Engine, EngineConfig, EngineHandle, ServiceConfig};
+//! use query_api::{router, ApiConfig, AppState};
 //!
 //! let engine = Engine::open("./data".as_ref(), Some("tag vip = profile.level == \"gold\""), EngineConfig::default()).unwrap();
-//! let (handle, _thread) = EngineHandle::spawn(engine, EngineThreadConfig::default());
+//! let (handle, _thread) = EngineHandle::spawn(engine, ServiceConfig::default());
 //! let app = router(AppState::new(handle, ApiConfig::default()));
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await.unwrap();
 //! axum::serve(listener, app).await.unwrap();
 //! # }
 //! ```
 
-mod engine_thread;
 mod error;
 pub mod export;
 pub mod metrics;
@@ -35,8 +34,8 @@ use axum::extract::{FromRequest, Request};
 use axum::routing::{delete, get, post, put};
 use axum::Router;
 
-pub use engine_thread::{EngineHandle, EngineThreadConfig};
 pub use error::ApiError;
+pub use processor::EngineHandle;
 
 /// Limits of the HTTP layer.
 #[derive(Debug, Clone, Copy)]
@@ -61,6 +60,30 @@ pub struct AppState {
     /// Set when events come from Kafka: `/readyz` is false until partitions are assigned.
     pub kafka: Option<std::sync::Arc<processor::kafka::KafkaStatus>>,
     pub webhooks: std::sync::Arc<webhooks::Webhooks>,
+    /// Set when the server begins to shut down: long-lived responses (SSE streams) end, so
+    /// a graceful shutdown does not wait for their clients to give up.
+    pub shutdown: Shutdown,
+}
+
+/// The server's shutdown signal, shared by every clone of the state.
+#[derive(Clone)]
+pub struct Shutdown(std::sync::Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Shutdown {
+    fn new() -> Shutdown {
+        Shutdown(std::sync::Arc::new(tokio::sync::watch::channel(false).0))
+    }
+
+    /// Begins the shutdown: every stream ends at its next step.
+    pub fn begin(&self) {
+        self.0.send_replace(true);
+    }
+
+    /// Resolves once the shutdown has begun (at once if it has).
+    pub async fn begun(&self) {
+        let mut rx = self.0.subscribe();
+        let _ = rx.wait_for(|stopping| *stopping).await;
+    }
 }
 
 impl AppState {
@@ -71,6 +94,7 @@ impl AppState {
             config,
             kafka: None,
             webhooks: std::sync::Arc::new(webhooks::Webhooks::new(webhooks::WebhookConfig::default())),
+            shutdown: Shutdown::new(),
         }
     }
 }

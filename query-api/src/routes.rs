@@ -1,7 +1,6 @@
 //! Thin handlers: extract, call the engine once, answer with a DTO.
 
 use std::collections::BTreeMap;
-use std::time::Instant;
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
@@ -15,7 +14,6 @@ use serde_json::{json, Value as Json_};
 
 use crate::error::ApiError;
 use crate::export::{Column, EncodeError, Encoder, Format};
-use crate::metrics as m;
 use crate::{AppState, LimitedBody};
 
 /// Parses a JSON body, naming the position of a syntax error and rejecting unknown fields.
@@ -52,11 +50,7 @@ pub async fn ingest(
             "the body holds no events (send NDJSON or a JSON array)".into(),
         ));
     }
-    let received = Instant::now();
-    let outcome = app
-        .engine
-        .call(move |engine| m::ingest_measured::<_, &str>(engine, &events, &[], received))
-        .await??;
+    let outcome = app.engine.ingest(events).await?;
     Ok(Json(json!({
         "accepted": outcome.accepted,
         "duplicates": outcome.duplicates,
@@ -81,7 +75,7 @@ pub async fn set_clock(
         .engine
         .call(move |engine| {
             let changes = engine.advance_clock(now);
-            m::record_timers(&engine.take_fired_timers(), None);
+            processor::telemetry::record_timers(&engine.take_fired_timers(), None);
             changes
         })
         .await??;
@@ -610,6 +604,7 @@ pub async fn dead_letters(
                 "id": d.id,
                 "received_at": d.received_at,
                 "reason": d.reason,
+                "code": d.code,
                 "raw": String::from_utf8_lossy(&d.raw),
             })
         })
@@ -624,7 +619,10 @@ pub async fn purge_dead_letters(State(app): State<AppState>) -> Result<Json<Json
 }
 
 pub async fn metrics(State(app): State<AppState>) -> Result<Response, ApiError> {
-    app.engine.call(|engine| m::store_gauges(engine)).await?;
+    app.engine
+        .call(|engine| processor::telemetry::store_gauges(engine))
+        .await?;
+    processor::telemetry::process_gauges();
     Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         app.prometheus.render(),

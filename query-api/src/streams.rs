@@ -112,8 +112,9 @@ pub async fn stream(
     known(&reader, &name)?;
     let mut cursor = stream_start(&headers, q.after, &reader)?;
     let mut committed = app.engine.committed();
+    let shutdown = app.shutdown.clone();
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(8);
-    tokio::spawn(async move {
+    let feed = async move {
         if tx.send(Ok(b"retry: 1000\n\n".to_vec())).await.is_err() {
             return;
         }
@@ -146,6 +147,13 @@ pub async fn stream(
             if !out.is_empty() && tx.send(Ok(out)).await.is_err() {
                 return;
             }
+        }
+    };
+    // At shutdown the stream ends (its client reconnects elsewhere with Last-Event-ID).
+    tokio::spawn(async move {
+        tokio::select! {
+            () = feed => {},
+            () = shutdown.begun() => {},
         }
     });
     let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));

@@ -148,6 +148,10 @@ pub struct CompiledRules {
     /// Per aggregate, the comparisons with numbers through which alone tags and segments
     /// read it (see [`crate::timing::membership_thresholds`]).
     pub(crate) thresholds: Vec<Option<Vec<crate::timing::Threshold>>>,
+    /// A fingerprint of what per-customer window state is shaped by (the sources, their
+    /// filters and input columns, each aggregate's function, window and input): state kept
+    /// under one rule set is reused under another only when the fingerprints agree.
+    pub(crate) window_layout: u64,
 }
 
 impl CompiledRules {
@@ -184,6 +188,12 @@ impl CompiledRules {
     /// Every distinct aggregate the rule set needs.
     pub fn aggregates(&self) -> &[AggSpec] {
         &self.aggregates
+    }
+
+    /// See the field: equal fingerprints mean window state built under one rule set is valid
+    /// under the other.
+    pub fn window_layout(&self) -> u64 {
+        self.window_layout
     }
 
     /// The distinct event sources of the aggregates; each aggregate's `source` indexes this.
@@ -400,7 +410,9 @@ impl<'a> Compiler<'a> {
             time_comparisons,
             membership_reads: (Vec::new(), Vec::new()),
             thresholds: Vec::new(),
+            window_layout: 0,
         };
+        rules.window_layout = window_layout(&rules.sources, &rules.aggregates);
         let members = rules
             .defs
             .iter()
@@ -1218,6 +1230,27 @@ impl CompiledRules {
         }
         out
     }
+}
+
+/// FNV-1a over the layout's debug text: stable across processes and builds of the same
+/// version (unlike std's hasher), which is what state written to disk needs.
+fn window_layout(sources: &[AggSource], aggregates: &[AggSpec]) -> u64 {
+    let shape: Vec<_> = sources
+        .iter()
+        .map(|s| {
+            let aggs: Vec<_> = s
+                .aggregates
+                .iter()
+                .map(|&a| (aggregates[a].func, aggregates[a].window, aggregates[a].slot))
+                .collect();
+            (&s.event_type, &s.filter, &s.properties, aggs)
+        })
+        .collect();
+    format!("{shape:?}")
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
 }
 
 #[cfg(test)]

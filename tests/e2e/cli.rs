@@ -57,3 +57,117 @@ fn check_rules_names_a_missing_file() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("reading /nonexistent/rules.trl"));
 }
+
+/// `tagstream demo` on a store: waits for its address, lets it stream for a while, stops it
+/// with SIGTERM and returns what `/metrics` said just before, and its stderr.
+fn demo_run(data: &std::path::Path, extra: &[&str]) -> (String, String) {
+    use std::io::{BufRead, BufReader, Read};
+    let mut child = tagstream()
+        .arg("demo")
+        .arg("--data-dir")
+        .arg(data)
+        .args(["--listen", "127.0.0.1:0", "--rate", "400", "--customers", "200"])
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start tagstream demo");
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("tagstream listening on http://")
+        .unwrap_or_else(|| panic!("{line}"))
+        .to_owned();
+    // Drain stdout so the demo never blocks on it.
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    let accepted = |m: &str| {
+        m.lines()
+            .find_map(|l| l.strip_prefix(r#"tagstream_events_total{result="accepted"} "#))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let metrics = loop {
+        let m = tests::http::request(&addr, "GET", "/metrics", b"").text();
+        if accepted(&m) >= 400.0 {
+            break m;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the demo streamed nothing:\n{m}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "demo exit {exit:?}");
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    (metrics, stderr)
+}
+
+#[test]
+fn the_demo_makes_new_events_when_run_again_on_its_kept_store() {
+    let dir = TempDir::new("demo-twice");
+    let data = dir.path().join("demo-data");
+    let (_, first_log) = demo_run(&data, &[]);
+    let (second, _) = demo_run(&data, &[]);
+    let duplicates = second
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"tagstream_events_total{result="duplicate"} "#))
+        .map_or(0.0, |v| v.trim().parse::<f64>().unwrap());
+    assert_eq!(
+        duplicates, 0.0,
+        "the second run re-sent the first run's event ids"
+    );
+    // Logs to a pipe carry no terminal colour codes.
+    assert!(
+        !first_log.contains('\u{1b}'),
+        "ANSI escapes in a log file:\n{first_log}"
+    );
+    assert!(first_log.contains("stopped cleanly"), "{first_log}");
+}
+
+#[test]
+fn json_logs_are_one_object_a_line() {
+    let dir = TempDir::new("demo-json-logs");
+    let (_, log) = demo_run(&dir.path().join("demo-data"), &["--log-format", "json"]);
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() >= 2, "{log}");
+    for line in lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["level"].is_string() && v["timestamp"].is_string(), "{line}");
+    }
+}
+
+#[test]
+fn every_default_in_the_serve_help_is_the_real_default() {
+    let out = tagstream().args(["serve", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    let defaults = tagstream().arg("default-config").output().unwrap();
+    let defaults = String::from_utf8_lossy(&defaults.stdout);
+    let customers = defaults
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("customers = "))
+        .and_then(|v| v.split('#').next())
+        .map(str::trim)
+        .expect("[cache] customers in default-config");
+    let shown = help
+        .split("--cache-customers")
+        .nth(1)
+        .and_then(|s| s.split("[default: ").nth(1))
+        .and_then(|s| s.split(']').next())
+        .expect("--cache-customers states its default");
+    assert_eq!(
+        shown.replace(['_', ','], ""),
+        customers.replace('_', ""),
+        "{help}"
+    );
+}

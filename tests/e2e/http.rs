@@ -842,10 +842,36 @@ fn metrics_report_event_to_change_latency_timers_and_compaction() {
         assert!(metrics.contains(line), "{line} missing:\n{metrics}");
     }
     assert!(!metrics.contains("vip-2026"), "no client-chosen names as labels");
+    // Every metric has HELP and TYPE lines and is one the code documents; build and process
+    // metrics are there.
+    let known: Vec<&str> = processor::telemetry::METRICS.iter().map(|m| m.0).collect();
+    for line in metrics.lines().filter(|l| l.starts_with("# TYPE ")) {
+        let name = line.split_whitespace().nth(2).unwrap();
+        assert!(
+            known.contains(&name),
+            "{name} is not in processor::telemetry::METRICS"
+        );
+        assert!(metrics.contains(&format!("# HELP {name} ")), "no HELP for {name}");
+    }
+    for name in [
+        "tagstream_build_info",
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
+        "process_start_time_seconds",
+        "tagstream_engine_queue_capacity",
+    ] {
+        assert!(
+            metrics.contains(&format!("# TYPE {name} ")),
+            "{name} missing:\n{metrics}"
+        );
+    }
+    let rss = sample(&metrics, "process_resident_memory_bytes").unwrap();
+    assert!(rss > 1e6, "a resident size in bytes: {rss}");
 }
 
 #[test]
-fn sigterm_finishes_the_work_in_flight_and_exits_zero() {
+fn sigterm_finishes_the_work_in_flight_closes_streams_and_exits_zero() {
     let mut s = Server::start("tag big = sum(payment.amount, 30d) >= 100", &[]);
     let body: String = (0..2000)
         .map(|i| {
@@ -857,6 +883,23 @@ fn sigterm_finishes_the_work_in_flight_and_exits_zero() {
         })
         .collect();
     assert_eq!(s.send("POST", "/v1/events", &body).json()["accepted"], 2000);
+    // A client following a change stream must not hold the shutdown up.
+    let mut stream = std::net::TcpStream::connect(&s.addr).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(15)))
+        .unwrap();
+    let request = format!(
+        "GET /v1/segments/big/stream?after=0 HTTP/1.1\r\nHost: {}\r\n\r\n",
+        s.addr
+    );
+    std::io::Write::write_all(&mut stream, request.as_bytes()).unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("retry: 1000") {
+        let n = std::io::Read::read(&mut stream, &mut buf).unwrap();
+        assert!(n > 0, "the stream closed early");
+        seen.extend_from_slice(&buf[..n]);
+    }
     let status = Command::new("kill")
         .args(["-TERM", &s.child.id().to_string()])
         .status()
@@ -871,6 +914,14 @@ fn sigterm_finishes_the_work_in_flight_and_exits_zero() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
     assert!(exit.success(), "exit status {exit:?}");
+    // The stream was ended by the server, not left to time out.
+    loop {
+        match std::io::Read::read(&mut stream, &mut buf) {
+            Ok(0) => break,
+            Ok(_) => continue,
+            Err(e) => panic!("the stream was not closed at shutdown: {e}"),
+        }
+    }
     // Everything accepted is there after a restart on the same store.
     let dir = std::mem::replace(&mut s._dir, TempDir::new("http-moved"));
     let again = Server::start_in(dir, "tag big = sum(payment.amount, 30d) >= 100", &[]);

@@ -78,6 +78,8 @@ fn write_store(dir: &std::path::Path, customers: u64) {
     let ltv: Arc<str> = Arc::from("ltv");
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let mut wb = rocksdb::WriteBatch::default();
+    // Records without window state: the first read of each builds it from the history.
+    let rules = rules::CompiledRules::compile(&rules_text()).expect("the benchmark's rules");
     let started = Instant::now();
     for n in 0..customers {
         let mut state = CustomerState {
@@ -111,7 +113,7 @@ fn write_store(dir: &std::path::Path, customers: u64) {
             props: rules::Props::new(vec![("amount".into(), Value::Num((rng.next() % 1_000).into()))]),
         };
         store.put_event(&mut wb, &id, &payment, None);
-        store.put_customer(&mut wb, &id, &state);
+        store.put_customer(&mut wb, &id, &state, &rules);
         wb.put_cf(store.cf(CF_NUMBERS), (n as u32).to_be_bytes(), id.as_bytes());
         if n % 50_000 == 49_999 {
             store.commit(std::mem::take(&mut wb)).expect("write");

@@ -757,7 +757,7 @@ impl ReadHandle {
             let generations: std::collections::HashMap<u32, u32> = misses.into_iter().collect();
             let mut computed: Vec<Vec<TraitValue>> = traits.used.iter().map(|_| Vec::new()).collect();
             for (i, customer) in ids.iter().enumerate() {
-                let Some(mut state) = self.store.load_customer(customer)? else {
+                let Some(mut state) = self.store.load_customer_current(customer, self.current(rules))? else {
                     continue;
                 };
                 let number = ids.numbers()[i];
@@ -801,7 +801,7 @@ impl ReadHandle {
             let ids = self.index.read().ids_of(chunk.iter().copied());
             let states = if with_events {
                 ids.iter()
-                    .map(|customer| self.store.load_customer(customer))
+                    .map(|customer| self.store.load_customer_current(customer, self.current(rules)))
                     .collect::<Result<Vec<_>, _>>()?
             } else {
                 self.store.load_records(ids.iter())?
@@ -914,7 +914,7 @@ impl ReadHandle {
         let mut out = Vec::with_capacity(ids.len());
         for id in ids.iter() {
             let state = if with_events {
-                self.store.load_customer(id)?
+                self.store.load_customer_current(id, self.current(&rules))?
             } else {
                 self.store.load_record(id)?
             };

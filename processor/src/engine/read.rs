@@ -11,6 +11,7 @@ use std::sync::{Arc, RwLock};
 
 use rules::CompiledRules;
 
+use super::*;
 use super::{
     customer_view, wall_ms, ClockMode, CustomerView, DeadLetter, Engine, EngineError, META_CLOCK,
     META_OFFSET_PREFIX,
@@ -18,7 +19,7 @@ use super::{
 use crate::change::Change;
 use crate::codec::{CodecError, Reader};
 use crate::index::MembershipIndex;
-use crate::store::{Store, StoreError, CF_CHANGES, CF_DLQ, CF_META};
+use crate::store::{Current, Store, StoreError, CF_CHANGES, CF_DLQ, CF_META};
 
 /// What the engine publishes for readers after each commit and rule change.
 #[derive(Debug)]
@@ -82,7 +83,9 @@ impl ReadHandle {
         let id = rules::normalize(customer_id).into_owned();
         // The clock of the same commit as the state: evaluating a commit's events at an
         // earlier clock would leave its newest events out of the traits.
-        let (state, clock) = self.store.load_customer_consistent(&id, META_CLOCK)?;
+        let rules = self.published.rules();
+        let current = self.current(&rules);
+        let (state, clock) = self.store.load_customer_consistent(&id, META_CLOCK, current)?;
         let Some(mut state) = state else {
             return Ok(None);
         };
@@ -91,7 +94,6 @@ impl ReadHandle {
             None => None,
         };
         let now = self.now_at(clock);
-        let rules = self.published.rules();
         Ok(Some(customer_view(
             &rules,
             id,
@@ -99,6 +101,14 @@ impl ReadHandle {
             now,
             self.retention_ms,
         )))
+    }
+
+    /// What customers are judged under, for loading them with their stored windows.
+    pub(super) fn current<'a>(&self, rules: &'a CompiledRules) -> Current<'a> {
+        Current {
+            rules,
+            retention_ms: self.retention_ms,
+        }
     }
 
     /// The membership index (for metrics and checkpoints).
@@ -200,10 +210,16 @@ pub(super) fn dead_letters(
         let received_at = r.i64().map_err(StoreError::from)?;
         let reason = r.str().map_err(StoreError::from)?.to_owned();
         let raw = r.bytes().map_err(StoreError::from)?.to_vec();
+        let code = if r.is_empty() {
+            "unknown".to_owned()
+        } else {
+            r.str().map_err(StoreError::from)?.to_owned()
+        };
         out.push(DeadLetter {
             id,
             received_at,
             reason,
+            code,
             raw,
         });
     }
@@ -228,5 +244,198 @@ impl Engine {
             clock_mode: self.config.clock,
             retention_ms: self.config.retention_ms,
         }
+    }
+
+    /// A customer as of the last commit, for reading: from the cache (windows, no history)
+    /// when their windows can serve `now`, else from the store (record and history).
+    pub(super) fn read_customer(&self, customer: &str) -> Result<Option<CustomerState>, EngineError> {
+        let now = self.now();
+        Ok(match self.cache.get(customer) {
+            Some(s) if s.windows.as_ref().is_some_and(|w| w.at() <= now) => Some(s.clone()),
+            _ => self.store.load_customer_current(customer, self.current())?,
+        })
+    }
+
+    /// A customer's tags, segments, traits (evaluated now) and profile.
+    pub fn customer(&self, customer_id: &str) -> Result<Option<CustomerView>, EngineError> {
+        let id = rules::normalize(customer_id).into_owned();
+        let Some(mut state) = self.read_customer(&id)? else {
+            return Ok(None);
+        };
+        Ok(Some(customer_view(
+            &self.rules,
+            id,
+            &mut state,
+            self.now(),
+            self.config.retention_ms,
+        )))
+    }
+
+    /// Every customer id, in key order.
+    pub fn customer_ids(&self) -> Result<Vec<String>, EngineError> {
+        let mut out = Vec::new();
+        for item in self.store.scan_from(CF_CUSTOMERS, &[]) {
+            let (key, _) = item?;
+            out.push(String::from_utf8_lossy(&key).into_owned());
+        }
+        Ok(out)
+    }
+
+    /// Members of a tag or segment with their membership, in customer id order.
+    /// A customer's retained events, newest first: at most `limit`, older than `before`
+    /// (the `(ts, arrival)` of the last event of the previous page). `None` for a customer
+    /// never seen. Events of the batch in flight are not visible until it commits.
+    pub fn timeline(
+        &self,
+        customer_id: &str,
+        before: Option<(i64, u64)>,
+        limit: usize,
+    ) -> Result<Option<Vec<StoredEvent>>, EngineError> {
+        let id = rules::normalize(customer_id);
+        if !self.cache.contains_key(&id) && self.store.get(CF_CUSTOMERS, id.as_bytes())?.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(self.store.customer_events_newest_first(&id, before, limit)?))
+    }
+
+    /// Evaluates a draft rule set for the customers after `after` (exclusive, in id order),
+    /// at most `budget` of them, without changing anything, and adds what would happen to
+    /// `preview`. Returns where the next call starts, `None` once every customer is done.
+    /// Each customer is judged from scratch over their retained history, as a rule change
+    /// would.
+    pub fn preview_step(
+        &self,
+        draft: &CompiledRules,
+        after: Option<&str>,
+        budget: usize,
+        preview: &mut Preview,
+    ) -> Result<Option<String>, EngineError> {
+        let start = after.map_or_else(Vec::new, |a| {
+            let mut key = a.as_bytes().to_vec();
+            key.push(0);
+            key
+        });
+        let now = self.now();
+        let defined: Vec<&rules::CompiledDef> =
+            draft.defs().iter().filter(|d| d.kind.has_members()).collect();
+        let current: HashSet<&str> = self
+            .rules
+            .defs()
+            .iter()
+            .filter(|d| d.kind.has_members())
+            .map(|d| &*d.name)
+            .collect();
+        let mut last = None;
+        for (seen, item) in self.store.scan_from(CF_CUSTOMERS, &start).enumerate() {
+            if seen >= budget {
+                return Ok(last);
+            }
+            let (key, _) = item?;
+            let id = String::from_utf8_lossy(&key).into_owned();
+            // The whole history, as of the last commit.
+            let Some(state) = self.store.load_customer(&id)? else {
+                continue;
+            };
+            let facts = state.history.facts(draft, now, self.config.retention_ms);
+            preview.customers += 1;
+            for def in &defined {
+                let member = facts.definition(def.id) == Value::Bool(true);
+                let was = state.members.contains_key(&def.name);
+                let entry = preview.definitions.entry(def.name.to_string()).or_default();
+                entry.record(member, was, &id);
+            }
+            for name in state.members.keys().filter(|n| current.contains(&***n)) {
+                if draft
+                    .lookup(name)
+                    .is_none_or(|d| !draft.def(d).kind.has_members())
+                {
+                    preview
+                        .removed
+                        .entry(name.to_string())
+                        .or_default()
+                        .record(false, true, &id);
+                }
+            }
+            last = Some(id);
+        }
+        Ok(None)
+    }
+
+    /// Every member of a tag or segment with their membership, in customer-number order
+    /// (small stores and tests; exports page through [`ReadHandle::members_page`]).
+    pub fn members(&self, name: &str) -> Result<Vec<(String, Membership)>, EngineError> {
+        let reader = self.reader();
+        let Some(set) = reader.member_set(name) else {
+            return Ok(Vec::new());
+        };
+        let page = reader.members_page(
+            name,
+            &set,
+            None,
+            usize::MAX,
+            &[ExportField::Since, ExportField::ExpiresAt],
+        )?;
+        let ms = |v: &Option<Value>| match v {
+            Some(Value::Dur(ms)) => Some(*ms),
+            _ => None,
+        };
+        Ok(page
+            .ids
+            .iter()
+            .zip(&page.fields)
+            .map(|(id, fields)| {
+                let membership = Membership {
+                    since: ms(&fields[0]).unwrap_or_default(),
+                    expires_at: ms(&fields[1]),
+                };
+                (id.to_owned(), membership)
+            })
+            .collect())
+    }
+
+    /// An ad-hoc segment query; see [`ReadHandle::query`].
+    pub fn query(&self, expr: &str, limit: usize, cursor: Option<&str>) -> Result<QueryPage, QueryError> {
+        self.reader().query(expr, limit, cursor)
+    }
+
+    /// The change log after `after`, at most `limit` changes, in `seq` order.
+    pub fn changes(&self, after: u64, limit: usize) -> Result<Vec<Change>, EngineError> {
+        read::changes(&self.store, after, limit)
+    }
+
+    /// Dead letters from `after` on, oldest first.
+    pub fn dead_letters(&self, after: Option<u64>, limit: usize) -> Result<Vec<DeadLetter>, EngineError> {
+        read::dead_letters(&self.store, after, limit)
+    }
+
+    /// Deletes every dead letter; returns how many there were.
+    pub fn purge_dead_letters(&mut self) -> Result<usize, EngineError> {
+        let n = self.dead_letters(None, usize::MAX)?.len();
+        let mut wb = WriteBatch::default();
+        wb.delete_range_cf(self.store.cf(CF_DLQ), 0u64.to_be_bytes(), u64::MAX.to_be_bytes());
+        self.store.commit(wb)?;
+        Ok(n)
+    }
+
+    /// Where `source` stood after the last committed batch from it.
+    pub fn source_offset(&self, source: &str) -> Result<Option<u64>, EngineError> {
+        read::source_offset(&self.store, source)
+    }
+
+    /// Writes the membership index's checkpoint (what changed since the last one), so a
+    /// restart replays only the changes after it. Also done when the engine is dropped.
+    pub fn checkpoint_index(&self) -> Result<crate::index::Checkpoint, EngineError> {
+        let started = std::time::Instant::now();
+        let done = self.index.checkpoint(&self.store)?;
+        if done.sets_written + done.chunks_written > 0 {
+            metrics::histogram!("tagstream_index_checkpoint_seconds").record(started.elapsed().as_secs_f64());
+            metrics::counter!("tagstream_index_checkpoint_bytes_total").increment(done.bytes as u64);
+        }
+        Ok(done)
+    }
+
+    /// The instant of the earliest pending timer.
+    pub fn next_timer(&self) -> Option<i64> {
+        self.timers.first().map(|(t, _)| *t)
     }
 }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use rules::{CompiledRules, DefId, DefKind, Node};
 
 use super::query::with_segment;
-use super::{positions, Batch, Engine, EngineError, QueryError, META_RULES};
+use super::{positions, Engine, EngineError, QueryError, META_RULES};
 use crate::change::{Cause, MemberKind, Op};
 use crate::state::Membership;
 use crate::store::CF_META;
@@ -160,52 +160,38 @@ impl Engine {
     ) -> Result<SegmentUpdate, EngineError> {
         let before = self.index.read().set(name).cloned().unwrap_or_default();
         let old_rules = std::mem::replace(&mut self.rules, Arc::new(compiled));
-        let saved = self.counters;
         let now = self.now();
         let name: Arc<str> = Arc::from(name);
-        let mut batch = Batch::default();
-        let (mut entered, mut exited) = (0, 0);
-        let result = (|| {
+        let result = self.transact(|engine, batch| {
+            let (mut entered, mut exited) = (0, 0);
             for number in (&before ^ &members).iter() {
-                let Some(id) = self.index.read().id(number).map(Arc::<str>::from) else {
+                let Some(id) = engine.index.read().id(number).map(Arc::<str>::from) else {
                     continue;
                 };
-                let mut state = self.take_customer(&id, now, &mut batch)?;
+                let mut state = engine.take_customer(&id, now, batch)?;
                 let op = if members.contains(number) {
                     entered += 1;
-                    state.members.insert(
-                        name.clone(),
-                        Membership {
-                            since: now,
-                            expires_at: None,
-                        },
-                    );
+                    let joined = Membership {
+                        since: now,
+                        expires_at: None,
+                    };
+                    state.members.insert(name.clone(), joined);
                     Op::Add
                 } else {
                     exited += 1;
                     state.members.remove(&name);
                     Op::Remove
                 };
-                let cause = Cause::RuleChange;
-                self.record_change(
-                    &id,
-                    number,
-                    MemberKind::Segment,
-                    name.clone(),
-                    op,
-                    now,
-                    &cause,
-                    &mut batch,
-                );
-                self.put_back(id, state, &mut batch);
+                let (kind, cause) = (MemberKind::Segment, Cause::RuleChange);
+                engine.record_change(&id, number, kind, name.clone(), op, now, &cause, batch);
+                engine.put_back(id, state, batch);
             }
-            batch
-                .wb
-                .put_cf(self.store.cf(CF_META), META_RULES.as_bytes(), text.as_bytes());
-            Ok::<(), EngineError>(())
-        })();
-        match result.and_then(|()| self.commit(batch)) {
-            Ok(_) => {
+            let key = META_RULES.as_bytes();
+            batch.wb.put_cf(engine.store.cf(CF_META), key, text.as_bytes());
+            Ok((entered, exited))
+        });
+        match result {
+            Ok(((entered, exited), _)) => {
                 self.published.set_rules(self.rules.clone());
                 self.order_pos = positions(&self.rules);
                 Ok(SegmentUpdate::Immediate {
@@ -216,7 +202,6 @@ impl Engine {
             }
             Err(e) => {
                 self.rules = old_rules;
-                self.rollback(saved);
                 Err(e)
             }
         }

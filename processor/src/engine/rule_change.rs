@@ -1,0 +1,123 @@
+//! Rule changes: a new rule set is compiled and published, and every customer is brought up
+//! to it — lazily when touched, and by the background sweep (`backfill_step`).
+
+use super::*;
+
+impl Engine {
+    /// Re-evaluates a customer under a new rule set: event tags new to the rules are
+    /// computed from the retained history, every tag and segment is re-evaluated, and the
+    /// differences are `rule_change` changes.
+    pub(super) fn upgrade(
+        &mut self,
+        customer: &Arc<str>,
+        state: &mut CustomerState,
+        now: i64,
+        batch: &mut Batch,
+    ) {
+        let rules = self.rules.clone();
+        state.windows = None;
+        let defined: HashSet<&str> = rules
+            .defs()
+            .iter()
+            .filter(|d| d.kind == DefKind::EventTag)
+            .map(|d| &*d.name)
+            .collect();
+        state.event_tags.retain(|name, _| defined.contains(&**name));
+        for def in rules.defs().iter().filter(|d| d.kind == DefKind::EventTag) {
+            if state.event_tags.contains_key(&def.name) {
+                continue;
+            }
+            let tag = match_history(
+                def.event_tag.as_ref().expect("event tag"),
+                state,
+                now,
+                self.config.retention_ms,
+            );
+            if tag.last_ts.is_some() || !tag.future.is_empty() {
+                state.event_tags.insert(def.name.clone(), tag);
+            }
+        }
+        self.evaluate(customer, state, now, now, Scope::All, &Cause::RuleChange, batch);
+        state.generation = self.generation;
+    }
+
+    /// Replaces the rule set. Invalid rules are refused with every diagnostic and the old
+    /// set stays. Customers are re-evaluated over their retained history: lazily when
+    /// touched, and by [`Engine::backfill_step`] for everyone else.
+    pub fn replace_rules(&mut self, text: &str) -> Result<(), EngineError> {
+        let compiled = CompiledRules::compile(text).map_err(EngineError::Rules)?;
+        self.generation += 1;
+        self.rules = Arc::new(compiled);
+        self.published.set_rules(self.rules.clone());
+        self.order_pos = positions(&self.rules);
+        self.backfill_cursor = Some(Vec::new());
+        self.backfill_done = 0;
+        self.backfill_total = self.store.estimate_keys(CF_CUSTOMERS);
+        let mut wb = WriteBatch::default();
+        wb.put_cf(self.store.cf(CF_META), META_RULES.as_bytes(), text.as_bytes());
+        self.store.put_meta_u64(&mut wb, META_GENERATION, self.generation);
+        wb.put_cf(self.store.cf(CF_META), META_BACKFILL.as_bytes(), []);
+        self.store.commit(wb)?;
+        Ok(())
+    }
+
+    /// True while customers remain to be re-evaluated after a rule change.
+    pub fn backfill_pending(&self) -> bool {
+        self.backfill_cursor.is_some()
+    }
+
+    /// How far the rule-change backfill has come, while one runs.
+    pub fn backfill_progress(&self) -> Option<BackfillProgress> {
+        self.backfill_cursor.as_ref().map(|_| BackfillProgress {
+            customers_done: self.backfill_done,
+            customers_estimated: self.backfill_total.max(self.backfill_done),
+        })
+    }
+
+    /// Re-evaluates up to `max_customers` customers still on an older rule set, committing
+    /// them as one batch. Returns how many were re-evaluated.
+    pub fn backfill_step(&mut self, max_customers: usize) -> Result<usize, EngineError> {
+        let Some(cursor) = self.backfill_cursor.clone() else {
+            return Ok(0);
+        };
+        if self.backfill_total == 0 {
+            // Resumed after a restart.
+            self.backfill_total = self.store.estimate_keys(CF_CUSTOMERS);
+        }
+        let mut ids = Vec::new();
+        let mut next_cursor = None;
+        let mut passed = 0;
+        for item in self.store.scan_from(CF_CUSTOMERS, &cursor) {
+            let (key, value) = item?;
+            if ids.len() == max_customers {
+                next_cursor = Some(key.to_vec());
+                break;
+            }
+            passed += 1;
+            let generation = Reader::new(&value)
+                .u8()
+                .and_then(|_| Reader::new(&value[1..]).u64())
+                .map_err(StoreError::from)?;
+            if generation < self.generation {
+                ids.push(Arc::<str>::from(String::from_utf8_lossy(&key).as_ref()));
+            }
+        }
+        let now = self.now();
+        self.transact(|engine, batch| {
+            for id in &ids {
+                // Brought up to the current rules on the way.
+                let state = engine.take_customer(id, now, batch)?;
+                engine.put_back(id.clone(), state, batch);
+            }
+            let key = META_BACKFILL.as_bytes();
+            match &next_cursor {
+                Some(c) => batch.wb.put_cf(engine.store.cf(CF_META), key, c),
+                None => batch.wb.delete_cf(engine.store.cf(CF_META), key),
+            }
+            Ok(())
+        })?;
+        self.backfill_cursor = next_cursor;
+        self.backfill_done += passed;
+        Ok(ids.len())
+    }
+}

@@ -1,0 +1,380 @@
+//! The engine as a service: the synchronous [`Engine`] on a thread of its own, driven by
+//! one loop, with a cloneable [`EngineHandle`] for every edge — HTTP, Kafka, the demo
+//! generator — to send it work through one bounded queue.
+//!
+//! Ingest is **group-committed**: when the loop takes an ingest request it also takes every
+//! other ingest request already waiting (up to [`ServiceConfig::max_group_events`]) and
+//! applies them all in one atomic commit, one WAL write and fsync. Under light load a
+//! request commits alone and at once; under heavy load batches grow with the load, so the
+//! fsync and the per-commit work are shared and latency stays bounded by the time of about
+//! two groups instead of growing with a fixed batch size. Events are parsed on the caller's
+//! thread; the engine thread only applies them.
+//!
+//! Between jobs the loop fires due timers (wall clock mode), continues a rule-change
+//! backfill, and checkpoints the membership index, so these proceed while edges keep
+//! sending work. The loop stops once every handle is dropped and the queue is drained.
+//!
+//! ```
+//! use processor::{ClockMode, Engine, EngineConfig, EngineHandle, ServiceConfig};
+//!
+//! let dir = std::env::temp_dir().join(format!("tagstream-service-doc-{}", std::process::id()));
+//! let config = EngineConfig { clock: ClockMode::Event, sync_writes: false, ..Default::default() };
+//! let engine = Engine::open(&dir, Some("tag buyer on payment"), config).unwrap();
+//! let (handle, thread) = EngineHandle::spawn(engine, ServiceConfig::default());
+//!
+//! let line = br#"{"customer_id": "c1", "type": "payment", "ts": 1744000000000}"#.to_vec();
+//! let outcome = handle.ingest_blocking(vec![line], Vec::new()).unwrap();
+//! assert_eq!((outcome.accepted, outcome.changes.len()), (1, 1));
+//!
+//! drop(handle);
+//! thread.join().unwrap();
+//! # std::fs::remove_dir_all(&dir).unwrap();
+//! ```
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::kafka::{Apply, ApplyError, KafkaBatch};
+use crate::{
+    telemetry, ClockMode, Engine, EngineError, EventLimits, IngestOutcome, IngestRequest, ReadHandle,
+};
+
+/// How the service loop paces its work.
+#[derive(Debug, Clone, Copy)]
+pub struct ServiceConfig {
+    /// Jobs waiting before [`EngineHandle::call`] and [`EngineHandle::ingest`] answer
+    /// [`ServiceError::Busy`] (blocking callers wait instead).
+    pub queue: usize,
+    /// How often timers are checked in wall clock mode (well under the one-second promise).
+    pub tick: Duration,
+    /// Customers re-evaluated per backfill step between jobs.
+    pub backfill_step: usize,
+    /// How often the membership index writes its checkpoint (a restart replays the change
+    /// log since the last one).
+    pub index_checkpoint: Duration,
+    /// Most events one group commit takes from waiting requests (a request is never split:
+    /// one larger than this commits alone).
+    pub max_group_events: usize,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            queue: 1024,
+            tick: Duration::from_millis(100),
+            backfill_step: 2_000,
+            index_checkpoint: Duration::from_secs(10),
+            max_group_events: 8_192,
+        }
+    }
+}
+
+/// Why the service did not run a job.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The queue is full: backpressure, retry shortly.
+    #[error("the engine is busy; retry shortly")]
+    Busy,
+    /// The engine thread has stopped (shutdown) or dropped the job.
+    #[error("the engine has stopped")]
+    Stopped,
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+type Reply<T> = Box<dyn FnOnce(T) + Send>;
+
+struct IngestJob {
+    request: IngestRequest,
+    /// When the request arrived, for the event-to-change latency.
+    received: Instant,
+    reply: Reply<Result<IngestOutcome, EngineError>>,
+}
+
+enum Job {
+    Ingest(IngestJob),
+    Run(Box<dyn FnOnce(&mut Engine) + Send>),
+}
+
+/// A cloneable handle to the engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    jobs: SyncSender<Job>,
+    reader: ReadHandle,
+    limits: EventLimits,
+    /// Jobs queued and not yet taken by the loop.
+    waiting: Arc<AtomicUsize>,
+    /// The `seq` of the last committed change, for change streams to wait on.
+    committed: tokio::sync::watch::Receiver<u64>,
+}
+
+impl EngineHandle {
+    /// Starts the engine thread. It stops once every handle is dropped and the queued jobs
+    /// are done, flushing the store on the way out.
+    pub fn spawn(engine: Engine, config: ServiceConfig) -> (EngineHandle, JoinHandle<()>) {
+        let (jobs, queue) = sync_channel::<Job>(config.queue);
+        let reader = engine.reader();
+        let limits = engine.config().limits;
+        let (committed_tx, committed) = tokio::sync::watch::channel(reader.last_seq());
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let service = Service {
+            engine,
+            config,
+            queue,
+            waiting: waiting.clone(),
+            held: None,
+            committed: committed_tx,
+        };
+        let thread = std::thread::Builder::new()
+            .name("tagstream-engine".into())
+            .spawn(move || service.run())
+            .expect("spawn the engine thread");
+        let handle = EngineHandle {
+            jobs,
+            reader,
+            limits,
+            waiting,
+            committed,
+        };
+        (handle, thread)
+    }
+
+    /// Lookups that run on the caller's thread, as of the last commit, without queueing
+    /// behind ingest.
+    pub fn reader(&self) -> &ReadHandle {
+        &self.reader
+    }
+
+    /// Jobs queued and not yet taken by the engine thread (`tagstream_engine_queue_jobs`).
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
+    }
+
+    /// Changes with the `seq` of the last committed change after each engine job.
+    pub fn committed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.committed.clone()
+    }
+
+    /// Ingests raw events (parsed here, on the caller's thread) in the next group commit;
+    /// answers once they are durable. A full queue answers [`ServiceError::Busy`].
+    pub async fn ingest(&self, raw: Vec<Vec<u8>>) -> Result<IngestOutcome, ServiceError> {
+        let received = Instant::now();
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job = self.ingest_job(raw, Vec::new(), received, Box::new(move |r| drop(reply.send(r))));
+        self.try_submit(job)?;
+        Ok(answer.await.map_err(|_| ServiceError::Stopped)??)
+    }
+
+    /// Like [`EngineHandle::ingest`] for threads outside the async runtime (Kafka, the demo
+    /// generator), with the source positions to commit with the events. Waits for room in
+    /// the queue instead of answering busy: that is the backpressure such a source wants.
+    pub fn ingest_blocking(
+        &self,
+        raw: Vec<Vec<u8>>,
+        positions: Vec<(String, u64)>,
+    ) -> Result<IngestOutcome, ServiceError> {
+        let received = Instant::now();
+        let (reply, answer) = std::sync::mpsc::sync_channel(1);
+        let job = self.ingest_job(raw, positions, received, Box::new(move |r| drop(reply.send(r))));
+        self.send(job)?;
+        Ok(answer.recv().map_err(|_| ServiceError::Stopped)??)
+    }
+
+    /// How the Kafka consumer applies its batches through this handle.
+    pub fn kafka_apply(&self) -> Apply {
+        let handle = self.clone();
+        Box::new(move |batch: Arc<KafkaBatch>| {
+            handle
+                .ingest_blocking(batch.events.clone(), batch.positions.clone())
+                .map_err(|e| match e {
+                    ServiceError::Busy => ApplyError::Busy,
+                    other => ApplyError::Failed(other.to_string()),
+                })
+        })
+    }
+
+    /// Runs `f` on the engine thread and returns its result. A full queue answers
+    /// [`ServiceError::Busy`].
+    pub async fn call<R, F>(&self, f: F) -> Result<R, ServiceError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Engine) -> R + Send + 'static,
+    {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.try_submit(Job::Run(Box::new(move |engine| {
+            let _ = reply.send(f(engine));
+        })))?;
+        answer.await.map_err(|_| ServiceError::Stopped)
+    }
+
+    /// Like [`EngineHandle::call`] for threads outside the async runtime: waits for room
+    /// in the queue, then for the answer.
+    pub fn call_blocking<R, F>(&self, f: F) -> Result<R, ServiceError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Engine) -> R + Send + 'static,
+    {
+        let (reply, answer) = std::sync::mpsc::sync_channel(1);
+        let job = Job::Run(Box::new(move |engine| {
+            let _ = reply.send(f(engine));
+        }));
+        self.send(job)?;
+        answer.recv().map_err(|_| ServiceError::Stopped)
+    }
+
+    fn ingest_job(
+        &self,
+        raw: Vec<Vec<u8>>,
+        positions: Vec<(String, u64)>,
+        received: Instant,
+        reply: Reply<Result<IngestOutcome, EngineError>>,
+    ) -> Job {
+        Job::Ingest(IngestJob {
+            request: IngestRequest::parse(raw, &self.limits).with_positions(positions),
+            received,
+            reply,
+        })
+    }
+
+    /// Queues a job; a full queue is backpressure (busy), never a wait.
+    fn try_submit(&self, job: Job) -> Result<(), ServiceError> {
+        // Counted before it is queued, so the loop never takes a job it has not counted.
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        self.jobs.try_send(job).map_err(|e| {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            match e {
+                TrySendError::Full(_) => ServiceError::Busy,
+                TrySendError::Disconnected(_) => ServiceError::Stopped,
+            }
+        })
+    }
+
+    /// Queues a job, waiting for room.
+    fn send(&self, job: Job) -> Result<(), ServiceError> {
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        self.jobs.send(job).map_err(|_| {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            ServiceError::Stopped
+        })
+    }
+}
+
+/// The loop on the engine thread.
+struct Service {
+    engine: Engine,
+    config: ServiceConfig,
+    queue: Receiver<Job>,
+    waiting: Arc<AtomicUsize>,
+    /// A job taken from the queue while gathering a group, run next.
+    held: Option<Job>,
+    committed: tokio::sync::watch::Sender<u64>,
+}
+
+impl Service {
+    fn run(mut self) {
+        let wall = self.engine.config().clock == ClockMode::Wall;
+        let mut last_tick = Instant::now();
+        let mut last_checkpoint = Instant::now();
+        loop {
+            let job = match self.held.take() {
+                Some(job) => Some(job),
+                None => match self.queue.recv_timeout(self.config.tick) {
+                    Ok(job) => Some(self.taken(job)),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                },
+            };
+            match job {
+                Some(Job::Run(f)) => f(&mut self.engine),
+                Some(Job::Ingest(first)) => self.ingest_group(first),
+                None => {}
+            }
+            if wall && last_tick.elapsed() >= self.config.tick {
+                last_tick = Instant::now();
+                if let Err(e) = self.engine.tick() {
+                    tracing::error!(error = %e, "firing timers failed; will retry");
+                }
+                telemetry::record_timers(&self.engine.take_fired_timers(), self.engine.wall_clock_ms());
+            }
+            if self.engine.backfill_pending() {
+                if let Err(e) = self.engine.backfill_step(self.config.backfill_step) {
+                    tracing::error!(error = %e, "rule-change backfill step failed; will retry");
+                }
+            }
+            if last_checkpoint.elapsed() >= self.config.index_checkpoint {
+                last_checkpoint = Instant::now();
+                if let Err(e) = self.engine.checkpoint_index() {
+                    tracing::error!(error = %e, "membership index checkpoint failed; will retry");
+                }
+            }
+            metrics::gauge!("tagstream_engine_queue_jobs").set(self.waiting.load(Ordering::Acquire) as f64);
+            // Set here, not at spawn: the recorder may be installed after the engine starts.
+            metrics::gauge!("tagstream_engine_queue_capacity").set(self.config.queue as f64);
+            let last = self.engine.next_seq() - 1;
+            self.committed
+                .send_if_modified(|seq| std::mem::replace(seq, last) != last);
+            telemetry::engine_gauges(&self.engine);
+        }
+        if let Err(e) = self.engine.store().flush() {
+            tracing::error!(error = %e, "flush at shutdown failed (the WAL still has everything)");
+        }
+    }
+
+    fn taken(&self, job: Job) -> Job {
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        job
+    }
+
+    /// Takes `first` and every ingest request already waiting behind it, up to the group
+    /// limit, and commits them together. A job of another kind ends the group (it runs
+    /// next, so jobs keep their order).
+    fn ingest_group(&mut self, first: IngestJob) {
+        let mut events = first.request.len();
+        let mut group = vec![first];
+        while events < self.config.max_group_events {
+            match self.queue.try_recv().map(|job| self.taken(job)) {
+                Ok(Job::Ingest(job)) => {
+                    events += job.request.len();
+                    group.push(job);
+                }
+                Ok(other) => {
+                    self.held = Some(other);
+                    break;
+                }
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            }
+        }
+        let started = Instant::now();
+        let mut replies = Vec::with_capacity(group.len());
+        let requests = group
+            .into_iter()
+            .map(|job| {
+                replies.push((job.received, job.reply));
+                job.request
+            })
+            .collect();
+        metrics::histogram!("tagstream_group_commit_requests").record(replies.len() as f64);
+        metrics::histogram!("tagstream_group_commit_events").record(events as f64);
+        let result = self.engine.ingest_group(requests);
+        let applied_in = started.elapsed();
+        telemetry::record_timers(&self.engine.take_fired_timers(), self.engine.wall_clock_ms());
+        match result {
+            Ok(outcomes) => {
+                for ((received, reply), outcome) in replies.into_iter().zip(outcomes) {
+                    telemetry::record_ingest(&outcome, applied_in, received);
+                    reply(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, requests = replies.len(), "a group commit failed; nothing of it was applied");
+                let message = e.to_string();
+                for (_, reply) in replies {
+                    reply(Err(EngineError::CommitFailed(message.clone())));
+                }
+            }
+        }
+    }
+}
