@@ -9,6 +9,8 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 . scripts/lib/prereqs.sh
 # shellcheck source=lib/tansu.sh
 . scripts/lib/tansu.sh
+# shellcheck source=lib/prometheus.sh
+. scripts/lib/prometheus.sh
 
 echo "==> prerequisite probe (scripts/check-prereqs-probe.sh)"
 ./scripts/check-prereqs-probe.sh
@@ -18,6 +20,10 @@ cargo fmt --all -- --check
 
 echo "==> cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "==> deploy/ checks (scripts/check-deploy.sh)"
+cargo build --locked -q -p tagstream
+./scripts/check-deploy.sh "$CARGO_TARGET_DIR/debug/tagstream"
 
 echo "==> tests"
 if command -v cargo-nextest >/dev/null 2>&1; then

@@ -615,6 +615,19 @@ impl Store {
         Ok(n)
     }
 
+    /// Free and total bytes of the file system the store lives on (`None` if unknown).
+    pub fn disk_space(&self) -> Option<(u64, u64)> {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(self.db.path().as_os_str().as_bytes()).ok()?;
+        // SAFETY: statvfs writes into the zeroed struct it is given; the path is a valid C string.
+        let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+            return None;
+        }
+        let block = stat.f_frsize as u64;
+        Some((stat.f_bavail as u64 * block, stat.f_blocks as u64 * block))
+    }
+
     pub fn approximate_size(&self) -> u64 {
         self.cf_sizes().iter().map(|(_, bytes)| bytes).sum()
     }

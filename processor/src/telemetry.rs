@@ -56,6 +56,10 @@ pub fn store_gauges(engine: &Engine) {
     gauge!("tagstream_rocksdb_pending_compaction_bytes").set(store.pending_compaction_bytes() as f64);
     gauge!("tagstream_rocksdb_running_compactions").set(store.running_compactions() as f64);
     gauge!("tagstream_rocksdb_memtable_bytes").set(store.memtable_bytes() as f64);
+    if let Some((free, total)) = store.disk_space() {
+        gauge!("tagstream_disk_free_bytes").set(free as f64);
+        gauge!("tagstream_disk_total_bytes").set(total as f64);
+    }
     let index = engine.reader().index().read().memory();
     gauge!("tagstream_index_customers").set(index.customers as f64);
     gauge!("tagstream_index_id_bytes").set(index.id_bytes as f64);
@@ -98,6 +102,8 @@ pub const METRICS: &[(&str, MetricKind, &str)] = &[
     ("tagstream_rocksdb_pending_compaction_bytes", MetricKind::Gauge, "Bytes RocksDB estimates compaction still has to rewrite."),
     ("tagstream_rocksdb_running_compactions", MetricKind::Gauge, "RocksDB compactions running now."),
     ("tagstream_rocksdb_memtable_bytes", MetricKind::Gauge, "Bytes in RocksDB memtables not yet flushed."),
+    ("tagstream_disk_free_bytes", MetricKind::Gauge, "Free bytes (for unprivileged users) of the file system holding the store."),
+    ("tagstream_disk_total_bytes", MetricKind::Gauge, "Size of the file system holding the store."),
     ("tagstream_index_customers", MetricKind::Gauge, "Customers numbered in the membership index."),
     ("tagstream_index_id_bytes", MetricKind::Gauge, "Bytes of the index's id table."),
     ("tagstream_index_bitmap_bytes", MetricKind::Gauge, "Bytes of the index's membership bitmaps."),
