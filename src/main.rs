@@ -1,5 +1,6 @@
 //! The `tagstream` binary: command-line parsing and wiring only.
 
+mod admin;
 mod config;
 mod replay;
 mod serve;
@@ -68,6 +69,29 @@ enum Command {
     },
     /// Print a settings file with every key at its default.
     DefaultConfig,
+    /// Back up a store into a new directory: through a running server (consistent, taken
+    /// between two commits while it serves), or a stopped store with --data-dir.
+    Backup {
+        /// The backup directory; must not exist yet (on the server's machine).
+        #[arg(long)]
+        to: PathBuf,
+        /// The running server to ask.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        server: String,
+        /// Back up this stopped store directly instead of asking a server.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Restore a backup into a new data directory; a server started on it resumes exactly
+    /// after the last event the backup holds (Kafka from the offsets kept in it).
+    Restore {
+        /// The backup directory (with its BACKUP.json).
+        #[arg(long)]
+        from: PathBuf,
+        /// The data directory to create; must not exist or be empty.
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
     /// Ask a running tagstream whether it is ready (for container health checks): exits 0 on
     /// a 2xx answer, 1 otherwise.
     Healthcheck {
@@ -264,7 +288,9 @@ fn main() -> ExitCode {
             customers,
         } => run_demo(data_dir, listen, rate, customers),
         Command::CheckRules { plan, files } => check_rules(&files, plan),
-        Command::Healthcheck { url } => healthcheck(&url),
+        Command::Healthcheck { url } => admin::healthcheck(&url),
+        Command::Backup { to, server, data_dir } => admin::backup(&to, &server, data_dir.as_deref()),
+        Command::Restore { from, data_dir } => admin::restore(&from, &data_dir),
         Command::DefaultConfig => {
             print!("{}", Settings::default_file());
             Ok(ExitCode::SUCCESS)
@@ -329,42 +355,6 @@ fn run_demo(
         },
     )?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// One HTTP/1.1 GET over loopback, without a client library: status line only.
-fn healthcheck(url: &str) -> anyhow::Result<ExitCode> {
-    use std::io::{Read, Write};
-    let rest = url
-        .strip_prefix("http://")
-        .with_context(|| format!("{url}: only http:// URLs are checked"))?;
-    let (host, path) = rest
-        .split_once('/')
-        .map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
-    let timeout = std::time::Duration::from_secs(3);
-    let addr = std::net::ToSocketAddrs::to_socket_addrs(host)
-        .with_context(|| format!("resolving {host}"))?
-        .next()
-        .with_context(|| format!("{host} resolves to no address"))?;
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
-        .with_context(|| format!("connecting to {host}"))?;
-    stream.set_read_timeout(Some(timeout))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut head = [0u8; 64];
-    let n = stream.read(&mut head)?;
-    let status = String::from_utf8_lossy(&head[..n])
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse::<u16>().ok())
-        .with_context(|| format!("{url}: not an HTTP answer"))?;
-    if (200..300).contains(&status) {
-        Ok(ExitCode::SUCCESS)
-    } else {
-        eprintln!("{url}: {status}");
-        Ok(ExitCode::from(1))
-    }
 }
 
 fn check_rules(files: &[PathBuf], plan: bool) -> anyhow::Result<ExitCode> {

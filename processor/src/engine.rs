@@ -256,6 +256,28 @@ impl PreviewCounts {
     }
 }
 
+/// The file in a backup directory that says what the backup holds.
+pub const BACKUP_MANIFEST: &str = "BACKUP.json";
+
+/// What a backup holds ([`Engine::backup`]), as its `BACKUP.json` says.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BackupManifest {
+    pub format: u32,
+    /// The tagstream version that wrote it.
+    pub version: String,
+    pub created_at_ms: i64,
+    /// The `seq` of the last change it holds (0: none).
+    pub last_seq: u64,
+    /// The event clock it holds.
+    pub clock: Option<i64>,
+    pub customers: u32,
+    /// Where each source (`kafka:TOPIC:PARTITION`, a file) stands: the next offset to read.
+    pub source_offsets: BTreeMap<String, u64>,
+    /// Bytes of the backup's files.
+    pub bytes: u64,
+    pub took_ms: u64,
+}
+
 /// A column of a members export besides the customer id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExportField {

@@ -50,10 +50,10 @@ pub mod writes;
 
 pub use change::{Cause, Change, MemberKind, Op};
 pub use engine::{
-    parse_cursor, BackfillProgress, ClockMode, CustomerView, DeadLetter, Delta, Engine, EngineConfig,
-    EngineError, Explained, Explanation, ExportField, FiredTimers, IngestError, IngestOutcome, IngestRequest,
-    MembersPage, NextChange, Preview, PreviewCounts, QueryError, QueryPage, ReadHandle, SavedSegment,
-    SegmentUpdate,
+    parse_cursor, BackfillProgress, BackupManifest, ClockMode, CustomerView, DeadLetter, Delta, Engine,
+    EngineConfig, EngineError, Explained, Explanation, ExportField, FiredTimers, IngestError, IngestOutcome,
+    IngestRequest, MembersPage, NextChange, Preview, PreviewCounts, QueryError, QueryPage, ReadHandle,
+    SavedSegment, SegmentUpdate, BACKUP_MANIFEST,
 };
 pub use event::{parse_event, EventLimits, Rejection, ValidEvent};
 pub use service::{EngineHandle, ServiceConfig, ServiceError};

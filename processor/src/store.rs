@@ -632,6 +632,27 @@ impl Store {
         self.cf_sizes().iter().map(|(_, bytes)| bytes).sum()
     }
 
+    /// A consistent copy of every column family in `dir` (which must not exist), as of the
+    /// last commit: RocksDB's checkpoint (memtables flushed; files hard-linked when `dir` is on
+    /// the same file system, copied otherwise).
+    pub fn checkpoint(&self, dir: &Path) -> Result<(), StoreError> {
+        rocksdb::checkpoint::Checkpoint::new(&self.db)?.create_checkpoint(dir)?;
+        Ok(())
+    }
+
+    /// Every key of column family `cf` starting with `prefix`, with its value.
+    pub fn scan_prefix(&self, cf: &str, prefix: &[u8]) -> Result<Vec<KeyValue>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.scan_from(cf, prefix) {
+            let (key, value) = item?;
+            if !key.starts_with(prefix) {
+                break;
+            }
+            out.push((key, value));
+        }
+        Ok(out)
+    }
+
     pub fn flush(&self) -> Result<(), StoreError> {
         for cf in ALL_CFS {
             self.db.flush_cf(self.cf(cf))?;

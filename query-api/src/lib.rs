@@ -163,6 +163,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/dlq",
             get(routes::dead_letters).delete(routes::purge_dead_letters),
         )
+        .route("/v1/admin/backup", post(routes::backup))
         .route("/openapi.json", get(routes::openapi))
         .route("/metrics", get(routes::metrics))
         .route("/healthz", get(routes::healthz))

@@ -613,6 +613,30 @@ pub async fn dead_letters(
     Ok(Json(json!({ "dead_letters": items, "next_after": next_after })))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackupBody {
+    /// A directory on the server's machine that does not exist yet.
+    to: String,
+}
+
+/// `POST /v1/admin/backup {"to": DIR}`: a consistent backup of the store, taken between two
+/// commits while the server keeps serving; answers the backup's manifest.
+pub async fn backup(
+    State(app): State<AppState>,
+    LimitedBody(body): LimitedBody,
+) -> Result<Json<Json_>, ApiError> {
+    let BackupBody { to } = json_body(&body)?;
+    if to.trim().is_empty() {
+        return Err(ApiError::BadRequest("`to` names no directory".into()));
+    }
+    let dir = std::path::PathBuf::from(to);
+    let manifest = app.engine.call(move |engine| engine.backup(&dir)).await??;
+    Ok(Json(
+        serde_json::to_value(manifest).expect("a manifest serializes"),
+    ))
+}
+
 pub async fn purge_dead_letters(State(app): State<AppState>) -> Result<Json<Json_>, ApiError> {
     let purged = app.engine.call(|engine| engine.purge_dead_letters()).await??;
     Ok(Json(json!({ "purged": purged })))

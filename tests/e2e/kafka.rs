@@ -139,10 +139,9 @@ fn read_changes_topic(brokers: &str, expected: usize) -> BTreeMap<u64, serde_jso
     by_seq
 }
 
-#[test]
-fn kafka_consumer_killed_mid_stream_ends_like_an_uninterrupted_http_run() {
-    let lines = stream();
-    // The reference: the same stream over HTTP, in order, uninterrupted.
+/// The stream over HTTP, in order, uninterrupted: what every Kafka run must end as. Returns
+/// the snapshot, its last seq and its dead-letter count.
+fn reference_run(lines: &[Vec<u8>]) -> (support::Snapshot, u64, usize) {
     let reference = TempDir::new("kafka-ref");
     let plain = reference.path().join("plain.toml");
     std::fs::write(&plain, "").unwrap();
@@ -157,6 +156,112 @@ fn kafka_consumer_killed_mid_stream_ends_like_an_uninterrupted_http_run() {
     let expected = snapshot(&reference.path().join("data"));
     assert_eq!(expected.0.len() as u64, expected_seq);
     assert!(expected_seq > 100, "the stream produces changes");
+    (expected, expected_seq, expected_dead)
+}
+
+/// A Kafka consumer's settings: one consumer group per test run, small batches (many
+/// commits to land between).
+fn kafka_config(dir: &Path, broker: &Broker, group: &str) -> PathBuf {
+    let config = dir.join("tagstream.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "sync_writes = true\n[kafka]\nbrokers = \"{}\"\ngroup_id = \"{group}-{}\"\nmax_batch = 40\n\
+             [kafka.options]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n",
+            broker.addr,
+            std::process::id()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// `tagstream backup` asks a server that is consuming from Kafka; the machine is then lost.
+/// `tagstream restore` brings back exactly the state of the backup's instant (the change log
+/// up to its seq, a prefix of the uninterrupted run's), and a server on the restored store
+/// resumes from the Kafka offsets kept in it: the end is the uninterrupted run, nothing lost
+/// and nothing counted twice.
+#[test]
+fn a_backup_taken_under_load_restores_that_instant_and_resumes_from_kafka_without_loss() {
+    let lines = stream();
+    let (expected, expected_seq, expected_dead) = reference_run(&lines);
+    let broker = Broker::start();
+    for topic in ["events", "tag-changes", "tagstream-dead-letters"] {
+        broker.create_topic(topic, 1);
+    }
+    produce(&broker.addr, &lines);
+    let run = TempDir::new("kafka-backup");
+    let config = kafka_config(run.path(), &broker, "backup");
+    let server = Server::start(&run.path().join("lost"), &config);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while server.last_seq() < expected_seq / 3 {
+        assert!(Instant::now() < deadline, "no progress to back up");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let backup = run.path().join("backups/first");
+    let out = Command::new(env!("CARGO_BIN_EXE_tagstream"))
+        .args(["backup", "--to"])
+        .arg(&backup)
+        .args(["--server", &format!("http://{}", server.addr)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let manifest: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let after_backup = server.last_seq();
+    server.kill(); // the machine is lost
+    let at = manifest["last_seq"].as_u64().unwrap();
+    assert!(at > 0 && at <= after_backup, "{manifest}");
+    let offset = manifest["source_offsets"]["kafka:events:0"].as_u64().unwrap();
+    assert!(
+        offset > 0 && offset < lines.len() as u64,
+        "taken mid-stream: {manifest}"
+    );
+    // A second backup into the same place is refused, not merged.
+    let again = Command::new(env!("CARGO_BIN_EXE_tagstream"))
+        .args(["backup", "--to"])
+        .arg(&backup)
+        .args(["--data-dir"])
+        .arg(run.path().join("lost"))
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+
+    let restored = run.path().join("restored");
+    let out = Command::new(env!("CARGO_BIN_EXE_tagstream"))
+        .args(["restore", "--from"])
+        .arg(&backup)
+        .arg("--data-dir")
+        .arg(&restored)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The state of that instant: the uninterrupted run's change log up to the backup's seq.
+    let at_backup = snapshot(&restored);
+    assert_eq!(at_backup.0.len() as u64, at);
+    assert_eq!(
+        at_backup.0[..],
+        expected.0[..at as usize],
+        "the backup's change log"
+    );
+
+    let server = Server::start(&restored, &config);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while (server.last_seq() < expected_seq || server.dead_letters() < expected_dead)
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    server.stop();
+    let end = snapshot(&restored);
+    assert_eq!(end.0, expected.0, "change log after the restore");
+    assert_eq!(end.1, expected.1, "customers after the restore");
+    assert_eq!(end.2, expected.2, "dead letters after the restore");
+}
+
+#[test]
+fn kafka_consumer_killed_mid_stream_ends_like_an_uninterrupted_http_run() {
+    let lines = stream();
+    let (expected, expected_seq, expected_dead) = reference_run(&lines);
 
     // One partition: the consumed order is the file's order, so even `since`, `at` and
     // `seq` must match the reference.
@@ -167,17 +272,7 @@ fn kafka_consumer_killed_mid_stream_ends_like_an_uninterrupted_http_run() {
     produce(&broker.addr, &lines);
 
     let run = TempDir::new("kafka-killed");
-    let config = run.path().join("tagstream.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "sync_writes = true\n[kafka]\nbrokers = \"{}\"\ngroup_id = \"crash-{}\"\nmax_batch = 40\n\
-             [kafka.options]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n",
-            broker.addr,
-            std::process::id()
-        ),
-    )
-    .unwrap();
+    let config = kafka_config(run.path(), &broker, "crash");
     let data = run.path().join("data");
     let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
     let mut kills = 0;

@@ -1,0 +1,143 @@
+//! Administration commands that talk to a running server or work on a stopped store:
+//! `healthcheck`, `backup`, `restore`.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use processor::{BackupManifest, ClockMode, Engine, EngineConfig, BACKUP_MANIFEST};
+
+/// One HTTP/1.1 request without a client library: the status and the body (bodies are
+/// small JSON here; the server closes the connection after answering).
+fn http(method: &str, url: &str, body: &[u8], timeout: Duration) -> anyhow::Result<(u16, Vec<u8>)> {
+    let rest = url
+        .strip_prefix("http://")
+        .with_context(|| format!("{url}: only http:// URLs are supported"))?;
+    let (host, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(host)
+        .with_context(|| format!("resolving {host}"))?
+        .next()
+        .with_context(|| format!("{host} resolves to no address"))?;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("connecting to {host}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )?;
+    stream.write_all(body)?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .with_context(|| format!("{url}: not an HTTP answer"))?;
+    let head = String::from_utf8_lossy(&raw[..split]);
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse::<u16>().ok())
+        .with_context(|| format!("{url}: not an HTTP answer"))?;
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        bail!("{url}: chunked answers are not expected here");
+    }
+    Ok((status, raw[split + 4..].to_vec()))
+}
+
+/// `tagstream healthcheck`: exits 0 on a 2xx answer, 1 otherwise (container health checks).
+pub fn healthcheck(url: &str) -> anyhow::Result<ExitCode> {
+    let (status, _) = http("GET", url, b"", Duration::from_secs(3))?;
+    if (200..300).contains(&status) {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("{url}: {status}");
+        Ok(ExitCode::from(1))
+    }
+}
+
+/// `tagstream backup`: asks the server (or opens a stopped store) and prints the manifest.
+pub fn backup(to: &Path, server: &str, data_dir: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let manifest = match data_dir {
+        Some(data) => {
+            let config = EngineConfig {
+                clock: ClockMode::Event,
+                ..EngineConfig::default()
+            };
+            let engine = Engine::open(data, None, config).with_context(|| {
+                format!(
+                    "opening the store at {} (is a server running on it?)",
+                    data.display()
+                )
+            })?;
+            engine.backup(to)?
+        }
+        None => {
+            let to = to.to_str().context("the backup path is not UTF-8")?;
+            let body = serde_json::json!({ "to": to }).to_string();
+            let url = format!("{}/v1/admin/backup", server.trim_end_matches('/'));
+            let (status, answer) = http("POST", &url, body.as_bytes(), Duration::from_secs(600))?;
+            if status != 200 {
+                bail!("{url} answered {status}: {}", String::from_utf8_lossy(&answer));
+            }
+            serde_json::from_slice::<BackupManifest>(&answer).context("reading the server's manifest")?
+        }
+    };
+    println!("{}", serde_json::to_string_pretty(&manifest)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tagstream restore`: copies a backup into a new data directory, then opens it once to
+/// check it (and prints what it holds).
+pub fn restore(from: &Path, data_dir: &Path) -> anyhow::Result<ExitCode> {
+    let manifest_path = from.join(BACKUP_MANIFEST);
+    let manifest: BackupManifest = serde_json::from_slice(
+        &std::fs::read(&manifest_path).with_context(|| format!("reading {}", manifest_path.display()))?,
+    )
+    .with_context(|| format!("{} is not a backup manifest", manifest_path.display()))?;
+    if data_dir.exists()
+        && std::fs::read_dir(data_dir)
+            .with_context(|| format!("reading {}", data_dir.display()))?
+            .next()
+            .is_some()
+    {
+        bail!(
+            "{} is not empty: restore into a new directory",
+            data_dir.display()
+        );
+    }
+    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let entry = entry?;
+        if entry.file_name() == BACKUP_MANIFEST || !entry.file_type()?.is_file() {
+            continue;
+        }
+        std::fs::copy(entry.path(), data_dir.join(entry.file_name()))
+            .with_context(|| format!("copying {}", entry.path().display()))?;
+    }
+    let config = EngineConfig {
+        clock: ClockMode::Event,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::open(data_dir, None, config).context("opening the restored store")?;
+    if engine.next_seq() - 1 != manifest.last_seq {
+        bail!(
+            "the restored store holds changes up to seq {}, its manifest says {}",
+            engine.next_seq() - 1,
+            manifest.last_seq
+        );
+    }
+    println!(
+        "restored {} into {}: {} customers, changes up to seq {}, sources {:?}",
+        from.display(),
+        data_dir.display(),
+        manifest.customers,
+        manifest.last_seq,
+        manifest.source_offsets
+    );
+    Ok(ExitCode::SUCCESS)
+}
