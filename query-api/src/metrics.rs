@@ -16,6 +16,10 @@ pub fn prometheus() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
+            let latency = [
+                0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.03, 0.04,
+                0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0,
+            ];
             let sizes = [
                 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0,
             ];
@@ -25,6 +29,13 @@ pub fn prometheus() -> PrometheusHandle {
                 ])
                 .and_then(|b| {
                     b.set_buckets_for_metric(Matcher::Prefix("tagstream_group_commit_".into()), &sizes)
+                })
+                // Fine around the 20 ms event -> change goal, so its p99 reads true.
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("tagstream_event_to_change_seconds".into()),
+                        &latency,
+                    )
                 })
                 .expect("valid buckets")
                 .build_recorder();
