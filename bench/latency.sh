@@ -36,7 +36,8 @@ for run in $(seq "$runs"); do
     curl -sf "http://127.0.0.1:$port/metrics" >"$work/latency-before.prom"
     sleep "$seconds"
     curl -sf "http://127.0.0.1:$port/metrics" >"$work/latency-after.prom"
-    kill -TERM "$demo"
+    # SIGTERM to tagstream itself (time(1) would not pass it on), then time writes peak RSS.
+    pkill -TERM -P "$demo"
     wait "$demo" || true
     python3 - "$work/latency-before.prom" "$work/latency-after.prom" "$seconds" "$run" \
         "$(cat "$work/latency-rss")" <<'PY'
