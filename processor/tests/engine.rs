@@ -554,3 +554,42 @@ fn a_customer_loaded_from_the_store_brings_its_windows_not_its_history() {
     assert!(state.history_loaded && state.windows.is_none());
     assert_eq!(state.history.events.len(), 50);
 }
+
+/// Replacing or deleting a saved segment that read its own aggregates takes those
+/// aggregates out of the rules: customers held in memory (and their stored records) keep
+/// window state shaped by the old rules, which must not be read under the new ones.
+#[test]
+fn a_segment_change_that_reshapes_the_windows_leaves_no_stale_window_state() {
+    let dir = TempDir::new("engine-segment-reshape");
+    let rules = "segment payer = count(payment, 7d) >= 1\ntrait views = count(view, 30d)";
+    let mut engine = Engine::open(dir.path(), Some(rules), event_config()).unwrap();
+    let events = [
+        ev("e1", "c1", "payment", T0, ""),
+        ev("e2", "c1", "view", T0 + 1, ""),
+        ev("e3", "c1", "view", T0 + 2, ""),
+    ];
+    engine.ingest(&events).unwrap();
+    assert!(engine
+        .customer("c1")
+        .unwrap()
+        .unwrap()
+        .segments
+        .contains_key("payer"));
+    // Static now: applied at once, and the `payment` aggregate leaves the rules.
+    let update = engine.put_segment("payer", "profile.vip == true").unwrap();
+    assert!(
+        matches!(update, processor::SegmentUpdate::Immediate { .. }),
+        "{update:?}"
+    );
+    engine.ingest(&[ev("e4", "c1", "view", T0 + 3, "")]).unwrap();
+    let view = engine.customer("c1").unwrap().unwrap();
+    assert_eq!(view.traits["views"], rules::Value::num(3));
+    assert!(!view.segments.contains_key("payer"));
+    // And from the store, after a restart.
+    drop(engine);
+    let engine = Engine::open(dir.path(), None, event_config()).unwrap();
+    assert_eq!(
+        engine.customer("c1").unwrap().unwrap().traits["views"],
+        rules::Value::num(3)
+    );
+}

@@ -25,8 +25,15 @@ impl Engine {
     /// Writes the batch: customer records, counters, and everything queued, atomically.
     fn commit(&mut self, mut batch: Batch) -> Result<Vec<Change>, EngineError> {
         let mut touched = Vec::with_capacity(batch.dirty.len());
+        let (now, retention_ms) = (self.now(), self.config.retention_ms);
         for customer in &batch.dirty {
             self.cache.update(customer, |state| {
+                if state.windows.is_none() && state.history_loaded {
+                    // Loaded with its history but not judged (a segment swap touches only
+                    // memberships): the windows are built before the history goes, since
+                    // the cache and the record keep the windows, not the history.
+                    state.advance_windows(&self.rules, now, retention_ms);
+                }
                 self.store
                     .put_customer(&mut batch.wb, customer, state, &self.rules);
                 touched.push(state.number);

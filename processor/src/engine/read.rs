@@ -261,7 +261,13 @@ impl Engine {
     pub(super) fn read_customer(&self, customer: &str) -> Result<Option<CustomerState>, EngineError> {
         let now = self.now();
         Ok(match self.cache.get(customer) {
-            Some(s) if s.windows.as_ref().is_some_and(|w| w.at() <= now) => Some(s.clone()),
+            // Not one still on an older rule set (a backfill is running): its windows may be
+            // shaped by the old rules; the store's record says whether they fit.
+            Some(s)
+                if s.generation == self.generation && s.windows.as_ref().is_some_and(|w| w.at() <= now) =>
+            {
+                Some(s.clone())
+            }
             _ => self.store.load_customer_current(customer, self.current())?,
         })
     }

@@ -159,6 +159,12 @@ impl Engine {
         members: roaring::RoaringBitmap,
     ) -> Result<SegmentUpdate, EngineError> {
         let before = self.index.read().set(name).cloned().unwrap_or_default();
+        if compiled.window_layout() != self.rules.window_layout() {
+            // The segment read aggregates no other definition reads: they leave the rules,
+            // and the window state customers hold in memory is shaped by the old ones.
+            // Reloaded from the store, it is found not to fit and rebuilt from the history.
+            self.cache.clear();
+        }
         let old_rules = std::mem::replace(&mut self.rules, Arc::new(compiled));
         let now = self.now();
         let name: Arc<str> = Arc::from(name);
