@@ -157,6 +157,10 @@ pub fn router(state: AppState) -> Router {
             "/v1/webhooks/{id}/dead_letters",
             get(webhooks::dead_letters).delete(webhooks::purge_dead_letters),
         )
+        .route(
+            "/v1/webhooks/{id}/dead_letters/redeliver",
+            post(webhooks::redeliver),
+        )
         .route("/v1/sql", post(sql::sql))
         .route("/v1/changes", get(routes::changes))
         .route(

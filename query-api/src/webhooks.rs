@@ -401,6 +401,104 @@ async fn deliver(app: AppState, config: WebhookConfig, sub: Subscription) {
     }
 }
 
+/// One attempt at delivering `body` (the changes from `first` on), counted and logged.
+/// The delivery id (`x-tagstream-delivery`) is the same on every attempt and redelivery, so a
+/// receiver can drop what it already has.
+async fn attempt_delivery(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    config: &WebhookConfig,
+    sub: &Subscription,
+    body: &Bytes,
+    first: u64,
+    attempt: u32,
+) -> Result<(), String> {
+    let started = Instant::now();
+    let at = now_ms();
+    let request = Request::post(&sub.url)
+        .header("content-type", "application/json")
+        .header(
+            "x-tagstream-signature",
+            signature(sub.secret.as_bytes(), at, body),
+        )
+        .header("x-tagstream-delivery", format!("{}-{first}", sub.id))
+        .header("x-tagstream-attempt", attempt.to_string())
+        .body(Full::new(body.clone()));
+    let outcome = match request {
+        Ok(request) => match tokio::time::timeout(config.timeout, client.request(request)).await {
+            Ok(Ok(response)) if response.status().is_success() => Ok(()),
+            Ok(Ok(response)) => Err(format!("the receiver answered {}", response.status())),
+            Ok(Err(e)) => Err(format!("request failed: {e}")),
+            Err(_) => Err(format!("no answer within {:?}", config.timeout)),
+        },
+        Err(e) => Err(format!("bad request: {e}")),
+    };
+    metrics::histogram!("tagstream_webhook_delivery_seconds").record(started.elapsed().as_secs_f64());
+    match &outcome {
+        Ok(()) => {
+            metrics::counter!("tagstream_webhook_deliveries_total", "result" => "delivered").increment(1)
+        }
+        Err(e) => {
+            metrics::counter!("tagstream_webhook_deliveries_total", "result" => "failed_attempt")
+                .increment(1);
+            tracing::warn!(webhook = sub.id, attempt, first_seq = first, error = %e, "webhook delivery failed");
+        }
+    }
+    outcome
+}
+
+/// `POST /v1/webhooks/{id}/dead_letters/redeliver`: sends the dead-lettered batches again,
+/// oldest first, one attempt each; each one accepted leaves the dead letters. Stops at the
+/// first that fails again (later ones keep their order behind it).
+pub async fn redeliver(State(app): State<AppState>, Path(id): Path<String>) -> Result<Json<Json_>, ApiError> {
+    let id = parse_id(&id)?;
+    let reader = app.engine.reader().clone();
+    let sub = find(&reader, id)?;
+    let prefix = dlq_prefix(id);
+    let mut letters = Vec::new();
+    for item in reader.store().scan_from(CF_WEBHOOKS, &prefix) {
+        let (key, value) = item.map_err(processor::EngineError::from)?;
+        if !key.starts_with(&prefix) {
+            break;
+        }
+        let letter: Json_ = serde_json::from_slice(&value).map_err(|e| ApiError::Internal(e.to_string()))?;
+        letters.push((key, letter));
+    }
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let config = app.webhooks.config.clone();
+    let total = letters.len();
+    let mut redelivered = 0;
+    let mut error = None;
+    for (key, letter) in letters {
+        let first = letter["first_seq"].as_u64().unwrap_or_default();
+        let attempt = letter["attempts"].as_u64().unwrap_or_default() as u32 + 1;
+        let body = Bytes::from(
+            serde_json::to_vec(
+                &json!({ "subscription": sub.id, "name": sub.name, "changes": letter["changes"] }),
+            )
+            .expect("changes serialise"),
+        );
+        match attempt_delivery(&client, &config, &sub, &body, first, attempt).await {
+            Ok(()) => {
+                // The key is the whole prefix: one dead letter.
+                reader
+                    .store()
+                    .delete_prefix_now(CF_WEBHOOKS, &key)
+                    .map_err(processor::EngineError::from)?;
+                redelivered += 1;
+            }
+            Err(e) => {
+                error = Some(e);
+                break;
+            }
+        }
+    }
+    Ok(Json(json!({
+        "redelivered": redelivered,
+        "remaining": total - redelivered,
+        "error": error,
+    })))
+}
+
 /// Sends one batch until it is accepted (2xx) or `max_attempts` fail; then dead-letters it.
 async fn send_with_retries(
     client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
@@ -418,38 +516,9 @@ async fn send_with_retries(
     let mut delay = config.backoff_base;
     let mut last_error = String::new();
     for attempt in 1..=sub.max_attempts {
-        let started = Instant::now();
-        let at = now_ms();
-        let request = Request::post(&sub.url)
-            .header("content-type", "application/json")
-            .header(
-                "x-tagstream-signature",
-                signature(sub.secret.as_bytes(), at, &body),
-            )
-            .header("x-tagstream-delivery", format!("{}-{first}", sub.id))
-            .header("x-tagstream-attempt", attempt.to_string())
-            .body(Full::new(body.clone()));
-        let outcome = match request {
-            Ok(request) => match tokio::time::timeout(config.timeout, client.request(request)).await {
-                Ok(Ok(response)) if response.status().is_success() => Ok(()),
-                Ok(Ok(response)) => Err(format!("the receiver answered {}", response.status())),
-                Ok(Err(e)) => Err(format!("request failed: {e}")),
-                Err(_) => Err(format!("no answer within {:?}", config.timeout)),
-            },
-            Err(e) => Err(format!("bad request: {e}")),
-        };
-        metrics::histogram!("tagstream_webhook_delivery_seconds").record(started.elapsed().as_secs_f64());
-        match outcome {
-            Ok(()) => {
-                metrics::counter!("tagstream_webhook_deliveries_total", "result" => "delivered").increment(1);
-                return;
-            }
-            Err(e) => {
-                metrics::counter!("tagstream_webhook_deliveries_total", "result" => "failed_attempt")
-                    .increment(1);
-                tracing::warn!(webhook = sub.id, attempt, first_seq = first, error = %e, "webhook delivery failed");
-                last_error = e;
-            }
+        match attempt_delivery(client, config, sub, &body, first, attempt).await {
+            Ok(()) => return,
+            Err(e) => last_error = e,
         }
         if attempt < sub.max_attempts {
             tokio::time::sleep(delay).await;

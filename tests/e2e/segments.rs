@@ -242,58 +242,62 @@ fn receiver(secret: &'static str, fail: fn(usize) -> bool) -> (String, Arc<Mutex
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(conn) = conn else { continue };
-            let mut reader = BufReader::new(conn.try_clone().unwrap());
-            let mut conn = conn;
-            loop {
-                let mut headers = HashMap::new();
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                    break;
-                }
+            // A thread per connection: a kept-alive connection must not hold up another.
+            let state = state.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut conn = conn;
                 loop {
-                    line.clear();
-                    reader.read_line(&mut line).unwrap();
-                    if line.trim().is_empty() {
+                    let mut headers = HashMap::new();
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
                         break;
                     }
-                    let (k, v) = line.split_once(':').unwrap();
-                    headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
-                }
-                let len: usize = headers["content-length"].parse().unwrap();
-                let mut body = vec![0; len];
-                reader.read_exact(&mut body).unwrap();
-                let mut seen = state.lock().unwrap();
-                let n = seen.requests;
-                seen.requests += 1;
-                let status = if fail(n) {
-                    "500 Internal Server Error"
-                } else {
-                    let sig = &headers["x-tagstream-signature"];
-                    let (t, v1) = sig.split_once(",v1=").unwrap();
-                    let t = t.strip_prefix("t=").unwrap();
-                    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
-                    mac.update(format!("{t}.").as_bytes());
-                    mac.update(&body);
-                    let hex: String = mac
-                        .finalize()
-                        .into_bytes()
-                        .iter()
-                        .map(|b| format!("{b:02x}"))
-                        .collect();
-                    if hex != v1 {
-                        seen.bad_signatures += 1;
+                    loop {
+                        line.clear();
+                        reader.read_line(&mut line).unwrap();
+                        if line.trim().is_empty() {
+                            break;
+                        }
+                        let (k, v) = line.split_once(':').unwrap();
+                        headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
                     }
-                    let delivery: Value = serde_json::from_slice(&body).unwrap();
-                    seen.changes
-                        .extend(delivery["changes"].as_array().unwrap().iter().cloned());
-                    "200 OK"
-                };
-                drop(seen);
-                let answer = format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n");
-                if conn.write_all(answer.as_bytes()).is_err() {
-                    break;
+                    let len: usize = headers["content-length"].parse().unwrap();
+                    let mut body = vec![0; len];
+                    reader.read_exact(&mut body).unwrap();
+                    let mut seen = state.lock().unwrap();
+                    let n = seen.requests;
+                    seen.requests += 1;
+                    let status = if fail(n) {
+                        "500 Internal Server Error"
+                    } else {
+                        let sig = &headers["x-tagstream-signature"];
+                        let (t, v1) = sig.split_once(",v1=").unwrap();
+                        let t = t.strip_prefix("t=").unwrap();
+                        let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+                        mac.update(format!("{t}.").as_bytes());
+                        mac.update(&body);
+                        let hex: String = mac
+                            .finalize()
+                            .into_bytes()
+                            .iter()
+                            .map(|b| format!("{b:02x}"))
+                            .collect();
+                        if hex != v1 {
+                            seen.bad_signatures += 1;
+                        }
+                        let delivery: Value = serde_json::from_slice(&body).unwrap();
+                        seen.changes
+                            .extend(delivery["changes"].as_array().unwrap().iter().cloned());
+                        "200 OK"
+                    };
+                    drop(seen);
+                    let answer = format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n");
+                    if conn.write_all(answer.as_bytes()).is_err() {
+                        break;
+                    }
                 }
-            }
+            });
         }
     });
     (url, seen)
@@ -341,7 +345,8 @@ fn webhooks_deliver_every_change_once_in_order_through_failures_and_dead_letter_
 
     // A receiver that always fails: each batch is tried twice, then dead-lettered, and
     // delivery moves on.
-    let (dead_url, dead_seen) = receiver(SECRET, |_| true);
+    // (It recovers from its third request on: a redelivery then succeeds.)
+    let (dead_url, dead_seen) = receiver(SECRET, |n| n < 2);
     let body = format!(r#"{{"url":"{dead_url}","name":"buyer","secret":"{SECRET}","max_attempts":2}}"#);
     let dead = s.send("POST", "/v1/webhooks", &body).json()["id"]
         .as_u64()
@@ -363,7 +368,26 @@ fn webhooks_deliver_every_change_once_in_order_through_failures_and_dead_letter_
     assert_eq!(letter["changes"][0]["customer_id"], "c900");
     assert!(letter["last_error"].as_str().unwrap().contains("500"), "{letter}");
     assert_eq!(dead_seen.lock().unwrap().requests, 2);
-    assert_eq!(s.send("DELETE", &letters, "").json()["purged"], 1);
+    // The receiver is back: redelivery sends the batch again and it leaves the dead letters.
+    let redeliver = s.send("POST", &format!("{letters}/redeliver"), "");
+    assert_eq!(redeliver.status, 200, "{}", redeliver.text());
+    assert_eq!(redeliver.json()["redelivered"], 1, "{}", redeliver.text());
+    assert_eq!(redeliver.json()["remaining"], 0);
+    assert!(s.get(&letters).json()["dead_letters"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    let got = dead_seen.lock().unwrap();
+    assert_eq!(got.requests, 3);
+    assert_eq!(got.changes.len(), 1, "the dead-lettered change arrived once");
+    assert_eq!(got.changes[0]["customer_id"], "c900");
+    assert_eq!(got.bad_signatures, 0);
+    drop(got);
+    assert_eq!(
+        s.send("DELETE", &letters, "").json()["purged"],
+        0,
+        "nothing left to purge"
+    );
     assert_eq!(s.send("DELETE", &format!("/v1/webhooks/{dead}"), "").status, 200);
     assert_eq!(s.get(&letters).status, 404);
 
