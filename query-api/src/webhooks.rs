@@ -464,7 +464,7 @@ pub async fn redeliver(State(app): State<AppState>, Path(id): Path<String>) -> R
         letters.push((key, letter));
     }
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let config = app.webhooks.config.clone();
+    let config = app.webhooks.config;
     let total = letters.len();
     let mut redelivered = 0;
     let mut error = None;
