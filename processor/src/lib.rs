@@ -41,6 +41,7 @@ pub mod engine;
 pub mod event;
 pub mod index;
 pub mod kafka;
+pub mod partition;
 pub mod service;
 pub mod state;
 pub mod store;

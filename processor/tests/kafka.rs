@@ -382,3 +382,50 @@ fn a_second_member_in_the_group_is_reported_not_silently_split() {
     wait_until("the topic to come back", || first.status.ready().is_ok());
     first.workers.stop();
 }
+
+/// `processor::partition::partition_of` is the partition Kafka's default partitioner picks
+/// for a key: checked against librdkafka's `murmur2` partitioner on a real (mock) broker.
+#[test]
+fn the_engine_partition_of_a_customer_is_the_kafka_partition_of_its_key() {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("keyed", 6, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("partitioner", "murmur2")
+        .create()
+        .unwrap();
+    let keys: Vec<String> = (0..300)
+        .map(|i| format!("13800{i:06}"))
+        .chain(["杭州-会员-7".to_owned()])
+        .collect();
+    for key in &keys {
+        producer
+            .send(BaseRecord::to("keyed").key(key.as_bytes()).payload("x"))
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", "keyed-reader")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&["keyed"]).unwrap();
+    let mut seen = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen < keys.len() && Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            let key = m.key().unwrap();
+            assert_eq!(
+                m.partition() as u32,
+                processor::partition::partition_of(key, 6),
+                "{}",
+                String::from_utf8_lossy(key)
+            );
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, keys.len());
+}
