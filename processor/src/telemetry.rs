@@ -147,14 +147,9 @@ pub fn describe() {
 /// The process gauges (`process_*`, as Prometheus's client libraries name them), read from
 /// `/proc/self` when `/metrics` is scraped. Elsewhere than Linux they are left out.
 pub fn process_gauges() {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+    let Some(fields) = self_stat() else {
         return;
     };
-    // Fields after the command name (which may hold spaces) in parentheses.
-    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-        return;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
     let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<f64>().ok());
     let ticks = clock_ticks_per_second();
     if let (Some(utime), Some(stime)) = (field(14), field(15)) {
@@ -194,11 +189,22 @@ fn page_size() -> f64 {
     }
 }
 
+/// The fields of /proc/self/stat after the command name (which may hold spaces, in
+/// parentheses): index 0 is field 3, the state.
+fn self_stat() -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    Some(
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect(),
+    )
+}
+
 /// The process's start, from its start tick (field 22 of /proc/self/stat) and the boot time.
 fn process_start_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let rest = stat.rsplit_once(')')?.1;
-    let start_ticks: f64 = rest.split_whitespace().nth(22 - 3)?.parse().ok()?;
+    let start_ticks: f64 = self_stat()?.get(22 - 3)?.parse().ok()?;
     let boot: f64 = std::fs::read_to_string("/proc/stat")
         .ok()?
         .lines()

@@ -494,6 +494,19 @@ fn timers_wait_for_the_instant_a_comparison_turns() {
     );
 }
 
+/// A customer as the engine loads them from the store on a cache miss.
+fn stored(engine: &Engine, id: &str) -> processor::state::CustomerState {
+    let current = processor::store::Current {
+        rules: engine.rules(),
+        retention_ms: engine.config().retention_ms,
+    };
+    engine
+        .store()
+        .load_customer_current(id, current)
+        .unwrap()
+        .unwrap()
+}
+
 /// A customer read back from the store (a cache miss, a restart) comes with the window state
 /// of their record: one read of what the windows hold, not a scan of their history. Under
 /// rules whose windows differ, the history is read instead.
@@ -518,15 +531,7 @@ fn a_customer_loaded_from_the_store_brings_its_windows_not_its_history() {
         engine.ingest(&events).unwrap();
     }
     let mut engine = Engine::open(dir.path(), None, event_config()).unwrap();
-    let current = processor::store::Current {
-        rules: engine.rules(),
-        retention_ms: engine.config().retention_ms,
-    };
-    let state = engine
-        .store()
-        .load_customer_current("c1", current)
-        .unwrap()
-        .unwrap();
+    let state = stored(&engine, "c1");
     assert!(!state.history_loaded, "the history was read");
     assert!(state.windows.is_some() && state.has_events);
     // Judged from the stored windows, exactly as before the restart: 25 payments of 7.5.
@@ -542,15 +547,7 @@ fn a_customer_loaded_from_the_store_brings_its_windows_not_its_history() {
     drop(engine);
     let wider = "tag spender = sum(payment.amount, 31d) >= 100\ntag active = count(app_open, 7d) >= 2";
     let engine = Engine::open(dir.path(), Some(wider), event_config()).unwrap();
-    let current = processor::store::Current {
-        rules: engine.rules(),
-        retention_ms: engine.config().retention_ms,
-    };
-    let state = engine
-        .store()
-        .load_customer_current("c1", current)
-        .unwrap()
-        .unwrap();
+    let state = stored(&engine, "c1");
     assert!(state.history_loaded && state.windows.is_none());
     assert_eq!(state.history.events.len(), 50);
 }

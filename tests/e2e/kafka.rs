@@ -159,6 +159,16 @@ fn reference_run(lines: &[Vec<u8>]) -> (support::Snapshot, u64, usize) {
     (expected, expected_seq, expected_dead)
 }
 
+/// A broker with one-partition topics (the consumed order is the file's) holding `lines`.
+fn broker_with(lines: &[Vec<u8>]) -> Broker {
+    let broker = Broker::start();
+    for topic in ["events", "tag-changes", "tagstream-dead-letters"] {
+        broker.create_topic(topic, 1);
+    }
+    produce(&broker.addr, lines);
+    broker
+}
+
 /// A Kafka consumer's settings: one consumer group per test run, small batches (many
 /// commits to land between).
 fn kafka_config(dir: &Path, broker: &Broker, group: &str) -> PathBuf {
@@ -185,11 +195,7 @@ fn kafka_config(dir: &Path, broker: &Broker, group: &str) -> PathBuf {
 fn a_backup_taken_under_load_restores_that_instant_and_resumes_from_kafka_without_loss() {
     let lines = stream();
     let (expected, expected_seq, expected_dead) = reference_run(&lines);
-    let broker = Broker::start();
-    for topic in ["events", "tag-changes", "tagstream-dead-letters"] {
-        broker.create_topic(topic, 1);
-    }
-    produce(&broker.addr, &lines);
+    let broker = broker_with(&lines);
     let run = TempDir::new("kafka-backup");
     let config = kafka_config(run.path(), &broker, "backup");
     let server = Server::start(&run.path().join("lost"), &config);
@@ -265,11 +271,7 @@ fn kafka_consumer_killed_mid_stream_ends_like_an_uninterrupted_http_run() {
 
     // One partition: the consumed order is the file's order, so even `since`, `at` and
     // `seq` must match the reference.
-    let broker = Broker::start();
-    for topic in ["events", "tag-changes", "tagstream-dead-letters"] {
-        broker.create_topic(topic, 1);
-    }
-    produce(&broker.addr, &lines);
+    let broker = broker_with(&lines);
 
     let run = TempDir::new("kafka-killed");
     let config = kafka_config(run.path(), &broker, "crash");
