@@ -96,6 +96,12 @@ impl CustomerState {
     /// next load needs no scan of the history.
     pub fn encode(&self, rules: Option<&CompiledRules>) -> Vec<u8> {
         let mut w = Writer::new();
+        self.encode_into(rules, &mut w);
+        w.buf
+    }
+
+    /// [`CustomerState::encode`], appended to `w`.
+    pub fn encode_into(&self, rules: Option<&CompiledRules>, w: &mut Writer) {
         w.u8(RECORD_VERSION);
         w.u64(self.generation);
         w.opt_i64(self.timer);
@@ -138,11 +144,10 @@ impl CustomerState {
         match (&self.windows, rules) {
             (Some(windows), Some(rules)) => {
                 w.u8(1);
-                windows.encode(rules, &mut w);
+                windows.encode(rules, w);
             }
             _ => w.u8(0),
         }
-        w.buf
     }
 
     /// Decodes a record without its window state (the caller loads the history).

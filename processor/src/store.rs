@@ -500,28 +500,26 @@ impl Store {
         state: &CustomerState,
         rules: &CompiledRules,
     ) {
-        batch.put(
-            self.cf(CF_CUSTOMERS),
-            customer.as_bytes(),
-            &state.encode(Some(rules)),
-        );
+        batch.put_with(self.cf(CF_CUSTOMERS), customer.as_bytes(), |w| {
+            state.encode_into(Some(rules), w)
+        });
     }
 
     pub fn put_event(&self, batch: &mut impl Writes, customer: &str, event: &Event, event_id: Option<&str>) {
-        let mut w = Writer::new();
-        w.str(&event.event_type);
-        w.props(&event.props);
-        match event_id {
-            None => w.u8(0),
-            Some(id) => {
-                w.u8(1);
-                w.str(id);
-            }
-        }
-        batch.put(
+        batch.put_with(
             self.cf(CF_EVENTS),
             &event_key(customer, event.ts, event.arrival),
-            &w.buf,
+            |w| {
+                w.str(&event.event_type);
+                w.props(&event.props);
+                match event_id {
+                    None => w.u8(0),
+                    Some(id) => {
+                        w.u8(1);
+                        w.str(id);
+                    }
+                }
+            },
         );
     }
 

@@ -11,11 +11,21 @@
 
 use rocksdb::{AsColumnFamilyRef, ColumnFamily, WriteBatch};
 
+use crate::codec::Writer;
+
 /// Something a `put` or `delete` can be written into: a plain `WriteBatch`, or
 /// [`SortedWrites`].
 pub trait Writes {
     fn put(&mut self, cf: &ColumnFamily, key: &[u8], value: &[u8]);
     fn delete(&mut self, cf: &ColumnFamily, key: &[u8]);
+
+    /// A put whose value `encode` writes: [`SortedWrites`] lets it write straight into the
+    /// batch's buffer, with no value buffer of its own to grow and copy.
+    fn put_with(&mut self, cf: &ColumnFamily, key: &[u8], encode: impl FnOnce(&mut Writer)) {
+        let mut w = Writer::new();
+        encode(&mut w);
+        self.put(cf, key, &w.buf);
+    }
 }
 
 impl Writes for WriteBatch {
@@ -92,7 +102,8 @@ impl SortedWrites {
             a.cf.cmp(&b.cf)
                 .then_with(|| bytes[a.key_start..a.key_end].cmp(&bytes[b.key_start..b.key_end]))
         });
-        let mut batch = WriteBatch::default();
+        // Each record carries a few bytes of framing beside its key and value.
+        let mut batch = WriteBatch::with_capacity_bytes(self.bytes.len() + 16 * self.ops.len() + 64);
         let mut current: Option<(usize, &ColumnFamily)> = None;
         for op in &self.ops {
             let cf = match current {
@@ -125,6 +136,24 @@ impl Writes for SortedWrites {
     fn delete(&mut self, cf: &ColumnFamily, key: &[u8]) {
         self.push(cf, key, &[], true);
     }
+
+    fn put_with(&mut self, cf: &ColumnFamily, key: &[u8], encode: impl FnOnce(&mut Writer)) {
+        let key_start = self.bytes.len();
+        self.bytes.extend_from_slice(key);
+        let key_end = self.bytes.len();
+        let mut w = Writer {
+            buf: std::mem::take(&mut self.bytes),
+        };
+        encode(&mut w);
+        self.bytes = w.buf;
+        self.ops.push(Op {
+            cf: cf_id(cf),
+            key_start,
+            key_end,
+            value_end: self.bytes.len(),
+            delete: false,
+        });
+    }
 }
 
 #[cfg(test)]
@@ -152,7 +181,9 @@ mod tests {
         writes.delete_cf(a, "k3");
         writes.put_cf(a, "k3", "back");
         writes.delete_cf(b, "missing");
-        assert_eq!(writes.len(), 9);
+        writes.put_with(b, b"k4", |w| w.str("encoded in place"));
+        writes.put_cf(b, "k5", "after");
+        assert_eq!(writes.len(), 11);
         let batch = writes.into_batch([a, b]);
         db.write(batch).unwrap();
         assert_eq!(db.get_cf(a, "k1").unwrap(), None);
@@ -160,5 +191,9 @@ mod tests {
         assert_eq!(db.get_cf(a, "k3").unwrap().as_deref(), Some(&b"back"[..]));
         assert_eq!(db.get_cf(b, "k1").unwrap().as_deref(), Some(&b"b-only"[..]));
         assert_eq!(db.get_cf(a, "k0").unwrap(), None);
+        let mut expected = Writer::new();
+        expected.str("encoded in place");
+        assert_eq!(db.get_cf(b, "k4").unwrap(), Some(expected.buf));
+        assert_eq!(db.get_cf(b, "k5").unwrap().as_deref(), Some(&b"after"[..]));
     }
 }
