@@ -423,10 +423,10 @@ fn run_replay(
 /// The store's size by column family after flushing and compacting everything but the raw
 /// history, and the per-customer state (customer records and timers) in bytes.
 fn print_store_stats(engine: &processor::Engine) -> anyhow::Result<()> {
-    use processor::store::{CF_CUSTOMERS, CF_DEDUP, CF_TIMERS};
+    use processor::store::{CF_CUSTOMERS, CF_DEDUP, CF_TIMERS, CF_WINDOWS};
     let store = engine.store();
     store.flush()?;
-    for cf in [CF_CUSTOMERS, CF_TIMERS, CF_DEDUP] {
+    for cf in [CF_CUSTOMERS, CF_TIMERS, CF_DEDUP, CF_WINDOWS] {
         store.compact(cf);
     }
     let sizes = store.cf_sizes();
@@ -434,14 +434,18 @@ fn print_store_stats(engine: &processor::Engine) -> anyhow::Result<()> {
     for (cf, bytes) in &sizes {
         println!("  {cf:<10} {:>12} bytes", bytes);
     }
-    let state: u64 = sizes
-        .iter()
-        .filter(|(cf, _)| [CF_CUSTOMERS, CF_TIMERS].contains(cf))
-        .map(|(_, b)| b)
-        .sum();
+    let bytes_of = |families: &[&str]| -> u64 {
+        sizes
+            .iter()
+            .filter(|(cf, _)| families.contains(cf))
+            .map(|(_, b)| b)
+            .sum()
+    };
+    let per_customer = |bytes: u64| bytes as f64 / customers.max(1) as f64;
     println!(
-        "{customers} customers; state (customers + timers) {:.0} bytes per customer",
-        state as f64 / customers.max(1) as f64
+        "{customers} customers; state (customers + timers + windows) {:.0} bytes per customer, of which window chunks {:.0}",
+        per_customer(bytes_of(&[CF_CUSTOMERS, CF_TIMERS, CF_WINDOWS])),
+        per_customer(bytes_of(&[CF_WINDOWS]))
     );
     Ok(())
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use rules::{AggId, Band, CompiledRules, CustomerHistory, DefId, DefKind, Facts, ProfileEntry, Value};
 
 use crate::codec::{CodecError, Reader, Writer};
-use crate::window::WindowSet;
+use crate::window::{StoredChunks, WindowHeader, WindowSet};
 
 /// A tag or segment the customer is a member of.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,9 +69,12 @@ pub struct CustomerState {
     pub timer: Option<i64>,
     /// The rule-set generation this state was last fully evaluated under.
     pub generation: u64,
-    /// Incremental state of every aggregate of the rule set; derived from the history on
-    /// first use and never stored.
+    /// Incremental state of every aggregate of the rule set: read with the record when it
+    /// was stored under rules with the same windows, else built from the history.
     pub windows: Option<WindowSet>,
+    /// The chunks of window state the store holds for this customer (whatever rules they
+    /// were written under), so the next write deletes the ones no longer needed.
+    pub window_chunks: StoredChunks,
     /// True when `history.events` holds the whole retained history. The engine's cache
     /// keeps customers without it (the windows hold what the aggregates need); it is read
     /// from the store (with the batch in flight's events) only when a profile change or a
@@ -87,9 +90,27 @@ pub struct CustomerState {
     pub last_used: u64,
 }
 
-/// Version 3 appends whether the customer has events and their window state; version 2
-/// appends the customer number; version 1 records decode without one.
-const RECORD_VERSION: u8 = 3;
+/// Version 4 keeps only the window state's header in the record, its queues in chunks of
+/// their own; version 3 appends whether the customer has events and their window state
+/// inline; version 2 appends the customer number; version 1 records decode without one.
+const RECORD_VERSION: u8 = 4;
+
+/// How a record's window state is kept: none, inline (version 3), or a header with the
+/// queues in chunks (version 4).
+const WINDOWS_NONE: u8 = 0;
+const WINDOWS_INLINE: u8 = 1;
+const WINDOWS_CHUNKED: u8 = 2;
+
+/// What a decoded record says about the customer's window state.
+#[derive(Debug)]
+pub enum StoredWindows {
+    /// Nothing usable under the current rules: build it from the history.
+    Missing,
+    /// Read with the record (`CustomerState::windows`).
+    Attached,
+    /// Kept in chunks the header names, under rules with the same windows: read them.
+    Chunked(WindowHeader),
+}
 
 impl CustomerState {
     /// Encodes everything but the events; the window state (built under `rules`) too, so the
@@ -143,10 +164,10 @@ impl CustomerState {
         w.u8(u8::from(self.has_events));
         match (&self.windows, rules) {
             (Some(windows), Some(rules)) => {
-                w.u8(1);
-                windows.encode(rules, w);
+                w.u8(WINDOWS_CHUNKED);
+                windows.encode_header(rules, w);
             }
-            _ => w.u8(0),
+            _ => w.u8(WINDOWS_NONE),
         }
     }
 
@@ -155,13 +176,12 @@ impl CustomerState {
         Self::decode_with_windows(bytes, None).map(|(state, _)| state)
     }
 
-    /// Decodes a record with its window state when that was kept under rules whose windows
-    /// are shaped like `rules`' (and the same retention); the bool says whether the windows
-    /// came with it. Without them the caller must load the history.
+    /// Decodes a record, and what it says of the window state under `current` (rules and
+    /// retention): attached, in chunks to read, or missing (the caller loads the history).
     pub fn decode_with_windows(
         bytes: &[u8],
         current: Option<(&CompiledRules, i64)>,
-    ) -> Result<(CustomerState, bool), CodecError> {
+    ) -> Result<(CustomerState, StoredWindows), CodecError> {
         let mut r = Reader::new(bytes);
         let version = r.u8()?;
         if !(1..=RECORD_VERSION).contains(&version) {
@@ -220,18 +240,35 @@ impl CustomerState {
             crate::index::NO_NUMBER
         };
         if version < 3 {
-            return Ok((state, false));
+            return Ok((state, StoredWindows::Missing));
         }
         state.has_events = r.u8()? != 0;
-        let Some((rules, retention_ms)) = current else {
-            return Ok((state, false));
-        };
-        if r.u8()? == 0 {
-            return Ok((state, false));
+        match r.u8()? {
+            WINDOWS_NONE => Ok((state, StoredWindows::Missing)),
+            WINDOWS_INLINE => {
+                let Some((rules, retention_ms)) = current else {
+                    return Ok((state, StoredWindows::Missing));
+                };
+                state.windows = WindowSet::decode_inline(&mut r, rules, retention_ms)?;
+                let found = match state.windows {
+                    Some(_) => StoredWindows::Attached,
+                    None => StoredWindows::Missing,
+                };
+                Ok((state, found))
+            }
+            WINDOWS_CHUNKED => {
+                // Whether or not it fits, the chunks it names are in the store.
+                let header = WindowHeader::decode(&mut r)?;
+                state.window_chunks = header.stored_chunks();
+                match current {
+                    Some((rules, retention_ms)) if header.fits(rules, retention_ms) => {
+                        Ok((state, StoredWindows::Chunked(header)))
+                    }
+                    _ => Ok((state, StoredWindows::Missing)),
+                }
+            }
+            _ => Err(CodecError("unknown window state encoding")),
         }
-        state.windows = WindowSet::decode(&mut r, rules, retention_ms)?;
-        let attached = state.windows.is_some();
-        Ok((state, attached))
     }
 
     /// Builds the incremental aggregates if needed (from the loaded history) and moves them

@@ -3,7 +3,8 @@
 //!
 //! | column family | key | value |
 //! |---|---|---|
-//! | `customers` | customer id | [`CustomerState`] record (profile, memberships, event tags, timer) |
+//! | `customers` | customer id | [`CustomerState`] record (profile, memberships, event tags, timer, window header) |
+//! | `windows` | id length (u32 BE), id, source (u16 BE), chunk (u64 BE) | a chunk of one source's window queue ([`crate::window`]) |
 //! | `events` | id length (u32 BE), id, ts (sortable), arrival (BE) | type, props, event id |
 //! | `timers` | due (sortable), customer id | empty |
 //! | `changes` | seq (BE) | the change as JSON |
@@ -29,7 +30,8 @@ use rocksdb::{
 use rules::{CompiledRules, Event, Props};
 
 use crate::codec::{CodecError, Reader, Writer};
-use crate::state::CustomerState;
+use crate::state::{CustomerState, StoredWindows};
+use crate::window::WindowSet;
 use crate::writes::{SortedWrites, Writes};
 
 pub const CF_CUSTOMERS: &str = "customers";
@@ -42,7 +44,8 @@ pub const CF_META: &str = "meta";
 pub const CF_NUMBERS: &str = "numbers";
 pub const CF_INDEX: &str = "index";
 pub const CF_WEBHOOKS: &str = "webhooks";
-const ALL_CFS: [&str; 10] = [
+pub const CF_WINDOWS: &str = "windows";
+const ALL_CFS: [&str; 11] = [
     CF_CUSTOMERS,
     CF_EVENTS,
     CF_TIMERS,
@@ -53,6 +56,7 @@ const ALL_CFS: [&str; 10] = [
     CF_NUMBERS,
     CF_INDEX,
     CF_WEBHOOKS,
+    CF_WINDOWS,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -152,6 +156,23 @@ fn event_prefix(customer: &str) -> Vec<u8> {
     key.extend_from_slice(&(customer.len() as u32).to_be_bytes());
     key.extend_from_slice(customer.as_bytes());
     key
+}
+
+/// The key of a chunk of a customer's window state: the customer's `prefix` (as for
+/// events), the source and the chunk number.
+fn window_key(prefix: &[u8], source: usize, chunk: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(prefix.len() + 10);
+    key.extend_from_slice(prefix);
+    key.extend_from_slice(&(source as u16).to_be_bytes());
+    key.extend_from_slice(&chunk.to_be_bytes());
+    key
+}
+
+/// The source and chunk of a window key after the customer's prefix.
+fn window_key_parts(rest: &[u8]) -> Option<(usize, u64)> {
+    let source = u16::from_be_bytes(rest.get(..2)?.try_into().ok()?);
+    let chunk = u64::from_be_bytes(rest.get(2..10)?.try_into().ok()?);
+    (rest.len() == 10).then_some((usize::from(source), chunk))
 }
 
 pub fn event_key(customer: &str, ts: i64, arrival: u64) -> Vec<u8> {
@@ -399,10 +420,39 @@ impl Store {
         else {
             return Ok(None);
         };
-        let current = current.map(|c| (c.rules, c.retention_ms));
-        let (mut state, windows) = CustomerState::decode_with_windows(&bytes, current)?;
-        if windows {
-            return Ok(Some(state));
+        let (mut state, windows) =
+            CustomerState::decode_with_windows(&bytes, current.map(|c| (c.rules, c.retention_ms)))?;
+        match (windows, current) {
+            (StoredWindows::Attached, _) => return Ok(Some(state)),
+            (StoredWindows::Chunked(header), Some(current)) => {
+                let prefix = event_prefix(customer);
+                let mut chunks = Vec::new();
+                let iter = self.db.iterator_cf_opt(
+                    self.cf(CF_WINDOWS),
+                    read_options(),
+                    IteratorMode::From(&prefix, Direction::Forward),
+                );
+                for item in iter {
+                    let (key, value) = item?;
+                    let Some(rest) = key.strip_prefix(prefix.as_slice()) else {
+                        break;
+                    };
+                    let (source, chunk) = window_key_parts(rest).ok_or(CodecError("bad window key"))?;
+                    if header.wanted(source, chunk) {
+                        chunks.push((source, chunk, value));
+                    }
+                }
+                let windows = WindowSet::from_chunks(
+                    &header,
+                    current.rules,
+                    chunks
+                        .iter()
+                        .map(|(source, chunk, value)| (*source, *chunk, &value[..])),
+                )?;
+                state.windows = Some(windows);
+                return Ok(Some(state));
+            }
+            _ => {}
         }
         state.history.events = self
             .events_with(customer, read_options())?
@@ -492,17 +542,37 @@ impl Store {
         Ok(events)
     }
 
-    /// Writes a customer's record, with their window state as built under `rules`.
+    /// Writes a customer's record, with their window state as built under `rules`: the
+    /// header in the record, and the chunks of the queues that changed since they were
+    /// last written (chunks no longer needed are deleted).
     pub fn put_customer(
         &self,
         batch: &mut impl Writes,
         customer: &str,
-        state: &CustomerState,
+        state: &mut CustomerState,
         rules: &CompiledRules,
     ) {
         batch.put_with(self.cf(CF_CUSTOMERS), customer.as_bytes(), |w| {
             state.encode_into(Some(rules), w)
         });
+        let plan = match &state.windows {
+            Some(windows) => windows.plan(&state.window_chunks),
+            None => WindowSet::default().plan(&state.window_chunks),
+        };
+        let prefix = event_prefix(customer);
+        let cf = self.cf(CF_WINDOWS);
+        for &(source, chunk) in &plan.deletes {
+            batch.delete(cf, &window_key(&prefix, source, chunk));
+        }
+        if let Some(windows) = &mut state.windows {
+            for &(source, chunk) in &plan.writes {
+                batch.put_with(cf, &window_key(&prefix, source, chunk), |w| {
+                    windows.encode_chunk(source, chunk, w)
+                });
+            }
+            windows.mark_stored();
+        }
+        state.window_chunks = plan.stored;
     }
 
     pub fn put_event(&self, batch: &mut impl Writes, customer: &str, event: &Event, event_id: Option<&str>) {
@@ -681,6 +751,7 @@ fn decode_event(ts: i64, arrival: u64, value: &[u8]) -> Result<StoredEvent, Code
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rules::Value;
 
     #[test]
     fn sortable_i64_sorts_like_the_number() {
@@ -738,6 +809,82 @@ mod tests {
             [-7_999, 5_000],
             "events at or before clock - retention are dropped"
         );
+    }
+
+    /// A customer's window state goes to the store as a header in the record and chunks
+    /// beside it, and comes back equal without reading the history (also for `ab`, whose id
+    /// prefixes `abc`'s); a record of version 3, its windows inline, still loads, and its
+    /// next write moves them into chunks.
+    #[test]
+    fn window_state_round_trips_in_chunks_and_version_3_records_still_load() {
+        let rules =
+            CompiledRules::compile("trait n = count(view, 5000ms)\ntrait d = distinct(view.page, 5000ms)")
+                .unwrap();
+        let current = Current {
+            rules: &rules,
+            retention_ms: 10_000,
+        };
+        let dir = ::tests::TempDir::new("store-windows");
+        let store = Store::open(dir.path(), false, RETENTION).unwrap();
+        let events: Vec<Event> = (0..300)
+            .map(|i| Event {
+                event_type: "view".into(),
+                ts: i * 10,
+                arrival: i as u64,
+                props: Props::from_json(
+                    serde_json::json!({ "page": format!("p{}", i % 7) })
+                        .as_object()
+                        .unwrap(),
+                ),
+            })
+            .collect();
+        let state_of = |n: usize| CustomerState {
+            windows: Some(WindowSet::build(&rules, 10_000, 3_000, &events[..n], |_| None)),
+            has_events: true,
+            ..Default::default()
+        };
+        let values = |state: &CustomerState| {
+            let w = state.windows.as_ref().expect("windows loaded with the record");
+            (w.value(&rules, 0), w.value(&rules, 1))
+        };
+        for (customer, n) in [("ab", 300), ("abc", 5)] {
+            let mut batch = WriteBatch::default();
+            store.put_customer(&mut batch, customer, &mut state_of(n), &rules);
+            store.commit(batch).unwrap();
+        }
+        let load = |customer: &str| store.load_customer_current(customer, current).unwrap().unwrap();
+        let ab = load("ab");
+        assert!(!ab.history_loaded, "no scan of the history");
+        assert_eq!(values(&ab), (Value::num(300), Value::num(7)));
+        assert_eq!(values(&load("abc")), (Value::num(5), Value::num(5)));
+        assert_eq!(
+            store.scan_from(CF_WINDOWS, &[]).count(),
+            3 + 1,
+            "300 events in 3 chunks, 5 in 1"
+        );
+
+        // A version 3 record: the same fields, the windows inline after the flag 1.
+        let old = state_of(40);
+        let mut v3 = old.encode(None);
+        v3[0] = 3;
+        *v3.last_mut().unwrap() = 1;
+        let mut inline = Writer::new();
+        old.windows.as_ref().unwrap().encode_inline(&rules, &mut inline);
+        v3.extend_from_slice(&inline.buf);
+        store.put_now(CF_CUSTOMERS, b"old", &v3).unwrap();
+        let mut loaded = load("old");
+        assert!(!loaded.history_loaded);
+        assert_eq!(values(&loaded), (Value::num(40), Value::num(7)));
+        let mut batch = WriteBatch::default();
+        store.put_customer(&mut batch, "old", &mut loaded, &rules);
+        store.commit(batch).unwrap();
+        assert_eq!(
+            store.get(CF_CUSTOMERS, b"old").unwrap().unwrap()[0],
+            4,
+            "written as version 4"
+        );
+        assert_eq!(values(&load("old")), (Value::num(40), Value::num(7)));
+        assert_eq!(store.scan_from(CF_WINDOWS, &[]).count(), 5);
     }
 
     #[test]

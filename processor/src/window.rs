@@ -8,10 +8,19 @@
 //!
 //! Windows only move forward (the clock never goes back), so an event that has left every
 //! window over its source is dropped for good; a late event older than the longest window is
-//! never added. The state is stored in the customer's record ([`WindowSet::encode`]), so a
-//! customer loaded from the store costs one read of what their windows hold, not a scan of
-//! their history; it is built from the retained history only when the rules that shape it
-//! changed, or when past events must be judged again.
+//! never added. The state is stored beside the customer's record, so a customer loaded from
+//! the store costs one read of what their windows hold, not a scan of their history; it is
+//! built from the retained history only when the rules that shape it changed, or when past
+//! events must be judged again.
+//!
+//! What is stored is split so a commit writes what changed, not everything the windows hold:
+//! the record carries a header of O(aggregates) ([`WindowSet::encode_header`]: each source's
+//! first position and length, each aggregate's range), and each source's queue is stored in
+//! chunks of [`CHUNK_EVENTS`] consecutive positions under keys of their own
+//! ([`WindowSet::plan`], [`WindowSet::encode_chunk`]). Positions are absolute and events
+//! leave only from the front, so an event at the back rewrites one chunk and events leaving
+//! the windows delete whole chunks: a customer with 50,000 events in a 90-day window costs a
+//! commit a few hundred bytes, not the whole window.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -27,6 +36,115 @@ static NULL: Value = Value::Null;
 /// How many changes of its events [`WindowSet::leaves`] follows an aggregate
 /// through before asking to be asked again.
 const LOOKAHEAD: usize = 32;
+
+/// Positions of a source's queue per stored chunk: chunk `c` holds positions
+/// `c * CHUNK_EVENTS ..` up to the next chunk (those still in the queue when it was written).
+pub const CHUNK_EVENTS: u64 = 128;
+
+/// The chunks of each source's queue a customer has in the store: by source (its index in
+/// the layout they were written under), the range `lo..hi` of chunk numbers.
+pub type StoredChunks = Vec<Option<(u64, u64)>>;
+
+/// The chunks that hold positions `base .. base + len`.
+fn live_chunks(base: u64, len: u64) -> Option<(u64, u64)> {
+    (len > 0).then(|| (base / CHUNK_EVENTS, (base + len - 1) / CHUNK_EVENTS + 1))
+}
+
+/// What storing a [`WindowSet`] takes: the chunks to write (changed or new) and to delete
+/// (no longer holding any position of the queue), by `(source, chunk)`, and what the store
+/// holds afterwards.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ChunkPlan {
+    pub writes: Vec<(usize, u64)>,
+    pub deletes: Vec<(usize, u64)>,
+    pub stored: StoredChunks,
+}
+
+/// A source as the record's header describes it: the queue's first position and length,
+/// and each aggregate's range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceHeader {
+    base: u64,
+    len: u64,
+    ranges: Vec<(u64, u64)>,
+}
+
+/// The window state's header in a customer record ([`WindowSet::encode_header`]): enough to
+/// know which chunks to read, and whether the state fits the current rules at all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowHeader {
+    layout: u64,
+    retention_ms: i64,
+    at: i64,
+    sources: Vec<Option<SourceHeader>>,
+}
+
+impl WindowHeader {
+    pub fn decode(r: &mut Reader<'_>) -> Result<WindowHeader, CodecError> {
+        let layout = r.u64()?;
+        let retention_ms = r.i64()?;
+        let at = r.i64()?;
+        let n = r.len()?;
+        let mut sources = Vec::with_capacity(n);
+        for _ in 0..n {
+            if r.u8()? == 0 {
+                sources.push(None);
+                continue;
+            }
+            let (base, len) = (r.u64()?, r.u64()?);
+            base.checked_add(len).ok_or(CodecError("bad window queue"))?;
+            let aggs = r.len()?;
+            let mut ranges = Vec::with_capacity(aggs);
+            for _ in 0..aggs {
+                let (lo, hi) = (r.u64()?, r.u64()?);
+                if lo > hi || hi > len {
+                    return Err(CodecError("bad window range"));
+                }
+                ranges.push((lo, hi));
+            }
+            sources.push(Some(SourceHeader { base, len, ranges }));
+        }
+        Ok(WindowHeader {
+            layout,
+            retention_ms,
+            at,
+            sources,
+        })
+    }
+
+    /// True when the state was kept under rules whose windows are shaped like `rules'` and
+    /// under the same retention: it can be read back instead of built from the history.
+    pub fn fits(&self, rules: &CompiledRules, retention_ms: i64) -> bool {
+        self.layout == rules.window_layout()
+            && self.retention_ms == retention_ms
+            && self.sources.len() == rules.aggregate_sources().len()
+            && self
+                .sources
+                .iter()
+                .zip(rules.aggregate_sources())
+                .all(|(s, source)| {
+                    s.as_ref()
+                        .is_none_or(|s| s.ranges.len() == source.aggregates.len())
+                })
+    }
+
+    /// The chunks this header's queues are stored in.
+    pub fn stored_chunks(&self) -> StoredChunks {
+        self.sources
+            .iter()
+            .map(|s| s.as_ref().and_then(|s| live_chunks(s.base, s.len)))
+            .collect()
+    }
+
+    /// The chunks to read: `(source, chunk)` for each source, in key order.
+    pub fn wanted(&self, source: usize, chunk: u64) -> bool {
+        self.sources
+            .get(source)
+            .and_then(|s| s.as_ref())
+            .and_then(|s| live_chunks(s.base, s.len))
+            .is_some_and(|(lo, hi)| (lo..hi).contains(&chunk))
+    }
+}
 
 /// How long an event stays in aggregate `spec`'s window: the window, capped by the retention.
 fn span_ms(spec: &AggSpec, retention_ms: i64) -> i64 {
@@ -80,6 +198,9 @@ impl Queue {
 struct Source {
     queue: Queue,
     aggs: Vec<AggState>,
+    /// Positions below this are as the store holds them (written, or read from it); an
+    /// event inserted at a position lowers it. Chunks at or above it are written again.
+    clean_until: u64,
 }
 
 impl Source {
@@ -94,6 +215,38 @@ impl Source {
                 .iter()
                 .map(|&a| AggState::new(rules.aggregates()[a].func, 0))
                 .collect(),
+            clean_until: 0,
+        }
+    }
+}
+
+impl Source {
+    /// A source read back from the store: its queue, and each aggregate's range of it,
+    /// folded again. Nothing of it needs writing (until an event is inserted).
+    fn assemble(
+        rules: &CompiledRules,
+        id: usize,
+        queue: Queue,
+        ranges: impl IntoIterator<Item = (u64, u64)>,
+    ) -> Source {
+        let aggs = rules.aggregate_sources()[id]
+            .aggregates
+            .iter()
+            .zip(ranges)
+            .map(|(&a, (lo, hi))| {
+                let spec = &rules.aggregates()[a];
+                let mut agg = AggState::new(spec.func, lo);
+                for pos in lo..hi {
+                    agg.include(queue.input(spec.slot, pos));
+                    agg.hi = pos + 1;
+                }
+                agg
+            })
+            .collect();
+        Source {
+            clean_until: queue.end(),
+            queue,
+            aggs,
         }
     }
 }
@@ -249,7 +402,7 @@ impl AggState {
 }
 
 /// Incremental state of every aggregate of the rule set for one customer.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct WindowSet {
     /// The instant the state was last advanced to.
     at: i64,
@@ -368,6 +521,7 @@ impl WindowSet {
             for (column, property) in q.inputs.iter_mut().zip(&source.properties) {
                 column.insert(index, event.props.get(property));
             }
+            src.clean_until = src.clean_until.min(q.base + index as u64);
             if event.ts > self.at {
                 // Stamped in the future: enters when the clock reaches it (after every `hi`).
                 continue;
@@ -416,11 +570,182 @@ impl WindowSet {
         self.at = now;
     }
 
-    /// Appends the state to a customer record: each source's events still inside its
-    /// windows (`ts` delta-encoded from the previous one, `arrival` likewise, and only the
-    /// property values the aggregates read) and each aggregate's range. Accumulators are
-    /// not stored: [`WindowSet::decode`] folds them again from the ranges.
-    pub fn encode(&self, rules: &CompiledRules, w: &mut Writer) {
+    /// Appends the state's header to a customer record ([`WindowHeader`]): the layout and
+    /// retention it was built under, its instant, and per source the queue's first position
+    /// and length and each aggregate's range. The queues go in chunks ([`WindowSet::plan`]);
+    /// accumulators are not stored: reading folds them again from the ranges.
+    pub fn encode_header(&self, rules: &CompiledRules, w: &mut Writer) {
+        w.u64(rules.window_layout());
+        w.i64(self.retention_ms);
+        w.i64(self.at);
+        w.u64(self.sources.len() as u64);
+        for source in &self.sources {
+            let Some(src) = source else {
+                w.u8(0);
+                continue;
+            };
+            w.u8(1);
+            let q = &src.queue;
+            w.u64(q.base);
+            w.u64(q.keys.len() as u64);
+            w.u64(src.aggs.len() as u64);
+            for agg in &src.aggs {
+                w.u64(agg.lo - q.base);
+                w.u64(agg.hi - q.base);
+            }
+        }
+    }
+
+    /// What storing the state takes, given the chunks the store holds: chunks with an
+    /// event inserted since they were stored, and new ones, are written; chunks no position
+    /// of the queues lies in any more are deleted.
+    pub fn plan(&self, stored: &StoredChunks) -> ChunkPlan {
+        let mut plan = ChunkPlan::default();
+        for id in 0..self.sources.len().max(stored.len()) {
+            let src = self.sources.get(id).and_then(|s| s.as_deref());
+            let live = src.and_then(|s| live_chunks(s.queue.base, s.queue.keys.len() as u64));
+            let old = stored.get(id).copied().flatten();
+            let held =
+                |range: Option<(u64, u64)>, c: u64| range.is_some_and(|(lo, hi)| (lo..hi).contains(&c));
+            if let Some((lo, hi)) = old {
+                plan.deletes
+                    .extend((lo..hi).filter(|c| !held(live, *c)).map(|c| (id, c)));
+            }
+            if let (Some(src), Some((lo, hi))) = (src, live) {
+                // A chunk is written when it is new or holds a position at or past
+                // `clean_until` (and before the end).
+                let changed = |c: u64| {
+                    src.clean_until.max(c * CHUNK_EVENTS) < ((c + 1) * CHUNK_EVENTS).min(src.queue.end())
+                };
+                plan.writes.extend(
+                    (lo..hi)
+                        .filter(|c| !held(old, *c) || changed(*c))
+                        .map(|c| (id, c)),
+                );
+            }
+            plan.stored.push(live);
+        }
+        while plan.stored.last() == Some(&None) {
+            plan.stored.pop();
+        }
+        plan
+    }
+
+    /// Writes chunk `chunk` of source `id`'s queue (one of [`WindowSet::plan`]'s writes):
+    /// its first position, then each event's `(ts, arrival)` delta-encoded from the one
+    /// before and the property values the aggregates read.
+    pub fn encode_chunk(&self, id: usize, chunk: u64, w: &mut Writer) {
+        let q = &self.sources[id].as_ref().expect("a planned chunk's source").queue;
+        let from = (chunk * CHUNK_EVENTS).max(q.base);
+        let to = ((chunk + 1) * CHUNK_EVENTS).min(q.end());
+        let range = (from - q.base) as usize..(to - q.base) as usize;
+        w.u64(from);
+        w.u64(to - from);
+        let (mut ts, mut arrival) = (0i64, 0i64);
+        for &(t, a) in q.keys.range(range.clone()) {
+            w.i64(t.wrapping_sub(ts));
+            w.i64((a as i64).wrapping_sub(arrival));
+            (ts, arrival) = (t, a as i64);
+        }
+        w.u64(q.inputs.len() as u64);
+        for column in &q.inputs {
+            for v in column.range(range.clone()) {
+                w.value(v);
+            }
+        }
+    }
+
+    /// Records that the store now holds the queues as they are (after a commit that wrote
+    /// [`WindowSet::plan`]'s chunks).
+    pub fn mark_stored(&mut self) {
+        for src in self.sources.iter_mut().flatten() {
+            src.clean_until = src.queue.end();
+        }
+    }
+
+    /// Reads back the state a header (which [`WindowHeader::fits`] the rules) and its
+    /// chunks describe. `chunks` yields `(source, chunk, bytes)` in key order; chunks the
+    /// header does not name are skipped (the caller may pass them all). Every position of
+    /// every queue must be found, else the record is corrupt.
+    pub fn from_chunks<'a>(
+        header: &WindowHeader,
+        rules: &CompiledRules,
+        chunks: impl IntoIterator<Item = (usize, u64, &'a [u8])>,
+    ) -> Result<WindowSet, CodecError> {
+        let mut queues: Vec<Option<Queue>> = header
+            .sources
+            .iter()
+            .zip(rules.aggregate_sources())
+            .map(|(h, source)| {
+                h.as_ref().map(|h| Queue {
+                    keys: VecDeque::with_capacity(h.len as usize),
+                    inputs: vec![VecDeque::with_capacity(h.len as usize); source.properties.len()],
+                    base: h.base,
+                })
+            })
+            .collect();
+        for (id, chunk, bytes) in chunks {
+            if !header.wanted(id, chunk) {
+                continue;
+            }
+            let (h, q) = match (&header.sources[id], &mut queues[id]) {
+                (Some(h), Some(q)) => (h, q),
+                _ => continue,
+            };
+            let mut r = Reader::new(bytes);
+            let from = r.u64()?;
+            let n = r.len()?;
+            let next = q.base + q.keys.len() as u64;
+            // The positions of the chunk still in the queue, from where the queue is filled.
+            let end = h.base + h.len;
+            let skip = next.saturating_sub(from) as usize;
+            let take = (end.min(from + n as u64).saturating_sub(next.max(from))) as usize;
+            if from > next || skip > n {
+                return Err(CodecError("window chunks missing"));
+            }
+            let (mut ts, mut arrival) = (0i64, 0i64);
+            for i in 0..n {
+                ts = ts.wrapping_add(r.i64()?);
+                arrival = arrival.wrapping_add(r.i64()?);
+                if (skip..skip + take).contains(&i) {
+                    q.keys.push_back((ts, arrival as u64));
+                }
+            }
+            if r.len()? != q.inputs.len() {
+                return Err(CodecError("window chunk does not match its layout"));
+            }
+            for column in &mut q.inputs {
+                for i in 0..n {
+                    let v = r.value()?;
+                    if (skip..skip + take).contains(&i) {
+                        column.push_back(v);
+                    }
+                }
+            }
+        }
+        let mut set = WindowSet {
+            at: header.at,
+            retention_ms: header.retention_ms,
+            sources: Vec::with_capacity(queues.len()),
+        };
+        for (id, (h, queue)) in header.sources.iter().zip(queues).enumerate() {
+            let (Some(h), Some(queue)) = (h, queue) else {
+                set.sources.push(None);
+                continue;
+            };
+            if queue.keys.len() as u64 != h.len {
+                return Err(CodecError("window chunks missing"));
+            }
+            let ranges = h.ranges.iter().map(|(lo, hi)| (h.base + lo, h.base + hi));
+            set.sources
+                .push(Some(Box::new(Source::assemble(rules, id, queue, ranges))));
+        }
+        Ok(set)
+    }
+
+    /// The state as records of version 3 kept it, inline: each source's queue whole.
+    #[cfg(test)]
+    pub fn encode_inline(&self, rules: &CompiledRules, w: &mut Writer) {
         w.u64(rules.window_layout());
         w.i64(self.retention_ms);
         w.i64(self.at);
@@ -453,10 +778,10 @@ impl WindowSet {
         }
     }
 
-    /// Reads what [`WindowSet::encode`] wrote. `Ok(None)` when it was written under rules
-    /// whose windows are shaped otherwise, or another retention: the caller builds the state
-    /// from the history instead.
-    pub fn decode(
+    /// Reads the inline state of a version 3 record. `Ok(None)` when it was written under
+    /// rules whose windows are shaped otherwise, or another retention: the caller builds the
+    /// state from the history instead.
+    pub fn decode_inline(
         r: &mut Reader<'_>,
         rules: &CompiledRules,
         retention_ms: i64,
@@ -516,21 +841,8 @@ impl WindowSet {
                 inputs,
                 base: 0,
             };
-            let aggs = source
-                .aggregates
-                .iter()
-                .zip(ranges)
-                .map(|(&a, (lo, hi))| {
-                    let spec = &rules.aggregates()[a];
-                    let mut agg = AggState::new(spec.func, lo);
-                    for pos in lo..hi {
-                        agg.include(queue.input(spec.slot, pos));
-                        agg.hi = pos + 1;
-                    }
-                    agg
-                })
-                .collect();
-            set.sources.push(Some(Box::new(Source { queue, aggs })));
+            set.sources
+                .push(Some(Box::new(Source::assemble(rules, id, queue, ranges))));
         }
         Ok(fits.then_some(set))
     }
@@ -741,6 +1053,7 @@ mod tests {
         let mut set = WindowSet::build(&rules, retention, 0, &[], |_| None);
         let mut applied: Vec<Event> = Vec::new();
         let mut pending = all.clone();
+        let (mut store, mut stored) = (Chunks::default(), StoredChunks::new());
         for now in 0..70 {
             // Apply the events "arriving" at this instant: one every other step, in list order.
             if !pending.is_empty() && now % 2 == 0 {
@@ -759,11 +1072,8 @@ mod tests {
             set.advance(&rules, now);
             // Stored and read back (a cache miss), the state is the same — and it carries on
             // from there every third step.
-            let mut w = Writer::new();
-            set.encode(&rules, &mut w);
-            let decoded = WindowSet::decode(&mut Reader::new(&w.buf), &rules, retention)
-                .unwrap()
-                .expect("the same layout");
+            let (header, _) = store.store(&mut set, &rules, &mut stored);
+            let decoded = store.load(&header, &rules, retention).unwrap();
             for id in 0..rules.aggregates().len() {
                 assert_eq!(
                     decoded.value(&rules, id),
@@ -810,19 +1120,162 @@ mod tests {
         assert_eq!(set.held(), (2, 3), "only the last event is held, once per source");
     }
 
+    /// A store of window chunks, as RocksDB would hold them under one customer's prefix.
+    #[derive(Default)]
+    struct Chunks(BTreeMap<(usize, u64), Vec<u8>>);
+
+    impl Chunks {
+        /// Writes `set` as the engine's commit does; returns the header and how many chunks
+        /// were written.
+        fn store(
+            &mut self,
+            set: &mut WindowSet,
+            rules: &CompiledRules,
+            stored: &mut StoredChunks,
+        ) -> (Vec<u8>, usize) {
+            let plan = set.plan(stored);
+            for key in &plan.deletes {
+                assert!(
+                    self.0.remove(key).is_some(),
+                    "deletes only chunks it wrote: {key:?}"
+                );
+            }
+            for &(id, chunk) in &plan.writes {
+                let mut w = Writer::new();
+                set.encode_chunk(id, chunk, &mut w);
+                self.0.insert((id, chunk), w.buf);
+            }
+            set.mark_stored();
+            *stored = plan.stored;
+            let mut header = Writer::new();
+            set.encode_header(rules, &mut header);
+            (header.buf, plan.writes.len())
+        }
+
+        fn load(
+            &self,
+            header: &[u8],
+            rules: &CompiledRules,
+            retention: i64,
+        ) -> Result<WindowSet, CodecError> {
+            let header = WindowHeader::decode(&mut Reader::new(header))?;
+            assert!(header.fits(rules, retention));
+            assert_eq!(
+                header
+                    .stored_chunks()
+                    .iter()
+                    .flatten()
+                    .map(|(lo, hi)| hi - lo)
+                    .sum::<u64>() as usize,
+                self.0.len(),
+                "the store holds exactly the chunks the header names"
+            );
+            WindowSet::from_chunks(
+                &header,
+                rules,
+                self.0.iter().map(|((id, c), b)| (*id, *c, &b[..])),
+            )
+        }
+    }
+
+    /// Stored in chunks after every step (events in order, late events in the middle, time
+    /// passing, a queue emptying and starting again), the state reads back equal, every
+    /// aggregate with the same value; an event at the back rewrites one chunk whatever the
+    /// queue holds, and chunks the windows left are deleted.
+    #[test]
+    fn chunked_state_reads_back_equal_and_writes_what_changed() {
+        let rules = CompiledRules::compile(
+            "trait n = count(pay, 1000ms)\ntrait s = sum(pay.amount, 500ms)\ntrait d = distinct(pay.p, 1000ms)",
+        )
+        .unwrap();
+        let mut set = WindowSet::build(&rules, 100_000, 0, &[], |_| None);
+        let mut store = Chunks::default();
+        let mut stored = StoredChunks::new();
+        let check = |set: &WindowSet, header: &[u8], store: &Chunks| {
+            let back = store.load(header, &rules, 100_000).unwrap();
+            assert_eq!(back.held(), set.held());
+            for id in 0..rules.aggregates().len() {
+                assert_eq!(back.value(&rules, id), set.value(&rules, id), "aggregate {id}");
+            }
+        };
+        let mut arrival = 0;
+        let mut event = |ts: i64, amount: f64| {
+            arrival += 1;
+            let mut e = events(&[(ts, amount)]).pop().unwrap();
+            e.arrival = arrival;
+            e
+        };
+        // 600 events in order, one per ms: each stored after it is applied.
+        for t in 1..=600 {
+            set.advance(&rules, t);
+            set.insert(&rules, &event(t, t as f64), |_| None);
+            let (header, written) = store.store(&mut set, &rules, &mut stored);
+            assert!(
+                written <= 2,
+                "an event at the back rewrites its chunk, not the queue ({written} at {t})"
+            );
+            if t % 97 == 0 {
+                check(&set, &header, &store);
+            }
+        }
+        assert_eq!(store.0.len(), 5, "600 events in chunks of {CHUNK_EVENTS}");
+        // A late event lands in the middle: its chunk and those after it are written again.
+        set.insert(&rules, &event(250, 7.0), |_| None);
+        let (header, written) = store.store(&mut set, &rules, &mut stored);
+        assert_eq!(written, 4);
+        check(&set, &header, &store);
+        // Time passes: events leave the windows and their chunks are deleted.
+        set.advance(&rules, 1_400);
+        let (header, written) = store.store(&mut set, &rules, &mut stored);
+        assert_eq!(written, 0);
+        assert!(store.0.len() < 5, "chunks the windows left are deleted");
+        check(&set, &header, &store);
+        set.advance(&rules, 5_000);
+        let (header, _) = store.store(&mut set, &rules, &mut stored);
+        assert!(
+            store.0.is_empty() && stored.is_empty(),
+            "empty windows leave nothing stored"
+        );
+        check(&set, &header, &store);
+        // The queue starts again from position 0.
+        set.insert(&rules, &event(5_000, 1.0), |_| None);
+        let (header, written) = store.store(&mut set, &rules, &mut stored);
+        assert_eq!(written, 1);
+        check(&set, &header, &store);
+        // A damaged chunk is an error, never a panic; so is a missing one.
+        let (key, bytes) = store.0.iter().next().map(|(k, v)| (*k, v.clone())).unwrap();
+        for cut in 0..bytes.len() {
+            store.0.insert(key, bytes[..cut].to_vec());
+            assert!(store.load(&header, &rules, 100_000).is_err());
+        }
+        store.0.clear();
+        let header = WindowHeader::decode(&mut Reader::new(&header)).unwrap();
+        assert!(WindowSet::from_chunks(&header, &rules, []).is_err());
+    }
+
     /// State kept under rules whose windows are shaped otherwise, or under another
     /// retention, is not used (the caller rebuilds it from the history); a damaged record is
-    /// an error, never a panic.
+    /// an error, never a panic. Both for the header of version 4 records and the inline
+    /// state of version 3.
     #[test]
     fn stored_state_is_used_only_under_the_same_layout() {
         let rules =
             CompiledRules::compile("trait n = count(pay, 10ms)\ntrait s = sum(pay.amount, 10ms)").unwrap();
         let set = WindowSet::build(&rules, 100, 20, &events(&[(12, 1.5), (15, 2.0)]), |_| None);
-        let mut w = Writer::new();
-        set.encode(&rules, &mut w);
-        let read = |r: &CompiledRules, retention| WindowSet::decode(&mut Reader::new(&w.buf), r, retention);
-        assert!(read(&rules, 100).unwrap().is_some());
-        assert!(read(&rules, 99).unwrap().is_none(), "another retention");
+        let mut inline = Writer::new();
+        set.encode_inline(&rules, &mut inline);
+        let mut header = Writer::new();
+        set.encode_header(&rules, &mut header);
+        let read = |r: &CompiledRules, retention| {
+            let fits = WindowHeader::decode(&mut Reader::new(&header.buf))
+                .unwrap()
+                .fits(r, retention);
+            let inline = WindowSet::decode_inline(&mut Reader::new(&inline.buf), r, retention).unwrap();
+            assert_eq!(fits, inline.is_some());
+            fits
+        };
+        assert!(read(&rules, 100));
+        assert!(!read(&rules, 99), "another retention");
         let same = CompiledRules::compile(
             "trait n = count(pay, 10ms)\ntrait s = sum(pay.amount, 10ms)\ntag t = n > 1",
         )
@@ -830,14 +1283,21 @@ mod tests {
         assert_eq!(same.window_layout(), rules.window_layout(), "the same windows");
         let wider =
             CompiledRules::compile("trait n = count(pay, 11ms)\ntrait s = sum(pay.amount, 10ms)").unwrap();
-        assert!(read(&wider, 100).unwrap().is_none(), "another window");
+        assert!(!read(&wider, 100), "another window");
         let filtered = CompiledRules::compile(
             "trait n = count(pay where amount > 1, 10ms)\ntrait s = sum(pay.amount, 10ms)",
         )
         .unwrap();
-        assert!(read(&filtered, 100).unwrap().is_none(), "another filter");
-        for cut in 0..w.buf.len() {
-            assert!(WindowSet::decode(&mut Reader::new(&w.buf[..cut]), &rules, 100).is_err());
+        assert!(!read(&filtered, 100), "another filter");
+        let back = WindowSet::decode_inline(&mut Reader::new(&inline.buf), &rules, 100)
+            .unwrap()
+            .unwrap();
+        assert_eq!(back.value(&rules, 1), set.value(&rules, 1));
+        for cut in 0..inline.buf.len() {
+            assert!(WindowSet::decode_inline(&mut Reader::new(&inline.buf[..cut]), &rules, 100).is_err());
+        }
+        for cut in 0..header.buf.len() {
+            assert!(WindowHeader::decode(&mut Reader::new(&header.buf[..cut])).is_err());
         }
     }
 

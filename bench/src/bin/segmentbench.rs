@@ -113,7 +113,7 @@ fn write_store(dir: &std::path::Path, customers: u64) {
             props: rules::Props::new(vec![("amount".into(), Value::Num((rng.next() % 1_000).into()))]),
         };
         store.put_event(&mut wb, &id, &payment, None);
-        store.put_customer(&mut wb, &id, &state, &rules);
+        store.put_customer(&mut wb, &id, &mut state, &rules);
         wb.put_cf(store.cf(CF_NUMBERS), (n as u32).to_be_bytes(), id.as_bytes());
         if n % 50_000 == 49_999 {
             store.commit(std::mem::take(&mut wb)).expect("write");
