@@ -86,6 +86,14 @@ pub struct RetentionSettings {
     pub history: Duration,
     /// How long an `event_id` is remembered for dedup, e.g. "7d".
     pub dedup_horizon: Duration,
+    /// How long changes stay in the change log (by the engine's clock), e.g. "400d".
+    pub changes_max_age: Duration,
+    /// Most changes the change log keeps.
+    pub changes_max_count: u64,
+    /// How long dead letters are kept (by the wall clock), e.g. "30d".
+    pub dead_letters_max_age: Duration,
+    /// Most dead letters kept.
+    pub dead_letters_max_count: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -176,6 +184,10 @@ impl Default for RetentionSettings {
         RetentionSettings {
             history: Duration(engine.retention_ms),
             dedup_horizon: Duration(engine.dedup_horizon_ms),
+            changes_max_age: Duration(engine.changes_retention.max_age_ms),
+            changes_max_count: engine.changes_retention.max_entries,
+            dead_letters_max_age: Duration(engine.dead_letters_retention.max_age_ms),
+            dead_letters_max_count: engine.dead_letters_retention.max_entries,
         }
     }
 }
@@ -221,6 +233,14 @@ impl Settings {
             sync_writes: self.sync_writes,
             profile_columns: self.cache.profile_columns,
             trait_columns: self.cache.trait_columns,
+            changes_retention: processor::LogRetention {
+                max_age_ms: self.retention.changes_max_age.0,
+                max_entries: self.retention.changes_max_count,
+            },
+            dead_letters_retention: processor::LogRetention {
+                max_age_ms: self.retention.dead_letters_max_age.0,
+                max_entries: self.retention.dead_letters_max_count,
+            },
         }
     }
 
@@ -258,6 +278,10 @@ future_tolerance = "5m"   # how far ahead of the clock an event's ts may be
 [retention]
 history = "400d"          # events kept per customer (windows, lifetime, backfill)
 dedup_horizon = "7d"      # how long an event_id is remembered
+changes_max_age = "400d"  # the change log: older changes are deleted (a cursor before them: 410)
+changes_max_count = {changes_max_count}
+dead_letters_max_age = "30d"
+dead_letters_max_count = {dead_letters_max_count}
 
 [cache]
 customers = {customers}       # customers kept in memory between batches
@@ -286,6 +310,8 @@ max_batch = {kafka_batch}           # events per engine batch
             max_request_bytes = d.limits.max_request_bytes,
             max_event_bytes = d.limits.max_event_bytes,
             max_event_depth = d.limits.max_event_depth,
+            changes_max_count = d.retention.changes_max_count,
+            dead_letters_max_count = d.retention.dead_letters_max_count,
             customers = d.cache.customers,
             memory_mb = d.cache.memory_mb,
             block_cache_mb = d.cache.block_cache_mb,

@@ -14,6 +14,7 @@ mod ingest;
 mod manual;
 mod query;
 mod read;
+mod retention;
 mod rule_change;
 mod segments;
 mod timers;
@@ -21,6 +22,7 @@ mod timers;
 pub use explain::{Explained, Explanation, NextChange};
 pub use query::{parse_cursor, Delta};
 pub use read::ReadHandle;
+pub use retention::{Log, Trimmed};
 pub use segments::{SavedSegment, SegmentUpdate};
 
 use cache::CustomerCache;
@@ -83,6 +85,19 @@ pub struct EngineConfig {
     /// Most traits that read aggregates whose values queries remember (each up to 16 bytes
     /// per customer, filled by the queries that read them).
     pub trait_columns: usize,
+    /// How long and how many changes the change log keeps ([`Engine::trim_logs`]).
+    pub changes_retention: LogRetention,
+    /// How long and how many dead letters are kept.
+    pub dead_letters_retention: LogRetention,
+}
+
+/// Retention of a log (the change log, the dead letters): its oldest entries go once they
+/// are older than `max_age_ms` (by the engine's clock for changes, the wall clock for dead
+/// letters) or once the log holds more than `max_entries`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogRetention {
+    pub max_age_ms: i64,
+    pub max_entries: u64,
 }
 
 impl Default for EngineConfig {
@@ -99,6 +114,14 @@ impl Default for EngineConfig {
             sync_writes: true,
             profile_columns: 64,
             trait_columns: 8,
+            changes_retention: LogRetention {
+                max_age_ms: rules::DEFAULT_RETENTION_MS,
+                max_entries: 100_000_000,
+            },
+            dead_letters_retention: LogRetention {
+                max_age_ms: 30 * 86_400_000,
+                max_entries: 1_000_000,
+            },
         }
     }
 }
@@ -118,6 +141,10 @@ pub enum EngineError {
     /// A group commit failed; every request of the group gets this (nothing was applied).
     #[error("the commit failed, nothing was applied: {0}")]
     CommitFailed(String),
+    /// A cursor points before what a log still holds: entries after it were deleted by
+    /// retention, so reading on would skip them silently.
+    #[error("{log} before {oldest} are past retention; start again from after={} or later", .oldest - 1)]
+    Gone { log: &'static str, oldest: u64 },
 }
 
 /// One rejected event of a batch: its index, the message and the stable code of its

@@ -197,6 +197,10 @@ pub fn start(
             .set("linger.ms", "5")
             .create_with_context(PublishCtx::default())?;
         let (stop, reader) = (stop.clone(), reader.clone());
+        // Held before the thread starts, so no trim runs in between.
+        if let Err(e) = hold_unpublished(&reader, feed, &publish_cursor(feed, &topic)) {
+            tracing::error!(error = %e, feed = feed.label(), "reading the publish cursor failed");
+        }
         threads.push(
             std::thread::Builder::new()
                 .name(format!("tagstream-kafka-{}", feed.label()))
@@ -454,6 +458,22 @@ struct Outgoing {
 
 const PUBLISH_BATCH: usize = 10_000;
 
+/// Where the publisher of `feed` to `topic` keeps its confirmed position.
+fn publish_cursor(feed: Feed, topic: &str) -> String {
+    format!("kafka-published-{}:{topic}", feed.label())
+}
+
+/// Reads the publisher's confirmed position and has retention keep what follows it (the
+/// changes after it; the dead letters from it, the cursor being the next id to publish).
+fn hold_unpublished(reader: &ReadHandle, feed: Feed, cursor: &str) -> Result<u64, crate::EngineError> {
+    let confirmed = reader.cursor(cursor)?;
+    match feed {
+        Feed::Changes => reader.hold(cursor, crate::Log::Changes, confirmed + 1),
+        Feed::DeadLetters => reader.hold(cursor, crate::Log::DeadLetters, confirmed),
+    }
+    Ok(confirmed)
+}
+
 fn publish(
     producer: BaseProducer<PublishCtx>,
     topic: String,
@@ -461,10 +481,10 @@ fn publish(
     reader: ReadHandle,
     stop: &AtomicBool,
 ) {
-    let cursor = format!("kafka-published-{}:{topic}", feed.label());
+    let cursor = publish_cursor(feed, &topic);
     let mut backoff = Duration::from_millis(100);
     while !stop.load(Ordering::SeqCst) {
-        let confirmed = match reader.cursor(&cursor) {
+        let confirmed = match hold_unpublished(&reader, feed, &cursor) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "reading the publish cursor failed");

@@ -306,8 +306,14 @@ impl Service {
             }
             if last_checkpoint.elapsed() >= self.config.index_checkpoint {
                 last_checkpoint = Instant::now();
-                if let Err(e) = self.engine.checkpoint_index() {
-                    tracing::error!(error = %e, "membership index checkpoint failed; will retry");
+                match self.engine.checkpoint_index() {
+                    // Retention may delete what the checkpoint now covers.
+                    Ok(done) => {
+                        if let Err(e) = self.engine.trim_logs(done.seq) {
+                            tracing::error!(error = %e, "deleting log entries past retention failed; will retry");
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "membership index checkpoint failed; will retry"),
                 }
             }
             metrics::gauge!("tagstream_engine_queue_jobs").set(self.waiting.load(Ordering::Acquire) as f64);

@@ -94,6 +94,8 @@ pub const METRICS: &[(&str, MetricKind, &str)] = &[
     ("tagstream_backfill_customers_done", MetricKind::Gauge, "Customers the running backfill has passed."),
     ("tagstream_backfill_customers_estimated", MetricKind::Gauge, "Customers the running backfill will pass (estimate)."),
     ("tagstream_change_log_next_seq", MetricKind::Gauge, "The seq the next change will get."),
+    ("tagstream_log_oldest", MetricKind::Gauge, "The oldest entry retention left of each log (change seq, dead letter id; 0 before any was deleted)."),
+    ("tagstream_log_trimmed_total", MetricKind::Counter, "Log entries deleted by retention, by log."),
     ("tagstream_engine_queue_jobs", MetricKind::Gauge, "Jobs waiting for the engine thread."),
     ("tagstream_engine_queue_capacity", MetricKind::Gauge, "Jobs the engine queue holds before HTTP answers 503."),
     ("tagstream_cache_customers", MetricKind::Gauge, "Customers in the engine's in-memory cache."),

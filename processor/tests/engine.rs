@@ -590,3 +590,105 @@ fn a_segment_change_that_reshapes_the_windows_leaves_no_stale_window_state() {
         rules::Value::num(3)
     );
 }
+
+/// Retention deletes the oldest changes past the configured count or age, from the front
+/// and never past the index checkpoint or a reader's hold; a cursor before what is left is
+/// `Gone` with the oldest seq, not a silent gap; the floor survives a restart. Dead letters
+/// likewise, by count.
+#[test]
+fn retention_trims_the_logs_from_the_front_and_a_cursor_before_them_is_gone() {
+    use processor::{Log, LogRetention};
+    let dir = TempDir::new("engine-retention");
+    let config = EngineConfig {
+        changes_retention: LogRetention {
+            max_age_ms: 10 * DAY,
+            max_entries: 6,
+        },
+        dead_letters_retention: LogRetention {
+            max_age_ms: 30 * DAY,
+            max_entries: 1,
+        },
+        ..event_config()
+    };
+    let rules = "tag viewed = count(view, 1d) >= 1";
+    let mut engine = Engine::open(dir.path(), Some(rules), config.clone()).unwrap();
+    // Ten customers view once each (10 adds), then three bad events.
+    let views: Vec<String> = (0..10)
+        .map(|i| ev(&format!("v{i}"), &format!("c{i}"), "view", T0 + i * MIN, ""))
+        .collect();
+    engine.ingest(&views).unwrap();
+    engine.ingest(&["{", "[]", "{\"type\":1}"]).unwrap();
+    assert_eq!(engine.next_seq(), 11);
+    let reader = engine.reader();
+
+    // The index checkpoint covers seq 7 only, and a publisher still needs seq 3 on.
+    reader.hold("publisher", Log::Changes, 3);
+    let trimmed = engine.trim_logs(7).unwrap();
+    assert_eq!(trimmed.changes, 2, "seqs 1 and 2: the hold keeps 3 on");
+    assert_eq!(trimmed.dead_letters, 2, "the oldest two of three dead letters");
+    reader.hold("publisher", Log::Changes, 11);
+    assert_eq!(
+        engine.trim_logs(7).unwrap(),
+        processor::Trimmed {
+            changes: 2,
+            dead_letters: 0
+        },
+        "seqs 3 and 4: six changes are left, 5..=10"
+    );
+    assert_eq!(reader.log_floor(Log::Changes).unwrap(), 5);
+    let seqs = |after| {
+        engine
+            .changes(after, 100)
+            .map(|c| c.iter().map(|c| c.seq).collect::<Vec<_>>())
+    };
+    assert_eq!(seqs(4).unwrap(), [5, 6, 7, 8, 9, 10]);
+    match seqs(3) {
+        Err(EngineError::Gone { log, oldest }) => assert_eq!((log, oldest), ("changes", 5)),
+        other => panic!("a cursor before the floor is gone, got {other:?}"),
+    }
+    assert!(
+        matches!(seqs(0), Err(EngineError::Gone { .. })),
+        "so is the start of the log"
+    );
+    assert!(reader.check_changes_cursor(3).is_err() && reader.check_changes_cursor(4).is_ok());
+    let letters = engine.dead_letters(None, 10).unwrap();
+    assert_eq!(
+        letters.iter().map(|d| d.id).collect::<Vec<_>>(),
+        [2],
+        "the list starts at what is left"
+    );
+    assert!(matches!(
+        engine.dead_letters(Some(0), 10),
+        Err(EngineError::Gone {
+            log: "dead_letters",
+            oldest: 2
+        })
+    ));
+    assert_eq!(engine.dead_letters(Some(1), 10).unwrap().len(), 1);
+
+    // Age: the clock moves eleven days on; every change is older than ten days, but the
+    // checkpoint still covers only up to 8.
+    engine.advance_clock(T0 + 11 * DAY).unwrap();
+    let last = engine.next_seq() - 1;
+    assert!(last > 10, "the views expired: removals at the new instant");
+    assert_eq!(engine.trim_logs(8).unwrap().changes, 4, "5..=8");
+    assert_eq!(
+        engine.trim_logs(last).unwrap().changes,
+        2,
+        "9 and 10; the removals are young"
+    );
+    let floor = reader.log_floor(Log::Changes).unwrap();
+    assert_eq!(floor, 11);
+    drop((engine, reader));
+    let engine = Engine::open(dir.path(), None, config).unwrap();
+    assert_eq!(
+        engine.reader().log_floor(Log::Changes).unwrap(),
+        11,
+        "the floor is stored"
+    );
+    assert!(matches!(
+        engine.changes(9, 10),
+        Err(EngineError::Gone { oldest: 11, .. })
+    ));
+    assert_eq!(engine.changes(10, 100).unwrap().len() as u64, last - 10);
+}

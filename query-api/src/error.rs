@@ -25,6 +25,13 @@ pub enum ApiError {
     MethodNotAllowed(String),
     #[error("{0}")]
     Timeout(String),
+    /// A cursor before what retention left of a log: `410 Gone` with the oldest entry.
+    #[error("{message}")]
+    Gone {
+        message: String,
+        log: &'static str,
+        oldest: u64,
+    },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -52,6 +59,11 @@ impl From<EngineError> for ApiError {
             EngineError::Clock(m) | EngineError::Conflict(m) => ApiError::Conflict(m),
             EngineError::NotFound(m) => ApiError::NotFound(m),
             EngineError::Rules(d) => ApiError::InvalidRules(d.iter().map(|d| d.located("")).collect()),
+            gone @ EngineError::Gone { log, oldest } => ApiError::Gone {
+                message: gone.to_string(),
+                log,
+                oldest,
+            },
             other => ApiError::Internal(other.to_string()),
         }
     }
@@ -87,6 +99,18 @@ impl IntoResponse for ApiError {
             ),
             ApiError::MethodNotAllowed(m) => (StatusCode::METHOD_NOT_ALLOWED, json!({ "error": m })),
             ApiError::Timeout(m) => (StatusCode::REQUEST_TIMEOUT, json!({ "error": m })),
+            ApiError::Gone { message, log, oldest } => {
+                // The oldest entry left, under the name the log's cursor goes by.
+                let field = if *log == "changes" {
+                    "oldest_seq"
+                } else {
+                    "oldest_id"
+                };
+                (
+                    StatusCode::GONE,
+                    json!({ "error": message, "log": log, field: oldest }),
+                )
+            }
             ApiError::Internal(detail) => {
                 tracing::error!(%detail, "internal error");
                 (

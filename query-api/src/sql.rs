@@ -189,7 +189,8 @@ fn changes_table(reader: &ReadHandle, deadline: Instant) -> Result<RecordBatch, 
     let mut op = StringBuilder::new();
     let mut at = Int64Builder::new();
     let mut cause = StringBuilder::new();
-    let mut after = 0;
+    // The table is what retention left of the log.
+    let mut after = reader.log_floor(processor::Log::Changes)?.saturating_sub(1);
     loop {
         check_deadline(deadline)?;
         let page = reader.changes(after, 10_000)?;

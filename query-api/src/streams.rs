@@ -77,14 +77,18 @@ pub struct StreamQuery {
 /// The `seq` a stream starts after: `Last-Event-ID` (a reconnect), else `?after=`, else the
 /// last committed change (only what happens from now on).
 fn stream_start(headers: &HeaderMap, after: Option<u64>, reader: &ReadHandle) -> Result<u64, ApiError> {
-    if let Some(id) = headers.get("last-event-id") {
-        let text = id.to_str().unwrap_or("");
-        return text
-            .trim()
-            .parse()
-            .map_err(|_| ApiError::BadRequest(format!("Last-Event-ID `{text}` is not a change seq")));
-    }
-    Ok(after.unwrap_or_else(|| reader.last_seq()))
+    let start = match headers.get("last-event-id") {
+        Some(id) => {
+            let text = id.to_str().unwrap_or("");
+            text.trim()
+                .parse()
+                .map_err(|_| ApiError::BadRequest(format!("Last-Event-ID `{text}` is not a change seq")))?
+        }
+        None => after.unwrap_or_else(|| reader.last_seq()),
+    };
+    // A client that fell behind retention learns it now, with the oldest seq left.
+    reader.check_changes_cursor(start)?;
+    Ok(start)
 }
 
 /// One change as an SSE event: `id` is its `seq`, `event` is `enter` or `exit`, `data` the

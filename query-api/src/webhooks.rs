@@ -24,7 +24,7 @@ use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use processor::store::CF_WEBHOOKS;
-use processor::{Change, ReadHandle};
+use processor::{Change, Log, ReadHandle};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value as Json_};
 use sha2::Sha256;
@@ -125,6 +125,13 @@ impl Webhooks {
 
     fn start(self: &Arc<Self>, app: &AppState, sub: Subscription) {
         let id = sub.id;
+        // Retention keeps what the subscription has not delivered, from before its task
+        // first runs.
+        let reader = app.engine.reader();
+        match reader.cursor(&cursor_name(id)) {
+            Ok(cursor) => reader.hold(&cursor_name(id), Log::Changes, cursor + 1),
+            Err(e) => tracing::error!(webhook = id, error = %e, "webhook cursor unreadable"),
+        }
         let task = tokio::spawn(deliver(app.clone(), self.config, sub));
         let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(old) = tasks.insert(id, task.abort_handle()) {
@@ -132,10 +139,11 @@ impl Webhooks {
         }
     }
 
-    fn stop(&self, id: u64) {
+    fn stop(&self, app: &AppState, id: u64) {
         if let Some(task) = self.tasks.lock().unwrap_or_else(|e| e.into_inner()).remove(&id) {
             task.abort();
         }
+        app.engine.reader().release(&cursor_name(id));
     }
 }
 
@@ -233,6 +241,7 @@ pub async fn create(
             "`after` is {after}, beyond the last change ({last})"
         )));
     }
+    reader.check_changes_cursor(after)?;
     let sub = {
         let _one_at_a_time = app.webhooks.create.lock().unwrap_or_else(|e| e.into_inner());
         let id = reader.cursor(NEXT_ID)? + 1;
@@ -276,7 +285,7 @@ pub async fn delete(State(app): State<AppState>, Path(id): Path<String>) -> Resu
     let id = parse_id(&id)?;
     let reader = app.engine.reader();
     find(reader, id)?;
-    app.webhooks.stop(id);
+    app.webhooks.stop(&app, id);
     let store = reader.store();
     store
         .delete_prefix_now(CF_WEBHOOKS, &sub_key(id))
@@ -398,6 +407,7 @@ async fn deliver(app: AppState, config: WebhookConfig, sub: Subscription) {
         if let Err(e) = reader.set_cursor(&cursor_name(sub.id), cursor) {
             tracing::error!(webhook = sub.id, error = %e, "saving the webhook cursor failed");
         }
+        reader.hold(&cursor_name(sub.id), Log::Changes, cursor + 1);
     }
 }
 

@@ -608,3 +608,76 @@ fn sql_reads_customers_and_changes_refuses_writes_and_keeps_its_limits() {
         1
     );
 }
+
+/// The change log keeps `[retention] changes_max_count` changes: the service deletes the
+/// oldest (after its index checkpoint, every 10 s), and every cursor before what is left —
+/// `GET /v1/changes`, an SSE stream, a new webhook — answers 410 Gone with the oldest seq,
+/// while SQL's `changes` table and cursors after the floor read what is left.
+#[test]
+fn the_change_log_keeps_its_retention_and_an_older_cursor_is_gone() {
+    let dir = tests::TempDir::new("retention");
+    let config = dir.path().join("tagstream.toml");
+    std::fs::write(&config, "[retention]\nchanges_max_count = 5\n").unwrap();
+    let s = Server::start(RULES, &["--config", config.to_str().unwrap()]);
+    assert_eq!(s.send("POST", "/v1/events", &views(0..20, 1)).status, 200);
+    assert_eq!(
+        s.get("/v1/changes?after=0&limit=100").json()["changes"]
+            .as_array()
+            .unwrap()
+            .len(),
+        20
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let gone = loop {
+        let r = s.get("/v1/changes?after=0");
+        if r.status == 410 {
+            break r.json();
+        }
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(Instant::now() < deadline, "retention never ran");
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!(gone["log"], "changes");
+    assert_eq!(gone["oldest_seq"], 16, "the last five changes are kept");
+    assert!(gone["error"].as_str().unwrap().contains("after=15"), "{gone}");
+    let left = s.get("/v1/changes?after=15").json();
+    let seqs: Vec<u64> = left["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, [16, 17, 18, 19, 20]);
+    assert_eq!(s.get("/v1/changes?after=14").status, 410);
+    assert_eq!(s.get("/v1/segments/viewer/stream?after=3").status, 410);
+    let r = s.send(
+        "POST",
+        "/v1/webhooks",
+        r#"{"url": "http://127.0.0.1:9/hook", "name": "viewer", "secret": "a-secret-of-16-bytes-or-more", "after": 3}"#,
+    );
+    assert_eq!(
+        (r.status, r.json()["oldest_seq"].as_u64()),
+        (410, Some(16)),
+        "{}",
+        r.text()
+    );
+    assert_eq!(s.get("/v1/segments/viewer/delta?after=3").status, 410);
+    let r = sql(
+        &s,
+        serde_json::json!({"sql": "select min(seq) as lo, count(*) as n from changes"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        (
+            r.json()["rows"][0]["lo"].as_u64(),
+            r.json()["rows"][0]["n"].as_u64()
+        ),
+        (Some(16), Some(5))
+    );
+    let metrics = s.get("/metrics").text();
+    assert!(
+        metrics.contains("tagstream_log_oldest{log=\"changes\"} 16"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("tagstream_log_trimmed_total{log=\"changes\"} 15"));
+}

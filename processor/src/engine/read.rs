@@ -11,6 +11,7 @@ use std::sync::{Arc, RwLock};
 
 use rules::CompiledRules;
 
+use super::retention::Log;
 use super::*;
 use super::{
     customer_view, wall_ms, ClockMode, CustomerView, DeadLetter, Engine, EngineError, META_CLOCK,
@@ -27,6 +28,8 @@ pub(super) struct Published {
     rules: RwLock<Arc<CompiledRules>>,
     /// The event clock of the last commit; `i64::MIN` before the first event.
     clock: AtomicI64,
+    /// What readers need kept of the change log and the dead letters.
+    pub(super) holds: super::retention::Holds,
 }
 
 impl Published {
@@ -34,6 +37,7 @@ impl Published {
         Published {
             rules: RwLock::new(rules),
             clock: AtomicI64::new(clock.unwrap_or(i64::MIN)),
+            holds: Default::default(),
         }
     }
 
@@ -156,6 +160,28 @@ impl ReadHandle {
     pub fn cursor(&self, name: &str) -> Result<u64, EngineError> {
         Ok(self.store.meta_u64(&cursor_key(name))?)
     }
+
+    /// Keeps `log`'s entries from `first_needed` on past retention while `name` (a
+    /// publisher, a webhook) has not consumed them; a later call moves the hold.
+    pub fn hold(&self, name: &str, log: Log, first_needed: u64) {
+        self.published.holds.set(name, log, first_needed);
+    }
+
+    /// Drops `name`'s hold (the reader is gone).
+    pub fn release(&self, name: &str) {
+        self.published.holds.release(name);
+    }
+
+    /// The oldest entry `log` may still hold: 0 until retention deleted any.
+    pub fn log_floor(&self, log: Log) -> Result<u64, EngineError> {
+        Ok(super::retention::floor(&self.store, log)?)
+    }
+
+    /// `Ok` when reading the change log after `after` skips nothing retention deleted,
+    /// else [`EngineError::Gone`] with the oldest `seq` left.
+    pub fn check_changes_cursor(&self, after: u64) -> Result<(), EngineError> {
+        super::retention::check_cursor(&self.store, Log::Changes, after.saturating_add(1))
+    }
 }
 
 fn cursor_key(name: &str) -> String {
@@ -186,6 +212,9 @@ pub(super) fn changes_with_numbers(
             Change::decode_stored(&value).ok_or(StoreError::Codec(CodecError("bad change")))?;
         out.push((number.unwrap_or(crate::index::NO_NUMBER), change));
     }
+    // Checked after the scan: retention deletes a prefix and moves the floor in one write,
+    // so a scan that began before it saw everything, and one after it sees the new floor.
+    super::retention::check_cursor(store, Log::Changes, after.saturating_add(1))?;
     Ok(out)
 }
 
@@ -194,7 +223,11 @@ pub(super) fn dead_letters(
     after: Option<u64>,
     limit: usize,
 ) -> Result<Vec<DeadLetter>, EngineError> {
-    let start = after.map_or(0, |a| a.saturating_add(1));
+    // Without a cursor the list starts at the oldest dead letter retention left.
+    let start = match after {
+        Some(a) => a.saturating_add(1),
+        None => super::retention::floor(store, Log::DeadLetters)?,
+    };
     let mut out = Vec::new();
     for item in store.scan_from(CF_DLQ, &start.to_be_bytes()) {
         if out.len() == limit {
@@ -223,6 +256,7 @@ pub(super) fn dead_letters(
             raw,
         });
     }
+    super::retention::check_cursor(store, Log::DeadLetters, start)?;
     Ok(out)
 }
 
