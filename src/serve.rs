@@ -10,8 +10,12 @@ use processor::kafka::{self, KafkaSettings, KafkaStatus};
 use processor::{Engine, EngineHandle, ServiceConfig};
 use query_api::{router, ApiConfig, AppState};
 
-/// Serves the API until SIGTERM or Ctrl-C, then finishes the work in flight, flushes and
-/// returns. `on_ready` runs once the socket is bound (the demo starts its generator there).
+/// How long the shutdown lets webhooks and Kafka publishers send what is committed (the
+/// deploy files give the process more than this before a SIGKILL).
+pub const DRAIN_GRACE: Duration = Duration::from_secs(10);
+
+/// Serves the API until SIGTERM or Ctrl-C, then finishes the work in flight, sends what is
+/// committed (webhooks, Kafka, within [`DRAIN_GRACE`]), flushes and returns. `on_ready` runs once the socket is bound (the demo starts its generator there).
 pub fn serve(
     engine: Engine,
     listen: SocketAddr,
@@ -61,12 +65,36 @@ pub fn serve(
             .await;
         stopping.store(true, Ordering::SeqCst);
         served?;
+        // No request is in flight any more. The Kafka consumer applies its batch in flight
+        // and stops; then what is committed goes out — webhooks and the Kafka publishers
+        // each get until the drain deadline.
+        let deadline = std::time::Instant::now() + DRAIN_GRACE;
+        let kafka_drain = kafka_workers.map(|workers| {
+            std::thread::spawn(move || {
+                workers.stop(deadline.saturating_duration_since(std::time::Instant::now()))
+            })
+        });
+        let cut = webhooks
+            .drain(deadline.saturating_duration_since(std::time::Instant::now()))
+            .await;
+        if cut > 0 {
+            tracing::warn!(
+                subscriptions = cut,
+                "webhooks still delivering at the drain deadline; they resume after a restart"
+            );
+        }
+        if let Some(drain) = kafka_drain {
+            match tokio::task::spawn_blocking(move || drain.join()).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(cut)) => tracing::warn!(
+                    publishers = cut,
+                    "Kafka publishers still sending at the drain deadline; they resume after a restart"
+                ),
+                _ => tracing::error!("a Kafka worker thread panicked"),
+            }
+        }
         anyhow::Ok(())
     })?;
-    // The consumer applies its batch in flight and stops; publishers stop at a batch end.
-    if let Some(workers) = kafka_workers {
-        workers.stop();
-    }
     // Every handle is gone once the server stops: the engine thread drains its queue,
     // flushes, and ends.
     runtime.shutdown_timeout(Duration::from_secs(5));

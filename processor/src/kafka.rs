@@ -136,17 +136,33 @@ pub type Apply = Box<dyn FnMut(Arc<KafkaBatch>) -> Result<IngestOutcome, ApplyEr
 /// The running consumer and publisher threads.
 pub struct KafkaWorkers {
     stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
+    consumer: JoinHandle<()>,
+    /// Set once nothing more is consumed: each publisher sends what is committed and ends.
+    drain: Arc<AtomicBool>,
+    /// Publishers stop where they are (after the grace).
+    publishers_stop: Arc<AtomicBool>,
+    publishers: Vec<JoinHandle<()>>,
 }
 
 impl KafkaWorkers {
-    /// Asks every thread to finish what it is doing (the batch in flight is applied) and
-    /// waits for them.
-    pub fn stop(self) {
+    /// Stops consuming (the batch in flight is applied), then lets the publishers send
+    /// what is committed — the change log and dead letters, flushed to the brokers — for
+    /// at most `grace`, and stops them where they are after it (their cursors are durable:
+    /// a restart publishes the rest). Returns how many publishers had to be cut short.
+    pub fn stop(self, grace: Duration) -> usize {
         self.stop.store(true, Ordering::SeqCst);
-        for t in self.threads {
+        let _ = self.consumer.join();
+        self.drain.store(true, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + grace;
+        while self.publishers.iter().any(|t| !t.is_finished()) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let cut = self.publishers.iter().filter(|t| !t.is_finished()).count();
+        self.publishers_stop.store(true, Ordering::SeqCst);
+        for t in self.publishers {
             let _ = t.join();
         }
+        cut
     }
 }
 
@@ -175,16 +191,15 @@ pub fn start(
         .set("partition.assignment.strategy", "range,roundrobin")
         .create_with_context(context)?;
     consumer.subscribe(&[&settings.topic])?;
-    let mut threads = Vec::new();
-    {
+    let consumer = {
         let (stop, settings) = (stop.clone(), settings.clone());
-        threads.push(
-            std::thread::Builder::new()
-                .name("tagstream-kafka-in".into())
-                .spawn(move || consume(consumer, settings, apply, &stop))
-                .expect("spawn the Kafka consumer thread"),
-        );
-    }
+        std::thread::Builder::new()
+            .name("tagstream-kafka-in".into())
+            .spawn(move || consume(consumer, settings, apply, &stop))
+            .expect("spawn the Kafka consumer thread")
+    };
+    let (drain, publishers_stop) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let mut publishers = Vec::new();
     let feeds = [
         (settings.changes_topic.clone(), Feed::Changes),
         (settings.dlq_topic.clone(), Feed::DeadLetters),
@@ -196,19 +211,25 @@ pub fn start(
             .set("enable.idempotence", "true")
             .set("linger.ms", "5")
             .create_with_context(PublishCtx::default())?;
-        let (stop, reader) = (stop.clone(), reader.clone());
+        let (stop, drain, reader) = (publishers_stop.clone(), drain.clone(), reader.clone());
         // Held before the thread starts, so no trim runs in between.
         if let Err(e) = hold_unpublished(&reader, feed, &publish_cursor(feed, &topic)) {
             tracing::error!(error = %e, feed = feed.label(), "reading the publish cursor failed");
         }
-        threads.push(
+        publishers.push(
             std::thread::Builder::new()
                 .name(format!("tagstream-kafka-{}", feed.label()))
-                .spawn(move || publish(producer, topic, feed, reader, &stop))
+                .spawn(move || publish(producer, topic, feed, reader, &stop, &drain))
                 .expect("spawn a Kafka publisher thread"),
         );
     }
-    Ok(KafkaWorkers { stop, threads })
+    Ok(KafkaWorkers {
+        stop,
+        consumer,
+        drain,
+        publishers_stop,
+        publishers,
+    })
 }
 
 struct ConsumerCtx {
@@ -480,6 +501,7 @@ fn publish(
     feed: Feed,
     reader: ReadHandle,
     stop: &AtomicBool,
+    drain: &AtomicBool,
 ) {
     let cursor = publish_cursor(feed, &topic);
     let mut backoff = Duration::from_millis(100);
@@ -503,6 +525,10 @@ fn publish(
         if records.is_empty() {
             if let Feed::Changes = feed {
                 metrics::gauge!("tagstream_kafka_publish_lag_changes").set(0.0);
+            }
+            if drain.load(Ordering::SeqCst) {
+                // Shutting down, and everything committed is published.
+                return;
             }
             std::thread::sleep(Duration::from_millis(50));
             continue;
@@ -617,9 +643,16 @@ fn send_all(
             }
         }
     }
-    producer
-        .flush(Duration::from_secs(30))
-        .map_err(|e| e.to_string())?;
+    // Flushed in slices, so a stop after the shutdown grace is not held up for long.
+    let flushing = std::time::Instant::now();
+    loop {
+        match producer.flush(Duration::from_millis(250)) {
+            Ok(()) => break,
+            Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut))
+                if !stop.load(Ordering::SeqCst) && flushing.elapsed() < Duration::from_secs(30) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
     match producer
         .context()
         .failure

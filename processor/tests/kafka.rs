@@ -204,7 +204,7 @@ fn a_stream_consumed_from_kafka_ends_like_direct_ingest_and_every_change_is_publ
         first.seen.load(Ordering::SeqCst) == 2_000
     });
     // A restart: the stored offsets, not the group's, say where to resume.
-    first.workers.stop();
+    first.workers.stop(std::time::Duration::from_secs(10));
     drop(first.engine);
     produce(&brokers, "events", &lines[2_000..]);
     assert_eq!(topic_size(&brokers, "events", 3), lines.len() as i64);
@@ -272,7 +272,56 @@ fn a_stream_consumed_from_kafka_ends_like_direct_ingest_and_every_change_is_publ
         assert!(processor::Rejection::CODES.contains(&d.code.as_str()));
     }
     drop(consumed);
-    second.workers.stop();
+    second.workers.stop(std::time::Duration::from_secs(10));
+}
+
+/// Stopping lets the publishers send everything committed first: a store whose changes
+/// and dead letters were never published (the first run had no output topics) is started
+/// with them and stopped at once, and both topics end up holding every entry.
+#[test]
+fn stopping_publishes_everything_committed_first() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("events", 3, 1).unwrap();
+    cluster.create_topic("tag-changes", 3, 1).unwrap();
+    cluster.create_topic("tagstream-dead-letters", 1, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let lines = stream(2_000);
+    produce(&brokers, "events", &lines);
+    let dir = TempDir::new("kafka-drain");
+    let first = run_with(dir.path(), &brokers, "g-drain", |s| {
+        s.changes_topic = None;
+        s.dlq_topic = None;
+    });
+    wait_until("the stream", || first.seen.load(Ordering::SeqCst) == lines.len());
+    assert_eq!(first.workers.stop(Duration::from_secs(10)), 0);
+    drop(first.engine);
+    assert_eq!(topic_size(&brokers, "tag-changes", 3), 0);
+
+    let second = run(dir.path(), &brokers, "g-drain");
+    assert_eq!(
+        second.workers.stop(Duration::from_secs(30)),
+        0,
+        "nothing cut short"
+    );
+    let engine = second.engine.lock().unwrap();
+    let log = engine.changes(0, usize::MAX).unwrap();
+    let letters = engine.dead_letters(None, usize::MAX).unwrap();
+    assert!(log.len() > 100 && !letters.is_empty());
+    // Everything is in the topics by the time stop returned: no reader waits for it.
+    assert_eq!(topic_size(&brokers, "tag-changes", 3), log.len() as i64);
+    assert_eq!(
+        topic_size(&brokers, "tagstream-dead-letters", 1),
+        letters.len() as i64
+    );
+    let published: std::collections::BTreeSet<u64> = read_topic(&brokers, "tag-changes", log.len())
+        .iter()
+        .map(|(_, payload, _)| {
+            serde_json::from_slice::<serde_json::Value>(payload).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(published, log.iter().map(|c| c.seq).collect());
 }
 
 /// A run killed before the group's first auto-commit leaves the group without committed
@@ -335,7 +384,7 @@ fn offsets_kept_in_the_store_become_the_groups_committed_offsets_on_assignment()
         committed() == ends
     });
     assert_eq!(running.seen.load(Ordering::SeqCst), 0, "nothing was read again");
-    running.workers.stop();
+    running.workers.stop(std::time::Duration::from_secs(10));
 }
 
 #[test]
@@ -380,7 +429,7 @@ fn a_second_member_in_the_group_is_reported_not_silently_split() {
     stop.store(true, Ordering::SeqCst);
     other.join().unwrap();
     wait_until("the topic to come back", || first.status.ready().is_ok());
-    first.workers.stop();
+    first.workers.stop(std::time::Duration::from_secs(10));
 }
 
 /// `processor::partition::partition_of` is the partition Kafka's default partitioner picks

@@ -99,9 +99,12 @@ const NEXT_ID: &str = "webhook_next_id";
 /// The running subscriptions.
 pub struct Webhooks {
     config: WebhookConfig,
-    tasks: Mutex<HashMap<u64, tokio::task::AbortHandle>>,
+    tasks: Mutex<HashMap<u64, tokio::task::JoinHandle<()>>>,
     /// Serialises creation (the id counter).
     create: Mutex<()>,
+    /// Set at shutdown, once no request can commit anything more: each task delivers what
+    /// is committed and ends.
+    draining: tokio::sync::watch::Sender<bool>,
 }
 
 impl Webhooks {
@@ -110,7 +113,31 @@ impl Webhooks {
             config,
             tasks: Mutex::default(),
             create: Mutex::default(),
+            draining: tokio::sync::watch::channel(false).0,
         }
+    }
+
+    /// At shutdown: every subscription delivers (or dead-letters) what is committed, then
+    /// stops; whatever has not finished within `grace` is stopped where it is (its cursor
+    /// is durable: it resumes there after a restart). Returns how many had to be stopped.
+    pub async fn drain(&self, grace: Duration) -> usize {
+        self.draining.send_replace(true);
+        let tasks: Vec<_> = self
+            .tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .map(|(_, t)| t)
+            .collect();
+        let deadline = tokio::time::Instant::now() + grace;
+        let mut cut = 0;
+        for mut task in tasks {
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                task.abort();
+                cut += 1;
+            }
+        }
+        cut
     }
 
     /// Starts a delivery task for every stored subscription (at server start).
@@ -132,9 +159,9 @@ impl Webhooks {
             Ok(cursor) => reader.hold(&cursor_name(id), Log::Changes, cursor + 1),
             Err(e) => tracing::error!(webhook = id, error = %e, "webhook cursor unreadable"),
         }
-        let task = tokio::spawn(deliver(app.clone(), self.config, sub));
+        let task = tokio::spawn(deliver(app.clone(), self.config, sub, self.draining.subscribe()));
         let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(old) = tasks.insert(id, task.abort_handle()) {
+        if let Some(old) = tasks.insert(id, task) {
             old.abort();
         }
     }
@@ -368,7 +395,12 @@ fn next_batch(
 }
 
 /// One subscription's delivery loop; runs until aborted.
-async fn deliver(app: AppState, config: WebhookConfig, sub: Subscription) {
+async fn deliver(
+    app: AppState,
+    config: WebhookConfig,
+    sub: Subscription,
+    mut draining: tokio::sync::watch::Receiver<bool>,
+) {
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let reader = app.engine.reader().clone();
     let mut committed = app.engine.committed();
@@ -396,8 +428,15 @@ async fn deliver(app: AppState, config: WebhookConfig, sub: Subscription) {
         metrics::gauge!("tagstream_webhook_lag_changes", "subscription" => label.clone())
             .set(reader.last_seq().saturating_sub(through) as f64);
         if through == cursor {
+            if *draining.borrow() {
+                // Shutting down and everything committed is delivered.
+                return;
+            }
             // Nothing new: wait for the next commit (or look again in a while).
-            let _ = tokio::time::timeout(Duration::from_secs(5), committed.changed()).await;
+            tokio::select! {
+                _ = tokio::time::timeout(Duration::from_secs(5), committed.changed()) => {}
+                _ = draining.changed() => {}
+            }
             continue;
         }
         if !changes.is_empty() {

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -235,6 +236,15 @@ struct Received {
 /// A webhook receiver on a real socket: answers 500 to every request for which `fail(n)`
 /// (n counts requests from 0), 200 to the rest, and checks each signature.
 fn receiver(secret: &'static str, fail: fn(usize) -> bool) -> (String, Arc<Mutex<Received>>) {
+    slow_receiver(secret, fail, Duration::ZERO)
+}
+
+/// [`receiver`] taking `delay` over each answer.
+fn slow_receiver(
+    secret: &'static str,
+    fail: fn(usize) -> bool,
+    delay: Duration,
+) -> (String, Arc<Mutex<Received>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
     let seen = Arc::new(Mutex::new(Received::default()));
@@ -265,6 +275,7 @@ fn receiver(secret: &'static str, fail: fn(usize) -> bool) -> (String, Arc<Mutex
                     let len: usize = headers["content-length"].parse().unwrap();
                     let mut body = vec![0; len];
                     reader.read_exact(&mut body).unwrap();
+                    std::thread::sleep(delay);
                     let mut seen = state.lock().unwrap();
                     let n = seen.requests;
                     seen.requests += 1;
@@ -680,4 +691,60 @@ fn the_change_log_keeps_its_retention_and_an_older_cursor_is_gone() {
         "{metrics}"
     );
     assert!(metrics.contains("tagstream_log_trimmed_total{log=\"changes\"} 15"));
+}
+
+/// SIGTERM with a webhook behind: the server stops taking requests, then delivers what is
+/// committed before it exits (within its drain grace), so the receiver has every change.
+#[test]
+fn sigterm_delivers_what_is_committed_to_webhooks_before_exiting() {
+    let s = Server::start(RULES, &[]);
+    const SECRET: &str = "a-secret-of-16-bytes-or-more";
+    let (url, seen) = slow_receiver(SECRET, |_| false, Duration::from_millis(400));
+    let body = format!(r#"{{"url":"{url}","name":"viewer","secret":"{SECRET}","after":0}}"#);
+    assert_eq!(s.send("POST", "/v1/webhooks", &body).status, 201);
+    for second in 0..6 {
+        assert_eq!(
+            s.send(
+                "POST",
+                "/v1/events",
+                &views(second * 10..second * 10 + 10, second as i64)
+            )
+            .status,
+            200
+        );
+    }
+    let last = s.get("/v1/changes?after=0&limit=1000").json()["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["seq"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    assert!(
+        seen.lock().unwrap().changes.len() < 60,
+        "still delivering at SIGTERM"
+    );
+    let started = Instant::now();
+    let mut server = s;
+    assert!(Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the drain is bounded"
+    );
+    let seen = seen.lock().unwrap();
+    let mut seqs: Vec<u64> = seen.changes.iter().map(|c| c["seq"].as_u64().unwrap()).collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    assert_eq!(
+        seqs,
+        (1..=last).collect::<Vec<_>>(),
+        "every committed change of `viewer` was delivered"
+    );
+    assert_eq!(seen.bad_signatures, 0);
 }
