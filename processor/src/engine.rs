@@ -41,8 +41,8 @@ use crate::event::{check_not_future, parse_event, EventLimits, Rejection, ValidE
 use crate::index::{number_key, ColumnLimits, IndexCommit, MembershipIndex, ProfileUpdate};
 use crate::state::{CustomerState, EngineFacts, EventTagState, ManualTag, Membership};
 use crate::store::{
-    timer_key, Current, Retention, Store, StoreError, StoredEvent, CF_CHANGES, CF_CUSTOMERS, CF_DEDUP,
-    CF_DLQ, CF_INDEX, CF_META, CF_NUMBERS, CF_TIMERS,
+    timer_key, Current, Retention, Store, StoreError, StoredEvent, CF_CHANGES, CF_CHANGES_BY_NAME,
+    CF_CUSTOMERS, CF_DEDUP, CF_DLQ, CF_INDEX, CF_META, CF_NUMBERS, CF_TIMERS,
 };
 use crate::window::WindowSet;
 use crate::writes::SortedWrites;

@@ -8,6 +8,7 @@
 //! | `events` | id length (u32 BE), id, ts (sortable), arrival (BE) | type, props, event id |
 //! | `timers` | due (sortable), customer id | empty |
 //! | `changes` | seq (BE) | the change as JSON |
+//! | `changes_by_name` | name length (u32 BE), name, seq (BE) | empty: the change log's index by definition |
 //! | `dedup` | event id | clock instant it was first applied |
 //! | `dlq` | number (BE) | received_at, reason, original bytes |
 //! | `meta` | name | clock, sequences, rules text, source offsets |
@@ -19,7 +20,7 @@
 //! log, dedup keys and offsets commit atomically.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use rocksdb::compaction_filter::Decision;
@@ -45,7 +46,8 @@ pub const CF_NUMBERS: &str = "numbers";
 pub const CF_INDEX: &str = "index";
 pub const CF_WEBHOOKS: &str = "webhooks";
 pub const CF_WINDOWS: &str = "windows";
-const ALL_CFS: [&str; 11] = [
+pub const CF_CHANGES_BY_NAME: &str = "changes_by_name";
+const ALL_CFS: [&str; 12] = [
     CF_CUSTOMERS,
     CF_EVENTS,
     CF_TIMERS,
@@ -57,7 +59,14 @@ const ALL_CFS: [&str; 11] = [
     CF_INDEX,
     CF_WEBHOOKS,
     CF_WINDOWS,
+    CF_CHANGES_BY_NAME,
 ];
+
+/// The oldest change `seq` retention left (meta key; 0 until it deleted any).
+pub const META_CHANGES_FROM: &str = "changes_from";
+/// Set once `changes_by_name` holds every change of the log (stores from before the index
+/// get it built at open).
+const META_CHANGES_BY_NAME: &str = "changes_by_name_built";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -89,6 +98,9 @@ pub struct StoredEvent {
 pub struct Store {
     db: DB,
     sync: bool,
+    /// The oldest change retention left, read by the compaction filter of
+    /// `changes_by_name`, which drops index entries of deleted changes.
+    changes_floor: Arc<AtomicU64>,
     /// The engine's clock at its last commit, read by the compaction filters; `i64::MIN`
     /// until the first commit (keep everything).
     clock: Arc<AtomicI64>,
@@ -175,6 +187,21 @@ fn window_key_parts(rest: &[u8]) -> Option<(usize, u64)> {
     (rest.len() == 10).then_some((usize::from(source), chunk))
 }
 
+/// A definition's (or manual tag's) prefix in `changes_by_name`.
+fn name_prefix(name: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(4 + name.len() + 8);
+    key.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    key.extend_from_slice(name.as_bytes());
+    key
+}
+
+/// The `changes_by_name` key of change `seq` of `name`.
+pub fn change_name_key(name: &str, seq: u64) -> Vec<u8> {
+    let mut key = name_prefix(name);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
 pub fn event_key(customer: &str, ts: i64, arrival: u64) -> Vec<u8> {
     let mut key = event_prefix(customer);
     key.extend_from_slice(&sortable_i64(ts));
@@ -192,6 +219,7 @@ pub fn timer_key(due: i64, customer: &str) -> Vec<u8> {
 impl Store {
     pub fn open(path: &Path, sync: bool, retention: Retention) -> Result<Store, StoreError> {
         let clock = Arc::new(AtomicI64::new(i64::MIN));
+        let changes_floor = Arc::new(AtomicU64::new(0));
         let cache = Cache::new_lru_cache(retention.block_cache_bytes);
         let mut opts = Options::default();
         opts.create_if_missing(true);
@@ -231,15 +259,101 @@ impl Store {
                     history_filter(clock.clone(), retention.history_ms),
                 );
             }
+            if *name == CF_CHANGES_BY_NAME {
+                let floor = changes_floor.clone();
+                cf.set_compaction_filter(
+                    "changes-retention",
+                    move |_level: u32, key: &[u8], _value: &[u8]| match key
+                        .len()
+                        .checked_sub(8)
+                        .map(|at| u64::from_be_bytes(key[at..].try_into().unwrap()))
+                    {
+                        Some(seq) if seq < floor.load(Ordering::Relaxed) => Decision::Remove,
+                        _ => Decision::Keep,
+                    },
+                );
+            }
             ColumnFamilyDescriptor::new(*name, cf)
         });
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
-        Ok(Store {
+        let store = Store {
             db,
             sync,
+            changes_floor,
             clock,
             history_ms: retention.history_ms,
-        })
+        };
+        store.set_changes_floor(store.meta_u64(META_CHANGES_FROM)?);
+        store.index_changes_by_name()?;
+        Ok(store)
+    }
+
+    /// Tells the compaction filter of `changes_by_name` the oldest change left.
+    pub fn set_changes_floor(&self, floor: u64) {
+        self.changes_floor.store(floor, Ordering::Relaxed);
+    }
+
+    /// Builds `changes_by_name` from the change log once, for stores written before it
+    /// existed (every commit since writes both).
+    fn index_changes_by_name(&self) -> Result<(), StoreError> {
+        if self.get(CF_META, META_CHANGES_BY_NAME.as_bytes())?.is_some() {
+            return Ok(());
+        }
+        let mut batch = WriteBatch::default();
+        let mut indexed = 0u64;
+        for item in self.scan_from(CF_CHANGES, &[]) {
+            let (key, value) = item?;
+            let seq = u64::from_be_bytes(key[..].try_into().map_err(|_| CodecError("bad change key"))?);
+            let (_, change) = crate::Change::decode_stored(&value).ok_or(CodecError("bad stored change"))?;
+            batch.put_cf(
+                self.cf(CF_CHANGES_BY_NAME),
+                change_name_key(&change.name, seq),
+                [],
+            );
+            indexed += 1;
+            if batch.len() >= 10_000 {
+                self.commit(std::mem::take(&mut batch))?;
+            }
+        }
+        batch.put_cf(self.cf(CF_META), META_CHANGES_BY_NAME, []);
+        self.commit(batch)?;
+        if indexed > 0 {
+            tracing::info!(changes = indexed, "indexed the change log by definition");
+        }
+        Ok(())
+    }
+
+    /// The `seq`s of the changes of `name` after `after`, in order, at most `limit`.
+    pub fn change_seqs_of(&self, name: &str, after: u64, limit: usize) -> Result<Vec<u64>, StoreError> {
+        let prefix = name_prefix(name);
+        let start = change_name_key(name, after.saturating_add(1));
+        let mut seqs = Vec::new();
+        for item in self.db.iterator_cf(
+            self.cf(CF_CHANGES_BY_NAME),
+            IteratorMode::From(&start, Direction::Forward),
+        ) {
+            let (key, _) = item?;
+            let Some(rest) = key.strip_prefix(prefix.as_slice()) else {
+                break;
+            };
+            if seqs.len() == limit {
+                break;
+            }
+            seqs.push(u64::from_be_bytes(
+                rest.try_into().map_err(|_| CodecError("bad change index key"))?,
+            ));
+        }
+        Ok(seqs)
+    }
+
+    /// The stored changes at `seqs` (`None` where retention deleted one).
+    pub fn changes_at(&self, seqs: &[u64]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        let keys: Vec<[u8; 8]> = seqs.iter().map(|s| s.to_be_bytes()).collect();
+        self.db
+            .batched_multi_get_cf(self.cf(CF_CHANGES), keys.iter(), true)
+            .into_iter()
+            .map(|r| Ok(r?.map(|v| v.to_vec())))
+            .collect()
     }
 
     /// Tells the compaction filters the clock of the last commit.

@@ -691,4 +691,98 @@ fn retention_trims_the_logs_from_the_front_and_a_cursor_before_them_is_gone() {
         Err(EngineError::Gone { oldest: 11, .. })
     ));
     assert_eq!(engine.changes(10, 100).unwrap().len() as u64, last - 10);
+    // The index by definition answers alike, and its entries of deleted changes go at the
+    // next compaction.
+    let reader = engine.reader();
+    assert!(matches!(
+        reader.changes_of("viewed", 9, 10),
+        Err(EngineError::Gone { oldest: 11, .. })
+    ));
+    assert_eq!(
+        reader.changes_of("viewed", 10, 100).unwrap().len() as u64,
+        last - 10
+    );
+    let store = reader.store();
+    store.flush().unwrap();
+    store.compact(processor::store::CF_CHANGES_BY_NAME);
+    let indexed: Vec<u64> = store
+        .scan_from(processor::store::CF_CHANGES_BY_NAME, &[])
+        .map(|kv| {
+            let key = kv.unwrap().0;
+            u64::from_be_bytes(key[key.len() - 8..].try_into().unwrap())
+        })
+        .collect();
+    assert_eq!(indexed, (11..=last).collect::<Vec<_>>());
+}
+
+/// The change log's index by definition gives each name's changes exactly as filtering the
+/// whole log would, from any cursor; a store written before the index gets it built at
+/// open.
+#[test]
+fn changes_of_a_name_are_the_logs_changes_of_that_name_also_for_stores_from_before_the_index() {
+    let dir = TempDir::new("engine-changes-of");
+    let rules = "tag viewed = count(view, 1d) >= 1\ntag twice = count(view, 1d) >= 2\nsegment both = viewed and twice";
+    let mut engine = Engine::open(dir.path(), Some(rules), event_config()).unwrap();
+    let views: Vec<String> = (0..40)
+        .map(|i| {
+            ev(
+                &format!("v{i}"),
+                &format!("c{}", i % 7),
+                "view",
+                T0 + i * 3 * 60 * MIN,
+                "",
+            )
+        })
+        .collect();
+    engine.ingest(&views).unwrap();
+    engine.advance_clock(T0 + 10 * DAY).unwrap();
+    let check = |engine: &Engine| {
+        let log = engine.changes(0, usize::MAX).unwrap();
+        assert!(log.len() > 40);
+        let reader = engine.reader();
+        for name in ["viewed", "twice", "both", "nothing"] {
+            for after in [0, 5, 17, log.len() as u64] {
+                let expected: Vec<u64> = log
+                    .iter()
+                    .filter(|c| *c.name == *name && c.seq > after)
+                    .map(|c| c.seq)
+                    .collect();
+                let got: Vec<u64> = reader
+                    .changes_of(name, after, usize::MAX)
+                    .unwrap()
+                    .iter()
+                    .map(|c| c.seq)
+                    .collect();
+                assert_eq!(got, expected, "{name} after {after}");
+                let first_two: Vec<u64> = reader
+                    .changes_of(name, after, 2)
+                    .unwrap()
+                    .iter()
+                    .map(|c| c.seq)
+                    .collect();
+                assert_eq!(first_two, expected.iter().copied().take(2).collect::<Vec<_>>());
+            }
+        }
+    };
+    check(&engine);
+    // A store from before the index: no entries, no marker.
+    let store = engine.reader().store().clone();
+    let keys: Vec<_> = store
+        .scan_from(processor::store::CF_CHANGES_BY_NAME, &[])
+        .map(|kv| kv.unwrap().0)
+        .collect();
+    assert!(!keys.is_empty());
+    let mut batch = rocksdb::WriteBatch::default();
+    for key in &keys {
+        batch.delete_cf(store.cf(processor::store::CF_CHANGES_BY_NAME), key);
+    }
+    batch.delete_cf(store.cf(processor::store::CF_META), "changes_by_name_built");
+    store.commit(batch).unwrap();
+    assert!(
+        engine.reader().changes_of("viewed", 0, 10).unwrap().is_empty(),
+        "the index is gone"
+    );
+    drop((engine, store));
+    let engine = Engine::open(dir.path(), None, event_config()).unwrap();
+    check(&engine);
 }

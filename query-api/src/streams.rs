@@ -124,8 +124,8 @@ pub async fn stream(
         }
         loop {
             committed.borrow_and_update();
-            let step = reader.clone();
-            let read = tokio::task::spawn_blocking(move || step.changes(cursor, STREAM_READ)).await;
+            let (step, of) = (reader.clone(), name.clone());
+            let read = tokio::task::spawn_blocking(move || step.changes_of(&of, cursor, STREAM_READ)).await;
             let changes = match read {
                 Ok(Ok(changes)) => changes,
                 Ok(Err(e)) => return drop(tx.send(Err(std::io::Error::other(e.to_string()))).await),
@@ -145,7 +145,7 @@ pub async fn stream(
             };
             cursor = last.seq;
             let mut out = Vec::new();
-            for change in changes.iter().filter(|c| *c.name == *name) {
+            for change in &changes {
                 sse_event(&mut out, change);
             }
             if !out.is_empty() && tx.send(Ok(out)).await.is_err() {

@@ -379,18 +379,21 @@ fn next_batch(
     cursor: u64,
     batch: usize,
 ) -> Result<(Vec<Change>, u64), ApiError> {
-    let scanned = reader.changes(cursor, 10_000)?;
-    let mut picked = Vec::new();
-    let mut through = cursor;
-    for change in scanned {
-        if sub.name.as_deref().is_none_or(|n| *change.name == *n) {
-            if picked.len() == batch {
-                break;
-            }
-            picked.push(change.clone());
-        }
-        through = change.seq;
-    }
+    let Some(name) = sub.name.as_deref() else {
+        let picked = reader.changes(cursor, batch)?;
+        let through = picked.last().map_or(cursor, |c| c.seq);
+        return Ok((picked, through));
+    };
+    // Read before the index: every change up to it is in the store (a commit writes the
+    // store before it publishes its last seq), so a batch short of `batch` means the
+    // subscription has everything of its name up to there.
+    let last = reader.last_seq();
+    let picked = reader.changes_of(name, cursor, batch)?;
+    let through = match picked.last() {
+        Some(c) if picked.len() == batch => c.seq,
+        Some(c) => c.seq.max(last),
+        None => cursor.max(last),
+    };
     Ok((picked, through))
 }
 

@@ -200,6 +200,11 @@ impl Engine {
             seq.to_be_bytes(),
             change.encode_stored(number),
         );
+        batch.wb.put_cf(
+            self.store.cf(CF_CHANGES_BY_NAME),
+            crate::store::change_name_key(&change.name, seq),
+            [],
+        );
         batch.changes.push(change);
         batch.numbers.push(number);
     }

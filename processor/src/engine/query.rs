@@ -939,10 +939,10 @@ impl ReadHandle {
         let mut net: std::collections::BTreeMap<u32, (bool, bool)> = Default::default();
         let mut from = after;
         while from < until {
-            let changes = crate::engine::read::changes_with_numbers(&self.store, from, 10_000)?;
+            let changes = crate::engine::read::changes_of(&self.store, name, from, 10_000)?;
             let Some(last) = changes.last() else { break };
             from = last.1.seq;
-            for (number, change) in changes.iter().filter(|(_, c)| c.seq <= until && *c.name == *name) {
+            for (number, change) in changes.iter().filter(|(_, c)| c.seq <= until) {
                 let now_member = change.op == crate::change::Op::Add;
                 net.entry(*number).or_insert((!now_member, now_member)).1 = now_member;
             }

@@ -140,6 +140,15 @@ impl ReadHandle {
         changes(&self.store, after, limit)
     }
 
+    /// Committed changes of `name` (a tag, a segment) with `seq > after`, in `seq` order,
+    /// at most `limit`, from the change log's index by definition.
+    pub fn changes_of(&self, name: &str, after: u64, limit: usize) -> Result<Vec<Change>, EngineError> {
+        Ok(changes_of(&self.store, name, after, limit)?
+            .into_iter()
+            .map(|(_, c)| c)
+            .collect())
+    }
+
     /// Dead letters with id `> after` (all when `None`), oldest first, at most `limit`.
     pub fn dead_letters(&self, after: Option<u64>, limit: usize) -> Result<Vec<DeadLetter>, EngineError> {
         dead_letters(&self.store, after, limit)
@@ -214,6 +223,27 @@ pub(super) fn changes_with_numbers(
     }
     // Checked after the scan: retention deletes a prefix and moves the floor in one write,
     // so a scan that began before it saw everything, and one after it sees the new floor.
+    super::retention::check_cursor(store, Log::Changes, after.saturating_add(1))?;
+    Ok(out)
+}
+
+/// The changes of `name` with `seq > after`, in `seq` order, at most `limit`, with their
+/// customer numbers: read through the change log's index by definition, so a rare name
+/// costs what it has, not a scan of the log.
+pub(super) fn changes_of(
+    store: &Store,
+    name: &str,
+    after: u64,
+    limit: usize,
+) -> Result<Vec<(u32, Change)>, EngineError> {
+    let seqs = store.change_seqs_of(name, after, limit)?;
+    let mut out = Vec::with_capacity(seqs.len());
+    // An index entry whose change retention deleted is skipped (compaction drops it).
+    for value in store.changes_at(&seqs)?.into_iter().flatten() {
+        let (number, change) =
+            Change::decode_stored(&value).ok_or(StoreError::Codec(CodecError("bad change")))?;
+        out.push((number.unwrap_or(crate::index::NO_NUMBER), change));
+    }
     super::retention::check_cursor(store, Log::Changes, after.saturating_add(1))?;
     Ok(out)
 }

@@ -15,7 +15,7 @@ use std::sync::Mutex;
 use super::*;
 use crate::codec::CodecError;
 
-pub(super) const META_CHANGES_FROM: &str = "changes_from";
+pub(super) use crate::store::META_CHANGES_FROM;
 pub(super) const META_DEAD_LETTERS_FROM: &str = "dead_letters_from";
 
 /// Most entries of each log one [`Engine::trim_logs`] looks at, so a first trim of a long
@@ -187,6 +187,10 @@ impl Engine {
         batch.delete_range_cf(self.store.cf(log.cf()), from.to_be_bytes(), cut.to_be_bytes());
         self.store.put_meta_u64(&mut batch, log.floor_key(), cut);
         self.store.commit(batch)?;
+        if log == Log::Changes {
+            // Its index entries go with the next compactions.
+            self.store.set_changes_floor(cut);
+        }
         metrics::counter!("tagstream_log_trimmed_total", "log" => log.label()).increment(deleted);
         tracing::debug!(
             log = log.label(),
