@@ -4,8 +4,14 @@
 work=${BENCH_DIR:-/tmp/tagstream-bench}
 # shellcheck source=../scripts/lib/prereqs.sh
 . scripts/lib/prereqs.sh
-cargo build --release -q -p tagstream -p bench
-bin=$CARGO_TARGET_DIR/release
+# BENCH_BIN names a directory with binaries already built (the test command's short soak
+# uses the debug build rather than compile a release one).
+if [ -n "${BENCH_BIN:-}" ]; then
+    bin=$BENCH_BIN
+else
+    cargo build --release -q -p tagstream -p bench
+    bin=$CARGO_TARGET_DIR/release
+fi
 mkdir -p "$work"
 stream=$work/stream-$customers-$events.ndjson
 if [ ! -s "$stream" ]; then

@@ -32,3 +32,8 @@ if command -v cargo-nextest >/dev/null 2>&1; then
 else
   cargo test --workspace --locked --no-fail-fast
 fi
+
+echo "==> short soak (bench/soak.sh 20 s at 2,000 events/s on the debug build; the figures are bench/RESULTS.md's)"
+cargo build --locked -q -p tagstream -p bench
+BENCH_BIN="$CARGO_TARGET_DIR/debug" BENCH_DIR="$(mktemp -d)" SOAK_INTERVAL=5 SOAK_PLOT=0 \
+  bench/soak.sh 20 2000 10000
