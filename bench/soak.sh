@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Soak (issue #16): `tagstream demo` in wall clock mode at RATE events/s (default 47,000:
 # ~70% of the live path's measured maximum, bench/RESULTS.md) for SECONDS (default 3600),
-# on a fresh store with the default settings. Every INTERVAL seconds (default 10) it records
+# on a fresh store with the settings of bench/soak/retention.toml (retention short enough
+# that an hour shows whether disk stays bounded by it; SOAK_CONFIG names another file, or ""
+# for the defaults: 400 days of history). Every INTERVAL seconds (default 10) it records
 # RSS, the store's size on disk, the accepted rate, the p99 of event -> change latency and of
 # timer lateness over that interval, and the engine queue, into $BENCH_DIR/soak/soak.csv,
 # then prints a summary and draws soak.png (matplotlib, installed into the tools venv;
@@ -24,9 +26,15 @@ out=$work/soak
 rm -rf "$out"
 mkdir -p "$out"
 machine_line | tee "$out/machine.txt"
+settings=()
+config=${SOAK_CONFIG-bench/soak/retention.toml}
+if [ -n "$config" ]; then
+    settings=(--config "$config")
+    echo "settings: $config ($(grep -v '^#' "$config" | grep . | tr '\n' ' '))" | tee -a "$out/machine.txt"
+fi
 # A free port: the demo says which one it bound.
 "$bin/tagstream" demo --data-dir "$out/data" --listen "127.0.0.1:${BENCH_PORT:-0}" --rate "$rate" \
-    --customers "$customers" >"$out/demo.log" 2>&1 &
+    --customers "$customers" "${settings[@]}" >"$out/demo.log" 2>&1 &
 demo=$!
 trap 'kill -TERM $demo 2>/dev/null || true; wait $demo 2>/dev/null || true' EXIT
 addr=

@@ -136,6 +136,10 @@ enum Command {
         /// Customers in the generated population.
         #[arg(long, default_value_t = 2_000)]
         customers: u64,
+        /// A settings file (as `deploy/tagstream.toml`) for the store's retention, cache and
+        /// limits; the demo keeps its own rules, wall clock, address and data directory.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Ingest an NDJSON file at full speed; resumes where it stopped if interrupted.
     Replay {
@@ -286,7 +290,8 @@ fn main() -> ExitCode {
             listen,
             rate,
             customers,
-        } => run_demo(data_dir, listen, rate, customers),
+            config,
+        } => run_demo(data_dir, listen, rate, customers, config),
         Command::CheckRules { plan, files } => check_rules(&files, plan),
         Command::Healthcheck { url } => admin::healthcheck(&url),
         Command::Backup { to, server, data_dir } => admin::backup(&to, &server, data_dir.as_deref()),
@@ -329,10 +334,11 @@ fn run_demo(
     listen: std::net::SocketAddr,
     rate: u32,
     customers: u64,
+    settings: Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
     let config = EngineConfig {
         clock: ClockMode::Wall,
-        ..EngineConfig::default()
+        ..Settings::load(settings.as_deref())?.engine_config()
     };
     let engine = Engine::open(&data_dir, Some(DEMO_RULES), config)
         .with_context(|| format!("opening the demo store at {}", data_dir.display()))?;

@@ -427,6 +427,22 @@ impl Store {
         self.commit(batch)
     }
 
+    /// Deletes `keys` from a column family the engine never writes, in one write; returns
+    /// how many.
+    pub fn delete_now(
+        &self,
+        cf: &str,
+        keys: impl IntoIterator<Item = impl AsRef<[u8]>>,
+    ) -> Result<usize, StoreError> {
+        let mut batch = WriteBatch::default();
+        for key in keys {
+            batch.delete_cf(self.cf(cf), key);
+        }
+        let n = batch.len();
+        self.commit(batch)?;
+        Ok(n)
+    }
+
     /// Deletes every key starting with `prefix` from a column family the engine never writes.
     pub fn delete_prefix_now(&self, cf: &str, prefix: &[u8]) -> Result<usize, StoreError> {
         let mut batch = WriteBatch::default();

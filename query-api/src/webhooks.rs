@@ -43,6 +43,10 @@ pub struct WebhookConfig {
     pub timeout: Duration,
     /// Changes per delivery at most.
     pub batch: usize,
+    /// Dead-lettered batches kept per subscription: the oldest go beyond this many, and
+    /// once older than `dead_letters_max_age`.
+    pub dead_letters_max: usize,
+    pub dead_letters_max_age: Duration,
 }
 
 impl Default for WebhookConfig {
@@ -53,6 +57,8 @@ impl Default for WebhookConfig {
             max_attempts: 8,
             timeout: Duration::from_secs(10),
             batch: 100,
+            dead_letters_max: 10_000,
+            dead_letters_max_age: Duration::from_secs(30 * 86_400),
         }
     }
 }
@@ -592,6 +598,57 @@ async fn send_with_retries(
     if let Err(e) = reader.store().put_now(CF_WEBHOOKS, &key, &value) {
         tracing::error!(webhook = sub.id, error = %e, "storing a webhook dead letter failed");
     }
+    let max_age_ms = config.dead_letters_max_age.as_millis() as i64;
+    match trim_dead_letters(
+        reader.store(),
+        sub.id,
+        config.dead_letters_max,
+        now_ms() - max_age_ms,
+    ) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            webhook = sub.id,
+            deleted = n,
+            "oldest webhook dead letters past retention deleted"
+        ),
+        Err(e) => {
+            tracing::error!(webhook = sub.id, error = %e, "deleting webhook dead letters past retention failed")
+        }
+    }
+}
+
+/// Keeps subscription `id`'s dead letters within retention: at most `max` (the newest),
+/// none that failed at or before `too_old_ms`. Returns how many it deleted.
+fn trim_dead_letters(
+    store: &processor::store::Store,
+    id: u64,
+    max: usize,
+    too_old_ms: i64,
+) -> Result<usize, processor::store::StoreError> {
+    let prefix = dlq_prefix(id);
+    let mut letters = Vec::new();
+    for item in store.scan_from(CF_WEBHOOKS, &prefix) {
+        let (key, value) = item?;
+        if !key.starts_with(&prefix) {
+            break;
+        }
+        let failed_at = serde_json::from_slice::<Json_>(&value)
+            .ok()
+            .and_then(|v| v["failed_at"].as_i64())
+            .unwrap_or(i64::MAX);
+        letters.push((key, failed_at));
+    }
+    // Oldest first (keys go by first seq): drop the excess, then the old ones in front.
+    let excess = letters.len().saturating_sub(max);
+    let old = letters[excess..]
+        .iter()
+        .take_while(|(_, at)| *at <= too_old_ms)
+        .count();
+    let doomed = &letters[..excess + old];
+    if doomed.is_empty() {
+        return Ok(0);
+    }
+    store.delete_now(CF_WEBHOOKS, doomed.iter().map(|(key, _)| key))
 }
 
 #[cfg(test)]
@@ -622,6 +679,62 @@ mod tests {
             format!("t=12,v1={}", hex(mac))
         );
         assert_ne!(signature(b"Jefe", 1, b"x"), signature(b"Jefe", 2, b"x"));
+    }
+
+    /// A subscription's dead letters keep within retention: the newest `max`, none failed
+    /// before the age limit; other subscriptions' are untouched.
+    #[test]
+    fn dead_letters_past_retention_go_oldest_first() {
+        let dir = ::tests::TempDir::new("webhook-dlq");
+        let store = processor::store::Store::open(
+            dir.path(),
+            false,
+            processor::store::Retention {
+                dedup_horizon_ms: 1,
+                history_ms: 1,
+                block_cache_bytes: 1 << 20,
+                memtable_bytes: 8 << 20,
+            },
+        )
+        .unwrap();
+        for (id, first, failed_at) in [
+            (1u64, 10u64, 100i64),
+            (1, 20, 200),
+            (1, 30, 300),
+            (1, 40, 400),
+            (2, 5, 50),
+        ] {
+            let key = [dlq_prefix(id), first.to_be_bytes().to_vec()].concat();
+            let value = json!({ "first_seq": first, "failed_at": failed_at }).to_string();
+            store.put_now(CF_WEBHOOKS, &key, value.as_bytes()).unwrap();
+        }
+        let firsts = |id| -> Vec<u64> {
+            let prefix = dlq_prefix(id);
+            store
+                .scan_from(CF_WEBHOOKS, &prefix)
+                .map(|kv| kv.unwrap())
+                .take_while(|(k, _)| k.starts_with(&prefix))
+                .map(|(_, v)| {
+                    serde_json::from_slice::<Json_>(&v).unwrap()["first_seq"]
+                        .as_u64()
+                        .unwrap()
+                })
+                .collect()
+        };
+        assert_eq!(
+            trim_dead_letters(&store, 1, 10, 0).unwrap(),
+            0,
+            "within retention"
+        );
+        assert_eq!(trim_dead_letters(&store, 1, 3, 0).unwrap(), 1, "one too many");
+        assert_eq!(firsts(1), [20, 30, 40]);
+        assert_eq!(
+            trim_dead_letters(&store, 1, 3, 300).unwrap(),
+            2,
+            "failed at or before 300"
+        );
+        assert_eq!(firsts(1), [40]);
+        assert_eq!(firsts(2), [5], "another subscription's stay");
     }
 
     #[test]
