@@ -30,7 +30,7 @@ settings=()
 config=${SOAK_CONFIG-bench/soak/retention.toml}
 if [ -n "$config" ]; then
     settings=(--config "$config")
-    echo "settings: $config ($(grep -v '^#' "$config" | grep . | tr '\n' ' '))" | tee -a "$out/machine.txt"
+    echo "settings: $config" | tee -a "$out/machine.txt"
 fi
 # A free port: the demo says which one it bound.
 "$bin/tagstream" demo --data-dir "$out/data" --listen "127.0.0.1:${BENCH_PORT:-0}" --rate "$rate" \

@@ -21,7 +21,9 @@ def col(name):
 
 
 fig, (mem, rate, lat) = plt.subplots(3, 1, sharex=True, figsize=(10, 9))
-fig.suptitle(f'tagstream soak: demo at {target:,.0f} events/s, wall clock\n{machine}', fontsize=10)
+# The machine line, and the settings file's name if one was used (not its whole text).
+about = '; '.join(line.split(' (')[0] for line in machine.splitlines())
+fig.suptitle(f'tagstream soak: demo at {target:,.0f} events/s, wall clock\n{about}', fontsize=10)
 mem.plot(minutes, col('rss_mb'), label='RSS (MB)')
 mem.plot(minutes, col('disk_mb'), label='store on disk (MB)')
 mem.set_ylabel('MB')

@@ -29,7 +29,8 @@ settled = [r for r in rows if float(r['elapsed_s']) >= 60] or rows
 rss = [float(r['rss_mb']) for r in settled]
 disk = col('disk_mb')
 print(f'{float(rows[-1]["elapsed_s"]):,.0f} s in {len(rows)} intervals at a target of {target:,.0f} events/s')
-print(f'accepted: {describe(col("accepted_per_s"), "events/s")}')
+accepted = col('accepted_per_s')
+print(f'accepted: median {statistics.median(accepted):,.0f} events/s, lowest {min(accepted):,.0f} events/s')
 print(f'RSS: {rss[0]:,.0f} MB at {float(settled[0]["elapsed_s"]):,.0f} s, {rss[-1]:,.0f} MB at the end, '
       f'peak {max(rss):,.0f} MB')
 print(f'disk: {disk[0]:,.1f} MB at the first interval, {disk[-1]:,.1f} MB at the end, peak {max(disk):,.1f} MB')
