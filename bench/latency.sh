@@ -41,39 +41,15 @@ for run in $(seq "$runs"); do
     wait "$demo" || true
     python3 - "$work/latency-before.prom" "$work/latency-after.prom" "$seconds" "$run" \
         "$(cat "$work/latency-rss")" <<'PY'
-import sys, re
-def parse(path):
-    out = {}
-    for line in open(path):
-        if line.startswith('#') or not line.strip():
-            continue
-        name, value = line.rsplit(' ', 1)
-        out[name] = float(value)
-    return out
-a, b = parse(sys.argv[1]), parse(sys.argv[2])
+import sys
+sys.path.insert(0, 'bench')
+from prom import parse, quantile as between
+a, b = parse(open(sys.argv[1]).read()), parse(open(sys.argv[2]).read())
 seconds, run, rss_kb = float(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 def delta(name):
     return b.get(name, 0.0) - a.get(name, 0.0)
 def quantile(metric, q):
-    buckets = []
-    for name in b:
-        m = re.fullmatch(metric + r'_bucket\{le="([^"]+)"\}', name)
-        if m:
-            le = float('inf') if m.group(1) == '+Inf' else float(m.group(1))
-            buckets.append((le, delta(name)))
-    buckets.sort()
-    if not buckets or buckets[-1][1] == 0:
-        return None
-    total = buckets[-1][1]
-    rank = q * total
-    prev_le, prev_count = 0.0, 0.0
-    for le, count in buckets:
-        if count >= rank:
-            if le == float('inf'):
-                return prev_le
-            return prev_le + (le - prev_le) * (rank - prev_count) / max(count - prev_count, 1e-9)
-        prev_le, prev_count = le, count
-    return None
+    return between(a, b, metric, q)
 accepted = delta('tagstream_events_total{result="accepted"}')
 fmt = lambda v: '-' if v is None else f'{v * 1000:.1f} ms'
 groups = delta('tagstream_group_commit_events_count')

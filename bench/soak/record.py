@@ -6,23 +6,18 @@ usage: record.py METRICS_URL DATA_DIR SECONDS INTERVAL OUT_CSV
 """
 import csv
 import os
-import re
 import sys
 import time
 import urllib.request
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+from prom import parse, quantile  # noqa: E402
 
 url, data_dir, seconds, interval, out = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
 
 
 def scrape():
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line.startswith('#') or not line.strip():
-            continue
-        name, value = line.rsplit(' ', 1)
-        values[name] = float(value)
-    return values
+    return parse(urllib.request.urlopen(url, timeout=10).read().decode())
 
 
 def disk_bytes(path):
@@ -34,29 +29,6 @@ def disk_bytes(path):
             except OSError:
                 pass  # a file compaction just removed
     return total
-
-
-def quantile(before, after, metric, q):
-    """The q-quantile of what a histogram recorded between two scrapes, interpolated within
-    its bucket as Prometheus' histogram_quantile does."""
-    buckets = []
-    for name, value in after.items():
-        m = re.fullmatch(metric + r'_bucket\{le="([^"]+)"\}', name)
-        if m:
-            le = float('inf') if m.group(1) == '+Inf' else float(m.group(1))
-            buckets.append((le, value - before.get(name, 0.0)))
-    buckets.sort()
-    if not buckets or buckets[-1][1] <= 0:
-        return None
-    rank = q * buckets[-1][1]
-    prev_le, prev_count = 0.0, 0.0
-    for le, count in buckets:
-        if count >= rank:
-            if le == float('inf'):
-                return prev_le
-            return prev_le + (le - prev_le) * (rank - prev_count) / max(count - prev_count, 1e-9)
-        prev_le, prev_count = le, count
-    return None
 
 
 def ms(v):
