@@ -28,7 +28,38 @@ pub struct Settings {
     pub limits: Limits,
     pub retention: RetentionSettings,
     pub cache: CacheSettings,
+    pub engine: EngineSettings,
     pub kafka: KafkaFileSettings,
+}
+
+/// `[engine]`: how evaluation is spread over threads.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineSettings {
+    /// Engine workers evaluating in parallel; 0: one per core.
+    pub workers: usize,
+    /// Partitions customers are hashed to (Kafka's default partitioner on the customer id),
+    /// each owned by one worker. Match the events topic's partition count.
+    pub partitions: u32,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        EngineSettings {
+            workers: 0,
+            partitions: EngineConfig::default().partitions,
+        }
+    }
+}
+
+impl EngineSettings {
+    /// The workers to run: as set, or one per core.
+    pub fn workers(&self) -> usize {
+        match self.workers {
+            0 => EngineConfig::default().workers,
+            n => n,
+        }
+    }
 }
 
 /// `[kafka]`: consume events from a topic instead of (as well as) HTTP. Off unless `brokers`
@@ -161,6 +192,7 @@ impl Default for Settings {
             limits: Limits::default(),
             retention: RetentionSettings::default(),
             cache: CacheSettings::default(),
+            engine: EngineSettings::default(),
             kafka: KafkaFileSettings::default(),
         }
     }
@@ -241,6 +273,8 @@ impl Settings {
                 max_age_ms: self.retention.dead_letters_max_age.0,
                 max_entries: self.retention.dead_letters_max_count,
             },
+            workers: self.engine.workers(),
+            partitions: self.engine.partitions.max(1),
         }
     }
 
@@ -291,6 +325,10 @@ memtable_mb = {memtable_mb}         # RocksDB memtables, all column families tog
 profile_columns = {profile_columns}      # profile attributes kept as columns for queries (4 B/customer each)
 trait_columns = {trait_columns}         # event-reading traits whose values queries remember (16 B/customer each)
 
+[engine]
+workers = 0               # engine threads evaluating in parallel; 0: one per core
+partitions = {partitions}           # customers hashed to partitions as Kafka's default partitioner does; match the topic
+
 [kafka]                   # off unless brokers is set; one processor per consumer group
 # brokers = "localhost:9092"
 topic = "{kafka_topic}"           # events, keyed by customer_id
@@ -318,6 +356,7 @@ max_batch = {kafka_batch}           # events per engine batch
             memtable_mb = d.cache.memtable_mb,
             profile_columns = d.cache.profile_columns,
             trait_columns = d.cache.trait_columns,
+            partitions = d.engine.partitions,
             kafka_topic = d.kafka.topic,
             kafka_group = d.kafka.group_id,
             kafka_changes = d.kafka.changes_topic,

@@ -195,6 +195,9 @@ struct StoreArgs {
     /// How long each customer's events are kept, e.g. 400d [default: 400d].
     #[arg(long, value_parser = config::parse_duration)]
     retention: Option<i64>,
+    /// Engine workers evaluating in parallel; 0: one per core [default: 0].
+    #[arg(long)]
+    workers: Option<usize>,
 }
 
 impl StoreArgs {
@@ -221,6 +224,9 @@ impl StoreArgs {
         }
         if let Some(ms) = self.retention {
             s.retention.history = config::Duration(ms);
+        }
+        if let Some(n) = self.workers {
+            s.engine.workers = n;
         }
         Ok(s)
     }

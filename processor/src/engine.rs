@@ -17,6 +17,7 @@ mod read;
 mod retention;
 mod rule_change;
 mod segments;
+mod shard;
 mod timers;
 
 pub use explain::{Explained, Explanation, NextChange};
@@ -27,6 +28,7 @@ pub use segments::{SavedSegment, SegmentUpdate};
 
 use cache::CustomerCache;
 use read::Published;
+use shard::{in_parallel, shard_of, Ctx, Job, Place, Shard, Worker};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
@@ -89,6 +91,11 @@ pub struct EngineConfig {
     pub changes_retention: LogRetention,
     /// How long and how many dead letters are kept.
     pub dead_letters_retention: LogRetention,
+    /// Engine workers evaluating in parallel, each owning the customers of some partitions.
+    pub workers: usize,
+    /// Partitions customers are hashed to (Kafka's default partitioner on the customer id):
+    /// the unit a worker — and later a node — owns. Match the Kafka topic's partition count.
+    pub partitions: u32,
 }
 
 /// Retention of a log (the change log, the dead letters): its oldest entries go once they
@@ -122,6 +129,8 @@ impl Default for EngineConfig {
                 max_age_ms: 30 * 86_400_000,
                 max_entries: 1_000_000,
             },
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            partitions: 12,
         }
     }
 }
@@ -364,13 +373,13 @@ enum Scope<'a> {
 #[derive(Default)]
 struct Batch {
     wb: SortedWrites,
+    /// Changes made, their `seq` given at the commit in the order of their places.
     changes: Vec<Change>,
-    /// The customer number of each change, for the membership index.
-    numbers: Vec<u32>,
-    /// Customers numbered in this batch, in number order.
-    new_ids: Vec<(u32, Arc<str>)>,
+    places: Vec<Place>,
+    /// Customers new in this batch, numbered at the commit in the order of their places.
+    new_ids: Vec<(Place, Arc<str>)>,
     /// Customers whose profile an event of this batch changed, for the profile columns.
-    profiles: Vec<(u32, Arc<str>)>,
+    profiles: Vec<Arc<str>>,
     dirty: foldhash::HashSet<Arc<str>>,
     dedup: foldhash::HashMap<String, i64>,
     /// Events applied to customers whose history was not loaded: not in the store until
@@ -406,10 +415,8 @@ pub struct Engine {
     generation: u64,
     config: EngineConfig,
     counters: Counters,
-    timers: BTreeSet<(i64, Arc<str>)>,
-    /// Timers fired since [`Engine::take_fired_timers`] last ran.
-    fired: FiredTimers,
-    cache: CustomerCache,
+    /// The workers' customers, timers and batches in flight.
+    shards: Vec<Shard>,
     /// Batches committed since open; the cache's clock for eviction.
     batches: u64,
     backfill_cursor: Option<Vec<u8>>,
@@ -523,7 +530,7 @@ impl Engine {
         };
         let generation = store.meta_u64(META_GENERATION)?.max(1);
         let backfill_cursor = store.get(CF_META, META_BACKFILL.as_bytes())?;
-        let timers = store.timers()?.into_iter().collect();
+        let timers = store.timers()?;
         let order_pos = positions(&rules);
         let index = MembershipIndex::open(
             &store,
@@ -541,15 +548,18 @@ impl Engine {
             generation,
             config,
             counters,
-            timers,
-            fired: FiredTimers::default(),
-            cache: CustomerCache::default(),
+            shards: Vec::new(),
             batches: 0,
             backfill_cursor,
             backfill_done: 0,
             backfill_total: 0,
             order_pos,
         };
+        engine.shards = (0..engine.config.workers.max(1))
+            .map(|_| Shard::default())
+            .collect();
+        engine.config.partitions = engine.config.partitions.max(1);
+        engine.deal_timers(timers);
         if stored_rules.is_none() {
             let mut wb = WriteBatch::default();
             wb.put_cf(engine.store.cf(CF_META), META_RULES.as_bytes(), text.as_bytes());
@@ -590,16 +600,62 @@ impl Engine {
 
     /// The timers fired since the last call, for metrics.
     pub fn take_fired_timers(&mut self) -> FiredTimers {
-        std::mem::take(&mut self.fired)
+        let mut all = FiredTimers::default();
+        for shard in &mut self.shards {
+            let fired = std::mem::take(&mut shard.fired);
+            all.count += fired.count;
+            let room = FiredTimers::MAX_DUE - all.due.len().min(FiredTimers::MAX_DUE);
+            all.due.extend(fired.due.into_iter().take(room));
+        }
+        all
     }
 
     /// Customers in the in-memory cache, and the estimate of their bytes (`[cache]`).
     pub fn cache_usage(&self) -> (usize, usize) {
-        (self.cache.len(), self.cache.bytes())
+        self.shards
+            .iter()
+            .fold((0, 0), |(n, b), s| (n + s.cache.len(), b + s.cache.bytes()))
     }
 
     pub fn pending_timers(&self) -> usize {
-        self.timers.len()
+        self.shards.iter().map(|s| s.timers.len()).sum()
+    }
+
+    /// The number of engine workers (shards).
+    pub fn workers(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// The shard that owns `customer`.
+    fn shard_index(&self, customer: &str) -> usize {
+        shard_of(customer, self.config.partitions, self.shards.len())
+    }
+
+    /// Gives each shard the stored timers of its customers.
+    fn deal_timers(&mut self, timers: Vec<(i64, Arc<str>)>) {
+        for shard in &mut self.shards {
+            shard.timers.clear();
+        }
+        for (due, customer) in timers {
+            let i = self.shard_index(&customer);
+            self.shards[i].timers.insert((due, customer));
+        }
+    }
+
+    /// The shared half of the engine for a round's workers, and the shards.
+    fn parts<'a>(&'a mut self, steps: &'a [(u64, i64)]) -> (Ctx<'a>, &'a mut [Shard]) {
+        (
+            Ctx {
+                store: &self.store,
+                rules: &self.rules,
+                config: &self.config,
+                generation: self.generation,
+                order_pos: &self.order_pos,
+                batches: self.batches,
+                steps,
+            },
+            &mut self.shards,
+        )
     }
 
     /// What customers are judged under, for loading them with their stored windows.

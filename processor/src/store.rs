@@ -393,7 +393,15 @@ impl Store {
 
     /// Commits the engine's batch, sorted by key within each column family.
     pub fn commit_sorted(&self, writes: SortedWrites) -> Result<(), StoreError> {
-        self.commit(writes.into_batch(ALL_CFS.iter().map(|name| self.cf(name))))
+        self.commit_sorted_parts(vec![writes])
+    }
+
+    /// Several batches' writes, sorted together, as one atomic commit.
+    pub fn commit_sorted_parts(&self, parts: Vec<SortedWrites>) -> Result<(), StoreError> {
+        self.commit(SortedWrites::into_one_batch(
+            parts,
+            ALL_CFS.iter().map(|name| self.cf(name)),
+        ))
     }
 
     pub fn get(&self, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {

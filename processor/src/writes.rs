@@ -94,18 +94,31 @@ impl SortedWrites {
 
     /// The writes as a `WriteBatch`, sorted by column family and key; writes to one key keep
     /// their order. `families` are the store's column families (every one a write named).
-    pub fn into_batch<'a>(mut self, families: impl IntoIterator<Item = &'a ColumnFamily>) -> WriteBatch {
+    pub fn into_batch<'a>(self, families: impl IntoIterator<Item = &'a ColumnFamily>) -> WriteBatch {
+        SortedWrites::into_one_batch(vec![self], families)
+    }
+
+    /// Several batches' writes (a round's shards) as one `WriteBatch`, sorted by column
+    /// family and key; writes to one key keep their order, earlier parts first.
+    pub fn into_one_batch<'a>(
+        parts: Vec<SortedWrites>,
+        families: impl IntoIterator<Item = &'a ColumnFamily>,
+    ) -> WriteBatch {
         let families: Vec<(usize, &ColumnFamily)> = families.into_iter().map(|cf| (cf_id(cf), cf)).collect();
-        let bytes = &self.bytes;
+        let mut ops: Vec<(&[u8], Op)> = Vec::with_capacity(parts.iter().map(|p| p.ops.len()).sum());
+        for part in &parts {
+            ops.extend(part.ops.iter().map(|op| (&part.bytes[..], *op)));
+        }
         // A stable sort: equal keys stay in issue order.
-        self.ops.sort_by(|a, b| {
+        ops.sort_by(|(a_bytes, a), (b_bytes, b)| {
             a.cf.cmp(&b.cf)
-                .then_with(|| bytes[a.key_start..a.key_end].cmp(&bytes[b.key_start..b.key_end]))
+                .then_with(|| a_bytes[a.key_start..a.key_end].cmp(&b_bytes[b.key_start..b.key_end]))
         });
+        let bytes: usize = parts.iter().map(|p| p.bytes.len()).sum();
         // Each record carries a few bytes of framing beside its key and value.
-        let mut batch = WriteBatch::with_capacity_bytes(self.bytes.len() + 16 * self.ops.len() + 64);
+        let mut batch = WriteBatch::with_capacity_bytes(bytes + 16 * ops.len() + 64);
         let mut current: Option<(usize, &ColumnFamily)> = None;
-        for op in &self.ops {
+        for (bytes, op) in &ops {
             let cf = match current {
                 Some((id, cf)) if id == op.cf => cf,
                 _ => {

@@ -33,6 +33,16 @@ fn run(rules_name: &str, cache_customers: usize) {
 }
 
 fn run_with_memory(rules_name: &str, cache_customers: usize, cache_bytes: usize) {
+    run_sharded(rules_name, cache_customers, cache_bytes, 1, 1);
+}
+
+fn run_sharded(
+    rules_name: &str,
+    cache_customers: usize,
+    cache_bytes: usize,
+    workers: usize,
+    partitions: u32,
+) {
     let dir = tests::conformance_dir();
     let rules = std::fs::read_to_string(dir.join(format!("{rules_name}.trl"))).expect("rules");
     let expected_dir = dir.join(format!("expected-{rules_name}"));
@@ -46,6 +56,8 @@ fn run_with_memory(rules_name: &str, cache_customers: usize, cache_bytes: usize)
         sync_writes: false,
         cache_customers,
         cache_bytes,
+        workers,
+        partitions,
         ..Default::default()
     };
     let mut engine = Engine::open(data.path(), Some(&rules), config).expect("open engine");
@@ -222,4 +234,25 @@ fn example_rules_match_with_a_tiny_memory_budget() {
 #[test]
 fn lead_scoring_rules_match_the_reference_outputs() {
     run("lead_scoring", 100_000);
+}
+
+/// Customers spread over partitions and shards evaluated in parallel: the same outputs.
+#[test]
+fn both_rule_sets_match_with_two_and_four_workers() {
+    for (workers, partitions) in [(2, 12), (4, 6), (4, 16)] {
+        run_sharded(
+            "example",
+            100_000,
+            EngineConfig::default().cache_bytes,
+            workers,
+            partitions,
+        );
+        run_sharded(
+            "lead_scoring",
+            3,
+            EngineConfig::default().cache_bytes,
+            workers,
+            partitions,
+        );
+    }
 }

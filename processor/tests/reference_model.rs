@@ -412,21 +412,37 @@ fn engine_final_state(engine: &Engine) -> FinalState {
         .collect()
 }
 
-fn run_engine(
-    rules: &str,
-    lines: &[String],
-    batch_sizes: &[usize],
-    end: i64,
+/// How the engine under test is set up: its customer cache and its shards.
+#[derive(Debug, Clone, Copy)]
+struct Setup {
     cache_customers: usize,
-) -> (Engine, tests::TempDir) {
-    let dir = tests::TempDir::new("model");
-    let config = EngineConfig {
-        clock: ClockMode::Event,
-        sync_writes: false,
+    workers: usize,
+    partitions: u32,
+}
+
+impl Setup {
+    fn config(self) -> EngineConfig {
+        EngineConfig {
+            clock: ClockMode::Event,
+            sync_writes: false,
+            cache_customers: self.cache_customers,
+            workers: self.workers,
+            partitions: self.partitions,
+            ..Default::default()
+        }
+    }
+}
+
+fn setup(cache_customers: usize) -> Setup {
+    Setup {
         cache_customers,
-        ..Default::default()
-    };
-    let mut engine = Engine::open(dir.path(), Some(rules), config).unwrap();
+        workers: 1,
+        partitions: 1,
+    }
+}
+
+/// Ingests `lines` in batches of the given sizes, then moves the clock to `end`.
+fn feed(engine: &mut Engine, lines: &[String], batch_sizes: &[usize]) {
     let mut rest = lines;
     let mut sizes = batch_sizes.iter().cycle();
     while !rest.is_empty() {
@@ -434,8 +450,40 @@ fn run_engine(
         engine.ingest(&rest[..n]).unwrap();
         rest = &rest[n..];
     }
+}
+
+fn run_engine(
+    rules: &str,
+    lines: &[String],
+    batch_sizes: &[usize],
+    end: i64,
+    setup: Setup,
+) -> (Engine, tests::TempDir) {
+    let dir = tests::TempDir::new("model");
+    let mut engine = Engine::open(dir.path(), Some(rules), setup.config()).unwrap();
+    feed(&mut engine, lines, batch_sizes);
     engine.advance_clock(end).unwrap();
     (engine, dir)
+}
+
+/// The whole change log with `seq`, as stored.
+fn change_log(engine: &Engine) -> Vec<String> {
+    let changes = engine.changes(0, usize::MAX).unwrap();
+    changes
+        .iter()
+        .map(|c| {
+            format!(
+                "{} {} {:?} {} {:?} {} {}",
+                c.seq,
+                c.customer_id,
+                c.kind,
+                c.name,
+                c.op,
+                c.at,
+                c.cause.as_string()
+            )
+        })
+        .collect()
 }
 
 fn engine_changes(engine: &Engine) -> Vec<ModelChange> {
@@ -477,6 +525,8 @@ proptest! {
         batch_sizes in prop::collection::vec(1usize..8, 1..4),
         tail_s in 0i64..200,
         cache_customers in prop_oneof![Just(0usize), Just(2), Just(100_000)],
+        workers in prop_oneof![Just(1usize), Just(2), Just(4)],
+        partitions in prop_oneof![Just(1u32), Just(3), Just(12)],
     ) {
         let mut model = Model::new(&rules);
         for line in &lines {
@@ -485,7 +535,8 @@ proptest! {
         let end = model.clock.unwrap_or(BASE) + tail_s * 1000;
         model.finish(end);
 
-        let (engine, _dir) = run_engine(&rules, &lines, &batch_sizes, end, cache_customers);
+        let setup = Setup { cache_customers, workers, partitions };
+        let (engine, _dir) = run_engine(&rules, &lines, &batch_sizes, end, setup);
         let ours = engine_changes(&engine);
         for pair in ours.windows(2) {
             prop_assert!(pair[0].at <= pair[1].at || pair[1].cause.starts_with("event:"), "timer changes in time order");
@@ -516,9 +567,52 @@ proptest! {
             shuffled.swap(i, (state % (i as u64 + 1)) as usize);
         }
         let end = BASE + (SPAN_S + 30) * 1000;
-        let (a, _da) = run_engine(&rules, &lines, &[5], end, 100_000);
-        let (b, _db) = run_engine(&rules, &shuffled, &[3], end, 1);
+        let (a, _da) = run_engine(&rules, &lines, &[5], end, setup(100_000));
+        let (b, _db) = run_engine(&rules, &shuffled, &[3], end, Setup { workers: 3, partitions: 5, ..setup(1) });
         prop_assert_eq!(engine_final_state(&a), engine_final_state(&b), "rules:\n{}", rules);
+    }
+
+    /// Shards change nothing anyone can see: with any number of workers and partitions the
+    /// change log is the one a single worker writes — the same changes with the same `seq`
+    /// — and so is the final state, also when the engine restarts with another number of
+    /// workers half way.
+    #[test]
+    fn any_number_of_workers_writes_the_same_change_log(
+        rules in rule_set(),
+        lines in stream(),
+        batch_sizes in prop::collection::vec(1usize..12, 1..4),
+        tail_s in 0i64..200,
+        cache_customers in prop_oneof![Just(0usize), Just(3), Just(100_000)],
+        workers in prop_oneof![Just(2usize), Just(3), Just(4)],
+        partitions in prop_oneof![Just(2u32), Just(7), Just(12)],
+        restart_workers in prop_oneof![Just(1usize), Just(2), Just(4)],
+        cut in 0usize..=100,
+    ) {
+        let end = lines
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("ts")?.as_i64())
+            .max()
+            .unwrap_or(BASE)
+            + tail_s * 1000;
+        let (one, _d1) = run_engine(&rules, &lines, &batch_sizes, end, setup(cache_customers));
+        let sharded = Setup { cache_customers, workers, partitions };
+        let (many, _d2) = run_engine(&rules, &lines, &batch_sizes, end, sharded);
+        prop_assert_eq!(change_log(&one), change_log(&many), "rules:\n{}\nstream:\n{}", rules, lines.join("\n"));
+        prop_assert_eq!(engine_final_state(&one), engine_final_state(&many));
+
+        // Half the stream with `workers`, the rest after a restart with `restart_workers`.
+        let cut = lines.len() * cut / 100;
+        let dir = tests::TempDir::new("model-restart");
+        {
+            let mut engine = Engine::open(dir.path(), Some(&rules), sharded.config()).unwrap();
+            feed(&mut engine, &lines[..cut], &batch_sizes);
+        }
+        let restarted = Setup { workers: restart_workers, ..sharded };
+        let mut engine = Engine::open(dir.path(), Some(&rules), restarted.config()).unwrap();
+        feed(&mut engine, &lines[cut..], &batch_sizes);
+        engine.advance_clock(end).unwrap();
+        prop_assert_eq!(engine_final_state(&one), engine_final_state(&engine));
+        prop_assert_eq!(per_customer(&engine_changes(&one)), per_customer(&engine_changes(&engine)));
     }
 }
 

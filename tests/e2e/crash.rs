@@ -1,6 +1,8 @@
 //! Crash safety: a `tagstream replay` killed with SIGKILL at random moments and started
 //! again must end exactly where an uninterrupted run ends — same change log (seq included),
 //! same customers, same dead letters. Nothing acknowledged is lost, nothing counted twice.
+//! Each restart runs another number of engine workers (1, 2, 4) and the result is still the
+//! one-worker run's, `seq` for `seq`.
 
 use std::path::Path;
 use std::process::Command;
@@ -14,7 +16,7 @@ use support::snapshot;
 
 const FINAL_CLOCK: &str = "1744732800000";
 
-fn replay(data: &Path, batch_size: usize) -> Command {
+fn replay(data: &Path, batch_size: usize, workers: usize) -> Command {
     let conformance = conformance_dir();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tagstream"));
     cmd.arg("replay")
@@ -25,14 +27,16 @@ fn replay(data: &Path, batch_size: usize) -> Command {
         .arg(conformance.join("example.trl"))
         .args(["--clock", "event", "--quiet", "--advance-to", FINAL_CLOCK])
         .arg("--batch-size")
-        .arg(batch_size.to_string());
+        .arg(batch_size.to_string())
+        .arg("--workers")
+        .arg(workers.to_string());
     cmd
 }
 
 #[test]
 fn replay_killed_at_random_moments_ends_like_an_uninterrupted_run() {
     let clean = TempDir::new("crash-clean");
-    let status = replay(clean.path(), 40).status().expect("run replay");
+    let status = replay(clean.path(), 40, 1).status().expect("run replay");
     assert!(status.success());
     let expected = snapshot(clean.path());
     assert!(expected.0.len() > 100, "the stream produces changes");
@@ -44,7 +48,8 @@ fn replay_killed_at_random_moments_ends_like_an_uninterrupted_run() {
     let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut kills = 0;
     while kills < KILLS {
-        let mut child = replay(crashed.path(), 40).spawn().expect("start replay");
+        let workers = [1, 2, 4][kills as usize % 3];
+        let mut child = replay(crashed.path(), 40, workers).spawn().expect("start replay");
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
@@ -62,7 +67,7 @@ fn replay_killed_at_random_moments_ends_like_an_uninterrupted_run() {
         }
     }
     if kills == KILLS {
-        let status = replay(crashed.path(), 40).status().expect("run replay");
+        let status = replay(crashed.path(), 40, 2).status().expect("run replay");
         assert!(status.success(), "replay failed after {kills} kills: {status}");
     }
     assert!(

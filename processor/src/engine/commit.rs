@@ -7,41 +7,78 @@ use super::*;
 impl Engine {
     /// Runs `work` on a fresh batch and commits it atomically, returning what `work`
     /// returned and the changes committed. If `work` or the commit fails, the counters,
-    /// the cache and the timers roll back to the state of the last commit, as if the call
+    /// the caches and the timers roll back to the state of the last commit, as if the call
     /// had never started.
     pub(super) fn transact<R>(
         &mut self,
         work: impl FnOnce(&mut Engine, &mut Batch) -> Result<R, EngineError>,
     ) -> Result<(R, Vec<Change>), EngineError> {
+        self.transact_placed(work).map(|(r, changes, _)| (r, changes))
+    }
+
+    /// [`Engine::transact`], with the step of each change (its event's index in the round).
+    pub(super) fn transact_placed<R>(
+        &mut self,
+        work: impl FnOnce(&mut Engine, &mut Batch) -> Result<R, EngineError>,
+    ) -> Result<(R, Vec<Change>, Vec<u64>), EngineError> {
         let saved = self.counters;
         let mut batch = Batch::default();
-        let result = work(self, &mut batch).and_then(|r| self.commit(batch).map(|changes| (r, changes)));
+        let result = work(self, &mut batch)
+            .and_then(|r| self.commit(batch).map(|(changes, steps)| (r, changes, steps)));
         if result.is_err() {
             self.rollback(saved);
         }
         result
     }
 
-    /// Writes the batch: customer records, counters, and everything queued, atomically.
-    fn commit(&mut self, mut batch: Batch) -> Result<Vec<Change>, EngineError> {
-        let mut touched = Vec::with_capacity(batch.dirty.len());
+    /// Runs `work` on the worker of the shard owning `customer`, at `step` of the round (a
+    /// sweep's customers, a manual tag: work done one customer at a time on this thread).
+    pub(super) fn with_worker<R>(
+        &mut self,
+        customer: &str,
+        step: u64,
+        work: impl FnOnce(&mut Worker<'_>) -> Result<R, EngineError>,
+    ) -> Result<R, EngineError> {
+        let i = self.shard_index(customer);
+        let (ctx, shards) = self.parts(&[]);
+        work(&mut Worker::new(&ctx, &mut shards[i], Place::work(step)))
+    }
+
+    /// Writes the round: new customers numbered and changes given their `seq` in the order
+    /// one thread would have made them, customer records, counters, and everything the
+    /// shards queued, atomically. Returns the changes in `seq` order with their steps.
+    fn commit(&mut self, mut batch: Batch) -> Result<(Vec<Change>, Vec<u64>), EngineError> {
+        let mut parts: Vec<Batch> = self
+            .shards
+            .iter_mut()
+            .map(|s| std::mem::take(&mut s.batch))
+            .collect();
+        let new_ids = self.number_new_customers(&mut parts, &mut batch);
+        let (changes, steps, numbers) = self.sequence_changes(&mut parts, &mut batch);
         let (now, retention_ms) = (self.now(), self.config.retention_ms);
-        for customer in &batch.dirty {
-            self.cache.update(customer, |state| {
-                if state.windows.is_none() && state.history_loaded {
-                    // Loaded with its history but not judged (a segment swap touches only
-                    // memberships): the windows are built before the history goes, since
-                    // the cache and the record keep the windows, not the history.
-                    state.advance_windows(&self.rules, now, retention_ms);
-                }
-                self.store
-                    .put_customer(&mut batch.wb, customer, state, &self.rules);
-                touched.push(state.number);
-                // Its events are in this batch: the cache keeps only the windows (a failed
-                // commit clears the cache).
-                state.unload_history();
-            });
-        }
+        let rules = &self.rules;
+        let store = &*self.store;
+        let mut touched: Vec<Vec<u32>> = vec![Vec::new(); parts.len()];
+        let inputs: Vec<(&mut Batch, &mut Vec<u32>)> = parts.iter_mut().zip(touched.iter_mut()).collect();
+        in_parallel(&mut self.shards, inputs, |shard, (part, touched)| {
+            touched.reserve(part.dirty.len());
+            for customer in &part.dirty {
+                shard.cache.update(customer, |state| {
+                    if state.windows.is_none() && state.history_loaded {
+                        // Loaded with its history but not judged (a segment swap touches only
+                        // memberships): the windows are built before the history goes, since
+                        // the cache and the record keep the windows, not the history.
+                        state.advance_windows(rules, now, retention_ms);
+                    }
+                    store.put_customer(&mut part.wb, customer, state, rules);
+                    touched.push(state.number);
+                    // Its events are in this batch: the cache keeps only the windows (a failed
+                    // commit clears the cache).
+                    state.unload_history();
+                });
+            }
+            Ok(())
+        })?;
         if let Some(clock) = self.counters.clock {
             self.store.put_meta_i64(&mut batch.wb, META_CLOCK, clock);
         }
@@ -51,12 +88,16 @@ impl Engine {
             .put_meta_u64(&mut batch.wb, META_ARRIVAL, self.counters.next_arrival);
         self.store
             .put_meta_u64(&mut batch.wb, META_DLQ, self.counters.next_dlq);
-        let (profiles, journal) = self.profile_updates(&mut batch);
-        self.store.commit_sorted(batch.wb)?;
+        let (profiles, journal) = self.profile_updates(&parts, &mut batch);
+        let touched: Vec<u32> = touched.concat();
+        let writes = std::iter::once(batch.wb)
+            .chain(parts.into_iter().map(|p| p.wb))
+            .collect();
+        self.store.commit_sorted_parts(writes)?;
         self.index.apply(IndexCommit {
-            new_ids: &batch.new_ids,
-            changes: &batch.changes,
-            numbers: &batch.numbers,
+            new_ids: &new_ids,
+            changes: &changes,
+            numbers: &numbers,
             profiles: &profiles,
             journal,
             touched: &touched,
@@ -67,27 +108,112 @@ impl Engine {
         self.published.set_clock(self.counters.clock);
         self.batches += 1;
         self.evict();
-        self.count_changes(&batch.changes);
-        Ok(batch.changes)
+        self.count_changes(&changes);
+        Ok((changes, steps))
+    }
+
+    /// Numbers the customers new in this round in the order one thread would have met them,
+    /// after every customer numbered before.
+    fn number_new_customers(&mut self, parts: &mut [Batch], batch: &mut Batch) -> Vec<(u32, Arc<str>)> {
+        let mut new: Vec<(Place, usize, Arc<str>)> = Vec::new();
+        for (shard, part) in parts.iter_mut().enumerate() {
+            new.extend(part.new_ids.drain(..).map(|(place, id)| (place, shard, id)));
+        }
+        if new.is_empty() {
+            return Vec::new();
+        }
+        if parts.len() > 1 {
+            new.sort_by(|a, b| a.0.cmp(&b.0));
+        }
+        let first = self.index.read().customers();
+        let cf = self.store.cf(CF_NUMBERS);
+        new.into_iter()
+            .enumerate()
+            .map(|(i, (_, shard, id))| {
+                let number = first + i as u32;
+                self.shards[shard]
+                    .cache
+                    .update(&id, |state| state.number = number);
+                batch.wb.put_cf(cf, number_key(number), id.as_bytes());
+                (number, id)
+            })
+            .collect()
+    }
+
+    /// Gives the round's changes their `seq`, in the order one thread would have made them,
+    /// and writes them to the change log. Returns them in that order with their steps and
+    /// their customers' numbers.
+    fn sequence_changes(
+        &mut self,
+        parts: &mut [Batch],
+        batch: &mut Batch,
+    ) -> (Vec<Change>, Vec<u64>, Vec<u32>) {
+        let total: usize = parts.iter().map(|p| p.changes.len()).sum();
+        let mut placed: Vec<(Place, usize, Change)> = Vec::with_capacity(total);
+        for (shard, part) in parts.iter_mut().enumerate() {
+            let changes = std::mem::take(&mut part.changes);
+            placed.extend(
+                std::mem::take(&mut part.places)
+                    .into_iter()
+                    .zip(changes)
+                    .map(|(p, c)| (p, shard, c)),
+            );
+        }
+        if parts.len() > 1 {
+            // Stable: the changes of one place come from one customer, in the order made.
+            placed.sort_by(|a, b| a.0.cmp(&b.0));
+        }
+        let (mut changes, mut steps, mut numbers) = (
+            Vec::with_capacity(total),
+            Vec::with_capacity(total),
+            Vec::with_capacity(total),
+        );
+        let (log, by_name) = (self.store.cf(CF_CHANGES), self.store.cf(CF_CHANGES_BY_NAME));
+        for (place, shard, mut change) in placed {
+            change.seq = self.counters.next_seq;
+            self.counters.next_seq += 1;
+            let number = self.shards[shard]
+                .cache
+                .get(&change.customer_id)
+                .map_or(crate::index::NO_NUMBER, |s| s.number);
+            batch
+                .wb
+                .put_cf(log, change.seq.to_be_bytes(), change.encode_stored(number));
+            batch.wb.put_cf(
+                by_name,
+                crate::store::change_name_key(&change.name, change.seq),
+                [],
+            );
+            changes.push(change);
+            steps.push(place.step());
+            numbers.push(number);
+        }
+        (changes, steps, numbers)
     }
 
     /// The profile values of the customers whose profile this batch changed, for the
     /// columns, and the journal entry naming them, put in the batch.
-    fn profile_updates(&self, batch: &mut Batch) -> (Vec<ProfileUpdate>, Option<u64>) {
-        if batch.profiles.is_empty() {
-            return (Vec::new(), None);
-        }
-        batch.profiles.sort_unstable_by_key(|(number, _)| *number);
-        batch.profiles.dedup_by_key(|(number, _)| *number);
-        let mut updates = Vec::new();
-        for (number, customer) in &batch.profiles {
-            if let Some(state) = self.cache.get(customer) {
-                for (attr, entry) in &state.history.profile {
-                    updates.push((*number, attr.clone(), entry.value.clone()));
+    fn profile_updates(&self, parts: &[Batch], batch: &mut Batch) -> (Vec<ProfileUpdate>, Option<u64>) {
+        let mut customers: Vec<(u32, &CustomerState)> = Vec::new();
+        for (shard, part) in self.shards.iter().zip(parts) {
+            for customer in &part.profiles {
+                if let Some(state) = shard.cache.get(customer) {
+                    customers.push((state.number, state));
                 }
             }
         }
-        let numbers: Vec<u32> = batch.profiles.iter().map(|(number, _)| *number).collect();
+        if customers.is_empty() {
+            return (Vec::new(), None);
+        }
+        customers.sort_unstable_by_key(|(number, _)| *number);
+        customers.dedup_by_key(|(number, _)| *number);
+        let mut updates = Vec::new();
+        for (number, state) in &customers {
+            for (attr, entry) in &state.history.profile {
+                updates.push((*number, attr.clone(), entry.value.clone()));
+            }
+        }
+        let numbers: Vec<u32> = customers.iter().map(|(number, _)| *number).collect();
         let (entry, key, value) = self.index.journal_entry(&numbers);
         batch.wb.put_cf(self.store.cf(CF_INDEX), key, value);
         (updates, Some(entry))
@@ -123,21 +249,27 @@ impl Engine {
     /// recently used customers are dropped down to 90% of it, so eviction work is amortised
     /// over many batches and hot customers stay.
     fn evict(&mut self) {
-        self.cache
-            .evict(self.config.cache_customers, self.config.cache_bytes);
-        metrics::gauge!("tagstream_cache_customers").set(self.cache.len() as f64);
-        metrics::gauge!("tagstream_cache_bytes").set(self.cache.bytes() as f64);
+        // Each shard keeps its share of the budgets.
+        let n = self.shards.len();
+        let (customers, bytes) = (self.config.cache_customers / n, self.config.cache_bytes / n);
+        for shard in &mut self.shards {
+            shard.cache.evict(customers.max(1), bytes.max(1));
+        }
+        let (len, bytes) = self.cache_usage();
+        metrics::gauge!("tagstream_cache_customers").set(len as f64);
+        metrics::gauge!("tagstream_cache_bytes").set(bytes as f64);
     }
 
     fn rollback(&mut self, saved: Counters) {
         self.counters = saved;
-        self.cache.clear();
-        // Timers of the failed batch were not fired: they are pending again (reloaded below).
-        self.fired = FiredTimers::default();
-        self.timers = self
-            .store
-            .timers()
-            .map(|t| t.into_iter().collect())
-            .unwrap_or_default();
+        for shard in &mut self.shards {
+            shard.cache.clear();
+            shard.batch = Batch::default();
+            // Timers of the failed batch were not fired: they are pending again (reloaded
+            // below).
+            shard.fired = FiredTimers::default();
+        }
+        let timers = self.store.timers().unwrap_or_default();
+        self.deal_timers(timers);
     }
 }

@@ -3,25 +3,25 @@
 
 use super::*;
 
-impl Engine {
+impl Worker<'_> {
     /// Loads a customer (cache, then store, else new), bringing them up to the current rule
     /// set first if they were last evaluated under an older one.
     pub(super) fn take_customer(
         &mut self,
         customer: &Arc<str>,
         now: i64,
-        batch: &mut Batch,
     ) -> Result<CustomerState, EngineError> {
-        let state = match self.cache.remove(customer) {
+        let ctx = self.ctx;
+        let state = match self.shard.cache.remove(customer) {
             Some(s) => Some(s),
-            None => self
+            None => ctx
                 .store
-                .load_customer_current(customer, self.current())?
+                .load_customer_current(customer, ctx.current())?
                 .map(|mut s| {
                     // The store leaves out what is past retention as of the last commit; the
                     // clock may have moved since. (Stored windows drop such events as they
                     // advance.)
-                    let cutoff = now.saturating_sub(self.config.retention_ms);
+                    let cutoff = now.saturating_sub(ctx.config.retention_ms);
                     s.history.events.retain(|e| e.ts > cutoff);
                     s
                 }),
@@ -29,22 +29,22 @@ impl Engine {
         let mut state = match state {
             Some(s) => s,
             None => {
-                let number = self.index.read().customers() + batch.new_ids.len() as u32;
-                batch.new_ids.push((number, customer.clone()));
-                batch
-                    .wb
-                    .put_cf(self.store.cf(CF_NUMBERS), number_key(number), customer.as_bytes());
+                // Numbered at the commit, in the order one thread would have met them.
+                self.shard
+                    .batch
+                    .new_ids
+                    .push((self.place.clone(), customer.clone()));
                 return Ok(CustomerState {
-                    generation: self.generation,
-                    number,
+                    generation: ctx.generation,
+                    number: crate::index::NO_NUMBER,
                     history_loaded: true,
                     ..Default::default()
                 });
             }
         };
-        if state.generation < self.generation {
-            self.load_history(customer, &mut state, now, batch)?;
-            self.upgrade(customer, &mut state, now, batch);
+        if state.generation < ctx.generation {
+            self.load_history(customer, &mut state, now)?;
+            self.upgrade(customer, &mut state, now);
         } else {
             // In wall clock mode the clock moves while a batch is built, so a customer's timer
             // can fall due before the tick fires it. It fires first: judging the customer at
@@ -55,20 +55,24 @@ impl Engine {
             let mut fired = i64::MIN;
             while let Some(due) = state
                 .timer
-                .filter(|t| *t > fired && *t <= now && self.timers.contains(&(*t, customer.clone())))
+                .filter(|t| *t > fired && *t <= now && self.shard.timers.contains(&(*t, customer.clone())))
             {
-                self.fire_timer(customer, &mut state, due, batch)?;
+                let timer = self.timer_place(due, customer);
+                let place = std::mem::replace(&mut self.place, timer);
+                let result = self.fire_timer(customer, &mut state, due);
+                self.place = place;
+                result?;
                 fired = due;
             }
         }
-        self.windows_not_after(customer, &mut state, now, batch)?;
+        self.windows_not_after(customer, &mut state, now)?;
         Ok(state)
     }
 
-    pub(super) fn put_back(&mut self, customer: Arc<str>, mut state: CustomerState, batch: &mut Batch) {
-        state.last_used = self.batches;
-        batch.dirty.insert(customer.clone());
-        self.cache.insert(customer, state);
+    pub(super) fn put_back(&mut self, customer: Arc<str>, mut state: CustomerState) {
+        state.last_used = self.ctx.batches;
+        self.shard.batch.dirty.insert(customer.clone());
+        self.shard.cache.insert(customer, state);
     }
 
     /// Evaluates the definitions in `scope` for one customer at `now`, records every net
@@ -82,14 +86,14 @@ impl Engine {
         at: i64,
         scope: Scope,
         cause: &Cause,
-        batch: &mut Batch,
     ) {
-        let rules = self.rules.clone();
-        state.advance_windows(&rules, now, self.config.retention_ms);
+        let rules = self.ctx.rules;
+        let retention_ms = self.ctx.config.retention_ms;
+        state.advance_windows(rules, now, retention_ms);
         let mut desired: Vec<(Arc<str>, MemberKind, Option<Option<i64>>)> = Vec::new();
         let next_timer;
         {
-            let facts = EngineFacts::new(&rules, state, now, self.config.retention_ms);
+            let facts = EngineFacts::new(rules, state, now, retention_ms);
             let mut judge = |id: DefId| {
                 let def = rules.def(id);
                 let kind = if def.kind == DefKind::Segment {
@@ -159,53 +163,39 @@ impl Engine {
                             expires_at,
                         },
                     );
-                    self.record_change(customer, state.number, kind, name, Op::Add, at, cause, batch);
+                    self.record_change(customer, kind, name, Op::Add, at, cause);
                 }
                 (Some(_), None) => {
                     state.members.remove(&name);
-                    self.record_change(customer, state.number, kind, name, Op::Remove, at, cause, batch);
+                    self.record_change(customer, kind, name, Op::Remove, at, cause);
                 }
                 (Some(m), Some(expires_at)) => m.expires_at = expires_at,
                 (None, None) => {}
             }
         }
-        self.schedule(customer, state, next_timer, batch);
+        self.schedule(customer, state, next_timer);
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Records a net membership change; its `seq` is given at the commit.
     pub(super) fn record_change(
         &mut self,
         customer: &Arc<str>,
-        number: u32,
         kind: MemberKind,
         name: Arc<str>,
         op: Op,
         at: i64,
         cause: &Cause,
-        batch: &mut Batch,
     ) {
-        let seq = self.counters.next_seq;
-        self.counters.next_seq += 1;
-        let change = Change {
-            seq,
+        let batch = &mut self.shard.batch;
+        batch.changes.push(Change {
+            seq: 0,
             customer_id: customer.clone(),
             kind,
             name,
             op,
             at,
             cause: cause.clone(),
-        };
-        batch.wb.put_cf(
-            self.store.cf(CF_CHANGES),
-            seq.to_be_bytes(),
-            change.encode_stored(number),
-        );
-        batch.wb.put_cf(
-            self.store.cf(CF_CHANGES_BY_NAME),
-            crate::store::change_name_key(&change.name, seq),
-            [],
-        );
-        batch.changes.push(change);
-        batch.numbers.push(number);
+        });
+        batch.places.push(self.place.clone());
     }
 }

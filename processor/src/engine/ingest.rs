@@ -36,11 +36,14 @@ impl Engine {
         parsed: Vec<Result<ValidEvent, Rejection>>,
         positions: &[(S, u64)],
     ) -> Result<IngestOutcome, EngineError> {
-        let (mut outcome, changes) = self.transact(|engine, batch| {
-            engine.fire_wall_timers(batch)?;
-            engine.ingest_part(raw_events, parsed, positions, batch)
+        let (mut outcomes, mut changes) = self.transact(|engine, batch| {
+            let mut round = Round::new(engine.shards.len());
+            let outcome = engine.ingest_part(raw_events, parsed, positions, &mut round, batch)?;
+            engine.run_ingest_round(round)?;
+            Ok(vec![outcome])
         })?;
-        outcome.changes = changes;
+        let mut outcome = outcomes.pop().expect("one outcome");
+        outcome.changes = std::mem::take(&mut changes);
         Ok(outcome)
     }
 
@@ -50,54 +53,69 @@ impl Engine {
     /// in wall clock mode, go with the first). If anything fails, nothing of the group is
     /// applied and every caller gets the error.
     pub fn ingest_group(&mut self, requests: Vec<IngestRequest>) -> Result<Vec<IngestOutcome>, EngineError> {
-        let ((mut outcomes, starts), mut changes) = self.transact(|engine, batch| {
-            engine.fire_wall_timers(batch)?;
+        let ((mut outcomes, starts), changes, steps) = self.transact_placed(|engine, batch| {
+            let mut round = Round::new(engine.shards.len());
             let mut outcomes = Vec::with_capacity(requests.len());
-            // Where each request's changes begin; the first's include the timers before it.
+            // The step each request's events begin at.
             let mut starts = Vec::with_capacity(requests.len());
             for request in requests {
-                starts.push(if outcomes.is_empty() {
-                    0
-                } else {
-                    batch.changes.len()
-                });
-                outcomes.push(engine.ingest_part(&request.raw, request.parsed, &request.positions, batch)?);
+                starts.push(round.next_step);
+                outcomes.push(engine.ingest_part(
+                    &request.raw,
+                    request.parsed,
+                    &request.positions,
+                    &mut round,
+                    batch,
+                )?);
             }
+            engine.run_ingest_round(round)?;
             Ok((outcomes, starts))
         })?;
-        for (outcome, start) in outcomes.iter_mut().zip(starts).rev() {
-            outcome.changes = changes.split_off(start);
+        // Changes come in step order: each request takes those of its steps (the first also
+        // those of timers fired before it).
+        let mut changes = changes.into_iter().zip(steps).peekable();
+        for (i, outcome) in outcomes.iter_mut().enumerate() {
+            let end = starts.get(i + 1).copied().unwrap_or(u64::MAX);
+            while let Some((change, _)) = changes.next_if(|(_, step)| *step < end) {
+                outcome.changes.push(change);
+            }
         }
         Ok(outcomes)
     }
 
-    /// In wall clock mode, fires the timers that fell due since the last tick first.
-    fn fire_wall_timers(&mut self, batch: &mut Batch) -> Result<(), EngineError> {
-        if self.config.clock == ClockMode::Wall {
-            self.fire_timers(self.now(), batch)?;
-        }
-        Ok(())
+    /// Runs the shards on the jobs the requests of a round made.
+    fn run_ingest_round(&mut self, round: Round) -> Result<(), EngineError> {
+        let until = match self.config.clock {
+            ClockMode::Wall => Some(self.now()),
+            ClockMode::Event => self.counters.clock,
+        };
+        self.run_round(round.jobs, &round.steps, until)
     }
 
-    /// One caller's events into the batch in flight, and where its sources stand after them.
+    /// One caller's events: validated, deduplicated and numbered in order here, each
+    /// accepted one a job for the shard owning its customer; where its sources stand after
+    /// them goes into the batch.
     fn ingest_part<B: AsRef<[u8]>, S: AsRef<str>>(
         &mut self,
         raw_events: &[B],
         parsed: Vec<Result<ValidEvent, Rejection>>,
         positions: &[(S, u64)],
+        round: &mut Round,
         batch: &mut Batch,
     ) -> Result<IngestOutcome, EngineError> {
         assert_eq!(raw_events.len(), parsed.len(), "one parse result per event");
         let mut outcome = IngestOutcome::default();
         let wall = wall_ms();
         for (index, (raw, parsed)) in raw_events.iter().zip(parsed).enumerate() {
+            let step = round.next_step;
+            round.next_step += 1;
             let latest = wall.max(self.counters.clock.unwrap_or(i64::MIN));
             let parsed = parsed.and_then(|ev| match ev.ts {
                 Some(ts) => check_not_future(ts, &self.config.limits, latest).map(|()| ev),
                 None => Ok(ev),
             });
             let result = match parsed {
-                Ok(ev) => self.accept(ev, batch)?,
+                Ok(ev) => self.accept(ev, step, round, batch)?,
                 Err(rejection) => Err(rejection),
             };
             match result {
@@ -121,12 +139,16 @@ impl Engine {
         Ok(outcome)
     }
 
-    /// Applies one valid event: `Ok(Ok(true))` when applied, `Ok(Ok(false))` for a
-    /// duplicate, `Ok(Err(_))` when the event is rejected; `Err` fails the whole batch (the
-    /// store failed), so no accepted event is ever turned into a dead letter by an I/O error.
-    pub(super) fn accept(
+    /// Decides what is global about one valid event — its instant, whether it is a
+    /// duplicate, the clock, its arrival number — and hands it to its shard as a job:
+    /// `Ok(Ok(true))` when accepted, `Ok(Ok(false))` for a duplicate, `Ok(Err(_))` when the
+    /// event is rejected; `Err` fails the whole batch (the store failed), so no accepted
+    /// event is ever turned into a dead letter by an I/O error.
+    fn accept(
         &mut self,
         mut ev: ValidEvent,
+        step: u64,
+        round: &mut Round,
         batch: &mut Batch,
     ) -> Result<Result<bool, Rejection>, EngineError> {
         let ts = match (ev.ts, self.config.clock, self.counters.clock) {
@@ -141,18 +163,29 @@ impl Engine {
             }
         }
         if self.config.clock == ClockMode::Event && self.counters.clock.is_none_or(|c| ts > c) {
-            self.fire_timers(ts, batch)?;
+            // The shards fire the timers the clock passes here before this event.
+            round.steps.push((step, ts));
             self.counters.clock = Some(ts);
         }
         let now = self.now();
         let event_id = ev.event_id.take();
-        self.apply_event(ev, event_id.as_deref(), ts, now, batch)?;
-        if let Some(id) = event_id {
+        if let Some(id) = &event_id {
             let mut w = Writer::new();
             w.i64(now);
             batch.wb.put_cf(self.store.cf(CF_DEDUP), id.as_bytes(), w.buf);
-            batch.dedup.insert(id, now);
+            batch.dedup.insert(id.clone(), now);
         }
+        let arrival = self.counters.next_arrival;
+        self.counters.next_arrival += 1;
+        let shard = self.shard_index(&ev.customer_id);
+        round.jobs[shard].push(Job {
+            step,
+            event: ev,
+            event_id,
+            ts,
+            now,
+            arrival,
+        });
         Ok(Ok(true))
     }
 
@@ -168,28 +201,49 @@ impl Engine {
         Ok(applied_at.is_some_and(|t| now.saturating_sub(t) <= self.config.dedup_horizon_ms))
     }
 
+    pub(super) fn dead_letter(
+        &mut self,
+        batch: &mut Batch,
+        raw: &[u8],
+        rejection: &Rejection,
+        received_at: i64,
+    ) {
+        let id = self.counters.next_dlq;
+        self.counters.next_dlq += 1;
+        let mut w = Writer::new();
+        w.i64(received_at);
+        w.str(&rejection.to_string());
+        w.bytes(raw);
+        // After the bytes, so dead letters written before codes existed still read.
+        w.str(rejection.code());
+        batch.wb.put_cf(self.store.cf(CF_DLQ), id.to_be_bytes(), w.buf);
+    }
+}
+
+impl Worker<'_> {
+    /// Applies one accepted event to its customer (profile, event tags, windows) and judges
+    /// what it can change.
     pub(super) fn apply_event(
         &mut self,
         ev: ValidEvent,
         event_id: Option<&str>,
         ts: i64,
         now: i64,
-        batch: &mut Batch,
+        arrival: u64,
     ) -> Result<(), EngineError> {
         let customer = ev.customer_id.clone();
-        let mut state = self.take_customer(&customer, now, batch)?;
+        let mut state = self.take_customer(&customer, now)?;
         // A customer's first event establishes every membership, including those that hold
         // without any event (`not churn_risk`).
         let first_event = !state.has_events && state.members.is_empty() && state.history.profile.is_empty();
-        let arrival = self.counters.next_arrival;
-        self.counters.next_arrival += 1;
         let event = rules::Event {
             event_type: ev.event_type.clone(),
             ts,
             arrival,
             props: ev.props,
         };
-        let rules = self.rules.clone();
+        let ctx = self.ctx;
+        let rules = ctx.rules;
         let changed_attrs: Vec<Arc<str>> = ev.profile.iter().map(|(k, _)| k.clone()).collect();
         let rejudged: Vec<DefId> = changed_attrs
             .iter()
@@ -197,15 +251,16 @@ impl Engine {
             .copied()
             .filter(|&id| rules.def(id).kind == DefKind::EventTag)
             .collect();
-        let rebuild = WindowSet::reads_profile(&rules, &changed_attrs);
+        let rebuild = WindowSet::reads_profile(rules, &changed_attrs);
         if !changed_attrs.is_empty() {
-            batch.profiles.push((state.number, customer.clone()));
+            self.shard.batch.profiles.push(customer.clone());
         }
         if rebuild || !rejudged.is_empty() {
             // Past events are judged again with the new profile.
-            self.load_history(&customer, &mut state, now, batch)?;
+            self.load_history(&customer, &mut state, now)?;
         }
-        self.store.put_event(&mut batch.wb, &customer, &event, event_id);
+        ctx.store
+            .put_event(&mut self.shard.batch.wb, &customer, &event, event_id);
         state.history.apply_profile(&event, ev.profile);
         for &id in rules.event_tags_for_type(&ev.event_type) {
             let spec = rules.def(id).event_tag.as_ref().expect("event tag");
@@ -219,11 +274,11 @@ impl Engine {
                     .record(ts, now);
             }
         }
-        if let Some(event) = state.push_event(&rules, event) {
-            batch.events.push((customer.clone(), event));
+        if let Some(event) = state.push_event(rules, event) {
+            self.shard.batch.events.push((customer.clone(), event));
         }
         if rebuild {
-            state.window_rebuild(&rules, &changed_attrs);
+            state.window_rebuild(rules, &changed_attrs);
         }
         for &id in &rejudged {
             self.rejudge_event_tag(id, &mut state, now);
@@ -232,7 +287,7 @@ impl Engine {
         for attr in &changed_attrs {
             scope.extend_from_slice(rules.affected_by_profile_attr(attr));
         }
-        scope.sort_by_key(|&id| self.order_pos[id]);
+        scope.sort_by_key(|&id| ctx.order_pos[id]);
         scope.dedup();
         let cause = Cause::Event(event_id.map(str::to_owned));
         let scope = if first_event {
@@ -240,8 +295,8 @@ impl Engine {
         } else {
             Scope::Defs(&scope)
         };
-        self.evaluate(&customer, &mut state, now, ts.max(now), scope, &cause, batch);
-        self.put_back(customer, state, batch);
+        self.evaluate(&customer, &mut state, now, ts.max(now), scope, &cause);
+        self.put_back(customer, state);
         Ok(())
     }
 
@@ -249,10 +304,11 @@ impl Engine {
     /// profile (its filter reads a profile attribute that just changed). Matches older than
     /// the retained history cannot be judged again and are kept.
     pub(super) fn rejudge_event_tag(&self, id: DefId, state: &mut CustomerState, now: i64) {
-        let def = self.rules.def(id);
+        let def = self.ctx.rules.def(id);
         let spec = def.event_tag.as_ref().expect("event tag");
-        let mut tag = match_history(spec, state, now, self.config.retention_ms);
-        let cutoff = now.saturating_sub(self.config.retention_ms);
+        let retention_ms = self.ctx.config.retention_ms;
+        let mut tag = match_history(spec, state, now, retention_ms);
+        let cutoff = now.saturating_sub(retention_ms);
         if let Some(old) = state
             .event_tags
             .get(&def.name)
@@ -275,13 +331,13 @@ impl Engine {
         customer: &str,
         state: &mut CustomerState,
         now: i64,
-        batch: &Batch,
     ) -> Result<(), EngineError> {
         if state.history_loaded {
             return Ok(());
         }
-        let cutoff = now.saturating_sub(self.config.retention_ms);
+        let cutoff = now.saturating_sub(self.ctx.config.retention_ms);
         let mut events: Vec<rules::Event> = self
+            .ctx
             .store
             .customer_events(customer)?
             .into_iter()
@@ -289,7 +345,8 @@ impl Engine {
             .filter(|e| e.ts > cutoff)
             .collect();
         events.extend(
-            batch
+            self.shard
+                .batch
                 .events
                 .iter()
                 .filter(|(c, e)| **c == *customer && e.ts > cutoff)
@@ -299,22 +356,21 @@ impl Engine {
         state.history_loaded = true;
         Ok(())
     }
+}
 
-    pub(super) fn dead_letter(
-        &mut self,
-        batch: &mut Batch,
-        raw: &[u8],
-        rejection: &Rejection,
-        received_at: i64,
-    ) {
-        let id = self.counters.next_dlq;
-        self.counters.next_dlq += 1;
-        let mut w = Writer::new();
-        w.i64(received_at);
-        w.str(&rejection.to_string());
-        w.bytes(raw);
-        // After the bytes, so dead letters written before codes existed still read.
-        w.str(rejection.code());
-        batch.wb.put_cf(self.store.cf(CF_DLQ), id.to_be_bytes(), w.buf);
+/// The jobs a round's requests made, per shard, and where the clock moved.
+pub(super) struct Round {
+    jobs: Vec<Vec<Job>>,
+    steps: Vec<(u64, i64)>,
+    next_step: u64,
+}
+
+impl Round {
+    fn new(shards: usize) -> Round {
+        Round {
+            jobs: (0..shards).map(|_| Vec::new()).collect(),
+            steps: Vec::new(),
+            next_step: 0,
+        }
     }
 }

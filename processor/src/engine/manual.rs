@@ -42,8 +42,23 @@ impl Engine {
             return Err(EngineError::Conflict("empty customer id".into()));
         }
         let now = self.now();
-        let ((), changes) = self.transact(|engine, batch| {
-            let mut state = engine.take_customer(&customer, now, batch)?;
+        let ((), changes) = self.transact(|engine, _| {
+            engine.with_worker(&customer, 0, |w| w.manual_tag(&customer, tag, set, now))
+        })?;
+        Ok(changes)
+    }
+}
+
+impl Worker<'_> {
+    fn manual_tag(
+        &mut self,
+        customer: &Arc<str>,
+        tag: &str,
+        set: Option<Option<i64>>,
+        now: i64,
+    ) -> Result<(), EngineError> {
+        {
+            let mut state = self.take_customer(customer, now)?;
             let name: Arc<str> = Arc::from(tag);
             match set {
                 Some(ttl) => {
@@ -61,19 +76,17 @@ impl Engine {
                     state.event_tags.remove(&name);
                 }
             }
-            let scope: Vec<DefId> = engine.rules.lookup(tag).into_iter().collect();
-            engine.evaluate(
-                &customer,
+            let scope: Vec<DefId> = self.ctx.rules.lookup(tag).into_iter().collect();
+            self.evaluate(
+                customer,
                 &mut state,
                 now,
                 now,
                 Scope::Defs(&scope),
                 &Cause::Manual,
-                batch,
             );
-            engine.put_back(customer.clone(), state, batch);
+            self.put_back(customer.clone(), state);
             Ok(())
-        })?;
-        Ok(changes)
+        }
     }
 }

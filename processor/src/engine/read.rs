@@ -324,16 +324,19 @@ impl Engine {
     /// when their windows can serve `now`, else from the store (record and history).
     pub(super) fn read_customer(&self, customer: &str) -> Result<Option<CustomerState>, EngineError> {
         let now = self.now();
-        Ok(match self.cache.get(customer) {
-            // Not one still on an older rule set (a backfill is running): its windows may be
-            // shaped by the old rules; the store's record says whether they fit.
-            Some(s)
-                if s.generation == self.generation && s.windows.as_ref().is_some_and(|w| w.at() <= now) =>
-            {
-                Some(s.clone())
-            }
-            _ => self.store.load_customer_current(customer, self.current())?,
-        })
+        Ok(
+            match self.shards[self.shard_index(customer)].cache.get(customer) {
+                // Not one still on an older rule set (a backfill is running): its windows may be
+                // shaped by the old rules; the store's record says whether they fit.
+                Some(s)
+                    if s.generation == self.generation
+                        && s.windows.as_ref().is_some_and(|w| w.at() <= now) =>
+                {
+                    Some(s.clone())
+                }
+                _ => self.store.load_customer_current(customer, self.current())?,
+            },
+        )
     }
 
     /// A customer's tags, segments, traits (evaluated now) and profile.
@@ -372,7 +375,9 @@ impl Engine {
         limit: usize,
     ) -> Result<Option<Vec<StoredEvent>>, EngineError> {
         let id = rules::normalize(customer_id);
-        if !self.cache.contains_key(&id) && self.store.get(CF_CUSTOMERS, id.as_bytes())?.is_none() {
+        if !self.shards[self.shard_index(&id)].cache.contains_key(&id)
+            && self.store.get(CF_CUSTOMERS, id.as_bytes())?.is_none()
+        {
             return Ok(None);
         }
         Ok(Some(self.store.customer_events_newest_first(&id, before, limit)?))
@@ -557,10 +562,5 @@ impl Engine {
             metrics::counter!("tagstream_index_checkpoint_bytes_total").increment(done.bytes as u64);
         }
         Ok(done)
-    }
-
-    /// The instant of the earliest pending timer.
-    pub fn next_timer(&self) -> Option<i64> {
-        self.timers.first().map(|(t, _)| *t)
     }
 }

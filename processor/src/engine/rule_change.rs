@@ -3,18 +3,12 @@
 
 use super::*;
 
-impl Engine {
+impl Worker<'_> {
     /// Re-evaluates a customer under a new rule set: event tags new to the rules are
     /// computed from the retained history, every tag and segment is re-evaluated, and the
     /// differences are `rule_change` changes.
-    pub(super) fn upgrade(
-        &mut self,
-        customer: &Arc<str>,
-        state: &mut CustomerState,
-        now: i64,
-        batch: &mut Batch,
-    ) {
-        let rules = self.rules.clone();
+    pub(super) fn upgrade(&mut self, customer: &Arc<str>, state: &mut CustomerState, now: i64) {
+        let rules = self.ctx.rules;
         state.windows = None;
         let defined: HashSet<&str> = rules
             .defs()
@@ -31,16 +25,18 @@ impl Engine {
                 def.event_tag.as_ref().expect("event tag"),
                 state,
                 now,
-                self.config.retention_ms,
+                self.ctx.config.retention_ms,
             );
             if tag.last_ts.is_some() || !tag.future.is_empty() {
                 state.event_tags.insert(def.name.clone(), tag);
             }
         }
-        self.evaluate(customer, state, now, now, Scope::All, &Cause::RuleChange, batch);
-        state.generation = self.generation;
+        self.evaluate(customer, state, now, now, Scope::All, &Cause::RuleChange);
+        state.generation = self.ctx.generation;
     }
+}
 
+impl Engine {
     /// Replaces the rule set. Invalid rules are refused with every diagnostic and the old
     /// set stays. Customers are re-evaluated over their retained history: lazily when
     /// touched, and by [`Engine::backfill_step`] for everyone else.
@@ -104,10 +100,13 @@ impl Engine {
         }
         let now = self.now();
         self.transact(|engine, batch| {
-            for id in &ids {
+            for (step, id) in ids.iter().enumerate() {
                 // Brought up to the current rules on the way.
-                let state = engine.take_customer(id, now, batch)?;
-                engine.put_back(id.clone(), state, batch);
+                engine.with_worker(id, step as u64, |w| {
+                    let state = w.take_customer(id, now)?;
+                    w.put_back(id.clone(), state);
+                    Ok(())
+                })?;
             }
             let key = META_BACKFILL.as_bytes();
             match &next_cursor {

@@ -163,34 +163,43 @@ impl Engine {
             // The segment read aggregates no other definition reads: they leave the rules,
             // and the window state customers hold in memory is shaped by the old ones.
             // Reloaded from the store, it is found not to fit and rebuilt from the history.
-            self.cache.clear();
+            for shard in &mut self.shards {
+                shard.cache.clear();
+            }
         }
         let old_rules = std::mem::replace(&mut self.rules, Arc::new(compiled));
         let now = self.now();
         let name: Arc<str> = Arc::from(name);
         let result = self.transact(|engine, batch| {
             let (mut entered, mut exited) = (0, 0);
-            for number in (&before ^ &members).iter() {
+            for (step, number) in (&before ^ &members).iter().enumerate() {
                 let Some(id) = engine.index.read().id(number).map(Arc::<str>::from) else {
                     continue;
                 };
-                let mut state = engine.take_customer(&id, now, batch)?;
-                let op = if members.contains(number) {
-                    entered += 1;
-                    let joined = Membership {
-                        since: now,
-                        expires_at: None,
+                let enter = members.contains(number);
+                engine.with_worker(&id, step as u64, |w| {
+                    let mut state = w.take_customer(&id, now)?;
+                    let op = if enter {
+                        let joined = Membership {
+                            since: now,
+                            expires_at: None,
+                        };
+                        state.members.insert(name.clone(), joined);
+                        Op::Add
+                    } else {
+                        state.members.remove(&name);
+                        Op::Remove
                     };
-                    state.members.insert(name.clone(), joined);
-                    Op::Add
+                    let (kind, cause) = (MemberKind::Segment, Cause::RuleChange);
+                    w.record_change(&id, kind, name.clone(), op, now, &cause);
+                    w.put_back(id.clone(), state);
+                    Ok(())
+                })?;
+                if enter {
+                    entered += 1;
                 } else {
                     exited += 1;
-                    state.members.remove(&name);
-                    Op::Remove
-                };
-                let (kind, cause) = (MemberKind::Segment, Cause::RuleChange);
-                engine.record_change(&id, number, kind, name.clone(), op, now, &cause, batch);
-                engine.put_back(id, state, batch);
+                }
             }
             let key = META_RULES.as_bytes();
             batch.wb.put_cf(engine.store.cf(CF_META), key, text.as_bytes());

@@ -17,8 +17,8 @@ impl Engine {
                 "the clock never moves backwards: it is at {current}, {now} is earlier"
             )));
         }
-        let ((), changes) = self.transact(|engine, batch| {
-            engine.fire_timers(now, batch)?;
+        let ((), changes) = self.transact(|engine, _| {
+            engine.run_round(Vec::new(), &[(0, now)], Some(now))?;
             engine.counters.clock = Some(now);
             Ok(())
         })?;
@@ -28,44 +28,78 @@ impl Engine {
     /// Wall clock mode: fires every timer due by now. Call at least once a second.
     pub fn tick(&mut self) -> Result<Vec<Change>, EngineError> {
         let now = self.now();
-        if self.timers.first().is_none_or(|(due, _)| *due > now) {
+        if self.next_timer().is_none_or(|due| due > now) {
             return Ok(Vec::new());
         }
-        let ((), changes) = self.transact(|engine, batch| engine.fire_timers(now, batch))?;
+        let ((), changes) = self.transact(|engine, _| engine.run_round(Vec::new(), &[], Some(now)))?;
         Ok(changes)
     }
 
-    /// Fires every timer due at or before `until`, in time order.
-    pub(super) fn fire_timers(&mut self, until: i64, batch: &mut Batch) -> Result<(), EngineError> {
-        while let Some((due, customer)) = self.timers.first().cloned() {
+    /// The instant of the earliest pending timer.
+    pub fn next_timer(&self) -> Option<i64> {
+        self.shards
+            .iter()
+            .filter_map(|s| s.timers.first().map(|(t, _)| *t))
+            .min()
+    }
+
+    /// One round of the shards: each runs its `jobs` (one list per shard, or none) and fires
+    /// its timers as the clock passes them (`steps`, event clock mode) and up to `until`.
+    pub(super) fn run_round(
+        &mut self,
+        mut jobs: Vec<Vec<Job>>,
+        steps: &[(u64, i64)],
+        until: Option<i64>,
+    ) -> Result<(), EngineError> {
+        jobs.resize_with(self.shards.len(), Vec::new);
+        let (ctx, shards) = self.parts(steps);
+        let ctx = &ctx;
+        in_parallel(shards, jobs, |shard, jobs| {
+            let busy = !jobs.is_empty()
+                || until.is_some_and(|u| shard.timers.first().is_some_and(|(due, _)| *due <= u));
+            if !busy {
+                return Ok(());
+            }
+            Worker::new(ctx, shard, Place::work(0)).run(jobs, until)
+        })
+    }
+}
+
+impl Worker<'_> {
+    /// Fires every timer of this shard due at or before `until`, in time order.
+    pub(super) fn fire_timers(&mut self, until: i64) -> Result<(), EngineError> {
+        while let Some((due, customer)) = self.shard.timers.first().cloned() {
             if due > until {
                 break;
             }
             // Out of the set first, so loading the customer does not fire it again.
-            self.timers.remove(&(due, customer.clone()));
-            let mut state = self.take_customer(&customer, due, batch)?;
-            self.fire_timer(&customer, &mut state, due, batch)?;
-            self.put_back(customer, state, batch);
+            self.shard.timers.remove(&(due, customer.clone()));
+            let timer = self.timer_place(due, &customer);
+            let place = std::mem::replace(&mut self.place, timer);
+            let mut state = self.take_customer(&customer, due)?;
+            self.fire_timer(&customer, &mut state, due)?;
+            self.put_back(customer, state);
+            self.place = place;
         }
         Ok(())
     }
-
     /// Fires `customer`'s timer due at `due`: every definition is judged at that instant.
     pub(super) fn fire_timer(
         &mut self,
         customer: &Arc<str>,
         state: &mut CustomerState,
         due: i64,
-        batch: &mut Batch,
     ) -> Result<(), EngineError> {
-        self.timers.remove(&(due, customer.clone()));
-        self.fired.count += 1;
-        if self.config.clock == ClockMode::Wall && self.fired.due.len() < FiredTimers::MAX_DUE {
-            self.fired.due.push(due);
+        let shard = &mut *self.shard;
+        shard.timers.remove(&(due, customer.clone()));
+        shard.fired.count += 1;
+        if self.ctx.config.clock == ClockMode::Wall && shard.fired.due.len() < FiredTimers::MAX_DUE {
+            shard.fired.due.push(due);
         }
-        batch
+        shard
+            .batch
             .wb
-            .delete_cf(self.store.cf(CF_TIMERS), timer_key(due, customer));
+            .delete_cf(self.ctx.store.cf(CF_TIMERS), timer_key(due, customer));
         if state.timer == Some(due) {
             // (A rule change judged on loading may have set a newer one: that one stays.)
             state.timer = None;
@@ -73,8 +107,8 @@ impl Engine {
         for tag in state.event_tags.values_mut() {
             tag.settle(due);
         }
-        self.windows_not_after(customer, state, due, batch)?;
-        self.evaluate(customer, state, due, due, Scope::All, &Cause::Timer, batch);
+        self.windows_not_after(customer, state, due)?;
+        self.evaluate(customer, state, due, due, Scope::All, &Cause::Timer);
         Ok(())
     }
 
@@ -85,36 +119,26 @@ impl Engine {
         customer: &str,
         state: &mut CustomerState,
         now: i64,
-        batch: &Batch,
     ) -> Result<(), EngineError> {
         if state.windows.as_ref().is_some_and(|w| w.at() > now) {
-            self.load_history(customer, state, now, batch)?;
+            self.load_history(customer, state, now)?;
             state.windows = None;
         }
         Ok(())
     }
 
-    pub(super) fn schedule(
-        &mut self,
-        customer: &Arc<str>,
-        state: &mut CustomerState,
-        next: Option<i64>,
-        batch: &mut Batch,
-    ) {
+    pub(super) fn schedule(&mut self, customer: &Arc<str>, state: &mut CustomerState, next: Option<i64>) {
         if state.timer == next {
             return;
         }
+        let (shard, cf) = (&mut *self.shard, self.ctx.store.cf(CF_TIMERS));
         if let Some(old) = state.timer {
-            self.timers.remove(&(old, customer.clone()));
-            batch
-                .wb
-                .delete_cf(self.store.cf(CF_TIMERS), timer_key(old, customer));
+            shard.timers.remove(&(old, customer.clone()));
+            shard.batch.wb.delete_cf(cf, timer_key(old, customer));
         }
         if let Some(due) = next {
-            self.timers.insert((due, customer.clone()));
-            batch
-                .wb
-                .put_cf(self.store.cf(CF_TIMERS), timer_key(due, customer), []);
+            shard.timers.insert((due, customer.clone()));
+            shard.batch.wb.put_cf(cf, timer_key(due, customer), []);
         }
         state.timer = next;
     }

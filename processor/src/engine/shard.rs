@@ -1,0 +1,203 @@
+//! Shards: customers are hashed to partitions (Kafka's default partitioner, so a Kafka
+//! partition keyed by customer id and an engine partition hold the same customers), and each
+//! partition is owned by one shard — one engine worker with its own cache and timers. A round
+//! (one group commit) runs in three steps:
+//!
+//! 1. on the engine thread, in order: validation against the clock, dedup, arrival numbers
+//!    and dead letters — everything global — turning each accepted event into a [`Job`] for
+//!    the shard that owns its customer;
+//! 2. every shard with work, in parallel: its timers as the clock passes them and its jobs in
+//!    order, into its own batch;
+//! 3. on the engine thread: the commit, which numbers new customers and gives changes their
+//!    `seq` in the order one thread would have made them (each change carries its [`Place`]
+//!    in that order), so the change log is the same whatever the number of workers.
+//!
+//! Everything the contract promises per customer lives within one shard.
+
+use super::*;
+
+/// Where a change (or a new customer) falls in the order one engine thread would have made
+/// it. `step` is the index of the event in the round whose turn it happened in (or of the
+/// customer in a sweep); within a step, the timers the clock passed fire first, in
+/// `(due, customer)` order, then the event.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub(super) struct Place {
+    step: u64,
+    /// 0: a timer's firing, 1: the step's own work.
+    phase: u8,
+    due: i64,
+    customer: Option<Arc<str>>,
+}
+
+impl Place {
+    /// The step's own work (an event, a customer of a sweep, a manual tag).
+    pub(super) fn work(step: u64) -> Place {
+        Place {
+            step,
+            phase: 1,
+            due: 0,
+            customer: None,
+        }
+    }
+
+    fn timer(step: u64, due: i64, customer: &Arc<str>) -> Place {
+        Place {
+            step,
+            phase: 0,
+            due,
+            customer: Some(customer.clone()),
+        }
+    }
+
+    pub(super) fn step(&self) -> u64 {
+        self.step
+    }
+}
+
+/// One accepted event for the shard that owns its customer, with everything the engine
+/// thread decided for it.
+pub(super) struct Job {
+    pub step: u64,
+    pub event: ValidEvent,
+    pub event_id: Option<String>,
+    pub ts: i64,
+    /// The evaluation instant (the clock after the event, in event clock mode).
+    pub now: i64,
+    pub arrival: u64,
+}
+
+/// What one engine worker owns: its customers in memory, their timers, and the batch of the
+/// round in flight.
+#[derive(Default)]
+pub(super) struct Shard {
+    pub cache: CustomerCache,
+    pub timers: BTreeSet<(i64, Arc<str>)>,
+    pub fired: FiredTimers,
+    pub batch: Batch,
+}
+
+/// What every worker reads and none changes during a round.
+pub(super) struct Ctx<'a> {
+    pub store: &'a Store,
+    pub rules: &'a Arc<CompiledRules>,
+    pub config: &'a EngineConfig,
+    pub generation: u64,
+    pub order_pos: &'a [usize],
+    /// Batches committed since open; the cache's clock for eviction.
+    pub batches: u64,
+    /// Event clock mode: the steps of the round at which the clock moved forward, and to
+    /// where, in order.
+    pub steps: &'a [(u64, i64)],
+}
+
+impl Ctx<'_> {
+    /// What customers are judged under, for loading them with their stored windows.
+    pub fn current(&self) -> Current<'_> {
+        Current {
+            rules: self.rules,
+            retention_ms: self.config.retention_ms,
+        }
+    }
+
+    /// The step at which one thread would have fired a timer due at `due`: the first at
+    /// which the clock reached it (or `current` when the clock did not move this round).
+    fn step_of(&self, due: i64, current: u64) -> u64 {
+        let i = self.steps.partition_point(|&(_, clock)| clock < due);
+        self.steps.get(i).map_or(current, |&(step, _)| step)
+    }
+}
+
+/// One shard at work: the per-customer half of the engine (loading, judging, timers).
+pub(super) struct Worker<'a> {
+    pub ctx: &'a Ctx<'a>,
+    pub shard: &'a mut Shard,
+    /// Where what is done now falls in one thread's order.
+    pub place: Place,
+}
+
+impl<'a> Worker<'a> {
+    pub fn new(ctx: &'a Ctx<'a>, shard: &'a mut Shard, place: Place) -> Worker<'a> {
+        Worker { ctx, shard, place }
+    }
+
+    /// A round's work for this shard: in event clock mode each job after the timers the
+    /// clock passed before it, then the timers due by `until`; in wall clock mode the timers
+    /// due by `until` first, then the jobs.
+    pub fn run(&mut self, jobs: Vec<Job>, until: Option<i64>) -> Result<(), EngineError> {
+        let event_clock = self.ctx.config.clock == ClockMode::Event;
+        if !event_clock {
+            if let Some(until) = until {
+                self.fire_timers(until)?;
+            }
+        }
+        for job in jobs {
+            self.place = Place::work(job.step);
+            if event_clock {
+                self.fire_timers(job.now)?;
+                self.place = Place::work(job.step);
+            }
+            let Job {
+                event,
+                event_id,
+                ts,
+                now,
+                arrival,
+                ..
+            } = job;
+            self.apply_event(event, event_id.as_deref(), ts, now, arrival)?;
+        }
+        if event_clock {
+            if let Some(until) = until {
+                self.fire_timers(until)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The place of a timer due at `due` fired now.
+    pub(super) fn timer_place(&self, due: i64, customer: &Arc<str>) -> Place {
+        Place::timer(self.ctx.step_of(due, self.place.step), due, customer)
+    }
+}
+
+/// The shard that owns `customer`: its partition's, partitions dealt round-robin.
+pub(super) fn shard_of(customer: &str, partitions: u32, shards: usize) -> usize {
+    if shards == 1 {
+        return 0;
+    }
+    crate::partition::partition_of(customer.as_bytes(), partitions) as usize % shards
+}
+
+/// Runs `work` on every shard with something to do, in parallel when more than one has.
+pub(super) fn in_parallel<T: Send>(
+    shards: &mut [Shard],
+    inputs: Vec<T>,
+    work: impl Fn(&mut Shard, T) -> Result<(), EngineError> + Sync,
+) -> Result<(), EngineError> {
+    let mut tasks: Vec<(&mut Shard, T)> = shards.iter_mut().zip(inputs).collect();
+    if tasks.len() == 1 {
+        let (shard, input) = tasks.pop().expect("one task");
+        return work(shard, input);
+    }
+    let work = &work;
+    std::thread::scope(|scope| {
+        let last = tasks.pop();
+        let handles: Vec<_> = tasks
+            .into_iter()
+            .map(|(shard, input)| scope.spawn(move || work(shard, input)))
+            .collect();
+        let mut result = match last {
+            Some((shard, input)) => work(shard, input),
+            None => Ok(()),
+        };
+        for handle in handles {
+            let r = handle
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
+    })
+}
