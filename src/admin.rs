@@ -1,5 +1,5 @@
 //! Administration commands that talk to a running server or work on a stopped store:
-//! `healthcheck`, `backup`, `restore`.
+//! `healthcheck`, `backup`, `restore`, `partitions`.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -139,5 +139,86 @@ pub fn restore(from: &Path, data_dir: &Path) -> anyhow::Result<ExitCode> {
         manifest.last_seq,
         manifest.source_offsets
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What `tagstream partitions` does.
+#[derive(clap::Subcommand)]
+pub enum PartitionAction {
+    /// Customers per partition.
+    List,
+    /// Write one partition's customers (records, retained events, dedup entries) to a file.
+    Export {
+        #[arg(long)]
+        partition: u32,
+        /// The file to write; must not exist yet.
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
+    /// Import a partition exported from a store with the same partition count; refused
+    /// whole if any of its customers is already here.
+    Import {
+        /// The export file.
+        file: std::path::PathBuf,
+    },
+    /// Delete every customer of a partition from this store (after it moved elsewhere).
+    Drop {
+        #[arg(long)]
+        partition: u32,
+    },
+}
+
+/// `tagstream partitions ...` on a stopped store.
+pub fn partitions(action: PartitionAction, mut engine: Engine) -> anyhow::Result<ExitCode> {
+    let partitions = engine.config().partitions;
+    match action {
+        PartitionAction::List => {
+            let counts = engine.reader().partition_counts(partitions)?;
+            println!("partition\tcustomers");
+            for (p, n) in counts.iter().enumerate() {
+                println!("{p}\t{n}");
+            }
+        }
+        PartitionAction::Export { partition, out } => {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&out)
+                .with_context(|| format!("creating {}", out.display()))?;
+            let mut writer = std::io::BufWriter::new(file);
+            let summary = engine
+                .reader()
+                .export_partition(partition, partitions, &mut writer)?;
+            writer
+                .into_inner()
+                .map_err(|e| e.into_error())
+                .and_then(|f| f.sync_all())
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "exported partition {partition} of {partitions} to {}: {} customers, {} events, {} dedup entries",
+                out.display(),
+                summary.customers,
+                summary.events,
+                summary.dedup_entries
+            );
+        }
+        PartitionAction::Import { file } => {
+            let f = std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?;
+            let summary = engine.import_partition(&mut std::io::BufReader::new(f))?;
+            println!(
+                "imported partition {} of {} from {}: {} customers, {} events, {} dedup entries",
+                summary.partition,
+                summary.partitions,
+                file.display(),
+                summary.customers,
+                summary.events,
+                summary.dedup_entries
+            );
+        }
+        PartitionAction::Drop { partition } => {
+            let summary = engine.drop_partition(partition)?;
+            println!("dropped partition {partition}: {} customers", summary.customers);
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }

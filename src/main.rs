@@ -92,6 +92,14 @@ enum Command {
         #[arg(long)]
         data_dir: PathBuf,
     },
+    /// A stopped store's partitions: list them, export one to a file, import one exported
+    /// from another store, or drop one that moved away (see docs/operations.md).
+    Partitions {
+        #[command(subcommand)]
+        action: admin::PartitionAction,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
     /// Ask a running tagstream whether it is ready (for container health checks): exits 0 on
     /// a 2xx answer, 1 otherwise.
     Healthcheck {
@@ -174,29 +182,29 @@ enum Clock {
 struct StoreArgs {
     /// A settings file (TOML) with every default in one place (see deploy/tagstream.toml);
     /// the flags below override it.
-    #[arg(long)]
+    #[arg(long, global = true)]
     config: Option<PathBuf>,
     /// Where the RocksDB store lives [default: ./tagstream-data].
-    #[arg(long)]
+    #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
     /// The rule file; replaces the stored rule set when it differs.
-    #[arg(long)]
+    #[arg(long, global = true)]
     rules: Option<PathBuf>,
     /// Where `now` comes from: the wall clock, or the greatest event time seen [default: wall].
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, global = true)]
     clock: Option<Clock>,
     /// fsync the write-ahead log on every commit [default: true].
-    #[arg(long, action = clap::ArgAction::Set)]
+    #[arg(long, action = clap::ArgAction::Set, global = true)]
     sync_writes: Option<bool>,
     /// Most customers kept in memory between batches; `[cache] memory_mb` bounds their
     /// bytes too [default: 1000000].
-    #[arg(long)]
+    #[arg(long, global = true)]
     cache_customers: Option<usize>,
     /// How long each customer's events are kept, e.g. 400d [default: 400d].
-    #[arg(long, value_parser = config::parse_duration)]
+    #[arg(long, value_parser = config::parse_duration, global = true)]
     retention: Option<i64>,
     /// Engine workers evaluating in parallel; 0: one per core [default: 0].
-    #[arg(long)]
+    #[arg(long, global = true)]
     workers: Option<usize>,
 }
 
@@ -302,6 +310,9 @@ fn main() -> ExitCode {
         Command::Healthcheck { url } => admin::healthcheck(&url),
         Command::Backup { to, server, data_dir } => admin::backup(&to, &server, data_dir.as_deref()),
         Command::Restore { from, data_dir } => admin::restore(&from, &data_dir),
+        Command::Partitions { action, store } => store
+            .settings()
+            .and_then(|settings| admin::partitions(action, open_engine(&settings)?)),
         Command::DefaultConfig => {
             print!("{}", Settings::default_file());
             Ok(ExitCode::SUCCESS)

@@ -12,6 +12,7 @@ mod evaluate;
 mod explain;
 mod ingest;
 mod manual;
+mod partitions;
 mod query;
 mod read;
 mod retention;
@@ -21,6 +22,7 @@ mod shard;
 mod timers;
 
 pub use explain::{Explained, Explanation, NextChange};
+pub use partitions::{PartitionSummary, MAGIC as PARTITION_EXPORT_MAGIC};
 pub use query::{parse_cursor, Delta};
 pub use read::ReadHandle;
 pub use retention::{Log, Trimmed};

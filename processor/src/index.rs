@@ -333,6 +333,38 @@ pub struct ColumnLimits {
 }
 
 impl MembershipIndex {
+    /// Makes the next open rebuild the index from the customer records. Written in the batch
+    /// that changes customers behind the change log's back (a partition imported or
+    /// dropped), so a crash before [`MembershipIndex::rebuild_in_place`] checkpoints again
+    /// cannot leave an index that misses them.
+    pub fn forget_checkpoint(store: &Store, batch: &mut WriteBatch) {
+        batch.delete_cf(store.cf(CF_INDEX), KEY_SEQ);
+        batch.delete_range_cf(store.cf(CF_INDEX), KEY_SET, &[KEY_SET, &[0xff]].concat());
+    }
+
+    /// Rebuilds the index from the customer records, in place so every handle sees it (new
+    /// customers, those without a number, are numbered on the way). The next checkpoint
+    /// writes all of it.
+    pub fn rebuild_in_place(
+        &self,
+        store: &Store,
+        last_seq: u64,
+        limits: ColumnLimits,
+    ) -> Result<(), StoreError> {
+        let fresh = Self::rebuild(store, last_seq, limits.profile_attributes)?;
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        *state = fresh.state.into_inner().unwrap_or_else(|e| e.into_inner());
+        *self.dirty.lock().unwrap_or_else(|e| e.into_inner()) =
+            fresh.dirty.into_inner().unwrap_or_else(|e| e.into_inner());
+        *self.saved_chunks.lock().unwrap_or_else(|e| e.into_inner()) = 0;
+        *self.columns_dirty.lock().unwrap_or_else(|e| e.into_inner()) = fresh
+            .columns_dirty
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner());
+        *self.traits.write().unwrap_or_else(|e| e.into_inner()) = TraitCache::new(limits.traits);
+        Ok(())
+    }
+
     /// Loads the index: its checkpoint plus the change log after it, or (no checkpoint) one
     /// scan of the customer records, which also numbers customers who have none and writes
     /// a first checkpoint. `last_seq` is the last committed change's `seq`.

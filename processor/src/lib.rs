@@ -53,8 +53,9 @@ pub use change::{Cause, Change, MemberKind, Op};
 pub use engine::{
     parse_cursor, BackfillProgress, BackupManifest, ClockMode, CustomerView, DeadLetter, Delta, Engine,
     EngineConfig, EngineError, Explained, Explanation, ExportField, FiredTimers, IngestError, IngestOutcome,
-    IngestRequest, Log, LogRetention, MembersPage, NextChange, Preview, PreviewCounts, QueryError, QueryPage,
-    ReadHandle, SavedSegment, SegmentUpdate, Trimmed, BACKUP_MANIFEST,
+    IngestRequest, Log, LogRetention, MembersPage, NextChange, PartitionSummary, Preview, PreviewCounts,
+    QueryError, QueryPage, ReadHandle, SavedSegment, SegmentUpdate, Trimmed, BACKUP_MANIFEST,
+    PARTITION_EXPORT_MAGIC,
 };
 pub use event::{parse_event, EventLimits, Rejection, ValidEvent};
 pub use service::{EngineHandle, ServiceConfig, ServiceError};

@@ -90,6 +90,16 @@ pub type KeyValue = (Box<[u8]>, Box<[u8]>);
 
 /// An event as kept in the customer's history.
 #[derive(Debug, Clone, PartialEq)]
+/// One customer as [`Store::customers_with_history`] reads them.
+pub struct CustomerExport<'a> {
+    pub id: &'a str,
+    pub record: &'a [u8],
+    /// Each retained event: its key after the customer's prefix (`ts`, arrival), its value.
+    pub events: Vec<(Vec<u8>, Vec<u8>)>,
+    /// `(event_id, applied-at value)` of those events still remembered for dedup.
+    pub dedup: Vec<(String, Vec<u8>)>,
+}
+
 pub struct StoredEvent {
     pub event: Event,
     pub event_id: Option<String>,
@@ -743,6 +753,110 @@ impl Store {
             out.push((from_sortable_i64(&key), Arc::from(id)));
         }
         Ok(out)
+    }
+
+    /// The customers `keep` selects (by id), each with what a move to another store takes,
+    /// read from one snapshot: the record, the retained events (their keys after the
+    /// customer's prefix, and values) and the dedup entries of those events' ids.
+    pub fn customers_with_history(
+        &self,
+        keep: impl Fn(&[u8]) -> bool,
+        mut each: impl FnMut(CustomerExport<'_>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let snapshot = self.db.snapshot();
+        let opts = || {
+            let mut o = ReadOptions::default();
+            o.set_snapshot(&snapshot);
+            o
+        };
+        let cutoff = self.history_cutoff();
+        let customers = self
+            .db
+            .iterator_cf_opt(self.cf(CF_CUSTOMERS), opts(), IteratorMode::Start);
+        for item in customers {
+            let (id, record) = item?;
+            if !keep(&id) {
+                continue;
+            }
+            let customer = std::str::from_utf8(&id).map_err(|_| CodecError("bad customer id"))?;
+            let prefix = event_prefix(customer);
+            let mut events = Vec::new();
+            let mut dedup = Vec::new();
+            let iter = self.db.iterator_cf_opt(
+                self.cf(CF_EVENTS),
+                opts(),
+                IteratorMode::From(&prefix, Direction::Forward),
+            );
+            for item in iter {
+                let (key, value) = item?;
+                if !key.starts_with(&prefix) {
+                    break;
+                }
+                let rest = &key[prefix.len()..];
+                if rest.len() != 16 {
+                    return Err(CodecError("bad event key").into());
+                }
+                if from_sortable_i64(&rest[..8]) <= cutoff {
+                    continue;
+                }
+                let arrival = u64::from_be_bytes(rest[8..16].try_into().expect("8 bytes"));
+                let stored = decode_event(from_sortable_i64(&rest[..8]), arrival, &value)?;
+                if let Some(event_id) = stored.event_id {
+                    if let Some(applied) =
+                        self.db
+                            .get_cf_opt(self.cf(CF_DEDUP), event_id.as_bytes(), &opts())?
+                    {
+                        dedup.push((event_id, applied));
+                    }
+                }
+                events.push((rest.to_vec(), value.to_vec()));
+            }
+            each(CustomerExport {
+                id: customer,
+                record: &record,
+                events,
+                dedup,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Puts an imported customer's events (keys after the customer's prefix, as
+    /// [`Store::customers_with_history`] gives them); returns the greatest arrival number.
+    pub fn put_imported_events(
+        &self,
+        batch: &mut impl Writes,
+        customer: &str,
+        events: &[(Vec<u8>, Vec<u8>)],
+    ) -> Result<u64, StoreError> {
+        let prefix = event_prefix(customer);
+        let mut max_arrival = 0;
+        for (rest, value) in events {
+            if rest.len() != 16 {
+                return Err(CodecError("bad event key").into());
+            }
+            let arrival = u64::from_be_bytes(rest[8..16].try_into().expect("8 bytes"));
+            decode_event(from_sortable_i64(&rest[..8]), arrival, value)?;
+            max_arrival = max_arrival.max(arrival);
+            let mut key = prefix.clone();
+            key.extend_from_slice(rest);
+            batch.put(self.cf(CF_EVENTS), &key, value);
+        }
+        Ok(max_arrival)
+    }
+
+    /// Deletes everything a customer holds: the record, the events, the window chunks and
+    /// the timer `timer`.
+    pub fn delete_customer(&self, batch: &mut WriteBatch, customer: &str, timer: Option<i64>) {
+        batch.delete_cf(self.cf(CF_CUSTOMERS), customer.as_bytes());
+        let prefix = event_prefix(customer);
+        let mut end = prefix.clone();
+        end.extend_from_slice(&[0xff; 24]);
+        batch.delete_range_cf(self.cf(CF_EVENTS), &prefix, &end);
+        batch.delete_range_cf(self.cf(CF_WINDOWS), &prefix, &end);
+        if let Some(due) = timer {
+            batch.delete_cf(self.cf(CF_TIMERS), timer_key(due, customer));
+        }
     }
 
     /// Keys and values of a column family from `start`, in key order.

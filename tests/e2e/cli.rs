@@ -171,3 +171,91 @@ fn every_default_in_the_serve_help_is_the_real_default() {
         "{help}"
     );
 }
+
+/// `tagstream partitions`: a partition listed, exported, imported into a second store and
+/// dropped from the first, on stopped stores.
+#[test]
+fn a_partition_moves_between_stores_with_the_command_line() {
+    let conformance = tests::conformance_dir();
+    let (from, to) = (
+        TempDir::new("cli-partitions-from"),
+        TempDir::new("cli-partitions-to"),
+    );
+    let rules = conformance.join("example.trl");
+    let run = |args: &[&str], data: &std::path::Path| {
+        let out = tagstream()
+            .args(args)
+            .arg("--data-dir")
+            .arg(data)
+            .arg("--rules")
+            .arg(&rules)
+            .args(["--clock", "event"])
+            .output()
+            .expect("run tagstream");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.success(), stdout, stderr)
+    };
+    let events = conformance.join("events.ndjson");
+    let (ok, _, stderr) = run(
+        &["replay", events.to_str().unwrap(), "--quiet", "--workers", "2"],
+        from.path(),
+    );
+    assert!(ok, "{stderr}");
+    let counts = |data: &std::path::Path| -> Vec<u64> {
+        let (ok, stdout, stderr) = run(&["partitions", "list"], data);
+        assert!(ok, "{stderr}");
+        stdout
+            .lines()
+            .skip(1)
+            .map(|l| l.split('\t').nth(1).unwrap().parse().unwrap())
+            .collect()
+    };
+    let before = counts(from.path());
+    assert_eq!(before.len(), 12, "the default partition count");
+    assert!(before[5] > 0);
+
+    let file = from.path().with_extension("partition-5");
+    let (ok, stdout, stderr) = run(
+        &[
+            "partitions",
+            "export",
+            "--partition",
+            "5",
+            "--out",
+            file.to_str().unwrap(),
+        ],
+        from.path(),
+    );
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains(&format!("{} customers", before[5])), "{stdout}");
+    // The file is not overwritten by a second export.
+    let (ok, _, stderr) = run(
+        &[
+            "partitions",
+            "export",
+            "--partition",
+            "5",
+            "--out",
+            file.to_str().unwrap(),
+        ],
+        from.path(),
+    );
+    assert!(!ok && stderr.contains("creating"), "{stderr}");
+
+    let (ok, _, stderr) = run(&["partitions", "import", file.to_str().unwrap()], to.path());
+    assert!(ok, "{stderr}");
+    let moved = counts(to.path());
+    assert_eq!(moved[5], before[5]);
+    assert_eq!(moved.iter().sum::<u64>(), before[5]);
+    let (ok, _, stderr) = run(&["partitions", "import", file.to_str().unwrap()], to.path());
+    assert!(!ok && stderr.contains("already in this store"), "{stderr}");
+
+    let (ok, stdout, stderr) = run(&["partitions", "drop", "--partition", "5"], from.path());
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains(&format!("{} customers", before[5])), "{stdout}");
+    let after = counts(from.path());
+    assert_eq!(after[5], 0);
+    assert_eq!(after.iter().sum::<u64>(), before.iter().sum::<u64>() - before[5]);
+    let _ = std::fs::remove_file(&file);
+}

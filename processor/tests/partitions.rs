@@ -1,0 +1,278 @@
+//! A partition's state is separable: listed, exported from one store and imported into
+//! another — where its customers carry on exactly as if they had never moved — and dropped
+//! from the store it left.
+
+use std::collections::BTreeMap;
+
+use processor::partition::partition_of;
+use processor::{ClockMode, CustomerView, Engine, EngineConfig, EngineError};
+use tests::{conformance_dir, TempDir};
+
+const PARTITIONS: u32 = 4;
+
+fn config(workers: usize) -> EngineConfig {
+    EngineConfig {
+        clock: ClockMode::Event,
+        sync_writes: false,
+        workers,
+        partitions: PARTITIONS,
+        ..Default::default()
+    }
+}
+
+/// The conformance stream's events in `ts` order (an event's `at` is then its own `ts` in
+/// any store, whatever else that store has seen), with the customer each belongs to.
+fn ordered_stream() -> Vec<(String, String)> {
+    let raw = std::fs::read(conformance_dir().join("events.ndjson")).unwrap();
+    let mut events: Vec<(i64, String, String)> = raw
+        .split(|b| *b == b'\n')
+        .filter_map(|line| {
+            let line = std::str::from_utf8(line).ok()?;
+            let v: serde_json::Value = serde_json::from_str(line).ok()?;
+            let ts = v.get("ts")?.as_i64()?;
+            let customer = rules::normalize(v.get("customer_id")?.as_str()?).into_owned();
+            (!customer.is_empty()).then(|| (ts, customer, line.to_owned()))
+        })
+        .collect();
+    events.sort_by_key(|e| e.0);
+    events.into_iter().map(|(_, c, l)| (c, l)).collect()
+}
+
+fn rules_text() -> String {
+    std::fs::read_to_string(conformance_dir().join("example.trl")).unwrap()
+}
+
+fn views(engine: &Engine, ids: impl IntoIterator<Item = String>) -> BTreeMap<String, CustomerView> {
+    ids.into_iter()
+        .map(|id| {
+            let view = engine
+                .customer(&id)
+                .unwrap()
+                .unwrap_or_else(|| panic!("{id} is here"));
+            (id, view)
+        })
+        .collect()
+}
+
+/// Changes after `after`, per customer, without `seq`.
+fn changes_by_customer(engine: &Engine, after: u64) -> BTreeMap<String, Vec<String>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for c in engine.changes(after, usize::MAX).unwrap() {
+        out.entry(c.customer_id.to_string()).or_default().push(format!(
+            "{:?} {} {:?} {} {}",
+            c.kind,
+            c.name,
+            c.op,
+            c.at,
+            c.cause.as_string()
+        ));
+    }
+    out
+}
+
+fn ingest_all(engine: &mut Engine, lines: &[&String]) {
+    for chunk in lines.chunks(97) {
+        engine.ingest(chunk).unwrap();
+    }
+}
+
+#[test]
+fn a_partition_moved_to_another_store_carries_on_as_if_it_had_stayed() {
+    let stream = ordered_stream();
+    let rules = rules_text();
+    let (first, second) = stream.split_at(stream.len() / 2);
+    let end = 1_744_732_800_000;
+
+    // The store that keeps everything.
+    let stay_dir = TempDir::new("partitions-stay");
+    let mut stay = Engine::open(stay_dir.path(), Some(&rules), config(2)).unwrap();
+    ingest_all(&mut stay, &first.iter().map(|(_, l)| l).collect::<Vec<_>>());
+    let clock = stay.clock().unwrap();
+    // A customer of partition 1 whose profile is set at the clock's instant: a later update
+    // at the same instant wins by arrival, in whichever store it lands.
+    let probe = (0..)
+        .map(|i| format!("probe-{i}"))
+        .find(|id| partition_of(id.as_bytes(), PARTITIONS) == 1)
+        .unwrap();
+    let probe_event = |id: &str, city: &str| {
+        format!(
+            r#"{{"event_id":"{id}","customer_id":"{probe}","type":"app_open","ts":{clock},"profile":{{"city":"{city}"}}}}"#
+        )
+    };
+    stay.ingest(&[probe_event("probe-1", "杭州")]).unwrap();
+
+    let cut = stay.next_seq() - 1;
+
+    let counts = stay.reader().partition_counts(PARTITIONS).unwrap();
+    let ids = stay.customer_ids().unwrap();
+    assert_eq!(counts.iter().sum::<u64>(), ids.len() as u64);
+    assert!(counts.iter().all(|&n| n > 0), "{counts:?}");
+    for p in 0..PARTITIONS {
+        let listed = stay
+            .reader()
+            .partition_customers(p, PARTITIONS, None, usize::MAX)
+            .unwrap();
+        assert_eq!(listed.len() as u64, counts[p as usize]);
+        assert!(listed
+            .iter()
+            .all(|id| partition_of(id.as_bytes(), PARTITIONS) == p));
+        // Paged: after the first id, one fewer.
+        let rest = stay
+            .reader()
+            .partition_customers(p, PARTITIONS, Some(&listed[0]), usize::MAX)
+            .unwrap();
+        assert_eq!(rest, listed[1..]);
+    }
+
+    // Partitions 1 and 3 move to a new store, exported from a snapshot while nothing stops.
+    let moved = [1u32, 3];
+    let mut files = Vec::new();
+    for &p in &moved {
+        let mut file = Vec::new();
+        let summary = stay.reader().export_partition(p, PARTITIONS, &mut file).unwrap();
+        assert_eq!(summary.customers, counts[p as usize]);
+        assert!(summary.events > 0 && summary.dedup_entries > 0, "{summary:?}");
+        files.push(file);
+    }
+    let moved_dir = TempDir::new("partitions-moved");
+    {
+        let mut there = Engine::open(moved_dir.path(), Some(&rules), config(3)).unwrap();
+        there.advance_clock(clock).unwrap();
+        for file in &files {
+            there.import_partition(&mut &file[..]).unwrap();
+        }
+    }
+    // Reopened: the index rebuilt at import was checkpointed, the timers were kept.
+    let mut there = Engine::open(moved_dir.path(), Some(&rules), config(1)).unwrap();
+    let moved_ids: Vec<String> = ids
+        .iter()
+        .filter(|id| moved.contains(&partition_of(id.as_bytes(), PARTITIONS)))
+        .cloned()
+        .collect();
+    assert_eq!(views(&there, moved_ids.clone()), views(&stay, moved_ids.clone()));
+    for tag in [
+        "high_value_active",
+        "lead_sla_breach",
+        "viewed_seafood",
+        "spring_promo",
+    ] {
+        let mut theirs: Vec<String> = there.members(tag).unwrap().into_iter().map(|m| m.0).collect();
+        let mut ours: Vec<String> = stay
+            .members(tag)
+            .unwrap()
+            .into_iter()
+            .map(|m| m.0)
+            .filter(|id| moved.contains(&partition_of(id.as_bytes(), PARTITIONS)))
+            .collect();
+        theirs.sort();
+        ours.sort();
+        assert_eq!(theirs, ours, "members of {tag}");
+    }
+
+    // Already applied events of moved customers are still duplicates there.
+    let (_, resent) = first
+        .iter()
+        .rev()
+        .find(|(c, l)| moved.contains(&partition_of(c.as_bytes(), PARTITIONS)) && l.contains("event_id"))
+        .unwrap();
+    let outcome = there.ingest(&[resent]).unwrap();
+    assert_eq!((outcome.accepted, outcome.duplicates), (0, 1), "{resent}");
+    for engine in [&mut stay, &mut there] {
+        engine.ingest(&[probe_event("probe-2", "上海")]).unwrap();
+        let city = engine.customer(&probe).unwrap().unwrap().profile["city"].clone();
+        assert_eq!(city, rules::Value::Str("上海".into()));
+    }
+
+    // The second half: everything into the store that kept it all; the moved customers'
+    // events (resent duplicates included) into the new one.
+    ingest_all(&mut stay, &second.iter().map(|(_, l)| l).collect::<Vec<_>>());
+    let theirs: Vec<&String> = second
+        .iter()
+        .filter(|(c, _)| moved.contains(&partition_of(c.as_bytes(), PARTITIONS)))
+        .map(|(_, l)| l)
+        .collect();
+    ingest_all(&mut there, &theirs);
+    stay.advance_clock(end).unwrap();
+    there.advance_clock(end).unwrap();
+
+    assert_eq!(views(&there, moved_ids.clone()), views(&stay, moved_ids.clone()));
+    let mut expected = changes_by_customer(&stay, cut);
+    expected.retain(|id, _| moved.contains(&partition_of(id.as_bytes(), PARTITIONS)));
+    assert!(!expected.is_empty(), "the moved customers change after the move");
+    assert_eq!(changes_by_customer(&there, 0), expected);
+
+    // The store they left drops them.
+    let before = stay.reader().partition_counts(PARTITIONS).unwrap();
+    let dropped = stay.drop_partition(1).unwrap();
+    assert_eq!(dropped.customers, before[1]);
+    assert_eq!(stay.reader().partition_counts(PARTITIONS).unwrap()[1], 0);
+    let gone = moved_ids
+        .iter()
+        .find(|id| partition_of(id.as_bytes(), PARTITIONS) == 1)
+        .unwrap();
+    assert_eq!(stay.customer(gone).unwrap(), None);
+    assert!(stay
+        .members("high_value_active")
+        .unwrap()
+        .iter()
+        .all(|(id, _)| partition_of(id.as_bytes(), PARTITIONS) != 1));
+    drop(stay);
+    let stay = Engine::open(stay_dir.path(), Some(&rules), config(2)).unwrap();
+    assert_eq!(stay.customer(gone).unwrap(), None);
+    assert!(stay
+        .members("high_value_active")
+        .unwrap()
+        .iter()
+        .all(|(id, _)| partition_of(id.as_bytes(), PARTITIONS) != 1));
+}
+
+#[test]
+fn an_import_is_refused_whole_when_it_cannot_apply() {
+    let stream = ordered_stream();
+    let rules = rules_text();
+    let dir = TempDir::new("partitions-source");
+    let mut source = Engine::open(dir.path(), Some(&rules), config(2)).unwrap();
+    ingest_all(
+        &mut source,
+        &stream.iter().take(800).map(|(_, l)| l).collect::<Vec<_>>(),
+    );
+    let mut file = Vec::new();
+    source
+        .reader()
+        .export_partition(2, PARTITIONS, &mut file)
+        .unwrap();
+    assert!(matches!(
+        source
+            .reader()
+            .export_partition(PARTITIONS, PARTITIONS, &mut Vec::new()),
+        Err(EngineError::NotFound(_))
+    ));
+
+    let target_dir = TempDir::new("partitions-target");
+    let mut target = Engine::open(target_dir.path(), Some(&rules), config(2)).unwrap();
+    // Cut short anywhere: refused, nothing written.
+    for cut in [5, file.len() / 3, file.len() - 1] {
+        let err = target.import_partition(&mut &file[..cut]).unwrap_err();
+        assert!(err.to_string().contains("not a partition export"), "{err}");
+        assert!(target.customer_ids().unwrap().is_empty());
+    }
+    // Another partition count: refused.
+    let other_dir = TempDir::new("partitions-other");
+    let mut other = Engine::open(
+        other_dir.path(),
+        Some(&rules),
+        EngineConfig {
+            partitions: 8,
+            ..config(1)
+        },
+    )
+    .unwrap();
+    let err = other.import_partition(&mut &file[..]).unwrap_err();
+    assert!(err.to_string().contains("8 partitions"), "{err}");
+    // Imported once; a second time it is already here.
+    let summary = target.import_partition(&mut &file[..]).unwrap();
+    assert!(summary.customers > 0);
+    let err = target.import_partition(&mut &file[..]).unwrap_err();
+    assert!(err.to_string().contains("already in this store"), "{err}");
+    assert_eq!(target.customer_ids().unwrap().len() as u64, summary.customers);
+}
