@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use processor::{parse_event, Engine, EventLimits, Rejection, ValidEvent};
+use processor::{parse_event, Engine, EventLimits, IngestRequest, Rejection, ValidEvent};
 
 pub struct ReplayReport {
     pub accepted: usize,
@@ -52,23 +52,42 @@ pub fn replay(
         elapsed: Duration::ZERO,
     };
     let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+    // Pipelined: each batch is evaluated while the one before it is written.
+    let count = |finished: Vec<processor::Finished>,
+                 report: &mut ReplayReport,
+                 reasons: &mut BTreeMap<String, usize>|
+     -> anyhow::Result<()> {
+        for f in finished {
+            for outcome in f.result? {
+                report.accepted += outcome.accepted;
+                report.duplicates += outcome.duplicates;
+                report.rejected += outcome.rejected;
+                for e in outcome.errors {
+                    *reasons.entry(e.reason).or_default() += 1;
+                }
+            }
+        }
+        Ok(())
+    };
     for parsed in rx {
         let ParsedBatch {
             lines,
             events,
             offset,
         } = parsed?;
-        let outcome = engine.ingest_parsed(&lines, events, &[(&source, offset)])?;
-        report.accepted += outcome.accepted;
-        report.duplicates += outcome.duplicates;
-        report.rejected += outcome.rejected;
-        for e in outcome.errors {
-            *reasons.entry(e.reason).or_default() += 1;
-        }
+        let request = IngestRequest {
+            raw: lines,
+            parsed: events,
+            positions: vec![(source.clone(), offset)],
+        };
+        engine.submit_group(vec![request]);
+        count(engine.take_finished(), &mut report, &mut reasons)?;
         if let Some(bar) = &mut bar {
             bar.update(offset, report.accepted + report.duplicates + report.rejected);
         }
     }
+    engine.settle();
+    count(engine.take_finished(), &mut report, &mut reasons)?;
     reader_thread.join().expect("the reader thread does not panic");
     report.elapsed = started.elapsed();
     if let Some(bar) = bar {

@@ -13,6 +13,7 @@ mod explain;
 mod ingest;
 mod manual;
 mod partitions;
+mod pipeline;
 mod query;
 mod read;
 mod retention;
@@ -23,12 +24,14 @@ mod timers;
 
 pub use explain::{Explained, Explanation, NextChange};
 pub use partitions::{PartitionSummary, MAGIC as PARTITION_EXPORT_MAGIC};
+pub use pipeline::Finished;
 pub use query::{parse_cursor, Delta};
 pub use read::ReadHandle;
 pub use retention::{Log, Trimmed};
 pub use segments::{SavedSegment, SegmentUpdate};
 
 use cache::CustomerCache;
+use pipeline::{BackgroundWriter, Done, Pending};
 use read::Published;
 use shard::{in_parallel, shard_of, Ctx, Job, Place, Shard, Worker};
 
@@ -419,6 +422,15 @@ pub struct Engine {
     counters: Counters,
     /// The workers' customers, timers and batches in flight.
     shards: Vec<Shard>,
+    /// Writes [`Engine::submit_group`]'s batches while the next group is evaluated.
+    writer: Option<BackgroundWriter>,
+    /// The group being written, if any.
+    pending: Option<Pending>,
+    /// Groups finished (durable or failed) and not yet taken.
+    finished: Vec<pipeline::Finished>,
+    next_ticket: u64,
+    /// The `seq` of the last durable change.
+    durable_seq: u64,
     /// Batches committed since open; the cache's clock for eviction.
     batches: u64,
     backfill_cursor: Option<Vec<u8>>,
@@ -551,6 +563,11 @@ impl Engine {
             config,
             counters,
             shards: Vec::new(),
+            writer: None,
+            pending: None,
+            finished: Vec::new(),
+            next_ticket: 0,
+            durable_seq: counters.next_seq - 1,
             batches: 0,
             backfill_cursor,
             backfill_done: 0,
@@ -655,6 +672,7 @@ impl Engine {
                 order_pos: &self.order_pos,
                 batches: self.batches,
                 steps,
+                pending: self.pending.as_ref().map(|p| &*p.signal),
             },
             &mut self.shards,
         )
@@ -684,6 +702,7 @@ impl Engine {
 
 impl Drop for Engine {
     fn drop(&mut self) {
+        self.settle();
         if let Err(e) = self.checkpoint_index() {
             tracing::warn!(error = %e, "membership index checkpoint at close failed; the next open replays the change log");
         }

@@ -603,8 +603,9 @@ impl MembershipIndex {
 
     /// The profile journal entry the next commit that changes a profile writes, with its
     /// key and value (the customer numbers whose profile it changes).
-    pub fn journal_entry(&self, numbers: &[u32]) -> (u64, Vec<u8>, Vec<u8>) {
-        let entry = self.read().journal_applied + 1;
+    pub fn journal_entry(&self, numbers: &[u32], pending: Option<u64>) -> (u64, Vec<u8>, Vec<u8>) {
+        // After the last applied entry, and after one of a commit still being written.
+        let entry = self.read().journal_applied.max(pending.unwrap_or(0)) + 1;
         (
             entry,
             columns::keys::journal(entry),

@@ -52,9 +52,9 @@ pub mod writes;
 pub use change::{Cause, Change, MemberKind, Op};
 pub use engine::{
     parse_cursor, BackfillProgress, BackupManifest, ClockMode, CustomerView, DeadLetter, Delta, Engine,
-    EngineConfig, EngineError, Explained, Explanation, ExportField, FiredTimers, IngestError, IngestOutcome,
-    IngestRequest, Log, LogRetention, MembersPage, NextChange, PartitionSummary, Preview, PreviewCounts,
-    QueryError, QueryPage, ReadHandle, SavedSegment, SegmentUpdate, Trimmed, BACKUP_MANIFEST,
+    EngineConfig, EngineError, Explained, Explanation, ExportField, Finished, FiredTimers, IngestError,
+    IngestOutcome, IngestRequest, Log, LogRetention, MembersPage, NextChange, PartitionSummary, Preview,
+    PreviewCounts, QueryError, QueryPage, ReadHandle, SavedSegment, SegmentUpdate, Trimmed, BACKUP_MANIFEST,
     PARTITION_EXPORT_MAGIC,
 };
 pub use event::{parse_event, EventLimits, Rejection, ValidEvent};

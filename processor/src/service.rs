@@ -10,6 +10,11 @@
 //! two groups instead of growing with a fixed batch size. Events are parsed on the caller's
 //! thread; the engine thread only applies them.
 //!
+//! Group commits are **pipelined** ([`Engine::submit_group`]): while one group's batch is
+//! written and fsynced on the writer thread, the loop takes the next group and evaluates it;
+//! callers are answered once their group is durable. With nothing waiting, the loop
+//! finishes the write at once, so a lone request is not held back.
+//!
 //! Between jobs the loop fires due timers (wall clock mode), continues a rule-change
 //! backfill, and checkpoints the membership index, so these proceed while edges keep
 //! sending work. The loop stops once every handle is dropped and the queue is drained.
@@ -39,7 +44,8 @@ use std::time::{Duration, Instant};
 
 use crate::kafka::{Apply, ApplyError, KafkaBatch};
 use crate::{
-    telemetry, ClockMode, Engine, EngineError, EventLimits, IngestOutcome, IngestRequest, ReadHandle,
+    telemetry, ClockMode, Engine, EngineError, EventLimits, Finished, IngestOutcome, IngestRequest,
+    ReadHandle,
 };
 
 /// How the service loop paces its work.
@@ -126,6 +132,7 @@ impl EngineHandle {
             queue,
             waiting: waiting.clone(),
             held: None,
+            groups: Default::default(),
             committed: committed_tx,
         };
         let thread = std::thread::Builder::new()
@@ -270,7 +277,15 @@ struct Service {
     waiting: Arc<AtomicUsize>,
     /// A job taken from the queue while gathering a group, run next.
     held: Option<Job>,
+    /// The callers of each group submitted and not yet finished, by ticket.
+    groups: std::collections::HashMap<u64, Group>,
     committed: tokio::sync::watch::Sender<u64>,
+}
+
+/// The callers of one submitted group.
+struct Group {
+    replies: Vec<(Instant, Reply<Result<IngestOutcome, EngineError>>)>,
+    started: Instant,
 }
 
 impl Service {
@@ -281,6 +296,15 @@ impl Service {
         loop {
             let job = match self.held.take() {
                 Some(job) => Some(job),
+                // A group is being written: take the next job if one waits, else finish it.
+                None if self.engine.in_flight() => match self.queue.try_recv() {
+                    Ok(job) => Some(self.taken(job)),
+                    Err(TryRecvError::Empty) => {
+                        self.engine.settle();
+                        None
+                    }
+                    Err(TryRecvError::Disconnected) => break,
+                },
                 None => match self.queue.recv_timeout(self.config.tick) {
                     Ok(job) => Some(self.taken(job)),
                     Err(RecvTimeoutError::Timeout) => None,
@@ -288,11 +312,18 @@ impl Service {
                 },
             };
             match job {
-                Some(Job::Run(f)) => f(&mut self.engine),
+                Some(Job::Run(f)) => {
+                    // It sees (and may change) everything committed before it.
+                    self.engine.settle();
+                    self.answer();
+                    f(&mut self.engine)
+                }
                 Some(Job::Ingest(first)) => self.ingest_group(first),
                 None => {}
             }
-            if wall && last_tick.elapsed() >= self.config.tick {
+            self.answer();
+            // Under load, each group fires the timers due before it; ticks are for the rest.
+            if wall && !self.engine.in_flight() && last_tick.elapsed() >= self.config.tick {
                 last_tick = Instant::now();
                 if let Err(e) = self.engine.tick() {
                     tracing::error!(error = %e, "firing timers failed; will retry");
@@ -303,9 +334,12 @@ impl Service {
                 if let Err(e) = self.engine.backfill_step(self.config.backfill_step) {
                     tracing::error!(error = %e, "rule-change backfill step failed; will retry");
                 }
+                self.answer();
             }
             if last_checkpoint.elapsed() >= self.config.index_checkpoint {
                 last_checkpoint = Instant::now();
+                self.engine.settle();
+                self.answer();
                 match self.engine.checkpoint_index() {
                     // Retention may delete what the checkpoint now covers.
                     Ok(done) => {
@@ -319,13 +353,48 @@ impl Service {
             metrics::gauge!("tagstream_engine_queue_jobs").set(self.waiting.load(Ordering::Acquire) as f64);
             // Set here, not at spawn: the recorder may be installed after the engine starts.
             metrics::gauge!("tagstream_engine_queue_capacity").set(self.config.queue as f64);
-            let last = self.engine.next_seq() - 1;
+            let last = self.engine.durable_seq();
             self.committed
                 .send_if_modified(|seq| std::mem::replace(seq, last) != last);
             telemetry::engine_gauges(&self.engine);
         }
+        self.engine.settle();
+        self.answer();
+        let last = self.engine.durable_seq();
+        self.committed
+            .send_if_modified(|seq| std::mem::replace(seq, last) != last);
         if let Err(e) = self.engine.store().flush() {
             tracing::error!(error = %e, "flush at shutdown failed (the WAL still has everything)");
+        }
+    }
+
+    /// Answers the callers of every group finished since the last call.
+    fn answer(&mut self) {
+        let finished = self.engine.take_finished();
+        if finished.is_empty() {
+            return;
+        }
+        telemetry::record_timers(&self.engine.take_fired_timers(), self.engine.wall_clock_ms());
+        for Finished { ticket, result } in finished {
+            let Some(group) = self.groups.remove(&ticket) else {
+                continue;
+            };
+            let applied_in = group.started.elapsed();
+            match result {
+                Ok(outcomes) => {
+                    for ((received, reply), outcome) in group.replies.into_iter().zip(outcomes) {
+                        telemetry::record_ingest(&outcome, applied_in, received);
+                        reply(Ok(outcome));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, requests = group.replies.len(), "a group commit failed; nothing of it was applied");
+                    let message = e.to_string();
+                    for (_, reply) in group.replies {
+                        reply(Err(EngineError::CommitFailed(message.clone())));
+                    }
+                }
+            }
         }
     }
 
@@ -364,23 +433,7 @@ impl Service {
             .collect();
         metrics::histogram!("tagstream_group_commit_requests").record(replies.len() as f64);
         metrics::histogram!("tagstream_group_commit_events").record(events as f64);
-        let result = self.engine.ingest_group(requests);
-        let applied_in = started.elapsed();
-        telemetry::record_timers(&self.engine.take_fired_timers(), self.engine.wall_clock_ms());
-        match result {
-            Ok(outcomes) => {
-                for ((received, reply), outcome) in replies.into_iter().zip(outcomes) {
-                    telemetry::record_ingest(&outcome, applied_in, received);
-                    reply(Ok(outcome));
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, requests = replies.len(), "a group commit failed; nothing of it was applied");
-                let message = e.to_string();
-                for (_, reply) in replies {
-                    reply(Err(EngineError::CommitFailed(message.clone())));
-                }
-            }
-        }
+        let ticket = self.engine.submit_group(requests);
+        self.groups.insert(ticket, Group { replies, started });
     }
 }

@@ -107,6 +107,12 @@ pub struct StoredEvent {
 
 pub struct Store {
     db: DB,
+    /// Tests: the next this many commits fail.
+    #[cfg(test)]
+    pub(crate) fail_writes: std::sync::atomic::AtomicU32,
+    /// Tests: commits wait while this is set.
+    #[cfg(test)]
+    pub(crate) hold_writes: std::sync::atomic::AtomicBool,
     sync: bool,
     /// The oldest change retention left, read by the compaction filter of
     /// `changes_by_name`, which drops index entries of deleted changes.
@@ -292,6 +298,10 @@ impl Store {
             changes_floor,
             clock,
             history_ms: retention.history_ms,
+            #[cfg(test)]
+            fail_writes: Default::default(),
+            #[cfg(test)]
+            hold_writes: Default::default(),
         };
         store.set_changes_floor(store.meta_u64(META_CHANGES_FROM)?);
         store.index_changes_by_name()?;
@@ -395,6 +405,18 @@ impl Store {
     }
 
     pub fn commit(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        #[cfg(test)]
+        if self
+            .fail_writes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(StoreError::Codec(CodecError("injected write failure")));
+        }
+        #[cfg(test)]
+        while self.hold_writes.load(Ordering::Acquire) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         let mut opts = WriteOptions::default();
         opts.set_sync(self.sync);
         self.db.write_opt(batch, &opts)?;

@@ -112,6 +112,7 @@ pub const METRICS: &[(&str, MetricKind, &str)] = &[
     ("tagstream_index_sets", MetricKind::Gauge, "Tags and segments with a membership bitmap."),
     ("tagstream_index_column_bytes", MetricKind::Gauge, "Bytes of the index's profile and trait columns."),
     ("tagstream_index_checkpoint_seconds", MetricKind::Histogram, "Time to write one membership index checkpoint."),
+    ("tagstream_commit_write_seconds", MetricKind::Histogram, "Time RocksDB takes to write one commit's batch (WAL, fsync, memtables)."),
     ("tagstream_index_checkpoint_bytes_total", MetricKind::Counter, "Bytes written by membership index checkpoints."),
     ("tagstream_kafka_partitions_assigned", MetricKind::Gauge, "Kafka partitions this process owns."),
     ("tagstream_kafka_consumer_lag", MetricKind::Gauge, "Messages behind the high watermark, by partition."),

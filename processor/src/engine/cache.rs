@@ -83,7 +83,13 @@ impl CustomerCache {
 
     /// When over `max_customers` or `max_bytes`, evicts the least recently used customers
     /// down to 90% of both (so eviction runs once in many batches, not on every one).
-    pub fn evict(&mut self, max_customers: usize, max_bytes: usize) {
+    /// Customers in `pinned` stay whatever their age (their new state is not durable yet).
+    pub fn evict(
+        &mut self,
+        max_customers: usize,
+        max_bytes: usize,
+        pinned: Option<&foldhash::HashSet<Arc<str>>>,
+    ) {
         if self.map.len() <= max_customers && self.bytes <= max_bytes {
             return;
         }
@@ -105,8 +111,8 @@ impl CustomerCache {
         let Some(threshold) = threshold else { return };
         // Ties at the threshold go too; at worst that evicts a batch's worth more.
         let mut freed = 0;
-        self.map.retain(|_, (state, b)| {
-            let keep = state.last_used > threshold;
+        self.map.retain(|id, (state, b)| {
+            let keep = state.last_used > threshold || pinned.is_some_and(|p| p.contains(id));
             if !keep {
                 freed += *b;
             }
@@ -145,17 +151,17 @@ mod tests {
         let each = estimate_bytes(&customer(0, 10));
         assert_eq!(cache.bytes(), 10 * each);
         // Under both budgets: nothing happens.
-        cache.evict(10, 10 * each);
+        cache.evict(10, 10 * each, None);
         assert_eq!(cache.len(), 10);
         // Over the byte budget: the oldest go until 90% of it is met.
-        cache.evict(100, 5 * each);
+        cache.evict(100, 5 * each, None);
         assert!(cache.bytes() <= 5 * each - 5 * each / 10, "{}", cache.bytes());
         assert!(cache.contains_key("c9") && cache.contains_key("c8"));
         assert!(!cache.contains_key("c0"));
         let bytes: usize = (0..10).filter(|i| cache.contains_key(&format!("c{i}"))).count() * each;
         assert_eq!(cache.bytes(), bytes, "the running total matches what is left");
         // Over the count budget.
-        cache.evict(2, usize::MAX);
+        cache.evict(2, usize::MAX, None);
         assert!(cache.len() <= 2);
         assert!(cache.contains_key("c9"));
     }
@@ -166,7 +172,7 @@ mod tests {
         cache.insert("light".into(), customer(1, 1));
         cache.insert("heavy".into(), customer(0, 100_000));
         assert!(cache.bytes() > 100_000 * EVENT_BYTES);
-        cache.evict(100, 10 << 20);
+        cache.evict(100, 10 << 20, None);
         assert!(!cache.contains_key("heavy") && cache.contains_key("light"));
         assert!(cache.remove("light").is_some());
         assert_eq!(cache.bytes(), 0);

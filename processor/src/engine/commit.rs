@@ -21,6 +21,8 @@ impl Engine {
         &mut self,
         work: impl FnOnce(&mut Engine, &mut Batch) -> Result<R, EngineError>,
     ) -> Result<(R, Vec<Change>, Vec<u64>), EngineError> {
+        // A commit still being written comes first.
+        self.settle();
         let saved = self.counters;
         let mut batch = Batch::default();
         let result = work(self, &mut batch)
@@ -47,7 +49,18 @@ impl Engine {
     /// Writes the round: new customers numbered and changes given their `seq` in the order
     /// one thread would have made them, customer records, counters, and everything the
     /// shards queued, atomically. Returns the changes in `seq` order with their steps.
-    fn commit(&mut self, mut batch: Batch) -> Result<(Vec<Change>, Vec<u64>), EngineError> {
+    fn commit(&mut self, batch: Batch) -> Result<(Vec<Change>, Vec<u64>), EngineError> {
+        let (writes, done) = self.prepare(batch)?;
+        let writing = std::time::Instant::now();
+        self.store.commit_sorted_parts(writes)?;
+        metrics::histogram!("tagstream_commit_write_seconds").record(writing.elapsed().as_secs_f64());
+        Ok(self.complete(done, &[]))
+    }
+
+    /// Everything of a commit but the write: numbers, `seq`s, the customer records encoded
+    /// (by the shards, in parallel), counters; the writes and what to do once they are
+    /// durable.
+    pub(super) fn prepare(&mut self, mut batch: Batch) -> Result<(Vec<SortedWrites>, Done), EngineError> {
         let mut parts: Vec<Batch> = self
             .shards
             .iter_mut()
@@ -89,27 +102,54 @@ impl Engine {
         self.store
             .put_meta_u64(&mut batch.wb, META_DLQ, self.counters.next_dlq);
         let (profiles, journal) = self.profile_updates(&parts, &mut batch);
-        let touched: Vec<u32> = touched.concat();
-        let writes = std::iter::once(batch.wb)
-            .chain(parts.into_iter().map(|p| p.wb))
-            .collect();
-        self.store.commit_sorted_parts(writes)?;
-        self.index.apply(IndexCommit {
-            new_ids: &new_ids,
-            changes: &changes,
-            numbers: &numbers,
-            profiles: &profiles,
-            journal,
-            touched: &touched,
-        });
-        if self.config.clock == ClockMode::Wall || self.counters.clock.is_some() {
-            self.store.set_clock(self.now());
+        let mut writes = Vec::with_capacity(parts.len() + 1);
+        writes.push(std::mem::take(&mut batch.wb));
+        let mut dirty = Vec::with_capacity(parts.len());
+        for part in parts {
+            writes.push(part.wb);
+            dirty.push(part.dirty);
         }
-        self.published.set_clock(self.counters.clock);
+        let done = Done {
+            new_ids,
+            changes,
+            steps,
+            numbers,
+            profiles,
+            journal,
+            touched: touched.concat(),
+            clock: self.counters.clock,
+            now,
+            dedup: batch.dedup,
+            dirty,
+        };
+        Ok((writes, done))
+    }
+
+    /// What follows a durable write: the membership index, the published clock, the cache's
+    /// budget (never evicting the customers of `pinned`, the shards' dirty customers of a
+    /// commit still to be written), metrics. Returns the changes with their steps.
+    pub(super) fn complete(
+        &mut self,
+        done: Done,
+        pinned: &[foldhash::HashSet<Arc<str>>],
+    ) -> (Vec<Change>, Vec<u64>) {
+        self.index.apply(IndexCommit {
+            new_ids: &done.new_ids,
+            changes: &done.changes,
+            numbers: &done.numbers,
+            profiles: &done.profiles,
+            journal: done.journal,
+            touched: &done.touched,
+        });
+        if self.config.clock == ClockMode::Wall || done.clock.is_some() {
+            self.store.set_clock(done.now);
+        }
+        self.published.set_clock(done.clock);
+        self.durable_seq = done.changes.last().map_or(self.durable_seq, |c| c.seq);
         self.batches += 1;
-        self.evict();
-        self.count_changes(&changes);
-        Ok((changes, steps))
+        self.evict(pinned);
+        self.count_changes(&done.changes);
+        (done.changes, done.steps)
     }
 
     /// Numbers the customers new in this round in the order one thread would have met them,
@@ -125,7 +165,9 @@ impl Engine {
         if parts.len() > 1 {
             new.sort_by(|a, b| a.0.cmp(&b.0));
         }
-        let first = self.index.read().customers();
+        // After every customer numbered before, also by a commit still being written.
+        let first =
+            self.index.read().customers() + self.pending.as_ref().map_or(0, |p| p.done.new_ids.len() as u32);
         let cf = self.store.cf(CF_NUMBERS);
         new.into_iter()
             .enumerate()
@@ -214,7 +256,8 @@ impl Engine {
             }
         }
         let numbers: Vec<u32> = customers.iter().map(|(number, _)| *number).collect();
-        let (entry, key, value) = self.index.journal_entry(&numbers);
+        let pending = self.pending.as_ref().and_then(|p| p.done.journal);
+        let (entry, key, value) = self.index.journal_entry(&numbers, pending);
         batch.wb.put_cf(self.store.cf(CF_INDEX), key, value);
         (updates, Some(entry))
     }
@@ -248,19 +291,19 @@ impl Engine {
     /// Keeps the cache within its configured size: when it grows past it, the least
     /// recently used customers are dropped down to 90% of it, so eviction work is amortised
     /// over many batches and hot customers stay.
-    fn evict(&mut self) {
+    fn evict(&mut self, pinned: &[foldhash::HashSet<Arc<str>>]) {
         // Each shard keeps its share of the budgets.
         let n = self.shards.len();
         let (customers, bytes) = (self.config.cache_customers / n, self.config.cache_bytes / n);
-        for shard in &mut self.shards {
-            shard.cache.evict(customers.max(1), bytes.max(1));
+        for (i, shard) in self.shards.iter_mut().enumerate() {
+            shard.cache.evict(customers.max(1), bytes.max(1), pinned.get(i));
         }
         let (len, bytes) = self.cache_usage();
         metrics::gauge!("tagstream_cache_customers").set(len as f64);
         metrics::gauge!("tagstream_cache_bytes").set(bytes as f64);
     }
 
-    fn rollback(&mut self, saved: Counters) {
+    pub(super) fn rollback(&mut self, saved: Counters) {
         self.counters = saved;
         for shard in &mut self.shards {
             shard.cache.clear();

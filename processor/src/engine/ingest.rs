@@ -53,34 +53,34 @@ impl Engine {
     /// in wall clock mode, go with the first). If anything fails, nothing of the group is
     /// applied and every caller gets the error.
     pub fn ingest_group(&mut self, requests: Vec<IngestRequest>) -> Result<Vec<IngestOutcome>, EngineError> {
-        let ((mut outcomes, starts), changes, steps) = self.transact_placed(|engine, batch| {
-            let mut round = Round::new(engine.shards.len());
-            let mut outcomes = Vec::with_capacity(requests.len());
-            // The step each request's events begin at.
-            let mut starts = Vec::with_capacity(requests.len());
-            for request in requests {
-                starts.push(round.next_step);
-                outcomes.push(engine.ingest_part(
-                    &request.raw,
-                    request.parsed,
-                    &request.positions,
-                    &mut round,
-                    batch,
-                )?);
-            }
-            engine.run_ingest_round(round)?;
-            Ok((outcomes, starts))
-        })?;
-        // Changes come in step order: each request takes those of its steps (the first also
-        // those of timers fired before it).
-        let mut changes = changes.into_iter().zip(steps).peekable();
-        for (i, outcome) in outcomes.iter_mut().enumerate() {
-            let end = starts.get(i + 1).copied().unwrap_or(u64::MAX);
-            while let Some((change, _)) = changes.next_if(|(_, step)| *step < end) {
-                outcome.changes.push(change);
-            }
-        }
+        let ((mut outcomes, starts), changes, steps) =
+            self.transact_placed(|engine, batch| engine.evaluate_group(requests, batch))?;
+        pipeline::split_changes(&mut outcomes, &starts, changes, steps);
         Ok(outcomes)
+    }
+
+    /// Applies a group's requests in order into `batch` and the shards' batches; returns
+    /// each request's outcome (without changes yet) and the step its events begin at.
+    pub(super) fn evaluate_group(
+        &mut self,
+        requests: Vec<IngestRequest>,
+        batch: &mut Batch,
+    ) -> Result<(Vec<IngestOutcome>, Vec<u64>), EngineError> {
+        let mut round = Round::new(self.shards.len());
+        let mut outcomes = Vec::with_capacity(requests.len());
+        let mut starts = Vec::with_capacity(requests.len());
+        for request in requests {
+            starts.push(round.next_step);
+            outcomes.push(self.ingest_part(
+                &request.raw,
+                request.parsed,
+                &request.positions,
+                &mut round,
+                batch,
+            )?);
+        }
+        self.run_ingest_round(round)?;
+        Ok((outcomes, starts))
     }
 
     /// Runs the shards on the jobs the requests of a round made.
@@ -191,8 +191,15 @@ impl Engine {
 
     pub(super) fn is_duplicate(&self, event_id: &str, batch: &Batch) -> Result<bool, StoreError> {
         let now = self.now();
-        let applied_at = match batch.dedup.get(event_id) {
-            Some(t) => Some(*t),
+        // This batch's, then those of a commit being written, then the store's.
+        let in_flight = || {
+            self.pending
+                .as_ref()
+                .and_then(|p| p.done.dedup.get(event_id))
+                .copied()
+        };
+        let applied_at = match batch.dedup.get(event_id).copied().or_else(in_flight) {
+            Some(t) => Some(t),
             None => match self.store.get(CF_DEDUP, event_id.as_bytes())? {
                 Some(b) => Some(Reader::new(&b).i64()?),
                 None => None,
@@ -334,6 +341,11 @@ impl Worker<'_> {
     ) -> Result<(), EngineError> {
         if state.history_loaded {
             return Ok(());
+        }
+        if let Some(written) = self.ctx.pending {
+            // The customer's events of the commit being written must be in the store first
+            // (if that write fails, this round is rolled back anyway).
+            let _ = written.wait();
         }
         let cutoff = now.saturating_sub(self.ctx.config.retention_ms);
         let mut events: Vec<rules::Event> = self

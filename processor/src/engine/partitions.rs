@@ -196,6 +196,7 @@ impl Engine {
     /// complete export, when the partition counts differ, or when any of its customers is
     /// already here (the partition is owned by this store already).
     pub fn import_partition(&mut self, input: &mut impl Read) -> Result<PartitionSummary, EngineError> {
+        self.settle();
         let mut magic = vec![0u8; MAGIC.len()];
         input
             .read_exact(&mut magic)
@@ -331,6 +332,7 @@ impl Engine {
     /// Deletes every customer of `partition` from this store (after it moved elsewhere):
     /// records, events, window state and timers. The change log keeps their changes.
     pub fn drop_partition(&mut self, partition: u32) -> Result<PartitionSummary, EngineError> {
+        self.settle();
         let partitions = self.config.partitions;
         if partition >= partitions {
             return Err(EngineError::NotFound(format!(

@@ -108,6 +108,7 @@ impl Engine {
     /// per call). Never a change after `index_checkpoint_seq` (the membership index's last
     /// checkpoint, which a restart replays from), nor an entry a reader holds.
     pub fn trim_logs(&mut self, index_checkpoint_seq: u64) -> Result<Trimmed, EngineError> {
+        self.settle();
         let holds = &self.published.holds;
         let changes_limit = [
             Some(index_checkpoint_seq.saturating_add(1)),

@@ -41,6 +41,7 @@ impl Engine {
     /// set stays. Customers are re-evaluated over their retained history: lazily when
     /// touched, and by [`Engine::backfill_step`] for everyone else.
     pub fn replace_rules(&mut self, text: &str) -> Result<(), EngineError> {
+        self.settle();
         let compiled = CompiledRules::compile(text).map_err(EngineError::Rules)?;
         self.generation += 1;
         self.rules = Arc::new(compiled);

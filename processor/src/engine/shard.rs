@@ -88,6 +88,8 @@ pub(super) struct Ctx<'a> {
     /// Event clock mode: the steps of the round at which the clock moved forward, and to
     /// where, in order.
     pub steps: &'a [(u64, i64)],
+    /// The write of the commit before this round, while it runs ([`super::pipeline`]).
+    pub pending: Option<&'a super::pipeline::WriteSignal>,
 }
 
 impl Ctx<'_> {
