@@ -4,8 +4,9 @@
 # bench/src/bin/httpload.rs RUNS times: CONNECTIONS keep-alive connections looking up
 # customers back to back, while one more connection posts INGEST events/s.
 #
-#   bench/lookup.sh [CUSTOMERS] [EVENTS] [RUNS] [INGEST] [CONNECTIONS] [--zipf]
-#   (defaults: 100000 1000000 3 10000 8; ids uniform over customers unless --zipf)
+#   bench/lookup.sh [CUSTOMERS] [EVENTS] [RUNS] [INGEST] [CONNECTIONS] [--zipf | "--top N"]
+#   (defaults: 100000 1000000 3 10000 8; ids uniform over customers, or Zipf like the
+#   activity, or uniform over the N busiest customers)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 customers=${1:-100000}

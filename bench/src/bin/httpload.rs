@@ -5,8 +5,11 @@
 //!
 //! ```text
 //! httpload --addr 127.0.0.1:8080 --customers 100000 --connections 8 --seconds 20 \
-//!          --ingest-rate 10000 [--path-prefix /v1/customers/] [--zipf]
+//!          --ingest-rate 10000 [--path-prefix /v1/customers/] [--zipf | --top N]
 //! ```
+//!
+//! `--zipf` draws the ids from the activity's own Zipf law; `--top N` uniformly from the N
+//! busiest customers (the head, whose windows hold the most events).
 //!
 //! A tool of our own rather than wrk (not installed here): plain HTTP/1.1 over blocking
 //! sockets, one thread per connection, no allocation per request beyond the response body.
@@ -27,6 +30,8 @@ struct Args {
     ingest_rate: u64,
     ingest_batch: u64,
     zipf: bool,
+    /// Look up only the `top` busiest customers (Zipf ranks 0..top).
+    top: Option<u64>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -38,6 +43,7 @@ fn parse_args() -> Result<Args, String> {
         ingest_rate: 10_000,
         ingest_batch: 500,
         zipf: false,
+        top: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -58,6 +64,7 @@ fn parse_args() -> Result<Args, String> {
             "--seconds" => args.seconds = number()?.max(1),
             "--ingest-rate" => args.ingest_rate = number()?,
             "--ingest-batch" => args.ingest_batch = number()?.max(1),
+            "--top" => args.top = Some(number()?.max(1)),
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -121,7 +128,9 @@ fn lookups(args: &Args, worker: usize, stop: &AtomicBool) -> (Vec<u32>, u64) {
     let mut errors = 0;
     let mut head = Vec::with_capacity(128);
     while !stop.load(Ordering::Relaxed) {
-        let rank = if args.zipf {
+        let rank = if let Some(top) = args.top {
+            rng.below(top)
+        } else if args.zipf {
             zipf.sample(&mut rng)
         } else {
             rng.below(args.customers)
