@@ -179,6 +179,15 @@ fn from_sortable_i64(b: &[u8]) -> i64 {
     (u64::from_be_bytes(raw) ^ (1 << 63)) as i64
 }
 
+/// The `ts` and arrival of an `events` key after the customer's prefix.
+fn event_key_suffix(rest: &[u8]) -> Result<(i64, u64), CodecError> {
+    if rest.len() != 16 {
+        return Err(CodecError("bad event key"));
+    }
+    let arrival = u64::from_be_bytes(rest[8..16].try_into().expect("8 bytes"));
+    Ok((from_sortable_i64(&rest[..8]), arrival))
+}
+
 fn event_prefix(customer: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(4 + customer.len() + 16);
     key.extend_from_slice(&(customer.len() as u32).to_be_bytes());
@@ -640,9 +649,24 @@ impl Store {
     }
 
     fn events_with(&self, customer: &str, read_options: ReadOptions) -> Result<Vec<StoredEvent>, StoreError> {
+        let mut events = Vec::new();
+        self.scan_events(customer, read_options, |ts, arrival, _, value| {
+            events.push(decode_event(ts, arrival, value)?);
+            Ok(())
+        })?;
+        Ok(events)
+    }
+
+    /// Calls `each` with the `ts`, arrival, key after the customer's prefix and value of
+    /// each of the customer's retained events, in `ts` order.
+    fn scan_events(
+        &self,
+        customer: &str,
+        read_options: ReadOptions,
+        mut each: impl FnMut(i64, u64, &[u8], &[u8]) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         let prefix = event_prefix(customer);
         let cutoff = self.history_cutoff();
-        let mut events = Vec::new();
         let iter = self.db.iterator_cf_opt(
             self.cf(CF_EVENTS),
             read_options,
@@ -654,17 +678,12 @@ impl Store {
                 break;
             }
             let rest = &key[prefix.len()..];
-            if rest.len() != 16 {
-                return Err(CodecError("bad event key").into());
+            let (ts, arrival) = event_key_suffix(rest)?;
+            if ts > cutoff {
+                each(ts, arrival, rest, &value)?;
             }
-            let ts = from_sortable_i64(&rest[..8]);
-            if ts <= cutoff {
-                continue;
-            }
-            let arrival = u64::from_be_bytes(rest[8..16].try_into().expect("8 bytes"));
-            events.push(decode_event(ts, arrival, &value)?);
         }
-        Ok(events)
+        Ok(())
     }
 
     /// A customer's retained events newest first, starting below `before` (a `(ts, arrival)`
@@ -791,7 +810,6 @@ impl Store {
             o.set_snapshot(&snapshot);
             o
         };
-        let cutoff = self.history_cutoff();
         let customers = self
             .db
             .iterator_cf_opt(self.cf(CF_CUSTOMERS), opts(), IteratorMode::Start);
@@ -801,29 +819,10 @@ impl Store {
                 continue;
             }
             let customer = std::str::from_utf8(&id).map_err(|_| CodecError("bad customer id"))?;
-            let prefix = event_prefix(customer);
             let mut events = Vec::new();
             let mut dedup = Vec::new();
-            let iter = self.db.iterator_cf_opt(
-                self.cf(CF_EVENTS),
-                opts(),
-                IteratorMode::From(&prefix, Direction::Forward),
-            );
-            for item in iter {
-                let (key, value) = item?;
-                if !key.starts_with(&prefix) {
-                    break;
-                }
-                let rest = &key[prefix.len()..];
-                if rest.len() != 16 {
-                    return Err(CodecError("bad event key").into());
-                }
-                if from_sortable_i64(&rest[..8]) <= cutoff {
-                    continue;
-                }
-                let arrival = u64::from_be_bytes(rest[8..16].try_into().expect("8 bytes"));
-                let stored = decode_event(from_sortable_i64(&rest[..8]), arrival, &value)?;
-                if let Some(event_id) = stored.event_id {
+            self.scan_events(customer, opts(), |ts, arrival, rest, value| {
+                if let Some(event_id) = decode_event(ts, arrival, value)?.event_id {
                     if let Some(applied) =
                         self.db
                             .get_cf_opt(self.cf(CF_DEDUP), event_id.as_bytes(), &opts())?
@@ -832,7 +831,8 @@ impl Store {
                     }
                 }
                 events.push((rest.to_vec(), value.to_vec()));
-            }
+                Ok(())
+            })?;
             each(CustomerExport {
                 id: customer,
                 record: &record,
@@ -854,11 +854,8 @@ impl Store {
         let prefix = event_prefix(customer);
         let mut max_arrival = 0;
         for (rest, value) in events {
-            if rest.len() != 16 {
-                return Err(CodecError("bad event key").into());
-            }
-            let arrival = u64::from_be_bytes(rest[8..16].try_into().expect("8 bytes"));
-            decode_event(from_sortable_i64(&rest[..8]), arrival, value)?;
+            let (ts, arrival) = event_key_suffix(rest)?;
+            decode_event(ts, arrival, value)?;
             max_arrival = max_arrival.max(arrival);
             let mut key = prefix.clone();
             key.extend_from_slice(rest);

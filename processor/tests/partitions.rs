@@ -70,6 +70,15 @@ fn changes_by_customer(engine: &Engine, after: u64) -> BTreeMap<String, Vec<Stri
     out
 }
 
+/// `gone` and every other customer of partition 1 have left `engine`.
+fn assert_gone(engine: &Engine, gone: &str) {
+    assert_eq!(engine.customer(gone).unwrap(), None);
+    let members = engine.members("high_value_active").unwrap();
+    assert!(members
+        .iter()
+        .all(|(id, _)| partition_of(id.as_bytes(), PARTITIONS) != 1));
+}
+
 fn ingest_all(engine: &mut Engine, lines: &[&String]) {
     for chunk in lines.chunks(97) {
         engine.ingest(chunk).unwrap();
@@ -210,20 +219,10 @@ fn a_partition_moved_to_another_store_carries_on_as_if_it_had_stayed() {
         .iter()
         .find(|id| partition_of(id.as_bytes(), PARTITIONS) == 1)
         .unwrap();
-    assert_eq!(stay.customer(gone).unwrap(), None);
-    assert!(stay
-        .members("high_value_active")
-        .unwrap()
-        .iter()
-        .all(|(id, _)| partition_of(id.as_bytes(), PARTITIONS) != 1));
+    assert_gone(&stay, gone);
     drop(stay);
     let stay = Engine::open(stay_dir.path(), Some(&rules), config(2)).unwrap();
-    assert_eq!(stay.customer(gone).unwrap(), None);
-    assert!(stay
-        .members("high_value_active")
-        .unwrap()
-        .iter()
-        .all(|(id, _)| partition_of(id.as_bytes(), PARTITIONS) != 1));
+    assert_gone(&stay, gone);
 }
 
 #[test]

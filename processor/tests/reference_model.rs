@@ -466,6 +466,20 @@ fn run_engine(
     (engine, dir)
 }
 
+/// `tail_s` seconds after the stream's latest `ts`.
+fn stream_end(lines: &[String], tail_s: i64) -> i64 {
+    let latest = lines
+        .iter()
+        .filter_map(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()?
+                .get("ts")?
+                .as_i64()
+        })
+        .max();
+    latest.unwrap_or(BASE) + tail_s * 1000
+}
+
 /// The whole change log with `seq`, as stored.
 fn change_log(engine: &Engine) -> Vec<String> {
     let changes = engine.changes(0, usize::MAX).unwrap();
@@ -584,12 +598,7 @@ proptest! {
         cache_customers in prop_oneof![Just(0usize), Just(3), Just(100_000)],
         workers in prop_oneof![Just(1usize), Just(2), Just(4)],
     ) {
-        let end = lines
-            .iter()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("ts")?.as_i64())
-            .max()
-            .unwrap_or(BASE)
-            + tail_s * 1000;
+        let end = stream_end(&lines, tail_s);
         // Each event sent again right after the next one: the resend often lands in the
         // group after its original, while that one is still being written.
         let lines: Vec<String> = lines
@@ -635,12 +644,7 @@ proptest! {
         restart_workers in prop_oneof![Just(1usize), Just(2), Just(4)],
         cut in 0usize..=100,
     ) {
-        let end = lines
-            .iter()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("ts")?.as_i64())
-            .max()
-            .unwrap_or(BASE)
-            + tail_s * 1000;
+        let end = stream_end(&lines, tail_s);
         let (one, _d1) = run_engine(&rules, &lines, &batch_sizes, end, setup(cache_customers));
         let sharded = Setup { cache_customers, workers, partitions };
         let (many, _d2) = run_engine(&rules, &lines, &batch_sizes, end, sharded);

@@ -216,31 +216,19 @@ fn a_partition_moves_between_stores_with_the_command_line() {
     assert!(before[5] > 0);
 
     let file = from.path().with_extension("partition-5");
-    let (ok, stdout, stderr) = run(
-        &[
-            "partitions",
-            "export",
-            "--partition",
-            "5",
-            "--out",
-            file.to_str().unwrap(),
-        ],
-        from.path(),
-    );
+    let export = [
+        "partitions",
+        "export",
+        "--partition",
+        "5",
+        "--out",
+        file.to_str().unwrap(),
+    ];
+    let (ok, stdout, stderr) = run(&export, from.path());
     assert!(ok, "{stderr}");
     assert!(stdout.contains(&format!("{} customers", before[5])), "{stdout}");
     // The file is not overwritten by a second export.
-    let (ok, _, stderr) = run(
-        &[
-            "partitions",
-            "export",
-            "--partition",
-            "5",
-            "--out",
-            file.to_str().unwrap(),
-        ],
-        from.path(),
-    );
+    let (ok, _, stderr) = run(&export, from.path());
     assert!(!ok && stderr.contains("creating"), "{stderr}");
 
     let (ok, _, stderr) = run(&["partitions", "import", file.to_str().unwrap()], to.path());
