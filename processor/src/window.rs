@@ -327,7 +327,7 @@ impl AggState {
             } => {
                 if let Value::Num(n) = input {
                     *numeric += 1;
-                    match sum.checked_add(*n) {
+                    match rules::exact_add(*sum, *n) {
                         Some(s) => *sum = s,
                         None => *overflowed += 1,
                     }
@@ -359,13 +359,20 @@ impl AggState {
             } => {
                 if let Value::Num(n) = input {
                     *numeric -= 1;
-                    if *overflowed > 0 {
-                        *overflowed -= 1;
-                        *sum = (lo..hi)
-                            .filter_map(|p| q.input(slot, p).as_num())
-                            .fold(Decimal::ZERO, |acc, n| acc.checked_add(n).unwrap_or(acc));
-                    } else {
-                        *sum -= *n;
+                    match rules::exact_add(*sum, -*n).filter(|_| *overflowed == 0) {
+                        Some(s) => *sum = s,
+                        None => {
+                            // Recount what is left (in window order, as a fresh fold
+                            // would): sums that cannot be held exactly stay overflowed.
+                            *sum = Decimal::ZERO;
+                            *overflowed = 0;
+                            for n in (lo..hi).filter_map(|p| q.input(slot, p).as_num()) {
+                                match rules::exact_add(*sum, n) {
+                                    Some(s) => *sum = s,
+                                    None => *overflowed += 1,
+                                }
+                            }
+                        }
                     }
                 }
             }

@@ -121,7 +121,7 @@ impl Accumulator {
             AggFunc::Sum | AggFunc::Avg | AggFunc::Min | AggFunc::Max => {
                 if let Value::Num(n) = input {
                     self.numeric += 1;
-                    self.sum = self.sum.and_then(|s| s.checked_add(n));
+                    self.sum = self.sum.and_then(|s| crate::value::exact_add(s, n));
                     self.min = Some(self.min.map_or(n, |m| m.min(n)));
                     self.max = Some(self.max.map_or(n, |m| m.max(n)));
                 }

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::value::Value;
+use crate::value::{NumberError, Value};
 
 /// One accepted event, as aggregates and filters read it.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,11 +27,22 @@ impl Props {
         Props(pairs)
     }
 
-    /// Flattens a JSON object; nested objects become dotted paths.
+    /// Flattens a JSON object known to be valid; nested objects become dotted paths.
     pub fn from_json(object: &serde_json::Map<String, serde_json::Value>) -> Props {
         let mut pairs = Vec::with_capacity(object.len());
-        flatten(object, &mut String::new(), &mut pairs);
+        let lossless = flatten(object, &mut String::new(), &mut pairs, &mut |v| Ok(Value::from_json(v)));
+        debug_assert!(lossless.is_ok(), "this conversion cannot fail");
         Props::new(pairs)
+    }
+
+    /// Flattens a JSON object, or names the dotted path of a number that cannot be held
+    /// exactly.
+    pub fn try_from_json(
+        object: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Props, (String, NumberError)> {
+        let mut pairs = Vec::with_capacity(object.len());
+        flatten(object, &mut String::new(), &mut pairs, &mut Value::try_from_json)?;
+        Ok(Props::new(pairs))
     }
 
     /// The value at a dotted path; null when absent.
@@ -40,6 +51,11 @@ impl Props {
             Ok(i) => self.0[i].1.clone(),
             Err(_) => Value::Null,
         }
+    }
+
+    /// Keeps the properties `keep` says yes to (a tracking plan's `strip`).
+    pub fn retain(&mut self, mut keep: impl FnMut(&str, &Value) -> bool) {
+        self.0.retain(|(k, v)| keep(k, v));
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Value)> {
@@ -59,7 +75,8 @@ fn flatten(
     object: &serde_json::Map<String, serde_json::Value>,
     prefix: &mut String,
     out: &mut Vec<(Box<str>, Value)>,
-) {
+    convert: &mut impl FnMut(&serde_json::Value) -> Result<Value, NumberError>,
+) -> Result<(), (String, NumberError)> {
     for (key, value) in object {
         let len = prefix.len();
         if !prefix.is_empty() {
@@ -67,11 +84,15 @@ fn flatten(
         }
         prefix.push_str(key);
         match value {
-            serde_json::Value::Object(inner) => flatten(inner, prefix, out),
-            other => out.push((prefix.as_str().into(), Value::from_json(other))),
+            serde_json::Value::Object(inner) => flatten(inner, prefix, out, convert)?,
+            other => {
+                let value = convert(other).map_err(|e| (prefix.clone(), e))?;
+                out.push((prefix.as_str().into(), value));
+            }
         }
         prefix.truncate(len);
     }
+    Ok(())
 }
 
 #[cfg(test)]

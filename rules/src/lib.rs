@@ -53,6 +53,7 @@ pub mod history;
 pub mod lexer;
 pub mod normalize;
 pub mod parser;
+pub mod plan;
 mod timing;
 pub mod value;
 
@@ -68,4 +69,5 @@ pub use explain::{ExplainNode, WindowBounds};
 pub use history::{CustomerHistory, HistoryFacts, ProfileEntry, DEFAULT_RETENTION_MS};
 pub use normalize::normalize;
 pub use parser::{parse, parse_expr};
-pub use value::{Type, Value};
+pub use plan::{Mode, TrackingPlan, Verdict, Violation, ViolationClass};
+pub use value::{exact_add, parse_exact_decimal, NumberError, Type, Value};

@@ -3,7 +3,6 @@
 
 use std::cmp::Ordering;
 use std::fmt;
-use std::str::FromStr;
 use std::sync::Arc;
 
 use rust_decimal::prelude::*;
@@ -136,8 +135,21 @@ impl Value {
         }
     }
 
-    /// Converts a JSON value. Objects are not values of the language and become null
-    /// (their leaves are reachable through dotted paths instead).
+    /// Converts a JSON value, or says why a number in it cannot be held exactly. Objects
+    /// are not values of the language and become null (their leaves are reachable through
+    /// dotted paths instead).
+    pub fn try_from_json(v: &serde_json::Value) -> Result<Value, NumberError> {
+        Ok(match v {
+            serde_json::Value::Number(n) => Value::Num(number_from_json(n)?),
+            serde_json::Value::Array(items) => {
+                Value::List(items.iter().map(Value::try_from_json).collect::<Result<_, _>>()?)
+            }
+            other => Value::from_json(other),
+        })
+    }
+
+    /// Converts a JSON value known to be valid (see [`Value::try_from_json`]); a number
+    /// that cannot be held exactly becomes null.
     pub fn from_json(v: &serde_json::Value) -> Value {
         match v {
             serde_json::Value::Null | serde_json::Value::Object(_) => Value::Null,
@@ -162,28 +174,84 @@ pub enum DistinctKey {
     Str(String),
 }
 
-/// Exact decimal from a JSON number. Floats go through their shortest round-trip text, so
-/// `330.12` becomes exactly 330.12 rather than its binary approximation.
-pub fn number_from_json(n: &serde_json::Number) -> Option<Decimal> {
-    if let Some(i) = n.as_i64() {
-        return Some(Decimal::from(i));
-    }
-    if let Some(u) = n.as_u64() {
-        return Decimal::from_u64(u);
-    }
-    let f = n.as_f64()?;
-    if !f.is_finite() {
-        return None;
-    }
-    decimal_from_f64(f)
+/// Why a JSON number is not a value of the language: it cannot be held exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NumberError {
+    /// Larger in magnitude than a decimal holds (about 7.9 × 10²⁸).
+    OutOfRange,
+    /// More significant digits (or a smaller fraction) than the 28 a decimal keeps: it
+    /// would have to be rounded.
+    TooPrecise,
 }
 
-pub fn decimal_from_f64(f: f64) -> Option<Decimal> {
-    let text = f.to_string();
-    Decimal::from_str(&text)
-        .or_else(|_| Decimal::from_scientific(&format!("{f:e}")))
-        .ok()
-        .or_else(|| Decimal::from_f64(f))
+impl fmt::Display for NumberError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NumberError::OutOfRange => "out of the decimal range (magnitude at most 79228162514264337593543950335)",
+            NumberError::TooPrecise => "has more than 28 significant digits and would be rounded",
+        })
+    }
+}
+
+/// Exact decimal from a JSON number, from its text as sent: `1234567890123456789.12345`
+/// stays exactly that, `330.12` is exactly 330.12. A number that cannot be held exactly
+/// (`1e300`, 29 significant digits) is an error, never a rounded value.
+pub fn number_from_json(n: &serde_json::Number) -> Result<Decimal, NumberError> {
+    if let Some(i) = n.as_i64() {
+        return Ok(Decimal::from(i));
+    }
+    parse_exact_decimal(&n.to_string())
+}
+
+/// Parses a JSON number's text (`-12.5`, `1.5e3`, `2E-4`) into the decimal it denotes, or
+/// says why it cannot be held exactly.
+pub fn parse_exact_decimal(text: &str) -> Result<Decimal, NumberError> {
+    let (mantissa, exponent) = match text.find(['e', 'E']) {
+        Some(i) => (&text[..i], text[i + 1..].parse::<i64>().map_err(|_| NumberError::OutOfRange)?),
+        None => (text, 0),
+    };
+    let base = Decimal::from_str_exact(mantissa).map_err(|_| {
+        // Too large, or too many digits to keep: it is the integer part that decides.
+        let integer = mantissa.trim_start_matches('-').split('.').next().unwrap_or("");
+        let integer = integer.trim_start_matches('0');
+        let max = "79228162514264337593543950335";
+        if integer.len() > max.len() || (integer.len() == max.len() && integer > max) {
+            NumberError::OutOfRange
+        } else {
+            NumberError::TooPrecise
+        }
+    })?;
+    if exponent == 0 || base.is_zero() {
+        return Ok(if exponent == 0 { base } else { Decimal::ZERO });
+    }
+    let base = base.normalize();
+    let scale = i64::from(base.scale()) - exponent;
+    if scale >= 0 {
+        if scale > i64::from(Decimal::MAX_SCALE) {
+            return Err(NumberError::TooPrecise);
+        }
+        let mut out = base;
+        out.set_scale(scale as u32).map_err(|_| NumberError::TooPrecise)?;
+        return Ok(out);
+    }
+    // A positive exponent beyond the fraction: multiply by the power of ten left.
+    let mut out = base;
+    out.set_scale(0).map_err(|_| NumberError::OutOfRange)?;
+    let mut left = -scale;
+    while left > 0 {
+        let step = left.min(18);
+        let factor = Decimal::from(10i64.pow(step as u32));
+        out = out.checked_mul(factor).ok_or(NumberError::OutOfRange)?;
+        left -= step;
+    }
+    Ok(out)
+}
+
+/// `a + b` when the sum is exact; `None` when it overflows or would have to be rounded
+/// (more than 28 significant digits), so a sum never drifts silently.
+pub fn exact_add(a: Decimal, b: Decimal) -> Option<Decimal> {
+    let sum = a.checked_add(b)?;
+    (sum.scale() >= a.scale().max(b.scale())).then_some(sum)
 }
 
 impl fmt::Display for Value {
@@ -246,6 +314,8 @@ pub fn serialize_decimal<S: Serializer>(n: &Decimal, serializer: S) -> Result<S:
 
 #[cfg(test)]
 mod tests {
+    use std::str::FromStr;
+
     use super::*;
 
     #[test]
@@ -283,5 +353,47 @@ mod tests {
         assert_eq!(text, "0.3");
         assert_eq!(serde_json::to_string(&Value::num(2000)).unwrap(), "2000");
         assert_eq!(serde_json::to_string(&Value::Dur(2_700_000)).unwrap(), "2700000");
+    }
+
+    fn exact(text: &str) -> Result<String, NumberError> {
+        let v: serde_json::Value = serde_json::from_str(text).unwrap();
+        let serde_json::Value::Number(n) = v else { panic!("{text} is not a number") };
+        number_from_json(&n).map(|d| serde_json::to_string(&Value::Num(d)).unwrap())
+    }
+
+    /// Numbers keep every digit they were sent with, up to 28 significant digits and
+    /// the decimal range; beyond that they are an error, never rounded or null.
+    #[test]
+    fn json_numbers_are_exact_to_28_digits_or_refused() {
+        assert_eq!(exact("1234567890123456789.12345").unwrap(), "1234567890123456789.12345");
+        assert_eq!(exact("9007199254740993").unwrap(), "9007199254740993");
+        assert_eq!(exact("18446744073709551616").unwrap(), "18446744073709551616");
+        assert_eq!(exact("1.234567890123456789012345678").unwrap(), "1.234567890123456789012345678");
+        assert_eq!(exact("0.0000000000000000000000000001").unwrap(), "0.0000000000000000000000000001");
+        assert_eq!(exact("79228162514264337593543950335").unwrap(), "79228162514264337593543950335");
+        assert_eq!(exact("-79228162514264337593543950335").unwrap(), "-79228162514264337593543950335");
+        assert_eq!(exact("1.5e3").unwrap(), "1500");
+        assert_eq!(exact("1.25E+2").unwrap(), "125");
+        assert_eq!(exact("25e-3").unwrap(), "0.025");
+        assert_eq!(exact("1e28").unwrap(), "10000000000000000000000000000");
+        assert_eq!(exact("0e400").unwrap(), "0");
+        assert_eq!(exact("-0.0").unwrap(), "0");
+        assert_eq!(exact("79228162514264337593543950336"), Err(NumberError::OutOfRange));
+        assert_eq!(exact("1e300"), Err(NumberError::OutOfRange));
+        assert_eq!(exact("-1e29"), Err(NumberError::OutOfRange));
+        assert_eq!(exact("1e-29"), Err(NumberError::TooPrecise));
+        assert_eq!(exact("1e-300"), Err(NumberError::TooPrecise));
+        assert_eq!(exact("1.2345678901234567890123456789").unwrap(), "1.2345678901234567890123456789");
+        assert_eq!(exact("9.2345678901234567890123456789"), Err(NumberError::TooPrecise));
+    }
+
+    #[test]
+    fn sums_that_would_round_are_refused() {
+        let big = Decimal::from_str("10000000000000000000000000000").unwrap();
+        let tenth = Decimal::from_str("0.1").unwrap();
+        assert_eq!(exact_add(big, tenth), None, "30 significant digits");
+        assert_eq!(exact_add(Decimal::MAX, Decimal::ONE), None, "overflow");
+        assert_eq!(exact_add(tenth, tenth), Some(Decimal::from_str("0.2").unwrap()));
+        assert_eq!(exact_add(big, -big), Some(Decimal::ZERO));
     }
 }
