@@ -19,6 +19,9 @@ pub struct Settings {
     pub data_dir: PathBuf,
     /// The rule file; replaces the stored rule set when it differs.
     pub rules: Option<PathBuf>,
+    /// The tracking plan events are judged against (docs/rules.md, "Tracking plan"); none:
+    /// events are only checked against `[limits]`.
+    pub tracking_plan: Option<PathBuf>,
     /// Address the HTTP API listens on.
     pub listen: SocketAddr,
     /// `wall` or `event`.
@@ -108,6 +111,14 @@ pub struct Limits {
     pub max_event_depth: usize,
     /// How far ahead of the clock an event's `ts` may be, e.g. "5m".
     pub future_tolerance: Duration,
+    /// Most characters of `customer_id` and `event_id`.
+    pub max_id_chars: usize,
+    /// Most characters of an event `type`.
+    pub max_type_chars: usize,
+    /// Most characters of a property path or profile attribute name.
+    pub max_name_chars: usize,
+    /// Most characters of a string value in `props` or `profile`.
+    pub max_string_chars: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -186,6 +197,7 @@ impl Default for Settings {
         Settings {
             data_dir: PathBuf::from("./tagstream-data"),
             rules: None,
+            tracking_plan: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             clock: ClockMode::Wall,
             sync_writes: engine.sync_writes,
@@ -206,6 +218,10 @@ impl Default for Limits {
             max_event_bytes: event.max_event_bytes,
             max_event_depth: event.max_depth,
             future_tolerance: Duration(event.future_tolerance_ms),
+            max_id_chars: event.max_id_chars,
+            max_type_chars: event.max_type_chars,
+            max_name_chars: event.max_name_chars,
+            max_string_chars: event.max_string_chars,
         }
     }
 }
@@ -255,6 +271,10 @@ impl Settings {
                 max_event_bytes: self.limits.max_event_bytes,
                 max_depth: self.limits.max_event_depth,
                 future_tolerance_ms: self.limits.future_tolerance.0,
+                max_id_chars: self.limits.max_id_chars,
+                max_type_chars: self.limits.max_type_chars,
+                max_name_chars: self.limits.max_name_chars,
+                max_string_chars: self.limits.max_string_chars,
             },
             dedup_horizon_ms: self.retention.dedup_horizon.0,
             retention_ms: self.retention.history.0,
@@ -299,6 +319,7 @@ impl Settings {
 
 data_dir = "{data_dir}"
 # rules = "deploy/rules/example.trl"
+# tracking_plan = "deploy/rules/plan.toml"   # what events may carry (docs/rules.md)
 listen = "{listen}"
 clock = "wall"            # or "event": now is the greatest event time seen
 sync_writes = true        # fsync the WAL on every commit
@@ -308,6 +329,10 @@ max_request_bytes = {max_request_bytes}
 max_event_bytes = {max_event_bytes}
 max_event_depth = {max_event_depth}
 future_tolerance = "5m"   # how far ahead of the clock an event's ts may be
+max_id_chars = {max_id_chars}        # customer_id and event_id
+max_type_chars = {max_type_chars}      # event type
+max_name_chars = {max_name_chars}      # property path, profile attribute name
+max_string_chars = {max_string_chars}   # string values in props and profile
 
 [retention]
 history = "400d"          # events kept per customer (windows, lifetime, backfill)
@@ -348,6 +373,10 @@ max_batch = {kafka_batch}           # events per engine batch
             max_request_bytes = d.limits.max_request_bytes,
             max_event_bytes = d.limits.max_event_bytes,
             max_event_depth = d.limits.max_event_depth,
+            max_id_chars = d.limits.max_id_chars,
+            max_type_chars = d.limits.max_type_chars,
+            max_name_chars = d.limits.max_name_chars,
+            max_string_chars = d.limits.max_string_chars,
             changes_max_count = d.retention.changes_max_count,
             dead_letters_max_count = d.retention.dead_letters_max_count,
             customers = d.cache.customers,

@@ -63,9 +63,18 @@ enum Command {
         /// definitions each event type and profile attribute can change.
         #[arg(long)]
         plan: bool,
+        /// Check what the rules read against this tracking plan: unknown event types,
+        /// properties and attributes, comparisons with the wrong type or outside an enum.
+        #[arg(long)]
+        tracking_plan: Option<PathBuf>,
         /// Rule files (`.trl`).
         #[arg(required = true)]
         files: Vec<PathBuf>,
+    },
+    /// Tracking plans: check one, or infer one from what a store has received.
+    Plan {
+        #[command(subcommand)]
+        action: PlanAction,
     },
     /// Print a settings file with every key at its default.
     DefaultConfig,
@@ -172,6 +181,19 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum PlanAction {
+    /// Check a tracking plan file; exits 1 with the error if it is not valid.
+    Check { file: PathBuf },
+    /// Print a tracking plan that accepts every event type, property and profile attribute
+    /// a stopped store has received (a starting point to review and tighten). For a running
+    /// server: `GET /v1/schema/observed?format=plan`.
+    Infer {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum Clock {
     Wall,
@@ -190,6 +212,9 @@ struct StoreArgs {
     /// The rule file; replaces the stored rule set when it differs.
     #[arg(long, global = true)]
     rules: Option<PathBuf>,
+    /// The tracking plan (TOML) events are checked against (docs/rules.md, "Tracking plan").
+    #[arg(long, global = true)]
+    tracking_plan: Option<PathBuf>,
     /// Where `now` comes from: the wall clock, or the greatest event time seen [default: wall].
     #[arg(long, value_enum, global = true)]
     clock: Option<Clock>,
@@ -217,6 +242,9 @@ impl StoreArgs {
         }
         if let Some(r) = &self.rules {
             s.rules = Some(r.clone());
+        }
+        if let Some(p) = &self.tracking_plan {
+            s.tracking_plan = Some(p.clone());
         }
         if let Some(c) = self.clock {
             s.clock = match c {
@@ -248,8 +276,15 @@ fn open_engine(settings: &Settings) -> anyhow::Result<Engine> {
         }
         None => None,
     };
+    let plan = settings.tracking_plan.as_deref().map(load_plan).transpose()?;
     match Engine::open(&settings.data_dir, rules.as_deref(), settings.engine_config()) {
-        Ok(engine) => Ok(engine),
+        Ok(mut engine) => {
+            if let Some(plan) = &plan {
+                report_plan_warnings(engine.rules(), plan, settings.tracking_plan.as_deref());
+            }
+            engine.set_plan(plan);
+            Ok(engine)
+        }
         Err(processor::EngineError::Rules(diags)) => {
             let origin = settings
                 .rules
@@ -262,6 +297,29 @@ fn open_engine(settings: &Settings) -> anyhow::Result<Engine> {
             anyhow::bail!("the rule set has {} error(s)", diags.len())
         }
         Err(e) => Err(e).with_context(|| format!("opening the store at {}", settings.data_dir.display())),
+    }
+}
+
+/// Reads and checks a tracking plan file.
+fn load_plan(path: &std::path::Path) -> anyhow::Result<std::sync::Arc<rules::TrackingPlan>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    rules::TrackingPlan::parse(&text)
+        .map(std::sync::Arc::new)
+        .map_err(|e| anyhow::anyhow!("the tracking plan {}: {e}", path.display()))
+}
+
+/// Prints what the loaded rules read that the plan does not have (warnings: the rules were
+/// accepted before the plan existed; `check-rules --tracking-plan` makes them errors).
+fn report_plan_warnings(
+    rules: &rules::CompiledRules,
+    plan: &rules::TrackingPlan,
+    path: Option<&std::path::Path>,
+) {
+    let origin = path.map_or("plan".to_owned(), |p| p.display().to_string());
+    let diagnostics = rules::check_against_plan(rules.source(), plan);
+    if !diagnostics.is_empty() {
+        let rendered = rules::render_all(&diagnostics, rules.source(), "the stored rules");
+        tracing::warn!(plan = %origin, "the rules read what the tracking plan does not have:\n{rendered}");
     }
 }
 
@@ -306,7 +364,12 @@ fn main() -> ExitCode {
             customers,
             config,
         } => run_demo(data_dir, listen, rate, customers, config),
-        Command::CheckRules { plan, files } => check_rules(&files, plan),
+        Command::CheckRules {
+            plan,
+            tracking_plan,
+            files,
+        } => check_rules(&files, plan, tracking_plan.as_deref()),
+        Command::Plan { action } => run_plan(action),
         Command::Healthcheck { url } => admin::healthcheck(&url),
         Command::Backup { to, server, data_dir } => admin::backup(&to, &server, data_dir.as_deref()),
         Command::Restore { from, data_dir } => admin::restore(&from, &data_dir),
@@ -380,14 +443,30 @@ fn run_demo(
     Ok(ExitCode::SUCCESS)
 }
 
-fn check_rules(files: &[PathBuf], plan: bool) -> anyhow::Result<ExitCode> {
+fn check_rules(
+    files: &[PathBuf],
+    plan: bool,
+    tracking_plan: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
+    let tracking_plan = tracking_plan.map(load_plan).transpose()?;
     let mut failed = false;
     for path in files {
         let source = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let origin = path.display().to_string();
         match rules::CompiledRules::compile(&source) {
             Ok(compiled) => {
-                println!("{origin}: ok, {} definitions", compiled.defs().len());
+                let against = tracking_plan
+                    .as_deref()
+                    .map(|p| rules::check_against_plan(&source, p))
+                    .unwrap_or_default();
+                if against.iter().any(|d| !d.code.is_warning()) {
+                    failed = true;
+                }
+                if against.is_empty() {
+                    println!("{origin}: ok, {} definitions", compiled.defs().len());
+                } else {
+                    eprint!("{}", rules::render_all(&against, &source, &origin));
+                }
                 if plan {
                     print!("{}", compiled.describe_plan());
                 }
@@ -403,6 +482,35 @@ fn check_rules(files: &[PathBuf], plan: bool) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+fn run_plan(action: PlanAction) -> anyhow::Result<ExitCode> {
+    match action {
+        PlanAction::Check { file } => {
+            let plan = load_plan(&file)?;
+            println!(
+                "{}: ok, {} event types{}{}",
+                file.display(),
+                plan.events.len(),
+                if plan.profile.is_some() {
+                    ", profile attributes"
+                } else {
+                    ""
+                },
+                if plan.identifiers.is_some() {
+                    ", identifiers"
+                } else {
+                    ""
+                },
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        PlanAction::Infer { store } => {
+            let engine = open_engine(&store.settings()?)?;
+            print!("{}", engine.intake().quality.observed().infer_plan());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
 
 fn run_replay(

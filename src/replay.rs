@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use processor::{parse_event, Engine, EventLimits, IngestRequest, Rejection, ValidEvent};
+use processor::{Engine, IngestRequest, Intake, Rejection, ValidEvent};
 
 pub struct ReplayReport {
     pub accepted: usize,
@@ -39,10 +39,10 @@ pub fn replay(
     }
     file.seek(SeekFrom::Start(offset))?;
     let reader = BufReader::with_capacity(1 << 20, file);
-    let limits = engine.config().limits;
+    let intake = engine.intake();
     // Reading and parsing run on their own thread, one batch ahead of the engine.
     let (tx, rx) = std::sync::mpsc::sync_channel::<anyhow::Result<ParsedBatch>>(2);
-    let reader_thread = std::thread::spawn(move || read_batches(reader, offset, batch_size, limits, tx));
+    let reader_thread = std::thread::spawn(move || read_batches(reader, offset, batch_size, intake, tx));
     let started = Instant::now();
     let mut bar = progress.then(|| ProgressBar::new(offset, total));
     let mut report = ReplayReport {
@@ -79,6 +79,7 @@ pub fn replay(
             raw: lines,
             parsed: events,
             positions: vec![(source.clone(), offset)],
+            source: "replay",
         };
         engine.submit_group(vec![request]);
         count(engine.take_finished(), &mut report, &mut reasons)?;
@@ -112,7 +113,7 @@ fn read_batches(
     mut reader: impl BufRead,
     mut offset: u64,
     batch_size: usize,
-    limits: EventLimits,
+    intake: Intake,
     tx: SyncSender<anyhow::Result<ParsedBatch>>,
 ) {
     let mut lines: Vec<Vec<u8>> = Vec::with_capacity(batch_size);
@@ -134,7 +135,7 @@ fn read_batches(
             lines.push(std::mem::take(&mut line));
         }
         if lines.len() >= batch_size || (n == 0 && !lines.is_empty()) {
-            let events = lines.iter().map(|l| parse_event(l, &limits, i64::MAX)).collect();
+            let events = intake.parse_batch(&lines, "replay");
             let batch = ParsedBatch {
                 lines: std::mem::replace(&mut lines, Vec::with_capacity(batch_size)),
                 events,

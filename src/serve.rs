@@ -150,7 +150,7 @@ pub fn demo_generator(handle: EngineHandle, stopping: Arc<AtomicBool>, rate: u32
             .spawn(move || loop {
                 let next = queue.lock().unwrap_or_else(|p| p.into_inner()).recv();
                 let Ok(events) = next else { return };
-                if let Err(e) = handle.ingest_blocking(events, Vec::new()) {
+                if let Err(e) = handle.ingest_blocking(events, Vec::new(), "demo") {
                     tracing::warn!(error = %e, "demo generator could not ingest; stopping");
                     stopping.store(true, Ordering::SeqCst);
                     return;

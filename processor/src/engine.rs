@@ -40,12 +40,15 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rocksdb::WriteBatch;
-use rules::{CompiledRules, DefId, DefKind, Diagnostic, Facts, Value};
+use rules::{
+    CompiledRules, DefId, DefKind, Diagnostic, Facts, TrackingPlan, Value, Violation, ViolationClass,
+};
 
 use crate::change::{Cause, Change, MemberKind, Op};
 use crate::codec::{Reader, Writer};
 use crate::event::{check_not_future, parse_event, EventLimits, Rejection, ValidEvent};
 use crate::index::{number_key, ColumnLimits, IndexCommit, MembershipIndex, ProfileUpdate};
+use crate::quality::{Intake, Quality, Sighting};
 use crate::state::{CustomerState, EngineFacts, EventTagState, ManualTag, Membership};
 use crate::store::{
     timer_key, Current, Retention, Store, StoreError, StoredEvent, CF_CHANGES, CF_CHANGES_BY_NAME,
@@ -178,6 +181,8 @@ pub struct IngestRequest {
     pub raw: Vec<Vec<u8>>,
     pub parsed: Vec<Result<ValidEvent, Rejection>>,
     pub positions: Vec<(String, u64)>,
+    /// Where the events came from (`http`, `kafka`, `replay`, …), for the quality record.
+    pub source: &'static str,
 }
 
 impl IngestRequest {
@@ -189,6 +194,19 @@ impl IngestRequest {
             raw,
             parsed,
             positions: Vec::new(),
+            source: "api",
+        }
+    }
+
+    /// Parses `raw` from `source` with an [`Intake`]: against its tracking plan, recording
+    /// violations and what the events carry.
+    pub fn parse_with(raw: Vec<Vec<u8>>, intake: &Intake, source: &'static str) -> IngestRequest {
+        let parsed = intake.parse_batch(&raw, source);
+        IngestRequest {
+            raw,
+            parsed,
+            positions: Vec::new(),
+            source,
         }
     }
 
@@ -409,6 +427,8 @@ const META_RULES: &str = "rules";
 const META_GENERATION: &str = "generation";
 const META_BACKFILL: &str = "backfill_cursor";
 const META_OFFSET_PREFIX: &str = "offset:";
+/// The data-quality record ([`crate::quality`]), saved with commits every few seconds.
+const META_QUALITY: &str = "quality";
 
 pub struct Engine {
     store: Arc<Store>,
@@ -440,9 +460,13 @@ pub struct Engine {
     backfill_total: u64,
     /// Position of each definition in evaluation order.
     order_pos: Vec<usize>,
+    /// The tracking plan events are judged against, if one is loaded.
+    plan: Option<Arc<TrackingPlan>>,
+    /// Violations and the observed schema, shared with the edges and readers.
+    quality: Arc<Quality>,
 }
 
-fn wall_ms() -> i64 {
+pub(crate) fn wall_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
@@ -546,6 +570,9 @@ impl Engine {
         let backfill_cursor = store.get(CF_META, META_BACKFILL.as_bytes())?;
         let timers = store.timers()?;
         let order_pos = positions(&rules);
+        let quality = Arc::new(Quality::restore(
+            store.get(CF_META, META_QUALITY.as_bytes())?.as_deref(),
+        ));
         let index = MembershipIndex::open(
             &store,
             counters.next_seq - 1,
@@ -573,6 +600,8 @@ impl Engine {
             backfill_done: 0,
             backfill_total: 0,
             order_pos,
+            plan: None,
+            quality,
         };
         engine.shards = (0..engine.config.workers.max(1))
             .map(|_| Shard::default())
@@ -592,6 +621,24 @@ impl Engine {
 
     pub fn rules(&self) -> &Arc<CompiledRules> {
         &self.rules
+    }
+
+    /// Judges events against `plan` from now on (`None`: no plan, behaviour as without).
+    pub fn set_plan(&mut self, plan: Option<Arc<TrackingPlan>>) {
+        self.plan = plan;
+    }
+
+    pub fn plan(&self) -> Option<&Arc<TrackingPlan>> {
+        self.plan.as_ref()
+    }
+
+    /// What edges parse events with: the limits, the plan and the quality record.
+    pub fn intake(&self) -> Intake {
+        Intake {
+            limits: self.config.limits,
+            plan: self.plan.clone(),
+            quality: self.quality.clone(),
+        }
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -706,5 +753,21 @@ impl Drop for Engine {
         if let Err(e) = self.checkpoint_index() {
             tracing::warn!(error = %e, "membership index checkpoint at close failed; the next open replays the change log");
         }
+        if let Err(e) = self.save_quality() {
+            tracing::warn!(error = %e, "saving the data-quality record at close failed; the last seconds' counts are lost");
+        }
+    }
+}
+
+impl Engine {
+    /// Saves the data-quality record now (commits save it every few seconds).
+    pub fn save_quality(&self) -> Result<(), StoreError> {
+        let mut wb = WriteBatch::default();
+        wb.put_cf(
+            self.store.cf(CF_META),
+            META_QUALITY.as_bytes(),
+            self.quality.snapshot(),
+        );
+        self.store.commit(wb)
     }
 }

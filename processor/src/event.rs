@@ -5,7 +5,9 @@
 
 use std::sync::Arc;
 
-use rules::{normalize, Props, Value};
+use rules::{
+    normalize, NumberError, ProfileUpdate, Props, TrackingPlan, Value, Verdict, Violation, ViolationClass,
+};
 use serde_json::Map;
 
 /// The earliest accepted event time: 2000-01-01T00:00:00Z.
@@ -20,6 +22,14 @@ pub struct EventLimits {
     pub max_depth: usize,
     /// How far ahead of the later of the wall clock and the engine clock `ts` may be.
     pub future_tolerance_ms: i64,
+    /// Most characters of `customer_id` and `event_id` (after normalisation).
+    pub max_id_chars: usize,
+    /// Most characters of `type`.
+    pub max_type_chars: usize,
+    /// Most characters of a property path (`device.os`) or profile attribute name.
+    pub max_name_chars: usize,
+    /// Most characters of a string value in `props` or `profile`.
+    pub max_string_chars: usize,
 }
 
 impl Default for EventLimits {
@@ -28,6 +38,10 @@ impl Default for EventLimits {
             max_event_bytes: 64 * 1024,
             max_depth: 16,
             future_tolerance_ms: 5 * 60_000,
+            max_id_chars: 256,
+            max_type_chars: 128,
+            max_name_chars: 128,
+            max_string_chars: 8192,
         }
     }
 }
@@ -74,11 +88,24 @@ pub enum Rejection {
     EventIdNotString,
     PropsNotObject,
     ProfileNotObject,
+    /// A string longer than its limit: `field` names it (`customer_id`, `props.note`).
+    TooLong {
+        field: String,
+        limit: usize,
+    },
+    /// A number that cannot be held exactly (`1e300`, 30 significant digits).
+    NumberNotExact {
+        field: String,
+        error: NumberError,
+    },
+    /// Blocked by the tracking plan: the first violation of a blocking mode. Its code is
+    /// the violation class's.
+    Plan(Violation),
 }
 
 impl Rejection {
     /// Every code, for documentation and for tests that check it.
-    pub const CODES: [&'static str; 18] = [
+    pub const CODES: [&'static str; 28] = [
         "too_large",
         "not_utf8",
         "invalid_json",
@@ -97,6 +124,16 @@ impl Rejection {
         "event_id_not_string",
         "props_not_object",
         "profile_not_object",
+        "too_long",
+        "number_not_exact",
+        "unplanned_event",
+        "required_missing",
+        "datatype_mismatch",
+        "additional_properties",
+        "enum",
+        "pattern",
+        "out_of_retention",
+        "unknown_top_level_field",
     ];
 
     /// The stable code: what dashboards, alerts and dead-letter filters key on.
@@ -120,6 +157,9 @@ impl Rejection {
             Rejection::EventIdNotString => 15,
             Rejection::PropsNotObject => 16,
             Rejection::ProfileNotObject => 17,
+            Rejection::TooLong { .. } => 18,
+            Rejection::NumberNotExact { .. } => 19,
+            Rejection::Plan(v) => return v.class.code(),
         };
         Self::CODES[i]
     }
@@ -148,6 +188,9 @@ impl std::fmt::Display for Rejection {
             Rejection::EventIdNotString => f.write_str("event_id is not a string"),
             Rejection::PropsNotObject => f.write_str("props is not an object"),
             Rejection::ProfileNotObject => f.write_str("profile is not an object"),
+            Rejection::TooLong { field, limit } => write!(f, "{field} longer than {limit} characters"),
+            Rejection::NumberNotExact { field, error } => write!(f, "{field}: the number {error}"),
+            Rejection::Plan(v) => write!(f, "tracking plan, {}: {}", v.class, v.detail),
         }
     }
 }
@@ -155,6 +198,20 @@ impl std::fmt::Display for Rejection {
 /// Parses and validates one event's JSON bytes. `latest_known_ms` is the later of the wall
 /// clock and the engine clock, for the future-tolerance check.
 pub fn parse_event(raw: &[u8], limits: &EventLimits, latest_known_ms: i64) -> Result<ValidEvent, Rejection> {
+    parse_event_planned(raw, limits, None, latest_known_ms, &mut Vec::new())
+}
+
+/// Like [`parse_event`], judged against a tracking plan (if any): every violation found
+/// is pushed to `violations` (also those of an event kept, and unknown top-level fields
+/// without a plan), fields a `strip` mode drops are dropped, and a blocking violation
+/// rejects the event.
+pub fn parse_event_planned(
+    raw: &[u8],
+    limits: &EventLimits,
+    plan: Option<&TrackingPlan>,
+    latest_known_ms: i64,
+    violations: &mut Vec<Violation>,
+) -> Result<ValidEvent, Rejection> {
     if raw.len() > limits.max_event_bytes {
         return Err(Rejection::TooLarge {
             limit: limits.max_event_bytes,
@@ -168,7 +225,7 @@ pub fn parse_event(raw: &[u8], limits: &EventLimits, latest_known_ms: i64) -> Re
         Ok(v) => v,
         Err(e) => return Err(Rejection::InvalidJson(e.to_string())),
     };
-    validate_value(value, limits, latest_known_ms)
+    validate_planned(value, limits, plan, latest_known_ms, violations)
 }
 
 /// Validates an already parsed JSON value (an element of a JSON array body).
@@ -176,6 +233,19 @@ pub fn validate_value(
     value: serde_json::Value,
     limits: &EventLimits,
     latest_known_ms: i64,
+) -> Result<ValidEvent, Rejection> {
+    validate_planned(value, limits, None, latest_known_ms, &mut Vec::new())
+}
+
+/// The top-level fields of the event format.
+pub const TOP_LEVEL_FIELDS: [&str; 6] = ["event_id", "customer_id", "type", "ts", "props", "profile"];
+
+fn validate_planned(
+    value: serde_json::Value,
+    limits: &EventLimits,
+    plan: Option<&TrackingPlan>,
+    latest_known_ms: i64,
+    violations: &mut Vec<Violation>,
 ) -> Result<ValidEvent, Rejection> {
     if depth(&value) > limits.max_depth {
         return Err(Rejection::TooDeep {
@@ -192,6 +262,7 @@ pub fn validate_value(
             if id.is_empty() {
                 return Err(Rejection::CustomerIdEmpty);
             }
+            check_length("customer_id", &id, limits.max_id_chars)?;
             Arc::<str>::from(id.as_ref())
         }
         Some(_) => return Err(Rejection::CustomerIdNotString),
@@ -203,6 +274,7 @@ pub fn validate_value(
             if t.is_empty() {
                 return Err(Rejection::TypeEmpty);
             }
+            check_length("type", &t, limits.max_type_chars)?;
             Arc::<str>::from(t.as_ref())
         }
         Some(_) => return Err(Rejection::TypeNotString),
@@ -220,19 +292,56 @@ pub fn validate_value(
     };
     let event_id = match object.remove("event_id") {
         None | Some(serde_json::Value::Null) => None,
-        Some(serde_json::Value::String(s)) => Some(s),
+        Some(serde_json::Value::String(s)) => {
+            check_length("event_id", &s, limits.max_id_chars)?;
+            Some(s)
+        }
         Some(_) => return Err(Rejection::EventIdNotString),
     };
-    let props = match object.remove("props") {
+    let mut props = match object.remove("props") {
         None | Some(serde_json::Value::Null) => Props::default(),
-        Some(serde_json::Value::Object(p)) => Props::from_json(&p),
+        Some(serde_json::Value::Object(p)) => {
+            let props = Props::try_from_json(&p).map_err(|(path, error)| Rejection::NumberNotExact {
+                field: format!("props.{path}"),
+                error,
+            })?;
+            for (path, value) in props.iter() {
+                check_field("props.", path, value, limits)?;
+            }
+            props
+        }
         Some(_) => return Err(Rejection::PropsNotObject),
     };
-    let profile = match object.remove("profile") {
+    let mut profile = match object.remove("profile") {
         None | Some(serde_json::Value::Null) => Vec::new(),
-        Some(serde_json::Value::Object(p)) => profile_updates(p),
+        Some(serde_json::Value::Object(p)) => profile_updates(p, limits)?,
         Some(_) => return Err(Rejection::ProfileNotObject),
     };
+    let violations_before = violations.len();
+    for name in object.keys() {
+        violations.push(Violation {
+            class: ViolationClass::UnknownTopLevelField,
+            field: Some(name.clone()),
+            detail: format!(
+                "{name:?} is not a field of the event format ({}){}",
+                TOP_LEVEL_FIELDS.join(", "),
+                rules::diagnostic::did_you_mean(name, TOP_LEVEL_FIELDS)
+                    .map(|s| format!(", did you mean {s:?}?"))
+                    .unwrap_or_default()
+            ),
+        });
+    }
+    if let Some(plan) = plan {
+        if plan.unknown_top_level == rules::Mode::Block {
+            if let Some(v) = violations.get(violations_before) {
+                return Err(Rejection::Plan(v.clone()));
+            }
+        }
+        if let Verdict::Block(v) = plan.check(&customer_id, &event_type, &mut props, &mut profile, violations)
+        {
+            return Err(Rejection::Plan(v));
+        }
+    }
     Ok(ValidEvent {
         event_id,
         customer_id,
@@ -241,6 +350,35 @@ pub fn validate_value(
         props,
         profile,
     })
+}
+
+fn check_length(field: &str, text: &str, limit: usize) -> Result<(), Rejection> {
+    // Bytes bound characters from above: most strings never need counting.
+    if text.len() > limit && text.chars().count() > limit {
+        return Err(Rejection::TooLong {
+            field: field.to_owned(),
+            limit,
+        });
+    }
+    Ok(())
+}
+
+/// A property or attribute: its name and (string) value within the limits.
+fn check_field(prefix: &str, name: &str, value: &Value, limits: &EventLimits) -> Result<(), Rejection> {
+    if name.len() > limits.max_name_chars && name.chars().count() > limits.max_name_chars {
+        let shown: String = name.chars().take(32).collect();
+        return Err(Rejection::TooLong {
+            field: format!("the name of {prefix}{shown}…"),
+            limit: limits.max_name_chars,
+        });
+    }
+    match value {
+        Value::Str(s) => check_length(&format!("{prefix}{name}"), s, limits.max_string_chars),
+        Value::List(items) => items
+            .iter()
+            .try_for_each(|item| check_field(prefix, name, item, limits)),
+        _ => Ok(()),
+    }
 }
 
 /// Rejects a `ts` further ahead of `latest_known_ms` than the tolerance. Parsing on another
@@ -252,12 +390,24 @@ pub fn check_not_future(ts: i64, limits: &EventLimits, latest_known_ms: i64) -> 
     Ok(())
 }
 
-fn profile_updates(object: Map<String, serde_json::Value>) -> Vec<(Arc<str>, Option<Value>)> {
+fn profile_updates(
+    object: Map<String, serde_json::Value>,
+    limits: &EventLimits,
+) -> Result<Vec<ProfileUpdate>, Rejection> {
     object
         .into_iter()
         .map(|(k, v)| {
-            let value = (!v.is_null()).then(|| Value::from_json(&v));
-            (Arc::from(k.as_str()), value)
+            let value = match v {
+                serde_json::Value::Null => None,
+                v => Some(
+                    Value::try_from_json(&v).map_err(|error| Rejection::NumberNotExact {
+                        field: format!("profile.{k}"),
+                        error,
+                    })?,
+                ),
+            };
+            check_field("profile.", &k, value.as_ref().unwrap_or(&Value::Null), limits)?;
+            Ok((Arc::from(k.as_str()), value))
         })
         .collect()
 }
@@ -328,6 +478,16 @@ mod tests {
             r#"{{"customer_id": "c", "type": "v", "props": {{"blob": "{}"}}}}"#,
             "x".repeat(70_000)
         );
+        let long_id = format!(r#"{{"customer_id": "{}", "type": "v"}}"#, "７".repeat(257));
+        let long_type = format!(r#"{{"customer_id": "c", "type": "{}"}}"#, "看".repeat(129));
+        let long_value = format!(
+            r#"{{"customer_id": "c", "type": "v", "props": {{"note": "{}"}}}}"#,
+            "x".repeat(8193)
+        );
+        let long_name = format!(
+            r#"{{"customer_id": "c", "type": "v", "profile": {{"{}": 1}}}}"#,
+            "n".repeat(129)
+        );
         let cases: Vec<(&[u8], &str, &str)> = vec![
             (b"\xff\xfe", "not_utf8", "not valid UTF-8"),
             (b"42", "not_object", "not a JSON object"),
@@ -393,6 +553,36 @@ mod tests {
                 "profile_not_object",
                 "profile is not an object",
             ),
+            (
+                long_id.as_bytes(),
+                "too_long",
+                "customer_id longer than 256 characters",
+            ),
+            (
+                long_type.as_bytes(),
+                "too_long",
+                "type longer than 128 characters",
+            ),
+            (
+                long_value.as_bytes(),
+                "too_long",
+                "props.note longer than 8192 characters",
+            ),
+            (
+                long_name.as_bytes(),
+                "too_long",
+                "the name of profile.nnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnn… longer than 128 characters",
+            ),
+            (
+                br#"{"customer_id": "c", "type": "v", "props": {"a": {"b": 1e300}}}"#,
+                "number_not_exact",
+                "props.a.b: the number out of the decimal range (magnitude at most 79228162514264337593543950335)",
+            ),
+            (
+                br#"{"customer_id": "c", "type": "v", "profile": {"ltv": 9.2345678901234567890123456789}}"#,
+                "number_not_exact",
+                "profile.ltv: the number has more digits than a decimal keeps (28 significant) and would be rounded",
+            ),
             (deep.as_bytes(), "too_deep", "nested deeper than 16 levels"),
             (big.as_bytes(), "too_large", "event larger than 65536 bytes"),
         ];
@@ -430,5 +620,20 @@ mod tests {
             parse(r#"{"customer_id": "c", "type": "v", "profile": {"city": "杭州", "vip": null}}"#).unwrap();
         assert_eq!(e.profile.len(), 2);
         assert!(e.profile.iter().any(|(k, v)| &**k == "vip" && v.is_none()));
+    }
+
+    /// Ids, types, names and strings at their limits are accepted; numbers keep every
+    /// digit they were sent with.
+    #[test]
+    fn limits_are_inclusive_and_numbers_exact() {
+        let at_limit = format!(
+            r#"{{"customer_id": "{}", "type": "{}", "props": {{"note": "{}", "amount": 1234567890123456789.12345}}}}"#,
+            "７".repeat(256),
+            "看".repeat(128),
+            "x".repeat(8192)
+        );
+        let e = parse(&at_limit).unwrap();
+        assert_eq!(e.customer_id.chars().count(), 256);
+        assert_eq!(e.props.get("amount").to_string(), "1234567890123456789.12345");
     }
 }

@@ -42,6 +42,7 @@ pub mod event;
 pub mod index;
 pub mod kafka;
 pub mod partition;
+pub mod quality;
 pub mod service;
 pub mod state;
 pub mod store;
@@ -58,6 +59,7 @@ pub use engine::{
     PARTITION_EXPORT_MAGIC,
 };
 pub use event::{parse_event, EventLimits, Rejection, ValidEvent};
+pub use quality::{Intake, Quality};
 pub use service::{EngineHandle, ServiceConfig, ServiceError};
 pub use state::Membership;
 pub use store::StoredEvent;

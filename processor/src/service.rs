@@ -28,7 +28,7 @@
 //! let (handle, thread) = EngineHandle::spawn(engine, ServiceConfig::default());
 //!
 //! let line = br#"{"customer_id": "c1", "type": "payment", "ts": 1744000000000}"#.to_vec();
-//! let outcome = handle.ingest_blocking(vec![line], Vec::new()).unwrap();
+//! let outcome = handle.ingest_blocking(vec![line], Vec::new(), "doc").unwrap();
 //! assert_eq!((outcome.accepted, outcome.changes.len()), (1, 1));
 //!
 //! drop(handle);
@@ -44,8 +44,7 @@ use std::time::{Duration, Instant};
 
 use crate::kafka::{Apply, ApplyError, KafkaBatch};
 use crate::{
-    telemetry, ClockMode, Engine, EngineError, EventLimits, Finished, IngestOutcome, IngestRequest,
-    ReadHandle,
+    telemetry, ClockMode, Engine, EngineError, Finished, IngestOutcome, IngestRequest, Intake, ReadHandle,
 };
 
 /// How the service loop paces its work.
@@ -110,7 +109,7 @@ enum Job {
 pub struct EngineHandle {
     jobs: SyncSender<Job>,
     reader: ReadHandle,
-    limits: EventLimits,
+    intake: Intake,
     /// Jobs queued and not yet taken by the loop.
     waiting: Arc<AtomicUsize>,
     /// The `seq` of the last committed change, for change streams to wait on.
@@ -123,7 +122,7 @@ impl EngineHandle {
     pub fn spawn(engine: Engine, config: ServiceConfig) -> (EngineHandle, JoinHandle<()>) {
         let (jobs, queue) = sync_channel::<Job>(config.queue);
         let reader = engine.reader();
-        let limits = engine.config().limits;
+        let intake = engine.intake();
         let (committed_tx, committed) = tokio::sync::watch::channel(reader.last_seq());
         let waiting = Arc::new(AtomicUsize::new(0));
         let service = Service {
@@ -142,7 +141,7 @@ impl EngineHandle {
         let handle = EngineHandle {
             jobs,
             reader,
-            limits,
+            intake,
             waiting,
             committed,
         };
@@ -170,7 +169,13 @@ impl EngineHandle {
     pub async fn ingest(&self, raw: Vec<Vec<u8>>) -> Result<IngestOutcome, ServiceError> {
         let received = Instant::now();
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let job = self.ingest_job(raw, Vec::new(), received, Box::new(move |r| drop(reply.send(r))));
+        let job = self.ingest_job(
+            raw,
+            Vec::new(),
+            "http",
+            received,
+            Box::new(move |r| drop(reply.send(r))),
+        );
         self.try_submit(job)?;
         Ok(answer.await.map_err(|_| ServiceError::Stopped)??)
     }
@@ -178,14 +183,22 @@ impl EngineHandle {
     /// Like [`EngineHandle::ingest`] for threads outside the async runtime (Kafka, the demo
     /// generator), with the source positions to commit with the events. Waits for room in
     /// the queue instead of answering busy: that is the backpressure such a source wants.
+    /// `source` names where they came from in the quality record (`kafka`, `demo`).
     pub fn ingest_blocking(
         &self,
         raw: Vec<Vec<u8>>,
         positions: Vec<(String, u64)>,
+        source: &'static str,
     ) -> Result<IngestOutcome, ServiceError> {
         let received = Instant::now();
         let (reply, answer) = std::sync::mpsc::sync_channel(1);
-        let job = self.ingest_job(raw, positions, received, Box::new(move |r| drop(reply.send(r))));
+        let job = self.ingest_job(
+            raw,
+            positions,
+            source,
+            received,
+            Box::new(move |r| drop(reply.send(r))),
+        );
         self.send(job)?;
         Ok(answer.recv().map_err(|_| ServiceError::Stopped)??)
     }
@@ -195,7 +208,7 @@ impl EngineHandle {
         let handle = self.clone();
         Box::new(move |batch: Arc<KafkaBatch>| {
             handle
-                .ingest_blocking(batch.events.clone(), batch.positions.clone())
+                .ingest_blocking(batch.events.clone(), batch.positions.clone(), "kafka")
                 .map_err(|e| match e {
                     ServiceError::Busy => ApplyError::Busy,
                     other => ApplyError::Failed(other.to_string()),
@@ -236,11 +249,12 @@ impl EngineHandle {
         &self,
         raw: Vec<Vec<u8>>,
         positions: Vec<(String, u64)>,
+        source: &'static str,
         received: Instant,
         reply: Reply<Result<IngestOutcome, EngineError>>,
     ) -> Job {
         Job::Ingest(IngestJob {
-            request: IngestRequest::parse(raw, &self.limits).with_positions(positions),
+            request: IngestRequest::parse_with(raw, &self.intake, source).with_positions(positions),
             received,
             reply,
         })

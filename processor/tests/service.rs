@@ -69,7 +69,7 @@ fn waiting_requests_commit_together_each_with_its_own_outcome() {
                 ];
                 (
                     n,
-                    h.ingest_blocking(raw, vec![(format!("src-{n}"), 10 + n as u64)])
+                    h.ingest_blocking(raw, vec![(format!("src-{n}"), 10 + n as u64)], "test")
                         .unwrap(),
                 )
             })
@@ -115,7 +115,8 @@ fn a_job_of_another_kind_ends_the_group_and_keeps_its_place() {
     let release = hold(&handle);
 
     let h = handle.clone();
-    let first = std::thread::spawn(move || h.ingest_blocking(vec![line("e1", "early", T0)], Vec::new()));
+    let first =
+        std::thread::spawn(move || h.ingest_blocking(vec![line("e1", "early", T0)], Vec::new(), "test"));
     wait_until("the first request queued", || handle.waiting() == 1);
     let h = handle.clone();
     let between = std::thread::spawn(move || {
@@ -126,7 +127,8 @@ fn a_job_of_another_kind_ends_the_group_and_keeps_its_place() {
     });
     wait_until("the lookup queued", || handle.waiting() == 2);
     let h = handle.clone();
-    let last = std::thread::spawn(move || h.ingest_blocking(vec![line("e2", "late", T0 + 1)], Vec::new()));
+    let last =
+        std::thread::spawn(move || h.ingest_blocking(vec![line("e2", "late", T0 + 1)], Vec::new(), "test"));
     wait_until("the last request queued", || handle.waiting() == 3);
     release.send(()).unwrap();
 
@@ -158,7 +160,7 @@ fn a_group_stops_at_its_event_limit_and_never_splits_a_request() {
             let raw: Vec<Vec<u8>> = (0..3)
                 .map(|i| line(&format!("e{n}-{i}"), &format!("c{n}"), T0))
                 .collect();
-            let t = std::thread::spawn(move || h.ingest_blocking(raw, Vec::new()).unwrap());
+            let t = std::thread::spawn(move || h.ingest_blocking(raw, Vec::new(), "test").unwrap());
             wait_until("the request queued", || handle.waiting() == n + 1);
             t
         })
@@ -185,7 +187,8 @@ fn a_full_queue_answers_busy_and_blocking_callers_wait() {
     let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
     let release = hold(&handle);
     let h = handle.clone();
-    let waiting = std::thread::spawn(move || h.ingest_blocking(vec![line("e1", "c1", T0)], Vec::new()));
+    let waiting =
+        std::thread::spawn(move || h.ingest_blocking(vec![line("e1", "c1", T0)], Vec::new(), "test"));
     wait_until("the queue full", || handle.waiting() == 1);
     let busy = runtime.block_on(handle.ingest(vec![line("e2", "c2", T0)]));
     assert!(matches!(busy, Err(ServiceError::Busy)), "{busy:?}");
@@ -206,7 +209,8 @@ fn the_loop_stops_once_every_handle_is_gone_after_draining_its_queue() {
     let (handle, thread) = EngineHandle::spawn(engine, ServiceConfig::default());
     let release = hold(&handle);
     let h = handle.clone();
-    let queued = std::thread::spawn(move || h.ingest_blocking(vec![line("e1", "c1", T0)], Vec::new()));
+    let queued =
+        std::thread::spawn(move || h.ingest_blocking(vec![line("e1", "c1", T0)], Vec::new(), "test"));
     wait_until("the request queued", || handle.waiting() == 1);
     drop(handle);
     release.send(()).unwrap();

@@ -168,6 +168,8 @@ pub fn router(state: AppState) -> Router {
             get(routes::dead_letters).delete(routes::purge_dead_letters),
         )
         .route("/v1/admin/backup", post(routes::backup))
+        .route("/v1/quality", get(routes::quality))
+        .route("/v1/schema/observed", get(routes::schema_observed))
         .route("/openapi.json", get(routes::openapi))
         .route("/metrics", get(routes::metrics))
         .route("/healthz", get(routes::healthz))

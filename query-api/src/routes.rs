@@ -99,11 +99,39 @@ pub async fn put_rules(
     // Checked here, with the text at hand, so every diagnostic carries its source line.
     let compiled = rules::CompiledRules::compile(&text)
         .map_err(|diags| ApiError::InvalidRules(diags.iter().map(|d| d.located(&text)).collect()))?;
+    let warnings = check_reads(&app, &text)?;
     let definitions = compiled.defs().len();
     app.engine
         .call(move |engine| engine.replace_rules(&text))
         .await??;
-    Ok(Json(json!({ "definitions": definitions, "backfill": "running" })))
+    Ok(Json(
+        json!({ "definitions": definitions, "backfill": "running", "warnings": warnings }),
+    ))
+}
+
+/// What a rule set reads, judged against the tracking plan (its errors refuse the rule
+/// set with 422) or, without one, against the event types, properties and attributes
+/// received so far (warnings, returned to the caller).
+fn check_reads(app: &AppState, text: &str) -> Result<Vec<rules::LocatedDiagnostic>, ApiError> {
+    let intake = app.engine.reader().intake();
+    let diagnostics = match &intake.plan {
+        Some(plan) => rules::check_against_plan(text, plan),
+        None => {
+            let (events, profile) = intake.quality.seen();
+            rules::check_rules_against(
+                text,
+                &rules::Catalog::Observed {
+                    events: &events,
+                    profile: &profile,
+                },
+            )
+        }
+    };
+    let located: Vec<rules::LocatedDiagnostic> = diagnostics.iter().map(|d| d.located(text)).collect();
+    if diagnostics.iter().any(|d| !d.code.is_warning()) {
+        return Err(ApiError::InvalidRules(located));
+    }
+    Ok(located)
 }
 
 /// Customers one preview call evaluates before giving the engine back to other requests.
@@ -118,6 +146,7 @@ pub async fn preview_rules(
         .map_err(|_| ApiError::BadRequest("the rule set is not valid UTF-8".into()))?;
     let draft = rules::CompiledRules::compile(&text)
         .map_err(|diags| ApiError::InvalidRules(diags.iter().map(|d| d.located(&text)).collect()))?;
+    let warnings = check_reads(&app, &text)?;
     let draft = std::sync::Arc::new(draft);
     let mut preview = processor::Preview::default();
     let mut cursor: Option<String> = None;
@@ -137,9 +166,9 @@ pub async fn preview_rules(
             None => break,
         }
     }
-    Ok(Json(
-        serde_json::to_value(&preview).expect("a preview serialises"),
-    ))
+    let mut answer = serde_json::to_value(&preview).expect("a preview serialises");
+    answer["warnings"] = serde_json::to_value(&warnings).expect("diagnostics serialise");
+    Ok(Json(answer))
 }
 
 #[derive(serde::Serialize)]
@@ -578,6 +607,83 @@ pub async fn changes(
         .await??;
     let next_after = changes.last().map_or(after, |c| c.seq);
     Ok(Json(json!({ "changes": changes, "next_after": next_after })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QualityQuery {
+    /// Only violations seen at or after this instant (wall clock ms); counts are those
+    /// since then, per minute.
+    since: Option<i64>,
+    source: Option<String>,
+    class: Option<String>,
+    event_type: Option<String>,
+}
+
+/// `GET /v1/quality`: violations of the tracking plan (and of the event format's
+/// top-level fields and the retention, with or without a plan) by source, class, event
+/// type and field, per minute for the last day, with sample lines.
+pub async fn quality(
+    State(app): State<AppState>,
+    q: Result<Query<QualityQuery>, QueryRejection>,
+) -> Result<Json<Json_>, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    if let Some(class) = &q.class {
+        if rules::ViolationClass::from_code(class).is_none() {
+            let codes: Vec<&str> = rules::ViolationClass::ALL.iter().map(|c| c.code()).collect();
+            return Err(ApiError::BadRequest(format!(
+                "unknown violation class `{class}`; one of {}",
+                codes.join(", ")
+            )));
+        }
+    }
+    let intake = app.engine.reader().intake().clone();
+    let filter = processor::quality::ViolationFilter {
+        source: q.source,
+        class: q.class,
+        event_type: q.event_type,
+    };
+    let report = intake.quality.violations(q.since.unwrap_or(i64::MIN), &filter);
+    let plan = intake.plan.as_ref().map(|p| {
+        json!({
+            "event_types": p.events.len(),
+            "mode": p.mode.name(),
+            "unplanned_events": p.unplanned_events.name(),
+            "unknown_top_level": p.unknown_top_level.name(),
+            "out_of_retention": p.out_of_retention.name(),
+        })
+    });
+    let mut answer = serde_json::to_value(&report).expect("a report serialises");
+    answer["plan"] = plan.unwrap_or(Json_::Null);
+    Ok(Json(answer))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObservedQuery {
+    /// `json` (default) or `plan`: a tracking plan (TOML) accepting what was received.
+    format: Option<String>,
+}
+
+/// `GET /v1/schema/observed`: the event types, properties, profile attributes and
+/// identifiers received, with the types seen, examples, counts and first/last seen.
+pub async fn schema_observed(
+    State(app): State<AppState>,
+    q: Result<Query<ObservedQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let observed = app.engine.reader().intake().quality.observed();
+    match q.format.as_deref() {
+        None | Some("json") => Ok(Json(observed).into_response()),
+        Some("plan") => Ok((
+            [(header::CONTENT_TYPE, "application/toml; charset=utf-8")],
+            observed.infer_plan(),
+        )
+            .into_response()),
+        Some(other) => Err(ApiError::BadRequest(format!(
+            "unknown format `{other}`; `json` or `plan`"
+        ))),
+    }
 }
 
 #[derive(Deserialize)]

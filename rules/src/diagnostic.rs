@@ -81,6 +81,22 @@ pub enum Code {
     E0304,
     /// A window or ttl that is zero or negative.
     E0305,
+    /// An event type the tracking plan does not list.
+    E0401,
+    /// An event property the tracking plan does not list for its type.
+    E0402,
+    /// A profile attribute the tracking plan does not list.
+    E0403,
+    /// A property or attribute compared with a value of another type than planned.
+    E0404,
+    /// A property or attribute compared with a value outside its planned enum.
+    E0405,
+    /// (warning) An event type never received.
+    W0501,
+    /// (warning) An event property never received with its type.
+    W0502,
+    /// (warning) A profile attribute never received.
+    W0503,
 }
 
 impl Code {
@@ -108,7 +124,20 @@ impl Code {
             Code::E0303 => "E0303",
             Code::E0304 => "E0304",
             Code::E0305 => "E0305",
+            Code::E0401 => "E0401",
+            Code::E0402 => "E0402",
+            Code::E0403 => "E0403",
+            Code::E0404 => "E0404",
+            Code::E0405 => "E0405",
+            Code::W0501 => "W0501",
+            Code::W0502 => "W0502",
+            Code::W0503 => "W0503",
         }
+    }
+
+    /// Warnings (`W…`) do not stop a rule set from loading.
+    pub fn is_warning(self) -> bool {
+        self.as_str().starts_with('W')
     }
 }
 
@@ -146,6 +175,11 @@ impl Diagnostic {
         let pos = self.position(source);
         LocatedDiagnostic {
             code: self.code.as_str(),
+            severity: if self.code.is_warning() {
+                "warning"
+            } else {
+                "error"
+            },
             message: self.message.clone(),
             line: pos.line,
             column: pos.column,
@@ -163,7 +197,12 @@ impl Diagnostic {
         let gutter = pos.line.to_string().len();
         let pad = " ".repeat(gutter);
         let mut out = String::new();
-        let _ = writeln!(out, "error[{}]: {}", self.code.as_str(), self.message);
+        let severity = if self.code.is_warning() {
+            "warning"
+        } else {
+            "error"
+        };
+        let _ = writeln!(out, "{severity}[{}]: {}", self.code.as_str(), self.message);
         let _ = writeln!(out, "{pad}--> {origin}:{}:{}", pos.line, pos.column);
         let _ = writeln!(out, "{pad} |");
         let _ = writeln!(out, "{} | {}", pos.line, line_text);
@@ -199,6 +238,8 @@ fn display_width(c: char) -> usize {
 #[derive(Debug, Clone, Serialize)]
 pub struct LocatedDiagnostic {
     pub code: &'static str,
+    /// `error` or `warning`.
+    pub severity: &'static str,
     pub message: String,
     pub line: usize,
     pub column: usize,
@@ -233,12 +274,19 @@ pub fn render_all(diagnostics: &[Diagnostic], source: &str, origin: &str) -> Str
         out.push_str(&d.render(source, origin));
         out.push('\n');
     }
-    let _ = writeln!(
-        out,
-        "{} error{} in {origin}",
-        diagnostics.len(),
-        if diagnostics.len() == 1 { "" } else { "s" }
-    );
+    let warnings = diagnostics.iter().filter(|d| d.code.is_warning()).count();
+    let errors = diagnostics.len() - warnings;
+    let plural = |n: usize| if n == 1 { "" } else { "s" };
+    let _ = if warnings == 0 {
+        writeln!(out, "{errors} error{} in {origin}", plural(errors))
+    } else {
+        writeln!(
+            out,
+            "{errors} error{}, {warnings} warning{} in {origin}",
+            plural(errors),
+            plural(warnings)
+        )
+    };
     out
 }
 

@@ -16,6 +16,9 @@ pub struct Event {
     pub props: Props,
 }
 
+/// One profile update of an event: the attribute and its new value (`None` deletes it).
+pub type ProfileUpdate = (Arc<str>, Option<Value>);
+
 /// Event properties, flattened and sorted by path for binary search.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Props(Vec<(Box<str>, Value)>);
@@ -30,7 +33,9 @@ impl Props {
     /// Flattens a JSON object known to be valid; nested objects become dotted paths.
     pub fn from_json(object: &serde_json::Map<String, serde_json::Value>) -> Props {
         let mut pairs = Vec::with_capacity(object.len());
-        let lossless = flatten(object, &mut String::new(), &mut pairs, &mut |v| Ok(Value::from_json(v)));
+        let lossless = flatten(object, &mut String::new(), &mut pairs, &mut |v| {
+            Ok(Value::from_json(v))
+        });
         debug_assert!(lossless.is_ok(), "this conversion cannot fail");
         Props::new(pairs)
     }

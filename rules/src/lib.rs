@@ -54,6 +54,7 @@ pub mod lexer;
 pub mod normalize;
 pub mod parser;
 pub mod plan;
+pub mod plan_check;
 mod timing;
 pub mod value;
 
@@ -64,10 +65,11 @@ pub use compile::{
 };
 pub use diagnostic::{render_all, Code, Diagnostic, LocatedDiagnostic, Position, Span};
 pub use eval::{apply_binary, filter_matches, Band, Facts};
-pub use event::{Event, Props};
+pub use event::{Event, ProfileUpdate, Props};
 pub use explain::{ExplainNode, WindowBounds};
 pub use history::{CustomerHistory, HistoryFacts, ProfileEntry, DEFAULT_RETENTION_MS};
 pub use normalize::normalize;
 pub use parser::{parse, parse_expr};
 pub use plan::{Mode, TrackingPlan, Verdict, Violation, ViolationClass};
+pub use plan_check::{check_against_plan, check_rules_against, Catalog};
 pub use value::{exact_add, parse_exact_decimal, NumberError, Type, Value};

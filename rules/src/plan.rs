@@ -23,12 +23,11 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::Arc;
 
 use regex::Regex;
 use serde::Deserialize;
 
-use crate::event::Props;
+use crate::event::{ProfileUpdate, Props};
 use crate::normalize::normalize;
 use crate::value::Value;
 
@@ -206,7 +205,11 @@ impl FieldSpec {
         let mismatch = || Violation {
             class: ViolationClass::DatatypeMismatch,
             field: Some(field.to_owned()),
-            detail: format!("{field} is {}, the plan says {}", describe(value), self.kind.name()),
+            detail: format!(
+                "{field} is {}, the plan says {}",
+                describe(value),
+                self.kind.name()
+            ),
         };
         let fits = match (self.kind, value) {
             (FieldType::Any, _) => true,
@@ -389,7 +392,7 @@ impl TrackingPlan {
         customer_id: &str,
         event_type: &str,
         props: &mut Props,
-        profile: &mut Vec<(Arc<str>, Option<Value>)>,
+        profile: &mut Vec<ProfileUpdate>,
         out: &mut Vec<Violation>,
     ) -> Verdict {
         let mut block: Option<Violation> = None;
@@ -410,7 +413,10 @@ impl TrackingPlan {
                 out.push(Violation {
                     class: ViolationClass::UnplannedEvent,
                     field: None,
-                    detail: format!("event type {event_type:?} is not in the plan{}", self.suggest(event_type)),
+                    detail: format!(
+                        "event type {event_type:?} is not in the plan{}",
+                        self.suggest(event_type)
+                    ),
                 });
                 note(self.unplanned_events, from, out);
             }
@@ -447,12 +453,15 @@ impl TrackingPlan {
 
 /// Profile updates against the profile's plan: a deletion (`null`) of a planned attribute
 /// is always fine; attributes are never required on every event.
-fn judge_profile(set: &FieldSet, profile: &[(Arc<str>, Option<Value>)], out: &mut Vec<Violation>) -> Vec<String> {
+fn judge_profile(set: &FieldSet, profile: &[ProfileUpdate], out: &mut Vec<Violation>) -> Vec<String> {
     let mut strip = Vec::new();
     for (name, value) in profile {
         let shown = format!("profile.{name}");
         let violation = match set.fields.get(&**name) {
-            Some(spec) => value.as_ref().filter(|v| !v.is_null()).and_then(|v| spec.judge(&shown, v)),
+            Some(spec) => value
+                .as_ref()
+                .filter(|v| !v.is_null())
+                .and_then(|v| spec.judge(&shown, v)),
             None if set.additional_properties => None,
             None => Some(Violation {
                 class: ViolationClass::AdditionalProperties,
@@ -533,7 +542,10 @@ impl RawPlan {
                 return Err(format!("events.{name}: planned twice (names compare normalised)"));
             }
         }
-        let identifiers = self.identifiers.map(|s| s.compile("identifiers", mode)).transpose()?;
+        let identifiers = self
+            .identifiers
+            .map(|s| s.compile("identifiers", mode))
+            .transpose()?;
         if let Some(ids) = &identifiers {
             if let Some(other) = ids.fields.keys().find(|k| k.as_str() != "customer_id") {
                 return Err(format!(
@@ -541,7 +553,9 @@ impl RawPlan {
                 ));
             }
             if ids.mode == Mode::Strip {
-                return Err("identifiers.mode: an identifier cannot be stripped; use \"allow\" or \"block\"".into());
+                return Err(
+                    "identifiers.mode: an identifier cannot be stripped; use \"allow\" or \"block\"".into(),
+                );
             }
         }
         Ok(TrackingPlan {
@@ -588,7 +602,10 @@ impl RawField {
                     .map(Value::Num)
                     .map_err(|e| format!("{at}: the value {f} {e}")),
                 toml::Value::Boolean(b) => Ok(Value::Bool(*b)),
-                other => Err(format!("{at}: enum values are strings, numbers or bools, not {}", other.type_str())),
+                other => Err(format!(
+                    "{at}: enum values are strings, numbers or bools, not {}",
+                    other.type_str()
+                )),
             })
             .collect::<Result<Vec<_>, _>>()?;
         if kind == FieldType::Enum && values.is_empty() {
@@ -601,7 +618,9 @@ impl RawField {
             .pattern
             .map(|p| Regex::new(&format!("^(?:{p})$")).map_err(|e| format!("{at}: pattern: {e}")))
             .transpose()?;
-        if (pattern.is_some() || self.max_length.is_some()) && !matches!(kind, FieldType::String | FieldType::Any) {
+        if (pattern.is_some() || self.max_length.is_some())
+            && !matches!(kind, FieldType::String | FieldType::Any)
+        {
             return Err(format!("{at}: `pattern` and `max_length` apply to strings"));
         }
         Ok(FieldSpec {
@@ -636,6 +655,8 @@ impl FieldSpec {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     const PLAN: &str = r#"
@@ -666,7 +687,13 @@ attributes.vip = { type = "bool" }
 ids.customer_id = { type = "string", pattern = "c[0-9]+" }
 "#;
 
-    fn check(plan: &TrackingPlan, id: &str, ty: &str, props: serde_json::Value, profile: serde_json::Value) -> (Verdict, Vec<Violation>, Props, usize) {
+    fn check(
+        plan: &TrackingPlan,
+        id: &str,
+        ty: &str,
+        props: serde_json::Value,
+        profile: serde_json::Value,
+    ) -> (Verdict, Vec<Violation>, Props, usize) {
         let mut props = Props::from_json(props.as_object().unwrap());
         let mut profile: Vec<(Arc<str>, Option<Value>)> = profile
             .as_object()
@@ -686,28 +713,70 @@ ids.customer_id = { type = "string", pattern = "c[0-9]+" }
     #[test]
     fn every_class_is_found_with_its_field() {
         let plan = TrackingPlan::parse(PLAN).unwrap();
-        let (verdict, v, _, _) = check(&plan, "c1", "payment", serde_json::json!({"amount": "12.5"}), serde_json::json!({}));
+        let (verdict, v, _, _) = check(
+            &plan,
+            "c1",
+            "payment",
+            serde_json::json!({"amount": "12.5"}),
+            serde_json::json!({}),
+        );
         assert_eq!(classes(&v), ["datatype_mismatch"]);
         assert_eq!(v[0].field.as_deref(), Some("props.amount"));
         assert!(matches!(verdict, Verdict::Block(_)));
-        let (_, v, _, _) = check(&plan, "c1", "payment", serde_json::json!({"currency": "EUR", "items": 1.5}), serde_json::json!({}));
+        let (_, v, _, _) = check(
+            &plan,
+            "c1",
+            "payment",
+            serde_json::json!({"currency": "EUR", "items": 1.5}),
+            serde_json::json!({}),
+        );
         assert_eq!(classes(&v), ["enum", "datatype_mismatch", "required_missing"]);
-        let (_, v, _, _) = check(&plan, "c1", "payment", serde_json::json!({"amount": 1, "order_id": "x1"}), serde_json::json!({}));
+        let (_, v, _, _) = check(
+            &plan,
+            "c1",
+            "payment",
+            serde_json::json!({"amount": 1, "order_id": "x1"}),
+            serde_json::json!({}),
+        );
         assert_eq!(classes(&v), ["pattern"]);
-        let (_, v, _, _) = check(&plan, "c1", "payment", serde_json::json!({"amount": 1, "order_id": "o1234567890123"}), serde_json::json!({}));
+        let (_, v, _, _) = check(
+            &plan,
+            "c1",
+            "payment",
+            serde_json::json!({"amount": 1, "order_id": "o1234567890123"}),
+            serde_json::json!({}),
+        );
         assert_eq!(classes(&v), ["too_long"]);
-        let (_, v, _, _) = check(&plan, "c1", "payment", serde_json::json!({"amount": 1, "coupon": "x", "device": {"os": "iOS"}}), serde_json::json!({}));
+        let (_, v, _, _) = check(
+            &plan,
+            "c1",
+            "payment",
+            serde_json::json!({"amount": 1, "coupon": "x", "device": {"os": "iOS"}}),
+            serde_json::json!({}),
+        );
         assert_eq!(classes(&v), ["additional_properties"]);
         assert_eq!(v[0].field.as_deref(), Some("props.coupon"));
         let (verdict, v, _, _) = check(&plan, "c1", "veiw", serde_json::json!({}), serde_json::json!({}));
         assert_eq!(classes(&v), ["unplanned_event"]);
         assert!(v[0].detail.contains("did you mean \"view\""), "{}", v[0].detail);
         assert!(matches!(verdict, Verdict::Block(_)));
-        let (verdict, v, _, _) = check(&plan, "x9", "payment", serde_json::json!({"amount": 1, "paid_at": "2025-03-01T12:45:41+08:00"}), serde_json::json!({}));
+        let (verdict, v, _, _) = check(
+            &plan,
+            "x9",
+            "payment",
+            serde_json::json!({"amount": 1, "paid_at": "2025-03-01T12:45:41+08:00"}),
+            serde_json::json!({}),
+        );
         assert_eq!(classes(&v), ["pattern"]);
         assert_eq!(v[0].field.as_deref(), Some("customer_id"));
         assert!(matches!(verdict, Verdict::Block(_)));
-        let (verdict, v, _, _) = check(&plan, "c1", "payment", serde_json::json!({"amount": 1, "paid_at": "yesterday"}), serde_json::json!({}));
+        let (verdict, v, _, _) = check(
+            &plan,
+            "c1",
+            "payment",
+            serde_json::json!({"amount": 1, "paid_at": "yesterday"}),
+            serde_json::json!({}),
+        );
         assert_eq!(classes(&v), ["datatype_mismatch"]);
         assert!(matches!(verdict, Verdict::Block(_)));
     }
@@ -715,28 +784,70 @@ ids.customer_id = { type = "string", pattern = "c[0-9]+" }
     #[test]
     fn modes_keep_strip_or_block() {
         let plan = TrackingPlan::parse(PLAN).unwrap();
-        let (verdict, v, props, _) =
-            check(&plan, "c1", "view", serde_json::json!({"category": 3, "colour": "red", "page": "p"}), serde_json::json!({}));
+        let (verdict, v, props, _) = check(
+            &plan,
+            "c1",
+            "view",
+            serde_json::json!({"category": 3, "colour": "red", "page": "p"}),
+            serde_json::json!({}),
+        );
         assert_eq!(verdict, Verdict::Keep);
-        assert_eq!(classes(&v), ["datatype_mismatch", "additional_properties", "additional_properties"]);
+        assert_eq!(
+            classes(&v),
+            [
+                "datatype_mismatch",
+                "additional_properties",
+                "additional_properties"
+            ]
+        );
         assert!(props.is_empty(), "every offending property stripped");
-        let (verdict, v, _, profile) =
-            check(&plan, "c1", "view", serde_json::json!({"category": "fish"}), serde_json::json!({"vip": "yes", "city": null, "age": 3}));
+        let (verdict, v, _, profile) = check(
+            &plan,
+            "c1",
+            "view",
+            serde_json::json!({"category": "fish"}),
+            serde_json::json!({"vip": "yes", "city": null, "age": 3}),
+        );
         assert_eq!(verdict, Verdict::Keep, "profile mode allow");
-        assert_eq!(classes(&v), ["additional_properties", "datatype_mismatch"], "age, then vip");
+        assert_eq!(
+            classes(&v),
+            ["additional_properties", "datatype_mismatch"],
+            "age, then vip"
+        );
         assert_eq!(profile, 3, "allow keeps what was sent");
-        let (verdict, v, _, _) = check(&plan, "c1", "payment", serde_json::json!({"amount": 2000}), serde_json::json!({"city": "杭州"}));
+        let (verdict, v, _, _) = check(
+            &plan,
+            "c1",
+            "payment",
+            serde_json::json!({"amount": 2000}),
+            serde_json::json!({"city": "杭州"}),
+        );
         assert_eq!((verdict, v.len()), (Verdict::Keep, 0));
     }
 
     #[test]
     fn plan_errors_name_the_place() {
         let bad = [
-            ("[events.a]\nproperties.x = { type = \"money\" }", "events.a.x: unknown type \"money\""),
-            ("[events.a]\nproperties.x = { type = \"enum\" }", "events.a.x: an enum needs"),
-            ("[events.a]\nproperties.x = { type = \"string\", pattern = \"(\" }", "events.a.x: pattern"),
-            ("[events.a]\nproperties.x = { type = \"bool\", max_length = 3 }", "apply to strings"),
-            ("[defaults]\nunplanned_events = \"strip\"", "defaults.unplanned_events"),
+            (
+                "[events.a]\nproperties.x = { type = \"money\" }",
+                "events.a.x: unknown type \"money\"",
+            ),
+            (
+                "[events.a]\nproperties.x = { type = \"enum\" }",
+                "events.a.x: an enum needs",
+            ),
+            (
+                "[events.a]\nproperties.x = { type = \"string\", pattern = \"(\" }",
+                "events.a.x: pattern",
+            ),
+            (
+                "[events.a]\nproperties.x = { type = \"bool\", max_length = 3 }",
+                "apply to strings",
+            ),
+            (
+                "[defaults]\nunplanned_events = \"strip\"",
+                "defaults.unplanned_events",
+            ),
             ("[events.a]\nmode = \"drop\"", "unknown variant `drop`"),
             ("[evnets.a]", "unknown field `evnets`"),
         ];

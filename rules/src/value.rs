@@ -187,8 +187,12 @@ pub enum NumberError {
 impl fmt::Display for NumberError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            NumberError::OutOfRange => "out of the decimal range (magnitude at most 79228162514264337593543950335)",
-            NumberError::TooPrecise => "has more than 28 significant digits and would be rounded",
+            NumberError::OutOfRange => {
+                "out of the decimal range (magnitude at most 79228162514264337593543950335)"
+            }
+            NumberError::TooPrecise => {
+                "has more digits than a decimal keeps (28 significant) and would be rounded"
+            }
         })
     }
 }
@@ -207,7 +211,12 @@ pub fn number_from_json(n: &serde_json::Number) -> Result<Decimal, NumberError> 
 /// says why it cannot be held exactly.
 pub fn parse_exact_decimal(text: &str) -> Result<Decimal, NumberError> {
     let (mantissa, exponent) = match text.find(['e', 'E']) {
-        Some(i) => (&text[..i], text[i + 1..].parse::<i64>().map_err(|_| NumberError::OutOfRange)?),
+        Some(i) => (
+            &text[..i],
+            text[i + 1..]
+                .parse::<i64>()
+                .map_err(|_| NumberError::OutOfRange)?,
+        ),
         None => (text, 0),
     };
     let base = Decimal::from_str_exact(mantissa).map_err(|_| {
@@ -357,7 +366,9 @@ mod tests {
 
     fn exact(text: &str) -> Result<String, NumberError> {
         let v: serde_json::Value = serde_json::from_str(text).unwrap();
-        let serde_json::Value::Number(n) = v else { panic!("{text} is not a number") };
+        let serde_json::Value::Number(n) = v else {
+            panic!("{text} is not a number")
+        };
         number_from_json(&n).map(|d| serde_json::to_string(&Value::Num(d)).unwrap())
     }
 
@@ -365,26 +376,50 @@ mod tests {
     /// the decimal range; beyond that they are an error, never rounded or null.
     #[test]
     fn json_numbers_are_exact_to_28_digits_or_refused() {
-        assert_eq!(exact("1234567890123456789.12345").unwrap(), "1234567890123456789.12345");
+        assert_eq!(
+            exact("1234567890123456789.12345").unwrap(),
+            "1234567890123456789.12345"
+        );
         assert_eq!(exact("9007199254740993").unwrap(), "9007199254740993");
         assert_eq!(exact("18446744073709551616").unwrap(), "18446744073709551616");
-        assert_eq!(exact("1.234567890123456789012345678").unwrap(), "1.234567890123456789012345678");
-        assert_eq!(exact("0.0000000000000000000000000001").unwrap(), "0.0000000000000000000000000001");
-        assert_eq!(exact("79228162514264337593543950335").unwrap(), "79228162514264337593543950335");
-        assert_eq!(exact("-79228162514264337593543950335").unwrap(), "-79228162514264337593543950335");
+        assert_eq!(
+            exact("1.234567890123456789012345678").unwrap(),
+            "1.234567890123456789012345678"
+        );
+        assert_eq!(
+            exact("0.0000000000000000000000000001").unwrap(),
+            "0.0000000000000000000000000001"
+        );
+        assert_eq!(
+            exact("79228162514264337593543950335").unwrap(),
+            "79228162514264337593543950335"
+        );
+        assert_eq!(
+            exact("-79228162514264337593543950335").unwrap(),
+            "-79228162514264337593543950335"
+        );
         assert_eq!(exact("1.5e3").unwrap(), "1500");
         assert_eq!(exact("1.25E+2").unwrap(), "125");
         assert_eq!(exact("25e-3").unwrap(), "0.025");
         assert_eq!(exact("1e28").unwrap(), "10000000000000000000000000000");
         assert_eq!(exact("0e400").unwrap(), "0");
         assert_eq!(exact("-0.0").unwrap(), "0");
-        assert_eq!(exact("79228162514264337593543950336"), Err(NumberError::OutOfRange));
+        assert_eq!(
+            exact("79228162514264337593543950336"),
+            Err(NumberError::OutOfRange)
+        );
         assert_eq!(exact("1e300"), Err(NumberError::OutOfRange));
         assert_eq!(exact("-1e29"), Err(NumberError::OutOfRange));
         assert_eq!(exact("1e-29"), Err(NumberError::TooPrecise));
         assert_eq!(exact("1e-300"), Err(NumberError::TooPrecise));
-        assert_eq!(exact("1.2345678901234567890123456789").unwrap(), "1.2345678901234567890123456789");
-        assert_eq!(exact("9.2345678901234567890123456789"), Err(NumberError::TooPrecise));
+        assert_eq!(
+            exact("1.2345678901234567890123456789").unwrap(),
+            "1.2345678901234567890123456789"
+        );
+        assert_eq!(
+            exact("9.2345678901234567890123456789"),
+            Err(NumberError::TooPrecise)
+        );
     }
 
     #[test]

@@ -561,6 +561,8 @@ fn the_openapi_document_describes_every_route_the_server_answers() {
         "/v1/changes",
         "/v1/dlq",
         "/v1/admin/backup",
+        "/v1/quality",
+        "/v1/schema/observed",
         "/metrics",
         "/healthz",
         "/readyz",

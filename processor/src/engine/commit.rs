@@ -61,6 +61,11 @@ impl Engine {
     /// (by the shards, in parallel), counters; the writes and what to do once they are
     /// durable.
     pub(super) fn prepare(&mut self, mut batch: Batch) -> Result<(Vec<SortedWrites>, Done), EngineError> {
+        if let Some(snapshot) = self.quality.snapshot_due(wall_ms()) {
+            batch
+                .wb
+                .put_cf(self.store.cf(CF_META), META_QUALITY.as_bytes(), snapshot);
+        }
         let mut parts: Vec<Batch> = self
             .shards
             .iter_mut()

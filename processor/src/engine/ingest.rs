@@ -20,10 +20,7 @@ impl Engine {
         raw_events: &[B],
         positions: &[(S, u64)],
     ) -> Result<IngestOutcome, EngineError> {
-        let parsed = raw_events
-            .iter()
-            .map(|raw| parse_event(raw.as_ref(), &self.config.limits, i64::MAX))
-            .collect();
+        let parsed = self.intake().parse_batch(raw_events, "api");
         self.ingest_parsed(raw_events, parsed, positions)
     }
 
@@ -38,7 +35,7 @@ impl Engine {
     ) -> Result<IngestOutcome, EngineError> {
         let (mut outcomes, mut changes) = self.transact(|engine, batch| {
             let mut round = Round::new(engine.shards.len());
-            let outcome = engine.ingest_part(raw_events, parsed, positions, &mut round, batch)?;
+            let outcome = engine.ingest_part(raw_events, parsed, positions, "api", &mut round, batch)?;
             engine.run_ingest_round(round)?;
             Ok(vec![outcome])
         })?;
@@ -75,6 +72,7 @@ impl Engine {
                 &request.raw,
                 request.parsed,
                 &request.positions,
+                request.source,
                 &mut round,
                 batch,
             )?);
@@ -100,6 +98,7 @@ impl Engine {
         raw_events: &[B],
         parsed: Vec<Result<ValidEvent, Rejection>>,
         positions: &[(S, u64)],
+        source: &str,
         round: &mut Round,
         batch: &mut Batch,
     ) -> Result<IngestOutcome, EngineError> {
@@ -111,7 +110,9 @@ impl Engine {
             round.next_step += 1;
             let latest = wall.max(self.counters.clock.unwrap_or(i64::MIN));
             let parsed = parsed.and_then(|ev| match ev.ts {
-                Some(ts) => check_not_future(ts, &self.config.limits, latest).map(|()| ev),
+                Some(ts) => check_not_future(ts, &self.config.limits, latest)
+                    .and_then(|()| self.check_retention(&ev, ts, raw.as_ref(), source))
+                    .map(|()| ev),
                 None => Ok(ev),
             });
             let result = match parsed {
@@ -187,6 +188,40 @@ impl Engine {
             arrival,
         });
         Ok(Ok(true))
+    }
+
+    /// An event at or before the clock minus the history retention cannot change a window
+    /// (only an event tag without `ttl`): an `out_of_retention` violation, recorded, and a
+    /// rejection if the plan blocks such events.
+    fn check_retention(&self, ev: &ValidEvent, ts: i64, raw: &[u8], source: &str) -> Result<(), Rejection> {
+        let floor = self.now().saturating_sub(self.config.retention_ms);
+        if ts > floor || self.counters.clock.is_none() && self.config.clock == ClockMode::Event {
+            return Ok(());
+        }
+        let violation = Violation {
+            class: ViolationClass::OutOfRetention,
+            field: Some("ts".to_owned()),
+            detail: format!(
+                "ts {ts} is at or before the retention floor {floor} (history retention {}): it changes no window",
+                rules::ast::format_duration(self.config.retention_ms)
+            ),
+        };
+        let block = self
+            .plan
+            .as_ref()
+            .is_some_and(|p| p.out_of_retention == rules::Mode::Block);
+        let sighting = Sighting {
+            event_type: ev.event_type.to_string(),
+            violations: vec![violation.clone()],
+            blocked: block.then_some(ViolationClass::OutOfRetention),
+            line: crate::quality::sample_line(raw),
+        };
+        self.quality
+            .record(source, wall_ms(), vec![sighting], self.plan.as_deref());
+        if block {
+            return Err(Rejection::Plan(violation));
+        }
+        Ok(())
     }
 
     pub(super) fn is_duplicate(&self, event_id: &str, batch: &Batch) -> Result<bool, StoreError> {

@@ -66,9 +66,15 @@ pub struct ReadHandle {
     pub(super) index: Arc<MembershipIndex>,
     clock_mode: ClockMode,
     pub(super) retention_ms: i64,
+    intake: Intake,
 }
 
 impl ReadHandle {
+    /// The limits, tracking plan and quality record events are parsed with.
+    pub fn intake(&self) -> &Intake {
+        &self.intake
+    }
+
     /// The evaluation instant, as [`Engine::now`] would answer after the last commit.
     pub fn now(&self) -> i64 {
         self.now_at(self.published.clock())
@@ -317,6 +323,7 @@ impl Engine {
             index: self.index.clone(),
             clock_mode: self.config.clock,
             retention_ms: self.config.retention_ms,
+            intake: self.intake(),
         }
     }
 
