@@ -478,3 +478,155 @@ fn the_engine_partition_of_a_customer_is_the_kafka_partition_of_its_key() {
     }
     assert_eq!(seen, keys.len());
 }
+
+/// A tracking plan judges events from Kafka as it does over HTTP: every property-level
+/// class in each mode, consumed through the service's Kafka edge — `allow` keeps the
+/// event as sent, `strip` drops the offending property, `block` dead-letters it (the class
+/// as its code, on the dead-letter topic too) — with the valid events of the same batches
+/// applied, and each violation counted under the source `kafka`.
+#[test]
+fn plan_violations_from_kafka_are_kept_stripped_or_blocked_and_counted() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("events", 1, 1).unwrap();
+    cluster.create_topic("tag-changes", 1, 1).unwrap();
+    cluster.create_topic("tagstream-dead-letters", 1, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let mut plan = String::from("[defaults]\nmode = \"block\"\n");
+    for mode in ["allow", "strip", "block"] {
+        plan += &format!(
+            "[events.pay_{mode}]\nmode = \"{mode}\"\nadditional_properties = false\n\
+             properties.amount = {{ type = \"decimal\", required = true }}\n\
+             properties.channel = {{ type = \"enum\", values = [\"app\"] }}\n\
+             properties.order_id = {{ type = \"string\", pattern = \"o[0-9]+\", max_length = 4 }}\n"
+        );
+    }
+    let cases = [
+        (
+            "datatype_mismatch",
+            serde_json::json!({"amount": "1"}),
+            Some("amount"),
+        ),
+        (
+            "enum",
+            serde_json::json!({"amount": 1, "channel": "web"}),
+            Some("channel"),
+        ),
+        (
+            "pattern",
+            serde_json::json!({"amount": 1, "order_id": "x1"}),
+            Some("order_id"),
+        ),
+        (
+            "too_long",
+            serde_json::json!({"amount": 1, "order_id": "o1234"}),
+            Some("order_id"),
+        ),
+        (
+            "additional_properties",
+            serde_json::json!({"amount": 1, "coupon": "c"}),
+            Some("coupon"),
+        ),
+        ("required_missing", serde_json::json!({"channel": "app"}), None),
+    ];
+    let mut lines = Vec::new();
+    for mode in ["allow", "strip", "block"] {
+        for (class, props, _) in &cases {
+            lines.push(
+                serde_json::json!({"customer_id": format!("{mode}-{class}"), "type": format!("pay_{mode}"),
+                                   "ts": 1_744_000_000_000i64, "props": props})
+                .to_string(),
+            );
+            lines.push(
+                serde_json::json!({"customer_id": format!("ok-{mode}-{class}"), "type": format!("pay_{mode}"),
+                                   "ts": 1_744_000_000_000i64, "props": {"amount": 3}})
+                .to_string(),
+            );
+        }
+    }
+    produce(&brokers, "events", &lines);
+
+    let dir = TempDir::new("kafka-plan");
+    let mut engine = Engine::open(dir.path(), Some(RULES), config()).unwrap();
+    engine.set_plan(Some(Arc::new(rules::TrackingPlan::parse(&plan).unwrap())));
+    let (handle, thread) = processor::EngineHandle::spawn(engine, processor::ServiceConfig::default());
+    let mut settings = KafkaSettings::new(&brokers, "events", "g-plan");
+    settings
+        .client_options
+        .insert("session.timeout.ms".into(), "6000".into());
+    let status = Arc::new(KafkaStatus::default());
+    let workers = kafka::start(
+        settings,
+        handle.reader().clone(),
+        handle.kafka_apply(),
+        status.clone(),
+    )
+    .unwrap();
+    let letters = read_topic(&brokers, "tagstream-dead-letters", cases.len());
+    let mut codes: Vec<String> = letters
+        .iter()
+        .map(|(_, _, headers)| {
+            headers
+                .iter()
+                .find(|(k, _)| k == "tagstream-reason-code")
+                .map(|(_, v)| v.clone())
+                .unwrap()
+        })
+        .collect();
+    codes.sort();
+    let mut want: Vec<&str> = cases.iter().map(|(c, _, _)| *c).collect();
+    want.sort();
+    assert_eq!(codes, want);
+    wait_until("every line applied", || {
+        handle.call_blocking(|e| e.customer_ids().unwrap().len()).unwrap() == lines.len() - cases.len()
+    });
+    workers.stop(Duration::from_secs(10));
+    for (class, props, concerned) in &cases {
+        let (kept, stripped, blocked) = handle
+            .call_blocking({
+                let class = *class;
+                move |e| {
+                    let props = |id: &str| {
+                        e.timeline(id, None, 1).unwrap().map(|events| {
+                            events[0]
+                                .event
+                                .props
+                                .iter()
+                                .map(|(k, _)| k.to_owned())
+                                .collect::<Vec<_>>()
+                        })
+                    };
+                    (
+                        props(&format!("allow-{class}")),
+                        props(&format!("strip-{class}")),
+                        props(&format!("block-{class}")),
+                    )
+                }
+            })
+            .unwrap();
+        let sent: Vec<String> = props.as_object().unwrap().keys().cloned().collect();
+        assert_eq!(kept.as_ref(), Some(&sent), "allow keeps {class}");
+        let without: Vec<String> = sent
+            .iter()
+            .filter(|k| Some(k.as_str()) != *concerned)
+            .cloned()
+            .collect();
+        assert_eq!(stripped.as_ref(), Some(&without), "strip drops {class}");
+        assert_eq!(blocked, None, "block rejects {class}");
+    }
+    let report = handle
+        .reader()
+        .intake()
+        .quality
+        .violations(i64::MIN, &processor::quality::ViolationFilter::default());
+    assert_eq!(report.violations.len(), cases.len() * 3);
+    for row in &report.violations {
+        assert_eq!((row.key.source.as_str(), row.count), ("kafka", 1), "{row:?}");
+        assert_eq!(
+            row.blocked,
+            u64::from(row.key.event_type == "pay_block"),
+            "{row:?}"
+        );
+    }
+    drop(handle);
+    thread.join().unwrap();
+}

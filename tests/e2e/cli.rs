@@ -247,3 +247,97 @@ fn a_partition_moves_between_stores_with_the_command_line() {
     assert_eq!(after.iter().sum::<u64>(), before.iter().sum::<u64>() - before[5]);
     let _ = std::fs::remove_file(&file);
 }
+
+/// `check-rules --tracking-plan`: the example rules fit the example plan; a typo in an
+/// event type or property is an error at its line and column with a suggestion; a bad
+/// plan file is named with what is wrong in it.
+#[test]
+fn check_rules_against_the_tracking_plan_and_plan_files_checked() {
+    let plan = repo_root().join("deploy/rules/example-plan.toml");
+    let out = tagstream()
+        .arg("check-rules")
+        .arg("--tracking-plan")
+        .arg(&plan)
+        .arg(repo_root().join("deploy/rules/example.trl"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let dir = TempDir::new("check-plan");
+    let rules = dir.path().join("typo.trl");
+    std::fs::write(&rules, "tag t on veiw where categroy == \"seafood\"\ntag p = count(payment where channel == \"cash\", 7d) > 0\n").unwrap();
+    let out = tagstream()
+        .arg("check-rules")
+        .arg("--tracking-plan")
+        .arg(&plan)
+        .arg(&rules)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("error[E0401]: event type `veiw` is not in the tracking plan"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("typo.trl:1:10"), "{stderr}");
+    assert!(stderr.contains("hint: did you mean `view`?"), "{stderr}");
+    assert!(
+        stderr.contains("error[E0405]: \"cash\" is not one of the planned values"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("2 errors in"), "{stderr}");
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[events.pay]\nproperties.amount = { type = \"money\" }\n").unwrap();
+    let out = tagstream().args(["plan", "check"]).arg(&bad).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("events.pay.amount: unknown type \"money\""),
+        "{stderr}"
+    );
+    let out = tagstream().args(["plan", "check"]).arg(&plan).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok, 20 event types"));
+}
+
+/// `plan infer` on a stopped store prints a plan that accepts every line it received, and
+/// a replay with it in block mode rejects only what was malformed anyway.
+#[test]
+fn a_plan_inferred_from_a_store_accepts_what_it_received() {
+    let dir = TempDir::new("plan-infer");
+    let stream = dir.path().join("events.ndjson");
+    let spec = bench::loadgen::StreamSpec {
+        customers: 200,
+        events: 2_000,
+        ..Default::default()
+    };
+    bench::loadgen::generate(&spec, &mut std::fs::File::create(&stream).unwrap()).unwrap();
+    let replay = |data: &str, extra: &[&std::ffi::OsStr]| {
+        let out = tagstream()
+            .arg("replay")
+            .arg(&stream)
+            .arg("--data-dir")
+            .arg(dir.path().join(data))
+            .args(["--clock", "event", "--quiet"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let first = replay("a", &[]);
+    let out = tagstream()
+        .args(["plan", "infer", "--data-dir"])
+        .arg(dir.path().join("a"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let inferred = String::from_utf8(out.stdout).unwrap().replace(
+        "mode = \"allow\"\nunplanned_events = \"allow\"",
+        "mode = \"block\"\nunknown_top_level = \"block\"",
+    );
+    let plan = dir.path().join("plan.toml");
+    std::fs::write(&plan, &inferred).unwrap();
+    let second = replay("b", &["--tracking-plan".as_ref(), plan.as_os_str()]);
+    let counts = |text: &str| text.split(" in ").next().unwrap().to_owned();
+    assert_eq!(counts(&second), counts(&first), "{inferred}");
+}
