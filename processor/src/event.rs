@@ -373,7 +373,9 @@ fn check_field(prefix: &str, name: &str, value: &Value, limits: &EventLimits) ->
         });
     }
     match value {
-        Value::Str(s) => check_length(&format!("{prefix}{name}"), s, limits.max_string_chars),
+        Value::Str(s) if s.len() > limits.max_string_chars => {
+            check_length(&format!("{prefix}{name}"), s, limits.max_string_chars)
+        }
         Value::List(items) => items
             .iter()
             .try_for_each(|item| check_field(prefix, name, item, limits)),

@@ -304,11 +304,17 @@ impl Quality {
             let planned = plan.is_some_and(|p| p.event(&sighting.event_type).is_some());
             for v in &sighting.violations {
                 let blocked = sighting.blocked == Some(v.class);
+                // Labels stay bounded: a type or field the plan lists, or "-".
+                let field = match (&v.field, plan) {
+                    (Some(f), Some(p)) if planned && planned_field(p, &sighting.event_type, f) => f.clone(),
+                    _ => "-".to_owned(),
+                };
                 metrics::counter!(
                     "tagstream_quality_violations_total",
                     "source" => source.to_owned(),
                     "class" => v.class.code(),
                     "event_type" => if planned { sighting.event_type.clone() } else { "-".to_owned() },
+                    "field" => field,
                     "outcome" => if blocked { "blocked" } else { "kept" },
                 )
                 .increment(1);
@@ -455,6 +461,23 @@ impl Quality {
             dropped: violations.dropped,
         }
     }
+}
+
+/// Whether the plan lists `field` (`props.PATH`, `profile.NAME`, `customer_id`, `ts`) for
+/// `event_type`.
+fn planned_field(plan: &TrackingPlan, event_type: &str, field: &str) -> bool {
+    if let Some(path) = field.strip_prefix("props.") {
+        return plan
+            .event(event_type)
+            .is_some_and(|set| set.fields.contains_key(path));
+    }
+    if let Some(name) = field.strip_prefix("profile.") {
+        return plan
+            .profile
+            .as_ref()
+            .is_some_and(|set| set.fields.contains_key(name));
+    }
+    matches!(field, "customer_id" | "ts")
 }
 
 fn bounded<'a>(

@@ -82,6 +82,7 @@ pub const METRICS: &[(&str, MetricKind, &str)] = &[
     ("tagstream_build_info", MetricKind::Gauge, "Always 1; the labels say which build runs (version)."),
     ("tagstream_events_total", MetricKind::Counter, "Events ingested, by result (accepted, duplicate)."),
     ("tagstream_events_rejected_total", MetricKind::Counter, "Events rejected, by rejection code (see docs/api.md)."),
+    ("tagstream_quality_violations_total", MetricKind::Counter, "Data-quality violations, by source, class, planned event type and field, and outcome (blocked or kept); see docs/rules.md."),
     ("tagstream_batch_apply_seconds", MetricKind::Histogram, "Time to apply and commit one group of ingest requests."),
     ("tagstream_group_commit_requests", MetricKind::Histogram, "Ingest requests committed together in one group commit."),
     ("tagstream_group_commit_events", MetricKind::Histogram, "Events in one group commit."),

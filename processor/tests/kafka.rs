@@ -543,7 +543,19 @@ fn plan_violations_from_kafka_are_kept_stripped_or_blocked_and_counted() {
             );
         }
     }
+    // The whole-event gates: an unplanned type (blocked, the default mode), an unknown
+    // top-level field and an event older than the retention (both allowed by default).
+    lines.push(
+        r#"{"customer_id": "gate-1", "type": "pay_blok", "ts": 1744000000000, "props": {"amount": 1}}"#
+            .into(),
+    );
+    lines.push(r#"{"customer_id": "gate-2", "type": "pay_allow", "ts": 1744000000000, "props": {"amount": 1}, "profle": {}}"#.into());
+    lines.push(
+        r#"{"customer_id": "gate-3", "type": "pay_allow", "ts": 1700000000000, "props": {"amount": 1}}"#
+            .into(),
+    );
     produce(&brokers, "events", &lines);
+    let blocked_gates = 1;
 
     let dir = TempDir::new("kafka-plan");
     let mut engine = Engine::open(dir.path(), Some(RULES), config()).unwrap();
@@ -561,7 +573,7 @@ fn plan_violations_from_kafka_are_kept_stripped_or_blocked_and_counted() {
         status.clone(),
     )
     .unwrap();
-    let letters = read_topic(&brokers, "tagstream-dead-letters", cases.len());
+    let letters = read_topic(&brokers, "tagstream-dead-letters", cases.len() + blocked_gates);
     let mut codes: Vec<String> = letters
         .iter()
         .map(|(_, _, headers)| {
@@ -574,10 +586,12 @@ fn plan_violations_from_kafka_are_kept_stripped_or_blocked_and_counted() {
         .collect();
     codes.sort();
     let mut want: Vec<&str> = cases.iter().map(|(c, _, _)| *c).collect();
+    want.push("unplanned_event");
     want.sort();
     assert_eq!(codes, want);
     wait_until("every line applied", || {
-        handle.call_blocking(|e| e.customer_ids().unwrap().len()).unwrap() == lines.len() - cases.len()
+        handle.call_blocking(|e| e.customer_ids().unwrap().len()).unwrap()
+            == lines.len() - cases.len() - blocked_gates
     });
     workers.stop(Duration::from_secs(10));
     for (class, props, concerned) in &cases {
@@ -618,14 +632,14 @@ fn plan_violations_from_kafka_are_kept_stripped_or_blocked_and_counted() {
         .intake()
         .quality
         .violations(i64::MIN, &processor::quality::ViolationFilter::default());
-    assert_eq!(report.violations.len(), cases.len() * 3);
+    assert_eq!(report.violations.len(), cases.len() * 3 + 3);
     for row in &report.violations {
         assert_eq!((row.key.source.as_str(), row.count), ("kafka", 1), "{row:?}");
-        assert_eq!(
-            row.blocked,
-            u64::from(row.key.event_type == "pay_block"),
-            "{row:?}"
-        );
+        let blocked = matches!(row.key.event_type.as_str(), "pay_block" | "pay_blok");
+        assert_eq!(row.blocked, u64::from(blocked), "{row:?}");
+    }
+    for class in ["unplanned_event", "unknown_top_level_field", "out_of_retention"] {
+        assert_eq!(report.by_class[class], 1, "{class}");
     }
     drop(handle);
     thread.join().unwrap();

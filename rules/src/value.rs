@@ -201,10 +201,7 @@ impl fmt::Display for NumberError {
 /// stays exactly that, `330.12` is exactly 330.12. A number that cannot be held exactly
 /// (`1e300`, 29 significant digits) is an error, never a rounded value.
 pub fn number_from_json(n: &serde_json::Number) -> Result<Decimal, NumberError> {
-    if let Some(i) = n.as_i64() {
-        return Ok(Decimal::from(i));
-    }
-    parse_exact_decimal(&n.to_string())
+    parse_exact_decimal(n.as_str())
 }
 
 /// Parses a JSON number's text (`-12.5`, `1.5e3`, `2E-4`) into the decimal it denotes, or

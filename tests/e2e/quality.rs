@@ -214,6 +214,20 @@ fn every_class_in_every_mode_through_http_with_the_rest_of_the_batch_untouched()
     assert_eq!(row("unknown_top_level_field", "pay_allow")["field"], "profle");
     assert_eq!(row("out_of_retention", "pay_allow")["blocked"], 1);
     assert_eq!(q["by_class"]["required_missing"], 3);
+    // The metric, its labels bounded by the plan: unplanned types and fields are "-".
+    let metrics = s.get("/metrics").text();
+    for line in [
+        r#"tagstream_quality_violations_total{source="http",class="enum",event_type="pay_block",field="props.channel",outcome="blocked"} 1"#,
+        r#"tagstream_quality_violations_total{source="http",class="enum",event_type="pay_strip",field="props.channel",outcome="kept"} 1"#,
+        r#"tagstream_quality_violations_total{source="http",class="additional_properties",event_type="pay_allow",field="-",outcome="kept"} 1"#,
+        r#"tagstream_quality_violations_total{source="http",class="unplanned_event",event_type="-",field="-",outcome="blocked"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} missing:\n{metrics}");
+    }
+    assert!(
+        !metrics.contains("pay_blok") && !metrics.contains("coupon"),
+        "no client-chosen names as labels"
+    );
     let only = s.get("/v1/quality?class=enum&event_type=pay_strip").json();
     assert_eq!(only["violations"].as_array().unwrap().len(), 1);
     assert_eq!(s.get("/v1/quality?class=typo").status, 400);
