@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use arrow_array::builder::{BooleanBuilder, Float64Builder, Int64Builder, StringBuilder};
+use arrow_array::builder::{BooleanBuilder, Decimal128Builder, Float64Builder, Int64Builder, StringBuilder};
 use arrow_array::{ArrayRef, RecordBatch};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use processor::index::IdPage;
@@ -174,11 +174,26 @@ impl Encoder {
     }
 }
 
-pub fn arrow_type(ty: Type) -> DataType {
-    match ty {
-        Type::Bool => DataType::Boolean,
-        Type::Num => DataType::Float64,
-        Type::Dur => DataType::Int64,
+/// How number columns are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Numbers {
+    /// `Decimal128(38, 9)` (exports): every decimal in range exactly, up to 9 digits after
+    /// the point (more are rounded half to even: only quotients — `avg`, `/` — and inputs
+    /// with 10+ fractional digits have them); 29 integer digits hold the whole range.
+    Exact,
+    /// `Float64` (SQL, where DataFusion computes).
+    Float,
+}
+
+/// The scale of [`Numbers::Exact`] columns.
+pub const DECIMAL_SCALE: i8 = 9;
+
+pub fn arrow_type(ty: Type, numbers: Numbers) -> DataType {
+    match (ty, numbers) {
+        (Type::Bool, _) => DataType::Boolean,
+        (Type::Num, Numbers::Exact) => DataType::Decimal128(38, DECIMAL_SCALE),
+        (Type::Num, Numbers::Float) => DataType::Float64,
+        (Type::Dur, _) => DataType::Int64,
         _ => DataType::Utf8,
     }
 }
@@ -188,7 +203,7 @@ fn schema(columns: &[Column]) -> SchemaRef {
     fields.extend(
         columns
             .iter()
-            .map(|c| Field::new(&c.name, arrow_type(c.ty), true)),
+            .map(|c| Field::new(&c.name, arrow_type(c.ty, Numbers::Exact), true)),
     );
     Arc::new(Schema::new(fields))
 }
@@ -203,16 +218,28 @@ fn record_batch(
     ids.iter().for_each(|id| id_column.append_value(id));
     let mut arrays: Vec<ArrayRef> = vec![Arc::new(id_column.finish())];
     for (i, c) in columns.iter().enumerate() {
-        arrays.push(array_of(c.ty, rows.iter().map(|r| r[i].as_ref())));
+        arrays.push(array_of(c.ty, Numbers::Exact, rows.iter().map(|r| r[i].as_ref())));
     }
     Ok(RecordBatch::try_new(schema.clone(), arrays)?)
 }
 
 /// One Arrow column of values of rule type `ty` (see [`arrow_type`]); values of another
 /// type are null, except in string columns, which hold any value as text.
-pub fn array_of<'v>(ty: Type, values: impl ExactSizeIterator<Item = Option<&'v Value>>) -> ArrayRef {
+pub fn array_of<'v>(
+    ty: Type,
+    numbers: Numbers,
+    values: impl ExactSizeIterator<Item = Option<&'v Value>>,
+) -> ArrayRef {
     let n = values.len();
-    match arrow_type(ty) {
+    match arrow_type(ty, numbers) {
+        DataType::Decimal128(precision, scale) => {
+            let b = Decimal128Builder::with_capacity(n);
+            let mut b = b
+                .with_precision_and_scale(precision, scale)
+                .expect("a valid decimal type");
+            values.for_each(|v| b.append_option(v.and_then(as_i128_at_scale)));
+            Arc::new(b.finish())
+        }
         DataType::Boolean => {
             let mut b = BooleanBuilder::with_capacity(n);
             values.for_each(|v| {
@@ -244,6 +271,14 @@ pub fn array_of<'v>(ty: Type, values: impl ExactSizeIterator<Item = Option<&'v V
             Arc::new(b.finish())
         }
     }
+}
+
+/// A number as the integer of a [`DECIMAL_SCALE`] decimal (rounded half to even past it).
+fn as_i128_at_scale(v: &Value) -> Option<i128> {
+    let Value::Num(n) = v else { return None };
+    let n = n.round_dp(DECIMAL_SCALE as u32);
+    let up = 10i128.pow(DECIMAL_SCALE as u32 - n.scale());
+    Some(n.mantissa() * up)
 }
 
 fn as_f64(v: &Value) -> Option<f64> {

@@ -35,7 +35,7 @@ use processor::{MemberKind, Op, ReadHandle};
 use rules::{DefKind, Type, Value};
 use serde::Deserialize;
 
-use crate::export::array_of;
+use crate::export::{array_of, Numbers};
 use crate::{ApiError, AppState, LimitedBody};
 
 /// Rows returned at most unless the request asks for fewer; the hard cap is ten times it.
@@ -155,10 +155,14 @@ fn customers_table(reader: &ReadHandle, sql_lower: &str, deadline: Instant) -> R
     for (def, values) in traits.iter().zip(&trait_values) {
         fields.push(Field::new(
             def.name.as_ref(),
-            crate::export::arrow_type(def.ty),
+            crate::export::arrow_type(def.ty, Numbers::Float),
             true,
         ));
-        arrays.push(array_of(def.ty, values.iter().map(Option::as_ref)));
+        arrays.push(array_of(
+            def.ty,
+            Numbers::Float,
+            values.iter().map(Option::as_ref),
+        ));
     }
     for (attr, mut values) in profile {
         values.resize(everyone.len(), None);
@@ -172,10 +176,10 @@ fn customers_table(reader: &ReadHandle, sql_lower: &str, deadline: Instant) -> R
         };
         fields.push(Field::new(
             format!("profile.{attr}"),
-            crate::export::arrow_type(ty),
+            crate::export::arrow_type(ty, Numbers::Float),
             true,
         ));
-        arrays.push(array_of(ty, values.iter().map(Option::as_ref)));
+        arrays.push(array_of(ty, Numbers::Float, values.iter().map(Option::as_ref)));
     }
     Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)?)
 }

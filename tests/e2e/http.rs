@@ -301,12 +301,13 @@ fn customer_ids(batches: &[arrow_array::RecordBatch]) -> Vec<String> {
         .collect()
 }
 
-fn f64_at(a: &dyn arrow_array::Array, i: usize) -> Option<f64> {
+/// A number column's value as text: exports carry exact decimals (`Decimal128(38, 9)`).
+fn decimal_at(a: &dyn arrow_array::Array, i: usize) -> Option<String> {
     let a = a
         .as_any()
-        .downcast_ref::<arrow_array::Float64Array>()
-        .expect("a float64 column");
-    (!arrow_array::Array::is_null(a, i)).then(|| a.value(i))
+        .downcast_ref::<arrow_array::Decimal128Array>()
+        .expect("a decimal column");
+    (!arrow_array::Array::is_null(a, i)).then(|| a.value_as_string(i))
 }
 
 #[test]
@@ -382,9 +383,9 @@ fn exports_stream_every_member_in_every_format_and_pages_stay_correct_while_memb
     .unwrap();
     let batches: Vec<_> = reader.map(|b| b.unwrap()).collect();
     assert_eq!(customer_ids(&batches), ids);
-    assert!(column(&batches, "views_30d", f64_at)
+    assert!(column(&batches, "views_30d", decimal_at)
         .iter()
-        .all(|v| *v == Some(1.0)));
+        .all(|v| v.as_deref() == Some("1.000000000")));
     assert_eq!(
         column(&batches, "profile.city", str_at)[0].as_deref(),
         Some("杭州")

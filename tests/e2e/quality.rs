@@ -355,3 +355,53 @@ fn sums_keep_every_digit_and_numbers_that_cannot_be_held_are_refused() {
     let text = s.get("/v1/customers/c1").text();
     assert!(text.contains(r#""total":2469135780246913578.246901"#), "{text}");
 }
+
+/// Exports keep every digit too: NDJSON and CSV print the decimal as it is, Arrow and
+/// Parquet carry it as `Decimal128(38, 9)`.
+#[test]
+fn exports_carry_exact_decimals_in_every_format() {
+    let s = Server::start(
+        "trait total = sum(pay.amount, lifetime)\ntag payer = total > 0\n",
+        &[],
+    );
+    let body = r#"{"customer_id": "c1", "type": "pay", "ts": 1744000000000, "props": {"amount": 1234567890123456789.12345}}
+{"customer_id": "c1", "type": "pay", "ts": 1744000000001, "props": {"amount": 0.000000001}}"#;
+    assert_eq!(s.send("POST", "/v1/events", body).json()["accepted"], 2);
+    let exact = "1234567890123456789.123450001";
+    let ndjson = s
+        .get("/v1/segments/payer/members?format=ndjson&fields=total")
+        .text();
+    assert!(ndjson.contains(&format!(r#""total":{exact}"#)), "{ndjson}");
+    let csv = s.get("/v1/segments/payer/members?format=csv&fields=total").text();
+    assert!(csv.contains(exact), "{csv}");
+    let arrow = s.get("/v1/segments/payer/members?format=arrow&fields=total");
+    let reader = arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(arrow.body), None).unwrap();
+    let batch = reader.map(|b| b.unwrap()).next().unwrap();
+    let column = batch
+        .column_by_name("total")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<arrow_array::Decimal128Array>()
+        .expect("a decimal column")
+        .clone();
+    assert_eq!(column.value_as_string(0), exact);
+    let parquet = s.get("/v1/segments/payer/members?format=parquet&fields=total");
+    let dir = TempDir::new("exact-parquet");
+    let path = dir.path().join("members.parquet");
+    std::fs::write(&path, &parquet.body).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+        std::fs::File::open(&path).unwrap(),
+    )
+    .unwrap()
+    .build()
+    .unwrap();
+    let batch = reader.map(|b| b.unwrap()).next().unwrap();
+    let column = batch
+        .column_by_name("total")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<arrow_array::Decimal128Array>()
+        .expect("a decimal column")
+        .clone();
+    assert_eq!(column.value_as_string(0), exact);
+}
