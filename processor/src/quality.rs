@@ -64,11 +64,6 @@ impl Intake {
                     Err(Rejection::Plan(v)) => Some(v.class),
                     _ => None,
                 };
-                if let Err(Rejection::Plan(v)) = &result {
-                    if !found[from..].contains(v) {
-                        found.push(v.clone());
-                    }
-                }
                 if found.len() > from {
                     let event_type = match &result {
                         Ok(ev) => ev.event_type.to_string(),
