@@ -409,6 +409,9 @@ fn key_value(text: &str) -> Result<(String, String), String> {
 /// The example rules every demo starts with.
 const DEMO_RULES: &str = include_str!("../deploy/rules/example.trl");
 
+/// The tracking plan every demo checks its events against (the generator's events fit it).
+const DEMO_PLAN: &str = include_str!("../deploy/rules/example-plan.toml");
+
 fn run_demo(
     data_dir: PathBuf,
     listen: std::net::SocketAddr,
@@ -420,8 +423,11 @@ fn run_demo(
         clock: ClockMode::Wall,
         ..Settings::load(settings.as_deref())?.engine_config()
     };
-    let engine = Engine::open(&data_dir, Some(DEMO_RULES), config)
+    let mut engine = Engine::open(&data_dir, Some(DEMO_RULES), config)
         .with_context(|| format!("opening the demo store at {}", data_dir.display()))?;
+    let plan = rules::TrackingPlan::parse(DEMO_PLAN)
+        .map_err(|e| anyhow::anyhow!("the demo's tracking plan: {e}"))?;
+    engine.set_plan(Some(std::sync::Arc::new(plan)));
     serve::serve(
         engine,
         listen,
@@ -429,7 +435,7 @@ fn run_demo(
         None,
         move |bound, handle, stopping| {
             println!(
-                "demo: streaming {rate} events/s for {customers} customers (rules: deploy/rules/example.trl)"
+                "demo: streaming {rate} events/s for {customers} customers (rules: deploy/rules/example.trl, tracking plan: deploy/rules/example-plan.toml)"
             );
             println!("try:");
             println!("  curl -s http://{bound}/v1/changes?limit=5");
@@ -437,6 +443,9 @@ fn run_demo(
             println!("  curl -s -X POST http://{bound}/v1/segments/query -d '{{\"expr\": \"viewed_seafood and not big_ticket\", \"limit\": 5}}'");
             println!("  curl -s http://{bound}/v1/segments/spring_promo/members?format=csv | head");
             println!("  curl -s http://{bound}/metrics | grep tagstream_events_total");
+            println!("  curl -s http://{bound}/v1/schema/observed | head -c 600");
+            println!("  curl -s http://{bound}/v1/events -d '{{\"customer_id\": \"13000000001\", \"type\": \"veiw\"}}'   # blocked by the plan");
+            println!("  curl -s http://{bound}/v1/quality");
             serve::demo_generator(handle, stopping, rate, customers);
         },
     )?;
