@@ -483,15 +483,23 @@ fn the_engine_partition_of_a_customer_is_the_kafka_partition_of_its_key() {
 /// class in each mode, consumed through the service's Kafka edge — `allow` keeps the
 /// event as sent, `strip` drops the offending property, `block` dead-letters it (the class
 /// as its code, on the dead-letter topic too) — with the valid events of the same batches
-/// applied, and each violation counted under the source `kafka`.
+/// applied, and each violation counted under the source `kafka`; the whole-event gates
+/// (unplanned type, unknown top-level field, out of retention) in both of their modes.
 #[test]
 fn plan_violations_from_kafka_are_kept_stripped_or_blocked_and_counted() {
+    plan_over_kafka("allow");
+    plan_over_kafka("block");
+}
+
+fn plan_over_kafka(gates: &str) {
     let cluster = MockCluster::new(1).unwrap();
     cluster.create_topic("events", 1, 1).unwrap();
     cluster.create_topic("tag-changes", 1, 1).unwrap();
     cluster.create_topic("tagstream-dead-letters", 1, 1).unwrap();
     let brokers = cluster.bootstrap_servers();
-    let mut plan = String::from("[defaults]\nmode = \"block\"\n");
+    let mut plan = format!(
+        "[defaults]\nmode = \"block\"\nunplanned_events = \"{gates}\"\nunknown_top_level = \"{gates}\"\nout_of_retention = \"{gates}\"\n"
+    );
     for mode in ["allow", "strip", "block"] {
         plan += &format!(
             "[events.pay_{mode}]\nmode = \"{mode}\"\nadditional_properties = false\n\
@@ -543,8 +551,8 @@ fn plan_violations_from_kafka_are_kept_stripped_or_blocked_and_counted() {
             );
         }
     }
-    // The whole-event gates: an unplanned type (blocked, the default mode), an unknown
-    // top-level field and an event older than the retention (both allowed by default).
+    // The whole-event gates: an unplanned type, an unknown top-level field and an event
+    // older than the retention.
     lines.push(
         r#"{"customer_id": "gate-1", "type": "pay_blok", "ts": 1744000000000, "props": {"amount": 1}}"#
             .into(),
@@ -555,13 +563,14 @@ fn plan_violations_from_kafka_are_kept_stripped_or_blocked_and_counted() {
             .into(),
     );
     produce(&brokers, "events", &lines);
-    let blocked_gates = 1;
+    let gate_classes = ["unplanned_event", "unknown_top_level_field", "out_of_retention"];
+    let blocked_gates = if gates == "block" { gate_classes.len() } else { 0 };
 
-    let dir = TempDir::new("kafka-plan");
+    let dir = TempDir::new(&format!("kafka-plan-{gates}"));
     let mut engine = Engine::open(dir.path(), Some(RULES), config()).unwrap();
     engine.set_plan(Some(Arc::new(rules::TrackingPlan::parse(&plan).unwrap())));
     let (handle, thread) = processor::EngineHandle::spawn(engine, processor::ServiceConfig::default());
-    let mut settings = KafkaSettings::new(&brokers, "events", "g-plan");
+    let mut settings = KafkaSettings::new(&brokers, "events", &format!("g-plan-{gates}"));
     settings
         .client_options
         .insert("session.timeout.ms".into(), "6000".into());
@@ -586,7 +595,9 @@ fn plan_violations_from_kafka_are_kept_stripped_or_blocked_and_counted() {
         .collect();
     codes.sort();
     let mut want: Vec<&str> = cases.iter().map(|(c, _, _)| *c).collect();
-    want.push("unplanned_event");
+    if gates == "block" {
+        want.extend(gate_classes);
+    }
     want.sort();
     assert_eq!(codes, want);
     wait_until("every line applied", || {
@@ -635,10 +646,14 @@ fn plan_violations_from_kafka_are_kept_stripped_or_blocked_and_counted() {
     assert_eq!(report.violations.len(), cases.len() * 3 + 3);
     for row in &report.violations {
         assert_eq!((row.key.source.as_str(), row.count), ("kafka", 1), "{row:?}");
-        let blocked = matches!(row.key.event_type.as_str(), "pay_block" | "pay_blok");
+        let blocked = if gate_classes.contains(&row.key.class.as_str()) {
+            gates == "block"
+        } else {
+            row.key.event_type == "pay_block"
+        };
         assert_eq!(row.blocked, u64::from(blocked), "{row:?}");
     }
-    for class in ["unplanned_event", "unknown_top_level_field", "out_of_retention"] {
+    for class in gate_classes {
         assert_eq!(report.by_class[class], 1, "{class}");
     }
     drop(handle);
