@@ -570,7 +570,7 @@ fn plan_over_kafka(gates: &str) {
     let mut engine = Engine::open(dir.path(), Some(RULES), config()).unwrap();
     engine.set_plan(Some(Arc::new(rules::TrackingPlan::parse(&plan).unwrap())));
     let (handle, thread) = processor::EngineHandle::spawn(engine, processor::ServiceConfig::default());
-    let mut settings = KafkaSettings::new(&brokers, "events", &format!("g-plan-{gates}"));
+    let mut settings = KafkaSettings::new(&brokers, "events", format!("g-plan-{gates}"));
     settings
         .client_options
         .insert("session.timeout.ms".into(), "6000".into());
