@@ -138,6 +138,20 @@ impl BinaryOp {
         }
     }
 
+    /// `== != < <= > >= in`: compares two values (`contains` and `starts_with` look inside).
+    pub fn compares(self) -> bool {
+        matches!(
+            self,
+            BinaryOp::Eq
+                | BinaryOp::Ne
+                | BinaryOp::Lt
+                | BinaryOp::Le
+                | BinaryOp::Gt
+                | BinaryOp::Ge
+                | BinaryOp::In
+        )
+    }
+
     /// Binding strength: `or < and < not < comparisons < + - < * /`.
     pub fn precedence(self) -> u8 {
         match self {

@@ -224,16 +224,7 @@ impl<'a> Checker<'a, '_> {
             }
             ExprKind::Unary(_, inner) => self.expr(inner, event),
             ExprKind::Binary(op, left, right) => {
-                let compares = matches!(
-                    op,
-                    BinaryOp::Eq
-                        | BinaryOp::Ne
-                        | BinaryOp::Lt
-                        | BinaryOp::Le
-                        | BinaryOp::Gt
-                        | BinaryOp::Ge
-                        | BinaryOp::In
-                );
+                let compares = op.compares();
                 if compares {
                     if let Some(spec) = self.field_of(left, event) {
                         self.compared(*op, spec, right);

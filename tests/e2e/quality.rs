@@ -69,6 +69,16 @@ fn line(customer: &str, event_type: &str, ts: i64, props: &Value) -> String {
     json!({"customer_id": customer, "type": event_type, "ts": ts, "props": props}).to_string()
 }
 
+/// A server whose event clock is 500 days after `T0`, so an event at `T0` is out of
+/// retention when it arrives.
+fn start_late(gates: &str) -> (Server, i64) {
+    let s = start(gates);
+    let now = T0 + 500 * DAY;
+    let r = s.send("POST", "/v1/clock", &json!({ "now": now }).to_string());
+    assert_eq!(r.status, 200, "{}", r.text());
+    (s, now)
+}
+
 fn props_of(s: &Server, customer: &str) -> Option<Value> {
     let r = s.get(&format!("/v1/customers/{customer}/events"));
     (r.status == 200).then(|| r.json()["events"][0]["props"].clone())
@@ -76,14 +86,7 @@ fn props_of(s: &Server, customer: &str) -> Option<Value> {
 
 #[test]
 fn every_class_in_every_mode_through_http_with_the_rest_of_the_batch_untouched() {
-    let s = start("block");
-    // The clock first, so the old event is out of retention when it arrives.
-    assert_eq!(
-        s.send("POST", "/v1/clock", &json!({"now": T0 + 500 * DAY}).to_string())
-            .status,
-        200
-    );
-    let now = T0 + 500 * DAY;
+    let (s, now) = start_late("block");
     let mut lines = vec![line(
         "valid-1",
         "pay_block",
@@ -239,13 +242,7 @@ fn every_class_in_every_mode_through_http_with_the_rest_of_the_batch_untouched()
 
 #[test]
 fn allowed_gates_count_and_keep_whole_events() {
-    let s = start("allow");
-    assert_eq!(
-        s.send("POST", "/v1/clock", &json!({"now": T0 + 500 * DAY}).to_string())
-            .status,
-        200
-    );
-    let now = T0 + 500 * DAY;
+    let (s, now) = start_late("allow");
     let lines = [
         line("a", "pay_blok", now, &json!({"amount": 1})),
         json!({"customer_id": "b", "type": "pay_allow", "ts": now, "props": {"amount": 1}, "profle": {"city": "x"}}).to_string(),
@@ -376,15 +373,7 @@ fn exports_carry_exact_decimals_in_every_format() {
     assert!(csv.contains(exact), "{csv}");
     let arrow = s.get("/v1/segments/payer/members?format=arrow&fields=total");
     let reader = arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(arrow.body), None).unwrap();
-    let batch = reader.map(|b| b.unwrap()).next().unwrap();
-    let column = batch
-        .column_by_name("total")
-        .unwrap()
-        .as_any()
-        .downcast_ref::<arrow_array::Decimal128Array>()
-        .expect("a decimal column")
-        .clone();
-    assert_eq!(column.value_as_string(0), exact);
+    assert_eq!(first_decimal(reader.map(|b| b.unwrap()), "total"), exact);
     let parquet = s.get("/v1/segments/payer/members?format=parquet&fields=total");
     let dir = TempDir::new("exact-parquet");
     let path = dir.path().join("members.parquet");
@@ -395,13 +384,16 @@ fn exports_carry_exact_decimals_in_every_format() {
     .unwrap()
     .build()
     .unwrap();
-    let batch = reader.map(|b| b.unwrap()).next().unwrap();
-    let column = batch
-        .column_by_name("total")
-        .unwrap()
+    assert_eq!(first_decimal(reader.map(|b| b.unwrap()), "total"), exact);
+}
+
+/// The first value of a decimal column, as text.
+fn first_decimal(mut batches: impl Iterator<Item = arrow_array::RecordBatch>, name: &str) -> String {
+    let batch = batches.next().expect("a batch");
+    let column = batch.column_by_name(name).expect("the column");
+    let decimals = column
         .as_any()
         .downcast_ref::<arrow_array::Decimal128Array>()
-        .expect("a decimal column")
-        .clone();
-    assert_eq!(column.value_as_string(0), exact);
+        .expect("a decimal column");
+    decimals.value_as_string(0)
 }
