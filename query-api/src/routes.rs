@@ -113,12 +113,25 @@ pub async fn put_rules(
 /// set with 422) or, without one, against the event types, properties and attributes
 /// received so far (warnings, returned to the caller).
 fn check_reads(app: &AppState, text: &str) -> Result<Vec<rules::LocatedDiagnostic>, ApiError> {
+    check_reads_with(app, text, rules::check_rules_against)
+}
+
+/// [`check_reads`] for a segment expression.
+fn check_expr_reads(app: &AppState, expr: &str) -> Result<Vec<rules::LocatedDiagnostic>, ApiError> {
+    check_reads_with(app, expr, rules::check_expr_against)
+}
+
+fn check_reads_with(
+    app: &AppState,
+    text: &str,
+    check: fn(&str, &rules::Catalog<'_>) -> Vec<rules::Diagnostic>,
+) -> Result<Vec<rules::LocatedDiagnostic>, ApiError> {
     let intake = app.engine.reader().intake();
     let diagnostics = match &intake.plan {
-        Some(plan) => rules::check_against_plan(text, plan),
+        Some(plan) => check(text, &rules::Catalog::Plan(plan)),
         None => {
             let (events, profile) = intake.quality.seen();
-            rules::check_rules_against(
+            check(
                 text,
                 &rules::Catalog::Observed {
                     events: &events,
@@ -381,6 +394,7 @@ pub async fn segment_query(
     LimitedBody(body): LimitedBody,
 ) -> Result<Json<Json_>, ApiError> {
     let QueryBody { expr, limit, cursor } = json_body(&body)?;
+    let warnings = check_expr_reads(&app, &expr)?;
     let limit = limit.unwrap_or(100);
     if limit > MAX_QUERY_LIMIT {
         return Err(ApiError::BadRequest(format!(
@@ -399,7 +413,7 @@ pub async fn segment_query(
             QueryError::Engine(e) => e.into(),
         })?;
     Ok(Json(
-        json!({ "count": page.count, "customers": page.customers, "next_cursor": page.next_cursor }),
+        json!({ "count": page.count, "customers": page.customers, "next_cursor": page.next_cursor, "warnings": warnings }),
     ))
 }
 
@@ -436,6 +450,7 @@ pub async fn put_segment(
     LimitedBody(body): LimitedBody,
 ) -> Result<Json<Json_>, ApiError> {
     let SegmentBody { expr } = json_body(&body)?;
+    let warnings = check_expr_reads(&app, &expr)?;
     let lookup = name.clone();
     let update = app
         .engine
@@ -448,6 +463,7 @@ pub async fn put_segment(
         })?;
     let mut answer = json!(update);
     answer["name"] = name.into();
+    answer["warnings"] = serde_json::to_value(&warnings).expect("diagnostics serialise");
     Ok(Json(answer))
 }
 

@@ -71,5 +71,5 @@ pub use history::{CustomerHistory, HistoryFacts, ProfileEntry, DEFAULT_RETENTION
 pub use normalize::normalize;
 pub use parser::{parse, parse_expr};
 pub use plan::{Mode, TrackingPlan, Verdict, Violation, ViolationClass};
-pub use plan_check::{check_against_plan, check_rules_against, Catalog};
+pub use plan_check::{check_against_plan, check_expr_against, check_rules_against, Catalog};
 pub use value::{exact_add, parse_exact_decimal, NumberError, Type, Value};

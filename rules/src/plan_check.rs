@@ -56,6 +56,20 @@ pub fn check_rules_against(source: &str, catalog: &Catalog<'_>) -> Vec<Diagnosti
     checker.out
 }
 
+/// Like [`check_rules_against`] for a segment expression (`POST /v1/segments/query`,
+/// `PUT /v1/segments/{name}`): its profile attributes and aggregates, spans within `expr`.
+pub fn check_expr_against(expr: &str, catalog: &Catalog<'_>) -> Vec<Diagnostic> {
+    let Ok(parsed) = crate::parser::parse_expr(expr) else {
+        return Vec::new();
+    };
+    let mut checker = Checker {
+        catalog,
+        out: Vec::new(),
+    };
+    checker.expr(&parsed, None);
+    checker.out
+}
+
 /// [`check_rules_against`] a tracking plan.
 pub fn check_against_plan(source: &str, plan: &TrackingPlan) -> Vec<Diagnostic> {
     check_rules_against(source, &Catalog::Plan(plan))
@@ -427,6 +441,15 @@ attributes.vip = { type = "bool" }
             events: &events,
             profile: &profile,
         };
+        let expr = check_expr_against("profile.cty == \"y\" and count(veiw, 7d) > 0", &catalog);
+        let codes: Vec<&str> = expr.iter().map(|d| d.code.as_str()).collect();
+        assert_eq!(codes, ["W0503", "W0501"], "a segment expression, spans within it");
+        assert_eq!(
+            expr[1]
+                .position("profile.cty == \"y\" and count(veiw, 7d) > 0")
+                .column,
+            30
+        );
         let rules = "tag t on veiw\ntag u on view where categroy == \"x\" and profile.cty == \"y\"\n";
         let found = check_rules_against(rules, &catalog);
         let codes: Vec<&str> = found.iter().map(|d| d.code.as_str()).collect();

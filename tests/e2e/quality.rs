@@ -298,6 +298,14 @@ fn rules_are_checked_against_the_plan_or_against_what_was_received() {
         200
     );
 
+    // Segment expressions too: saved or ad hoc.
+    let query = json!({"expr": "count(pay_alow, 7d) > 0"}).to_string();
+    let r = s.send("POST", "/v1/segments/query", &query);
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert_eq!(r.json()["diagnostics"][0]["code"], "E0401");
+    assert_eq!(r.json()["diagnostics"][0]["column"], 7);
+    assert_eq!(s.send("PUT", "/v1/segments/typo", &query).status, 422);
+
     // Without a plan: warnings about what was never received, the rules still applied.
     let open = Server::start(RULES, &[]);
     let sent = line("c1", "view", T0, &json!({"category": "fish"}));
@@ -314,6 +322,10 @@ fn rules_are_checked_against_the_plan_or_against_what_was_received() {
     assert_eq!(warnings[0]["hint"], "did you mean `view`?");
     assert_eq!(warnings[1]["code"], "W0502");
     assert_eq!(warnings[1]["hint"], "did you mean `category`?");
+    let query = json!({"expr": "profile.cty == \"杭州\""}).to_string();
+    let r = open.send("POST", "/v1/segments/query", &query);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["warnings"][0]["code"], "W0503");
 
     // The observed schema, and a plan inferred from it that accepts what was received.
     let observed = open.get("/v1/schema/observed").json();
