@@ -125,7 +125,14 @@ pub struct Quality {
     violations: Mutex<Violations>,
     observed: Mutex<Observed>,
     saved: Mutex<SaveState>,
+    /// [`Quality::seen`] as last built, with the number of names it was built from (names
+    /// are only ever added, so the count says whether it is current).
+    seen: Mutex<Option<(usize, Arc<Seen>)>>,
 }
+
+/// The event types received with the properties seen of each, and the profile attributes
+/// seen: what rules are checked against without a plan.
+pub type Seen = (BTreeMap<String, Vec<String>>, Vec<String>);
 
 #[derive(Debug, Default)]
 struct SaveState {
@@ -405,15 +412,31 @@ impl Quality {
         lock(&self.observed).clone()
     }
 
-    /// Whether an event type was ever received, and the properties seen of it.
-    pub fn seen(&self) -> (BTreeMap<String, Vec<String>>, Vec<String>) {
+    /// The names received (see [`Seen`]); built again only when new names arrived, so a
+    /// query checked against it costs no copy of the schema.
+    pub fn seen(&self) -> Arc<Seen> {
         let observed = lock(&self.observed);
+        let names = observed.events.len()
+            + observed
+                .events
+                .values()
+                .map(|t| t.properties.len())
+                .sum::<usize>()
+            + observed.profile.len();
+        let mut cached = lock(&self.seen);
+        if let Some((count, seen)) = &*cached {
+            if *count == names {
+                return seen.clone();
+            }
+        }
         let types = observed
             .events
             .iter()
             .map(|(t, s)| (t.clone(), s.properties.keys().cloned().collect()))
             .collect();
-        (types, observed.profile.keys().cloned().collect())
+        let seen = Arc::new((types, observed.profile.keys().cloned().collect()));
+        *cached = Some((names, seen.clone()));
+        seen
     }
 
     /// Violations with their last sighting at or after `since`, filtered.

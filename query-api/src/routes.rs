@@ -130,12 +130,12 @@ fn check_reads_with(
     let diagnostics = match &intake.plan {
         Some(plan) => check(text, &rules::Catalog::Plan(plan)),
         None => {
-            let (events, profile) = intake.quality.seen();
+            let seen = intake.quality.seen();
             check(
                 text,
                 &rules::Catalog::Observed {
-                    events: &events,
-                    profile: &profile,
+                    events: &seen.0,
+                    profile: &seen.1,
                 },
             )
         }
