@@ -138,18 +138,10 @@ impl BinaryOp {
         }
     }
 
-    /// `== != < <= > >= in`: compares two values (`contains` and `starts_with` look inside).
+    /// `== != < <= > >= in`: compares two values (`contains` and `starts_with`, of the same
+    /// precedence, look inside one).
     pub fn compares(self) -> bool {
-        matches!(
-            self,
-            BinaryOp::Eq
-                | BinaryOp::Ne
-                | BinaryOp::Lt
-                | BinaryOp::Le
-                | BinaryOp::Gt
-                | BinaryOp::Ge
-                | BinaryOp::In
-        )
+        self.is_comparison() && !matches!(self, BinaryOp::Contains | BinaryOp::StartsWith)
     }
 
     /// Binding strength: `or < and < not < comparisons < + - < * /`.

@@ -63,7 +63,7 @@ impl Props {
         self.0.retain(|(k, v)| keep(k, v));
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &Value)> {
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Value)> + Clone {
         self.0.iter().map(|(k, v)| (&**k, v))
     }
 

@@ -200,16 +200,16 @@ pub struct FieldSpec {
 }
 
 impl FieldSpec {
-    /// The violation `value` makes, if any (`value` is not null).
-    fn judge(&self, field: &str, value: &Value) -> Option<Violation> {
-        let mismatch = || Violation {
-            class: ViolationClass::DatatypeMismatch,
-            field: Some(field.to_owned()),
-            detail: format!(
-                "{field} is {}, the plan says {}",
-                describe(value),
-                self.kind.name()
-            ),
+    /// The violation `value` makes, if any (`value` is not null), for the field
+    /// `{prefix}{path}` (named only when there is one).
+    fn judge(&self, prefix: &str, path: &str, value: &Value) -> Option<Violation> {
+        let violation = |class, detail: &dyn Fn(&str) -> String| {
+            let field = format!("{prefix}{path}");
+            Some(Violation {
+                class,
+                detail: detail(&field),
+                field: Some(field),
+            })
         };
         let fits = match (self.kind, value) {
             (FieldType::Any, _) => true,
@@ -220,40 +220,38 @@ impl FieldSpec {
             (FieldType::List, Value::List(_)) => true,
             (FieldType::Timestamp, Value::Num(n)) => n.fract().is_zero(),
             (FieldType::Timestamp, Value::Str(s)) => chrono_like_rfc3339(s),
-            (FieldType::Enum, v) => {
-                if self.values.iter().any(|allowed| allowed.rule_eq(v)) {
-                    true
-                } else {
-                    let allowed: Vec<String> = self.values.iter().map(|v| v.to_string()).collect();
-                    return Some(Violation {
-                        class: ViolationClass::Enum,
-                        field: Some(field.to_owned()),
-                        detail: format!("{field} is {value}, not one of [{}]", allowed.join(", ")),
-                    });
-                }
+            (FieldType::Enum, v) if self.values.iter().any(|allowed| allowed.rule_eq(v)) => true,
+            (FieldType::Enum, _) => {
+                let allowed: Vec<String> = self.values.iter().map(|v| v.to_string()).collect();
+                return violation(ViolationClass::Enum, &|field| {
+                    format!("{field} is {value}, not one of [{}]", allowed.join(", "))
+                });
             }
             _ => false,
         };
         if !fits {
-            return Some(mismatch());
+            return violation(ViolationClass::DatatypeMismatch, &|field| {
+                format!(
+                    "{field} is {}, the plan says {}",
+                    describe(value),
+                    self.kind.name()
+                )
+            });
         }
         if let Value::Str(s) = value {
             if let Some(max) = self.max_length {
-                let chars = s.chars().count();
+                // Bytes bound characters from above: most strings are never counted.
+                let chars = if s.len() > max { s.chars().count() } else { 0 };
                 if chars > max {
-                    return Some(Violation {
-                        class: ViolationClass::TooLong,
-                        field: Some(field.to_owned()),
-                        detail: format!("{field} has {chars} characters, the plan allows {max}"),
+                    return violation(ViolationClass::TooLong, &|field| {
+                        format!("{field} has {chars} characters, the plan allows {max}")
                     });
                 }
             }
             if let Some(pattern) = &self.pattern {
                 if !pattern.is_match(&normalize(s)) {
-                    return Some(Violation {
-                        class: ViolationClass::Pattern,
-                        field: Some(field.to_owned()),
-                        detail: format!("{field} {value} does not match /{}/", pattern.as_str()),
+                    return violation(ViolationClass::Pattern, &|field| {
+                        format!("{field} {value} does not match /{}/", pattern.as_str())
                     });
                 }
             }
@@ -305,48 +303,57 @@ pub struct FieldSet {
 
 impl FieldSet {
     /// Judges `fields` (path → value; null values are absent) into `out`; returns the paths
-    /// to strip (those with a violation, in `strip` mode).
+    /// to strip (those with a violation, in `strip` mode). Allocates nothing for a field
+    /// that fits.
     fn judge<'a>(
         &self,
         prefix: &str,
-        fields: impl Iterator<Item = (&'a str, Option<&'a Value>)>,
+        fields: impl Iterator<Item = (&'a str, Option<&'a Value>)> + Clone,
         out: &mut Vec<Violation>,
     ) -> Vec<String> {
         let mut strip = Vec::new();
-        let mut seen = Vec::new();
-        for (path, value) in fields {
-            let shown = format!("{prefix}{path}");
+        let mut required_seen = 0;
+        for (path, value) in fields.clone() {
             match self.fields.get(path) {
                 Some(spec) => {
-                    seen.push(path);
-                    if let Some(v) = value.filter(|v| !v.is_null()) {
-                        if let Some(violation) = spec.judge(&shown, v) {
-                            out.push(violation);
-                            strip.push(path.to_owned());
-                        }
+                    required_seen += usize::from(spec.required);
+                    let violation = value
+                        .filter(|v| !v.is_null())
+                        .and_then(|v| spec.judge(prefix, path, v));
+                    if let Some(violation) = violation {
+                        out.push(violation);
+                        strip.push(path.to_owned());
                     }
                 }
                 None if self.additional_properties => {}
                 None => {
-                    out.push(Violation {
-                        class: ViolationClass::AdditionalProperties,
-                        detail: format!("{shown} is not in the plan"),
-                        field: Some(shown),
-                    });
+                    out.push(unplanned(prefix, path));
                     strip.push(path.to_owned());
                 }
             }
         }
-        for (name, spec) in &self.fields {
-            if spec.required && !seen.contains(&name.as_str()) {
-                out.push(Violation {
-                    class: ViolationClass::RequiredMissing,
-                    field: Some(format!("{prefix}{name}")),
-                    detail: format!("{prefix}{name} is required"),
-                });
+        if required_seen < self.fields.values().filter(|s| s.required).count() {
+            for (name, spec) in &self.fields {
+                if spec.required && !fields.clone().any(|(path, _)| path == name) {
+                    out.push(Violation {
+                        class: ViolationClass::RequiredMissing,
+                        field: Some(format!("{prefix}{name}")),
+                        detail: format!("{prefix}{name} is required"),
+                    });
+                }
             }
         }
         strip
+    }
+}
+
+/// A property or attribute the plan does not list, where it allows none.
+fn unplanned(prefix: &str, path: &str) -> Violation {
+    let field = format!("{prefix}{path}");
+    Violation {
+        class: ViolationClass::AdditionalProperties,
+        detail: format!("{field} is not in the plan"),
+        field: Some(field),
     }
 }
 
@@ -456,18 +463,13 @@ impl TrackingPlan {
 fn judge_profile(set: &FieldSet, profile: &[ProfileUpdate], out: &mut Vec<Violation>) -> Vec<String> {
     let mut strip = Vec::new();
     for (name, value) in profile {
-        let shown = format!("profile.{name}");
         let violation = match set.fields.get(&**name) {
             Some(spec) => value
                 .as_ref()
                 .filter(|v| !v.is_null())
-                .and_then(|v| spec.judge(&shown, v)),
+                .and_then(|v| spec.judge("profile.", name, v)),
             None if set.additional_properties => None,
-            None => Some(Violation {
-                class: ViolationClass::AdditionalProperties,
-                detail: format!("{shown} is not in the plan"),
-                field: Some(shown),
-            }),
+            None => Some(unplanned("profile.", name)),
         };
         if let Some(violation) = violation {
             out.push(violation);
