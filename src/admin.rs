@@ -4,6 +4,7 @@
 use std::io::{Read, Write};
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -218,6 +219,101 @@ pub fn partitions(action: PartitionAction, mut engine: Engine) -> anyhow::Result
         PartitionAction::Drop { partition } => {
             let summary = engine.drop_partition(partition)?;
             println!("dropped partition {partition}: {} customers", summary.customers);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(clap::Subcommand)]
+pub enum KeyAction {
+    /// Create a key for a role; the key is printed once and never stored.
+    Create {
+        #[arg(long)]
+        role: String,
+        #[arg(long)]
+        name: String,
+    },
+    /// Every key (revoked ones too), without the keys themselves.
+    List,
+    /// Revoke a key by its id or name; requests with it are refused at once.
+    Revoke {
+        /// The key's id (`tsk_<id>_...`) or name.
+        key: String,
+    },
+}
+
+/// `tagstream keys`: on the store directly (the node must be stopped: RocksDB allows one
+/// process), audited as `cli`.
+pub fn keys(action: KeyAction, settings: &crate::config::Settings) -> anyhow::Result<ExitCode> {
+    use query_api::access::{AccessConfig, AuditRecord, KeyStore};
+    let retention = processor::store::Retention {
+        dedup_horizon_ms: settings.retention.dedup_horizon.0,
+        history_ms: settings.retention.history.0,
+        block_cache_bytes: 8 << 20,
+        memtable_bytes: 8 << 20,
+    };
+    let dir = &settings.data_dir;
+    let store = processor::store::Store::open(dir, true, retention).map_err(|e| {
+        if e.to_string().contains("lock") {
+            anyhow::anyhow!(
+                "the store at {} is in use by a running node: stop it, or manage keys with POST/GET/DELETE /v1/admin/keys and an admin key",
+                dir.display()
+            )
+        } else {
+            anyhow::anyhow!("opening the store at {}: {e}", dir.display())
+        }
+    })?;
+    let store = Arc::new(store);
+    let keys = KeyStore::open(store.clone())?;
+    let audit = query_api::access::AuditLog::open(store)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    match action {
+        KeyAction::Create { role, name } => {
+            let roles = AccessConfig {
+                roles: settings.access.roles.clone(),
+                ..AccessConfig::default()
+            }
+            .resolve_roles()
+            .map_err(anyhow::Error::msg)?;
+            if !roles.contains_key(&role) {
+                let known: Vec<&str> = roles.keys().map(String::as_str).collect();
+                anyhow::bail!("no role `{role}`; roles: {}", known.join(", "));
+            }
+            let new = keys.create(&name, &role, "cli", now)?;
+            let detail = serde_json::json!({"key_id": new.info.id, "name": name, "role": role});
+            audit.append(AuditRecord::command(
+                "keys create",
+                detail.as_object().cloned().unwrap_or_default(),
+            ))?;
+            eprintln!(
+                "created key `{name}` (id {}, role {role}); it is shown once, store it now:",
+                new.info.id
+            );
+            println!("{}", new.key.expose());
+        }
+        KeyAction::List => {
+            for k in keys.list() {
+                let state = k
+                    .revoked_at
+                    .map_or("active".to_owned(), |t| format!("revoked at {t}"));
+                println!("{}\t{}\t{}\t{state}", k.id, k.name, k.role);
+            }
+        }
+        KeyAction::Revoke { key } => {
+            let id = key
+                .strip_prefix("tsk_")
+                .and_then(|rest| rest.split('_').next())
+                .unwrap_or(&key)
+                .to_owned();
+            let info = keys.revoke(&id, now)?;
+            let detail = serde_json::json!({"key_id": info.id, "name": info.name, "role": info.role});
+            audit.append(AuditRecord::command(
+                "keys revoke",
+                detail.as_object().cloned().unwrap_or_default(),
+            ))?;
+            eprintln!("revoked key `{}` (id {})", info.name, info.id);
         }
     }
     Ok(ExitCode::SUCCESS)

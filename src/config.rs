@@ -17,8 +17,13 @@ use serde::Deserialize;
 pub struct Settings {
     /// Where the RocksDB store lives.
     pub data_dir: PathBuf,
-    /// The rule file; replaces the stored rule set when it differs.
+    /// The rule file: the rule set of a new store. A store that has one keeps it; a file that
+    /// differs is refused (with the diff) unless `--replace-rules` or `rules_source = "file"`.
     pub rules: Option<PathBuf>,
+    /// Who owns the rule set: `store` (runtime edits through the API, versioned in the store)
+    /// or `file` (the rule file is the source of truth: it replaces the stored set at every
+    /// start, and runtime edits are refused).
+    pub rules_source: RulesSource,
     /// The tracking plan events are judged against (docs/rules.md, "Tracking plan"); none:
     /// events are only checked against `[limits]`.
     pub tracking_plan: Option<PathBuf>,
@@ -33,6 +38,108 @@ pub struct Settings {
     pub cache: CacheSettings,
     pub engine: EngineSettings,
     pub kafka: KafkaFileSettings,
+    pub access: AccessSettings,
+    pub webhooks: WebhookSettings,
+}
+
+/// `[access]`: API keys, roles, field masking and per-key limits (docs/security.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessSettings {
+    /// `auto` (keys required once one exists; open before that only on loopback),
+    /// `required`, or `off`.
+    pub auth: query_api::access::AuthMode,
+    /// Serve open (no keys) on a non-loopback address.
+    pub allow_open: bool,
+    /// `/metrics` without a key.
+    pub metrics_open: bool,
+    /// Field policies (`show`, `mask`, `hide`) for profile attributes and `customer_id`,
+    /// for every role that does not set the field itself.
+    pub fields: std::collections::BTreeMap<String, query_api::access::FieldPolicy>,
+    /// Custom roles (with `permissions`), and field policies of built-in ones.
+    pub roles: std::collections::BTreeMap<String, query_api::access::RoleSettings>,
+    pub limits: AccessLimits,
+}
+
+/// `[access.limits]`, per key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessLimits {
+    /// Requests per second a key may sustain; 0: unlimited.
+    pub requests_per_second: f64,
+    pub burst: f64,
+    /// Exports and SQL statements a key may run at once.
+    pub concurrent_exports: usize,
+}
+
+impl Default for AccessSettings {
+    fn default() -> Self {
+        let d = query_api::access::AccessConfig::default();
+        AccessSettings {
+            auth: d.auth,
+            allow_open: d.allow_open,
+            metrics_open: d.metrics_open,
+            fields: d.fields,
+            roles: d.roles,
+            limits: AccessLimits::default(),
+        }
+    }
+}
+
+impl Default for AccessLimits {
+    fn default() -> Self {
+        let d = query_api::access::LimitConfig::default();
+        AccessLimits {
+            requests_per_second: d.requests_per_second,
+            burst: d.burst,
+            concurrent_exports: d.concurrent_exports,
+        }
+    }
+}
+
+impl AccessSettings {
+    pub fn config(&self) -> query_api::access::AccessConfig {
+        query_api::access::AccessConfig {
+            auth: self.auth,
+            allow_open: self.allow_open,
+            metrics_open: self.metrics_open,
+            roles: self.roles.clone(),
+            fields: self.fields.clone(),
+            limits: query_api::access::LimitConfig {
+                requests_per_second: self.limits.requests_per_second,
+                burst: self.limits.burst,
+                concurrent_exports: self.limits.concurrent_exports,
+            },
+        }
+    }
+}
+
+/// `[webhooks]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookSettings {
+    /// Non-public addresses (loopback, private, link-local ranges) webhooks may reach, as
+    /// addresses or ranges: `["10.1.0.0/16", "127.0.0.1"]`. Public addresses need no entry.
+    pub allow_targets: Vec<String>,
+}
+
+impl WebhookSettings {
+    pub fn config(&self) -> anyhow::Result<query_api::webhooks::WebhookConfig> {
+        let targets =
+            query_api::targets::TargetPolicy::parse(&self.allow_targets).map_err(anyhow::Error::msg)?;
+        Ok(query_api::webhooks::WebhookConfig {
+            targets: std::sync::Arc::new(targets),
+            ..Default::default()
+        })
+    }
+}
+
+/// Who owns the rule set (see [`Settings::rules_source`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RulesSource {
+    Store,
+    File,
 }
 
 /// `[engine]`: how evaluation is spread over threads.
@@ -197,6 +304,7 @@ impl Default for Settings {
         Settings {
             data_dir: PathBuf::from("./tagstream-data"),
             rules: None,
+            rules_source: RulesSource::Store,
             tracking_plan: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             clock: ClockMode::Wall,
@@ -206,6 +314,8 @@ impl Default for Settings {
             cache: CacheSettings::default(),
             engine: EngineSettings::default(),
             kafka: KafkaFileSettings::default(),
+            access: AccessSettings::default(),
+            webhooks: WebhookSettings::default(),
         }
     }
 }
@@ -295,6 +405,15 @@ impl Settings {
             },
             workers: self.engine.workers(),
             partitions: self.engine.partitions.max(1),
+            rules_file_authority: self
+                .rules
+                .as_ref()
+                .filter(|_| self.rules_source == RulesSource::File)
+                .map(|p| p.display().to_string()),
+            initial_author: self
+                .rules
+                .as_ref()
+                .map_or("initial".to_owned(), |p| format!("file:{}", p.display())),
         }
     }
 
@@ -318,7 +437,8 @@ impl Settings {
 # Command-line flags override this file.
 
 data_dir = "{data_dir}"
-# rules = "deploy/rules/example.trl"
+# rules = "deploy/rules/example.trl"   # the rule set of a new store
+rules_source = "store"    # or "file": the rule file replaces the stored set at start, API edits refused
 # tracking_plan = "deploy/rules/plan.toml"   # what events may carry (docs/rules.md)
 listen = "{listen}"
 clock = "wall"            # or "event": now is the greatest event time seen
@@ -367,7 +487,31 @@ max_batch = {kafka_batch}           # events per engine batch
 # "sasl.mechanism" = "SCRAM-SHA-512"
 # "sasl.username" = "tagstream"
 # "sasl.password" = "..."
+
+[access]                  # API keys, roles, masking (docs/security.md)
+auth = "auto"             # keys required once one exists; "required"; "off"
+allow_open = false        # serve without keys on a non-loopback address
+metrics_open = true       # /metrics without a key
+
+[access.fields]           # for every role that does not set the field: "show", "mask", "hide"
+# phone = "mask"
+# customer_id = "mask"
+
+# [access.roles.support]  # a custom role; built-in: ingest reader exporter editor monitor admin
+# permissions = ["customers_read", "segments_read"]
+# fields = {{ phone = "show" }}
+
+[access.limits]           # per API key
+requests_per_second = {rps}   # 0: unlimited
+burst = {burst}
+concurrent_exports = {exports}  # members exports and SQL statements at once
+
+[webhooks]
+allow_targets = []        # non-public addresses webhooks may reach, e.g. ["10.1.0.0/16"]
 "#,
+            rps = d.access.limits.requests_per_second,
+            burst = d.access.limits.burst,
+            exports = d.access.limits.concurrent_exports,
             data_dir = d.data_dir.display(),
             listen = d.listen,
             max_request_bytes = d.limits.max_request_bytes,

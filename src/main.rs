@@ -109,6 +109,14 @@ enum Command {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// API keys of a stopped store: create one (shown once), list them, revoke one. On a
+    /// running node use /v1/admin/keys with an admin key (docs/security.md).
+    Keys {
+        #[command(subcommand)]
+        action: admin::KeyAction,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
     /// Ask a running tagstream whether it is ready (for container health checks): exits 0 on
     /// a 2xx answer, 1 otherwise.
     Healthcheck {
@@ -137,6 +145,10 @@ enum Command {
         /// A librdkafka setting, KEY=VALUE (repeatable): security.protocol, sasl.*, ssl.*.
         #[arg(long, value_parser = key_value)]
         kafka_option: Vec<(String, String)>,
+        /// A non-public address or range webhooks may reach (repeatable), added to
+        /// `[webhooks] allow_targets`, e.g. 10.1.0.0/16.
+        #[arg(long)]
+        webhook_allow: Vec<String>,
     },
     /// Serve on the embedded default with the example rules and a built-in stream of
     /// realistic events, so tags and segments change live.
@@ -209,9 +221,14 @@ struct StoreArgs {
     /// Where the RocksDB store lives [default: ./tagstream-data].
     #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
-    /// The rule file; replaces the stored rule set when it differs.
+    /// The rule file: the rule set of a new store. A store that has one keeps it; a file that
+    /// differs is refused, with the diff, unless --replace-rules.
     #[arg(long, global = true)]
     rules: Option<PathBuf>,
+    /// Replace the stored rule set with --rules when they differ (the diff is logged and
+    /// kept in the rule-set versions).
+    #[arg(long, global = true)]
+    replace_rules: bool,
     /// The tracking plan (TOML) events are checked against (docs/rules.md, "Tracking plan").
     #[arg(long, global = true)]
     tracking_plan: Option<PathBuf>,
@@ -269,35 +286,55 @@ impl StoreArgs {
 }
 
 /// Opens the engine the settings describe, printing rule diagnostics if the rules are bad.
-fn open_engine(settings: &Settings) -> anyhow::Result<Engine> {
+/// A rule file that differs from the stored rule set replaces it only when `replace` is set
+/// or the file is the source of truth; otherwise the diff is shown and the start refused.
+fn open_engine(settings: &Settings, replace: bool) -> anyhow::Result<Engine> {
     let rules = match &settings.rules {
-        Some(path) => {
-            Some(std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?)
-        }
+        Some(path) => Some((
+            path,
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+        )),
         None => None,
     };
+    let render = |diags: &[rules::Diagnostic]| {
+        let (path, text) = rules.as_ref().expect("only a rule file has diagnostics");
+        eprint!("{}", rules::render_all(diags, text, &path.display().to_string()));
+        anyhow::anyhow!("the rule set has {} error(s)", diags.len())
+    };
     let plan = settings.tracking_plan.as_deref().map(load_plan).transpose()?;
-    match Engine::open(&settings.data_dir, rules.as_deref(), settings.engine_config()) {
-        Ok(mut engine) => {
-            if let Some(plan) = &plan {
-                report_plan_warnings(engine.rules(), plan, settings.tracking_plan.as_deref());
+    let initial = rules.as_ref().map(|(_, text)| text.as_str());
+    let mut engine = match Engine::open(&settings.data_dir, initial, settings.engine_config()) {
+        Ok(engine) => engine,
+        Err(processor::EngineError::Rules(diags)) => return Err(render(&diags)),
+        Err(e) => {
+            return Err(e).with_context(|| format!("opening the store at {}", settings.data_dir.display()))
+        }
+    };
+    if let Some((path, text)) = &rules {
+        let diff = engine.diff_rules(text).map_err(|diags| render(&diags))?;
+        if !diff.is_empty() {
+            let version = engine.rules_version();
+            if replace || settings.rules_source == config::RulesSource::File {
+                let edit = processor::RuleEdit::by(format!("file:{}", path.display()));
+                engine
+                    .replace_rules_as(text, &edit, format!("rule file {}", path.display()))
+                    .context("replacing the stored rule set")?;
+            } else {
+                eprint!("{}", diff.render());
+                anyhow::bail!(
+                    "{} differs from the stored rule set (version {version}; the lines above are what it would change). \
+                     Start with --replace-rules to replace it, without --rules to keep the stored one, \
+                     or set rules_source = \"file\" to make the file the source of truth",
+                    path.display()
+                );
             }
-            engine.set_plan(plan);
-            Ok(engine)
         }
-        Err(processor::EngineError::Rules(diags)) => {
-            let origin = settings
-                .rules
-                .as_ref()
-                .map_or("rules".to_owned(), |p| p.display().to_string());
-            eprint!(
-                "{}",
-                rules::render_all(&diags, rules.as_deref().unwrap_or(""), &origin)
-            );
-            anyhow::bail!("the rule set has {} error(s)", diags.len())
-        }
-        Err(e) => Err(e).with_context(|| format!("opening the store at {}", settings.data_dir.display())),
     }
+    if let Some(plan) = &plan {
+        report_plan_warnings(engine.rules(), plan, settings.tracking_plan.as_deref());
+    }
+    engine.set_plan(plan);
+    Ok(engine)
 }
 
 /// Reads and checks a tracking plan file.
@@ -335,7 +372,9 @@ fn main() -> ExitCode {
             kafka_topic,
             kafka_group,
             kafka_option,
+            webhook_allow,
         } => store.settings().and_then(|mut settings| {
+            settings.webhooks.allow_targets.extend(webhook_allow);
             settings.listen = listen.unwrap_or(settings.listen);
             settings.limits.max_request_bytes =
                 max_request_bytes.unwrap_or(settings.limits.max_request_bytes);
@@ -344,18 +383,17 @@ fn main() -> ExitCode {
             kafka.topic = kafka_topic.unwrap_or(std::mem::take(&mut kafka.topic));
             kafka.group_id = kafka_group.unwrap_or(std::mem::take(&mut kafka.group_id));
             kafka.options.extend(kafka_option);
-            let engine = open_engine(&settings)?;
+            let engine = open_engine(&settings, store.replace_rules)?;
             let api = query_api::ApiConfig {
                 max_request_bytes: settings.limits.max_request_bytes,
             };
-            serve::serve(
-                engine,
-                settings.listen,
+            let options = serve::ServeOptions {
                 api,
-                settings.kafka_settings(),
-                |_, _, _| {},
-            )
-            .map(|()| ExitCode::SUCCESS)
+                kafka: settings.kafka_settings(),
+                access: settings.access.config(),
+                webhooks: settings.webhooks.config()?,
+            };
+            serve::serve(engine, settings.listen, options, |_, _, _| {}).map(|()| ExitCode::SUCCESS)
         }),
         Command::Demo {
             data_dir,
@@ -375,7 +413,10 @@ fn main() -> ExitCode {
         Command::Restore { from, data_dir } => admin::restore(&from, &data_dir),
         Command::Partitions { action, store } => store
             .settings()
-            .and_then(|settings| admin::partitions(action, open_engine(&settings)?)),
+            .and_then(|settings| admin::partitions(action, open_engine(&settings, store.replace_rules)?)),
+        Command::Keys { action, store } => store
+            .settings()
+            .and_then(|settings| admin::keys(action, &settings)),
         Command::DefaultConfig => {
             print!("{}", Settings::default_file());
             Ok(ExitCode::SUCCESS)
@@ -419,36 +460,42 @@ fn run_demo(
     customers: u64,
     settings: Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
+    let demo_settings = Settings::load(settings.as_deref())?;
     let config = EngineConfig {
         clock: ClockMode::Wall,
-        ..Settings::load(settings.as_deref())?.engine_config()
+        ..demo_settings.engine_config()
     };
     let mut engine = Engine::open(&data_dir, Some(DEMO_RULES), config)
         .with_context(|| format!("opening the demo store at {}", data_dir.display()))?;
     let plan = rules::TrackingPlan::parse(DEMO_PLAN)
         .map_err(|e| anyhow::anyhow!("the demo's tracking plan: {e}"))?;
     engine.set_plan(Some(std::sync::Arc::new(plan)));
-    serve::serve(
-        engine,
-        listen,
-        query_api::ApiConfig::default(),
-        None,
-        move |bound, handle, stopping| {
-            println!(
+    // The demo runs open, on its own data: it says so, and refuses a non-loopback address
+    // unless the settings allow it.
+    let options = serve::ServeOptions {
+        api: query_api::ApiConfig::default(),
+        kafka: None,
+        access: query_api::access::AccessConfig {
+            auth: query_api::access::AuthMode::Off,
+            ..demo_settings.access.config()
+        },
+        webhooks: demo_settings.webhooks.config()?,
+    };
+    serve::serve(engine, listen, options, move |bound, handle, stopping| {
+        println!(
                 "demo: streaming {rate} events/s for {customers} customers (rules: deploy/rules/example.trl, tracking plan: deploy/rules/example-plan.toml)"
             );
-            println!("try:");
-            println!("  curl -s http://{bound}/v1/changes?limit=5");
-            println!("  curl -s http://{bound}/v1/customers/13000000001");
-            println!("  curl -s -X POST http://{bound}/v1/segments/query -d '{{\"expr\": \"viewed_seafood and not big_ticket\", \"limit\": 5}}'");
-            println!("  curl -s http://{bound}/v1/segments/spring_promo/members?format=csv | head");
-            println!("  curl -s http://{bound}/metrics | grep tagstream_events_total");
-            println!("  curl -s http://{bound}/v1/schema/observed | head -c 600");
-            println!("  curl -s http://{bound}/v1/events -d '{{\"customer_id\": \"13000000001\", \"type\": \"veiw\"}}'   # blocked by the plan");
-            println!("  curl -s http://{bound}/v1/quality");
-            serve::demo_generator(handle, stopping, rate, customers);
-        },
-    )?;
+        println!("try:");
+        println!("  curl -s http://{bound}/v1/changes?limit=5");
+        println!("  curl -s http://{bound}/v1/customers/13000000001");
+        println!("  curl -s -X POST http://{bound}/v1/segments/query -d '{{\"expr\": \"viewed_seafood and not big_ticket\", \"limit\": 5}}'");
+        println!("  curl -s http://{bound}/v1/segments/spring_promo/members?format=csv | head");
+        println!("  curl -s http://{bound}/metrics | grep tagstream_events_total");
+        println!("  curl -s http://{bound}/v1/schema/observed | head -c 600");
+        println!("  curl -s http://{bound}/v1/events -d '{{\"customer_id\": \"13000000001\", \"type\": \"veiw\"}}'   # blocked by the plan");
+        println!("  curl -s http://{bound}/v1/quality");
+        serve::demo_generator(handle, stopping, rate, customers);
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -515,7 +562,7 @@ fn run_plan(action: PlanAction) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         PlanAction::Infer { store } => {
-            let engine = open_engine(&store.settings()?)?;
+            let engine = open_engine(&store.settings()?, store.replace_rules)?;
             print!("{}", engine.intake().quality.observed().infer_plan());
             Ok(ExitCode::SUCCESS)
         }
@@ -530,7 +577,7 @@ fn run_replay(
     quiet: bool,
     stats: bool,
 ) -> anyhow::Result<ExitCode> {
-    let mut engine = open_engine(&store.settings()?)?;
+    let mut engine = open_engine(&store.settings()?, store.replace_rules)?;
     while engine.backfill_pending() {
         engine.backfill_step(10_000)?;
     }

@@ -8,7 +8,17 @@ use std::time::Duration;
 use anyhow::Context;
 use processor::kafka::{self, KafkaSettings, KafkaStatus};
 use processor::{Engine, EngineHandle, ServiceConfig};
+use query_api::access::{Access, AccessConfig};
+use query_api::webhooks::{WebhookConfig, Webhooks};
 use query_api::{router, ApiConfig, AppState};
+
+/// What `serve` runs besides the engine.
+pub struct ServeOptions {
+    pub api: ApiConfig,
+    pub kafka: Option<KafkaSettings>,
+    pub access: AccessConfig,
+    pub webhooks: WebhookConfig,
+}
 
 /// How long the shutdown lets webhooks and Kafka publishers send what is committed (the
 /// deploy files give the process more than this before a SIGKILL).
@@ -19,14 +29,22 @@ pub const DRAIN_GRACE: Duration = Duration::from_secs(10);
 pub fn serve(
     engine: Engine,
     listen: SocketAddr,
-    api: ApiConfig,
-    kafka: Option<KafkaSettings>,
+    options: ServeOptions,
     on_ready: impl FnOnce(SocketAddr, EngineHandle, Arc<AtomicBool>) + Send + 'static,
 ) -> anyhow::Result<()> {
+    let ServeOptions {
+        api,
+        kafka,
+        access,
+        webhooks,
+    } = options;
     let stopping = Arc::new(AtomicBool::new(false));
+    let access = Access::open(engine.store().clone(), access).map_err(anyhow::Error::msg)?;
+    access.check_listen(listen).map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let (handle, engine_thread) = EngineHandle::spawn(engine, ServiceConfig::default());
-    let mut state = AppState::new(handle.clone(), api);
+    let mut state = AppState::with_access(handle.clone(), api, Arc::new(access));
+    state.webhooks = Arc::new(Webhooks::new(webhooks));
     let kafka_workers = match kafka {
         Some(settings) => {
             let status = Arc::new(KafkaStatus::default());

@@ -21,6 +21,7 @@ mod rule_change;
 mod segments;
 mod shard;
 mod timers;
+mod versions;
 
 pub use explain::{Explained, Explanation, NextChange};
 pub use partitions::{PartitionSummary, MAGIC as PARTITION_EXPORT_MAGIC};
@@ -29,6 +30,7 @@ pub use query::{parse_cursor, Delta};
 pub use read::ReadHandle;
 pub use retention::{Log, Trimmed};
 pub use segments::{SavedSegment, SegmentUpdate};
+pub use versions::{DefChange, DefText, ReadVersions, RuleDiff, RuleEdit, RuleVersion, VersionSummary};
 
 use cache::CustomerCache;
 use pipeline::{BackgroundWriter, Done, Pending};
@@ -104,6 +106,11 @@ pub struct EngineConfig {
     /// Partitions customers are hashed to (Kafka's default partitioner on the customer id):
     /// the unit a worker — and later a node — owns. Match the Kafka topic's partition count.
     pub partitions: u32,
+    /// Set when a rule file is declared the source of truth (`rules_source = "file"`): the
+    /// file's path. Runtime edits of the rule set are then refused.
+    pub rules_file_authority: Option<String>,
+    /// Who the first recorded version of the rule set is attributed to (`file:PATH`, ...).
+    pub initial_author: String,
 }
 
 /// Retention of a log (the change log, the dead letters): its oldest entries go once they
@@ -139,6 +146,8 @@ impl Default for EngineConfig {
             },
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
             partitions: 12,
+            rules_file_authority: None,
+            initial_author: "initial".to_owned(),
         }
     }
 }
@@ -155,6 +164,9 @@ pub enum EngineError {
     Conflict(String),
     #[error("{0}")]
     NotFound(String),
+    /// A rule-set edit named a version (`If-Match`) that is no longer the current one.
+    #[error("the rule set is at version {current}, not {expected}: read it again and reapply the edit")]
+    Stale { expected: u64, current: u64 },
     /// A group commit failed; every request of the group gets this (nothing was applied).
     #[error("the commit failed, nothing was applied: {0}")]
     CommitFailed(String),
@@ -460,6 +472,8 @@ pub struct Engine {
     backfill_total: u64,
     /// Position of each definition in evaluation order.
     order_pos: Vec<usize>,
+    /// The rule set's version ([`versions`]).
+    rules_version: u64,
     /// The tracking plan events are judged against, if one is loaded.
     plan: Option<Arc<TrackingPlan>>,
     /// Violations and the observed schema, shared with the edges and readers.
@@ -542,8 +556,9 @@ fn positions(rules: &CompiledRules) -> Vec<usize> {
 }
 
 impl Engine {
-    /// Opens (or creates) the store at `path`. `rules_text` is used when the store has no
-    /// rule set yet, or replaces the stored one when it differs (a rule change).
+    /// Opens (or creates) the store at `path`. `rules_text` is the rule set of a store that has
+    /// none yet; a store that has one keeps it (replace it with [`Engine::replace_rules_as`],
+    /// after [`Engine::diff_rules`] showed what that changes).
     pub fn open(path: &Path, rules_text: Option<&str>, config: EngineConfig) -> Result<Engine, EngineError> {
         let retention = Retention {
             dedup_horizon_ms: config.dedup_horizon_ms,
@@ -567,6 +582,7 @@ impl Engine {
             next_dlq: store.meta_u64(META_DLQ)?,
         };
         let generation = store.meta_u64(META_GENERATION)?.max(1);
+        let rules_version = versions::current_version(&store)?;
         let backfill_cursor = store.get(CF_META, META_BACKFILL.as_bytes())?;
         let timers = store.timers()?;
         let order_pos = positions(&rules);
@@ -600,6 +616,7 @@ impl Engine {
             backfill_done: 0,
             backfill_total: 0,
             order_pos,
+            rules_version,
             plan: None,
             quality,
         };
@@ -610,11 +627,16 @@ impl Engine {
         engine.deal_timers(timers);
         if stored_rules.is_none() {
             let mut wb = WriteBatch::default();
-            wb.put_cf(engine.store.cf(CF_META), META_RULES.as_bytes(), text.as_bytes());
             engine.store.put_meta_u64(&mut wb, META_GENERATION, generation);
             engine.store.commit(wb)?;
-        } else if let Some(new) = rules_text.filter(|t| Some(*t) != stored_rules.as_deref()) {
-            engine.replace_rules(new)?;
+        }
+        if engine.rules_version == 0 {
+            let action = if stored_rules.is_some() {
+                "recorded (kept before versions)"
+            } else {
+                "initial"
+            };
+            engine.record_first_version(&engine.config.initial_author.clone(), action)?;
         }
         Ok(engine)
     }
@@ -742,7 +764,7 @@ impl Engine {
         self.counters.next_seq
     }
 
-    pub fn store(&self) -> &Store {
+    pub fn store(&self) -> &Arc<Store> {
         &self.store
     }
 }

@@ -282,6 +282,15 @@ impl IdPage {
         self.ends.len()
     }
 
+    /// The same customers with each id replaced by `f(id)` (masked ids for an export).
+    pub fn mapped(&self, f: impl Fn(&str) -> String) -> IdPage {
+        let mut out = IdPage::default();
+        for (i, number) in self.numbers.iter().enumerate() {
+            out.push(*number, &f(self.get(i)));
+        }
+        out
+    }
+
     pub fn is_empty(&self) -> bool {
         self.ends.is_empty()
     }

@@ -47,7 +47,13 @@ pub const CF_INDEX: &str = "index";
 pub const CF_WEBHOOKS: &str = "webhooks";
 pub const CF_WINDOWS: &str = "windows";
 pub const CF_CHANGES_BY_NAME: &str = "changes_by_name";
-const ALL_CFS: [&str; 12] = [
+/// API keys (hashed) — written by the HTTP layer and the `keys` command, never the engine.
+pub const CF_ACCESS: &str = "access";
+/// The audit trail, append-only, keyed by its sequence number.
+pub const CF_AUDIT: &str = "audit";
+const ALL_CFS: [&str; 14] = [
+    CF_ACCESS,
+    CF_AUDIT,
     CF_CUSTOMERS,
     CF_EVENTS,
     CF_TIMERS,
@@ -74,6 +80,8 @@ pub enum StoreError {
     Rocks(#[from] rocksdb::Error),
     #[error(transparent)]
     Codec(#[from] CodecError),
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
 }
 
 /// What a customer is judged under: the window state stored in a record is used only when
@@ -474,6 +482,19 @@ impl Store {
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(cf), key, value);
         self.commit(batch)
+    }
+
+    /// Writes keys of a column family the engine never writes in one write, fsynced whatever
+    /// `sync_writes` says (API keys and the audit trail must survive a power cut).
+    pub fn put_durable(&self, cf: &str, entries: &[(&[u8], &[u8])]) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        for (key, value) in entries {
+            batch.put_cf(self.cf(cf), key, value);
+        }
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.db.write_opt(batch, &opts)?;
+        Ok(())
     }
 
     /// Deletes `keys` from a column family the engine never writes, in one write; returns

@@ -546,7 +546,10 @@ fn a_customer_loaded_from_the_store_brings_its_windows_not_its_history() {
     // Other windows: the stored state does not fit, the history is read.
     drop(engine);
     let wider = "tag spender = sum(payment.amount, 31d) >= 100\ntag active = count(app_open, 7d) >= 2";
-    let engine = Engine::open(dir.path(), Some(wider), event_config()).unwrap();
+    let mut engine = Engine::open(dir.path(), Some(wider), event_config()).unwrap();
+    // A store keeps its rule set: the new one is a rule change.
+    assert!(!engine.rules().source().contains("31d"));
+    engine.replace_rules(wider).unwrap();
     let state = stored(&engine, "c1");
     assert!(state.history_loaded && state.windows.is_none());
     assert_eq!(state.history.events.len(), 50);

@@ -32,6 +32,15 @@ pub enum ApiError {
         log: &'static str,
         oldest: u64,
     },
+    /// A rule-set edit of a version that is no longer the current one.
+    #[error("{message}")]
+    Stale { message: String, current: u64 },
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    TooMany(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -59,6 +68,10 @@ impl From<EngineError> for ApiError {
             EngineError::Clock(m) | EngineError::Conflict(m) => ApiError::Conflict(m),
             EngineError::NotFound(m) => ApiError::NotFound(m),
             EngineError::Rules(d) => ApiError::InvalidRules(d.iter().map(|d| d.located("")).collect()),
+            stale @ EngineError::Stale { current, .. } => ApiError::Stale {
+                message: stale.to_string(),
+                current,
+            },
             gone @ EngineError::Gone { log, oldest } => ApiError::Gone {
                 message: gone.to_string(),
                 log,
@@ -111,6 +124,13 @@ impl IntoResponse for ApiError {
                     json!({ "error": message, "log": log, field: oldest }),
                 )
             }
+            ApiError::Stale { message, current } => (
+                StatusCode::CONFLICT,
+                json!({ "error": message, "current_version": current }),
+            ),
+            ApiError::Unauthorized(m) => (StatusCode::UNAUTHORIZED, json!({ "error": m })),
+            ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, json!({ "error": m })),
+            ApiError::TooMany(m) => (StatusCode::TOO_MANY_REQUESTS, json!({ "error": m })),
             ApiError::Internal(detail) => {
                 tracing::error!(%detail, "internal error");
                 (

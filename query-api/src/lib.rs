@@ -21,12 +21,14 @@
 //! # }
 //! ```
 
+pub mod access;
 mod error;
 pub mod export;
 pub mod metrics;
 mod routes;
 pub mod sql;
 pub mod streams;
+pub mod targets;
 pub mod webhooks;
 
 use axum::body::{Body, Bytes};
@@ -63,6 +65,8 @@ pub struct AppState {
     /// Set when the server begins to shut down: long-lived responses (SSE streams) end, so
     /// a graceful shutdown does not wait for their clients to give up.
     pub shutdown: Shutdown,
+    /// Keys, roles, the audit trail and per-key limits.
+    pub access: std::sync::Arc<access::Access>,
 }
 
 /// The server's shutdown signal, shared by every clone of the state.
@@ -87,8 +91,21 @@ impl Shutdown {
 }
 
 impl AppState {
+    /// The state with the default access settings (open on loopback until a key exists).
     pub fn new(engine: EngineHandle, config: ApiConfig) -> AppState {
+        let store = engine.reader().store().clone();
+        let access = access::Access::open(store, access::AccessConfig::default())
+            .expect("the default access settings are valid and the store is readable");
+        AppState::with_access(engine, config, std::sync::Arc::new(access))
+    }
+
+    pub fn with_access(
+        engine: EngineHandle,
+        config: ApiConfig,
+        access: std::sync::Arc<access::Access>,
+    ) -> AppState {
         AppState {
+            access,
             engine,
             prometheus: metrics::prometheus(),
             config,
@@ -133,6 +150,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/clock", post(routes::set_clock))
         .route("/v1/rules", get(routes::get_rules).put(routes::put_rules))
         .route("/v1/rules/preview", post(routes::preview_rules))
+        .route("/v1/rules/versions", get(routes::rule_versions))
+        .route("/v1/rules/versions/{version}", get(routes::rule_version))
+        .route("/v1/rules/rollback", post(routes::rollback_rules))
         .route("/v1/customers/{id}", get(routes::get_customer))
         .route("/v1/customers/{id}/events", get(routes::customer_events))
         .route("/v1/customers/{id}/explain/{name}", get(routes::explain))
@@ -168,6 +188,12 @@ pub fn router(state: AppState) -> Router {
             get(routes::dead_letters).delete(routes::purge_dead_letters),
         )
         .route("/v1/admin/backup", post(routes::backup))
+        .route(
+            "/v1/admin/keys",
+            post(access::routes::create_key).get(access::routes::list_keys),
+        )
+        .route("/v1/admin/keys/{id}", delete(access::routes::revoke_key))
+        .route("/v1/audit", get(access::routes::audit))
         .route("/v1/quality", get(routes::quality))
         .route("/v1/schema/observed", get(routes::schema_observed))
         .route("/openapi.json", get(routes::openapi))
@@ -176,6 +202,10 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(routes::readyz))
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.access.clone(),
+            access::authorize,
+        ))
         .layer(axum::middleware::from_fn(metrics::track_http))
         .with_state(state)
 }

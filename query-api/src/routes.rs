@@ -5,13 +5,15 @@ use std::collections::BTreeMap;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use processor::{Change, CustomerView, Explained, QueryError};
 use serde::Deserialize;
 use serde_json::{json, Value as Json_};
 
+use crate::access::{if_match, masking_of, AuditNote, FieldPolicy, Masking, Principal};
 use crate::error::ApiError;
 use crate::export::{Column, EncodeError, Encoder, Format};
 use crate::{AppState, LimitedBody};
@@ -82,18 +84,54 @@ pub async fn set_clock(
     Ok(Json(json!({ "now": now, "changes": changes.len() })))
 }
 
+/// `GET /v1/rules`: the rule-set text, its version in `ETag`.
 pub async fn get_rules(State(app): State<AppState>) -> Result<Response, ApiError> {
-    let text = app
+    let (text, version) = app
         .engine
-        .call(|engine| engine.rules().source().to_owned())
+        .call(|engine| (engine.rules().source().to_owned(), engine.rules_version()))
         .await?;
-    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/plain; charset=utf-8".to_owned()),
+            (header::ETAG, format!("\"{version}\"")),
+        ],
+        text,
+    )
+        .into_response())
 }
 
+/// Who edits the rule set (the request's key) and which version they read (`If-Match`).
+fn rule_edit(principal: Option<&Principal>, headers: &HeaderMap) -> Result<processor::RuleEdit, ApiError> {
+    let expect = if_match(headers).map_err(ApiError::BadRequest)?;
+    let author = principal.map_or("anonymous", |p| p.name.as_str());
+    Ok(processor::RuleEdit::by(author).expecting(expect))
+}
+
+/// What a committed rule-set version answers and tells the audit trail.
+fn versioned_answer(
+    version: &processor::RuleVersion,
+    note: Option<&AuditNote>,
+    mut answer: Json_,
+) -> Response {
+    if let Some(note) = note {
+        note.set("version", version.version);
+        note.set("diff", &version.diff);
+    }
+    answer["version"] = version.version.into();
+    answer["diff"] = serde_json::to_value(&version.diff).expect("a diff serialises");
+    ([(header::ETAG, format!("\"{}\"", version.version))], Json(answer)).into_response()
+}
+
+/// `PUT /v1/rules`: the next version of the rule set; the answer lists what it added,
+/// removed and changed, so no removal goes unseen.
 pub async fn put_rules(
     State(app): State<AppState>,
+    principal: Option<Extension<Principal>>,
+    note: Option<Extension<AuditNote>>,
+    headers: HeaderMap,
     LimitedBody(body): LimitedBody,
-) -> Result<Json<Json_>, ApiError> {
+) -> Result<Response, ApiError> {
+    let edit = rule_edit(principal.as_deref(), &headers)?;
     let text = String::from_utf8(body.to_vec())
         .map_err(|_| ApiError::BadRequest("the rule set is not valid UTF-8".into()))?;
     // Checked here, with the text at hand, so every diagnostic carries its source line.
@@ -101,12 +139,72 @@ pub async fn put_rules(
         .map_err(|diags| ApiError::InvalidRules(diags.iter().map(|d| d.located(&text)).collect()))?;
     let warnings = check_reads(&app, &text)?;
     let definitions = compiled.defs().len();
-    app.engine
-        .call(move |engine| engine.replace_rules(&text))
+    let version = app
+        .engine
+        .call(move |engine| engine.replace_rules_as(&text, &edit, "put_rules".to_owned()))
         .await??;
-    Ok(Json(
-        json!({ "definitions": definitions, "backfill": "running", "warnings": warnings }),
-    ))
+    let answer = json!({ "definitions": definitions, "backfill": "running", "warnings": warnings });
+    Ok(versioned_answer(&version, note.as_deref(), answer))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VersionsQuery {
+    before: Option<u64>,
+    limit: Option<usize>,
+}
+
+/// `GET /v1/rules/versions?before=N&limit=M`: versions newest first, without their text.
+pub async fn rule_versions(
+    State(app): State<AppState>,
+    query: Result<Query<VersionsQuery>, QueryRejection>,
+) -> Result<Json<Json_>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let limit = q.limit.unwrap_or(50).clamp(1, 1000);
+    let reader = app.engine.reader();
+    let versions = processor::ReadVersions(reader.store()).list(q.before, limit)?;
+    let next = versions.last().map(|v| v.version).filter(|v| *v > 1);
+    Ok(Json(json!({ "versions": versions, "next_before": next })))
+}
+
+/// `GET /v1/rules/versions/{version}`: one version with its text and diff.
+pub async fn rule_version(
+    State(app): State<AppState>,
+    Path(version): Path<String>,
+) -> Result<Json<Json_>, ApiError> {
+    let number: u64 = version
+        .parse()
+        .map_err(|_| ApiError::BadRequest(format!("`{version}` is not a version number")))?;
+    let reader = app.engine.reader();
+    let found = processor::ReadVersions(reader.store())
+        .get(number)?
+        .ok_or_else(|| ApiError::NotFound(format!("no rule-set version {number}")))?;
+    Ok(Json(json!(found)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackBody {
+    version: u64,
+}
+
+/// `POST /v1/rules/rollback {"version": N}`: the rule set as it was at version N, as a new
+/// version.
+pub async fn rollback_rules(
+    State(app): State<AppState>,
+    principal: Option<Extension<Principal>>,
+    note: Option<Extension<AuditNote>>,
+    headers: HeaderMap,
+    LimitedBody(body): LimitedBody,
+) -> Result<Response, ApiError> {
+    let edit = rule_edit(principal.as_deref(), &headers)?;
+    let RollbackBody { version } = json_body(&body)?;
+    let committed = app
+        .engine
+        .call(move |engine| engine.rollback_rules(version, &edit))
+        .await??;
+    let answer = json!({ "rolled_back_to": version, "backfill": "running" });
+    Ok(versioned_answer(&committed, note.as_deref(), answer))
 }
 
 /// What a rule set reads, judged against the tracking plan (its errors refuse the rule
@@ -221,11 +319,27 @@ fn customer_dto(view: &CustomerView) -> CustomerDto<'_> {
     }
 }
 
-pub async fn get_customer(State(app): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn get_customer(
+    State(app): State<AppState>,
+    principal: Option<Extension<Principal>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     // A point read served here, not on the engine thread: lookups never wait for a batch.
     let view = app.engine.reader().customer(&id)?;
+    let masking = masking_of(&principal);
     match view {
-        Some(v) => Ok(Json(customer_dto(&v)).into_response()),
+        Some(v) if masking.is_open() => Ok(Json(customer_dto(&v)).into_response()),
+        Some(mut v) => {
+            v.profile = v
+                .profile
+                .iter()
+                .filter_map(|(k, value)| Some((k.clone(), masking.stored(k, value)?)))
+                .collect();
+            let id = masking.id(&v.customer_id).into_owned();
+            let mut dto = customer_dto(&v);
+            dto.customer_id = &id;
+            Ok(Json(dto).into_response())
+        }
         None => Err(ApiError::NotFound(format!("no customer `{id}`"))),
     }
 }
@@ -240,6 +354,7 @@ pub struct TimelineQuery {
 /// `GET /v1/customers/{id}/events`: the retained events, newest first, paged.
 pub async fn customer_events(
     State(app): State<AppState>,
+    principal: Option<Extension<Principal>>,
     Path(id): Path<String>,
     q: Result<Query<TimelineQuery>, QueryRejection>,
 ) -> Result<Json<Json_>, ApiError> {
@@ -283,7 +398,7 @@ pub async fn customer_events(
         })
         .collect();
     Ok(Json(json!({
-        "customer_id": rules::normalize(&id),
+        "customer_id": masking_of(&principal).id(&rules::normalize(&id)),
         "events": items,
         "next_cursor": next_cursor,
     })))
@@ -293,6 +408,7 @@ pub async fn customer_events(
 /// customer, every sub-expression's value and window, and when time alone changes it.
 pub async fn explain(
     State(app): State<AppState>,
+    principal: Option<Extension<Principal>>,
     Path((id, name)): Path<(String, String)>,
 ) -> Result<Json<Json_>, ApiError> {
     let (lookup, wanted) = (id.clone(), name.clone());
@@ -309,15 +425,18 @@ pub async fn explain(
             )))
         }
     };
+    let masking = masking_of(&principal);
+    let mut tree = serde_json::to_value(&e.tree).expect("an explain tree serialises");
+    masking.explain_tree(&mut tree);
     Ok(Json(json!({
-        "customer_id": e.customer_id,
+        "customer_id": masking.id(&e.customer_id),
         "name": &*e.name,
         "kind": e.kind,
         "now": e.now,
         "value": e.value,
         "membership": e.membership.map(|m| json!({ "since": m.since, "expires_at": m.expires_at })),
         "manual": e.manual.map(|expires_at| json!({ "expires_at": expires_at })),
-        "explain": e.tree,
+        "explain": tree,
         "next_change": e.next_change.map(|n| json!({ "at": n.at, "value": n.value })),
     })))
 }
@@ -391,6 +510,7 @@ pub const MAX_QUERY_LIMIT: usize = 10_000;
 
 pub async fn segment_query(
     State(app): State<AppState>,
+    principal: Option<Extension<Principal>>,
     LimitedBody(body): LimitedBody,
 ) -> Result<Json<Json_>, ApiError> {
     let QueryBody { expr, limit, cursor } = json_body(&body)?;
@@ -412,8 +532,10 @@ pub async fn segment_query(
             QueryError::Cursor(m) => ApiError::BadRequest(m),
             QueryError::Engine(e) => e.into(),
         })?;
+    let masking = masking_of(&principal);
+    let customers: Vec<_> = page.customers.iter().map(|id| masking.id(id)).collect();
     Ok(Json(
-        json!({ "count": page.count, "customers": page.customers, "next_cursor": page.next_cursor, "warnings": warnings }),
+        json!({ "count": page.count, "customers": customers, "next_cursor": page.next_cursor, "warnings": warnings }),
     ))
 }
 
@@ -443,18 +565,22 @@ struct SegmentBody {
 }
 
 /// `PUT /v1/segments/{name}` `{"expr": "..."}`: creates or replaces one saved segment; the
-/// rest of the rule set stays as it is.
+/// rest of the rule set stays as it is. The rule set's next version.
 pub async fn put_segment(
     State(app): State<AppState>,
+    principal: Option<Extension<Principal>>,
+    note: Option<Extension<AuditNote>>,
+    headers: HeaderMap,
     Path(name): Path<String>,
     LimitedBody(body): LimitedBody,
-) -> Result<Json<Json_>, ApiError> {
+) -> Result<Response, ApiError> {
+    let edit = rule_edit(principal.as_deref(), &headers)?;
     let SegmentBody { expr } = json_body(&body)?;
     let warnings = check_expr_reads(&app, &expr)?;
     let lookup = name.clone();
-    let update = app
+    let (update, version) = app
         .engine
-        .call(move |engine| engine.put_segment(&lookup, &expr))
+        .call(move |engine| engine.put_segment_as(&lookup, &expr, &edit))
         .await?
         .map_err(|e| match e {
             QueryError::Invalid(diagnostics) => ApiError::InvalidRules(diagnostics),
@@ -464,22 +590,28 @@ pub async fn put_segment(
     let mut answer = json!(update);
     answer["name"] = name.into();
     answer["warnings"] = serde_json::to_value(&warnings).expect("diagnostics serialise");
-    Ok(Json(answer))
+    Ok(versioned_answer(&version, note.as_deref(), answer))
 }
 
-/// `DELETE /v1/segments/{name}`: every member exits.
+/// `DELETE /v1/segments/{name}`: every member exits; the rule set's next version. The
+/// segment's webhooks are deleted with it.
 pub async fn delete_segment(
     State(app): State<AppState>,
+    principal: Option<Extension<Principal>>,
+    note: Option<Extension<AuditNote>>,
+    headers: HeaderMap,
     Path(name): Path<String>,
-) -> Result<Json<Json_>, ApiError> {
+) -> Result<Response, ApiError> {
+    let edit = rule_edit(principal.as_deref(), &headers)?;
     let lookup = name.clone();
-    let update = app
+    let (update, version) = app
         .engine
-        .call(move |engine| engine.delete_segment(&lookup))
+        .call(move |engine| engine.delete_segment_as(&lookup, &edit))
         .await??;
     let mut answer = json!(update);
+    answer["webhooks_deleted"] = json!(crate::webhooks::delete_for_definition(&app, &name)?);
     answer["name"] = name.into();
-    Ok(Json(answer))
+    Ok(versioned_answer(&version, note.as_deref(), answer))
 }
 
 #[derive(Deserialize)]
@@ -502,10 +634,16 @@ const EXPORT_PAGE: usize = 8192;
 pub async fn segment_members(
     State(app): State<AppState>,
     Path(name): Path<String>,
+    principal: Option<Extension<Principal>>,
+    note: Option<Extension<AuditNote>>,
     q: Result<Query<MembersQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let format_name = q.format.unwrap_or_else(|| "ndjson".into());
+    if let Some(note) = &note {
+        note.set("segment", &name);
+        note.set("format", &format_name);
+    }
     let format = Format::parse(&format_name).ok_or_else(|| {
         ApiError::BadRequest(format!(
             "unknown format `{format_name}`: use ndjson, csv, parquet or arrow"
@@ -521,31 +659,70 @@ pub async fn segment_members(
         .transpose()
         .map_err(ApiError::BadRequest)?;
     let reader = app.engine.reader().clone();
+    let masking = masking_of(&principal);
     let mut fields = Vec::new();
     let mut columns = Vec::new();
+    // Per column, the profile attribute whose values are masked.
+    let mut masked: Vec<Option<String>> = Vec::new();
     for f in q.fields.as_deref().unwrap_or("").split(',').map(str::trim) {
         if f.is_empty() {
             continue;
         }
-        let (field, ty) = reader.export_field(f).map_err(ApiError::BadRequest)?;
+        let (field, mut ty) = reader.export_field(f).map_err(ApiError::BadRequest)?;
+        let attr = f.strip_prefix("profile.");
+        match attr.map(|a| masking.policy(a)) {
+            Some(FieldPolicy::Hide) => {
+                return Err(ApiError::Forbidden(format!(
+                    "the field `{f}` is hidden from this key's role"
+                )))
+            }
+            Some(FieldPolicy::Mask) => ty = rules::Type::Str,
+            _ => {}
+        }
+        masked.push(
+            attr.filter(|a| masking.policy(a) == FieldPolicy::Mask)
+                .map(str::to_owned),
+        );
         columns.push(Column {
             name: f.to_owned(),
             ty,
         });
         fields.push(field);
     }
+    let mask_page = move |ids: processor::index::IdPage, values: &mut Vec<Vec<Option<rules::Value>>>| {
+        for row in values.iter_mut() {
+            for (value, attr) in row.iter_mut().zip(&masked) {
+                if let (Some(v), Some(attr)) = (value.as_mut(), attr) {
+                    *v = masking.stored(attr, v).unwrap_or_default();
+                }
+            }
+        }
+        if masking.policy(crate::access::mask::CUSTOMER_ID) == FieldPolicy::Show {
+            ids
+        } else {
+            ids.mapped(|id| masking.id(id).into_owned())
+        }
+    };
     let set = reader
         .member_set(&name)
         .ok_or_else(|| ApiError::NotFound(format!("no tag or segment `{name}`")))?;
+    if let Some(note) = &note {
+        let rows = q.limit.map_or(set.len(), |l| set.len().min(l as u64));
+        note.set("rows", rows);
+    }
+    // Held until the last byte is encoded.
+    let slot = crate::access::export_slot(&app.access, &principal)?;
     let mut encoder = Encoder::new(format, columns).map_err(|e| ApiError::Internal(e.to_string()))?;
     let preamble = encoder.header();
 
     if let Some(limit) = q.limit {
         let (body, next) = tokio::task::spawn_blocking(move || {
-            let page = reader.members_page(&name, &set, after, limit, &fields)?;
+            let _slot = slot;
+            let mut page = reader.members_page(&name, &set, after, limit, &fields)?;
+            let ids = mask_page(page.ids, &mut page.fields);
             let encode = |e: EncodeError| ApiError::Internal(e.to_string());
             let mut body = preamble;
-            body.extend(encoder.page(&page.ids, &page.fields).map_err(encode)?);
+            body.extend(encoder.page(&ids, &page.fields).map_err(encode)?);
             body.extend(encoder.finish().map_err(encode)?);
             Ok::<_, ApiError>((body, page.next_cursor))
         })
@@ -562,6 +739,7 @@ pub async fn segment_members(
 
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
     tokio::task::spawn_blocking(move || {
+        let _slot = slot;
         let fail = |what: String| Err(std::io::Error::other(what));
         if tx.blocking_send(Ok(preamble)).is_err() {
             return;
@@ -573,10 +751,11 @@ pub async fn segment_members(
                 break;
             }
             let ids = reader.ids_of(page);
-            let values = match reader.fields_of(&name, &ids, &fields) {
+            let mut values = match reader.fields_of(&name, &ids, &fields) {
                 Ok(v) => v,
                 Err(e) => return drop(tx.blocking_send(fail(e.to_string()))),
             };
+            let ids = mask_page(ids, &mut values);
             match encoder.page(&ids, &values) {
                 Ok(bytes) if bytes.is_empty() => {}
                 Ok(bytes) => {
@@ -598,6 +777,19 @@ pub async fn segment_members(
         .into_response())
 }
 
+/// Changes as JSON with their customer ids as `masking` lets them be seen.
+pub(crate) fn masked_changes(changes: &[Change], masking: &Masking) -> Json_ {
+    let mut value = json!(changes);
+    if masking.policy(crate::access::mask::CUSTOMER_ID) != FieldPolicy::Show {
+        value
+            .as_array_mut()
+            .into_iter()
+            .flatten()
+            .for_each(|c| masking.id_field(c));
+    }
+    value
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChangesQuery {
@@ -607,6 +799,7 @@ pub struct ChangesQuery {
 
 pub async fn changes(
     State(app): State<AppState>,
+    principal: Option<Extension<Principal>>,
     q: Result<Query<ChangesQuery>, QueryRejection>,
 ) -> Result<Json<Json_>, ApiError> {
     let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
@@ -622,6 +815,7 @@ pub async fn changes(
         .call(move |engine| engine.changes(after, limit))
         .await??;
     let next_after = changes.last().map_or(after, |c| c.seq);
+    let changes = masked_changes(&changes, &masking_of(&principal));
     Ok(Json(json!({ "changes": changes, "next_after": next_after })))
 }
 

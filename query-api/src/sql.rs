@@ -35,6 +35,7 @@ use processor::{MemberKind, Op, ReadHandle};
 use rules::{DefKind, Type, Value};
 use serde::Deserialize;
 
+use crate::access::{FieldPolicy, Masking};
 use crate::export::{array_of, Numbers};
 use crate::{ApiError, AppState, LimitedBody};
 
@@ -71,13 +72,18 @@ fn check_deadline(deadline: Instant) -> Result<(), ApiError> {
 }
 
 /// The `customers` table.
-fn customers_table(reader: &ReadHandle, sql_lower: &str, deadline: Instant) -> Result<RecordBatch, ApiError> {
+fn customers_table(
+    reader: &ReadHandle,
+    sql_lower: &str,
+    deadline: Instant,
+    masking: &Masking,
+) -> Result<RecordBatch, ApiError> {
     let rules = reader.rules();
     let everyone = reader.ids_of(0..reader.index().read().customers());
     let mut fields = vec![Field::new("customer_id", DataType::Utf8, false)];
     let mut arrays: Vec<ArrayRef> = Vec::new();
     let mut ids = StringBuilder::with_capacity(everyone.len(), everyone.len() * 12);
-    everyone.iter().for_each(|id| ids.append_value(id));
+    everyone.iter().for_each(|id| ids.append_value(masking.id(id)));
     arrays.push(Arc::new(ids.finish()));
 
     // Tags and segments: the bitmaps.
@@ -165,6 +171,16 @@ fn customers_table(reader: &ReadHandle, sql_lower: &str, deadline: Instant) -> R
         ));
     }
     for (attr, mut values) in profile {
+        // Masked here, before DataFusion sees the table: no statement can read around it.
+        match masking.policy(&attr) {
+            FieldPolicy::Show => {}
+            FieldPolicy::Hide => continue,
+            FieldPolicy::Mask => {
+                for v in values.iter_mut().flatten() {
+                    *v = masking.stored(&attr, v).unwrap_or_default();
+                }
+            }
+        }
         values.resize(everyone.len(), None);
         let present = || values.iter().flatten();
         let ty = if present().all(|v| matches!(v, Value::Num(_))) {
@@ -185,7 +201,7 @@ fn customers_table(reader: &ReadHandle, sql_lower: &str, deadline: Instant) -> R
 }
 
 /// The `changes` table.
-fn changes_table(reader: &ReadHandle, deadline: Instant) -> Result<RecordBatch, ApiError> {
+fn changes_table(reader: &ReadHandle, deadline: Instant, masking: &Masking) -> Result<RecordBatch, ApiError> {
     let mut seq = UInt64Builder::new();
     let mut customer = StringBuilder::new();
     let mut kind = StringBuilder::new();
@@ -202,7 +218,7 @@ fn changes_table(reader: &ReadHandle, deadline: Instant) -> Result<RecordBatch, 
         after = last.seq;
         for c in &page {
             seq.append_value(c.seq);
-            customer.append_value(&c.customer_id);
+            customer.append_value(masking.id(&c.customer_id));
             kind.append_value(match c.kind {
                 MemberKind::Tag => "tag",
                 MemberKind::Segment => "segment",
@@ -243,18 +259,19 @@ async fn run(
     sql: String,
     max_rows: usize,
     deadline: Instant,
+    masking: Masking,
 ) -> Result<Vec<RecordBatch>, ApiError> {
     let lower = sql.to_lowercase();
     let tables = {
         let lower = lower.clone();
         tokio::task::spawn_blocking(move || {
             let customers = if mentions(&lower, "customers") {
-                Some(customers_table(&reader, &lower, deadline)?)
+                Some(customers_table(&reader, &lower, deadline, &masking)?)
             } else {
                 None
             };
             let changes = if mentions(&lower, "changes") {
-                Some(changes_table(&reader, deadline)?)
+                Some(changes_table(&reader, deadline, &masking)?)
             } else {
                 None
             };
@@ -282,9 +299,17 @@ async fn run(
 }
 
 /// `POST /v1/sql` `{"sql": "...", "format": "json", "max_rows": n, "timeout_ms": n}`.
-pub async fn sql(State(app): State<AppState>, LimitedBody(body): LimitedBody) -> Result<Response, ApiError> {
+pub async fn sql(
+    State(app): State<AppState>,
+    principal: Option<axum::Extension<crate::access::Principal>>,
+    note: Option<axum::Extension<crate::access::AuditNote>>,
+    LimitedBody(body): LimitedBody,
+) -> Result<Response, ApiError> {
     let b: SqlBody =
         serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("bad SQL request: {e}")))?;
+    if let Some(note) = &note {
+        note.set("sql", &b.sql);
+    }
     let format = b.format.as_deref().unwrap_or("json");
     if !["json", "ndjson", "csv", "arrow"].contains(&format) {
         return Err(ApiError::BadRequest(format!(
@@ -305,18 +330,32 @@ pub async fn sql(State(app): State<AppState>, LimitedBody(body): LimitedBody) ->
         )));
     }
     let deadline = Instant::now() + timeout;
+    let _slot = crate::access::export_slot(&app.access, &principal)?;
     let reader = app.engine.reader().clone();
-    let batches = tokio::time::timeout(timeout, run(reader, b.sql, max_rows, deadline))
-        .await
-        .map_err(|_| {
-            ApiError::Timeout(format!(
-                "the query ran past its limit of {} ms",
-                timeout.as_millis()
-            ))
-        })??;
+    let batches = tokio::time::timeout(
+        timeout,
+        run(
+            reader,
+            b.sql,
+            max_rows,
+            deadline,
+            crate::access::masking_of(&principal),
+        ),
+    )
+    .await
+    .map_err(|_| {
+        ApiError::Timeout(format!(
+            "the query ran past its limit of {} ms",
+            timeout.as_millis()
+        ))
+    })??;
     let total: usize = batches.iter().map(RecordBatch::num_rows).sum();
     let truncated = total > max_rows;
     let batches = keep_rows(batches, max_rows);
+    if let Some(note) = &note {
+        note.set("rows", total.min(max_rows));
+        note.set("format", format);
+    }
     encode(format, &batches, truncated)
 }
 

@@ -38,6 +38,7 @@ pub struct DeltaQuery {
 /// `after` to the last committed one.
 pub async fn delta(
     State(app): State<AppState>,
+    principal: Option<axum::Extension<crate::access::Principal>>,
     Path(name): Path<String>,
     q: Result<Query<DeltaQuery>, QueryRejection>,
 ) -> Result<Json<Json_>, ApiError> {
@@ -59,12 +60,13 @@ pub async fn delta(
     let delta = tokio::task::spawn_blocking(move || reader.delta(&lookup, after, until))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let masking = crate::access::masking_of(&principal);
     Ok(Json(json!({
         "name": name,
         "after": after,
         "until": delta.until,
-        "entered": delta.entered.iter().collect::<Vec<_>>(),
-        "exited": delta.exited.iter().collect::<Vec<_>>(),
+        "entered": delta.entered.iter().map(|id| masking.id(id)).collect::<Vec<_>>(),
+        "exited": delta.exited.iter().map(|id| masking.id(id)).collect::<Vec<_>>(),
     })))
 }
 
@@ -93,13 +95,19 @@ fn stream_start(headers: &HeaderMap, after: Option<u64>, reader: &ReadHandle) ->
 
 /// One change as an SSE event: `id` is its `seq`, `event` is `enter` or `exit`, `data` the
 /// change as `GET /v1/changes` shows it.
-fn sse_event(out: &mut Vec<u8>, change: &Change) {
+fn sse_event(out: &mut Vec<u8>, change: &Change, masking: &crate::access::Masking) {
     let event = match change.op {
         Op::Add => "enter",
         Op::Remove => "exit",
     };
     out.extend_from_slice(format!("id: {}\nevent: {event}\ndata: ", change.seq).as_bytes());
-    out.extend_from_slice(&change.to_json());
+    if masking.policy(crate::access::mask::CUSTOMER_ID) == crate::access::FieldPolicy::Show {
+        out.extend_from_slice(&change.to_json());
+    } else {
+        let mut value = serde_json::to_value(change).expect("a change serialises");
+        masking.id_field(&mut value);
+        serde_json::to_writer(&mut *out, &value).expect("writing to a Vec");
+    }
     out.extend_from_slice(b"\n\n");
 }
 
@@ -107,6 +115,7 @@ fn sse_event(out: &mut Vec<u8>, change: &Change) {
 /// order, without gaps or duplicates across reconnects (`Last-Event-ID`).
 pub async fn stream(
     State(app): State<AppState>,
+    principal: Option<axum::Extension<crate::access::Principal>>,
     Path(name): Path<String>,
     headers: HeaderMap,
     q: Result<Query<StreamQuery>, QueryRejection>,
@@ -115,6 +124,7 @@ pub async fn stream(
     let reader = app.engine.reader().clone();
     known(&reader, &name)?;
     let mut cursor = stream_start(&headers, q.after, &reader)?;
+    let masking = crate::access::masking_of(&principal);
     let mut committed = app.engine.committed();
     let shutdown = app.shutdown.clone();
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(8);
@@ -146,7 +156,7 @@ pub async fn stream(
             cursor = last.seq;
             let mut out = Vec::new();
             for change in &changes {
-                sse_event(&mut out, change);
+                sse_event(&mut out, change, &masking);
             }
             if !out.is_empty() && tx.send(Ok(out)).await.is_err() {
                 return;

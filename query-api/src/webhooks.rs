@@ -21,6 +21,7 @@ use axum::http::{Request, StatusCode, Uri};
 use axum::Json;
 use hmac::{Hmac, Mac};
 use http_body_util::Full;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use processor::store::CF_WEBHOOKS;
@@ -29,10 +30,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value as Json_};
 use sha2::Sha256;
 
+use crate::targets::{CheckedResolver, TargetPolicy};
 use crate::{ApiError, AppState, LimitedBody};
 
-/// How deliveries are paced.
-#[derive(Debug, Clone, Copy)]
+/// How deliveries are paced, and where they may go.
+#[derive(Debug, Clone)]
 pub struct WebhookConfig {
     /// The first retry waits this long; each next one twice as long, up to `backoff_max`.
     pub backoff_base: Duration,
@@ -47,6 +49,8 @@ pub struct WebhookConfig {
     /// once older than `dead_letters_max_age`.
     pub dead_letters_max: usize,
     pub dead_letters_max_age: Duration,
+    /// Non-public addresses deliveries may reach ([`crate::targets`]).
+    pub targets: Arc<TargetPolicy>,
 }
 
 impl Default for WebhookConfig {
@@ -59,12 +63,13 @@ impl Default for WebhookConfig {
             batch: 100,
             dead_letters_max: 10_000,
             dead_letters_max_age: Duration::from_secs(30 * 86_400),
+            targets: Arc::default(),
         }
     }
 }
 
 /// A subscription as stored.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 struct Subscription {
     id: u64,
     url: String,
@@ -73,6 +78,21 @@ struct Subscription {
     secret: String,
     max_attempts: u32,
     created_at: i64,
+    /// The role of the key that created it: deliveries are masked as that role sees data.
+    #[serde(default)]
+    role: Option<String>,
+}
+
+impl std::fmt::Debug for Subscription {
+    /// Without the secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("id", &self.id)
+            .field("url", &self.url)
+            .field("name", &self.name)
+            .field("secret", &"***")
+            .finish_non_exhaustive()
+    }
 }
 
 impl Subscription {
@@ -84,6 +104,7 @@ impl Subscription {
             "name": self.name,
             "max_attempts": self.max_attempts,
             "created_at": self.created_at,
+            "role": self.role,
         })
     }
 }
@@ -165,7 +186,12 @@ impl Webhooks {
             Ok(cursor) => reader.hold(&cursor_name(id), Log::Changes, cursor + 1),
             Err(e) => tracing::error!(webhook = id, error = %e, "webhook cursor unreadable"),
         }
-        let task = tokio::spawn(deliver(app.clone(), self.config, sub, self.draining.subscribe()));
+        let task = tokio::spawn(deliver(
+            app.clone(),
+            self.config.clone(),
+            sub,
+            self.draining.subscribe(),
+        ));
         let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(old) = tasks.insert(id, task) {
             old.abort();
@@ -245,11 +271,12 @@ fn check_url(url: &str) -> Result<Uri, ApiError> {
 /// `POST /v1/webhooks`: subscribe; answers the subscription (without its secret).
 pub async fn create(
     State(app): State<AppState>,
+    principal: Option<axum::Extension<crate::access::Principal>>,
     LimitedBody(body): LimitedBody,
 ) -> Result<(StatusCode, Json<Json_>), ApiError> {
     let b: CreateBody = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("bad webhook subscription: {e}")))?;
-    check_url(&b.url)?;
+    let uri = check_url(&b.url)?;
     if b.secret.len() < 16 {
         return Err(ApiError::BadRequest(
             "`secret` must be at least 16 bytes (it keys the HMAC-SHA256 signature)".into(),
@@ -267,6 +294,14 @@ pub async fn create(
             return Err(ApiError::NotFound(format!("no tag or segment `{name}`")));
         }
     }
+    // Last, since it may ask DNS: where the URL points must be a public address, or allowed.
+    let port = uri.port_u16().unwrap_or(80);
+    app.webhooks
+        .config
+        .targets
+        .check_host(uri.host().unwrap_or_default(), port)
+        .await
+        .map_err(|m| ApiError::BadRequest(format!("`url`: {m}")))?;
     let last = reader.last_seq();
     let after = b.after.unwrap_or(last);
     if after > last {
@@ -285,6 +320,7 @@ pub async fn create(
             secret: b.secret,
             max_attempts,
             created_at: now_ms(),
+            role: principal.as_ref().map(|p| p.role.name.clone()),
         };
         reader.set_cursor(&cursor_name(id), after)?;
         let value = serde_json::to_vec(&sub).expect("a subscription serialises");
@@ -316,15 +352,33 @@ pub async fn list(State(app): State<AppState>) -> Result<Json<Json_>, ApiError> 
 /// letters.
 pub async fn delete(State(app): State<AppState>, Path(id): Path<String>) -> Result<Json<Json_>, ApiError> {
     let id = parse_id(&id)?;
-    let reader = app.engine.reader();
-    find(reader, id)?;
-    app.webhooks.stop(&app, id);
-    let store = reader.store();
+    find(app.engine.reader(), id)?;
+    remove(&app, id)?;
+    Ok(Json(json!({ "deleted": id })))
+}
+
+fn remove(app: &AppState, id: u64) -> Result<(), ApiError> {
+    app.webhooks.stop(app, id);
+    let store = app.engine.reader().store();
     store
         .delete_prefix_now(CF_WEBHOOKS, &sub_key(id))
         .and_then(|_| store.delete_prefix_now(CF_WEBHOOKS, &dlq_prefix(id)))
         .map_err(processor::EngineError::from)?;
-    Ok(Json(json!({ "deleted": id })))
+    Ok(())
+}
+
+/// Deletes the subscriptions to the definition `name` (a segment just deleted: its
+/// webhooks stop, and do not come back if a segment of that name is made again). Returns
+/// their ids.
+pub fn delete_for_definition(app: &AppState, name: &str) -> Result<Vec<u64>, ApiError> {
+    let mut deleted = Vec::new();
+    for sub in stored(app.engine.reader())? {
+        if sub.name.as_deref() == Some(name) {
+            remove(app, sub.id)?;
+            deleted.push(sub.id);
+        }
+    }
+    Ok(deleted)
 }
 
 /// `GET /v1/webhooks/{id}/dead_letters`: batches that kept failing, oldest first.
@@ -403,6 +457,26 @@ fn next_batch(
     Ok((picked, through))
 }
 
+/// How a subscription's deliveries are masked: as its creator's role sees data; a role
+/// since removed from the settings gets the default field policies (`[access.fields]`).
+fn masking_for(app: &AppState, sub: &Subscription) -> crate::access::Masking {
+    match &sub.role {
+        Some(role) => app
+            .access
+            .role(role)
+            .map_or_else(|| app.access.anonymous().masking().clone(), |r| r.masking.clone()),
+        None => app.access.anonymous().masking().clone(),
+    }
+}
+
+type WebhookClient = Client<HttpConnector<CheckedResolver>, Full<Bytes>>;
+
+/// The delivery client: every connection resolves through the target policy.
+fn client(config: &WebhookConfig) -> WebhookClient {
+    let connector = HttpConnector::new_with_resolver(CheckedResolver(config.targets.clone()));
+    Client::builder(TokioExecutor::new()).build(connector)
+}
+
 /// One subscription's delivery loop; runs until aborted.
 async fn deliver(
     app: AppState,
@@ -410,7 +484,7 @@ async fn deliver(
     sub: Subscription,
     mut draining: tokio::sync::watch::Receiver<bool>,
 ) {
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let client = client(&config);
     let reader = app.engine.reader().clone();
     let mut committed = app.engine.committed();
     let label = sub.id.to_string();
@@ -449,7 +523,8 @@ async fn deliver(
             continue;
         }
         if !changes.is_empty() {
-            send_with_retries(&client, &reader, &config, &sub, &changes).await;
+            let masking = masking_for(&app, &sub);
+            send_with_retries(&client, &reader, &config, &sub, &changes, &masking).await;
         }
         cursor = through;
         if let Err(e) = reader.set_cursor(&cursor_name(sub.id), cursor) {
@@ -463,7 +538,7 @@ async fn deliver(
 /// The delivery id (`x-tagstream-delivery`) is the same on every attempt and redelivery, so a
 /// receiver can drop what it already has.
 async fn attempt_delivery(
-    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    client: &WebhookClient,
     config: &WebhookConfig,
     sub: &Subscription,
     body: &Bytes,
@@ -472,6 +547,24 @@ async fn attempt_delivery(
 ) -> Result<(), String> {
     let started = Instant::now();
     let at = now_ms();
+    if let Some(ip) = sub
+        .url
+        .parse::<Uri>()
+        .ok()
+        .and_then(|u| {
+            u.host()
+                .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_owned())
+        })
+        .and_then(|h| h.parse::<std::net::IpAddr>().ok())
+    {
+        // Addresses written as such never reach the resolver: checked here, every attempt.
+        if let Err(refused) = config.targets.check(ip) {
+            tracing::warn!(webhook = sub.id, error = %refused, "webhook target refused");
+            metrics::counter!("tagstream_webhook_deliveries_total", "result" => "failed_attempt")
+                .increment(1);
+            return Err(refused);
+        }
+    }
     let request = Request::post(&sub.url)
         .header("content-type", "application/json")
         .header(
@@ -521,8 +614,8 @@ pub async fn redeliver(State(app): State<AppState>, Path(id): Path<String>) -> R
         let letter: Json_ = serde_json::from_slice(&value).map_err(|e| ApiError::Internal(e.to_string()))?;
         letters.push((key, letter));
     }
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let config = app.webhooks.config;
+    let config = app.webhooks.config.clone();
+    let client = client(&config);
     let total = letters.len();
     let mut redelivered = 0;
     let mut error = None;
@@ -559,17 +652,22 @@ pub async fn redeliver(State(app): State<AppState>, Path(id): Path<String>) -> R
 
 /// Sends one batch until it is accepted (2xx) or `max_attempts` fail; then dead-letters it.
 async fn send_with_retries(
-    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    client: &WebhookClient,
     reader: &ReadHandle,
     config: &WebhookConfig,
     sub: &Subscription,
     changes: &[Change],
+    masking: &crate::access::Masking,
 ) {
     let first = changes[0].seq;
     let last = changes[changes.len() - 1].seq;
     let body = Bytes::from(
-        serde_json::to_vec(&json!({ "subscription": sub.id, "name": sub.name, "changes": changes }))
-            .expect("changes serialise"),
+        serde_json::to_vec(&json!({
+            "subscription": sub.id,
+            "name": sub.name,
+            "changes": crate::routes::masked_changes(changes, masking),
+        }))
+        .expect("changes serialise"),
     );
     let mut delay = config.backoff_base;
     let mut last_error = String::new();
@@ -591,7 +689,9 @@ async fn send_with_retries(
         "attempts": sub.max_attempts,
         "last_error": last_error,
         "failed_at": now_ms(),
-        "changes": changes,
+        // As delivered: masked for the subscription's role, so a redelivery (or a reader of
+        // the dead letters) sees no more than the receiver would have.
+        "changes": crate::routes::masked_changes(changes, masking),
     });
     let key = [dlq_prefix(sub.id), first.to_be_bytes().to_vec()].concat();
     let value = serde_json::to_vec(&letter).expect("a dead letter serialises");

@@ -14,7 +14,7 @@ pub type DefId = usize;
 /// Index of an aggregate in [`CompiledRules::aggregates`].
 pub type AggId = usize;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DefKind {
     Trait,

@@ -544,6 +544,12 @@ fn the_openapi_document_describes_every_route_the_server_answers() {
         "/v1/clock",
         "/v1/rules",
         "/v1/rules/preview",
+        "/v1/rules/versions",
+        "/v1/rules/versions/{version}",
+        "/v1/rules/rollback",
+        "/v1/admin/keys",
+        "/v1/admin/keys/{id}",
+        "/v1/audit",
         "/v1/customers/{id}",
         "/v1/customers/{id}/events",
         "/v1/customers/{id}/explain/{name}",
@@ -575,7 +581,8 @@ fn the_openapi_document_describes_every_route_the_server_answers() {
         let concrete = path
             .replace("{id}", "c1")
             .replace("{tag}", "manual_vip")
-            .replace("{name}", "viewer");
+            .replace("{name}", "viewer")
+            .replace("{version}", "1");
         for (method, op) in ops.as_object().unwrap() {
             let method = method.to_ascii_uppercase();
             assert!(op["responses"].is_object(), "{method} {path} has responses");

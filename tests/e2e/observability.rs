@@ -135,6 +135,7 @@ fn every_dashboard_panel_returns_data_from_a_real_prometheus_and_the_alerts_hold
             "false",
         ])
         .args(["--kafka-brokers", &broker.addr, "--kafka-topic", "events"])
+        .args(["--webhook-allow", "127.0.0.1"])
         .args(["--kafka-group", &format!("observability-{}", std::process::id())])
         .env("TAGSTREAM_LOG", "warn")
         .stdout(Stdio::piped())

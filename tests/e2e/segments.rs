@@ -324,7 +324,7 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
 
 #[test]
 fn webhooks_deliver_every_change_once_in_order_through_failures_and_dead_letter_the_rest() {
-    let s = Server::start(RULES, &[]);
+    let s = Server::start(RULES, &["--webhook-allow", "127.0.0.1"]);
     const SECRET: &str = "a-secret-of-16-bytes-or-more";
     // Every third request fails: each delivery that fails is retried and then accepted.
     let (url, seen) = receiver(SECRET, |n| n % 3 == 1);
@@ -629,7 +629,15 @@ fn the_change_log_keeps_its_retention_and_an_older_cursor_is_gone() {
     let dir = tests::TempDir::new("retention");
     let config = dir.path().join("tagstream.toml");
     std::fs::write(&config, "[retention]\nchanges_max_count = 5\n").unwrap();
-    let s = Server::start(RULES, &["--config", config.to_str().unwrap()]);
+    let s = Server::start(
+        RULES,
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--webhook-allow",
+            "127.0.0.1",
+        ],
+    );
     assert_eq!(s.send("POST", "/v1/events", &views(0..20, 1)).status, 200);
     assert_eq!(
         s.get("/v1/changes?after=0&limit=100").json()["changes"]
@@ -697,7 +705,7 @@ fn the_change_log_keeps_its_retention_and_an_older_cursor_is_gone() {
 /// committed before it exits (within its drain grace), so the receiver has every change.
 #[test]
 fn sigterm_delivers_what_is_committed_to_webhooks_before_exiting() {
-    let s = Server::start(RULES, &[]);
+    let s = Server::start(RULES, &["--webhook-allow", "127.0.0.1"]);
     const SECRET: &str = "a-secret-of-16-bytes-or-more";
     let (url, seen) = slow_receiver(SECRET, |_| false, Duration::from_millis(400));
     let body = format!(r#"{{"url":"{url}","name":"viewer","secret":"{SECRET}","after":0}}"#);

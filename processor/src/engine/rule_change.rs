@@ -37,25 +37,43 @@ impl Worker<'_> {
 }
 
 impl Engine {
-    /// Replaces the rule set. Invalid rules are refused with every diagnostic and the old
-    /// set stays. Customers are re-evaluated over their retained history: lazily when
-    /// touched, and by [`Engine::backfill_step`] for everyone else.
+    /// Replaces the rule set (as an anonymous author, whatever version it had). Invalid rules
+    /// are refused with every diagnostic and the old set stays. Customers are re-evaluated
+    /// over their retained history: lazily when touched, and by [`Engine::backfill_step`]
+    /// for everyone else.
     pub fn replace_rules(&mut self, text: &str) -> Result<(), EngineError> {
+        self.replace_rules_as(text, &RuleEdit::by("anonymous"), "put_rules".to_owned())
+            .map(drop)
+    }
+
+    /// [`Engine::replace_rules`] by `edit`'s author, if the version it read is still the
+    /// current one: the new text becomes the next version, recorded with `action` and the
+    /// diff in the same commit.
+    pub fn replace_rules_as(
+        &mut self,
+        text: &str,
+        edit: &RuleEdit,
+        action: String,
+    ) -> Result<RuleVersion, EngineError> {
+        self.admit_edit(edit)?;
         self.settle();
-        let compiled = CompiledRules::compile(text).map_err(EngineError::Rules)?;
+        let compiled = Arc::new(CompiledRules::compile(text).map_err(EngineError::Rules)?);
+        let mut wb = WriteBatch::default();
+        let version = self.next_version(&compiled, edit, action);
+        self.write_version(&mut wb, &version);
+        self.store
+            .put_meta_u64(&mut wb, META_GENERATION, self.generation + 1);
+        wb.put_cf(self.store.cf(CF_META), META_BACKFILL.as_bytes(), []);
+        self.store.commit(wb)?;
         self.generation += 1;
-        self.rules = Arc::new(compiled);
+        self.rules = compiled;
         self.published.set_rules(self.rules.clone());
         self.order_pos = positions(&self.rules);
         self.backfill_cursor = Some(Vec::new());
         self.backfill_done = 0;
         self.backfill_total = self.store.estimate_keys(CF_CUSTOMERS);
-        let mut wb = WriteBatch::default();
-        wb.put_cf(self.store.cf(CF_META), META_RULES.as_bytes(), text.as_bytes());
-        self.store.put_meta_u64(&mut wb, META_GENERATION, self.generation);
-        wb.put_cf(self.store.cf(CF_META), META_BACKFILL.as_bytes(), []);
-        self.store.commit(wb)?;
-        Ok(())
+        self.versioned(&version);
+        Ok(version)
     }
 
     /// True while customers remain to be re-evaluated after a rule change.

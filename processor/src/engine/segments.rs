@@ -15,10 +15,9 @@ use std::sync::Arc;
 use rules::{CompiledRules, DefId, DefKind, Node};
 
 use super::query::with_segment;
-use super::{positions, Engine, EngineError, QueryError, META_RULES};
+use super::{positions, Engine, EngineError, QueryError, RuleEdit, RuleVersion};
 use crate::change::{Cause, MemberKind, Op};
 use crate::state::Membership;
-use crate::store::CF_META;
 
 /// How a segment change was applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -106,8 +105,21 @@ impl Engine {
         )))
     }
 
-    /// Creates or replaces `segment NAME = EXPR`.
+    /// Creates or replaces `segment NAME = EXPR` (as an anonymous author).
     pub fn put_segment(&mut self, name: &str, expr: &str) -> Result<SegmentUpdate, QueryError> {
+        self.put_segment_as(name, expr, &RuleEdit::by("anonymous"))
+            .map(|(update, _)| update)
+    }
+
+    /// Creates or replaces `segment NAME = EXPR` by `edit`'s author: the next version of the
+    /// rule set.
+    pub fn put_segment_as(
+        &mut self,
+        name: &str,
+        expr: &str,
+        edit: &RuleEdit,
+    ) -> Result<(SegmentUpdate, RuleVersion), QueryError> {
+        self.admit_edit(edit)?;
         if CompiledRules::compile(&format!("segment {name} = true")).is_err() {
             return Err(EngineError::Conflict(format!(
                 "`{name}` is not a valid name (letters, digits and `_`, not starting with a digit)"
@@ -124,16 +136,29 @@ impl Engine {
             .expr
             .as_ref()
             .expect("a segment has an expression");
+        let action = format!("put_segment {name}");
         if !static_inputs(node, &compiled) || !dependents(&compiled, id).is_empty() {
-            self.replace_rules(&text)?;
-            return Ok(SegmentUpdate::Backfill);
+            let version = self.replace_rules_as(&text, edit, action)?;
+            return Ok((SegmentUpdate::Backfill, version));
         }
         let members = self.reader().evaluate_set(&compiled, id, None)?;
-        Ok(self.swap_segment(compiled, text, name, members)?)
+        Ok(self.swap_segment(compiled, name, members, edit, action)?)
     }
 
-    /// Deletes a saved segment: every member exits.
+    /// Deletes a saved segment (as an anonymous author): every member exits.
     pub fn delete_segment(&mut self, name: &str) -> Result<SegmentUpdate, EngineError> {
+        self.delete_segment_as(name, &RuleEdit::by("anonymous"))
+            .map(|(update, _)| update)
+    }
+
+    /// Deletes a saved segment by `edit`'s author: every member exits, in the next version of
+    /// the rule set.
+    pub fn delete_segment_as(
+        &mut self,
+        name: &str,
+        edit: &RuleEdit,
+    ) -> Result<(SegmentUpdate, RuleVersion), EngineError> {
+        self.admit_edit(edit)?;
         let text = self
             .text_without(name)?
             .ok_or_else(|| EngineError::NotFound(format!("no segment `{name}`")))?;
@@ -146,7 +171,8 @@ impl Engine {
             )));
         }
         let compiled = CompiledRules::compile(&text).map_err(EngineError::Rules)?;
-        self.swap_segment(compiled, text, name, Default::default())
+        let action = format!("delete_segment {name}");
+        self.swap_segment(compiled, name, Default::default(), edit, action)
     }
 
     /// Installs rules that differ from the current ones only in segment `name`, whose members
@@ -154,10 +180,11 @@ impl Engine {
     fn swap_segment(
         &mut self,
         compiled: CompiledRules,
-        text: String,
         name: &str,
         members: roaring::RoaringBitmap,
-    ) -> Result<SegmentUpdate, EngineError> {
+        edit: &RuleEdit,
+        action: String,
+    ) -> Result<(SegmentUpdate, RuleVersion), EngineError> {
         let before = self.index.read().set(name).cloned().unwrap_or_default();
         if compiled.window_layout() != self.rules.window_layout() {
             // The segment read aggregates no other definition reads: they leave the rules,
@@ -167,7 +194,9 @@ impl Engine {
                 shard.cache.clear();
             }
         }
-        let old_rules = std::mem::replace(&mut self.rules, Arc::new(compiled));
+        let compiled = Arc::new(compiled);
+        let version = self.next_version(&compiled, edit, action);
+        let old_rules = std::mem::replace(&mut self.rules, compiled);
         let now = self.now();
         let name: Arc<str> = Arc::from(name);
         let result = self.transact(|engine, batch| {
@@ -201,19 +230,20 @@ impl Engine {
                     exited += 1;
                 }
             }
-            let key = META_RULES.as_bytes();
-            batch.wb.put_cf(engine.store.cf(CF_META), key, text.as_bytes());
+            engine.write_version(&mut batch.wb, &version);
             Ok((entered, exited))
         });
         match result {
             Ok(((entered, exited), _)) => {
                 self.published.set_rules(self.rules.clone());
                 self.order_pos = positions(&self.rules);
-                Ok(SegmentUpdate::Immediate {
+                self.versioned(&version);
+                let update = SegmentUpdate::Immediate {
                     members: members.len(),
                     entered,
                     exited,
-                })
+                };
+                Ok((update, version))
             }
             Err(e) => {
                 self.rules = old_rules;

@@ -18,17 +18,33 @@ impl Server {
         Server::start_in(TempDir::new("http"), rules, extra)
     }
 
-    /// Starts on an existing directory (its `data` store is reused: a restart).
+    /// Starts on an existing directory (its `data` store is reused: a restart) with the rule
+    /// file `rules` (a store whose rule set differs refuses it unless `--replace-rules`).
     pub fn start_in(dir: TempDir, rules: &str, extra: &[&str]) -> Server {
         let rules_path = dir.path().join("rules.trl");
         std::fs::write(&rules_path, rules).unwrap();
+        let rules_arg = ["--rules".to_owned(), rules_path.display().to_string()];
+        Server::launch(dir, &rules_arg, extra)
+    }
+
+    /// Restarts on an existing directory with the rule set the store holds (no rule file).
+    #[allow(dead_code)] // not every test binary restarts
+    pub fn restart(dir: TempDir, extra: &[&str]) -> Server {
+        Server::launch(dir, &[], extra)
+    }
+
+    fn launch(dir: TempDir, rules: &[String], extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tagstream"))
             .arg("serve")
             .arg("--data-dir")
             .arg(dir.path().join("data"))
-            .arg("--rules")
-            .arg(&rules_path)
-            .args(["--listen", "127.0.0.1:0", "--sync-writes", "false"])
+            .args(rules)
+            .args(if extra.contains(&"--listen") {
+                &[][..]
+            } else {
+                &["--listen", "127.0.0.1:0"][..]
+            })
+            .args(["--sync-writes", "false"])
             // The event clock unless the test chooses.
             .args(if extra.contains(&"--clock") {
                 &[][..]

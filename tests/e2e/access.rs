@@ -1,0 +1,805 @@
+//! Access control end to end, on the real binary: keys made with `tagstream keys`, every
+//! route walked with every role, the audit trail, the versioned rule set across restarts,
+//! per-key rate limits, webhook targets, and refusing to serve open beyond loopback.
+
+#[path = "support/server.rs"]
+mod support;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use query_api::access::{builtin_permissions, Need, BUILTIN_ROLES, ROUTES};
+use serde_json::{json, Value};
+use support::Server;
+use tests::http::{request_with, Response};
+use tests::TempDir;
+
+const RULES: &str =
+    "tag buyer = count(payment, 30d) >= 1\nsegment vip = buyer and profile.level == \"gold\"\n";
+
+fn tagstream(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_tagstream"))
+        .args(args)
+        .env("TAGSTREAM_LOG", "warn")
+        .output()
+        .expect("run tagstream")
+}
+
+/// Creates a key with the binary on a stopped store; returns the key.
+fn create_key(data: &std::path::Path, role: &str, name: &str) -> String {
+    create_key_with(data, role, name, &[])
+}
+
+/// [`create_key`] with more arguments (a settings file with custom roles).
+fn create_key_with(data: &std::path::Path, role: &str, name: &str, extra: &[&str]) -> String {
+    let mut args = vec![
+        "keys",
+        "create",
+        "--role",
+        role,
+        "--name",
+        name,
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let out = tagstream(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+fn with_key(s: &Server, key: Option<&str>, method: &str, path: &str, body: &str) -> Response {
+    let auth = key.map(|k| format!("Bearer {k}"));
+    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+    request_with(&s.addr, method, path, &headers, body.as_bytes())
+}
+
+/// A store with one key per built-in role, and a server on it.
+fn keyed_server(extra: &[&str]) -> (Server, BTreeMap<&'static str, String>) {
+    let dir = TempDir::new("access");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let keys = BUILTIN_ROLES
+        .iter()
+        .map(|role| (*role, create_key(&data, role, &format!("{role}-key"))))
+        .collect();
+    (Server::start_in(dir, RULES, extra), keys)
+}
+
+/// Kills the server; returns its directory for a restart.
+fn stop(mut s: Server) -> TempDir {
+    let dir = std::mem::replace(&mut s._dir, TempDir::new("access-moved"));
+    drop(s);
+    dir
+}
+
+fn concrete(path: &str) -> String {
+    path.replace("{id}", "nosuch")
+        .replace("{name}", "nosuch")
+        .replace("{tag}", "t")
+        .replace("{version}", "1")
+}
+
+#[test]
+fn every_route_answers_each_role_as_its_permissions_say() {
+    let (s, keys) = keyed_server(&[]);
+    let mut checked = 0;
+    for route in ROUTES {
+        let path = concrete(route.path);
+        let body = if route.method == "GET" || route.method == "DELETE" {
+            ""
+        } else {
+            "{}"
+        };
+        let anonymous = with_key(&s, None, route.method, &path, body);
+        let garbage = with_key(&s, Some("tsk_aaaaaaaaaa_nope"), route.method, &path, body);
+        match route.need {
+            Need::Open | Need::Metrics => {
+                assert!(
+                    ![401, 403].contains(&anonymous.status),
+                    "{} {path}: {}",
+                    route.method,
+                    anonymous.status
+                );
+                continue;
+            }
+            Need::Key(permission) => {
+                assert_eq!(
+                    anonymous.status,
+                    401,
+                    "{} {path} without a key: {}",
+                    route.method,
+                    anonymous.text()
+                );
+                assert!(anonymous.header("www-authenticate").is_some());
+                assert_eq!(garbage.status, 401, "{} {path} with a bad key", route.method);
+                for role in BUILTIN_ROLES {
+                    let r = with_key(&s, Some(&keys[role]), route.method, &path, body);
+                    let allowed = builtin_permissions(role).unwrap().contains(&permission);
+                    if allowed {
+                        assert!(
+                            ![401, 403, 500].contains(&r.status),
+                            "{role} may {} {path}, got {}: {}",
+                            route.method,
+                            r.status,
+                            r.text()
+                        );
+                    } else {
+                        assert_eq!(
+                            r.status,
+                            403,
+                            "{role} may not {} {path}: {}",
+                            route.method,
+                            r.text()
+                        );
+                        assert!(r.text().contains(&permission.name()), "{}", r.text());
+                    }
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked > 200, "{checked}");
+    // The health checks stay open.
+    assert_eq!(with_key(&s, None, "GET", "/healthz", "").status, 200);
+}
+
+#[test]
+fn keys_are_managed_over_the_api_and_revocation_is_immediate() {
+    let (s, keys) = keyed_server(&[]);
+    let admin = Some(keys["admin"].as_str());
+    let made = with_key(
+        &s,
+        admin,
+        "POST",
+        "/v1/admin/keys",
+        r#"{"name": "crm", "role": "reader"}"#,
+    );
+    assert_eq!(made.status, 201, "{}", made.text());
+    let key = made.json()["key"].as_str().unwrap().to_owned();
+    let id = made.json()["id"].as_str().unwrap().to_owned();
+    assert_eq!(with_key(&s, Some(&key), "GET", "/v1/segments", "").status, 200);
+    // The list never shows a key.
+    let list = with_key(&s, admin, "GET", "/v1/admin/keys", "");
+    assert!(!list.text().contains(&key[15..]), "{}", list.text());
+    assert!(list.json()["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|k| k["name"] == "crm"));
+    // An unknown role, a duplicate name: refused with the reason.
+    let bad = with_key(
+        &s,
+        admin,
+        "POST",
+        "/v1/admin/keys",
+        r#"{"name": "x", "role": "wizard"}"#,
+    );
+    assert_eq!(bad.status, 400);
+    assert!(bad.text().contains("no role `wizard`"), "{}", bad.text());
+    assert_eq!(
+        with_key(
+            &s,
+            admin,
+            "POST",
+            "/v1/admin/keys",
+            r#"{"name": "crm", "role": "reader"}"#
+        )
+        .status,
+        409
+    );
+    let revoked = with_key(&s, admin, "DELETE", &format!("/v1/admin/keys/{id}"), "");
+    assert_eq!(revoked.status, 200, "{}", revoked.text());
+    assert_eq!(with_key(&s, Some(&key), "GET", "/v1/segments", "").status, 401);
+}
+
+#[test]
+fn every_audited_request_leaves_exactly_one_record() {
+    let (s, keys) = keyed_server(&[]);
+    let editor = Some(keys["editor"].as_str());
+    let exporter = Some(keys["exporter"].as_str());
+    let admin = Some(keys["admin"].as_str());
+    let ingest = Some(keys["ingest"].as_str());
+    let event = r#"{"customer_id":"c1","type":"payment","ts":1744000000000,"props":{"amount":5},"profile":{"level":"gold"}}"#;
+    assert_eq!(with_key(&s, ingest, "POST", "/v1/events", event).status, 200);
+    let extended = format!("{RULES}tag extra = count(view, 7d) >= 1\n");
+    let steps: Vec<(Option<&str>, &str, &str, &str, u16)> = vec![
+        (editor, "PUT", "/v1/rules", &extended, 200),
+        (editor, "PUT", "/v1/rules", "tag broken = count(", 422),
+        (
+            editor,
+            "PUT",
+            "/v1/segments/gold",
+            r#"{"expr": "profile.level == \"gold\""}"#,
+            200,
+        ),
+        (editor, "DELETE", "/v1/segments/gold", "", 200),
+        (
+            editor,
+            "PUT",
+            "/v1/customers/c1/tags/called",
+            r#"{"ttl": "7d"}"#,
+            200,
+        ),
+        (exporter, "GET", "/v1/segments/buyer/members?format=csv", "", 200),
+        (
+            exporter,
+            "POST",
+            "/v1/sql",
+            r#"{"sql": "SELECT count(*) AS n FROM customers"}"#,
+            200,
+        ),
+        (Some("tsk_aaaaaaaaaa_wrong"), "PUT", "/v1/rules", RULES, 401),
+        (exporter, "PUT", "/v1/rules", RULES, 403),
+    ];
+    for (key, method, path, body, status) in &steps {
+        let r = with_key(&s, *key, method, path, body);
+        assert_eq!(r.status, *status, "{method} {path}: {}", r.text());
+    }
+    // Reads that are not audited leave nothing.
+    assert_eq!(with_key(&s, editor, "GET", "/v1/rules", "").status, 200);
+    let records = with_key(&s, admin, "GET", "/v1/audit?after=0", "").json()["records"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let got: Vec<(String, u16)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["action"].as_str().unwrap().to_owned(),
+                r["status"].as_u64().unwrap() as u16,
+            )
+        })
+        .collect();
+    let expected: Vec<(String, u16)> = [
+        ("keys create", 0),
+        ("keys create", 0),
+        ("keys create", 0),
+        ("keys create", 0),
+        ("keys create", 0),
+        ("keys create", 0),
+        ("PUT /v1/rules", 200),
+        ("PUT /v1/rules", 422),
+        ("PUT /v1/segments/{name}", 200),
+        ("DELETE /v1/segments/{name}", 200),
+        ("PUT /v1/customers/{id}/tags/{tag}", 200),
+        ("GET /v1/segments/{name}/members", 200),
+        ("POST /v1/sql", 200),
+        ("PUT /v1/rules", 401),
+        ("PUT /v1/rules", 403),
+    ]
+    .iter()
+    .map(|(a, s)| (a.to_string(), *s))
+    .collect();
+    assert_eq!(got, expected);
+    let rule_change = &records[6];
+    assert_eq!(rule_change["actor"], "editor-key");
+    assert_eq!(rule_change["role"], "editor");
+    assert_eq!(rule_change["outcome"], "ok");
+    assert_eq!(rule_change["detail"]["diff"]["added"][0]["name"], "extra");
+    assert_eq!(records[7]["outcome"], "failed");
+    assert_eq!(records[11]["detail"]["format"], "csv");
+    assert_eq!(records[11]["detail"]["rows"], 1);
+    assert_eq!(
+        records[12]["detail"]["sql"],
+        "SELECT count(*) AS n FROM customers"
+    );
+    assert_eq!(records[13]["outcome"], "denied");
+    assert_eq!(records[13]["actor"], "anonymous");
+    assert!(records[13]["detail"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("not valid"));
+    assert_eq!(records[14]["actor"], "exporter-key");
+    // Sequence numbers are gap-free and readable page by page.
+    let seqs: Vec<u64> = records.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=15).collect::<Vec<_>>());
+    let page = with_key(&s, admin, "GET", "/v1/audit?after=13&limit=1", "").json();
+    assert_eq!(page["records"][0]["seq"], 14);
+    assert_eq!(page["next_after"], 14);
+}
+
+#[test]
+fn the_rule_set_is_one_versioned_document_across_restarts() {
+    let s = Server::start(RULES, &[]);
+    let etag = s.get("/v1/rules").header("etag").unwrap();
+    assert_eq!(etag, "\"1\"");
+    let saved = request_with(
+        &s.addr,
+        "PUT",
+        "/v1/segments/gold",
+        &[("If-Match", "\"1\"")],
+        br#"{"expr": "profile.level == \"gold\""}"#,
+    );
+    assert_eq!(saved.status, 200, "{}", saved.text());
+    assert_eq!(saved.json()["version"], 2);
+    assert_eq!(saved.json()["diff"]["added"][0]["name"], "gold");
+    // A writer still holding version 1 is refused, and told the current one.
+    let stale = request_with(
+        &s.addr,
+        "PUT",
+        "/v1/rules",
+        &[("If-Match", "\"1\"")],
+        RULES.as_bytes(),
+    );
+    assert_eq!(stale.status, 409, "{}", stale.text());
+    assert_eq!(stale.json()["current_version"], 2);
+    // Restart with the same file: refused, since the stored set has the saved segment the
+    // file lacks; restarted on the stored set, the segment is still there.
+    let dir = stop(s);
+    let data = dir.path().join("data");
+    let rules_file = dir.path().join("rules.trl");
+    let refused = tagstream(&[
+        "serve",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--rules",
+        rules_file.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("- segment gold"), "{stderr}");
+    assert!(stderr.contains("--replace-rules"), "{stderr}");
+    let s = Server::restart(dir, &[]);
+    assert!(
+        s.get("/v1/rules").text().contains("segment gold"),
+        "{}",
+        s.get("/v1/rules").text()
+    );
+    assert_eq!(s.get("/v1/segments/gold").status, 200);
+    // A replacing PUT names what it removes.
+    let replaced = s.send("PUT", "/v1/rules", RULES);
+    assert_eq!(
+        replaced.json()["diff"]["removed"][0]["name"],
+        "gold",
+        "{}",
+        replaced.text()
+    );
+    assert_eq!(replaced.json()["version"], 3);
+    // Roll back to version 2: the segment returns, as version 4.
+    let back = s.send("POST", "/v1/rules/rollback", r#"{"version": 2}"#);
+    assert_eq!(back.status, 200, "{}", back.text());
+    assert_eq!(back.json()["version"], 4);
+    assert_eq!(back.json()["diff"]["added"][0]["name"], "gold");
+    let versions = s.get("/v1/rules/versions").json();
+    let actions: Vec<&str> = versions["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        ["rollback to 2", "put_rules", "put_segment gold", "initial"]
+    );
+    let v1 = s.get("/v1/rules/versions/1").json();
+    assert_eq!(v1["text"], RULES);
+    assert_eq!(s.get("/v1/rules/versions/99").status, 404);
+
+    // Another file is refused too, with its diff; nothing changes.
+    let dir = stop(s);
+    let other = dir.path().join("other.trl");
+    std::fs::write(&other, "tag buyer = count(payment, 30d) >= 2\n").unwrap();
+    let data = dir.path().join("data");
+    let refused = tagstream(&[
+        "serve",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--rules",
+        other.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("- segment gold"), "{stderr}");
+    assert!(
+        stderr.contains("+ tag buyer = count(payment, 30d) >= 2"),
+        "{stderr}"
+    );
+    // Told to replace, it does, as a version of its own.
+    let s = Server::start_in(
+        dir,
+        "tag buyer = count(payment, 30d) >= 2\n",
+        &["--replace-rules"],
+    );
+    let latest = &s.get("/v1/rules/versions?limit=1").json()["versions"][0];
+    assert_eq!(latest["version"], 5);
+    assert!(
+        latest["author"].as_str().unwrap().starts_with("file:"),
+        "{latest}"
+    );
+    assert_eq!(latest["removed"], 2);
+}
+
+#[test]
+fn a_rule_file_declared_the_source_of_truth_refuses_runtime_edits() {
+    let dir = TempDir::new("access");
+    let config = dir.path().join("settings.toml");
+    std::fs::write(&config, "rules_source = \"file\"\n").unwrap();
+    let s = Server::start_in(dir, RULES, &["--config", config.to_str().unwrap()]);
+    let refused = s.send("PUT", "/v1/segments/gold", r#"{"expr": "buyer"}"#);
+    assert_eq!(refused.status, 409, "{}", refused.text());
+    assert!(refused.text().contains("rules_source"), "{}", refused.text());
+    assert_eq!(s.send("PUT", "/v1/rules", RULES).status, 409);
+}
+
+#[test]
+fn a_key_over_its_rate_gets_429_with_retry_after() {
+    let dir = TempDir::new("access");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let key = create_key(&data, "reader", "busy");
+    let other = create_key(&data, "reader", "calm");
+    let config = dir.path().join("settings.toml");
+    std::fs::write(&config, "[access.limits]\nrequests_per_second = 0.5\nburst = 2\n").unwrap();
+    let s = Server::start_in(dir, RULES, &["--config", config.to_str().unwrap()]);
+    assert_eq!(with_key(&s, Some(&key), "GET", "/v1/segments", "").status, 200);
+    assert_eq!(with_key(&s, Some(&key), "GET", "/v1/segments", "").status, 200);
+    let limited = with_key(&s, Some(&key), "GET", "/v1/segments", "");
+    assert_eq!(limited.status, 429, "{}", limited.text());
+    let wait: u64 = limited.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=2).contains(&wait), "{wait}");
+    // Another key is not slowed by it.
+    assert_eq!(with_key(&s, Some(&other), "GET", "/v1/segments", "").status, 200);
+}
+
+#[test]
+fn webhooks_may_not_reach_internal_addresses_unless_allowed() {
+    let s = Server::start(RULES, &[]);
+    for url in [
+        "http://169.254.169.254/latest/meta-data",
+        "http://127.0.0.1:9/x",
+        "http://localhost:9/x",
+        "http://10.0.0.5:9200/",
+        "http://[::ffff:169.254.169.254]/",
+    ] {
+        let body = json!({"url": url, "secret": "0123456789abcdef"}).to_string();
+        let r = s.send("POST", "/v1/webhooks", &body);
+        assert_eq!(r.status, 400, "{url}: {}", r.text());
+        assert!(r.text().contains("allow_targets"), "{url}: {}", r.text());
+    }
+    drop(s);
+    let dir = TempDir::new("access");
+    let config = dir.path().join("settings.toml");
+    std::fs::write(&config, "[webhooks]\nallow_targets = [\"127.0.0.1\"]\n").unwrap();
+    let s = Server::start_in(dir, RULES, &["--config", config.to_str().unwrap()]);
+    let ok = json!({"url": "http://127.0.0.1:9/x", "secret": "0123456789abcdef", "name": "vip"}).to_string();
+    let made = s.send("POST", "/v1/webhooks", &ok);
+    assert_eq!(made.status, 201, "{}", made.text());
+    let id = made.json()["id"].as_u64().unwrap();
+    let metadata = json!({"url": "http://169.254.169.254/", "secret": "0123456789abcdef"}).to_string();
+    assert_eq!(s.send("POST", "/v1/webhooks", &metadata).status, 400);
+    // Deleting the segment deletes its webhooks.
+    s.send("PUT", "/v1/rules", "tag buyer = count(payment, 30d) >= 1\n");
+    let put = s.send("PUT", "/v1/segments/vip", r#"{"expr": "buyer"}"#);
+    assert_eq!(put.status, 200, "{}", put.text());
+    let deleted = s.send("DELETE", "/v1/segments/vip", "");
+    assert_eq!(
+        deleted.json()["webhooks_deleted"],
+        json!([id]),
+        "{}",
+        deleted.text()
+    );
+    let list: Value = s.get("/v1/webhooks").json();
+    assert_eq!(list["webhooks"], json!([]));
+}
+
+#[test]
+fn an_open_node_refuses_a_non_loopback_address_unless_told() {
+    let dir = TempDir::new("access");
+    let data = dir.path().join("data");
+    let out = tagstream(&[
+        "serve",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--listen",
+        "0.0.0.0:0",
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("refusing to serve") && stderr.contains("keys create"),
+        "{stderr}"
+    );
+    // With a key, the same address is served (authentication on).
+    create_key(&data, "admin", "ops");
+    let s = Server::restart(dir, &["--listen", "0.0.0.0:0"]);
+    let port = s.addr.rsplit(':').next().unwrap();
+    let r = tests::http::request(&format!("127.0.0.1:{port}"), "GET", "/v1/segments", b"");
+    assert_eq!(r.status, 401);
+}
+
+/// One field policy applied on every output path: customer views, timelines, explain,
+/// segment queries, members in all four formats, SQL, the change log, deltas, SSE streams and
+/// webhook deliveries.
+#[test]
+fn masking_applies_on_every_output_path() {
+    use arrow_array::{Array, StringArray};
+    let dir = TempDir::new("access");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let config = dir.path().join("settings.toml");
+    std::fs::write(
+        &config,
+        r#"
+[access.fields]
+phone = "mask"
+openid = "hide"
+
+[access.roles.reader]
+fields = { customer_id = "mask" }
+
+[access.roles.support]
+permissions = ["customers_read"]
+fields = { phone = "show" }
+
+[access.roles.analyst]
+permissions = ["segments_read", "members_export", "sql_query", "changes_read", "webhooks_manage"]
+fields = { customer_id = "mask" }
+"#,
+    )
+    .unwrap();
+    let with = ["--config", config.to_str().unwrap()];
+    let reader = create_key_with(&data, "reader", "marketing", &with);
+    let support = create_key_with(&data, "support", "helpdesk", &with);
+    let analyst = create_key_with(&data, "analyst", "bi", &with);
+    let ingest = create_key_with(&data, "ingest", "shop", &with);
+    let rules = "tag buyer = count(payment, 30d) >= 1\ntag mobile = profile.phone starts_with \"138\"\n";
+    let s = Server::start_in(
+        dir,
+        rules,
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--webhook-allow",
+            "127.0.0.1",
+        ],
+    );
+    // A receiver for the analyst's webhook: it keeps every body it is sent.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    let bodies = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let kept = bodies.clone();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for stream in listener.incoming() {
+            let mut stream = stream.unwrap();
+            stream
+                .set_read_timeout(Some(std::time::Duration::from_millis(300)))
+                .unwrap();
+            let mut raw = Vec::new();
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stream.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                raw.extend_from_slice(&buf[..n]);
+            }
+            kept.lock().unwrap().push_str(&String::from_utf8_lossy(&raw));
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        }
+    });
+    let analyst_key = analyst.clone();
+    let analyst = Some(analyst.as_str());
+    let made = with_key(
+        &s,
+        analyst,
+        "POST",
+        "/v1/webhooks",
+        &json!({"url": hook, "secret": "0123456789abcdef", "name": "buyer", "after": 0}).to_string(),
+    );
+    assert_eq!(made.status, 201, "{}", made.text());
+
+    let event = r#"{"customer_id":"13800000001","type":"payment","ts":1744000000000,"event_id":"e1","props":{"amount":5},"profile":{"phone":"13800000001","openid":"o-secret-1","level":"gold"}}"#;
+    let r = with_key(&s, Some(&ingest), "POST", "/v1/events", event);
+    assert_eq!(r.json()["accepted"], 1, "{}", r.text());
+    let id = "13800000001";
+    let masked = "138****0001";
+
+    // Customer view: the reader sees the id and phone masked, never the openid.
+    let view = with_key(&s, Some(&reader), "GET", &format!("/v1/customers/{id}"), "").json();
+    assert_eq!(view["customer_id"], masked);
+    assert_eq!(view["profile"]["phone"], masked);
+    assert_eq!(view["profile"]["level"], "gold");
+    assert!(view["profile"].get("openid").is_none(), "{view}");
+    // The support role shows the phone (its own policy) but still not the openid.
+    let view = with_key(&s, Some(&support), "GET", &format!("/v1/customers/{id}"), "").json();
+    assert_eq!(view["customer_id"], id);
+    assert_eq!(view["profile"]["phone"], id);
+    assert!(view["profile"].get("openid").is_none(), "{view}");
+    // Timeline and explain.
+    let timeline = with_key(
+        &s,
+        Some(&reader),
+        "GET",
+        &format!("/v1/customers/{id}/events"),
+        "",
+    )
+    .json();
+    assert_eq!(timeline["customer_id"], masked);
+    let explained = with_key(
+        &s,
+        Some(&reader),
+        "GET",
+        &format!("/v1/customers/{id}/explain/mobile"),
+        "",
+    );
+    assert!(
+        explained.text().contains(masked) && !explained.text().contains(id),
+        "{}",
+        explained.text()
+    );
+    // Segment query.
+    let q = with_key(
+        &s,
+        Some(&reader),
+        "POST",
+        "/v1/segments/query",
+        r#"{"expr": "buyer"}"#,
+    )
+    .json();
+    assert_eq!(q["customers"], json!([masked]));
+
+    // Members, in every format.
+    let ndjson = with_key(
+        &s,
+        analyst,
+        "GET",
+        "/v1/segments/buyer/members?fields=profile.phone",
+        "",
+    );
+    assert_eq!(
+        ndjson.json(),
+        json!({"customer_id": masked, "profile.phone": masked}),
+        "{}",
+        ndjson.text()
+    );
+    let csv = with_key(
+        &s,
+        analyst,
+        "GET",
+        "/v1/segments/buyer/members?format=csv&fields=profile.phone",
+        "",
+    );
+    assert_eq!(
+        csv.text(),
+        format!("customer_id,profile.phone\n{masked},{masked}\n")
+    );
+    let hidden = with_key(
+        &s,
+        analyst,
+        "GET",
+        "/v1/segments/buyer/members?fields=profile.openid",
+        "",
+    );
+    assert_eq!(hidden.status, 403, "{}", hidden.text());
+    let strings = |batches: &[arrow_array::RecordBatch], name: &str| -> Vec<String> {
+        batches
+            .iter()
+            .flat_map(|b| {
+                let col = b.column_by_name(name).unwrap();
+                let col = col.as_any().downcast_ref::<StringArray>().unwrap();
+                (0..col.len())
+                    .map(|i| col.value(i).to_owned())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let arrow = with_key(
+        &s,
+        analyst,
+        "GET",
+        "/v1/segments/buyer/members?format=arrow&fields=profile.phone",
+        "",
+    );
+    let batches: Vec<_> = arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(arrow.body), None)
+        .unwrap()
+        .map(|b| b.unwrap())
+        .collect();
+    assert_eq!(strings(&batches, "customer_id"), [masked]);
+    assert_eq!(strings(&batches, "profile.phone"), [masked]);
+    let parquet = with_key(
+        &s,
+        analyst,
+        "GET",
+        "/v1/segments/buyer/members?format=parquet&fields=profile.phone",
+        "",
+    );
+    let file = TempDir::new("access-parquet");
+    let path = file.path().join("m.parquet");
+    std::fs::write(&path, &parquet.body).unwrap();
+    let batches: Vec<_> = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+        std::fs::File::open(&path).unwrap(),
+    )
+    .unwrap()
+    .build()
+    .unwrap()
+    .map(|b| b.unwrap())
+    .collect();
+    assert_eq!(strings(&batches, "customer_id"), [masked]);
+    assert_eq!(strings(&batches, "profile.phone"), [masked]);
+
+    // SQL: masked before the statement runs; the hidden attribute is no column at all.
+    let sql = with_key(
+        &s,
+        analyst,
+        "POST",
+        "/v1/sql",
+        r#"{"sql": "SELECT customer_id, \"profile.phone\" FROM customers"}"#,
+    );
+    assert!(
+        sql.text().contains(masked) && !sql.text().contains(id),
+        "{}",
+        sql.text()
+    );
+    let openid = with_key(
+        &s,
+        analyst,
+        "POST",
+        "/v1/sql",
+        r#"{"sql": "SELECT \"profile.openid\" FROM customers"}"#,
+    );
+    assert_eq!(openid.status, 400, "{}", openid.text());
+    let changes_sql = with_key(
+        &s,
+        analyst,
+        "POST",
+        "/v1/sql",
+        r#"{"sql": "SELECT customer_id FROM changes"}"#,
+    );
+    assert!(
+        changes_sql.text().contains(masked) && !changes_sql.text().contains(id),
+        "{}",
+        changes_sql.text()
+    );
+
+    // The change log, deltas and the SSE stream.
+    let changes = with_key(&s, analyst, "GET", "/v1/changes?after=0", "");
+    assert!(
+        changes.text().contains(masked) && !changes.text().contains(id),
+        "{}",
+        changes.text()
+    );
+    let delta = with_key(&s, analyst, "GET", "/v1/segments/buyer/delta?after=0", "").json();
+    assert_eq!(delta["entered"], json!([masked]));
+    let stream = stream_head(&s.addr, &analyst_key, "/v1/segments/buyer/stream?after=0");
+    assert!(stream.contains(masked) && !stream.contains(id), "{stream}");
+
+    // The webhook delivers as its creator's role sees data.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !bodies.lock().unwrap().contains("\"changes\"") {
+        assert!(std::time::Instant::now() < deadline, "no delivery");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let delivered = bodies.lock().unwrap().clone();
+    assert!(
+        delivered.contains(masked) && !delivered.contains(id),
+        "{delivered}"
+    );
+}
+
+/// The first bytes of an SSE stream (read for half a second).
+fn stream_head(addr: &str, key: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_millis(500)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = stream.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
