@@ -235,6 +235,9 @@ pub enum KeyAction {
     },
     /// Every key (revoked ones too), without the keys themselves.
     List,
+    /// Print a fresh key without storing it, for `[access] bootstrap_key_file` (a secret
+    /// mounted into a container); it becomes an admin key when the node starts.
+    Generate,
     /// Revoke a key by its id or name; requests with it are refused at once.
     Revoke {
         /// The key's id (`tsk_<id>_...`) or name.
@@ -246,6 +249,10 @@ pub enum KeyAction {
 /// process), audited as `cli`.
 pub fn keys(action: KeyAction, settings: &crate::config::Settings) -> anyhow::Result<ExitCode> {
     use query_api::access::{AccessConfig, AuditRecord, KeyStore};
+    if let KeyAction::Generate = action {
+        println!("{}", KeyStore::generate().expose());
+        return Ok(ExitCode::SUCCESS);
+    }
     let retention = processor::store::Retention {
         dedup_horizon_ms: settings.retention.dedup_horizon.0,
         history_ms: settings.retention.history.0,
@@ -301,6 +308,7 @@ pub fn keys(action: KeyAction, settings: &crate::config::Settings) -> anyhow::Re
                 println!("{}\t{}\t{}\t{state}", k.id, k.name, k.role);
             }
         }
+        KeyAction::Generate => unreachable!("answered above without a store"),
         KeyAction::Revoke { key } => {
             let id = key
                 .strip_prefix("tsk_")

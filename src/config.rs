@@ -17,8 +17,9 @@ use serde::Deserialize;
 pub struct Settings {
     /// Where the RocksDB store lives.
     pub data_dir: PathBuf,
-    /// The rule file: the rule set of a new store. A store that has one keeps it; a file that
-    /// differs is refused (with the diff) unless `--replace-rules` or `rules_source = "file"`.
+    /// The rule file: the rule set of a new store. A store keeps its rule set and the runtime
+    /// edits made since the file was applied; a file that changed since is refused (with the
+    /// diff) unless `--replace-rules` or `rules_source = "file"`.
     pub rules: Option<PathBuf>,
     /// Who owns the rule set: `store` (runtime edits through the API, versioned in the store)
     /// or `file` (the rule file is the source of truth: it replaces the stored set at every
@@ -59,6 +60,8 @@ pub struct AccessSettings {
     /// Custom roles (with `permissions`), and field policies of built-in ones.
     pub roles: std::collections::BTreeMap<String, query_api::access::RoleSettings>,
     pub limits: AccessLimits,
+    /// A file with one key (`tagstream keys generate`), made an admin key at start, once.
+    pub bootstrap_key_file: Option<PathBuf>,
 }
 
 /// `[access.limits]`, per key.
@@ -82,6 +85,7 @@ impl Default for AccessSettings {
             fields: d.fields,
             roles: d.roles,
             limits: AccessLimits::default(),
+            bootstrap_key_file: None,
         }
     }
 }
@@ -110,6 +114,7 @@ impl AccessSettings {
                 burst: self.limits.burst,
                 concurrent_exports: self.limits.concurrent_exports,
             },
+            bootstrap_key_file: self.bootstrap_key_file.clone(),
         }
     }
 }
@@ -131,6 +136,23 @@ impl WebhookSettings {
             targets: std::sync::Arc::new(targets),
             ..Default::default()
         })
+    }
+}
+
+/// librdkafka options: their values hold passwords, so `Debug` shows the names only.
+#[derive(Clone, Default, Deserialize)]
+#[serde(transparent)]
+pub struct ClientOptions(pub std::collections::BTreeMap<String, String>);
+
+impl std::fmt::Debug for ClientOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.0.keys()).finish()
+    }
+}
+
+impl Extend<(String, String)> for ClientOptions {
+    fn extend<I: IntoIterator<Item = (String, String)>>(&mut self, items: I) {
+        self.0.extend(items);
     }
 }
 
@@ -189,7 +211,7 @@ pub struct KafkaFileSettings {
     /// Events per engine batch, at most.
     pub max_batch: usize,
     /// Passed to librdkafka as they are: security.protocol, sasl.*, ssl.*, ... Never logged.
-    pub options: std::collections::BTreeMap<String, String>,
+    pub options: ClientOptions,
 }
 
 impl Default for KafkaFileSettings {
@@ -425,7 +447,7 @@ impl Settings {
         settings.changes_topic = Some(k.changes_topic.clone()).filter(|t| !t.is_empty());
         settings.dlq_topic = Some(k.dead_letter_topic.clone()).filter(|t| !t.is_empty());
         settings.max_batch = k.max_batch.max(1);
-        settings.client_options = k.options.clone();
+        settings.client_options = k.options.0.clone();
         Some(settings)
     }
 
@@ -492,6 +514,7 @@ max_batch = {kafka_batch}           # events per engine batch
 auth = "auto"             # keys required once one exists; "required"; "off"
 allow_open = false        # serve without keys on a non-loopback address
 metrics_open = true       # /metrics without a key
+# bootstrap_key_file = "/run/secrets/tagstream-admin-key"   # `tagstream keys generate`; an admin key at start
 
 [access.fields]           # for every role that does not set the field: "show", "mask", "hide"
 # phone = "mask"
@@ -588,6 +611,8 @@ mod tests {
         assert_eq!(k.dlq_topic.as_deref(), Some("tagstream-dead-letters"));
         assert_eq!(k.client_options["security.protocol"], "SASL_SSL");
         assert_eq!(k.client_options["sasl.password"], "s3cret");
+        // Nothing that prints the settings shows the password.
+        assert!(!format!("{s:?}").contains("s3cret"));
         let err = toml::from_str::<Settings>("[kafka]\nbroker = \"x\"")
             .unwrap_err()
             .to_string();

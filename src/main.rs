@@ -149,6 +149,13 @@ enum Command {
         /// `[webhooks] allow_targets`, e.g. 10.1.0.0/16.
         #[arg(long)]
         webhook_allow: Vec<String>,
+        /// A file with one key (`tagstream keys generate`): made an admin key at start, once.
+        #[arg(long)]
+        bootstrap_key_file: Option<PathBuf>,
+        /// Serve without keys on a non-loopback address while no key exists (a local
+        /// stack, never production): `[access] allow_open`.
+        #[arg(long)]
+        allow_open: bool,
     },
     /// Serve on the embedded default with the example rules and a built-in stream of
     /// realistic events, so tags and segments change live.
@@ -221,8 +228,9 @@ struct StoreArgs {
     /// Where the RocksDB store lives [default: ./tagstream-data].
     #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
-    /// The rule file: the rule set of a new store. A store that has one keeps it; a file that
-    /// differs is refused, with the diff, unless --replace-rules.
+    /// The rule file: the rule set of a new store. A store keeps its rule set and the runtime
+    /// edits made since the file was applied; a file that changed since is refused, with the
+    /// diff, unless --replace-rules.
     #[arg(long, global = true)]
     rules: Option<PathBuf>,
     /// Replace the stored rule set with --rules when they differ (the diff is logged and
@@ -311,18 +319,30 @@ fn open_engine(settings: &Settings, replace: bool) -> anyhow::Result<Engine> {
         }
     };
     if let Some((path, text)) = &rules {
+        // The file as it was last applied: runtime edits made since are kept. Only a file
+        // that changed is a rule change, and it must not silently undo them.
+        let applied = engine.rule_file_applied()?;
         let diff = engine.diff_rules(text).map_err(|diags| render(&diags))?;
-        if !diff.is_empty() {
+        if diff.is_empty() {
+            engine.mark_rule_file_applied(text)?;
+        } else if applied.as_deref() == Some(text.as_str()) {
+            tracing::info!(
+                version = engine.rules_version(),
+                "{} is unchanged since it was applied; keeping the stored rule set and its runtime edits",
+                path.display()
+            );
+        } else {
             let version = engine.rules_version();
             if replace || settings.rules_source == config::RulesSource::File {
                 let edit = processor::RuleEdit::by(format!("file:{}", path.display()));
                 engine
                     .replace_rules_as(text, &edit, format!("rule file {}", path.display()))
                     .context("replacing the stored rule set")?;
+                engine.mark_rule_file_applied(text)?;
             } else {
                 eprint!("{}", diff.render());
                 anyhow::bail!(
-                    "{} differs from the stored rule set (version {version}; the lines above are what it would change). \
+                    "{} changed and differs from the stored rule set (version {version}; the lines above are what it would change). \
                      Start with --replace-rules to replace it, without --rules to keep the stored one, \
                      or set rules_source = \"file\" to make the file the source of truth",
                     path.display()
@@ -373,8 +393,14 @@ fn main() -> ExitCode {
             kafka_group,
             kafka_option,
             webhook_allow,
+            bootstrap_key_file,
+            allow_open,
         } => store.settings().and_then(|mut settings| {
             settings.webhooks.allow_targets.extend(webhook_allow);
+            settings.access.allow_open |= allow_open;
+            if bootstrap_key_file.is_some() {
+                settings.access.bootstrap_key_file = bootstrap_key_file;
+            }
             settings.listen = listen.unwrap_or(settings.listen);
             settings.limits.max_request_bytes =
                 max_request_bytes.unwrap_or(settings.limits.max_request_bytes);

@@ -39,8 +39,8 @@ use crate::IngestOutcome;
 
 /// Where tagstream meets Kafka. `client_options` are passed to librdkafka as they are
 /// (`security.protocol`, `sasl.mechanism`, `sasl.username`, `sasl.password`,
-/// `ssl.ca.location`, ...); they are never logged.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `ssl.ca.location`, ...); they are never logged, and `Debug` shows their names only.
+#[derive(Clone, PartialEq, Eq)]
 pub struct KafkaSettings {
     pub brokers: String,
     /// The events topic, keyed by `customer_id`.
@@ -55,6 +55,23 @@ pub struct KafkaSettings {
     pub max_batch: usize,
     /// How long a batch waits to fill before it is applied anyway.
     pub max_wait: Duration,
+}
+
+impl std::fmt::Debug for KafkaSettings {
+    /// The client options by name only: their values include `sasl.password` and
+    /// `ssl.key.password`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSettings")
+            .field("brokers", &self.brokers)
+            .field("topic", &self.topic)
+            .field("group_id", &self.group_id)
+            .field("changes_topic", &self.changes_topic)
+            .field("dlq_topic", &self.dlq_topic)
+            .field("client_options", &self.client_options.keys().collect::<Vec<_>>())
+            .field("max_batch", &self.max_batch)
+            .field("max_wait", &self.max_wait)
+            .finish()
+    }
 }
 
 impl KafkaSettings {
@@ -662,5 +679,21 @@ fn send_all(
     {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_names_client_options_but_never_their_values() {
+        let mut settings = KafkaSettings::new("b:9092", "events", "g");
+        settings
+            .client_options
+            .insert("sasl.password".into(), "hunter2-secret".into());
+        let shown = format!("{settings:?}");
+        assert!(shown.contains("sasl.password"), "{shown}");
+        assert!(!shown.contains("hunter2-secret"), "{shown}");
     }
 }

@@ -324,25 +324,9 @@ fn the_rule_set_is_one_versioned_document_across_restarts() {
     );
     assert_eq!(stale.status, 409, "{}", stale.text());
     assert_eq!(stale.json()["current_version"], 2);
-    // Restart with the same file: refused, since the stored set has the saved segment the
-    // file lacks; restarted on the stored set, the segment is still there.
+    // Restart with the same, unchanged file: the saved segment is still there.
     let dir = stop(s);
-    let data = dir.path().join("data");
-    let rules_file = dir.path().join("rules.trl");
-    let refused = tagstream(&[
-        "serve",
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--rules",
-        rules_file.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-    ]);
-    assert!(!refused.status.success());
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(stderr.contains("- segment gold"), "{stderr}");
-    assert!(stderr.contains("--replace-rules"), "{stderr}");
-    let s = Server::restart(dir, &[]);
+    let s = Server::start_in(dir, RULES, &[]);
     assert!(
         s.get("/v1/rules").text().contains("segment gold"),
         "{}",
@@ -378,7 +362,8 @@ fn the_rule_set_is_one_versioned_document_across_restarts() {
     assert_eq!(v1["text"], RULES);
     assert_eq!(s.get("/v1/rules/versions/99").status, 404);
 
-    // Another file is refused too, with its diff; nothing changes.
+    // A file that changed is refused, with its diff; nothing changes. Without a file the
+    // stored set serves.
     let dir = stop(s);
     let other = dir.path().join("other.trl");
     std::fs::write(&other, "tag buyer = count(payment, 30d) >= 2\n").unwrap();
@@ -399,6 +384,13 @@ fn the_rule_set_is_one_versioned_document_across_restarts() {
         stderr.contains("+ tag buyer = count(payment, 30d) >= 2"),
         "{stderr}"
     );
+    assert!(stderr.contains("--replace-rules"), "{stderr}");
+    let s = Server::restart(dir, &[]);
+    assert_eq!(
+        s.get("/v1/rules/versions?limit=1").json()["versions"][0]["version"],
+        4
+    );
+    let dir = stop(s);
     // Told to replace, it does, as a version of its own.
     let s = Server::start_in(
         dir,
@@ -504,6 +496,31 @@ fn an_open_node_refuses_a_non_loopback_address_unless_told() {
         stderr.contains("refusing to serve") && stderr.contains("keys create"),
         "{stderr}"
     );
+    // A key made by `keys generate`, given as the bootstrap key file: served, as admin.
+    let generated = tagstream(&["keys", "generate"]);
+    let boot = String::from_utf8(generated.stdout).unwrap().trim().to_owned();
+    let key_file = dir.path().join("admin.key");
+    std::fs::write(&key_file, format!("{boot}\n")).unwrap();
+    let s = Server::restart(
+        dir,
+        &[
+            "--listen",
+            "0.0.0.0:0",
+            "--bootstrap-key-file",
+            key_file.to_str().unwrap(),
+        ],
+    );
+    let port = s.addr.rsplit(':').next().unwrap().to_owned();
+    let local = format!("127.0.0.1:{port}");
+    assert_eq!(
+        tests::http::request(&local, "GET", "/v1/admin/keys", b"").status,
+        401
+    );
+    let auth = format!("Bearer {boot}");
+    let keys = request_with(&local, "GET", "/v1/admin/keys", &[("Authorization", &auth)], b"");
+    assert_eq!(keys.status, 200, "{}", keys.text());
+    assert_eq!(keys.json()["keys"][0]["name"], "bootstrap");
+    let dir = stop(s);
     // With a key, the same address is served (authentication on).
     create_key(&data, "admin", "ops");
     let s = Server::restart(dir, &["--listen", "0.0.0.0:0"]);

@@ -12,6 +12,9 @@ use crate::writes::Writes;
 
 /// The current version's number, in the meta column family.
 const META_RULES_VERSION: &str = "rules_version";
+/// The text of the rule file as last applied (at the store's creation or by a replacing
+/// start): a start with the same file keeps the runtime edits made since.
+const META_RULES_FILE: &str = "rules_file_applied";
 /// Version records: `rules/v/` + the number, 20 digits, so they list in order.
 const VERSION_PREFIX: &str = "rules/v/";
 
@@ -235,6 +238,25 @@ impl Engine {
         self.store.commit(wb)?;
         self.versioned(&record);
         Ok(())
+    }
+
+    /// The rule file's text as last applied, if it was recorded.
+    pub fn rule_file_applied(&self) -> Result<Option<String>, EngineError> {
+        Ok(self
+            .store
+            .get(CF_META, META_RULES_FILE.as_bytes())?
+            .map(|b| String::from_utf8_lossy(&b).into_owned()))
+    }
+
+    /// Records `text` as the rule file's text last applied.
+    pub fn mark_rule_file_applied(&self, text: &str) -> Result<(), EngineError> {
+        let mut wb = WriteBatch::default();
+        wb.put_cf(
+            self.store.cf(CF_META),
+            META_RULES_FILE.as_bytes(),
+            text.as_bytes(),
+        );
+        Ok(self.store.commit(wb)?)
     }
 
     /// What replacing the rule set with `text` would change (the text's errors if it does

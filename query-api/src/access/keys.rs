@@ -220,6 +220,48 @@ impl KeyStore {
         })
     }
 
+    /// A fresh key, not stored: for a secret store that hands it to [`KeyStore::import`]
+    /// (`[access] bootstrap_key_file`).
+    pub fn generate() -> Secret {
+        let id = base32(&random_bytes::<8>())[..ID_LEN].to_owned();
+        let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random_bytes::<32>());
+        Secret(format!("{KEY_PREFIX}{id}_{secret}"))
+    }
+
+    /// Makes `key` (made by [`KeyStore::generate`]) a key of `role` named `name`, once: a
+    /// key already present is left as it is (also when revoked: a revoked bootstrap key
+    /// stays revoked). Returns whether it was added.
+    pub fn import(&self, key: &str, name: &str, role: &str, now: i64) -> Result<bool, KeyError> {
+        check_name(name)?;
+        let id = key_id(key)
+            .filter(|_| key.len() >= KEY_PREFIX.len() + ID_LEN + 1 + 40)
+            .ok_or_else(|| KeyError::Invalid("not a key made by `tagstream keys generate`".into()))?;
+        let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(existing) = keys.get(id) {
+            let same: bool = hash(key).as_bytes().ct_eq(existing.hash.as_bytes()).into();
+            return if same {
+                Ok(false)
+            } else {
+                Err(KeyError::Invalid(format!("another key has the id `{id}`")))
+            };
+        }
+        if keys.values().any(|k| k.name == name && k.revoked_at.is_none()) {
+            return Err(KeyError::NameTaken(name.to_owned()));
+        }
+        let record = KeyRecord {
+            id: id.to_owned(),
+            name: name.to_owned(),
+            role: role.to_owned(),
+            hash: hash(key),
+            created_at: now,
+            created_by: "bootstrap_key_file".to_owned(),
+            revoked_at: None,
+        };
+        self.write(&record)?;
+        keys.insert(id.to_owned(), record);
+        Ok(true)
+    }
+
     /// Revokes the key with this id or name; revoking a revoked key is a no-op.
     pub fn revoke(&self, id_or_name: &str, now: i64) -> Result<KeyInfo, KeyError> {
         let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
@@ -325,6 +367,22 @@ mod tests {
         assert!(again.verify(&key).is_none());
         assert!(KeyStore::open(store).unwrap().verify(&key).is_none());
         assert!(matches!(again.revoke("nobody", 4), Err(KeyError::NotFound(_))));
+    }
+
+    #[test]
+    fn a_generated_key_is_imported_once() {
+        let (_dir, store) = store();
+        let keys = KeyStore::open(store).unwrap();
+        let key = KeyStore::generate();
+        assert!(keys.verify(key.expose()).is_none());
+        assert_eq!(keys.import(key.expose(), "bootstrap", "admin", 1), Ok(true));
+        assert_eq!(keys.import(key.expose(), "bootstrap", "admin", 2), Ok(false));
+        assert_eq!(keys.verify(key.expose()).unwrap().role, "admin");
+        keys.revoke("bootstrap", 3).unwrap();
+        // Imported again at the next start: a revoked key stays revoked.
+        assert_eq!(keys.import(key.expose(), "bootstrap", "admin", 4), Ok(false));
+        assert!(keys.verify(key.expose()).is_none());
+        assert!(keys.import("tsk_short_x", "b2", "admin", 5).is_err());
     }
 
     #[test]

@@ -172,6 +172,10 @@ pub struct AccessConfig {
     /// Field policies of every role that does not set the field itself.
     pub fields: BTreeMap<String, FieldPolicy>,
     pub limits: LimitConfig,
+    /// A file holding one key (`tagstream keys generate`) made an `admin` key named
+    /// `bootstrap` at start, once: the first key of a node whose store cannot be reached
+    /// by `tagstream keys create` (a container with a mounted secret).
+    pub bootstrap_key_file: Option<std::path::PathBuf>,
 }
 
 impl Default for AccessConfig {
@@ -183,6 +187,7 @@ impl Default for AccessConfig {
             roles: BTreeMap::new(),
             fields: BTreeMap::new(),
             limits: LimitConfig::default(),
+            bootstrap_key_file: None,
         }
     }
 }
@@ -367,6 +372,23 @@ impl Access {
         let roles = config.resolve_roles()?;
         let keys = KeyStore::open(store.clone()).map_err(|e| e.to_string())?;
         let audit = AuditLog::open(store).map_err(|e| e.to_string())?;
+        if let Some(path) = &config.bootstrap_key_file {
+            let key = std::fs::read_to_string(path)
+                .map_err(|e| format!("[access] bootstrap_key_file {}: {e}", path.display()))?;
+            let added = keys
+                .import(key.trim(), "bootstrap", "admin", audit::wall_ms())
+                .map_err(|e| format!("[access] bootstrap_key_file {}: {e}", path.display()))?;
+            if added {
+                let detail =
+                    json!({"name": "bootstrap", "role": "admin", "from": path.display().to_string()});
+                audit
+                    .append(AuditRecord::command(
+                        "keys bootstrap",
+                        detail.as_object().cloned().unwrap_or_default(),
+                    ))
+                    .map_err(|e| e.to_string())?;
+            }
+        }
         let anonymous = Arc::new(Role {
             name: "anonymous".to_owned(),
             permissions: Permission::ALL.into(),
