@@ -41,6 +41,30 @@ pub struct Settings {
     pub kafka: KafkaFileSettings,
     pub access: AccessSettings,
     pub webhooks: WebhookSettings,
+    pub tls: TlsSettings,
+}
+
+/// `[tls]`: HTTPS for the API (both files, or neither).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSettings {
+    /// The certificate chain, PEM, leaf first. Reloaded on SIGHUP.
+    pub cert_file: Option<PathBuf>,
+    /// Its private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<PathBuf>,
+}
+
+impl TlsSettings {
+    pub fn files(&self) -> anyhow::Result<Option<crate::tls::TlsFiles>> {
+        match (&self.cert_file, &self.key_file) {
+            (Some(cert), Some(key)) => Ok(Some(crate::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            })),
+            (None, None) => Ok(None),
+            _ => anyhow::bail!("[tls] needs both cert_file and key_file"),
+        }
+    }
 }
 
 /// `[access]`: API keys, roles, field masking and per-key limits (docs/security.md).
@@ -126,14 +150,25 @@ pub struct WebhookSettings {
     /// Non-public addresses (loopback, private, link-local ranges) webhooks may reach, as
     /// addresses or ranges: `["10.1.0.0/16", "127.0.0.1"]`. Public addresses need no entry.
     pub allow_targets: Vec<String>,
+    /// More CAs (PEM) that `https://` receivers' certificates may chain to, besides the
+    /// public roots built in: a company's internal CA.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl WebhookSettings {
     pub fn config(&self) -> anyhow::Result<query_api::webhooks::WebhookConfig> {
+        use rustls::pki_types::pem::PemObject;
         let targets =
             query_api::targets::TargetPolicy::parse(&self.allow_targets).map_err(anyhow::Error::msg)?;
+        let extra = match &self.ca_file {
+            Some(path) => rustls::pki_types::CertificateDer::pem_file_iter(path)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .with_context(|| format!("[webhooks] ca_file {}", path.display()))?,
+            None => Vec::new(),
+        };
         Ok(query_api::webhooks::WebhookConfig {
             targets: std::sync::Arc::new(targets),
+            tls: query_api::webhooks::tls_client(&extra).map_err(anyhow::Error::msg)?,
             ..Default::default()
         })
     }
@@ -338,6 +373,7 @@ impl Default for Settings {
             kafka: KafkaFileSettings::default(),
             access: AccessSettings::default(),
             webhooks: WebhookSettings::default(),
+            tls: TlsSettings::default(),
         }
     }
 }
@@ -529,8 +565,13 @@ requests_per_second = {rps}   # 0: unlimited
 burst = {burst}
 concurrent_exports = {exports}  # members exports and SQL statements at once
 
+[tls]                     # HTTPS for the API; reloaded on SIGHUP
+# cert_file = "/etc/tagstream/tls/cert.pem"
+# key_file = "/etc/tagstream/tls/key.pem"
+
 [webhooks]
 allow_targets = []        # non-public addresses webhooks may reach, e.g. ["10.1.0.0/16"]
+# ca_file = "/etc/tagstream/internal-ca.pem"   # more CAs for https:// receivers
 "#,
             rps = d.access.limits.requests_per_second,
             burst = d.access.limits.burst,

@@ -4,6 +4,7 @@ mod admin;
 mod config;
 mod replay;
 mod serve;
+mod tls;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -156,6 +157,12 @@ enum Command {
         /// stack, never production): `[access] allow_open`.
         #[arg(long)]
         allow_open: bool,
+        /// HTTPS: the certificate chain (PEM); with --tls-key. Reloaded on SIGHUP.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// HTTPS: the certificate's private key (PEM).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// Serve on the embedded default with the example rules and a built-in stream of
     /// realistic events, so tags and segments change live.
@@ -395,7 +402,15 @@ fn main() -> ExitCode {
             webhook_allow,
             bootstrap_key_file,
             allow_open,
+            tls_cert,
+            tls_key,
         } => store.settings().and_then(|mut settings| {
+            if let (Some(cert), Some(key)) = (tls_cert, tls_key) {
+                settings.tls = config::TlsSettings {
+                    cert_file: Some(cert),
+                    key_file: Some(key),
+                };
+            }
             settings.webhooks.allow_targets.extend(webhook_allow);
             settings.access.allow_open |= allow_open;
             if bootstrap_key_file.is_some() {
@@ -415,6 +430,7 @@ fn main() -> ExitCode {
             };
             let options = serve::ServeOptions {
                 api,
+                tls: settings.tls.files()?,
                 kafka: settings.kafka_settings(),
                 access: settings.access.config(),
                 webhooks: settings.webhooks.config()?,
@@ -500,6 +516,7 @@ fn run_demo(
     // unless the settings allow it.
     let options = serve::ServeOptions {
         api: query_api::ApiConfig::default(),
+        tls: demo_settings.tls.files()?,
         kafka: None,
         access: query_api::access::AccessConfig {
             auth: query_api::access::AuthMode::Off,

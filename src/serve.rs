@@ -15,6 +15,8 @@ use query_api::{router, ApiConfig, AppState};
 /// What `serve` runs besides the engine.
 pub struct ServeOptions {
     pub api: ApiConfig,
+    /// HTTPS with these files; plain HTTP without.
+    pub tls: Option<crate::tls::TlsFiles>,
     pub kafka: Option<KafkaSettings>,
     pub access: AccessConfig,
     pub webhooks: WebhookConfig,
@@ -34,10 +36,12 @@ pub fn serve(
 ) -> anyhow::Result<()> {
     let ServeOptions {
         api,
+        tls,
         kafka,
         access,
         webhooks,
     } = options;
+    let tls = tls.map(crate::tls::Reloadable::open).transpose()?;
     let stopping = Arc::new(AtomicBool::new(false));
     let access = Access::open(engine.store().clone(), access).map_err(anyhow::Error::msg)?;
     access.check_listen(listen).map_err(anyhow::Error::msg)?;
@@ -62,7 +66,8 @@ pub fn serve(
             .with_context(|| format!("binding {listen}"))?;
         let bound = listener.local_addr()?;
         tracing::info!(%bound, "serving");
-        announce(&format!("tagstream listening on http://{bound}"));
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        announce(&format!("tagstream listening on {scheme}://{bound}"));
         on_ready(bound, handle.clone(), stopping.clone());
         drop(handle);
         let webhooks = state.webhooks.clone();
@@ -74,13 +79,21 @@ pub fn serve(
         }
         let shutdown = state.shutdown.clone();
         let app = router(state);
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                shutdown_signal().await;
-                // Streams end now, or the graceful shutdown would wait for their clients.
-                shutdown.begin();
-            })
-            .await;
+        let signalled = async move {
+            shutdown_signal().await;
+            // Streams end now, or the graceful shutdown would wait for their clients.
+            shutdown.begin();
+        };
+        let served = match tls {
+            Some(tls) => {
+                crate::tls::reload_on_sighup(tls.clone())?;
+                crate::tls::serve(listener, app, tls, signalled, DRAIN_GRACE).await
+            }
+            None => axum::serve(listener, app)
+                .with_graceful_shutdown(signalled)
+                .await
+                .map_err(anyhow::Error::from),
+        };
         stopping.store(true, Ordering::SeqCst);
         served?;
         // No request is in flight any more. The Kafka consumer applies its batch in flight

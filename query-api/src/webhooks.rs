@@ -51,6 +51,30 @@ pub struct WebhookConfig {
     pub dead_letters_max_age: Duration,
     /// Non-public addresses deliveries may reach ([`crate::targets`]).
     pub targets: Arc<TargetPolicy>,
+    /// How `https://` receivers are verified: the Mozilla roots built in, and any CA
+    /// added with `[webhooks] ca_file`.
+    pub tls: Arc<rustls::ClientConfig>,
+}
+
+/// The TLS client settings of webhook deliveries: certificates verified against the roots
+/// compiled in (webpki-roots) and the PEM certificates in `extra_ca`.
+pub fn tls_client(
+    extra_ca: &[rustls::pki_types::CertificateDer<'static>],
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    for cert in extra_ca {
+        roots
+            .add(cert.clone())
+            .map_err(|e| format!("[webhooks] ca_file: {e}"))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 impl Default for WebhookConfig {
@@ -64,6 +88,7 @@ impl Default for WebhookConfig {
             dead_letters_max: 10_000,
             dead_letters_max_age: Duration::from_secs(30 * 86_400),
             targets: Arc::default(),
+            tls: tls_client(&[]).expect("the built-in roots are valid"),
         }
     }
 }
@@ -252,18 +277,16 @@ pub struct CreateBody {
     after: Option<u64>,
 }
 
-/// Checks a webhook URL: absolute `http://` with a host.
+/// Checks a webhook URL: absolute `https://` (certificate verified) or `http://`, with a
+/// host.
 fn check_url(url: &str) -> Result<Uri, ApiError> {
     let uri: Uri = url
         .parse()
         .map_err(|e| ApiError::BadRequest(format!("`url` is not a URL: {e}")))?;
     match uri.scheme_str() {
-        Some("http") if uri.host().is_some() => Ok(uri),
-        Some("https") => Err(ApiError::BadRequest(
-            "`url`: https is not supported yet; use http:// (behind a TLS-terminating proxy if the receiver is remote)".into(),
-        )),
+        Some("http" | "https") if uri.host().is_some() => Ok(uri),
         _ => Err(ApiError::BadRequest(format!(
-            "`url` must be an absolute http:// URL, got `{url}`"
+            "`url` must be an absolute https:// or http:// URL, got `{url}`"
         ))),
     }
 }
@@ -295,7 +318,11 @@ pub async fn create(
         }
     }
     // Last, since it may ask DNS: where the URL points must be a public address, or allowed.
-    let port = uri.port_u16().unwrap_or(80);
+    let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("https") {
+        443
+    } else {
+        80
+    });
     app.webhooks
         .config
         .targets
@@ -469,11 +496,18 @@ fn masking_for(app: &AppState, sub: &Subscription) -> crate::access::Masking {
     }
 }
 
-type WebhookClient = Client<HttpConnector<CheckedResolver>, Full<Bytes>>;
+type WebhookClient = Client<hyper_rustls::HttpsConnector<HttpConnector<CheckedResolver>>, Full<Bytes>>;
 
-/// The delivery client: every connection resolves through the target policy.
+/// The delivery client: every connection resolves through the target policy; `https://`
+/// receivers are verified against [`WebhookConfig::tls`].
 fn client(config: &WebhookConfig) -> WebhookClient {
-    let connector = HttpConnector::new_with_resolver(CheckedResolver(config.targets.clone()));
+    let mut http = HttpConnector::new_with_resolver(CheckedResolver(config.targets.clone()));
+    http.enforce_http(false);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config((*config.tls).clone())
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
     Client::builder(TokioExecutor::new()).build(connector)
 }
 
@@ -578,7 +612,7 @@ async fn attempt_delivery(
         Ok(request) => match tokio::time::timeout(config.timeout, client.request(request)).await {
             Ok(Ok(response)) if response.status().is_success() => Ok(()),
             Ok(Ok(response)) => Err(format!("the receiver answered {}", response.status())),
-            Ok(Err(e)) => Err(format!("request failed: {e}")),
+            Ok(Err(e)) => Err(format!("request failed: {}", chain(&e))),
             Err(_) => Err(format!("no answer within {:?}", config.timeout)),
         },
         Err(e) => Err(format!("bad request: {e}")),
@@ -595,6 +629,18 @@ async fn attempt_delivery(
         }
     }
     outcome
+}
+
+/// An error with its causes (`client error (Connect): invalid peer certificate: ...`).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// `POST /v1/webhooks/{id}/dead_letters/redeliver`: sends the dead-lettered batches again,

@@ -409,8 +409,8 @@ fn webhooks_deliver_every_change_once_in_order_through_failures_and_dead_letter_
         assert!(r.text().contains(needle), "{}", r.text());
     };
     bad(
-        r#"{"url":"https://x.example/h","secret":"0123456789abcdef"}"#,
-        "https",
+        r#"{"url":"ftp://x.example/h","secret":"0123456789abcdef"}"#,
+        "https://",
     );
     bad(r#"{"url":"http://x.example/h","secret":"short"}"#, "16 bytes");
     bad(

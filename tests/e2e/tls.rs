@@ -1,0 +1,338 @@
+//! HTTPS on the real binary: a client trusting a test CA gets answers, one that does not is
+//! refused at the handshake, a renewed certificate is served after SIGHUP without a restart,
+//! and webhooks to `https://` receivers are delivered only when their certificate verifies.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tests::TempDir;
+
+/// A CA and a certificate it signed for localhost / 127.0.0.1.
+struct Pki {
+    ca_pem: String,
+    cert_pem: String,
+    key_pem: String,
+}
+
+fn pki() -> Pki {
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "tagstream test CA");
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = leaf.signed_by(&key, &ca_cert, &ca_key).unwrap();
+    Pki {
+        ca_pem: ca_cert.pem(),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    }
+}
+
+fn client_config(ca_pem: Option<&str>) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(pem) = ca_pem {
+        for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+/// One HTTPS request; `Err` with the reason when the handshake or the request fails.
+fn https(
+    addr: &str,
+    config: Arc<rustls::ClientConfig>,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Result<String, String> {
+    let tcp = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(config, name).map_err(|e| e.to_string())?;
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    tls.write_all(request.as_bytes()).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    match tls.read_to_end(&mut out) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !out.is_empty() => {}
+        Err(e) => return Err(e.to_string()),
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+struct TlsServer {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(dir: &Path, extra: &[&str]) -> TlsServer {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tagstream"))
+        .args(["serve", "--data-dir"])
+        .arg(dir.join("data"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--clock",
+            "event",
+            "--sync-writes",
+            "false",
+        ])
+        .args(["--tls-cert", dir.join("cert.pem").to_str().unwrap()])
+        .args(["--tls-key", dir.join("key.pem").to_str().unwrap()])
+        .args(extra)
+        .env("TAGSTREAM_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("tagstream listening on https://")
+        .unwrap_or_else(|| panic!("{line}"))
+        .to_owned();
+    TlsServer { child, addr }
+}
+
+fn write_pki(dir: &Path, pki: &Pki) {
+    std::fs::write(dir.join("cert.pem"), &pki.cert_pem).unwrap();
+    std::fs::write(dir.join("key.pem"), &pki.key_pem).unwrap();
+    std::fs::write(dir.join("ca.pem"), &pki.ca_pem).unwrap();
+}
+
+#[test]
+fn https_serves_clients_that_trust_the_ca_and_reloads_on_sighup() {
+    let dir = TempDir::new("tls");
+    let first = pki();
+    write_pki(dir.path(), &first);
+    let s = start(dir.path(), &[]);
+    let trusting = client_config(Some(&first.ca_pem));
+    let answer = https(&s.addr, trusting.clone(), "GET", "/healthz", "").unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // The API itself, over TLS.
+    let ingest = r#"{"customer_id":"c1","type":"view","ts":1744000000000}"#;
+    let answer = https(&s.addr, trusting.clone(), "POST", "/v1/events", ingest).unwrap();
+    assert!(answer.contains("\"accepted\":1"), "{answer}");
+    // A client that does not trust the CA is refused at the handshake.
+    let err = https(&s.addr, client_config(None), "GET", "/healthz", "").unwrap_err();
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+    // Plain HTTP on the TLS port gets no answer.
+    let mut plain = TcpStream::connect(&s.addr).unwrap();
+    plain.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    plain
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer);
+    assert!(!String::from_utf8_lossy(&answer).contains("200 OK"));
+
+    // A renewed certificate from another CA, then SIGHUP: served without a restart.
+    let second = pki();
+    write_pki(dir.path(), &second);
+    let pid = s.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let renewed = client_config(Some(&second.ca_pem));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while https(&s.addr, renewed.clone(), "GET", "/healthz", "").is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the renewed certificate was not served"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(https(&s.addr, trusting, "GET", "/healthz", "").is_err());
+    // A broken reload keeps the current certificate.
+    std::fs::write(dir.path().join("cert.pem"), "not a certificate").unwrap();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(https(&s.addr, renewed, "GET", "/healthz", "")
+        .unwrap()
+        .starts_with("HTTP/1.1 200"));
+}
+
+/// A one-connection-at-a-time HTTPS receiver; keeps every request it reads.
+fn https_receiver(pki: &Pki) -> (String, Arc<Mutex<String>>) {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pki.cert_pem.as_bytes())
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_slice(pki.key_pem.as_bytes()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap(),
+    );
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("https://localhost:{}/hook", listener.local_addr().unwrap().port());
+    let seen = Arc::new(Mutex::new(String::new()));
+    let kept = seen.clone();
+    std::thread::spawn(move || {
+        for tcp in listener.incoming() {
+            let Ok(tcp) = tcp else { continue };
+            tcp.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+            let conn = rustls::ServerConnection::new(config.clone()).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, tcp);
+            let mut raw = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                match tls.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        raw.extend_from_slice(&buf[..n]);
+                        let text = String::from_utf8_lossy(&raw);
+                        if let Some(end) = text.find("\r\n\r\n") {
+                            let length: usize = text[..end]
+                                .lines()
+                                .find_map(|l| {
+                                    l.to_ascii_lowercase()
+                                        .strip_prefix("content-length:")
+                                        .map(|v| v.trim().parse().unwrap())
+                                })
+                                .unwrap_or(0);
+                            if raw.len() >= end + 4 + length {
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            if !raw.is_empty() {
+                kept.lock().unwrap().push_str(&String::from_utf8_lossy(&raw));
+                let _ = tls.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                tls.conn.send_close_notify();
+                let _ = tls.flush();
+            }
+        }
+    });
+    (url, seen)
+}
+
+#[test]
+fn webhooks_to_https_receivers_verify_their_certificate() {
+    let receiver_pki = pki();
+    let (url, seen) = https_receiver(&receiver_pki);
+    let dir = TempDir::new("tls");
+    let own = pki();
+    write_pki(dir.path(), &own);
+    let ca = dir.path().join("receiver-ca.pem");
+    std::fs::write(&ca, &receiver_pki.ca_pem).unwrap();
+    let trusting = dir.path().join("trusting.toml");
+    std::fs::write(
+        &trusting,
+        format!(
+            "[webhooks]\nallow_targets = [\"127.0.0.1\", \"::1\"]\nca_file = {:?}\n",
+            ca.display().to_string()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("rules.trl"),
+        "tag viewer = count(view, 30d) >= 1\n",
+    )
+    .unwrap();
+    let rules = dir.path().join("rules.trl");
+    let s = start(
+        dir.path(),
+        &[
+            "--config",
+            trusting.to_str().unwrap(),
+            "--rules",
+            rules.to_str().unwrap(),
+        ],
+    );
+    let client = client_config(Some(&own.ca_pem));
+    let hook =
+        format!(r#"{{"url": "{url}", "secret": "0123456789abcdef", "name": "viewer", "max_attempts": 2}}"#);
+    let made = https(&s.addr, client.clone(), "POST", "/v1/webhooks", &hook).unwrap();
+    assert!(made.starts_with("HTTP/1.1 201"), "{made}");
+    let ingest = r#"{"customer_id":"c1","type":"view","ts":1744000000000}"#;
+    https(&s.addr, client.clone(), "POST", "/v1/events", ingest).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !seen.lock().unwrap().contains("\"viewer\"") {
+        assert!(Instant::now() < deadline, "the https receiver got nothing");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(seen.lock().unwrap().contains("x-tagstream-signature"));
+    drop(s);
+
+    // Without the receiver's CA: every attempt fails verification, the batch is dead-lettered
+    // and the receiver sees nothing.
+    let seen_before = seen.lock().unwrap().len();
+    let dir = TempDir::new("tls");
+    write_pki(dir.path(), &own);
+    std::fs::write(
+        dir.path().join("rules.trl"),
+        "tag viewer = count(view, 30d) >= 1\n",
+    )
+    .unwrap();
+    let rules = dir.path().join("rules.trl");
+    let s = start(
+        dir.path(),
+        &[
+            "--webhook-allow",
+            "127.0.0.1",
+            "--webhook-allow",
+            "::1",
+            "--rules",
+            rules.to_str().unwrap(),
+        ],
+    );
+    let made = https(&s.addr, client.clone(), "POST", "/v1/webhooks", &hook).unwrap();
+    assert!(made.starts_with("HTTP/1.1 201"), "{made}");
+    https(&s.addr, client.clone(), "POST", "/v1/events", ingest).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let letters = https(&s.addr, client.clone(), "GET", "/v1/webhooks/1/dead_letters", "").unwrap();
+        if letters.contains("certificate") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no dead letter: {letters}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        seen_before,
+        "an unverified receiver got data"
+    );
+}
