@@ -884,9 +884,10 @@ mod tests {
     }
 
     #[test]
-    fn only_absolute_http_urls_are_taken() {
+    fn only_absolute_http_and_https_urls_are_taken() {
         assert!(check_url("http://127.0.0.1:9000/hook").is_ok());
-        assert!(check_url("https://example.com/hook").is_err());
+        assert!(check_url("https://example.com/hook").is_ok());
+        assert!(check_url("ftp://example.com/hook").is_err());
         assert!(check_url("/hook").is_err());
         assert!(check_url("not a url").is_err());
     }

@@ -6,6 +6,7 @@
 //! ```text
 //! httpload --addr 127.0.0.1:8080 --customers 100000 --connections 8 --seconds 20 \
 //!          --ingest-rate 10000 [--path-prefix /v1/customers/] [--zipf | --top N]
+//!          [--key LOOKUP_KEY] [--ingest-key INGEST_KEY]
 //! ```
 //!
 //! `--zipf` draws the ids from the activity's own Zipf law; `--top N` uniformly from the N
@@ -24,6 +25,9 @@ use bench::loadgen::{event_line, Rng, Zipf};
 
 struct Args {
     addr: String,
+    /// `Authorization: Bearer` for the lookups and for the ingest, when set.
+    key: Option<String>,
+    ingest_key: Option<String>,
     customers: u64,
     connections: usize,
     seconds: u64,
@@ -34,9 +38,16 @@ struct Args {
     top: Option<u64>,
 }
 
+/// The `Authorization` header line for `key`, or nothing.
+fn auth_header(key: Option<&str>) -> String {
+    key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"))
+}
+
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         addr: "127.0.0.1:8080".into(),
+        key: None,
+        ingest_key: None,
         customers: 100_000,
         connections: 8,
         seconds: 20,
@@ -59,6 +70,8 @@ fn parse_args() -> Result<Args, String> {
         };
         match flag.as_str() {
             "--addr" => args.addr = value.clone(),
+            "--key" => args.key = Some(value.clone()),
+            "--ingest-key" => args.ingest_key = Some(value.clone()),
             "--customers" => args.customers = number()?.max(1),
             "--connections" => args.connections = number()?.max(1) as usize,
             "--seconds" => args.seconds = number()?.max(1),
@@ -140,9 +153,10 @@ fn lookups(args: &Args, worker: usize, stop: &AtomicBool) -> (Vec<u32>, u64) {
         head.clear();
         write!(
             head,
-            "GET /v1/customers/1{:010} HTTP/1.1\r\nHost: {}\r\n\r\n",
+            "GET /v1/customers/1{:010} HTTP/1.1\r\nHost: {}\r\n{}\r\n",
             3_000_000_000 + rank,
-            args.addr
+            args.addr,
+            auth_header(args.key.as_deref())
         )
         .expect("write to a Vec");
         let started = Instant::now();
@@ -184,8 +198,9 @@ fn ingest(args: &Args, stop: &AtomicBool) -> (u64, u64) {
             body.push(b'\n');
         }
         let head = format!(
-            "POST /v1/events HTTP/1.1\r\nHost: {}\r\nContent-Type: application/x-ndjson\r\nContent-Length: {}\r\n\r\n",
+            "POST /v1/events HTTP/1.1\r\nHost: {}\r\n{}Content-Type: application/x-ndjson\r\nContent-Length: {}\r\n\r\n",
             args.addr,
+            auth_header(args.ingest_key.as_deref()),
             body.len()
         );
         match conn.request(head.as_bytes(), &body) {
