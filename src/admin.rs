@@ -249,10 +249,14 @@ pub enum KeyAction {
 /// process), audited as `cli`.
 pub fn keys(action: KeyAction, settings: &crate::config::Settings) -> anyhow::Result<ExitCode> {
     use query_api::access::{AccessConfig, AuditRecord, KeyStore};
-    if let KeyAction::Generate = action {
-        println!("{}", KeyStore::generate().expose());
-        return Ok(ExitCode::SUCCESS);
-    }
+    let action = match action {
+        // Needs no store: the key is stored by the node that imports it.
+        KeyAction::Generate => {
+            println!("{}", KeyStore::generate().expose());
+            return Ok(ExitCode::SUCCESS);
+        }
+        stored => stored,
+    };
     let retention = processor::store::Retention {
         dedup_horizon_ms: settings.retention.dedup_horizon.0,
         history_ms: settings.retention.history.0,
@@ -308,7 +312,7 @@ pub fn keys(action: KeyAction, settings: &crate::config::Settings) -> anyhow::Re
                 println!("{}\t{}\t{}\t{state}", k.id, k.name, k.role);
             }
         }
-        KeyAction::Generate => unreachable!("answered above without a store"),
+        KeyAction::Generate => {}
         KeyAction::Revoke { key } => {
             let id = key
                 .strip_prefix("tsk_")

@@ -700,7 +700,7 @@ pub async fn segment_members(
         if masking.policy(crate::access::mask::CUSTOMER_ID) == FieldPolicy::Show {
             ids
         } else {
-            ids.mapped(|id| masking.id(id).into_owned())
+            ids.mapped(|id, out| masking.id_into(id, out))
         }
     };
     let set = reader

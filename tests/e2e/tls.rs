@@ -248,6 +248,13 @@ fn https_receiver(pki: &Pki) -> (String, Arc<Mutex<String>>) {
     (url, seen)
 }
 
+/// Writes the one-tag rule file the webhook test subscribes to; returns its path.
+fn viewer_rules(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("rules.trl");
+    std::fs::write(&path, "tag viewer = count(view, 30d) >= 1\n").unwrap();
+    path
+}
+
 #[test]
 fn webhooks_to_https_receivers_verify_their_certificate() {
     let receiver_pki = pki();
@@ -266,12 +273,7 @@ fn webhooks_to_https_receivers_verify_their_certificate() {
         ),
     )
     .unwrap();
-    std::fs::write(
-        dir.path().join("rules.trl"),
-        "tag viewer = count(view, 30d) >= 1\n",
-    )
-    .unwrap();
-    let rules = dir.path().join("rules.trl");
+    let rules = viewer_rules(dir.path());
     let s = start(
         dir.path(),
         &[
@@ -301,12 +303,7 @@ fn webhooks_to_https_receivers_verify_their_certificate() {
     let seen_before = seen.lock().unwrap().len();
     let dir = TempDir::new("tls");
     write_pki(dir.path(), &own);
-    std::fs::write(
-        dir.path().join("rules.trl"),
-        "tag viewer = count(view, 30d) >= 1\n",
-    )
-    .unwrap();
-    let rules = dir.path().join("rules.trl");
+    let rules = viewer_rules(dir.path());
     let s = start(
         dir.path(),
         &[

@@ -217,13 +217,17 @@ impl Engine {
     /// Records that `version`'s batch committed.
     pub(super) fn versioned(&mut self, version: &RuleVersion) {
         self.rules_version = version.version;
+        let d = &version.diff;
         tracing::info!(
             version = version.version,
             author = %version.author,
             action = %version.action,
-            "rule set changed:\n{}",
-            version.diff.render()
+            added = d.added.len(),
+            removed = d.removed.len(),
+            changed = d.changed.len(),
+            "rule set changed"
         );
+        tracing::debug!(version = version.version, "the rule set's diff:\n{}", d.render());
     }
 
     /// The first version of a store that has rules but no record of them (made before

@@ -28,19 +28,34 @@ pub enum FieldPolicy {
 /// Masks `text`: 8 characters or more keep the first 3 and the last 4, 3 to 7 keep the first
 /// and the last, shorter ones keep nothing. Characters, not bytes: `张三丰` → `张*丰`.
 pub fn mask_text(text: &str) -> String {
-    let chars: Vec<char> = text.chars().collect();
-    let n = chars.len();
+    let mut out = String::with_capacity(text.len());
+    mask_into(text, &mut out);
+    out
+}
+
+/// [`mask_text`] appended to `out`: no allocation of its own (exports mask every row).
+pub fn mask_into(text: &str, out: &mut String) {
+    let n = if text.is_ascii() {
+        text.len()
+    } else {
+        text.chars().count()
+    };
     let (head, tail) = match n {
-        0 => return String::new(),
         8.. => (3, 4),
         3..=7 => (1, 1),
         _ => (0, 0),
     };
-    let mut out = String::with_capacity(text.len());
-    out.extend(&chars[..head]);
-    out.extend(std::iter::repeat_n('*', n - head - tail));
-    out.extend(&chars[n - tail..]);
-    out
+    if text.is_ascii() {
+        out.push_str(&text[..head]);
+        out.extend(std::iter::repeat_n('*', n - head - tail));
+        out.push_str(&text[n - tail..]);
+    } else {
+        let mut chars = text.chars();
+        out.extend(chars.by_ref().take(head));
+        let stars = n - head - tail;
+        out.extend(std::iter::repeat_n('*', stars));
+        out.extend(chars.skip(stars));
+    }
 }
 
 /// How one request's outputs are masked. Cheap to clone; empty (everything shown) for roles
@@ -97,6 +112,15 @@ impl Masking {
                 true
             }
         });
+    }
+
+    /// Appends the customer id as this role may see it to `out`.
+    pub fn id_into(&self, id: &str, out: &mut String) {
+        match self.policy(CUSTOMER_ID) {
+            FieldPolicy::Show => out.push_str(id),
+            FieldPolicy::Mask => mask_into(id, out),
+            FieldPolicy::Hide => out.push_str("***"),
+        }
     }
 
     /// Masks the `customer_id` member of a JSON object in place (a change, a member row).
