@@ -820,3 +820,36 @@ fn stream_head(addr: &str, key: &str, path: &str) -> String {
     }
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// Editors racing on the same version: exactly one change is applied, every other one is
+/// refused as stale, and the versions record only the one.
+#[test]
+fn concurrent_edits_of_one_version_apply_exactly_one() {
+    let s = Server::start(RULES, &[]);
+    let addr = s.addr.clone();
+    let answers: Vec<u16> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let addr = addr.clone();
+                scope.spawn(move || {
+                    let body = format!(r#"{{"expr": "buyer and profile.level == \"l{i}\""}}"#);
+                    request_with(
+                        &addr,
+                        "PUT",
+                        &format!("/v1/segments/s{i}"),
+                        &[("If-Match", "\"1\"")],
+                        body.as_bytes(),
+                    )
+                    .status
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(answers.iter().filter(|s| **s == 200).count(), 1, "{answers:?}");
+    assert_eq!(answers.iter().filter(|s| **s == 409).count(), 7, "{answers:?}");
+    let versions = s.get("/v1/rules/versions").json();
+    assert_eq!(versions["versions"].as_array().unwrap().len(), 2, "{versions}");
+    let text = s.get("/v1/rules").text();
+    assert_eq!(text.matches("segment s").count(), 1, "{text}");
+}
