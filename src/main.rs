@@ -332,7 +332,9 @@ fn open_engine(settings: &Settings, replace: bool) -> anyhow::Result<Engine> {
         let diff = engine.diff_rules(text).map_err(|diags| render(&diags))?;
         if diff.is_empty() {
             engine.mark_rule_file_applied(text)?;
-        } else if applied.as_deref() == Some(text.as_str()) {
+        } else if applied.as_deref() == Some(text.as_str())
+            && settings.rules_source != config::RulesSource::File
+        {
             tracing::info!(
                 version = engine.rules_version(),
                 "{} is unchanged since it was applied; keeping the stored rule set and its runtime edits",
