@@ -36,8 +36,6 @@ pub enum ApiError {
     #[error("{message}")]
     Stale { message: String, current: u64 },
     #[error("{0}")]
-    Unauthorized(String),
-    #[error("{0}")]
     Forbidden(String),
     #[error("{0}")]
     TooMany(String),
@@ -128,7 +126,6 @@ impl IntoResponse for ApiError {
                 StatusCode::CONFLICT,
                 json!({ "error": message, "current_version": current }),
             ),
-            ApiError::Unauthorized(m) => (StatusCode::UNAUTHORIZED, json!({ "error": m })),
             ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, json!({ "error": m })),
             ApiError::TooMany(m) => (StatusCode::TOO_MANY_REQUESTS, json!({ "error": m })),
             ApiError::Internal(detail) => {

@@ -690,7 +690,8 @@ pub async fn segment_members(
         fields.push(field);
     }
     let mask_page = move |ids: processor::index::IdPage, values: &mut Vec<Vec<Option<rules::Value>>>| {
-        for row in values.iter_mut() {
+        let any_masked = masked.iter().any(Option::is_some);
+        for row in values.iter_mut().filter(|_| any_masked) {
             for (value, attr) in row.iter_mut().zip(&masked) {
                 if let (Some(v), Some(attr)) = (value.as_mut(), attr) {
                     *v = masking.stored(attr, v).unwrap_or_default();

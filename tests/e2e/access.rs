@@ -712,10 +712,7 @@ fields = { customer_id = "mask" }
         "/v1/segments/buyer/members?format=arrow&fields=profile.phone",
         "",
     );
-    let batches: Vec<_> = arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(arrow.body), None)
-        .unwrap()
-        .map(|b| b.unwrap())
-        .collect();
+    let batches = tests::exports::arrow_batches(&arrow.body);
     assert_eq!(strings(&batches, "customer_id"), [masked]);
     assert_eq!(strings(&batches, "profile.phone"), [masked]);
     let parquet = with_key(
@@ -725,17 +722,7 @@ fields = { customer_id = "mask" }
         "/v1/segments/buyer/members?format=parquet&fields=profile.phone",
         "",
     );
-    let file = TempDir::new("access-parquet");
-    let path = file.path().join("m.parquet");
-    std::fs::write(&path, &parquet.body).unwrap();
-    let batches: Vec<_> = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
-        std::fs::File::open(&path).unwrap(),
-    )
-    .unwrap()
-    .build()
-    .unwrap()
-    .map(|b| b.unwrap())
-    .collect();
+    let batches = tests::exports::parquet_batches(&parquet.body);
     assert_eq!(strings(&batches, "customer_id"), [masked]);
     assert_eq!(strings(&batches, "profile.phone"), [masked]);
 

@@ -370,18 +370,9 @@ fn exports_stream_every_member_in_every_format_and_pages_stay_correct_while_memb
     assert_eq!(lines[1], "c00000,杭州");
     assert_eq!(lines[2], r#"c00001,"上海, ""浦东""""#);
 
-    let dir = TempDir::new("exports");
     let parquet = s.get("/v1/segments/viewer/members?format=parquet&fields=views_30d,profile.city");
     assert_eq!(parquet.status, 200);
-    let path = dir.path().join("members.parquet");
-    std::fs::write(&path, &parquet.body).unwrap();
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
-        std::fs::File::open(&path).unwrap(),
-    )
-    .unwrap()
-    .build()
-    .unwrap();
-    let batches: Vec<_> = reader.map(|b| b.unwrap()).collect();
+    let batches = tests::exports::parquet_batches(&parquet.body);
     assert_eq!(customer_ids(&batches), ids);
     assert!(column(&batches, "views_30d", decimal_at)
         .iter()
@@ -393,8 +384,7 @@ fn exports_stream_every_member_in_every_format_and_pages_stay_correct_while_memb
 
     let arrow = s.get("/v1/segments/viewer/members?format=arrow&fields=views_30d");
     assert_eq!(arrow.status, 200);
-    let reader = arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(arrow.body), None).unwrap();
-    let batches: Vec<_> = reader.map(|b| b.unwrap()).collect();
+    let batches = tests::exports::arrow_batches(&arrow.body);
     assert_eq!(customer_ids(&batches), ids);
 
     // Cursor paging while membership changes: customers who are members throughout appear

@@ -384,24 +384,20 @@ fn exports_carry_exact_decimals_in_every_format() {
     let csv = s.get("/v1/segments/payer/members?format=csv&fields=total").text();
     assert!(csv.contains(exact), "{csv}");
     let arrow = s.get("/v1/segments/payer/members?format=arrow&fields=total");
-    let reader = arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(arrow.body), None).unwrap();
-    assert_eq!(first_decimal(reader.map(|b| b.unwrap()), "total"), exact);
+    assert_eq!(
+        first_decimal(tests::exports::arrow_batches(&arrow.body), "total"),
+        exact
+    );
     let parquet = s.get("/v1/segments/payer/members?format=parquet&fields=total");
-    let dir = TempDir::new("exact-parquet");
-    let path = dir.path().join("members.parquet");
-    std::fs::write(&path, &parquet.body).unwrap();
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
-        std::fs::File::open(&path).unwrap(),
-    )
-    .unwrap()
-    .build()
-    .unwrap();
-    assert_eq!(first_decimal(reader.map(|b| b.unwrap()), "total"), exact);
+    assert_eq!(
+        first_decimal(tests::exports::parquet_batches(&parquet.body), "total"),
+        exact
+    );
 }
 
 /// The first value of a decimal column, as text.
-fn first_decimal(mut batches: impl Iterator<Item = arrow_array::RecordBatch>, name: &str) -> String {
-    let batch = batches.next().expect("a batch");
+fn first_decimal(batches: impl IntoIterator<Item = arrow_array::RecordBatch>, name: &str) -> String {
+    let batch = batches.into_iter().next().expect("a batch");
     let column = batch.column_by_name(name).expect("the column");
     let decimals = column
         .as_any()

@@ -2,16 +2,21 @@
 //! refused at the handshake, a renewed certificate is served after SIGHUP without a restart,
 //! and webhooks to `https://` receivers are delivered only when their certificate verifies.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use support::Server;
 use tests::TempDir;
+
+#[allow(dead_code)] // this binary starts servers only through start_in
+#[path = "support/server.rs"]
+mod support;
 
 /// A CA and a certificate it signed for localhost / 127.0.0.1.
 struct Pki {
@@ -81,47 +86,22 @@ fn https(
     Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
-struct TlsServer {
-    child: Child,
-    addr: String,
+/// The flags that serve HTTPS with the certificate and key `write_pki` put in `dir`.
+fn tls_flags(dir: &Path) -> [String; 4] {
+    [
+        "--tls-cert".to_owned(),
+        dir.join("cert.pem").display().to_string(),
+        "--tls-key".to_owned(),
+        dir.join("key.pem").display().to_string(),
+    ]
 }
 
-impl Drop for TlsServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(dir: &Path, extra: &[&str]) -> TlsServer {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tagstream"))
-        .args(["serve", "--data-dir"])
-        .arg(dir.join("data"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--clock",
-            "event",
-            "--sync-writes",
-            "false",
-        ])
-        .args(["--tls-cert", dir.join("cert.pem").to_str().unwrap()])
-        .args(["--tls-key", dir.join("key.pem").to_str().unwrap()])
-        .args(extra)
-        .env("TAGSTREAM_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("tagstream listening on https://")
-        .unwrap_or_else(|| panic!("{line}"))
-        .to_owned();
-    TlsServer { child, addr }
+/// Starts an HTTPS server on `dir` (holding its certificate) with the rule file `rules`.
+fn start(dir: TempDir, rules: &str, extra: &[&str]) -> Server {
+    let flags = tls_flags(dir.path());
+    let mut args: Vec<&str> = flags.iter().map(String::as_str).collect();
+    args.extend_from_slice(extra);
+    Server::start_in(dir, rules, &args)
 }
 
 fn write_pki(dir: &Path, pki: &Pki) {
@@ -135,7 +115,8 @@ fn https_serves_clients_that_trust_the_ca_and_reloads_on_sighup() {
     let dir = TempDir::new("tls");
     let first = pki();
     write_pki(dir.path(), &first);
-    let s = start(dir.path(), &[]);
+    let s = start(dir, "", &[]);
+    let dir = s._dir.path();
     let trusting = client_config(Some(&first.ca_pem));
     let answer = https(&s.addr, trusting.clone(), "GET", "/healthz", "").unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
@@ -158,7 +139,7 @@ fn https_serves_clients_that_trust_the_ca_and_reloads_on_sighup() {
 
     // A renewed certificate from another CA, then SIGHUP: served without a restart.
     let second = pki();
-    write_pki(dir.path(), &second);
+    write_pki(dir, &second);
     let pid = s.child.id().to_string();
     assert!(Command::new("kill")
         .args(["-HUP", &pid])
@@ -176,7 +157,7 @@ fn https_serves_clients_that_trust_the_ca_and_reloads_on_sighup() {
     }
     assert!(https(&s.addr, trusting, "GET", "/healthz", "").is_err());
     // A broken reload keeps the current certificate.
-    std::fs::write(dir.path().join("cert.pem"), "not a certificate").unwrap();
+    std::fs::write(dir.join("cert.pem"), "not a certificate").unwrap();
     assert!(Command::new("kill")
         .args(["-HUP", &pid])
         .status()
@@ -248,12 +229,7 @@ fn https_receiver(pki: &Pki) -> (String, Arc<Mutex<String>>) {
     (url, seen)
 }
 
-/// Writes the one-tag rule file the webhook test subscribes to; returns its path.
-fn viewer_rules(dir: &Path) -> std::path::PathBuf {
-    let path = dir.join("rules.trl");
-    std::fs::write(&path, "tag viewer = count(view, 30d) >= 1\n").unwrap();
-    path
-}
+const VIEWER: &str = "tag viewer = count(view, 30d) >= 1\n";
 
 #[test]
 fn webhooks_to_https_receivers_verify_their_certificate() {
@@ -273,16 +249,7 @@ fn webhooks_to_https_receivers_verify_their_certificate() {
         ),
     )
     .unwrap();
-    let rules = viewer_rules(dir.path());
-    let s = start(
-        dir.path(),
-        &[
-            "--config",
-            trusting.to_str().unwrap(),
-            "--rules",
-            rules.to_str().unwrap(),
-        ],
-    );
+    let s = start(dir, VIEWER, &["--config", trusting.to_str().unwrap()]);
     let client = client_config(Some(&own.ca_pem));
     let hook =
         format!(r#"{{"url": "{url}", "secret": "0123456789abcdef", "name": "viewer", "max_attempts": 2}}"#);
@@ -303,17 +270,10 @@ fn webhooks_to_https_receivers_verify_their_certificate() {
     let seen_before = seen.lock().unwrap().len();
     let dir = TempDir::new("tls");
     write_pki(dir.path(), &own);
-    let rules = viewer_rules(dir.path());
     let s = start(
-        dir.path(),
-        &[
-            "--webhook-allow",
-            "127.0.0.1",
-            "--webhook-allow",
-            "::1",
-            "--rules",
-            rules.to_str().unwrap(),
-        ],
+        dir,
+        VIEWER,
+        &["--webhook-allow", "127.0.0.1", "--webhook-allow", "::1"],
     );
     let made = https(&s.addr, client.clone(), "POST", "/v1/webhooks", &hook).unwrap();
     assert!(made.starts_with("HTTP/1.1 201"), "{made}");

@@ -145,3 +145,28 @@ pub mod http {
         out
     }
 }
+
+/// Reading the members exports the API streams.
+pub mod exports {
+    use arrow_array::RecordBatch;
+
+    /// The record batches of a Parquet file.
+    pub fn parquet_batches(body: &[u8]) -> Vec<RecordBatch> {
+        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::copy_from_slice(
+            body,
+        ))
+        .expect("a Parquet file")
+        .build()
+        .expect("a Parquet reader")
+        .map(|b| b.expect("a record batch"))
+        .collect()
+    }
+
+    /// The record batches of an Arrow IPC stream.
+    pub fn arrow_batches(body: &[u8]) -> Vec<RecordBatch> {
+        arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(body), None)
+            .expect("an Arrow IPC stream")
+            .map(|b| b.expect("a record batch"))
+            .collect()
+    }
+}

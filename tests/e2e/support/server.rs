@@ -62,6 +62,7 @@ impl Server {
         let addr = line
             .trim()
             .strip_prefix("tagstream listening on http://")
+            .or_else(|| line.trim().strip_prefix("tagstream listening on https://"))
             .unwrap_or_else(|| panic!("{line}"))
             .to_owned();
         Server {
