@@ -12,6 +12,14 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 # shellcheck source=lib/prometheus.sh
 . scripts/lib/prometheus.sh
 
+# The shared target dir keeps every test executable ever linked (about 1 GB each in the
+# debug profile; a dependency change gives them new names), so a machine that runs this
+# often fills its disk. Executables not relinked for a day are dropped; cargo relinks any
+# that is needed again.
+if [ -d "$CARGO_TARGET_DIR/debug/deps" ]; then
+  find "$CARGO_TARGET_DIR/debug/deps" -maxdepth 1 -type f -perm -u+x ! -name '*.*' -mtime +0 -delete
+fi
+
 echo "==> prerequisite probe (scripts/check-prereqs-probe.sh)"
 ./scripts/check-prereqs-probe.sh
 
