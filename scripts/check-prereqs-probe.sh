@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Tests scripts/lib/prereqs.sh's libclang probe against machine roots built here: one like a
-# fresh machine of this project's kind (only libclang-cpp.so.N, which clang-sys never loads),
-# the runtime library without clang's headers, and the layouts Debian's libclang-dev gives.
-# A probe that says "present" on a fresh machine skips the install and the build fails.
+# Tests scripts/lib/prereqs.sh's probes against machine roots built here. libclang: one like
+# a fresh machine of this project's kind (only libclang-cpp.so.N, which clang-sys never
+# loads), the runtime library without clang's headers, and the layouts Debian's libclang-dev
+# gives. OpenSSL: a fresh machine (the runtime libssl.so.3 only), headers without the link,
+# no pkg-config, and Debian's libssl-dev. A probe that says "present" on a fresh machine
+# skips the install and the build fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TAGSTREAM_PREREQS_PROBE_ONLY=1
@@ -23,9 +25,9 @@ root_with() { # NAME FILE... : a machine root holding these (empty) files
   done
   echo "$root"
 }
-expect() { # WANT NAME ROOT
+expect() { # WANT NAME ROOT [PROBE]
   local got=missing
-  tagstream_libclang_found "$3" && got=found
+  "${4:-tagstream_libclang_found}" "$3" && got=found
   if [ "$got" = "$1" ]; then
     echo "ok: $2: $got"
   else
@@ -47,6 +49,18 @@ expect found "Debian libclang-dev" \
 expect found "versioned library only (libclang-17.so.17)" \
   "$(root_with versioned usr/lib/x86_64-linux-gnu/libclang-17.so.17 usr/lib/llvm-17/lib/clang/17/include/stddef.h)"
 expect found "this machine after the set-up" ""
+
+ssl=tagstream_openssl_found
+ssl_dev=(usr/include/openssl/ssl.h usr/lib/x86_64-linux-gnu/libssl.so.3
+  usr/lib/x86_64-linux-gnu/libssl.so usr/lib/x86_64-linux-gnu/pkgconfig/openssl.pc)
+expect missing "OpenSSL: fresh machine (runtime libssl3 only)" \
+  "$(root_with ssl-fresh usr/lib/x86_64-linux-gnu/libssl.so.3 usr/bin/openssl)" $ssl
+expect missing "OpenSSL: headers without the libssl.so link" \
+  "$(root_with ssl-headers usr/include/openssl/ssl.h usr/lib/x86_64-linux-gnu/libssl.so.3 usr/bin/pkg-config)" $ssl
+expect missing "OpenSSL: libssl-dev without pkg-config" "$(root_with ssl-no-pkgconfig "${ssl_dev[@]}")" $ssl
+expect found "OpenSSL: Debian libssl-dev and pkg-config" \
+  "$(root_with ssl-debian "${ssl_dev[@]}" usr/bin/pkg-config)" $ssl
+expect found "OpenSSL: this machine after the set-up" "" $ssl
 
 if [ "$failures" -ne 0 ]; then
   echo "prerequisite probe: $failures case(s) wrong" >&2

@@ -247,6 +247,10 @@ pub struct KafkaFileSettings {
     pub max_batch: usize,
     /// Passed to librdkafka as they are: security.protocol, sasl.*, ssl.*, ... Never logged.
     pub options: ClientOptions,
+    /// Options whose value is read from a file at start (a mounted secret), e.g.
+    /// `"sasl.password" = "/run/secrets/kafka-password"`: the file's content without its
+    /// trailing newline. An option may come from `options` or from here, not both.
+    pub option_files: std::collections::BTreeMap<String, PathBuf>,
 }
 
 impl Default for KafkaFileSettings {
@@ -260,6 +264,7 @@ impl Default for KafkaFileSettings {
             dead_letter_topic: k.dlq_topic.unwrap_or_default(),
             max_batch: k.max_batch,
             options: Default::default(),
+            option_files: Default::default(),
         }
     }
 }
@@ -475,16 +480,32 @@ impl Settings {
         }
     }
 
-    /// The Kafka side, when `kafka.brokers` is set.
-    pub fn kafka_settings(&self) -> Option<processor::kafka::KafkaSettings> {
+    /// The Kafka side, when `kafka.brokers` is set, with the option files read. An error
+    /// names the option and the file, never a value.
+    pub fn kafka_settings(&self) -> anyhow::Result<Option<processor::kafka::KafkaSettings>> {
         let k = &self.kafka;
-        let brokers = k.brokers.as_deref().filter(|b| !b.is_empty())?;
+        let Some(brokers) = k.brokers.as_deref().filter(|b| !b.is_empty()) else {
+            return Ok(None);
+        };
         let mut settings = processor::kafka::KafkaSettings::new(brokers, &k.topic, &k.group_id);
         settings.changes_topic = Some(k.changes_topic.clone()).filter(|t| !t.is_empty());
         settings.dlq_topic = Some(k.dead_letter_topic.clone()).filter(|t| !t.is_empty());
         settings.max_batch = k.max_batch.max(1);
         settings.client_options = k.options.0.clone();
-        Some(settings)
+        for (option, path) in &k.option_files {
+            if k.options.0.contains_key(option) {
+                anyhow::bail!(
+                    "Kafka option `{option}` is given both as a value and as a file ({}): keep one",
+                    path.display()
+                );
+            }
+            let value = std::fs::read_to_string(path)
+                .with_context(|| format!("reading Kafka option `{option}` from {}", path.display()))?;
+            let value = value.strip_suffix('\n').unwrap_or(&value);
+            let value = value.strip_suffix('\r').unwrap_or(value);
+            settings.client_options.insert(option.clone(), value.to_owned());
+        }
+        Ok(Some(settings))
     }
 
     /// The settings file with every key at its default, for `deploy/` and the docs.
@@ -544,7 +565,11 @@ max_batch = {kafka_batch}           # events per engine batch
 # "security.protocol" = "SASL_SSL"
 # "sasl.mechanism" = "SCRAM-SHA-512"
 # "sasl.username" = "tagstream"
-# "sasl.password" = "..."
+# "sasl.password" = "..."   # or, better, from a mounted secret:
+
+[kafka.option_files]      # options read from a file at start (trailing newline dropped)
+# "sasl.password" = "/run/secrets/kafka-password"
+# "ssl.key.password" = "/run/secrets/kafka-key-password"
 
 [access]                  # API keys, roles, masking (docs/security.md)
 auth = "auto"             # keys required once one exists; "required"; "off"
@@ -637,13 +662,13 @@ mod tests {
 
     #[test]
     fn kafka_is_off_until_brokers_are_set_and_options_pass_through() {
-        assert_eq!(Settings::default().kafka_settings(), None);
+        assert_eq!(Settings::default().kafka_settings().unwrap(), None);
         let s: Settings = toml::from_str(
             "[kafka]\nbrokers = \"k1:9092,k2:9092\"\ntopic = \"crm-events\"\nchanges_topic = \"\"\n\
              [kafka.options]\n\"security.protocol\" = \"SASL_SSL\"\n\"sasl.password\" = \"s3cret\"\n",
         )
         .unwrap();
-        let k = s.kafka_settings().unwrap();
+        let k = s.kafka_settings().unwrap().unwrap();
         assert_eq!(
             (k.brokers.as_str(), k.topic.as_str(), k.group_id.as_str()),
             ("k1:9092,k2:9092", "crm-events", "tagstream")
@@ -658,6 +683,41 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("unknown field `broker`"), "{err}");
+    }
+
+    #[test]
+    fn kafka_options_read_from_files_drop_the_trailing_newline_and_errors_never_show_values() {
+        let dir = std::env::temp_dir().join(format!("tagstream-option-files-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let password = dir.join("kafka-password");
+        std::fs::write(&password, "s3cret-from-file\n").unwrap();
+        let file = |extra: &str| {
+            toml::from_str::<Settings>(&format!(
+                "[kafka]\nbrokers = \"k1:9093\"\n[kafka.options]\n\"security.protocol\" = \"SASL_SSL\"\n{extra}\
+                 [kafka.option_files]\n\"sasl.password\" = {:?}\n",
+                password.display().to_string()
+            ))
+            .unwrap()
+        };
+        let k = file("").kafka_settings().unwrap().unwrap();
+        assert_eq!(k.client_options["sasl.password"], "s3cret-from-file");
+        assert_eq!(k.client_options["security.protocol"], "SASL_SSL");
+        assert!(!format!("{:?} {k:?}", file("")).contains("s3cret"));
+
+        let twice = file("\"sasl.password\" = \"inline\"\n")
+            .kafka_settings()
+            .unwrap_err();
+        let twice = format!("{twice:#}");
+        assert!(twice.contains("`sasl.password` is given both"), "{twice}");
+        assert!(!twice.contains("inline") && !twice.contains("s3cret"), "{twice}");
+
+        std::fs::remove_file(&password).unwrap();
+        let missing = format!("{:#}", file("").kafka_settings().unwrap_err());
+        assert!(
+            missing.contains("reading Kafka option `sasl.password` from"),
+            "{missing}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -57,6 +57,7 @@ fn init_logging(format: LogFormat) {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once at start: the size of `serve`'s flags is no cost
 enum Command {
     /// Check rule files and print every diagnostic; exits 1 when any file has errors.
     CheckRules {
@@ -146,6 +147,10 @@ enum Command {
         /// A librdkafka setting, KEY=VALUE (repeatable): security.protocol, sasl.*, ssl.*.
         #[arg(long, value_parser = key_value)]
         kafka_option: Vec<(String, String)>,
+        /// A librdkafka setting read from a file, KEY=PATH (repeatable), e.g.
+        /// sasl.password=/run/secrets/kafka-password: `[kafka.option_files]`.
+        #[arg(long, value_parser = key_value)]
+        kafka_option_file: Vec<(String, String)>,
         /// A non-public address or range webhooks may reach (repeatable), added to
         /// `[webhooks] allow_targets`, e.g. 10.1.0.0/16.
         #[arg(long)]
@@ -401,6 +406,7 @@ fn main() -> ExitCode {
             kafka_topic,
             kafka_group,
             kafka_option,
+            kafka_option_file,
             webhook_allow,
             bootstrap_key_file,
             allow_open,
@@ -426,6 +432,12 @@ fn main() -> ExitCode {
             kafka.topic = kafka_topic.unwrap_or(std::mem::take(&mut kafka.topic));
             kafka.group_id = kafka_group.unwrap_or(std::mem::take(&mut kafka.group_id));
             kafka.options.extend(kafka_option);
+            kafka.option_files.extend(
+                kafka_option_file
+                    .into_iter()
+                    .map(|(k, path)| (k, PathBuf::from(path))),
+            );
+            let kafka = settings.kafka_settings()?;
             let engine = open_engine(&settings, store.replace_rules)?;
             let api = query_api::ApiConfig {
                 max_request_bytes: settings.limits.max_request_bytes,
@@ -433,7 +445,7 @@ fn main() -> ExitCode {
             let options = serve::ServeOptions {
                 api,
                 tls: settings.tls.files()?,
-                kafka: settings.kafka_settings(),
+                kafka,
                 access: settings.access.config(),
                 webhooks: settings.webhooks.config()?,
             };
@@ -483,7 +495,7 @@ fn main() -> ExitCode {
     }
 }
 
-/// `KEY=VALUE` of `--kafka-option`.
+/// `KEY=VALUE` of `--kafka-option` and `--kafka-option-file`.
 fn key_value(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
         Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),

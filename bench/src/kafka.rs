@@ -10,12 +10,21 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
 /// An idempotent producer: a retried request never puts a line in the topic twice.
 pub fn producer(brokers: &str) -> KafkaResult<BaseProducer> {
-    ClientConfig::new()
+    producer_with(brokers, &[])
+}
+
+/// [`producer`] with more librdkafka options (`security.protocol`, `ssl.*`, `sasl.*`, ...).
+pub fn producer_with(brokers: &str, options: &[(&str, &str)]) -> KafkaResult<BaseProducer> {
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
         .set("linger.ms", "20")
-        .set("batch.num.messages", "10000")
-        .create()
+        .set("batch.num.messages", "10000");
+    for (key, value) in options {
+        config.set(*key, *value);
+    }
+    config.create()
 }
 
 /// The message key of an event line: its normalised `customer_id`; `None` for lines that

@@ -109,6 +109,10 @@ pub struct KafkaStatus {
     assigned: AtomicUsize,
     /// Partitions of the topic when last assigned (0: unknown).
     partitions: AtomicUsize,
+    /// The last error the client reported since partitions were last assigned (a refused
+    /// login, a certificate that did not verify, brokers down): `/readyz` says why the
+    /// consumer is not getting anywhere instead of only that it is not.
+    last_error: std::sync::Mutex<Option<String>>,
 }
 
 impl KafkaStatus {
@@ -117,7 +121,13 @@ impl KafkaStatus {
         let assigned = self.assigned.load(Ordering::Acquire);
         let partitions = self.partitions.load(Ordering::Acquire);
         if assigned == 0 {
-            return Err("the Kafka consumer has no partition assigned yet".into());
+            let last = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
+            return Err(match last.as_deref() {
+                Some(error) => {
+                    format!("the Kafka consumer has no partition assigned yet; last client error: {error}")
+                }
+                None => "the Kafka consumer has no partition assigned yet".into(),
+            });
         }
         if partitions > assigned {
             return Err(format!(
@@ -130,6 +140,16 @@ impl KafkaStatus {
 
     pub fn assigned_partitions(&self) -> usize {
         self.assigned.load(Ordering::Acquire)
+    }
+
+    fn client_error(&self, error: &KafkaError, reason: &str) {
+        let mut last = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
+        // "All brokers down" follows every refused login or failed handshake: the cause
+        // before it is what an operator needs to read.
+        let follow_up = matches!(error, KafkaError::Global(RDKafkaErrorCode::AllBrokersDown));
+        if !follow_up || last.is_none() {
+            *last = Some(format!("{error}: {reason}"));
+        }
     }
 }
 
@@ -262,6 +282,7 @@ struct ConsumerCtx {
 impl ClientContext for ConsumerCtx {
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::warn!(%error, reason, "Kafka consumer");
+        self.status.client_error(&error, reason);
     }
 }
 
@@ -313,6 +334,7 @@ impl ConsumerContext for ConsumerCtx {
                     .unwrap_or(0);
                 self.status.partitions.store(partitions, Ordering::Release);
                 self.status.assigned.store(owned.len(), Ordering::Release);
+                *self.status.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 metrics::gauge!("tagstream_kafka_partitions_assigned").set(owned.len() as f64);
                 if partitions > owned.len() {
                     tracing::error!(

@@ -14,33 +14,12 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use support::Server;
 use tests::TempDir;
 
+#[path = "support/pki.rs"]
+mod pki;
 #[allow(dead_code)] // this binary starts servers only through start_in
 #[path = "support/server.rs"]
 mod support;
-
-/// A CA and a certificate it signed for localhost / 127.0.0.1.
-struct Pki {
-    ca_pem: String,
-    cert_pem: String,
-    key_pem: String,
-}
-
-fn pki() -> Pki {
-    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(rcgen::DnType::CommonName, "tagstream test CA");
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = leaf.signed_by(&key, &ca_cert, &ca_key).unwrap();
-    Pki {
-        ca_pem: ca_cert.pem(),
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    }
-}
+use pki::{pki, Pki};
 
 fn client_config(ca_pem: Option<&str>) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();

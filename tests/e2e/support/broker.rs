@@ -33,18 +33,39 @@ pub struct Broker {
     pub addr: String,
 }
 
+/// How a test broker is started beyond the defaults.
+#[derive(Default)]
+pub struct BrokerOptions {
+    /// Where clients are told the broker is (`host:port`), e.g. a TLS terminator in front
+    /// of it; the broker's own address when `None`.
+    pub advertised: Option<String>,
+    /// Require SASL (`--authentication`).
+    pub authentication: bool,
+}
+
 impl Broker {
     pub fn start() -> Broker {
+        Broker::start_with(BrokerOptions::default())
+    }
+
+    pub fn start_with(options: BrokerOptions) -> Broker {
         let port = free_port();
         let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(tansu_binary())
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
+        let advertised = options
+            .advertised
+            .map_or_else(|| url.clone(), |a| format!("tcp://{a}"));
+        let mut command = Command::new(tansu_binary());
+        command.args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &advertised,
+        ]);
+        if options.authentication {
+            command.arg("--authentication");
+        }
+        let child = command
             .args(["--storage-engine", "memory://tansu/"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
