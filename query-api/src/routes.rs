@@ -13,6 +13,7 @@ use processor::{Change, CustomerView, Explained, QueryError};
 use serde::Deserialize;
 use serde_json::{json, Value as Json_};
 
+use crate::access::mask::ColumnMasker;
 use crate::access::{if_match, masking_of, AuditNote, FieldPolicy, Masking, Principal};
 use crate::error::ApiError;
 use crate::export::{Column, EncodeError, Encoder, Format};
@@ -662,15 +663,17 @@ pub async fn segment_members(
     let masking = masking_of(&principal);
     let mut fields = Vec::new();
     let mut columns = Vec::new();
-    // Per column, the profile attribute whose values are masked.
-    let mut masked: Vec<Option<String>> = Vec::new();
+    // Per column, a masker when its values are masked; kept across pages, so each distinct
+    // value is masked once.
+    let mut maskers: Vec<Option<ColumnMasker>> = Vec::new();
     for f in q.fields.as_deref().unwrap_or("").split(',').map(str::trim) {
         if f.is_empty() {
             continue;
         }
         let (field, mut ty) = reader.export_field(f).map_err(ApiError::BadRequest)?;
         let attr = f.strip_prefix("profile.");
-        match attr.map(|a| masking.policy(a)) {
+        let policy = attr.map(|a| masking.policy(a));
+        match policy {
             Some(FieldPolicy::Hide) => {
                 return Err(ApiError::Forbidden(format!(
                     "the field `{f}` is hidden from this key's role"
@@ -679,29 +682,27 @@ pub async fn segment_members(
             Some(FieldPolicy::Mask) => ty = rules::Type::Str,
             _ => {}
         }
-        masked.push(
-            attr.filter(|a| masking.policy(a) == FieldPolicy::Mask)
-                .map(str::to_owned),
-        );
+        maskers.push((policy == Some(FieldPolicy::Mask)).then(ColumnMasker::default));
         columns.push(Column {
             name: f.to_owned(),
             ty,
         });
         fields.push(field);
     }
-    let mask_page = move |ids: processor::index::IdPage, values: &mut Vec<Vec<Option<rules::Value>>>| {
-        let any_masked = masked.iter().any(Option::is_some);
+    let any_masked = maskers.iter().any(Option::is_some);
+    let mask_ids = (masking.policy(crate::access::mask::CUSTOMER_ID) != FieldPolicy::Show)
+        .then(|| masking.id_writer());
+    let mut mask_page = move |ids: processor::index::IdPage, values: &mut Vec<Vec<Option<rules::Value>>>| {
         for row in values.iter_mut().filter(|_| any_masked) {
-            for (value, attr) in row.iter_mut().zip(&masked) {
-                if let (Some(v), Some(attr)) = (value.as_mut(), attr) {
-                    *v = masking.stored(attr, v).unwrap_or_default();
+            for (value, masker) in row.iter_mut().zip(&mut maskers) {
+                if let (Some(v), Some(masker)) = (value.as_mut(), masker) {
+                    masker.mask(v);
                 }
             }
         }
-        if masking.policy(crate::access::mask::CUSTOMER_ID) == FieldPolicy::Show {
-            ids
-        } else {
-            ids.mapped(|id, out| masking.id_into(id, out))
+        match mask_ids {
+            Some(write) => ids.mapped(write),
+            None => ids,
         }
     };
     let set = reader

@@ -33,21 +33,25 @@ pub fn mask_text(text: &str) -> String {
     out
 }
 
-/// [`mask_text`] appended to `out`: no allocation of its own (exports mask every row).
+/// [`mask_text`] appended to `out`: no allocation of its own (exports mask every row), and
+/// three copies for an ASCII text (ids and phone numbers are).
 pub fn mask_into(text: &str, out: &mut String) {
-    let n = if text.is_ascii() {
-        text.len()
-    } else {
-        text.chars().count()
-    };
+    const STARS: &str = "****************************************************************";
+    let ascii = text.is_ascii();
+    let n = if ascii { text.len() } else { text.chars().count() };
     let (head, tail) = match n {
         8.. => (3, 4),
         3..=7 => (1, 1),
         _ => (0, 0),
     };
-    if text.is_ascii() {
+    if ascii {
         out.push_str(&text[..head]);
-        out.extend(std::iter::repeat_n('*', n - head - tail));
+        let mut stars = n - head - tail;
+        while stars > 0 {
+            let run = stars.min(STARS.len());
+            out.push_str(&STARS[..run]);
+            stars -= run;
+        }
         out.push_str(&text[n - tail..]);
     } else {
         let mut chars = text.chars();
@@ -116,10 +120,15 @@ impl Masking {
 
     /// Appends the customer id as this role may see it to `out`.
     pub fn id_into(&self, id: &str, out: &mut String) {
+        self.id_writer()(id, out)
+    }
+
+    /// [`Masking::id_into`] with the policy looked up once, for masking a page of ids.
+    pub fn id_writer(&self) -> fn(&str, &mut String) {
         match self.policy(CUSTOMER_ID) {
-            FieldPolicy::Show => out.push_str(id),
-            FieldPolicy::Mask => mask_into(id, out),
-            FieldPolicy::Hide => out.push_str("***"),
+            FieldPolicy::Show => |id, out| out.push_str(id),
+            FieldPolicy::Mask => mask_into,
+            FieldPolicy::Hide => |_, out| out.push_str("***"),
         }
     }
 
@@ -141,11 +150,7 @@ impl Masking {
         match self.policy(attribute) {
             FieldPolicy::Show => Some(value.clone()),
             FieldPolicy::Hide => None,
-            FieldPolicy::Mask => Some(match value {
-                rules::Value::Null => rules::Value::Null,
-                rules::Value::Str(s) => rules::Value::Str(mask_text(s).into()),
-                other => rules::Value::Str(mask_text(&other.to_json().to_string()).into()),
-            }),
+            FieldPolicy::Mask => Some(mask_stored(value)),
         }
     }
 
@@ -168,6 +173,50 @@ impl Masking {
         if let Some(children) = node.get_mut("children").and_then(Value::as_array_mut) {
             children.iter_mut().for_each(|c| self.explain_tree(c));
         }
+    }
+}
+
+/// A masked stored value: a string, by its text (numbers and the rest by their JSON text);
+/// null stays null.
+fn mask_stored(value: &rules::Value) -> rules::Value {
+    match value {
+        rules::Value::Null => rules::Value::Null,
+        rules::Value::Str(s) => rules::Value::Str(mask_text(s).into()),
+        other => rules::Value::Str(mask_text(&other.to_json().to_string()).into()),
+    }
+}
+
+/// Masks the values of one masked column of an export, each distinct string once: the
+/// values come from the attribute's column dictionary, where equal values share one
+/// allocation, so the memo is keyed by that allocation. It holds a clone of each key's
+/// `Arc`, so no other string can take that address while it is a key. Bounded: past
+/// [`ColumnMasker::MAX_MEMO`] distinct strings (phone numbers, say) the rest are masked
+/// one by one.
+#[derive(Default)]
+pub struct ColumnMasker {
+    memo: std::collections::HashMap<usize, (Arc<str>, rules::Value)>,
+}
+
+impl ColumnMasker {
+    pub const MAX_MEMO: usize = 1 << 16;
+
+    /// Replaces `value` by its masked form.
+    pub fn mask(&mut self, value: &mut rules::Value) {
+        let rules::Value::Str(text) = value else {
+            *value = mask_stored(value);
+            return;
+        };
+        let key = Arc::as_ptr(text).cast::<u8>() as usize;
+        if let Some((held, masked)) = self.memo.get(&key) {
+            debug_assert!(Arc::ptr_eq(held, text));
+            *value = masked.clone();
+            return;
+        }
+        let masked = rules::Value::Str(mask_text(text).into());
+        if self.memo.len() < Self::MAX_MEMO {
+            self.memo.insert(key, (text.clone(), masked.clone()));
+        }
+        *value = masked;
     }
 }
 
@@ -195,6 +244,44 @@ mod tests {
         assert_eq!(mask_text("ab"), "**");
         assert_eq!(mask_text(""), "");
         assert_eq!(mask_text("1234567"), "1*****7");
+    }
+
+    #[test]
+    fn long_ascii_texts_are_masked_whole() {
+        let long = "x".repeat(150);
+        assert_eq!(mask_text(&long), format!("xxx{}xxxx", "*".repeat(143)));
+    }
+
+    #[test]
+    fn a_column_masker_gives_what_the_policy_gives_for_shared_and_distinct_strings() {
+        let masking = Masking::new(BTreeMap::from([("city".to_owned(), FieldPolicy::Mask)]));
+        let shared: Arc<str> = Arc::from("Shanghai-Pudong");
+        let mut masker = ColumnMasker::default();
+        let column = [
+            rules::Value::Str(shared.clone()),
+            rules::Value::Str(Arc::from("Shanghai-Pudong")), // equal text, another allocation
+            rules::Value::Str(shared.clone()),
+            rules::Value::Str(Arc::from("北京")),
+            rules::Value::Num(rust_decimal::Decimal::from(13800000001u64)),
+            rules::Value::Null,
+        ];
+        for value in column {
+            let expected = masking.stored("city", &value).unwrap();
+            let mut masked = value.clone();
+            masker.mask(&mut masked);
+            assert_eq!(masked, expected, "{value:?}");
+        }
+        // Past the bound, values are still masked (only not remembered).
+        let mut full = ColumnMasker::default();
+        let strings: Vec<Arc<str>> = (0..ColumnMasker::MAX_MEMO + 3)
+            .map(|i| Arc::from(format!("value-{i:08}")))
+            .collect();
+        for s in &strings {
+            let mut v = rules::Value::Str(s.clone());
+            full.mask(&mut v);
+            assert_eq!(v, masking.stored("city", &rules::Value::Str(s.clone())).unwrap());
+        }
+        assert_eq!(full.memo.len(), ColumnMasker::MAX_MEMO);
     }
 
     #[test]
