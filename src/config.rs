@@ -97,6 +97,9 @@ pub struct AccessLimits {
     pub burst: f64,
     /// Exports and SQL statements a key may run at once.
     pub concurrent_exports: usize,
+    /// Failed authentications per minute from one client address that are audited one by
+    /// one; past it: 429, and the count goes into that address's next audit record.
+    pub failed_auth_per_minute: f64,
 }
 
 impl Default for AccessSettings {
@@ -121,6 +124,7 @@ impl Default for AccessLimits {
             requests_per_second: d.requests_per_second,
             burst: d.burst,
             concurrent_exports: d.concurrent_exports,
+            failed_auth_per_minute: d.failed_auth_per_minute,
         }
     }
 }
@@ -137,6 +141,7 @@ impl AccessSettings {
                 requests_per_second: self.limits.requests_per_second,
                 burst: self.limits.burst,
                 concurrent_exports: self.limits.concurrent_exports,
+                failed_auth_per_minute: self.limits.failed_auth_per_minute,
             },
             bootstrap_key_file: self.bootstrap_key_file.clone(),
         }
@@ -589,6 +594,7 @@ metrics_open = true       # /metrics without a key
 requests_per_second = {rps}   # 0: unlimited
 burst = {burst}
 concurrent_exports = {exports}  # members exports and SQL statements at once
+failed_auth_per_minute = {failed}   # per client address, audited one by one, then 429; 0: no limit
 
 [tls]                     # HTTPS for the API; reloaded on SIGHUP
 # cert_file = "/etc/tagstream/tls/cert.pem"
@@ -601,6 +607,7 @@ allow_targets = []        # non-public addresses webhooks may reach, e.g. ["10.1
             rps = d.access.limits.requests_per_second,
             burst = d.access.limits.burst,
             exports = d.access.limits.concurrent_exports,
+            failed = d.access.limits.failed_auth_per_minute,
             data_dir = d.data_dir.display(),
             listen = d.listen,
             max_request_bytes = d.limits.max_request_bytes,

@@ -89,10 +89,14 @@ pub fn serve(
                 crate::tls::reload_on_sighup(tls.clone())?;
                 crate::tls::serve(listener, app, tls, signalled, DRAIN_GRACE).await
             }
-            None => axum::serve(listener, app)
-                .with_graceful_shutdown(signalled)
-                .await
-                .map_err(anyhow::Error::from),
+            // The client address reaches the handlers (the failed-authentication budget).
+            None => axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .with_graceful_shutdown(signalled)
+            .await
+            .map_err(anyhow::Error::from),
         };
         stopping.store(true, Ordering::SeqCst);
         served?;

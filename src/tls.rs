@@ -15,6 +15,34 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::ServerConfig;
 
+/// The router with the client's address in each request, as axum's `ConnectInfo` puts it
+/// there over plain HTTP (the failed-authentication budget is per address).
+#[derive(Clone)]
+struct WithPeer {
+    app: axum::Router,
+    peer: SocketAddr,
+}
+
+impl<B> tower_service::Service<hyper::Request<B>> for WithPeer
+where
+    axum::Router: tower_service::Service<hyper::Request<B>>,
+{
+    type Response = <axum::Router as tower_service::Service<hyper::Request<B>>>::Response;
+    type Error = <axum::Router as tower_service::Service<hyper::Request<B>>>::Error;
+    type Future = <axum::Router as tower_service::Service<hyper::Request<B>>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        tower_service::Service::<hyper::Request<B>>::poll_ready(&mut self.app, cx)
+    }
+
+    fn call(&mut self, mut request: hyper::Request<B>) -> Self::Future {
+        request
+            .extensions_mut()
+            .insert(axum::extract::ConnectInfo(self.peer));
+        self.app.call(request)
+    }
+}
+
 /// `[tls]`: where the certificate chain and its key are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
@@ -113,7 +141,10 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
-        let service = TowerToHyperService::new(app.clone());
+        let service = TowerToHyperService::new(WithPeer {
+            app: app.clone(),
+            peer,
+        });
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {

@@ -690,8 +690,8 @@ pub async fn segment_members(
         fields.push(field);
     }
     let any_masked = maskers.iter().any(Option::is_some);
-    let mask_ids = (masking.policy(crate::access::mask::CUSTOMER_ID) != FieldPolicy::Show)
-        .then(|| masking.id_writer());
+    let mask_ids =
+        (masking.policy(crate::access::mask::CUSTOMER_ID) != FieldPolicy::Show).then(|| masking.id_writer());
     let mut mask_page = move |ids: processor::index::IdPage, values: &mut Vec<Vec<Option<rules::Value>>>| {
         for row in values.iter_mut().filter(|_| any_masked) {
             for (value, masker) in row.iter_mut().zip(&mut maskers) {

@@ -54,7 +54,9 @@ fn with_key(s: &Server, key: Option<&str>, method: &str, path: &str, body: &str)
     request_with(&s.addr, method, path, &headers, body.as_bytes())
 }
 
-/// A store with one key per built-in role, and a server on it.
+/// A store with one key per built-in role, and a server on it. Every failed authentication
+/// is audited (no per-address budget: these tests make hundreds on purpose; the budget has
+/// its own test).
 fn keyed_server(extra: &[&str]) -> (Server, BTreeMap<&'static str, String>) {
     let dir = TempDir::new("access");
     let data = dir.path().join("data");
@@ -63,7 +65,12 @@ fn keyed_server(extra: &[&str]) -> (Server, BTreeMap<&'static str, String>) {
         .iter()
         .map(|role| (*role, create_key(&data, role, &format!("{role}-key"))))
         .collect();
-    (Server::start_in(dir, RULES, extra), keys)
+    let config = dir.path().join("unbudgeted.toml");
+    std::fs::write(&config, "[access.limits]\nfailed_auth_per_minute = 0\n").unwrap();
+    let mut args = vec!["--config".to_owned(), config.display().to_string()];
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    (Server::start_in(dir, RULES, &args), keys)
 }
 
 /// Kills the server; returns its directory for a restart.
@@ -436,6 +443,68 @@ fn a_key_over_its_rate_gets_429_with_retry_after() {
     assert!((1..=2).contains(&wait), "{wait}");
     // Another key is not slowed by it.
     assert_eq!(with_key(&s, Some(&other), "GET", "/v1/segments", "").status, 200);
+}
+
+/// A flood of bad keys from one address: each failure within the address's budget is
+/// audited with the address; past it the answer is 429 with `Retry-After` and no record of
+/// its own, and the next record from that address counts the failures that had none. A valid
+/// key from the same address is served throughout.
+#[test]
+fn a_flood_of_bad_keys_is_throttled_per_address_and_summed_in_the_audit() {
+    let dir = TempDir::new("access");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let admin = create_key(&data, "admin", "auditor");
+    let config = dir.path().join("settings.toml");
+    std::fs::write(&config, "[access.limits]\nfailed_auth_per_minute = 120\n").unwrap();
+    let s = Server::start_in(dir, RULES, &["--config", config.to_str().unwrap()]);
+    let audited_failures = |s: &Server| -> Vec<serde_json::Value> {
+        let r = with_key(s, Some(&admin), "GET", "/v1/audit?limit=1000", "");
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|rec| rec["status"] == 401)
+            .cloned()
+            .collect()
+    };
+    let bad = "tsk_AAAAAAAAAA_not-a-real-secret-000000000000000000";
+    let mut statuses = BTreeMap::new();
+    let mut retry_after = None;
+    for _ in 0..140 {
+        let r = with_key(&s, Some(bad), "GET", "/v1/segments", "");
+        *statuses.entry(r.status).or_insert(0) += 1;
+        if r.status == 429 {
+            retry_after = r.header("retry-after");
+        }
+    }
+    // The burst is the minute's budget; the rest (less what refilled meanwhile) is refused.
+    let unauthorized = statuses[&401];
+    assert!((120..=125).contains(&unauthorized), "{statuses:?}");
+    assert_eq!(statuses[&429], 140 - unauthorized, "{statuses:?}");
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    assert_eq!(with_key(&s, Some(&admin), "GET", "/v1/segments", "").status, 200);
+    let records = audited_failures(&s);
+    assert_eq!(records.len(), unauthorized, "one record per 401, none per 429");
+    assert!(
+        records.iter().all(|r| r["detail"]["client"] == "127.0.0.1"),
+        "{:?}",
+        records[0]
+    );
+
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    let r = with_key(&s, Some(bad), "GET", "/v1/segments", "");
+    assert_eq!(r.status, 401, "{}", r.text());
+    let records = audited_failures(&s);
+    let last = records.last().unwrap();
+    assert_eq!(
+        last["detail"]["unrecorded_failures_before"],
+        140 - unauthorized as u64,
+        "{last}"
+    );
+    let metrics = with_key(&s, Some(&admin), "GET", "/metrics", "").text();
+    assert!(metrics.contains("tagstream_auth_failures_total 141"), "{metrics}");
 }
 
 #[test]

@@ -363,6 +363,8 @@ pub struct Access {
     pub keys: KeyStore,
     pub audit: AuditLog,
     pub limiter: Limiter,
+    /// Failed authentications per client address.
+    pub failures: limits::FailureBudget,
     /// Served open (auth off, or auto before the first key on loopback).
     anonymous: Arc<Role>,
 }
@@ -396,6 +398,7 @@ impl Access {
         });
         Ok(Access {
             limiter: Limiter::new(config.limits),
+            failures: limits::FailureBudget::new(config.limits.failed_auth_per_minute),
             config,
             roles,
             keys,
@@ -571,12 +574,10 @@ pub async fn authorize(State(access): State<Arc<Access>>, mut request: Request, 
             .and_then(|info| access.principal(&info));
         match (presented, verified) {
             (_, Some(principal)) => principal,
-            (Err(problem), None) => {
-                return deny(&access, record, StatusCode::UNAUTHORIZED, problem.message(), None);
-            }
+            (Err(problem), None) => return unauthenticated(&access, &request, record, problem.message()),
             (Ok(_), None) => {
                 let message = "the API key is not valid (unknown or revoked)";
-                return deny(&access, record, StatusCode::UNAUTHORIZED, message, None);
+                return unauthenticated(&access, &request, record, message);
             }
         }
     } else {
@@ -585,14 +586,7 @@ pub async fn authorize(State(access): State<Arc<Access>>, mut request: Request, 
     record.actor = principal.name.clone();
     record.key_id = principal.key_id.clone();
     record.role = Some(principal.role.name.clone());
-    if !principal.may(permission) {
-        let message = format!(
-            "the role `{}` may not do this: it needs the permission `{}`",
-            principal.role.name,
-            permission.name()
-        );
-        return deny(&access, record, StatusCode::FORBIDDEN, &message, None);
-    }
+    // Before the permission check: refusals are audited, so a key's rate bounds them too.
     if let Some(id) = &principal.key_id {
         if let Err(wait) = access.limiter.admit(id) {
             let message = format!("key `{}` is over its request rate; retry later", principal.name);
@@ -604,6 +598,14 @@ pub async fn authorize(State(access): State<Arc<Access>>, mut request: Request, 
                 Some(wait),
             );
         }
+    }
+    if !principal.may(permission) {
+        let message = format!(
+            "the role `{}` may not do this: it needs the permission `{}`",
+            principal.role.name,
+            permission.name()
+        );
+        return deny(&access, record, StatusCode::FORBIDDEN, &message, None);
     }
     let note = AuditNote::default();
     request.extensions_mut().insert(principal);
@@ -626,6 +628,42 @@ pub async fn authorize(State(access): State<Arc<Access>>, mut request: Request, 
 
 /// A refused request, audited (every refusal is: failed authentication, a forbidden action,
 /// a key over its rate).
+/// A request without a valid key: 401 and an audit record naming the client address, while
+/// that address is within its failure budget; past it, 429 and no record of its own (the
+/// count goes into the address's next record), so a flood of bad keys costs no disk syncs.
+fn unauthenticated(access: &Access, request: &Request, mut record: AuditRecord, message: &str) -> Response {
+    let client = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
+    metrics::counter!("tagstream_auth_failures_total").increment(1);
+    match access.failures.fail_at(client, std::time::Instant::now()) {
+        limits::FailureVerdict::Record { unrecorded_before } => {
+            if let Some(ip) = client {
+                record.detail.insert("client".into(), ip.to_string().into());
+            }
+            if unrecorded_before > 0 {
+                record
+                    .detail
+                    .insert("unrecorded_failures_before".into(), unrecorded_before.into());
+            }
+            deny(access, record, StatusCode::UNAUTHORIZED, message, None)
+        }
+        limits::FailureVerdict::Throttled { retry_after } => {
+            metrics::counter!("tagstream_auth_failures_unaudited_total").increment(1);
+            let mut response = refusal(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many failed authentications from this address; retry later with a valid key",
+            );
+            let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+            response
+        }
+    }
+}
+
 fn deny(
     access: &Access,
     mut record: AuditRecord,
