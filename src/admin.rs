@@ -10,12 +10,32 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use processor::{BackupManifest, ClockMode, Engine, EngineConfig, BACKUP_MANIFEST};
 
+/// How `https://` URLs are verified: against the roots built in plus `ca_file`, with the
+/// certificate checked for `server_name` (default: the URL's host).
+#[derive(Debug, Default, Clone)]
+pub struct HttpsOptions {
+    pub ca_file: Option<std::path::PathBuf>,
+    pub server_name: Option<String>,
+}
+
 /// One HTTP/1.1 request without a client library: the status and the body (bodies are
 /// small JSON here; the server closes the connection after answering).
 fn http(method: &str, url: &str, body: &[u8], timeout: Duration) -> anyhow::Result<(u16, Vec<u8>)> {
-    let rest = url
-        .strip_prefix("http://")
-        .with_context(|| format!("{url}: only http:// URLs are supported"))?;
+    http_with(method, url, body, timeout, &HttpsOptions::default())
+}
+
+fn http_with(
+    method: &str,
+    url: &str,
+    body: &[u8],
+    timeout: Duration,
+    https: &HttpsOptions,
+) -> anyhow::Result<(u16, Vec<u8>)> {
+    let (secure, rest) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
+        (Some(rest), _) => (false, rest),
+        (_, Some(rest)) => (true, rest),
+        _ => bail!("{url}: only http:// and https:// URLs are supported"),
+    };
     let (host, path) = rest
         .split_once('/')
         .map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
@@ -23,17 +43,47 @@ fn http(method: &str, url: &str, body: &[u8], timeout: Duration) -> anyhow::Resu
         .with_context(|| format!("resolving {host}"))?
         .next()
         .with_context(|| format!("{host} resolves to no address"))?;
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
+    let tcp = std::net::TcpStream::connect_timeout(&addr, timeout)
         .with_context(|| format!("connecting to {host}"))?;
-    stream.set_read_timeout(Some(timeout))?;
+    tcp.set_read_timeout(Some(timeout))?;
+    tcp.set_write_timeout(Some(timeout))?;
+    let mut stream: Box<dyn ReadWrite> = if secure {
+        let extra = match &https.ca_file {
+            Some(path) => crate::tls::read_certificates(path)?,
+            None => Vec::new(),
+        };
+        let config = query_api::webhooks::tls_client(&extra).map_err(anyhow::Error::msg)?;
+        let name = match &https.server_name {
+            Some(name) => name.clone(),
+            // The host without its port (an IPv6 literal keeps its brackets off).
+            None => host
+                .rsplit_once(':')
+                .map_or(host, |(h, _)| h)
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
+        };
+        let name = rustls::pki_types::ServerName::try_from(name.clone())
+            .with_context(|| format!("`{name}` is not a server name"))?;
+        let connection = rustls::ClientConnection::new(config, name)?;
+        Box::new(rustls::StreamOwned::new(connection, tcp))
+    } else {
+        Box::new(tcp)
+    };
     write!(
         stream,
         "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
-    )?;
+    )
+    .with_context(|| format!("{url}: sending the request"))?;
     stream.write_all(body)?;
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
+    match stream.read_to_end(&mut raw) {
+        Ok(_) => {}
+        // A TLS server that closes without close_notify after a whole answer.
+        Err(e) if secure && e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
+        Err(e) => return Err(e).with_context(|| format!("{url}: reading the answer")),
+    }
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -50,9 +100,13 @@ fn http(method: &str, url: &str, body: &[u8], timeout: Duration) -> anyhow::Resu
     Ok((status, raw[split + 4..].to_vec()))
 }
 
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
 /// `tagstream healthcheck`: exits 0 on a 2xx answer, 1 otherwise (container health checks).
-pub fn healthcheck(url: &str) -> anyhow::Result<ExitCode> {
-    let (status, _) = http("GET", url, b"", Duration::from_secs(3))?;
+/// An `https://` URL is verified as [`HttpsOptions`] says.
+pub fn healthcheck(url: &str, https: &HttpsOptions) -> anyhow::Result<ExitCode> {
+    let (status, _) = http_with("GET", url, b"", Duration::from_secs(3), https)?;
     if (200..300).contains(&status) {
         Ok(ExitCode::SUCCESS)
     } else {

@@ -162,13 +162,10 @@ pub struct WebhookSettings {
 
 impl WebhookSettings {
     pub fn config(&self) -> anyhow::Result<query_api::webhooks::WebhookConfig> {
-        use rustls::pki_types::pem::PemObject;
         let targets =
             query_api::targets::TargetPolicy::parse(&self.allow_targets).map_err(anyhow::Error::msg)?;
         let extra = match &self.ca_file {
-            Some(path) => rustls::pki_types::CertificateDer::pem_file_iter(path)
-                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                .with_context(|| format!("[webhooks] ca_file {}", path.display()))?,
+            Some(path) => crate::tls::read_certificates(path).context("[webhooks] ca_file")?,
             None => Vec::new(),
         };
         Ok(query_api::webhooks::WebhookConfig {

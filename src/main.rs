@@ -124,6 +124,13 @@ enum Command {
     Healthcheck {
         #[arg(long, default_value = "http://127.0.0.1:8080/readyz")]
         url: String,
+        /// For an https:// URL: more CA certificates (PEM) to trust besides the built-in roots.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+        /// For an https:// URL: the name the certificate must be for, when the URL's host is
+        /// not it (e.g. --url https://127.0.0.1:8443/readyz --server-name api.example.com).
+        #[arg(long)]
+        server_name: Option<String>,
     },
     /// Serve the HTTP API over the store.
     Serve {
@@ -464,7 +471,11 @@ fn main() -> ExitCode {
             files,
         } => check_rules(&files, plan, tracking_plan.as_deref()),
         Command::Plan { action } => run_plan(action),
-        Command::Healthcheck { url } => admin::healthcheck(&url),
+        Command::Healthcheck {
+            url,
+            ca_file,
+            server_name,
+        } => admin::healthcheck(&url, &admin::HttpsOptions { ca_file, server_name }),
         Command::Backup { to, server, data_dir } => admin::backup(&to, &server, data_dir.as_deref()),
         Command::Restore { from, data_dir } => admin::restore(&from, &data_dir),
         Command::Partitions { action, store } => store

@@ -53,12 +53,18 @@ pub struct TlsFiles {
 /// How long a client may take to finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn load(files: &TlsFiles) -> anyhow::Result<Arc<ServerConfig>> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
-        .with_context(|| format!("reading the certificate {}", files.cert.display()))?
+/// The certificates of a PEM file; an error when it holds none.
+pub fn read_certificates(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("reading the certificates {}", path.display()))?
         .collect::<Result<_, _>>()
-        .with_context(|| format!("parsing the certificate {}", files.cert.display()))?;
-    anyhow::ensure!(!certs.is_empty(), "{} holds no certificate", files.cert.display());
+        .with_context(|| format!("parsing the certificates {}", path.display()))?;
+    anyhow::ensure!(!certs.is_empty(), "{} holds no certificate", path.display());
+    Ok(certs)
+}
+
+fn load(files: &TlsFiles) -> anyhow::Result<Arc<ServerConfig>> {
+    let certs = read_certificates(&files.cert)?;
     let key = PrivateKeyDer::from_pem_file(&files.key)
         .with_context(|| format!("reading the private key {}", files.key.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());

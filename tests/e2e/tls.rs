@@ -115,6 +115,34 @@ fn https_serves_clients_that_trust_the_ca_and_reloads_on_sighup() {
     let mut answer = Vec::new();
     let _ = plain.read_to_end(&mut answer);
     assert!(!String::from_utf8_lossy(&answer).contains("200 OK"));
+    // The container health check over HTTPS: verified against the CA file, and against the
+    // name given when the URL's host differs from the certificate's.
+    let healthcheck = |extra: &[&str]| {
+        let port = s.addr.rsplit_once(':').unwrap().1;
+        Command::new(env!("CARGO_BIN_EXE_tagstream"))
+            .args([
+                "healthcheck",
+                "--url",
+                &format!("https://127.0.0.1:{port}/readyz"),
+            ])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let ca = dir.join("ca.pem").display().to_string();
+    let ok = healthcheck(&["--ca-file", &ca]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let ok = healthcheck(&["--ca-file", &ca, "--server-name", "localhost"]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let untrusted = healthcheck(&[]);
+    assert!(!untrusted.status.success());
+    assert!(
+        String::from_utf8_lossy(&untrusted.stderr).contains("certificate"),
+        "{}",
+        String::from_utf8_lossy(&untrusted.stderr)
+    );
+    let wrong_name = healthcheck(&["--ca-file", &ca, "--server-name", "api.example.com"]);
+    assert!(!wrong_name.status.success());
 
     // A renewed certificate from another CA, then SIGHUP: served without a restart.
     let second = pki();
