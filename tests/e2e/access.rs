@@ -507,6 +507,79 @@ fn a_flood_of_bad_keys_is_throttled_per_address_and_summed_in_the_audit() {
     assert!(metrics.contains("tagstream_auth_failures_total 141"), "{metrics}");
 }
 
+/// `concurrent_exports = 1`: while an export of a key streams to a client that stopped
+/// reading, that key's next export and SQL statement get 429; another key is not held up;
+/// once the first export is read to its end, the key exports again.
+#[test]
+fn a_key_runs_at_most_its_concurrent_exports_and_sql_statements() {
+    use std::io::{Read, Write};
+    let dir = TempDir::new("access");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let busy = create_key(&data, "exporter", "busy-exporter");
+    let other = create_key(&data, "exporter", "other-exporter");
+    let ingest = create_key(&data, "ingest", "loader");
+    let config = dir.path().join("settings.toml");
+    std::fs::write(&config, "[access.limits]\nconcurrent_exports = 1\n").unwrap();
+    let s = Server::start_in(dir, RULES, &["--config", config.to_str().unwrap()]);
+    // 8,000 buyers with a 1 kB attribute: an export of 8 MB, more than the socket buffers and
+    // the pages in flight hold, so it cannot finish while its client does not read.
+    let bio = "x".repeat(1000);
+    for chunk in 0..16 {
+        let body: Vec<String> = (0..500)
+            .map(|i| {
+                let n = chunk * 500 + i;
+                format!(
+                    r#"{{"customer_id":"c{n}","type":"payment","ts":{},"props":{{"amount":1}},"profile":{{"bio":"{bio}"}}}}"#,
+                    1_744_000_000_000u64 + n
+                )
+            })
+            .collect();
+        let r = with_key(&s, Some(&ingest), "POST", "/v1/events", &body.join("\n"));
+        assert_eq!(r.json()["accepted"], 500, "{}", r.text());
+    }
+    let export = "/v1/segments/buyer/members?format=ndjson&fields=profile.bio";
+    let mut slow = std::net::TcpStream::connect(&s.addr).unwrap();
+    write!(
+        slow,
+        "GET {export} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {busy}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = [0u8; 4096];
+    let n = slow.read(&mut head).unwrap();
+    assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+
+    let second = with_key(&s, Some(&busy), "GET", export, "");
+    assert_eq!(second.status, 429, "{}", second.text());
+    assert!(
+        second.text().contains("already runs 1 exports"),
+        "{}",
+        second.text()
+    );
+    let sql = with_key(
+        &s,
+        Some(&busy),
+        "POST",
+        "/v1/sql",
+        r#"{"sql":"select count(*) from customers"}"#,
+    );
+    assert_eq!(sql.status, 429, "{}", sql.text());
+    let another = with_key(&s, Some(&other), "GET", export, "");
+    assert_eq!(another.status, 200);
+    assert_eq!(another.text().lines().count(), 8000);
+
+    let mut rest = Vec::new();
+    slow.read_to_end(&mut rest).unwrap();
+    assert!(
+        rest.len() > 7_000_000,
+        "the first export ran to its end: {} bytes",
+        rest.len()
+    );
+    let again = with_key(&s, Some(&busy), "GET", export, "");
+    assert_eq!(again.status, 200, "{}", again.text());
+}
+
 #[test]
 fn webhooks_may_not_reach_internal_addresses_unless_allowed() {
     let s = Server::start(RULES, &[]);
