@@ -14,7 +14,8 @@ else
 fi
 mkdir -p "$work"
 stream=$work/stream-$customers-$events.ndjson
-if [ ! -s "$stream" ]; then
+# A script that makes its own stream (or uses a store already replayed) sets BENCH_OWN_STREAM.
+if [ -z "${BENCH_OWN_STREAM:-}" ] && [ ! -s "$stream" ]; then
     "$bin/loadgen" --customers "$customers" --events "$events" --out "$stream"
 fi
 machine_line() {

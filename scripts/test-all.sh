@@ -11,6 +11,8 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 . scripts/lib/tansu.sh
 # shellcheck source=lib/prometheus.sh
 . scripts/lib/prometheus.sh
+# shellcheck source=lib/chromium.sh
+. scripts/lib/chromium.sh
 
 # The shared target dir keeps every test executable ever linked (about 1 GB each in the
 # debug profile; a dependency change gives them new names), so a machine that runs this
@@ -22,6 +24,9 @@ fi
 
 echo "==> prerequisite probe (scripts/check-prereqs-probe.sh)"
 ./scripts/check-prereqs-probe.sh
+
+echo "==> console/dist is what console/src builds to (scripts/build-console.sh --check)"
+./scripts/build-console.sh --check
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

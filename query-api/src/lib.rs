@@ -22,6 +22,7 @@
 //! ```
 
 pub mod access;
+mod console;
 mod error;
 pub mod export;
 pub mod metrics;
@@ -199,6 +200,9 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(routes::openapi))
         .route("/metrics", get(routes::metrics))
         .route("/healthz", get(routes::healthz))
+        .route("/", get(console::index))
+        .route("/console/", get(console::index))
+        .route("/console/assets/{file}", get(console::file))
         .route("/readyz", get(routes::readyz))
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)

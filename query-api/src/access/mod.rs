@@ -341,6 +341,25 @@ pub const ROUTES: &[RouteAccess] = {
             need: Need::Open,
             audited: false,
         },
+        // The console's static files: no data in them (the console logs in with a key).
+        RouteAccess {
+            method: "GET",
+            path: "/",
+            need: Need::Open,
+            audited: false,
+        },
+        RouteAccess {
+            method: "GET",
+            path: "/console/",
+            need: Need::Open,
+            audited: false,
+        },
+        RouteAccess {
+            method: "GET",
+            path: "/console/assets/{file}",
+            need: Need::Open,
+            audited: false,
+        },
         RouteAccess {
             method: "GET",
             path: "/readyz",
@@ -433,10 +452,18 @@ impl Access {
                 }
             ));
         }
-        tracing::warn!(
-            "ACCESS IS OPEN: no API key exists, anyone who reaches {addr} can read and change everything. \
-             Create a key with `tagstream keys create --role admin --name NAME` to turn authentication on"
-        );
+        if self.config.auth == AuthMode::Off {
+            tracing::warn!(
+                "ACCESS IS OPEN: [access] auth = \"off\", so no key is checked: anyone who reaches {addr} \
+                 can read and change everything"
+            );
+        } else {
+            tracing::warn!(
+                "ACCESS IS OPEN: no API key exists, anyone who reaches {addr} can read and change \
+                 everything. Create a key with `tagstream keys create --role admin --name NAME` to \
+                 turn authentication on"
+            );
+        }
         Ok(())
     }
 

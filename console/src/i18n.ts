@@ -1,0 +1,108 @@
+// Chinese and English: the users of this console write tag names in Chinese.
+export type Lang = "en" | "zh";
+
+const en = {
+  title: "tagstream console",
+  segments: "Segment builder",
+  customers: "Customers",
+  live: "Live",
+  key: "API key",
+  login: "Log in",
+  logout: "Log out",
+  loginHint: "Log in with an API key (tagstream keys create --role reader --name NAME).",
+  openNode: "This node runs without keys: anyone who reaches it can use it.",
+  role: "Role",
+  expression: "Expression",
+  expressionHint: "Tags, segments, traits and profile attributes: vip and profile.city == \"杭州\"",
+  count: "Customers",
+  counting: "counting…",
+  overlapWith: "Overlap with",
+  none: "(none)",
+  sample: "Sample of members",
+  saveAs: "Save as segment",
+  save: "Save",
+  saved: "Saved as version",
+  exportCsv: "Export CSV",
+  exportParquet: "Export Parquet",
+  copyApi: "Copy the API call",
+  copied: "Copied",
+  insert: "Insert",
+  tags: "Tags",
+  traits: "Traits",
+  profile: "Profile",
+  timeline: "Timeline",
+  since: "since",
+  expires: "expires",
+  why: "why",
+  search: "Search",
+  customerId: "Customer id",
+  notFound: "No such customer",
+  eventsPerSecond: "events/s",
+  changesPerSecond: "tag changes/s",
+  latencyP99: "event→change p99",
+  timersLate: "timer lateness p99",
+  deadLetters: "dead letters",
+  storeSize: "store on disk",
+  lag: "Kafka lag",
+  forbidden: "Your key's role may not see this.",
+  language: "中文",
+};
+
+const zh: typeof en = {
+  title: "tagstream 控制台",
+  segments: "人群圈选",
+  customers: "客户",
+  live: "实时",
+  key: "API 密钥",
+  login: "登录",
+  logout: "退出",
+  loginHint: "用 API 密钥登录（tagstream keys create --role reader --name 名称）。",
+  openNode: "此节点未启用密钥：任何能访问它的人都可以使用。",
+  role: "角色",
+  expression: "表达式",
+  expressionHint: "标签、人群、特征和资料属性：vip and profile.city == \"杭州\"",
+  count: "客户数",
+  counting: "计算中…",
+  overlapWith: "与人群重叠",
+  none: "（无）",
+  sample: "成员样本",
+  saveAs: "保存为人群",
+  save: "保存",
+  saved: "已保存，版本",
+  exportCsv: "导出 CSV",
+  exportParquet: "导出 Parquet",
+  copyApi: "复制 API 调用",
+  copied: "已复制",
+  insert: "插入",
+  tags: "标签",
+  traits: "特征",
+  profile: "资料",
+  timeline: "时间线",
+  since: "开始于",
+  expires: "到期",
+  why: "原因",
+  search: "搜索",
+  customerId: "客户 ID",
+  notFound: "没有这个客户",
+  eventsPerSecond: "事件/秒",
+  changesPerSecond: "标签变化/秒",
+  latencyP99: "事件→变化 p99",
+  timersLate: "定时器延迟 p99",
+  deadLetters: "死信",
+  storeSize: "磁盘占用",
+  lag: "Kafka 积压",
+  forbidden: "你的密钥角色无权查看此内容。",
+  language: "English",
+};
+
+export type Texts = typeof en;
+
+export function texts(lang: Lang): Texts {
+  return lang === "zh" ? zh : en;
+}
+
+export function initialLang(): Lang {
+  const saved = localStorage.getItem("tagstream.lang");
+  if (saved === "zh" || saved === "en") return saved;
+  return navigator.language.startsWith("zh") ? "zh" : "en";
+}

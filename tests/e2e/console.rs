@@ -1,0 +1,304 @@
+//! The console in a real headless Chromium (Debian's `chromium` and `chromium-driver`, which
+//! `./scripts/test-all.sh` installs; driven over WebDriver with fantoccini) against a real
+//! `tagstream serve`: log in with a key, build a segment and watch its exact count follow the
+//! expression, see a diagnostic underlined, save it, open a customer and ask why it has a
+//! tag, watch the live view count events, switch to Chinese; and a key whose role may not
+//! query segments is told so.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use support::Server;
+use tests::http::{request_with, Response};
+use tests::TempDir;
+
+#[allow(dead_code)]
+#[path = "support/server.rs"]
+mod support;
+
+const RULES: &str =
+    "tag buyer = count(payment, 30d) >= 1\nsegment vip = buyer and profile.level == \"gold\"\n";
+
+fn create_key(data: &std::path::Path, role: &str, name: &str) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_tagstream"))
+        .args(["keys", "create", "--role", role, "--name", name, "--data-dir"])
+        .arg(data)
+        .env("TAGSTREAM_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+fn post(s: &Server, key: &str, path: &str, body: &str) -> Response {
+    let auth = format!("Bearer {key}");
+    request_with(
+        &s.addr,
+        "POST",
+        path,
+        &[("Authorization", &auth)],
+        body.as_bytes(),
+    )
+}
+
+/// chromedriver on a free port, killed on drop.
+struct Driver {
+    child: Child,
+    port: u16,
+}
+
+impl Driver {
+    fn start() -> Driver {
+        let binary =
+            std::env::var("TAGSTREAM_CHROMEDRIVER").unwrap_or_else(|_| "/usr/bin/chromedriver".into());
+        assert!(
+            std::path::Path::new(&binary).exists(),
+            "no chromedriver at {binary}: ./scripts/test-all.sh installs chromium and chromium-driver"
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(binary)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start chromedriver");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "chromedriver did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Driver { child, port }
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn browser(driver: &Driver, profile: &std::path::Path) -> Client {
+    let chromium = std::env::var("TAGSTREAM_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        serde_json::json!({
+            "binary": chromium,
+            "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                     "--no-first-run", "--window-size=1280,800",
+                     format!("--user-data-dir={}", profile.display())],
+        }),
+    );
+    ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(caps)
+        .connect(&format!("http://127.0.0.1:{}", driver.port))
+        .await
+        .expect("a WebDriver session")
+}
+
+/// Waits until the element's text satisfies `ok`; returns it.
+async fn text_until(c: &Client, css: &str, ok: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        if let Ok(e) = c.find(Locator::Css(css)).await {
+            if let Ok(text) = e.text().await {
+                if ok(&text) {
+                    return text;
+                }
+                last = text;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{css}: still `{last}`");
+}
+
+async fn type_into(c: &Client, css: &str, text: &str) {
+    let e = c.find(Locator::Css(css)).await.unwrap();
+    e.clear().await.unwrap();
+    e.send_keys(text).await.unwrap();
+}
+
+async fn log_in(c: &Client, addr: &str, key: &str) {
+    c.goto(&format!("http://{addr}/")).await.unwrap();
+    c.wait().for_element(Locator::Css("#api-key")).await.unwrap();
+    type_into(c, "#api-key", key).await;
+    c.find(Locator::Css("#login"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+}
+
+#[test]
+fn the_console_builds_segments_with_exact_counts_explains_customers_and_shows_the_engine_live() {
+    let dir = TempDir::new("console");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let editor = create_key(&data, "editor", "marketer");
+    let ingest = create_key(&data, "ingest", "loader");
+    let s = Server::start_in(dir, RULES, &[]);
+    // 30 buyers, 10 of them gold; 5 customers who only viewed.
+    let events: Vec<String> = (0..35)
+        .map(|n| {
+            let (kind, level) = (if n < 30 { "payment" } else { "view" }, if n < 10 { "gold" } else { "silver" });
+            format!(
+                r#"{{"customer_id":"c{n}","type":"{kind}","ts":{},"props":{{"amount":10}},"profile":{{"level":"{level}"}}}}"#,
+                1_744_000_000_000u64 + n
+            )
+        })
+        .collect();
+    assert_eq!(
+        post(&s, &ingest, "/v1/events", &events.join("\n")).json()["accepted"],
+        35
+    );
+    let profile = TempDir::new("chromium-profile");
+    let driver = Driver::start();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let c = browser(&driver, profile.path()).await;
+        log_in(&c, &s.addr, &editor).await;
+
+        // The exact count follows the expression as it is typed.
+        c.wait().for_element(Locator::Css("#expression")).await.unwrap();
+        type_into(&c, "#expression", "buyer").await;
+        text_until(&c, "#count", |t| t == "30").await;
+        type_into(&c, "#expression", "buyer and profile.level == \"gold\"").await;
+        text_until(&c, "#count", |t| t == "10").await;
+        text_until(&c, "#sample", |t| t.contains("c0")).await;
+        // Overlap with another segment.
+        c.find(Locator::Css("#overlap option[value='vip']"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        text_until(&c, "#overlap-count", |t| t.trim() == "10").await;
+        // A mistake is underlined where it is.
+        type_into(&c, "#expression", "buyer and profile.level ==").await;
+        let diagnostic = text_until(&c, "#diagnostics", |t| t.contains("1:")).await;
+        assert!(diagnostic.contains("buyer and profile.level =="), "{diagnostic}");
+        // Saved as a segment: the rule set's next version.
+        type_into(&c, "#expression", "buyer and not vip").await;
+        text_until(&c, "#count", |t| t == "20").await;
+        type_into(&c, "#save-name", "buyers_not_vip").await;
+        c.find(Locator::Css("#save"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        text_until(&c, "#saved", |t| t.contains('2')).await;
+
+        // A customer, and why it has a tag.
+        c.goto(&format!("http://{}/#/customers/c3", s.addr))
+            .await
+            .unwrap();
+        text_until(&c, "#customer-id", |t| t == "c3").await;
+        text_until(&c, "#customer-tags", |t| t.contains("buyer")).await;
+        text_until(&c, "#customer-profile", |t| t.contains("gold")).await;
+        c.find(Locator::Css("#customer-tags button.why"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        text_until(&c, "#explain", |t| t.contains("count(payment, 30d)")).await;
+
+        // The live view counts what arrives.
+        c.find(Locator::Css("#nav-live"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        let feeding = std::thread::spawn({
+            let (addr, ingest) = (s.addr.clone(), ingest.clone());
+            move || {
+                for round in 0..40u64 {
+                    let line = format!(
+                        r#"{{"customer_id":"live{round}","type":"view","ts":{}}}"#,
+                        1_744_100_000_000u64 + round
+                    );
+                    let auth = format!("Bearer {ingest}");
+                    request_with(
+                        &addr,
+                        "POST",
+                        "/v1/events",
+                        &[("Authorization", &auth)],
+                        line.as_bytes(),
+                    );
+                    std::thread::sleep(Duration::from_millis(150));
+                }
+            }
+        });
+        text_until(&c, "#events-rate", |t| t.parse::<u64>().is_ok_and(|n| n > 0)).await;
+        feeding.join().unwrap();
+
+        // 中文.
+        c.find(Locator::Css("#lang"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        text_until(&c, "#nav-segments", |t| t == "人群圈选").await;
+        c.find(Locator::Css("#lang"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        text_until(&c, "#nav-segments", |t| t == "Segment builder").await;
+
+        // A key whose role may not query segments is told so, and sees no count.
+        c.find(Locator::Css("#logout"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        c.wait().for_element(Locator::Css("#api-key")).await.unwrap();
+        type_into(&c, "#api-key", &ingest).await;
+        c.find(Locator::Css("#login"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        c.goto(&format!("http://{}/#/segments", s.addr)).await.unwrap();
+        c.wait().for_element(Locator::Css("#expression")).await.unwrap();
+        type_into(&c, "#expression", "buyer").await;
+        text_until(&c, ".error", |t| t.contains("may not")).await;
+        text_until(&c, "#count", |t| t == "–").await;
+        // A wrong key is refused at the login.
+        c.find(Locator::Css("#logout"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        c.wait().for_element(Locator::Css("#api-key")).await.unwrap();
+        type_into(&c, "#api-key", "tsk_AAAAAAAAAA_wrong").await;
+        c.find(Locator::Css("#login"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        text_until(&c, ".login .error", |t| !t.is_empty()).await;
+        c.close().await.unwrap();
+    });
+}
