@@ -127,16 +127,16 @@ async fn type_into(c: &Client, css: &str, text: &str) {
     e.send_keys(text).await.unwrap();
 }
 
-async fn log_in(c: &Client, addr: &str, key: &str) {
-    c.goto(&format!("http://{addr}/")).await.unwrap();
+async fn click(c: &Client, css: &str) {
+    c.find(Locator::Css(css)).await.unwrap().click().await.unwrap();
+}
+
+/// Opens `url` (the login form shows while no key is held) and logs in with `key`.
+async fn log_in(c: &Client, url: &str, key: &str) {
+    c.goto(url).await.unwrap();
     c.wait().for_element(Locator::Css("#api-key")).await.unwrap();
     type_into(c, "#api-key", key).await;
-    c.find(Locator::Css("#login"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(c, "#login").await;
 }
 
 #[test]
@@ -169,7 +169,7 @@ fn the_console_builds_segments_with_exact_counts_explains_customers_and_shows_th
         .unwrap();
     runtime.block_on(async {
         let c = browser(&driver, profile.path()).await;
-        log_in(&c, &s.addr, &editor).await;
+        log_in(&c, &format!("http://{}/", s.addr), &editor).await;
 
         // The exact count follows the expression as it is typed.
         c.wait().for_element(Locator::Css("#expression")).await.unwrap();
@@ -179,12 +179,7 @@ fn the_console_builds_segments_with_exact_counts_explains_customers_and_shows_th
         text_until(&c, "#count", |t| t == "10").await;
         text_until(&c, "#sample", |t| t.contains("c0")).await;
         // Overlap with another segment.
-        c.find(Locator::Css("#overlap option[value='vip']"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(&c, "#overlap option[value='vip']").await;
         text_until(&c, "#overlap-count", |t| t.trim() == "10").await;
         // A mistake is underlined where it is.
         type_into(&c, "#expression", "buyer and profile.level ==").await;
@@ -194,12 +189,7 @@ fn the_console_builds_segments_with_exact_counts_explains_customers_and_shows_th
         type_into(&c, "#expression", "buyer and not vip").await;
         text_until(&c, "#count", |t| t == "20").await;
         type_into(&c, "#save-name", "buyers_not_vip").await;
-        c.find(Locator::Css("#save"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(&c, "#save").await;
         text_until(&c, "#saved", |t| t.contains('2')).await;
 
         // A customer, and why it has a tag.
@@ -209,21 +199,11 @@ fn the_console_builds_segments_with_exact_counts_explains_customers_and_shows_th
         text_until(&c, "#customer-id", |t| t == "c3").await;
         text_until(&c, "#customer-tags", |t| t.contains("buyer")).await;
         text_until(&c, "#customer-profile", |t| t.contains("gold")).await;
-        c.find(Locator::Css("#customer-tags button.why"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(&c, "#customer-tags button.why").await;
         text_until(&c, "#explain", |t| t.contains("count(payment, 30d)")).await;
 
         // The live view counts what arrives.
-        c.find(Locator::Css("#nav-live"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(&c, "#nav-live").await;
         let feeding = std::thread::spawn({
             let (addr, ingest) = (s.addr.clone(), ingest.clone());
             move || {
@@ -248,56 +228,21 @@ fn the_console_builds_segments_with_exact_counts_explains_customers_and_shows_th
         feeding.join().unwrap();
 
         // 中文.
-        c.find(Locator::Css("#lang"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(&c, "#lang").await;
         text_until(&c, "#nav-segments", |t| t == "人群圈选").await;
-        c.find(Locator::Css("#lang"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(&c, "#lang").await;
         text_until(&c, "#nav-segments", |t| t == "Segment builder").await;
 
         // A key whose role may not query segments is told so, and sees no count.
-        c.find(Locator::Css("#logout"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
-        c.wait().for_element(Locator::Css("#api-key")).await.unwrap();
-        type_into(&c, "#api-key", &ingest).await;
-        c.find(Locator::Css("#login"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
-        c.goto(&format!("http://{}/#/segments", s.addr)).await.unwrap();
+        click(&c, "#logout").await;
+        log_in(&c, &format!("http://{}/#/segments", s.addr), &ingest).await;
         c.wait().for_element(Locator::Css("#expression")).await.unwrap();
         type_into(&c, "#expression", "buyer").await;
         text_until(&c, ".error", |t| t.contains("may not")).await;
         text_until(&c, "#count", |t| t == "–").await;
         // A wrong key is refused at the login.
-        c.find(Locator::Css("#logout"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
-        c.wait().for_element(Locator::Css("#api-key")).await.unwrap();
-        type_into(&c, "#api-key", "tsk_AAAAAAAAAA_wrong").await;
-        c.find(Locator::Css("#login"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(&c, "#logout").await;
+        log_in(&c, &format!("http://{}/", s.addr), "tsk_AAAAAAAAAA_wrong").await;
         text_until(&c, ".login .error", |t| !t.is_empty()).await;
         c.close().await.unwrap();
     });

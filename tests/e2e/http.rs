@@ -564,6 +564,9 @@ fn the_openapi_document_describes_every_route_the_server_answers() {
         "/healthz",
         "/readyz",
         "/openapi.json",
+        "/",
+        "/console/",
+        "/console/assets/{file}",
     ];
     served.sort();
     assert_eq!(documented, served);
