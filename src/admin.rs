@@ -55,13 +55,11 @@ fn http_with(
         let config = query_api::webhooks::tls_client(&extra).map_err(anyhow::Error::msg)?;
         let name = match &https.server_name {
             Some(name) => name.clone(),
-            // The host without its port (an IPv6 literal keeps its brackets off).
-            None => host
-                .rsplit_once(':')
-                .map_or(host, |(h, _)| h)
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_owned(),
+            // The host without its port; an IPv6 literal without its brackets.
+            None => match host.strip_prefix('[') {
+                Some(v6) => v6.split_once(']').map_or(v6, |(address, _)| address).to_owned(),
+                None => host.rsplit_once(':').map_or(host, |(h, _)| h).to_owned(),
+            },
         };
         let name = rustls::pki_types::ServerName::try_from(name.clone())
             .with_context(|| format!("`{name}` is not a server name"))?;

@@ -120,6 +120,8 @@ pub const METRICS: &[(&str, MetricKind, &str)] = &[
     ("tagstream_kafka_publish_lag_changes", MetricKind::Gauge, "Records of a feed (changes, dead letters) not yet published to Kafka."),
     ("tagstream_kafka_published_total", MetricKind::Counter, "Records published to Kafka, by feed."),
     ("tagstream_http_requests_total", MetricKind::Counter, "HTTP requests, by route template, method and status."),
+    ("tagstream_auth_failures_total", MetricKind::Counter, "Requests refused for a missing, malformed, unknown or revoked API key (401, or 429 past the address's failure budget)."),
+    ("tagstream_auth_failures_unaudited_total", MetricKind::Counter, "Failed authentications past their address's budget: answered 429 and counted in that address's next audit record instead of one of their own."),
     ("tagstream_http_request_seconds", MetricKind::Histogram, "HTTP request durations, by route template and method."),
     ("tagstream_webhook_deliveries_total", MetricKind::Counter, "Webhook delivery attempts, by result."),
     ("tagstream_webhook_delivery_seconds", MetricKind::Histogram, "Duration of one webhook delivery attempt."),

@@ -522,9 +522,10 @@ fn a_key_runs_at_most_its_concurrent_exports_and_sql_statements() {
     let config = dir.path().join("settings.toml");
     std::fs::write(&config, "[access.limits]\nconcurrent_exports = 1\n").unwrap();
     let s = Server::start_in(dir, RULES, &["--config", config.to_str().unwrap()]);
-    // 8,000 buyers with a 1 kB attribute: an export of 8 MB, more than the socket buffers and
-    // the pages in flight hold, so it cannot finish while its client does not read.
-    let bio = "x".repeat(1000);
+    // 8,000 buyers with a 4 kB attribute: an export of 32 MB, far more than loopback's socket
+    // buffers (up to ~10 MB between them) and the pages in flight hold, so it cannot finish
+    // while its client does not read.
+    let bio = "x".repeat(4000);
     for chunk in 0..16 {
         let body: Vec<String> = (0..500)
             .map(|i| {
@@ -572,7 +573,7 @@ fn a_key_runs_at_most_its_concurrent_exports_and_sql_statements() {
     let mut rest = Vec::new();
     slow.read_to_end(&mut rest).unwrap();
     assert!(
-        rest.len() > 7_000_000,
+        rest.len() > 30_000_000,
         "the first export ran to its end: {} bytes",
         rest.len()
     );
