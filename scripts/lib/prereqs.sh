@@ -71,19 +71,11 @@ tagstream_missing_packages() { # the Debian packages the build needs and this ma
 if [ -z "${TAGSTREAM_PREREQS_PROBE_ONLY:-}" ]; then
   mapfile -t tagstream_missing < <(tagstream_missing_packages)
   if [ "${#tagstream_missing[@]}" -gt 0 ]; then
-    echo "==> installing ${tagstream_missing[*]} (RocksDB's build generates its bindings with" \
-      "libclang; librdkafka's TLS and SASL/SCRAM build against OpenSSL)"
-    sudo_cmd=()
-    [ "$(id -u)" = 0 ] || sudo_cmd=(sudo)
-    if ! command -v apt-get >/dev/null 2>&1; then
-      echo "error: missing ${tagstream_missing[*]} and this is not a Debian/Ubuntu machine:" \
-        "install libclang with clang's headers, OpenSSL's development files and pkg-config" \
-        "(e.g. clang-devel openssl-devel pkgconf) and rerun" >&2
-      exit 1
-    fi
-    "${sudo_cmd[@]}" apt-get update -qq
-    "${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-      "${tagstream_missing[@]}" >/dev/null
+    # shellcheck source=apt.sh
+    . "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
+    tagstream_apt_install "RocksDB's build generates its bindings with libclang; librdkafka's TLS and SASL/SCRAM build against OpenSSL" \
+      "install libclang with clang's headers, OpenSSL's development files and pkg-config (e.g. clang-devel openssl-devel pkgconf)" \
+      "${tagstream_missing[@]}"
     mapfile -t tagstream_missing < <(tagstream_missing_packages)
     if [ "${#tagstream_missing[@]}" -gt 0 ]; then
       echo "error: installed, yet the build's probes still miss: ${tagstream_missing[*]}" >&2
