@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # The cost of access control (issue #18): lookups under ingest and a Parquet export of every
-# customer, served three ways on one store —
+# customer, served three ways —
 #   open:   `[access] auth = "off"` (no key checked),
 #   keys:   an API key on every request (built-in roles reader / exporter / ingest),
 #   masked: keys of custom roles with reader's and exporter's permissions that see
 #           `customer_id` and `profile.city` masked on every row.
-# Open is one server, keys and masked another (they differ only by the key sent); the two
-# servers alternate for ROUNDS rounds, and within a round the keyed and masked requests
-# alternate too, so the machine's drift spreads over all three.
+# Open is one server, keys and masked another (they differ only by the key sent), each on its
+# own copy of the same store, both running for the whole benchmark. The three modes take
+# turns request by request (exports) and run by run (lookups), in an order that rotates
+# every round, so the machine's drift and the stores' warming spread over all three alike.
 #
 #   bench/access.sh [CUSTOMERS] [EVENTS] [ROUNDS] [ZIPF]   (defaults: 1000000 2000000 3 1.05)
 #   BENCH_STORE=DIR bench/access.sh ...   uses a store already replayed whose rule set defines
-#                                         `segment everyone` (the export's rows)
+#                                         `segment everyone` (the export's rows); the open
+#                                         server runs on a copy of it (DIR.open, made once)
+#   BENCH_EXPORTS=N                       exports per mode and round (default 3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 customers=${1:-1000000}
@@ -50,16 +53,6 @@ permissions = ["segments_read", "members_export"]
 fields = { customer_id = "mask", city = "mask" }
 EOF
 
-serve() { # SETTINGS: starts a server on the base store, waits until it answers
-    "$bin/tagstream" serve --config "$1" --data-dir "$base" --clock wall --listen "127.0.0.1:$port" \
-        --log-format json >/dev/null 2>"$work/access-serve.log" &
-    server=$!
-    for _ in $(seq 600); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && return; sleep 0.2; done
-    echo "the server did not start" >&2
-    exit 1
-}
-stop() { kill "$server"; wait "$server" 2>/dev/null || true; }
-
 # Keys (in the store's access column family), once per store.
 if [ ! -s "$base/bench-keys" ]; then
     suffix=$(date +%s)
@@ -70,40 +63,87 @@ if [ ! -s "$base/bench-keys" ]; then
     done
     mv "$base/bench-keys.new" "$base/bench-keys"
 fi
+
+# The open server's copy of the store, made once.
+open_store=$base.open
+if [ ! -d "$open_store" ]; then
+    cp -a "$base" "$open_store.new"
+    mv "$open_store.new" "$open_store"
+fi
+
+servers=()
+serve() { # SETTINGS STORE PORT: starts a server, waits until it answers
+    "$bin/tagstream" serve --config "$1" --data-dir "$2" --clock wall --listen "127.0.0.1:$3" \
+        --log-format json >/dev/null 2>"$work/access-serve-$3.log" &
+    servers+=($!)
+    for _ in $(seq 600); do curl -sf "http://127.0.0.1:$3/healthz" >/dev/null && return; sleep 0.2; done
+    echo "the server on port $3 did not start" >&2
+    exit 1
+}
+trap 'kill "${servers[@]}" 2>/dev/null || true; wait 2>/dev/null || true' EXIT
+
 key() { awk -v r="$1" '$1 == r {print $2}' "$base/bench-keys"; }
+open_port=$port
+keyed_port=$((port + 1))
 
 machine_line
-echo "store: $base; lookups: 2 connections, 10 s, 10000 events/s ingested; export: every customer as Parquet with profile.city"
+echo "stores: $open_store (open), $base (keyed); lookups: 2 connections, 10 s, 10000 events/s ingested; export: every customer as Parquet with profile.city"
 
-lookups() { # MODE [httpload key args]
-    local mode=$1
-    shift
-    echo "$mode lookups: $("$bin/httpload" --addr "127.0.0.1:$port" --customers "$customers" \
-        --connections 2 --seconds 10 --ingest-rate 10000 "$@" | tr '\n' ' ')"
+# MODE -> port and credentials
+port_of() { if [ "$1" = open ]; then echo "$open_port"; else echo "$keyed_port"; fi; }
+lookups() { # MODE
+    local mode=$1 args=()
+    case $mode in
+        keys) args=(--key "$(key reader)" --ingest-key "$(key ingest)") ;;
+        masked) args=(--key "$(key masked_reader)" --ingest-key "$(key ingest)") ;;
+    esac
+    echo "$mode lookups: $("$bin/httpload" --addr "127.0.0.1:$(port_of "$mode")" --customers "$customers" \
+        --connections 2 --seconds 10 --ingest-rate 10000 "${args[@]}" | tr '\n' ' ')"
 }
-export_once() { # MODE [curl auth args]
-    local mode=$1 t
-    shift
-    t=$(curl -sf "$@" -o "$work/access.parquet" -w '%{time_total}' \
-        "http://127.0.0.1:$port/v1/segments/everyone/members?format=parquet&fields=profile.city")
+export_once() { # MODE
+    local mode=$1 t auth=()
+    case $mode in
+        keys) auth=(-H "Authorization: Bearer $(key exporter)") ;;
+        masked) auth=(-H "Authorization: Bearer $(key masked_exporter)") ;;
+    esac
+    t=$(curl -sf "${auth[@]}" -o "$work/access.parquet" -w '%{time_total}' \
+        "http://127.0.0.1:$(port_of "$mode")/v1/segments/everyone/members?format=parquet&fields=profile.city")
     echo "$mode export: $(stat -c %s "$work/access.parquet") bytes, $t s"
 }
-bearer() { echo "Authorization: Bearer $(key "$1")"; }
 
+serve "$open_settings" "$open_store" "$open_port"
+serve "$keyed_settings" "$base" "$keyed_port"
+for mode in open keys masked; do export_once "$mode" >/dev/null; done # warm-up, discarded
+
+exports=${BENCH_EXPORTS:-3}
+orders=("open keys masked" "keys masked open" "masked open keys")
 for round in $(seq "$rounds"); do
     echo "== round $round"
-    serve "$open_settings"
-    lookups open
-    export_once open
-    export_once open
-    stop
-    serve "$keyed_settings"
-    lookups keys --key "$(key reader)" --ingest-key "$(key ingest)"
-    lookups masked --key "$(key masked_reader)" --ingest-key "$(key ingest)"
-    export_once keys -H "$(bearer exporter)"
-    export_once masked -H "$(bearer masked_exporter)"
-    export_once keys -H "$(bearer exporter)"
-    export_once masked -H "$(bearer masked_exporter)"
-    stop
-done
+    order=${orders[$(((round - 1) % 3))]}
+    for _ in $(seq "$exports"); do
+        for mode in $order; do export_once "$mode"; done
+    done
+    for mode in $order; do lookups "$mode"; done
+done | tee "$work/access-results.txt"
 rm -f "$work/access.parquet"
+
+# Medians per mode, and each keyed mode against open.
+awk '
+    function median(list,    v, n, i, j, t) {
+        n = split(list, v, " ")
+        for (i = 2; i <= n; i++) for (j = i; j > 1 && v[j - 1] + 0 > v[j] + 0; j--) { t = v[j]; v[j] = v[j - 1]; v[j - 1] = t }
+        return n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
+    }
+    $2 == "export:" { e[$1] = e[$1] " " $(NF - 1) }
+    $2 == "lookups:" { l[$1] = l[$1] " " $4 }
+    END {
+        print "== medians"
+        for (m = 1; m <= 3; m++) {
+            mode = m == 1 ? "open" : m == 2 ? "keys" : "masked"
+            me[mode] = median(e[mode]); ml[mode] = median(l[mode])
+            printf "%s: export %.3f s, lookups %d req/s\n", mode, me[mode], ml[mode]
+        }
+        printf "keys vs open: export %+.1f%%, lookups %+.1f%%\n", (me["keys"] / me["open"] - 1) * 100, (ml["keys"] / ml["open"] - 1) * 100
+        printf "masked vs open: export %+.1f%%, lookups %+.1f%%\n", (me["masked"] / me["open"] - 1) * 100, (ml["masked"] / ml["open"] - 1) * 100
+        printf "masked vs keys: export %+.1f%%\n", (me["masked"] / me["keys"] - 1) * 100
+    }' "$work/access-results.txt"

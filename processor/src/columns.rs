@@ -47,6 +47,45 @@ pub struct Column {
     scratch: Writer,
 }
 
+/// A function over the values of one column of an export (a masking policy), remembering
+/// what it gave for each dictionary entry: an export of 10M rows of 8 cities masks 8 cities.
+/// The memo is bounded by the dictionary ([`MAX_DISTINCT`] entries).
+pub struct ValueMap {
+    f: Box<dyn Fn(&Value) -> Value + Send>,
+    memo: Vec<Option<(Value, Value)>>,
+}
+
+impl ValueMap {
+    pub fn new(f: impl Fn(&Value) -> Value + Send + 'static) -> ValueMap {
+        ValueMap {
+            f: Box::new(f),
+            memo: Vec::new(),
+        }
+    }
+
+    /// `f(value)`, not remembered (a value read from a record, not a column).
+    pub fn apply(&self, value: &Value) -> Value {
+        (self.f)(value)
+    }
+}
+
+/// The same dictionary entry: one allocation for strings and lists, equal otherwise.
+fn same(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Str(a), Value::Str(b)) => Arc::ptr_eq(a, b),
+        (Value::List(a), Value::List(b)) => Arc::ptr_eq(a, b),
+        _ => a == b,
+    }
+}
+
+impl std::fmt::Debug for ValueMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ValueMap")
+            .field("remembered", &self.memo.len())
+            .finish()
+    }
+}
+
 /// A column's strings (or lists, or booleans) outgrew its dictionary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Spilled;
@@ -72,6 +111,32 @@ impl Column {
             ABSENT => None,
             DECIMAL => Some(Value::Num(self.decimals[number as usize])),
             code => Some(self.dict[(code - FIRST_ENTRY) as usize].clone()),
+        }
+    }
+
+    /// Customer `number`'s value through `map`: a dictionary entry is mapped once per
+    /// [`ValueMap`], a decimal every time.
+    pub fn get_mapped(&self, number: u32, map: &mut ValueMap) -> Option<Value> {
+        match self.code(number) {
+            ABSENT => None,
+            DECIMAL => Some((map.f)(&Value::Num(self.decimals[number as usize]))),
+            code => {
+                let i = (code - FIRST_ENTRY) as usize;
+                let entry = &self.dict[i];
+                if map.memo.len() <= i {
+                    map.memo.resize(i + 1, None);
+                }
+                match &map.memo[i] {
+                    // Codes are stable while the column lives; the check guards a column
+                    // rebuilt under a long export.
+                    Some((source, mapped)) if same(source, entry) => Some(mapped.clone()),
+                    _ => {
+                        let mapped = (map.f)(entry);
+                        map.memo[i] = Some((entry.clone(), mapped.clone()));
+                        Some(mapped)
+                    }
+                }
+            }
         }
     }
 
@@ -596,6 +661,53 @@ mod tests {
 
     fn num(n: i64) -> Value {
         Value::Num(Decimal::from(n))
+    }
+
+    #[test]
+    fn a_value_map_maps_each_dictionary_entry_once_and_each_decimal_every_time() {
+        let calls = Arc::new(AtomicU64::new(0));
+        let counted = calls.clone();
+        let mut map = ValueMap::new(move |v| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            match v {
+                Value::Str(s) => Value::Str(Arc::from(format!("<{s}>"))),
+                other => other.clone(),
+            }
+        });
+        let mut c = Column::default();
+        for n in 0..100u32 {
+            let city = ["杭州", "上海", "北京"][n as usize % 3];
+            c.set(n, Some(&Value::Str(Arc::from(city)))).unwrap();
+        }
+        c.set(100, Some(&num(5))).unwrap();
+        let mapped: Vec<Option<Value>> = (0..102).map(|n| c.get_mapped(n, &mut map)).collect();
+        for n in 0..100 {
+            let Some(Value::Str(s)) = &mapped[n] else {
+                panic!("{:?}", mapped[n])
+            };
+            assert_eq!(&**s, format!("<{}>", ["杭州", "上海", "北京"][n % 3]));
+        }
+        assert_eq!(mapped[100], Some(num(5)));
+        assert_eq!(mapped[101], None, "absent stays absent");
+        assert_eq!(calls.load(Ordering::Relaxed), 4, "three cities and one number");
+        // A full dictionary: numbers beyond it are decimals, mapped each time they are read.
+        for i in 0..MAX_DISTINCT as i64 {
+            c.set(200, Some(&num(1_000_000 + i))).unwrap();
+        }
+        let precise = Value::Num(Decimal::new(123_456_789, 4));
+        c.set(201, Some(&precise)).unwrap();
+        let before = calls.load(Ordering::Relaxed);
+        assert_eq!(c.get_mapped(201, &mut map), Some(precise.clone()));
+        assert_eq!(c.get_mapped(201, &mut map), Some(precise));
+        assert_eq!(calls.load(Ordering::Relaxed), before + 2);
+        // A map kept across a column rebuilt with other entries at the same codes is not
+        // fooled by its memo.
+        let mut rebuilt = Column::default();
+        rebuilt.set(0, Some(&Value::Str(Arc::from("广州")))).unwrap();
+        assert_eq!(
+            rebuilt.get_mapped(0, &mut map),
+            Some(Value::Str(Arc::from("<广州>")))
+        );
     }
 
     #[test]

@@ -26,7 +26,7 @@ mod versions;
 pub use explain::{Explained, Explanation, NextChange};
 pub use partitions::{PartitionSummary, MAGIC as PARTITION_EXPORT_MAGIC};
 pub use pipeline::Finished;
-pub use query::{parse_cursor, Delta};
+pub use query::{parse_cursor, DefinitionSummary, Delta, HourActivity};
 pub use read::ReadHandle;
 pub use retention::{Log, Trimmed};
 pub use segments::{SavedSegment, SegmentUpdate};

@@ -43,6 +43,68 @@ const CHUNK: u32 = 1 << 16;
 const KEY_SEQ: &[u8] = b"seq";
 const KEY_IDS: &[u8] = b"ids:";
 const KEY_SET: &[u8] = b"set:";
+const KEY_ACTIVITY: &[u8] = b"activity:";
+
+/// Hours of enters and exits kept per tag or segment, counted back from the newest hour any
+/// change of it fell in.
+pub const ACTIVITY_HOURS: i64 = 7 * 24;
+const HOUR_MS: i64 = 3_600_000;
+
+/// How many customers entered and left one tag or segment, per hour of the changes' `at`
+/// (the event clock's or the wall clock's instant), for the last [`ACTIVITY_HOURS`] hours.
+/// Counted as the index applies changes, so it is exact and checkpointed with the index.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Activity {
+    /// Hour start (ms) → (entered, left), oldest first.
+    hours: std::collections::BTreeMap<i64, (u64, u64)>,
+}
+
+impl Activity {
+    fn count(&mut self, change: &Change) {
+        let hour = change.at.div_euclid(HOUR_MS) * HOUR_MS;
+        let newest = self.hours.last_key_value().map_or(hour, |(h, _)| (*h).max(hour));
+        if hour <= newest - ACTIVITY_HOURS * HOUR_MS {
+            return; // older than what is kept (a late change under the event clock)
+        }
+        let counts = self.hours.entry(hour).or_default();
+        match change.op {
+            Op::Add => counts.0 += 1,
+            Op::Remove => counts.1 += 1,
+        }
+        while let Some((&oldest, _)) = self.hours.first_key_value() {
+            if oldest > newest - ACTIVITY_HOURS * HOUR_MS {
+                break;
+            }
+            self.hours.pop_first();
+        }
+    }
+
+    /// `(hour start in ms, entered, left)` for every hour with a change, oldest first.
+    pub fn hours(&self) -> impl Iterator<Item = (i64, u64, u64)> + '_ {
+        self.hours.iter().map(|(h, (e, l))| (*h, *e, *l))
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u64(self.hours.len() as u64);
+        for (hour, (entered, left)) in &self.hours {
+            w.i64(*hour);
+            w.u64(*entered);
+            w.u64(*left);
+        }
+        w.buf
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Activity, CodecError> {
+        let mut r = Reader::new(bytes);
+        let n = r.len()?;
+        let mut hours = std::collections::BTreeMap::new();
+        for _ in 0..n {
+            hours.insert(r.i64()?, (r.u64()?, r.u64()?));
+        }
+        Ok(Activity { hours })
+    }
+}
 
 /// The `numbers` column family's key of a customer number.
 pub fn number_key(number: u32) -> [u8; 4] {
@@ -151,6 +213,8 @@ impl IdTable {
 pub struct IndexState {
     ids: IdTable,
     sets: HashMap<Arc<str>, RoaringBitmap>,
+    /// Enters and exits per hour of each tag and segment.
+    activity: HashMap<Arc<str>, Activity>,
     /// The `seq` of the last change applied.
     applied_seq: u64,
     columns: ProfileColumns,
@@ -243,12 +307,25 @@ impl IndexState {
         page
     }
 
+    /// Enters and exits per hour of `name` (`None`: no change of it applied or kept).
+    pub fn activity(&self, name: &str) -> Option<&Activity> {
+        self.activity.get(name)
+    }
+
     fn apply(&mut self, number: u32, change: &Change) {
         let set = self.sets.entry(change.name.clone()).or_default();
         match change.op {
             Op::Add => set.insert(number),
             Op::Remove => set.remove(number),
         };
+        match self.activity.get_mut(&change.name) {
+            Some(activity) => activity.count(change),
+            None => self
+                .activity
+                .entry(change.name.clone())
+                .or_default()
+                .count(change),
+        }
     }
 }
 
@@ -280,21 +357,6 @@ impl IdPage {
 
     pub fn len(&self) -> usize {
         self.ends.len()
-    }
-
-    /// The same customers with each id replaced by `f(id)` (masked ids for an export).
-    /// `f` writes the new id of each old one onto the page's buffer (no string per id).
-    pub fn mapped(&self, f: impl Fn(&str, &mut String)) -> IdPage {
-        let mut out = IdPage {
-            bytes: String::with_capacity(self.bytes.len()),
-            ends: Vec::with_capacity(self.ends.len()),
-            numbers: self.numbers.clone(),
-        };
-        for i in 0..self.len() {
-            f(self.get(i), &mut out.bytes);
-            out.ends.push(out.bytes.len());
-        }
-        out
     }
 
     pub fn is_empty(&self) -> bool {
@@ -355,6 +417,12 @@ impl MembershipIndex {
     pub fn forget_checkpoint(store: &Store, batch: &mut WriteBatch) {
         batch.delete_cf(store.cf(CF_INDEX), KEY_SEQ);
         batch.delete_range_cf(store.cf(CF_INDEX), KEY_SET, &[KEY_SET, &[0xff]].concat());
+        // A rebuilt index counts activity afresh (it is not rebuilt from the change log).
+        batch.delete_range_cf(
+            store.cf(CF_INDEX),
+            KEY_ACTIVITY,
+            &[KEY_ACTIVITY, &[0xff]].concat(),
+        );
     }
 
     /// Rebuilds the index from the customer records, in place so every handle sees it (new
@@ -425,6 +493,11 @@ impl MembershipIndex {
             let set =
                 RoaringBitmap::deserialize_from(&value[..]).map_err(|_| CodecError("bad index bitmap"))?;
             state.sets.insert(Arc::from(name), set);
+        }
+        for (key, value) in Self::scan_prefix(store, KEY_ACTIVITY)? {
+            let name = std::str::from_utf8(&key[KEY_ACTIVITY.len()..])
+                .map_err(|_| CodecError("bad index activity name"))?;
+            state.activity.insert(Arc::from(name), Activity::decode(&value)?);
         }
         let columns_dirty = match store.get(CF_INDEX, columns::keys::APPLIED)? {
             Some(applied) => {
@@ -717,6 +790,11 @@ impl MembershipIndex {
                     }
                     None => wb.delete_cf(store.cf(CF_INDEX), key),
                 }
+                let key = [KEY_ACTIVITY, name.as_bytes()].concat();
+                match state.activity.get(name) {
+                    Some(activity) => wb.put_cf(store.cf(CF_INDEX), key, activity.encode()),
+                    None => wb.delete_cf(store.cf(CF_INDEX), key),
+                }
                 done.sets_written += 1;
             }
             let writes = state.columns.checkpoint_writes(&columns_taken);
@@ -765,6 +843,41 @@ fn chunk_key(i: usize) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn change(op: Op, at: i64) -> Change {
+        Change {
+            seq: 1,
+            customer_id: Arc::from("c"),
+            kind: crate::change::MemberKind::Tag,
+            name: Arc::from("vip"),
+            op,
+            at,
+            cause: crate::change::Cause::Timer,
+        }
+    }
+
+    #[test]
+    fn activity_counts_per_hour_and_keeps_the_last_week() {
+        let hour = 3_600_000;
+        let mut a = Activity::default();
+        a.count(&change(Op::Add, 10 * hour + 5));
+        a.count(&change(Op::Add, 10 * hour + hour - 1));
+        a.count(&change(Op::Remove, 11 * hour));
+        assert_eq!(
+            a.hours().collect::<Vec<_>>(),
+            [(10 * hour, 2, 0), (11 * hour, 0, 1)]
+        );
+        // A week after hour 10, hour 10 is dropped; hour 11 stays.
+        a.count(&change(Op::Add, (10 + ACTIVITY_HOURS) * hour));
+        assert_eq!(
+            a.hours().collect::<Vec<_>>(),
+            [(11 * hour, 0, 1), ((10 + ACTIVITY_HOURS) * hour, 1, 0)]
+        );
+        // A late change older than what is kept is not counted.
+        a.count(&change(Op::Remove, 9 * hour));
+        assert_eq!(a.hours().count(), 2);
+        assert_eq!(Activity::decode(&a.encode()).unwrap(), a);
+    }
 
     #[test]
     fn id_table_numbers_ids_densely_across_chunks() {

@@ -419,6 +419,9 @@ fn the_index_comes_back_from_an_old_checkpoint_and_from_none() {
     };
     let expected = {
         let engine = Engine::open(dir.path(), None, config()).unwrap();
+        let activity = activity_of(&engine);
+        assert!(activity.values().any(|(_, left)| *left > 0), "{activity:?}");
+        assert_eq!(activity, activity_from_log(&engine));
         let snapshot = snapshot_of(&engine);
         assert!(snapshot.iter().all(|(_, ids)| !ids.is_empty()), "{snapshot:?}");
         assert_eq!(
@@ -440,6 +443,8 @@ fn the_index_comes_back_from_an_old_checkpoint_and_from_none() {
     let engine = Engine::open(dir.path(), None, config()).unwrap();
     assert_eq!(snapshot_of(&engine), expected);
     assert_eq!(profile_counts(&engine), [10, 90, 5, 1]);
+    // Enters and exits per hour: the checkpoint's plus the replayed changes', each once.
+    assert_eq!(activity_of(&engine), activity_from_log(&engine));
     drop(engine);
 
     // No checkpoint at all (a store from before the index): one scan rebuilds it.
@@ -450,11 +455,41 @@ fn the_index_comes_back_from_an_old_checkpoint_and_from_none() {
     let mut engine = Engine::open(dir.path(), None, config()).unwrap();
     assert_eq!(snapshot_of(&engine), expected);
     assert_eq!(profile_counts(&engine), [10, 90, 5, 1]);
+    // A rebuilt index counts activity afresh, from the changes after it.
+    assert!(activity_of(&engine).is_empty());
     // New customers keep getting fresh numbers after a rebuild.
     engine.ingest(&batch(90, 95, 60)).unwrap();
     let viewers = engine.members("viewer").unwrap();
     assert!(viewers.iter().any(|(id, _)| id == "c94"));
     assert_eq!(engine.reader().index().read().customers(), 95);
+}
+
+type Activity = std::collections::BTreeMap<(String, i64), (u64, u64)>;
+
+/// Enters and exits per definition and hour, as `GET /v1/definitions` lists them.
+fn activity_of(engine: &Engine) -> Activity {
+    let mut out = Activity::new();
+    for def in engine.reader().definitions(processor::index::ACTIVITY_HOURS) {
+        for h in def.activity {
+            out.insert((def.name.clone(), h.hour), (h.entered, h.left));
+        }
+    }
+    out
+}
+
+/// The same counted from the change log.
+fn activity_from_log(engine: &Engine) -> Activity {
+    let mut out = Activity::new();
+    for c in engine.changes(0, usize::MAX).unwrap() {
+        let counts = out
+            .entry((c.name.to_string(), c.at.div_euclid(3_600_000) * 3_600_000))
+            .or_default();
+        match c.op {
+            processor::Op::Add => counts.0 += 1,
+            processor::Op::Remove => counts.1 += 1,
+        }
+    }
+    out
 }
 
 fn retention() -> processor::store::Retention {

@@ -11,10 +11,12 @@
 use std::sync::Arc;
 
 use arrow_array::builder::{BooleanBuilder, Decimal128Builder, Float64Builder, Int64Builder, StringBuilder};
-use arrow_array::{ArrayRef, RecordBatch};
+use arrow_array::{ArrayRef, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use processor::index::IdPage;
 use rules::{Type, Value};
+
+use crate::access::mask::{mask_into, FieldPolicy};
 
 /// The formats a members export can take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,7 +82,16 @@ impl Encoder {
             Format::Csv => Encoder::Csv(columns),
             Format::Parquet => {
                 let schema = schema(&columns);
-                let writer = parquet::arrow::ArrowWriter::try_new(Vec::new(), schema.clone(), None)?;
+                // Ids are unique (masked ones nearly so): a dictionary for them would only be
+                // built to be dropped once it overflows, so they are written plain.
+                let properties = parquet::file::properties::WriterProperties::builder()
+                    .set_column_dictionary_enabled(
+                        parquet::schema::types::ColumnPath::from("customer_id"),
+                        false,
+                    )
+                    .build();
+                let writer =
+                    parquet::arrow::ArrowWriter::try_new(Vec::new(), schema.clone(), Some(properties))?;
                 Encoder::Parquet(Box::new(writer), schema, columns)
             }
             Format::Arrow => {
@@ -111,13 +122,30 @@ impl Encoder {
     /// Encodes one page: `ids` with, when fields were requested, `fields[i]` for `ids[i]`.
     /// What it returns can be sent right away.
     pub fn page(&mut self, ids: &IdPage, fields: &[Vec<Option<Value>>]) -> Result<Vec<u8>, EncodeError> {
+        self.page_with(ids, FieldPolicy::Show, fields)
+    }
+
+    /// [`Encoder::page`] with each customer id shown, masked or hidden as `id_policy` says:
+    /// masked straight into the output (the Arrow column being built), no page of masked ids
+    /// between.
+    pub fn page_with(
+        &mut self,
+        ids: &IdPage,
+        id_policy: FieldPolicy,
+        fields: &[Vec<Option<Value>>],
+    ) -> Result<Vec<u8>, EncodeError> {
         let row_fields = |i: usize| fields.get(i).map_or(&[][..], |f| &f[..]);
+        let mut id = IdText {
+            ids,
+            policy: id_policy,
+            scratch: String::new(),
+        };
         match self {
             Encoder::Ndjson(columns) => {
                 let mut out = Vec::with_capacity(ids.len() * 32);
-                for (i, id) in ids.iter().enumerate() {
+                for i in 0..ids.len() {
                     out.extend_from_slice(b"{\"customer_id\":");
-                    serde_json::to_writer(&mut out, id).expect("writing to a Vec");
+                    serde_json::to_writer(&mut out, id.get(i)).expect("writing to a Vec");
                     for (c, v) in columns.iter().zip(row_fields(i)) {
                         out.push(b',');
                         serde_json::to_writer(&mut out, &c.name).expect("writing to a Vec");
@@ -131,8 +159,8 @@ impl Encoder {
             }
             Encoder::Csv(_) => {
                 let mut out = Vec::with_capacity(ids.len() * 16);
-                for (i, id) in ids.iter().enumerate() {
-                    csv_field(&mut out, id);
+                for i in 0..ids.len() {
+                    csv_field(&mut out, id.get(i));
                     for v in row_fields(i) {
                         out.push(b',');
                         if let Some(v) = v {
@@ -147,7 +175,7 @@ impl Encoder {
                 if ids.is_empty() {
                     return Ok(Vec::new());
                 }
-                writer.write(&record_batch(schema, columns, ids, fields)?)?;
+                writer.write(&record_batch(schema, columns, &id, fields)?)?;
                 writer.flush()?;
                 Ok(std::mem::take(writer.inner_mut()))
             }
@@ -155,7 +183,7 @@ impl Encoder {
                 if ids.is_empty() {
                     return Ok(Vec::new());
                 }
-                writer.write(&record_batch(schema, columns, ids, fields)?)?;
+                writer.write(&record_batch(schema, columns, &id, fields)?)?;
                 Ok(std::mem::take(writer.get_mut()))
             }
         }
@@ -208,15 +236,50 @@ fn schema(columns: &[Column]) -> SchemaRef {
     Arc::new(Schema::new(fields))
 }
 
+/// The ids of a page as they are written out: as stored, masked into one reused buffer, or
+/// hidden.
+struct IdText<'a> {
+    ids: &'a IdPage,
+    policy: FieldPolicy,
+    scratch: String,
+}
+
+impl IdText<'_> {
+    fn get(&mut self, i: usize) -> &str {
+        match self.policy {
+            FieldPolicy::Show => self.ids.get(i),
+            FieldPolicy::Mask => {
+                self.scratch.clear();
+                mask_into(self.ids.get(i), &mut self.scratch);
+                &self.scratch
+            }
+            FieldPolicy::Hide => "***",
+        }
+    }
+
+    /// The ids as an Arrow column.
+    fn column(&self) -> StringArray {
+        let n = self.ids.len();
+        let mut column = StringBuilder::with_capacity(n, n * 16);
+        match self.policy {
+            FieldPolicy::Show => self.ids.iter().for_each(|id| column.append_value(id)),
+            FieldPolicy::Mask => self.ids.iter().for_each(|id| {
+                mask_into(id, &mut column);
+                column.append_value("");
+            }),
+            FieldPolicy::Hide => (0..n).for_each(|_| column.append_value("***")),
+        }
+        column.finish()
+    }
+}
+
 fn record_batch(
     schema: &SchemaRef,
     columns: &[Column],
-    ids: &IdPage,
+    ids: &IdText<'_>,
     rows: &[Vec<Option<Value>>],
 ) -> Result<RecordBatch, EncodeError> {
-    let mut id_column = StringBuilder::with_capacity(ids.len(), ids.len() * 16);
-    ids.iter().for_each(|id| id_column.append_value(id));
-    let mut arrays: Vec<ArrayRef> = vec![Arc::new(id_column.finish())];
+    let mut arrays: Vec<ArrayRef> = vec![Arc::new(ids.column())];
     for (i, c) in columns.iter().enumerate() {
         arrays.push(array_of(c.ty, Numbers::Exact, rows.iter().map(|r| r[i].as_ref())));
     }

@@ -161,6 +161,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/customers/{id}/tags/{tag}",
             put(routes::put_manual_tag).delete(routes::delete_manual_tag),
         )
+        .route("/v1/definitions", get(routes::definitions))
         .route("/v1/segments", get(routes::list_segments))
         .route("/v1/segments/query", post(routes::segment_query))
         .route(

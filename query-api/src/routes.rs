@@ -9,11 +9,12 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use axum::Json;
+use processor::columns::ValueMap;
 use processor::{Change, CustomerView, Explained, QueryError};
 use serde::Deserialize;
 use serde_json::{json, Value as Json_};
 
-use crate::access::mask::ColumnMasker;
+use crate::access::mask::mask_stored;
 use crate::access::{if_match, masking_of, AuditNote, FieldPolicy, Masking, Principal};
 use crate::error::ApiError;
 use crate::export::{Column, EncodeError, Encoder, Format};
@@ -546,6 +547,33 @@ pub async fn list_segments(State(app): State<AppState>) -> Result<Json<Json_>, A
     Ok(Json(json!({ "segments": segments })))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DefinitionsQuery {
+    hours: Option<i64>,
+}
+
+/// `GET /v1/definitions?hours=`: every definition of the loaded rule set with its members
+/// now and its enters and exits per hour over the last `hours` (default 48).
+pub async fn definitions(
+    State(app): State<AppState>,
+    q: Result<Query<DefinitionsQuery>, QueryRejection>,
+) -> Result<Json<Json_>, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let hours = q.hours.unwrap_or(48);
+    let most = processor::index::ACTIVITY_HOURS;
+    if !(1..=most).contains(&hours) {
+        return Err(ApiError::BadRequest(format!(
+            "`hours` must be between 1 and {most}"
+        )));
+    }
+    let reader = app.engine.reader().clone();
+    let definitions = reader.definitions(hours);
+    Ok(Json(
+        json!({ "hours": hours, "now": reader.now(), "definitions": definitions }),
+    ))
+}
+
 /// `GET /v1/segments/{name}`.
 pub async fn get_segment(
     State(app): State<AppState>,
@@ -663,9 +691,9 @@ pub async fn segment_members(
     let masking = masking_of(&principal);
     let mut fields = Vec::new();
     let mut columns = Vec::new();
-    // Per column, a masker when its values are masked; kept across pages, so each distinct
-    // value is masked once.
-    let mut maskers: Vec<Option<ColumnMasker>> = Vec::new();
+    // Per column, the masking of its values when they are masked; kept across pages, so
+    // each distinct value of a column is masked once per export.
+    let mut maskers: Vec<Option<ValueMap>> = Vec::new();
     for f in q.fields.as_deref().unwrap_or("").split(',').map(str::trim) {
         if f.is_empty() {
             continue;
@@ -682,29 +710,15 @@ pub async fn segment_members(
             Some(FieldPolicy::Mask) => ty = rules::Type::Str,
             _ => {}
         }
-        maskers.push((policy == Some(FieldPolicy::Mask)).then(ColumnMasker::default));
+        maskers.push((policy == Some(FieldPolicy::Mask)).then(|| ValueMap::new(mask_stored)));
         columns.push(Column {
             name: f.to_owned(),
             ty,
         });
         fields.push(field);
     }
-    let any_masked = maskers.iter().any(Option::is_some);
-    let mask_ids =
-        (masking.policy(crate::access::mask::CUSTOMER_ID) != FieldPolicy::Show).then(|| masking.id_writer());
-    let mut mask_page = move |ids: processor::index::IdPage, values: &mut Vec<Vec<Option<rules::Value>>>| {
-        for row in values.iter_mut().filter(|_| any_masked) {
-            for (value, masker) in row.iter_mut().zip(&mut maskers) {
-                if let (Some(v), Some(masker)) = (value.as_mut(), masker) {
-                    masker.mask(v);
-                }
-            }
-        }
-        match mask_ids {
-            Some(write) => ids.mapped(write),
-            None => ids,
-        }
-    };
+    // Ids are masked as the encoder writes them.
+    let id_policy = masking.policy(crate::access::mask::CUSTOMER_ID);
     let set = reader
         .member_set(&name)
         .ok_or_else(|| ApiError::NotFound(format!("no tag or segment `{name}`")))?;
@@ -720,11 +734,14 @@ pub async fn segment_members(
     if let Some(limit) = q.limit {
         let (body, next) = tokio::task::spawn_blocking(move || {
             let _slot = slot;
-            let mut page = reader.members_page(&name, &set, after, limit, &fields)?;
-            let ids = mask_page(page.ids, &mut page.fields);
+            let page = reader.members_page(&name, &set, after, limit, &fields, &mut maskers)?;
             let encode = |e: EncodeError| ApiError::Internal(e.to_string());
             let mut body = preamble;
-            body.extend(encoder.page(&ids, &page.fields).map_err(encode)?);
+            body.extend(
+                encoder
+                    .page_with(&page.ids, id_policy, &page.fields)
+                    .map_err(encode)?,
+            );
             body.extend(encoder.finish().map_err(encode)?);
             Ok::<_, ApiError>((body, page.next_cursor))
         })
@@ -753,12 +770,11 @@ pub async fn segment_members(
                 break;
             }
             let ids = reader.ids_of(page);
-            let mut values = match reader.fields_of(&name, &ids, &fields) {
+            let values = match reader.fields_of_mapped(&name, &ids, &fields, &mut maskers) {
                 Ok(v) => v,
                 Err(e) => return drop(tx.blocking_send(fail(e.to_string()))),
             };
-            let ids = mask_page(ids, &mut values);
-            match encoder.page(&ids, &values) {
+            match encoder.page_with(&ids, id_policy, &values) {
                 Ok(bytes) if bytes.is_empty() => {}
                 Ok(bytes) => {
                     if tx.blocking_send(Ok(bytes)).is_err() {

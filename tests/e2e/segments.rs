@@ -756,3 +756,48 @@ fn sigterm_delivers_what_is_committed_to_webhooks_before_exiting() {
     );
     assert_eq!(seen.bad_signatures, 0);
 }
+
+#[test]
+fn definitions_list_members_and_enters_and_exits_per_hour_also_after_a_crash() {
+    let s = Server::start(RULES, &[]);
+    churn(&s, 0);
+    let hour = T0.div_euclid(3_600_000) * 3_600_000;
+    let check = |s: &Server, members: u64, left: u64| {
+        let listed = s.get("/v1/definitions?hours=24");
+        assert_eq!(listed.status, 200, "{}", listed.text());
+        let listed = listed.json();
+        assert_eq!(listed["hours"], 24);
+        let defs = listed["definitions"].as_array().unwrap();
+        let names: Vec<&str> = defs.iter().map(|d| d["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["viewer", "buyer"]);
+        assert_eq!(defs[0]["kind"], "tag");
+        assert_eq!(defs[0]["source"], "tag viewer = count(view, 30s) >= 1");
+        assert_eq!(defs[0]["members"], members);
+        assert_eq!(
+            defs[0]["activity"],
+            serde_json::json!([{"hour": hour, "entered": 25, "left": left}])
+        );
+        assert_eq!(defs[1]["members"], 0);
+        assert_eq!(defs[1]["activity"], serde_json::json!([]));
+    };
+    // 25 viewers entered, 10 left when their window ended; 15 are members.
+    check(&s, 15, 10);
+    // Killed and restarted: the counts come back from the index checkpoint and the change
+    // log after it, each change once.
+    let mut s = s;
+    let dir = std::mem::replace(&mut s._dir, tests::TempDir::new("definitions-moved"));
+    drop(s);
+    let s = Server::restart(dir, &[]);
+    check(&s, 15, 10);
+    // Two hours later (event clock) the other 15 have left too, in the hour their window
+    // ended; a day's window still holds that hour, the last hour does not.
+    let clock = format!(r#"{{"now": {}}}"#, hour + 2 * 3_600_000);
+    assert_eq!(s.send("POST", "/v1/clock", &clock).status, 200);
+    check(&s, 0, 25);
+    let recent = s.get("/v1/definitions?hours=1").json();
+    assert_eq!(recent["definitions"][0]["activity"], serde_json::json!([]));
+    for bad in ["hours=0", "hours=169", "hours=x", "days=1"] {
+        let answer = s.get(&format!("/v1/definitions?{bad}"));
+        assert_eq!(answer.status, 400, "{bad}: {}", answer.text());
+    }
+}

@@ -21,7 +21,7 @@ use rules::ast::BinaryOp;
 use rules::{AggId, CompiledRules, DefId, DefKind, Facts, Node, Type, Value};
 
 use super::{EngineError, ExportField, MembersPage, QueryError, QueryPage, ReadHandle};
-use crate::columns::{TraitCache, TraitValue};
+use crate::columns::{TraitCache, TraitValue, ValueMap};
 use crate::index::{IdPage, IndexState};
 use crate::state::{CustomerState, EngineFacts};
 
@@ -848,13 +848,47 @@ impl ReadHandle {
         }
     }
 
+    /// Every definition of the loaded rule set in the order written, with its members now
+    /// and its enters and exits per hour over the `hours` hours up to now.
+    pub fn definitions(&self, hours: i64) -> Vec<DefinitionSummary> {
+        let rules = self.published.rules();
+        let from = self.now() - hours.clamp(1, crate::index::ACTIVITY_HOURS) * 3_600_000;
+        let index = self.index.read();
+        rules
+            .defs()
+            .iter()
+            .map(|def| DefinitionSummary {
+                name: def.name.to_string(),
+                kind: match def.kind {
+                    DefKind::ConditionTag => "tag",
+                    DefKind::EventTag => "event_tag",
+                    DefKind::Segment => "segment",
+                    DefKind::Trait => "trait",
+                },
+                source: def.source.clone(),
+                members: def
+                    .kind
+                    .has_members()
+                    .then(|| index.set(&def.name).map_or(0, RoaringBitmap::len)),
+                activity: index
+                    .activity(&def.name)
+                    .into_iter()
+                    .flat_map(|a| a.hours())
+                    .filter(|(hour, ..)| *hour + 3_600_000 > from)
+                    .map(|(hour, entered, left)| HourActivity { hour, entered, left })
+                    .collect(),
+            })
+            .collect()
+    }
+
     /// The ids of customer numbers, copied out of the index.
     pub fn ids_of(&self, numbers: impl IntoIterator<Item = u32>) -> IdPage {
         self.index.read().ids_of(numbers)
     }
 
     /// One page of members of `name` (whose members are `set`) after the customer number
-    /// `after`, with `fields` read from each member's stored state.
+    /// `after`, with `fields` read from each member's stored state (through `maps`, as
+    /// [`Reader::fields_of_mapped`] reads them).
     pub fn members_page(
         &self,
         name: &str,
@@ -862,12 +896,13 @@ impl ReadHandle {
         after: Option<u32>,
         limit: usize,
         fields: &[ExportField],
+        maps: &mut [Option<ValueMap>],
     ) -> Result<MembersPage, EngineError> {
         let mut numbers = set.iter().skip_while(|n| after.is_some_and(|a| *n <= a));
         let page: Vec<u32> = numbers.by_ref().take(limit).collect();
         let more = numbers.next().is_some();
         let ids = self.ids_of(page.iter().copied());
-        let fields = self.fields_of(name, &ids, fields)?;
+        let fields = self.fields_of_mapped(name, &ids, fields, maps)?;
         Ok(MembersPage {
             ids,
             fields,
@@ -882,6 +917,19 @@ impl ReadHandle {
         ids: &IdPage,
         fields: &[ExportField],
     ) -> Result<Vec<Vec<Option<Value>>>, EngineError> {
+        self.fields_of_mapped(name, ids, fields, &mut [])
+    }
+
+    /// [`Reader::fields_of`] with the values of field `i` passed through `maps[i]` when it
+    /// is `Some` (a masked column): a profile attribute's dictionary entries are mapped once
+    /// per map, so a masked row costs what an unmasked one does.
+    pub fn fields_of_mapped(
+        &self,
+        name: &str,
+        ids: &IdPage,
+        fields: &[ExportField],
+        maps: &mut [Option<ValueMap>],
+    ) -> Result<Vec<Vec<Option<Value>>>, EngineError> {
         if fields.is_empty() {
             return Ok(Vec::new());
         }
@@ -893,19 +941,26 @@ impl ReadHandle {
                 .iter()
                 .all(|f| matches!(f, ExportField::Profile(attr) if columns.is_columnar(attr)));
             if columnar {
-                return Ok(ids
-                    .numbers()
+                // Each field's column looked up once per page, not once per row.
+                let of_field: Vec<_> = fields
                     .iter()
-                    .map(|&n| {
-                        fields
-                            .iter()
-                            .map(|f| match f {
-                                ExportField::Profile(attr) => columns.get(attr, n),
-                                _ => None,
-                            })
-                            .collect()
+                    .map(|f| match f {
+                        ExportField::Profile(attr) => columns.column(attr),
+                        _ => None,
                     })
-                    .collect());
+                    .collect();
+                let mut out = Vec::with_capacity(ids.len());
+                for &n in ids.numbers() {
+                    let row = of_field.iter().enumerate().map(|(i, column)| {
+                        let column = (*column)?;
+                        match maps.get_mut(i) {
+                            Some(Some(map)) => column.get_mapped(n, map),
+                            _ => column.get(n),
+                        }
+                    });
+                    out.push(row.collect());
+                }
+                return Ok(out);
             }
         }
         let rules = self.published.rules();
@@ -919,14 +974,13 @@ impl ReadHandle {
                 self.store.load_record(id)?
             };
             let mut state = state.unwrap_or_default();
-            out.push(field_values(
-                &rules,
-                name,
-                &mut state,
-                now,
-                self.retention_ms,
-                fields,
-            ));
+            let mut row = field_values(&rules, name, &mut state, now, self.retention_ms, fields);
+            for (value, map) in row.iter_mut().zip(maps.iter()) {
+                if let (Some(v), Some(map)) = (value.as_mut(), map) {
+                    *v = map.apply(v);
+                }
+            }
+            out.push(row);
         }
         Ok(out)
     }
@@ -1035,4 +1089,27 @@ mod tests {
         assert_eq!(parse_cursor("42"), Ok(42));
         assert!(parse_cursor("c-42").unwrap_err().contains("bad cursor `c-42`"));
     }
+}
+
+/// One definition of the loaded rule set, as `GET /v1/definitions` lists it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct DefinitionSummary {
+    pub name: String,
+    /// `tag`, `event_tag`, `segment` or `trait`.
+    pub kind: &'static str,
+    /// The definition as written.
+    pub source: String,
+    /// Members now; `None` for traits.
+    pub members: Option<u64>,
+    /// Hours with a change, oldest first.
+    pub activity: Vec<HourActivity>,
+}
+
+/// How many customers entered and left a tag or segment in one hour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct HourActivity {
+    /// The hour's first instant (ms).
+    pub hour: i64,
+    pub entered: u64,
+    pub left: u64,
 }

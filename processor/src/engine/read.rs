@@ -466,6 +466,7 @@ impl Engine {
             None,
             usize::MAX,
             &[ExportField::Since, ExportField::ExpiresAt],
+            &mut [],
         )?;
         let ms = |v: &Option<Value>| match v {
             Some(Value::Dur(ms)) => Some(*ms),

@@ -293,6 +293,7 @@ pub const ROUTES: &[RouteAccess] = {
         route("GET", "/v1/customers/{id}/explain/{name}", CustomersRead, false),
         route("PUT", "/v1/customers/{id}/tags/{tag}", TagsWrite, true),
         route("DELETE", "/v1/customers/{id}/tags/{tag}", TagsWrite, true),
+        route("GET", "/v1/definitions", SegmentsRead, false),
         route("GET", "/v1/segments", SegmentsRead, false),
         route("POST", "/v1/segments/query", SegmentsRead, true),
         route("GET", "/v1/segments/{name}", SegmentsRead, false),
