@@ -375,6 +375,16 @@ impl IdPage {
     pub fn numbers(&self) -> &[u32] {
         &self.numbers
     }
+
+    /// Every id of the page, one after the other (an Arrow column's values as they are).
+    pub fn text(&self) -> &str {
+        &self.bytes
+    }
+
+    /// Where each id ends in [`IdPage::text`].
+    pub fn ends(&self) -> &[usize] {
+        &self.ends
+    }
 }
 
 /// What a checkpoint wrote.

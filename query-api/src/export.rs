@@ -12,11 +12,12 @@ use std::sync::Arc;
 
 use arrow_array::builder::{BooleanBuilder, Decimal128Builder, Float64Builder, Int64Builder, StringBuilder};
 use arrow_array::{ArrayRef, RecordBatch, StringArray};
+use arrow_buffer::{Buffer, OffsetBuffer};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use processor::index::IdPage;
 use rules::{Type, Value};
 
-use crate::access::mask::{mask_into, FieldPolicy};
+use crate::access::mask::{kept_ends, mask_into, FieldPolicy};
 
 /// The formats a members export can take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -257,19 +258,46 @@ impl IdText<'_> {
         }
     }
 
-    /// The ids as an Arrow column.
-    fn column(&self) -> StringArray {
-        let n = self.ids.len();
-        let mut column = StringBuilder::with_capacity(n, n * 16);
-        match self.policy {
-            FieldPolicy::Show => self.ids.iter().for_each(|id| column.append_value(id)),
-            FieldPolicy::Mask => self.ids.iter().for_each(|id| {
-                mask_into(id, &mut column);
-                column.append_value("");
-            }),
-            FieldPolicy::Hide => (0..n).for_each(|_| column.append_value("***")),
-        }
-        column.finish()
+    /// The ids as an Arrow column, built from the page's text in one piece: as stored, one
+    /// copy of the page; masked, each ASCII id (phone numbers, most ids) copied and starred
+    /// in place, the others masked character by character.
+    fn column(&self) -> Result<StringArray, EncodeError> {
+        let (text, ends) = (self.ids.text(), self.ids.ends());
+        let (values, lengths): (Vec<u8>, Vec<usize>) = match self.policy {
+            FieldPolicy::Show => {
+                let mut start = 0;
+                let lengths = ends
+                    .iter()
+                    .map(|&end| end - std::mem::replace(&mut start, end))
+                    .collect();
+                (text.as_bytes().to_vec(), lengths)
+            }
+            FieldPolicy::Hide => ("***".repeat(ends.len()).into_bytes(), vec![3; ends.len()]),
+            FieldPolicy::Mask => {
+                let mut values = Vec::with_capacity(text.len());
+                let mut lengths = Vec::with_capacity(ends.len());
+                let mut scratch = String::new();
+                let mut start = 0;
+                for &end in ends {
+                    let id = &text[start..end];
+                    let at = values.len();
+                    if id.is_ascii() {
+                        values.extend_from_slice(id.as_bytes());
+                        let (head, tail) = kept_ends(id.len());
+                        values[at + head..at + id.len() - tail].fill(b'*');
+                    } else {
+                        scratch.clear();
+                        mask_into(id, &mut scratch);
+                        values.extend_from_slice(scratch.as_bytes());
+                    }
+                    lengths.push(values.len() - at);
+                    start = end;
+                }
+                (values, lengths)
+            }
+        };
+        let offsets = OffsetBuffer::<i32>::from_lengths(lengths);
+        Ok(StringArray::try_new(offsets, Buffer::from_vec(values), None)?)
     }
 }
 
@@ -279,7 +307,7 @@ fn record_batch(
     ids: &IdText<'_>,
     rows: &[Vec<Option<Value>>],
 ) -> Result<RecordBatch, EncodeError> {
-    let mut arrays: Vec<ArrayRef> = vec![Arc::new(ids.column())];
+    let mut arrays: Vec<ArrayRef> = vec![Arc::new(ids.column()?)];
     for (i, c) in columns.iter().enumerate() {
         arrays.push(array_of(c.ty, Numbers::Exact, rows.iter().map(|r| r[i].as_ref())));
     }

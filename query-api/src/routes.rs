@@ -919,6 +919,8 @@ pub async fn schema_observed(
 pub struct DlqQuery {
     after: Option<u64>,
     limit: Option<usize>,
+    /// The newest this many instead, newest first.
+    last: Option<usize>,
 }
 
 pub async fn dead_letters(
@@ -926,11 +928,28 @@ pub async fn dead_letters(
     q: Result<Query<DlqQuery>, QueryRejection>,
 ) -> Result<Json<Json_>, ApiError> {
     let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let limit = q.limit.unwrap_or(100).min(10_000);
-    let letters = app
-        .engine
-        .call(move |engine| engine.dead_letters(q.after, limit))
-        .await??;
+    let letters = match q.last {
+        Some(last) => {
+            if q.after.is_some() || q.limit.is_some() {
+                return Err(ApiError::BadRequest(
+                    "`last` lists the newest dead letters: it takes no `after` or `limit`".into(),
+                ));
+            }
+            if !(1..=1000).contains(&last) {
+                return Err(ApiError::BadRequest("`last` must be between 1 and 1000".into()));
+            }
+            let reader = app.engine.reader().clone();
+            tokio::task::spawn_blocking(move || reader.newest_dead_letters(last))
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))??
+        }
+        None => {
+            let limit = q.limit.unwrap_or(100).min(10_000);
+            app.engine
+                .call(move |engine| engine.dead_letters(q.after, limit))
+                .await??
+        }
+    };
     let items: Vec<Json_> = letters
         .iter()
         .map(|d| {
@@ -943,7 +962,8 @@ pub async fn dead_letters(
             })
         })
         .collect();
-    let next_after = letters.last().map(|d| d.id);
+    // Newest first with `last`: the next page starts after the newest.
+    let next_after = letters.iter().map(|d| d.id).max();
     Ok(Json(json!({ "dead_letters": items, "next_after": next_after })))
 }
 

@@ -544,6 +544,7 @@ fn the_openapi_document_describes_every_route_the_server_answers() {
         "/v1/customers/{id}/events",
         "/v1/customers/{id}/explain/{name}",
         "/v1/customers/{id}/tags/{tag}",
+        "/v1/definitions",
         "/v1/segments",
         "/v1/segments/{name}",
         "/v1/segments/query",

@@ -187,6 +187,29 @@ fn every_class_in_every_mode_through_http_with_the_rest_of_the_batch_untouched()
         .collect();
     assert_eq!(dead, want.iter().map(|(_, c)| c.as_str()).collect::<Vec<_>>());
     assert_eq!(dlq["dead_letters"][0]["raw"], lines[want[0].0 as usize]);
+    // The newest few, newest first (the console's live view), following on from the newest.
+    let newest = s.get("/v1/dlq?last=2").json();
+    let ids = |v: &serde_json::Value| -> Vec<u64> {
+        v["dead_letters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["id"].as_u64().unwrap())
+            .collect()
+    };
+    let all = ids(&dlq);
+    assert_eq!(
+        ids(&newest),
+        all.iter().rev().take(2).copied().collect::<Vec<_>>()
+    );
+    assert_eq!(newest["next_after"], *all.last().unwrap());
+    assert_eq!(
+        newest["dead_letters"][0]["raw"],
+        lines[want.last().unwrap().0 as usize]
+    );
+    for bad in ["last=0", "last=1001", "last=2&after=1", "last=2&limit=5"] {
+        assert_eq!(s.get(&format!("/v1/dlq?{bad}")).status, 400, "{bad}");
+    }
 
     // The quality record: by class, type and field, blocked or kept, with samples.
     let q = s.get("/v1/quality").json();

@@ -712,7 +712,9 @@ impl ReadHandle {
                         continue 'candidates;
                     }
                 }
-                out.insert(number);
+                // Candidates come in ascending order: appended, not searched for.
+                let appended = out.try_push(number);
+                debug_assert!(appended.is_ok(), "candidates in ascending order");
             }
         }
         out

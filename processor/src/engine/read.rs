@@ -160,6 +160,11 @@ impl ReadHandle {
         dead_letters(&self.store, after, limit)
     }
 
+    /// The `limit` newest dead letters, newest first.
+    pub fn newest_dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, EngineError> {
+        newest_dead_letters(&self.store, limit)
+    }
+
     /// Where `source` stood after the last committed batch from it.
     pub fn source_offset(&self, source: &str) -> Result<Option<u64>, EngineError> {
         source_offset(&self.store, source)
@@ -270,30 +275,52 @@ pub(super) fn dead_letters(
             break;
         }
         let (key, value) = item?;
-        let id = u64::from_be_bytes(
-            key[..8]
-                .try_into()
-                .map_err(|_| StoreError::Codec(CodecError("bad dlq key")))?,
-        );
-        let mut r = Reader::new(&value);
-        let received_at = r.i64().map_err(StoreError::from)?;
-        let reason = r.str().map_err(StoreError::from)?.to_owned();
-        let raw = r.bytes().map_err(StoreError::from)?.to_vec();
-        let code = if r.is_empty() {
-            "unknown".to_owned()
-        } else {
-            r.str().map_err(StoreError::from)?.to_owned()
-        };
-        out.push(DeadLetter {
-            id,
-            received_at,
-            reason,
-            code,
-            raw,
-        });
+        out.push(decode_dead_letter(&key, &value)?);
     }
     super::retention::check_cursor(store, Log::DeadLetters, start)?;
     Ok(out)
+}
+
+/// The `limit` newest dead letters retention keeps, newest first.
+pub(super) fn newest_dead_letters(store: &Store, limit: usize) -> Result<Vec<DeadLetter>, EngineError> {
+    let floor = super::retention::floor(store, Log::DeadLetters)?;
+    let mut out = Vec::new();
+    for item in store.scan_reverse(CF_DLQ) {
+        if out.len() == limit {
+            break;
+        }
+        let (key, value) = item?;
+        let letter = decode_dead_letter(&key, &value)?;
+        if letter.id < floor {
+            break;
+        }
+        out.push(letter);
+    }
+    Ok(out)
+}
+
+fn decode_dead_letter(key: &[u8], value: &[u8]) -> Result<DeadLetter, StoreError> {
+    let id = u64::from_be_bytes(
+        key.get(..8)
+            .and_then(|k| k.try_into().ok())
+            .ok_or(StoreError::Codec(CodecError("bad dlq key")))?,
+    );
+    let mut r = Reader::new(value);
+    let received_at = r.i64()?;
+    let reason = r.str()?.to_owned();
+    let raw = r.bytes()?.to_vec();
+    let code = if r.is_empty() {
+        "unknown".to_owned()
+    } else {
+        r.str()?.to_owned()
+    };
+    Ok(DeadLetter {
+        id,
+        received_at,
+        reason,
+        code,
+        raw,
+    })
 }
 
 /// Every source's position (file, Kafka partitions) as of the last commit.

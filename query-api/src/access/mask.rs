@@ -33,18 +33,13 @@ pub fn mask_text(text: &str) -> String {
     out
 }
 
-/// [`mask_text`] appended to `out` (a `String`, or an Arrow string column being built): no
-/// allocation of its own (exports mask every row), and three copies for an ASCII text (ids
-/// and phone numbers are).
+/// [`mask_text`] appended to `out`: no allocation of its own, and three copies for an ASCII
+/// text (ids and phone numbers are).
 pub fn mask_into<W: std::fmt::Write + ?Sized>(text: &str, out: &mut W) {
     const STARS: &str = "****************************************************************";
     let ascii = text.is_ascii();
     let n = if ascii { text.len() } else { text.chars().count() };
-    let (head, tail) = match n {
-        8.. => (3, 4),
-        3..=7 => (1, 1),
-        _ => (0, 0),
-    };
+    let (head, tail) = kept_ends(n);
     if ascii {
         push(out, &text[..head]);
         let mut stars = n - head - tail;
@@ -69,6 +64,15 @@ pub fn mask_into<W: std::fmt::Write + ?Sized>(text: &str, out: &mut W) {
             stars -= run;
         }
         push(out, &text[tail_start..]);
+    }
+}
+
+/// How many characters a masked text of `n` characters keeps at its start and at its end.
+pub fn kept_ends(n: usize) -> (usize, usize) {
+    match n {
+        8.. => (3, 4),
+        3..=7 => (1, 1),
+        _ => (0, 0),
     }
 }
 
