@@ -49,6 +49,41 @@ export async function api<T = any>(
   return parsed as T;
 }
 
+/** A request whose body is text (a rule set), with extra headers (`If-Match`). */
+export async function apiText<T = any>(
+  method: string,
+  path: string,
+  text: string,
+  extra?: Record<string, string>,
+): Promise<T> {
+  const response = await fetch(path, {
+    method,
+    headers: headers({ "Content-Type": "text/plain; charset=utf-8", ...(extra ?? {}) }),
+    body: text,
+  });
+  const type = response.headers.get("content-type") ?? "";
+  const parsed = type.includes("json") ? await response.json() : await response.text();
+  if (!response.ok) {
+    const message = typeof parsed === "object" && parsed?.error ? parsed.error : String(parsed);
+    throw new ApiError(response.status, message, parsed);
+  }
+  return parsed as T;
+}
+
+/** The rule set's text and its version (the ETag, for `If-Match`). */
+export async function rulesWithVersion(): Promise<{ text: string; etag: string | null }> {
+  const response = await fetch("/v1/rules", { headers: headers() });
+  const text = await response.text();
+  if (!response.ok) {
+    let message = text;
+    try {
+      message = JSON.parse(text).error ?? text;
+    } catch {}
+    throw new ApiError(response.status, message, null);
+  }
+  return { text, etag: response.headers.get("etag") };
+}
+
 /** Downloads an export (the key goes in a header, so not through a plain link). */
 export async function download(path: string, filename: string) {
   const response = await fetch(path, { headers: headers() });

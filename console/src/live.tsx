@@ -52,6 +52,13 @@ export function p99(now: Samples, before: Samples, name: string): number | null 
   return null;
 }
 
+interface DeadLetter {
+  id: number;
+  received_at: number;
+  reason: string;
+  raw: string;
+}
+
 interface Point {
   at: number;
   events: number;
@@ -79,10 +86,15 @@ export function Live({ t }: { t: Texts }) {
   const [scrapes, setScrapes] = useState<{ at: number; samples: Samples }[]>([]);
   const [history, setHistory] = useState<Point[]>([]);
   const [error, setError] = useState<string | null>(null);
+  // The newest dead letters with their reason and line, for roles that may read them.
+  const [letters, setLetters] = useState<DeadLetter[] | null>(null);
 
   useEffect(() => {
     let stopped = false;
     const scrape = async () => {
+      api<{ dead_letters: DeadLetter[] }>("GET", "/v1/dlq?last=5")
+        .then((r) => !stopped && setLetters(r.dead_letters))
+        .catch(() => !stopped && setLetters(null));
       try {
         const text = await api<string>("GET", "/metrics");
         if (stopped) return;
@@ -160,6 +172,24 @@ export function Live({ t }: { t: Texts }) {
             ))}
           </tbody>
         </table>
+      )}
+      {letters && letters.length > 0 && (
+        <div>
+          <h3>{t.newestDeadLetters}</h3>
+          <table id="dead-letter-lines" class="dead">
+            <tbody>
+              {letters.map((d) => (
+                <tr>
+                  <td class="window">{new Date(d.received_at).toLocaleTimeString()}</td>
+                  <td>{d.reason}</td>
+                  <td>
+                    <code>{d.raw.length > 160 ? `${d.raw.slice(0, 160)}…` : d.raw}</code>
+                  </td>
+                </tr>
+              ))}
+            </tbody>
+          </table>
+        </div>
       )}
       {lags.length > 0 && (
         <div>

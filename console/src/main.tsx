@@ -5,13 +5,14 @@ import { initialLang, Lang, texts, Texts } from "./i18n";
 import { Segments } from "./segments";
 import { Customers } from "./customers";
 import { Live } from "./live";
+import { Rules } from "./rules";
 import "./style.css";
 
-type View = "segments" | "customers" | "live";
+type View = "segments" | "rules" | "customers" | "live";
 
 function viewOfHash(): View {
   const v = location.hash.replace(/^#\/?/, "").split("/")[0];
-  return v === "customers" || v === "live" ? v : "segments";
+  return v === "customers" || v === "live" || v === "rules" ? v : "segments";
 }
 
 /** Who the key is: `GET /v1/rules` is open to every role but ingest and monitor, so the
@@ -89,6 +90,7 @@ function App() {
         <strong>{t.title}</strong>
         <nav>
           {nav("segments", t.segments)}
+          {nav("rules", t.rules)}
           {nav("customers", t.customers)}
           {nav("live", t.live)}
         </nav>
@@ -113,6 +115,7 @@ function App() {
       <main>
         {session === "login" && <Login t={t} onLogin={probe} />}
         {(session === "ok" || session === "open") && view === "segments" && <Segments t={t} />}
+        {(session === "ok" || session === "open") && view === "rules" && <Rules t={t} />}
         {(session === "ok" || session === "open") && view === "customers" && <Customers t={t} />}
         {(session === "ok" || session === "open") && view === "live" && <Live t={t} />}
       </main>

@@ -3,7 +3,10 @@
 //! `tagstream serve`: log in with a key, build a segment and watch its exact count follow the
 //! expression, see a diagnostic underlined, save it, open a customer and ask why it has a
 //! tag, watch the live view count events, switch to Chinese; and a key whose role may not
-//! query segments is told so.
+//! query segments is told so. The tags-and-rules page: definitions with members and
+//! enters/exits per hour, a typo underlined, a change previewed, applied and backfilled.
+//! With `TAGSTREAM_SCREENSHOTS=docs/console` the tests also take the screenshots the README
+//! shows.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -171,8 +174,42 @@ fn the_console_builds_segments_with_exact_counts_explains_customers_and_shows_th
         let c = browser(&driver, profile.path()).await;
         log_in(&c, &format!("http://{}/", s.addr), &editor).await;
 
-        // The exact count follows the expression as it is typed.
+        // Built by clicking the pickers: the count shown is the API's for the same text.
         c.wait().for_element(Locator::Css("#expression")).await.unwrap();
+        let chip = |text: &str| format!("//button[contains(@class, 'chip') and normalize-space(.)='{text}']");
+        c.wait()
+            .for_element(Locator::XPath(&chip("buyer")))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        text_until(&c, "#count", |t| t == "30").await;
+        c.wait()
+            .for_element(Locator::XPath(&chip("profile.level")))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        let built = c
+            .find(Locator::Css("#expression"))
+            .await
+            .unwrap()
+            .prop("value")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(built, "buyer and has(profile.level)");
+        let body = serde_json::json!({ "expr": built }).to_string();
+        let api_count = post(&s, &editor, "/v1/segments/query", &body).json()["count"]
+            .as_u64()
+            .unwrap();
+        assert_eq!(api_count, 30);
+        let shown = api_count.to_string();
+        text_until(&c, "#count", |t| t == shown).await;
+
+        // The exact count follows the expression as it is typed.
         type_into(&c, "#expression", "buyer").await;
         text_until(&c, "#count", |t| t == "30").await;
         type_into(&c, "#expression", "buyer and profile.level == \"gold\"").await;
@@ -181,6 +218,7 @@ fn the_console_builds_segments_with_exact_counts_explains_customers_and_shows_th
         // Overlap with another segment.
         click(&c, "#overlap option[value='vip']").await;
         text_until(&c, "#overlap-count", |t| t.trim() == "10").await;
+        screenshot(&c, "segments").await;
         // A mistake is underlined where it is.
         type_into(&c, "#expression", "buyer and profile.level ==").await;
         let diagnostic = text_until(&c, "#diagnostics", |t| t.contains("1:")).await;
@@ -191,6 +229,11 @@ fn the_console_builds_segments_with_exact_counts_explains_customers_and_shows_th
         type_into(&c, "#save-name", "buyers_not_vip").await;
         click(&c, "#save").await;
         text_until(&c, "#saved", |t| t.contains('2')).await;
+        // Listed with the rule set's tags and segments from then on.
+        c.wait()
+            .for_element(Locator::XPath(&chip("buyers_not_vip")))
+            .await
+            .unwrap();
 
         // A customer, and why it has a tag.
         c.goto(&format!("http://{}/#/customers/c3", s.addr))
@@ -201,6 +244,7 @@ fn the_console_builds_segments_with_exact_counts_explains_customers_and_shows_th
         text_until(&c, "#customer-profile", |t| t.contains("gold")).await;
         click(&c, "#customer-tags button.why").await;
         text_until(&c, "#explain", |t| t.contains("count(payment, 30d)")).await;
+        screenshot(&c, "customer").await;
 
         // The live view counts what arrives.
         click(&c, "#nav-live").await;
@@ -226,6 +270,7 @@ fn the_console_builds_segments_with_exact_counts_explains_customers_and_shows_th
         });
         text_until(&c, "#events-rate", |t| t.parse::<u64>().is_ok_and(|n| n > 0)).await;
         feeding.join().unwrap();
+        screenshot(&c, "live").await;
 
         // 中文.
         click(&c, "#lang").await;
@@ -246,4 +291,101 @@ fn the_console_builds_segments_with_exact_counts_explains_customers_and_shows_th
         text_until(&c, ".login .error", |t| !t.is_empty()).await;
         c.close().await.unwrap();
     });
+}
+
+/// Saves a screenshot of the page as `docs/console/NAME.png` when `TAGSTREAM_SCREENSHOTS`
+/// names the directory to write to (how the README's screenshots are taken).
+async fn screenshot(c: &Client, name: &str) {
+    if let Ok(dir) = std::env::var("TAGSTREAM_SCREENSHOTS") {
+        let png = c.screenshot().await.unwrap();
+        std::fs::write(std::path::Path::new(&dir).join(format!("{name}.png")), png).unwrap();
+    }
+}
+
+#[test]
+fn the_console_lists_the_rules_by_tag_previews_a_change_and_applies_it() {
+    let dir = TempDir::new("console-rules");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let editor = create_key(&data, "editor", "marketer");
+    let ingest = create_key(&data, "ingest", "loader");
+    let s = Server::start_in(dir, RULES, &[]);
+    // 30 buyers: 10 gold, 20 silver.
+    let events: Vec<String> = (0..30)
+        .map(|n| {
+            let level = if n < 10 { "gold" } else { "silver" };
+            format!(
+                r#"{{"customer_id":"c{n}","type":"payment","ts":{},"props":{{"amount":10}},"profile":{{"level":"{level}"}}}}"#,
+                1_744_000_000_000u64 + n
+            )
+        })
+        .collect();
+    assert_eq!(
+        post(&s, &ingest, "/v1/events", &events.join("\n")).json()["accepted"],
+        30
+    );
+    let profile = TempDir::new("chromium-profile");
+    let driver = Driver::start();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let c = browser(&driver, profile.path()).await;
+        log_in(&c, &format!("http://{}/#/rules", s.addr), &editor).await;
+
+        // Every definition with its members and its enters per hour.
+        let members = |name: &str| format!("tr.definition[data-name='{name}'] td.members");
+        text_until(&c, &members("buyer"), |t| t == "30").await;
+        text_until(&c, &members("vip"), |t| t == "10").await;
+        let entered = c
+            .find(Locator::Css("tr.definition[data-name='buyer'] polyline.entered"))
+            .await
+            .unwrap();
+        let points = entered.attr("points").await.unwrap().unwrap_or_default();
+        assert!(
+            points.split(' ').any(|p| p.ends_with(",2")),
+            "a full-height hour: {points}"
+        );
+        click(&c, "tr.definition[data-name='vip']").await;
+        text_until(&c, ".source", |t| t.contains("profile.level == \"gold\"")).await;
+        screenshot(&c, "rules").await;
+
+        // A typo is underlined where it is; nothing can be applied.
+        type_into(&c, "#rules-text", "tag buyer = count(payment, 30d) >=\n").await;
+        click(&c, "#rules-preview").await;
+        let diagnostic = text_until(&c, "#diagnostics", |t| t.contains("1:")).await;
+        assert!(diagnostic.contains("count(payment, 30d)"), "{diagnostic}");
+        assert!(!c
+            .find(Locator::Css("#rules-apply"))
+            .await
+            .unwrap()
+            .is_enabled()
+            .await
+            .unwrap());
+
+        // Silver instead of gold: 20 would enter vip and 10 would leave it.
+        let silver = RULES.replace("gold", "silver");
+        type_into(&c, "#rules-text", &silver).await;
+        click(&c, "#rules-preview").await;
+        text_until(&c, "#preview-enter", |t| t == "20").await;
+        text_until(&c, "#preview-exit", |t| t == "10").await;
+        screenshot(&c, "rules-preview").await;
+        click(&c, "#rules-apply").await;
+        text_until(&c, "#backfill-done", |t| !t.is_empty()).await;
+        text_until(&c, &members("vip"), |t| t == "20").await;
+        c.close().await.unwrap();
+    });
+    // Applied as the rule set's next version, with the previewed outcome.
+    let auth = format!("Bearer {editor}");
+    let rules = request_with(&s.addr, "GET", "/v1/rules", &[("Authorization", &auth)], b"");
+    assert!(rules.text().contains("silver"), "{}", rules.text());
+    let vip = request_with(
+        &s.addr,
+        "POST",
+        "/v1/segments/query",
+        &[("Authorization", &auth)],
+        br#"{"expr":"vip"}"#,
+    );
+    assert_eq!(vip.json()["count"], 20);
 }
