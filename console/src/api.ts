@@ -40,6 +40,11 @@ export async function api<T = any>(
     body: body === undefined ? undefined : JSON.stringify(body),
     signal,
   });
+  return answer<T>(response);
+}
+
+/** The answer parsed (JSON or text); an error status thrown with the API's message. */
+async function answer<T>(response: Response): Promise<T> {
   const type = response.headers.get("content-type") ?? "";
   const parsed = type.includes("json") ? await response.json() : await response.text();
   if (!response.ok) {
@@ -61,13 +66,7 @@ export async function apiText<T = any>(
     headers: headers({ "Content-Type": "text/plain; charset=utf-8", ...(extra ?? {}) }),
     body: text,
   });
-  const type = response.headers.get("content-type") ?? "";
-  const parsed = type.includes("json") ? await response.json() : await response.text();
-  if (!response.ok) {
-    const message = typeof parsed === "object" && parsed?.error ? parsed.error : String(parsed);
-    throw new ApiError(response.status, message, parsed);
-  }
-  return parsed as T;
+  return answer<T>(response);
 }
 
 /** The rule set's text and its version (the ETag, for `If-Match`). */

@@ -109,13 +109,15 @@ export function Segments({ t }: { t: Texts }) {
           );
           both = o.count;
         }
+        // A newer expression came while this one was answered: its answer is stale.
+        if (controller.signal.aborted) return;
         setResult(r);
         setOverlapCount(both);
         setDiagnostics([]);
         setError(null);
         setCountedFrom(started);
       } catch (e) {
-        if ((e as Error).name === "AbortError") return;
+        if ((e as Error).name === "AbortError" || controller.signal.aborted) return;
         setResult(null);
         setOverlapCount(null);
         if (e instanceof ApiError) {

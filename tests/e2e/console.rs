@@ -121,7 +121,11 @@ async fn text_until(c: &Client, css: &str, ok: impl Fn(&str) -> bool) -> String 
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("{css}: still `{last}`");
+    let error = match c.find(Locator::Css(".error, #diagnostics")).await {
+        Ok(e) => e.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    panic!("{css}: still `{last}` (the page says: `{error}`)");
 }
 
 async fn type_into(c: &Client, css: &str, text: &str) {
@@ -142,18 +146,19 @@ async fn log_in(c: &Client, url: &str, key: &str) {
     click(c, "#login").await;
 }
 
-#[test]
-fn the_console_builds_segments_with_exact_counts_explains_customers_and_shows_the_engine_live() {
-    let dir = TempDir::new("console");
+/// A server with an editor and an ingest key (returned in that order) holding `customers`
+/// customers: c0..c29 bought (c0..c9 gold, the others silver), the rest only viewed.
+fn started(name: &str, customers: u64) -> (Server, String, String) {
+    let dir = TempDir::new(name);
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
     let editor = create_key(&data, "editor", "marketer");
     let ingest = create_key(&data, "ingest", "loader");
     let s = Server::start_in(dir, RULES, &[]);
-    // 30 buyers, 10 of them gold; 5 customers who only viewed.
-    let events: Vec<String> = (0..35)
+    let events: Vec<String> = (0..customers)
         .map(|n| {
-            let (kind, level) = (if n < 30 { "payment" } else { "view" }, if n < 10 { "gold" } else { "silver" });
+            let kind = if n < 30 { "payment" } else { "view" };
+            let level = if n < 10 { "gold" } else { "silver" };
             format!(
                 r#"{{"customer_id":"c{n}","type":"{kind}","ts":{},"props":{{"amount":10}},"profile":{{"level":"{level}"}}}}"#,
                 1_744_000_000_000u64 + n
@@ -162,8 +167,13 @@ fn the_console_builds_segments_with_exact_counts_explains_customers_and_shows_th
         .collect();
     assert_eq!(
         post(&s, &ingest, "/v1/events", &events.join("\n")).json()["accepted"],
-        35
+        customers
     );
+    (s, editor, ingest)
+}
+
+/// Runs `f` with a WebDriver session of a fresh headless Chromium.
+fn in_browser(f: impl AsyncFnOnce(Client)) {
     let profile = TempDir::new("chromium-profile");
     let driver = Driver::start();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -172,6 +182,14 @@ fn the_console_builds_segments_with_exact_counts_explains_customers_and_shows_th
         .unwrap();
     runtime.block_on(async {
         let c = browser(&driver, profile.path()).await;
+        f(c).await
+    });
+}
+
+#[test]
+fn the_console_builds_segments_with_exact_counts_explains_customers_and_shows_the_engine_live() {
+    let (s, editor, ingest) = started("console", 35);
+    in_browser(async |c: Client| {
         log_in(&c, &format!("http://{}/", s.addr), &editor).await;
 
         // Built by clicking the pickers: the count shown is the API's for the same text.
@@ -304,34 +322,8 @@ async fn screenshot(c: &Client, name: &str) {
 
 #[test]
 fn the_console_lists_the_rules_by_tag_previews_a_change_and_applies_it() {
-    let dir = TempDir::new("console-rules");
-    let data = dir.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let editor = create_key(&data, "editor", "marketer");
-    let ingest = create_key(&data, "ingest", "loader");
-    let s = Server::start_in(dir, RULES, &[]);
-    // 30 buyers: 10 gold, 20 silver.
-    let events: Vec<String> = (0..30)
-        .map(|n| {
-            let level = if n < 10 { "gold" } else { "silver" };
-            format!(
-                r#"{{"customer_id":"c{n}","type":"payment","ts":{},"props":{{"amount":10}},"profile":{{"level":"{level}"}}}}"#,
-                1_744_000_000_000u64 + n
-            )
-        })
-        .collect();
-    assert_eq!(
-        post(&s, &ingest, "/v1/events", &events.join("\n")).json()["accepted"],
-        30
-    );
-    let profile = TempDir::new("chromium-profile");
-    let driver = Driver::start();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let c = browser(&driver, profile.path()).await;
+    let (s, editor, _) = started("console-rules", 30);
+    in_browser(async |c: Client| {
         log_in(&c, &format!("http://{}/#/rules", s.addr), &editor).await;
 
         // Every definition with its members and its enters per hour.

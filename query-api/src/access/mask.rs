@@ -35,36 +35,24 @@ pub fn mask_text(text: &str) -> String {
 
 /// [`mask_text`] appended to `out`: no allocation of its own, and three copies for an ASCII
 /// text (ids and phone numbers are).
-pub fn mask_into<W: std::fmt::Write + ?Sized>(text: &str, out: &mut W) {
-    const STARS: &str = "****************************************************************";
+pub fn mask_into(text: &str, out: &mut String) {
     let ascii = text.is_ascii();
     let n = if ascii { text.len() } else { text.chars().count() };
     let (head, tail) = kept_ends(n);
-    if ascii {
-        push(out, &text[..head]);
-        let mut stars = n - head - tail;
-        while stars > 0 {
-            let run = stars.min(STARS.len());
-            push(out, &STARS[..run]);
-            stars -= run;
-        }
-        push(out, &text[n - tail..]);
+    // Byte offsets of the kept ends, so they are copied as slices, not char by char.
+    let (head_end, tail_start) = if ascii {
+        (head, n - tail)
     } else {
-        // Byte offsets of the kept ends, so the ends are copied as slices, not char by char.
         let head_end = text.char_indices().nth(head).map_or(text.len(), |(i, _)| i);
         let tail_start = match tail {
             0 => text.len(),
             t => text.char_indices().nth_back(t - 1).map_or(0, |(i, _)| i),
         };
-        push(out, &text[..head_end]);
-        let mut stars = n - head - tail;
-        while stars > 0 {
-            let run = stars.min(STARS.len());
-            push(out, &STARS[..run]);
-            stars -= run;
-        }
-        push(out, &text[tail_start..]);
-    }
+        (head_end, tail_start)
+    };
+    out.push_str(&text[..head_end]);
+    push_stars(out, n - head - tail);
+    out.push_str(&text[tail_start..]);
 }
 
 /// How many characters a masked text of `n` characters keeps at its start and at its end.
@@ -76,9 +64,14 @@ pub fn kept_ends(n: usize) -> (usize, usize) {
     }
 }
 
-/// Appends to a `String` or an Arrow builder, neither of which fails.
-fn push<W: std::fmt::Write + ?Sized>(out: &mut W, text: &str) {
-    out.write_str(text).expect("appending to memory does not fail");
+/// Appends `n` stars, 64 at a time.
+fn push_stars(out: &mut String, mut n: usize) {
+    const STARS: &str = "****************************************************************";
+    while n > 0 {
+        let run = n.min(STARS.len());
+        out.push_str(&STARS[..run]);
+        n -= run;
+    }
 }
 
 /// How one request's outputs are masked. Cheap to clone; empty (everything shown) for roles
