@@ -126,9 +126,8 @@ impl Encoder {
         self.page_with(ids, FieldPolicy::Show, fields)
     }
 
-    /// [`Encoder::page`] with each customer id shown, masked or hidden as `id_policy` says:
-    /// masked straight into the output (the Arrow column being built), no page of masked ids
-    /// between.
+    /// [`Encoder::page`] with each customer id shown, masked or hidden as `id_policy` says,
+    /// as it is written out (no page of masked ids between).
     pub fn page_with(
         &mut self,
         ids: &IdPage,

@@ -890,7 +890,7 @@ impl ReadHandle {
 
     /// One page of members of `name` (whose members are `set`) after the customer number
     /// `after`, with `fields` read from each member's stored state (through `maps`, as
-    /// [`Reader::fields_of_mapped`] reads them).
+    /// [`ReadHandle::fields_of_mapped`] reads them).
     pub fn members_page(
         &self,
         name: &str,
@@ -922,7 +922,7 @@ impl ReadHandle {
         self.fields_of_mapped(name, ids, fields, &mut [])
     }
 
-    /// [`Reader::fields_of`] with the values of field `i` passed through `maps[i]` when it
+    /// [`ReadHandle::fields_of`] with the values of field `i` passed through `maps[i]` when it
     /// is `Some` (a masked column): a profile attribute's dictionary entries are mapped once
     /// per map, so a masked row costs what an unmasked one does.
     pub fn fields_of_mapped(
