@@ -128,9 +128,18 @@ async fn text_until(c: &Client, css: &str, ok: impl Fn(&str) -> bool) -> String 
     panic!("{css}: still `{last}` (the page says: `{error}`)");
 }
 
+/// Empties the field as a person would (an `input` event the page sees: WebDriver's own
+/// clear fires none, so a re-render could put the old text back under the new keys), then
+/// types `text`.
 async fn type_into(c: &Client, css: &str, text: &str) {
     let e = c.find(Locator::Css(css)).await.unwrap();
-    e.clear().await.unwrap();
+    let element = serde_json::to_value(&e).unwrap();
+    c.execute(
+        "arguments[0].value = ''; arguments[0].dispatchEvent(new Event('input', { bubbles: true }));",
+        vec![element],
+    )
+    .await
+    .unwrap();
     e.send_keys(text).await.unwrap();
 }
 
