@@ -204,21 +204,13 @@ fn the_console_builds_segments_with_exact_counts_explains_customers_and_shows_th
         // Built by clicking the pickers: the count shown is the API's for the same text.
         c.wait().for_element(Locator::Css("#expression")).await.unwrap();
         let chip = |text: &str| format!("//button[contains(@class, 'chip') and normalize-space(.)='{text}']");
-        c.wait()
-            .for_element(Locator::XPath(&chip("buyer")))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        let click_chip = async |text: &str| {
+            let button = c.wait().for_element(Locator::XPath(&chip(text))).await.unwrap();
+            button.click().await.unwrap();
+        };
+        click_chip("buyer").await;
         text_until(&c, "#count", |t| t == "30").await;
-        c.wait()
-            .for_element(Locator::XPath(&chip("profile.level")))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click_chip("profile.level").await;
         let built = c
             .find(Locator::Css("#expression"))
             .await
