@@ -280,6 +280,66 @@ enum Memo {
     Fails,
 }
 
+/// Numbers per block of a columnar scan: one roaring container's worth.
+const BLOCK: u64 = 1 << 16;
+
+/// Whether every residual of an expression holds for a customer, judged on the index:
+/// residuals that read one profile attribute once per distinct value (by the column's
+/// code), the others on [`ColumnFacts`].
+struct Judge<'j, 'a> {
+    rules: &'a CompiledRules,
+    now: i64,
+    facts: &'j ColumnFacts<'a>,
+    residuals: &'j [Residual<'a>],
+    columns: &'j [Option<&'j crate::columns::Column>],
+    memos: &'j mut [Vec<Memo>],
+}
+
+impl Judge<'_, '_> {
+    #[inline]
+    fn holds(&mut self, number: u32) -> bool {
+        for (i, residual) in self.residuals.iter().enumerate() {
+            let holds = match residual {
+                Residual::Any(part) => self.facts.holds(part, number),
+                Residual::OneAttribute(part, _) => {
+                    let column = self.columns[i];
+                    let code = column.map_or(0, |c| c.code(number));
+                    let judge = || {
+                        let value = column.and_then(|c| c.value_of(code, number));
+                        let facts = OneValueFacts {
+                            rules: self.rules,
+                            value,
+                            now: self.now,
+                        };
+                        self.rules.evaluate_node(part, &facts).is_true()
+                    };
+                    if code == crate::columns::Column::DECIMAL {
+                        judge()
+                    } else {
+                        let memo = &mut self.memos[i];
+                        match memo.get(code as usize) {
+                            Some(Memo::Holds) => true,
+                            Some(Memo::Fails) => false,
+                            _ => {
+                                let holds = judge();
+                                if memo.len() <= code as usize {
+                                    memo.resize(code as usize + 1, Memo::Unknown);
+                                }
+                                memo[code as usize] = if holds { Memo::Holds } else { Memo::Fails };
+                                holds
+                            }
+                        }
+                    }
+                }
+            };
+            if !holds {
+                return false;
+            }
+        }
+        true
+    }
+}
+
 /// Facts for an expression that reads no events, answered by the index alone: memberships
 /// from the bitmaps, profile attributes from the columns. One per thread, moved from
 /// customer to customer.
@@ -628,18 +688,19 @@ impl ReadHandle {
                     .reset(base);
             }
         }
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+        if columnar {
+            return Ok(self.filter_columnar(rules, node, now, &candidates, threads));
+        }
         let (event_traits, used) = (&event_traits, &used);
         let numbers: Vec<u32> = candidates.iter().collect();
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
         let per_thread = numbers.len().div_ceil(threads).max(4096);
         std::thread::scope(|scope| {
             let parts: Vec<_> = numbers
                 .chunks(per_thread)
                 .map(|part| {
                     scope.spawn(move || {
-                        if columnar {
-                            Ok(self.filter_columnar(rules, node, now, part))
-                        } else if let Some(base) = base {
+                        if let Some(base) = base {
                             let traits = CachedTraits {
                                 base,
                                 event_traits,
@@ -660,62 +721,100 @@ impl ReadHandle {
         })
     }
 
-    /// The candidates for whom `node` holds, judged on the index. The read lock is taken
-    /// per slice of candidates so that the engine's commits are not held up.
+    /// The candidates for whom `node` holds, judged on the index alone, split over
+    /// `threads` runs of equally many candidates.
     fn filter_columnar(
         &self,
         rules: &CompiledRules,
         node: &Node,
         now: i64,
-        numbers: &[u32],
+        candidates: &RoaringBitmap,
+        threads: usize,
+    ) -> RoaringBitmap {
+        let (Some(first), Some(last)) = (candidates.min(), candidates.max()) else {
+            return RoaringBitmap::new();
+        };
+        let len = candidates.len();
+        let parts = (threads as u64).min(len.div_ceil(BLOCK)).max(1);
+        // Part `t` starts at the candidate of rank `len * t / parts`.
+        let mut bounds: Vec<u64> = (1..parts)
+            .filter_map(|t| candidates.select((len * t / parts) as u32))
+            .map(u64::from)
+            .collect();
+        bounds.insert(0, u64::from(first));
+        bounds.push(u64::from(last) + 1);
+        std::thread::scope(|scope| {
+            let parts: Vec<_> = bounds
+                .windows(2)
+                .map(|w| {
+                    let numbers = w[0]..w[1];
+                    scope.spawn(move || self.filter_columnar_part(rules, node, now, candidates, numbers))
+                })
+                .collect();
+            let mut out = RoaringBitmap::new();
+            for part in parts {
+                out |= part.join().expect("a query thread panicked");
+            }
+            out
+        })
+    }
+
+    /// The candidates numbered in `numbers` for whom `node` holds, judged on the index a
+    /// block of [`BLOCK`] numbers at a time: candidates are walked as runs, matches set in
+    /// a bitset that becomes one bitmap container. The read lock is taken per block so that
+    /// the engine's commits are not held up.
+    fn filter_columnar_part(
+        &self,
+        rules: &CompiledRules,
+        node: &Node,
+        now: i64,
+        candidates: &RoaringBitmap,
+        numbers: std::ops::Range<u64>,
     ) -> RoaringBitmap {
         let residuals = Residual::of(node, rules);
         // Per residual, what each code came to; codes keep their value for good.
         let mut memos: Vec<Vec<Memo>> = vec![Vec::new(); residuals.len()];
         let mut out = RoaringBitmap::new();
-        for slice in numbers.chunks(16_384) {
-            let index = self.index.read();
-            let facts = ColumnFacts::new(rules, &index, now);
-            let columns: Vec<_> = residuals
-                .iter()
-                .map(|r| match r {
-                    Residual::OneAttribute(_, attr) => index.columns().column(attr),
-                    Residual::Any(_) => None,
-                })
-                .collect();
-            'candidates: for &number in slice {
-                for (i, residual) in residuals.iter().enumerate() {
-                    let holds = match residual {
-                        Residual::Any(part) => facts.holds(part, number),
-                        Residual::OneAttribute(part, _) => {
-                            let code = columns[i].map_or(0, |c| c.code(number));
-                            let judge = || {
-                                let value = columns[i].and_then(|c| c.value_of(code, number));
-                                let facts = OneValueFacts { rules, value, now };
-                                rules.evaluate_node(part, &facts).is_true()
-                            };
-                            if code == crate::columns::Column::DECIMAL {
-                                judge()
-                            } else {
-                                let memo = &mut memos[i];
-                                if memo.len() <= code as usize {
-                                    memo.resize(code as usize + 1, Memo::Unknown);
-                                }
-                                if memo[code as usize] == Memo::Unknown {
-                                    memo[code as usize] = if judge() { Memo::Holds } else { Memo::Fails };
-                                }
-                                memo[code as usize] == Memo::Holds
-                            }
+        let mut bits = vec![0u8; (BLOCK / 8) as usize];
+        let mut block = numbers.start & !(BLOCK - 1);
+        while block < numbers.end {
+            let from = numbers.start.max(block) as u32;
+            let to = (numbers.end.min(block + BLOCK) - 1) as u32;
+            let mut runs = candidates.range(from..=to);
+            let mut matched = false;
+            {
+                let index = self.index.read();
+                let facts = ColumnFacts::new(rules, &index, now);
+                let columns: Vec<_> = residuals
+                    .iter()
+                    .map(|r| match r {
+                        Residual::OneAttribute(_, attr) => index.columns().column(attr),
+                        Residual::Any(_) => None,
+                    })
+                    .collect();
+                let mut judge = Judge {
+                    rules,
+                    now,
+                    facts: &facts,
+                    residuals: &residuals,
+                    columns: &columns,
+                    memos: &mut memos,
+                };
+                while let Some(run) = runs.next_range() {
+                    for number in run {
+                        if judge.holds(number) {
+                            let bit = (u64::from(number) - block) as usize;
+                            bits[bit / 8] |= 1 << (bit % 8);
+                            matched = true;
                         }
-                    };
-                    if !holds {
-                        continue 'candidates;
                     }
                 }
-                // Candidates come in ascending order: appended, not searched for.
-                let appended = out.try_push(number);
-                debug_assert!(appended.is_ok(), "candidates in ascending order");
             }
+            if matched {
+                out |= RoaringBitmap::from_lsb0_bytes(block as u32, &bits);
+                bits.fill(0);
+            }
+            block += BLOCK;
         }
         out
     }
