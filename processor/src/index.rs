@@ -349,6 +349,16 @@ pub struct IdPage {
 }
 
 impl IdPage {
+    /// A page of the given customers (numbers and ids), as [`ReadHandle::ids_of`] would
+    /// copy them out of the index.
+    ///
+    /// [`ReadHandle::ids_of`]: crate::ReadHandle::ids_of
+    pub fn from_ids<'a>(ids: impl IntoIterator<Item = (u32, &'a str)>) -> IdPage {
+        let mut page = IdPage::default();
+        ids.into_iter().for_each(|(number, id)| page.push(number, id));
+        page
+    }
+
     fn push(&mut self, number: u32, id: &str) {
         self.bytes.push_str(id);
         self.ends.push(self.bytes.len());
@@ -384,6 +394,12 @@ impl IdPage {
     /// Where each id ends in [`IdPage::text`].
     pub fn ends(&self) -> &[usize] {
         &self.ends
+    }
+
+    /// [`IdPage::text`] and [`IdPage::ends`], taken: an Arrow column is made of them
+    /// without a copy.
+    pub fn into_text(self) -> (String, Vec<usize>) {
+        (self.bytes, self.ends)
     }
 }
 

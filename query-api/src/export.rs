@@ -122,7 +122,7 @@ impl Encoder {
 
     /// Encodes one page: `ids` with, when fields were requested, `fields[i]` for `ids[i]`.
     /// What it returns can be sent right away.
-    pub fn page(&mut self, ids: &IdPage, fields: &[Vec<Option<Value>>]) -> Result<Vec<u8>, EncodeError> {
+    pub fn page(&mut self, ids: IdPage, fields: &[Vec<Option<Value>>]) -> Result<Vec<u8>, EncodeError> {
         self.page_with(ids, FieldPolicy::Show, fields)
     }
 
@@ -130,11 +130,12 @@ impl Encoder {
     /// as it is written out (no page of masked ids between).
     pub fn page_with(
         &mut self,
-        ids: &IdPage,
+        ids: IdPage,
         id_policy: FieldPolicy,
         fields: &[Vec<Option<Value>>],
     ) -> Result<Vec<u8>, EncodeError> {
         let row_fields = |i: usize| fields.get(i).map_or(&[][..], |f| &f[..]);
+        let len = ids.len();
         let mut id = IdText {
             ids,
             policy: id_policy,
@@ -142,8 +143,8 @@ impl Encoder {
         };
         match self {
             Encoder::Ndjson(columns) => {
-                let mut out = Vec::with_capacity(ids.len() * 32);
-                for i in 0..ids.len() {
+                let mut out = Vec::with_capacity(len * 32);
+                for i in 0..len {
                     out.extend_from_slice(b"{\"customer_id\":");
                     serde_json::to_writer(&mut out, id.get(i)).expect("writing to a Vec");
                     for (c, v) in columns.iter().zip(row_fields(i)) {
@@ -158,8 +159,8 @@ impl Encoder {
                 Ok(out)
             }
             Encoder::Csv(_) => {
-                let mut out = Vec::with_capacity(ids.len() * 16);
-                for i in 0..ids.len() {
+                let mut out = Vec::with_capacity(len * 16);
+                for i in 0..len {
                     csv_field(&mut out, id.get(i));
                     for v in row_fields(i) {
                         out.push(b',');
@@ -172,18 +173,18 @@ impl Encoder {
                 Ok(out)
             }
             Encoder::Parquet(writer, schema, columns) => {
-                if ids.is_empty() {
+                if len == 0 {
                     return Ok(Vec::new());
                 }
-                writer.write(&record_batch(schema, columns, &id, fields)?)?;
+                writer.write(&record_batch(schema, columns, id.into_column()?, fields)?)?;
                 writer.flush()?;
                 Ok(std::mem::take(writer.inner_mut()))
             }
             Encoder::Arrow(writer, schema, columns) => {
-                if ids.is_empty() {
+                if len == 0 {
                     return Ok(Vec::new());
                 }
-                writer.write(&record_batch(schema, columns, &id, fields)?)?;
+                writer.write(&record_batch(schema, columns, id.into_column()?, fields)?)?;
                 Ok(std::mem::take(writer.get_mut()))
             }
         }
@@ -238,13 +239,13 @@ fn schema(columns: &[Column]) -> SchemaRef {
 
 /// The ids of a page as they are written out: as stored, masked into one reused buffer, or
 /// hidden.
-struct IdText<'a> {
-    ids: &'a IdPage,
+struct IdText {
+    ids: IdPage,
     policy: FieldPolicy,
     scratch: String,
 }
 
-impl IdText<'_> {
+impl IdText {
     fn get(&mut self, i: usize) -> &str {
         match self.policy {
             FieldPolicy::Show => self.ids.get(i),
@@ -257,42 +258,41 @@ impl IdText<'_> {
         }
     }
 
-    /// The ids as an Arrow column, built from the page's text in one piece: as stored, one
-    /// copy of the page; masked, each ASCII id (phone numbers, most ids) copied and starred
-    /// in place, the others masked character by character.
-    fn column(&self) -> Result<StringArray, EncodeError> {
-        let (text, ends) = (self.ids.text(), self.ids.ends());
-        let (values, lengths): (Vec<u8>, Vec<usize>) = match self.policy {
-            FieldPolicy::Show => {
-                let mut start = 0;
-                let lengths = ends
-                    .iter()
-                    .map(|&end| end - std::mem::replace(&mut start, end))
-                    .collect();
-                (text.as_bytes().to_vec(), lengths)
-            }
+    /// The ids as an Arrow column made of the page's own text: as stored, without a copy;
+    /// masked, starred in place when every id is ASCII (phone numbers, most ids), masked
+    /// id by id into a new buffer otherwise.
+    fn into_column(self) -> Result<StringArray, EncodeError> {
+        let (text, ends) = self.ids.into_text();
+        let lengths = |ends: &[usize]| -> Vec<usize> {
+            let mut start = 0;
+            ends.iter()
+                .map(|&end| end - std::mem::replace(&mut start, end))
+                .collect()
+        };
+        let (values, lengths) = match self.policy {
+            FieldPolicy::Show => (text.into_bytes(), lengths(&ends)),
             FieldPolicy::Hide => ("***".repeat(ends.len()).into_bytes(), vec![3; ends.len()]),
-            FieldPolicy::Mask => {
-                let mut values = Vec::with_capacity(text.len());
-                let mut lengths = Vec::with_capacity(ends.len());
-                let mut scratch = String::new();
+            FieldPolicy::Mask if text.is_ascii() => {
+                let mut values = text.into_bytes();
                 let mut start = 0;
-                for &end in ends {
-                    let id = &text[start..end];
+                for &end in &ends {
+                    let (head, tail) = kept_ends(end - start);
+                    values[start + head..end - tail].fill(b'*');
+                    start = end;
+                }
+                (values, lengths(&ends))
+            }
+            FieldPolicy::Mask => {
+                let mut values = String::with_capacity(text.len());
+                let mut lengths = Vec::with_capacity(ends.len());
+                let mut start = 0;
+                for &end in &ends {
                     let at = values.len();
-                    if id.is_ascii() {
-                        values.extend_from_slice(id.as_bytes());
-                        let (head, tail) = kept_ends(id.len());
-                        values[at + head..at + id.len() - tail].fill(b'*');
-                    } else {
-                        scratch.clear();
-                        mask_into(id, &mut scratch);
-                        values.extend_from_slice(scratch.as_bytes());
-                    }
+                    mask_into(&text[start..end], &mut values);
                     lengths.push(values.len() - at);
                     start = end;
                 }
-                (values, lengths)
+                (values.into_bytes(), lengths)
             }
         };
         let offsets = OffsetBuffer::<i32>::from_lengths(lengths);
@@ -303,10 +303,10 @@ impl IdText<'_> {
 fn record_batch(
     schema: &SchemaRef,
     columns: &[Column],
-    ids: &IdText<'_>,
+    ids: StringArray,
     rows: &[Vec<Option<Value>>],
 ) -> Result<RecordBatch, EncodeError> {
-    let mut arrays: Vec<ArrayRef> = vec![Arc::new(ids.column()?)];
+    let mut arrays: Vec<ArrayRef> = vec![Arc::new(ids)];
     for (i, c) in columns.iter().enumerate() {
         arrays.push(array_of(c.ty, Numbers::Exact, rows.iter().map(|r| r[i].as_ref())));
     }
@@ -394,5 +394,41 @@ fn csv_field(out: &mut Vec<u8>, s: &str) {
         out.push(b'"');
     } else {
         out.extend_from_slice(s.as_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::access::mask::mask_text;
+
+    /// The `customer_id` column of an Arrow export of one page of `ids`.
+    fn arrow_ids(ids: &[&str], policy: FieldPolicy) -> Vec<String> {
+        let page = IdPage::from_ids(ids.iter().enumerate().map(|(i, id)| (i as u32, *id)));
+        let mut encoder = Encoder::new(Format::Arrow, Vec::new()).unwrap();
+        let mut bytes = encoder.header();
+        bytes.extend(encoder.page_with(page, policy, &[]).unwrap());
+        bytes.extend(encoder.finish().unwrap());
+        let reader = arrow_ipc::reader::StreamReader::try_new(&bytes[..], None).unwrap();
+        let mut out = Vec::new();
+        for batch in reader {
+            let batch = batch.unwrap();
+            let column = batch.column(0).as_any().downcast_ref::<StringArray>().unwrap();
+            out.extend(column.iter().map(|v| v.unwrap().to_owned()));
+        }
+        out
+    }
+
+    #[test]
+    fn id_columns_are_shown_masked_or_hidden_whatever_the_text() {
+        let ascii = ["13800000001", "abc", "ab", "", "c-1234567"];
+        let mixed = ["13800000001", "张三丰有限公司", "ab", "", "ｃ１２３４５６７８"];
+        for ids in [&ascii[..], &mixed[..]] {
+            assert_eq!(arrow_ids(ids, FieldPolicy::Show), ids);
+            let masked: Vec<String> = ids.iter().map(|id| mask_text(id)).collect();
+            assert_eq!(arrow_ids(ids, FieldPolicy::Mask), masked);
+            assert_eq!(arrow_ids(ids, FieldPolicy::Hide), vec!["***"; ids.len()]);
+        }
+        assert_eq!(arrow_ids(&ascii, FieldPolicy::Mask)[..2], ["138****0001", "a*c"]);
     }
 }

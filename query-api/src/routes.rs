@@ -739,7 +739,7 @@ pub async fn segment_members(
             let mut body = preamble;
             body.extend(
                 encoder
-                    .page_with(&page.ids, id_policy, &page.fields)
+                    .page_with(page.ids, id_policy, &page.fields)
                     .map_err(encode)?,
             );
             body.extend(encoder.finish().map_err(encode)?);
@@ -774,7 +774,7 @@ pub async fn segment_members(
                 Ok(v) => v,
                 Err(e) => return drop(tx.blocking_send(fail(e.to_string()))),
             };
-            match encoder.page_with(&ids, id_policy, &values) {
+            match encoder.page_with(ids, id_policy, &values) {
                 Ok(bytes) if bytes.is_empty() => {}
                 Ok(bytes) => {
                     if tx.blocking_send(Ok(bytes)).is_err() {

@@ -166,7 +166,7 @@ fn time_export(engine: &Engine, format: Format) {
     let numbers: Vec<u32> = set.iter().collect();
     for page in numbers.chunks(8192) {
         let ids = reader.ids_of(page.iter().copied());
-        bytes += encoder.page(&ids, &[]).expect("encode").len();
+        bytes += encoder.page(ids, &[]).expect("encode").len();
     }
     bytes += encoder.finish().expect("finish").len();
     let secs = started.elapsed().as_secs_f64();
