@@ -256,8 +256,9 @@ fn main() {
     let (ingested, ingest_refused) = ingester.join().expect("ingest worker");
     latencies.sort_unstable();
     println!(
-        "lookups: {:.0} req/s over {elapsed:.1} s, {} connections, p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms, {errors} errors",
+        "lookups: {:.0} req/s over {elapsed:.1} s, {} requests, {} connections, p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms, {errors} errors",
         latencies.len() as f64 / elapsed,
+        latencies.len(),
         args.connections,
         percentile(&latencies, 0.50),
         percentile(&latencies, 0.99),
