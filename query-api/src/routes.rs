@@ -543,7 +543,7 @@ pub async fn segment_query(
 
 /// `GET /v1/segments`: every saved segment with its expression and member count.
 pub async fn list_segments(State(app): State<AppState>) -> Result<Json<Json_>, ApiError> {
-    let segments = app.engine.call(|engine| engine.saved_segments()).await?;
+    let segments = app.engine.reader().saved_segments();
     Ok(Json(json!({ "segments": segments })))
 }
 
@@ -579,7 +579,7 @@ pub async fn get_segment(
     State(app): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<Json_>, ApiError> {
-    let segments = app.engine.call(|engine| engine.saved_segments()).await?;
+    let segments = app.engine.reader().saved_segments();
     let found = segments
         .into_iter()
         .find(|s| s.name == name)

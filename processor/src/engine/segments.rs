@@ -62,11 +62,13 @@ fn dependents(rules: &CompiledRules, id: DefId) -> Vec<String> {
         .collect()
 }
 
-impl Engine {
-    /// The saved segments of the rule set, with their member counts.
+impl super::ReadHandle {
+    /// The saved segments of the published rule set, with their member counts: read
+    /// beside the engine, so not held up by a long catch-up of timers.
     pub fn saved_segments(&self) -> Vec<SavedSegment> {
-        let index = self.index.read();
-        self.rules
+        let rules = self.rules();
+        let index = self.index().read();
+        rules
             .defs()
             .iter()
             .filter(|d| d.kind == DefKind::Segment)
@@ -79,6 +81,13 @@ impl Engine {
                 members: index.set(&d.name).map_or(0, |s| s.len()),
             })
             .collect()
+    }
+}
+
+impl Engine {
+    /// [`ReadHandle::saved_segments`](super::ReadHandle::saved_segments).
+    pub fn saved_segments(&self) -> Vec<SavedSegment> {
+        self.reader().saved_segments()
     }
 
     /// The rule text without the definition of `name`, which must be a segment if defined.
