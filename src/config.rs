@@ -479,6 +479,7 @@ impl Settings {
                 .rules
                 .as_ref()
                 .map_or("initial".to_owned(), |p| format!("file:{}", p.display())),
+            timers_per_round: EngineConfig::default().timers_per_round,
         }
     }
 

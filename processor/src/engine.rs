@@ -111,6 +111,11 @@ pub struct EngineConfig {
     pub rules_file_authority: Option<String>,
     /// Who the first recorded version of the rule set is attributed to (`file:PATH`, ...).
     pub initial_author: String,
+    /// Wall clock mode: most timers one worker fires in a round. A backlog of due timers (a
+    /// restart after downtime, when every window has expired at once) is worked off round
+    /// after round, each committed on its own, so memory stays bounded; each timer still
+    /// fires at its own instant, and a customer met by an event first has theirs fired then.
+    pub timers_per_round: usize,
 }
 
 /// Retention of a log (the change log, the dead letters): its oldest entries go once they
@@ -148,6 +153,7 @@ impl Default for EngineConfig {
             partitions: 12,
             rules_file_authority: None,
             initial_author: "initial".to_owned(),
+            timers_per_round: 20_000,
         }
     }
 }

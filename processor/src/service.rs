@@ -307,6 +307,9 @@ impl Service {
         let wall = self.engine.config().clock == ClockMode::Wall;
         let mut last_tick = Instant::now();
         let mut last_checkpoint = Instant::now();
+        // Timers are still due after a tick that fired its most (a backlog worked off round
+        // by round): the next tick comes right away. Not after a failed tick: that waits.
+        let mut behind = false;
         loop {
             let job = match self.held.take() {
                 Some(job) => Some(job),
@@ -317,6 +320,11 @@ impl Service {
                         self.engine.settle();
                         None
                     }
+                    Err(TryRecvError::Disconnected) => break,
+                },
+                None if behind => match self.queue.try_recv() {
+                    Ok(job) => Some(self.taken(job)),
+                    Err(TryRecvError::Empty) => None,
                     Err(TryRecvError::Disconnected) => break,
                 },
                 None => match self.queue.recv_timeout(self.config.tick) {
@@ -337,11 +345,15 @@ impl Service {
             }
             self.answer();
             // Under load, each group fires the timers due before it; ticks are for the rest.
-            if wall && !self.engine.in_flight() && last_tick.elapsed() >= self.config.tick {
+            if wall && !self.engine.in_flight() && (last_tick.elapsed() >= self.config.tick || behind) {
                 last_tick = Instant::now();
-                if let Err(e) = self.engine.tick() {
-                    tracing::error!(error = %e, "firing timers failed; will retry");
-                }
+                behind = match self.engine.tick() {
+                    Ok(_) => self.engine.timers_behind(),
+                    Err(e) => {
+                        tracing::error!(error = %e, "firing timers failed; will retry");
+                        false
+                    }
+                };
                 telemetry::record_timers(&self.engine.take_fired_timers(), self.engine.wall_clock_ms());
             }
             if self.engine.backfill_pending() {

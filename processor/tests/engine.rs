@@ -305,6 +305,53 @@ fn wall_clock_mode_fires_due_timers_on_tick() {
     );
 }
 
+/// A backlog of due timers (a restart after downtime) is fired a bounded number per round,
+/// each round committed on its own: every timer still fires once, at its own instant.
+#[test]
+fn a_backlog_of_timers_is_fired_in_bounded_rounds() {
+    let dir = TempDir::new("engine-wall-backlog");
+    let config = EngineConfig {
+        clock: ClockMode::Wall,
+        sync_writes: false,
+        workers: 1,
+        timers_per_round: 2,
+        ..Default::default()
+    };
+    let mut engine = Engine::open(dir.path(), Some("tag seen on view ttl 100ms"), config).unwrap();
+    let views: Vec<String> = (0..7)
+        .map(|i| format!(r#"{{"customer_id":"c{i}","type":"view"}}"#))
+        .collect();
+    let added: std::collections::BTreeMap<String, i64> = engine
+        .ingest(&views)
+        .unwrap()
+        .changes
+        .iter()
+        .map(|c| (c.customer_id.to_string(), c.at))
+        .collect();
+    assert_eq!(added.len(), 7);
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    assert!(engine.timers_behind());
+    let mut removed = std::collections::BTreeMap::new();
+    let mut rounds = 0;
+    while engine.timers_behind() {
+        let fired = engine.tick().unwrap();
+        assert!(fired.len() <= 2, "{} timers in one round", fired.len());
+        for c in fired {
+            assert_eq!(c.op, Op::Remove);
+            assert!(
+                removed.insert(c.customer_id.to_string(), c.at).is_none(),
+                "fired twice"
+            );
+        }
+        rounds += 1;
+    }
+    assert_eq!(rounds, 4);
+    let expected: std::collections::BTreeMap<String, i64> =
+        added.into_iter().map(|(id, at)| (id, at + 100)).collect();
+    assert_eq!(removed, expected, "each at its own instant");
+    assert!(engine.tick().unwrap().is_empty());
+}
+
 /// In wall clock mode a customer's timer can fall due between ticks. When the customer is
 /// judged at a later instant first (here a manual tag), every timer due by then fires before:
 /// its change happens at its own instant, judged over the whole history (the cache keeps

@@ -25,7 +25,9 @@ impl Engine {
         Ok(changes)
     }
 
-    /// Wall clock mode: fires every timer due by now. Call at least once a second.
+    /// Wall clock mode: fires the timers due by now, at most
+    /// [`EngineConfig::timers_per_round`] per worker; while [`Engine::timers_behind`] says
+    /// more are due, call again right away. Call at least once a second.
     pub fn tick(&mut self) -> Result<Vec<Change>, EngineError> {
         let now = self.now();
         if self.next_timer().is_none_or(|due| due > now) {
@@ -33,6 +35,11 @@ impl Engine {
         }
         let ((), changes) = self.transact(|engine, _| engine.run_round(Vec::new(), &[], Some(now)))?;
         Ok(changes)
+    }
+
+    /// Whether a timer is due by now (wall clock mode: a tick has more to do).
+    pub fn timers_behind(&self) -> bool {
+        self.next_timer().is_some_and(|due| due <= self.now())
     }
 
     /// The instant of the earliest pending timer.
@@ -66,12 +73,20 @@ impl Engine {
 }
 
 impl Worker<'_> {
-    /// Fires every timer of this shard due at or before `until`, in time order.
+    /// Fires the timers of this shard due at or before `until`, in time order: every one in
+    /// event clock mode (the change log follows the clock), at most
+    /// [`EngineConfig::timers_per_round`] in wall clock mode.
     pub(super) fn fire_timers(&mut self, until: i64) -> Result<(), EngineError> {
+        let most = match self.ctx.config.clock {
+            ClockMode::Event => usize::MAX,
+            ClockMode::Wall => self.ctx.config.timers_per_round.max(1),
+        };
+        let mut fired = 0;
         while let Some((due, customer)) = self.shard.timers.first().cloned() {
-            if due > until {
+            if due > until || fired == most {
                 break;
             }
+            fired += 1;
             // Out of the set first, so loading the customer does not fire it again.
             self.shard.timers.remove(&(due, customer.clone()));
             let timer = self.timer_place(due, &customer);
