@@ -6,11 +6,13 @@
 //! ```text
 //! httpload --addr 127.0.0.1:8080 --customers 100000 --connections 8 --seconds 20 \
 //!          --ingest-rate 10000 [--path-prefix /v1/customers/] [--zipf | --top N]
-//!          [--key LOOKUP_KEY] [--ingest-key INGEST_KEY]
+//!          [--key LOOKUP_KEY] [--ingest-key INGEST_KEY] [--ids FILE]
 //! ```
 //!
 //! `--zipf` draws the ids from the activity's own Zipf law; `--top N` uniformly from the N
-//! busiest customers (the head, whose windows hold the most events).
+//! busiest customers (the head, whose windows hold the most events); `--ids FILE`
+//! uniformly from the ids in FILE, one per line (customers known to exist: a uniform draw
+//! of loadgen ids also asks for customers the stream never had).
 //!
 //! A tool of our own rather than wrk (not installed here): plain HTTP/1.1 over blocking
 //! sockets, one thread per connection, no allocation per request beyond the response body.
@@ -36,6 +38,8 @@ struct Args {
     zipf: bool,
     /// Look up only the `top` busiest customers (Zipf ranks 0..top).
     top: Option<u64>,
+    /// Look up only these ids (URL-safe as they are).
+    ids: Vec<String>,
 }
 
 /// The `Authorization` header line for `key`, or nothing.
@@ -55,6 +59,7 @@ fn parse_args() -> Result<Args, String> {
         ingest_batch: 500,
         zipf: false,
         top: None,
+        ids: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -78,6 +83,24 @@ fn parse_args() -> Result<Args, String> {
             "--ingest-rate" => args.ingest_rate = number()?,
             "--ingest-batch" => args.ingest_batch = number()?.max(1),
             "--top" => args.top = Some(number()?.max(1)),
+            "--ids" => {
+                let text = std::fs::read_to_string(&value).map_err(|e| format!("--ids {value}: {e}"))?;
+                args.ids = text
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                if let Some(bad) = args.ids.iter().find(|id| {
+                    !id.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                }) {
+                    return Err(format!("--ids {value}: `{bad}` would need escaping in a path"));
+                }
+                if args.ids.is_empty() {
+                    return Err(format!("--ids {value}: no ids"));
+                }
+            }
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -148,13 +171,19 @@ fn lookups(args: &Args, worker: usize, stop: &AtomicBool) -> (Vec<u32>, u64) {
         } else {
             rng.below(args.customers)
         };
-        // The loadgen's phone-number ids (company-name ids are skipped: they need escaping).
-        let rank = if rank.is_multiple_of(5) { rank + 1 } else { rank };
         head.clear();
+        if args.ids.is_empty() {
+            // The loadgen's phone-number ids (company-name ids are skipped: they need escaping).
+            let rank = if rank.is_multiple_of(5) { rank + 1 } else { rank };
+            write!(head, "GET /v1/customers/1{:010}", 3_000_000_000 + rank)
+        } else {
+            let id = &args.ids[rng.below(args.ids.len() as u64) as usize];
+            write!(head, "GET /v1/customers/{id}")
+        }
+        .expect("write to a Vec");
         write!(
             head,
-            "GET /v1/customers/1{:010} HTTP/1.1\r\nHost: {}\r\n{}\r\n",
-            3_000_000_000 + rank,
+            " HTTP/1.1\r\nHost: {}\r\n{}\r\n",
             args.addr,
             auth_header(args.key.as_deref())
         )
