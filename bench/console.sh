@@ -36,5 +36,6 @@ echo "store: $store ($members customers); a key every 150 ms; $rounds rounds"
     'everyone and not churn_risk' \
     'high_value_active or big_ticket' \
     'everyone and profile.city == "上海"' \
+    'everyone and not profile.city == "上海"' \
     'winback and not profile.city in ["杭州", "上海"]' \
     'spring_promo or seafood_retarget or browser_not_buyer'

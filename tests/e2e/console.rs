@@ -158,11 +158,18 @@ async fn log_in(c: &Client, url: &str, key: &str) {
 /// A server with an editor and an ingest key (returned in that order) holding `customers`
 /// customers: c0..c29 bought (c0..c9 gold, the others silver), the rest only viewed.
 fn started(name: &str, customers: u64) -> (Server, String, String) {
+    let (s, editor, ingest, _) = started_with_admin(name, customers);
+    (s, editor, ingest)
+}
+
+/// [`started`], with an admin key as well.
+fn started_with_admin(name: &str, customers: u64) -> (Server, String, String, String) {
     let dir = TempDir::new(name);
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
     let editor = create_key(&data, "editor", "marketer");
     let ingest = create_key(&data, "ingest", "loader");
+    let admin = create_key(&data, "admin", "it");
     let s = Server::start_in(dir, RULES, &[]);
     let events: Vec<String> = (0..customers)
         .map(|n| {
@@ -178,7 +185,60 @@ fn started(name: &str, customers: u64) -> (Server, String, String) {
         post(&s, &ingest, "/v1/events", &events.join("\n")).json()["accepted"],
         customers
     );
-    (s, editor, ingest)
+    (s, editor, ingest, admin)
+}
+
+/// Asserts that the page fits a laptop's window (the browser's is 1280×800): nothing
+/// reaches past its right edge, so nothing needs a sideways scroll.
+async fn fits_the_window(c: &Client, page: &str) {
+    let widths = c
+        .execute(
+            "const d = document.documentElement; return [d.scrollWidth, d.clientWidth];",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let (scroll, client) = (widths[0].as_u64().unwrap(), widths[1].as_u64().unwrap());
+    assert!(
+        scroll <= client,
+        "{page}: {scroll} px wide in a {client}-px window"
+    );
+}
+
+/// Makes the page keep every file it hands to the browser as a download, to be read back
+/// with [`downloaded`].
+async fn keep_downloads(c: &Client) {
+    c.execute(
+        "window.__downloads = []; const make = URL.createObjectURL; \
+         URL.createObjectURL = (blob) => { window.__downloads.push(blob); return make(blob); };",
+        vec![],
+    )
+    .await
+    .unwrap();
+}
+
+/// The text of the `n`th file downloaded since [`keep_downloads`], once there is one.
+async fn downloaded(c: &Client, n: usize) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let count = c
+            .execute("return window.__downloads.length;", vec![])
+            .await
+            .unwrap();
+        if count.as_u64().unwrap() as usize > n {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no download {n}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = c
+        .execute_async(
+            "const done = arguments[arguments.length - 1]; window.__downloads[arguments[0]].text().then(done);",
+            vec![serde_json::json!(n)],
+        )
+        .await
+        .unwrap();
+    text.as_str().unwrap().to_owned()
 }
 
 /// Runs `f` with a WebDriver session of a fresh headless Chromium.
@@ -238,6 +298,7 @@ fn the_console_builds_segments_with_exact_counts_explains_customers_and_shows_th
         click(&c, "#overlap option[value='vip']").await;
         text_until(&c, "#overlap-count", |t| t.trim() == "10").await;
         screenshot(&c, "segments").await;
+        fits_the_window(&c, "segments").await;
         // A mistake is underlined where it is.
         type_into(&c, "#expression", "buyer and profile.level ==").await;
         let diagnostic = text_until(&c, "#diagnostics", |t| t.contains("1:")).await;
@@ -264,6 +325,7 @@ fn the_console_builds_segments_with_exact_counts_explains_customers_and_shows_th
         click(&c, "#customer-tags button.why").await;
         text_until(&c, "#explain", |t| t.contains("count(payment, 30d)")).await;
         screenshot(&c, "customer").await;
+        fits_the_window(&c, "customer").await;
 
         // The live view counts what arrives.
         click(&c, "#nav-live").await;
@@ -290,6 +352,7 @@ fn the_console_builds_segments_with_exact_counts_explains_customers_and_shows_th
         text_until(&c, "#events-rate", |t| t.parse::<u64>().is_ok_and(|n| n > 0)).await;
         feeding.join().unwrap();
         screenshot(&c, "live").await;
+        fits_the_window(&c, "live").await;
 
         // 中文.
         click(&c, "#lang").await;
@@ -343,6 +406,7 @@ fn the_console_lists_the_rules_by_tag_previews_a_change_and_applies_it() {
         click(&c, "tr.definition[data-name='vip']").await;
         text_until(&c, ".source", |t| t.contains("profile.level == \"gold\"")).await;
         screenshot(&c, "rules").await;
+        fits_the_window(&c, "rules").await;
 
         // A typo is underlined where it is; nothing can be applied.
         type_into(&c, "#rules-text", "tag buyer = count(payment, 30d) >=\n").await;
@@ -364,6 +428,7 @@ fn the_console_lists_the_rules_by_tag_previews_a_change_and_applies_it() {
         text_until(&c, "#preview-enter", |t| t == "20").await;
         text_until(&c, "#preview-exit", |t| t == "10").await;
         screenshot(&c, "rules-preview").await;
+        fits_the_window(&c, "rules-preview").await;
         click(&c, "#rules-apply").await;
         text_until(&c, "#backfill-done", |t| !t.is_empty()).await;
         text_until(&c, &members("vip"), |t| t == "20").await;
@@ -381,4 +446,76 @@ fn the_console_lists_the_rules_by_tag_previews_a_change_and_applies_it() {
         br#"{"expr":"vip"}"#,
     );
     assert_eq!(vip.json()["count"], 20);
+}
+
+/// A saved segment is exported from the builder as CSV and as Parquet: the file the browser
+/// gets is the API's export. A key whose role may not export is told so.
+#[test]
+fn the_console_exports_a_saved_segment_as_its_role_allows() {
+    let (s, editor, _, admin) = started_with_admin("console-export", 35);
+    in_browser(async |c: Client| {
+        let url = format!("http://{}/#/segments", s.addr);
+        let export = |format: &str| format!("//button[normalize-space(.)='Export {format}']");
+        log_in(&c, &url, &admin).await;
+        c.wait().for_element(Locator::Css("#expression")).await.unwrap();
+        type_into(&c, "#expression", "buyer and not vip").await;
+        text_until(&c, "#count", |t| t == "20").await;
+        type_into(&c, "#save-name", "buyers_not_vip").await;
+        click(&c, "#save").await;
+        text_until(&c, "#saved", |t| t.contains('2')).await;
+        keep_downloads(&c).await;
+        c.find(Locator::XPath(&export("CSV")))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        let csv = downloaded(&c, 0).await;
+        let auth = format!("Bearer {admin}");
+        let api = request_with(
+            &s.addr,
+            "GET",
+            "/v1/segments/buyers_not_vip/members?format=csv",
+            &[("Authorization", &auth)],
+            b"",
+        );
+        assert_eq!(api.status, 200);
+        assert_eq!(csv, api.text());
+        assert_eq!(csv.lines().count(), 21, "a header and 20 customers: {csv}");
+        c.find(Locator::XPath(&export("Parquet")))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        let parquet = downloaded(&c, 1).await;
+        assert!(
+            parquet.starts_with("PAR1") && parquet.ends_with("PAR1"),
+            "a Parquet file"
+        );
+
+        // The editor may save segments but not export their members.
+        click(&c, "#logout").await;
+        log_in(&c, &url, &editor).await;
+        c.wait().for_element(Locator::Css("#expression")).await.unwrap();
+        type_into(&c, "#expression", "buyer and vip").await;
+        text_until(&c, "#count", |t| t == "10").await;
+        type_into(&c, "#save-name", "vip_buyers").await;
+        click(&c, "#save").await;
+        text_until(&c, "#saved", |t| t.contains('3')).await;
+        keep_downloads(&c).await;
+        c.find(Locator::XPath(&export("CSV")))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        text_until(&c, ".error", |t| t.contains("may not")).await;
+        let count = c
+            .execute("return window.__downloads.length;", vec![])
+            .await
+            .unwrap();
+        assert_eq!(count, 0, "nothing downloaded");
+        c.close().await.unwrap();
+    });
 }
