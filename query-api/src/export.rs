@@ -258,46 +258,66 @@ impl IdText {
         }
     }
 
-    /// The ids as an Arrow column made of the page's own text: as stored, without a copy;
-    /// masked, starred in place when every id is ASCII (phone numbers, most ids), masked
-    /// id by id into a new buffer otherwise.
+    /// The ids as an Arrow column made of the page's own text, without a copy: as stored,
+    /// or masked in place (see [`mask_page_in_place`]).
     fn into_column(self) -> Result<StringArray, EncodeError> {
         let (text, ends) = self.ids.into_text();
-        let lengths = |ends: &[usize]| -> Vec<usize> {
-            let mut start = 0;
-            ends.iter()
-                .map(|&end| end - std::mem::replace(&mut start, end))
-                .collect()
-        };
         let (values, lengths) = match self.policy {
-            FieldPolicy::Show => (text.into_bytes(), lengths(&ends)),
-            FieldPolicy::Hide => ("***".repeat(ends.len()).into_bytes(), vec![3; ends.len()]),
-            FieldPolicy::Mask if text.is_ascii() => {
-                let mut values = text.into_bytes();
+            FieldPolicy::Show => {
                 let mut start = 0;
-                for &end in &ends {
-                    let (head, tail) = kept_ends(end - start);
-                    values[start + head..end - tail].fill(b'*');
-                    start = end;
-                }
-                (values, lengths(&ends))
+                let lengths = ends
+                    .iter()
+                    .map(|&end| end - std::mem::replace(&mut start, end))
+                    .collect();
+                (text.into_bytes(), lengths)
             }
+            FieldPolicy::Hide => ("***".repeat(ends.len()).into_bytes(), vec![3; ends.len()]),
             FieldPolicy::Mask => {
-                let mut values = String::with_capacity(text.len());
-                let mut lengths = Vec::with_capacity(ends.len());
-                let mut start = 0;
-                for &end in &ends {
-                    let at = values.len();
-                    mask_into(&text[start..end], &mut values);
-                    lengths.push(values.len() - at);
-                    start = end;
-                }
-                (values.into_bytes(), lengths)
+                let mut values = text.into_bytes();
+                let lengths = mask_page_in_place(&mut values, &ends);
+                (values, lengths)
             }
         };
         let offsets = OffsetBuffer::<i32>::from_lengths(lengths);
         Ok(StringArray::try_new(offsets, Buffer::from_vec(values), None)?)
     }
+}
+
+/// Masks each text of `values` (UTF-8, the texts ending at `ends`) as [`mask_into`] would,
+/// in place, and returns the masked texts' lengths, one after the other from the start.
+/// A masked text is never longer than the text (a masked character becomes one `*`), so
+/// each is written at or before where it was read: an ASCII text is starred where it lies,
+/// any other has its kept ends moved and its middle written as stars.
+fn mask_page_in_place(values: &mut Vec<u8>, ends: &[usize]) -> Vec<usize> {
+    let mut lengths = Vec::with_capacity(ends.len());
+    let (mut read, mut write) = (0, 0);
+    for &end in ends {
+        let len = end - read;
+        let masked = if values[read..end].is_ascii() {
+            values.copy_within(read..end, write);
+            let (head, tail) = kept_ends(len);
+            values[write + head..write + len - tail].fill(b'*');
+            len
+        } else {
+            // Characters start at every byte that does not continue one.
+            let text = &values[read..end];
+            let starts = || (0..len).filter(|&i| text[i] & 0xC0 != 0x80);
+            let chars = starts().count();
+            let (head, tail) = kept_ends(chars);
+            let head_end = starts().nth(head).unwrap_or(len);
+            let tail_start = starts().nth(chars - tail).unwrap_or(len);
+            let stars = chars - head - tail;
+            values.copy_within(read..read + head_end, write);
+            values[write + head_end..write + head_end + stars].fill(b'*');
+            values.copy_within(read + tail_start..end, write + head_end + stars);
+            head_end + stars + (len - tail_start)
+        };
+        lengths.push(masked);
+        write += masked;
+        read = end;
+    }
+    values.truncate(write);
+    lengths
 }
 
 fn record_batch(
@@ -422,8 +442,23 @@ mod tests {
     #[test]
     fn id_columns_are_shown_masked_or_hidden_whatever_the_text() {
         let ascii = ["13800000001", "abc", "ab", "", "c-1234567"];
-        let mixed = ["13800000001", "张三丰有限公司", "ab", "", "ｃ１２３４５６７８"];
-        for ids in [&ascii[..], &mixed[..]] {
+        let mixed = [
+            "13800000001",
+            "张三丰有限公司",
+            "ab",
+            "",
+            "ｃ１２３４５６７８",
+            "张三",
+            "张三丰",
+            "a张b",
+        ];
+        let ends = [
+            "13800000001",
+            "上海闵行区某某贸易有限公司",
+            "x",
+            "上海闵行区某某贸易有限公司",
+        ];
+        for ids in [&ascii[..], &mixed[..], &ends[..]] {
             assert_eq!(arrow_ids(ids, FieldPolicy::Show), ids);
             let masked: Vec<String> = ids.iter().map(|id| mask_text(id)).collect();
             assert_eq!(arrow_ids(ids, FieldPolicy::Mask), masked);
