@@ -456,20 +456,24 @@ fn the_console_exports_a_saved_segment_as_its_role_allows() {
     in_browser(async |c: Client| {
         let url = format!("http://{}/#/segments", s.addr);
         let export = |format: &str| format!("//button[normalize-space(.)='Export {format}']");
-        log_in(&c, &url, &admin).await;
-        c.wait().for_element(Locator::Css("#expression")).await.unwrap();
-        type_into(&c, "#expression", "buyer and not vip").await;
-        text_until(&c, "#count", |t| t == "20").await;
-        type_into(&c, "#save-name", "buyers_not_vip").await;
-        click(&c, "#save").await;
-        text_until(&c, "#saved", |t| t.contains('2')).await;
-        keep_downloads(&c).await;
-        c.find(Locator::XPath(&export("CSV")))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        let click_export = async |format: &str| {
+            let button = c.find(Locator::XPath(&export(format))).await.unwrap();
+            button.click().await.unwrap();
+        };
+        // Logged in with `key`: `expr` counted and saved as `name`, the rule set's `version`;
+        // then its CSV export clicked.
+        let save_and_export = async |key: &str, expr: &str, count: &str, name: &str, version: char| {
+            log_in(&c, &url, key).await;
+            c.wait().for_element(Locator::Css("#expression")).await.unwrap();
+            type_into(&c, "#expression", expr).await;
+            text_until(&c, "#count", |t| t == count).await;
+            type_into(&c, "#save-name", name).await;
+            click(&c, "#save").await;
+            text_until(&c, "#saved", |t| t.contains(version)).await;
+            keep_downloads(&c).await;
+            click_export("CSV").await;
+        };
+        save_and_export(&admin, "buyer and not vip", "20", "buyers_not_vip", '2').await;
         let csv = downloaded(&c, 0).await;
         let auth = format!("Bearer {admin}");
         let api = request_with(
@@ -482,12 +486,7 @@ fn the_console_exports_a_saved_segment_as_its_role_allows() {
         assert_eq!(api.status, 200);
         assert_eq!(csv, api.text());
         assert_eq!(csv.lines().count(), 21, "a header and 20 customers: {csv}");
-        c.find(Locator::XPath(&export("Parquet")))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click_export("Parquet").await;
         let parquet = downloaded(&c, 1).await;
         assert!(
             parquet.starts_with("PAR1") && parquet.ends_with("PAR1"),
@@ -496,20 +495,7 @@ fn the_console_exports_a_saved_segment_as_its_role_allows() {
 
         // The editor may save segments but not export their members.
         click(&c, "#logout").await;
-        log_in(&c, &url, &editor).await;
-        c.wait().for_element(Locator::Css("#expression")).await.unwrap();
-        type_into(&c, "#expression", "buyer and vip").await;
-        text_until(&c, "#count", |t| t == "10").await;
-        type_into(&c, "#save-name", "vip_buyers").await;
-        click(&c, "#save").await;
-        text_until(&c, "#saved", |t| t.contains('3')).await;
-        keep_downloads(&c).await;
-        c.find(Locator::XPath(&export("CSV")))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        save_and_export(&editor, "buyer and vip", "10", "vip_buyers", '3').await;
         text_until(&c, ".error", |t| t.contains("may not")).await;
         let count = c
             .execute("return window.__downloads.length;", vec![])
