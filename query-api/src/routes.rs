@@ -756,6 +756,13 @@ pub async fn segment_members(
         return Ok(response);
     }
 
+    // A whole export's masked ids come from the ids masked once per customer.
+    let masked_ids = (id_policy == FieldPolicy::Mask).then(|| app.access.clone());
+    let id_policy = if masked_ids.is_some() {
+        FieldPolicy::Show
+    } else {
+        id_policy
+    };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
     tokio::task::spawn_blocking(move || {
         let _slot = slot;
@@ -769,10 +776,13 @@ pub async fn segment_members(
             if page.is_empty() {
                 break;
             }
-            let ids = reader.ids_of(page);
-            let values = match reader.fields_of_mapped(&name, &ids, &fields, &mut maskers) {
+            let values = match reader.fields_of_mapped(&name, &page, &fields, &mut maskers) {
                 Ok(v) => v,
                 Err(e) => return drop(tx.blocking_send(fail(e.to_string()))),
+            };
+            let ids = match &masked_ids {
+                Some(access) => access.masked_ids.page(&reader, &page),
+                None => reader.ids_of(page),
             };
             match encoder.page_with(ids, id_policy, &values) {
                 Ok(bytes) if bytes.is_empty() => {}

@@ -1003,7 +1003,7 @@ impl ReadHandle {
         let page: Vec<u32> = numbers.by_ref().take(limit).collect();
         let more = numbers.next().is_some();
         let ids = self.ids_of(page.iter().copied());
-        let fields = self.fields_of_mapped(name, &ids, fields, maps)?;
+        let fields = self.fields_of_mapped(name, ids.numbers(), fields, maps)?;
         Ok(MembersPage {
             ids,
             fields,
@@ -1018,16 +1018,19 @@ impl ReadHandle {
         ids: &IdPage,
         fields: &[ExportField],
     ) -> Result<Vec<Vec<Option<Value>>>, EngineError> {
-        self.fields_of_mapped(name, ids, fields, &mut [])
+        self.fields_of_mapped(name, ids.numbers(), fields, &mut [])
     }
 
     /// [`ReadHandle::fields_of`] with the values of field `i` passed through `maps[i]` when it
     /// is `Some` (a masked column): a profile attribute's dictionary entries are mapped once
     /// per map, so a masked row costs what an unmasked one does.
+    ///
+    /// Customers are given by number: profile columns are read by number, and the ids are
+    /// looked up only when the customers' stored states are read.
     pub fn fields_of_mapped(
         &self,
         name: &str,
-        ids: &IdPage,
+        numbers: &[u32],
         fields: &[ExportField],
         maps: &mut [Option<ValueMap>],
     ) -> Result<Vec<Vec<Option<Value>>>, EngineError> {
@@ -1050,8 +1053,8 @@ impl ReadHandle {
                         _ => None,
                     })
                     .collect();
-                let mut out = Vec::with_capacity(ids.len());
-                for &n in ids.numbers() {
+                let mut out = Vec::with_capacity(numbers.len());
+                for &n in numbers {
                     let row = of_field.iter().enumerate().map(|(i, column)| {
                         let column = (*column)?;
                         match maps.get_mut(i) {
@@ -1067,6 +1070,7 @@ impl ReadHandle {
         let rules = self.published.rules();
         let with_events = fields.iter().any(|f| matches!(f, ExportField::Trait(_)));
         let now = self.now();
+        let ids = self.ids_of(numbers.iter().copied());
         let mut out = Vec::with_capacity(ids.len());
         for id in ids.iter() {
             let state = if with_events {

@@ -6,7 +6,10 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+
+use processor::index::{IdPage, IdTable};
+use processor::ReadHandle;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -71,6 +74,54 @@ fn push_stars(out: &mut String, mut n: usize) {
         let run = n.min(STARS.len());
         out.push_str(&STARS[..run]);
         n -= run;
+    }
+}
+
+/// Every customer's id masked, by customer number: computed once per customer — on the
+/// first masked export that reaches it, then for each customer numbered since — so a masked
+/// export copies its ids as an open one does instead of masking every id of every export
+/// again. A customer's number names one id for good (numbers are never reused), so an
+/// entry never goes stale. Empty until a masked export runs; then about the ids' own size
+/// (masked ids are no longer than the ids).
+#[derive(Debug, Default)]
+pub struct MaskedIds(RwLock<IdTable>);
+
+/// Customers masked per hold of the index's lock while the table catches up.
+const MASK_BATCH: u32 = 65_536;
+
+impl MaskedIds {
+    /// The masked ids of `numbers` (ascending, as a page of members is), from `reader`'s
+    /// index.
+    pub fn page(&self, reader: &ReadHandle, numbers: &[u32]) -> IdPage {
+        if let Some(&last) = numbers.last() {
+            self.catch_up(reader, last + 1);
+        }
+        let table = self.0.read().unwrap_or_else(|e| e.into_inner());
+        IdPage::from_ids(numbers.iter().filter_map(|&n| Some((n, table.get(n)?))))
+    }
+
+    /// Masks the ids of every customer numbered below `upto` not masked yet.
+    fn catch_up(&self, reader: &ReadHandle, upto: u32) {
+        if self.0.read().unwrap_or_else(|e| e.into_inner()).len() >= upto {
+            return;
+        }
+        let mut table = self.0.write().unwrap_or_else(|e| e.into_inner());
+        let mut masked = String::new();
+        while table.len() < upto {
+            let from = table.len();
+            let ids = reader.ids_of(from..upto.min(from + MASK_BATCH));
+            if ids.is_empty() {
+                return;
+            }
+            for (&number, id) in ids.numbers().iter().zip(ids.iter()) {
+                if number != table.len() {
+                    return; // numbers have no gaps; never masked out of place
+                }
+                masked.clear();
+                mask_into(id, &mut masked);
+                table.push(&masked);
+            }
+        }
     }
 }
 

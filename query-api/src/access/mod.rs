@@ -387,6 +387,8 @@ pub struct Access {
     pub failures: limits::FailureBudget,
     /// Served open (auth off, or auto before the first key on loopback).
     anonymous: Arc<Role>,
+    /// Customer ids masked once, for exports by roles that mask them.
+    pub masked_ids: mask::MaskedIds,
 }
 
 impl Access {
@@ -424,6 +426,7 @@ impl Access {
             keys,
             audit,
             anonymous,
+            masked_ids: mask::MaskedIds::default(),
         })
     }
 
