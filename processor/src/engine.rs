@@ -116,6 +116,11 @@ pub struct EngineConfig {
     /// after round, each committed on its own, so memory stays bounded; each timer still
     /// fires at its own instant, and a customer met by an event first has theirs fired then.
     pub timers_per_round: usize,
+    /// Most customers a saved segment's change judges and commits in one round. A change
+    /// that moves more customers than this (saving a segment that matches most of a large
+    /// base, deleting one that holds it) commits its rule text first and then fills the
+    /// segment round after round, each committed on its own, so memory stays bounded.
+    pub segment_round: usize,
 }
 
 /// Retention of a log (the change log, the dead letters): its oldest entries go once they
@@ -154,6 +159,7 @@ impl Default for EngineConfig {
             rules_file_authority: None,
             initial_author: "initial".to_owned(),
             timers_per_round: 20_000,
+            segment_round: 50_000,
         }
     }
 }
@@ -444,6 +450,8 @@ const META_DLQ: &str = "next_dlq";
 const META_RULES: &str = "rules";
 const META_GENERATION: &str = "generation";
 const META_BACKFILL: &str = "backfill_cursor";
+/// A saved segment being filled round by round: the next customer number, then its name.
+const META_SEGMENT_FILL: &str = "segment_fill";
 const META_OFFSET_PREFIX: &str = "offset:";
 /// The data-quality record ([`crate::quality`]), saved with commits every few seconds.
 const META_QUALITY: &str = "quality";
@@ -476,6 +484,9 @@ pub struct Engine {
     /// resumed it), and the store's estimate of all customers when it began.
     backfill_done: u64,
     backfill_total: u64,
+    /// A saved segment whose change is committed round by round (see
+    /// [`EngineConfig::segment_round`]).
+    segment_fill: Option<segments::SegmentFill>,
     /// Position of each definition in evaluation order.
     order_pos: Vec<usize>,
     /// The rule set's version ([`versions`]).
@@ -590,6 +601,10 @@ impl Engine {
         let generation = store.meta_u64(META_GENERATION)?.max(1);
         let rules_version = versions::current_version(&store)?;
         let backfill_cursor = store.get(CF_META, META_BACKFILL.as_bytes())?;
+        let segment_fill = store
+            .get(CF_META, META_SEGMENT_FILL.as_bytes())?
+            .map(|raw| segments::SegmentFill::decode(&raw))
+            .transpose()?;
         let timers = store.timers()?;
         let order_pos = positions(&rules);
         let quality = Arc::new(Quality::restore(
@@ -621,6 +636,7 @@ impl Engine {
             backfill_cursor,
             backfill_done: 0,
             backfill_total: 0,
+            segment_fill,
             order_pos,
             rules_version,
             plan: None,

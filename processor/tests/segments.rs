@@ -295,9 +295,11 @@ proptest! {
         after in stream(),
         first in expr(),
         second in expr(),
+        segment_round in prop_oneof![Just(1usize), Just(3), Just(50_000)],
     ) {
         let dir = TempDir::new("saved-segments");
-        let mut engine = Engine::open(dir.path(), Some(RULES), config()).unwrap();
+        let config = EngineConfig { segment_round, ..config() };
+        let mut engine = Engine::open(dir.path(), Some(RULES), config).unwrap();
         engine.ingest(&before).unwrap();
         engine.advance_clock(BASE + 300_000).unwrap();
         for (step, e) in [&first, &second].into_iter().enumerate() {
@@ -318,9 +320,119 @@ proptest! {
         prop_assert_eq!(members_from_log(&engine, "audience"), expected);
         // Deleting it: everyone exits.
         engine.delete_segment("audience").unwrap();
+        settle(&mut engine);
         prop_assert!(engine.members("audience").unwrap().is_empty());
         prop_assert!(members_from_log(&engine, "audience").is_empty());
     }
+}
+
+/// A saved segment that moves more customers than a round holds commits its rule text
+/// first and fills round by round, each round judging its customers as they are then:
+/// events applied between rounds count, a restart resumes where the last round committed,
+/// and every customer's enter or exit is in the change log once. Segments are edited one at
+/// a time meanwhile; a full rule change takes the fill over.
+#[test]
+fn a_segment_moving_more_customers_than_a_round_fills_round_by_round() {
+    let dir = TempDir::new("saved-segments-rounds");
+    let config = || EngineConfig {
+        segment_round: 4,
+        ..config()
+    };
+    let profile = |i: usize, level: &str, second: i64| {
+        format!(
+            r#"{{"customer_id":"c{i:02}","type":"view","ts":{},"profile":{{"level":"{level}"}}}}"#,
+            BASE + second * 1000
+        )
+    };
+    let mut engine = Engine::open(dir.path(), Some(RULES), config()).unwrap();
+    // c00..c19, every other one gold.
+    let first: Vec<String> = (0..20)
+        .map(|i| profile(i, if i % 2 == 0 { "gold" } else { "silver" }, 1))
+        .collect();
+    engine.ingest(&first).unwrap();
+
+    let update = engine.put_segment("gold", r#"profile.level == "gold""#).unwrap();
+    assert_eq!(
+        update,
+        processor::SegmentUpdate::Backfill,
+        "10 enter, rounds of 4"
+    );
+    assert!(
+        engine.members("gold").unwrap().is_empty(),
+        "nobody before the first round"
+    );
+    let progress = engine.backfill_progress().unwrap();
+    assert_eq!((progress.customers_done, progress.customers_estimated), (0, 20));
+    let refused = engine.put_segment("other", "buyer").unwrap_err().to_string();
+    assert!(refused.contains("still being filled"), "{refused}");
+    assert!(engine
+        .delete_segment("gold")
+        .unwrap_err()
+        .to_string()
+        .contains("still being filled"));
+
+    assert_eq!(engine.backfill_step(1_000).unwrap(), 2, "c00..c03: two enter");
+    // Between rounds: c16 (not judged yet) leaves gold, c17 becomes gold, c00 (judged)
+    // leaves it.
+    let moved = [
+        profile(16, "silver", 2),
+        profile(17, "gold", 2),
+        profile(0, "silver", 2),
+    ];
+    engine.ingest(&moved).unwrap();
+    engine.backfill_step(1_000).unwrap();
+    // A restart between rounds resumes at the next one.
+    drop(engine);
+    let mut engine = Engine::open(dir.path(), Some(RULES), config()).unwrap();
+    assert!(engine.backfill_pending());
+    assert_eq!(engine.backfill_progress().unwrap().customers_done, 8);
+    settle(&mut engine);
+    assert!(engine.backfill_progress().is_none());
+
+    let gold: BTreeSet<String> = [2, 4, 6, 8, 10, 12, 14, 17, 18]
+        .iter()
+        .map(|i| format!("c{i:02}"))
+        .collect();
+    let members: BTreeSet<String> = engine
+        .members("gold")
+        .unwrap()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(members, gold);
+    assert_eq!(
+        members_from_log(&engine, "gold"),
+        gold,
+        "each enter and exit logged once"
+    );
+    assert_eq!(engine.query("gold", 100, None).unwrap().count, gold.len());
+
+    // Deleting it moves 9 customers: rounds again, then everyone is out.
+    assert_eq!(
+        engine.delete_segment("gold").unwrap(),
+        processor::SegmentUpdate::Backfill
+    );
+    settle(&mut engine);
+    assert!(engine.members("gold").unwrap().is_empty());
+    assert!(members_from_log(&engine, "gold").is_empty());
+
+    // A full rule change while a segment fills takes it over: the sweep judges everyone.
+    engine
+        .put_segment("silver", r#"profile.level == "silver""#)
+        .unwrap();
+    assert!(engine.backfill_progress().is_some());
+    let text = format!("{RULES}segment silver = profile.level == \"silver\"\n");
+    engine.replace_rules(&text).unwrap();
+    settle(&mut engine);
+    let silver: BTreeSet<String> = engine
+        .members("silver")
+        .unwrap()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(silver.len(), 11, "{silver:?}");
+    assert_eq!(members_from_log(&engine, "silver"), silver);
+    engine.put_segment("other", "buyer").unwrap();
 }
 
 #[test]

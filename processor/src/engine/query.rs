@@ -613,7 +613,7 @@ impl ReadHandle {
         let rules = self.published.rules();
         let (compiled, _) = with_segment(rules.source(), QUERY_NAME, expr).map_err(QueryError::Invalid)?;
         let id = compiled.lookup(QUERY_NAME).expect("the query definition");
-        let matches = self.evaluate_set(&compiled, id, Some(&rules))?;
+        let matches = self.evaluate_set(&compiled, id, Some(&rules), None)?;
         let mut page = matches.iter().skip_while(|n| after.is_some_and(|a| *n <= a));
         let numbers: Vec<u32> = page.by_ref().take(limit).collect();
         let more = page.next().is_some();
@@ -630,20 +630,26 @@ impl ReadHandle {
     /// The customers for whom definition `id` of `rules` holds now: its bitmap plan, and
     /// the remaining candidates judged one by one when the plan is not exact. `base`, the
     /// published rules `rules` extends, lets values of traits that read events be taken
-    /// from (and kept in) the trait cache.
+    /// from (and kept in) the trait cache. `within`: only customers numbered in that range.
     pub(super) fn evaluate_set(
         &self,
         rules: &CompiledRules,
         id: DefId,
         base: Option<&Arc<CompiledRules>>,
+        within: Option<std::ops::Range<u32>>,
     ) -> Result<RoaringBitmap, EngineError> {
         let node = rules.def(id).expr.as_ref().expect("a segment has an expression");
-        let (candidates, exact) = {
+        let (mut candidates, exact) = {
             let index = self.index.read();
             let candidates = plan(node, rules, &index);
             let exact = candidates.exact;
             (candidates.materialise(&index), exact)
         };
+        if let Some(range) = within {
+            let mut numbers = RoaringBitmap::new();
+            numbers.insert_range(range);
+            candidates &= numbers;
+        }
         if exact {
             Ok(candidates)
         } else {

@@ -64,7 +64,10 @@ impl Engine {
         self.store
             .put_meta_u64(&mut wb, META_GENERATION, self.generation + 1);
         wb.put_cf(self.store.cf(CF_META), META_BACKFILL.as_bytes(), []);
+        // The sweep re-evaluates every customer, a segment being filled among the rest.
+        wb.delete_cf(self.store.cf(CF_META), META_SEGMENT_FILL.as_bytes());
         self.store.commit(wb)?;
+        self.segment_fill = None;
         self.generation += 1;
         self.rules = compiled;
         self.published.set_rules(self.rules.clone());
@@ -77,12 +80,19 @@ impl Engine {
     }
 
     /// True while customers remain to be re-evaluated after a rule change.
+    /// Also while a saved segment is being filled round by round.
     pub fn backfill_pending(&self) -> bool {
-        self.backfill_cursor.is_some()
+        self.backfill_cursor.is_some() || self.segment_fill.is_some()
     }
 
-    /// How far the rule-change backfill has come, while one runs.
+    /// How far the rule-change backfill (or a saved segment's fill) has come, while one runs.
     pub fn backfill_progress(&self) -> Option<BackfillProgress> {
+        if let Some((done, total)) = self.segment_fill_progress() {
+            return Some(BackfillProgress {
+                customers_done: done,
+                customers_estimated: total,
+            });
+        }
         self.backfill_cursor.as_ref().map(|_| BackfillProgress {
             customers_done: self.backfill_done,
             customers_estimated: self.backfill_total.max(self.backfill_done),
@@ -91,7 +101,11 @@ impl Engine {
 
     /// Re-evaluates up to `max_customers` customers still on an older rule set, committing
     /// them as one batch. Returns how many were re-evaluated.
+    /// A saved segment being filled goes first: one round of it is the step.
     pub fn backfill_step(&mut self, max_customers: usize) -> Result<usize, EngineError> {
+        if self.segment_fill.is_some() {
+            return self.segment_fill_step();
+        }
         let Some(cursor) = self.backfill_cursor.clone() else {
             return Ok(0);
         };

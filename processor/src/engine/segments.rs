@@ -15,9 +15,11 @@ use std::sync::Arc;
 use rules::{CompiledRules, DefId, DefKind, Node};
 
 use super::query::with_segment;
-use super::{positions, Engine, EngineError, QueryError, RuleEdit, RuleVersion};
+use super::{positions, Engine, EngineError, QueryError, RuleEdit, RuleVersion, META_SEGMENT_FILL};
 use crate::change::{Cause, MemberKind, Op};
+use crate::codec::{CodecError, Reader, Writer};
 use crate::state::Membership;
+use crate::store::{StoreError, CF_META};
 
 /// How a segment change was applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -35,6 +37,32 @@ pub struct SavedSegment {
     pub name: String,
     pub expr: String,
     pub members: u64,
+}
+
+/// A saved segment whose change is committed round by round: the customers numbered from
+/// `next` on are still to be judged (see [`super::EngineConfig::segment_round`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct SegmentFill {
+    pub name: Arc<str>,
+    pub next: u32,
+}
+
+impl SegmentFill {
+    fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u64(u64::from(self.next));
+        w.str(&self.name);
+        w.buf
+    }
+
+    pub fn decode(raw: &[u8]) -> Result<SegmentFill, StoreError> {
+        let mut r = Reader::new(raw);
+        let next = u32::try_from(r.u64()?).map_err(|_| CodecError("bad segment fill"))?;
+        Ok(SegmentFill {
+            name: Arc::from(r.str()?),
+            next,
+        })
+    }
 }
 
 /// Whether `node`'s value changes only when a tag, segment, profile attribute or static
@@ -129,6 +157,7 @@ impl Engine {
         edit: &RuleEdit,
     ) -> Result<(SegmentUpdate, RuleVersion), QueryError> {
         self.admit_edit(edit)?;
+        self.admit_segment_edit()?;
         if CompiledRules::compile(&format!("segment {name} = true")).is_err() {
             return Err(EngineError::Conflict(format!(
                 "`{name}` is not a valid name (letters, digits and `_`, not starting with a digit)"
@@ -150,7 +179,7 @@ impl Engine {
             let version = self.replace_rules_as(&text, edit, action)?;
             return Ok((SegmentUpdate::Backfill, version));
         }
-        let members = self.reader().evaluate_set(&compiled, id, None)?;
+        let members = self.reader().evaluate_set(&compiled, id, None, None)?;
         Ok(self.swap_segment(compiled, name, members, edit, action)?)
     }
 
@@ -168,6 +197,7 @@ impl Engine {
         edit: &RuleEdit,
     ) -> Result<(SegmentUpdate, RuleVersion), EngineError> {
         self.admit_edit(edit)?;
+        self.admit_segment_edit()?;
         let text = self
             .text_without(name)?
             .ok_or_else(|| EngineError::NotFound(format!("no segment `{name}`")))?;
@@ -184,8 +214,26 @@ impl Engine {
         self.swap_segment(compiled, name, Default::default(), edit, action)
     }
 
+    /// Segments are edited one at a time while one is being filled round by round (its
+    /// rounds judge it under the rule set they started with).
+    fn admit_segment_edit(&self) -> Result<(), EngineError> {
+        match &self.segment_fill {
+            None => Ok(()),
+            Some(fill) => Err(EngineError::Conflict(format!(
+                "segment `{}` is still being filled ({} of {} customers judged); edit segments \
+                 again once it is done (GET /readyz shows the progress)",
+                fill.name,
+                fill.next,
+                self.index.read().customers()
+            ))),
+        }
+    }
+
     /// Installs rules that differ from the current ones only in segment `name`, whose members
-    /// are now `members`: one commit with the new text and every enter and exit.
+    /// are now `members`: one commit with the new text and every enter and exit — or, when
+    /// more customers than [`super::EngineConfig::segment_round`] enter or exit, a commit of
+    /// the new text alone, after which [`Engine::segment_fill_step`] judges and commits the
+    /// customers round by round.
     fn swap_segment(
         &mut self,
         compiled: CompiledRules,
@@ -208,49 +256,40 @@ impl Engine {
         let old_rules = std::mem::replace(&mut self.rules, compiled);
         let now = self.now();
         let name: Arc<str> = Arc::from(name);
+        let changed = &before ^ &members;
+        let fill = (changed.len() > self.segment_round() as u64).then(|| SegmentFill {
+            name: name.clone(),
+            next: 0,
+        });
         let result = self.transact(|engine, batch| {
-            let (mut entered, mut exited) = (0, 0);
-            for (step, number) in (&before ^ &members).iter().enumerate() {
-                let Some(id) = engine.index.read().id(number).map(Arc::<str>::from) else {
-                    continue;
-                };
-                let enter = members.contains(number);
-                engine.with_worker(&id, step as u64, |w| {
-                    let mut state = w.take_customer(&id, now)?;
-                    let op = if enter {
-                        let joined = Membership {
-                            since: now,
-                            expires_at: None,
-                        };
-                        state.members.insert(name.clone(), joined);
-                        Op::Add
-                    } else {
-                        state.members.remove(&name);
-                        Op::Remove
-                    };
-                    let (kind, cause) = (MemberKind::Segment, Cause::RuleChange);
-                    w.record_change(&id, kind, name.clone(), op, now, &cause);
-                    w.put_back(id.clone(), state);
-                    Ok(())
-                })?;
-                if enter {
-                    entered += 1;
-                } else {
-                    exited += 1;
+            let moved = match &fill {
+                Some(fill) => {
+                    batch.wb.put_cf(
+                        engine.store.cf(CF_META),
+                        META_SEGMENT_FILL.as_bytes(),
+                        fill.encode(),
+                    );
+                    (0, 0)
                 }
-            }
+                None => engine.move_members(&name, &changed, &members, now)?,
+            };
             engine.write_version(&mut batch.wb, &version);
-            Ok((entered, exited))
+            Ok(moved)
         });
         match result {
             Ok(((entered, exited), _)) => {
                 self.published.set_rules(self.rules.clone());
                 self.order_pos = positions(&self.rules);
                 self.versioned(&version);
-                let update = SegmentUpdate::Immediate {
-                    members: members.len(),
-                    entered,
-                    exited,
+                let update = if fill.is_some() {
+                    self.segment_fill = fill;
+                    SegmentUpdate::Backfill
+                } else {
+                    SegmentUpdate::Immediate {
+                        members: members.len(),
+                        entered,
+                        exited,
+                    }
                 };
                 Ok((update, version))
             }
@@ -259,5 +298,111 @@ impl Engine {
                 Err(e)
             }
         }
+    }
+
+    fn segment_round(&self) -> usize {
+        self.config.segment_round.max(1)
+    }
+
+    /// Moves the customers of `changed` into segment `name` (those in `members`) or out of
+    /// it (the others): each a `rule_change` change in the round being built. Returns how
+    /// many entered and how many exited.
+    fn move_members(
+        &mut self,
+        name: &Arc<str>,
+        changed: &roaring::RoaringBitmap,
+        members: &roaring::RoaringBitmap,
+        now: i64,
+    ) -> Result<(u64, u64), EngineError> {
+        let (mut entered, mut exited) = (0, 0);
+        for (step, number) in changed.iter().enumerate() {
+            let Some(id) = self.index.read().id(number).map(Arc::<str>::from) else {
+                continue;
+            };
+            let enter = members.contains(number);
+            self.with_worker(&id, step as u64, |w| {
+                let mut state = w.take_customer(&id, now)?;
+                let op = if enter {
+                    let joined = Membership {
+                        since: now,
+                        expires_at: None,
+                    };
+                    state.members.insert(name.clone(), joined);
+                    Op::Add
+                } else {
+                    state.members.remove(name);
+                    Op::Remove
+                };
+                let (kind, cause) = (MemberKind::Segment, Cause::RuleChange);
+                w.record_change(&id, kind, name.clone(), op, now, &cause);
+                w.put_back(id.clone(), state);
+                Ok(())
+            })?;
+            if enter {
+                entered += 1;
+            } else {
+                exited += 1;
+            }
+        }
+        Ok((entered, exited))
+    }
+
+    /// One round of a segment being filled: the next [`super::EngineConfig::segment_round`]
+    /// customers (by number) are judged against the segment as the rules now define it —
+    /// from their current state, so events applied since the change are counted — and those
+    /// whose membership differs enter or exit, committed with the fill's progress. Returns
+    /// how many customers entered or exited.
+    pub(super) fn segment_fill_step(&mut self) -> Result<usize, EngineError> {
+        let Some(fill) = self.segment_fill.clone() else {
+            return Ok(0);
+        };
+        self.settle();
+        let customers = self.index.read().customers();
+        let end = fill
+            .next
+            .saturating_add(u32::try_from(self.segment_round()).unwrap_or(u32::MAX))
+            .min(customers);
+        let range = fill.next..end;
+        let rules = self.rules.clone();
+        let members = match rules.lookup(&fill.name) {
+            Some(id) if rules.def(id).kind == DefKind::Segment => {
+                self.reader()
+                    .evaluate_set(&rules, id, None, Some(range.clone()))?
+            }
+            _ => roaring::RoaringBitmap::new(),
+        };
+        let mut changed = self.index.read().set(&fill.name).cloned().unwrap_or_default();
+        let mut within = roaring::RoaringBitmap::new();
+        within.insert_range(range);
+        changed &= &within;
+        changed ^= &members;
+        let now = self.now();
+        let done = end >= customers;
+        self.transact(|engine, batch| {
+            engine.move_members(&fill.name, &changed, &members, now)?;
+            let (cf, key) = (engine.store.cf(CF_META), META_SEGMENT_FILL.as_bytes());
+            if done {
+                batch.wb.delete_cf(cf, key);
+            } else {
+                let next = SegmentFill {
+                    name: fill.name.clone(),
+                    next: end,
+                };
+                batch.wb.put_cf(cf, key, next.encode());
+            }
+            Ok(())
+        })?;
+        self.segment_fill = (!done).then(|| SegmentFill {
+            name: fill.name.clone(),
+            next: end,
+        });
+        Ok(changed.len() as usize)
+    }
+
+    /// How far a segment being filled round by round has come.
+    pub(super) fn segment_fill_progress(&self) -> Option<(u64, u64)> {
+        let fill = self.segment_fill.as_ref()?;
+        let customers = u64::from(self.index.read().customers());
+        Some((u64::from(fill.next), customers.max(u64::from(fill.next))))
     }
 }
