@@ -6,7 +6,10 @@
 //! and traits that do not move with time, and no other definition reads it — its membership
 //! is computed at once from current state through the membership index (bitmap plan, the
 //! remaining candidates judged one by one), and every enter and exit is a `rule_change` change
-//! committed in one batch with the new rule text. Anything else (a segment with its own
+//! committed in one batch with the new rule text — or, when more customers than
+//! `EngineConfig::segment_round` enter or exit, the rule text alone, after which the segment
+//! is filled round by round (`Engine::segment_fill_step`), each round judging its customers
+//! from their state at that moment. Anything else (a segment with its own
 //! windows or `since`, or one other definitions read) goes through a full rule change: every
 //! customer is re-evaluated over their retained history by the backfill.
 
