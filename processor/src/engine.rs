@@ -660,11 +660,18 @@ impl Engine {
             };
             engine.record_first_version(&engine.config.initial_author.clone(), action)?;
         }
+        engine.publish_backfill();
         Ok(engine)
     }
 
     pub fn rules(&self) -> &Arc<CompiledRules> {
         &self.rules
+    }
+
+    /// Shows [`ReadHandle::backfill_progress`] where the backfill (or a segment's fill) now
+    /// is: called wherever it starts, moves or ends.
+    fn publish_backfill(&self) {
+        self.published.set_backfill(self.backfill_progress());
     }
 
     /// Judges events against `plan` from now on (`None`: no plan, behaviour as without).

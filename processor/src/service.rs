@@ -159,6 +159,11 @@ impl EngineHandle {
         self.waiting.load(Ordering::Acquire)
     }
 
+    /// False once the engine thread has stopped (its end of the `committed` channel is gone).
+    pub fn running(&self) -> bool {
+        self.committed.has_changed().is_ok()
+    }
+
     /// Changes with the `seq` of the last committed change after each engine job.
     pub fn committed(&self) -> tokio::sync::watch::Receiver<u64> {
         self.committed.clone()

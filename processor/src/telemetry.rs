@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use metrics::{counter, gauge, histogram};
 
-use crate::{Engine, FiredTimers, IngestOutcome};
+use crate::{Engine, FiredTimers, IngestOutcome, ReadHandle};
 
 /// One ingest call's results: events by result, rejections by code, the time the engine
 /// spent on its group, and the event-to-change latency from `received` (when the request
@@ -50,8 +50,8 @@ pub fn engine_gauges(engine: &Engine) {
 }
 
 /// Gauges of the store and the membership index (read when `/metrics` is scraped).
-pub fn store_gauges(engine: &Engine) {
-    let store = engine.store();
+pub fn store_gauges(reader: &ReadHandle) {
+    let store = reader.store();
     gauge!("tagstream_rocksdb_sst_bytes").set(store.approximate_size() as f64);
     gauge!("tagstream_rocksdb_pending_compaction_bytes").set(store.pending_compaction_bytes() as f64);
     gauge!("tagstream_rocksdb_running_compactions").set(store.running_compactions() as f64);
@@ -60,7 +60,7 @@ pub fn store_gauges(engine: &Engine) {
         gauge!("tagstream_disk_free_bytes").set(free as f64);
         gauge!("tagstream_disk_total_bytes").set(total as f64);
     }
-    let index = engine.reader().index().read().memory();
+    let index = reader.index().read().memory();
     gauge!("tagstream_index_customers").set(index.customers as f64);
     gauge!("tagstream_index_id_bytes").set(index.id_bytes as f64);
     gauge!("tagstream_index_bitmap_bytes").set(index.bitmap_bytes as f64);

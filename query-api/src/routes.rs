@@ -1007,9 +1007,12 @@ pub async fn purge_dead_letters(State(app): State<AppState>) -> Result<Json<Json
 }
 
 pub async fn metrics(State(app): State<AppState>) -> Result<Response, ApiError> {
-    app.engine
-        .call(|engine| processor::telemetry::store_gauges(engine))
-        .await?;
+    // Read beside the engine: a scrape answers while the engine works off a long round,
+    // which is when the metrics are needed.
+    let reader = app.engine.reader().clone();
+    tokio::task::spawn_blocking(move || processor::telemetry::store_gauges(&reader))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     processor::telemetry::process_gauges();
     Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -1039,19 +1042,23 @@ pub async fn readyz(State(app): State<AppState>) -> Response {
         )
             .into_response();
     }
-    match app.engine.call(|engine| engine.backfill_progress()).await {
-        Ok(progress) => Json(json!({
-            "ready": true,
-            "backfill_running": progress.is_some(),
-            "backfill": progress,
-        }))
-        .into_response(),
-        Err(e) => (
+    // Answered beside the engine: a long round (a backlog of timers, a compaction stall)
+    // does not make the node look unready.
+    if !app.engine.running() {
+        let error = processor::ServiceError::Stopped.to_string();
+        return (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "ready": false, "error": e.to_string() })),
+            Json(json!({ "ready": false, "error": error })),
         )
-            .into_response(),
+            .into_response();
     }
+    let progress = app.engine.reader().backfill_progress();
+    Json(json!({
+        "ready": true,
+        "backfill_running": progress.is_some(),
+        "backfill": progress,
+    }))
+    .into_response()
 }
 
 pub async fn not_found(uri: axum::http::Uri) -> ApiError {
@@ -1060,4 +1067,62 @@ pub async fn not_found(uri: axum::http::Uri) -> ApiError {
 
 pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
     ApiError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use crate::{router, ApiConfig, AppState};
+
+    /// `/metrics` and `/readyz` are answered beside the engine: while it is held by a long
+    /// job (a backlog of timers, a stalled write), a scrape and a readiness probe still
+    /// answer at once — they had timed out at the first retention crossing of a soak.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn metrics_and_readiness_answer_while_the_engine_is_busy() {
+        let dir = ::tests::TempDir::new("busy-engine");
+        let config = processor::EngineConfig {
+            sync_writes: false,
+            ..Default::default()
+        };
+        let rules = "tag buyer = count(payment, 30d) >= 1";
+        let engine = processor::Engine::open(dir.path(), Some(rules), config).unwrap();
+        let (handle, _thread) = processor::EngineHandle::spawn(engine, processor::ServiceConfig::default());
+        let app = router(AppState::new(handle.clone(), ApiConfig::default()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let busy = handle.clone();
+        let held = tokio::spawn(async move {
+            busy.call(move |_| {
+                started_tx.send(()).unwrap();
+                std::thread::sleep(Duration::from_secs(3));
+            })
+            .await
+        });
+        tokio::task::spawn_blocking(move || started.recv().unwrap())
+            .await
+            .unwrap();
+        let asked = Instant::now();
+        for path in ["/metrics", "/readyz"] {
+            let addr = addr.clone();
+            let r = tokio::task::spawn_blocking(move || ::tests::http::request(&addr, "GET", path, b""))
+                .await
+                .unwrap();
+            assert_eq!(r.status, 200, "{path}: {}", r.text());
+            if path == "/metrics" {
+                assert!(r.text().contains("tagstream_rocksdb_sst_bytes"), "{}", r.text());
+            } else {
+                assert_eq!(r.json()["ready"], true);
+            }
+        }
+        assert!(
+            asked.elapsed() < Duration::from_secs(2),
+            "answered beside the busy engine, not after it: {:?}",
+            asked.elapsed()
+        );
+        held.await.unwrap().unwrap();
+    }
 }

@@ -30,6 +30,8 @@ pub(super) struct Published {
     clock: AtomicI64,
     /// What readers need kept of the change log and the dead letters.
     pub(super) holds: super::retention::Holds,
+    /// The rule-change backfill's (or a segment fill's) progress as of its last step.
+    backfill: std::sync::Mutex<Option<BackfillProgress>>,
 }
 
 impl Published {
@@ -38,7 +40,12 @@ impl Published {
             rules: RwLock::new(rules),
             clock: AtomicI64::new(clock.unwrap_or(i64::MIN)),
             holds: Default::default(),
+            backfill: Default::default(),
         }
+    }
+
+    pub(super) fn set_backfill(&self, progress: Option<BackfillProgress>) {
+        *self.backfill.lock().unwrap_or_else(|e| e.into_inner()) = progress;
     }
 
     pub(super) fn set_clock(&self, clock: Option<i64>) {
@@ -70,6 +77,12 @@ pub struct ReadHandle {
 }
 
 impl ReadHandle {
+    /// How far the rule-change backfill (or a saved segment's fill) has come, as of its last
+    /// step: read beside the engine, so `/readyz` answers while the engine is busy.
+    pub fn backfill_progress(&self) -> Option<BackfillProgress> {
+        *self.published.backfill.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The limits, tracking plan and quality record events are parsed with.
     pub fn intake(&self) -> &Intake {
         &self.intake

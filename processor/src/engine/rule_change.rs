@@ -75,6 +75,7 @@ impl Engine {
         self.backfill_cursor = Some(Vec::new());
         self.backfill_done = 0;
         self.backfill_total = self.store.estimate_keys(CF_CUSTOMERS);
+        self.publish_backfill();
         self.versioned(&version);
         Ok(version)
     }
@@ -150,6 +151,7 @@ impl Engine {
         })?;
         self.backfill_cursor = next_cursor;
         self.backfill_done += passed;
+        self.publish_backfill();
         Ok(ids.len())
     }
 }

@@ -286,6 +286,7 @@ impl Engine {
                 self.versioned(&version);
                 let update = if fill.is_some() {
                     self.segment_fill = fill;
+                    self.publish_backfill();
                     SegmentUpdate::Backfill
                 } else {
                     SegmentUpdate::Immediate {
@@ -399,6 +400,7 @@ impl Engine {
             name: fill.name.clone(),
             next: end,
         });
+        self.publish_backfill();
         Ok(changed.len() as usize)
     }
 
