@@ -224,7 +224,7 @@ proptest! {
         check(&engine)?;
         // Exports follow the same bitmaps.
         for name in ["viewer", "buyer", "big", "seafood", "vip_buyers"] {
-            let members: BTreeSet<String> = engine.members(name).unwrap().into_iter().map(|(id, _)| id).collect();
+            let members = member_ids(&engine, name);
             let expected: BTreeSet<String> = brute_force(&engine, &Expr::Member(name)).into_iter().collect();
             prop_assert_eq!(members, expected, "{}", name);
         }
@@ -257,6 +257,16 @@ fn remembered_trait_values_end_with_the_rules_that_computed_them() {
         engine.backfill_step(1_000).unwrap();
     }
     assert_eq!(engine.query("views >= 1", 100, None).unwrap().count, 5);
+}
+
+/// The ids of `name`'s members, from the engine.
+fn member_ids(engine: &Engine, name: &str) -> BTreeSet<String> {
+    engine
+        .members(name)
+        .unwrap()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect()
 }
 
 /// The members of `name` by folding its changes in the change log.
@@ -305,7 +315,7 @@ proptest! {
         for (step, e) in [&first, &second].into_iter().enumerate() {
             engine.put_segment("audience", &e.text()).unwrap();
             settle(&mut engine);
-            let members: BTreeSet<String> = engine.members("audience").unwrap().into_iter().map(|(id, _)| id).collect();
+            let members = member_ids(&engine, "audience");
             let expected: BTreeSet<String> = brute_force(&engine, e).into_iter().collect();
             prop_assert_eq!(&members, &expected, "step {}: {}", step, e.text());
             prop_assert_eq!(members_from_log(&engine, "audience"), expected);
@@ -314,7 +324,7 @@ proptest! {
         // Late events (before the clock) and time.
         engine.ingest(&after).unwrap();
         engine.advance_clock(BASE + 900_000).unwrap();
-        let members: BTreeSet<String> = engine.members("audience").unwrap().into_iter().map(|(id, _)| id).collect();
+        let members = member_ids(&engine, "audience");
         let expected: BTreeSet<String> = brute_force(&engine, &second).into_iter().collect();
         prop_assert_eq!(&members, &expected, "{}", second.text());
         prop_assert_eq!(members_from_log(&engine, "audience"), expected);
@@ -393,12 +403,7 @@ fn a_segment_moving_more_customers_than_a_round_fills_round_by_round() {
         .iter()
         .map(|i| format!("c{i:02}"))
         .collect();
-    let members: BTreeSet<String> = engine
-        .members("gold")
-        .unwrap()
-        .into_iter()
-        .map(|(id, _)| id)
-        .collect();
+    let members = member_ids(&engine, "gold");
     assert_eq!(members, gold);
     assert_eq!(
         members_from_log(&engine, "gold"),
@@ -424,12 +429,7 @@ fn a_segment_moving_more_customers_than_a_round_fills_round_by_round() {
     let text = format!("{RULES}segment silver = profile.level == \"silver\"\n");
     engine.replace_rules(&text).unwrap();
     settle(&mut engine);
-    let silver: BTreeSet<String> = engine
-        .members("silver")
-        .unwrap()
-        .into_iter()
-        .map(|(id, _)| id)
-        .collect();
+    let silver = member_ids(&engine, "silver");
     assert_eq!(silver.len(), 11, "{silver:?}");
     assert_eq!(members_from_log(&engine, "silver"), silver);
     engine.put_segment("other", "buyer").unwrap();

@@ -17,7 +17,7 @@ use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use processor::index::IdPage;
 use rules::{Type, Value};
 
-use crate::access::mask::{kept_ends, mask_into, FieldPolicy};
+use crate::access::mask::{mask_into, FieldPolicy, MaskParts};
 
 /// The formats a members export can take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -297,76 +297,27 @@ impl IdText {
 /// A masked text is never longer than the text (a masked character becomes one `*`), so
 /// each is written at or before where it was read: its kept ends are moved (not at all
 /// until a text has shrunk: ASCII texts keep their length) and its middle becomes stars.
-/// A text that is not ASCII has its characters counted without decoding them (one
-/// vectorised pass) and its kept ends found by walking a few bytes in from each end.
 fn mask_page_in_place(values: &mut Vec<u8>, ends: &[usize]) -> Vec<usize> {
     let mut lengths = Vec::with_capacity(ends.len());
     let (mut read, mut write) = (0, 0);
     for &end in ends {
-        let text = &values[read..end];
-        let len = text.len();
-        let masked = if text.is_ascii() {
-            let (head, tail) = kept_ends(len);
-            if read != write {
-                values.copy_within(read..end, write);
-            }
-            values[write + head..write + len - tail].fill(b'*');
-            len
-        } else {
-            let chars = char_count(text);
-            let (head, tail) = kept_ends(chars);
-            let head_end = nth_char_start(text, head);
-            let tail_start = nth_char_start_from_end(text, tail);
-            let stars = chars - head - tail;
-            values.copy_within(read..read + head_end, write);
-            values[write + head_end..write + head_end + stars].fill(b'*');
-            values.copy_within(read + tail_start..end, write + head_end + stars);
-            head_end + stars + (len - tail_start)
-        };
+        let parts = MaskParts::of(&values[read..end]);
+        if read != write {
+            values.copy_within(read..read + parts.head_end, write);
+        }
+        let stars_at = write + parts.head_end;
+        values[stars_at..stars_at + parts.stars].fill(b'*');
+        let tail_at = stars_at + parts.stars;
+        if read + parts.tail_start != tail_at {
+            values.copy_within(read + parts.tail_start..end, tail_at);
+        }
+        let masked = parts.masked_len(end - read);
         lengths.push(masked);
         write += masked;
         read = end;
     }
     values.truncate(write);
     lengths
-}
-
-/// How many characters the UTF-8 `text` holds: the bytes that do not continue a character,
-/// counted in byte lanes 255 bytes at a time (which the compiler vectorises 16 bytes wide).
-fn char_count(text: &[u8]) -> usize {
-    text.chunks(255)
-        .map(|chunk| {
-            let starts = chunk.iter().fold(0u8, |n, &b| n + u8::from((b as i8) >= -0x40));
-            usize::from(starts)
-        })
-        .sum()
-}
-
-/// Where the `n`th character of the UTF-8 `text` starts (its length when it has `n`).
-fn nth_char_start(text: &[u8], n: usize) -> usize {
-    let mut seen = 0;
-    for (i, &b) in text.iter().enumerate() {
-        if (b as i8) >= -0x40 {
-            if seen == n {
-                return i;
-            }
-            seen += 1;
-        }
-    }
-    text.len()
-}
-
-/// Where the last `n` characters of the UTF-8 `text` start (its length when `n` is 0).
-fn nth_char_start_from_end(text: &[u8], n: usize) -> usize {
-    let mut seen = 0;
-    let mut i = text.len();
-    while seen < n && i > 0 {
-        i -= 1;
-        if (text[i] as i8) >= -0x40 {
-            seen += 1;
-        }
-    }
-    i
 }
 
 fn record_batch(
