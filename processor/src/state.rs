@@ -446,6 +446,14 @@ impl Facts for EngineFacts<'_> {
         }
     }
 
+    fn falling_count(&self, id: AggId) -> Option<u64> {
+        self.windows()?.falling_count(self.rules, id)
+    }
+
+    fn count_exit(&self, id: AggId, k: u64) -> Option<i64> {
+        Some(self.windows()?.count_exit(self.rules, id, k))
+    }
+
     fn event_tag_next_change(&self, id: DefId) -> Option<i64> {
         let def = self.rules.def(id);
         let ttl = def.event_tag.as_ref().and_then(|s| s.ttl_ms);

@@ -925,20 +925,61 @@ impl WindowSet {
         }
     }
 
-    /// The earliest instant after the current one at which aggregate `id`'s set of counted
-    /// events changes: the oldest leaves, or the next future one enters.
+    /// The earliest instant after the current one at which aggregate `id`'s value could
+    /// change by time alone: an event leaves, or the next future one enters. `last` and
+    /// `since` read only the newest event, so only its leaving (after every older one) or
+    /// a newer one entering changes them; `first` reads the oldest, so a future event
+    /// entering changes it only while nothing is counted. (`since` also grows with the
+    /// clock in between: that is a comparison's crossing, not a change of its events.)
     pub fn next_change(&self, rules: &CompiledRules, id: usize) -> Option<i64> {
         let spec = &rules.aggregates()[id];
         let src = self.sources[spec.source].as_ref()?;
         let agg = &src.aggs[spec.position];
         let q = &src.queue;
-        let leaves = (agg.hi > agg.lo).then(|| q.ts(agg.lo).saturating_add(span_ms(spec, self.retention_ms)));
-        let enters = (agg.hi < q.end()).then(|| q.ts(agg.hi));
+        let span = span_ms(spec, self.retention_ms);
+        let counted = agg.hi > agg.lo;
+        let leaves = counted.then(|| match spec.func {
+            AggFunc::Last | AggFunc::Since => q.ts(agg.hi - 1).saturating_add(span),
+            _ => q.ts(agg.lo).saturating_add(span),
+        });
+        let enters = (agg.hi < q.end() && (!counted || spec.func != AggFunc::First)).then(|| q.ts(agg.hi));
         [leaves, enters]
             .into_iter()
             .flatten()
             .filter(|t| *t > self.at)
             .min()
+    }
+
+    /// A count whose events only leave from the current instant on (none stamped later is
+    /// waiting to enter): its value. `None` for other aggregates.
+    pub fn falling_count(&self, rules: &CompiledRules, id: usize) -> Option<u64> {
+        let spec = &rules.aggregates()[id];
+        if spec.func != AggFunc::Count {
+            return None;
+        }
+        let Some(src) = self.sources[spec.source].as_ref() else {
+            return Some(0);
+        };
+        let agg = &src.aggs[spec.position];
+        (agg.hi == src.queue.end()).then_some(agg.hi - agg.lo)
+    }
+
+    /// The instant the `k`-th (from 1, oldest first) of a falling count's events leaves it;
+    /// `k` is at most the count [`WindowSet::falling_count`] gave.
+    pub fn count_exit(&self, rules: &CompiledRules, id: usize, k: u64) -> i64 {
+        let spec = &rules.aggregates()[id];
+        let Some(src) = self.sources[spec.source].as_ref() else {
+            return i64::MAX;
+        };
+        let agg = &src.aggs[spec.position];
+        debug_assert!(
+            k >= 1 && agg.lo + k <= agg.hi,
+            "exit {k} of a count of {}",
+            agg.hi - agg.lo
+        );
+        src.queue
+            .ts(agg.lo + k - 1)
+            .saturating_add(span_ms(spec, self.retention_ms))
     }
 
     /// The earliest instant after the current one at which aggregate `id`'s value, moved by

@@ -541,6 +541,71 @@ fn timers_wait_for_the_instant_a_comparison_turns() {
     );
 }
 
+/// A weighted sum of counts compared with a number wakes the customer once, when the sum
+/// crosses it — not at each of its events leaving — and `last`/`since` wake only when their
+/// newest event leaves, not when older ones do.
+#[test]
+fn weighted_sums_and_newest_event_reads_wake_only_when_they_can_turn() {
+    let dir = TempDir::new("engine-weighted");
+    let rules = "trait engagement = count(ping, 1d) + 5 * count(demo, 1d)\n\
+                 tag hot = engagement >= 7\n\
+                 tag quiet = last(ping.n) == 1 and since(demo) < 2d";
+    // One day of history: `last` and `since` lose their events after a day.
+    let config = EngineConfig {
+        retention_ms: DAY,
+        ..event_config()
+    };
+    let mut engine = Engine::open(dir.path(), Some(rules), config).unwrap();
+    let mut events: Vec<String> = (0..6)
+        .map(|i| {
+            format!(
+                r#"{{"customer_id":"c1","type":"ping","ts":{},"props":{{"n":1}}}}"#,
+                T0 + i * MIN
+            )
+        })
+        .collect();
+    events.push(format!(
+        r#"{{"customer_id":"c1","type":"demo","ts":{}}}"#,
+        T0 + 10 * MIN
+    ));
+    let out = engine.ingest(&events).unwrap();
+    assert_eq!(
+        out.changes.iter().filter(|c| c.op == Op::Add).count(),
+        2,
+        "hot (6 + 5 >= 7) and quiet: {:?}",
+        out.changes
+    );
+    // 11 now; it falls below 7 when the fifth ping leaves (11 - 5 = 6). The pings before it
+    // leaving wake nobody: neither the sum nor `last(ping.n)` turns.
+    let turns = T0 + 4 * MIN + DAY;
+    assert_eq!(
+        engine.next_timer(),
+        Some(turns),
+        "the sum's crossing, not the first ping leaving"
+    );
+    assert!(engine.advance_clock(turns - 1).unwrap().is_empty());
+    let changes = engine.advance_clock(turns).unwrap();
+    assert_eq!(
+        changes.iter().map(|c| (&*c.name, c.op, c.at)).collect::<Vec<_>>(),
+        [("hot", Op::Remove, turns)]
+    );
+    // The newest ping leaving empties `last(ping.n)`: quiet ends. Then the demo leaving
+    // changes `since(demo)` (nothing turns: quiet is off, the sum falls further below 7).
+    let newest_leaves = T0 + 5 * MIN + DAY;
+    assert_eq!(engine.next_timer(), Some(newest_leaves));
+    let changes = engine.advance_clock(T0 + 3 * DAY).unwrap();
+    assert_eq!(
+        changes.iter().map(|c| (&*c.name, c.op, c.at)).collect::<Vec<_>>(),
+        [("quiet", Op::Remove, newest_leaves)]
+    );
+    assert_eq!(engine.next_timer(), None);
+    assert_eq!(
+        engine.take_fired_timers().count,
+        3,
+        "the crossing, the newest ping and the demo leaving (not each ping)"
+    );
+}
+
 /// A customer as the engine loads them from the store on a cache miss.
 fn stored(engine: &Engine, id: &str) -> processor::state::CustomerState {
     let current = processor::store::Current {

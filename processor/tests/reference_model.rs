@@ -48,7 +48,7 @@ fn definition(index: usize, earlier: Vec<String>) -> impl Strategy<Value = Strin
         prop::sample::select(earlier).boxed()
     };
     (
-        0u8..12,
+        0u8..15,
         event_type(),
         filter(),
         duration_s(),
@@ -77,6 +77,23 @@ fn definition(index: usize, earlier: Vec<String>) -> impl Strategy<Value = Strin
                 "tag {name} = sum({t}.amount, {d}s) < {} and count({t}, lifetime) != {k}",
                 k * 30
             ),
+            // Weighted sums of counts compared with numbers, through a trait and inline,
+            // weights of either sign (timers wait for the sum to cross).
+            12 => format!(
+                "trait {name}_e = count({t}{f}, {d}s) + 2 * count(view, 60s) + 3 * count(call, lifetime)\n\
+                 tag {name} = {name}_e >= {}",
+                k * 2 + 1
+            ),
+            13 => format!(
+                "tag {name} = 10 - count({t}, {d}s) - 2 * count(payment{f}, 30s) > {}",
+                3 + k
+            ),
+            14 if flag => format!(
+                "trait {name}_e = 2 * count({t}{f}, {d}s) + count(view, 20s)\ntrait {name}_f = {name}_e - 1\n\
+                 segment {name} = {name}_f != {k} and ({name}_e + 1) * 1 < {}",
+                k * 3
+            ),
+            14 => format!("tag {name} = count({t}, {d}s) + count(call, 45s) == {k} or {other}"),
             _ => format!("tag {name} = since({t}) / 1s >= {d} and not has(profile.vip)"),
         })
 }

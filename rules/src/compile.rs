@@ -148,6 +148,9 @@ pub struct CompiledRules {
     /// Per aggregate, the comparisons with numbers through which alone tags and segments
     /// read it (see [`crate::timing::membership_thresholds`]).
     pub(crate) thresholds: Vec<Option<Vec<crate::timing::Threshold>>>,
+    /// Weighted sums of counts that tags and segments compare with numbers (see
+    /// [`crate::timing::membership_thresholds`]); their counts are marked read that way.
+    pub(crate) combinations: Vec<crate::timing::Combination>,
     /// A fingerprint of what per-customer window state is shaped by (the sources, their
     /// filters and input columns, each aggregate's function, window and input): state kept
     /// under one rule set is reused under another only when the fingerprints agree.
@@ -410,6 +413,7 @@ impl<'a> Compiler<'a> {
             time_comparisons,
             membership_reads: (Vec::new(), Vec::new()),
             thresholds: Vec::new(),
+            combinations: Vec::new(),
             window_layout: 0,
         };
         rules.window_layout = window_layout(&rules.sources, &rules.aggregates);
@@ -419,7 +423,7 @@ impl<'a> Compiler<'a> {
             .filter(|d| d.kind != DefKind::Trait)
             .map(|d| d.id);
         rules.membership_reads = rules.reads(members);
-        rules.thresholds = crate::timing::membership_thresholds(&rules);
+        (rules.thresholds, rules.combinations) = crate::timing::membership_thresholds(&rules);
         rules
     }
 

@@ -32,6 +32,19 @@ pub trait Facts {
         let _ = band;
         self.aggregate_next_change(id)
     }
+    /// For a count aggregate whose events only leave from `now` on (no event stamped later
+    /// waits to enter it): its value. `None` otherwise, or when the facts cannot say (then
+    /// weighted sums of counts wake at every change of their events).
+    fn falling_count(&self, id: AggId) -> Option<u64> {
+        let _ = id;
+        None
+    }
+    /// The instant at which the `k`-th (from 1, oldest first) of a falling count's events
+    /// leaves it, for `1 <= k <=` what [`Facts::falling_count`] gave.
+    fn count_exit(&self, id: AggId, k: u64) -> Option<i64> {
+        let _ = (id, k);
+        None
+    }
 }
 
 /// The numbers an aggregate's value can take without changing any comparison a tag or
@@ -185,6 +198,12 @@ impl<F: Facts + ?Sized> Facts for Overlay<'_, F> {
     }
     fn aggregate_leaves(&self, id: AggId, band: &Band) -> Option<i64> {
         self.facts.aggregate_leaves(id, band)
+    }
+    fn falling_count(&self, id: AggId) -> Option<u64> {
+        self.facts.falling_count(id)
+    }
+    fn count_exit(&self, id: AggId, k: u64) -> Option<i64> {
+        self.facts.count_exit(id, k)
     }
     fn aggregate_next_change(&self, id: AggId) -> Option<i64> {
         self.facts.aggregate_next_change(id)

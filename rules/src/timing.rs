@@ -45,7 +45,8 @@ impl CompiledRules {
         let mut next =
             self.next_change_where(facts, |a| aggs[a] && self.thresholds[a].is_none(), |d| defs[d]);
         for (id, thresholds) in self.thresholds.iter().enumerate() {
-            let Some(thresholds) = thresholds.as_deref().filter(|_| aggs[id]) else {
+            // (An empty list: read only through weighted sums, judged below.)
+            let Some(thresholds) = thresholds.as_deref().filter(|t| aggs[id] && !t.is_empty()) else {
                 continue;
             };
             let Value::Num(current) = facts.aggregate(id) else {
@@ -60,6 +61,11 @@ impl CompiledRules {
                 t.narrow(current, &mut band);
             }
             if let Some(t) = facts.aggregate_leaves(id, &band).filter(|t| *t > now) {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+        }
+        for combination in &self.combinations {
+            if let Some(t) = combination.leaves(facts).filter(|t| *t > now) {
                 next = Some(next.map_or(t, |n| n.min(t)));
             }
         }
@@ -272,73 +278,267 @@ impl Threshold {
     }
 }
 
-/// For each count and sum aggregate that tags and segments read only through comparisons
-/// with numbers (directly or through a trait that is just that aggregate), those
-/// comparisons; `None` for every other aggregate.
-pub(crate) fn membership_thresholds(rules: &CompiledRules) -> Vec<Option<Vec<Threshold>>> {
-    let alias = |d: DefId| match (&rules.defs[d].expr, rules.defs[d].kind) {
-        (Some(Node::Agg(a)), DefKind::Trait) => Some(*a),
-        _ => None,
+/// `offset + Σ weight × count`, every weight of one sign, compared with numbers by tags
+/// and segments (`engagement >= 10` where `engagement = count(a, 30d) + 5 * count(b, 30d)`).
+/// While its counts only fall, its value moves one way only, so it leaves the band of
+/// values that keep every comparison as it is at most once, and that instant is found
+/// exactly by bisection over time rather than by waking at each event leaving.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Combination {
+    terms: Vec<(AggId, Decimal)>,
+    offset: Decimal,
+    thresholds: Vec<Threshold>,
+}
+
+impl Combination {
+    /// The first instant after now at which the sum leaves the band its comparisons keep
+    /// it in; `None` if it never does. When a count may still rise (an event stamped later
+    /// waits to enter it) or the facts cannot list exits, the earliest change of any of its
+    /// counts instead (early, never late).
+    fn leaves<F: Facts + ?Sized>(&self, facts: &F) -> Option<i64> {
+        let now = facts.now();
+        self.falling_leaves(facts, now).unwrap_or_else(|| {
+            self.terms
+                .iter()
+                .filter_map(|(a, _)| facts.aggregate_next_change(*a))
+                .filter(|t| *t > now)
+                .min()
+        })
+    }
+
+    /// `Some(answer)` when every count only falls from now on; `None` to fall back.
+    fn falling_leaves<F: Facts + ?Sized>(&self, facts: &F, now: i64) -> Option<Option<i64>> {
+        let mut last_exit = now;
+        for (a, _) in &self.terms {
+            let count = facts.falling_count(*a)?;
+            if count > 0 {
+                last_exit = last_exit.max(facts.count_exit(*a, count)?);
+            }
+        }
+        let mut band = Band::default();
+        let current = self.value_at(facts, now)?;
+        for t in &self.thresholds {
+            t.narrow(current, &mut band);
+        }
+        // Monotone: outside the band once every event has left, or never.
+        if band.contains(self.value_at(facts, last_exit)?) {
+            return Some(None);
+        }
+        // Inside at `inside`, outside at `outside`: bisect to the first instant outside.
+        let (mut inside, mut outside) = (now, last_exit);
+        while outside - inside > 1 {
+            let mid = inside + (outside - inside) / 2;
+            if band.contains(self.value_at(facts, mid)?) {
+                inside = mid;
+            } else {
+                outside = mid;
+            }
+        }
+        Some(Some(outside))
+    }
+
+    /// The sum at instant `t` (at or after now) if no event arrives meanwhile.
+    fn value_at<F: Facts + ?Sized>(&self, facts: &F, t: i64) -> Option<Decimal> {
+        let mut value = self.offset;
+        for (a, weight) in &self.terms {
+            let count = facts.falling_count(*a)?;
+            // Exits are in time order: the first `gone` of them are at or before `t`.
+            let (mut gone, mut stays) = (0u64, count);
+            while gone < stays {
+                let k = gone + (stays - gone) / 2;
+                if facts.count_exit(*a, k + 1)? <= t {
+                    gone = k + 1;
+                } else {
+                    stays = k;
+                }
+            }
+            value = value.checked_add(weight.checked_mul(Decimal::from(count - gone))?)?;
+        }
+        Some(value)
+    }
+}
+
+/// A numeric expression as `offset + Σ weight × aggregate`, through traits; `None` when it
+/// is not that shape (or the arithmetic overflows).
+fn linear_form(rules: &CompiledRules, node: &Node) -> Option<(Vec<(AggId, Decimal)>, Decimal)> {
+    let scaled = |(terms, offset): (Vec<(AggId, Decimal)>, Decimal), k: Decimal| {
+        let terms = terms
+            .into_iter()
+            .map(|(a, w)| Some((a, w.checked_mul(k)?)))
+            .collect::<Option<Vec<_>>>()?;
+        Some((terms, offset.checked_mul(k)?))
     };
-    let mut out: Vec<Option<Vec<Threshold>>> = rules
-        .aggregates
-        .iter()
-        .map(|a| matches!(a.func, AggFunc::Count | AggFunc::Sum).then(Vec::new))
-        .collect();
-    fn visit(node: &Node, alias: &dyn Fn(DefId) -> Option<usize>, out: &mut [Option<Vec<Threshold>>]) {
-        let agg_of = |n: &Node| match n {
-            Node::Agg(a) => Some(*a),
-            Node::Def(d) => alias(*d),
+    match node {
+        Node::Const(Value::Num(v)) => Some((Vec::new(), *v)),
+        Node::Agg(a) if matches!(rules.aggregates[*a].func, AggFunc::Count | AggFunc::Sum) => {
+            Some((vec![(*a, Decimal::ONE)], Decimal::ZERO))
+        }
+        Node::Def(d) => match (&rules.defs[*d].expr, rules.defs[*d].kind) {
+            (Some(expr), DefKind::Trait) => linear_form(rules, expr),
             _ => None,
-        };
-        match node {
-            Node::Binary(
-                op
-                @ (BinaryOp::Eq | BinaryOp::Ne | BinaryOp::Lt | BinaryOp::Le | BinaryOp::Gt | BinaryOp::Ge),
-                l,
-                r,
-            ) => match (agg_of(l), &**l, agg_of(r), &**r) {
-                (Some(a), _, _, Node::Const(Value::Num(value))) => push(out, a, *op, *value),
-                (_, Node::Const(Value::Num(value)), Some(a), _) => {
-                    // `value op aggregate` is `aggregate op' value`.
-                    let turned = match op {
-                        BinaryOp::Lt => BinaryOp::Gt,
-                        BinaryOp::Le => BinaryOp::Ge,
-                        BinaryOp::Gt => BinaryOp::Lt,
-                        BinaryOp::Ge => BinaryOp::Le,
-                        other => *other,
-                    };
-                    push(out, a, turned, *value)
-                }
+        },
+        Node::Neg(inner) => scaled(linear_form(rules, inner)?, -Decimal::ONE),
+        Node::Binary(op @ (BinaryOp::Add | BinaryOp::Sub | BinaryOp::Mul), l, r) => {
+            let (a, b) = (linear_form(rules, l)?, linear_form(rules, r)?);
+            match op {
+                BinaryOp::Mul if a.0.is_empty() => scaled(b, a.1),
+                BinaryOp::Mul if b.0.is_empty() => scaled(a, b.1),
+                BinaryOp::Mul => None,
                 _ => {
-                    visit(l, alias, out);
-                    visit(r, alias, out);
-                }
-            },
-            Node::Agg(_) | Node::Def(_) => {
-                if let Some(a) = agg_of(node) {
-                    out[a] = None;
+                    let b = if *op == BinaryOp::Sub {
+                        scaled(b, -Decimal::ONE)?
+                    } else {
+                        b
+                    };
+                    let mut terms = a.0;
+                    for (agg, w) in b.0 {
+                        match terms.iter_mut().find(|(x, _)| *x == agg) {
+                            Some((_, v)) => *v = v.checked_add(w)?,
+                            None => terms.push((agg, w)),
+                        }
+                    }
+                    terms.retain(|(_, w)| !w.is_zero());
+                    Some((terms, a.1.checked_add(b.1)?))
                 }
             }
-            Node::Not(inner) | Node::Neg(inner) => visit(inner, alias, out),
-            Node::Binary(_, l, r) => {
-                visit(l, alias, out);
-                visit(r, alias, out);
+        }
+        _ => None,
+    }
+}
+
+/// A [`linear_form`] of counts only, with weights of one sign: a [`Combination`]'s shape.
+fn monotone_counts(rules: &CompiledRules, node: &Node) -> Option<(Vec<(AggId, Decimal)>, Decimal)> {
+    let (terms, offset) = linear_form(rules, node)?;
+    let counts = terms
+        .iter()
+        .all(|(a, _)| rules.aggregates[*a].func == AggFunc::Count);
+    let one_sign =
+        terms.iter().all(|(_, w)| w.is_sign_positive()) || terms.iter().all(|(_, w)| w.is_sign_negative());
+    (counts && one_sign && !terms.is_empty()).then_some((terms, offset))
+}
+
+/// For each count and sum aggregate that tags and segments read only through comparisons
+/// with numbers (directly, through a trait that is just that aggregate, or inside a
+/// weighted sum of counts compared with a number), those direct comparisons; `None` for
+/// every other aggregate. And the weighted sums of counts with their comparisons.
+pub(crate) fn membership_thresholds(
+    rules: &CompiledRules,
+) -> (Vec<Option<Vec<Threshold>>>, Vec<Combination>) {
+    struct Visit<'r> {
+        rules: &'r CompiledRules,
+        out: Vec<Option<Vec<Threshold>>>,
+        combinations: Vec<Combination>,
+    }
+    impl Visit<'_> {
+        /// The aggregate a node is, directly or through a trait that is just it.
+        fn agg_of(&self, n: &Node) -> Option<AggId> {
+            match n {
+                Node::Agg(a) => Some(*a),
+                Node::Def(d) => alias(self.rules, *d),
+                _ => None,
             }
-            Node::List(items) => items.iter().for_each(|i| visit(i, alias, out)),
-            Node::Const(_) | Node::Profile(_) | Node::Has(_) | Node::Prop(_) => {}
+        }
+
+        fn node(&mut self, node: &Node) {
+            match node {
+                Node::Binary(
+                    op @ (BinaryOp::Eq
+                    | BinaryOp::Ne
+                    | BinaryOp::Lt
+                    | BinaryOp::Le
+                    | BinaryOp::Gt
+                    | BinaryOp::Ge),
+                    l,
+                    r,
+                ) => {
+                    // `value op x` is `x op' value`.
+                    let (x, value, op) = match (&**l, &**r) {
+                        (x, Node::Const(Value::Num(v))) => (x, *v, *op),
+                        (Node::Const(Value::Num(v)), x) => (x, *v, turned(*op)),
+                        _ => {
+                            self.node(l);
+                            self.node(r);
+                            return;
+                        }
+                    };
+                    if let Some(a) = self.agg_of(x) {
+                        if let Some(list) = &mut self.out[a] {
+                            list.push(Threshold { op, value });
+                        }
+                    } else if let Some((terms, offset)) = monotone_counts(self.rules, x) {
+                        let threshold = Threshold { op, value };
+                        match self
+                            .combinations
+                            .iter_mut()
+                            .find(|c| c.terms == terms && c.offset == offset)
+                        {
+                            Some(c) => c.thresholds.push(threshold),
+                            None => self.combinations.push(Combination {
+                                terms,
+                                offset,
+                                thresholds: vec![threshold],
+                            }),
+                        }
+                    } else {
+                        self.node(x);
+                    }
+                }
+                Node::Agg(_) | Node::Def(_) => {
+                    if let Some(a) = self.agg_of(node) {
+                        self.out[a] = None;
+                    } else if let Some((terms, _)) = monotone_counts(self.rules, node) {
+                        // A weighted sum of counts read some other way: each count wakes
+                        // its readers at every change.
+                        for (a, _) in terms {
+                            self.out[a] = None;
+                        }
+                    }
+                }
+                Node::Not(inner) | Node::Neg(inner) => self.node(inner),
+                Node::Binary(_, l, r) => {
+                    self.node(l);
+                    self.node(r);
+                }
+                Node::List(items) => items.iter().for_each(|i| self.node(i)),
+                Node::Const(_) | Node::Profile(_) | Node::Has(_) | Node::Prop(_) => {}
+            }
         }
     }
-    fn push(out: &mut [Option<Vec<Threshold>>], a: usize, op: BinaryOp, value: Decimal) {
-        if let Some(list) = &mut out[a] {
-            list.push(Threshold { op, value });
+    fn alias(rules: &CompiledRules, d: DefId) -> Option<AggId> {
+        match (&rules.defs[d].expr, rules.defs[d].kind) {
+            (Some(Node::Agg(a)), DefKind::Trait) => Some(*a),
+            _ => None,
         }
     }
+    fn turned(op: BinaryOp) -> BinaryOp {
+        match op {
+            BinaryOp::Lt => BinaryOp::Gt,
+            BinaryOp::Le => BinaryOp::Ge,
+            BinaryOp::Gt => BinaryOp::Lt,
+            BinaryOp::Ge => BinaryOp::Le,
+            other => other,
+        }
+    }
+    let mut visit = Visit {
+        rules,
+        out: rules
+            .aggregates
+            .iter()
+            .map(|a| matches!(a.func, AggFunc::Count | AggFunc::Sum).then(Vec::new))
+            .collect(),
+        combinations: Vec::new(),
+    };
     let (defs, _) = &rules.membership_reads;
-    for def in rules.defs.iter().filter(|d| defs[d.id] && alias(d.id).is_none()) {
+    // Traits that are an aggregate or a weighted sum of counts are judged where they are
+    // read: through a comparison with a number, or otherwise.
+    let read_where_used = |d: DefId| {
+        rules.defs[d].kind == DefKind::Trait
+            && (alias(rules, d).is_some() || monotone_counts(rules, &Node::Def(d)).is_some())
+    };
+    for def in rules.defs.iter().filter(|d| defs[d.id] && !read_where_used(d.id)) {
         if let Some(expr) = &def.expr {
-            visit(expr, &alias, &mut out);
+            visit.node(expr);
         }
     }
-    out
+    (visit.out, visit.combinations)
 }

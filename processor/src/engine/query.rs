@@ -524,6 +524,18 @@ impl Facts for MemberFacts<'_> {
         self.inner.aggregate_next_change(id)
     }
 
+    fn aggregate_leaves(&self, id: AggId, band: &rules::Band) -> Option<i64> {
+        self.inner.aggregate_leaves(id, band)
+    }
+
+    fn falling_count(&self, id: AggId) -> Option<u64> {
+        self.inner.falling_count(id)
+    }
+
+    fn count_exit(&self, id: AggId, k: u64) -> Option<i64> {
+        self.inner.count_exit(id, k)
+    }
+
     fn event_tag_next_change(&self, id: DefId) -> Option<i64> {
         self.inner.event_tag_next_change(id)
     }
