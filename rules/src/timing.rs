@@ -308,54 +308,93 @@ impl Combination {
 
     /// `Some(answer)` when every count only falls from now on; `None` to fall back.
     fn falling_leaves<F: Facts + ?Sized>(&self, facts: &F, now: i64) -> Option<Option<i64>> {
-        let mut last_exit = now;
-        for (a, _) in &self.terms {
+        let mut current = self.offset;
+        for (a, weight) in &self.terms {
             let count = facts.falling_count(*a)?;
-            if count > 0 {
-                last_exit = last_exit.max(facts.count_exit(*a, count)?);
-            }
+            current = current.checked_add(weight.checked_mul(Decimal::from(count))?)?;
         }
         let mut band = Band::default();
-        let current = self.value_at(facts, now)?;
         for t in &self.thresholds {
             t.narrow(current, &mut band);
         }
-        // Monotone: outside the band once every event has left, or never.
-        if band.contains(self.value_at(facts, last_exit)?) {
+        // With every count falling the sum moves one way, towards `offset` (its value once
+        // every event has left): it leaves the band on the way, or never.
+        let rises = self
+            .terms
+            .iter()
+            .any(|(_, w)| w.is_sign_negative() && !w.is_zero());
+        let bound = if rises { band.high } else { band.low };
+        if bound.is_none() || band.contains(self.offset) {
             return Some(None);
         }
-        // Inside at `inside`, outside at `outside`: bisect to the first instant outside.
-        let (mut inside, mut outside) = (now, last_exit);
-        while outside - inside > 1 {
-            let mid = inside + (outside - inside) / 2;
-            if band.contains(self.value_at(facts, mid)?) {
-                inside = mid;
-            } else {
-                outside = mid;
-            }
-        }
-        Some(Some(outside))
-    }
-
-    /// The sum at instant `t` (at or after now) if no event arrives meanwhile.
-    fn value_at<F: Facts + ?Sized>(&self, facts: &F, t: i64) -> Option<Decimal> {
-        let mut value = self.offset;
+        // Per term: its weight, count, and how many of its events have left by `inside` and
+        // by `outside` (the instants between which the sum leaves the band).
+        let mut terms = Vec::with_capacity(self.terms.len());
+        let (mut first_exit, mut last_exit) = (i64::MAX, now);
         for (a, weight) in &self.terms {
             let count = facts.falling_count(*a)?;
-            // Exits are in time order: the first `gone` of them are at or before `t`.
-            let (mut gone, mut stays) = (0u64, count);
-            while gone < stays {
-                let k = gone + (stays - gone) / 2;
-                if facts.count_exit(*a, k + 1)? <= t {
-                    gone = k + 1;
-                } else {
-                    stays = k;
+            if count > 0 {
+                first_exit = first_exit.min(facts.count_exit(*a, 1)?);
+                last_exit = last_exit.max(facts.count_exit(*a, count)?);
+            }
+            terms.push(Term {
+                agg: *a,
+                weight: *weight,
+                count,
+                by_inside: 0,
+                by_outside: count,
+                by_mid: 0,
+            });
+        }
+        // The sum holds until the first exit; every event has left at the last one.
+        let (mut inside, mut outside) = (first_exit.saturating_sub(1).max(now), last_exit);
+        while outside - inside > 1 {
+            // Split at the middle one of the exits the widest term has in between (so each
+            // step halves the candidates), or at the middle instant if that is not inside.
+            let widest = terms.iter().max_by_key(|t| t.by_outside - t.by_inside)?;
+            let mut mid = inside + (outside - inside) / 2;
+            if widest.by_outside > widest.by_inside {
+                let middle = widest.by_inside + (widest.by_outside - widest.by_inside).div_ceil(2);
+                let exit = facts.count_exit(widest.agg, middle)?;
+                if exit > inside && exit < outside {
+                    mid = exit;
                 }
             }
-            value = value.checked_add(weight.checked_mul(Decimal::from(count - gone))?)?;
+            let mut value = self.offset;
+            for t in &mut terms {
+                // Exits are in time order: those by `mid` are a prefix.
+                let (mut gone, mut stays) = (t.by_inside, t.by_outside);
+                while gone < stays {
+                    let k = gone + (stays - gone) / 2;
+                    if facts.count_exit(t.agg, k + 1)? <= mid {
+                        gone = k + 1;
+                    } else {
+                        stays = k;
+                    }
+                }
+                t.by_mid = gone;
+                value = value.checked_add(t.weight.checked_mul(Decimal::from(t.count - gone))?)?;
+            }
+            if band.contains(value) {
+                inside = mid;
+                terms.iter_mut().for_each(|t| t.by_inside = t.by_mid);
+            } else {
+                outside = mid;
+                terms.iter_mut().for_each(|t| t.by_outside = t.by_mid);
+            }
         }
-        Some(value)
+        Some((outside > now).then_some(outside))
     }
+}
+
+/// One count of a [`Combination`] while its crossing is searched for.
+struct Term {
+    agg: AggId,
+    weight: Decimal,
+    count: u64,
+    by_inside: u64,
+    by_outside: u64,
+    by_mid: u64,
 }
 
 /// A numeric expression as `offset + Σ weight × aggregate`, through traits; `None` when it
@@ -541,4 +580,111 @@ pub(crate) fn membership_thresholds(
         }
     }
     (visit.out, visit.combinations)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Counts given by their exit instants (sorted), at `now`.
+    struct Exits {
+        now: i64,
+        exits: Vec<Vec<i64>>,
+    }
+
+    impl Facts for Exits {
+        fn now(&self) -> i64 {
+            self.now
+        }
+        fn aggregate(&self, id: AggId) -> Value {
+            Value::Num(Decimal::from(self.exits[id].len()))
+        }
+        fn profile(&self, _: &str) -> Option<Value> {
+            None
+        }
+        fn definition(&self, _: DefId) -> Value {
+            Value::Null
+        }
+        fn aggregate_next_change(&self, id: AggId) -> Option<i64> {
+            self.exits[id].first().copied()
+        }
+        fn event_tag_next_change(&self, _: DefId) -> Option<i64> {
+            None
+        }
+        fn falling_count(&self, id: AggId) -> Option<u64> {
+            Some(self.exits[id].len() as u64)
+        }
+        fn count_exit(&self, id: AggId, k: u64) -> Option<i64> {
+            Some(self.exits[id][k as usize - 1])
+        }
+    }
+
+    fn op() -> impl Strategy<Value = BinaryOp> {
+        prop::sample::select(vec![
+            BinaryOp::Eq,
+            BinaryOp::Ne,
+            BinaryOp::Lt,
+            BinaryOp::Le,
+            BinaryOp::Gt,
+            BinaryOp::Ge,
+        ])
+    }
+
+    proptest! {
+        /// The crossing found by bisection is the first exit instant at which the sum
+        /// leaves the band its comparisons keep it in, found by trying every exit in order;
+        /// so never after the first instant a comparison turns (early only where the sum
+        /// jumps over a `==` or `!=` value).
+        #[test]
+        fn a_combination_leaves_at_the_first_instant_a_comparison_turns(
+            exits in prop::collection::vec(prop::collection::vec(1i64..400, 0..60), 1..4),
+            weights in prop::collection::vec(1i64..6, 4),
+            negative in any::<bool>(),
+            offset in -20i64..20,
+            thresholds in prop::collection::vec((op(), -40i64..200), 1..4),
+        ) {
+            let sign = if negative { -1 } else { 1 };
+            let facts = Exits {
+                now: 0,
+                exits: exits.into_iter().map(|mut e| { e.sort_unstable(); e }).collect(),
+            };
+            let combination = Combination {
+                terms: (0..facts.exits.len()).map(|a| (a, Decimal::from(sign * weights[a]))).collect(),
+                offset: Decimal::from(offset),
+                thresholds: thresholds
+                    .iter()
+                    .map(|(op, v)| Threshold { op: *op, value: Decimal::from(*v) })
+                    .collect(),
+            };
+            let value_at = |t: i64| {
+                combination.offset
+                    + combination
+                        .terms
+                        .iter()
+                        .map(|(a, w)| *w * Decimal::from(facts.exits[*a].iter().filter(|e| **e > t).count()))
+                        .sum::<Decimal>()
+            };
+            let truths = |v: Decimal| {
+                combination
+                    .thresholds
+                    .iter()
+                    .map(|th| crate::eval::apply_binary(th.op, &Value::Num(v), &Value::Num(th.value)).is_true())
+                    .collect::<Vec<_>>()
+            };
+            let mut band = Band::default();
+            for th in &combination.thresholds {
+                th.narrow(value_at(0), &mut band);
+            }
+            let start = truths(value_at(0));
+            let mut instants: Vec<i64> = facts.exits.iter().flatten().copied().collect();
+            instants.sort_unstable();
+            let leaves = instants.iter().copied().find(|t| !band.contains(value_at(*t)));
+            let found = combination.leaves(&facts);
+            prop_assert_eq!(found, leaves);
+            if let Some(turns) = instants.into_iter().find(|t| truths(value_at(*t)) != start) {
+                prop_assert!(found.is_some_and(|f| f <= turns), "late: {found:?} after {turns}");
+            }
+        }
+    }
 }
