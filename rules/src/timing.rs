@@ -65,7 +65,7 @@ impl CompiledRules {
             }
         }
         for combination in &self.combinations {
-            if let Some(t) = combination.leaves(facts).filter(|t| *t > now) {
+            if let Some(t) = combination.leaves(facts, next).filter(|t| *t > now) {
                 next = Some(next.map_or(t, |n| n.min(t)));
             }
         }
@@ -292,22 +292,24 @@ pub(crate) struct Combination {
 
 impl Combination {
     /// The first instant after now at which the sum leaves the band its comparisons keep
-    /// it in; `None` if it never does. When a count may still rise (an event stamped later
-    /// waits to enter it) or the facts cannot list exits, the earliest change of any of its
-    /// counts instead (early, never late).
-    fn leaves<F: Facts + ?Sized>(&self, facts: &F) -> Option<i64> {
+    /// it in, if that is before `before` (a wake-up already set: finding a later instant
+    /// would be wasted work, and this runs at every judgement); `None` otherwise. When a
+    /// count may still rise (an event stamped later waits to enter it) or the facts cannot
+    /// list exits, the earliest change of any of its counts instead (early, never late).
+    fn leaves<F: Facts + ?Sized>(&self, facts: &F, before: Option<i64>) -> Option<i64> {
         let now = facts.now();
-        self.falling_leaves(facts, now).unwrap_or_else(|| {
-            self.terms
-                .iter()
-                .filter_map(|(a, _)| facts.aggregate_next_change(*a))
-                .filter(|t| *t > now)
-                .min()
-        })
+        self.falling_leaves(facts, now, before.unwrap_or(i64::MAX))
+            .unwrap_or_else(|| {
+                self.terms
+                    .iter()
+                    .filter_map(|(a, _)| facts.aggregate_next_change(*a))
+                    .filter(|t| *t > now)
+                    .min()
+            })
     }
 
     /// `Some(answer)` when every count only falls from now on; `None` to fall back.
-    fn falling_leaves<F: Facts + ?Sized>(&self, facts: &F, now: i64) -> Option<Option<i64>> {
+    fn falling_leaves<F: Facts + ?Sized>(&self, facts: &F, now: i64, before: i64) -> Option<Option<i64>> {
         let mut current = self.offset;
         for (a, weight) in &self.terms {
             let count = facts.falling_count(*a)?;
@@ -324,7 +326,7 @@ impl Combination {
             .iter()
             .any(|(_, w)| w.is_sign_negative() && !w.is_zero());
         let bound = if rises { band.high } else { band.low };
-        if bound.is_none() || band.contains(self.offset) {
+        if bound.is_none() || band.contains(self.offset) || before <= now.saturating_add(1) {
             return Some(None);
         }
         // Per term: its weight, count, and how many of its events have left by `inside` and
@@ -348,16 +350,24 @@ impl Combination {
         }
         // The sum holds until the first exit; every event has left at the last one.
         let (mut inside, mut outside) = (first_exit.saturating_sub(1).max(now), last_exit);
+        if before <= inside.saturating_add(1) {
+            return Some(None);
+        }
+        // Only an instant before `before` is wanted: is the sum still inside just before it?
+        let mut mid = before - 1;
         while outside - inside > 1 {
-            // Split at the middle one of the exits the widest term has in between (so each
-            // step halves the candidates), or at the middle instant if that is not inside.
-            let widest = terms.iter().max_by_key(|t| t.by_outside - t.by_inside)?;
-            let mut mid = inside + (outside - inside) / 2;
-            if widest.by_outside > widest.by_inside {
-                let middle = widest.by_inside + (widest.by_outside - widest.by_inside).div_ceil(2);
-                let exit = facts.count_exit(widest.agg, middle)?;
-                if exit > inside && exit < outside {
-                    mid = exit;
+            if mid <= inside || mid >= outside {
+                // Split at the middle one of the exits the widest term has in between (so
+                // each step halves the candidates), or at the middle instant if that is not
+                // strictly between.
+                let widest = terms.iter().max_by_key(|t| t.by_outside - t.by_inside)?;
+                mid = inside + (outside - inside) / 2;
+                if widest.by_outside > widest.by_inside {
+                    let middle = widest.by_inside + (widest.by_outside - widest.by_inside).div_ceil(2);
+                    let exit = facts.count_exit(widest.agg, middle)?;
+                    if exit > inside && exit < outside {
+                        mid = exit;
+                    }
                 }
             }
             let mut value = self.offset;
@@ -376,6 +386,9 @@ impl Combination {
                 value = value.checked_add(t.weight.checked_mul(Decimal::from(t.count - gone))?)?;
             }
             if band.contains(value) {
+                if mid >= before - 1 {
+                    return Some(None);
+                }
                 inside = mid;
                 terms.iter_mut().for_each(|t| t.by_inside = t.by_mid);
             } else {
@@ -383,7 +396,7 @@ impl Combination {
                 terms.iter_mut().for_each(|t| t.by_outside = t.by_mid);
             }
         }
-        Some((outside > now).then_some(outside))
+        Some((outside > now && outside < before).then_some(outside))
     }
 }
 
@@ -643,6 +656,7 @@ mod tests {
             negative in any::<bool>(),
             offset in -20i64..20,
             thresholds in prop::collection::vec((op(), -40i64..200), 1..4),
+            before in 0i64..420,
         ) {
             let sign = if negative { -1 } else { 1 };
             let facts = Exits {
@@ -680,8 +694,11 @@ mod tests {
             let mut instants: Vec<i64> = facts.exits.iter().flatten().copied().collect();
             instants.sort_unstable();
             let leaves = instants.iter().copied().find(|t| !band.contains(value_at(*t)));
-            let found = combination.leaves(&facts);
+            let found = combination.leaves(&facts, None);
             prop_assert_eq!(found, leaves);
+            // Asked for a crossing before an instant: that one if earlier, else none.
+            let found_before = combination.leaves(&facts, Some(before));
+            prop_assert_eq!(found_before, leaves.filter(|t| *t < before));
             if let Some(turns) = instants.into_iter().find(|t| truths(value_at(*t)) != start) {
                 prop_assert!(found.is_some_and(|f| f <= turns), "late: {found:?} after {turns}");
             }
