@@ -480,6 +480,7 @@ impl Settings {
                 .as_ref()
                 .map_or("initial".to_owned(), |p| format!("file:{}", p.display())),
             timers_per_round: EngineConfig::default().timers_per_round,
+            timers_beside_events: EngineConfig::default().timers_beside_events,
             segment_round: EngineConfig::default().segment_round,
         }
     }

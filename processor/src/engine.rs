@@ -116,6 +116,13 @@ pub struct EngineConfig {
     /// after round, each committed on its own, so memory stays bounded; each timer still
     /// fires at its own instant, and a customer met by an event first has theirs fired then.
     pub timers_per_round: usize,
+    /// Wall clock mode: most timers one worker fires in a round while events wait — in a
+    /// round that applies events (raised to the worker's number of events), and in a tick
+    /// taken while ingest requests are queued. Time-driven changes keep up when timers come
+    /// due at a rate the engine can carry (a few hundred a worker in each of ~100 rounds a
+    /// second); when they come due faster, the backlog is shared with events instead of
+    /// starving them.
+    pub timers_beside_events: usize,
     /// Most customers a saved segment's change judges and commits in one round. A change
     /// that moves more customers than this (saving a segment that matches most of a large
     /// base, deleting one that holds it) commits its rule text first and then fills the
@@ -159,6 +166,7 @@ impl Default for EngineConfig {
             rules_file_authority: None,
             initial_author: "initial".to_owned(),
             timers_per_round: 20_000,
+            timers_beside_events: 256,
             segment_round: 50_000,
         }
     }
@@ -760,7 +768,7 @@ impl Engine {
     }
 
     /// The shared half of the engine for a round's workers, and the shards.
-    fn parts<'a>(&'a mut self, steps: &'a [(u64, i64)]) -> (Ctx<'a>, &'a mut [Shard]) {
+    fn parts<'a>(&'a mut self, steps: &'a [(u64, i64)], timers: usize) -> (Ctx<'a>, &'a mut [Shard]) {
         (
             Ctx {
                 store: &self.store,
@@ -771,6 +779,7 @@ impl Engine {
                 batches: self.batches,
                 steps,
                 pending: self.pending.as_ref().map(|p| &*p.signal),
+                timers,
             },
             &mut self.shards,
         )

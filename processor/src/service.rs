@@ -352,7 +352,13 @@ impl Service {
             // Under load, each group fires the timers due before it; ticks are for the rest.
             if wall && !self.engine.in_flight() && (last_tick.elapsed() >= self.config.tick || behind) {
                 last_tick = Instant::now();
-                behind = match self.engine.tick() {
+                // Events waiting: a backlog of timers takes its turn between their groups.
+                let fired = if self.waiting.load(Ordering::Acquire) > 0 {
+                    self.engine.tick_beside_events()
+                } else {
+                    self.engine.tick()
+                };
+                behind = match fired {
                     Ok(_) => self.engine.timers_behind(),
                     Err(e) => {
                         tracing::error!(error = %e, "firing timers failed; will retry");

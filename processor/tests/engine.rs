@@ -352,6 +352,64 @@ fn a_backlog_of_timers_is_fired_in_bounded_rounds() {
     assert!(engine.tick().unwrap().is_empty());
 }
 
+/// While events wait, a backlog of due timers takes turns with them: a round that applies
+/// events fires at most `timers_beside_events` timers a worker (or as many as it has
+/// events), and so does a tick taken while events wait. Every timer still fires once, at its
+/// own instant; a tick with nothing waiting takes a full round.
+#[test]
+fn a_backlog_of_timers_shares_rounds_with_events() {
+    let dir = TempDir::new("engine-wall-share");
+    let config = EngineConfig {
+        clock: ClockMode::Wall,
+        sync_writes: false,
+        workers: 1,
+        timers_per_round: 100,
+        timers_beside_events: 3,
+        ..Default::default()
+    };
+    let mut engine = Engine::open(dir.path(), Some("tag seen on view ttl 100ms"), config).unwrap();
+    let views: Vec<String> = (0..20)
+        .map(|i| format!(r#"{{"customer_id":"c{i}","type":"view"}}"#))
+        .collect();
+    let added: std::collections::BTreeMap<String, i64> = engine
+        .ingest(&views)
+        .unwrap()
+        .changes
+        .iter()
+        .map(|c| (c.customer_id.to_string(), c.at))
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    let mut removed = std::collections::BTreeMap::new();
+    let mut take = |changes: Vec<processor::Change>| {
+        let mut n = 0;
+        for c in changes.into_iter().filter(|c| c.op == Op::Remove) {
+            assert!(
+                removed.insert(c.customer_id.to_string(), c.at).is_none(),
+                "fired twice"
+            );
+            n += 1;
+        }
+        n
+    };
+    // One event: three timers beside it. Five events (of customers without a due timer):
+    // five timers. A tick while events wait: three.
+    let one = engine
+        .ingest(&[r#"{"customer_id":"x0","type":"ping"}"#.to_owned()])
+        .unwrap();
+    assert_eq!(take(one.changes), 3);
+    let five: Vec<String> = (1..6)
+        .map(|i| format!(r#"{{"customer_id":"x{i}","type":"ping"}}"#))
+        .collect();
+    assert_eq!(take(engine.ingest(&five).unwrap().changes), 5);
+    assert_eq!(take(engine.tick_beside_events().unwrap()), 3);
+    // Nothing waiting: the rest in one full round.
+    assert_eq!(take(engine.tick().unwrap()), 9);
+    assert!(!engine.timers_behind());
+    let expected: std::collections::BTreeMap<String, i64> =
+        added.into_iter().map(|(id, at)| (id, at + 100)).collect();
+    assert_eq!(removed, expected, "each once, at its own instant");
+}
+
 /// In wall clock mode a customer's timer can fall due between ticks. When the customer is
 /// judged at a later instant first (here a manual tag), every timer due by then fires before:
 /// its change happens at its own instant, judged over the whole history (the cache keeps

@@ -42,7 +42,8 @@ impl Engine {
         work: impl FnOnce(&mut Worker<'_>) -> Result<R, EngineError>,
     ) -> Result<R, EngineError> {
         let i = self.shard_index(customer);
-        let (ctx, shards) = self.parts(&[]);
+        let timers = self.config.timers_per_round;
+        let (ctx, shards) = self.parts(&[], timers);
         work(&mut Worker::new(&ctx, &mut shards[i], Place::work(step)))
     }
 

@@ -87,7 +87,8 @@ impl Engine {
             ClockMode::Wall => Some(self.now()),
             ClockMode::Event => self.counters.clock,
         };
-        self.run_round(round.jobs, &round.steps, until)
+        let timers = self.config.timers_beside_events;
+        self.run_round(round.jobs, &round.steps, until, timers)
     }
 
     /// One caller's events: validated, deduplicated and numbered in order here, each

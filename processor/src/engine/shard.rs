@@ -90,6 +90,9 @@ pub(super) struct Ctx<'a> {
     pub steps: &'a [(u64, i64)],
     /// The write of the commit before this round, while it runs ([`super::pipeline`]).
     pub pending: Option<&'a super::pipeline::WriteSignal>,
+    /// Wall clock mode: most timers one worker fires this round (a worker with more events
+    /// than that may fire as many timers as it has events).
+    pub timers: usize,
 }
 
 impl Ctx<'_> {
@@ -129,13 +132,18 @@ impl<'a> Worker<'a> {
         let event_clock = self.ctx.config.clock == ClockMode::Event;
         if !event_clock {
             if let Some(until) = until {
-                self.fire_timers(until)?;
+                let most = self
+                    .ctx
+                    .timers
+                    .max(jobs.len())
+                    .min(self.ctx.config.timers_per_round);
+                self.fire_timers(until, most)?;
             }
         }
         for job in jobs {
             self.place = Place::work(job.step);
             if event_clock {
-                self.fire_timers(job.now)?;
+                self.fire_timers(job.now, usize::MAX)?;
                 self.place = Place::work(job.step);
             }
             let Job {
@@ -150,7 +158,7 @@ impl<'a> Worker<'a> {
         }
         if event_clock {
             if let Some(until) = until {
-                self.fire_timers(until)?;
+                self.fire_timers(until, usize::MAX)?;
             }
         }
         Ok(())

@@ -18,7 +18,7 @@ impl Engine {
             )));
         }
         let ((), changes) = self.transact(|engine, _| {
-            engine.run_round(Vec::new(), &[(0, now)], Some(now))?;
+            engine.run_round(Vec::new(), &[(0, now)], Some(now), usize::MAX)?;
             engine.counters.clock = Some(now);
             Ok(())
         })?;
@@ -29,11 +29,23 @@ impl Engine {
     /// [`EngineConfig::timers_per_round`] per worker; while [`Engine::timers_behind`] says
     /// more are due, call again right away. Call at least once a second.
     pub fn tick(&mut self) -> Result<Vec<Change>, EngineError> {
+        self.tick_at_most(self.config.timers_per_round)
+    }
+
+    /// [`Engine::tick`] for when events wait: at most
+    /// [`EngineConfig::timers_beside_events`] per worker, so a backlog of timers is worked
+    /// off between groups of events rather than ahead of them.
+    pub fn tick_beside_events(&mut self) -> Result<Vec<Change>, EngineError> {
+        self.tick_at_most(self.config.timers_beside_events.min(self.config.timers_per_round))
+    }
+
+    fn tick_at_most(&mut self, per_worker: usize) -> Result<Vec<Change>, EngineError> {
         let now = self.now();
         if self.next_timer().is_none_or(|due| due > now) {
             return Ok(Vec::new());
         }
-        let ((), changes) = self.transact(|engine, _| engine.run_round(Vec::new(), &[], Some(now)))?;
+        let ((), changes) =
+            self.transact(|engine, _| engine.run_round(Vec::new(), &[], Some(now), per_worker))?;
         Ok(changes)
     }
 
@@ -51,15 +63,17 @@ impl Engine {
     }
 
     /// One round of the shards: each runs its `jobs` (one list per shard, or none) and fires
-    /// its timers as the clock passes them (`steps`, event clock mode) and up to `until`.
+    /// its timers as the clock passes them (`steps`, event clock mode) and up to `until`, at
+    /// most `timers` per worker in wall clock mode (see [`Ctx::timers`]).
     pub(super) fn run_round(
         &mut self,
         mut jobs: Vec<Vec<Job>>,
         steps: &[(u64, i64)],
         until: Option<i64>,
+        timers: usize,
     ) -> Result<(), EngineError> {
         jobs.resize_with(self.shards.len(), Vec::new);
-        let (ctx, shards) = self.parts(steps);
+        let (ctx, shards) = self.parts(steps, timers);
         let ctx = &ctx;
         in_parallel(shards, jobs, |shard, jobs| {
             let busy = !jobs.is_empty()
@@ -74,12 +88,12 @@ impl Engine {
 
 impl Worker<'_> {
     /// Fires the timers of this shard due at or before `until`, in time order: every one in
-    /// event clock mode (the change log follows the clock), at most
-    /// [`EngineConfig::timers_per_round`] in wall clock mode.
-    pub(super) fn fire_timers(&mut self, until: i64) -> Result<(), EngineError> {
+    /// event clock mode (the change log follows the clock), at most `most` in wall clock
+    /// mode.
+    pub(super) fn fire_timers(&mut self, until: i64, most: usize) -> Result<(), EngineError> {
         let most = match self.ctx.config.clock {
             ClockMode::Event => usize::MAX,
-            ClockMode::Wall => self.ctx.config.timers_per_round.max(1),
+            ClockMode::Wall => most.max(1),
         };
         let mut fired = 0;
         while let Some((due, customer)) = self.shard.timers.first().cloned() {
