@@ -426,7 +426,11 @@ impl Service {
                 }
                 Err(e) => {
                     tracing::error!(error = %e, requests = group.replies.len(), "a group commit failed; nothing of it was applied");
-                    let message = e.to_string();
+                    // Said once: the pipeline's errors already say the commit failed.
+                    let message = match e {
+                        EngineError::CommitFailed(reason) => reason,
+                        other => other.to_string(),
+                    };
                     for (_, reply) in group.replies {
                         reply(Err(EngineError::CommitFailed(message.clone())));
                     }
@@ -472,5 +476,28 @@ impl Service {
         metrics::histogram!("tagstream_group_commit_events").record(events as f64);
         let ticket = self.engine.submit_group(requests);
         self.groups.insert(ticket, Group { replies, started });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::EngineConfig;
+
+    /// A caller whose group could not be written is told so once, with RocksDB's reason.
+    #[test]
+    fn a_failed_commit_is_reported_to_its_caller_once() {
+        let dir = ::tests::TempDir::new("service-fail");
+        let engine = Engine::open(dir.path(), Some("tag seen on view"), EngineConfig::default()).unwrap();
+        engine.store().fail_writes.store(1, Ordering::Release);
+        let (handle, thread) = EngineHandle::spawn(engine, ServiceConfig::default());
+        let event = br#"{"customer_id":"c1","type":"view","ts":1744000000000}"#.to_vec();
+        let error = handle
+            .ingest_blocking(vec![event], Vec::new(), "test")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(error.matches("nothing was applied").count(), 1, "{error}");
+        drop(handle);
+        thread.join().unwrap();
     }
 }

@@ -1,6 +1,8 @@
 //! The engine's behaviour around the core: restarts, rule changes, manual tags, dedup,
 //! dead letters, the clock.
 
+use std::collections::BTreeMap;
+
 use processor::{Cause, ClockMode, Engine, EngineConfig, EngineError, Op};
 use tests::TempDir;
 
@@ -305,33 +307,43 @@ fn wall_clock_mode_fires_due_timers_on_tick() {
     );
 }
 
-/// A backlog of due timers (a restart after downtime) is fired a bounded number per round,
-/// each round committed on its own: every timer still fires once, at its own instant.
-#[test]
-fn a_backlog_of_timers_is_fired_in_bounded_rounds() {
-    let dir = TempDir::new("engine-wall-backlog");
+/// A wall clock engine (one worker) whose `customers` each have a timer 100 ms after their
+/// view, slept past: a backlog of due timers. Returns the instant each was tagged.
+fn due_timers(dir: &TempDir, config: EngineConfig, customers: usize) -> (Engine, BTreeMap<String, i64>) {
     let config = EngineConfig {
         clock: ClockMode::Wall,
         sync_writes: false,
         workers: 1,
-        timers_per_round: 2,
-        ..Default::default()
+        ..config
     };
     let mut engine = Engine::open(dir.path(), Some("tag seen on view ttl 100ms"), config).unwrap();
-    let views: Vec<String> = (0..7)
+    let views: Vec<String> = (0..customers)
         .map(|i| format!(r#"{{"customer_id":"c{i}","type":"view"}}"#))
         .collect();
-    let added: std::collections::BTreeMap<String, i64> = engine
+    let added: BTreeMap<String, i64> = engine
         .ingest(&views)
         .unwrap()
         .changes
         .iter()
         .map(|c| (c.customer_id.to_string(), c.at))
         .collect();
-    assert_eq!(added.len(), 7);
+    assert_eq!(added.len(), customers);
     std::thread::sleep(std::time::Duration::from_millis(150));
     assert!(engine.timers_behind());
-    let mut removed = std::collections::BTreeMap::new();
+    (engine, added)
+}
+
+/// A backlog of due timers (a restart after downtime) is fired a bounded number per round,
+/// each round committed on its own: every timer still fires once, at its own instant.
+#[test]
+fn a_backlog_of_timers_is_fired_in_bounded_rounds() {
+    let dir = TempDir::new("engine-wall-backlog");
+    let config = EngineConfig {
+        timers_per_round: 2,
+        ..Default::default()
+    };
+    let (mut engine, added) = due_timers(&dir, config, 7);
+    let mut removed = BTreeMap::new();
     let mut rounds = 0;
     while engine.timers_behind() {
         let fired = engine.tick().unwrap();
@@ -346,8 +358,7 @@ fn a_backlog_of_timers_is_fired_in_bounded_rounds() {
         rounds += 1;
     }
     assert_eq!(rounds, 4);
-    let expected: std::collections::BTreeMap<String, i64> =
-        added.into_iter().map(|(id, at)| (id, at + 100)).collect();
+    let expected: BTreeMap<String, i64> = added.into_iter().map(|(id, at)| (id, at + 100)).collect();
     assert_eq!(removed, expected, "each at its own instant");
     assert!(engine.tick().unwrap().is_empty());
 }
@@ -360,26 +371,12 @@ fn a_backlog_of_timers_is_fired_in_bounded_rounds() {
 fn a_backlog_of_timers_shares_rounds_with_events() {
     let dir = TempDir::new("engine-wall-share");
     let config = EngineConfig {
-        clock: ClockMode::Wall,
-        sync_writes: false,
-        workers: 1,
         timers_per_round: 100,
         timers_beside_events: 3,
         ..Default::default()
     };
-    let mut engine = Engine::open(dir.path(), Some("tag seen on view ttl 100ms"), config).unwrap();
-    let views: Vec<String> = (0..20)
-        .map(|i| format!(r#"{{"customer_id":"c{i}","type":"view"}}"#))
-        .collect();
-    let added: std::collections::BTreeMap<String, i64> = engine
-        .ingest(&views)
-        .unwrap()
-        .changes
-        .iter()
-        .map(|c| (c.customer_id.to_string(), c.at))
-        .collect();
-    std::thread::sleep(std::time::Duration::from_millis(150));
-    let mut removed = std::collections::BTreeMap::new();
+    let (mut engine, added) = due_timers(&dir, config, 20);
+    let mut removed = BTreeMap::new();
     let mut take = |changes: Vec<processor::Change>| {
         let mut n = 0;
         for c in changes.into_iter().filter(|c| c.op == Op::Remove) {
@@ -405,8 +402,7 @@ fn a_backlog_of_timers_shares_rounds_with_events() {
     // Nothing waiting: the rest in one full round.
     assert_eq!(take(engine.tick().unwrap()), 9);
     assert!(!engine.timers_behind());
-    let expected: std::collections::BTreeMap<String, i64> =
-        added.into_iter().map(|(id, at)| (id, at + 100)).collect();
+    let expected: BTreeMap<String, i64> = added.into_iter().map(|(id, at)| (id, at + 100)).collect();
     assert_eq!(removed, expected, "each once, at its own instant");
 }
 
