@@ -1087,11 +1087,11 @@ mod tests {
         };
         let rules = "tag buyer = count(payment, 30d) >= 1";
         let engine = processor::Engine::open(dir.path(), Some(rules), config).unwrap();
-        let (handle, _thread) = processor::EngineHandle::spawn(engine, processor::ServiceConfig::default());
+        let (handle, thread) = processor::EngineHandle::spawn(engine, processor::ServiceConfig::default());
         let app = router(AppState::new(handle.clone(), ApiConfig::default()));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
 
         let (started_tx, started) = std::sync::mpsc::channel();
         let busy = handle.clone();
@@ -1124,5 +1124,13 @@ mod tests {
             asked.elapsed()
         );
         held.await.unwrap().unwrap();
+        // Stopped before the test returns: an engine thread still closing the store while
+        // the process exits aborts it ("pthread lock: Invalid argument").
+        server.abort();
+        let _ = server.await;
+        drop(handle);
+        tokio::task::spawn_blocking(move || thread.join().unwrap())
+            .await
+            .unwrap();
     }
 }

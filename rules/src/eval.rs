@@ -18,9 +18,11 @@ pub trait Facts {
     fn profile(&self, name: &str) -> Option<Value>;
     /// The current value of another definition (a tag or segment as a bool).
     fn definition(&self, id: DefId) -> Value;
-    /// The earliest instant after `now` at which the set of events aggregate `id` sees
-    /// changes by time alone: an event leaving its window or leaving retention, or an
-    /// event stamped in the future entering it.
+    /// The earliest instant after `now` at which aggregate `id`'s value could change by
+    /// time alone: an event leaving its window or leaving retention, or an event stamped in
+    /// the future entering it. Early is allowed (every change of the events it sees); an
+    /// implementation may skip changes that cannot move the value (`last` and `since` read
+    /// only the newest event, `first` only the oldest). Never late.
     fn aggregate_next_change(&self, id: AggId) -> Option<i64>;
     /// The earliest instant after `now` at which event tag `id` appears or expires.
     fn event_tag_next_change(&self, id: DefId) -> Option<i64>;

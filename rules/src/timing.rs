@@ -282,7 +282,8 @@ impl Threshold {
 /// and segments (`engagement >= 10` where `engagement = count(a, 30d) + 5 * count(b, 30d)`).
 /// While its counts only fall, its value moves one way only, so it leaves the band of
 /// values that keep every comparison as it is at most once, and that instant is found
-/// exactly by bisection over time rather than by waking at each event leaving.
+/// exactly by bisection over its counts' exit instants rather than by waking at each
+/// event leaving.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Combination {
     terms: Vec<(AggId, Decimal)>,
