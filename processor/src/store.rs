@@ -956,6 +956,18 @@ impl Store {
         self.int_property_sum("rocksdb.cur-size-all-mem-tables")
     }
 
+    /// Bytes RocksDB's table readers hold outside the block cache (the bloom filters and
+    /// indexes of `customers` and `dedup` are kept there on purpose), over every column
+    /// family: grows with the keys kept on disk.
+    pub fn table_readers_bytes(&self) -> u64 {
+        self.int_property_sum("rocksdb.estimate-table-readers-mem")
+    }
+
+    /// Bytes in the block cache (one cache shared by every column family).
+    pub fn block_cache_bytes(&self) -> u64 {
+        self.int_property(CF_META, "rocksdb.block-cache-usage")
+    }
+
     /// RocksDB's estimate of the number of keys in a column family (cheap).
     pub fn estimate_keys(&self, cf: &str) -> u64 {
         self.db

@@ -56,6 +56,8 @@ pub fn store_gauges(reader: &ReadHandle) {
     gauge!("tagstream_rocksdb_pending_compaction_bytes").set(store.pending_compaction_bytes() as f64);
     gauge!("tagstream_rocksdb_running_compactions").set(store.running_compactions() as f64);
     gauge!("tagstream_rocksdb_memtable_bytes").set(store.memtable_bytes() as f64);
+    gauge!("tagstream_rocksdb_table_readers_bytes").set(store.table_readers_bytes() as f64);
+    gauge!("tagstream_rocksdb_block_cache_bytes").set(store.block_cache_bytes() as f64);
     if let Some((free, total)) = store.disk_space() {
         gauge!("tagstream_disk_free_bytes").set(free as f64);
         gauge!("tagstream_disk_total_bytes").set(total as f64);
@@ -105,6 +107,8 @@ pub const METRICS: &[(&str, MetricKind, &str)] = &[
     ("tagstream_rocksdb_pending_compaction_bytes", MetricKind::Gauge, "Bytes RocksDB estimates compaction still has to rewrite."),
     ("tagstream_rocksdb_running_compactions", MetricKind::Gauge, "RocksDB compactions running now."),
     ("tagstream_rocksdb_memtable_bytes", MetricKind::Gauge, "Bytes in RocksDB memtables not yet flushed."),
+    ("tagstream_rocksdb_table_readers_bytes", MetricKind::Gauge, "Bytes RocksDB's open tables hold outside the block cache (filters and indexes); grows with the keys on disk."),
+    ("tagstream_rocksdb_block_cache_bytes", MetricKind::Gauge, "Bytes in RocksDB's block cache ([cache] block_cache_mb)."),
     ("tagstream_disk_free_bytes", MetricKind::Gauge, "Free bytes (for unprivileged users) of the file system holding the store."),
     ("tagstream_disk_total_bytes", MetricKind::Gauge, "Size of the file system holding the store."),
     ("tagstream_index_customers", MetricKind::Gauge, "Customers numbered in the membership index."),

@@ -834,6 +834,8 @@ fn metrics_report_event_to_change_latency_timers_and_compaction() {
         "tagstream_rocksdb_pending_compaction_bytes",
         "tagstream_rocksdb_running_compactions",
         "tagstream_rocksdb_memtable_bytes",
+        "tagstream_rocksdb_table_readers_bytes",
+        "tagstream_rocksdb_block_cache_bytes",
     ] {
         assert!(sample(&metrics, gauge).is_some(), "{gauge} missing:\n{metrics}");
     }
