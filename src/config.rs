@@ -42,6 +42,89 @@ pub struct Settings {
     pub access: AccessSettings,
     pub webhooks: WebhookSettings,
     pub tls: TlsSettings,
+    pub identity: IdentitySettings,
+}
+
+/// `[identity]`: the identifier types events may carry in `ids`. Each
+/// `[identity.types.NAME]` adds a type or changes a built-in one (`customer_id`,
+/// `member_no`, `unionid`, `phone`, `email`, `openid`, `device_id`); a key left out keeps the
+/// built-in's value (a new type: rank 50, `exact`, no limit).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentitySettings {
+    pub types: std::collections::BTreeMap<String, IdTypeSettings>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdTypeSettings {
+    /// The survivor of a merge is the customer whose best identifier ranks highest.
+    pub rank: Option<u32>,
+    pub normaliser: Option<NormaliserName>,
+    /// Most identifiers of the type one customer owns; 0: no limit.
+    pub max_per_customer: Option<usize>,
+    /// `phone`: the home country code, dropped from numbers (`+86 138…` is `138…`).
+    pub country_code: Option<String>,
+    /// `phone`: the digits of a home number without the country code.
+    pub national_digits: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NormaliserName {
+    Phone,
+    Email,
+    Exact,
+}
+
+impl IdentitySettings {
+    /// The built-in types with the file's changes and additions.
+    pub fn config(&self) -> processor::identity::IdentityConfig {
+        use processor::identity::{IdType, IdentityConfig, Normaliser};
+        let mut config = IdentityConfig::default();
+        for (name, set) in &self.types {
+            let i = match config.position(name) {
+                Some(i) => i,
+                None => {
+                    config.types.push(IdType {
+                        name: name.as_str().into(),
+                        rank: 50,
+                        normaliser: Normaliser::Exact,
+                        max_per_customer: None,
+                    });
+                    config.types.len() - 1
+                }
+            };
+            let t = &mut config.types[i];
+            if let Some(rank) = set.rank {
+                t.rank = rank;
+            }
+            if let Some(max) = set.max_per_customer {
+                t.max_per_customer = (max > 0).then_some(max);
+            }
+            let (code, digits) = match &t.normaliser {
+                Normaliser::Phone {
+                    country_code,
+                    national_digits,
+                } => (country_code.clone(), *national_digits),
+                _ => ("86".to_owned(), 11),
+            };
+            let kind = set.normaliser.unwrap_or(match t.normaliser {
+                Normaliser::Phone { .. } => NormaliserName::Phone,
+                Normaliser::Email => NormaliserName::Email,
+                Normaliser::Exact => NormaliserName::Exact,
+            });
+            t.normaliser = match kind {
+                NormaliserName::Phone => Normaliser::Phone {
+                    country_code: set.country_code.clone().unwrap_or(code),
+                    national_digits: set.national_digits.unwrap_or(digits),
+                },
+                NormaliserName::Email => Normaliser::Email,
+                NormaliserName::Exact => Normaliser::Exact,
+            };
+        }
+        config
+    }
 }
 
 /// `[tls]`: HTTPS for the API (both files, or neither).
@@ -381,6 +464,7 @@ impl Default for Settings {
             access: AccessSettings::default(),
             webhooks: WebhookSettings::default(),
             tls: TlsSettings::default(),
+            identity: IdentitySettings::default(),
         }
     }
 }
@@ -482,6 +566,7 @@ impl Settings {
             timers_per_round: EngineConfig::default().timers_per_round,
             timers_beside_events: EngineConfig::default().timers_beside_events,
             segment_round: EngineConfig::default().segment_round,
+            identity: self.identity.config(),
         }
     }
 
@@ -603,6 +688,19 @@ failed_auth_per_minute = {failed}   # per client address, audited one by one, th
 [webhooks]
 allow_targets = []        # non-public addresses webhooks may reach, e.g. ["10.1.0.0/16"]
 # ca_file = "/etc/tagstream/internal-ca.pem"   # more CAs for https:// receivers
+
+[identity]                # identifier types events carry in `ids` (docs/api.md, "Identity")
+# Built in: customer_id (rank 100), member_no (90, at most 1), unionid (80, 1),
+# phone (70, 3), email (60, 3), openid (50, 5), device_id (10, 5).
+# [identity.types.phone]
+# rank = 70               # a merge's survivor is the customer with the best-ranked identifier
+# normaliser = "phone"    # "phone", "email" or "exact"
+# max_per_customer = 3    # more are not attached and no merge makes more; 0: no limit
+# country_code = "86"     # phone: the home country code, dropped
+# national_digits = 11    # phone: digits of a home number
+# [identity.types.loyalty_card]   # a type of your own
+# rank = 85
+# max_per_customer = 1
 "#,
             rps = d.access.limits.requests_per_second,
             burst = d.access.limits.burst,
@@ -654,6 +752,26 @@ mod tests {
     fn manifest_dir() -> PathBuf {
         std::env::var_os("CARGO_MANIFEST_DIR")
             .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+    }
+
+    #[test]
+    fn identifier_types_change_the_built_ins_and_add_new_ones() {
+        let settings: Settings = toml::from_str(
+            "[identity.types.phone]\ncountry_code = \"1\"\nnational_digits = 10\nmax_per_customer = 0\n\
+             [identity.types.loyalty_card]\nrank = 85\nmax_per_customer = 1\n",
+        )
+        .unwrap();
+        let config = settings.engine_config().identity;
+        let phone = &config.types[config.position("phone").unwrap()];
+        assert_eq!(phone.max_per_customer, None);
+        assert_eq!(
+            phone.normaliser.apply("+1 (415) 555-0100").as_deref(),
+            Some("4155550100")
+        );
+        let card = &config.types[config.position("loyalty_card").unwrap()];
+        assert_eq!((card.rank, card.max_per_customer), (85, Some(1)));
+        let err = toml::from_str::<Settings>("[identity.types.phone]\nnormaliser = \"fuzzy\"\n").unwrap_err();
+        assert!(err.to_string().contains("fuzzy"), "{err}");
     }
 
     #[test]

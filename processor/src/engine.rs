@@ -10,6 +10,7 @@ mod cache;
 mod commit;
 mod evaluate;
 mod explain;
+mod identity;
 mod ingest;
 mod manual;
 mod partitions;
@@ -123,6 +124,8 @@ pub struct EngineConfig {
     /// second); when they come due faster, the backlog is shared with events instead of
     /// starving them.
     pub timers_beside_events: usize,
+    /// The identifier types events may carry in `ids` ([`crate::identity`]).
+    pub identity: crate::identity::IdentityConfig,
     /// Most customers a saved segment's change judges and commits in one round. A change
     /// that moves more customers than this (saving a segment that matches most of a large
     /// base, deleting one that holds it) commits its rule text first and then fills the
@@ -168,6 +171,7 @@ impl Default for EngineConfig {
             timers_per_round: 20_000,
             timers_beside_events: 256,
             segment_round: 50_000,
+            identity: crate::identity::IdentityConfig::default(),
         }
     }
 }
@@ -440,6 +444,13 @@ struct Batch {
     /// Events applied to customers whose history was not loaded: not in the store until
     /// the batch commits.
     events: Vec<(Arc<str>, rules::Event)>,
+    /// Identity graph writes of the batch (`None` deletes), read before the store's.
+    identities: foldhash::HashMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Customers a merge absorbed in this batch, with their numbers (their changes keep
+    /// them: the customers are in no cache any more).
+    gone: foldhash::HashMap<Arc<str>, u32>,
+    /// The profile attributes of absorbed customers, cleared from the profile columns.
+    cleared: Vec<(u32, Vec<Arc<str>>)>,
 }
 
 /// Counters that a failed commit must roll back.
@@ -503,6 +514,9 @@ pub struct Engine {
     plan: Option<Arc<TrackingPlan>>,
     /// Violations and the observed schema, shared with the edges and readers.
     quality: Arc<Quality>,
+    /// Every `customer_id` a merge absorbed, and its survivor ([`identity`]).
+    aliases: HashMap<Arc<str>, Arc<str>>,
+    identity_counts: Arc<crate::identity::IdentityCounts>,
 }
 
 pub(crate) fn wall_ms() -> i64 {
@@ -649,7 +663,23 @@ impl Engine {
             rules_version,
             plan: None,
             quality,
+            aliases: HashMap::new(),
+            identity_counts: Arc::default(),
         };
+        if engine
+            .config
+            .identity
+            .position(crate::identity::CUSTOMER_ID)
+            .is_none()
+        {
+            engine.config.identity.types.push(crate::identity::IdType {
+                name: Arc::from(crate::identity::CUSTOMER_ID),
+                rank: 100,
+                normaliser: crate::identity::Normaliser::Exact,
+                max_per_customer: None,
+            });
+        }
+        engine.aliases = identity::load_aliases(&engine.store)?;
         engine.shards = (0..engine.config.workers.max(1))
             .map(|_| Shard::default())
             .collect();

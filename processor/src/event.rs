@@ -58,6 +58,11 @@ pub struct ValidEvent {
     pub props: Props,
     /// Attributes to set; `None` deletes.
     pub profile: Vec<(Arc<str>, Option<Value>)>,
+    /// Typed identifiers (`ids`): (type, value) after the contract's normalisation; the
+    /// engine applies each type's own normaliser and resolves them to one customer
+    /// ([`crate::identity`]). `customer_id` is empty when the event named the customer
+    /// only by these.
+    pub ids: Vec<(Arc<str>, String)>,
 }
 
 /// Why an event was rejected: a stable `code` (dead letters, the Kafka header
@@ -98,6 +103,18 @@ pub enum Rejection {
         field: String,
         error: NumberError,
     },
+    /// `ids` is not an object of identifier type to string (or array of strings): `field`
+    /// names what was wrong (`ids`, `ids.phone`).
+    IdsInvalid {
+        field: String,
+    },
+    /// No `customer_id`, and every identifier in `ids` normalised to nothing.
+    IdsUnusable,
+    /// An identifier type the settings do not declare.
+    IdTypeUnknown {
+        id_type: String,
+        known: String,
+    },
     /// Blocked by the tracking plan: the first violation of a blocking mode. Its code is
     /// the violation class's.
     Plan(Violation),
@@ -105,7 +122,7 @@ pub enum Rejection {
 
 impl Rejection {
     /// Every code, for documentation and for tests that check it.
-    pub const CODES: [&'static str; 28] = [
+    pub const CODES: [&'static str; 31] = [
         "too_large",
         "not_utf8",
         "invalid_json",
@@ -134,6 +151,9 @@ impl Rejection {
         "pattern",
         "out_of_retention",
         "unknown_top_level_field",
+        "ids_invalid",
+        "id_type_unknown",
+        "ids_unusable",
     ];
 
     /// The stable code: what dashboards, alerts and dead-letter filters key on.
@@ -159,6 +179,9 @@ impl Rejection {
             Rejection::ProfileNotObject => 17,
             Rejection::TooLong { .. } => 18,
             Rejection::NumberNotExact { .. } => 19,
+            Rejection::IdsInvalid { .. } => 28,
+            Rejection::IdTypeUnknown { .. } => 29,
+            Rejection::IdsUnusable => 30,
             Rejection::Plan(v) => return v.class.code(),
         };
         Self::CODES[i]
@@ -190,6 +213,16 @@ impl std::fmt::Display for Rejection {
             Rejection::ProfileNotObject => f.write_str("profile is not an object"),
             Rejection::TooLong { field, limit } => write!(f, "{field} longer than {limit} characters"),
             Rejection::NumberNotExact { field, error } => write!(f, "{field}: the number {error}"),
+            Rejection::IdsInvalid { field } => write!(
+                f,
+                "{field} is not valid: ids is an object of identifier type to a string or an array of strings"
+            ),
+            Rejection::IdsUnusable => {
+                f.write_str("no customer_id, and no identifier in ids is usable (each normalises to nothing)")
+            }
+            Rejection::IdTypeUnknown { id_type, known } => {
+                write!(f, "ids.{id_type}: unknown identifier type (known: {known})")
+            }
             Rejection::Plan(v) => write!(f, "tracking plan, {}: {}", v.class, v.detail),
         }
     }
@@ -238,7 +271,10 @@ pub fn validate_value(
 }
 
 /// The top-level fields of the event format.
-pub const TOP_LEVEL_FIELDS: [&str; 6] = ["event_id", "customer_id", "type", "ts", "props", "profile"];
+pub const TOP_LEVEL_FIELDS: [&str; 7] = ["event_id", "customer_id", "ids", "type", "ts", "props", "profile"];
+
+/// Most identifiers one event may carry in `ids`.
+pub const MAX_IDS_PER_EVENT: usize = 32;
 
 fn validate_planned(
     value: serde_json::Value,
@@ -255,7 +291,12 @@ fn validate_planned(
     let serde_json::Value::Object(mut object) = value else {
         return Err(Rejection::NotObject);
     };
+    let ids = match object.remove("ids") {
+        None | Some(serde_json::Value::Null) => Vec::new(),
+        Some(v) => identifiers(v, limits)?,
+    };
     let customer_id = match object.remove("customer_id") {
+        None | Some(serde_json::Value::Null) if !ids.is_empty() => Arc::from(""),
         None | Some(serde_json::Value::Null) => return Err(Rejection::CustomerIdMissing),
         Some(serde_json::Value::String(s)) => {
             let id = normalize(&s);
@@ -349,7 +390,55 @@ fn validate_planned(
         ts,
         props,
         profile,
+        ids,
     })
+}
+
+/// The `ids` object: identifier type → a string (a number is taken as its digits) or an
+/// array of them, each normalised as every string of the contract is; empty ones dropped.
+fn identifiers(value: serde_json::Value, limits: &EventLimits) -> Result<Vec<(Arc<str>, String)>, Rejection> {
+    let serde_json::Value::Object(object) = value else {
+        return Err(Rejection::IdsInvalid { field: "ids".into() });
+    };
+    let mut ids = Vec::new();
+    for (id_type, values) in object {
+        let name = normalize(&id_type);
+        check_length(
+            "the name of an identifier type in ids",
+            &name,
+            limits.max_name_chars,
+        )?;
+        let field = || format!("ids.{name}");
+        let one = |v: serde_json::Value| -> Result<Option<String>, Rejection> {
+            let text = match v {
+                serde_json::Value::String(s) => s,
+                serde_json::Value::Number(n) if n.is_u64() => n.to_string(),
+                serde_json::Value::Null => return Ok(None),
+                _ => return Err(Rejection::IdsInvalid { field: field() }),
+            };
+            let text = normalize(&text);
+            check_length(&field(), &text, limits.max_id_chars)?;
+            Ok((!text.is_empty()).then(|| text.into_owned()))
+        };
+        let found = match values {
+            serde_json::Value::Array(items) => items
+                .into_iter()
+                .map(one)
+                .collect::<Result<Vec<_>, _>>()?
+                .into_iter()
+                .flatten()
+                .collect(),
+            v => one(v)?.into_iter().collect::<Vec<_>>(),
+        };
+        let name: Arc<str> = Arc::from(name.as_ref());
+        ids.extend(found.into_iter().map(|v| (name.clone(), v)));
+        if ids.len() > MAX_IDS_PER_EVENT {
+            return Err(Rejection::IdsInvalid {
+                field: format!("ids (more than {MAX_IDS_PER_EVENT} identifiers)"),
+            });
+        }
+    }
+    Ok(ids)
 }
 
 fn check_length(field: &str, text: &str, limit: usize) -> Result<(), Rejection> {
@@ -585,6 +674,17 @@ mod tests {
                 "number_not_exact",
                 "profile.ltv: the number has more digits than a decimal keeps (28 significant) and would be rounded",
             ),
+            (
+                br#"{"type": "v", "ids": ["13800000001"]}"#,
+                "ids_invalid",
+                "ids is not valid: ids is an object of identifier type to a string or an array of strings",
+            ),
+            (
+                br#"{"type": "v", "ids": {"phone": [true]}}"#,
+                "ids_invalid",
+                "ids.phone is not valid: ids is an object of identifier type to a string or an array of strings",
+            ),
+            (br#"{"type": "v", "ids": {}}"#, "customer_id_missing", "missing customer_id"),
             (deep.as_bytes(), "too_deep", "nested deeper than 16 levels"),
             (big.as_bytes(), "too_large", "event larger than 65536 bytes"),
         ];

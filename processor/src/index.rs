@@ -589,7 +589,13 @@ impl MembershipIndex {
             let ids = state.ids_of(part.iter().copied());
             let records = store.load_records(ids.iter())?;
             for (number, record) in ids.numbers().iter().zip(records) {
-                let Some(record) = record else { continue };
+                let Some(record) = record else {
+                    // Absorbed by a merge: in no column any more.
+                    for attr in state.columns.names() {
+                        state.columns.set(*number, &attr, None, dirty);
+                    }
+                    continue;
+                };
                 for (attr, entry) in &record.history.profile {
                     state.columns.set(*number, attr, entry.value.as_ref(), dirty);
                 }

@@ -39,6 +39,7 @@ pub mod codec;
 pub mod columns;
 pub mod engine;
 pub mod event;
+pub mod identity;
 pub mod index;
 pub mod kafka;
 pub mod partition;

@@ -15,6 +15,7 @@
 //! | `numbers` | customer number (BE u32) | customer id: the membership index's dense numbers |
 //! | `index` | `seq`, `ids:CHUNK`, `set:NAME` | the membership index's last checkpoint |
 //! | `webhooks` | `sub:ID`, `dlq:ID:SEQ` | webhook subscriptions and their failed deliveries |
+//! | `identities` | `i` type `\0` value; `c` customer id | the identity graph: an identifier's canonical customer; a customer's identifiers ([`crate::identity`]) |
 //!
 //! Everything a batch changes goes into one `WriteBatch` with the WAL on, so state, change
 //! log, dedup keys and offsets commit atomically.
@@ -51,7 +52,9 @@ pub const CF_CHANGES_BY_NAME: &str = "changes_by_name";
 pub const CF_ACCESS: &str = "access";
 /// The audit trail, append-only, keyed by its sequence number.
 pub const CF_AUDIT: &str = "audit";
-const ALL_CFS: [&str; 14] = [
+/// The identity graph ([`crate::identity`]).
+pub const CF_IDENTITIES: &str = "identities";
+const ALL_CFS: [&str; 15] = [
     CF_ACCESS,
     CF_AUDIT,
     CF_CUSTOMERS,
@@ -66,6 +69,7 @@ const ALL_CFS: [&str; 14] = [
     CF_WEBHOOKS,
     CF_WINDOWS,
     CF_CHANGES_BY_NAME,
+    CF_IDENTITIES,
 ];
 
 /// The oldest change `seq` retention left (meta key; 0 until it deleted any).
@@ -266,7 +270,7 @@ impl Store {
             let mut cf = Options::default();
             cf.set_compression_type(DBCompressionType::Lz4);
             cf.set_write_buffer_size(retention.memtable_bytes / 4);
-            if [CF_CUSTOMERS, CF_DEDUP].contains(name) {
+            if [CF_CUSTOMERS, CF_DEDUP, CF_IDENTITIES].contains(name) {
                 // Point lookups, most of them for keys that are not there (new customers,
                 // new event ids): a bloom filter answers those without reading a block.
                 // Filters and indexes stay in the table readers' memory (about 10 bits a key),
@@ -883,6 +887,22 @@ impl Store {
             batch.put(self.cf(CF_EVENTS), &key, value);
         }
         Ok(max_arrival)
+    }
+
+    /// Deletes a customer absorbed by a merge, key by key (so the deletes follow, in the
+    /// same batch, the puts of the round that wrote them): the record, the `events` of their
+    /// history the caller moved, and the window chunks the record names. The timer is the
+    /// caller's (it unschedules it).
+    pub fn forget_customer(&self, batch: &mut impl Writes, customer: &str, state: &CustomerState) {
+        batch.delete(self.cf(CF_CUSTOMERS), customer.as_bytes());
+        for event in &state.history.events {
+            batch.delete(self.cf(CF_EVENTS), &event_key(customer, event.ts, event.arrival));
+        }
+        let prefix = event_prefix(customer);
+        let plan = WindowSet::default().plan(&state.window_chunks);
+        for &(source, chunk) in &plan.deletes {
+            batch.delete(self.cf(CF_WINDOWS), &window_key(&prefix, source, chunk));
+        }
     }
 
     /// Deletes everything a customer holds: the record, the events, the window chunks and

@@ -41,10 +41,20 @@ impl Engine {
         step: u64,
         work: impl FnOnce(&mut Worker<'_>) -> Result<R, EngineError>,
     ) -> Result<R, EngineError> {
+        self.with_worker_at(customer, Place::work(step), work)
+    }
+
+    /// [`Engine::with_worker`] at any place of the round.
+    pub(super) fn with_worker_at<R>(
+        &mut self,
+        customer: &str,
+        place: Place,
+        work: impl FnOnce(&mut Worker<'_>) -> Result<R, EngineError>,
+    ) -> Result<R, EngineError> {
         let i = self.shard_index(customer);
         let timers = self.config.timers_per_round;
         let (ctx, shards) = self.parts(&[], timers);
-        work(&mut Worker::new(&ctx, &mut shards[i], Place::work(step)))
+        work(&mut Worker::new(&ctx, &mut shards[i], place))
     }
 
     /// Writes the round: new customers numbered and changes given their `seq` in the order
@@ -111,6 +121,9 @@ impl Engine {
         let mut writes = Vec::with_capacity(parts.len() + 1);
         writes.push(std::mem::take(&mut batch.wb));
         let mut dirty = Vec::with_capacity(parts.len());
+        for (part, touched) in parts.iter().zip(&mut touched) {
+            touched.extend(part.gone.values().filter(|n| **n != crate::index::NO_NUMBER));
+        }
         for part in parts {
             writes.push(part.wb);
             dirty.push(part.dirty);
@@ -126,6 +139,7 @@ impl Engine {
             clock: self.counters.clock,
             now,
             dedup: batch.dedup,
+            identities: batch.identities,
             dirty,
         };
         Ok((writes, done))
@@ -182,6 +196,10 @@ impl Engine {
                 self.shards[shard]
                     .cache
                     .update(&id, |state| state.number = number);
+                if let Some(gone) = parts[shard].gone.get_mut(&id) {
+                    // New in this round and absorbed in it too.
+                    *gone = number;
+                }
                 batch.wb.put_cf(cf, number_key(number), id.as_bytes());
                 (number, id)
             })
@@ -220,10 +238,14 @@ impl Engine {
         for (place, shard, mut change) in placed {
             change.seq = self.counters.next_seq;
             self.counters.next_seq += 1;
-            let number = self.shards[shard]
-                .cache
-                .get(&change.customer_id)
-                .map_or(crate::index::NO_NUMBER, |s| s.number);
+            let number = match self.shards[shard].cache.get(&change.customer_id) {
+                Some(state) => state.number,
+                None => parts[shard]
+                    .gone
+                    .get(&change.customer_id)
+                    .copied()
+                    .unwrap_or(crate::index::NO_NUMBER),
+            };
             batch
                 .wb
                 .put_cf(log, change.seq.to_be_bytes(), change.encode_stored(number));
@@ -243,25 +265,32 @@ impl Engine {
     /// columns, and the journal entry naming them, put in the batch.
     fn profile_updates(&self, parts: &[Batch], batch: &mut Batch) -> (Vec<ProfileUpdate>, Option<u64>) {
         let mut customers: Vec<(u32, &CustomerState)> = Vec::new();
+        let mut updates = Vec::new();
+        let mut numbers: Vec<u32> = Vec::new();
         for (shard, part) in self.shards.iter().zip(parts) {
             for customer in &part.profiles {
                 if let Some(state) = shard.cache.get(customer) {
                     customers.push((state.number, state));
                 }
             }
+            for (number, attrs) in &part.cleared {
+                updates.extend(attrs.iter().map(|attr| (*number, attr.clone(), None)));
+                numbers.push(*number);
+            }
         }
-        if customers.is_empty() {
+        if customers.is_empty() && updates.is_empty() {
             return (Vec::new(), None);
         }
         customers.sort_unstable_by_key(|(number, _)| *number);
         customers.dedup_by_key(|(number, _)| *number);
-        let mut updates = Vec::new();
         for (number, state) in &customers {
             for (attr, entry) in &state.history.profile {
                 updates.push((*number, attr.clone(), entry.value.clone()));
             }
         }
-        let numbers: Vec<u32> = customers.iter().map(|(number, _)| *number).collect();
+        numbers.extend(customers.iter().map(|(number, _)| *number));
+        numbers.sort_unstable();
+        numbers.dedup();
         let pending = self.pending.as_ref().and_then(|p| p.done.journal);
         let (entry, key, value) = self.index.journal_entry(&numbers, pending);
         batch.wb.put_cf(self.store.cf(CF_INDEX), key, value);
@@ -320,5 +349,9 @@ impl Engine {
         }
         let timers = self.store.timers().unwrap_or_default();
         self.deal_timers(timers);
+        // Merges of the failed batch were not made.
+        if let Ok(aliases) = identity::load_aliases(&self.store) {
+            self.aliases = aliases;
+        }
     }
 }

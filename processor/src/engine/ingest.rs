@@ -82,7 +82,7 @@ impl Engine {
     }
 
     /// Runs the shards on the jobs the requests of a round made.
-    fn run_ingest_round(&mut self, round: Round) -> Result<(), EngineError> {
+    pub(super) fn run_ingest_round(&mut self, round: Round) -> Result<(), EngineError> {
         let until = match self.config.clock {
             ClockMode::Wall => Some(self.now()),
             ClockMode::Event => self.counters.clock,
@@ -162,6 +162,20 @@ impl Engine {
         if let Some(id) = &ev.event_id {
             if self.is_duplicate(id, batch)? {
                 return Ok(Ok(false));
+            }
+        }
+        if !ev.ids.is_empty() {
+            let resolution = match self.resolve(&ev, batch)? {
+                Ok(r) => r,
+                Err(rejection) => return Ok(Err(rejection)),
+            };
+            let cause = Cause::Event(ev.event_id.clone());
+            let arrival = self.counters.next_arrival;
+            self.settle_identity(&resolution, step, arrival, &cause, round, batch)?;
+            ev.customer_id = resolution.canonical;
+        } else if !self.aliases.is_empty() {
+            if let Some(survivor) = self.aliases.get(&ev.customer_id) {
+                ev.customer_id = survivor.clone();
             }
         }
         if self.config.clock == ClockMode::Event && self.counters.clock.is_none_or(|c| ts > c) {
@@ -419,6 +433,15 @@ impl Round {
             jobs: (0..shards).map(|_| Vec::new()).collect(),
             steps: Vec::new(),
             next_step: 0,
+        }
+    }
+
+    /// An empty round that goes on numbering steps where this one stands (the rest of a
+    /// round cut by a merge).
+    pub(super) fn continuing(&self) -> Round {
+        Round {
+            next_step: self.next_step,
+            ..Round::new(self.jobs.len())
         }
     }
 }

@@ -39,6 +39,8 @@ pub(super) struct Done {
     pub now: i64,
     /// The dedup keys it writes.
     pub dedup: foldhash::HashMap<String, i64>,
+    /// The identity graph writes it makes.
+    pub identities: foldhash::HashMap<Vec<u8>, Option<Vec<u8>>>,
     /// Each shard's customers it writes.
     pub dirty: Vec<foldhash::HashSet<Arc<str>>>,
 }

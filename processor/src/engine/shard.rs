@@ -18,12 +18,13 @@ use super::*;
 
 /// Where a change (or a new customer) falls in the order one engine thread would have made
 /// it. `step` is the index of the event in the round whose turn it happened in (or of the
-/// customer in a sweep); within a step, the timers the clock passed fire first, in
-/// `(due, customer)` order, then the event.
+/// customer in a sweep); within a step, a merge the event's identifiers cause comes first
+/// (the absorbed customers in turn, then the survivor), then the timers the clock passed
+/// fire, in `(due, customer)` order, then the event.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub(super) struct Place {
     step: u64,
-    /// 0: a timer's firing, 1: the step's own work.
+    /// 0: a merge, 1: a timer's firing, 2: the step's own work.
     phase: u8,
     due: i64,
     customer: Option<Arc<str>>,
@@ -34,8 +35,18 @@ impl Place {
     pub(super) fn work(step: u64) -> Place {
         Place {
             step,
-            phase: 1,
+            phase: 2,
             due: 0,
+            customer: None,
+        }
+    }
+
+    /// The `part`th customer of a merge made before the event of `step`.
+    pub(super) fn merge(step: u64, part: usize) -> Place {
+        Place {
+            step,
+            phase: 0,
+            due: part as i64,
             customer: None,
         }
     }
@@ -43,7 +54,7 @@ impl Place {
     fn timer(step: u64, due: i64, customer: &Arc<str>) -> Place {
         Place {
             step,
-            phase: 0,
+            phase: 1,
             due,
             customer: Some(customer.clone()),
         }

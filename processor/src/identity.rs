@@ -1,0 +1,327 @@
+//! Identity resolution: the typed identifiers an event carries (`ids`: phone, email, WeChat
+//! openid and unionid, device ids, member numbers) are normalised and looked up in the
+//! identity graph, so one person is one customer however many ids they arrive with.
+//!
+//! The graph lives in the `identities` column family:
+//!
+//! | key | value |
+//! |---|---|
+//! | `i` type `\0` normalised value | the canonical customer id that owns the identifier |
+//! | `c` customer id | [`IdRecord`]: when the record was made and every identifier it owns |
+//!
+//! A customer only ever sent with `customer_id` has neither: its id is its own identifier
+//! (type `customer_id`). A customer absorbed by a merge keeps resolving: its `customer_id`
+//! identifier points at the survivor, and the engine keeps those aliases in memory so an
+//! event with only `customer_id` needs no read of the graph.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::codec::{CodecError, Reader, Writer};
+
+/// The identifier type every `customer_id` is.
+pub const CUSTOMER_ID: &str = "customer_id";
+
+/// How an identifier type's values are normalised, after the contract's normalisation of
+/// every string (NFKC, invisible characters removed, trimmed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Normaliser {
+    /// Digits only (spaces, dashes, brackets dropped); a leading `+CC`, `00CC`, or a bare
+    /// `CC` before a number of `national_digits` digits is dropped for the home
+    /// `country_code`, so `+86 138-0000-0001`, `0086 13800000001` and `13800000001` are
+    /// one phone. Numbers of other countries keep their country code. Fewer than 5 digits
+    /// is not a phone number.
+    Phone {
+        country_code: String,
+        national_digits: usize,
+    },
+    /// Lower-cased; must have one `@` with something either side. No provider-specific
+    /// rules (dots in Gmail addresses are kept).
+    Email,
+    /// As sent (after the contract's normalisation): openids, unionids, device ids, member
+    /// numbers.
+    Exact,
+}
+
+impl Normaliser {
+    /// The identifier's normal form, or `None` when nothing usable is left.
+    pub fn apply(&self, raw: &str) -> Option<String> {
+        let text = rules::normalize(raw);
+        let text = text.trim();
+        match self {
+            Normaliser::Exact => (!text.is_empty()).then(|| text.to_owned()),
+            Normaliser::Email => {
+                let lower = text.to_lowercase();
+                let (local, domain) = lower.split_once('@')?;
+                let valid = !local.is_empty()
+                    && !domain.is_empty()
+                    && !domain.contains('@')
+                    && !lower.chars().any(char::is_whitespace);
+                valid.then_some(lower)
+            }
+            Normaliser::Phone {
+                country_code,
+                national_digits,
+            } => {
+                let international = text.starts_with('+') || text.starts_with("00");
+                let mut digits: String = text.chars().filter(char::is_ascii_digit).collect();
+                if text.starts_with("00") {
+                    digits.drain(..2);
+                }
+                let home = digits.starts_with(country_code.as_str())
+                    && digits.len() == country_code.len() + national_digits;
+                if home && (international || digits.len() > *national_digits) {
+                    digits.drain(..country_code.len());
+                }
+                (digits.len() >= 5).then_some(digits)
+            }
+        }
+    }
+}
+
+/// One identifier type: how its values are normalised, how strongly it names a person
+/// (`rank`: the survivor of a merge is the customer whose best identifier ranks highest),
+/// and how many one customer may own (a shared family tablet's device id must not glue a
+/// whole town together).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdType {
+    pub name: Arc<str>,
+    pub rank: u32,
+    pub normaliser: Normaliser,
+    pub max_per_customer: Option<usize>,
+}
+
+/// The identifier types events may carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityConfig {
+    pub types: Vec<IdType>,
+}
+
+impl Default for IdentityConfig {
+    /// `customer_id` (rank 100), `member_no` (90, at most 1), `unionid` (80, 1), `phone`
+    /// (70, 3; home country +86), `email` (60, 3), `openid` (50, 5), `device_id` (10, 5).
+    fn default() -> Self {
+        let t = |name: &str, rank, normaliser, max: Option<usize>| IdType {
+            name: Arc::from(name),
+            rank,
+            normaliser,
+            max_per_customer: max,
+        };
+        IdentityConfig {
+            types: vec![
+                t(CUSTOMER_ID, 100, Normaliser::Exact, None),
+                t("member_no", 90, Normaliser::Exact, Some(1)),
+                t("unionid", 80, Normaliser::Exact, Some(1)),
+                t(
+                    "phone",
+                    70,
+                    Normaliser::Phone {
+                        country_code: "86".into(),
+                        national_digits: 11,
+                    },
+                    Some(3),
+                ),
+                t("email", 60, Normaliser::Email, Some(3)),
+                t("openid", 50, Normaliser::Exact, Some(5)),
+                t("device_id", 10, Normaliser::Exact, Some(5)),
+            ],
+        }
+    }
+}
+
+impl IdentityConfig {
+    pub fn position(&self, name: &str) -> Option<usize> {
+        self.types.iter().position(|t| &*t.name == name)
+    }
+
+    /// The names of every type, for messages.
+    pub fn names(&self) -> String {
+        self.types.iter().map(|t| &*t.name).collect::<Vec<_>>().join(", ")
+    }
+}
+
+/// The key naming an identifier's owner.
+pub fn owner_key(id_type: &str, value: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(2 + id_type.len() + value.len());
+    key.push(b'i');
+    key.extend_from_slice(id_type.as_bytes());
+    key.push(0);
+    key.extend_from_slice(value.as_bytes());
+    key
+}
+
+/// The key of a customer's [`IdRecord`].
+pub fn record_key(customer: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + customer.len());
+    key.push(b'c');
+    key.extend_from_slice(customer.as_bytes());
+    key
+}
+
+/// Reads an owner key back into its type and value.
+pub fn parse_owner_key(key: &[u8]) -> Option<(&str, &str)> {
+    let rest = key.strip_prefix(b"i")?;
+    let split = rest.iter().position(|b| *b == 0)?;
+    let id_type = std::str::from_utf8(&rest[..split]).ok()?;
+    let value = std::str::from_utf8(&rest[split + 1..]).ok()?;
+    Some((id_type, value))
+}
+
+/// What the graph knows of one canonical customer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IdRecord {
+    /// The arrival number of the event that made the record (0 for a customer that had
+    /// events under its `customer_id` before any identifier came): older customers survive
+    /// a merge between equally ranked ones.
+    pub created: u64,
+    /// Every identifier the customer owns, as (type, normalised value), in the order they
+    /// came.
+    pub ids: Vec<(Arc<str>, String)>,
+}
+
+impl IdRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u64(self.created);
+        w.u64(self.ids.len() as u64);
+        for (t, v) in &self.ids {
+            w.str(t);
+            w.str(v);
+        }
+        w.buf
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<IdRecord, CodecError> {
+        let mut r = Reader::new(bytes);
+        let created = r.u64()?;
+        let n = r.u64()? as usize;
+        let mut ids = Vec::with_capacity(n.min(1024));
+        for _ in 0..n {
+            ids.push((r.arc_str()?, r.str()?.to_owned()));
+        }
+        Ok(IdRecord { created, ids })
+    }
+
+    /// How many identifiers of `id_type` the customer owns.
+    pub fn count(&self, id_type: &str) -> usize {
+        self.ids.iter().filter(|(t, _)| &**t == id_type).count()
+    }
+
+    pub fn owns(&self, id_type: &str, value: &str) -> bool {
+        self.ids.iter().any(|(t, v)| &**t == id_type && v == value)
+    }
+
+    /// The rank of the customer's best identifier.
+    pub fn best_rank(&self, config: &IdentityConfig) -> u32 {
+        self.ids
+            .iter()
+            .filter_map(|(t, _)| config.position(t).map(|i| config.types[i].rank))
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// Counts for `GET /v1/identities/stats` and the metrics, since the process started.
+#[derive(Debug, Default)]
+pub struct IdentityCounts {
+    pub merges: AtomicU64,
+    pub customers_absorbed: AtomicU64,
+    pub identifiers_attached: AtomicU64,
+    /// Identifiers not attached, or merges not made, because a type's limit would break.
+    pub limit_hits: std::sync::Mutex<HashMap<Arc<str>, u64>>,
+    /// Identifiers that normalised to nothing (dropped, the event kept).
+    pub unusable: std::sync::Mutex<HashMap<Arc<str>, u64>>,
+}
+
+impl IdentityCounts {
+    pub fn limit_hit(&self, id_type: &Arc<str>) {
+        *self
+            .limit_hits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(id_type.clone())
+            .or_default() += 1;
+        metrics::counter!("tagstream_identity_limit_hits_total", "type" => id_type.to_string()).increment(1);
+    }
+
+    pub fn unusable(&self, id_type: &Arc<str>) {
+        *self
+            .unusable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(id_type.clone())
+            .or_default() += 1;
+        metrics::counter!("tagstream_identity_unusable_total", "type" => id_type.to_string()).increment(1);
+    }
+
+    pub fn merged(&self, absorbed: usize) {
+        self.merges.fetch_add(1, Ordering::Relaxed);
+        self.customers_absorbed
+            .fetch_add(absorbed as u64, Ordering::Relaxed);
+        metrics::counter!("tagstream_identity_merges_total").increment(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn phone(raw: &str) -> Option<String> {
+        IdentityConfig::default().types[3].normaliser.apply(raw)
+    }
+
+    #[test]
+    fn one_phone_however_it_is_written() {
+        for raw in [
+            "13800000001",
+            "+86 138 0000 0001",
+            "+86-138-0000-0001",
+            "0086 13800000001",
+            "8613800000001",
+            "１３８００００００01",        // full-width digits
+            "138\u{200b}0000\u{200b}0001", // zero-width spaces
+            " (138) 0000-0001 ",
+        ] {
+            assert_eq!(phone(raw).as_deref(), Some("13800000001"), "{raw:?}");
+        }
+        // Another country keeps its code; a home number that merely starts with 86 too.
+        assert_eq!(phone("+1 415 555 0100").as_deref(), Some("14155550100"));
+        assert_eq!(phone("86123456").as_deref(), Some("86123456"));
+        assert_eq!(phone("+86 12"), None);
+        assert_eq!(phone("n/a"), None);
+    }
+
+    #[test]
+    fn emails_are_lower_cased_and_checked() {
+        let email = &IdentityConfig::default().types[4].normaliser;
+        assert_eq!(
+            email.apply("  Ann.Lee@Example.COM ").as_deref(),
+            Some("ann.lee@example.com")
+        );
+        assert_eq!(
+            email.apply("ａｎｎ@example.com").as_deref(),
+            Some("ann@example.com")
+        );
+        for bad in ["ann", "@example.com", "ann@", "a@b@c", "a b@c.d", ""] {
+            assert_eq!(email.apply(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn records_and_keys_read_back() {
+        let record = IdRecord {
+            created: 42,
+            ids: vec![
+                (Arc::from("phone"), "13800000001".into()),
+                (Arc::from(CUSTOMER_ID), "c-1".into()),
+            ],
+        };
+        assert_eq!(IdRecord::decode(&record.encode()).unwrap(), record);
+        assert_eq!(record.count("phone"), 1);
+        assert_eq!(record.best_rank(&IdentityConfig::default()), 100);
+        let key = owner_key("phone", "13800000001");
+        assert_eq!(parse_owner_key(&key), Some(("phone", "13800000001")));
+        assert_ne!(record_key("x")[0], key[0]);
+    }
+}

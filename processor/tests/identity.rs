@@ -1,0 +1,406 @@
+//! Identity resolution: events that carry overlapping identifiers (`ids`) end up on one
+//! customer, and a merged customer is exactly what the same stream gives with every alias
+//! renamed to the survivor — whatever the order of merges, the batching and the workers.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use processor::{ClockMode, CustomerView, Engine, EngineConfig};
+use proptest::prelude::*;
+use tests::TempDir;
+
+const BASE: i64 = 1_740_000_000_000;
+const HOUR: i64 = 3_600_000;
+
+const RULES: &str = r#"
+tag big_spender = sum(payment.amount, 30d) >= 2000
+tag active = count(app_open, 7d) >= 3
+tag seafood on view where p == "seafood" ttl 2d
+tag lapsed = since(payment) > 3d and count(payment, lifetime) >= 1
+tag hangzhou = profile.city == "杭州"
+trait spend = sum(payment.amount, lifetime)
+trait last_viewed = last(view.p)
+trait first_viewed = first(view.p)
+segment vip = big_spender and active
+segment quiet = not active
+"#;
+
+fn config(workers: usize) -> EngineConfig {
+    EngineConfig {
+        clock: ClockMode::Event,
+        sync_writes: false,
+        workers,
+        ..Default::default()
+    }
+}
+
+fn open(dir: &TempDir, workers: usize) -> Engine {
+    Engine::open(dir.path(), Some(RULES), config(workers)).unwrap()
+}
+
+/// One person's identifiers, each in two spellings that normalise alike.
+fn identifiers(person: usize) -> Vec<(&'static str, [String; 2])> {
+    let phone = format!("1380000{person:04}");
+    let full_width: String = phone
+        .chars()
+        .map(|c| char::from_u32(c as u32 - '0' as u32 + '０' as u32).unwrap())
+        .collect();
+    vec![
+        ("customer_id", [format!("c{person}"), format!("c{person}")]),
+        ("phone", [format!("+86 {phone}"), format!("\u{200b}{full_width}")]),
+        (
+            "email",
+            [
+                format!("p{person}@example.com"),
+                format!(" P{person}@Example.COM "),
+            ],
+        ),
+        ("device_id", [format!("dev-{person}"), format!("dev-{person}")]),
+        ("openid", [format!("o-{person}"), format!("o-{person}")]),
+    ]
+}
+
+#[derive(Debug, Clone)]
+struct Gen {
+    person: usize,
+    /// Which identifiers the event carries (bits over [`identifiers`]) and which spelling.
+    carried: u8,
+    spelling: bool,
+    kind: u8,
+    amount: u32,
+    dt_minutes: i64,
+    city: Option<bool>,
+}
+
+fn gen_event(persons: usize) -> impl Strategy<Value = Gen> {
+    (
+        0..persons,
+        1u8..32,
+        any::<bool>(),
+        0u8..3,
+        1u32..900,
+        -600i64..1_500,
+        prop::option::weighted(0.15, any::<bool>()),
+    )
+        .prop_map(
+            |(person, carried, spelling, kind, amount, dt_minutes, city)| Gen {
+                person,
+                carried,
+                spelling,
+                kind,
+                amount,
+                dt_minutes,
+                city,
+            },
+        )
+}
+
+/// The stream as JSON lines, each with the (type, normalised value) pairs it carried.
+fn render(gens: &[Gen]) -> Vec<(String, Vec<(&'static str, String)>)> {
+    let mut ts = BASE;
+    let mut out = Vec::new();
+    for (n, g) in gens.iter().enumerate() {
+        // Mostly forward, sometimes late (out of order).
+        ts = (ts + g.dt_minutes * 60_000).max(BASE);
+        let all = identifiers(g.person);
+        let mut ids = serde_json::Map::new();
+        let mut customer_id = None;
+        let mut carried = Vec::new();
+        for (bit, (id_type, spellings)) in all.iter().enumerate() {
+            if g.carried & (1 << bit) == 0 {
+                continue;
+            }
+            let value = spellings[g.spelling as usize].clone();
+            carried.push((*id_type, identifiers(g.person)[bit].1[0].clone()));
+            if *id_type == "customer_id" {
+                customer_id = Some(value);
+            } else {
+                ids.insert(id_type.to_string(), value.into());
+            }
+        }
+        let (event_type, props) = match g.kind {
+            0 => ("payment", serde_json::json!({"amount": g.amount})),
+            1 => ("app_open", serde_json::json!({})),
+            _ => (
+                "view",
+                serde_json::json!({"p": if g.amount % 3 == 0 { "seafood" } else { "shoes" }}),
+            ),
+        };
+        let mut event = serde_json::json!({
+            "event_id": format!("e{n}"),
+            "type": event_type,
+            "ts": ts,
+            "props": props,
+        });
+        if !ids.is_empty() {
+            event["ids"] = ids.into();
+        }
+        if let Some(c) = customer_id {
+            event["customer_id"] = c.into();
+        }
+        if let Some(hz) = g.city {
+            event["profile"] = serde_json::json!({"city": if hz { "杭州" } else { "上海" }});
+        }
+        out.push((event.to_string(), carried));
+    }
+    out
+}
+
+/// What the contract makes of a customer, without the instants memberships began (a merge
+/// judges the survivor anew at the merge, so `since` is the merge's instant).
+fn summary(view: &CustomerView) -> (BTreeSet<Arc<str>>, BTreeSet<Arc<str>>, String, String) {
+    (
+        view.tags.keys().cloned().collect(),
+        view.segments.keys().cloned().collect(),
+        format!("{:?}", view.traits),
+        format!("{:?}", view.profile),
+    )
+}
+
+fn ingest_in_batches(engine: &mut Engine, lines: &[String], cuts: &[usize]) {
+    let mut start = 0;
+    for &cut in cuts.iter().chain([&lines.len()]) {
+        let end = cut.clamp(start, lines.len());
+        if end > start {
+            let outcome = engine.ingest(&lines[start..end]).unwrap();
+            assert!(outcome.errors.is_empty(), "{:?}", outcome.errors);
+        }
+        start = end;
+    }
+}
+
+/// The normalised values of the stream's identifiers, for asking the graph.
+fn ask(engine: &Engine, id_type: &str, value: &str) -> Arc<str> {
+    engine
+        .identify(id_type, value)
+        .unwrap()
+        .unwrap_or_else(|| panic!("{id_type} {value} is known"))
+}
+
+fn normalised(id_type: &str, value: &str) -> String {
+    let config = processor::identity::IdentityConfig::default();
+    let i = config.position(id_type).unwrap();
+    config.types[i].normaliser.apply(value).unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn merged_customers_are_the_stream_renamed_to_the_survivor(
+        gens in prop::collection::vec(gen_event(4), 1..60),
+        cuts in prop::collection::vec(0usize..60, 0..6),
+        workers in 1usize..3,
+        late_clock in prop::sample::select(vec![0i64, 5 * 24 * HOUR, 40 * 24 * HOUR]),
+    ) {
+        let stream = render(&gens);
+        let lines: Vec<String> = stream.iter().map(|(l, _)| l.clone()).collect();
+        let mut cuts = cuts;
+        cuts.sort_unstable();
+        let dir = TempDir::new("identity");
+        let mut engine = open(&dir, workers);
+        ingest_in_batches(&mut engine, &lines, &cuts);
+
+        // Every identifier of an event ends with one customer.
+        let mut owner_of_event = Vec::new();
+        for (_, carried) in &stream {
+            let owners: BTreeSet<Arc<str>> = carried
+                .iter()
+                .map(|(t, v)| ask(&engine, t, &normalised(t, v)))
+                .collect();
+            prop_assert_eq!(owners.len(), 1, "one event's identifiers on several customers: {:?}", owners);
+            owner_of_event.push(owners.into_iter().next().unwrap());
+        }
+
+        // The reference: the same stream, each event renamed to where its identifiers ended.
+        let renamed: Vec<String> = lines
+            .iter()
+            .zip(&owner_of_event)
+            .map(|(line, owner)| {
+                let mut v: serde_json::Value = serde_json::from_str(line).unwrap();
+                let o = v.as_object_mut().unwrap();
+                o.remove("ids");
+                o.insert("customer_id".into(), owner.to_string().into());
+                v.to_string()
+            })
+            .collect();
+        let ref_dir = TempDir::new("identity-reference");
+        let mut reference = open(&ref_dir, 1);
+        ingest_in_batches(&mut reference, &renamed, &[]);
+        if late_clock > 0 {
+            let end = BASE + 200 * 24 * HOUR + late_clock;
+            engine.advance_clock(end).unwrap();
+            reference.advance_clock(end).unwrap();
+        }
+
+        let survivors: BTreeSet<&Arc<str>> = owner_of_event.iter().collect();
+        for customer in &survivors {
+            let got = engine.customer(customer).unwrap().expect("the survivor exists");
+            let want = reference.customer(customer).unwrap().expect("the reference has them");
+            prop_assert_eq!(summary(&got), summary(&want), "customer {}", customer);
+        }
+        // Absorbed customers are gone, and their ids resolve to the survivor.
+        for ((line, _), owner) in stream.iter().zip(&owner_of_event) {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            if let Some(id) = v["customer_id"].as_str() {
+                prop_assert_eq!(&engine.canonical_id(id), owner);
+                if id != &**owner {
+                    prop_assert!(engine.customer(id).unwrap().is_none(), "{} was absorbed", id);
+                }
+            }
+        }
+        // The same members, per definition, as the reference.
+        for name in ["big_spender", "active", "seafood", "lapsed", "hangzhou", "vip", "quiet"] {
+            let got: BTreeSet<String> = engine.members(name).unwrap().into_iter().map(|(id, _)| id).collect();
+            let want: BTreeSet<String> = reference.members(name).unwrap().into_iter().map(|(id, _)| id).collect();
+            prop_assert_eq!(got, want, "members of {}", name);
+        }
+    }
+}
+
+fn view_tags(engine: &Engine, customer: &str) -> BTreeMap<String, ()> {
+    engine
+        .customer(customer)
+        .unwrap()
+        .map(|v| v.tags.keys().map(|k| (k.to_string(), ())).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_spend_split_over_three_ids_of_one_person_is_one_big_spender() {
+    let dir = TempDir::new("identity");
+    let mut engine = open(&dir, 2);
+    let events = [
+        // The shop knows a phone, the mini-program an openid, the app a device id.
+        r#"{"type":"payment","ts":1740000000000,"ids":{"phone":"+86 138-0000-0001"},"props":{"amount":900}}"#,
+        r#"{"type":"payment","ts":1740000060000,"ids":{"openid":"oAbC"},"props":{"amount":700}}"#,
+        r#"{"type":"payment","ts":1740000120000,"ids":{"device_id":"d-42"},"props":{"amount":600}}"#,
+    ];
+    engine.ingest(&events).unwrap();
+    assert_eq!(&*ask(&engine, "phone", "13800000001"), "phone:13800000001");
+    assert_eq!(&*ask(&engine, "openid", "oAbC"), "openid:oAbC");
+    assert!(view_tags(&engine, "phone:13800000001").is_empty());
+    // The member number links them: one customer, named by the best identifier's customer.
+    let link = r#"{"customer_id":"m-1","type":"app_open","ts":1740000180000,
+        "ids":{"phone":"１３８０００００００１","openid":"oAbC","device_id":"d-42"}}"#;
+    let outcome = engine.ingest(&[link]).unwrap();
+    assert_eq!(outcome.accepted, 1);
+    for (t, v) in [
+        ("phone", "13800000001"),
+        ("openid", "oAbC"),
+        ("device_id", "d-42"),
+        ("customer_id", "m-1"),
+    ] {
+        assert_eq!(&*ask(&engine, t, v), "m-1", "{t}");
+    }
+    assert!(view_tags(&engine, "m-1").contains_key("big_spender"));
+    for gone in ["phone:13800000001", "openid:oAbC", "device_id:d-42"] {
+        assert!(engine.customer(gone).unwrap().is_none(), "{gone}");
+        assert_eq!(&*engine.canonical_id(gone), "m-1");
+    }
+    assert_eq!(
+        engine.customer("m-1").unwrap().unwrap().traits["spend"].to_string(),
+        "2200"
+    );
+    // The change log: the absorbed leave, the survivor becomes a big spender.
+    let log = engine.changes(0, 100).unwrap();
+    assert!(log
+        .iter()
+        .any(|c| &*c.customer_id == "m-1" && &*c.name == "big_spender" && c.op == processor::Op::Add));
+    assert!(log.iter().any(|c| &*c.customer_id == "phone:13800000001"
+        && &*c.name == "quiet"
+        && c.op == processor::Op::Remove));
+    // An event naming an absorbed id is applied to the survivor, also after a restart.
+    drop(engine);
+    let mut engine = open(&dir, 1);
+    engine
+        .ingest(&[
+            r#"{"customer_id":"openid:oAbC","type":"payment","ts":1740000240000,"props":{"amount":5}}"#,
+        ])
+        .unwrap();
+    assert_eq!(
+        engine.customer("m-1").unwrap().unwrap().traits["spend"].to_string(),
+        "2205"
+    );
+    assert!(engine.customer("openid:oAbC").unwrap().is_none());
+}
+
+#[test]
+fn a_shared_device_does_not_glue_customers_past_its_limit() {
+    let dir = TempDir::new("identity");
+    let mut engine = open(&dir, 1);
+    // Six family members each open the app on their own phone, then on the family tablet.
+    for n in 0..6 {
+        let own = format!(
+            r#"{{"type":"app_open","ts":{},"ids":{{"phone":"1390000000{n}"}}}}"#,
+            BASE + n * 1000
+        );
+        let tablet = format!(
+            r#"{{"type":"app_open","ts":{},"ids":{{"phone":"1390000000{n}","device_id":"tablet"}}}}"#,
+            BASE + n * 1000 + 500
+        );
+        engine.ingest(&[own, tablet]).unwrap();
+    }
+    // The tablet belongs to the first; the others were merged into them only while the
+    // phone limit (3) allowed: three phones on one customer, the rest stay apart.
+    let first = ask(&engine, "device_id", "tablet");
+    let on_first = (0..6)
+        .filter(|n| ask(&engine, "phone", &format!("1390000000{n}")) == first)
+        .count();
+    assert_eq!(on_first, 3);
+    let ids = engine.identifiers(&first).unwrap();
+    assert_eq!(ids.iter().filter(|(t, _)| &**t == "phone").count(), 3);
+    let apart: BTreeSet<Arc<str>> = (0..6)
+        .map(|n| ask(&engine, "phone", &format!("1390000000{n}")))
+        .filter(|o| *o != first)
+        .collect();
+    assert_eq!(apart.len(), 3, "{apart:?}");
+    // The tablet's customer has the merged three's six app opens; each one kept apart has
+    // their own two (and the limit hits are counted).
+    assert!(view_tags(&engine, &first).contains_key("active"));
+    for customer in &apart {
+        assert!(!view_tags(&engine, customer).contains_key("active"), "{customer}");
+        assert!(engine.customer(customer).unwrap().is_some());
+    }
+}
+
+#[test]
+fn bad_identifiers_are_rejected_with_a_reason_or_dropped() {
+    let dir = TempDir::new("identity");
+    let mut engine = open(&dir, 1);
+    let outcome = engine
+        .ingest(&[
+            r#"{"type":"view","ts":1740000000000,"ids":{"fax":"123"}}"#,
+            r#"{"type":"view","ts":1740000000000,"ids":"13800000001"}"#,
+            r#"{"type":"view","ts":1740000000000,"ids":{"phone":{"n":1}}}"#,
+            r#"{"type":"view","ts":1740000000000,"ids":{"phone":"n/a"}}"#,
+            r#"{"type":"view","ts":1740000000000,"ids":{}}"#,
+            r#"{"customer_id":"c-1","type":"view","ts":1740000000000,"ids":{"email":"not an email"}}"#,
+        ])
+        .unwrap();
+    let codes: Vec<&str> = outcome.errors.iter().map(|e| e.code).collect();
+    assert_eq!(
+        codes,
+        [
+            "id_type_unknown",
+            "ids_invalid",
+            "ids_invalid",
+            "ids_unusable",
+            "customer_id_missing"
+        ]
+    );
+    assert!(
+        outcome.errors[0].reason.contains("fax"),
+        "{}",
+        outcome.errors[0].reason
+    );
+    assert!(
+        outcome.errors[2].reason.contains("ids.phone"),
+        "{}",
+        outcome.errors[2].reason
+    );
+    // The unusable email is dropped; the event is kept on its customer_id.
+    assert_eq!(outcome.accepted, 1);
+    assert!(engine.customer("c-1").unwrap().is_some());
+    assert!(engine.identify("email", "not an email").is_err());
+}
