@@ -5,17 +5,32 @@ use std::sync::Arc;
 use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
 
+/// What a change is about: a tag or segment membership, or (identity resolution) the
+/// customer itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum MemberKind {
     Tag,
     Segment,
+    /// A merge or unmerge: `name` is the other customer (absorbed, or split off).
+    Customer,
 }
 
 impl MemberKind {
-    pub fn field(self) -> &'static str {
+    /// The JSON field that carries `name` (for a customer change, by its op).
+    pub fn field(self, op: Op) -> &'static str {
+        match (self, op) {
+            (MemberKind::Tag, _) => "tag",
+            (MemberKind::Segment, _) => "segment",
+            (MemberKind::Customer, Op::Unmerge) => "split",
+            (MemberKind::Customer, _) => "absorbed",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
         match self {
             MemberKind::Tag => "tag",
             MemberKind::Segment => "segment",
+            MemberKind::Customer => "customer",
         }
     }
 }
@@ -24,6 +39,21 @@ impl MemberKind {
 pub enum Op {
     Add,
     Remove,
+    /// `customer_id` absorbed the customer `name` (identity resolution).
+    Merge,
+    /// The customer `name` was split off `customer_id` again.
+    Unmerge,
+}
+
+impl Op {
+    pub fn label(self) -> &'static str {
+        match self {
+            Op::Add => "add",
+            Op::Remove => "remove",
+            Op::Merge => "merge",
+            Op::Unmerge => "unmerge",
+        }
+    }
 }
 
 /// What caused a change.
@@ -71,7 +101,9 @@ impl Cause {
 /// The first byte of a stored change with the customer's number (JSON starts with `{`).
 const STORED_WITH_NUMBER: u8 = 1;
 
-/// `{seq, customer_id, tag|segment, op, at, cause}`.
+/// `{seq, customer_id, tag|segment, op, at, cause}`; a merge is
+/// `{seq, customer_id, absorbed, op: "merge", at, cause}` and an unmerge
+/// `{seq, customer_id, split, op: "unmerge", at, cause}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
     pub seq: u64,
@@ -88,14 +120,8 @@ impl Serialize for Change {
         let mut map = serializer.serialize_map(Some(6))?;
         map.serialize_entry("seq", &self.seq)?;
         map.serialize_entry("customer_id", &*self.customer_id)?;
-        map.serialize_entry(self.kind.field(), &*self.name)?;
-        map.serialize_entry(
-            "op",
-            match self.op {
-                Op::Add => "add",
-                Op::Remove => "remove",
-            },
-        )?;
+        map.serialize_entry(self.kind.field(self.op), &*self.name)?;
+        map.serialize_entry("op", self.op.label())?;
         map.serialize_entry("at", &self.at)?;
         map.serialize_entry("cause", &self.cause.as_string())?;
         map.end()
@@ -132,10 +158,16 @@ impl Change {
     /// Reads a change back from its JSON.
     pub fn from_json(bytes: &[u8]) -> Option<Change> {
         let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
-        let (kind, name) = match (v.get("tag"), v.get("segment")) {
-            (Some(t), _) => (MemberKind::Tag, t.as_str()?),
-            (None, Some(s)) => (MemberKind::Segment, s.as_str()?),
-            _ => return None,
+        let field = |name: &str| v.get(name).and_then(|n| n.as_str());
+        let (kind, name) = if let Some(t) = field("tag") {
+            (MemberKind::Tag, t)
+        } else if let Some(s) = field("segment") {
+            (MemberKind::Segment, s)
+        } else {
+            (
+                MemberKind::Customer,
+                field("absorbed").or_else(|| field("split"))?,
+            )
         };
         Some(Change {
             seq: v.get("seq")?.as_u64()?,
@@ -145,6 +177,8 @@ impl Change {
             op: match v.get("op")?.as_str()? {
                 "add" => Op::Add,
                 "remove" => Op::Remove,
+                "merge" => Op::Merge,
+                "unmerge" => Op::Unmerge,
                 _ => return None,
             },
             at: v.get("at")?.as_i64()?,
@@ -179,5 +213,31 @@ mod tests {
             Some((Some(42), c.clone()))
         );
         assert_eq!(Change::decode_stored(json.as_bytes()), Some((None, c)));
+    }
+
+    #[test]
+    fn merges_print_the_absorbed_customer_and_read_back() {
+        for (op, json) in [
+            (
+                Op::Merge,
+                r#"{"seq":8,"customer_id":"m-1","absorbed":"phone:13800000001","op":"merge","at":5,"cause":"event:e9"}"#,
+            ),
+            (
+                Op::Unmerge,
+                r#"{"seq":8,"customer_id":"m-1","split":"phone:13800000001","op":"unmerge","at":5,"cause":"event:e9"}"#,
+            ),
+        ] {
+            let c = Change {
+                seq: 8,
+                customer_id: "m-1".into(),
+                kind: MemberKind::Customer,
+                name: "phone:13800000001".into(),
+                op,
+                at: 5,
+                cause: Cause::Event(Some("e9".into())),
+            };
+            assert_eq!(String::from_utf8(c.to_json()).unwrap(), json);
+            assert_eq!(Change::from_json(json.as_bytes()), Some(c));
+        }
     }
 }

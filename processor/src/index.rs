@@ -69,7 +69,7 @@ impl Activity {
         let counts = self.hours.entry(hour).or_default();
         match change.op {
             Op::Add => counts.0 += 1,
-            Op::Remove => counts.1 += 1,
+            _ => counts.1 += 1,
         }
         while let Some((&oldest, _)) = self.hours.first_key_value() {
             if oldest > newest - ACTIVITY_HOURS * HOUR_MS {
@@ -313,10 +313,13 @@ impl IndexState {
     }
 
     fn apply(&mut self, number: u32, change: &Change) {
-        let set = self.sets.entry(change.name.clone()).or_default();
+        let set = match change.op {
+            Op::Merge | Op::Unmerge => return,
+            _ => self.sets.entry(change.name.clone()).or_default(),
+        };
         match change.op {
             Op::Add => set.insert(number),
-            Op::Remove => set.remove(number),
+            _ => set.remove(number),
         };
         match self.activity.get_mut(&change.name) {
             Some(activity) => activity.count(change),

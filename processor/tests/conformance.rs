@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use processor::{ClockMode, Engine, EngineConfig, MemberKind, Op};
+use processor::{ClockMode, Engine, EngineConfig};
 use serde_json::{json, Value as Json};
 
 fn read_ndjson(path: &PathBuf) -> Vec<Json> {
@@ -114,11 +114,7 @@ fn run_sharded(
     }
     let mut ours: BTreeMap<String, Vec<Json>> = BTreeMap::new();
     for c in &changes {
-        let field = match c.kind {
-            MemberKind::Tag => "tag",
-            MemberKind::Segment => "segment",
-        };
-        let op = if c.op == Op::Add { "add" } else { "remove" };
+        let (field, op) = (c.kind.field(c.op), c.op.label());
         ours.entry(c.customer_id.to_string()).or_default().push(json!({
             "customer_id": &*c.customer_id, field: &*c.name, "op": op, "at": c.at, "cause": c.cause.as_string()
         }));

@@ -304,6 +304,19 @@ fn a_spend_split_over_three_ids_of_one_person_is_one_big_spender() {
     );
     // The change log: the absorbed leave, the survivor becomes a big spender.
     let log = engine.changes(0, 100).unwrap();
+    // One merge record per absorbed customer, caused by the linking event, before the
+    // changes the merge made.
+    let merges: Vec<&processor::Change> = log.iter().filter(|c| c.op == processor::Op::Merge).collect();
+    let absorbed: BTreeSet<&str> = merges.iter().map(|c| &*c.name).collect();
+    assert_eq!(
+        absorbed,
+        BTreeSet::from(["device_id:d-42", "openid:oAbC", "phone:13800000001"])
+    );
+    assert!(merges
+        .iter()
+        .all(|c| &*c.customer_id == "m-1" && c.cause == processor::Cause::Event(None)));
+    let first_merge = log.iter().position(|c| c.op == processor::Op::Merge).unwrap();
+    assert!(log[first_merge..].iter().any(|c| &*c.name == "big_spender"));
     assert!(log
         .iter()
         .any(|c| &*c.customer_id == "m-1" && &*c.name == "big_spender" && c.op == processor::Op::Add));

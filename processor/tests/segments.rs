@@ -282,6 +282,7 @@ fn members_from_log(engine: &Engine, name: &str) -> BTreeSet<String> {
                 processor::Op::Remove => {
                     assert!(members.remove(&*c.customer_id), "adds and removes alternate")
                 }
+                op => panic!("no identity changes in these streams: {op:?}"),
             }
         }
     }
@@ -599,6 +600,7 @@ fn activity_from_log(engine: &Engine) -> Activity {
         match c.op {
             processor::Op::Add => counts.0 += 1,
             processor::Op::Remove => counts.1 += 1,
+            op => panic!("no identity changes in these streams: {op:?}"),
         }
     }
     out

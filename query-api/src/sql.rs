@@ -31,7 +31,7 @@ use axum::response::{IntoResponse, Response};
 use datafusion::datasource::MemTable;
 use datafusion::execution::context::SQLOptions;
 use datafusion::prelude::{SessionConfig, SessionContext};
-use processor::{MemberKind, Op, ReadHandle};
+use processor::ReadHandle;
 use rules::{DefKind, Type, Value};
 use serde::Deserialize;
 
@@ -219,15 +219,9 @@ fn changes_table(reader: &ReadHandle, deadline: Instant, masking: &Masking) -> R
         for c in &page {
             seq.append_value(c.seq);
             customer.append_value(masking.id(&c.customer_id));
-            kind.append_value(match c.kind {
-                MemberKind::Tag => "tag",
-                MemberKind::Segment => "segment",
-            });
+            kind.append_value(c.kind.label());
             name.append_value(&c.name);
-            op.append_value(match c.op {
-                Op::Add => "add",
-                Op::Remove => "remove",
-            });
+            op.append_value(c.op.label());
             at.append_value(c.at);
             cause.append_value(c.cause.as_string());
         }

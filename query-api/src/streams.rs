@@ -98,7 +98,8 @@ fn stream_start(headers: &HeaderMap, after: Option<u64>, reader: &ReadHandle) ->
 fn sse_event(out: &mut Vec<u8>, change: &Change, masking: &crate::access::Masking) {
     let event = match change.op {
         Op::Add => "enter",
-        Op::Remove => "exit",
+        // A segment's stream carries only its memberships.
+        _ => "exit",
     };
     out.extend_from_slice(format!("id: {}\nevent: {event}\ndata: ", change.seq).as_bytes());
     if masking.policy(crate::access::mask::CUSTOMER_ID) == crate::access::FieldPolicy::Show {

@@ -249,11 +249,13 @@ impl Engine {
             batch
                 .wb
                 .put_cf(log, change.seq.to_be_bytes(), change.encode_stored(number));
-            batch.wb.put_cf(
-                by_name,
-                crate::store::change_name_key(&change.name, change.seq),
-                [],
-            );
+            if change.kind != MemberKind::Customer {
+                batch.wb.put_cf(
+                    by_name,
+                    crate::store::change_name_key(&change.name, change.seq),
+                    [],
+                );
+            }
             changes.push(change);
             steps.push(place.step());
             numbers.push(number);
@@ -308,17 +310,12 @@ impl Engine {
                 .or_default() += 1;
         }
         for ((kind, cause, def, op), n) in counts {
-            let definition =
-                def.map_or_else(|| "(manual)".to_owned(), |id| self.rules.def(id).name.to_string());
-            let kind = match kind {
-                MemberKind::Tag => "tag",
-                MemberKind::Segment => "segment",
+            let definition = match (kind, def) {
+                (MemberKind::Customer, _) => "(identity)".to_owned(),
+                (_, Some(id)) => self.rules.def(id).name.to_string(),
+                (_, None) => "(manual)".to_owned(),
             };
-            let op = match op {
-                Op::Add => "add",
-                Op::Remove => "remove",
-            };
-            metrics::counter!("tagstream_changes_total", "kind" => kind, "cause" => cause, "definition" => definition, "op" => op)
+            metrics::counter!("tagstream_changes_total", "kind" => kind.label(), "cause" => cause, "definition" => definition, "op" => op.label())
                 .increment(n);
         }
     }

@@ -332,7 +332,7 @@ impl Engine {
         let mut handovers = Vec::with_capacity(absorbed.len());
         for (part, customer) in absorbed.iter().enumerate() {
             let handover = self.with_worker_at(customer, Place::merge(step, part), |w| {
-                w.leave(customer, now, cause)
+                w.leave(customer, survivor, now, cause)
             })?;
             handovers.push(handover);
         }
@@ -342,9 +342,23 @@ impl Engine {
 }
 
 impl Worker<'_> {
-    /// An absorbed customer leaves every tag and segment and is deleted; returns what the
-    /// survivor takes over.
-    fn leave(&mut self, customer: &Arc<str>, now: i64, cause: &Cause) -> Result<Handover, EngineError> {
+    /// The change log records the merge; the absorbed customer leaves every tag and segment
+    /// and is deleted. Returns what the survivor takes over.
+    fn leave(
+        &mut self,
+        customer: &Arc<str>,
+        survivor: &Arc<str>,
+        now: i64,
+        cause: &Cause,
+    ) -> Result<Handover, EngineError> {
+        self.record_change(
+            survivor,
+            MemberKind::Customer,
+            customer.clone(),
+            Op::Merge,
+            now,
+            cause,
+        );
         let mut state = self.take_customer(customer, now)?;
         self.load_history(customer, &mut state, now)?;
         let rules = self.ctx.rules;

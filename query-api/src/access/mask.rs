@@ -242,8 +242,11 @@ impl Masking {
         if self.policy(CUSTOMER_ID) == FieldPolicy::Show {
             return;
         }
-        if let Some(Value::String(id)) = object.get_mut(CUSTOMER_ID) {
-            *id = self.id(id).into_owned();
+        // A merge's change names the other customer too.
+        for field in [CUSTOMER_ID, "absorbed", "split"] {
+            if let Some(Value::String(id)) = object.get_mut(field) {
+                *id = self.id(id).into_owned();
+            }
         }
     }
 }
