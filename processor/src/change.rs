@@ -64,6 +64,8 @@ pub enum Cause {
     Timer,
     RuleChange,
     Manual,
+    /// A request made with an API key: the key's name (a manual merge or unmerge).
+    ManualBy(String),
 }
 
 impl Cause {
@@ -73,7 +75,7 @@ impl Cause {
             Cause::Event(_) => "event",
             Cause::Timer => "timer",
             Cause::RuleChange => "rule_change",
-            Cause::Manual => "manual",
+            Cause::Manual | Cause::ManualBy(_) => "manual",
         }
     }
 
@@ -84,6 +86,7 @@ impl Cause {
             Cause::Timer => "timer".to_owned(),
             Cause::RuleChange => "rule_change".to_owned(),
             Cause::Manual => "manual".to_owned(),
+            Cause::ManualBy(key) => format!("manual:{key}"),
         }
     }
 
@@ -93,7 +96,10 @@ impl Cause {
             "rule_change" => Cause::RuleChange,
             "manual" => Cause::Manual,
             "event:" => Cause::Event(None),
-            other => Cause::Event(Some(other.strip_prefix("event:")?.to_owned())),
+            other => match other.strip_prefix("manual:") {
+                Some(key) => Cause::ManualBy(key.to_owned()),
+                None => Cause::Event(Some(other.strip_prefix("event:")?.to_owned())),
+            },
         })
     }
 }

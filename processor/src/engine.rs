@@ -25,6 +25,7 @@ mod timers;
 mod versions;
 
 pub use explain::{Explained, Explanation, NextChange};
+pub use identity::Merged;
 pub use partitions::{PartitionSummary, MAGIC as PARTITION_EXPORT_MAGIC};
 pub use pipeline::Finished;
 pub use query::{parse_cursor, DefinitionSummary, Delta, HourActivity};
@@ -474,6 +475,8 @@ const META_SEGMENT_FILL: &str = "segment_fill";
 const META_OFFSET_PREFIX: &str = "offset:";
 /// The data-quality record ([`crate::quality`]), saved with commits every few seconds.
 const META_QUALITY: &str = "quality";
+/// What identity resolution has done ([`crate::identity::IdentityStats`]), as JSON.
+const META_IDENTITY: &str = "identity_stats";
 
 pub struct Engine {
     store: Arc<Store>,
@@ -680,6 +683,9 @@ impl Engine {
             });
         }
         engine.aliases = identity::load_aliases(&engine.store)?;
+        engine
+            .identity_counts
+            .restore(engine.store.get(CF_META, META_IDENTITY.as_bytes())?.as_deref());
         engine.shards = (0..engine.config.workers.max(1))
             .map(|_| Shard::default())
             .collect();

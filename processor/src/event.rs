@@ -378,7 +378,7 @@ fn validate_planned(
                 return Err(Rejection::Plan(v.clone()));
             }
         }
-        if let Verdict::Block(v) = plan.check(&customer_id, &event_type, &mut props, &mut profile, violations)
+        if let Verdict::Block(v) = plan.check(&customer_id, &ids, &event_type, &mut props, &mut profile, violations)
         {
             return Err(Rejection::Plan(v));
         }

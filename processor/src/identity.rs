@@ -14,8 +14,7 @@
 //! identifier points at the survivor, and the engine keeps those aliases in memory so an
 //! event with only `customer_id` needs no read of the graph.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::codec::{CodecError, Reader, Writer};
@@ -222,44 +221,90 @@ impl IdRecord {
     }
 }
 
-/// Counts for `GET /v1/identities/stats` and the metrics, since the process started.
+/// What identity resolution has done, for `GET /v1/identities/stats`: kept in the store
+/// with the commits that made it (so a restart or a failed commit leaves it exact).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IdentityStats {
+    /// Merges made (one per event or request that joined customers).
+    pub merges: u64,
+    /// Customers absorbed by those merges.
+    pub customers_absorbed: u64,
+    /// Customers split off again.
+    pub unmerges: u64,
+    /// Identifiers attached to customers, per type.
+    pub identifiers: std::collections::BTreeMap<String, u64>,
+    /// Identifiers not attached, or merges not made, because a type's limit would break,
+    /// per type.
+    pub limit_hits: std::collections::BTreeMap<String, u64>,
+    /// Identifiers that normalised to nothing (dropped, the event kept), per type.
+    pub unusable: std::collections::BTreeMap<String, u64>,
+    /// Merges not made because the customers were split apart by hand before.
+    pub blocked: u64,
+}
+
+/// [`IdentityStats`] shared between the engine, which counts, and readers.
 #[derive(Debug, Default)]
 pub struct IdentityCounts {
-    pub merges: AtomicU64,
-    pub customers_absorbed: AtomicU64,
-    pub identifiers_attached: AtomicU64,
-    /// Identifiers not attached, or merges not made, because a type's limit would break.
-    pub limit_hits: std::sync::Mutex<HashMap<Arc<str>, u64>>,
-    /// Identifiers that normalised to nothing (dropped, the event kept).
-    pub unusable: std::sync::Mutex<HashMap<Arc<str>, u64>>,
+    stats: std::sync::Mutex<IdentityStats>,
+    /// Changed since the last commit wrote it.
+    dirty: std::sync::atomic::AtomicBool,
 }
 
 impl IdentityCounts {
-    pub fn limit_hit(&self, id_type: &Arc<str>) {
-        *self
-            .limit_hits
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(id_type.clone())
-            .or_default() += 1;
-        metrics::counter!("tagstream_identity_limit_hits_total", "type" => id_type.to_string()).increment(1);
+    pub fn snapshot(&self) -> IdentityStats {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    pub fn unusable(&self, id_type: &Arc<str>) {
-        *self
-            .unusable
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(id_type.clone())
-            .or_default() += 1;
-        metrics::counter!("tagstream_identity_unusable_total", "type" => id_type.to_string()).increment(1);
+    /// Replaces the counts with what the store holds (at open, after a failed commit).
+    pub fn restore(&self, stored: Option<&[u8]>) {
+        let stats = stored
+            .and_then(|b| serde_json::from_slice(b).ok())
+            .unwrap_or_default();
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = stats;
+        self.dirty.store(false, Ordering::Relaxed);
+    }
+
+    /// The counts to write with a commit, if they changed.
+    pub fn take_dirty(&self) -> Option<Vec<u8>> {
+        self.dirty
+            .swap(false, Ordering::Relaxed)
+            .then(|| serde_json::to_vec(&self.snapshot()).expect("stats serialise"))
+    }
+
+    fn update(&self, change: impl FnOnce(&mut IdentityStats)) {
+        change(&mut self.stats.lock().unwrap_or_else(|e| e.into_inner()));
+        self.dirty.store(true, Ordering::Relaxed);
+    }
+
+    pub fn limit_hit(&self, id_type: &str) {
+        self.update(|s| *s.limit_hits.entry(id_type.to_owned()).or_default() += 1);
+        metrics::counter!("tagstream_identity_limit_hits_total", "type" => id_type.to_owned()).increment(1);
+    }
+
+    pub fn unusable(&self, id_type: &str) {
+        self.update(|s| *s.unusable.entry(id_type.to_owned()).or_default() += 1);
+        metrics::counter!("tagstream_identity_unusable_total", "type" => id_type.to_owned()).increment(1);
+    }
+
+    pub fn attached(&self, id_type: &str) {
+        self.update(|s| *s.identifiers.entry(id_type.to_owned()).or_default() += 1);
     }
 
     pub fn merged(&self, absorbed: usize) {
-        self.merges.fetch_add(1, Ordering::Relaxed);
-        self.customers_absorbed
-            .fetch_add(absorbed as u64, Ordering::Relaxed);
+        self.update(|s| {
+            s.merges += 1;
+            s.customers_absorbed += absorbed as u64;
+        });
         metrics::counter!("tagstream_identity_merges_total").increment(1);
+    }
+
+    pub fn unmerged(&self) {
+        self.update(|s| s.unmerges += 1);
+        metrics::counter!("tagstream_identity_unmerges_total").increment(1);
+    }
+
+    pub fn blocked(&self) {
+        self.update(|s| s.blocked += 1);
     }
 }
 

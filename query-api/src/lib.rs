@@ -155,6 +155,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/rules/versions/{version}", get(routes::rule_version))
         .route("/v1/rules/rollback", post(routes::rollback_rules))
         .route("/v1/customers/{id}", get(routes::get_customer))
+        .route(
+            "/v1/customers/by/{id_type}/{value}",
+            get(routes::customer_by_identifier),
+        )
+        .route("/v1/customers/{id}/merge", post(routes::merge_customers))
+        .route("/v1/identities/stats", get(routes::identity_stats))
         .route("/v1/customers/{id}/events", get(routes::customer_events))
         .route("/v1/customers/{id}/explain/{name}", get(routes::explain))
         .route(

@@ -298,10 +298,14 @@ struct CustomerDto<'a> {
     tags: BTreeMap<&'a str, MembershipDto>,
     traits: BTreeMap<&'a str, &'a rules::Value>,
     profile: BTreeMap<&'a str, &'a rules::Value>,
+    /// The identifiers the customer owns, by type (identity resolution), as the caller's
+    /// role may see them.
+    identifiers: BTreeMap<String, Vec<String>>,
 }
 
 fn customer_dto(view: &CustomerView) -> CustomerDto<'_> {
     CustomerDto {
+        identifiers: BTreeMap::new(),
         customer_id: &view.customer_id,
         tags: view
             .tags
@@ -327,23 +331,120 @@ pub async fn get_customer(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     // A point read served here, not on the engine thread: lookups never wait for a batch.
-    let view = app.engine.reader().customer(&id)?;
-    let masking = masking_of(&principal);
-    match view {
-        Some(v) if masking.is_open() => Ok(Json(customer_dto(&v)).into_response()),
-        Some(mut v) => {
-            v.profile = v
-                .profile
-                .iter()
-                .filter_map(|(k, value)| Some((k.clone(), masking.stored(k, value)?)))
-                .collect();
-            let id = masking.id(&v.customer_id).into_owned();
-            let mut dto = customer_dto(&v);
-            dto.customer_id = &id;
-            Ok(Json(dto).into_response())
-        }
+    // An id a merge absorbed answers the survivor (the answer's `customer_id` says who).
+    let reader = app.engine.reader();
+    match reader.customer(&id)? {
+        Some(view) => customer_response(reader, view, &masking_of(&principal)),
         None => Err(ApiError::NotFound(format!("no customer `{id}`"))),
     }
+}
+
+/// `GET /v1/customers/by/{type}/{value}`: the customer an identifier belongs to (the value
+/// normalised as events' are: `+86 138-0000-0001` finds `13800000001`).
+pub async fn customer_by_identifier(
+    State(app): State<AppState>,
+    principal: Option<Extension<Principal>>,
+    Path((id_type, value)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let reader = app.engine.reader();
+    let view = match reader.identify(&id_type, &value)? {
+        Some(customer) => reader.customer(&customer)?,
+        None => None,
+    };
+    match view {
+        Some(view) => customer_response(reader, view, &masking_of(&principal)),
+        None => Err(ApiError::NotFound(format!("no customer has {id_type} `{value}`"))),
+    }
+}
+
+/// A customer with their identifiers, masked for the caller's role: profile attributes and
+/// identifiers by their name or type (`phone = "mask"`), ids by `customer_id`'s policy.
+fn customer_response(
+    reader: &processor::ReadHandle,
+    mut v: CustomerView,
+    masking: &crate::access::Masking,
+) -> Result<Response, ApiError> {
+    let mut identifiers: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (id_type, value) in reader.identifiers(&v.customer_id)? {
+        let shown = if &*id_type == processor::identity::CUSTOMER_ID {
+            Some(masking.id(&value).into_owned())
+        } else {
+            match masking.stored(&id_type, &rules::Value::Str(value.into())) {
+                Some(rules::Value::Str(s)) => Some(s.to_string()),
+                Some(other) => Some(other.to_string()),
+                None => None,
+            }
+        };
+        if let Some(shown) = shown {
+            identifiers.entry(id_type.to_string()).or_default().push(shown);
+        }
+    }
+    if masking.is_open() {
+        let mut dto = customer_dto(&v);
+        dto.identifiers = identifiers;
+        return Ok(Json(dto).into_response());
+    }
+    v.profile = v
+        .profile
+        .iter()
+        .filter_map(|(k, value)| Some((k.clone(), masking.stored(k, value)?)))
+        .collect();
+    let id = masking.id(&v.customer_id).into_owned();
+    let mut dto = customer_dto(&v);
+    dto.customer_id = &id;
+    dto.identifiers = identifiers;
+    Ok(Json(dto).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MergeBody {
+    ids: Vec<String>,
+}
+
+/// `POST /v1/customers/{id}/merge {"ids": [...]}`: the customers named join `{id}`, which
+/// survives; the change log records the merge with the key's name.
+pub async fn merge_customers(
+    State(app): State<AppState>,
+    principal: Option<Extension<Principal>>,
+    Path(id): Path<String>,
+    LimitedBody(body): LimitedBody,
+) -> Result<Json<Json_>, ApiError> {
+    let body: MergeBody = json_body(&body)?;
+    if body.ids.is_empty() || body.ids.len() > 100 {
+        return Err(ApiError::BadRequest(
+            "`ids` names 1 to 100 customers to merge into this one".into(),
+        ));
+    }
+    let by = principal
+        .as_ref()
+        .and_then(|p| p.key_id.as_ref().map(|_| p.name.clone()));
+    let processor::engine::Merged {
+        survivor,
+        absorbed,
+        changes,
+    } = app
+        .engine
+        .call(move |engine| engine.merge_customers(&id, &body.ids, by.as_deref()))
+        .await??;
+    let masking = masking_of(&principal);
+    let changes: Vec<Json_> = changes
+        .iter()
+        .map(|c| {
+            let mut v = serde_json::to_value(c).expect("a change serialises");
+            masking.id_field(&mut v);
+            v
+        })
+        .collect();
+    let mut out = json!({ "changes": changes });
+    out["customer_id"] = masking.id(&survivor).into_owned().into();
+    out["absorbed"] = absorbed.iter().map(|a| masking.id(a).into_owned()).collect();
+    Ok(Json(out))
+}
+
+/// `GET /v1/identities/stats`: merges, absorbed customers, identifiers per type, limit hits.
+pub async fn identity_stats(State(app): State<AppState>) -> Json<processor::identity::IdentityStats> {
+    Json(app.engine.reader().identity_stats())
 }
 
 #[derive(Deserialize)]

@@ -394,9 +394,13 @@ impl TrackingPlan {
 
     /// Judges one event against the plan: pushes every violation to `out`, strips what a
     /// `strip` mode drops from `props` and `profile`, and says whether it is kept.
+    /// `identifiers` are the event's `ids` (type, value); `customer_id` is empty when the
+    /// event named the customer only by those.
+    #[allow(clippy::too_many_arguments)]
     pub fn check(
         &self,
         customer_id: &str,
+        identifiers: &[(std::sync::Arc<str>, String)],
         event_type: &str,
         props: &mut Props,
         profile: &mut Vec<ProfileUpdate>,
@@ -410,8 +414,12 @@ impl TrackingPlan {
         };
         if let Some(ids) = &self.identifiers {
             let from = out.len();
-            let id = Value::str(customer_id);
-            ids.judge("", std::iter::once(("customer_id", Some(&id))), out);
+            let values: Vec<(&str, Value)> = (!customer_id.is_empty())
+                .then(|| ("customer_id", Value::str(customer_id)))
+                .into_iter()
+                .chain(identifiers.iter().map(|(t, v)| (&**t, Value::str(v))))
+                .collect();
+            ids.judge("", values.iter().map(|(t, v)| (*t, Some(v))), out);
             note(ids.mode, from, out);
         }
         match self.events.get(event_type) {
@@ -549,11 +557,6 @@ impl RawPlan {
             .map(|s| s.compile("identifiers", mode))
             .transpose()?;
         if let Some(ids) = &identifiers {
-            if let Some(other) = ids.fields.keys().find(|k| k.as_str() != "customer_id") {
-                return Err(format!(
-                    "identifiers.ids.{other}: only customer_id can be planned until events carry other identifiers"
-                ));
-            }
             if ids.mode == Mode::Strip {
                 return Err(
                     "identifiers.mode: an identifier cannot be stripped; use \"allow\" or \"block\"".into(),
@@ -704,8 +707,31 @@ ids.customer_id = { type = "string", pattern = "c[0-9]+" }
             .map(|(k, v)| (Arc::from(k.as_str()), (!v.is_null()).then(|| Value::from_json(v))))
             .collect();
         let mut out = Vec::new();
-        let verdict = plan.check(id, ty, &mut props, &mut profile, &mut out);
+        let verdict = plan.check(id, &[], ty, &mut props, &mut profile, &mut out);
         (verdict, out, props, profile.len())
+    }
+
+    #[test]
+    fn identifiers_in_ids_are_planned_like_customer_id() {
+        let plan = TrackingPlan::parse(
+            "[events.view]\n\n[identifiers]\nmode = \"block\"\n\
+             ids.customer_id = { type = \"string\", pattern = \"c[0-9]+\" }\n\
+             ids.phone = { type = \"string\", pattern = \"1[0-9]{10}\" }\n",
+        )
+        .unwrap();
+        let judge = |id: &str, ids: &[(&str, &str)]| {
+            let ids: Vec<(Arc<str>, String)> = ids.iter().map(|(t, v)| (Arc::from(*t), v.to_string())).collect();
+            let mut out = Vec::new();
+            let verdict = plan.check(id, &ids, "view", &mut Props::default(), &mut Vec::new(), &mut out);
+            (matches!(verdict, Verdict::Block(_)), out)
+        };
+        // An event named only by its phone does not break the customer_id pattern.
+        assert_eq!(judge("", &[("phone", "13800000001")]).1, []);
+        assert!(judge("c1", &[("phone", "13800000001")]).1.is_empty());
+        let (blocked, out) = judge("", &[("phone", "13800000001"), ("phone", "555")]);
+        assert!(blocked);
+        assert_eq!(classes(&out), ["pattern"]);
+        assert_eq!(out[0].field.as_deref(), Some("phone"));
     }
 
     fn classes(v: &[Violation]) -> Vec<&'static str> {

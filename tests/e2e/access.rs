@@ -85,6 +85,8 @@ fn concrete(path: &str) -> String {
         .replace("{name}", "nosuch")
         .replace("{tag}", "t")
         .replace("{version}", "1")
+        .replace("{id_type}", "phone")
+        .replace("{value}", "13800000001")
 }
 
 #[test]
@@ -1009,4 +1011,57 @@ fn concurrent_edits_of_one_version_apply_exactly_one() {
     assert_eq!(versions["versions"].as_array().unwrap().len(), 2, "{versions}");
     let text = s.get("/v1/rules").text();
     assert_eq!(text.matches("segment s").count(), 1, "{text}");
+}
+
+#[test]
+fn merges_by_hand_need_their_permission_name_the_key_and_identifiers_are_masked() {
+    let dir = TempDir::new("access");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let config = dir.path().join("settings.toml");
+    std::fs::write(
+        &config,
+        "[access.fields]\nphone = \"mask\"\n\n[access.roles.reader]\nfields = { customer_id = \"mask\" }\n",
+    )
+    .unwrap();
+    let with = ["--config", config.to_str().unwrap()];
+    let staff = create_key_with(&data, "editor", "crm-staff", &with);
+    let marketing = create_key_with(&data, "reader", "marketing", &with);
+    let shop = create_key_with(&data, "ingest", "shop", &with);
+    let s = Server::start_in(dir, RULES, &with);
+    let events = r#"{"type":"payment","ts":1744000000000,"ids":{"phone":"13800000001"}}
+{"customer_id":"crm-7","type":"view","ts":1744000000001,"ids":{"email":"Ann@Example.com"}}"#;
+    let r = with_key(&s, Some(&shop), "POST", "/v1/events", events);
+    assert_eq!(r.json()["accepted"], 2, "{}", r.text());
+
+    // A reader finds the customer by phone, but sees it (and the id) masked.
+    let r = with_key(
+        &s,
+        Some(&marketing),
+        "GET",
+        "/v1/customers/by/phone/13800000001",
+        "",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = r.json();
+    let phone = seen["identifiers"]["phone"][0].as_str().unwrap();
+    assert_ne!(phone, "13800000001");
+    assert_ne!(seen["customer_id"], "phone:13800000001");
+    // Merging is not a reader's to do; the CRM staff's merge is recorded under their key.
+    let body = r#"{"ids":["phone:13800000001"]}"#;
+    assert_eq!(
+        with_key(&s, Some(&marketing), "POST", "/v1/customers/crm-7/merge", body).status,
+        403
+    );
+    let r = with_key(&s, Some(&staff), "POST", "/v1/customers/crm-7/merge", body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let changes = r.json()["changes"].as_array().unwrap().clone();
+    assert!(
+        changes.iter().all(|c| c["cause"] == "manual:crm-staff"),
+        "{changes:?}"
+    );
+    assert_eq!(changes[0]["op"], "merge");
+    let merged = with_key(&s, Some(&staff), "GET", "/v1/customers/crm-7", "").json();
+    assert_eq!(merged["identifiers"]["email"], json!(["ann@example.com"]));
+    assert_eq!(merged["identifiers"]["phone"].as_array().unwrap().len(), 1);
 }

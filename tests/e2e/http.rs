@@ -544,6 +544,9 @@ fn the_openapi_document_describes_every_route_the_server_answers() {
         "/v1/customers/{id}/events",
         "/v1/customers/{id}/explain/{name}",
         "/v1/customers/{id}/tags/{tag}",
+        "/v1/customers/by/{id_type}/{value}",
+        "/v1/customers/{id}/merge",
+        "/v1/identities/stats",
         "/v1/definitions",
         "/v1/segments",
         "/v1/segments/{name}",
@@ -576,7 +579,9 @@ fn the_openapi_document_describes_every_route_the_server_answers() {
             .replace("{id}", "c1")
             .replace("{tag}", "manual_vip")
             .replace("{name}", "viewer")
-            .replace("{version}", "1");
+            .replace("{version}", "1")
+            .replace("{id_type}", "phone")
+            .replace("{value}", "13800000001");
         for (method, op) in ops.as_object().unwrap() {
             let method = method.to_ascii_uppercase();
             assert!(op["responses"].is_object(), "{method} {path} has responses");
@@ -937,4 +942,136 @@ fn sigterm_finishes_the_work_in_flight_closes_streams_and_exits_zero() {
     assert_eq!(c["tags"]["big"]["since"], T0 + 107);
     let changes = again.get("/v1/changes?after=0&limit=1000").json();
     assert_eq!(changes["changes"].as_array().unwrap().len(), 100);
+}
+
+#[test]
+fn identities_are_resolved_looked_up_by_any_identifier_and_merged_by_hand() {
+    let rules = "tag big_spender = sum(payment.amount, 30d) >= 2000\nsegment quiet = not big_spender\n";
+    let s = Server::start(rules, &[]);
+    let events = [
+        format!(r#"{{"event_id":"a","type":"payment","ts":{T0},"ids":{{"phone":"+86 138-0000-0001"}},"props":{{"amount":900}}}}"#),
+        format!(r#"{{"event_id":"b","type":"payment","ts":{},"ids":{{"openid":"oAbC","phone":"１３８０００００００１"}},"props":{{"amount":700}}}}"#, T0 + 1),
+        format!(r#"{{"event_id":"c","customer_id":"crm-7","type":"payment","ts":{},"props":{{"amount":600}}}}"#, T0 + 2),
+        format!(r#"{{"event_id":"d","type":"view","ts":{},"ids":{{"fax":"1"}}}}"#, T0 + 3),
+    ]
+    .join("\n");
+    let r = s.send("POST", "/v1/events", &events);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let body = r.json();
+    assert_eq!(body["accepted"], 3);
+    assert_eq!(body["errors"][0]["code"], "id_type_unknown");
+
+    // Any identifier, in any spelling, finds the customer, with what it owns.
+    let r = s.get("/v1/customers/by/phone/0086%2013800000001");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let customer = r.json();
+    assert_eq!(customer["customer_id"], "phone:13800000001");
+    assert_eq!(
+        customer["identifiers"]["phone"],
+        serde_json::json!(["13800000001"])
+    );
+    assert_eq!(customer["identifiers"]["openid"], serde_json::json!(["oAbC"]));
+    assert_eq!(customer["traits"], serde_json::json!({}));
+    assert_eq!(
+        s.get("/v1/customers/by/openid/oAbC").json()["customer_id"],
+        "phone:13800000001"
+    );
+    assert_eq!(s.get("/v1/customers/by/phone/13900000000").status, 404);
+    assert_eq!(s.get("/v1/customers/by/fax/1").status, 404);
+    assert_eq!(s.get("/v1/customers/by/email/nobody").status, 409);
+
+    // The CRM's record and the shop's are one person: merged by hand.
+    let r = s.send(
+        "POST",
+        "/v1/customers/crm-7/merge",
+        r#"{"ids":["phone:13800000001"]}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let merged = r.json();
+    assert_eq!(merged["customer_id"], "crm-7");
+    assert_eq!(merged["absorbed"], serde_json::json!(["phone:13800000001"]));
+    let ops: Vec<(String, String, String)> = merged["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let name = ["tag", "segment", "absorbed"]
+                .iter()
+                .find_map(|f| c[f].as_str())
+                .unwrap();
+            (
+                c["customer_id"].as_str().unwrap().into(),
+                name.into(),
+                c["op"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    let expected = [
+        ("crm-7", "phone:13800000001", "merge"),
+        ("phone:13800000001", "quiet", "remove"),
+        ("crm-7", "big_spender", "add"),
+        ("crm-7", "quiet", "remove"),
+    ];
+    let expected: Vec<(String, String, String)> = expected
+        .iter()
+        .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+        .collect();
+    assert_eq!(ops, expected);
+    assert!(merged["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|c| c["cause"] == "manual"));
+    // The absorbed id and every identifier answer the survivor; the log has the merge.
+    let survivor = s.get("/v1/customers/phone:13800000001").json();
+    assert_eq!(survivor["customer_id"], "crm-7");
+    assert!(survivor["tags"]["big_spender"].is_object());
+    assert_eq!(
+        survivor["identifiers"]["customer_id"],
+        serde_json::json!(["crm-7", "phone:13800000001"])
+    );
+    assert_eq!(
+        s.get("/v1/customers/by/phone/13800000001").json()["customer_id"],
+        "crm-7"
+    );
+    let log = s.get("/v1/changes?after=0").json();
+    assert!(log["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["op"] == "merge" && c["absorbed"] == "phone:13800000001"));
+    // An event under any of the ids lands on the survivor.
+    let r = s.send(
+        "POST",
+        "/v1/events",
+        &format!(
+            r#"{{"type":"payment","ts":{},"ids":{{"openid":"oAbC"}},"props":{{"amount":1}}}}"#,
+            T0 + 4
+        ),
+    );
+    assert_eq!(r.json()["accepted"], 1);
+    let stats = s.get("/v1/identities/stats").json();
+    assert_eq!(
+        (stats["merges"].as_u64(), stats["customers_absorbed"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(stats["identifiers"]["phone"], 1);
+    assert_eq!(stats["identifiers"]["openid"], 1);
+
+    // Bad merges are refused with a reason.
+    for (body, status) in [
+        (r#"{"ids":[]}"#, 400),
+        (r#"{"ids":["nosuch"]}"#, 404),
+        (r#"{"ids":["phone:13800000001"]}"#, 409),
+        (r#"{"id":["x"]}"#, 400),
+    ] {
+        let r = s.send("POST", "/v1/customers/crm-7/merge", body);
+        assert_eq!(r.status, status, "{body}: {}", r.text());
+        assert!(r.json()["error"].is_string());
+    }
+    assert_eq!(
+        s.send("POST", "/v1/customers/nosuch/merge", r#"{"ids":["crm-7"]}"#)
+            .status,
+        404
+    );
 }

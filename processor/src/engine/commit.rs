@@ -77,6 +77,11 @@ impl Engine {
                 .wb
                 .put_cf(self.store.cf(CF_META), META_QUALITY.as_bytes(), snapshot);
         }
+        if let Some(stats) = self.identity_counts.take_dirty() {
+            batch
+                .wb
+                .put_cf(self.store.cf(CF_META), META_IDENTITY.as_bytes(), stats);
+        }
         let mut parts: Vec<Batch> = self
             .shards
             .iter_mut()
@@ -346,9 +351,11 @@ impl Engine {
         }
         let timers = self.store.timers().unwrap_or_default();
         self.deal_timers(timers);
-        // Merges of the failed batch were not made.
+        // Merges of the failed batch were not made, nor counted.
         if let Ok(aliases) = identity::load_aliases(&self.store) {
             self.aliases = aliases;
         }
+        let stats = self.store.get(CF_META, META_IDENTITY.as_bytes()).ok().flatten();
+        self.identity_counts.restore(stats.as_deref());
     }
 }

@@ -25,6 +25,14 @@ pub(super) struct Resolution {
     pub minted: bool,
 }
 
+/// A merge made by hand: the survivor, the customers it absorbed, the changes.
+#[derive(Debug)]
+pub struct Merged {
+    pub survivor: Arc<str>,
+    pub absorbed: Vec<Arc<str>>,
+    pub changes: Vec<Change>,
+}
+
 /// What an absorbed customer hands to the survivor.
 pub(super) struct Handover {
     events: Vec<(rules::Event, Option<String>)>,
@@ -60,30 +68,66 @@ impl Engine {
     /// normalised as events' are), if any event brought it; a `customer_id` answers its
     /// survivor if a merge absorbed it, else itself.
     pub fn identify(&self, id_type: &str, value: &str) -> Result<Option<Arc<str>>, EngineError> {
-        let config = &self.config.identity;
-        let Some(i) = config.position(id_type) else {
-            return Err(EngineError::NotFound(format!(
-                "unknown identifier type `{id_type}` (known: {})",
-                config.names()
-            )));
-        };
-        let Some(value) = config.types[i].normaliser.apply(value) else {
-            return Err(EngineError::Conflict(format!(
-                "`{value}` is not a usable {id_type}: it normalises to nothing"
-            )));
-        };
-        if id_type == CUSTOMER_ID {
-            return Ok(Some(self.canonical_id(&value)));
+        let pending = self.pending.as_ref().map(|p| &p.done.identities);
+        lookup(&self.store, &self.config.identity, pending, id_type, value)
+    }
+
+    /// Merges `others` into `survivor` by hand (the "merge duplicate customers" permission):
+    /// like a merge an event causes, the survivor rebuilt over the union of the histories, the
+    /// change log recording it with `by` (the API key's name) as the cause. Identifier
+    /// limits do not apply: a person judged this. Returns the absorbed customers (as their
+    /// canonical ids) and the changes.
+    pub fn merge_customers(
+        &mut self,
+        survivor: &str,
+        others: &[String],
+        by: Option<&str>,
+    ) -> Result<Merged, EngineError> {
+        self.settle();
+        let survivor = self.existing_customer(survivor)?;
+        let mut absorbed: Vec<Arc<str>> = Vec::new();
+        for other in others {
+            let other = self.existing_customer(other)?;
+            if other == survivor {
+                return Err(EngineError::Conflict(format!(
+                    "`{other}` is already customer `{survivor}`"
+                )));
+            }
+            if !absorbed.contains(&other) {
+                absorbed.push(other);
+            }
         }
-        let owner = match self
-            .pending
-            .as_ref()
-            .and_then(|p| p.done.identities.get(&owner_key(id_type, &value)))
-        {
-            Some(v) => v.clone(),
-            None => self.store.get(CF_IDENTITIES, &owner_key(id_type, &value))?,
+        if absorbed.is_empty() {
+            return Err(EngineError::Conflict(
+                "name at least one customer to merge in `ids`".into(),
+            ));
+        }
+        let cause = by.map_or(Cause::Manual, |k| Cause::ManualBy(k.to_owned()));
+        let resolution = Resolution {
+            canonical: survivor.clone(),
+            absorbed: absorbed.clone(),
+            attach: Vec::new(),
+            minted: false,
         };
-        Ok(owner.map(|b| Arc::from(String::from_utf8_lossy(&b).as_ref())))
+        let ((), changes) = self.transact(|engine, batch| {
+            let mut round = Round::new(engine.shards.len());
+            let arrival = engine.counters.next_arrival;
+            engine.settle_identity(&resolution, 0, arrival, &cause, &mut round, batch)
+        })?;
+        Ok(Merged {
+            survivor,
+            absorbed,
+            changes,
+        })
+    }
+
+    /// The canonical id of a customer the store holds (an absorbed id names its survivor).
+    fn existing_customer(&self, id: &str) -> Result<Arc<str>, EngineError> {
+        let id = self.canonical_id(&rules::normalize(id));
+        if id.is_empty() || self.read_customer(&id)?.is_none() {
+            return Err(EngineError::NotFound(format!("no customer `{id}`")));
+        }
+        Ok(id)
     }
 
     /// Every identifier `customer` owns, as (type, normalised value).
@@ -305,9 +349,7 @@ impl Engine {
                 owner_key(id_type, value),
                 Some(canonical.as_bytes().to_vec()),
             );
-            self.identity_counts
-                .identifiers_attached
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.identity_counts.attached(id_type);
             changed = true;
         }
         if changed {
@@ -339,6 +381,60 @@ impl Engine {
         let place = Place::merge(step, absorbed.len());
         self.with_worker_at(survivor, place, |w| w.absorb(survivor, handovers, now, cause))
     }
+}
+
+impl ReadHandle {
+    /// [`Engine::identify`] as of the last commit.
+    pub fn identify(&self, id_type: &str, value: &str) -> Result<Option<Arc<str>>, EngineError> {
+        lookup(&self.store, &self.identity, None, id_type, value)
+    }
+
+    /// The identifiers a canonical customer owns, as of the last commit (none for a customer
+    /// that does not exist).
+    pub fn identifiers(&self, customer: &str) -> Result<Vec<(Arc<str>, String)>, EngineError> {
+        Ok(match self.store.get(CF_IDENTITIES, &record_key(customer))? {
+            Some(bytes) => IdRecord::decode(&bytes).map_err(StoreError::from)?.ids,
+            None => vec![(Arc::from(CUSTOMER_ID), customer.to_owned())],
+        })
+    }
+
+    /// What identity resolution has done (`GET /v1/identities/stats`), with the aliases the
+    /// graph keeps.
+    pub fn identity_stats(&self) -> crate::identity::IdentityStats {
+        self.identity_counts.snapshot()
+    }
+}
+
+/// An identifier's canonical customer: `pending` (a commit being written), then the store.
+fn lookup(
+    store: &Store,
+    config: &crate::identity::IdentityConfig,
+    pending: Option<&foldhash::HashMap<Vec<u8>, Option<Vec<u8>>>>,
+    id_type: &str,
+    value: &str,
+) -> Result<Option<Arc<str>>, EngineError> {
+    let Some(i) = config.position(id_type) else {
+        return Err(EngineError::NotFound(format!(
+            "unknown identifier type `{id_type}` (known: {})",
+            config.names()
+        )));
+    };
+    let Some(normal) = config.types[i].normaliser.apply(value) else {
+        return Err(EngineError::Conflict(format!(
+            "`{value}` is not a usable {id_type}: it normalises to nothing"
+        )));
+    };
+    let key = owner_key(id_type, &normal);
+    let owner = match pending.and_then(|p| p.get(&key)) {
+        Some(v) => v.clone(),
+        None => store.get(CF_IDENTITIES, &key)?,
+    };
+    Ok(match owner {
+        Some(b) => Some(Arc::from(String::from_utf8_lossy(&b).as_ref())),
+        // A customer_id nobody absorbed names itself.
+        None if id_type == CUSTOMER_ID => Some(Arc::from(normal)),
+        None => None,
+    })
 }
 
 impl Worker<'_> {

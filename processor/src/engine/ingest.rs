@@ -428,7 +428,7 @@ pub(super) struct Round {
 }
 
 impl Round {
-    fn new(shards: usize) -> Round {
+    pub(super) fn new(shards: usize) -> Round {
         Round {
             jobs: (0..shards).map(|_| Vec::new()).collect(),
             steps: Vec::new(),

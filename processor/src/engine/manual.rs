@@ -37,7 +37,8 @@ impl Engine {
                 )));
             }
         }
-        let customer: Arc<str> = Arc::from(rules::normalize(customer_id).as_ref());
+        // An id a merge absorbed names its survivor.
+        let customer = self.canonical_id(&rules::normalize(customer_id));
         if customer.is_empty() {
             return Err(EngineError::Conflict("empty customer id".into()));
         }

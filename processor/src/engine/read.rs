@@ -74,6 +74,8 @@ pub struct ReadHandle {
     clock_mode: ClockMode,
     pub(super) retention_ms: i64,
     intake: Intake,
+    pub(super) identity: Arc<crate::identity::IdentityConfig>,
+    pub(super) identity_counts: Arc<crate::identity::IdentityCounts>,
 }
 
 impl ReadHandle {
@@ -109,9 +111,23 @@ impl ReadHandle {
         let rules = self.published.rules();
         let current = self.current(&rules);
         let (state, clock) = self.store.load_customer_consistent(&id, META_CLOCK, current)?;
-        let Some(mut state) = state else {
-            return Ok(None);
+        let (id, state, clock) = match state {
+            Some(state) => (id, state, clock),
+            // Absorbed by a merge: the survivor answers.
+            None => match self.identify(crate::identity::CUSTOMER_ID, &id)? {
+                Some(survivor) if *survivor != *id => {
+                    let (state, clock) = self
+                        .store
+                        .load_customer_consistent(&survivor, META_CLOCK, current)?;
+                    match state {
+                        Some(state) => (survivor.to_string(), state, clock),
+                        None => return Ok(None),
+                    }
+                }
+                _ => return Ok(None),
+            },
         };
+        let mut state = state;
         let clock = match clock {
             Some(bytes) => Some(Reader::new(&bytes).i64().map_err(StoreError::from)?),
             None => None,
@@ -364,6 +380,8 @@ impl Engine {
             clock_mode: self.config.clock,
             retention_ms: self.config.retention_ms,
             intake: self.intake(),
+            identity: Arc::new(self.config.identity.clone()),
+            identity_counts: self.identity_counts.clone(),
         }
     }
 
