@@ -378,8 +378,14 @@ fn validate_planned(
                 return Err(Rejection::Plan(v.clone()));
             }
         }
-        if let Verdict::Block(v) = plan.check(&customer_id, &ids, &event_type, &mut props, &mut profile, violations)
-        {
+        if let Verdict::Block(v) = plan.check(
+            &customer_id,
+            &ids,
+            &event_type,
+            &mut props,
+            &mut profile,
+            violations,
+        ) {
             return Err(Rejection::Plan(v));
         }
     }

@@ -720,7 +720,8 @@ ids.customer_id = { type = "string", pattern = "c[0-9]+" }
         )
         .unwrap();
         let judge = |id: &str, ids: &[(&str, &str)]| {
-            let ids: Vec<(Arc<str>, String)> = ids.iter().map(|(t, v)| (Arc::from(*t), v.to_string())).collect();
+            let ids: Vec<(Arc<str>, String)> =
+                ids.iter().map(|(t, v)| (Arc::from(*t), v.to_string())).collect();
             let mut out = Vec::new();
             let verdict = plan.check(id, &ids, "view", &mut Props::default(), &mut Vec::new(), &mut out);
             (matches!(verdict, Verdict::Block(_)), out)
