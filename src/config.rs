@@ -52,6 +52,8 @@ pub struct Settings {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IdentitySettings {
+    /// Identifier lookups kept in memory (about 100 bytes each).
+    pub cache_entries: Option<usize>,
     pub types: std::collections::BTreeMap<String, IdTypeSettings>,
 }
 
@@ -82,6 +84,9 @@ impl IdentitySettings {
     pub fn config(&self) -> processor::identity::IdentityConfig {
         use processor::identity::{IdType, IdentityConfig, Normaliser};
         let mut config = IdentityConfig::default();
+        if let Some(entries) = self.cache_entries {
+            config.cache_entries = entries;
+        }
         for (name, set) in &self.types {
             let i = match config.position(name) {
                 Some(i) => i,
@@ -690,6 +695,7 @@ allow_targets = []        # non-public addresses webhooks may reach, e.g. ["10.1
 # ca_file = "/etc/tagstream/internal-ca.pem"   # more CAs for https:// receivers
 
 [identity]                # identifier types events carry in `ids` (docs/api.md, "Identity")
+# cache_entries = 1000000 # identifier lookups kept in memory (about 100 B each)
 # Built in: customer_id (rank 100), member_no (90, at most 1), unionid (80, 1),
 # phone (70, 3), email (60, 3), openid (50, 5), device_id (10, 5).
 # [identity.types.phone]

@@ -22,6 +22,7 @@ mod rule_change;
 mod segments;
 mod shard;
 mod timers;
+mod unmerge;
 mod versions;
 
 pub use explain::{Explained, Explanation, NextChange};
@@ -32,6 +33,7 @@ pub use query::{parse_cursor, DefinitionSummary, Delta, HourActivity};
 pub use read::ReadHandle;
 pub use retention::{Log, Trimmed};
 pub use segments::{SavedSegment, SegmentUpdate};
+pub use unmerge::Unmerged;
 pub use versions::{DefChange, DefText, ReadVersions, RuleDiff, RuleEdit, RuleVersion, VersionSummary};
 
 use cache::CustomerCache;
@@ -520,6 +522,8 @@ pub struct Engine {
     /// Every `customer_id` a merge absorbed, and its survivor ([`identity`]).
     aliases: HashMap<Arc<str>, Arc<str>>,
     identity_counts: Arc<crate::identity::IdentityCounts>,
+    /// Identifier lookups kept in memory ([`crate::identity::OwnerCache`]).
+    owner_cache: std::cell::RefCell<crate::identity::OwnerCache>,
 }
 
 pub(crate) fn wall_ms() -> i64 {
@@ -668,6 +672,7 @@ impl Engine {
             quality,
             aliases: HashMap::new(),
             identity_counts: Arc::default(),
+            owner_cache: Default::default(),
         };
         if engine
             .config
@@ -683,6 +688,9 @@ impl Engine {
             });
         }
         engine.aliases = identity::load_aliases(&engine.store)?;
+        engine.owner_cache = std::cell::RefCell::new(crate::identity::OwnerCache::new(
+            engine.config.identity.cache_entries,
+        ));
         engine
             .identity_counts
             .restore(engine.store.get(CF_META, META_IDENTITY.as_bytes())?.as_deref());

@@ -95,6 +95,8 @@ pub struct IdType {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdentityConfig {
     pub types: Vec<IdType>,
+    /// Most identifier lookups kept in memory ([`OwnerCache`], about 100 bytes each).
+    pub cache_entries: usize,
 }
 
 impl Default for IdentityConfig {
@@ -125,6 +127,7 @@ impl Default for IdentityConfig {
                 t("openid", 50, Normaliser::Exact, Some(5)),
                 t("device_id", 10, Normaliser::Exact, Some(5)),
             ],
+            cache_entries: 1_000_000,
         }
     }
 }
@@ -150,6 +153,85 @@ pub fn owner_key(id_type: &str, value: &str) -> Vec<u8> {
     key
 }
 
+/// An owner key's value: the canonical customer, and (after a NUL) the customer the
+/// identifier first came with when that is another one (an unmerge gives it back there).
+pub fn owner_value(canonical: &str, origin: &str) -> Vec<u8> {
+    let mut value = canonical.as_bytes().to_vec();
+    if origin != canonical {
+        value.push(0);
+        value.extend_from_slice(origin.as_bytes());
+    }
+    value
+}
+
+/// Reads an owner key's value back into (canonical, origin).
+pub fn parse_owner_value(value: &[u8]) -> (&str, &str) {
+    let text = std::str::from_utf8(value).unwrap_or_default();
+    match text.split_once('\0') {
+        Some((canonical, origin)) => (canonical, origin),
+        None => (text, text),
+    }
+}
+
+/// Owner lookups the engine made or wrote lately, so an event's identifiers rarely need a
+/// read of the store: two generations, the older dropped when the newer fills half the
+/// capacity (recently used entries are carried into the newer one). Written through on every
+/// write of the graph; cleared when a commit fails.
+#[derive(Debug, Default)]
+pub struct OwnerCache {
+    current: foldhash::HashMap<Box<[u8]>, Option<Box<[u8]>>>,
+    previous: foldhash::HashMap<Box<[u8]>, Option<Box<[u8]>>>,
+    capacity: usize,
+}
+
+impl OwnerCache {
+    pub fn new(capacity: usize) -> OwnerCache {
+        OwnerCache {
+            capacity,
+            ..OwnerCache::default()
+        }
+    }
+
+    /// `Some(owner value or None)` when the cache knows the key.
+    pub fn get(&mut self, key: &[u8]) -> Option<Option<Vec<u8>>> {
+        if let Some(v) = self.current.get(key) {
+            return Some(v.as_deref().map(<[u8]>::to_vec));
+        }
+        let (key, value) = self.previous.remove_entry(key)?;
+        let found = value.as_deref().map(<[u8]>::to_vec);
+        self.insert(key, value);
+        Some(found)
+    }
+
+    pub fn put(&mut self, key: &[u8], value: Option<&[u8]>) {
+        self.previous.remove(key);
+        self.insert(key.into(), value.map(Into::into));
+    }
+
+    fn insert(&mut self, key: Box<[u8]>, value: Option<Box<[u8]>>) {
+        if self.capacity == 0 {
+            return;
+        }
+        if self.current.len() >= self.capacity / 2 {
+            self.previous = std::mem::take(&mut self.current);
+        }
+        self.current.insert(key, value);
+    }
+
+    pub fn clear(&mut self) {
+        self.current.clear();
+        self.previous.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.current.len() + self.previous.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// The key of a customer's [`IdRecord`].
 pub fn record_key(customer: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(1 + customer.len());
@@ -167,6 +249,17 @@ pub fn parse_owner_key(key: &[u8]) -> Option<(&str, &str)> {
     Some((id_type, value))
 }
 
+/// One identifier a customer owns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdEntry {
+    pub id_type: Arc<str>,
+    /// Normalised.
+    pub value: String,
+    /// The customer it was first attached to (kept through merges, so an unmerge knows
+    /// which identifiers go back).
+    pub origin: Arc<str>,
+}
+
 /// What the graph knows of one canonical customer.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IdRecord {
@@ -174,19 +267,46 @@ pub struct IdRecord {
     /// events under its `customer_id` before any identifier came): older customers survive
     /// a merge between equally ranked ones.
     pub created: u64,
-    /// Every identifier the customer owns, as (type, normalised value), in the order they
-    /// came.
-    pub ids: Vec<(Arc<str>, String)>,
+    /// Every identifier the customer owns, in the order they came.
+    pub ids: Vec<IdEntry>,
+    /// Every customer merged into this one, with the customer it was merged into then
+    /// (this one, or one merged into it later): `(absorbed, into)`.
+    pub absorbed: Vec<(Arc<str>, Arc<str>)>,
+    /// Customers split off this one by hand: never merged with it again by an event.
+    pub apart: Vec<Arc<str>>,
 }
 
 impl IdRecord {
+    /// The record of a customer only ever named by its `customer_id`.
+    pub fn implicit(customer: &str) -> IdRecord {
+        IdRecord {
+            created: 0,
+            ids: vec![IdEntry {
+                id_type: Arc::from(CUSTOMER_ID),
+                value: customer.to_owned(),
+                origin: Arc::from(customer),
+            }],
+            ..IdRecord::default()
+        }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::new();
         w.u64(self.created);
         w.u64(self.ids.len() as u64);
-        for (t, v) in &self.ids {
-            w.str(t);
-            w.str(v);
+        for e in &self.ids {
+            w.str(&e.id_type);
+            w.str(&e.value);
+            w.str(&e.origin);
+        }
+        w.u64(self.absorbed.len() as u64);
+        for (absorbed, into) in &self.absorbed {
+            w.str(absorbed);
+            w.str(into);
+        }
+        w.u64(self.apart.len() as u64);
+        for other in &self.apart {
+            w.str(other);
         }
         w.buf
     }
@@ -197,27 +317,68 @@ impl IdRecord {
         let n = r.u64()? as usize;
         let mut ids = Vec::with_capacity(n.min(1024));
         for _ in 0..n {
-            ids.push((r.arc_str()?, r.str()?.to_owned()));
+            ids.push(IdEntry {
+                id_type: r.arc_str()?,
+                value: r.str()?.to_owned(),
+                origin: r.arc_str()?,
+            });
         }
-        Ok(IdRecord { created, ids })
+        let n = r.u64()? as usize;
+        let mut absorbed = Vec::with_capacity(n.min(1024));
+        for _ in 0..n {
+            absorbed.push((r.arc_str()?, r.arc_str()?));
+        }
+        let n = r.u64()? as usize;
+        let mut apart = Vec::with_capacity(n.min(1024));
+        for _ in 0..n {
+            apart.push(r.arc_str()?);
+        }
+        Ok(IdRecord {
+            created,
+            ids,
+            absorbed,
+            apart,
+        })
     }
 
     /// How many identifiers of `id_type` the customer owns.
     pub fn count(&self, id_type: &str) -> usize {
-        self.ids.iter().filter(|(t, _)| &**t == id_type).count()
+        self.ids.iter().filter(|e| &*e.id_type == id_type).count()
+    }
+
+    pub fn entry(&self, id_type: &str, value: &str) -> Option<&IdEntry> {
+        self.ids
+            .iter()
+            .find(|e| &*e.id_type == id_type && e.value == value)
     }
 
     pub fn owns(&self, id_type: &str, value: &str) -> bool {
-        self.ids.iter().any(|(t, v)| &**t == id_type && v == value)
+        self.entry(id_type, value).is_some()
     }
 
     /// The rank of the customer's best identifier.
     pub fn best_rank(&self, config: &IdentityConfig) -> u32 {
         self.ids
             .iter()
-            .filter_map(|(t, _)| config.position(t).map(|i| config.types[i].rank))
+            .filter_map(|e| config.position(&e.id_type).map(|i| config.types[i].rank))
             .max()
             .unwrap_or(0)
+    }
+
+    /// `customer` and every customer merged into it before it was merged into this one.
+    pub fn subtree(&self, customer: &str) -> Vec<Arc<str>> {
+        let mut members: Vec<Arc<str>> = vec![Arc::from(customer)];
+        loop {
+            let before = members.len();
+            for (absorbed, into) in &self.absorbed {
+                if members.contains(into) && !members.contains(absorbed) {
+                    members.push(absorbed.clone());
+                }
+            }
+            if members.len() == before {
+                return members;
+            }
+        }
     }
 }
 
@@ -338,6 +499,24 @@ mod tests {
     }
 
     #[test]
+    fn the_owner_cache_keeps_what_was_used_lately_within_its_capacity() {
+        let mut cache = OwnerCache::new(4);
+        cache.put(b"a", Some(b"1"));
+        cache.put(b"b", None);
+        assert_eq!(cache.get(b"a"), Some(Some(b"1".to_vec())));
+        assert_eq!(cache.get(b"b"), Some(None));
+        cache.put(b"c", Some(b"3"));
+        cache.put(b"d", Some(b"4"));
+        // "a" was used last before the newer generation filled: still there, "b" is gone.
+        assert_eq!(cache.get(b"a"), Some(Some(b"1".to_vec())));
+        cache.put(b"e", Some(b"5"));
+        assert_eq!(cache.get(b"b"), None);
+        assert!(cache.len() <= 4);
+        cache.clear();
+        assert_eq!(cache.get(b"a"), None);
+    }
+
+    #[test]
     fn emails_are_lower_cased_and_checked() {
         let email = &IdentityConfig::default().types[4].normaliser;
         assert_eq!(
@@ -355,16 +534,25 @@ mod tests {
 
     #[test]
     fn records_and_keys_read_back() {
-        let record = IdRecord {
-            created: 42,
-            ids: vec![
-                (Arc::from("phone"), "13800000001".into()),
-                (Arc::from(CUSTOMER_ID), "c-1".into()),
-            ],
-        };
+        let mut record = IdRecord::implicit("c-1");
+        record.created = 42;
+        record.ids.push(IdEntry {
+            id_type: Arc::from("phone"),
+            value: "13800000001".into(),
+            origin: Arc::from("phone:13800000001"),
+        });
+        record.absorbed = vec![
+            (Arc::from("b"), Arc::from("a")),
+            (Arc::from("a"), Arc::from("c-1")),
+        ];
+        record.apart = vec![Arc::from("z")];
         assert_eq!(IdRecord::decode(&record.encode()).unwrap(), record);
+        assert_eq!(record.subtree("a"), [Arc::from("a"), Arc::from("b")]);
+        assert_eq!(record.subtree("b"), [Arc::from("b")]);
         assert_eq!(record.count("phone"), 1);
         assert_eq!(record.best_rank(&IdentityConfig::default()), 100);
+        assert_eq!(parse_owner_value(&owner_value("a", "a")), ("a", "a"));
+        assert_eq!(parse_owner_value(&owner_value("a", "phone:1")), ("a", "phone:1"));
         let key = owner_key("phone", "13800000001");
         assert_eq!(parse_owner_key(&key), Some(("phone", "13800000001")));
         assert_ne!(record_key("x")[0], key[0]);

@@ -115,6 +115,12 @@ pub struct CustomerExport<'a> {
 pub struct StoredEvent {
     pub event: Event,
     pub event_id: Option<String>,
+    /// The customer the event belongs to when that is not the one it is stored under: an
+    /// absorbed customer's (identity resolution), so an unmerge can give it back.
+    pub origin: Option<String>,
+    /// The profile attributes the event set (`None` deleted), for rebuilding the profiles
+    /// of customers split apart again.
+    pub profile: Vec<rules::ProfileUpdate>,
 }
 
 pub struct Store {
@@ -789,7 +795,17 @@ impl Store {
         state.window_chunks = plan.stored;
     }
 
-    pub fn put_event(&self, batch: &mut impl Writes, customer: &str, event: &Event, event_id: Option<&str>) {
+    /// Writes a retained event: its type, props and id; then, only when there are any, the
+    /// customer it belongs to if not `customer` (`origin`) and the profile attributes it set.
+    pub fn put_event(
+        &self,
+        batch: &mut impl Writes,
+        customer: &str,
+        event: &Event,
+        event_id: Option<&str>,
+        origin: Option<&str>,
+        profile: &[rules::ProfileUpdate],
+    ) {
         batch.put_with(
             self.cf(CF_EVENTS),
             &event_key(customer, event.ts, event.arrival),
@@ -801,6 +817,27 @@ impl Store {
                     Some(id) => {
                         w.u8(1);
                         w.str(id);
+                    }
+                }
+                if origin.is_none() && profile.is_empty() {
+                    return;
+                }
+                match origin {
+                    None => w.u8(0),
+                    Some(o) => {
+                        w.u8(1);
+                        w.str(o);
+                    }
+                }
+                w.u64(profile.len() as u64);
+                for (name, value) in profile {
+                    w.str(name);
+                    match value {
+                        None => w.u8(0),
+                        Some(v) => {
+                            w.u8(1);
+                            w.value(v);
+                        }
                     }
                 }
             },
@@ -887,6 +924,11 @@ impl Store {
             batch.put(self.cf(CF_EVENTS), &key, value);
         }
         Ok(max_arrival)
+    }
+
+    /// Deletes one retained event of `customer` (it moved to another customer).
+    pub fn delete_event(&self, batch: &mut impl Writes, customer: &str, ts: i64, arrival: u64) {
+        batch.delete(self.cf(CF_EVENTS), &event_key(customer, ts, arrival));
     }
 
     /// Deletes a customer absorbed by a merge, key by key (so the deletes follow, in the
@@ -1061,6 +1103,22 @@ fn decode_event(ts: i64, arrival: u64, value: &[u8]) -> Result<StoredEvent, Code
         0 => None,
         _ => Some(r.str()?.to_owned()),
     };
+    let (mut origin, mut profile) = (None, Vec::new());
+    if !r.is_empty() {
+        if r.u8()? != 0 {
+            origin = Some(r.str()?.to_owned());
+        }
+        let n = r.u64()? as usize;
+        profile.reserve(n.min(256));
+        for _ in 0..n {
+            let name = r.arc_str()?;
+            let value = match r.u8()? {
+                0 => None,
+                _ => Some(r.value()?),
+            };
+            profile.push((name, value));
+        }
+    }
     Ok(StoredEvent {
         event: Event {
             event_type,
@@ -1069,6 +1127,8 @@ fn decode_event(ts: i64, arrival: u64, value: &[u8]) -> Result<StoredEvent, Code
             props,
         },
         event_id,
+        origin,
+        profile,
     })
 }
 
@@ -1110,7 +1170,7 @@ mod tests {
             props: Props::default(),
         };
         for ts in [-8_500, -8_000, -7_999, 5_000] {
-            store.put_event(&mut batch, "c1", &ev(ts), None);
+            store.put_event(&mut batch, "c1", &ev(ts), None, None, &[]);
         }
         store.commit(batch).unwrap();
         store.set_clock(2_000);
@@ -1222,13 +1282,23 @@ mod tests {
             arrival,
             props: Props::default(),
         };
-        store.put_event(&mut batch, "ab", &ev(20, 1), Some("e1"));
-        store.put_event(&mut batch, "ab", &ev(10, 2), None);
-        store.put_event(&mut batch, "abc", &ev(5, 3), None);
+        let city = [
+            (Arc::<str>::from("city"), Some(Value::str("杭州"))),
+            (Arc::from("vip"), None),
+        ];
+        store.put_event(&mut batch, "ab", &ev(20, 1), Some("e1"), None, &[]);
+        store.put_event(&mut batch, "ab", &ev(10, 2), None, Some("b"), &city);
+        store.put_event(&mut batch, "abc", &ev(5, 3), None, None, &[]);
         store.commit(batch).unwrap();
         let events = store.customer_events("ab").unwrap();
         assert_eq!(events.iter().map(|e| e.event.ts).collect::<Vec<_>>(), [10, 20]);
         assert_eq!(events[1].event_id.as_deref(), Some("e1"));
+        // What a merge keeps with an event reads back; an event without it reads as before.
+        assert_eq!(
+            (events[0].origin.as_deref(), &events[0].profile[..]),
+            (Some("b"), &city[..])
+        );
+        assert_eq!((events[1].origin.as_deref(), events[1].profile.len()), (None, 0));
         assert_eq!(store.customer_events("abc").unwrap().len(), 1);
     }
 }

@@ -245,7 +245,9 @@ proptest! {
             if let Some(id) = v["customer_id"].as_str() {
                 prop_assert_eq!(&engine.canonical_id(id), owner);
                 if id != &**owner {
-                    prop_assert!(engine.customer(id).unwrap().is_none(), "{} was absorbed", id);
+                    // Absorbed: its id answers the survivor.
+                    let view = engine.customer(id).unwrap().expect("the survivor answers");
+                    prop_assert_eq!(&view.customer_id, &owner.to_string(), "{} was absorbed", id);
                 }
             }
         }
@@ -295,7 +297,11 @@ fn a_spend_split_over_three_ids_of_one_person_is_one_big_spender() {
     }
     assert!(view_tags(&engine, "m-1").contains_key("big_spender"));
     for gone in ["phone:13800000001", "openid:oAbC", "device_id:d-42"] {
-        assert!(engine.customer(gone).unwrap().is_none(), "{gone}");
+        assert_eq!(
+            engine.customer(gone).unwrap().unwrap().customer_id,
+            "m-1",
+            "{gone}"
+        );
         assert_eq!(&*engine.canonical_id(gone), "m-1");
     }
     assert_eq!(
@@ -335,7 +341,10 @@ fn a_spend_split_over_three_ids_of_one_person_is_one_big_spender() {
         engine.customer("m-1").unwrap().unwrap().traits["spend"].to_string(),
         "2205"
     );
-    assert!(engine.customer("openid:oAbC").unwrap().is_none());
+    assert_eq!(
+        engine.customer("openid:oAbC").unwrap().unwrap().customer_id,
+        "m-1"
+    );
 }
 
 #[test]
@@ -416,4 +425,186 @@ fn bad_identifiers_are_rejected_with_a_reason_or_dropped() {
     assert_eq!(outcome.accepted, 1);
     assert!(engine.customer("c-1").unwrap().is_some());
     assert!(engine.identify("email", "not an email").is_err());
+}
+
+/// One event of a two-person story: `who` 0 is the CRM customer `s` (phone 139…), 1 the
+/// shop customer known by phone 138… (and sometimes an email or openid); `link` names both.
+#[derive(Debug, Clone)]
+struct Story {
+    who: u8,
+    link: bool,
+    kind: u8,
+    amount: u32,
+    dt_minutes: i64,
+    city: Option<bool>,
+    extra_ids: bool,
+}
+
+fn story_event() -> impl Strategy<Value = Story> {
+    (
+        0u8..2,
+        prop::bool::weighted(0.1),
+        0u8..3,
+        1u32..900,
+        -300i64..1_500,
+        prop::option::weighted(0.25, any::<bool>()),
+        any::<bool>(),
+    )
+        .prop_map(|(who, link, kind, amount, dt_minutes, city, extra_ids)| Story {
+            who,
+            link,
+            kind,
+            amount,
+            dt_minutes,
+            city,
+            extra_ids,
+        })
+}
+
+/// The story as lines for the engine (identifiers) and for the reference (each event named
+/// by the customer it belongs to: a link event by `s`, whose `customer_id` ranks first).
+fn tell(stories: &[Story], first_id: usize, ts: &mut i64) -> (Vec<String>, Vec<String>) {
+    let (mut lines, mut reference) = (Vec::new(), Vec::new());
+    for (n, s) in stories.iter().enumerate() {
+        *ts = (*ts + s.dt_minutes * 60_000).max(BASE);
+        let (event_type, props) = match s.kind {
+            0 => ("payment", serde_json::json!({"amount": s.amount})),
+            1 => ("app_open", serde_json::json!({})),
+            _ => (
+                "view",
+                serde_json::json!({"p": if s.amount % 3 == 0 { "seafood" } else { "shoes" }}),
+            ),
+        };
+        let mut event = serde_json::json!({
+            "event_id": format!("s{}", first_id + n), "type": event_type, "ts": *ts, "props": props,
+        });
+        if let Some(hz) = s.city {
+            event["profile"] = serde_json::json!({"city": if hz { "杭州" } else { "上海" }});
+        }
+        let mut named = event.clone();
+        if s.link || s.who == 0 {
+            event["customer_id"] = "s".into();
+            named["customer_id"] = "s".into();
+        } else {
+            named["customer_id"] = "phone:13800000001".into();
+        }
+        if s.link || s.who == 1 {
+            let mut ids = serde_json::json!({"phone": "+86 138 0000 0001"});
+            if s.extra_ids {
+                ids["email"] = "ann@example.com".into();
+                ids["openid"] = "o-ann".into();
+            }
+            event["ids"] = ids;
+        }
+        lines.push(event.to_string());
+        reference.push(named.to_string());
+    }
+    (lines, reference)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    /// Merged (by an event or by hand), then split again: both customers are what their own
+    /// events alone make, and events naming both no longer join them.
+    #[test]
+    fn an_unmerge_leaves_both_as_if_never_merged(
+        before in prop::collection::vec(story_event(), 1..25),
+        during in prop::collection::vec(story_event(), 0..25),
+        after in prop::collection::vec(story_event(), 0..15),
+        by_hand in any::<bool>(),
+        cuts in prop::collection::vec(0usize..25, 0..4),
+        workers in 1usize..3,
+    ) {
+        let dir = TempDir::new("identity-unmerge");
+        let mut engine = open(&dir, workers);
+        let ref_dir = TempDir::new("identity-unmerge-reference");
+        let mut reference = open(&ref_dir, 1);
+        let mut cuts = cuts;
+        cuts.sort_unstable();
+        let mut ts = BASE;
+        // Both exist before they are joined.
+        let mut before = before;
+        before.push(Story { who: 0, link: false, kind: 1, amount: 1, dt_minutes: 1, city: None, extra_ids: false });
+        before.push(Story { who: 1, link: false, kind: 1, amount: 1, dt_minutes: 1, city: None, extra_ids: false });
+        let before: Vec<Story> = before.into_iter().map(|s| Story { link: false, ..s }).collect();
+        let (lines, named) = tell(&before, 0, &mut ts);
+        ingest_in_batches(&mut engine, &lines, &cuts);
+        ingest_in_batches(&mut reference, &named, &[]);
+        if by_hand {
+            engine.merge_customers("s", &["phone:13800000001".to_owned()], None).unwrap();
+        } else {
+            let link = Story { who: 0, link: true, kind: 1, amount: 1, dt_minutes: 1, city: None, extra_ids: false };
+            let (lines, named) = tell(&[link], 1000, &mut ts);
+            ingest_in_batches(&mut engine, &lines, &[]);
+            ingest_in_batches(&mut reference, &named, &[]);
+        }
+        prop_assert_eq!(&*engine.canonical_id("phone:13800000001"), "s");
+        let (lines, named) = tell(&during, 2000, &mut ts);
+        ingest_in_batches(&mut engine, &lines, &cuts);
+        ingest_in_batches(&mut reference, &named, &[]);
+        let split = engine.unmerge_customers("s", &["phone:13800000001".to_owned()], None).unwrap();
+        prop_assert!(split.changes.iter().any(|c| c.op == processor::Op::Unmerge));
+        let (lines, named) = tell(&after, 3000, &mut ts);
+        ingest_in_batches(&mut engine, &lines, &cuts);
+        ingest_in_batches(&mut reference, &named, &[]);
+        prop_assert_eq!(ask(&engine, "phone", "13800000001"), Arc::from("phone:13800000001"));
+        for end in [None, Some(BASE + 200 * 24 * HOUR)] {
+            if let Some(end) = end {
+                engine.advance_clock(end).unwrap();
+                reference.advance_clock(end).unwrap();
+            }
+            for customer in ["s", "phone:13800000001"] {
+                let got = engine.customer(customer).unwrap().expect("both exist");
+                let want = reference.customer(customer).unwrap().expect("the reference has them");
+                prop_assert_eq!(summary(&got), summary(&want), "customer {} at {:?}", customer, end);
+            }
+        }
+        // Each event naming both since (a link, or identifiers the link attached to `s`)
+        // merged nothing.
+        let links_after = after.iter().filter(|s| s.link).count() as u64;
+        prop_assert!(engine.reader().identity_stats().blocked >= links_after);
+    }
+}
+
+#[test]
+fn unmerging_what_was_not_merged_is_refused() {
+    let dir = TempDir::new("identity");
+    let mut engine = open(&dir, 1);
+    engine
+        .ingest(&[
+            r#"{"customer_id":"a","type":"view","ts":1740000000000}"#,
+            r#"{"customer_id":"b","type":"view","ts":1740000000000}"#,
+        ])
+        .unwrap();
+    let err = engine
+        .unmerge_customers("a", &["b".to_owned()], None)
+        .unwrap_err();
+    assert!(err.to_string().contains("was not merged into"), "{err}");
+    assert!(engine
+        .unmerge_customers("nosuch", &["b".to_owned()], None)
+        .is_err());
+    engine
+        .merge_customers("a", &["b".to_owned()], Some("crm-staff"))
+        .unwrap();
+    assert!(engine.customer("b").unwrap().unwrap().customer_id == "a");
+    let split = engine
+        .unmerge_customers("a", &["b".to_owned()], Some("crm-staff"))
+        .unwrap();
+    assert_eq!(
+        split.changes[0].cause,
+        processor::Cause::ManualBy("crm-staff".into())
+    );
+    assert_eq!(engine.customer("b").unwrap().unwrap().customer_id, "b");
+    // Split apart, an event naming both joins them no more; a merge by hand does.
+    let outcome = engine
+        .ingest(&[r#"{"customer_id":"a","type":"view","ts":1740000000001,"ids":{"customer_id":"b"}}"#])
+        .unwrap();
+    assert_eq!(outcome.accepted, 1);
+    assert_eq!(&*engine.canonical_id("b"), "b");
+    assert_eq!(engine.reader().identity_stats().blocked, 1);
+    engine.merge_customers("a", &["b".to_owned()], None).unwrap();
+    assert_eq!(&*engine.canonical_id("b"), "a");
+    let stats = engine.reader().identity_stats();
+    assert_eq!((stats.merges, stats.unmerges), (2, 1));
 }

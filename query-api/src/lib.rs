@@ -160,6 +160,7 @@ pub fn router(state: AppState) -> Router {
             get(routes::customer_by_identifier),
         )
         .route("/v1/customers/{id}/merge", post(routes::merge_customers))
+        .route("/v1/customers/{id}/unmerge", post(routes::unmerge_customers))
         .route("/v1/identities/stats", get(routes::identity_stats))
         .route("/v1/customers/{id}/events", get(routes::customer_events))
         .route("/v1/customers/{id}/explain/{name}", get(routes::explain))

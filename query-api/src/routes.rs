@@ -428,17 +428,41 @@ pub async fn merge_customers(
         .call(move |engine| engine.merge_customers(&id, &body.ids, by.as_deref()))
         .await??;
     let masking = masking_of(&principal);
-    let changes: Vec<Json_> = changes
-        .iter()
-        .map(|c| {
-            let mut v = serde_json::to_value(c).expect("a change serialises");
-            masking.id_field(&mut v);
-            v
-        })
-        .collect();
-    let mut out = json!({ "changes": changes });
+    let mut out = json!({ "changes": masked_changes(&changes, &masking) });
     out["customer_id"] = masking.id(&survivor).into_owned().into();
     out["absorbed"] = absorbed.iter().map(|a| masking.id(a).into_owned()).collect();
+    Ok(Json(out))
+}
+
+/// `POST /v1/customers/{id}/unmerge {"ids": [...]}`: customers merged into `{id}` split
+/// off again, both recomputed from their histories; kept apart from then on.
+pub async fn unmerge_customers(
+    State(app): State<AppState>,
+    principal: Option<Extension<Principal>>,
+    Path(id): Path<String>,
+    LimitedBody(body): LimitedBody,
+) -> Result<Json<Json_>, ApiError> {
+    let body: MergeBody = json_body(&body)?;
+    if body.ids.is_empty() || body.ids.len() > 100 {
+        return Err(ApiError::BadRequest(
+            "`ids` names 1 to 100 customers to split off this one".into(),
+        ));
+    }
+    let by = principal
+        .as_ref()
+        .and_then(|p| p.key_id.as_ref().map(|_| p.name.clone()));
+    let processor::engine::Unmerged {
+        customer,
+        split,
+        changes,
+    } = app
+        .engine
+        .call(move |engine| engine.unmerge_customers(&id, &body.ids, by.as_deref()))
+        .await??;
+    let masking = masking_of(&principal);
+    let mut out = json!({ "changes": masked_changes(&changes, &masking) });
+    out["customer_id"] = masking.id(&customer).into_owned().into();
+    out["split"] = split.iter().map(|a| masking.id(a).into_owned()).collect();
     Ok(Json(out))
 }
 

@@ -1061,6 +1061,8 @@ fn merges_by_hand_need_their_permission_name_the_key_and_identifiers_are_masked(
         "{changes:?}"
     );
     assert_eq!(changes[0]["op"], "merge");
+    let r = with_key(&s, Some(&marketing), "POST", "/v1/customers/crm-7/unmerge", body);
+    assert_eq!(r.status, 403);
     let merged = with_key(&s, Some(&staff), "GET", "/v1/customers/crm-7", "").json();
     assert_eq!(merged["identifiers"]["email"], json!(["ann@example.com"]));
     assert_eq!(merged["identifiers"]["phone"].as_array().unwrap().len(), 1);

@@ -546,6 +546,7 @@ fn the_openapi_document_describes_every_route_the_server_answers() {
         "/v1/customers/{id}/tags/{tag}",
         "/v1/customers/by/{id_type}/{value}",
         "/v1/customers/{id}/merge",
+        "/v1/customers/{id}/unmerge",
         "/v1/identities/stats",
         "/v1/definitions",
         "/v1/segments",
@@ -1074,4 +1075,30 @@ fn identities_are_resolved_looked_up_by_any_identifier_and_merged_by_hand() {
             .status,
         404
     );
+
+    // The merge was wrong after all: split the shop's customer off again. It takes back its
+    // identifiers and its events, the one its openid brought since the merge too.
+    let r = s.send(
+        "POST",
+        "/v1/customers/crm-7/unmerge",
+        r#"{"ids":["phone:13800000001"]}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let split = r.json();
+    assert_eq!(split["split"], serde_json::json!(["phone:13800000001"]));
+    assert_eq!(split["changes"][0]["op"], "unmerge");
+    assert_eq!(split["changes"][0]["split"], "phone:13800000001");
+    let shop = s.get("/v1/customers/by/openid/oAbC").json();
+    assert_eq!(shop["customer_id"], "phone:13800000001");
+    assert_eq!(shop["identifiers"]["phone"], serde_json::json!(["13800000001"]));
+    let events = s.get("/v1/customers/phone:13800000001/events").json();
+    assert_eq!(events["events"].as_array().unwrap().len(), 3, "{events}");
+    let crm = s.get("/v1/customers/crm-7").json();
+    assert!(crm["tags"].get("big_spender").is_none(), "{crm}");
+    assert_eq!(crm["identifiers"]["customer_id"], serde_json::json!(["crm-7"]));
+    assert_eq!(s.get("/v1/identities/stats").json()["unmerges"], 1);
+    for (body, status) in [(r#"{"ids":["phone:13800000001"]}"#, 409), (r#"{"ids":[]}"#, 400)] {
+        let r = s.send("POST", "/v1/customers/crm-7/unmerge", body);
+        assert_eq!(r.status, status, "{body}: {}", r.text());
+    }
 }

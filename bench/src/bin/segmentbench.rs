@@ -112,7 +112,7 @@ fn write_store(dir: &std::path::Path, customers: u64) {
             arrival: n,
             props: rules::Props::new(vec![("amount".into(), Value::Num((rng.next() % 1_000).into()))]),
         };
-        store.put_event(&mut wb, &id, &payment, None);
+        store.put_event(&mut wb, &id, &payment, None, None, &[]);
         store.put_customer(&mut wb, &id, &mut state, &rules);
         wb.put_cf(store.cf(CF_NUMBERS), (n as u32).to_be_bytes(), id.as_bytes());
         if n % 50_000 == 49_999 {

@@ -351,7 +351,8 @@ impl Engine {
         }
         let timers = self.store.timers().unwrap_or_default();
         self.deal_timers(timers);
-        // Merges of the failed batch were not made, nor counted.
+        // Merges of the failed batch were not made, nor counted, nor its identifiers kept.
+        self.owner_cache.borrow_mut().clear();
         if let Ok(aliases) = identity::load_aliases(&self.store) {
             self.aliases = aliases;
         }

@@ -4,13 +4,17 @@
 //! the event that causes it: the events before it are applied first, then the absorbed
 //! customers hand their retained history, profile and manual tags to the survivor, who is
 //! rebuilt from the union as if every event had always carried one id — all in the batch of
-//! the round, so a crash leaves either no merge or all of it.
+//! the round, so a crash leaves either no merge or all of it. An unmerge
+//! ([`unmerge`](super::unmerge)) undoes one from what a merge keeps.
 
 use super::*;
 
 use super::ingest::Round;
-use crate::identity::{owner_key, parse_owner_key, record_key, IdRecord, CUSTOMER_ID};
+use crate::identity::{
+    owner_key, owner_value, parse_owner_key, parse_owner_value, record_key, IdEntry, IdRecord, CUSTOMER_ID,
+};
 use crate::store::CF_IDENTITIES;
+use rules::{ProfileEntry, ProfileUpdate};
 
 /// Where an event's identifiers lead.
 pub(super) struct Resolution {
@@ -23,6 +27,9 @@ pub(super) struct Resolution {
     /// True when no identifier of the event was known: `canonical` is a new customer named
     /// after its best identifier (`phone:13800000001`).
     pub minted: bool,
+    /// The customer the event's best-ranked known identifier first came with (an absorbed
+    /// customer's, when a merge brought it), kept with the event for an unmerge.
+    pub origin: Option<Arc<str>>,
 }
 
 /// A merge made by hand: the survivor, the customers it absorbed, the changes.
@@ -33,14 +40,117 @@ pub struct Merged {
     pub changes: Vec<Change>,
 }
 
+/// One retained event moving between customers, with what the store keeps beside it.
+pub(super) struct Moved {
+    pub event: rules::Event,
+    pub event_id: Option<String>,
+    /// The customer it belongs to (kept with it under its new customer).
+    pub origin: Arc<str>,
+    pub profile: Vec<ProfileUpdate>,
+}
+
 /// What an absorbed customer hands to the survivor.
 pub(super) struct Handover {
-    events: Vec<(rules::Event, Option<String>)>,
-    profile: BTreeMap<Arc<str>, rules::ProfileEntry>,
-    manual: BTreeMap<Arc<str>, ManualTag>,
+    events: Vec<Moved>,
+    pub(super) profile: BTreeMap<Arc<str>, ProfileEntry>,
+    pub(super) manual: BTreeMap<Arc<str>, ManualTag>,
     /// Event tag matches older than the retained history (kept, as a rebuild cannot find
     /// them again).
-    old_matches: Vec<(Arc<str>, i64)>,
+    pub(super) old_matches: Vec<(Arc<str>, i64)>,
+}
+
+/// What a merge keeps of an absorbed customer for an unmerge (graph key `s` + its id): its
+/// profile, manual tags and old event tag matches as they were, and the survivor's profile
+/// just before it was merged in.
+#[derive(Debug, Default)]
+pub(super) struct Snapshot {
+    /// The arrival number of the first event after the merge.
+    pub merged_at: u64,
+    pub profile: BTreeMap<Arc<str>, ProfileEntry>,
+    pub manual: BTreeMap<Arc<str>, ManualTag>,
+    pub old_matches: Vec<(Arc<str>, i64)>,
+    pub survivor_profile: BTreeMap<Arc<str>, ProfileEntry>,
+}
+
+pub(super) fn snapshot_key(customer: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + customer.len());
+    key.push(b's');
+    key.extend_from_slice(customer.as_bytes());
+    key
+}
+
+fn write_profile(w: &mut Writer, profile: &BTreeMap<Arc<str>, ProfileEntry>) {
+    w.u64(profile.len() as u64);
+    for (name, entry) in profile {
+        w.str(name);
+        w.i64(entry.ts);
+        w.u64(entry.arrival);
+        match &entry.value {
+            None => w.u8(0),
+            Some(v) => {
+                w.u8(1);
+                w.value(v);
+            }
+        }
+    }
+}
+
+fn read_profile(r: &mut Reader) -> Result<BTreeMap<Arc<str>, ProfileEntry>, crate::codec::CodecError> {
+    let mut profile = BTreeMap::new();
+    for _ in 0..r.u64()? {
+        let name = r.arc_str()?;
+        let (ts, arrival) = (r.i64()?, r.u64()?);
+        let value = match r.u8()? {
+            0 => None,
+            _ => Some(r.value()?),
+        };
+        profile.insert(name, ProfileEntry { ts, arrival, value });
+    }
+    Ok(profile)
+}
+
+impl Snapshot {
+    pub(super) fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u64(self.merged_at);
+        write_profile(&mut w, &self.profile);
+        w.u64(self.manual.len() as u64);
+        for (name, tag) in &self.manual {
+            w.str(name);
+            w.i64(tag.since);
+            w.opt_i64(tag.expires_at);
+        }
+        w.u64(self.old_matches.len() as u64);
+        for (name, ts) in &self.old_matches {
+            w.str(name);
+            w.i64(*ts);
+        }
+        write_profile(&mut w, &self.survivor_profile);
+        w.buf
+    }
+
+    pub(super) fn decode(bytes: &[u8]) -> Result<Snapshot, crate::codec::CodecError> {
+        let mut r = Reader::new(bytes);
+        let merged_at = r.u64()?;
+        let profile = read_profile(&mut r)?;
+        let mut manual = BTreeMap::new();
+        for _ in 0..r.u64()? {
+            let name = r.arc_str()?;
+            let (since, expires_at) = (r.i64()?, r.opt_i64()?);
+            manual.insert(name, ManualTag { since, expires_at });
+        }
+        let mut old_matches = Vec::new();
+        for _ in 0..r.u64()? {
+            old_matches.push((r.arc_str()?, r.i64()?));
+        }
+        Ok(Snapshot {
+            merged_at,
+            profile,
+            manual,
+            old_matches,
+            survivor_profile: read_profile(&mut r)?,
+        })
+    }
 }
 
 /// Every absorbed `customer_id` and the customer it resolves to.
@@ -49,10 +159,50 @@ pub(super) fn load_aliases(store: &Store) -> Result<HashMap<Arc<str>, Arc<str>>,
     let mut aliases = HashMap::new();
     for (key, value) in store.scan_prefix(CF_IDENTITIES, &prefix)? {
         if let Some((_, id)) = parse_owner_key(&key) {
-            aliases.insert(Arc::from(id), Arc::from(String::from_utf8_lossy(&value).as_ref()));
+            aliases.insert(Arc::from(id), Arc::from(parse_owner_value(&value).0));
         }
     }
     Ok(aliases)
+}
+
+/// Sets `profile`'s attributes from `updates` of an event at (`ts`, `arrival`) where it is
+/// the newest to set them.
+pub(super) fn apply_updates(
+    profile: &mut BTreeMap<Arc<str>, ProfileEntry>,
+    ts: i64,
+    arrival: u64,
+    updates: &[ProfileUpdate],
+) {
+    for (name, value) in updates {
+        let newer = profile
+            .get(name)
+            .is_none_or(|cur| (ts, arrival) >= (cur.ts, cur.arrival));
+        if newer {
+            profile.insert(
+                name.clone(),
+                ProfileEntry {
+                    ts,
+                    arrival,
+                    value: value.clone(),
+                },
+            );
+        }
+    }
+}
+
+/// Folds `other` into `profile`: the newest entry of each attribute wins.
+pub(super) fn fold_profile(
+    profile: &mut BTreeMap<Arc<str>, ProfileEntry>,
+    other: &BTreeMap<Arc<str>, ProfileEntry>,
+) {
+    for (name, entry) in other {
+        let newer = profile
+            .get(name)
+            .is_none_or(|cur| (entry.ts, entry.arrival) >= (cur.ts, cur.arrival));
+        if newer {
+            profile.insert(name.clone(), entry.clone());
+        }
+    }
 }
 
 impl Engine {
@@ -72,11 +222,16 @@ impl Engine {
         lookup(&self.store, &self.config.identity, pending, id_type, value)
     }
 
+    /// Every identifier `customer` owns, as (type, normalised value).
+    pub fn identifiers(&self, customer: &str) -> Result<Vec<(Arc<str>, String)>, EngineError> {
+        let record = self.id_record(customer, &Batch::default())?;
+        Ok(record.ids.into_iter().map(|e| (e.id_type, e.value)).collect())
+    }
+
     /// Merges `others` into `survivor` by hand (the "merge duplicate customers" permission):
     /// like a merge an event causes, the survivor rebuilt over the union of the histories, the
     /// change log recording it with `by` (the API key's name) as the cause. Identifier
-    /// limits do not apply: a person judged this. Returns the absorbed customers (as their
-    /// canonical ids) and the changes.
+    /// limits and earlier unmerges do not stand in the way: a person judged this.
     pub fn merge_customers(
         &mut self,
         survivor: &str,
@@ -108,8 +263,9 @@ impl Engine {
             absorbed: absorbed.clone(),
             attach: Vec::new(),
             minted: false,
+            origin: None,
         };
-        let ((), changes) = self.transact(|engine, batch| {
+        let (_, changes) = self.transact(|engine, batch| {
             let mut round = Round::new(engine.shards.len());
             let arrival = engine.counters.next_arrival;
             engine.settle_identity(&resolution, 0, arrival, &cause, &mut round, batch)
@@ -122,7 +278,7 @@ impl Engine {
     }
 
     /// The canonical id of a customer the store holds (an absorbed id names its survivor).
-    fn existing_customer(&self, id: &str) -> Result<Arc<str>, EngineError> {
+    pub(super) fn existing_customer(&self, id: &str) -> Result<Arc<str>, EngineError> {
         let id = self.canonical_id(&rules::normalize(id));
         if id.is_empty() || self.read_customer(&id)?.is_none() {
             return Err(EngineError::NotFound(format!("no customer `{id}`")));
@@ -130,23 +286,33 @@ impl Engine {
         Ok(id)
     }
 
-    /// Every identifier `customer` owns, as (type, normalised value).
-    pub fn identifiers(&self, customer: &str) -> Result<Vec<(Arc<str>, String)>, EngineError> {
-        Ok(self.id_record(customer, &Batch::default())?.ids)
-    }
-
     /// A graph entry: this batch's, then a commit being written's, then the store's.
-    fn identity_get(&self, key: &[u8], batch: &Batch) -> Result<Option<Vec<u8>>, StoreError> {
-        if let Some(v) = batch.identities.get(key) {
-            return Ok(v.clone());
+    /// Owner lookups go through the cache, which every write of one passes through (so
+    /// what it holds is the newest value, this batch's included).
+    pub(super) fn identity_get(&self, key: &[u8], batch: &Batch) -> Result<Option<Vec<u8>>, StoreError> {
+        let owner = key.first() == Some(&b'i');
+        if owner {
+            if let Some(v) = self.owner_cache.borrow_mut().get(key) {
+                return Ok(v);
+            }
         }
-        if let Some(v) = self.pending.as_ref().and_then(|p| p.done.identities.get(key)) {
-            return Ok(v.clone());
+        let value = if let Some(v) = batch.identities.get(key) {
+            v.clone()
+        } else if let Some(v) = self.pending.as_ref().and_then(|p| p.done.identities.get(key)) {
+            v.clone()
+        } else {
+            self.store.get(CF_IDENTITIES, key)?
+        };
+        if owner {
+            self.owner_cache.borrow_mut().put(key, value.as_deref());
         }
-        self.store.get(CF_IDENTITIES, key)
+        Ok(value)
     }
 
-    fn identity_put(&self, batch: &mut Batch, key: Vec<u8>, value: Option<Vec<u8>>) {
+    pub(super) fn identity_put(&self, batch: &mut Batch, key: Vec<u8>, value: Option<Vec<u8>>) {
+        if key.first() == Some(&b'i') {
+            self.owner_cache.borrow_mut().put(&key, value.as_deref());
+        }
         let cf = self.store.cf(CF_IDENTITIES);
         match &value {
             Some(v) => batch.wb.put_cf(cf, &key, v),
@@ -157,14 +323,18 @@ impl Engine {
 
     /// A canonical customer's record; a customer only ever named by its `customer_id` has
     /// none and owns just that.
-    fn id_record(&self, customer: &str, batch: &Batch) -> Result<IdRecord, StoreError> {
+    pub(super) fn id_record(&self, customer: &str, batch: &Batch) -> Result<IdRecord, StoreError> {
         Ok(match self.identity_get(&record_key(customer), batch)? {
             Some(bytes) => IdRecord::decode(&bytes)?,
-            None => IdRecord {
-                created: 0,
-                ids: vec![(Arc::from(CUSTOMER_ID), customer.to_owned())],
-            },
+            None => IdRecord::implicit(customer),
         })
+    }
+
+    /// True when `a` and `b` were split apart by hand (each record names the other, or an id
+    /// merged into it since).
+    fn kept_apart(&self, a: &IdRecord, b_id: &Arc<str>, b: &IdRecord, a_id: &Arc<str>) -> bool {
+        a.apart.iter().any(|x| self.canonical_id(x) == *b_id)
+            || b.apart.iter().any(|x| self.canonical_id(x) == *a_id)
     }
 
     /// Where `ev`'s identifiers lead (its `customer_id` one of them), or why it is rejected.
@@ -206,17 +376,24 @@ impl Engine {
         ids.dedup();
         let mut owners: Vec<Arc<str>> = Vec::new();
         let mut attach = Vec::new();
+        let mut origin = None;
         for (i, value) in &ids {
             let name = &config.types[*i].name;
-            let owner = if *i == customer_id_type {
-                Some(self.canonical_id(value))
+            let found: Option<(Arc<str>, Arc<str>)> = if *i == customer_id_type {
+                Some((self.canonical_id(value), Arc::from(value.as_str())))
             } else {
-                self.identity_get(&owner_key(name, value), batch)?
-                    .map(|b| Arc::<str>::from(String::from_utf8_lossy(&b).as_ref()))
+                self.identity_get(&owner_key(name, value), batch)?.map(|b| {
+                    let (canonical, first) = parse_owner_value(&b);
+                    (Arc::from(canonical), Arc::from(first))
+                })
             };
-            match owner {
-                Some(owner) if !owners.contains(&owner) => owners.push(owner),
-                Some(_) => {}
+            match found {
+                Some((owner, first)) => {
+                    origin.get_or_insert(first);
+                    if !owners.contains(&owner) {
+                        owners.push(owner);
+                    }
+                }
                 None => attach.push((name.clone(), value.clone())),
             }
         }
@@ -244,7 +421,11 @@ impl Engine {
                     })
                     .map(|t| &t.name)
                     .collect();
-                if broken.is_empty() {
+                let apart = (0..owners.len()).any(|a| {
+                    (a + 1..owners.len())
+                        .any(|b| self.kept_apart(&records[a], &owners[b], &records[b], &owners[a]))
+                });
+                if broken.is_empty() && !apart {
                     let survivor = (0..owners.len())
                         .max_by(|&a, &b| {
                             let key = |i: usize| {
@@ -259,10 +440,14 @@ impl Engine {
                     let canonical = owners.remove(survivor);
                     (canonical, owners)
                 } else {
-                    // Not the same person by the limits' judgement (a shared device): the
-                    // event goes to the owner of its best identifier, nobody is merged.
+                    // Not the same person by the limits' judgement (a shared device), or
+                    // split apart by hand: the event goes to the owner of its best
+                    // identifier, nobody is merged.
                     for name in broken {
                         self.identity_counts.limit_hit(name);
+                    }
+                    if apart {
+                        self.identity_counts.blocked();
                     }
                     (owners.remove(0), Vec::new())
                 }
@@ -273,11 +458,14 @@ impl Engine {
             absorbed,
             attach,
             minted,
+            origin,
         }))
     }
 
     /// Applies a resolution before its event (at `step`, arrival `arrival`) is dealt: the
-    /// round so far is run, the merge made, the new identifiers attached.
+    /// round so far is run, the merge made, the new identifiers attached. Returns the
+    /// event's origin (the customer its best identifier came with) when that is not the
+    /// canonical customer.
     pub(super) fn settle_identity(
         &mut self,
         resolution: &Resolution,
@@ -286,8 +474,14 @@ impl Engine {
         cause: &Cause,
         round: &mut Round,
         batch: &mut Batch,
-    ) -> Result<(), EngineError> {
+    ) -> Result<Option<Arc<str>>, EngineError> {
         let canonical = &resolution.canonical;
+        // The event belongs with its best known identifier's first customer (an unmerge
+        // gives it back there); with none known, with the customer it makes.
+        let origin = resolution.origin.clone().filter(|o| o != canonical);
+        if resolution.absorbed.is_empty() && resolution.attach.is_empty() {
+            return Ok(origin);
+        }
         let mut record = match self.identity_get(&record_key(canonical), batch)? {
             Some(bytes) => Some(IdRecord::decode(&bytes).map_err(StoreError::from)?),
             None => None,
@@ -306,35 +500,51 @@ impl Engine {
                 if !theirs.owns(CUSTOMER_ID, absorbed) {
                     // A customer made for an event without `customer_id` is named after its
                     // best identifier: that name resolves to the survivor too.
-                    theirs.ids.push((Arc::from(CUSTOMER_ID), absorbed.to_string()));
+                    theirs.ids.push(IdEntry {
+                        id_type: Arc::from(CUSTOMER_ID),
+                        value: absorbed.to_string(),
+                        origin: absorbed.clone(),
+                    });
                 }
-                for (id_type, value) in &theirs.ids {
-                    self.identity_put(
-                        batch,
-                        owner_key(id_type, value),
-                        Some(canonical.as_bytes().to_vec()),
-                    );
-                    if &**id_type == CUSTOMER_ID {
-                        self.aliases.insert(Arc::from(value.as_str()), canonical.clone());
+                for entry in &theirs.ids {
+                    let owner = Some(owner_value(canonical, &entry.origin));
+                    self.identity_put(batch, owner_key(&entry.id_type, &entry.value), owner);
+                    if &*entry.id_type == CUSTOMER_ID {
+                        self.aliases
+                            .insert(Arc::from(entry.value.as_str()), canonical.clone());
                     }
                 }
                 survivor.ids.append(&mut theirs.ids);
+                survivor.absorbed.append(&mut theirs.absorbed);
+                survivor.absorbed.push((absorbed.clone(), canonical.clone()));
+                // A merge by hand overrides an earlier split; other splits carry over.
+                survivor.apart.retain(|x| self.canonical_id(x) != *canonical);
+                for other in theirs.apart {
+                    if self.canonical_id(&other) != *canonical && !survivor.apart.contains(&other) {
+                        survivor.apart.push(other);
+                    }
+                }
                 self.identity_put(batch, record_key(absorbed), None);
             }
             record = Some(survivor);
             changed = true;
-            self.merge(canonical, &resolution.absorbed, step, cause)?;
+            self.merge(canonical, &resolution.absorbed, step, arrival, cause, batch)?;
             self.identity_counts.merged(resolution.absorbed.len());
         }
         let limits = &self.config.identity;
         for (id_type, value) in &resolution.attach {
-            let record = record.get_or_insert_with(|| IdRecord {
-                created: arrival,
-                ids: if resolution.minted {
-                    Vec::new()
+            let record = record.get_or_insert_with(|| {
+                if resolution.minted {
+                    IdRecord {
+                        created: arrival,
+                        ..IdRecord::default()
+                    }
                 } else {
-                    vec![(Arc::from(CUSTOMER_ID), canonical.to_string())]
-                },
+                    IdRecord {
+                        created: arrival,
+                        ..IdRecord::implicit(canonical)
+                    }
+                }
             });
             let max = limits
                 .position(id_type)
@@ -343,12 +553,13 @@ impl Engine {
                 self.identity_counts.limit_hit(id_type);
                 continue;
             }
-            record.ids.push((id_type.clone(), value.clone()));
-            self.identity_put(
-                batch,
-                owner_key(id_type, value),
-                Some(canonical.as_bytes().to_vec()),
-            );
+            record.ids.push(IdEntry {
+                id_type: id_type.clone(),
+                value: value.clone(),
+                origin: canonical.clone(),
+            });
+            let owner = Some(owner_value(canonical, canonical));
+            self.identity_put(batch, owner_key(id_type, value), owner);
             self.identity_counts.attached(id_type);
             changed = true;
         }
@@ -357,29 +568,44 @@ impl Engine {
                 self.identity_put(batch, record_key(canonical), Some(record.encode()));
             }
         }
-        Ok(())
+        Ok(origin)
     }
 
     /// Moves each absorbed customer's retained history, profile and manual tags to
     /// `survivor` and rebuilds the survivor from the union; the absorbed leave every tag and
-    /// segment and are deleted.
+    /// segment and are deleted. What an unmerge needs is kept in the graph.
     fn merge(
         &mut self,
         survivor: &Arc<str>,
         absorbed: &[Arc<str>],
         step: u64,
+        arrival: u64,
         cause: &Cause,
+        batch: &mut Batch,
     ) -> Result<(), EngineError> {
         let now = self.now();
         let mut handovers = Vec::with_capacity(absorbed.len());
+        let mut snapshots = Vec::with_capacity(absorbed.len());
         for (part, customer) in absorbed.iter().enumerate() {
             let handover = self.with_worker_at(customer, Place::merge(step, part), |w| {
                 w.leave(customer, survivor, now, cause)
             })?;
+            snapshots.push(Snapshot {
+                merged_at: arrival,
+                profile: handover.profile.clone(),
+                manual: handover.manual.clone(),
+                old_matches: handover.old_matches.clone(),
+                survivor_profile: BTreeMap::new(),
+            });
             handovers.push(handover);
         }
         let place = Place::merge(step, absorbed.len());
-        self.with_worker_at(survivor, place, |w| w.absorb(survivor, handovers, now, cause))
+        let befores = self.with_worker_at(survivor, place, |w| w.absorb(survivor, handovers, now, cause))?;
+        for ((customer, mut snapshot), before) in absorbed.iter().zip(snapshots).zip(befores) {
+            snapshot.survivor_profile = before;
+            self.identity_put(batch, snapshot_key(customer), Some(snapshot.encode()));
+        }
+        Ok(())
     }
 }
 
@@ -389,17 +615,16 @@ impl ReadHandle {
         lookup(&self.store, &self.identity, None, id_type, value)
     }
 
-    /// The identifiers a canonical customer owns, as of the last commit (none for a customer
-    /// that does not exist).
+    /// The identifiers a canonical customer owns, as of the last commit.
     pub fn identifiers(&self, customer: &str) -> Result<Vec<(Arc<str>, String)>, EngineError> {
-        Ok(match self.store.get(CF_IDENTITIES, &record_key(customer))? {
-            Some(bytes) => IdRecord::decode(&bytes).map_err(StoreError::from)?.ids,
-            None => vec![(Arc::from(CUSTOMER_ID), customer.to_owned())],
-        })
+        let record = match self.store.get(CF_IDENTITIES, &record_key(customer))? {
+            Some(bytes) => IdRecord::decode(&bytes).map_err(StoreError::from)?,
+            None => IdRecord::implicit(customer),
+        };
+        Ok(record.ids.into_iter().map(|e| (e.id_type, e.value)).collect())
     }
 
-    /// What identity resolution has done (`GET /v1/identities/stats`), with the aliases the
-    /// graph keeps.
+    /// What identity resolution has done (`GET /v1/identities/stats`).
     pub fn identity_stats(&self) -> crate::identity::IdentityStats {
         self.identity_counts.snapshot()
     }
@@ -430,7 +655,7 @@ fn lookup(
         None => store.get(CF_IDENTITIES, &key)?,
     };
     Ok(match owner {
-        Some(b) => Some(Arc::from(String::from_utf8_lossy(&b).as_ref())),
+        Some(b) => Some(Arc::from(parse_owner_value(&b).0)),
         // A customer_id nobody absorbed names itself.
         None if id_type == CUSTOMER_ID => Some(Arc::from(normal)),
         None => None,
@@ -438,6 +663,59 @@ fn lookup(
 }
 
 impl Worker<'_> {
+    /// The committed events of `customer` with what the store keeps beside them, by
+    /// arrival; those of this round (not in the store yet) are not there.
+    pub(super) fn stored_events(
+        &self,
+        customer: &str,
+    ) -> Result<HashMap<u64, crate::store::StoredEvent>, EngineError> {
+        if let Some(written) = self.ctx.pending {
+            let _ = written.wait();
+        }
+        Ok(self
+            .ctx
+            .store
+            .customer_events(customer)?
+            .into_iter()
+            .map(|e| (e.event.arrival, e))
+            .collect())
+    }
+
+    /// Ends a customer: every tag and segment left (`remove` changes at `now`), the record,
+    /// the retained events, the window chunks and the timer deleted, the cache forgotten.
+    /// Returns the state as it was (with its history).
+    pub(super) fn remove_customer(
+        &mut self,
+        customer: &Arc<str>,
+        now: i64,
+        cause: &Cause,
+    ) -> Result<CustomerState, EngineError> {
+        let mut state = self.take_customer(customer, now)?;
+        self.load_history(customer, &mut state, now)?;
+        let rules = self.ctx.rules;
+        for name in std::mem::take(&mut state.members).into_keys() {
+            let kind = match rules.lookup(&name).map(|id| rules.def(id).kind) {
+                Some(DefKind::Segment) => MemberKind::Segment,
+                _ => MemberKind::Tag,
+            };
+            self.record_change(customer, kind, name, Op::Remove, now, cause);
+        }
+        self.schedule(customer, &mut state, None);
+        self.ctx
+            .store
+            .forget_customer(&mut self.shard.batch.wb, customer, &state);
+        let batch = &mut self.shard.batch;
+        batch.events.retain(|(c, _)| c != customer);
+        batch.dirty.remove(customer);
+        batch.gone.insert(customer.clone(), state.number);
+        if state.number != crate::index::NO_NUMBER && !state.history.profile.is_empty() {
+            batch
+                .cleared
+                .push((state.number, state.history.profile.keys().cloned().collect()));
+        }
+        Ok(state)
+    }
+
     /// The change log records the merge; the absorbed customer leaves every tag and segment
     /// and is deleted. Returns what the survivor takes over.
     fn leave(
@@ -455,87 +733,64 @@ impl Worker<'_> {
             now,
             cause,
         );
-        let mut state = self.take_customer(customer, now)?;
-        self.load_history(customer, &mut state, now)?;
-        let rules = self.ctx.rules;
-        for name in std::mem::take(&mut state.members).into_keys() {
-            let kind = match rules.lookup(&name).map(|id| rules.def(id).kind) {
-                Some(DefKind::Segment) => MemberKind::Segment,
-                _ => MemberKind::Tag,
-            };
-            self.record_change(customer, kind, name, Op::Remove, now, cause);
-        }
-        self.schedule(customer, &mut state, None);
-        let store = self.ctx.store;
-        store.forget_customer(&mut self.shard.batch.wb, customer, &state);
-        // The event ids the store keeps with committed events (those of this round's events
-        // are not kept across the move).
-        let event_ids: HashMap<u64, String> = store
-            .customer_events(customer)?
-            .into_iter()
-            .filter_map(|e| e.event_id.map(|id| (e.event.arrival, id)))
-            .collect();
-        let batch = &mut self.shard.batch;
-        batch.events.retain(|(c, _)| c != customer);
-        batch.dirty.remove(customer);
-        batch.gone.insert(customer.clone(), state.number);
-        if state.number != crate::index::NO_NUMBER && !state.history.profile.is_empty() {
-            batch
-                .cleared
-                .push((state.number, state.history.profile.keys().cloned().collect()));
-        }
+        let mut stored = self.stored_events(customer)?;
+        let mut state = self.remove_customer(customer, now, cause)?;
         let cutoff = now.saturating_sub(self.ctx.config.retention_ms);
         Ok(Handover {
+            // Events of this round are not in the store: their id, origin and profile
+            // updates are not kept with the moved copy.
             events: std::mem::take(&mut state.history.events)
                 .into_iter()
-                .map(|e| {
-                    let id = event_ids.get(&e.arrival).cloned();
-                    (e, id)
+                .map(|event| {
+                    let kept = stored.remove(&event.arrival);
+                    Moved {
+                        origin: kept
+                            .as_ref()
+                            .and_then(|k| k.origin.as_deref())
+                            .map_or_else(|| customer.clone(), Arc::from),
+                        event_id: kept.as_ref().and_then(|k| k.event_id.clone()),
+                        profile: kept.map(|k| k.profile).unwrap_or_default(),
+                        event,
+                    }
                 })
                 .collect(),
             profile: std::mem::take(&mut state.history.profile),
             manual: std::mem::take(&mut state.manual),
-            old_matches: state
-                .event_tags
-                .iter()
-                .filter_map(|(name, tag)| tag.last_ts.filter(|t| *t <= cutoff).map(|t| (name.clone(), t)))
-                .collect(),
+            old_matches: old_matches(&state, cutoff),
         })
     }
 
     /// The survivor takes over the absorbed customers' events, profile (the newest value of
     /// each attribute by `ts`, then arrival), manual tags, and is judged again over the union
-    /// of the histories.
+    /// of the histories. Returns the survivor's profile before each handover.
     fn absorb(
         &mut self,
         customer: &Arc<str>,
         handovers: Vec<Handover>,
         now: i64,
         cause: &Cause,
-    ) -> Result<(), EngineError> {
+    ) -> Result<Vec<BTreeMap<Arc<str>, ProfileEntry>>, EngineError> {
         let mut state = self.take_customer(customer, now)?;
         self.load_history(customer, &mut state, now)?;
         let store = self.ctx.store;
-        let rules = self.ctx.rules;
-        let mut old_matches: Vec<(Arc<str>, i64)> = Vec::new();
-        let mut profile_changed = false;
+        let mut befores = Vec::with_capacity(handovers.len());
+        let mut old = Vec::new();
         for handover in handovers {
-            for (event, event_id) in handover.events {
-                store.put_event(&mut self.shard.batch.wb, customer, &event, event_id.as_deref());
-                state.history.events.push(event);
+            befores.push(state.history.profile.clone());
+            for moved in handover.events {
+                let origin = Some(&*moved.origin).filter(|o| **o != **customer);
+                store.put_event(
+                    &mut self.shard.batch.wb,
+                    customer,
+                    &moved.event,
+                    moved.event_id.as_deref(),
+                    origin,
+                    &moved.profile,
+                );
+                state.history.events.push(moved.event);
                 state.has_events = true;
             }
-            for (name, entry) in handover.profile {
-                let newer = state
-                    .history
-                    .profile
-                    .get(&name)
-                    .is_none_or(|cur| (entry.ts, entry.arrival) >= (cur.ts, cur.arrival));
-                if newer {
-                    state.history.profile.insert(name, entry);
-                    profile_changed = true;
-                }
-            }
+            fold_profile(&mut state.history.profile, &handover.profile);
             for (name, tag) in handover.manual {
                 let merged = match state.manual.get(&name) {
                     None => tag,
@@ -549,27 +804,32 @@ impl Worker<'_> {
                 };
                 state.manual.insert(name, merged);
             }
-            old_matches.extend(handover.old_matches);
+            old.extend(handover.old_matches);
         }
-        state.history.events.sort_by_key(|e| (e.ts, e.arrival));
-        // Every event tag judged again over the union, with the merged profile.
+        self.rebuild(customer, state, old, now, cause);
+        Ok(befores)
+    }
+
+    /// Judges a customer whose history, profile or manual tags were replaced (a merge, an
+    /// unmerge) anew: event tags matched again over the history (with `old` matches past
+    /// it), windows rebuilt, every definition evaluated, the profile columns updated.
+    pub(super) fn rebuild(
+        &mut self,
+        customer: &Arc<str>,
+        mut state: CustomerState,
+        mut old: Vec<(Arc<str>, i64)>,
+        now: i64,
+        cause: &Cause,
+    ) {
+        let rules = self.ctx.rules;
         let retention_ms = self.ctx.config.retention_ms;
-        let cutoff = now.saturating_sub(retention_ms);
-        old_matches.extend(
-            state
-                .event_tags
-                .iter()
-                .filter_map(|(name, tag)| tag.last_ts.filter(|t| *t <= cutoff).map(|t| (name.clone(), t))),
-        );
+        state.history.events.sort_by_key(|e| (e.ts, e.arrival));
+        old.extend(old_matches(&state, now.saturating_sub(retention_ms)));
         state.event_tags.clear();
         for def in rules.defs().iter().filter(|d| d.kind == DefKind::EventTag) {
-            let mut tag = match_history(
-                def.event_tag.as_ref().expect("event tag"),
-                &state,
-                now,
-                retention_ms,
-            );
-            for (_, t) in old_matches.iter().filter(|(n, _)| *n == def.name) {
+            let spec = def.event_tag.as_ref().expect("event tag");
+            let mut tag = match_history(spec, &state, now, retention_ms);
+            for (_, t) in old.iter().filter(|(n, _)| *n == def.name) {
                 tag.last_ts = Some(tag.last_ts.map_or(*t, |l| l.max(*t)));
             }
             if tag.last_ts.is_some() || !tag.future.is_empty() {
@@ -577,11 +837,17 @@ impl Worker<'_> {
             }
         }
         state.windows = None;
-        if profile_changed {
-            self.shard.batch.profiles.push(customer.clone());
-        }
+        self.shard.batch.profiles.push(customer.clone());
         self.evaluate(customer, &mut state, now, now, Scope::All, cause);
         self.put_back(customer.clone(), state);
-        Ok(())
     }
+}
+
+/// A customer's event tag matches older than the retained history (`cutoff`).
+fn old_matches(state: &CustomerState, cutoff: i64) -> Vec<(Arc<str>, i64)> {
+    state
+        .event_tags
+        .iter()
+        .filter_map(|(name, tag)| tag.last_ts.filter(|t| *t <= cutoff).map(|t| (name.clone(), t)))
+        .collect()
 }

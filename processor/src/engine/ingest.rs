@@ -164,6 +164,7 @@ impl Engine {
                 return Ok(Ok(false));
             }
         }
+        let mut origin = None;
         if !ev.ids.is_empty() {
             let resolution = match self.resolve(&ev, batch)? {
                 Ok(r) => r,
@@ -171,11 +172,11 @@ impl Engine {
             };
             let cause = Cause::Event(ev.event_id.clone());
             let arrival = self.counters.next_arrival;
-            self.settle_identity(&resolution, step, arrival, &cause, round, batch)?;
+            origin = self.settle_identity(&resolution, step, arrival, &cause, round, batch)?;
             ev.customer_id = resolution.canonical;
         } else if !self.aliases.is_empty() {
             if let Some(survivor) = self.aliases.get(&ev.customer_id) {
-                ev.customer_id = survivor.clone();
+                origin = Some(std::mem::replace(&mut ev.customer_id, survivor.clone()));
             }
         }
         if self.config.clock == ClockMode::Event && self.counters.clock.is_none_or(|c| ts > c) {
@@ -201,6 +202,7 @@ impl Engine {
             ts,
             now,
             arrival,
+            origin,
         });
         Ok(Ok(true))
     }
@@ -287,6 +289,7 @@ impl Worker<'_> {
         ts: i64,
         now: i64,
         arrival: u64,
+        origin: Option<&str>,
     ) -> Result<(), EngineError> {
         let customer = ev.customer_id.clone();
         let mut state = self.take_customer(&customer, now)?;
@@ -316,8 +319,14 @@ impl Worker<'_> {
             // Past events are judged again with the new profile.
             self.load_history(&customer, &mut state, now)?;
         }
-        ctx.store
-            .put_event(&mut self.shard.batch.wb, &customer, &event, event_id);
+        ctx.store.put_event(
+            &mut self.shard.batch.wb,
+            &customer,
+            &event,
+            event_id,
+            origin,
+            &ev.profile,
+        );
         state.history.apply_profile(&event, ev.profile);
         for &id in rules.event_tags_for_type(&ev.event_type) {
             let spec = rules.def(id).event_tag.as_ref().expect("event tag");

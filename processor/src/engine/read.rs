@@ -405,11 +405,23 @@ impl Engine {
     }
 
     /// A customer's tags, segments, traits (evaluated now) and profile.
+    /// An id a merge absorbed answers the survivor (the view's `customer_id` says who).
     pub fn customer(&self, customer_id: &str) -> Result<Option<CustomerView>, EngineError> {
         let id = rules::normalize(customer_id).into_owned();
-        let Some(mut state) = self.read_customer(&id)? else {
-            return Ok(None);
+        let (id, state) = match self.read_customer(&id)? {
+            Some(state) => (id, state),
+            None => {
+                let survivor = self.canonical_id(&id);
+                match (*survivor != *id)
+                    .then(|| self.read_customer(&survivor))
+                    .transpose()?
+                {
+                    Some(Some(state)) => (survivor.to_string(), state),
+                    _ => return Ok(None),
+                }
+            }
         };
+        let mut state = state;
         Ok(Some(customer_view(
             &self.rules,
             id,

@@ -75,6 +75,9 @@ pub(super) struct Job {
     /// The evaluation instant (the clock after the event, in event clock mode).
     pub now: i64,
     pub arrival: u64,
+    /// The customer the event belongs to when it is not `event.customer_id`'s canonical
+    /// self: an id a merge absorbed (kept with the event for an unmerge).
+    pub origin: Option<Arc<str>>,
 }
 
 /// What one engine worker owns: its customers in memory, their timers, and the batch of the
@@ -163,9 +166,10 @@ impl<'a> Worker<'a> {
                 ts,
                 now,
                 arrival,
+                origin,
                 ..
             } = job;
-            self.apply_event(event, event_id.as_deref(), ts, now, arrival)?;
+            self.apply_event(event, event_id.as_deref(), ts, now, arrival, origin.as_deref())?;
         }
         if event_clock {
             if let Some(until) = until {
