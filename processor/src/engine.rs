@@ -385,6 +385,9 @@ pub enum ExportField {
     ExpiresAt,
     Trait(DefId),
     Profile(Arc<str>),
+    /// `ids.TYPE`: the customer's identifiers of a type (identity resolution), comma
+    /// separated in the order they came (the phone numbers an SMS platform needs).
+    Identifier(Arc<str>),
 }
 
 /// A page of members of a tag or segment, with the requested fields of each in order.

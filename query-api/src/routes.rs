@@ -824,7 +824,9 @@ pub async fn segment_members(
             continue;
         }
         let (field, mut ty) = reader.export_field(f).map_err(ApiError::BadRequest)?;
-        let attr = f.strip_prefix("profile.");
+        // Identifiers are masked by their type's name (`phone = "mask"`), as on the
+        // customer view; customer ids by `customer_id`'s policy.
+        let attr = f.strip_prefix("profile.").or_else(|| f.strip_prefix("ids."));
         let policy = attr.map(|a| masking.policy(a));
         match policy {
             Some(FieldPolicy::Hide) => {

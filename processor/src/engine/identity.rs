@@ -488,9 +488,18 @@ impl Engine {
         };
         let mut changed = false;
         if !resolution.absorbed.is_empty() {
-            // The events before this one are applied to the customers they named.
-            let before = std::mem::replace(round, round.continuing());
-            self.run_ingest_round(before)?;
+            // The events before this one are applied to the customers they named first: the
+            // round is cut here when one of them is a customer of the merge (others' events
+            // do not touch it, and their changes keep their places in the log).
+            let pending = resolution
+                .absorbed
+                .iter()
+                .chain([canonical])
+                .any(|c| round.has_events_of(self.shard_index(c), c));
+            if pending {
+                let before = std::mem::replace(round, round.continuing());
+                self.run_ingest_round(before)?;
+            }
             let mut survivor = match record.take() {
                 Some(r) => r,
                 None => self.id_record(canonical, batch)?,

@@ -445,6 +445,13 @@ impl Round {
         }
     }
 
+    /// True when an event of this round not applied yet is `customer`'s (`shard` owns it).
+    pub(super) fn has_events_of(&self, shard: usize, customer: &str) -> bool {
+        self.jobs
+            .get(shard)
+            .is_some_and(|jobs| jobs.iter().any(|j| *j.event.customer_id == *customer))
+    }
+
     /// An empty round that goes on numbering steps where this one stands (the rest of a
     /// round cut by a merge).
     pub(super) fn continuing(&self) -> Round {

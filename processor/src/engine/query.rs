@@ -1098,6 +1098,19 @@ impl ReadHandle {
             };
             let mut state = state.unwrap_or_default();
             let mut row = field_values(&rules, name, &mut state, now, self.retention_ms, fields);
+            if fields.iter().any(|f| matches!(f, ExportField::Identifier(_))) {
+                let owned = self.identifiers(id)?;
+                for (value, field) in row.iter_mut().zip(fields) {
+                    if let ExportField::Identifier(id_type) = field {
+                        let of_type: Vec<&str> = owned
+                            .iter()
+                            .filter(|(t, _)| t == id_type)
+                            .map(|(_, v)| v.as_str())
+                            .collect();
+                        *value = (!of_type.is_empty()).then(|| Value::str(&of_type.join(",")));
+                    }
+                }
+            }
             for (value, map) in row.iter_mut().zip(maps.iter()) {
                 if let (Some(v), Some(map)) = (value.as_mut(), map) {
                     *v = map.apply(v);
@@ -1140,10 +1153,23 @@ impl ReadHandle {
     }
 
     /// Resolves an export field: `since` or `expires_at` (of the membership),
-    /// `profile.ATTR`, or the name of a trait; with its value type (`Any` for profile
-    /// attributes, `Dur` — integer ms — for the membership's instants).
+    /// `profile.ATTR`, `ids.TYPE`, or the name of a trait; with its value type (`Any` for
+    /// profile attributes, `Str` for identifiers, `Dur` — integer ms — for the membership's
+    /// instants).
     pub fn export_field(&self, name: &str) -> Result<(ExportField, Type), String> {
-        const KINDS: &str = "fields are since, expires_at, traits or profile.ATTR";
+        const KINDS: &str = "fields are since, expires_at, traits, profile.ATTR or ids.TYPE";
+        if let Some(id_type) = name.strip_prefix("ids.") {
+            return match self.identity.position(id_type) {
+                Some(i) => Ok((
+                    ExportField::Identifier(self.identity.types[i].name.clone()),
+                    Type::Str,
+                )),
+                None => Err(format!(
+                    "`{id_type}` is not an identifier type (known: {})",
+                    self.identity.names()
+                )),
+            };
+        }
         match name {
             "since" => return Ok((ExportField::Since, Type::Dur)),
             "expires_at" => return Ok((ExportField::ExpiresAt, Type::Dur)),
@@ -1197,7 +1223,7 @@ pub(super) fn field_values(
             ExportField::Trait(id) if rules.def(*id).kind == DefKind::Trait => {
                 Some(facts.definition(*id)).filter(|v| *v != Value::Null)
             }
-            ExportField::Trait(_) => None,
+            ExportField::Trait(_) | ExportField::Identifier(_) => None,
             ExportField::Profile(attr) => state.history.profile_value(attr),
         })
         .collect()
