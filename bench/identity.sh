@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Identity resolution benchmark (issue #20): a "dirty CRM" population (each person under
 # 2–7 identifiers in messy spellings, some sharing a family tablet) streams PERSONS people's
-# EVENTS events. The stream naming people by their identifiers (resolution on) and the same
-# events named by the person (resolution off: what a perfect upstream would send) are
-# replayed RUNS times each, alternating, into fresh stores with the example rules; then the
+# EVENTS events, replayed RUNS times in three namings, alternating, into fresh stores with
+# the example rules: by their identifiers (resolution on); by the person (resolution off,
+# as a perfect upstream would send them: the strict baseline); by the first identifier
+# each event carries, as sent (resolution off, what the sources make without it). Then the
 # duplicate rate before and after is measured on the last resolved store.
 #
 #   bench/identity.sh [PERSONS] [EVENTS] [RUNS]   (defaults: 100000 1000000 3)
@@ -18,10 +19,11 @@ BENCH_OWN_STREAM=1
 machine_line
 ids=$work/dirty-$customers-$events.ids.ndjson
 oracle=$work/dirty-$customers-$events.oracle.ndjson
+naive=$work/dirty-$customers-$events.naive.ndjson
 truth=$work/dirty-$customers-$events.truth
-if [ ! -s "$truth" ]; then
+if [ ! -s "$naive" ]; then
     "$bin/dirtycrm" generate --persons "$customers" --events "$events" \
-        --out-ids "$ids" --out-oracle "$oracle" --truth "$truth"
+        --out-ids "$ids" --out-oracle "$oracle" --out-naive "$naive" --truth "$truth"
 fi
 echo "streams: $customers people, $events events ($(du -h "$ids" | cut -f1) with identifiers, $(du -h "$oracle" | cut -f1) by person)"
 replay() {
@@ -30,7 +32,8 @@ replay() {
         --rules deploy/rules/example.trl --clock event --quiet --stats 2>&1 | grep -E 'events/s|throughput' | head -1
 }
 for run in $(seq "$runs"); do
-    echo "run $run, resolution off: $(replay "$oracle")"
-    echo "run $run, resolution on:  $(replay "$ids")"
+    echo "run $run, off, by person:           $(replay "$oracle")"
+    echo "run $run, off, by first identifier: $(replay "$naive")"
+    echo "run $run, on:                       $(replay "$ids")"
 done
 "$bin/dirtycrm" measure --data-dir "$work/identity-data" --ids "$ids" --truth "$truth"

@@ -188,12 +188,20 @@ proptest! {
 
     #[test]
     fn merged_customers_are_the_stream_renamed_to_the_survivor(
-        gens in prop::collection::vec(gen_event(4), 1..60),
+        (gens, order) in prop::collection::vec(gen_event(4), 1..60).prop_flat_map(|gens| {
+            let n = gens.len();
+            (Just(gens), Just((0..n).collect::<Vec<usize>>()).prop_shuffle())
+        }),
+        shuffled in any::<bool>(),
         cuts in prop::collection::vec(0usize..60, 0..6),
         workers in 1usize..3,
         late_clock in prop::sample::select(vec![0i64, 5 * 24 * HOUR, 40 * 24 * HOUR]),
     ) {
-        let stream = render(&gens);
+        // The same events, in the order made or delivered in another.
+        let mut stream = render(&gens);
+        if shuffled {
+            stream = order.iter().map(|&i| stream[i].clone()).collect();
+        }
         let lines: Vec<String> = stream.iter().map(|(l, _)| l.clone()).collect();
         let mut cuts = cuts;
         cuts.sort_unstable();
@@ -234,6 +242,14 @@ proptest! {
         }
 
         let survivors: BTreeSet<&Arc<str>> = owner_of_event.iter().collect();
+        // No customer owns more identifiers of a type than its limit allows.
+        let config = processor::identity::IdentityConfig::default();
+        for customer in &survivors {
+            for t in &config.types {
+                let owned = engine.identifiers(customer).unwrap().iter().filter(|(ty, _)| *ty == t.name).count();
+                prop_assert!(t.max_per_customer.is_none_or(|max| owned <= max), "{} owns {} {}", customer, owned, t.name);
+            }
+        }
         for customer in &survivors {
             let got = engine.customer(customer).unwrap().expect("the survivor exists");
             let want = reference.customer(customer).unwrap().expect("the reference has them");

@@ -1097,6 +1097,23 @@ fn identities_are_resolved_looked_up_by_any_identifier_and_merged_by_hand() {
     assert!(crm["tags"].get("big_spender").is_none(), "{crm}");
     assert_eq!(crm["identifiers"]["customer_id"], serde_json::json!(["crm-7"]));
     assert_eq!(s.get("/v1/identities/stats").json()["unmerges"], 1);
+    // An SMS audience: the members with their phone numbers.
+    let r = s.get("/v1/segments/quiet/members?fields=ids.phone,ids.customer_id");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let rows: Vec<serde_json::Value> = r
+        .text()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let shop_row = rows
+        .iter()
+        .find(|row| row["customer_id"] == "phone:13800000001")
+        .unwrap_or_else(|| panic!("{rows:?}"));
+    assert_eq!(shop_row["ids.phone"], "13800000001");
+    assert_eq!(shop_row["ids.customer_id"], "phone:13800000001");
+    let crm_row = rows.iter().find(|row| row["customer_id"] == "crm-7").unwrap();
+    assert_eq!(crm_row["ids.phone"], serde_json::Value::Null);
+    assert_eq!(s.get("/v1/segments/quiet/members?fields=ids.fax").status, 400);
     for (body, status) in [(r#"{"ids":["phone:13800000001"]}"#, 409), (r#"{"ids":[]}"#, 400)] {
         let r = s.send("POST", "/v1/customers/crm-7/unmerge", body);
         assert_eq!(r.status, status, "{body}: {}", r.text());

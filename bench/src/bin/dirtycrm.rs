@@ -10,6 +10,8 @@
 //!   in `ids` (and `customer_id` when the CRM id is among them);
 //! - `--out-oracle`: the same events named by the person (`customer_id: "p42"`) — what a
 //!   perfect upstream would send, for the throughput of the same work without resolution;
+//! - `--out-naive`: the same events named by the first identifier they carry, as sent — what
+//!   tagstream makes of the sources without resolution (one customer per spelling);
 //! - `--truth`: each event's person, one per line.
 //!
 //! `dirtycrm measure --data-dir DIR --ids FILE --truth FILE` opens a store the ids stream
@@ -29,7 +31,7 @@ struct Person {
 
 fn usage(problem: &str) -> ! {
     eprintln!(
-        "{problem}\nusage: dirtycrm generate --persons N --events M [--seed S] [--shared F] --out-ids F --out-oracle F --truth F\n       dirtycrm measure --data-dir DIR --ids F --truth F"
+        "{problem}\nusage: dirtycrm generate --persons N --events M [--seed S] [--shared F] --out-ids F --out-oracle F --out-naive F --truth F\n       dirtycrm measure --data-dir DIR --ids F --truth F"
     );
     std::process::exit(2)
 }
@@ -123,6 +125,7 @@ fn generate(args: &HashMap<String, String>) {
     let open =
         |k: &str| BufWriter::with_capacity(1 << 20, std::fs::File::create(get(k)).expect("create output"));
     let (mut ids_out, mut oracle_out, mut truth_out) = (open("out-ids"), open("out-oracle"), open("truth"));
+    let mut naive_out = open("out-naive");
     let zipf = Zipf::new(persons, 1.05);
     let start = 1_740_000_000_000i64;
     let step = (45 * 86_400_000 / events.max(1) as i64).max(1);
@@ -139,8 +142,10 @@ fn generate(args: &HashMap<String, String>) {
         }
         let mut by_type: BTreeMap<&str, Vec<String>> = BTreeMap::new();
         let mut customer_id = None;
+        let mut naive = None;
         for (t, v) in carried {
             let spelled = spell(t, v, &mut rng);
+            naive.get_or_insert_with(|| spelled.clone());
             if *t == "customer_id" {
                 customer_id = Some(spelled);
             } else {
@@ -168,9 +173,12 @@ fn generate(args: &HashMap<String, String>) {
             line.replace(SLOT, &format!(r#""customer_id":"p{p}""#))
         )
         .expect("write");
+        let naive = naive.expect("one identifier at least");
+        let naive = format!(r#""customer_id":{}"#, json_str(&naive));
+        writeln!(naive_out, "{}", line.replace(SLOT, &naive)).expect("write");
         writeln!(truth_out, "{p}").expect("write");
     }
-    for mut w in [ids_out, oracle_out, truth_out] {
+    for mut w in [ids_out, oracle_out, naive_out, truth_out] {
         w.flush().expect("flush");
     }
 }

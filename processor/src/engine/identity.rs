@@ -290,7 +290,8 @@ impl Engine {
     /// Owner lookups go through the cache, which every write of one passes through (so
     /// what it holds is the newest value, this batch's included).
     pub(super) fn identity_get(&self, key: &[u8], batch: &Batch) -> Result<Option<Vec<u8>>, StoreError> {
-        let owner = key.first() == Some(&b'i');
+        // Owners and customers' records; snapshots (read by unmerges alone) are not kept.
+        let owner = matches!(key.first(), Some(b'i' | b'c'));
         if owner {
             if let Some(v) = self.owner_cache.borrow_mut().get(key) {
                 return Ok(v);
@@ -310,7 +311,7 @@ impl Engine {
     }
 
     pub(super) fn identity_put(&self, batch: &mut Batch, key: Vec<u8>, value: Option<Vec<u8>>) {
-        if key.first() == Some(&b'i') {
+        if matches!(key.first(), Some(b'i' | b'c')) {
             self.owner_cache.borrow_mut().put(&key, value.as_deref());
         }
         let cf = self.store.cf(CF_IDENTITIES);
@@ -361,7 +362,7 @@ impl Engine {
             }
         }
         if !ev.customer_id.is_empty() {
-            ids.push((customer_id_type, ev.customer_id.to_string()));
+            ids.push((customer_id_type, String::new()));
         }
         if ids.is_empty() {
             return Ok(Err(Rejection::IdsUnusable));
@@ -374,24 +375,49 @@ impl Engine {
                 .then_with(|| a.cmp(b))
         });
         ids.dedup();
+        // The customer_id (its value left empty above, to sort first among equals) is the
+        // event's own `Arc`: no copy.
+        for (i, value) in &mut ids {
+            if *i == customer_id_type && value.is_empty() {
+                *value = ev.customer_id.to_string();
+            }
+        }
         let mut owners: Vec<Arc<str>> = Vec::new();
         let mut attach = Vec::new();
-        let mut origin = None;
+        let mut origin: Option<Arc<str>> = None;
+        let mut key = Vec::new();
         for (i, value) in &ids {
             let name = &config.types[*i].name;
-            let found: Option<(Arc<str>, Arc<str>)> = if *i == customer_id_type {
-                Some((self.canonical_id(value), Arc::from(value.as_str())))
-            } else {
-                self.identity_get(&owner_key(name, value), batch)?.map(|b| {
-                    let (canonical, first) = parse_owner_value(&b);
-                    (Arc::from(canonical), Arc::from(first))
-                })
-            };
-            match found {
-                Some((owner, first)) => {
-                    origin.get_or_insert(first);
-                    if !owners.contains(&owner) {
-                        owners.push(owner);
+            if *i == customer_id_type && *value == *ev.customer_id {
+                let owner = self.aliases.get(&ev.customer_id).unwrap_or(&ev.customer_id);
+                origin.get_or_insert_with(|| ev.customer_id.clone());
+                if !owners.contains(owner) {
+                    owners.push(owner.clone());
+                }
+                continue;
+            }
+            if *i == customer_id_type {
+                // A customer_id in `ids` beside the event's own.
+                origin.get_or_insert_with(|| Arc::from(value.as_str()));
+                let owner = self.canonical_id(value);
+                if !owners.contains(&owner) {
+                    owners.push(owner);
+                }
+                continue;
+            }
+            key.clear();
+            key.push(b'i');
+            key.extend_from_slice(name.as_bytes());
+            key.push(0);
+            key.extend_from_slice(value.as_bytes());
+            match self.identity_get(&key, batch)? {
+                Some(found) => {
+                    let (canonical, first) = parse_owner_value(&found);
+                    if origin.is_none() {
+                        origin = Some(Arc::from(first));
+                    }
+                    if !owners.iter().any(|o| **o == *canonical) {
+                        owners.push(Arc::from(canonical));
                     }
                 }
                 None => attach.push((name.clone(), value.clone())),
