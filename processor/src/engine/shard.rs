@@ -19,12 +19,14 @@ use super::*;
 /// Where a change (or a new customer) falls in the order one engine thread would have made
 /// it. `step` is the index of the event in the round whose turn it happened in (or of the
 /// customer in a sweep); within a step, a merge the event's identifiers cause comes first
-/// (the absorbed customers in turn, then the survivor), then the timers the clock passed
-/// fire, in `(due, customer)` order, then the event.
+/// (after the timers of its customers that were already due when it was made; then the
+/// absorbed customers in turn, then the survivor), then the timers the clock passed fire, in
+/// `(due, customer)` order, then the event.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub(super) struct Place {
     step: u64,
-    /// 0: a merge, 1: a timer's firing, 2: the step's own work.
+    /// 0: a timer that was due before a merge of this step, 1: the merge, 2: a timer's
+    /// firing, 3: the step's own work.
     phase: u8,
     due: i64,
     customer: Option<Arc<str>>,
@@ -35,7 +37,7 @@ impl Place {
     pub(super) fn work(step: u64) -> Place {
         Place {
             step,
-            phase: 2,
+            phase: 3,
             due: 0,
             customer: None,
         }
@@ -45,7 +47,7 @@ impl Place {
     pub(super) fn merge(step: u64, part: usize) -> Place {
         Place {
             step,
-            phase: 0,
+            phase: 1,
             due: part as i64,
             customer: None,
         }
@@ -54,7 +56,7 @@ impl Place {
     fn timer(step: u64, due: i64, customer: &Arc<str>) -> Place {
         Place {
             step,
-            phase: 1,
+            phase: 2,
             due,
             customer: Some(customer.clone()),
         }
@@ -181,6 +183,13 @@ impl<'a> Worker<'a> {
 
     /// The place of a timer due at `due` fired now.
     pub(super) fn timer_place(&self, due: i64, customer: &Arc<str>) -> Place {
+        if self.place.phase == 1 {
+            // Loading a customer for a merge fires what was due before it: before it too.
+            return Place {
+                phase: 0,
+                ..Place::timer(self.place.step, due, customer)
+            };
+        }
         Place::timer(self.ctx.step_of(due, self.place.step), due, customer)
     }
 }
