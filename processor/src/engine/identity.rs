@@ -517,12 +517,8 @@ impl Engine {
             // The events before this one are applied to the customers they named first: the
             // round is cut here when one of them is a customer of the merge (others' events
             // do not touch it, and their changes keep their places in the log).
-            let pending = resolution
-                .absorbed
-                .iter()
-                .chain([canonical])
-                .any(|c| round.has_events_of(self.shard_index(c), c));
-            if pending {
+            let customers: Vec<&Arc<str>> = resolution.absorbed.iter().chain([canonical]).collect();
+            if round.names_any(&customers) {
                 let before = std::mem::replace(round, round.continuing());
                 self.run_ingest_round(before)?;
             }
@@ -768,6 +764,21 @@ impl Worker<'_> {
             now,
             cause,
         );
+        let exists = self.shard.cache.contains_key(customer)
+            || self
+                .ctx
+                .store
+                .get(crate::store::CF_CUSTOMERS, customer.as_bytes())?
+                .is_some();
+        if !exists {
+            // Named for the first time by events of this round, which are the survivor's now.
+            return Ok(Handover {
+                events: Vec::new(),
+                profile: BTreeMap::new(),
+                manual: BTreeMap::new(),
+                old_matches: Vec::new(),
+            });
+        }
         let mut stored = self.stored_events(customer)?;
         let mut state = self.remove_customer(customer, now, cause)?;
         let cutoff = now.saturating_sub(self.ctx.config.retention_ms);

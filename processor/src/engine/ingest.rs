@@ -195,6 +195,9 @@ impl Engine {
         let arrival = self.counters.next_arrival;
         self.counters.next_arrival += 1;
         let shard = self.shard_index(&ev.customer_id);
+        if let Some(named) = &mut round.named {
+            *named.entry(ev.customer_id.clone()).or_default() += 1;
+        }
         round.jobs[shard].push(Job {
             step,
             event: ev,
@@ -434,6 +437,9 @@ pub(super) struct Round {
     jobs: Vec<Vec<Job>>,
     steps: Vec<(u64, i64)>,
     next_step: u64,
+    /// How many jobs of the round name each customer: counted from the round's first merge
+    /// on ([`Round::names_any`]).
+    named: Option<foldhash::HashMap<Arc<str>, u32>>,
 }
 
 impl Round {
@@ -442,14 +448,24 @@ impl Round {
             jobs: (0..shards).map(|_| Vec::new()).collect(),
             steps: Vec::new(),
             next_step: 0,
+            named: None,
         }
     }
 
-    /// True when an event of this round not applied yet is `customer`'s (`shard` owns it).
-    pub(super) fn has_events_of(&self, shard: usize, customer: &str) -> bool {
-        self.jobs
-            .get(shard)
-            .is_some_and(|jobs| jobs.iter().any(|j| *j.event.customer_id == *customer))
+    /// True when an event of this round not applied yet names one of `customers`. The
+    /// count of the round's events per customer is made at the round's first merge and kept
+    /// from then on, so the check costs nothing in rounds without merges and little in rounds
+    /// with many.
+    pub(super) fn names_any(&mut self, customers: &[&Arc<str>]) -> bool {
+        let jobs = &self.jobs;
+        let named = self.named.get_or_insert_with(|| {
+            let mut named = foldhash::HashMap::default();
+            for job in jobs.iter().flatten() {
+                *named.entry(job.event.customer_id.clone()).or_default() += 1;
+            }
+            named
+        });
+        customers.iter().any(|c| named.get(*c).is_some_and(|n| *n > 0))
     }
 
     /// An empty round that goes on numbering steps where this one stands (the rest of a
