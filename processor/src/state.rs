@@ -9,6 +9,59 @@ use rules::{AggId, Band, CompiledRules, CustomerHistory, DefId, DefKind, Facts, 
 use crate::codec::{CodecError, Reader, Writer};
 use crate::window::{StoredChunks, WindowHeader, WindowSet};
 
+/// Writes profile attributes with the event (`ts`, arrival) that set each; `None` deleted.
+pub(crate) fn write_profile(w: &mut Writer, profile: &BTreeMap<Arc<str>, ProfileEntry>) {
+    w.u64(profile.len() as u64);
+    for (name, entry) in profile {
+        w.str(name);
+        w.i64(entry.ts);
+        w.u64(entry.arrival);
+        match &entry.value {
+            None => w.u8(0),
+            Some(v) => {
+                w.u8(1);
+                w.value(v);
+            }
+        }
+    }
+}
+
+/// Reads what [`write_profile`] wrote.
+pub(crate) fn read_profile(r: &mut Reader) -> Result<BTreeMap<Arc<str>, ProfileEntry>, CodecError> {
+    let mut profile = BTreeMap::new();
+    for _ in 0..r.len()? {
+        let name = r.arc_str()?;
+        let (ts, arrival) = (r.i64()?, r.u64()?);
+        let value = match r.u8()? {
+            0 => None,
+            _ => Some(r.value()?),
+        };
+        profile.insert(name, ProfileEntry { ts, arrival, value });
+    }
+    Ok(profile)
+}
+
+/// Writes manual tags.
+pub(crate) fn write_manual(w: &mut Writer, manual: &BTreeMap<Arc<str>, ManualTag>) {
+    w.u64(manual.len() as u64);
+    for (name, m) in manual {
+        w.str(name);
+        w.i64(m.since);
+        w.opt_i64(m.expires_at);
+    }
+}
+
+/// Reads what [`write_manual`] wrote.
+pub(crate) fn read_manual(r: &mut Reader) -> Result<BTreeMap<Arc<str>, ManualTag>, CodecError> {
+    let mut manual = BTreeMap::new();
+    for _ in 0..r.len()? {
+        let name = r.arc_str()?;
+        let (since, expires_at) = (r.i64()?, r.opt_i64()?);
+        manual.insert(name, ManualTag { since, expires_at });
+    }
+    Ok(manual)
+}
+
 /// A tag or segment the customer is a member of.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Membership {
@@ -126,19 +179,7 @@ impl CustomerState {
         w.u8(RECORD_VERSION);
         w.u64(self.generation);
         w.opt_i64(self.timer);
-        w.u64(self.history.profile.len() as u64);
-        for (name, entry) in &self.history.profile {
-            w.str(name);
-            w.i64(entry.ts);
-            w.u64(entry.arrival);
-            match &entry.value {
-                None => w.u8(0),
-                Some(v) => {
-                    w.u8(1);
-                    w.value(v);
-                }
-            }
-        }
+        write_profile(w, &self.history.profile);
         w.u64(self.members.len() as u64);
         for (name, m) in &self.members {
             w.str(name);
@@ -154,12 +195,7 @@ impl CustomerState {
                 w.i64(*f);
             }
         }
-        w.u64(self.manual.len() as u64);
-        for (name, m) in &self.manual {
-            w.str(name);
-            w.i64(m.since);
-            w.opt_i64(m.expires_at);
-        }
+        write_manual(w, &self.manual);
         w.u64(u64::from(self.number));
         w.u8(u8::from(self.has_events));
         match (&self.windows, rules) {
@@ -192,19 +228,7 @@ impl CustomerState {
             timer: r.opt_i64()?,
             ..Default::default()
         };
-        for _ in 0..r.len()? {
-            let name = r.arc_str()?;
-            let ts = r.i64()?;
-            let arrival = r.u64()?;
-            let value = match r.u8()? {
-                0 => None,
-                _ => Some(r.value()?),
-            };
-            state
-                .history
-                .profile
-                .insert(name, ProfileEntry { ts, arrival, value });
-        }
+        state.history.profile = read_profile(&mut r)?;
         for _ in 0..r.len()? {
             let name = r.arc_str()?;
             state.members.insert(
@@ -224,16 +248,7 @@ impl CustomerState {
             }
             state.event_tags.insert(name, EventTagState { last_ts, future });
         }
-        for _ in 0..r.len()? {
-            let name = r.arc_str()?;
-            state.manual.insert(
-                name,
-                ManualTag {
-                    since: r.i64()?,
-                    expires_at: r.opt_i64()?,
-                },
-            );
-        }
+        state.manual = read_manual(&mut r)?;
         state.number = if version >= 2 {
             u32::try_from(r.u64()?).map_err(|_| CodecError("bad customer number"))?
         } else {

@@ -410,28 +410,51 @@ pub async fn merge_customers(
     Path(id): Path<String>,
     LimitedBody(body): LimitedBody,
 ) -> Result<Json<Json_>, ApiError> {
-    let body: MergeBody = json_body(&body)?;
-    if body.ids.is_empty() || body.ids.len() > 100 {
-        return Err(ApiError::BadRequest(
-            "`ids` names 1 to 100 customers to merge into this one".into(),
-        ));
-    }
-    let by = principal
-        .as_ref()
-        .and_then(|p| p.key_id.as_ref().map(|_| p.name.clone()));
-    let processor::engine::Merged {
-        survivor,
-        absorbed,
-        changes,
-    } = app
+    let ids = customer_ids(&body, "merge into this one")?;
+    let by = key_name(&principal);
+    let merged = app
         .engine
-        .call(move |engine| engine.merge_customers(&id, &body.ids, by.as_deref()))
+        .call(move |engine| engine.merge_customers(&id, &ids, by.as_deref()))
         .await??;
     let masking = masking_of(&principal);
-    let mut out = json!({ "changes": masked_changes(&changes, &masking) });
-    out["customer_id"] = masking.id(&survivor).into_owned().into();
-    out["absorbed"] = absorbed.iter().map(|a| masking.id(a).into_owned()).collect();
-    Ok(Json(out))
+    Ok(Json(identity_answer(
+        &masking,
+        &merged.survivor,
+        ("absorbed", &merged.absorbed),
+        &merged.changes,
+    )))
+}
+
+/// The customers a merge or unmerge names (1 to 100), for `what` they are to do.
+fn customer_ids(body: &Bytes, what: &str) -> Result<Vec<String>, ApiError> {
+    let body: MergeBody = json_body(body)?;
+    if body.ids.is_empty() || body.ids.len() > 100 {
+        return Err(ApiError::BadRequest(format!(
+            "`ids` names 1 to 100 customers to {what}"
+        )));
+    }
+    Ok(body.ids)
+}
+
+/// The key's name, recorded as who merged or unmerged (none on an open node).
+fn key_name(principal: &Option<Extension<Principal>>) -> Option<String> {
+    principal
+        .as_ref()
+        .and_then(|p| p.key_id.as_ref().map(|_| p.name.clone()))
+}
+
+/// What a merge or an unmerge answers: the customer, the others (`absorbed` or `split`)
+/// and the changes, ids masked for the caller.
+fn identity_answer(
+    masking: &crate::access::Masking,
+    customer: &str,
+    (field, others): (&str, &[std::sync::Arc<str>]),
+    changes: &[Change],
+) -> Json_ {
+    let mut out = json!({ "changes": masked_changes(changes, masking) });
+    out["customer_id"] = masking.id(customer).into_owned().into();
+    out[field] = others.iter().map(|a| masking.id(a).into_owned()).collect();
+    out
 }
 
 /// `POST /v1/customers/{id}/unmerge {"ids": [...]}`: customers merged into `{id}` split
@@ -442,28 +465,19 @@ pub async fn unmerge_customers(
     Path(id): Path<String>,
     LimitedBody(body): LimitedBody,
 ) -> Result<Json<Json_>, ApiError> {
-    let body: MergeBody = json_body(&body)?;
-    if body.ids.is_empty() || body.ids.len() > 100 {
-        return Err(ApiError::BadRequest(
-            "`ids` names 1 to 100 customers to split off this one".into(),
-        ));
-    }
-    let by = principal
-        .as_ref()
-        .and_then(|p| p.key_id.as_ref().map(|_| p.name.clone()));
-    let processor::engine::Unmerged {
-        customer,
-        split,
-        changes,
-    } = app
+    let ids = customer_ids(&body, "split off this one")?;
+    let by = key_name(&principal);
+    let split = app
         .engine
-        .call(move |engine| engine.unmerge_customers(&id, &body.ids, by.as_deref()))
+        .call(move |engine| engine.unmerge_customers(&id, &ids, by.as_deref()))
         .await??;
     let masking = masking_of(&principal);
-    let mut out = json!({ "changes": masked_changes(&changes, &masking) });
-    out["customer_id"] = masking.id(&customer).into_owned().into();
-    out["split"] = split.iter().map(|a| masking.id(a).into_owned()).collect();
-    Ok(Json(out))
+    Ok(Json(identity_answer(
+        &masking,
+        &split.customer,
+        ("split", &split.split),
+        &split.changes,
+    )))
 }
 
 /// `GET /v1/identities/stats`: merges, absorbed customers, identifiers per type, limit hits.

@@ -13,6 +13,7 @@ use super::ingest::Round;
 use crate::identity::{
     owner_key, owner_value, parse_owner_key, parse_owner_value, record_key, IdEntry, IdRecord, CUSTOMER_ID,
 };
+use crate::state::{read_manual, read_profile, write_manual, write_profile};
 use crate::store::CF_IDENTITIES;
 use rules::{ProfileEntry, ProfileUpdate};
 
@@ -79,47 +80,12 @@ pub(super) fn snapshot_key(customer: &str) -> Vec<u8> {
     key
 }
 
-fn write_profile(w: &mut Writer, profile: &BTreeMap<Arc<str>, ProfileEntry>) {
-    w.u64(profile.len() as u64);
-    for (name, entry) in profile {
-        w.str(name);
-        w.i64(entry.ts);
-        w.u64(entry.arrival);
-        match &entry.value {
-            None => w.u8(0),
-            Some(v) => {
-                w.u8(1);
-                w.value(v);
-            }
-        }
-    }
-}
-
-fn read_profile(r: &mut Reader) -> Result<BTreeMap<Arc<str>, ProfileEntry>, crate::codec::CodecError> {
-    let mut profile = BTreeMap::new();
-    for _ in 0..r.u64()? {
-        let name = r.arc_str()?;
-        let (ts, arrival) = (r.i64()?, r.u64()?);
-        let value = match r.u8()? {
-            0 => None,
-            _ => Some(r.value()?),
-        };
-        profile.insert(name, ProfileEntry { ts, arrival, value });
-    }
-    Ok(profile)
-}
-
 impl Snapshot {
     pub(super) fn encode(&self) -> Vec<u8> {
         let mut w = Writer::new();
         w.u64(self.merged_at);
         write_profile(&mut w, &self.profile);
-        w.u64(self.manual.len() as u64);
-        for (name, tag) in &self.manual {
-            w.str(name);
-            w.i64(tag.since);
-            w.opt_i64(tag.expires_at);
-        }
+        write_manual(&mut w, &self.manual);
         w.u64(self.old_matches.len() as u64);
         for (name, ts) in &self.old_matches {
             w.str(name);
@@ -133,12 +99,7 @@ impl Snapshot {
         let mut r = Reader::new(bytes);
         let merged_at = r.u64()?;
         let profile = read_profile(&mut r)?;
-        let mut manual = BTreeMap::new();
-        for _ in 0..r.u64()? {
-            let name = r.arc_str()?;
-            let (since, expires_at) = (r.i64()?, r.opt_i64()?);
-            manual.insert(name, ManualTag { since, expires_at });
-        }
+        let manual = read_manual(&mut r)?;
         let mut old_matches = Vec::new();
         for _ in 0..r.u64()? {
             old_matches.push((r.arc_str()?, r.i64()?));
