@@ -457,6 +457,10 @@ struct Batch {
     gone: foldhash::HashMap<Arc<str>, u32>,
     /// The profile attributes of absorbed customers, cleared from the profile columns.
     cleared: Vec<(u32, Vec<Arc<str>>)>,
+    /// True when changes were made in another order than their places (a merge, made as
+    /// its event is accepted, before earlier events of the round are applied): the commit
+    /// sorts them even with one worker.
+    placed_out_of_order: bool,
 }
 
 /// Counters that a failed commit must roll back.

@@ -41,19 +41,20 @@ impl Engine {
         step: u64,
         work: impl FnOnce(&mut Worker<'_>) -> Result<R, EngineError>,
     ) -> Result<R, EngineError> {
-        self.with_worker_at(customer, Place::work(step), work)
+        self.with_worker_at(customer, Place::work(step), &[], work)
     }
 
-    /// [`Engine::with_worker`] at any place of the round.
+    /// [`Engine::with_worker`] at any place of a round whose clock moved at `steps`.
     pub(super) fn with_worker_at<R>(
         &mut self,
         customer: &str,
         place: Place,
+        steps: &[(u64, i64)],
         work: impl FnOnce(&mut Worker<'_>) -> Result<R, EngineError>,
     ) -> Result<R, EngineError> {
         let i = self.shard_index(customer);
         let timers = self.config.timers_per_round;
-        let (ctx, shards) = self.parts(&[], timers);
+        let (ctx, shards) = self.parts(steps, timers);
         work(&mut Worker::new(&ctx, &mut shards[i], place))
     }
 
@@ -187,7 +188,7 @@ impl Engine {
         if new.is_empty() {
             return Vec::new();
         }
-        if parts.len() > 1 {
+        if parts.len() > 1 || parts.iter().any(|p| p.placed_out_of_order) {
             new.sort_by(|a, b| a.0.cmp(&b.0));
         }
         // After every customer numbered before, also by a commit still being written.
@@ -230,7 +231,7 @@ impl Engine {
                     .map(|(p, c)| (p, shard, c)),
             );
         }
-        if parts.len() > 1 {
+        if parts.len() > 1 || parts.iter().any(|p| p.placed_out_of_order) {
             // Stable: the changes of one place come from one customer, in the order made.
             placed.sort_by(|a, b| a.0.cmp(&b.0));
         }

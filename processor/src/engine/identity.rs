@@ -520,7 +520,15 @@ impl Engine {
             }
             record = Some(survivor);
             changed = true;
-            self.merge(canonical, &resolution.absorbed, step, arrival, cause, batch)?;
+            let steps = round.steps().to_vec();
+            self.merge(
+                canonical,
+                &resolution.absorbed,
+                (step, &steps),
+                arrival,
+                cause,
+                batch,
+            )?;
             self.identity_counts.merged(resolution.absorbed.len());
         }
         let limits = &self.config.identity;
@@ -570,7 +578,7 @@ impl Engine {
         &mut self,
         survivor: &Arc<str>,
         absorbed: &[Arc<str>],
-        step: u64,
+        (step, steps): (u64, &[(u64, i64)]),
         arrival: u64,
         cause: &Cause,
         batch: &mut Batch,
@@ -579,7 +587,7 @@ impl Engine {
         let mut handovers = Vec::with_capacity(absorbed.len());
         let mut snapshots = Vec::with_capacity(absorbed.len());
         for (part, customer) in absorbed.iter().enumerate() {
-            let handover = self.with_worker_at(customer, Place::merge(step, part), |w| {
+            let handover = self.with_worker_at(customer, Place::merge(step, part), steps, |w| {
                 w.leave(customer, survivor, now, cause)
             })?;
             snapshots.push(Snapshot {
@@ -592,7 +600,9 @@ impl Engine {
             handovers.push(handover);
         }
         let place = Place::merge(step, absorbed.len());
-        let befores = self.with_worker_at(survivor, place, |w| w.absorb(survivor, handovers, now, cause))?;
+        let befores = self.with_worker_at(survivor, place, steps, |w| {
+            w.absorb(survivor, handovers, now, cause)
+        })?;
         for ((customer, mut snapshot), before) in absorbed.iter().zip(snapshots).zip(befores) {
             snapshot.survivor_profile = before;
             self.identity_put(batch, snapshot_key(customer), Some(snapshot.encode()));
@@ -717,6 +727,7 @@ impl Worker<'_> {
         now: i64,
         cause: &Cause,
     ) -> Result<Handover, EngineError> {
+        self.shard.batch.placed_out_of_order = true;
         self.record_change(
             survivor,
             MemberKind::Customer,
@@ -777,6 +788,7 @@ impl Worker<'_> {
         now: i64,
         cause: &Cause,
     ) -> Result<Vec<BTreeMap<Arc<str>, ProfileEntry>>, EngineError> {
+        self.shard.batch.placed_out_of_order = true;
         let mut state = self.take_customer(customer, now)?;
         self.load_history(customer, &mut state, now)?;
         let store = self.ctx.store;

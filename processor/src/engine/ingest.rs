@@ -468,6 +468,11 @@ impl Round {
         customers.iter().any(|c| named.get(*c).is_some_and(|n| *n > 0))
     }
 
+    /// The steps at which the clock moved in this round, and to where.
+    pub(super) fn steps(&self) -> &[(u64, i64)] {
+        &self.steps
+    }
+
     /// An empty round that goes on numbering steps where this one stands (the rest of a
     /// round cut by a merge).
     pub(super) fn continuing(&self) -> Round {

@@ -183,14 +183,17 @@ impl<'a> Worker<'a> {
 
     /// The place of a timer due at `due` fired now.
     pub(super) fn timer_place(&self, due: i64, customer: &Arc<str>) -> Place {
-        if self.place.phase == 1 {
+        let step = self.ctx.step_of(due, self.place.step);
+        if self.place.phase == 1 && step == self.place.step {
             // Loading a customer for a merge fires what was due before it: before it too.
+            // (Under the event clock, a timer due in the round falls on the step the clock
+            // passed it, as it would have fired had the merge not loaded its customer.)
             return Place {
                 phase: 0,
-                ..Place::timer(self.place.step, due, customer)
+                ..Place::timer(step, due, customer)
             };
         }
-        Place::timer(self.ctx.step_of(due, self.place.step), due, customer)
+        Place::timer(step, due, customer)
     }
 }
 

@@ -128,11 +128,11 @@ impl Engine {
         self.identity_put(batch, record_key(survivor), Some(record.encode()));
         self.identity_put(batch, record_key(customer), Some(split_record.encode()));
         let place = Place::merge(0, 2 * part);
-        let events = self.with_worker_at(survivor, place, |w| {
+        let events = self.with_worker_at(survivor, place, &[], |w| {
             w.split_events(survivor, customer, &members, &snapshot, &later, now, cause)
         })?;
         let place = Place::merge(0, 2 * part + 1);
-        self.with_worker_at(customer, place, |w| {
+        self.with_worker_at(customer, place, &[], |w| {
             w.take_split(customer, events, snapshot, now, cause)
         })
     }

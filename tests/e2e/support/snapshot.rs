@@ -25,7 +25,10 @@ pub fn snapshot(data: &Path) -> Snapshot {
         .customer_ids()
         .unwrap()
         .into_iter()
-        .map(|id| format!("{:?}", engine.customer(&id).unwrap().unwrap()))
+        .map(|id| {
+            let view = engine.customer(&id).unwrap().unwrap();
+            format!("{view:?} {:?}", engine.identifiers(&id).unwrap())
+        })
         .collect();
     let dead = engine
         .dead_letters(None, usize::MAX)
