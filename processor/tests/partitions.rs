@@ -275,3 +275,47 @@ fn an_import_is_refused_whole_when_it_cannot_apply() {
     assert!(err.to_string().contains("already in this store"), "{err}");
     assert_eq!(target.customer_ids().unwrap().len() as u64, summary.customers);
 }
+
+/// A partition carries its customers' identities: their identifiers, the ids merged into
+/// them and what an unmerge needs go with them, and leave the store they left.
+#[test]
+fn a_moved_partition_takes_its_customers_identifiers_along() {
+    let rules = "trait spend = sum(payment.amount, lifetime)\n";
+    let dir = TempDir::new("partitions-identity");
+    let mut here = Engine::open(dir.path(), Some(rules), config(2)).unwrap();
+    here.ingest(&[
+        r#"{"customer_id":"crm-1","type":"payment","ts":1744000000000,"props":{"amount":5}}"#,
+        r#"{"type":"payment","ts":1744000001000,"ids":{"phone":"13800000001"},"props":{"amount":7}}"#,
+        r#"{"customer_id":"crm-1","type":"view","ts":1744000002000,"ids":{"phone":"+86 138 0000 0001","email":"a@b.cn"}}"#,
+    ])
+    .unwrap();
+    assert_eq!(&*here.identify("phone", "13800000001").unwrap().unwrap(), "crm-1");
+    let p = partition_of(b"crm-1", PARTITIONS);
+    let mut file = Vec::new();
+    let summary = here.reader().export_partition(p, PARTITIONS, &mut file).unwrap();
+    // The record, two identifiers (the phone, the email) and the absorbed id, a snapshot.
+    assert!(summary.identity_entries >= 4, "{summary:?}");
+
+    let there_dir = TempDir::new("partitions-identity-there");
+    let mut there = Engine::open(there_dir.path(), Some(rules), config(1)).unwrap();
+    there.import_partition(&mut &file[..]).unwrap();
+    assert_eq!(&*there.identify("email", "A@B.cn").unwrap().unwrap(), "crm-1");
+    there
+        .ingest(&[
+            r#"{"customer_id":"phone:13800000001","type":"payment","ts":1744000003000,"props":{"amount":1}}"#,
+        ])
+        .unwrap();
+    let view = there.customer("crm-1").unwrap().unwrap();
+    assert_eq!(view.traits["spend"].to_string(), "13");
+    there
+        .unmerge_customers("crm-1", &["phone:13800000001".to_owned()], None)
+        .unwrap();
+    assert_eq!(
+        there.customer("phone:13800000001").unwrap().unwrap().traits["spend"].to_string(),
+        "8"
+    );
+
+    here.drop_partition(p).unwrap();
+    assert_eq!(here.identify("email", "a@b.cn").unwrap(), None);
+    assert_eq!(&*here.canonical_id("phone:13800000001"), "phone:13800000001");
+}

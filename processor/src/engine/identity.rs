@@ -15,6 +15,9 @@ use crate::identity::{
 };
 use crate::state::{read_manual, read_profile, write_manual, write_profile};
 use crate::store::CF_IDENTITIES;
+
+/// A raw entry of the identity graph: key and value.
+pub(super) type GraphEntry = (Vec<u8>, Vec<u8>);
 use rules::{ProfileEntry, ProfileUpdate};
 
 /// Where an event's identifiers lead.
@@ -112,6 +115,29 @@ impl Snapshot {
             survivor_profile: read_profile(&mut r)?,
         })
     }
+}
+
+/// A canonical customer's identity graph entries, raw: its record, its identifiers'
+/// owner keys, and the snapshots merges into it kept (what a partition export carries).
+pub(super) fn entries_of(store: &Store, customer: &str) -> Result<Vec<GraphEntry>, StoreError> {
+    let Some(bytes) = store.get(CF_IDENTITIES, &record_key(customer))? else {
+        return Ok(Vec::new());
+    };
+    let record = IdRecord::decode(&bytes)?;
+    let mut entries = vec![(record_key(customer), bytes)];
+    for e in &record.ids {
+        let key = owner_key(&e.id_type, &e.value);
+        if let Some(value) = store.get(CF_IDENTITIES, &key)? {
+            entries.push((key, value));
+        }
+    }
+    for (absorbed, _) in &record.absorbed {
+        let key = snapshot_key(absorbed);
+        if let Some(value) = store.get(CF_IDENTITIES, &key)? {
+            entries.push((key, value));
+        }
+    }
+    Ok(entries)
 }
 
 /// Every absorbed `customer_id` and the customer it resolves to.

@@ -9,8 +9,9 @@
 //!
 //! The file: [`MAGIC`], then frames of a `u32` length and a payload whose first byte says
 //! what it is: the header (format, partition, partitions), a customer, one of its events,
-//! one of its dedup entries, and the trailer with the counts — a file cut short has none
-//! and is refused whole.
+//! one of its dedup entries, one of its identity graph entries (its identifiers' owners, its
+//! record, what merges into it kept; format 2), and the trailer with the counts — a file cut
+//! short has none and is refused whole. Format 1 files (no identities) still import.
 
 use std::io::{Read, Write};
 
@@ -20,13 +21,14 @@ use crate::partition::partition_of;
 
 /// The first bytes of a partition export.
 pub const MAGIC: &[u8] = b"TAGSTREAM-PARTITION\n";
-const FORMAT: u64 = 1;
+const FORMAT: u64 = 2;
 
 const FRAME_HEADER: u8 = 1;
 const FRAME_CUSTOMER: u8 = 2;
 const FRAME_EVENT: u8 = 3;
 const FRAME_DEDUP: u8 = 4;
 const FRAME_END: u8 = 5;
+const FRAME_IDENTITY: u8 = 6;
 
 /// The largest frame a reader accepts: a customer record or one event.
 const MAX_FRAME: usize = 64 << 20;
@@ -39,6 +41,8 @@ pub struct PartitionSummary {
     pub customers: u64,
     pub events: u64,
     pub dedup_entries: u64,
+    /// Identity graph entries ([`crate::identity`]) of the partition's customers.
+    pub identity_entries: u64,
 }
 
 fn write_frame(out: &mut impl Write, frame: &Writer) -> std::io::Result<()> {
@@ -137,6 +141,7 @@ impl ReadHandle {
             .customers_with_history(
                 |id| partition_of(id, partitions) == partition,
                 |customer| {
+                    let identities = identity::entries_of(&self.store, customer.id)?;
                     let mut written = || -> std::io::Result<()> {
                         let mut frame = Writer::new();
                         frame.u8(FRAME_CUSTOMER);
@@ -157,6 +162,13 @@ impl ReadHandle {
                             frame.bytes(applied);
                             write_frame(out, &frame)?;
                         }
+                        for (key, value) in &identities {
+                            let mut frame = Writer::new();
+                            frame.u8(FRAME_IDENTITY);
+                            frame.bytes(key);
+                            frame.bytes(value);
+                            write_frame(out, &frame)?;
+                        }
                         Ok(())
                     };
                     if let Err(e) = written() {
@@ -166,6 +178,7 @@ impl ReadHandle {
                     summary.customers += 1;
                     summary.events += customer.events.len() as u64;
                     summary.dedup_entries += customer.dedup.len() as u64;
+                    summary.identity_entries += identities.len() as u64;
                     Ok(())
                 },
             )
@@ -175,6 +188,7 @@ impl ReadHandle {
         frame.u64(summary.customers);
         frame.u64(summary.events);
         frame.u64(summary.dedup_entries);
+        frame.u64(summary.identity_entries);
         write_frame(out, &frame).map_err(io)?;
         out.flush().map_err(io)?;
         Ok(summary)
@@ -188,6 +202,7 @@ struct Imported {
     record: Vec<u8>,
     events: Vec<(Vec<u8>, Vec<u8>)>,
     dedup: Vec<(String, Vec<u8>)>,
+    identities: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 impl Engine {
@@ -214,7 +229,7 @@ impl Engine {
             return Err(bad("it has no header"));
         }
         let format = r.u64().map_err(codec)?;
-        if format != FORMAT {
+        if format != FORMAT && format != 1 {
             return Err(EngineError::Conflict(format!(
                 "the export has format {format}; this version reads format {FORMAT}"
             )));
@@ -257,11 +272,21 @@ impl Engine {
                     let id = r.str().map_err(codec)?.to_owned();
                     customer.dedup.push((id, r.bytes().map_err(codec)?.to_vec()));
                 }
+                FRAME_IDENTITY => {
+                    let customer = customers
+                        .last_mut()
+                        .ok_or_else(|| bad("an identity entry before any customer"))?;
+                    let key = r.bytes().map_err(codec)?.to_vec();
+                    customer
+                        .identities
+                        .push((key, r.bytes().map_err(codec)?.to_vec()));
+                }
                 FRAME_END => {
                     end = Some((
                         r.u64().map_err(codec)?,
                         r.u64().map_err(codec)?,
                         r.u64().map_err(codec)?,
+                        if format == 1 { 0 } else { r.u64().map_err(codec)? },
                     ));
                     break;
                 }
@@ -274,8 +299,15 @@ impl Engine {
             customers: customers.len() as u64,
             events: customers.iter().map(|c| c.events.len() as u64).sum(),
             dedup_entries: customers.iter().map(|c| c.dedup.len() as u64).sum(),
+            identity_entries: customers.iter().map(|c| c.identities.len() as u64).sum(),
         };
-        if end != Some((summary.customers, summary.events, summary.dedup_entries)) {
+        let counts = (
+            summary.customers,
+            summary.events,
+            summary.dedup_entries,
+            summary.identity_entries,
+        );
+        if end != Some(counts) {
             return Err(bad(
                 "it is cut short (its trailer is missing or does not match what it holds)",
             ));
@@ -309,6 +341,12 @@ impl Engine {
                 Reader::new(applied).i64().map_err(StoreError::from)?;
                 wb.put_cf(self.store.cf(CF_DEDUP), event_id.as_bytes(), applied);
             }
+            for (key, value) in &c.identities {
+                if !matches!(key.first(), Some(b'i' | b'c' | b's')) {
+                    return Err(bad("an identity entry of an unknown kind"));
+                }
+                wb.put_cf(self.store.cf(crate::store::CF_IDENTITIES), key, value);
+            }
             if let Some(due) = state.timer {
                 wb.put_cf(self.store.cf(CF_TIMERS), timer_key(due, &c.id), []);
                 timers.push((due, Arc::<str>::from(c.id.as_str())));
@@ -325,12 +363,16 @@ impl Engine {
             let i = self.shard_index(&customer);
             self.shards[i].timers.insert((due, customer));
         }
+        // The imported customers' absorbed ids name them here now.
+        self.aliases = identity::load_aliases(&self.store)?;
+        self.owner_cache.borrow_mut().clear();
         self.reindex()?;
         Ok(summary)
     }
 
     /// Deletes every customer of `partition` from this store (after it moved elsewhere):
-    /// records, events, window state and timers. The change log keeps their changes.
+    /// records, events, window state, timers and identity graph entries. The change log
+    /// keeps their changes.
     pub fn drop_partition(&mut self, partition: u32) -> Result<PartitionSummary, EngineError> {
         self.settle();
         let partitions = self.config.partitions;
@@ -356,10 +398,15 @@ impl Engine {
             let state = CustomerState::decode(&record).map_err(StoreError::from)?;
             let id: Arc<str> = Arc::from(String::from_utf8_lossy(&id).as_ref());
             self.store.delete_customer(&mut wb, &id, state.timer);
+            for (key, _) in identity::entries_of(&self.store, &id)? {
+                wb.delete_cf(self.store.cf(crate::store::CF_IDENTITIES), key);
+            }
             summary.customers += 1;
             dropped.push((id, state.timer));
         }
         self.store.commit(wb)?;
+        self.aliases = identity::load_aliases(&self.store)?;
+        self.owner_cache.borrow_mut().clear();
         for (id, timer) in dropped {
             let i = self.shard_index(&id);
             let shard = &mut self.shards[i];
