@@ -781,8 +781,8 @@ impl Worker<'_> {
         let mut state = self.remove_customer(customer, now, cause)?;
         let cutoff = now.saturating_sub(self.ctx.config.retention_ms);
         Ok(Handover {
-            // Events of this round are not in the store: their id, origin and profile
-            // updates are not kept with the moved copy.
+            // Events of this batch are not in the store yet: the moved copy keeps that they
+            // belong to this customer, not their id or the profile they set (applied already).
             events: std::mem::take(&mut state.history.events)
                 .into_iter()
                 .map(|event| {
