@@ -1097,6 +1097,18 @@ fn identities_are_resolved_looked_up_by_any_identifier_and_merged_by_hand() {
     assert!(crm["tags"].get("big_spender").is_none(), "{crm}");
     assert_eq!(crm["identifiers"]["customer_id"], serde_json::json!(["crm-7"]));
     assert_eq!(s.get("/v1/identities/stats").json()["unmerges"], 1);
+    let metrics = s.get("/metrics").text();
+    for line in [
+        "tagstream_identity_merges_total 1",
+        "tagstream_identity_unmerges_total 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in /metrics");
+    }
+    let cached = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tagstream_identity_cache_entries "))
+        .expect("the identity cache gauge");
+    assert!(cached.parse::<f64>().unwrap() >= 2.0, "{cached}");
     // An SMS audience: the members with their phone numbers.
     let r = s.get("/v1/segments/quiet/members?fields=ids.phone,ids.customer_id");
     assert_eq!(r.status, 200, "{}", r.text());

@@ -339,6 +339,7 @@ impl Engine {
         let (len, bytes) = self.cache_usage();
         metrics::gauge!("tagstream_cache_customers").set(len as f64);
         metrics::gauge!("tagstream_cache_bytes").set(bytes as f64);
+        metrics::gauge!("tagstream_identity_cache_entries").set(self.owner_cache.borrow().len() as f64);
     }
 
     pub(super) fn rollback(&mut self, saved: Counters) {
