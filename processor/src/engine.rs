@@ -527,7 +527,7 @@ pub struct Engine {
     /// Violations and the observed schema, shared with the edges and readers.
     quality: Arc<Quality>,
     /// Every `customer_id` a merge absorbed, and its survivor ([`identity`]).
-    aliases: HashMap<Arc<str>, Arc<str>>,
+    aliases: identity::Aliases,
     identity_counts: Arc<crate::identity::IdentityCounts>,
     /// Identifier lookups kept in memory ([`crate::identity::OwnerCache`]).
     owner_cache: std::cell::RefCell<crate::identity::OwnerCache>,
@@ -677,7 +677,7 @@ impl Engine {
             rules_version,
             plan: None,
             quality,
-            aliases: HashMap::new(),
+            aliases: identity::Aliases::default(),
             identity_counts: Arc::default(),
             owner_cache: Default::default(),
         };
@@ -694,7 +694,7 @@ impl Engine {
                 max_per_customer: None,
             });
         }
-        engine.aliases = identity::load_aliases(&engine.store)?;
+        engine.aliases = identity::Aliases::load(&engine.store)?;
         engine.owner_cache = std::cell::RefCell::new(crate::identity::OwnerCache::new(
             engine.config.identity.cache_entries,
         ));

@@ -355,7 +355,7 @@ impl Engine {
         self.deal_timers(timers);
         // Merges of the failed batch were not made, nor counted, nor its identifiers kept.
         self.owner_cache.borrow_mut().clear();
-        if let Ok(aliases) = identity::load_aliases(&self.store) {
+        if let Ok(aliases) = identity::Aliases::load(&self.store) {
             self.aliases = aliases;
         }
         let stats = self.store.get(CF_META, META_IDENTITY.as_bytes()).ok().flatten();

@@ -140,16 +140,49 @@ pub(super) fn entries_of(store: &Store, customer: &str) -> Result<Vec<GraphEntry
     Ok(entries)
 }
 
-/// Every absorbed `customer_id` and the customer it resolves to.
-pub(super) fn load_aliases(store: &Store) -> Result<HashMap<Arc<str>, Arc<str>>, StoreError> {
-    let prefix = owner_key(CUSTOMER_ID, "");
-    let mut aliases = HashMap::new();
-    for (key, value) in store.scan_prefix(CF_IDENTITIES, &prefix)? {
-        if let Some((_, id)) = parse_owner_key(&key) {
-            aliases.insert(Arc::from(id), Arc::from(parse_owner_value(&value).0));
+/// Every absorbed `customer_id` and the customer it resolves to, and the customers that
+/// absorbed any (whose events keep the profile they set, for an unmerge).
+#[derive(Debug, Default)]
+pub(super) struct Aliases {
+    to: HashMap<Arc<str>, Arc<str>>,
+    survivors: HashSet<Arc<str>>,
+}
+
+impl Aliases {
+    /// What the graph holds.
+    pub(super) fn load(store: &Store) -> Result<Aliases, StoreError> {
+        let prefix = owner_key(CUSTOMER_ID, "");
+        let mut aliases = Aliases::default();
+        for (key, value) in store.scan_prefix(CF_IDENTITIES, &prefix)? {
+            if let Some((_, id)) = parse_owner_key(&key) {
+                aliases.insert(Arc::from(id), Arc::from(parse_owner_value(&value).0));
+            }
         }
+        Ok(aliases)
     }
-    Ok(aliases)
+
+    pub(super) fn get(&self, id: &str) -> Option<&Arc<str>> {
+        self.to.get(id)
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.to.is_empty()
+    }
+
+    pub(super) fn insert(&mut self, id: Arc<str>, survivor: Arc<str>) {
+        self.survivors.insert(survivor.clone());
+        self.to.insert(id, survivor);
+    }
+
+    pub(super) fn remove(&mut self, id: &str) {
+        self.to.remove(id);
+    }
+
+    /// True when `customer` absorbed another one: the profile its events set is kept with
+    /// them (an unmerge rebuilds each side's profile from it).
+    pub(super) fn is_survivor(&self, customer: &str) -> bool {
+        self.survivors.contains(customer)
+    }
 }
 
 /// Sets `profile`'s attributes from `updates` of an event at (`ts`, `arrival`) where it is

@@ -195,6 +195,8 @@ impl Engine {
         let arrival = self.counters.next_arrival;
         self.counters.next_arrival += 1;
         let shard = self.shard_index(&ev.customer_id);
+        // Since a customer absorbed another, its events keep the profile they set.
+        let keep_profile = !self.aliases.is_empty() && self.aliases.is_survivor(&ev.customer_id);
         if let Some(named) = &mut round.named {
             *named.entry(ev.customer_id.clone()).or_default() += 1;
         }
@@ -206,6 +208,7 @@ impl Engine {
             now,
             arrival,
             origin,
+            keep_profile,
         });
         Ok(Ok(true))
     }
@@ -292,7 +295,7 @@ impl Worker<'_> {
         ts: i64,
         now: i64,
         arrival: u64,
-        origin: Option<&str>,
+        (origin, keep_profile): (Option<&str>, bool),
     ) -> Result<(), EngineError> {
         let customer = ev.customer_id.clone();
         let mut state = self.take_customer(&customer, now)?;
@@ -328,7 +331,7 @@ impl Worker<'_> {
             &event,
             event_id,
             origin,
-            &ev.profile,
+            if keep_profile { &ev.profile } else { &[] },
         );
         state.history.apply_profile(&event, ev.profile);
         for &id in rules.event_tags_for_type(&ev.event_type) {

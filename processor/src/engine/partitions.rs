@@ -364,7 +364,7 @@ impl Engine {
             self.shards[i].timers.insert((due, customer));
         }
         // The imported customers' absorbed ids name them here now.
-        self.aliases = identity::load_aliases(&self.store)?;
+        self.aliases = identity::Aliases::load(&self.store)?;
         self.owner_cache.borrow_mut().clear();
         self.reindex()?;
         Ok(summary)
@@ -405,7 +405,7 @@ impl Engine {
             dropped.push((id, state.timer));
         }
         self.store.commit(wb)?;
-        self.aliases = identity::load_aliases(&self.store)?;
+        self.aliases = identity::Aliases::load(&self.store)?;
         self.owner_cache.borrow_mut().clear();
         for (id, timer) in dropped {
             let i = self.shard_index(&id);

@@ -80,6 +80,8 @@ pub(super) struct Job {
     /// The customer the event belongs to when it is not `event.customer_id`'s canonical
     /// self: an id a merge absorbed (kept with the event for an unmerge).
     pub origin: Option<Arc<str>>,
+    /// The customer absorbed another: the event keeps the profile it sets with it.
+    pub keep_profile: bool,
 }
 
 /// What one engine worker owns: its customers in memory, their timers, and the batch of the
@@ -169,9 +171,11 @@ impl<'a> Worker<'a> {
                 now,
                 arrival,
                 origin,
+                keep_profile,
                 ..
             } = job;
-            self.apply_event(event, event_id.as_deref(), ts, now, arrival, origin.as_deref())?;
+            let identity = (origin.as_deref(), keep_profile);
+            self.apply_event(event, event_id.as_deref(), ts, now, arrival, identity)?;
         }
         if event_clock {
             if let Some(until) = until {
