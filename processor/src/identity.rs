@@ -193,14 +193,12 @@ impl OwnerCache {
     }
 
     /// `Some(owner value or None)` when the cache knows the key.
-    pub fn get(&mut self, key: &[u8]) -> Option<Option<Vec<u8>>> {
-        if let Some(v) = self.current.get(key) {
-            return Some(v.as_deref().map(<[u8]>::to_vec));
+    pub fn get(&mut self, key: &[u8]) -> Option<Option<&[u8]>> {
+        if !self.current.contains_key(key) {
+            let (key, value) = self.previous.remove_entry(key)?;
+            self.insert(key, value);
         }
-        let (key, value) = self.previous.remove_entry(key)?;
-        let found = value.as_deref().map(<[u8]>::to_vec);
-        self.insert(key, value);
-        Some(found)
+        self.current.get(key).map(Option::as_deref)
     }
 
     pub fn put(&mut self, key: &[u8], value: Option<&[u8]>) {
@@ -503,12 +501,12 @@ mod tests {
         let mut cache = OwnerCache::new(4);
         cache.put(b"a", Some(b"1"));
         cache.put(b"b", None);
-        assert_eq!(cache.get(b"a"), Some(Some(b"1".to_vec())));
+        assert_eq!(cache.get(b"a"), Some(Some(&b"1"[..])));
         assert_eq!(cache.get(b"b"), Some(None));
         cache.put(b"c", Some(b"3"));
         cache.put(b"d", Some(b"4"));
         // "a" was used last before the newer generation filled: still there, "b" is gone.
-        assert_eq!(cache.get(b"a"), Some(Some(b"1".to_vec())));
+        assert_eq!(cache.get(b"a"), Some(Some(&b"1"[..])));
         cache.put(b"e", Some(b"5"));
         assert_eq!(cache.get(b"b"), None);
         assert!(cache.len() <= 4);

@@ -310,11 +310,22 @@ impl Engine {
     /// Owner lookups go through the cache, which every write of one passes through (so
     /// what it holds is the newest value, this batch's included).
     pub(super) fn identity_get(&self, key: &[u8], batch: &Batch) -> Result<Option<Vec<u8>>, StoreError> {
+        self.identity_read(key, batch, |v| v.map(<[u8]>::to_vec))
+    }
+
+    /// [`Engine::identity_get`] handing the value to `read` where it is (no copy of what the
+    /// cache holds: the path of every identifier of every event).
+    pub(super) fn identity_read<R>(
+        &self,
+        key: &[u8],
+        batch: &Batch,
+        read: impl FnOnce(Option<&[u8]>) -> R,
+    ) -> Result<R, StoreError> {
         // Owners and customers' records; snapshots (read by unmerges alone) are not kept.
         let owner = matches!(key.first(), Some(b'i' | b'c'));
         if owner {
             if let Some(v) = self.owner_cache.borrow_mut().get(key) {
-                return Ok(v);
+                return Ok(read(v));
             }
         }
         let value = if let Some(v) = batch.identities.get(key) {
@@ -327,7 +338,7 @@ impl Engine {
         if owner {
             self.owner_cache.borrow_mut().put(key, value.as_deref());
         }
-        Ok(value)
+        Ok(read(value.as_deref()))
     }
 
     pub(super) fn identity_put(&self, batch: &mut Batch, key: Vec<u8>, value: Option<Vec<u8>>) {
@@ -430,17 +441,19 @@ impl Engine {
             key.extend_from_slice(name.as_bytes());
             key.push(0);
             key.extend_from_slice(value.as_bytes());
-            match self.identity_get(&key, batch)? {
-                Some(found) => {
-                    let (canonical, first) = parse_owner_value(&found);
-                    if origin.is_none() {
-                        origin = Some(Arc::from(first));
-                    }
-                    if !owners.iter().any(|o| **o == *canonical) {
-                        owners.push(Arc::from(canonical));
-                    }
+            let known = self.identity_read(&key, batch, |found| {
+                let Some(found) = found else { return false };
+                let (canonical, first) = parse_owner_value(found);
+                if origin.is_none() {
+                    origin = Some(Arc::from(first));
                 }
-                None => attach.push((name.clone(), value.clone())),
+                if !owners.iter().any(|o| **o == *canonical) {
+                    owners.push(Arc::from(canonical));
+                }
+                true
+            })?;
+            if !known {
+                attach.push((name.clone(), value.clone()));
             }
         }
         let minted = owners.is_empty();
