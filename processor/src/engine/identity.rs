@@ -743,13 +743,8 @@ impl Worker<'_> {
         &self,
         customer: &str,
     ) -> Result<HashMap<u64, crate::store::StoredEvent>, EngineError> {
-        if let Some(written) = self.ctx.pending {
-            let _ = written.wait();
-        }
         Ok(self
-            .ctx
-            .store
-            .customer_events(customer)?
+            .committed_events(customer)?
             .into_iter()
             .map(|e| (e.event.arrival, e))
             .collect())
@@ -757,15 +752,19 @@ impl Worker<'_> {
 
     /// Ends a customer: every tag and segment left (`remove` changes at `now`), the record,
     /// the retained events, the window chunks and the timer deleted, the cache forgotten.
-    /// Returns the state as it was (with its history).
+    /// Returns the state as it was (with its history; `committed` is what the store holds
+    /// of its events, read by the caller).
     pub(super) fn remove_customer(
         &mut self,
         customer: &Arc<str>,
         now: i64,
         cause: &Cause,
+        committed: Vec<rules::Event>,
     ) -> Result<CustomerState, EngineError> {
         let mut state = self.take_customer(customer, now)?;
-        self.load_history(customer, &mut state, now)?;
+        if !state.history_loaded {
+            self.install_history(customer, &mut state, now, committed.into_iter());
+        }
         let rules = self.ctx.rules;
         for name in std::mem::take(&mut state.members).into_keys() {
             let kind = match rules.lookup(&name).map(|id| rules.def(id).kind) {
@@ -823,8 +822,14 @@ impl Worker<'_> {
                 old_matches: Vec::new(),
             });
         }
-        let mut stored = self.stored_events(customer)?;
-        let mut state = self.remove_customer(customer, now, cause)?;
+        // One read of its stored events: their history, and what is kept beside each.
+        let mut stored = HashMap::new();
+        let mut committed = Vec::new();
+        for e in self.committed_events(customer)? {
+            stored.insert(e.event.arrival, (e.event_id, e.origin, e.profile));
+            committed.push(e.event);
+        }
+        let mut state = self.remove_customer(customer, now, cause, committed)?;
         let cutoff = now.saturating_sub(self.ctx.config.retention_ms);
         Ok(Handover {
             // Events of this batch are not in the store yet: the moved copy keeps that they
@@ -832,14 +837,11 @@ impl Worker<'_> {
             events: std::mem::take(&mut state.history.events)
                 .into_iter()
                 .map(|event| {
-                    let kept = stored.remove(&event.arrival);
+                    let (event_id, origin, profile) = stored.remove(&event.arrival).unwrap_or_default();
                     Moved {
-                        origin: kept
-                            .as_ref()
-                            .and_then(|k| k.origin.as_deref())
-                            .map_or_else(|| customer.clone(), Arc::from),
-                        event_id: kept.as_ref().and_then(|k| k.event_id.clone()),
-                        profile: kept.map(|k| k.profile).unwrap_or_default(),
+                        origin: origin.map_or_else(|| customer.clone(), Arc::from),
+                        event_id,
+                        profile,
                         event,
                     }
                 })

@@ -407,20 +407,36 @@ impl Worker<'_> {
         if state.history_loaded {
             return Ok(());
         }
+        let committed = self.committed_events(customer)?;
+        self.install_history(customer, state, now, committed.into_iter().map(|e| e.event));
+        Ok(())
+    }
+
+    /// The committed events of `customer`, by arrival (those of this round are not in the
+    /// store yet).
+    pub(super) fn committed_events(
+        &self,
+        customer: &str,
+    ) -> Result<Vec<crate::store::StoredEvent>, EngineError> {
         if let Some(written) = self.ctx.pending {
             // The customer's events of the commit being written must be in the store first
             // (if that write fails, this round is rolled back anyway).
             let _ = written.wait();
         }
+        Ok(self.ctx.store.customer_events(customer)?)
+    }
+
+    /// Makes `committed` (the customer's events in the store) and those of this round its
+    /// loaded history, as far as the retention reaches.
+    pub(super) fn install_history(
+        &self,
+        customer: &str,
+        state: &mut CustomerState,
+        now: i64,
+        committed: impl Iterator<Item = rules::Event>,
+    ) {
         let cutoff = now.saturating_sub(self.ctx.config.retention_ms);
-        let mut events: Vec<rules::Event> = self
-            .ctx
-            .store
-            .customer_events(customer)?
-            .into_iter()
-            .map(|e| e.event)
-            .filter(|e| e.ts > cutoff)
-            .collect();
+        let mut events: Vec<rules::Event> = committed.filter(|e| e.ts > cutoff).collect();
         events.extend(
             self.shard
                 .batch
@@ -431,7 +447,6 @@ impl Worker<'_> {
         );
         state.history.events = events;
         state.history_loaded = true;
-        Ok(())
     }
 }
 
