@@ -531,6 +531,8 @@ pub struct Engine {
     identity_counts: Arc<crate::identity::IdentityCounts>,
     /// Identifier lookups kept in memory ([`crate::identity::OwnerCache`]).
     owner_cache: std::cell::RefCell<crate::identity::OwnerCache>,
+    /// `config.identity`, shared with the intakes that prepare events' identifiers.
+    identity_types: Arc<crate::identity::IdentityConfig>,
 }
 
 pub(crate) fn wall_ms() -> i64 {
@@ -680,6 +682,7 @@ impl Engine {
             aliases: identity::Aliases::default(),
             identity_counts: Arc::default(),
             owner_cache: Default::default(),
+            identity_types: Default::default(),
         };
         if engine
             .config
@@ -694,6 +697,7 @@ impl Engine {
                 max_per_customer: None,
             });
         }
+        engine.identity_types = Arc::new(engine.config.identity.clone());
         engine.aliases = identity::Aliases::load(&engine.store)?;
         engine.owner_cache = std::cell::RefCell::new(crate::identity::OwnerCache::new(
             engine.config.identity.cache_entries,
@@ -748,6 +752,7 @@ impl Engine {
             limits: self.config.limits,
             plan: self.plan.clone(),
             quality: self.quality.clone(),
+            identity: Some(self.identity_types.clone()),
         }
     }
 

@@ -63,6 +63,9 @@ pub struct ValidEvent {
     /// ([`crate::identity`]). `customer_id` is empty when the event named the customer
     /// only by these.
     pub ids: Vec<(Arc<str>, String)>,
+    /// `ids` with each type's normaliser applied, when the intake that parsed the event
+    /// knew the identifier types (else the engine prepares them).
+    pub prepared: Option<crate::identity::PreparedIds>,
 }
 
 /// Why an event was rejected: a stable `code` (dead letters, the Kafka header
@@ -397,6 +400,7 @@ fn validate_planned(
         props,
         profile,
         ids,
+        prepared: None,
     })
 }
 

@@ -132,7 +132,60 @@ impl Default for IdentityConfig {
     }
 }
 
+/// An event's identifiers made ready for resolution: each type's normaliser applied, the
+/// best-ranked first, one of each (done where the event is parsed, off the engine thread).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PreparedIds {
+    /// (type's position, normalised value); the event's own `customer_id` among them.
+    pub ids: Vec<(usize, String)>,
+    /// The types of identifiers that normalised to nothing (counted when the event is
+    /// resolved).
+    pub unusable: Vec<usize>,
+}
+
 impl IdentityConfig {
+    /// Prepares `ids` (and the event's `customer_id`, if any) for resolution; an unknown
+    /// identifier type rejects the event.
+    pub fn prepare(
+        &self,
+        ids: &[(Arc<str>, String)],
+        customer_id: &str,
+    ) -> Result<PreparedIds, crate::event::Rejection> {
+        let customer_id_type = self.position(CUSTOMER_ID).expect("customer_id is always a type");
+        let mut prepared = PreparedIds {
+            ids: Vec::with_capacity(ids.len() + 1),
+            unusable: Vec::new(),
+        };
+        for (id_type, raw) in ids {
+            let Some(i) = self.position(id_type) else {
+                return Err(crate::event::Rejection::IdTypeUnknown {
+                    id_type: id_type.to_string(),
+                    known: self.names(),
+                });
+            };
+            match self.types[i].normaliser.apply(raw) {
+                Some(value) => prepared.ids.push((i, value)),
+                None => prepared.unusable.push(i),
+            }
+        }
+        if !customer_id.is_empty() {
+            prepared.ids.push((customer_id_type, customer_id.to_owned()));
+        }
+        // Best-ranked first, the event's own customer_id first among its type (the
+        // customer a merge's origin names); one of each.
+        let own = |i: usize, v: &str| !(i == customer_id_type && v == customer_id);
+        prepared.ids.sort_by(|a, b| {
+            self.types[b.0]
+                .rank
+                .cmp(&self.types[a.0].rank)
+                .then_with(|| a.0.cmp(&b.0))
+                .then_with(|| own(a.0, &a.1).cmp(&own(b.0, &b.1)))
+                .then_with(|| a.1.cmp(&b.1))
+        });
+        prepared.ids.dedup();
+        Ok(prepared)
+    }
+
     pub fn position(&self, name: &str) -> Option<usize> {
         self.types.iter().position(|t| &*t.name == name)
     }
@@ -512,6 +565,47 @@ mod tests {
         assert!(cache.len() <= 4);
         cache.clear();
         assert_eq!(cache.get(b"a"), None);
+    }
+
+    #[test]
+    fn prepared_identifiers_are_normalised_ranked_and_unique() {
+        let config = IdentityConfig::default();
+        let ids: Vec<(Arc<str>, String)> = [
+            ("device_id", "d-1"),
+            ("phone", "+86 138 0000 0001"),
+            ("customer_id", "a-2"),
+            ("phone", "13800000001"),
+            ("email", "n/a"),
+            ("customer_id", "a-1"),
+        ]
+        .into_iter()
+        .map(|(t, v)| (Arc::from(t), v.to_owned()))
+        .collect();
+        let prepared = config.prepare(&ids, "a-9").unwrap();
+        let names: Vec<(&str, &str)> = prepared
+            .ids
+            .iter()
+            .map(|(i, v)| (&*config.types[*i].name, v.as_str()))
+            .collect();
+        // The event's own customer_id first among its type; the phone once; the unusable
+        // email left out and named.
+        assert_eq!(
+            names,
+            [
+                ("customer_id", "a-9"),
+                ("customer_id", "a-1"),
+                ("customer_id", "a-2"),
+                ("phone", "13800000001"),
+                ("device_id", "d-1"),
+            ]
+        );
+        assert_eq!(prepared.unusable, [config.position("email").unwrap()]);
+        let unknown = [(Arc::from("fax"), "1".to_owned())];
+        assert_eq!(
+            config.prepare(&unknown, "").unwrap_err().code(),
+            "id_type_unknown"
+        );
+        assert!(config.prepare(&ids[4..5], "").unwrap().ids.is_empty());
     }
 
     #[test]

@@ -45,6 +45,9 @@ pub struct Intake {
     pub limits: EventLimits,
     pub plan: Option<Arc<TrackingPlan>>,
     pub quality: Arc<Quality>,
+    /// The identifier types: events' `ids` are normalised and ranked here, on the parsing
+    /// thread, not on the engine's.
+    pub identity: Option<Arc<crate::identity::IdentityConfig>>,
 }
 
 impl Intake {
@@ -59,7 +62,16 @@ impl Intake {
             .map(|r| {
                 let r = r.as_ref();
                 let from = found.len();
-                let result = parse_event_planned(r, &self.limits, self.plan.as_deref(), i64::MAX, &mut found);
+                let mut result =
+                    parse_event_planned(r, &self.limits, self.plan.as_deref(), i64::MAX, &mut found);
+                if let (Ok(ev), Some(identity)) = (&mut result, &self.identity) {
+                    if !ev.ids.is_empty() {
+                        match identity.prepare(&ev.ids, &ev.customer_id) {
+                            Ok(prepared) => ev.prepared = Some(prepared),
+                            Err(rejection) => result = Err(rejection),
+                        }
+                    }
+                }
                 let blocked = match &result {
                     Err(Rejection::Plan(v)) => Some(v.class),
                     _ => None,
@@ -654,6 +666,7 @@ mod tests {
             limits: EventLimits::default(),
             plan: plan.map(|p| Arc::new(TrackingPlan::parse(p).unwrap())),
             quality: Arc::new(Quality::default()),
+            identity: None,
         }
     }
 

@@ -276,6 +276,49 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+    /// Identifiers are normalised and ranked where events are parsed (the intake knows the
+    /// types); events parsed without them are prepared by the engine. Both resolve alike.
+    #[test]
+    fn identifiers_prepared_at_parse_or_by_the_engine_resolve_alike(
+        gens in prop::collection::vec(gen_event(4), 1..40),
+        cut in 0usize..40,
+    ) {
+        let mut lines: Vec<String> = render(&gens).into_iter().map(|(l, _)| l).collect();
+        // And the identifiers an engine must reject or drop, wherever they are prepared.
+        lines.push(r#"{"type":"view","ts":1740000000000,"ids":{"fax":"123"}}"#.into());
+        lines.push(r#"{"type":"view","ts":1740000000000,"ids":{"phone":"n/a"}}"#.into());
+        lines.push(r#"{"customer_id":"c-9","type":"view","ts":1740000000000,"ids":{"email":"x","customer_id":"c-9"}}"#.into());
+        let cut = cut.min(lines.len());
+        let (dir_a, dir_b) = (TempDir::new("identity-parse"), TempDir::new("identity-engine"));
+        let (mut a, mut b) = (open(&dir_a, 1), open(&dir_b, 1));
+        let limits = processor::EventLimits::default();
+        let mut codes = (Vec::new(), Vec::new());
+        for part in [&lines[..cut], &lines[cut..]] {
+            let prepared = a.ingest(part).unwrap();
+            let parsed: Vec<_> = part
+                .iter()
+                .map(|l| processor::event::parse_event(l.as_bytes(), &limits, i64::MAX))
+                .collect();
+            prop_assert!(parsed.iter().flatten().all(|ev| ev.prepared.is_none()));
+            let none: [(&str, u64); 0] = [];
+            let unprepared = b.ingest_parsed(part, parsed, &none).unwrap();
+            prop_assert_eq!(prepared.accepted, unprepared.accepted);
+            codes.0.extend(prepared.errors.iter().map(|e| (e.index, e.code, e.reason.clone())));
+            codes.1.extend(unprepared.errors.iter().map(|e| (e.index, e.code, e.reason.clone())));
+        }
+        prop_assert_eq!(&codes.0, &codes.1);
+        prop_assert_eq!(codes.0.iter().map(|c| c.1).collect::<Vec<_>>(), ["id_type_unknown", "ids_unusable"]);
+        prop_assert_eq!(a.reader().identity_stats(), b.reader().identity_stats());
+        prop_assert_eq!(
+            format!("{:?}", a.changes(0, 100_000).unwrap()),
+            format!("{:?}", b.changes(0, 100_000).unwrap())
+        );
+    }
+}
+
 fn view_tags(engine: &Engine, customer: &str) -> BTreeMap<String, ()> {
     engine
         .customer(customer)

@@ -379,45 +379,26 @@ impl Engine {
         let customer_id_type = config
             .position(CUSTOMER_ID)
             .expect("customer_id is always a type");
-        let mut ids: Vec<(usize, String)> = Vec::with_capacity(ev.ids.len() + 1);
-        for (id_type, raw) in &ev.ids {
-            let Some(i) = config.position(id_type) else {
-                return Ok(Err(Rejection::IdTypeUnknown {
-                    id_type: id_type.to_string(),
-                    known: config.names(),
-                }));
-            };
-            match config.types[i].normaliser.apply(raw) {
-                Some(value) => ids.push((i, value)),
-                None => self.identity_counts.unusable(&config.types[i].name),
-            }
+        // Prepared where the event was parsed, or here.
+        let prepared = match &ev.prepared {
+            Some(p) => std::borrow::Cow::Borrowed(p),
+            None => match config.prepare(&ev.ids, &ev.customer_id) {
+                Ok(p) => std::borrow::Cow::Owned(p),
+                Err(rejection) => return Ok(Err(rejection)),
+            },
+        };
+        for &i in &prepared.unusable {
+            self.identity_counts.unusable(&config.types[i].name);
         }
-        if !ev.customer_id.is_empty() {
-            ids.push((customer_id_type, String::new()));
-        }
+        let ids = &prepared.ids;
         if ids.is_empty() {
             return Ok(Err(Rejection::IdsUnusable));
-        }
-        // Best-ranked first; one of each.
-        ids.sort_by(|a, b| {
-            config.types[b.0]
-                .rank
-                .cmp(&config.types[a.0].rank)
-                .then_with(|| a.cmp(b))
-        });
-        ids.dedup();
-        // The customer_id (its value left empty above, to sort first among equals) is the
-        // event's own `Arc`: no copy.
-        for (i, value) in &mut ids {
-            if *i == customer_id_type && value.is_empty() {
-                *value = ev.customer_id.to_string();
-            }
         }
         let mut owners: Vec<Arc<str>> = Vec::new();
         let mut attach = Vec::new();
         let mut origin: Option<Arc<str>> = None;
         let mut key = Vec::new();
-        for (i, value) in &ids {
+        for (i, value) in ids {
             let name = &config.types[*i].name;
             if *i == customer_id_type && *value == *ev.customer_id {
                 let owner = self.aliases.get(&ev.customer_id).unwrap_or(&ev.customer_id);
