@@ -268,6 +268,22 @@ fn an_import_is_refused_whole_when_it_cannot_apply() {
     .unwrap();
     let err = other.import_partition(&mut &file[..]).unwrap_err();
     assert!(err.to_string().contains("8 partitions"), "{err}");
+    // A format this version does not know (a newer one's): refused, naming both.
+    let header = processor::PARTITION_EXPORT_MAGIC.len() + 4;
+    assert_eq!(
+        file[header..header + 2],
+        [1, 2],
+        "the header frame: its kind, format 2"
+    );
+    let mut newer = file.clone();
+    newer[header + 1] = 9;
+    let err = target.import_partition(&mut &newer[..]).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("format 9; this version reads formats 1 to 2"),
+        "{err}"
+    );
+    assert!(target.customer_ids().unwrap().is_empty());
     // Imported once; a second time it is already here.
     let summary = target.import_partition(&mut &file[..]).unwrap();
     assert!(summary.customers > 0);

@@ -198,7 +198,7 @@ impl Engine {
         // Since a customer absorbed another, its events keep the profile they set.
         let keep_profile = !self.aliases.is_empty() && self.aliases.is_survivor(&ev.customer_id);
         if let Some(named) = &mut round.named {
-            *named.entry(ev.customer_id.clone()).or_default() += 1;
+            named.insert(ev.customer_id.clone());
         }
         round.jobs[shard].push(Job {
             step,
@@ -455,9 +455,9 @@ pub(super) struct Round {
     jobs: Vec<Vec<Job>>,
     steps: Vec<(u64, i64)>,
     next_step: u64,
-    /// How many jobs of the round name each customer: counted from the round's first merge
-    /// on ([`Round::names_any`]).
-    named: Option<foldhash::HashMap<Arc<str>, u32>>,
+    /// The customers the round's jobs name: gathered at the round's first merge and kept
+    /// from then on ([`Round::names_any`]).
+    named: Option<foldhash::HashSet<Arc<str>>>,
 }
 
 impl Round {
@@ -470,20 +470,19 @@ impl Round {
         }
     }
 
-    /// True when an event of this round not applied yet names one of `customers`. The
-    /// count of the round's events per customer is made at the round's first merge and kept
-    /// from then on, so the check costs nothing in rounds without merges and little in rounds
-    /// with many.
+    /// True when an event of this round not applied yet names one of `customers`. The set
+    /// of customers the round's events name is made at the round's first merge and kept from
+    /// then on, so the check costs nothing in rounds without merges and little in rounds with
+    /// many.
     pub(super) fn names_any(&mut self, customers: &[&Arc<str>]) -> bool {
         let jobs = &self.jobs;
         let named = self.named.get_or_insert_with(|| {
-            let mut named = foldhash::HashMap::default();
-            for job in jobs.iter().flatten() {
-                *named.entry(job.event.customer_id.clone()).or_default() += 1;
-            }
-            named
+            jobs.iter()
+                .flatten()
+                .map(|job| job.event.customer_id.clone())
+                .collect()
         });
-        customers.iter().any(|c| named.get(*c).is_some_and(|n| *n > 0))
+        customers.iter().any(|c| named.contains(*c))
     }
 
     /// The steps at which the clock moved in this round, and to where.

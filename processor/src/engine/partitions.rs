@@ -231,7 +231,7 @@ impl Engine {
         let format = r.u64().map_err(codec)?;
         if format != FORMAT && format != 1 {
             return Err(EngineError::Conflict(format!(
-                "the export has format {format}; this version reads format {FORMAT}"
+                "the export has format {format}; this version reads formats 1 to {FORMAT}"
             )));
         }
         let partition = r.u64().map_err(codec)? as u32;
