@@ -667,3 +667,40 @@ fn unmerging_what_was_not_merged_is_refused() {
     let stats = engine.reader().identity_stats();
     assert_eq!((stats.merges, stats.unmerges), (2, 1));
 }
+
+#[test]
+fn an_event_absorbed_in_its_own_batch_keeps_its_id_and_profile() {
+    let dir = TempDir::new("identity");
+    let mut engine = open(&dir, 2);
+    // One batch: the phone's first event, then the member number that claims the phone.
+    engine
+        .ingest(&[
+            r#"{"event_id":"x1","type":"view","ts":1740000000000,"ids":{"phone":"13800000001"},
+                "props":{"p":"seafood"},"profile":{"city":"杭州"}}"#,
+            r#"{"event_id":"x2","customer_id":"m-1","type":"app_open","ts":1740000060000,
+                "ids":{"phone":"13800000001"}}"#,
+        ])
+        .unwrap();
+    assert_eq!(&*engine.canonical_id("phone:13800000001"), "m-1");
+    let ids = |engine: &Engine, customer: &str| -> BTreeSet<Option<String>> {
+        let events = engine.timeline(customer, None, 100).unwrap().unwrap();
+        events.into_iter().map(|e| e.event_id).collect()
+    };
+    assert_eq!(
+        ids(&engine, "m-1"),
+        BTreeSet::from([Some("x1".to_owned()), Some("x2".to_owned())])
+    );
+    // Split off again, the phone's customer gets its event back with its id and the
+    // profile it set.
+    engine
+        .unmerge_customers("m-1", &["phone:13800000001".to_owned()], None)
+        .unwrap();
+    assert_eq!(
+        ids(&engine, "phone:13800000001"),
+        BTreeSet::from([Some("x1".to_owned())])
+    );
+    let phone = engine.customer("phone:13800000001").unwrap().unwrap();
+    assert!(phone.tags.contains_key("hangzhou"), "{:?}", phone.tags);
+    let member = engine.customer("m-1").unwrap().unwrap();
+    assert!(!member.tags.contains_key("hangzhou"), "{:?}", member.tags);
+}

@@ -534,6 +534,12 @@ impl Engine {
             let customers: Vec<&Arc<str>> = resolution.absorbed.iter().chain([canonical]).collect();
             if round.names_any(&customers) {
                 let before = std::mem::replace(round, round.continuing());
+                for (shard, jobs) in self.shards.iter_mut().zip(before.jobs()) {
+                    for job in jobs.iter().filter(|j| j.event_id.is_some() || j.origin.is_some()) {
+                        let kept = (job.event_id.clone(), job.origin.clone());
+                        shard.batch.applied_ids.insert(job.arrival, kept);
+                    }
+                }
                 self.run_ingest_round(before)?;
             }
             let mut survivor = match record.take() {
@@ -812,13 +818,18 @@ impl Worker<'_> {
         }
         let mut state = self.remove_customer(customer, now, cause, committed)?;
         let cutoff = now.saturating_sub(self.ctx.config.retention_ms);
+        let applied = &mut self.shard.batch.applied_ids;
         Ok(Handover {
-            // Events of this batch are not in the store yet: the moved copy keeps that they
-            // belong to this customer, not their id or the profile they set (applied already).
+            // Events of this batch are not in the store yet: the moved copy keeps their id and
+            // the customer they belong to, not the profile they set (applied already, and kept
+            // with the merge).
             events: std::mem::take(&mut state.history.events)
                 .into_iter()
                 .map(|event| {
-                    let (event_id, origin, profile) = stored.remove(&event.arrival).unwrap_or_default();
+                    let (event_id, origin, profile) = stored.remove(&event.arrival).unwrap_or_else(|| {
+                        let (event_id, origin) = applied.remove(&event.arrival).unwrap_or_default();
+                        (event_id, origin.map(|o| o.to_string()), Vec::new())
+                    });
                     Moved {
                         origin: origin.map_or_else(|| customer.clone(), Arc::from),
                         event_id,

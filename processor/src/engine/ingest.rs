@@ -485,6 +485,11 @@ impl Round {
         customers.iter().any(|c| named.contains(*c))
     }
 
+    /// The round's jobs, per shard.
+    pub(super) fn jobs(&self) -> &[Vec<Job>] {
+        &self.jobs
+    }
+
     /// The steps at which the clock moved in this round, and to where.
     pub(super) fn steps(&self) -> &[(u64, i64)] {
         &self.steps
