@@ -454,7 +454,7 @@ struct Batch {
     identities: foldhash::HashMap<Vec<u8>, Option<Vec<u8>>>,
     /// By arrival, the `event_id` and origin of this batch's events applied before a merge
     /// cut the round: not in the store yet, they move with their customer if it is absorbed
-    /// later in the batch ([`Round::names_any`]).
+    /// later in the batch (`ingest::Round::names_any` cuts the round).
     applied_ids: foldhash::HashMap<u64, (Option<String>, Option<Arc<str>>)>,
     /// Customers a merge absorbed in this batch, with their numbers (their changes keep
     /// them: the customers are in no cache any more).
