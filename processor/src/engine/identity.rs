@@ -813,7 +813,7 @@ impl Worker<'_> {
         let mut stored = HashMap::new();
         let mut committed = Vec::new();
         for e in self.committed_events(customer)? {
-            stored.insert(e.event.arrival, (e.event_id, e.origin, e.profile));
+            stored.insert(e.event.arrival, (e.event_id, e.origin.map(Arc::from), e.profile));
             committed.push(e.event);
         }
         let mut state = self.remove_customer(customer, now, cause, committed)?;
@@ -828,10 +828,10 @@ impl Worker<'_> {
                 .map(|event| {
                     let (event_id, origin, profile) = stored.remove(&event.arrival).unwrap_or_else(|| {
                         let (event_id, origin) = applied.remove(&event.arrival).unwrap_or_default();
-                        (event_id, origin.map(|o| o.to_string()), Vec::new())
+                        (event_id, origin, Vec::new())
                     });
                     Moved {
-                        origin: origin.map_or_else(|| customer.clone(), Arc::from),
+                        origin: origin.unwrap_or_else(|| customer.clone()),
                         event_id,
                         profile,
                         event,
