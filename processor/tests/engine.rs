@@ -296,19 +296,24 @@ fn wall_clock_mode_fires_due_timers_on_tick() {
     let mut engine = Engine::open(dir.path(), Some("tag seen on view ttl 200ms"), config).unwrap();
     let out = engine.ingest(&[r#"{"customer_id":"c1","type":"view"}"#]).unwrap();
     assert_eq!(out.changes.len(), 1, "no ts: stamped with the wall clock");
-    let added = out.changes[0].at;
+    // Stamped when accepted; the tag is added when judged, the same or a later millisecond.
+    let stamped = engine.timeline("c1", None, 1).unwrap().unwrap()[0].event.ts;
+    assert!(out.changes[0].at >= stamped && out.changes[0].at - stamped < 50);
     std::thread::sleep(std::time::Duration::from_millis(250));
     let fired = engine.tick().unwrap();
     assert_eq!(fired.len(), 1);
     assert_eq!(
         (fired[0].op, fired[0].at),
-        (Op::Remove, added + 200),
+        (Op::Remove, stamped + 200),
         "at the exact instant, not when noticed"
     );
 }
 
 /// A wall clock engine (one worker) whose `customers` each have a timer 100 ms after their
-/// view, slept past: a backlog of due timers. Returns the instant each was tagged.
+/// view, slept past: a backlog of due timers. Returns the `ts` of each customer's view. The
+/// views carry it: an unstamped event takes the wall clock when accepted, and its tag is
+/// added at the (possibly later) instant it is judged, so the tag's instant is not always
+/// the expiry's base.
 fn due_timers(dir: &TempDir, config: EngineConfig, customers: usize) -> (Engine, BTreeMap<String, i64>) {
     let config = EngineConfig {
         clock: ClockMode::Wall,
@@ -317,20 +322,22 @@ fn due_timers(dir: &TempDir, config: EngineConfig, customers: usize) -> (Engine,
         ..config
     };
     let mut engine = Engine::open(dir.path(), Some("tag seen on view ttl 100ms"), config).unwrap();
-    let views: Vec<String> = (0..customers)
-        .map(|i| format!(r#"{{"customer_id":"c{i}","type":"view"}}"#))
-        .collect();
-    let added: BTreeMap<String, i64> = engine
-        .ingest(&views)
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
-        .changes
-        .iter()
-        .map(|c| (c.customer_id.to_string(), c.at))
+        .as_millis() as i64;
+    let seen: BTreeMap<String, i64> = (0..customers)
+        .map(|i| (format!("c{i}"), now - i as i64))
         .collect();
+    let views: Vec<String> = seen
+        .iter()
+        .map(|(id, ts)| format!(r#"{{"customer_id":"{id}","type":"view","ts":{ts}}}"#))
+        .collect();
+    let added = engine.ingest(&views).unwrap().changes;
     assert_eq!(added.len(), customers);
     std::thread::sleep(std::time::Duration::from_millis(150));
     assert!(engine.timers_behind());
-    (engine, added)
+    (engine, seen)
 }
 
 /// A backlog of due timers (a restart after downtime) is fired a bounded number per round,
@@ -342,7 +349,7 @@ fn a_backlog_of_timers_is_fired_in_bounded_rounds() {
         timers_per_round: 2,
         ..Default::default()
     };
-    let (mut engine, added) = due_timers(&dir, config, 7);
+    let (mut engine, seen) = due_timers(&dir, config, 7);
     let mut removed = BTreeMap::new();
     let mut rounds = 0;
     while engine.timers_behind() {
@@ -358,7 +365,7 @@ fn a_backlog_of_timers_is_fired_in_bounded_rounds() {
         rounds += 1;
     }
     assert_eq!(rounds, 4);
-    let expected: BTreeMap<String, i64> = added.into_iter().map(|(id, at)| (id, at + 100)).collect();
+    let expected: BTreeMap<String, i64> = seen.into_iter().map(|(id, ts)| (id, ts + 100)).collect();
     assert_eq!(removed, expected, "each at its own instant");
     assert!(engine.tick().unwrap().is_empty());
 }
@@ -375,7 +382,7 @@ fn a_backlog_of_timers_shares_rounds_with_events() {
         timers_beside_events: 3,
         ..Default::default()
     };
-    let (mut engine, added) = due_timers(&dir, config, 20);
+    let (mut engine, seen) = due_timers(&dir, config, 20);
     let mut removed = BTreeMap::new();
     let mut take = |changes: Vec<processor::Change>| {
         let mut n = 0;
@@ -402,7 +409,7 @@ fn a_backlog_of_timers_shares_rounds_with_events() {
     // Nothing waiting: the rest in one full round.
     assert_eq!(take(engine.tick().unwrap()), 9);
     assert!(!engine.timers_behind());
-    let expected: BTreeMap<String, i64> = added.into_iter().map(|(id, at)| (id, at + 100)).collect();
+    let expected: BTreeMap<String, i64> = seen.into_iter().map(|(id, ts)| (id, ts + 100)).collect();
     assert_eq!(removed, expected, "each once, at its own instant");
 }
 
