@@ -8,6 +8,7 @@
 
 mod cache;
 mod commit;
+mod deal;
 mod evaluate;
 mod explain;
 mod identity;
@@ -37,6 +38,8 @@ pub use unmerge::Unmerged;
 pub use versions::{DefChange, DefText, ReadVersions, RuleDiff, RuleEdit, RuleVersion, VersionSummary};
 
 use cache::CustomerCache;
+use deal::Dealer;
+use ingest::Round;
 use pipeline::{BackgroundWriter, Done, Pending};
 use read::Published;
 use shard::{in_parallel, shard_of, Ctx, Job, Place, Shard, Worker};
@@ -452,9 +455,9 @@ struct Batch {
     events: Vec<(Arc<str>, rules::Event)>,
     /// Identity graph writes of the batch (`None` deletes), read before the store's.
     identities: foldhash::HashMap<Vec<u8>, Option<Vec<u8>>>,
-    /// By arrival, the `event_id` and origin of this batch's events applied before a merge
-    /// cut the round: not in the store yet, they move with their customer if it is absorbed
-    /// later in the batch (`ingest::Round::names_any` cuts the round).
+    /// By arrival, the `event_id` and origin of this batch's events applied (in a round
+    /// whose events carry identifiers): not in the store yet, they move with their customer
+    /// if a merge absorbs it later in the batch.
     applied_ids: foldhash::HashMap<u64, (Option<String>, Option<Arc<str>>)>,
     /// Customers a merge absorbed in this batch, with their numbers (their changes keep
     /// them: the customers are in no cache any more).
@@ -813,7 +816,8 @@ impl Engine {
 
     /// The shard that owns `customer`.
     fn shard_index(&self, customer: &str) -> usize {
-        shard_of(customer, self.config.partitions, self.shards.len())
+        // The shards' count from the config: during a dealt round they are on their threads.
+        shard_of(customer, self.config.partitions, self.config.workers.max(1))
     }
 
     /// Gives each shard the stored timers of its customers.
@@ -840,6 +844,7 @@ impl Engine {
                 steps,
                 pending: self.pending.as_ref().map(|p| &*p.signal),
                 timers,
+                keep_ids: false,
             },
             &mut self.shards,
         )

@@ -58,6 +58,30 @@ impl Engine {
         work(&mut Worker::new(&ctx, &mut shards[i], place))
     }
 
+    /// Runs `work` at `place` on the worker of the shard owning `customer`: in a dealt round
+    /// on the shard's thread, after the events dealt to it so far; otherwise here.
+    pub(super) fn on_worker<'s, R: Send + 's>(
+        &mut self,
+        round: &mut Round<'s>,
+        customer: &str,
+        place: Place,
+        work: impl for<'w> FnOnce(&mut Worker<'w>) -> Result<R, EngineError> + Send + 's,
+    ) -> Result<R, EngineError> {
+        let shard = self.shard_index(customer);
+        match &mut round.dealer {
+            Some(dealer) => dealer.run_on(shard, &round.steps, move |w| {
+                w.place = place;
+                work(w)
+            }),
+            None => {
+                let steps = std::mem::take(&mut round.steps);
+                let result = self.with_worker_at(customer, place, &steps, work);
+                round.steps = steps;
+                result
+            }
+        }
+    }
+
     /// Writes the round: new customers numbered and changes given their `seq` in the order
     /// one thread would have made them, customer records, counters, and everything the
     /// shards queued, atomically. Returns the changes in `seq` order with their steps.

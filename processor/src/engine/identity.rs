@@ -1,15 +1,15 @@
 //! Identity resolution in the engine ([`crate::identity`] has the graph's layout and the
 //! normalisers). Resolution runs on the engine thread before an event is dealt to its
-//! shard, so the shards only ever see canonical customer ids. A merge cuts the round at
-//! the event that causes it: the events before it are applied first, then the absorbed
-//! customers hand their retained history, profile and manual tags to the survivor, who is
+//! shard, so the shards only ever see canonical customer ids. A merge is made at the event
+//! that causes it: on the shards of its customers, behind the events dealt to them before
+//! ([`super::deal`]), the absorbed customers hand their retained history, profile and
+//! manual tags to the survivor, who is
 //! rebuilt from the union as if every event had always carried one id — all in the batch of
 //! the round, so a crash leaves either no merge or all of it. An unmerge
 //! ([`unmerge`](super::unmerge)) undoes one from what a merge keeps.
 
 use super::*;
 
-use super::ingest::Round;
 use crate::identity::{
     owner_key, owner_value, parse_owner_key, parse_owner_value, record_key, IdEntry, IdRecord, CUSTOMER_ID,
 };
@@ -286,7 +286,7 @@ impl Engine {
             origin: None,
         };
         let (_, changes) = self.transact(|engine, batch| {
-            let mut round = Round::new(engine.shards.len());
+            let mut round = Round::by_hand();
             let arrival = engine.counters.next_arrival;
             engine.settle_identity(&resolution, 0, arrival, &cause, &mut round, batch)
         })?;
@@ -512,7 +512,7 @@ impl Engine {
         step: u64,
         arrival: u64,
         cause: &Cause,
-        round: &mut Round,
+        round: &mut Round<'_>,
         batch: &mut Batch,
     ) -> Result<Option<Arc<str>>, EngineError> {
         let canonical = &resolution.canonical;
@@ -528,20 +528,6 @@ impl Engine {
         };
         let mut changed = false;
         if !resolution.absorbed.is_empty() {
-            // The events before this one are applied to the customers they named first: the
-            // round is cut here when one of them is a customer of the merge (others' events
-            // do not touch it, and their changes keep their places in the log).
-            let customers: Vec<&Arc<str>> = resolution.absorbed.iter().chain([canonical]).collect();
-            if round.names_any(&customers) {
-                let before = std::mem::replace(round, round.continuing());
-                for (shard, jobs) in self.shards.iter_mut().zip(before.jobs()) {
-                    for job in jobs.iter().filter(|j| j.event_id.is_some() || j.origin.is_some()) {
-                        let kept = (job.event_id.clone(), job.origin.clone());
-                        shard.batch.applied_ids.insert(job.arrival, kept);
-                    }
-                }
-                self.run_ingest_round(before)?;
-            }
             let mut survivor = match record.take() {
                 Some(r) => r,
                 None => self.id_record(canonical, batch)?,
@@ -579,13 +565,12 @@ impl Engine {
             }
             record = Some(survivor);
             changed = true;
-            let steps = round.steps().to_vec();
             self.merge(
                 canonical,
                 &resolution.absorbed,
-                (step, &steps),
-                arrival,
+                (step, arrival),
                 cause,
+                round,
                 batch,
             )?;
             self.identity_counts.merged(resolution.absorbed.len());
@@ -632,22 +617,26 @@ impl Engine {
 
     /// Moves each absorbed customer's retained history, profile and manual tags to
     /// `survivor` and rebuilds the survivor from the union; the absorbed leave every tag and
-    /// segment and are deleted. What an unmerge needs is kept in the graph.
+    /// segment and are deleted. What an unmerge needs is kept in the graph. In a dealt round
+    /// each part runs on its customer's shard after the events dealt to it before this one
+    /// (events of the round's other customers may still be waiting: their changes keep their
+    /// places in the log).
     fn merge(
         &mut self,
         survivor: &Arc<str>,
         absorbed: &[Arc<str>],
-        (step, steps): (u64, &[(u64, i64)]),
-        arrival: u64,
+        (step, arrival): (u64, u64),
         cause: &Cause,
+        round: &mut Round<'_>,
         batch: &mut Batch,
     ) -> Result<(), EngineError> {
         let now = self.now();
         let mut handovers = Vec::with_capacity(absorbed.len());
         let mut snapshots = Vec::with_capacity(absorbed.len());
         for (part, customer) in absorbed.iter().enumerate() {
-            let handover = self.with_worker_at(customer, Place::merge(step, part), steps, |w| {
-                w.leave(customer, survivor, now, cause)
+            let (leaving, into, why) = (customer.clone(), survivor.clone(), cause.clone());
+            let handover = self.on_worker(round, customer, Place::merge(step, part), move |w| {
+                w.leave(&leaving, &into, now, &why)
             })?;
             snapshots.push(Snapshot {
                 merged_at: arrival,
@@ -659,8 +648,9 @@ impl Engine {
             handovers.push(handover);
         }
         let place = Place::merge(step, absorbed.len());
-        let befores = self.with_worker_at(survivor, place, steps, |w| {
-            w.absorb(survivor, handovers, now, cause)
+        let (into, why) = (survivor.clone(), cause.clone());
+        let befores = self.on_worker(round, survivor, place, move |w| {
+            w.absorb(&into, handovers, now, &why)
         })?;
         for ((customer, mut snapshot), before) in absorbed.iter().zip(snapshots).zip(befores) {
             snapshot.survivor_profile = before;

@@ -33,10 +33,11 @@ impl Engine {
         parsed: Vec<Result<ValidEvent, Rejection>>,
         positions: &[(S, u64)],
     ) -> Result<IngestOutcome, EngineError> {
+        let keep_ids = carry_ids(&parsed);
         let (mut outcomes, mut changes) = self.transact(|engine, batch| {
-            let mut round = Round::new(engine.shards.len());
-            let outcome = engine.ingest_part(raw_events, parsed, positions, "api", &mut round, batch)?;
-            engine.run_ingest_round(round)?;
+            let outcome = engine.dealt_round(keep_ids, |engine, round| {
+                engine.ingest_part(raw_events, parsed, positions, "api", round, batch)
+            })?;
             Ok(vec![outcome])
         })?;
         let mut outcome = outcomes.pop().expect("one outcome");
@@ -63,32 +64,23 @@ impl Engine {
         requests: Vec<IngestRequest>,
         batch: &mut Batch,
     ) -> Result<(Vec<IngestOutcome>, Vec<u64>), EngineError> {
-        let mut round = Round::new(self.shards.len());
-        let mut outcomes = Vec::with_capacity(requests.len());
-        let mut starts = Vec::with_capacity(requests.len());
-        for request in requests {
-            starts.push(round.next_step);
-            outcomes.push(self.ingest_part(
-                &request.raw,
-                request.parsed,
-                &request.positions,
-                request.source,
-                &mut round,
-                batch,
-            )?);
-        }
-        self.run_ingest_round(round)?;
-        Ok((outcomes, starts))
-    }
-
-    /// Runs the shards on the jobs the requests of a round made.
-    pub(super) fn run_ingest_round(&mut self, round: Round) -> Result<(), EngineError> {
-        let until = match self.config.clock {
-            ClockMode::Wall => Some(self.now()),
-            ClockMode::Event => self.counters.clock,
-        };
-        let timers = self.config.timers_beside_events;
-        self.run_round(round.jobs, &round.steps, until, timers)
+        let keep_ids = requests.iter().any(|r| carry_ids(&r.parsed));
+        self.dealt_round(keep_ids, |engine, round| {
+            let mut outcomes = Vec::with_capacity(requests.len());
+            let mut starts = Vec::with_capacity(requests.len());
+            for request in requests {
+                starts.push(round.next_step);
+                outcomes.push(engine.ingest_part(
+                    &request.raw,
+                    request.parsed,
+                    &request.positions,
+                    request.source,
+                    round,
+                    batch,
+                )?);
+            }
+            Ok((outcomes, starts))
+        })
     }
 
     /// One caller's events: validated, deduplicated and numbered in order here, each
@@ -100,7 +92,7 @@ impl Engine {
         parsed: Vec<Result<ValidEvent, Rejection>>,
         positions: &[(S, u64)],
         source: &str,
-        round: &mut Round,
+        round: &mut Round<'_>,
         batch: &mut Batch,
     ) -> Result<IngestOutcome, EngineError> {
         assert_eq!(raw_events.len(), parsed.len(), "one parse result per event");
@@ -150,7 +142,7 @@ impl Engine {
         &mut self,
         mut ev: ValidEvent,
         step: u64,
-        round: &mut Round,
+        round: &mut Round<'_>,
         batch: &mut Batch,
     ) -> Result<Result<bool, Rejection>, EngineError> {
         let ts = match (ev.ts, self.config.clock, self.counters.clock) {
@@ -197,19 +189,19 @@ impl Engine {
         let shard = self.shard_index(&ev.customer_id);
         // Since a customer absorbed another, its events keep the profile they set.
         let keep_profile = !self.aliases.is_empty() && self.aliases.is_survivor(&ev.customer_id);
-        if let Some(named) = &mut round.named {
-            named.insert(ev.customer_id.clone());
-        }
-        round.jobs[shard].push(Job {
-            step,
-            event: ev,
-            event_id,
-            ts,
-            now,
-            arrival,
-            origin,
-            keep_profile,
-        });
+        round.deal(
+            shard,
+            Job {
+                step,
+                event: ev,
+                event_id,
+                ts,
+                now,
+                arrival,
+                origin,
+                keep_profile,
+            },
+        )?;
         Ok(Ok(true))
     }
 
@@ -283,6 +275,14 @@ impl Engine {
         w.str(rejection.code());
         batch.wb.put_cf(self.store.cf(CF_DLQ), id.to_be_bytes(), w.buf);
     }
+}
+
+/// True when some of `parsed` carry identifiers: a merge may absorb, later in the round, a
+/// customer whose events were applied already.
+fn carry_ids(parsed: &[Result<ValidEvent, Rejection>]) -> bool {
+    parsed
+        .iter()
+        .any(|p| p.as_ref().is_ok_and(|ev| !ev.ids.is_empty()))
 }
 
 impl Worker<'_> {
@@ -450,57 +450,39 @@ impl Worker<'_> {
     }
 }
 
-/// The jobs a round's requests made, per shard, and where the clock moved.
-pub(super) struct Round {
-    jobs: Vec<Vec<Job>>,
-    steps: Vec<(u64, i64)>,
+/// A round's events being dealt: where the clock moved, the next step, and the shards'
+/// queues ([`super::deal`]). A round without queues (a merge by hand) has no events, and
+/// its work runs on this thread.
+pub(super) struct Round<'s> {
+    pub(super) steps: Vec<(u64, i64)>,
     next_step: u64,
-    /// The customers the round's jobs name: gathered at the round's first merge and kept
-    /// from then on ([`Round::names_any`]).
-    named: Option<foldhash::HashSet<Arc<str>>>,
+    pub(super) dealer: Option<Dealer<'s>>,
 }
 
-impl Round {
-    pub(super) fn new(shards: usize) -> Round {
+impl<'s> Round<'s> {
+    pub(super) fn dealt(dealer: Dealer<'s>) -> Round<'s> {
         Round {
-            jobs: (0..shards).map(|_| Vec::new()).collect(),
             steps: Vec::new(),
             next_step: 0,
-            named: None,
+            dealer: Some(dealer),
         }
     }
 
-    /// True when an event of this round not applied yet names one of `customers`. The set
-    /// of customers the round's events name is made at the round's first merge and kept from
-    /// then on, so the check costs nothing in rounds without merges and little in rounds with
-    /// many.
-    pub(super) fn names_any(&mut self, customers: &[&Arc<str>]) -> bool {
-        let jobs = &self.jobs;
-        let named = self.named.get_or_insert_with(|| {
-            jobs.iter()
-                .flatten()
-                .map(|job| job.event.customer_id.clone())
-                .collect()
-        });
-        customers.iter().any(|c| named.contains(*c))
-    }
-
-    /// The round's jobs, per shard.
-    pub(super) fn jobs(&self) -> &[Vec<Job>] {
-        &self.jobs
-    }
-
-    /// The steps at which the clock moved in this round, and to where.
-    pub(super) fn steps(&self) -> &[(u64, i64)] {
-        &self.steps
-    }
-
-    /// An empty round that goes on numbering steps where this one stands (the rest of a
-    /// round cut by a merge).
-    pub(super) fn continuing(&self) -> Round {
+    /// A round of work done on this thread, one customer at a time (no events).
+    pub(super) fn by_hand() -> Round<'static> {
         Round {
-            next_step: self.next_step,
-            ..Round::new(self.jobs.len())
+            steps: Vec::new(),
+            next_step: 0,
+            dealer: None,
         }
+    }
+
+    /// Hands `job` to `shard`'s queue.
+    fn deal(&mut self, shard: usize, job: Job) -> Result<(), EngineError> {
+        let dealer = self
+            .dealer
+            .as_mut()
+            .expect("events are dealt only in a round with queues");
+        dealer.deal(shard, job, &self.steps)
     }
 }

@@ -7,7 +7,7 @@
 //!    and dead letters — everything global — turning each accepted event into a [`Job`] for
 //!    the shard that owns its customer;
 //! 2. every shard with work, in parallel: its timers as the clock passes them and its jobs in
-//!    order, into its own batch;
+//!    order, into its own batch — for events, while step 1 goes on ([`super::deal`]);
 //! 3. on the engine thread: the commit, which numbers new customers and gives changes their
 //!    `seq` in the order one thread would have made them (each change carries its [`Place`]
 //!    in that order), so the change log is the same whatever the number of workers.
@@ -111,6 +111,9 @@ pub(super) struct Ctx<'a> {
     /// Wall clock mode: most timers one worker fires this round (a worker with more events
     /// than that may fire as many timers as it has events).
     pub timers: usize,
+    /// Keep the ids and origins of the events applied ([`Batch`]'s `applied_ids`): a merge
+    /// later in the round may move them.
+    pub keep_ids: bool,
 }
 
 impl Ctx<'_> {
@@ -158,6 +161,19 @@ impl<'a> Worker<'a> {
                 self.fire_timers(until, most)?;
             }
         }
+        self.apply_jobs(jobs)?;
+        if event_clock {
+            if let Some(until) = until {
+                self.fire_timers(until, usize::MAX)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies jobs in order; in event clock mode each after the timers the clock passed
+    /// before it.
+    pub fn apply_jobs(&mut self, jobs: Vec<Job>) -> Result<(), EngineError> {
+        let event_clock = self.ctx.config.clock == ClockMode::Event;
         for job in jobs {
             self.place = Place::work(job.step);
             if event_clock {
@@ -176,13 +192,30 @@ impl<'a> Worker<'a> {
             } = job;
             let identity = (origin.as_deref(), keep_profile);
             self.apply_event(event, event_id.as_deref(), ts, now, arrival, identity)?;
-        }
-        if event_clock {
-            if let Some(until) = until {
-                self.fire_timers(until, usize::MAX)?;
+            if self.ctx.keep_ids && (event_id.is_some() || origin.is_some()) {
+                self.shard.batch.applied_ids.insert(arrival, (event_id, origin));
             }
         }
         Ok(())
+    }
+
+    /// The end of a dealt round ([`super::deal`]) that applied `applied` jobs here: the
+    /// timers due by `until` fire — every one in event clock mode; in wall clock mode as
+    /// many as a round beside events may fire, placed before the round's events as
+    /// [`Worker::run`] fires them (a customer with events here had its due timers fired
+    /// when its events were applied).
+    pub fn end_round(&mut self, until: Option<i64>, applied: usize) -> Result<(), EngineError> {
+        let Some(until) = until else {
+            return Ok(());
+        };
+        self.place = Place::work(0);
+        match self.ctx.config.clock {
+            ClockMode::Event => self.fire_timers(until, usize::MAX),
+            ClockMode::Wall => {
+                let most = self.ctx.timers.max(applied).min(self.ctx.config.timers_per_round);
+                self.fire_timers(until, most)
+            }
+        }
     }
 
     /// The place of a timer due at `due` fired now.

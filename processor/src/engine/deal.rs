@@ -1,0 +1,254 @@
+//! Dealing: the shards apply a round's events while the engine thread is still deciding
+//! what is global about the later ones.
+//!
+//! The engine thread's part of a round (validation against the clock, dedup, identity
+//! resolution and merges, arrival numbers, dead letters) is serial; the shards' part
+//! (loading, judging, timers) is parallel. Instead of running one after the other, a round
+//! started with [`Engine::dealt_round`] gives each shard a thread of its own for the round
+//! and a queue: accepted events reach it in small chunks as they are decided, with the steps
+//! at which the clock moved, and it applies them in order while the engine thread goes on.
+//!
+//! Work that needs a customer as the events before it left it (a merge: the absorbed
+//! customer leaves, the survivor takes over) is queued behind those events on the owning
+//! shard, and the engine thread waits for that shard alone; the others keep working. So a
+//! merge no longer stops the round, and the engine thread's serial work overlaps the shards'
+//! instead of adding to it.
+//!
+//! The order of the change log does not depend on any of this: every change carries its
+//! [`Place`] in the order one thread would have made it, and the commit sorts by it.
+
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender};
+
+use super::*;
+
+/// Jobs a shard is sent at once: small enough that a shard starts while the engine thread
+/// is still dealing, large enough that the queue is not the cost.
+const CHUNK: usize = 32;
+
+/// Work run on a shard's thread, in its queue's order.
+pub(super) type ShardWork<'s> = Box<dyn for<'w> FnOnce(&mut Worker<'w>) + Send + 's>;
+
+/// What a shard's thread is sent; each message carries the steps at which the clock moved
+/// since the last one it was sent (what timers fired now are placed by).
+pub(super) enum Msg<'s> {
+    Jobs(Vec<(u64, i64)>, Vec<Job>),
+    Run(Vec<(u64, i64)>, ShardWork<'s>),
+    /// The round's last message: the timers due by `until` (if any) fire.
+    End(Vec<(u64, i64)>, Option<i64>),
+}
+
+/// The engine thread's end of the shards' queues during a dealt round.
+pub(super) struct Dealer<'s> {
+    queues: Vec<Sender<Msg<'s>>>,
+    waiting: Vec<Vec<Job>>,
+    /// How many of the round's steps each shard has been sent.
+    sent_steps: Vec<usize>,
+}
+
+/// A shard's thread stopped (its error is the round's answer).
+fn stopped() -> EngineError {
+    EngineError::Conflict("an engine worker stopped in the middle of a round".into())
+}
+
+impl<'s> Dealer<'s> {
+    fn new(queues: Vec<Sender<Msg<'s>>>) -> Dealer<'s> {
+        let shards = queues.len();
+        Dealer {
+            queues,
+            waiting: (0..shards).map(|_| Vec::new()).collect(),
+            sent_steps: vec![0; shards],
+        }
+    }
+
+    /// Queues `job` for `shard`; a full chunk is sent.
+    pub(super) fn deal(&mut self, shard: usize, job: Job, steps: &[(u64, i64)]) -> Result<(), EngineError> {
+        self.waiting[shard].push(job);
+        if self.waiting[shard].len() >= CHUNK {
+            self.send_jobs(shard, steps)?;
+        }
+        Ok(())
+    }
+
+    fn new_steps(&mut self, shard: usize, steps: &[(u64, i64)]) -> Vec<(u64, i64)> {
+        let from = std::mem::replace(&mut self.sent_steps[shard], steps.len());
+        steps[from..].to_vec()
+    }
+
+    fn send_jobs(&mut self, shard: usize, steps: &[(u64, i64)]) -> Result<(), EngineError> {
+        let jobs = std::mem::take(&mut self.waiting[shard]);
+        let steps = self.new_steps(shard, steps);
+        self.queues[shard]
+            .send(Msg::Jobs(steps, jobs))
+            .map_err(|_| stopped())
+    }
+
+    /// Sends every shard what waits for it.
+    fn send_all(&mut self, steps: &[(u64, i64)]) -> Result<(), EngineError> {
+        for shard in 0..self.queues.len() {
+            if !self.waiting[shard].is_empty() {
+                self.send_jobs(shard, steps)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `work` on `shard` after every job dealt so far and waits for its answer. The
+    /// other shards are sent what waits for them first, so they work meanwhile.
+    pub(super) fn run_on<R: Send + 's>(
+        &mut self,
+        shard: usize,
+        steps: &[(u64, i64)],
+        work: impl for<'w> FnOnce(&mut Worker<'w>) -> Result<R, EngineError> + Send + 's,
+    ) -> Result<R, EngineError> {
+        self.send_all(steps)?;
+        let (answer, answered) = sync_channel(1);
+        let work: ShardWork<'s> = Box::new(move |worker| {
+            let _ = answer.send(work(worker));
+        });
+        let steps = self.new_steps(shard, steps);
+        self.queues[shard]
+            .send(Msg::Run(steps, work))
+            .map_err(|_| stopped())?;
+        answered.recv().map_err(|_| stopped())?
+    }
+
+    /// Sends the rest and the end of the round.
+    fn end(mut self, steps: &[(u64, i64)], until: Option<i64>) -> Result<(), EngineError> {
+        self.send_all(steps)?;
+        for shard in 0..self.queues.len() {
+            let steps = self.new_steps(shard, steps);
+            self.queues[shard]
+                .send(Msg::End(steps, until))
+                .map_err(|_| stopped())?;
+        }
+        Ok(())
+    }
+}
+
+/// What every shard's thread reads during a dealt round: [`Ctx`]'s fields, owned.
+struct Held {
+    store: Arc<Store>,
+    rules: Arc<CompiledRules>,
+    config: EngineConfig,
+    generation: u64,
+    order_pos: Vec<usize>,
+    batches: u64,
+    pending: Option<Arc<pipeline::WriteSignal>>,
+    keep_ids: bool,
+}
+
+impl Held {
+    fn ctx<'a>(&'a self, steps: &'a [(u64, i64)]) -> Ctx<'a> {
+        Ctx {
+            store: &self.store,
+            rules: &self.rules,
+            config: &self.config,
+            generation: self.generation,
+            order_pos: &self.order_pos,
+            batches: self.batches,
+            steps,
+            pending: self.pending.as_deref(),
+            timers: self.config.timers_beside_events,
+            keep_ids: self.keep_ids,
+        }
+    }
+}
+
+/// A shard's thread: applies what it is sent, in order, until the round ends or something
+/// fails (then its queue closes and the engine thread learns it at its next send).
+fn serve(held: &Held, shard: &mut Shard, queue: Receiver<Msg<'_>>) -> Result<(), EngineError> {
+    let mut steps: Vec<(u64, i64)> = Vec::new();
+    let mut applied = 0;
+    for msg in queue {
+        match msg {
+            Msg::Jobs(more, jobs) => {
+                steps.extend(more);
+                let ctx = held.ctx(&steps);
+                applied += jobs.len();
+                Worker::new(&ctx, shard, Place::work(0)).apply_jobs(jobs)?;
+            }
+            Msg::Run(more, work) => {
+                steps.extend(more);
+                let ctx = held.ctx(&steps);
+                work(&mut Worker::new(&ctx, shard, Place::work(0)));
+            }
+            Msg::End(more, until) => {
+                steps.extend(more);
+                let ctx = held.ctx(&steps);
+                Worker::new(&ctx, shard, Place::work(0)).end_round(until, applied)?;
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Engine {
+    /// Runs `deal` on this thread with a [`Round`] whose jobs the shards apply on threads
+    /// of their own as they are dealt (see the module's comment); once `deal` returns, the
+    /// shards finish the round (the timers due by its end) and the round's result is
+    /// `deal`'s, or the first error of a shard. `keep_ids`: events in the round carry
+    /// identifiers, so a customer may be absorbed by a merge after some of its events were
+    /// applied, and the shards keep those events' ids for it.
+    pub(super) fn dealt_round<R>(
+        &mut self,
+        keep_ids: bool,
+        deal: impl FnOnce(&mut Engine, &mut Round<'_>) -> Result<R, EngineError>,
+    ) -> Result<R, EngineError> {
+        let held = Held {
+            store: self.store.clone(),
+            rules: self.rules.clone(),
+            config: self.config.clone(),
+            generation: self.generation,
+            order_pos: self.order_pos.clone(),
+            batches: self.batches,
+            pending: self.pending.as_ref().map(|p| p.signal.clone()),
+            keep_ids,
+        };
+        let mut shards = std::mem::take(&mut self.shards);
+        let result = std::thread::scope(|scope| {
+            let mut queues = Vec::with_capacity(shards.len());
+            let mut threads = Vec::with_capacity(shards.len());
+            for shard in shards.iter_mut() {
+                let (queue, received) = channel();
+                let held = &held;
+                threads.push(scope.spawn(move || serve(held, shard, received)));
+                queues.push(queue);
+            }
+            let mut round = Round::dealt(Dealer::new(queues));
+            let dealt = deal(self, &mut round).and_then(|r| {
+                let until = match self.config.clock {
+                    ClockMode::Wall => Some(self.now()),
+                    ClockMode::Event => self.counters.clock,
+                };
+                round.end(until).map(|()| r)
+            });
+            drop(round);
+            let mut worked = Ok(());
+            for thread in threads {
+                let r = thread
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                if worked.is_ok() {
+                    worked = r;
+                }
+            }
+            // A shard's own error says more than the engine thread's "it stopped".
+            match (dealt, worked) {
+                (Ok(r), Ok(())) => Ok(r),
+                (_, Err(e)) | (Err(e), Ok(())) => Err(e),
+            }
+        });
+        self.shards = shards;
+        result
+    }
+}
+
+impl Round<'_> {
+    fn end(&mut self, until: Option<i64>) -> Result<(), EngineError> {
+        match self.dealer.take() {
+            Some(dealer) => dealer.end(&self.steps, until),
+            None => Ok(()),
+        }
+    }
+}
