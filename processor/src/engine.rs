@@ -843,6 +843,7 @@ impl Engine {
                 batches: self.batches,
                 steps,
                 pending: self.pending.as_ref().map(|p| &*p.signal),
+                pending_dirty: self.pending.as_ref().map(|p| &p.done.dirty[..]),
                 timers,
                 keep_ids: false,
             },

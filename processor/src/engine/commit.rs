@@ -59,20 +59,25 @@ impl Engine {
     }
 
     /// Runs `work` at `place` on the worker of the shard owning `customer`: in a dealt round
-    /// on the shard's thread, after the events dealt to it so far; otherwise here.
-    pub(super) fn on_worker<'s, R: Send + 's>(
+    /// queued on the shard's thread after the events dealt to it so far (not waited for: an
+    /// error fails the round); otherwise here, now.
+    pub(super) fn on_worker<'s>(
         &mut self,
         round: &mut Round<'s>,
         customer: &str,
         place: Place,
-        work: impl for<'w> FnOnce(&mut Worker<'w>) -> Result<R, EngineError> + Send + 's,
-    ) -> Result<R, EngineError> {
+        work: impl for<'w> FnOnce(&mut Worker<'w>) -> Result<(), EngineError> + Send + 's,
+    ) -> Result<(), EngineError> {
         let shard = self.shard_index(customer);
         match &mut round.dealer {
-            Some(dealer) => dealer.run_on(shard, &round.steps, move |w| {
-                w.place = place;
-                work(w)
-            }),
+            Some(dealer) => dealer.queue(
+                shard,
+                &round.steps,
+                Box::new(move |w| {
+                    w.place = place;
+                    work(w)
+                }),
+            ),
             None => {
                 let steps = std::mem::take(&mut round.steps);
                 let result = self.with_worker_at(customer, place, &steps, work);
@@ -156,7 +161,10 @@ impl Engine {
         }
         for part in parts {
             writes.push(part.wb);
-            dirty.push(part.dirty);
+            // The customers it deletes are written too (their events go).
+            let mut written = part.dirty;
+            written.extend(part.gone.into_keys());
+            dirty.push(written);
         }
         let done = Done {
             new_ids,
@@ -170,7 +178,7 @@ impl Engine {
             now,
             dedup: batch.dedup,
             identities: batch.identities,
-            dirty,
+            dirty: Arc::new(dirty),
         };
         Ok((writes, done))
     }

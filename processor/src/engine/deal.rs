@@ -10,14 +10,16 @@
 //!
 //! Work that needs a customer as the events before it left it (a merge: the absorbed
 //! customer leaves, the survivor takes over) is queued behind those events on the owning
-//! shard, and the engine thread waits for that shard alone; the others keep working. So a
-//! merge no longer stops the round, and the engine thread's serial work overlaps the shards'
-//! instead of adding to it.
+//! shard; the survivor's shard waits there for the absorbed customers' handovers, and the
+//! engine thread waits for nothing. So a merge no longer stops the round, and the engine
+//! thread's serial work overlaps the shards' instead of adding to it. (No deadlock: a
+//! shard waits only for the leaving halves of the merge it is at, queued on their shards
+//! before anything queued after that merge.)
 //!
 //! The order of the change log does not depend on any of this: every change carries its
 //! [`Place`] in the order one thread would have made it, and the commit sorts by it.
 
-use std::sync::mpsc::{channel, sync_channel, Receiver, Sender};
+use std::sync::mpsc::{channel, Receiver, Sender};
 
 use super::*;
 
@@ -25,8 +27,9 @@ use super::*;
 /// is still dealing, large enough that the queue is not the cost.
 const CHUNK: usize = 32;
 
-/// Work run on a shard's thread, in its queue's order.
-pub(super) type ShardWork<'s> = Box<dyn for<'w> FnOnce(&mut Worker<'w>) + Send + 's>;
+/// Work run on a shard's thread, in its queue's order; an error fails the round.
+pub(super) type ShardWork<'s> =
+    Box<dyn for<'w> FnOnce(&mut Worker<'w>) -> Result<(), EngineError> + Send + 's>;
 
 /// What a shard's thread is sent; each message carries the steps at which the clock moved
 /// since the last one it was sent (what timers fired now are placed by).
@@ -45,9 +48,15 @@ pub(super) struct Dealer<'s> {
     sent_steps: Vec<usize>,
 }
 
-/// A shard's thread stopped (its error is the round's answer).
-fn stopped() -> EngineError {
-    EngineError::Conflict("an engine worker stopped in the middle of a round".into())
+const STOPPED: &str = "an engine worker stopped in the middle of a round";
+
+/// A shard's thread stopped (its own error is the round's answer).
+pub(super) fn stopped() -> EngineError {
+    EngineError::Conflict(STOPPED.into())
+}
+
+fn is_stopped(e: &EngineError) -> bool {
+    matches!(e, EngineError::Conflict(m) if m == STOPPED)
 }
 
 impl<'s> Dealer<'s> {
@@ -92,24 +101,20 @@ impl<'s> Dealer<'s> {
         Ok(())
     }
 
-    /// Runs `work` on `shard` after every job dealt so far and waits for its answer. The
-    /// other shards are sent what waits for them first, so they work meanwhile.
-    pub(super) fn run_on<R: Send + 's>(
+    /// Queues `work` on `shard` after every job dealt to it so far.
+    pub(super) fn queue(
         &mut self,
         shard: usize,
         steps: &[(u64, i64)],
-        work: impl for<'w> FnOnce(&mut Worker<'w>) -> Result<R, EngineError> + Send + 's,
-    ) -> Result<R, EngineError> {
-        self.send_all(steps)?;
-        let (answer, answered) = sync_channel(1);
-        let work: ShardWork<'s> = Box::new(move |worker| {
-            let _ = answer.send(work(worker));
-        });
+        work: ShardWork<'s>,
+    ) -> Result<(), EngineError> {
+        if !self.waiting[shard].is_empty() {
+            self.send_jobs(shard, steps)?;
+        }
         let steps = self.new_steps(shard, steps);
         self.queues[shard]
             .send(Msg::Run(steps, work))
-            .map_err(|_| stopped())?;
-        answered.recv().map_err(|_| stopped())?
+            .map_err(|_| stopped())
     }
 
     /// Sends the rest and the end of the round.
@@ -134,6 +139,7 @@ struct Held {
     order_pos: Vec<usize>,
     batches: u64,
     pending: Option<Arc<pipeline::WriteSignal>>,
+    pending_dirty: Option<Arc<Vec<foldhash::HashSet<Arc<str>>>>>,
     keep_ids: bool,
 }
 
@@ -148,6 +154,7 @@ impl Held {
             batches: self.batches,
             steps,
             pending: self.pending.as_deref(),
+            pending_dirty: self.pending_dirty.as_deref().map(|d| &d[..]),
             timers: self.config.timers_beside_events,
             keep_ids: self.keep_ids,
         }
@@ -170,7 +177,7 @@ fn serve(held: &Held, shard: &mut Shard, queue: Receiver<Msg<'_>>) -> Result<(),
             Msg::Run(more, work) => {
                 steps.extend(more);
                 let ctx = held.ctx(&steps);
-                work(&mut Worker::new(&ctx, shard, Place::work(0)));
+                work(&mut Worker::new(&ctx, shard, Place::work(0)))?;
             }
             Msg::End(more, until) => {
                 steps.extend(more);
@@ -203,6 +210,7 @@ impl Engine {
             order_pos: self.order_pos.clone(),
             batches: self.batches,
             pending: self.pending.as_ref().map(|p| p.signal.clone()),
+            pending_dirty: self.pending.as_ref().map(|p| p.done.dirty.clone()),
             keep_ids,
         };
         let mut shards = std::mem::take(&mut self.shards);
@@ -224,20 +232,21 @@ impl Engine {
                 round.end(until).map(|()| r)
             });
             drop(round);
-            let mut worked = Ok(());
+            let mut errors: Vec<EngineError> = Vec::new();
             for thread in threads {
                 let r = thread
                     .join()
                     .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-                if worked.is_ok() {
-                    worked = r;
-                }
+                errors.extend(r.err());
             }
-            // A shard's own error says more than the engine thread's "it stopped".
-            match (dealt, worked) {
-                (Ok(r), Ok(())) => Ok(r),
-                (_, Err(e)) | (Err(e), Ok(())) => Err(e),
+            match dealt {
+                Ok(r) if errors.is_empty() => return Ok(r),
+                Ok(_) => {}
+                Err(e) => errors.push(e),
             }
+            // The first error that is not "a worker stopped" is the cause.
+            let cause = errors.iter().position(|e| !is_stopped(e)).unwrap_or(0);
+            Err(errors.swap_remove(cause))
         });
         self.shards = shards;
         result

@@ -565,14 +565,7 @@ impl Engine {
             }
             record = Some(survivor);
             changed = true;
-            self.merge(
-                canonical,
-                &resolution.absorbed,
-                (step, arrival),
-                cause,
-                round,
-                batch,
-            )?;
+            self.merge(canonical, &resolution.absorbed, (step, arrival), cause, round)?;
             self.identity_counts.merged(resolution.absorbed.len());
         }
         let limits = &self.config.identity;
@@ -618,9 +611,10 @@ impl Engine {
     /// Moves each absorbed customer's retained history, profile and manual tags to
     /// `survivor` and rebuilds the survivor from the union; the absorbed leave every tag and
     /// segment and are deleted. What an unmerge needs is kept in the graph. In a dealt round
-    /// each part runs on its customer's shard after the events dealt to it before this one
-    /// (events of the round's other customers may still be waiting: their changes keep their
-    /// places in the log).
+    /// nothing here waits: each absorbed customer leaves on its shard after the events dealt
+    /// to it before this one, and the survivor's shard, at the same point of its queue,
+    /// waits for their handovers and takes them over (events of the round's other customers
+    /// may still be waiting: their changes keep their places in the log).
     fn merge(
         &mut self,
         survivor: &Arc<str>,
@@ -628,33 +622,59 @@ impl Engine {
         (step, arrival): (u64, u64),
         cause: &Cause,
         round: &mut Round<'_>,
-        batch: &mut Batch,
     ) -> Result<(), EngineError> {
         let now = self.now();
         let mut handovers = Vec::with_capacity(absorbed.len());
-        let mut snapshots = Vec::with_capacity(absorbed.len());
         for (part, customer) in absorbed.iter().enumerate() {
+            let (handover, handed) = std::sync::mpsc::sync_channel(1);
+            handovers.push(handed);
             let (leaving, into, why) = (customer.clone(), survivor.clone(), cause.clone());
-            let handover = self.on_worker(round, customer, Place::merge(step, part), move |w| {
-                w.leave(&leaving, &into, now, &why)
+            self.on_worker(round, customer, Place::merge(step, part), move |w| {
+                let _ = handover.send(w.leave(&leaving, &into, now, &why)?);
+                Ok(())
             })?;
-            snapshots.push(Snapshot {
+        }
+        let place = Place::merge(step, absorbed.len());
+        let (into, gone, why) = (survivor.clone(), absorbed.to_vec(), cause.clone());
+        self.on_worker(round, survivor, place, move |w| {
+            let handovers = handovers
+                .into_iter()
+                .map(|handed| handed.recv().map_err(|_| super::deal::stopped()))
+                .collect::<Result<Vec<_>, _>>()?;
+            w.take_over(&into, &gone, handovers, (arrival, now), &why)
+        })
+    }
+}
+
+impl Worker<'_> {
+    /// The survivor's half of a merge: it absorbs the handovers of `absorbed` (in order),
+    /// and what an unmerge needs of each is kept in the graph (in this shard's batch).
+    fn take_over(
+        &mut self,
+        survivor: &Arc<str>,
+        absorbed: &[Arc<str>],
+        handovers: Vec<Handover>,
+        (arrival, now): (u64, i64),
+        cause: &Cause,
+    ) -> Result<(), EngineError> {
+        let snapshots: Vec<Snapshot> = handovers
+            .iter()
+            .map(|handover| Snapshot {
                 merged_at: arrival,
                 profile: handover.profile.clone(),
                 manual: handover.manual.clone(),
                 old_matches: handover.old_matches.clone(),
                 survivor_profile: BTreeMap::new(),
-            });
-            handovers.push(handover);
-        }
-        let place = Place::merge(step, absorbed.len());
-        let (into, why) = (survivor.clone(), cause.clone());
-        let befores = self.on_worker(round, survivor, place, move |w| {
-            w.absorb(&into, handovers, now, &why)
-        })?;
+            })
+            .collect();
+        let befores = self.absorb(survivor, handovers, now, cause)?;
+        let cf = self.ctx.store.cf(CF_IDENTITIES);
         for ((customer, mut snapshot), before) in absorbed.iter().zip(snapshots).zip(befores) {
             snapshot.survivor_profile = before;
-            self.identity_put(batch, snapshot_key(customer), Some(snapshot.encode()));
+            self.shard
+                .batch
+                .wb
+                .put_cf(cf, snapshot_key(customer), snapshot.encode());
         }
         Ok(())
     }

@@ -41,8 +41,8 @@ pub(super) struct Done {
     pub dedup: foldhash::HashMap<String, i64>,
     /// The identity graph writes it makes.
     pub identities: foldhash::HashMap<Vec<u8>, Option<Vec<u8>>>,
-    /// Each shard's customers it writes.
-    pub dirty: Vec<foldhash::HashSet<Arc<str>>>,
+    /// Each shard's customers it writes (shared with the next round's workers).
+    pub dirty: Arc<Vec<foldhash::HashSet<Arc<str>>>>,
 }
 
 /// The end of one write, for whoever waits for it.

@@ -106,8 +106,10 @@ pub(super) struct Ctx<'a> {
     /// Event clock mode: the steps of the round at which the clock moved forward, and to
     /// where, in order.
     pub steps: &'a [(u64, i64)],
-    /// The write of the commit before this round, while it runs ([`super::pipeline`]).
+    /// The write of the commit before this round, while it runs ([`super::pipeline`]), and
+    /// each shard's customers it writes (only their stored events wait for it).
     pub pending: Option<&'a super::pipeline::WriteSignal>,
+    pub pending_dirty: Option<&'a [foldhash::HashSet<Arc<str>>]>,
     /// Wall clock mode: most timers one worker fires this round (a worker with more events
     /// than that may fire as many timers as it has events).
     pub timers: usize,
