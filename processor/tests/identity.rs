@@ -319,6 +319,72 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    /// Merges in pipelined groups — each group's events dealt to the shards while the group
+    /// before is written, a merge's customers often written by that group — write the change
+    /// log and reach the state that one synchronous ingest of each group does, whatever the
+    /// workers and the cache.
+    #[test]
+    fn pipelined_groups_with_merges_write_the_same_change_log(
+        gens in prop::collection::vec(gen_event(4), 1..60),
+        sizes in prop::collection::vec(1usize..8, 1..4),
+        workers in 1usize..4,
+        cache_customers in prop_oneof![Just(0usize), Just(2), Just(100_000)],
+    ) {
+        let stream = render(&gens);
+        let lines: Vec<String> = stream.iter().map(|(l, _)| l.clone()).collect();
+        let mut cuts = Vec::new();
+        let mut at = 0;
+        for size in sizes.iter().cycle() {
+            at += size;
+            if at >= lines.len() {
+                break;
+            }
+            cuts.push(at);
+        }
+        let sync_dir = TempDir::new("identity-sync");
+        let mut sync = open(&sync_dir, 1);
+        ingest_in_batches(&mut sync, &lines, &cuts);
+
+        let dir = TempDir::new("identity-pipelined");
+        let config = EngineConfig { cache_customers, ..config(workers) };
+        let mut engine = Engine::open(dir.path(), Some(RULES), config).unwrap();
+        let limits = processor::EventLimits::default();
+        let mut start = 0;
+        for &end in cuts.iter().chain([&lines.len()]) {
+            let raw = lines[start..end].iter().map(|l| l.clone().into_bytes()).collect();
+            engine.submit_group(vec![processor::IngestRequest::parse(raw, &limits)]);
+            start = end;
+        }
+        engine.settle();
+        prop_assert!(engine.take_finished().iter().all(|f| f.result.is_ok()));
+        prop_assert_eq!(
+            format!("{:?}", sync.changes(0, 100_000).unwrap()),
+            format!("{:?}", engine.changes(0, 100_000).unwrap())
+        );
+        prop_assert_eq!(sync.reader().identity_stats(), engine.reader().identity_stats());
+        for (_, carried) in &stream {
+            let (t, v) = &carried[0];
+            let customer = ask(&sync, t, &normalised(t, v));
+            prop_assert_eq!(&customer, &ask(&engine, t, &normalised(t, v)));
+            let got = engine.customer(&customer).unwrap().expect("the customer exists");
+            let want = sync.customer(&customer).unwrap().expect("the customer exists");
+            prop_assert_eq!(summary(&got), summary(&want), "customer {}", customer);
+            let timeline = |e: &Engine| -> Vec<String> {
+                e.timeline(&customer, None, 1000)
+                    .unwrap()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|s| format!("{} {} {} {:?} {:?}", s.event.ts, s.event.arrival, s.event.event_type, s.event_id, s.origin))
+                    .collect()
+            };
+            prop_assert_eq!(timeline(&engine), timeline(&sync));
+        }
+    }
+}
+
 fn view_tags(engine: &Engine, customer: &str) -> BTreeMap<String, ()> {
     engine
         .customer(customer)
