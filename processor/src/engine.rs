@@ -459,6 +459,10 @@ struct Batch {
     /// whose events carry identifiers): not in the store yet, they move with their customer
     /// if a merge absorbs it later in the batch.
     applied_ids: foldhash::HashMap<u64, (Option<String>, Option<Arc<str>>)>,
+    /// In a round whose events carry identifiers: the events this batch writes, by
+    /// customer (`None`: a customer it deletes), so the next group's merges read a
+    /// customer's history without waiting for this batch's write ([`Written`]).
+    written: Option<Written>,
     /// Customers a merge absorbed in this batch, with their numbers (their changes keep
     /// them: the customers are in no cache any more).
     gone: foldhash::HashMap<Arc<str>, u32>,
@@ -469,6 +473,9 @@ struct Batch {
     /// sorts them even with one worker.
     placed_out_of_order: bool,
 }
+
+/// The events a batch writes, by customer; `None` for a customer it deletes.
+type Written = foldhash::HashMap<Arc<str>, Option<Vec<crate::store::StoredEvent>>>;
 
 /// Counters that a failed commit must roll back.
 #[derive(Clone, Copy)]
@@ -844,6 +851,11 @@ impl Engine {
                 steps,
                 pending: self.pending.as_ref().map(|p| &*p.signal),
                 pending_dirty: self.pending.as_ref().map(|p| &p.done.dirty[..]),
+                pending_written: self
+                    .pending
+                    .as_ref()
+                    .and_then(|p| p.done.written.as_deref())
+                    .map(|w| &w[..]),
                 timers,
                 keep_ids: false,
             },

@@ -112,6 +112,7 @@ pub struct CustomerExport<'a> {
     pub dedup: Vec<(String, Vec<u8>)>,
 }
 
+#[derive(Clone)]
 pub struct StoredEvent {
     pub event: Event,
     pub event_id: Option<String>,

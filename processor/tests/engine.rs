@@ -376,6 +376,17 @@ fn a_backlog_of_timers_is_fired_in_bounded_rounds() {
 /// own instant; a tick with nothing waiting takes a full round.
 #[test]
 fn a_backlog_of_timers_shares_rounds_with_events() {
+    timers_share_rounds_with(|i| format!(r#"{{"customer_id":"x{i}","type":"ping"}}"#));
+}
+
+/// The same with events that carry identifiers (a round whose events the shards apply as
+/// they are dealt, `processor/src/engine/deal.rs`).
+#[test]
+fn a_backlog_of_timers_shares_dealt_rounds_with_events() {
+    timers_share_rounds_with(|i| format!(r#"{{"type":"ping","ids":{{"phone":"1390000000{i}"}}}}"#));
+}
+
+fn timers_share_rounds_with(event: impl Fn(usize) -> String) {
     let dir = TempDir::new("engine-wall-share");
     let config = EngineConfig {
         timers_per_round: 100,
@@ -397,13 +408,9 @@ fn a_backlog_of_timers_shares_rounds_with_events() {
     };
     // One event: three timers beside it. Five events (of customers without a due timer):
     // five timers. A tick while events wait: three.
-    let one = engine
-        .ingest(&[r#"{"customer_id":"x0","type":"ping"}"#.to_owned()])
-        .unwrap();
+    let one = engine.ingest(&[event(0)]).unwrap();
     assert_eq!(take(one.changes), 3);
-    let five: Vec<String> = (1..6)
-        .map(|i| format!(r#"{{"customer_id":"x{i}","type":"ping"}}"#))
-        .collect();
+    let five: Vec<String> = (1..6).map(event).collect();
     assert_eq!(take(engine.ingest(&five).unwrap().changes), 5);
     assert_eq!(take(engine.tick_beside_events().unwrap()), 3);
     // Nothing waiting: the rest in one full round.

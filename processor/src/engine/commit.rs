@@ -156,15 +156,20 @@ impl Engine {
         let mut writes = Vec::with_capacity(parts.len() + 1);
         writes.push(std::mem::take(&mut batch.wb));
         let mut dirty = Vec::with_capacity(parts.len());
+        let mut written = Some(Vec::with_capacity(parts.len()));
         for (part, touched) in parts.iter().zip(&mut touched) {
             touched.extend(part.gone.values().filter(|n| **n != crate::index::NO_NUMBER));
         }
         for part in parts {
             writes.push(part.wb);
             // The customers it deletes are written too (their events go).
-            let mut written = part.dirty;
-            written.extend(part.gone.into_keys());
-            dirty.push(written);
+            let mut customers = part.dirty;
+            customers.extend(part.gone.into_keys());
+            dirty.push(customers);
+            written = written.zip(part.written).map(|(mut all, shard)| {
+                all.push(shard);
+                all
+            });
         }
         let done = Done {
             new_ids,
@@ -179,6 +184,7 @@ impl Engine {
             dedup: batch.dedup,
             identities: batch.identities,
             dirty: Arc::new(dirty),
+            written: written.map(Arc::new),
         };
         Ok((writes, done))
     }

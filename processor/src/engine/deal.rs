@@ -1,5 +1,7 @@
 //! Dealing: the shards apply a round's events while the engine thread is still deciding
-//! what is global about the later ones.
+//! what is global about the later ones — for rounds whose events carry identifiers, where
+//! resolution and merges make the engine thread's part long (without them it is short, and
+//! a round collects its jobs first: [`Engine::collected_round`]).
 //!
 //! The engine thread's part of a round (validation against the clock, dedup, identity
 //! resolution and merges, arrival numbers, dead letters) is serial; the shards' part
@@ -140,6 +142,7 @@ struct Held {
     batches: u64,
     pending: Option<Arc<pipeline::WriteSignal>>,
     pending_dirty: Option<Arc<Vec<foldhash::HashSet<Arc<str>>>>>,
+    pending_written: Option<Arc<Vec<Written>>>,
     keep_ids: bool,
 }
 
@@ -155,6 +158,7 @@ impl Held {
             steps,
             pending: self.pending.as_deref(),
             pending_dirty: self.pending_dirty.as_deref().map(|d| &d[..]),
+            pending_written: self.pending_written.as_deref().map(|w| &w[..]),
             timers: self.config.timers_beside_events,
             keep_ids: self.keep_ids,
         }
@@ -211,9 +215,15 @@ impl Engine {
             batches: self.batches,
             pending: self.pending.as_ref().map(|p| p.signal.clone()),
             pending_dirty: self.pending.as_ref().map(|p| p.done.dirty.clone()),
+            pending_written: self.pending.as_ref().and_then(|p| p.done.written.clone()),
             keep_ids,
         };
         let mut shards = std::mem::take(&mut self.shards);
+        if keep_ids {
+            for shard in &mut shards {
+                shard.batch.written.get_or_insert_with(Default::default);
+            }
+        }
         let result = std::thread::scope(|scope| {
             let mut queues = Vec::with_capacity(shards.len());
             let mut threads = Vec::with_capacity(shards.len());

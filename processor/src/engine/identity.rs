@@ -777,6 +777,9 @@ impl Worker<'_> {
         let batch = &mut self.shard.batch;
         batch.events.retain(|(c, _)| c != customer);
         batch.dirty.remove(customer);
+        if let Some(written) = &mut batch.written {
+            written.insert(customer.clone(), None);
+        }
         batch.gone.insert(customer.clone(), state.number);
         if state.number != crate::index::NO_NUMBER && !state.history.profile.is_empty() {
             batch
@@ -882,6 +885,20 @@ impl Worker<'_> {
                     origin,
                     &moved.profile,
                 );
+                if let Some(written) = &mut self.shard.batch.written {
+                    let kept = StoredEvent {
+                        event: moved.event.clone(),
+                        event_id: moved.event_id.clone(),
+                        origin: origin.map(str::to_owned),
+                        profile: moved.profile.clone(),
+                    };
+                    if let Some(events) = written
+                        .entry(customer.clone())
+                        .or_insert_with(|| Some(Vec::new()))
+                    {
+                        events.push(kept);
+                    }
+                }
                 state.history.events.push(moved.event);
                 state.has_events = true;
             }

@@ -35,7 +35,7 @@ impl Engine {
     ) -> Result<IngestOutcome, EngineError> {
         let keep_ids = carry_ids(&parsed);
         let (mut outcomes, mut changes) = self.transact(|engine, batch| {
-            let outcome = engine.dealt_round(keep_ids, |engine, round| {
+            let outcome = engine.ingest_round(keep_ids, |engine, round| {
                 engine.ingest_part(raw_events, parsed, positions, "api", round, batch)
             })?;
             Ok(vec![outcome])
@@ -65,7 +65,7 @@ impl Engine {
         batch: &mut Batch,
     ) -> Result<(Vec<IngestOutcome>, Vec<u64>), EngineError> {
         let keep_ids = requests.iter().any(|r| carry_ids(&r.parsed));
-        self.dealt_round(keep_ids, |engine, round| {
+        self.ingest_round(keep_ids, |engine, round| {
             let mut outcomes = Vec::with_capacity(requests.len());
             let mut starts = Vec::with_capacity(requests.len());
             for request in requests {
@@ -277,6 +277,21 @@ impl Engine {
     }
 }
 
+/// A customer's stored events as read (before or after the write of a commit) completed
+/// with the events that commit writes: each once, in `ts` then arrival order, as the store
+/// lists them.
+fn with_written(mut read: Vec<StoredEvent>, written: &[StoredEvent]) -> Vec<StoredEvent> {
+    let there: HashSet<u64> = read.iter().map(|e| e.event.arrival).collect();
+    read.extend(
+        written
+            .iter()
+            .filter(|e| !there.contains(&e.event.arrival))
+            .cloned(),
+    );
+    read.sort_by_key(|e| (e.event.ts, e.event.arrival));
+    read
+}
+
 /// True when some of `parsed` carry identifiers: a merge may absorb, later in the round, a
 /// customer whose events were applied already.
 fn carry_ids(parsed: &[Result<ValidEvent, Rejection>]) -> bool {
@@ -333,6 +348,24 @@ impl Worker<'_> {
             origin,
             if keep_profile { &ev.profile } else { &[] },
         );
+        if let Some(written) = &mut self.shard.batch.written {
+            let kept = StoredEvent {
+                event: event.clone(),
+                event_id: event_id.map(str::to_owned),
+                origin: origin.map(str::to_owned),
+                profile: if keep_profile {
+                    ev.profile.clone()
+                } else {
+                    Vec::new()
+                },
+            };
+            if let Some(events) = written
+                .entry(customer.clone())
+                .or_insert_with(|| Some(Vec::new()))
+            {
+                events.push(kept);
+            }
+        }
         state.history.apply_profile(&event, ev.profile);
         for &id in rules.event_tags_for_type(&ev.event_type) {
             let spec = rules.def(id).event_tag.as_ref().expect("event tag");
@@ -418,17 +451,33 @@ impl Worker<'_> {
         &self,
         customer: &str,
     ) -> Result<Vec<crate::store::StoredEvent>, EngineError> {
-        if let Some(written) = self.ctx.pending {
+        if let Some(write) = self.ctx.pending {
             // The customer's events of the commit being written must be in the store first
             // (if that write fails, this round is rolled back anyway). A customer that commit
-            // does not write has all its events in the store already: no wait (RocksDB makes
-            // a batch visible whole, so a read never sees part of it).
+            // does not write has all its events in the store already: no wait. RocksDB makes
+            // a batch visible whole, so a read sees the store before or after that write;
+            // where the commit kept the events it writes, they complete the read instead.
             let written_there = self
                 .ctx
                 .pending_dirty
                 .is_none_or(|dirty| dirty.iter().any(|shard| shard.contains(customer)));
             if written_there {
-                let _ = written.wait();
+                match self.ctx.pending_written {
+                    Some(shards) => {
+                        let theirs = shards.iter().find_map(|shard| shard.get(customer));
+                        return match theirs {
+                            Some(None) => Ok(Vec::new()),
+                            Some(Some(theirs)) => {
+                                let read = self.ctx.store.customer_events(customer)?;
+                                Ok(with_written(read, theirs))
+                            }
+                            None => Ok(self.ctx.store.customer_events(customer)?),
+                        };
+                    }
+                    None => {
+                        let _ = write.wait();
+                    }
+                }
             }
         }
         Ok(self.ctx.store.customer_events(customer)?)
@@ -458,39 +507,78 @@ impl Worker<'_> {
     }
 }
 
-/// A round's events being dealt: where the clock moved, the next step, and the shards'
-/// queues ([`super::deal`]). A round without queues (a merge by hand) has no events, and
-/// its work runs on this thread.
+/// A round's events: where the clock moved, the next step, and where the events go — the
+/// shards' queues ([`super::deal`]: events that carry identifiers, whose merges the shards
+/// make in their order), or each shard's jobs, applied once every event is decided
+/// ([`Engine::collected_round`]: events without, where no merge can happen and dealing costs
+/// more than it overlaps). A round with neither (a merge by hand) runs its work here.
 pub(super) struct Round<'s> {
     pub(super) steps: Vec<(u64, i64)>,
     next_step: u64,
     pub(super) dealer: Option<Dealer<'s>>,
+    jobs: Vec<Vec<Job>>,
 }
 
 impl<'s> Round<'s> {
     pub(super) fn dealt(dealer: Dealer<'s>) -> Round<'s> {
         Round {
-            steps: Vec::new(),
-            next_step: 0,
             dealer: Some(dealer),
+            ..Round::by_hand()
         }
     }
 
     /// A round of work done on this thread, one customer at a time (no events).
-    pub(super) fn by_hand() -> Round<'static> {
+    pub(super) fn by_hand() -> Round<'s> {
         Round {
             steps: Vec::new(),
             next_step: 0,
             dealer: None,
+            jobs: Vec::new(),
         }
     }
 
-    /// Hands `job` to `shard`'s queue.
+    /// Hands `job` to `shard`: to its queue, or to its jobs.
     fn deal(&mut self, shard: usize, job: Job) -> Result<(), EngineError> {
-        let dealer = self
-            .dealer
-            .as_mut()
-            .expect("events are dealt only in a round with queues");
-        dealer.deal(shard, job, &self.steps)
+        match &mut self.dealer {
+            Some(dealer) => dealer.deal(shard, job, &self.steps),
+            None => {
+                assert!(!self.jobs.is_empty(), "events go only to a round that takes them");
+                self.jobs[shard].push(job);
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Engine {
+    /// Runs `decide` with a round that collects each shard's jobs, then the shards on them
+    /// in parallel (and the timers due by the round's end).
+    pub(super) fn collected_round<R>(
+        &mut self,
+        decide: impl FnOnce(&mut Engine, &mut Round<'_>) -> Result<R, EngineError>,
+    ) -> Result<R, EngineError> {
+        let mut round = Round::by_hand();
+        round.jobs = (0..self.shards.len()).map(|_| Vec::new()).collect();
+        let result = decide(self, &mut round)?;
+        let until = match self.config.clock {
+            ClockMode::Wall => Some(self.now()),
+            ClockMode::Event => self.counters.clock,
+        };
+        let timers = self.config.timers_beside_events;
+        self.run_round(round.jobs, &round.steps, until, timers)?;
+        Ok(result)
+    }
+
+    /// A round for `keep_ids` (its events carry identifiers): dealt, or else collected.
+    pub(super) fn ingest_round<R>(
+        &mut self,
+        keep_ids: bool,
+        work: impl FnOnce(&mut Engine, &mut Round<'_>) -> Result<R, EngineError>,
+    ) -> Result<R, EngineError> {
+        if keep_ids {
+            self.dealt_round(true, work)
+        } else {
+            self.collected_round(work)
+        }
     }
 }

@@ -43,6 +43,9 @@ pub(super) struct Done {
     pub identities: foldhash::HashMap<Vec<u8>, Option<Vec<u8>>>,
     /// Each shard's customers it writes (shared with the next round's workers).
     pub dirty: Arc<Vec<foldhash::HashSet<Arc<str>>>>,
+    /// Each shard's events it writes, if every shard kept them (a round whose events carry
+    /// identifiers does): a merge in the next round reads them instead of waiting.
+    pub written: Option<Arc<Vec<Written>>>,
 }
 
 /// The end of one write, for whoever waits for it.

@@ -7,7 +7,8 @@
 //!    and dead letters — everything global — turning each accepted event into a [`Job`] for
 //!    the shard that owns its customer;
 //! 2. every shard with work, in parallel: its timers as the clock passes them and its jobs in
-//!    order, into its own batch — for events, while step 1 goes on ([`super::deal`]);
+//!    order, into its own batch — for events that carry identifiers, while step 1 goes on
+//!    ([`super::deal`]);
 //! 3. on the engine thread: the commit, which numbers new customers and gives changes their
 //!    `seq` in the order one thread would have made them (each change carries its [`Place`]
 //!    in that order), so the change log is the same whatever the number of workers.
@@ -110,6 +111,7 @@ pub(super) struct Ctx<'a> {
     /// each shard's customers it writes (only their stored events wait for it).
     pub pending: Option<&'a super::pipeline::WriteSignal>,
     pub pending_dirty: Option<&'a [foldhash::HashSet<Arc<str>>]>,
+    pub pending_written: Option<&'a [super::Written]>,
     /// Wall clock mode: most timers one worker fires this round (a worker with more events
     /// than that may fire as many timers as it has events).
     pub timers: usize,
