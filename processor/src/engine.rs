@@ -474,6 +474,20 @@ struct Batch {
     placed_out_of_order: bool,
 }
 
+impl Batch {
+    /// Keeps an event this batch writes for `customer`, if the batch keeps them.
+    fn keep_written(&mut self, customer: &Arc<str>, event: impl FnOnce() -> StoredEvent) {
+        if let Some(written) = &mut self.written {
+            if let Some(events) = written
+                .entry(customer.clone())
+                .or_insert_with(|| Some(Vec::new()))
+            {
+                events.push(event());
+            }
+        }
+    }
+}
+
 /// The events a batch writes, by customer; `None` for a customer it deletes.
 type Written = foldhash::HashMap<Arc<str>, Option<Vec<crate::store::StoredEvent>>>;
 

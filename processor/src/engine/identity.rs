@@ -885,20 +885,12 @@ impl Worker<'_> {
                     origin,
                     &moved.profile,
                 );
-                if let Some(written) = &mut self.shard.batch.written {
-                    let kept = StoredEvent {
-                        event: moved.event.clone(),
-                        event_id: moved.event_id.clone(),
-                        origin: origin.map(str::to_owned),
-                        profile: moved.profile.clone(),
-                    };
-                    if let Some(events) = written
-                        .entry(customer.clone())
-                        .or_insert_with(|| Some(Vec::new()))
-                    {
-                        events.push(kept);
-                    }
-                }
+                self.shard.batch.keep_written(customer, || StoredEvent {
+                    event: moved.event.clone(),
+                    event_id: moved.event_id.clone(),
+                    origin: origin.map(str::to_owned),
+                    profile: moved.profile.clone(),
+                });
                 state.history.events.push(moved.event);
                 state.has_events = true;
             }

@@ -348,24 +348,16 @@ impl Worker<'_> {
             origin,
             if keep_profile { &ev.profile } else { &[] },
         );
-        if let Some(written) = &mut self.shard.batch.written {
-            let kept = StoredEvent {
-                event: event.clone(),
-                event_id: event_id.map(str::to_owned),
-                origin: origin.map(str::to_owned),
-                profile: if keep_profile {
-                    ev.profile.clone()
-                } else {
-                    Vec::new()
-                },
-            };
-            if let Some(events) = written
-                .entry(customer.clone())
-                .or_insert_with(|| Some(Vec::new()))
-            {
-                events.push(kept);
-            }
-        }
+        self.shard.batch.keep_written(&customer, || StoredEvent {
+            event: event.clone(),
+            event_id: event_id.map(str::to_owned),
+            origin: origin.map(str::to_owned),
+            profile: if keep_profile {
+                ev.profile.clone()
+            } else {
+                Vec::new()
+            },
+        });
         state.history.apply_profile(&event, ev.profile);
         for &id in rules.event_tags_for_type(&ev.event_type) {
             let spec = rules.def(id).event_tag.as_ref().expect("event tag");
