@@ -871,7 +871,6 @@ impl Engine {
                     .and_then(|p| p.done.written.as_deref())
                     .map(|w| &w[..]),
                 timers,
-                keep_ids: false,
             },
             &mut self.shards,
         )

@@ -143,7 +143,6 @@ struct Held {
     pending: Option<Arc<pipeline::WriteSignal>>,
     pending_dirty: Option<Arc<Vec<foldhash::HashSet<Arc<str>>>>>,
     pending_written: Option<Arc<Vec<Written>>>,
-    keep_ids: bool,
 }
 
 impl Held {
@@ -160,7 +159,6 @@ impl Held {
             pending_dirty: self.pending_dirty.as_deref().map(|d| &d[..]),
             pending_written: self.pending_written.as_deref().map(|w| &w[..]),
             timers: self.config.timers_beside_events,
-            keep_ids: self.keep_ids,
         }
     }
 }
@@ -198,12 +196,11 @@ impl Engine {
     /// Runs `deal` on this thread with a [`Round`] whose jobs the shards apply on threads
     /// of their own as they are dealt (see the module's comment); once `deal` returns, the
     /// shards finish the round (the timers due by its end) and the round's result is
-    /// `deal`'s, or the first error of a shard. `keep_ids`: events in the round carry
-    /// identifiers, so a customer may be absorbed by a merge after some of its events were
-    /// applied, and the shards keep those events' ids for it.
+    /// `deal`'s, or the first error of a shard. The shards keep what their batches write
+    /// (`Batch::written`): the events' ids for a merge later in the round, the events for
+    /// the next round's merges.
     pub(super) fn dealt_round<R>(
         &mut self,
-        keep_ids: bool,
         deal: impl FnOnce(&mut Engine, &mut Round<'_>) -> Result<R, EngineError>,
     ) -> Result<R, EngineError> {
         let held = Held {
@@ -216,13 +213,10 @@ impl Engine {
             pending: self.pending.as_ref().map(|p| p.signal.clone()),
             pending_dirty: self.pending.as_ref().map(|p| p.done.dirty.clone()),
             pending_written: self.pending.as_ref().and_then(|p| p.done.written.clone()),
-            keep_ids,
         };
         let mut shards = std::mem::take(&mut self.shards);
-        if keep_ids {
-            for shard in &mut shards {
-                shard.batch.written.get_or_insert_with(Default::default);
-            }
+        for shard in &mut shards {
+            shard.batch.written.get_or_insert_with(Default::default);
         }
         let result = std::thread::scope(|scope| {
             let mut queues = Vec::with_capacity(shards.len());
@@ -234,13 +228,7 @@ impl Engine {
                 queues.push(queue);
             }
             let mut round = Round::dealt(Dealer::new(queues));
-            let dealt = deal(self, &mut round).and_then(|r| {
-                let until = match self.config.clock {
-                    ClockMode::Wall => Some(self.now()),
-                    ClockMode::Event => self.counters.clock,
-                };
-                round.end(until).map(|()| r)
-            });
+            let dealt = deal(self, &mut round).and_then(|r| round.end(self.round_until()).map(|()| r));
             drop(round);
             let mut errors: Vec<EngineError> = Vec::new();
             for thread in threads {

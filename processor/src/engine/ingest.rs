@@ -33,9 +33,9 @@ impl Engine {
         parsed: Vec<Result<ValidEvent, Rejection>>,
         positions: &[(S, u64)],
     ) -> Result<IngestOutcome, EngineError> {
-        let keep_ids = carry_ids(&parsed);
+        let with_ids = carry_ids(&parsed);
         let (mut outcomes, mut changes) = self.transact(|engine, batch| {
-            let outcome = engine.ingest_round(keep_ids, |engine, round| {
+            let outcome = engine.ingest_round(with_ids, |engine, round| {
                 engine.ingest_part(raw_events, parsed, positions, "api", round, batch)
             })?;
             Ok(vec![outcome])
@@ -64,8 +64,8 @@ impl Engine {
         requests: Vec<IngestRequest>,
         batch: &mut Batch,
     ) -> Result<(Vec<IngestOutcome>, Vec<u64>), EngineError> {
-        let keep_ids = requests.iter().any(|r| carry_ids(&r.parsed));
-        self.ingest_round(keep_ids, |engine, round| {
+        let with_ids = requests.iter().any(|r| carry_ids(&r.parsed));
+        self.ingest_round(with_ids, |engine, round| {
             let mut outcomes = Vec::with_capacity(requests.len());
             let mut starts = Vec::with_capacity(requests.len());
             for request in requests {
@@ -552,23 +552,28 @@ impl Engine {
         let mut round = Round::by_hand();
         round.jobs = (0..self.shards.len()).map(|_| Vec::new()).collect();
         let result = decide(self, &mut round)?;
-        let until = match self.config.clock {
-            ClockMode::Wall => Some(self.now()),
-            ClockMode::Event => self.counters.clock,
-        };
-        let timers = self.config.timers_beside_events;
+        let (until, timers) = (self.round_until(), self.config.timers_beside_events);
         self.run_round(round.jobs, &round.steps, until, timers)?;
         Ok(result)
     }
 
-    /// A round for `keep_ids` (its events carry identifiers): dealt, or else collected.
+    /// The instant an ingest round's timers are fired up to at its end: the wall clock
+    /// now, or the event clock where the round's events moved it.
+    pub(super) fn round_until(&self) -> Option<i64> {
+        match self.config.clock {
+            ClockMode::Wall => Some(self.now()),
+            ClockMode::Event => self.counters.clock,
+        }
+    }
+
+    /// A round whose events carry identifiers (`with_ids`) is dealt; any other is collected.
     pub(super) fn ingest_round<R>(
         &mut self,
-        keep_ids: bool,
+        with_ids: bool,
         work: impl FnOnce(&mut Engine, &mut Round<'_>) -> Result<R, EngineError>,
     ) -> Result<R, EngineError> {
-        if keep_ids {
-            self.dealt_round(true, work)
+        if with_ids {
+            self.dealt_round(work)
         } else {
             self.collected_round(work)
         }

@@ -115,9 +115,6 @@ pub(super) struct Ctx<'a> {
     /// Wall clock mode: most timers one worker fires this round (a worker with more events
     /// than that may fire as many timers as it has events).
     pub timers: usize,
-    /// Keep the ids and origins of the events applied ([`Batch`]'s `applied_ids`): a merge
-    /// later in the round may move them.
-    pub keep_ids: bool,
 }
 
 impl Ctx<'_> {
@@ -196,7 +193,9 @@ impl<'a> Worker<'a> {
             } = job;
             let identity = (origin.as_deref(), keep_profile);
             self.apply_event(event, event_id.as_deref(), ts, now, arrival, identity)?;
-            if self.ctx.keep_ids && (event_id.is_some() || origin.is_some()) {
+            // A batch that keeps its writes (a round with identifiers) keeps the ids of the
+            // events applied too: a merge later in the round may move them.
+            if self.shard.batch.written.is_some() && (event_id.is_some() || origin.is_some()) {
                 self.shard.batch.applied_ids.insert(arrival, (event_id, origin));
             }
         }
