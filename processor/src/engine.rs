@@ -455,13 +455,11 @@ struct Batch {
     events: Vec<(Arc<str>, rules::Event)>,
     /// Identity graph writes of the batch (`None` deletes), read before the store's.
     identities: foldhash::HashMap<Vec<u8>, Option<Vec<u8>>>,
-    /// By arrival, the `event_id` and origin of this batch's events applied (in a round
-    /// whose events carry identifiers): not in the store yet, they move with their customer
-    /// if a merge absorbs it later in the batch.
-    applied_ids: foldhash::HashMap<u64, (Option<String>, Option<Arc<str>>)>,
     /// In a round whose events carry identifiers: the events this batch writes, by
     /// customer (`None`: a customer it deletes), so the next group's merges read a
-    /// customer's history without waiting for this batch's write ([`Written`]).
+    /// customer's history without waiting for this batch's write, and a merge later in this
+    /// round moves the ids of the absorbed customer's events applied before it
+    /// ([`Written`]).
     written: Option<Written>,
     /// Customers a merge absorbed in this batch, with their numbers (their changes keep
     /// them: the customers are in no cache any more).
@@ -475,21 +473,65 @@ struct Batch {
 }
 
 impl Batch {
-    /// Keeps an event this batch writes for `customer`, if the batch keeps them.
-    fn keep_written(&mut self, customer: &Arc<str>, event: impl FnOnce() -> StoredEvent) {
+    /// Keeps the event at `ts`, `arrival` this batch has just written for `customer` (its
+    /// last write), if the batch keeps them.
+    fn keep_written(&mut self, customer: &Arc<str>, ts: i64, arrival: u64) {
         if let Some(written) = &mut self.written {
-            if let Some(events) = written
-                .entry(customer.clone())
-                .or_insert_with(|| Some(Vec::new()))
-            {
-                events.push(event());
-            }
+            written.keep(customer, ts, arrival, self.wb.last_value());
         }
     }
 }
 
-/// The events a batch writes, by customer; `None` for a customer it deletes.
-type Written = foldhash::HashMap<Arc<str>, Option<Vec<crate::store::StoredEvent>>>;
+/// The events a batch writes, by customer (`None`: a customer it deletes), as they are
+/// written: each event's encoded value, copied into one buffer. Keeping them costs a copy
+/// of bytes rather than of the events; only a merge that reads one decodes it.
+#[derive(Default)]
+struct Written {
+    customers: foldhash::HashMap<Arc<str>, Option<Vec<Kept>>>,
+    bytes: Vec<u8>,
+}
+
+/// One kept event: its key's `ts` and arrival, and where its value lies in
+/// [`Written::bytes`].
+struct Kept {
+    ts: i64,
+    arrival: u64,
+    value: std::ops::Range<usize>,
+}
+
+impl Written {
+    fn keep(&mut self, customer: &Arc<str>, ts: i64, arrival: u64, value: &[u8]) {
+        let start = self.bytes.len();
+        let Some(events) = self
+            .customers
+            .entry(customer.clone())
+            .or_insert_with(|| Some(Vec::new()))
+        else {
+            return;
+        };
+        self.bytes.extend_from_slice(value);
+        events.push(Kept {
+            ts,
+            arrival,
+            value: start..self.bytes.len(),
+        });
+    }
+
+    /// The batch deletes `customer`: whatever it wrote for it before is gone too.
+    fn forget(&mut self, customer: &Arc<str>) {
+        self.customers.insert(customer.clone(), None);
+    }
+
+    /// What the batch did to `customer`: nothing (`None`), deleted it (`Some(None)`), or
+    /// wrote these events.
+    fn get(&self, customer: &str) -> Option<Option<&[Kept]>> {
+        self.customers.get(customer).map(Option::as_deref)
+    }
+
+    fn decode(&self, kept: &Kept) -> Result<StoredEvent, crate::codec::CodecError> {
+        crate::store::decode_event(kept.ts, kept.arrival, &self.bytes[kept.value.clone()])
+    }
+}
 
 /// Counters that a failed commit must roll back.
 #[derive(Clone, Copy)]

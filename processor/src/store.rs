@@ -1101,7 +1101,8 @@ impl Store {
     }
 }
 
-fn decode_event(ts: i64, arrival: u64, value: &[u8]) -> Result<StoredEvent, CodecError> {
+/// An event of the `events` column family from its key's `ts` and arrival and its value.
+pub(crate) fn decode_event(ts: i64, arrival: u64, value: &[u8]) -> Result<StoredEvent, CodecError> {
     let mut r = Reader::new(value);
     let event_type = r.arc_str()?;
     let props: Props = r.props()?;

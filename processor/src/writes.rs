@@ -90,6 +90,13 @@ impl SortedWrites {
         self.ops.len()
     }
 
+    /// The value of the last write (empty for a delete, or when there is none).
+    pub fn last_value(&self) -> &[u8] {
+        self.ops
+            .last()
+            .map_or(&[][..], |op| &self.bytes[op.key_end..op.value_end])
+    }
+
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
     }

@@ -778,7 +778,7 @@ impl Worker<'_> {
         batch.events.retain(|(c, _)| c != customer);
         batch.dirty.remove(customer);
         if let Some(written) = &mut batch.written {
-            written.insert(customer.clone(), None);
+            written.forget(customer);
         }
         batch.gone.insert(customer.clone(), state.number);
         if state.number != crate::index::NO_NUMBER && !state.history.profile.is_empty() {
@@ -829,20 +829,25 @@ impl Worker<'_> {
             stored.insert(e.event.arrival, (e.event_id, e.origin.map(Arc::from), e.profile));
             committed.push(e.event);
         }
+        // Events of this batch are not in the store yet; the batch keeps what it wrote for
+        // them in a round with identifiers (the only kind that merges as events arrive). The
+        // moved copy keeps their id and the customer they belong to, not the profile they
+        // set (applied already, and kept with the merge).
+        if let Some(written) = &self.shard.batch.written {
+            for kept in written.get(customer).flatten().unwrap_or_default() {
+                if let std::collections::hash_map::Entry::Vacant(slot) = stored.entry(kept.arrival) {
+                    let e = written.decode(kept).map_err(StoreError::from)?;
+                    slot.insert((e.event_id, e.origin.map(Arc::from), Vec::new()));
+                }
+            }
+        }
         let mut state = self.remove_customer(customer, now, cause, committed)?;
         let cutoff = now.saturating_sub(self.ctx.config.retention_ms);
-        let applied = &mut self.shard.batch.applied_ids;
         Ok(Handover {
-            // Events of this batch are not in the store yet: the moved copy keeps their id and
-            // the customer they belong to, not the profile they set (applied already, and kept
-            // with the merge).
             events: std::mem::take(&mut state.history.events)
                 .into_iter()
                 .map(|event| {
-                    let (event_id, origin, profile) = stored.remove(&event.arrival).unwrap_or_else(|| {
-                        let (event_id, origin) = applied.remove(&event.arrival).unwrap_or_default();
-                        (event_id, origin, Vec::new())
-                    });
+                    let (event_id, origin, profile) = stored.remove(&event.arrival).unwrap_or_default();
                     Moved {
                         origin: origin.unwrap_or_else(|| customer.clone()),
                         event_id,
@@ -885,12 +890,9 @@ impl Worker<'_> {
                     origin,
                     &moved.profile,
                 );
-                self.shard.batch.keep_written(customer, || StoredEvent {
-                    event: moved.event.clone(),
-                    event_id: moved.event_id.clone(),
-                    origin: origin.map(str::to_owned),
-                    profile: moved.profile.clone(),
-                });
+                self.shard
+                    .batch
+                    .keep_written(customer, moved.event.ts, moved.event.arrival);
                 state.history.events.push(moved.event);
                 state.has_events = true;
             }

@@ -280,16 +280,17 @@ impl Engine {
 /// A customer's stored events as read (before or after the write of a commit) completed
 /// with the events that commit writes: each once, in `ts` then arrival order, as the store
 /// lists them.
-fn with_written(mut read: Vec<StoredEvent>, written: &[StoredEvent]) -> Vec<StoredEvent> {
+fn with_written(
+    mut read: Vec<StoredEvent>,
+    written: &super::Written,
+    kept: &[super::Kept],
+) -> Result<Vec<StoredEvent>, StoreError> {
     let there: HashSet<u64> = read.iter().map(|e| e.event.arrival).collect();
-    read.extend(
-        written
-            .iter()
-            .filter(|e| !there.contains(&e.event.arrival))
-            .cloned(),
-    );
+    for kept in kept.iter().filter(|k| !there.contains(&k.arrival)) {
+        read.push(written.decode(kept)?);
+    }
     read.sort_by_key(|e| (e.event.ts, e.event.arrival));
-    read
+    Ok(read)
 }
 
 /// True when some of `parsed` carry identifiers: a merge may absorb, later in the round, a
@@ -348,16 +349,7 @@ impl Worker<'_> {
             origin,
             if keep_profile { &ev.profile } else { &[] },
         );
-        self.shard.batch.keep_written(&customer, || StoredEvent {
-            event: event.clone(),
-            event_id: event_id.map(str::to_owned),
-            origin: origin.map(str::to_owned),
-            profile: if keep_profile {
-                ev.profile.clone()
-            } else {
-                Vec::new()
-            },
-        });
+        self.shard.batch.keep_written(&customer, event.ts, event.arrival);
         state.history.apply_profile(&event, ev.profile);
         for &id in rules.event_tags_for_type(&ev.event_type) {
             let spec = rules.def(id).event_tag.as_ref().expect("event tag");
@@ -456,12 +448,14 @@ impl Worker<'_> {
             if written_there {
                 match self.ctx.pending_written {
                     Some(shards) => {
-                        let theirs = shards.iter().find_map(|shard| shard.get(customer));
+                        let theirs = shards
+                            .iter()
+                            .find_map(|shard| shard.get(customer).map(|kept| (shard, kept)));
                         return match theirs {
-                            Some(None) => Ok(Vec::new()),
-                            Some(Some(theirs)) => {
+                            Some((_, None)) => Ok(Vec::new()),
+                            Some((shard, Some(kept))) => {
                                 let read = self.ctx.store.customer_events(customer)?;
-                                Ok(with_written(read, theirs))
+                                Ok(with_written(read, shard, kept)?)
                             }
                             None => Ok(self.ctx.store.customer_events(customer)?),
                         };

@@ -193,11 +193,6 @@ impl<'a> Worker<'a> {
             } = job;
             let identity = (origin.as_deref(), keep_profile);
             self.apply_event(event, event_id.as_deref(), ts, now, arrival, identity)?;
-            // A batch that keeps its writes (a round with identifiers) keeps the ids of the
-            // events applied too: a merge later in the round may move them.
-            if self.shard.batch.written.is_some() && (event_id.is_some() || origin.is_some()) {
-                self.shard.batch.applied_ids.insert(arrival, (event_id, origin));
-            }
         }
         Ok(())
     }
