@@ -450,9 +450,10 @@ struct Batch {
     profiles: Vec<Arc<str>>,
     dirty: foldhash::HashSet<Arc<str>>,
     dedup: foldhash::HashMap<String, i64>,
-    /// Events applied to customers whose history was not loaded: not in the store until
-    /// the batch commits.
-    events: Vec<(Arc<str>, rules::Event)>,
+    /// Events applied to customers whose history was not loaded, by customer: not in the
+    /// store until the batch commits. (By customer, so a merge finds its customers' events
+    /// without a pass over the whole batch's.)
+    events: foldhash::HashMap<Arc<str>, Vec<rules::Event>>,
     /// Identity graph writes of the batch (`None` deletes), read before the store's.
     identities: foldhash::HashMap<Vec<u8>, Option<Vec<u8>>>,
     /// In a round whose events carry identifiers: the events this batch writes, by

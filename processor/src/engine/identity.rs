@@ -775,7 +775,7 @@ impl Worker<'_> {
             .store
             .forget_customer(&mut self.shard.batch.wb, customer, &state);
         let batch = &mut self.shard.batch;
-        batch.events.retain(|(c, _)| c != customer);
+        batch.events.remove(customer);
         batch.dirty.remove(customer);
         if let Some(written) = &mut batch.written {
             written.forget(customer);

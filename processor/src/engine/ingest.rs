@@ -364,7 +364,12 @@ impl Worker<'_> {
             }
         }
         if let Some(event) = state.push_event(rules, event) {
-            self.shard.batch.events.push((customer.clone(), event));
+            match self.shard.batch.events.get_mut(&customer) {
+                Some(events) => events.push(event),
+                None => {
+                    self.shard.batch.events.insert(customer.clone(), vec![event]);
+                }
+            }
         }
         if rebuild {
             state.window_rebuild(rules, &changed_attrs);
@@ -480,14 +485,9 @@ impl Worker<'_> {
     ) {
         let cutoff = now.saturating_sub(self.ctx.config.retention_ms);
         let mut events: Vec<rules::Event> = committed.filter(|e| e.ts > cutoff).collect();
-        events.extend(
-            self.shard
-                .batch
-                .events
-                .iter()
-                .filter(|(c, e)| **c == *customer && e.ts > cutoff)
-                .map(|(_, e)| e.clone()),
-        );
+        if let Some(theirs) = self.shard.batch.events.get(customer) {
+            events.extend(theirs.iter().filter(|e| e.ts > cutoff).cloned());
+        }
         state.history.events = events;
         state.history_loaded = true;
     }
