@@ -462,6 +462,10 @@ struct Batch {
     /// round moves the ids of the absorbed customer's events applied before it
     /// ([`Written`]).
     written: Option<Written>,
+    /// Dirty customers whose records a shard encoded into its writes at the end of a dealt
+    /// round ([`Worker::encode_numbered`]), and their numbers: the commit encodes the rest.
+    encoded: foldhash::HashSet<Arc<str>>,
+    touched: Vec<u32>,
     /// Customers a merge absorbed in this batch, with their numbers (their changes keep
     /// them: the customers are in no cache any more).
     gone: foldhash::HashMap<Arc<str>, u32>,

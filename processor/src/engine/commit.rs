@@ -122,11 +122,11 @@ impl Engine {
         let (now, retention_ms) = (self.now(), self.config.retention_ms);
         let rules = &self.rules;
         let store = &*self.store;
-        let mut touched: Vec<Vec<u32>> = vec![Vec::new(); parts.len()];
+        let mut touched: Vec<Vec<u32>> = parts.iter_mut().map(|p| std::mem::take(&mut p.touched)).collect();
         let inputs: Vec<(&mut Batch, &mut Vec<u32>)> = parts.iter_mut().zip(touched.iter_mut()).collect();
         in_parallel(&mut self.shards, inputs, |shard, (part, touched)| {
-            touched.reserve(part.dirty.len());
-            for customer in &part.dirty {
+            touched.reserve(part.dirty.len() - part.encoded.len());
+            for customer in part.dirty.iter().filter(|c| !part.encoded.contains(*c)) {
                 shard.cache.update(customer, |state| {
                     if state.windows.is_none() && state.history_loaded {
                         // Loaded with its history but not judged (a segment swap touches only

@@ -184,7 +184,9 @@ fn serve(held: &Held, shard: &mut Shard, queue: Receiver<Msg<'_>>) -> Result<(),
             Msg::End(more, until) => {
                 steps.extend(more);
                 let ctx = held.ctx(&steps);
-                Worker::new(&ctx, shard, Place::work(0)).end_round(until, applied)?;
+                let mut worker = Worker::new(&ctx, shard, Place::work(0));
+                worker.end_round(until, applied)?;
+                worker.encode_numbered();
                 break;
             }
         }

@@ -216,6 +216,29 @@ impl<'a> Worker<'a> {
         }
     }
 
+    /// Encodes into the batch the records of its dirty customers that the commit has
+    /// nothing left to decide for: every one with a number (new customers are numbered by
+    /// the commit, in one thread's order) and its windows built. Run on the shard's thread
+    /// at the end of a dealt round, so that work is not in the commit's serial part; the
+    /// commit encodes the rest ([`Batch::encoded`]).
+    pub fn encode_numbered(&mut self) {
+        let (store, rules) = (self.ctx.store, &**self.ctx.rules);
+        let Shard { cache, batch, .. } = &mut *self.shard;
+        for customer in &batch.dirty {
+            cache.update(customer, |state| {
+                if state.number == crate::index::NO_NUMBER || state.windows.is_none() && state.history_loaded
+                {
+                    return;
+                }
+                store.put_customer(&mut batch.wb, customer, state, rules);
+                batch.touched.push(state.number);
+                // Its events are in this batch: the cache keeps only the windows.
+                state.unload_history();
+                batch.encoded.insert(customer.clone());
+            });
+        }
+    }
+
     /// The place of a timer due at `due` fired now.
     pub(super) fn timer_place(&self, due: i64, customer: &Arc<str>) -> Place {
         let step = self.ctx.step_of(due, self.place.step);
