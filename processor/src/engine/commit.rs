@@ -59,12 +59,14 @@ impl Engine {
     }
 
     /// Runs `work` at `place` on the worker of the shard owning `customer`: in a dealt round
-    /// queued on the shard's thread after the events dealt to it so far (not waited for: an
-    /// error fails the round); otherwise here, now.
+    /// queued on the shard's thread after the events dealt to it so far — with `early`,
+    /// before them when none is the customer's — (not waited for: an error fails the
+    /// round); otherwise here, now.
     pub(super) fn on_worker<'s>(
         &mut self,
         round: &mut Round<'s>,
         customer: &str,
+        early: bool,
         place: Place,
         work: impl for<'w> FnOnce(&mut Worker<'w>) -> Result<(), EngineError> + Send + 's,
     ) -> Result<(), EngineError> {
@@ -72,6 +74,8 @@ impl Engine {
         match &mut round.dealer {
             Some(dealer) => dealer.queue(
                 shard,
+                customer,
+                early,
                 &round.steps,
                 Box::new(move |w| {
                     w.place = place;

@@ -18,9 +18,18 @@
 //! shard waits only for the leaving halves of the merge it is at, queued on their shards
 //! before anything queued after that merge.)
 //!
+//! A leaving half whose customer has nothing else queued in the round (the usual case: a
+//! customer a merge absorbs rarely had an event in the same round) does not wait for the
+//! events dealt to its shard before it either: the shard takes it out of turn, at its next
+//! look at its queue, so the survivor's shard waits for it only briefly. Nothing it does
+//! depends on other customers' work: the customer's own timers due by the merge fire as it
+//! is loaded, placed where one thread would have fired them (by the clock's steps up to the
+//! merge, which the leave carries).
+//!
 //! The order of the change log does not depend on any of this: every change carries its
 //! [`Place`] in the order one thread would have made it, and the commit sorts by it.
 
+use std::collections::VecDeque;
 use std::sync::mpsc::{channel, Receiver, Sender};
 
 use super::*;
@@ -38,6 +47,9 @@ pub(super) type ShardWork<'s> =
 pub(super) enum Msg<'s> {
     Jobs(Vec<(u64, i64)>, Vec<Job>),
     Run(Vec<(u64, i64)>, ShardWork<'s>),
+    /// Work for a customer with nothing else queued in the round: it may run before the
+    /// jobs sent ahead of it.
+    Early(Vec<(u64, i64)>, ShardWork<'s>),
     /// The round's last message: the timers due by `until` (if any) fire.
     End(Vec<(u64, i64)>, Option<i64>),
 }
@@ -48,6 +60,8 @@ pub(super) struct Dealer<'s> {
     waiting: Vec<Vec<Job>>,
     /// How many of the round's steps each shard has been sent.
     sent_steps: Vec<usize>,
+    /// The customers with work queued in the round.
+    busy: foldhash::HashSet<Arc<str>>,
 }
 
 const STOPPED: &str = "an engine worker stopped in the middle of a round";
@@ -68,11 +82,15 @@ impl<'s> Dealer<'s> {
             queues,
             waiting: (0..shards).map(|_| Vec::new()).collect(),
             sent_steps: vec![0; shards],
+            busy: foldhash::HashSet::default(),
         }
     }
 
     /// Queues `job` for `shard`; a full chunk is sent.
     pub(super) fn deal(&mut self, shard: usize, job: Job, steps: &[(u64, i64)]) -> Result<(), EngineError> {
+        if !self.busy.contains(&job.event.customer_id) {
+            self.busy.insert(job.event.customer_id.clone());
+        }
         self.waiting[shard].push(job);
         if self.waiting[shard].len() >= CHUNK {
             self.send_jobs(shard, steps)?;
@@ -103,10 +121,13 @@ impl<'s> Dealer<'s> {
         Ok(())
     }
 
-    /// Queues `work` on `shard` after every job dealt to it so far.
+    /// Queues `work` for `customer` on its `shard` after every job dealt to it so far; with
+    /// `early`, out of turn if nothing else is queued for the customer in the round.
     pub(super) fn queue(
         &mut self,
         shard: usize,
+        customer: &str,
+        early: bool,
         steps: &[(u64, i64)],
         work: ShardWork<'s>,
     ) -> Result<(), EngineError> {
@@ -114,9 +135,15 @@ impl<'s> Dealer<'s> {
             self.send_jobs(shard, steps)?;
         }
         let steps = self.new_steps(shard, steps);
-        self.queues[shard]
-            .send(Msg::Run(steps, work))
-            .map_err(|_| stopped())
+        let msg = if early && !self.busy.contains(customer) {
+            Msg::Early(steps, work)
+        } else {
+            Msg::Run(steps, work)
+        };
+        if !self.busy.contains(customer) {
+            self.busy.insert(Arc::from(customer));
+        }
+        self.queues[shard].send(msg).map_err(|_| stopped())
     }
 
     /// Sends the rest and the end of the round.
@@ -163,35 +190,59 @@ impl Held {
     }
 }
 
-/// A shard's thread: applies what it is sent, in order, until the round ends or something
-/// fails (then its queue closes and the engine thread learns it at its next send).
+/// A shard's thread: applies what it is sent, in order (but [`Msg::Early`] work as soon
+/// as it sees it), until the round ends or something fails (then its queue closes and the
+/// engine thread learns it at its next send).
 fn serve(held: &Held, shard: &mut Shard, queue: Receiver<Msg<'_>>) -> Result<(), EngineError> {
+    // Every step received so far, in the order sent; each message waiting here is run with
+    // the steps sent up to it, as it would have been had it run when it came.
     let mut steps: Vec<(u64, i64)> = Vec::new();
+    let mut waiting: VecDeque<(usize, Msg<'_>)> = VecDeque::new();
     let mut applied = 0;
-    for msg in queue {
+    loop {
+        // What has come meanwhile (with nothing to do, what comes next); out-of-turn work
+        // runs now.
+        let mut next = match waiting.is_empty() {
+            true => match queue.recv() {
+                Ok(msg) => Some(msg),
+                // The engine thread is gone without ending the round: it failed.
+                Err(_) => return Ok(()),
+            },
+            false => queue.try_recv().ok(),
+        };
+        while let Some(msg) = next {
+            let more = match &msg {
+                Msg::Jobs(more, _) | Msg::Run(more, _) | Msg::Early(more, _) | Msg::End(more, _) => more,
+            };
+            steps.extend_from_slice(more);
+            match msg {
+                Msg::Early(_, work) => {
+                    let ctx = held.ctx(&steps);
+                    work(&mut Worker::new(&ctx, shard, Place::work(0)))?;
+                }
+                msg => waiting.push_back((steps.len(), msg)),
+            }
+            next = queue.try_recv().ok();
+        }
+        let Some((upto, msg)) = waiting.pop_front() else {
+            continue;
+        };
+        let ctx = held.ctx(&steps[..upto]);
         match msg {
-            Msg::Jobs(more, jobs) => {
-                steps.extend(more);
-                let ctx = held.ctx(&steps);
+            Msg::Jobs(_, jobs) => {
                 applied += jobs.len();
                 Worker::new(&ctx, shard, Place::work(0)).apply_jobs(jobs)?;
             }
-            Msg::Run(more, work) => {
-                steps.extend(more);
-                let ctx = held.ctx(&steps);
-                work(&mut Worker::new(&ctx, shard, Place::work(0)))?;
-            }
-            Msg::End(more, until) => {
-                steps.extend(more);
-                let ctx = held.ctx(&steps);
+            Msg::Run(_, work) => work(&mut Worker::new(&ctx, shard, Place::work(0)))?,
+            Msg::End(_, until) => {
                 let mut worker = Worker::new(&ctx, shard, Place::work(0));
                 worker.end_round(until, applied)?;
                 worker.encode_numbered();
-                break;
+                return Ok(());
             }
+            Msg::Early(..) => unreachable!("run as it comes"),
         }
     }
-    Ok(())
 }
 
 impl Engine {

@@ -629,14 +629,15 @@ impl Engine {
             let (handover, handed) = std::sync::mpsc::sync_channel(1);
             handovers.push(handed);
             let (leaving, into, why) = (customer.clone(), survivor.clone(), cause.clone());
-            self.on_worker(round, customer, Place::merge(step, part), move |w| {
+            // The leaving half touches its customer alone: out of turn when it may.
+            self.on_worker(round, customer, true, Place::merge(step, part), move |w| {
                 let _ = handover.send(w.leave(&leaving, &into, now, &why)?);
                 Ok(())
             })?;
         }
         let place = Place::merge(step, absorbed.len());
         let (into, gone, why) = (survivor.clone(), absorbed.to_vec(), cause.clone());
-        self.on_worker(round, survivor, place, move |w| {
+        self.on_worker(round, survivor, false, place, move |w| {
             let handovers = handovers
                 .into_iter()
                 .map(|handed| handed.recv().map_err(|_| super::deal::stopped()))
