@@ -135,14 +135,14 @@ impl<'s> Dealer<'s> {
             self.send_jobs(shard, steps)?;
         }
         let steps = self.new_steps(shard, steps);
-        let msg = if early && !self.busy.contains(customer) {
-            Msg::Early(steps, work)
-        } else {
-            Msg::Run(steps, work)
-        };
-        if !self.busy.contains(customer) {
+        let idle = !self.busy.contains(customer);
+        if idle {
             self.busy.insert(Arc::from(customer));
         }
+        let msg = match early && idle {
+            true => Msg::Early(steps, work),
+            false => Msg::Run(steps, work),
+        };
         self.queues[shard].send(msg).map_err(|_| stopped())
     }
 
