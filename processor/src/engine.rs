@@ -774,9 +774,10 @@ impl Engine {
         }
         engine.identity_types = Arc::new(engine.config.identity.clone());
         engine.aliases = identity::Aliases::load(&engine.store)?;
-        engine.owner_cache = std::cell::RefCell::new(crate::identity::OwnerCache::new(
+        engine.owner_cache = std::cell::RefCell::new(identity::load_owner_cache(
+            &engine.store,
             engine.config.identity.cache_entries,
-        ));
+        )?);
         engine
             .identity_counts
             .restore(engine.store.get(CF_META, META_IDENTITY.as_bytes())?.as_deref());

@@ -427,7 +427,9 @@ fn identifiers(value: serde_json::Value, limits: &EventLimits) -> Result<Vec<(Ar
                 _ => return Err(Rejection::IdsInvalid { field: field() }),
             };
             let text = normalize(&text);
-            check_length(&field(), &text, limits.max_id_chars)?;
+            if text.len() > limits.max_id_chars {
+                check_length(&field(), &text, limits.max_id_chars)?;
+            }
             Ok((!text.is_empty()).then(|| text.into_owned()))
         };
         let found = match values {

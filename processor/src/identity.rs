@@ -226,15 +226,53 @@ pub fn parse_owner_value(value: &[u8]) -> (&str, &str) {
     }
 }
 
-/// Owner lookups the engine made or wrote lately, so an event's identifiers rarely need a
-/// read of the store: two generations, the older dropped when the newer fills half the
-/// capacity (recently used entries are carried into the newer one). Written through on every
-/// write of the graph; cleared when a commit fails.
+/// What the [`OwnerCache`] holds for a key of the graph, parsed once when it was read or
+/// written (so a lookup allocates nothing).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cached {
+    /// The graph has no such key.
+    Absent,
+    /// An identifier's owner: the canonical customer, and the customer the identifier first
+    /// came with (the same `Arc` when that is the canonical one).
+    Owner { canonical: Arc<str>, origin: Arc<str> },
+    /// Any other value (a customer's [`IdRecord`]), encoded.
+    Bytes(Arc<[u8]>),
+}
+
+impl Cached {
+    /// `value` of graph key `key`, parsed.
+    pub fn of(key: &[u8], value: Option<&[u8]>) -> Cached {
+        match value {
+            None => Cached::Absent,
+            Some(v) if key.first() == Some(&b'i') => {
+                let (canonical, origin) = parse_owner_value(v);
+                let canonical: Arc<str> = Arc::from(canonical);
+                let origin = if origin == &*canonical {
+                    canonical.clone()
+                } else {
+                    Arc::from(origin)
+                };
+                Cached::Owner { canonical, origin }
+            }
+            Some(v) => Cached::Bytes(Arc::from(v)),
+        }
+    }
+}
+
+/// Owner lookups and records the engine read or wrote lately, so an event's identifiers
+/// rarely need a read of the store: two generations, the older dropped when the newer fills
+/// half the capacity (recently used entries are carried into the newer one). Written through
+/// on every write of the graph; cleared when a commit fails.
+///
+/// While the graph fits (loaded whole at open, or empty then) and nothing has been dropped,
+/// the cache is **complete**: a key it does not hold is known absent, so an identifier
+/// never seen before (one of most events' in a growing base) costs no read of the store.
 #[derive(Debug, Default)]
 pub struct OwnerCache {
-    current: foldhash::HashMap<Box<[u8]>, Option<Box<[u8]>>>,
-    previous: foldhash::HashMap<Box<[u8]>, Option<Box<[u8]>>>,
+    current: foldhash::HashMap<Box<[u8]>, Cached>,
+    previous: foldhash::HashMap<Box<[u8]>, Cached>,
     capacity: usize,
+    complete: bool,
 }
 
 impl OwnerCache {
@@ -245,33 +283,75 @@ impl OwnerCache {
         }
     }
 
-    /// `Some(owner value or None)` when the cache knows the key.
-    pub fn get(&mut self, key: &[u8]) -> Option<Option<&[u8]>> {
-        if !self.current.contains_key(key) {
-            let (key, value) = self.previous.remove_entry(key)?;
-            self.insert(key, value);
+    /// A cache holding `entries`, the whole graph's owners and records, complete when they
+    /// fit in one generation (else nothing is kept: lookups fill it as they go).
+    pub fn whole(
+        capacity: usize,
+        entries: impl IntoIterator<Item = Result<(Box<[u8]>, Box<[u8]>), crate::store::StoreError>>,
+    ) -> Result<OwnerCache, crate::store::StoreError> {
+        let mut cache = OwnerCache::new(capacity);
+        for entry in entries {
+            let (key, value) = entry?;
+            if cache.current.len() + 1 > capacity / 2 {
+                cache.current.clear();
+                return Ok(cache);
+            }
+            let cached = Cached::of(&key, Some(&value));
+            cache.current.insert(key, cached);
         }
-        self.current.get(key).map(Option::as_deref)
+        cache.complete = capacity > 0;
+        Ok(cache)
+    }
+
+    /// What the cache knows of `key`: held (or known absent, when complete), else `None`.
+    pub fn get(&mut self, key: &[u8]) -> Option<Cached> {
+        if let Some(held) = self.current.get(key) {
+            return Some(held.clone());
+        }
+        match self.previous.remove_entry(key) {
+            Some((key, held)) => {
+                let found = held.clone();
+                self.insert(key, held);
+                Some(found)
+            }
+            None => self.complete.then_some(Cached::Absent),
+        }
     }
 
     pub fn put(&mut self, key: &[u8], value: Option<&[u8]>) {
         self.previous.remove(key);
-        self.insert(key.into(), value.map(Into::into));
+        if self.complete && value.is_none() {
+            // Known absent by not being held.
+            self.current.remove(key);
+            return;
+        }
+        self.insert(key.into(), Cached::of(key, value));
     }
 
-    fn insert(&mut self, key: Box<[u8]>, value: Option<Box<[u8]>>) {
+    fn insert(&mut self, key: Box<[u8]>, value: Cached) {
         if self.capacity == 0 {
             return;
         }
         if self.current.len() >= self.capacity / 2 {
+            if !self.previous.is_empty() {
+                // Entries are dropped: from now on a key not held may be in the store.
+                self.complete = false;
+            }
             self.previous = std::mem::take(&mut self.current);
         }
         self.current.insert(key, value);
     }
 
+    /// Forgets everything (the store changed beside the cache): lookups read the store again.
     pub fn clear(&mut self) {
         self.current.clear();
         self.previous.clear();
+        self.complete = false;
+    }
+
+    /// True while a key the cache does not hold is known absent.
+    pub fn is_complete(&self) -> bool {
+        self.complete
     }
 
     pub fn len(&self) -> usize {
@@ -549,22 +629,88 @@ mod tests {
         assert_eq!(phone("n/a"), None);
     }
 
+    fn bytes(v: &[u8]) -> Option<Cached> {
+        Some(Cached::Bytes(Arc::from(v)))
+    }
+
     #[test]
     fn the_owner_cache_keeps_what_was_used_lately_within_its_capacity() {
         let mut cache = OwnerCache::new(4);
-        cache.put(b"a", Some(b"1"));
-        cache.put(b"b", None);
-        assert_eq!(cache.get(b"a"), Some(Some(&b"1"[..])));
-        assert_eq!(cache.get(b"b"), Some(None));
-        cache.put(b"c", Some(b"3"));
-        cache.put(b"d", Some(b"4"));
+        cache.put(b"ca", Some(b"1"));
+        cache.put(b"cb", None);
+        assert_eq!(cache.get(b"ca"), bytes(b"1"));
+        assert_eq!(cache.get(b"cb"), Some(Cached::Absent));
+        cache.put(b"cc", Some(b"3"));
+        cache.put(b"cd", Some(b"4"));
         // "a" was used last before the newer generation filled: still there, "b" is gone.
-        assert_eq!(cache.get(b"a"), Some(Some(&b"1"[..])));
-        cache.put(b"e", Some(b"5"));
-        assert_eq!(cache.get(b"b"), None);
+        assert_eq!(cache.get(b"ca"), bytes(b"1"));
+        cache.put(b"ce", Some(b"5"));
+        assert_eq!(cache.get(b"cb"), None);
         assert!(cache.len() <= 4);
+        assert!(!cache.is_complete());
         cache.clear();
-        assert_eq!(cache.get(b"a"), None);
+        assert_eq!(cache.get(b"ca"), None);
+    }
+
+    #[test]
+    fn owners_are_held_parsed() {
+        let mut cache = OwnerCache::new(8);
+        cache.put(&owner_key("phone", "138"), Some(&owner_value("a", "b")));
+        cache.put(&owner_key("phone", "139"), Some(&owner_value("a", "a")));
+        let Some(Cached::Owner { canonical, origin }) = cache.get(&owner_key("phone", "138")) else {
+            panic!("an owner")
+        };
+        assert_eq!((&*canonical, &*origin), ("a", "b"));
+        let Some(Cached::Owner { canonical, origin }) = cache.get(&owner_key("phone", "139")) else {
+            panic!("an owner")
+        };
+        assert!(Arc::ptr_eq(&canonical, &origin), "one name, one allocation");
+    }
+
+    #[test]
+    fn a_whole_graph_that_fits_makes_a_complete_cache_until_something_is_dropped() {
+        let entries = |n: usize| {
+            (0..n).map(|i| {
+                Ok((
+                    record_key(&format!("k{i}")).into_boxed_slice(),
+                    Box::from(&b"v"[..]),
+                ))
+            })
+        };
+        // Too big for one generation: nothing kept, nothing known absent.
+        let mut cache = OwnerCache::whole(4, entries(3)).unwrap();
+        assert!(!cache.is_complete() && cache.is_empty());
+        assert_eq!(cache.get(b"cnew"), None);
+
+        let mut cache = OwnerCache::whole(8, entries(3)).unwrap();
+        assert!(cache.is_complete());
+        assert_eq!(cache.get(&record_key("k1")), bytes(b"v"));
+        // Not held: known absent, without asking the store.
+        assert_eq!(cache.get(b"cnew"), Some(Cached::Absent));
+        // A deletion leaves nothing behind.
+        cache.put(&record_key("k1"), None);
+        assert_eq!(cache.get(&record_key("k1")), Some(Cached::Absent));
+        assert_eq!(cache.len(), 2);
+        // One rotation keeps everything (the older generation is still asked) ...
+        cache.put(b"c1", Some(b"1"));
+        cache.put(b"c2", Some(b"2"));
+        cache.put(b"c3", Some(b"3"));
+        assert!(cache.is_complete());
+        assert_eq!(cache.get(&record_key("k2")), bytes(b"v"));
+        // ... the next drops what was not used since: no longer complete.
+        for key in [&b"c4"[..], b"c5", b"c6", b"c7"] {
+            cache.put(key, Some(b"x"));
+        }
+        assert!(!cache.is_complete());
+        assert_eq!(cache.get(b"cnew"), None);
+        // An empty graph is complete too; clearing ends it.
+        let mut cache = OwnerCache::whole(8, entries(0)).unwrap();
+        assert_eq!(cache.get(b"cnew"), Some(Cached::Absent));
+        cache.clear();
+        assert_eq!(cache.get(b"cnew"), None);
+        // No capacity: nothing is ever known.
+        let mut cache = OwnerCache::whole(0, entries(0)).unwrap();
+        assert_eq!(cache.get(b"cnew"), None);
     }
 
     #[test]

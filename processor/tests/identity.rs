@@ -38,6 +38,15 @@ fn open(dir: &TempDir, workers: usize) -> Engine {
     Engine::open(dir.path(), Some(RULES), config(workers)).unwrap()
 }
 
+/// [`open`] with the identity graph's cache holding at most `entries`: none, a few (so it
+/// drops what it held and must read the store), or the default (the whole graph, so a key
+/// it does not hold is known absent).
+fn open_with_cache(dir: &TempDir, workers: usize, entries: usize) -> Engine {
+    let mut config = config(workers);
+    config.identity.cache_entries = entries;
+    Engine::open(dir.path(), Some(RULES), config).unwrap()
+}
+
 /// One person's identifiers, each in two spellings that normalise alike.
 fn identifiers(person: usize) -> Vec<(&'static str, [String; 2])> {
     let phone = format!("1380000{person:04}");
@@ -196,6 +205,8 @@ proptest! {
         cuts in prop::collection::vec(0usize..60, 0..6),
         workers in 1usize..3,
         late_clock in prop::sample::select(vec![0i64, 5 * 24 * HOUR, 40 * 24 * HOUR]),
+        cache_entries in prop::sample::select(vec![0usize, 6, 1_000_000]),
+        reopen_at in prop::option::of(0usize..60),
     ) {
         // The same events, in the order made or delivered in another.
         let mut stream = render(&gens);
@@ -206,8 +217,18 @@ proptest! {
         let mut cuts = cuts;
         cuts.sort_unstable();
         let dir = TempDir::new("identity");
-        let mut engine = open(&dir, workers);
-        ingest_in_batches(&mut engine, &lines, &cuts);
+        let mut engine = open_with_cache(&dir, workers, cache_entries);
+        match reopen_at {
+            // Reopened mid-stream: the graph so far is read back (loaded into the cache).
+            Some(at) => {
+                let at = at.min(lines.len());
+                ingest_in_batches(&mut engine, &lines[..at], &cuts);
+                drop(engine);
+                engine = open_with_cache(&dir, workers, cache_entries);
+                ingest_in_batches(&mut engine, &lines[at..], &[]);
+            }
+            None => ingest_in_batches(&mut engine, &lines, &cuts),
+        }
 
         // Every identifier of an event ends with one customer.
         let mut owner_of_event = Vec::new();

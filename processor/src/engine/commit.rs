@@ -396,7 +396,9 @@ impl Engine {
         let timers = self.store.timers().unwrap_or_default();
         self.deal_timers(timers);
         // Merges of the failed batch were not made, nor counted, nor its identifiers kept.
-        self.owner_cache.borrow_mut().clear();
+        let capacity = self.config.identity.cache_entries;
+        *self.owner_cache.borrow_mut() = identity::load_owner_cache(&self.store, capacity)
+            .unwrap_or_else(|_| crate::identity::OwnerCache::new(capacity));
         if let Ok(aliases) = identity::Aliases::load(&self.store) {
             self.aliases = aliases;
         }

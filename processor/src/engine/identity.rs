@@ -11,10 +11,20 @@
 use super::*;
 
 use crate::identity::{
-    owner_key, owner_value, parse_owner_key, parse_owner_value, record_key, IdEntry, IdRecord, CUSTOMER_ID,
+    owner_key, owner_value, parse_owner_key, parse_owner_value, record_key, Cached, IdEntry, IdRecord,
+    CUSTOMER_ID,
 };
 use crate::state::{read_manual, read_profile, write_manual, write_profile};
 use crate::store::CF_IDENTITIES;
+
+/// True for the graph keys the engine's [`crate::identity::OwnerCache`] holds: owners
+/// (`i`) and records (`c`).
+fn is_cached(key: &[u8]) -> bool {
+    matches!(key.first(), Some(b'i' | b'c'))
+}
+
+/// An identifier's owner: its canonical customer, and the customer it first came with.
+type Owner = (Arc<str>, Arc<str>);
 
 /// A raw entry of the identity graph: key and value.
 pub(super) type GraphEntry = (Vec<u8>, Vec<u8>);
@@ -138,6 +148,20 @@ pub(super) fn entries_of(store: &Store, customer: &str) -> Result<Vec<GraphEntry
         }
     }
     Ok(entries)
+}
+
+/// The engine's cache of the graph's owners and records: the whole graph when it fits (so
+/// a new identifier needs no read to be known new), else empty.
+pub(super) fn load_owner_cache(
+    store: &Store,
+    capacity: usize,
+) -> Result<crate::identity::OwnerCache, StoreError> {
+    // Records (`c`) and owners (`i`) are the keys from `c` up to the snapshots (`s`).
+    let entries = store
+        .scan_from(CF_IDENTITIES, b"c")
+        .take_while(|entry| entry.as_ref().map_or(true, |(key, _)| key.first() <= Some(&b'i')))
+        .filter(|entry| entry.as_ref().map_or(true, |(key, _)| is_cached(key)));
+    crate::identity::OwnerCache::whole(capacity, entries)
 }
 
 /// Every absorbed `customer_id` and the customer it resolves to, and the customers that
@@ -307,42 +331,54 @@ impl Engine {
     }
 
     /// A graph entry: this batch's, then a commit being written's, then the store's.
-    /// Owner lookups go through the cache, which every write of one passes through (so
+    /// Owners and records go through the cache, which every write of one passes through (so
     /// what it holds is the newest value, this batch's included).
-    pub(super) fn identity_get(&self, key: &[u8], batch: &Batch) -> Result<Option<Vec<u8>>, StoreError> {
-        self.identity_read(key, batch, |v| v.map(<[u8]>::to_vec))
+    pub(super) fn identity_get(&self, key: &[u8], batch: &Batch) -> Result<Option<Arc<[u8]>>, StoreError> {
+        if !is_cached(key) {
+            // Snapshots, read by unmerges alone.
+            return Ok(self.identity_read_through(key, batch)?.map(Arc::from));
+        }
+        Ok(match self.identity_cached(key, batch)? {
+            Cached::Absent => None,
+            Cached::Bytes(bytes) => Some(bytes),
+            Cached::Owner { canonical, origin } => Some(Arc::from(owner_value(&canonical, &origin))),
+        })
     }
 
-    /// [`Engine::identity_get`] handing the value to `read` where it is (no copy of what the
-    /// cache holds: the path of every identifier of every event).
-    pub(super) fn identity_read<R>(
-        &self,
-        key: &[u8],
-        batch: &Batch,
-        read: impl FnOnce(Option<&[u8]>) -> R,
-    ) -> Result<R, StoreError> {
-        // Owners and customers' records; snapshots (read by unmerges alone) are not kept.
-        let owner = matches!(key.first(), Some(b'i' | b'c'));
-        if owner {
-            if let Some(v) = self.owner_cache.borrow_mut().get(key) {
-                return Ok(read(v));
-            }
+    /// The owner of identifier key `key`: (its canonical customer, the customer it first
+    /// came with). The path of every identifier of every event: a cache hit allocates
+    /// nothing.
+    fn owner_of(&self, key: &[u8], batch: &Batch) -> Result<Option<Owner>, StoreError> {
+        Ok(match self.identity_cached(key, batch)? {
+            Cached::Owner { canonical, origin } => Some((canonical, origin)),
+            Cached::Absent | Cached::Bytes(_) => None,
+        })
+    }
+
+    /// What the cache holds for an owner or record key, filled from the batch, a commit
+    /// being written or the store when it does not know.
+    fn identity_cached(&self, key: &[u8], batch: &Batch) -> Result<Cached, StoreError> {
+        if let Some(held) = self.owner_cache.borrow_mut().get(key) {
+            return Ok(held);
         }
-        let value = if let Some(v) = batch.identities.get(key) {
+        let value = self.identity_read_through(key, batch)?;
+        let held = Cached::of(key, value.as_deref());
+        self.owner_cache.borrow_mut().put(key, value.as_deref());
+        Ok(held)
+    }
+
+    fn identity_read_through(&self, key: &[u8], batch: &Batch) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(if let Some(v) = batch.identities.get(key) {
             v.clone()
         } else if let Some(v) = self.pending.as_ref().and_then(|p| p.done.identities.get(key)) {
             v.clone()
         } else {
             self.store.get(CF_IDENTITIES, key)?
-        };
-        if owner {
-            self.owner_cache.borrow_mut().put(key, value.as_deref());
-        }
-        Ok(read(value.as_deref()))
+        })
     }
 
     pub(super) fn identity_put(&self, batch: &mut Batch, key: Vec<u8>, value: Option<Vec<u8>>) {
-        if matches!(key.first(), Some(b'i' | b'c')) {
+        if is_cached(&key) {
             self.owner_cache.borrow_mut().put(&key, value.as_deref());
         }
         let cf = self.store.cf(CF_IDENTITIES);
@@ -422,19 +458,14 @@ impl Engine {
             key.extend_from_slice(name.as_bytes());
             key.push(0);
             key.extend_from_slice(value.as_bytes());
-            let known = self.identity_read(&key, batch, |found| {
-                let Some(found) = found else { return false };
-                let (canonical, first) = parse_owner_value(found);
-                if origin.is_none() {
-                    origin = Some(Arc::from(first));
+            match self.owner_of(&key, batch)? {
+                Some((canonical, first)) => {
+                    origin.get_or_insert(first);
+                    if !owners.contains(&canonical) {
+                        owners.push(canonical);
+                    }
                 }
-                if !owners.iter().any(|o| **o == *canonical) {
-                    owners.push(Arc::from(canonical));
-                }
-                true
-            })?;
-            if !known {
-                attach.push((name.clone(), value.clone()));
+                None => attach.push((name.clone(), value.clone())),
             }
         }
         let minted = owners.is_empty();

@@ -365,7 +365,8 @@ impl Engine {
         }
         // The imported customers' absorbed ids name them here now.
         self.aliases = identity::Aliases::load(&self.store)?;
-        self.owner_cache.borrow_mut().clear();
+        *self.owner_cache.borrow_mut() =
+            identity::load_owner_cache(&self.store, self.config.identity.cache_entries)?;
         self.reindex()?;
         Ok(summary)
     }
@@ -406,7 +407,8 @@ impl Engine {
         }
         self.store.commit(wb)?;
         self.aliases = identity::Aliases::load(&self.store)?;
-        self.owner_cache.borrow_mut().clear();
+        *self.owner_cache.borrow_mut() =
+            identity::load_owner_cache(&self.store, self.config.identity.cache_entries)?;
         for (id, timer) in dropped {
             let i = self.shard_index(&id);
             let shard = &mut self.shards[i];
