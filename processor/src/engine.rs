@@ -505,6 +505,14 @@ struct Kept {
 }
 
 impl Written {
+    /// Empty, with room for as much as `other` keeps.
+    fn sized_like(other: &Written) -> Written {
+        Written {
+            customers: foldhash::HashMap::with_capacity_and_hasher(other.customers.len(), Default::default()),
+            bytes: Vec::with_capacity(other.bytes.len()),
+        }
+    }
+
     fn keep(&mut self, customer: &Arc<str>, ts: i64, arrival: u64, value: &[u8]) {
         let start = self.bytes.len();
         let Some(events) = self

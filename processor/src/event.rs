@@ -64,8 +64,16 @@ pub struct ValidEvent {
     /// only by these.
     pub ids: Vec<(Arc<str>, String)>,
     /// `ids` with each type's normaliser applied, when the intake that parsed the event
-    /// knew the identifier types (else the engine prepares them).
+    /// knew the identifier types (else the engine prepares them). The intake that prepares
+    /// them empties `ids`.
     pub prepared: Option<crate::identity::PreparedIds>,
+}
+
+impl ValidEvent {
+    /// True when the event carries identifiers (`ids`, raw or prepared) to resolve.
+    pub fn carries_ids(&self) -> bool {
+        !self.ids.is_empty() || self.prepared.is_some()
+    }
 }
 
 /// Why an event was rejected: a stable `code` (dead letters, the Kafka header

@@ -67,7 +67,12 @@ impl Intake {
                 if let (Ok(ev), Some(identity)) = (&mut result, &self.identity) {
                     if !ev.ids.is_empty() {
                         match identity.prepare(&ev.ids, &ev.customer_id) {
-                            Ok(prepared) => ev.prepared = Some(prepared),
+                            Ok(prepared) => {
+                                ev.prepared = Some(prepared);
+                                // Freed here, on the thread that made them (the engine
+                                // reads only the prepared ones).
+                                ev.ids = Vec::new();
+                            }
                             Err(rejection) => result = Err(rejection),
                         }
                     }

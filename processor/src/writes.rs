@@ -86,6 +86,15 @@ impl SortedWrites {
         });
     }
 
+    /// Empty writes with room for as many as `other` holds (the next batch is usually the
+    /// size of the last: no buffer grows write by write).
+    pub fn sized_like(other: &SortedWrites) -> SortedWrites {
+        SortedWrites {
+            bytes: Vec::with_capacity(other.bytes.len()),
+            ops: Vec::with_capacity(other.ops.len()),
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.ops.len()
     }

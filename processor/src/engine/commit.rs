@@ -119,7 +119,13 @@ impl Engine {
         let mut parts: Vec<Batch> = self
             .shards
             .iter_mut()
-            .map(|s| std::mem::take(&mut s.batch))
+            .map(|s| {
+                let next = Batch {
+                    wb: crate::writes::SortedWrites::sized_like(&s.batch.wb),
+                    ..Batch::default()
+                };
+                std::mem::replace(&mut s.batch, next)
+            })
             .collect();
         let new_ids = self.number_new_customers(&mut parts, &mut batch);
         let (changes, steps, numbers) = self.sequence_changes(&mut parts, &mut batch);

@@ -268,8 +268,13 @@ impl Engine {
             pending_written: self.pending.as_ref().and_then(|p| p.done.written.clone()),
         };
         let mut shards = std::mem::take(&mut self.shards);
-        for shard in &mut shards {
-            shard.batch.written.get_or_insert_with(Default::default);
+        for (i, shard) in shards.iter_mut().enumerate() {
+            // Room for as much as the shard's last batch kept.
+            let last = held.pending_written.as_deref().and_then(|w| w.get(i));
+            shard
+                .batch
+                .written
+                .get_or_insert_with(|| last.map(Written::sized_like).unwrap_or_default());
         }
         let result = std::thread::scope(|scope| {
             let mut queues = Vec::with_capacity(shards.len());

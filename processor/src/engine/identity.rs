@@ -405,28 +405,22 @@ impl Engine {
             || b.apart.iter().any(|x| self.canonical_id(x) == *a_id)
     }
 
-    /// Where `ev`'s identifiers lead (its `customer_id` one of them), or why it is rejected.
+    /// Where an event's identifiers lead (`prepared`, its `customer_id` among them), or why
+    /// it is rejected.
     pub(super) fn resolve(
         &self,
-        ev: &ValidEvent,
+        customer_id: &Arc<str>,
+        prepared: crate::identity::PreparedIds,
         batch: &Batch,
     ) -> Result<Result<Resolution, Rejection>, StoreError> {
         let config = &self.config.identity;
         let customer_id_type = config
             .position(CUSTOMER_ID)
             .expect("customer_id is always a type");
-        // Prepared where the event was parsed, or here.
-        let prepared = match &ev.prepared {
-            Some(p) => std::borrow::Cow::Borrowed(p),
-            None => match config.prepare(&ev.ids, &ev.customer_id) {
-                Ok(p) => std::borrow::Cow::Owned(p),
-                Err(rejection) => return Ok(Err(rejection)),
-            },
-        };
         for &i in &prepared.unusable {
             self.identity_counts.unusable(&config.types[i].name);
         }
-        let ids = &prepared.ids;
+        let ids = prepared.ids;
         if ids.is_empty() {
             return Ok(Err(Rejection::IdsUnusable));
         }
@@ -435,19 +429,19 @@ impl Engine {
         let mut origin: Option<Arc<str>> = None;
         let mut key = Vec::new();
         for (i, value) in ids {
-            let name = &config.types[*i].name;
-            if *i == customer_id_type && *value == *ev.customer_id {
-                let owner = self.aliases.get(&ev.customer_id).unwrap_or(&ev.customer_id);
-                origin.get_or_insert_with(|| ev.customer_id.clone());
+            let name = &config.types[i].name;
+            if i == customer_id_type && *value == **customer_id {
+                let owner = self.aliases.get(customer_id).unwrap_or(customer_id);
+                origin.get_or_insert_with(|| customer_id.clone());
                 if !owners.contains(owner) {
                     owners.push(owner.clone());
                 }
                 continue;
             }
-            if *i == customer_id_type {
+            if i == customer_id_type {
                 // A customer_id in `ids` beside the event's own.
                 origin.get_or_insert_with(|| Arc::from(value.as_str()));
-                let owner = self.canonical_id(value);
+                let owner = self.canonical_id(&value);
                 if !owners.contains(&owner) {
                     owners.push(owner);
                 }
@@ -465,17 +459,16 @@ impl Engine {
                         owners.push(canonical);
                     }
                 }
-                None => attach.push((name.clone(), value.clone())),
+                None => attach.push((name.clone(), value)),
             }
         }
         let minted = owners.is_empty();
         let (canonical, absorbed) = match owners.len() {
             0 => {
-                let (i, value) = &ids[0];
-                (
-                    Arc::from(format!("{}:{value}", config.types[*i].name)),
-                    Vec::new(),
-                )
+                // No identifier known, and no customer_id (that always names one): every
+                // identifier is new, the best-ranked first.
+                let (name, value) = &attach[0];
+                (Arc::from(format!("{name}:{value}")), Vec::new())
             }
             1 => (owners.remove(0), Vec::new()),
             _ => {

@@ -157,8 +157,17 @@ impl Engine {
             }
         }
         let mut origin = None;
-        if !ev.ids.is_empty() {
-            let resolution = match self.resolve(&ev, batch)? {
+        if ev.carries_ids() {
+            // Prepared where the event was parsed, or here.
+            let prepared = match ev.prepared.take() {
+                Some(prepared) => prepared,
+                None => match self.config.identity.prepare(&ev.ids, &ev.customer_id) {
+                    Ok(prepared) => prepared,
+                    Err(rejection) => return Ok(Err(rejection)),
+                },
+            };
+            ev.ids = Vec::new();
+            let resolution = match self.resolve(&ev.customer_id, prepared, batch)? {
                 Ok(r) => r,
                 Err(rejection) => return Ok(Err(rejection)),
             };
@@ -298,7 +307,7 @@ fn with_written(
 fn carry_ids(parsed: &[Result<ValidEvent, Rejection>]) -> bool {
     parsed
         .iter()
-        .any(|p| p.as_ref().is_ok_and(|ev| !ev.ids.is_empty()))
+        .any(|p| p.as_ref().is_ok_and(ValidEvent::carries_ids))
 }
 
 impl Worker<'_> {
