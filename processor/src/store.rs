@@ -704,6 +704,12 @@ impl Store {
     ) -> Result<(), StoreError> {
         let prefix = event_prefix(customer);
         let cutoff = self.history_cutoff();
+        // Every event key of the customer is its prefix and 16 bytes: RocksDB stops at the
+        // last one instead of reading on into the next customer's.
+        let mut read_options = read_options;
+        let mut upper = prefix.clone();
+        upper.extend_from_slice(&[0xff; 17]);
+        read_options.set_iterate_upper_bound(upper);
         let iter = self.db.iterator_cf_opt(
             self.cf(CF_EVENTS),
             read_options,
