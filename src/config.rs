@@ -695,7 +695,7 @@ allow_targets = []        # non-public addresses webhooks may reach, e.g. ["10.1
 # ca_file = "/etc/tagstream/internal-ca.pem"   # more CAs for https:// receivers
 
 [identity]                # identifier types events carry in `ids` (docs/api.md, "Identity")
-# cache_entries = 1000000 # identifier lookups kept in memory (about 100 B each)
+# cache_entries = 1000000 # identifier lookups kept in memory (about 100 B each; the whole graph while it fits in half)
 # Built in: customer_id (rank 100), member_no (90, at most 1), unionid (80, 1),
 # phone (70, 3), email (60, 3), openid (50, 5), device_id (10, 5).
 # [identity.types.phone]

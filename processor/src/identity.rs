@@ -283,8 +283,8 @@ impl OwnerCache {
         }
     }
 
-    /// A cache holding `entries`, the whole graph's owners and records, complete when they
-    /// fit in one generation (else nothing is kept: lookups fill it as they go).
+    /// A cache holding `entries`, the whole graph's owners and records: complete when they
+    /// fit in one generation, else holding as many as fit (lookups fill it as they go).
     pub fn whole(
         capacity: usize,
         entries: impl IntoIterator<Item = Result<(Box<[u8]>, Box<[u8]>), crate::store::StoreError>>,
@@ -293,7 +293,6 @@ impl OwnerCache {
         for entry in entries {
             let (key, value) = entry?;
             if cache.current.len() + 1 > capacity / 2 {
-                cache.current.clear();
                 return Ok(cache);
             }
             let cached = Cached::of(&key, Some(&value));
@@ -677,9 +676,11 @@ mod tests {
                 ))
             })
         };
-        // Too big for one generation: nothing kept, nothing known absent.
+        // Too big for one generation: what fits is kept, nothing is known absent.
         let mut cache = OwnerCache::whole(4, entries(3)).unwrap();
-        assert!(!cache.is_complete() && cache.is_empty());
+        assert!(!cache.is_complete());
+        assert_eq!(cache.len(), 2);
+        assert_eq!(cache.get(&record_key("k1")), bytes(b"v"));
         assert_eq!(cache.get(b"cnew"), None);
 
         let mut cache = OwnerCache::whole(8, entries(3)).unwrap();

@@ -151,7 +151,7 @@ pub(super) fn entries_of(store: &Store, customer: &str) -> Result<Vec<GraphEntry
 }
 
 /// The engine's cache of the graph's owners and records: the whole graph when it fits (so
-/// a new identifier needs no read to be known new), else empty.
+/// a new identifier needs no read to be known new), else as much of it as fits.
 pub(super) fn load_owner_cache(
     store: &Store,
     capacity: usize,
