@@ -108,6 +108,7 @@ pub const METRICS: &[(&str, MetricKind, &str)] = &[
     ("tagstream_identity_limit_hits_total", MetricKind::Counter, "Identifiers not attached, or merges not made, because a type's limit would break, by type."),
     ("tagstream_identity_unusable_total", MetricKind::Counter, "Identifiers that normalised to nothing (dropped, the event kept), by type."),
     ("tagstream_identity_cache_entries", MetricKind::Gauge, "Identifier lookups kept in memory."),
+    ("tagstream_identity_cache_complete", MetricKind::Gauge, "1 while the identity cache holds the whole graph (a new identifier costs no read), 0 once it outgrew it."),
     ("tagstream_rocksdb_sst_bytes", MetricKind::Gauge, "On-disk size of every column family."),
     ("tagstream_rocksdb_pending_compaction_bytes", MetricKind::Gauge, "Bytes RocksDB estimates compaction still has to rewrite."),
     ("tagstream_rocksdb_running_compactions", MetricKind::Gauge, "RocksDB compactions running now."),

@@ -1109,6 +1109,13 @@ fn identities_are_resolved_looked_up_by_any_identifier_and_merged_by_hand() {
         .find_map(|l| l.strip_prefix("tagstream_identity_cache_entries "))
         .expect("the identity cache gauge");
     assert!(cached.parse::<f64>().unwrap() >= 2.0, "{cached}");
+    // A small graph: held whole.
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "tagstream_identity_cache_complete 1"),
+        "the identity cache holds the whole graph"
+    );
     // An SMS audience: the members with their phone numbers.
     let r = s.get("/v1/segments/quiet/members?fields=ids.phone,ids.customer_id");
     assert_eq!(r.status, 200, "{}", r.text());

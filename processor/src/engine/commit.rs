@@ -387,7 +387,13 @@ impl Engine {
         let (len, bytes) = self.cache_usage();
         metrics::gauge!("tagstream_cache_customers").set(len as f64);
         metrics::gauge!("tagstream_cache_bytes").set(bytes as f64);
-        metrics::gauge!("tagstream_identity_cache_entries").set(self.owner_cache.borrow().len() as f64);
+        let owners = self.owner_cache.borrow();
+        metrics::gauge!("tagstream_identity_cache_entries").set(owners.len() as f64);
+        metrics::gauge!("tagstream_identity_cache_complete").set(if owners.is_complete() {
+            1.0
+        } else {
+            0.0
+        });
     }
 
     pub(super) fn rollback(&mut self, saved: Counters) {
