@@ -793,3 +793,57 @@ fn an_event_absorbed_in_its_own_batch_keeps_its_id_and_profile() {
     let member = engine.customer("m-1").unwrap().unwrap();
     assert!(!member.tags.contains_key("hangzhou"), "{:?}", member.tags);
 }
+
+#[test]
+fn identifiers_of_imported_customers_resolve_to_them_and_those_of_dropped_ones_are_new_again() {
+    // Person 1 under a phone and an email, in one store.
+    let from_dir = TempDir::new("identity-export");
+    let mut from = open(&from_dir, 1);
+    from.ingest(&[
+        r#"{"event_id":"p1","type":"view","ts":1740000000000,"ids":{"phone":"13800000001","email":"a@example.com"}}"#,
+    ])
+    .unwrap();
+    let person = ask(&from, "phone", "13800000001");
+    let partitions = from.config().partitions;
+    let mut files = Vec::new();
+    for p in 0..partitions {
+        let mut file = Vec::new();
+        from.reader().export_partition(p, partitions, &mut file).unwrap();
+        files.push(file);
+    }
+
+    // Another store, empty when opened (its identity cache holds the whole graph: nothing),
+    // imports them and goes on without a restart.
+    let to_dir = TempDir::new("identity-import");
+    let mut to = open(&to_dir, 2);
+    for file in &files {
+        to.import_partition(&mut &file[..]).unwrap();
+    }
+    to.ingest(&[r#"{"event_id":"p2","type":"view","ts":1740000060000,"ids":{"email":"A@example.com","device_id":"d-1"}}"#])
+        .unwrap();
+    assert_eq!(
+        ask(&to, "email", "a@example.com"),
+        person,
+        "the imported customer's email"
+    );
+    assert_eq!(
+        ask(&to, "device_id", "d-1"),
+        person,
+        "attached to the imported customer"
+    );
+    assert_eq!(to.customer_ids().unwrap(), vec![person.to_string()]);
+
+    // Dropped, its identifiers name nobody: the next event with the phone makes a customer.
+    let partition = processor::partition::partition_of(person.as_bytes(), partitions);
+    to.drop_partition(partition).unwrap();
+    assert_eq!(to.identify("phone", "13800000001").unwrap(), None);
+    to.ingest(&[r#"{"event_id":"p3","type":"view","ts":1740000120000,"ids":{"phone":"13800000001"}}"#])
+        .unwrap();
+    let again = ask(&to, "phone", "13800000001");
+    assert_eq!(to.customer_ids().unwrap(), vec![again.to_string()]);
+    assert_eq!(
+        to.timeline(&again, None, 100).unwrap().unwrap().len(),
+        1,
+        "a new customer"
+    );
+}
