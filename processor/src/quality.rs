@@ -126,7 +126,7 @@ fn event_type_of(raw: &[u8]) -> String {
         .unwrap_or_default()
 }
 
-/// The line as a sample: valid UTF-8, cut to [`SAMPLE_BYTES`].
+/// The line as a sample: valid UTF-8, cut to `SAMPLE_BYTES` (1 KiB).
 pub fn sample_line(raw: &[u8]) -> String {
     let text = String::from_utf8_lossy(&raw[..raw.len().min(SAMPLE_BYTES)]).into_owned();
     if raw.len() > SAMPLE_BYTES {
@@ -239,7 +239,7 @@ pub struct TypeStats {
     pub first_seen: i64,
     pub last_seen: i64,
     pub properties: BTreeMap<String, FieldStats>,
-    /// Properties not kept because [`MAX_FIELDS`] exist.
+    /// Properties not kept because `MAX_FIELDS` (500) exist.
     pub properties_dropped: u64,
 }
 
@@ -249,8 +249,8 @@ pub struct Observed {
     pub events: BTreeMap<String, TypeStats>,
     pub profile: BTreeMap<String, FieldStats>,
     pub identifiers: BTreeMap<String, FieldStats>,
-    /// Events of types not kept because [`MAX_TYPES`] types exist, and profile attributes
-    /// not kept because [`MAX_FIELDS`] exist.
+    /// Events of types not kept because `MAX_TYPES` (1,000) types exist, and profile attributes
+    /// not kept because `MAX_FIELDS` (500) exist.
     pub events_dropped: u64,
     pub profile_dropped: u64,
 }

@@ -984,7 +984,7 @@ impl WindowSet {
 
     /// The earliest instant after the current one at which aggregate `id`'s value, moved by
     /// time alone, leaves `band`. A count whose events only leave finds it at once; counts
-    /// and sums otherwise follow their events for at most [`LOOKAHEAD`] changes (then that
+    /// and sums otherwise follow their events for at most `LOOKAHEAD` (32) changes (then that
     /// instant is returned: early, never late); other aggregates stop at their next change.
     pub fn leaves(&self, rules: &CompiledRules, id: usize, band: &Band) -> Option<i64> {
         let spec = &rules.aggregates()[id];
