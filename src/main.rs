@@ -665,6 +665,16 @@ fn run_replay(
     if stats {
         let (customers, bytes) = engine.cache_usage();
         println!("cache: {customers} customers, an estimated {} MiB", bytes >> 20);
+        // What memory holds beside the cache's budget (issue #17's "within the budgets").
+        let index = engine.reader().index().read().memory();
+        println!(
+            "outside the cache: membership index {} MiB (ids {}, bitmaps {}, columns {}); {} timers pending",
+            (index.id_bytes + index.bitmap_bytes + index.column_bytes) >> 20,
+            index.id_bytes >> 20,
+            index.bitmap_bytes >> 20,
+            index.column_bytes >> 20,
+            engine.pending_timers()
+        );
         println!(
             "timers fired: {}; changes: {}",
             engine.take_fired_timers().count,
