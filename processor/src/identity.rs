@@ -318,13 +318,18 @@ impl OwnerCache {
     }
 
     pub fn put(&mut self, key: &[u8], value: Option<&[u8]>) {
+        self.hold(key, Cached::of(key, value));
+    }
+
+    /// [`OwnerCache::put`] with the value parsed already.
+    pub fn hold(&mut self, key: &[u8], value: Cached) {
         self.previous.remove(key);
-        if self.complete && value.is_none() {
+        if self.complete && value == Cached::Absent {
             // Known absent by not being held.
             self.current.remove(key);
             return;
         }
-        self.insert(key.into(), Cached::of(key, value));
+        self.insert(key.into(), value);
     }
 
     fn insert(&mut self, key: Box<[u8]>, value: Cached) {

@@ -363,7 +363,7 @@ impl Engine {
         }
         let value = self.identity_read_through(key, batch)?;
         let held = Cached::of(key, value.as_deref());
-        self.owner_cache.borrow_mut().put(key, value.as_deref());
+        self.owner_cache.borrow_mut().hold(key, held.clone());
         Ok(held)
     }
 
