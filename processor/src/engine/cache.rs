@@ -30,7 +30,9 @@ pub fn estimate_bytes(state: &CustomerState) -> usize {
 pub struct CustomerCache {
     /// Keyed by client-chosen ids: foldhash is several times faster than SipHash here and
     /// still seeded per process.
-    map: foldhash::HashMap<Arc<str>, (CustomerState, usize)>,
+    /// A customer's state is boxed: the table's slots (sized by the most customers it ever
+    /// held, kept after evictions) then cost a pointer each, not a whole state.
+    map: foldhash::HashMap<Arc<str>, (Box<CustomerState>, usize)>,
     bytes: usize,
 }
 
@@ -45,20 +47,20 @@ impl CustomerCache {
     }
 
     pub fn get(&self, customer: &str) -> Option<&CustomerState> {
-        self.map.get(customer).map(|(s, _)| s)
+        self.map.get(customer).map(|(s, _)| &**s)
     }
 
     pub fn contains_key(&self, customer: &str) -> bool {
         self.map.contains_key(customer)
     }
 
-    pub fn remove(&mut self, customer: &str) -> Option<CustomerState> {
+    pub fn remove(&mut self, customer: &str) -> Option<Box<CustomerState>> {
         let (state, bytes) = self.map.remove(customer)?;
         self.bytes -= bytes;
         Some(state)
     }
 
-    pub fn insert(&mut self, customer: Arc<str>, state: CustomerState) {
+    pub fn insert(&mut self, customer: Arc<str>, state: Box<CustomerState>) {
         let bytes = estimate_bytes(&state);
         self.bytes += bytes;
         if let Some((_, old)) = self.map.insert(customer, (state, bytes)) {
@@ -126,7 +128,7 @@ impl CustomerCache {
 mod tests {
     use super::*;
 
-    fn customer(last_used: u64, events: usize) -> CustomerState {
+    fn customer(last_used: u64, events: usize) -> Box<CustomerState> {
         let mut state = CustomerState {
             last_used,
             ..Default::default()
@@ -139,7 +141,7 @@ mod tests {
                 props: Default::default(),
             });
         }
-        state
+        Box::new(state)
     }
 
     #[test]

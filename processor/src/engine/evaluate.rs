@@ -10,7 +10,7 @@ impl Worker<'_> {
         &mut self,
         customer: &Arc<str>,
         now: i64,
-    ) -> Result<CustomerState, EngineError> {
+    ) -> Result<Box<CustomerState>, EngineError> {
         let ctx = self.ctx;
         let state = match self.shard.cache.remove(customer) {
             Some(s) => Some(s),
@@ -23,7 +23,7 @@ impl Worker<'_> {
                     // advance.)
                     let cutoff = now.saturating_sub(ctx.config.retention_ms);
                     s.history.events.retain(|e| e.ts > cutoff);
-                    s
+                    Box::new(s)
                 }),
         };
         let mut state = match state {
@@ -34,12 +34,12 @@ impl Worker<'_> {
                     .batch
                     .new_ids
                     .push((self.place.clone(), customer.clone()));
-                return Ok(CustomerState {
+                return Ok(Box::new(CustomerState {
                     generation: ctx.generation,
                     number: crate::index::NO_NUMBER,
                     history_loaded: true,
                     ..Default::default()
-                });
+                }));
             }
         };
         if state.generation < ctx.generation {
@@ -69,7 +69,7 @@ impl Worker<'_> {
         Ok(state)
     }
 
-    pub(super) fn put_back(&mut self, customer: Arc<str>, mut state: CustomerState) {
+    pub(super) fn put_back(&mut self, customer: Arc<str>, mut state: Box<CustomerState>) {
         state.last_used = self.ctx.batches;
         self.shard.batch.dirty.insert(customer.clone());
         self.shard.cache.insert(customer, state);

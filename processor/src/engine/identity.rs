@@ -782,7 +782,7 @@ impl Worker<'_> {
         now: i64,
         cause: &Cause,
         committed: Vec<rules::Event>,
-    ) -> Result<CustomerState, EngineError> {
+    ) -> Result<Box<CustomerState>, EngineError> {
         let mut state = self.take_customer(customer, now)?;
         if !state.history_loaded {
             self.install_history(customer, &mut state, now, committed.into_iter());
@@ -947,7 +947,7 @@ impl Worker<'_> {
     pub(super) fn rebuild(
         &mut self,
         customer: &Arc<str>,
-        mut state: CustomerState,
+        mut state: Box<CustomerState>,
         mut old: Vec<(Arc<str>, i64)>,
         now: i64,
         cause: &Cause,

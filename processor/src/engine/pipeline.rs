@@ -437,7 +437,7 @@ mod tests {
                 last_used: i,
                 ..Default::default()
             };
-            cache.insert(format!("c{i}").into(), state);
+            cache.insert(format!("c{i}").into(), Box::new(state));
         }
         let pinned: foldhash::HashSet<Arc<str>> = ["c0".into(), "c1".into()].into_iter().collect();
         cache.evict(1, usize::MAX, Some(&pinned));
