@@ -229,8 +229,16 @@ impl CustomerState {
             ..Default::default()
         };
         state.history.profile = read_profile(&mut r)?;
+        // A definition's name is shared with the rule set where it names one: a cached
+        // customer's memberships then hold no string of their own.
+        let rules = current.map(|(rules, _)| rules);
+        let name = |r: &mut Reader<'_>| -> Result<Arc<str>, CodecError> {
+            let name = r.str()?;
+            let shared = rules.and_then(|rules| Some(rules.def(rules.lookup(name)?).name.clone()));
+            Ok(shared.unwrap_or_else(|| name.into()))
+        };
         for _ in 0..r.len()? {
-            let name = r.arc_str()?;
+            let name = name(&mut r)?;
             state.members.insert(
                 name,
                 Membership {
@@ -240,7 +248,7 @@ impl CustomerState {
             );
         }
         for _ in 0..r.len()? {
-            let name = r.arc_str()?;
+            let name = name(&mut r)?;
             let last_ts = r.opt_i64()?;
             let mut future = Vec::new();
             for _ in 0..r.len()? {
@@ -540,5 +548,40 @@ mod tests {
         assert_eq!(back.members, s.members);
         assert_eq!(back.event_tags, s.event_tags);
         assert_eq!(back.manual, s.manual);
+    }
+
+    #[test]
+    fn decoded_definition_names_are_the_rule_sets_own() {
+        let rules = CompiledRules::compile(
+            "tag payer = count(pay, 10ms) >= 1
+             tag seen on view ttl 10ms",
+        )
+        .unwrap();
+        let mut s = CustomerState::default();
+        for name in ["payer", "gone"] {
+            s.members.insert(
+                name.into(),
+                Membership {
+                    since: 1,
+                    expires_at: None,
+                },
+            );
+        }
+        s.event_tags.insert("seen".into(), EventTagState::default());
+        let bytes = s.encode(Some(&rules));
+        let (back, _) = CustomerState::decode_with_windows(&bytes, Some((&rules, 1_000))).unwrap();
+        let own = |name: &str| rules.def(rules.lookup(name).unwrap()).name.clone();
+        let (payer, _) = back.members.get_key_value("payer").unwrap();
+        assert!(
+            Arc::ptr_eq(payer, &own("payer")),
+            "a member's name is shared, not copied"
+        );
+        let (seen, _) = back.event_tags.get_key_value("seen").unwrap();
+        assert!(Arc::ptr_eq(seen, &own("seen")));
+        assert!(
+            back.members.contains_key("gone"),
+            "a name no rule defines any more is kept"
+        );
+        assert_eq!(back.members.len(), 2);
     }
 }
