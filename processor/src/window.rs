@@ -190,6 +190,42 @@ impl Queue {
             None => &NULL,
         }
     }
+
+    /// Room for one more event. A full queue grows by a quarter (at least 8 slots), not
+    /// twofold as `VecDeque` would: a customer's queue is read from the store at its exact
+    /// length and then, being loaded for an event, gets one — doubling there would hold twice
+    /// the queue's bytes for as long as the customer stays cached. Still geometric, so an
+    /// insert stays amortised O(1).
+    fn reserve_one(&mut self) {
+        let len = self.keys.len();
+        if len < self.keys.capacity() {
+            return;
+        }
+        let more = len / 4 + 8;
+        self.keys.reserve_exact(more);
+        for column in &mut self.inputs {
+            column.reserve_exact(more);
+        }
+    }
+
+    /// After events left from the front: a queue using under half its room gives back all
+    /// but a quarter of its length (a realloc once per halving: amortised O(1) per event).
+    fn trim(&mut self) {
+        let (len, room) = (self.keys.len(), self.keys.capacity());
+        if room <= 32 || len >= room / 2 {
+            return;
+        }
+        let keep = len + len / 4 + 8;
+        self.keys.shrink_to(keep);
+        for column in &mut self.inputs {
+            column.shrink_to(keep);
+        }
+    }
+
+    /// The slots the queue holds room for (its columns have at least as many).
+    fn room(&self) -> usize {
+        self.keys.capacity()
+    }
 }
 
 /// A source with events inside its windows: the queue and the state of each aggregate over
@@ -524,6 +560,7 @@ impl WindowSet {
                 Some(last) if *last > key => q.keys.partition_point(|k| *k < key),
                 _ => q.keys.len(),
             };
+            q.reserve_one();
             q.keys.insert(index, key);
             for (column, property) in q.inputs.iter_mut().zip(&source.properties) {
                 column.insert(index, event.props.get(property));
@@ -572,6 +609,8 @@ impl WindowSet {
             if q.keys.is_empty() {
                 // Every window over it is empty, and so is every accumulator.
                 *slot = None;
+            } else {
+                q.trim();
             }
         }
         self.at = now;
@@ -868,20 +907,19 @@ impl WindowSet {
     }
 
     /// An estimate of the bytes this holds, in O(sources + aggregates): the fixed parts by
-    /// their sizes, queued events and values by their count (queues grow by doubling: a
-    /// quarter more on average), accumulator entries at a hash or tree slot each.
+    /// their sizes, the queues by the room they hold (not only their events), accumulator
+    /// entries at a hash or tree slot each. A string value's own allocation is not counted.
     pub fn approx_bytes(&self) -> usize {
         use std::mem::size_of;
         const ENTRY_BYTES: usize = 64;
         let mut bytes = size_of::<WindowSet>() + self.sources.len() * size_of::<Option<Box<Source>>>();
         for s in self.sources.iter().flatten() {
-            let n = s.queue.keys.len();
-            let queued = n * (size_of::<(i64, u64)>() + s.queue.inputs.len() * size_of::<Value>());
+            let room = s.queue.room();
+            let queued = room * (size_of::<(i64, u64)>() + s.queue.inputs.len() * size_of::<Value>());
             bytes += size_of::<Source>()
                 + s.queue.inputs.len() * size_of::<VecDeque<Value>>()
                 + s.aggs.len() * size_of::<AggState>()
                 + queued
-                + queued / 4
                 + s.aggs.iter().map(AggState::entries).sum::<usize>() * ENTRY_BYTES;
         }
         bytes
@@ -1299,6 +1337,60 @@ mod tests {
         store.0.clear();
         let header = WindowHeader::decode(&mut Reader::new(&header)).unwrap();
         assert!(WindowSet::from_chunks(&header, &rules, []).is_err());
+    }
+
+    /// A queue read back at its exact length and then given an event grows by a quarter,
+    /// not twofold; when most of its events have left its windows it gives the room back;
+    /// and the cache's estimate counts the room, not only the events.
+    #[test]
+    fn queues_hold_little_more_room_than_their_events() {
+        let rules = CompiledRules::compile("trait s = sum(pay.amount, 10000ms)").unwrap();
+        let mut arrival = 0;
+        let mut event = |ts: i64| {
+            arrival += 1;
+            let mut e = events(&[(ts, 1.0)]).pop().unwrap();
+            e.arrival = arrival;
+            e
+        };
+        let mut set = WindowSet::build(&rules, 100_000, 0, &[], |_| None);
+        for t in 1..=1_000 {
+            set.advance(&rules, t);
+            set.insert(&rules, &event(t), |_| None);
+        }
+        let room = |set: &WindowSet| set.sources[0].as_ref().unwrap().queue.room();
+        let columns_room = |set: &WindowSet| {
+            let q = &set.sources[0].as_ref().unwrap().queue;
+            q.inputs.iter().map(|c| c.capacity()).min().unwrap()
+        };
+        assert!(
+            room(&set) <= 1_000 + 1_000 / 4 + 8,
+            "grown by quarters: {}",
+            room(&set)
+        );
+        let mut store = Chunks::default();
+        let mut stored = StoredChunks::new();
+        let (header, _) = store.store(&mut set, &rules, &mut stored);
+        let mut back = store.load(&header, &rules, 100_000).unwrap();
+        assert_eq!(room(&back), 1_000, "read back at its length");
+        let before = back.approx_bytes();
+        back.advance(&rules, 1_001);
+        back.insert(&rules, &event(1_001), |_| None);
+        assert_eq!(
+            room(&back),
+            1_000 + 1_000 / 4 + 8,
+            "one more event: a quarter more room"
+        );
+        assert!(
+            columns_room(&back) >= room(&back),
+            "the columns have room with the keys"
+        );
+        assert!(back.approx_bytes() > before, "the estimate counts the room");
+        // 900 of the 1,001 events leave the window: the room shrinks with them.
+        back.advance(&rules, 10_900);
+        let q = &back.sources[0].as_ref().unwrap().queue;
+        assert_eq!(q.keys.len(), 101);
+        assert!(room(&back) < 200, "room given back: {}", room(&back));
+        assert_eq!(back.value(&rules, 0), Value::Num(Decimal::from(101)));
     }
 
     /// State kept under rules whose windows are shaped otherwise, or under another
