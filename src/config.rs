@@ -402,7 +402,9 @@ pub struct RetentionSettings {
 pub struct CacheSettings {
     /// Customers kept in memory between batches (least recently used go first).
     pub customers: usize,
-    /// What those customers may hold in memory (records, window queues), in MiB.
+    /// The engine's heap as the allocator counts it, in MiB: the cached customers (records,
+    /// window queues) get what the rest of the heap (membership index, timers, batches in
+    /// flight, the allocator's slack) leaves, never under a quarter of it.
     pub memory_mb: usize,
     /// RocksDB's block cache, in MiB.
     pub block_cache_mb: usize,
@@ -544,6 +546,7 @@ impl Settings {
             retention_ms: self.retention.history.0,
             cache_customers: self.cache.customers,
             cache_bytes: self.cache.memory_mb << 20,
+            heap_probe: Some(processor::HeapProbe(crate::heap_committed)),
             block_cache_bytes: self.cache.block_cache_mb << 20,
             memtable_bytes: self.cache.memtable_mb << 20,
             sync_writes: self.sync_writes,
@@ -638,7 +641,7 @@ dead_letters_max_count = {dead_letters_max_count}
 
 [cache]
 customers = {customers}       # customers kept in memory between batches
-memory_mb = {memory_mb}        # what they may hold: records and window queues
+memory_mb = {memory_mb}        # the engine's heap: cached customers get what the rest leaves (a quarter at least)
 block_cache_mb = {block_cache_mb}      # RocksDB block cache
 memtable_mb = {memtable_mb}         # RocksDB memtables, all column families together
 profile_columns = {profile_columns}      # profile attributes kept as columns for queries (4 B/customer each)

@@ -20,6 +20,31 @@ use processor::{ClockMode, Engine, EngineConfig};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+extern "C" {
+    /// mimalloc's process statistics (`mimalloc.h`); its committed bytes are kept whatever
+    /// the statistics level it was built with.
+    fn mi_process_info(
+        elapsed_msecs: *mut usize,
+        user_msecs: *mut usize,
+        system_msecs: *mut usize,
+        current_rss: *mut usize,
+        peak_rss: *mut usize,
+        current_commit: *mut usize,
+        peak_commit: *mut usize,
+        page_faults: *mut usize,
+    );
+}
+
+/// The bytes mimalloc holds committed for the heap — every Rust allocation of the process,
+/// with the slack of its partly filled pages: what `[cache] memory_mb` bounds.
+pub(crate) fn heap_committed() -> usize {
+    let mut commit = 0usize;
+    let none = std::ptr::null_mut();
+    // SAFETY: mimalloc writes only through the pointers that are not null.
+    unsafe { mi_process_info(none, none, none, none, none, &mut commit, none, none) };
+    commit
+}
+
 #[derive(Parser)]
 #[command(
     name = "tagstream",

@@ -26,6 +26,8 @@ mod timers;
 mod unmerge;
 mod versions;
 
+use cache::HeapBudget;
+pub use cache::HeapProbe;
 pub use explain::{Explained, Explanation, NextChange};
 pub use identity::Merged;
 pub use partitions::{PartitionSummary, MAGIC as PARTITION_EXPORT_MAGIC};
@@ -89,8 +91,13 @@ pub struct EngineConfig {
     pub cache_customers: usize,
     /// Most bytes (estimated: records, window queues, histories loaded for the batch in
     /// flight) those customers may hold; with `cache_customers` this bounds the engine's
-    /// memory whatever the data.
+    /// memory whatever the data. With a [`EngineConfig::heap_probe`] it bounds the engine's
+    /// whole heap as the allocator counts it, the cache getting what the rest leaves
+    /// ([`HeapBudget`]).
     pub cache_bytes: usize,
+    /// How to ask the process's allocator for its heap's size (the binary sets it); `None`:
+    /// `cache_bytes` bounds the cache's own estimate only.
+    pub heap_probe: Option<HeapProbe>,
     /// RocksDB's block cache for the customer records, events and dedup keys, in bytes.
     pub block_cache_bytes: usize,
     /// RocksDB's memtables, all column families together, in bytes.
@@ -178,6 +185,7 @@ impl Default for EngineConfig {
             timers_beside_events: 256,
             segment_round: 50_000,
             identity: crate::identity::IdentityConfig::default(),
+            heap_probe: None,
         }
     }
 }
@@ -593,6 +601,8 @@ pub struct Engine {
     durable_seq: u64,
     /// Batches committed since open; the cache's clock for eviction.
     batches: u64,
+    /// The cache's share of the heap's budget, with a heap probe.
+    heap_budget: HeapBudget,
     backfill_cursor: Option<Vec<u8>>,
     /// Customers the current backfill sweep has passed (since this process started it or
     /// resumed it), and the store's estimate of all customers when it began.
@@ -754,6 +764,7 @@ impl Engine {
             next_ticket: 0,
             durable_seq: counters.next_seq - 1,
             batches: 0,
+            heap_budget: HeapBudget::default(),
             backfill_cursor,
             backfill_done: 0,
             backfill_total: 0,

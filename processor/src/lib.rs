@@ -55,9 +55,9 @@ pub use change::{Cause, Change, MemberKind, Op};
 pub use engine::{
     parse_cursor, BackfillProgress, BackupManifest, ClockMode, CustomerView, DeadLetter, DefinitionSummary,
     Delta, Engine, EngineConfig, EngineError, Explained, Explanation, ExportField, Finished, FiredTimers,
-    HourActivity, IngestError, IngestOutcome, IngestRequest, Log, LogRetention, MembersPage, NextChange,
-    PartitionSummary, Preview, PreviewCounts, QueryError, QueryPage, ReadHandle, ReadVersions, RuleDiff,
-    RuleEdit, RuleVersion, SavedSegment, SegmentUpdate, Trimmed, VersionSummary, BACKUP_MANIFEST,
+    HeapProbe, HourActivity, IngestError, IngestOutcome, IngestRequest, Log, LogRetention, MembersPage,
+    NextChange, PartitionSummary, Preview, PreviewCounts, QueryError, QueryPage, ReadHandle, ReadVersions,
+    RuleDiff, RuleEdit, RuleVersion, SavedSegment, SegmentUpdate, Trimmed, VersionSummary, BACKUP_MANIFEST,
     PARTITION_EXPORT_MAGIC,
 };
 pub use event::{parse_event, EventLimits, Rejection, ValidEvent};

@@ -969,3 +969,65 @@ fn changes_of_a_name_are_the_logs_changes_of_that_name_also_for_stores_from_befo
     let engine = Engine::open(dir.path(), None, event_config()).unwrap();
     check(&engine);
 }
+
+/// With a heap probe, `cache_bytes` bounds the whole heap: a heap the probe reports as full
+/// of something else leaves the cache its floor, a quarter of the budget; an empty one
+/// leaves it the whole budget. Customers evicted read back the same from the store.
+#[test]
+fn a_heap_probe_gives_the_cache_what_the_rest_of_the_heap_leaves() {
+    fn heap_full_of_other_things() -> usize {
+        1 << 40
+    }
+    fn heap_empty() -> usize {
+        0
+    }
+    const BUDGET: usize = 8 << 20;
+    const ROUNDS: usize = 8;
+    const EACH: usize = 250;
+    let rules = "trait spend = sum(payment.amount, 30d)\ntag buyer = count(payment, 30d) >= 2";
+    let run = |probe: fn() -> usize| {
+        let dir = TempDir::new("engine-heap-probe");
+        let config = EngineConfig {
+            cache_bytes: BUDGET,
+            heap_probe: Some(processor::HeapProbe(probe)),
+            workers: 1,
+            ..event_config()
+        };
+        let mut engine = Engine::open(dir.path(), Some(rules), config).unwrap();
+        // Each round new customers (the cache evicts by round), each with two payments.
+        for round in 0..ROUNDS {
+            let batch: Vec<String> = (round * EACH..(round + 1) * EACH)
+                .flat_map(|c| {
+                    (0..2).map(move |i| {
+                        let extra = format!(r#","props":{{"amount":{}}}"#, 10 + c);
+                        ev(
+                            &format!("e{c}-{i}"),
+                            &format!("c{c}"),
+                            "payment",
+                            T0 + round as i64 * MIN,
+                            &extra,
+                        )
+                    })
+                })
+                .collect();
+            engine.ingest(&batch).unwrap();
+        }
+        let usage = engine.cache_usage();
+        let first = engine.customer("c7").unwrap().unwrap();
+        (usage, first)
+    };
+    let ((squeezed_customers, squeezed), c7_squeezed) = run(heap_full_of_other_things);
+    let ((roomy_customers, roomy), c7_roomy) = run(heap_empty);
+    assert_eq!(
+        roomy_customers,
+        ROUNDS * EACH,
+        "the whole budget holds everyone: {roomy} bytes"
+    );
+    assert!(
+        squeezed > 0 && squeezed <= BUDGET / 4 && squeezed_customers < ROUNDS * EACH,
+        "the floor: {squeezed_customers} customers, {squeezed} bytes cached"
+    );
+    assert_eq!(c7_squeezed.tags, c7_roomy.tags);
+    assert_eq!(c7_squeezed.traits, c7_roomy.traits);
+    assert!(c7_roomy.tags.contains_key("buyer"));
+}

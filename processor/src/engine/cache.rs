@@ -26,6 +26,55 @@ pub fn estimate_bytes(state: &CustomerState) -> usize {
         + state.windows.as_ref().map_or(0, |w| w.approx_bytes())
 }
 
+/// Asks the process's allocator how many bytes it holds for the heap (the binary's allocator
+/// knows; a library does not). See [`HeapBudget`].
+#[derive(Clone, Copy)]
+pub struct HeapProbe(pub fn() -> usize);
+
+impl PartialEq for HeapProbe {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::fn_addr_eq(self.0, other.0)
+    }
+}
+
+impl Eq for HeapProbe {}
+
+impl std::fmt::Debug for HeapProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HeapProbe")
+    }
+}
+
+/// Holds the engine's whole heap, as the allocator counts it, within the cache's byte
+/// budget: the cache gets what the rest of the heap leaves — the membership index, pending
+/// timers, batches in flight, and the allocator's own slack (pages partly filled after
+/// evictions) — but never less than a quarter of the budget, so a heap full of something
+/// else makes the engine read more from the store instead of stopping it.
+///
+/// The rest is the least of the last [`HeapBudget::SAMPLES`] commits' `heap − cache`: an
+/// eviction frees blocks inside pages the allocator keeps (its heap does not shrink at
+/// once, the holes are filled by the next loads), and counting those holes as the rest
+/// would evict again at every commit until the cache reached its floor.
+#[derive(Debug, Default)]
+pub struct HeapBudget {
+    rest: std::collections::VecDeque<usize>,
+}
+
+impl HeapBudget {
+    pub const SAMPLES: usize = 64;
+
+    /// The cache's share of `budget` bytes, given the allocator's `heap` bytes now and the
+    /// cache's estimate of its own.
+    pub fn cache_share(&mut self, budget: usize, heap: usize, cache: usize) -> usize {
+        if self.rest.len() == Self::SAMPLES {
+            self.rest.pop_front();
+        }
+        self.rest.push_back(heap.saturating_sub(cache));
+        let rest = self.rest.iter().copied().min().unwrap_or(0);
+        budget.saturating_sub(rest).max(budget / 4)
+    }
+}
+
 #[derive(Default)]
 pub struct CustomerCache {
     /// Keyed by client-chosen ids: foldhash is several times faster than SipHash here and
@@ -127,6 +176,30 @@ impl CustomerCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cache_gets_what_the_rest_of_the_heap_leaves() {
+        const MIB: usize = 1 << 20;
+        let mut budget = HeapBudget::default();
+        // 60 MiB of index, timers and slack beside a 150 MiB cache: 196 MiB are the cache's.
+        assert_eq!(budget.cache_share(256 * MIB, 210 * MIB, 150 * MIB), 196 * MIB);
+        // The cache evicts 40 MiB; the allocator keeps the pages (holes): not counted as rest.
+        assert_eq!(budget.cache_share(256 * MIB, 210 * MIB, 110 * MIB), 196 * MIB);
+        // The rest really grows (the index, say): once it has for every recent commit, the
+        // cache's share shrinks by as much.
+        for _ in 0..HeapBudget::SAMPLES {
+            budget.cache_share(256 * MIB, 240 * MIB, 150 * MIB);
+        }
+        assert_eq!(budget.cache_share(256 * MIB, 240 * MIB, 150 * MIB), 166 * MIB);
+        // However large the rest, the cache keeps a quarter.
+        for _ in 0..HeapBudget::SAMPLES {
+            budget.cache_share(256 * MIB, 900 * MIB, 100 * MIB);
+        }
+        assert_eq!(budget.cache_share(256 * MIB, 900 * MIB, 100 * MIB), 64 * MIB);
+        // An allocator reporting less than the cache's estimate leaves the whole budget.
+        let mut budget = HeapBudget::default();
+        assert_eq!(budget.cache_share(256 * MIB, 100 * MIB, 150 * MIB), 256 * MIB);
+    }
 
     fn customer(last_used: u64, events: usize) -> Box<CustomerState> {
         let mut state = CustomerState {

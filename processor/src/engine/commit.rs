@@ -378,9 +378,19 @@ impl Engine {
     /// recently used customers are dropped down to 90% of it, so eviction work is amortised
     /// over many batches and hot customers stay.
     fn evict(&mut self, pinned: &[foldhash::HashSet<Arc<str>>]) {
+        let budget = match self.config.heap_probe {
+            Some(HeapProbe(heap_bytes)) => {
+                let heap = heap_bytes();
+                metrics::gauge!("tagstream_heap_bytes").set(heap as f64);
+                self.heap_budget
+                    .cache_share(self.config.cache_bytes, heap, self.cache_usage().1)
+            }
+            None => self.config.cache_bytes,
+        };
+        metrics::gauge!("tagstream_cache_budget_bytes").set(budget as f64);
         // Each shard keeps its share of the budgets.
         let n = self.shards.len();
-        let (customers, bytes) = (self.config.cache_customers / n, self.config.cache_bytes / n);
+        let (customers, bytes) = (self.config.cache_customers / n, budget / n);
         for (i, shard) in self.shards.iter_mut().enumerate() {
             shard.cache.evict(customers.max(1), bytes.max(1), pinned.get(i));
         }
