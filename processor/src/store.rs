@@ -224,13 +224,6 @@ fn window_key(prefix: &[u8], source: usize, chunk: u64) -> Vec<u8> {
     key
 }
 
-/// The source and chunk of a window key after the customer's prefix.
-fn window_key_parts(rest: &[u8]) -> Option<(usize, u64)> {
-    let source = u16::from_be_bytes(rest.get(..2)?.try_into().ok()?);
-    let chunk = u64::from_be_bytes(rest.get(2..10)?.try_into().ok()?);
-    (rest.len() == 10).then_some((usize::from(source), chunk))
-}
-
 /// A definition's (or manual tag's) prefix in `changes_by_name`.
 fn name_prefix(name: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(4 + name.len() + 8);
@@ -641,20 +634,30 @@ impl Store {
         match (windows, current) {
             (StoredWindows::Attached, _) => return Ok(Some(state)),
             (StoredWindows::Chunked(header), Some(current)) => {
+                // The header names every chunk to read: point reads of exactly those keys, in
+                // one batched call, not an iterator over the customer's prefix — which opens
+                // an iterator on every memtable and table, steps over the tombstones of chunks
+                // the windows left, and reads on into the next customer's keys.
                 let prefix = event_prefix(customer);
-                let mut chunks = Vec::new();
-                let iter = self.db.iterator_cf_opt(
-                    self.cf(CF_WINDOWS),
-                    read_options(),
-                    IteratorMode::From(&prefix, Direction::Forward),
-                );
-                for item in iter {
-                    let (key, value) = item?;
-                    let Some(rest) = key.strip_prefix(prefix.as_slice()) else {
-                        break;
-                    };
-                    let (source, chunk) = window_key_parts(rest).ok_or(CodecError("bad window key"))?;
-                    if header.wanted(source, chunk) {
+                let wanted: Vec<(usize, u64)> = header
+                    .stored_chunks()
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(source, range)| range.map(|(lo, hi)| (source, lo, hi)))
+                    .flat_map(|(source, lo, hi)| (lo..hi).map(move |chunk| (source, chunk)))
+                    .collect();
+                let keys: Vec<Vec<u8>> = wanted
+                    .iter()
+                    .map(|&(source, chunk)| window_key(&prefix, source, chunk))
+                    .collect();
+                // In key order: by source, then chunk, as `window_key` lays them out.
+                let values =
+                    self.db
+                        .batched_multi_get_cf_opt(self.cf(CF_WINDOWS), &keys, true, &read_options());
+                let mut chunks = Vec::with_capacity(wanted.len());
+                for ((source, chunk), value) in wanted.into_iter().zip(values) {
+                    // A chunk the header names and the store lacks: `from_chunks` says so.
+                    if let Some(value) = value? {
                         chunks.push((source, chunk, value));
                     }
                 }
