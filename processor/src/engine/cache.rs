@@ -135,6 +135,9 @@ impl CustomerCache {
     /// When over `max_customers` or `max_bytes`, evicts the least recently used customers
     /// down to 90% of both (so eviction runs once in many batches, not on every one).
     /// Customers in `pinned` stay whatever their age (their new state is not durable yet).
+    /// Customers of the same age (touched by the same batch) are kept as far as the budgets
+    /// allow, not evicted together: a batch whose customers alone outweigh the budget would
+    /// otherwise empty the cache.
     pub fn evict(
         &mut self,
         max_customers: usize,
@@ -146,30 +149,33 @@ impl CustomerCache {
         }
         let keep_customers = max_customers - max_customers / 10;
         let keep_bytes = max_bytes - max_bytes / 10;
-        let mut by_age: Vec<(u64, usize)> = self.map.values().map(|(s, b)| (s.last_used, *b)).collect();
-        by_age.sort_unstable_by_key(|b| std::cmp::Reverse(b.0));
+        let mut by_age: Vec<(u64, usize, &Arc<str>)> = self
+            .map
+            .iter()
+            .map(|(id, (s, b))| (s.last_used, *b, id))
+            .collect();
+        by_age.sort_unstable_by_key(|e| std::cmp::Reverse(e.0));
         // Keep the most recently used while both budgets allow; everything older goes.
         let (mut kept, mut bytes) = (0usize, 0usize);
-        let mut threshold = None;
-        for (age, b) in by_age {
+        let mut cut = by_age.len();
+        for (i, &(_, b, _)) in by_age.iter().enumerate() {
             if kept + 1 > keep_customers || bytes + b > keep_bytes {
-                threshold = Some(age);
+                cut = i;
                 break;
             }
             kept += 1;
             bytes += b;
         }
-        let Some(threshold) = threshold else { return };
-        // Ties at the threshold go too; at worst that evicts a batch's worth more.
-        let mut freed = 0;
-        self.map.retain(|id, (state, b)| {
-            let keep = state.last_used > threshold || pinned.is_some_and(|p| p.contains(id));
-            if !keep {
-                freed += *b;
+        let evicted: Vec<Arc<str>> = by_age[cut..]
+            .iter()
+            .filter(|(_, _, id)| !pinned.is_some_and(|p| p.contains(*id)))
+            .map(|(_, _, id)| Arc::clone(id))
+            .collect();
+        for id in evicted {
+            if let Some((_, b)) = self.map.remove(&id) {
+                self.bytes -= b;
             }
-            keep
-        });
-        self.bytes -= freed;
+        }
     }
 }
 
@@ -239,6 +245,22 @@ mod tests {
         cache.evict(2, usize::MAX, None);
         assert!(cache.len() <= 2);
         assert!(cache.contains_key("c9"));
+    }
+
+    /// One batch touched every customer (one age): the budget keeps as many as fit.
+    #[test]
+    fn customers_of_one_batch_are_kept_as_far_as_the_budget_allows() {
+        let mut cache = CustomerCache::default();
+        for i in 0..10u64 {
+            cache.insert(format!("c{i}").into(), customer(7, 10));
+        }
+        let each = estimate_bytes(&customer(0, 10));
+        cache.evict(100, 5 * each, None);
+        assert_eq!(cache.len(), 4, "90% of five customers' bytes: four stay");
+        assert_eq!(cache.bytes(), 4 * each);
+        let pinned: foldhash::HashSet<Arc<str>> = (0..10).map(|i| format!("c{i}").into()).collect();
+        cache.evict(100, each, Some(&pinned));
+        assert_eq!(cache.len(), 4, "pinned customers stay whatever the budget");
     }
 
     #[test]
