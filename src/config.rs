@@ -402,10 +402,13 @@ pub struct RetentionSettings {
 pub struct CacheSettings {
     /// Customers kept in memory between batches (least recently used go first).
     pub customers: usize,
-    /// The engine's heap as the allocator counts it, in MiB: the cached customers (records,
-    /// window queues) get what the rest of the heap (membership index, timers, batches in
-    /// flight, the allocator's slack) leaves, never under a quarter of it.
+    /// What those customers may hold in memory (records, window queues), in MiB.
     pub memory_mb: usize,
+    /// `memory_mb` bounds the engine's whole heap as the allocator counts it: the cached
+    /// customers get what the rest of the heap (membership index, timers, batches in flight,
+    /// the allocator's slack) leaves, never under a quarter of it. Lower memory, a smaller
+    /// cache (bench/RESULTS.md, "[cache] memory_mb bounds the engine's heap").
+    pub bound_heap: bool,
     /// RocksDB's block cache, in MiB.
     pub block_cache_mb: usize,
     /// RocksDB's memtables, all column families together, in MiB.
@@ -512,6 +515,7 @@ impl Default for CacheSettings {
         CacheSettings {
             customers: engine.cache_customers,
             memory_mb: engine.cache_bytes >> 20,
+            bound_heap: engine.bound_heap,
             block_cache_mb: engine.block_cache_bytes >> 20,
             memtable_mb: engine.memtable_bytes >> 20,
             profile_columns: engine.profile_columns,
@@ -547,6 +551,7 @@ impl Settings {
             cache_customers: self.cache.customers,
             cache_bytes: self.cache.memory_mb << 20,
             heap_probe: Some(processor::HeapProbe(crate::heap_committed)),
+            bound_heap: self.cache.bound_heap,
             block_cache_bytes: self.cache.block_cache_mb << 20,
             memtable_bytes: self.cache.memtable_mb << 20,
             sync_writes: self.sync_writes,
@@ -641,7 +646,8 @@ dead_letters_max_count = {dead_letters_max_count}
 
 [cache]
 customers = {customers}       # customers kept in memory between batches
-memory_mb = {memory_mb}        # the engine's heap: cached customers get what the rest leaves (a quarter at least)
+memory_mb = {memory_mb}        # what they may hold: records and window queues
+bound_heap = {bound_heap}       # memory_mb bounds the engine's whole heap: the cache gets what the rest leaves (a quarter at least)
 block_cache_mb = {block_cache_mb}      # RocksDB block cache
 memtable_mb = {memtable_mb}         # RocksDB memtables, all column families together
 profile_columns = {profile_columns}      # profile attributes kept as columns for queries (4 B/customer each)
@@ -728,6 +734,7 @@ allow_targets = []        # non-public addresses webhooks may reach, e.g. ["10.1
             dead_letters_max_count = d.retention.dead_letters_max_count,
             customers = d.cache.customers,
             memory_mb = d.cache.memory_mb,
+            bound_heap = d.cache.bound_heap,
             block_cache_mb = d.cache.block_cache_mb,
             memtable_mb = d.cache.memtable_mb,
             profile_columns = d.cache.profile_columns,

@@ -91,13 +91,16 @@ pub struct EngineConfig {
     pub cache_customers: usize,
     /// Most bytes (estimated: records, window queues, histories loaded for the batch in
     /// flight) those customers may hold; with `cache_customers` this bounds the engine's
-    /// memory whatever the data. With a [`EngineConfig::heap_probe`] it bounds the engine's
+    /// memory whatever the data. With [`EngineConfig::bound_heap`] it bounds the engine's
     /// whole heap as the allocator counts it, the cache getting what the rest leaves
     /// ([`HeapBudget`]).
     pub cache_bytes: usize,
-    /// How to ask the process's allocator for its heap's size (the binary sets it); `None`:
-    /// `cache_bytes` bounds the cache's own estimate only.
+    /// How to ask the process's allocator for its heap's size (the binary sets it), for the
+    /// `tagstream_heap_bytes` gauge and [`EngineConfig::bound_heap`].
     pub heap_probe: Option<HeapProbe>,
+    /// `cache_bytes` bounds the whole heap (with a probe), not only the cache's estimate:
+    /// memory held to the budget at the price of a smaller cache (bench/RESULTS.md).
+    pub bound_heap: bool,
     /// RocksDB's block cache for the customer records, events and dedup keys, in bytes.
     pub block_cache_bytes: usize,
     /// RocksDB's memtables, all column families together, in bytes.
@@ -186,6 +189,7 @@ impl Default for EngineConfig {
             segment_round: 50_000,
             identity: crate::identity::IdentityConfig::default(),
             heap_probe: None,
+            bound_heap: false,
         }
     }
 }

@@ -970,7 +970,7 @@ fn changes_of_a_name_are_the_logs_changes_of_that_name_also_for_stores_from_befo
     check(&engine);
 }
 
-/// With a heap probe, `cache_bytes` bounds the whole heap: a heap the probe reports as full
+/// With a heap probe and `bound_heap`, `cache_bytes` bounds the whole heap: a heap the probe reports as full
 /// of something else leaves the cache its floor, a quarter of the budget; an empty one
 /// leaves it the whole budget. Customers evicted read back the same from the store.
 #[test]
@@ -985,11 +985,12 @@ fn a_heap_probe_gives_the_cache_what_the_rest_of_the_heap_leaves() {
     const ROUNDS: usize = 8;
     const EACH: usize = 250;
     let rules = "trait spend = sum(payment.amount, 30d)\ntag buyer = count(payment, 30d) >= 2";
-    let run = |probe: fn() -> usize| {
+    let run = |probe: fn() -> usize, bound_heap: bool| {
         let dir = TempDir::new("engine-heap-probe");
         let config = EngineConfig {
             cache_bytes: BUDGET,
             heap_probe: Some(processor::HeapProbe(probe)),
+            bound_heap,
             workers: 1,
             ..event_config()
         };
@@ -1016,8 +1017,11 @@ fn a_heap_probe_gives_the_cache_what_the_rest_of_the_heap_leaves() {
         let first = engine.customer("c7").unwrap().unwrap();
         (usage, first)
     };
-    let ((squeezed_customers, squeezed), c7_squeezed) = run(heap_full_of_other_things);
-    let ((roomy_customers, roomy), c7_roomy) = run(heap_empty);
+    let ((squeezed_customers, squeezed), c7_squeezed) = run(heap_full_of_other_things, true);
+    let ((roomy_customers, roomy), c7_roomy) = run(heap_empty, true);
+    // Not asked to bound the heap: the probe only reports.
+    let ((unbound_customers, _), _) = run(heap_full_of_other_things, false);
+    assert_eq!(unbound_customers, ROUNDS * EACH, "the cache's own estimate only");
     assert_eq!(
         roomy_customers,
         ROUNDS * EACH,

@@ -378,14 +378,16 @@ impl Engine {
     /// recently used customers are dropped down to 90% of it, so eviction work is amortised
     /// over many batches and hot customers stay.
     fn evict(&mut self, pinned: &[foldhash::HashSet<Arc<str>>]) {
-        let budget = match self.config.heap_probe {
-            Some(HeapProbe(heap_bytes)) => {
-                let heap = heap_bytes();
-                metrics::gauge!("tagstream_heap_bytes").set(heap as f64);
+        let heap = self.config.heap_probe.map(|HeapProbe(heap_bytes)| heap_bytes());
+        if let Some(heap) = heap {
+            metrics::gauge!("tagstream_heap_bytes").set(heap as f64);
+        }
+        let budget = match heap {
+            Some(heap) if self.config.bound_heap => {
                 self.heap_budget
                     .cache_share(self.config.cache_bytes, heap, self.cache_usage().1)
             }
-            None => self.config.cache_bytes,
+            _ => self.config.cache_bytes,
         };
         metrics::gauge!("tagstream_cache_budget_bytes").set(budget as f64);
         // Each shard keeps its share of the budgets.
