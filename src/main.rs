@@ -689,7 +689,13 @@ fn run_replay(
     );
     if stats {
         let (customers, bytes) = engine.cache_usage();
-        println!("cache: {customers} customers, an estimated {} MiB", bytes >> 20);
+        let (hits, misses) = engine.cache_lookups();
+        println!(
+            "cache: {customers} customers, an estimated {} MiB; {:.1}% of {} uses found in it",
+            bytes >> 20,
+            100.0 * hits as f64 / (hits + misses).max(1) as f64,
+            hits + misses
+        );
         // What memory holds beside the cache's budget (issue #17's "within the budgets").
         let index = engine.reader().index().read().memory();
         println!(

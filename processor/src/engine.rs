@@ -897,6 +897,15 @@ impl Engine {
             .fold((0, 0), |(n, b), s| (n + s.cache.len(), b + s.cache.bytes()))
     }
 
+    /// Customers used and found in the cache, and used and not found (read from the store,
+    /// or new), since open.
+    pub fn cache_lookups(&self) -> (u64, u64) {
+        self.shards.iter().fold((0, 0), |(h, m), s| {
+            let (sh, sm) = s.cache.lookups();
+            (h + sh, m + sm)
+        })
+    }
+
     pub fn pending_timers(&self) -> usize {
         self.shards.iter().map(|s| s.timers.len()).sum()
     }

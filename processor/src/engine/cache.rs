@@ -1,11 +1,20 @@
 //! The customers kept in memory between batches: bounded by a count and by an estimate of
-//! their bytes, least recently used evicted first.
+//! their bytes; the least often used lately are evicted first, the least recently used
+//! among equals.
 //!
 //! The byte estimate is what makes memory bounded by configuration rather than by data: a
 //! cached customer holds their retained history and the per-window queues, so with Zipf
 //! activity a few head customers can weigh more than the whole tail. Estimating costs O(1)
 //! per customer (counts, not a walk over the events).
+//!
+//! Why frequency and not recency alone: when the cache holds a small part of the customers,
+//! most of those it loads are used once in a long while (a new customer, the tail of a Zipf
+//! population), and under least-recently-used each of them pushes out a customer used in
+//! every batch, which must then be read back from the store. How often each customer was
+//! used lately, cached or not, is counted in a small sketch ([`UseSketch`]), so a customer
+//! evicted while busy is known busy when it comes back.
 
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use crate::state::CustomerState;
@@ -75,6 +84,68 @@ impl HeapBudget {
     }
 }
 
+/// How often each customer was used lately: a count-min sketch (TinyLFU's frequency filter)
+/// of one-byte counters, four per customer, halved every [`UseSketch::PERIOD`] uses so that
+/// old popularity fades. An estimate is never below the true count of the period (other
+/// customers sharing a counter can only raise it); with [`UseSketch::WIDTH`] counters the
+/// error stays a few uses, small beside the counts of the customers worth caching. Fixed
+/// size (256 KiB a shard), allocated on first use.
+#[derive(Default)]
+pub struct UseSketch {
+    counters: Vec<u8>,
+    hasher: foldhash::fast::RandomState,
+    uses: usize,
+}
+
+impl UseSketch {
+    pub const WIDTH: usize = 1 << 18;
+    pub const PERIOD: usize = 4 * Self::WIDTH;
+
+    /// The four counters of `customer`.
+    fn slots(&self, customer: &str) -> [usize; 4] {
+        let h = self.hasher.hash_one(customer);
+        // Double hashing: the i-th index is h1 + i·h2 (h2 odd, so the four differ).
+        let (h1, h2) = (h as usize, ((h >> 32) as usize) | 1);
+        std::array::from_fn(|i| h1.wrapping_add(i.wrapping_mul(h2)) & (Self::WIDTH - 1))
+    }
+
+    /// Counts one use of `customer` (conservative update: only the counters at the least
+    /// are raised, which keeps the others' overestimates from growing).
+    pub fn add(&mut self, customer: &str) {
+        if self.counters.is_empty() {
+            self.counters = vec![0; Self::WIDTH];
+        }
+        let slots = self.slots(customer);
+        let least = slots.iter().map(|&i| self.counters[i]).min().unwrap_or(0);
+        if least < u8::MAX {
+            for i in slots {
+                if self.counters[i] == least {
+                    self.counters[i] = least + 1;
+                }
+            }
+        }
+        self.uses += 1;
+        if self.uses == Self::PERIOD {
+            self.uses = 0;
+            for c in &mut self.counters {
+                *c >>= 1;
+            }
+        }
+    }
+
+    /// How often `customer` was used lately (at least the true count since the last halving).
+    pub fn estimate(&self, customer: &str) -> u8 {
+        if self.counters.is_empty() {
+            return 0;
+        }
+        self.slots(customer)
+            .iter()
+            .map(|&i| self.counters[i])
+            .min()
+            .unwrap_or(0)
+    }
+}
+
 #[derive(Default)]
 pub struct CustomerCache {
     /// Keyed by client-chosen ids: foldhash is several times faster than SipHash here and
@@ -83,9 +154,41 @@ pub struct CustomerCache {
     /// held, kept after evictions) then cost a pointer each, not a whole state.
     map: foldhash::HashMap<Arc<str>, (Box<CustomerState>, usize)>,
     bytes: usize,
+    uses: UseSketch,
+    /// Uses found in the cache and not, since open (see [`CustomerCache::take`]).
+    hits: u64,
+    misses: u64,
+    /// What [`CustomerCache::unreported`] has handed on.
+    reported: (u64, u64),
 }
 
 impl CustomerCache {
+    /// Takes a customer out to be used (judged, changed): counts the use, found or not. The
+    /// caller puts the customer back, or loads them from the store when this finds nothing.
+    pub fn take(&mut self, customer: &str) -> Option<Box<CustomerState>> {
+        self.uses.add(customer);
+        let state = self.remove(customer);
+        if state.is_some() {
+            self.hits += 1;
+        } else {
+            self.misses += 1;
+        }
+        state
+    }
+
+    /// Uses found in the cache and uses that were not, since the cache was made.
+    pub fn lookups(&self) -> (u64, u64) {
+        (self.hits, self.misses)
+    }
+
+    /// [`CustomerCache::lookups`] made since the last call (for counters kept elsewhere).
+    pub fn unreported(&mut self) -> (u64, u64) {
+        let now = (self.hits, self.misses);
+        let new = (now.0 - self.reported.0, now.1 - self.reported.1);
+        self.reported = now;
+        new
+    }
+
     pub fn len(&self) -> usize {
         self.map.len()
     }
@@ -132,12 +235,13 @@ impl CustomerCache {
         self.bytes = 0;
     }
 
-    /// When over `max_customers` or `max_bytes`, evicts the least recently used customers
-    /// down to 90% of both (so eviction runs once in many batches, not on every one).
-    /// Customers in `pinned` stay whatever their age (their new state is not durable yet).
-    /// Customers of the same age (touched by the same batch) are kept as far as the budgets
-    /// allow, not evicted together: a batch whose customers alone outweigh the budget would
-    /// otherwise empty the cache.
+    /// When over `max_customers` or `max_bytes`, evicts down to 90% of both (so eviction
+    /// runs once in many batches, not on every one): the customers used most often lately
+    /// stay, and among equally often used the most recently used. Customers in `pinned` stay
+    /// whatever their rank (their new state is not durable yet). Customers of the same rank
+    /// (say, touched once by the same batch) are kept as far as the budgets allow, not
+    /// evicted together: a batch whose customers alone outweigh the budget would otherwise
+    /// empty the cache.
     pub fn evict(
         &mut self,
         max_customers: usize,
@@ -149,16 +253,17 @@ impl CustomerCache {
         }
         let keep_customers = max_customers - max_customers / 10;
         let keep_bytes = max_bytes - max_bytes / 10;
-        let mut by_age: Vec<(u64, usize, &Arc<str>)> = self
+        let uses = &self.uses;
+        let mut by_rank: Vec<((u8, u64), usize, &Arc<str>)> = self
             .map
             .iter()
-            .map(|(id, (s, b))| (s.last_used, *b, id))
+            .map(|(id, (s, b))| ((uses.estimate(id), s.last_used), *b, id))
             .collect();
-        by_age.sort_unstable_by_key(|e| std::cmp::Reverse(e.0));
-        // Keep the most recently used while both budgets allow; everything older goes.
+        by_rank.sort_unstable_by_key(|e| std::cmp::Reverse(e.0));
+        // Keep the best ranked while both budgets allow; everything after goes.
         let (mut kept, mut bytes) = (0usize, 0usize);
-        let mut cut = by_age.len();
-        for (i, &(_, b, _)) in by_age.iter().enumerate() {
+        let mut cut = by_rank.len();
+        for (i, &(_, b, _)) in by_rank.iter().enumerate() {
             if kept + 1 > keep_customers || bytes + b > keep_bytes {
                 cut = i;
                 break;
@@ -166,7 +271,7 @@ impl CustomerCache {
             kept += 1;
             bytes += b;
         }
-        let evicted: Vec<Arc<str>> = by_age[cut..]
+        let evicted: Vec<Arc<str>> = by_rank[cut..]
             .iter()
             .filter(|(_, _, id)| !pinned.is_some_and(|p| p.contains(*id)))
             .map(|(_, _, id)| Arc::clone(id))
@@ -261,6 +366,87 @@ mod tests {
         let pinned: foldhash::HashSet<Arc<str>> = (0..10).map(|i| format!("c{i}").into()).collect();
         cache.evict(100, each, Some(&pinned));
         assert_eq!(cache.len(), 4, "pinned customers stay whatever the budget");
+    }
+
+    /// The sketch never counts less than the uses since its last halving, and its
+    /// overestimates stay small beside them.
+    #[test]
+    fn the_use_sketch_counts_at_least_every_use_and_forgets_by_halves() {
+        let mut sketch = UseSketch::default();
+        assert_eq!(sketch.estimate("nobody"), 0);
+        // 20,000 customers used once, beside three busy ones.
+        for i in 0..20_000 {
+            sketch.add(&format!("tail{i}"));
+        }
+        for _ in 0..40 {
+            sketch.add("busy");
+        }
+        for _ in 0..7 {
+            sketch.add("seven");
+        }
+        for _ in 0..300 {
+            sketch.add("saturated");
+        }
+        assert!(
+            (40..=42).contains(&sketch.estimate("busy")),
+            "{}",
+            sketch.estimate("busy")
+        );
+        assert!(
+            (7..=9).contains(&sketch.estimate("seven")),
+            "{}",
+            sketch.estimate("seven")
+        );
+        assert_eq!(
+            sketch.estimate("saturated"),
+            u8::MAX,
+            "counters saturate, never wrap"
+        );
+        let over: usize = (0..20_000)
+            .map(|i| sketch.estimate(&format!("tail{i}")) as usize - 1)
+            .sum();
+        assert!(
+            over < 200,
+            "20,000 customers used once overestimated by {over} in all"
+        );
+        // A period's worth of other uses halves every count: old popularity fades.
+        let before = sketch.estimate("busy");
+        for i in 0..(UseSketch::PERIOD - 20_347) {
+            sketch.add(&format!("later{}", i % 1000));
+        }
+        assert_eq!(sketch.estimate("busy"), before / 2);
+    }
+
+    /// Customers used often stay over customers used once since, however recent those are;
+    /// among equally used ones, the most recent stay.
+    #[test]
+    fn eviction_keeps_the_often_used_over_the_recently_used_once() {
+        let mut cache = CustomerCache::default();
+        let each = estimate_bytes(&customer(0, 10));
+        // Two regulars, used in batches 1 to 10.
+        for batch in 1..=10u64 {
+            for id in ["regular1", "regular2"] {
+                let mut state = cache.take(id).unwrap_or_else(|| customer(0, 10));
+                state.last_used = batch;
+                cache.insert(id.into(), state);
+            }
+        }
+        // Then eight customers seen once each, in batches 11 to 18.
+        for batch in 11..=18u64 {
+            let id = format!("once{batch}");
+            assert!(cache.take(&id).is_none());
+            cache.insert(id.into(), customer(batch, 10));
+        }
+        assert_eq!(cache.lookups(), (18, 10), "18 uses found, 2 + 8 first uses not");
+        // Room for five (90% of six's bytes): the regulars, then the three latest of the rest.
+        cache.evict(100, 6 * each, None);
+        assert_eq!(cache.len(), 5);
+        for id in ["regular1", "regular2", "once18", "once17", "once16"] {
+            assert!(cache.contains_key(id), "{id} should stay");
+        }
+        assert_eq!(cache.unreported(), (18, 10));
+        assert_eq!(cache.unreported(), (0, 0), "handed on once");
+        // Under least-recently-used alone the regulars (last used in batch 10) would have gone.
     }
 
     #[test]

@@ -374,9 +374,9 @@ impl Engine {
         }
     }
 
-    /// Keeps the cache within its configured size: when it grows past it, the least
-    /// recently used customers are dropped down to 90% of it, so eviction work is amortised
-    /// over many batches and hot customers stay.
+    /// Keeps the cache within its configured size: when it grows past it, the least often
+    /// (then least recently) used customers are dropped down to 90% of it, so eviction work
+    /// is amortised over many batches and hot customers stay.
     fn evict(&mut self, pinned: &[foldhash::HashSet<Arc<str>>]) {
         let heap = self.config.heap_probe.map(|HeapProbe(heap_bytes)| heap_bytes());
         if let Some(heap) = heap {
@@ -393,9 +393,14 @@ impl Engine {
         // Each shard keeps its share of the budgets.
         let n = self.shards.len();
         let (customers, bytes) = (self.config.cache_customers / n, budget / n);
+        let (mut hits, mut misses) = (0, 0);
         for (i, shard) in self.shards.iter_mut().enumerate() {
             shard.cache.evict(customers.max(1), bytes.max(1), pinned.get(i));
+            let (h, m) = shard.cache.unreported();
+            (hits, misses) = (hits + h, misses + m);
         }
+        metrics::counter!("tagstream_cache_lookups_total", "result" => "hit").increment(hits);
+        metrics::counter!("tagstream_cache_lookups_total", "result" => "miss").increment(misses);
         let (len, bytes) = self.cache_usage();
         metrics::gauge!("tagstream_cache_customers").set(len as f64);
         metrics::gauge!("tagstream_cache_bytes").set(bytes as f64);

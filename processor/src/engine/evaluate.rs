@@ -12,7 +12,7 @@ impl Worker<'_> {
         now: i64,
     ) -> Result<Box<CustomerState>, EngineError> {
         let ctx = self.ctx;
-        let state = match self.shard.cache.remove(customer) {
+        let state = match self.shard.cache.take(customer) {
             Some(s) => Some(s),
             None => ctx
                 .store
