@@ -400,7 +400,7 @@ pub struct RetentionSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheSettings {
-    /// Customers kept in memory between batches (least recently used go first).
+    /// Customers kept in memory between batches (the least often used lately go first).
     pub customers: usize,
     /// What those customers may hold in memory (records, window queues), in MiB.
     pub memory_mb: usize,

@@ -87,7 +87,7 @@ pub struct EngineConfig {
     pub dedup_horizon_ms: i64,
     /// How long each customer's events are kept for windows, `lifetime` and backfill.
     pub retention_ms: i64,
-    /// Most customers kept in memory between batches (least recently used go first).
+    /// Most customers kept in memory between batches (the least often used lately go first).
     pub cache_customers: usize,
     /// Most bytes (estimated: records, window queues, histories loaded for the batch in
     /// flight) those customers may hold; with `cache_customers` this bounds the engine's

@@ -138,8 +138,8 @@ pub struct CustomerState {
     /// The customer's dense number in the membership index ([`crate::index::NO_NUMBER`] in
     /// records written before numbers existed, until the index is rebuilt).
     pub number: u32,
-    /// The engine batch that last touched this customer, for evicting the least recently
-    /// used customers from the cache. Not stored.
+    /// The engine batch that last touched this customer: among customers used equally often
+    /// lately, the cache evicts the least recently used. Not stored.
     pub last_used: u64,
 }
 
