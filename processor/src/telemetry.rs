@@ -103,6 +103,7 @@ pub const METRICS: &[(&str, MetricKind, &str)] = &[
     ("tagstream_engine_queue_capacity", MetricKind::Gauge, "Jobs the engine queue holds before HTTP answers 503."),
     ("tagstream_cache_customers", MetricKind::Gauge, "Customers in the engine's in-memory cache."),
     ("tagstream_cache_bytes", MetricKind::Gauge, "Estimated bytes of the customers in the engine's cache."),
+    ("tagstream_cache_lookups_total", MetricKind::Counter, "Customers the engine used (once per event or timer), found in its cache (result=hit) or not (result=miss: read from the store, or new)."),
     ("tagstream_cache_budget_bytes", MetricKind::Gauge, "Bytes the engine's cache may hold now: [cache] memory_mb, or with bound_heap what the rest of the heap leaves of it (never under a quarter)."),
     ("tagstream_heap_bytes", MetricKind::Gauge, "Bytes the allocator holds for the process's heap (committed), as the engine last asked."),
     ("tagstream_identity_merges_total", MetricKind::Counter, "Merges of customers (identity resolution), by events or by hand."),
