@@ -374,19 +374,20 @@ mod tests {
     fn the_use_sketch_counts_at_least_every_use_and_forgets_by_halves() {
         let mut sketch = UseSketch::default();
         assert_eq!(sketch.estimate("nobody"), 0);
+        let mut uses = 0;
+        let mut add = |sketch: &mut UseSketch, id: &str, times: usize| {
+            for _ in 0..times {
+                sketch.add(id);
+            }
+            uses += times;
+        };
         // 20,000 customers used once, beside three busy ones.
         for i in 0..20_000 {
-            sketch.add(&format!("tail{i}"));
+            add(&mut sketch, &format!("tail{i}"), 1);
         }
-        for _ in 0..40 {
-            sketch.add("busy");
-        }
-        for _ in 0..7 {
-            sketch.add("seven");
-        }
-        for _ in 0..300 {
-            sketch.add("saturated");
-        }
+        add(&mut sketch, "busy", 40);
+        add(&mut sketch, "seven", 7);
+        add(&mut sketch, "saturated", 300);
         assert!(
             (40..=42).contains(&sketch.estimate("busy")),
             "{}",
@@ -411,7 +412,7 @@ mod tests {
         );
         // A period's worth of other uses halves every count: old popularity fades.
         let before = sketch.estimate("busy");
-        for i in 0..(UseSketch::PERIOD - 20_347) {
+        for i in 0..(UseSketch::PERIOD - uses) {
             sketch.add(&format!("later{}", i % 1000));
         }
         assert_eq!(sketch.estimate("busy"), before / 2);
