@@ -50,6 +50,43 @@ fn live_chunks(base: u64, len: u64) -> Option<(u64, u64)> {
     (len > 0).then(|| (base / CHUNK_EVENTS, (base + len - 1) / CHUNK_EVENTS + 1))
 }
 
+/// One source's part of [`WindowSet::plan`], in ascending chunk order: `write` gets each
+/// chunk of `live` that is new (not in `old`) or holds a position at or past `clean_until`
+/// (and before `end`); `delete` each chunk of `old` outside `live`. The work is proportional
+/// to the chunks written and deleted, not to the queue: a busy customer's queue can span
+/// thousands of chunks of which a commit rewrites one or two.
+fn plan_source(
+    old: Option<(u64, u64)>,
+    live: Option<(u64, u64)>,
+    clean_until: u64,
+    end: u64,
+    mut write: impl FnMut(u64),
+    mut delete: impl FnMut(u64),
+) {
+    if let Some((lo, hi)) = old {
+        match live {
+            None => (lo..hi).for_each(&mut delete),
+            // Below the live range, then above it.
+            Some((live_lo, live_hi)) => (lo..hi.min(live_lo))
+                .chain(lo.max(live_hi)..hi)
+                .for_each(&mut delete),
+        }
+    }
+    let Some((lo, hi)) = live else { return };
+    let Some((old_lo, old_hi)) = old else {
+        (lo..hi).for_each(&mut write);
+        return;
+    };
+    let changed = |c: u64| clean_until.max(c * CHUNK_EVENTS) < ((c + 1) * CHUNK_EVENTS).min(end);
+    // New below the stored range; stored and changed (none below `clean_until`'s chunk);
+    // new above the stored range.
+    (lo..hi.min(old_lo)).for_each(&mut write);
+    (lo.max(old_lo).max(clean_until / CHUNK_EVENTS)..hi.min(old_hi))
+        .filter(|&c| changed(c))
+        .for_each(&mut write);
+    (lo.max(old_hi)..hi).for_each(&mut write);
+}
+
 /// What storing a [`WindowSet`] takes: the chunks to write (changed or new) and to delete
 /// (no longer holding any position of the queue), by `(source, chunk)`, and what the store
 /// holds afterwards.
@@ -651,24 +688,15 @@ impl WindowSet {
             let src = self.sources.get(id).and_then(|s| s.as_deref());
             let live = src.and_then(|s| live_chunks(s.queue.base, s.queue.keys.len() as u64));
             let old = stored.get(id).copied().flatten();
-            let held =
-                |range: Option<(u64, u64)>, c: u64| range.is_some_and(|(lo, hi)| (lo..hi).contains(&c));
-            if let Some((lo, hi)) = old {
-                plan.deletes
-                    .extend((lo..hi).filter(|c| !held(live, *c)).map(|c| (id, c)));
-            }
-            if let (Some(src), Some((lo, hi))) = (src, live) {
-                // A chunk is written when it is new or holds a position at or past
-                // `clean_until` (and before the end).
-                let changed = |c: u64| {
-                    src.clean_until.max(c * CHUNK_EVENTS) < ((c + 1) * CHUNK_EVENTS).min(src.queue.end())
-                };
-                plan.writes.extend(
-                    (lo..hi)
-                        .filter(|c| !held(old, *c) || changed(*c))
-                        .map(|c| (id, c)),
-                );
-            }
+            let (clean_until, end) = src.map_or((0, 0), |s| (s.clean_until, s.queue.end()));
+            plan_source(
+                old,
+                live,
+                clean_until,
+                end,
+                |c| plan.writes.push((id, c)),
+                |c| plan.deletes.push((id, c)),
+            );
             plan.stored.push(live);
         }
         while plan.stored.last() == Some(&None) {
@@ -1089,6 +1117,57 @@ fn empty_value(func: AggFunc) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `plan_source` against the plan it replaced, which looked at every chunk of both
+    /// ranges: the same writes and deletes, in the same order, over every arrangement of
+    /// small ranges and clean marks.
+    #[test]
+    fn a_sources_plan_looks_only_at_what_it_writes_and_deletes() {
+        let naive = |old: Option<(u64, u64)>, live: Option<(u64, u64)>, clean_until: u64, end: u64| {
+            let held =
+                |range: Option<(u64, u64)>, c: u64| range.is_some_and(|(lo, hi)| (lo..hi).contains(&c));
+            let deletes: Vec<u64> =
+                old.map_or(vec![], |(lo, hi)| (lo..hi).filter(|c| !held(live, *c)).collect());
+            let changed = |c: u64| clean_until.max(c * CHUNK_EVENTS) < ((c + 1) * CHUNK_EVENTS).min(end);
+            let writes: Vec<u64> = live.map_or(vec![], |(lo, hi)| {
+                (lo..hi).filter(|c| !held(old, *c) || changed(*c)).collect()
+            });
+            (writes, deletes)
+        };
+        let ranges: Vec<Option<(u64, u64)>> = std::iter::once(None)
+            .chain((0..6).flat_map(|lo| (lo + 1..7).map(move |hi| Some((lo, hi)))))
+            .collect();
+        let mut compared = 0;
+        for &old in &ranges {
+            for &live in &ranges {
+                // The queue ends inside its last live chunk; nothing is clean past the end.
+                let ends: Vec<u64> = match live {
+                    None => vec![0],
+                    Some((_, hi)) => vec![(hi - 1) * CHUNK_EVENTS + 1, hi * CHUNK_EVENTS],
+                };
+                for end in ends {
+                    for clean_until in (0..=end).step_by(37).chain([end]) {
+                        let (mut writes, mut deletes) = (vec![], vec![]);
+                        plan_source(
+                            old,
+                            live,
+                            clean_until,
+                            end,
+                            |c| writes.push(c),
+                            |c| deletes.push(c),
+                        );
+                        assert_eq!(
+                            (writes, deletes),
+                            naive(old, live, clean_until, end),
+                            "old {old:?}, live {live:?}, clean until {clean_until}, end {end}"
+                        );
+                        compared += 1;
+                    }
+                }
+            }
+        }
+        assert!(compared > 1000, "{compared} arrangements");
+    }
     use rules::Props;
 
     fn events(spec: &[(i64, f64)]) -> Vec<Event> {
