@@ -57,7 +57,7 @@ impl Phase {
         let wall = self.wall.elapsed().as_secs_f64();
         let cpu = process_cpu_seconds() - self.cpu;
         println!(
-            "{name}: {events} events, {wall:.2} s wall, {cpu:.2} s CPU: {:.2} µs CPU per event ({:.0} events/s on one thread)",
+            "{name}: {events} events, {wall:.2} s wall, {cpu:.2} s CPU: {:.2} µs CPU per event ({:.0} events/s of wall time)",
             cpu * 1e6 / events as f64,
             events as f64 / wall
         );
