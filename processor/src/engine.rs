@@ -31,7 +31,7 @@ pub use cache::HeapProbe;
 pub use explain::{Explained, Explanation, NextChange};
 pub use identity::Merged;
 pub use partitions::{PartitionSummary, MAGIC as PARTITION_EXPORT_MAGIC};
-pub use pipeline::Finished;
+pub use pipeline::{Answer, Finished};
 pub use query::{parse_cursor, DefinitionSummary, Delta, HourActivity};
 pub use read::ReadHandle;
 pub use retention::{Log, Trimmed};
@@ -601,8 +601,8 @@ pub struct Engine {
     /// Groups finished (durable or failed) and not yet taken.
     finished: Vec<pipeline::Finished>,
     next_ticket: u64,
-    /// The `seq` of the last durable change.
-    durable_seq: u64,
+    /// The `seq` of the last durable change, set where a commit becomes visible.
+    durable_seq: Arc<std::sync::atomic::AtomicU64>,
     /// Batches committed since open; the cache's clock for eviction.
     batches: u64,
     /// The cache's share of the heap's budget, with a heap probe.
@@ -766,7 +766,7 @@ impl Engine {
             pending: None,
             finished: Vec::new(),
             next_ticket: 0,
-            durable_seq: counters.next_seq - 1,
+            durable_seq: Arc::new(std::sync::atomic::AtomicU64::new(counters.next_seq - 1)),
             batches: 0,
             heap_budget: HeapBudget::default(),
             backfill_cursor,

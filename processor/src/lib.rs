@@ -53,12 +53,12 @@ pub mod writes;
 
 pub use change::{Cause, Change, MemberKind, Op};
 pub use engine::{
-    parse_cursor, BackfillProgress, BackupManifest, ClockMode, CustomerView, DeadLetter, DefinitionSummary,
-    Delta, Engine, EngineConfig, EngineError, Explained, Explanation, ExportField, Finished, FiredTimers,
-    HeapProbe, HourActivity, IngestError, IngestOutcome, IngestRequest, Log, LogRetention, MembersPage,
-    NextChange, PartitionSummary, Preview, PreviewCounts, QueryError, QueryPage, ReadHandle, ReadVersions,
-    RuleDiff, RuleEdit, RuleVersion, SavedSegment, SegmentUpdate, Trimmed, VersionSummary, BACKUP_MANIFEST,
-    PARTITION_EXPORT_MAGIC,
+    parse_cursor, Answer, BackfillProgress, BackupManifest, ClockMode, CustomerView, DeadLetter,
+    DefinitionSummary, Delta, Engine, EngineConfig, EngineError, Explained, Explanation, ExportField,
+    Finished, FiredTimers, HeapProbe, HourActivity, IngestError, IngestOutcome, IngestRequest, Log,
+    LogRetention, MembersPage, NextChange, PartitionSummary, Preview, PreviewCounts, QueryError, QueryPage,
+    ReadHandle, ReadVersions, RuleDiff, RuleEdit, RuleVersion, SavedSegment, SegmentUpdate, Trimmed,
+    VersionSummary, BACKUP_MANIFEST, PARTITION_EXPORT_MAGIC,
 };
 pub use event::{parse_event, EventLimits, Rejection, ValidEvent};
 pub use quality::{Intake, Quality};

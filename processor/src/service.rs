@@ -43,9 +43,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::kafka::{Apply, ApplyError, KafkaBatch};
-use crate::{
-    telemetry, ClockMode, Engine, EngineError, Finished, IngestOutcome, IngestRequest, Intake, ReadHandle,
-};
+use crate::{telemetry, ClockMode, Engine, EngineError, IngestOutcome, IngestRequest, Intake, ReadHandle};
 
 /// How the service loop paces its work.
 #[derive(Debug, Clone, Copy)]
@@ -131,8 +129,7 @@ impl EngineHandle {
             queue,
             waiting: waiting.clone(),
             held: None,
-            groups: Default::default(),
-            committed: committed_tx,
+            committed: Arc::new(committed_tx),
         };
         let thread = std::thread::Builder::new()
             .name("tagstream-engine".into())
@@ -296,15 +293,21 @@ struct Service {
     waiting: Arc<AtomicUsize>,
     /// A job taken from the queue while gathering a group, run next.
     held: Option<Job>,
-    /// The callers of each group submitted and not yet finished, by ticket.
-    groups: std::collections::HashMap<u64, Group>,
-    committed: tokio::sync::watch::Sender<u64>,
+    /// The `seq` of the last durable change, sent where a group's callers are answered and
+    /// after each job.
+    committed: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
-/// The callers of one submitted group.
-struct Group {
-    replies: Vec<(Instant, Reply<Result<IngestOutcome, EngineError>>)>,
-    started: Instant,
+/// Tells change streams about `seq` unless they know of a later one (groups are answered
+/// on the writer thread, other jobs' commits here).
+fn announce(committed: &tokio::sync::watch::Sender<u64>, seq: u64) {
+    committed.send_if_modified(|known| {
+        let later = seq > *known;
+        if later {
+            *known = seq;
+        }
+        later
+    });
 }
 
 impl Service {
@@ -390,52 +393,27 @@ impl Service {
             metrics::gauge!("tagstream_engine_queue_jobs").set(self.waiting.load(Ordering::Acquire) as f64);
             // Set here, not at spawn: the recorder may be installed after the engine starts.
             metrics::gauge!("tagstream_engine_queue_capacity").set(self.config.queue as f64);
-            let last = self.engine.durable_seq();
-            self.committed
-                .send_if_modified(|seq| std::mem::replace(seq, last) != last);
+            announce(&self.committed, self.engine.durable_seq());
             telemetry::engine_gauges(&self.engine);
         }
         self.engine.settle();
         self.answer();
-        let last = self.engine.durable_seq();
-        self.committed
-            .send_if_modified(|seq| std::mem::replace(seq, last) != last);
+        announce(&self.committed, self.engine.durable_seq());
         if let Err(e) = self.engine.store().flush() {
             tracing::error!(error = %e, "flush at shutdown failed (the WAL still has everything)");
         }
     }
 
-    /// Answers the callers of every group finished since the last call.
+    /// Records the timers fired by jobs other than ingest groups (whose callers, and whose
+    /// timers, are answered and recorded where each group becomes visible).
     fn answer(&mut self) {
-        let finished = self.engine.take_finished();
-        if finished.is_empty() {
-            return;
-        }
-        telemetry::record_timers(&self.engine.take_fired_timers(), self.engine.wall_clock_ms());
-        for Finished { ticket, result } in finished {
-            let Some(group) = self.groups.remove(&ticket) else {
-                continue;
-            };
-            let applied_in = group.started.elapsed();
-            match result {
-                Ok(outcomes) => {
-                    for ((received, reply), outcome) in group.replies.into_iter().zip(outcomes) {
-                        telemetry::record_ingest(&outcome, applied_in, received);
-                        reply(Ok(outcome));
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, requests = group.replies.len(), "a group commit failed; nothing of it was applied");
-                    // Said once: the pipeline's errors already say the commit failed.
-                    let message = match e {
-                        EngineError::CommitFailed(reason) => reason,
-                        other => other.to_string(),
-                    };
-                    for (_, reply) in group.replies {
-                        reply(Err(EngineError::CommitFailed(message.clone())));
-                    }
-                }
-            }
+        debug_assert!(
+            self.engine.take_finished().is_empty(),
+            "groups are submitted with an answer"
+        );
+        let fired = self.engine.take_fired_timers();
+        if fired.count > 0 {
+            telemetry::record_timers(&fired, self.engine.wall_clock_ms());
         }
     }
 
@@ -474,8 +452,49 @@ impl Service {
             .collect();
         metrics::histogram!("tagstream_group_commit_requests").record(replies.len() as f64);
         metrics::histogram!("tagstream_group_commit_events").record(events as f64);
-        let ticket = self.engine.submit_group(requests);
-        self.groups.insert(ticket, Group { replies, started });
+        let committed = self.committed.clone();
+        self.engine.submit_group_answering(
+            requests,
+            Box::new(move |result| answer_group(result, replies, started, &committed)),
+        );
+    }
+}
+
+/// Answers a group's callers; on the writer thread as soon as the group is durable and
+/// visible (or at once if it failed).
+fn answer_group(
+    result: Result<Vec<IngestOutcome>, EngineError>,
+    replies: Vec<(Instant, Reply<Result<IngestOutcome, EngineError>>)>,
+    started: Instant,
+    committed: &tokio::sync::watch::Sender<u64>,
+) {
+    let applied_in = started.elapsed();
+    match result {
+        Ok(outcomes) => {
+            let last = outcomes
+                .iter()
+                .flat_map(|o| o.changes.last())
+                .map(|c| c.seq)
+                .max();
+            if let Some(seq) = last {
+                announce(committed, seq);
+            }
+            for ((received, reply), outcome) in replies.into_iter().zip(outcomes) {
+                telemetry::record_ingest(&outcome, applied_in, received);
+                reply(Ok(outcome));
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, requests = replies.len(), "a group commit failed; nothing of it was applied");
+            // Said once: the pipeline's errors already say the commit failed.
+            let message = match e {
+                EngineError::CommitFailed(reason) => reason,
+                other => other.to_string(),
+            };
+            for (_, reply) in replies {
+                reply(Err(EngineError::CommitFailed(message.clone())));
+            }
+        }
     }
 }
 

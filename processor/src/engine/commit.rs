@@ -95,17 +95,22 @@ impl Engine {
     /// one thread would have made them, customer records, counters, and everything the
     /// shards queued, atomically. Returns the changes in `seq` order with their steps.
     fn commit(&mut self, batch: Batch) -> Result<(Vec<Change>, Vec<u64>), EngineError> {
-        let (writes, done) = self.prepare(batch)?;
+        let (writes, _, visible) = self.prepare(batch)?;
         let writing = std::time::Instant::now();
         self.store.commit_sorted_parts(writes)?;
         metrics::histogram!("tagstream_commit_write_seconds").record(writing.elapsed().as_secs_f64());
-        Ok(self.complete(done, &[]))
+        let changes = visible.show();
+        self.complete(&[]);
+        Ok(changes)
     }
 
     /// Everything of a commit but the write: numbers, `seq`s, the customer records encoded
-    /// (by the shards, in parallel), counters; the writes and what to do once they are
-    /// durable.
-    pub(super) fn prepare(&mut self, mut batch: Batch) -> Result<(Vec<SortedWrites>, Done), EngineError> {
+    /// (by the shards, in parallel), counters; the writes, what the engine keeps of the
+    /// commit until they are durable, and what makes them visible once they are.
+    pub(super) fn prepare(
+        &mut self,
+        mut batch: Batch,
+    ) -> Result<(Vec<SortedWrites>, Done, Visible), EngineError> {
         if let Some(snapshot) = self.quality.snapshot_due(wall_ms()) {
             batch
                 .wb
@@ -181,7 +186,16 @@ impl Engine {
                 all
             });
         }
+        let next_number = new_ids.last().map_or(0, |(number, _)| number + 1);
         let done = Done {
+            next_number,
+            journal,
+            dedup: batch.dedup,
+            identities: batch.identities,
+            dirty: Arc::new(dirty),
+            written: written.map(Arc::new),
+        };
+        let visible = Visible {
             new_ids,
             changes,
             steps,
@@ -191,39 +205,22 @@ impl Engine {
             touched: touched.concat(),
             clock: self.counters.clock,
             now,
-            dedup: batch.dedup,
-            identities: batch.identities,
-            dirty: Arc::new(dirty),
-            written: written.map(Arc::new),
+            wall: self.config.clock == ClockMode::Wall,
+            index: self.index.clone(),
+            store: self.store.clone(),
+            published: self.published.clone(),
+            durable: self.durable_seq.clone(),
+            rules: self.rules.clone(),
         };
-        Ok((writes, done))
+        Ok((writes, done, visible))
     }
 
-    /// What follows a durable write: the membership index, the published clock, the cache's
-    /// budget (never evicting the customers of `pinned`, the shards' dirty customers of a
-    /// commit still to be written), metrics. Returns the changes with their steps.
-    pub(super) fn complete(
-        &mut self,
-        done: Done,
-        pinned: &[foldhash::HashSet<Arc<str>>],
-    ) -> (Vec<Change>, Vec<u64>) {
-        self.index.apply(IndexCommit {
-            new_ids: &done.new_ids,
-            changes: &done.changes,
-            numbers: &done.numbers,
-            profiles: &done.profiles,
-            journal: done.journal,
-            touched: &done.touched,
-        });
-        if self.config.clock == ClockMode::Wall || done.clock.is_some() {
-            self.store.set_clock(done.now);
-        }
-        self.published.set_clock(done.clock);
-        self.durable_seq = done.changes.last().map_or(self.durable_seq, |c| c.seq);
+    /// What follows a durable write on the engine's side, once it is visible: the cache's
+    /// clock and budget (never evicting the customers of `pinned`, the shards' dirty
+    /// customers of a commit still to be written).
+    pub(super) fn complete(&mut self, pinned: &[foldhash::HashSet<Arc<str>>]) {
         self.batches += 1;
         self.evict(pinned);
-        self.count_changes(&done.changes);
-        (done.changes, done.steps)
     }
 
     /// Numbers the customers new in this round in the order one thread would have met them,
@@ -239,9 +236,13 @@ impl Engine {
         if parts.len() > 1 || parts.iter().any(|p| p.placed_out_of_order) {
             new.sort_by(|a, b| a.0.cmp(&b.0));
         }
-        // After every customer numbered before, also by a commit still being written.
-        let first =
-            self.index.read().customers() + self.pending.as_ref().map_or(0, |p| p.done.new_ids.len() as u32);
+        // After every customer numbered before, also by a commit still being written (whose
+        // numbers the index may or may not show yet: it is updated where the write ends).
+        let first = self
+            .index
+            .read()
+            .customers()
+            .max(self.pending.as_ref().map_or(0, |p| p.done.next_number));
         let cf = self.store.cf(CF_NUMBERS);
         new.into_iter()
             .enumerate()
@@ -353,27 +354,6 @@ impl Engine {
         (updates, Some(entry))
     }
 
-    /// `tagstream_changes_total{kind,cause,definition,op}`, counted per commit. Names the
-    /// rules do not define (tags set by hand, any string a client chose) share the label
-    /// `(manual)`, so the label set stays as small as the rule set.
-    fn count_changes(&self, changes: &[Change]) {
-        let mut counts: HashMap<(MemberKind, &'static str, Option<DefId>, Op), u64> = HashMap::new();
-        for c in changes {
-            *counts
-                .entry((c.kind, c.cause.label(), self.rules.lookup(&c.name), c.op))
-                .or_default() += 1;
-        }
-        for ((kind, cause, def, op), n) in counts {
-            let definition = match (kind, def) {
-                (MemberKind::Customer, _) => "(identity)".to_owned(),
-                (_, Some(id)) => self.rules.def(id).name.to_string(),
-                (_, None) => "(manual)".to_owned(),
-            };
-            metrics::counter!("tagstream_changes_total", "kind" => kind.label(), "cause" => cause, "definition" => definition, "op" => op.label())
-                .increment(n);
-        }
-    }
-
     /// Keeps the cache within its configured size: when it grows past it, the least often
     /// (then least recently) used customers are dropped down to 90% of it, so eviction work
     /// is amortised over many batches and hot customers stay.
@@ -433,5 +413,74 @@ impl Engine {
         }
         let stats = self.store.get(CF_META, META_IDENTITY.as_bytes()).ok().flatten();
         self.identity_counts.restore(stats.as_deref());
+    }
+}
+
+/// What makes a durable commit visible: the membership index's update, the published clock,
+/// the durable `seq`, the change counts. Shown where the write ended — on the writer thread
+/// for a pipelined group — so that a group is answered once durable and visible, not after
+/// the next group's evaluation; never before the write, so a reader never counts a change
+/// that could still be lost, and an answered change is always in the counts.
+pub(super) struct Visible {
+    new_ids: Vec<(u32, Arc<str>)>,
+    changes: Vec<Change>,
+    steps: Vec<u64>,
+    numbers: Vec<u32>,
+    profiles: Vec<ProfileUpdate>,
+    journal: Option<u64>,
+    touched: Vec<u32>,
+    /// The event clock the commit writes, and the instant it was judged at.
+    clock: Option<i64>,
+    now: i64,
+    wall: bool,
+    index: Arc<MembershipIndex>,
+    store: Arc<Store>,
+    published: Arc<Published>,
+    durable: Arc<std::sync::atomic::AtomicU64>,
+    rules: Arc<CompiledRules>,
+}
+
+impl Visible {
+    /// Shows the commit; returns its changes with their steps.
+    pub(super) fn show(self) -> (Vec<Change>, Vec<u64>) {
+        self.index.apply(IndexCommit {
+            new_ids: &self.new_ids,
+            changes: &self.changes,
+            numbers: &self.numbers,
+            profiles: &self.profiles,
+            journal: self.journal,
+            touched: &self.touched,
+        });
+        if self.wall || self.clock.is_some() {
+            self.store.set_clock(self.now);
+        }
+        self.published.set_clock(self.clock);
+        if let Some(last) = self.changes.last() {
+            self.durable
+                .fetch_max(last.seq, std::sync::atomic::Ordering::AcqRel);
+        }
+        count_changes(&self.rules, &self.changes);
+        (self.changes, self.steps)
+    }
+}
+
+/// `tagstream_changes_total{kind,cause,definition,op}`, counted per commit. Names the
+/// rules do not define (tags set by hand, any string a client chose) share the label
+/// `(manual)`, so the label set stays as small as the rule set.
+fn count_changes(rules: &CompiledRules, changes: &[Change]) {
+    let mut counts: HashMap<(MemberKind, &'static str, Option<DefId>, Op), u64> = HashMap::new();
+    for c in changes {
+        *counts
+            .entry((c.kind, c.cause.label(), rules.lookup(&c.name), c.op))
+            .or_default() += 1;
+    }
+    for ((kind, cause, def, op), n) in counts {
+        let definition = match (kind, def) {
+            (MemberKind::Customer, _) => "(identity)".to_owned(),
+            (_, Some(id)) => rules.def(id).name.to_string(),
+            (_, None) => "(manual)".to_owned(),
+        };
+        metrics::counter!("tagstream_changes_total", "kind" => kind.label(), "cause" => cause, "definition" => definition, "op" => op.label())
+            .increment(n);
     }
 }

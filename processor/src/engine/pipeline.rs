@@ -3,9 +3,13 @@
 //! overlap instead of adding up.
 //!
 //! [`Engine::submit_group`] evaluates a group and prepares its batch; then it waits for the
-//! previous group's write, finishes that group (index, clock, eviction, its callers'
-//! outcomes) and hands the new batch to the writer. Callers are answered only once their
-//! group is durable ([`Engine::take_finished`]). While a group is being written:
+//! previous group's write, finishes that group on the engine's side (cache clock, eviction)
+//! and hands the new batch to the writer. Where the write ends, on the writer thread, the
+//! group becomes visible ([`Visible`]: the membership index, the clocks, the durable `seq`)
+//! and — when it was submitted with an [`Answer`] ([`Engine::submit_group_answering`]) —
+//! its callers are answered right there, while the engine is still evaluating the next
+//! group; otherwise its outcomes wait for [`Engine::take_finished`]. A caller is never
+//! answered before its group is durable and counted. While a group is being written:
 //!
 //! - its customers stay in the cache (eviction skips them), so the next group never reads a
 //!   customer's record from the store before it is there;
@@ -23,20 +27,15 @@ use std::sync::mpsc::{channel, Sender};
 use std::sync::{Condvar, Mutex};
 use std::thread::JoinHandle;
 
+use super::commit::Visible;
 use super::*;
 
-/// What follows a commit's write: the membership index's update, the clock, the changes.
+/// What the engine keeps of a commit until its write has ended.
 pub(super) struct Done {
-    pub new_ids: Vec<(u32, Arc<str>)>,
-    pub changes: Vec<Change>,
-    pub steps: Vec<u64>,
-    pub numbers: Vec<u32>,
-    pub profiles: Vec<ProfileUpdate>,
+    /// The first customer number after those the commit gives.
+    pub next_number: u32,
+    /// The profile journal entry it writes.
     pub journal: Option<u64>,
-    pub touched: Vec<u32>,
-    /// The event clock the commit writes, and the instant it was judged at.
-    pub clock: Option<i64>,
-    pub now: i64,
     /// The dedup keys it writes.
     pub dedup: foldhash::HashMap<String, i64>,
     /// The identity graph writes it makes.
@@ -48,49 +47,137 @@ pub(super) struct Done {
     pub written: Option<Arc<Vec<Written>>>,
 }
 
-/// The end of one write, for whoever waits for it.
+/// A group's callers: given the group's outcomes, one per request with its changes, or why
+/// nothing of the group was applied. Called once, from whichever thread finishes the group.
+pub type Answer = Box<dyn FnOnce(Result<Vec<IngestOutcome>, EngineError>) + Send>;
+
+/// Where a group's answer goes.
+enum Answering {
+    /// To [`Engine::take_finished`], with the outcomes kept here until then.
+    Later(Vec<IngestOutcome>, Vec<u64>),
+    /// To the callers, by the writer thread once the group is visible (it has the outcomes).
+    Sent,
+}
+
+/// A commit's changes in `seq` order, with the step of each.
+type Placed = (Vec<Change>, Vec<u64>);
+
+/// How a write ended, and what it made visible, for whoever waits for it.
+#[derive(Default)]
+struct WriteState {
+    /// How the write ended, once it has.
+    written: Option<Result<(), String>>,
+    /// Set once the commit is visible (or its write failed).
+    shown: bool,
+    /// The commit's changes with their steps, when nobody was answered on the writer thread.
+    changes: Option<Placed>,
+}
+
+/// The end of one write.
 #[derive(Default)]
 pub(super) struct WriteSignal {
-    result: Mutex<Option<Result<(), String>>>,
-    written: Condvar,
+    state: Mutex<WriteState>,
+    changed: Condvar,
 }
 
 impl WriteSignal {
-    fn set(&self, result: Result<(), String>) {
-        *self.result.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
-        self.written.notify_all();
+    fn update(&self, f: impl FnOnce(&mut WriteState)) {
+        f(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()));
+        self.changed.notify_all();
     }
 
-    /// Waits for the write to end and says how.
-    pub fn wait(&self) -> Result<(), String> {
-        let mut result = self.result.lock().unwrap_or_else(|e| e.into_inner());
+    fn wait_for<R>(&self, mut ready: impl FnMut(&mut WriteState) -> Option<R>) -> R {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            if let Some(r) = &*result {
-                return r.clone();
+            if let Some(r) = ready(&mut state) {
+                return r;
             }
-            result = self.written.wait(result).unwrap_or_else(|e| e.into_inner());
+            state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Waits for the write to end (its data in the store) and says how.
+    pub fn wait(&self) -> Result<(), String> {
+        self.wait_for(|state| state.written.clone())
+    }
+
+    /// Waits for the commit to be visible too; takes its changes if they were kept.
+    fn wait_shown(&self) -> (Result<(), String>, Option<Placed>) {
+        self.wait_for(|state| match (&state.written, state.shown) {
+            (Some(written), true) => Some((written.clone(), state.changes.take())),
+            _ => None,
+        })
+    }
+}
+
+/// One batch for the writer, and what follows it.
+struct WriteJob {
+    writes: Vec<SortedWrites>,
+    signal: Arc<WriteSignal>,
+    visible: Visible,
+    /// The callers to answer once the group is visible, with their outcomes and the step
+    /// each request's events begin at.
+    answer: Option<(Answer, Vec<IngestOutcome>, Vec<u64>)>,
+    /// The timers the group fires, recorded once it is visible (the service's groups), and
+    /// whether lateness is measured (wall clock mode).
+    fired: Option<(FiredTimers, bool)>,
+}
+
+impl WriteJob {
+    fn run(self, store: &Store) {
+        let WriteJob {
+            writes,
+            signal,
+            visible,
+            answer,
+            fired,
+        } = self;
+        let writing = std::time::Instant::now();
+        let written = store.commit_sorted_parts(writes).map_err(|e| e.to_string());
+        metrics::histogram!("tagstream_commit_write_seconds").record(writing.elapsed().as_secs_f64());
+        signal.update(|state| state.written = Some(written.clone()));
+        match written {
+            Ok(()) => {
+                let (changes, steps) = visible.show();
+                if let Some((fired, wall)) = fired {
+                    crate::telemetry::record_timers(&fired, wall.then(wall_ms));
+                }
+                match answer {
+                    Some((answer, mut outcomes, starts)) => {
+                        signal.update(|state| state.shown = true);
+                        split_changes(&mut outcomes, &starts, changes, steps);
+                        answer(Ok(outcomes));
+                    }
+                    None => signal.update(|state| {
+                        state.changes = Some((changes, steps));
+                        state.shown = true;
+                    }),
+                }
+            }
+            Err(e) => {
+                signal.update(|state| state.shown = true);
+                if let Some((answer, ..)) = answer {
+                    answer(Err(EngineError::CommitFailed(e)));
+                }
+            }
         }
     }
 }
 
 /// The thread that writes batches, one at a time, in the order given.
 pub(super) struct BackgroundWriter {
-    jobs: Option<Sender<(Vec<SortedWrites>, Arc<WriteSignal>)>>,
+    jobs: Option<Sender<WriteJob>>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl BackgroundWriter {
     pub fn start(store: Arc<Store>) -> BackgroundWriter {
-        let (jobs, queue) = channel::<(Vec<SortedWrites>, Arc<WriteSignal>)>();
+        let (jobs, queue) = channel::<WriteJob>();
         let thread = std::thread::Builder::new()
             .name("tagstream-writer".into())
             .spawn(move || {
-                for (writes, signal) in queue {
-                    let writing = std::time::Instant::now();
-                    let result = store.commit_sorted_parts(writes).map_err(|e| e.to_string());
-                    metrics::histogram!("tagstream_commit_write_seconds")
-                        .record(writing.elapsed().as_secs_f64());
-                    signal.set(result);
+                for job in queue {
+                    job.run(&store);
                 }
             })
             .expect("spawn the writer thread");
@@ -100,16 +187,22 @@ impl BackgroundWriter {
         }
     }
 
-    fn write(&self, writes: Vec<SortedWrites>) -> Arc<WriteSignal> {
-        let signal = Arc::new(WriteSignal::default());
-        let sent = self
-            .jobs
-            .as_ref()
-            .is_some_and(|jobs| jobs.send((writes, signal.clone())).is_ok());
-        if !sent {
-            signal.set(Err("the writer thread has stopped".into()));
+    fn write(&self, job: WriteJob) {
+        let sent = match &self.jobs {
+            Some(jobs) => jobs.send(job),
+            None => Err(std::sync::mpsc::SendError(job)),
+        };
+        if let Err(std::sync::mpsc::SendError(job)) = sent {
+            let WriteJob { signal, answer, .. } = job;
+            let stopped = "the writer thread has stopped".to_owned();
+            signal.update(|state| {
+                state.written = Some(Err(stopped.clone()));
+                state.shown = true;
+            });
+            if let Some((answer, ..)) = answer {
+                answer(Err(EngineError::CommitFailed(stopped)));
+            }
         }
-        signal
     }
 }
 
@@ -129,9 +222,7 @@ pub(super) struct Pending {
     /// The counters before the group, for a rollback if the write fails.
     saved: Counters,
     pub done: Done,
-    outcomes: Vec<IngestOutcome>,
-    /// The step each request's events begin at.
-    starts: Vec<u64>,
+    answering: Answering,
 }
 
 /// A group's answer, once its commit is durable (or failed).
@@ -148,6 +239,18 @@ impl Engine {
     /// from [`Engine::take_finished`] once it is durable (at the latest after
     /// [`Engine::settle`]).
     pub fn submit_group(&mut self, requests: Vec<IngestRequest>) -> u64 {
+        self.submit(requests, None)
+    }
+
+    /// [`Engine::submit_group`], answering the group's callers through `answer` as soon as
+    /// its commit is durable and visible — on the writer thread, while the engine evaluates
+    /// the next group — or at once if it fails. Its outcomes never reach
+    /// [`Engine::take_finished`].
+    pub fn submit_group_answering(&mut self, requests: Vec<IngestRequest>, answer: Answer) -> u64 {
+        self.submit(requests, Some(answer))
+    }
+
+    fn submit(&mut self, requests: Vec<IngestRequest>, answer: Option<Answer>) -> u64 {
         let ticket = self.next_ticket;
         self.next_ticket += 1;
         let saved = self.counters;
@@ -155,50 +258,60 @@ impl Engine {
         let evaluated = self
             .evaluate_group(requests, &mut batch)
             .and_then(|(outcomes, starts)| self.prepare(batch).map(|prepared| (outcomes, starts, prepared)));
-        let (outcomes, starts, (writes, done)) = match evaluated {
+        let refuse = |engine: &mut Engine, answer: Option<Answer>, e: EngineError| match answer {
+            Some(answer) => answer(Err(e)),
+            None => engine.finished.push(Finished {
+                ticket,
+                result: Err(e),
+            }),
+        };
+        let (outcomes, starts, (writes, done, visible)) = match evaluated {
             Ok(ready) => ready,
             Err(e) => {
                 // The group before is finished (or fails) first; then this one rolls back.
-                if self.settle_pinning(&[]) {
+                if self.settle_pinning(&[]).is_ok() {
                     self.rollback(saved);
                 }
-                self.finished.push(Finished {
-                    ticket,
-                    result: Err(e),
-                });
+                refuse(self, answer, e);
                 return ticket;
             }
         };
-        if !self.settle_pinning(&done.dirty) {
+        if let Err(reason) = self.settle_pinning(&done.dirty) {
             // Evaluated on top of a group that was not applied: refused with it.
-            let reason = match &self.finished.last() {
-                Some(Finished { result: Err(e), .. }) => e.to_string(),
-                _ => "the commit before it failed".into(),
-            };
-            self.finished.push(Finished {
-                ticket,
-                result: Err(EngineError::CommitFailed(reason)),
-            });
+            refuse(self, answer, EngineError::CommitFailed(reason));
             return ticket;
         }
+        let signal = Arc::new(WriteSignal::default());
+        let (answering, answer, fired) = match answer {
+            Some(answer) => {
+                let fired = (self.take_fired_timers(), self.config.clock == ClockMode::Wall);
+                (Answering::Sent, Some((answer, outcomes, starts)), Some(fired))
+            }
+            None => (Answering::Later(outcomes, starts), None, None),
+        };
         let writer = self
             .writer
             .get_or_insert_with(|| BackgroundWriter::start(self.store.clone()));
-        let signal = writer.write(writes);
+        writer.write(WriteJob {
+            writes,
+            signal: signal.clone(),
+            visible,
+            answer,
+            fired,
+        });
         self.pending = Some(Pending {
             ticket,
             signal,
             saved,
             done,
-            outcomes,
-            starts,
+            answering,
         });
         ticket
     }
 
     /// Waits for the group being written (if any) and finishes it.
     pub fn settle(&mut self) {
-        self.settle_pinning(&[]);
+        let _ = self.settle_pinning(&[]);
     }
 
     /// True while a group's commit is being written.
@@ -206,48 +319,55 @@ impl Engine {
         self.pending.is_some()
     }
 
-    /// The answers of the groups finished since the last call, in ticket order.
+    /// The answers of the groups finished since the last call, in ticket order (not those
+    /// submitted with an [`Answer`]).
     pub fn take_finished(&mut self) -> Vec<Finished> {
         std::mem::take(&mut self.finished)
     }
 
     /// The `seq` of the last durable change.
     pub fn durable_seq(&self) -> u64 {
-        self.durable_seq
+        self.durable_seq.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Finishes the group being written, keeping `pinned` (the next group's customers) in
-    /// the cache. False if its write failed: everything since it began is rolled back.
-    fn settle_pinning(&mut self, pinned: &[foldhash::HashSet<Arc<str>>]) -> bool {
+    /// the cache. Fails with the reason if its write failed: everything since it began is
+    /// rolled back.
+    fn settle_pinning(&mut self, pinned: &[foldhash::HashSet<Arc<str>>]) -> Result<(), String> {
         let Some(pending) = self.pending.take() else {
-            return true;
+            return Ok(());
         };
         let Pending {
             ticket,
             signal,
             saved,
-            done,
-            mut outcomes,
-            starts,
+            done: _,
+            answering,
         } = pending;
-        match signal.wait() {
+        let (written, changes) = signal.wait_shown();
+        match written {
             Ok(()) => {
-                let (changes, steps) = self.complete(done, pinned);
-                split_changes(&mut outcomes, &starts, changes, steps);
-                self.finished.push(Finished {
-                    ticket,
-                    result: Ok(outcomes),
-                });
-                true
+                self.complete(pinned);
+                if let (Answering::Later(mut outcomes, starts), Some((changes, steps))) = (answering, changes)
+                {
+                    split_changes(&mut outcomes, &starts, changes, steps);
+                    self.finished.push(Finished {
+                        ticket,
+                        result: Ok(outcomes),
+                    });
+                }
+                Ok(())
             }
             Err(e) => {
                 tracing::error!(error = %e, "a group commit failed; it and the group after it were not applied");
                 self.rollback(saved);
-                self.finished.push(Finished {
-                    ticket,
-                    result: Err(EngineError::CommitFailed(e)),
-                });
-                false
+                if let Answering::Later(..) = answering {
+                    self.finished.push(Finished {
+                        ticket,
+                        result: Err(EngineError::CommitFailed(e.clone())),
+                    });
+                }
+                Err(e)
             }
         }
     }
@@ -427,6 +547,64 @@ mod tests {
         assert_eq!(ours, theirs);
         let query = |e: &Engine| e.reader().query("profile.tier == \"t1\"", 100, None).unwrap();
         assert_eq!(query(&engine), query(&clean));
+    }
+
+    /// A group submitted with an answer is answered where its write ends, without the
+    /// engine doing anything more (not after the next group's evaluation, nor at a settle),
+    /// and by then what it changed is in the counts and the change log readers see.
+    #[test]
+    fn a_group_is_answered_where_its_write_ends_and_is_counted_by_then() {
+        let dir = ::tests::TempDir::new("pipeline-answer");
+        let mut engine = Engine::open(dir.path(), Some(RULES), config()).unwrap();
+        let (reader, (tx, rx)) = (engine.reader(), std::sync::mpsc::channel());
+        engine.submit_group_answering(
+            vec![group(0, 30)],
+            Box::new(move |result| {
+                let buyers = reader.index().read().set("buyer").map_or(0, |s| s.len());
+                let logged = reader.changes(0, usize::MAX).unwrap().len();
+                tx.send((result, buyers, logged, reader.last_seq())).unwrap();
+            }),
+        );
+        let (result, buyers, logged, last_seq) = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("answered while the engine thread did nothing more");
+        let changes: Vec<Change> = result.unwrap().into_iter().flat_map(|o| o.changes).collect();
+        let added = changes
+            .iter()
+            .filter(|c| &*c.name == "buyer" && c.op == Op::Add)
+            .count() as u64;
+        assert!(added > 0);
+        assert_eq!(buyers, added);
+        assert_eq!((logged, last_seq), (changes.len(), changes.last().unwrap().seq));
+        assert_eq!(engine.durable_seq(), last_seq);
+        engine.settle();
+        assert!(engine.take_finished().is_empty(), "answered once, not also here");
+    }
+
+    /// A failed write is answered to its own callers by the writer thread, and to the
+    /// callers of the group evaluated on top of it by the engine; nothing is applied.
+    #[test]
+    fn a_failed_write_is_answered_to_both_groups_callers() {
+        let dir = ::tests::TempDir::new("pipeline-answer-fail");
+        let mut engine = Engine::open(dir.path(), Some(RULES), config()).unwrap();
+        let before = log(&engine);
+        engine.store.fail_writes.store(1, Ordering::Release);
+        let (tx, rx) = std::sync::mpsc::channel();
+        for (first, n) in [(0, 20), (20, 20)] {
+            let tx = tx.clone();
+            engine.submit_group_answering(
+                vec![group(first, n)],
+                Box::new(move |result| tx.send((first, result.map(|_| ()))).unwrap()),
+            );
+        }
+        engine.settle();
+        drop(tx);
+        let mut answers: Vec<(u64, bool)> = rx.iter().map(|(first, r)| (first, r.is_err())).collect();
+        answers.sort();
+        assert_eq!(answers, [(0, true), (20, true)]);
+        assert!(engine.take_finished().is_empty());
+        assert_eq!(log(&engine), before);
+        assert_eq!(engine.customer_ids().unwrap(), Vec::<String>::new());
     }
 
     #[test]
