@@ -10,10 +10,12 @@
 //! two groups instead of growing with a fixed batch size. Events are parsed on the caller's
 //! thread; the engine thread only applies them.
 //!
-//! Group commits are **pipelined** ([`Engine::submit_group`]): while one group's batch is
-//! written and fsynced on the writer thread, the loop takes the next group and evaluates it;
-//! callers are answered once their group is durable. With nothing waiting, the loop
-//! finishes the write at once, so a lone request is not held back.
+//! Group commits are **pipelined** ([`Engine::submit_group_answering`]): while one group's
+//! batch is written and fsynced on the writer thread, the loop takes the next group and
+//! evaluates it; callers are answered by the writer thread as soon as their group is durable
+//! and visible. A request that arrives during a write is taken at once rather than after it,
+//! and with nothing waiting once the write has ended, the loop finishes the group (cache
+//! eviction) and turns to timers and checkpoints.
 //!
 //! Between jobs the loop fires due timers (wall clock mode), continues a rule-change
 //! backfill, and checkpoints the membership index, so these proceed while edges keep
@@ -285,6 +287,9 @@ impl EngineHandle {
     }
 }
 
+/// How often the loop looks whether a group's write has ended while it waits for jobs.
+const WRITE_POLL: Duration = Duration::from_micros(500);
+
 /// The loop on the engine thread.
 struct Service {
     engine: Engine,
@@ -321,13 +326,20 @@ impl Service {
         loop {
             let job = match self.held.take() {
                 Some(job) => Some(job),
-                // A group is being written: take the next job if one waits, else finish it.
+                // A group is being written (its callers are answered where the write ends):
+                // take the next job as soon as one comes, so its evaluation overlaps the
+                // write; once the write has ended with nothing waiting, finish the group.
                 None if self.engine.in_flight() => match self.queue.try_recv() {
                     Ok(job) => Some(self.taken(job)),
-                    Err(TryRecvError::Empty) => {
+                    Err(TryRecvError::Empty) if self.engine.in_flight_ended() => {
                         self.engine.settle();
                         None
                     }
+                    Err(TryRecvError::Empty) => match self.queue.recv_timeout(WRITE_POLL) {
+                        Ok(job) => Some(self.taken(job)),
+                        Err(RecvTimeoutError::Timeout) => None,
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    },
                     Err(TryRecvError::Disconnected) => break,
                 },
                 None if behind => match self.queue.try_recv() {
@@ -516,6 +528,52 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert_eq!(error.matches("nothing was applied").count(), 1, "{error}");
+        drop(handle);
+        thread.join().unwrap();
+    }
+
+    /// A request that arrives while the group before it is being written is taken (and
+    /// evaluated) during that write, not after it; both are answered once durable.
+    #[test]
+    fn a_request_arriving_during_a_write_is_taken_at_once() {
+        let dir = ::tests::TempDir::new("service-overlap");
+        let config = EngineConfig {
+            clock: ClockMode::Event,
+            sync_writes: false,
+            ..Default::default()
+        };
+        let engine = Engine::open(dir.path(), Some("tag seen on view"), config).unwrap();
+        let store = engine.store().clone();
+        store.hold_writes.store(true, Ordering::Release);
+        let (handle, thread) = EngineHandle::spawn(engine, ServiceConfig::default());
+        let send = |id: &str| {
+            let handle = handle.clone();
+            let event = format!(r#"{{"customer_id":"{id}","type":"view","ts":1744000000000}}"#).into_bytes();
+            std::thread::spawn(move || handle.ingest_blocking(vec![event], Vec::new(), "test"))
+        };
+        let taken = |handle: &EngineHandle| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while handle.waiting() > 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            handle.waiting() == 0
+        };
+        let first = send("c1");
+        // Taken alone (not in one group with the second), its write held.
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(taken(&handle));
+        // The first group's write is held; the second request still gets taken.
+        let second = send("c2");
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            taken(&handle),
+            "the second request waited for the first one's write"
+        );
+        store.hold_writes.store(false, Ordering::Release);
+        for answered in [first, second] {
+            let outcome = answered.join().unwrap().unwrap();
+            assert_eq!((outcome.accepted, outcome.changes.len()), (1, 1));
+        }
         drop(handle);
         thread.join().unwrap();
     }

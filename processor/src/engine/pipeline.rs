@@ -96,6 +96,11 @@ impl WriteSignal {
         }
     }
 
+    /// True once the commit is visible (or its write failed).
+    fn shown(&self) -> bool {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).shown
+    }
+
     /// Waits for the write to end (its data in the store) and says how.
     pub fn wait(&self) -> Result<(), String> {
         self.wait_for(|state| state.written.clone())
@@ -317,6 +322,11 @@ impl Engine {
     /// True while a group's commit is being written.
     pub fn in_flight(&self) -> bool {
         self.pending.is_some()
+    }
+
+    /// True if a group is in flight and its write has ended: [`Engine::settle`] would not wait.
+    pub fn in_flight_ended(&self) -> bool {
+        self.pending.as_ref().is_some_and(|p| p.signal.shown())
     }
 
     /// The answers of the groups finished since the last call, in ticket order (not those
