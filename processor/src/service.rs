@@ -357,13 +357,12 @@ impl Service {
                 Some(Job::Run(f)) => {
                     // It sees (and may change) everything committed before it.
                     self.engine.settle();
-                    self.answer();
                     f(&mut self.engine)
                 }
                 Some(Job::Ingest(first)) => self.ingest_group(first),
                 None => {}
             }
-            self.answer();
+            self.record_fired_timers();
             // Under load, each group fires the timers due before it; ticks are for the rest.
             if wall && !self.engine.in_flight() && (last_tick.elapsed() >= self.config.tick || behind) {
                 last_tick = Instant::now();
@@ -386,12 +385,10 @@ impl Service {
                 if let Err(e) = self.engine.backfill_step(self.config.backfill_step) {
                     tracing::error!(error = %e, "rule-change backfill step failed; will retry");
                 }
-                self.answer();
             }
             if last_checkpoint.elapsed() >= self.config.index_checkpoint {
                 last_checkpoint = Instant::now();
                 self.engine.settle();
-                self.answer();
                 match self.engine.checkpoint_index() {
                     // Retention may delete what the checkpoint now covers.
                     Ok(done) => {
@@ -409,20 +406,17 @@ impl Service {
             telemetry::engine_gauges(&self.engine);
         }
         self.engine.settle();
-        self.answer();
+        self.record_fired_timers();
         announce(&self.committed, self.engine.durable_seq());
         if let Err(e) = self.engine.store().flush() {
             tracing::error!(error = %e, "flush at shutdown failed (the WAL still has everything)");
         }
     }
 
-    /// Records the timers fired by jobs other than ingest groups (whose callers, and whose
-    /// timers, are answered and recorded where each group becomes visible).
-    fn answer(&mut self) {
-        debug_assert!(
-            self.engine.take_finished().is_empty(),
-            "groups are submitted with an answer"
-        );
+    /// Records the timers fired by jobs other than ingest groups (the service submits groups
+    /// with an answer: their callers, and their timers, are answered and recorded where each
+    /// group becomes visible).
+    fn record_fired_timers(&mut self) {
         let fired = self.engine.take_fired_timers();
         if fired.count > 0 {
             telemetry::record_timers(&fired, self.engine.wall_clock_ms());
