@@ -129,6 +129,9 @@ pub struct Store {
     /// Tests: the next this many commits fail.
     #[cfg(test)]
     pub(crate) fail_writes: std::sync::atomic::AtomicU32,
+    /// Tests: the next commit panics while this is set.
+    #[cfg(test)]
+    pub(crate) panic_writes: std::sync::atomic::AtomicBool,
     /// Tests: commits wait while this is set.
     #[cfg(test)]
     pub(crate) hold_writes: std::sync::atomic::AtomicBool,
@@ -327,6 +330,8 @@ impl Store {
             #[cfg(test)]
             fail_writes: Default::default(),
             #[cfg(test)]
+            panic_writes: Default::default(),
+            #[cfg(test)]
             hold_writes: Default::default(),
         };
         store.set_changes_floor(store.meta_u64(META_CHANGES_FROM)?);
@@ -438,6 +443,10 @@ impl Store {
             .is_ok()
         {
             return Err(StoreError::Codec(CodecError("injected write failure")));
+        }
+        #[cfg(test)]
+        if self.panic_writes.load(Ordering::Acquire) {
+            panic!("injected write panic");
         }
         #[cfg(test)]
         while self.hold_writes.load(Ordering::Acquire) {

@@ -182,7 +182,21 @@ impl BackgroundWriter {
             .name("tagstream-writer".into())
             .spawn(move || {
                 for job in queue {
-                    job.run(&store);
+                    let signal = job.signal.clone();
+                    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run(&store)));
+                    if let Err(panic) = run {
+                        // Whoever waits for this write is told it failed (its callers, whose
+                        // answer went with the unwinding, hear that the engine stopped), and
+                        // the thread stops: every later group is refused rather than applied
+                        // on top of a commit that may be half visible.
+                        let reason = format!("the writer thread panicked: {}", panic_message(&*panic));
+                        tracing::error!(error = %reason, "the engine stops writing");
+                        signal.update(|state| {
+                            state.written.get_or_insert(Err(reason));
+                            state.shown = true;
+                        });
+                        break;
+                    }
                 }
             })
             .expect("spawn the writer thread");
@@ -217,6 +231,15 @@ impl Drop for BackgroundWriter {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// What a caught panic said, if it said it with a string.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(s), _) => s,
+        (_, Some(s)) => s,
+        _ => "(no message)",
     }
 }
 
@@ -589,6 +612,54 @@ mod tests {
         assert_eq!(engine.durable_seq(), last_seq);
         engine.settle();
         assert!(engine.take_finished().is_empty(), "answered once, not also here");
+    }
+
+    /// A panic on the writer thread fails the group being written instead of leaving the
+    /// engine waiting for it forever; every later group is refused, nothing more applied.
+    #[test]
+    fn a_panic_while_writing_refuses_the_group_and_every_later_one() {
+        let dir = ::tests::TempDir::new("pipeline-panic");
+        let mut engine = Engine::open(dir.path(), Some(RULES), config()).unwrap();
+        engine.submit_group(vec![group(0, 20)]);
+        engine.settle();
+        assert!(engine.take_finished().iter().all(|f| f.result.is_ok()));
+        let before = log(&engine);
+        let (done, ended) = std::sync::mpsc::channel();
+        let run = std::thread::spawn(move || {
+            engine.store.panic_writes.store(true, Ordering::Release);
+            let (b, c) = (
+                engine.submit_group(vec![group(20, 20)]),
+                engine.submit_group(vec![group(40, 20)]),
+            );
+            engine.settle();
+            let mut refused: Vec<(u64, String)> = engine
+                .take_finished()
+                .into_iter()
+                .map(|f| (f.ticket, f.result.unwrap_err().to_string()))
+                .collect();
+            let d = engine.submit_group(vec![group(60, 20)]);
+            engine.settle();
+            refused.extend(
+                engine
+                    .take_finished()
+                    .into_iter()
+                    .map(|f| (f.ticket, f.result.unwrap_err().to_string())),
+            );
+            done.send(()).unwrap();
+            (engine, [b, c, d], refused)
+        });
+        ended
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the engine settled after the writer panicked");
+        let (engine, tickets, refused) = run.join().unwrap();
+        engine.store.panic_writes.store(false, Ordering::Release);
+        assert_eq!(refused.iter().map(|(t, _)| *t).collect::<Vec<_>>(), tickets);
+        assert!(refused[0].1.contains("injected write panic"), "{refused:?}");
+        assert!(
+            refused[2].1.contains("the writer thread has stopped"),
+            "{refused:?}"
+        );
+        assert_eq!(log(&engine), before);
     }
 
     /// A failed write is answered to its own callers by the writer thread, and to the
