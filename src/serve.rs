@@ -60,7 +60,7 @@ pub fn serve(
         }
         None => None,
     };
-    runtime.block_on(async {
+    let engine_failed = runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding {listen}"))?;
@@ -69,6 +69,7 @@ pub fn serve(
         let scheme = if tls.is_some() { "https" } else { "http" };
         announce(&format!("tagstream listening on {scheme}://{bound}"));
         on_ready(bound, handle.clone(), stopping.clone());
+        let engine_ended = handle.committed();
         drop(handle);
         let webhooks = state.webhooks.clone();
         let resumed = webhooks
@@ -79,8 +80,12 @@ pub fn serve(
         }
         let shutdown = state.shutdown.clone();
         let app = router(state);
+        let engine_failed = Arc::new(AtomicBool::new(false));
+        let failed = engine_failed.clone();
         let signalled = async move {
-            shutdown_signal().await;
+            if stop_requested(engine_ended).await == Stop::EngineEnded {
+                failed.store(true, Ordering::SeqCst);
+            }
             // Streams end now, or the graceful shutdown would wait for their clients.
             shutdown.begin();
         };
@@ -128,7 +133,7 @@ pub fn serve(
                 _ => tracing::error!("a Kafka worker thread panicked"),
             }
         }
-        anyhow::Ok(())
+        anyhow::Ok(engine_failed.load(Ordering::SeqCst))
     })?;
     // Every handle is gone once the server stops: the engine thread drains its queue,
     // flushes, and ends.
@@ -136,6 +141,11 @@ pub fn serve(
     engine_thread
         .join()
         .map_err(|_| anyhow::anyhow!("the engine thread panicked"))?;
+    if engine_failed {
+        anyhow::bail!(
+            "the engine stopped on its own (the log says why); start tagstream again to go on from the store"
+        );
+    }
     tracing::info!("stopped cleanly");
     announce("tagstream stopped cleanly");
     Ok(())
@@ -147,6 +157,27 @@ fn announce(line: &str) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}").and_then(|()| out.flush());
+}
+
+/// Why the server stops.
+#[derive(Debug, PartialEq, Eq)]
+enum Stop {
+    Signalled,
+    /// The engine stopped on its own, which it does only when it cannot go on (its writer
+    /// thread panicked): the server stops too, with an error, so that a supervisor starts it
+    /// again rather than it answering 503 for ever.
+    EngineEnded,
+}
+
+/// Waits for SIGTERM or Ctrl-C, or for the engine to stop (its end of `committed` gone).
+async fn stop_requested(mut committed: tokio::sync::watch::Receiver<u64>) -> Stop {
+    tokio::select! {
+        () = shutdown_signal() => Stop::Signalled,
+        () = async { while committed.changed().await.is_ok() {} } => {
+            tracing::error!("the engine stopped; shutting down");
+            Stop::EngineEnded
+        }
+    }
 }
 
 async fn shutdown_signal() {
@@ -229,4 +260,38 @@ fn wall_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use processor::{Engine, EngineConfig, EngineHandle, ServiceConfig};
+
+    use super::{stop_requested, Stop};
+
+    /// The server's stop waits on the engine too: once the engine thread ends, the wait ends
+    /// with the reason that makes `serve` exit with an error.
+    #[test]
+    fn an_engine_that_ends_stops_the_server() {
+        let dir = ::tests::TempDir::new("serve-engine-ended");
+        let engine = Engine::open(dir.path(), Some("tag seen on view"), EngineConfig::default()).unwrap();
+        let (handle, thread) = EngineHandle::spawn(engine, ServiceConfig::default());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let committed = handle.committed();
+        let waiting = runtime.block_on(async {
+            tokio::time::timeout(Duration::from_millis(300), stop_requested(committed.clone())).await
+        });
+        assert!(waiting.is_err(), "stopped while the engine runs: {waiting:?}");
+        // The last handle gone, the engine thread ends (as it does when it cannot go on).
+        drop(handle);
+        thread.join().unwrap();
+        let stop = runtime.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), stop_requested(committed)).await
+        });
+        assert_eq!(stop.ok(), Some(Stop::EngineEnded));
+    }
 }

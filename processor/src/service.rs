@@ -353,6 +353,14 @@ impl Service {
                     Err(RecvTimeoutError::Disconnected) => break,
                 },
             };
+            if self.engine.writer_stopped() {
+                // Every later group would be refused: stop, so that `/readyz` says so and
+                // `tagstream serve` exits for its supervisor to start it again (the store
+                // has every acknowledged event). The job taken, and those still queued, are
+                // dropped: their callers hear that the engine stopped.
+                tracing::error!("the engine's writer thread has stopped; the engine stops");
+                break;
+            }
             match job {
                 Some(Job::Run(f)) => {
                     // It sees (and may change) everything committed before it.
@@ -568,6 +576,41 @@ mod tests {
             let outcome = answered.join().unwrap().unwrap();
             assert_eq!((outcome.accepted, outcome.changes.len()), (1, 1));
         }
+        drop(handle);
+        thread.join().unwrap();
+    }
+
+    /// When the writer thread stops (a panic on it), the engine stops: the group being
+    /// written and every later request are refused, and the handle says it is not running
+    /// (`/readyz`, and `tagstream serve` exits for its supervisor to restart it).
+    #[test]
+    fn the_engine_stops_when_its_writer_does() {
+        let dir = ::tests::TempDir::new("service-writer-panic");
+        let config = EngineConfig {
+            clock: ClockMode::Event,
+            sync_writes: false,
+            ..Default::default()
+        };
+        let engine = Engine::open(dir.path(), Some("tag seen on view"), config).unwrap();
+        let store = engine.store().clone();
+        let (handle, thread) = EngineHandle::spawn(engine, ServiceConfig::default());
+        let event =
+            |id: &str| format!(r#"{{"customer_id":"{id}","type":"view","ts":1744000000000}}"#).into_bytes();
+        let outcome = handle
+            .ingest_blocking(vec![event("c1")], Vec::new(), "test")
+            .unwrap();
+        assert_eq!(outcome.accepted, 1);
+        assert!(handle.running());
+        store.panic_writes.store(true, Ordering::Release);
+        let refused = handle.ingest_blocking(vec![event("c2")], Vec::new(), "test");
+        assert!(refused.is_err(), "{refused:?}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while handle.running() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!handle.running(), "the engine kept running without a writer");
+        let later = handle.ingest_blocking(vec![event("c3")], Vec::new(), "test");
+        assert!(matches!(later, Err(ServiceError::Stopped)), "{later:?}");
         drop(handle);
         thread.join().unwrap();
     }

@@ -129,7 +129,7 @@ pub struct Store {
     /// Tests: the next this many commits fail.
     #[cfg(test)]
     pub(crate) fail_writes: std::sync::atomic::AtomicU32,
-    /// Tests: the next commit panics while this is set.
+    /// Tests: the next commit panics if this is set.
     #[cfg(test)]
     pub(crate) panic_writes: std::sync::atomic::AtomicBool,
     /// Tests: commits wait while this is set.
@@ -445,7 +445,7 @@ impl Store {
             return Err(StoreError::Codec(CodecError("injected write failure")));
         }
         #[cfg(test)]
-        if self.panic_writes.load(Ordering::Acquire) {
+        if self.panic_writes.swap(false, Ordering::AcqRel) {
             panic!("injected write panic");
         }
         #[cfg(test)]

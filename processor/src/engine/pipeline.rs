@@ -225,6 +225,13 @@ impl BackgroundWriter {
     }
 }
 
+impl BackgroundWriter {
+    /// True once the thread has ended (it stops after a panic; otherwise only on drop).
+    fn stopped(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+}
+
 impl Drop for BackgroundWriter {
     fn drop(&mut self) {
         self.jobs = None;
@@ -345,6 +352,12 @@ impl Engine {
     /// True while a group's commit is being written.
     pub fn in_flight(&self) -> bool {
         self.pending.is_some()
+    }
+
+    /// True once the writer thread has stopped (after a panic on it): no group can be
+    /// written any more, and the engine must be opened again.
+    pub fn writer_stopped(&self) -> bool {
+        self.writer.as_ref().is_some_and(BackgroundWriter::stopped)
     }
 
     /// True if a group is in flight and its write has ended: [`Engine::settle`] would not wait.
@@ -652,7 +665,6 @@ mod tests {
             .recv_timeout(std::time::Duration::from_secs(60))
             .expect("the engine settled after the writer panicked");
         let (engine, tickets, refused) = run.join().unwrap();
-        engine.store.panic_writes.store(false, Ordering::Release);
         assert_eq!(refused.iter().map(|(t, _)| *t).collect::<Vec<_>>(), tickets);
         assert!(refused[0].1.contains("injected write panic"), "{refused:?}");
         assert!(
