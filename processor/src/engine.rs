@@ -34,7 +34,7 @@ pub use partitions::{PartitionSummary, MAGIC as PARTITION_EXPORT_MAGIC};
 pub use pipeline::{Answer, Finished};
 pub use query::{parse_cursor, DefinitionSummary, Delta, HourActivity};
 pub use read::ReadHandle;
-pub use retention::{Log, Trimmed};
+pub use retention::{Log, TrimPlan, Trimmed};
 pub use segments::{SavedSegment, SegmentUpdate};
 pub use unmerge::Unmerged;
 pub use versions::{DefChange, DefText, ReadVersions, RuleDiff, RuleEdit, RuleVersion, VersionSummary};

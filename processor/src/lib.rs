@@ -57,8 +57,8 @@ pub use engine::{
     DefinitionSummary, Delta, Engine, EngineConfig, EngineError, Explained, Explanation, ExportField,
     Finished, FiredTimers, HeapProbe, HourActivity, IngestError, IngestOutcome, IngestRequest, Log,
     LogRetention, MembersPage, NextChange, PartitionSummary, Preview, PreviewCounts, QueryError, QueryPage,
-    ReadHandle, ReadVersions, RuleDiff, RuleEdit, RuleVersion, SavedSegment, SegmentUpdate, Trimmed,
-    VersionSummary, BACKUP_MANIFEST, PARTITION_EXPORT_MAGIC,
+    ReadHandle, ReadVersions, RuleDiff, RuleEdit, RuleVersion, SavedSegment, SegmentUpdate, TrimPlan,
+    Trimmed, VersionSummary, BACKUP_MANIFEST, PARTITION_EXPORT_MAGIC,
 };
 pub use event::{parse_event, EventLimits, Rejection, ValidEvent};
 pub use quality::{Intake, Quality};

@@ -45,7 +45,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::kafka::{Apply, ApplyError, KafkaBatch};
-use crate::{telemetry, ClockMode, Engine, EngineError, IngestOutcome, IngestRequest, Intake, ReadHandle};
+use crate::{
+    telemetry, ClockMode, Engine, EngineError, IngestOutcome, IngestRequest, Intake, ReadHandle, Trimmed,
+};
 
 /// How the service loop paces its work.
 #[derive(Debug, Clone, Copy)]
@@ -320,6 +322,8 @@ impl Service {
         let wall = self.engine.config().clock == ClockMode::Wall;
         let mut last_tick = Instant::now();
         let mut last_checkpoint = Instant::now();
+        // The retention step running beside the engine, if any.
+        let mut trimming: Option<JoinHandle<Result<Trimmed, EngineError>>> = None;
         // Timers are still due after a tick that fired its most (a backlog worked off round
         // by round): the next tick comes right away. Not after a failed tick: that waits.
         let mut behind = false;
@@ -398,12 +402,21 @@ impl Service {
                 last_checkpoint = Instant::now();
                 self.engine.settle();
                 match self.engine.checkpoint_index() {
-                    // Retention may delete what the checkpoint now covers.
-                    Ok(done) => {
-                        if let Err(e) = self.engine.trim_logs(done.seq) {
-                            tracing::error!(error = %e, "deleting log entries past retention failed; will retry");
+                    // Retention may delete what the checkpoint now covers: a step at a time,
+                    // beside the engine (a step reads tens of thousands of entries, which
+                    // would hold up the groups behind it), the next once this one is over.
+                    Ok(done) if trimming.as_ref().is_none_or(JoinHandle::is_finished) => {
+                        if let Some(step) = trimming.take() {
+                            finish_trim(step);
                         }
+                        let plan = self.engine.trim_plan(done.seq);
+                        trimming = std::thread::Builder::new()
+                            .name("tagstream-retention".into())
+                            .spawn(move || plan.run())
+                            .inspect_err(|e| tracing::error!(error = %e, "starting a retention step failed; will retry"))
+                            .ok();
                     }
+                    Ok(_) => {}
                     Err(e) => tracing::error!(error = %e, "membership index checkpoint failed; will retry"),
                 }
             }
@@ -416,6 +429,9 @@ impl Service {
         self.engine.settle();
         self.record_fired_timers();
         announce(&self.committed, self.engine.durable_seq());
+        if let Some(step) = trimming {
+            finish_trim(step);
+        }
         if let Err(e) = self.engine.store().flush() {
             tracing::error!(error = %e, "flush at shutdown failed (the WAL still has everything)");
         }
@@ -471,6 +487,15 @@ impl Service {
             requests,
             Box::new(move |result| answer_group(result, replies, started, &committed)),
         );
+    }
+}
+
+/// Waits for a retention step and says if it failed (the next checkpoint tries again).
+fn finish_trim(step: JoinHandle<Result<Trimmed, EngineError>>) {
+    match step.join() {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "deleting log entries past retention failed; will retry"),
+        Err(_) => tracing::error!("a retention step panicked; will retry"),
     }
 }
 
@@ -576,6 +601,53 @@ mod tests {
             let outcome = answered.join().unwrap().unwrap();
             assert_eq!((outcome.accepted, outcome.changes.len()), (1, 1));
         }
+        drop(handle);
+        thread.join().unwrap();
+    }
+
+    /// A retention step runs beside the engine: a request is answered while one is under
+    /// way (it reads tens of thousands of entries when the logs are busy).
+    #[test]
+    fn a_retention_step_does_not_hold_up_ingest() {
+        let dir = ::tests::TempDir::new("service-trim");
+        let config = EngineConfig {
+            clock: ClockMode::Event,
+            sync_writes: false,
+            ..Default::default()
+        };
+        let engine = Engine::open(dir.path(), Some("tag seen on view"), config).unwrap();
+        let store = engine.store().clone();
+        store.hold_trims.store(true, Ordering::Release);
+        let service = ServiceConfig {
+            index_checkpoint: Duration::from_millis(1),
+            ..Default::default()
+        };
+        let (handle, thread) = EngineHandle::spawn(engine, service);
+        let event =
+            |id: &str| format!(r#"{{"customer_id":"{id}","type":"view","ts":1744000000000}}"#).into_bytes();
+        let send = |id: &str| {
+            let (handle, event) = (handle.clone(), event(id));
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || tx.send(handle.ingest_blocking(vec![event], Vec::new(), "test")));
+            rx
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while store.trims.load(Ordering::Acquire) == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(
+            store.trims.load(Ordering::Acquire) > 0,
+            "no retention step started"
+        );
+        for id in ["c1", "c2"] {
+            let outcome = send(id)
+                .recv_timeout(Duration::from_secs(10))
+                .expect("answered while a retention step is under way")
+                .unwrap();
+            assert_eq!(outcome.accepted, 1);
+        }
+        assert_eq!(store.trims.load(Ordering::Acquire), 1, "one step at a time");
+        store.hold_trims.store(false, Ordering::Release);
         drop(handle);
         thread.join().unwrap();
     }

@@ -132,6 +132,11 @@ pub struct Store {
     /// Tests: the next commit panics if this is set.
     #[cfg(test)]
     pub(crate) panic_writes: std::sync::atomic::AtomicBool,
+    /// Tests: a retention step waits while this is set; `trims` counts those started.
+    #[cfg(test)]
+    pub(crate) hold_trims: std::sync::atomic::AtomicBool,
+    #[cfg(test)]
+    pub(crate) trims: std::sync::atomic::AtomicU32,
     /// Tests: commits wait while this is set.
     #[cfg(test)]
     pub(crate) hold_writes: std::sync::atomic::AtomicBool,
@@ -332,6 +337,10 @@ impl Store {
             #[cfg(test)]
             panic_writes: Default::default(),
             #[cfg(test)]
+            hold_trims: Default::default(),
+            #[cfg(test)]
+            trims: Default::default(),
+            #[cfg(test)]
             hold_writes: Default::default(),
         };
         store.set_changes_floor(store.meta_u64(META_CHANGES_FROM)?);
@@ -433,6 +442,15 @@ impl Store {
 
     pub fn cf(&self, name: &str) -> &ColumnFamily {
         self.db.cf_handle(name).expect("column family created at open")
+    }
+
+    /// Tests: counts a retention step and waits while `hold_trims` is set.
+    #[cfg(test)]
+    pub(crate) fn hold_trims(&self) {
+        self.trims.fetch_add(1, Ordering::AcqRel);
+        while self.hold_trims.load(Ordering::Acquire) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 
     pub fn commit(&self, batch: WriteBatch) -> Result<(), StoreError> {

@@ -10,7 +10,7 @@
 //! nothing is deleted before it was published or delivered).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use super::*;
 use crate::codec::CodecError;
@@ -108,6 +108,13 @@ impl Engine {
     /// per call). Never a change after `index_checkpoint_seq` (the membership index's last
     /// checkpoint, which a restart replays from), nor an entry a reader holds.
     pub fn trim_logs(&mut self, index_checkpoint_seq: u64) -> Result<Trimmed, EngineError> {
+        self.trim_plan(index_checkpoint_seq).run()
+    }
+
+    /// What [`Engine::trim_logs`] would delete up to, fixed now; [`TrimPlan::run`] does the
+    /// scan and the delete, on any thread (the service runs it beside the engine: a step
+    /// reads tens of thousands of entries, too long to hold up a group).
+    pub fn trim_plan(&mut self, index_checkpoint_seq: u64) -> TrimPlan {
         self.settle();
         let holds = &self.published.holds;
         let changes_limit = [
@@ -119,21 +126,60 @@ impl Engine {
         .flatten()
         .min()
         .unwrap_or(0);
-        let changes_age_floor = self
-            .now()
-            .saturating_sub(self.config.changes_retention.max_age_ms);
-        let changes = self.trim(Log::Changes, changes_limit, self.counters.next_seq, |value| {
-            let (_, change) = Change::decode_stored(value).ok_or(CodecError("bad stored change"))?;
-            Ok(change.at <= changes_age_floor)
-        })?;
         let letters_limit = holds
             .lowest(Log::DeadLetters)
             .unwrap_or(u64::MAX)
             .min(self.counters.next_dlq);
-        let letters_age_floor = wall_ms().saturating_sub(self.config.dead_letters_retention.max_age_ms);
-        let dead_letters = self.trim(Log::DeadLetters, letters_limit, self.counters.next_dlq, |value| {
-            Ok(Reader::new(value).i64()? <= letters_age_floor)
-        })?;
+        TrimPlan {
+            store: self.store.clone(),
+            changes: LogTrim {
+                log: Log::Changes,
+                limit: changes_limit,
+                next: self.counters.next_seq,
+                max_entries: self.config.changes_retention.max_entries,
+                age_floor: self
+                    .now()
+                    .saturating_sub(self.config.changes_retention.max_age_ms),
+            },
+            dead_letters: LogTrim {
+                log: Log::DeadLetters,
+                limit: letters_limit,
+                next: self.counters.next_dlq,
+                max_entries: self.config.dead_letters_retention.max_entries,
+                age_floor: wall_ms().saturating_sub(self.config.dead_letters_retention.max_age_ms),
+            },
+        }
+    }
+}
+
+/// One step of retention for both logs, with its limits fixed by [`Engine::trim_plan`].
+/// Only the entries before each limit are looked at, and the engine never writes there
+/// again, so it may run while the engine goes on; one at a time.
+pub struct TrimPlan {
+    store: Arc<Store>,
+    changes: LogTrim,
+    dead_letters: LogTrim,
+}
+
+/// The limits of one log's step.
+struct LogTrim {
+    log: Log,
+    /// Nothing at or after this position is deleted (checkpoint, readers' holds).
+    limit: u64,
+    /// The log's next position, when the plan was made.
+    next: u64,
+    max_entries: u64,
+    /// Entries at or before this instant are too old.
+    age_floor: i64,
+}
+
+impl TrimPlan {
+    /// Deletes what the plan allows; says how much went.
+    pub fn run(&self) -> Result<Trimmed, EngineError> {
+        #[cfg(test)]
+        self.store.hold_trims();
+        let changes = self.trim(&self.changes)?;
+        let dead_letters = self.trim(&self.dead_letters)?;
         metrics::gauge!("tagstream_log_oldest", "log" => "changes")
             .set(floor(&self.store, Log::Changes)? as f64);
         metrics::gauge!("tagstream_log_oldest", "log" => "dead_letters")
@@ -144,37 +190,37 @@ impl Engine {
         })
     }
 
-    /// Deletes the longest prefix of `log` below `limit` whose entries are each too many
-    /// (more than the retention's count would be left after it, `next` being the log's
-    /// next position) or too old (`too_old` on the stored value). Returns how many went.
-    fn trim(
-        &self,
-        log: Log,
-        limit: u64,
-        next: u64,
-        too_old: impl Fn(&[u8]) -> Result<bool, CodecError>,
-    ) -> Result<u64, EngineError> {
-        let retention = match log {
-            Log::Changes => self.config.changes_retention,
-            Log::DeadLetters => self.config.dead_letters_retention,
+    /// Deletes the longest prefix of the log below its limit whose entries are each too
+    /// many (more than the retention's count would be left after it) or too old. Returns
+    /// how many went.
+    fn trim(&self, plan: &LogTrim) -> Result<u64, EngineError> {
+        let log = plan.log;
+        let too_old = |value: &[u8]| -> Result<bool, CodecError> {
+            let at = match log {
+                Log::Changes => {
+                    Change::decode_stored(value)
+                        .ok_or(CodecError("bad stored change"))?
+                        .1
+                        .at
+                }
+                Log::DeadLetters => Reader::new(value).i64()?,
+            };
+            Ok(at <= plan.age_floor)
         };
-        let from = floor(&self.store, log)?;
+        let store = &self.store;
+        let from = floor(store, log)?;
         let (mut cut, mut deleted) = (from, 0);
-        for item in self
-            .store
-            .scan_from(log.cf(), &from.to_be_bytes())
-            .take(TRIM_STEP)
-        {
+        for item in store.scan_from(log.cf(), &from.to_be_bytes()).take(TRIM_STEP) {
             let (key, value) = item?;
             let position = u64::from_be_bytes(
                 key.get(..8)
                     .and_then(|k| k.try_into().ok())
                     .ok_or(StoreError::Codec(CodecError("bad log key")))?,
             );
-            if position >= limit {
+            if position >= plan.limit {
                 break;
             }
-            let too_many = next.saturating_sub(position) > retention.max_entries;
+            let too_many = plan.next.saturating_sub(position) > plan.max_entries;
             if !too_many && !too_old(&value).map_err(StoreError::from)? {
                 break;
             }
@@ -185,12 +231,12 @@ impl Engine {
             return Ok(0);
         }
         let mut batch = rocksdb::WriteBatch::default();
-        batch.delete_range_cf(self.store.cf(log.cf()), from.to_be_bytes(), cut.to_be_bytes());
-        self.store.put_meta_u64(&mut batch, log.floor_key(), cut);
-        self.store.commit(batch)?;
+        batch.delete_range_cf(store.cf(log.cf()), from.to_be_bytes(), cut.to_be_bytes());
+        store.put_meta_u64(&mut batch, log.floor_key(), cut);
+        store.commit(batch)?;
         if log == Log::Changes {
             // Its index entries go with the next compactions.
-            self.store.set_changes_floor(cut);
+            store.set_changes_floor(cut);
         }
         metrics::counter!("tagstream_log_trimmed_total", "log" => log.label()).increment(deleted);
         tracing::debug!(
