@@ -542,6 +542,21 @@ mod tests {
     use super::*;
     use crate::EngineConfig;
 
+    /// An engine in event clock mode without fsync, with one tag on `view`.
+    fn viewing_engine(dir: &::tests::TempDir) -> Engine {
+        let config = EngineConfig {
+            clock: ClockMode::Event,
+            sync_writes: false,
+            ..Default::default()
+        };
+        Engine::open(dir.path(), Some("tag seen on view"), config).unwrap()
+    }
+
+    /// A `view` by customer `id`.
+    fn view(id: &str) -> Vec<u8> {
+        format!(r#"{{"customer_id":"{id}","type":"view","ts":1744000000000}}"#).into_bytes()
+    }
+
     /// A caller whose group could not be written is told so once, with RocksDB's reason.
     #[test]
     fn a_failed_commit_is_reported_to_its_caller_once() {
@@ -564,18 +579,13 @@ mod tests {
     #[test]
     fn a_request_arriving_during_a_write_is_taken_at_once() {
         let dir = ::tests::TempDir::new("service-overlap");
-        let config = EngineConfig {
-            clock: ClockMode::Event,
-            sync_writes: false,
-            ..Default::default()
-        };
-        let engine = Engine::open(dir.path(), Some("tag seen on view"), config).unwrap();
+        let engine = viewing_engine(&dir);
         let store = engine.store().clone();
         store.hold_writes.store(true, Ordering::Release);
         let (handle, thread) = EngineHandle::spawn(engine, ServiceConfig::default());
         let send = |id: &str| {
             let handle = handle.clone();
-            let event = format!(r#"{{"customer_id":"{id}","type":"view","ts":1744000000000}}"#).into_bytes();
+            let event = view(id);
             std::thread::spawn(move || handle.ingest_blocking(vec![event], Vec::new(), "test"))
         };
         let taken = |handle: &EngineHandle| {
@@ -610,12 +620,7 @@ mod tests {
     #[test]
     fn a_retention_step_does_not_hold_up_ingest() {
         let dir = ::tests::TempDir::new("service-trim");
-        let config = EngineConfig {
-            clock: ClockMode::Event,
-            sync_writes: false,
-            ..Default::default()
-        };
-        let engine = Engine::open(dir.path(), Some("tag seen on view"), config).unwrap();
+        let engine = viewing_engine(&dir);
         let store = engine.store().clone();
         store.hold_trims.store(true, Ordering::Release);
         let service = ServiceConfig {
@@ -623,10 +628,8 @@ mod tests {
             ..Default::default()
         };
         let (handle, thread) = EngineHandle::spawn(engine, service);
-        let event =
-            |id: &str| format!(r#"{{"customer_id":"{id}","type":"view","ts":1744000000000}}"#).into_bytes();
         let send = |id: &str| {
-            let (handle, event) = (handle.clone(), event(id));
+            let (handle, event) = (handle.clone(), view(id));
             let (tx, rx) = std::sync::mpsc::channel();
             std::thread::spawn(move || tx.send(handle.ingest_blocking(vec![event], Vec::new(), "test")));
             rx
@@ -658,30 +661,23 @@ mod tests {
     #[test]
     fn the_engine_stops_when_its_writer_does() {
         let dir = ::tests::TempDir::new("service-writer-panic");
-        let config = EngineConfig {
-            clock: ClockMode::Event,
-            sync_writes: false,
-            ..Default::default()
-        };
-        let engine = Engine::open(dir.path(), Some("tag seen on view"), config).unwrap();
+        let engine = viewing_engine(&dir);
         let store = engine.store().clone();
         let (handle, thread) = EngineHandle::spawn(engine, ServiceConfig::default());
-        let event =
-            |id: &str| format!(r#"{{"customer_id":"{id}","type":"view","ts":1744000000000}}"#).into_bytes();
         let outcome = handle
-            .ingest_blocking(vec![event("c1")], Vec::new(), "test")
+            .ingest_blocking(vec![view("c1")], Vec::new(), "test")
             .unwrap();
         assert_eq!(outcome.accepted, 1);
         assert!(handle.running());
         store.panic_writes.store(true, Ordering::Release);
-        let refused = handle.ingest_blocking(vec![event("c2")], Vec::new(), "test");
+        let refused = handle.ingest_blocking(vec![view("c2")], Vec::new(), "test");
         assert!(refused.is_err(), "{refused:?}");
         let deadline = Instant::now() + Duration::from_secs(20);
         while handle.running() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert!(!handle.running(), "the engine kept running without a writer");
-        let later = handle.ingest_blocking(vec![event("c3")], Vec::new(), "test");
+        let later = handle.ingest_blocking(vec![view("c3")], Vec::new(), "test");
         assert!(matches!(later, Err(ServiceError::Stopped)), "{later:?}");
         drop(handle);
         thread.join().unwrap();
