@@ -96,6 +96,15 @@ impl WriteSignal {
         }
     }
 
+    /// The write could not be made or followed through (the writer thread stopped): unless
+    /// it had already ended, it failed for `reason`; either way nothing more will be shown.
+    fn fail(&self, reason: String) {
+        self.update(|state| {
+            state.written.get_or_insert(Err(reason));
+            state.shown = true;
+        });
+    }
+
     /// True once the commit is visible (or its write failed).
     fn shown(&self) -> bool {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).shown
@@ -191,10 +200,7 @@ impl BackgroundWriter {
                         // on top of a commit that may be half visible.
                         let reason = format!("the writer thread panicked: {}", panic_message(&*panic));
                         tracing::error!(error = %reason, "the engine stops writing");
-                        signal.update(|state| {
-                            state.written.get_or_insert(Err(reason));
-                            state.shown = true;
-                        });
+                        signal.fail(reason);
                         break;
                     }
                 }
@@ -214,18 +220,13 @@ impl BackgroundWriter {
         if let Err(std::sync::mpsc::SendError(job)) = sent {
             let WriteJob { signal, answer, .. } = job;
             let stopped = "the writer thread has stopped".to_owned();
-            signal.update(|state| {
-                state.written = Some(Err(stopped.clone()));
-                state.shown = true;
-            });
+            signal.fail(stopped.clone());
             if let Some((answer, ..)) = answer {
                 answer(Err(EngineError::CommitFailed(stopped)));
             }
         }
     }
-}
 
-impl BackgroundWriter {
     /// True once the thread has ended (it stops after a panic; otherwise only on drop).
     fn stopped(&self) -> bool {
         self.thread.as_ref().is_none_or(JoinHandle::is_finished)
