@@ -197,12 +197,7 @@ impl TrimPlan {
         let log = plan.log;
         let too_old = |value: &[u8]| -> Result<bool, CodecError> {
             let at = match log {
-                Log::Changes => {
-                    Change::decode_stored(value)
-                        .ok_or(CodecError("bad stored change"))?
-                        .1
-                        .at
-                }
+                Log::Changes => Change::stored_at(value).ok_or(CodecError("bad stored change"))?,
                 Log::DeadLetters => Reader::new(value).i64()?,
             };
             Ok(at <= plan.age_floor)
