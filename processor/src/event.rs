@@ -3,12 +3,15 @@
 //! Every rejection is a [`Rejection`]: a stable code that dead letters, the Kafka header and
 //! the metric label carry, and a message for people.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use rules::{
     normalize, NumberError, ProfileUpdate, Props, TrackingPlan, Value, Verdict, Violation, ViolationClass,
 };
-use serde_json::Map;
+use serde_json::value::RawValue;
+
+mod json;
 
 /// The earliest accepted event time: 2000-01-01T00:00:00Z.
 pub const MIN_TS: i64 = 946_684_800_000;
@@ -265,20 +268,24 @@ pub fn parse_event_planned(
         Ok(t) => t,
         Err(_) => return Err(Rejection::NotUtf8),
     };
-    let value: serde_json::Value = match serde_json::from_str(text) {
-        Ok(v) => v,
+    let Some(b'{') = text
+        .trim_start_matches([' ', '\t', '\n', '\r'])
+        .as_bytes()
+        .first()
+    else {
+        return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+            Err(e) => Rejection::InvalidJson(e.to_string()),
+            Ok(_) if json::depth(text) > limits.max_depth => Rejection::TooDeep {
+                limit: limits.max_depth,
+            },
+            Ok(_) => Rejection::NotObject,
+        });
+    };
+    let members = match serde_json::from_str::<json::Members>(text) {
+        Ok(members) => members,
         Err(e) => return Err(Rejection::InvalidJson(e.to_string())),
     };
-    validate_planned(value, limits, plan, latest_known_ms, violations)
-}
-
-/// Validates an already parsed JSON value (an element of a JSON array body).
-pub fn validate_value(
-    value: serde_json::Value,
-    limits: &EventLimits,
-    latest_known_ms: i64,
-) -> Result<ValidEvent, Rejection> {
-    validate_planned(value, limits, None, latest_known_ms, &mut Vec::new())
+    validate_planned(members, limits, plan, latest_known_ms, violations)
 }
 
 /// The top-level fields of the event format.
@@ -287,30 +294,67 @@ pub const TOP_LEVEL_FIELDS: [&str; 7] = ["event_id", "customer_id", "ids", "type
 /// Most identifiers one event may carry in `ids`.
 pub const MAX_IDS_PER_EVENT: usize = 32;
 
+/// The top-level members of an event, each as its raw JSON (`None` when absent or null).
+#[derive(Default)]
+struct TopLevel<'a> {
+    event_id: Option<&'a RawValue>,
+    customer_id: Option<&'a RawValue>,
+    ids: Option<&'a RawValue>,
+    event_type: Option<&'a RawValue>,
+    ts: Option<&'a RawValue>,
+    props: Option<&'a RawValue>,
+    profile: Option<&'a RawValue>,
+    /// Names that are not fields of the format, by name.
+    unknown: Vec<Cow<'a, str>>,
+}
+
+/// Checks and converts the event's members in a fixed order, so that of several things
+/// wrong with an event the same one is always reported.
 fn validate_planned(
-    value: serde_json::Value,
+    members: json::Members<'_>,
     limits: &EventLimits,
     plan: Option<&TrackingPlan>,
     latest_known_ms: i64,
     violations: &mut Vec<Violation>,
 ) -> Result<ValidEvent, Rejection> {
-    if depth(&value) > limits.max_depth {
+    let mut top = TopLevel::default();
+    // The object itself is one level; only members that are objects or arrays go deeper.
+    let mut deepest = 1;
+    for (name, value) in members.0 {
+        if matches!(json::kind(value), json::Kind::Object | json::Kind::Array) {
+            deepest = deepest.max(1 + json::depth(value.get()));
+        }
+        let value = (json::kind(value) != json::Kind::Null).then_some(value);
+        let slot = match &*name {
+            "event_id" => &mut top.event_id,
+            "customer_id" => &mut top.customer_id,
+            "ids" => &mut top.ids,
+            "type" => &mut top.event_type,
+            "ts" => &mut top.ts,
+            "props" => &mut top.props,
+            "profile" => &mut top.profile,
+            _ => {
+                top.unknown.push(name);
+                continue;
+            }
+        };
+        *slot = value;
+    }
+    if deepest > limits.max_depth {
         return Err(Rejection::TooDeep {
             limit: limits.max_depth,
         });
     }
-    let serde_json::Value::Object(mut object) = value else {
-        return Err(Rejection::NotObject);
+    let ids = match top.ids {
+        None => Vec::new(),
+        Some(v) => identifiers(json::tree(v), limits)?,
     };
-    let ids = match object.remove("ids") {
-        None | Some(serde_json::Value::Null) => Vec::new(),
-        Some(v) => identifiers(v, limits)?,
-    };
-    let customer_id = match object.remove("customer_id") {
-        None | Some(serde_json::Value::Null) if !ids.is_empty() => Arc::from(""),
-        None | Some(serde_json::Value::Null) => return Err(Rejection::CustomerIdMissing),
-        Some(serde_json::Value::String(s)) => {
-            let id = normalize(&s);
+    let customer_id = match top.customer_id {
+        None if !ids.is_empty() => Arc::from(""),
+        None => return Err(Rejection::CustomerIdMissing),
+        Some(v) if json::kind(v) == json::Kind::String => {
+            let text = json::text(v);
+            let id = normalize(&text);
             if id.is_empty() {
                 return Err(Rejection::CustomerIdEmpty);
             }
@@ -319,10 +363,11 @@ fn validate_planned(
         }
         Some(_) => return Err(Rejection::CustomerIdNotString),
     };
-    let event_type = match object.remove("type") {
-        None | Some(serde_json::Value::Null) => return Err(Rejection::TypeMissing),
-        Some(serde_json::Value::String(s)) => {
-            let t = normalize(&s);
+    let event_type = match top.event_type {
+        None => return Err(Rejection::TypeMissing),
+        Some(v) if json::kind(v) == json::Kind::String => {
+            let text = json::text(v);
+            let t = normalize(&text);
             if t.is_empty() {
                 return Err(Rejection::TypeEmpty);
             }
@@ -331,10 +376,10 @@ fn validate_planned(
         }
         Some(_) => return Err(Rejection::TypeNotString),
     };
-    let ts = match object.remove("ts") {
-        None | Some(serde_json::Value::Null) => None,
+    let ts = match top.ts {
+        None => None,
         Some(v) => {
-            let ts = parse_ts(&v).ok_or(Rejection::TsUnparsable)?;
+            let ts = parse_raw_ts(v).ok_or(Rejection::TsUnparsable)?;
             if ts < MIN_TS {
                 return Err(Rejection::TsTooOld);
             }
@@ -342,21 +387,27 @@ fn validate_planned(
             Some(ts)
         }
     };
-    let event_id = match object.remove("event_id") {
-        None | Some(serde_json::Value::Null) => None,
-        Some(serde_json::Value::String(s)) => {
-            check_length("event_id", &s, limits.max_id_chars)?;
-            Some(s)
+    let event_id = match top.event_id {
+        None => None,
+        Some(v) if json::kind(v) == json::Kind::String => {
+            let id = json::text(v).into_owned();
+            check_length("event_id", &id, limits.max_id_chars)?;
+            Some(id)
         }
         Some(_) => return Err(Rejection::EventIdNotString),
     };
-    let mut props = match object.remove("props") {
-        None | Some(serde_json::Value::Null) => Props::default(),
-        Some(serde_json::Value::Object(p)) => {
-            let props = Props::try_from_json(&p).map_err(|(path, error)| Rejection::NumberNotExact {
-                field: format!("props.{path}"),
-                error,
+    let mut props = match top.props {
+        None => Props::default(),
+        Some(v) if json::kind(v) == json::Kind::Object => {
+            let members = json::members(v);
+            let mut pairs = Vec::with_capacity(members.0.len());
+            json::flatten(members, &mut String::new(), &mut pairs).map_err(|(path, error)| {
+                Rejection::NumberNotExact {
+                    field: format!("props.{path}"),
+                    error,
+                }
             })?;
+            let props = Props::new(pairs);
             for (path, value) in props.iter() {
                 check_field("props.", path, value, limits)?;
             }
@@ -364,16 +415,16 @@ fn validate_planned(
         }
         Some(_) => return Err(Rejection::PropsNotObject),
     };
-    let mut profile = match object.remove("profile") {
-        None | Some(serde_json::Value::Null) => Vec::new(),
-        Some(serde_json::Value::Object(p)) => profile_updates(p, limits)?,
+    let mut profile = match top.profile {
+        None => Vec::new(),
+        Some(v) if json::kind(v) == json::Kind::Object => profile_updates(json::members(v), limits)?,
         Some(_) => return Err(Rejection::ProfileNotObject),
     };
     let violations_before = violations.len();
-    for name in object.keys() {
+    for name in &top.unknown {
         violations.push(Violation {
             class: ViolationClass::UnknownTopLevelField,
-            field: Some(name.clone()),
+            field: Some(name.to_string()),
             detail: format!(
                 "{name:?} is not a field of the event format ({}){}",
                 TOP_LEVEL_FIELDS.join(", "),
@@ -502,47 +553,39 @@ pub fn check_not_future(ts: i64, limits: &EventLimits, latest_known_ms: i64) -> 
 }
 
 fn profile_updates(
-    object: Map<String, serde_json::Value>,
+    members: json::Members<'_>,
     limits: &EventLimits,
 ) -> Result<Vec<ProfileUpdate>, Rejection> {
-    object
+    members
+        .0
         .into_iter()
         .map(|(k, v)| {
-            let value = match v {
-                serde_json::Value::Null => None,
-                v => Some(
-                    Value::try_from_json(&v).map_err(|error| Rejection::NumberNotExact {
-                        field: format!("profile.{k}"),
-                        error,
-                    })?,
-                ),
+            let value = match json::kind(v) {
+                json::Kind::Null => None,
+                _ => Some(json::value(v).map_err(|error| Rejection::NumberNotExact {
+                    field: format!("profile.{k}"),
+                    error,
+                })?),
             };
             check_field("profile.", &k, value.as_ref().unwrap_or(&Value::Null), limits)?;
-            Ok((Arc::from(k.as_str()), value))
+            Ok((Arc::from(&*k), value))
         })
         .collect()
 }
 
-/// Nesting depth: a scalar is 0, an object or array is one more than its deepest member.
-fn depth(value: &serde_json::Value) -> usize {
-    match value {
-        serde_json::Value::Object(m) => 1 + m.values().map(depth).max().unwrap_or(0),
-        serde_json::Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
-        _ => 0,
-    }
-}
-
-/// `ts` as integer milliseconds, or an RFC 3339 string with an offset.
-pub fn parse_ts(value: &serde_json::Value) -> Option<i64> {
-    match value {
-        serde_json::Value::Number(n) => {
-            if let Some(i) = n.as_i64() {
+/// `ts` as integer milliseconds (a number with no fraction), or an RFC 3339 string with an
+/// offset.
+fn parse_raw_ts(value: &RawValue) -> Option<i64> {
+    match json::kind(value) {
+        json::Kind::Number => {
+            let text = value.get();
+            if let Ok(i) = text.parse::<i64>() {
                 return Some(i);
             }
-            let f = n.as_f64()?;
+            let f = text.parse::<f64>().ok()?;
             (f.fract() == 0.0 && f.abs() < 9.0e15).then_some(f as i64)
         }
-        serde_json::Value::String(s) => chrono::DateTime::parse_from_rfc3339(s.trim())
+        json::Kind::String => chrono::DateTime::parse_from_rfc3339(json::text(value).trim())
             .ok()
             .map(|dt| dt.timestamp_millis()),
         _ => None,
@@ -757,5 +800,134 @@ mod tests {
         let e = parse(&at_limit).unwrap();
         assert_eq!(e.customer_id.chars().count(), 256);
         assert_eq!(e.props.get("amount").to_string(), "1234567890123456789.12345");
+    }
+
+    #[test]
+    fn the_last_of_duplicate_fields_counts_and_unknown_fields_are_named_by_name() {
+        let mut violations = Vec::new();
+        let e = parse_event_planned(
+            br#"{"zz": 1, "type": "a", "customer_id": "c", "type": "b", "Type": 2, "zz": 3}"#,
+            &EventLimits::default(),
+            None,
+            NOW,
+            &mut violations,
+        )
+        .unwrap();
+        assert_eq!(&*e.event_type, "b");
+        let named: Vec<_> = violations.iter().filter_map(|v| v.field.as_deref()).collect();
+        assert_eq!(named, ["Type", "zz"]);
+    }
+
+    /// Nesting far past the limit (and past serde_json's recursion limit) is "too deep",
+    /// whatever the top level is.
+    #[test]
+    fn very_deep_nesting_is_too_deep_not_invalid() {
+        let deep_props = format!(
+            r#"{{"customer_id": "c", "type": "v", "props": {{"a": {}1{}}}}}"#,
+            "[".repeat(500),
+            "]".repeat(500)
+        );
+        assert_eq!(parse(&deep_props).unwrap_err().code(), "too_deep");
+        let deep_array = format!("{}{}", "[".repeat(40), "]".repeat(40));
+        assert_eq!(parse(&deep_array).unwrap_err().code(), "too_deep");
+        assert_eq!(parse("[[1]]").unwrap_err().code(), "not_object");
+        assert_eq!(parse(r#"{"a": [1,}"#).unwrap_err().code(), "invalid_json");
+        assert_eq!(
+            parse(r#"{"customer_id": "c", "type": "v"} x"#)
+                .unwrap_err()
+                .code(),
+            "invalid_json"
+        );
+    }
+
+    #[test]
+    fn ts_is_read_from_its_text() {
+        let ts = |t: &str| parse(&format!(r#"{{"customer_id": "c", "type": "v", "ts": {t}}}"#)).map(|e| e.ts);
+        assert_eq!(ts("1744000000000"), Ok(Some(1_744_000_000_000)));
+        assert_eq!(ts("1744000000000.0"), Ok(Some(1_744_000_000_000)));
+        assert_eq!(ts("1.744e12"), Ok(Some(1_744_000_000_000)));
+        assert_eq!(ts("null"), Ok(None));
+        assert_eq!(
+            ts(r#"" 2025-03-01T12:45:41.139+08:00 ""#),
+            Ok(Some(1_740_804_341_139))
+        );
+        assert_eq!(ts("1744000000000.5").unwrap_err().code(), "ts_unparsable");
+        assert_eq!(ts("true").unwrap_err().code(), "ts_unparsable");
+        assert_eq!(ts(r#""yesterday""#).unwrap_err().code(), "ts_unparsable");
+    }
+
+    /// JSON text of a value: scalars written every way JSON allows, names with escapes and
+    /// duplicates, lists and nested objects.
+    fn json_value() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let scalar = prop_oneof![
+            Just("null".to_owned()),
+            Just("true".to_owned()),
+            Just("false".to_owned()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            prop::sample::select(vec![
+                "0",
+                "-0",
+                "12.50",
+                "1.5e3",
+                "2E-4",
+                "-7.25E+2",
+                "1e300",
+                "1e-300",
+                "0.000",
+                "123456789012345678901234567890.5",
+                "79228162514264337593543950335",
+            ])
+            .prop_map(str::to_owned),
+            prop::sample::select(vec![
+                r#""a""#,
+                r#""tab\there""#,
+                r#""\u00e9x""#,
+                r#""\"q\"""#,
+                r#""日本""#,
+                r#""""#,
+            ])
+            .prop_map(str::to_owned),
+        ];
+        scalar.prop_recursive(4, 24, 4, |inner| {
+            let name = prop::sample::select(vec![
+                r#""a""#,
+                r#""b""#,
+                r#""a.b""#,
+                r#""é""#,
+                r#""x\u0041""#,
+                r#""xA""#,
+            ]);
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4)
+                    .prop_map(|items| format!("[{}]", items.join(", "))),
+                prop::collection::vec((name, inner), 0..5).prop_map(|members| {
+                    let members: Vec<String> =
+                        members.into_iter().map(|(k, v)| format!("{k}: {v}")).collect();
+                    format!("{{{}}}", members.join(", "))
+                }),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        /// Props read in one pass are exactly what reading through a `serde_json::Value`
+        /// tree gives (`Props::try_from_json`), and so is a number that cannot be held.
+        #[test]
+        fn props_read_in_one_pass_match_the_tree_reading(value in json_value()) {
+            let text = format!(r#"{{"customer_id": "c", "type": "v", "props": {value}}}"#);
+            let ours = parse(&text);
+            let tree: serde_json::Value = serde_json::from_str(&value).unwrap();
+            match tree.as_object() {
+                None if tree.is_null() => proptest::prop_assert_eq!(ours.map(|e| e.props), Ok(Props::default())),
+                None => proptest::prop_assert_eq!(ours.map(|e| e.props), Err(Rejection::PropsNotObject)),
+                Some(object) => {
+                    let expected = Props::try_from_json(object).map_err(|(path, error)| {
+                        Rejection::NumberNotExact { field: format!("props.{path}"), error }
+                    });
+                    proptest::prop_assert_eq!(ours.map(|e| e.props), expected);
+                }
+            }
+        }
     }
 }
