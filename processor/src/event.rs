@@ -268,6 +268,9 @@ pub fn parse_event_planned(
         Ok(t) => t,
         Err(_) => return Err(Rejection::NotUtf8),
     };
+    if let Some(rejection) = lone_surrogate(text, limits) {
+        return Err(rejection);
+    }
     let Some(b'{') = text
         .trim_start_matches([' ', '\t', '\n', '\r'])
         .as_bytes()
@@ -286,6 +289,21 @@ pub fn parse_event_planned(
         Err(e) => return Err(Rejection::InvalidJson(e.to_string())),
     };
     validate_planned(members, limits, plan, latest_known_ms, violations)
+}
+
+/// serde_json's first pass skips strings without decoding their `\u` escapes, so a lone
+/// surrogate (`"\ud800"`) passes it, and the readers of [`json`] decode strings trusting
+/// that pass. Text that may hold one is read once through a tree, which rejects it as invalid
+/// JSON, as the whole event (so a surrogate in a member nothing reads is rejected too). Text
+/// nested deeper than the limit is left to be rejected as too deep: the tree reading would
+/// stop at serde_json's recursion limit, and nothing is decoded before the depth check.
+fn lone_surrogate(text: &str, limits: &EventLimits) -> Option<Rejection> {
+    if !json::may_hold_surrogate_escape(text) || json::depth(text) > limits.max_depth {
+        return None;
+    }
+    serde_json::from_str::<serde_json::Value>(text)
+        .err()
+        .map(|e| Rejection::InvalidJson(e.to_string()))
 }
 
 /// The top-level fields of the event format.
@@ -839,6 +857,37 @@ mod tests {
         );
     }
 
+    /// The first pass over the text does not decode `\u` escapes: a lone surrogate
+    /// anywhere — a field, a nested name, a member the event does not know — is invalid
+    /// JSON, never a panic; a pair is the character it encodes.
+    #[test]
+    fn lone_surrogates_are_invalid_json_wherever_they_are() {
+        for text in [
+            r#"{"customer_id": "\ud800", "type": "v"}"#,
+            r#"{"customer_id": "c", "type": "v\uDC00"}"#,
+            r#"{"customer_id": "c", "type": "v", "event_id": "\ud800x"}"#,
+            r#"{"customer_id": "c", "type": "v", "ts": "\ud800"}"#,
+            r#"{"customer_id": "c", "type": "v", "props": {"a": {"\ud800": 1}}}"#,
+            r#"{"customer_id": "c", "type": "v", "props": {"a": ["\udbff"]}}"#,
+            r#"{"customer_id": "c", "type": "v", "profile": {"city": "\ud800"}}"#,
+            r#"{"customer_id": "c", "type": "v", "ids": {"phone": "\ud800"}}"#,
+            r#"{"customer_id": "c", "type": "v", "extra": "\ud800"}"#,
+            r#"{"type": "\ud800"}"#,
+            r#""\ud800""#,
+        ] {
+            let (code, message) = rejected(text.as_bytes());
+            assert_eq!(code, "invalid_json", "{text}: {message}");
+            assert!(message.contains("escape"), "{text}: {message}");
+        }
+        let e = parse(r#"{"customer_id": "c\ud83d\ude00", "type": "v", "props": {"e": "\ud83d\ude00"}}"#)
+            .unwrap();
+        assert_eq!(&*e.customer_id, "c\u{1f600}");
+        assert!(e.props.get("e").rule_eq(&Value::str("\u{1f600}")));
+        // An escaped backslash before `u` is no escape at all.
+        let e = parse(r#"{"customer_id": "c", "type": "v", "props": {"p": "\\ud800"}}"#).unwrap();
+        assert!(e.props.get("p").rule_eq(&Value::str(r"\ud800")));
+    }
+
     #[test]
     fn ts_is_read_from_its_text() {
         let ts = |t: &str| parse(&format!(r#"{{"customer_id": "c", "type": "v", "ts": {t}}}"#)).map(|e| e.ts);
@@ -882,6 +931,7 @@ mod tests {
                 r#""a""#,
                 r#""tab\there""#,
                 r#""\u00e9x""#,
+                r#""\ud83d\ude00""#,
                 r#""\"q\"""#,
                 r#""日本""#,
                 r#""""#,

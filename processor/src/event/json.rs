@@ -2,6 +2,10 @@
 //! its members' raw text (borrowed from the input), and each member is decoded only into what
 //! the event keeps. Strings without escapes are never copied until the event owns them.
 //!
+//! serde_json's first pass checks every string's escapes except what `\u` ones encode: the
+//! caller rejects text holding a lone surrogate before these readers decode anything
+//! (`event::lone_surrogate`), so the decoding here cannot fail on text that passed.
+//!
 //! What it yields is exactly what reading through `serde_json::Value` yields: members in the
 //! order a `serde_json::Map` iterates them (by name, the last of duplicate names kept), and
 //! numbers read from their text as written (the workspace builds serde_json with
@@ -145,6 +149,22 @@ pub(super) fn flatten(
         prefix.truncate(len);
     }
     Ok(())
+}
+
+/// True when the text holds `\u` followed by a surrogate's first two hex digits (`d8`–`df`):
+/// cheap, and never false for text that holds a surrogate escape (an escaped backslash
+/// before `u` makes it answer true for text that holds none, which costs only a second read).
+pub(super) fn may_hold_surrogate_escape(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let mut from = 0;
+    while let Some(at) = text[from..].find('\\') {
+        let i = from + at;
+        if let [b'u', b'd' | b'D', b'8'..=b'9' | b'a'..=b'f' | b'A'..=b'F', ..] = bytes[i + 1..] {
+            return true;
+        }
+        from = i + 1;
+    }
+    false
 }
 
 /// The deepest nesting of objects and arrays in valid JSON text: a scalar is 0.
