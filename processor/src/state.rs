@@ -149,10 +149,12 @@ pub struct CustomerState {
 const RECORD_VERSION: u8 = 4;
 
 /// How a record's window state is kept: none, inline (version 3), or a header with the
-/// queues in chunks (version 4).
+/// queues in chunks (version 4): of [`crate::window::LEGACY_CHUNK_EVENTS`] positions, or of
+/// the size the header names.
 const WINDOWS_NONE: u8 = 0;
 const WINDOWS_INLINE: u8 = 1;
 const WINDOWS_CHUNKED: u8 = 2;
+const WINDOWS_CHUNKED_SIZED: u8 = 3;
 
 /// What a decoded record says about the customer's window state.
 #[derive(Debug)]
@@ -200,7 +202,7 @@ impl CustomerState {
         w.u8(u8::from(self.has_events));
         match (&self.windows, rules) {
             (Some(windows), Some(rules)) => {
-                w.u8(WINDOWS_CHUNKED);
+                w.u8(WINDOWS_CHUNKED_SIZED);
                 windows.encode_header(rules, w);
             }
             _ => w.u8(WINDOWS_NONE),
@@ -279,9 +281,13 @@ impl CustomerState {
                 };
                 Ok((state, found))
             }
-            WINDOWS_CHUNKED => {
+            tag @ (WINDOWS_CHUNKED | WINDOWS_CHUNKED_SIZED) => {
                 // Whether or not it fits, the chunks it names are in the store.
-                let header = WindowHeader::decode(&mut r)?;
+                let header = if tag == WINDOWS_CHUNKED {
+                    WindowHeader::decode_legacy(&mut r)?
+                } else {
+                    WindowHeader::decode(&mut r)?
+                };
                 state.window_chunks = header.stored_chunks();
                 match current {
                     Some((rules, retention_ms)) if header.fits(rules, retention_ms) => {

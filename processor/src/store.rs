@@ -1284,10 +1284,11 @@ mod tests {
         assert!(!ab.history_loaded, "no scan of the history");
         assert_eq!(values(&ab), (Value::num(300), Value::num(7)));
         assert_eq!(values(&load("abc")), (Value::num(5), Value::num(5)));
+        let chunks = |events: u64| events.div_ceil(crate::window::CHUNK_EVENTS) as usize;
         assert_eq!(
             store.scan_from(CF_WINDOWS, &[]).count(),
-            3 + 1,
-            "300 events in 3 chunks, 5 in 1"
+            chunks(300) + chunks(5),
+            "300 events in their chunks, 5 in one"
         );
 
         // A version 3 record: the same fields, the windows inline after the flag 1.
@@ -1311,7 +1312,117 @@ mod tests {
             "written as version 4"
         );
         assert_eq!(values(&load("old")), (Value::num(40), Value::num(7)));
-        assert_eq!(store.scan_from(CF_WINDOWS, &[]).count(), 5);
+        assert_eq!(
+            store.scan_from(CF_WINDOWS, &[]).count(),
+            chunks(300) + chunks(5) + chunks(40)
+        );
+    }
+
+    /// A record whose window header is of the kind written before headers named their chunk
+    /// size (chunks of 128 positions) is not read in today's chunks: the windows are built
+    /// again from the history, exactly, and the next write replaces every old chunk — none is
+    /// left behind, none of today's is missing.
+    #[test]
+    fn windows_kept_in_chunks_of_another_size_are_built_again_and_their_chunks_replaced() {
+        use crate::window::{CHUNK_EVENTS, LEGACY_CHUNK_EVENTS};
+        let rules = CompiledRules::compile("trait n = count(view, 5000ms)").unwrap();
+        let current = Current {
+            rules: &rules,
+            retention_ms: 10_000,
+        };
+        let dir = ::tests::TempDir::new("store-legacy-chunks");
+        let store = Store::open(dir.path(), false, RETENTION).unwrap();
+        // 3,000 events, 10 ms apart; at 30,000 ms the window holds those after 25,000 ms, 499
+        // of them at positions 2,501..3,000 of the queue: legacy chunks 19..24, past the
+        // chunks the rebuilt queue (from position 0) is written in, so they must be deleted.
+        let events: Vec<Event> = (0..3000)
+            .map(|i| Event {
+                event_type: "view".into(),
+                ts: i * 10,
+                arrival: i as u64,
+                props: Props::default(),
+            })
+            .collect();
+        let mut batch = WriteBatch::default();
+        for e in &events {
+            store.put_event(&mut batch, "c", e, None, None, &[]);
+        }
+        let mut windows = WindowSet::build(&rules, 10_000, 0, &[], |_| None);
+        for e in &events {
+            windows.advance(&rules, e.ts);
+            windows.insert(&rules, e, |_| None);
+        }
+        windows.advance(&rules, 30_000);
+        assert_eq!(windows.value(&rules, 0), Value::num(499));
+        // The record as such a store kept it: the legacy tag (2) and a header without its
+        // size, and chunks of 128 positions under the customer's prefix.
+        let state = CustomerState {
+            windows: Some(windows),
+            has_events: true,
+            ..Default::default()
+        };
+        let mut record = state.encode(Some(&rules));
+        let mut header = Writer::new();
+        state.windows.as_ref().unwrap().encode_header(&rules, &mut header);
+        let tag = record.len() - header.buf.len() - 1;
+        assert_eq!(record[tag], 3, "today's tag: a header with its chunk size");
+        record[tag] = 2;
+        record.drain(tag + 1..tag + 9);
+        batch.put_cf(store.cf(CF_CUSTOMERS), b"c", &record);
+        let legacy: Vec<u64> = (2501 / LEGACY_CHUNK_EVENTS..3000_u64.div_ceil(LEGACY_CHUNK_EVENTS)).collect();
+        for &chunk in &legacy {
+            batch.put_cf(
+                store.cf(CF_WINDOWS),
+                window_key(&event_prefix("c"), 0, chunk),
+                b"legacy",
+            );
+        }
+        store.commit(batch).unwrap();
+
+        let mut loaded = store.load_customer_current("c", current).unwrap().unwrap();
+        assert!(loaded.history_loaded, "chunks of another size are not read");
+        assert!(loaded.windows.is_none());
+        loaded.advance_windows(&rules, 30_000, 10_000);
+        assert_eq!(loaded.windows.as_ref().unwrap().value(&rules, 0), Value::num(499));
+        let mut batch = WriteBatch::default();
+        store.put_customer(&mut batch, "c", &mut loaded, &rules);
+        store.commit(batch).unwrap();
+
+        let stored: Vec<Box<[u8]>> = store
+            .scan_prefix(CF_WINDOWS, &event_prefix("c"))
+            .unwrap()
+            .into_iter()
+            .map(|(key, _)| key)
+            .collect();
+        let again = store.load_customer_current("c", current).unwrap().unwrap();
+        assert!(!again.history_loaded, "read back from today's chunks");
+        assert_eq!(again.windows.as_ref().unwrap().value(&rules, 0), Value::num(499));
+        let named: Vec<Box<[u8]>> = again
+            .window_chunks
+            .iter()
+            .enumerate()
+            .filter_map(|(source, range)| range.map(|(lo, hi)| (source, lo, hi)))
+            .flat_map(|(source, lo, hi)| {
+                (lo..hi).map(move |chunk| window_key(&event_prefix("c"), source, chunk).into())
+            })
+            .collect();
+        assert_eq!(
+            stored, named,
+            "the store holds exactly the chunks the header names"
+        );
+        let least = 499_u64.div_ceil(CHUNK_EVENTS) as usize;
+        assert!(
+            (least..=least + 1).contains(&stored.len()),
+            "499 positions in chunks of {CHUNK_EVENTS}: {} chunks",
+            stored.len()
+        );
+        let legacy_values = store
+            .scan_prefix(CF_WINDOWS, &event_prefix("c"))
+            .unwrap()
+            .into_iter()
+            .filter(|(_, value)| &value[..] == b"legacy")
+            .count();
+        assert_eq!(legacy_values, 0, "every legacy chunk rewritten or deleted");
     }
 
     #[test]

@@ -39,15 +39,26 @@ const LOOKAHEAD: usize = 32;
 
 /// Positions of a source's queue per stored chunk: chunk `c` holds positions
 /// `c * CHUNK_EVENTS ..` up to the next chunk (those still in the queue when it was written).
-pub const CHUNK_EVENTS: u64 = 128;
+/// A commit rewrites the chunk an event joins, on average half a chunk for a customer with a
+/// long queue, so the size is what a busy customer costs per commit; smaller chunks cost a
+/// cache miss more keys to read (the queue's length / this), and a chunk's own bytes (key,
+/// first position, length). 32 writes ~40% fewer window bytes than 128 under the demo's load
+/// (bench/RESULTS.md, "Window chunks of 32 events").
+pub const CHUNK_EVENTS: u64 = 32;
+
+/// The chunk size of headers written before the size was part of the header: 128.
+pub const LEGACY_CHUNK_EVENTS: u64 = 128;
+
+/// The largest chunk size a header may name (a corrupt one must not overflow the arithmetic).
+const MAX_CHUNK_EVENTS: u64 = 1 << 20;
 
 /// The chunks of each source's queue a customer has in the store: by source (its index in
 /// the layout they were written under), the range `lo..hi` of chunk numbers.
 pub type StoredChunks = Vec<Option<(u64, u64)>>;
 
-/// The chunks that hold positions `base .. base + len`.
-fn live_chunks(base: u64, len: u64) -> Option<(u64, u64)> {
-    (len > 0).then(|| (base / CHUNK_EVENTS, (base + len - 1) / CHUNK_EVENTS + 1))
+/// The chunks of `size` positions that hold positions `base .. base + len`.
+fn live_chunks(base: u64, len: u64, size: u64) -> Option<(u64, u64)> {
+    (len > 0).then(|| (base / size, (base + len - 1) / size + 1))
 }
 
 /// One source's part of [`WindowSet::plan`], in ascending chunk order: `write` gets each
@@ -110,6 +121,8 @@ pub struct SourceHeader {
 /// know which chunks to read, and whether the state fits the current rules at all.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WindowHeader {
+    /// The positions per chunk the queues were stored in ([`CHUNK_EVENTS`] when written now).
+    chunk_events: u64,
     layout: u64,
     retention_ms: i64,
     at: i64,
@@ -117,7 +130,21 @@ pub struct WindowHeader {
 }
 
 impl WindowHeader {
+    /// Reads a header as [`WindowSet::encode_header`] writes it: the chunk size first.
     pub fn decode(r: &mut Reader<'_>) -> Result<WindowHeader, CodecError> {
+        let chunk_events = r.u64()?;
+        if !(1..=MAX_CHUNK_EVENTS).contains(&chunk_events) {
+            return Err(CodecError("bad window chunk size"));
+        }
+        WindowHeader::decode_sized(r, chunk_events)
+    }
+
+    /// Reads a header written before it named its chunk size ([`LEGACY_CHUNK_EVENTS`]).
+    pub fn decode_legacy(r: &mut Reader<'_>) -> Result<WindowHeader, CodecError> {
+        WindowHeader::decode_sized(r, LEGACY_CHUNK_EVENTS)
+    }
+
+    fn decode_sized(r: &mut Reader<'_>, chunk_events: u64) -> Result<WindowHeader, CodecError> {
         let layout = r.u64()?;
         let retention_ms = r.i64()?;
         let at = r.i64()?;
@@ -142,6 +169,7 @@ impl WindowHeader {
             sources.push(Some(SourceHeader { base, len, ranges }));
         }
         Ok(WindowHeader {
+            chunk_events,
             layout,
             retention_ms,
             at,
@@ -149,10 +177,13 @@ impl WindowHeader {
         })
     }
 
-    /// True when the state was kept under rules whose windows are shaped like `rules'` and
-    /// under the same retention: it can be read back instead of built from the history.
+    /// True when the state was kept under rules whose windows are shaped like `rules'`,
+    /// under the same retention and in chunks of today's size: it can be read back instead
+    /// of built from the history. (A state in chunks of another size is built again once;
+    /// its chunks are still found for deletion, by [`WindowHeader::stored_chunks`].)
     pub fn fits(&self, rules: &CompiledRules, retention_ms: i64) -> bool {
-        self.layout == rules.window_layout()
+        self.chunk_events == CHUNK_EVENTS
+            && self.layout == rules.window_layout()
             && self.retention_ms == retention_ms
             && self.sources.len() == rules.aggregate_sources().len()
             && self
@@ -169,7 +200,10 @@ impl WindowHeader {
     pub fn stored_chunks(&self) -> StoredChunks {
         self.sources
             .iter()
-            .map(|s| s.as_ref().and_then(|s| live_chunks(s.base, s.len)))
+            .map(|s| {
+                s.as_ref()
+                    .and_then(|s| live_chunks(s.base, s.len, self.chunk_events))
+            })
             .collect()
     }
 
@@ -178,7 +212,7 @@ impl WindowHeader {
         self.sources
             .get(source)
             .and_then(|s| s.as_ref())
-            .and_then(|s| live_chunks(s.base, s.len))
+            .and_then(|s| live_chunks(s.base, s.len, self.chunk_events))
             .is_some_and(|(lo, hi)| (lo..hi).contains(&chunk))
     }
 }
@@ -653,11 +687,12 @@ impl WindowSet {
         self.at = now;
     }
 
-    /// Appends the state's header to a customer record ([`WindowHeader`]): the layout and
-    /// retention it was built under, its instant, and per source the queue's first position
+    /// Appends the state's header to a customer record ([`WindowHeader`]): the chunk size
+    /// of its queues, the layout and retention it was built under, its instant, and per source the queue's first position
     /// and length and each aggregate's range. The queues go in chunks ([`WindowSet::plan`]);
     /// accumulators are not stored: reading folds them again from the ranges.
     pub fn encode_header(&self, rules: &CompiledRules, w: &mut Writer) {
+        w.u64(CHUNK_EVENTS);
         w.u64(rules.window_layout());
         w.i64(self.retention_ms);
         w.i64(self.at);
@@ -686,7 +721,7 @@ impl WindowSet {
         let mut plan = ChunkPlan::default();
         for id in 0..self.sources.len().max(stored.len()) {
             let src = self.sources.get(id).and_then(|s| s.as_deref());
-            let live = src.and_then(|s| live_chunks(s.queue.base, s.queue.keys.len() as u64));
+            let live = src.and_then(|s| live_chunks(s.queue.base, s.queue.keys.len() as u64, CHUNK_EVENTS));
             let old = stored.get(id).copied().flatten();
             let (clean_until, end) = src.map_or((0, 0), |s| (s.clean_until, s.queue.end()));
             plan_source(
@@ -1383,17 +1418,19 @@ mod tests {
                 check(&set, &header, &store);
             }
         }
-        assert_eq!(store.0.len(), 5, "600 events in chunks of {CHUNK_EVENTS}");
-        // A late event lands in the middle: its chunk and those after it are written again.
+        let chunks = 600_u64.div_ceil(CHUNK_EVENTS) as usize;
+        assert_eq!(store.0.len(), chunks, "600 events in chunks of {CHUNK_EVENTS}");
+        // A late event lands in the middle (position 250, after the event of the same `ts`):
+        // its chunk and those after it are written again.
         set.insert(&rules, &event(250, 7.0), |_| None);
         let (header, written) = store.store(&mut set, &rules, &mut stored);
-        assert_eq!(written, 4);
+        assert_eq!(written, chunks - (250 / CHUNK_EVENTS) as usize);
         check(&set, &header, &store);
         // Time passes: events leave the windows and their chunks are deleted.
         set.advance(&rules, 1_400);
         let (header, written) = store.store(&mut set, &rules, &mut stored);
         assert_eq!(written, 0);
-        assert!(store.0.len() < 5, "chunks the windows left are deleted");
+        assert!(store.0.len() < chunks, "chunks the windows left are deleted");
         check(&set, &header, &store);
         set.advance(&rules, 5_000);
         let (header, _) = store.store(&mut set, &rules, &mut stored);
