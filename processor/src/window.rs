@@ -43,7 +43,7 @@ const LOOKAHEAD: usize = 32;
 /// long queue, so the size is what a busy customer costs per commit; smaller chunks cost a
 /// cache miss more keys to read (the queue's length / this), and a chunk's own bytes (key,
 /// first position, length). 32 writes ~40% fewer window bytes than 128 under the demo's load
-/// (bench/RESULTS.md, "Window chunks of 32 events").
+/// (bench/RESULTS.md, "Window chunks of 32 positions").
 pub const CHUNK_EVENTS: u64 = 32;
 
 /// The chunk size of headers written before the size was part of the header: 128.
