@@ -1324,7 +1324,7 @@ mod tests {
     /// left behind, none of today's is missing.
     #[test]
     fn windows_kept_in_chunks_of_another_size_are_built_again_and_their_chunks_replaced() {
-        use crate::window::{CHUNK_EVENTS, LEGACY_CHUNK_EVENTS};
+        use crate::window::{WindowHeader, CHUNK_EVENTS, LEGACY_CHUNK_EVENTS};
         let rules = CompiledRules::compile("trait n = count(view, 5000ms)").unwrap();
         let current = Current {
             rules: &rules,
@@ -1367,7 +1367,17 @@ mod tests {
         let tag = record.len() - header.buf.len() - 1;
         assert_eq!(record[tag], 3, "today's tag: a header with its chunk size");
         record[tag] = 2;
-        record.drain(tag + 1..tag + 9);
+        let mut size = Writer::new();
+        size.u64(CHUNK_EVENTS);
+        assert_eq!(record[tag + 1..tag + 1 + size.buf.len()], size.buf[..]);
+        record.drain(tag + 1..tag + 1 + size.buf.len());
+        assert_eq!(
+            WindowHeader::decode_legacy(&mut Reader::new(&record[tag + 1..])).unwrap(),
+            WindowHeader::decode(&mut Reader::new(&header.buf))
+                .unwrap()
+                .with_chunk_events(LEGACY_CHUNK_EVENTS),
+            "the legacy record holds the same header, of chunks of 128"
+        );
         batch.put_cf(store.cf(CF_CUSTOMERS), b"c", &record);
         let legacy: Vec<u64> = (2501 / LEGACY_CHUNK_EVENTS..3000_u64.div_ceil(LEGACY_CHUNK_EVENTS)).collect();
         for &chunk in &legacy {

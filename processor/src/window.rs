@@ -144,6 +144,12 @@ impl WindowHeader {
         WindowHeader::decode_sized(r, LEGACY_CHUNK_EVENTS)
     }
 
+    /// The same header, as if stored in chunks of `chunk_events` positions.
+    #[cfg(test)]
+    pub fn with_chunk_events(self, chunk_events: u64) -> WindowHeader {
+        WindowHeader { chunk_events, ..self }
+    }
+
     fn decode_sized(r: &mut Reader<'_>, chunk_events: u64) -> Result<WindowHeader, CodecError> {
         let layout = r.u64()?;
         let retention_ms = r.i64()?;
