@@ -883,6 +883,19 @@ mod tests {
             .unwrap();
         assert_eq!(&*e.customer_id, "c\u{1f600}");
         assert!(e.props.get("e").rule_eq(&Value::str("\u{1f600}")));
+        // Deeper than the limit, a surrogate in a value is never decoded: the depth is what
+        // is reported. One in a top-level name is decoded (and refused) by the first pass.
+        for (head, code) in [
+            (r#""customer_id": "\ud800""#, "too_deep"),
+            (r#""\ud800": 1, "customer_id": "c""#, "invalid_json"),
+        ] {
+            let deep = format!(
+                r#"{{{head}, "type": "v", "props": {{"a": {}1{}}}}}"#,
+                "[".repeat(40),
+                "]".repeat(40)
+            );
+            assert_eq!(rejected(deep.as_bytes()).0, code, "{deep}");
+        }
         // An escaped backslash before `u` is no escape at all.
         let e = parse(r#"{"customer_id": "c", "type": "v", "props": {"p": "\\ud800"}}"#).unwrap();
         assert!(e.props.get("p").rule_eq(&Value::str(r"\ud800")));
