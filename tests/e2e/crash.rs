@@ -2,7 +2,8 @@
 //! again must end exactly where an uninterrupted run ends — same change log (seq included),
 //! same customers, same dead letters. Nothing acknowledged is lost, nothing counted twice.
 //! Each restart runs another number of engine workers (1, 2, 4) and the result is still the
-//! one-worker run's, `seq` for `seq`.
+//! one-worker run's, `seq` for `seq`. And a store written by an earlier build, restored and
+//! continued by this one, ends the same way.
 
 use std::path::Path;
 use std::process::Command;
@@ -189,4 +190,109 @@ fn killed_at_random_moments(replay: &dyn Fn(&Path, usize, usize) -> Command) -> 
     assert_eq!(actual.1, expected.1, "customers after {kills} kills");
     assert_eq!(actual.2, expected.2, "dead letters after {kills} kills");
     expected.0.iter().filter(|c| c["op"] == "merge").count()
+}
+
+/// The line of the conformance stream where the store fixtures stop
+/// (`scripts/make-store-fixture.sh`).
+const FIXTURE_LINES: usize = 2600;
+
+fn replay_lines(events: &Path, data: &Path, advance: bool) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tagstream"));
+    cmd.arg("replay")
+        .arg(events)
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--rules")
+        .arg(conformance_dir().join("example.trl"))
+        .args(["--clock", "event", "--quiet"]);
+    if advance {
+        cmd.args(["--advance-to", FINAL_CLOCK]);
+    }
+    cmd
+}
+
+/// Backups written by earlier builds (`tests/fixtures/backup-COMMIT`, made by
+/// `scripts/make-store-fixture.sh` from the first 2,600 lines of the conformance stream):
+/// this build restores each, reads it exactly as it reads the same lines replayed by itself
+/// (change log, customers with their traits and tags, dead letters), and, given the rest
+/// of the stream, ends seq for seq where its own uninterrupted run ends — whatever the
+/// store format the earlier build wrote (window state converted as it is used).
+#[test]
+fn a_backup_from_an_earlier_build_restores_and_goes_on_like_an_uninterrupted_run() {
+    let fixtures: Vec<_> = std::fs::read_dir(tests::repo_root().join("tests/fixtures"))
+        .expect("tests/fixtures")
+        .map(|e| e.expect("fixture entry").path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("backup-"))
+        })
+        .collect();
+    assert!(!fixtures.is_empty(), "no store fixture under tests/fixtures");
+
+    let files = TempDir::new("upgrade-files");
+    // Bytes, not text: some lines of the stream are not UTF-8 on purpose.
+    let stream = std::fs::read(conformance_dir().join("events.ndjson")).expect("events");
+    let split = stream
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| **b == b'\n')
+        .nth(FIXTURE_LINES - 1)
+        .map(|(i, _)| i + 1)
+        .expect("the stream is longer than the fixtures");
+    let (first, rest) = (
+        files.path().join("first.ndjson"),
+        files.path().join("rest.ndjson"),
+    );
+    std::fs::write(&first, &stream[..split]).unwrap();
+    std::fs::write(&rest, &stream[split..]).unwrap();
+
+    let ours_first = TempDir::new("upgrade-first");
+    assert!(replay_lines(&first, ours_first.path(), false)
+        .status()
+        .unwrap()
+        .success());
+    let at_fixture = snapshot(ours_first.path());
+    assert!(at_fixture.0.len() > 100, "the first lines make changes");
+    let whole = TempDir::new("upgrade-whole");
+    let all = conformance_dir().join("events.ndjson");
+    assert!(replay_lines(&all, whole.path(), true).status().unwrap().success());
+    let at_end = snapshot(whole.path());
+
+    for fixture in fixtures {
+        let name = fixture.file_name().unwrap().to_string_lossy().into_owned();
+        let restored = TempDir::new("upgrade-restored");
+        let data = restored.path().join("data");
+        let out = Command::new(env!("CARGO_BIN_EXE_tagstream"))
+            .args(["restore", "--from"])
+            .arg(&fixture)
+            .arg("--data-dir")
+            .arg(&data)
+            .output()
+            .expect("run restore");
+        assert!(
+            out.status.success(),
+            "{name}: restore failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let read = snapshot(&data);
+        assert_eq!(read.0, at_fixture.0, "{name}: the change log as restored");
+        assert_eq!(read.1, at_fixture.1, "{name}: the customers as restored");
+        assert_eq!(read.2, at_fixture.2, "{name}: the dead letters as restored");
+
+        assert!(replay_lines(&rest, &data, true).status().unwrap().success());
+        let continued = snapshot(&data);
+        assert_eq!(
+            continued.0.len(),
+            at_end.0.len(),
+            "{name}: change count at the end"
+        );
+        if let Some(i) = (0..at_end.0.len()).find(|&i| continued.0[i] != at_end.0[i]) {
+            panic!(
+                "{name}: the change log differs at {i}: got {:?}, want {:?}",
+                continued.0[i], at_end.0[i]
+            );
+        }
+        assert_eq!(continued.1, at_end.1, "{name}: the customers at the end");
+        assert_eq!(continued.2, at_end.2, "{name}: the dead letters at the end");
+    }
 }
