@@ -28,7 +28,8 @@ fn replay(data: &Path, batch_size: usize, workers: usize) -> Command {
     )
 }
 
-fn replay_of(events: &Path, rules: &Path, data: &Path, batch_size: usize, workers: usize) -> Command {
+/// `tagstream replay EVENTS` into `data` with `rules`, event clock, quiet.
+fn replay_base(events: &Path, rules: &Path, data: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tagstream"));
     cmd.arg("replay")
         .arg(events)
@@ -36,7 +37,13 @@ fn replay_of(events: &Path, rules: &Path, data: &Path, batch_size: usize, worker
         .arg(data)
         .arg("--rules")
         .arg(rules)
-        .args(["--clock", "event", "--quiet", "--advance-to", FINAL_CLOCK])
+        .args(["--clock", "event", "--quiet"]);
+    cmd
+}
+
+fn replay_of(events: &Path, rules: &Path, data: &Path, batch_size: usize, workers: usize) -> Command {
+    let mut cmd = replay_base(events, rules, data);
+    cmd.args(["--advance-to", FINAL_CLOCK])
         .arg("--batch-size")
         .arg(batch_size.to_string())
         .arg("--workers")
@@ -197,14 +204,7 @@ fn killed_at_random_moments(replay: &dyn Fn(&Path, usize, usize) -> Command) -> 
 const FIXTURE_LINES: usize = 2600;
 
 fn replay_lines(events: &Path, data: &Path, advance: bool) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tagstream"));
-    cmd.arg("replay")
-        .arg(events)
-        .arg("--data-dir")
-        .arg(data)
-        .arg("--rules")
-        .arg(conformance_dir().join("example.trl"))
-        .args(["--clock", "event", "--quiet"]);
+    let mut cmd = replay_base(events, &conformance_dir().join("example.trl"), data);
     if advance {
         cmd.args(["--advance-to", FINAL_CLOCK]);
     }
