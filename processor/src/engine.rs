@@ -14,6 +14,7 @@ mod explain;
 mod identity;
 mod ingest;
 mod manual;
+mod outbox;
 mod partitions;
 mod pipeline;
 mod query;
@@ -147,6 +148,10 @@ pub struct EngineConfig {
     /// base, deleting one that holds it) commits its rule text first and then fills the
     /// segment round after round, each committed on its own, so memory stays bounded.
     pub segment_round: usize,
+    /// Keep the state changelog ([`crate::changelog`]): each commit also puts, per partition
+    /// it writes, a delta another store can restore the partition from, into the `outbox`
+    /// column family. Off unless a node shares its partitions (issue #21).
+    pub changelog: bool,
 }
 
 /// Retention of a log (the change log, the dead letters): its oldest entries go once they
@@ -187,6 +192,7 @@ impl Default for EngineConfig {
             timers_per_round: 20_000,
             timers_beside_events: 256,
             segment_round: 50_000,
+            changelog: false,
             identity: crate::identity::IdentityConfig::default(),
             heap_probe: None,
             bound_heap: false,
@@ -462,6 +468,8 @@ struct Batch {
     profiles: Vec<Arc<str>>,
     dirty: foldhash::HashSet<Arc<str>>,
     dedup: foldhash::HashMap<String, i64>,
+    /// With the changelog on: the partition of each event id `dedup` holds.
+    dedup_partitions: foldhash::HashMap<String, u32>,
     /// Events applied to customers whose history was not loaded, by customer: not in the
     /// store until the batch commits. (By customer, so a merge finds its customers' events
     /// without a pass over the whole batch's.)
@@ -565,12 +573,15 @@ struct Counters {
     next_seq: u64,
     next_arrival: u64,
     next_dlq: u64,
+    /// The number the next commit that writes a changelog delta gets.
+    next_commit: u64,
 }
 
 const META_CLOCK: &str = "clock";
 const META_SEQ: &str = "next_seq";
 const META_ARRIVAL: &str = "next_arrival";
 const META_DLQ: &str = "next_dlq";
+const META_COMMIT: &str = "next_changelog_commit";
 const META_RULES: &str = "rules";
 const META_GENERATION: &str = "generation";
 const META_BACKFILL: &str = "backfill_cursor";
@@ -732,6 +743,7 @@ impl Engine {
             next_seq: store.meta_u64(META_SEQ)?.max(1),
             next_arrival: store.meta_u64(META_ARRIVAL)?,
             next_dlq: store.meta_u64(META_DLQ)?,
+            next_commit: store.meta_u64(META_COMMIT)?.max(1),
         };
         let generation = store.meta_u64(META_GENERATION)?.max(1);
         let rules_version = versions::current_version(&store)?;

@@ -35,6 +35,7 @@
 //! and return; the service drives them from one thread.
 
 pub mod change;
+pub mod changelog;
 pub mod codec;
 pub mod columns;
 pub mod engine;

@@ -16,6 +16,7 @@
 //! | `index` | `seq`, `ids:CHUNK`, `set:NAME` | the membership index's last checkpoint |
 //! | `webhooks` | `sub:ID`, `dlq:ID:SEQ` | webhook subscriptions and their failed deliveries |
 //! | `identities` | `i` type `\0` value; `c` customer id | the identity graph: an identifier's canonical customer; a customer's identifiers ([`crate::identity`]) |
+//! | `outbox` | partition (u32 BE), commit (u64 BE) | a state changelog delta not yet published ([`crate::changelog`]) |
 //!
 //! Everything a batch changes goes into one `WriteBatch` with the WAL on, so state, change
 //! log, dedup keys and offsets commit atomically.
@@ -54,7 +55,7 @@ pub const CF_ACCESS: &str = "access";
 pub const CF_AUDIT: &str = "audit";
 /// The identity graph ([`crate::identity`]).
 pub const CF_IDENTITIES: &str = "identities";
-const ALL_CFS: [&str; 15] = [
+const ALL_CFS: [&str; 16] = [
     CF_ACCESS,
     CF_AUDIT,
     CF_CUSTOMERS,
@@ -70,6 +71,7 @@ const ALL_CFS: [&str; 15] = [
     CF_WINDOWS,
     CF_CHANGES_BY_NAME,
     CF_IDENTITIES,
+    crate::changelog::CF_OUTBOX,
 ];
 
 /// The oldest change `seq` retention left (meta key; 0 until it deleted any).
@@ -252,6 +254,29 @@ pub fn event_key(customer: &str, ts: i64, arrival: u64) -> Vec<u8> {
     key.extend_from_slice(&sortable_i64(ts));
     key.extend_from_slice(&arrival.to_be_bytes());
     key
+}
+
+/// A `timers` key read back: the due instant and the customer.
+pub fn decode_timer_key(key: &[u8]) -> Result<(i64, &str), CodecError> {
+    if key.len() < 8 {
+        return Err(CodecError("bad timer key"));
+    }
+    let id = std::str::from_utf8(&key[8..]).map_err(|_| CodecError("bad timer key"))?;
+    Ok((from_sortable_i64(key), id))
+}
+
+/// An `events` key read back: the customer, and the `ts` and arrival after its prefix.
+pub fn decode_event_key(key: &[u8]) -> Result<(&str, u64), CodecError> {
+    let len = u32::from_be_bytes(
+        key.get(..4)
+            .ok_or(CodecError("bad event key"))?
+            .try_into()
+            .expect("4 bytes"),
+    ) as usize;
+    let customer = key.get(4..4 + len).ok_or(CodecError("bad event key"))?;
+    let customer = std::str::from_utf8(customer).map_err(|_| CodecError("bad event key"))?;
+    let (_, arrival) = event_key_suffix(&key[4 + len..])?;
+    Ok((customer, arrival))
 }
 
 pub fn timer_key(due: i64, customer: &str) -> Vec<u8> {
@@ -891,11 +916,8 @@ impl Store {
         let mut out = Vec::new();
         for item in self.db.iterator_cf(self.cf(CF_TIMERS), IteratorMode::Start) {
             let (key, _) = item?;
-            if key.len() < 8 {
-                return Err(CodecError("bad timer key").into());
-            }
-            let id = std::str::from_utf8(&key[8..]).map_err(|_| CodecError("bad timer key"))?;
-            out.push((from_sortable_i64(&key), Arc::from(id)));
+            let (due, id) = decode_timer_key(&key)?;
+            out.push((due, Arc::from(id)));
         }
         Ok(out)
     }

@@ -59,7 +59,7 @@ pub struct SortedWrites {
 }
 
 /// A column family handle's identity: the address of RocksDB's handle, never dereferenced.
-fn cf_id(cf: &ColumnFamily) -> usize {
+pub fn cf_id(cf: &ColumnFamily) -> usize {
     cf.inner() as usize
 }
 
@@ -108,6 +108,16 @@ impl SortedWrites {
 
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
+    }
+
+    /// The writes in the order they were issued: the column family's [`cf_id`], the key, and
+    /// the value (`None` for a delete).
+    pub fn ops(&self) -> impl Iterator<Item = (usize, &[u8], Option<&[u8]>)> {
+        self.ops.iter().map(|op| {
+            let key = &self.bytes[op.key_start..op.key_end];
+            let value = (!op.delete).then(|| &self.bytes[op.key_end..op.value_end]);
+            (op.cf, key, value)
+        })
     }
 
     /// The writes as a `WriteBatch`, sorted by column family and key; writes to one key keep

@@ -186,6 +186,10 @@ impl Engine {
                 all
             });
         }
+        if self.config.changelog {
+            let outbox = self.changelog_deltas(&writes, &batch.dedup_partitions);
+            writes.push(outbox);
+        }
         let next_number = new_ids.last().map_or(0, |(number, _)| number + 1);
         let done = Done {
             next_number,

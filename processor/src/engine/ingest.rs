@@ -192,6 +192,11 @@ impl Engine {
             w.i64(now);
             batch.wb.put_cf(self.store.cf(CF_DEDUP), id.as_bytes(), w.buf);
             batch.dedup.insert(id.clone(), now);
+            if self.config.changelog {
+                let partition =
+                    crate::partition::partition_of(ev.customer_id.as_bytes(), self.config.partitions);
+                batch.dedup_partitions.insert(id.clone(), partition);
+            }
         }
         let arrival = self.counters.next_arrival;
         self.counters.next_arrival += 1;

@@ -423,7 +423,7 @@ impl Engine {
 
     /// Rebuilds the membership index from the records after customers came or went
     /// without changes in the log, and checkpoints it.
-    fn reindex(&mut self) -> Result<(), EngineError> {
+    pub(super) fn reindex(&mut self) -> Result<(), EngineError> {
         let limits = ColumnLimits {
             profile_attributes: self.config.profile_columns,
             traits: self.config.trait_columns,

@@ -1,0 +1,491 @@
+//! The state changelog's deltas (issue #21, step 2 of `docs/design/cluster.md`): what each
+//! commit did to a partition's state, in a form another store restores the partition from.
+//!
+//! With [`crate::EngineConfig::changelog`] on, a commit that writes a partition's state puts
+//! one [`Delta`] for that partition into the `outbox` column family, in the same
+//! `WriteBatch` as the state: the partition, the commit's number, the input positions of
+//! that partition after the commit (the `kafka:TOPIC:P` offsets of Kafka partition `P`), and
+//! the last put or delete of every key of the partition the commit wrote in `customers`,
+//! `events`, `timers`, `dedup` and `identities`. Commits are numbered by one counter per
+//! store that a restore moves past the restored partition's numbers, so a partition's deltas
+//! are numbered in the order they were committed, whichever store wrote them.
+//!
+//! What is derived is not carried: the window chunks (built exactly from the retained events
+//! at a customer's first evaluation, as after a partition import), the customer numbers and
+//! the membership index (each store's own), the change log and the dead letters (the
+//! writing store's). Entries of the identity graph belong to the partition of the customer
+//! they describe (`c`, `s`) or of the identifier they name (`i`), as in the design's §6.
+//!
+//! Restoring ([`Restore`]) is order-free and idempotent: per key, the write of the highest
+//! commit wins, so deltas read in any order, or read twice, give the same state.
+
+use std::collections::BTreeMap;
+
+use crate::codec::{CodecError, Reader, Writer};
+use crate::partition::partition_of;
+use crate::store::{Store, CF_CUSTOMERS, CF_DEDUP, CF_EVENTS, CF_IDENTITIES, CF_TIMERS};
+use crate::writes::{cf_id, SortedWrites};
+
+/// The column family the deltas wait in until they are published.
+pub const CF_OUTBOX: &str = "outbox";
+
+/// The delta encoding's version (its first byte).
+const FORMAT: u8 = 1;
+
+/// A column family whose keys are a partition's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    Customers,
+    Events,
+    Timers,
+    Dedup,
+    Identities,
+}
+
+impl Family {
+    pub const ALL: [Family; 5] = [
+        Family::Customers,
+        Family::Events,
+        Family::Timers,
+        Family::Dedup,
+        Family::Identities,
+    ];
+
+    pub fn cf_name(self) -> &'static str {
+        match self {
+            Family::Customers => CF_CUSTOMERS,
+            Family::Events => CF_EVENTS,
+            Family::Timers => CF_TIMERS,
+            Family::Dedup => CF_DEDUP,
+            Family::Identities => CF_IDENTITIES,
+        }
+    }
+
+    fn tag(self) -> u8 {
+        match self {
+            Family::Customers => 1,
+            Family::Events => 2,
+            Family::Timers => 3,
+            Family::Dedup => 4,
+            Family::Identities => 5,
+        }
+    }
+
+    fn from_tag(tag: u8) -> Option<Family> {
+        Family::ALL.into_iter().find(|f| f.tag() == tag)
+    }
+
+    /// The bytes a key's partition is the hash of: the customer id in the key, or for an
+    /// identity graph owner entry the identifier. `None` for `dedup` keys (an event id: their
+    /// partition is their event's customer's, which the writer names) and for keys of no
+    /// known shape.
+    pub fn owner(self, key: &[u8]) -> Option<&[u8]> {
+        match self {
+            Family::Customers => Some(key),
+            Family::Events => {
+                let len = u32::from_be_bytes(key.get(..4)?.try_into().ok()?) as usize;
+                key.get(4..4 + len)
+            }
+            Family::Timers => key.get(8..),
+            Family::Dedup => None,
+            Family::Identities => match key.first()? {
+                b'c' | b's' | b'i' => key.get(1..),
+                _ => None,
+            },
+        }
+    }
+}
+
+/// One put (`value` set) or delete of a partition's key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeltaWrite {
+    pub family: Family,
+    pub key: Vec<u8>,
+    pub value: Option<Vec<u8>>,
+}
+
+/// What one commit did to one partition.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Delta {
+    pub partition: u32,
+    /// The store's partition count when it was written: a delta restores only into a
+    /// store that hashes customers the same way.
+    pub partitions: u32,
+    pub commit: u64,
+    /// Input positions after the commit (`kafka:TOPIC:P` with `P` this partition).
+    pub positions: Vec<(String, u64)>,
+    /// In key order, one per key.
+    pub writes: Vec<DeltaWrite>,
+}
+
+impl Delta {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u8(FORMAT);
+        w.u64(u64::from(self.partition));
+        w.u64(u64::from(self.partitions));
+        w.u64(self.commit);
+        w.u64(self.positions.len() as u64);
+        for (source, offset) in &self.positions {
+            w.str(source);
+            w.u64(*offset);
+        }
+        w.u64(self.writes.len() as u64);
+        for write in &self.writes {
+            w.u8(write.family.tag());
+            w.bytes(&write.key);
+            match &write.value {
+                Some(value) => {
+                    w.u8(1);
+                    w.bytes(value);
+                }
+                None => w.u8(0),
+            }
+        }
+        w.buf
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Delta, CodecError> {
+        let mut r = Reader::new(bytes);
+        if r.u8()? != FORMAT {
+            return Err(CodecError("a changelog delta of an unknown format"));
+        }
+        let partition = u32::try_from(r.u64()?).map_err(|_| CodecError("bad partition"))?;
+        let partitions = u32::try_from(r.u64()?).map_err(|_| CodecError("bad partition count"))?;
+        if partition >= partitions {
+            return Err(CodecError("a delta's partition is not below its partition count"));
+        }
+        let commit = r.u64()?;
+        let mut positions = Vec::new();
+        for _ in 0..r.len()? {
+            positions.push((r.str()?.to_owned(), r.u64()?));
+        }
+        let mut writes = Vec::new();
+        for _ in 0..r.len()? {
+            let family = Family::from_tag(r.u8()?).ok_or(CodecError("a delta write of an unknown family"))?;
+            let key = r.bytes()?.to_vec();
+            let value = match r.u8()? {
+                0 => None,
+                1 => Some(r.bytes()?.to_vec()),
+                _ => return Err(CodecError("a delta write neither put nor delete")),
+            };
+            writes.push(DeltaWrite { family, key, value });
+        }
+        if !r.is_empty() {
+            return Err(CodecError("bytes after a delta's end"));
+        }
+        Ok(Delta {
+            partition,
+            partitions,
+            commit,
+            positions,
+            writes,
+        })
+    }
+}
+
+/// The `outbox` key of a delta: partition and commit, big-endian, so a partition's deltas
+/// are read in commit order.
+pub fn outbox_key(partition: u32, commit: u64) -> [u8; 12] {
+    let mut key = [0u8; 12];
+    key[..4].copy_from_slice(&partition.to_be_bytes());
+    key[4..].copy_from_slice(&commit.to_be_bytes());
+    key
+}
+
+/// The partition of a `kafka:TOPIC:P` input position, when it is one of `partitions`.
+pub fn position_partition(source: &str, partitions: u32) -> Option<u32> {
+    let rest = source.strip_prefix("kafka:")?;
+    let (_, partition) = rest.rsplit_once(':')?;
+    partition.parse::<u32>().ok().filter(|p| *p < partitions)
+}
+
+/// A key of a partition's state: its column family and key.
+type StateKey = (Family, Vec<u8>);
+
+/// What a commit did to one partition, being collected.
+#[derive(Default)]
+struct Collected {
+    /// The last write to each key (`None`: a delete).
+    writes: BTreeMap<StateKey, Option<Vec<u8>>>,
+    positions: Vec<(String, u64)>,
+}
+
+/// Collects a commit's writes into one delta per partition written.
+pub struct DeltaBuilder {
+    partitions: u32,
+    /// The partition families' handles' identities.
+    families: Vec<(usize, Family)>,
+    by_partition: BTreeMap<u32, Collected>,
+}
+
+impl DeltaBuilder {
+    pub fn new(store: &Store, partitions: u32) -> DeltaBuilder {
+        DeltaBuilder {
+            partitions,
+            families: Family::ALL
+                .into_iter()
+                .map(|f| (cf_id(store.cf(f.cf_name())), f))
+                .collect(),
+            by_partition: BTreeMap::new(),
+        }
+    }
+
+    /// Adds one part of the commit's writes (parts in the order the commit applies them:
+    /// a later write to a key replaces an earlier one). `dedup_partition` names the
+    /// partition of a `dedup` key's event.
+    pub fn add(&mut self, writes: &SortedWrites, dedup_partition: impl Fn(&[u8]) -> Option<u32>) {
+        for (cf, key, value) in writes.ops() {
+            let Some(&(_, family)) = self.families.iter().find(|(id, _)| *id == cf) else {
+                continue;
+            };
+            let partition = match family.owner(key) {
+                Some(owner) => partition_of(owner, self.partitions),
+                None => match family {
+                    Family::Dedup => match dedup_partition(key) {
+                        Some(p) => p,
+                        None => continue,
+                    },
+                    _ => continue,
+                },
+            };
+            self.by_partition
+                .entry(partition)
+                .or_default()
+                .writes
+                .insert((family, key.to_vec()), value.map(<[u8]>::to_vec));
+        }
+    }
+
+    /// An input position the commit moved: a partition whose Kafka partition moved gets a
+    /// delta even when none of its keys changed (its events were duplicates or rejected), so
+    /// a restore resumes after them.
+    pub fn position(&mut self, source: &str, offset: u64) {
+        if let Some(p) = position_partition(source, self.partitions) {
+            self.by_partition
+                .entry(p)
+                .or_default()
+                .positions
+                .push((source.to_owned(), offset));
+        }
+    }
+
+    /// The deltas, each numbered `commit`.
+    pub fn finish(self, commit: u64) -> Vec<Delta> {
+        let partitions = self.partitions;
+        self.by_partition
+            .into_iter()
+            .map(|(partition, collected)| Delta {
+                partition,
+                partitions,
+                commit,
+                positions: collected.positions,
+                writes: collected
+                    .writes
+                    .into_iter()
+                    .map(|((family, key), value)| DeltaWrite { family, key, value })
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+/// A partition's state gathered from its deltas, in any order: per key, the write of the
+/// highest commit.
+#[derive(Debug, Default)]
+pub struct Restore {
+    pub partition: u32,
+    pub partitions: u32,
+    /// The highest commit read.
+    pub commit: u64,
+    pub deltas: u64,
+    /// Per key, the highest commit that wrote it and what it wrote.
+    keys: BTreeMap<StateKey, (u64, Option<Vec<u8>>)>,
+    /// Per input, the position of the highest commit that named it.
+    positions: BTreeMap<String, (u64, u64)>,
+}
+
+impl Restore {
+    pub fn new(partition: u32, partitions: u32) -> Restore {
+        Restore {
+            partition,
+            partitions,
+            ..Restore::default()
+        }
+    }
+
+    /// Adds one delta; refuses one of another partition or partition count.
+    pub fn add(&mut self, delta: Delta) -> Result<(), String> {
+        if (delta.partition, delta.partitions) != (self.partition, self.partitions) {
+            return Err(format!(
+                "a delta of partition {} of {} cannot restore partition {} of {}",
+                delta.partition, delta.partitions, self.partition, self.partitions
+            ));
+        }
+        self.deltas += 1;
+        self.commit = self.commit.max(delta.commit);
+        for (source, offset) in delta.positions {
+            let kept = self.positions.entry(source).or_insert((delta.commit, offset));
+            if delta.commit >= kept.0 {
+                *kept = (delta.commit, offset);
+            }
+        }
+        for write in delta.writes {
+            let slot = self
+                .keys
+                .entry((write.family, write.key))
+                .or_insert((delta.commit, None));
+            if delta.commit >= slot.0 {
+                *slot = (delta.commit, write.value);
+            }
+        }
+        Ok(())
+    }
+
+    /// The keys the partition holds (deletes left out), in family and key order.
+    pub fn values(&self) -> impl Iterator<Item = (Family, &[u8], &[u8])> {
+        self.keys
+            .iter()
+            .filter_map(|((family, key), (_, value))| value.as_deref().map(|v| (*family, &key[..], v)))
+    }
+
+    /// The keys the deltas last deleted.
+    pub fn deletes(&self) -> impl Iterator<Item = (Family, &[u8])> {
+        self.keys
+            .iter()
+            .filter(|(_, (_, value))| value.is_none())
+            .map(|((family, key), _)| (*family, &key[..]))
+    }
+
+    /// The input positions to resume from.
+    pub fn positions(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.positions
+            .iter()
+            .map(|(source, (_, offset))| (source.as_str(), *offset))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(family: Family, key: &[u8], value: &[u8]) -> DeltaWrite {
+        DeltaWrite {
+            family,
+            key: key.to_vec(),
+            value: Some(value.to_vec()),
+        }
+    }
+
+    #[test]
+    fn a_delta_reads_back_as_written_and_refuses_what_is_not_one() {
+        let delta = Delta {
+            partition: 2,
+            partitions: 4,
+            commit: 17,
+            positions: vec![("kafka:events:2".into(), 1234)],
+            writes: vec![
+                put(Family::Customers, b"alice", b"record"),
+                DeltaWrite {
+                    family: Family::Timers,
+                    key: b"\x80\0\0\0\0\0\0\x01alice".to_vec(),
+                    value: None,
+                },
+            ],
+        };
+        let bytes = delta.encode();
+        assert_eq!(Delta::decode(&bytes).unwrap(), delta);
+        assert!(Delta::decode(&bytes[..bytes.len() - 1]).is_err());
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(Delta::decode(&longer).is_err());
+        let mut other_format = bytes;
+        other_format[0] = 9;
+        assert!(Delta::decode(&other_format).is_err());
+    }
+
+    #[test]
+    fn keys_name_their_owner() {
+        let event_key = crate::store::event_key("bob", 5, 7);
+        assert_eq!(Family::Events.owner(&event_key), Some(&b"bob"[..]));
+        let timer_key = crate::store::timer_key(-3, "carol");
+        assert_eq!(Family::Timers.owner(&timer_key), Some(&b"carol"[..]));
+        assert_eq!(Family::Customers.owner(b"dave"), Some(&b"dave"[..]));
+        assert_eq!(Family::Identities.owner(b"cerin"), Some(&b"erin"[..]));
+        assert_eq!(Family::Identities.owner(b"x"), None);
+        assert_eq!(Family::Dedup.owner(b"event-1"), None);
+        assert_eq!(Family::Events.owner(b"\0\0\0\x09ab"), None);
+    }
+
+    #[test]
+    fn positions_name_kafka_partitions_only() {
+        assert_eq!(position_partition("kafka:events:3", 4), Some(3));
+        assert_eq!(position_partition("kafka:a:b:1", 4), Some(1));
+        assert_eq!(position_partition("kafka:events:4", 4), None);
+        assert_eq!(position_partition("file:events.ndjson", 4), None);
+    }
+
+    /// Whatever the order the deltas come in, and read twice, each key ends as its highest
+    /// commit left it; positions too.
+    #[test]
+    fn a_restore_is_order_free_and_idempotent() {
+        let delta = |commit, writes: Vec<DeltaWrite>, offset| Delta {
+            partition: 0,
+            partitions: 1,
+            commit,
+            positions: vec![("kafka:t:0".into(), offset)],
+            writes,
+        };
+        let deltas = [
+            delta(
+                1,
+                vec![
+                    put(Family::Customers, b"a", b"a1"),
+                    put(Family::Dedup, b"e1", b"t"),
+                ],
+                10,
+            ),
+            delta(
+                2,
+                vec![
+                    put(Family::Customers, b"a", b"a2"),
+                    put(Family::Customers, b"b", b"b2"),
+                ],
+                20,
+            ),
+            delta(
+                3,
+                vec![DeltaWrite {
+                    family: Family::Customers,
+                    key: b"b".to_vec(),
+                    value: None,
+                }],
+                30,
+            ),
+        ];
+        let orders: [&[usize]; 4] = [&[0, 1, 2], &[2, 1, 0], &[1, 2, 0, 1], &[2, 0, 2, 1, 0]];
+        for order in orders {
+            let mut restore = Restore::new(0, 1);
+            for &i in order {
+                restore.add(deltas[i].clone()).unwrap();
+            }
+            let values: Vec<_> = restore
+                .values()
+                .map(|(f, k, v)| (f, k.to_vec(), v.to_vec()))
+                .collect();
+            assert_eq!(
+                values,
+                vec![
+                    (Family::Customers, b"a".to_vec(), b"a2".to_vec()),
+                    (Family::Dedup, b"e1".to_vec(), b"t".to_vec()),
+                ],
+                "order {order:?}"
+            );
+            assert_eq!(restore.deletes().count(), 1);
+            assert_eq!(restore.positions().collect::<Vec<_>>(), vec![("kafka:t:0", 30)]);
+            assert_eq!(restore.commit, 3);
+        }
+        let mut other = Restore::new(1, 2);
+        assert!(other.add(deltas[0].clone()).is_err());
+    }
+}

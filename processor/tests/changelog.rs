@@ -1,0 +1,283 @@
+//! A partition restored from its state changelog (issue #21, step 2): the deltas a store's
+//! commits put in its outbox give another store the partition as of the last commit read —
+//! read in any order, some twice — and its customers carry on there as if they had never
+//! moved.
+
+use std::collections::BTreeMap;
+
+use processor::changelog::{Delta, Restore};
+use processor::partition::partition_of;
+use processor::{ClockMode, CustomerView, Engine, EngineConfig, EngineError};
+use tests::{conformance_dir, TempDir};
+
+const PARTITIONS: u32 = 4;
+
+fn config(workers: usize) -> EngineConfig {
+    EngineConfig {
+        clock: ClockMode::Event,
+        sync_writes: false,
+        workers,
+        partitions: PARTITIONS,
+        changelog: true,
+        ..Default::default()
+    }
+}
+
+/// The conformance stream's events in `ts` order (so an event's `at` is its own `ts` in any
+/// store, whatever else that store has seen), with their customers.
+fn ordered_stream() -> Vec<(String, String)> {
+    let raw = std::fs::read(conformance_dir().join("events.ndjson")).unwrap();
+    let mut events: Vec<(i64, String, String)> = raw
+        .split(|b| *b == b'\n')
+        .filter_map(|line| {
+            let line = std::str::from_utf8(line).ok()?;
+            let v: serde_json::Value = serde_json::from_str(line).ok()?;
+            let ts = v.get("ts")?.as_i64()?;
+            let customer = rules::normalize(v.get("customer_id")?.as_str()?).into_owned();
+            (!customer.is_empty()).then(|| (ts, customer, line.to_owned()))
+        })
+        .collect();
+    events.sort_by_key(|e| e.0);
+    events.into_iter().map(|(_, c, l)| (c, l)).collect()
+}
+
+fn rules_text() -> String {
+    std::fs::read_to_string(conformance_dir().join("example.trl")).unwrap()
+}
+
+fn ingest_all<'a>(engine: &mut Engine, lines: impl IntoIterator<Item = &'a String>) {
+    let lines: Vec<&String> = lines.into_iter().collect();
+    for chunk in lines.chunks(97) {
+        engine.ingest(chunk).unwrap();
+    }
+}
+
+fn views(engine: &Engine, ids: &[String]) -> BTreeMap<String, CustomerView> {
+    ids.iter()
+        .map(|id| {
+            let view = engine
+                .customer(id)
+                .unwrap()
+                .unwrap_or_else(|| panic!("{id} is here"));
+            (id.clone(), view)
+        })
+        .collect()
+}
+
+/// Changes after `after`, per customer, without `seq`.
+fn changes_by_customer(engine: &Engine, after: u64) -> BTreeMap<String, Vec<String>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for c in engine.changes(after, usize::MAX).unwrap() {
+        out.entry(c.customer_id.to_string()).or_default().push(format!(
+            "{:?} {} {:?} {} {}",
+            c.kind,
+            c.name,
+            c.op,
+            c.at,
+            c.cause.as_string()
+        ));
+    }
+    out
+}
+
+/// The outbox's deltas of `partition` up to commit `through`, in commit order.
+fn deltas(engine: &Engine, partition: u32, through: u64) -> Vec<Vec<u8>> {
+    engine
+        .reader()
+        .changelog_deltas(partition, 0, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .filter(|(commit, _)| *commit <= through)
+        .map(|(_, delta)| delta)
+        .collect()
+}
+
+/// The deltas read out of order: the second half first, then the first half backwards,
+/// then every third one again.
+fn scrambled(deltas: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    let half = deltas.len() / 2;
+    let mut out: Vec<Vec<u8>> = deltas[half..].to_vec();
+    out.extend(deltas[..half].iter().rev().cloned());
+    out.extend(deltas.iter().step_by(3).cloned());
+    out
+}
+
+fn restore(partition: u32, deltas: Vec<Vec<u8>>) -> Restore {
+    let mut restore = Restore::new(partition, PARTITIONS);
+    for bytes in deltas {
+        restore.add(Delta::decode(&bytes).unwrap()).unwrap();
+    }
+    restore
+}
+
+fn last_commit(engine: &Engine) -> u64 {
+    (0..PARTITIONS)
+        .filter_map(|p| {
+            let all = engine.reader().changelog_deltas(p, 0, usize::MAX).unwrap();
+            all.last().map(|(commit, _)| *commit)
+        })
+        .max()
+        .unwrap()
+}
+
+#[test]
+fn a_partition_restored_from_its_changelog_carries_on_as_if_it_had_stayed() {
+    let stream = ordered_stream();
+    let rules = rules_text();
+    let (first, second) = stream.split_at(stream.len() / 2);
+    let end = 1_744_732_800_000;
+    let moved = [1u32, 3];
+    let of_moved = |id: &str| moved.contains(&partition_of(id.as_bytes(), PARTITIONS));
+
+    let source_dir = TempDir::new("changelog-source");
+    let mut source = Engine::open(source_dir.path(), Some(&rules), config(2)).unwrap();
+    ingest_all(&mut source, first.iter().map(|(_, l)| l));
+    let clock = source.clock().unwrap();
+    let cut = last_commit(&source);
+    let cut_seq = source.next_seq() - 1;
+    let ids_at_cut: Vec<String> = source
+        .customer_ids()
+        .unwrap()
+        .into_iter()
+        .filter(|id| of_moved(id))
+        .collect();
+    assert!(!ids_at_cut.is_empty());
+    let at_cut = views(&source, &ids_at_cut);
+    // Every partition written got a delta per commit that wrote it, numbered in order.
+    for p in 0..PARTITIONS {
+        let commits: Vec<u64> = source
+            .reader()
+            .changelog_deltas(p, 0, usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|(c, _)| *c)
+            .collect();
+        assert!(commits.len() > 5, "partition {p}: {commits:?}");
+        assert!(commits.windows(2).all(|w| w[0] < w[1]), "{commits:?}");
+        // Paged: after a commit, the rest.
+        let rest = source.reader().changelog_deltas(p, commits[2], 2).unwrap();
+        assert_eq!(rest.iter().map(|(c, _)| *c).collect::<Vec<_>>(), commits[3..5]);
+    }
+    ingest_all(&mut source, second.iter().map(|(_, l)| l));
+
+    // A new store restores the moved partitions as of the cut, from deltas out of order.
+    let there_dir = TempDir::new("changelog-there");
+    let mut there = Engine::open(there_dir.path(), Some(&rules), config(3)).unwrap();
+    there.advance_clock(clock).unwrap();
+    for &p in &moved {
+        let summary = there
+            .restore_partition(&restore(p, scrambled(deltas(&source, p, cut))))
+            .unwrap();
+        assert!(
+            summary.customers > 0 && summary.events > 0 && summary.dedup_entries > 0,
+            "{summary:?}"
+        );
+    }
+    let mut restored_ids = there.customer_ids().unwrap();
+    restored_ids.sort();
+    let mut expected_ids = ids_at_cut.clone();
+    expected_ids.sort();
+    assert_eq!(restored_ids, expected_ids);
+    assert_eq!(views(&there, &ids_at_cut), at_cut);
+    // Restored once; again, the partition is already here.
+    let err = there
+        .restore_partition(&restore(1, deltas(&source, 1, cut)))
+        .unwrap_err();
+    assert!(matches!(err, EngineError::Conflict(_)), "{err}");
+    assert!(err.to_string().contains("already holds"), "{err}");
+
+    // An event applied before the cut is a duplicate there too.
+    let (_, resent) = first
+        .iter()
+        .rev()
+        .find(|(c, l)| of_moved(c) && l.contains("event_id"))
+        .unwrap();
+    let outcome = there.ingest(&[resent]).unwrap();
+    assert_eq!((outcome.accepted, outcome.duplicates), (0, 1), "{resent}");
+
+    // The second half's events of the moved customers there: the same customers, the same
+    // changes as in the store that never lost them.
+    ingest_all(
+        &mut there,
+        second.iter().filter(|(c, _)| of_moved(c)).map(|(_, l)| l),
+    );
+    source.advance_clock(end).unwrap();
+    there.advance_clock(end).unwrap();
+    let moved_ids: Vec<String> = source
+        .customer_ids()
+        .unwrap()
+        .into_iter()
+        .filter(|id| of_moved(id))
+        .collect();
+    assert_eq!(views(&there, &moved_ids), views(&source, &moved_ids));
+    let mut expected = changes_by_customer(&source, cut_seq);
+    expected.retain(|id, _| of_moved(id));
+    assert!(!expected.is_empty(), "the moved customers change after the cut");
+    assert_eq!(changes_by_customer(&there, 0), expected);
+    // Commits there are numbered after the restored ones: a partition's deltas stay in
+    // commit order whichever store wrote them.
+    let restored_last = deltas(&source, 1, cut).len();
+    let restored_commit = source.reader().changelog_deltas(1, 0, usize::MAX).unwrap()[restored_last - 1].0;
+    let theirs = there.reader().changelog_deltas(1, 0, usize::MAX).unwrap();
+    assert!(
+        theirs.first().is_some_and(|(c, _)| *c > restored_commit),
+        "{:?} after {restored_commit}",
+        theirs.first().map(|d| d.0)
+    );
+
+    // Restored from every delta (in order this time), a third store is the partitions as
+    // the source ends.
+    let all_dir = TempDir::new("changelog-all");
+    let mut all = Engine::open(all_dir.path(), Some(&rules), config(1)).unwrap();
+    for &p in &moved {
+        all.restore_partition(&restore(p, deltas(&source, p, u64::MAX)))
+            .unwrap();
+    }
+    all.advance_clock(end).unwrap();
+    assert_eq!(views(&all, &moved_ids), views(&source, &moved_ids));
+    // Reopened: the restored state, timers and numbering were committed.
+    drop(all);
+    let all = Engine::open(all_dir.path(), Some(&rules), config(2)).unwrap();
+    assert_eq!(views(&all, &moved_ids), views(&source, &moved_ids));
+}
+
+#[test]
+fn a_restore_is_refused_whole_when_it_cannot_apply() {
+    let stream = ordered_stream();
+    let rules = rules_text();
+    let dir = TempDir::new("changelog-refused-source");
+    let mut source = Engine::open(dir.path(), Some(&rules), config(2)).unwrap();
+    ingest_all(&mut source, stream.iter().take(800).map(|(_, l)| l));
+    let other_dir = TempDir::new("changelog-refused-other");
+    let mut other = Engine::open(
+        other_dir.path(),
+        Some(&rules),
+        EngineConfig {
+            partitions: 8,
+            ..config(1)
+        },
+    )
+    .unwrap();
+    let err = other
+        .restore_partition(&restore(2, deltas(&source, 2, u64::MAX)))
+        .unwrap_err();
+    assert!(err.to_string().contains("8"), "{err}");
+    assert!(other.customer_ids().unwrap().is_empty());
+    // A delta of another partition does not join a restore.
+    let mut mixed = Restore::new(2, PARTITIONS);
+    let wrong = deltas(&source, 3, u64::MAX).remove(0);
+    assert!(mixed.add(Delta::decode(&wrong).unwrap()).is_err());
+    // Without the changelog, commits put nothing in the outbox.
+    let plain_dir = TempDir::new("changelog-off");
+    let mut plain = Engine::open(
+        plain_dir.path(),
+        Some(&rules),
+        EngineConfig {
+            changelog: false,
+            ..config(2)
+        },
+    )
+    .unwrap();
+    ingest_all(&mut plain, stream.iter().take(300).map(|(_, l)| l));
+    assert!((0..PARTITIONS).all(|p| deltas(&plain, p, u64::MAX).is_empty()));
+}
