@@ -219,10 +219,24 @@ pub enum PartitionAction {
         #[arg(long)]
         partition: u32,
     },
+    /// Restore a partition from the state changelog (`[kafka] state_topic`), read from its
+    /// start to its end: the partition as the last store that kept it committed it, with
+    /// the Kafka offsets to resume from. Refused whole if any of its customers is here.
+    Restore {
+        #[arg(long)]
+        partition: u32,
+        /// Give up when the broker sends nothing for this many seconds before the end.
+        #[arg(long, default_value_t = 30)]
+        stall_secs: u64,
+    },
 }
 
-/// `tagstream partitions ...` on a stopped store.
-pub fn partitions(action: PartitionAction, mut engine: Engine) -> anyhow::Result<ExitCode> {
+/// `tagstream partitions ...` on a stopped store; `kafka` is the configured Kafka side.
+pub fn partitions(
+    action: PartitionAction,
+    mut engine: Engine,
+    kafka: Option<processor::kafka::KafkaSettings>,
+) -> anyhow::Result<ExitCode> {
     let partitions = engine.config().partitions;
     match action {
         PartitionAction::List => {
@@ -271,6 +285,36 @@ pub fn partitions(action: PartitionAction, mut engine: Engine) -> anyhow::Result
         PartitionAction::Drop { partition } => {
             let summary = engine.drop_partition(partition)?;
             println!("dropped partition {partition}: {} customers", summary.customers);
+        }
+        PartitionAction::Restore {
+            partition,
+            stall_secs,
+        } => {
+            let Some((kafka, topic)) = kafka.and_then(|k| k.state_topic.clone().map(|t| (k, t))) else {
+                anyhow::bail!(
+                    "restoring needs `[kafka] brokers` and `[kafka] state_topic` in the configuration"
+                );
+            };
+            if partition >= partitions {
+                anyhow::bail!(
+                    "partition {partition} does not exist: there are {partitions} (0 to {})",
+                    partitions - 1
+                );
+            }
+            let stall = std::time::Duration::from_secs(stall_secs.max(1));
+            let (restore, incomplete) =
+                processor::kafka::read_state_partition(&kafka, &topic, partition, partitions, stall)
+                    .map_err(anyhow::Error::msg)?;
+            let summary = engine.restore_partition(&restore)?;
+            println!(
+                "restored partition {partition} of {partitions} from `{topic}` ({} deltas to commit {}{}): {} customers, {} events, {} dedup entries",
+                restore.deltas,
+                restore.commit,
+                if incomplete > 0 { format!(", {incomplete} incomplete left out") } else { String::new() },
+                summary.customers,
+                summary.events,
+                summary.dedup_entries
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -333,6 +333,9 @@ pub struct KafkaFileSettings {
     pub changes_topic: String,
     /// Where every rejected event is published with its reason; "" publishes none.
     pub dead_letter_topic: String,
+    /// Where the state changelog is published (partition P's deltas to partition P; a store
+    /// is restored from it with `tagstream partitions restore`); "" keeps none.
+    pub state_topic: String,
     /// Events per engine batch, at most.
     pub max_batch: usize,
     /// Passed to librdkafka as they are: security.protocol, sasl.*, ssl.*, ... Never logged.
@@ -352,6 +355,7 @@ impl Default for KafkaFileSettings {
             group_id: k.group_id,
             changes_topic: k.changes_topic.unwrap_or_default(),
             dead_letter_topic: k.dlq_topic.unwrap_or_default(),
+            state_topic: k.state_topic.unwrap_or_default(),
             max_batch: k.max_batch,
             options: Default::default(),
             option_files: Default::default(),
@@ -580,6 +584,9 @@ impl Settings {
             timers_beside_events: EngineConfig::default().timers_beside_events,
             segment_round: EngineConfig::default().segment_round,
             identity: self.identity.config(),
+            // Deltas are kept only where they are published.
+            changelog: self.kafka.brokers.as_deref().is_some_and(|b| !b.is_empty())
+                && !self.kafka.state_topic.is_empty(),
         }
     }
 
@@ -593,6 +600,7 @@ impl Settings {
         let mut settings = processor::kafka::KafkaSettings::new(brokers, &k.topic, &k.group_id);
         settings.changes_topic = Some(k.changes_topic.clone()).filter(|t| !t.is_empty());
         settings.dlq_topic = Some(k.dead_letter_topic.clone()).filter(|t| !t.is_empty());
+        settings.state_topic = Some(k.state_topic.clone()).filter(|t| !t.is_empty());
         settings.max_batch = k.max_batch.max(1);
         settings.client_options = k.options.0.clone();
         for (option, path) in &k.option_files {
@@ -663,6 +671,7 @@ topic = "{kafka_topic}"           # events, keyed by customer_id
 group_id = "{kafka_group}"
 changes_topic = "{kafka_changes}"  # every change as JSON, key customer_id; "" for none
 dead_letter_topic = "{kafka_dlq}"  # rejected events, reason in headers; "" for none
+state_topic = "{kafka_state}"  # the state changelog, one partition per engine partition; "" for none
 max_batch = {kafka_batch}           # events per engine batch
 
 [kafka.options]           # passed to librdkafka as they are; never logged
@@ -744,6 +753,7 @@ allow_targets = []        # non-public addresses webhooks may reach, e.g. ["10.1
             kafka_group = d.kafka.group_id,
             kafka_changes = d.kafka.changes_topic,
             kafka_dlq = d.kafka.dead_letter_topic,
+            kafka_state = d.kafka.state_topic,
             kafka_batch = d.kafka.max_batch,
         )
     }
@@ -816,6 +826,23 @@ mod tests {
         );
         assert_eq!(k.changes_topic, None, "an empty topic publishes nothing");
         assert_eq!(k.dlq_topic.as_deref(), Some("tagstream-dead-letters"));
+        assert_eq!(k.state_topic, None, "no state changelog unless asked");
+        assert!(!s.engine_config().changelog);
+        let with_state: Settings =
+            toml::from_str("[kafka]\nbrokers = \"k1:9092\"\nstate_topic = \"crm-state\"\n").unwrap();
+        assert_eq!(
+            with_state
+                .kafka_settings()
+                .unwrap()
+                .unwrap()
+                .state_topic
+                .as_deref(),
+            Some("crm-state")
+        );
+        assert!(
+            with_state.engine_config().changelog,
+            "a published changelog is kept"
+        );
         assert_eq!(k.client_options["security.protocol"], "SASL_SSL");
         assert_eq!(k.client_options["sasl.password"], "s3cret");
         // Nothing that prints the settings shows the password.

@@ -503,9 +503,10 @@ fn main() -> ExitCode {
         } => admin::healthcheck(&url, &admin::HttpsOptions { ca_file, server_name }),
         Command::Backup { to, server, data_dir } => admin::backup(&to, &server, data_dir.as_deref()),
         Command::Restore { from, data_dir } => admin::restore(&from, &data_dir),
-        Command::Partitions { action, store } => store
-            .settings()
-            .and_then(|settings| admin::partitions(action, open_engine(&settings, store.replace_rules)?)),
+        Command::Partitions { action, store } => store.settings().and_then(|settings| {
+            let kafka = settings.kafka_settings()?;
+            admin::partitions(action, open_engine(&settings, store.replace_rules)?, kafka)
+        }),
         Command::Keys { action, store } => store
             .settings()
             .and_then(|settings| admin::keys(action, &settings)),

@@ -19,6 +19,9 @@ pub fn producer_with(brokers: &str, options: &[(&str, &str)]) -> KafkaResult<Bas
     config
         .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
+        // Kafka's default partitioner (the Java client's), not librdkafka's CRC32 one: a
+        // customer's events land in the partition the engine hashes the customer to.
+        .set("partitioner", "murmur2_random")
         .set("linger.ms", "20")
         .set("batch.num.messages", "10000");
     for (key, value) in options {

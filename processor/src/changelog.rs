@@ -112,6 +112,8 @@ pub struct Delta {
     /// store that hashes customers the same way.
     pub partitions: u32,
     pub commit: u64,
+    /// The engine's clock after the commit: a restore starts no earlier.
+    pub clock: Option<i64>,
     /// Input positions after the commit (`kafka:TOPIC:P` with `P` this partition).
     pub positions: Vec<(String, u64)>,
     /// In key order, one per key.
@@ -125,6 +127,7 @@ impl Delta {
         w.u64(u64::from(self.partition));
         w.u64(u64::from(self.partitions));
         w.u64(self.commit);
+        w.opt_i64(self.clock);
         w.u64(self.positions.len() as u64);
         for (source, offset) in &self.positions {
             w.str(source);
@@ -156,6 +159,7 @@ impl Delta {
             return Err(CodecError("a delta's partition is not below its partition count"));
         }
         let commit = r.u64()?;
+        let clock = r.opt_i64()?;
         let mut positions = Vec::new();
         for _ in 0..r.len()? {
             positions.push((r.str()?.to_owned(), r.u64()?));
@@ -178,6 +182,7 @@ impl Delta {
             partition,
             partitions,
             commit,
+            clock,
             positions,
             writes,
         })
@@ -270,8 +275,8 @@ impl DeltaBuilder {
         }
     }
 
-    /// The deltas, each numbered `commit`.
-    pub fn finish(self, commit: u64) -> Vec<Delta> {
+    /// The deltas, each numbered `commit`, written at `clock`.
+    pub fn finish(self, commit: u64, clock: Option<i64>) -> Vec<Delta> {
         let partitions = self.partitions;
         self.by_partition
             .into_iter()
@@ -279,6 +284,7 @@ impl DeltaBuilder {
                 partition,
                 partitions,
                 commit,
+                clock,
                 positions: collected.positions,
                 writes: collected
                     .writes
@@ -298,6 +304,8 @@ pub struct Restore {
     pub partitions: u32,
     /// The highest commit read.
     pub commit: u64,
+    /// The latest clock a delta was written at.
+    pub clock: Option<i64>,
     pub deltas: u64,
     /// Per key, the highest commit that wrote it and what it wrote.
     keys: BTreeMap<StateKey, (u64, Option<Vec<u8>>)>,
@@ -324,6 +332,7 @@ impl Restore {
         }
         self.deltas += 1;
         self.commit = self.commit.max(delta.commit);
+        self.clock = self.clock.max(delta.clock);
         for (source, offset) in delta.positions {
             let kept = self.positions.entry(source).or_insert((delta.commit, offset));
             if delta.commit >= kept.0 {
@@ -365,6 +374,98 @@ impl Restore {
     }
 }
 
+/// The largest record value a delta is published in; a larger delta is split into parts
+/// (Kafka's default `message.max.bytes` is 1 MiB).
+pub const MAX_RECORD_BYTES: usize = 900 << 10;
+
+/// The Kafka records of commit `commit`'s delta `bytes`: one keyed `d/COMMIT`, or, larger
+/// than `max` bytes, parts keyed `d/COMMIT/I/N` (I from 0 to N - 1).
+pub fn records(commit: u64, bytes: &[u8], max: usize) -> Vec<(String, &[u8])> {
+    if bytes.len() <= max {
+        return vec![(format!("d/{commit}"), bytes)];
+    }
+    let parts: Vec<&[u8]> = bytes.chunks(max.max(1)).collect();
+    let n = parts.len();
+    parts
+        .into_iter()
+        .enumerate()
+        .map(|(i, part)| (format!("d/{commit}/{i}/{n}"), part))
+        .collect()
+}
+
+/// Reads a changelog topic partition's records, in any order, into a [`Restore`]: a delta in
+/// parts counts once all of them are read; one whose parts were not all published (its
+/// writer died midway) is left out, so its input is consumed again.
+pub struct Assembler {
+    restore: Restore,
+    /// Deltas in parts not all read yet: per commit, the part count and the parts read.
+    parts: BTreeMap<u64, (usize, BTreeMap<usize, Vec<u8>>)>,
+    assembled: std::collections::BTreeSet<u64>,
+}
+
+impl Assembler {
+    pub fn new(partition: u32, partitions: u32) -> Assembler {
+        Assembler {
+            restore: Restore::new(partition, partitions),
+            parts: BTreeMap::new(),
+            assembled: Default::default(),
+        }
+    }
+
+    /// One record: its key and value. A record without a value (a tombstone) is skipped.
+    pub fn add(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<(), String> {
+        let shown = String::from_utf8_lossy(key).into_owned();
+        let bad = || format!("changelog record `{shown}` is not a delta record");
+        let Some(value) = value else {
+            return Ok(());
+        };
+        let key = std::str::from_utf8(key).map_err(|_| bad())?;
+        let fields: Vec<&str> = key.strip_prefix("d/").ok_or_else(bad)?.split('/').collect();
+        let decode =
+            |bytes: &[u8]| Delta::decode(bytes).map_err(|e| format!("changelog record `{shown}`: {e}"));
+        match fields[..] {
+            [commit] => {
+                commit.parse::<u64>().map_err(|_| bad())?;
+                self.restore.add(decode(value)?)
+            }
+            [commit, i, n] => {
+                let (commit, i, n) = (
+                    commit.parse::<u64>().map_err(|_| bad())?,
+                    i.parse::<usize>().map_err(|_| bad())?,
+                    n.parse::<usize>().map_err(|_| bad())?,
+                );
+                if i >= n {
+                    return Err(bad());
+                }
+                if self.assembled.contains(&commit) {
+                    // A part sent again: its delta is already in.
+                    return Ok(());
+                }
+                let (count, parts) = self.parts.entry(commit).or_insert((n, BTreeMap::new()));
+                if *count != n {
+                    return Err(format!(
+                        "changelog record `{shown}`: parts of commit {commit} disagree on their count"
+                    ));
+                }
+                parts.insert(i, value.to_vec());
+                if parts.len() == n {
+                    let (_, parts) = self.parts.remove(&commit).expect("just filled");
+                    let whole: Vec<u8> = parts.into_values().flatten().collect();
+                    self.restore.add(decode(&whole)?)?;
+                    self.assembled.insert(commit);
+                }
+                Ok(())
+            }
+            _ => Err(bad()),
+        }
+    }
+
+    /// The restore, and how many deltas were left out because parts were missing.
+    pub fn finish(self) -> (Restore, usize) {
+        (self.restore, self.parts.len())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -383,6 +484,7 @@ mod tests {
             partition: 2,
             partitions: 4,
             commit: 17,
+            clock: Some(-5),
             positions: vec![("kafka:events:2".into(), 1234)],
             writes: vec![
                 put(Family::Customers, b"alice", b"record"),
@@ -433,6 +535,7 @@ mod tests {
             partition: 0,
             partitions: 1,
             commit,
+            clock: Some(commit as i64 * 10),
             positions: vec![("kafka:t:0".into(), offset)],
             writes,
         };
@@ -483,9 +586,64 @@ mod tests {
             );
             assert_eq!(restore.deletes().count(), 1);
             assert_eq!(restore.positions().collect::<Vec<_>>(), vec![("kafka:t:0", 30)]);
-            assert_eq!(restore.commit, 3);
+            assert_eq!((restore.commit, restore.clock), (3, Some(30)));
         }
         let mut other = Restore::new(1, 2);
         assert!(other.add(deltas[0].clone()).is_err());
+    }
+
+    /// A delta larger than a record goes in parts, counted once all are read (in any order,
+    /// some twice); a delta missing a part is left out.
+    #[test]
+    fn deltas_in_parts_count_once_whole() {
+        let big = Delta {
+            partition: 1,
+            partitions: 2,
+            commit: 7,
+            clock: None,
+            positions: vec![("kafka:t:1".into(), 99)],
+            writes: (0..50)
+                .map(|i| put(Family::Events, format!("k{i}").as_bytes(), &[i as u8; 40]))
+                .collect(),
+        };
+        let small = Delta {
+            commit: 8,
+            writes: vec![put(Family::Customers, b"z", b"zz")],
+            positions: vec![],
+            ..big.clone()
+        };
+        let big_bytes = big.encode();
+        let parts = records(7, &big_bytes, 500);
+        assert!(parts.len() > 3, "{}", parts.len());
+        assert_eq!(parts[0].0, format!("d/7/0/{}", parts.len()));
+        let small_bytes = small.encode();
+        assert_eq!(
+            records(8, &small_bytes, 500),
+            vec![("d/8".to_owned(), &small_bytes[..])]
+        );
+
+        let mut assembler = Assembler::new(1, 2);
+        for (key, value) in parts.iter().rev().chain(parts.iter().take(2)) {
+            assembler.add(key.as_bytes(), Some(value)).unwrap();
+        }
+        assembler.add(b"d/8", Some(&small_bytes)).unwrap();
+        assembler.add(b"d/8", None).unwrap();
+        let (restore, incomplete) = assembler.finish();
+        assert_eq!((restore.deltas, incomplete), (2, 0));
+        assert_eq!(restore.values().count(), 51);
+
+        // Every part but one: the delta is left out.
+        let mut assembler = Assembler::new(1, 2);
+        for (key, value) in &parts[1..] {
+            assembler.add(key.as_bytes(), Some(value)).unwrap();
+        }
+        let (restore, incomplete) = assembler.finish();
+        assert_eq!((restore.deltas, incomplete), (0, 1));
+        assert_eq!(restore.values().count(), 0);
+
+        let mut assembler = Assembler::new(1, 2);
+        for bad in [&b"x/1"[..], b"d/notanumber", b"d/1/3/3", b"d/1/2"] {
+            assert!(assembler.add(bad, Some(&small_bytes)).is_err(), "{bad:?}");
+        }
     }
 }

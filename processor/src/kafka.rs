@@ -50,6 +50,9 @@ pub struct KafkaSettings {
     pub changes_topic: Option<String>,
     /// Where every rejected event is published with its reason; `None` publishes nothing.
     pub dlq_topic: Option<String>,
+    /// Where the state changelog's deltas are published (partition P's to partition P; the
+    /// engine must keep them: `EngineConfig::changelog`); `None` publishes none.
+    pub state_topic: Option<String>,
     pub client_options: BTreeMap<String, String>,
     /// Events per engine batch, at most.
     pub max_batch: usize,
@@ -67,6 +70,7 @@ impl std::fmt::Debug for KafkaSettings {
             .field("group_id", &self.group_id)
             .field("changes_topic", &self.changes_topic)
             .field("dlq_topic", &self.dlq_topic)
+            .field("state_topic", &self.state_topic)
             .field("client_options", &self.client_options.keys().collect::<Vec<_>>())
             .field("max_batch", &self.max_batch)
             .field("max_wait", &self.max_wait)
@@ -82,6 +86,7 @@ impl KafkaSettings {
             group_id: group_id.into(),
             changes_topic: Some("tag-changes".into()),
             dlq_topic: Some("tagstream-dead-letters".into()),
+            state_topic: None,
             client_options: BTreeMap::new(),
             max_batch: 5_000,
             max_wait: Duration::from_millis(50),
@@ -240,6 +245,7 @@ pub fn start(
     let feeds = [
         (settings.changes_topic.clone(), Feed::Changes),
         (settings.dlq_topic.clone(), Feed::DeadLetters),
+        (settings.state_topic.clone(), Feed::State),
     ];
     for (topic, feed) in feeds {
         let Some(topic) = topic else { continue };
@@ -475,6 +481,8 @@ fn record_consumer_lag(consumer: &BaseConsumer<ConsumerCtx>, topic: &str) {
 enum Feed {
     Changes,
     DeadLetters,
+    /// The state changelog's deltas ([`crate::changelog`]), read from the outbox.
+    State,
 }
 
 impl Feed {
@@ -482,6 +490,7 @@ impl Feed {
         match self {
             Feed::Changes => "changes",
             Feed::DeadLetters => "dlq",
+            Feed::State => "state",
         }
     }
 }
@@ -509,11 +518,21 @@ impl ProducerContext for PublishCtx {
     }
 }
 
-/// A record to publish: key, payload and headers.
+/// A record to publish: key, payload and headers, and its partition when the feed chooses
+/// it (otherwise the key's hash does).
 struct Outgoing {
     key: Option<Vec<u8>>,
     payload: Vec<u8>,
     headers: Option<OwnedHeaders>,
+    partition: Option<i32>,
+}
+
+/// What the broker's confirmation of a batch of records lets the publisher forget.
+enum Confirmed {
+    /// The feed's cursor moves here.
+    Cursor(u64),
+    /// These outbox deltas (`(partition, commit)`) go.
+    Outbox(Vec<(u32, u64)>),
 }
 
 const PUBLISH_BATCH: usize = 10_000;
@@ -530,6 +549,8 @@ fn hold_unpublished(reader: &ReadHandle, feed: Feed, cursor: &str) -> Result<u64
     match feed {
         Feed::Changes => reader.hold(cursor, crate::Log::Changes, confirmed + 1),
         Feed::DeadLetters => reader.hold(cursor, crate::Log::DeadLetters, confirmed),
+        // The outbox is its own queue: what is published is deleted from it.
+        Feed::State => {}
     }
     Ok(confirmed)
 }
@@ -553,7 +574,7 @@ fn publish(
                 continue;
             }
         };
-        let (records, last) = match next_records(&reader, feed, confirmed) {
+        let (records, next) = match next_records(&reader, feed, confirmed) {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, feed = feed.label(), "reading what to publish failed");
@@ -562,8 +583,10 @@ fn publish(
             }
         };
         if records.is_empty() {
-            if let Feed::Changes = feed {
-                metrics::gauge!("tagstream_kafka_publish_lag_changes").set(0.0);
+            match feed {
+                Feed::Changes => metrics::gauge!("tagstream_kafka_publish_lag_changes").set(0.0),
+                Feed::State => metrics::gauge!("tagstream_kafka_publish_lag_state").set(0.0),
+                Feed::DeadLetters => {}
             }
             if drain.load(Ordering::SeqCst) {
                 // Shutting down, and everything committed is published.
@@ -575,13 +598,17 @@ fn publish(
         match send_all(&producer, &topic, &records, stop) {
             Ok(()) => {
                 backoff = Duration::from_millis(100);
-                if let Err(e) = reader.set_cursor(&cursor, last) {
-                    tracing::error!(error = %e, "saving the publish cursor failed");
+                let saved = match &next {
+                    Confirmed::Cursor(last) => reader.set_cursor(&cursor, *last),
+                    Confirmed::Outbox(published) => reader.changelog_published(published),
+                };
+                if let Err(e) = saved {
+                    tracing::error!(error = %e, feed = feed.label(), "saving what was published failed");
                 }
                 metrics::counter!("tagstream_kafka_published_total", "feed" => feed.label())
                     .increment(records.len() as u64);
-                if let Feed::Changes = feed {
-                    let behind = reader.changes(last, PUBLISH_BATCH).map_or(0, |c| c.len());
+                if let (Feed::Changes, Confirmed::Cursor(last)) = (feed, &next) {
+                    let behind = reader.changes(*last, PUBLISH_BATCH).map_or(0, |c| c.len());
                     metrics::gauge!("tagstream_kafka_publish_lag_changes").set(behind as f64);
                 }
             }
@@ -596,12 +623,13 @@ fn publish(
     let _ = producer.flush(Duration::from_secs(5));
 }
 
-/// The next records of `feed` after cursor `confirmed`, and the cursor after them.
+/// The next records of `feed` after cursor `confirmed`, and what their confirmation lets
+/// the publisher forget.
 fn next_records(
     reader: &ReadHandle,
     feed: Feed,
     confirmed: u64,
-) -> Result<(Vec<Outgoing>, u64), crate::EngineError> {
+) -> Result<(Vec<Outgoing>, Confirmed), crate::EngineError> {
     match feed {
         Feed::Changes => {
             let changes = reader.changes(confirmed, PUBLISH_BATCH)?;
@@ -612,9 +640,30 @@ fn next_records(
                     key: Some(c.customer_id.as_bytes().to_vec()),
                     payload: serde_json::to_vec(c).expect("a change serializes"),
                     headers: None,
+                    partition: None,
                 })
                 .collect();
-            Ok((records, last))
+            Ok((records, Confirmed::Cursor(last)))
+        }
+        Feed::State => {
+            // Fewer deltas than records of the other feeds: a delta can be large.
+            let deltas = reader.changelog_head(PUBLISH_BATCH / 10)?;
+            metrics::gauge!("tagstream_kafka_publish_lag_state").set(deltas.len() as f64);
+            let mut records = Vec::with_capacity(deltas.len());
+            for (partition, commit, bytes) in &deltas {
+                for (key, value) in
+                    crate::changelog::records(*commit, bytes, crate::changelog::MAX_RECORD_BYTES)
+                {
+                    records.push(Outgoing {
+                        key: Some(key.into_bytes()),
+                        payload: value.to_vec(),
+                        headers: None,
+                        partition: Some(*partition as i32),
+                    });
+                }
+            }
+            let published = deltas.iter().map(|(p, c, _)| (*p, *c)).collect();
+            Ok((records, Confirmed::Outbox(published)))
         }
         Feed::DeadLetters => {
             // The cursor is the next dead letter id to publish.
@@ -641,12 +690,66 @@ fn next_records(
                         key: None,
                         payload: d.raw,
                         headers: Some(headers),
+                        partition: None,
                     }
                 })
                 .collect();
-            Ok((records, last))
+            Ok((records, Confirmed::Cursor(last)))
         }
     }
+}
+
+/// Reads partition `partition` of the state changelog topic `topic` from its start to the
+/// end it had when the read began, into the partition's state as its last complete delta
+/// left it ([`crate::changelog::Assembler`]); also returns how many deltas were left out
+/// incomplete. Fails when no record arrives for `stall` while some are still to read.
+pub fn read_state_partition(
+    settings: &KafkaSettings,
+    topic: &str,
+    partition: u32,
+    partitions: u32,
+    stall: Duration,
+) -> Result<(crate::changelog::Restore, usize), String> {
+    let failed = |what: &str, e: KafkaError| format!("{what} partition {partition} of `{topic}`: {e}");
+    let consumer: BaseConsumer = settings
+        .client_config()
+        .set("group.id", format!("{}-restore", settings.group_id))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()
+        .map_err(|e| failed("connecting to read", e))?;
+    let (_, end) = consumer
+        .fetch_watermarks(topic, partition as i32, stall)
+        .map_err(|e| failed("finding the end of", e))?;
+    let mut assembler = crate::changelog::Assembler::new(partition, partitions);
+    if end > 0 {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition as i32, Offset::Beginning)
+            .map_err(|e| failed("reading", e))?;
+        consumer.assign(&tpl).map_err(|e| failed("reading", e))?;
+        let mut last_progress = Instant::now();
+        loop {
+            match consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => {
+                    last_progress = Instant::now();
+                    assembler
+                        .add(m.key().unwrap_or_default(), m.payload())
+                        .map_err(|e| format!("{e} (offset {} of partition {partition} of `{topic}`)", m.offset()))?;
+                    if m.offset() + 1 >= end {
+                        break;
+                    }
+                }
+                Some(Err(e)) => return Err(failed("reading", e)),
+                None if last_progress.elapsed() > stall => {
+                    return Err(format!(
+                        "reading partition {partition} of `{topic}`: nothing arrived for {stall:?} before its end (offset {end})"
+                    ))
+                }
+                None => {}
+            }
+        }
+    }
+    Ok(assembler.finish())
 }
 
 /// Produces every record and waits for the broker to confirm all of them.
@@ -669,6 +772,9 @@ fn send_all(
             }
             if let Some(headers) = &r.headers {
                 record = record.headers(headers.clone());
+            }
+            if let Some(partition) = r.partition {
+                record = record.partition(partition);
             }
             match producer.send(record) {
                 Ok(()) => break,

@@ -102,7 +102,20 @@ fn run_with(
     group: &str,
     adjust: impl FnOnce(&mut KafkaSettings),
 ) -> Running {
-    let engine = Engine::open(dir, Some(RULES), config()).unwrap();
+    run_engine(
+        Engine::open(dir, Some(RULES), config()).unwrap(),
+        brokers,
+        group,
+        adjust,
+    )
+}
+
+fn run_engine(
+    engine: Engine,
+    brokers: &str,
+    group: &str,
+    adjust: impl FnOnce(&mut KafkaSettings),
+) -> Running {
     let reader = engine.reader();
     let engine = Arc::new(Mutex::new(engine));
     let seen = Arc::new(AtomicUsize::new(0));
@@ -658,4 +671,76 @@ fn plan_over_kafka(gates: &str) {
     }
     drop(handle);
     thread.join().unwrap();
+}
+
+/// The state changelog on a broker (issue #21): a store keeping it publishes each
+/// partition's deltas to that partition of the state topic and empties its outbox; a new
+/// store restored from the topic alone is the same store, and consuming the events topic
+/// from there (in another group) reads nothing twice and loses nothing: its end is a direct
+/// run's.
+#[test]
+fn a_store_restored_from_the_state_topic_resumes_from_kafka_without_loss() {
+    const PARTITIONS: u32 = 4;
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("events", PARTITIONS as i32, 1).unwrap();
+    cluster.create_topic("tag-changes", PARTITIONS as i32, 1).unwrap();
+    cluster.create_topic("tagstream-dead-letters", 1, 1).unwrap();
+    cluster.create_topic("state", PARTITIONS as i32, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let lines = stream(3_000);
+    produce(&brokers, "events", &lines[..2_000]);
+    let keeping = || EngineConfig {
+        partitions: PARTITIONS,
+        changelog: true,
+        ..config()
+    };
+
+    let dir = TempDir::new("kafka-state-source");
+    let first = run_engine(
+        Engine::open(dir.path(), Some(RULES), keeping()).unwrap(),
+        &brokers,
+        "g-state",
+        |s| s.state_topic = Some("state".into()),
+    );
+    wait_until("the first 2000 lines", || {
+        first.seen.load(Ordering::SeqCst) == 2_000
+    });
+    let reader = first.engine.lock().unwrap().reader();
+    wait_until("the outbox to be published", || {
+        reader.changelog_head(1).unwrap().is_empty()
+    });
+    first.workers.stop(Duration::from_secs(10));
+    let source = first.engine.lock().unwrap();
+    let offsets = source.reader().source_offsets().unwrap();
+    assert_eq!(offsets.len(), PARTITIONS as usize, "{offsets:?}");
+
+    let settings = KafkaSettings::new(&brokers, "events", "g-state-restore");
+    let restored_dir = TempDir::new("kafka-state-restored");
+    let mut restored = Engine::open(restored_dir.path(), Some(RULES), keeping()).unwrap();
+    for p in 0..PARTITIONS {
+        let (restore, incomplete) =
+            kafka::read_state_partition(&settings, "state", p, PARTITIONS, Duration::from_secs(10)).unwrap();
+        assert_eq!(incomplete, 0);
+        assert!(restore.deltas > 0, "partition {p}");
+        restored.restore_partition(&restore).unwrap();
+    }
+    assert_eq!(state(&restored), state(&source));
+    assert_eq!(restored.reader().source_offsets().unwrap(), offsets);
+    assert_eq!(restored.clock(), source.clock());
+    drop(source);
+    drop(first.engine);
+
+    produce(&brokers, "events", &lines[2_000..]);
+    let second = run_engine(restored, &brokers, "g-state-2", |_| {});
+    let rest = lines.len() - 2_000;
+    wait_until("the remaining lines", || {
+        second.seen.load(Ordering::SeqCst) == rest
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(second.seen.load(Ordering::SeqCst), rest, "nothing consumed twice");
+    let direct_dir = TempDir::new("kafka-state-direct");
+    let mut direct = Engine::open(direct_dir.path(), Some(RULES), config()).unwrap();
+    direct.ingest(&lines).unwrap();
+    assert_eq!(state(&second.engine.lock().unwrap()), state(&direct));
+    second.workers.stop(Duration::from_secs(10));
 }

@@ -35,7 +35,7 @@ impl Engine {
             }
         }
         let mut out = SortedWrites::default();
-        let deltas = builder.finish(self.counters.next_commit);
+        let deltas = builder.finish(self.counters.next_commit, self.counters.clock);
         if deltas.is_empty() {
             return out;
         }
@@ -134,6 +134,13 @@ impl Engine {
             self.counters.next_arrival = self.counters.next_arrival.max(arrival + 1);
         }
         self.counters.next_commit = self.counters.next_commit.max(restore.commit + 1);
+        // The clock never moves backwards, and the partition was judged up to its own.
+        if self.config.clock == ClockMode::Event && restore.clock > self.counters.clock {
+            self.counters.clock = restore.clock;
+            if let Some(clock) = restore.clock {
+                self.store.put_meta_i64(&mut wb, META_CLOCK, clock);
+            }
+        }
         self.store
             .put_meta_u64(&mut wb, META_ARRIVAL, self.counters.next_arrival);
         self.store
@@ -143,6 +150,7 @@ impl Engine {
             self.store.put_meta_u64(&mut wb, &key, offset);
         }
         self.store.commit(wb)?;
+        self.published.set_clock(self.counters.clock);
         for (due, customer) in timers {
             let i = self.shard_index(&customer);
             self.shards[i].timers.insert((due, customer));
@@ -156,6 +164,35 @@ impl Engine {
 }
 
 impl ReadHandle {
+    /// Every input's position (files, Kafka partitions) as of the last commit.
+    pub fn source_offsets(&self) -> Result<std::collections::BTreeMap<String, u64>, EngineError> {
+        super::read::source_offsets(&self.store)
+    }
+
+    /// The first `limit` deltas in the outbox, of any partition: `(partition, commit,
+    /// encoded delta)`, each partition's in commit order.
+    pub fn changelog_head(&self, limit: usize) -> Result<Vec<(u32, u64, Vec<u8>)>, EngineError> {
+        let mut out = Vec::new();
+        for item in self.store.scan_from(CF_OUTBOX, &[]) {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, value) = item?;
+            let (partition, commit) = parse_outbox_key(&key)?;
+            out.push((partition, commit, value.into_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Deletes deltas the broker confirmed (`(partition, commit)`).
+    pub fn changelog_published(&self, published: &[(u32, u64)]) -> Result<(), EngineError> {
+        let mut wb = WriteBatch::default();
+        for &(partition, commit) in published {
+            wb.delete_cf(self.store.cf(CF_OUTBOX), outbox_key(partition, commit));
+        }
+        Ok(self.store.commit(wb)?)
+    }
+
     /// Up to `limit` changelog deltas of `partition` still in the outbox, after commit
     /// `after`, in commit order: `(commit, encoded delta)`.
     pub fn changelog_deltas(
@@ -171,11 +208,20 @@ impl ReadHandle {
             if out.len() >= limit || key.get(..4) != Some(&partition.to_be_bytes()[..]) {
                 break;
             }
-            let commit = u64::from_be_bytes(key[4..12].try_into().map_err(|_| {
-                EngineError::Store(StoreError::Corrupt("an outbox key of the wrong length".into()))
-            })?);
+            let (_, commit) = parse_outbox_key(&key)?;
             out.push((commit, value.into_vec()));
         }
         Ok(out)
     }
+}
+
+fn parse_outbox_key(key: &[u8]) -> Result<(u32, u64), EngineError> {
+    if key.len() != 12 {
+        return Err(StoreError::Corrupt("an outbox key of the wrong length".into()).into());
+    }
+    let partition = u32::from_be_bytes(key[..4].try_into().expect("4 bytes"));
+    Ok((
+        partition,
+        u64::from_be_bytes(key[4..].try_into().expect("8 bytes")),
+    ))
 }
