@@ -118,6 +118,11 @@ pub struct Delta {
     pub positions: Vec<(String, u64)>,
     /// In key order, one per key.
     pub writes: Vec<DeltaWrite>,
+    /// Set on the last delta of a *baseline* (every key the partition held, written when
+    /// the changelog was turned on for a store that already had data): the commit of the
+    /// baseline's first delta. Everything before that commit is superseded: a key no delta
+    /// from it on wrote is not the partition's.
+    pub baseline_from: Option<u64>,
 }
 
 impl Delta {
@@ -144,6 +149,13 @@ impl Delta {
                 }
                 None => w.u8(0),
             }
+        }
+        match self.baseline_from {
+            Some(from) => {
+                w.u8(1);
+                w.u64(from);
+            }
+            None => w.u8(0),
         }
         w.buf
     }
@@ -175,6 +187,14 @@ impl Delta {
             };
             writes.push(DeltaWrite { family, key, value });
         }
+        let baseline_from = match r.u8()? {
+            0 => None,
+            1 => Some(r.u64()?),
+            _ => return Err(CodecError("a delta's baseline flag is neither set nor unset")),
+        };
+        if baseline_from.is_some_and(|from| from > commit) {
+            return Err(CodecError("a baseline that starts after its own end"));
+        }
         if !r.is_empty() {
             return Err(CodecError("bytes after a delta's end"));
         }
@@ -185,6 +205,7 @@ impl Delta {
             clock,
             positions,
             writes,
+            baseline_from,
         })
     }
 }
@@ -291,6 +312,7 @@ impl DeltaBuilder {
                     .into_iter()
                     .map(|((family, key), value)| DeltaWrite { family, key, value })
                     .collect(),
+                baseline_from: None,
             })
             .collect()
     }
@@ -311,6 +333,8 @@ pub struct Restore {
     keys: BTreeMap<StateKey, (u64, Option<Vec<u8>>)>,
     /// Per input, the position of the highest commit that named it.
     positions: BTreeMap<String, (u64, u64)>,
+    /// The latest complete baseline read: its last commit and its first.
+    baseline: Option<(u64, u64)>,
 }
 
 impl Restore {
@@ -333,6 +357,11 @@ impl Restore {
         self.deltas += 1;
         self.commit = self.commit.max(delta.commit);
         self.clock = self.clock.max(delta.clock);
+        if let Some(from) = delta.baseline_from {
+            if self.baseline.is_none_or(|(end, _)| delta.commit > end) {
+                self.baseline = Some((delta.commit, from));
+            }
+        }
         for (source, offset) in delta.positions {
             let kept = self.positions.entry(source).or_insert((delta.commit, offset));
             if delta.commit >= kept.0 {
@@ -351,25 +380,39 @@ impl Restore {
         Ok(())
     }
 
-    /// The keys the partition holds (deletes left out), in family and key order.
-    pub fn values(&self) -> impl Iterator<Item = (Family, &[u8], &[u8])> {
-        self.keys
-            .iter()
-            .filter_map(|((family, key), (_, value))| value.as_deref().map(|v| (*family, &key[..], v)))
+    /// The first commit that counts: the start of the latest complete baseline (0 without).
+    fn from(&self) -> u64 {
+        self.baseline.map_or(0, |(_, from)| from)
     }
 
-    /// The keys the deltas last deleted.
-    pub fn deletes(&self) -> impl Iterator<Item = (Family, &[u8])> {
+    /// The keys the partition holds (deletes left out), in family and key order.
+    pub fn values(&self) -> impl Iterator<Item = (Family, &[u8], &[u8])> {
+        let from = self.from();
         self.keys
             .iter()
-            .filter(|(_, (_, value))| value.is_none())
+            .filter_map(move |((family, key), (commit, value))| {
+                value
+                    .as_deref()
+                    .filter(|_| *commit >= from)
+                    .map(|v| (*family, &key[..], v))
+            })
+    }
+
+    /// The keys the deltas last deleted, and those a later baseline left out.
+    pub fn deletes(&self) -> impl Iterator<Item = (Family, &[u8])> {
+        let from = self.from();
+        self.keys
+            .iter()
+            .filter(move |(_, (commit, value))| value.is_none() || *commit < from)
             .map(|((family, key), _)| (*family, &key[..]))
     }
 
     /// The input positions to resume from.
     pub fn positions(&self) -> impl Iterator<Item = (&str, u64)> {
+        let from = self.from();
         self.positions
             .iter()
+            .filter(move |(_, (commit, _))| *commit >= from)
             .map(|(source, (_, offset))| (source.as_str(), *offset))
     }
 }
@@ -494,6 +537,7 @@ mod tests {
                     value: None,
                 },
             ],
+            baseline_from: Some(15),
         };
         let bytes = delta.encode();
         assert_eq!(Delta::decode(&bytes).unwrap(), delta);
@@ -538,6 +582,7 @@ mod tests {
             clock: Some(commit as i64 * 10),
             positions: vec![("kafka:t:0".into(), offset)],
             writes,
+            baseline_from: None,
         };
         let deltas = [
             delta(
@@ -590,6 +635,39 @@ mod tests {
         }
         let mut other = Restore::new(1, 2);
         assert!(other.add(deltas[0].clone()).is_err());
+
+        // A baseline (commits 5 and 6) supersedes what came before it: `a` and `e1`, not in
+        // it, are no longer the partition's; its positions win; a delta after it counts.
+        let mut baseline = vec![
+            delta(5, vec![put(Family::Customers, b"c", b"c5")], 50),
+            delta(6, vec![put(Family::Customers, b"d", b"d6")], 60),
+            delta(7, vec![put(Family::Customers, b"c", b"c7")], 70),
+        ];
+        baseline[1].baseline_from = Some(5);
+        let all: Vec<Delta> = deltas.iter().chain(&baseline).cloned().collect();
+        for order in [[0usize, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]] {
+            let mut restore = Restore::new(0, 1);
+            for i in order {
+                restore.add(all[i].clone()).unwrap();
+            }
+            let values: Vec<_> = restore
+                .values()
+                .map(|(_, k, v)| (k.to_vec(), v.to_vec()))
+                .collect();
+            assert_eq!(
+                values,
+                vec![(b"c".to_vec(), b"c7".to_vec()), (b"d".to_vec(), b"d6".to_vec())]
+            );
+            let deletes: Vec<_> = restore.deletes().map(|(_, k)| k.to_vec()).collect();
+            assert_eq!(deletes, vec![b"a".to_vec(), b"b".to_vec(), b"e1".to_vec()]);
+            assert_eq!(restore.positions().collect::<Vec<_>>(), vec![("kafka:t:0", 70)]);
+        }
+        // Without its last delta, a baseline is not one: what came before still counts.
+        let mut restore = Restore::new(0, 1);
+        for d in deltas.iter().chain(&baseline[..1]) {
+            restore.add(d.clone()).unwrap();
+        }
+        assert_eq!(restore.values().count(), 3);
     }
 
     /// A delta larger than a record goes in parts, counted once all are read (in any order,
@@ -605,6 +683,7 @@ mod tests {
             writes: (0..50)
                 .map(|i| put(Family::Events, format!("k{i}").as_bytes(), &[i as u8; 40]))
                 .collect(),
+            baseline_from: None,
         };
         let small = Delta {
             commit: 8,
@@ -612,6 +691,11 @@ mod tests {
             positions: vec![],
             ..big.clone()
         };
+        let backwards = Delta {
+            baseline_from: Some(9),
+            ..small.clone()
+        };
+        assert!(Delta::decode(&backwards.encode()).is_err());
         let big_bytes = big.encode();
         let parts = records(7, &big_bytes, 500);
         assert!(parts.len() > 3, "{}", parts.len());

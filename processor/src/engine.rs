@@ -834,6 +834,7 @@ impl Engine {
             };
             engine.record_first_version(&engine.config.initial_author.clone(), action)?;
         }
+        engine.open_changelog()?;
         engine.publish_backfill();
         Ok(engine)
     }

@@ -249,6 +249,14 @@ pub fn change_name_key(name: &str, seq: u64) -> Vec<u8> {
     key
 }
 
+/// An `events` key from its customer and the part after the customer's prefix (as
+/// [`Store::customers_with_history`] gives it).
+pub fn event_key_from_rest(customer: &str, rest: &[u8]) -> Vec<u8> {
+    let mut key = event_prefix(customer);
+    key.extend_from_slice(rest);
+    key
+}
+
 pub fn event_key(customer: &str, ts: i64, arrival: u64) -> Vec<u8> {
     let mut key = event_prefix(customer);
     key.extend_from_slice(&sortable_i64(ts));

@@ -266,6 +266,14 @@ fn a_restore_is_refused_whole_when_it_cannot_apply() {
         .unwrap_err();
     assert!(err.to_string().contains("8"), "{err}");
     assert!(other.customer_ids().unwrap().is_empty());
+    // A partition import would not be in the changelog: refused in a store that keeps it.
+    let mut file = Vec::new();
+    source
+        .reader()
+        .export_partition(2, PARTITIONS, &mut file)
+        .unwrap();
+    let err = other.import_partition(&mut &file[..]).unwrap_err();
+    assert!(err.to_string().contains("state changelog"), "{err}");
     // A delta of another partition does not join a restore.
     let mut mixed = Restore::new(2, PARTITIONS);
     let wrong = deltas(&source, 3, u64::MAX).remove(0);
@@ -283,4 +291,61 @@ fn a_restore_is_refused_whole_when_it_cannot_apply() {
     .unwrap();
     ingest_all(&mut plain, stream.iter().take(300).map(|(_, l)| l));
     assert!((0..PARTITIONS).all(|p| deltas(&plain, p, u64::MAX).is_empty()));
+}
+
+/// A store that kept no changelog, or stopped keeping it for a while, starts it with a
+/// baseline of every partition: restored from the deltas alone, the partitions are the
+/// store, whatever happened while nothing was kept.
+#[test]
+fn turning_the_changelog_on_for_a_store_with_data_starts_with_a_baseline() {
+    let stream = ordered_stream();
+    let rules = rules_text();
+    let third = stream.len() / 3;
+    let dir = TempDir::new("changelog-baseline");
+    let off = || EngineConfig {
+        changelog: false,
+        ..config(2)
+    };
+    let mut engine = Engine::open(dir.path(), Some(&rules), off()).unwrap();
+    ingest_all(&mut engine, stream[..third].iter().map(|(_, l)| l));
+    drop(engine);
+    let mut engine = Engine::open(dir.path(), Some(&rules), config(2)).unwrap();
+    let baseline: Vec<Vec<u8>> = (0..PARTITIONS)
+        .flat_map(|p| deltas(&engine, p, u64::MAX))
+        .collect();
+    assert!(!baseline.is_empty());
+    assert!(
+        (0..PARTITIONS).all(|p| deltas(&engine, p, u64::MAX)
+            .last()
+            .is_some_and(|d| Delta::decode(d).unwrap().baseline_from.is_some())),
+        "every partition's baseline ends"
+    );
+    ingest_all(&mut engine, stream[third..2 * third].iter().map(|(_, l)| l));
+    drop(engine);
+    // Off for a while (what happens then is in no delta), then on again.
+    let mut engine = Engine::open(dir.path(), Some(&rules), off()).unwrap();
+    ingest_all(
+        &mut engine,
+        stream[2 * third..5 * third / 2].iter().map(|(_, l)| l),
+    );
+    drop(engine);
+    let mut engine = Engine::open(dir.path(), Some(&rules), config(1)).unwrap();
+    ingest_all(&mut engine, stream[5 * third / 2..].iter().map(|(_, l)| l));
+    let clock = engine.clock().unwrap();
+
+    let ids = engine.customer_ids().unwrap();
+    let restored_dir = TempDir::new("changelog-baseline-restored");
+    let mut restored = Engine::open(restored_dir.path(), Some(&rules), config(2)).unwrap();
+    for p in 0..PARTITIONS {
+        restored
+            .restore_partition(&restore(p, scrambled(deltas(&engine, p, u64::MAX))))
+            .unwrap();
+    }
+    assert_eq!(restored.clock(), Some(clock));
+    let mut restored_ids = restored.customer_ids().unwrap();
+    restored_ids.sort();
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(restored_ids, expected);
+    assert_eq!(views(&restored, &ids), views(&engine, &ids));
 }

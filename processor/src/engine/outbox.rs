@@ -7,7 +7,180 @@ use crate::changelog::{outbox_key, DeltaBuilder, Family, Restore, CF_OUTBOX};
 use crate::partition::partition_of;
 use crate::writes::cf_id;
 
+/// Set while this store keeps the changelog: opened without it, the store forgets it, so
+/// that turning the changelog on again starts with a baseline.
+const META_CHANGELOG_LIVE: &str = "changelog_live";
+
+/// A baseline's delta is cut once it holds this many bytes of keys and values.
+const BASELINE_DELTA_BYTES: usize = 512 << 10;
+/// A baseline is written to the outbox in batches of about this many bytes.
+const BASELINE_BATCH_BYTES: usize = 16 << 20;
+
+/// A baseline delta being filled: its keys and values, and their bytes.
+type Filling = (BTreeMap<(Family, Vec<u8>), Vec<u8>>, usize);
+
+/// The baseline being written: per partition, the delta being filled and the commit of the
+/// partition's first baseline delta.
+struct Baseline {
+    store: Arc<Store>,
+    partitions: u32,
+    clock: Option<i64>,
+    next_commit: u64,
+    filling: Vec<Filling>,
+    first: Vec<Option<u64>>,
+    positions: Vec<Vec<(String, u64)>>,
+    wb: WriteBatch,
+    deltas: u64,
+}
+
+impl Baseline {
+    fn add(&mut self, family: Family, key: &[u8], value: &[u8], partition: u32) -> Result<(), StoreError> {
+        let (writes, bytes) = &mut self.filling[partition as usize];
+        *bytes += key.len() + value.len();
+        writes.insert((family, key.to_vec()), value.to_vec());
+        if *bytes >= BASELINE_DELTA_BYTES {
+            self.emit(partition, false)?;
+        }
+        Ok(())
+    }
+
+    /// Cuts partition `partition`'s delta (the last one of its baseline with `end`).
+    fn emit(&mut self, partition: u32, end: bool) -> Result<(), StoreError> {
+        let (writes, _) = std::mem::take(&mut self.filling[partition as usize]);
+        let commit = self.next_commit;
+        self.next_commit += 1;
+        let first = *self.first[partition as usize].get_or_insert(commit);
+        let delta = crate::changelog::Delta {
+            partition,
+            partitions: self.partitions,
+            commit,
+            clock: self.clock,
+            positions: if end {
+                std::mem::take(&mut self.positions[partition as usize])
+            } else {
+                Vec::new()
+            },
+            writes: writes
+                .into_iter()
+                .map(|((family, key), value)| crate::changelog::DeltaWrite {
+                    family,
+                    key,
+                    value: Some(value),
+                })
+                .collect(),
+            baseline_from: end.then_some(first),
+        };
+        self.wb.put_cf(
+            self.store.cf(CF_OUTBOX),
+            outbox_key(partition, commit),
+            delta.encode(),
+        );
+        self.deltas += 1;
+        if self.wb.size_in_bytes() >= BASELINE_BATCH_BYTES {
+            // The counter goes with each batch: a baseline cut short by a crash is written
+            // again after it, with higher numbers.
+            self.store
+                .put_meta_u64(&mut self.wb, META_COMMIT, self.next_commit);
+            self.store.commit(std::mem::take(&mut self.wb))?;
+        }
+        Ok(())
+    }
+}
+
 impl Engine {
+    /// At open: a store that keeps the changelog and did not keep it before writes a
+    /// baseline first; one that no longer keeps it forgets that it did.
+    pub(super) fn open_changelog(&mut self) -> Result<(), EngineError> {
+        let live = self.store.get(CF_META, META_CHANGELOG_LIVE.as_bytes())?.is_some();
+        match (self.config.changelog, live) {
+            (true, false) => {
+                let deltas = self.write_changelog_baseline()?;
+                tracing::info!(
+                    deltas,
+                    "the state changelog starts with a baseline of every partition"
+                );
+            }
+            (false, true) => {
+                let mut wb = WriteBatch::default();
+                wb.delete_cf(self.store.cf(CF_META), META_CHANGELOG_LIVE.as_bytes());
+                self.store.commit(wb)?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Puts a baseline of every partition into the outbox: every key of its state, in
+    /// deltas of at most about [`BASELINE_DELTA_BYTES`], the last one marked as ending the
+    /// baseline with the partition's Kafka positions. A restore then needs nothing written
+    /// before it. Returns the deltas written.
+    fn write_changelog_baseline(&mut self) -> Result<u64, EngineError> {
+        self.settle();
+        let partitions = self.config.partitions;
+        let empty = [CF_CUSTOMERS, CF_TIMERS, crate::store::CF_IDENTITIES]
+            .iter()
+            .all(|cf| self.store.scan_from(cf, &[]).next().is_none());
+        if empty {
+            // A new store: its first commits are the partitions' whole history. (Its empty
+            // partitions must not supersede what another store published.)
+            let mut wb = WriteBatch::default();
+            wb.put_cf(self.store.cf(CF_META), META_CHANGELOG_LIVE.as_bytes(), []);
+            self.store.commit(wb)?;
+            return Ok(0);
+        }
+        let mut positions = vec![Vec::new(); partitions as usize];
+        for (source, offset) in super::read::source_offsets(&self.store)? {
+            if let Some(p) = crate::changelog::position_partition(&source, partitions) {
+                positions[p as usize].push((source, offset));
+            }
+        }
+        let mut baseline = Baseline {
+            store: self.store.clone(),
+            partitions,
+            clock: self.counters.clock,
+            next_commit: self.counters.next_commit,
+            filling: vec![Default::default(); partitions as usize],
+            first: vec![None; partitions as usize],
+            positions,
+            wb: WriteBatch::default(),
+            deltas: 0,
+        };
+        let store = self.store.clone();
+        store.customers_with_history(
+            |_| true,
+            |c| {
+                let p = partition_of(c.id.as_bytes(), partitions);
+                baseline.add(Family::Customers, c.id.as_bytes(), c.record, p)?;
+                for (rest, value) in &c.events {
+                    let key = crate::store::event_key_from_rest(c.id, rest);
+                    baseline.add(Family::Events, &key, value, p)?;
+                }
+                for (event_id, applied) in &c.dedup {
+                    baseline.add(Family::Dedup, event_id.as_bytes(), applied, p)?;
+                }
+                Ok(())
+            },
+        )?;
+        for family in [Family::Timers, Family::Identities] {
+            for item in store.scan_from(family.cf_name(), &[]) {
+                let (key, value) = item?;
+                if let Some(owner) = family.owner(&key) {
+                    baseline.add(family, &key, &value, partition_of(owner, partitions))?;
+                }
+            }
+        }
+        for p in 0..partitions {
+            baseline.emit(p, true)?;
+        }
+        self.counters.next_commit = baseline.next_commit;
+        let mut wb = std::mem::take(&mut baseline.wb);
+        self.store
+            .put_meta_u64(&mut wb, META_COMMIT, self.counters.next_commit);
+        wb.put_cf(self.store.cf(CF_META), META_CHANGELOG_LIVE.as_bytes(), []);
+        self.store.commit(wb)?;
+        Ok(baseline.deltas)
+    }
+
     /// The outbox writes of a commit whose writes are `writes` (in the order they apply):
     /// one delta per partition written or whose Kafka position moved, numbered with the
     /// next commit number, which is counted in the same writes. Empty when there is none.

@@ -209,9 +209,15 @@ impl Engine {
     /// Imports a partition exported by [`ReadHandle::export_partition`] from a store with the
     /// same number of partitions, as one atomic commit. Refused whole when the file is not a
     /// complete export, when the partition counts differ, or when any of its customers is
-    /// already here (the partition is owned by this store already).
+    /// already here (the partition is owned by this store already), and in a store that
+    /// keeps the state changelog (the import would not be in it).
     pub fn import_partition(&mut self, input: &mut impl Read) -> Result<PartitionSummary, EngineError> {
         self.settle();
+        if self.config.changelog {
+            return Err(EngineError::Conflict(
+                "this store keeps the state changelog, which an import would not be in: restore the partition from the state topic (`tagstream partitions restore`), or import with `state_topic` unset and let the next start with it write a baseline".into(),
+            ));
+        }
         let mut magic = vec![0u8; MAGIC.len()];
         input
             .read_exact(&mut magic)
