@@ -352,6 +352,98 @@ fn kafka_consumer_killed_mid_stream_ends_like_an_uninterrupted_http_run() {
     assert_eq!(published, expected.0, "tag-changes after dropping duplicate seq");
 }
 
+/// A change as the API prints it, without its `seq` (a store restored from the state
+/// changelog numbers its own change log).
+fn without_seq(mut change: serde_json::Value) -> serde_json::Value {
+    change.as_object_mut().unwrap().remove("seq");
+    change
+}
+
+/// A node consuming with the state changelog on (`state_topic`) is killed mid-stream and its
+/// machine lost. `tagstream partitions restore` rebuilds its partition on a new data dir
+/// from the state topic alone, and a server there resumes from the offsets that came with
+/// it: every customer ends exactly as in the uninterrupted run, and its change log is that
+/// run's from the restored instant on — nothing lost, nothing twice.
+#[test]
+fn a_node_killed_mid_stream_is_rebuilt_from_the_state_topic_and_ends_like_an_uninterrupted_run() {
+    let lines = stream();
+    let (expected, expected_seq, _) = reference_run(&lines);
+    let broker = broker_with(&lines);
+    broker.create_topic("state", 1);
+    let run = TempDir::new("kafka-state");
+    let config = run.path().join("tagstream.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "sync_writes = true\n[engine]\npartitions = 1\n[kafka]\nbrokers = \"{}\"\ngroup_id = \"state-{}\"\n\
+             max_batch = 40\nstate_topic = \"state\"\n\
+             [kafka.options]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n",
+            broker.addr,
+            std::process::id()
+        ),
+    )
+    .unwrap();
+    let server = Server::start(&run.path().join("lost"), &config);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while server.last_seq() < expected_seq / 2 {
+        assert!(Instant::now() < deadline, "no progress to interrupt");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let at_kill = server.last_seq();
+    server.kill(); // the machine is lost, its unpublished deltas with it
+    assert!(at_kill < expected_seq, "killed mid-stream");
+
+    let restored = run.path().join("restored");
+    let out = Command::new(env!("CARGO_BIN_EXE_tagstream"))
+        .args(["partitions", "restore", "--partition", "0", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&restored)
+        .args(["--rules"])
+        .arg(conformance().join("example.trl"))
+        .args(["--clock", "event"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("restored partition 0 of 1 from `state`"), "{said}");
+
+    let server = Server::start(&restored, &config);
+    let last = without_seq(expected.0.last().unwrap().clone());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let r = request(&server.addr, "GET", "/v1/changes?after=0&limit=100000", b"");
+        let changes = r.json()["changes"].as_array().cloned().unwrap_or_default();
+        if changes.last().cloned().map(without_seq) == Some(last.clone()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restored node did not reach the end"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    server.stop();
+    let end = snapshot(&restored);
+    assert_eq!(end.1, expected.1, "customers after the restore");
+    let tail: Vec<serde_json::Value> = end.0.into_iter().map(without_seq).collect();
+    assert!(
+        !tail.is_empty() && tail.len() < expected.0.len(),
+        "{} changes",
+        tail.len()
+    );
+    let reference: Vec<serde_json::Value> = expected.0[expected.0.len() - tail.len()..]
+        .iter()
+        .cloned()
+        .map(without_seq)
+        .collect();
+    assert_eq!(tail, reference, "the change log from the restored instant on");
+}
+
 /// CPU time (user + system) a process has used, in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
