@@ -95,10 +95,9 @@ impl Engine {
         match (self.config.changelog, live) {
             (true, false) => {
                 let deltas = self.write_changelog_baseline()?;
-                tracing::info!(
-                    deltas,
-                    "the state changelog starts with a baseline of every partition"
-                );
+                if deltas > 0 {
+                    tracing::info!(deltas, "the state changelog starts with a baseline of every partition");
+                }
             }
             (false, true) => {
                 let mut wb = WriteBatch::default();
