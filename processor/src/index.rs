@@ -225,6 +225,40 @@ pub struct IndexState {
     generations: Vec<u32>,
 }
 
+impl IndexState {
+    /// Indexes one customer record (`key`, `value`): a number for one that has none (the
+    /// record rewritten with it into `wb`), its memberships (their sets named in `dirty`),
+    /// its profile columns. Returns whether it was numbered.
+    fn index_record(
+        &mut self,
+        store: &Store,
+        (key, value): (&[u8], &[u8]),
+        wb: &mut WriteBatch,
+        dirty: &mut HashSet<Arc<str>>,
+        columns_dirty: &mut ColumnsDirty,
+    ) -> Result<bool, StoreError> {
+        let mut record = CustomerState::decode(value)?;
+        let numbered = record.number == NO_NUMBER;
+        if numbered {
+            let id = std::str::from_utf8(key).map_err(|_| CodecError("bad customer id"))?;
+            record.number = self.ids.push(id);
+            wb.put_cf(store.cf(CF_NUMBERS), number_key(record.number), id.as_bytes());
+            wb.put_cf(store.cf(CF_CUSTOMERS), key, record.encode(None));
+        }
+        for name in record.members.keys() {
+            self.sets.entry(name.clone()).or_default().insert(record.number);
+            if !dirty.contains(name) {
+                dirty.insert(name.clone());
+            }
+        }
+        for (attr, entry) in &record.history.profile {
+            self.columns
+                .set(record.number, attr, entry.value.as_ref(), columns_dirty);
+        }
+        Ok(numbered)
+    }
+}
+
 /// A profile value one commit set (`None`: deleted), for the columns.
 pub type ProfileUpdate = (u32, Arc<str>, Option<Value>);
 
@@ -477,6 +511,29 @@ impl MembershipIndex {
         Ok(())
     }
 
+    /// Adds customers written to the store without changes in the log (a restored
+    /// partition's): numbers those that have none and indexes their memberships and profile
+    /// columns, as a rebuild would, reading only their records. Checkpoint afterwards.
+    pub fn add_customers(&self, store: &Store, ids: &[&str]) -> Result<(), StoreError> {
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        let mut columns_dirty = self.columns_dirty.lock().unwrap_or_else(|e| e.into_inner());
+        let mut wb = WriteBatch::default();
+        for id in ids {
+            let Some(value) = store.get(CF_CUSTOMERS, id.as_bytes())? else {
+                continue;
+            };
+            state.index_record(
+                store,
+                (id.as_bytes(), &value),
+                &mut wb,
+                &mut dirty,
+                &mut columns_dirty,
+            )?;
+        }
+        store.commit(wb)
+    }
+
     /// Loads the index: its checkpoint plus the change log after it, or (no checkpoint) one
     /// scan of the customer records, which also numbers customers who have none and writes
     /// a first checkpoint. `last_seq` is the last committed change's `seq`.
@@ -657,34 +714,22 @@ impl MembershipIndex {
             ..Default::default()
         };
         let mut columns_dirty = ColumnsDirty::default();
+        // Every set is written by the first checkpoint.
+        let mut dirty = HashSet::new();
         Self::load_numbers(store, &mut state.ids)?;
         let mut wb = WriteBatch::default();
         let mut pending = 0;
         for item in store.scan_from(CF_CUSTOMERS, &[]) {
             let (key, value) = item?;
-            let mut record = CustomerState::decode(&value)?;
-            if record.number == NO_NUMBER {
-                let id = std::str::from_utf8(&key).map_err(|_| CodecError("bad customer id"))?;
-                record.number = state.ids.push(id);
-                wb.put_cf(store.cf(CF_NUMBERS), number_key(record.number), id.as_bytes());
-                wb.put_cf(store.cf(CF_CUSTOMERS), &key, record.encode(None));
+            if state.index_record(store, (&key, &value), &mut wb, &mut dirty, &mut columns_dirty)? {
                 pending += 1;
                 if pending == 10_000 {
                     store.commit(std::mem::take(&mut wb))?;
                     pending = 0;
                 }
             }
-            for name in record.members.keys() {
-                state.sets.entry(name.clone()).or_default().insert(record.number);
-            }
-            for (attr, entry) in &record.history.profile {
-                state
-                    .columns
-                    .set(record.number, attr, entry.value.as_ref(), &mut columns_dirty);
-            }
         }
         store.commit(wb)?;
-        let dirty = state.sets.keys().cloned().collect();
         let mut all_columns = state.columns.all_dirty();
         all_columns.merge(columns_dirty);
         let index = MembershipIndex {

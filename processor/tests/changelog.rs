@@ -238,10 +238,31 @@ fn a_partition_restored_from_its_changelog_carries_on_as_if_it_had_stayed() {
     assert!(all.clock() > Some(clock), "{:?} vs {clock}", all.clock());
     all.advance_clock(end).unwrap();
     assert_eq!(views(&all, &moved_ids), views(&source, &moved_ids));
-    // Reopened: the restored state, timers and numbering were committed.
+    // Reopened: the restored state, timers, numbering and index were committed.
     drop(all);
     let all = Engine::open(all_dir.path(), Some(&rules), config(2)).unwrap();
     assert_eq!(views(&all, &moved_ids), views(&source, &moved_ids));
+    // The membership index knows them: every tag's members are the source's of those
+    // partitions.
+    let mut checked = 0;
+    for def in source.rules().defs() {
+        let Ok(theirs) = all.members(&def.name) else {
+            continue;
+        };
+        let mut theirs: Vec<String> = theirs.into_iter().map(|m| m.0).collect();
+        let mut ours: Vec<String> = source
+            .members(&def.name)
+            .unwrap()
+            .into_iter()
+            .map(|m| m.0)
+            .filter(|id| of_moved(id))
+            .collect();
+        theirs.sort();
+        ours.sort();
+        assert_eq!(theirs, ours, "members of {}", def.name);
+        checked += usize::from(!ours.is_empty());
+    }
+    assert!(checked >= 3, "{checked} tags with members");
 }
 
 #[test]

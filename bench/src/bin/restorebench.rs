@@ -32,9 +32,9 @@ fn main() {
         std::process::exit(2);
     }
     let rules = std::fs::read_to_string(&args[2]).expect("reading the rules");
-    let partitions = args
-        .get(4)
-        .map_or(EngineConfig::default().partitions, |p| p.parse().expect("a partition count"));
+    let partitions = args.get(4).map_or(EngineConfig::default().partitions, |p| {
+        p.parse().expect("a partition count")
+    });
     let config = EngineConfig {
         clock: ClockMode::Event,
         partitions,
@@ -52,7 +52,10 @@ fn main() {
     for p in 0..partitions {
         let (wall, cpu) = (Instant::now(), process_cpu_seconds());
         let mut restore = Restore::new(p, partitions);
-        for (_, delta) in reader.changelog_deltas(p, 0, usize::MAX).expect("reading the outbox") {
+        for (_, delta) in reader
+            .changelog_deltas(p, 0, usize::MAX)
+            .expect("reading the outbox")
+        {
             bytes += delta.len() as u64;
             deltas += 1;
             restore

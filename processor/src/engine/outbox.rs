@@ -96,7 +96,10 @@ impl Engine {
             (true, false) => {
                 let deltas = self.write_changelog_baseline()?;
                 if deltas > 0 {
-                    tracing::info!(deltas, "the state changelog starts with a baseline of every partition");
+                    tracing::info!(
+                        deltas,
+                        "the state changelog starts with a baseline of every partition"
+                    );
                 }
             }
             (false, true) => {
@@ -330,7 +333,15 @@ impl Engine {
         self.aliases = identity::Aliases::load(&self.store)?;
         *self.owner_cache.borrow_mut() =
             identity::load_owner_cache(&self.store, self.config.identity.cache_entries)?;
-        self.reindex()?;
+        // Only the restored customers are indexed: a node restoring several partitions does
+        // not rescan the ones it already holds.
+        let restored: Vec<&str> = restore
+            .values()
+            .filter(|(family, _, _)| *family == Family::Customers)
+            .filter_map(|(_, key, _)| std::str::from_utf8(key).ok())
+            .collect();
+        self.index.add_customers(&self.store, &restored)?;
+        self.checkpoint_index()?;
         Ok(summary)
     }
 }
