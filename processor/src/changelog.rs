@@ -329,8 +329,9 @@ pub struct Restore {
     /// The latest clock a delta was written at.
     pub clock: Option<i64>,
     pub deltas: u64,
-    /// Per key, the highest commit that wrote it and what it wrote.
-    keys: BTreeMap<StateKey, (u64, Option<Vec<u8>>)>,
+    /// Per key, the highest commit that wrote it and what it wrote (hashed: a restore
+    /// meets each key once per delta that wrote it, and reads them in order once).
+    keys: foldhash::HashMap<StateKey, (u64, Option<Vec<u8>>)>,
     /// Per input, the position of the highest commit that named it.
     positions: BTreeMap<String, (u64, u64)>,
     /// The latest complete baseline read: its last commit and its first.
@@ -388,23 +389,32 @@ impl Restore {
     /// The keys the partition holds (deletes left out), in family and key order.
     pub fn values(&self) -> impl Iterator<Item = (Family, &[u8], &[u8])> {
         let from = self.from();
-        self.keys
+        let mut values: Vec<(Family, &[u8], &[u8])> = self
+            .keys
             .iter()
-            .filter_map(move |((family, key), (commit, value))| {
+            .filter_map(|((family, key), (commit, value))| {
                 value
                     .as_deref()
                     .filter(|_| *commit >= from)
                     .map(|v| (*family, &key[..], v))
             })
+            .collect();
+        values.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        values.into_iter()
     }
 
-    /// The keys the deltas last deleted, and those a later baseline left out.
+    /// The keys the deltas last deleted, and those a later baseline left out, in family
+    /// and key order.
     pub fn deletes(&self) -> impl Iterator<Item = (Family, &[u8])> {
         let from = self.from();
-        self.keys
+        let mut deletes: Vec<(Family, &[u8])> = self
+            .keys
             .iter()
-            .filter(move |(_, (commit, value))| value.is_none() || *commit < from)
+            .filter(|(_, (commit, value))| value.is_none() || *commit < from)
             .map(|((family, key), _)| (*family, &key[..]))
+            .collect();
+        deletes.sort_unstable();
+        deletes.into_iter()
     }
 
     /// The input positions to resume from.

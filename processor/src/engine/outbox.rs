@@ -255,6 +255,7 @@ impl Engine {
         MembershipIndex::forget_checkpoint(&self.store, &mut wb);
         let mut timers = Vec::new();
         let mut max_arrival = None;
+        let mut restored: Vec<&str> = Vec::new();
         for (family, key) in restore.deletes() {
             wb.delete_cf(self.store.cf(family.cf_name()), key);
         }
@@ -275,6 +276,7 @@ impl Engine {
                     state.number = crate::index::NO_NUMBER;
                     wb.put_cf(cf, key, state.encode(None));
                     summary.customers += 1;
+                    restored.push(id);
                 }
                 Family::Events => {
                     let (customer, arrival) =
@@ -335,11 +337,6 @@ impl Engine {
             identity::load_owner_cache(&self.store, self.config.identity.cache_entries)?;
         // Only the restored customers are indexed: a node restoring several partitions does
         // not rescan the ones it already holds.
-        let restored: Vec<&str> = restore
-            .values()
-            .filter(|(family, _, _)| *family == Family::Customers)
-            .filter_map(|(_, key, _)| std::str::from_utf8(key).ok())
-            .collect();
         self.index.add_customers(&self.store, &restored)?;
         self.checkpoint_index()?;
         Ok(summary)
