@@ -46,11 +46,14 @@ pub fn serve(
     let access = Access::open(engine.store().clone(), access).map_err(anyhow::Error::msg)?;
     access.check_listen(listen).map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let partitions = engine.config().partitions;
     let (handle, engine_thread) = EngineHandle::spawn(engine, ServiceConfig::default());
     let mut state = AppState::with_access(handle.clone(), api, Arc::new(access));
     state.webhooks = Arc::new(Webhooks::new(webhooks));
     let kafka_workers = match kafka {
         Some(settings) => {
+            kafka::check_state_topic(&settings, partitions, Duration::from_secs(10))
+                .map_err(anyhow::Error::msg)?;
             let status = Arc::new(KafkaStatus::default());
             state.kafka = Some(status.clone());
             tracing::info!(brokers = %settings.brokers, topic = %settings.topic, group = %settings.group_id, "consuming from Kafka");

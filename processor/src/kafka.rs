@@ -249,11 +249,16 @@ pub fn start(
     ];
     for (topic, feed) in feeds {
         let Some(topic) = topic else { continue };
-        let producer: BaseProducer<PublishCtx> = settings
-            .client_config()
-            .set("enable.idempotence", "true")
-            .set("linger.ms", "5")
-            .create_with_context(PublishCtx::default())?;
+        let mut config = settings.client_config();
+        config.set("enable.idempotence", "true").set("linger.ms", "5");
+        if let Feed::State = feed {
+            // Deltas repeat their keys and records' field names: LZ4 takes most of the bytes
+            // off the wire and the broker's disk (a client option can still set another).
+            if !settings.client_options.contains_key("compression.type") {
+                config.set("compression.type", "lz4");
+            }
+        }
+        let producer: BaseProducer<PublishCtx> = config.create_with_context(PublishCtx::default())?;
         let (stop, drain, reader) = (publishers_stop.clone(), drain.clone(), reader.clone());
         // Held before the thread starts, so no trim runs in between.
         if let Err(e) = hold_unpublished(&reader, feed, &publish_cursor(feed, &topic)) {
@@ -697,6 +702,34 @@ fn next_records(
             Ok((records, Confirmed::Cursor(last)))
         }
     }
+}
+
+/// Checks that the state changelog topic exists with a partition for each of the engine's
+/// `partitions` (a delta of partition P goes to partition P): said at start, rather than
+/// every delta failing to publish while the outbox grows.
+pub fn check_state_topic(settings: &KafkaSettings, partitions: u32, timeout: Duration) -> Result<(), String> {
+    let Some(topic) = &settings.state_topic else {
+        return Ok(());
+    };
+    let consumer: BaseConsumer = settings
+        .client_config()
+        .create()
+        .map_err(|e| format!("connecting to check the state topic `{topic}`: {e}"))?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| format!("reading the state topic `{topic}`'s metadata: {e}"))?;
+    let found = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .filter(|t| t.error().is_none())
+        .map_or(0, |t| t.partitions().len());
+    if found < partitions as usize {
+        return Err(format!(
+            "the state topic `{topic}` has {found} partitions; it needs at least {partitions}, one per engine partition ([engine] partitions): create it with {partitions}"
+        ));
+    }
+    Ok(())
 }
 
 /// Reads partition `partition` of the state changelog topic `topic` from its start to the

@@ -695,6 +695,18 @@ fn a_store_restored_from_the_state_topic_resumes_from_kafka_without_loss() {
         ..config()
     };
 
+    // A state topic with fewer partitions than the engine's is refused, naming both.
+    cluster.create_topic("state-too-small", 2, 1).unwrap();
+    let mut small = KafkaSettings::new(&brokers, "events", "g-check");
+    small.state_topic = Some("state-too-small".into());
+    let err = kafka::check_state_topic(&small, PARTITIONS, Duration::from_secs(10)).unwrap_err();
+    assert!(
+        err.contains("has 2 partitions") && err.contains("at least 4"),
+        "{err}"
+    );
+    small.state_topic = Some("state".into());
+    kafka::check_state_topic(&small, PARTITIONS, Duration::from_secs(10)).unwrap();
+
     let dir = TempDir::new("kafka-state-source");
     let first = run_engine(
         Engine::open(dir.path(), Some(RULES), keeping()).unwrap(),
