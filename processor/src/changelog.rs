@@ -125,38 +125,70 @@ pub struct Delta {
     pub baseline_from: Option<u64>,
 }
 
-impl Delta {
-    pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer::new();
-        w.u8(FORMAT);
-        w.u64(u64::from(self.partition));
-        w.u64(u64::from(self.partitions));
-        w.u64(self.commit);
-        w.opt_i64(self.clock);
-        w.u64(self.positions.len() as u64);
-        for (source, offset) in &self.positions {
-            w.str(source);
-            w.u64(*offset);
-        }
-        w.u64(self.writes.len() as u64);
-        for write in &self.writes {
-            w.u8(write.family.tag());
-            w.bytes(&write.key);
-            match &write.value {
-                Some(value) => {
-                    w.u8(1);
-                    w.bytes(value);
-                }
-                None => w.u8(0),
-            }
-        }
-        match self.baseline_from {
-            Some(from) => {
+/// What a delta says besides its writes.
+struct Header<'a> {
+    partition: u32,
+    partitions: u32,
+    commit: u64,
+    clock: Option<i64>,
+    positions: &'a [(String, u64)],
+    baseline_from: Option<u64>,
+}
+
+/// Encodes a delta into `w`: `writes` in key order, `count` of them.
+fn encode_into<'a>(
+    w: &mut Writer,
+    header: &Header<'_>,
+    count: usize,
+    writes: impl Iterator<Item = (Family, &'a [u8], Option<&'a [u8]>)>,
+) {
+    w.u8(FORMAT);
+    w.u64(u64::from(header.partition));
+    w.u64(u64::from(header.partitions));
+    w.u64(header.commit);
+    w.opt_i64(header.clock);
+    w.u64(header.positions.len() as u64);
+    for (source, offset) in header.positions {
+        w.str(source);
+        w.u64(*offset);
+    }
+    w.u64(count as u64);
+    for (family, key, value) in writes {
+        w.u8(family.tag());
+        w.bytes(key);
+        match value {
+            Some(value) => {
                 w.u8(1);
-                w.u64(from);
+                w.bytes(value);
             }
             None => w.u8(0),
         }
+    }
+    match header.baseline_from {
+        Some(from) => {
+            w.u8(1);
+            w.u64(from);
+        }
+        None => w.u8(0),
+    }
+}
+
+impl Delta {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        let header = Header {
+            partition: self.partition,
+            partitions: self.partitions,
+            commit: self.commit,
+            clock: self.clock,
+            positions: &self.positions,
+            baseline_from: self.baseline_from,
+        };
+        let writes = self
+            .writes
+            .iter()
+            .map(|write| (write.family, &write.key[..], write.value.as_deref()));
+        encode_into(&mut w, &header, self.writes.len(), writes);
         w.buf
     }
 
@@ -229,38 +261,41 @@ pub fn position_partition(source: &str, partitions: u32) -> Option<u32> {
 /// A key of a partition's state: its column family and key.
 type StateKey = (Family, Vec<u8>);
 
-/// What a commit did to one partition, being collected.
-#[derive(Default)]
-struct Collected {
-    /// The last write to each key (`None`: a delete).
-    writes: BTreeMap<StateKey, Option<Vec<u8>>>,
-    positions: Vec<(String, u64)>,
+/// One write of a commit to a partition's key, borrowed from the commit's writes.
+struct Borrowed<'w> {
+    partition: u32,
+    family: Family,
+    key: &'w [u8],
+    value: Option<&'w [u8]>,
 }
 
-/// Collects a commit's writes into one delta per partition written.
-pub struct DeltaBuilder {
+/// Collects a commit's writes into one delta per partition written, borrowing them (no copy
+/// of a key or value until the delta is encoded).
+pub struct DeltaBuilder<'w> {
     partitions: u32,
     /// The partition families' handles' identities.
     families: Vec<(usize, Family)>,
-    by_partition: BTreeMap<u32, Collected>,
+    writes: Vec<Borrowed<'w>>,
+    positions: BTreeMap<u32, Vec<(String, u64)>>,
 }
 
-impl DeltaBuilder {
-    pub fn new(store: &Store, partitions: u32) -> DeltaBuilder {
+impl<'w> DeltaBuilder<'w> {
+    pub fn new(store: &Store, partitions: u32) -> DeltaBuilder<'w> {
         DeltaBuilder {
             partitions,
             families: Family::ALL
                 .into_iter()
                 .map(|f| (cf_id(store.cf(f.cf_name())), f))
                 .collect(),
-            by_partition: BTreeMap::new(),
+            writes: Vec::new(),
+            positions: BTreeMap::new(),
         }
     }
 
     /// Adds one part of the commit's writes (parts in the order the commit applies them:
     /// a later write to a key replaces an earlier one). `dedup_partition` names the
     /// partition of a `dedup` key's event.
-    pub fn add(&mut self, writes: &SortedWrites, dedup_partition: impl Fn(&[u8]) -> Option<u32>) {
+    pub fn add(&mut self, writes: &'w SortedWrites, dedup_partition: impl Fn(&[u8]) -> Option<u32>) {
         for (cf, key, value) in writes.ops() {
             let Some(&(_, family)) = self.families.iter().find(|(id, _)| *id == cf) else {
                 continue;
@@ -275,11 +310,12 @@ impl DeltaBuilder {
                     _ => continue,
                 },
             };
-            self.by_partition
-                .entry(partition)
-                .or_default()
-                .writes
-                .insert((family, key.to_vec()), value.map(<[u8]>::to_vec));
+            self.writes.push(Borrowed {
+                partition,
+                family,
+                key,
+                value,
+            });
         }
     }
 
@@ -288,33 +324,62 @@ impl DeltaBuilder {
     /// a restore resumes after them.
     pub fn position(&mut self, source: &str, offset: u64) {
         if let Some(p) = position_partition(source, self.partitions) {
-            self.by_partition
+            self.positions
                 .entry(p)
                 .or_default()
-                .positions
                 .push((source.to_owned(), offset));
         }
     }
 
-    /// The deltas, each numbered `commit`, written at `clock`.
-    pub fn finish(self, commit: u64, clock: Option<i64>) -> Vec<Delta> {
-        let partitions = self.partitions;
-        self.by_partition
-            .into_iter()
-            .map(|(partition, collected)| Delta {
+    /// Encodes the deltas, each numbered `commit` and written at `clock`: `encode(partition,
+    /// writer)` is called once per partition with something to say, and fills `writer`
+    /// with that partition's delta.
+    pub fn finish(
+        mut self,
+        commit: u64,
+        clock: Option<i64>,
+        mut emit: impl FnMut(u32, &dyn Fn(&mut Writer)),
+    ) {
+        // By partition, family and key; a key's writes stay in the order issued (stable).
+        self.writes
+            .sort_by(|a, b| (a.partition, a.family, a.key).cmp(&(b.partition, b.family, b.key)));
+        // The last write of each key.
+        let mut last: Vec<&Borrowed<'w>> = Vec::with_capacity(self.writes.len());
+        for (i, write) in self.writes.iter().enumerate() {
+            let next = self.writes.get(i + 1);
+            if next
+                .is_some_and(|n| (n.partition, n.family, n.key) == (write.partition, write.family, write.key))
+            {
+                continue;
+            }
+            last.push(write);
+        }
+        let mut partitions: Vec<u32> = last.iter().map(|w| w.partition).collect();
+        partitions.extend(self.positions.keys());
+        partitions.sort_unstable();
+        partitions.dedup();
+        let no_positions = Vec::new();
+        for partition in partitions {
+            let from = last.partition_point(|w| w.partition < partition);
+            let to = last.partition_point(|w| w.partition <= partition);
+            let writes = &last[from..to];
+            let header = Header {
                 partition,
-                partitions,
+                partitions: self.partitions,
                 commit,
                 clock,
-                positions: collected.positions,
-                writes: collected
-                    .writes
-                    .into_iter()
-                    .map(|((family, key), value)| DeltaWrite { family, key, value })
-                    .collect(),
+                positions: self.positions.get(&partition).unwrap_or(&no_positions),
                 baseline_from: None,
-            })
-            .collect()
+            };
+            emit(partition, &|w: &mut Writer| {
+                encode_into(
+                    w,
+                    &header,
+                    writes.len(),
+                    writes.iter().map(|b| (b.family, b.key, b.value)),
+                )
+            });
+        }
     }
 }
 

@@ -5,7 +5,7 @@
 use super::*;
 use crate::changelog::{outbox_key, DeltaBuilder, Family, Restore, CF_OUTBOX};
 use crate::partition::partition_of;
-use crate::writes::cf_id;
+use crate::writes::{cf_id, Writes};
 
 /// Set while this store keeps the changelog: opened without it, the store forgets it, so
 /// that turning the changelog on again starts with a baseline.
@@ -210,13 +210,12 @@ impl Engine {
             }
         }
         let mut out = SortedWrites::default();
-        let deltas = builder.finish(self.counters.next_commit, self.counters.clock);
-        if deltas.is_empty() {
+        let (commit, cf) = (self.counters.next_commit, self.store.cf(CF_OUTBOX));
+        builder.finish(commit, self.counters.clock, |partition, encode| {
+            out.put_with(cf, &outbox_key(partition, commit), encode);
+        });
+        if out.is_empty() {
             return out;
-        }
-        let cf = self.store.cf(CF_OUTBOX);
-        for delta in &deltas {
-            out.put_cf(cf, outbox_key(delta.partition, delta.commit), delta.encode());
         }
         self.counters.next_commit += 1;
         self.store
