@@ -401,6 +401,8 @@ pub struct Restore {
     positions: BTreeMap<String, (u64, u64)>,
     /// The latest complete baseline read: its last commit and its first.
     baseline: Option<(u64, u64)>,
+    /// Deltas left out because a store with another partition count wrote them.
+    other_counts: u64,
 }
 
 impl Restore {
@@ -412,9 +414,15 @@ impl Restore {
         }
     }
 
-    /// Adds one delta; refuses one of another partition or partition count.
+    /// Adds one delta; refuses one of another partition. One written under another
+    /// partition count (before `[engine] partitions` changed) is left out: a baseline under
+    /// this count supersedes it ([`Restore::check`]).
     pub fn add(&mut self, delta: Delta) -> Result<(), String> {
-        if (delta.partition, delta.partitions) != (self.partition, self.partitions) {
+        if delta.partitions != self.partitions {
+            self.other_counts += 1;
+            return Ok(());
+        }
+        if delta.partition != self.partition {
             return Err(format!(
                 "a delta of partition {} of {} cannot restore partition {} of {}",
                 delta.partition, delta.partitions, self.partition, self.partitions
@@ -442,6 +450,18 @@ impl Restore {
             if delta.commit >= slot.0 {
                 *slot = (delta.commit, write.value);
             }
+        }
+        Ok(())
+    }
+
+    /// Whether what was read is the partition: deltas of another partition count were left
+    /// out only if a baseline under this count followed them.
+    pub fn check(&self) -> Result<(), String> {
+        if self.other_counts > 0 && self.baseline.is_none() {
+            return Err(format!(
+                "{} deltas were written under another partition count and no baseline of {} partitions follows them: the partition cannot be restored from this topic",
+                self.other_counts, self.partitions
+            ));
         }
         Ok(())
     }
@@ -708,8 +728,17 @@ mod tests {
             assert_eq!(restore.positions().collect::<Vec<_>>(), vec![("kafka:t:0", 30)]);
             assert_eq!((restore.commit, restore.clock), (3, Some(30)));
         }
+        // Another partition: refused. Another partition count: left out, and without a
+        // baseline of this count after it, the restore says it is not whole.
         let mut other = Restore::new(1, 2);
-        assert!(other.add(deltas[0].clone()).is_err());
+        assert!(other
+            .add(Delta {
+                partitions: 2,
+                ..deltas[0].clone()
+            })
+            .is_err());
+        other.add(deltas[0].clone()).unwrap();
+        assert!(other.check().unwrap_err().contains("another partition count"));
 
         // A baseline (commits 5 and 6) supersedes what came before it: `a` and `e1`, not in
         // it, are no longer the partition's; its positions win; a delta after it counts.

@@ -369,4 +369,35 @@ fn turning_the_changelog_on_for_a_store_with_data_starts_with_a_baseline() {
     expected.sort();
     assert_eq!(restored_ids, expected);
     assert_eq!(views(&restored, &ids), views(&engine, &ids));
+
+    // `[engine] partitions` changed: the store writes a baseline under the new count; the
+    // deltas of the old one, still in the topic (here the outbox), are left out by a restore.
+    drop(engine);
+    let eight = || EngineConfig {
+        partitions: 8,
+        ..config(2)
+    };
+    let engine = Engine::open(dir.path(), Some(&rules), eight()).unwrap();
+    let again_dir = TempDir::new("changelog-baseline-eight");
+    let mut again = Engine::open(again_dir.path(), Some(&rules), eight()).unwrap();
+    for p in 0..8 {
+        let mut restore = Restore::new(p, 8);
+        for bytes in deltas(&engine, p, u64::MAX) {
+            restore.add(Delta::decode(&bytes).unwrap()).unwrap();
+        }
+        again.restore_partition(&restore).unwrap();
+    }
+    assert_eq!(views(&again, &ids), views(&engine, &ids));
+    // Without the new baseline, the old deltas are not a partition of eight.
+    let mut old_only = Restore::new(1, 8);
+    for bytes in deltas(&engine, 1, u64::MAX) {
+        let delta = Delta::decode(&bytes).unwrap();
+        if delta.partitions == PARTITIONS {
+            old_only.add(delta).unwrap();
+        }
+    }
+    let empty_dir = TempDir::new("changelog-baseline-refused");
+    let mut empty = Engine::open(empty_dir.path(), Some(&rules), eight()).unwrap();
+    let err = empty.restore_partition(&old_only).unwrap_err();
+    assert!(err.to_string().contains("another partition count"), "{err}");
 }

@@ -7,8 +7,9 @@ use crate::changelog::{outbox_key, DeltaBuilder, Family, Restore, CF_OUTBOX};
 use crate::partition::partition_of;
 use crate::writes::{cf_id, Writes};
 
-/// Set while this store keeps the changelog: opened without it, the store forgets it, so
-/// that turning the changelog on again starts with a baseline.
+/// Set while this store keeps the changelog, to the partition count its deltas are written
+/// under: opened without the changelog, the store forgets it, so that turning it on again
+/// starts with a baseline; opened with another partition count, it writes a new baseline.
 const META_CHANGELOG_LIVE: &str = "changelog_live";
 
 /// A baseline's delta is cut once it holds this many bytes of keys and values.
@@ -91,8 +92,11 @@ impl Engine {
     /// At open: a store that keeps the changelog and did not keep it before writes a
     /// baseline first; one that no longer keeps it forgets that it did.
     pub(super) fn open_changelog(&mut self) -> Result<(), EngineError> {
-        let live = self.store.get(CF_META, META_CHANGELOG_LIVE.as_bytes())?.is_some();
-        match (self.config.changelog, live) {
+        let live = self.store.get(CF_META, META_CHANGELOG_LIVE.as_bytes())?;
+        // Kept under this partition count: nothing to do (a value of another length is
+        // taken as another count).
+        let current = live.as_deref() == Some(&u64::from(self.config.partitions).to_be_bytes()[..]);
+        match (self.config.changelog, live.is_some() && current) {
             (true, false) => {
                 let deltas = self.write_changelog_baseline()?;
                 if deltas > 0 {
@@ -102,7 +106,7 @@ impl Engine {
                     );
                 }
             }
-            (false, true) => {
+            (false, _) if live.is_some() => {
                 let mut wb = WriteBatch::default();
                 wb.delete_cf(self.store.cf(CF_META), META_CHANGELOG_LIVE.as_bytes());
                 self.store.commit(wb)?;
@@ -126,7 +130,11 @@ impl Engine {
             // A new store: its first commits are the partitions' whole history. (Its empty
             // partitions must not supersede what another store published.)
             let mut wb = WriteBatch::default();
-            wb.put_cf(self.store.cf(CF_META), META_CHANGELOG_LIVE.as_bytes(), []);
+            wb.put_cf(
+                self.store.cf(CF_META),
+                META_CHANGELOG_LIVE.as_bytes(),
+                u64::from(partitions).to_be_bytes(),
+            );
             self.store.commit(wb)?;
             return Ok(0);
         }
@@ -178,7 +186,11 @@ impl Engine {
         let mut wb = std::mem::take(&mut baseline.wb);
         self.store
             .put_meta_u64(&mut wb, META_COMMIT, self.counters.next_commit);
-        wb.put_cf(self.store.cf(CF_META), META_CHANGELOG_LIVE.as_bytes(), []);
+        wb.put_cf(
+            self.store.cf(CF_META),
+            META_CHANGELOG_LIVE.as_bytes(),
+            u64::from(partitions).to_be_bytes(),
+        );
         self.store.commit(wb)?;
         Ok(baseline.deltas)
     }
@@ -238,6 +250,9 @@ impl Engine {
                 restore.partitions
             )));
         }
+        restore
+            .check()
+            .map_err(|e| EngineError::Conflict(format!("{e}; nothing was restored")))?;
         let counts = self.reader().partition_counts(partitions)?;
         if counts.get(partition as usize).copied().unwrap_or(0) > 0 {
             return Err(EngineError::Conflict(format!(
