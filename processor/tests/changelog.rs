@@ -3,12 +3,14 @@
 //! read in any order, some twice — and its customers carry on there as if they had never
 //! moved.
 
-use std::collections::BTreeMap;
-
 use processor::changelog::{Delta, Restore};
 use processor::partition::partition_of;
-use processor::{ClockMode, CustomerView, Engine, EngineConfig, EngineError};
-use tests::{conformance_dir, TempDir};
+use processor::{ClockMode, Engine, EngineConfig, EngineError};
+use tests::TempDir;
+
+#[path = "support/moves.rs"]
+mod moves;
+use moves::{changes_by_customer, ingest_all, ordered_stream, rules_text, views};
 
 const PARTITIONS: u32 = 4;
 
@@ -21,63 +23,6 @@ fn config(workers: usize) -> EngineConfig {
         changelog: true,
         ..Default::default()
     }
-}
-
-/// The conformance stream's events in `ts` order (so an event's `at` is its own `ts` in any
-/// store, whatever else that store has seen), with their customers.
-fn ordered_stream() -> Vec<(String, String)> {
-    let raw = std::fs::read(conformance_dir().join("events.ndjson")).unwrap();
-    let mut events: Vec<(i64, String, String)> = raw
-        .split(|b| *b == b'\n')
-        .filter_map(|line| {
-            let line = std::str::from_utf8(line).ok()?;
-            let v: serde_json::Value = serde_json::from_str(line).ok()?;
-            let ts = v.get("ts")?.as_i64()?;
-            let customer = rules::normalize(v.get("customer_id")?.as_str()?).into_owned();
-            (!customer.is_empty()).then(|| (ts, customer, line.to_owned()))
-        })
-        .collect();
-    events.sort_by_key(|e| e.0);
-    events.into_iter().map(|(_, c, l)| (c, l)).collect()
-}
-
-fn rules_text() -> String {
-    std::fs::read_to_string(conformance_dir().join("example.trl")).unwrap()
-}
-
-fn ingest_all<'a>(engine: &mut Engine, lines: impl IntoIterator<Item = &'a String>) {
-    let lines: Vec<&String> = lines.into_iter().collect();
-    for chunk in lines.chunks(97) {
-        engine.ingest(chunk).unwrap();
-    }
-}
-
-fn views(engine: &Engine, ids: &[String]) -> BTreeMap<String, CustomerView> {
-    ids.iter()
-        .map(|id| {
-            let view = engine
-                .customer(id)
-                .unwrap()
-                .unwrap_or_else(|| panic!("{id} is here"));
-            (id.clone(), view)
-        })
-        .collect()
-}
-
-/// Changes after `after`, per customer, without `seq`.
-fn changes_by_customer(engine: &Engine, after: u64) -> BTreeMap<String, Vec<String>> {
-    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for c in engine.changes(after, usize::MAX).unwrap() {
-        out.entry(c.customer_id.to_string()).or_default().push(format!(
-            "{:?} {} {:?} {} {}",
-            c.kind,
-            c.name,
-            c.op,
-            c.at,
-            c.cause.as_string()
-        ));
-    }
-    out
 }
 
 /// The outbox's deltas of `partition` up to commit `through`, in commit order.

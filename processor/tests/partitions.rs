@@ -2,11 +2,13 @@
 //! another — where its customers carry on exactly as if they had never moved — and dropped
 //! from the store it left.
 
-use std::collections::BTreeMap;
-
 use processor::partition::partition_of;
-use processor::{ClockMode, CustomerView, Engine, EngineConfig, EngineError};
-use tests::{conformance_dir, TempDir};
+use processor::{ClockMode, Engine, EngineConfig, EngineError};
+use tests::TempDir;
+
+#[path = "support/moves.rs"]
+mod moves;
+use moves::{changes_by_customer, ingest_all, ordered_stream, rules_text, views};
 
 const PARTITIONS: u32 = 4;
 
@@ -20,56 +22,6 @@ fn config(workers: usize) -> EngineConfig {
     }
 }
 
-/// The conformance stream's events in `ts` order (an event's `at` is then its own `ts` in
-/// any store, whatever else that store has seen), with the customer each belongs to.
-fn ordered_stream() -> Vec<(String, String)> {
-    let raw = std::fs::read(conformance_dir().join("events.ndjson")).unwrap();
-    let mut events: Vec<(i64, String, String)> = raw
-        .split(|b| *b == b'\n')
-        .filter_map(|line| {
-            let line = std::str::from_utf8(line).ok()?;
-            let v: serde_json::Value = serde_json::from_str(line).ok()?;
-            let ts = v.get("ts")?.as_i64()?;
-            let customer = rules::normalize(v.get("customer_id")?.as_str()?).into_owned();
-            (!customer.is_empty()).then(|| (ts, customer, line.to_owned()))
-        })
-        .collect();
-    events.sort_by_key(|e| e.0);
-    events.into_iter().map(|(_, c, l)| (c, l)).collect()
-}
-
-fn rules_text() -> String {
-    std::fs::read_to_string(conformance_dir().join("example.trl")).unwrap()
-}
-
-fn views(engine: &Engine, ids: impl IntoIterator<Item = String>) -> BTreeMap<String, CustomerView> {
-    ids.into_iter()
-        .map(|id| {
-            let view = engine
-                .customer(&id)
-                .unwrap()
-                .unwrap_or_else(|| panic!("{id} is here"));
-            (id, view)
-        })
-        .collect()
-}
-
-/// Changes after `after`, per customer, without `seq`.
-fn changes_by_customer(engine: &Engine, after: u64) -> BTreeMap<String, Vec<String>> {
-    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for c in engine.changes(after, usize::MAX).unwrap() {
-        out.entry(c.customer_id.to_string()).or_default().push(format!(
-            "{:?} {} {:?} {} {}",
-            c.kind,
-            c.name,
-            c.op,
-            c.at,
-            c.cause.as_string()
-        ));
-    }
-    out
-}
-
 /// `gone` and every other customer of partition 1 have left `engine`.
 fn assert_gone(engine: &Engine, gone: &str) {
     assert_eq!(engine.customer(gone).unwrap(), None);
@@ -77,12 +29,6 @@ fn assert_gone(engine: &Engine, gone: &str) {
     assert!(members
         .iter()
         .all(|(id, _)| partition_of(id.as_bytes(), PARTITIONS) != 1));
-}
-
-fn ingest_all(engine: &mut Engine, lines: &[&String]) {
-    for chunk in lines.chunks(97) {
-        engine.ingest(chunk).unwrap();
-    }
 }
 
 #[test]
@@ -95,7 +41,7 @@ fn a_partition_moved_to_another_store_carries_on_as_if_it_had_stayed() {
     // The store that keeps everything.
     let stay_dir = TempDir::new("partitions-stay");
     let mut stay = Engine::open(stay_dir.path(), Some(&rules), config(2)).unwrap();
-    ingest_all(&mut stay, &first.iter().map(|(_, l)| l).collect::<Vec<_>>());
+    ingest_all(&mut stay, first.iter().map(|(_, l)| l));
     let clock = stay.clock().unwrap();
     // A customer of partition 1 whose profile is set at the clock's instant: a later update
     // at the same instant wins by arrival, in whichever store it lands.
@@ -158,7 +104,7 @@ fn a_partition_moved_to_another_store_carries_on_as_if_it_had_stayed() {
         .filter(|id| moved.contains(&partition_of(id.as_bytes(), PARTITIONS)))
         .cloned()
         .collect();
-    assert_eq!(views(&there, moved_ids.clone()), views(&stay, moved_ids.clone()));
+    assert_eq!(views(&there, &moved_ids), views(&stay, &moved_ids));
     for tag in [
         "high_value_active",
         "lead_sla_breach",
@@ -194,17 +140,17 @@ fn a_partition_moved_to_another_store_carries_on_as_if_it_had_stayed() {
 
     // The second half: everything into the store that kept it all; the moved customers'
     // events (resent duplicates included) into the new one.
-    ingest_all(&mut stay, &second.iter().map(|(_, l)| l).collect::<Vec<_>>());
+    ingest_all(&mut stay, second.iter().map(|(_, l)| l));
     let theirs: Vec<&String> = second
         .iter()
         .filter(|(c, _)| moved.contains(&partition_of(c.as_bytes(), PARTITIONS)))
         .map(|(_, l)| l)
         .collect();
-    ingest_all(&mut there, &theirs);
+    ingest_all(&mut there, theirs);
     stay.advance_clock(end).unwrap();
     there.advance_clock(end).unwrap();
 
-    assert_eq!(views(&there, moved_ids.clone()), views(&stay, moved_ids.clone()));
+    assert_eq!(views(&there, &moved_ids), views(&stay, &moved_ids));
     let mut expected = changes_by_customer(&stay, cut);
     expected.retain(|id, _| moved.contains(&partition_of(id.as_bytes(), PARTITIONS)));
     assert!(!expected.is_empty(), "the moved customers change after the move");
@@ -231,10 +177,7 @@ fn an_import_is_refused_whole_when_it_cannot_apply() {
     let rules = rules_text();
     let dir = TempDir::new("partitions-source");
     let mut source = Engine::open(dir.path(), Some(&rules), config(2)).unwrap();
-    ingest_all(
-        &mut source,
-        &stream.iter().take(800).map(|(_, l)| l).collect::<Vec<_>>(),
-    );
+    ingest_all(&mut source, stream.iter().take(800).map(|(_, l)| l));
     let mut file = Vec::new();
     source
         .reader()

@@ -13,17 +13,10 @@
 
 use std::time::Instant;
 
+use bench::process_cpu_seconds;
+
 use processor::changelog::{Delta, Restore};
 use processor::{ClockMode, Engine, EngineConfig};
-
-/// CPU seconds used so far by every thread of this process.
-fn process_cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").expect("reading /proc/self/stat");
-    let rest = &stat[stat.rfind(')').expect("a /proc stat line") + 2..];
-    let fields: Vec<&str> = rest.split(' ').collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    ticks as f64 / 100.0
-}
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
