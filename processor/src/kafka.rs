@@ -733,7 +733,8 @@ pub fn check_state_topic(settings: &KafkaSettings, partitions: u32, timeout: Dur
 }
 
 /// Reads partition `partition` of the state changelog topic `topic` from its start to the
-/// end it had when the read began, into the partition's state as its last complete delta
+/// end it had when the read began (and what follows it without a pause), into the
+/// partition's state as its last complete delta
 /// left it ([`crate::changelog::Assembler`]); also returns how many deltas were left out
 /// incomplete. Fails when no record arrives for `stall` while some are still to read.
 pub fn read_state_partition(
@@ -760,7 +761,10 @@ pub fn read_state_partition(
         tpl.add_partition_offset(topic, partition as i32, Offset::Beginning)
             .map_err(|e| failed("reading", e))?;
         consumer.assign(&tpl).map_err(|e| failed("reading", e))?;
-        let mut last_progress = Instant::now();
+        // Past the end the broker named, records that still follow without a pause are read
+        // too: some brokers (tansu) name an end short of the last record.
+        const SETTLE: Duration = Duration::from_millis(300);
+        let (mut last_progress, mut reached) = (Instant::now(), false);
         loop {
             match consumer.poll(Duration::from_millis(100)) {
                 Some(Ok(m)) => {
@@ -768,12 +772,11 @@ pub fn read_state_partition(
                     assembler
                         .add(m.key().unwrap_or_default(), m.payload())
                         .map_err(|e| format!("{e} (offset {} of partition {partition} of `{topic}`)", m.offset()))?;
-                    if m.offset() + 1 >= end {
-                        break;
-                    }
+                    reached |= m.offset() + 1 >= end;
                 }
                 Some(Err(e)) => return Err(failed("reading", e)),
-                None if last_progress.elapsed() > stall => {
+                None if reached && last_progress.elapsed() >= SETTLE => break,
+                None if !reached && last_progress.elapsed() > stall => {
                     return Err(format!(
                         "reading partition {partition} of `{topic}`: nothing arrived for {stall:?} before its end (offset {end})"
                     ))

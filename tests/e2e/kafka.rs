@@ -352,6 +352,33 @@ fn kafka_consumer_killed_mid_stream_ends_like_an_uninterrupted_http_run() {
     assert_eq!(published, expected.0, "tag-changes after dropping duplicate seq");
 }
 
+/// How many records a one-partition topic holds, read until none arrives for two seconds
+/// (not from its high watermark: tansu's can fall short).
+fn records_in(brokers: &str, topic: &str) -> u64 {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("count-{topic}-{}", std::process::id()))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    let mut from_start = rdkafka::TopicPartitionList::new();
+    from_start
+        .add_partition_offset(topic, 0, rdkafka::Offset::Beginning)
+        .unwrap();
+    consumer.assign(&from_start).unwrap();
+    let (mut count, mut quiet) = (0, Instant::now());
+    let started = Instant::now();
+    while quiet.elapsed() < Duration::from_secs(2)
+        || (count == 0 && started.elapsed() < Duration::from_secs(20))
+    {
+        if let Some(Ok(_)) = consumer.poll(Duration::from_millis(100)) {
+            count += 1;
+            quiet = Instant::now();
+        }
+    }
+    count
+}
+
 /// A change as the API prints it, without its `seq` (a store restored from the state
 /// changelog numbers its own change log).
 fn without_seq(mut change: serde_json::Value) -> serde_json::Value {
@@ -411,6 +438,20 @@ fn a_node_killed_mid_stream_is_rebuilt_from_the_state_topic_and_ends_like_an_uni
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(said.contains("restored partition 0 of 1 from `state`"), "{said}");
+    // Read to the topic's end (the first delta alone would also end right, by consuming
+    // nearly everything again: the restore must have read what the killed node published).
+    let deltas: u64 = said
+        .split(" deltas to commit")
+        .next()
+        .and_then(|s| s.rsplit('(').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{said}"));
+    assert!(deltas > 20, "only {deltas} deltas read: {said}");
+    assert_eq!(
+        deltas,
+        records_in(&broker.addr, "state"),
+        "every published delta read"
+    );
 
     let server = Server::start(&restored, &config);
     let last = without_seq(expected.0.last().unwrap().clone());
