@@ -734,9 +734,9 @@ pub fn check_state_topic(settings: &KafkaSettings, partitions: u32, timeout: Dur
 
 /// Reads partition `partition` of the state changelog topic `topic` from its start to the
 /// end it had when the read began (and what follows it without a pause), into the
-/// partition's state as its last complete delta
-/// left it ([`crate::changelog::Assembler`]); also returns how many deltas were left out
-/// incomplete. Fails when no record arrives for `stall` while some are still to read.
+/// partition's state as its last complete delta left it ([`crate::changelog::Assembler`]);
+/// also returns how many deltas were left out incomplete. Fails when no record arrives for
+/// `stall` while some are still to read.
 pub fn read_state_partition(
     settings: &KafkaSettings,
     topic: &str,
