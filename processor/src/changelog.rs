@@ -275,6 +275,8 @@ pub struct DeltaBuilder<'w> {
     partitions: u32,
     /// The partition families' handles' identities.
     families: Vec<(usize, Family)>,
+    /// The `meta` family's, where the commit's input positions are.
+    meta: usize,
     writes: Vec<Borrowed<'w>>,
     positions: BTreeMap<u32, Vec<(String, u64)>>,
 }
@@ -287,16 +289,27 @@ impl<'w> DeltaBuilder<'w> {
                 .into_iter()
                 .map(|f| (cf_id(store.cf(f.cf_name())), f))
                 .collect(),
+            meta: cf_id(store.cf(crate::store::CF_META)),
             writes: Vec::new(),
             positions: BTreeMap::new(),
         }
     }
 
     /// Adds one part of the commit's writes (parts in the order the commit applies them:
-    /// a later write to a key replaces an earlier one). `dedup_partition` names the
-    /// partition of a `dedup` key's event.
+    /// a later write to a key replaces an earlier one), and the input positions among them.
+    /// `dedup_partition` names the partition of a `dedup` key's event.
     pub fn add(&mut self, writes: &'w SortedWrites, dedup_partition: impl Fn(&[u8]) -> Option<u32>) {
         for (cf, key, value) in writes.ops() {
+            if cf == self.meta {
+                let source = key.strip_prefix(crate::engine::META_OFFSET_PREFIX.as_bytes());
+                if let (Some(source), Some(value)) = (source, value) {
+                    if let (Ok(source), Ok(offset)) = (std::str::from_utf8(source), Reader::new(value).u64())
+                    {
+                        self.position(source, offset);
+                    }
+                }
+                continue;
+            }
             let Some(&(_, family)) = self.families.iter().find(|(id, _)| *id == cf) else {
                 continue;
             };
@@ -322,7 +335,7 @@ impl<'w> DeltaBuilder<'w> {
     /// An input position the commit moved: a partition whose Kafka partition moved gets a
     /// delta even when none of its keys changed (its events were duplicates or rejected), so
     /// a restore resumes after them.
-    pub fn position(&mut self, source: &str, offset: u64) {
+    fn position(&mut self, source: &str, offset: u64) {
         if let Some(p) = position_partition(source, self.partitions) {
             self.positions
                 .entry(p)

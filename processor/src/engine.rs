@@ -587,7 +587,8 @@ const META_GENERATION: &str = "generation";
 const META_BACKFILL: &str = "backfill_cursor";
 /// A saved segment being filled round by round: the next customer number, then its name.
 const META_SEGMENT_FILL: &str = "segment_fill";
-const META_OFFSET_PREFIX: &str = "offset:";
+/// Each input's next position (`offset:SOURCE`), written with the state it produced.
+pub(crate) const META_OFFSET_PREFIX: &str = "offset:";
 /// The data-quality record ([`crate::quality`]), saved with commits every few seconds.
 const META_QUALITY: &str = "quality";
 /// What identity resolution has done ([`crate::identity::IdentityStats`]), as JSON.

@@ -273,8 +273,9 @@ pub fn decode_timer_key(key: &[u8]) -> Result<(i64, &str), CodecError> {
     Ok((from_sortable_i64(key), id))
 }
 
-/// An `events` key read back: the customer, and the `ts` and arrival after its prefix.
-pub fn decode_event_key(key: &[u8]) -> Result<(&str, u64), CodecError> {
+/// A retained event as another store wrote it (an `events` key and value), checked to read
+/// back as one: its customer and arrival number.
+pub fn check_event_entry<'k>(key: &'k [u8], value: &[u8]) -> Result<(&'k str, u64), CodecError> {
     let len = u32::from_be_bytes(
         key.get(..4)
             .ok_or(CodecError("bad event key"))?
@@ -283,7 +284,8 @@ pub fn decode_event_key(key: &[u8]) -> Result<(&str, u64), CodecError> {
     ) as usize;
     let customer = key.get(4..4 + len).ok_or(CodecError("bad event key"))?;
     let customer = std::str::from_utf8(customer).map_err(|_| CodecError("bad event key"))?;
-    let (_, arrival) = event_key_suffix(&key[4 + len..])?;
+    let (ts, arrival) = event_key_suffix(&key[4 + len..])?;
+    decode_event(ts, arrival, value)?;
     Ok((customer, arrival))
 }
 

@@ -240,6 +240,29 @@ fn a_restore_is_refused_whole_when_it_cannot_apply() {
         .unwrap();
     let err = other.import_partition(&mut &file[..]).unwrap_err();
     assert!(err.to_string().contains("state changelog"), "{err}");
+    // A delta whose retained event does not read back as one: refused, nothing written.
+    let mut corrupt = Restore::new(2, PARTITIONS);
+    for bytes in deltas(&source, 2, u64::MAX) {
+        let mut delta = Delta::decode(&bytes).unwrap();
+        for write in &mut delta.writes {
+            if write.family == processor::changelog::Family::Events {
+                write.value = Some(b"\xff".to_vec());
+            }
+        }
+        corrupt.add(delta).unwrap();
+    }
+    let plain_dir = TempDir::new("changelog-corrupt");
+    let mut target = Engine::open(
+        plain_dir.path(),
+        Some(&rules),
+        EngineConfig {
+            changelog: false,
+            ..config(1)
+        },
+    )
+    .unwrap();
+    assert!(target.restore_partition(&corrupt).is_err());
+    assert!(target.customer_ids().unwrap().is_empty());
     // A delta of another partition does not join a restore.
     let mut mixed = Restore::new(2, PARTITIONS);
     let wrong = deltas(&source, 3, u64::MAX).remove(0);

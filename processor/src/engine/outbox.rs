@@ -5,7 +5,7 @@
 use super::*;
 use crate::changelog::{outbox_key, DeltaBuilder, Family, Restore, CF_OUTBOX};
 use crate::partition::partition_of;
-use crate::writes::{cf_id, Writes};
+use crate::writes::Writes;
 
 /// Set while this store keeps the changelog, to the partition count its deltas are written
 /// under: opened without the changelog, the store forgets it, so that turning it on again
@@ -204,22 +204,12 @@ impl Engine {
         dedup_partitions: &foldhash::HashMap<String, u32>,
     ) -> SortedWrites {
         let mut builder = DeltaBuilder::new(&self.store, self.config.partitions);
-        let meta = cf_id(self.store.cf(CF_META));
         for part in writes {
             builder.add(part, |event_id| {
                 std::str::from_utf8(event_id)
                     .ok()
                     .and_then(|id| dedup_partitions.get(id).copied())
             });
-            for (cf, key, value) in part.ops() {
-                let source = key.strip_prefix(META_OFFSET_PREFIX.as_bytes());
-                if let (true, Some(source), Some(value)) = (cf == meta, source, value) {
-                    if let (Ok(source), Ok(offset)) = (std::str::from_utf8(source), Reader::new(value).u64())
-                    {
-                        builder.position(source, offset);
-                    }
-                }
-            }
         }
         let mut out = SortedWrites::default();
         let (commit, cf) = (self.counters.next_commit, self.store.cf(CF_OUTBOX));
@@ -285,8 +275,8 @@ impl Engine {
                         )));
                     }
                     let mut state = CustomerState::decode(value).map_err(StoreError::from)?;
-                    // Numbered by the index rebuild below; the window state is built from the
-                    // events on the first evaluation.
+                    // Numbered when the index takes the restored customers in, below; the
+                    // window state is built from the events on the first evaluation.
                     state.number = crate::index::NO_NUMBER;
                     wb.put_cf(cf, key, state.encode(None));
                     summary.customers += 1;
@@ -294,7 +284,7 @@ impl Engine {
                 }
                 Family::Events => {
                     let (customer, arrival) =
-                        crate::store::decode_event_key(key).map_err(StoreError::from)?;
+                        crate::store::check_event_entry(key, value).map_err(StoreError::from)?;
                     if partition_of(customer.as_bytes(), partitions) != partition {
                         return Err(EngineError::Conflict(format!(
                             "an event of `{customer}` in the changelog of partition {partition} is not of that partition"
