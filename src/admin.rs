@@ -307,8 +307,11 @@ pub fn partitions(
                     .map_err(anyhow::Error::msg)?;
             let summary = engine.restore_partition(&restore)?;
             println!(
-                "restored partition {partition} of {partitions} from `{topic}` ({} deltas to commit {}{}): {} customers, {} events, {} dedup entries",
+                "restored partition {partition} of {partitions} from `{topic}` ({} records: {} deltas, {} keyed, {} checkpoints; to commit {}{}): {} customers, {} events, {} dedup entries",
+                restore.records,
                 restore.deltas,
+                restore.keyed,
+                restore.checkpoints,
                 restore.commit,
                 if incomplete > 0 { format!(", {incomplete} incomplete left out") } else { String::new() },
                 summary.customers,

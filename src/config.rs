@@ -336,6 +336,10 @@ pub struct KafkaFileSettings {
     /// Where the state changelog is published (partition P's deltas to partition P; a store
     /// is restored from it with `tagstream partitions restore`); "" keeps none.
     pub state_topic: String,
+    /// A partition's published deltas are folded into a checkpoint (one keyed record per
+    /// key, so that the compacted topic stays bounded) once they hold this many MiB
+    /// (fractions allowed).
+    pub state_checkpoint_mb: f64,
     /// Events per engine batch, at most.
     pub max_batch: usize,
     /// Passed to librdkafka as they are: security.protocol, sasl.*, ssl.*, ... Never logged.
@@ -356,6 +360,7 @@ impl Default for KafkaFileSettings {
             changes_topic: k.changes_topic.unwrap_or_default(),
             dead_letter_topic: k.dlq_topic.unwrap_or_default(),
             state_topic: k.state_topic.unwrap_or_default(),
+            state_checkpoint_mb: (k.state_checkpoint_bytes >> 20) as f64,
             max_batch: k.max_batch,
             options: Default::default(),
             option_files: Default::default(),
@@ -601,6 +606,13 @@ impl Settings {
         settings.changes_topic = Some(k.changes_topic.clone()).filter(|t| !t.is_empty());
         settings.dlq_topic = Some(k.dead_letter_topic.clone()).filter(|t| !t.is_empty());
         settings.state_topic = Some(k.state_topic.clone()).filter(|t| !t.is_empty());
+        if !(k.state_checkpoint_mb.is_finite() && k.state_checkpoint_mb > 0.0) {
+            anyhow::bail!(
+                "`[kafka] state_checkpoint_mb` must be a positive number of MiB, not {}",
+                k.state_checkpoint_mb
+            );
+        }
+        settings.state_checkpoint_bytes = ((k.state_checkpoint_mb * 1048576.0) as u64).max(1);
         settings.max_batch = k.max_batch.max(1);
         settings.client_options = k.options.0.clone();
         for (option, path) in &k.option_files {
@@ -671,7 +683,8 @@ topic = "{kafka_topic}"           # events, keyed by customer_id
 group_id = "{kafka_group}"
 changes_topic = "{kafka_changes}"  # every change as JSON, key customer_id; "" for none
 dead_letter_topic = "{kafka_dlq}"  # rejected events, reason in headers; "" for none
-state_topic = "{kafka_state}"  # the state changelog, one partition per engine partition; "" for none
+state_topic = "{kafka_state}"  # the state changelog, one partition per engine partition, cleanup.policy=compact; "" for none
+state_checkpoint_mb = {kafka_checkpoint}     # a partition's deltas are folded into keyed records past this many MiB
 max_batch = {kafka_batch}           # events per engine batch
 
 [kafka.options]           # passed to librdkafka as they are; never logged
@@ -754,6 +767,7 @@ allow_targets = []        # non-public addresses webhooks may reach, e.g. ["10.1
             kafka_changes = d.kafka.changes_topic,
             kafka_dlq = d.kafka.dead_letter_topic,
             kafka_state = d.kafka.state_topic,
+            kafka_checkpoint = d.kafka.state_checkpoint_mb,
             kafka_batch = d.kafka.max_batch,
         )
     }
@@ -828,16 +842,20 @@ mod tests {
         assert_eq!(k.dlq_topic.as_deref(), Some("tagstream-dead-letters"));
         assert_eq!(k.state_topic, None, "no state changelog unless asked");
         assert!(!s.engine_config().changelog);
-        let with_state: Settings =
-            toml::from_str("[kafka]\nbrokers = \"k1:9092\"\nstate_topic = \"crm-state\"\n").unwrap();
-        assert_eq!(
-            with_state
-                .kafka_settings()
-                .unwrap()
-                .unwrap()
-                .state_topic
-                .as_deref(),
-            Some("crm-state")
+        let with_state: Settings = toml::from_str(
+            "[kafka]\nbrokers = \"k1:9092\"\nstate_topic = \"crm-state\"\nstate_checkpoint_mb = 0.5\n",
+        )
+        .unwrap();
+        let state = with_state.kafka_settings().unwrap().unwrap();
+        assert_eq!(state.state_topic.as_deref(), Some("crm-state"));
+        assert_eq!(state.state_checkpoint_bytes, 512 << 10);
+        assert_eq!(k.state_checkpoint_bytes, 64 << 20, "the default");
+        let none: Settings =
+            toml::from_str("[kafka]\nbrokers = \"k1:9092\"\nstate_checkpoint_mb = 0\n").unwrap();
+        let err = none.kafka_settings().unwrap_err().to_string();
+        assert!(
+            err.contains("state_checkpoint_mb") && err.contains("positive"),
+            "{err}"
         );
         assert!(
             with_state.engine_config().changelog,

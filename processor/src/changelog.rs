@@ -406,7 +406,12 @@ pub struct Restore {
     pub commit: u64,
     /// The latest clock a delta was written at.
     pub clock: Option<i64>,
+    /// Deltas counted, checkpoint markers read, keyed records read (tombstones too), and
+    /// records read in all (deltas' tombstones and parts too).
     pub deltas: u64,
+    pub checkpoints: u64,
+    pub keyed: u64,
+    pub records: u64,
     /// Per key, the highest commit that wrote it and what it wrote (hashed: a restore
     /// meets each key once per delta that wrote it, and reads them in order once).
     keys: foldhash::HashMap<StateKey, (u64, Option<Vec<u8>>)>,
@@ -431,6 +436,16 @@ impl Restore {
     /// partition count (before `[engine] partitions` changed) is left out: a baseline under
     /// this count supersedes it ([`Restore::check`]).
     pub fn add(&mut self, delta: Delta) -> Result<(), String> {
+        self.take(delta, false)
+    }
+
+    /// Adds a checkpoint's marker ([`Restore::marker`]): a delta without writes, counted as
+    /// a checkpoint.
+    pub fn add_marker(&mut self, marker: Delta) -> Result<(), String> {
+        self.take(marker, true)
+    }
+
+    fn take(&mut self, delta: Delta, marker: bool) -> Result<(), String> {
         if delta.partitions != self.partitions {
             self.other_counts += 1;
             return Ok(());
@@ -441,7 +456,11 @@ impl Restore {
                 delta.partition, delta.partitions, self.partition, self.partitions
             ));
         }
-        self.deltas += 1;
+        if marker {
+            self.checkpoints += 1;
+        } else {
+            self.deltas += 1;
+        }
         self.commit = self.commit.max(delta.commit);
         self.clock = self.clock.max(delta.clock);
         if let Some(from) = delta.baseline_from {
@@ -523,6 +542,188 @@ impl Restore {
             .filter(move |(_, (commit, _))| *commit >= from)
             .map(|(source, (_, offset))| (source.as_str(), *offset))
     }
+
+    /// One key as a checkpoint's keyed record carries it ([`Checkpoint`]).
+    pub fn add_keyed(&mut self, record: Keyed) {
+        self.keyed += 1;
+        if record.partitions != self.partitions {
+            self.other_counts += 1;
+            return;
+        }
+        self.commit = self.commit.max(record.commit);
+        let slot = self
+            .keys
+            .entry((record.family, record.key))
+            .or_insert((record.commit, None));
+        if record.commit >= slot.0 {
+            *slot = (record.commit, record.value);
+        }
+    }
+
+    /// A commit read only in part (its writer died producing it): no longer counted, but
+    /// its number is used, so the store restored here numbers its own commits after it.
+    fn saw_incomplete(&mut self, commit: u64) {
+        self.commit = self.commit.max(commit);
+    }
+
+    /// Every key read, with the commit that last wrote it and what it holds: `None` when
+    /// deleted, or left out by a later baseline (then counted as deleted at the baseline's
+    /// start). In no particular order.
+    pub fn keyed(&self) -> impl Iterator<Item = Keyed> + '_ {
+        let from = self.from();
+        self.keys.iter().map(move |((family, key), (commit, value))| {
+            let superseded = *commit < from;
+            Keyed {
+                partitions: self.partitions,
+                family: *family,
+                key: key.clone(),
+                commit: if superseded { from } else { *commit },
+                value: if superseded { None } else { value.clone() },
+            }
+        })
+    }
+
+    /// The checkpoint marker of what was read: the highest commit, the clock, the input
+    /// positions and the baseline, as a delta without writes.
+    pub fn marker(&self) -> Delta {
+        Delta {
+            partition: self.partition,
+            partitions: self.partitions,
+            commit: self.commit,
+            clock: self.clock,
+            positions: self.positions().map(|(s, o)| (s.to_owned(), o)).collect(),
+            writes: Vec::new(),
+            baseline_from: self.baseline.map(|(_, from)| from),
+        }
+    }
+}
+
+/// The keyed record format's version (the first byte of its value).
+const KEYED_FORMAT: u8 = 2;
+
+/// The header a keyed tombstone carries its commit in (a tombstone has no value).
+pub const COMMIT_HEADER: &str = "tagstream-commit";
+
+/// The key of the checkpoint marker: one per topic partition, the latest kept.
+pub const MARKER_KEY: &[u8] = b"c";
+
+/// One key of a partition's state as a checkpoint publishes it: a Kafka record keyed
+/// `k/` + the partition count (`u32`, big-endian) + the family + the key, so that
+/// compaction keeps its latest value; a delete is a tombstone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keyed {
+    pub partitions: u32,
+    pub family: Family,
+    pub key: Vec<u8>,
+    pub commit: u64,
+    pub value: Option<Vec<u8>>,
+}
+
+impl Keyed {
+    pub fn record_key(&self) -> Vec<u8> {
+        let mut key = Vec::with_capacity(7 + self.key.len());
+        key.extend_from_slice(b"k/");
+        key.extend_from_slice(&self.partitions.to_be_bytes());
+        key.push(self.family.tag());
+        key.extend_from_slice(&self.key);
+        key
+    }
+
+    /// The record's value: `None` for a tombstone (its commit then goes in
+    /// [`COMMIT_HEADER`]).
+    pub fn record_value(&self) -> Option<Vec<u8>> {
+        let value = self.value.as_ref()?;
+        let mut w = Writer::new();
+        w.u8(KEYED_FORMAT);
+        w.u64(self.commit);
+        w.bytes(value);
+        Some(w.buf)
+    }
+
+    /// Reads a keyed record back: `key` without its `k/`, the value (or the tombstone's
+    /// commit header).
+    fn decode(key: &[u8], value: Option<&[u8]>, commit_header: Option<u64>) -> Result<Keyed, CodecError> {
+        let partitions = u32::from_be_bytes(
+            key.get(..4)
+                .ok_or(CodecError("a keyed record's key is too short"))?
+                .try_into()
+                .expect("4 bytes"),
+        );
+        let family = key
+            .get(4)
+            .and_then(|t| Family::from_tag(*t))
+            .ok_or(CodecError("a keyed record of an unknown family"))?;
+        let (commit, value) = match value {
+            Some(value) => {
+                let mut r = Reader::new(value);
+                if r.u8()? != KEYED_FORMAT {
+                    return Err(CodecError("a keyed record of an unknown format"));
+                }
+                let commit = r.u64()?;
+                let value = r.bytes()?.to_vec();
+                if !r.is_empty() {
+                    return Err(CodecError("bytes after a keyed record's end"));
+                }
+                (commit, Some(value))
+            }
+            None => (
+                commit_header.ok_or(CodecError("a keyed tombstone without its commit header"))?,
+                None,
+            ),
+        };
+        Ok(Keyed {
+            partitions,
+            family,
+            key: key[5..].to_vec(),
+            commit,
+            value,
+        })
+    }
+}
+
+/// A checkpoint of a partition: the deltas a publisher has had confirmed since its last
+/// checkpoint, folded (with that checkpoint's marker) into one value per key. Published as
+/// keyed records, then the marker ([`Restore::marker`]); once the broker confirmed those,
+/// tombstones for the folded deltas' records, so a compacted topic keeps one record per key
+/// plus the deltas after the last checkpoint.
+pub struct Checkpoint {
+    pub fold: Restore,
+    /// The folded deltas' record keys (`d/COMMIT` or its parts), to tombstone.
+    pub delta_records: Vec<String>,
+    /// The highest commit folded: the outbox keeps only the deltas after it.
+    pub upto: u64,
+}
+
+impl Checkpoint {
+    /// Starts from the previous checkpoint's marker, if any.
+    pub fn new(partition: u32, partitions: u32, previous: Option<Delta>) -> Checkpoint {
+        let mut fold = Restore::new(partition, partitions);
+        if let Some(marker) = previous {
+            // A marker of this partition's count never fails; one of another is left out.
+            let _ = fold.add_marker(marker);
+        }
+        Checkpoint {
+            fold,
+            delta_records: Vec::new(),
+            upto: 0,
+        }
+    }
+
+    /// Folds in a published delta (`bytes`, commit `commit`). Deltas of another partition
+    /// count are only tombstoned: a baseline of this count supersedes them.
+    pub fn add(&mut self, commit: u64, bytes: &[u8]) -> Result<(), CodecError> {
+        let delta = Delta::decode(bytes)?;
+        self.delta_records.extend(
+            records(commit, bytes, MAX_RECORD_BYTES)
+                .into_iter()
+                .map(|(key, _)| key),
+        );
+        self.upto = self.upto.max(commit);
+        // A delta of another partition count is left out by the fold; none of another
+        // partition is in this one's outbox.
+        let _ = self.fold.add(delta);
+        Ok(())
+    }
 }
 
 /// The largest record value a delta is published in; a larger delta is split into parts
@@ -563,13 +764,30 @@ impl Assembler {
         }
     }
 
-    /// One record: its key and value. A record without a value (a tombstone) is skipped.
-    pub fn add(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<(), String> {
+    /// One record: its key, value, and the commit in its [`COMMIT_HEADER`] if it has one.
+    /// A delta's or marker's tombstone is skipped; a keyed record's is a delete.
+    pub fn add(
+        &mut self,
+        key: &[u8],
+        value: Option<&[u8]>,
+        commit_header: Option<u64>,
+    ) -> Result<(), String> {
+        self.restore.records += 1;
         let shown = String::from_utf8_lossy(key).into_owned();
-        let bad = || format!("changelog record `{shown}` is not a delta record");
+        if let Some(keyed) = key.strip_prefix(b"k/") {
+            let keyed = Keyed::decode(keyed, value, commit_header)
+                .map_err(|e| format!("changelog record `{shown}`: {e}"))?;
+            self.restore.add_keyed(keyed);
+            return Ok(());
+        }
+        let bad = || format!("changelog record `{shown}` is neither a delta, a keyed record nor a marker");
         let Some(value) = value else {
             return Ok(());
         };
+        if key == MARKER_KEY {
+            let marker = Delta::decode(value).map_err(|e| format!("changelog marker: {e}"))?;
+            return self.restore.add_marker(marker);
+        }
         let key = std::str::from_utf8(key).map_err(|_| bad())?;
         let fields: Vec<&str> = key.strip_prefix("d/").ok_or_else(bad)?.split('/').collect();
         let decode =
@@ -612,7 +830,10 @@ impl Assembler {
     }
 
     /// The restore, and how many deltas were left out because parts were missing.
-    pub fn finish(self) -> (Restore, usize) {
+    pub fn finish(mut self) -> (Restore, usize) {
+        for &commit in self.parts.keys() {
+            self.restore.saw_incomplete(commit);
+        }
         (self.restore, self.parts.len())
     }
 }
@@ -825,10 +1046,10 @@ mod tests {
 
         let mut assembler = Assembler::new(1, 2);
         for (key, value) in parts.iter().rev().chain(parts.iter().take(2)) {
-            assembler.add(key.as_bytes(), Some(value)).unwrap();
+            assembler.add(key.as_bytes(), Some(value), None).unwrap();
         }
-        assembler.add(b"d/8", Some(&small_bytes)).unwrap();
-        assembler.add(b"d/8", None).unwrap();
+        assembler.add(b"d/8", Some(&small_bytes), None).unwrap();
+        assembler.add(b"d/8", None, None).unwrap();
         let (restore, incomplete) = assembler.finish();
         assert_eq!((restore.deltas, incomplete), (2, 0));
         assert_eq!(restore.values().count(), 51);
@@ -836,7 +1057,7 @@ mod tests {
         // Every part but one: the delta is left out.
         let mut assembler = Assembler::new(1, 2);
         for (key, value) in &parts[1..] {
-            assembler.add(key.as_bytes(), Some(value)).unwrap();
+            assembler.add(key.as_bytes(), Some(value), None).unwrap();
         }
         let (restore, incomplete) = assembler.finish();
         assert_eq!((restore.deltas, incomplete), (0, 1));
@@ -844,7 +1065,205 @@ mod tests {
 
         let mut assembler = Assembler::new(1, 2);
         for bad in [&b"x/1"[..], b"d/notanumber", b"d/1/3/3", b"d/1/2"] {
-            assert!(assembler.add(bad, Some(&small_bytes)).is_err(), "{bad:?}");
+            assert!(assembler.add(bad, Some(&small_bytes), None).is_err(), "{bad:?}");
         }
+    }
+
+    use ::tests::compacted;
+
+    /// A topic partition as a publisher leaves it.
+    type Topic = Vec<::tests::LogRecord>;
+
+    /// Publishes a checkpoint of `outbox` (drained) onto `previous`, as the publisher does.
+    fn checkpoint(topic: &mut Topic, outbox: &mut Vec<Delta>, previous: Option<Delta>) -> Delta {
+        let mut checkpoint = Checkpoint::new(0, 1, previous);
+        for delta in outbox.drain(..) {
+            checkpoint.add(delta.commit, &delta.encode()).unwrap();
+        }
+        for keyed in checkpoint.fold.keyed() {
+            let header = keyed.value.is_none().then_some(keyed.commit);
+            topic.push((keyed.record_key(), keyed.record_value(), header));
+        }
+        let marker = checkpoint.fold.marker();
+        topic.push((MARKER_KEY.to_vec(), Some(marker.encode()), None));
+        for key in checkpoint.delta_records {
+            topic.push((key.into_bytes(), None, None));
+        }
+        marker
+    }
+
+    /// What a topic restores: the keys held, the positions to resume from, the commit.
+    /// Keys and values, input positions, and the highest commit.
+    type Restored = (Vec<(Vec<u8>, Vec<u8>)>, Vec<(String, u64)>, u64);
+
+    fn restored(topic: &Topic) -> Restored {
+        let mut assembler = Assembler::new(0, 1);
+        for (key, value, commit) in topic {
+            assembler.add(key, value.as_deref(), *commit).unwrap();
+        }
+        let (restore, _) = assembler.finish();
+        restore.check().unwrap();
+        (
+            restore
+                .values()
+                .map(|(_, k, v)| (k.to_vec(), v.to_vec()))
+                .collect(),
+            restore.positions().map(|(s, o)| (s.to_owned(), o)).collect(),
+            restore.commit,
+        )
+    }
+
+    /// Checkpoints fold deltas into keyed records and a marker; the topic they leave —
+    /// whole, or compacted with or without its tombstones — restores what the deltas alone
+    /// do. A checkpoint of deltas that name no input position, or no baseline, keeps the
+    /// previous marker's; a delta whose parts were not all published is not counted, but
+    /// its number is passed.
+    #[test]
+    fn checkpoints_restore_like_the_deltas_they_fold_whole_or_compacted() {
+        let delete = |key: &[u8]| DeltaWrite {
+            family: Family::Customers,
+            key: key.to_vec(),
+            value: None,
+        };
+        let delta = |commit, writes, offset: Option<u64>| Delta {
+            partition: 0,
+            partitions: 1,
+            commit,
+            clock: Some(commit as i64),
+            positions: offset.map(|o| ("kafka:t:0".to_owned(), o)).into_iter().collect(),
+            writes,
+            baseline_from: None,
+        };
+        // Left by an earlier time the changelog was on: superseded by the baseline below.
+        let old = Keyed {
+            partitions: 1,
+            family: Family::Customers,
+            key: b"old".to_vec(),
+            commit: 0,
+            value: Some(b"o".to_vec()),
+        };
+        let mut topic: Topic = vec![(old.record_key(), old.record_value(), None)];
+        let mut every: Vec<Delta> = Vec::new();
+        let mut outbox: Vec<Delta> = Vec::new();
+        let publish = |topic: &mut Topic, outbox: &mut Vec<Delta>, every: &mut Vec<Delta>, delta: Delta| {
+            for (key, value) in records(delta.commit, &delta.encode(), MAX_RECORD_BYTES) {
+                topic.push((key.into_bytes(), Some(value.to_vec()), None));
+            }
+            every.push(delta.clone());
+            outbox.push(delta);
+        };
+        let baseline = Delta {
+            baseline_from: Some(1),
+            ..delta(
+                1,
+                vec![
+                    put(Family::Customers, b"a", b"a1"),
+                    put(Family::Customers, b"x", b"x1"),
+                ],
+                Some(10),
+            )
+        };
+        // Committed while the changelog was off, after that earlier time: the outbox kept
+        // it, and the baseline that starts the changelog again leaves its key out.
+        publish(
+            &mut topic,
+            &mut outbox,
+            &mut every,
+            delta(0, vec![put(Family::Customers, b"gone", b"g")], None),
+        );
+        publish(&mut topic, &mut outbox, &mut every, baseline);
+        publish(
+            &mut topic,
+            &mut outbox,
+            &mut every,
+            delta(
+                2,
+                vec![
+                    put(Family::Customers, b"a", b"a2"),
+                    put(Family::Customers, b"b", b"b2"),
+                ],
+                Some(20),
+            ),
+        );
+        let first = checkpoint(&mut topic, &mut outbox, None);
+        assert_eq!((first.commit, first.baseline_from), (2, Some(1)));
+        // Written through HTTP: no input position.
+        publish(
+            &mut topic,
+            &mut outbox,
+            &mut every,
+            delta(3, vec![delete(b"x"), put(Family::Customers, b"c", b"c3")], None),
+        );
+        publish(
+            &mut topic,
+            &mut outbox,
+            &mut every,
+            delta(4, vec![put(Family::Customers, b"a", b"a4")], None),
+        );
+        let second = checkpoint(&mut topic, &mut outbox, Some(first));
+        assert_eq!(second.positions, vec![("kafka:t:0".to_owned(), 20)]);
+        assert_eq!((second.commit, second.baseline_from), (4, Some(1)));
+
+        let expected = |every: &[Delta]| {
+            let mut restore = Restore::new(0, 1);
+            for d in every {
+                restore.add(d.clone()).unwrap();
+            }
+            let values: Vec<_> = restore
+                .values()
+                .map(|(_, k, v)| (k.to_vec(), v.to_vec()))
+                .collect();
+            let positions: Vec<_> = restore.positions().map(|(s, o)| (s.to_owned(), o)).collect();
+            (values, positions)
+        };
+        let check = |topic: &Topic, every: &[Delta], commit: u64| {
+            let (values, positions) = expected(every);
+            assert_eq!(values.len(), 3, "{values:?}");
+            let backwards: Topic = topic.iter().rev().cloned().collect();
+            for (name, view) in [
+                ("whole", topic.clone()),
+                ("whole, read backwards", backwards),
+                ("compacted", compacted(topic, true)),
+                ("compacted without tombstones", compacted(topic, false)),
+            ] {
+                assert_eq!(
+                    restored(&view),
+                    (values.clone(), positions.clone(), commit),
+                    "{name}"
+                );
+            }
+        };
+        check(&topic, &every, 4);
+
+        // A delta after the last checkpoint; then one in parts of which only some were
+        // published (its writer died).
+        publish(
+            &mut topic,
+            &mut outbox,
+            &mut every,
+            delta(
+                5,
+                vec![delete(b"b"), put(Family::Customers, b"d", b"d5")],
+                Some(50),
+            ),
+        );
+        let big = delta(
+            6,
+            (0..40)
+                .map(|i| put(Family::Customers, format!("big{i}").as_bytes(), &[7; 64]))
+                .collect(),
+            Some(60),
+        );
+        let big_bytes = big.encode();
+        let parts = records(6, &big_bytes, 1000);
+        assert!(parts.len() > 2);
+        for (key, value) in &parts[..parts.len() - 1] {
+            topic.push((key.clone().into_bytes(), Some(value.to_vec()), None));
+        }
+        check(&topic, &every, 6);
+        // Compacted, the topic holds a record per key written before the last checkpoint
+        // (`old`, `a`, `b`, `c`; `x` deleted, `gone` superseded), the marker, and what
+        // follows the checkpoint.
+        assert_eq!(compacted(&topic, false).len(), 4 + 1 + 1 + parts.len() - 1);
     }
 }

@@ -29,7 +29,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
@@ -53,6 +53,9 @@ pub struct KafkaSettings {
     /// Where the state changelog's deltas are published (partition P's to partition P; the
     /// engine must keep them: `EngineConfig::changelog`); `None` publishes none.
     pub state_topic: Option<String>,
+    /// A partition's confirmed deltas are folded into a checkpoint (keyed records, so that a
+    /// compacted topic stays bounded) once they hold this many bytes.
+    pub state_checkpoint_bytes: u64,
     pub client_options: BTreeMap<String, String>,
     /// Events per engine batch, at most.
     pub max_batch: usize,
@@ -71,6 +74,7 @@ impl std::fmt::Debug for KafkaSettings {
             .field("changes_topic", &self.changes_topic)
             .field("dlq_topic", &self.dlq_topic)
             .field("state_topic", &self.state_topic)
+            .field("state_checkpoint_bytes", &self.state_checkpoint_bytes)
             .field("client_options", &self.client_options.keys().collect::<Vec<_>>())
             .field("max_batch", &self.max_batch)
             .field("max_wait", &self.max_wait)
@@ -87,6 +91,7 @@ impl KafkaSettings {
             changes_topic: Some("tag-changes".into()),
             dlq_topic: Some("tagstream-dead-letters".into()),
             state_topic: None,
+            state_checkpoint_bytes: 64 << 20,
             client_options: BTreeMap::new(),
             max_batch: 5_000,
             max_wait: Duration::from_millis(50),
@@ -260,6 +265,7 @@ pub fn start(
         }
         let producer: BaseProducer<PublishCtx> = config.create_with_context(PublishCtx::default())?;
         let (stop, drain, reader) = (publishers_stop.clone(), drain.clone(), reader.clone());
+        let checkpoint_bytes = settings.state_checkpoint_bytes;
         // Held before the thread starts, so no trim runs in between.
         if let Err(e) = hold_unpublished(&reader, feed, &publish_cursor(feed, &topic)) {
             tracing::error!(error = %e, feed = feed.label(), "reading the publish cursor failed");
@@ -267,7 +273,10 @@ pub fn start(
         publishers.push(
             std::thread::Builder::new()
                 .name(format!("tagstream-kafka-{}", feed.label()))
-                .spawn(move || publish(producer, topic, feed, reader, &stop, &drain))
+                .spawn(move || match feed {
+                    Feed::State => publish_state(producer, topic, reader, checkpoint_bytes, &stop, &drain),
+                    _ => publish(producer, topic, feed, reader, &stop, &drain),
+                })
                 .expect("spawn a Kafka publisher thread"),
         );
     }
@@ -527,17 +536,10 @@ impl ProducerContext for PublishCtx {
 /// it (otherwise the key's hash does).
 struct Outgoing {
     key: Option<Vec<u8>>,
-    payload: Vec<u8>,
+    /// `None`: a tombstone.
+    payload: Option<Vec<u8>>,
     headers: Option<OwnedHeaders>,
     partition: Option<i32>,
-}
-
-/// What the broker's confirmation of a batch of records lets the publisher forget.
-enum Confirmed {
-    /// The feed's cursor moves here.
-    Cursor(u64),
-    /// These outbox deltas (`(partition, commit)`) go.
-    Outbox(Vec<(u32, u64)>),
 }
 
 const PUBLISH_BATCH: usize = 10_000;
@@ -554,7 +556,7 @@ fn hold_unpublished(reader: &ReadHandle, feed: Feed, cursor: &str) -> Result<u64
     match feed {
         Feed::Changes => reader.hold(cursor, crate::Log::Changes, confirmed + 1),
         Feed::DeadLetters => reader.hold(cursor, crate::Log::DeadLetters, confirmed),
-        // The outbox is its own queue: what is published is deleted from it.
+        // The outbox is its own queue ([`publish_state`]).
         Feed::State => {}
     }
     Ok(confirmed)
@@ -588,10 +590,8 @@ fn publish(
             }
         };
         if records.is_empty() {
-            match feed {
-                Feed::Changes => metrics::gauge!("tagstream_kafka_publish_lag_changes").set(0.0),
-                Feed::State => metrics::gauge!("tagstream_kafka_publish_lag_state").set(0.0),
-                Feed::DeadLetters => {}
+            if let Feed::Changes = feed {
+                metrics::gauge!("tagstream_kafka_publish_lag_changes").set(0.0);
             }
             if drain.load(Ordering::SeqCst) {
                 // Shutting down, and everything committed is published.
@@ -603,17 +603,13 @@ fn publish(
         match send_all(&producer, &topic, &records, stop) {
             Ok(()) => {
                 backoff = Duration::from_millis(100);
-                let saved = match &next {
-                    Confirmed::Cursor(last) => reader.set_cursor(&cursor, *last),
-                    Confirmed::Outbox(published) => reader.changelog_published(published),
-                };
-                if let Err(e) = saved {
+                if let Err(e) = reader.set_cursor(&cursor, next) {
                     tracing::error!(error = %e, feed = feed.label(), "saving what was published failed");
                 }
                 metrics::counter!("tagstream_kafka_published_total", "feed" => feed.label())
                     .increment(records.len() as u64);
-                if let (Feed::Changes, Confirmed::Cursor(last)) = (feed, &next) {
-                    let behind = reader.changes(*last, PUBLISH_BATCH).map_or(0, |c| c.len());
+                if let Feed::Changes = feed {
+                    let behind = reader.changes(next, PUBLISH_BATCH).map_or(0, |c| c.len());
                     metrics::gauge!("tagstream_kafka_publish_lag_changes").set(behind as f64);
                 }
             }
@@ -628,13 +624,13 @@ fn publish(
     let _ = producer.flush(Duration::from_secs(5));
 }
 
-/// The next records of `feed` after cursor `confirmed`, and what their confirmation lets
-/// the publisher forget.
+/// The next records of `feed` after cursor `confirmed`, and the cursor once they are
+/// confirmed.
 fn next_records(
     reader: &ReadHandle,
     feed: Feed,
     confirmed: u64,
-) -> Result<(Vec<Outgoing>, Confirmed), crate::EngineError> {
+) -> Result<(Vec<Outgoing>, u64), crate::EngineError> {
     match feed {
         Feed::Changes => {
             let changes = reader.changes(confirmed, PUBLISH_BATCH)?;
@@ -643,33 +639,15 @@ fn next_records(
                 .iter()
                 .map(|c| Outgoing {
                     key: Some(c.customer_id.as_bytes().to_vec()),
-                    payload: serde_json::to_vec(c).expect("a change serializes"),
+                    payload: Some(serde_json::to_vec(c).expect("a change serializes")),
                     headers: None,
                     partition: None,
                 })
                 .collect();
-            Ok((records, Confirmed::Cursor(last)))
+            Ok((records, last))
         }
-        Feed::State => {
-            // Fewer deltas than records of the other feeds: a delta can be large.
-            let deltas = reader.changelog_head(PUBLISH_BATCH / 10)?;
-            metrics::gauge!("tagstream_kafka_publish_lag_state").set(deltas.len() as f64);
-            let mut records = Vec::with_capacity(deltas.len());
-            for (partition, commit, bytes) in &deltas {
-                for (key, value) in
-                    crate::changelog::records(*commit, bytes, crate::changelog::MAX_RECORD_BYTES)
-                {
-                    records.push(Outgoing {
-                        key: Some(key.into_bytes()),
-                        payload: value.to_vec(),
-                        headers: None,
-                        partition: Some(*partition as i32),
-                    });
-                }
-            }
-            let published = deltas.iter().map(|(p, c, _)| (*p, *c)).collect();
-            Ok((records, Confirmed::Outbox(published)))
-        }
+        // Published by [`publish_state`], never through here.
+        Feed::State => Ok((Vec::new(), confirmed)),
         Feed::DeadLetters => {
             // The cursor is the next dead letter id to publish.
             let letters = reader.dead_letters(confirmed.checked_sub(1), PUBLISH_BATCH)?;
@@ -693,15 +671,188 @@ fn next_records(
                         });
                     Outgoing {
                         key: None,
-                        payload: d.raw,
+                        payload: Some(d.raw),
                         headers: Some(headers),
                         partition: None,
                     }
                 })
                 .collect();
-            Ok((records, Confirmed::Cursor(last)))
+            Ok((records, last))
         }
     }
+}
+
+/// Publishes the state changelog: the outbox's deltas in commit order (partition P's to
+/// partition P), and for each partition whose confirmed deltas reached `checkpoint_bytes`,
+/// a checkpoint ([`publish_checkpoint`]). What was confirmed is recorded in the store, so a
+/// restart sends nothing twice but what was in flight.
+fn publish_state(
+    producer: BaseProducer<PublishCtx>,
+    topic: String,
+    reader: ReadHandle,
+    checkpoint_bytes: u64,
+    stop: &AtomicBool,
+    drain: &AtomicBool,
+) {
+    // Per partition: the highest commit confirmed, and the bytes of confirmed deltas the
+    // outbox keeps for the next checkpoint.
+    let mut state = loop {
+        match reader.changelog_publisher_state() {
+            Ok(state) => break state,
+            Err(e) => {
+                tracing::error!(error = %e, "reading the state publisher's position failed");
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    };
+    let mut backoff = Duration::from_millis(100);
+    let retry = |what: &str, e: &dyn std::fmt::Display, backoff: &mut Duration| {
+        tracing::warn!(error = %e, topic, "{what} failed; retrying");
+        std::thread::sleep(*backoff);
+        *backoff = (*backoff * 2).min(Duration::from_secs(10));
+    };
+    while !stop.load(Ordering::SeqCst) {
+        let due: Vec<(u32, u64)> = state
+            .iter()
+            .filter(|(_, (_, kept))| *kept > 0 && *kept >= checkpoint_bytes)
+            .map(|(p, (published, _))| (*p, *published))
+            .collect();
+        for (partition, upto) in due {
+            match publish_checkpoint(&producer, &topic, &reader, partition, upto, stop) {
+                Ok(()) => {
+                    state.entry(partition).or_default().1 = 0;
+                    backoff = Duration::from_millis(100);
+                }
+                Err(e) => retry("a state checkpoint", &e, &mut backoff),
+            }
+        }
+        let published: BTreeMap<u32, u64> = state.iter().map(|(p, (c, _))| (*p, *c)).collect();
+        // Fewer deltas than records of the other feeds: a delta can be large.
+        let deltas = match reader.changelog_unpublished(&published, PUBLISH_BATCH / 10) {
+            Ok(deltas) => deltas,
+            Err(e) => {
+                tracing::error!(error = %e, "reading the outbox failed");
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
+            }
+        };
+        metrics::gauge!("tagstream_kafka_publish_lag_state").set(deltas.len() as f64);
+        metrics::gauge!("tagstream_kafka_state_outbox_bytes")
+            .set(state.values().map(|(_, kept)| *kept).sum::<u64>() as f64);
+        if deltas.is_empty() {
+            if drain.load(Ordering::SeqCst) {
+                // Shutting down, and everything committed is published.
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        let mut records = Vec::with_capacity(deltas.len());
+        for (partition, commit, bytes) in &deltas {
+            for (key, value) in crate::changelog::records(*commit, bytes, crate::changelog::MAX_RECORD_BYTES)
+            {
+                records.push(Outgoing {
+                    key: Some(key.into_bytes()),
+                    payload: Some(value.to_vec()),
+                    headers: None,
+                    partition: Some(*partition as i32),
+                });
+            }
+        }
+        if let Err(e) = send_all(&producer, &topic, &records, stop) {
+            // Nothing confirmed is recorded: the whole batch is sent again.
+            retry("publishing", &e, &mut backoff);
+            continue;
+        }
+        backoff = Duration::from_millis(100);
+        let confirmed: Vec<(u32, u64)> = deltas.iter().map(|(p, c, _)| (*p, *c)).collect();
+        if let Err(e) = reader.changelog_published(&confirmed) {
+            tracing::error!(error = %e, "saving what was published failed");
+        }
+        for (partition, commit, bytes) in &deltas {
+            let (published, kept) = state.entry(*partition).or_default();
+            *published = (*published).max(*commit);
+            *kept += bytes.len() as u64;
+        }
+        metrics::counter!("tagstream_kafka_published_total", "feed" => Feed::State.label())
+            .increment(records.len() as u64);
+    }
+    let _ = producer.flush(Duration::from_secs(5));
+}
+
+/// Publishes a checkpoint of `partition` folding its confirmed deltas up to commit `upto`
+/// ([`crate::changelog::Checkpoint`]): one keyed record per key (a delete as a tombstone with
+/// its commit in a header) and the marker; once the broker confirmed those, tombstones for
+/// the folded deltas' records; then the outbox lets the folded deltas go.
+fn publish_checkpoint(
+    producer: &BaseProducer<PublishCtx>,
+    topic: &str,
+    reader: &ReadHandle,
+    partition: u32,
+    upto: u64,
+    stop: &AtomicBool,
+) -> Result<(), String> {
+    let checkpoint = reader
+        .changelog_checkpoint(partition, upto)
+        .map_err(|e| format!("reading partition {partition}'s deltas: {e}"))?;
+    let to_partition = Some(partition as i32);
+    let mut records: Vec<Outgoing> = checkpoint
+        .fold
+        .keyed()
+        .map(|keyed| {
+            let payload = keyed.record_value();
+            let headers = payload.is_none().then(|| {
+                let commit = keyed.commit.to_string();
+                OwnedHeaders::new().insert(Header {
+                    key: crate::changelog::COMMIT_HEADER,
+                    value: Some(commit.as_str()),
+                })
+            });
+            Outgoing {
+                key: Some(keyed.record_key()),
+                payload,
+                headers,
+                partition: to_partition,
+            }
+        })
+        .collect();
+    let keyed = records.len();
+    let marker = checkpoint.fold.marker();
+    records.push(Outgoing {
+        key: Some(crate::changelog::MARKER_KEY.to_vec()),
+        payload: Some(marker.encode()),
+        headers: None,
+        partition: to_partition,
+    });
+    send_all(producer, topic, &records, stop)?;
+    let tombstones: Vec<Outgoing> = checkpoint
+        .delta_records
+        .iter()
+        .map(|key| Outgoing {
+            key: Some(key.clone().into_bytes()),
+            payload: None,
+            headers: None,
+            partition: to_partition,
+        })
+        .collect();
+    send_all(producer, topic, &tombstones, stop)?;
+    reader
+        .changelog_checkpointed(partition, checkpoint.upto, &marker)
+        .map_err(|e| format!("recording partition {partition}'s checkpoint: {e}"))?;
+    metrics::counter!("tagstream_kafka_state_checkpoints_total").increment(1);
+    metrics::counter!("tagstream_kafka_published_total", "feed" => Feed::State.label())
+        .increment((records.len() + tombstones.len()) as u64);
+    tracing::debug!(
+        partition,
+        keys = keyed,
+        deltas = tombstones.len(),
+        commit = marker.commit,
+        "state checkpoint published"
+    );
+    Ok(())
 }
 
 /// Checks that the state changelog topic exists with a partition for each of the engine's
@@ -769,8 +920,14 @@ pub fn read_state_partition(
             match consumer.poll(Duration::from_millis(100)) {
                 Some(Ok(m)) => {
                     last_progress = Instant::now();
+                    let commit = m.headers().and_then(|headers| {
+                        headers
+                            .iter()
+                            .find(|h| h.key == crate::changelog::COMMIT_HEADER)
+                            .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse::<u64>().ok())
+                    });
                     assembler
-                        .add(m.key().unwrap_or_default(), m.payload())
+                        .add(m.key().unwrap_or_default(), m.payload(), commit)
                         .map_err(|e| format!("{e} (offset {} of partition {partition} of `{topic}`)", m.offset()))?;
                     reached |= m.offset() + 1 >= end;
                 }
@@ -802,7 +959,10 @@ fn send_all(
         .unwrap_or_else(|p| p.into_inner()) = None;
     for r in records {
         loop {
-            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).payload(&r.payload[..]);
+            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic);
+            if let Some(payload) = &r.payload {
+                record = record.payload(&payload[..]);
+            }
             if let Some(key) = &r.key {
                 record = record.key(&key[..]);
             }

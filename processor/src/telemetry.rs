@@ -132,6 +132,8 @@ pub const METRICS: &[(&str, MetricKind, &str)] = &[
     ("tagstream_kafka_consumer_lag", MetricKind::Gauge, "Messages behind the high watermark, by partition."),
     ("tagstream_kafka_publish_lag_changes", MetricKind::Gauge, "Records of a feed (changes, dead letters) not yet published to Kafka."),
     ("tagstream_kafka_publish_lag_state", MetricKind::Gauge, "State changelog deltas in the outbox not yet confirmed by the broker (counted up to 1,000)."),
+    ("tagstream_kafka_state_outbox_bytes", MetricKind::Gauge, "Bytes of confirmed state changelog deltas the outbox keeps until their partition's next checkpoint."),
+    ("tagstream_kafka_state_checkpoints_total", MetricKind::Counter, "State changelog checkpoints published (keyed records, marker, tombstones for the deltas folded)."),
     ("tagstream_kafka_published_total", MetricKind::Counter, "Records published to Kafka, by feed."),
     ("tagstream_http_requests_total", MetricKind::Counter, "HTTP requests, by route template, method and status."),
     ("tagstream_auth_failures_total", MetricKind::Counter, "Requests refused for a missing, malformed, unknown or revoked API key (401, or 429 past the address's failure budget)."),

@@ -719,7 +719,7 @@ fn a_store_restored_from_the_state_topic_resumes_from_kafka_without_loss() {
     });
     let reader = first.engine.lock().unwrap().reader();
     wait_until("the outbox to be published", || {
-        reader.changelog_head(1).unwrap().is_empty()
+        reader.changelog_unconfirmed(1).unwrap() == 0
     });
     first.workers.stop(Duration::from_secs(10));
     let source = first.engine.lock().unwrap();
@@ -755,4 +755,168 @@ fn a_store_restored_from_the_state_topic_resumes_from_kafka_without_loss() {
     direct.ingest(&lines).unwrap();
     assert_eq!(state(&second.engine.lock().unwrap()), state(&direct));
     second.workers.stop(Duration::from_secs(10));
+}
+
+/// Partition `partition` of `topic`, every record in offset order (up to the end the broker
+/// names: the mock broker's is exact), with the state changelog's commit header.
+fn read_partition(brokers: &str, topic: &str, partition: i32) -> Vec<tests::LogRecord> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("raw-{topic}-{partition}"))
+        .create()
+        .unwrap();
+    let (_, end) = consumer
+        .fetch_watermarks(topic, partition, Duration::from_secs(5))
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, rdkafka::Offset::Beginning)
+        .unwrap();
+    consumer.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (out.len() as i64) < end {
+        assert!(Instant::now() < deadline, "read {} of {end} records", out.len());
+        if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+            let m = m.unwrap();
+            let commit = m.headers().and_then(|h| {
+                h.iter()
+                    .find(|h| h.key == processor::changelog::COMMIT_HEADER)
+                    .map(|h| String::from_utf8_lossy(h.value.unwrap()).parse::<u64>().unwrap())
+            });
+            out.push((
+                m.key().unwrap_or_default().to_vec(),
+                m.payload().map(<[u8]>::to_vec),
+                commit,
+            ));
+        }
+    }
+    out
+}
+
+/// Checkpoints keep the state topic bounded (issue #21): with a small checkpoint size, the
+/// publisher folds each partition's confirmed deltas into one keyed record per key and a
+/// marker, then tombstones the deltas, and the outbox keeps only what follows the last
+/// checkpoint. The topic read whole, or as a compacting broker leaves it (tombstones kept,
+/// or gone), restores the source store exactly: customers, input offsets, clock.
+#[test]
+fn checkpoints_bound_the_state_topic_which_restores_whole_or_compacted() {
+    const PARTITIONS: u32 = 4;
+    const CHECKPOINT: u64 = 8 << 10;
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("events", PARTITIONS as i32, 1).unwrap();
+    cluster.create_topic("tag-changes", PARTITIONS as i32, 1).unwrap();
+    cluster.create_topic("tagstream-dead-letters", 1, 1).unwrap();
+    cluster.create_topic("state", PARTITIONS as i32, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let lines = stream(3_000);
+    let keeping = || EngineConfig {
+        partitions: PARTITIONS,
+        changelog: true,
+        ..config()
+    };
+    let dir = TempDir::new("kafka-checkpoints");
+    let running = run_engine(
+        Engine::open(dir.path(), Some(RULES), keeping()).unwrap(),
+        &brokers,
+        "g-checkpoints",
+        |s| {
+            s.state_topic = Some("state".into());
+            s.state_checkpoint_bytes = CHECKPOINT;
+            // Small commits: many deltas per partition between checkpoints.
+            s.max_batch = 50;
+        },
+    );
+    let reader = running.engine.lock().unwrap().reader();
+    // In three parts, each published and checkpointed before the next: three checkpoints
+    // of each partition at least.
+    for part in lines.chunks(1_000) {
+        let seen = running.seen.load(Ordering::SeqCst);
+        produce(&brokers, "events", part);
+        wait_until("the part", || {
+            running.seen.load(Ordering::SeqCst) == seen + part.len()
+        });
+        wait_until("every delta confirmed and checkpointed down to the size", || {
+            reader.changelog_unconfirmed(1).unwrap() == 0
+                && reader
+                    .changelog_publisher_state()
+                    .unwrap()
+                    .values()
+                    .all(|(_, kept)| *kept < CHECKPOINT)
+        });
+    }
+    running.workers.stop(Duration::from_secs(10));
+    let source = running.engine.lock().unwrap();
+    let offsets = source.reader().source_offsets().unwrap();
+    assert_eq!(offsets.len(), PARTITIONS as usize, "{offsets:?}");
+
+    let topic: Vec<Vec<tests::LogRecord>> = (0..PARTITIONS as i32)
+        .map(|p| read_partition(&brokers, "state", p))
+        .collect();
+    for (p, records) in topic.iter().enumerate() {
+        let markers = records.iter().filter(|r| r.0 == b"c").count();
+        let deltas = records
+            .iter()
+            .filter(|r| r.0.starts_with(b"d/") && r.1.is_some())
+            .count();
+        let compacted = tests::compacted(records, false);
+        let live_deltas = compacted.iter().filter(|r| r.0.starts_with(b"d/")).count();
+        assert!(markers >= 3, "partition {p}: {markers} checkpoints");
+        // Each checkpoint folds deltas of its own, at least its size of them.
+        let commits: Vec<u64> = records
+            .iter()
+            .filter(|r| r.0 == b"c")
+            .map(|r| {
+                processor::changelog::Delta::decode(r.1.as_ref().unwrap())
+                    .unwrap()
+                    .commit
+            })
+            .collect();
+        assert!(
+            commits.windows(2).all(|w| w[0] < w[1]),
+            "partition {p}: {commits:?}"
+        );
+        let delta_bytes: usize = records
+            .iter()
+            .filter(|r| r.0.starts_with(b"d/"))
+            .filter_map(|r| r.1.as_ref().map(Vec::len))
+            .sum();
+        assert!(
+            markers as u64 <= delta_bytes as u64 / CHECKPOINT,
+            "partition {p}: {markers} checkpoints of {delta_bytes} bytes of deltas"
+        );
+        // Compacted, the topic holds a record per key and only the deltas after the last
+        // checkpoint (those the outbox still keeps).
+        let kept = source
+            .reader()
+            .changelog_deltas(p as u32, 0, usize::MAX)
+            .unwrap()
+            .len();
+        assert_eq!(live_deltas, kept, "partition {p}");
+        assert!(
+            live_deltas * 4 < deltas,
+            "partition {p}: {live_deltas} of {deltas} deltas left"
+        );
+    }
+    type View = fn(&[tests::LogRecord]) -> Vec<tests::LogRecord>;
+    let views: [(&str, View); 3] = [
+        ("whole", |r| r.to_vec()),
+        ("compacted", |r| tests::compacted(r, true)),
+        ("compacted, tombstones gone", |r| tests::compacted(r, false)),
+    ];
+    for (name, view) in views {
+        let restored_dir = TempDir::new("kafka-checkpoints-restored");
+        let mut restored = Engine::open(restored_dir.path(), Some(RULES), keeping()).unwrap();
+        for (p, records) in topic.iter().enumerate() {
+            let mut assembler = processor::changelog::Assembler::new(p as u32, PARTITIONS);
+            for (key, value, commit) in view(records) {
+                assembler.add(&key, value.as_deref(), commit).unwrap();
+            }
+            let (restore, incomplete) = assembler.finish();
+            assert_eq!(incomplete, 0, "{name}");
+            restored.restore_partition(&restore).unwrap();
+        }
+        assert_eq!(state(&restored), state(&source), "{name}");
+        assert_eq!(restored.reader().source_offsets().unwrap(), offsets, "{name}");
+        assert_eq!(restored.clock(), source.clock(), "{name}");
+    }
 }

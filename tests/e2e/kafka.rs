@@ -403,7 +403,7 @@ fn a_node_killed_mid_stream_is_rebuilt_from_the_state_topic_and_ends_like_an_uni
         &config,
         format!(
             "sync_writes = true\n[engine]\npartitions = 1\n[kafka]\nbrokers = \"{}\"\ngroup_id = \"state-{}\"\n\
-             max_batch = 40\nstate_topic = \"state\"\n\
+             max_batch = 40\nstate_topic = \"state\"\nstate_checkpoint_mb = 0.02\n\
              [kafka.options]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n",
             broker.addr,
             std::process::id()
@@ -439,18 +439,21 @@ fn a_node_killed_mid_stream_is_rebuilt_from_the_state_topic_and_ends_like_an_uni
     );
     assert!(said.contains("restored partition 0 of 1 from `state`"), "{said}");
     // Read to the topic's end (the first delta alone would also end right, by consuming
-    // nearly everything again: the restore must have read what the killed node published).
-    let deltas: u64 = said
-        .split(" deltas to commit")
-        .next()
-        .and_then(|s| s.rsplit('(').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("{said}"));
-    assert!(deltas > 20, "only {deltas} deltas read: {said}");
+    // nearly everything again: the restore must have read what the killed node published),
+    // checkpoints included: keyed records, markers, and the deltas' tombstones.
+    let count = |what: &str| -> u64 {
+        said.split(&format!(" {what}"))
+            .next()
+            .and_then(|s| s.rsplit(['(', ' ']).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {what} in: {said}"))
+    };
+    assert!(count("checkpoints") >= 2 && count("keyed") > 0, "{said}");
+    assert!(count("deltas") > 0, "deltas after the last checkpoint: {said}");
     assert_eq!(
-        deltas,
+        count("records:"),
         records_in(&broker.addr, "state"),
-        "every published delta read"
+        "every published record read: {said}"
     );
 
     let server = Server::start(&restored, &config);

@@ -54,6 +54,26 @@ impl Drop for TempDir {
     }
 }
 
+/// A Kafka topic partition's records in offset order: key, value (`None`: a tombstone), and
+/// the state changelog's commit header when there is one.
+pub type LogRecord = (Vec<u8>, Option<Vec<u8>>, Option<u64>);
+
+/// What a compacting broker keeps of `records` (`cleanup.policy = compact`): the latest
+/// record of each key, in offset order; tombstones too, unless they have outlived
+/// `delete.retention.ms` (`keep_tombstones` false, the most a broker can take away).
+pub fn compacted(records: &[LogRecord], keep_tombstones: bool) -> Vec<LogRecord> {
+    let mut latest: std::collections::BTreeMap<&[u8], usize> = std::collections::BTreeMap::new();
+    for (i, (key, _, _)) in records.iter().enumerate() {
+        latest.insert(key, i);
+    }
+    let mut kept: Vec<usize> = latest.into_values().collect();
+    kept.sort_unstable();
+    kept.into_iter()
+        .map(|i| records[i].clone())
+        .filter(|(_, value, _)| keep_tombstones || value.is_some())
+        .collect()
+}
+
 /// A minimal HTTP/1.1 client for tests (one request per connection).
 pub mod http {
     use std::io::{Read, Write};

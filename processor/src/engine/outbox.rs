@@ -3,7 +3,7 @@
 //! partition restored from deltas into this store.
 
 use super::*;
-use crate::changelog::{outbox_key, DeltaBuilder, Family, Restore, CF_OUTBOX};
+use crate::changelog::{outbox_key, Checkpoint, Delta, DeltaBuilder, Family, Restore, CF_OUTBOX};
 use crate::partition::partition_of;
 use crate::writes::Writes;
 
@@ -11,6 +11,10 @@ use crate::writes::Writes;
 /// under: opened without the changelog, the store forgets it, so that turning it on again
 /// starts with a baseline; opened with another partition count, it writes a new baseline.
 const META_CHANGELOG_LIVE: &str = "changelog_live";
+/// Per partition (the number follows), the highest commit the broker confirmed.
+const META_CHANGELOG_PUBLISHED: &str = "changelog_published:";
+/// Per partition (the number follows), the marker of its last confirmed checkpoint.
+const META_CHANGELOG_MARKER: &str = "changelog_marker:";
 
 /// A baseline's delta is cut once it holds this many bytes of keys and values.
 const BASELINE_DELTA_BYTES: usize = 512 << 10;
@@ -353,27 +357,134 @@ impl ReadHandle {
         super::read::source_offsets(&self.store)
     }
 
-    /// The first `limit` deltas in the outbox, of any partition: `(partition, commit,
-    /// encoded delta)`, each partition's in commit order.
-    pub fn changelog_head(&self, limit: usize) -> Result<Vec<(u32, u64, Vec<u8>)>, EngineError> {
+    /// Up to `limit` deltas in the outbox not yet published: of each partition, those after
+    /// its entry in `published` (its highest confirmed commit), in commit order, partition
+    /// after partition: `(partition, commit, encoded delta)`.
+    pub fn changelog_unpublished(
+        &self,
+        published: &BTreeMap<u32, u64>,
+        limit: usize,
+    ) -> Result<Vec<(u32, u64, Vec<u8>)>, EngineError> {
         let mut out = Vec::new();
-        for item in self.store.scan_from(CF_OUTBOX, &[]) {
-            if out.len() >= limit {
-                break;
+        let mut from = outbox_key(0, 0);
+        'seek: loop {
+            for item in self.store.scan_from(CF_OUTBOX, &from) {
+                let (key, value) = item?;
+                let (partition, commit) = parse_outbox_key(&key)?;
+                let done = published.get(&partition).copied().unwrap_or(0);
+                if commit <= done {
+                    // Published: on to the first delta after the confirmed ones.
+                    from = match done.checked_add(1) {
+                        Some(next) => outbox_key(partition, next),
+                        None => match partition.checked_add(1) {
+                            Some(p) => outbox_key(p, 0),
+                            None => break 'seek,
+                        },
+                    };
+                    continue 'seek;
+                }
+                if out.len() >= limit {
+                    break 'seek;
+                }
+                out.push((partition, commit, value.into_vec()));
             }
-            let (key, value) = item?;
-            let (partition, commit) = parse_outbox_key(&key)?;
-            out.push((partition, commit, value.into_vec()));
+            break;
         }
         Ok(out)
     }
 
-    /// Deletes deltas the broker confirmed (`(partition, commit)`).
-    pub fn changelog_published(&self, published: &[(u32, u64)]) -> Result<(), EngineError> {
-        let mut wb = WriteBatch::default();
-        for &(partition, commit) in published {
-            wb.delete_cf(self.store.cf(CF_OUTBOX), outbox_key(partition, commit));
+    /// How many deltas (up to `limit`) the broker has not confirmed yet.
+    pub fn changelog_unconfirmed(&self, limit: usize) -> Result<usize, EngineError> {
+        let published = self
+            .changelog_publisher_state()?
+            .into_iter()
+            .map(|(partition, (commit, _))| (partition, commit))
+            .collect();
+        Ok(self.changelog_unpublished(&published, limit)?.len())
+    }
+
+    /// Where the state publisher stands, per partition with deltas in the outbox or a
+    /// confirmed position: the highest commit the broker confirmed, and the bytes of the
+    /// confirmed deltas the outbox keeps for the next checkpoint.
+    pub fn changelog_publisher_state(&self) -> Result<BTreeMap<u32, (u64, u64)>, EngineError> {
+        let mut state: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
+        for item in self.store.scan_from(CF_META, META_CHANGELOG_PUBLISHED.as_bytes()) {
+            let (key, value) = item?;
+            let Some(partition) = key.strip_prefix(META_CHANGELOG_PUBLISHED.as_bytes()) else {
+                break;
+            };
+            let partition = std::str::from_utf8(partition)
+                .ok()
+                .and_then(|p| p.parse::<u32>().ok())
+                .ok_or_else(|| {
+                    StoreError::Corrupt("a changelog publisher position of no partition".into())
+                })?;
+            let commit = Reader::new(&value).u64().map_err(StoreError::from)?;
+            state.entry(partition).or_default().0 = commit;
         }
+        for item in self.store.scan_from(CF_OUTBOX, &[]) {
+            let (key, value) = item?;
+            let (partition, commit) = parse_outbox_key(&key)?;
+            let (published, kept) = state.entry(partition).or_default();
+            if commit <= *published {
+                *kept += value.len() as u64;
+            }
+        }
+        Ok(state)
+    }
+
+    /// Records what the broker confirmed: per partition, the highest commit (`(partition,
+    /// commit)` pairs, in any order). The deltas stay for the partition's next checkpoint.
+    pub fn changelog_published(&self, published: &[(u32, u64)]) -> Result<(), EngineError> {
+        let mut highest: BTreeMap<u32, u64> = BTreeMap::new();
+        for &(partition, commit) in published {
+            let h = highest.entry(partition).or_default();
+            *h = (*h).max(commit);
+        }
+        let mut wb = WriteBatch::default();
+        for (partition, commit) in highest {
+            let name = format!("{META_CHANGELOG_PUBLISHED}{partition}");
+            self.store.put_meta_u64(&mut wb, &name, commit);
+        }
+        Ok(self.store.commit(wb)?)
+    }
+
+    /// The checkpoint of `partition` up to commit `upto` (its confirmed deltas), folded
+    /// onto its previous checkpoint's marker.
+    pub fn changelog_checkpoint(&self, partition: u32, upto: u64) -> Result<Checkpoint, EngineError> {
+        let name = format!("{META_CHANGELOG_MARKER}{partition}");
+        let previous = match self.store.get(CF_META, name.as_bytes())? {
+            Some(bytes) => Some(Delta::decode(&bytes).map_err(StoreError::from)?),
+            None => None,
+        };
+        let mut checkpoint = Checkpoint::new(partition, self.partitions, previous);
+        for item in self.store.scan_from(CF_OUTBOX, &outbox_key(partition, 0)) {
+            let (key, value) = item?;
+            let (p, commit) = parse_outbox_key(&key)?;
+            if p != partition || commit > upto {
+                break;
+            }
+            checkpoint.add(commit, &value).map_err(StoreError::from)?;
+        }
+        Ok(checkpoint)
+    }
+
+    /// A checkpoint of `partition` is confirmed with its tombstones: the deltas it folded
+    /// leave the outbox and its marker is the next checkpoint's start.
+    pub fn changelog_checkpointed(
+        &self,
+        partition: u32,
+        upto: u64,
+        marker: &Delta,
+    ) -> Result<(), EngineError> {
+        let mut wb = WriteBatch::default();
+        let cf = self.store.cf(CF_OUTBOX);
+        match upto.checked_add(1) {
+            Some(next) => wb.delete_range_cf(cf, outbox_key(partition, 0), outbox_key(partition, next)),
+            None => wb.delete_range_cf(cf, outbox_key(partition, 0), outbox_key(partition + 1, 0)),
+        }
+        let name = format!("{META_CHANGELOG_MARKER}{partition}");
+        wb.put_cf(self.store.cf(CF_META), name.as_bytes(), marker.encode());
         Ok(self.store.commit(wb)?)
     }
 

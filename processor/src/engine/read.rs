@@ -73,6 +73,8 @@ pub struct ReadHandle {
     pub(super) index: Arc<MembershipIndex>,
     clock_mode: ClockMode,
     pub(super) retention_ms: i64,
+    /// `[engine] partitions`: what customers are hashed to.
+    pub(super) partitions: u32,
     intake: Intake,
     pub(super) identity: Arc<crate::identity::IdentityConfig>,
     pub(super) identity_counts: Arc<crate::identity::IdentityCounts>,
@@ -379,6 +381,7 @@ impl Engine {
             index: self.index.clone(),
             clock_mode: self.config.clock,
             retention_ms: self.config.retention_ms,
+            partitions: self.config.partitions,
             intake: self.intake(),
             identity: Arc::new(self.config.identity.clone()),
             identity_counts: self.identity_counts.clone(),
