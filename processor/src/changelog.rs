@@ -412,9 +412,12 @@ pub struct Restore {
     pub checkpoints: u64,
     pub keyed: u64,
     pub records: u64,
-    /// Per key, the highest commit that wrote it and what it wrote (hashed: a restore
-    /// meets each key once per delta that wrote it, and reads them in order once).
-    keys: foldhash::HashMap<StateKey, (u64, Option<Vec<u8>>)>,
+    /// Per key, the highest commit that wrote it, what it wrote, and whether a delta (not a
+    /// keyed record) did (hashed: a restore meets each key once per delta that wrote it,
+    /// and reads them in order once).
+    keys: foldhash::HashMap<StateKey, (u64, Option<Vec<u8>>, bool)>,
+    /// The keys of the delta records read and not tombstoned: what a take-over folds.
+    delta_records: std::collections::BTreeSet<String>,
     /// Per input, the position of the highest commit that named it.
     positions: BTreeMap<String, (u64, u64)>,
     /// The latest complete baseline read: its last commit and its first.
@@ -478,9 +481,9 @@ impl Restore {
             let slot = self
                 .keys
                 .entry((write.family, write.key))
-                .or_insert((delta.commit, None));
+                .or_insert((delta.commit, None, true));
             if delta.commit >= slot.0 {
-                *slot = (delta.commit, write.value);
+                *slot = (delta.commit, write.value, true);
             }
         }
         Ok(())
@@ -509,7 +512,7 @@ impl Restore {
         let mut values: Vec<(Family, &[u8], &[u8])> = self
             .keys
             .iter()
-            .filter_map(|((family, key), (commit, value))| {
+            .filter_map(|((family, key), (commit, value, _))| {
                 value
                     .as_deref()
                     .filter(|_| *commit >= from)
@@ -527,7 +530,7 @@ impl Restore {
         let mut deletes: Vec<(Family, &[u8])> = self
             .keys
             .iter()
-            .filter(|(_, (commit, value))| value.is_none() || *commit < from)
+            .filter(|(_, (commit, value, _))| value.is_none() || *commit < from)
             .map(|((family, key), _)| (*family, &key[..]))
             .collect();
         deletes.sort_unstable();
@@ -554,9 +557,9 @@ impl Restore {
         let slot = self
             .keys
             .entry((record.family, record.key))
-            .or_insert((record.commit, None));
+            .or_insert((record.commit, None, false));
         if record.commit >= slot.0 {
-            *slot = (record.commit, record.value);
+            *slot = (record.commit, record.value, false);
         }
     }
 
@@ -571,7 +574,7 @@ impl Restore {
     /// start). In no particular order.
     pub fn keyed(&self) -> impl Iterator<Item = Keyed> + '_ {
         let from = self.from();
-        self.keys.iter().map(move |((family, key), (commit, value))| {
+        self.keys.iter().map(move |((family, key), (commit, value, _))| {
             let superseded = *commit < from;
             Keyed {
                 partitions: self.partitions,
@@ -581,6 +584,36 @@ impl Restore {
                 value: if superseded { None } else { value.clone() },
             }
         })
+    }
+
+    /// What a store that takes the partition over (restored it to own it from now on)
+    /// publishes so that its first checkpoint can tombstone the delta records it read —
+    /// which are in no store's outbox any more: a delta numbered `commit` with every key
+    /// whose last write came from a delta record (a deleted or superseded one as a delete),
+    /// and those records' keys. Keys last written by keyed records are in the topic already.
+    pub fn take_over(&self, commit: u64) -> (Delta, Vec<String>) {
+        let from = self.from();
+        let mut writes: Vec<DeltaWrite> = self
+            .keys
+            .iter()
+            .filter(|(_, (_, _, from_delta))| *from_delta)
+            .map(|((family, key), (written, value, _))| DeltaWrite {
+                family: *family,
+                key: key.clone(),
+                value: value.clone().filter(|_| *written >= from),
+            })
+            .collect();
+        writes.sort_unstable_by(|a, b| (a.family, &a.key).cmp(&(b.family, &b.key)));
+        let delta = Delta {
+            partition: self.partition,
+            partitions: self.partitions,
+            commit,
+            clock: self.clock,
+            positions: self.positions().map(|(s, o)| (s.to_owned(), o)).collect(),
+            writes,
+            baseline_from: None,
+        };
+        (delta, self.delta_records.iter().cloned().collect())
     }
 
     /// The checkpoint marker of what was read: the highest commit, the clock, the input
@@ -782,6 +815,8 @@ impl Assembler {
         }
         let bad = || format!("changelog record `{shown}` is neither a delta, a keyed record nor a marker");
         let Some(value) = value else {
+            // A delta record tombstoned by a checkpoint: nothing for a take-over to fold.
+            self.restore.delta_records.remove(shown.as_str());
             return Ok(());
         };
         if key == MARKER_KEY {
@@ -790,6 +825,7 @@ impl Assembler {
         }
         let key = std::str::from_utf8(key).map_err(|_| bad())?;
         let fields: Vec<&str> = key.strip_prefix("d/").ok_or_else(bad)?.split('/').collect();
+        self.restore.delta_records.insert(key.to_owned());
         let decode =
             |bytes: &[u8]| Delta::decode(bytes).map_err(|e| format!("changelog record `{shown}`: {e}"));
         match fields[..] {

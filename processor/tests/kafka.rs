@@ -808,7 +808,10 @@ fn checkpoints_bound_the_state_topic_which_restores_whole_or_compacted() {
     cluster.create_topic("tagstream-dead-letters", 1, 1).unwrap();
     cluster.create_topic("state", PARTITIONS as i32, 1).unwrap();
     let brokers = cluster.bootstrap_servers();
-    let lines = stream(3_000);
+    let all = stream(4_000);
+    let (lines, more) = all.split_at(3_000);
+    // Too few to fill a checkpoint: deltas the first store leaves unfolded.
+    let (tail, more) = more.split_at(30);
     let keeping = || EngineConfig {
         partitions: PARTITIONS,
         changelog: true,
@@ -844,6 +847,13 @@ fn checkpoints_bound_the_state_topic_which_restores_whole_or_compacted() {
                     .all(|(_, kept)| *kept < CHECKPOINT)
         });
     }
+    produce(&brokers, "events", tail);
+    wait_until("the tail", || {
+        running.seen.load(Ordering::SeqCst) == lines.len() + tail.len()
+    });
+    wait_until("the tail's deltas confirmed", || {
+        reader.changelog_unconfirmed(1).unwrap() == 0
+    });
     running.workers.stop(Duration::from_secs(10));
     let source = running.engine.lock().unwrap();
     let offsets = source.reader().source_offsets().unwrap();
@@ -903,9 +913,9 @@ fn checkpoints_bound_the_state_topic_which_restores_whole_or_compacted() {
         ("compacted", |r| tests::compacted(r, true)),
         ("compacted, tombstones gone", |r| tests::compacted(r, false)),
     ];
-    for (name, view) in views {
-        let restored_dir = TempDir::new("kafka-checkpoints-restored");
-        let mut restored = Engine::open(restored_dir.path(), Some(RULES), keeping()).unwrap();
+    let restore_all = |name: &str, topic: &[Vec<tests::LogRecord>], view: View| {
+        let dir = TempDir::new("kafka-checkpoints-restored");
+        let mut restored = Engine::open(dir.path(), Some(RULES), keeping()).unwrap();
         for (p, records) in topic.iter().enumerate() {
             let mut assembler = processor::changelog::Assembler::new(p as u32, PARTITIONS);
             for (key, value, commit) in view(records) {
@@ -915,8 +925,77 @@ fn checkpoints_bound_the_state_topic_which_restores_whole_or_compacted() {
             assert_eq!(incomplete, 0, "{name}");
             restored.restore_partition(&restore).unwrap();
         }
+        (dir, restored)
+    };
+    let mut taken_over = None;
+    for (name, view) in views {
+        let (dir, restored) = restore_all(name, &topic, view);
         assert_eq!(state(&restored), state(&source), "{name}");
         assert_eq!(restored.reader().source_offsets().unwrap(), offsets, "{name}");
         assert_eq!(restored.clock(), source.clock(), "{name}");
+        taken_over.get_or_insert((dir, restored));
     }
+    drop(source);
+    drop(running.engine);
+
+    // The store restored from the whole topic takes the partitions over and consumes on. Its
+    // checkpoints fold what it restored, so the delta records the first store left after
+    // its last checkpoints (in no outbox now) are tombstoned too: compacted, the topic then
+    // holds only the new owner's deltas after its own last checkpoint.
+    let (_dir, restored) = taken_over.unwrap();
+    let first_owners: Vec<Vec<u8>> = topic
+        .iter()
+        .flat_map(|records| tests::compacted(records, false))
+        .filter(|r| r.0.starts_with(b"d/"))
+        .map(|r| r.0)
+        .collect();
+    assert!(
+        !first_owners.is_empty(),
+        "the first store left deltas after its checkpoints"
+    );
+    let second = run_engine(restored, &brokers, "g-checkpoints-2", |s| {
+        s.state_topic = Some("state".into());
+        s.state_checkpoint_bytes = CHECKPOINT / 4;
+        s.max_batch = 50;
+    });
+    produce(&brokers, "events", more);
+    wait_until("the new lines", || {
+        second.seen.load(Ordering::SeqCst) == more.len()
+    });
+    let reader = second.engine.lock().unwrap().reader();
+    wait_until("every first owner's delta tombstoned", || {
+        reader.changelog_unconfirmed(1).unwrap() == 0 && {
+            let live: Vec<Vec<u8>> = (0..PARTITIONS as i32)
+                .flat_map(|p| tests::compacted(&read_partition(&brokers, "state", p), false))
+                .map(|r| r.0)
+                .collect();
+            first_owners.iter().all(|key| !live.contains(key))
+        }
+    });
+    second.workers.stop(Duration::from_secs(10));
+    let owner = second.engine.lock().unwrap();
+    let topic: Vec<Vec<tests::LogRecord>> = (0..PARTITIONS as i32)
+        .map(|p| read_partition(&brokers, "state", p))
+        .collect();
+    for (p, records) in topic.iter().enumerate() {
+        let live_deltas = tests::compacted(records, false)
+            .iter()
+            .filter(|r| r.0.starts_with(b"d/"))
+            .count();
+        let kept = owner
+            .reader()
+            .changelog_deltas(p as u32, 0, usize::MAX)
+            .unwrap()
+            .len();
+        assert_eq!(
+            live_deltas, kept,
+            "partition {p}: only the new owner's unfolded deltas"
+        );
+    }
+    let (_dir, again) = restore_all("after the take-over", &topic, views[2].1);
+    assert_eq!(state(&again), state(&owner));
+    assert_eq!(
+        again.reader().source_offsets().unwrap(),
+        owner.reader().source_offsets().unwrap()
+    );
 }

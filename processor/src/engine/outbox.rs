@@ -15,6 +15,9 @@ const META_CHANGELOG_LIVE: &str = "changelog_live";
 const META_CHANGELOG_PUBLISHED: &str = "changelog_published:";
 /// Per partition (the number follows), the marker of its last confirmed checkpoint.
 const META_CHANGELOG_MARKER: &str = "changelog_marker:";
+/// Per partition (the number follows), the keys of the delta records a restore read, which
+/// the partition's next checkpoint tombstones.
+const META_CHANGELOG_ORPHANS: &str = "changelog_orphans:";
 
 /// A baseline's delta is cut once it holds this many bytes of keys and values.
 const BASELINE_DELTA_BYTES: usize = 512 << 10;
@@ -319,6 +322,28 @@ impl Engine {
             self.counters.next_arrival = self.counters.next_arrival.max(arrival + 1);
         }
         self.counters.next_commit = self.counters.next_commit.max(restore.commit + 1);
+        if self.config.changelog {
+            // This store owns the partition in the topic from now on: its first checkpoint
+            // of it folds onto what was restored and tombstones the delta records read.
+            let commit = self.counters.next_commit;
+            self.counters.next_commit += 1;
+            let (delta, orphans) = restore.take_over(commit);
+            wb.put_cf(
+                self.store.cf(CF_OUTBOX),
+                outbox_key(partition, commit),
+                delta.encode(),
+            );
+            let meta = self.store.cf(CF_META);
+            let marker = format!("{META_CHANGELOG_MARKER}{partition}");
+            wb.put_cf(meta, marker.as_bytes(), restore.marker().encode());
+            let mut w = crate::codec::Writer::new();
+            w.u64(orphans.len() as u64);
+            for key in &orphans {
+                w.str(key);
+            }
+            let name = format!("{META_CHANGELOG_ORPHANS}{partition}");
+            wb.put_cf(meta, name.as_bytes(), w.buf);
+        }
         // The clock never moves backwards, and the partition was judged up to its own.
         if self.config.clock == ClockMode::Event && restore.clock > self.counters.clock {
             self.counters.clock = restore.clock;
@@ -458,6 +483,14 @@ impl ReadHandle {
             None => None,
         };
         let mut checkpoint = Checkpoint::new(partition, self.partitions, previous);
+        let orphans = format!("{META_CHANGELOG_ORPHANS}{partition}");
+        if let Some(bytes) = self.store.get(CF_META, orphans.as_bytes())? {
+            let mut r = Reader::new(&bytes);
+            for _ in 0..r.len().map_err(StoreError::from)? {
+                let key = r.str().map_err(StoreError::from)?;
+                checkpoint.delta_records.push(key.to_owned());
+            }
+        }
         for item in self.store.scan_from(CF_OUTBOX, &outbox_key(partition, 0)) {
             let (key, value) = item?;
             let (p, commit) = parse_outbox_key(&key)?;
@@ -485,6 +518,8 @@ impl ReadHandle {
         }
         let name = format!("{META_CHANGELOG_MARKER}{partition}");
         wb.put_cf(self.store.cf(CF_META), name.as_bytes(), marker.encode());
+        let orphans = format!("{META_CHANGELOG_ORPHANS}{partition}");
+        wb.delete_cf(self.store.cf(CF_META), orphans.as_bytes());
         Ok(self.store.commit(wb)?)
     }
 
