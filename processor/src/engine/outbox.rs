@@ -324,7 +324,8 @@ impl Engine {
         self.counters.next_commit = self.counters.next_commit.max(restore.commit + 1);
         if self.config.changelog {
             // This store owns the partition in the topic from now on: its first checkpoint
-            // of it folds onto what was restored and tombstones the delta records read.
+            // of it folds onto what was restored and tombstones the delta records read
+            // (the keys they last wrote go into the outbox for that fold).
             let commit = self.counters.next_commit;
             self.counters.next_commit += 1;
             let (delta, orphans) = restore.take_over(commit);
@@ -333,6 +334,10 @@ impl Engine {
                 outbox_key(partition, commit),
                 delta.encode(),
             );
+            // Not published: what it says is in the topic already, in the records its fold
+            // tombstones only after the keyed records that replace them.
+            let published = format!("{META_CHANGELOG_PUBLISHED}{partition}");
+            self.store.put_meta_u64(&mut wb, &published, commit);
             let meta = self.store.cf(CF_META);
             let marker = format!("{META_CHANGELOG_MARKER}{partition}");
             wb.put_cf(meta, marker.as_bytes(), restore.marker().encode());
