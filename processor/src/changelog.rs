@@ -587,11 +587,12 @@ impl Restore {
     }
 
     /// What a store that takes the partition over (restored it to own it from now on)
-    /// publishes so that its first checkpoint can tombstone the delta records it read —
-    /// which are in no store's outbox any more: a delta numbered `commit` with every key
-    /// whose last write came from a delta record (a deleted or superseded one as a delete),
-    /// and those records' keys. Keys last written by keyed records are in the topic already.
-    pub fn take_over(&self, commit: u64) -> (Delta, Vec<String>) {
+    /// keeps so that its first checkpoint can tombstone the delta records it read — which
+    /// are in no store's outbox any more: deltas numbered from `first_commit`, each of about
+    /// `max_bytes` at most, with every key whose last write came from a delta record (a
+    /// deleted or superseded one as a delete), and those records' keys. Keys last written by
+    /// keyed records are in the topic already.
+    pub fn take_over(&self, first_commit: u64, max_bytes: usize) -> (Vec<Delta>, Vec<String>) {
         let from = self.from();
         let mut writes: Vec<DeltaWrite> = self
             .keys
@@ -604,16 +605,32 @@ impl Restore {
             })
             .collect();
         writes.sort_unstable_by(|a, b| (a.family, &a.key).cmp(&(b.family, &b.key)));
-        let delta = Delta {
-            partition: self.partition,
-            partitions: self.partitions,
-            commit,
-            clock: self.clock,
-            positions: self.positions().map(|(s, o)| (s.to_owned(), o)).collect(),
-            writes,
-            baseline_from: None,
-        };
-        (delta, self.delta_records.iter().cloned().collect())
+        let mut chunks: Vec<Vec<DeltaWrite>> = vec![Vec::new()];
+        let mut bytes = 0;
+        for write in writes {
+            let size = write.key.len() + write.value.as_ref().map_or(0, Vec::len);
+            if bytes + size > max_bytes && !chunks.last().is_some_and(Vec::is_empty) {
+                chunks.push(Vec::new());
+                bytes = 0;
+            }
+            bytes += size;
+            chunks.last_mut().expect("one at least").push(write);
+        }
+        let positions: Vec<(String, u64)> = self.positions().map(|(s, o)| (s.to_owned(), o)).collect();
+        let deltas = chunks
+            .into_iter()
+            .zip(first_commit..)
+            .map(|(writes, commit)| Delta {
+                partition: self.partition,
+                partitions: self.partitions,
+                commit,
+                clock: self.clock,
+                positions: positions.clone(),
+                writes,
+                baseline_from: None,
+            })
+            .collect();
+        (deltas, self.delta_records.iter().cloned().collect())
     }
 
     /// The checkpoint marker of what was read: the highest commit, the clock, the input

@@ -798,6 +798,11 @@ fn publish_checkpoint(
     let checkpoint = reader
         .changelog_checkpoint(partition, upto)
         .map_err(|e| format!("reading partition {partition}'s deltas: {e}"))?;
+    if checkpoint.delta_records.is_empty() {
+        // Nothing to fold (the outbox no longer holds the partition's deltas): a marker of
+        // nothing must not replace the partition's last one.
+        return Ok(());
+    }
     let to_partition = Some(partition as i32);
     let mut records: Vec<Outgoing> = checkpoint
         .fold

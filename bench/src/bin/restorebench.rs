@@ -41,14 +41,14 @@ fn main() {
         changelog: true,
         ..Default::default()
     };
-    let checkpoint_bytes = std::env::var("CHECKPOINT_MB")
-        .ok()
-        .map_or(64.0, |mb| mb.parse::<f64>().expect("CHECKPOINT_MB: a number of MiB"))
-        * 1048576.0;
+    let checkpoint_bytes = std::env::var("CHECKPOINT_MB").ok().map_or(64.0, |mb| {
+        mb.parse::<f64>().expect("CHECKPOINT_MB: a number of MiB")
+    }) * 1048576.0;
     let source = Engine::open(args[1].as_ref(), Some(&rules), config.clone()).expect("opening the source");
     let reader = source.reader();
     let _ = std::fs::remove_dir_all(&args[3]);
-    let mut target = Engine::open(args[3].as_ref(), Some(&rules), config.clone()).expect("opening the target");
+    let mut target =
+        Engine::open(args[3].as_ref(), Some(&rules), config.clone()).expect("opening the target");
 
     // One partition at a time, as a node restores the partitions it is given.
     let (mut read_wall, mut read_cpu, mut apply_wall, mut apply_cpu) = (0.0, 0.0, 0.0, 0.0);
@@ -94,7 +94,9 @@ fn main() {
     let mut target = Engine::open(compacted_dir.as_ref(), Some(&rules), config).expect("opening the target");
     let (mut kept_records, mut kept_bytes, mut wall_total, mut cpu_total) = (0u64, 0u64, 0.0, 0.0);
     for p in 0..partitions {
-        let deltas = reader.changelog_deltas(p, 0, usize::MAX).expect("reading the outbox");
+        let deltas = reader
+            .changelog_deltas(p, 0, usize::MAX)
+            .expect("reading the outbox");
         // The last checkpoint: where the deltas since the one before reach the size.
         let (mut since, mut last) = (0.0, 0);
         for (i, (_, delta)) in deltas.iter().enumerate() {

@@ -326,14 +326,17 @@ impl Engine {
             // This store owns the partition in the topic from now on: its first checkpoint
             // of it folds onto what was restored and tombstones the delta records read
             // (the keys they last wrote go into the outbox for that fold).
-            let commit = self.counters.next_commit;
-            self.counters.next_commit += 1;
-            let (delta, orphans) = restore.take_over(commit);
-            wb.put_cf(
-                self.store.cf(CF_OUTBOX),
-                outbox_key(partition, commit),
-                delta.encode(),
-            );
+            let (deltas, orphans) = restore.take_over(self.counters.next_commit, BASELINE_DELTA_BYTES);
+            let mut commit = self.counters.next_commit;
+            for delta in deltas {
+                commit = delta.commit;
+                wb.put_cf(
+                    self.store.cf(CF_OUTBOX),
+                    outbox_key(partition, commit),
+                    delta.encode(),
+                );
+            }
+            self.counters.next_commit = commit + 1;
             // Not published: what it says is in the topic already, in the records its fold
             // tombstones only after the keyed records that replace them.
             let published = format!("{META_CHANGELOG_PUBLISHED}{partition}");
