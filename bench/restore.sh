@@ -4,7 +4,8 @@
 # connects to no broker, so the outbox keeps every delta), then `restorebench` reads every
 # partition's deltas and restores them into a new store. Prints the replay's rate (what
 # keeping the changelog costs, next to `bench/replay.sh` on the same stream) and the
-# restore's time per million customers.
+# restore's time per million customers, then the same from the topic as checkpoints and
+# compaction leave it (`CHECKPOINT_MB`, default 64: `[kafka] state_checkpoint_mb`).
 #
 #   bench/restore.sh [CUSTOMERS] [EVENTS]   (defaults: 100000 1000000)
 set -euo pipefail
