@@ -222,6 +222,8 @@ pub enum PartitionAction {
     /// Restore a partition from the state changelog (`[kafka] state_topic`), read from its
     /// start to its end: the partition as the last store that kept it committed it, with
     /// the Kafka offsets to resume from. Refused whole if any of its customers is here.
+    /// This store then owns the partition's changelog: serve it with `state_topic` only
+    /// once the store that wrote the topic is gone for good.
     Restore {
         #[arg(long)]
         partition: u32,

@@ -93,16 +93,22 @@ impl Server {
     }
 
     fn last_seq(&self) -> u64 {
+        (self.metric("tagstream_change_log_next_seq") as u64).saturating_sub(1)
+    }
+
+    /// A metric without labels from `/metrics` (0 when it is not there yet).
+    fn metric(&self, name: &str) -> f64 {
         let r = request(&self.addr, "GET", "/metrics", b"");
         r.text()
             .lines()
             .find_map(|l| {
-                l.strip_prefix("tagstream_change_log_next_seq ")?
+                l.strip_prefix(name)?
+                    .strip_prefix(' ')?
                     .trim()
                     .parse::<f64>()
                     .ok()
             })
-            .map_or(0, |next| (next as u64).saturating_sub(1))
+            .unwrap_or(0.0)
     }
 
     fn dead_letters(&self) -> usize {
@@ -403,7 +409,7 @@ fn a_node_killed_mid_stream_is_rebuilt_from_the_state_topic_and_ends_like_an_uni
         &config,
         format!(
             "sync_writes = true\n[engine]\npartitions = 1\n[kafka]\nbrokers = \"{}\"\ngroup_id = \"state-{}\"\n\
-             max_batch = 40\nstate_topic = \"state\"\nstate_checkpoint_mb = 0.02\n\
+             max_batch = 40\nstate_topic = \"state\"\nstate_checkpoint_mb = 0.005\n\
              [kafka.options]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n",
             broker.addr,
             std::process::id()
@@ -412,7 +418,10 @@ fn a_node_killed_mid_stream_is_rebuilt_from_the_state_topic_and_ends_like_an_uni
     .unwrap();
     let server = Server::start(&run.path().join("lost"), &config);
     let deadline = Instant::now() + Duration::from_secs(120);
-    while server.last_seq() < expected_seq / 2 {
+    // Halfway, and past a checkpoint, so the restore reads keyed records as well as deltas.
+    while server.last_seq() < expected_seq / 2
+        || server.metric("tagstream_kafka_state_checkpoints_total") < 1.0
+    {
         assert!(Instant::now() < deadline, "no progress to interrupt");
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -448,7 +457,7 @@ fn a_node_killed_mid_stream_is_rebuilt_from_the_state_topic_and_ends_like_an_uni
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("no {what} in: {said}"))
     };
-    assert!(count("checkpoints") >= 2 && count("keyed") > 0, "{said}");
+    assert!(count("checkpoints") >= 1 && count("keyed") > 0, "{said}");
     assert!(count("deltas") > 0, "deltas after the last checkpoint: {said}");
     assert_eq!(
         count("records:"),
