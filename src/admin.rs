@@ -215,6 +215,8 @@ pub enum PartitionAction {
         file: std::path::PathBuf,
     },
     /// Delete every customer of a partition from this store (after it moved elsewhere).
+    /// With `state_topic` set, also its changelog position and Kafka offsets, and only once
+    /// the broker confirmed every delta of it.
     Drop {
         #[arg(long)]
         partition: u32,
@@ -285,8 +287,18 @@ pub fn partitions(
             );
         }
         PartitionAction::Drop { partition } => {
-            let summary = engine.drop_partition(partition)?;
-            println!("dropped partition {partition}: {} customers", summary.customers);
+            if engine.config().changelog {
+                // Its new owner restores it from the state topic: its deltas must all be
+                // there, and its changelog position and offsets go with it.
+                let summary = engine.release_partition(partition)?;
+                println!(
+                    "released partition {partition}: {} customers, its state changelog position and Kafka offsets",
+                    summary.customers
+                );
+            } else {
+                let summary = engine.drop_partition(partition)?;
+                println!("dropped partition {partition}: {} customers", summary.customers);
+            }
         }
         PartitionAction::Restore {
             partition,

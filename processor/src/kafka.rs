@@ -685,7 +685,8 @@ fn next_records(
 /// Publishes the state changelog: the outbox's deltas in commit order (partition P's to
 /// partition P), and for each partition whose confirmed deltas reached `checkpoint_bytes`,
 /// a checkpoint ([`publish_checkpoint`]). What was confirmed is recorded in the store, so a
-/// restart sends nothing twice but what was in flight.
+/// restart sends nothing twice but what was in flight. Each round holds the changelog gate,
+/// so a partition is released or restored between rounds, never during one.
 fn publish_state(
     producer: BaseProducer<PublishCtx>,
     topic: String,
@@ -695,92 +696,128 @@ fn publish_state(
     drain: &AtomicBool,
 ) {
     // Per partition: the highest commit confirmed, and the bytes of confirmed deltas the
-    // outbox keeps for the next checkpoint.
-    let mut state = loop {
-        match reader.changelog_publisher_state() {
-            Ok(state) => break state,
-            Err(e) => {
-                tracing::error!(error = %e, "reading the state publisher's position failed");
-                if stop.load(Ordering::SeqCst) {
-                    return;
-                }
-                std::thread::sleep(Duration::from_secs(1));
-            }
-        }
-    };
+    // outbox keeps for the next checkpoint; read again whenever the gate's epoch moved.
+    let mut state = PublisherState::default();
     let mut backoff = Duration::from_millis(100);
-    let retry = |what: &str, e: &dyn std::fmt::Display, backoff: &mut Duration| {
-        tracing::warn!(error = %e, topic, "{what} failed; retrying");
-        std::thread::sleep(*backoff);
-        *backoff = (*backoff * 2).min(Duration::from_secs(10));
-    };
     while !stop.load(Ordering::SeqCst) {
-        let due: Vec<(u32, u64)> = state
-            .iter()
-            .filter(|(_, (_, kept))| *kept > 0 && *kept >= checkpoint_bytes)
-            .map(|(p, (published, _))| (*p, *published))
-            .collect();
-        for (partition, upto) in due {
-            match publish_checkpoint(&producer, &topic, &reader, partition, upto, stop) {
-                Ok(()) => {
-                    state.entry(partition).or_default().1 = 0;
-                    backoff = Duration::from_millis(100);
-                }
-                Err(e) => retry("a state checkpoint", &e, &mut backoff),
-            }
-        }
-        let published: BTreeMap<u32, u64> = state.iter().map(|(p, (c, _))| (*p, *c)).collect();
-        // Fewer deltas than records of the other feeds: a delta can be large.
-        let deltas = match reader.changelog_unpublished(&published, PUBLISH_BATCH / 10) {
-            Ok(deltas) => deltas,
-            Err(e) => {
-                tracing::error!(error = %e, "reading the outbox failed");
-                std::thread::sleep(Duration::from_secs(1));
-                continue;
-            }
+        let round = {
+            let gate = reader.changelog_gate();
+            state_round(
+                &producer,
+                &topic,
+                &reader,
+                &mut state,
+                *gate,
+                checkpoint_bytes,
+                stop,
+            )
         };
-        metrics::gauge!("tagstream_kafka_publish_lag_state").set(deltas.len() as f64);
-        metrics::gauge!("tagstream_kafka_state_outbox_bytes")
-            .set(state.values().map(|(_, kept)| *kept).sum::<u64>() as f64);
-        if deltas.is_empty() {
-            if drain.load(Ordering::SeqCst) {
+        match round {
+            Round::Sent => backoff = Duration::from_millis(100),
+            Round::Idle if drain.load(Ordering::SeqCst) => {
                 // Shutting down, and everything committed is published.
                 return;
             }
-            std::thread::sleep(Duration::from_millis(50));
-            continue;
-        }
-        let mut records = Vec::with_capacity(deltas.len());
-        for (partition, commit, bytes) in &deltas {
-            for (key, value) in crate::changelog::records(*commit, bytes, crate::changelog::MAX_RECORD_BYTES)
-            {
-                records.push(Outgoing {
-                    key: Some(key.into_bytes()),
-                    payload: Some(value.to_vec()),
-                    headers: None,
-                    partition: Some(*partition as i32),
-                });
+            Round::Idle => std::thread::sleep(Duration::from_millis(50)),
+            Round::Failed(e) => {
+                tracing::warn!(error = %e, topic, "publishing the state changelog failed; retrying");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(10));
             }
         }
-        if let Err(e) = send_all(&producer, &topic, &records, stop) {
-            // Nothing confirmed is recorded: the whole batch is sent again.
-            retry("publishing", &e, &mut backoff);
-            continue;
-        }
-        backoff = Duration::from_millis(100);
-        let confirmed: Vec<(u32, u64)> = deltas.iter().map(|(p, c, _)| (*p, *c)).collect();
-        if let Err(e) = reader.changelog_published(&confirmed) {
-            tracing::error!(error = %e, "saving what was published failed");
-        }
-        for (partition, commit, bytes) in &deltas {
-            let (published, kept) = state.entry(*partition).or_default();
-            *published = (*published).max(*commit);
-            *kept += bytes.len() as u64;
-        }
-        metrics::counter!("tagstream_kafka_published_total", "feed" => Feed::State.label())
-            .increment(records.len() as u64);
     }
     let _ = producer.flush(Duration::from_secs(5));
+}
+
+/// The state publisher's position ([`publish_state`]) and the gate epoch it was read at.
+#[derive(Default)]
+struct PublisherState {
+    epoch: Option<u64>,
+    partitions: BTreeMap<u32, (u64, u64)>,
+}
+
+/// How a round of the state publisher ended.
+enum Round {
+    Sent,
+    Idle,
+    Failed(String),
+}
+
+/// One round of [`publish_state`], under the changelog gate at `epoch`: the checkpoints due,
+/// then the next deltas.
+fn state_round(
+    producer: &BaseProducer<PublishCtx>,
+    topic: &str,
+    reader: &ReadHandle,
+    state: &mut PublisherState,
+    epoch: u64,
+    checkpoint_bytes: u64,
+    stop: &AtomicBool,
+) -> Round {
+    if state.epoch != Some(epoch) {
+        match reader.changelog_publisher_state() {
+            Ok(partitions) => {
+                *state = PublisherState {
+                    epoch: Some(epoch),
+                    partitions,
+                }
+            }
+            Err(e) => return Round::Failed(format!("reading the publisher's position: {e}")),
+        }
+    }
+    let due: Vec<(u32, u64)> = state
+        .partitions
+        .iter()
+        .filter(|(_, (_, kept))| *kept > 0 && *kept >= checkpoint_bytes)
+        .map(|(p, (published, _))| (*p, *published))
+        .collect();
+    let mut failed = None;
+    for (partition, upto) in due {
+        match publish_checkpoint(producer, topic, reader, partition, upto, stop) {
+            Ok(()) => state.partitions.entry(partition).or_default().1 = 0,
+            // The deltas go on: a checkpoint only bounds the topic.
+            Err(e) => failed = Some(format!("a checkpoint of partition {partition}: {e}")),
+        }
+    }
+    let published: BTreeMap<u32, u64> = state.partitions.iter().map(|(p, (c, _))| (*p, *c)).collect();
+    // Fewer deltas than records of the other feeds: a delta can be large.
+    let deltas = match reader.changelog_unpublished(&published, PUBLISH_BATCH / 10) {
+        Ok(deltas) => deltas,
+        Err(e) => return Round::Failed(format!("reading the outbox: {e}")),
+    };
+    metrics::gauge!("tagstream_kafka_publish_lag_state").set(deltas.len() as f64);
+    metrics::gauge!("tagstream_kafka_state_outbox_bytes")
+        .set(state.partitions.values().map(|(_, kept)| *kept).sum::<u64>() as f64);
+    if deltas.is_empty() {
+        return failed.map_or(Round::Idle, Round::Failed);
+    }
+    let mut records = Vec::with_capacity(deltas.len());
+    for (partition, commit, bytes) in &deltas {
+        for (key, value) in crate::changelog::records(*commit, bytes, crate::changelog::MAX_RECORD_BYTES) {
+            records.push(Outgoing {
+                key: Some(key.into_bytes()),
+                payload: Some(value.to_vec()),
+                headers: None,
+                partition: Some(*partition as i32),
+            });
+        }
+    }
+    // Unconfirmed, nothing is recorded: the whole batch is sent again.
+    if let Err(e) = send_all(producer, topic, &records, stop) {
+        return Round::Failed(e);
+    }
+    let confirmed: Vec<(u32, u64)> = deltas.iter().map(|(p, c, _)| (*p, *c)).collect();
+    if let Err(e) = reader.changelog_published(&confirmed) {
+        tracing::error!(error = %e, "saving what was published failed");
+    }
+    for (partition, commit, bytes) in &deltas {
+        let (published, kept) = state.partitions.entry(*partition).or_default();
+        *published = (*published).max(*commit);
+        *kept += bytes.len() as u64;
+    }
+    metrics::counter!("tagstream_kafka_published_total", "feed" => Feed::State.label())
+        .increment(records.len() as u64);
+    failed.map_or(Round::Sent, Round::Failed)
 }
 
 /// Publishes a checkpoint of `partition` folding its confirmed deltas up to commit `upto`

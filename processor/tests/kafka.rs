@@ -999,3 +999,124 @@ fn checkpoints_bound_the_state_topic_which_restores_whole_or_compacted() {
         owner.reader().source_offsets().unwrap()
     );
 }
+
+/// A partition let go and taken back (issue #21, the two halves of a move on one store): a
+/// store publishing its changelog is refused the release while the broker has not confirmed
+/// every delta of the partition; once it has, the customers, outbox, checkpoint and Kafka
+/// offsets of the partition leave the store, and its publisher, running on, publishes
+/// nothing for it meanwhile. Restored from the state topic, the partition is back as it
+/// was; the store consumes on and ends like a direct run, and the topic restores it whole.
+#[test]
+fn a_released_partition_restored_from_the_state_topic_rejoins_without_loss() {
+    const PARTITIONS: u32 = 4;
+    const MOVED: u32 = 1;
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("events", PARTITIONS as i32, 1).unwrap();
+    cluster.create_topic("tag-changes", PARTITIONS as i32, 1).unwrap();
+    cluster.create_topic("tagstream-dead-letters", 1, 1).unwrap();
+    cluster.create_topic("state", PARTITIONS as i32, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let lines = stream(3_000);
+    let keeping = || EngineConfig {
+        partitions: PARTITIONS,
+        changelog: true,
+        ..config()
+    };
+    let dir = TempDir::new("kafka-release");
+    let mut engine = Engine::open(dir.path(), Some(RULES), keeping()).unwrap();
+    // Nothing published yet: the release is refused, and nothing leaves.
+    engine.ingest(&lines[..10]).unwrap();
+    let held = engine.reader().partition_counts(PARTITIONS).unwrap();
+    let err = engine.release_partition(MOVED).unwrap_err().to_string();
+    assert!(err.contains("not confirmed"), "{err}");
+    assert_eq!(engine.reader().partition_counts(PARTITIONS).unwrap(), held);
+
+    let running = run_engine(engine, &brokers, "g-release", |s| {
+        s.state_topic = Some("state".into());
+        s.state_checkpoint_bytes = 8 << 10;
+        s.max_batch = 50;
+    });
+    produce(&brokers, "events", &lines[10..2_000]);
+    wait_until("the first lines", || running.seen.load(Ordering::SeqCst) == 1_990);
+    let reader = running.engine.lock().unwrap().reader();
+    wait_until("every delta confirmed", || {
+        reader.changelog_unconfirmed(1).unwrap() == 0
+    });
+    let before = state(&running.engine.lock().unwrap());
+    let summary = running.engine.lock().unwrap().release_partition(MOVED).unwrap();
+    assert!(summary.customers > 0);
+    {
+        let engine = running.engine.lock().unwrap();
+        assert_eq!(
+            engine.reader().partition_counts(PARTITIONS).unwrap()[MOVED as usize],
+            0
+        );
+        assert!(engine
+            .reader()
+            .changelog_deltas(MOVED, 0, usize::MAX)
+            .unwrap()
+            .is_empty());
+        let offsets = engine.reader().source_offsets().unwrap();
+        assert!(
+            !offsets.contains_key(&format!("kafka:events:{MOVED}")),
+            "{offsets:?}"
+        );
+        assert_eq!(offsets.len(), PARTITIONS as usize - 1, "{offsets:?}");
+    }
+    // The publisher runs on: nothing more of the released partition reaches the topic.
+    let published = read_partition(&brokers, "state", MOVED as i32);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        read_partition(&brokers, "state", MOVED as i32).len(),
+        published.len()
+    );
+
+    let mut assembler = processor::changelog::Assembler::new(MOVED, PARTITIONS);
+    for (key, value, commit) in &published {
+        assembler.add(key, value.as_deref(), *commit).unwrap();
+    }
+    let (restore, _) = assembler.finish();
+    running
+        .engine
+        .lock()
+        .unwrap()
+        .restore_partition(&restore)
+        .unwrap();
+    assert_eq!(state(&running.engine.lock().unwrap()), before);
+    // What the restore put into the outbox for its take-over is in the topic already: the
+    // publisher, reading its position again, sends none of it.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        read_partition(&brokers, "state", MOVED as i32).len(),
+        published.len()
+    );
+
+    produce(&brokers, "events", &lines[2_000..]);
+    wait_until("the rest", || {
+        running.seen.load(Ordering::SeqCst) == lines.len() - 10
+    });
+    wait_until("every delta confirmed again", || {
+        reader.changelog_unconfirmed(1).unwrap() == 0
+    });
+    running.workers.stop(Duration::from_secs(10));
+    let direct_dir = TempDir::new("kafka-release-direct");
+    let mut direct = Engine::open(direct_dir.path(), Some(RULES), config()).unwrap();
+    direct.ingest(&lines).unwrap();
+    let store = running.engine.lock().unwrap();
+    assert_eq!(state(&store), state(&direct));
+
+    let again_dir = TempDir::new("kafka-release-again");
+    let mut again = Engine::open(again_dir.path(), Some(RULES), keeping()).unwrap();
+    for p in 0..PARTITIONS {
+        let mut assembler = processor::changelog::Assembler::new(p, PARTITIONS);
+        for (key, value, commit) in tests::compacted(&read_partition(&brokers, "state", p as i32), false) {
+            assembler.add(&key, value.as_deref(), commit).unwrap();
+        }
+        again.restore_partition(&assembler.finish().0).unwrap();
+    }
+    assert_eq!(state(&again), state(&store));
+    assert_eq!(
+        again.reader().source_offsets().unwrap(),
+        store.reader().source_offsets().unwrap()
+    );
+}

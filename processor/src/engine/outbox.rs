@@ -240,6 +240,9 @@ impl Engine {
     /// here afterwards are numbered after the restored ones.
     pub fn restore_partition(&mut self, restore: &Restore) -> Result<PartitionSummary, EngineError> {
         self.settle();
+        let published = self.published.clone();
+        let mut epoch = published.changelog_gate.lock().unwrap_or_else(|e| e.into_inner());
+        *epoch += 1;
         let (partition, partitions) = (restore.partition, self.config.partitions);
         if restore.partitions != partitions {
             return Err(EngineError::Conflict(format!(
@@ -384,7 +387,66 @@ impl Engine {
     }
 }
 
+impl Engine {
+    /// Lets partition `partition` go, for another store to restore it from the state
+    /// changelog (its new owner): its customers, its deltas in the outbox, its checkpoint
+    /// and its Kafka offsets leave this store. Refused while the broker has not confirmed
+    /// every delta of it (the new owner would miss them): try again once it has.
+    pub fn release_partition(&mut self, partition: u32) -> Result<PartitionSummary, EngineError> {
+        self.settle();
+        let published = self.published.clone();
+        let mut epoch = published.changelog_gate.lock().unwrap_or_else(|e| e.into_inner());
+        let confirmed = self
+            .store
+            .meta_u64(&format!("{META_CHANGELOG_PUBLISHED}{partition}"))?;
+        let mut unconfirmed = 0;
+        for item in self.store.scan_from(CF_OUTBOX, &outbox_key(partition, 0)) {
+            let (key, _) = item?;
+            let (p, commit) = parse_outbox_key(&key)?;
+            if p != partition {
+                break;
+            }
+            unconfirmed += u64::from(commit > confirmed);
+        }
+        if unconfirmed > 0 {
+            return Err(EngineError::Conflict(format!(
+                "{unconfirmed} state changelog deltas of partition {partition} are not confirmed by the broker yet: nothing was released"
+            )));
+        }
+        let summary = self.drop_partition(partition)?;
+        let mut wb = WriteBatch::default();
+        let cf = self.store.cf(CF_OUTBOX);
+        // `drop_partition` refused a partition past the count: `partition + 1` fits.
+        wb.delete_range_cf(cf, outbox_key(partition, 0), outbox_key(partition + 1, 0));
+        let meta = self.store.cf(CF_META);
+        for name in [
+            META_CHANGELOG_PUBLISHED,
+            META_CHANGELOG_MARKER,
+            META_CHANGELOG_ORPHANS,
+        ] {
+            wb.delete_cf(meta, format!("{name}{partition}").as_bytes());
+        }
+        for source in super::read::source_offsets(&self.store)?.into_keys() {
+            if crate::changelog::position_partition(&source, self.config.partitions) == Some(partition) {
+                wb.delete_cf(meta, format!("{META_OFFSET_PREFIX}{source}").as_bytes());
+            }
+        }
+        self.store.commit(wb)?;
+        *epoch += 1;
+        Ok(summary)
+    }
+}
+
 impl ReadHandle {
+    /// The state publisher's round: held while it publishes, with the epoch a release or a
+    /// restore counts up (then its position is read again).
+    pub(crate) fn changelog_gate(&self) -> std::sync::MutexGuard<'_, u64> {
+        self.published
+            .changelog_gate
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Every input's position (files, Kafka partitions) as of the last commit.
     pub fn source_offsets(&self) -> Result<std::collections::BTreeMap<String, u64>, EngineError> {
         super::read::source_offsets(&self.store)

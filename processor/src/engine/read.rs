@@ -32,6 +32,10 @@ pub(super) struct Published {
     pub(super) holds: super::retention::Holds,
     /// The rule-change backfill's (or a segment fill's) progress as of its last step.
     backfill: std::sync::Mutex<Option<BackfillProgress>>,
+    /// Held by the state publisher for each round, and by whatever changes which
+    /// partitions this store publishes (a release, a restore), which also counts up the
+    /// epoch inside: the publisher then reads its position again.
+    pub(super) changelog_gate: std::sync::Mutex<u64>,
 }
 
 impl Published {
@@ -41,6 +45,7 @@ impl Published {
             clock: AtomicI64::new(clock.unwrap_or(i64::MIN)),
             holds: Default::default(),
             backfill: Default::default(),
+            changelog_gate: Default::default(),
         }
     }
 
