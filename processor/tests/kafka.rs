@@ -673,27 +673,38 @@ fn plan_over_kafka(gates: &str) {
     thread.join().unwrap();
 }
 
+/// A mock broker with the events, changes, dead-letter and state topics, `partitions` each
+/// (one for the dead letters).
+fn state_cluster(partitions: u32) -> MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("events", partitions as i32, 1).unwrap();
+    cluster.create_topic("tag-changes", partitions as i32, 1).unwrap();
+    cluster.create_topic("tagstream-dead-letters", 1, 1).unwrap();
+    cluster.create_topic("state", partitions as i32, 1).unwrap();
+    cluster
+}
+
+/// The tests' engine settings, keeping the state changelog of `partitions`.
+fn keeping(partitions: u32) -> EngineConfig {
+    EngineConfig {
+        partitions,
+        changelog: true,
+        ..config()
+    }
+}
+
 /// The state changelog on a broker (issue #21): a store keeping it publishes each
-/// partition's deltas to that partition of the state topic and empties its outbox; a new
+/// partition's deltas to that partition of the state topic; a new
 /// store restored from the topic alone is the same store, and consuming the events topic
 /// from there (in another group) reads nothing twice and loses nothing: its end is a direct
 /// run's.
 #[test]
 fn a_store_restored_from_the_state_topic_resumes_from_kafka_without_loss() {
     const PARTITIONS: u32 = 4;
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("events", PARTITIONS as i32, 1).unwrap();
-    cluster.create_topic("tag-changes", PARTITIONS as i32, 1).unwrap();
-    cluster.create_topic("tagstream-dead-letters", 1, 1).unwrap();
-    cluster.create_topic("state", PARTITIONS as i32, 1).unwrap();
+    let cluster = state_cluster(PARTITIONS);
     let brokers = cluster.bootstrap_servers();
     let lines = stream(3_000);
     produce(&brokers, "events", &lines[..2_000]);
-    let keeping = || EngineConfig {
-        partitions: PARTITIONS,
-        changelog: true,
-        ..config()
-    };
 
     // A state topic with fewer partitions than the engine's is refused, naming both.
     cluster.create_topic("state-too-small", 2, 1).unwrap();
@@ -709,7 +720,7 @@ fn a_store_restored_from_the_state_topic_resumes_from_kafka_without_loss() {
 
     let dir = TempDir::new("kafka-state-source");
     let first = run_engine(
-        Engine::open(dir.path(), Some(RULES), keeping()).unwrap(),
+        Engine::open(dir.path(), Some(RULES), keeping(PARTITIONS)).unwrap(),
         &brokers,
         "g-state",
         |s| s.state_topic = Some("state".into()),
@@ -728,7 +739,7 @@ fn a_store_restored_from_the_state_topic_resumes_from_kafka_without_loss() {
 
     let settings = KafkaSettings::new(&brokers, "events", "g-state-restore");
     let restored_dir = TempDir::new("kafka-state-restored");
-    let mut restored = Engine::open(restored_dir.path(), Some(RULES), keeping()).unwrap();
+    let mut restored = Engine::open(restored_dir.path(), Some(RULES), keeping(PARTITIONS)).unwrap();
     for p in 0..PARTITIONS {
         let (restore, incomplete) =
             kafka::read_state_partition(&settings, "state", p, PARTITIONS, Duration::from_secs(10)).unwrap();
@@ -802,24 +813,15 @@ fn read_partition(brokers: &str, topic: &str, partition: i32) -> Vec<tests::LogR
 fn checkpoints_bound_the_state_topic_which_restores_whole_or_compacted() {
     const PARTITIONS: u32 = 4;
     const CHECKPOINT: u64 = 8 << 10;
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("events", PARTITIONS as i32, 1).unwrap();
-    cluster.create_topic("tag-changes", PARTITIONS as i32, 1).unwrap();
-    cluster.create_topic("tagstream-dead-letters", 1, 1).unwrap();
-    cluster.create_topic("state", PARTITIONS as i32, 1).unwrap();
+    let cluster = state_cluster(PARTITIONS);
     let brokers = cluster.bootstrap_servers();
     let all = stream(4_000);
     let (lines, more) = all.split_at(3_000);
     // Too few to fill a checkpoint: deltas the first store leaves unfolded.
     let (tail, more) = more.split_at(30);
-    let keeping = || EngineConfig {
-        partitions: PARTITIONS,
-        changelog: true,
-        ..config()
-    };
     let dir = TempDir::new("kafka-checkpoints");
     let running = run_engine(
-        Engine::open(dir.path(), Some(RULES), keeping()).unwrap(),
+        Engine::open(dir.path(), Some(RULES), keeping(PARTITIONS)).unwrap(),
         &brokers,
         "g-checkpoints",
         |s| {
@@ -915,7 +917,7 @@ fn checkpoints_bound_the_state_topic_which_restores_whole_or_compacted() {
     ];
     let restore_all = |name: &str, topic: &[Vec<tests::LogRecord>], view: View| {
         let dir = TempDir::new("kafka-checkpoints-restored");
-        let mut restored = Engine::open(dir.path(), Some(RULES), keeping()).unwrap();
+        let mut restored = Engine::open(dir.path(), Some(RULES), keeping(PARTITIONS)).unwrap();
         for (p, records) in topic.iter().enumerate() {
             let mut assembler = processor::changelog::Assembler::new(p as u32, PARTITIONS);
             for (key, value, commit) in view(records) {
@@ -1010,20 +1012,11 @@ fn checkpoints_bound_the_state_topic_which_restores_whole_or_compacted() {
 fn a_released_partition_restored_from_the_state_topic_rejoins_without_loss() {
     const PARTITIONS: u32 = 4;
     const MOVED: u32 = 1;
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("events", PARTITIONS as i32, 1).unwrap();
-    cluster.create_topic("tag-changes", PARTITIONS as i32, 1).unwrap();
-    cluster.create_topic("tagstream-dead-letters", 1, 1).unwrap();
-    cluster.create_topic("state", PARTITIONS as i32, 1).unwrap();
+    let cluster = state_cluster(PARTITIONS);
     let brokers = cluster.bootstrap_servers();
     let lines = stream(3_000);
-    let keeping = || EngineConfig {
-        partitions: PARTITIONS,
-        changelog: true,
-        ..config()
-    };
     let dir = TempDir::new("kafka-release");
-    let mut engine = Engine::open(dir.path(), Some(RULES), keeping()).unwrap();
+    let mut engine = Engine::open(dir.path(), Some(RULES), keeping(PARTITIONS)).unwrap();
     // Nothing published yet: the release is refused, and nothing leaves.
     engine.ingest(&lines[..10]).unwrap();
     let held = engine.reader().partition_counts(PARTITIONS).unwrap();
@@ -1106,7 +1099,7 @@ fn a_released_partition_restored_from_the_state_topic_rejoins_without_loss() {
     assert_eq!(state(&store), state(&direct));
 
     let again_dir = TempDir::new("kafka-release-again");
-    let mut again = Engine::open(again_dir.path(), Some(RULES), keeping()).unwrap();
+    let mut again = Engine::open(again_dir.path(), Some(RULES), keeping(PARTITIONS)).unwrap();
     for p in 0..PARTITIONS {
         let mut assembler = processor::changelog::Assembler::new(p, PARTITIONS);
         for (key, value, commit) in tests::compacted(&read_partition(&brokers, "state", p as i32), false) {

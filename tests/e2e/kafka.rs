@@ -396,7 +396,9 @@ fn without_seq(mut change: serde_json::Value) -> serde_json::Value {
 /// machine lost. `tagstream partitions restore` rebuilds its partition on a new data dir
 /// from the state topic alone, and a server there resumes from the offsets that came with
 /// it: every customer ends exactly as in the uninterrupted run, and its change log is that
-/// run's from the restored instant on — nothing lost, nothing twice.
+/// run's from the restored instant on — nothing lost, nothing twice. Then the partition is
+/// released (`partitions drop` with the changelog on) and restored again from what both
+/// stores published: the same customers.
 #[test]
 fn a_node_killed_mid_stream_is_rebuilt_from_the_state_topic_and_ends_like_an_uninterrupted_run() {
     let lines = stream();
@@ -430,22 +432,29 @@ fn a_node_killed_mid_stream_is_rebuilt_from_the_state_topic_and_ends_like_an_uni
     assert!(at_kill < expected_seq, "killed mid-stream");
 
     let restored = run.path().join("restored");
-    let out = Command::new(env!("CARGO_BIN_EXE_tagstream"))
-        .args(["partitions", "restore", "--partition", "0", "--config"])
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(&restored)
-        .args(["--rules"])
-        .arg(conformance().join("example.trl"))
-        .args(["--clock", "event"])
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{said}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // `tagstream partitions ACTION --partition 0` on the new machine's store.
+    let partitions = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tagstream"))
+            .arg("partitions")
+            .args(args)
+            .args(["--partition", "0", "--config"])
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(&restored)
+            .args(["--rules"])
+            .arg(conformance().join("example.trl"))
+            .args(["--clock", "event"])
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{args:?}: {said}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        said
+    };
+    let said = partitions(&["restore"]);
     assert!(said.contains("restored partition 0 of 1 from `state`"), "{said}");
     // Read to the topic's end (the first delta alone would also end right, by consuming
     // nearly everything again: the restore must have read what the killed node published),
@@ -481,6 +490,13 @@ fn a_node_killed_mid_stream_is_rebuilt_from_the_state_topic_and_ends_like_an_uni
         std::thread::sleep(Duration::from_millis(50));
     }
     server.stop();
+
+    // The partition moves on through the topic: released here (its stop published every
+    // delta), restored again from everything both stores published.
+    let said = partitions(&["drop"]);
+    assert!(said.starts_with("released partition 0: "), "{said}");
+    let said = partitions(&["restore"]);
+    assert!(said.contains("restored partition 0 of 1 from `state`"), "{said}");
     let end = snapshot(&restored);
     assert_eq!(end.1, expected.1, "customers after the restore");
     let tail: Vec<serde_json::Value> = end.0.into_iter().map(without_seq).collect();
