@@ -899,7 +899,9 @@ fn publish_checkpoint(
 
 /// Checks that the state changelog topic exists with a partition for each of the engine's
 /// `partitions` (a delta of partition P goes to partition P): said at start, rather than
-/// every delta failing to publish while the outbox grows.
+/// every delta failing to publish while the outbox grows. Also that it keeps its records
+/// ([`judge_state_topic`]): refused when the broker would delete them by age, warned about
+/// when it would only grow or cannot tell.
 pub fn check_state_topic(settings: &KafkaSettings, partitions: u32, timeout: Duration) -> Result<(), String> {
     let Some(topic) = &settings.state_topic else {
         return Ok(());
@@ -922,7 +924,87 @@ pub fn check_state_topic(settings: &KafkaSettings, partitions: u32, timeout: Dur
             "the state topic `{topic}` has {found} partitions; it needs at least {partitions}, one per engine partition ([engine] partitions): create it with {partitions}"
         ));
     }
+    // Brokers answer at once; one that does not implement it (librdkafka's mock) is not
+    // waited for long.
+    let config_timeout = timeout.min(Duration::from_secs(3));
+    match topic_config(
+        settings,
+        topic,
+        &["cleanup.policy", "retention.ms"],
+        config_timeout,
+    ) {
+        Ok(config) => {
+            let (policy, retention) = (config[0].as_deref(), config[1].as_deref());
+            if let Some(warning) = judge_state_topic(topic, policy, retention)? {
+                tracing::warn!("{warning}");
+            }
+        }
+        Err(e) => tracing::warn!(
+            error = %e,
+            topic,
+            "could not read the state topic's configuration: make sure it has cleanup.policy=compact and retention.ms=-1"
+        ),
+    }
     Ok(())
+}
+
+/// Whether a state topic with this `cleanup.policy` and `retention.ms` (as the broker names
+/// them; `None` when it names none, leaving its default) keeps what a restore needs: an
+/// error when records would be deleted by age (a restore would miss the keys only they
+/// wrote), a warning when it would only grow without bound or the broker's default decides.
+fn judge_state_topic(
+    topic: &str,
+    policy: Option<&str>,
+    retention_ms: Option<&str>,
+) -> Result<Option<String>, String> {
+    let fix = "create it with cleanup.policy=compact and retention.ms=-1 (docs/kafka.md)";
+    let Some(policy) = policy else {
+        return Ok(Some(format!(
+            "the broker names no cleanup.policy for the state topic `{topic}`, so its default applies (Kafka's is delete, which deletes the state after retention.ms): {fix}"
+        )));
+    };
+    let deletes = policy.split(',').any(|p| p.trim() == "delete");
+    let compacts = policy.split(',').any(|p| p.trim() == "compact");
+    let forever = retention_ms.is_some_and(|r| r.trim() == "-1");
+    match (compacts, deletes, forever) {
+        (_, true, false) => Err(format!(
+            "the state topic `{topic}` has cleanup.policy={policy} and retention.ms={}: its oldest records would be deleted and a restore from it would miss the keys only they wrote; {fix}",
+            retention_ms.unwrap_or("(the broker's default)")
+        )),
+        (false, _, _) => Ok(Some(format!(
+            "the state topic `{topic}` has cleanup.policy={policy}: it keeps every record and grows with the history; {fix}"
+        ))),
+        _ => Ok(None),
+    }
+}
+
+/// The broker's value of each of `names` in `topic`'s configuration (`None` when it names
+/// none).
+fn topic_config(
+    settings: &KafkaSettings,
+    topic: &str,
+    names: &[&str],
+    timeout: Duration,
+) -> Result<Vec<Option<String>>, String> {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        settings.client_config().create().map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let options = AdminOptions::new().request_timeout(Some(timeout));
+    let answers = runtime
+        .block_on(admin.describe_configs([&ResourceSpecifier::Topic(topic)], &options))
+        .map_err(|e| e.to_string())?;
+    let resource = answers
+        .into_iter()
+        .next()
+        .ok_or("no answer")?
+        .map_err(|e| format!("{e:?}"))?;
+    Ok(names
+        .iter()
+        .map(|name| resource.get(name).and_then(|entry| entry.value.clone()))
+        .collect())
 }
 
 /// Reads partition `partition` of the state changelog topic `topic` from its start to the
@@ -1051,6 +1133,31 @@ fn send_all(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A state topic that deletes records by age is refused; one that only grows, or whose
+    /// policy the broker leaves to its default, is warned about.
+    #[test]
+    fn a_state_topic_must_keep_its_records() {
+        let judge = |policy, retention| judge_state_topic("s", policy, retention);
+        assert_eq!(judge(Some("compact"), None), Ok(None));
+        assert_eq!(judge(Some("compact"), Some("604800000")), Ok(None));
+        assert_eq!(judge(Some("compact,delete"), Some("-1")), Ok(None));
+        for (policy, retention) in [
+            (Some("delete"), Some("604800000")),
+            (Some("delete"), None),
+            (Some("compact, delete"), Some("86400000")),
+        ] {
+            let refused = judge(policy, retention).unwrap_err();
+            assert!(
+                refused.contains("would be deleted") && refused.contains("cleanup.policy=compact"),
+                "{refused}"
+            );
+        }
+        let grows = judge(Some("delete"), Some("-1")).unwrap().unwrap();
+        assert!(grows.contains("grows with the history"), "{grows}");
+        let unknown = judge(None, None).unwrap().unwrap();
+        assert!(unknown.contains("names no cleanup.policy"), "{unknown}");
+    }
 
     #[test]
     fn debug_output_names_client_options_but_never_their_values() {

@@ -404,7 +404,7 @@ fn a_node_killed_mid_stream_is_rebuilt_from_the_state_topic_and_ends_like_an_uni
     let lines = stream();
     let (expected, expected_seq, _) = reference_run(&lines);
     let broker = broker_with(&lines);
-    broker.create_topic("state", 1);
+    broker.create_topic_with("state", 1, &["cleanup.policy=compact", "retention.ms=-1"]);
     let run = TempDir::new("kafka-state");
     let config = run.path().join("tagstream.toml");
     std::fs::write(
@@ -520,6 +520,54 @@ fn cpu_ticks(pid: u32) -> u64 {
     let rest = &stat[stat.rfind(')').unwrap() + 2..];
     let fields: Vec<&str> = rest.split(' ').collect();
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// `serve` refuses a state topic whose records the broker would delete by age (a restore
+/// from it would miss the keys only they wrote), naming the topic, its policy and the fix,
+/// before it consumes anything.
+#[test]
+fn serve_refuses_a_state_topic_that_would_delete_the_state() {
+    let broker = Broker::start();
+    broker.create_topic("events", 1);
+    broker.create_topic_with("state", 1, &["cleanup.policy=delete", "retention.ms=604800000"]);
+    let run = TempDir::new("kafka-state-deletes");
+    let config = run.path().join("tagstream.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[engine]\npartitions = 1\n[kafka]\nbrokers = \"{}\"\nstate_topic = \"state\"\n",
+            broker.addr
+        ),
+    )
+    .unwrap();
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_tagstream"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(run.path().join("data"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = serve.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            serve.kill().unwrap();
+            panic!("serve started on a state topic that deletes records");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut serve.stderr.take().unwrap(), &mut said).unwrap();
+    assert!(!status.success(), "{said}");
+    assert!(
+        said.contains("state topic `state` has cleanup.policy=delete and retention.ms=604800000")
+            && said.contains("cleanup.policy=compact"),
+        "{said}"
+    );
 }
 
 #[test]

@@ -81,10 +81,20 @@ impl Broker {
     }
 
     pub fn create_topic(&self, name: &str, partitions: u32) {
-        let status = Command::new(tansu_binary())
+        self.create_topic_with(name, partitions, &[]);
+    }
+
+    /// A topic with topic configuration entries (`cleanup.policy=compact`, ...).
+    pub fn create_topic_with(&self, name: &str, partitions: u32, config: &[&str]) {
+        let mut command = Command::new(tansu_binary());
+        command
             .args(["topic", "create", name, "--broker"])
             .arg(format!("tcp://{}", self.addr))
-            .args(["--partitions", &partitions.to_string()])
+            .args(["--partitions", &partitions.to_string()]);
+        for entry in config {
+            command.args(["--config", entry]);
+        }
+        let status = command
             .stdout(Stdio::null())
             .status()
             .expect("tansu topic create");
