@@ -57,8 +57,16 @@ pub fn serve(
             let status = Arc::new(KafkaStatus::default());
             state.kafka = Some(status.clone());
             tracing::info!(brokers = %settings.brokers, topic = %settings.topic, group = %settings.group_id, "consuming from Kafka");
-            let workers = kafka::start(settings, handle.reader().clone(), handle.kafka_apply(), status)
-                .context("starting the Kafka consumer")?;
+            // With the state topic, this node shares the group with others.
+            let host = settings.state_topic.is_some().then(|| handle.partition_host());
+            let workers = kafka::start(
+                settings,
+                handle.reader().clone(),
+                handle.kafka_apply(),
+                status,
+                host,
+            )
+            .context("starting the Kafka consumer")?;
             Some(workers)
         }
         None => None,

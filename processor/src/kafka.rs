@@ -15,9 +15,14 @@
 //! moves its own cursor. After a crash it resumes from the last confirmed position: a change
 //! may be published twice, never lost; consumers drop duplicates by `seq`.
 //!
-//! **One processor per group.** State lives in this process's RocksDB; a second member taking
-//! some partitions would split customers' state between stores. When an assignment covers
-//! fewer partitions than the topic has, this is logged as an error and `/readyz` reports it.
+//! **One processor per group, or several with the state topic.** State lives in this
+//! process's RocksDB. Without a state topic a second member taking some partitions would
+//! split customers' state between stores: when an assignment covers fewer partitions than
+//! the topic has, this is logged as an error and `/readyz` reports it. With one (and a
+//! [`PartitionHost`]), partitions move between members with their state ([`group`]).
+
+mod group;
+pub use group::PartitionHost;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -123,13 +128,24 @@ pub struct KafkaStatus {
     /// login, a certificate that did not verify, brokers down): `/readyz` says why the
     /// consumer is not getting anywhere instead of only that it is not.
     last_error: std::sync::Mutex<Option<String>>,
+    /// A member of a group of several ([`group`]): owning part of the topic is expected.
+    group: AtomicBool,
+    /// Partitions being restored from the state topic (in a group).
+    restoring: AtomicUsize,
 }
 
 impl KafkaStatus {
-    /// `Err` with the reason while the consumer owns no partition, or fewer than all.
+    /// `Err` with the reason while the consumer owns no partition, or fewer than all (alone
+    /// in its group), or restores some (in a group of several).
     pub fn ready(&self) -> Result<(), String> {
         let assigned = self.assigned.load(Ordering::Acquire);
         let partitions = self.partitions.load(Ordering::Acquire);
+        let restoring = self.restoring.load(Ordering::Acquire);
+        if restoring > 0 {
+            return Err(format!(
+                "restoring {restoring} of the {assigned} partitions this node owns from the state topic"
+            ));
+        }
         if assigned == 0 {
             let last = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
             return Err(match last.as_deref() {
@@ -139,7 +155,7 @@ impl KafkaStatus {
                 None => "the Kafka consumer has no partition assigned yet".into(),
             });
         }
-        if partitions > assigned {
+        if partitions > assigned && !self.group.load(Ordering::Acquire) {
             return Err(format!(
                 "the Kafka consumer owns {assigned} of {partitions} partitions: another member \
                  joined the consumer group (one processor per group is supported)"
@@ -150,6 +166,23 @@ impl KafkaStatus {
 
     pub fn assigned_partitions(&self) -> usize {
         self.assigned.load(Ordering::Acquire)
+    }
+
+    /// Partitions being restored from the state topic.
+    pub fn restoring_partitions(&self) -> usize {
+        self.restoring.load(Ordering::Acquire)
+    }
+
+    /// In a group: the partitions owned (restoring ones included) and those restoring.
+    fn set_group(&self, assigned: usize, restoring: usize) {
+        self.group.store(true, Ordering::Release);
+        self.assigned.store(assigned, Ordering::Release);
+        self.restoring.store(restoring, Ordering::Release);
+        metrics::gauge!("tagstream_kafka_partitions_assigned").set(assigned as f64);
+    }
+
+    fn note_error(&self, error: String) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
     }
 
     fn client_error(&self, error: &KafkaError, reason: &str) {
@@ -214,20 +247,43 @@ impl KafkaWorkers {
 }
 
 /// Starts consuming `settings.topic` into the engine through `apply`, and publishing the
-/// change log and dead letters read through `reader`.
+/// change log and dead letters read through `reader`. With `host` and a state topic, this
+/// node shares the group with others: it owns the partitions the group gives it, restores
+/// those it does not hold from the state topic and releases those taken from it
+/// ([`group`]); without, it owns every partition.
 pub fn start(
     settings: KafkaSettings,
     reader: ReadHandle,
     apply: Apply,
     status: Arc<KafkaStatus>,
+    host: Option<Arc<dyn PartitionHost>>,
 ) -> Result<KafkaWorkers, KafkaError> {
     let stop = Arc::new(AtomicBool::new(false));
+    let membership = match (host, &settings.state_topic) {
+        (Some(host), Some(state_topic)) => Some(group::Membership::new(
+            host,
+            &settings,
+            state_topic.clone(),
+            reader.clone(),
+            stop.clone(),
+            status.clone(),
+        )),
+        _ => None,
+    };
+    let owned = membership.as_ref().map(|m| m.owned.clone());
+    // A member of several moves only what must move, and goes on consuming the rest.
+    let strategy = if membership.is_some() {
+        "cooperative-sticky"
+    } else {
+        "range,roundrobin"
+    };
     let context = ConsumerCtx {
         reader: reader.clone(),
         topic: settings.topic.clone(),
         group: settings.group_id.clone(),
         status,
         generation: AtomicU64::new(0),
+        membership,
     };
     let consumer: BaseConsumer<ConsumerCtx> = settings
         .client_config()
@@ -235,7 +291,7 @@ pub fn start(
         .set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("partition.assignment.strategy", "range,roundrobin")
+        .set("partition.assignment.strategy", strategy)
         .create_with_context(context)?;
     consumer.subscribe(&[&settings.topic])?;
     let consumer = {
@@ -265,7 +321,7 @@ pub fn start(
         }
         let producer: BaseProducer<PublishCtx> = config.create_with_context(PublishCtx::default())?;
         let (stop, drain, reader) = (publishers_stop.clone(), drain.clone(), reader.clone());
-        let checkpoint_bytes = settings.state_checkpoint_bytes;
+        let (checkpoint_bytes, owned) = (settings.state_checkpoint_bytes, owned.clone());
         // Held before the thread starts, so no trim runs in between.
         if let Err(e) = hold_unpublished(&reader, feed, &publish_cursor(feed, &topic)) {
             tracing::error!(error = %e, feed = feed.label(), "reading the publish cursor failed");
@@ -274,7 +330,13 @@ pub fn start(
             std::thread::Builder::new()
                 .name(format!("tagstream-kafka-{}", feed.label()))
                 .spawn(move || match feed {
-                    Feed::State => publish_state(producer, topic, reader, checkpoint_bytes, &stop, &drain),
+                    Feed::State => {
+                        let scope = StateScope {
+                            checkpoint_bytes,
+                            owned,
+                        };
+                        publish_state(producer, topic, reader, scope, &stop, &drain)
+                    }
                     _ => publish(producer, topic, feed, reader, &stop, &drain),
                 })
                 .expect("spawn a Kafka publisher thread"),
@@ -297,6 +359,8 @@ struct ConsumerCtx {
     /// Bumped on every rebalance: a batch collected across one is dropped (its partitions
     /// are re-read from the stored offsets).
     generation: AtomicU64,
+    /// In a group of several: what this node owns and restores.
+    membership: Option<group::Membership>,
 }
 
 impl ClientContext for ConsumerCtx {
@@ -309,6 +373,17 @@ impl ClientContext for ConsumerCtx {
 impl ConsumerContext for ConsumerCtx {
     fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
         self.generation.fetch_add(1, Ordering::SeqCst);
+        if let Some(membership) = &self.membership {
+            match err {
+                RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => membership.assigned(consumer, tpl),
+                RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => membership.revoked(consumer, tpl),
+                other => {
+                    let code: RDKafkaErrorCode = other.into();
+                    tracing::error!(error = %code, "Kafka rebalance failed");
+                }
+            }
+            return;
+        }
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let owned: Vec<(String, i32)> = tpl
@@ -392,10 +467,17 @@ fn consume(
     stop: &AtomicBool,
 ) {
     let mut last_lag = Instant::now();
+    let membership = consumer.context().membership.as_ref();
     while !stop.load(Ordering::SeqCst) {
+        // Between batches: the partitions whose state was read are taken in and resumed.
+        if let Some(membership) = membership {
+            membership.finish_restores(&consumer);
+        }
         let generation = consumer.context().generation.load(Ordering::SeqCst);
+        let restoring = membership.map(group::Membership::restoring).unwrap_or_default();
         let mut batch = KafkaBatch::default();
         let mut next: HashMap<i32, i64> = HashMap::new();
+        let mut first: HashMap<i32, i64> = HashMap::new();
         let started = Instant::now();
         // The first poll waits (and serves rebalances and errors); the rest fill the batch
         // until it is full or `max_wait` has passed.
@@ -404,9 +486,14 @@ fn consume(
             match consumer.poll(wait) {
                 None if batch.events.is_empty() => break,
                 None => {}
-                Some(Ok(message)) if message.topic() == settings.topic => {
+                // Paused while they restore; one fetched before the pause is not theirs yet.
+                Some(Ok(message))
+                    if message.topic() == settings.topic
+                        && !restoring.contains(&(message.partition() as u32)) =>
+                {
                     batch.events.push(message.payload().unwrap_or_default().to_vec());
                     next.insert(message.partition(), message.offset() + 1);
+                    first.entry(message.partition()).or_insert(message.offset());
                 }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => {
@@ -423,8 +510,25 @@ fn consume(
             wait = left;
         }
         if consumer.context().generation.load(Ordering::SeqCst) != generation {
-            // A rebalance happened while collecting: the partitions start again from the
-            // stored offsets, so what was collected will be read again (or by the new owner).
+            // A rebalance happened while collecting: what was collected is read again (or
+            // by the new owner). Alone in the group every partition was assigned again at
+            // its stored offset; in a group, the partitions kept go on from where they
+            // were fetched, so they are sought back to the batch's first message.
+            if let Some(membership) = membership {
+                let owned = membership.owned();
+                for (partition, offset) in first {
+                    if owned.contains(&(partition as u32)) {
+                        if let Err(e) = consumer.seek(
+                            &settings.topic,
+                            partition,
+                            Offset::Offset(offset),
+                            Duration::from_secs(10),
+                        ) {
+                            tracing::error!(error = %e, partition, "seeking back after a rebalance failed");
+                        }
+                    }
+                }
+            }
             continue;
         }
         if !batch.events.is_empty() {
@@ -448,6 +552,13 @@ fn consume(
         if last_lag.elapsed() >= Duration::from_secs(5) {
             last_lag = Instant::now();
             record_consumer_lag(&consumer, &settings.topic);
+        }
+    }
+    if membership.is_some() {
+        // The group learns how far this node got before it leaves: a partition it keeps
+        // is found stale later only if another member consumed it past that.
+        if let Err(e) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
+            tracing::debug!(error = %e, "committing the group's offsets at shutdown");
         }
     }
     // Dropping the consumer leaves the group (revoking the partitions) before it returns.
@@ -691,7 +802,7 @@ fn publish_state(
     producer: BaseProducer<PublishCtx>,
     topic: String,
     reader: ReadHandle,
-    checkpoint_bytes: u64,
+    scope: StateScope,
     stop: &AtomicBool,
     drain: &AtomicBool,
 ) {
@@ -702,15 +813,7 @@ fn publish_state(
     while !stop.load(Ordering::SeqCst) {
         let round = {
             let gate = reader.changelog_gate();
-            state_round(
-                &producer,
-                &topic,
-                &reader,
-                &mut state,
-                *gate,
-                checkpoint_bytes,
-                stop,
-            )
+            state_round(&producer, &topic, &reader, &mut state, *gate, &scope, stop)
         };
         match round {
             Round::Sent => backoff = Duration::from_millis(100),
@@ -727,6 +830,16 @@ fn publish_state(
         }
     }
     let _ = producer.flush(Duration::from_secs(5));
+}
+
+/// What the state publisher publishes.
+struct StateScope {
+    /// A partition's confirmed deltas are folded into a checkpoint past this many bytes.
+    checkpoint_bytes: u64,
+    /// In a group of several, the partitions this node owns: only theirs are published
+    /// (a stale partition's deltas, left from before a crash, never reach the topic after
+    /// its new owner's). `None`: every partition.
+    owned: Option<Arc<Mutex<std::collections::BTreeSet<u32>>>>,
 }
 
 /// The state publisher's position ([`publish_state`]) and the gate epoch it was read at.
@@ -751,7 +864,7 @@ fn state_round(
     reader: &ReadHandle,
     state: &mut PublisherState,
     epoch: u64,
-    checkpoint_bytes: u64,
+    scope: &StateScope,
     stop: &AtomicBool,
 ) -> Round {
     if state.epoch != Some(epoch) {
@@ -765,10 +878,15 @@ fn state_round(
             Err(e) => return Round::Failed(format!("reading the publisher's position: {e}")),
         }
     }
+    let owned = scope
+        .owned
+        .as_ref()
+        .map(|owned| owned.lock().unwrap_or_else(|e| e.into_inner()).clone());
+    let ours = |p: &u32| owned.as_ref().is_none_or(|owned| owned.contains(p));
     let due: Vec<(u32, u64)> = state
         .partitions
         .iter()
-        .filter(|(_, (_, kept))| *kept > 0 && *kept >= checkpoint_bytes)
+        .filter(|(p, (_, kept))| *kept > 0 && *kept >= scope.checkpoint_bytes && ours(p))
         .map(|(p, (published, _))| (*p, *published))
         .collect();
     let mut failed = None;
@@ -779,7 +897,15 @@ fn state_round(
             Err(e) => failed = Some(format!("a checkpoint of partition {partition}: {e}")),
         }
     }
-    let published: BTreeMap<u32, u64> = state.partitions.iter().map(|(p, (c, _))| (*p, *c)).collect();
+    let mut published: BTreeMap<u32, u64> = state.partitions.iter().map(|(p, (c, _))| (*p, *c)).collect();
+    if owned.is_some() {
+        // A partition not ours counts as published to the end: none of its deltas is read.
+        for partition in 0..reader.partitions() {
+            if !ours(&partition) {
+                published.insert(partition, u64::MAX);
+            }
+        }
+    }
     // Fewer deltas than records of the other feeds: a delta can be large.
     let deltas = match reader.changelog_unpublished(&published, PUBLISH_BATCH / 10) {
         Ok(deltas) => deltas,

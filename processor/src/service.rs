@@ -222,6 +222,11 @@ impl EngineHandle {
         })
     }
 
+    /// The engine's side of a consumer group of several ([`crate::kafka::PartitionHost`]).
+    pub fn partition_host(&self) -> std::sync::Arc<dyn crate::kafka::PartitionHost> {
+        std::sync::Arc::new(self.clone())
+    }
+
     /// Runs `f` on the engine thread and returns its result. A full queue answers
     /// [`ServiceError::Busy`].
     pub async fn call<R, F>(&self, f: F) -> Result<R, ServiceError>
@@ -534,6 +539,32 @@ fn answer_group(
                 reply(Err(EngineError::CommitFailed(message.clone())));
             }
         }
+    }
+}
+
+/// Each runs on the engine thread, between batches.
+impl crate::kafka::PartitionHost for EngineHandle {
+    fn release(&self, partition: u32) -> Result<bool, String> {
+        self.call_blocking(move |engine| {
+            if engine.unconfirmed_deltas(partition)? > 0 {
+                return Ok(false);
+            }
+            engine.release_partition(partition).map(|_| true)
+        })
+        .map_err(|e| e.to_string())?
+        .map_err(|e: EngineError| e.to_string())
+    }
+
+    fn discard(&self, partition: u32) -> Result<(), String> {
+        self.call_blocking(move |engine| engine.discard_partition(partition).map(drop))
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    }
+
+    fn restore(&self, restore: crate::changelog::Restore) -> Result<(), String> {
+        self.call_blocking(move |engine| engine.restore_partition(&restore).map(drop))
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
     }
 }
 

@@ -143,7 +143,7 @@ fn run_engine(
         .insert("heartbeat.interval.ms".into(), "500".into());
     adjust(&mut settings);
     let status = Arc::new(KafkaStatus::default());
-    let workers = kafka::start(settings, reader, apply, status.clone()).unwrap();
+    let workers = kafka::start(settings, reader, apply, status.clone(), None).unwrap();
     Running {
         engine,
         seen,
@@ -593,6 +593,7 @@ fn plan_over_kafka(gates: &str) {
         handle.reader().clone(),
         handle.kafka_apply(),
         status.clone(),
+        None,
     )
     .unwrap();
     let letters = read_topic(&brokers, "tagstream-dead-letters", cases.len() + blocked_gates);
@@ -1112,4 +1113,226 @@ fn a_released_partition_restored_from_the_state_topic_rejoins_without_loss() {
         again.reader().source_offsets().unwrap(),
         store.reader().source_offsets().unwrap()
     );
+}
+
+/// A member of a consumer group of several (issue #21): an engine service with the state
+/// topic and its partition host.
+struct Member {
+    handle: processor::EngineHandle,
+    thread: std::thread::JoinHandle<()>,
+    status: Arc<KafkaStatus>,
+    workers: kafka::KafkaWorkers,
+}
+
+impl Member {
+    fn join(dir: &std::path::Path, brokers: &str, group: &str, partitions: u32) -> Member {
+        let engine = Engine::open(dir, Some(RULES), keeping(partitions)).unwrap();
+        let (handle, thread) = processor::EngineHandle::spawn(engine, processor::ServiceConfig::default());
+        let mut settings = KafkaSettings::new(brokers, "events", group);
+        settings.state_topic = Some("state".into());
+        settings.state_checkpoint_bytes = 8 << 10;
+        settings.max_batch = 100;
+        // The group's committed offsets tell a returning member its copy is stale: they
+        // follow the stores closely here.
+        for (key, value) in [
+            ("session.timeout.ms", "6000"),
+            ("heartbeat.interval.ms", "500"),
+            ("auto.commit.interval.ms", "200"),
+        ] {
+            settings.client_options.insert(key.into(), value.into());
+        }
+        let status = Arc::new(KafkaStatus::default());
+        let workers = kafka::start(
+            settings,
+            handle.reader().clone(),
+            handle.kafka_apply(),
+            status.clone(),
+            Some(handle.partition_host()),
+        )
+        .unwrap();
+        Member {
+            handle,
+            thread,
+            status,
+            workers,
+        }
+    }
+
+    /// Events of the topic this store has taken in: the sum of its stored offsets.
+    fn consumed(&self) -> u64 {
+        self.handle.reader().source_offsets().unwrap().values().sum()
+    }
+
+    /// Customers held, per partition.
+    fn counts(&self, partitions: u32) -> Vec<u64> {
+        self.handle.reader().partition_counts(partitions).unwrap()
+    }
+
+    /// Every customer's view with the clock advanced to `now` first (each store's event
+    /// clock is the greatest `ts` of its own partitions).
+    fn state_at(&self, now: i64) -> BTreeMap<String, CustomerView> {
+        self.handle
+            .call_blocking(move |engine| {
+                engine.advance_clock(now).unwrap();
+                state(engine)
+            })
+            .unwrap()
+    }
+
+    /// Leaves the group; the customers it holds afterwards, per partition.
+    fn leave(self, partitions: u32) -> Vec<u64> {
+        let Member {
+            handle,
+            thread,
+            workers,
+            ..
+        } = self;
+        workers.stop(Duration::from_secs(10));
+        let held = handle.reader().partition_counts(partitions).unwrap();
+        drop(handle);
+        thread.join().unwrap();
+        held
+    }
+}
+
+/// Two members share a consumer group (issue #21): when the second joins, the first gives
+/// up half of the partitions (cooperative-sticky: only those), each released once the
+/// broker confirmed its deltas and restored by the second from the state topic before it
+/// consumes them; each store then holds only its own partitions, and together they end
+/// like one store that ingested the whole stream. When the second leaves, it keeps its
+/// partitions (a shutdown is not a release), and the first restores them and ends alone
+/// like the direct run.
+#[test]
+fn members_of_a_group_split_the_partitions_and_each_moves_with_its_state() {
+    const PARTITIONS: u32 = 6;
+    let cluster = state_cluster(PARTITIONS);
+    let brokers = cluster.bootstrap_servers();
+    let lines = stream(4_000);
+    let direct_dir = TempDir::new("kafka-group-direct");
+    let mut direct = Engine::open(direct_dir.path(), Some(RULES), config()).unwrap();
+    direct.ingest(&lines).unwrap();
+    let (now, expected) = (direct.now(), state(&direct));
+
+    produce(&brokers, "events", &lines[..2_000]);
+    let (dir_a, dir_b) = (TempDir::new("kafka-group-a"), TempDir::new("kafka-group-b"));
+    let a = Member::join(dir_a.path(), &brokers, "g-members", PARTITIONS);
+    wait_until("the first member consumed the first half", || {
+        a.consumed() == 2_000
+    });
+    assert_eq!(a.status.assigned_partitions(), PARTITIONS as usize);
+    assert_eq!(a.status.ready(), Ok(()));
+
+    let b = Member::join(dir_b.path(), &brokers, "g-members", PARTITIONS);
+    wait_until("the partitions split and restored", || {
+        a.status.assigned_partitions() == 3 && b.status.assigned_partitions() == 3 && b.status.ready().is_ok()
+    });
+    let (held_a, held_b) = (a.counts(PARTITIONS), b.counts(PARTITIONS));
+    for p in 0..PARTITIONS as usize {
+        assert!(
+            (held_a[p] == 0) != (held_b[p] == 0),
+            "partition {p} must be held by exactly one store: {held_a:?} {held_b:?}"
+        );
+    }
+    assert_eq!(a.consumed() + b.consumed(), 2_000);
+
+    produce(&brokers, "events", &lines[2_000..]);
+    wait_until("both consumed the rest", || {
+        a.consumed() + b.consumed() == lines.len() as u64
+    });
+    let mut together = a.state_at(now);
+    let of_b = b.state_at(now);
+    assert!(of_b.keys().all(|id| !together.contains_key(id)));
+    together.extend(of_b);
+    assert_eq!(together, expected);
+
+    // The second leaves: its store keeps its partitions; the first takes them back from
+    // the state topic.
+    let kept = b.counts(PARTITIONS);
+    assert_eq!(b.leave(PARTITIONS), kept);
+    wait_until("the first member owns every partition again", || {
+        a.status.assigned_partitions() == PARTITIONS as usize && a.status.ready().is_ok()
+    });
+    wait_until("every offset back", || a.consumed() == lines.len() as u64);
+    assert_eq!(a.state_at(now), expected);
+    a.leave(PARTITIONS);
+}
+
+/// Every partition of the state topic restored into a new store: the state the topic holds.
+fn restored_from_topic(brokers: &str, partitions: u32, now: i64) -> BTreeMap<String, CustomerView> {
+    let dir = TempDir::new("kafka-group-topic");
+    let mut store = Engine::open(dir.path(), Some(RULES), keeping(partitions)).unwrap();
+    for p in 0..partitions {
+        let mut assembler = processor::changelog::Assembler::new(p, partitions);
+        for (key, value, commit) in read_partition(brokers, "state", p as i32) {
+            assembler.add(&key, value.as_deref(), commit).unwrap();
+        }
+        store.restore_partition(&assembler.finish().0).unwrap();
+    }
+    store.advance_clock(now).unwrap();
+    state(&store)
+}
+
+/// A member that left keeping its partitions, and comes back after another member consumed
+/// them further, finds its copy stale (the group's committed offsets are past its own):
+/// it drops the copy and restores the partitions from the state topic instead of resuming
+/// from its old offsets, so nothing it publishes afterwards goes behind the other member's
+/// deltas. Both stores and the state topic end like the direct run.
+#[test]
+fn a_member_returning_to_partitions_consumed_meanwhile_restores_them() {
+    const PARTITIONS: u32 = 6;
+    let cluster = state_cluster(PARTITIONS);
+    let brokers = cluster.bootstrap_servers();
+    let lines = stream(4_000);
+    let direct_dir = TempDir::new("kafka-stale-direct");
+    let mut direct = Engine::open(direct_dir.path(), Some(RULES), config()).unwrap();
+    direct.ingest(&lines).unwrap();
+    let (now, expected) = (direct.now(), state(&direct));
+
+    produce(&brokers, "events", &lines[..1_500]);
+    let (dir_a, dir_b) = (TempDir::new("kafka-stale-a"), TempDir::new("kafka-stale-b"));
+    let a = Member::join(dir_a.path(), &brokers, "g-stale", PARTITIONS);
+    wait_until("the first member consumed the first part", || {
+        a.consumed() == 1_500
+    });
+    let b = Member::join(dir_b.path(), &brokers, "g-stale", PARTITIONS);
+    wait_until("the partitions split", || {
+        a.status.assigned_partitions() == 3 && b.status.assigned_partitions() == 3 && b.status.ready().is_ok()
+    });
+    let kept = b.leave(PARTITIONS);
+    wait_until("the first member owns every partition again", || {
+        a.status.assigned_partitions() == PARTITIONS as usize && a.status.ready().is_ok()
+    });
+    produce(&brokers, "events", &lines[1_500..2_800]);
+    wait_until("the first member consumed the second part", || {
+        a.consumed() == 2_800
+    });
+    // Its offsets reached the group (auto-commit every 200 ms).
+    std::thread::sleep(Duration::from_millis(1_000));
+
+    let b = Member::join(dir_b.path(), &brokers, "g-stale", PARTITIONS);
+    wait_until("the partitions split again", || {
+        a.status.assigned_partitions() == 3 && b.status.assigned_partitions() == 3 && b.status.ready().is_ok()
+    });
+    // Ready means restored: its offsets are the first member's, not those it left with.
+    assert_eq!(a.consumed() + b.consumed(), 2_800);
+    // Whichever partitions it got back, none of its old copies is left beside the first
+    // member's.
+    let (held_a, held_b) = (a.counts(PARTITIONS), b.counts(PARTITIONS));
+    for p in 0..PARTITIONS as usize {
+        assert!(
+            (held_a[p] == 0) != (held_b[p] == 0),
+            "partition {p} must be held by exactly one store: {held_a:?} {held_b:?} (kept {kept:?})"
+        );
+    }
+
+    produce(&brokers, "events", &lines[2_800..]);
+    wait_until("both consumed the rest", || {
+        a.consumed() + b.consumed() == lines.len() as u64
+    });
+    let mut together = a.state_at(now);
+    together.extend(b.state_at(now));
+    assert_eq!(together, expected);
+    a.leave(PARTITIONS);
+    b.leave(PARTITIONS);
+    assert_eq!(restored_from_topic(&brokers, PARTITIONS, now), expected);
 }

@@ -396,6 +396,33 @@ impl Engine {
         self.settle();
         let published = self.published.clone();
         let mut epoch = published.changelog_gate.lock().unwrap_or_else(|e| e.into_inner());
+        let unconfirmed = self.unconfirmed_deltas(partition)?;
+        if unconfirmed > 0 {
+            return Err(EngineError::Conflict(format!(
+                "{unconfirmed} state changelog deltas of partition {partition} are not confirmed by the broker yet: nothing was released"
+            )));
+        }
+        let summary = self.forget_partition(partition)?;
+        *epoch += 1;
+        Ok(summary)
+    }
+
+    /// Drops partition `partition` like [`Engine::release_partition`] whatever the broker
+    /// confirmed: for a partition this store holds but another store owned since (its state
+    /// here is stale, and its unpublished deltas must never reach the topic after the
+    /// owner's).
+    pub fn discard_partition(&mut self, partition: u32) -> Result<PartitionSummary, EngineError> {
+        self.settle();
+        let published = self.published.clone();
+        let mut epoch = published.changelog_gate.lock().unwrap_or_else(|e| e.into_inner());
+        let summary = self.forget_partition(partition)?;
+        *epoch += 1;
+        Ok(summary)
+    }
+
+    /// How many of partition `partition`'s deltas in the outbox the broker has not
+    /// confirmed.
+    pub fn unconfirmed_deltas(&self, partition: u32) -> Result<u64, EngineError> {
         let confirmed = self
             .store
             .meta_u64(&format!("{META_CHANGELOG_PUBLISHED}{partition}"))?;
@@ -408,32 +435,37 @@ impl Engine {
             }
             unconfirmed += u64::from(commit > confirmed);
         }
-        if unconfirmed > 0 {
-            return Err(EngineError::Conflict(format!(
-                "{unconfirmed} state changelog deltas of partition {partition} are not confirmed by the broker yet: nothing was released"
-            )));
-        }
-        let summary = self.drop_partition(partition)?;
-        let mut wb = WriteBatch::default();
-        let cf = self.store.cf(CF_OUTBOX);
-        // `drop_partition` refused a partition past the count: `partition + 1` fits.
-        wb.delete_range_cf(cf, outbox_key(partition, 0), outbox_key(partition + 1, 0));
-        let meta = self.store.cf(CF_META);
-        for name in [
-            META_CHANGELOG_PUBLISHED,
-            META_CHANGELOG_MARKER,
-            META_CHANGELOG_ORPHANS,
-        ] {
-            wb.delete_cf(meta, format!("{name}{partition}").as_bytes());
-        }
-        for source in super::read::source_offsets(&self.store)?.into_keys() {
-            if crate::changelog::position_partition(&source, self.config.partitions) == Some(partition) {
-                wb.delete_cf(meta, format!("{META_OFFSET_PREFIX}{source}").as_bytes());
+        Ok(unconfirmed)
+    }
+
+    /// The customers, outbox deltas, changelog position and Kafka offsets of `partition`
+    /// leave the store (the caller holds the changelog gate).
+    fn forget_partition(&mut self, partition: u32) -> Result<PartitionSummary, EngineError> {
+        let partitions = self.config.partitions;
+        // One batch with the customers': a crash in between would leave the offsets of
+        // customers gone, and a restart resume from them.
+        self.drop_partition_with(partition, |store, wb| {
+            // `drop_partition` refuses a partition past the count: `partition + 1` fits.
+            wb.delete_range_cf(
+                store.cf(CF_OUTBOX),
+                outbox_key(partition, 0),
+                outbox_key(partition + 1, 0),
+            );
+            let meta = store.cf(CF_META);
+            for name in [
+                META_CHANGELOG_PUBLISHED,
+                META_CHANGELOG_MARKER,
+                META_CHANGELOG_ORPHANS,
+            ] {
+                wb.delete_cf(meta, format!("{name}{partition}").as_bytes());
             }
-        }
-        self.store.commit(wb)?;
-        *epoch += 1;
-        Ok(summary)
+            for source in super::read::source_offsets(store)?.into_keys() {
+                if crate::changelog::position_partition(&source, partitions) == Some(partition) {
+                    wb.delete_cf(meta, format!("{META_OFFSET_PREFIX}{source}").as_bytes());
+                }
+            }
+            Ok(())
+        })
     }
 }
 
@@ -445,6 +477,25 @@ impl ReadHandle {
             .changelog_gate
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether this store holds partition `partition` of the state changelog: it has a
+    /// confirmed position of it, deltas of it in the outbox, or a Kafka offset of it. A
+    /// released partition, or one this store never wrote, is not held.
+    pub fn holds_partition(&self, partition: u32) -> Result<bool, EngineError> {
+        let published = format!("{META_CHANGELOG_PUBLISHED}{partition}");
+        if self.store.get(CF_META, published.as_bytes())?.is_some() {
+            return Ok(true);
+        }
+        if let Some(item) = self.store.scan_from(CF_OUTBOX, &outbox_key(partition, 0)).next() {
+            let (key, _) = item?;
+            if parse_outbox_key(&key)?.0 == partition {
+                return Ok(true);
+            }
+        }
+        Ok(super::read::source_offsets(&self.store)?
+            .keys()
+            .any(|source| crate::changelog::position_partition(source, self.partitions) == Some(partition)))
     }
 
     /// Every input's position (files, Kafka partitions) as of the last commit.

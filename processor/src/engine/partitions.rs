@@ -381,6 +381,15 @@ impl Engine {
     /// records, events, window state, timers and identity graph entries. The change log
     /// keeps their changes.
     pub fn drop_partition(&mut self, partition: u32) -> Result<PartitionSummary, EngineError> {
+        self.drop_partition_with(partition, |_, _| Ok(()))
+    }
+
+    /// [`Engine::drop_partition`], with `also`'s writes in the same batch.
+    pub(super) fn drop_partition_with(
+        &mut self,
+        partition: u32,
+        also: impl FnOnce(&crate::store::Store, &mut WriteBatch) -> Result<(), EngineError>,
+    ) -> Result<PartitionSummary, EngineError> {
         self.settle();
         let partitions = self.config.partitions;
         if partition >= partitions {
@@ -411,6 +420,7 @@ impl Engine {
             summary.customers += 1;
             dropped.push((id, state.timer));
         }
+        also(&self.store, &mut wb)?;
         self.store.commit(wb)?;
         self.aliases = identity::Aliases::load(&self.store)?;
         *self.owner_cache.borrow_mut() =

@@ -92,6 +92,11 @@ impl ReadHandle {
         *self.published.backfill.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// `[engine] partitions`: how many partitions customers are hashed to.
+    pub fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
     /// The limits, tracking plan and quality record events are parsed with.
     pub fn intake(&self) -> &Intake {
         &self.intake

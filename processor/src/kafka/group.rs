@@ -1,0 +1,400 @@
+//! A node's share of a consumer group of several (issue #21, `docs/design/cluster.md` §1):
+//! with the state topic set, the group decides which partitions this node owns, and
+//! their state moves with them through the topic.
+//!
+//! - **Assigned** (cooperative-sticky: only what moves is named): a partition this store
+//!   holds is resumed from its stored offset, unless the group's committed offset is past
+//!   it — another member consumed it since, so what is here is stale: it is discarded and
+//!   restored like one this store does not hold. A partition to restore is paused, read
+//!   from the state topic on a thread of its own (the group is not held up meanwhile),
+//!   applied on the consumer's thread between batches, sought to the restored offset and
+//!   resumed.
+//! - **Revoked**: once the broker confirmed every delta of the partition, it is released
+//!   (its customers, outbox and offsets leave the store), for its next owner to restore.
+//!   At shutdown the partitions are kept instead (a restart resumes them from the local
+//!   store), and the group's offsets are committed first.
+//! - **Published**: the state publisher sends deltas of owned partitions only, so a store
+//!   coming back after a crash never appends its stale deltas after the new owner's.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::{source_name, ConsumerCtx, KafkaSettings, KafkaStatus};
+use crate::changelog::Restore;
+use crate::engine::ReadHandle;
+
+/// What a member of a group of several needs of its engine to take partitions and give
+/// them up ([`crate::service::EngineHandle`] runs each on the engine thread).
+pub trait PartitionHost: Send + Sync {
+    /// Lets `partition` go once the broker confirmed all of its deltas; `Ok(false)` while it
+    /// has not (nothing was released).
+    fn release(&self, partition: u32) -> Result<bool, String>;
+    /// Drops `partition` whatever was confirmed: its state here is stale.
+    fn discard(&self, partition: u32) -> Result<(), String>;
+    /// Takes in a partition read from the state topic.
+    fn restore(&self, restore: Restore) -> Result<(), String>;
+}
+
+/// How long a revoked partition waits for the broker to confirm its deltas before it is
+/// given up unreleased (its next owner restores what the topic has and consumes on from
+/// there; the stale copy here is discarded when it comes back).
+const RELEASE_WAIT: Duration = Duration::from_secs(30);
+
+/// How long a restore's read waits for a record before it fails (and is tried again).
+const READ_STALL: Duration = Duration::from_secs(30);
+
+/// A finished read of a partition of the state topic, for the assignment `ticket`.
+struct Read {
+    partition: u32,
+    ticket: u64,
+    result: Result<Restore, String>,
+}
+
+pub(super) struct Membership {
+    host: Arc<dyn PartitionHost>,
+    settings: KafkaSettings,
+    state_topic: String,
+    reader: ReadHandle,
+    /// Set when the consumer stops: a revocation then keeps the partitions.
+    closing: Arc<AtomicBool>,
+    /// The partitions the state publisher publishes: owned and held here.
+    pub(super) owned: Arc<Mutex<BTreeSet<u32>>>,
+    /// Partitions being read from the state topic (paused meanwhile), by the ticket of the
+    /// assignment that asked: a read whose partition was revoked since is dropped.
+    restoring: Mutex<BTreeMap<u32, u64>>,
+    tickets: AtomicU64,
+    done: mpsc::Sender<Read>,
+    reads: Mutex<mpsc::Receiver<Read>>,
+    status: Arc<KafkaStatus>,
+}
+
+impl Membership {
+    pub(super) fn new(
+        host: Arc<dyn PartitionHost>,
+        settings: &KafkaSettings,
+        state_topic: String,
+        reader: ReadHandle,
+        closing: Arc<AtomicBool>,
+        status: Arc<KafkaStatus>,
+    ) -> Membership {
+        let (done, reads) = mpsc::channel();
+        Membership {
+            host,
+            settings: settings.clone(),
+            state_topic,
+            reader,
+            closing,
+            owned: Arc::default(),
+            restoring: Mutex::default(),
+            tickets: AtomicU64::new(0),
+            done,
+            reads: Mutex::new(reads),
+            status,
+        }
+    }
+
+    /// The partitions owned and held (restoring ones not among them).
+    pub(super) fn owned(&self) -> BTreeSet<u32> {
+        lock(&self.owned).clone()
+    }
+
+    /// The partitions being restored.
+    pub(super) fn restoring(&self) -> BTreeSet<u32> {
+        lock(&self.restoring).keys().copied().collect()
+    }
+
+    /// An incremental assignment: each partition resumed from the store or restored.
+    pub(super) fn assigned(&self, consumer: &BaseConsumer<ConsumerCtx>, tpl: &mut TopicPartitionList) {
+        let topic = self.settings.topic.clone();
+        let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+        // The group's view of how far each partition was consumed, for the staleness
+        // checks: of those assigned, and of those this store kept but another member owns.
+        let mut all = TopicPartitionList::new();
+        for p in 0..self.reader.partitions() {
+            all.add_partition(&topic, p as i32);
+        }
+        let committed = consumer
+            .committed_offsets(all, Duration::from_secs(10))
+            .map_err(|e| tracing::warn!(error = %e, "reading the group's committed offsets failed"))
+            .ok();
+        let (mut restore, mut resumed) = (Vec::new(), TopicPartitionList::new());
+        for &partition in &partitions {
+            let p = partition as u32;
+            match self.resume_at(&topic, p, committed.as_ref()) {
+                Ok(Some(offset)) => {
+                    let _ = tpl.set_partition_offset(&topic, partition, offset);
+                    if let Offset::Offset(_) = offset {
+                        let _ = resumed.add_partition_offset(&topic, partition, offset);
+                    }
+                    lock(&self.owned).insert(p);
+                }
+                Ok(None) => restore.push(partition),
+                Err(e) => {
+                    // Neither resumed nor restored: read it again from the topic.
+                    tracing::error!(error = %e, partition, "checking the local state of an assigned partition failed");
+                    restore.push(partition);
+                }
+            }
+        }
+        self.drop_stale_leftovers(&topic, &partitions, committed.as_ref());
+        if let Err(e) = consumer.incremental_assign(tpl) {
+            tracing::error!(error = %e, "assigning partitions failed");
+            return;
+        }
+        // Stored for the group's commit too: lag tools read a partition with nothing new
+        // since as consumed.
+        if resumed.count() > 0 {
+            if let Err(e) = consumer.store_offsets(&resumed) {
+                tracing::debug!(error = %e, "storing the resumed offsets for the group commit");
+            }
+        }
+        if !restore.is_empty() {
+            let mut paused = TopicPartitionList::new();
+            for &partition in &restore {
+                paused.add_partition(&topic, partition);
+            }
+            if let Err(e) = consumer.pause(&paused) {
+                tracing::error!(error = %e, "pausing the partitions to restore failed");
+            }
+            for partition in restore {
+                self.read(partition as u32, Duration::ZERO);
+            }
+        }
+        tracing::info!(topic, ?partitions, restoring = ?self.restoring(), "Kafka partitions assigned");
+        self.report();
+    }
+
+    /// Partitions this store kept (across a restart) that another member owns now and
+    /// consumed past what is here: their copy is dropped, so that this node's answers never
+    /// count their customers. (One not consumed further yet is kept: it may come back.)
+    fn drop_stale_leftovers(&self, topic: &str, assigned: &[i32], committed: Option<&TopicPartitionList>) {
+        let owned = self.owned();
+        for p in 0..self.reader.partitions() {
+            if owned.contains(&p) || assigned.contains(&(p as i32)) || lock(&self.restoring).contains_key(&p)
+            {
+                continue;
+            }
+            match self.is_stale(topic, p, committed) {
+                Ok(false) => {}
+                Ok(true) => match self.host.discard(p) {
+                    Ok(()) => tracing::info!(
+                        partition = p,
+                        "dropped a stale copy of a partition another member owns"
+                    ),
+                    Err(e) => tracing::error!(error = %e, partition = p, "dropping a stale partition failed"),
+                },
+                Err(e) => tracing::warn!(error = %e, partition = p, "checking a kept partition failed"),
+            }
+        }
+    }
+
+    /// Whether this store holds `partition` and the group consumed it past the store's
+    /// offset.
+    fn is_stale(
+        &self,
+        topic: &str,
+        partition: u32,
+        committed: Option<&TopicPartitionList>,
+    ) -> Result<bool, String> {
+        if !self
+            .reader
+            .holds_partition(partition)
+            .map_err(|e| e.to_string())?
+        {
+            return Ok(false);
+        }
+        let stored = self
+            .reader
+            .source_offset(&source_name(topic, partition as i32))
+            .map_err(|e| e.to_string())?;
+        Ok(group_offset(committed, topic, partition).is_some_and(|group| group > stored.unwrap_or(0)))
+    }
+
+    /// Where to resume an assigned partition held here (`None`: restore it instead, after
+    /// dropping a stale copy).
+    fn resume_at(
+        &self,
+        topic: &str,
+        partition: u32,
+        committed: Option<&TopicPartitionList>,
+    ) -> Result<Option<Offset>, String> {
+        if !self
+            .reader
+            .holds_partition(partition)
+            .map_err(|e| e.to_string())?
+        {
+            return Ok(None);
+        }
+        if self.is_stale(topic, partition, committed)? {
+            tracing::warn!(
+                partition,
+                "another member consumed this partition past what this store holds: its state here is stale and is restored from the state topic"
+            );
+            self.host.discard(partition)?;
+            return Ok(None);
+        }
+        let stored = self
+            .reader
+            .source_offset(&source_name(topic, partition as i32))
+            .map_err(|e| e.to_string())?;
+        Ok(Some(
+            stored.map_or(Offset::Beginning, |o| Offset::Offset(o as i64)),
+        ))
+    }
+
+    /// Reads `partition` of the state topic on a thread of its own (after `delay`).
+    fn read(&self, partition: u32, delay: Duration) {
+        let ticket = self.tickets.fetch_add(1, Ordering::SeqCst);
+        lock(&self.restoring).insert(partition, ticket);
+        let (settings, topic, done) = (self.settings.clone(), self.state_topic.clone(), self.done.clone());
+        let partitions = self.reader.partitions();
+        let spawned = std::thread::Builder::new()
+            .name(format!("tagstream-restore-{partition}"))
+            .spawn(move || {
+                std::thread::sleep(delay);
+                let result =
+                    super::read_state_partition(&settings, &topic, partition, partitions, READ_STALL)
+                        .map(|(restore, _)| restore);
+                let _ = done.send(Read {
+                    partition,
+                    ticket,
+                    result,
+                });
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, partition, "starting a restore failed");
+        }
+    }
+
+    /// Applies the reads that finished, between batches: each restored partition is sought
+    /// to its restored offset and resumed.
+    pub(super) fn finish_restores(&self, consumer: &BaseConsumer<ConsumerCtx>) {
+        let topic = self.settings.topic.clone();
+        loop {
+            let read = match lock(&self.reads).try_recv() {
+                Ok(read) => read,
+                Err(_) => return,
+            };
+            let p = read.partition;
+            if lock(&self.restoring).get(&p) != Some(&read.ticket) {
+                continue; // revoked (and perhaps assigned again) since it began
+            }
+            let started = Instant::now();
+            let applied = read.result.and_then(|restore| {
+                let records = restore.records;
+                self.host.restore(restore).map(|()| records)
+            });
+            match applied {
+                Ok(records) => {
+                    let offset = match self.reader.source_offset(&source_name(&topic, p as i32)) {
+                        Ok(Some(next)) => Offset::Offset(next as i64),
+                        Ok(None) => Offset::Beginning,
+                        Err(e) => {
+                            tracing::error!(error = %e, partition = p, "reading a restored partition's offset failed");
+                            self.read(p, Duration::from_secs(1));
+                            continue;
+                        }
+                    };
+                    if let Err(e) = consumer.seek(&topic, p as i32, offset, Duration::from_secs(10)) {
+                        // Restored but not sought: drop it and read it again.
+                        tracing::error!(error = %e, partition = p, "seeking a restored partition failed");
+                        let _ = self.host.discard(p);
+                        self.read(p, Duration::from_secs(1));
+                        continue;
+                    }
+                    let mut tpl = TopicPartitionList::new();
+                    tpl.add_partition(&topic, p as i32);
+                    if let Err(e) = consumer.resume(&tpl) {
+                        tracing::error!(error = %e, partition = p, "resuming a restored partition failed");
+                    }
+                    lock(&self.restoring).remove(&p);
+                    lock(&self.owned).insert(p);
+                    metrics::counter!("tagstream_kafka_partition_restores_total").increment(1);
+                    tracing::info!(
+                        partition = p,
+                        records,
+                        ?offset,
+                        applied_ms = started.elapsed().as_millis() as u64,
+                        "partition restored from the state topic"
+                    );
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, partition = p, "restoring a partition from the state topic failed; trying again");
+                    self.status.note_error(format!("restoring partition {p}: {e}"));
+                    self.read(p, Duration::from_secs(1));
+                }
+            }
+            self.report();
+        }
+    }
+
+    /// An incremental revocation: each partition released once its deltas are confirmed,
+    /// or kept when the consumer is closing.
+    pub(super) fn revoked(&self, consumer: &BaseConsumer<ConsumerCtx>, tpl: &TopicPartitionList) {
+        let closing = self.closing.load(Ordering::SeqCst);
+        for e in tpl.elements() {
+            let p = e.partition() as u32;
+            if lock(&self.restoring).remove(&p).is_some() {
+                // Not applied yet: its read is dropped when it arrives.
+                continue;
+            }
+            if closing {
+                continue;
+            }
+            let deadline = Instant::now() + RELEASE_WAIT;
+            loop {
+                match self.host.release(p) {
+                    Ok(true) => {
+                        metrics::counter!("tagstream_kafka_partition_releases_total").increment(1);
+                        tracing::info!(partition = p, "partition released to its next owner");
+                        break;
+                    }
+                    Ok(false) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                    Ok(false) => {
+                        tracing::error!(
+                            partition = p,
+                            "the broker did not confirm this partition's state deltas within {RELEASE_WAIT:?}: given up unreleased (its next owner consumes on from what the state topic has)"
+                        );
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, partition = p, "releasing a revoked partition failed");
+                        break;
+                    }
+                }
+            }
+            lock(&self.owned).remove(&p);
+        }
+        if closing {
+            tracing::info!(topic = %self.settings.topic, "Kafka partitions kept at shutdown");
+        }
+        if let Err(e) = consumer.incremental_unassign(tpl) {
+            tracing::error!(error = %e, "unassigning partitions failed");
+        }
+        self.report();
+    }
+
+    fn report(&self) {
+        let restoring = lock(&self.restoring).len();
+        let owned = lock(&self.owned).len();
+        self.status.set_group(owned + restoring, restoring);
+        metrics::gauge!("tagstream_kafka_partitions_restoring").set(restoring as f64);
+    }
+}
+
+/// The group's committed offset of `partition`, if it has one.
+fn group_offset(committed: Option<&TopicPartitionList>, topic: &str, partition: u32) -> Option<u64> {
+    match committed?.find_partition(topic, partition as i32)?.offset() {
+        Offset::Offset(o) => Some(o as u64),
+        _ => None,
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
