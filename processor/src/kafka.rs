@@ -1025,7 +1025,9 @@ fn publish_checkpoint(
 
 /// Checks that the state changelog topic exists with a partition for each of the engine's
 /// `partitions` (a delta of partition P goes to partition P): said at start, rather than
-/// every delta failing to publish while the outbox grows. Also that it keeps its records
+/// every delta failing to publish while the outbox grows; that the events topic has exactly
+/// `partitions` (a group's members own engine partitions as Kafka assigns the topic's).
+/// Also that it keeps its records
 /// ([`judge_state_topic`]): refused when the broker would delete them by age, warned about
 /// when it would only grow or cannot tell.
 pub fn check_state_topic(settings: &KafkaSettings, partitions: u32, timeout: Duration) -> Result<(), String> {
@@ -1036,18 +1038,30 @@ pub fn check_state_topic(settings: &KafkaSettings, partitions: u32, timeout: Dur
         .client_config()
         .create()
         .map_err(|e| format!("connecting to check the state topic `{topic}`: {e}"))?;
-    let metadata = consumer
-        .fetch_metadata(Some(topic), timeout)
-        .map_err(|e| format!("reading the state topic `{topic}`'s metadata: {e}"))?;
-    let found = metadata
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic)
-        .filter(|t| t.error().is_none())
-        .map_or(0, |t| t.partitions().len());
+    let partitions_of = |topic: &str| -> Result<usize, String> {
+        let metadata = consumer
+            .fetch_metadata(Some(topic), timeout)
+            .map_err(|e| format!("reading the topic `{topic}`'s metadata: {e}"))?;
+        Ok(metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .filter(|t| t.error().is_none())
+            .map_or(0, |t| t.partitions().len()))
+    };
+    let found = partitions_of(topic)?;
     if found < partitions as usize {
         return Err(format!(
             "the state topic `{topic}` has {found} partitions; it needs at least {partitions}, one per engine partition ([engine] partitions): create it with {partitions}"
+        ));
+    }
+    // A member of a group of several owns engine partitions as the group assigns Kafka
+    // partitions: they must be the same.
+    let events = partitions_of(&settings.topic)?;
+    if events != partitions as usize {
+        return Err(format!(
+            "the events topic `{}` has {events} partitions and [engine] partitions is {partitions}: with a state topic the members of a group own engine partitions as Kafka assigns the topic's, so they must be equal (create the topic first, or set [engine] partitions = {events})",
+            settings.topic
         ));
     }
     // Brokers answer at once; one that does not implement it (librdkafka's mock) is not

@@ -718,6 +718,15 @@ fn a_store_restored_from_the_state_topic_resumes_from_kafka_without_loss() {
     );
     small.state_topic = Some("state".into());
     kafka::check_state_topic(&small, PARTITIONS, Duration::from_secs(10)).unwrap();
+    // So is an events topic whose partitions are not the engine's: members of a group own
+    // engine partitions as Kafka assigns the topic's.
+    cluster.create_topic("events-of-3", 3, 1).unwrap();
+    small.topic = "events-of-3".into();
+    let err = kafka::check_state_topic(&small, PARTITIONS, Duration::from_secs(10)).unwrap_err();
+    assert!(
+        err.contains("`events-of-3` has 3 partitions and [engine] partitions is 4"),
+        "{err}"
+    );
 
     let dir = TempDir::new("kafka-state-source");
     let first = run_engine(
