@@ -811,3 +811,148 @@ fn sasl_scram_over_tls_reaches_the_brokers_credential_check_and_a_refusal_is_rep
         "the password leaked:\n{log}"
     );
 }
+
+/// A metric summed over all its label sets (0 when it is not there yet).
+fn metric_sum(server: &Server, name: &str) -> f64 {
+    let r = request(&server.addr, "GET", "/metrics", b"");
+    r.text()
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Every customer of a store as its view reads at event time `now`, with `since` left out
+/// (it depends on the order partitions were consumed in).
+fn views_at(data: &Path, config: processor::EngineConfig, now: i64) -> BTreeMap<String, String> {
+    let mut engine = processor::Engine::open(data, None, config).unwrap();
+    engine.advance_clock(now).unwrap();
+    engine
+        .customer_ids()
+        .unwrap()
+        .into_iter()
+        .map(|id| {
+            let mut view = engine.customer(&id).unwrap().unwrap();
+            for m in view.tags.values_mut().chain(view.segments.values_mut()) {
+                m.since = 0;
+            }
+            (id, format!("{view:?}"))
+        })
+        .collect()
+}
+
+/// Two `serve` processes share a consumer group on a real broker (issue #21): the second
+/// takes half of the six partitions, restoring them from the state topic; then the first
+/// is killed with SIGKILL mid-stream, and once the group notices, the survivor restores the
+/// dead node's partitions from what it published and consumes on from there. The survivor
+/// ends owning every partition, having consumed every event once into its state, and every
+/// customer reads as in one store that ingested the whole stream.
+#[test]
+fn two_nodes_share_a_group_and_the_survivor_of_a_kill_takes_over_without_loss() {
+    const PARTITIONS: u32 = 6;
+    let lines = stream();
+    let broker = Broker::start();
+    for (topic, partitions) in [
+        ("events", PARTITIONS),
+        ("tag-changes", PARTITIONS),
+        ("tagstream-dead-letters", 1),
+    ] {
+        broker.create_topic(topic, partitions);
+    }
+    broker.create_topic_with(
+        "state",
+        PARTITIONS,
+        &["cleanup.policy=compact", "retention.ms=-1"],
+    );
+    let run = TempDir::new("kafka-two-nodes");
+    let config = run.path().join("tagstream.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "sync_writes = true\n[engine]\npartitions = {PARTITIONS}\n[kafka]\nbrokers = \"{}\"\n\
+             group_id = \"two-nodes-{}\"\nmax_batch = 40\nstate_topic = \"state\"\nstate_checkpoint_mb = 0.005\n\
+             [kafka.options]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n\
+             \"auto.commit.interval.ms\" = \"200\"\n",
+            broker.addr,
+            std::process::id()
+        ),
+    )
+    .unwrap();
+    let half = lines.len() / 2;
+    produce(&broker.addr, &lines[..half]);
+    let first = Server::start(&run.path().join("first"), &config);
+    let consumed = |server: &Server| {
+        metric_sum(server, "tagstream_events_total") + metric_sum(server, "tagstream_events_rejected_total")
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while consumed(&first) < (half / 2) as f64 {
+        assert!(Instant::now() < deadline, "the first node made no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let second = Server::start(&run.path().join("second"), &config);
+    let owns = |server: &Server, n: f64| {
+        server.metric("tagstream_kafka_partitions_assigned") == n
+            && request(&server.addr, "GET", "/readyz", b"").status == 200
+    };
+    while !(owns(&first, 3.0) && owns(&second, 3.0)) {
+        assert!(
+            Instant::now() < deadline,
+            "the partitions were not split between the nodes"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    produce(&broker.addr, &lines[half..]);
+    while consumed(&second) < 50.0 {
+        assert!(Instant::now() < deadline, "the second node made no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    first.kill();
+
+    // The group notices within the session timeout; the survivor restores and consumes on.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !owns(&second, PARTITIONS as f64) {
+        assert!(Instant::now() < deadline, "the survivor did not take over");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Then it consumes the rest (checked exactly below, in its store).
+    let (mut last, mut quiet) = (-1.0, Instant::now());
+    while quiet.elapsed() < Duration::from_secs(5) {
+        let now = consumed(&second);
+        if now != last {
+            (last, quiet) = (now, Instant::now());
+        }
+        assert!(Instant::now() < deadline, "the survivor did not finish");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Its half at the split and the dead node's half were restored, not consumed again
+    // from the start of the topic.
+    let restores = second.metric("tagstream_kafka_partition_restores_total");
+    assert!(restores >= PARTITIONS as f64, "{restores} restores");
+    second.stop();
+
+    // What one store makes of the whole stream; each store opened as `serve` runs it.
+    let config = |changelog| processor::EngineConfig {
+        clock: processor::ClockMode::Event,
+        sync_writes: false,
+        partitions: PARTITIONS,
+        changelog,
+        ..Default::default()
+    };
+    let reference = TempDir::new("kafka-two-nodes-ref");
+    let rules = std::fs::read_to_string(conformance().join("example.trl")).unwrap();
+    let mut direct = processor::Engine::open(reference.path(), Some(&rules), config(false)).unwrap();
+    direct.ingest(&lines).unwrap();
+    let now = direct.now();
+    drop(direct);
+    let survivor = run.path().join("second");
+    {
+        let engine = processor::Engine::open(&survivor, None, config(true)).unwrap();
+        let offsets = engine.reader().source_offsets().unwrap();
+        assert_eq!(offsets.len(), PARTITIONS as usize, "{offsets:?}");
+        assert_eq!(offsets.values().sum::<u64>(), lines.len() as u64, "{offsets:?}");
+    }
+    assert_eq!(
+        views_at(&survivor, config(true), now),
+        views_at(reference.path(), config(false), now)
+    );
+}
