@@ -130,6 +130,9 @@ pub struct KafkaStatus {
     last_error: std::sync::Mutex<Option<String>>,
     /// A member of a group of several ([`group`]): owning part of the topic is expected.
     group: AtomicBool,
+    /// In a group: the partitions this node owns and holds (what its state publisher
+    /// publishes, and whose customers it may write outside Kafka).
+    owned: Arc<Mutex<std::collections::BTreeSet<u32>>>,
     /// Partitions being restored from the state topic (in a group).
     restoring: AtomicUsize,
 }
@@ -168,6 +171,32 @@ impl KafkaStatus {
         self.assigned.load(Ordering::Acquire)
     }
 
+    /// Whether this node is a member of a consumer group of several (the state topic
+    /// set): it owns the partitions the group gives it, not all.
+    pub fn group_member(&self) -> bool {
+        self.group.load(Ordering::Acquire)
+    }
+
+    /// Whether this node owns and holds `partition` (always, alone in its group).
+    pub fn owns(&self, partition: u32) -> bool {
+        !self.group_member()
+            || self
+                .owned
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&partition)
+    }
+
+    /// In a group, the partitions this node owns and holds.
+    pub fn owned_partitions(&self) -> Vec<u32> {
+        self.owned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .copied()
+            .collect()
+    }
+
     /// Partitions being restored from the state topic.
     pub fn restoring_partitions(&self) -> usize {
         self.restoring.load(Ordering::Acquire)
@@ -175,7 +204,6 @@ impl KafkaStatus {
 
     /// In a group: the partitions owned (restoring ones included) and those restoring.
     fn set_group(&self, assigned: usize, restoring: usize) {
-        self.group.store(true, Ordering::Release);
         self.assigned.store(assigned, Ordering::Release);
         self.restoring.store(restoring, Ordering::Release);
         metrics::gauge!("tagstream_kafka_partitions_assigned").set(assigned as f64);
@@ -271,6 +299,7 @@ pub fn start(
         _ => None,
     };
     let owned = membership.as_ref().map(|m| m.owned.clone());
+    status.group.store(membership.is_some(), Ordering::Release);
     // A member of several moves only what must move, and goes on consuming the rest.
     let strategy = if membership.is_some() {
         "cooperative-sticky"

@@ -48,6 +48,11 @@ pub async fn ingest(
     State(app): State<AppState>,
     LimitedBody(body): LimitedBody,
 ) -> Result<Response, ApiError> {
+    if app.kafka.as_ref().is_some_and(|k| k.group_member()) {
+        return Err(ApiError::Conflict(
+            "this node is one member of a consumer group of several ([kafka] state_topic set): send events to the Kafka topic, which brings each to the node that owns its customer's partition; POST /v1/events here would write customers this node may not own".into(),
+        ));
+    }
     let events = split_events(&body)?;
     if events.is_empty() {
         return Err(ApiError::BadRequest(
@@ -606,6 +611,24 @@ fn parse_ttl(ttl: &Json_) -> Result<i64, ApiError> {
     Ok(ms)
 }
 
+/// In a consumer group of several, a customer's state is written only by the node that
+/// owns its partition (its state moves with the partition; a write elsewhere would stay
+/// behind): `409` naming the partition otherwise.
+fn check_owner(app: &AppState, id: &str) -> Result<(), ApiError> {
+    let Some(kafka) = app.kafka.as_ref().filter(|k| k.group_member()) else {
+        return Ok(());
+    };
+    let partitions = app.engine.reader().partitions();
+    let partition = processor::partition::partition_of(rules::normalize(id).as_bytes(), partitions);
+    if kafka.owns(partition) {
+        return Ok(());
+    }
+    Err(ApiError::Conflict(format!(
+        "customer `{id}` is in partition {partition} of {partitions}, which this node does not own (it owns {:?}): send this to the node that does",
+        kafka.owned_partitions()
+    )))
+}
+
 fn changes_json(changes: &[Change]) -> Json_ {
     json!({ "changes": changes })
 }
@@ -621,6 +644,7 @@ pub async fn put_manual_tag(
         json_body(&body)?
     };
     let ttl = body.ttl.as_ref().map(parse_ttl).transpose()?;
+    check_owner(&app, &id)?;
     let changes = app
         .engine
         .call(move |engine| engine.set_manual_tag(&id, &tag, ttl))
@@ -632,6 +656,7 @@ pub async fn delete_manual_tag(
     State(app): State<AppState>,
     Path((id, tag)): Path<(String, String)>,
 ) -> Result<Json<Json_>, ApiError> {
+    check_owner(&app, &id)?;
     let changes = app
         .engine
         .call(move |engine| engine.remove_manual_tag(&id, &tag))

@@ -901,6 +901,31 @@ fn two_nodes_share_a_group_and_the_survivor_of_a_kill_takes_over_without_loss() 
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // A customer's state is written only by its partition's owner: events come through
+    // Kafka, and a manual tag is refused by the node that does not own the customer.
+    let r = request(&first.addr, "POST", "/v1/events", &lines[0]);
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(
+        r.text().contains("send events to the Kafka topic"),
+        "{}",
+        r.text()
+    );
+    // One whose id needs no escaping in a path.
+    let customer = lines
+        .iter()
+        .filter_map(|line| bench::kafka::customer_key(line))
+        .find(|id| id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
+        .unwrap();
+    let tag = format!("/v1/customers/{customer}/tags/vip");
+    let answers: Vec<(u16, &Server)> = [&first, &second]
+        .into_iter()
+        .map(|node| (request(&node.addr, "PUT", &tag, b"").status, node))
+        .collect();
+    let mut statuses: Vec<u16> = answers.iter().map(|(status, _)| *status).collect();
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 409], "exactly one node owns `{customer}`");
+    let owner = answers.iter().find(|(status, _)| *status == 200).unwrap().1;
+    assert_eq!(request(&owner.addr, "DELETE", &tag, b"").status, 200);
     produce(&broker.addr, &lines[half..]);
     while consumed(&second) < 50.0 {
         assert!(Instant::now() < deadline, "the second node made no progress");

@@ -62,7 +62,8 @@ pub(super) struct Membership {
     reader: ReadHandle,
     /// Set when the consumer stops: a revocation then keeps the partitions.
     closing: Arc<AtomicBool>,
-    /// The partitions the state publisher publishes: owned and held here.
+    /// The partitions the state publisher publishes: owned and held here (shared with
+    /// [`KafkaStatus`], which tells the HTTP edge).
     pub(super) owned: Arc<Mutex<BTreeSet<u32>>>,
     /// Partitions being read from the state topic (paused meanwhile), by the ticket of the
     /// assignment that asked: a read whose partition was revoked since is dropped.
@@ -89,7 +90,7 @@ impl Membership {
             state_topic,
             reader,
             closing,
-            owned: Arc::default(),
+            owned: status.owned.clone(),
             restoring: Mutex::default(),
             tickets: AtomicU64::new(0),
             done,
