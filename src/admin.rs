@@ -317,7 +317,7 @@ pub fn partitions(
             }
             let stall = std::time::Duration::from_secs(stall_secs.max(1));
             let (restore, incomplete) =
-                processor::kafka::read_state_partition(&kafka, &topic, partition, partitions, stall)
+                processor::kafka::read_state_partition(&kafka, &topic, partition, partitions, stall, &|_| {})
                     .map_err(anyhow::Error::msg)?;
             let summary = engine.restore_partition(&restore)?;
             println!(

@@ -135,6 +135,8 @@ pub struct KafkaStatus {
     owned: Arc<Mutex<std::collections::BTreeSet<u32>>>,
     /// Partitions being restored from the state topic (in a group).
     restoring: AtomicUsize,
+    /// Of each partition being read from the state topic, the records read so far.
+    restore_progress: Mutex<BTreeMap<u32, u64>>,
 }
 
 impl KafkaStatus {
@@ -145,8 +147,14 @@ impl KafkaStatus {
         let partitions = self.partitions.load(Ordering::Acquire);
         let restoring = self.restoring.load(Ordering::Acquire);
         if restoring > 0 {
+            let progress = self.restore_progress.lock().unwrap_or_else(|e| e.into_inner());
+            let read: Vec<String> = progress
+                .iter()
+                .map(|(partition, records)| format!("partition {partition}: {records} records read"))
+                .collect();
             return Err(format!(
-                "restoring {restoring} of the {assigned} partitions this node owns from the state topic"
+                "restoring {restoring} of the {assigned} partitions this node owns from the state topic ({})",
+                read.join(", ")
             ));
         }
         if assigned == 0 {
@@ -207,6 +215,19 @@ impl KafkaStatus {
         self.assigned.store(assigned, Ordering::Release);
         self.restoring.store(restoring, Ordering::Release);
         metrics::gauge!("tagstream_kafka_partitions_assigned").set(assigned as f64);
+    }
+
+    /// Records read so far of `partition`'s part of the state topic; `None` once its read
+    /// ended.
+    fn restore_read(&self, partition: u32, records: Option<u64>) {
+        let mut progress = self.restore_progress.lock().unwrap_or_else(|e| e.into_inner());
+        match records {
+            Some(records) => progress.insert(partition, records),
+            None => progress.remove(&partition),
+        };
+        let label = partition.to_string();
+        metrics::gauge!("tagstream_kafka_restore_records_read", "partition" => label)
+            .set(records.unwrap_or(0) as f64);
     }
 
     fn note_error(&self, error: String) {
@@ -1180,13 +1201,15 @@ fn topic_config(
 /// end it had when the read began (and what follows it without a pause), into the
 /// partition's state as its last complete delta left it ([`crate::changelog::Assembler`]);
 /// also returns how many deltas were left out incomplete. Fails when no record arrives for
-/// `stall` while some are still to read.
+/// `stall` while some are still to read. `progress` hears the records read so far, every
+/// thousand and at the end.
 pub fn read_state_partition(
     settings: &KafkaSettings,
     topic: &str,
     partition: u32,
     partitions: u32,
     stall: Duration,
+    progress: &dyn Fn(u64),
 ) -> Result<(crate::changelog::Restore, usize), String> {
     let failed = |what: &str, e: KafkaError| format!("{what} partition {partition} of `{topic}`: {e}");
     let consumer: BaseConsumer = settings
@@ -1208,7 +1231,7 @@ pub fn read_state_partition(
         // Past the end the broker named, records that still follow without a pause are read
         // too: some brokers (tansu) name an end short of the last record.
         const SETTLE: Duration = Duration::from_millis(300);
-        let (mut last_progress, mut reached) = (Instant::now(), false);
+        let (mut last_progress, mut reached, mut read) = (Instant::now(), false, 0u64);
         loop {
             match consumer.poll(Duration::from_millis(100)) {
                 Some(Ok(m)) => {
@@ -1223,9 +1246,16 @@ pub fn read_state_partition(
                         .add(m.key().unwrap_or_default(), m.payload(), commit)
                         .map_err(|e| format!("{e} (offset {} of partition {partition} of `{topic}`)", m.offset()))?;
                     reached |= m.offset() + 1 >= end;
+                    read += 1;
+                    if read % 1_000 == 0 {
+                        progress(read);
+                    }
                 }
                 Some(Err(e)) => return Err(failed("reading", e)),
-                None if reached && last_progress.elapsed() >= SETTLE => break,
+                None if reached && last_progress.elapsed() >= SETTLE => {
+                    progress(read);
+                    break;
+                }
                 None if !reached && last_progress.elapsed() > stall => {
                     return Err(format!(
                         "reading partition {partition} of `{topic}`: nothing arrived for {stall:?} before its end (offset {end})"
@@ -1326,6 +1356,28 @@ mod tests {
         assert!(grows.contains("grows with the history"), "{grows}");
         let unknown = judge(None, None).unwrap().unwrap();
         assert!(unknown.contains("names no cleanup.policy"), "{unknown}");
+    }
+
+    /// A member restoring partitions is not ready, and says how far each read has come.
+    #[test]
+    fn readiness_names_the_partitions_restoring_and_their_progress() {
+        let status = KafkaStatus::default();
+        status.group.store(true, Ordering::Release);
+        status.partitions.store(6, Ordering::Release);
+        status.set_group(3, 2);
+        status.restore_read(4, Some(12_000));
+        status.restore_read(5, Some(0));
+        let said = status.ready().unwrap_err();
+        assert!(
+            said.contains("restoring 2 of the 3 partitions")
+                && said.contains("partition 4: 12000 records read, partition 5: 0 records read"),
+            "{said}"
+        );
+        status.restore_read(4, None);
+        status.restore_read(5, None);
+        status.set_group(3, 0);
+        // Owning half of the topic is what a member of several does.
+        assert_eq!(status.ready(), Ok(()));
     }
 
     #[test]

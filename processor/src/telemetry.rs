@@ -136,6 +136,7 @@ pub const METRICS: &[(&str, MetricKind, &str)] = &[
     ("tagstream_kafka_state_checkpoints_total", MetricKind::Counter, "State changelog checkpoints published (keyed records, marker, tombstones for the deltas folded)."),
     ("tagstream_kafka_published_total", MetricKind::Counter, "Records published to Kafka, by feed."),
     ("tagstream_kafka_partitions_restoring", MetricKind::Gauge, "Partitions this member owns and is restoring from the state topic (a group of several)."),
+    ("tagstream_kafka_restore_records_read", MetricKind::Gauge, "Records read so far of a partition being restored from the state topic, by partition (0 when none is)."),
     ("tagstream_kafka_partition_restores_total", MetricKind::Counter, "Partitions restored from the state topic on assignment."),
     ("tagstream_kafka_partition_releases_total", MetricKind::Counter, "Revoked partitions released to their next owner."),
     ("tagstream_http_requests_total", MetricKind::Counter, "HTTP requests, by route template, method and status."),

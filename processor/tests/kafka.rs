@@ -751,10 +751,23 @@ fn a_store_restored_from_the_state_topic_resumes_from_kafka_without_loss() {
     let restored_dir = TempDir::new("kafka-state-restored");
     let mut restored = Engine::open(restored_dir.path(), Some(RULES), keeping(PARTITIONS)).unwrap();
     for p in 0..PARTITIONS {
-        let (restore, incomplete) =
-            kafka::read_state_partition(&settings, "state", p, PARTITIONS, Duration::from_secs(10)).unwrap();
+        let heard = std::cell::Cell::new(0);
+        let (restore, incomplete) = kafka::read_state_partition(
+            &settings,
+            "state",
+            p,
+            PARTITIONS,
+            Duration::from_secs(10),
+            &|records| heard.set(records),
+        )
+        .unwrap();
         assert_eq!(incomplete, 0);
         assert!(restore.deltas > 0, "partition {p}");
+        assert_eq!(
+            heard.get(),
+            restore.records,
+            "the progress ends at every record read"
+        );
         restored.restore_partition(&restore).unwrap();
     }
     assert_eq!(state(&restored), state(&source));

@@ -914,7 +914,10 @@ fn two_nodes_share_a_group_and_the_survivor_of_a_kill_takes_over_without_loss() 
     let customer = lines
         .iter()
         .filter_map(|line| bench::kafka::customer_key(line))
-        .find(|id| id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
+        .find(|id| {
+            id.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        })
         .unwrap();
     let tag = format!("/v1/customers/{customer}/tags/vip");
     let answers: Vec<(u16, &Server)> = [&first, &second]

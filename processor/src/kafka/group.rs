@@ -253,14 +253,17 @@ impl Membership {
         let ticket = self.tickets.fetch_add(1, Ordering::SeqCst);
         lock(&self.restoring).insert(partition, ticket);
         let (settings, topic, done) = (self.settings.clone(), self.state_topic.clone(), self.done.clone());
-        let partitions = self.reader.partitions();
+        let (partitions, status) = (self.reader.partitions(), self.status.clone());
+        status.restore_read(partition, Some(0));
         let spawned = std::thread::Builder::new()
             .name(format!("tagstream-restore-{partition}"))
             .spawn(move || {
                 std::thread::sleep(delay);
-                let result =
-                    super::read_state_partition(&settings, &topic, partition, partitions, READ_STALL)
-                        .map(|(restore, _)| restore);
+                let progress = |records| status.restore_read(partition, Some(records));
+                let result = super::read_state_partition(
+                    &settings, &topic, partition, partitions, READ_STALL, &progress,
+                )
+                .map(|(restore, _)| restore);
                 let _ = done.send(Read {
                     partition,
                     ticket,
@@ -285,6 +288,7 @@ impl Membership {
             if lock(&self.restoring).get(&p) != Some(&read.ticket) {
                 continue; // revoked (and perhaps assigned again) since it began
             }
+            self.status.restore_read(p, None);
             let started = Instant::now();
             let applied = read.result.and_then(|restore| {
                 let records = restore.records;
@@ -342,6 +346,7 @@ impl Membership {
             let p = e.partition() as u32;
             if lock(&self.restoring).remove(&p).is_some() {
                 // Not applied yet: its read is dropped when it arrives.
+                self.status.restore_read(p, None);
                 continue;
             }
             if closing {
