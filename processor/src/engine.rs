@@ -642,6 +642,16 @@ pub struct Engine {
     owner_cache: std::cell::RefCell<crate::identity::OwnerCache>,
     /// `config.identity`, shared with the intakes that prepare events' identifiers.
     identity_types: Arc<crate::identity::IdentityConfig>,
+    /// Partitions whose timers wait, and their timers ([`Engine::park_partitions`]).
+    parked: Parked,
+}
+
+/// Partitions a member of a consumer group of several holds but does not own (yet): their
+/// timers wait here, so time alone changes none of their customers on this node.
+#[derive(Default)]
+struct Parked {
+    partitions: std::collections::BTreeSet<u32>,
+    timers: BTreeMap<u32, Vec<(i64, Arc<str>)>>,
 }
 
 pub(crate) fn wall_ms() -> i64 {
@@ -794,6 +804,7 @@ impl Engine {
             identity_counts: Arc::default(),
             owner_cache: Default::default(),
             identity_types: Default::default(),
+            parked: Parked::default(),
         };
         if engine
             .config
@@ -935,15 +946,68 @@ impl Engine {
         shard_of(customer, self.config.partitions, self.config.workers.max(1))
     }
 
-    /// Gives each shard the stored timers of its customers.
+    /// Gives each shard the stored timers of its customers (those of parked partitions
+    /// wait apart).
     fn deal_timers(&mut self, timers: Vec<(i64, Arc<str>)>) {
         for shard in &mut self.shards {
             shard.timers.clear();
         }
+        self.parked.timers.clear();
         for (due, customer) in timers {
+            let partition = crate::partition::partition_of(customer.as_bytes(), self.config.partitions);
+            if self.parked.partitions.contains(&partition) {
+                self.parked
+                    .timers
+                    .entry(partition)
+                    .or_default()
+                    .push((due, customer));
+                continue;
+            }
             let i = self.shard_index(&customer);
             self.shards[i].timers.insert((due, customer));
         }
+    }
+
+    /// Parks `partitions`: their customers' timers wait until [`Engine::activate_partition`]
+    /// (a member of a consumer group of several parks every partition at start and
+    /// activates those the group gives it, so a partition it keeps from an earlier run but
+    /// does not own fires nothing). A parked timer past due fires, at its instant, once
+    /// its partition is active again.
+    pub fn park_partitions(&mut self, partitions: impl IntoIterator<Item = u32>) {
+        self.settle();
+        self.parked.partitions.extend(partitions);
+        let count = self.config.partitions;
+        for shard in &mut self.shards {
+            let parked: Vec<(i64, Arc<str>)> = shard
+                .timers
+                .iter()
+                .filter(|(_, customer)| {
+                    let partition = crate::partition::partition_of(customer.as_bytes(), count);
+                    self.parked.partitions.contains(&partition)
+                })
+                .cloned()
+                .collect();
+            for timer in parked {
+                shard.timers.remove(&timer);
+                let partition = crate::partition::partition_of(timer.1.as_bytes(), count);
+                self.parked.timers.entry(partition).or_default().push(timer);
+            }
+        }
+    }
+
+    /// Lets `partition`'s timers fire again ([`Engine::park_partitions`]).
+    pub fn activate_partition(&mut self, partition: u32) {
+        self.settle();
+        self.parked.partitions.remove(&partition);
+        for (due, customer) in self.parked.timers.remove(&partition).unwrap_or_default() {
+            let i = self.shard_index(&customer);
+            self.shards[i].timers.insert((due, customer));
+        }
+    }
+
+    /// The partitions parked ([`Engine::park_partitions`]).
+    pub fn parked_partitions(&self) -> Vec<u32> {
+        self.parked.partitions.iter().copied().collect()
     }
 
     /// The shared half of the engine for a round's workers, and the shards.

@@ -319,6 +319,12 @@ pub fn start(
         )),
         _ => None,
     };
+    if let Some(membership) = &membership {
+        // Nothing is owned until the group says so.
+        membership
+            .park_all()
+            .map_err(|e| KafkaError::Subscription(format!("parking the partitions: {e}")))?;
+    }
     let owned = membership.as_ref().map(|m| m.owned.clone());
     status.group.store(membership.is_some(), Ordering::Release);
     // A member of several moves only what must move, and goes on consuming the rest.

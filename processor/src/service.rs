@@ -561,6 +561,19 @@ impl crate::kafka::PartitionHost for EngineHandle {
             .map_err(|e| e.to_string())
     }
 
+    fn park_all(&self) -> Result<(), String> {
+        self.call_blocking(|engine| {
+            let partitions = engine.config().partitions;
+            engine.park_partitions(0..partitions)
+        })
+        .map_err(|e| e.to_string())
+    }
+
+    fn activate(&self, partition: u32) -> Result<(), String> {
+        self.call_blocking(move |engine| engine.activate_partition(partition))
+            .map_err(|e| e.to_string())
+    }
+
     fn restore(&self, restore: crate::changelog::Restore) -> Result<(), String> {
         self.call_blocking(move |engine| engine.restore_partition(&restore).map(drop))
             .map_err(|e| e.to_string())?

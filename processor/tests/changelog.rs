@@ -369,3 +369,61 @@ fn turning_the_changelog_on_for_a_store_with_data_starts_with_a_baseline() {
     let err = empty.restore_partition(&old_only).unwrap_err();
     assert!(err.to_string().contains("another partition count"), "{err}");
 }
+
+/// A parked partition's timers wait — a member of a consumer group of several keeps
+/// partitions it does not own without time changing their customers — and once it is
+/// active again they fire at their own instants: the same changes as a store that never
+/// parked, later.
+#[test]
+fn parked_partitions_fire_no_timers_until_activated() {
+    let stream = ordered_stream();
+    let rules = rules_text();
+    let (parked_dir, twin_dir) = (TempDir::new("parked"), TempDir::new("parked-twin"));
+    let mut parked = Engine::open(parked_dir.path(), Some(&rules), config(2)).unwrap();
+    let mut twin = Engine::open(twin_dir.path(), Some(&rules), config(2)).unwrap();
+    ingest_all(&mut parked, stream.iter().map(|(_, l)| l));
+    ingest_all(&mut twin, stream.iter().map(|(_, l)| l));
+    assert!(parked.next_timer().is_some(), "the stream leaves timers pending");
+    let far = parked.clock().unwrap() + 400 * 86_400_000;
+    let of = |changes: &[processor::Change], partition: u32| -> Vec<(String, String, i64)> {
+        changes
+            .iter()
+            .filter(|c| partition_of(c.customer_id.as_bytes(), PARTITIONS) == partition)
+            .map(|c| {
+                (
+                    c.customer_id.to_string(),
+                    format!("{:?} {:?} {}", c.kind, c.op, c.name),
+                    c.at,
+                )
+            })
+            .collect()
+    };
+    let expected = twin.advance_clock(far).unwrap();
+
+    parked.park_partitions(0..PARTITIONS);
+    assert_eq!(parked.parked_partitions(), [0, 1, 2, 3]);
+    assert_eq!(parked.next_timer(), None);
+    assert!(
+        parked.advance_clock(far).unwrap().is_empty(),
+        "nothing fires while parked"
+    );
+    for partition in 0..PARTITIONS {
+        parked.activate_partition(partition);
+        let fired = parked.advance_clock(far + 1 + partition as i64).unwrap();
+        assert!(
+            !of(&expected, partition).is_empty(),
+            "partition {partition} has timers"
+        );
+        assert_eq!(
+            of(&fired, partition),
+            of(&expected, partition),
+            "partition {partition}"
+        );
+        assert_eq!(
+            fired.len(),
+            of(&fired, partition).len(),
+            "only partition {partition} fired"
+        );
+    }
+    assert_eq!(parked.parked_partitions(), Vec::<u32>::new());
+}

@@ -1357,4 +1357,21 @@ fn a_member_returning_to_partitions_consumed_meanwhile_restores_them() {
     a.leave(PARTITIONS);
     b.leave(PARTITIONS);
     assert_eq!(restored_from_topic(&brokers, PARTITIONS, now), expected);
+
+    // The first comes back alone: the partitions it kept are resumed (nobody consumed
+    // them since) and their timers fire again — none stays parked — and the others are
+    // restored.
+    let a = Member::join(dir_a.path(), &brokers, "g-stale", PARTITIONS);
+    wait_until("the first member owns every partition", || {
+        a.status.assigned_partitions() == PARTITIONS as usize && a.status.ready().is_ok()
+    });
+    assert_eq!(
+        a.handle
+            .call_blocking(|engine| engine.parked_partitions())
+            .unwrap(),
+        Vec::<u32>::new()
+    );
+    assert_eq!(a.consumed(), lines.len() as u64);
+    assert_eq!(a.state_at(now), expected);
+    a.leave(PARTITIONS);
 }

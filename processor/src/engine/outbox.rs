@@ -372,6 +372,8 @@ impl Engine {
         }
         self.store.commit(wb)?;
         self.published.set_clock(self.counters.clock);
+        // Restored to be owned: its timers fire here.
+        self.activate_partition(partition);
         for (due, customer) in timers {
             let i = self.shard_index(&customer);
             self.shards[i].timers.insert((due, customer));
@@ -442,6 +444,8 @@ impl Engine {
     /// leave the store (the caller holds the changelog gate).
     fn forget_partition(&mut self, partition: u32) -> Result<PartitionSummary, EngineError> {
         let partitions = self.config.partitions;
+        // Its customers go: so do their timers waiting apart.
+        self.parked.timers.remove(&partition);
         // One batch with the customers': a crash in between would leave the offsets of
         // customers gone, and a restart resume from them.
         self.drop_partition_with(partition, |store, wb| {

@@ -38,6 +38,11 @@ pub trait PartitionHost: Send + Sync {
     fn discard(&self, partition: u32) -> Result<(), String>;
     /// Takes in a partition read from the state topic.
     fn restore(&self, restore: Restore) -> Result<(), String>;
+    /// Parks every partition: a member owns none until the group gives it some, and the
+    /// timers of what its store keeps from an earlier run wait meanwhile.
+    fn park_all(&self) -> Result<(), String>;
+    /// Lets an owned partition's timers fire.
+    fn activate(&self, partition: u32) -> Result<(), String>;
 }
 
 /// How long a revoked partition waits for the broker to confirm its deltas before it is
@@ -99,6 +104,11 @@ impl Membership {
         }
     }
 
+    /// Parks every partition until the group gives this node some.
+    pub(super) fn park_all(&self) -> Result<(), String> {
+        self.host.park_all()
+    }
+
     /// The partitions owned and held (restoring ones not among them).
     pub(super) fn owned(&self) -> BTreeSet<u32> {
         lock(&self.owned).clone()
@@ -128,6 +138,9 @@ impl Membership {
             let p = partition as u32;
             match self.resume_at(&topic, p, committed.as_ref()) {
                 Ok(Some(offset)) => {
+                    if let Err(e) = self.host.activate(p) {
+                        tracing::error!(error = %e, partition, "activating a resumed partition failed");
+                    }
                     let _ = tpl.set_partition_offset(&topic, partition, offset);
                     if let Offset::Offset(_) = offset {
                         let _ = resumed.add_partition_offset(&topic, partition, offset);
