@@ -1217,6 +1217,32 @@ impl Member {
     }
 }
 
+/// What one store makes of `lines`: its clock at the end and every customer's view.
+fn direct_run(lines: &[String], name: &str) -> (i64, BTreeMap<String, CustomerView>) {
+    let dir = TempDir::new(name);
+    let mut direct = Engine::open(dir.path(), Some(RULES), config()).unwrap();
+    direct.ingest(lines).unwrap();
+    (direct.now(), state(&direct))
+}
+
+/// Waits until `a` and `b` own half of the `partitions` each, `b`'s restored; then each
+/// partition must be held by exactly one of the two stores.
+fn wait_split(a: &Member, b: &Member, partitions: u32) {
+    let half = partitions as usize / 2;
+    wait_until("the partitions split and restored", || {
+        a.status.assigned_partitions() == half
+            && b.status.assigned_partitions() == half
+            && b.status.ready().is_ok()
+    });
+    let (held_a, held_b) = (a.counts(partitions), b.counts(partitions));
+    for p in 0..partitions as usize {
+        assert!(
+            (held_a[p] == 0) != (held_b[p] == 0),
+            "partition {p} must be held by exactly one store: {held_a:?} {held_b:?}"
+        );
+    }
+}
+
 /// Two members share a consumer group (issue #21): when the second joins, the first gives
 /// up half of the partitions (cooperative-sticky: only those), each released once the
 /// broker confirmed its deltas and restored by the second from the state topic before it
@@ -1230,10 +1256,7 @@ fn members_of_a_group_split_the_partitions_and_each_moves_with_its_state() {
     let cluster = state_cluster(PARTITIONS);
     let brokers = cluster.bootstrap_servers();
     let lines = stream(4_000);
-    let direct_dir = TempDir::new("kafka-group-direct");
-    let mut direct = Engine::open(direct_dir.path(), Some(RULES), config()).unwrap();
-    direct.ingest(&lines).unwrap();
-    let (now, expected) = (direct.now(), state(&direct));
+    let (now, expected) = direct_run(&lines, "kafka-group-direct");
 
     produce(&brokers, "events", &lines[..2_000]);
     let (dir_a, dir_b) = (TempDir::new("kafka-group-a"), TempDir::new("kafka-group-b"));
@@ -1245,16 +1268,7 @@ fn members_of_a_group_split_the_partitions_and_each_moves_with_its_state() {
     assert_eq!(a.status.ready(), Ok(()));
 
     let b = Member::join(dir_b.path(), &brokers, "g-members", PARTITIONS);
-    wait_until("the partitions split and restored", || {
-        a.status.assigned_partitions() == 3 && b.status.assigned_partitions() == 3 && b.status.ready().is_ok()
-    });
-    let (held_a, held_b) = (a.counts(PARTITIONS), b.counts(PARTITIONS));
-    for p in 0..PARTITIONS as usize {
-        assert!(
-            (held_a[p] == 0) != (held_b[p] == 0),
-            "partition {p} must be held by exactly one store: {held_a:?} {held_b:?}"
-        );
-    }
+    wait_split(&a, &b, PARTITIONS);
     assert_eq!(a.consumed() + b.consumed(), 2_000);
 
     produce(&brokers, "events", &lines[2_000..]);
@@ -1305,10 +1319,7 @@ fn a_member_returning_to_partitions_consumed_meanwhile_restores_them() {
     let cluster = state_cluster(PARTITIONS);
     let brokers = cluster.bootstrap_servers();
     let lines = stream(4_000);
-    let direct_dir = TempDir::new("kafka-stale-direct");
-    let mut direct = Engine::open(direct_dir.path(), Some(RULES), config()).unwrap();
-    direct.ingest(&lines).unwrap();
-    let (now, expected) = (direct.now(), state(&direct));
+    let (now, expected) = direct_run(&lines, "kafka-stale-direct");
 
     produce(&brokers, "events", &lines[..1_500]);
     let (dir_a, dir_b) = (TempDir::new("kafka-stale-a"), TempDir::new("kafka-stale-b"));
@@ -1317,10 +1328,8 @@ fn a_member_returning_to_partitions_consumed_meanwhile_restores_them() {
         a.consumed() == 1_500
     });
     let b = Member::join(dir_b.path(), &brokers, "g-stale", PARTITIONS);
-    wait_until("the partitions split", || {
-        a.status.assigned_partitions() == 3 && b.status.assigned_partitions() == 3 && b.status.ready().is_ok()
-    });
-    let kept = b.leave(PARTITIONS);
+    wait_split(&a, &b, PARTITIONS);
+    b.leave(PARTITIONS);
     wait_until("the first member owns every partition again", || {
         a.status.assigned_partitions() == PARTITIONS as usize && a.status.ready().is_ok()
     });
@@ -1332,20 +1341,11 @@ fn a_member_returning_to_partitions_consumed_meanwhile_restores_them() {
     std::thread::sleep(Duration::from_millis(1_000));
 
     let b = Member::join(dir_b.path(), &brokers, "g-stale", PARTITIONS);
-    wait_until("the partitions split again", || {
-        a.status.assigned_partitions() == 3 && b.status.assigned_partitions() == 3 && b.status.ready().is_ok()
-    });
-    // Ready means restored: its offsets are the first member's, not those it left with.
-    assert_eq!(a.consumed() + b.consumed(), 2_800);
     // Whichever partitions it got back, none of its old copies is left beside the first
     // member's.
-    let (held_a, held_b) = (a.counts(PARTITIONS), b.counts(PARTITIONS));
-    for p in 0..PARTITIONS as usize {
-        assert!(
-            (held_a[p] == 0) != (held_b[p] == 0),
-            "partition {p} must be held by exactly one store: {held_a:?} {held_b:?} (kept {kept:?})"
-        );
-    }
+    wait_split(&a, &b, PARTITIONS);
+    // Ready means restored: its offsets are the first member's, not those it left with.
+    assert_eq!(a.consumed() + b.consumed(), 2_800);
 
     produce(&brokers, "events", &lines[2_800..]);
     wait_until("both consumed the rest", || {
