@@ -561,12 +561,9 @@ impl crate::kafka::PartitionHost for EngineHandle {
             .map_err(|e| e.to_string())
     }
 
-    fn park_all(&self) -> Result<(), String> {
-        self.call_blocking(|engine| {
-            let partitions = engine.config().partitions;
-            engine.park_partitions(0..partitions)
-        })
-        .map_err(|e| e.to_string())
+    fn park(&self, partitions: Vec<u32>) -> Result<(), String> {
+        self.call_blocking(move |engine| engine.park_partitions(partitions))
+            .map_err(|e| e.to_string())
     }
 
     fn activate(&self, partition: u32) -> Result<(), String> {

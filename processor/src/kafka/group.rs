@@ -38,9 +38,10 @@ pub trait PartitionHost: Send + Sync {
     fn discard(&self, partition: u32) -> Result<(), String>;
     /// Takes in a partition read from the state topic.
     fn restore(&self, restore: Restore) -> Result<(), String>;
-    /// Parks every partition: a member owns none until the group gives it some, and the
-    /// timers of what its store keeps from an earlier run wait meanwhile.
-    fn park_all(&self) -> Result<(), String>;
+    /// Parks `partitions`: their timers wait (a member owns none until the group gives it
+    /// some, so what its store keeps from an earlier run, or could not release, fires
+    /// nothing).
+    fn park(&self, partitions: Vec<u32>) -> Result<(), String>;
     /// Lets an owned partition's timers fire.
     fn activate(&self, partition: u32) -> Result<(), String>;
 }
@@ -106,7 +107,7 @@ impl Membership {
 
     /// Parks every partition until the group gives this node some.
     pub(super) fn park_all(&self) -> Result<(), String> {
-        self.host.park_all()
+        self.host.park((0..self.reader.partitions()).collect())
     }
 
     /// The partitions owned and held (restoring ones not among them).
@@ -379,10 +380,12 @@ impl Membership {
                             partition = p,
                             "the broker did not confirm this partition's state deltas within {RELEASE_WAIT:?}: given up unreleased (its next owner consumes on from what the state topic has)"
                         );
+                        self.park_kept(p);
                         break;
                     }
                     Err(e) => {
                         tracing::error!(error = %e, partition = p, "releasing a revoked partition failed");
+                        self.park_kept(p);
                         break;
                     }
                 }
@@ -396,6 +399,14 @@ impl Membership {
             tracing::error!(error = %e, "unassigning partitions failed");
         }
         self.report();
+    }
+
+    /// A revoked partition kept here unreleased: its timers wait, as another member owns
+    /// it now (its copy is dropped once that member consumed it further).
+    fn park_kept(&self, partition: u32) {
+        if let Err(e) = self.host.park(vec![partition]) {
+            tracing::error!(error = %e, partition, "parking a partition kept unreleased failed");
+        }
     }
 
     fn report(&self) {
