@@ -133,8 +133,9 @@ pub struct KafkaStatus {
     /// In a group: the partitions this node owns and holds (what its state publisher
     /// publishes, and whose customers it may write outside Kafka).
     owned: Arc<Mutex<std::collections::BTreeSet<u32>>>,
-    /// Partitions being restored from the state topic (in a group).
+    /// Partitions being restored from the state topic (in a group), and which.
     restoring: AtomicUsize,
+    restoring_set: Mutex<std::collections::BTreeSet<u32>>,
     /// Of each partition being read from the state topic, the records read so far.
     restore_progress: Mutex<BTreeMap<u32, u64>>,
 }
@@ -208,6 +209,24 @@ impl KafkaStatus {
     /// Partitions being restored from the state topic.
     pub fn restoring_partitions(&self) -> usize {
         self.restoring.load(Ordering::Acquire)
+    }
+
+    /// Whether `partition` is being restored from the state topic here: what this node
+    /// holds of it is not to be served yet.
+    pub fn restoring(&self, partition: u32) -> bool {
+        self.restoring_set
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&partition)
+    }
+
+    /// In a group: which partitions are restoring.
+    fn set_restoring(&self, partitions: std::collections::BTreeSet<u32>) {
+        self.set_group(
+            self.owned.lock().unwrap_or_else(|e| e.into_inner()).len() + partitions.len(),
+            partitions.len(),
+        );
+        *self.restoring_set.lock().unwrap_or_else(|e| e.into_inner()) = partitions;
     }
 
     /// In a group: the partitions owned (restoring ones included) and those restoring.
@@ -1370,7 +1389,9 @@ mod tests {
         let status = KafkaStatus::default();
         status.group.store(true, Ordering::Release);
         status.partitions.store(6, Ordering::Release);
-        status.set_group(3, 2);
+        status.owned.lock().unwrap().insert(0);
+        status.set_restoring([4, 5].into());
+        assert!(status.restoring(4) && !status.owns(4) && status.owns(0) && !status.restoring(0));
         status.restore_read(4, Some(12_000));
         status.restore_read(5, Some(0));
         let said = status.ready().unwrap_err();
@@ -1381,8 +1402,8 @@ mod tests {
         );
         status.restore_read(4, None);
         status.restore_read(5, None);
-        status.set_group(3, 0);
-        // Owning half of the topic is what a member of several does.
+        status.set_restoring([].into());
+        // Owning part of the topic is what a member of several does.
         assert_eq!(status.ready(), Ok(()));
     }
 

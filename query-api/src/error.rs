@@ -39,6 +39,9 @@ pub enum ApiError {
     Forbidden(String),
     #[error("{0}")]
     TooMany(String),
+    /// Not answerable here for now (a partition being restored): retry shortly.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -104,6 +107,7 @@ impl IntoResponse for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 json!({ "error": self.to_string() }),
             ),
+            ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, json!({ "error": m })),
             ApiError::TooLarge(limit) => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 json!({ "error": self.to_string(), "limit_bytes": limit }),

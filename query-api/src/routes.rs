@@ -335,6 +335,7 @@ pub async fn get_customer(
     principal: Option<Extension<Principal>>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
+    check_owner(&app, &id)?;
     // A point read served here, not on the engine thread: lookups never wait for a batch.
     // An id a merge absorbed answers the survivor (the answer's `customer_id` says who).
     let reader = app.engine.reader();
@@ -504,6 +505,7 @@ pub async fn customer_events(
     Path(id): Path<String>,
     q: Result<Query<TimelineQuery>, QueryRejection>,
 ) -> Result<Json<Json_>, ApiError> {
+    check_owner(&app, &id)?;
     let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let limit = q.limit.unwrap_or(100);
     if limit == 0 || limit > 10_000 {
@@ -557,6 +559,7 @@ pub async fn explain(
     principal: Option<Extension<Principal>>,
     Path((id, name)): Path<(String, String)>,
 ) -> Result<Json<Json_>, ApiError> {
+    check_owner(&app, &id)?;
     let (lookup, wanted) = (id.clone(), name.clone());
     let explained = app
         .engine
@@ -611,9 +614,10 @@ fn parse_ttl(ttl: &Json_) -> Result<i64, ApiError> {
     Ok(ms)
 }
 
-/// In a consumer group of several, a customer's state is written only by the node that
-/// owns its partition (its state moves with the partition; a write elsewhere would stay
-/// behind): `409` naming the partition otherwise.
+/// In a consumer group of several, a customer is answered for and written only by the node
+/// that owns its partition (its state moves with the partition; a write elsewhere would
+/// stay behind, a read elsewhere would be stale): `409` naming the partition when another
+/// node owns it, `503` while it is being restored here.
 fn check_owner(app: &AppState, id: &str) -> Result<(), ApiError> {
     let Some(kafka) = app.kafka.as_ref().filter(|k| k.group_member()) else {
         return Ok(());
@@ -622,6 +626,11 @@ fn check_owner(app: &AppState, id: &str) -> Result<(), ApiError> {
     let partition = processor::partition::partition_of(rules::normalize(id).as_bytes(), partitions);
     if kafka.owns(partition) {
         return Ok(());
+    }
+    if kafka.restoring(partition) {
+        return Err(ApiError::Unavailable(format!(
+            "customer `{id}` is in partition {partition} of {partitions}, which this node is restoring from the state topic: ask again shortly"
+        )));
     }
     Err(ApiError::Conflict(format!(
         "customer `{id}` is in partition {partition} of {partitions}, which this node does not own (it owns {:?}): send this to the node that does",

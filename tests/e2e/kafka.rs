@@ -929,6 +929,13 @@ fn two_nodes_share_a_group_and_the_survivor_of_a_kill_takes_over_without_loss() 
     assert_eq!(statuses, [200, 409], "exactly one node owns `{customer}`");
     let owner = answers.iter().find(|(status, _)| *status == 200).unwrap().1;
     assert_eq!(request(&owner.addr, "DELETE", &tag, b"").status, 200);
+    // And read only from it: the other node holds nothing current of the customer.
+    let other = answers.iter().find(|(status, _)| *status == 409).unwrap().1;
+    let lookup = format!("/v1/customers/{customer}");
+    assert_eq!(request(&owner.addr, "GET", &lookup, b"").status, 200);
+    let r = request(&other.addr, "GET", &lookup, b"");
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(r.text().contains("which this node does not own"), "{}", r.text());
     produce(&broker.addr, &lines[half..]);
     while consumed(&second) < 50.0 {
         assert!(Instant::now() < deadline, "the second node made no progress");

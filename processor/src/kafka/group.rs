@@ -410,10 +410,9 @@ impl Membership {
     }
 
     fn report(&self) {
-        let restoring = lock(&self.restoring).len();
-        let owned = lock(&self.owned).len();
-        self.status.set_group(owned + restoring, restoring);
-        metrics::gauge!("tagstream_kafka_partitions_restoring").set(restoring as f64);
+        let restoring = self.restoring();
+        metrics::gauge!("tagstream_kafka_partitions_restoring").set(restoring.len() as f64);
+        self.status.set_restoring(restoring);
     }
 }
 
