@@ -417,6 +417,7 @@ pub async fn merge_customers(
     LimitedBody(body): LimitedBody,
 ) -> Result<Json<Json_>, ApiError> {
     let ids = customer_ids(&body, "merge into this one")?;
+    check_owners(&app, &id, &ids)?;
     let by = key_name(&principal);
     let merged = app
         .engine
@@ -472,6 +473,7 @@ pub async fn unmerge_customers(
     LimitedBody(body): LimitedBody,
 ) -> Result<Json<Json_>, ApiError> {
     let ids = customer_ids(&body, "split off this one")?;
+    check_owners(&app, &id, &ids)?;
     let by = key_name(&principal);
     let split = app
         .engine
@@ -636,6 +638,14 @@ fn check_owner(app: &AppState, id: &str) -> Result<(), ApiError> {
         "customer `{id}` is in partition {partition} of {partitions}, which this node does not own (it owns {:?}): send this to the node that does",
         kafka.owned_partitions()
     )))
+}
+
+/// [`check_owner`] for every customer a merge or unmerge names: in a consumer group of
+/// several, only a node owning all their partitions changes them together.
+fn check_owners(app: &AppState, id: &str, ids: &[String]) -> Result<(), ApiError> {
+    std::iter::once(id)
+        .chain(ids.iter().map(String::as_str))
+        .try_for_each(|customer| check_owner(app, customer))
 }
 
 fn changes_json(changes: &[Change]) -> Json_ {

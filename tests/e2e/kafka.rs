@@ -936,6 +936,12 @@ fn two_nodes_share_a_group_and_the_survivor_of_a_kill_takes_over_without_loss() 
     let r = request(&other.addr, "GET", &lookup, b"");
     assert_eq!(r.status, 409, "{}", r.text());
     assert!(r.text().contains("which this node does not own"), "{}", r.text());
+    // Nor merged or split there.
+    let body = br#"{"ids": ["someone-else"]}"#;
+    for action in ["merge", "unmerge"] {
+        let r = request(&other.addr, "POST", &format!("{lookup}/{action}"), body);
+        assert_eq!(r.status, 409, "{action}: {}", r.text());
+    }
     produce(&broker.addr, &lines[half..]);
     while consumed(&second) < 50.0 {
         assert!(Instant::now() < deadline, "the second node made no progress");
