@@ -48,10 +48,14 @@ pub async fn ingest(
     State(app): State<AppState>,
     LimitedBody(body): LimitedBody,
 ) -> Result<Response, ApiError> {
-    if app.kafka.as_ref().is_some_and(|k| k.group_member()) {
-        return Err(ApiError::Conflict(
-            "this node is one member of a consumer group of several ([kafka] state_topic set): send events to the Kafka topic, which brings each to the node that owns its customer's partition; POST /v1/events here would write customers this node may not own".into(),
-        ));
+    if let Some(kafka) = app.kafka.as_ref().filter(|k| k.group_member()) {
+        let partitions = app.engine.reader().partitions();
+        let owned = kafka.owned_partitions().len();
+        if owned < partitions as usize {
+            return Err(ApiError::Conflict(format!(
+                "this node shares its consumer group ([kafka] state_topic set) and owns {owned} of the {partitions} partitions: send events to the Kafka topic, which brings each to the node that owns its customer's partition; POST /v1/events here would write customers this node may not own"
+            )));
+        }
     }
     let events = split_events(&body)?;
     if events.is_empty() {

@@ -889,6 +889,11 @@ fn two_nodes_share_a_group_and_the_survivor_of_a_kill_takes_over_without_loss() 
         assert!(Instant::now() < deadline, "the first node made no progress");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Alone, it owns every partition: HTTP ingest writes nothing another node would hold
+    // (an event without a customer, rejected: the customers stay those of the stream).
+    let r = request(&first.addr, "POST", "/v1/events", br#"{"type": "probe"}"#);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["rejected"], 1, "{}", r.text());
     let second = Server::start(&run.path().join("second"), &config);
     let owns = |server: &Server, n: f64| {
         server.metric("tagstream_kafka_partitions_assigned") == n
