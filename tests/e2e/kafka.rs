@@ -134,6 +134,16 @@ impl Server {
     }
 }
 
+/// A test that fails midway leaves no server running behind it.
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 fn read_changes_topic(brokers: &str, expected: usize) -> BTreeMap<u64, serde_json::Value> {
     read_changes_topic_with(brokers, &[], expected)
 }
