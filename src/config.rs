@@ -30,6 +30,10 @@ pub struct Settings {
     pub tracking_plan: Option<PathBuf>,
     /// Address the HTTP API listens on.
     pub listen: SocketAddr,
+    /// In a group of several (`[kafka] state_topic`): the URL the other nodes reach this
+    /// one's API at, e.g. "http://tagstream-0.tagstream:8080"; "" derives it from `listen`
+    /// (its port, and its address or, when that is 0.0.0.0, the host name).
+    pub advertise: String,
     /// `wall` or `event`.
     pub clock: ClockMode,
     /// fsync the write-ahead log on every commit (acknowledged means on disk).
@@ -140,6 +144,10 @@ pub struct TlsSettings {
     pub cert_file: Option<PathBuf>,
     /// Its private key, PEM (PKCS#8, PKCS#1 or SEC1).
     pub key_file: Option<PathBuf>,
+    /// In a group of several: the CA certificates (PEM) that the other nodes' certificates
+    /// are verified against when a request is sent on to them over https (besides the
+    /// built-in roots).
+    pub peer_ca_file: Option<PathBuf>,
 }
 
 impl TlsSettings {
@@ -152,6 +160,17 @@ impl TlsSettings {
             (None, None) => Ok(None),
             _ => anyhow::bail!("[tls] needs both cert_file and key_file"),
         }
+    }
+
+    /// How this node verifies the others' certificates: the built-in roots and
+    /// `peer_ca_file`'s.
+    pub fn peer_client(&self) -> anyhow::Result<std::sync::Arc<rustls::ClientConfig>> {
+        let extra = match &self.peer_ca_file {
+            Some(path) => crate::tls::read_certificates(path)
+                .with_context(|| format!("[tls] peer_ca_file {}", path.display()))?,
+            None => Vec::new(),
+        };
+        query_api::webhooks::tls_client(&extra).map_err(anyhow::Error::msg)
     }
 }
 
@@ -340,6 +359,9 @@ pub struct KafkaFileSettings {
     /// key, so that the compacted topic stays bounded) once they hold this many MiB
     /// (fractions allowed).
     pub state_checkpoint_mb: f64,
+    /// With `state_topic`: where the members of the group put their cards (address, owned
+    /// partitions), one partition, compacted; "" is `GROUP_ID-members`.
+    pub members_topic: String,
     /// Events per engine batch, at most.
     pub max_batch: usize,
     /// Passed to librdkafka as they are: security.protocol, sasl.*, ssl.*, ... Never logged.
@@ -361,6 +383,7 @@ impl Default for KafkaFileSettings {
             dead_letter_topic: k.dlq_topic.unwrap_or_default(),
             state_topic: k.state_topic.unwrap_or_default(),
             state_checkpoint_mb: (k.state_checkpoint_bytes >> 20) as f64,
+            members_topic: String::new(),
             max_batch: k.max_batch,
             options: Default::default(),
             option_files: Default::default(),
@@ -473,6 +496,7 @@ impl Default for Settings {
             rules_source: RulesSource::Store,
             tracking_plan: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            advertise: String::new(),
             clock: ClockMode::Wall,
             sync_writes: engine.sync_writes,
             limits: Limits::default(),
@@ -606,6 +630,13 @@ impl Settings {
         settings.changes_topic = Some(k.changes_topic.clone()).filter(|t| !t.is_empty());
         settings.dlq_topic = Some(k.dead_letter_topic.clone()).filter(|t| !t.is_empty());
         settings.state_topic = Some(k.state_topic.clone()).filter(|t| !t.is_empty());
+        settings.members_topic = settings.state_topic.as_ref().map(|_| {
+            if k.members_topic.is_empty() {
+                format!("{}-members", k.group_id)
+            } else {
+                k.members_topic.clone()
+            }
+        });
         if !(k.state_checkpoint_mb.is_finite() && k.state_checkpoint_mb > 0.0) {
             anyhow::bail!(
                 "`[kafka] state_checkpoint_mb` must be a positive number of MiB, not {}",
@@ -643,6 +674,7 @@ data_dir = "{data_dir}"
 rules_source = "store"    # or "file": the rule file replaces the stored set at start, API edits refused
 # tracking_plan = "deploy/rules/plan.toml"   # what events may carry (docs/rules.md)
 listen = "{listen}"
+advertise = ""             # in a group of several: the URL other nodes reach this one at; "" derives it from listen
 clock = "wall"            # or "event": now is the greatest event time seen
 sync_writes = true        # fsync the WAL on every commit
 
@@ -677,7 +709,7 @@ trait_columns = {trait_columns}         # event-reading traits whose values quer
 workers = 0               # engine threads evaluating in parallel; 0: one per core
 partitions = {partitions}           # customers hashed to partitions as Kafka's default partitioner does; match the topic
 
-[kafka]                   # off unless brokers is set; one processor per consumer group
+[kafka]                   # off unless brokers is set; nodes share a group with state_topic (docs/cluster.md)
 # brokers = "localhost:9092"
 topic = "{kafka_topic}"           # events, keyed by customer_id
 group_id = "{kafka_group}"
@@ -685,6 +717,7 @@ changes_topic = "{kafka_changes}"  # every change as JSON, key customer_id; "" f
 dead_letter_topic = "{kafka_dlq}"  # rejected events, reason in headers; "" for none
 state_topic = "{kafka_state}"  # the state changelog, one partition per engine partition, cleanup.policy=compact; "" for none
 state_checkpoint_mb = {kafka_checkpoint}     # a partition's deltas are folded into keyed records past this many MiB
+members_topic = ""        # with state_topic: the members' cards, one partition, compacted; "" is GROUP_ID-members
 max_batch = {kafka_batch}           # events per engine batch
 
 [kafka.options]           # passed to librdkafka as they are; never logged
@@ -720,6 +753,7 @@ failed_auth_per_minute = {failed}   # per client address, audited one by one, th
 [tls]                     # HTTPS for the API; reloaded on SIGHUP
 # cert_file = "/etc/tagstream/tls/cert.pem"
 # key_file = "/etc/tagstream/tls/key.pem"
+# peer_ca_file = "/etc/tagstream/tls/ca.pem"   # a group of several over https: CAs of the other nodes' certificates
 
 [webhooks]
 allow_targets = []        # non-public addresses webhooks may reach, e.g. ["10.1.0.0/16"]

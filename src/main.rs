@@ -164,6 +164,9 @@ enum Command {
         /// Address to listen on [default: 127.0.0.1:8080].
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
+        /// In a group of several: the URL the other nodes reach this one at (`advertise`).
+        #[arg(long)]
+        advertise: Option<String>,
         /// Largest accepted request body, in bytes [default: 16 MiB].
         #[arg(long)]
         max_request_bytes: Option<usize>,
@@ -433,6 +436,7 @@ fn main() -> ExitCode {
         Command::Serve {
             store,
             listen,
+            advertise,
             max_request_bytes,
             kafka_brokers,
             kafka_topic,
@@ -446,10 +450,8 @@ fn main() -> ExitCode {
             tls_key,
         } => store.settings().and_then(|mut settings| {
             if let (Some(cert), Some(key)) = (tls_cert, tls_key) {
-                settings.tls = config::TlsSettings {
-                    cert_file: Some(cert),
-                    key_file: Some(key),
-                };
+                settings.tls.cert_file = Some(cert);
+                settings.tls.key_file = Some(key);
             }
             settings.webhooks.allow_targets.extend(webhook_allow);
             settings.access.allow_open |= allow_open;
@@ -457,6 +459,7 @@ fn main() -> ExitCode {
                 settings.access.bootstrap_key_file = bootstrap_key_file;
             }
             settings.listen = listen.unwrap_or(settings.listen);
+            settings.advertise = advertise.unwrap_or(std::mem::take(&mut settings.advertise));
             settings.limits.max_request_bytes =
                 max_request_bytes.unwrap_or(settings.limits.max_request_bytes);
             let kafka = &mut settings.kafka;
@@ -480,6 +483,10 @@ fn main() -> ExitCode {
                 kafka,
                 access: settings.access.config(),
                 webhooks: settings.webhooks.config()?,
+                cluster: serve::ClusterOptions {
+                    advertise: Some(settings.advertise.clone()).filter(|a| !a.is_empty()),
+                    peer_tls: settings.tls.peer_client()?,
+                },
             };
             serve::serve(engine, settings.listen, options, |_, _, _| {}).map(|()| ExitCode::SUCCESS)
         }),
@@ -574,6 +581,10 @@ fn run_demo(
             ..demo_settings.access.config()
         },
         webhooks: demo_settings.webhooks.config()?,
+        cluster: serve::ClusterOptions {
+            advertise: None,
+            peer_tls: demo_settings.tls.peer_client()?,
+        },
     };
     serve::serve(engine, listen, options, move |bound, handle, stopping| {
         println!(

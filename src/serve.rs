@@ -20,6 +20,15 @@ pub struct ServeOptions {
     pub kafka: Option<KafkaSettings>,
     pub access: AccessConfig,
     pub webhooks: WebhookConfig,
+    pub cluster: ClusterOptions,
+}
+
+/// How a member of a group of several is reached and reaches the others.
+pub struct ClusterOptions {
+    /// The URL other nodes reach this one at; `None` derives it from the bound address.
+    pub advertise: Option<String>,
+    /// How the others' certificates are verified (their URLs are `https://`).
+    pub peer_tls: Arc<rustls::ClientConfig>,
 }
 
 /// How long the shutdown lets webhooks and Kafka publishers send what is committed (the
@@ -40,6 +49,7 @@ pub fn serve(
         kafka,
         access,
         webhooks,
+        cluster,
     } = options;
     let tls = tls.map(crate::tls::Reloadable::open).transpose()?;
     let stopping = Arc::new(AtomicBool::new(false));
@@ -50,6 +60,9 @@ pub fn serve(
     let (handle, engine_thread) = EngineHandle::spawn(engine, ServiceConfig::default());
     let mut state = AppState::with_access(handle.clone(), api, Arc::new(access));
     state.webhooks = Arc::new(Webhooks::new(webhooks));
+    let members_topic = kafka
+        .as_ref()
+        .and_then(|k| k.members_topic.clone().map(|t| (k.clone(), t)));
     let kafka_workers = match kafka {
         Some(settings) => {
             kafka::check_state_topic(&settings, partitions, Duration::from_secs(10))
@@ -78,6 +91,31 @@ pub fn serve(
         let bound = listener.local_addr()?;
         tracing::info!(%bound, "serving");
         let scheme = if tls.is_some() { "https" } else { "http" };
+        // In a group of several: cards on the members topic, and requests sent on to owners.
+        let members = match (members_topic, state.kafka.clone()) {
+            (Some((settings, topic)), Some(status)) => {
+                let url = cluster
+                    .advertise
+                    .clone()
+                    .unwrap_or_else(|| advertised(scheme, bound));
+                let worker = kafka::members::start(
+                    &settings,
+                    &topic,
+                    &url,
+                    partitions,
+                    status,
+                    Duration::from_secs(10),
+                )
+                .map_err(anyhow::Error::msg)?;
+                tracing::info!(%url, %topic, "advertising this node to the group");
+                state.cluster = Some(Arc::new(query_api::cluster::Cluster::new(
+                    worker.members().clone(),
+                    cluster.peer_tls.clone(),
+                )));
+                Some(worker)
+            }
+            _ => None,
+        };
         announce(&format!("tagstream listening on {scheme}://{bound}"));
         on_ready(bound, handle.clone(), stopping.clone());
         let engine_ended = handle.committed();
@@ -115,6 +153,10 @@ pub fn serve(
             .map_err(anyhow::Error::from),
         };
         stopping.store(true, Ordering::SeqCst);
+        // Others stop sending requests here.
+        if let Some(members) = members {
+            tokio::task::spawn_blocking(move || members.stop(Duration::from_secs(3))).await?;
+        }
         served?;
         // No request is in flight any more. The Kafka consumer applies its batch in flight
         // and stops; then what is committed goes out — webhooks and the Kafka publishers
@@ -160,6 +202,22 @@ pub fn serve(
     tracing::info!("stopped cleanly");
     announce("tagstream stopped cleanly");
     Ok(())
+}
+
+/// The URL other nodes reach this one at when `advertise` is not set: the bound address,
+/// or the host name when it listens on every interface.
+fn advertised(scheme: &str, bound: SocketAddr) -> String {
+    if bound.ip().is_unspecified() {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| "localhost".into());
+        format!("{scheme}://{host}:{}", bound.port())
+    } else {
+        format!("{scheme}://{bound}")
+    }
 }
 
 /// A line on stdout for whoever started us. Never fails: by shutdown the reader of a pipe

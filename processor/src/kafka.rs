@@ -22,6 +22,7 @@
 //! [`PartitionHost`]), partitions move between members with their state ([`group`]).
 
 mod group;
+pub mod members;
 pub use group::PartitionHost;
 
 use std::collections::{BTreeMap, HashMap};
@@ -61,6 +62,9 @@ pub struct KafkaSettings {
     /// A partition's confirmed deltas are folded into a checkpoint (keyed records, so that a
     /// compacted topic stays bounded) once they hold this many bytes.
     pub state_checkpoint_bytes: u64,
+    /// With the state topic: where the members of the group put their cards
+    /// ([`members`]); `None` keeps no cards (the node finds no other).
+    pub members_topic: Option<String>,
     pub client_options: BTreeMap<String, String>,
     /// Events per engine batch, at most.
     pub max_batch: usize,
@@ -80,6 +84,7 @@ impl std::fmt::Debug for KafkaSettings {
             .field("dlq_topic", &self.dlq_topic)
             .field("state_topic", &self.state_topic)
             .field("state_checkpoint_bytes", &self.state_checkpoint_bytes)
+            .field("members_topic", &self.members_topic)
             .field("client_options", &self.client_options.keys().collect::<Vec<_>>())
             .field("max_batch", &self.max_batch)
             .field("max_wait", &self.max_wait)
@@ -97,6 +102,7 @@ impl KafkaSettings {
             dlq_topic: Some("tagstream-dead-letters".into()),
             state_topic: None,
             state_checkpoint_bytes: 64 << 20,
+            members_topic: None,
             client_options: BTreeMap::new(),
             max_batch: 5_000,
             max_wait: Duration::from_millis(50),
@@ -218,6 +224,16 @@ impl KafkaStatus {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .contains(&partition)
+    }
+
+    /// In a group: the partitions being restored, in order.
+    pub fn restoring_list(&self) -> Vec<u32> {
+        self.restoring_set
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .copied()
+            .collect()
     }
 
     /// In a group: which partitions are restoring.

@@ -42,6 +42,12 @@ pub enum ApiError {
     /// Not answerable here for now (a partition being restored): retry shortly.
     #[error("{0}")]
     Unavailable(String),
+    /// Another node of the cluster, whose answer this one needed, could not be reached.
+    #[error("{0}")]
+    BadGateway(String),
+    /// Another node of the cluster did not answer in time.
+    #[error("{0}")]
+    GatewayTimeout(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -108,6 +114,8 @@ impl IntoResponse for ApiError {
                 json!({ "error": self.to_string() }),
             ),
             ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, json!({ "error": m })),
+            ApiError::BadGateway(m) => (StatusCode::BAD_GATEWAY, json!({ "error": m })),
+            ApiError::GatewayTimeout(m) => (StatusCode::GATEWAY_TIMEOUT, json!({ "error": m })),
             ApiError::TooLarge(limit) => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 json!({ "error": self.to_string(), "limit_bytes": limit }),

@@ -22,6 +22,7 @@
 //! ```
 
 pub mod access;
+pub mod cluster;
 mod console;
 mod error;
 pub mod export;
@@ -68,6 +69,8 @@ pub struct AppState {
     pub shutdown: Shutdown,
     /// Keys, roles, the audit trail and per-key limits.
     pub access: std::sync::Arc<access::Access>,
+    /// Set in a consumer group of several: who owns what, and how to reach them.
+    pub cluster: Option<std::sync::Arc<cluster::Cluster>>,
 }
 
 /// The server's shutdown signal, shared by every clone of the state.
@@ -113,6 +116,7 @@ impl AppState {
             kafka: None,
             webhooks: std::sync::Arc::new(webhooks::Webhooks::new(webhooks::WebhookConfig::default())),
             shutdown: Shutdown::new(),
+            cluster: None,
         }
     }
 }
@@ -154,20 +158,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/rules/versions", get(routes::rule_versions))
         .route("/v1/rules/versions/{version}", get(routes::rule_version))
         .route("/v1/rules/rollback", post(routes::rollback_rules))
-        .route("/v1/customers/{id}", get(routes::get_customer))
         .route(
             "/v1/customers/by/{id_type}/{value}",
             get(routes::customer_by_identifier),
         )
-        .route("/v1/customers/{id}/merge", post(routes::merge_customers))
-        .route("/v1/customers/{id}/unmerge", post(routes::unmerge_customers))
         .route("/v1/identities/stats", get(routes::identity_stats))
-        .route("/v1/customers/{id}/events", get(routes::customer_events))
-        .route("/v1/customers/{id}/explain/{name}", get(routes::explain))
-        .route(
-            "/v1/customers/{id}/tags/{tag}",
-            put(routes::put_manual_tag).delete(routes::delete_manual_tag),
-        )
         .route("/v1/definitions", get(routes::definitions))
         .route("/v1/segments", get(routes::list_segments))
         .route("/v1/segments/query", post(routes::segment_query))
@@ -206,12 +201,30 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/quality", get(routes::quality))
         .route("/v1/schema/observed", get(routes::schema_observed))
         .route("/openapi.json", get(routes::openapi))
+        .route("/v1/cluster", get(cluster::cluster))
         .route("/metrics", get(routes::metrics))
         .route("/healthz", get(routes::healthz))
         .route("/", get(console::index))
         .route("/console/", get(console::index))
         .route("/console/assets/{file}", get(console::file))
         .route("/readyz", get(routes::readyz))
+        .merge(
+            // About one customer: in a group of several, answered by the customer's owner.
+            Router::new()
+                .route("/v1/customers/{id}", get(routes::get_customer))
+                .route("/v1/customers/{id}/merge", post(routes::merge_customers))
+                .route("/v1/customers/{id}/unmerge", post(routes::unmerge_customers))
+                .route("/v1/customers/{id}/events", get(routes::customer_events))
+                .route("/v1/customers/{id}/explain/{name}", get(routes::explain))
+                .route(
+                    "/v1/customers/{id}/tags/{tag}",
+                    put(routes::put_manual_tag).delete(routes::delete_manual_tag),
+                )
+                .route_layer(axum::middleware::from_fn_with_state(
+                    state.clone(),
+                    cluster::to_owner,
+                )),
+        )
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use tests::http::request;
+use tests::http::{request, request_with};
 use tests::{conformance_dir, TempDir};
 
 #[path = "support/snapshot.rs"]
@@ -874,6 +874,7 @@ fn two_nodes_share_a_group_and_the_survivor_of_a_kill_takes_over_without_loss() 
         PARTITIONS,
         &["cleanup.policy=compact", "retention.ms=-1"],
     );
+    broker.create_topic_with("members", 1, &["cleanup.policy=compact"]);
     let run = TempDir::new("kafka-two-nodes");
     let config = run.path().join("tagstream.toml");
     std::fs::write(
@@ -881,6 +882,7 @@ fn two_nodes_share_a_group_and_the_survivor_of_a_kill_takes_over_without_loss() 
         format!(
             "sync_writes = true\n[engine]\npartitions = {PARTITIONS}\n[kafka]\nbrokers = \"{}\"\n\
              group_id = \"two-nodes-{}\"\nmax_batch = 40\nstate_topic = \"state\"\nstate_checkpoint_mb = 0.005\n\
+             members_topic = \"members\"\n\
              [kafka.options]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n\
              \"auto.commit.interval.ms\" = \"200\"\n",
             broker.addr,
@@ -917,7 +919,8 @@ fn two_nodes_share_a_group_and_the_survivor_of_a_kill_takes_over_without_loss() 
         std::thread::sleep(Duration::from_millis(50));
     }
     // A customer's state is written only by its partition's owner: events come through
-    // Kafka, and a manual tag is refused by the node that does not own the customer.
+    // Kafka, and requests about one customer are answered by its owner, whichever node
+    // they reach.
     let r = request(&first.addr, "POST", "/v1/events", &lines[0]);
     assert_eq!(r.status, 409, "{}", r.text());
     assert!(
@@ -925,6 +928,44 @@ fn two_nodes_share_a_group_and_the_survivor_of_a_kill_takes_over_without_loss() 
         "{}",
         r.text()
     );
+    // Each node knows the other from the members topic, and who owns each partition.
+    let urls: Vec<String> = [&first, &second]
+        .iter()
+        .map(|node| format!("http://{}", node.addr))
+        .collect();
+    let mut both = urls.clone();
+    both.sort();
+    for node in [&first, &second] {
+        let cluster = loop {
+            let r = request(&node.addr, "GET", "/v1/cluster", b"");
+            assert_eq!(r.status, 200, "{}", r.text());
+            let cluster = r.json();
+            let settled = cluster["partitions"]
+                .as_array()
+                .is_some_and(|ps| ps.iter().all(|p| p["restoring"] == false));
+            let known = cluster["nodes"].as_array().map_or(0, Vec::len) == 2
+                && cluster["unowned_partitions"] == serde_json::json!([])
+                && settled;
+            if known {
+                break cluster;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the nodes do not know each other: {cluster}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let mut owners: Vec<String> = cluster["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["owner"].as_str().unwrap().to_owned())
+            .collect();
+        owners.sort();
+        owners.dedup();
+        assert_eq!(owners, both, "{cluster}");
+        assert_eq!(cluster["nodes"][0]["partitions"], PARTITIONS, "{cluster}");
+    }
     // One whose id needs no escaping in a path.
     let customer = lines
         .iter()
@@ -934,27 +975,72 @@ fn two_nodes_share_a_group_and_the_survivor_of_a_kill_takes_over_without_loss() 
                 .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
         })
         .unwrap();
-    let tag = format!("/v1/customers/{customer}/tags/vip");
-    let answers: Vec<(u16, &Server)> = [&first, &second]
-        .into_iter()
-        .map(|node| (request(&node.addr, "PUT", &tag, b"").status, node))
-        .collect();
-    let mut statuses: Vec<u16> = answers.iter().map(|(status, _)| *status).collect();
-    statuses.sort_unstable();
-    assert_eq!(statuses, [200, 409], "exactly one node owns `{customer}`");
-    let owner = answers.iter().find(|(status, _)| *status == 200).unwrap().1;
-    assert_eq!(request(&owner.addr, "DELETE", &tag, b"").status, 200);
-    // And read only from it: the other node holds nothing current of the customer.
-    let other = answers.iter().find(|(status, _)| *status == 409).unwrap().1;
     let lookup = format!("/v1/customers/{customer}");
-    assert_eq!(request(&owner.addr, "GET", &lookup, b"").status, 200);
-    let r = request(&other.addr, "GET", &lookup, b"");
+    let answers: Vec<tests::http::Response> = [&first, &second]
+        .into_iter()
+        .map(|node| request(&node.addr, "GET", &lookup, b""))
+        .collect();
+    for r in &answers {
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert_eq!(
+        answers[0].json(),
+        answers[1].json(),
+        "the same customer from either node"
+    );
+    // The node that sent it on says which node answered.
+    let answered_by: Vec<Option<String>> = answers
+        .iter()
+        .map(|r| r.header("x-tagstream-answered-by"))
+        .collect();
+    let owner_index = match &answered_by[..] {
+        [None, Some(url)] if *url == urls[0] => 0,
+        [Some(url), None] if *url == urls[1] => 1,
+        other => panic!("exactly one node sends the lookup on to the other: {other:?}"),
+    };
+    let (owner, other) = if owner_index == 0 {
+        (&first, &second)
+    } else {
+        (&second, &first)
+    };
+    // A request already sent on once is not sent on again: the node that does not own the
+    // customer refuses it itself.
+    let r = request_with(
+        &other.addr,
+        "GET",
+        &lookup,
+        &[("x-tagstream-forwarded", "test")],
+        b"",
+    );
     assert_eq!(r.status, 409, "{}", r.text());
     assert!(r.text().contains("which this node does not own"), "{}", r.text());
-    // Nor merged or split there.
-    let body = br#"{"ids": ["someone-else"]}"#;
+    // Writes go to the owner too: a manual tag set through the other node is on the
+    // owner's copy, and removed through it again.
+    let tag = format!("/v1/customers/{customer}/tags/vip");
+    let r = request(&other.addr, "PUT", &tag, b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let tags = |node: &Server| request(&node.addr, "GET", &lookup, b"").json()["tags"].clone();
+    assert!(tags(owner).to_string().contains("\"vip\""), "{}", tags(owner));
+    assert_eq!(request(&other.addr, "DELETE", &tag, b"").status, 200);
+    assert!(!tags(owner).to_string().contains("\"vip\""), "{}", tags(owner));
+    // A merge naming a customer of a partition the owner does not own is refused there.
+    let elsewhere = lines
+        .iter()
+        .filter_map(|line| bench::kafka::customer_key(line))
+        .find(|id| {
+            let p = processor::partition::partition_of(id.as_bytes(), PARTITIONS);
+            request(&owner.addr, "GET", "/v1/cluster", b"").json()["partitions"][p as usize]["owner"]
+                != serde_json::json!(format!("http://{}", owner.addr))
+        })
+        .unwrap();
+    let body = serde_json::json!({ "ids": [elsewhere] }).to_string();
     for action in ["merge", "unmerge"] {
-        let r = request(&other.addr, "POST", &format!("{lookup}/{action}"), body);
+        let r = request(
+            &other.addr,
+            "POST",
+            &format!("{lookup}/{action}"),
+            body.as_bytes(),
+        );
         assert_eq!(r.status, 409, "{action}: {}", r.text());
     }
     produce(&broker.addr, &lines[half..]);

@@ -334,6 +334,13 @@ pub const ROUTES: &[RouteAccess] = {
             need: Need::Metrics,
             audited: false,
         },
+        // Who owns what in a group of several: an operator's view, as the metrics.
+        RouteAccess {
+            method: "GET",
+            path: "/v1/cluster",
+            need: Need::Metrics,
+            audited: false,
+        },
         RouteAccess {
             method: "GET",
             path: "/openapi.json",
