@@ -440,6 +440,18 @@ pub struct QueryPage {
     pub next_cursor: Option<String>,
 }
 
+/// One page of an ad-hoc segment query over some partitions, in customer id order (what
+/// the nodes of a cluster answer, to be merged: [`ReadHandle::query_partitions`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PartitionsPage {
+    /// Customers of those partitions the expression holds for.
+    pub count: usize,
+    /// The first ids after the cursor, ascending.
+    pub customers: Vec<String>,
+    /// Whether more follow `customers`.
+    pub more: bool,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
     #[error("the expression has {} error(s)", .0.len())]

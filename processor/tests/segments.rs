@@ -175,6 +175,30 @@ fn query_all(engine: &Engine, expr: &str) -> (usize, Vec<String>) {
     (count.unwrap_or(0), all)
 }
 
+/// [`query_all`] over some partitions only, as a node of a cluster answers: pages in id
+/// order, each cursor the last id.
+fn query_partitions_all(engine: &Engine, expr: &str, partitions: &[u32]) -> (usize, Vec<String>) {
+    let reader = engine.reader();
+    let mut all: Vec<String> = Vec::new();
+    let mut count = None;
+    loop {
+        let page = reader
+            .query_partitions(expr, 5, all.last().map(String::as_str), partitions)
+            .expect("the query runs");
+        assert!(page.customers.len() <= 5);
+        assert!(
+            count.is_none_or(|c| c == page.count),
+            "the count stays put while paging"
+        );
+        count = Some(page.count);
+        all.extend(page.customers);
+        if !page.more {
+            break;
+        }
+    }
+    (count.unwrap_or(0), all)
+}
+
 fn brute_force(engine: &Engine, expr: &Expr) -> Vec<String> {
     engine
         .customer_ids()
@@ -208,11 +232,21 @@ proptest! {
         // Queries fill the trait cache; later events (new generations) and time alone (past
         // a value's next change) must void what they filled.
         let check = |engine: &Engine| -> Result<(), TestCaseError> {
+            let partitions = engine.reader().partitions();
+            let some: Vec<u32> = (0..partitions).filter(|p| !(p + later as u32).is_multiple_of(3)).collect();
             for e in &exprs {
                 let (count, members) = query_all(engine, &e.text());
                 let expected = brute_force(engine, e);
                 prop_assert_eq!(&members, &expected, "{}", e.text());
                 prop_assert_eq!(count, expected.len(), "{}", e.text());
+                // Over some partitions, in id order (brute force's order: ids sorted).
+                let (count, members) = query_partitions_all(engine, &e.text(), &some);
+                let expected: Vec<String> = expected
+                    .into_iter()
+                    .filter(|id| some.contains(&processor::partition::partition_of(id.as_bytes(), partitions)))
+                    .collect();
+                prop_assert_eq!(&members, &expected, "{} over {:?}", e.text(), some);
+                prop_assert_eq!(count, expected.len(), "{} over {:?}", e.text(), some);
             }
             Ok(())
         };

@@ -35,6 +35,10 @@ pub const ANSWERED_BY: &str = "x-tagstream-answered-by";
 /// How long a hop may take before the caller gets 504.
 const HOP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a question about the whole cluster waits for every partition to have a node
+/// answering for it (a restore, a move) before it answers 503 naming those without.
+pub const CLUSTER_WAIT: Duration = Duration::from_secs(5);
+
 type PeerClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// This node's view of its group and the client it reaches the others with.
@@ -224,4 +228,187 @@ pub async fn cluster(State(app): State<AppState>) -> Result<Response, ApiError> 
         })),
     )
         .into_response())
+}
+
+/// A cursor of a query answered by the cluster: the last customer id of the page.
+pub fn encode_cursor(last_id: &str) -> String {
+    use base64::Engine as _;
+    format!(
+        "id:{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(last_id)
+    )
+}
+
+/// The customer id a cluster cursor names.
+pub fn decode_cursor(cursor: &str) -> Result<String, ApiError> {
+    use base64::Engine as _;
+    cursor
+        .strip_prefix("id:")
+        .and_then(|c| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(c).ok())
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "`cursor` {cursor:?} is not one this endpoint gave (in a group of several, a cursor names a customer id: \"id:...\")"
+            ))
+        })
+}
+
+/// One node's part of a query: the partitions it answered for and its page of them.
+#[derive(Debug, serde::Deserialize)]
+pub struct QueryPart {
+    pub partitions: Vec<u32>,
+    #[serde(flatten)]
+    pub page: processor::PartitionsPage,
+}
+
+/// An ad-hoc query answered for the whole cluster: this node's part and every other live
+/// node's (the caller's headers forwarded), merged — counts summed, ids in order — once
+/// every partition is answered for exactly once. While some are not (restoring, moving,
+/// their node unreachable), it asks again until [`CLUSTER_WAIT`], then answers 503 naming
+/// them.
+pub async fn query(
+    app: &AppState,
+    headers: &axum::http::HeaderMap,
+    body: &serde_json::Value,
+    local: impl Fn() -> Result<QueryPart, ApiError> + Clone + Send + 'static,
+) -> Result<(usize, Vec<String>, bool), ApiError> {
+    let cluster = app.cluster.as_ref().expect("answered by the cluster only in one");
+    let partitions = app.engine.reader().partitions();
+    let limit = body["limit"].as_u64().unwrap_or(100) as usize;
+    let deadline = tokio::time::Instant::now() + CLUSTER_WAIT;
+    loop {
+        let mut parts = Vec::new();
+        let mut unreachable = Vec::new();
+        let others: Vec<_> = cluster
+            .members
+            .cards()
+            .into_iter()
+            .filter(|card| card.url != cluster.members.url() && !card.owned.is_empty())
+            .collect();
+        let mut asked = tokio::task::JoinSet::new();
+        for card in others {
+            let request = part_request(
+                &card.url,
+                "/v1/segments/query",
+                headers,
+                body,
+                cluster.members.url(),
+            );
+            let client = cluster.client.clone();
+            asked.spawn(async move {
+                let answer = match request {
+                    Ok(request) => tokio::time::timeout(HOP_TIMEOUT, client.request(request)).await,
+                    Err(e) => return (card, Err(e)),
+                };
+                let result = match answer {
+                    Err(_) => Err(format!("did not answer within {} s", HOP_TIMEOUT.as_secs())),
+                    Ok(Err(e)) => Err(error_chain(&e)),
+                    Ok(Ok(answer)) => {
+                        let status = answer.status();
+                        match answer.into_body().collect().await {
+                            Err(e) => Err(error_chain(&e)),
+                            Ok(bytes) => Ok((status, bytes.to_bytes())),
+                        }
+                    }
+                };
+                (card, result)
+            });
+        }
+        let mine = tokio::task::spawn_blocking(local.clone())
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))??;
+        parts.push(mine);
+        while let Some(done) = asked.join_next().await {
+            let (card, result) = done.map_err(|e| ApiError::Internal(e.to_string()))?;
+            match result {
+                Ok((status, bytes)) if status.is_success() => {
+                    let part: QueryPart = serde_json::from_slice(&bytes).map_err(|e| {
+                        ApiError::BadGateway(format!(
+                            "{} answered its part of the query with what is not one: {e}",
+                            card.url
+                        ))
+                    })?;
+                    parts.push(part);
+                }
+                // The node cannot answer for its partitions now (restoring, busy): they
+                // are unavailable for this round.
+                Ok((status, _)) if status == StatusCode::SERVICE_UNAVAILABLE => {
+                    unreachable.push(format!("{}: busy or restoring", card.url));
+                }
+                // The question itself is refused there (a key unknown to that node, an
+                // expression its rules do not accept): the caller's to see.
+                Ok((status, bytes)) => {
+                    let message = serde_json::from_slice::<serde_json::Value>(&bytes)
+                        .ok()
+                        .and_then(|v| v["error"].as_str().map(str::to_owned))
+                        .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+                    return Err(ApiError::BadGateway(format!(
+                        "{} refused its part of the query ({status}): {message}",
+                        card.url
+                    )));
+                }
+                Err(e) => unreachable.push(format!("{}: {e}", card.url)),
+            }
+        }
+        let mut answered = vec![0u32; partitions as usize];
+        for part in &parts {
+            for &p in &part.partitions {
+                if let Some(n) = answered.get_mut(p as usize) {
+                    *n += 1;
+                }
+            }
+        }
+        let missing: Vec<u32> = (0..partitions).filter(|&p| answered[p as usize] != 1).collect();
+        if missing.is_empty() {
+            let count = parts.iter().map(|p| p.page.count).sum();
+            let more = parts.iter().any(|p| p.page.more);
+            let mut customers: Vec<String> = parts.into_iter().flat_map(|p| p.page.customers).collect();
+            customers.sort_unstable();
+            let more = more || customers.len() > limit;
+            customers.truncate(limit);
+            return Ok((count, customers, more));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let why = if unreachable.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", unreachable.join("; "))
+            };
+            return Err(ApiError::PartitionsUnavailable {
+                message: format!(
+                    "no node answered for partitions {missing:?} of {partitions} within {} s (being restored, moving between nodes, or their node unreachable{why}): the answer would be partial, so there is none; ask again shortly",
+                    CLUSTER_WAIT.as_secs()
+                ),
+                partitions: missing,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A part of a fan-out: `path` on the node at `url`, the caller's headers (its key), the
+/// body as JSON, marked as sent on by `me`.
+fn part_request(
+    url: &str,
+    path: &str,
+    headers: &axum::http::HeaderMap,
+    body: &serde_json::Value,
+    me: &str,
+) -> Result<axum::http::Request<Full<Bytes>>, String> {
+    let mut request = axum::http::Request::builder()
+        .method("POST")
+        .uri(format!("{}{path}", url.trim_end_matches('/')));
+    for (name, value) in headers {
+        if !is_hop_by_hop(name) && name != "content-type" {
+            request = request.header(name, value);
+        }
+    }
+    request
+        .header(
+            FORWARDED,
+            HeaderValue::from_str(me).unwrap_or(HeaderValue::from_static("1")),
+        )
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .map_err(|e| e.to_string())
 }

@@ -42,6 +42,11 @@ pub enum ApiError {
     /// Not answerable here for now (a partition being restored): retry shortly.
     #[error("{0}")]
     Unavailable(String),
+    /// A question about the whole cluster while some partitions have no node answering for
+    /// them (being restored, between owners, their owner unreachable): 503 naming them,
+    /// never a partial answer.
+    #[error("{message}")]
+    PartitionsUnavailable { message: String, partitions: Vec<u32> },
     /// Another node of the cluster, whose answer this one needed, could not be reached.
     #[error("{0}")]
     BadGateway(String),
@@ -114,6 +119,10 @@ impl IntoResponse for ApiError {
                 json!({ "error": self.to_string() }),
             ),
             ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, json!({ "error": m })),
+            ApiError::PartitionsUnavailable { message, partitions } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({ "error": message, "unavailable_partitions": partitions }),
+            ),
             ApiError::BadGateway(m) => (StatusCode::BAD_GATEWAY, json!({ "error": m })),
             ApiError::GatewayTimeout(m) => (StatusCode::GATEWAY_TIMEOUT, json!({ "error": m })),
             ApiError::TooLarge(limit) => (

@@ -700,6 +700,7 @@ pub const MAX_QUERY_LIMIT: usize = 10_000;
 pub async fn segment_query(
     State(app): State<AppState>,
     principal: Option<Extension<Principal>>,
+    headers: HeaderMap,
     LimitedBody(body): LimitedBody,
 ) -> Result<Json<Json_>, ApiError> {
     let QueryBody { expr, limit, cursor } = json_body(&body)?;
@@ -710,22 +711,90 @@ pub async fn segment_query(
             "`limit` is at most {MAX_QUERY_LIMIT}"
         )));
     }
+    if app.cluster.is_some() {
+        return cluster_query(&app, &principal, &headers, expr, limit, cursor, warnings).await;
+    }
     // Bitmaps answer most queries at once; a trait or profile condition reads its
     // candidates from the store, so it runs off the async workers.
     let reader = app.engine.reader().clone();
     let page = tokio::task::spawn_blocking(move || reader.query(&expr, limit, cursor.as_deref()))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|e| match e {
-            QueryError::Invalid(diagnostics) => ApiError::InvalidRules(diagnostics),
-            QueryError::Cursor(m) => ApiError::BadRequest(m),
-            QueryError::Engine(e) => e.into(),
-        })?;
+        .map_err(query_error)?;
     let masking = masking_of(&principal);
     let customers: Vec<_> = page.customers.iter().map(|id| masking.id(id)).collect();
     Ok(Json(
         json!({ "count": page.count, "customers": customers, "next_cursor": page.next_cursor, "warnings": warnings }),
     ))
+}
+
+/// [`segment_query`] in a consumer group of several: every node answers for the
+/// partitions it owns, in customer id order, and the node asked merges them (a request sent
+/// on by another node is answered with this node's part only). Pages name customer ids in
+/// their cursors, so a role that masks customer ids gets the count only.
+async fn cluster_query(
+    app: &AppState,
+    principal: &Option<Extension<Principal>>,
+    headers: &HeaderMap,
+    expr: String,
+    limit: usize,
+    cursor: Option<String>,
+    warnings: Vec<rules::LocatedDiagnostic>,
+) -> Result<Json<Json_>, ApiError> {
+    let masking = masking_of(principal);
+    if limit > 0 && masking.policy(crate::access::mask::CUSTOMER_ID) != FieldPolicy::Show {
+        return Err(ApiError::Forbidden(
+            "in a group of several nodes, pages of a query name customer ids in their cursors, which this key's role masks: ask for the count (`\"limit\": 0`), or use a role that sees customer ids".into(),
+        ));
+    }
+    let after = cursor.as_deref().map(crate::cluster::decode_cursor).transpose()?;
+    let reader = app.engine.reader().clone();
+    let status = app.kafka.clone();
+    let local_expr = expr.clone();
+    let local_after = after.clone();
+    let local = move || {
+        // Restored partitions only: one being restored is not answered for yet.
+        let owned = status.as_ref().map(|k| k.owned_partitions()).unwrap_or_default();
+        let page = reader
+            .query_partitions(&local_expr, limit, local_after.as_deref(), &owned)
+            .map_err(query_error)?;
+        Ok(crate::cluster::QueryPart {
+            partitions: owned,
+            page,
+        })
+    };
+    if headers.contains_key(crate::cluster::FORWARDED) {
+        // This node's part of another node's question.
+        let part = tokio::task::spawn_blocking(local)
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))??;
+        return Ok(Json(json!({
+            "partitions": part.partitions,
+            "count": part.page.count,
+            "customers": part.page.customers,
+            "more": part.page.more,
+        })));
+    }
+    let body = json!({
+        "expr": expr,
+        "limit": limit,
+        "cursor": after.as_deref().map(crate::cluster::encode_cursor),
+    });
+    let (count, customers, more) = crate::cluster::query(app, headers, &body, local).await?;
+    let next_cursor = more
+        .then(|| customers.last().map(|id| crate::cluster::encode_cursor(id)))
+        .flatten();
+    Ok(Json(
+        json!({ "count": count, "customers": customers, "next_cursor": next_cursor, "warnings": warnings }),
+    ))
+}
+
+fn query_error(e: QueryError) -> ApiError {
+    match e {
+        QueryError::Invalid(diagnostics) => ApiError::InvalidRules(diagnostics),
+        QueryError::Cursor(m) => ApiError::BadRequest(m),
+        QueryError::Engine(e) => e.into(),
+    }
 }
 
 /// `GET /v1/segments`: every saved segment with its expression and member count.

@@ -415,6 +415,12 @@ fn a_node_killed_mid_stream_is_rebuilt_from_the_state_topic_and_ends_like_an_uni
     let (expected, expected_seq, _) = reference_run(&lines);
     let broker = broker_with(&lines);
     broker.create_topic_with("state", 1, &["cleanup.policy=compact", "retention.ms=-1"]);
+    // The members' cards, under the default name (the group's).
+    broker.create_topic_with(
+        &format!("state-{}-members", std::process::id()),
+        1,
+        &["cleanup.policy=compact"],
+    );
     let run = TempDir::new("kafka-state");
     let config = run.path().join("tagstream.toml");
     std::fs::write(
@@ -1043,12 +1049,112 @@ fn two_nodes_share_a_group_and_the_survivor_of_a_kill_takes_over_without_loss() 
         );
         assert_eq!(r.status, 409, "{action}: {}", r.text());
     }
+    // A query is answered for the whole group by whichever node is asked: each node
+    // answers for the partitions it owns, in id order, and the node asked merges them.
+    let (mut last, mut quiet) = (-1.0, Instant::now());
+    while quiet.elapsed() < Duration::from_secs(2) {
+        let now = consumed(&first) + consumed(&second);
+        if now != last {
+            (last, quiet) = (now, Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let expr = r#"profile.city == "上海" or profile.city == "杭州""#;
+    let query = |node: &Server, limit: usize, cursor: Option<&str>| {
+        let body = serde_json::json!({ "expr": expr, "limit": limit, "cursor": cursor }).to_string();
+        let r = request(&node.addr, "POST", "/v1/segments/query", body.as_bytes());
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()
+    };
+    let walk = |node: &Server| {
+        let (mut ids, mut cursor, mut count) = (Vec::<String>::new(), None::<String>, None);
+        loop {
+            let page = query(node, 7, cursor.as_deref());
+            count.get_or_insert(page["count"].as_u64().unwrap());
+            ids.extend(
+                page["customers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|c| c.as_str().unwrap().to_owned()),
+            );
+            match page["next_cursor"].as_str() {
+                Some(next) => cursor = Some(next.to_owned()),
+                None => break,
+            }
+        }
+        (count.unwrap(), ids)
+    };
+    let (count, ids) = walk(&first);
+    assert!(count > 7, "a query with pages: {count}");
+    assert_eq!(ids.len() as u64, count, "every member once, in pages");
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "in id order, no repeats");
+    assert_eq!(
+        walk(&second),
+        (count, ids.clone()),
+        "the same answer from either node"
+    );
+    // Each node's part: the partitions it owns, together every partition once.
+    let mut covered = Vec::new();
+    let mut parts = 0;
+    for node in [&first, &second] {
+        let body = serde_json::json!({ "expr": expr, "limit": 10000 }).to_string();
+        let r = request_with(
+            &node.addr,
+            "POST",
+            "/v1/segments/query",
+            &[("x-tagstream-forwarded", "test")],
+            body.as_bytes(),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        let part = r.json();
+        covered.extend(
+            part["partitions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p.as_u64().unwrap()),
+        );
+        parts += part["count"].as_u64().unwrap();
+        for id in part["customers"].as_array().unwrap() {
+            let p = processor::partition::partition_of(id.as_str().unwrap().as_bytes(), PARTITIONS);
+            assert!(
+                part["partitions"].as_array().unwrap().contains(&p.into()),
+                "{id} of partition {p} in {part}"
+            );
+        }
+    }
+    covered.sort_unstable();
+    assert_eq!(covered, (0..u64::from(PARTITIONS)).collect::<Vec<_>>());
+    assert_eq!(parts, count);
     produce(&broker.addr, &lines[half..]);
     while consumed(&second) < 50.0 {
         assert!(Instant::now() < deadline, "the second node made no progress");
         std::thread::sleep(Duration::from_millis(20));
     }
+    let first_owned: Vec<serde_json::Value> = request(&first.addr, "GET", "/v1/cluster", b"").json()["nodes"]
+        [0]["owned"]
+        .as_array()
+        .unwrap()
+        .clone();
     first.kill();
+    // Until the group gives the dead node's partitions to the survivor and it restores
+    // them, a query cannot be answered whole: 503 naming them, not a partial count.
+    let r = request(
+        &second.addr,
+        "POST",
+        "/v1/segments/query",
+        serde_json::json!({ "expr": expr, "limit": 0 })
+            .to_string()
+            .as_bytes(),
+    );
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(
+        r.json()["unavailable_partitions"],
+        serde_json::Value::from(first_owned),
+        "{}",
+        r.text()
+    );
 
     // The group notices within the session timeout; the survivor restores and consumes on.
     let deadline = Instant::now() + Duration::from_secs(180);
@@ -1070,6 +1176,7 @@ fn two_nodes_share_a_group_and_the_survivor_of_a_kill_takes_over_without_loss() 
     // from the start of the topic.
     let restores = second.metric("tagstream_kafka_partition_restores_total");
     assert!(restores >= PARTITIONS as f64, "{restores} restores");
+    let survivor_count = query(&second, 0, None)["count"].clone();
     second.stop();
 
     // What one store makes of the whole stream; each store opened as `serve` runs it.
@@ -1085,6 +1192,9 @@ fn two_nodes_share_a_group_and_the_survivor_of_a_kill_takes_over_without_loss() 
     let mut direct = processor::Engine::open(reference.path(), Some(&rules), config(false)).unwrap();
     direct.ingest(&lines).unwrap();
     let now = direct.now();
+    // The profile does not depend on the clock: the group's count is the single store's.
+    let direct_count = direct.reader().query(expr, 0, None).unwrap().count;
+    assert_eq!(survivor_count, serde_json::Value::from(direct_count));
     drop(direct);
     let survivor = run.path().join("second");
     {

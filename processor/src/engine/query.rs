@@ -20,7 +20,7 @@ use roaring::RoaringBitmap;
 use rules::ast::BinaryOp;
 use rules::{AggId, CompiledRules, DefId, DefKind, Facts, Node, Type, Value};
 
-use super::{EngineError, ExportField, MembersPage, QueryError, QueryPage, ReadHandle};
+use super::{EngineError, ExportField, MembersPage, PartitionsPage, QueryError, QueryPage, ReadHandle};
 use crate::columns::{TraitCache, TraitValue, ValueMap};
 use crate::index::{IdPage, IndexState};
 use crate::state::{CustomerState, EngineFacts};
@@ -637,6 +637,71 @@ impl ReadHandle {
             customers,
             next_cursor: more.then(|| numbers.last().map(u32::to_string)).flatten(),
         })
+    }
+
+    /// An ad-hoc query over the customers of `partitions` only, in customer id order: the
+    /// count, and the first `limit` ids after `after` (a node of a cluster answers for the
+    /// partitions it owns; the pages of several nodes merge by id).
+    pub fn query_partitions(
+        &self,
+        expr: &str,
+        limit: usize,
+        after: Option<&str>,
+        partitions: &[u32],
+    ) -> Result<PartitionsPage, QueryError> {
+        let rules = self.published.rules();
+        let (compiled, _) = with_segment(rules.source(), QUERY_NAME, expr).map_err(QueryError::Invalid)?;
+        let id = compiled.lookup(QUERY_NAME).expect("the query definition");
+        let mut matches = self.evaluate_set(&compiled, id, Some(&rules), None)?;
+        matches &= self.numbers_of_partitions(partitions);
+        // The smallest `limit + 1` ids after the cursor, without sorting them all.
+        let mut smallest: std::collections::BinaryHeap<String> = std::collections::BinaryHeap::new();
+        if limit > 0 {
+            let numbers: Vec<u32> = matches.iter().collect();
+            for chunk in numbers.chunks(65_536) {
+                let ids = self.index.read().ids_of(chunk.iter().copied());
+                for id in ids.iter() {
+                    if after.is_some_and(|a| id <= a) {
+                        continue;
+                    }
+                    if smallest.len() <= limit {
+                        smallest.push(id.to_owned());
+                    } else if smallest.peek().is_some_and(|top| id < top.as_str()) {
+                        smallest.pop();
+                        smallest.push(id.to_owned());
+                    }
+                }
+            }
+        }
+        let mut customers = smallest.into_sorted_vec();
+        let more = customers.len() > limit;
+        customers.truncate(limit);
+        Ok(PartitionsPage {
+            count: matches.len() as usize,
+            customers,
+            more,
+        })
+    }
+
+    /// The numbers of the customers in `partitions` (by their ids' hash), from a table
+    /// kept up to date with the numbering.
+    fn numbers_of_partitions(&self, partitions: &[u32]) -> RoaringBitmap {
+        let mut table = self
+            .published
+            .by_partition
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        {
+            let index = self.index.read();
+            table.catch_up(&index, self.partitions);
+        }
+        let mut numbers = RoaringBitmap::new();
+        for &p in partitions {
+            if let Some(set) = table.sets.get(p as usize) {
+                numbers |= set;
+            }
+        }
+        numbers
     }
 
     /// The customers for whom definition `id` of `rules` holds now: its bitmap plan, and
@@ -1261,4 +1326,35 @@ pub struct HourActivity {
     pub hour: i64,
     pub entered: u64,
     pub left: u64,
+}
+
+/// Customer numbers by partition, extended as customers are numbered (numbers are never
+/// reused, and an id keeps its number).
+#[derive(Debug, Default)]
+pub(crate) struct PartitionNumbers {
+    /// Numbers below this are in `sets`.
+    covered: u32,
+    partitions: u32,
+    sets: Vec<RoaringBitmap>,
+}
+
+impl PartitionNumbers {
+    fn catch_up(&mut self, index: &crate::index::IndexState, partitions: u32) {
+        let customers = index.customers();
+        if self.partitions != partitions || customers < self.covered {
+            // Another partition count, or an index built again: start over.
+            *self = PartitionNumbers {
+                covered: 0,
+                partitions,
+                sets: vec![RoaringBitmap::new(); partitions.max(1) as usize],
+            };
+        }
+        for number in self.covered..customers {
+            if let Some(id) = index.id(number) {
+                let p = crate::partition::partition_of(id.as_bytes(), partitions.max(1));
+                self.sets[p as usize].insert(number);
+            }
+        }
+        self.covered = customers;
+    }
 }

@@ -36,6 +36,9 @@ pub(super) struct Published {
     /// partitions this store publishes (a release, a restore), which also counts up the
     /// epoch inside: the publisher then reads its position again.
     pub(super) changelog_gate: std::sync::Mutex<u64>,
+    /// Customer numbers by partition, for queries limited to some partitions
+    /// ([`ReadHandle::query_partitions`]).
+    pub(super) by_partition: std::sync::Mutex<super::query::PartitionNumbers>,
 }
 
 impl Published {
@@ -46,6 +49,7 @@ impl Published {
             holds: Default::default(),
             backfill: Default::default(),
             changelog_gate: Default::default(),
+            by_partition: Default::default(),
         }
     }
 
