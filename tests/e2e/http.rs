@@ -562,6 +562,7 @@ fn the_openapi_document_describes_every_route_the_server_answers() {
         "/v1/webhooks/{id}/dead_letters/redeliver",
         "/v1/changes",
         "/v1/dlq",
+        "/v1/cluster",
         "/v1/admin/backup",
         "/v1/quality",
         "/v1/schema/observed",
