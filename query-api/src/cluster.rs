@@ -253,31 +253,57 @@ pub fn decode_cursor(cursor: &str) -> Result<String, ApiError> {
         })
 }
 
-/// One node's part of a query: the partitions it answered for and its page of them.
+/// One node's part of a question asked of the whole group: the partitions it answered for
+/// and its answer for them.
 #[derive(Debug, serde::Deserialize)]
-pub struct QueryPart {
+pub struct Part<T> {
     pub partitions: Vec<u32>,
     #[serde(flatten)]
-    pub page: processor::PartitionsPage,
+    pub answer: T,
 }
 
-/// An ad-hoc query answered for the whole cluster: this node's part and every other live
-/// node's (the caller's headers forwarded), merged — counts summed, ids in order — once
-/// every partition is answered for exactly once. While some are not (restoring, moving,
-/// their node unreachable), it asks again until [`CLUSTER_WAIT`], then answers 503 naming
-/// them.
-pub async fn query(
+impl<T: serde::Serialize> Part<T> {
+    /// The part as a node answers it to the node that asked.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut answer = serde_json::to_value(&self.answer).expect("a part serialises");
+        if let Some(object) = answer.as_object_mut() {
+            object.insert("partitions".into(), serde_json::json!(self.partitions));
+        }
+        answer
+    }
+}
+
+/// The partitions this node answers for in a question of the whole group: those it owns
+/// and has restored.
+pub fn answered_partitions(app: &AppState) -> Vec<u32> {
+    app.kafka
+        .as_ref()
+        .map(|k| k.owned_partitions())
+        .unwrap_or_default()
+}
+
+/// Asks a question of the whole group: this node's part (`local`, run off the async
+/// workers) and every other live node's (`method` `path` with `body`, the caller's headers
+/// forwarded, marked [`FORWARDED`] so that node answers its part only). The parts are
+/// returned once every partition is answered for exactly once; while some are not
+/// (restoring, moving, their node unreachable or busy) it asks again every 200 ms up to
+/// [`CLUSTER_WAIT`], then answers 503 naming them — never a partial answer.
+pub async fn fan_out<T>(
     app: &AppState,
     headers: &axum::http::HeaderMap,
-    body: &serde_json::Value,
-    local: impl Fn() -> Result<QueryPart, ApiError> + Clone + Send + 'static,
-) -> Result<(usize, Vec<String>, bool), ApiError> {
-    let cluster = app.cluster.as_ref().expect("answered by the cluster only in one");
+    method: axum::http::Method,
+    path: &str,
+    body: Option<&serde_json::Value>,
+    local: impl Fn() -> Result<Part<T>, ApiError> + Clone + Send + 'static,
+) -> Result<Vec<T>, ApiError>
+where
+    T: serde::de::DeserializeOwned + Send + 'static,
+{
+    let cluster = app.cluster.as_ref().expect("a fan-out happens in a group only");
     let partitions = app.engine.reader().partitions();
-    let limit = body["limit"].as_u64().unwrap_or(100) as usize;
     let deadline = tokio::time::Instant::now() + CLUSTER_WAIT;
     loop {
-        let mut parts = Vec::new();
+        let mut parts: Vec<Part<T>> = Vec::new();
         let mut unreachable = Vec::new();
         let others: Vec<_> = cluster
             .members
@@ -289,7 +315,8 @@ pub async fn query(
         for card in others {
             let request = part_request(
                 &card.url,
-                "/v1/segments/query",
+                method.clone(),
+                path,
                 headers,
                 body,
                 cluster.members.url(),
@@ -322,9 +349,9 @@ pub async fn query(
             let (card, result) = done.map_err(|e| ApiError::Internal(e.to_string()))?;
             match result {
                 Ok((status, bytes)) if status.is_success() => {
-                    let part: QueryPart = serde_json::from_slice(&bytes).map_err(|e| {
+                    let part: Part<T> = serde_json::from_slice(&bytes).map_err(|e| {
                         ApiError::BadGateway(format!(
-                            "{} answered its part of the query with what is not one: {e}",
+                            "{} answered its part with what is not one: {e}",
                             card.url
                         ))
                     })?;
@@ -343,7 +370,7 @@ pub async fn query(
                         .and_then(|v| v["error"].as_str().map(str::to_owned))
                         .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
                     return Err(ApiError::BadGateway(format!(
-                        "{} refused its part of the query ({status}): {message}",
+                        "{} refused its part ({status}): {message}",
                         card.url
                     )));
                 }
@@ -360,13 +387,7 @@ pub async fn query(
         }
         let missing: Vec<u32> = (0..partitions).filter(|&p| answered[p as usize] != 1).collect();
         if missing.is_empty() {
-            let count = parts.iter().map(|p| p.page.count).sum();
-            let more = parts.iter().any(|p| p.page.more);
-            let mut customers: Vec<String> = parts.into_iter().flat_map(|p| p.page.customers).collect();
-            customers.sort_unstable();
-            let more = more || customers.len() > limit;
-            customers.truncate(limit);
-            return Ok((count, customers, more));
+            return Ok(parts.into_iter().map(|p| p.answer).collect());
         }
         if tokio::time::Instant::now() >= deadline {
             let why = if unreachable.is_empty() {
@@ -386,29 +407,46 @@ pub async fn query(
     }
 }
 
-/// A part of a fan-out: `path` on the node at `url`, the caller's headers (its key), the
-/// body as JSON, marked as sent on by `me`.
+/// An ad-hoc query's pages of every node merged: counts summed, the first `limit` ids in
+/// order, and whether more follow.
+pub fn merge_pages(pages: Vec<processor::PartitionsPage>, limit: usize) -> (usize, Vec<String>, bool) {
+    let count = pages.iter().map(|p| p.count).sum();
+    let more = pages.iter().any(|p| p.more);
+    let mut customers: Vec<String> = pages.into_iter().flat_map(|p| p.customers).collect();
+    customers.sort_unstable();
+    let more = more || customers.len() > limit;
+    customers.truncate(limit);
+    (count, customers, more)
+}
+
+/// A part of a fan-out: `method` `path` on the node at `url`, the caller's headers (its
+/// key), the body as JSON if any, marked as sent on by `me`.
 fn part_request(
     url: &str,
+    method: axum::http::Method,
     path: &str,
     headers: &axum::http::HeaderMap,
-    body: &serde_json::Value,
+    body: Option<&serde_json::Value>,
     me: &str,
 ) -> Result<axum::http::Request<Full<Bytes>>, String> {
     let mut request = axum::http::Request::builder()
-        .method("POST")
+        .method(method)
         .uri(format!("{}{path}", url.trim_end_matches('/')));
     for (name, value) in headers {
         if !is_hop_by_hop(name) && name != "content-type" {
             request = request.header(name, value);
         }
     }
-    request
-        .header(
-            FORWARDED,
-            HeaderValue::from_str(me).unwrap_or(HeaderValue::from_static("1")),
-        )
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .map_err(|e| e.to_string())
+    request = request.header(
+        FORWARDED,
+        HeaderValue::from_str(me).unwrap_or(HeaderValue::from_static("1")),
+    );
+    let body = match body {
+        Some(body) => {
+            request = request.header("content-type", "application/json");
+            Bytes::from(body.to_string())
+        }
+        None => Bytes::new(),
+    };
+    request.body(Full::new(body)).map_err(|e| e.to_string())
 }

@@ -749,18 +749,16 @@ async fn cluster_query(
     }
     let after = cursor.as_deref().map(crate::cluster::decode_cursor).transpose()?;
     let reader = app.engine.reader().clone();
-    let status = app.kafka.clone();
+    let owned = crate::cluster::answered_partitions(app);
     let local_expr = expr.clone();
     let local_after = after.clone();
     let local = move || {
-        // Restored partitions only: one being restored is not answered for yet.
-        let owned = status.as_ref().map(|k| k.owned_partitions()).unwrap_or_default();
         let page = reader
             .query_partitions(&local_expr, limit, local_after.as_deref(), &owned)
             .map_err(query_error)?;
-        Ok(crate::cluster::QueryPart {
-            partitions: owned,
-            page,
+        Ok(crate::cluster::Part {
+            partitions: owned.clone(),
+            answer: page,
         })
     };
     if headers.contains_key(crate::cluster::FORWARDED) {
@@ -768,19 +766,23 @@ async fn cluster_query(
         let part = tokio::task::spawn_blocking(local)
             .await
             .map_err(|e| ApiError::Internal(e.to_string()))??;
-        return Ok(Json(json!({
-            "partitions": part.partitions,
-            "count": part.page.count,
-            "customers": part.page.customers,
-            "more": part.page.more,
-        })));
+        return Ok(Json(part.to_json()));
     }
     let body = json!({
         "expr": expr,
         "limit": limit,
         "cursor": after.as_deref().map(crate::cluster::encode_cursor),
     });
-    let (count, customers, more) = crate::cluster::query(app, headers, &body, local).await?;
+    let pages = crate::cluster::fan_out(
+        app,
+        headers,
+        axum::http::Method::POST,
+        "/v1/segments/query",
+        Some(&body),
+        local,
+    )
+    .await?;
+    let (count, customers, more) = crate::cluster::merge_pages(pages, limit);
     let next_cursor = more
         .then(|| customers.last().map(|id| crate::cluster::encode_cursor(id)))
         .flatten();
@@ -798,9 +800,82 @@ fn query_error(e: QueryError) -> ApiError {
 }
 
 /// `GET /v1/segments`: every saved segment with its expression and member count.
-pub async fn list_segments(State(app): State<AppState>) -> Result<Json<Json_>, ApiError> {
-    let segments = app.engine.reader().saved_segments();
+pub async fn list_segments(State(app): State<AppState>, headers: HeaderMap) -> Result<Json<Json_>, ApiError> {
+    if app.cluster.is_some() && headers.contains_key(crate::cluster::FORWARDED) {
+        // This node's part of another node's question.
+        let local = local_segments(&app);
+        let part = tokio::task::spawn_blocking(local)
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))??;
+        return Ok(Json(part.to_json()));
+    }
+    let segments = saved_segments(&app, &headers).await?;
     Ok(Json(json!({ "segments": segments })))
+}
+
+/// One node's part of the saved segments' counts.
+#[derive(serde::Serialize, Deserialize)]
+struct SegmentsPart {
+    segments: Vec<processor::SavedSegment>,
+}
+
+/// This node's part: its saved segments counted in the partitions it owns.
+fn local_segments(
+    app: &AppState,
+) -> impl Fn() -> Result<crate::cluster::Part<SegmentsPart>, ApiError> + Clone + Send + 'static {
+    let reader = app.engine.reader().clone();
+    let owned = crate::cluster::answered_partitions(app);
+    move || {
+        Ok(crate::cluster::Part {
+            answer: SegmentsPart {
+                segments: reader.saved_segments_in(Some(&owned)),
+            },
+            partitions: owned.clone(),
+        })
+    }
+}
+
+/// The saved segments with their member counts: in a group of several, of the whole group
+/// (each node counts the partitions it owns; the counts are summed by name, for the
+/// segments this node's rule set names).
+async fn saved_segments(
+    app: &AppState,
+    headers: &HeaderMap,
+) -> Result<Vec<processor::SavedSegment>, ApiError> {
+    if app.cluster.is_none() {
+        return Ok(app.engine.reader().saved_segments());
+    }
+    let local = local_segments(app);
+    let parts =
+        crate::cluster::fan_out(app, headers, axum::http::Method::GET, "/v1/segments", None, local).await?;
+    let mut parts = parts.into_iter();
+    let mut segments = parts.next().map(|p| p.segments).unwrap_or_default();
+    for part in parts {
+        // Until rules are cluster-wide, a segment some node lacks (or defines otherwise)
+        // has no count for the group.
+        let mut theirs: Vec<(&str, &str)> = part
+            .segments
+            .iter()
+            .map(|s| (s.name.as_str(), s.expr.as_str()))
+            .collect();
+        let mut ours: Vec<(&str, &str)> = segments
+            .iter()
+            .map(|s| (s.name.as_str(), s.expr.as_str()))
+            .collect();
+        theirs.sort_unstable();
+        ours.sort_unstable();
+        if theirs != ours {
+            return Err(ApiError::Conflict(
+                "the nodes of the group run different saved segments (a segment saved on one node only, or defined otherwise): the group's counts would be wrong, so there are none; save the same segments on every node (rules are per node until the control topic, docs/cluster.md)".into(),
+            ));
+        }
+        for theirs in part.segments {
+            if let Some(ours) = segments.iter_mut().find(|s| s.name == theirs.name) {
+                ours.members += theirs.members;
+            }
+        }
+    }
+    Ok(segments)
 }
 
 #[derive(Deserialize)]
@@ -833,9 +908,10 @@ pub async fn definitions(
 /// `GET /v1/segments/{name}`.
 pub async fn get_segment(
     State(app): State<AppState>,
+    headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Json<Json_>, ApiError> {
-    let segments = app.engine.reader().saved_segments();
+    let segments = saved_segments(&app, &headers).await?;
     let found = segments
         .into_iter()
         .find(|s| s.name == name)

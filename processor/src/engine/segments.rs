@@ -35,7 +35,7 @@ pub enum SegmentUpdate {
 }
 
 /// A saved segment as listed.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SavedSegment {
     pub name: String,
     pub expr: String,
@@ -97,6 +97,13 @@ impl super::ReadHandle {
     /// The saved segments of the published rule set, with their member counts: read
     /// beside the engine, so not held up by a long catch-up of timers.
     pub fn saved_segments(&self) -> Vec<SavedSegment> {
+        self.saved_segments_in(None)
+    }
+
+    /// [`Self::saved_segments`] with members counted in `partitions` only (a node of a
+    /// cluster answers for the partitions it owns); `None`: all.
+    pub fn saved_segments_in(&self, partitions: Option<&[u32]>) -> Vec<SavedSegment> {
+        let within = partitions.map(|p| self.numbers_of_partitions(p));
         let rules = self.rules();
         let index = self.index().read();
         rules
@@ -109,7 +116,9 @@ impl super::ReadHandle {
                     .source
                     .split_once('=')
                     .map_or(String::new(), |(_, e)| e.trim().to_owned()),
-                members: index.set(&d.name).map_or(0, |s| s.len()),
+                members: index
+                    .set(&d.name)
+                    .map_or(0, |s| within.as_ref().map_or(s.len(), |w| s.intersection_len(w))),
             })
             .collect()
     }
