@@ -450,3 +450,59 @@ fn part_request(
     };
     request.body(Full::new(body)).map_err(|e| e.to_string())
 }
+
+/// Asks a route not yet merged across nodes for this node's part knowingly.
+pub const SCOPE: &str = "x-tagstream-scope";
+
+/// Names, on an answer of this node's part, the partitions it covers.
+pub const PARTITIONS: &str = "x-tagstream-partitions";
+
+/// The middleware of the routes a group of several does not merge yet (a segment's members
+/// and exports, its delta and stream, SQL, the change log, the definitions' counts, lookups
+/// by identifier): on a node that answers for fewer than every partition, such an answer
+/// would silently be part of the group's. So it is refused — 409 when other nodes own the
+/// rest, 503 while this node, alone, is still restoring some — unless the caller asks for
+/// this node's part with `x-tagstream-scope: node`; that answer names the partitions it
+/// covers in `x-tagstream-partitions`.
+pub async fn whole_or_scoped(State(app): State<AppState>, request: Request, next: Next) -> Response {
+    let Some(cluster) = app.cluster.as_ref() else {
+        return next.run(request).await;
+    };
+    let partitions = app.engine.reader().partitions();
+    let owned = answered_partitions(&app);
+    if owned.len() == partitions as usize {
+        return next.run(request).await;
+    }
+    let scoped = request
+        .headers()
+        .get(SCOPE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"node"));
+    if scoped {
+        let mut answer = next.run(request).await;
+        let list: Vec<String> = owned.iter().map(u32::to_string).collect();
+        if let Ok(value) = HeaderValue::from_str(&list.join(",")) {
+            answer.headers_mut().insert(PARTITIONS, value);
+        }
+        return answer;
+    }
+    let path = request.uri().path().to_owned();
+    let others = cluster
+        .members
+        .cards()
+        .iter()
+        .any(|card| card.url != cluster.members.url() && !card.owned.is_empty());
+    if others {
+        ApiError::Conflict(format!(
+            "{path} is not yet answered for the whole group of nodes: this node owns partitions {owned:?} of {partitions}, so its answer would be part of the group's. Ask each node with `{SCOPE}: node` for its part (docs/cluster.md)"
+        ))
+        .into_response()
+    } else {
+        ApiError::PartitionsUnavailable {
+            message: format!(
+                "this node answers for partitions {owned:?} of {partitions} (the others are being restored or have no owner yet): ask again shortly, or with `{SCOPE}: node` for this node's part"
+            ),
+            partitions: (0..partitions).filter(|p| !owned.contains(p)).collect(),
+        }
+        .into_response()
+    }
+}

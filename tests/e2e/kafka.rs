@@ -1153,6 +1153,30 @@ fn two_nodes_share_a_group_and_the_survivor_of_a_kill_takes_over_without_loss() 
     };
     members_of(&first);
     members_of(&second);
+    // What is not merged across nodes yet is not answered as if it were the group's: a
+    // node's part only when asked for it, naming the partitions it covers.
+    for path in [
+        "/v1/changes",
+        "/v1/segments/spring_promo/members",
+        "/v1/definitions",
+    ] {
+        let r = request(&first.addr, "GET", path, b"");
+        assert_eq!(r.status, 409, "{path}: {}", r.text());
+        assert!(r.text().contains("x-tagstream-scope"), "{}", r.text());
+        let r = request_with(&first.addr, "GET", path, &[("x-tagstream-scope", "node")], b"");
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        let owned: Vec<String> = request(&first.addr, "GET", "/v1/cluster", b"").json()["nodes"][0]["owned"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        assert_eq!(
+            r.header("x-tagstream-partitions"),
+            Some(owned.join(",")),
+            "{path}"
+        );
+    }
     // Gone again, so the stores end like the single store below (which never had it).
     for node in [&first, &second] {
         let r = request(&node.addr, "DELETE", "/v1/segments/east", b"");
