@@ -158,6 +158,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/rules/versions", get(routes::rule_versions))
         .route("/v1/rules/versions/{version}", get(routes::rule_version))
         .route("/v1/rules/rollback", post(routes::rollback_rules))
+        .route("/v1/definitions", get(routes::definitions))
         .route("/v1/segments", get(routes::list_segments))
         .route("/v1/segments/query", post(routes::segment_query))
         .route(
@@ -205,7 +206,6 @@ pub fn router(state: AppState) -> Router {
                     get(routes::customer_by_identifier),
                 )
                 .route("/v1/identities/stats", get(routes::identity_stats))
-                .route("/v1/definitions", get(routes::definitions))
                 .route("/v1/segments/{name}/members", get(routes::segment_members))
                 .route("/v1/segments/{name}/delta", get(streams::delta))
                 .route("/v1/segments/{name}/stream", get(streams::stream))

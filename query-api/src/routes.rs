@@ -888,6 +888,7 @@ pub struct DefinitionsQuery {
 /// now and its enters and exits per hour over the last `hours` (default 48).
 pub async fn definitions(
     State(app): State<AppState>,
+    headers: HeaderMap,
     q: Result<Query<DefinitionsQuery>, QueryRejection>,
 ) -> Result<Json<Json_>, ApiError> {
     let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
@@ -899,10 +900,81 @@ pub async fn definitions(
         )));
     }
     let reader = app.engine.reader().clone();
-    let definitions = reader.definitions(hours);
+    if app.cluster.is_none() {
+        let definitions = reader.definitions(hours);
+        return Ok(Json(
+            json!({ "hours": hours, "now": reader.now(), "definitions": definitions }),
+        ));
+    }
+    // In a group of several: each node counts the members of the partitions it owns and
+    // the changes it made; the counts are summed by name and hour.
+    let owned = crate::cluster::answered_partitions(&app);
+    let local_reader = reader.clone();
+    let local = move || {
+        let definitions = local_reader.definitions_in(hours, Some(&owned));
+        let definitions = serde_json::to_value(definitions).map_err(|e| ApiError::Internal(e.to_string()))?;
+        Ok(crate::cluster::Part {
+            partitions: owned.clone(),
+            answer: json!({ "definitions": definitions }),
+        })
+    };
+    if headers.contains_key(crate::cluster::FORWARDED) {
+        let part = tokio::task::spawn_blocking(local)
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))??;
+        return Ok(Json(part.to_json()));
+    }
+    let path = format!("/v1/definitions?hours={hours}");
+    let parts = crate::cluster::fan_out(&app, &headers, axum::http::Method::GET, &path, None, local).await?;
+    let definitions = merge_definitions(parts)?;
     Ok(Json(
         json!({ "hours": hours, "now": reader.now(), "definitions": definitions }),
     ))
+}
+
+/// The definitions of every node's part, this node's first: members and each hour's
+/// enters and exits summed by name; 409 when the nodes run different definitions.
+fn merge_definitions(parts: Vec<Json_>) -> Result<Json_, ApiError> {
+    let mut parts = parts.into_iter().map(|mut p| p["definitions"].take());
+    let mut ours = parts.next().unwrap_or_else(|| json!([]));
+    let shape = |defs: &Json_| -> Vec<(String, String)> {
+        defs.as_array()
+            .into_iter()
+            .flatten()
+            .map(|d| (d["name"].to_string(), d["source"].to_string()))
+            .collect()
+    };
+    for theirs in parts {
+        if shape(&theirs) != shape(&ours) {
+            return Err(ApiError::Conflict(
+                "the nodes of the group run different rule sets: the group's counts would be wrong, so there are none; load the same rules on every node (rules are per node until the control topic, docs/cluster.md)".into(),
+            ));
+        }
+        let (Some(ours), Some(theirs)) = (ours.as_array_mut(), theirs.as_array()) else {
+            continue;
+        };
+        for (mine, other) in ours.iter_mut().zip(theirs) {
+            if let (Some(a), Some(b)) = (mine["members"].as_u64(), other["members"].as_u64()) {
+                mine["members"] = json!(a + b);
+            }
+            let mut hours: BTreeMap<i64, (u64, u64)> = BTreeMap::new();
+            for h in mine["activity"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .chain(other["activity"].as_array().into_iter().flatten())
+            {
+                let entry = hours.entry(h["hour"].as_i64().unwrap_or(0)).or_default();
+                entry.0 += h["entered"].as_u64().unwrap_or(0);
+                entry.1 += h["left"].as_u64().unwrap_or(0);
+            }
+            mine["activity"] = hours
+                .into_iter()
+                .map(|(hour, (entered, left))| json!({ "hour": hour, "entered": entered, "left": left }))
+                .collect();
+        }
+    }
+    Ok(ours)
 }
 
 /// `GET /v1/segments/{name}`.
@@ -1406,6 +1478,43 @@ pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, Instant};
+
+    /// The definitions of a group: members summed, each hour's enters and exits summed by
+    /// hour (hours only one node saw kept), and no sum of nodes that run different rules.
+    #[test]
+    fn definitions_of_several_nodes_are_summed_by_name_and_hour() {
+        let def = |members: u64, activity: serde_json::Value| {
+            serde_json::json!({ "definitions": [
+                { "name": "vip", "kind": "tag", "source": "tag vip = x", "members": members, "activity": activity },
+                { "name": "ltv", "kind": "trait", "source": "trait ltv = y", "members": null, "activity": [] },
+            ]})
+        };
+        let a = def(
+            3,
+            serde_json::json!([{ "hour": 0, "entered": 2, "left": 1 }, { "hour": 3600000, "entered": 1, "left": 0 }]),
+        );
+        let b = def(
+            4,
+            serde_json::json!([{ "hour": 3600000, "entered": 5, "left": 2 }, { "hour": 7200000, "entered": 1, "left": 1 }]),
+        );
+        let merged = super::merge_definitions(vec![a.clone(), b]).unwrap();
+        assert_eq!(merged[0]["members"], 7);
+        assert_eq!(
+            merged[0]["activity"],
+            serde_json::json!([
+                { "hour": 0, "entered": 2, "left": 1 },
+                { "hour": 3600000, "entered": 6, "left": 2 },
+                { "hour": 7200000, "entered": 1, "left": 1 },
+            ])
+        );
+        assert_eq!(merged[1]["members"], serde_json::Value::Null);
+        let mut other = def(1, serde_json::json!([]));
+        other["definitions"][0]["source"] = "tag vip = z".into();
+        assert!(matches!(
+            super::merge_definitions(vec![a, other]),
+            Err(crate::ApiError::Conflict(_))
+        ));
+    }
 
     use crate::{router, ApiConfig, AppState};
 

@@ -1035,6 +1035,13 @@ impl ReadHandle {
     /// Every definition of the loaded rule set in the order written, with its members now
     /// and its enters and exits per hour over the `hours` hours up to now.
     pub fn definitions(&self, hours: i64) -> Vec<DefinitionSummary> {
+        self.definitions_in(hours, None)
+    }
+
+    /// [`Self::definitions`] with members counted in `partitions` only (a node of a
+    /// cluster answers for the partitions it owns; its activity is the changes it made).
+    pub fn definitions_in(&self, hours: i64, partitions: Option<&[u32]>) -> Vec<DefinitionSummary> {
+        let within = partitions.map(|p| self.numbers_of_partitions(p));
         let rules = self.published.rules();
         let from = self.now() - hours.clamp(1, crate::index::ACTIVITY_HOURS) * 3_600_000;
         let index = self.index.read();
@@ -1050,10 +1057,11 @@ impl ReadHandle {
                     DefKind::Trait => "trait",
                 },
                 source: def.source.clone(),
-                members: def
-                    .kind
-                    .has_members()
-                    .then(|| index.set(&def.name).map_or(0, RoaringBitmap::len)),
+                members: def.kind.has_members().then(|| {
+                    index.set(&def.name).map_or(0, |set| {
+                        within.as_ref().map_or(set.len(), |w| set.intersection_len(w))
+                    })
+                }),
                 activity: index
                     .activity(&def.name)
                     .into_iter()
