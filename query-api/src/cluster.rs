@@ -24,6 +24,7 @@ use hyper_util::rt::TokioExecutor;
 use processor::kafka::members::{Members, Owner};
 use serde_json::json;
 
+use crate::webhooks::chain as error_chain;
 use crate::{ApiError, AppState};
 
 /// Marks a request one node sent on to another (its value: the sender's address).
@@ -137,17 +138,6 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
             // The owner frames the body it is sent again.
             | "content-length"
     )
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// The middleware of the routes about one customer (`{id}` in the path): sent on to the
@@ -276,10 +266,29 @@ impl<T: serde::Serialize> Part<T> {
 /// The partitions this node answers for in a question of the whole group: those it owns
 /// and has restored.
 pub fn answered_partitions(app: &AppState) -> Vec<u32> {
-    app.kafka
-        .as_ref()
-        .map(|k| k.owned_partitions())
-        .unwrap_or_default()
+    owned(app.kafka.as_deref())
+}
+
+fn owned(status: Option<&processor::kafka::KafkaStatus>) -> Vec<u32> {
+    status.map(|k| k.owned_partitions()).unwrap_or_default()
+}
+
+/// This node's part of a question of the whole group: `answer` over the partitions it owns
+/// and has restored now. When those change while it answers (a partition released or
+/// restored meanwhile), the part could count a partition another node counts too: it is
+/// `Unavailable`, and [`fan_out`] asks again.
+pub fn part_of<T>(
+    status: Option<&processor::kafka::KafkaStatus>,
+    answer: impl FnOnce(&[u32]) -> Result<T, ApiError>,
+) -> Result<Part<T>, ApiError> {
+    let partitions = owned(status);
+    let answer = answer(&partitions)?;
+    if owned(status) != partitions {
+        return Err(ApiError::Unavailable(
+            "the partitions this node owns changed while it answered; ask again".into(),
+        ));
+    }
+    Ok(Part { partitions, answer })
 }
 
 /// Asks a question of the whole group: this node's part (`local`, run off the async
@@ -343,8 +352,13 @@ where
         }
         let mine = tokio::task::spawn_blocking(local.clone())
             .await
-            .map_err(|e| ApiError::Internal(e.to_string()))??;
-        parts.push(mine);
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        match mine {
+            Ok(part) => parts.push(part),
+            // What this node owns moved while it answered: this round misses its part.
+            Err(ApiError::Unavailable(why)) => unreachable.push(format!("this node: {why}")),
+            Err(e) => return Err(e),
+        }
         while let Some(done) = asked.join_next().await {
             let (card, result) = done.map_err(|e| ApiError::Internal(e.to_string()))?;
             match result {

@@ -749,16 +749,14 @@ async fn cluster_query(
     }
     let after = cursor.as_deref().map(crate::cluster::decode_cursor).transpose()?;
     let reader = app.engine.reader().clone();
-    let owned = crate::cluster::answered_partitions(app);
+    let status = app.kafka.clone();
     let local_expr = expr.clone();
     let local_after = after.clone();
     let local = move || {
-        let page = reader
-            .query_partitions(&local_expr, limit, local_after.as_deref(), &owned)
-            .map_err(query_error)?;
-        Ok(crate::cluster::Part {
-            partitions: owned.clone(),
-            answer: page,
+        crate::cluster::part_of(status.as_deref(), |owned| {
+            reader
+                .query_partitions(&local_expr, limit, local_after.as_deref(), owned)
+                .map_err(query_error)
         })
     };
     if headers.contains_key(crate::cluster::FORWARDED) {
@@ -824,13 +822,12 @@ fn local_segments(
     app: &AppState,
 ) -> impl Fn() -> Result<crate::cluster::Part<SegmentsPart>, ApiError> + Clone + Send + 'static {
     let reader = app.engine.reader().clone();
-    let owned = crate::cluster::answered_partitions(app);
+    let status = app.kafka.clone();
     move || {
-        Ok(crate::cluster::Part {
-            answer: SegmentsPart {
-                segments: reader.saved_segments_in(Some(&owned)),
-            },
-            partitions: owned.clone(),
+        crate::cluster::part_of(status.as_deref(), |owned| {
+            Ok(SegmentsPart {
+                segments: reader.saved_segments_in(Some(owned)),
+            })
         })
     }
 }
@@ -908,14 +905,14 @@ pub async fn definitions(
     }
     // In a group of several: each node counts the members of the partitions it owns and
     // the changes it made; the counts are summed by name and hour.
-    let owned = crate::cluster::answered_partitions(&app);
+    let status = app.kafka.clone();
     let local_reader = reader.clone();
     let local = move || {
-        let definitions = local_reader.definitions_in(hours, Some(&owned));
-        let definitions = serde_json::to_value(definitions).map_err(|e| ApiError::Internal(e.to_string()))?;
-        Ok(crate::cluster::Part {
-            partitions: owned.clone(),
-            answer: json!({ "definitions": definitions }),
+        crate::cluster::part_of(status.as_deref(), |owned| {
+            let definitions = local_reader.definitions_in(hours, Some(owned));
+            let definitions =
+                serde_json::to_value(definitions).map_err(|e| ApiError::Internal(e.to_string()))?;
+            Ok(json!({ "definitions": definitions }))
         })
     };
     if headers.contains_key(crate::cluster::FORWARDED) {

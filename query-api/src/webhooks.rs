@@ -632,7 +632,7 @@ async fn attempt_delivery(
 }
 
 /// An error with its causes (`client error (Connect): invalid peer certificate: ...`).
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {
