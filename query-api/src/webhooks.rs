@@ -295,8 +295,20 @@ fn check_url(url: &str) -> Result<Uri, ApiError> {
 pub async fn create(
     State(app): State<AppState>,
     principal: Option<axum::Extension<crate::access::Principal>>,
+    headers: axum::http::HeaderMap,
     LimitedBody(body): LimitedBody,
 ) -> Result<(StatusCode, Json<Json_>), ApiError> {
+    // Subscriptions are each node's: in a group of several, one delivers the changes of
+    // the partitions its node owns, whichever they are over time. Made knowingly only.
+    let scoped = headers
+        .get(crate::cluster::SCOPE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"node"));
+    if app.cluster.is_some() && !scoped {
+        return Err(ApiError::Conflict(format!(
+            "in a group of several nodes a webhook subscription delivers only the changes of the partitions the node it is created on owns (which move between nodes): create it on every node, each with `{}: node` (docs/cluster.md)",
+            crate::cluster::SCOPE
+        )));
+    }
     let b: CreateBody = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("bad webhook subscription: {e}")))?;
     let uri = check_url(&b.url)?;

@@ -1181,6 +1181,10 @@ fn two_nodes_share_a_group_and_the_survivor_of_a_kill_takes_over_without_loss() 
             "{path}"
         );
     }
+    // A webhook subscription is one node's: made only knowingly.
+    let r = request(&first.addr, "POST", "/v1/webhooks", b"{}");
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(r.text().contains("x-tagstream-scope"), "{}", r.text());
     // Gone again, so the stores end like the single store below (which never had it).
     for node in [&first, &second] {
         let r = request(&node.addr, "DELETE", "/v1/segments/east", b"");
