@@ -204,12 +204,7 @@ impl KafkaStatus {
 
     /// In a group, the partitions this node owns and holds.
     pub fn owned_partitions(&self) -> Vec<u32> {
-        self.owned
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .copied()
-            .collect()
+        listed(&self.owned)
     }
 
     /// Partitions being restored from the state topic.
@@ -228,12 +223,7 @@ impl KafkaStatus {
 
     /// In a group: the partitions being restored, in order.
     pub fn restoring_list(&self) -> Vec<u32> {
-        self.restoring_set
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .copied()
-            .collect()
+        listed(&self.restoring_set)
     }
 
     /// In a group: which partitions are restoring.
@@ -278,6 +268,15 @@ impl KafkaStatus {
             *last = Some(format!("{error}: {reason}"));
         }
     }
+}
+
+/// A set of partitions as a list, in order.
+fn listed(set: &Mutex<std::collections::BTreeSet<u32>>) -> Vec<u32> {
+    set.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .copied()
+        .collect()
 }
 
 /// One batch for the engine: the raw events and where each partition stands after them.

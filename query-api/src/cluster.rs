@@ -79,21 +79,16 @@ impl Cluster {
         body: Bytes,
     ) -> Result<Response, ApiError> {
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let uri: axum::http::Uri = format!("{}{path}", url.trim_end_matches('/'))
-            .parse()
-            .map_err(|e| ApiError::Internal(format!("the owner's address {url:?} is not a URL: {e}")))?;
-        let mut request = axum::http::Request::builder().method(parts.method).uri(uri);
-        for (name, value) in &parts.headers {
-            // Hop-by-hop headers stay here; the connection to the owner is ours.
-            if !is_hop_by_hop(name) {
-                request = request.header(name, value);
-            }
-        }
-        let me = HeaderValue::from_str(self.members.url()).unwrap_or(HeaderValue::from_static("1"));
-        let request = request
-            .header(FORWARDED, me)
-            .body(Full::new(body))
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let request = peer_request(
+            url,
+            parts.method.clone(),
+            path,
+            &parts.headers,
+            body,
+            false,
+            self.members.url(),
+        )
+        .map_err(|e| ApiError::Internal(format!("a request to the owner at {url:?}: {e}")))?;
         let answer = match tokio::time::timeout(HOP_TIMEOUT, self.client.request(request)).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(e)) => {
@@ -110,15 +105,7 @@ impl Cluster {
             }
         };
         let (mut parts, body) = answer.into_parts();
-        for name in [
-            "connection",
-            "keep-alive",
-            "proxy-connection",
-            "transfer-encoding",
-            "te",
-            "trailer",
-            "upgrade",
-        ] {
+        for name in HOP_BY_HOP {
             parts.headers.remove(name);
         }
         if let Ok(value) = HeaderValue::from_str(url) {
@@ -131,13 +118,39 @@ impl Cluster {
     }
 }
 
+/// Headers of one connection, not passed on either way.
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+/// Whether a caller's header stays here: the connection's own, and the host and length
+/// the request to the other node gets anew.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection" | "keep-alive" | "proxy-connection" | "transfer-encoding" | "te" | "trailer" | "upgrade" | "host"
-            // The owner frames the body it is sent again.
-            | "content-length"
-    )
+    HOP_BY_HOP.contains(&name.as_str()) || name == "host" || name == "content-length"
+}
+
+/// Whether the caller asked, with [`SCOPE`], for this node's part only.
+pub fn scoped(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(SCOPE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"node"))
+}
+
+/// The answer of a node to another's question of the group: its part (`local`, run off the
+/// async workers) with the partitions it covers.
+pub async fn answer_part<T: serde::Serialize + Send + 'static>(
+    local: impl FnOnce() -> Result<Part<T>, ApiError> + Send + 'static,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let part = tokio::task::spawn_blocking(local)
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    Ok(Json(part.to_json()))
 }
 
 /// The middleware of the routes about one customer (`{id}` in the path): sent on to the
@@ -322,12 +335,14 @@ where
             .collect();
         let mut asked = tokio::task::JoinSet::new();
         for card in others {
-            let request = part_request(
+            let body = body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string()));
+            let request = peer_request(
                 &card.url,
                 method.clone(),
                 path,
                 headers,
                 body,
+                true,
                 cluster.members.url(),
             );
             let client = cluster.client.clone();
@@ -433,36 +448,37 @@ pub fn merge_pages(pages: Vec<processor::PartitionsPage>, limit: usize) -> (usiz
     (count, customers, more)
 }
 
-/// A part of a fan-out: `method` `path` on the node at `url`, the caller's headers (its
-/// key), the body as JSON if any, marked as sent on by `me`.
-fn part_request(
+/// A request to the node at `url`: `method` `path` with `body`, the caller's headers (its
+/// key) but those of its connection, marked as sent on by `me`; `json`: the body is JSON
+/// this node wrote (its own content type).
+fn peer_request(
     url: &str,
     method: axum::http::Method,
     path: &str,
     headers: &axum::http::HeaderMap,
-    body: Option<&serde_json::Value>,
+    body: Bytes,
+    json: bool,
     me: &str,
 ) -> Result<axum::http::Request<Full<Bytes>>, String> {
     let mut request = axum::http::Request::builder()
         .method(method)
         .uri(format!("{}{path}", url.trim_end_matches('/')));
     for (name, value) in headers {
-        if !is_hop_by_hop(name) && name != "content-type" {
+        let replaced = json && name == "content-type";
+        if !(is_hop_by_hop(name) || replaced) {
             request = request.header(name, value);
         }
     }
-    request = request.header(
-        FORWARDED,
-        HeaderValue::from_str(me).unwrap_or(HeaderValue::from_static("1")),
-    );
-    let body = match body {
-        Some(body) => {
-            request = request.header("content-type", "application/json");
-            Bytes::from(body.to_string())
-        }
-        None => Bytes::new(),
-    };
-    request.body(Full::new(body)).map_err(|e| e.to_string())
+    if json {
+        request = request.header("content-type", "application/json");
+    }
+    request
+        .header(
+            FORWARDED,
+            HeaderValue::from_str(me).unwrap_or(HeaderValue::from_static("1")),
+        )
+        .body(Full::new(body))
+        .map_err(|e| e.to_string())
 }
 
 /// Asks a route not yet merged across nodes for this node's part knowingly.
@@ -487,11 +503,7 @@ pub async fn whole_or_scoped(State(app): State<AppState>, request: Request, next
     if owned.len() == partitions as usize {
         return next.run(request).await;
     }
-    let scoped = request
-        .headers()
-        .get(SCOPE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"node"));
-    if scoped {
+    if scoped(request.headers()) {
         let mut answer = next.run(request).await;
         let list: Vec<String> = owned.iter().map(u32::to_string).collect();
         if let Ok(value) = HeaderValue::from_str(&list.join(",")) {

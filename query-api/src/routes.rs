@@ -761,10 +761,7 @@ async fn cluster_query(
     };
     if headers.contains_key(crate::cluster::FORWARDED) {
         // This node's part of another node's question.
-        let part = tokio::task::spawn_blocking(local)
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))??;
-        return Ok(Json(part.to_json()));
+        return crate::cluster::answer_part(local).await;
     }
     let body = json!({
         "expr": expr,
@@ -801,11 +798,7 @@ fn query_error(e: QueryError) -> ApiError {
 pub async fn list_segments(State(app): State<AppState>, headers: HeaderMap) -> Result<Json<Json_>, ApiError> {
     if app.cluster.is_some() && headers.contains_key(crate::cluster::FORWARDED) {
         // This node's part of another node's question.
-        let local = local_segments(&app);
-        let part = tokio::task::spawn_blocking(local)
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))??;
-        return Ok(Json(part.to_json()));
+        return crate::cluster::answer_part(local_segments(&app)).await;
     }
     let segments = saved_segments(&app, &headers).await?;
     Ok(Json(json!({ "segments": segments })))
@@ -916,10 +909,7 @@ pub async fn definitions(
         })
     };
     if headers.contains_key(crate::cluster::FORWARDED) {
-        let part = tokio::task::spawn_blocking(local)
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))??;
-        return Ok(Json(part.to_json()));
+        return crate::cluster::answer_part(local).await;
     }
     let path = format!("/v1/definitions?hours={hours}");
     let parts = crate::cluster::fan_out(&app, &headers, axum::http::Method::GET, &path, None, local).await?;

@@ -300,10 +300,7 @@ pub async fn create(
 ) -> Result<(StatusCode, Json<Json_>), ApiError> {
     // Subscriptions are each node's: in a group of several, one delivers the changes of
     // the partitions its node owns, whichever they are over time. Made knowingly only.
-    let scoped = headers
-        .get(crate::cluster::SCOPE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"node"));
-    if app.cluster.is_some() && !scoped {
+    if app.cluster.is_some() && !crate::cluster::scoped(&headers) {
         return Err(ApiError::Conflict(format!(
             "in a group of several nodes a webhook subscription delivers only the changes of the partitions the node it is created on owns (which move between nodes): create it on every node, each with `{}: node` (docs/cluster.md)",
             crate::cluster::SCOPE
