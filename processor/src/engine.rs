@@ -36,6 +36,7 @@ pub use pipeline::{Answer, Finished};
 pub use query::{parse_cursor, DefinitionSummary, Delta, HourActivity};
 pub use read::ReadHandle;
 pub use retention::{Log, TrimPlan, Trimmed};
+pub use rule_change::{Proposal, RuleChange};
 pub use segments::{SavedSegment, SegmentUpdate};
 pub use unmerge::Unmerged;
 pub use versions::{DefChange, DefText, ReadVersions, RuleDiff, RuleEdit, RuleVersion, VersionSummary};
@@ -768,7 +769,13 @@ impl Engine {
             next_dlq: store.meta_u64(META_DLQ)?,
             next_commit: store.meta_u64(META_COMMIT)?.max(1),
         };
-        let generation = store.meta_u64(META_GENERATION)?.max(1);
+        let recorded_generation = store.meta_u64(META_GENERATION)?;
+        let generation = match recorded_generation {
+            // Stores made before generations were recorded judged everyone under 1.
+            0 if stored_rules.is_some() => 1,
+            0 => versions::generation_of(rules.source(), None),
+            g => g,
+        };
         let rules_version = versions::current_version(&store)?;
         let backfill_cursor = store.get(CF_META, META_BACKFILL.as_bytes())?;
         let segment_fill = store
@@ -845,7 +852,7 @@ impl Engine {
             .collect();
         engine.config.partitions = engine.config.partitions.max(1);
         engine.deal_timers(timers);
-        if stored_rules.is_none() {
+        if stored_rules.is_none() || recorded_generation == 0 {
             let mut wb = WriteBatch::default();
             engine.store.put_meta_u64(&mut wb, META_GENERATION, generation);
             engine.store.commit(wb)?;

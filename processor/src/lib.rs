@@ -58,8 +58,8 @@ pub use engine::{
     DefinitionSummary, Delta, Engine, EngineConfig, EngineError, Explained, Explanation, ExportField,
     Finished, FiredTimers, HeapProbe, HourActivity, IngestError, IngestOutcome, IngestRequest, Log,
     LogRetention, MembersPage, NextChange, PartitionSummary, PartitionsPage, Preview, PreviewCounts,
-    QueryError, QueryPage, ReadHandle, ReadVersions, RuleDiff, RuleEdit, RuleVersion, SavedSegment,
-    SegmentUpdate, TrimPlan, Trimmed, VersionSummary, BACKUP_MANIFEST, PARTITION_EXPORT_MAGIC,
+    Proposal, QueryError, QueryPage, ReadHandle, ReadVersions, RuleChange, RuleDiff, RuleEdit, RuleVersion,
+    SavedSegment, SegmentUpdate, TrimPlan, Trimmed, VersionSummary, BACKUP_MANIFEST, PARTITION_EXPORT_MAGIC,
 };
 pub use event::{parse_event, EventLimits, Rejection, ValidEvent};
 pub use quality::{Intake, Quality};

@@ -210,6 +210,109 @@ fn a_partition_restored_from_its_changelog_carries_on_as_if_it_had_stayed() {
     assert!(checked >= 3, "{checked} tags with members");
 }
 
+/// A partition restored into a store that runs another rule set than the one its customers
+/// were judged under — the store took a rule change its source had not, or the other way
+/// round, as when a group's rule change reaches one node while another restores — is
+/// brought up to the store's rules: each customer ends as in a store that ran those rules
+/// all along.
+#[test]
+fn a_partition_restored_under_another_rule_set_is_brought_up_to_the_one_running() {
+    let stream = ordered_stream();
+    let rules = rules_text();
+    let changed = format!("{rules}\ntag paid_once = count(payment, lifetime) >= 1\n");
+    let moved = 2u32;
+    let of_moved = |id: &str| partition_of(id.as_bytes(), PARTITIONS) == moved;
+    let open = |name: &str, text: &str| {
+        let dir = TempDir::new(name);
+        let engine = Engine::open(dir.path(), Some(text), config(2)).unwrap();
+        (dir, engine)
+    };
+    let settled = |engine: &mut Engine| {
+        while engine.backfill_pending() {
+            engine.backfill_step(1000).unwrap();
+        }
+    };
+    // A tag a rule change adds is gained at the change (`since`), which differs by store.
+    let judged = |engine: &Engine, ids: &[String]| {
+        let mut all = views(engine, ids);
+        for view in all.values_mut() {
+            for m in view.tags.values_mut().chain(view.segments.values_mut()) {
+                m.since = 0;
+            }
+        }
+        all
+    };
+    // What the moved customers are under the changed rules, judged all along.
+    let (_d, mut reference) = open("changelog-reference", &changed);
+    ingest_all(&mut reference, stream.iter().map(|(_, l)| l));
+    let ids: Vec<String> = reference
+        .customer_ids()
+        .unwrap()
+        .into_iter()
+        .filter(|id| of_moved(id))
+        .collect();
+    assert!(!ids.is_empty());
+    let expected = judged(&reference, &ids);
+    assert!(
+        expected.values().any(|v| v.tags.contains_key("paid_once")),
+        "the new tag has members"
+    );
+
+    let (_s, mut source) = open("changelog-behind", &rules);
+    ingest_all(&mut source, stream.iter().map(|(_, l)| l));
+    let change = source
+        .propose_rules(&changed, &processor::RuleEdit::by("t"), "put_rules".into())
+        .unwrap();
+    let unchanged = judged(&source, &ids);
+
+    // The restoring store runs the change; the source has not applied it yet.
+    let (_t, mut ahead) = open("changelog-ahead", &rules);
+    ahead.apply_proposal(change.clone()).unwrap();
+    settled(&mut ahead);
+    let cut = last_commit(&source);
+    ahead
+        .restore_partition(&restore(moved, deltas(&source, moved, cut)))
+        .unwrap();
+    assert!(
+        ahead.backfill_pending(),
+        "restored customers of another generation are swept"
+    );
+    settled(&mut ahead);
+    assert_eq!(judged(&ahead, &ids), expected);
+
+    // The source runs the change; a store that has not yet restores from it, then applies
+    // the change itself.
+    source.apply_proposal(change.clone()).unwrap();
+    settled(&mut source);
+    let (_b, mut behind) = open("changelog-restoring-behind", &rules);
+    let cut = last_commit(&source);
+    behind
+        .restore_partition(&restore(moved, deltas(&source, moved, cut)))
+        .unwrap();
+    // Until it applies the change, it judges them under the rules it runs.
+    assert!(
+        behind.backfill_pending(),
+        "restored customers of another generation are swept"
+    );
+    settled(&mut behind);
+    assert_eq!(judged(&behind, &ids), unchanged);
+    behind.apply_proposal(change).unwrap();
+    settled(&mut behind);
+    assert_eq!(judged(&behind, &ids), expected);
+    // Between stores of the same rule history nothing is re-judged.
+    let (_c, mut same) = open("changelog-same", &rules);
+    same.apply_proposal(source.current_proposal().unwrap().unwrap())
+        .unwrap();
+    settled(&mut same);
+    same.restore_partition(&restore(moved, deltas(&source, moved, cut)))
+        .unwrap();
+    assert!(
+        !same.backfill_pending(),
+        "customers of the running generation are current"
+    );
+    assert_eq!(judged(&same, &ids), expected);
+}
+
 #[test]
 fn a_restore_is_refused_whole_when_it_cannot_apply() {
     let stream = ordered_stream();

@@ -42,7 +42,7 @@ impl Worker<'_> {
                 }));
             }
         };
-        if state.generation < ctx.generation {
+        if state.generation != ctx.generation {
             self.load_history(customer, &mut state, now)?;
             self.upgrade(customer, &mut state, now);
         } else {

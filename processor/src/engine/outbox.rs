@@ -270,6 +270,9 @@ impl Engine {
         let mut timers = Vec::new();
         let mut max_arrival = None;
         let mut restored: Vec<&str> = Vec::new();
+        // Customers judged under another generation of the rule set than this node runs
+        // (the node that wrote them was ahead or behind, or in the middle of a backfill).
+        let mut other_generation = 0;
         for (family, key) in restore.deletes() {
             wb.delete_cf(self.store.cf(family.cf_name()), key);
         }
@@ -288,6 +291,9 @@ impl Engine {
                     // Numbered when the index takes the restored customers in, below; the
                     // window state is built from the events on the first evaluation.
                     state.number = crate::index::NO_NUMBER;
+                    if state.generation != self.generation {
+                        other_generation += 1;
+                    }
                     wb.put_cf(cf, key, state.encode(None));
                     summary.customers += 1;
                     restored.push(id);
@@ -370,7 +376,20 @@ impl Engine {
             let key = format!("{META_OFFSET_PREFIX}{source}");
             self.store.put_meta_u64(&mut wb, &key, offset);
         }
+        if other_generation > 0 {
+            wb.put_cf(self.store.cf(CF_META), META_BACKFILL.as_bytes(), []);
+        }
         self.store.commit(wb)?;
+        if other_generation > 0 {
+            // The sweep (from the first customer: one under way may have passed these)
+            // brings them up to this node's rules; each is also upgraded when touched.
+            tracing::info!(
+                partition,
+                customers = other_generation,
+                "restored customers judged under another rule-set generation; re-evaluating them"
+            );
+            self.start_backfill();
+        }
         self.published.set_clock(self.counters.clock);
         // Restored to be owned: its timers fire here.
         self.activate_partition(partition);

@@ -3,6 +3,30 @@
 
 use super::*;
 
+/// What a change of the rule set does to customers.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RuleChange {
+    /// The whole set changes (`PUT /v1/rules`, a rollback, a segment whose members the index
+    /// cannot give): every customer is re-evaluated by the backfill.
+    Rules,
+    /// Only saved segment `name` changes (put or deleted); its members come from the index.
+    Segment { name: String },
+}
+
+/// A change of the rule set, checked on the node it was asked of, to be applied by every
+/// node that runs the rule set ([`Engine::apply_proposal`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Proposal {
+    pub change: RuleChange,
+    /// The version it makes: its number, author, action and text.
+    pub version: RuleVersion,
+    /// The generation customers are judged under once it is applied (moved on by a
+    /// [`RuleChange::Rules`]): the same on every node of a group, so a customer restored from
+    /// another node's state is current exactly when its generation is this one.
+    pub generation: u64,
+}
+
 impl Worker<'_> {
     /// Re-evaluates a customer under a new rule set: event tags new to the rules are
     /// computed from the retained history, every tag and segment is re-evaluated, and the
@@ -55,29 +79,86 @@ impl Engine {
         edit: &RuleEdit,
         action: String,
     ) -> Result<RuleVersion, EngineError> {
+        let proposal = self.propose_rules(text, edit, action)?;
+        self.apply_rules(proposal)
+    }
+
+    /// The next version of the rule set with `text`, by `edit`'s author, checked (the
+    /// version it read is current, the text compiles) but not applied: a node of a group
+    /// sends it through the control topic, and every node applies it with
+    /// [`Engine::apply_proposal`].
+    pub fn propose_rules(
+        &self,
+        text: &str,
+        edit: &RuleEdit,
+        action: String,
+    ) -> Result<Proposal, EngineError> {
         self.admit_edit(edit)?;
+        let compiled = CompiledRules::compile(text).map_err(EngineError::Rules)?;
+        Ok(Proposal {
+            change: RuleChange::Rules,
+            version: self.next_version(&compiled, edit, action),
+            generation: versions::generation_of(compiled.source(), Some(self.generation)),
+        })
+    }
+
+    /// Applies `proposal` (made here or on another node of the group): its version becomes
+    /// the current one, numbered as proposed, and customers are brought up to it — all of
+    /// them through the backfill for [`RuleChange::Rules`], or a saved segment's members
+    /// from the index for [`RuleChange::Segment`]. Applying the version that already runs,
+    /// under the same generation, changes nothing.
+    pub fn apply_proposal(&mut self, proposal: Proposal) -> Result<(SegmentUpdate, RuleVersion), QueryError> {
+        if self.rules_version == proposal.version.version
+            && self.rules.source() == proposal.version.text
+            && self.generation == proposal.generation
+        {
+            return Ok((SegmentUpdate::Backfill, proposal.version));
+        }
+        match &proposal.change {
+            // A segment applied where the generation differs (a node that skipped versions
+            // of the group's) re-evaluates everyone, under the proposal's generation.
+            RuleChange::Segment { name } if proposal.generation == self.generation => {
+                let name = name.clone();
+                self.apply_segment(&name, proposal)
+            }
+            _ => Ok((SegmentUpdate::Backfill, self.apply_rules(proposal)?)),
+        }
+    }
+
+    /// Installs `proposal`'s text for every customer: the version and the new generation
+    /// committed, the backfill started.
+    fn apply_rules(&mut self, proposal: Proposal) -> Result<RuleVersion, EngineError> {
         self.settle();
-        let compiled = Arc::new(CompiledRules::compile(text).map_err(EngineError::Rules)?);
+        let compiled = Arc::new(CompiledRules::compile(&proposal.version.text).map_err(EngineError::Rules)?);
+        let version = RuleVersion {
+            diff: RuleDiff::between(&self.rules, &compiled),
+            ..proposal.version
+        };
         let mut wb = WriteBatch::default();
-        let version = self.next_version(&compiled, edit, action);
         self.write_version(&mut wb, &version);
         self.store
-            .put_meta_u64(&mut wb, META_GENERATION, self.generation + 1);
+            .put_meta_u64(&mut wb, META_GENERATION, proposal.generation);
         wb.put_cf(self.store.cf(CF_META), META_BACKFILL.as_bytes(), []);
         // The sweep re-evaluates every customer, a segment being filled among the rest.
         wb.delete_cf(self.store.cf(CF_META), META_SEGMENT_FILL.as_bytes());
         self.store.commit(wb)?;
         self.segment_fill = None;
-        self.generation += 1;
+        self.generation = proposal.generation;
         self.rules = compiled;
         self.published.set_rules(self.rules.clone());
         self.order_pos = positions(&self.rules);
+        self.start_backfill();
+        self.versioned(&version);
+        Ok(version)
+    }
+
+    /// Starts (or restarts from the first customer) the sweep that brings every customer
+    /// judged under another generation up to the current one.
+    pub(super) fn start_backfill(&mut self) {
         self.backfill_cursor = Some(Vec::new());
         self.backfill_done = 0;
         self.backfill_total = self.store.estimate_keys(CF_CUSTOMERS);
         self.publish_backfill();
-        self.versioned(&version);
-        Ok(version)
     }
 
     /// True while customers remain to be re-evaluated after a rule change.
@@ -128,7 +209,8 @@ impl Engine {
                 .u8()
                 .and_then(|_| Reader::new(&value[1..]).u64())
                 .map_err(StoreError::from)?;
-            if generation < self.generation {
+            // Another generation, older or (restored from a node ahead of this one) newer.
+            if generation != self.generation {
                 ids.push(Arc::<str>::from(String::from_utf8_lossy(&key).as_ref()));
             }
         }

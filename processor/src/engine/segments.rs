@@ -18,7 +18,10 @@ use std::sync::Arc;
 use rules::{CompiledRules, DefId, DefKind, Node};
 
 use super::query::with_segment;
-use super::{positions, Engine, EngineError, QueryError, RuleEdit, RuleVersion, META_SEGMENT_FILL};
+use super::{
+    positions, Engine, EngineError, Proposal, QueryError, RuleChange, RuleDiff, RuleEdit, RuleVersion,
+    META_SEGMENT_FILL,
+};
 use crate::change::{Cause, MemberKind, Op};
 use crate::codec::{CodecError, Reader, Writer};
 use crate::state::Membership;
@@ -168,6 +171,19 @@ impl Engine {
         expr: &str,
         edit: &RuleEdit,
     ) -> Result<(SegmentUpdate, RuleVersion), QueryError> {
+        let proposal = self.propose_put_segment(name, expr, edit)?;
+        self.apply_proposal(proposal)
+    }
+
+    /// [`Engine::put_segment_as`] checked but not applied (see [`Engine::propose_rules`]): a
+    /// segment whose members the index gives is a [`RuleChange::Segment`], any other a full
+    /// rule change.
+    pub fn propose_put_segment(
+        &self,
+        name: &str,
+        expr: &str,
+        edit: &RuleEdit,
+    ) -> Result<Proposal, QueryError> {
         self.admit_edit(edit)?;
         self.admit_segment_edit()?;
         if CompiledRules::compile(&format!("segment {name} = true")).is_err() {
@@ -179,7 +195,7 @@ impl Engine {
         let base = self
             .text_without(name)?
             .unwrap_or_else(|| self.rules.source().to_owned());
-        let (compiled, text) = with_segment(&base, name, expr).map_err(QueryError::Invalid)?;
+        let (compiled, _) = with_segment(&base, name, expr).map_err(QueryError::Invalid)?;
         let id = compiled.lookup(name).expect("just defined");
         let node = compiled
             .def(id)
@@ -188,11 +204,15 @@ impl Engine {
             .expect("a segment has an expression");
         let action = format!("put_segment {name}");
         if !static_inputs(node, &compiled) || !dependents(&compiled, id).is_empty() {
-            let version = self.replace_rules_as(&text, edit, action)?;
-            return Ok((SegmentUpdate::Backfill, version));
+            return Ok(self.propose_rules(compiled.source(), edit, action)?);
         }
-        let members = self.reader().evaluate_set(&compiled, id, None, None)?;
-        Ok(self.swap_segment(compiled, name, members, edit, action)?)
+        Ok(Proposal {
+            change: RuleChange::Segment {
+                name: name.to_owned(),
+            },
+            version: self.next_version(&compiled, edit, action),
+            generation: self.generation,
+        })
     }
 
     /// Deletes a saved segment (as an anonymous author): every member exits.
@@ -208,6 +228,15 @@ impl Engine {
         name: &str,
         edit: &RuleEdit,
     ) -> Result<(SegmentUpdate, RuleVersion), EngineError> {
+        let proposal = self.propose_delete_segment(name, edit)?;
+        self.apply_proposal(proposal).map_err(|e| match e {
+            QueryError::Engine(e) => e,
+            other => EngineError::Conflict(other.to_string()),
+        })
+    }
+
+    /// [`Engine::delete_segment_as`] checked but not applied (see [`Engine::propose_rules`]).
+    pub fn propose_delete_segment(&self, name: &str, edit: &RuleEdit) -> Result<Proposal, EngineError> {
         self.admit_edit(edit)?;
         self.admit_segment_edit()?;
         let text = self
@@ -222,8 +251,37 @@ impl Engine {
             )));
         }
         let compiled = CompiledRules::compile(&text).map_err(EngineError::Rules)?;
-        let action = format!("delete_segment {name}");
-        self.swap_segment(compiled, name, Default::default(), edit, action)
+        Ok(Proposal {
+            change: RuleChange::Segment {
+                name: name.to_owned(),
+            },
+            version: self.next_version(&compiled, edit, format!("delete_segment {name}")),
+            generation: self.generation,
+        })
+    }
+
+    /// Applies a [`RuleChange::Segment`] proposal: segment `name`'s members computed from the
+    /// index under the proposal's text (none when it deletes the segment), the rest of the
+    /// rules unchanged. A segment still being filled here is finished first (another node
+    /// may have finished it before proposing this).
+    pub(super) fn apply_segment(
+        &mut self,
+        name: &str,
+        proposal: Proposal,
+    ) -> Result<(SegmentUpdate, RuleVersion), QueryError> {
+        while self.segment_fill.is_some() {
+            self.segment_fill_step()?;
+        }
+        let compiled = CompiledRules::compile(&proposal.version.text).map_err(EngineError::Rules)?;
+        let members = match compiled.lookup(name) {
+            Some(id) => self.reader().evaluate_set(&compiled, id, None, None)?,
+            None => roaring::RoaringBitmap::new(),
+        };
+        let version = RuleVersion {
+            diff: RuleDiff::between(&self.rules, &compiled),
+            ..proposal.version
+        };
+        Ok(self.swap_segment(compiled, name, members, version)?)
     }
 
     /// Segments are edited one at a time while one is being filled round by round (its
@@ -251,8 +309,7 @@ impl Engine {
         compiled: CompiledRules,
         name: &str,
         members: roaring::RoaringBitmap,
-        edit: &RuleEdit,
-        action: String,
+        version: RuleVersion,
     ) -> Result<(SegmentUpdate, RuleVersion), EngineError> {
         let before = self.index.read().set(name).cloned().unwrap_or_default();
         if compiled.window_layout() != self.rules.window_layout() {
@@ -264,7 +321,6 @@ impl Engine {
             }
         }
         let compiled = Arc::new(compiled);
-        let version = self.next_version(&compiled, edit, action);
         let old_rules = std::mem::replace(&mut self.rules, compiled);
         let now = self.now();
         let name: Arc<str> = Arc::from(name);

@@ -161,6 +161,27 @@ impl From<&RuleVersion> for VersionSummary {
     }
 }
 
+/// The generation customers are judged under once `text` replaces the rules of generation
+/// `previous` (`None`: a new store's first rule set). A customer is current when judged
+/// under exactly the generation running, so what matters is that two generations are equal
+/// only for the same rule text reached the same way: a hash of the text and the previous
+/// generation, the same on every node — so a partition moved between two stores of the same
+/// rule history needs no re-evaluation, and one moved between stores of different
+/// histories is re-evaluated. At least 2^32 (never one of the counters stores kept before
+/// generations were hashes) and below 2^40 (six bytes in a customer's record).
+pub(super) fn generation_of(text: &str, previous: Option<u64>) -> u64 {
+    const LOW: u64 = 1 << 32;
+    const SPAN: u64 = (1 << 40) - LOW;
+    // FNV-1a: stable across builds and machines, unlike the standard library's hasher.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let previous = previous.map(u64::to_le_bytes);
+    for byte in previous.iter().flatten().chain(text.as_bytes()) {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    LOW + hash % SPAN
+}
+
 /// The current version, for replies and `ETag`s.
 pub(super) fn current_version(store: &Store) -> Result<u64, StoreError> {
     store.meta_u64(META_RULES_VERSION)
@@ -170,6 +191,34 @@ impl Engine {
     /// The version of the rule set running now (0 before the first one was recorded).
     pub fn rules_version(&self) -> u64 {
         self.rules_version
+    }
+
+    /// The generation customers are judged under now (moved on by every change that
+    /// re-evaluates them all).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The version running now as a proposal of itself (what a node offers a group whose
+    /// control topic is empty); `None` before any version was recorded.
+    pub fn current_proposal(&self) -> Result<Option<super::Proposal>, EngineError> {
+        if self.rules_version == 0 {
+            return Ok(None);
+        }
+        // A counter kept from before generations were hashes could be another store's too:
+        // the group starts on a hashed one (everyone here re-evaluated once).
+        let generation = if self.generation < 1 << 32 {
+            generation_of(self.rules.source(), Some(self.generation))
+        } else {
+            self.generation
+        };
+        Ok(ReadVersions(&self.store)
+            .get(self.rules_version)?
+            .map(|version| super::Proposal {
+                change: super::RuleChange::Rules,
+                version,
+                generation,
+            }))
     }
 
     /// Refuses an edit of a stale version, or any runtime edit when a rule file is declared
@@ -272,11 +321,17 @@ impl Engine {
 
     /// Sets the rule set back to `version`'s text: a new version whose action says so.
     pub fn rollback_rules(&mut self, version: u64, edit: &RuleEdit) -> Result<RuleVersion, EngineError> {
+        let proposal = self.propose_rollback(version, edit)?;
+        self.replace_rules_as(&proposal.version.text, edit, proposal.version.action)
+    }
+
+    /// [`Engine::rollback_rules`] checked but not applied (see [`Engine::propose_rules`]).
+    pub fn propose_rollback(&self, version: u64, edit: &RuleEdit) -> Result<super::Proposal, EngineError> {
         self.admit_edit(edit)?;
         let old = ReadVersions(&self.store)
             .get(version)?
             .ok_or_else(|| EngineError::NotFound(format!("no rule-set version {version}")))?;
-        self.replace_rules_as(&old.text, edit, format!("rollback to {version}"))
+        self.propose_rules(&old.text, edit, format!("rollback to {version}"))
     }
 }
 
