@@ -44,6 +44,7 @@ topic tag-changes "$partitions"
 topic tagstream-dead-letters 1
 topic state "$partitions" --config cleanup.policy=compact --config retention.ms=-1
 topic members 1 --config cleanup.policy=compact
+topic control 1 --config cleanup.policy=compact
 "$bin/kafkaload" --brokers "127.0.0.1:$port" --topic events --file "$stream"
 machine_line
 echo "stream: $customers customers, $lines lines on $partitions partitions"
@@ -57,6 +58,7 @@ brokers = "127.0.0.1:$port"
 group_id = "bench-cluster-$$"
 state_topic = "state"
 members_topic = "members"
+control_topic = "control"
 [kafka.options]
 "session.timeout.ms" = "6000"
 "heartbeat.interval.ms" = "500"

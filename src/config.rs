@@ -362,6 +362,9 @@ pub struct KafkaFileSettings {
     /// With `state_topic`: where the members of the group put their cards (address, owned
     /// partitions), one partition, compacted; "" is `GROUP_ID-members`.
     pub members_topic: String,
+    /// With `state_topic`: where rule-set changes go to every node of the group, one
+    /// partition, never deleted from; "" is `GROUP_ID-control`.
+    pub control_topic: String,
     /// Events per engine batch, at most.
     pub max_batch: usize,
     /// Passed to librdkafka as they are: security.protocol, sasl.*, ssl.*, ... Never logged.
@@ -384,6 +387,7 @@ impl Default for KafkaFileSettings {
             state_topic: k.state_topic.unwrap_or_default(),
             state_checkpoint_mb: (k.state_checkpoint_bytes >> 20) as f64,
             members_topic: String::new(),
+            control_topic: String::new(),
             max_batch: k.max_batch,
             options: Default::default(),
             option_files: Default::default(),
@@ -630,13 +634,21 @@ impl Settings {
         settings.changes_topic = Some(k.changes_topic.clone()).filter(|t| !t.is_empty());
         settings.dlq_topic = Some(k.dead_letter_topic.clone()).filter(|t| !t.is_empty());
         settings.state_topic = Some(k.state_topic.clone()).filter(|t| !t.is_empty());
-        settings.members_topic = settings.state_topic.as_ref().map(|_| {
-            if k.members_topic.is_empty() {
-                format!("{}-members", k.group_id)
-            } else {
-                k.members_topic.clone()
-            }
-        });
+        let group_topic = |set: &str, suffix: &str| {
+            settings.state_topic.as_ref().map(|_| {
+                if set.is_empty() {
+                    format!("{}-{suffix}", k.group_id)
+                } else {
+                    set.to_owned()
+                }
+            })
+        };
+        let (members, control) = (
+            group_topic(&k.members_topic, "members"),
+            group_topic(&k.control_topic, "control"),
+        );
+        settings.members_topic = members;
+        settings.control_topic = control;
         if !(k.state_checkpoint_mb.is_finite() && k.state_checkpoint_mb > 0.0) {
             anyhow::bail!(
                 "`[kafka] state_checkpoint_mb` must be a positive number of MiB, not {}",
@@ -718,6 +730,7 @@ dead_letter_topic = "{kafka_dlq}"  # rejected events, reason in headers; "" for 
 state_topic = "{kafka_state}"  # the state changelog, one partition per engine partition, cleanup.policy=compact; "" for none
 state_checkpoint_mb = {kafka_checkpoint}     # a partition's deltas are folded into keyed records past this many MiB
 members_topic = ""        # with state_topic: the members' cards, one partition, compacted; "" is GROUP_ID-members
+control_topic = ""        # with state_topic: rule-set changes for every node, one partition, compacted; "" is GROUP_ID-control
 max_batch = {kafka_batch}           # events per engine batch
 
 [kafka.options]           # passed to librdkafka as they are; never logged

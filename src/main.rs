@@ -473,6 +473,19 @@ fn main() -> ExitCode {
                     .map(|(k, path)| (k, PathBuf::from(path))),
             );
             let kafka = settings.kafka_settings()?;
+            if let Some(topic) = kafka.as_ref().and_then(|k| k.control_topic.as_ref()) {
+                // In a group the control topic is where the rule set comes from.
+                if settings.rules_source == config::RulesSource::File {
+                    anyhow::bail!(
+                        "rules_source = \"file\" cannot be used in a group of several: every node runs the rule set of the control topic `{topic}`; change it through the API of any node (docs/cluster.md)"
+                    );
+                }
+                if store.replace_rules {
+                    anyhow::bail!(
+                        "--replace-rules cannot be used in a group of several: every node runs the rule set of the control topic `{topic}`; change it through the API of any node (PUT /v1/rules, docs/cluster.md)"
+                    );
+                }
+            }
             let engine = open_engine(&settings, store.replace_rules)?;
             let api = query_api::ApiConfig {
                 max_request_bytes: settings.limits.max_request_bytes,

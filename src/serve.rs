@@ -63,12 +63,29 @@ pub fn serve(
     let members_topic = kafka
         .as_ref()
         .and_then(|k| k.members_topic.clone().map(|t| (k.clone(), t)));
+    let mut control = None;
     let kafka_workers = match kafka {
         Some(settings) => {
             kafka::check_state_topic(&settings, partitions, Duration::from_secs(10))
                 .map_err(anyhow::Error::msg)?;
             let status = Arc::new(KafkaStatus::default());
             state.kafka = Some(status.clone());
+            status.set_rules_version(handle.call_blocking(|engine| engine.rules_version())?);
+            if let Some(topic) = &settings.control_topic {
+                // The group's rule set runs here before any event is judged.
+                let worker = kafka::control::start(
+                    &settings,
+                    topic,
+                    &node_name(),
+                    handle.clone(),
+                    status.clone(),
+                    Duration::from_secs(60),
+                )
+                .map_err(anyhow::Error::msg)?;
+                tracing::info!(%topic, version = status.rules_version(), "running the group's rule set");
+                state.control = Some(worker.control().clone());
+                control = Some(worker);
+            }
             tracing::info!(brokers = %settings.brokers, topic = %settings.topic, group = %settings.group_id, "consuming from Kafka");
             // With the state topic, this node shares the group with others.
             let host = settings.state_topic.is_some().then(|| handle.partition_host());
@@ -153,6 +170,8 @@ pub fn serve(
             .map_err(anyhow::Error::from),
         };
         stopping.store(true, Ordering::SeqCst);
+        // No rule-set change is asked of this node any more.
+        drop(control);
         // Others stop sending requests here.
         if let Some(members) = members {
             tokio::task::spawn_blocking(move || members.stop(Duration::from_secs(3))).await?;
@@ -218,6 +237,17 @@ fn advertised(scheme: &str, bound: SocketAddr) -> String {
     } else {
         format!("{scheme}://{bound}")
     }
+}
+
+/// A name for this process among the group's nodes (host, process and start time).
+fn node_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    format!("{host}-{}-{started}", std::process::id())
 }
 
 /// A line on stdout for whoever started us. Never fails: by shutdown the reader of a pipe

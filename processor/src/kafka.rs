@@ -21,6 +21,7 @@
 //! the topic has, this is logged as an error and `/readyz` reports it. With one (and a
 //! [`PartitionHost`]), partitions move between members with their state ([`group`]).
 
+pub mod control;
 mod group;
 pub mod members;
 pub use group::PartitionHost;
@@ -65,6 +66,9 @@ pub struct KafkaSettings {
     /// With the state topic: where the members of the group put their cards
     /// ([`members`]); `None` keeps no cards (the node finds no other).
     pub members_topic: Option<String>,
+    /// With the members topic: where rule-set changes go to every node ([`control`]);
+    /// `None` keeps each node's rule set its own.
+    pub control_topic: Option<String>,
     pub client_options: BTreeMap<String, String>,
     /// Events per engine batch, at most.
     pub max_batch: usize,
@@ -85,6 +89,7 @@ impl std::fmt::Debug for KafkaSettings {
             .field("state_topic", &self.state_topic)
             .field("state_checkpoint_bytes", &self.state_checkpoint_bytes)
             .field("members_topic", &self.members_topic)
+            .field("control_topic", &self.control_topic)
             .field("client_options", &self.client_options.keys().collect::<Vec<_>>())
             .field("max_batch", &self.max_batch)
             .field("max_wait", &self.max_wait)
@@ -103,6 +108,7 @@ impl KafkaSettings {
             state_topic: None,
             state_checkpoint_bytes: 64 << 20,
             members_topic: None,
+            control_topic: None,
             client_options: BTreeMap::new(),
             max_batch: 5_000,
             max_wait: Duration::from_millis(50),
@@ -144,6 +150,8 @@ pub struct KafkaStatus {
     restoring_set: Mutex<std::collections::BTreeSet<u32>>,
     /// Of each partition being read from the state topic, the records read so far.
     restore_progress: Mutex<BTreeMap<u32, u64>>,
+    /// The rule-set version this node runs (its card tells the others).
+    rules_version: std::sync::atomic::AtomicU64,
 }
 
 impl KafkaStatus {
@@ -193,6 +201,14 @@ impl KafkaStatus {
     }
 
     /// Whether this node owns and holds `partition` (always, alone in its group).
+    pub fn rules_version(&self) -> u64 {
+        self.rules_version.load(Ordering::Acquire)
+    }
+
+    pub fn set_rules_version(&self, version: u64) {
+        self.rules_version.store(version, Ordering::Release);
+    }
+
     pub fn owns(&self, partition: u32) -> bool {
         !self.group_member()
             || self

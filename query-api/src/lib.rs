@@ -71,6 +71,9 @@ pub struct AppState {
     pub access: std::sync::Arc<access::Access>,
     /// Set in a consumer group of several: who owns what, and how to reach them.
     pub cluster: Option<std::sync::Arc<cluster::Cluster>>,
+    /// Set in a group whose rule set is shared: rule-set changes go through the control
+    /// topic to every node.
+    pub control: Option<std::sync::Arc<processor::kafka::control::Control>>,
 }
 
 /// The server's shutdown signal, shared by every clone of the state.
@@ -117,6 +120,7 @@ impl AppState {
             webhooks: std::sync::Arc::new(webhooks::Webhooks::new(webhooks::WebhookConfig::default())),
             shutdown: Shutdown::new(),
             cluster: None,
+            control: None,
         }
     }
 }

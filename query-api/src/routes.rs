@@ -133,6 +133,78 @@ fn versioned_answer(
     ([(header::ETAG, format!("\"{}\"", version.version))], Json(answer)).into_response()
 }
 
+/// How long a node waits for a rule-set change it sent to the control topic to come back.
+const CONTROL_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Times a change made without `If-Match` is proposed again after another node's change,
+/// made from the same version, came first.
+const CONTROL_RETRIES: usize = 5;
+
+/// What an invalid segment change answers.
+fn segment_error(e: QueryError) -> ApiError {
+    match e {
+        QueryError::Invalid(diagnostics) => ApiError::InvalidRules(diagnostics),
+        QueryError::Cursor(m) => ApiError::BadRequest(m),
+        QueryError::Engine(e) => e.into(),
+    }
+}
+
+/// Makes a rule-set change `propose` checks: on this node alone, or — in a group sharing its
+/// rule set — through the control topic, applied by every node, this one answering once it
+/// has applied it. A change refused because another one from the same version came first
+/// is proposed again on the new version unless the caller named a version (`If-Match`: 412).
+async fn change_rules<F>(
+    app: &AppState,
+    edit: processor::RuleEdit,
+    propose: F,
+) -> Result<(processor::SegmentUpdate, processor::RuleVersion), ApiError>
+where
+    F: Fn(&processor::Engine, &processor::RuleEdit) -> Result<processor::Proposal, QueryError>
+        + Clone
+        + Send
+        + 'static,
+{
+    let Some(control) = app.control.clone() else {
+        return app
+            .engine
+            .call(move |engine| propose(engine, &edit).and_then(|p| engine.apply_proposal(p)))
+            .await?
+            .map_err(segment_error);
+    };
+    for _ in 0..=CONTROL_RETRIES {
+        let (check, asked) = (propose.clone(), edit.clone());
+        let proposal = app
+            .engine
+            .call(move |engine| check(engine, &asked))
+            .await?
+            .map_err(segment_error)?;
+        let expected = proposal.version.version - 1;
+        let control = control.clone();
+        let outcome = tokio::task::spawn_blocking(move || control.propose(proposal, CONTROL_WAIT))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        use processor::kafka::control::{ControlError, Outcome};
+        match outcome {
+            Ok(Outcome::Applied(update, version)) => return Ok((update, version)),
+            Ok(Outcome::Refused { .. }) if edit.expect.is_none() => continue,
+            Ok(Outcome::Refused { current }) => {
+                return Err(processor::EngineError::Stale { expected, current }.into());
+            }
+            Ok(Outcome::Failed(e)) => {
+                return Err(ApiError::Internal(format!(
+                    "the group accepted the change but this node could not apply it: {e}"
+                )))
+            }
+            Err(e @ ControlError::Timeout(_)) => return Err(ApiError::GatewayTimeout(e.to_string())),
+            Err(e) => return Err(ApiError::Unavailable(e.to_string())),
+        }
+    }
+    Err(ApiError::Conflict(format!(
+        "other nodes kept changing the rule set ({} attempts); try again",
+        CONTROL_RETRIES + 1
+    )))
+}
+
 /// `PUT /v1/rules`: the next version of the rule set; the answer lists what it added,
 /// removed and changed, so no removal goes unseen.
 pub async fn put_rules(
@@ -150,10 +222,10 @@ pub async fn put_rules(
         .map_err(|diags| ApiError::InvalidRules(diags.iter().map(|d| d.located(&text)).collect()))?;
     let warnings = check_reads(&app, &text)?;
     let definitions = compiled.defs().len();
-    let version = app
-        .engine
-        .call(move |engine| engine.replace_rules_as(&text, &edit, "put_rules".to_owned()))
-        .await??;
+    let (_, version) = change_rules(&app, edit, move |engine, edit| {
+        Ok(engine.propose_rules(&text, edit, "put_rules".to_owned())?)
+    })
+    .await?;
     let answer = json!({ "definitions": definitions, "backfill": "running", "warnings": warnings });
     Ok(versioned_answer(&version, note.as_deref(), answer))
 }
@@ -210,10 +282,10 @@ pub async fn rollback_rules(
 ) -> Result<Response, ApiError> {
     let edit = rule_edit(principal.as_deref(), &headers)?;
     let RollbackBody { version } = json_body(&body)?;
-    let committed = app
-        .engine
-        .call(move |engine| engine.rollback_rules(version, &edit))
-        .await??;
+    let (_, committed) = change_rules(&app, edit, move |engine, edit| {
+        Ok(engine.propose_rollback(version, edit)?)
+    })
+    .await?;
     let answer = json!({ "rolled_back_to": version, "backfill": "running" });
     Ok(versioned_answer(&committed, note.as_deref(), answer))
 }
@@ -856,7 +928,7 @@ async fn saved_segments(
         ours.sort_unstable();
         if theirs != ours {
             return Err(ApiError::Conflict(
-                "the nodes of the group run different saved segments (a segment saved on one node only, or defined otherwise): the group's counts would be wrong, so there are none; save the same segments on every node (rules are per node until the control topic, docs/cluster.md)".into(),
+                "the nodes of the group run different saved segments (one of them has not applied the group's last rule-set change yet: GET /v1/cluster shows each node's version): the group's counts would be wrong, so there are none; ask again in a moment".into(),
             ));
         }
         for theirs in part.segments {
@@ -934,7 +1006,7 @@ fn merge_definitions(parts: Vec<Json_>) -> Result<Json_, ApiError> {
     for theirs in parts {
         if shape(&theirs) != shape(&ours) {
             return Err(ApiError::Conflict(
-                "the nodes of the group run different rule sets: the group's counts would be wrong, so there are none; load the same rules on every node (rules are per node until the control topic, docs/cluster.md)".into(),
+                "the nodes of the group run different rule sets (one of them has not applied the group's last rule-set change yet: GET /v1/cluster shows each node's version): the group's counts would be wrong, so there are none; ask again in a moment".into(),
             ));
         }
         let (Some(ours), Some(theirs)) = (ours.as_array_mut(), theirs.as_array()) else {
@@ -998,15 +1070,10 @@ pub async fn put_segment(
     let SegmentBody { expr } = json_body(&body)?;
     let warnings = check_expr_reads(&app, &expr)?;
     let lookup = name.clone();
-    let (update, version) = app
-        .engine
-        .call(move |engine| engine.put_segment_as(&lookup, &expr, &edit))
-        .await?
-        .map_err(|e| match e {
-            QueryError::Invalid(diagnostics) => ApiError::InvalidRules(diagnostics),
-            QueryError::Cursor(m) => ApiError::BadRequest(m),
-            QueryError::Engine(e) => e.into(),
-        })?;
+    let (update, version) = change_rules(&app, edit, move |engine, edit| {
+        engine.propose_put_segment(&lookup, &expr, edit)
+    })
+    .await?;
     let mut answer = json!(update);
     answer["name"] = name.into();
     answer["warnings"] = serde_json::to_value(&warnings).expect("diagnostics serialise");
@@ -1024,10 +1091,10 @@ pub async fn delete_segment(
 ) -> Result<Response, ApiError> {
     let edit = rule_edit(principal.as_deref(), &headers)?;
     let lookup = name.clone();
-    let (update, version) = app
-        .engine
-        .call(move |engine| engine.delete_segment_as(&lookup, &edit))
-        .await??;
+    let (update, version) = change_rules(&app, edit, move |engine, edit| {
+        Ok(engine.propose_delete_segment(&lookup, edit)?)
+    })
+    .await?;
     let mut answer = json!(update);
     answer["webhooks_deleted"] = json!(crate::webhooks::delete_for_definition(&app, &name)?);
     answer["name"] = name.into();

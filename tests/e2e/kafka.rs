@@ -415,12 +415,14 @@ fn a_node_killed_mid_stream_is_rebuilt_from_the_state_topic_and_ends_like_an_uni
     let (expected, expected_seq, _) = reference_run(&lines);
     let broker = broker_with(&lines);
     broker.create_topic_with("state", 1, &["cleanup.policy=compact", "retention.ms=-1"]);
-    // The members' cards, under the default name (the group's).
-    broker.create_topic_with(
-        &format!("state-{}-members", std::process::id()),
-        1,
-        &["cleanup.policy=compact"],
-    );
+    // The members' cards and the rule set's changes, under the default names (the group's).
+    for kind in ["members", "control"] {
+        broker.create_topic_with(
+            &format!("state-{}-{kind}", std::process::id()),
+            1,
+            &["cleanup.policy=compact"],
+        );
+    }
     let run = TempDir::new("kafka-state");
     let config = run.path().join("tagstream.toml");
     std::fs::write(
@@ -881,6 +883,7 @@ fn two_nodes_share_a_group_and_the_survivor_of_a_kill_takes_over_without_loss() 
         &["cleanup.policy=compact", "retention.ms=-1"],
     );
     broker.create_topic_with("members", 1, &["cleanup.policy=compact"]);
+    broker.create_topic_with("control", 1, &["cleanup.policy=compact"]);
     let run = TempDir::new("kafka-two-nodes");
     let config = run.path().join("tagstream.toml");
     std::fs::write(
@@ -888,7 +891,7 @@ fn two_nodes_share_a_group_and_the_survivor_of_a_kill_takes_over_without_loss() 
         format!(
             "sync_writes = true\n[engine]\npartitions = {PARTITIONS}\n[kafka]\nbrokers = \"{}\"\n\
              group_id = \"two-nodes-{}\"\nmax_batch = 40\nstate_topic = \"state\"\nstate_checkpoint_mb = 0.005\n\
-             members_topic = \"members\"\n\
+             members_topic = \"members\"\ncontrol_topic = \"control\"\n\
              [kafka.options]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n\
              \"auto.commit.interval.ms\" = \"200\"\n",
             broker.addr,
@@ -1127,15 +1130,12 @@ fn two_nodes_share_a_group_and_the_survivor_of_a_kill_takes_over_without_loss() 
     covered.sort_unstable();
     assert_eq!(covered, (0..u64::from(PARTITIONS)).collect::<Vec<_>>());
     assert_eq!(parts, count);
-    // Saved segments' counts are the group's too, once both nodes run the segment (rules
-    // are per node for now; a segment one node lacks has no group count: 409).
+    // The rule set is the group's (the control topic): a segment put on one node runs on
+    // both, as one version under one number, and its count is the group's.
     let segment = serde_json::json!({ "expr": expr }).to_string();
     let r = request(&first.addr, "PUT", "/v1/segments/east", segment.as_bytes());
     assert!(r.status == 200 || r.status == 202, "{}", r.text());
-    let r = request(&first.addr, "GET", "/v1/segments", b"");
-    assert_eq!(r.status, 409, "{}", r.text());
-    let r = request(&second.addr, "PUT", "/v1/segments/east", segment.as_bytes());
-    assert!(r.status == 200 || r.status == 202, "{}", r.text());
+    let version = r.json()["version"].as_u64().unwrap();
     let members_of = |node: &Server| {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -1159,6 +1159,50 @@ fn two_nodes_share_a_group_and_the_survivor_of_a_kill_takes_over_without_loss() 
             std::thread::sleep(Duration::from_millis(100));
         }
     };
+    members_of(&first);
+    members_of(&second);
+    let runs = |node: &Server, version: u64| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = request(&node.addr, "GET", "/v1/rules", b"");
+            // Every node's card tells the others which version it runs.
+            let url = request(&node.addr, "GET", "/v1/cluster", b"").json()["node"].clone();
+            let told = [&first, &second].iter().all(|asked| {
+                request(&asked.addr, "GET", "/v1/cluster", b"").json()["nodes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|card| card["url"] == url && card["rules_version"] == version)
+            });
+            if r.header("etag") == Some(format!("\"{version}\"")) && told {
+                return r.text();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "version {version} on {}: {:?}",
+                node.addr,
+                r.header("etag")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    assert_eq!(runs(&first, version), runs(&second, version));
+    // A change from a version that is no longer the group's is refused on any node.
+    let r = request_with(
+        &second.addr,
+        "PUT",
+        "/v1/segments/east",
+        &[("if-match", &format!("\"{}\"", version - 1))],
+        segment.as_bytes(),
+    );
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(r.json()["current_version"], version, "{}", r.text());
+    // A whole rule set put on the other node: both run it (every customer re-judged).
+    let rules = format!("{}\ntag probed on probe ttl 1d\n", runs(&second, version));
+    let r = request(&second.addr, "PUT", "/v1/rules", rules.as_bytes());
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["version"], version + 1, "{}", r.text());
+    assert_eq!(runs(&first, version + 1), rules);
     members_of(&first);
     members_of(&second);
     // What is not merged across nodes yet is not answered as if it were the group's: a
@@ -1185,11 +1229,13 @@ fn two_nodes_share_a_group_and_the_survivor_of_a_kill_takes_over_without_loss() 
     let r = request(&first.addr, "POST", "/v1/webhooks", b"{}");
     assert_eq!(r.status, 409, "{}", r.text());
     assert!(r.text().contains("x-tagstream-scope"), "{}", r.text());
-    // Gone again, so the stores end like the single store below (which never had it).
-    for node in [&first, &second] {
-        let r = request(&node.addr, "DELETE", "/v1/segments/east", b"");
-        assert!(r.status == 200 || r.status == 202, "{}", r.text());
-    }
+    // Gone again, from both, so the stores end like the single store below (which never
+    // had it).
+    let r = request(&second.addr, "DELETE", "/v1/segments/east", b"");
+    assert!(r.status == 200 || r.status == 202, "{}", r.text());
+    runs(&first, version + 2);
+    let r = request(&first.addr, "GET", "/v1/segments/east", b"");
+    assert_eq!(r.status, 404, "{}", r.text());
     produce(&broker.addr, &lines[half..]);
     while consumed(&second) < 50.0 {
         assert!(Instant::now() < deadline, "the second node made no progress");

@@ -45,6 +45,9 @@ pub struct MemberCard {
     pub partitions: u32,
     /// When the card was written (the node's wall clock, ms since the epoch).
     pub at: i64,
+    /// The rule-set version it runs.
+    #[serde(default)]
+    pub rules_version: u64,
 }
 
 /// Who answers for a partition, as far as this node knows.
@@ -140,6 +143,7 @@ impl Members {
             restoring,
             partitions: self.partitions,
             at: wall_ms(),
+            rules_version: self.status.rules_version(),
         }
     }
 
@@ -211,35 +215,7 @@ pub fn start(
     status: Arc<KafkaStatus>,
     timeout: Duration,
 ) -> Result<MembersWorker, String> {
-    let consumer: BaseConsumer = settings
-        .client_config()
-        // Assigned, not subscribed: the group id is never joined nor committed to.
-        .set("group.id", format!("{topic}-reader"))
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "false")
-        .create()
-        .map_err(|e| format!("connecting to read the members topic `{topic}`: {e}"))?;
-    let metadata = consumer
-        .fetch_metadata(Some(topic), timeout)
-        .map_err(|e| format!("reading the members topic `{topic}`'s metadata: {e}"))?;
-    let found = metadata
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic)
-        .filter(|t| t.error().is_none())
-        .map_or(0, |t| t.partitions().len());
-    if found == 0 {
-        return Err(format!(
-            "the members topic `{topic}` does not exist: create it with one partition and cleanup.policy=compact ([kafka] members_topic, docs/cluster.md)"
-        ));
-    }
-    let mut from = TopicPartitionList::new();
-    from.add_partition_offset(topic, 0, Offset::Beginning)
-        .map_err(|e| e.to_string())?;
-    consumer
-        .assign(&from)
-        .map_err(|e| format!("reading the members topic `{topic}`: {e}"))?;
+    let consumer = single_partition_reader(settings, topic, "members", timeout)?;
     let producer: BaseProducer = settings
         .client_config()
         .set("linger.ms", "0")
@@ -258,13 +234,56 @@ pub fn start(
     })
 }
 
+/// A reader of partition 0 of `topic` (a members or control topic, named `role` in errors)
+/// from its start, once the topic is found to exist.
+pub(super) fn single_partition_reader(
+    settings: &KafkaSettings,
+    topic: &str,
+    role: &str,
+    timeout: Duration,
+) -> Result<BaseConsumer, String> {
+    let consumer: BaseConsumer = settings
+        .client_config()
+        // Assigned, not subscribed: the group id is never joined nor committed to.
+        .set("group.id", format!("{topic}-reader"))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        .create()
+        .map_err(|e| format!("connecting to read the {role} topic `{topic}`: {e}"))?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| format!("reading the {role} topic `{topic}`'s metadata: {e}"))?;
+    let found = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .filter(|t| t.error().is_none())
+        .map_or(0, |t| t.partitions().len());
+    if found == 0 {
+        return Err(format!(
+            "the {role} topic `{topic}` does not exist: create it with one partition and cleanup.policy=compact ([kafka] {role}_topic, docs/cluster.md)"
+        ));
+    }
+    let mut from = TopicPartitionList::new();
+    from.add_partition_offset(topic, 0, Offset::Beginning)
+        .map_err(|e| e.to_string())?;
+    consumer
+        .assign(&from)
+        .map_err(|e| format!("reading the {role} topic `{topic}`: {e}"))?;
+    Ok(consumer)
+}
+
 /// The worker's loop: read cards, put ours when it changed or is due, withdraw it at the end.
 fn exchange(members: &Members, topic: &str, consumer: &BaseConsumer, producer: &BaseProducer) {
     let mut last: Option<(MemberCard, Instant)> = None;
     while !members.stopping.load(Ordering::SeqCst) {
         let card = members.my_card();
         let due = last.as_ref().is_none_or(|(sent, when)| {
-            sent.owned != card.owned || sent.restoring != card.restoring || when.elapsed() >= REFRESH
+            sent.owned != card.owned
+                || sent.restoring != card.restoring
+                || sent.rules_version != card.rules_version
+                || when.elapsed() >= REFRESH
         });
         if due {
             let body = serde_json::to_vec(&card).expect("a card serialises");
@@ -325,6 +344,7 @@ mod tests {
             restoring: restoring.to_vec(),
             partitions: 6,
             at: wall_ms() - age.as_millis() as i64,
+            rules_version: 1,
         }
     }
 

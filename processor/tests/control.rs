@@ -1,0 +1,249 @@
+//! The rule set of a group of several, shared through the control topic (issue #21, §5 of
+//! `docs/design/cluster.md`), on librdkafka's mock broker: the first node offers its store's
+//! rule set to an empty topic; a node joining later, with another rule set of its own, runs
+//! the group's; a change asked of either node is applied by both, under the same version
+//! number and generation; of two changes made at once from the same version, exactly one
+//! is accepted, the same one on every node; a saved segment put on one node has its members
+//! computed from each node's own customers.
+
+use std::time::{Duration, Instant};
+
+use processor::kafka::control::{self, ControlRecord, Outcome};
+use processor::kafka::{KafkaSettings, KafkaStatus};
+use processor::{ClockMode, Engine, EngineConfig, EngineHandle, Proposal, RuleEdit, ServiceConfig};
+use rdkafka::mocking::MockCluster;
+use std::sync::Arc;
+use tests::TempDir;
+
+const FIRST: &str = "tag buyer on payment ttl 30d\n";
+const OTHER: &str = "tag viewer on view ttl 7d\n";
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Node {
+    handle: EngineHandle,
+    status: Arc<KafkaStatus>,
+    worker: control::ControlWorker,
+    _dir: TempDir,
+}
+
+impl Node {
+    fn start(brokers: &str, name: &str, rules: &str, customers: std::ops::Range<u32>) -> Node {
+        let dir = TempDir::new(name);
+        let config = EngineConfig {
+            clock: ClockMode::Event,
+            sync_writes: false,
+            ..Default::default()
+        };
+        let mut engine = Engine::open(dir.path(), Some(rules), config).unwrap();
+        let events: Vec<String> = customers
+            .map(|c| {
+                let kind = if c % 2 == 0 { "payment" } else { "view" };
+                format!(
+                    r#"{{"customer_id":"c{c}","type":"{kind}","ts":{},"props":{{"amount":5}}}}"#,
+                    1_700_000_000_000u64 + u64::from(c)
+                )
+            })
+            .collect();
+        engine.ingest(&events).unwrap();
+        let (handle, _thread) = EngineHandle::spawn(engine, ServiceConfig::default());
+        let status = Arc::new(KafkaStatus::default());
+        let settings = KafkaSettings::new(brokers, "events", "group");
+        let worker =
+            control::start(&settings, "control", name, handle.clone(), status.clone(), WAIT).unwrap();
+        Node {
+            handle,
+            status,
+            worker,
+            _dir: dir,
+        }
+    }
+
+    /// The rule text, version and generation running.
+    fn running(&self) -> (String, u64, u64) {
+        self.handle
+            .call_blocking(|e| (e.rules().source().to_owned(), e.rules_version(), e.generation()))
+            .unwrap()
+    }
+
+    fn propose(&self, make: impl FnOnce(&Engine) -> Proposal + Send + 'static) -> Proposal {
+        self.handle.call_blocking(move |e| make(e)).unwrap()
+    }
+
+    fn wait_for_version(&self, version: u64) {
+        let deadline = Instant::now() + WAIT;
+        while self.running().1 != version {
+            assert!(
+                Instant::now() < deadline,
+                "version {version} never ran here: {:?}",
+                self.running()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The members of `name`, judged: the backfill after a full change done first.
+    fn members(&self, name: &'static str) -> Vec<String> {
+        self.handle
+            .call_blocking(move |e| {
+                while e.backfill_pending() {
+                    e.backfill_step(1000).unwrap();
+                }
+                let mut ids: Vec<String> = e
+                    .customer_ids()
+                    .unwrap()
+                    .into_iter()
+                    .filter(|id| {
+                        let view = e.customer(id).unwrap().unwrap();
+                        view.tags.contains_key(name) || view.segments.contains_key(name)
+                    })
+                    .collect();
+                ids.sort();
+                ids
+            })
+            .unwrap()
+    }
+}
+
+#[test]
+fn every_node_runs_the_groups_rule_set_and_each_change_once_in_one_order() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("control", 1, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+
+    // The first node finds the topic empty and offers its rule set.
+    let a = Node::start(&brokers, "control-a", FIRST, 0..10);
+    let (text, version, generation) = a.running();
+    assert_eq!((text.as_str(), version), (FIRST, 1));
+    assert_eq!(a.status.rules_version(), 1);
+
+    // A node whose store has a rule set of its own runs the group's instead.
+    let b = Node::start(&brokers, "control-b", OTHER, 10..20);
+    assert_eq!(
+        b.running(),
+        (FIRST.to_owned(), 1, generation),
+        "B runs the chain's start"
+    );
+    assert_eq!(b.members("buyer"), ["c10", "c12", "c14", "c16", "c18"]);
+    assert!(b.members("viewer").is_empty(), "its own rule set is gone");
+
+    // A change asked of A is applied by both, under one number and generation.
+    let two = "tag buyer on payment ttl 30d\ntag viewer on view ttl 7d\n";
+    let proposal = a.propose(|e| {
+        e.propose_rules(two, &RuleEdit::by("ann"), "put_rules".into())
+            .unwrap()
+    });
+    assert_eq!(proposal.version.version, 2);
+    match a.worker.control().propose(proposal, WAIT).unwrap() {
+        Outcome::Applied(_, version) => assert_eq!((version.version, version.author.as_str()), (2, "ann")),
+        other => panic!("not applied: {other:?}"),
+    }
+    b.wait_for_version(2);
+    assert_eq!(a.running(), b.running());
+    assert_ne!(a.running().2, generation, "a full change moves the generation on");
+    assert_eq!(b.members("viewer"), ["c11", "c13", "c15", "c17", "c19"]);
+    assert_eq!(b.status.rules_version(), 2);
+
+    // Two changes made at once from version 2: the first in the topic wins everywhere.
+    let three_a = a.propose(|e| {
+        e.propose_rules(FIRST, &RuleEdit::by("ann"), "put_rules".into())
+            .unwrap()
+    });
+    let three_b = b.propose(|e| {
+        e.propose_put_segment("both", "buyer or viewer", &RuleEdit::by("bob"))
+            .unwrap()
+    });
+    let (from_a, from_b) = std::thread::scope(|s| {
+        let sent_a = s.spawn(|| a.worker.control().propose(three_a, WAIT).unwrap());
+        let sent_b = s.spawn(|| b.worker.control().propose(three_b, WAIT).unwrap());
+        (sent_a.join().unwrap(), sent_b.join().unwrap())
+    });
+    let winner = match (&from_a, &from_b) {
+        (Outcome::Applied(_, v), Outcome::Refused { current: 3 }) => {
+            assert_eq!(v.author, "ann");
+            "ann"
+        }
+        (Outcome::Refused { current: 3 }, Outcome::Applied(_, v)) => {
+            assert_eq!(v.author, "bob");
+            "bob"
+        }
+        other => panic!("exactly one change is accepted: {other:?}"),
+    };
+    a.wait_for_version(3);
+    b.wait_for_version(3);
+    assert_eq!(a.running(), b.running(), "both run the winner ({winner})");
+
+    // A saved segment put on one node: its members from each node's own customers.
+    let (_, current, _) = b.running();
+    let segment = b.propose(|e| {
+        e.propose_put_segment("payers", "buyer", &RuleEdit::by("bob"))
+            .unwrap()
+    });
+    assert_eq!(segment.version.version, current + 1);
+    let Outcome::Applied(update, _) = b.worker.control().propose(segment, WAIT).unwrap() else {
+        panic!("a segment put from the current version is accepted");
+    };
+    assert_eq!(
+        serde_json::to_value(update).unwrap(),
+        serde_json::json!({"applied": "immediate", "members": 5, "entered": 5, "exited": 0})
+    );
+    a.wait_for_version(current + 1);
+    assert_eq!(a.running(), b.running());
+    assert_eq!(a.members("payers"), ["c0", "c2", "c4", "c6", "c8"]);
+    assert_eq!(b.members("payers"), ["c10", "c12", "c14", "c16", "c18"]);
+
+    // A third node, starting after all this, reads the chain and runs its last version.
+    let c = Node::start(&brokers, "control-c", OTHER, 20..22);
+    assert_eq!(c.running(), a.running());
+    assert_eq!(c.members("payers"), ["c20"]);
+}
+
+/// The chain is decided from the topic alone: a start only on an empty chain, then each
+/// change only from the last accepted version.
+#[test]
+fn the_chain_accepts_a_start_then_each_next_version_once() {
+    let proposal = |version: u64| Proposal {
+        change: processor::RuleChange::Rules,
+        version: processor::RuleVersion {
+            version,
+            author: "t".into(),
+            at: 0,
+            action: "put_rules".into(),
+            diff: Default::default(),
+            text: String::new(),
+        },
+        generation: version,
+    };
+    let mut chain = control::Chain::default();
+    assert!(!chain.accept(&ControlRecord::Mark));
+    assert!(chain.accept(&ControlRecord::Start {
+        proposal: proposal(4)
+    }));
+    assert!(
+        !chain.accept(&ControlRecord::Start {
+            proposal: proposal(1)
+        }),
+        "a second start"
+    );
+    assert!(
+        !chain.accept(&ControlRecord::Change {
+            proposal: proposal(4)
+        }),
+        "not after 4"
+    );
+    assert!(
+        !chain.accept(&ControlRecord::Change {
+            proposal: proposal(6)
+        }),
+        "skips 5"
+    );
+    assert!(chain.accept(&ControlRecord::Change {
+        proposal: proposal(5)
+    }));
+    assert!(
+        !chain.accept(&ControlRecord::Change {
+            proposal: proposal(5)
+        }),
+        "5 again, from 4"
+    );
+    assert_eq!(chain.last(), Some(5));
+}
