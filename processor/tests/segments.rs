@@ -248,6 +248,31 @@ proptest! {
                 prop_assert_eq!(&members, &expected, "{} over {:?}", e.text(), some);
                 prop_assert_eq!(count, expected.len(), "{} over {:?}", e.text(), some);
             }
+            // A tag's or segment's members over some partitions, in id order, in pages.
+            for name in ["viewer", "buyer", "vip_buyers"] {
+                let set = engine.reader().member_set(name).unwrap();
+                let mut members: Vec<String> = Vec::new();
+                loop {
+                    let (page, more) = engine.reader().members_in_partitions(&set, members.last().map(String::as_str), 3, &some);
+                    prop_assert!(page.len() <= 3);
+                    members.extend(page.iter().map(str::to_owned));
+                    if !more {
+                        break;
+                    }
+                }
+                let mut expected: Vec<String> = engine
+                    .customer_ids()
+                    .unwrap()
+                    .into_iter()
+                    .filter(|id| {
+                        let view = engine.customer(id).unwrap().unwrap();
+                        view.tags.contains_key(name) || view.segments.contains_key(name)
+                    })
+                    .filter(|id| some.contains(&processor::partition::partition_of(id.as_bytes(), partitions)))
+                    .collect();
+                expected.sort();
+                prop_assert_eq!(&members, &expected, "{} over {:?}", name, some);
+            }
             Ok(())
         };
         check(&engine)?;

@@ -487,9 +487,16 @@ pub const SCOPE: &str = "x-tagstream-scope";
 /// Names, on an answer of this node's part, the partitions it covers.
 pub const PARTITIONS: &str = "x-tagstream-partitions";
 
-/// The middleware of the routes a group of several does not merge yet (a segment's members
-/// and exports, its delta and stream, SQL, the change log, the definitions' counts, lookups
-/// by identifier): on a node that answers for fewer than every partition, such an answer
+/// Names, on an answer of this node's part, the partitions it covers.
+pub fn name_partitions(answer: &mut Response, partitions: &[u32]) {
+    let list: Vec<String> = partitions.iter().map(u32::to_string).collect();
+    if let Ok(value) = HeaderValue::from_str(&list.join(",")) {
+        answer.headers_mut().insert(PARTITIONS, value);
+    }
+}
+
+/// The middleware of the routes a group of several does not merge yet (a segment's delta
+/// and stream, SQL, the change log, lookups by identifier): on a node that answers for fewer than every partition, such an answer
 /// would silently be part of the group's. So it is refused — 409 when other nodes own the
 /// rest, 503 while this node, alone, is still restoring some — unless the caller asks for
 /// this node's part with `x-tagstream-scope: node`; that answer names the partitions it
@@ -505,10 +512,7 @@ pub async fn whole_or_scoped(State(app): State<AppState>, request: Request, next
     }
     if scoped(request.headers()) {
         let mut answer = next.run(request).await;
-        let list: Vec<String> = owned.iter().map(u32::to_string).collect();
-        if let Ok(value) = HeaderValue::from_str(&list.join(",")) {
-            answer.headers_mut().insert(PARTITIONS, value);
-        }
+        name_partitions(&mut answer, &owned);
         return answer;
     }
     let path = request.uri().path().to_owned();

@@ -26,6 +26,7 @@ pub mod cluster;
 mod console;
 mod error;
 pub mod export;
+mod group_members;
 pub mod metrics;
 mod routes;
 pub mod sql;
@@ -196,6 +197,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/schema/observed", get(routes::schema_observed))
         .route("/openapi.json", get(routes::openapi))
         .route("/v1/cluster", get(cluster::cluster))
+        // Merged across a group of several in the handler.
+        .route("/v1/segments/{name}/members", get(routes::segment_members))
         .route("/metrics", get(routes::metrics))
         .route("/healthz", get(routes::healthz))
         .route("/", get(console::index))
@@ -210,7 +213,6 @@ pub fn router(state: AppState) -> Router {
                     get(routes::customer_by_identifier),
                 )
                 .route("/v1/identities/stats", get(routes::identity_stats))
-                .route("/v1/segments/{name}/members", get(routes::segment_members))
                 .route("/v1/segments/{name}/delta", get(streams::delta))
                 .route("/v1/segments/{name}/stream", get(streams::stream))
                 .route("/v1/sql", post(sql::sql))

@@ -140,15 +140,6 @@ const CONTROL_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// made from the same version, came first.
 const CONTROL_RETRIES: usize = 5;
 
-/// What an invalid segment change answers.
-fn segment_error(e: QueryError) -> ApiError {
-    match e {
-        QueryError::Invalid(diagnostics) => ApiError::InvalidRules(diagnostics),
-        QueryError::Cursor(m) => ApiError::BadRequest(m),
-        QueryError::Engine(e) => e.into(),
-    }
-}
-
 /// Makes a rule-set change `propose` checks: on this node alone, or — in a group sharing its
 /// rule set — through the control topic, applied by every node, this one answering once it
 /// has applied it. A change refused because another one from the same version came first
@@ -169,7 +160,7 @@ where
             .engine
             .call(move |engine| propose(engine, &edit).and_then(|p| engine.apply_proposal(p)))
             .await?
-            .map_err(segment_error);
+            .map_err(query_error);
     };
     for _ in 0..=CONTROL_RETRIES {
         let (check, asked) = (propose.clone(), edit.clone());
@@ -177,7 +168,7 @@ where
             .engine
             .call(move |engine| check(engine, &asked))
             .await?
-            .map_err(segment_error)?;
+            .map_err(query_error)?;
         let expected = proposal.version.version - 1;
         let control = control.clone();
         let outcome = tokio::task::spawn_blocking(move || control.propose(proposal, CONTROL_WAIT))
@@ -858,7 +849,7 @@ async fn cluster_query(
     ))
 }
 
-fn query_error(e: QueryError) -> ApiError {
+pub(crate) fn query_error(e: QueryError) -> ApiError {
     match e {
         QueryError::Invalid(diagnostics) => ApiError::InvalidRules(diagnostics),
         QueryError::Cursor(m) => ApiError::BadRequest(m),
@@ -1104,16 +1095,65 @@ pub async fn delete_segment(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MembersQuery {
-    format: Option<String>,
+    pub(crate) format: Option<String>,
     /// Comma-separated `since`, `expires_at`, traits and `profile.ATTR`s to add as columns.
-    fields: Option<String>,
+    pub(crate) fields: Option<String>,
     /// At most this many members, with the next page's cursor in `x-next-cursor`.
-    limit: Option<usize>,
-    cursor: Option<String>,
+    pub(crate) limit: Option<usize>,
+    pub(crate) cursor: Option<String>,
 }
 
 /// Members per page while exporting; also the Arrow/Parquet batch size.
-const EXPORT_PAGE: usize = 8192;
+pub(crate) const EXPORT_PAGE: usize = 8192;
+
+/// The columns an export asked for (`fields`: comma-separated), as this key's role may see
+/// them.
+pub(crate) struct ExportColumns {
+    pub fields: Vec<processor::ExportField>,
+    pub columns: Vec<Column>,
+    /// Per column, the masking of its values when they are masked; kept across pages, so
+    /// each distinct value of a column is masked once per export.
+    pub maskers: Vec<Option<ValueMap>>,
+}
+
+pub(crate) fn export_columns(
+    reader: &processor::ReadHandle,
+    masking: &Masking,
+    fields: Option<&str>,
+) -> Result<ExportColumns, ApiError> {
+    let mut out = ExportColumns {
+        fields: Vec::new(),
+        columns: Vec::new(),
+        maskers: Vec::new(),
+    };
+    for f in fields.unwrap_or("").split(',').map(str::trim) {
+        if f.is_empty() {
+            continue;
+        }
+        let (field, mut ty) = reader.export_field(f).map_err(ApiError::BadRequest)?;
+        // Identifiers are masked by their type's name (`phone = "mask"`), as on the
+        // customer view; customer ids by `customer_id`'s policy.
+        let attr = f.strip_prefix("profile.").or_else(|| f.strip_prefix("ids."));
+        let policy = attr.map(|a| masking.policy(a));
+        match policy {
+            Some(FieldPolicy::Hide) => {
+                return Err(ApiError::Forbidden(format!(
+                    "the field `{f}` is hidden from this key's role"
+                )))
+            }
+            Some(FieldPolicy::Mask) => ty = rules::Type::Str,
+            _ => {}
+        }
+        out.maskers
+            .push((policy == Some(FieldPolicy::Mask)).then(|| ValueMap::new(mask_stored)));
+        out.columns.push(Column {
+            name: f.to_owned(),
+            ty,
+        });
+        out.fields.push(field);
+    }
+    Ok(out)
+}
 
 /// Streams the members of a tag or segment, in the index's customer-number order, from a
 /// copy of its bitmap taken when the request arrived (one consistent membership). Without
@@ -1123,9 +1163,31 @@ pub async fn segment_members(
     Path(name): Path<String>,
     principal: Option<Extension<Principal>>,
     note: Option<Extension<AuditNote>>,
+    headers: HeaderMap,
     q: Result<Query<MembersQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    use crate::group_members::{self as group, Asked};
+    match group::asked(&app, &headers) {
+        Asked::Alone => local_members(app, name, principal, note, q).await,
+        Asked::Scoped(partitions) => {
+            let mut answer = local_members(app, name, principal, note, q).await?;
+            crate::cluster::name_partitions(&mut answer, &partitions);
+            Ok(answer)
+        }
+        Asked::Part => group::part(&app, &name, q).await,
+        Asked::Group => group::members(&app, &headers, &name, &principal, note.as_deref(), q).await,
+    }
+}
+
+/// [`segment_members`] as one node answers it.
+async fn local_members(
+    app: AppState,
+    name: String,
+    principal: Option<Extension<Principal>>,
+    note: Option<Extension<AuditNote>>,
+    q: MembersQuery,
+) -> Result<Response, ApiError> {
     let format_name = q.format.unwrap_or_else(|| "ndjson".into());
     if let Some(note) = &note {
         note.set("segment", &name);
@@ -1147,36 +1209,11 @@ pub async fn segment_members(
         .map_err(ApiError::BadRequest)?;
     let reader = app.engine.reader().clone();
     let masking = masking_of(&principal);
-    let mut fields = Vec::new();
-    let mut columns = Vec::new();
-    // Per column, the masking of its values when they are masked; kept across pages, so
-    // each distinct value of a column is masked once per export.
-    let mut maskers: Vec<Option<ValueMap>> = Vec::new();
-    for f in q.fields.as_deref().unwrap_or("").split(',').map(str::trim) {
-        if f.is_empty() {
-            continue;
-        }
-        let (field, mut ty) = reader.export_field(f).map_err(ApiError::BadRequest)?;
-        // Identifiers are masked by their type's name (`phone = "mask"`), as on the
-        // customer view; customer ids by `customer_id`'s policy.
-        let attr = f.strip_prefix("profile.").or_else(|| f.strip_prefix("ids."));
-        let policy = attr.map(|a| masking.policy(a));
-        match policy {
-            Some(FieldPolicy::Hide) => {
-                return Err(ApiError::Forbidden(format!(
-                    "the field `{f}` is hidden from this key's role"
-                )))
-            }
-            Some(FieldPolicy::Mask) => ty = rules::Type::Str,
-            _ => {}
-        }
-        maskers.push((policy == Some(FieldPolicy::Mask)).then(|| ValueMap::new(mask_stored)));
-        columns.push(Column {
-            name: f.to_owned(),
-            ty,
-        });
-        fields.push(field);
-    }
+    let ExportColumns {
+        fields,
+        columns,
+        mut maskers,
+    } = export_columns(&reader, &masking, q.fields.as_deref())?;
     // Ids are masked as the encoder writes them.
     let id_policy = masking.policy(crate::access::mask::CUSTOMER_ID);
     let set = reader

@@ -654,33 +654,61 @@ impl ReadHandle {
         let id = compiled.lookup(QUERY_NAME).expect("the query definition");
         let mut matches = self.evaluate_set(&compiled, id, Some(&rules), None)?;
         matches &= self.numbers_of_partitions(partitions);
-        // The smallest `limit + 1` ids after the cursor, without sorting them all.
-        let mut smallest: std::collections::BinaryHeap<String> = std::collections::BinaryHeap::new();
+        let (page, more) = self.first_by_id(&matches, after, limit);
+        Ok(PartitionsPage {
+            count: matches.len() as usize,
+            customers: page.iter().map(str::to_owned).collect(),
+            more,
+        })
+    }
+
+    /// The members of `set` in `partitions` only, in customer id order: the first `limit`
+    /// after id `after`, and whether more follow (a node of a group answers for the
+    /// partitions it owns; the pages of several nodes merge by id).
+    pub fn members_in_partitions(
+        &self,
+        set: &RoaringBitmap,
+        after: Option<&str>,
+        limit: usize,
+        partitions: &[u32],
+    ) -> (crate::index::IdPage, bool) {
+        let within = set & &self.numbers_of_partitions(partitions);
+        self.first_by_id(&within, after, limit)
+    }
+
+    /// The customers of `numbers` with the `limit` smallest ids after `after`, in id order,
+    /// and whether more follow: a bounded heap over every id, not a sort of them all.
+    fn first_by_id(
+        &self,
+        numbers: &RoaringBitmap,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (crate::index::IdPage, bool) {
+        let mut smallest: std::collections::BinaryHeap<(String, u32)> = std::collections::BinaryHeap::new();
         if limit > 0 {
-            let numbers: Vec<u32> = matches.iter().collect();
+            let numbers: Vec<u32> = numbers.iter().collect();
             for chunk in numbers.chunks(65_536) {
                 let ids = self.index.read().ids_of(chunk.iter().copied());
-                for id in ids.iter() {
+                for (id, &number) in ids.iter().zip(ids.numbers()) {
                     if after.is_some_and(|a| id <= a) {
                         continue;
                     }
                     if smallest.len() <= limit {
-                        smallest.push(id.to_owned());
-                    } else if smallest.peek().is_some_and(|top| id < top.as_str()) {
+                        smallest.push((id.to_owned(), number));
+                    } else if smallest.peek().is_some_and(|(top, _)| id < top.as_str()) {
                         smallest.pop();
-                        smallest.push(id.to_owned());
+                        smallest.push((id.to_owned(), number));
                     }
                 }
             }
         }
-        let mut customers = smallest.into_sorted_vec();
-        let more = customers.len() > limit;
-        customers.truncate(limit);
-        Ok(PartitionsPage {
-            count: matches.len() as usize,
-            customers,
+        let mut first = smallest.into_sorted_vec();
+        let more = first.len() > limit;
+        first.truncate(limit);
+        (
+            crate::index::IdPage::from_ids(first.iter().map(|(id, number)| (*number, id.as_str()))),
             more,
-        })
+        )
     }
 
     /// The numbers of the customers in `partitions` (by their ids' hash), from a table
