@@ -1475,19 +1475,29 @@ fn three_nodes() -> ThreeNodes {
     let b = Server::start(&run.path().join("b"), &config);
     split(&[&a, &b], Duration::from_secs(120));
 
-    // A rule change on A; both re-judge their customers, and C joins at once.
-    let original = request(&a.addr, "GET", "/v1/rules", b"").text();
-    let changed = format!("{original}\ntag paid_once = count(payment, lifetime) >= 1\n");
-    let r = request(&a.addr, "PUT", "/v1/rules", changed.as_bytes());
-    assert_eq!(r.status, 200, "{}", r.text());
-    let c = Server::start(&run.path().join("c"), &config);
-    // While C restores what it is given, a saved segment is added on B.
-    let restoring = request(&c.addr, "GET", "/readyz", b"").status != 200;
+    // A saved segment added on B; then C joins, and while it restores what it is given, a
+    // rule change on A: the partitions C restores were written under the rules before it.
     let segment = serde_json::json!({ "expr": "profile.city == \"上海\"" }).to_string();
     let r = request(&b.addr, "PUT", "/v1/segments/shanghai", segment.as_bytes());
     assert!(r.status == 200 || r.status == 202, "{}", r.text());
+    let c = Server::start(&run.path().join("c"), &config);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let restoring = loop {
+        let r = request(&c.addr, "GET", "/readyz", b"");
+        if r.text().contains("restoring") {
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let current = request(&a.addr, "GET", "/v1/rules", b"").text();
+    let changed = format!("{current}\ntag paid_once = count(payment, lifetime) >= 1\n");
+    let r = request(&a.addr, "PUT", "/v1/rules", changed.as_bytes());
+    assert_eq!(r.status, 200, "{}", r.text());
     eprintln!(
-        "the segment was saved while C was {}restoring",
+        "the rules changed while C was {}restoring",
         if restoring { "" } else { "not " }
     );
     split(&[&a, &b, &c], Duration::from_secs(120));
