@@ -17,8 +17,8 @@ use serde::{Deserialize, Serialize};
 use crate::access::{masking_of, AuditNote, FieldPolicy, Masking, Principal};
 use crate::cluster::{self, Part};
 use crate::error::ApiError;
-use crate::export::{Encoder, Format};
-use crate::routes::{export_columns, query_error, ExportColumns, MembersQuery, EXPORT_PAGE};
+use crate::export::Encoder;
+use crate::routes::{export_columns, export_format, query_error, ExportColumns, MembersQuery, EXPORT_PAGE};
 use crate::AppState;
 
 /// How a members request reaching this node is to be answered.
@@ -211,19 +211,7 @@ pub(crate) async fn members(
     note: Option<&AuditNote>,
     q: MembersQuery,
 ) -> Result<Response, ApiError> {
-    let format_name = q.format.clone().unwrap_or_else(|| "ndjson".into());
-    if let Some(note) = note {
-        note.set("segment", name);
-        note.set("format", &format_name);
-    }
-    let format = Format::parse(&format_name).ok_or_else(|| {
-        ApiError::BadRequest(format!(
-            "unknown format `{format_name}`: use ndjson, csv, parquet or arrow"
-        ))
-    })?;
-    if q.limit == Some(0) {
-        return Err(ApiError::BadRequest("limit must be at least 1".into()));
-    }
+    let format = export_format(&q, name, note)?;
     let masking = masking_of(principal);
     let id_policy = masking.policy(crate::access::mask::CUSTOMER_ID);
     if q.limit.is_some() && id_policy != FieldPolicy::Show {

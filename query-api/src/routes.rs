@@ -1106,6 +1106,28 @@ pub struct MembersQuery {
 /// Members per page while exporting; also the Arrow/Parquet batch size.
 pub(crate) const EXPORT_PAGE: usize = 8192;
 
+/// The format a members request asks for (told to the audit trail), its limit checked.
+pub(crate) fn export_format(
+    q: &MembersQuery,
+    name: &str,
+    note: Option<&AuditNote>,
+) -> Result<Format, ApiError> {
+    let format_name = q.format.as_deref().unwrap_or("ndjson");
+    if let Some(note) = note {
+        note.set("segment", name);
+        note.set("format", format_name);
+    }
+    let format = Format::parse(format_name).ok_or_else(|| {
+        ApiError::BadRequest(format!(
+            "unknown format `{format_name}`: use ndjson, csv, parquet or arrow"
+        ))
+    })?;
+    if q.limit == Some(0) {
+        return Err(ApiError::BadRequest("limit must be at least 1".into()));
+    }
+    Ok(format)
+}
+
 /// The columns an export asked for (`fields`: comma-separated), as this key's role may see
 /// them.
 pub(crate) struct ExportColumns {
@@ -1188,19 +1210,7 @@ async fn local_members(
     note: Option<Extension<AuditNote>>,
     q: MembersQuery,
 ) -> Result<Response, ApiError> {
-    let format_name = q.format.unwrap_or_else(|| "ndjson".into());
-    if let Some(note) = &note {
-        note.set("segment", &name);
-        note.set("format", &format_name);
-    }
-    let format = Format::parse(&format_name).ok_or_else(|| {
-        ApiError::BadRequest(format!(
-            "unknown format `{format_name}`: use ndjson, csv, parquet or arrow"
-        ))
-    })?;
-    if q.limit == Some(0) {
-        return Err(ApiError::BadRequest("limit must be at least 1".into()));
-    }
+    let format = export_format(&q, &name, note.as_deref())?;
     let after = q
         .cursor
         .as_deref()

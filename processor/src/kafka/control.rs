@@ -264,13 +264,7 @@ impl Reader {
             let Some(message) = self.consumer.poll(left.min(Duration::from_millis(200))) else {
                 continue;
             };
-            let message = message.map_err(|e| e.to_string())?;
-            let key = message
-                .key_view::<str>()
-                .and_then(Result::ok)
-                .unwrap_or_default()
-                .to_owned();
-            let Some(record) = decode(&key, message.payload()) else {
+            let Some((key, record)) = decode(&message.map_err(|e| e.to_string())?) else {
                 continue;
             };
             if self.chain.accept(&record) {
@@ -352,12 +346,7 @@ impl Reader {
                     continue;
                 }
             };
-            let key = message
-                .key_view::<str>()
-                .and_then(Result::ok)
-                .unwrap_or_default()
-                .to_owned();
-            let Some(record) = decode(&key, message.payload()) else {
+            let Some((key, record)) = decode(&message) else {
                 continue;
             };
             let before = self.chain.last();
@@ -385,11 +374,16 @@ impl Reader {
     }
 }
 
-/// A record read from the topic, or `None` (logged) when it is not one tagstream wrote.
-fn decode(key: &str, payload: Option<&[u8]>) -> Option<ControlRecord> {
-    let bytes = payload?;
-    match serde_json::from_slice(bytes) {
-        Ok(record) => Some(record),
+/// A record read from the topic with its key, or `None` (logged) when it is not one
+/// tagstream wrote.
+fn decode(message: &rdkafka::message::BorrowedMessage<'_>) -> Option<(String, ControlRecord)> {
+    let key = message
+        .key_view::<str>()
+        .and_then(Result::ok)
+        .unwrap_or_default()
+        .to_owned();
+    match serde_json::from_slice(message.payload()?) {
+        Ok(record) => Some((key, record)),
         Err(e) => {
             tracing::warn!(error = %e, key, "a record on the control topic is not one tagstream wrote; ignored");
             None
