@@ -329,3 +329,32 @@ pub(crate) async fn members(
     )
         .into_response())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A value as a part carries it reads back as its column's type: a duration stays a
+    /// duration (JSON prints it as milliseconds), a missing value is no value.
+    #[test]
+    fn values_read_back_as_their_columns_type() {
+        let duration = rules::Value::Dur(90_000);
+        let wire = duration.to_json();
+        assert_eq!(from_wire(&wire, rules::Type::Dur), Some(duration));
+        assert_eq!(
+            from_wire(&wire, rules::Type::Num),
+            Some(rules::Value::from_json(&serde_json::json!(90_000)))
+        );
+        let exact = rules::Value::from_json(&serde_json::from_str("1234.5600001").unwrap());
+        assert_eq!(from_wire(&exact.to_json(), rules::Type::Num), Some(exact));
+        let text = rules::Value::str("上海");
+        assert_eq!(from_wire(&text.to_json(), rules::Type::Str), Some(text));
+        assert_eq!(from_wire(&serde_json::Value::Null, rules::Type::Str), None);
+    }
+
+    #[test]
+    fn names_and_fields_are_escaped_in_a_part_request() {
+        assert_eq!(escape("since,profile.city"), "since,profile.city");
+        assert_eq!(escape("城市 a&b=c"), "%E5%9F%8E%E5%B8%82%20a%26b%3Dc");
+    }
+}
