@@ -143,7 +143,8 @@ const CONTROL_RETRIES: usize = 5;
 /// Makes a rule-set change `propose` checks: on this node alone, or — in a group sharing its
 /// rule set — through the control topic, applied by every node, this one answering once it
 /// has applied it. A change refused because another one from the same version came first
-/// is proposed again on the new version unless the caller named a version (`If-Match`: 412).
+/// is proposed again on the new version unless the caller named a version (`If-Match`: 409
+/// with the current version).
 async fn change_rules<F>(
     app: &AppState,
     edit: processor::RuleEdit,
