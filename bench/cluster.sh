@@ -33,11 +33,7 @@ cleanup() {
     wait 2>/dev/null || true
 }
 trap cleanup EXIT
-"$TAGSTREAM_TANSU" broker --listener-url "tcp://127.0.0.1:$port" \
-    --advertised-listener-url "tcp://127.0.0.1:$port" --storage-engine memory://tansu/ \
-    >"$work/tansu-cluster.log" 2>&1 &
-broker=$!
-sleep 1
+start_memory_broker "$port" "$work/tansu-cluster.log"
 topic() { "$TAGSTREAM_TANSU" topic create "$1" --broker "tcp://127.0.0.1:$port" --partitions "$2" "${@:3}" >/dev/null; }
 topic events "$partitions"
 topic tag-changes "$partitions"

@@ -26,11 +26,7 @@ cleanup() {
     wait 2>/dev/null || true
 }
 trap cleanup EXIT
-"$TAGSTREAM_TANSU" broker --listener-url "tcp://127.0.0.1:$port" \
-    --advertised-listener-url "tcp://127.0.0.1:$port" --storage-engine memory://tansu/ \
-    >"$work/tansu.log" 2>&1 &
-broker=$!
-sleep 1
+start_memory_broker "$port" "$work/tansu.log"
 "$TAGSTREAM_TANSU" topic create events --broker "tcp://127.0.0.1:$port" --partitions "$partitions" >/dev/null
 "$TAGSTREAM_TANSU" topic create tag-changes --broker "tcp://127.0.0.1:$port" --partitions "$partitions" >/dev/null
 "$TAGSTREAM_TANSU" topic create tagstream-dead-letters --broker "tcp://127.0.0.1:$port" --partitions 1 >/dev/null

