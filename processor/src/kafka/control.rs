@@ -103,7 +103,8 @@ pub enum ControlError {
 /// This node's end of the control topic.
 pub struct Control {
     topic: String,
-    url: String,
+    /// This node's name among the group's (in the keys of the records it writes).
+    node: String,
     producer: BaseProducer,
     outcomes: Mutex<HashMap<String, Outcome>>,
     arrived: Condvar,
@@ -133,16 +134,16 @@ impl Control {
         }
     }
 
-    /// A key no other record has: this node's address, the version and the moment.
+    /// A key no other record has: the version, this node's name and the moment.
     fn key(&self, version: u64) -> String {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
-        format!("{version}|{}|{nanos}", self.url)
+        format!("{version}|{}|{nanos}", self.node)
     }
 
     fn mine(&self, key: &str) -> bool {
-        key.split('|').nth(1) == Some(self.url.as_str())
+        key.split('|').nth(1) == Some(self.node.as_str())
     }
 
     fn send(&self, key: &str, record: &ControlRecord) -> Result<(), ControlError> {
@@ -197,7 +198,7 @@ impl Drop for ControlWorker {
 pub fn start(
     settings: &KafkaSettings,
     topic: &str,
-    url: &str,
+    node: &str,
     engine: EngineHandle,
     status: Arc<KafkaStatus>,
     timeout: Duration,
@@ -210,7 +211,7 @@ pub fn start(
         .map_err(|e| format!("connecting to write the control topic `{topic}`: {e}"))?;
     let control = Arc::new(Control {
         topic: topic.to_owned(),
-        url: url.to_owned(),
+        node: node.to_owned(),
         producer,
         outcomes: Mutex::new(HashMap::new()),
         arrived: Condvar::new(),
