@@ -350,7 +350,7 @@ impl<'w> DeltaBuilder<'w> {
     pub fn finish(
         mut self,
         commit: u64,
-        clock: Option<i64>,
+        clock: impl Fn(u32) -> Option<i64>,
         mut emit: impl FnMut(u32, &dyn Fn(&mut Writer)),
     ) {
         // By partition, family and key; a key's writes stay in the order issued (stable).
@@ -380,7 +380,7 @@ impl<'w> DeltaBuilder<'w> {
                 partition,
                 partitions: self.partitions,
                 commit,
-                clock,
+                clock: clock(partition),
                 positions: self.positions.get(&partition).unwrap_or(&no_positions),
                 baseline_from: None,
             };

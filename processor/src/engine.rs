@@ -153,6 +153,20 @@ pub struct EngineConfig {
     /// it writes, a delta another store can restore the partition from, into the `outbox`
     /// column family. Off unless a node shares its partitions (issue #21).
     pub changelog: bool,
+    /// Event clock mode: one clock per partition — the greatest `ts` of its own events (or
+    /// a later time set for all) — instead of one for the store. What a partition's
+    /// customers become then depends on that partition's events alone, not on how its
+    /// events interleave with other partitions', so a partition judged on one node and
+    /// taken over by another (with its clock, in the changelog) is judged as one node would
+    /// have. On for a node of a consumer group ([`EngineConfig::changelog`]).
+    pub clock_per_partition: bool,
+}
+
+impl EngineConfig {
+    /// Whether each partition keeps its own event clock ([`EngineConfig::clock_per_partition`]).
+    pub(crate) fn partition_clocks(&self) -> bool {
+        self.clock == ClockMode::Event && self.clock_per_partition
+    }
 }
 
 /// Retention of a log (the change log, the dead letters): its oldest entries go once they
@@ -194,6 +208,7 @@ impl Default for EngineConfig {
             timers_beside_events: 256,
             segment_round: 50_000,
             changelog: false,
+            clock_per_partition: false,
             identity: crate::identity::IdentityConfig::default(),
             heap_probe: None,
             bound_heap: false,
@@ -580,9 +595,14 @@ impl Written {
 }
 
 /// Counters that a failed commit must roll back.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Counters {
+    /// The event clock: with a clock per partition, the greatest of theirs.
     clock: Option<i64>,
+    /// Each partition's event clock ([`EngineConfig::clock_per_partition`]; empty without).
+    partition_clocks: Vec<Option<i64>>,
+    /// The partitions whose clock moved since the last commit wrote them.
+    clocks_moved: Vec<u32>,
     next_seq: u64,
     next_arrival: u64,
     next_dlq: u64,
@@ -590,7 +610,87 @@ struct Counters {
     next_commit: u64,
 }
 
+impl Counters {
+    /// The event clock `partition`'s customers are judged by.
+    fn clock_of(&self, partition: u32) -> Option<i64> {
+        match self.partition_clocks.get(partition as usize) {
+            Some(clock) => *clock,
+            None => self.clock,
+        }
+    }
+
+    /// Moves `partition`'s event clock (and the store's) forward to `ts`; whether it moved.
+    fn advance(&mut self, partition: u32, ts: i64) -> bool {
+        if let Some(clock) = self.partition_clocks.get_mut(partition as usize) {
+            if clock.is_some_and(|c| c >= ts) {
+                return false;
+            }
+            *clock = Some(ts);
+            self.clocks_moved.push(partition);
+        } else if self.clock.is_some_and(|c| c >= ts) {
+            return false;
+        }
+        self.clock = self.clock.max(Some(ts));
+        true
+    }
+
+    /// Moves every clock forward to `now` (none moves back).
+    fn advance_all(&mut self, now: i64) {
+        for p in 0..self.partition_clocks.len() as u32 {
+            self.advance(p, now);
+        }
+        self.clock = self.clock.max(Some(now));
+    }
+}
+
+/// The evaluation instant of each partition's customers as of one moment, for work off the
+/// engine thread (see [`Engine::now_for`]).
+#[derive(Clone, Copy)]
+pub(super) struct Instants<'a> {
+    now: i64,
+    partitions: u32,
+    /// Each partition's event clock, with a clock per partition.
+    clocks: Option<&'a [Option<i64>]>,
+}
+
+impl<'a> Instants<'a> {
+    fn new(config: &EngineConfig, counters: &'a Counters, now: i64) -> Instants<'a> {
+        Instants {
+            now,
+            partitions: config.partitions.max(1),
+            clocks: config
+                .partition_clocks()
+                .then_some(&counters.partition_clocks[..]),
+        }
+    }
+
+    /// The instant `customer` is judged at.
+    pub(super) fn of(&self, customer: &str) -> i64 {
+        match self.clocks {
+            Some(clocks) => {
+                let p = crate::partition::partition_of(customer.as_bytes(), self.partitions);
+                clocks.get(p as usize).copied().flatten().unwrap_or(0)
+            }
+            None => self.now,
+        }
+    }
+
+    /// The earliest instant any customer is judged at: what compaction may drop by.
+    fn floor(&self) -> i64 {
+        match self.clocks {
+            Some(clocks) => clocks.iter().flatten().copied().min().unwrap_or(self.now),
+            None => self.now,
+        }
+    }
+}
+
+fn partition_clock_key(partition: u32) -> String {
+    format!("{META_PARTITION_CLOCK}{partition}")
+}
+
 const META_CLOCK: &str = "clock";
+/// A partition's event clock ([`EngineConfig::clock_per_partition`]), by partition number.
+const META_PARTITION_CLOCK: &str = "clock:";
 const META_SEQ: &str = "next_seq";
 const META_ARRIVAL: &str = "next_arrival";
 const META_DLQ: &str = "next_dlq";
@@ -762,8 +862,16 @@ impl Engine {
             .or_else(|| rules_text.map(str::to_owned))
             .unwrap_or_default();
         let rules = Arc::new(CompiledRules::compile(&text).map_err(EngineError::Rules)?);
+        let partition_clocks = match config.partition_clocks() {
+            true => (0..config.partitions)
+                .map(|p| store.meta_i64(&partition_clock_key(p)))
+                .collect::<Result<_, _>>()?,
+            false => Vec::new(),
+        };
         let counters = Counters {
             clock: store.meta_i64(META_CLOCK)?,
+            partition_clocks,
+            clocks_moved: Vec::new(),
             next_seq: store.meta_u64(META_SEQ)?.max(1),
             next_arrival: store.meta_u64(META_ARRIVAL)?,
             next_dlq: store.meta_u64(META_DLQ)?,
@@ -795,10 +903,16 @@ impl Engine {
                 traits: config.trait_columns,
             },
         )?;
+        let next_seq = counters.next_seq;
+        let published = Arc::new(Published::new(
+            rules.clone(),
+            counters.clock,
+            &counters.partition_clocks,
+        ));
         let mut engine = Engine {
             store: Arc::new(store),
             index: Arc::new(index),
-            published: Arc::new(Published::new(rules.clone(), counters.clock)),
+            published,
             rules,
             generation,
             config,
@@ -808,7 +922,7 @@ impl Engine {
             pending: None,
             finished: Vec::new(),
             next_ticket: 0,
-            durable_seq: Arc::new(std::sync::atomic::AtomicU64::new(counters.next_seq - 1)),
+            durable_seq: Arc::new(std::sync::atomic::AtomicU64::new(next_seq - 1)),
             batches: 0,
             heap_budget: HeapBudget::default(),
             backfill_cursor,
@@ -847,10 +961,17 @@ impl Engine {
         engine
             .identity_counts
             .restore(engine.store.get(CF_META, META_IDENTITY.as_bytes())?.as_deref());
-        engine.shards = (0..engine.config.workers.max(1))
-            .map(|_| Shard::default())
-            .collect();
         engine.config.partitions = engine.config.partitions.max(1);
+        let per_partition = engine
+            .config
+            .partition_clocks()
+            .then_some(engine.config.partitions);
+        engine.shards = (0..engine.config.workers.max(1))
+            .map(|_| Shard {
+                timers: timers::Timers::new(per_partition),
+                ..Shard::default()
+            })
+            .collect();
         engine.deal_timers(timers);
         if stored_rules.is_none() || recorded_generation == 0 {
             let mut wb = WriteBatch::default();
@@ -909,6 +1030,33 @@ impl Engine {
             ClockMode::Event => self.counters.clock.unwrap_or(0),
             ClockMode::Wall => wall_ms().max(self.counters.clock.unwrap_or(i64::MIN)),
         }
+    }
+
+    /// The evaluation instant now for `partition`'s customers: its own event clock with a
+    /// clock per partition ([`EngineConfig::clock_per_partition`]), else [`Engine::now`].
+    pub fn now_in(&self, partition: u32) -> i64 {
+        match self.config.clock {
+            ClockMode::Event => self.counters.clock_of(partition).unwrap_or(0),
+            ClockMode::Wall => self.now(),
+        }
+    }
+
+    /// The evaluation instant now for `customer` (see [`Engine::now_in`]).
+    pub(crate) fn now_for(&self, customer: &str) -> i64 {
+        match self.config.partition_clocks() {
+            true => self.now_in(self.partition_of(customer)),
+            false => self.now(),
+        }
+    }
+
+    /// The partition `customer` is hashed to.
+    fn partition_of(&self, customer: &str) -> u32 {
+        crate::partition::partition_of(customer.as_bytes(), self.config.partitions)
+    }
+
+    /// `partition`'s event clock, if known (the store's, without a clock per partition).
+    pub fn clock_of(&self, partition: u32) -> Option<i64> {
+        self.counters.clock_of(partition)
     }
 
     /// The wall clock in ms, in wall clock mode (`None` in event clock mode, where time is

@@ -684,6 +684,58 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    /// With a clock per partition (a member of a consumer group), each partition's customers
+    /// are what the naive model makes of that partition's events alone — its own clock, late
+    /// events judged by it — whatever the other partitions' events and however many workers.
+    #[test]
+    fn with_a_clock_per_partition_each_partition_is_the_model_of_its_own_events(
+        rules in rule_set(),
+        lines in stream(),
+        batch_sizes in prop::collection::vec(1usize..8, 1..4),
+        tail_s in 0i64..200,
+        cache_customers in prop_oneof![Just(0usize), Just(100_000)],
+        workers in prop_oneof![Just(1usize), Just(2), Just(3)],
+        partitions in prop_oneof![Just(2u32), Just(3), Just(5)],
+    ) {
+        let partition = |line: &str| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v.get("customer_id")?.as_str().map(|c| rules::normalize(c).into_owned()))
+                .map_or(0, |c| processor::partition::partition_of(c.as_bytes(), partitions))
+        };
+        let mut models: Vec<Model> = (0..partitions).map(|_| Model::new(&rules)).collect();
+        for line in &lines {
+            models[partition(line) as usize].ingest(line);
+        }
+        let end = models.iter().filter_map(|m| m.clock).max().unwrap_or(BASE) + tail_s * 1000;
+        let mut expected_changes = Vec::new();
+        let mut expected_state = FinalState::new();
+        for model in &mut models {
+            model.finish(end);
+            expected_changes.extend(model.changes.iter().cloned());
+            expected_state.extend(model.final_state(end));
+        }
+
+        let dir = tests::TempDir::new("model-partition-clocks");
+        let config = EngineConfig {
+            clock_per_partition: true,
+            ..Setup { cache_customers, workers, partitions }.config()
+        };
+        let mut engine = Engine::open(dir.path(), Some(&rules), config).unwrap();
+        feed(&mut engine, &lines, &batch_sizes);
+        engine.advance_clock(end).unwrap();
+        prop_assert_eq!(
+            per_customer(&engine_changes(&engine)),
+            per_customer(&expected_changes),
+            "rules:\n{}\nstream:\n{}", rules, lines.join("\n")
+        );
+        prop_assert_eq!(engine_final_state(&engine), expected_state, "rules:\n{}", rules);
+    }
+}
+
 #[test]
 fn arc_names_are_cheap_to_compare() {
     // Guard for the test's own helpers: customer spellings normalise to three ids.

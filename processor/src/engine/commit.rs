@@ -23,7 +23,7 @@ impl Engine {
     ) -> Result<(R, Vec<Change>, Vec<u64>), EngineError> {
         // A commit still being written comes first.
         self.settle();
-        let saved = self.counters;
+        let saved = self.counters.clone();
         let mut batch = Batch::default();
         let result = work(self, &mut batch)
             .and_then(|r| self.commit(batch).map(|(changes, steps)| (r, changes, steps)));
@@ -134,7 +134,9 @@ impl Engine {
             .collect();
         let new_ids = self.number_new_customers(&mut parts, &mut batch);
         let (changes, steps, numbers) = self.sequence_changes(&mut parts, &mut batch);
-        let (now, retention_ms) = (self.now(), self.config.retention_ms);
+        let now = self.now();
+        let instants = Instants::new(&self.config, &self.counters, now);
+        let retention_ms = self.config.retention_ms;
         let rules = &self.rules;
         let store = &*self.store;
         let mut touched: Vec<Vec<u32>> = parts.iter_mut().map(|p| std::mem::take(&mut p.touched)).collect();
@@ -147,7 +149,7 @@ impl Engine {
                         // Loaded with its history but not judged (a segment swap touches only
                         // memberships): the windows are built before the history goes, since
                         // the cache and the record keep the windows, not the history.
-                        state.advance_windows(rules, now, retention_ms);
+                        state.advance_windows(rules, instants.of(customer), retention_ms);
                     }
                     store.put_customer(&mut part.wb, customer, state, rules);
                     touched.push(state.number);
@@ -160,6 +162,15 @@ impl Engine {
         })?;
         if let Some(clock) = self.counters.clock {
             self.store.put_meta_i64(&mut batch.wb, META_CLOCK, clock);
+        }
+        let mut moved = std::mem::take(&mut self.counters.clocks_moved);
+        moved.sort_unstable();
+        moved.dedup();
+        for partition in moved {
+            if let Some(clock) = self.counters.clock_of(partition) {
+                let key = partition_clock_key(partition);
+                self.store.put_meta_i64(&mut batch.wb, &key, clock);
+            }
         }
         self.store
             .put_meta_u64(&mut batch.wb, META_SEQ, self.counters.next_seq);
@@ -208,7 +219,8 @@ impl Engine {
             journal,
             touched: touched.concat(),
             clock: self.counters.clock,
-            now,
+            partition_clocks: self.counters.partition_clocks.clone(),
+            now: Instants::new(&self.config, &self.counters, now).floor(),
             wall: self.config.clock == ClockMode::Wall,
             index: self.index.clone(),
             store: self.store.clone(),
@@ -433,8 +445,10 @@ pub(super) struct Visible {
     profiles: Vec<ProfileUpdate>,
     journal: Option<u64>,
     touched: Vec<u32>,
-    /// The event clock the commit writes, and the instant it was judged at.
+    /// The event clock the commit writes (and each partition's, with a clock per
+    /// partition), and the earliest instant it judged anyone at.
     clock: Option<i64>,
+    partition_clocks: Vec<Option<i64>>,
     now: i64,
     wall: bool,
     index: Arc<MembershipIndex>,
@@ -459,6 +473,7 @@ impl Visible {
             self.store.set_clock(self.now);
         }
         self.published.set_clock(self.clock);
+        self.published.set_partition_clocks(&self.partition_clocks);
         if let Some(last) = self.changes.last() {
             self.durable
                 .fetch_max(last.seq, std::sync::atomic::Ordering::AcqRel);

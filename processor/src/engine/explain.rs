@@ -54,7 +54,7 @@ impl Engine {
         let Some(mut state) = self.read_customer(&id)? else {
             return Ok(Explained::UnknownCustomer);
         };
-        let now = self.now();
+        let now = self.now_for(&id);
         let retention = self.config.retention_ms;
         let rules = &self.rules;
         state.advance_windows(rules, now, retention);

@@ -647,7 +647,7 @@ impl Engine {
         cause: &Cause,
         round: &mut Round<'_>,
     ) -> Result<(), EngineError> {
-        let now = self.now();
+        let now = self.now_for(survivor);
         let mut handovers = Vec::with_capacity(absorbed.len());
         for (part, customer) in absorbed.iter().enumerate() {
             let (handover, handed) = std::sync::mpsc::sync_channel(1);

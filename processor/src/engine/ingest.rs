@@ -98,14 +98,22 @@ impl Engine {
         assert_eq!(raw_events.len(), parsed.len(), "one parse result per event");
         let mut outcome = IngestOutcome::default();
         let wall = wall_ms();
+        let partition_clocks = self.config.partition_clocks();
         for (index, (raw, parsed)) in raw_events.iter().zip(parsed).enumerate() {
             let step = round.next_step;
             round.next_step += 1;
-            let latest = wall.max(self.counters.clock.unwrap_or(i64::MIN));
             let parsed = parsed.and_then(|ev| match ev.ts {
-                Some(ts) => check_not_future(ts, &self.config.limits, latest)
-                    .and_then(|()| self.check_retention(&ev, ts, raw.as_ref(), source))
-                    .map(|()| ev),
+                Some(ts) => {
+                    // Judged by the clock of the event's partition, where it has one.
+                    let partition = match partition_clocks {
+                        true => self.partition_of(&ev.customer_id),
+                        false => 0,
+                    };
+                    let clock = self.counters.clock_of(partition);
+                    check_not_future(ts, &self.config.limits, wall.max(clock.unwrap_or(i64::MIN)))
+                        .and_then(|()| self.check_retention(&ev, ts, partition, raw.as_ref(), source))
+                        .map(|()| ev)
+                }
                 None => Ok(ev),
             });
             let result = match parsed {
@@ -145,14 +153,21 @@ impl Engine {
         round: &mut Round<'_>,
         batch: &mut Batch,
     ) -> Result<Result<bool, Rejection>, EngineError> {
-        let ts = match (ev.ts, self.config.clock, self.counters.clock) {
+        // The partition whose clock judges the event (the one its id is hashed to; 0 for
+        // the store's one clock).
+        let partition_clocks = self.config.partition_clocks();
+        let arrived_in = match partition_clocks {
+            true => self.partition_of(&ev.customer_id),
+            false => 0,
+        };
+        let ts = match (ev.ts, self.config.clock, self.counters.clock_of(arrived_in)) {
             (Some(ts), _, _) => ts,
             (None, ClockMode::Event, Some(clock)) => clock,
             (None, ClockMode::Event, None) => return Ok(Err(Rejection::TsMissingClockUnknown)),
             (None, ClockMode::Wall, _) => self.now(),
         };
         if let Some(id) = &ev.event_id {
-            if self.is_duplicate(id, batch)? {
+            if self.is_duplicate(id, self.now_in(arrived_in), batch)? {
                 return Ok(Ok(false));
             }
         }
@@ -180,12 +195,19 @@ impl Engine {
                 origin = Some(std::mem::replace(&mut ev.customer_id, survivor.clone()));
             }
         }
-        if self.config.clock == ClockMode::Event && self.counters.clock.is_none_or(|c| ts > c) {
-            // The shards fire the timers the clock passes here before this event.
+        // A merge may have put the event with a customer of another partition.
+        let partition = match partition_clocks {
+            true => self.partition_of(&ev.customer_id),
+            false => 0,
+        };
+        if self.config.clock == ClockMode::Event && self.counters.advance(partition, ts) && !partition_clocks
+        {
+            // The shards fire the timers the clock passes here before this event. (With a
+            // clock per partition, those of its own partition, before its event: placed
+            // at its step.)
             round.steps.push((step, ts));
-            self.counters.clock = Some(ts);
         }
-        let now = self.now();
+        let now = self.now_in(partition);
         let event_id = ev.event_id.take();
         if let Some(id) = &event_id {
             let mut w = Writer::new();
@@ -212,6 +234,7 @@ impl Engine {
                 ts,
                 now,
                 arrival,
+                partition,
                 origin,
                 keep_profile,
             },
@@ -222,9 +245,17 @@ impl Engine {
     /// An event at or before the clock minus the history retention cannot change a window
     /// (only an event tag without `ttl`): an `out_of_retention` violation, recorded, and a
     /// rejection if the plan blocks such events.
-    fn check_retention(&self, ev: &ValidEvent, ts: i64, raw: &[u8], source: &str) -> Result<(), Rejection> {
-        let floor = self.now().saturating_sub(self.config.retention_ms);
-        if ts > floor || self.counters.clock.is_none() && self.config.clock == ClockMode::Event {
+    fn check_retention(
+        &self,
+        ev: &ValidEvent,
+        ts: i64,
+        partition: u32,
+        raw: &[u8],
+        source: &str,
+    ) -> Result<(), Rejection> {
+        let floor = self.now_in(partition).saturating_sub(self.config.retention_ms);
+        if ts > floor || self.counters.clock_of(partition).is_none() && self.config.clock == ClockMode::Event
+        {
             return Ok(());
         }
         let violation = Violation {
@@ -253,8 +284,8 @@ impl Engine {
         Ok(())
     }
 
-    pub(super) fn is_duplicate(&self, event_id: &str, batch: &Batch) -> Result<bool, StoreError> {
-        let now = self.now();
+    /// Whether `event_id` was first applied at most the dedup horizon before `now`.
+    pub(super) fn is_duplicate(&self, event_id: &str, now: i64, batch: &Batch) -> Result<bool, StoreError> {
         // This batch's, then those of a commit being written, then the store's.
         let in_flight = || {
             self.pending
@@ -570,6 +601,8 @@ impl Engine {
     pub(super) fn round_until(&self) -> Option<i64> {
         match self.config.clock {
             ClockMode::Wall => Some(self.now()),
+            // Each partition's timers fire before its events as its clock passes them.
+            ClockMode::Event if self.config.partition_clocks() => None,
             ClockMode::Event => self.counters.clock,
         }
     }

@@ -42,7 +42,7 @@ impl Engine {
         if customer.is_empty() {
             return Err(EngineError::Conflict("empty customer id".into()));
         }
-        let now = self.now();
+        let now = self.now_for(&customer);
         let ((), changes) = self.transact(|engine, _| {
             engine.with_worker(&customer, 0, |w| w.manual_tag(&customer, tag, set, now))
         })?;

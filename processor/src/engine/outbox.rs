@@ -32,7 +32,8 @@ type Filling = (BTreeMap<(Family, Vec<u8>), Vec<u8>>, usize);
 struct Baseline {
     store: Arc<Store>,
     partitions: u32,
-    clock: Option<i64>,
+    /// Each partition's event clock.
+    clocks: Vec<Option<i64>>,
     next_commit: u64,
     filling: Vec<Filling>,
     first: Vec<Option<u64>>,
@@ -62,7 +63,7 @@ impl Baseline {
             partition,
             partitions: self.partitions,
             commit,
-            clock: self.clock,
+            clock: self.clocks[partition as usize],
             positions: if end {
                 std::mem::take(&mut self.positions[partition as usize])
             } else {
@@ -154,7 +155,7 @@ impl Engine {
         let mut baseline = Baseline {
             store: self.store.clone(),
             partitions,
-            clock: self.counters.clock,
+            clocks: (0..partitions).map(|p| self.counters.clock_of(p)).collect(),
             next_commit: self.counters.next_commit,
             filling: vec![Default::default(); partitions as usize],
             first: vec![None; partitions as usize],
@@ -220,9 +221,14 @@ impl Engine {
         }
         let mut out = SortedWrites::default();
         let (commit, cf) = (self.counters.next_commit, self.store.cf(CF_OUTBOX));
-        builder.finish(commit, self.counters.clock, |partition, encode| {
-            out.put_with(cf, &outbox_key(partition, commit), encode);
-        });
+        let counters = &self.counters;
+        builder.finish(
+            commit,
+            |p| counters.clock_of(p),
+            |partition, encode| {
+                out.put_with(cf, &outbox_key(partition, commit), encode);
+            },
+        );
         if out.is_empty() {
             return out;
         }
@@ -361,6 +367,15 @@ impl Engine {
             let name = format!("{META_CHANGELOG_ORPHANS}{partition}");
             wb.put_cf(meta, name.as_bytes(), w.buf);
         }
+        if self.config.partition_clocks() {
+            // The partition's own clock, as its last owner left it.
+            self.counters.partition_clocks[partition as usize] = restore.clock;
+            let key = partition_clock_key(partition);
+            match restore.clock {
+                Some(clock) => self.store.put_meta_i64(&mut wb, &key, clock),
+                None => wb.delete_cf(self.store.cf(CF_META), key.as_bytes()),
+            }
+        }
         // The clock never moves backwards, and the partition was judged up to its own.
         if self.config.clock == ClockMode::Event && restore.clock > self.counters.clock {
             self.counters.clock = restore.clock;
@@ -391,6 +406,8 @@ impl Engine {
             self.start_backfill();
         }
         self.published.set_clock(self.counters.clock);
+        self.published
+            .set_partition_clocks(&self.counters.partition_clocks);
         // Restored to be owned: its timers fire here.
         self.activate_partition(partition);
         for (due, customer) in timers {

@@ -421,7 +421,15 @@ impl Engine {
             dropped.push((id, state.timer));
         }
         also(&self.store, &mut wb)?;
+        // A partition's own clock goes with it: whoever holds it next brings theirs.
+        let clock_key = partition_clock_key(partition);
+        wb.delete_cf(self.store.cf(CF_META), clock_key.as_bytes());
         self.store.commit(wb)?;
+        if let Some(clock) = self.counters.partition_clocks.get_mut(partition as usize) {
+            *clock = None;
+            self.published
+                .set_partition_clocks(&self.counters.partition_clocks);
+        }
         self.aliases = identity::Aliases::load(&self.store)?;
         *self.owner_cache.borrow_mut() =
             identity::load_owner_cache(&self.store, self.config.identity.cache_entries)?;

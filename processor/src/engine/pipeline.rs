@@ -289,7 +289,7 @@ impl Engine {
     fn submit(&mut self, requests: Vec<IngestRequest>, answer: Option<Answer>) -> u64 {
         let ticket = self.next_ticket;
         self.next_ticket += 1;
-        let saved = self.counters;
+        let saved = self.counters.clone();
         let mut batch = Batch::default();
         let evaluated = self
             .evaluate_group(requests, &mut batch)

@@ -28,6 +28,8 @@ pub(super) struct Published {
     rules: RwLock<Arc<CompiledRules>>,
     /// The event clock of the last commit; `i64::MIN` before the first event.
     clock: AtomicI64,
+    /// Each partition's, with a clock per partition (else empty).
+    partition_clocks: Vec<AtomicI64>,
     /// What readers need kept of the change log and the dead letters.
     pub(super) holds: super::retention::Holds,
     /// The rule-change backfill's (or a segment fill's) progress as of its last step.
@@ -42,10 +44,18 @@ pub(super) struct Published {
 }
 
 impl Published {
-    pub(super) fn new(rules: Arc<CompiledRules>, clock: Option<i64>) -> Published {
+    pub(super) fn new(
+        rules: Arc<CompiledRules>,
+        clock: Option<i64>,
+        partition_clocks: &[Option<i64>],
+    ) -> Published {
         Published {
             rules: RwLock::new(rules),
             clock: AtomicI64::new(clock.unwrap_or(i64::MIN)),
+            partition_clocks: partition_clocks
+                .iter()
+                .map(|c| AtomicI64::new(c.unwrap_or(i64::MIN)))
+                .collect(),
             holds: Default::default(),
             backfill: Default::default(),
             changelog_gate: Default::default(),
@@ -61,6 +71,12 @@ impl Published {
         self.clock.store(clock.unwrap_or(i64::MIN), Ordering::Release);
     }
 
+    pub(super) fn set_partition_clocks(&self, clocks: &[Option<i64>]) {
+        for (published, clock) in self.partition_clocks.iter().zip(clocks) {
+            published.store(clock.unwrap_or(i64::MIN), Ordering::Release);
+        }
+    }
+
     pub(super) fn set_rules(&self, rules: Arc<CompiledRules>) {
         *self.rules.write().unwrap_or_else(|e| e.into_inner()) = rules;
     }
@@ -71,6 +87,14 @@ impl Published {
 
     fn clock(&self) -> Option<i64> {
         Some(self.clock.load(Ordering::Acquire)).filter(|c| *c != i64::MIN)
+    }
+
+    /// `partition`'s clock with a clock per partition, else the store's.
+    fn clock_of(&self, partition: u32) -> Option<i64> {
+        match self.partition_clocks.get(partition as usize) {
+            Some(clock) => Some(clock.load(Ordering::Acquire)).filter(|c| *c != i64::MIN),
+            None => self.clock(),
+        }
     }
 }
 
@@ -111,6 +135,29 @@ impl ReadHandle {
         self.now_at(self.published.clock())
     }
 
+    /// The evaluation instant for `customer`, as [`Engine::now_for`] would answer after the
+    /// last commit.
+    pub fn now_for(&self, customer: &str) -> i64 {
+        match self.published.partition_clocks.is_empty() {
+            true => self.now(),
+            false => {
+                let partition = crate::partition::partition_of(customer.as_bytes(), self.partitions);
+                self.now_at(self.published.clock_of(partition))
+            }
+        }
+    }
+
+    /// The meta key of the clock `customer` is judged by.
+    fn clock_key(&self, customer: &str) -> String {
+        match self.published.partition_clocks.is_empty() {
+            true => META_CLOCK.to_owned(),
+            false => partition_clock_key(crate::partition::partition_of(
+                customer.as_bytes(),
+                self.partitions,
+            )),
+        }
+    }
+
     /// The evaluation instant given the event clock of a commit.
     fn now_at(&self, clock: Option<i64>) -> i64 {
         match self.clock_mode {
@@ -126,15 +173,19 @@ impl ReadHandle {
         // earlier clock would leave its newest events out of the traits.
         let rules = self.published.rules();
         let current = self.current(&rules);
-        let (state, clock) = self.store.load_customer_consistent(&id, META_CLOCK, current)?;
+        let (state, clock) = self
+            .store
+            .load_customer_consistent(&id, &self.clock_key(&id), current)?;
         let (id, state, clock) = match state {
             Some(state) => (id, state, clock),
             // Absorbed by a merge: the survivor answers.
             None => match self.identify(crate::identity::CUSTOMER_ID, &id)? {
                 Some(survivor) if *survivor != *id => {
-                    let (state, clock) = self
-                        .store
-                        .load_customer_consistent(&survivor, META_CLOCK, current)?;
+                    let (state, clock) = self.store.load_customer_consistent(
+                        &survivor,
+                        &self.clock_key(&survivor),
+                        current,
+                    )?;
                     match state {
                         Some(state) => (survivor.to_string(), state, clock),
                         None => return Ok(None),
@@ -405,7 +456,7 @@ impl Engine {
     /// A customer as of the last commit, for reading: from the cache (windows, no history)
     /// when their windows can serve `now`, else from the store (record and history).
     pub(super) fn read_customer(&self, customer: &str) -> Result<Option<CustomerState>, EngineError> {
-        let now = self.now();
+        let now = self.now_for(customer);
         Ok(
             match self.shards[self.shard_index(customer)].cache.get(customer) {
                 // Not one still on an older rule set (a backfill is running): its windows may be
@@ -439,11 +490,12 @@ impl Engine {
             }
         };
         let mut state = state;
+        let now = self.now_for(&id);
         Ok(Some(customer_view(
             &self.rules,
             id,
             &mut state,
-            self.now(),
+            now,
             self.config.retention_ms,
         )))
     }
@@ -494,7 +546,6 @@ impl Engine {
             key.push(0);
             key
         });
-        let now = self.now();
         let defined: Vec<&rules::CompiledDef> =
             draft.defs().iter().filter(|d| d.kind.has_members()).collect();
         let current: HashSet<&str> = self
@@ -515,6 +566,7 @@ impl Engine {
             let Some(state) = self.store.load_customer(&id)? else {
                 continue;
             };
+            let now = self.now_for(&id);
             let facts = state.history.facts(draft, now, self.config.retention_ms);
             preview.customers += 1;
             for def in &defined {

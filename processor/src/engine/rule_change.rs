@@ -214,9 +214,9 @@ impl Engine {
                 ids.push(Arc::<str>::from(String::from_utf8_lossy(&key).as_ref()));
             }
         }
-        let now = self.now();
         self.transact(|engine, batch| {
             for (step, id) in ids.iter().enumerate() {
+                let now = engine.now_for(id);
                 // Brought up to the current rules on the way.
                 engine.with_worker(id, step as u64, |w| {
                     let state = w.take_customer(id, now)?;

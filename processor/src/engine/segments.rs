@@ -322,7 +322,6 @@ impl Engine {
         }
         let compiled = Arc::new(compiled);
         let old_rules = std::mem::replace(&mut self.rules, compiled);
-        let now = self.now();
         let name: Arc<str> = Arc::from(name);
         let changed = &before ^ &members;
         let fill = (changed.len() > self.segment_round() as u64).then(|| SegmentFill {
@@ -339,7 +338,7 @@ impl Engine {
                     );
                     (0, 0)
                 }
-                None => engine.move_members(&name, &changed, &members, now)?,
+                None => engine.move_members(&name, &changed, &members)?,
             };
             engine.write_version(&mut batch.wb, &version);
             Ok(moved)
@@ -381,7 +380,6 @@ impl Engine {
         name: &Arc<str>,
         changed: &roaring::RoaringBitmap,
         members: &roaring::RoaringBitmap,
-        now: i64,
     ) -> Result<(u64, u64), EngineError> {
         let (mut entered, mut exited) = (0, 0);
         for (step, number) in changed.iter().enumerate() {
@@ -389,6 +387,7 @@ impl Engine {
                 continue;
             };
             let enter = members.contains(number);
+            let now = self.now_for(&id);
             self.with_worker(&id, step as u64, |w| {
                 let mut state = w.take_customer(&id, now)?;
                 let op = if enter {
@@ -445,10 +444,9 @@ impl Engine {
         within.insert_range(range);
         changed &= &within;
         changed ^= &members;
-        let now = self.now();
         let done = end >= customers;
         self.transact(|engine, batch| {
-            engine.move_members(&fill.name, &changed, &members, now)?;
+            engine.move_members(&fill.name, &changed, &members)?;
             let (cf, key) = (engine.store.cf(CF_META), META_SEGMENT_FILL.as_bytes());
             if done {
                 batch.wb.delete_cf(cf, key);

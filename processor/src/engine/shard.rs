@@ -78,6 +78,8 @@ pub(super) struct Job {
     /// The evaluation instant (the clock after the event, in event clock mode).
     pub now: i64,
     pub arrival: u64,
+    /// The partition of the customer it is applied to (0 without a clock per partition).
+    pub partition: u32,
     /// The customer the event belongs to when it is not `event.customer_id`'s canonical
     /// self: an id a merge absorbed (kept with the event for an unmerge).
     pub origin: Option<Arc<str>>,
@@ -90,7 +92,7 @@ pub(super) struct Job {
 #[derive(Default)]
 pub(super) struct Shard {
     pub cache: CustomerCache,
-    pub timers: BTreeSet<(i64, Arc<str>)>,
+    pub timers: super::timers::Timers,
     pub fired: FiredTimers,
     pub batch: Batch,
 }
@@ -178,7 +180,7 @@ impl<'a> Worker<'a> {
         for job in jobs {
             self.place = Place::work(job.step);
             if event_clock {
-                self.fire_timers(job.now, usize::MAX)?;
+                self.fire_before(job.partition, job.now)?;
                 self.place = Place::work(job.step);
             }
             let Job {

@@ -3,6 +3,93 @@
 
 use super::*;
 
+/// A shard's pending timers, `(due, customer)` in time order: one set per partition when
+/// each partition has its own event clock (a partition's timers fire as its clock passes
+/// them), one for all otherwise.
+#[derive(Default)]
+pub(super) struct Timers {
+    /// The partitions customers are hashed to when each has a set; 0 for one set.
+    partitions: u32,
+    sets: Vec<BTreeSet<(i64, Arc<str>)>>,
+    len: usize,
+}
+
+impl Timers {
+    /// Timers in one set for all customers, or one per partition of `partitions`.
+    pub(super) fn new(per_partition: Option<u32>) -> Timers {
+        let partitions = per_partition.unwrap_or(0);
+        Timers {
+            partitions,
+            sets: (0..partitions.max(1)).map(|_| BTreeSet::new()).collect(),
+            len: 0,
+        }
+    }
+
+    /// The set `customer`'s timer is in.
+    pub(super) fn set_of(&self, customer: &str) -> usize {
+        match self.partitions {
+            0 => 0,
+            n => crate::partition::partition_of(customer.as_bytes(), n) as usize,
+        }
+    }
+
+    /// The set of `partition`'s customers.
+    pub(super) fn set_of_partition(&self, partition: u32) -> usize {
+        match self.partitions {
+            0 => 0,
+            _ => partition as usize,
+        }
+    }
+
+    pub(super) fn insert(&mut self, timer: (i64, Arc<str>)) {
+        let set = self.set_of(&timer.1);
+        if self.sets[set].insert(timer) {
+            self.len += 1;
+        }
+    }
+
+    pub(super) fn remove(&mut self, timer: &(i64, Arc<str>)) {
+        let set = self.set_of(&timer.1);
+        if self.sets[set].remove(timer) {
+            self.len -= 1;
+        }
+    }
+
+    pub(super) fn contains(&self, timer: &(i64, Arc<str>)) -> bool {
+        self.sets[self.set_of(&timer.1)].contains(timer)
+    }
+
+    /// The earliest timer of set `set`.
+    pub(super) fn first_in(&self, set: usize) -> Option<&(i64, Arc<str>)> {
+        self.sets[set].first()
+    }
+
+    /// The instant of the earliest timer of all.
+    pub(super) fn first_due(&self) -> Option<i64> {
+        self.sets
+            .iter()
+            .filter_map(|s| s.first().map(|(due, _)| *due))
+            .min()
+    }
+
+    pub(super) fn sets(&self) -> usize {
+        self.sets.len()
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(super) fn clear(&mut self) {
+        self.sets.iter_mut().for_each(BTreeSet::clear);
+        self.len = 0;
+    }
+
+    pub(super) fn iter(&self) -> impl Iterator<Item = &(i64, Arc<str>)> {
+        self.sets.iter().flatten()
+    }
+}
+
 impl Engine {
     /// Moves the event clock forward to `now`, firing every timer due on the way, in time
     /// order. Event clock mode only.
@@ -19,7 +106,7 @@ impl Engine {
         }
         let ((), changes) = self.transact(|engine, _| {
             engine.run_round(Vec::new(), &[(0, now)], Some(now), usize::MAX)?;
-            engine.counters.clock = Some(now);
+            engine.counters.advance_all(now);
             Ok(())
         })?;
         Ok(changes)
@@ -56,10 +143,7 @@ impl Engine {
 
     /// The instant of the earliest pending timer.
     pub fn next_timer(&self) -> Option<i64> {
-        self.shards
-            .iter()
-            .filter_map(|s| s.timers.first().map(|(t, _)| *t))
-            .min()
+        self.shards.iter().filter_map(|s| s.timers.first_due()).min()
     }
 
     /// One round of the shards: each runs its `jobs` (one list per shard, or none) and fires
@@ -77,7 +161,7 @@ impl Engine {
         let ctx = &ctx;
         in_parallel(shards, jobs, |shard, jobs| {
             let busy = !jobs.is_empty()
-                || until.is_some_and(|u| shard.timers.first().is_some_and(|(due, _)| *due <= u));
+                || until.is_some_and(|u| shard.timers.first_due().is_some_and(|due| due <= u));
             if !busy {
                 return Ok(());
             }
@@ -96,7 +180,28 @@ impl Worker<'_> {
             ClockMode::Wall => most.max(1),
         };
         let mut fired = 0;
-        while let Some((due, customer)) = self.shard.timers.first().cloned() {
+        for set in 0..self.shard.timers.sets() {
+            fired += self.fire_set(set, until, most - fired)?;
+        }
+        Ok(())
+    }
+
+    /// Fires what an event of `partition` at `now` passes first: every timer due by then,
+    /// of that partition's customers alone when each partition has its own clock.
+    pub(super) fn fire_before(&mut self, partition: u32, now: i64) -> Result<(), EngineError> {
+        match self.ctx.config.partition_clocks() {
+            true => {
+                let set = self.shard.timers.set_of_partition(partition);
+                self.fire_set(set, now, usize::MAX).map(drop)
+            }
+            false => self.fire_timers(now, usize::MAX),
+        }
+    }
+
+    /// Fires the timers of set `set` due at or before `until`, at most `most`; how many.
+    fn fire_set(&mut self, set: usize, until: i64, most: usize) -> Result<usize, EngineError> {
+        let mut fired = 0;
+        while let Some((due, customer)) = self.shard.timers.first_in(set).cloned() {
             if due > until || fired == most {
                 break;
             }
@@ -110,7 +215,7 @@ impl Worker<'_> {
             self.put_back(customer, state);
             self.place = place;
         }
-        Ok(())
+        Ok(fired)
     }
     /// Fires `customer`'s timer due at `due`: every definition is judged at that instant.
     pub(super) fn fire_timer(

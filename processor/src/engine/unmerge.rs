@@ -81,7 +81,7 @@ impl Engine {
         cause: &Cause,
         batch: &mut Batch,
     ) -> Result<(), EngineError> {
-        let now = self.now();
+        let now = self.now_for(survivor);
         let mut record = self.id_record(survivor, batch)?;
         let members = record.subtree(customer);
         let (theirs, ours): (Vec<IdEntry>, Vec<IdEntry>) =
