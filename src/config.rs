@@ -618,9 +618,15 @@ impl Settings {
             segment_round: EngineConfig::default().segment_round,
             identity: self.identity.config(),
             // Deltas are kept only where they are published.
-            changelog: self.kafka.brokers.as_deref().is_some_and(|b| !b.is_empty())
-                && !self.kafka.state_topic.is_empty(),
+            changelog: self.in_group(),
+            // A partition moves between nodes with its clock (docs/cluster.md).
+            clock_per_partition: self.in_group(),
         }
+    }
+
+    /// Whether this node shares its partitions with others: a broker and a state topic.
+    fn in_group(&self) -> bool {
+        self.kafka.brokers.as_deref().is_some_and(|b| !b.is_empty()) && !self.kafka.state_topic.is_empty()
     }
 
     /// The Kafka side, when `kafka.brokers` is set, with the option files read. An error
