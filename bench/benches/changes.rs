@@ -15,6 +15,7 @@ fn stored() -> Vec<Vec<u8>> {
         .map(|i| {
             Change {
                 seq: 1_000_000 + i,
+                pseq: None,
                 customer_id: format!("1300000{i:04}").into(),
                 kind: if i % 3 == 0 {
                     MemberKind::Segment

@@ -110,10 +110,18 @@ const STORED_WITH_NUMBER: u8 = 1;
 
 /// `{seq, customer_id, tag|segment, op, at, cause}`; a merge is
 /// `{seq, customer_id, absorbed, op: "merge", at, cause}` and an unmerge
-/// `{seq, customer_id, split, op: "unmerge", at, cause}`.
+/// `{seq, customer_id, split, op: "unmerge", at, cause}`. On a member of a consumer group
+/// each also carries `partition` and `pseq` after `seq` ([`Change::pseq`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
     pub seq: u64,
+    /// On a member of a consumer group (the state changelog on): the customer's partition
+    /// and the change's number among that partition's changes. Counted in the partition's
+    /// state and moved with it, so the node that takes a partition over and judges again
+    /// events its last owner had judged makes their changes again with the same numbers: a
+    /// consumer of the `tag-changes` topic drops a change whose `(partition, pseq)` it has
+    /// seen.
+    pub pseq: Option<(u32, u64)>,
     pub customer_id: Arc<str>,
     pub kind: MemberKind,
     pub name: Arc<str>,
@@ -124,8 +132,12 @@ pub struct Change {
 
 impl Serialize for Change {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut map = serializer.serialize_map(Some(6))?;
+        let mut map = serializer.serialize_map(Some(6 + 2 * usize::from(self.pseq.is_some())))?;
         map.serialize_entry("seq", &self.seq)?;
+        if let Some((partition, pseq)) = self.pseq {
+            map.serialize_entry("partition", &partition)?;
+            map.serialize_entry("pseq", &pseq)?;
+        }
         map.serialize_entry("customer_id", &*self.customer_id)?;
         map.serialize_entry(self.kind.field(self.op), &*self.name)?;
         map.serialize_entry("op", self.op.label())?;
@@ -174,6 +186,7 @@ impl Change {
         };
         Some(Change {
             seq: f.seq,
+            pseq: f.partition.zip(f.pseq),
             customer_id: Arc::from(&*f.customer_id),
             kind,
             name: Arc::from(&*name),
@@ -209,6 +222,8 @@ impl Change {
 #[derive(Deserialize)]
 struct ChangeFields<'a> {
     seq: u64,
+    partition: Option<u32>,
+    pseq: Option<u64>,
     #[serde(borrow)]
     customer_id: Cow<'a, str>,
     #[serde(borrow)]
@@ -234,6 +249,7 @@ mod tests {
     fn changes_print_as_the_contract_says_and_read_back() {
         let c = Change {
             seq: 7,
+            pseq: None,
             customer_id: "13800000000".into(),
             kind: MemberKind::Segment,
             name: "spring_promo".into(),
@@ -268,6 +284,7 @@ mod tests {
         ] {
             let c = Change {
                 seq: 8,
+                pseq: None,
                 customer_id: "m-1".into(),
                 kind: MemberKind::Customer,
                 name: "phone:13800000001".into(),
@@ -284,6 +301,7 @@ mod tests {
     fn strings_with_escapes_read_back_and_at_is_read_alone() {
         let c = Change {
             seq: u64::MAX,
+            pseq: None,
             customer_id: "a \"quoted\" \\ id\n上海\u{200b}".into(),
             kind: MemberKind::Tag,
             name: "vip/\t tab".into(),

@@ -123,6 +123,10 @@ pub struct Delta {
     /// baseline's first delta. Everything before that commit is superseded: a key no delta
     /// from it on wrote is not the partition's.
     pub baseline_from: Option<u64>,
+    /// The `pseq` the partition's next change gets ([`crate::Change::pseq`]), after the
+    /// commit. (Written after everything else, and only when set: deltas of stores from
+    /// before it read as they were.)
+    pub next_pseq: Option<u64>,
 }
 
 /// What a delta says besides its writes.
@@ -133,6 +137,7 @@ struct Header<'a> {
     clock: Option<i64>,
     positions: &'a [(String, u64)],
     baseline_from: Option<u64>,
+    next_pseq: Option<u64>,
 }
 
 /// Encodes a delta into `w`: `writes` in key order, `count` of them.
@@ -171,6 +176,10 @@ fn encode_into<'a>(
         }
         None => w.u8(0),
     }
+    if let Some(next) = header.next_pseq {
+        w.u8(1);
+        w.u64(next);
+    }
 }
 
 impl Delta {
@@ -183,6 +192,7 @@ impl Delta {
             clock: self.clock,
             positions: &self.positions,
             baseline_from: self.baseline_from,
+            next_pseq: self.next_pseq,
         };
         let writes = self
             .writes
@@ -227,6 +237,13 @@ impl Delta {
         if baseline_from.is_some_and(|from| from > commit) {
             return Err(CodecError("a baseline that starts after its own end"));
         }
+        let next_pseq = match r.is_empty() {
+            true => None,
+            false => match r.u8()? {
+                1 => Some(r.u64()?),
+                _ => return Err(CodecError("a delta's pseq flag is not set")),
+            },
+        };
         if !r.is_empty() {
             return Err(CodecError("bytes after a delta's end"));
         }
@@ -238,6 +255,7 @@ impl Delta {
             positions,
             writes,
             baseline_from,
+            next_pseq,
         })
     }
 }
@@ -351,6 +369,7 @@ impl<'w> DeltaBuilder<'w> {
         mut self,
         commit: u64,
         clock: impl Fn(u32) -> Option<i64>,
+        next_pseq: impl Fn(u32) -> Option<u64>,
         mut emit: impl FnMut(u32, &dyn Fn(&mut Writer)),
     ) {
         // By partition, family and key; a key's writes stay in the order issued (stable).
@@ -383,6 +402,7 @@ impl<'w> DeltaBuilder<'w> {
                 clock: clock(partition),
                 positions: self.positions.get(&partition).unwrap_or(&no_positions),
                 baseline_from: None,
+                next_pseq: next_pseq(partition),
             };
             emit(partition, &|w: &mut Writer| {
                 encode_into(
@@ -406,6 +426,8 @@ pub struct Restore {
     pub commit: u64,
     /// The latest clock a delta was written at.
     pub clock: Option<i64>,
+    /// The greatest next `pseq` a delta carried.
+    pub next_pseq: Option<u64>,
     /// Deltas counted, checkpoint markers read, keyed records read (tombstones too), and
     /// records read in all (deltas' tombstones and parts too).
     pub deltas: u64,
@@ -466,6 +488,7 @@ impl Restore {
         }
         self.commit = self.commit.max(delta.commit);
         self.clock = self.clock.max(delta.clock);
+        self.next_pseq = self.next_pseq.max(delta.next_pseq);
         if let Some(from) = delta.baseline_from {
             if self.baseline.is_none_or(|(end, _)| delta.commit > end) {
                 self.baseline = Some((delta.commit, from));
@@ -628,6 +651,7 @@ impl Restore {
                 positions: positions.clone(),
                 writes,
                 baseline_from: None,
+                next_pseq: self.next_pseq,
             })
             .collect();
         (deltas, self.delta_records.iter().cloned().collect())
@@ -644,6 +668,7 @@ impl Restore {
             positions: self.positions().map(|(s, o)| (s.to_owned(), o)).collect(),
             writes: Vec::new(),
             baseline_from: self.baseline.map(|(_, from)| from),
+            next_pseq: self.next_pseq,
         }
     }
 }
@@ -920,6 +945,7 @@ mod tests {
                 },
             ],
             baseline_from: Some(15),
+            next_pseq: None,
         };
         let bytes = delta.encode();
         assert_eq!(Delta::decode(&bytes).unwrap(), delta);
@@ -965,6 +991,7 @@ mod tests {
             positions: vec![("kafka:t:0".into(), offset)],
             writes,
             baseline_from: None,
+            next_pseq: None,
         };
         let deltas = [
             delta(
@@ -1075,6 +1102,7 @@ mod tests {
                 .map(|i| put(Family::Events, format!("k{i}").as_bytes(), &[i as u8; 40]))
                 .collect(),
             baseline_from: None,
+            next_pseq: None,
         };
         let small = Delta {
             commit: 8,
@@ -1084,6 +1112,7 @@ mod tests {
         };
         let backwards = Delta {
             baseline_from: Some(9),
+            next_pseq: None,
             ..small.clone()
         };
         assert!(Delta::decode(&backwards.encode()).is_err());
@@ -1186,6 +1215,7 @@ mod tests {
             positions: offset.map(|o| ("kafka:t:0".to_owned(), o)).into_iter().collect(),
             writes,
             baseline_from: None,
+            next_pseq: None,
         };
         // Left by an earlier time the changelog was on: superseded by the baseline below.
         let old = Keyed {
@@ -1207,6 +1237,7 @@ mod tests {
         };
         let baseline = Delta {
             baseline_from: Some(1),
+            next_pseq: None,
             ..delta(
                 1,
                 vec![

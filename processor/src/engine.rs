@@ -601,8 +601,11 @@ struct Counters {
     clock: Option<i64>,
     /// Each partition's event clock ([`EngineConfig::clock_per_partition`]; empty without).
     partition_clocks: Vec<Option<i64>>,
-    /// The partitions whose clock moved since the last commit wrote them.
-    clocks_moved: Vec<u32>,
+    /// Each partition's next `pseq` ([`crate::Change::pseq`]; with the changelog on, else
+    /// empty).
+    next_pseq: Vec<u64>,
+    /// The partitions whose clock or next `pseq` moved since the last commit wrote them.
+    partitions_moved: Vec<u32>,
     next_seq: u64,
     next_arrival: u64,
     next_dlq: u64,
@@ -626,12 +629,27 @@ impl Counters {
                 return false;
             }
             *clock = Some(ts);
-            self.clocks_moved.push(partition);
+            self.partitions_moved.push(partition);
         } else if self.clock.is_some_and(|c| c >= ts) {
             return false;
         }
         self.clock = self.clock.max(Some(ts));
         true
+    }
+
+    /// The `(partition, pseq)` of the next change of a customer of `partition`, counted;
+    /// `None` without the changelog.
+    fn take_pseq(&mut self, partition: u32) -> Option<(u32, u64)> {
+        let next = self.next_pseq.get_mut(partition as usize)?;
+        let pseq = *next;
+        *next += 1;
+        self.partitions_moved.push(partition);
+        Some((partition, pseq))
+    }
+
+    /// `partition`'s next `pseq`, with the changelog on.
+    fn next_pseq_of(&self, partition: u32) -> Option<u64> {
+        self.next_pseq.get(partition as usize).copied()
     }
 
     /// Moves every clock forward to `now` (none moves back).
@@ -688,9 +706,15 @@ fn partition_clock_key(partition: u32) -> String {
     format!("{META_PARTITION_CLOCK}{partition}")
 }
 
+fn next_pseq_key(partition: u32) -> String {
+    format!("{META_NEXT_PSEQ}{partition}")
+}
+
 const META_CLOCK: &str = "clock";
 /// A partition's event clock ([`EngineConfig::clock_per_partition`]), by partition number.
 const META_PARTITION_CLOCK: &str = "clock:";
+/// A partition's next `pseq` ([`crate::Change::pseq`]), by partition number.
+const META_NEXT_PSEQ: &str = "next_pseq:";
 const META_SEQ: &str = "next_seq";
 const META_ARRIVAL: &str = "next_arrival";
 const META_DLQ: &str = "next_dlq";
@@ -868,10 +892,17 @@ impl Engine {
                 .collect::<Result<_, _>>()?,
             false => Vec::new(),
         };
+        let next_pseq = match config.changelog {
+            true => (0..config.partitions)
+                .map(|p| Ok(store.meta_u64(&next_pseq_key(p))?.max(1)))
+                .collect::<Result<_, StoreError>>()?,
+            false => Vec::new(),
+        };
         let counters = Counters {
             clock: store.meta_i64(META_CLOCK)?,
             partition_clocks,
-            clocks_moved: Vec::new(),
+            next_pseq,
+            partitions_moved: Vec::new(),
             next_seq: store.meta_u64(META_SEQ)?.max(1),
             next_arrival: store.meta_u64(META_ARRIVAL)?,
             next_dlq: store.meta_u64(META_DLQ)?,

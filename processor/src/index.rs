@@ -927,6 +927,7 @@ mod tests {
     fn change(op: Op, at: i64) -> Change {
         Change {
             seq: 1,
+            pseq: None,
             customer_id: Arc::from("c"),
             kind: crate::change::MemberKind::Tag,
             name: Arc::from("vip"),

@@ -143,6 +143,15 @@ fn a_partition_moves_with_its_clock_and_keeps_it_across_restarts() {
     there.restore_partition(&restore).unwrap();
     assert_eq!(there.clock_of(moved), clocks[moved as usize]);
     let seq = there.next_seq() - 1;
+    let rest: Vec<&String> = second
+        .iter()
+        .filter(|(p, _)| *p == moved)
+        .map(|(_, l)| l)
+        .collect();
+    assert!(rest.len() > 20, "{} events after the move", rest.len());
+    // Some of the rest before a restart, the others after.
+    let (before_restart, after_restart) = rest.split_at(rest.len() / 3);
+    ingest_all(&mut there, before_restart.iter().copied());
     // Reopened: every clock as it was.
     let before: Vec<Option<i64>> = (0..PARTITIONS).map(|p| there.clock_of(p)).collect();
     drop(there);
@@ -151,13 +160,7 @@ fn a_partition_moves_with_its_clock_and_keeps_it_across_restarts() {
         (0..PARTITIONS).map(|p| there.clock_of(p)).collect::<Vec<_>>(),
         before
     );
-    let rest: Vec<&String> = second
-        .iter()
-        .filter(|(p, _)| *p == moved)
-        .map(|(_, l)| l)
-        .collect();
-    assert!(rest.len() > 20, "{} events after the move", rest.len());
-    ingest_all(&mut there, rest);
+    ingest_all(&mut there, after_restart.iter().copied());
     ingest_all(&mut source, second.iter().map(|(_, l)| l));
     source.advance_clock(end).unwrap();
     there.advance_clock(end).unwrap();
@@ -182,6 +185,37 @@ fn a_partition_moves_with_its_clock_and_keeps_it_across_restarts() {
             all.ends_with(changes),
             "{id}: after the move {changes:#?}\nthe source: {all:#?}"
         );
+    }
+
+    // Each change carries its partition and its number among that partition's changes,
+    // which the partition's state carries: the moved customers' changes after the move
+    // have the numbers the source gave the same changes, and the source's run 1, 2, … with
+    // no gap.
+    let numbered = |engine: &Engine, after: u64| -> BTreeMap<(u32, u64), String> {
+        engine
+            .changes(after, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .filter(|c| of_moved(&c.customer_id.to_string()))
+            .map(|c| {
+                let change = format!("{} {:?} {} {:?} {}", c.customer_id, c.kind, c.name, c.op, c.at);
+                (c.pseq.expect("numbered in its partition"), change)
+            })
+            .collect()
+    };
+    let ours = numbered(&source, 0);
+    let pseqs: Vec<u64> = ours
+        .keys()
+        .map(|(p, n)| {
+            assert_eq!(*p, moved);
+            *n
+        })
+        .collect();
+    assert_eq!(pseqs, (1..=pseqs.len() as u64).collect::<Vec<_>>());
+    let after_move = numbered(&there, seq);
+    assert!(after_move.len() > 5, "{after_move:?}");
+    for (pseq, change) in &after_move {
+        assert_eq!(ours.get(pseq), Some(change), "{pseq:?}");
     }
 
     // Dropped, the partition's clock goes with it; the others stay.

@@ -1671,4 +1671,45 @@ fn three_nodes_change_logs_replay_to_what_the_survivors_hold() {
         differ.join("\n")
     );
     assert!(one.len() > 20, "{} customers changed", one.len());
+
+    // A consumer deduplicates by `(partition, pseq)`: a number two logs both hold names
+    // the same change (one made again by the node that took its partition over — where
+    // events or timers made it; a rule change's sweep runs on each node at its own moment),
+    // and each partition's numbers run 1, 2, … with no gap.
+    let mut numbered: BTreeMap<(u32, u64), (String, String)> = BTreeMap::new();
+    for node in ["a", "b", "c"] {
+        let engine = processor::Engine::open(&run.path().join(node), None, config(true)).unwrap();
+        for c in engine.changes(0, usize::MAX).unwrap() {
+            let pseq = c
+                .pseq
+                .unwrap_or_else(|| panic!("a change without a pseq on {node}: {c:?}"));
+            let change = format!(
+                "{} {:?} {} {} {}",
+                c.customer_id,
+                c.kind,
+                c.name,
+                c.op.label(),
+                c.at
+            );
+            let cause = c.cause.label().to_owned();
+            match numbered.get(&pseq) {
+                Some((seen, seen_cause)) if cause != "rule_change" && seen_cause != "rule_change" => {
+                    assert_eq!(seen, &change, "{pseq:?} on {node}")
+                }
+                Some(_) => {}
+                None => {
+                    numbered.insert(pseq, (change, cause));
+                }
+            }
+        }
+    }
+    for p in 0..THREE_NODES_PARTITIONS {
+        let numbers: Vec<u64> = numbered.keys().filter(|k| k.0 == p).map(|k| k.1).collect();
+        assert!(!numbers.is_empty(), "partition {p} changed nothing");
+        assert_eq!(
+            numbers,
+            (1..=numbers.len() as u64).collect::<Vec<_>>(),
+            "partition {p}"
+        );
+    }
 }

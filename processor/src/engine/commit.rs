@@ -163,13 +163,23 @@ impl Engine {
         if let Some(clock) = self.counters.clock {
             self.store.put_meta_i64(&mut batch.wb, META_CLOCK, clock);
         }
-        let mut moved = std::mem::take(&mut self.counters.clocks_moved);
+        let mut moved = std::mem::take(&mut self.counters.partitions_moved);
         moved.sort_unstable();
         moved.dedup();
         for partition in moved {
-            if let Some(clock) = self.counters.clock_of(partition) {
+            if let Some(clock) = self
+                .counters
+                .partition_clocks
+                .get(partition as usize)
+                .copied()
+                .flatten()
+            {
                 let key = partition_clock_key(partition);
                 self.store.put_meta_i64(&mut batch.wb, &key, clock);
+            }
+            if let Some(next) = self.counters.next_pseq_of(partition) {
+                let key = next_pseq_key(partition);
+                self.store.put_meta_u64(&mut batch.wb, &key, next);
             }
         }
         self.store
@@ -306,9 +316,15 @@ impl Engine {
             Vec::with_capacity(total),
         );
         let (log, by_name) = (self.store.cf(CF_CHANGES), self.store.cf(CF_CHANGES_BY_NAME));
+        let partitions = self.config.partitions;
+        let changelog = self.config.changelog;
         for (place, shard, mut change) in placed {
             change.seq = self.counters.next_seq;
             self.counters.next_seq += 1;
+            if changelog {
+                let partition = crate::partition::partition_of(change.customer_id.as_bytes(), partitions);
+                change.pseq = self.counters.take_pseq(partition);
+            }
             let number = match self.shards[shard].cache.get(&change.customer_id) {
                 Some(state) => state.number,
                 None => parts[shard]

@@ -189,6 +189,7 @@ impl Worker<'_> {
         let batch = &mut self.shard.batch;
         batch.changes.push(Change {
             seq: 0,
+            pseq: None,
             customer_id: customer.clone(),
             kind,
             name,

@@ -32,8 +32,9 @@ type Filling = (BTreeMap<(Family, Vec<u8>), Vec<u8>>, usize);
 struct Baseline {
     store: Arc<Store>,
     partitions: u32,
-    /// Each partition's event clock.
+    /// Each partition's event clock and next `pseq`.
     clocks: Vec<Option<i64>>,
+    next_pseq: Vec<Option<u64>>,
     next_commit: u64,
     filling: Vec<Filling>,
     first: Vec<Option<u64>>,
@@ -64,6 +65,7 @@ impl Baseline {
             partitions: self.partitions,
             commit,
             clock: self.clocks[partition as usize],
+            next_pseq: self.next_pseq[partition as usize],
             positions: if end {
                 std::mem::take(&mut self.positions[partition as usize])
             } else {
@@ -156,6 +158,7 @@ impl Engine {
             store: self.store.clone(),
             partitions,
             clocks: (0..partitions).map(|p| self.counters.clock_of(p)).collect(),
+            next_pseq: (0..partitions).map(|p| self.counters.next_pseq_of(p)).collect(),
             next_commit: self.counters.next_commit,
             filling: vec![Default::default(); partitions as usize],
             first: vec![None; partitions as usize],
@@ -225,6 +228,7 @@ impl Engine {
         builder.finish(
             commit,
             |p| counters.clock_of(p),
+            |p| counters.next_pseq_of(p),
             |partition, encode| {
                 out.put_with(cf, &outbox_key(partition, commit), encode);
             },
@@ -366,6 +370,15 @@ impl Engine {
             }
             let name = format!("{META_CHANGELOG_ORPHANS}{partition}");
             wb.put_cf(meta, name.as_bytes(), w.buf);
+        }
+        if let (Some(next), Some(restored)) = (
+            self.counters.next_pseq.get_mut(partition as usize),
+            restore.next_pseq,
+        ) {
+            // Its changes numbered on from where its last owner's stopped.
+            *next = restored;
+            self.store
+                .put_meta_u64(&mut wb, &next_pseq_key(partition), restored);
         }
         if self.config.partition_clocks() {
             // The partition's own clock, as its last owner left it.
