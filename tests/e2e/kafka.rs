@@ -398,7 +398,12 @@ fn records_in(brokers: &str, topic: &str) -> u64 {
 /// A change as the API prints it, without its `seq` (a store restored from the state
 /// changelog numbers its own change log).
 fn without_seq(mut change: serde_json::Value) -> serde_json::Value {
-    change.as_object_mut().unwrap().remove("seq");
+    let fields = change.as_object_mut().unwrap();
+    // (`partition` and `pseq` too: the numbering of a member of a group, which one store of
+    // reference does not have.)
+    for numbering in ["seq", "partition", "pseq"] {
+        fields.remove(numbering);
+    }
     change
 }
 
