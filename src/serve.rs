@@ -56,6 +56,12 @@ pub fn serve(
     let access = Access::open(engine.store().clone(), access).map_err(anyhow::Error::msg)?;
     access.check_listen(listen).map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // Taken over now, before anything announces the server: a SIGTERM from a supervisor
+    // that saw it start then always drains rather than killing the process outright.
+    let signals = {
+        let _in_runtime = runtime.enter();
+        Signals::listen()
+    };
     let partitions = engine.config().partitions;
     let (handle, engine_thread) = EngineHandle::spawn(engine, ServiceConfig::default());
     let mut state = AppState::with_access(handle.clone(), api, Arc::new(access));
@@ -149,7 +155,7 @@ pub fn serve(
         let engine_failed = Arc::new(AtomicBool::new(false));
         let failed = engine_failed.clone();
         let signalled = async move {
-            if stop_requested(engine_ended).await == Stop::EngineEnded {
+            if stop_requested(engine_ended, signals).await == Stop::EngineEnded {
                 failed.store(true, Ordering::SeqCst);
             }
             // Streams end now, or the graceful shutdown would wait for their clients.
@@ -269,9 +275,9 @@ enum Stop {
 }
 
 /// Waits for SIGTERM or Ctrl-C, or for the engine to stop (its end of `committed` gone).
-async fn stop_requested(mut committed: tokio::sync::watch::Receiver<u64>) -> Stop {
+async fn stop_requested(mut committed: tokio::sync::watch::Receiver<u64>, signals: Signals) -> Stop {
     tokio::select! {
-        () = shutdown_signal() => Stop::Signalled,
+        () = signals.received() => Stop::Signalled,
         () = async { while committed.changed().await.is_ok() {} } => {
             tracing::error!("the engine stopped; shutting down");
             Stop::EngineEnded
@@ -279,23 +285,39 @@ async fn stop_requested(mut committed: tokio::sync::watch::Receiver<u64>) -> Sto
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// SIGTERM and SIGINT (Ctrl-C), listened for from the moment this is made: until then
+/// either ends the process.
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    interrupt: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    /// Takes both signals over (inside the runtime).
+    fn listen() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        Signals {
+            term: signal(SignalKind::terminate()).ok(),
+            interrupt: signal(SignalKind::interrupt()).ok(),
         }
-    };
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
     }
-    tracing::info!("shutting down: finishing the batch in flight");
+
+    /// Waits for either.
+    async fn received(mut self) {
+        async fn one(signal: &mut Option<tokio::signal::unix::Signal>) {
+            match signal {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        }
+        tokio::select! {
+            () = one(&mut self.term) => {},
+            () = one(&mut self.interrupt) => {},
+        }
+        tracing::info!("shutting down: finishing the batch in flight");
+    }
 }
 
 /// Streams realistic events into the engine at `rate` events per second, stamped with the
@@ -367,7 +389,7 @@ mod tests {
 
     use processor::{Engine, EngineConfig, EngineHandle, ServiceConfig};
 
-    use super::{stop_requested, Stop};
+    use super::{stop_requested, Signals, Stop};
 
     /// The server's stop waits on the engine too: once the engine thread ends, the wait ends
     /// with the reason that makes `serve` exit with an error.
@@ -382,14 +404,22 @@ mod tests {
             .unwrap();
         let committed = handle.committed();
         let waiting = runtime.block_on(async {
-            tokio::time::timeout(Duration::from_millis(300), stop_requested(committed.clone())).await
+            tokio::time::timeout(
+                Duration::from_millis(300),
+                stop_requested(committed.clone(), Signals::listen()),
+            )
+            .await
         });
         assert!(waiting.is_err(), "stopped while the engine runs: {waiting:?}");
         // The last handle gone, the engine thread ends (as it does when it cannot go on).
         drop(handle);
         thread.join().unwrap();
         let stop = runtime.block_on(async {
-            tokio::time::timeout(Duration::from_secs(10), stop_requested(committed)).await
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                stop_requested(committed, Signals::listen()),
+            )
+            .await
         });
         assert_eq!(stop.ok(), Some(Stop::EngineEnded));
     }
