@@ -34,7 +34,7 @@ cleanup() {
 }
 trap cleanup EXIT
 start_memory_broker "$port" "$work/tansu-cluster.log"
-topic() { "$TAGSTREAM_TANSU" topic create "$1" --broker "tcp://127.0.0.1:$port" --partitions "$2" "${@:3}" >/dev/null; }
+topic() { create_topic "$port" "$@"; }
 topic events "$partitions"
 topic tag-changes "$partitions"
 topic tagstream-dead-letters 1
@@ -61,10 +61,6 @@ control_topic = "control"
 EOF
 metric() {
     curl -sf "http://127.0.0.1:$1/metrics" 2>/dev/null | awk -v m="$2" '$1 == m {n += $2} END {print n + 0}'
-}
-applied() {
-    curl -sf "http://127.0.0.1:$1/metrics" 2>/dev/null |
-        awk '/^tagstream_events_total|^tagstream_events_rejected_total/ {n += $2} END {print n + 0}'
 }
 # Whether the node at port $1 sees $2 live nodes, each owning some partitions, and every
 # partition owned and restored.

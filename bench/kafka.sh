@@ -27,17 +27,12 @@ cleanup() {
 }
 trap cleanup EXIT
 start_memory_broker "$port" "$work/tansu.log"
-"$TAGSTREAM_TANSU" topic create events --broker "tcp://127.0.0.1:$port" --partitions "$partitions" >/dev/null
-"$TAGSTREAM_TANSU" topic create tag-changes --broker "tcp://127.0.0.1:$port" --partitions "$partitions" >/dev/null
-"$TAGSTREAM_TANSU" topic create tagstream-dead-letters --broker "tcp://127.0.0.1:$port" --partitions 1 >/dev/null
+create_topic "$port" events "$partitions"
+create_topic "$port" tag-changes "$partitions"
+create_topic "$port" tagstream-dead-letters 1
 "$bin/kafkaload" --brokers "127.0.0.1:$port" --topic events --file "$stream"
 machine_line
 echo "stream: $customers customers, $lines lines on $partitions partitions"
-# Events applied so far: accepted + duplicate + rejected, from /metrics.
-applied() {
-    curl -sf "http://127.0.0.1:$http/metrics" 2>/dev/null |
-        awk '/^tagstream_events_total|^tagstream_events_rejected_total/ {n += $2} END {print n + 0}'
-}
 now() { date +%s.%N; }
 for run in $(seq "$runs"); do
     rm -rf "$work/kafka-data"
@@ -45,9 +40,9 @@ for run in $(seq "$runs"); do
         --clock event --listen "127.0.0.1:$http" --kafka-brokers "127.0.0.1:$port" \
         --kafka-group "bench-$run-$$" >"$work/kafka-serve.log" 2>&1 &
     server=$!
-    while [ "$(applied)" = 0 ]; do sleep 0.05; done
+    while [ "$(applied "$http")" = 0 ]; do sleep 0.05; done
     first=$(now)
-    while [ "$(applied)" -lt "$lines" ]; do sleep 0.2; done
+    while [ "$(applied "$http")" -lt "$lines" ]; do sleep 0.2; done
     last=$(now)
     changes=$(curl -s "http://127.0.0.1:$http/metrics" | awk '/^tagstream_change_log_next_seq/ {print $2 - 1}')
     # Publishing runs beside consumption; wait until every change is confirmed by the broker.

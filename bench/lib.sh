@@ -18,6 +18,12 @@ stream=$work/stream-$customers-$events.ndjson
 if [ -z "${BENCH_OWN_STREAM:-}" ] && [ ! -s "$stream" ]; then
     "$bin/loadgen" --customers "$customers" --events "$events" --out "$stream"
 fi
+# Events the server on 127.0.0.1:PORT has applied so far: accepted + duplicate + rejected,
+# from its /metrics.
+applied() {
+    curl -sf "http://127.0.0.1:$1/metrics" 2>/dev/null |
+        awk '/^tagstream_events_total|^tagstream_events_rejected_total/ {n += $2} END {print n + 0}'
+}
 machine_line() {
     echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GB", $2/1048576}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 }

@@ -35,11 +35,7 @@ cleanup() {
 }
 trap cleanup EXIT
 start_memory_broker "$port" "$work/tansu-nodes.log"
-topic() { "$TAGSTREAM_TANSU" topic create "$1" --broker "tcp://127.0.0.1:$port" --partitions "$2" "${@:3}" >/dev/null; }
-applied() {
-    curl -sf "http://127.0.0.1:$1/metrics" 2>/dev/null |
-        awk '/^tagstream_events_total|^tagstream_events_rejected_total/ {n += $2} END {print n + 0}'
-}
+topic() { create_topic "$port" "$@"; }
 now() { date +%s.%N; }
 machine_line
 echo "stream: $customers customers, $lines lines on $partitions partitions; nodes pinned one per core ($cores cores)"

@@ -32,3 +32,9 @@ start_memory_broker() {
   broker=$!
   sleep 1
 }
+
+# Creates topic NAME with PARTITIONS partitions (and any further `tansu topic create`
+# arguments) on the broker at 127.0.0.1:PORT.
+create_topic() {
+  "$TAGSTREAM_TANSU" topic create "$2" --broker "tcp://127.0.0.1:$1" --partitions "$3" "${@:4}" >/dev/null
+}
