@@ -604,8 +604,9 @@ struct Counters {
     /// Each partition's next `pseq` ([`crate::Change::pseq`]; with the changelog on, else
     /// empty).
     next_pseq: Vec<u64>,
-    /// The partitions whose clock or next `pseq` moved since the last commit wrote them.
-    partitions_moved: Vec<u32>,
+    /// By partition: whether its clock or next `pseq` moved since the last commit wrote
+    /// them (empty when it has neither).
+    moved: Vec<bool>,
     next_seq: u64,
     next_arrival: u64,
     next_dlq: u64,
@@ -629,7 +630,7 @@ impl Counters {
                 return false;
             }
             *clock = Some(ts);
-            self.partitions_moved.push(partition);
+            self.moved[partition as usize] = true;
         } else if self.clock.is_some_and(|c| c >= ts) {
             return false;
         }
@@ -643,7 +644,7 @@ impl Counters {
         let next = self.next_pseq.get_mut(partition as usize)?;
         let pseq = *next;
         *next += 1;
-        self.partitions_moved.push(partition);
+        self.moved[partition as usize] = true;
         Some((partition, pseq))
     }
 
@@ -902,7 +903,10 @@ impl Engine {
             clock: store.meta_i64(META_CLOCK)?,
             partition_clocks,
             next_pseq,
-            partitions_moved: Vec::new(),
+            moved: match config.partition_clocks() || config.changelog {
+                true => vec![false; config.partitions.max(1) as usize],
+                false => Vec::new(),
+            },
             next_seq: store.meta_u64(META_SEQ)?.max(1),
             next_arrival: store.meta_u64(META_ARRIVAL)?,
             next_dlq: store.meta_u64(META_DLQ)?,
@@ -1152,7 +1156,7 @@ impl Engine {
         }
         self.parked.timers.clear();
         for (due, customer) in timers {
-            let partition = crate::partition::partition_of(customer.as_bytes(), self.config.partitions);
+            let partition = self.partition_of(&customer);
             if self.parked.partitions.contains(&partition) {
                 self.parked
                     .timers

@@ -163,10 +163,10 @@ impl Engine {
         if let Some(clock) = self.counters.clock {
             self.store.put_meta_i64(&mut batch.wb, META_CLOCK, clock);
         }
-        let mut moved = std::mem::take(&mut self.counters.partitions_moved);
-        moved.sort_unstable();
-        moved.dedup();
-        for partition in moved {
+        for partition in 0..self.counters.moved.len() as u32 {
+            if !std::mem::take(&mut self.counters.moved[partition as usize]) {
+                continue;
+            }
             if let Some(clock) = self
                 .counters
                 .partition_clocks

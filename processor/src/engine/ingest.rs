@@ -102,13 +102,14 @@ impl Engine {
         for (index, (raw, parsed)) in raw_events.iter().zip(parsed).enumerate() {
             let step = round.next_step;
             round.next_step += 1;
+            // The partition whose clock judges the event: the one its id is hashed to (0,
+            // the store's one clock, without a clock per partition).
+            let partition = match (&parsed, partition_clocks) {
+                (Ok(ev), true) => self.partition_of(&ev.customer_id),
+                _ => 0,
+            };
             let parsed = parsed.and_then(|ev| match ev.ts {
                 Some(ts) => {
-                    // Judged by the clock of the event's partition, where it has one.
-                    let partition = match partition_clocks {
-                        true => self.partition_of(&ev.customer_id),
-                        false => 0,
-                    };
                     let clock = self.counters.clock_of(partition);
                     check_not_future(ts, &self.config.limits, wall.max(clock.unwrap_or(i64::MIN)))
                         .and_then(|()| self.check_retention(&ev, ts, partition, raw.as_ref(), source))
@@ -117,7 +118,7 @@ impl Engine {
                 None => Ok(ev),
             });
             let result = match parsed {
-                Ok(ev) => self.accept(ev, step, round, batch)?,
+                Ok(ev) => self.accept(ev, partition, step, round, batch)?,
                 Err(rejection) => Err(rejection),
             };
             match result {
@@ -149,17 +150,11 @@ impl Engine {
     fn accept(
         &mut self,
         mut ev: ValidEvent,
+        arrived_in: u32,
         step: u64,
         round: &mut Round<'_>,
         batch: &mut Batch,
     ) -> Result<Result<bool, Rejection>, EngineError> {
-        // The partition whose clock judges the event (the one its id is hashed to; 0 for
-        // the store's one clock).
-        let partition_clocks = self.config.partition_clocks();
-        let arrived_in = match partition_clocks {
-            true => self.partition_of(&ev.customer_id),
-            false => 0,
-        };
         let ts = match (ev.ts, self.config.clock, self.counters.clock_of(arrived_in)) {
             (Some(ts), _, _) => ts,
             (None, ClockMode::Event, Some(clock)) => clock,
@@ -172,6 +167,8 @@ impl Engine {
             }
         }
         let mut origin = None;
+        // Whether identity put the event with another customer (of another partition, maybe).
+        let mut rehomed = false;
         if ev.carries_ids() {
             // Prepared where the event was parsed, or here.
             let prepared = match ev.prepared.take() {
@@ -189,16 +186,18 @@ impl Engine {
             let cause = Cause::Event(ev.event_id.clone());
             let arrival = self.counters.next_arrival;
             origin = self.settle_identity(&resolution, step, arrival, &cause, round, batch)?;
+            rehomed = resolution.canonical != ev.customer_id;
             ev.customer_id = resolution.canonical;
         } else if !self.aliases.is_empty() {
             if let Some(survivor) = self.aliases.get(&ev.customer_id) {
                 origin = Some(std::mem::replace(&mut ev.customer_id, survivor.clone()));
+                rehomed = true;
             }
         }
-        // A merge may have put the event with a customer of another partition.
-        let partition = match partition_clocks {
+        let partition_clocks = self.config.partition_clocks();
+        let partition = match rehomed && partition_clocks {
             true => self.partition_of(&ev.customer_id),
-            false => 0,
+            false => arrived_in,
         };
         if self.config.clock == ClockMode::Event && self.counters.advance(partition, ts) && !partition_clocks
         {
