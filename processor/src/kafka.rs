@@ -429,8 +429,16 @@ pub fn start(
         let (stop, drain, reader) = (publishers_stop.clone(), drain.clone(), reader.clone());
         let (checkpoint_bytes, owned) = (settings.state_checkpoint_bytes, owned.clone());
         // Held before the thread starts, so no trim runs in between.
-        if let Err(e) = hold_unpublished(&reader, feed, &publish_cursor(feed, &topic)) {
-            tracing::error!(error = %e, feed = feed.label(), "reading the publish cursor failed");
+        match hold_unpublished(&reader, feed, &publish_cursor(feed, &topic)) {
+            Ok(confirmed) if matches!(feed, Feed::Changes) => reader.gate_state_on_changes(confirmed),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(error = %e, feed = feed.label(), "reading the publish cursor failed");
+                if let Feed::Changes = feed {
+                    // Nothing taken as confirmed: the publisher confirms as it goes.
+                    reader.gate_state_on_changes(0);
+                }
+            }
         }
         publishers.push(
             std::thread::Builder::new()
@@ -823,6 +831,9 @@ fn publish(
                 if let Err(e) = reader.set_cursor(&cursor, next) {
                     tracing::error!(error = %e, feed = feed.label(), "saving what was published failed");
                 }
+                if let Feed::Changes = feed {
+                    reader.changes_confirmed(next);
+                }
                 metrics::counter!("tagstream_kafka_published_total", "feed" => feed.label())
                     .increment(records.len() as u64);
                 if let Feed::Changes = feed {
@@ -928,6 +939,8 @@ fn publish_state(
                 return;
             }
             Round::Idle => std::thread::sleep(Duration::from_millis(50)),
+            // The changes publisher is behind: it confirms more every few milliseconds.
+            Round::Waiting => std::thread::sleep(Duration::from_millis(10)),
             Round::Failed(e) => {
                 tracing::warn!(error = %e, topic, "publishing the state changelog failed; retrying");
                 std::thread::sleep(backoff);
@@ -959,6 +972,8 @@ struct PublisherState {
 enum Round {
     Sent,
     Idle,
+    /// Deltas are due whose commits' changes the changes topic has not confirmed yet.
+    Waiting,
     Failed(String),
 }
 
@@ -1013,15 +1028,20 @@ fn state_round(
         }
     }
     // Fewer deltas than records of the other feeds: a delta can be large.
-    let deltas = match reader.changelog_unpublished(&published, PUBLISH_BATCH / 10) {
+    let mut deltas = match reader.changelog_unpublished(&published, PUBLISH_BATCH / 10) {
         Ok(deltas) => deltas,
         Err(e) => return Round::Failed(format!("reading the outbox: {e}")),
     };
     metrics::gauge!("tagstream_kafka_publish_lag_state").set(deltas.len() as f64);
     metrics::gauge!("tagstream_kafka_state_outbox_bytes")
         .set(state.partitions.values().map(|(_, kept)| *kept).sum::<u64>() as f64);
+    let due = deltas.len();
+    // Of each partition, the deltas up to the first whose changes are not confirmed (the
+    // gate opens in commit order, so what stays is a prefix of each partition's).
+    deltas.retain(|(_, commit, _)| reader.delta_may_go(*commit));
     if deltas.is_empty() {
-        return failed.map_or(Round::Idle, Round::Failed);
+        let idle = if due > 0 { Round::Waiting } else { Round::Idle };
+        return failed.map_or(idle, Round::Failed);
     }
     let mut records = Vec::with_capacity(deltas.len());
     for (partition, commit, bytes) in &deltas {

@@ -791,6 +791,63 @@ fn a_store_restored_from_the_state_topic_resumes_from_kafka_without_loss() {
     second.workers.stop(Duration::from_secs(10));
 }
 
+/// The state topic never runs ahead of the changes topic (issue #21): a node that died
+/// after its state was confirmed but before the changes that state counts would leave its
+/// successor nothing to make them again from, and consumers of `tag-changes` would never
+/// see them. While the changes topic takes nothing, the state topic gets nothing either;
+/// once it takes them, both are published whole.
+#[test]
+fn the_state_topic_waits_for_the_changes_its_commits_made() {
+    const PARTITIONS: u32 = 2;
+    let cluster = state_cluster(PARTITIONS);
+    let brokers = cluster.bootstrap_servers();
+    let lines = stream(600);
+    cluster
+        .topic_error(
+            "tag-changes",
+            rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE,
+        )
+        .unwrap();
+    produce(&brokers, "events", &lines);
+    let dir = TempDir::new("kafka-state-after-changes");
+    let running = run_engine(
+        Engine::open(dir.path(), Some(RULES), keeping(PARTITIONS)).unwrap(),
+        &brokers,
+        "g-state-after-changes",
+        |s| s.state_topic = Some("state".into()),
+    );
+    wait_until("the stream", || {
+        running.seen.load(Ordering::SeqCst) == lines.len()
+    });
+    let reader = running.engine.lock().unwrap().reader();
+    let made = reader.changes(0, usize::MAX).unwrap().len();
+    assert!(made > 100, "{made} changes");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        topic_size(&brokers, "state", PARTITIONS as i32),
+        0,
+        "no delta published before the changes of its commit"
+    );
+    assert!(reader.changelog_unconfirmed(1).unwrap() > 0);
+
+    cluster
+        .topic_error(
+            "tag-changes",
+            rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR,
+        )
+        .unwrap();
+    wait_until("the outbox to be published", || {
+        reader.changelog_unconfirmed(1).unwrap() == 0
+    });
+    assert_eq!(
+        topic_size(&brokers, "tag-changes", PARTITIONS as i32),
+        made as i64,
+        "every change published by the time the last delta was"
+    );
+    assert!(topic_size(&brokers, "state", PARTITIONS as i32) > 0);
+    running.workers.stop(Duration::from_secs(10));
+}
+
 /// Partition `partition` of `topic`, every record in offset order (up to the end the broker
 /// names: the mock broker's is exact), with the state changelog's commit header.
 fn read_partition(brokers: &str, topic: &str, partition: i32) -> Vec<tests::LogRecord> {

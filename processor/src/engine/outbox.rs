@@ -43,6 +43,63 @@ struct Baseline {
     deltas: u64,
 }
 
+/// Which commits' deltas the state publisher may send: with a changes topic, a delta goes
+/// to the state topic only once every change made up to its commit is confirmed there.
+/// Otherwise a node dying between the two confirmations would hand its successor a state
+/// in which those changes are made (their events consumed, their `pseq` counted) while no
+/// consumer of the changes topic ever sees them. The other order is the documented repeat:
+/// changes confirmed whose state is not are made again, with the same `(partition, pseq)`.
+#[derive(Debug, Default)]
+pub(crate) struct ChangesGate {
+    /// Set once a changes publisher runs; until then every delta may go.
+    on: bool,
+    /// The last `seq` the changes topic confirmed.
+    confirmed: u64,
+    /// Commits whose changes are not all confirmed, each with the last `seq` made by it or
+    /// before it. Before the gate is on, one entry under commit 0 stands for every commit.
+    pending: BTreeMap<u64, u64>,
+}
+
+impl ChangesGate {
+    /// Commit `commit` is made, the change log's last `seq` then being `last_seq`.
+    pub(crate) fn made(&mut self, commit: u64, last_seq: u64) {
+        if self.on {
+            self.pending.insert(commit, last_seq);
+        } else {
+            self.pending.clear();
+            self.pending.insert(0, last_seq);
+        }
+        self.settle();
+    }
+
+    /// A changes publisher runs, the topic having confirmed every change up to `confirmed`.
+    pub(crate) fn turn_on(&mut self, confirmed: u64) {
+        self.on = true;
+        self.confirm(confirmed);
+    }
+
+    /// The changes topic confirmed every change up to `seq`.
+    pub(crate) fn confirm(&mut self, seq: u64) {
+        self.confirmed = self.confirmed.max(seq);
+        self.settle();
+    }
+
+    fn settle(&mut self) {
+        while let Some(entry) = self.pending.first_entry() {
+            if *entry.get() > self.confirmed {
+                break;
+            }
+            entry.remove();
+        }
+    }
+
+    /// Whether the delta of `commit` may be published: every commit up to it has its
+    /// changes confirmed (a commit not recorded, such as a restore's, made none).
+    pub(crate) fn may_publish(&self, commit: u64) -> bool {
+        !self.on || self.pending.range(..=commit).next().is_none()
+    }
+}
+
 impl Baseline {
     fn add(&mut self, family: Family, key: &[u8], value: &[u8], partition: u32) -> Result<(), StoreError> {
         let (writes, bytes) = &mut self.filling[partition as usize];
@@ -122,6 +179,13 @@ impl Engine {
                 self.store.commit(wb)?;
             }
             _ => {}
+        }
+        if self.config.changelog {
+            // Every commit so far: their deltas wait for the changes made until now.
+            self.published.changes_gate().made(
+                self.counters.next_commit,
+                self.counters.next_seq.saturating_sub(1),
+            );
         }
         Ok(())
     }
@@ -224,6 +288,9 @@ impl Engine {
         }
         let mut out = SortedWrites::default();
         let (commit, cf) = (self.counters.next_commit, self.store.cf(CF_OUTBOX));
+        self.published
+            .changes_gate()
+            .made(commit, self.counters.next_seq.saturating_sub(1));
         let counters = &self.counters;
         builder.finish(
             commit,
@@ -532,6 +599,22 @@ impl ReadHandle {
             .unwrap_or_else(|e| e.into_inner())
     }
 
+    /// A changes publisher runs and has confirmed every change up to `confirmed`: from now
+    /// on a delta is published only once the changes up to its commit are confirmed.
+    pub fn gate_state_on_changes(&self, confirmed: u64) {
+        self.published.changes_gate().turn_on(confirmed);
+    }
+
+    /// The changes topic confirmed every change up to `seq`.
+    pub fn changes_confirmed(&self, seq: u64) {
+        self.published.changes_gate().confirm(seq);
+    }
+
+    /// Whether the delta of `commit` may be published ([`ChangesGate`]).
+    pub fn delta_may_go(&self, commit: u64) -> bool {
+        self.published.changes_gate().may_publish(commit)
+    }
+
     /// Whether this store holds partition `partition` of the state changelog: it has a
     /// confirmed position of it, deltas of it in the outbox, or a Kafka offset of it. A
     /// released partition, or one this store never wrote, is not held.
@@ -728,4 +811,36 @@ fn parse_outbox_key(key: &[u8]) -> Result<(u32, u64), EngineError> {
         partition,
         u64::from_be_bytes(key[4..].try_into().expect("8 bytes")),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ChangesGate;
+
+    #[test]
+    fn a_delta_waits_for_the_changes_of_its_commit_and_of_every_commit_before() {
+        let mut gate = ChangesGate::default();
+        // Off (no changes publisher): everything may go, and one commit stands for all.
+        gate.made(1, 10);
+        gate.made(2, 12);
+        assert!(gate.may_publish(2));
+        gate.turn_on(9);
+        assert!(
+            !gate.may_publish(1),
+            "changes 1..=12 made up to commit 2, 9 confirmed"
+        );
+        assert!(!gate.may_publish(2));
+        gate.made(3, 12); // no change of its own
+        gate.made(4, 20);
+        gate.confirm(12);
+        assert!(gate.may_publish(1) && gate.may_publish(2) && gate.may_publish(3));
+        assert!(!gate.may_publish(4) && !gate.may_publish(5), "4 made 13..=20");
+        gate.confirm(19);
+        assert!(!gate.may_publish(4));
+        gate.confirm(20);
+        assert!(gate.may_publish(4), "every change confirmed");
+        assert!(gate.may_publish(5), "a commit not recorded made no change");
+        gate.confirm(3);
+        assert!(gate.may_publish(4), "a confirmation never goes back");
+    }
 }

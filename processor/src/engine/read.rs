@@ -38,6 +38,8 @@ pub(super) struct Published {
     /// partitions this store publishes (a release, a restore), which also counts up the
     /// epoch inside: the publisher then reads its position again.
     pub(super) changelog_gate: std::sync::Mutex<u64>,
+    /// Which commits' deltas may be published before their changes are.
+    changes_gate: std::sync::Mutex<super::outbox::ChangesGate>,
     /// Customer numbers by partition, for queries limited to some partitions
     /// ([`ReadHandle::query_partitions`]).
     pub(super) by_partition: std::sync::Mutex<super::query::PartitionNumbers>,
@@ -59,8 +61,13 @@ impl Published {
             holds: Default::default(),
             backfill: Default::default(),
             changelog_gate: Default::default(),
+            changes_gate: Default::default(),
             by_partition: Default::default(),
         }
+    }
+
+    pub(super) fn changes_gate(&self) -> std::sync::MutexGuard<'_, super::outbox::ChangesGate> {
+        self.changes_gate.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub(super) fn set_backfill(&self, progress: Option<BackfillProgress>) {
