@@ -23,6 +23,7 @@
 
 pub mod control;
 mod group;
+pub mod group_log;
 pub mod members;
 pub use group::PartitionHost;
 
@@ -152,9 +153,23 @@ pub struct KafkaStatus {
     restore_progress: Mutex<BTreeMap<u32, u64>>,
     /// The rule-set version this node runs (its card tells the others).
     rules_version: std::sync::atomic::AtomicU64,
+    /// Whether the group's change log is read ([`group_log`]): `None` outside a group (or
+    /// without a changes topic), the reason when it could not start.
+    group_log: Mutex<Option<Result<(), String>>>,
 }
 
 impl KafkaStatus {
+    /// `Ok` when this node reads the group's change log; else why not.
+    pub fn group_log(&self) -> Result<(), String> {
+        self.group_log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_else(|| {
+                Err("the group's change log is kept only by the members of a group (`state_topic`) that publish a changes topic".into())
+            })
+    }
+
     /// `Err` with the reason while the consumer owns no partition, or fewer than all (alone
     /// in its group), or restores some (in a group of several).
     pub fn ready(&self) -> Result<(), String> {
@@ -316,6 +331,8 @@ pub type Apply = Box<dyn FnMut(Arc<KafkaBatch>) -> Result<IngestOutcome, ApplyEr
 pub struct KafkaWorkers {
     stop: Arc<AtomicBool>,
     consumer: JoinHandle<()>,
+    /// The reader of the group's change log.
+    follower: Option<JoinHandle<()>>,
     /// Set once nothing more is consumed: each publisher sends what is committed and ends.
     drain: Arc<AtomicBool>,
     /// Publishers stop where they are (after the grace).
@@ -331,6 +348,9 @@ impl KafkaWorkers {
     pub fn stop(self, grace: Duration) -> usize {
         self.stop.store(true, Ordering::SeqCst);
         let _ = self.consumer.join();
+        if let Some(follower) = self.follower {
+            let _ = follower.join();
+        }
         self.drain.store(true, Ordering::SeqCst);
         let deadline = std::time::Instant::now() + grace;
         while self.publishers.iter().any(|t| !t.is_finished()) && std::time::Instant::now() < deadline {
@@ -377,6 +397,20 @@ pub fn start(
     }
     let owned = membership.as_ref().map(|m| m.owned.clone());
     status.group.store(membership.is_some(), Ordering::Release);
+    let follower = match (&membership, &settings.changes_topic) {
+        (Some(_), Some(topic)) => match group_log::follow(&settings, topic, reader.clone(), stop.clone()) {
+            Ok(thread) => {
+                *status.group_log.lock().unwrap_or_else(|e| e.into_inner()) = Some(Ok(()));
+                Some(thread)
+            }
+            Err(reason) => {
+                tracing::warn!("the group's change log is not kept: {reason}");
+                *status.group_log.lock().unwrap_or_else(|e| e.into_inner()) = Some(Err(reason));
+                None
+            }
+        },
+        _ => None,
+    };
     // A member of several moves only what must move, and goes on consuming the rest.
     let strategy = if membership.is_some() {
         "cooperative-sticky"
@@ -418,6 +452,12 @@ pub fn start(
         let Some(topic) = topic else { continue };
         let mut config = settings.client_config();
         config.set("enable.idempotence", "true").set("linger.ms", "5");
+        if !settings.client_options.contains_key("partitioner") {
+            // Kafka's default partitioner (the Java client's), not librdkafka's CRC32 one: a
+            // customer's changes go to the partition its events come from, which in a group
+            // is the partition the changes are numbered in (the group log reads them so).
+            config.set("partitioner", "murmur2_random");
+        }
         if let Feed::State = feed {
             // Deltas repeat their keys and records' field names: LZ4 takes most of the bytes
             // off the wire and the broker's disk (a client option can still set another).
@@ -459,6 +499,7 @@ pub fn start(
     Ok(KafkaWorkers {
         stop,
         consumer,
+        follower,
         drain,
         publishers_stop,
         publishers,

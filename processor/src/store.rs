@@ -55,7 +55,9 @@ pub const CF_ACCESS: &str = "access";
 pub const CF_AUDIT: &str = "audit";
 /// The identity graph ([`crate::identity`]).
 pub const CF_IDENTITIES: &str = "identities";
-const ALL_CFS: [&str; 16] = [
+/// The group's change log, as the changes topic holds it (`engine::group_log`).
+pub const CF_GROUP_CHANGES: &str = "group_changes";
+const ALL_CFS: [&str; 17] = [
     CF_ACCESS,
     CF_AUDIT,
     CF_CUSTOMERS,
@@ -72,6 +74,7 @@ const ALL_CFS: [&str; 16] = [
     CF_CHANGES_BY_NAME,
     CF_IDENTITIES,
     crate::changelog::CF_OUTBOX,
+    CF_GROUP_CHANGES,
 ];
 
 /// The oldest change `seq` retention left (meta key; 0 until it deleted any).

@@ -848,6 +848,176 @@ fn the_state_topic_waits_for_the_changes_its_commits_made() {
     running.workers.stop(Duration::from_secs(10));
 }
 
+/// Produces `records` (partition, JSON) to `topic`, each to the partition named.
+fn produce_to(brokers: &str, topic: &str, records: &[(i32, String)]) {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    for (partition, json) in records {
+        producer
+            .send(
+                BaseRecord::<(), str>::to(topic)
+                    .partition(*partition)
+                    .payload(json),
+            )
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+}
+
+fn numbered(partition: u32, pseq: u64, at: i64, cause: &str) -> (i32, String) {
+    let json = serde_json::json!({
+        "seq": pseq, "partition": partition, "pseq": pseq, "customer_id": format!("c{partition}"),
+        "tag": "t", "op": "add", "at": at, "cause": cause,
+    });
+    (partition as i32, json.to_string())
+}
+
+/// Reads the whole group log from `cursor`, `limit` at a time: each change's
+/// `(partition, pseq, cause)` in the order given, and the cursor at the end.
+fn group_log(
+    reader: &processor::ReadHandle,
+    mut cursor: Vec<u64>,
+    limit: usize,
+) -> (Vec<(u64, u64, String)>, Vec<u64>) {
+    let mut out = Vec::new();
+    loop {
+        match reader.group_log_page(&cursor, limit).unwrap() {
+            processor::GroupPage::Changes {
+                changes,
+                cursor: next,
+            } => {
+                assert!(changes.len() <= limit);
+                if changes.is_empty() {
+                    return (out, cursor);
+                }
+                for json in changes {
+                    let c: serde_json::Value = serde_json::from_slice(&json).unwrap();
+                    out.push((
+                        c["partition"].as_u64().unwrap(),
+                        c["pseq"].as_u64().unwrap(),
+                        c["cause"].as_str().unwrap().to_owned(),
+                    ));
+                }
+                cursor = next;
+            }
+            gone => panic!("{gone:?}"),
+        }
+    }
+}
+
+/// The group's change log (issue #21): every node reads the changes topic into its store,
+/// one entry per `(partition, pseq)` — a change a node made again after a take-over is the
+/// entry its first copy made — and pages it by a cursor of each partition's last number:
+/// each partition's changes in order, partitions merged by `at`. The reader resumes from
+/// the offsets kept with the entries, and retention answers an old cursor with the oldest.
+#[test]
+fn the_group_log_holds_each_numbered_change_once_in_order_and_resumes() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("tag-changes", 2, 1).unwrap();
+    cluster.create_topic("tag-changes-of-3", 3, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let dir = TempDir::new("kafka-group-log");
+    let engine = Engine::open(dir.path(), Some(RULES), keeping(2)).unwrap();
+    let reader = engine.reader();
+    let settings = KafkaSettings::new(&brokers, "events", "g-group-log");
+    let err =
+        kafka::group_log::follow(&settings, "tag-changes-of-3", reader.clone(), Arc::default()).unwrap_err();
+    assert!(
+        err.contains("has 3 partitions and [engine] partitions is 2"),
+        "{err}"
+    );
+
+    produce_to(
+        &brokers,
+        "tag-changes",
+        &[
+            numbered(0, 1, 100, "event"),
+            numbered(0, 2, 300, "event"),
+            numbered(0, 3, 500, "event"),
+            // Partition 0 taken over after its state at pseq 1: 2 and 3 made again.
+            numbered(0, 2, 300, "again"),
+            numbered(0, 3, 500, "again"),
+            numbered(0, 4, 600, "event"),
+            numbered(1, 1, 200, "event"),
+            numbered(1, 2, 400, "event"),
+            // A change of a node outside a group: no number, not the group's.
+            (
+                1,
+                r#"{"seq":9,"customer_id":"x","tag":"t","op":"add","at":1,"cause":"event"}"#.into(),
+            ),
+        ],
+    );
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let follower = kafka::group_log::follow(&settings, "tag-changes", reader.clone(), stop.clone()).unwrap();
+    let expected = vec![
+        (0, 1, "event".to_owned()),
+        (1, 1, "event".to_owned()),
+        (0, 2, "event".to_owned()),
+        (1, 2, "event".to_owned()),
+        (0, 3, "event".to_owned()),
+        (0, 4, "event".to_owned()),
+    ];
+    wait_until("the group log", || {
+        group_log(&reader, vec![0, 0], 100).0.len() == expected.len()
+    });
+    for limit in [1, 2, 5, 100] {
+        let (log, end) = group_log(&reader, vec![0, 0], limit);
+        assert_eq!(log, expected, "pages of {limit}");
+        assert_eq!(end, vec![4, 2]);
+    }
+    let (rest, _) = group_log(&reader, vec![2, 1], 100);
+    assert_eq!(
+        rest,
+        expected[3..],
+        "from a cursor: what follows it in each partition"
+    );
+    let text = processor::encode_group_cursor(&[2, 1]);
+    assert_eq!(processor::decode_group_cursor(&text, 2), Ok(vec![2, 1]));
+    assert!(processor::decode_group_cursor(&text, 3).is_err());
+    assert!(processor::decode_group_cursor("2.1", 2)
+        .unwrap_err()
+        .contains("bad cursor"));
+    stop.store(true, Ordering::SeqCst);
+    follower.join().unwrap();
+    assert_eq!(
+        reader.group_log_offsets().unwrap(),
+        BTreeMap::from([(0, 6), (1, 3)])
+    );
+
+    // Read on from the kept offsets: only what is new.
+    produce_to(&brokers, "tag-changes", &[numbered(1, 3, 700, "event")]);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let follower = kafka::group_log::follow(&settings, "tag-changes", reader.clone(), stop.clone()).unwrap();
+    wait_until("the new change", || {
+        group_log(&reader, vec![4, 2], 100).0.len() == 1
+    });
+    stop.store(true, Ordering::SeqCst);
+    follower.join().unwrap();
+    assert_eq!(
+        reader.group_log_offsets().unwrap(),
+        BTreeMap::from([(0, 6), (1, 4)])
+    );
+
+    // Retention by count (two entries over two partitions: one each, the last).
+    let retention = processor::LogRetention {
+        max_age_ms: i64::MAX / 2,
+        max_entries: 2,
+    };
+    assert_eq!(reader.group_log_trim(retention).unwrap(), 5);
+    assert_eq!(reader.group_log_start().unwrap(), vec![3, 2]);
+    match reader.group_log_page(&[1, 2], 10).unwrap() {
+        processor::GroupPage::Gone { partition, oldest } => {
+            assert_eq!((partition, oldest), (0, vec![3, 2]))
+        }
+        page => panic!("{page:?}"),
+    }
+    let (log, _) = group_log(&reader, vec![3, 2], 10);
+    assert_eq!(log, vec![(0, 4, "event".to_owned()), (1, 3, "event".to_owned())]);
+}
+
 /// Partition `partition` of `topic`, every record in offset order (up to the end the broker
 /// names: the mock broker's is exact), with the state changelog's commit header.
 fn read_partition(brokers: &str, topic: &str, partition: i32) -> Vec<tests::LogRecord> {

@@ -495,6 +495,15 @@ pub fn name_partitions(answer: &mut Response, partitions: &[u32]) {
     }
 }
 
+/// `GET /v1/changes?cursor=`: the group's change log, whole on every node.
+fn asks_group_log(request: &Request) -> bool {
+    request.uri().path() == "/v1/changes"
+        && request
+            .uri()
+            .query()
+            .is_some_and(|q| q.split('&').any(|pair| pair.starts_with("cursor=")))
+}
+
 /// The middleware of the routes a group of several does not merge yet (a segment's delta
 /// and stream, SQL, the change log, lookups by identifier): on a node that answers for fewer than every partition, such an answer
 /// would silently be part of the group's. So it is refused — 409 when other nodes own the
@@ -507,7 +516,7 @@ pub async fn whole_or_scoped(State(app): State<AppState>, request: Request, next
     };
     let partitions = app.engine.reader().partitions();
     let owned = answered_partitions(&app);
-    if owned.len() == partitions as usize {
+    if owned.len() == partitions as usize || asks_group_log(&request) {
         return next.run(request).await;
     }
     if scoped(request.headers()) {

@@ -32,6 +32,10 @@ pub enum ApiError {
         log: &'static str,
         oldest: u64,
     },
+    /// A group change-log cursor before what retention left of a partition: `410 Gone`
+    /// with the cursor of the oldest changes held.
+    #[error("{message}")]
+    GoneCursor { message: String, oldest_cursor: String },
     /// A rule-set edit of a version that is no longer the current one.
     #[error("{message}")]
     Stale { message: String, current: u64 },
@@ -143,6 +147,13 @@ impl IntoResponse for ApiError {
                     json!({ "error": message, "log": log, field: oldest }),
                 )
             }
+            ApiError::GoneCursor {
+                message,
+                oldest_cursor,
+            } => (
+                StatusCode::GONE,
+                json!({ "error": message, "log": "changes", "oldest_cursor": oldest_cursor }),
+            ),
             ApiError::Stale { message, current } => (
                 StatusCode::CONFLICT,
                 json!({ "error": message, "current_version": current }),

@@ -1330,6 +1330,8 @@ pub(crate) fn masked_changes(changes: &[Change], masking: &Masking) -> Json_ {
 #[serde(deny_unknown_fields)]
 pub struct ChangesQuery {
     after: Option<u64>,
+    /// The group's change log from this cursor (`0`: its start).
+    cursor: Option<String>,
     limit: Option<usize>,
 }
 
@@ -1346,6 +1348,14 @@ pub async fn changes(
             "`limit` must be between 1 and 100000".into(),
         ));
     }
+    if let Some(cursor) = q.cursor {
+        if q.after.is_some() {
+            return Err(ApiError::BadRequest(
+                "give `after` (this node's log) or `cursor` (the group's), not both".into(),
+            ));
+        }
+        return group_changes(&app, &cursor, limit, &masking_of(&principal)).await;
+    }
     let changes = app
         .engine
         .call(move |engine| engine.changes(after, limit))
@@ -1353,6 +1363,58 @@ pub async fn changes(
     let next_after = changes.last().map_or(after, |c| c.seq);
     let changes = masked_changes(&changes, &masking_of(&principal));
     Ok(Json(json!({ "changes": changes, "next_after": next_after })))
+}
+
+/// `GET /v1/changes?cursor=`: a page of the group's change log (every node's changes as the
+/// changes topic holds them, each once), from any node of the group.
+async fn group_changes(
+    app: &AppState,
+    cursor: &str,
+    limit: usize,
+    masking: &Masking,
+) -> Result<Json<Json_>, ApiError> {
+    let status = app.kafka.as_ref().ok_or_else(|| {
+        ApiError::Conflict(
+            "`cursor` pages the change log of a group of nodes, and this node is not in one: page with `after`".into(),
+        )
+    })?;
+    status.group_log().map_err(ApiError::Conflict)?;
+    let reader = app.engine.reader().clone();
+    let partitions = reader.partitions();
+    let cursor = cursor.to_owned();
+    let page = tokio::task::spawn_blocking(move || {
+        let from = if cursor == "0" {
+            reader.group_log_start()?
+        } else {
+            processor::decode_group_cursor(&cursor, partitions).map_err(ApiError::BadRequest)?
+        };
+        Ok::<_, ApiError>(reader.group_log_page(&from, limit)?)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    match page {
+        processor::GroupPage::Gone { partition, oldest } => Err(ApiError::GoneCursor {
+            message: format!(
+                "the group's change log no longer holds the changes of partition {partition} after this cursor (retention): start again from `oldest_cursor`"
+            ),
+            oldest_cursor: processor::encode_group_cursor(&oldest),
+        }),
+        processor::GroupPage::Changes { changes, cursor } => {
+            let mut list = Vec::with_capacity(changes.len());
+            for json in &changes {
+                let mut change: Json_ = serde_json::from_slice(json)
+                    .map_err(|e| ApiError::Internal(format!("a change of the group log: {e}")))?;
+                if masking.policy(crate::access::mask::CUSTOMER_ID) != FieldPolicy::Show {
+                    masking.id_field(&mut change);
+                }
+                list.push(change);
+            }
+            Ok(Json(json!({
+                "changes": list,
+                "cursor": processor::encode_group_cursor(&cursor),
+            })))
+        }
+    }
 }
 
 #[derive(Deserialize)]

@@ -1408,6 +1408,9 @@ fn two_nodes_share_a_group_and_the_survivor_of_a_kill_takes_over_without_loss() 
 struct ThreeNodes {
     /// The nodes' data directories `a` (killed), `b` and `c`.
     run: TempDir,
+    /// The group's change log as a survivor answered it (`GET /v1/changes?cursor=`), page
+    /// after page; the other survivor answered the same.
+    group_log: Vec<serde_json::Value>,
     /// One store that ran the final rules over the whole stream.
     reference: TempDir,
     /// The reference's clock at the end: every store is read as of this instant.
@@ -1515,6 +1518,22 @@ fn three_nodes() -> ThreeNodes {
         "{rules}"
     );
     let group_count = request(&c.addr, "GET", "/v1/segments/shanghai", b"").json()["members"].clone();
+    // The group's change log, from either survivor: the same once both have read the
+    // changes topic to its end.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let group_log = loop {
+        let (from_b, from_c) = (group_log(&b), group_log(&c));
+        if from_b == from_c && !from_b.is_empty() {
+            break from_b;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the survivors' group logs differ: {} and {} changes",
+            from_b.len(),
+            from_c.len()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
     b.stop();
     c.stop();
 
@@ -1532,12 +1551,41 @@ fn three_nodes() -> ThreeNodes {
         .members;
     assert_eq!(group_count, serde_json::Value::from(direct_count));
     drop(direct);
-    ThreeNodes { run, reference, now }
+    ThreeNodes {
+        run,
+        group_log,
+        reference,
+        now,
+    }
+}
+
+/// A node's answer for the group's change log, every page of it (500 at a time).
+fn group_log(node: &Server) -> Vec<serde_json::Value> {
+    let (mut out, mut cursor) = (Vec::new(), "0".to_owned());
+    loop {
+        let r = request(
+            &node.addr,
+            "GET",
+            &format!("/v1/changes?cursor={cursor}&limit=500"),
+            b"",
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        let page = r.json();
+        let changes = page["changes"].as_array().unwrap().clone();
+        if changes.is_empty() {
+            return out;
+        }
+        assert!(changes.len() <= 500);
+        out.extend(changes);
+        cursor = page["cursor"].as_str().unwrap().to_owned();
+    }
 }
 
 #[test]
 fn three_nodes_with_a_kill_a_join_and_rule_changes_end_like_one_node() {
-    let ThreeNodes { run, reference, now } = three_nodes();
+    let ThreeNodes {
+        run, reference, now, ..
+    } = three_nodes();
     let config = three_nodes_config;
     let mut held = views_at(&run.path().join("b"), config(true), now);
     for (id, view) in views_at(&run.path().join("c"), config(true), now) {
@@ -1578,7 +1626,12 @@ fn three_nodes_with_a_kill_a_join_and_rule_changes_end_like_one_node() {
 /// be past its ttl there, and the tag the dead node added was never removed in any log).
 #[test]
 fn three_nodes_change_logs_replay_to_what_the_survivors_hold() {
-    let ThreeNodes { run, reference, .. } = three_nodes();
+    let ThreeNodes {
+        run,
+        reference,
+        group_log,
+        ..
+    } = three_nodes();
     let config = three_nodes_config;
     // Replayed in time order per customer, the three logs (the dead node's too) end in
     // exactly the tags and segments the survivors hold.
@@ -1717,4 +1770,38 @@ fn three_nodes_change_logs_replay_to_what_the_survivors_hold() {
             "partition {p}"
         );
     }
+
+    // The group's change log, as any node answers it from the `tag-changes` topic: every
+    // numbered change once — the dead node's too — each partition's in order, and each
+    // customer's changes of the original definitions those of one store.
+    let mut seen: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut from_topic: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+    for c in &group_log {
+        let (partition, pseq) = (
+            c["partition"].as_u64().unwrap() as u32,
+            c["pseq"].as_u64().unwrap(),
+        );
+        let last = seen.insert(partition, pseq).unwrap_or(0);
+        assert_eq!(pseq, last + 1, "partition {partition}: {c}");
+        let name = c
+            .get("tag")
+            .or_else(|| c.get("segment"))
+            .and_then(|n| n.as_str())
+            .unwrap();
+        if !added.contains(&name) {
+            let change = format!("{} {} {name}", c["at"], c["op"].as_str().unwrap());
+            from_topic
+                .entry(c["customer_id"].as_str().unwrap().to_owned())
+                .or_default()
+                .insert(change);
+        }
+    }
+    let per_partition: BTreeMap<u32, u64> = (0..THREE_NODES_PARTITIONS)
+        .map(|p| (p, numbered.keys().filter(|k| k.0 == p).count() as u64))
+        .collect();
+    assert_eq!(seen, per_partition, "the group log holds every numbered change");
+    assert!(
+        from_topic == one,
+        "the group log's changes differ from one store's"
+    );
 }

@@ -113,6 +113,8 @@ pub struct ReadHandle {
     pub(super) index: Arc<MembershipIndex>,
     clock_mode: ClockMode,
     pub(super) retention_ms: i64,
+    /// How long the change log is kept (also the group's, [`ReadHandle::group_log_trim`]).
+    pub changes_retention: LogRetention,
     /// `[engine] partitions`: what customers are hashed to.
     pub(super) partitions: u32,
     intake: Intake,
@@ -453,6 +455,7 @@ impl Engine {
             index: self.index.clone(),
             clock_mode: self.config.clock,
             retention_ms: self.config.retention_ms,
+            changes_retention: self.config.changes_retention,
             partitions: self.config.partitions,
             intake: self.intake(),
             identity: Arc::new(self.config.identity.clone()),
