@@ -505,7 +505,7 @@ fn asks_group_log(request: &Request) -> bool {
 }
 
 /// The middleware of the routes a group of several does not merge yet (a segment's delta
-/// and stream, SQL, the change log, lookups by identifier): on a node that answers for fewer than every partition, such an answer
+/// and stream, a node's own change log by `after`, lookups by identifier): on a node that answers for fewer than every partition, such an answer
 /// would silently be part of the group's. So it is refused — 409 when other nodes own the
 /// rest, 503 while this node, alone, is still restoring some — unless the caller asks for
 /// this node's part with `x-tagstream-scope: node`; that answer names the partitions it
@@ -531,8 +531,13 @@ pub async fn whole_or_scoped(State(app): State<AppState>, request: Request, next
         .iter()
         .any(|card| card.url != cluster.members.url() && !card.owned.is_empty());
     if others {
+        let instead = if path == "/v1/changes" {
+            "; the group's change log is paged with `cursor` (start with `cursor=0`)"
+        } else {
+            ""
+        };
         ApiError::Conflict(format!(
-            "{path} is not yet answered for the whole group of nodes: this node owns partitions {owned:?} of {partitions}, so its answer would be part of the group's. Ask each node with `{SCOPE}: node` for its part (docs/cluster.md)"
+            "{path} is not yet answered for the whole group of nodes: this node owns partitions {owned:?} of {partitions}, so its answer would be part of the group's. Ask each node with `{SCOPE}: node` for its part (docs/cluster.md){instead}"
         ))
         .into_response()
     } else {

@@ -199,6 +199,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/cluster", get(cluster::cluster))
         // Merged across a group of several in the handler.
         .route("/v1/segments/{name}/members", get(routes::segment_members))
+        .route("/v1/sql", post(sql::sql))
         .route("/metrics", get(routes::metrics))
         .route("/healthz", get(routes::healthz))
         .route("/", get(console::index))
@@ -215,7 +216,6 @@ pub fn router(state: AppState) -> Router {
                 .route("/v1/identities/stats", get(routes::identity_stats))
                 .route("/v1/segments/{name}/delta", get(streams::delta))
                 .route("/v1/segments/{name}/stream", get(streams::stream))
-                .route("/v1/sql", post(sql::sql))
                 .route("/v1/changes", get(routes::changes))
                 .route_layer(axum::middleware::from_fn_with_state(
                     state.clone(),

@@ -26,14 +26,15 @@ use arrow_array::{ArrayRef, RecordBatch};
 use arrow_schema::{DataType, Field, Schema};
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
 use datafusion::datasource::MemTable;
 use datafusion::execution::context::SQLOptions;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use processor::ReadHandle;
 use rules::{DefKind, Type, Value};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::access::{FieldPolicy, Masking};
 use crate::export::{array_of, Numbers};
@@ -71,15 +72,19 @@ fn check_deadline(deadline: Instant) -> Result<(), ApiError> {
     }
 }
 
-/// The `customers` table.
+/// The `customers` table: of the customers numbered `within`, or every customer.
 fn customers_table(
     reader: &ReadHandle,
     sql_lower: &str,
     deadline: Instant,
     masking: &Masking,
+    within: Option<&[u32]>,
 ) -> Result<RecordBatch, ApiError> {
     let rules = reader.rules();
-    let everyone = reader.ids_of(0..reader.index().read().customers());
+    let everyone = match within {
+        Some(numbers) => reader.ids_of(numbers.iter().copied()),
+        None => reader.ids_of(0..reader.index().read().customers()),
+    };
     let mut fields = vec![Field::new("customer_id", DataType::Utf8, false)];
     let mut arrays: Vec<ArrayRef> = Vec::new();
     let mut ids = StringBuilder::with_capacity(everyone.len(), everyone.len() * 12);
@@ -247,33 +252,208 @@ fn changes_table(reader: &ReadHandle, deadline: Instant, masking: &Masking) -> R
     Ok(RecordBatch::try_new(Arc::new(schema), arrays)?)
 }
 
-/// Runs one statement: the tables it needs, then DataFusion, read-only.
+/// Which customers and changes a statement reads.
+#[derive(Clone)]
+enum Scope {
+    /// A node outside a group: its store.
+    Store,
+    /// A node of a group, asked for its part (`x-tagstream-scope: node`): the customers of
+    /// the partitions it owns, its own change log.
+    Node(Vec<u32>),
+    /// A node of a group: every node's customers (fanned out), the group's change log.
+    Group,
+}
+
+/// The tables a statement reads, in `scope` (the group's customers come from
+/// [`group_customers`] instead).
+fn local_tables(
+    reader: &ReadHandle,
+    lower: &str,
+    deadline: Instant,
+    masking: &Masking,
+    scope: &Scope,
+) -> Result<(Option<RecordBatch>, Option<RecordBatch>), ApiError> {
+    let customers = match scope {
+        _ if !mentions(lower, "customers") => None,
+        Scope::Store => Some(customers_table(reader, lower, deadline, masking, None)?),
+        Scope::Node(owned) => {
+            let within: Vec<u32> = reader.numbers_of_partitions(owned).iter().collect();
+            Some(customers_table(reader, lower, deadline, masking, Some(&within))?)
+        }
+        Scope::Group => None,
+    };
+    let changes = match scope {
+        _ if !mentions(lower, "changes") => None,
+        Scope::Group => Some(group_changes_table(reader, deadline, masking)?),
+        _ => Some(changes_table(reader, deadline, masking)?),
+    };
+    Ok((customers, changes))
+}
+
+/// The `changes` table of a group: its change log as the changes topic holds it, each
+/// numbered change once, with its `partition` and `pseq`.
+fn group_changes_table(
+    reader: &ReadHandle,
+    deadline: Instant,
+    masking: &Masking,
+) -> Result<RecordBatch, ApiError> {
+    let mut seq = UInt64Builder::new();
+    let mut partition = UInt64Builder::new();
+    let mut pseq = UInt64Builder::new();
+    let mut customer = StringBuilder::new();
+    let mut kind = StringBuilder::new();
+    let mut name = StringBuilder::new();
+    let mut op = StringBuilder::new();
+    let mut at = Int64Builder::new();
+    let mut cause = StringBuilder::new();
+    let mut cursor = reader.group_log_start()?;
+    loop {
+        check_deadline(deadline)?;
+        let (changes, next) = match reader.group_log_page(&cursor, 10_000)? {
+            processor::GroupPage::Changes { changes, cursor } => (changes, cursor),
+            // Trimmed between the start and the page: read what is left.
+            processor::GroupPage::Gone { oldest, .. } => {
+                cursor = oldest;
+                continue;
+            }
+        };
+        if changes.is_empty() {
+            break;
+        }
+        cursor = next;
+        for json in &changes {
+            let c: serde_json::Value = serde_json::from_slice(json)
+                .map_err(|e| ApiError::Internal(format!("a change of the group log: {e}")))?;
+            let text = |field: &str| c[field].as_str().unwrap_or_default().to_owned();
+            let (label, member) = [
+                ("tag", "tag"),
+                ("segment", "segment"),
+                ("absorbed", "customer"),
+                ("split", "customer"),
+            ]
+            .into_iter()
+            .find(|(field, _)| c.get(*field).is_some())
+            .map_or(("", ""), |(field, label)| (field, label));
+            seq.append_value(c["seq"].as_u64().unwrap_or_default());
+            partition.append_value(c["partition"].as_u64().unwrap_or_default());
+            pseq.append_value(c["pseq"].as_u64().unwrap_or_default());
+            customer.append_value(masking.id(&text("customer_id")));
+            kind.append_value(member);
+            name.append_value(text(label));
+            op.append_value(text("op"));
+            at.append_value(c["at"].as_i64().unwrap_or_default());
+            cause.append_value(text("cause"));
+        }
+    }
+    let schema = Schema::new(vec![
+        Field::new("seq", DataType::UInt64, false),
+        Field::new("partition", DataType::UInt64, false),
+        Field::new("pseq", DataType::UInt64, false),
+        Field::new("customer_id", DataType::Utf8, false),
+        Field::new("kind", DataType::Utf8, false),
+        Field::new("name", DataType::Utf8, false),
+        Field::new("op", DataType::Utf8, false),
+        Field::new("at", DataType::Int64, false),
+        Field::new("cause", DataType::Utf8, false),
+    ]);
+    let arrays: Vec<ArrayRef> = vec![
+        Arc::new(seq.finish()),
+        Arc::new(partition.finish()),
+        Arc::new(pseq.finish()),
+        Arc::new(customer.finish()),
+        Arc::new(kind.finish()),
+        Arc::new(name.finish()),
+        Arc::new(op.finish()),
+        Arc::new(at.finish()),
+        Arc::new(cause.finish()),
+    ];
+    Ok(RecordBatch::try_new(Arc::new(schema), arrays)?)
+}
+
+/// A node's part of a group's `customers` table: its partitions' rows, as an Arrow IPC
+/// stream in base64.
+#[derive(Serialize, Deserialize)]
+struct CustomersPart {
+    customers: String,
+}
+
+fn to_ipc(batch: &RecordBatch) -> Result<String, ApiError> {
+    let internal = |e: arrow_schema::ArrowError| ApiError::Internal(e.to_string());
+    let mut out = Vec::new();
+    let mut writer = arrow_ipc::writer::StreamWriter::try_new(&mut out, &batch.schema()).map_err(internal)?;
+    writer.write(batch).map_err(internal)?;
+    writer.finish().map_err(internal)?;
+    drop(writer);
+    Ok(base64::engine::general_purpose::STANDARD.encode(out))
+}
+
+fn from_ipc(text: &str) -> Result<Vec<RecordBatch>, String> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .map_err(|e| e.to_string())?;
+    let reader = arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)
+        .map_err(|e| e.to_string())?;
+    reader.collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())
+}
+
+/// The nodes' parts of the `customers` table as one: columns by name in the order first
+/// met; a column some part lacks is `false` there for a tag or segment (no member there),
+/// null otherwise; a column whose type differs between parts (a profile attribute typed
+/// by the values each node holds) becomes text in all.
+fn merge_customers(parts: Vec<RecordBatch>) -> Result<RecordBatch, ApiError> {
+    use datafusion::arrow::array::new_null_array;
+    use datafusion::arrow::compute::{cast, concat_batches};
+    let mut columns: Vec<(String, DataType)> = Vec::new();
+    for part in &parts {
+        for field in part.schema().fields() {
+            match columns.iter_mut().find(|(name, _)| name == field.name()) {
+                Some((_, ty)) if ty != field.data_type() => *ty = DataType::Utf8,
+                Some(_) => {}
+                None => columns.push((field.name().clone(), field.data_type().clone())),
+            }
+        }
+    }
+    let schema = Arc::new(Schema::new(
+        columns
+            .iter()
+            .map(|(name, ty)| Field::new(name, ty.clone(), name != "customer_id"))
+            .collect::<Vec<_>>(),
+    ));
+    let mut batches = Vec::with_capacity(parts.len());
+    for part in &parts {
+        let rows = part.num_rows();
+        let mut arrays: Vec<ArrayRef> = Vec::with_capacity(columns.len());
+        for (name, ty) in &columns {
+            let array = match part.column_by_name(name) {
+                Some(array) if array.data_type() == ty => array.clone(),
+                Some(array) => match array.as_any().downcast_ref::<arrow_array::Float64Array>() {
+                    // As one node writes a number in a text column (`200`, not `200.0`).
+                    Some(numbers) if *ty == DataType::Utf8 => Arc::new(
+                        numbers
+                            .iter()
+                            .map(|n| n.map(|n| n.to_string()))
+                            .collect::<arrow_array::StringArray>(),
+                    ),
+                    _ => cast(array, ty)?,
+                },
+                None if *ty == DataType::Boolean => {
+                    Arc::new(arrow_array::BooleanArray::from(vec![false; rows]))
+                }
+                None => new_null_array(ty, rows),
+            };
+            arrays.push(array);
+        }
+        batches.push(RecordBatch::try_new(schema.clone(), arrays)?);
+    }
+    Ok(concat_batches(&schema, &batches)?)
+}
+
+/// Runs one statement over `tables` (`customers`, `changes`) with DataFusion, read-only.
 async fn run(
-    reader: ReadHandle,
+    tables: (Option<RecordBatch>, Option<RecordBatch>),
     sql: String,
     max_rows: usize,
-    deadline: Instant,
-    masking: Masking,
 ) -> Result<Vec<RecordBatch>, ApiError> {
-    let lower = sql.to_lowercase();
-    let tables = {
-        let lower = lower.clone();
-        tokio::task::spawn_blocking(move || {
-            let customers = if mentions(&lower, "customers") {
-                Some(customers_table(&reader, &lower, deadline, &masking)?)
-            } else {
-                None
-            };
-            let changes = if mentions(&lower, "changes") {
-                Some(changes_table(&reader, deadline, &masking)?)
-            } else {
-                None
-            };
-            Ok::<_, ApiError>((customers, changes))
-        })
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))??
-    };
     let config = SessionConfig::new()
         .with_target_partitions(2)
         .with_information_schema(false);
@@ -293,10 +473,17 @@ async fn run(
 }
 
 /// `POST /v1/sql` `{"sql": "...", "format": "json", "max_rows": n, "timeout_ms": n}`.
+///
+/// In a group of nodes the `customers` table is every node's partitions' rows (each node
+/// builds its part, masked for the caller's role there, and the asked node runs the
+/// statement over them all: any SQL, exact), and `changes` is the group's change log. A
+/// node asked by another answers its part only; `x-tagstream-scope: node` asks a node for
+/// the answer over its own partitions and change log.
 pub async fn sql(
     State(app): State<AppState>,
     principal: Option<axum::Extension<crate::access::Principal>>,
     note: Option<axum::Extension<crate::access::AuditNote>>,
+    headers: HeaderMap,
     LimitedBody(body): LimitedBody,
 ) -> Result<Response, ApiError> {
     let b: SqlBody =
@@ -304,8 +491,8 @@ pub async fn sql(
     if let Some(note) = &note {
         note.set("sql", &b.sql);
     }
-    let format = b.format.as_deref().unwrap_or("json");
-    if !["json", "ndjson", "csv", "arrow"].contains(&format) {
+    let format = b.format.as_deref().unwrap_or("json").to_owned();
+    if !["json", "ndjson", "csv", "arrow"].contains(&format.as_str()) {
         return Err(ApiError::BadRequest(format!(
             "unknown format `{format}`: use json, ndjson, csv or arrow"
         )));
@@ -326,18 +513,47 @@ pub async fn sql(
     let deadline = Instant::now() + timeout;
     let _slot = crate::access::export_slot(&app.access, &principal)?;
     let reader = app.engine.reader().clone();
-    let batches = tokio::time::timeout(
-        timeout,
-        run(
-            reader,
-            b.sql,
-            max_rows,
-            deadline,
-            crate::access::masking_of(&principal),
-        ),
-    )
-    .await
-    .map_err(|_| {
+    let masking = crate::access::masking_of(&principal);
+    let lower = b.sql.to_lowercase();
+    let scope = match app.cluster {
+        None => Scope::Store,
+        Some(_) if headers.contains_key(crate::cluster::FORWARDED) => {
+            // Another node's question: this node's part of the `customers` table.
+            let status = app.kafka.clone();
+            return Ok(crate::cluster::answer_part(move || {
+                crate::cluster::part_of(status.as_deref(), |owned| {
+                    let within: Vec<u32> = reader.numbers_of_partitions(owned).iter().collect();
+                    let batch = customers_table(&reader, &lower, deadline, &masking, Some(&within))?;
+                    Ok(CustomersPart {
+                        customers: to_ipc(&batch)?,
+                    })
+                })
+            })
+            .await?
+            .into_response());
+        }
+        Some(_) if crate::cluster::scoped(&headers) => Scope::Node(crate::cluster::answered_partitions(&app)),
+        Some(_) => Scope::Group,
+    };
+    if matches!(scope, Scope::Group) && mentions(&lower, "changes") {
+        if let Some(status) = &app.kafka {
+            status.group_log().map_err(ApiError::Conflict)?;
+        }
+    }
+    let work = async {
+        let (mut customers, changes) = {
+            let (reader, lower, scope, masking) =
+                (reader.clone(), lower.clone(), scope.clone(), masking.clone());
+            tokio::task::spawn_blocking(move || local_tables(&reader, &lower, deadline, &masking, &scope))
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))??
+        };
+        if matches!(scope, Scope::Group) && mentions(&lower, "customers") {
+            customers = Some(group_customers(&app, &headers, &b, &lower, deadline, &masking).await?);
+        }
+        run((customers, changes), b.sql.clone(), max_rows).await
+    };
+    let batches = tokio::time::timeout(timeout, work).await.map_err(|_| {
         ApiError::Timeout(format!(
             "the query ran past its limit of {} ms",
             timeout.as_millis()
@@ -348,9 +564,53 @@ pub async fn sql(
     let batches = keep_rows(batches, max_rows);
     if let Some(note) = &note {
         note.set("rows", total.min(max_rows));
-        note.set("format", format);
+        note.set("format", &format);
     }
-    encode(format, &batches, truncated)
+    let mut answer = encode(&format, &batches, truncated)?;
+    if let Scope::Node(owned) = &scope {
+        crate::cluster::name_partitions(&mut answer, owned);
+    }
+    Ok(answer)
+}
+
+/// The group's `customers` table: every node's part (this node's built here), merged.
+async fn group_customers(
+    app: &AppState,
+    headers: &HeaderMap,
+    b: &SqlBody,
+    lower: &str,
+    deadline: Instant,
+    masking: &Masking,
+) -> Result<RecordBatch, ApiError> {
+    let (reader, status) = (app.engine.reader().clone(), app.kafka.clone());
+    let (lower, masking) = (lower.to_owned(), masking.clone());
+    let local = move || {
+        crate::cluster::part_of(status.as_deref(), |owned| {
+            let within: Vec<u32> = reader.numbers_of_partitions(owned).iter().collect();
+            let batch = customers_table(&reader, &lower, deadline, &masking, Some(&within))?;
+            Ok(CustomersPart {
+                customers: to_ipc(&batch)?,
+            })
+        })
+    };
+    let body = serde_json::json!({ "sql": b.sql, "timeout_ms": b.timeout_ms });
+    let parts = crate::cluster::fan_out(
+        app,
+        headers,
+        axum::http::Method::POST,
+        "/v1/sql",
+        Some(&body),
+        local,
+    )
+    .await?;
+    let mut batches = Vec::new();
+    for part in parts {
+        batches.extend(
+            from_ipc(&part.customers)
+                .map_err(|e| ApiError::BadGateway(format!("a node's part of the customers table: {e}")))?,
+        );
+    }
+    merge_customers(batches)
 }
 
 /// The first `n` rows of `batches`.
@@ -421,4 +681,51 @@ fn encode(format: &str, batches: &[RecordBatch], truncated: bool) -> Result<Resp
         header::HeaderValue::from_static(if truncated { "true" } else { "false" }),
     );
     Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow_array::{Array, BooleanArray, Float64Array, StringArray};
+
+    fn part(columns: Vec<(&str, ArrayRef)>) -> RecordBatch {
+        RecordBatch::try_from_iter(columns).unwrap()
+    }
+
+    #[test]
+    fn parts_of_the_customers_table_merge_by_column_name() {
+        let ids = |v: &[&str]| -> ArrayRef { Arc::new(StringArray::from(v.to_vec())) };
+        let a = part(vec![
+            ("customer_id", ids(&["a1", "a2"])),
+            ("vip", Arc::new(BooleanArray::from(vec![true, false]))),
+            (
+                "profile.zip",
+                Arc::new(Float64Array::from(vec![Some(200.0), None])),
+            ),
+        ]);
+        // Another node: no member of `vip` it knows of, zip codes it holds as text, and an
+        // attribute the first lacks.
+        let b = part(vec![
+            ("customer_id", ids(&["b1"])),
+            ("profile.zip", Arc::new(StringArray::from(vec!["0200"]))),
+            ("profile.city", Arc::new(StringArray::from(vec!["上海"]))),
+        ]);
+        let merged = merge_customers(vec![a, b]).unwrap();
+        let schema = merged.schema();
+        let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+        assert_eq!(names, ["customer_id", "vip", "profile.zip", "profile.city"]);
+        assert_eq!(merged.num_rows(), 3);
+        let column = |name: &str| merged.column_by_name(name).unwrap().clone();
+        let vip = column("vip");
+        let vip = vip.as_any().downcast_ref::<BooleanArray>().unwrap();
+        assert_eq!(
+            vip.iter().collect::<Vec<_>>(),
+            [Some(true), Some(false), Some(false)]
+        );
+        let zip = column("profile.zip");
+        let zip = zip.as_any().downcast_ref::<StringArray>().unwrap();
+        assert_eq!(zip.iter().collect::<Vec<_>>(), [Some("200"), None, Some("0200")]);
+        let city = column("profile.city");
+        assert_eq!(city.null_count(), 2);
+    }
 }

@@ -161,7 +161,11 @@ fn malformed_json_is_400_with_its_position() {
     check(s.send("POST", "/v1/events", ""), 400, "no events");
     check(s.get("/v1/changes?after=abc"), 400, "after");
     check(s.get("/v1/changes?after=1&cursor=0"), 400, "not both");
-    check(s.get("/v1/changes?cursor=0"), 409, "not in one: page with `after`");
+    check(
+        s.get("/v1/changes?cursor=0"),
+        409,
+        "not in one: page with `after`",
+    );
     check(
         s.send("PUT", "/v1/customers/c1/tags/x", r#"{"ttl": "7 weeks"}"#),
         400,

@@ -1295,6 +1295,9 @@ fn two_nodes_share_a_group_and_the_survivor_of_a_kill_takes_over_without_loss() 
         let r = request(&first.addr, "GET", path, b"");
         assert_eq!(r.status, 409, "{path}: {}", r.text());
         assert!(r.text().contains("x-tagstream-scope"), "{}", r.text());
+        if path == "/v1/changes" {
+            assert!(r.text().contains("cursor=0"), "{}", r.text());
+        }
         let r = request_with(&first.addr, "GET", path, &[("x-tagstream-scope", "node")], b"");
         assert_eq!(r.status, 200, "{path}: {}", r.text());
         let owned: Vec<String> = request(&first.addr, "GET", "/v1/cluster", b"").json()["nodes"][0]["owned"]
@@ -1534,6 +1537,44 @@ fn three_nodes() -> ThreeNodes {
         );
         std::thread::sleep(Duration::from_millis(500));
     };
+    // SQL over the group: every node's customers, the group's change log; each node's
+    // part asked for alone adds up to it.
+    let sql = |node: &Server, statement: &str, scoped: bool| -> serde_json::Value {
+        let body = serde_json::json!({ "sql": statement }).to_string();
+        let headers: &[(&str, &str)] = if scoped {
+            &[("x-tagstream-scope", "node")]
+        } else {
+            &[]
+        };
+        let r = request_with(&node.addr, "POST", "/v1/sql", headers, body.as_bytes());
+        assert_eq!(r.status, 200, "{statement}: {}", r.text());
+        r.json()["rows"][0].clone()
+    };
+    let customers_sql =
+        "select count(*) as customers, sum(case when shanghai then 1 else 0 end) as shanghai, \
+        count(distinct \"profile.city\") as cities from customers";
+    let group_sql = sql(&c, customers_sql, false);
+    assert_eq!(
+        sql(&b, customers_sql, false),
+        group_sql,
+        "the same answer from either node"
+    );
+    let parts: i64 = [&b, &c]
+        .iter()
+        .map(|n| {
+            sql(n, "select count(*) as n from customers", true)["n"]
+                .as_i64()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(group_sql["customers"].as_i64(), Some(parts));
+    let logged = sql(
+        &b,
+        "select count(*) as n, count(distinct partition) as p from changes",
+        false,
+    );
+    assert_eq!(logged["n"].as_u64(), Some(group_log.len() as u64));
+    assert_eq!(logged["p"].as_u64(), Some(u64::from(PARTITIONS)));
     b.stop();
     c.stop();
 
@@ -1550,6 +1591,23 @@ fn three_nodes() -> ThreeNodes {
         .unwrap()
         .members;
     assert_eq!(group_count, serde_json::Value::from(direct_count));
+    let ids = direct.customer_ids().unwrap();
+    let cities: std::collections::BTreeSet<String> = ids
+        .iter()
+        .filter_map(|id| {
+            direct
+                .customer(id)
+                .unwrap()?
+                .profile
+                .get("city")
+                .map(|c| format!("{c:?}"))
+        })
+        .collect();
+    assert_eq!(
+        group_sql,
+        serde_json::json!({ "customers": ids.len(), "shanghai": direct_count, "cities": cities.len() }),
+        "SQL over the group is one store's"
+    );
     drop(direct);
     ThreeNodes {
         run,

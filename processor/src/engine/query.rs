@@ -713,7 +713,7 @@ impl ReadHandle {
 
     /// The numbers of the customers in `partitions` (by their ids' hash), from a table
     /// kept up to date with the numbering.
-    pub(super) fn numbers_of_partitions(&self, partitions: &[u32]) -> RoaringBitmap {
+    pub fn numbers_of_partitions(&self, partitions: &[u32]) -> RoaringBitmap {
         let mut table = self
             .published
             .by_partition
