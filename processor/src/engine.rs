@@ -31,7 +31,9 @@ mod versions;
 use cache::HeapBudget;
 pub use cache::HeapProbe;
 pub use explain::{Explained, Explanation, NextChange};
-pub use group_log::{decode_group_cursor, encode_group_cursor, GroupAppend, GroupPage, GroupRecord};
+pub use group_log::{
+    decode_group_cursor, encode_group_cursor, GroupAppend, GroupDelta, GroupPage, GroupRecord,
+};
 pub use identity::Merged;
 pub use partitions::{PartitionSummary, MAGIC as PARTITION_EXPORT_MAGIC};
 pub use pipeline::{Answer, Finished};
@@ -722,6 +724,8 @@ const META_SEQ: &str = "next_seq";
 const META_ARRIVAL: &str = "next_arrival";
 const META_DLQ: &str = "next_dlq";
 const META_COMMIT: &str = "next_changelog_commit";
+/// Numbers of the customers dropped with a partition (a roaring bitmap).
+const META_NUMBERS_GONE: &str = "numbers_gone";
 const META_RULES: &str = "rules";
 const META_GENERATION: &str = "generation";
 const META_BACKFILL: &str = "backfill_cursor";
@@ -946,6 +950,11 @@ impl Engine {
             counters.clock,
             &counters.partition_clocks,
         ));
+        if let Some(bytes) = store.get(CF_META, META_NUMBERS_GONE.as_bytes())? {
+            let gone = roaring::RoaringBitmap::deserialize_from(&bytes[..])
+                .map_err(|_| StoreError::Codec(crate::codec::CodecError("bad gone customer numbers")))?;
+            published.set_numbers_gone(gone);
+        }
         let mut engine = Engine {
             store: Arc::new(store),
             index: Arc::new(index),

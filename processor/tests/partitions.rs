@@ -166,9 +166,26 @@ fn a_partition_moved_to_another_store_carries_on_as_if_it_had_stayed() {
         .find(|id| partition_of(id.as_bytes(), PARTITIONS) == 1)
         .unwrap();
     assert_gone(&stay, gone);
+    assert!(
+        stay.reader().numbers_of_partitions(&[1]).is_empty(),
+        "its customers' numbers go too"
+    );
     drop(stay);
-    let stay = Engine::open(stay_dir.path(), Some(&rules), config(2)).unwrap();
+    let mut stay = Engine::open(stay_dir.path(), Some(&rules), config(2)).unwrap();
     assert_gone(&stay, gone);
+    assert!(
+        stay.reader().numbers_of_partitions(&[1]).is_empty(),
+        "also after a restart"
+    );
+
+    // Taken in again, its customers are numbered anew, each once: a group's answers for
+    // the partition (a query's count, SQL's rows) count each customer once.
+    let mut file = Vec::new();
+    there.reader().export_partition(1, PARTITIONS, &mut file).unwrap();
+    stay.import_partition(&mut &file[..]).unwrap();
+    let held = stay.reader().partition_counts(PARTITIONS).unwrap()[1];
+    assert!(held > 0);
+    assert_eq!(stay.reader().numbers_of_partitions(&[1]).len(), held);
 }
 
 #[test]

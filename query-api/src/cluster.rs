@@ -495,13 +495,23 @@ pub fn name_partitions(answer: &mut Response, partitions: &[u32]) {
     }
 }
 
-/// `GET /v1/changes?cursor=`: the group's change log, whole on every node.
+/// `GET /v1/changes?cursor=`, a segment's `delta?cursor=` or `stream?cursor=` (or a stream
+/// resumed with a group cursor as `Last-Event-ID`): the group's change log, whole on every
+/// node.
 fn asks_group_log(request: &Request) -> bool {
-    request.uri().path() == "/v1/changes"
-        && request
-            .uri()
-            .query()
-            .is_some_and(|q| q.split('&').any(|pair| pair.starts_with("cursor=")))
+    let path = request.uri().path();
+    let reads_log = path == "/v1/changes"
+        || (path.starts_with("/v1/segments/") && (path.ends_with("/delta") || path.ends_with("/stream")));
+    let by_cursor = request
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|pair| pair.starts_with("cursor=")));
+    let resumed = request
+        .headers()
+        .get("last-event-id")
+        .and_then(|id| id.to_str().ok())
+        .is_some_and(|id| id.trim().starts_with("p1."));
+    reads_log && (by_cursor || resumed)
 }
 
 /// The middleware of the routes a group of several does not merge yet (a segment's delta
@@ -533,6 +543,8 @@ pub async fn whole_or_scoped(State(app): State<AppState>, request: Request, next
     if others {
         let instead = if path == "/v1/changes" {
             "; the group's change log is paged with `cursor` (start with `cursor=0`)"
+        } else if path.ends_with("/delta") || path.ends_with("/stream") {
+            "; the group's is read with `cursor` (`cursor=0` for the start, or `now` for a stream)"
         } else {
             ""
         };

@@ -1537,6 +1537,49 @@ fn three_nodes() -> ThreeNodes {
         );
         std::thread::sleep(Duration::from_millis(500));
     };
+    // A segment's delta and stream over the group log, from either node: what the log
+    // says of it, in its order, resumable by the cursor each event carries.
+    let of_shanghai: Vec<&serde_json::Value> =
+        group_log.iter().filter(|c| c["segment"] == "shanghai").collect();
+    assert!(
+        of_shanghai.len() > 10,
+        "{} changes of shanghai",
+        of_shanghai.len()
+    );
+    let mut last_op: BTreeMap<String, bool> = BTreeMap::new();
+    for c in &of_shanghai {
+        last_op.insert(c["customer_id"].as_str().unwrap().to_owned(), c["op"] == "add");
+    }
+    let members: Vec<String> = last_op
+        .into_iter()
+        .filter(|(_, m)| *m)
+        .map(|(id, _)| id)
+        .collect();
+    let delta = request(&b.addr, "GET", "/v1/segments/shanghai/delta?cursor=0", b"");
+    assert_eq!(delta.status, 200, "{}", delta.text());
+    let mut entered: Vec<String> = serde_json::from_value(delta.json()["entered"].clone()).unwrap();
+    entered.sort();
+    assert_eq!(entered, members, "the delta from the start: the members now");
+    assert_eq!(delta.json()["exited"], serde_json::json!([]));
+    let mut sse = tests::sse::Sse::connect(&c.addr, "/v1/segments/shanghai/stream?cursor=0", None);
+    let mut got = Vec::new();
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let (id, event, data) = sse.next_event();
+        assert_eq!(event, if data["op"] == "add" { "enter" } else { "exit" });
+        ids.push(id);
+        got.push(data);
+    }
+    drop(sse);
+    let mut sse = tests::sse::Sse::connect(&b.addr, "/v1/segments/shanghai/stream", Some(&ids[4]));
+    while got.len() < of_shanghai.len() {
+        got.push(sse.next_event().2);
+    }
+    drop(sse);
+    assert!(
+        got.iter().eq(of_shanghai.iter().copied()),
+        "the stream, resumed on another node, is the log's changes of the segment"
+    );
     // SQL over the group: every node's customers, the group's change log; each node's
     // part asked for alone adds up to it.
     let sql = |node: &Server, statement: &str, scoped: bool| -> serde_json::Value {

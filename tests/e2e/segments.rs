@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,6 +17,7 @@ use sha2::Sha256;
 #[path = "support/server.rs"]
 mod server;
 use server::Server;
+use tests::sse::Sse;
 
 const T0: i64 = 1_744_000_000_000;
 const RULES: &str = "tag viewer = count(view, 30s) >= 1\ntag buyer = count(payment, 60s) >= 1";
@@ -58,82 +59,6 @@ fn churn(s: &Server, round: i64) {
     assert_eq!(s.send("POST", "/v1/clock", &clock).status, 200);
 }
 
-/// A Server-Sent Events reader over a raw socket (chunked transfer encoding).
-struct Sse {
-    stream: TcpStream,
-    raw: Vec<u8>,
-    text: String,
-}
-
-impl Sse {
-    fn connect(s: &Server, path: &str, last_event_id: Option<u64>) -> Sse {
-        let mut stream = TcpStream::connect(&s.addr).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        let resume = last_event_id.map_or(String::new(), |id| format!("Last-Event-ID: {id}\r\n"));
-        let head = format!(
-            "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n{resume}\r\n",
-            s.addr
-        );
-        stream.write_all(head.as_bytes()).unwrap();
-        let mut sse = Sse {
-            stream,
-            raw: Vec::new(),
-            text: String::new(),
-        };
-        while !sse.raw.windows(4).any(|w| w == b"\r\n\r\n") {
-            sse.fill();
-        }
-        let end = sse.raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
-        let headers = String::from_utf8_lossy(&sse.raw[..end]).to_ascii_lowercase();
-        assert!(headers.starts_with("http/1.1 200"), "{headers}");
-        assert!(headers.contains("content-type: text/event-stream"), "{headers}");
-        sse.raw.drain(..end + 4);
-        sse
-    }
-
-    fn fill(&mut self) {
-        let mut buf = [0u8; 8192];
-        let n = self.stream.read(&mut buf).expect("the stream stays open");
-        assert!(n > 0, "the server closed the stream");
-        self.raw.extend_from_slice(&buf[..n]);
-    }
-
-    /// Moves whole chunks from `raw` to `text`.
-    fn dechunk(&mut self) {
-        while let Some(eol) = self.raw.windows(2).position(|w| w == b"\r\n") {
-            let size =
-                usize::from_str_radix(std::str::from_utf8(&self.raw[..eol]).unwrap().trim(), 16).unwrap();
-            if self.raw.len() < eol + 2 + size + 2 {
-                return;
-            }
-            self.text
-                .push_str(std::str::from_utf8(&self.raw[eol + 2..eol + 2 + size]).unwrap());
-            self.raw.drain(..eol + 2 + size + 2);
-        }
-    }
-
-    /// The next event: (id, event, data).
-    fn next(&mut self) -> (u64, String, Value) {
-        loop {
-            self.dechunk();
-            while let Some(end) = self.text.find("\n\n") {
-                let block: String = self.text.drain(..end + 2).collect();
-                let field = |name: &str| {
-                    block
-                        .lines()
-                        .find_map(|l| l.strip_prefix(name).map(str::to_owned))
-                };
-                if let (Some(id), Some(event), Some(data)) =
-                    (field("id: "), field("event: "), field("data: "))
-                {
-                    return (id.parse().unwrap(), event, serde_json::from_str(&data).unwrap());
-                }
-            }
-            self.fill();
-        }
-    }
-}
-
 #[test]
 fn server_sent_events_resume_after_last_event_id_without_gaps_or_duplicates() {
     let s = Server::start(RULES, &[]);
@@ -142,11 +67,11 @@ fn server_sent_events_resume_after_last_event_id_without_gaps_or_duplicates() {
     assert_eq!(expected_first.len(), 35, "25 enters and 10 exits");
 
     // From the start of the log; drop the connection part way.
-    let mut sse = Sse::connect(&s, "/v1/segments/viewer/stream?after=0", None);
+    let mut sse = Sse::connect(&s.addr, "/v1/segments/viewer/stream?after=0", None);
     let mut got = Vec::new();
     for _ in 0..12 {
-        let (id, event, data) = sse.next();
-        assert_eq!(data["seq"], id);
+        let (id, event, data) = sse.next_event();
+        assert_eq!(data["seq"].to_string(), id);
         assert_eq!(event, if data["op"] == "add" { "enter" } else { "exit" });
         got.push(data);
     }
@@ -154,22 +79,22 @@ fn server_sent_events_resume_after_last_event_id_without_gaps_or_duplicates() {
 
     // Reconnect with Last-Event-ID; new changes arrive while connected.
     let last = got.last().unwrap()["seq"].as_u64().unwrap();
-    let mut sse = Sse::connect(&s, "/v1/segments/viewer/stream", Some(last));
+    let mut sse = Sse::connect(&s.addr, "/v1/segments/viewer/stream", Some(&last.to_string()));
     churn(&s, 1);
     let expected = log_of(&s, "viewer");
     while got.len() < expected.len() {
-        got.push(sse.next().2);
+        got.push(sse.next_event().2);
     }
     assert_eq!(got, expected);
 
     // The live stream carries what is committed after it connects, and only that name.
-    let mut live = Sse::connect(&s, "/v1/segments/buyer/stream", None);
+    let mut live = Sse::connect(&s.addr, "/v1/segments/buyer/stream", None);
     let pay = format!(
         r#"{{"customer_id":"c500","type":"payment","ts":{}}}"#,
         T0 + 240_000
     );
     assert_eq!(s.send("POST", "/v1/events", &pay).status, 200);
-    let (_, event, data) = live.next();
+    let (_, event, data) = live.next_event();
     assert_eq!(
         (event.as_str(), data["customer_id"].as_str()),
         ("enter", Some("c500"))

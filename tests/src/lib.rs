@@ -167,6 +167,89 @@ pub mod http {
 }
 
 /// Reading the members exports the API streams.
+/// A Server-Sent Events reader over a raw socket (chunked transfer encoding).
+pub mod sse {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    use serde_json::Value;
+
+    pub struct Sse {
+        stream: TcpStream,
+        raw: Vec<u8>,
+        text: String,
+    }
+
+    impl Sse {
+        /// `GET path` on the server at `addr`, resuming after `last_event_id` when given.
+        pub fn connect(addr: &str, path: &str, last_event_id: Option<&str>) -> Sse {
+            let mut stream = TcpStream::connect(addr).unwrap();
+            stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let resume = last_event_id.map_or(String::new(), |id| format!("Last-Event-ID: {id}\r\n"));
+            let head =
+                format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n{resume}\r\n");
+            stream.write_all(head.as_bytes()).unwrap();
+            let mut sse = Sse {
+                stream,
+                raw: Vec::new(),
+                text: String::new(),
+            };
+            while !sse.raw.windows(4).any(|w| w == b"\r\n\r\n") {
+                sse.fill();
+            }
+            let end = sse.raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+            let headers = String::from_utf8_lossy(&sse.raw[..end]).to_ascii_lowercase();
+            assert!(headers.starts_with("http/1.1 200"), "{headers}");
+            assert!(headers.contains("content-type: text/event-stream"), "{headers}");
+            sse.raw.drain(..end + 4);
+            sse
+        }
+
+        fn fill(&mut self) {
+            let mut buf = [0u8; 8192];
+            let n = self.stream.read(&mut buf).expect("the stream stays open");
+            assert!(n > 0, "the server closed the stream");
+            self.raw.extend_from_slice(&buf[..n]);
+        }
+
+        /// Moves whole chunks from `raw` to `text`.
+        fn dechunk(&mut self) {
+            while let Some(eol) = self.raw.windows(2).position(|w| w == b"\r\n") {
+                let size =
+                    usize::from_str_radix(std::str::from_utf8(&self.raw[..eol]).unwrap().trim(), 16).unwrap();
+                if self.raw.len() < eol + 2 + size + 2 {
+                    return;
+                }
+                self.text
+                    .push_str(std::str::from_utf8(&self.raw[eol + 2..eol + 2 + size]).unwrap());
+                self.raw.drain(..eol + 2 + size + 2);
+            }
+        }
+
+        /// The next event: (id, event, data).
+        pub fn next_event(&mut self) -> (String, String, Value) {
+            loop {
+                self.dechunk();
+                while let Some(end) = self.text.find("\n\n") {
+                    let block: String = self.text.drain(..end + 2).collect();
+                    let field = |name: &str| {
+                        block
+                            .lines()
+                            .find_map(|l| l.strip_prefix(name).map(str::to_owned))
+                    };
+                    if let (Some(id), Some(event), Some(data)) =
+                        (field("id: "), field("event: "), field("data: "))
+                    {
+                        return (id, event, serde_json::from_str(&data).unwrap());
+                    }
+                }
+                self.fill();
+            }
+        }
+    }
+}
+
 pub mod exports {
     use arrow_array::RecordBatch;
 

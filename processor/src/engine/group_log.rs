@@ -57,6 +57,40 @@ pub enum GroupPage {
     Gone { partition: u32, oldest: Vec<u64> },
 }
 
+/// The net change of a tag's or segment's members in the group log
+/// ([`ReadHandle::group_log_delta`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupDelta {
+    pub entered: Vec<String>,
+    pub exited: Vec<String>,
+    /// The cursor of the group log's end the delta runs to.
+    pub until: Vec<u64>,
+}
+
+/// The fields of a change the group log's readers look at.
+#[derive(serde::Deserialize)]
+struct Named<'a> {
+    #[serde(borrow)]
+    tag: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    segment: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    customer_id: Option<std::borrow::Cow<'a, str>>,
+    op: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// The tag or segment a change (JSON) is of.
+fn change_name(json: &[u8]) -> Option<String> {
+    let named: Named = serde_json::from_slice(json).ok()?;
+    named.tag.or(named.segment).map(|n| n.into_owned())
+}
+
+/// A membership change's customer and whether it made them a member.
+fn membership_of(json: &[u8]) -> Option<(String, bool)> {
+    let named: Named = serde_json::from_slice(json).ok()?;
+    Some((named.customer_id?.into_owned(), named.op? == "add"))
+}
+
 fn entry_key(partition: u32, pseq: u64) -> [u8; 12] {
     crate::changelog::outbox_key(partition, pseq)
 }
@@ -188,6 +222,91 @@ impl ReadHandle {
     /// seen): each partition's in `pseq` order, the partitions merged by `at` (then
     /// partition), and the cursor after them.
     pub fn group_log_page(&self, cursor: &[u64], limit: usize) -> Result<GroupPage, EngineError> {
+        let mut changes = Vec::new();
+        let walked = self.group_log_walk(cursor, limit, |json, _| changes.push(json.to_vec()))?;
+        Ok(match walked {
+            Ok(cursor) => GroupPage::Changes { changes, cursor },
+            Err(gone) => gone,
+        })
+    }
+
+    /// The changes of tag or segment `name` among the next `scan` changes of the group log
+    /// after `cursor`, each with the cursor just after it, and the cursor after the scan
+    /// (past changes of other names too).
+    #[allow(clippy::type_complexity)]
+    pub fn group_log_of(
+        &self,
+        name: &str,
+        cursor: &[u64],
+        scan: usize,
+    ) -> Result<Result<(Vec<(Vec<u8>, Vec<u64>)>, Vec<u64>), GroupPage>, EngineError> {
+        let mut matches = Vec::new();
+        let walked = self.group_log_walk(cursor, scan, |json, after| {
+            if change_name(json).as_deref() == Some(name) {
+                matches.push((json.to_vec(), after.to_vec()));
+            }
+        })?;
+        Ok(walked.map(|cursor| (matches, cursor)))
+    }
+
+    /// The net change of tag or segment `name`'s members in the group log from `cursor` to
+    /// its end: who entered, who exited (by their first and last change after it), and the
+    /// cursor of the end.
+    pub fn group_log_delta(
+        &self,
+        name: &str,
+        cursor: &[u64],
+    ) -> Result<Result<GroupDelta, GroupPage>, EngineError> {
+        // Per customer: member before, member after.
+        let mut net: BTreeMap<String, (bool, bool)> = BTreeMap::new();
+        let mut at = cursor.to_vec();
+        loop {
+            let (matches, next) = match self.group_log_of(name, &at, 10_000)? {
+                Ok(found) => found,
+                Err(gone) => return Ok(Err(gone)),
+            };
+            if next == at {
+                break;
+            }
+            at = next;
+            for (json, _) in matches {
+                let Some((customer, member)) = membership_of(&json) else {
+                    continue;
+                };
+                net.entry(customer).or_insert((!member, member)).1 = member;
+            }
+        }
+        let (mut entered, mut exited) = (Vec::new(), Vec::new());
+        for (customer, (before, after)) in net {
+            match (before, after) {
+                (false, true) => entered.push(customer),
+                (true, false) => exited.push(customer),
+                _ => {}
+            }
+        }
+        Ok(Ok(GroupDelta {
+            entered,
+            exited,
+            until: at,
+        }))
+    }
+
+    /// The cursor of the group log's end: every partition's last change.
+    pub fn group_log_end(&self) -> Result<Vec<u64>, EngineError> {
+        (0..self.partitions)
+            .map(|p| self.group_meta(META_LAST, p))
+            .collect()
+    }
+
+    /// Walks up to `limit` changes of the group log after `cursor` in the merged order,
+    /// giving `visit` each with the cursor just after it; the cursor after the walk, or
+    /// [`GroupPage::Gone`].
+    fn group_log_walk(
+        &self,
+        cursor: &[u64],
+        limit: usize,
+        mut visit: impl FnMut(&[u8], &[u64]),
+    ) -> Result<Result<Vec<u64>, GroupPage>, EngineError> {
         if cursor.len() != self.partitions as usize {
             return Err(EngineError::Conflict(format!(
                 "a cursor of {} partitions for a group of {}",
@@ -204,7 +323,7 @@ impl ReadHandle {
             first > 1 && cursor[*p as usize] + 1 < first
         }) {
             let oldest = firsts.iter().map(|f| f.saturating_sub(1)).collect();
-            return Ok(GroupPage::Gone { partition, oldest });
+            return Ok(Err(GroupPage::Gone { partition, oldest }));
         }
         // Each partition's next entries, merged by (at, partition).
         let mut heads = BinaryHeap::new();
@@ -233,18 +352,19 @@ impl ReadHandle {
             }
         }
         let mut cursor = cursor.to_vec();
-        let mut changes = Vec::new();
-        while changes.len() < limit {
+        let mut walked = 0;
+        while walked < limit {
             let Some(Reverse((_, p, pseq, json))) = heads.pop() else {
                 break;
             };
             cursor[p as usize] = pseq;
-            changes.push(json);
+            visit(&json, &cursor);
+            walked += 1;
             if let Some((at, pseq, json)) = next_of(p)? {
                 heads.push(Reverse((at, p, pseq, json)));
             }
         }
-        Ok(GroupPage::Changes { changes, cursor })
+        Ok(Ok(cursor))
     }
 
     /// Drops, per partition, the group log's entries older than `retention` allows: by

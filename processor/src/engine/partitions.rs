@@ -406,6 +406,7 @@ impl Engine {
         let mut wb = WriteBatch::default();
         MembershipIndex::forget_checkpoint(&self.store, &mut wb);
         let mut dropped = Vec::new();
+        let mut gone = self.published.numbers_gone();
         for item in self.store.scan_from(CF_CUSTOMERS, &[]) {
             let (id, record) = item?;
             if partition_of(&id, partitions) != partition {
@@ -413,6 +414,9 @@ impl Engine {
             }
             let state = CustomerState::decode(&record).map_err(StoreError::from)?;
             let id: Arc<str> = Arc::from(String::from_utf8_lossy(&id).as_ref());
+            if state.number != crate::index::NO_NUMBER {
+                gone.insert(state.number);
+            }
             self.store.delete_customer(&mut wb, &id, state.timer);
             for (key, _) in identity::entries_of(&self.store, &id)? {
                 wb.delete_cf(self.store.cf(crate::store::CF_IDENTITIES), key);
@@ -424,7 +428,11 @@ impl Engine {
         // A partition's own clock goes with it: whoever holds it next brings theirs.
         let clock_key = partition_clock_key(partition);
         wb.delete_cf(self.store.cf(CF_META), clock_key.as_bytes());
+        let mut bytes = Vec::with_capacity(gone.serialized_size());
+        gone.serialize_into(&mut bytes).expect("writing to a Vec");
+        wb.put_cf(self.store.cf(CF_META), META_NUMBERS_GONE.as_bytes(), bytes);
         self.store.commit(wb)?;
+        self.published.set_numbers_gone(gone);
         if let Some(clock) = self.counters.partition_clocks.get_mut(partition as usize) {
             *clock = None;
             self.published

@@ -729,6 +729,7 @@ impl ReadHandle {
                 numbers |= set;
             }
         }
+        numbers -= &table.gone;
         numbers
     }
 
@@ -1365,13 +1366,16 @@ pub struct HourActivity {
 }
 
 /// Customer numbers by partition, extended as customers are numbered (numbers are never
-/// reused, and an id keeps its number).
+/// reused), without the numbers of customers gone from this store with a dropped
+/// partition: a partition taken in again numbers its customers anew.
 #[derive(Debug, Default)]
 pub(crate) struct PartitionNumbers {
     /// Numbers below this are in `sets`.
     covered: u32,
     partitions: u32,
     sets: Vec<RoaringBitmap>,
+    /// Numbers of customers a dropped partition took away (kept in `meta`).
+    pub(super) gone: RoaringBitmap,
 }
 
 impl PartitionNumbers {
@@ -1383,6 +1387,7 @@ impl PartitionNumbers {
                 covered: 0,
                 partitions,
                 sets: vec![RoaringBitmap::new(); partitions.max(1) as usize],
+                gone: std::mem::take(&mut self.gone),
             };
         }
         for number in self.covered..customers {

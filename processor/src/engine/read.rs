@@ -66,6 +66,19 @@ impl Published {
         }
     }
 
+    /// Numbers of customers dropped with a partition ([`super::query::PartitionNumbers`]).
+    pub(super) fn numbers_gone(&self) -> roaring::RoaringBitmap {
+        self.by_partition
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .gone
+            .clone()
+    }
+
+    pub(super) fn set_numbers_gone(&self, gone: roaring::RoaringBitmap) {
+        self.by_partition.lock().unwrap_or_else(|e| e.into_inner()).gone = gone;
+    }
+
     pub(super) fn changes_gate(&self) -> std::sync::MutexGuard<'_, super::outbox::ChangesGate> {
         self.changes_gate.lock().unwrap_or_else(|e| e.into_inner())
     }
