@@ -72,7 +72,7 @@ impl Cluster {
 
     /// Sends `request` (its body already read) to the node at `url` and returns its answer,
     /// streamed; 502 when it cannot be reached, 504 when it does not answer in time.
-    async fn forward(
+    pub(crate) async fn forward(
         &self,
         url: &str,
         parts: axum::http::request::Parts,
@@ -194,6 +194,57 @@ pub async fn to_owner(
                 Err(e) => e.into_response(),
             }
         }
+    }
+}
+
+/// A path segment with every byte but the unreserved ones percent-encoded.
+pub fn path_segment(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// `GET /v1/customers/{customer}` as its owner answers it: here, or sent on to the node that
+/// owns the customer's partition (503 while it has none or is restoring it).
+pub async fn customer_from_owner(
+    app: &AppState,
+    principal: &Option<axum::Extension<crate::access::Principal>>,
+    headers: &axum::http::HeaderMap,
+    customer: &str,
+) -> Result<Response, ApiError> {
+    let cluster = app.cluster.as_ref().expect("in a group");
+    let partitions = app.engine.reader().partitions();
+    let partition = processor::partition::partition_of(customer.as_bytes(), partitions);
+    match cluster.members.owner_of(partition) {
+        Owner::Here => {
+            let reader = app.engine.reader();
+            match reader.customer(customer)? {
+                Some(view) => crate::routes::customer_response(reader, view, &crate::access::masking_of(principal)),
+                None => Err(ApiError::NotFound(format!("no customer `{customer}`"))),
+            }
+        }
+        Owner::Node(url) => {
+            let mut request = axum::http::Request::builder()
+                .method(axum::http::Method::GET)
+                .uri(format!("/v1/customers/{}", path_segment(customer)));
+            for (name, value) in headers {
+                request = request.header(name, value);
+            }
+            let (parts, _) = request
+                .body(())
+                .map_err(|e| ApiError::Internal(e.to_string()))?
+                .into_parts();
+            cluster.forward(&url, parts, Bytes::new()).await
+        }
+        Owner::Restoring | Owner::NodeRestoring(_) | Owner::Unknown => Err(ApiError::Unavailable(format!(
+            "customer `{customer}` is in partition {partition} of {partitions}, which is moving between nodes or being restored: ask again shortly"
+        ))),
     }
 }
 

@@ -200,6 +200,11 @@ pub fn router(state: AppState) -> Router {
         // Merged across a group of several in the handler.
         .route("/v1/segments/{name}/members", get(routes::segment_members))
         .route("/v1/sql", post(sql::sql))
+        .route(
+            "/v1/customers/by/{id_type}/{value}",
+            get(routes::customer_by_identifier),
+        )
+        .route("/v1/identities/stats", get(routes::identity_stats))
         .route("/metrics", get(routes::metrics))
         .route("/healthz", get(routes::healthz))
         .route("/", get(console::index))
@@ -209,11 +214,6 @@ pub fn router(state: AppState) -> Router {
         .merge(
             // Not yet merged across a group of several: this node's part only when asked.
             Router::new()
-                .route(
-                    "/v1/customers/by/{id_type}/{value}",
-                    get(routes::customer_by_identifier),
-                )
-                .route("/v1/identities/stats", get(routes::identity_stats))
                 .route("/v1/segments/{name}/delta", get(streams::delta))
                 .route("/v1/segments/{name}/stream", get(streams::stream))
                 .route("/v1/changes", get(routes::changes))

@@ -11,7 +11,7 @@ use axum::Extension;
 use axum::Json;
 use processor::columns::ValueMap;
 use processor::{Change, CustomerView, Explained, QueryError};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value as Json_};
 
 use crate::access::mask::mask_stored;
@@ -418,22 +418,88 @@ pub async fn get_customer(
 pub async fn customer_by_identifier(
     State(app): State<AppState>,
     principal: Option<Extension<Principal>>,
+    headers: HeaderMap,
     Path((id_type, value)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
+    let scoped = crate::cluster::scoped(&headers);
+    if app.cluster.is_some() && !scoped {
+        return group_customer_by_identifier(&app, &principal, &headers, &id_type, &value).await;
+    }
     let reader = app.engine.reader();
     let view = match reader.identify(&id_type, &value)? {
         Some(customer) => reader.customer(&customer)?,
         None => None,
     };
-    match view {
-        Some(view) => customer_response(reader, view, &masking_of(&principal)),
-        None => Err(ApiError::NotFound(format!("no customer has {id_type} `{value}`"))),
+    let mut answer = match view {
+        Some(view) => customer_response(reader, view, &masking_of(&principal))?,
+        None => return Err(ApiError::NotFound(format!("no customer has {id_type} `{value}`"))),
+    };
+    if app.cluster.is_some() {
+        // This node's part, asked for knowingly.
+        crate::cluster::name_partitions(&mut answer, &crate::cluster::answered_partitions(&app));
     }
+    Ok(answer)
+}
+
+/// Who holds an identifier in this node's partitions (a part of [`group_customer_by_identifier`]).
+#[derive(Debug, Serialize, Deserialize)]
+struct Holder {
+    customer: Option<String>,
+}
+
+/// [`customer_by_identifier`] in a group: every node looks the identifier up among the
+/// customers of the partitions it owns; the customer found is then answered by their
+/// owner, as `GET /v1/customers/{id}` is.
+async fn group_customer_by_identifier(
+    app: &AppState,
+    principal: &Option<Extension<Principal>>,
+    headers: &HeaderMap,
+    id_type: &str,
+    value: &str,
+) -> Result<Response, ApiError> {
+    let reader = app.engine.reader().clone();
+    let status = app.kafka.clone();
+    let (lookup_type, lookup_value) = (id_type.to_owned(), value.to_owned());
+    let local = move || {
+        crate::cluster::part_of(status.as_deref(), |owned| {
+            let found = reader.identify(&lookup_type, &lookup_value)?;
+            let partitions = reader.partitions();
+            let customer = found
+                .filter(|c| owned.contains(&processor::partition::partition_of(c.as_bytes(), partitions)))
+                .map(|c| c.to_string());
+            Ok(Holder { customer })
+        })
+    };
+    if headers.contains_key(crate::cluster::FORWARDED) {
+        return Ok(crate::cluster::answer_part(local).await?.into_response());
+    }
+    let path = format!(
+        "/v1/customers/by/{}/{}",
+        crate::cluster::path_segment(id_type),
+        crate::cluster::path_segment(value)
+    );
+    let parts = crate::cluster::fan_out(app, headers, axum::http::Method::GET, &path, None, local).await?;
+    let mut found: Vec<String> = parts.into_iter().filter_map(|h| h.customer).collect();
+    found.sort();
+    found.dedup();
+    let customer = match found.as_slice() {
+        [] => return Err(ApiError::NotFound(format!("no customer has {id_type} `{value}`"))),
+        [one] => one.clone(),
+        several => {
+            let masking = masking_of(principal);
+            let shown: Vec<String> = several.iter().map(|c| masking.id(c).into_owned()).collect();
+            return Err(ApiError::Conflict(format!(
+                "{id_type} `{value}` is held by customers of different partitions ({}): identity across partitions is not resolved in a group yet",
+                shown.join(", ")
+            )));
+        }
+    };
+    crate::cluster::customer_from_owner(app, principal, headers, &customer).await
 }
 
 /// A customer with their identifiers, masked for the caller's role: profile attributes and
 /// identifiers by their name or type (`phone = "mask"`), ids by `customer_id`'s policy.
-fn customer_response(
+pub(crate) fn customer_response(
     reader: &processor::ReadHandle,
     mut v: CustomerView,
     masking: &crate::access::Masking,
@@ -557,8 +623,49 @@ pub async fn unmerge_customers(
 }
 
 /// `GET /v1/identities/stats`: merges, absorbed customers, identifiers per type, limit hits.
-pub async fn identity_stats(State(app): State<AppState>) -> Json<processor::identity::IdentityStats> {
-    Json(app.engine.reader().identity_stats())
+/// `GET /v1/identities/stats`; in a group, every live node's counts summed (each node
+/// counts what it resolved).
+pub async fn identity_stats(State(app): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let reader = app.engine.reader().clone();
+    if app.cluster.is_none() {
+        return Ok(Json(reader.identity_stats()).into_response());
+    }
+    if crate::cluster::scoped(&headers) {
+        let mut answer = Json(reader.identity_stats()).into_response();
+        crate::cluster::name_partitions(&mut answer, &crate::cluster::answered_partitions(&app));
+        return Ok(answer);
+    }
+    let status = app.kafka.clone();
+    let local = move || crate::cluster::part_of(status.as_deref(), |_| Ok(reader.identity_stats()));
+    if headers.contains_key(crate::cluster::FORWARDED) {
+        return Ok(crate::cluster::answer_part(local).await?.into_response());
+    }
+    let parts = crate::cluster::fan_out(
+        &app,
+        &headers,
+        axum::http::Method::GET,
+        "/v1/identities/stats",
+        None,
+        local,
+    )
+    .await?;
+    let mut total = processor::identity::IdentityStats::default();
+    for part in parts {
+        total.merges += part.merges;
+        total.customers_absorbed += part.customers_absorbed;
+        total.unmerges += part.unmerges;
+        total.blocked += part.blocked;
+        for (into, from) in [
+            (&mut total.identifiers, part.identifiers),
+            (&mut total.limit_hits, part.limit_hits),
+            (&mut total.unusable, part.unusable),
+        ] {
+            for (id_type, n) in from {
+                *into.entry(id_type).or_default() += n;
+            }
+        }
+    }
+    Ok(Json(total).into_response())
 }
 
 #[derive(Deserialize)]

@@ -1439,7 +1439,14 @@ fn three_nodes_config(changelog: bool) -> processor::EngineConfig {
 /// The run the two tests below read.
 fn three_nodes() -> ThreeNodes {
     const PARTITIONS: u32 = THREE_NODES_PARTITIONS;
-    let lines = stream();
+    let mut lines = stream();
+    // A customer with a phone number, to be found by it from any node.
+    let first: serde_json::Value = serde_json::from_slice(&lines[0]).unwrap();
+    let with_phone = serde_json::json!({
+        "event_id": "ev-phone-1", "customer_id": "电话客户", "type": "view", "ts": first["ts"],
+        "ids": { "phone": "138 0000 0001" },
+    });
+    lines.insert(1, with_phone.to_string().into_bytes());
     let broker = group_broker(PARTITIONS);
     let run = TempDir::new("kafka-three-nodes");
     let config = group_config(run.path(), &broker, "three-nodes", PARTITIONS, "");
@@ -1537,6 +1544,33 @@ fn three_nodes() -> ThreeNodes {
         );
         std::thread::sleep(Duration::from_millis(500));
     };
+    // Lookups by identifier and identity counts, from either node: the customer's owner
+    // answers; the counts are the nodes' summed.
+    for node in [&b, &c] {
+        let r = request(&node.addr, "GET", "/v1/customers/by/phone/13800000001", b"");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["customer_id"], "电话客户", "{}", r.text());
+        let some = group_log[0]["customer_id"].as_str().unwrap();
+        let path = format!("/v1/customers/by/customer_id/{}", tests::http::encode_path(some));
+        let r = request(&node.addr, "GET", &path, b"");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["customer_id"], some, "{}", r.text());
+        let r = request(&node.addr, "GET", "/v1/customers/by/phone/13900000009", b"");
+        assert_eq!(r.status, 404, "{}", r.text());
+    }
+    let stats = |node: &Server, scope: &[(&str, &str)]| {
+        let r = request_with(&node.addr, "GET", "/v1/identities/stats", scope, b"");
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()
+    };
+    let group_stats = stats(&b, &[]);
+    assert_eq!(stats(&c, &[]), group_stats);
+    let phones = |v: &serde_json::Value| v["identifiers"]["phone"].as_u64().unwrap_or(0);
+    let scoped = [("x-tagstream-scope", "node")];
+    assert_eq!(
+        phones(&group_stats),
+        phones(&stats(&b, &scoped)) + phones(&stats(&c, &scoped))
+    );
     // A segment's delta and stream over the group log, from either node: what the log
     // says of it, in its order, resumable by the cursor each event carries.
     let of_shanghai: Vec<&serde_json::Value> =

@@ -104,6 +104,19 @@ pub mod http {
         }
     }
 
+    /// `text` as one segment of a URL path: every byte but the unreserved ones as `%XX`.
+    pub fn encode_path(text: &str) -> String {
+        text.bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect()
+    }
+
     pub fn request(addr: &str, method: &str, path: &str, body: &[u8]) -> Response {
         request_with(addr, method, path, &[], body)
     }
