@@ -96,6 +96,32 @@ impl Family {
     }
 }
 
+impl Family {
+    /// The partition a write of `key` belongs to: its owner's ([`Family::owner`]), except
+    /// an identity graph owner entry (`i…`), which belongs with its canonical customer, so
+    /// that it moves with that customer's partition: the customer named in `value`, or for
+    /// a delete in the value it deletes (`deleted`, read from the store).
+    pub fn partition_of_write(
+        self,
+        key: &[u8],
+        value: Option<&[u8]>,
+        deleted: impl FnOnce() -> Option<Vec<u8>>,
+        partitions: u32,
+    ) -> Option<u32> {
+        if self == Family::Identities && key.first() == Some(&b'i') {
+            let canonical = |value: &[u8]| {
+                let (canonical, _) = crate::identity::parse_owner_value(value);
+                partition_of(canonical.as_bytes(), partitions)
+            };
+            return match value {
+                Some(value) => Some(canonical(value)),
+                None => deleted().map(|old| canonical(&old)),
+            };
+        }
+        self.owner(key).map(|owner| partition_of(owner, partitions))
+    }
+}
+
 /// One put (`value` set) or delete of a partition's key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeltaWrite {
@@ -315,8 +341,15 @@ impl<'w> DeltaBuilder<'w> {
 
     /// Adds one part of the commit's writes (parts in the order the commit applies them:
     /// a later write to a key replaces an earlier one), and the input positions among them.
-    /// `dedup_partition` names the partition of a `dedup` key's event.
-    pub fn add(&mut self, writes: &'w SortedWrites, dedup_partition: impl Fn(&[u8]) -> Option<u32>) {
+    /// `dedup_partition` names the partition of a `dedup` key's event; `identity_entry`
+    /// reads an identity graph entry as the store holds it before the commit (whose
+    /// customer a delete of it belongs with, [`Family::partition_of_write`]).
+    pub fn add(
+        &mut self,
+        writes: &'w SortedWrites,
+        dedup_partition: impl Fn(&[u8]) -> Option<u32>,
+        identity_entry: impl Fn(&[u8]) -> Option<Vec<u8>>,
+    ) {
         for (cf, key, value) in writes.ops() {
             if cf == self.meta {
                 let source = key.strip_prefix(crate::engine::META_OFFSET_PREFIX.as_bytes());
@@ -331,14 +364,28 @@ impl<'w> DeltaBuilder<'w> {
             let Some(&(_, family)) = self.families.iter().find(|(id, _)| *id == cf) else {
                 continue;
             };
-            let partition = match family.owner(key) {
-                Some(owner) => partition_of(owner, self.partitions),
-                None => match family {
-                    Family::Dedup => match dedup_partition(key) {
-                        Some(p) => p,
-                        None => continue,
-                    },
-                    _ => continue,
+            let partition = match family {
+                Family::Dedup => match dedup_partition(key) {
+                    Some(p) => p,
+                    None => continue,
+                },
+                _ => match family.partition_of_write(key, value, || identity_entry(key), self.partitions) {
+                    Some(p) => p,
+                    None if family == Family::Identities && value.is_none() && key.first() == Some(&b'i') => {
+                        // The delete of an entry the store does not hold yet (put earlier in
+                        // this commit): whichever partition that put went to, this is the
+                        // key's last write there.
+                        for partition in 0..self.partitions {
+                            self.writes.push(Borrowed {
+                                partition,
+                                family,
+                                key,
+                                value,
+                            });
+                        }
+                        continue;
+                    }
+                    None => continue,
                 },
             };
             self.writes.push(Borrowed {

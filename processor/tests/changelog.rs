@@ -530,3 +530,43 @@ fn parked_partitions_fire_no_timers_until_activated() {
     }
     assert_eq!(parked.parked_partitions(), Vec::<u32>::new());
 }
+
+/// A customer's identifiers move with the customer's partition (issue #21): an identity
+/// graph entry is kept in the changelog of the partition of the customer it names — not of
+/// the identifier's own hash, which another node may own — so the node that restores the
+/// customer finds them by their phone, also once the phone went to another customer in
+/// the same partition and was taken back.
+#[test]
+fn identifiers_move_with_their_customers_partition() {
+    let dir = TempDir::new("changelog-identifiers");
+    let mut source = Engine::open(dir.path(), Some(&rules_text()), config(1)).unwrap();
+    let partition = |bytes: &[u8]| partition_of(bytes, PARTITIONS);
+    let (customer, phone) = (0..100)
+        .map(|i| (format!("c-{i}"), format!("1380000{i:04}")))
+        .find(|(c, p)| partition(format!("phone\0{p}").as_bytes()) != partition(c.as_bytes()))
+        .unwrap();
+    let line = format!(
+        r#"{{"event_id":"e1","customer_id":"{customer}","type":"view","ts":1740000000000,"ids":{{"phone":"{phone}"}}}}"#
+    );
+    source.ingest(&[line]).unwrap();
+    let home = partition(customer.as_bytes());
+    let through = last_commit(&source);
+    let to = TempDir::new("changelog-identifiers-to");
+    let mut restored = Engine::open(to.path(), Some(&rules_text()), config(1)).unwrap();
+    restored
+        .restore_partition(&restore(home, deltas(&source, home, through)))
+        .unwrap();
+    assert_eq!(
+        restored.identify("phone", &phone).unwrap().as_deref(),
+        Some(customer.as_str()),
+        "the phone came with its customer's partition"
+    );
+    for p in (0..PARTITIONS).filter(|p| *p != home) {
+        let other = deltas(&source, p, through);
+        assert!(
+            other.is_empty(),
+            "nothing of it in partition {p}: {} deltas",
+            other.len()
+        );
+    }
+}

@@ -847,3 +847,57 @@ fn identifiers_of_imported_customers_resolve_to_them_and_those_of_dropped_ones_a
         "a new customer"
     );
 }
+
+/// In a group each node answers a lookup by identifier for the partitions it owns: the
+/// node holding the customer the identifier names (its entry is kept with the customer's
+/// partition, not the identifier's own hash), also for a customer id no one absorbed.
+#[test]
+fn a_lookup_in_some_partitions_is_answered_by_the_customers_partition() {
+    const PARTITIONS: u32 = 8;
+    let dir = TempDir::new("identity-lookup-in");
+    let mut engine = Engine::open(
+        dir.path(),
+        Some(RULES),
+        EngineConfig {
+            partitions: PARTITIONS,
+            ..config(1)
+        },
+    )
+    .unwrap();
+    let partition = |bytes: &[u8]| processor::partition::partition_of(bytes, PARTITIONS);
+    // A phone whose entry lives in another partition than its customer.
+    let (customer, phone) = (0..100)
+        .map(|i| (format!("c-{i}"), format!("1380000{i:04}")))
+        .find(|(c, p)| partition(format!("phone\0{p}").as_bytes()) != partition(c.as_bytes()))
+        .unwrap();
+    let line = format!(
+        r#"{{"event_id":"e1","customer_id":"{customer}","type":"view","ts":1740000000000,"ids":{{"phone":"{phone}"}}}}"#
+    );
+    engine.ingest(&[line]).unwrap();
+    let reader = engine.reader();
+    let (of_phone, of_customer) = (
+        partition(format!("phone\0{phone}").as_bytes()),
+        partition(customer.as_bytes()),
+    );
+    let found = |id_type: &str, value: &str, owned: &[u32]| {
+        reader
+            .identify_in(id_type, value, owned)
+            .unwrap()
+            .map(|c| c.to_string())
+    };
+    assert_eq!(found("phone", &phone, &[of_customer]), Some(customer.clone()));
+    assert_eq!(
+        found("phone", &phone, &[of_phone]),
+        None,
+        "not where the identifier hashes"
+    );
+    let everywhere: Vec<u32> = (0..PARTITIONS).collect();
+    assert_eq!(found("phone", &phone, &everywhere), Some(customer.clone()));
+    assert_eq!(
+        found("customer_id", &customer, &[of_customer]),
+        Some(customer.clone())
+    );
+    let elsewhere: Vec<u32> = everywhere.iter().copied().filter(|p| *p != of_customer).collect();
+    assert_eq!(found("customer_id", &customer, &elsewhere), None);
+    assert_eq!(found("phone", "13999999999", &everywhere), None);
+}

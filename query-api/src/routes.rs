@@ -462,12 +462,10 @@ async fn group_customer_by_identifier(
     let (lookup_type, lookup_value) = (id_type.to_owned(), value.to_owned());
     let local = move || {
         crate::cluster::part_of(status.as_deref(), |owned| {
-            let found = reader.identify(&lookup_type, &lookup_value)?;
-            let partitions = reader.partitions();
-            let customer = found
-                .filter(|c| owned.contains(&processor::partition::partition_of(c.as_bytes(), partitions)))
-                .map(|c| c.to_string());
-            Ok(Holder { customer })
+            let customer = reader.identify_in(&lookup_type, &lookup_value, owned)?;
+            Ok(Holder {
+                customer: customer.map(|c| c.to_string()),
+            })
         })
     };
     if headers.contains_key(crate::cluster::FORWARDED) {

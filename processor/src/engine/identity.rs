@@ -711,6 +711,23 @@ impl ReadHandle {
         lookup(&self.store, &self.identity, None, id_type, value)
     }
 
+    /// [`ReadHandle::identify`] answered only for customers of `owned` (in a group, each
+    /// node answers for its partitions; an identifier's entry is kept, and moves, with its
+    /// customer's partition).
+    pub fn identify_in(
+        &self,
+        id_type: &str,
+        value: &str,
+        owned: &[u32],
+    ) -> Result<Option<Arc<str>>, EngineError> {
+        Ok(self.identify(id_type, value)?.filter(|customer| {
+            owned.contains(&crate::partition::partition_of(
+                customer.as_bytes(),
+                self.partitions,
+            ))
+        }))
+    }
+
     /// The identifiers a canonical customer owns, as of the last commit.
     pub fn identifiers(&self, customer: &str) -> Result<Vec<(Arc<str>, String)>, EngineError> {
         let record = match self.store.get(CF_IDENTITIES, &record_key(customer))? {

@@ -249,8 +249,8 @@ impl Engine {
         for family in [Family::Timers, Family::Identities] {
             for item in store.scan_from(family.cf_name(), &[]) {
                 let (key, value) = item?;
-                if let Some(owner) = family.owner(&key) {
-                    baseline.add(family, &key, &value, partition_of(owner, partitions))?;
+                if let Some(p) = family.partition_of_write(&key, Some(&value), || None, partitions) {
+                    baseline.add(family, &key, &value, p)?;
                 }
             }
         }
@@ -279,12 +279,24 @@ impl Engine {
         dedup_partitions: &foldhash::HashMap<String, u32>,
     ) -> SortedWrites {
         let mut builder = DeltaBuilder::new(&self.store, self.config.partitions);
+        // An identity entry as it stands before this commit: a commit being written, then
+        // the store.
+        let pending = self.pending.as_ref().map(|p| &p.done.identities);
+        let store = &self.store;
+        let identity_entry = |key: &[u8]| match pending.and_then(|p| p.get(key)) {
+            Some(entry) => entry.clone(),
+            None => store.get(crate::store::CF_IDENTITIES, key).ok().flatten(),
+        };
         for part in writes {
-            builder.add(part, |event_id| {
-                std::str::from_utf8(event_id)
-                    .ok()
-                    .and_then(|id| dedup_partitions.get(id).copied())
-            });
+            builder.add(
+                part,
+                |event_id| {
+                    std::str::from_utf8(event_id)
+                        .ok()
+                        .and_then(|id| dedup_partitions.get(id).copied())
+                },
+                identity_entry,
+            );
         }
         let mut out = SortedWrites::default();
         let (commit, cf) = (self.counters.next_commit, self.store.cf(CF_OUTBOX));

@@ -764,7 +764,8 @@ impl ReadHandle {
     }
 
     /// The candidates for whom `node` holds, evaluated one by one on their stored state,
-    /// split over the machine's cores.
+    /// split over the machine's cores; with a clock per partition, each partition's
+    /// candidates at its own instant (partitions at the same instant together).
     fn filter(
         &self,
         rules: &CompiledRules,
@@ -773,8 +774,38 @@ impl ReadHandle {
         candidates: RoaringBitmap,
         base: Option<&Arc<CompiledRules>>,
     ) -> Result<RoaringBitmap, EngineError> {
+        let Some(nows) = self.partition_nows() else {
+            return self.filter_at(rules, id, node, candidates, base, self.now());
+        };
+        let mut by_now: std::collections::BTreeMap<i64, Vec<u32>> = Default::default();
+        for (partition, now) in nows.into_iter().enumerate() {
+            by_now.entry(now).or_default().push(partition as u32);
+        }
+        if by_now.len() == 1 {
+            let now = by_now.into_keys().next().expect("one instant");
+            return self.filter_at(rules, id, node, candidates, base, now);
+        }
+        let mut out = RoaringBitmap::new();
+        for (now, partitions) in by_now {
+            let part = &candidates & &self.numbers_of_partitions(&partitions);
+            if !part.is_empty() {
+                out |= self.filter_at(rules, id, node, part, base, now)?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`ReadHandle::filter`] with every candidate judged at `now`.
+    fn filter_at(
+        &self,
+        rules: &CompiledRules,
+        id: DefId,
+        node: &Node,
+        candidates: RoaringBitmap,
+        base: Option<&Arc<CompiledRules>>,
+        now: i64,
+    ) -> Result<RoaringBitmap, EngineError> {
         let with_events = needs_events(node, rules);
-        let now = self.now();
         let attrs_columnar = {
             let mut attrs = Vec::new();
             profile_reads(node, rules, &mut attrs);

@@ -169,6 +169,19 @@ impl ReadHandle {
         }
     }
 
+    /// With a clock per partition, each partition's evaluation instant (else `None`: one
+    /// for all, [`ReadHandle::now`]).
+    pub(super) fn partition_nows(&self) -> Option<Vec<i64>> {
+        if self.published.partition_clocks.is_empty() {
+            return None;
+        }
+        Some(
+            (0..self.partitions)
+                .map(|p| self.now_at(self.published.clock_of(p)))
+                .collect(),
+        )
+    }
+
     /// The meta key of the clock `customer` is judged by.
     fn clock_key(&self, customer: &str) -> String {
         match self.published.partition_clocks.is_empty() {
