@@ -186,6 +186,11 @@ fn a_partition_moved_to_another_store_carries_on_as_if_it_had_stayed() {
     let held = stay.reader().partition_counts(PARTITIONS).unwrap()[1];
     assert!(held > 0);
     assert_eq!(stay.reader().numbers_of_partitions(&[1]).len(), held);
+    assert_eq!(
+        stay.reader().live_numbers().len(),
+        stay.customer_ids().unwrap().len() as u64,
+        "every customer the store holds, each once"
+    );
 }
 
 #[test]

@@ -62,6 +62,16 @@ fn mentions(sql_lower: &str, word: &str) -> bool {
     sql_lower.contains(&word.to_lowercase())
 }
 
+/// Whether the statement may read every column (`select *`, `t.*`): a `*` other than
+/// `count(*)`'s, which reads none — so a count does not read every customer's traits.
+fn asks_every_column(sql_lower: &str) -> bool {
+    sql_lower
+        .split_whitespace()
+        .collect::<String>()
+        .replace("count(*)", "")
+        .contains('*')
+}
+
 fn check_deadline(deadline: Instant) -> Result<(), ApiError> {
     if Instant::now() > deadline {
         Err(ApiError::Timeout(
@@ -72,19 +82,16 @@ fn check_deadline(deadline: Instant) -> Result<(), ApiError> {
     }
 }
 
-/// The `customers` table: of the customers numbered `within`, or every customer.
+/// The `customers` table of the customers numbered `within`.
 fn customers_table(
     reader: &ReadHandle,
     sql_lower: &str,
     deadline: Instant,
     masking: &Masking,
-    within: Option<&[u32]>,
+    within: &[u32],
 ) -> Result<RecordBatch, ApiError> {
     let rules = reader.rules();
-    let everyone = match within {
-        Some(numbers) => reader.ids_of(numbers.iter().copied()),
-        None => reader.ids_of(0..reader.index().read().customers()),
-    };
+    let everyone = reader.ids_of(within.iter().copied());
     let mut fields = vec![Field::new("customer_id", DataType::Utf8, false)];
     let mut arrays: Vec<ArrayRef> = Vec::new();
     let mut ids = StringBuilder::with_capacity(everyone.len(), everyone.len() * 12);
@@ -115,7 +122,7 @@ fn customers_table(
     }
 
     // Traits and profile attributes: the store, only when the statement may read them.
-    let star = sql_lower.contains('*');
+    let star = asks_every_column(sql_lower);
     let traits: Vec<_> = rules
         .defs()
         .iter()
@@ -275,10 +282,13 @@ fn local_tables(
 ) -> Result<(Option<RecordBatch>, Option<RecordBatch>), ApiError> {
     let customers = match scope {
         _ if !mentions(lower, "customers") => None,
-        Scope::Store => Some(customers_table(reader, lower, deadline, masking, None)?),
+        Scope::Store => {
+            let within: Vec<u32> = reader.live_numbers().iter().collect();
+            Some(customers_table(reader, lower, deadline, masking, &within)?)
+        }
         Scope::Node(owned) => {
             let within: Vec<u32> = reader.numbers_of_partitions(owned).iter().collect();
-            Some(customers_table(reader, lower, deadline, masking, Some(&within))?)
+            Some(customers_table(reader, lower, deadline, masking, &within)?)
         }
         Scope::Group => None,
     };
@@ -375,6 +385,9 @@ fn group_changes_table(
 #[derive(Serialize, Deserialize)]
 struct CustomersPart {
     customers: String,
+    /// The asked node's own part, as built (never encoded).
+    #[serde(skip)]
+    local: Option<RecordBatch>,
 }
 
 fn to_ipc(batch: &RecordBatch) -> Result<String, ApiError> {
@@ -523,9 +536,10 @@ pub async fn sql(
             return Ok(crate::cluster::answer_part(move || {
                 crate::cluster::part_of(status.as_deref(), |owned| {
                     let within: Vec<u32> = reader.numbers_of_partitions(owned).iter().collect();
-                    let batch = customers_table(&reader, &lower, deadline, &masking, Some(&within))?;
+                    let batch = customers_table(&reader, &lower, deadline, &masking, &within)?;
                     Ok(CustomersPart {
                         customers: to_ipc(&batch)?,
+                        local: None,
                     })
                 })
             })
@@ -587,9 +601,10 @@ async fn group_customers(
     let local = move || {
         crate::cluster::part_of(status.as_deref(), |owned| {
             let within: Vec<u32> = reader.numbers_of_partitions(owned).iter().collect();
-            let batch = customers_table(&reader, &lower, deadline, &masking, Some(&within))?;
+            let batch = customers_table(&reader, &lower, deadline, &masking, &within)?;
             Ok(CustomersPart {
-                customers: to_ipc(&batch)?,
+                customers: String::new(),
+                local: Some(batch),
             })
         })
     };
@@ -605,10 +620,14 @@ async fn group_customers(
     .await?;
     let mut batches = Vec::new();
     for part in parts {
-        batches.extend(
-            from_ipc(&part.customers)
-                .map_err(|e| ApiError::BadGateway(format!("a node's part of the customers table: {e}")))?,
-        );
+        match part.local {
+            Some(batch) => batches.push(batch),
+            None => {
+                batches.extend(from_ipc(&part.customers).map_err(|e| {
+                    ApiError::BadGateway(format!("a node's part of the customers table: {e}"))
+                })?)
+            }
+        }
     }
     merge_customers(batches)
 }
@@ -690,6 +709,17 @@ mod tests {
 
     fn part(columns: Vec<(&str, ArrayRef)>) -> RecordBatch {
         RecordBatch::try_from_iter(columns).unwrap()
+    }
+
+    #[test]
+    fn only_a_star_other_than_counts_reads_every_column() {
+        assert!(!asks_every_column(
+            "select count(*) as n from customers where vip"
+        ));
+        assert!(!asks_every_column("select count( * ) from customers"));
+        assert!(asks_every_column("select * from customers"));
+        assert!(asks_every_column("select count(*), c.* from customers c"));
+        assert!(asks_every_column("select ltv_90d * 2 from customers"));
     }
 
     #[test]

@@ -711,6 +711,15 @@ impl ReadHandle {
         )
     }
 
+    /// The numbers of every customer this store holds: all numbered, but those dropped with
+    /// a partition.
+    pub fn live_numbers(&self) -> RoaringBitmap {
+        let mut numbers = RoaringBitmap::new();
+        numbers.insert_range(0..self.index.read().customers());
+        numbers -= &self.published.numbers_gone();
+        numbers
+    }
+
     /// The numbers of the customers in `partitions` (by their ids' hash), from a table
     /// kept up to date with the numbering.
     pub fn numbers_of_partitions(&self, partitions: &[u32]) -> RoaringBitmap {
