@@ -212,15 +212,89 @@ fn customers_table(
     Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)?)
 }
 
+/// The columns of a `changes` table being filled (a group's with `partition` and `pseq`).
+struct ChangeColumns {
+    seq: UInt64Builder,
+    numbered: Option<(UInt64Builder, UInt64Builder)>,
+    customer: StringBuilder,
+    kind: StringBuilder,
+    name: StringBuilder,
+    op: StringBuilder,
+    at: Int64Builder,
+    cause: StringBuilder,
+}
+
+/// One row of a `changes` table: `seq`, `partition` and `pseq` (a group's), the customer
+/// (as shown), kind, name, op, `at` and cause.
+type ChangeRow<'a> = (
+    u64,
+    Option<(u64, u64)>,
+    &'a str,
+    &'a str,
+    &'a str,
+    &'a str,
+    i64,
+    &'a str,
+);
+
+impl ChangeColumns {
+    fn new(numbered: bool) -> ChangeColumns {
+        ChangeColumns {
+            seq: UInt64Builder::new(),
+            numbered: numbered.then(|| (UInt64Builder::new(), UInt64Builder::new())),
+            customer: StringBuilder::new(),
+            kind: StringBuilder::new(),
+            name: StringBuilder::new(),
+            op: StringBuilder::new(),
+            at: Int64Builder::new(),
+            cause: StringBuilder::new(),
+        }
+    }
+
+    fn push(&mut self, (seq, number, customer, kind, name, op, at, cause): ChangeRow<'_>) {
+        self.seq.append_value(seq);
+        if let Some((partitions, pseqs)) = &mut self.numbered {
+            let (partition, pseq) = number.unwrap_or_default();
+            partitions.append_value(partition);
+            pseqs.append_value(pseq);
+        }
+        self.customer.append_value(customer);
+        self.kind.append_value(kind);
+        self.name.append_value(name);
+        self.op.append_value(op);
+        self.at.append_value(at);
+        self.cause.append_value(cause);
+    }
+
+    fn finish(mut self) -> Result<RecordBatch, ApiError> {
+        let mut fields = vec![Field::new("seq", DataType::UInt64, false)];
+        let mut arrays: Vec<ArrayRef> = vec![Arc::new(self.seq.finish())];
+        if let Some((mut partitions, mut pseqs)) = self.numbered.take() {
+            fields.push(Field::new("partition", DataType::UInt64, false));
+            fields.push(Field::new("pseq", DataType::UInt64, false));
+            arrays.push(Arc::new(partitions.finish()));
+            arrays.push(Arc::new(pseqs.finish()));
+        }
+        for (field, column) in [
+            ("customer_id", &mut self.customer),
+            ("kind", &mut self.kind),
+            ("name", &mut self.name),
+            ("op", &mut self.op),
+        ] {
+            fields.push(Field::new(field, DataType::Utf8, false));
+            arrays.push(Arc::new(column.finish()));
+        }
+        fields.push(Field::new("at", DataType::Int64, false));
+        arrays.push(Arc::new(self.at.finish()));
+        fields.push(Field::new("cause", DataType::Utf8, false));
+        arrays.push(Arc::new(self.cause.finish()));
+        Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)?)
+    }
+}
+
 /// The `changes` table.
 fn changes_table(reader: &ReadHandle, deadline: Instant, masking: &Masking) -> Result<RecordBatch, ApiError> {
-    let mut seq = UInt64Builder::new();
-    let mut customer = StringBuilder::new();
-    let mut kind = StringBuilder::new();
-    let mut name = StringBuilder::new();
-    let mut op = StringBuilder::new();
-    let mut at = Int64Builder::new();
-    let mut cause = StringBuilder::new();
+    let mut columns = ChangeColumns::new(false);
     // The table is what retention left of the log.
     let mut after = reader.log_floor(processor::Log::Changes)?.saturating_sub(1);
     loop {
@@ -229,34 +303,20 @@ fn changes_table(reader: &ReadHandle, deadline: Instant, masking: &Masking) -> R
         let Some(last) = page.last() else { break };
         after = last.seq;
         for c in &page {
-            seq.append_value(c.seq);
-            customer.append_value(masking.id(&c.customer_id));
-            kind.append_value(c.kind.label());
-            name.append_value(&c.name);
-            op.append_value(c.op.label());
-            at.append_value(c.at);
-            cause.append_value(c.cause.as_string());
+            let cause = c.cause.as_string();
+            columns.push((
+                c.seq,
+                None,
+                &masking.id(&c.customer_id),
+                c.kind.label(),
+                &c.name,
+                c.op.label(),
+                c.at,
+                &cause,
+            ));
         }
     }
-    let schema = Schema::new(vec![
-        Field::new("seq", DataType::UInt64, false),
-        Field::new("customer_id", DataType::Utf8, false),
-        Field::new("kind", DataType::Utf8, false),
-        Field::new("name", DataType::Utf8, false),
-        Field::new("op", DataType::Utf8, false),
-        Field::new("at", DataType::Int64, false),
-        Field::new("cause", DataType::Utf8, false),
-    ]);
-    let arrays: Vec<ArrayRef> = vec![
-        Arc::new(seq.finish()),
-        Arc::new(customer.finish()),
-        Arc::new(kind.finish()),
-        Arc::new(name.finish()),
-        Arc::new(op.finish()),
-        Arc::new(at.finish()),
-        Arc::new(cause.finish()),
-    ];
-    Ok(RecordBatch::try_new(Arc::new(schema), arrays)?)
+    columns.finish()
 }
 
 /// Which customers and changes a statement reads.
@@ -307,15 +367,7 @@ fn group_changes_table(
     deadline: Instant,
     masking: &Masking,
 ) -> Result<RecordBatch, ApiError> {
-    let mut seq = UInt64Builder::new();
-    let mut partition = UInt64Builder::new();
-    let mut pseq = UInt64Builder::new();
-    let mut customer = StringBuilder::new();
-    let mut kind = StringBuilder::new();
-    let mut name = StringBuilder::new();
-    let mut op = StringBuilder::new();
-    let mut at = Int64Builder::new();
-    let mut cause = StringBuilder::new();
+    let mut columns = ChangeColumns::new(true);
     let mut cursor = reader.group_log_start()?;
     loop {
         check_deadline(deadline)?;
@@ -334,8 +386,8 @@ fn group_changes_table(
         for json in &changes {
             let c: serde_json::Value = serde_json::from_slice(json)
                 .map_err(|e| ApiError::Internal(format!("a change of the group log: {e}")))?;
-            let text = |field: &str| c[field].as_str().unwrap_or_default().to_owned();
-            let (label, member) = [
+            let text = |field: &str| c[field].as_str().unwrap_or_default();
+            let (field, kind) = [
                 ("tag", "tag"),
                 ("segment", "segment"),
                 ("absorbed", "customer"),
@@ -343,41 +395,24 @@ fn group_changes_table(
             ]
             .into_iter()
             .find(|(field, _)| c.get(*field).is_some())
-            .map_or(("", ""), |(field, label)| (field, label));
-            seq.append_value(c["seq"].as_u64().unwrap_or_default());
-            partition.append_value(c["partition"].as_u64().unwrap_or_default());
-            pseq.append_value(c["pseq"].as_u64().unwrap_or_default());
-            customer.append_value(masking.id(&text("customer_id")));
-            kind.append_value(member);
-            name.append_value(text(label));
-            op.append_value(text("op"));
-            at.append_value(c["at"].as_i64().unwrap_or_default());
-            cause.append_value(text("cause"));
+            .unwrap_or(("", ""));
+            let number = (
+                c["partition"].as_u64().unwrap_or_default(),
+                c["pseq"].as_u64().unwrap_or_default(),
+            );
+            columns.push((
+                c["seq"].as_u64().unwrap_or_default(),
+                Some(number),
+                &masking.id(text("customer_id")),
+                kind,
+                text(field),
+                text("op"),
+                c["at"].as_i64().unwrap_or_default(),
+                text("cause"),
+            ));
         }
     }
-    let schema = Schema::new(vec![
-        Field::new("seq", DataType::UInt64, false),
-        Field::new("partition", DataType::UInt64, false),
-        Field::new("pseq", DataType::UInt64, false),
-        Field::new("customer_id", DataType::Utf8, false),
-        Field::new("kind", DataType::Utf8, false),
-        Field::new("name", DataType::Utf8, false),
-        Field::new("op", DataType::Utf8, false),
-        Field::new("at", DataType::Int64, false),
-        Field::new("cause", DataType::Utf8, false),
-    ]);
-    let arrays: Vec<ArrayRef> = vec![
-        Arc::new(seq.finish()),
-        Arc::new(partition.finish()),
-        Arc::new(pseq.finish()),
-        Arc::new(customer.finish()),
-        Arc::new(kind.finish()),
-        Arc::new(name.finish()),
-        Arc::new(op.finish()),
-        Arc::new(at.finish()),
-        Arc::new(cause.finish()),
-    ];
-    Ok(RecordBatch::try_new(Arc::new(schema), arrays)?)
+    columns.finish()
 }
 
 /// A node's part of a group's `customers` table: its partitions' rows, as an Arrow IPC

@@ -247,7 +247,16 @@ pub async fn stream(
             }
         }
     };
-    // At shutdown the stream ends (its client reconnects elsewhere with Last-Event-ID).
+    Ok(sse_response(feed, shutdown, rx))
+}
+
+/// An SSE answer whose events `feed` sends into `rx`'s channel; at shutdown the stream ends
+/// (its client reconnects, elsewhere too, with `Last-Event-ID`).
+fn sse_response(
+    feed: impl std::future::Future<Output = ()> + Send + 'static,
+    shutdown: crate::Shutdown,
+    rx: tokio::sync::mpsc::Receiver<Result<Vec<u8>, std::io::Error>>,
+) -> Response {
     tokio::spawn(async move {
         tokio::select! {
             () = feed => {},
@@ -255,14 +264,14 @@ pub async fn stream(
         }
     });
     let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
-    Ok((
+    (
         [
             (header::CONTENT_TYPE, "text/event-stream"),
             (header::CACHE_CONTROL, "no-cache"),
         ],
         body,
     )
-        .into_response())
+        .into_response()
 }
 
 /// [`stream`] over the group's change log: every enter and exit of `name` on any node,
@@ -324,21 +333,7 @@ fn group_stream(
             }
         }
     };
-    tokio::spawn(async move {
-        tokio::select! {
-            () = feed => {},
-            () = shutdown.begun() => {},
-        }
-    });
-    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
-    Ok((
-        [
-            (header::CONTENT_TYPE, "text/event-stream"),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        body,
-    )
-        .into_response())
+    Ok(sse_response(feed, shutdown, rx))
 }
 
 /// One change of the group log as an SSE event: `id` is the cursor just after it.
