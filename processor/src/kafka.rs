@@ -1190,6 +1190,23 @@ fn publish_checkpoint(
     Ok(())
 }
 
+/// How many partitions `topic` has, as the broker's metadata says (0: it does not exist).
+pub(crate) fn partition_count<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<usize, String> {
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| format!("reading the topic `{topic}`'s metadata: {e}"))?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .filter(|t| t.error().is_none())
+        .map_or(0, |t| t.partitions().len()))
+}
+
 /// Checks that the state changelog topic exists with a partition for each of the engine's
 /// `partitions` (a delta of partition P goes to partition P): said at start, rather than
 /// every delta failing to publish while the outbox grows; that the events topic has exactly
@@ -1205,17 +1222,7 @@ pub fn check_state_topic(settings: &KafkaSettings, partitions: u32, timeout: Dur
         .client_config()
         .create()
         .map_err(|e| format!("connecting to check the state topic `{topic}`: {e}"))?;
-    let partitions_of = |topic: &str| -> Result<usize, String> {
-        let metadata = consumer
-            .fetch_metadata(Some(topic), timeout)
-            .map_err(|e| format!("reading the topic `{topic}`'s metadata: {e}"))?;
-        Ok(metadata
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic)
-            .filter(|t| t.error().is_none())
-            .map_or(0, |t| t.partitions().len()))
-    };
+    let partitions_of = |topic: &str| partition_count(&consumer, topic, timeout);
     let found = partitions_of(topic)?;
     if found < partitions as usize {
         return Err(format!(

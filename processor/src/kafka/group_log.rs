@@ -57,15 +57,7 @@ pub fn follow(
         .set("enable.auto.offset.store", "false")
         .create()
         .map_err(|e| format!("connecting to read the changes topic `{topic}`: {e}"))?;
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .map_err(|e| format!("reading the changes topic `{topic}`'s metadata: {e}"))?;
-    let found = metadata
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic)
-        .filter(|t| t.error().is_none())
-        .map_or(0, |t| t.partitions().len());
+    let found = super::partition_count(&consumer, topic, Duration::from_secs(10))?;
     let partitions = reader.partitions();
     if found != partitions as usize {
         return Err(format!(

@@ -251,15 +251,8 @@ pub(super) fn single_partition_reader(
         .set("enable.partition.eof", "false")
         .create()
         .map_err(|e| format!("connecting to read the {role} topic `{topic}`: {e}"))?;
-    let metadata = consumer
-        .fetch_metadata(Some(topic), timeout)
-        .map_err(|e| format!("reading the {role} topic `{topic}`'s metadata: {e}"))?;
-    let found = metadata
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic)
-        .filter(|t| t.error().is_none())
-        .map_or(0, |t| t.partitions().len());
+    let found =
+        super::partition_count(&consumer, topic, timeout).map_err(|e| format!("the {role} topic: {e}"))?;
     if found == 0 {
         return Err(format!(
             "the {role} topic `{topic}` does not exist: create it with one partition and cleanup.policy=compact ([kafka] {role}_topic, docs/cluster.md)"
