@@ -26,6 +26,8 @@ use crate::partition::partition_of;
 use crate::store::{Store, CF_CUSTOMERS, CF_DEDUP, CF_EVENTS, CF_IDENTITIES, CF_TIMERS};
 use crate::writes::{cf_id, SortedWrites};
 
+pub mod follow;
+
 /// The column family the deltas wait in until they are published.
 pub const CF_OUTBOX: &str = "outbox";
 
@@ -658,11 +660,11 @@ impl Restore {
 
     /// What a store that takes the partition over (restored it to own it from now on)
     /// keeps so that its first checkpoint can tombstone the delta records it read — which
-    /// are in no store's outbox any more: deltas numbered from `first_commit`, each of about
-    /// `max_bytes` at most, with every key whose last write came from a delta record (a
-    /// deleted or superseded one as a delete), and those records' keys. Keys last written by
-    /// keyed records are in the topic already.
-    pub fn take_over(&self, first_commit: u64, max_bytes: usize) -> (Vec<Delta>, Vec<String>) {
+    /// are in no store's outbox any more: every key whose last write came from a delta
+    /// record (a deleted or superseded one as a delete), in key order, and those records'
+    /// keys ([`take_over_deltas`] numbers the writes). Keys last written by keyed records
+    /// are in the topic already.
+    pub fn take_over_writes(&self) -> (Vec<DeltaWrite>, Vec<String>) {
         let from = self.from();
         let mut writes: Vec<DeltaWrite> = self
             .keys
@@ -675,33 +677,7 @@ impl Restore {
             })
             .collect();
         writes.sort_unstable_by(|a, b| (a.family, &a.key).cmp(&(b.family, &b.key)));
-        let mut chunks: Vec<Vec<DeltaWrite>> = vec![Vec::new()];
-        let mut bytes = 0;
-        for write in writes {
-            let size = write.key.len() + write.value.as_ref().map_or(0, Vec::len);
-            if bytes + size > max_bytes && !chunks.last().is_some_and(Vec::is_empty) {
-                chunks.push(Vec::new());
-                bytes = 0;
-            }
-            bytes += size;
-            chunks.last_mut().expect("one at least").push(write);
-        }
-        let positions: Vec<(String, u64)> = self.positions().map(|(s, o)| (s.to_owned(), o)).collect();
-        let deltas = chunks
-            .into_iter()
-            .zip(first_commit..)
-            .map(|(writes, commit)| Delta {
-                partition: self.partition,
-                partitions: self.partitions,
-                commit,
-                clock: self.clock,
-                positions: positions.clone(),
-                writes,
-                baseline_from: None,
-                next_pseq: self.next_pseq,
-            })
-            .collect();
-        (deltas, self.delta_records.iter().cloned().collect())
+        (writes, self.delta_records.iter().cloned().collect())
     }
 
     /// The checkpoint marker of what was read: the highest commit, the clock, the input
@@ -718,6 +694,38 @@ impl Restore {
             next_pseq: self.next_pseq,
         }
     }
+}
+
+/// `writes` (in key order) as deltas numbered from `first_commit`, each of about
+/// `max_bytes` at most, otherwise like `template`: what a store taking a partition over
+/// keeps in its outbox for its first checkpoint ([`Restore::take_over_writes`]).
+pub fn take_over_deltas(
+    writes: Vec<DeltaWrite>,
+    first_commit: u64,
+    max_bytes: usize,
+    template: &Delta,
+) -> Vec<Delta> {
+    let mut chunks: Vec<Vec<DeltaWrite>> = vec![Vec::new()];
+    let mut bytes = 0;
+    for write in writes {
+        let size = write.key.len() + write.value.as_ref().map_or(0, Vec::len);
+        if bytes + size > max_bytes && !chunks.last().is_some_and(Vec::is_empty) {
+            chunks.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += size;
+        chunks.last_mut().expect("one at least").push(write);
+    }
+    chunks
+        .into_iter()
+        .zip(first_commit..)
+        .map(|(writes, commit)| Delta {
+            commit,
+            writes,
+            baseline_from: None,
+            ..template.clone()
+        })
+        .collect()
 }
 
 /// The keyed record format's version (the first byte of its value).

@@ -24,6 +24,7 @@ mod retention;
 mod rule_change;
 mod segments;
 mod shard;
+mod standby;
 mod timers;
 mod unmerge;
 mod versions;
@@ -796,6 +797,9 @@ pub struct Engine {
 struct Parked {
     partitions: std::collections::BTreeSet<u32>,
     timers: BTreeMap<u32, Vec<(i64, Arc<str>)>>,
+    /// Parked partitions a rule change's sweep passed by: it runs again once one of them
+    /// is activated.
+    swept_past: std::collections::BTreeSet<u32>,
 }
 
 pub(crate) fn wall_ms() -> i64 {
@@ -1215,6 +1219,10 @@ impl Engine {
         for (due, customer) in self.parked.timers.remove(&partition).unwrap_or_default() {
             let i = self.shard_index(&customer);
             self.shards[i].timers.insert((due, customer));
+        }
+        if self.parked.swept_past.remove(&partition) {
+            // Its customers are brought up to the rules the sweep brought the others to.
+            self.start_backfill();
         }
     }
 

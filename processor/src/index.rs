@@ -496,8 +496,9 @@ impl MembershipIndex {
         store: &Store,
         last_seq: u64,
         limits: ColumnLimits,
+        skip: &dyn Fn(&[u8]) -> bool,
     ) -> Result<(), StoreError> {
-        let fresh = Self::rebuild(store, last_seq, limits.profile_attributes)?;
+        let fresh = Self::rebuild(store, last_seq, limits.profile_attributes, skip)?;
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
         *state = fresh.state.into_inner().unwrap_or_else(|e| e.into_inner());
         *self.dirty.lock().unwrap_or_else(|e| e.into_inner()) =
@@ -540,7 +541,7 @@ impl MembershipIndex {
     pub fn open(store: &Store, last_seq: u64, limits: ColumnLimits) -> Result<MembershipIndex, StoreError> {
         let mut index = match store.get(CF_INDEX, KEY_SEQ)? {
             Some(seq) => Self::load(store, Reader::new(&seq).u64()?, limits.profile_attributes)?,
-            None => Self::rebuild(store, last_seq, limits.profile_attributes)?,
+            None => Self::rebuild(store, last_seq, limits.profile_attributes, &|_| false)?,
         };
         index.traits = RwLock::new(TraitCache::new(limits.traits));
         index.catch_up(store)?;
@@ -706,7 +707,13 @@ impl MembershipIndex {
         Ok(())
     }
 
-    fn rebuild(store: &Store, last_seq: u64, max_columns: usize) -> Result<MembershipIndex, StoreError> {
+    /// The index of every customer record but those `skip` names (by id).
+    fn rebuild(
+        store: &Store,
+        last_seq: u64,
+        max_columns: usize,
+        skip: &dyn Fn(&[u8]) -> bool,
+    ) -> Result<MembershipIndex, StoreError> {
         let mut state = IndexState {
             applied_seq: last_seq,
             columns: ProfileColumns::new(max_columns),
@@ -721,6 +728,9 @@ impl MembershipIndex {
         let mut pending = 0;
         for item in store.scan_from(CF_CUSTOMERS, &[]) {
             let (key, value) = item?;
+            if skip(&key) {
+                continue;
+            }
             if state.index_record(store, (&key, &value), &mut wb, &mut dirty, &mut columns_dirty)? {
                 pending += 1;
                 if pending == 10_000 {

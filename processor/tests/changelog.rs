@@ -570,3 +570,284 @@ fn identifiers_move_with_their_customers_partition() {
         );
     }
 }
+
+/// The records a state topic partition holds for `deltas` (in commit order): each delta
+/// as its records (parts of at most `part_bytes`), and after the first `folded` deltas
+/// and `later` more, a checkpoint of those first ones — their keyed records, the marker
+/// and tombstones of their records — as a publisher leaves it when newer deltas went out
+/// before its fold. `(key, value, commit header)`.
+type Record = (Vec<u8>, Option<Vec<u8>>, Option<u64>);
+fn topic_of(
+    partition: u32,
+    deltas: &[(u64, Vec<u8>)],
+    part_bytes: usize,
+    folded: usize,
+    later: usize,
+) -> Vec<Record> {
+    use processor::changelog::{records, Checkpoint, MARKER_KEY};
+    let mut topic: Vec<Record> = Vec::new();
+    let put = |topic: &mut Vec<Record>, commit: u64, bytes: &[u8]| {
+        for (key, value) in records(commit, bytes, part_bytes) {
+            topic.push((key.into_bytes(), Some(value.to_vec()), None));
+        }
+    };
+    for (commit, bytes) in &deltas[..folded + later] {
+        put(&mut topic, *commit, bytes);
+    }
+    let mut checkpoint = Checkpoint::new(partition, PARTITIONS, None);
+    for (commit, bytes) in &deltas[..folded] {
+        checkpoint.add(*commit, bytes).unwrap();
+    }
+    for keyed in checkpoint.fold.keyed() {
+        let commit = keyed.commit;
+        topic.push((keyed.record_key(), keyed.record_value(), Some(commit)));
+    }
+    topic.push((MARKER_KEY.to_vec(), Some(checkpoint.fold.marker().encode()), None));
+    // (The fold's own record keys are those of the largest records; these were cut
+    // smaller.)
+    for (commit, bytes) in &deltas[..folded] {
+        for (key, _) in records(*commit, bytes, part_bytes) {
+            topic.push((key.into_bytes(), None, None));
+        }
+    }
+    for (commit, bytes) in &deltas[folded + later..] {
+        put(&mut topic, *commit, bytes);
+    }
+    topic
+}
+
+/// Each customer record in `writes` without its number.
+fn unnumbered(
+    mut outbox: Vec<(u64, Vec<processor::changelog::DeltaWrite>)>,
+) -> Vec<(u64, Vec<processor::changelog::DeltaWrite>)> {
+    use processor::changelog::Family;
+    use processor::state::CustomerState;
+    for write in outbox.iter_mut().flat_map(|(_, writes)| writes.iter_mut()) {
+        if let (Family::Customers, Some(value)) = (write.family, write.value.as_mut()) {
+            let mut state = CustomerState::decode(value).unwrap();
+            state.number = processor::index::NO_NUMBER;
+            *value = state.encode(None);
+        }
+    }
+    outbox
+}
+
+/// The outbox of `partition` as `(commit, its writes)`.
+fn outbox_writes(engine: &Engine, partition: u32) -> Vec<(u64, Vec<processor::changelog::DeltaWrite>)> {
+    engine
+        .reader()
+        .changelog_deltas(partition, 0, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .map(|(commit, bytes)| (commit, Delta::decode(&bytes).unwrap().writes))
+        .collect()
+}
+
+/// A standby's copy (issue #21, `--standby-replicas`): read like a restore up to a point
+/// in the middle of a delta in parts, then followed record by record — a checkpoint's
+/// fold published after newer deltas among them — with each complete delta applied as it
+/// arrives, while the partition stays parked (nothing of it counted or indexed). Promoted,
+/// the store is what a restore of the whole topic gives: the same customers, outbox
+/// take-over, positions and clock, and the same changes for the events that follow.
+#[test]
+fn a_standby_copy_followed_delta_by_delta_takes_over_like_a_restore() {
+    use processor::changelog::Assembler;
+    let stream = ordered_stream();
+    let rules = rules_text();
+    let third = stream.len() / 3;
+    let (first, rest) = stream.split_at(third);
+    let (second, last) = rest.split_at(third);
+    let p = 1u32;
+    let of_p = |id: &str| partition_of(id.as_bytes(), PARTITIONS) == p;
+
+    let source_dir = TempDir::new("standby-source");
+    let mut source = Engine::open(source_dir.path(), Some(&rules), config(2)).unwrap();
+    ingest_all(&mut source, first.iter().map(|(_, l)| l));
+    ingest_all(&mut source, second.iter().map(|(_, l)| l));
+    let all_deltas = source.reader().changelog_deltas(p, 0, usize::MAX).unwrap();
+    assert!(all_deltas.len() > 12, "{} deltas", all_deltas.len());
+    let topic = topic_of(p, &all_deltas, 2048, all_deltas.len() / 3, 4);
+    assert!(
+        topic.iter().any(|(k, _, _)| k.split(|b| *b == b'/').count() == 4),
+        "some deltas are in parts"
+    );
+
+    let standby_dir = TempDir::new("standby-copy");
+    let mut standby = Engine::open(standby_dir.path(), Some(&rules), config(2)).unwrap();
+    // Owned partitions are not copied.
+    let whole = {
+        let mut a = Assembler::new(p, PARTITIONS);
+        for (key, value, commit) in &topic {
+            a.add(key, value.as_deref(), *commit).unwrap();
+        }
+        a.finish().0
+    };
+    let err = standby.begin_standby(&whole).unwrap_err();
+    assert!(err.to_string().contains("owned here"), "{err}");
+    standby.park_partitions(0..PARTITIONS);
+    // Read up to the middle of a delta in parts, then followed.
+    let cut = topic
+        .iter()
+        .position(|(k, _, _)| k.starts_with(b"d/") && (k.ends_with(b"/0/2") || k.ends_with(b"/0/3")))
+        .expect("a delta in parts")
+        + 1;
+    let mut assembler = Assembler::new(p, PARTITIONS);
+    for (key, value, commit) in &topic[..cut] {
+        assembler.add(key, value.as_deref(), *commit).unwrap();
+    }
+    let (read, mut follower) = assembler.into_follower(cut as i64);
+    standby.begin_standby(&read).unwrap();
+    let err = standby.apply_standby(2, &[]).unwrap_err();
+    assert!(
+        err.to_string().contains("no standby copy of partition 2"),
+        "{err}"
+    );
+    for (i, (key, value, commit)) in topic.iter().enumerate().skip(cut) {
+        follower.add(i as i64, key, value.as_deref(), *commit).unwrap();
+        if i % 7 == 0 {
+            standby.apply_standby(p, &follower.take_pending()).unwrap();
+        }
+    }
+    standby.apply_standby(p, &follower.take_pending()).unwrap();
+    assert_eq!(follower.next_offset, topic.len() as i64);
+    // Parked: its customers are held, not counted.
+    let tag_with_members = source
+        .rules()
+        .defs()
+        .iter()
+        .map(|d| d.name.clone())
+        .find(|name| {
+            source
+                .members(name)
+                .is_ok_and(|m| m.iter().any(|(id, ..)| of_p(id)))
+        })
+        .expect("a tag with members of the partition");
+    assert!(standby.members(&tag_with_members).unwrap().is_empty());
+    // A delta out of commit order is not followed.
+    let mut replay = Assembler::new(p, PARTITIONS).into_follower(0).1;
+    let (k0, v0, _) = topic
+        .iter()
+        .find(|(k, _, _)| k.starts_with(b"d/") && k.iter().filter(|b| **b == b'/').count() == 1)
+        .expect("a delta in one record");
+    replay.add(0, k0, v0.as_deref(), None).unwrap();
+    let again = replay.add(1, k0, v0.as_deref(), None).unwrap_err();
+    assert!(again.to_string().contains("not in commit order"), "{again}");
+
+    // Another partition comes and goes meanwhile (its drop renumbers the store's index):
+    // the copy's customers stay out of it until promoted.
+    standby
+        .restore_partition(&restore(2, deltas(&source, 2, u64::MAX)))
+        .unwrap();
+    standby.discard_partition(2).unwrap();
+    assert_eq!(standby.reader().live_numbers().len(), 0);
+
+    standby.promote_standby(&follower.promotion()).unwrap();
+    let restored_dir = TempDir::new("standby-restored");
+    let mut restored = Engine::open(restored_dir.path(), Some(&rules), config(2)).unwrap();
+    restored.restore_partition(&whole).unwrap();
+    assert!(standby.reader().standby_copies().unwrap().is_empty());
+
+    let ids: Vec<String> = source
+        .customer_ids()
+        .unwrap()
+        .into_iter()
+        .filter(|id| of_p(id))
+        .collect();
+    assert_eq!(views(&standby, &ids), views(&restored, &ids));
+    assert_eq!(views(&standby, &ids), views(&source, &ids));
+    // (Customer records as the stores' own numbers leave them: the copy's, unnumbered;
+    // the restore's, numbered by the writer. A store taking them in numbers them anew.)
+    // (The commit numbers differ: the standby's store numbered partition 2's take-over.)
+    let writes = |engine: &Engine| -> Vec<_> {
+        unnumbered(outbox_writes(engine, p))
+            .into_iter()
+            .map(|(_, w)| w)
+            .collect()
+    };
+    assert!(
+        writes(&standby) == writes(&restored),
+        "the same take-over in the outbox"
+    );
+    assert!(!writes(&standby).is_empty(), "the take-over is in the outbox");
+    assert_eq!(
+        standby.reader().source_offsets().unwrap(),
+        restored.reader().source_offsets().unwrap()
+    );
+    assert_eq!(standby.clock(), restored.clock());
+    assert_eq!(
+        standby.reader().live_numbers().len(),
+        restored.reader().live_numbers().len(),
+        "each customer numbered once"
+    );
+    assert_eq!(
+        standby.members(&tag_with_members).unwrap(),
+        restored.members(&tag_with_members).unwrap()
+    );
+
+    // The events that follow make the same changes in both, and in the source.
+    let cut_seq = source.next_seq() - 1;
+    ingest_all(&mut source, last.iter().map(|(_, l)| l));
+    for engine in [&mut standby, &mut restored] {
+        ingest_all(engine, last.iter().filter(|(c, _)| of_p(c)).map(|(_, l)| l));
+    }
+    let mut expected = changes_by_customer(&source, cut_seq);
+    expected.retain(|id, _| of_p(id));
+    assert!(!expected.is_empty());
+    assert_eq!(changes_by_customer(&standby, 0), expected);
+    assert_eq!(changes_by_customer(&restored, 0), expected);
+    // Promoted for good: reopened, as it was.
+    let before = views(&standby, &ids);
+    drop(standby);
+    let standby = Engine::open(standby_dir.path(), Some(&rules), config(1)).unwrap();
+    assert_eq!(views(&standby, &ids), before);
+}
+
+/// A store reopened with a standby's copy still marked drops it when the copy is dropped,
+/// and a restore of the partition replaces the copy whole.
+#[test]
+fn a_restore_replaces_a_standby_copy() {
+    use processor::changelog::Assembler;
+    let stream = ordered_stream();
+    let rules = rules_text();
+    let p = 2u32;
+    let source_dir = TempDir::new("standby-replaced-source");
+    let mut source = Engine::open(source_dir.path(), Some(&rules), config(1)).unwrap();
+    ingest_all(&mut source, stream.iter().map(|(_, l)| l));
+    let deltas = source.reader().changelog_deltas(p, 0, usize::MAX).unwrap();
+    let half = deltas.len() / 2;
+    let dir = TempDir::new("standby-replaced");
+    let mut engine = Engine::open(dir.path(), Some(&rules), config(1)).unwrap();
+    engine.park_partitions([p]);
+    let mut assembler = Assembler::new(p, PARTITIONS);
+    for (commit, bytes) in &deltas[..half] {
+        assembler
+            .add(format!("d/{commit}").as_bytes(), Some(bytes), None)
+            .unwrap();
+    }
+    engine.begin_standby(&assembler.finish().0).unwrap();
+    assert_eq!(engine.reader().standby_copies().unwrap(), [p]);
+    engine
+        .restore_partition(&restore(p, deltas.iter().map(|(_, d)| d.clone()).collect()))
+        .unwrap();
+    assert!(engine.reader().standby_copies().unwrap().is_empty());
+    let ids: Vec<String> = source
+        .customer_ids()
+        .unwrap()
+        .into_iter()
+        .filter(|id| partition_of(id.as_bytes(), PARTITIONS) == p)
+        .collect();
+    assert_eq!(views(&engine, &ids), views(&source, &ids));
+    // A copy dropped leaves nothing of the partition.
+    engine.park_partitions([3]);
+    let mut assembler = Assembler::new(3, PARTITIONS);
+    for (commit, bytes) in source.reader().changelog_deltas(3, 0, usize::MAX).unwrap() {
+        assembler
+            .add(format!("d/{commit}").as_bytes(), Some(&bytes), None)
+            .unwrap();
+    }
+    engine.begin_standby(&assembler.finish().0).unwrap();
+    assert!(engine.reader().partition_counts(PARTITIONS).unwrap()[3] > 0);
+    assert!(engine.drop_standby_copy(3).unwrap());
+    assert_eq!(engine.reader().partition_counts(PARTITIONS).unwrap()[3], 0);
+    assert!(!engine.drop_standby_copy(3).unwrap());
+}

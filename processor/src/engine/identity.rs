@@ -452,7 +452,16 @@ impl Engine {
             key.extend_from_slice(name.as_bytes());
             key.push(0);
             key.extend_from_slice(value.as_bytes());
-            match self.owner_of(&key, batch)? {
+            // A customer of a partition parked here (another node owns it) is not this
+            // node's to merge into: identity is resolved among the partitions it owns.
+            let owner = self.owner_of(&key, batch)?.filter(|(canonical, _)| {
+                self.parked.partitions.is_empty()
+                    || !self.parked.partitions.contains(&crate::partition::partition_of(
+                        canonical.as_bytes(),
+                        self.config.partitions,
+                    ))
+            });
+            match owner {
                 Some((canonical, first)) => {
                     origin.get_or_insert(first);
                     if !owners.contains(&canonical) {

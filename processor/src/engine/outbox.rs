@@ -332,99 +332,158 @@ impl Engine {
         let published = self.published.clone();
         let mut epoch = published.changelog_gate.lock().unwrap_or_else(|e| e.into_inner());
         *epoch += 1;
-        let (partition, partitions) = (restore.partition, self.config.partitions);
-        if restore.partitions != partitions {
-            return Err(EngineError::Conflict(format!(
-                "the changelog is of a store with {} partitions; this one has {partitions}: nothing was restored",
-                restore.partitions
-            )));
-        }
+        let partition = restore.partition;
+        self.check_partition_count(restore.partitions)?;
         restore
             .check()
             .map_err(|e| EngineError::Conflict(format!("{e}; nothing was restored")))?;
-        let counts = self.reader().partition_counts(partitions)?;
+        // A standby's copy of it is superseded by what was read whole.
+        self.drop_standby_copy(partition)?;
+        self.check_holds_none(partition)?;
+        let mut wb = WriteBatch::default();
+        MembershipIndex::forget_checkpoint(&self.store, &mut wb);
+        let mut written = Written::new(partition, self.config.partitions);
+        for (family, key) in restore.deletes() {
+            wb.delete_cf(self.store.cf(family.cf_name()), key);
+        }
+        for (family, key, value) in restore.values() {
+            self.write_partition_key(&mut wb, &mut written, family, key, value)?;
+        }
+        let (take_over, orphans) = restore.take_over_writes();
+        let taking = Taking {
+            partition,
+            commit: restore.commit,
+            clock: restore.clock,
+            next_pseq: restore.next_pseq,
+            positions: restore.positions().map(|(s, o)| (s.to_owned(), o)).collect(),
+            marker: restore.marker(),
+            take_over,
+            orphans,
+        };
+        self.take_partition(wb, taking, written)
+    }
+
+    /// Refuses a changelog written under another partition count than this store's.
+    pub(super) fn check_partition_count(&self, partitions: u32) -> Result<(), EngineError> {
+        if partitions != self.config.partitions {
+            return Err(EngineError::Conflict(format!(
+                "the changelog is of a store with {partitions} partitions; this one has {}: nothing was restored",
+                self.config.partitions
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuses a partition this store holds customers of.
+    pub(super) fn check_holds_none(&self, partition: u32) -> Result<(), EngineError> {
+        let counts = self.reader().partition_counts(self.config.partitions)?;
         if counts.get(partition as usize).copied().unwrap_or(0) > 0 {
             return Err(EngineError::Conflict(format!(
                 "this store already holds {} customers of partition {partition}: drop them first; nothing was restored",
                 counts[partition as usize]
             )));
         }
-        let mut summary = PartitionSummary {
-            partition,
-            partitions,
-            ..Default::default()
-        };
-        let mut wb = WriteBatch::default();
-        MembershipIndex::forget_checkpoint(&self.store, &mut wb);
-        let mut timers = Vec::new();
-        let mut max_arrival = None;
-        let mut restored: Vec<&str> = Vec::new();
-        // Customers judged under another generation of the rule set than this node runs
-        // (the node that wrote them was ahead or behind, or in the middle of a backfill).
-        let mut other_generation = 0;
-        for (family, key) in restore.deletes() {
-            wb.delete_cf(self.store.cf(family.cf_name()), key);
-        }
-        for (family, key, value) in restore.values() {
-            let cf = self.store.cf(family.cf_name());
-            match family {
-                Family::Customers => {
-                    let id = std::str::from_utf8(key)
-                        .map_err(|_| EngineError::Conflict("a changelog customer id is not UTF-8".into()))?;
-                    if partition_of(key, partitions) != partition {
-                        return Err(EngineError::Conflict(format!(
-                            "customer `{id}` in the changelog of partition {partition} is not of that partition"
-                        )));
-                    }
-                    let mut state = CustomerState::decode(value).map_err(StoreError::from)?;
-                    // Numbered when the index takes the restored customers in, below; the
-                    // window state is built from the events on the first evaluation.
-                    state.number = crate::index::NO_NUMBER;
-                    if state.generation != self.generation {
-                        other_generation += 1;
-                    }
-                    wb.put_cf(cf, key, state.encode(None));
-                    summary.customers += 1;
-                    restored.push(id);
+        Ok(())
+    }
+
+    /// Puts one key of a partition read from its changelog into `wb`, checked: a customer's
+    /// record unnumbered (numbered when the index takes the partition in), an event or a
+    /// timer of a customer of that partition.
+    pub(super) fn write_partition_key(
+        &mut self,
+        wb: &mut WriteBatch,
+        written: &mut Written,
+        family: Family,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<(), EngineError> {
+        let (partition, partitions) = (written.summary.partition, written.summary.partitions);
+        let cf = self.store.cf(family.cf_name());
+        match family {
+            Family::Customers => {
+                let id = std::str::from_utf8(key)
+                    .map_err(|_| EngineError::Conflict("a changelog customer id is not UTF-8".into()))?;
+                if partition_of(key, partitions) != partition {
+                    return Err(EngineError::Conflict(format!(
+                        "customer `{id}` in the changelog of partition {partition} is not of that partition"
+                    )));
                 }
-                Family::Events => {
-                    let (customer, arrival) =
-                        crate::store::check_event_entry(key, value).map_err(StoreError::from)?;
-                    if partition_of(customer.as_bytes(), partitions) != partition {
-                        return Err(EngineError::Conflict(format!(
-                            "an event of `{customer}` in the changelog of partition {partition} is not of that partition"
-                        )));
-                    }
-                    max_arrival = max_arrival.max(Some(arrival));
-                    wb.put_cf(cf, key, value);
-                    summary.events += 1;
+                let mut state = CustomerState::decode(value).map_err(StoreError::from)?;
+                // Numbered when the index takes the restored customers in; the window state
+                // is built from the events on the first evaluation.
+                state.number = crate::index::NO_NUMBER;
+                if state.generation != self.generation {
+                    written.other_generation += 1;
                 }
-                Family::Timers => {
-                    let (due, customer) = crate::store::decode_timer_key(key).map_err(StoreError::from)?;
-                    timers.push((due, Arc::<str>::from(customer)));
-                    wb.put_cf(cf, key, value);
+                wb.put_cf(cf, key, state.encode(None));
+                written.summary.customers += 1;
+                written.customers.push(id.to_owned());
+            }
+            Family::Events => {
+                let (customer, arrival) =
+                    crate::store::check_event_entry(key, value).map_err(StoreError::from)?;
+                if partition_of(customer.as_bytes(), partitions) != partition {
+                    return Err(EngineError::Conflict(format!(
+                        "an event of `{customer}` in the changelog of partition {partition} is not of that partition"
+                    )));
                 }
-                Family::Dedup => {
-                    Reader::new(value).i64().map_err(StoreError::from)?;
-                    wb.put_cf(cf, key, value);
-                    summary.dedup_entries += 1;
-                }
-                Family::Identities => {
-                    wb.put_cf(cf, key, value);
-                    summary.identity_entries += 1;
-                }
+                written.max_arrival = written.max_arrival.max(Some(arrival));
+                wb.put_cf(cf, key, value);
+                written.summary.events += 1;
+            }
+            Family::Timers => {
+                let (due, customer) = crate::store::decode_timer_key(key).map_err(StoreError::from)?;
+                written.timers.push((due, Arc::<str>::from(customer)));
+                wb.put_cf(cf, key, value);
+            }
+            Family::Dedup => {
+                Reader::new(value).i64().map_err(StoreError::from)?;
+                wb.put_cf(cf, key, value);
+                written.summary.dedup_entries += 1;
+            }
+            Family::Identities => {
+                wb.put_cf(cf, key, value);
+                written.summary.identity_entries += 1;
             }
         }
-        if let Some(arrival) = max_arrival {
+        Ok(())
+    }
+
+    /// Takes in a partition whose keys `wb` writes (`written`): from now on this store
+    /// owns it, numbering its commits after the ones read, its changes after the `pseq`
+    /// read, judging it at the clock read and resuming its input at the positions read;
+    /// its first checkpoint folds `taking`'s take-over writes and tombstones the delta
+    /// records read. Its timers fire here, its customers are indexed.
+    pub(super) fn take_partition(
+        &mut self,
+        mut wb: WriteBatch,
+        taking: Taking,
+        written: Written,
+    ) -> Result<PartitionSummary, EngineError> {
+        let partition = taking.partition;
+        if let Some(arrival) = written.max_arrival {
             // Later events of these customers arrive after the restored ones.
             self.counters.next_arrival = self.counters.next_arrival.max(arrival + 1);
         }
-        self.counters.next_commit = self.counters.next_commit.max(restore.commit + 1);
+        self.counters.next_commit = self.counters.next_commit.max(taking.commit + 1);
         if self.config.changelog {
             // This store owns the partition in the topic from now on: its first checkpoint
             // of it folds onto what was restored and tombstones the delta records read
             // (the keys they last wrote go into the outbox for that fold).
-            let (deltas, orphans) = restore.take_over(self.counters.next_commit, BASELINE_DELTA_BYTES);
+            let template = Delta {
+                partition,
+                partitions: self.config.partitions,
+                clock: taking.clock,
+                positions: taking.positions.clone(),
+                next_pseq: taking.next_pseq,
+                ..Delta::default()
+            };
+            let deltas = crate::changelog::take_over_deltas(
+                taking.take_over,
+                self.counters.next_commit,
+                BASELINE_DELTA_BYTES,
+                &template,
+            );
             let mut commit = self.counters.next_commit;
             for delta in deltas {
                 commit = delta.commit;
@@ -441,10 +500,10 @@ impl Engine {
             self.store.put_meta_u64(&mut wb, &published, commit);
             let meta = self.store.cf(CF_META);
             let marker = format!("{META_CHANGELOG_MARKER}{partition}");
-            wb.put_cf(meta, marker.as_bytes(), restore.marker().encode());
+            wb.put_cf(meta, marker.as_bytes(), taking.marker.encode());
             let mut w = crate::codec::Writer::new();
-            w.u64(orphans.len() as u64);
-            for key in &orphans {
+            w.u64(taking.orphans.len() as u64);
+            for key in &taking.orphans {
                 w.str(key);
             }
             let name = format!("{META_CHANGELOG_ORPHANS}{partition}");
@@ -452,7 +511,7 @@ impl Engine {
         }
         if let (Some(next), Some(restored)) = (
             self.counters.next_pseq.get_mut(partition as usize),
-            restore.next_pseq,
+            taking.next_pseq,
         ) {
             // Its changes numbered on from where its last owner's stopped.
             *next = restored;
@@ -461,17 +520,17 @@ impl Engine {
         }
         if self.config.partition_clocks() {
             // The partition's own clock, as its last owner left it.
-            self.counters.partition_clocks[partition as usize] = restore.clock;
+            self.counters.partition_clocks[partition as usize] = taking.clock;
             let key = partition_clock_key(partition);
-            match restore.clock {
+            match taking.clock {
                 Some(clock) => self.store.put_meta_i64(&mut wb, &key, clock),
                 None => wb.delete_cf(self.store.cf(CF_META), key.as_bytes()),
             }
         }
         // The clock never moves backwards, and the partition was judged up to its own.
-        if self.config.clock == ClockMode::Event && restore.clock > self.counters.clock {
-            self.counters.clock = restore.clock;
-            if let Some(clock) = restore.clock {
+        if self.config.clock == ClockMode::Event && taking.clock > self.counters.clock {
+            self.counters.clock = taking.clock;
+            if let Some(clock) = taking.clock {
                 self.store.put_meta_i64(&mut wb, META_CLOCK, clock);
             }
         }
@@ -479,20 +538,20 @@ impl Engine {
             .put_meta_u64(&mut wb, META_ARRIVAL, self.counters.next_arrival);
         self.store
             .put_meta_u64(&mut wb, META_COMMIT, self.counters.next_commit);
-        for (source, offset) in restore.positions() {
+        for (source, offset) in &taking.positions {
             let key = format!("{META_OFFSET_PREFIX}{source}");
-            self.store.put_meta_u64(&mut wb, &key, offset);
+            self.store.put_meta_u64(&mut wb, &key, *offset);
         }
-        if other_generation > 0 {
+        if written.other_generation > 0 {
             wb.put_cf(self.store.cf(CF_META), META_BACKFILL.as_bytes(), []);
         }
         self.store.commit(wb)?;
-        if other_generation > 0 {
+        if written.other_generation > 0 {
             // The sweep (from the first customer: one under way may have passed these)
             // brings them up to this node's rules; each is also upgraded when touched.
             tracing::info!(
                 partition,
-                customers = other_generation,
+                customers = written.other_generation,
                 "restored customers judged under another rule-set generation; re-evaluating them"
             );
             self.start_backfill();
@@ -502,7 +561,7 @@ impl Engine {
             .set_partition_clocks(&self.counters.partition_clocks);
         // Restored to be owned: its timers fire here.
         self.activate_partition(partition);
-        for (due, customer) in timers {
+        for (due, customer) in written.timers {
             let i = self.shard_index(&customer);
             self.shards[i].timers.insert((due, customer));
         }
@@ -511,10 +570,56 @@ impl Engine {
             identity::load_owner_cache(&self.store, self.config.identity.cache_entries)?;
         // Only the restored customers are indexed: a node restoring several partitions does
         // not rescan the ones it already holds.
-        self.index.add_customers(&self.store, &restored)?;
+        let customers: Vec<&str> = written.customers.iter().map(String::as_str).collect();
+        self.index.add_customers(&self.store, &customers)?;
         self.checkpoint_index()?;
-        Ok(summary)
+        Ok(written.summary)
     }
+}
+
+/// What a partition read from its changelog put into a store's write batch.
+pub(super) struct Written {
+    pub summary: PartitionSummary,
+    /// The customers whose records were written.
+    pub customers: Vec<String>,
+    pub timers: Vec<(i64, Arc<str>)>,
+    /// The latest arrival of an event written.
+    pub max_arrival: Option<u64>,
+    /// Customers judged under another generation of the rule set than this node runs (the
+    /// node that wrote them was ahead or behind, or in the middle of a backfill).
+    pub other_generation: u64,
+}
+
+impl Written {
+    pub fn new(partition: u32, partitions: u32) -> Written {
+        Written {
+            summary: PartitionSummary {
+                partition,
+                partitions,
+                ..Default::default()
+            },
+            customers: Vec::new(),
+            timers: Vec::new(),
+            max_arrival: None,
+            other_generation: 0,
+        }
+    }
+}
+
+/// What a store taking a partition over starts from, besides its keys.
+pub(super) struct Taking {
+    pub partition: u32,
+    /// The highest commit read.
+    pub commit: u64,
+    pub clock: Option<i64>,
+    pub next_pseq: Option<u64>,
+    /// The input positions to resume from.
+    pub positions: Vec<(String, u64)>,
+    /// The checkpoint marker of what was read.
+    pub marker: Delta,
+    /// The keys last written by delta records, as they stand, and those records' keys.
+    pub take_over: Vec<crate::changelog::DeltaWrite>,
+    pub orphans: Vec<String>,
 }
 
 impl Engine {
@@ -570,10 +675,12 @@ impl Engine {
 
     /// The customers, outbox deltas, changelog position and Kafka offsets of `partition`
     /// leave the store (the caller holds the changelog gate).
-    fn forget_partition(&mut self, partition: u32) -> Result<PartitionSummary, EngineError> {
+    pub(super) fn forget_partition(&mut self, partition: u32) -> Result<PartitionSummary, EngineError> {
         let partitions = self.config.partitions;
-        // Its customers go: so do their timers waiting apart.
+        // Its customers go: so do their timers waiting apart. Not owned here any more, it
+        // stays parked (a standby may copy it) until a restore takes it in.
         self.parked.timers.remove(&partition);
+        self.parked.partitions.insert(partition);
         // One batch with the customers': a crash in between would leave the offsets of
         // customers gone, and a restart resume from them.
         self.drop_partition_with(partition, |store, wb| {
@@ -588,6 +695,7 @@ impl Engine {
                 META_CHANGELOG_PUBLISHED,
                 META_CHANGELOG_MARKER,
                 META_CHANGELOG_ORPHANS,
+                super::standby::META_STANDBY,
             ] {
                 wb.delete_cf(meta, format!("{name}{partition}").as_bytes());
             }

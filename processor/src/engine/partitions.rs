@@ -456,12 +456,17 @@ impl Engine {
     /// Rebuilds the membership index from the records after customers came or went
     /// without changes in the log, and checkpoints it.
     pub(super) fn reindex(&mut self) -> Result<(), EngineError> {
+        let copies = self.reader().standby_copies()?;
+        let partitions = self.config.partitions;
         let limits = ColumnLimits {
             profile_attributes: self.config.profile_columns,
             traits: self.config.trait_columns,
         };
         self.index
-            .rebuild_in_place(&self.store, self.counters.next_seq - 1, limits)?;
+            .rebuild_in_place(&self.store, self.counters.next_seq - 1, limits, &|id| {
+                // A standby's copy is numbered and indexed once it is promoted.
+                !copies.is_empty() && copies.contains(&partition_of(id, partitions))
+            })?;
         self.checkpoint_index()?;
         Ok(())
     }

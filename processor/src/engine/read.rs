@@ -536,11 +536,17 @@ impl Engine {
         )))
     }
 
-    /// Every customer id, in key order.
+    /// Every customer id this store holds (not those of a standby's copies), in key order.
     pub fn customer_ids(&self) -> Result<Vec<String>, EngineError> {
+        // A standby's copy of a partition another node owns is not this store's.
+        let copies = self.reader().standby_copies()?;
+        let partitions = self.config.partitions;
         let mut out = Vec::new();
         for item in self.store.scan_from(CF_CUSTOMERS, &[]) {
             let (key, _) = item?;
+            if !copies.is_empty() && copies.contains(&crate::partition::partition_of(&key, partitions)) {
+                continue;
+            }
             out.push(String::from_utf8_lossy(&key).into_owned());
         }
         Ok(out)

@@ -205,6 +205,13 @@ impl Engine {
                 break;
             }
             passed += 1;
+            let partition = crate::partition::partition_of(&key, self.config.partitions);
+            if self.parked.partitions.contains(&partition) {
+                // Not owned here (kept from before, or a standby's copy): judged by its
+                // owner, and swept once it is activated here.
+                self.parked.swept_past.insert(partition);
+                continue;
+            }
             let generation = Reader::new(&value)
                 .u8()
                 .and_then(|_| Reader::new(&value[1..]).u64())
