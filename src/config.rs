@@ -365,6 +365,9 @@ pub struct KafkaFileSettings {
     /// With `state_topic`: where rule-set changes go to every node of the group, one
     /// partition, never deleted from; "" is `GROUP_ID-control`.
     pub control_topic: String,
+    /// With `state_topic`: how many other members keep a warm copy of each partition, so
+    /// that a take-over reads only what followed the copy; 0 keeps none.
+    pub standby_replicas: u32,
     /// Events per engine batch, at most.
     pub max_batch: usize,
     /// Passed to librdkafka as they are: security.protocol, sasl.*, ssl.*, ... Never logged.
@@ -388,6 +391,7 @@ impl Default for KafkaFileSettings {
             state_checkpoint_mb: (k.state_checkpoint_bytes >> 20) as f64,
             members_topic: String::new(),
             control_topic: String::new(),
+            standby_replicas: k.standby_replicas,
             max_batch: k.max_batch,
             options: Default::default(),
             option_files: Default::default(),
@@ -655,6 +659,7 @@ impl Settings {
         );
         settings.members_topic = members;
         settings.control_topic = control;
+        settings.standby_replicas = k.standby_replicas;
         if !(k.state_checkpoint_mb.is_finite() && k.state_checkpoint_mb > 0.0) {
             anyhow::bail!(
                 "`[kafka] state_checkpoint_mb` must be a positive number of MiB, not {}",
@@ -737,6 +742,7 @@ state_topic = "{kafka_state}"  # the state changelog, one partition per engine p
 state_checkpoint_mb = {kafka_checkpoint}     # a partition's deltas are folded into keyed records past this many MiB
 members_topic = ""        # with state_topic: the members' cards, one partition, compacted; "" is GROUP_ID-members
 control_topic = ""        # with state_topic: rule-set changes for every node, one partition, compacted; "" is GROUP_ID-control
+standby_replicas = 0      # with state_topic: other members keeping a warm copy of each partition (faster take-over)
 max_batch = {kafka_batch}           # events per engine batch
 
 [kafka.options]           # passed to librdkafka as they are; never logged

@@ -179,6 +179,10 @@ enum Command {
         /// The Kafka consumer group [default: tagstream].
         #[arg(long)]
         kafka_group: Option<String>,
+        /// In a group of several: how many other members keep a warm copy of each
+        /// partition, for a faster take-over [default: 0] (`[kafka] standby_replicas`).
+        #[arg(long)]
+        standby_replicas: Option<u32>,
         /// A librdkafka setting, KEY=VALUE (repeatable): security.protocol, sasl.*, ssl.*.
         #[arg(long, value_parser = key_value)]
         kafka_option: Vec<(String, String)>,
@@ -441,6 +445,7 @@ fn main() -> ExitCode {
             kafka_brokers,
             kafka_topic,
             kafka_group,
+            standby_replicas,
             kafka_option,
             kafka_option_file,
             webhook_allow,
@@ -466,6 +471,7 @@ fn main() -> ExitCode {
             kafka.brokers = kafka_brokers.or(kafka.brokers.take());
             kafka.topic = kafka_topic.unwrap_or(std::mem::take(&mut kafka.topic));
             kafka.group_id = kafka_group.unwrap_or(std::mem::take(&mut kafka.group_id));
+            kafka.standby_replicas = standby_replicas.unwrap_or(kafka.standby_replicas);
             kafka.options.extend(kafka_option);
             kafka.option_files.extend(
                 kafka_option_file

@@ -70,7 +70,7 @@ pub fn serve(
         .as_ref()
         .and_then(|k| k.members_topic.clone().map(|t| (k.clone(), t)));
     let mut control = None;
-    let kafka_workers = match kafka {
+    let mut kafka_workers = match kafka {
         Some(settings) => {
             kafka::check_state_topic(&settings, partitions, Duration::from_secs(10))
                 .map_err(anyhow::Error::msg)?;
@@ -126,11 +126,25 @@ pub fn serve(
                     &topic,
                     &url,
                     partitions,
-                    status,
+                    status.clone(),
                     Duration::from_secs(10),
                 )
                 .map_err(anyhow::Error::msg)?;
                 tracing::info!(%url, %topic, "advertising this node to the group");
+                if let Some(workers) = kafka_workers.as_mut() {
+                    // Warm copies of what others own, picked from the cards.
+                    workers
+                        .start_standby(
+                            &settings,
+                            worker.members().clone(),
+                            handle.partition_host(),
+                            status,
+                        )
+                        .map_err(anyhow::Error::msg)?;
+                    if settings.standby_replicas > 0 {
+                        tracing::info!(replicas = settings.standby_replicas, "keeping standby copies");
+                    }
+                }
                 state.cluster = Some(Arc::new(query_api::cluster::Cluster::new(
                     worker.members().clone(),
                     cluster.peer_tls.clone(),

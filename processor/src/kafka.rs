@@ -25,7 +25,8 @@ pub mod control;
 mod group;
 pub mod group_log;
 pub mod members;
-pub use group::PartitionHost;
+pub mod standby;
+pub use group::{EngineWork, PartitionHost};
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -70,6 +71,9 @@ pub struct KafkaSettings {
     /// With the members topic: where rule-set changes go to every node ([`control`]);
     /// `None` keeps each node's rule set its own.
     pub control_topic: Option<String>,
+    /// With the members topic: how many other members keep a warm copy of each partition
+    /// ([`standby`]); 0 keeps none.
+    pub standby_replicas: u32,
     pub client_options: BTreeMap<String, String>,
     /// Events per engine batch, at most.
     pub max_batch: usize,
@@ -91,6 +95,7 @@ impl std::fmt::Debug for KafkaSettings {
             .field("state_checkpoint_bytes", &self.state_checkpoint_bytes)
             .field("members_topic", &self.members_topic)
             .field("control_topic", &self.control_topic)
+            .field("standby_replicas", &self.standby_replicas)
             .field("client_options", &self.client_options.keys().collect::<Vec<_>>())
             .field("max_batch", &self.max_batch)
             .field("max_wait", &self.max_wait)
@@ -110,6 +115,7 @@ impl KafkaSettings {
             state_checkpoint_bytes: 64 << 20,
             members_topic: None,
             control_topic: None,
+            standby_replicas: 0,
             client_options: BTreeMap::new(),
             max_batch: 5_000,
             max_wait: Duration::from_millis(50),
@@ -151,6 +157,8 @@ pub struct KafkaStatus {
     restoring_set: Mutex<std::collections::BTreeSet<u32>>,
     /// Of each partition being read from the state topic, the records read so far.
     restore_progress: Mutex<BTreeMap<u32, u64>>,
+    /// The partitions this node keeps a followed standby copy of ([`standby`]).
+    standby: Mutex<Vec<u32>>,
     /// The rule-set version this node runs (its card tells the others).
     rules_version: std::sync::atomic::AtomicU64,
     /// Whether the group's change log is read ([`group_log`]): `None` outside a group (or
@@ -257,6 +265,15 @@ impl KafkaStatus {
         listed(&self.restoring_set)
     }
 
+    /// In a group: the partitions this node keeps a followed standby copy of, in order.
+    pub fn standby_list(&self) -> Vec<u32> {
+        self.standby.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_standby(&self, partitions: Vec<u32>) {
+        *self.standby.lock().unwrap_or_else(|e| e.into_inner()) = partitions;
+    }
+
     /// In a group: which partitions are restoring.
     fn set_restoring(&self, partitions: std::collections::BTreeSet<u32>) {
         self.set_group(
@@ -333,6 +350,9 @@ pub struct KafkaWorkers {
     consumer: JoinHandle<()>,
     /// The reader of the group's change log.
     follower: Option<JoinHandle<()>>,
+    /// In a group: the standby copies this node may keep, and the thread that keeps them.
+    copies: Option<Arc<standby::Copies>>,
+    standby: Option<JoinHandle<()>>,
     /// Set once nothing more is consumed: each publisher sends what is committed and ends.
     drain: Arc<AtomicBool>,
     /// Publishers stop where they are (after the grace).
@@ -341,6 +361,35 @@ pub struct KafkaWorkers {
 }
 
 impl KafkaWorkers {
+    /// In a group of several with `settings.standby_replicas` set: starts keeping standby
+    /// copies of partitions other members own, as the cards `members` reads say
+    /// ([`standby`]). Nothing outside a group or without replicas.
+    pub fn start_standby(
+        &mut self,
+        settings: &KafkaSettings,
+        members: Arc<members::Members>,
+        host: Arc<dyn PartitionHost>,
+        status: Arc<KafkaStatus>,
+    ) -> Result<(), String> {
+        let (Some(copies), Some(topic)) = (&self.copies, &settings.state_topic) else {
+            return Ok(());
+        };
+        if settings.standby_replicas == 0 {
+            return Ok(());
+        }
+        let started = standby::start(
+            settings,
+            topic,
+            members,
+            host,
+            copies.clone(),
+            status,
+            self.stop.clone(),
+        )?;
+        self.standby = Some(started.thread);
+        Ok(())
+    }
+
     /// Stops consuming (the batch in flight is applied), then lets the publishers send
     /// what is committed — the change log and dead letters, flushed to the brokers — for
     /// at most `grace`, and stops them where they are after it (their cursors are durable:
@@ -350,6 +399,9 @@ impl KafkaWorkers {
         let _ = self.consumer.join();
         if let Some(follower) = self.follower {
             let _ = follower.join();
+        }
+        if let Some(standby) = self.standby {
+            let _ = standby.join();
         }
         self.drain.store(true, Ordering::SeqCst);
         let deadline = std::time::Instant::now() + grace;
@@ -396,6 +448,7 @@ pub fn start(
             .map_err(|e| KafkaError::Subscription(format!("parking the partitions: {e}")))?;
     }
     let owned = membership.as_ref().map(|m| m.owned.clone());
+    let copies = membership.as_ref().map(|m| m.copies.clone());
     status.group.store(membership.is_some(), Ordering::Release);
     let follower = match (&membership, &settings.changes_topic) {
         (Some(_), Some(topic)) => match group_log::follow(&settings, topic, reader.clone(), stop.clone()) {
@@ -500,6 +553,8 @@ pub fn start(
         stop,
         consumer,
         follower,
+        copies,
+        standby: None,
         drain,
         publishers_stop,
         publishers,

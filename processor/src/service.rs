@@ -576,6 +576,10 @@ impl crate::kafka::PartitionHost for EngineHandle {
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())
     }
+
+    fn run(&self, work: crate::kafka::EngineWork) -> Result<(), String> {
+        self.call_blocking(work).map_err(|e| e.to_string())?
+    }
 }
 
 #[cfg(test)]

@@ -1370,7 +1370,7 @@ fn two_nodes_share_a_group_and_the_survivor_of_a_kill_takes_over_without_loss() 
     }
     // Its half at the split and the dead node's half were restored, not consumed again
     // from the start of the topic.
-    let restores = second.metric("tagstream_kafka_partition_restores_total");
+    let restores = metric_sum(&second, "tagstream_kafka_partition_restores_total");
     assert!(restores >= PARTITIONS as f64, "{restores} restores");
     let survivor_count = query(&second, 0, None)["count"].clone();
     second.stop();
@@ -1422,6 +1422,9 @@ struct ThreeNodes {
 
 const THREE_NODES_PARTITIONS: u32 = 6;
 
+/// The restores made by promoting a standby copy.
+const PROMOTED: &str = "tagstream_kafka_partition_restores_total{from=\"standby\"}";
+
 /// How a store of a group's run is opened to be read, as `serve` ran it (`changelog`), or
 /// one store of reference: a clock per partition, as in a group, so that the one store
 /// judges each partition's events as the group did, whatever order the partitions come in.
@@ -1450,6 +1453,14 @@ fn three_nodes() -> ThreeNodes {
     let broker = group_broker(PARTITIONS);
     let run = TempDir::new("kafka-three-nodes");
     let config = group_config(run.path(), &broker, "three-nodes", PARTITIONS, "");
+    // Each partition also copied by one other node: the survivors of the kill promote
+    // their copies of the dead node's partitions rather than read them whole.
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("members_topic", "standby_replicas = 1\nmembers_topic"),
+    )
+    .unwrap();
     let consumed = |server: &Server| {
         metric_sum(server, "tagstream_events_total") + metric_sum(server, "tagstream_events_rejected_total")
     };
@@ -1510,9 +1521,28 @@ fn three_nodes() -> ThreeNodes {
         assert!(Instant::now() < deadline, "C made no progress");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Standby copies: of every partition, on the node the cards rank first for it (the
+    // copies are made within seconds of the split).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while [&a, &b, &c]
+        .iter()
+        .map(|n| metric_sum(n, "tagstream_kafka_standby_partitions"))
+        .sum::<f64>()
+        < f64::from(PARTITIONS)
+    {
+        assert!(Instant::now() < deadline, "no standby copy of every partition");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let promoted_before = metric_sum(&b, PROMOTED) + metric_sum(&c, PROMOTED);
     a.kill();
     produce(&broker.addr, &lines[2 * third..]);
     split(&[&b, &c], Duration::from_secs(180));
+    let promoted = metric_sum(&b, PROMOTED) + metric_sum(&c, PROMOTED) - promoted_before;
+    assert!(
+        promoted >= 1.0,
+        "no standby copy of the dead node's partitions was promoted"
+    );
+    eprintln!("{promoted} of the dead node's partitions taken over from standby copies");
     let (mut last, mut quiet) = (-1.0, Instant::now());
     while quiet.elapsed() < Duration::from_secs(5) {
         let now = consumed(&b) + consumed(&c);

@@ -24,7 +24,9 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
+use super::standby::Copies;
 use super::{source_name, ConsumerCtx, KafkaSettings, KafkaStatus};
+use crate::changelog::follow::Follower;
 use crate::changelog::Restore;
 use crate::engine::ReadHandle;
 
@@ -44,7 +46,13 @@ pub trait PartitionHost: Send + Sync {
     fn park(&self, partitions: Vec<u32>) -> Result<(), String>;
     /// Lets an owned partition's timers fire.
     fn activate(&self, partition: u32) -> Result<(), String>;
+    /// Runs `work` on the engine, between batches (a standby copy's writes,
+    /// [`super::standby`]).
+    fn run(&self, work: EngineWork) -> Result<(), String>;
 }
+
+/// Work a [`PartitionHost`] runs on its engine.
+pub type EngineWork = Box<dyn FnOnce(&mut crate::engine::Engine) -> Result<(), String> + Send>;
 
 /// How long a revoked partition waits for the broker to confirm its deltas before it is
 /// given up unreleased (its next owner restores what the topic has and consumes on from
@@ -58,7 +66,15 @@ const READ_STALL: Duration = Duration::from_secs(30);
 struct Read {
     partition: u32,
     ticket: u64,
-    result: Result<Restore, String>,
+    result: Result<Taken, String>,
+}
+
+/// What a read of an assigned partition gives.
+enum Taken {
+    /// The partition read whole.
+    Whole(Restore),
+    /// The tail after this store's standby copy.
+    Copy(Follower),
 }
 
 pub(super) struct Membership {
@@ -78,6 +94,8 @@ pub(super) struct Membership {
     done: mpsc::Sender<Read>,
     reads: Mutex<mpsc::Receiver<Read>>,
     status: Arc<KafkaStatus>,
+    /// Standby copies of partitions others own: an assigned one is promoted.
+    pub(super) copies: Arc<Copies>,
 }
 
 impl Membership {
@@ -102,12 +120,19 @@ impl Membership {
             done,
             reads: Mutex::new(reads),
             status,
+            copies: Arc::default(),
         }
     }
 
-    /// Parks every partition until the group gives this node some.
+    /// Parks every partition until the group gives this node some, and drops the standby
+    /// copies an earlier run left (what they followed is not kept across a restart).
     pub(super) fn park_all(&self) -> Result<(), String> {
-        self.host.park((0..self.reader.partitions()).collect())
+        self.host.park((0..self.reader.partitions()).collect())?;
+        for partition in self.reader.standby_copies().map_err(|e| e.to_string())? {
+            self.host.discard(partition)?;
+            tracing::info!(partition, "dropped a standby copy left by an earlier run");
+        }
+        Ok(())
     }
 
     /// The partitions owned and held (restoring ones not among them).
@@ -135,8 +160,14 @@ impl Membership {
             .map_err(|e| tracing::warn!(error = %e, "reading the group's committed offsets failed"))
             .ok();
         let (mut restore, mut resumed) = (Vec::new(), TopicPartitionList::new());
+        let mut promote = Vec::new();
         for &partition in &partitions {
             let p = partition as u32;
+            if let Some(copy) = self.copies.claim(p) {
+                // A standby copy is here: only its tail is read.
+                promote.push(copy);
+                continue;
+            }
             match self.resume_at(&topic, p, committed.as_ref()) {
                 Ok(Some(offset)) => {
                     if let Err(e) = self.host.activate(p) {
@@ -168,9 +199,13 @@ impl Membership {
                 tracing::debug!(error = %e, "storing the resumed offsets for the group commit");
             }
         }
-        if !restore.is_empty() {
+        if !restore.is_empty() || !promote.is_empty() {
             let mut paused = TopicPartitionList::new();
-            for &partition in &restore {
+            for partition in restore
+                .iter()
+                .copied()
+                .chain(promote.iter().map(|c| c.partition as i32))
+            {
                 paused.add_partition(&topic, partition);
             }
             if let Err(e) = consumer.pause(&paused) {
@@ -178,6 +213,9 @@ impl Membership {
             }
             for partition in restore {
                 self.read(partition as u32, Duration::ZERO);
+            }
+            for copy in promote {
+                self.read_tail(copy);
             }
         }
         tracing::info!(topic, ?partitions, restoring = ?self.restoring(), "Kafka partitions assigned");
@@ -277,7 +315,7 @@ impl Membership {
                 let result = super::read_state_partition(
                     &settings, &topic, partition, partitions, READ_STALL, &progress,
                 )
-                .map(|(restore, _)| restore);
+                .map(|(restore, _)| Taken::Whole(restore));
                 let _ = done.send(Read {
                     partition,
                     ticket,
@@ -286,6 +324,28 @@ impl Membership {
             });
         if let Err(e) = spawned {
             tracing::error!(error = %e, partition, "starting a restore failed");
+        }
+    }
+
+    /// Reads what followed a standby copy on a thread of its own, to promote it.
+    fn read_tail(&self, copy: Follower) {
+        let partition = copy.partition;
+        let ticket = self.tickets.fetch_add(1, Ordering::SeqCst);
+        lock(&self.restoring).insert(partition, ticket);
+        let (settings, topic, done) = (self.settings.clone(), self.state_topic.clone(), self.done.clone());
+        self.status.restore_read(partition, Some(0));
+        let spawned = std::thread::Builder::new()
+            .name(format!("tagstream-promote-{partition}"))
+            .spawn(move || {
+                let result = super::standby::read_tail(&settings, &topic, copy, READ_STALL).map(Taken::Copy);
+                let _ = done.send(Read {
+                    partition,
+                    ticket,
+                    result,
+                });
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, partition, "starting the promotion of a standby copy failed");
         }
     }
 
@@ -304,9 +364,25 @@ impl Membership {
             }
             self.status.restore_read(p, None);
             let started = Instant::now();
-            let applied = read.result.and_then(|restore| {
-                let records = restore.records;
-                self.host.restore(restore).map(|()| records)
+            let promoted = matches!(read.result, Ok(Taken::Copy(_)));
+            let applied = read.result.and_then(|taken| match taken {
+                Taken::Whole(restore) => {
+                    let records = restore.records;
+                    self.host.restore(restore).map(|()| records)
+                }
+                Taken::Copy(mut copy) => self
+                    .host
+                    .run(Box::new(move |engine| {
+                        let tail = copy.take_pending();
+                        engine
+                            .apply_standby(copy.partition, &tail)
+                            .map_err(|e| e.to_string())?;
+                        engine
+                            .promote_standby(&copy.promotion())
+                            .map_err(|e| e.to_string())?;
+                        Ok(())
+                    }))
+                    .map(|()| 0),
             });
             match applied {
                 Ok(records) => {
@@ -333,16 +409,20 @@ impl Membership {
                     }
                     lock(&self.restoring).remove(&p);
                     lock(&self.owned).insert(p);
-                    metrics::counter!("tagstream_kafka_partition_restores_total").increment(1);
+                    let how = if promoted { "standby" } else { "read" };
+                    metrics::counter!("tagstream_kafka_partition_restores_total", "from" => how).increment(1);
                     tracing::info!(
                         partition = p,
                         records,
                         ?offset,
+                        from = how,
                         applied_ms = started.elapsed().as_millis() as u64,
                         "partition restored from the state topic"
                     );
                 }
                 Err(e) => {
+                    // (A copy that could not be promoted is read whole: the restore drops
+                    // what of it is in the store.)
                     tracing::error!(error = %e, partition = p, "restoring a partition from the state topic failed; trying again");
                     self.status.note_error(format!("restoring partition {p}: {e}"));
                     self.read(p, Duration::from_secs(1));
@@ -358,6 +438,7 @@ impl Membership {
         let closing = self.closing.load(Ordering::SeqCst);
         for e in tpl.elements() {
             let p = e.partition() as u32;
+            self.copies.unclaim(p);
             if lock(&self.restoring).remove(&p).is_some() {
                 // Not applied yet: its read is dropped when it arrives.
                 self.status.restore_read(p, None);

@@ -41,6 +41,9 @@ pub struct MemberCard {
     pub owned: Vec<u32>,
     /// The partitions it owns and is still restoring from the state topic.
     pub restoring: Vec<u32>,
+    /// The partitions others own that it keeps a standby copy of.
+    #[serde(default)]
+    pub standby: Vec<u32>,
     /// `[engine] partitions` as it runs them.
     pub partitions: u32,
     /// When the card was written (the node's wall clock, ms since the epoch).
@@ -92,6 +95,11 @@ impl Members {
         &self.url
     }
 
+    /// `[engine] partitions` as this node runs them.
+    pub fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
     /// Who answers for `partition`: this node when its consumer owns it, else the live card
     /// that claims it (the newest, when two do while it moves).
     pub fn owner_of(&self, partition: u32) -> Owner {
@@ -141,6 +149,7 @@ impl Members {
             url: self.url.clone(),
             owned,
             restoring,
+            standby: self.status.standby_list(),
             partitions: self.partitions,
             at: wall_ms(),
             rules_version: self.status.rules_version(),
@@ -275,6 +284,7 @@ fn exchange(members: &Members, topic: &str, consumer: &BaseConsumer, producer: &
         let due = last.as_ref().is_none_or(|(sent, when)| {
             sent.owned != card.owned
                 || sent.restoring != card.restoring
+                || sent.standby != card.standby
                 || sent.rules_version != card.rules_version
                 || when.elapsed() >= REFRESH
         });
@@ -335,6 +345,7 @@ mod tests {
             url: url.into(),
             owned: owned.to_vec(),
             restoring: restoring.to_vec(),
+            standby: Vec::new(),
             partitions: 6,
             at: wall_ms() - age.as_millis() as i64,
             rules_version: 1,
