@@ -8,15 +8,17 @@
 #     partitions (every query then fans out to the other node): what the fan-out adds;
 #   - how long B took from its start to serve its half (a restore of PARTITIONS/2 partitions);
 #   - how long A took from B's kill to serve every partition again (the group's session
-#     timeout, 6 s here, then a restore of B's half: a take-over without a standby).
+#     timeout, 6 s here, then a restore of B's half: read whole from the state topic, or with
+#     STANDBY=1 promoted from the standby copies A keeps of B's half, reading only their tail).
 #
-#   bench/cluster.sh [CUSTOMERS] [EVENTS] [QUERIES] [PARTITIONS]   (defaults: 100000 1000000 300 6)
+#   [STANDBY=1] bench/cluster.sh [CUSTOMERS] [EVENTS] [QUERIES] [PARTITIONS]   (defaults: 100000 1000000 300 6)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 customers=${1:-100000}
 events=${2:-1000000}
 queries=${3:-300}
 partitions=${4:-6}
+standby=${STANDBY:-0}
 # shellcheck source=../scripts/lib/tansu.sh
 . scripts/lib/tansu.sh
 # shellcheck source=lib.sh
@@ -55,12 +57,15 @@ group_id = "bench-cluster-$$"
 state_topic = "state"
 members_topic = "members"
 control_topic = "control"
+standby_replicas = $standby
 [kafka.options]
 "session.timeout.ms" = "6000"
 "heartbeat.interval.ms" = "500"
 EOF
+# The sum of metric $2's series on the node at port $1 (all labels, or `name{labels}` exactly).
 metric() {
-    curl -sf "http://127.0.0.1:$1/metrics" 2>/dev/null | awk -v m="$2" '$1 == m {n += $2} END {print n + 0}'
+    curl -sf "http://127.0.0.1:$1/metrics" 2>/dev/null |
+        awk -v m="$2" '{name = $1; if (index(m, "{") == 0) sub(/\{.*/, "", name)} name == m {n += $2} END {print n + 0}'
 }
 # Whether the node at port $1 sees $2 live nodes, each owning some partitions, and every
 # partition owned and restored.
@@ -152,14 +157,21 @@ latency "$http_a"
 echo "node B, each query fanned out to A:"
 latency "$http_b"
 
+if [ "$standby" -gt 0 ]; then
+    # A follows a copy of each of B's partitions before B dies.
+    until [ "$(metric "$http_a" tagstream_kafka_standby_partitions)" -ge $((partitions / 2)) ]; do sleep 0.2; done
+    echo "standby copies on A: $(metric "$http_a" tagstream_kafka_standby_partitions), deltas applied: $(metric "$http_a" tagstream_kafka_standby_deltas_applied_total)"
+fi
 kill -9 "$b"
 wait "$b" 2>/dev/null || true
 b=""
 killed=$(now)
 until serves_all "$http_a"; do sleep 0.1; done
 back=$(now)
-awk -v s="$killed" -v e="$back" \
-    'BEGIN {printf "node B killed: until node A serves every partition again (session timeout 6 s, then the restore): %.1f s\n", e - s}'
+awk -v s="$killed" -v e="$back" -v how="$([ "$standby" -gt 0 ] && echo "promoting its standby copies" || echo "the restore")" \
+    'BEGIN {printf "node B killed: until node A serves every partition again (session timeout 6 s, then %s): %.1f s\n", how, e - s}'
+echo "restores on A: read whole $(metric "$http_a" 'tagstream_kafka_partition_restores_total{from="read"}'), from standby copies $(metric "$http_a" 'tagstream_kafka_partition_restores_total{from="standby"}')"
+grep -h "partition restored from the state topic" "$work/cluster-a.log" | tail -n $((partitions / 2)) | sed 's/^/  /' | cut -c1-220 || true
 # B's card is presumed gone 20 s after its last refresh.
 until settled "$http_a" 1; do sleep 0.5; done
 echo "node A alone again:"

@@ -249,7 +249,7 @@ pub async fn customer_from_owner(
 }
 
 /// `GET /v1/cluster`: the nodes of this node's group as their cards say, and each
-/// partition's owner.
+/// partition's owner and the nodes that keep a standby copy of it.
 pub async fn cluster(State(app): State<AppState>) -> Result<Response, ApiError> {
     let Some(cluster) = app.cluster.as_ref() else {
         return Err(ApiError::NotFound(
@@ -257,8 +257,15 @@ pub async fn cluster(State(app): State<AppState>) -> Result<Response, ApiError> 
         ));
     };
     let partitions = app.engine.reader().partitions();
+    let cards = cluster.members.cards();
     let owners: Vec<_> = (0..partitions)
         .map(|p| {
+            // The nodes that keep a standby copy of it (`standby_replicas`).
+            let standby: Vec<&str> = cards
+                .iter()
+                .filter(|card| card.standby.contains(&p))
+                .map(|card| card.url.as_str())
+                .collect();
             let (owner, restoring) = match cluster.members.owner_of(p) {
                 Owner::Here => (Some(cluster.members.url().to_owned()), false),
                 Owner::Restoring => (Some(cluster.members.url().to_owned()), true),
@@ -266,7 +273,7 @@ pub async fn cluster(State(app): State<AppState>) -> Result<Response, ApiError> 
                 Owner::NodeRestoring(url) => (Some(url), true),
                 Owner::Unknown => (None, false),
             };
-            json!({ "partition": p, "owner": owner, "restoring": restoring })
+            json!({ "partition": p, "owner": owner, "restoring": restoring, "standby": standby })
         })
         .collect();
     let unowned: Vec<u32> = (0..partitions)
@@ -276,7 +283,7 @@ pub async fn cluster(State(app): State<AppState>) -> Result<Response, ApiError> 
         StatusCode::OK,
         Json(json!({
             "node": cluster.members.url(),
-            "nodes": cluster.members.cards(),
+            "nodes": cards,
             "partitions": owners,
             "unowned_partitions": unowned,
         })),
