@@ -1022,6 +1022,10 @@ impl Engine {
                 ..Shard::default()
             })
             .collect();
+        // A standby's copy of a partition another node owns stays parked: nothing of it
+        // fires or is swept here until it is promoted.
+        let copies = engine.reader().standby_copies()?;
+        engine.parked.partitions.extend(copies);
         engine.deal_timers(timers);
         if stored_rules.is_none() || recorded_generation == 0 {
             let mut wb = WriteBatch::default();

@@ -847,6 +847,23 @@ fn a_restore_replaces_a_standby_copy() {
     }
     engine.begin_standby(&assembler.finish().0).unwrap();
     assert!(engine.reader().partition_counts(PARTITIONS).unwrap()[3] > 0);
+    // Reopened, the copy stays parked: nothing of it fires, its customers are not listed.
+    drop(engine);
+    let mut engine = Engine::open(dir.path(), Some(&rules), config(1)).unwrap();
+    assert_eq!(engine.parked_partitions(), [3]);
+    let far = source.clock().unwrap() + 400 * 86_400_000;
+    let fired = engine.advance_clock(far).unwrap();
+    assert!(
+        fired
+            .iter()
+            .all(|c| partition_of(c.customer_id.as_bytes(), PARTITIONS) != 3),
+        "a copy's timers fired"
+    );
+    assert!(engine
+        .customer_ids()
+        .unwrap()
+        .iter()
+        .all(|id| partition_of(id.as_bytes(), PARTITIONS) != 3));
     assert!(engine.drop_standby_copy(3).unwrap());
     assert_eq!(engine.reader().partition_counts(PARTITIONS).unwrap()[3], 0);
     assert!(!engine.drop_standby_copy(3).unwrap());
