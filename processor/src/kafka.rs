@@ -1415,12 +1415,7 @@ pub fn read_state_partition(
             match consumer.poll(Duration::from_millis(100)) {
                 Some(Ok(m)) => {
                     last_progress = Instant::now();
-                    let commit = m.headers().and_then(|headers| {
-                        headers
-                            .iter()
-                            .find(|h| h.key == crate::changelog::COMMIT_HEADER)
-                            .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse::<u64>().ok())
-                    });
+                    let commit = commit_header(&m);
                     assembler
                         .add(m.key().unwrap_or_default(), m.payload(), commit)
                         .map_err(|e| format!("{e} (offset {} of partition {partition} of `{topic}`)", m.offset()))?;
@@ -1445,6 +1440,14 @@ pub fn read_state_partition(
         }
     }
     Ok(assembler.finish())
+}
+
+/// The commit a state topic record names in its [`crate::changelog::COMMIT_HEADER`], if any.
+fn commit_header(m: &impl Message) -> Option<u64> {
+    m.headers()?
+        .iter()
+        .find(|h| h.key == crate::changelog::COMMIT_HEADER)
+        .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse::<u64>().ok())
 }
 
 /// Produces every record and waits for the broker to confirm all of them.

@@ -302,42 +302,41 @@ impl Membership {
 
     /// Reads `partition` of the state topic on a thread of its own (after `delay`).
     fn read(&self, partition: u32, delay: Duration) {
-        let ticket = self.tickets.fetch_add(1, Ordering::SeqCst);
-        lock(&self.restoring).insert(partition, ticket);
-        let (settings, topic, done) = (self.settings.clone(), self.state_topic.clone(), self.done.clone());
+        let (settings, topic) = (self.settings.clone(), self.state_topic.clone());
         let (partitions, status) = (self.reader.partitions(), self.status.clone());
-        status.restore_read(partition, Some(0));
-        let spawned = std::thread::Builder::new()
-            .name(format!("tagstream-restore-{partition}"))
-            .spawn(move || {
-                std::thread::sleep(delay);
-                let progress = |records| status.restore_read(partition, Some(records));
-                let result = super::read_state_partition(
-                    &settings, &topic, partition, partitions, READ_STALL, &progress,
-                )
-                .map(|(restore, _)| Taken::Whole(restore));
-                let _ = done.send(Read {
-                    partition,
-                    ticket,
-                    result,
-                });
-            });
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, partition, "starting a restore failed");
-        }
+        self.read_with(partition, "restore", move || {
+            std::thread::sleep(delay);
+            let progress = |records| status.restore_read(partition, Some(records));
+            super::read_state_partition(&settings, &topic, partition, partitions, READ_STALL, &progress)
+                .map(|(restore, _)| Taken::Whole(restore))
+        });
     }
 
     /// Reads what followed a standby copy on a thread of its own, to promote it.
     fn read_tail(&self, copy: Follower) {
-        let partition = copy.partition;
+        let (settings, topic) = (self.settings.clone(), self.state_topic.clone());
+        self.read_with(copy.partition, "promote", move || {
+            super::standby::read_tail(&settings, &topic, copy, READ_STALL).map(Taken::Copy)
+        });
+    }
+
+    /// Runs `read` for an assigned `partition` on a thread of its own (named after `what`);
+    /// its result is applied by [`Membership::finish_restores`] unless the partition was
+    /// revoked meanwhile.
+    fn read_with(
+        &self,
+        partition: u32,
+        what: &str,
+        read: impl FnOnce() -> Result<Taken, String> + Send + 'static,
+    ) {
         let ticket = self.tickets.fetch_add(1, Ordering::SeqCst);
         lock(&self.restoring).insert(partition, ticket);
-        let (settings, topic, done) = (self.settings.clone(), self.state_topic.clone(), self.done.clone());
         self.status.restore_read(partition, Some(0));
+        let done = self.done.clone();
         let spawned = std::thread::Builder::new()
-            .name(format!("tagstream-promote-{partition}"))
+            .name(format!("tagstream-{what}-{partition}"))
             .spawn(move || {
-                let result = super::standby::read_tail(&settings, &topic, copy, READ_STALL).map(Taken::Copy);
+                let result = read();
                 let _ = done.send(Read {
                     partition,
                     ticket,
@@ -345,7 +344,7 @@ impl Membership {
                 });
             });
         if let Err(e) = spawned {
-            tracing::error!(error = %e, partition, "starting the promotion of a standby copy failed");
+            tracing::error!(error = %e, partition, "starting a {what} failed");
         }
     }
 

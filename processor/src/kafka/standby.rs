@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::members::Members;
@@ -206,12 +206,7 @@ impl Copier {
             while let Some(left) = until.checked_duration_since(Instant::now()) {
                 match self.consumer.poll(left) {
                     Some(Ok(m)) => {
-                        let commit = m.headers().and_then(|headers| {
-                            headers
-                                .iter()
-                                .find(|h| h.key == crate::changelog::COMMIT_HEADER)
-                                .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse::<u64>().ok())
-                        });
+                        let commit = super::commit_header(&m);
                         let p = m.partition() as u32;
                         if let Some(reason) =
                             self.take(p, m.offset(), m.key().unwrap_or_default(), m.payload(), commit)
@@ -450,12 +445,7 @@ pub(super) fn read_tail(
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
                 last = Instant::now();
-                let commit = m.headers().and_then(|headers| {
-                    headers
-                        .iter()
-                        .find(|h| h.key == crate::changelog::COMMIT_HEADER)
-                        .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse::<u64>().ok())
-                });
+                let commit = super::commit_header(&m);
                 follower
                     .add(m.offset(), m.key().unwrap_or_default(), m.payload(), commit)
                     .map_err(|e| e.0)?;
