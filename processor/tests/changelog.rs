@@ -868,3 +868,50 @@ fn a_restore_replaces_a_standby_copy() {
     assert_eq!(engine.reader().partition_counts(PARTITIONS).unwrap()[3], 0);
     assert!(!engine.drop_standby_copy(3).unwrap());
 }
+
+/// A rule change's sweep passes over the customers of parked partitions (kept from an
+/// earlier run, or a standby's copy: another node owns them and judges them) and brings
+/// them up to the new rules once their partition is activated here — the same changes, in
+/// the end, as a store with nothing parked.
+#[test]
+fn a_sweep_passes_parked_partitions_by_and_covers_them_once_activated() {
+    let stream = ordered_stream();
+    let rules = rules_text();
+    let changed = format!("{rules}\ntag paid_once = count(payment, lifetime) >= 1\n");
+    let parked_p = 1u32;
+    let of = |id: &str| partition_of(id.as_bytes(), PARTITIONS);
+    let sweep = |engine: &mut Engine| {
+        while engine.backfill_pending() {
+            engine.backfill_step(50).unwrap();
+        }
+    };
+    let (dir, twin_dir) = (TempDir::new("sweep-parked"), TempDir::new("sweep-parked-twin"));
+    let mut engine = Engine::open(dir.path(), Some(&rules), config(2)).unwrap();
+    let mut twin = Engine::open(twin_dir.path(), Some(&rules), config(2)).unwrap();
+    ingest_all(&mut engine, stream.iter().map(|(_, l)| l));
+    ingest_all(&mut twin, stream.iter().map(|(_, l)| l));
+    let before = engine.next_seq() - 1;
+    assert_eq!(before, twin.next_seq() - 1);
+    engine.park_partitions([parked_p]);
+    engine.replace_rules(&changed).unwrap();
+    twin.replace_rules(&changed).unwrap();
+    sweep(&mut engine);
+    sweep(&mut twin);
+    let expected = changes_by_customer(&twin, before);
+    assert!(
+        expected.keys().any(|id| of(id) == parked_p) && expected.keys().any(|id| of(id) != parked_p),
+        "the new tag changes customers of every partition"
+    );
+    let swept = changes_by_customer(&engine, before);
+    assert!(
+        swept.keys().all(|id| of(id) != parked_p),
+        "a parked partition was swept"
+    );
+    let mut others = expected.clone();
+    others.retain(|id, _| of(id) != parked_p);
+    assert_eq!(swept, others);
+    engine.activate_partition(parked_p);
+    assert!(engine.backfill_pending(), "activated: swept again");
+    sweep(&mut engine);
+    assert_eq!(changes_by_customer(&engine, before), expected);
+}
