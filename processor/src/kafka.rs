@@ -1390,6 +1390,40 @@ pub fn read_state_partition(
     stall: Duration,
     progress: &dyn Fn(u64),
 ) -> Result<(crate::changelog::Restore, usize), String> {
+    let mut assembler = crate::changelog::Assembler::new(partition, partitions);
+    let mut read = 0u64;
+    read_state_records(settings, topic, partition, 0, stall, &mut |m| {
+        assembler
+            .add(m.key().unwrap_or_default(), m.payload(), commit_header(m))
+            .map_err(|e| {
+                format!(
+                    "{e} (offset {} of partition {partition} of `{topic}`)",
+                    m.offset()
+                )
+            })?;
+        read += 1;
+        if read.is_multiple_of(1_000) {
+            progress(read);
+        }
+        Ok(())
+    })?;
+    progress(read);
+    Ok(assembler.finish())
+}
+
+/// Hands `take` each record of partition `partition` of the state topic `topic` from offset
+/// `from` to the end the broker names when the read begins, and those that follow it
+/// without a pause (some brokers, tansu, name an end short of the last record). Fails when
+/// no record arrives for `stall` before that end, or when `take` fails.
+pub(crate) fn read_state_records(
+    settings: &KafkaSettings,
+    topic: &str,
+    partition: u32,
+    from: i64,
+    stall: Duration,
+    take: &mut dyn FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Result<(), String>,
+) -> Result<(), String> {
+    const SETTLE: Duration = Duration::from_millis(300);
     let failed = |what: &str, e: KafkaError| format!("{what} partition {partition} of `{topic}`: {e}");
     let consumer: BaseConsumer = settings
         .client_config()
@@ -1401,45 +1435,36 @@ pub fn read_state_partition(
     let (_, end) = consumer
         .fetch_watermarks(topic, partition as i32, stall)
         .map_err(|e| failed("finding the end of", e))?;
-    let mut assembler = crate::changelog::Assembler::new(partition, partitions);
-    if end > 0 {
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, partition as i32, Offset::Beginning)
-            .map_err(|e| failed("reading", e))?;
-        consumer.assign(&tpl).map_err(|e| failed("reading", e))?;
-        // Past the end the broker named, records that still follow without a pause are read
-        // too: some brokers (tansu) name an end short of the last record.
-        const SETTLE: Duration = Duration::from_millis(300);
-        let (mut last_progress, mut reached, mut read) = (Instant::now(), false, 0u64);
-        loop {
-            match consumer.poll(Duration::from_millis(100)) {
-                Some(Ok(m)) => {
-                    last_progress = Instant::now();
-                    let commit = commit_header(&m);
-                    assembler
-                        .add(m.key().unwrap_or_default(), m.payload(), commit)
-                        .map_err(|e| format!("{e} (offset {} of partition {partition} of `{topic}`)", m.offset()))?;
-                    reached |= m.offset() + 1 >= end;
-                    read += 1;
-                    if read % 1_000 == 0 {
-                        progress(read);
-                    }
-                }
-                Some(Err(e)) => return Err(failed("reading", e)),
-                None if reached && last_progress.elapsed() >= SETTLE => {
-                    progress(read);
-                    break;
-                }
-                None if !reached && last_progress.elapsed() > stall => {
-                    return Err(format!(
-                        "reading partition {partition} of `{topic}`: nothing arrived for {stall:?} before its end (offset {end})"
-                    ))
-                }
-                None => {}
+    if from >= end {
+        return Ok(());
+    }
+    let mut tpl = TopicPartitionList::new();
+    let start = if from == 0 {
+        Offset::Beginning
+    } else {
+        Offset::Offset(from)
+    };
+    tpl.add_partition_offset(topic, partition as i32, start)
+        .map_err(|e| failed("reading", e))?;
+    consumer.assign(&tpl).map_err(|e| failed("reading", e))?;
+    let (mut last, mut reached) = (Instant::now(), false);
+    loop {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                last = Instant::now();
+                take(&m)?;
+                reached |= m.offset() + 1 >= end;
             }
+            Some(Err(e)) => return Err(failed("reading", e)),
+            None if reached && last.elapsed() >= SETTLE => return Ok(()),
+            None if !reached && last.elapsed() > stall => {
+                return Err(format!(
+                    "reading partition {partition} of `{topic}`: nothing arrived for {stall:?} before its end (offset {end})"
+                ))
+            }
+            None => {}
         }
     }
-    Ok(assembler.finish())
 }
 
 /// The commit a state topic record names in its [`crate::changelog::COMMIT_HEADER`], if any.

@@ -420,46 +420,18 @@ pub(super) fn read_tail(
     mut follower: Follower,
     stall: Duration,
 ) -> Result<Follower, String> {
-    let partition = follower.partition;
-    let failed =
-        |what: &str, e: rdkafka::error::KafkaError| format!("{what} partition {partition} of `{topic}`: {e}");
-    let consumer: BaseConsumer = settings
-        .client_config()
-        .set("group.id", format!("{}-restore", settings.group_id))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .create()
-        .map_err(|e| failed("connecting to read", e))?;
-    let (_, end) = consumer
-        .fetch_watermarks(topic, partition as i32, stall)
-        .map_err(|e| failed("finding the end of", e))?;
-    if follower.next_offset >= end {
-        return Ok(follower);
-    }
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, partition as i32, Offset::Offset(follower.next_offset))
-        .map_err(|e| failed("reading", e))?;
-    consumer.assign(&tpl).map_err(|e| failed("reading", e))?;
-    let mut last = Instant::now();
-    loop {
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
-                last = Instant::now();
-                let commit = super::commit_header(&m);
-                follower
-                    .add(m.offset(), m.key().unwrap_or_default(), m.payload(), commit)
-                    .map_err(|e| e.0)?;
-            }
-            Some(Err(e)) => return Err(failed("reading", e)),
-            None if follower.next_offset >= end && last.elapsed() >= SETTLE => return Ok(follower),
-            None if follower.next_offset < end && last.elapsed() > stall => {
-                return Err(format!(
-                    "reading partition {partition} of `{topic}`: nothing arrived for {stall:?} before its end (offset {end})"
-                ))
-            }
-            None => {}
-        }
-    }
+    let (partition, from) = (follower.partition, follower.next_offset);
+    super::read_state_records(settings, topic, partition, from, stall, &mut |m| {
+        follower
+            .add(
+                m.offset(),
+                m.key().unwrap_or_default(),
+                m.payload(),
+                super::commit_header(m),
+            )
+            .map_err(|e| e.0)
+    })?;
+    Ok(follower)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
