@@ -54,7 +54,9 @@ pub fn serve(
     let tls = tls.map(crate::tls::Reloadable::open).transpose()?;
     let stopping = Arc::new(AtomicBool::new(false));
     let access = Access::open(engine.store().clone(), access).map_err(anyhow::Error::msg)?;
-    access.check_listen(listen).map_err(anyhow::Error::msg)?;
+    if kafka.as_ref().is_none_or(|k| k.control_topic.is_none()) {
+        access.check_listen(listen).map_err(anyhow::Error::msg)?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     // Taken over now, before anything announces the server: a SIGTERM from a supervisor
     // that saw it start then always drains rather than killing the process outright.
@@ -89,6 +91,14 @@ pub fn serve(
                 )
                 .map_err(anyhow::Error::msg)?;
                 tracing::info!(%topic, version = status.rules_version(), "running the group's rule set");
+                // The group's API keys count here before the node is reachable (and
+                // decide whether it may listen beyond loopback).
+                let shared = query_api::access::routes::join_group(&state.access, worker.control())
+                    .map_err(|e| anyhow::anyhow!("sharing API keys with the group: {e}"))?;
+                if shared > 0 {
+                    tracing::info!(keys = shared, "shared this store's API keys with the group");
+                }
+                state.access.check_listen(listen).map_err(anyhow::Error::msg)?;
                 state.control = Some(worker.control().clone());
                 control = Some(worker);
             }
@@ -163,6 +173,17 @@ pub fn serve(
             .map_err(|e| anyhow::anyhow!("loading webhook subscriptions: {e}"))?;
         if resumed > 0 {
             tracing::info!(subscriptions = resumed, "delivering webhooks");
+        }
+        if let Some(control) = &state.control {
+            let shared = webhooks
+                .join_group(&state, control)
+                .map_err(|e| anyhow::anyhow!("sharing webhook subscriptions with the group: {e}"))?;
+            if shared > 0 {
+                tracing::info!(
+                    subscriptions = shared,
+                    "shared this store's webhook subscriptions with the group"
+                );
+            }
         }
         let shutdown = state.shutdown.clone();
         let app = router(state);

@@ -247,3 +247,82 @@ fn the_chain_accepts_a_start_then_each_next_version_once() {
     );
     assert_eq!(chain.last(), Some(5));
 }
+
+/// Shared settings (API keys, webhook subscriptions) ride the control topic beside the
+/// chain: every node's sink of a kind gets every record of that kind in the topic's order —
+/// those written before the node started or before the sink was registered first, then the
+/// rest as they are read — and none of them moves the rule-set chain.
+#[test]
+fn shared_records_reach_every_nodes_sink_in_order_without_touching_the_chain() {
+    use std::sync::Mutex;
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("control", 1, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let record = |kind: &str, id: &str, n: u64| control::Shared {
+        kind: kind.into(),
+        id: id.into(),
+        body: serde_json::json!({ "n": n, "secret": "never printed" }),
+    };
+    let collect = |node: &Node, kind: &str| {
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let into = got.clone();
+        node.worker.control().on_shared(
+            kind,
+            Box::new(move |r: &control::Shared| {
+                into.lock().unwrap().push((r.id.clone(), r.body["n"].clone()))
+            }),
+        );
+        got
+    };
+    let a = Node::start(&brokers, "shared-a", FIRST, 0..2);
+    let on_a = collect(&a, "key");
+    for (id, n) in [("k1", 1), ("k2", 2)] {
+        a.worker.control().share(&record("key", id, n)).unwrap();
+    }
+    a.worker.control().share(&record("webhook", "w1", 3)).unwrap();
+    let b = Node::start(&brokers, "shared-b", OTHER, 2..4);
+    assert_eq!(
+        b.running().1,
+        1,
+        "the chain's start is A's, shared records between"
+    );
+    // Registered after B read the topic: given what came before, in order, of its kind.
+    let keys_b = collect(&b, "key");
+    let hooks_b = collect(&b, "webhook");
+    let expected = |pairs: &[(&str, u64)]| -> Vec<(String, serde_json::Value)> {
+        pairs
+            .iter()
+            .map(|(id, n)| (id.to_string(), serde_json::json!(n)))
+            .collect()
+    };
+    assert_eq!(*keys_b.lock().unwrap(), expected(&[("k1", 1), ("k2", 2)]));
+    assert_eq!(*hooks_b.lock().unwrap(), expected(&[("w1", 3)]));
+    // Written by B: read by both as it comes, after what was there.
+    b.worker.control().share(&record("key", "k1", 4)).unwrap();
+    let deadline = Instant::now() + WAIT;
+    let all = expected(&[("k1", 1), ("k2", 2), ("k1", 4)]);
+    while *on_a.lock().unwrap() != all || *keys_b.lock().unwrap() != all {
+        assert!(Instant::now() < deadline, "A: {:?}", on_a.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The chain goes on from where it was: a change from version 1 is version 2.
+    let proposal = b.propose(|e| {
+        e.propose_rules(OTHER, &RuleEdit::by("bob"), "put_rules".into())
+            .unwrap()
+    });
+    assert_eq!(proposal.version.version, 2);
+    assert!(matches!(
+        b.worker.control().propose(proposal, WAIT).unwrap(),
+        Outcome::Applied(..)
+    ));
+    a.wait_for_version(2);
+    // What a log line would show of a shared record: never its body.
+    assert!(!format!("{:?}", record("webhook", "w1", 3)).contains("never printed"));
+    assert!(!format!(
+        "{:?}",
+        ControlRecord::Shared {
+            shared: record("webhook", "w1", 3)
+        }
+    )
+    .contains("never printed"));
+}

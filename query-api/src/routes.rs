@@ -1193,7 +1193,7 @@ pub async fn delete_segment(
     })
     .await?;
     let mut answer = json!(update);
-    answer["webhooks_deleted"] = json!(crate::webhooks::delete_for_definition(&app, &name)?);
+    answer["webhooks_deleted"] = json!(crate::webhooks::delete_for_definition(&app, &name).await?);
     answer["name"] = name.into();
     Ok(versioned_answer(&version, note.as_deref(), answer))
 }

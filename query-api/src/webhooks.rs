@@ -106,6 +106,13 @@ struct Subscription {
     /// The role of the key that created it: deliveries are masked as that role sees data.
     #[serde(default)]
     role: Option<String>,
+    /// Made in a group with `x-tagstream-scope: node`: this node's alone, never shared.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    node_only: bool,
+    /// In a group, this node's store among the senders (`x-tagstream-delivery` names it):
+    /// set when its task starts.
+    #[serde(skip)]
+    sender: Option<String>,
 }
 
 impl std::fmt::Debug for Subscription {
@@ -130,8 +137,61 @@ impl Subscription {
             "max_attempts": self.max_attempts,
             "created_at": self.created_at,
             "role": self.role,
+            "node_only": self.node_only,
         })
     }
+
+    /// The `x-tagstream-delivery` id of a batch whose first change is `first`.
+    fn delivery_id(&self, first: u64) -> String {
+        match &self.sender {
+            Some(sender) => format!("{}-{sender}-{first}", self.id),
+            None => format!("{}-{first}", self.id),
+        }
+    }
+}
+
+/// How a subscription travels between the nodes of a group (the control topic's
+/// `webhook` records): made, or deleted. A deletion wins over the making, in any order.
+#[derive(Serialize, Deserialize)]
+struct SharedSubscription {
+    subscription: Subscription,
+    #[serde(default)]
+    deleted: bool,
+}
+
+const SHARED_KIND: &str = "webhook";
+
+/// Sends a subscription's making or deletion to the group; blocking, until the broker has it.
+fn share(
+    control: &processor::kafka::control::Control,
+    sub: &Subscription,
+    deleted: bool,
+) -> Result<(), ApiError> {
+    let body = serde_json::to_value(SharedSubscription {
+        subscription: sub.clone(),
+        deleted,
+    })
+    .expect("a subscription serialises");
+    control
+        .share(&processor::kafka::control::Shared {
+            kind: SHARED_KIND.into(),
+            id: sub.id.to_string(),
+            body,
+        })
+        .map_err(|e| ApiError::Unavailable(format!("the group could not be told, so nothing changed: {e}")))
+}
+
+/// This store's name among a group's webhook senders: drawn once, kept in the store.
+fn sender_name(reader: &ReadHandle) -> Result<String, processor::EngineError> {
+    const SENDER: &str = "webhook_sender";
+    let mut sender = reader.cursor(SENDER)?;
+    if sender == 0 {
+        let mut bytes = [0u8; 4];
+        getrandom::fill(&mut bytes).expect("the operating system's random source");
+        sender = u64::from(u32::from_be_bytes(bytes)).max(1);
+        reader.set_cursor(SENDER, sender)?;
+    }
+    Ok(format!("{sender:08x}"))
 }
 
 fn sub_key(id: u64) -> Vec<u8> {
@@ -202,7 +262,7 @@ impl Webhooks {
         Ok(n)
     }
 
-    fn start(self: &Arc<Self>, app: &AppState, sub: Subscription) {
+    fn start(self: &Arc<Self>, app: &AppState, mut sub: Subscription) {
         let id = sub.id;
         // Retention keeps what the subscription has not delivered, from before its task
         // first runs.
@@ -210,6 +270,13 @@ impl Webhooks {
         match reader.cursor(&cursor_name(id)) {
             Ok(cursor) => reader.hold(&cursor_name(id), Log::Changes, cursor + 1),
             Err(e) => tracing::error!(webhook = id, error = %e, "webhook cursor unreadable"),
+        }
+        if app.control.is_some() {
+            // Several nodes send batches to the same receiver, each numbered by its own log.
+            match sender_name(reader) {
+                Ok(sender) => sub.sender = Some(sender),
+                Err(e) => tracing::error!(webhook = id, error = %e, "this store's sender name is unreadable"),
+            }
         }
         let task = tokio::spawn(deliver(
             app.clone(),
@@ -221,6 +288,78 @@ impl Webhooks {
         if let Some(old) = tasks.insert(id, task) {
             old.abort();
         }
+    }
+
+    /// Stores `sub`, delivering from `after` on, and starts it.
+    fn add(self: &Arc<Self>, app: &AppState, sub: Subscription, after: u64) -> Result<(), ApiError> {
+        let reader = app.engine.reader();
+        reader.set_cursor(&cursor_name(sub.id), after)?;
+        let value = serde_json::to_vec(&sub).expect("a subscription serialises");
+        reader
+            .store()
+            .put_now(CF_WEBHOOKS, &sub_key(sub.id), &value)
+            .map_err(processor::EngineError::from)?;
+        self.start(app, sub);
+        Ok(())
+    }
+
+    /// Takes in a subscription's making or deletion from the group (the control topic): a
+    /// subscription made elsewhere delivers this node's changes from its last one on.
+    /// Returns the subscription's id and whether it is deleted.
+    fn merge_shared(self: &Arc<Self>, app: &AppState, body: &Json_) -> Result<(u64, bool), ApiError> {
+        let shared: SharedSubscription = serde_json::from_value(body.clone()).map_err(|e| {
+            ApiError::BadRequest(format!("a shared webhook subscription does not parse: {e}"))
+        })?;
+        let sub = shared.subscription;
+        let id = sub.id;
+        let _one_at_a_time = self.create.lock().unwrap_or_else(|e| e.into_inner());
+        let stored = match find(app.engine.reader(), id) {
+            Ok(_) => true,
+            Err(ApiError::NotFound(_)) => false,
+            Err(e) => return Err(e),
+        };
+        if shared.deleted && stored {
+            remove(app, id)?;
+        } else if !shared.deleted && !stored {
+            self.add(app, sub, app.engine.reader().last_seq())?;
+        }
+        Ok((id, shared.deleted))
+    }
+
+    /// In a group of several: this node's subscriptions become the group's. Every
+    /// subscription the group made or deleted (read from the control topic, those before
+    /// this node started first) is taken in here, and as they come; then this store's own
+    /// that the group does not know (made before the node joined) are shared. Call once
+    /// the stored ones run ([`Webhooks::resume`]), within the runtime.
+    pub fn join_group(
+        self: &Arc<Self>,
+        app: &AppState,
+        control: &Arc<processor::kafka::control::Control>,
+    ) -> Result<usize, ApiError> {
+        let known = Arc::new(Mutex::new(std::collections::HashSet::new()));
+        let (hooks, state, seen) = (self.clone(), app.clone(), known.clone());
+        let runtime = tokio::runtime::Handle::current();
+        control.on_shared(
+            SHARED_KIND,
+            Box::new(move |shared: &processor::kafka::control::Shared| {
+                let _in_runtime = runtime.enter();
+                match hooks.merge_shared(&state, &shared.body) {
+                    Ok((id, _)) => {
+                        seen.lock().unwrap_or_else(|e| e.into_inner()).insert(id);
+                    }
+                    Err(e) => tracing::warn!(id = %shared.id, error = %e, "a webhook subscription from the group was not taken in"),
+                }
+            }),
+        );
+        let known = known.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut shared = 0;
+        for sub in stored(app.engine.reader())? {
+            if !sub.node_only && !known.contains(&sub.id) {
+                share(control, &sub, false)?;
+                shared += 1;
+            }
+        }
+        Ok(shared)
     }
 
     fn stop(&self, app: &AppState, id: u64) {
@@ -298,14 +437,10 @@ pub async fn create(
     headers: axum::http::HeaderMap,
     LimitedBody(body): LimitedBody,
 ) -> Result<(StatusCode, Json<Json_>), ApiError> {
-    // Subscriptions are each node's: in a group of several, one delivers the changes of
-    // the partitions its node owns, whichever they are over time. Made knowingly only.
-    if app.cluster.is_some() && !crate::cluster::scoped(&headers) {
-        return Err(ApiError::Conflict(format!(
-            "in a group of several nodes a webhook subscription delivers only the changes of the partitions the node it is created on owns (which move between nodes): create it on every node, each with `{}: node` (docs/cluster.md)",
-            crate::cluster::SCOPE
-        )));
-    }
+    // In a group of several a subscription is the group's: every node delivers the changes
+    // it makes. `x-tagstream-scope: node` makes one of this node's alone.
+    let node_only = app.control.is_some() && crate::cluster::scoped(&headers);
+    let group = app.control.clone().filter(|_| !node_only);
     let b: CreateBody = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("bad webhook subscription: {e}")))?;
     let uri = check_url(&b.url)?;
@@ -338,6 +473,12 @@ pub async fn create(
         .check_host(uri.host().unwrap_or_default(), port)
         .await
         .map_err(|m| ApiError::BadRequest(format!("`url`: {m}")))?;
+    if group.is_some() && b.after.is_some() {
+        return Err(ApiError::BadRequest(format!(
+            "`after` is a `seq` of one node's change log; a subscription of the group delivers each node's changes from its last one on (or make one node's alone with `{}: node`)",
+            crate::cluster::SCOPE
+        )));
+    }
     let last = reader.last_seq();
     let after = b.after.unwrap_or(last);
     if after > last {
@@ -346,9 +487,22 @@ pub async fn create(
         )));
     }
     reader.check_changes_cursor(after)?;
-    let sub = {
-        let _one_at_a_time = app.webhooks.create.lock().unwrap_or_else(|e| e.into_inner());
-        let id = reader.cursor(NEXT_ID)? + 1;
+    let hooks = app.webhooks.clone();
+    let state = app.clone();
+    let role = principal.as_ref().map(|p| p.role.name.clone());
+    let sub = tokio::task::spawn_blocking(move || {
+        let reader = state.engine.reader();
+        let _one_at_a_time = hooks.create.lock().unwrap_or_else(|e| e.into_inner());
+        let id = match &group {
+            // Drawn at random, so that nodes need not agree on a counter: above the
+            // counter's range, below 2^53 (exact in every JSON reader).
+            Some(_) => {
+                let mut bytes = [0u8; 8];
+                getrandom::fill(&mut bytes).expect("the operating system's random source");
+                (u64::from_be_bytes(bytes) >> 11).max(1 << 32)
+            }
+            None => reader.cursor(NEXT_ID)? + 1,
+        };
         let sub = Subscription {
             id,
             url: b.url,
@@ -356,20 +510,22 @@ pub async fn create(
             secret: b.secret,
             max_attempts,
             created_at: now_ms(),
-            role: principal.as_ref().map(|p| p.role.name.clone()),
+            role,
+            node_only,
+            sender: None,
         };
-        reader.set_cursor(&cursor_name(id), after)?;
-        let value = serde_json::to_vec(&sub).expect("a subscription serialises");
-        reader
-            .store()
-            .put_now(CF_WEBHOOKS, &sub_key(id), &value)
-            .map_err(processor::EngineError::from)?;
-        reader.set_cursor(NEXT_ID, id)?;
-        sub
-    };
-    let shown = sub.public();
-    app.webhooks.start(&app, sub);
-    Ok((StatusCode::CREATED, Json(shown)))
+        if let Some(control) = &group {
+            share(control, &sub, false)?;
+        }
+        hooks.add(&state, sub.clone(), after)?;
+        if group.is_none() {
+            reader.set_cursor(NEXT_ID, id)?;
+        }
+        Ok::<_, ApiError>(sub)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    Ok((StatusCode::CREATED, Json(sub.public())))
 }
 
 /// `GET /v1/webhooks`: every subscription with its delivery position.
@@ -385,12 +541,23 @@ pub async fn list(State(app): State<AppState>) -> Result<Json<Json_>, ApiError> 
 }
 
 /// `DELETE /v1/webhooks/{id}`: stop delivering and forget the subscription and its dead
-/// letters.
+/// letters (in a group, on every node).
 pub async fn delete(State(app): State<AppState>, Path(id): Path<String>) -> Result<Json<Json_>, ApiError> {
     let id = parse_id(&id)?;
-    find(app.engine.reader(), id)?;
-    remove(&app, id)?;
+    let sub = find(app.engine.reader(), id)?;
+    tokio::task::spawn_blocking(move || forget(&app, &sub))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
     Ok(Json(json!({ "deleted": id })))
+}
+
+/// Deletes `sub` here, and in a group on every node (told first: when the group cannot
+/// be told, nothing is deleted). Blocking.
+fn forget(app: &AppState, sub: &Subscription) -> Result<(), ApiError> {
+    if let Some(control) = app.control.as_ref().filter(|_| !sub.node_only) {
+        share(control, sub, true)?;
+    }
+    remove(app, sub.id)
 }
 
 fn remove(app: &AppState, id: u64) -> Result<(), ApiError> {
@@ -404,17 +571,22 @@ fn remove(app: &AppState, id: u64) -> Result<(), ApiError> {
 }
 
 /// Deletes the subscriptions to the definition `name` (a segment just deleted: its
-/// webhooks stop, and do not come back if a segment of that name is made again). Returns
-/// their ids.
-pub fn delete_for_definition(app: &AppState, name: &str) -> Result<Vec<u64>, ApiError> {
-    let mut deleted = Vec::new();
-    for sub in stored(app.engine.reader())? {
-        if sub.name.as_deref() == Some(name) {
-            remove(app, sub.id)?;
-            deleted.push(sub.id);
+/// webhooks stop, and do not come back if a segment of that name is made again), in a
+/// group on every node. Returns their ids.
+pub async fn delete_for_definition(app: &AppState, name: &str) -> Result<Vec<u64>, ApiError> {
+    let (app, name) = (app.clone(), name.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let mut deleted = Vec::new();
+        for sub in stored(app.engine.reader())? {
+            if sub.name.as_deref() == Some(name.as_str()) {
+                forget(&app, &sub)?;
+                deleted.push(sub.id);
+            }
         }
-    }
-    Ok(deleted)
+        Ok(deleted)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?
 }
 
 /// `GET /v1/webhooks/{id}/dead_letters`: batches that kept failing, oldest first.
@@ -614,7 +786,7 @@ async fn attempt_delivery(
             "x-tagstream-signature",
             signature(sub.secret.as_bytes(), at, body),
         )
-        .header("x-tagstream-delivery", format!("{}-{first}", sub.id))
+        .header("x-tagstream-delivery", sub.delivery_id(first))
         .header("x-tagstream-attempt", attempt.to_string())
         .body(Full::new(body.clone()));
     let outcome = match request {

@@ -29,6 +29,8 @@ mod broker;
 use broker::{free_port, Broker, BrokerOptions};
 #[path = "support/pki.rs"]
 mod pki;
+#[path = "support/receiver.rs"]
+mod receiver;
 #[path = "support/tls_terminator.rs"]
 mod tls_terminator;
 use tls_terminator::TlsTerminator;
@@ -1312,10 +1314,6 @@ fn two_nodes_share_a_group_and_the_survivor_of_a_kill_takes_over_without_loss() 
             "{path}"
         );
     }
-    // A webhook subscription is one node's: made only knowingly.
-    let r = request(&first.addr, "POST", "/v1/webhooks", b"{}");
-    assert_eq!(r.status, 409, "{}", r.text());
-    assert!(r.text().contains("x-tagstream-scope"), "{}", r.text());
     // Gone again, from both, so the stores end like the single store below (which never
     // had it).
     let r = request(&second.addr, "DELETE", "/v1/segments/east", b"");
@@ -1969,4 +1967,175 @@ fn three_nodes_change_logs_replay_to_what_the_survivors_hold() {
         from_topic == one,
         "the group log's changes differ from one store's"
     );
+}
+
+/// API keys and webhook subscriptions are the group's (issue #21): a key made on one node
+/// opens every node — one that starts later too — and a revocation on any node closes
+/// every node; a subscription made on one node is listed by the other and gets every
+/// partition's changes from whichever node makes them, each exactly once, each sender's
+/// batches named apart; deleted on the other node, it is gone from both.
+#[test]
+fn two_nodes_share_api_keys_and_webhook_subscriptions() {
+    const PARTITIONS: u32 = 2;
+    const SECRET: &str = "a webhook secret of the group";
+    let lines = stream();
+    let broker = group_broker(PARTITIONS);
+    let run = TempDir::new("kafka-shared-settings");
+    let admin = format!("tsk_adminkey01_{}", "s".repeat(43));
+    let key_file = run.path().join("admin.key");
+    std::fs::write(&key_file, &admin).unwrap();
+    let settings = "[access]\nauth = \"required\"\n";
+    let hooks = "[webhooks]\nallow_targets = [\"127.0.0.1/32\"]\n";
+    let config = |node: &str, access: String| {
+        let dir = run.path().join(node);
+        std::fs::create_dir_all(&dir).unwrap();
+        group_config(
+            &dir,
+            &broker,
+            "shared-settings",
+            PARTITIONS,
+            &format!("{access}{hooks}"),
+        )
+    };
+    // Only the first node is given a key; the second has none of its own.
+    let first_config = config(
+        "a",
+        format!("{settings}bootstrap_key_file = \"{}\"\n", key_file.display()),
+    );
+    let second_config = config("b", settings.to_owned());
+    let call = |server: &Server, key: Option<&str>, method: &str, path: &str, body: &str| {
+        let auth = key.map(|k| format!("Bearer {k}"));
+        let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+        request_with(&server.addr, method, path, &headers, body.as_bytes())
+    };
+    let make_key = |server: &Server, name: &str| {
+        let r = call(
+            server,
+            Some(&admin),
+            "POST",
+            "/v1/admin/keys",
+            &format!(r#"{{"name":"{name}","role":"reader"}}"#),
+        );
+        assert_eq!(r.status, 201, "{}", r.text());
+        r.json()["key"].as_str().unwrap().to_owned()
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let until = |what: &str, done: &dyn Fn() -> bool| {
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+
+    let first = Server::start(&run.path().join("a/data"), &first_config);
+    let early = make_key(&first, "early");
+    let (url, received) = receiver::receiver(SECRET, |_| false);
+    // A `seq` is one node's: a group's subscription cannot start after one.
+    let r = call(
+        &first,
+        Some(&admin),
+        "POST",
+        "/v1/webhooks",
+        &format!(r#"{{"url":"{url}","secret":"{SECRET}","after":0}}"#),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    let r = call(
+        &first,
+        Some(&admin),
+        "POST",
+        "/v1/webhooks",
+        &format!(r#"{{"url":"{url}","secret":"{SECRET}"}}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let subscription = r.json()["id"].as_u64().unwrap();
+
+    // The second node has the group's keys and subscription as it starts.
+    let second = Server::start(&run.path().join("b/data"), &second_config);
+    for key in [&admin, &early] {
+        let r = call(&second, Some(key), "GET", "/v1/segments", "");
+        assert_eq!(r.status, 200, "a key made before the node started: {}", r.text());
+    }
+    assert_eq!(call(&second, None, "GET", "/v1/segments", "").status, 401);
+    let r = call(&second, Some(&admin), "GET", "/v1/webhooks", "");
+    assert_eq!(r.json()["webhooks"][0]["id"], subscription, "{}", r.text());
+    assert!(!r.text().contains(SECRET), "{}", r.text());
+    // A key made on the second node opens the first, once the first has read it.
+    let late = make_key(&second, "late");
+    until("the first node never took the late key", &|| {
+        call(&first, Some(&late), "GET", "/v1/segments", "").status == 200
+    });
+
+    // Each node owns one partition; the stream's changes reach the subscription from both.
+    let owns_one = |server: &Server| {
+        server.metric("tagstream_kafka_partitions_assigned") == 1.0
+            && request(&server.addr, "GET", "/readyz", b"").status == 200
+    };
+    until("the partitions were not split", &|| {
+        owns_one(&first) && owns_one(&second)
+    });
+    produce(&broker.addr, &lines);
+    let consumed = |server: &Server| {
+        metric_sum(server, "tagstream_events_total") + metric_sum(server, "tagstream_events_rejected_total")
+    };
+    until("the stream was not consumed", &|| {
+        consumed(&first) + consumed(&second) >= lines.len() as f64
+    });
+    let made =
+        || metric_sum(&first, "tagstream_changes_total") + metric_sum(&second, "tagstream_changes_total");
+    until("not every change was delivered", &|| {
+        received.lock().unwrap().changes.len() as f64 >= made()
+    });
+    {
+        let got = received.lock().unwrap();
+        assert_eq!(got.bad_signatures, 0);
+        let mut numbers: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+        for change in &got.changes {
+            numbers
+                .entry(change["partition"].as_u64().unwrap())
+                .or_default()
+                .push(change["pseq"].as_u64().unwrap());
+        }
+        assert_eq!(numbers.len(), PARTITIONS as usize, "changes of both partitions");
+        for (partition, pseqs) in &numbers {
+            let mut sorted = pseqs.clone();
+            sorted.sort_unstable();
+            let expected: Vec<u64> = (1..=pseqs.len() as u64).collect();
+            assert_eq!(
+                sorted, expected,
+                "partition {partition}: each change once, none missing"
+            );
+        }
+        assert_eq!(got.changes.len() as f64, made());
+        // Each node numbers its batches by its own log: the delivery ids name the sender.
+        let senders: std::collections::BTreeSet<&str> = got
+            .deliveries
+            .iter()
+            .map(|d| d.split('-').nth(1).unwrap())
+            .collect();
+        assert_eq!(senders.len(), 2, "{:?}", got.deliveries);
+        assert!(got
+            .deliveries
+            .iter()
+            .all(|d| d.starts_with(&format!("{subscription}-"))));
+    }
+
+    // Deleted on the second node: gone from both.
+    let r = call(
+        &second,
+        Some(&admin),
+        "DELETE",
+        &format!("/v1/webhooks/{subscription}"),
+        "",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    until("the first node kept the deleted subscription", &|| {
+        call(&first, Some(&admin), "GET", "/v1/webhooks", "").json()["webhooks"] == serde_json::json!([])
+    });
+    // Revoked on the second node: refused by both.
+    let r = call(&second, Some(&admin), "DELETE", "/v1/admin/keys/early", "");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(call(&second, Some(&early), "GET", "/v1/segments", "").status, 401);
+    until("the first node still takes the revoked key", &|| {
+        call(&first, Some(&early), "GET", "/v1/segments", "").status == 401
+    });
 }

@@ -42,6 +42,41 @@ pub enum ControlRecord {
     /// A node marks where the topic ended when it started reading (it has read everything
     /// before once it reads this).
     Mark,
+    /// A setting every node keeps a copy of (an API key, a webhook subscription): not part
+    /// of the chain; each node merges it by the rule of its kind ([`Control::on_shared`]).
+    Shared { shared: Shared },
+}
+
+/// A record of a setting the group shares, as written: its kind (`key`, `webhook`), its id
+/// within the kind and its whole state. Every node merges the records of one id by a rule
+/// that gives the same result in any order (a revocation or a deletion wins), so the
+/// topic's order need not be agreed and a node that was away merges what it missed.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shared {
+    pub kind: String,
+    pub id: String,
+    pub body: serde_json::Value,
+}
+
+impl std::fmt::Debug for Shared {
+    /// Without the body: a webhook's signing secret is in it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("kind", &self.kind)
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Takes in the shared records of one kind, on the thread that reads the control topic.
+pub type SharedSink = Box<dyn Fn(&Shared) + Send + Sync>;
+
+/// The shared records read so far (a sink registered late is given them first) and who
+/// takes them in.
+#[derive(Default)]
+struct SharedRecords {
+    read: Vec<Shared>,
+    sinks: Vec<(String, SharedSink)>,
 }
 
 /// Which records the chain accepts: decided from the topic alone, in its order.
@@ -57,7 +92,7 @@ impl Chain {
         let (version, start) = match record {
             ControlRecord::Change { proposal } => (proposal.version.version, false),
             ControlRecord::Start { proposal } => (proposal.version.version, true),
-            ControlRecord::Mark => return false,
+            ControlRecord::Mark | ControlRecord::Shared { .. } => return false,
         };
         let accepted = match self.last {
             // A topic whose first records were deleted (by a retention set on it) starts at
@@ -109,6 +144,7 @@ pub struct Control {
     outcomes: Mutex<HashMap<String, Outcome>>,
     arrived: Condvar,
     stopping: AtomicBool,
+    shared: Mutex<SharedRecords>,
 }
 
 impl Control {
@@ -140,6 +176,39 @@ impl Control {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
         format!("{version}|{}|{nanos}", self.node)
+    }
+
+    /// Sends a shared setting to every node (this one included, which has it already and
+    /// merges it again to no effect); returns once the broker has it.
+    pub fn share(&self, shared: &Shared) -> Result<(), ControlError> {
+        let key = format!("shared|{}|{}|{}", shared.kind, shared.id, self.key(0));
+        self.send(
+            &key,
+            &ControlRecord::Shared {
+                shared: shared.clone(),
+            },
+        )
+    }
+
+    /// From now on, every shared record of `kind` read from the topic goes to `sink`, on
+    /// the reading thread; those read before are given to it first, here, in their order.
+    pub fn on_shared(&self, kind: &str, sink: SharedSink) {
+        let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        for record in shared.read.iter().filter(|r| r.kind == kind) {
+            sink(record);
+        }
+        shared.sinks.push((kind.to_owned(), sink));
+    }
+
+    /// A shared record read from the topic: kept for sinks to come, given to those there.
+    fn take_shared(&self, record: Shared) {
+        let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        for (kind, sink) in &shared.sinks {
+            if *kind == record.kind {
+                sink(&record);
+            }
+        }
+        shared.read.push(record);
     }
 
     fn mine(&self, key: &str) -> bool {
@@ -188,6 +257,14 @@ impl Drop for ControlWorker {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+        // Nothing is read any more: the sinks go, and with them what they hold (a sink may
+        // hold what holds this control, such as the server's state).
+        self.control
+            .shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .sinks
+            .clear();
     }
 }
 
@@ -216,6 +293,7 @@ pub fn start(
         outcomes: Mutex::new(HashMap::new()),
         arrived: Condvar::new(),
         stopping: AtomicBool::new(false),
+        shared: Mutex::default(),
     });
     // Where the topic ends now: everything before the mark is the chain so far.
     let mark = format!("mark|{}", control.key(0));
@@ -267,6 +345,13 @@ impl Reader {
             };
             let Some((key, record)) = decode(&message.map_err(|e| e.to_string())?) else {
                 continue;
+            };
+            let record = match record {
+                ControlRecord::Shared { shared } => {
+                    self.control.take_shared(shared);
+                    continue;
+                }
+                record => record,
             };
             if self.chain.accept(&record) {
                 if let ControlRecord::Change { proposal } | ControlRecord::Start { proposal } = record {
@@ -349,6 +434,13 @@ impl Reader {
             };
             let Some((key, record)) = decode(&message) else {
                 continue;
+            };
+            let record = match record {
+                ControlRecord::Shared { shared } => {
+                    self.control.take_shared(shared);
+                    continue;
+                }
+                record => record,
             };
             let before = self.chain.last();
             if !self.chain.accept(&record) {

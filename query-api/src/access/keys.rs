@@ -111,6 +111,9 @@ pub enum KeyError {
     NameTaken(String),
     #[error("the store: {0}")]
     Store(String),
+    /// In a group of several: the group could not be told, so nothing was changed.
+    #[error("{0}")]
+    Unshared(String),
 }
 
 fn hash(key: &str) -> String {
@@ -146,10 +149,31 @@ pub fn check_name(name: &str) -> Result<(), KeyError> {
     }
 }
 
+impl KeyRecord {
+    /// Takes in what `other` (the same key as another node has it) knows: the earliest
+    /// revocation. Returns whether anything changed; `None` when `other` is another key
+    /// under the same id (never the case for ids drawn at random, refused if it happens).
+    pub(crate) fn join(&mut self, other: &KeyRecord) -> Option<bool> {
+        if self.id != other.id || self.hash != other.hash {
+            return None;
+        }
+        let revoked_at = match (self.revoked_at, other.revoked_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let changed = revoked_at != self.revoked_at;
+        self.revoked_at = revoked_at;
+        Some(changed)
+    }
+}
+
 /// The keys of a store, held in memory and written through.
 pub struct KeyStore {
     store: Arc<Store>,
     keys: RwLock<HashMap<String, KeyRecord>>,
+    /// One change at a time (creation checks names, then publishes without holding
+    /// `keys`, which every request reads).
+    writing: std::sync::Mutex<()>,
 }
 
 impl KeyStore {
@@ -167,6 +191,7 @@ impl KeyStore {
         Ok(KeyStore {
             store,
             keys: RwLock::new(keys),
+            writing: std::sync::Mutex::default(),
         })
     }
 
@@ -189,31 +214,52 @@ impl KeyStore {
 
     /// Creates a key for `role` (which the caller has checked exists).
     pub fn create(&self, name: &str, role: &str, by: &str, now: i64) -> Result<NewKey, KeyError> {
+        self.create_then(name, role, by, now, |_| Ok(()))
+    }
+
+    /// [`KeyStore::create`], handing the record to `publish` (the group's other nodes)
+    /// before it is stored: when `publish` fails, no key is made.
+    pub fn create_then(
+        &self,
+        name: &str,
+        role: &str,
+        by: &str,
+        now: i64,
+        publish: impl FnOnce(&KeyRecord) -> Result<(), KeyError>,
+    ) -> Result<NewKey, KeyError> {
         check_name(name)?;
-        let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
-        if keys.values().any(|k| k.name == name && k.revoked_at.is_none()) {
-            return Err(KeyError::NameTaken(name.to_owned()));
-        }
-        let id = loop {
-            let id = base32(&random_bytes::<8>())[..ID_LEN].to_owned();
-            if !keys.contains_key(&id) {
-                break id;
+        let _one_at_a_time = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        let (record, key) = {
+            let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
+            if keys.values().any(|k| k.name == name && k.revoked_at.is_none()) {
+                return Err(KeyError::NameTaken(name.to_owned()));
             }
+            let id = loop {
+                let id = base32(&random_bytes::<8>())[..ID_LEN].to_owned();
+                if !keys.contains_key(&id) {
+                    break id;
+                }
+            };
+            let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random_bytes::<32>());
+            let key = format!("{KEY_PREFIX}{id}_{secret}");
+            let record = KeyRecord {
+                id,
+                name: name.to_owned(),
+                role: role.to_owned(),
+                hash: hash(&key),
+                created_at: now,
+                created_by: by.to_owned(),
+                revoked_at: None,
+            };
+            (record, key)
         };
-        let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random_bytes::<32>());
-        let key = format!("{KEY_PREFIX}{id}_{secret}");
-        let record = KeyRecord {
-            id: id.clone(),
-            name: name.to_owned(),
-            role: role.to_owned(),
-            hash: hash(&key),
-            created_at: now,
-            created_by: by.to_owned(),
-            revoked_at: None,
-        };
+        publish(&record)?;
         self.write(&record)?;
         let info = KeyInfo::from(&record);
-        keys.insert(id, record);
+        self.keys
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(record.id.clone(), record);
         Ok(NewKey {
             info,
             key: Secret(key),
@@ -236,6 +282,7 @@ impl KeyStore {
         let id = key_id(key)
             .filter(|_| key.len() >= KEY_PREFIX.len() + ID_LEN + 1 + 40)
             .ok_or_else(|| KeyError::Invalid("not a key made by `tagstream keys generate`".into()))?;
+        let _one_at_a_time = self.writing.lock().unwrap_or_else(|e| e.into_inner());
         let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
         if let Some(existing) = keys.get(id) {
             let same: bool = hash(key).as_bytes().ct_eq(existing.hash.as_bytes()).into();
@@ -264,19 +311,80 @@ impl KeyStore {
 
     /// Revokes the key with this id or name; revoking a revoked key is a no-op.
     pub fn revoke(&self, id_or_name: &str, now: i64) -> Result<KeyInfo, KeyError> {
-        let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
-        let record = keys
-            .values_mut()
-            .filter(|k| k.id == id_or_name || (k.name == id_or_name && k.revoked_at.is_none()))
-            .min_by_key(|k| k.id != id_or_name)
-            .ok_or_else(|| KeyError::NotFound(id_or_name.to_owned()))?;
-        if record.revoked_at.is_none() {
-            let mut revoked = record.clone();
-            revoked.revoked_at = Some(now);
-            self.write(&revoked)?;
-            *record = revoked;
+        self.revoke_then(id_or_name, now, |_| Ok(()))
+    }
+
+    /// [`KeyStore::revoke`], handing the revoked record to `publish` before it is stored:
+    /// when `publish` fails, the key stays live.
+    pub fn revoke_then(
+        &self,
+        id_or_name: &str,
+        now: i64,
+        publish: impl FnOnce(&KeyRecord) -> Result<(), KeyError>,
+    ) -> Result<KeyInfo, KeyError> {
+        let _one_at_a_time = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        let record = {
+            let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
+            keys.values()
+                .filter(|k| k.id == id_or_name || (k.name == id_or_name && k.revoked_at.is_none()))
+                .min_by_key(|k| k.id != id_or_name)
+                .ok_or_else(|| KeyError::NotFound(id_or_name.to_owned()))?
+                .clone()
+        };
+        if record.revoked_at.is_some() {
+            return Ok(KeyInfo::from(&record));
         }
-        Ok(KeyInfo::from(&*record))
+        let mut revoked = record;
+        revoked.revoked_at = Some(now);
+        publish(&revoked)?;
+        self.write(&revoked)?;
+        let info = KeyInfo::from(&revoked);
+        self.keys
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(revoked.id.clone(), revoked);
+        Ok(info)
+    }
+
+    /// Takes in a key as another node of the group has it: added when this store lacks
+    /// it, revoked when the record is (the earliest revocation kept) — a revoked key is
+    /// never live again, whatever order the records come in. Returns whether this store
+    /// changed.
+    pub fn merge(&self, record: &KeyRecord) -> Result<bool, KeyError> {
+        let _one_at_a_time = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        let merged = {
+            let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
+            match keys.get(&record.id) {
+                None => record.clone(),
+                Some(existing) => {
+                    let mut merged = existing.clone();
+                    match merged.join(record) {
+                        Some(true) => merged,
+                        Some(false) => return Ok(false),
+                        None => {
+                            return Err(KeyError::Invalid(format!(
+                                "another key has the id `{}`",
+                                record.id
+                            )))
+                        }
+                    }
+                }
+            }
+        };
+        self.write(&merged)?;
+        self.keys
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(merged.id.clone(), merged);
+        Ok(true)
+    }
+
+    /// Every key as stored (hashes included): what a node shares with its group.
+    pub fn records(&self) -> Vec<KeyRecord> {
+        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<KeyRecord> = keys.values().cloned().collect();
+        out.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        out
     }
 
     /// Every key, revoked ones too, oldest first.
@@ -393,5 +501,54 @@ mod tests {
         assert!(check_name("").is_err());
         assert!(check_name("a b").is_err());
         assert!(check_name(&"x".repeat(65)).is_err());
+    }
+
+    /// Two nodes' records of the same keys, merged in either order, give one result: a key
+    /// either lacks is added, a revocation wins (the earliest), nothing is merged twice,
+    /// and another key under a known id is refused. A failed publication makes no key.
+    #[test]
+    fn records_merged_in_any_order_agree_and_a_revocation_wins() {
+        let (_d1, s1) = store();
+        let (_d2, s2) = store();
+        let (a, b) = (KeyStore::open(s1).unwrap(), KeyStore::open(s2.clone()).unwrap());
+        let one = a.create("one", "reader", "t", 1).unwrap();
+        let two = b.create("two", "admin", "t", 2).unwrap();
+        let live_one = a.records()[0].clone();
+        a.revoke("one", 5).unwrap();
+        let revoked_one = a.records()[0].clone();
+        let mut later = revoked_one.clone();
+        later.revoked_at = Some(9);
+        // b takes the revocation before the key itself, and a later revocation after.
+        for record in [&revoked_one, &live_one, &later] {
+            b.merge(record).unwrap();
+        }
+        for record in b.records() {
+            a.merge(&record).unwrap();
+        }
+        assert_eq!(a.records(), b.records());
+        assert_eq!(
+            b.records()
+                .iter()
+                .find(|r| r.id == one.info.id)
+                .unwrap()
+                .revoked_at,
+            Some(5)
+        );
+        assert!(b.verify(one.key.expose()).is_none(), "revoked everywhere");
+        assert_eq!(a.verify(two.key.expose()).unwrap().role, "admin");
+        assert!(!a.merge(&live_one).unwrap(), "nothing new");
+        // Kept in the store: a reopened store has the merged keys.
+        assert_eq!(KeyStore::open(s2).unwrap().records(), b.records());
+        let mut impostor = live_one.clone();
+        impostor.hash = hash("tsk_another_key");
+        assert!(matches!(a.merge(&impostor), Err(KeyError::Invalid(_))));
+        let unshared = b.create_then("three", "reader", "t", 3, |_| {
+            Err(KeyError::Unshared("down".into()))
+        });
+        assert!(matches!(unshared, Err(KeyError::Unshared(_))));
+        assert!(b.records().iter().all(|r| r.name != "three"), "no key made");
+        let unrevoked = b.revoke_then("two", 4, |_| Err(KeyError::Unshared("down".into())));
+        assert!(unrevoked.is_err());
+        assert!(b.verify(two.key.expose()).is_some(), "still live");
     }
 }

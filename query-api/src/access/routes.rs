@@ -7,7 +7,13 @@ use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{AuditNote, KeyError, Principal};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use processor::kafka::control::{Control, Shared};
+
+use super::keys::KeyRecord;
+use super::{Access, AuditNote, KeyError, Principal};
 use crate::error::ApiError;
 use crate::{AppState, LimitedBody};
 
@@ -18,8 +24,68 @@ impl From<KeyError> for ApiError {
             KeyError::NotFound(_) => ApiError::NotFound(e.to_string()),
             KeyError::NameTaken(_) => ApiError::Conflict(e.to_string()),
             KeyError::Store(m) => ApiError::Internal(m),
+            KeyError::Unshared(m) => ApiError::Unavailable(m),
         }
     }
+}
+
+/// What the control topic's `key` records carry.
+const SHARED_KIND: &str = "key";
+
+/// Sends a key's record (its hash, never the key) to the group's other nodes; blocking,
+/// until the broker has it. Outside a group, nothing to do.
+fn share(control: Option<&Control>, record: &KeyRecord) -> Result<(), KeyError> {
+    let Some(control) = control else {
+        return Ok(());
+    };
+    control
+        .share(&Shared {
+            kind: SHARED_KIND.into(),
+            id: record.id.clone(),
+            body: serde_json::to_value(record).expect("a key record serialises"),
+        })
+        .map_err(|e| KeyError::Unshared(format!("the group could not be told, so nothing changed: {e}")))
+}
+
+/// In a group of several: this node's API keys become the group's. Every key record the
+/// group has (read from the control topic, those before this node started first) is merged
+/// here, and each as it comes; then the keys of this store the group lacks or knows
+/// otherwise (made with `tagstream keys` or a bootstrap file, revoked while the node was
+/// alone) are shared. A key made or revoked on any node thus holds on every node; a
+/// revocation wins over any record of the key, in any order. Returns how many were shared.
+pub fn join_group(access: &Arc<Access>, control: &Arc<Control>) -> Result<usize, String> {
+    let group: Arc<Mutex<HashMap<String, KeyRecord>>> = Arc::default();
+    let (into, seen) = (access.clone(), group.clone());
+    control.on_shared(
+        SHARED_KIND,
+        Box::new(move |shared: &Shared| {
+            let record: KeyRecord = match serde_json::from_value(shared.body.clone()) {
+                Ok(record) => record,
+                Err(e) => return tracing::warn!(id = %shared.id, error = %e, "a key record from the group does not parse; ignored"),
+            };
+            if let Err(e) = into.keys.merge(&record) {
+                return tracing::warn!(id = %shared.id, error = %e, "a key record from the group was not taken in");
+            }
+            let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+            match seen.get_mut(&record.id) {
+                Some(known) => {
+                    known.join(&record);
+                }
+                None => {
+                    seen.insert(record.id.clone(), record);
+                }
+            }
+        }),
+    );
+    let group = group.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut shared = 0;
+    for record in access.keys.records() {
+        if group.get(&record.id) != Some(&record) {
+            share(Some(control), &record).map_err(|e| e.to_string())?;
+            shared += 1;
+        }
+    }
+    Ok(shared)
 }
 
 #[derive(Deserialize)]
@@ -49,10 +115,16 @@ pub async fn create_key(
         )));
     }
     let by = principal.map_or("anonymous".to_owned(), |Extension(p)| p.name);
-    let new = app
-        .access
-        .keys
-        .create(&name, &role, &by, super::audit::wall_ms())?;
+    let (access, control) = (app.access.clone(), app.control.clone());
+    let new = tokio::task::spawn_blocking(move || {
+        access
+            .keys
+            .create_then(&name, &role, &by, super::audit::wall_ms(), |record| {
+                share(control.as_deref(), record)
+            })
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
     if let Some(Extension(note)) = &note {
         note.set("key_id", &new.info.id);
     }
@@ -72,7 +144,14 @@ pub async fn revoke_key(
     Path(id): Path<String>,
     note: Option<Extension<AuditNote>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let info = app.access.keys.revoke(&id, super::audit::wall_ms())?;
+    let (access, control) = (app.access.clone(), app.control.clone());
+    let info = tokio::task::spawn_blocking(move || {
+        access.keys.revoke_then(&id, super::audit::wall_ms(), |record| {
+            share(control.as_deref(), record)
+        })
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
     if let Some(Extension(note)) = note {
         note.set("name", &info.name);
         note.set("role", &info.role);
