@@ -405,20 +405,9 @@ where
             );
             let client = cluster.client.clone();
             asked.spawn(async move {
-                let answer = match request {
-                    Ok(request) => tokio::time::timeout(HOP_TIMEOUT, client.request(request)).await,
-                    Err(e) => return (card, Err(e)),
-                };
-                let result = match answer {
-                    Err(_) => Err(format!("did not answer within {} s", HOP_TIMEOUT.as_secs())),
-                    Ok(Err(e)) => Err(error_chain(&e)),
-                    Ok(Ok(answer)) => {
-                        let status = answer.status();
-                        match answer.into_body().collect().await {
-                            Err(e) => Err(error_chain(&e)),
-                            Ok(bytes) => Ok((status, bytes.to_bytes())),
-                        }
-                    }
+                let result = match request {
+                    Ok(request) => ask(&client, request).await,
+                    Err(e) => Err(e),
                 };
                 (card, result)
             });
@@ -492,6 +481,75 @@ where
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Sends `request` to a peer and reads its whole answer; the reason when there is none.
+async fn ask(
+    client: &PeerClient,
+    request: axum::http::Request<Full<Bytes>>,
+) -> Result<(StatusCode, Bytes), String> {
+    match tokio::time::timeout(HOP_TIMEOUT, client.request(request)).await {
+        Err(_) => Err(format!("did not answer within {} s", HOP_TIMEOUT.as_secs())),
+        Ok(Err(e)) => Err(error_chain(&e)),
+        Ok(Ok(answer)) => {
+            let status = answer.status();
+            match answer.into_body().collect().await {
+                Err(e) => Err(error_chain(&e)),
+                Ok(bytes) => Ok((status, bytes.to_bytes())),
+            }
+        }
+    }
+}
+
+/// Asks every other live node of the group the same (`method` `path`, no body, the
+/// caller's headers, marked [`FORWARDED`] so that each answers for itself): for what each
+/// node keeps of its own rather than per partition (a webhook's dead letters). Returns
+/// each node's URL with its answer, or why there is none.
+pub async fn every_other_node(
+    app: &AppState,
+    headers: &axum::http::HeaderMap,
+    method: axum::http::Method,
+    path: &str,
+) -> Vec<(String, Result<(StatusCode, Bytes), String>)> {
+    let Some(cluster) = app.cluster.as_ref() else {
+        return Vec::new();
+    };
+    let mut asked = tokio::task::JoinSet::new();
+    for card in cluster.members.cards() {
+        if card.url == cluster.members.url() {
+            continue;
+        }
+        let request = peer_request(
+            &card.url,
+            method.clone(),
+            path,
+            headers,
+            Bytes::new(),
+            false,
+            cluster.members.url(),
+        );
+        let client = cluster.client.clone();
+        asked.spawn(async move {
+            let result = match request {
+                Ok(request) => ask(&client, request).await,
+                Err(e) => Err(e),
+            };
+            (card.url, result)
+        });
+    }
+    let mut answers = Vec::new();
+    while let Some(done) = asked.join_next().await {
+        if let Ok(answer) = done {
+            answers.push(answer);
+        }
+    }
+    answers.sort_by(|a, b| a.0.cmp(&b.0));
+    answers
+}
+
+/// This node's URL among the group's, outside a group `None`.
+pub fn my_url(app: &AppState) -> Option<String> {
+    app.cluster.as_ref().map(|c| c.members.url().to_owned())
 }
 
 /// An ad-hoc query's pages of every node merged: counts summed, the first `limit` ids in

@@ -181,6 +181,18 @@ fn share(
         .map_err(|e| ApiError::Unavailable(format!("the group could not be told, so nothing changed: {e}")))
 }
 
+/// `sub` as this node sends it: in a group, several nodes send batches to the same
+/// receiver, each numbered by its own log, so the delivery ids name the sender.
+fn sending(app: &AppState, mut sub: Subscription) -> Subscription {
+    if app.control.is_some() {
+        match sender_name(app.engine.reader()) {
+            Ok(sender) => sub.sender = Some(sender),
+            Err(e) => tracing::error!(webhook = sub.id, error = %e, "this store's sender name is unreadable"),
+        }
+    }
+    sub
+}
+
 /// This store's name among a group's webhook senders: drawn once, kept in the store.
 fn sender_name(reader: &ReadHandle) -> Result<String, processor::EngineError> {
     const SENDER: &str = "webhook_sender";
@@ -262,7 +274,7 @@ impl Webhooks {
         Ok(n)
     }
 
-    fn start(self: &Arc<Self>, app: &AppState, mut sub: Subscription) {
+    fn start(self: &Arc<Self>, app: &AppState, sub: Subscription) {
         let id = sub.id;
         // Retention keeps what the subscription has not delivered, from before its task
         // first runs.
@@ -271,17 +283,10 @@ impl Webhooks {
             Ok(cursor) => reader.hold(&cursor_name(id), Log::Changes, cursor + 1),
             Err(e) => tracing::error!(webhook = id, error = %e, "webhook cursor unreadable"),
         }
-        if app.control.is_some() {
-            // Several nodes send batches to the same receiver, each numbered by its own log.
-            match sender_name(reader) {
-                Ok(sender) => sub.sender = Some(sender),
-                Err(e) => tracing::error!(webhook = id, error = %e, "this store's sender name is unreadable"),
-            }
-        }
         let task = tokio::spawn(deliver(
             app.clone(),
             self.config.clone(),
-            sub,
+            sending(app, sub),
             self.draining.subscribe(),
         ));
         let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
@@ -589,10 +594,12 @@ pub async fn delete_for_definition(app: &AppState, name: &str) -> Result<Vec<u64
     .map_err(|e| ApiError::Internal(e.to_string()))?
 }
 
-/// `GET /v1/webhooks/{id}/dead_letters`: batches that kept failing, oldest first.
+/// `GET /v1/webhooks/{id}/dead_letters`: batches that kept failing, oldest first; in a
+/// group, every node's (each letter names its `node`).
 pub async fn dead_letters(
     State(app): State<AppState>,
     Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
 ) -> Result<Json<Json_>, ApiError> {
     let id = parse_id(&id)?;
     let reader = app.engine.reader();
@@ -606,22 +613,94 @@ pub async fn dead_letters(
         }
         out.push(serde_json::from_slice::<Json_>(&value).map_err(|e| ApiError::Internal(e.to_string()))?);
     }
-    Ok(Json(json!({ "dead_letters": out })))
+    let path = format!("/v1/webhooks/{id}/dead_letters");
+    let Some(group) = group_parts(&app, &headers, axum::http::Method::GET, &path).await else {
+        return Ok(Json(json!({ "dead_letters": out })));
+    };
+    let mut letters: Vec<Json_> = out.into_iter().map(|l| with_node(l, &group.me)).collect();
+    for (url, answer) in group.answers {
+        let theirs = answer["dead_letters"].as_array().cloned().unwrap_or_default();
+        letters.extend(theirs.into_iter().map(|l| with_node(l, &url)));
+    }
+    Ok(Json(
+        json!({ "dead_letters": letters, "unanswered": group.unanswered }),
+    ))
 }
 
-/// `DELETE /v1/webhooks/{id}/dead_letters`.
+/// `DELETE /v1/webhooks/{id}/dead_letters` (in a group, on every node).
 pub async fn purge_dead_letters(
     State(app): State<AppState>,
     Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
 ) -> Result<Json<Json_>, ApiError> {
     let id = parse_id(&id)?;
     let reader = app.engine.reader();
     find(reader, id)?;
-    let n = reader
+    let mut purged = reader
         .store()
         .delete_prefix_now(CF_WEBHOOKS, &dlq_prefix(id))
-        .map_err(processor::EngineError::from)?;
-    Ok(Json(json!({ "purged": n })))
+        .map_err(processor::EngineError::from)? as u64;
+    let path = format!("/v1/webhooks/{id}/dead_letters");
+    let Some(group) = group_parts(&app, &headers, axum::http::Method::DELETE, &path).await else {
+        return Ok(Json(json!({ "purged": purged })));
+    };
+    purged += group
+        .answers
+        .iter()
+        .filter_map(|(_, a)| a["purged"].as_u64())
+        .sum::<u64>();
+    Ok(Json(json!({ "purged": purged, "unanswered": group.unanswered })))
+}
+
+/// The other nodes' answers to a question about a subscription's dead letters, which each
+/// node keeps of its own.
+struct GroupParts {
+    me: String,
+    /// Each node that answered, with its answer.
+    answers: Vec<(String, Json_)>,
+    /// Each node that did not, and why: the answer is every node's but theirs.
+    unanswered: Vec<Json_>,
+}
+
+/// In a group, and unless this request was sent on by another node, asks every other node
+/// the same; `None` otherwise (answer for this node alone). A node that does not know the
+/// subscription (yet) has nothing of it.
+async fn group_parts(
+    app: &AppState,
+    headers: &axum::http::HeaderMap,
+    method: axum::http::Method,
+    path: &str,
+) -> Option<GroupParts> {
+    let me = crate::cluster::my_url(app)?;
+    if headers.contains_key(crate::cluster::FORWARDED) {
+        return None;
+    }
+    let mut parts = GroupParts {
+        me,
+        answers: Vec::new(),
+        unanswered: Vec::new(),
+    };
+    for (url, answer) in crate::cluster::every_other_node(app, headers, method, path).await {
+        let why = match answer {
+            Ok((status, body)) if status.is_success() => match serde_json::from_slice::<Json_>(&body) {
+                Ok(answer) => {
+                    parts.answers.push((url, answer));
+                    continue;
+                }
+                Err(e) => format!("answered what is not JSON: {e}"),
+            },
+            Ok((StatusCode::NOT_FOUND, _)) => continue,
+            Ok((status, body)) => format!("answered {status}: {}", String::from_utf8_lossy(&body)),
+            Err(e) => e,
+        };
+        parts.unanswered.push(json!({ "node": url, "error": why }));
+    }
+    Some(parts)
+}
+
+fn with_node(mut letter: Json_, node: &str) -> Json_ {
+    letter["node"] = node.into();
+    letter
 }
 
 /// The signature header's value for `body` sent at `at_ms`.
@@ -826,11 +905,36 @@ pub(crate) fn chain(e: &dyn std::error::Error) -> String {
 
 /// `POST /v1/webhooks/{id}/dead_letters/redeliver`: sends the dead-lettered batches again,
 /// oldest first, one attempt each; each one accepted leaves the dead letters. Stops at the
-/// first that fails again (later ones keep their order behind it).
-pub async fn redeliver(State(app): State<AppState>, Path(id): Path<String>) -> Result<Json<Json_>, ApiError> {
+/// first that fails again (later ones keep their order behind it). In a group every node
+/// sends its own: the counts are summed and `nodes` has each node's.
+pub async fn redeliver(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> Result<Json<Json_>, ApiError> {
     let id = parse_id(&id)?;
+    let mine = redeliver_here(&app, id).await?;
+    let path = format!("/v1/webhooks/{id}/dead_letters/redeliver");
+    let Some(group) = group_parts(&app, &headers, axum::http::Method::POST, &path).await else {
+        return Ok(Json(mine));
+    };
+    let mut nodes = vec![with_node(mine, &group.me)];
+    nodes.extend(group.answers.into_iter().map(|(url, a)| with_node(a, &url)));
+    let sum = |field: &str| nodes.iter().filter_map(|n| n[field].as_u64()).sum::<u64>();
+    let error = nodes.iter().find_map(|n| n["error"].as_str().map(str::to_owned));
+    Ok(Json(json!({
+        "redelivered": sum("redelivered"),
+        "remaining": sum("remaining"),
+        "error": error,
+        "nodes": nodes,
+        "unanswered": group.unanswered,
+    })))
+}
+
+/// This node's dead letters of subscription `id` sent again.
+async fn redeliver_here(app: &AppState, id: u64) -> Result<Json_, ApiError> {
     let reader = app.engine.reader().clone();
-    let sub = find(&reader, id)?;
+    let sub = sending(app, find(&reader, id)?);
     let prefix = dlq_prefix(id);
     let mut letters = Vec::new();
     for item in reader.store().scan_from(CF_WEBHOOKS, &prefix) {
@@ -870,11 +974,11 @@ pub async fn redeliver(State(app): State<AppState>, Path(id): Path<String>) -> R
             }
         }
     }
-    Ok(Json(json!({
+    Ok(json!({
         "redelivered": redelivered,
         "remaining": total - redelivered,
         "error": error,
-    })))
+    }))
 }
 
 /// Sends one batch until it is accepted (2xx) or `max_attempts` fail; then dead-letters it.

@@ -1973,7 +1973,8 @@ fn three_nodes_change_logs_replay_to_what_the_survivors_hold() {
 /// opens every node — one that starts later too — and a revocation on any node closes
 /// every node; a subscription made on one node is listed by the other and gets every
 /// partition's changes from whichever node makes them, each exactly once, each sender's
-/// batches named apart; deleted on the other node, it is gone from both.
+/// batches named apart; each node's dead letters are listed, redelivered and purged from
+/// any node; deleted on the other node, a subscription is gone from both.
 #[test]
 fn two_nodes_share_api_keys_and_webhook_subscriptions() {
     const PARTITIONS: u32 = 2;
@@ -2048,6 +2049,16 @@ fn two_nodes_share_api_keys_and_webhook_subscriptions() {
     );
     assert_eq!(r.status, 201, "{}", r.text());
     let subscription = r.json()["id"].as_u64().unwrap();
+    // And one whose receiver is gone: every batch of either node dead-lettered at once.
+    let r = call(
+        &first,
+        Some(&admin),
+        "POST",
+        "/v1/webhooks",
+        &format!(r#"{{"url":"http://127.0.0.1:9/gone","secret":"{SECRET}","max_attempts":1}}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let gone = r.json()["id"].as_u64().unwrap();
 
     // The second node has the group's keys and subscription as it starts.
     let second = Server::start(&run.path().join("b/data"), &second_config);
@@ -2057,7 +2068,16 @@ fn two_nodes_share_api_keys_and_webhook_subscriptions() {
     }
     assert_eq!(call(&second, None, "GET", "/v1/segments", "").status, 401);
     let r = call(&second, Some(&admin), "GET", "/v1/webhooks", "");
-    assert_eq!(r.json()["webhooks"][0]["id"], subscription, "{}", r.text());
+    let mut listed: Vec<u64> = r.json()["webhooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["id"].as_u64().unwrap())
+        .collect();
+    listed.sort_unstable();
+    let mut made_on_first = vec![subscription, gone];
+    made_on_first.sort_unstable();
+    assert_eq!(listed, made_on_first, "{}", r.text());
     assert!(!r.text().contains(SECRET), "{}", r.text());
     // A key made on the second node opens the first, once the first has read it.
     let late = make_key(&second, "late");
@@ -2118,6 +2138,50 @@ fn two_nodes_share_api_keys_and_webhook_subscriptions() {
             .iter()
             .all(|d| d.starts_with(&format!("{subscription}-"))));
     }
+
+    // Each node keeps its own dead letters; any node lists, redelivers and purges them all.
+    let letters = format!("/v1/webhooks/{gone}/dead_letters");
+    let dead = || call(&first, Some(&admin), "GET", &letters, "").json();
+    let lettered = |answer: &serde_json::Value| -> f64 {
+        answer["dead_letters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["changes"].as_array().unwrap().len() as f64)
+            .sum()
+    };
+    until("not every change was dead-lettered", &|| {
+        lettered(&dead()) >= made()
+    });
+    let answer = dead();
+    assert_eq!(lettered(&answer), made(), "{answer}");
+    assert_eq!(answer["unanswered"], serde_json::json!([]), "{answer}");
+    let nodes: std::collections::BTreeSet<&str> = answer["dead_letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["node"].as_str().unwrap())
+        .collect();
+    assert_eq!(nodes.len(), 2, "each node's own letters: {answer}");
+    let count = answer["dead_letters"].as_array().unwrap().len() as u64;
+    let r = call(&second, Some(&admin), "POST", &format!("{letters}/redeliver"), "");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let redelivery = r.json();
+    assert_eq!(redelivery["redelivered"], 0, "{redelivery}");
+    assert_eq!(redelivery["remaining"], count, "{redelivery}");
+    assert_eq!(redelivery["nodes"].as_array().unwrap().len(), 2, "{redelivery}");
+    assert!(redelivery["error"].is_string(), "{redelivery}");
+    let r = call(&second, Some(&admin), "DELETE", &letters, "");
+    assert_eq!(r.json()["purged"], count, "{}", r.text());
+    assert_eq!(dead()["dead_letters"], serde_json::json!([]));
+    let r = call(
+        &first,
+        Some(&admin),
+        "DELETE",
+        &format!("/v1/webhooks/{gone}"),
+        "",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
 
     // Deleted on the second node: gone from both.
     let r = call(
