@@ -404,13 +404,7 @@ where
                 cluster.members.url(),
             );
             let client = cluster.client.clone();
-            asked.spawn(async move {
-                let result = match request {
-                    Ok(request) => ask(&client, request).await,
-                    Err(e) => Err(e),
-                };
-                (card, result)
-            });
+            asked.spawn(async move { (card, ask(&client, request).await) });
         }
         let mine = tokio::task::spawn_blocking(local.clone())
             .await
@@ -483,12 +477,13 @@ where
     }
 }
 
-/// Sends `request` to a peer and reads its whole answer; the reason when there is none.
+/// Sends `request` (as [`peer_request`] made it) to a peer and reads its whole answer;
+/// the reason when there is none.
 async fn ask(
     client: &PeerClient,
-    request: axum::http::Request<Full<Bytes>>,
+    request: Result<axum::http::Request<Full<Bytes>>, String>,
 ) -> Result<(StatusCode, Bytes), String> {
-    match tokio::time::timeout(HOP_TIMEOUT, client.request(request)).await {
+    match tokio::time::timeout(HOP_TIMEOUT, client.request(request?)).await {
         Err(_) => Err(format!("did not answer within {} s", HOP_TIMEOUT.as_secs())),
         Ok(Err(e)) => Err(error_chain(&e)),
         Ok(Ok(answer)) => {
@@ -501,15 +496,16 @@ async fn ask(
     }
 }
 
-/// Asks every other live node of the group the same (`method` `path`, no body, the
-/// caller's headers, marked [`FORWARDED`] so that each answers for itself): for what each
-/// node keeps of its own rather than per partition (a webhook's dead letters). Returns
-/// each node's URL with its answer, or why there is none.
+/// Asks every other live node of the group the same (`method` `path` with the caller's
+/// `body` and headers, marked [`FORWARDED`] so that each answers for itself): for what each
+/// node keeps or does of its own rather than per partition (a webhook's dead letters, its
+/// partitions' clocks). Returns each node's URL with its answer, or why there is none.
 pub async fn every_other_node(
     app: &AppState,
     headers: &axum::http::HeaderMap,
     method: axum::http::Method,
     path: &str,
+    body: Bytes,
 ) -> Vec<(String, Result<(StatusCode, Bytes), String>)> {
     let Some(cluster) = app.cluster.as_ref() else {
         return Vec::new();
@@ -524,18 +520,12 @@ pub async fn every_other_node(
             method.clone(),
             path,
             headers,
-            Bytes::new(),
+            body.clone(),
             false,
             cluster.members.url(),
         );
         let client = cluster.client.clone();
-        asked.spawn(async move {
-            let result = match request {
-                Ok(request) => ask(&client, request).await,
-                Err(e) => Err(e),
-            };
-            (card.url, result)
-        });
+        asked.spawn(async move { (card.url, ask(&client, request).await) });
     }
     let mut answers = Vec::new();
     while let Some(done) = asked.join_next().await {

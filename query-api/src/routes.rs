@@ -81,6 +81,7 @@ struct ClockBody {
 
 pub async fn set_clock(
     State(app): State<AppState>,
+    headers: HeaderMap,
     LimitedBody(body): LimitedBody,
 ) -> Result<Json<Json_>, ApiError> {
     let ClockBody { now } = json_body(&body)?;
@@ -92,7 +93,34 @@ pub async fn set_clock(
             changes
         })
         .await??;
-    Ok(Json(json!({ "now": now, "changes": changes.len() })))
+    let mine = json!({ "now": now, "changes": changes.len() });
+    // In a group each node moves the clocks of the partitions it owns: this one asks the
+    // others, and answers with every node's.
+    let Some(me) = crate::cluster::my_url(&app).filter(|_| !headers.contains_key(crate::cluster::FORWARDED))
+    else {
+        return Ok(Json(mine));
+    };
+    let mut total = changes.len() as u64;
+    let mut nodes = vec![json!({ "node": me, "changes": changes.len() })];
+    let asked =
+        crate::cluster::every_other_node(&app, &headers, axum::http::Method::POST, "/v1/clock", body).await;
+    for (url, answer) in asked {
+        let error = match answer {
+            Ok((status, bytes)) => match serde_json::from_slice::<Json_>(&bytes) {
+                Ok(answer) if status.is_success() => {
+                    let theirs = answer["changes"].as_u64().unwrap_or_default();
+                    total += theirs;
+                    nodes.push(json!({ "node": url, "changes": theirs }));
+                    continue;
+                }
+                Ok(answer) => format!("{status}: {}", answer["error"].as_str().unwrap_or_default()),
+                Err(_) => format!("{status}: {}", String::from_utf8_lossy(&bytes)),
+            },
+            Err(e) => e,
+        };
+        nodes.push(json!({ "node": url, "error": error }));
+    }
+    Ok(Json(json!({ "now": now, "changes": total, "nodes": nodes })))
 }
 
 /// `GET /v1/rules`: the rule-set text, its version in `ETag`.

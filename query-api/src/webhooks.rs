@@ -680,7 +680,7 @@ async fn group_parts(
         answers: Vec::new(),
         unanswered: Vec::new(),
     };
-    for (url, answer) in crate::cluster::every_other_node(app, headers, method, path).await {
+    for (url, answer) in crate::cluster::every_other_node(app, headers, method, path, Bytes::new()).await {
         let why = match answer {
             Ok((status, body)) if status.is_success() => match serde_json::from_slice::<Json_>(&body) {
                 Ok(answer) => {

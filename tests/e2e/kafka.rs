@@ -2195,6 +2195,29 @@ fn two_nodes_share_api_keys_and_webhook_subscriptions() {
     until("the first node kept the deleted subscription", &|| {
         call(&first, Some(&admin), "GET", "/v1/webhooks", "").json()["webhooks"] == serde_json::json!([])
     });
+    // The clock set on one node moves every node's partitions: the second node has been
+    // moved past what it would take on its own.
+    let later = 4_102_444_800_000u64;
+    let r = call(
+        &first,
+        Some(&admin),
+        "POST",
+        "/v1/clock",
+        &format!(r#"{{"now":{later}}}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let nodes = r.json()["nodes"].as_array().unwrap().clone();
+    assert_eq!(nodes.len(), 2, "{}", r.text());
+    assert!(nodes.iter().all(|n| n["error"].is_null()), "{}", r.text());
+    let r = call(
+        &second,
+        Some(&admin),
+        "POST",
+        "/v1/clock",
+        &format!(r#"{{"now":{}}}"#, later - 1),
+    );
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(r.text().contains("never moves backwards"), "{}", r.text());
     // Revoked on the second node: refused by both.
     let r = call(&second, Some(&admin), "DELETE", "/v1/admin/keys/early", "");
     assert_eq!(r.status, 200, "{}", r.text());
