@@ -901,3 +901,47 @@ fn a_lookup_in_some_partitions_is_answered_by_the_customers_partition() {
     assert_eq!(found("customer_id", &customer, &elsewhere), None);
     assert_eq!(found("phone", "13999999999", &everywhere), None);
 }
+
+/// A customer a merge absorbed is gone from everything that counts the whole base: an
+/// ad-hoc `not` query, SQL's `customers` table (the live numbers) — also after a reopen —
+/// and comes back when it is split off again.
+#[test]
+fn a_customer_absorbed_by_a_merge_is_not_counted_until_split_off() {
+    let dir = TempDir::new("identity");
+    let mut engine = open(&dir, 2);
+    engine
+        .ingest(&[
+            r#"{"customer_id":"a","type":"app_open","ts":1740000000000}"#,
+            r#"{"customer_id":"b","type":"view","ts":1740000000000}"#,
+            r#"{"customer_id":"c","type":"view","ts":1740000000000}"#,
+        ])
+        .unwrap();
+    let quiet_ids = |engine: &Engine| -> (usize, Vec<String>, usize) {
+        let page = engine.reader().query("not active", 100, None).unwrap();
+        (
+            page.count,
+            page.customers,
+            engine.reader().live_numbers().len() as usize,
+        )
+    };
+    assert_eq!(
+        quiet_ids(&engine),
+        (3, vec!["a".into(), "b".into(), "c".into()], 3)
+    );
+    engine.merge_customers("a", &["b".to_owned()], None).unwrap();
+    assert_eq!(quiet_ids(&engine), (2, vec!["a".into(), "c".into()], 2));
+    // An event naming two customers merges them too.
+    engine
+        .ingest(&[r#"{"customer_id":"a","type":"view","ts":1740000000001,"ids":{"customer_id":"c"}}"#])
+        .unwrap();
+    assert_eq!(quiet_ids(&engine), (1, vec!["a".into()], 1));
+    drop(engine);
+    let mut engine = open(&dir, 1);
+    assert_eq!(quiet_ids(&engine), (1, vec!["a".into()], 1), "after a reopen");
+    engine.unmerge_customers("a", &["b".to_owned()], None).unwrap();
+    assert_eq!(
+        quiet_ids(&engine),
+        (2, vec!["a".into(), "b".into()], 2),
+        "b split off again"
+    );
+}

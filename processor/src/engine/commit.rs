@@ -188,6 +188,23 @@ impl Engine {
             .put_meta_u64(&mut batch.wb, META_ARRIVAL, self.counters.next_arrival);
         self.store
             .put_meta_u64(&mut batch.wb, META_DLQ, self.counters.next_dlq);
+        // Customers a merge absorbed keep their numbers (numbers are never reused) but are
+        // gone: queries over the whole base and SQL's rows leave them out from now on.
+        let absorbed: Vec<u32> = parts
+            .iter()
+            .flat_map(|p| p.gone.values().copied())
+            .filter(|n| *n != crate::index::NO_NUMBER)
+            .collect();
+        if !absorbed.is_empty() {
+            let mut gone = self.published.numbers_gone();
+            gone.extend(absorbed);
+            let mut bytes = Vec::with_capacity(gone.serialized_size());
+            gone.serialize_into(&mut bytes).expect("writing to a Vec");
+            batch
+                .wb
+                .put_cf(self.store.cf(CF_META), META_NUMBERS_GONE.as_bytes(), bytes);
+            self.published.set_numbers_gone(gone);
+        }
         let (profiles, journal) = self.profile_updates(&parts, &mut batch);
         let mut writes = Vec::with_capacity(parts.len() + 1);
         writes.push(std::mem::take(&mut batch.wb));

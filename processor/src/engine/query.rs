@@ -760,6 +760,8 @@ impl ReadHandle {
             let exact = candidates.exact;
             (candidates.materialise(&index), exact)
         };
+        // Numbered once, gone since (absorbed by a merge, dropped with a partition).
+        candidates -= &self.published.numbers_gone();
         if let Some(range) = within {
             let mut numbers = RoaringBitmap::new();
             numbers.insert_range(range);
