@@ -65,6 +65,7 @@ pub fn serve(
         Signals::listen()
     };
     let partitions = engine.config().partitions;
+    let fingerprint = settings_fingerprint(&engine, &access);
     let (handle, engine_thread) = EngineHandle::spawn(engine, ServiceConfig::default());
     let mut state = AppState::with_access(handle.clone(), api, Arc::new(access));
     state.webhooks = Arc::new(Webhooks::new(webhooks));
@@ -136,6 +137,7 @@ pub fn serve(
                     &topic,
                     &url,
                     partitions,
+                    &fingerprint,
                     status.clone(),
                     Duration::from_secs(10),
                 )
@@ -278,6 +280,29 @@ fn advertised(scheme: &str, bound: SocketAddr) -> String {
     } else {
         format!("{scheme}://{bound}")
     }
+}
+
+/// What the nodes of a group must agree on beyond the rule set, which travels on the
+/// control topic: the settings that decide how an event or a request is judged (clock,
+/// limits, horizons, identity, partitions, the tracking plan, roles and field policies).
+/// Their `Debug` forms, hashed (FNV-1a): the same settings file gives the same fingerprint on every
+/// node of one version; the members' cards carry it and `/v1/cluster` names the nodes
+/// that differ.
+fn settings_fingerprint(engine: &processor::Engine, access: &Access) -> String {
+    let config = engine.config();
+    let judged = format!(
+        "{:?}|{:?}|{}|{}|{:?}|{}|{:?}|{:?}|{:?}",
+        config.clock,
+        config.limits,
+        config.dedup_horizon_ms,
+        config.retention_ms,
+        config.identity,
+        config.partitions,
+        engine.plan(),
+        access.config.roles,
+        access.config.fields,
+    );
+    format!("{:016x}", processor::partition::fnv1a(judged.bytes()))
 }
 
 /// A name for this process among the group's nodes (host, process and start time).

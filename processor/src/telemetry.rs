@@ -138,6 +138,7 @@ pub const METRICS: &[(&str, MetricKind, &str)] = &[
     ("tagstream_kafka_partitions_restoring", MetricKind::Gauge, "Partitions this member owns and is restoring from the state topic (a group of several)."),
     ("tagstream_kafka_restore_records_read", MetricKind::Gauge, "Records read so far of a partition being restored from the state topic, by partition (0 when none is)."),
     ("tagstream_kafka_partition_restores_total", MetricKind::Counter, "Partitions restored from the state topic on assignment, by how: read whole, or a standby copy's tail read and promoted."),
+    ("tagstream_cluster_settings_differ", MetricKind::Gauge, "Live nodes of the group whose settings (tracking plan, identity, limits, horizons, roles) differ from this node's."),
     ("tagstream_kafka_standby_partitions", MetricKind::Gauge, "Partitions other members own that this node keeps a standby copy of, in its store and followed."),
     ("tagstream_kafka_standby_deltas_applied_total", MetricKind::Counter, "State changelog deltas applied to standby copies."),
     ("tagstream_kafka_partition_releases_total", MetricKind::Counter, "Revoked partitions released to their next owner."),

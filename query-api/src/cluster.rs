@@ -286,6 +286,7 @@ pub async fn cluster(State(app): State<AppState>) -> Result<Response, ApiError> 
             "nodes": cards,
             "partitions": owners,
             "unowned_partitions": unowned,
+            "settings_differ": cluster.members.settings_differ(),
         })),
     )
         .into_response())

@@ -995,6 +995,12 @@ fn two_nodes_share_a_group_and_the_survivor_of_a_kill_takes_over_without_loss() 
         owners.dedup();
         assert_eq!(owners, both, "{cluster}");
         assert_eq!(cluster["nodes"][0]["partitions"], PARTITIONS, "{cluster}");
+        // One settings file: no node runs other settings.
+        assert_eq!(cluster["settings_differ"], serde_json::json!([]), "{cluster}");
+        assert_eq!(
+            cluster["nodes"][0]["settings"], cluster["nodes"][1]["settings"],
+            "{cluster}"
+        );
     }
     // One whose id needs no escaping in a path.
     let customer = lines
@@ -2003,7 +2009,9 @@ fn two_nodes_share_api_keys_and_webhook_subscriptions() {
         "a",
         format!("{settings}bootstrap_key_file = \"{}\"\n", key_file.display()),
     );
-    let second_config = config("b", settings.to_owned());
+    // Settings that decide how events are judged should be the same on every node: this
+    // one's limits differ, which each node reports (`settings_differ`).
+    let second_config = config("b", format!("[limits]\nmax_event_depth = 17\n{settings}"));
     let call = |server: &Server, key: Option<&str>, method: &str, path: &str, body: &str| {
         let auth = key.map(|k| format!("Bearer {k}"));
         let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
@@ -2079,6 +2087,16 @@ fn two_nodes_share_api_keys_and_webhook_subscriptions() {
     made_on_first.sort_unstable();
     assert_eq!(listed, made_on_first, "{}", r.text());
     assert!(!r.text().contains(SECRET), "{}", r.text());
+    for (node, other) in [(&first, &second), (&second, &first)] {
+        until(
+            "the other node's settings were not reported as different",
+            &|| {
+                call(node, Some(&admin), "GET", "/v1/cluster", "").json()["settings_differ"]
+                    == serde_json::json!([format!("http://{}", other.addr)])
+            },
+        );
+        assert_eq!(node.metric("tagstream_cluster_settings_differ"), 1.0);
+    }
     // A key made on the second node opens the first, once the first has read it.
     let late = make_key(&second, "late");
     until("the first node never took the late key", &|| {

@@ -51,6 +51,11 @@ pub struct MemberCard {
     /// The rule-set version it runs.
     #[serde(default)]
     pub rules_version: u64,
+    /// A fingerprint of the settings that decide how it judges events and requests (the
+    /// tracking plan, identity, limits, horizons, roles), which every node of a group
+    /// should share: nodes that differ judge a customer by whichever owns it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub settings: String,
 }
 
 /// Who answers for a partition, as far as this node knows.
@@ -72,6 +77,8 @@ pub enum Owner {
 pub struct Members {
     url: String,
     partitions: u32,
+    /// This node's [`MemberCard::settings`].
+    settings: String,
     status: Arc<KafkaStatus>,
     cards: Mutex<BTreeMap<String, MemberCard>>,
     stopping: AtomicBool,
@@ -84,6 +91,7 @@ impl Members {
         Members {
             url: url.into(),
             partitions,
+            settings: String::new(),
             status,
             cards: Mutex::new(BTreeMap::new()),
             stopping: AtomicBool::new(false),
@@ -93,6 +101,19 @@ impl Members {
     /// This node's advertised address.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The live nodes whose settings fingerprint is not this node's (a node of a version
+    /// that writes none is not counted).
+    pub fn settings_differ(&self) -> Vec<String> {
+        let now = wall_ms();
+        let cards = self.cards.lock().unwrap_or_else(|e| e.into_inner());
+        cards
+            .values()
+            .filter(|card| card.url != self.url && alive(card, now))
+            .filter(|card| !card.settings.is_empty() && card.settings != self.settings)
+            .map(|card| card.url.clone())
+            .collect()
     }
 
     /// `[engine] partitions` as this node runs them.
@@ -153,6 +174,7 @@ impl Members {
             partitions: self.partitions,
             at: wall_ms(),
             rules_version: self.status.rules_version(),
+            settings: self.settings.clone(),
         }
     }
 
@@ -221,6 +243,7 @@ pub fn start(
     topic: &str,
     url: &str,
     partitions: u32,
+    fingerprint: &str,
     status: Arc<KafkaStatus>,
     timeout: Duration,
 ) -> Result<MembersWorker, String> {
@@ -230,7 +253,9 @@ pub fn start(
         .set("linger.ms", "0")
         .create()
         .map_err(|e| format!("connecting to write the members topic `{topic}`: {e}"))?;
-    let members = Arc::new(Members::new(url, partitions, status));
+    let mut members = Members::new(url, partitions, status);
+    members.settings = fingerprint.to_owned();
+    let members = Arc::new(members);
     let worker = members.clone();
     let topic = topic.to_owned();
     let thread = std::thread::Builder::new()
@@ -279,7 +304,19 @@ pub(super) fn single_partition_reader(
 /// The worker's loop: read cards, put ours when it changed or is due, withdraw it at the end.
 fn exchange(members: &Members, topic: &str, consumer: &BaseConsumer, producer: &BaseProducer) {
     let mut last: Option<(MemberCard, Instant)> = None;
+    let mut differ: Vec<String> = Vec::new();
     while !members.stopping.load(Ordering::SeqCst) {
+        let now_differ = members.settings_differ();
+        if now_differ != differ {
+            metrics::gauge!("tagstream_cluster_settings_differ").set(now_differ.len() as f64);
+            if !now_differ.is_empty() {
+                tracing::warn!(
+                    nodes = ?now_differ,
+                    "nodes of this group run other settings (tracking plan, identity, limits, horizons or roles): a customer is judged by whichever node owns it; give every node the same settings file"
+                );
+            }
+            differ = now_differ;
+        }
         let card = members.my_card();
         let due = last.as_ref().is_none_or(|(sent, when)| {
             sent.owned != card.owned
@@ -349,6 +386,7 @@ mod tests {
             partitions: 6,
             at: wall_ms() - age.as_millis() as i64,
             rules_version: 1,
+            settings: String::new(),
         }
     }
 
@@ -392,5 +430,24 @@ mod tests {
             Some(card("http://b:1", &[2], &[], Duration::from_secs(2))),
         );
         assert_eq!(members.owner_of(2), Owner::Node("http://b:1".into()));
+    }
+
+    /// Nodes whose cards carry another settings fingerprint are named; a card without one
+    /// (an older version) and a node gone are not.
+    #[test]
+    fn nodes_running_other_settings_are_named() {
+        let mut members = Members::new("http://a:1", 6, Arc::new(KafkaStatus::default()));
+        members.settings = "same".into();
+        let with = |url: &str, settings: &str, age: Duration| {
+            let mut c = card(url, &[1], &[], age);
+            c.settings = settings.into();
+            Some(c)
+        };
+        members.read("http://b:1", with("http://b:1", "same", Duration::ZERO));
+        members.read("http://c:1", with("http://c:1", "other", Duration::ZERO));
+        members.read("http://d:1", with("http://d:1", "", Duration::ZERO));
+        members.read("http://e:1", with("http://e:1", "other", GONE_AFTER * 2));
+        assert_eq!(members.settings_differ(), ["http://c:1"]);
+        assert_eq!(members.my_card().settings, "same");
     }
 }

@@ -128,12 +128,7 @@ pub fn standby_partitions(
 /// A node's rank for copying a partition: FNV-1a of its address and the partition, the
 /// same on every node.
 fn rank(url: &str, partition: u32) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in url.bytes().chain(partition.to_be_bytes()) {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    hash
+    crate::partition::fnv1a(url.bytes().chain(partition.to_be_bytes()))
 }
 
 /// The running copier; stops with the Kafka workers' stop flag.
@@ -452,6 +447,7 @@ mod tests {
             partitions: 6,
             at: 1,
             rules_version: 1,
+            settings: String::new(),
         }
     }
 
