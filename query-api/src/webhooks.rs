@@ -161,6 +161,17 @@ struct SharedSubscription {
 
 const SHARED_KIND: &str = "webhook";
 
+/// A subscription's record from the group. An error names where it is malformed, not what
+/// is there: the record holds a signing secret, which serde's messages may quote.
+fn parse_shared(body: &Json_) -> Result<SharedSubscription, ApiError> {
+    serde_json::from_value(body.clone()).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "a shared webhook subscription does not parse ({:?} error)",
+            e.classify()
+        ))
+    })
+}
+
 /// Sends a subscription's making or deletion to the group; blocking, until the broker has it.
 fn share(
     control: &processor::kafka::control::Control,
@@ -312,9 +323,7 @@ impl Webhooks {
     /// subscription made elsewhere delivers this node's changes from its last one on.
     /// Returns the subscription's id and whether it is deleted.
     fn merge_shared(self: &Arc<Self>, app: &AppState, body: &Json_) -> Result<(u64, bool), ApiError> {
-        let shared: SharedSubscription = serde_json::from_value(body.clone()).map_err(|e| {
-            ApiError::BadRequest(format!("a shared webhook subscription does not parse: {e}"))
-        })?;
+        let shared = parse_shared(body)?;
         let sub = shared.subscription;
         let id = sub.id;
         let _one_at_a_time = self.create.lock().unwrap_or_else(|e| e.into_inner());
@@ -1175,5 +1184,15 @@ mod tests {
         assert!(check_url("ftp://example.com/hook").is_err());
         assert!(check_url("/hook").is_err());
         assert!(check_url("not a url").is_err());
+    }
+
+    #[test]
+    fn a_malformed_shared_subscription_is_refused_without_quoting_it() {
+        let body = json!({ "subscription": { "id": "never-shown-secret-1234", "secret": 7 } });
+        let ApiError::BadRequest(message) = parse_shared(&body).err().unwrap() else {
+            panic!("a bad request");
+        };
+        assert!(!message.contains("never-shown"), "{message}");
+        assert!(message.contains("does not parse"), "{message}");
     }
 }

@@ -61,7 +61,8 @@ pub fn join_group(access: &Arc<Access>, control: &Arc<Control>) -> Result<usize,
         Box::new(move |shared: &Shared| {
             let record: KeyRecord = match serde_json::from_value(shared.body.clone()) {
                 Ok(record) => record,
-                Err(e) => return tracing::warn!(id = %shared.id, error = %e, "a key record from the group does not parse; ignored"),
+                // Where, not what: an error may quote the record.
+                Err(e) => return tracing::warn!(id = %shared.id, line = e.line(), column = e.column(), "a key record from the group does not parse; ignored"),
             };
             if let Err(e) = into.keys.merge(&record) {
                 return tracing::warn!(id = %shared.id, error = %e, "a key record from the group was not taken in");
