@@ -316,10 +316,16 @@ pub fn partitions(
                 );
             }
             let stall = std::time::Duration::from_secs(stall_secs.max(1));
-            let (restore, incomplete) =
-                processor::kafka::read_state_partition(&kafka, &topic, partition, partitions, stall, &|_| {})
-                    .map_err(anyhow::Error::msg)?;
+            let processor::kafka::StateRead {
+                restore,
+                incomplete,
+                next_offset,
+            } = processor::kafka::read_state_partition(&kafka, &topic, partition, partitions, stall, &|_| {})
+                .map_err(anyhow::Error::msg)?;
             let summary = engine.restore_partition(&restore)?;
+            // A member serving this store checks the topic from here before it resumes the
+            // partition (`docs/cluster.md`, "A node comes back").
+            processor::kafka::set_state_position(&engine.reader(), &topic, partition, next_offset)?;
             println!(
                 "restored partition {partition} of {partitions} from `{topic}` ({} records: {} deltas, {} keyed, {} checkpoints; to commit {}{}): {} customers, {} events, {} dedup entries",
                 restore.records,

@@ -430,6 +430,11 @@ pub fn start(
     host: Option<Arc<dyn PartitionHost>>,
 ) -> Result<KafkaWorkers, KafkaError> {
     let stop = Arc::new(AtomicBool::new(false));
+    let writer = match &settings.state_topic {
+        Some(_) => state_writer(&reader)
+            .map_err(|e| KafkaError::Subscription(format!("reading this store's writer id: {e}")))?,
+        None => 0,
+    };
     let membership = match (host, &settings.state_topic) {
         (Some(host), Some(state_topic)) => Some(group::Membership::new(
             host,
@@ -438,6 +443,7 @@ pub fn start(
             reader.clone(),
             stop.clone(),
             status.clone(),
+            writer,
         )),
         _ => None,
     };
@@ -541,6 +547,7 @@ pub fn start(
                         let scope = StateScope {
                             checkpoint_bytes,
                             owned,
+                            writer: format!("{writer:016x}"),
                         };
                         publish_state(producer, topic, reader, scope, &stop, &drain)
                     }
@@ -834,6 +841,16 @@ impl Feed {
 #[derive(Default)]
 struct PublishCtx {
     failure: Mutex<Option<String>>,
+    /// Per partition, the highest offset the broker confirmed since it was last taken
+    /// ([`PublishCtx::take_delivered`]): the state publisher records how far the state
+    /// topic holds its own records.
+    delivered: Mutex<BTreeMap<i32, i64>>,
+}
+
+impl PublishCtx {
+    fn take_delivered(&self) -> BTreeMap<i32, i64> {
+        std::mem::take(&mut *self.delivered.lock().unwrap_or_else(|p| p.into_inner()))
+    }
 }
 
 impl ClientContext for PublishCtx {
@@ -846,9 +863,16 @@ impl ProducerContext for PublishCtx {
     type DeliveryOpaque = ();
 
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        if let Err((e, _)) = result {
-            let mut failure = self.failure.lock().unwrap_or_else(|p| p.into_inner());
-            failure.get_or_insert_with(|| e.to_string());
+        match result {
+            Ok(m) => {
+                let mut delivered = self.delivered.lock().unwrap_or_else(|p| p.into_inner());
+                let highest = delivered.entry(m.partition()).or_insert(m.offset());
+                *highest = (*highest).max(m.offset());
+            }
+            Err((e, _)) => {
+                let mut failure = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+                failure.get_or_insert_with(|| e.to_string());
+            }
         }
     }
 }
@@ -1055,6 +1079,8 @@ struct StateScope {
     /// (a stale partition's deltas, left from before a crash, never reach the topic after
     /// its new owner's). `None`: every partition.
     owned: Option<Arc<Mutex<std::collections::BTreeSet<u32>>>>,
+    /// This store's [`state_writer`], in every record's [`WRITER_HEADER`].
+    writer: String,
 }
 
 /// The state publisher's position ([`publish_state`]) and the gate epoch it was read at.
@@ -1108,7 +1134,7 @@ fn state_round(
         .collect();
     let mut failed = None;
     for (partition, upto) in due {
-        match publish_checkpoint(producer, topic, reader, partition, upto, stop) {
+        match publish_checkpoint(producer, topic, reader, partition, upto, &scope.writer, stop) {
             Ok(()) => state.partitions.entry(partition).or_default().1 = 0,
             // The deltas go on: a checkpoint only bounds the topic.
             Err(e) => failed = Some(format!("a checkpoint of partition {partition}: {e}")),
@@ -1145,7 +1171,7 @@ fn state_round(
             records.push(Outgoing {
                 key: Some(key.into_bytes()),
                 payload: Some(value.to_vec()),
-                headers: None,
+                headers: Some(writer_headers(&scope.writer, None)),
                 partition: Some(*partition as i32),
             });
         }
@@ -1154,6 +1180,7 @@ fn state_round(
     if let Err(e) = send_all(producer, topic, &records, stop) {
         return Round::Failed(e);
     }
+    record_positions(producer, topic, reader);
     let confirmed: Vec<(u32, u64)> = deltas.iter().map(|(p, c, _)| (*p, *c)).collect();
     if let Err(e) = reader.changelog_published(&confirmed) {
         tracing::error!(error = %e, "saving what was published failed");
@@ -1178,6 +1205,7 @@ fn publish_checkpoint(
     reader: &ReadHandle,
     partition: u32,
     upto: u64,
+    writer: &str,
     stop: &AtomicBool,
 ) -> Result<(), String> {
     let checkpoint = reader
@@ -1194,17 +1222,12 @@ fn publish_checkpoint(
         .keyed()
         .map(|keyed| {
             let payload = keyed.record_value();
-            let headers = payload.is_none().then(|| {
-                let commit = keyed.commit.to_string();
-                OwnedHeaders::new().insert(Header {
-                    key: crate::changelog::COMMIT_HEADER,
-                    value: Some(commit.as_str()),
-                })
-            });
+            // A delete's commit goes in a header (a tombstone has no value to carry it).
+            let commit = payload.is_none().then(|| keyed.commit.to_string());
             Outgoing {
                 key: Some(keyed.record_key()),
                 payload,
-                headers,
+                headers: Some(writer_headers(writer, commit.as_deref())),
                 partition: to_partition,
             }
         })
@@ -1214,21 +1237,23 @@ fn publish_checkpoint(
     records.push(Outgoing {
         key: Some(crate::changelog::MARKER_KEY.to_vec()),
         payload: Some(marker.encode()),
-        headers: None,
+        headers: Some(writer_headers(writer, None)),
         partition: to_partition,
     });
     send_all(producer, topic, &records, stop)?;
+    record_positions(producer, topic, reader);
     let tombstones: Vec<Outgoing> = checkpoint
         .delta_records
         .iter()
         .map(|key| Outgoing {
             key: Some(key.clone().into_bytes()),
             payload: None,
-            headers: None,
+            headers: Some(writer_headers(writer, None)),
             partition: to_partition,
         })
         .collect();
     send_all(producer, topic, &tombstones, stop)?;
+    record_positions(producer, topic, reader);
     reader
         .changelog_checkpointed(partition, checkpoint.upto, &marker)
         .map_err(|e| format!("recording partition {partition}'s checkpoint: {e}"))?;
@@ -1389,10 +1414,11 @@ pub fn read_state_partition(
     partitions: u32,
     stall: Duration,
     progress: &dyn Fn(u64),
-) -> Result<(crate::changelog::Restore, usize), String> {
+) -> Result<StateRead, String> {
     let mut assembler = crate::changelog::Assembler::new(partition, partitions);
-    let mut read = 0u64;
+    let (mut read, mut next_offset) = (0u64, 0i64);
     read_state_records(settings, topic, partition, 0, stall, &mut |m| {
+        next_offset = next_offset.max(m.offset() + 1);
         assembler
             .add(m.key().unwrap_or_default(), m.payload(), commit_header(m))
             .map_err(|e| {
@@ -1408,7 +1434,21 @@ pub fn read_state_partition(
         Ok(())
     })?;
     progress(read);
-    Ok(assembler.finish())
+    let (restore, incomplete) = assembler.finish();
+    Ok(StateRead {
+        restore,
+        incomplete,
+        next_offset,
+    })
+}
+
+/// A partition of the state topic read whole ([`read_state_partition`]).
+pub struct StateRead {
+    pub restore: crate::changelog::Restore,
+    /// Deltas left out because some of their parts were missing.
+    pub incomplete: usize,
+    /// The offset after the last record read.
+    pub next_offset: i64,
 }
 
 /// Hands `take` each record of partition `partition` of the state topic `topic` from offset
@@ -1423,6 +1463,21 @@ pub(crate) fn read_state_records(
     stall: Duration,
     take: &mut dyn FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Result<(), String>,
 ) -> Result<(), String> {
+    read_state(settings, topic, partition, from, stall, false, take)
+}
+
+/// [`read_state_records`]; with `past_end`, a read from at or past the end the broker
+/// names still waits a moment for records beyond it (a check that no other store wrote
+/// must not trust a short end).
+fn read_state(
+    settings: &KafkaSettings,
+    topic: &str,
+    partition: u32,
+    from: i64,
+    stall: Duration,
+    past_end: bool,
+    take: &mut dyn FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Result<(), String>,
+) -> Result<(), String> {
     const SETTLE: Duration = Duration::from_millis(300);
     let failed = |what: &str, e: KafkaError| format!("{what} partition {partition} of `{topic}`: {e}");
     let consumer: BaseConsumer = settings
@@ -1435,7 +1490,7 @@ pub(crate) fn read_state_records(
     let (_, end) = consumer
         .fetch_watermarks(topic, partition as i32, stall)
         .map_err(|e| failed("finding the end of", e))?;
-    if from >= end {
+    if from >= end && !past_end {
         return Ok(());
     }
     let mut tpl = TopicPartitionList::new();
@@ -1447,7 +1502,7 @@ pub(crate) fn read_state_records(
     tpl.add_partition_offset(topic, partition as i32, start)
         .map_err(|e| failed("reading", e))?;
     consumer.assign(&tpl).map_err(|e| failed("reading", e))?;
-    let (mut last, mut reached) = (Instant::now(), false);
+    let (mut last, mut reached) = (Instant::now(), from >= end);
     loop {
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
@@ -1473,6 +1528,146 @@ fn commit_header(m: &impl Message) -> Option<u64> {
         .iter()
         .find(|h| h.key == crate::changelog::COMMIT_HEADER)
         .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse::<u64>().ok())
+}
+
+/// The header naming the store that wrote a state topic record ([`state_writer`]).
+pub const WRITER_HEADER: &str = "tagstream-writer";
+
+/// The cursor holding this store's id as a writer of the state topic.
+const STATE_WRITER: &str = "kafka-state-writer";
+
+/// This store's id as a writer of the state topic, made the first time it is asked for
+/// and kept in the store: every record it publishes there names it ([`WRITER_HEADER`]), so
+/// that a member taking back a partition it kept can tell whether another store wrote to
+/// the partition since ([`foreign_records`]).
+pub(crate) fn state_writer(reader: &ReadHandle) -> Result<u64, crate::EngineError> {
+    let id = reader.cursor(STATE_WRITER)?;
+    if id != 0 {
+        return Ok(id);
+    }
+    use std::hash::BuildHasher;
+    let id = std::collections::hash_map::RandomState::new()
+        .hash_one((std::process::id(), std::time::SystemTime::now()))
+        .max(1);
+    reader.set_cursor(STATE_WRITER, id)?;
+    Ok(id)
+}
+
+/// The cursor holding how far partition `partition` of the state topic `topic` is known
+/// to this store: 1 + the offset of the next record after those it wrote or read (0: not
+/// known).
+fn state_position_cursor(topic: &str, partition: u32) -> String {
+    format!("kafka-state-position:{topic}:{partition}")
+}
+
+/// Records that this store knows partition `partition` of the state topic `topic` up to
+/// (not including) `next_offset`: it restored the partition from there, or published the
+/// record before it.
+pub fn set_state_position(
+    reader: &ReadHandle,
+    topic: &str,
+    partition: u32,
+    next_offset: i64,
+) -> Result<(), crate::EngineError> {
+    reader.set_cursor(
+        &state_position_cursor(topic, partition),
+        next_offset.max(0) as u64 + 1,
+    )
+}
+
+/// How far this store knows partition `partition` of the state topic ([`set_state_position`]),
+/// if it does.
+pub(crate) fn state_position(
+    reader: &ReadHandle,
+    topic: &str,
+    partition: u32,
+) -> Result<Option<i64>, crate::EngineError> {
+    let cursor = reader.cursor(&state_position_cursor(topic, partition))?;
+    Ok(cursor.checked_sub(1).map(|next| next as i64))
+}
+
+/// Forgets how far this store knows the partition (it no longer holds it).
+pub(crate) fn forget_state_position(
+    reader: &ReadHandle,
+    topic: &str,
+    partition: u32,
+) -> Result<(), crate::EngineError> {
+    reader.set_cursor(&state_position_cursor(topic, partition), 0)
+}
+
+/// Records, for each partition the broker confirmed records of since the last call, that
+/// the state topic is known to this store up to them.
+fn record_positions(producer: &BaseProducer<PublishCtx>, topic: &str, reader: &ReadHandle) {
+    let positions: Vec<(String, u64)> = producer
+        .context()
+        .take_delivered()
+        .into_iter()
+        .map(|(partition, offset)| (state_position_cursor(topic, partition as u32), offset as u64 + 2))
+        .collect();
+    if let Err(e) = reader.set_cursors(&positions) {
+        tracing::error!(error = %e, "saving how far the state topic was written failed");
+    }
+}
+
+/// Headers of a state topic record: its writer, and the commit of a deleted key's tombstone.
+fn writer_headers(writer: &str, commit: Option<&str>) -> OwnedHeaders {
+    let headers = OwnedHeaders::new().insert(Header {
+        key: WRITER_HEADER,
+        value: Some(writer),
+    });
+    match commit {
+        Some(commit) => headers.insert(Header {
+            key: crate::changelog::COMMIT_HEADER,
+            value: Some(commit),
+        }),
+        None => headers,
+    }
+}
+
+/// What a check of a kept partition found in the state topic after the store's position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TailCheck {
+    /// Records another store wrote (or one that names no writer).
+    pub foreign: u64,
+    /// Records this store wrote (published before a crash, not recorded as confirmed).
+    pub own: u64,
+    /// The offset after the last record read (`from` when there was none).
+    pub next_offset: i64,
+}
+
+/// Reads partition `partition` of the state topic from offset `from` to its end, and past
+/// the end the broker names as long as records keep coming (tansu names a short one), and
+/// counts the records `writer` did not write.
+pub(crate) fn foreign_records(
+    settings: &KafkaSettings,
+    topic: &str,
+    partition: u32,
+    from: i64,
+    writer: u64,
+    stall: Duration,
+) -> Result<TailCheck, String> {
+    let ours = format!("{writer:016x}");
+    let mut check = TailCheck {
+        foreign: 0,
+        own: 0,
+        next_offset: from,
+    };
+    read_state(settings, topic, partition, from, stall, true, &mut |m| {
+        let by = m.headers().and_then(|headers| {
+            headers
+                .iter()
+                .find(|h| h.key == WRITER_HEADER)
+                .and_then(|h| h.value)
+        });
+        if by == Some(ours.as_bytes()) {
+            check.own += 1;
+        } else {
+            check.foreign += 1;
+        }
+        check.next_offset = check.next_offset.max(m.offset() + 1);
+        Ok(())
+    })?;
+    Ok(check)
 }
 
 /// Produces every record and waits for the broker to confirm all of them.

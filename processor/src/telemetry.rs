@@ -142,6 +142,7 @@ pub const METRICS: &[(&str, MetricKind, &str)] = &[
     ("tagstream_kafka_standby_partitions", MetricKind::Gauge, "Partitions other members own that this node keeps a standby copy of, in its store and followed."),
     ("tagstream_kafka_standby_deltas_applied_total", MetricKind::Counter, "State changelog deltas applied to standby copies."),
     ("tagstream_kafka_partition_releases_total", MetricKind::Counter, "Revoked partitions released to their next owner."),
+    ("tagstream_kafka_partitions_fenced_total", MetricKind::Counter, "Kept partitions found stale on assignment because the state topic holds another store's records of them since this store's position (dropped and restored)."),
     ("tagstream_http_requests_total", MetricKind::Counter, "HTTP requests, by route template, method and status."),
     ("tagstream_auth_failures_total", MetricKind::Counter, "Requests refused for a missing, malformed, unknown or revoked API key (401, or 429 past the address's failure budget)."),
     ("tagstream_auth_failures_unaudited_total", MetricKind::Counter, "Failed authentications past their address's budget: answered 429 and counted in that address's next audit record instead of one of their own."),

@@ -752,7 +752,11 @@ fn a_store_restored_from_the_state_topic_resumes_from_kafka_without_loss() {
     let mut restored = Engine::open(restored_dir.path(), Some(RULES), keeping(PARTITIONS)).unwrap();
     for p in 0..PARTITIONS {
         let heard = std::cell::Cell::new(0);
-        let (restore, incomplete) = kafka::read_state_partition(
+        let kafka::StateRead {
+            restore,
+            incomplete,
+            next_offset,
+        } = kafka::read_state_partition(
             &settings,
             "state",
             p,
@@ -763,6 +767,11 @@ fn a_store_restored_from_the_state_topic_resumes_from_kafka_without_loss() {
         .unwrap();
         assert_eq!(incomplete, 0);
         assert!(restore.deltas > 0, "partition {p}");
+        // Every record read: the next offset is the partition's end.
+        assert_eq!(
+            next_offset as u64, restore.records,
+            "partition {p}: the offset after the last record"
+        );
         assert_eq!(
             heard.get(),
             restore.records,

@@ -913,6 +913,100 @@ fn group_config(dir: &Path, broker: &Broker, group: &str, partitions: u32, more:
     config
 }
 
+/// Fencing by the state topic (issue #21): a node that kept its partition across a stop
+/// resumes it from its store only when no other store wrote the partition's state in the
+/// meantime — the group's committed offsets cannot tell, as a member that took over and
+/// was killed before its first commit leaves them where they were. Here A stops cleanly
+/// (a restart resumes its partition, no restore); B takes over, consumes a third of the
+/// stream, publishes its state and is killed before committing; A comes back: it finds
+/// B's records in the state topic, drops its stale copy and restores, so it consumes on
+/// from where B got to (nothing twice), and its customers, and the state topic's, are a
+/// direct run's.
+#[test]
+fn a_node_coming_back_after_another_took_over_restores_instead_of_resuming_its_stale_copy() {
+    let lines = stream();
+    let (expected, _, _) = reference_run(&lines);
+    let broker = group_broker(1);
+    let run = TempDir::new("kafka-fenced");
+    let config = group_config(run.path(), &broker, "fenced", 1, "");
+    // B never commits the group's offsets (its interval outlasts it).
+    let config_b = run.path().join("b.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let never = text.replace(
+        "\"auto.commit.interval.ms\" = \"200\"",
+        "\"auto.commit.interval.ms\" = \"3600000\"",
+    );
+    assert_ne!(never, text);
+    std::fs::write(&config_b, never).unwrap();
+    let consumed = |server: &Server| {
+        metric_sum(server, "tagstream_events_total") + metric_sum(server, "tagstream_events_rejected_total")
+    };
+    // Everything it consumed is in the state topic.
+    let settled = |server: &Server, events: usize| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while consumed(server) < events as f64
+            || request(&server.addr, "GET", "/readyz", b"").status != 200
+            || server.metric("tagstream_kafka_publish_lag_state") > 0.0
+        {
+            assert!(Instant::now() < deadline, "not settled at {events} events");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let third = lines.len() / 3;
+    produce(&broker.addr, &lines[..third]);
+    let a_dir = run.path().join("a");
+    let a = Server::start(&a_dir, &config);
+    settled(&a, third);
+    a.stop();
+    // Nobody wrote to it since: resumed from the store after the check, not restored.
+    let a = Server::start(&a_dir, &config);
+    settled(&a, 0);
+    assert_eq!(metric_sum(&a, "tagstream_kafka_partition_restores_total"), 0.0);
+    assert_eq!(a.metric("tagstream_kafka_partitions_fenced_total"), 0.0);
+    a.stop();
+
+    let b = Server::start(&run.path().join("b"), &config_b);
+    settled(&b, 0);
+    produce(&broker.addr, &lines[third..2 * third]);
+    settled(&b, third);
+    b.kill();
+
+    let a = Server::start(&a_dir, &config);
+    settled(&a, 0);
+    produce(&broker.addr, &lines[2 * third..]);
+    settled(&a, lines.len() - 2 * third);
+    // Consumed on from where B got to: the last third only.
+    let quiet = Instant::now();
+    while quiet.elapsed() < Duration::from_secs(2) {
+        assert_eq!(
+            consumed(&a),
+            (lines.len() - 2 * third) as f64,
+            "events consumed again"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(a.metric("tagstream_kafka_partitions_fenced_total"), 1.0);
+    assert_eq!(metric_sum(&a, "tagstream_kafka_partition_restores_total"), 1.0);
+    a.stop();
+    assert_eq!(snapshot(&a_dir).1, expected.1, "A's customers");
+
+    // The state topic: a new store restored from it holds the same customers.
+    let restored = run.path().join("restored");
+    let out = Command::new(env!("CARGO_BIN_EXE_tagstream"))
+        .args(["partitions", "restore", "--partition", "0", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&restored)
+        .arg("--rules")
+        .arg(conformance().join("example.trl"))
+        .args(["--clock", "event"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(snapshot(&restored).1, expected.1, "the state topic's customers");
+}
+
 /// Two `serve` processes share a consumer group on a real broker (issue #21): the second
 /// takes half of the six partitions, restoring them from the state topic; then the first
 /// is killed with SIGKILL mid-stream, and once the group notices, the survivor restores the

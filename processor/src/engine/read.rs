@@ -307,6 +307,18 @@ impl ReadHandle {
         Ok(self.store.put_meta_u64_now(&cursor_key(name), value)?)
     }
 
+    /// Sets several counters in one write.
+    pub fn set_cursors(&self, cursors: &[(String, u64)]) -> Result<(), EngineError> {
+        if cursors.is_empty() {
+            return Ok(());
+        }
+        let mut batch = rocksdb::WriteBatch::default();
+        for (name, value) in cursors {
+            self.store.put_meta_u64(&mut batch, &cursor_key(name), *value);
+        }
+        Ok(self.store.commit(batch)?)
+    }
+
     /// A counter written by [`ReadHandle::set_cursor`]; 0 when never written.
     pub fn cursor(&self, name: &str) -> Result<u64, EngineError> {
         Ok(self.store.meta_u64(&cursor_key(name))?)

@@ -72,9 +72,11 @@ struct Read {
 /// What a read of an assigned partition gives.
 enum Taken {
     /// The partition read whole.
-    Whole(Restore),
+    Whole(super::StateRead),
     /// The tail after this store's standby copy.
     Copy(Follower),
+    /// A partition this store kept: what the state topic holds after the store's position.
+    Checked(super::TailCheck),
 }
 
 pub(super) struct Membership {
@@ -96,6 +98,8 @@ pub(super) struct Membership {
     status: Arc<KafkaStatus>,
     /// Standby copies of partitions others own: an assigned one is promoted.
     pub(super) copies: Arc<Copies>,
+    /// This store's id in the state topic's records ([`super::state_writer`]).
+    writer: u64,
 }
 
 impl Membership {
@@ -106,6 +110,7 @@ impl Membership {
         reader: ReadHandle,
         closing: Arc<AtomicBool>,
         status: Arc<KafkaStatus>,
+        writer: u64,
     ) -> Membership {
         let (done, reads) = mpsc::channel();
         Membership {
@@ -121,6 +126,7 @@ impl Membership {
             reads: Mutex::new(reads),
             status,
             copies: Arc::default(),
+            writer,
         }
     }
 
@@ -129,7 +135,7 @@ impl Membership {
     pub(super) fn park_all(&self) -> Result<(), String> {
         self.host.park((0..self.reader.partitions()).collect())?;
         for partition in self.reader.standby_copies().map_err(|e| e.to_string())? {
-            self.host.discard(partition)?;
+            self.discard(partition)?;
             tracing::info!(partition, "dropped a standby copy left by an earlier run");
         }
         Ok(())
@@ -160,7 +166,7 @@ impl Membership {
             .map_err(|e| tracing::warn!(error = %e, "reading the group's committed offsets failed"))
             .ok();
         let (mut restore, mut resumed) = (Vec::new(), TopicPartitionList::new());
-        let mut promote = Vec::new();
+        let (mut promote, mut check) = (Vec::new(), Vec::new());
         for &partition in &partitions {
             let p = partition as u32;
             if let Some(copy) = self.copies.claim(p) {
@@ -169,6 +175,13 @@ impl Membership {
                 continue;
             }
             match self.resume_at(&topic, p, committed.as_ref()) {
+                Ok(Some(offset)) if self.position(p).is_some() => {
+                    // Kept here: resumed once the state topic shows no other store wrote
+                    // to the partition since (the group's offsets cannot tell a member
+                    // that took over and died before committing).
+                    let _ = tpl.set_partition_offset(&topic, partition, offset);
+                    check.push(p);
+                }
                 Ok(Some(offset)) => {
                     if let Err(e) = self.host.activate(p) {
                         tracing::error!(error = %e, partition, "activating a resumed partition failed");
@@ -199,12 +212,13 @@ impl Membership {
                 tracing::debug!(error = %e, "storing the resumed offsets for the group commit");
             }
         }
-        if !restore.is_empty() || !promote.is_empty() {
+        if !restore.is_empty() || !promote.is_empty() || !check.is_empty() {
             let mut paused = TopicPartitionList::new();
             for partition in restore
                 .iter()
                 .copied()
                 .chain(promote.iter().map(|c| c.partition as i32))
+                .chain(check.iter().map(|p| *p as i32))
             {
                 paused.add_partition(&topic, partition);
             }
@@ -216,6 +230,9 @@ impl Membership {
             }
             for copy in promote {
                 self.read_tail(copy);
+            }
+            for partition in check {
+                self.check(partition);
             }
         }
         tracing::info!(topic, ?partitions, restoring = ?self.restoring(), "Kafka partitions assigned");
@@ -234,7 +251,7 @@ impl Membership {
             }
             match self.is_stale(topic, p, committed) {
                 Ok(false) => {}
-                Ok(true) => match self.host.discard(p) {
+                Ok(true) => match self.discard(p) {
                     Ok(()) => tracing::info!(
                         partition = p,
                         "dropped a stale copy of a partition another member owns"
@@ -288,7 +305,7 @@ impl Membership {
                 partition,
                 "another member consumed this partition past what this store holds: its state here is stale and is restored from the state topic"
             );
-            self.host.discard(partition)?;
+            self.discard(partition)?;
             return Ok(None);
         }
         let stored = self
@@ -300,6 +317,30 @@ impl Membership {
         ))
     }
 
+    /// Drops `partition` from the store, and with it how far the store knew the state topic.
+    fn discard(&self, partition: u32) -> Result<(), String> {
+        self.host.discard(partition)?;
+        self.forget_position(partition);
+        Ok(())
+    }
+
+    /// How far this store knows `partition` of the state topic (`None`: not known, as in a
+    /// store an earlier version wrote, which is resumed without a check).
+    fn position(&self, partition: u32) -> Option<i64> {
+        super::state_position(&self.reader, &self.state_topic, partition)
+            .map_err(
+                |e| tracing::warn!(error = %e, partition, "reading how far the state topic is known failed"),
+            )
+            .ok()
+            .flatten()
+    }
+
+    fn forget_position(&self, partition: u32) {
+        if let Err(e) = super::forget_state_position(&self.reader, &self.state_topic, partition) {
+            tracing::warn!(error = %e, partition, "forgetting how far the state topic was known failed");
+        }
+    }
+
     /// Reads `partition` of the state topic on a thread of its own (after `delay`).
     fn read(&self, partition: u32, delay: Duration) {
         let (settings, topic) = (self.settings.clone(), self.state_topic.clone());
@@ -308,7 +349,17 @@ impl Membership {
             std::thread::sleep(delay);
             let progress = |records| status.restore_read(partition, Some(records));
             super::read_state_partition(&settings, &topic, partition, partitions, READ_STALL, &progress)
-                .map(|(restore, _)| Taken::Whole(restore))
+                .map(Taken::Whole)
+        });
+    }
+
+    /// Reads what the state topic holds of a kept `partition` after this store's position,
+    /// on a thread of its own.
+    fn check(&self, partition: u32) {
+        let (settings, topic, writer) = (self.settings.clone(), self.state_topic.clone(), self.writer);
+        let from = self.position(partition).unwrap_or(0);
+        self.read_with(partition, "check", move || {
+            super::foreign_records(&settings, &topic, partition, from, writer, READ_STALL).map(Taken::Checked)
         });
     }
 
@@ -363,28 +414,59 @@ impl Membership {
             }
             self.status.restore_read(p, None);
             let started = Instant::now();
-            let promoted = matches!(read.result, Ok(Taken::Copy(_)));
-            let applied = read.result.and_then(|taken| match taken {
-                Taken::Whole(restore) => {
-                    let records = restore.records;
-                    self.host.restore(restore).map(|()| records)
+            let how = match &read.result {
+                Ok(Taken::Whole(_)) => "read",
+                Ok(Taken::Copy(_)) => "standby",
+                Ok(Taken::Checked(_)) | Err(_) => "kept",
+            };
+            if let Ok(Taken::Checked(check)) = &read.result {
+                if check.foreign > 0 {
+                    // Another store owned the partition since this one last wrote to it,
+                    // and wrote its state on: what is here is stale.
+                    tracing::warn!(
+                        partition = p,
+                        foreign = check.foreign,
+                        own = check.own,
+                        "the state topic holds another store's records of this kept partition: its state here is stale and is restored from the state topic"
+                    );
+                    metrics::counter!("tagstream_kafka_partitions_fenced_total").increment(1);
+                    if let Err(e) = self.discard(p) {
+                        tracing::error!(error = %e, partition = p, "dropping a stale partition failed");
+                    }
+                    self.read(p, Duration::ZERO);
+                    self.report();
+                    continue;
                 }
-                Taken::Copy(mut copy) => self
-                    .host
-                    .run(Box::new(move |engine| {
-                        let tail = copy.take_pending();
-                        engine
-                            .apply_standby(copy.partition, &tail)
-                            .map_err(|e| e.to_string())?;
-                        engine
-                            .promote_standby(&copy.promotion())
-                            .map_err(|e| e.to_string())?;
-                        Ok(())
-                    }))
-                    .map(|()| 0),
+            }
+            let applied = read.result.and_then(|taken| match taken {
+                Taken::Whole(read) => {
+                    let (records, next_offset) = (read.restore.records, read.next_offset);
+                    self.host.restore(read.restore)?;
+                    Ok((records, next_offset))
+                }
+                Taken::Copy(mut copy) => {
+                    let next_offset = copy.next_offset;
+                    self.host
+                        .run(Box::new(move |engine| {
+                            let tail = copy.take_pending();
+                            engine
+                                .apply_standby(copy.partition, &tail)
+                                .map_err(|e| e.to_string())?;
+                            engine
+                                .promote_standby(&copy.promotion())
+                                .map_err(|e| e.to_string())?;
+                            Ok(())
+                        }))
+                        .map(|()| (0, next_offset))
+                }
+                Taken::Checked(check) => self.host.activate(p).map(|()| (0, check.next_offset)),
             });
             match applied {
-                Ok(records) => {
+                Ok((records, next_offset)) => {
+                    if let Err(e) = super::set_state_position(&self.reader, &self.state_topic, p, next_offset)
+                    {
+                        tracing::warn!(error = %e, partition = p, "saving how far the state topic is known failed");
+                    }
                     let offset = match self.reader.source_offset(&source_name(&topic, p as i32)) {
                         Ok(Some(next)) => Offset::Offset(next as i64),
                         Ok(None) => Offset::Beginning,
@@ -397,7 +479,7 @@ impl Membership {
                     if let Err(e) = consumer.seek(&topic, p as i32, offset, Duration::from_secs(10)) {
                         // Restored but not sought: drop it and read it again.
                         tracing::error!(error = %e, partition = p, "seeking a restored partition failed");
-                        let _ = self.host.discard(p);
+                        let _ = self.discard(p);
                         self.read(p, Duration::from_secs(1));
                         continue;
                     }
@@ -408,16 +490,32 @@ impl Membership {
                     }
                     lock(&self.restoring).remove(&p);
                     lock(&self.owned).insert(p);
-                    let how = if promoted { "standby" } else { "read" };
-                    metrics::counter!("tagstream_kafka_partition_restores_total", "from" => how).increment(1);
-                    tracing::info!(
-                        partition = p,
-                        records,
-                        ?offset,
-                        from = how,
-                        applied_ms = started.elapsed().as_millis() as u64,
-                        "partition restored from the state topic"
-                    );
+                    if how == "kept" {
+                        // Stored for the group's commit too (as for one resumed at once).
+                        if let Offset::Offset(_) = offset {
+                            let mut resumed = TopicPartitionList::new();
+                            let _ = resumed.add_partition_offset(&topic, p as i32, offset);
+                            if let Err(e) = consumer.store_offsets(&resumed) {
+                                tracing::debug!(error = %e, "storing the resumed offset for the group commit");
+                            }
+                        }
+                        tracing::info!(
+                            partition = p,
+                            ?offset,
+                            "kept partition resumed: no other store wrote to it in the state topic since"
+                        );
+                    } else {
+                        metrics::counter!("tagstream_kafka_partition_restores_total", "from" => how)
+                            .increment(1);
+                        tracing::info!(
+                            partition = p,
+                            records,
+                            ?offset,
+                            from = how,
+                            applied_ms = started.elapsed().as_millis() as u64,
+                            "partition restored from the state topic"
+                        );
+                    }
                 }
                 Err(e) => {
                     // (A copy that could not be promoted is read whole: the restore drops
@@ -450,6 +548,7 @@ impl Membership {
             loop {
                 match self.host.release(p) {
                     Ok(true) => {
+                        self.forget_position(p);
                         metrics::counter!("tagstream_kafka_partition_releases_total").increment(1);
                         tracing::info!(partition = p, "partition released to its next owner");
                         break;
