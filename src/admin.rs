@@ -184,6 +184,11 @@ pub fn restore(from: &Path, data_dir: &Path) -> anyhow::Result<ExitCode> {
             manifest.last_seq
         );
     }
+    // The store the backup was taken of may have written to the state topic after it:
+    // under the same writer id, a node on this store would take those records for its own
+    // and resume partitions it lacks the state of (`docs/cluster.md`, "A node comes back").
+    processor::kafka::renew_state_writer(&engine.reader())
+        .context("giving the restored store a new writer id")?;
     println!(
         "restored {} into {}: {} customers, changes up to seq {}, sources {:?}",
         from.display(),

@@ -1553,6 +1553,13 @@ pub(crate) fn state_writer(reader: &ReadHandle) -> Result<u64, crate::EngineErro
     Ok(id)
 }
 
+/// Makes this store take a new writer id at its next start ([`state_writer`]): a store
+/// restored from a backup is not the store that went on writing after the backup, and
+/// the records that one wrote must read as another store's.
+pub fn renew_state_writer(reader: &ReadHandle) -> Result<(), crate::EngineError> {
+    reader.set_cursor(STATE_WRITER, 0)
+}
+
 /// The cursor holding how far partition `partition` of the state topic `topic` is known
 /// to this store: 1 + the offset of the next record after those it wrote or read (0: not
 /// known).

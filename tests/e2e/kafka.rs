@@ -1007,6 +1007,93 @@ fn a_node_coming_back_after_another_took_over_restores_instead_of_resuming_its_s
     assert_eq!(snapshot(&restored).1, expected.1, "the state topic's customers");
 }
 
+/// A group's node restored from a backup is not the node that went on after the backup:
+/// `tagstream restore` gives the store a new writer id, so what the lost node wrote to the
+/// state topic after the backup reads as another store's, and the restored node restores
+/// the partition from the topic instead of resuming the backup's older copy — it consumes
+/// only what the lost node had not published, not everything after the backup instant
+/// (the group's offsets cannot tell: the lost node never committed them).
+#[test]
+fn a_group_node_restored_from_a_backup_restores_what_the_lost_node_wrote_after_it() {
+    let lines = stream();
+    let (expected, expected_seq, _) = reference_run(&lines);
+    let broker = group_broker(1);
+    let run = TempDir::new("kafka-backup-group");
+    let config = group_config(run.path(), &broker, "backup-group", 1, "");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let never = text.replace(
+        "\"auto.commit.interval.ms\" = \"200\"",
+        "\"auto.commit.interval.ms\" = \"3600000\"",
+    );
+    assert_ne!(never, text);
+    std::fs::write(&config, never).unwrap();
+    let consumed = |server: &Server| {
+        metric_sum(server, "tagstream_events_total") + metric_sum(server, "tagstream_events_rejected_total")
+    };
+    // Half before the backup, the rest after it: the backup is taken mid-stream.
+    let half = lines.len() / 2;
+    produce(&broker.addr, &lines[..half]);
+    let server = Server::start(&run.path().join("lost"), &config);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while server.last_seq() < expected_seq / 4 {
+        assert!(Instant::now() < deadline, "no progress to back up");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let backup = run.path().join("backup");
+    let out = Command::new(env!("CARGO_BIN_EXE_tagstream"))
+        .args(["backup", "--to"])
+        .arg(&backup)
+        .args(["--server", &format!("http://{}", server.addr)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let manifest: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let at_backup = manifest["source_offsets"]["kafka:events:0"].as_u64().unwrap();
+    assert!(at_backup <= half as u64, "{manifest}");
+    produce(&broker.addr, &lines[half..]);
+    // The lost node goes on to the end and publishes its state, then is lost.
+    while consumed(&server) < lines.len() as f64 || server.metric("tagstream_kafka_publish_lag_state") > 0.0 {
+        assert!(Instant::now() < deadline, "the lost node did not reach the end");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    server.kill();
+
+    let restored = run.path().join("restored");
+    let out = Command::new(env!("CARGO_BIN_EXE_tagstream"))
+        .args(["restore", "--from"])
+        .arg(&backup)
+        .arg("--data-dir")
+        .arg(&restored)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let server = Server::start(&restored, &config);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while request(&server.addr, "GET", "/readyz", b"").status != 200
+        || server.metric("tagstream_kafka_partitions_assigned") < 1.0
+    {
+        assert!(Instant::now() < deadline, "the restored node is not ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (mut last, mut quiet) = (-1.0, Instant::now());
+    while quiet.elapsed() < Duration::from_secs(3) {
+        let now = consumed(&server);
+        if now != last {
+            (last, quiet) = (now, Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        last < (lines.len() as u64 - at_backup) as f64,
+        "consumed {last} events: everything after the backup ({} events) again",
+        lines.len() as u64 - at_backup
+    );
+    assert_eq!(server.metric("tagstream_kafka_partitions_fenced_total"), 1.0);
+    server.stop();
+    assert_eq!(snapshot(&restored).1, expected.1, "customers");
+}
+
 /// Two `serve` processes share a consumer group on a real broker (issue #21): the second
 /// takes half of the six partitions, restoring them from the state topic; then the first
 /// is killed with SIGKILL mid-stream, and once the group notices, the survivor restores the
