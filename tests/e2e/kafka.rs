@@ -227,6 +227,47 @@ fn kafka_config(dir: &Path, broker: &Broker, group: &str) -> PathBuf {
     config
 }
 
+/// `tagstream backup --to DIR --server` of a running server: the backup's manifest.
+fn take_backup(server: &Server, to: &Path) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_tagstream"))
+        .args(["backup", "--to"])
+        .arg(to)
+        .args(["--server", &format!("http://{}", server.addr)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `tagstream restore --from BACKUP --data-dir DIR`.
+fn restore_backup(from: &Path, to: &Path) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tagstream"))
+        .args(["restore", "--from"])
+        .arg(from)
+        .arg("--data-dir")
+        .arg(to)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Events a server took from the topic, counted in or rejected.
+fn consumed(server: &Server) -> f64 {
+    metric_sum(server, "tagstream_events_total") + metric_sum(server, "tagstream_events_rejected_total")
+}
+
+/// A copy of the group settings at `config` whose consumer never commits the group's
+/// offsets while it runs (its interval outlasts it), written to `to`.
+fn never_committing(config: &Path, to: &Path) {
+    let text = std::fs::read_to_string(config).unwrap();
+    let never = text.replace(
+        "\"auto.commit.interval.ms\" = \"200\"",
+        "\"auto.commit.interval.ms\" = \"3600000\"",
+    );
+    assert_ne!(never, text);
+    std::fs::write(to, never).unwrap();
+}
+
 /// `tagstream backup` asks a server that is consuming from Kafka; the machine is then lost.
 /// `tagstream restore` brings back exactly the state of the backup's instant (the change log
 /// up to its seq, a prefix of the uninterrupted run's), and a server on the restored store
@@ -246,14 +287,7 @@ fn a_backup_taken_under_load_restores_that_instant_and_resumes_from_kafka_withou
         std::thread::sleep(Duration::from_millis(10));
     }
     let backup = run.path().join("backups/first");
-    let out = Command::new(env!("CARGO_BIN_EXE_tagstream"))
-        .args(["backup", "--to"])
-        .arg(&backup)
-        .args(["--server", &format!("http://{}", server.addr)])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let manifest: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let manifest = take_backup(&server, &backup);
     let after_backup = server.last_seq();
     server.kill(); // the machine is lost
     let at = manifest["last_seq"].as_u64().unwrap();
@@ -274,14 +308,7 @@ fn a_backup_taken_under_load_restores_that_instant_and_resumes_from_kafka_withou
     assert!(!again.status.success());
 
     let restored = run.path().join("restored");
-    let out = Command::new(env!("CARGO_BIN_EXE_tagstream"))
-        .args(["restore", "--from"])
-        .arg(&backup)
-        .arg("--data-dir")
-        .arg(&restored)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    restore_backup(&backup, &restored);
     // The state of that instant: the uninterrupted run's change log up to the backup's seq.
     let at_backup = snapshot(&restored);
     assert_eq!(at_backup.0.len() as u64, at);
@@ -929,18 +956,9 @@ fn a_node_coming_back_after_another_took_over_restores_instead_of_resuming_its_s
     let broker = group_broker(1);
     let run = TempDir::new("kafka-fenced");
     let config = group_config(run.path(), &broker, "fenced", 1, "");
-    // B never commits the group's offsets (its interval outlasts it).
+    // B never commits the group's offsets.
     let config_b = run.path().join("b.toml");
-    let text = std::fs::read_to_string(&config).unwrap();
-    let never = text.replace(
-        "\"auto.commit.interval.ms\" = \"200\"",
-        "\"auto.commit.interval.ms\" = \"3600000\"",
-    );
-    assert_ne!(never, text);
-    std::fs::write(&config_b, never).unwrap();
-    let consumed = |server: &Server| {
-        metric_sum(server, "tagstream_events_total") + metric_sum(server, "tagstream_events_rejected_total")
-    };
+    never_committing(&config, &config_b);
     // Everything it consumed is in the state topic.
     let settled = |server: &Server, events: usize| {
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -1020,16 +1038,7 @@ fn a_group_node_restored_from_a_backup_restores_what_the_lost_node_wrote_after_i
     let broker = group_broker(1);
     let run = TempDir::new("kafka-backup-group");
     let config = group_config(run.path(), &broker, "backup-group", 1, "");
-    let text = std::fs::read_to_string(&config).unwrap();
-    let never = text.replace(
-        "\"auto.commit.interval.ms\" = \"200\"",
-        "\"auto.commit.interval.ms\" = \"3600000\"",
-    );
-    assert_ne!(never, text);
-    std::fs::write(&config, never).unwrap();
-    let consumed = |server: &Server| {
-        metric_sum(server, "tagstream_events_total") + metric_sum(server, "tagstream_events_rejected_total")
-    };
+    never_committing(&config, &config);
     // Half before the backup, the rest after it: the backup is taken mid-stream.
     let half = lines.len() / 2;
     produce(&broker.addr, &lines[..half]);
@@ -1040,14 +1049,7 @@ fn a_group_node_restored_from_a_backup_restores_what_the_lost_node_wrote_after_i
         std::thread::sleep(Duration::from_millis(10));
     }
     let backup = run.path().join("backup");
-    let out = Command::new(env!("CARGO_BIN_EXE_tagstream"))
-        .args(["backup", "--to"])
-        .arg(&backup)
-        .args(["--server", &format!("http://{}", server.addr)])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let manifest: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let manifest = take_backup(&server, &backup);
     let at_backup = manifest["source_offsets"]["kafka:events:0"].as_u64().unwrap();
     assert!(at_backup <= half as u64, "{manifest}");
     produce(&broker.addr, &lines[half..]);
@@ -1060,14 +1062,7 @@ fn a_group_node_restored_from_a_backup_restores_what_the_lost_node_wrote_after_i
     server.kill();
 
     let restored = run.path().join("restored");
-    let out = Command::new(env!("CARGO_BIN_EXE_tagstream"))
-        .args(["restore", "--from"])
-        .arg(&backup)
-        .arg("--data-dir")
-        .arg(&restored)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    restore_backup(&backup, &restored);
     let server = Server::start(&restored, &config);
     let deadline = Instant::now() + Duration::from_secs(120);
     while request(&server.addr, "GET", "/readyz", b"").status != 200
@@ -1110,9 +1105,6 @@ fn two_nodes_share_a_group_and_the_survivor_of_a_kill_takes_over_without_loss() 
     let half = lines.len() / 2;
     produce(&broker.addr, &lines[..half]);
     let first = Server::start(&run.path().join("first"), &config);
-    let consumed = |server: &Server| {
-        metric_sum(server, "tagstream_events_total") + metric_sum(server, "tagstream_events_rejected_total")
-    };
     let deadline = Instant::now() + Duration::from_secs(120);
     while consumed(&first) < (half / 2) as f64 {
         assert!(Instant::now() < deadline, "the first node made no progress");
@@ -1654,9 +1646,6 @@ fn three_nodes() -> ThreeNodes {
         text.replace("members_topic", "standby_replicas = 2\nmembers_topic"),
     )
     .unwrap();
-    let consumed = |server: &Server| {
-        metric_sum(server, "tagstream_events_total") + metric_sum(server, "tagstream_events_rejected_total")
-    };
     // Every partition owned by one of `nodes`, each owning some, all ready.
     let split = |nodes: &[&Server], within: Duration| {
         let deadline = Instant::now() + within;
@@ -2305,9 +2294,6 @@ fn two_nodes_share_api_keys_and_webhook_subscriptions() {
         owns_one(&first) && owns_one(&second)
     });
     produce(&broker.addr, &lines);
-    let consumed = |server: &Server| {
-        metric_sum(server, "tagstream_events_total") + metric_sum(server, "tagstream_events_rejected_total")
-    };
     until("the stream was not consumed", &|| {
         consumed(&first) + consumed(&second) >= lines.len() as f64
     });
