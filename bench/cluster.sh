@@ -9,7 +9,9 @@
 #   - how long B took from its start to serve its half (a restore of PARTITIONS/2 partitions);
 #   - how long A took from B's kill to serve every partition again (the group's session
 #     timeout, 6 s here, then a restore of B's half: read whole from the state topic, or with
-#     STANDBY=1 promoted from the standby copies A keeps of B's half, reading only their tail).
+#     STANDBY=1 promoted from the standby copies A keeps of B's half, reading only their tail);
+#   - how long A, restarted (SIGTERM, start), took to serve its kept partitions again: each
+#     is checked against the state topic before it is resumed (no restore).
 #
 #   [STANDBY=1] bench/cluster.sh [CUSTOMERS] [EVENTS] [QUERIES] [PARTITIONS]   (defaults: 100000 1000000 300 6)
 set -euo pipefail
@@ -83,7 +85,7 @@ serves_all() {
 import json, sys
 c = json.load(sys.stdin)
 me = c["nodes"][0]
-sys.exit(0 if len(me["owned"]) == me["partitions"] and not me["restoring"] else 1)'
+sys.exit(0 if len(me["owned"]) == me["partitions"] and not me["restoring"] else 1)' 2>/dev/null
 }
 now() { date +%s.%N; }
 serve() {
@@ -176,3 +178,17 @@ grep -h "partition restored from the state topic" "$work/cluster-a.log" | tail -
 until settled "$http_a" 1; do sleep 0.5; done
 echo "node A alone again:"
 latency "$http_a"
+
+# A restart keeps every partition: each is checked against the state topic (no other
+# store's records after this store's position) and resumed, not restored.
+kill -TERM "$a"
+wait "$a" 2>/dev/null || true
+restarted=$(now)
+serve a "$http_a"
+a=$!
+until serves_all "$http_a"; do sleep 0.05; done
+serving=$(now)
+awk -v s="$restarted" -v e="$serving" -v p="$partitions" \
+    'BEGIN {printf "node A restarted: from its start to serving its %d kept partitions (each checked against the state topic): %.2f s\n", p, e - s}'
+echo "restores on A after the restart: $(metric "$http_a" tagstream_kafka_partition_restores_total), found stale: $(metric "$http_a" tagstream_kafka_partitions_fenced_total)"
+grep -h "kept partition resumed" "$work/cluster-a.log" | tail -n "$partitions" | sed 's/^/  /' | cut -c1-220 || true

@@ -67,6 +67,8 @@ struct Read {
     partition: u32,
     ticket: u64,
     result: Result<Taken, String>,
+    /// How long the read took.
+    took: Duration,
 }
 
 /// What a read of an assigned partition gives.
@@ -387,11 +389,13 @@ impl Membership {
         let spawned = std::thread::Builder::new()
             .name(format!("tagstream-{what}-{partition}"))
             .spawn(move || {
+                let began = Instant::now();
                 let result = read();
                 let _ = done.send(Read {
                     partition,
                     ticket,
                     result,
+                    took: began.elapsed(),
                 });
             });
         if let Err(e) = spawned {
@@ -502,6 +506,7 @@ impl Membership {
                         tracing::info!(
                             partition = p,
                             ?offset,
+                            checked_ms = read.took.as_millis() as u64,
                             "kept partition resumed: no other store wrote to it in the state topic since"
                         );
                     } else {
@@ -512,6 +517,7 @@ impl Membership {
                             records,
                             ?offset,
                             from = how,
+                            read_ms = read.took.as_millis() as u64,
                             applied_ms = started.elapsed().as_millis() as u64,
                             "partition restored from the state topic"
                         );
