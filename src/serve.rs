@@ -296,7 +296,8 @@ fn settings_fingerprint(engine: &processor::Engine, access: &Access) -> String {
         config.limits,
         config.dedup_horizon_ms,
         config.retention_ms,
-        config.identity,
+        // The identifier types, not the lookup cache's size (a machine's own choice).
+        config.identity.types,
         config.partitions,
         engine.plan(),
         access.config.roles,

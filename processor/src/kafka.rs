@@ -547,7 +547,7 @@ pub fn start(
                         let scope = StateScope {
                             checkpoint_bytes,
                             owned,
-                            writer: format!("{writer:016x}"),
+                            writer: writer_label(writer),
                         };
                         publish_state(producer, topic, reader, scope, &stop, &drain)
                     }
@@ -1553,6 +1553,17 @@ pub(crate) fn state_writer(reader: &ReadHandle) -> Result<u64, crate::EngineErro
     Ok(id)
 }
 
+/// A writer id as the records' [`WRITER_HEADER`] carries it.
+fn writer_label(writer: u64) -> String {
+    format!("{writer:016x}")
+}
+
+/// The value of a [`state_position_cursor`] for a position: the offset of the next record,
+/// plus one (0 stands for "not known").
+fn position_value(next_offset: i64) -> u64 {
+    next_offset.max(0) as u64 + 1
+}
+
 /// Makes this store take a new writer id at its next start ([`state_writer`]): a store
 /// restored from a backup is not the store that went on writing after the backup, and
 /// the records that one wrote must read as another store's.
@@ -1578,7 +1589,7 @@ pub fn set_state_position(
 ) -> Result<(), crate::EngineError> {
     reader.set_cursor(
         &state_position_cursor(topic, partition),
-        next_offset.max(0) as u64 + 1,
+        position_value(next_offset),
     )
 }
 
@@ -1609,7 +1620,12 @@ fn record_positions(producer: &BaseProducer<PublishCtx>, topic: &str, reader: &R
         .context()
         .take_delivered()
         .into_iter()
-        .map(|(partition, offset)| (state_position_cursor(topic, partition as u32), offset as u64 + 2))
+        .map(|(partition, offset)| {
+            (
+                state_position_cursor(topic, partition as u32),
+                position_value(offset + 1),
+            )
+        })
         .collect();
     if let Err(e) = reader.set_cursors(&positions) {
         tracing::error!(error = %e, "saving how far the state topic was written failed");
@@ -1653,7 +1669,7 @@ pub(crate) fn foreign_records(
     writer: u64,
     stall: Duration,
 ) -> Result<TailCheck, String> {
-    let ours = format!("{writer:016x}");
+    let ours = writer_label(writer);
     let mut check = TailCheck {
         foreign: 0,
         own: 0,
