@@ -170,6 +170,10 @@ pub fn serve(
         let engine_ended = handle.committed();
         drop(handle);
         let webhooks = state.webhooks.clone();
+        if let Some(control) = &state.control {
+            // Where the group's deliveries stand, before any subscription starts.
+            webhooks.follow_cursors(control);
+        }
         let resumed = webhooks
             .resume(&state)
             .map_err(|e| anyhow::anyhow!("loading webhook subscriptions: {e}"))?;

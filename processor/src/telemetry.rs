@@ -150,6 +150,7 @@ pub const METRICS: &[(&str, MetricKind, &str)] = &[
     ("tagstream_webhook_deliveries_total", MetricKind::Counter, "Webhook delivery attempts, by result."),
     ("tagstream_webhook_delivery_seconds", MetricKind::Histogram, "Duration of one webhook delivery attempt."),
     ("tagstream_webhook_lag_changes", MetricKind::Gauge, "Changes a webhook subscription has not delivered yet."),
+    ("tagstream_webhook_changes_skipped_total", MetricKind::Counter, "Changes of the group's log a webhook subscription could not deliver: retention deleted them first."),
     ("process_resident_memory_bytes", MetricKind::Gauge, "Resident memory of the tagstream process."),
     ("process_virtual_memory_bytes", MetricKind::Gauge, "Virtual memory of the tagstream process."),
     ("process_cpu_seconds_total", MetricKind::Counter, "User and system CPU time of the tagstream process."),

@@ -262,6 +262,7 @@ fn shared_records_reach_every_nodes_sink_in_order_without_touching_the_chain() {
         kind: kind.into(),
         id: id.into(),
         body: serde_json::json!({ "n": n, "secret": "never printed" }),
+        latest: false,
     };
     let collect = |node: &Node, kind: &str| {
         let got = Arc::new(Mutex::new(Vec::new()));
@@ -316,6 +317,27 @@ fn shared_records_reach_every_nodes_sink_in_order_without_touching_the_chain() {
         Outcome::Applied(..)
     ));
     a.wait_for_version(2);
+    // A position that only moves on replaces its last: a sink registered later is given
+    // only the newest of each id.
+    for n in [5, 6, 7] {
+        let position = control::Shared {
+            latest: true,
+            ..record("cursor", "c1", n)
+        };
+        a.worker.control().share(&position).unwrap();
+    }
+    let as_read = collect(&b, "cursor");
+    let deadline = Instant::now() + WAIT;
+    while as_read.lock().unwrap().len() < 3 {
+        assert!(Instant::now() < deadline, "B: {:?}", as_read.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        *as_read.lock().unwrap(),
+        expected(&[("c1", 5), ("c1", 6), ("c1", 7)]),
+        "a sink there gets each as it is read"
+    );
+    assert_eq!(*collect(&b, "cursor").lock().unwrap(), expected(&[("c1", 7)]));
     // What a log line would show of a shared record: never its body.
     assert!(!format!("{:?}", record("webhook", "w1", 3)).contains("never printed"));
     assert!(!format!(

@@ -1015,7 +1015,14 @@ fn the_group_log_holds_each_numbered_change_once_in_order_and_resumes() {
         max_age_ms: i64::MAX / 2,
         max_entries: 2,
     };
-    assert_eq!(reader.group_log_trim(retention).unwrap(), 5);
+    // A reader holding the log at [1, 2] (a webhook delivering from it) keeps what follows.
+    reader.hold_group_log("a reader", &[1, 2]);
+    assert_eq!(reader.group_log_trim(retention).unwrap(), 3);
+    assert_eq!(reader.group_log_start().unwrap(), vec![1, 2]);
+    let (held, _) = group_log(&reader, vec![1, 2], 10);
+    assert_eq!(held.len(), 4, "everything after the hold: {held:?}");
+    reader.release_group_log("a reader");
+    assert_eq!(reader.group_log_trim(retention).unwrap(), 2);
     assert_eq!(reader.group_log_start().unwrap(), vec![3, 2]);
     match reader.group_log_page(&[1, 2], 10).unwrap() {
         processor::GroupPage::Gone { partition, oldest } => {

@@ -33,6 +33,8 @@ use sha2::Sha256;
 use crate::targets::{CheckedResolver, TargetPolicy};
 use crate::{ApiError, AppState, LimitedBody};
 
+mod group;
+
 /// How deliveries are paced, and where they may go.
 #[derive(Debug, Clone)]
 pub struct WebhookConfig {
@@ -109,6 +111,10 @@ struct Subscription {
     /// Made in a group with `x-tagstream-scope: node`: this node's alone, never shared.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     node_only: bool,
+    /// In a group that delivers from the group's change log: the group cursor deliveries
+    /// start after (the group log's end on the node that made it, or the `cursor` asked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    group_start: Option<Vec<u64>>,
     /// In a group, this node's store among the senders (`x-tagstream-delivery` names it):
     /// set when its task starts.
     #[serde(skip)]
@@ -188,6 +194,7 @@ fn share(
             kind: SHARED_KIND.into(),
             id: sub.id.to_string(),
             body,
+            latest: false,
         })
         .map_err(|e| ApiError::Unavailable(format!("the group could not be told, so nothing changed: {e}")))
 }
@@ -240,6 +247,9 @@ pub struct Webhooks {
     /// Set at shutdown, once no request can commit anything more: each task delivers what
     /// is committed and ends.
     draining: tokio::sync::watch::Sender<bool>,
+    /// Where the group's deliveries of each subscription stand, from every node's cursor
+    /// records (subscriptions delivered from the group log).
+    group_cursors: group::GroupCursors,
 }
 
 impl Webhooks {
@@ -249,6 +259,7 @@ impl Webhooks {
             tasks: Mutex::default(),
             create: Mutex::default(),
             draining: tokio::sync::watch::channel(false).0,
+            group_cursors: group::GroupCursors::default(),
         }
     }
 
@@ -290,16 +301,32 @@ impl Webhooks {
         // Retention keeps what the subscription has not delivered, from before its task
         // first runs.
         let reader = app.engine.reader();
-        match reader.cursor(&cursor_name(id)) {
-            Ok(cursor) => reader.hold(&cursor_name(id), Log::Changes, cursor + 1),
-            Err(e) => tracing::error!(webhook = id, error = %e, "webhook cursor unreadable"),
-        }
-        let task = tokio::spawn(deliver(
-            app.clone(),
-            self.config.clone(),
-            sending(app, sub),
-            self.draining.subscribe(),
-        ));
+        let task = match group::delivered_by_group(app, &sub) {
+            Some(members) => {
+                if let Some(at) = group::group_position(self, &sub) {
+                    reader.hold_group_log(&cursor_name(id), &at);
+                }
+                tokio::spawn(group::deliver(
+                    app.clone(),
+                    self.config.clone(),
+                    sub,
+                    members,
+                    self.draining.subscribe(),
+                ))
+            }
+            None => {
+                match reader.cursor(&cursor_name(id)) {
+                    Ok(cursor) => reader.hold(&cursor_name(id), Log::Changes, cursor + 1),
+                    Err(e) => tracing::error!(webhook = id, error = %e, "webhook cursor unreadable"),
+                }
+                tokio::spawn(deliver(
+                    app.clone(),
+                    self.config.clone(),
+                    sending(app, sub),
+                    self.draining.subscribe(),
+                ))
+            }
+        };
         let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(old) = tasks.insert(id, task) {
             old.abort();
@@ -381,6 +408,8 @@ impl Webhooks {
             task.abort();
         }
         app.engine.reader().release(&cursor_name(id));
+        app.engine.reader().release_group_log(&cursor_name(id));
+        self.group_cursors.forget(id);
     }
 }
 
@@ -428,6 +457,9 @@ pub struct CreateBody {
     max_attempts: Option<u32>,
     /// Deliver changes after this `seq` (default: from the last committed change on).
     after: Option<u64>,
+    /// In a group that delivers from the group's change log: deliver the changes after
+    /// this group cursor (`0`: everything the group log holds; default: from its end).
+    cursor: Option<String>,
 }
 
 /// Checks a webhook URL: absolute `https://` (certificate verified) or `http://`, with a
@@ -487,12 +519,41 @@ pub async fn create(
         .check_host(uri.host().unwrap_or_default(), port)
         .await
         .map_err(|m| ApiError::BadRequest(format!("`url`: {m}")))?;
+    // A subscription of a group that keeps the group log starts at a group cursor.
+    let from_group_log =
+        group.is_some() && app.cluster.is_some() && app.kafka.as_ref().is_some_and(|k| k.group_log().is_ok());
     if group.is_some() && b.after.is_some() {
+        let instead = if from_group_log {
+            "; it starts at a group cursor instead (`cursor`: `0` for everything the group's change log holds)"
+        } else {
+            ""
+        };
         return Err(ApiError::BadRequest(format!(
-            "`after` is a `seq` of one node's change log; a subscription of the group delivers each node's changes from its last one on (or make one node's alone with `{}: node`)",
+            "`after` is a `seq` of one node's change log, and this subscription is the group's{instead} (or make one node's alone with `{}: node`)",
             crate::cluster::SCOPE
         )));
     }
+    if b.cursor.is_some() && !from_group_log {
+        return Err(ApiError::BadRequest(
+            "`cursor` is a position in a group's change log, and this subscription is not delivered from one: start it with `after` (a `seq`)".into(),
+        ));
+    }
+    let group_start = if from_group_log {
+        let reader = reader.clone();
+        let asked = b.cursor.clone();
+        let start = tokio::task::spawn_blocking(move || match asked.as_deref() {
+            None => Ok(reader.group_log_end()?),
+            Some("0") => Ok(reader.group_log_start()?),
+            Some(text) => {
+                processor::decode_group_cursor(text, reader.partitions()).map_err(ApiError::BadRequest)
+            }
+        })
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
+        Some(start)
+    } else {
+        None
+    };
     let last = reader.last_seq();
     let after = b.after.unwrap_or(last);
     if after > last {
@@ -526,6 +587,7 @@ pub async fn create(
             created_at: now_ms(),
             role,
             node_only,
+            group_start,
             sender: None,
         };
         if let Some(control) = &group {
@@ -548,7 +610,15 @@ pub async fn list(State(app): State<AppState>) -> Result<Json<Json_>, ApiError> 
     let mut out = Vec::new();
     for sub in stored(reader)? {
         let mut shown = sub.public();
-        shown["delivered_through"] = reader.cursor(&cursor_name(sub.id))?.into();
+        match group::delivered_by_group(&app, &sub) {
+            Some(members) => {
+                shown["delivered_cursor"] = group::group_position(&app.webhooks, &sub)
+                    .map(|c| processor::encode_group_cursor(&c))
+                    .into();
+                shown["delivered_by"] = group::deliverer(&members, sub.id).into();
+            }
+            None => shown["delivered_through"] = reader.cursor(&cursor_name(sub.id))?.into(),
+        }
         out.push(shown);
     }
     Ok(Json(json!({ "webhooks": out, "last_seq": reader.last_seq() })))
@@ -581,7 +651,7 @@ fn remove(app: &AppState, id: u64) -> Result<(), ApiError> {
         .delete_prefix_now(CF_WEBHOOKS, &sub_key(id))
         .and_then(|_| store.delete_prefix_now(CF_WEBHOOKS, &dlq_prefix(id)))
         .map_err(processor::EngineError::from)?;
-    Ok(())
+    group::delete_cursor(app.engine.reader(), id)
 }
 
 /// Deletes the subscriptions to the definition `name` (a segment just deleted: its
@@ -825,9 +895,15 @@ async fn deliver(
             }
             continue;
         }
-        if !changes.is_empty() {
+        if let (Some(first), Some(last)) = (changes.first(), changes.last()) {
             let masking = masking_for(&app, &sub);
-            send_with_retries(&client, &reader, &config, &sub, &changes, &masking).await;
+            let batch = Batch {
+                changes: &changes,
+                delivery: sub.delivery_id(first.seq),
+                letter_key: first.seq,
+                numbers: json!({ "first_seq": first.seq, "last_seq": last.seq }),
+            };
+            send_with_retries(&client, &reader, &config, &sub, &batch, &masking).await;
         }
         cursor = through;
         if let Err(e) = reader.set_cursor(&cursor_name(sub.id), cursor) {
@@ -837,15 +913,15 @@ async fn deliver(
     }
 }
 
-/// One attempt at delivering `body` (the changes from `first` on), counted and logged.
-/// The delivery id (`x-tagstream-delivery`) is the same on every attempt and redelivery, so a
-/// receiver can drop what it already has.
+/// One attempt at delivering `body` (a batch of changes), counted and logged. The delivery
+/// id (`x-tagstream-delivery`) is the same on every attempt and redelivery, so a receiver
+/// can drop what it already has.
 async fn attempt_delivery(
     client: &WebhookClient,
     config: &WebhookConfig,
     sub: &Subscription,
     body: &Bytes,
-    first: u64,
+    delivery: &str,
     attempt: u32,
 ) -> Result<(), String> {
     let started = Instant::now();
@@ -874,7 +950,7 @@ async fn attempt_delivery(
             "x-tagstream-signature",
             signature(sub.secret.as_bytes(), at, body),
         )
-        .header("x-tagstream-delivery", sub.delivery_id(first))
+        .header("x-tagstream-delivery", delivery)
         .header("x-tagstream-attempt", attempt.to_string())
         .body(Full::new(body.clone()));
     let outcome = match request {
@@ -894,7 +970,7 @@ async fn attempt_delivery(
         Err(e) => {
             metrics::counter!("tagstream_webhook_deliveries_total", "result" => "failed_attempt")
                 .increment(1);
-            tracing::warn!(webhook = sub.id, attempt, first_seq = first, error = %e, "webhook delivery failed");
+            tracing::warn!(webhook = sub.id, attempt, delivery, error = %e, "webhook delivery failed");
         }
     }
     outcome
@@ -960,7 +1036,10 @@ async fn redeliver_here(app: &AppState, id: u64) -> Result<Json_, ApiError> {
     let mut redelivered = 0;
     let mut error = None;
     for (key, letter) in letters {
-        let first = letter["first_seq"].as_u64().unwrap_or_default();
+        let delivery = match letter["delivery"].as_str() {
+            Some(id) => id.to_owned(),
+            None => sub.delivery_id(letter["first_seq"].as_u64().unwrap_or_default()),
+        };
         let attempt = letter["attempts"].as_u64().unwrap_or_default() as u32 + 1;
         let body = Bytes::from(
             serde_json::to_vec(
@@ -968,7 +1047,7 @@ async fn redeliver_here(app: &AppState, id: u64) -> Result<Json_, ApiError> {
             )
             .expect("changes serialise"),
         );
-        match attempt_delivery(&client, &config, &sub, &body, first, attempt).await {
+        match attempt_delivery(&client, &config, &sub, &body, &delivery, attempt).await {
             Ok(()) => {
                 // The key is the whole prefix: one dead letter.
                 reader
@@ -990,17 +1069,27 @@ async fn redeliver_here(app: &AppState, id: u64) -> Result<Json_, ApiError> {
     }))
 }
 
+/// A batch of changes to deliver, and how it is named.
+struct Batch<'a> {
+    changes: &'a [Change],
+    /// `x-tagstream-delivery`.
+    delivery: String,
+    /// Where its dead letter goes among the subscription's (they are listed in its order).
+    letter_key: u64,
+    /// The fields its dead letter names its first and last change by.
+    numbers: Json_,
+}
+
 /// Sends one batch until it is accepted (2xx) or `max_attempts` fail; then dead-letters it.
 async fn send_with_retries(
     client: &WebhookClient,
     reader: &ReadHandle,
     config: &WebhookConfig,
     sub: &Subscription,
-    changes: &[Change],
+    batch: &Batch<'_>,
     masking: &crate::access::Masking,
 ) {
-    let first = changes[0].seq;
-    let last = changes[changes.len() - 1].seq;
+    let changes = batch.changes;
     let body = Bytes::from(
         serde_json::to_vec(&json!({
             "subscription": sub.id,
@@ -1012,7 +1101,7 @@ async fn send_with_retries(
     let mut delay = config.backoff_base;
     let mut last_error = String::new();
     for attempt in 1..=sub.max_attempts {
-        match attempt_delivery(client, config, sub, &body, first, attempt).await {
+        match attempt_delivery(client, config, sub, &body, &batch.delivery, attempt).await {
             Ok(()) => return,
             Err(e) => last_error = e,
         }
@@ -1022,10 +1111,9 @@ async fn send_with_retries(
         }
     }
     metrics::counter!("tagstream_webhook_deliveries_total", "result" => "dead_lettered").increment(1);
-    let letter = json!({
+    let mut letter = json!({
         "subscription": sub.id,
-        "first_seq": first,
-        "last_seq": last,
+        "delivery": batch.delivery,
         "attempts": sub.max_attempts,
         "last_error": last_error,
         "failed_at": now_ms(),
@@ -1033,7 +1121,10 @@ async fn send_with_retries(
         // the dead letters) sees no more than the receiver would have.
         "changes": crate::routes::masked_changes(changes, masking),
     });
-    let key = [dlq_prefix(sub.id), first.to_be_bytes().to_vec()].concat();
+    if let (Some(letter), Some(numbers)) = (letter.as_object_mut(), batch.numbers.as_object()) {
+        letter.extend(numbers.clone());
+    }
+    let key = [dlq_prefix(sub.id), batch.letter_key.to_be_bytes().to_vec()].concat();
     let value = serde_json::to_vec(&letter).expect("a dead letter serialises");
     if let Err(e) = reader.store().put_now(CF_WEBHOOKS, &key, &value) {
         tracing::error!(webhook = sub.id, error = %e, "storing a webhook dead letter failed");

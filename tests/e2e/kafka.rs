@@ -2221,7 +2221,8 @@ fn two_nodes_share_api_keys_and_webhook_subscriptions() {
     let first = Server::start(&run.path().join("a/data"), &first_config);
     let early = make_key(&first, "early");
     let (url, received) = receiver::receiver(SECRET, |_| false);
-    // A `seq` is one node's: a group's subscription cannot start after one.
+    // A `seq` is one node's: a group's subscription cannot start after one (it starts at a
+    // cursor of the group's change log).
     let r = call(
         &first,
         Some(&admin),
@@ -2230,6 +2231,20 @@ fn two_nodes_share_api_keys_and_webhook_subscriptions() {
         &format!(r#"{{"url":"{url}","secret":"{SECRET}","after":0}}"#),
     );
     assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("`cursor`"), "{}", r.text());
+    let r = call(
+        &first,
+        Some(&admin),
+        "POST",
+        "/v1/webhooks",
+        &format!(r#"{{"url":"{url}","secret":"{SECRET}","cursor":"p1.1"}}"#),
+    );
+    assert_eq!(
+        r.status,
+        400,
+        "a cursor of one partition in a group of two: {}",
+        r.text()
+    );
     let r = call(
         &first,
         Some(&admin),
@@ -2303,49 +2318,34 @@ fn two_nodes_share_api_keys_and_webhook_subscriptions() {
         received.lock().unwrap().changes.len() as f64 >= made()
     });
     {
+        // One node delivers the group's changes, from the group's change log.
         let got = received.lock().unwrap();
         assert_eq!(got.bad_signatures, 0);
-        let mut numbers: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
-        for change in &got.changes {
-            numbers
-                .entry(change["partition"].as_u64().unwrap())
-                .or_default()
-                .push(change["pseq"].as_u64().unwrap());
-        }
+        let numbers = partition_numbers(&got.changes);
         assert_eq!(numbers.len(), PARTITIONS as usize, "changes of both partitions");
         for (partition, pseqs) in &numbers {
-            let mut sorted = pseqs.clone();
-            sorted.sort_unstable();
             let expected: Vec<u64> = (1..=pseqs.len() as u64).collect();
             assert_eq!(
-                sorted, expected,
-                "partition {partition}: each change once, none missing"
+                pseqs.iter().copied().collect::<Vec<_>>(),
+                expected,
+                "partition {partition}: none missing"
             );
         }
-        assert_eq!(got.changes.len() as f64, made());
-        // Each node numbers its batches by its own log: the delivery ids name the sender.
-        let senders: std::collections::BTreeSet<&str> = got
-            .deliveries
-            .iter()
-            .map(|d| d.split('-').nth(1).unwrap())
-            .collect();
-        assert_eq!(senders.len(), 2, "{:?}", got.deliveries);
-        assert!(got
-            .deliveries
-            .iter()
-            .all(|d| d.starts_with(&format!("{subscription}-"))));
+        assert_eq!(numbers.values().map(|p| p.len()).sum::<usize>() as f64, made());
+        check_delivery_ids(subscription, &got.accepted);
     }
 
     // Each node keeps its own dead letters; any node lists, redelivers and purges them all.
     let letters = format!("/v1/webhooks/{gone}/dead_letters");
     let dead = || call(&first, Some(&admin), "GET", &letters, "").json();
     let lettered = |answer: &serde_json::Value| -> f64 {
-        answer["dead_letters"]
+        let changes: Vec<serde_json::Value> = answer["dead_letters"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|l| l["changes"].as_array().unwrap().len() as f64)
-            .sum()
+            .flat_map(|l| l["changes"].as_array().unwrap().clone())
+            .collect();
+        partition_numbers(&changes).values().map(|p| p.len() as f64).sum()
     };
     until("not every change was dead-lettered", &|| {
         lettered(&dead()) >= made()
@@ -2359,7 +2359,11 @@ fn two_nodes_share_api_keys_and_webhook_subscriptions() {
         .iter()
         .map(|l| l["node"].as_str().unwrap())
         .collect();
-    assert_eq!(nodes.len(), 2, "each node's own letters: {answer}");
+    assert_eq!(
+        nodes.len(),
+        1,
+        "the letters of the one node that delivers: {answer}"
+    );
     let count = answer["dead_letters"].as_array().unwrap().len() as u64;
     let r = call(&second, Some(&admin), "POST", &format!("{letters}/redeliver"), "");
     assert_eq!(r.status, 200, "{}", r.text());
@@ -2422,4 +2426,150 @@ fn two_nodes_share_api_keys_and_webhook_subscriptions() {
     until("the first node still takes the revoked key", &|| {
         call(&first, Some(&early), "GET", "/v1/segments", "").status == 401
     });
+}
+
+/// The `(partition, pseq)` of `changes`, each once, by partition.
+fn partition_numbers(changes: &[serde_json::Value]) -> BTreeMap<u64, std::collections::BTreeSet<u64>> {
+    let mut numbers: BTreeMap<u64, std::collections::BTreeSet<u64>> = BTreeMap::new();
+    for change in changes {
+        numbers
+            .entry(change["partition"].as_u64().unwrap())
+            .or_default()
+            .insert(change["pseq"].as_u64().unwrap());
+    }
+    numbers
+}
+
+/// A batch delivered from the group's change log is named by its first change,
+/// `ID-PARTITION.PSEQ`, whichever node sends it.
+fn check_delivery_ids(subscription: u64, accepted: &[(String, serde_json::Value)]) {
+    assert!(!accepted.is_empty());
+    for (delivery, first) in accepted {
+        assert_eq!(
+            *delivery,
+            format!("{subscription}-{}.{}", first["partition"], first["pseq"]),
+            "{first}"
+        );
+    }
+}
+
+/// Webhooks from the group's change log (issue #21, design step 9): a subscription of the
+/// group is delivered by one node from the log every node reads back from the changes
+/// topic, so the changes a node made are delivered after it is gone. Here the deliverer is
+/// `kill -9`-ed with most of the stream's changes not yet delivered (the receiver is slow);
+/// the survivor takes its partitions and the delivery over and sends every change of the
+/// group's log — at least once, none missing — from where the dead node had told the group
+/// it was. (Delivered by each node from its own change log, the changes the dead node made
+/// and had not sent were lost: its successor makes again only what it had not published.)
+#[test]
+fn the_deliverer_of_a_webhook_killed_mid_stream_loses_no_change_of_the_group() {
+    const PARTITIONS: u32 = 2;
+    const SECRET: &str = "a webhook secret of the group";
+    let lines = stream();
+    let broker = group_broker(PARTITIONS);
+    let run = TempDir::new("kafka-group-webhooks");
+    let config = |node: &str| {
+        let dir = run.path().join(node);
+        std::fs::create_dir_all(&dir).unwrap();
+        group_config(
+            &dir,
+            &broker,
+            "group-webhooks",
+            PARTITIONS,
+            "[webhooks]\nallow_targets = [\"127.0.0.1/32\"]\n",
+        )
+    };
+    let (config_a, config_b) = (config("a"), config("b"));
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let until = |what: &str, done: &dyn Fn() -> bool| {
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let mut nodes = vec![
+        Server::start(&run.path().join("a/data"), &config_a),
+        Server::start(&run.path().join("b/data"), &config_b),
+    ];
+    let owns_one = |server: &Server| {
+        server.metric("tagstream_kafka_partitions_assigned") == 1.0
+            && request(&server.addr, "GET", "/readyz", b"").status == 200
+    };
+    until("the partitions were not split", &|| nodes.iter().all(owns_one));
+    let (url, received) = receiver::slow_receiver(SECRET, |_| false, Duration::from_millis(1500));
+    let r = request(
+        &nodes[0].addr,
+        "POST",
+        "/v1/webhooks",
+        format!(r#"{{"url":"{url}","secret":"{SECRET}"}}"#).as_bytes(),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let subscription = r.json()["id"].as_u64().unwrap();
+    let delivered_by = |node: &Server| -> serde_json::Value {
+        let r = request(&node.addr, "GET", "/v1/webhooks", b"");
+        r.json()["webhooks"][0]["delivered_by"].clone()
+    };
+    until("both nodes did not name the same deliverer", &|| {
+        let named: Vec<_> = nodes.iter().map(delivered_by).collect();
+        named[0].is_string() && named[0] == named[1]
+    });
+    let deliverer = delivered_by(&nodes[0]);
+    let index = nodes
+        .iter()
+        .position(|n| serde_json::json!(format!("http://{}", n.addr)) == deliverer)
+        .unwrap_or_else(|| panic!("{deliverer}"));
+
+    produce(&broker.addr, &lines);
+    let consumed_all = || nodes.iter().map(consumed).sum::<f64>() >= lines.len() as f64;
+    until("the stream was not consumed", &consumed_all);
+    let made: f64 = nodes
+        .iter()
+        .map(|n| metric_sum(n, "tagstream_changes_total"))
+        .sum();
+    until("the deliverer delivered nothing", &|| {
+        !received.lock().unwrap().accepted.is_empty()
+    });
+    let dead = nodes.remove(index);
+    dead.kill();
+    let before = partition_numbers(&received.lock().unwrap().changes);
+    let delivered_before: usize = before.values().map(|p| p.len()).sum();
+    assert!(
+        (delivered_before as f64) < made,
+        "the deliverer had nothing left to deliver when it was killed ({delivered_before} of {made}): the test shows nothing"
+    );
+
+    // The survivor takes both partitions and the delivery over.
+    let survivor = &nodes[0];
+    until("the survivor did not take both partitions", &|| {
+        survivor.metric("tagstream_kafka_partitions_assigned") == PARTITIONS as f64
+            && request(&survivor.addr, "GET", "/readyz", b"").status == 200
+    });
+    until("the survivor never delivered", &|| {
+        delivered_by(survivor) == serde_json::json!(format!("http://{}", survivor.addr))
+    });
+    let log = || partition_numbers(&group_log(survivor));
+    until("the group's change log never held every change made", &|| {
+        log().values().map(|p| p.len() as f64).sum::<f64>() >= made
+    });
+    let expected = log();
+    until("not every change of the group's log was delivered", &|| {
+        partition_numbers(&received.lock().unwrap().changes) == expected
+    });
+    for (partition, pseqs) in &expected {
+        let all: Vec<u64> = (1..=pseqs.len() as u64).collect();
+        assert_eq!(
+            pseqs.iter().copied().collect::<Vec<_>>(),
+            all,
+            "partition {partition}: the group's log has every change"
+        );
+    }
+    let got = received.lock().unwrap();
+    assert_eq!(got.bad_signatures, 0);
+    check_delivery_ids(subscription, &got.accepted);
+    eprintln!(
+        "delivered {} changes of {} made ({delivered_before} before the kill, {} again after)",
+        got.changes.len(),
+        made,
+        got.changes.len() as f64 - made
+    );
 }

@@ -25,6 +25,26 @@ const META_FIRST: &str = "group_log_first:";
 /// Per partition of the topic: the next offset to read.
 const META_OFFSET: &str = "group_log_offset:";
 
+/// Positions readers of the group log need kept (a webhook subscription delivered from it):
+/// by reader name, each partition's last `pseq` consumed.
+#[derive(Debug, Default)]
+pub(crate) struct GroupHolds(std::sync::Mutex<std::collections::HashMap<String, Vec<u64>>>);
+
+impl GroupHolds {
+    /// The lowest cursor any reader holds at, per partition (`None`: no reader holds).
+    fn lowest(&self, partitions: u32) -> Option<Vec<u64>> {
+        let holds = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut lowest: Option<Vec<u64>> = None;
+        for cursor in holds.values().filter(|c| c.len() == partitions as usize) {
+            match &mut lowest {
+                None => lowest = Some(cursor.clone()),
+                Some(low) => low.iter_mut().zip(cursor).for_each(|(l, c)| *l = (*l).min(*c)),
+            }
+        }
+        lowest
+    }
+}
+
 /// A record of the changes topic, as the group log keeps it.
 #[derive(Debug, Clone)]
 pub struct GroupRecord {
@@ -129,6 +149,27 @@ pub fn decode_group_cursor(text: &str, partitions: u32) -> Result<Vec<u64>, Stri
 }
 
 impl ReadHandle {
+    /// Keeps the group log's changes after `cursor` (each partition's last `pseq` consumed)
+    /// past retention while `name` has not consumed them; a later call moves the hold.
+    pub fn hold_group_log(&self, name: &str, cursor: &[u64]) {
+        self.published
+            .group_holds
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned(), cursor.to_vec());
+    }
+
+    /// Drops `name`'s hold on the group log.
+    pub fn release_group_log(&self, name: &str) {
+        self.published
+            .group_holds
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+    }
+
     fn group_meta(&self, name: &str, partition: impl std::fmt::Display) -> Result<u64, EngineError> {
         Ok(self.store.meta_u64(&format!("{name}{partition}"))?)
     }
@@ -368,13 +409,16 @@ impl ReadHandle {
     }
 
     /// Drops, per partition, the group log's entries older than `retention` allows: by
-    /// age, at the node's clock, and past `max_entries` spread over the partitions.
-    /// Returns the entries deleted.
+    /// age, at the node's clock, and past `max_entries` spread over the partitions — never
+    /// one a reader holds ([`ReadHandle::hold_group_log`]). Returns the entries deleted.
     pub fn group_log_trim(&self, retention: LogRetention) -> Result<u64, EngineError> {
         let age_floor = self.now().saturating_sub(retention.max_age_ms);
         let per_partition = retention.max_entries.div_ceil(u64::from(self.partitions.max(1)));
+        let held = self.published.group_holds.lowest(self.partitions);
         let mut deleted = 0;
         for partition in 0..self.partitions {
+            // The first change a reader still needs.
+            let needed = held.as_ref().map_or(u64::MAX, |h| h[partition as usize] + 1);
             let first = self.group_meta(META_FIRST, partition)?;
             let last = self.group_meta(META_LAST, partition)?;
             if last == 0 {
@@ -388,7 +432,7 @@ impl ReadHandle {
             {
                 let (key, value) = item?;
                 let Some((p, pseq)) = parse_key(&key) else { break };
-                if p != partition || pseq >= last {
+                if p != partition || pseq >= last || pseq >= needed {
                     // The last entry stays: it is where the partition's numbers go on.
                     break;
                 }

@@ -32,6 +32,9 @@ pub(super) struct Published {
     partition_clocks: Vec<AtomicI64>,
     /// What readers need kept of the change log and the dead letters.
     pub(super) holds: super::retention::Holds,
+    /// What readers need kept of the group's change log, per partition
+    /// ([`ReadHandle::hold_group_log`]).
+    pub(super) group_holds: super::group_log::GroupHolds,
     /// The rule-change backfill's (or a segment fill's) progress as of its last step.
     backfill: std::sync::Mutex<Option<BackfillProgress>>,
     /// Held by the state publisher for each round, and by whatever changes which
@@ -59,6 +62,7 @@ impl Published {
                 .map(|c| AtomicI64::new(c.unwrap_or(i64::MIN)))
                 .collect(),
             holds: Default::default(),
+            group_holds: Default::default(),
             backfill: Default::default(),
             changelog_gate: Default::default(),
             changes_gate: Default::default(),

@@ -51,11 +51,18 @@ pub enum ControlRecord {
 /// within the kind and its whole state. Every node merges the records of one id by a rule
 /// that gives the same result in any order (a revocation or a deletion wins), so the
 /// topic's order need not be agreed and a node that was away merges what it missed.
+///
+/// A record marked `latest` (a position that only moves on, such as a webhook's delivery
+/// cursor) replaces the one before it of the same kind and id: its Kafka key is the kind and
+/// id alone, so that compaction keeps only the last, and a sink registered late is given
+/// only the last one read.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Shared {
     pub kind: String,
     pub id: String,
     pub body: serde_json::Value,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub latest: bool,
 }
 
 impl std::fmt::Debug for Shared {
@@ -181,7 +188,11 @@ impl Control {
     /// Sends a shared setting to every node (this one included, which has it already and
     /// merges it again to no effect); returns once the broker has it.
     pub fn share(&self, shared: &Shared) -> Result<(), ControlError> {
-        let key = format!("shared|{}|{}|{}", shared.kind, shared.id, self.key(0));
+        let key = if shared.latest {
+            format!("shared|{}|{}", shared.kind, shared.id)
+        } else {
+            format!("shared|{}|{}|{}", shared.kind, shared.id, self.key(0))
+        };
         self.send(
             &key,
             &ControlRecord::Shared {
@@ -206,6 +217,16 @@ impl Control {
         for (kind, sink) in &shared.sinks {
             if *kind == record.kind {
                 sink(&record);
+            }
+        }
+        if record.latest {
+            if let Some(before) = shared
+                .read
+                .iter_mut()
+                .find(|r| r.latest && r.kind == record.kind && r.id == record.id)
+            {
+                *before = record;
+                return;
             }
         }
         shared.read.push(record);

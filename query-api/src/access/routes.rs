@@ -43,6 +43,7 @@ fn share(control: Option<&Control>, record: &KeyRecord) -> Result<(), KeyError> 
             kind: SHARED_KIND.into(),
             id: record.id.clone(),
             body: serde_json::to_value(record).expect("a key record serialises"),
+            latest: false,
         })
         .map_err(|e| KeyError::Unshared(format!("the group could not be told, so nothing changed: {e}")))
 }

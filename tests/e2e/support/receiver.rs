@@ -20,6 +20,8 @@ pub struct Received {
     pub bad_signatures: usize,
     /// Each request's `x-tagstream-delivery`.
     pub deliveries: Vec<String>,
+    /// Each accepted delivery's id and its first change.
+    pub accepted: Vec<(String, Value)>,
 }
 
 /// A webhook receiver on a real socket: answers 500 to every request for which `fail(n)`
@@ -69,7 +71,7 @@ pub fn slow_receiver(
                     let n = seen.requests;
                     seen.requests += 1;
                     let delivery = headers.get("x-tagstream-delivery").cloned().unwrap_or_default();
-                    seen.deliveries.push(delivery);
+                    seen.deliveries.push(delivery.clone());
                     let status = if fail(n) {
                         "500 Internal Server Error"
                     } else {
@@ -88,9 +90,12 @@ pub fn slow_receiver(
                         if hex != v1 {
                             seen.bad_signatures += 1;
                         }
-                        let delivery: Value = serde_json::from_slice(&body).unwrap();
-                        seen.changes
-                            .extend(delivery["changes"].as_array().unwrap().iter().cloned());
+                        let batch: Value = serde_json::from_slice(&body).unwrap();
+                        let changes = batch["changes"].as_array().unwrap();
+                        if let Some(first) = changes.first() {
+                            seen.accepted.push((delivery, first.clone()));
+                        }
+                        seen.changes.extend(changes.iter().cloned());
                         "200 OK"
                     };
                     drop(seen);
