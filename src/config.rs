@@ -368,6 +368,9 @@ pub struct KafkaFileSettings {
     /// With `state_topic`: how many other members keep a warm copy of each partition, so
     /// that a take-over reads only what followed the copy; 0 keeps none.
     pub standby_replicas: u32,
+    /// With `state_topic`: how long a partition this node kept from when it owned it may
+    /// stay here while another member owns it (and it is no standby copy), e.g. "10m".
+    pub state_cleanup_delay: Duration,
     /// Events per engine batch, at most.
     pub max_batch: usize,
     /// Passed to librdkafka as they are: security.protocol, sasl.*, ssl.*, ... Never logged.
@@ -392,6 +395,7 @@ impl Default for KafkaFileSettings {
             members_topic: String::new(),
             control_topic: String::new(),
             standby_replicas: k.standby_replicas,
+            state_cleanup_delay: Duration(k.state_cleanup_delay.as_millis() as i64),
             max_batch: k.max_batch,
             options: Default::default(),
             option_files: Default::default(),
@@ -660,6 +664,8 @@ impl Settings {
         settings.members_topic = members;
         settings.control_topic = control;
         settings.standby_replicas = k.standby_replicas;
+        settings.state_cleanup_delay =
+            std::time::Duration::from_millis(k.state_cleanup_delay.0.max(0) as u64);
         if !(k.state_checkpoint_mb.is_finite() && k.state_checkpoint_mb > 0.0) {
             anyhow::bail!(
                 "`[kafka] state_checkpoint_mb` must be a positive number of MiB, not {}",
@@ -743,6 +749,7 @@ state_checkpoint_mb = {kafka_checkpoint}     # a partition's deltas are folded i
 members_topic = ""        # with state_topic: the members' cards, one partition, compacted; "" is GROUP_ID-members
 control_topic = ""        # with state_topic: rule-set changes for every node, one partition, compacted; "" is GROUP_ID-control
 standby_replicas = 0      # with state_topic: other members keeping a warm copy of each partition (faster take-over)
+state_cleanup_delay = "10m"  # with state_topic: a partition kept from when this node owned it goes once another has owned it this long
 max_batch = {kafka_batch}           # events per engine batch
 
 [kafka.options]           # passed to librdkafka as they are; never logged

@@ -74,6 +74,11 @@ pub struct KafkaSettings {
     /// With the members topic: how many other members keep a warm copy of each partition
     /// ([`standby`]); 0 keeps none.
     pub standby_replicas: u32,
+    /// In a group of several: a partition this store kept (from when it owned it) that
+    /// another member owns, is not copied here as a standby and has not been assigned here
+    /// for this long is dropped, as Kafka Streams' `state.cleanup.delay.ms` does (one the
+    /// group consumed past what is here is dropped at once).
+    pub state_cleanup_delay: Duration,
     pub client_options: BTreeMap<String, String>,
     /// Events per engine batch, at most.
     pub max_batch: usize,
@@ -96,6 +101,7 @@ impl std::fmt::Debug for KafkaSettings {
             .field("members_topic", &self.members_topic)
             .field("control_topic", &self.control_topic)
             .field("standby_replicas", &self.standby_replicas)
+            .field("state_cleanup_delay", &self.state_cleanup_delay)
             .field("client_options", &self.client_options.keys().collect::<Vec<_>>())
             .field("max_batch", &self.max_batch)
             .field("max_wait", &self.max_wait)
@@ -116,6 +122,7 @@ impl KafkaSettings {
             members_topic: None,
             control_topic: None,
             standby_replicas: 0,
+            state_cleanup_delay: Duration::from_secs(600),
             client_options: BTreeMap::new(),
             max_batch: 5_000,
             max_wait: Duration::from_millis(50),
@@ -689,6 +696,7 @@ fn consume(
         // Between batches: the partitions whose state was read are taken in and resumed.
         if let Some(membership) = membership {
             membership.finish_restores(&consumer);
+            membership.sweep_leftovers(&consumer);
         }
         let generation = consumer.context().generation.load(Ordering::SeqCst);
         let restoring = membership.map(group::Membership::restoring).unwrap_or_default();

@@ -2573,3 +2573,85 @@ fn the_deliverer_of_a_webhook_killed_mid_stream_loses_no_change_of_the_group() {
         got.changes.len() as f64 - made
     );
 }
+
+/// What a node kept of partitions it no longer owns (issue #21): A and C each owned both
+/// partitions and stopped cleanly, keeping them; B owns both now. A comes back as a
+/// standby (`standby_replicas = 1`): of the partition it is not given, what it kept is
+/// replaced by a copy of B's — the copy was refused beside the kept customers, and read
+/// again and refused again, for ever. C comes back with `state_cleanup_delay = "1s"` and
+/// no standby: what it kept of the partitions others own is dropped.
+#[test]
+fn partitions_kept_from_an_earlier_ownership_become_standby_copies_or_are_cleaned_up() {
+    const PARTITIONS: u32 = 2;
+    let lines = stream();
+    let broker = group_broker(PARTITIONS);
+    let run = TempDir::new("kafka-kept-partitions");
+    let config = |node: &str, more: &str| {
+        let dir = run.path().join(node);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = group_config(&dir, &broker, "kept-partitions", PARTITIONS, "");
+        let text = std::fs::read_to_string(&config).unwrap();
+        std::fs::write(
+            &config,
+            text.replace("members_topic", &format!("{more}members_topic")),
+        )
+        .unwrap();
+        config
+    };
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let until = |what: &str, done: &dyn Fn() -> bool| {
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let owns = |server: &Server, n: f64| {
+        server.metric("tagstream_kafka_partitions_assigned") == n
+            && request(&server.addr, "GET", "/readyz", b"").status == 200
+    };
+    let (config_a, config_b) = (config("a", "standby_replicas = 1\n"), config("b", ""));
+    let config_c = config("c", "state_cleanup_delay = \"1s\"\n");
+
+    // A alone consumes half the stream; then C alone restores both partitions; each stops
+    // cleanly and keeps them.
+    let a = Server::start(&run.path().join("a/data"), &config_a);
+    until("A did not take both partitions", &|| owns(&a, 2.0));
+    produce(&broker.addr, &lines[..lines.len() / 2]);
+    until("A did not consume half the stream", &|| {
+        consumed(&a) >= (lines.len() / 2) as f64
+    });
+    a.stop();
+    let c = Server::start(&run.path().join("c/data"), &config_c);
+    until("C did not restore both partitions", &|| owns(&c, 2.0));
+    c.stop();
+    let b = Server::start(&run.path().join("b/data"), &config_b);
+    until("B did not restore both partitions", &|| owns(&b, 2.0));
+
+    // A comes back: one partition is given to it, and it copies the other.
+    let a = Server::start(&run.path().join("a/data"), &config_a);
+    until("the partitions were not split between A and B", &|| {
+        owns(&a, 1.0) && owns(&b, 1.0)
+    });
+    until("A never made a standby copy of B's partition", &|| {
+        a.metric("tagstream_kafka_standby_partitions") == 1.0
+    });
+
+    // C comes back without standby copies: what it kept of partitions it is not given goes.
+    let c = Server::start(&run.path().join("c/data"), &config_c);
+    until("C was not let in", &|| {
+        request(&c.addr, "GET", "/readyz", b"").status == 200
+            || c.metric("tagstream_kafka_partitions_assigned") == 0.0
+    });
+    until("C kept partitions another member owns", &|| {
+        let assigned = c.metric("tagstream_kafka_partitions_assigned");
+        c.metric("tagstream_kafka_kept_partitions_dropped_total") >= PARTITIONS as f64 - assigned
+            && c.metric("tagstream_kafka_kept_partitions_dropped_total") > 0.0
+    });
+    // The rest of the stream is consumed by the three of them.
+    let rest = &lines[lines.len() / 2..];
+    produce(&broker.addr, rest);
+    let nodes = [&a, &b, &c];
+    until("the rest of the stream was not consumed", &|| {
+        nodes.iter().map(|n| consumed(n)).sum::<f64>() >= rest.len() as f64
+    });
+}

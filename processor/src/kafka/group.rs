@@ -62,6 +62,10 @@ const RELEASE_WAIT: Duration = Duration::from_secs(30);
 /// How long a restore's read waits for a record before it fails (and is tried again).
 const READ_STALL: Duration = Duration::from_secs(30);
 
+/// How often the partitions this store kept and another member owns are looked at
+/// ([`Membership::sweep_leftovers`]).
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
 /// A finished read of a partition of the state topic, for the assignment `ticket`.
 struct Read {
     partition: u32,
@@ -102,6 +106,11 @@ pub(super) struct Membership {
     pub(super) copies: Arc<Copies>,
     /// This store's id in the state topic's records ([`super::state_writer`]).
     writer: u64,
+    /// Partitions this store kept that another member owns: since when this node has seen
+    /// them so.
+    leftovers: Mutex<BTreeMap<u32, Instant>>,
+    /// When [`Membership::sweep_leftovers`] last looked.
+    swept: Mutex<Instant>,
 }
 
 impl Membership {
@@ -129,6 +138,8 @@ impl Membership {
             status,
             copies: Arc::default(),
             writer,
+            leftovers: Mutex::default(),
+            swept: Mutex::new(Instant::now()),
         }
     }
 
@@ -261,6 +272,93 @@ impl Membership {
                     Err(e) => tracing::error!(error = %e, partition = p, "dropping a stale partition failed"),
                 },
                 Err(e) => tracing::warn!(error = %e, partition = p, "checking a kept partition failed"),
+            }
+        }
+    }
+
+    /// Between batches, every [`SWEEP_EVERY`]: the partitions this store kept from when it
+    /// owned them that another member owns now — neither assigned nor restoring here, nor
+    /// a standby copy — are dropped once the group consumed them past what is here (the
+    /// copy is stale), or once they have been another's for `state_cleanup_delay` (as
+    /// Kafka Streams' `state.cleanup.delay.ms`): a node's disk does not keep every
+    /// partition it ever owned. One assigned back before then is checked and resumed.
+    pub(super) fn sweep_leftovers(&self, consumer: &BaseConsumer<ConsumerCtx>) {
+        {
+            let mut swept = lock(&self.swept);
+            if swept.elapsed() < SWEEP_EVERY {
+                return;
+            }
+            *swept = Instant::now();
+        }
+        let topic = self.settings.topic.clone();
+        let assigned: BTreeSet<u32> = match consumer.assignment() {
+            Ok(tpl) => tpl
+                .elements()
+                .iter()
+                .filter(|e| e.topic() == topic)
+                .map(|e| e.partition() as u32)
+                .collect(),
+            Err(e) => {
+                return tracing::warn!(error = %e, "reading the assignment to look at kept partitions failed");
+            }
+        };
+        let (owned, restoring) = (self.owned(), self.restoring());
+        let mut copies: BTreeSet<u32> = self.copies.partitions().into_iter().collect();
+        match self.reader.standby_copies() {
+            Ok(marked) => copies.extend(marked),
+            Err(e) => return tracing::warn!(error = %e, "reading the standby copies failed"),
+        }
+        let mut leftovers = Vec::new();
+        for p in 0..self.reader.partitions() {
+            let elsewhere = !owned.contains(&p)
+                && !assigned.contains(&p)
+                && !restoring.contains(&p)
+                && !copies.contains(&p);
+            match elsewhere.then(|| self.reader.holds_partition(p)) {
+                Some(Ok(true)) => leftovers.push(p),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, partition = p, "looking at a kept partition failed")
+                }
+                _ => {
+                    lock(&self.leftovers).remove(&p);
+                }
+            }
+        }
+        if leftovers.is_empty() {
+            return;
+        }
+        let mut all = TopicPartitionList::new();
+        for &p in &leftovers {
+            all.add_partition(&topic, p as i32);
+        }
+        let committed = consumer
+            .committed_offsets(all, Duration::from_secs(10))
+            .map_err(|e| tracing::warn!(error = %e, "reading the group's committed offsets failed"))
+            .ok();
+        for p in leftovers {
+            let since = *lock(&self.leftovers).entry(p).or_insert_with(Instant::now);
+            let why = match self.is_stale(&topic, p, committed.as_ref()) {
+                Ok(true) => "another member consumed it past what this store holds",
+                Ok(false) if since.elapsed() >= self.settings.state_cleanup_delay => {
+                    "another member has owned it for longer than state_cleanup_delay"
+                }
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, partition = p, "checking a kept partition failed");
+                    continue;
+                }
+            };
+            match self.discard(p) {
+                Ok(()) => {
+                    lock(&self.leftovers).remove(&p);
+                    metrics::counter!("tagstream_kafka_kept_partitions_dropped_total").increment(1);
+                    tracing::info!(
+                        partition = p,
+                        reason = why,
+                        "dropped what this store kept of a partition"
+                    );
+                }
+                Err(e) => tracing::error!(error = %e, partition = p, "dropping a kept partition failed"),
             }
         }
     }

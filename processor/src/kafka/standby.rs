@@ -344,10 +344,10 @@ impl Copier {
             .map(|(p, _)| *p)
             .collect();
         for p in ready {
-            let copies = self.copies.clone();
+            let (copies, topic) = (self.copies.clone(), self.topic.clone());
             let written = self
                 .host
-                .run(Box::new(move |engine| write_copy(engine, &copies, p)));
+                .run(Box::new(move |engine| write_copy(engine, &copies, &topic, p)));
             if let Err(e) = written {
                 self.drop_copy(p, &format!("writing it failed: {e}"));
             }
@@ -374,7 +374,12 @@ impl Copier {
 
 /// On the engine thread: a finished first read goes into the store, or the deltas
 /// followed since the last write are applied — unless the partition was claimed since.
-fn write_copy(engine: &mut crate::engine::Engine, copies: &Copies, p: u32) -> Result<(), String> {
+fn write_copy(
+    engine: &mut crate::engine::Engine,
+    copies: &Copies,
+    state_topic: &str,
+    p: u32,
+) -> Result<(), String> {
     let mut all = lock(&copies.copies);
     let Some(copy) = all.remove(&p) else {
         return Ok(());
@@ -386,8 +391,20 @@ fn write_copy(engine: &mut crate::engine::Engine, copies: &Copies, p: u32) -> Re
             ..
         } => {
             let (restore, follower) = assembler.into_follower(next_offset);
-            // What an earlier copy left (its reader was restarted) goes first.
-            engine.drop_standby_copy(p).map_err(|e| e.to_string())?;
+            // What an earlier copy left (its reader was restarted) goes first, and so does
+            // what this store kept of the partition when it last owned it: the copy is the
+            // owner's state, newer than that (the copy would be refused beside it, and
+            // read again from the start, and refused again, for ever).
+            if !engine.drop_standby_copy(p).map_err(|e| e.to_string())?
+                && engine.reader().holds_partition(p).map_err(|e| e.to_string())?
+            {
+                engine.discard_partition(p).map_err(|e| e.to_string())?;
+                super::forget_state_position(&engine.reader(), state_topic, p).map_err(|e| e.to_string())?;
+                tracing::info!(
+                    partition = p,
+                    "dropped what this store kept of a partition another member owns: a standby copy replaces it"
+                );
+            }
             let summary = engine.begin_standby(&restore).map_err(|e| e.to_string())?;
             tracing::info!(
                 partition = p,
