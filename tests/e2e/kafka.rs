@@ -940,6 +940,32 @@ fn group_config(dir: &Path, broker: &Broker, group: &str, partitions: u32, more:
     config
 }
 
+/// [`group_config`] for node `node` of a run, in a directory of its own under `run`.
+fn node_config(
+    run: &TempDir,
+    broker: &Broker,
+    group: &str,
+    partitions: u32,
+    node: &str,
+    more: &str,
+) -> PathBuf {
+    let dir = run.path().join(node);
+    std::fs::create_dir_all(&dir).unwrap();
+    group_config(&dir, broker, group, partitions, more)
+}
+
+/// A wait of at most `within` from now, shared by the steps of a test: each call polls
+/// `done` until it holds, and fails naming `what` once the time is up.
+fn waiting_up_to(within: Duration) -> impl Fn(&str, &dyn Fn() -> bool) {
+    let deadline = Instant::now() + within;
+    move |what, done| {
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 /// Fencing by the state topic (issue #21): a node that kept its partition across a stop
 /// resumes it from its store only when no other store wrote the partition's state in the
 /// meantime — the group's committed offsets cannot tell, as a member that took over and
@@ -2160,9 +2186,10 @@ fn three_nodes_change_logs_replay_to_what_the_survivors_hold() {
 /// API keys and webhook subscriptions are the group's (issue #21): a key made on one node
 /// opens every node — one that starts later too — and a revocation on any node closes
 /// every node; a subscription made on one node is listed by the other and gets every
-/// partition's changes from whichever node makes them, each exactly once, each sender's
-/// batches named apart; each node's dead letters are listed, redelivered and purged from
-/// any node; deleted on the other node, a subscription is gone from both.
+/// partition's changes, none missing, from the one node that delivers it from the group's
+/// change log (batches named by their first change's `(partition, pseq)`); the dead letters
+/// are listed, redelivered and purged from any node; deleted on the other node, a
+/// subscription is gone from both.
 #[test]
 fn two_nodes_share_api_keys_and_webhook_subscriptions() {
     const PARTITIONS: u32 = 2;
@@ -2176,13 +2203,12 @@ fn two_nodes_share_api_keys_and_webhook_subscriptions() {
     let settings = "[access]\nauth = \"required\"\n";
     let hooks = "[webhooks]\nallow_targets = [\"127.0.0.1/32\"]\n";
     let config = |node: &str, access: String| {
-        let dir = run.path().join(node);
-        std::fs::create_dir_all(&dir).unwrap();
-        group_config(
-            &dir,
+        node_config(
+            &run,
             &broker,
             "shared-settings",
             PARTITIONS,
+            node,
             &format!("{access}{hooks}"),
         )
     };
@@ -2210,13 +2236,7 @@ fn two_nodes_share_api_keys_and_webhook_subscriptions() {
         assert_eq!(r.status, 201, "{}", r.text());
         r.json()["key"].as_str().unwrap().to_owned()
     };
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let until = |what: &str, done: &dyn Fn() -> bool| {
-        while !done() {
-            assert!(Instant::now() < deadline, "{what}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
+    let until = waiting_up_to(Duration::from_secs(120));
 
     let first = Server::start(&run.path().join("a/data"), &first_config);
     let early = make_key(&first, "early");
@@ -2468,25 +2488,10 @@ fn the_deliverer_of_a_webhook_killed_mid_stream_loses_no_change_of_the_group() {
     let lines = stream();
     let broker = group_broker(PARTITIONS);
     let run = TempDir::new("kafka-group-webhooks");
-    let config = |node: &str| {
-        let dir = run.path().join(node);
-        std::fs::create_dir_all(&dir).unwrap();
-        group_config(
-            &dir,
-            &broker,
-            "group-webhooks",
-            PARTITIONS,
-            "[webhooks]\nallow_targets = [\"127.0.0.1/32\"]\n",
-        )
-    };
+    let hooks = "[webhooks]\nallow_targets = [\"127.0.0.1/32\"]\n";
+    let config = |node: &str| node_config(&run, &broker, "group-webhooks", PARTITIONS, node, hooks);
     let (config_a, config_b) = (config("a"), config("b"));
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let until = |what: &str, done: &dyn Fn() -> bool| {
-        while !done() {
-            assert!(Instant::now() < deadline, "{what}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
+    let until = waiting_up_to(Duration::from_secs(180));
     let mut nodes = vec![
         Server::start(&run.path().join("a/data"), &config_a),
         Server::start(&run.path().join("b/data"), &config_b),
@@ -2586,10 +2591,9 @@ fn partitions_kept_from_an_earlier_ownership_become_standby_copies_or_are_cleane
     let lines = stream();
     let broker = group_broker(PARTITIONS);
     let run = TempDir::new("kafka-kept-partitions");
+    // `[kafka]` settings go before the `members_topic` line (still in that table).
     let config = |node: &str, more: &str| {
-        let dir = run.path().join(node);
-        std::fs::create_dir_all(&dir).unwrap();
-        let config = group_config(&dir, &broker, "kept-partitions", PARTITIONS, "");
+        let config = node_config(&run, &broker, "kept-partitions", PARTITIONS, node, "");
         let text = std::fs::read_to_string(&config).unwrap();
         std::fs::write(
             &config,
@@ -2598,13 +2602,7 @@ fn partitions_kept_from_an_earlier_ownership_become_standby_copies_or_are_cleane
         .unwrap();
         config
     };
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let until = |what: &str, done: &dyn Fn() -> bool| {
-        while !done() {
-            assert!(Instant::now() < deadline, "{what}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
+    let until = waiting_up_to(Duration::from_secs(180));
     let owns = |server: &Server, n: f64| {
         server.metric("tagstream_kafka_partitions_assigned") == n
             && request(&server.addr, "GET", "/readyz", b"").status == 200
