@@ -160,6 +160,12 @@ impl ReadHandle {
             .insert(name.to_owned(), cursor.to_vec());
     }
 
+    /// Changes each time records are taken into the group log: a reader waits on it rather
+    /// than look again and again.
+    pub fn group_log_appended(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.published.group_log_appended.subscribe()
+    }
+
     /// Drops `name`'s hold on the group log.
     pub fn release_group_log(&self, name: &str) {
         self.published
@@ -249,6 +255,9 @@ impl ReadHandle {
             );
         }
         self.store.commit(wb)?;
+        if outcome.added > 0 {
+            self.published.group_log_appended.send_modify(|n| *n += 1);
+        }
         Ok(outcome)
     }
 

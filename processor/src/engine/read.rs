@@ -35,6 +35,8 @@ pub(super) struct Published {
     /// What readers need kept of the group's change log, per partition
     /// ([`ReadHandle::hold_group_log`]).
     pub(super) group_holds: super::group_log::GroupHolds,
+    /// Counts the writes that took records into the group log (its readers wait on it).
+    pub(super) group_log_appended: tokio::sync::watch::Sender<u64>,
     /// The rule-change backfill's (or a segment fill's) progress as of its last step.
     backfill: std::sync::Mutex<Option<BackfillProgress>>,
     /// Held by the state publisher for each round, and by whatever changes which
@@ -63,6 +65,7 @@ impl Published {
                 .collect(),
             holds: Default::default(),
             group_holds: Default::default(),
+            group_log_appended: tokio::sync::watch::channel(0).0,
             backfill: Default::default(),
             changelog_gate: Default::default(),
             changes_gate: Default::default(),

@@ -53,6 +53,10 @@ pub fn follow(
     let consumer: BaseConsumer = settings
         .client_config()
         .set("group.id", format!("{}-group-log", settings.group_id))
+        // A webhook of the group waits on this reader: a broker that holds a fetch for its
+        // whole wait when nothing is there yet (tansu does) would add up to librdkafka's
+        // default 500 ms to a delivery (bench/RESULTS.md, session 59).
+        .set("fetch.wait.max.ms", "100")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .create()

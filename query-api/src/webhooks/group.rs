@@ -28,8 +28,9 @@ pub(super) const CURSOR_KIND: &str = "webhook_cursor";
 const SHARE_EVERY: Duration = Duration::from_secs(1);
 /// How often a node that does not deliver a subscription looks whether it now should.
 const LOOK_EVERY: Duration = Duration::from_millis(500);
-/// How often the deliverer looks for changes the group log took in.
-const POLL_EVERY: Duration = Duration::from_millis(100);
+/// How long the deliverer waits for the group log to take changes in before it looks
+/// again anyway.
+const POLL_EVERY: Duration = Duration::from_secs(1);
 /// A node that becomes the deliverer waits this long before it starts, for the cursor of
 /// the one before (when that one stops cleanly) and for the cards of the others (when it
 /// has just started itself).
@@ -275,6 +276,7 @@ pub(super) async fn deliver(
     let me = members.url().to_owned();
     let hold = cursor_name(sub.id);
     let label = sub.id.to_string();
+    let mut appended = reader.group_log_appended();
     // While delivering: the cursor, and the last one told to the group (and when).
     let mut delivering: Option<(Vec<u64>, Vec<u64>, Instant)> = None;
     loop {
@@ -327,6 +329,8 @@ pub(super) async fn deliver(
             }
         };
         reader.hold_group_log(&hold, &cursor);
+        // What the group log takes in from here on wakes the wait below.
+        appended.borrow_and_update();
         let (step, s, at) = (reader.clone(), sub.clone(), cursor.clone());
         let read = tokio::task::spawn_blocking(move || next_batch(&step, &s, &at, config.batch)).await;
         let (changes, through) = match read {
@@ -374,7 +378,7 @@ pub(super) async fn deliver(
             }
             delivering = Some((cursor, told, told_at));
             tokio::select! {
-                _ = tokio::time::sleep(POLL_EVERY) => {}
+                _ = tokio::time::timeout(POLL_EVERY, appended.changed()) => {}
                 _ = draining.changed() => {}
             }
             continue;
