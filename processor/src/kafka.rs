@@ -950,7 +950,7 @@ fn publish(
                 // Shutting down, and everything committed is published.
                 return;
             }
-            std::thread::sleep(Duration::from_millis(50));
+            idle(&reader, feed);
             continue;
         }
         match send_all(&producer, &topic, &records, stop) {
@@ -978,6 +978,21 @@ fn publish(
         }
     }
     let _ = producer.flush(Duration::from_secs(5));
+}
+
+/// A publisher with nothing to send waits up to 50 ms; the changes publisher goes on as
+/// soon as a commit made changes (it looks every 2 ms: the webhooks of a group and every
+/// consumer of the changes topic wait on it).
+fn idle(reader: &ReadHandle, feed: Feed) {
+    const IDLE: Duration = Duration::from_millis(50);
+    const LOOK: Duration = Duration::from_millis(2);
+    let Feed::Changes = feed else {
+        return std::thread::sleep(IDLE);
+    };
+    let (seen, since) = (reader.last_seq(), std::time::Instant::now());
+    while since.elapsed() < IDLE && reader.last_seq() == seen {
+        std::thread::sleep(LOOK);
+    }
 }
 
 /// The next records of `feed` after cursor `confirmed`, and the cursor once they are
