@@ -35,13 +35,7 @@ cleanup() {
 }
 trap cleanup EXIT
 start_memory_broker "$port" "$work/tansu-webhooks.log"
-topic() { create_topic "$port" "$@"; }
-topic events "$partitions"
-topic tag-changes "$partitions"
-topic tagstream-dead-letters 1
-topic state "$partitions" --config cleanup.policy=compact --config retention.ms=-1
-topic members 1 --config cleanup.policy=compact
-topic control 1 --config cleanup.policy=compact
+create_group_topics "$port" "$partitions"
 machine_line
 config=$work/webhooks.toml
 cat >"$config" <<EOF

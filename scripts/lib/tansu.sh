@@ -38,3 +38,16 @@ start_memory_broker() {
 create_topic() {
   "$TAGSTREAM_TANSU" topic create "$2" --broker "tcp://127.0.0.1:$1" --partitions "$3" "${@:4}" >/dev/null
 }
+
+# Creates what a group of tagstream nodes uses with the default names on the broker at
+# 127.0.0.1:PORT: `events` and `tag-changes` with PARTITIONS partitions, the dead letters,
+# the state topic (compacted, never deleted by age), `members` and `control` (one partition,
+# compacted).
+create_group_topics() {
+  create_topic "$1" events "$2"
+  create_topic "$1" tag-changes "$2"
+  create_topic "$1" tagstream-dead-letters 1
+  create_topic "$1" state "$2" --config cleanup.policy=compact --config retention.ms=-1
+  create_topic "$1" members 1 --config cleanup.policy=compact
+  create_topic "$1" control 1 --config cleanup.policy=compact
+}
