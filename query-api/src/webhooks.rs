@@ -5,7 +5,8 @@
 //! Each subscription has one task and a durable cursor (the last `seq` it delivered or dead-
 //! lettered), so deliveries are in order and survive restarts; after a crash the batch in
 //! flight is sent again (at least once — receivers dedup by the `x-tagstream-delivery` id or
-//! by `seq`).
+//! by `seq`). In a group of several that keeps the group's change log, a subscription of the
+//! group is delivered by one node from that log instead, with a group cursor ([`group`]).
 //!
 //! Signature: `x-tagstream-signature: t=MS,v1=HEX`, HEX being HMAC-SHA256 with the
 //! subscription's secret over `MS` + `.` + the body. Secrets are stored to sign, never shown
@@ -520,8 +521,7 @@ pub async fn create(
         .await
         .map_err(|m| ApiError::BadRequest(format!("`url`: {m}")))?;
     // A subscription of a group that keeps the group log starts at a group cursor.
-    let from_group_log =
-        group.is_some() && app.cluster.is_some() && app.kafka.as_ref().is_some_and(|k| k.group_log().is_ok());
+    let from_group_log = group.is_some() && group::group_log_kept(&app).is_some();
     if group.is_some() && b.after.is_some() {
         let instead = if from_group_log {
             "; it starts at a group cursor instead (`cursor`: `0` for everything the group's change log holds)"

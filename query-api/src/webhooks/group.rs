@@ -99,12 +99,18 @@ impl Webhooks {
 }
 
 /// The members of the group, when `sub` is delivered from the group log on this node: a
-/// subscription of the group (not one node's alone), in a group of several with a control
-/// topic, a members topic and the group log kept.
+/// subscription of the group (not one node's alone) where the group log is kept.
 pub(super) fn delivered_by_group(app: &AppState, sub: &Subscription) -> Option<Arc<Members>> {
-    if sub.node_only || app.control.is_none() {
+    if sub.node_only {
         return None;
     }
+    group_log_kept(app)
+}
+
+/// The members of the group, when this node is in a group of several that shares its
+/// subscriptions (a control topic) and keeps the group's change log (a changes topic).
+pub(super) fn group_log_kept(app: &AppState) -> Option<Arc<Members>> {
+    app.control.as_ref()?;
     let cluster = app.cluster.as_ref()?;
     app.kafka.as_ref()?.group_log().ok()?;
     Some(cluster.members().clone())
