@@ -6,7 +6,7 @@
 //! lettered), so deliveries are in order and survive restarts; after a crash the batch in
 //! flight is sent again (at least once — receivers dedup by the `x-tagstream-delivery` id or
 //! by `seq`). In a group of several that keeps the group's change log, a subscription of the
-//! group is delivered by one node from that log instead, with a group cursor ([`group`]).
+//! group is delivered by one node from that log instead, with a group cursor (`webhooks/group.rs`).
 //!
 //! Signature: `x-tagstream-signature: t=MS,v1=HEX`, HEX being HMAC-SHA256 with the
 //! subscription's secret over `MS` + `.` + the body. Secrets are stored to sign, never shown
