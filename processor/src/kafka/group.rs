@@ -213,7 +213,8 @@ impl Membership {
                 }
             }
         }
-        self.drop_stale_leftovers(&topic, &partitions, committed.as_ref());
+        let assigned: BTreeSet<u32> = partitions.iter().map(|p| *p as u32).collect();
+        self.drop_leftovers(&topic, &self.leftovers(&assigned), committed.as_ref());
         if let Err(e) = consumer.incremental_assign(tpl) {
             tracing::error!(error = %e, "assigning partitions failed");
             return;
@@ -252,61 +253,17 @@ impl Membership {
         self.report();
     }
 
-    /// Partitions this store kept (across a restart) that another member owns now and
-    /// consumed past what is here: their copy is dropped, so that this node's answers never
-    /// count their customers. (One not consumed further yet is kept: it may come back.)
-    fn drop_stale_leftovers(&self, topic: &str, assigned: &[i32], committed: Option<&TopicPartitionList>) {
-        let owned = self.owned();
-        for p in 0..self.reader.partitions() {
-            if owned.contains(&p) || assigned.contains(&(p as i32)) || lock(&self.restoring).contains_key(&p)
-            {
-                continue;
-            }
-            match self.is_stale(topic, p, committed) {
-                Ok(false) => {}
-                Ok(true) => match self.discard(p) {
-                    Ok(()) => tracing::info!(
-                        partition = p,
-                        "dropped a stale copy of a partition another member owns"
-                    ),
-                    Err(e) => tracing::error!(error = %e, partition = p, "dropping a stale partition failed"),
-                },
-                Err(e) => tracing::warn!(error = %e, partition = p, "checking a kept partition failed"),
-            }
-        }
-    }
-
-    /// Between batches, every [`SWEEP_EVERY`]: the partitions this store kept from when it
-    /// owned them that another member owns now — neither assigned nor restoring here, nor
-    /// a standby copy — are dropped once the group consumed them past what is here (the
-    /// copy is stale), or once they have been another's for `state_cleanup_delay` (as
-    /// Kafka Streams' `state.cleanup.delay.ms`): a node's disk does not keep every
-    /// partition it ever owned. One assigned back before then is checked and resumed.
-    pub(super) fn sweep_leftovers(&self, consumer: &BaseConsumer<ConsumerCtx>) {
-        {
-            let mut swept = lock(&self.swept);
-            if swept.elapsed() < SWEEP_EVERY {
-                return;
-            }
-            *swept = Instant::now();
-        }
-        let topic = self.settings.topic.clone();
-        let assigned: BTreeSet<u32> = match consumer.assignment() {
-            Ok(tpl) => tpl
-                .elements()
-                .iter()
-                .filter(|e| e.topic() == topic)
-                .map(|e| e.partition() as u32)
-                .collect(),
-            Err(e) => {
-                return tracing::warn!(error = %e, "reading the assignment to look at kept partitions failed");
-            }
-        };
+    /// The partitions this store holds that another member owns: neither owned, assigned
+    /// (`assigned`), restoring nor copied here as a standby.
+    fn leftovers(&self, assigned: &BTreeSet<u32>) -> Vec<u32> {
         let (owned, restoring) = (self.owned(), self.restoring());
         let mut copies: BTreeSet<u32> = self.copies.partitions().into_iter().collect();
         match self.reader.standby_copies() {
             Ok(marked) => copies.extend(marked),
-            Err(e) => return tracing::warn!(error = %e, "reading the standby copies failed"),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the standby copies failed");
+                return Vec::new();
+            }
         }
         let mut leftovers = Vec::new();
         for p in 0..self.reader.partitions() {
@@ -324,20 +281,18 @@ impl Membership {
                 }
             }
         }
-        if leftovers.is_empty() {
-            return;
-        }
-        let mut all = TopicPartitionList::new();
-        for &p in &leftovers {
-            all.add_partition(&topic, p as i32);
-        }
-        let committed = consumer
-            .committed_offsets(all, Duration::from_secs(10))
-            .map_err(|e| tracing::warn!(error = %e, "reading the group's committed offsets failed"))
-            .ok();
-        for p in leftovers {
+        leftovers
+    }
+
+    /// Drops those of `leftovers` the group consumed past what is here (the copy is
+    /// stale: this node's answers must never count their customers), and those another
+    /// member has owned for `state_cleanup_delay` (as Kafka Streams'
+    /// `state.cleanup.delay.ms`: a node's disk does not keep every partition it ever
+    /// owned). Others are kept: they may come back, and are then checked and resumed.
+    fn drop_leftovers(&self, topic: &str, leftovers: &[u32], committed: Option<&TopicPartitionList>) {
+        for &p in leftovers {
             let since = *lock(&self.leftovers).entry(p).or_insert_with(Instant::now);
-            let why = match self.is_stale(&topic, p, committed.as_ref()) {
+            let why = match self.is_stale(topic, p, committed) {
                 Ok(true) => "another member consumed it past what this store holds",
                 Ok(false) if since.elapsed() >= self.settings.state_cleanup_delay => {
                     "another member has owned it for longer than state_cleanup_delay"
@@ -361,6 +316,43 @@ impl Membership {
                 Err(e) => tracing::error!(error = %e, partition = p, "dropping a kept partition failed"),
             }
         }
+    }
+
+    /// Between batches, every [`SWEEP_EVERY`]: [`Membership::drop_leftovers`] of what the
+    /// consumer is not assigned (as at each assignment).
+    pub(super) fn sweep_leftovers(&self, consumer: &BaseConsumer<ConsumerCtx>) {
+        {
+            let mut swept = lock(&self.swept);
+            if swept.elapsed() < SWEEP_EVERY {
+                return;
+            }
+            *swept = Instant::now();
+        }
+        let topic = self.settings.topic.clone();
+        let assigned: BTreeSet<u32> = match consumer.assignment() {
+            Ok(tpl) => tpl
+                .elements()
+                .iter()
+                .filter(|e| e.topic() == topic)
+                .map(|e| e.partition() as u32)
+                .collect(),
+            Err(e) => {
+                return tracing::warn!(error = %e, "reading the assignment to look at kept partitions failed");
+            }
+        };
+        let leftovers = self.leftovers(&assigned);
+        if leftovers.is_empty() {
+            return;
+        }
+        let mut asked = TopicPartitionList::new();
+        for &p in &leftovers {
+            asked.add_partition(&topic, p as i32);
+        }
+        let committed = consumer
+            .committed_offsets(asked, Duration::from_secs(10))
+            .map_err(|e| tracing::warn!(error = %e, "reading the group's committed offsets failed"))
+            .ok();
+        self.drop_leftovers(&topic, &leftovers, committed.as_ref());
     }
 
     /// Whether this store holds `partition` and the group consumed it past the store's

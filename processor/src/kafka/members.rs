@@ -192,6 +192,14 @@ impl Members {
     }
 }
 
+/// A node's rank for a piece of work named by `key` (a partition to copy, a webhook
+/// subscription to deliver): FNV-1a of its address and the key, the same on every node, so
+/// that every node picks the same highest-ranked ones from the same cards (rendezvous
+/// hashing).
+pub fn rank(url: &str, key: &[u8]) -> u64 {
+    crate::partition::fnv1a(url.bytes().chain(key.iter().copied()))
+}
+
 fn alive(card: &MemberCard, now: i64) -> bool {
     now.saturating_sub(card.at) < GONE_AFTER.as_millis() as i64
 }

@@ -117,18 +117,12 @@ pub fn standby_partitions(
             .map(|card| card.url.as_str())
             .filter(|url| *url != owner.url)
             .collect();
-        others.sort_unstable_by_key(|url| std::cmp::Reverse(rank(url, p)));
+        others.sort_unstable_by_key(|url| std::cmp::Reverse(super::members::rank(url, &p.to_be_bytes())));
         if others.iter().take(replicas as usize).any(|url| *url == me) {
             mine.insert(p);
         }
     }
     mine
-}
-
-/// A node's rank for copying a partition: FNV-1a of its address and the partition, the
-/// same on every node.
-fn rank(url: &str, partition: u32) -> u64 {
-    crate::partition::fnv1a(url.bytes().chain(partition.to_be_bytes()))
 }
 
 /// The running copier; stops with the Kafka workers' stop flag.

@@ -123,11 +123,12 @@ pub(super) fn deliverer(members: &Members, id: u64) -> Option<String> {
         .cards()
         .into_iter()
         .map(|card| card.url)
-        .max_by_key(|url| (rank(url, id), url.clone()))
-}
-
-fn rank(url: &str, id: u64) -> u64 {
-    processor::partition::fnv1a(url.bytes().chain(id.to_be_bytes()))
+        .max_by_key(|url| {
+            (
+                processor::kafka::members::rank(url, &id.to_be_bytes()),
+                url.clone(),
+            )
+        })
 }
 
 fn cursor_key(id: u64) -> Vec<u8> {
@@ -169,30 +170,27 @@ pub(super) fn delete_cursor(reader: &ReadHandle, id: u64) -> Result<(), ApiError
 /// least the subscription's start. `None` for a subscription made before deliveries came
 /// from the group log that no node has delivered from it yet.
 pub(super) fn group_position(hooks: &Webhooks, sub: &Subscription) -> Option<Vec<u64>> {
-    let mut at = sub.group_start.clone();
-    if let Some(merged) = hooks.group_cursors.get(sub.id) {
-        at = Some(match at {
-            Some(start) if start.len() == merged.len() => {
-                start.iter().zip(&merged).map(|(s, m)| (*s).max(*m)).collect()
-            }
-            _ => merged,
-        });
+    furthest(hooks.group_cursors.get(sub.id), sub.group_start.clone())
+}
+
+/// Per partition, the furthest of two cursors; either may be missing (of two that do not
+/// name the same partitions, the first).
+fn furthest(a: Option<Vec<u64>>, b: Option<Vec<u64>>) -> Option<Vec<u64>> {
+    match (a, b) {
+        (Some(a), Some(b)) if a.len() == b.len() => Some(a.iter().zip(&b).map(|(x, y)| *x.max(y)).collect()),
+        (Some(a), _) => Some(a),
+        (None, b) => b,
     }
-    at
 }
 
 /// Where this node, now the deliverer, starts: the furthest of its own last cursor, the
 /// group's and the subscription's start; the group log's end for a subscription that has
 /// none of them (made before deliveries came from the group log).
 fn starting_cursor(reader: &ReadHandle, hooks: &Webhooks, sub: &Subscription) -> Result<Vec<u64>, ApiError> {
-    let group = group_position(hooks, sub);
-    let mine = stored_cursor(reader, sub.id)?;
-    Ok(match (group, mine) {
-        (Some(g), Some(m)) if g.len() == m.len() => g.iter().zip(&m).map(|(a, b)| (*a).max(*b)).collect(),
-        (Some(g), _) => g,
-        (None, Some(m)) => m,
-        (None, None) => reader.group_log_end()?,
-    })
+    match furthest(group_position(hooks, sub), stored_cursor(reader, sub.id)?) {
+        Some(cursor) => Ok(cursor),
+        None => Ok(reader.group_log_end()?),
+    }
 }
 
 /// What the next read of the group log gave `sub`.
@@ -356,8 +354,11 @@ pub(super) async fn deliver(
                 );
                 metrics::counter!("tagstream_webhook_changes_skipped_total", "subscription" => label.clone())
                     .increment(skipped);
-                let on: Vec<u64> = oldest.iter().zip(&cursor).map(|(o, c)| (*o).max(*c)).collect();
-                delivering = Some((on, told, told_at));
+                delivering = Some((
+                    furthest(Some(oldest), Some(cursor)).unwrap_or_default(),
+                    told,
+                    told_at,
+                ));
                 continue;
             }
             Ok(Err(e)) => {
@@ -459,5 +460,14 @@ mod tests {
                 "a cursor of another partition count is ignored"
             );
         }
+    }
+
+    #[test]
+    fn a_deliverer_starts_from_the_furthest_cursor_it_knows() {
+        assert_eq!(furthest(Some(vec![3, 0]), Some(vec![1, 4])), Some(vec![3, 4]));
+        assert_eq!(furthest(None, Some(vec![1, 4])), Some(vec![1, 4]));
+        assert_eq!(furthest(Some(vec![1, 4]), None), Some(vec![1, 4]));
+        assert_eq!(furthest(Some(vec![1, 4]), Some(vec![9])), Some(vec![1, 4]));
+        assert_eq!(furthest(None, None), None);
     }
 }
