@@ -70,6 +70,11 @@ pub struct ValidEvent {
     /// knew the identifier types (else the engine prepares them). The intake that prepares
     /// them empties `ids`.
     pub prepared: Option<crate::identity::PreparedIds>,
+    /// For an event without `event_id` that another member of the group forwarded to the
+    /// owner of its customer's partition ([`crate::kafka::route`]): the key it is
+    /// deduplicated by instead, made from where it was first read, so a forward sent
+    /// twice is applied once.
+    pub forwarded: Option<String>,
 }
 
 impl ValidEvent {
@@ -478,6 +483,7 @@ fn validate_planned(
         profile,
         ids,
         prepared: None,
+        forwarded: None,
     })
 }
 

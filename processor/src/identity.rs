@@ -14,6 +14,7 @@
 //! identifier points at the survivor, and the engine keeps those aliases in memory so an
 //! event with only `customer_id` needs no read of the graph.
 
+use std::borrow::Cow;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -186,6 +187,19 @@ impl IdentityConfig {
         Ok(prepared)
     }
 
+    /// The customer id an event names: its `customer_id`, or without one the name a new
+    /// customer is given after the event's best-ranked identifier (`phone:13800000001`).
+    /// A member of a group sends the event to the owner of that customer's partition
+    /// ([`crate::kafka::route`]), where no identifier of it names another customer of the
+    /// partitions that node owns is exactly the customer resolution makes.
+    pub fn named_customer<'a>(&self, customer_id: &'a str, prepared: &PreparedIds) -> Option<Cow<'a, str>> {
+        if !customer_id.is_empty() {
+            return Some(Cow::Borrowed(customer_id));
+        }
+        let (i, value) = prepared.ids.first()?;
+        Some(Cow::Owned(minted(&self.types[*i].name, value)))
+    }
+
     pub fn position(&self, name: &str) -> Option<usize> {
         self.types.iter().position(|t| &*t.name == name)
     }
@@ -194,6 +208,11 @@ impl IdentityConfig {
     pub fn names(&self) -> String {
         self.types.iter().map(|t| &*t.name).collect::<Vec<_>>().join(", ")
     }
+}
+
+/// The id of a customer made for an identifier no customer owned yet.
+pub fn minted(id_type: &str, value: &str) -> String {
+    format!("{id_type}:{value}")
 }
 
 /// The key naming an identifier's owner.

@@ -25,6 +25,7 @@ pub mod control;
 mod group;
 pub mod group_log;
 pub mod members;
+pub mod route;
 pub mod standby;
 pub use group::{EngineWork, PartitionHost};
 
@@ -339,6 +340,10 @@ fn listed(set: &Mutex<std::collections::BTreeSet<u32>>) -> Vec<u32> {
 pub struct KafkaBatch {
     pub events: Vec<Vec<u8>>,
     pub positions: Vec<(String, u64)>,
+    /// Where each event was read.
+    pub origins: Vec<route::Origin>,
+    /// In a group of several: where events of customers this node does not own go.
+    pub routing: Option<route::Routing>,
 }
 
 /// Why a batch was not applied. `Busy` is retried soon; `Failed` after a back-off.
@@ -500,11 +505,20 @@ pub fn start(
         .set("partition.assignment.strategy", strategy)
         .create_with_context(context)?;
     consumer.subscribe(&[&settings.topic])?;
+    let router = match consumer.context().membership.is_some() {
+        true => Some(Arc::new(route::Router::new(
+            producer(&settings, Feed::Forward)?,
+            settings.topic.clone(),
+            reader.partitions(),
+            stop.clone(),
+        ))),
+        false => None,
+    };
     let consumer = {
         let (stop, settings) = (stop.clone(), settings.clone());
         std::thread::Builder::new()
             .name("tagstream-kafka-in".into())
-            .spawn(move || consume(consumer, settings, apply, &stop))
+            .spawn(move || consume(consumer, settings, apply, router, &stop))
             .expect("spawn the Kafka consumer thread")
     };
     let (drain, publishers_stop) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
@@ -516,22 +530,7 @@ pub fn start(
     ];
     for (topic, feed) in feeds {
         let Some(topic) = topic else { continue };
-        let mut config = settings.client_config();
-        config.set("enable.idempotence", "true").set("linger.ms", "5");
-        if !settings.client_options.contains_key("partitioner") {
-            // Kafka's default partitioner (the Java client's), not librdkafka's CRC32 one: a
-            // customer's changes go to the partition its events come from, which in a group
-            // is the partition the changes are numbered in (the group log reads them so).
-            config.set("partitioner", "murmur2_random");
-        }
-        if let Feed::State = feed {
-            // Deltas repeat their keys and records' field names: LZ4 takes most of the bytes
-            // off the wire and the broker's disk (a client option can still set another).
-            if !settings.client_options.contains_key("compression.type") {
-                config.set("compression.type", "lz4");
-            }
-        }
-        let producer: BaseProducer<PublishCtx> = config.create_with_context(PublishCtx::default())?;
+        let producer = producer(&settings, feed)?;
         let (stop, drain, reader) = (publishers_stop.clone(), drain.clone(), reader.clone());
         let (checkpoint_bytes, owned) = (settings.state_checkpoint_bytes, owned.clone());
         // Held before the thread starts, so no trim runs in between.
@@ -573,6 +572,27 @@ pub fn start(
         publishers_stop,
         publishers,
     })
+}
+
+/// A producer for `feed`: idempotent, each customer's records to the partition Kafka's
+/// default partitioner gives its id.
+fn producer(settings: &KafkaSettings, feed: Feed) -> Result<BaseProducer<PublishCtx>, KafkaError> {
+    let mut config = settings.client_config();
+    config.set("enable.idempotence", "true").set("linger.ms", "5");
+    if !settings.client_options.contains_key("partitioner") {
+        // Kafka's default partitioner (the Java client's), not librdkafka's CRC32 one: a
+        // customer's changes go to the partition its events come from, which in a group
+        // is the partition the changes are numbered in (the group log reads them so).
+        config.set("partitioner", "murmur2_random");
+    }
+    if let Feed::State = feed {
+        // Deltas repeat their keys and records' field names: LZ4 takes most of the bytes
+        // off the wire and the broker's disk (a client option can still set another).
+        if !settings.client_options.contains_key("compression.type") {
+            config.set("compression.type", "lz4");
+        }
+    }
+    config.create_with_context(PublishCtx::default())
 }
 
 struct ConsumerCtx {
@@ -688,6 +708,7 @@ fn consume(
     consumer: BaseConsumer<ConsumerCtx>,
     settings: KafkaSettings,
     mut apply: Apply,
+    router: Option<Arc<route::Router>>,
     stop: &AtomicBool,
 ) {
     let mut last_lag = Instant::now();
@@ -700,7 +721,16 @@ fn consume(
         }
         let generation = consumer.context().generation.load(Ordering::SeqCst);
         let restoring = membership.map(group::Membership::restoring).unwrap_or_default();
-        let mut batch = KafkaBatch::default();
+        let mut batch = KafkaBatch {
+            routing: router
+                .clone()
+                .zip(membership)
+                .map(|(router, membership)| route::Routing {
+                    router,
+                    owned: membership.owned(),
+                }),
+            ..KafkaBatch::default()
+        };
         let mut next: HashMap<i32, i64> = HashMap::new();
         let mut first: HashMap<i32, i64> = HashMap::new();
         let started = Instant::now();
@@ -717,6 +747,17 @@ fn consume(
                         && !restoring.contains(&(message.partition() as u32)) =>
                 {
                     batch.events.push(message.payload().unwrap_or_default().to_vec());
+                    batch.origins.push(route::Origin {
+                        partition: message.partition(),
+                        offset: message.offset(),
+                        forwarded: message.headers().and_then(|headers| {
+                            headers
+                                .iter()
+                                .find(|h| h.key == route::FORWARDED_HEADER)
+                                .and_then(|h| h.value)
+                                .map(|v| String::from_utf8_lossy(v).into_owned())
+                        }),
+                    });
                     next.insert(message.partition(), message.offset() + 1);
                     first.entry(message.partition()).or_insert(message.offset());
                 }
@@ -833,6 +874,9 @@ enum Feed {
     DeadLetters,
     /// The state changelog's deltas ([`crate::changelog`]), read from the outbox.
     State,
+    /// Events forwarded to the member owning their customer ([`route`]), sent by the
+    /// consumer's thread before it commits the batch that read them.
+    Forward,
 }
 
 impl Feed {
@@ -841,6 +885,7 @@ impl Feed {
             Feed::Changes => "changes",
             Feed::DeadLetters => "dlq",
             Feed::State => "state",
+            Feed::Forward => "forward",
         }
     }
 }
@@ -909,8 +954,8 @@ fn hold_unpublished(reader: &ReadHandle, feed: Feed, cursor: &str) -> Result<u64
     match feed {
         Feed::Changes => reader.hold(cursor, crate::Log::Changes, confirmed + 1),
         Feed::DeadLetters => reader.hold(cursor, crate::Log::DeadLetters, confirmed),
-        // The outbox is its own queue ([`publish_state`]).
-        Feed::State => {}
+        // The outbox is its own queue ([`publish_state`]); forwards are sent as they come.
+        Feed::State | Feed::Forward => {}
     }
     Ok(confirmed)
 }
@@ -1017,8 +1062,8 @@ fn next_records(
                 .collect();
             Ok((records, last))
         }
-        // Published by [`publish_state`], never through here.
-        Feed::State => Ok((Vec::new(), confirmed)),
+        // Published by [`publish_state`] and [`route`], never through here.
+        Feed::State | Feed::Forward => Ok((Vec::new(), confirmed)),
         Feed::DeadLetters => {
             // The cursor is the next dead letter id to publish.
             let letters = reader.dead_letters(confirmed.checked_sub(1), PUBLISH_BATCH)?;

@@ -54,12 +54,25 @@ impl Intake {
     /// Parses a batch from `source` (`http`, `kafka`, `replay`, …), recording violations
     /// and what valid events carry. The future-`ts` check is left to the engine.
     pub fn parse_batch<B: AsRef<[u8]>>(&self, raw: &[B], source: &str) -> Vec<Result<ValidEvent, Rejection>> {
-        let now = crate::engine::wall_ms();
+        let (parsed, sightings) = self.parse_unrecorded(raw);
+        self.record(source, &parsed, sightings, |_| true);
+        parsed
+    }
+
+    /// Parses a batch as [`Intake::parse_batch`] does without recording anything yet: the
+    /// events, and the violations of each event that had some (by its index), for
+    /// [`Intake::record`] — which a Kafka consumer calls only for the events it applies,
+    /// not those it forwards to another member ([`crate::kafka::route`]).
+    pub fn parse_unrecorded<B: AsRef<[u8]>>(
+        &self,
+        raw: &[B],
+    ) -> (Vec<Result<ValidEvent, Rejection>>, Sightings) {
         let mut found: Vec<Violation> = Vec::new();
         let mut sightings = Vec::new();
         let parsed = raw
             .iter()
-            .map(|r| {
+            .enumerate()
+            .map(|(index, r)| {
                 let r = r.as_ref();
                 let from = found.len();
                 let mut result =
@@ -86,22 +99,46 @@ impl Intake {
                         Ok(ev) => ev.event_type.to_string(),
                         Err(_) => event_type_of(r),
                     };
-                    sightings.push(Sighting {
-                        event_type,
-                        violations: found.drain(from..).collect(),
-                        blocked,
-                        line: sample_line(r),
-                    });
+                    sightings.push((
+                        index,
+                        Sighting {
+                            event_type,
+                            violations: found.drain(from..).collect(),
+                            blocked,
+                            line: sample_line(r),
+                        },
+                    ));
                 }
                 result
             })
             .collect::<Vec<_>>();
+        (parsed, sightings)
+    }
+
+    /// Records the violations and what the valid events carry, of the events of a batch
+    /// [`Intake::parse_unrecorded`] parsed whose index `applied` keeps.
+    pub fn record(
+        &self,
+        source: &str,
+        parsed: &[Result<ValidEvent, Rejection>],
+        sightings: Sightings,
+        applied: impl Fn(usize) -> bool,
+    ) {
+        let now = crate::engine::wall_ms();
+        let sightings = sightings
+            .into_iter()
+            .filter(|(index, _)| applied(*index))
+            .map(|(_, sighting)| sighting)
+            .collect();
         self.quality.record(source, now, sightings, self.plan.as_deref());
+        let valid = parsed.iter().enumerate().filter(|(index, _)| applied(*index));
         self.quality
-            .observe(now, parsed.iter().filter_map(|r| r.as_ref().ok()));
-        parsed
+            .observe(now, valid.filter_map(|(_, r)| r.as_ref().ok()));
     }
 }
+
+/// The violations of the events of a batch that had some, by the event's index.
+pub type Sightings = Vec<(usize, Sighting)>;
 
 /// An event's violations, as [`Quality::record`] takes them.
 #[derive(Debug, Clone)]

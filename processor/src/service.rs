@@ -197,28 +197,64 @@ impl EngineHandle {
         source: &'static str,
     ) -> Result<IngestOutcome, ServiceError> {
         let received = Instant::now();
+        let request = IngestRequest::parse_with(raw, &self.intake, source).with_positions(positions);
+        self.apply_blocking(request, received)
+    }
+
+    /// Applies events already parsed in the next group commit, waiting for room in the
+    /// queue; answers once they are durable.
+    fn apply_blocking(
+        &self,
+        request: IngestRequest,
+        received: Instant,
+    ) -> Result<IngestOutcome, ServiceError> {
         let (reply, answer) = std::sync::mpsc::sync_channel(1);
-        let job = self.ingest_job(
-            raw,
-            positions,
-            source,
+        self.send(Job::Ingest(IngestJob {
+            request,
             received,
-            Box::new(move |r| drop(reply.send(r))),
-        );
-        self.send(job)?;
+            reply: Box::new(move |r| drop(reply.send(r))),
+        }))?;
         Ok(answer.recv().map_err(|_| ServiceError::Stopped)??)
     }
 
-    /// How the Kafka consumer applies its batches through this handle.
+    /// How the Kafka consumer applies its batches through this handle. In a group of
+    /// several, the events of customers of partitions this node does not own are forwarded
+    /// to their owners first ([`crate::kafka::route`]) and only the others are applied
+    /// (the batch's offsets are committed whole: a forward is confirmed before).
     pub fn kafka_apply(&self) -> Apply {
         let handle = self.clone();
         Box::new(move |batch: Arc<KafkaBatch>| {
-            handle
-                .ingest_blocking(batch.events.clone(), batch.positions.clone(), "kafka")
-                .map_err(|e| match e {
-                    ServiceError::Busy => ApplyError::Busy,
-                    other => ApplyError::Failed(other.to_string()),
-                })
+            let received = Instant::now();
+            let intake = &handle.intake;
+            let (mut parsed, sightings) = intake.parse_unrecorded(&batch.events);
+            let here = match &batch.routing {
+                Some(routing) => Some(
+                    routing
+                        .forward(&batch, &parsed, intake.identity.as_deref())
+                        .map_err(ApplyError::Failed)?,
+                ),
+                None => None,
+            };
+            let applied = |i: usize| here.as_ref().is_none_or(|here| here[i]);
+            intake.record("kafka", &parsed, sightings, applied);
+            crate::kafka::route::mark_forwarded(&batch, &mut parsed);
+            let (mut raw, mut kept) = (Vec::with_capacity(parsed.len()), Vec::with_capacity(parsed.len()));
+            for (i, event) in parsed.into_iter().enumerate() {
+                if applied(i) {
+                    raw.push(batch.events[i].clone());
+                    kept.push(event);
+                }
+            }
+            let request = IngestRequest {
+                raw,
+                parsed: kept,
+                positions: batch.positions.clone(),
+                source: "kafka",
+            };
+            handle.apply_blocking(request, received).map_err(|e| match e {
+                ServiceError::Busy => ApplyError::Busy,
+                other => ApplyError::Failed(other.to_string()),
+            })
         })
     }
 

@@ -945,3 +945,56 @@ fn a_customer_absorbed_by_a_merge_is_not_counted_until_split_off() {
         "b split off again"
     );
 }
+
+/// A member of a group sends an event read from another customer's partition to the
+/// partition of the customer it names before resolution
+/// ([`processor::kafka::route::named_customer`]): for an event whose
+/// identifiers no customer owns yet, whichever it carries and however spelt, that is the
+/// customer resolution makes of it; with a `customer_id`, that one.
+#[test]
+fn the_customer_an_event_names_before_resolution_is_the_one_made_of_it() {
+    let dir = TempDir::new("identity-named");
+    let mut engine = open(&dir, 1);
+    let intake = engine.intake();
+    let identity = intake.identity.clone().expect("identity types are configured");
+    let mut person = 0;
+    for carried in 1u8..32 {
+        for spelling in [false, true] {
+            person += 1;
+            let mut ids = serde_json::Map::new();
+            let mut customer_id = None;
+            for (bit, (id_type, spellings)) in identifiers(person).into_iter().enumerate() {
+                if carried & (1 << bit) == 0 {
+                    continue;
+                }
+                let value = spellings[spelling as usize].clone();
+                match id_type {
+                    "customer_id" => customer_id = Some(value),
+                    _ => drop(ids.insert(id_type.to_string(), value.into())),
+                }
+            }
+            let mut event = serde_json::json!({"type": "view", "ts": BASE, "props": {"p": "shoes"}});
+            if !ids.is_empty() {
+                event["ids"] = ids.into();
+            }
+            if let Some(c) = &customer_id {
+                event["customer_id"] = c.clone().into();
+            }
+            let line = event.to_string();
+            let parsed = intake.parse_batch(&[line.as_bytes()], "test");
+            let ev = parsed[0].as_ref().unwrap();
+            let named = processor::kafka::route::named_customer(ev, Some(&identity))
+                .unwrap()
+                .into_owned();
+            let before: BTreeSet<String> = engine.customer_ids().unwrap().into_iter().collect();
+            assert_eq!(engine.ingest(std::slice::from_ref(&line)).unwrap().accepted, 1, "{line}");
+            let made: Vec<String> = engine
+                .customer_ids()
+                .unwrap()
+                .into_iter()
+                .filter(|id| !before.contains(id))
+                .collect();
+            assert_eq!(made, vec![named], "{line}");
+        }
+    }
+}

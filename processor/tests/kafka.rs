@@ -1618,3 +1618,118 @@ fn a_member_returning_to_partitions_consumed_meanwhile_restores_them() {
     assert_eq!(a.state_at(now), expected);
     a.leave(PARTITIONS);
 }
+
+/// Events produced to any partition — by a producer that keys them by something else than
+/// their customer, or not at all (issue #21): a member of a group does not apply an event
+/// whose customer is of a partition it does not own; it forwards it to that partition,
+/// where its owner applies it. Each store then holds only the customers of the partitions it
+/// owns, and together they end like one store that ingested the stream. A forward sent
+/// twice (its batch read again before it was committed) is applied once, by the position
+/// it was first read at, also without an `event_id`.
+#[test]
+fn events_read_from_another_customers_partition_are_applied_by_its_owner() {
+    const PARTITIONS: u32 = 6;
+    let cluster = state_cluster(PARTITIONS);
+    let brokers = cluster.bootstrap_servers();
+    let lines = stream(3_000);
+    let (now, expected) = direct_run(&lines, "kafka-route-direct");
+
+    let (dir_a, dir_b) = (TempDir::new("kafka-route-a"), TempDir::new("kafka-route-b"));
+    let a = Member::join(dir_a.path(), &brokers, "g-route", PARTITIONS);
+    let b = Member::join(dir_b.path(), &brokers, "g-route", PARTITIONS);
+    let half = PARTITIONS as usize / 2;
+    wait_until("the partitions split", || {
+        a.status.assigned_partitions() == half
+            && b.status.assigned_partitions() == half
+            && a.status.ready().is_ok()
+            && b.status.ready().is_ok()
+    });
+    // Every event in the partition after its customer's (a customer's events stay in order:
+    // the stream re-sends some with altered content, and the first applied wins), so half
+    // of them in a partition of the other member.
+    let spread: Vec<(i32, String)> = lines
+        .iter()
+        .map(|line| {
+            let customer = serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v["customer_id"].as_str().map(str::to_owned))
+                .unwrap_or_default();
+            let own = processor::partition::partition_of(customer.as_bytes(), PARTITIONS);
+            (((own + 1) % PARTITIONS) as i32, line.clone())
+        })
+        .collect();
+    produce_to(&brokers, "events", &spread);
+    let settled = |a: &Member, b: &Member| {
+        let size = topic_size(&brokers, "events", PARTITIONS as i32) as u64;
+        // A batch's forwards are in the topic before the batch is committed.
+        a.consumed() + b.consumed() == size
+    };
+    wait_until("every event and every forward consumed", || settled(&a, &b));
+
+    let (held_a, held_b) = (a.counts(PARTITIONS), b.counts(PARTITIONS));
+    let (owned_a, owned_b) = (a.status.owned_partitions(), b.status.owned_partitions());
+    for p in 0..PARTITIONS {
+        let (mine, theirs) = match owned_a.contains(&p) {
+            true => (held_a[p as usize], held_b[p as usize]),
+            false => (held_b[p as usize], held_a[p as usize]),
+        };
+        assert!(
+            mine > 0 && theirs == 0,
+            "partition {p} must be held by its owner only: {held_a:?} (owns {owned_a:?}) {held_b:?} (owns {owned_b:?})"
+        );
+    }
+    let forwarded = topic_size(&brokers, "events", PARTITIONS as i32) as usize - lines.len();
+    assert!(
+        forwarded > lines.len() / 4,
+        "{forwarded} of {} forwarded",
+        lines.len()
+    );
+    let mut together = a.state_at(now);
+    together.extend(b.state_at(now));
+    assert_eq!(together, expected);
+
+    // The same forward twice, of an event without an event_id.
+    let customer = "forwarded-twice";
+    let partition = processor::partition::partition_of(customer.as_bytes(), PARTITIONS) as i32;
+    let line =
+        format!(r#"{{"customer_id":"{customer}","type":"payment","ts":{now},"props":{{"amount":5}}}}"#);
+    produce_forwarded(&brokers, partition, &line, "events:0:424242", 2);
+    wait_until("the forwards consumed", || settled(&a, &b));
+    let owner = match owned_a.contains(&(partition as u32)) {
+        true => &a,
+        false => &b,
+    };
+    let events = owner
+        .handle
+        .call_blocking(move |engine| engine.timeline(customer, None, 10).unwrap())
+        .unwrap()
+        .expect("the owner holds the forwarded customer");
+    assert_eq!(events.len(), 1, "the forward sent twice is applied once");
+    a.leave(PARTITIONS);
+    b.leave(PARTITIONS);
+}
+
+/// Produces `line` `times` to `partition` of `events` as a member forwards it.
+fn produce_forwarded(brokers: &str, partition: i32, line: &str, first_read: &str, times: usize) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    for _ in 0..times {
+        let headers = OwnedHeaders::new().insert(Header {
+            key: kafka::route::FORWARDED_HEADER,
+            value: Some(first_read),
+        });
+        producer
+            .send(
+                BaseRecord::<(), str>::to("events")
+                    .partition(partition)
+                    .payload(line)
+                    .headers(headers),
+            )
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+}

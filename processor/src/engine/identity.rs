@@ -477,7 +477,7 @@ impl Engine {
                 // No identifier known, and no customer_id (that always names one): every
                 // identifier is new, the best-ranked first.
                 let (name, value) = &attach[0];
-                (Arc::from(format!("{name}:{value}")), Vec::new())
+                (Arc::from(crate::identity::minted(name, value)), Vec::new())
             }
             1 => (owners.remove(0), Vec::new()),
             _ => {
