@@ -10,6 +10,10 @@
 #
 #   bench/nodes.sh [CUSTOMERS] [EVENTS] [PARTITIONS] [RUNS]   (defaults: 100000 1000000 6 3)
 #
+# BENCH_NODES="1 2" runs only those group sizes; BENCH_UNKEYED=1 produces the stream without
+# keys (each event to a random partition), so the members forward most events to the
+# owners of their customers' partitions (docs/cluster.md, "Events keyed by anything").
+#
 # The broker is not pinned: it shares the cores with the nodes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,10 +42,12 @@ start_memory_broker "$port" "$work/tansu-nodes.log"
 topic() { create_topic "$port" "$@"; }
 now() { date +%s.%N; }
 machine_line
-echo "stream: $customers customers, $lines lines on $partitions partitions; nodes pinned one per core ($cores cores)"
+keys=()
+[ -n "${BENCH_UNKEYED:-}" ] && keys=(--unkeyed)
+echo "stream: $customers customers, $lines lines on $partitions partitions${keys:+, unkeyed}; nodes pinned one per core ($cores cores)"
 
 for run in $(seq "$runs"); do
-    for k in 1 2 3; do
+    for k in ${BENCH_NODES:-1 2 3}; do
         name=r$run-n$k
         topic "events-$name" "$partitions"
         topic "changes-$name" "$partitions"
@@ -49,7 +55,7 @@ for run in $(seq "$runs"); do
         topic "state-$name" "$partitions" --config cleanup.policy=compact --config retention.ms=-1
         topic "members-$name" 1 --config cleanup.policy=compact
         topic "control-$name" 1 --config cleanup.policy=compact
-        "$bin/kafkaload" --brokers "127.0.0.1:$port" --topic "events-$name" --file "$stream" >/dev/null
+        "$bin/kafkaload" --brokers "127.0.0.1:$port" --topic "events-$name" --file "$stream" "${keys[@]}" >/dev/null
         config=$work/nodes-$name.toml
         cat >"$config" <<EOF
 clock = "event"

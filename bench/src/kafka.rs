@@ -37,12 +37,23 @@ pub fn customer_key(line: &[u8]) -> Option<String> {
     Some(rules::normalize(value["customer_id"].as_str()?).into_owned())
 }
 
-/// Produces every line (blank ones skipped), waits until the broker has them all, and
-/// returns how many were sent.
+/// Produces every line (blank ones skipped), keyed by [`customer_key`], waits until the
+/// broker has them all, and returns how many were sent.
 pub fn produce<L: AsRef<[u8]>>(
     producer: &BaseProducer,
     topic: &str,
     lines: impl IntoIterator<Item = L>,
+) -> KafkaResult<u64> {
+    produce_keyed(producer, topic, lines, true)
+}
+
+/// [`produce`], or with `keyed` false every line unkeyed (a random partition each, as a
+/// producer that does not key by customer sends them).
+pub fn produce_keyed<L: AsRef<[u8]>>(
+    producer: &BaseProducer,
+    topic: &str,
+    lines: impl IntoIterator<Item = L>,
+    keyed: bool,
 ) -> KafkaResult<u64> {
     let mut sent = 0;
     for line in lines {
@@ -50,7 +61,7 @@ pub fn produce<L: AsRef<[u8]>>(
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let key = customer_key(line);
+        let key = keyed.then(|| customer_key(line)).flatten();
         let mut record: BaseRecord<'_, str, [u8]> = BaseRecord::to(topic).payload(line);
         if let Some(key) = &key {
             record = record.key(key.as_str());

@@ -237,7 +237,7 @@ impl EngineHandle {
             };
             let applied = |i: usize| here.as_ref().is_none_or(|here| here[i]);
             intake.record("kafka", &parsed, sightings, applied);
-            crate::kafka::route::mark_forwarded(&batch, &mut parsed);
+            crate::kafka::route::mark_positions(&batch, &mut parsed);
             let (mut raw, mut kept) = (Vec::with_capacity(parsed.len()), Vec::with_capacity(parsed.len()));
             for (i, event) in parsed.into_iter().enumerate() {
                 if applied(i) {

@@ -987,7 +987,11 @@ fn the_customer_an_event_names_before_resolution_is_the_one_made_of_it() {
                 .unwrap()
                 .into_owned();
             let before: BTreeSet<String> = engine.customer_ids().unwrap().into_iter().collect();
-            assert_eq!(engine.ingest(std::slice::from_ref(&line)).unwrap().accepted, 1, "{line}");
+            assert_eq!(
+                engine.ingest(std::slice::from_ref(&line)).unwrap().accepted,
+                1,
+                "{line}"
+            );
             let made: Vec<String> = engine
                 .customer_ids()
                 .unwrap()

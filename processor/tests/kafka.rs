@@ -1705,8 +1705,54 @@ fn events_read_from_another_customers_partition_are_applied_by_its_owner() {
         .unwrap()
         .expect("the owner holds the forwarded customer");
     assert_eq!(events.len(), 1, "the forward sent twice is applied once");
+
+    // An event without an event_id applied where it was read (its reader owns its
+    // customer), and a forward of it made before (by a reader that died before committing
+    // it): once.
+    let (owned, elsewhere) = match owned_a.len() > 1 {
+        true => (&owned_a, &owned_b),
+        false => (&owned_b, &owned_a),
+    };
+    let owner = if owned == &owned_a { &a } else { &b };
+    let customer = (0..)
+        .map(|n| format!("read-and-forwarded-{n}"))
+        .find(|c| owned.contains(&processor::partition::partition_of(c.as_bytes(), PARTITIONS)))
+        .unwrap();
+    let own = processor::partition::partition_of(customer.as_bytes(), PARTITIONS);
+    let read_in = *owned.iter().find(|p| **p != own).unwrap() as i32;
+    assert!(!elsewhere.contains(&(read_in as u32)));
+    let line =
+        format!(r#"{{"customer_id":"{customer}","type":"payment","ts":{now},"props":{{"amount":7}}}}"#);
+    let offset = high_watermark(&brokers, "events", read_in);
+    produce_forwarded(
+        &brokers,
+        own as i32,
+        &line,
+        &format!("events:{read_in}:{offset}"),
+        1,
+    );
+    produce_to(&brokers, "events", &[(read_in, line.clone())]);
+    wait_until("the event and its forward consumed", || settled(&a, &b));
+    let events = owner
+        .handle
+        .call_blocking(move |engine| engine.timeline(&customer, None, 10).unwrap())
+        .unwrap()
+        .expect("the owner holds the customer");
+    assert_eq!(events.len(), 1, "read and applied, and forwarded: applied once");
     a.leave(PARTITIONS);
     b.leave(PARTITIONS);
+}
+
+/// The offset the next message produced to `partition` of `topic` gets.
+fn high_watermark(brokers: &str, topic: &str, partition: i32) -> i64 {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    consumer
+        .fetch_watermarks(topic, partition, Duration::from_secs(5))
+        .unwrap()
+        .1
 }
 
 /// Produces `line` `times` to `partition` of `events` as a member forwards it.

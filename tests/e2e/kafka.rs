@@ -2653,3 +2653,104 @@ fn partitions_kept_from_an_earlier_ownership_become_standby_copies_or_are_cleane
         nodes.iter().map(|n| consumed(n)).sum::<f64>() >= rest.len() as f64
     });
 }
+
+/// Produces each line to the partition after its customer's (a producer keyed by something
+/// else than the customer; a customer's lines keep their order). Lines without a customer
+/// go to partition 0.
+fn produce_elsewhere(brokers: &str, lines: &[Vec<u8>], partitions: u32) {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .create()
+        .unwrap();
+    for line in lines {
+        let partition = bench::kafka::customer_key(line).map_or(0, |customer| {
+            (processor::partition::partition_of(customer.as_bytes(), partitions) + 1) % partitions
+        });
+        producer
+            .send(
+                BaseRecord::<(), [u8]>::to("events")
+                    .partition(partition as i32)
+                    .payload(line),
+            )
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+}
+
+/// Events in partitions other than their customers' (issue #21): two nodes share a group,
+/// each forwards what it reads of the other's customers to their partitions, one is
+/// `kill -9`-ed mid-stream while forwarding, and the survivor takes its partitions over
+/// and consumes on. A forward is confirmed before the batch that read it commits, and
+/// counted once by the owner however often it was sent or read (by `event_id`, else by the
+/// position it was first read at): the survivor's store is one store's that ingested the
+/// whole stream.
+#[test]
+fn events_in_other_customers_partitions_are_forwarded_and_survive_a_kill_of_the_forwarder() {
+    const PARTITIONS: u32 = THREE_NODES_PARTITIONS;
+    let lines = stream();
+    let broker = group_broker(PARTITIONS);
+    let run = TempDir::new("kafka-forward");
+    let config = group_config(run.path(), &broker, "forward", PARTITIONS, "");
+    let quarter = lines.len() / 4;
+    produce_elsewhere(&broker.addr, &lines[..quarter], PARTITIONS);
+    let a = Server::start(&run.path().join("a"), &config);
+    let b = Server::start(&run.path().join("b"), &config);
+    let wait = waiting_up_to(Duration::from_secs(240));
+    let owns = |node: &Server, n: f64| {
+        node.metric("tagstream_kafka_partitions_assigned") == n
+            && request(&node.addr, "GET", "/readyz", b"").status == 200
+    };
+    wait("the partitions split", &|| {
+        owns(&a, f64::from(PARTITIONS / 2)) && owns(&b, f64::from(PARTITIONS / 2))
+    });
+    produce_elsewhere(&broker.addr, &lines[quarter..2 * quarter], PARTITIONS);
+    let forwarded = |node: &Server| metric_sum(node, "tagstream_kafka_forwarded_total");
+    wait("the second node forwards", &|| forwarded(&b) > 20.0);
+    b.kill();
+    produce_elsewhere(&broker.addr, &lines[2 * quarter..], PARTITIONS);
+    wait("the survivor owns every partition", &|| {
+        owns(&a, f64::from(PARTITIONS))
+    });
+    assert!(forwarded(&a) > 0.0, "the first node forwarded too");
+    let (mut last, mut quiet) = (-1.0, Instant::now());
+    while quiet.elapsed() < Duration::from_secs(5) {
+        let now = consumed(&a);
+        if now != last {
+            (last, quiet) = (now, Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    a.stop();
+
+    let reference = TempDir::new("kafka-forward-ref");
+    let rules = std::fs::read_to_string(conformance().join("example.trl")).unwrap();
+    let mut direct =
+        processor::Engine::open(reference.path(), Some(&rules), three_nodes_config(false)).unwrap();
+    direct.ingest(&lines).unwrap();
+    let now = direct.now();
+    drop(direct);
+    let held = views_at(&run.path().join("a"), three_nodes_config(true), now);
+    let expected = views_at(reference.path(), three_nodes_config(false), now);
+    let differ: Vec<String> = expected
+        .keys()
+        .chain(held.keys())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .filter(|id| held.get(*id) != expected.get(*id))
+        .take(5)
+        .map(|id| {
+            format!(
+                "{id}:\n  group: {:?}\n  one:   {:?}",
+                held.get(id),
+                expected.get(id)
+            )
+        })
+        .collect();
+    assert!(
+        differ.is_empty(),
+        "customers differ from one store's:\n{}",
+        differ.join("\n")
+    );
+}

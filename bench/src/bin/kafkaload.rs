@@ -2,10 +2,12 @@
 //! line's normalised `customer_id` (lines without one go unkeyed), with the idempotent
 //! producer. For the Kafka → tags benchmark (`bench/kafka.sh`). With `--rate N`, N lines a
 //! second; with `--now`, each event's `ts` is the wall clock (ms) when it is sent, for a
-//! server in wall-clock mode (`bench/webhooks.sh`).
+//! server in wall-clock mode (`bench/webhooks.sh`). With `--unkeyed`, every message goes
+//! without a key, to a random partition (what a group's members then forward to their
+//! customers' partitions: `bench/nodes.sh` with `BENCH_UNKEYED=1`).
 //!
 //! ```text
-//! kafkaload --brokers 127.0.0.1:9092 --topic events --file stream.ndjson [--rate N] [--now]
+//! kafkaload --brokers 127.0.0.1:9092 --topic events --file stream.ndjson [--rate N] [--now] [--unkeyed]
 //! ```
 
 use std::io::{BufRead, BufReader};
@@ -14,10 +16,14 @@ use std::time::{Duration, Instant};
 fn main() {
     let mut args = std::env::args().skip(1);
     let (mut brokers, mut topic, mut file) = (String::from("127.0.0.1:9092"), String::from("events"), None);
-    let (mut rate, mut now) = (0.0f64, false);
+    let (mut rate, mut now, mut keyed) = (0.0f64, false, true);
     while let Some(flag) = args.next() {
         if flag == "--now" {
             now = true;
+            continue;
+        }
+        if flag == "--unkeyed" {
+            keyed = false;
             continue;
         }
         let value = args
@@ -55,8 +61,8 @@ fn main() {
             line
         }
     });
-    let sent =
-        bench::kafka::produce(&producer, &topic, paced).unwrap_or_else(|e| fail(&format!("producing: {e}")));
+    let sent = bench::kafka::produce_keyed(&producer, &topic, paced, keyed)
+        .unwrap_or_else(|e| fail(&format!("producing: {e}")));
     let secs = started.elapsed().as_secs_f64();
     println!(
         "produced {sent} messages in {secs:.1} s ({:.0}/s)",

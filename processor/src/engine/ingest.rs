@@ -161,8 +161,9 @@ impl Engine {
             (None, ClockMode::Event, None) => return Ok(Err(Rejection::TsMissingClockUnknown)),
             (None, ClockMode::Wall, _) => self.now(),
         };
-        // A forwarded event without an `event_id` is deduplicated by where it was first read.
-        if let Some(id) = ev.event_id.as_deref().or(ev.forwarded.as_deref()) {
+        // In a group, an event without an `event_id` is deduplicated by where it was first
+        // read.
+        if let Some(id) = ev.event_id.as_deref().or(ev.position_key.as_deref()) {
             if self.is_duplicate(id, self.now_in(arrived_in), batch)? {
                 return Ok(Ok(false));
             }
@@ -209,7 +210,7 @@ impl Engine {
         }
         let now = self.now_in(partition);
         let event_id = ev.event_id.take();
-        if let Some(id) = event_id.as_ref().or(ev.forwarded.as_ref()) {
+        if let Some(id) = event_id.as_ref().or(ev.position_key.as_ref()) {
             let mut w = Writer::new();
             w.i64(now);
             batch.wb.put_cf(self.store.cf(CF_DEDUP), id.as_bytes(), w.buf);

@@ -16,7 +16,10 @@
 //!   between reads the batch again instead of dropping what it forwarded.
 //! - **Nothing twice**: a forward sent again (after such a crash, or a failed apply) is the
 //!   same event: the owner deduplicates it by its `event_id`, or, without one, by the
-//!   position in the header, within the dedup horizon as any repeat.
+//!   position in the header, within the dedup horizon as any repeat. An event without an
+//!   `event_id` applied where it was read is deduplicated by its own position the same
+//!   way ([`mark_positions`]): its reader may have forwarded it before dying, and the
+//!   member that took over the partition read it again and owns its customer.
 //! - **At most one hop**: the owner consumes the partition it owns and holds (not one it is
 //!   still restoring, which is paused), so an event that arrives forwarded is applied where
 //!   it arrives, never forwarded again.
@@ -118,7 +121,7 @@ impl Routing {
                 continue;
             }
             here[i] = false;
-            let first_read = format!("{}:{}:{}", router.topic, origin.partition, origin.offset);
+            let first_read = first_read(&router.topic, origin);
             records.push(Outgoing {
                 key: Some(customer.as_bytes().to_vec()),
                 payload: Some(batch.events[i].clone()),
@@ -155,13 +158,28 @@ pub fn named_customer<'a>(
     }
 }
 
-/// Gives each event of `batch` that arrived forwarded without an `event_id` the key it is
-/// deduplicated by: where it was first read.
-pub fn mark_forwarded(batch: &KafkaBatch, parsed: &mut [Result<ValidEvent, Rejection>]) {
+/// Where an event was read: `TOPIC:PARTITION:OFFSET`.
+fn first_read(topic: &str, origin: &Origin) -> String {
+    format!("{topic}:{}:{}", origin.partition, origin.offset)
+}
+
+/// In a group of several, gives each event of `batch` without an `event_id` the key it is
+/// deduplicated by: where it was first read (the header of a forwarded one, else its own
+/// position). The same event applied where it was read and again forwarded — its reader
+/// forwarded it, died before committing, and the member taking over read and applied it
+/// itself — has one key, and counts once.
+pub fn mark_positions(batch: &KafkaBatch, parsed: &mut [Result<ValidEvent, Rejection>]) {
+    let Some(routing) = &batch.routing else {
+        return;
+    };
     for (event, origin) in parsed.iter_mut().zip(&batch.origins) {
-        if let (Ok(event), Some(first_read)) = (event, &origin.forwarded) {
+        if let Ok(event) = event {
             if event.event_id.is_none() {
-                event.forwarded = Some(format!("\u{0}forwarded:{first_read}"));
+                let first_read = match &origin.forwarded {
+                    Some(first_read) => first_read.clone(),
+                    None => first_read(&routing.router.topic, origin),
+                };
+                event.position_key = Some(format!("\u{0}read:{first_read}"));
             }
         }
     }
