@@ -70,11 +70,9 @@ pub struct ValidEvent {
     /// knew the identifier types (else the engine prepares them). The intake that prepares
     /// them empties `ids`.
     pub prepared: Option<crate::identity::PreparedIds>,
-    /// For an event without `event_id` read from Kafka by a member of a group of several:
-    /// the key it is deduplicated by instead, made from where it was first read — so a
-    /// forward to the owner of its customer ([`crate::kafka::route`]) sent twice, or
-    /// applied once by its reader and once forwarded (the reader died between the two),
-    /// counts once.
+    /// For an event without `event_id` that a member of a group forwarded to its
+    /// customer's partition ([`crate::kafka::route`]): the key it is deduplicated by
+    /// instead, made from where it was first read, so a forward sent twice counts once.
     pub position_key: Option<String>,
 }
 

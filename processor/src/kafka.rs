@@ -172,6 +172,9 @@ pub struct KafkaStatus {
     /// Whether the group's change log is read ([`group_log`]): `None` outside a group (or
     /// without a changes topic), the reason when it could not start.
     group_log: Mutex<Option<Result<(), String>>>,
+    /// In a group of several: the producer that sends events to the owners of their
+    /// customers' partitions ([`route`]).
+    router: Mutex<Option<Arc<route::Router>>>,
 }
 
 impl KafkaStatus {
@@ -231,7 +234,12 @@ impl KafkaStatus {
         self.group.load(Ordering::Acquire)
     }
 
-    /// Whether this node owns and holds `partition` (always, alone in its group).
+    /// In a group of several: what sends events to the owners of their customers'
+    /// partitions, for HTTP ingest on a node that owns only some ([`route`]).
+    pub fn router(&self) -> Option<Arc<route::Router>> {
+        self.router.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     pub fn rules_version(&self) -> u64 {
         self.rules_version.load(Ordering::Acquire)
     }
@@ -240,6 +248,7 @@ impl KafkaStatus {
         self.rules_version.store(version, Ordering::Release);
     }
 
+    /// Whether this node owns and holds `partition` (always, alone in its group).
     pub fn owns(&self, partition: u32) -> bool {
         !self.group_member()
             || self
@@ -342,8 +351,9 @@ pub struct KafkaBatch {
     pub positions: Vec<(String, u64)>,
     /// Where each event was read.
     pub origins: Vec<route::Origin>,
-    /// In a group of several: where events of customers this node does not own go.
-    pub routing: Option<route::Routing>,
+    /// In a group of several: what sends events read outside their customer's partition
+    /// there ([`route`]).
+    pub router: Option<Arc<route::Router>>,
 }
 
 /// Why a batch was not applied. `Busy` is retried soon; `Failed` after a back-off.
@@ -514,6 +524,12 @@ pub fn start(
         ))),
         false => None,
     };
+    *consumer
+        .context()
+        .status
+        .router
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = router.clone();
     let consumer = {
         let (stop, settings) = (stop.clone(), settings.clone());
         std::thread::Builder::new()
@@ -722,13 +738,7 @@ fn consume(
         let generation = consumer.context().generation.load(Ordering::SeqCst);
         let restoring = membership.map(group::Membership::restoring).unwrap_or_default();
         let mut batch = KafkaBatch {
-            routing: router
-                .clone()
-                .zip(membership)
-                .map(|(router, membership)| route::Routing {
-                    router,
-                    owned: membership.owned(),
-                }),
+            router: router.clone(),
             ..KafkaBatch::default()
         };
         let mut next: HashMap<i32, i64> = HashMap::new();

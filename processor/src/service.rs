@@ -186,6 +186,24 @@ impl EngineHandle {
         Ok(answer.await.map_err(|_| ServiceError::Stopped)??)
     }
 
+    /// Applies events already parsed (with this handle's [`EngineHandle::intake`]) in the
+    /// next group commit, as [`EngineHandle::ingest`] does.
+    pub async fn ingest_request(&self, request: IngestRequest) -> Result<IngestOutcome, ServiceError> {
+        let received = Instant::now();
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.try_submit(Job::Ingest(IngestJob {
+            request,
+            received,
+            reply: Box::new(move |r| drop(reply.send(r))),
+        }))?;
+        Ok(answer.await.map_err(|_| ServiceError::Stopped)??)
+    }
+
+    /// The limits, tracking plan, identity types and quality record events are parsed with.
+    pub fn intake(&self) -> &Intake {
+        &self.intake
+    }
+
     /// Like [`EngineHandle::ingest`] for threads outside the async runtime (Kafka, the demo
     /// generator), with the source positions to commit with the events. Waits for room in
     /// the queue instead of answering busy: that is the backpressure such a source wants.
@@ -218,26 +236,31 @@ impl EngineHandle {
     }
 
     /// How the Kafka consumer applies its batches through this handle. In a group of
-    /// several, the events of customers of partitions this node does not own are forwarded
-    /// to their owners first ([`crate::kafka::route`]) and only the others are applied
-    /// (the batch's offsets are committed whole: a forward is confirmed before).
+    /// several, the events read outside their customer's partition are forwarded there
+    /// first ([`crate::kafka::route`]) and only the others are applied (the batch's offsets
+    /// are committed whole: a forward is confirmed before).
     pub fn kafka_apply(&self) -> Apply {
         let handle = self.clone();
         Box::new(move |batch: Arc<KafkaBatch>| {
             let received = Instant::now();
             let intake = &handle.intake;
             let (mut parsed, sightings) = intake.parse_unrecorded(&batch.events);
-            let here = match &batch.routing {
-                Some(routing) => Some(
-                    routing
-                        .forward(&batch, &parsed, intake.identity.as_deref())
+            let here = match &batch.router {
+                Some(router) => Some(
+                    router
+                        .forward(
+                            &batch.events,
+                            &parsed,
+                            crate::kafka::route::Where::Read(&batch.origins),
+                            intake.identity.as_deref(),
+                        )
                         .map_err(ApplyError::Failed)?,
                 ),
                 None => None,
             };
             let applied = |i: usize| here.as_ref().is_none_or(|here| here[i]);
             intake.record("kafka", &parsed, sightings, applied);
-            crate::kafka::route::mark_positions(&batch, &mut parsed);
+            crate::kafka::route::mark_forwarded(&batch, &mut parsed);
             let (mut raw, mut kept) = (Vec::with_capacity(parsed.len()), Vec::with_capacity(parsed.len()));
             for (i, event) in parsed.into_iter().enumerate() {
                 if applied(i) {

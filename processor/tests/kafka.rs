@@ -1645,8 +1645,8 @@ fn events_read_from_another_customers_partition_are_applied_by_its_owner() {
             && b.status.ready().is_ok()
     });
     // Every event in the partition after its customer's (a customer's events stay in order:
-    // the stream re-sends some with altered content, and the first applied wins), so half
-    // of them in a partition of the other member.
+    // the stream re-sends some with altered content, and the first applied wins): each is
+    // forwarded, also where its reader owns its customer's partition too.
     let spread: Vec<(i32, String)> = lines
         .iter()
         .map(|line| {
@@ -1679,8 +1679,10 @@ fn events_read_from_another_customers_partition_are_applied_by_its_owner() {
         );
     }
     let forwarded = topic_size(&brokers, "events", PARTITIONS as i32) as usize - lines.len();
+    // All but the lines rejected where they are read, and those whose id normalises to
+    // one of the partition they were put in.
     assert!(
-        forwarded > lines.len() / 4,
+        forwarded > lines.len() * 9 / 10,
         "{forwarded} of {} forwarded",
         lines.len()
     );
@@ -1706,9 +1708,9 @@ fn events_read_from_another_customers_partition_are_applied_by_its_owner() {
         .expect("the owner holds the forwarded customer");
     assert_eq!(events.len(), 1, "the forward sent twice is applied once");
 
-    // An event without an event_id applied where it was read (its reader owns its
-    // customer), and a forward of it made before (by a reader that died before committing
-    // it): once.
+    // An event without an event_id read outside its customer's partition by the member
+    // that owns both is forwarded too; a forward of it made before (by a reader that died
+    // before committing its batch) is the same event: once.
     let (owned, elsewhere) = match owned_a.len() > 1 {
         true => (&owned_a, &owned_b),
         false => (&owned_b, &owned_a),
@@ -1738,7 +1740,7 @@ fn events_read_from_another_customers_partition_are_applied_by_its_owner() {
         .call_blocking(move |engine| engine.timeline(&customer, None, 10).unwrap())
         .unwrap()
         .expect("the owner holds the customer");
-    assert_eq!(events.len(), 1, "read and applied, and forwarded: applied once");
+    assert_eq!(events.len(), 1, "forwarded again after a crash: applied once");
     a.leave(PARTITIONS);
     b.leave(PARTITIONS);
 }

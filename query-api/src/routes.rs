@@ -48,20 +48,23 @@ pub async fn ingest(
     State(app): State<AppState>,
     LimitedBody(body): LimitedBody,
 ) -> Result<Response, ApiError> {
-    if let Some(kafka) = app.kafka.as_ref().filter(|k| k.group_member()) {
-        let partitions = app.engine.reader().partitions();
-        let owned = kafka.owned_partitions().len();
-        if owned < partitions as usize {
-            return Err(ApiError::Conflict(format!(
-                "this node shares its consumer group ([kafka] state_topic set) and owns {owned} of the {partitions} partitions: send events to the Kafka topic, which brings each to the node that owns its customer's partition; POST /v1/events here would write customers this node may not own"
-            )));
-        }
-    }
     let events = split_events(&body)?;
     if events.is_empty() {
         return Err(ApiError::BadRequest(
             "the body holds no events (send NDJSON or a JSON array)".into(),
         ));
+    }
+    if let Some(kafka) = app.kafka.as_ref().filter(|k| k.group_member()) {
+        let partitions = app.engine.reader().partitions();
+        let owned = kafka.owned_partitions();
+        if owned.len() < partitions as usize {
+            let router = kafka.router().ok_or_else(|| {
+                ApiError::Unavailable(
+                    "this node's Kafka producer for other nodes' events has not started".into(),
+                )
+            })?;
+            return ingest_routed(&app, events, owned.into_iter().collect(), router).await;
+        }
     }
     let outcome = app.engine.ingest(events).await?;
     Ok(Json(json!({
@@ -69,6 +72,62 @@ pub async fn ingest(
         "duplicates": outcome.duplicates,
         "rejected": outcome.rejected,
         "errors": outcome.errors,
+    }))
+    .into_response())
+}
+
+/// `POST /v1/events` on a member of a group of several that owns only some partitions:
+/// the events of customers of partitions this node owns and holds are applied here and
+/// answered as on one node; the others are produced to the events topic, each to its
+/// customer's partition, and answered once the broker has them, as `forwarded` — their
+/// owners apply them (and count duplicates and rejections there). Rejected events are
+/// rejected here; `errors` index the body.
+async fn ingest_routed(
+    app: &AppState,
+    events: Vec<Vec<u8>>,
+    owned: std::collections::BTreeSet<u32>,
+    router: std::sync::Arc<processor::kafka::route::Router>,
+) -> Result<Response, ApiError> {
+    let engine = app.engine.clone();
+    let split = tokio::task::spawn_blocking(move || {
+        let intake = engine.intake();
+        let (parsed, sightings) = intake.parse_unrecorded(&events);
+        let posted = processor::kafka::route::Where::Posted(&owned);
+        let here = router.forward(&events, &parsed, posted, intake.identity.as_deref())?;
+        intake.record("http", &parsed, sightings, |i| here[i]);
+        let (mut raw, mut kept, mut body_index) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, (event, parsed)) in events.into_iter().zip(parsed).enumerate() {
+            if here[i] {
+                raw.push(event);
+                kept.push(parsed);
+                body_index.push(i);
+            }
+        }
+        let forwarded = here.len() - body_index.len();
+        let request = processor::IngestRequest {
+            raw,
+            parsed: kept,
+            positions: Vec::new(),
+            source: "http",
+        };
+        Ok::<_, String>((request, body_index, forwarded))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("sending events to their owners: {e}")))?;
+    let (request, body_index, forwarded) = split.map_err(ApiError::Unavailable)?;
+    let mut outcome = match request.raw.is_empty() {
+        true => processor::IngestOutcome::default(),
+        false => app.engine.ingest_request(request).await?,
+    };
+    for error in &mut outcome.errors {
+        error.index = body_index[error.index];
+    }
+    Ok(Json(json!({
+        "accepted": outcome.accepted,
+        "duplicates": outcome.duplicates,
+        "rejected": outcome.rejected,
+        "errors": outcome.errors,
+        "forwarded": forwarded,
     }))
     .into_response())
 }

@@ -1153,13 +1153,15 @@ fn two_nodes_share_a_group_and_the_survivor_of_a_kill_takes_over_without_loss() 
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    // A customer's state is written only by its partition's owner: events come through
-    // Kafka, and requests about one customer are answered by its owner, whichever node
-    // they reach.
-    let r = request(&first.addr, "POST", "/v1/events", &lines[0]);
-    assert_eq!(r.status, 409, "{}", r.text());
-    assert!(
-        r.text().contains("send events to the Kafka topic"),
+    // A customer's state is written only by its partition's owner: events posted to a
+    // node that owns only some partitions are sent on to the others' owners (an event
+    // naming no customer is rejected where it is posted), and requests about one customer
+    // are answered by its owner, whichever node they reach.
+    let r = request(&first.addr, "POST", "/v1/events", br#"{"type": "probe"}"#);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        (r.json()["rejected"].as_u64(), r.json()["forwarded"].as_u64()),
+        (Some(1), Some(0)),
         "{}",
         r.text()
     );
@@ -2680,7 +2682,8 @@ fn produce_elsewhere(brokers: &str, lines: &[Vec<u8>], partitions: u32) {
 }
 
 /// Events in partitions other than their customers' (issue #21): two nodes share a group,
-/// each forwards what it reads of the other's customers to their partitions, one is
+/// each forwards what it reads of the other's customers to their partitions (and events
+/// posted over HTTP to one node go on to the other's customers' owner), one is
 /// `kill -9`-ed mid-stream while forwarding, and the survivor takes its partitions over
 /// and consumes on. A forward is confirmed before the batch that read it commits, and
 /// counted once by the owner however often it was sent or read (by `event_id`, else by the
@@ -2692,7 +2695,17 @@ fn events_in_other_customers_partitions_are_forwarded_and_survive_a_kill_of_the_
     let lines = stream();
     let broker = group_broker(PARTITIONS);
     let run = TempDir::new("kafka-forward");
-    let config = group_config(run.path(), &broker, "forward", PARTITIONS, "");
+    // A forward sent again after the kill is deduplicated within the dedup horizon, on the
+    // event clock of its customer's partition; the stream here runs months of event time
+    // in seconds, so the horizon is as long as the stream (in production, the same few
+    // seconds are seconds of event time too).
+    let config = group_config(
+        run.path(),
+        &broker,
+        "forward",
+        PARTITIONS,
+        "[retention]\ndedup_horizon = \"400d\"\n",
+    );
     let quarter = lines.len() / 4;
     produce_elsewhere(&broker.addr, &lines[..quarter], PARTITIONS);
     let a = Server::start(&run.path().join("a"), &config);
@@ -2705,6 +2718,32 @@ fn events_in_other_customers_partitions_are_forwarded_and_survive_a_kill_of_the_
     wait("the partitions split", &|| {
         owns(&a, f64::from(PARTITIONS / 2)) && owns(&b, f64::from(PARTITIONS / 2))
     });
+    // Events posted to one node: those of its customers applied there, the others sent
+    // through the events topic to their owners.
+    let ts = serde_json::from_slice::<serde_json::Value>(&lines[quarter - 1]).unwrap()["ts"].clone();
+    let mut posted: Vec<Vec<u8>> = (0..24)
+        .map(|n| {
+            serde_json::json!({
+                "event_id": format!("http-{n}"), "customer_id": format!("http-customer-{n}"),
+                "type": "view", "ts": ts, "props": {},
+            })
+            .to_string()
+            .into_bytes()
+        })
+        .collect();
+    // One without a customer, rejected where it is posted, named by its place in the body.
+    posted.insert(20, br#"{"type": "view"}"#.to_vec());
+    let r = request(&a.addr, "POST", "/v1/events", &posted.join(&b'\n'));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let answer = r.json();
+    let (accepted, sent_on) = (
+        answer["accepted"].as_u64().unwrap(),
+        answer["forwarded"].as_u64().unwrap(),
+    );
+    assert_eq!(accepted + sent_on, 24, "{answer}");
+    assert!(accepted > 0 && sent_on > 0, "{answer}");
+    assert_eq!(answer["rejected"], 1, "{answer}");
+    assert_eq!(answer["errors"][0]["index"], 20, "{answer}");
     produce_elsewhere(&broker.addr, &lines[quarter..2 * quarter], PARTITIONS);
     let forwarded = |node: &Server| metric_sum(node, "tagstream_kafka_forwarded_total");
     wait("the second node forwards", &|| forwarded(&b) > 20.0);
@@ -2726,9 +2765,14 @@ fn events_in_other_customers_partitions_are_forwarded_and_survive_a_kill_of_the_
 
     let reference = TempDir::new("kafka-forward-ref");
     let rules = std::fs::read_to_string(conformance().join("example.trl")).unwrap();
-    let mut direct =
-        processor::Engine::open(reference.path(), Some(&rules), three_nodes_config(false)).unwrap();
-    direct.ingest(&lines).unwrap();
+    let one_store = processor::EngineConfig {
+        dedup_horizon_ms: 400 * 86_400_000,
+        ..three_nodes_config(false)
+    };
+    let mut direct = processor::Engine::open(reference.path(), Some(&rules), one_store).unwrap();
+    direct.ingest(&lines[..quarter]).unwrap();
+    direct.ingest(&posted).unwrap();
+    direct.ingest(&lines[quarter..]).unwrap();
     let now = direct.now();
     drop(direct);
     let held = views_at(&run.path().join("a"), three_nodes_config(true), now);

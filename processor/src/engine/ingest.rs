@@ -161,7 +161,7 @@ impl Engine {
             (None, ClockMode::Event, None) => return Ok(Err(Rejection::TsMissingClockUnknown)),
             (None, ClockMode::Wall, _) => self.now(),
         };
-        // In a group, an event without an `event_id` is deduplicated by where it was first
+        // A forwarded event without an `event_id` is deduplicated by where it was first
         // read.
         if let Some(id) = ev.event_id.as_deref().or(ev.position_key.as_deref()) {
             if self.is_duplicate(id, self.now_in(arrived_in), batch)? {

@@ -1,37 +1,36 @@
-//! Events read from the wrong partition go to the member that owns their customer (issue
-//! #21).
+//! Events read from the wrong partition go to the partition of their customer (issue #21).
 //!
 //! In a group of several, a customer's state is kept, judged and moved with its partition:
-//! Kafka's default partitioner on its id ([`crate::partition::partition_of`]). A producer
-//! that keys events by `customer_id` puts each in its customer's partition; one keyed by
-//! something else (a session, a device, nothing at all), or an event that names its
-//! customer only by `ids`, lands in any partition, and the member reading it may not own
-//! the customer. Such a member does not apply it: it produces the event again to the
-//! events topic, to the partition of the customer it names ([`IdentityConfig::named_customer`]),
-//! keyed by that customer, with the header `tagstream-forwarded` saying where it was first
-//! read (`TOPIC:PARTITION:OFFSET`); the owner applies it.
+//! Kafka's default partitioner on its id ([`crate::partition::partition_of`]), and a
+//! partition's Kafka offset travels with its state in the state changelog, so a restore
+//! resumes exactly where the state ends. A producer that keys events by `customer_id` puts
+//! each in its customer's partition; one keyed by something else (a session, a device,
+//! nothing at all), or an event that names its customer only by `ids`, lands in any
+//! partition. The member reading such an event does not apply it, even when it owns the
+//! customer's partition too (the event's offset and its effect would then be in two
+//! partitions' changelogs, which a crash can cut apart — losing the event, or applying it
+//! again): it produces it again to the events topic, to the partition of the customer it
+//! names ([`IdentityConfig::named_customer`]), keyed by that customer, with the header
+//! `tagstream-forwarded` saying where it was first read (`TOPIC:PARTITION:OFFSET`); the
+//! owner of that partition applies it there, with that partition's offset.
 //!
 //! - **Nothing lost**: the broker confirms every forward of a batch before the batch — with
 //!   the offsets of every event read, forwarded or not — is committed, so a crash in
 //!   between reads the batch again instead of dropping what it forwarded.
-//! - **Nothing twice**: a forward sent again (after such a crash, or a failed apply) is the
-//!   same event: the owner deduplicates it by its `event_id`, or, without one, by the
-//!   position in the header, within the dedup horizon as any repeat. An event without an
-//!   `event_id` applied where it was read is deduplicated by its own position the same
-//!   way ([`mark_positions`]): its reader may have forwarded it before dying, and the
-//!   member that took over the partition read it again and owns its customer.
-//! - **At most one hop**: the owner consumes the partition it owns and holds (not one it is
-//!   still restoring, which is paused), so an event that arrives forwarded is applied where
-//!   it arrives, never forwarded again.
+//! - **Nothing twice** (within the dedup horizon): a forward sent again (after such a
+//!   crash, or a failed apply) is the same event: the owner deduplicates it by its
+//!   `event_id`, or, without one, by the position in the header ([`mark_forwarded`]).
+//! - **At most one hop**: an event that arrives forwarded is in its customer's partition
+//!   and is applied where it arrives.
 //!
-//! A member applies an event of a customer of another partition it owns and holds itself:
-//! the customer's state moves with its own partition, the offset with the one read.
 //! Rejected events stay with the member that read them (its dead letters), and each event
-//! is recorded in the data-quality record once, by the member that applies it.
+//! is recorded in the data-quality record once, by the member that applies it. Events
+//! posted over HTTP to a member that owns only some partitions are sent the same way to
+//! the partitions it does not own (without the header: they are first read there).
 
 use std::collections::BTreeSet;
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::BaseProducer;
@@ -52,9 +51,23 @@ pub struct Origin {
     pub forwarded: Option<String>,
 }
 
+/// Where events to route come from.
+#[derive(Clone, Copy)]
+pub enum Where<'a> {
+    /// Read from the events topic, each at its origin: one read from a partition other
+    /// than its customer's is forwarded (an event that arrived forwarded stays), with the
+    /// header naming where it was first read.
+    Read(&'a [Origin]),
+    /// Posted over HTTP to a member owning these partitions (and holding them): one of a
+    /// customer of another partition is sent there, without the header.
+    Posted(&'a BTreeSet<u32>),
+}
+
 /// A member's producer of forwards.
 pub struct Router {
     producer: BaseProducer<PublishCtx>,
+    /// Held while a batch of forwards is sent (the consumer's thread and HTTP ingest).
+    sending: Mutex<()>,
     topic: String,
     partitions: u32,
     stop: Arc<AtomicBool>,
@@ -69,6 +82,7 @@ impl Router {
     ) -> Router {
         Router {
             producer,
+            sending: Mutex::new(()),
             topic,
             partitions,
             stop,
@@ -76,64 +90,71 @@ impl Router {
     }
 }
 
-/// A batch's routing: the router, and the partitions the member owned and held when it
-/// read the batch (the consumer's thread both reads and applies it, so no rebalance falls
-/// in between).
-pub struct Routing {
-    pub(super) router: Arc<Router>,
-    pub(super) owned: BTreeSet<u32>,
-}
-
-impl std::fmt::Debug for Routing {
+impl std::fmt::Debug for Router {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Routing")
-            .field("topic", &self.router.topic)
-            .field("owned", &self.owned)
+        f.debug_struct("Router")
+            .field("topic", &self.topic)
+            .field("partitions", &self.partitions)
             .finish()
     }
 }
 
-impl Routing {
-    /// Forwards the events of `batch` (parsed as `parsed`) whose customer is of a partition
-    /// not owned and held here, and returns once the broker confirmed them all; `Ok` says,
-    /// per event, whether it is to be applied here.
-    pub fn forward(
+impl Router {
+    /// Sends each of `events` (parsed as `parsed`) to the partition of the customer it
+    /// names, keyed by that customer, when `Where` says it is not to be applied here, and
+    /// returns once the broker confirmed them all; `Ok` says, per event, whether it is to
+    /// be applied here.
+    pub fn forward<B: AsRef<[u8]>>(
         &self,
-        batch: &KafkaBatch,
+        events: &[B],
         parsed: &[Result<ValidEvent, Rejection>],
+        from: Where<'_>,
         identity: Option<&IdentityConfig>,
     ) -> Result<Vec<bool>, String> {
-        let router = &self.router;
         let mut here = vec![true; parsed.len()];
         let mut records = Vec::new();
         for (i, event) in parsed.iter().enumerate() {
-            let (Ok(event), Some(origin)) = (event, batch.origins.get(i)) else {
+            let Ok(event) = event else {
                 continue;
             };
-            if origin.forwarded.is_some() {
-                continue;
-            }
+            let origin = match from {
+                Where::Read(origins) => match origins.get(i) {
+                    Some(origin) if origin.forwarded.is_none() => Some(origin),
+                    _ => continue,
+                },
+                Where::Posted(_) => None,
+            };
             let Some(customer) = named_customer(event, identity) else {
                 continue;
             };
-            let partition = crate::partition::partition_of(customer.as_bytes(), router.partitions);
-            if self.owned.contains(&partition) {
+            let partition = crate::partition::partition_of(customer.as_bytes(), self.partitions);
+            let stays = match (from, origin) {
+                (Where::Posted(owned), _) => owned.contains(&partition),
+                (Where::Read(_), Some(origin)) => origin.partition == partition as i32,
+                (Where::Read(_), None) => true,
+            };
+            if stays {
                 continue;
             }
             here[i] = false;
-            let first_read = first_read(&router.topic, origin);
-            records.push(Outgoing {
-                key: Some(customer.as_bytes().to_vec()),
-                payload: Some(batch.events[i].clone()),
-                headers: Some(OwnedHeaders::new().insert(Header {
+            let headers = origin.map(|origin| {
+                let first_read = first_read(&self.topic, origin);
+                OwnedHeaders::new().insert(Header {
                     key: FORWARDED_HEADER,
                     value: Some(first_read.as_str()),
-                })),
+                })
+            });
+            records.push(Outgoing {
+                key: Some(customer.as_bytes().to_vec()),
+                payload: Some(events[i].as_ref().to_vec()),
+                headers,
                 partition: Some(partition as i32),
             });
         }
         if !records.is_empty() {
-            send_all(&router.producer, &router.topic, &records, &router.stop).map_err(|e| {
+            // One sender at a time: the producer's failure slot is the batch's.
+            let _sending = self.sending.lock().unwrap_or_else(|e| e.into_inner());
+            send_all(&self.producer, &self.topic, &records, &self.stop).map_err(|e| {
                 format!(
                     "forwarding {} events to their partitions' owners: {e}",
                     records.len()
@@ -163,23 +184,13 @@ fn first_read(topic: &str, origin: &Origin) -> String {
     format!("{topic}:{}:{}", origin.partition, origin.offset)
 }
 
-/// In a group of several, gives each event of `batch` without an `event_id` the key it is
-/// deduplicated by: where it was first read (the header of a forwarded one, else its own
-/// position). The same event applied where it was read and again forwarded — its reader
-/// forwarded it, died before committing, and the member taking over read and applied it
-/// itself — has one key, and counts once.
-pub fn mark_positions(batch: &KafkaBatch, parsed: &mut [Result<ValidEvent, Rejection>]) {
-    let Some(routing) = &batch.routing else {
-        return;
-    };
+/// Gives each event of `batch` that arrived forwarded without an `event_id` the key it is
+/// deduplicated by: where it was first read.
+pub fn mark_forwarded(batch: &KafkaBatch, parsed: &mut [Result<ValidEvent, Rejection>]) {
     for (event, origin) in parsed.iter_mut().zip(&batch.origins) {
-        if let Ok(event) = event {
+        if let (Ok(event), Some(first_read)) = (event, &origin.forwarded) {
             if event.event_id.is_none() {
-                let first_read = match &origin.forwarded {
-                    Some(first_read) => first_read.clone(),
-                    None => first_read(&routing.router.topic, origin),
-                };
-                event.position_key = Some(format!("\u{0}read:{first_read}"));
+                event.position_key = Some(format!("\u{0}forwarded:{first_read}"));
             }
         }
     }
