@@ -174,22 +174,23 @@ impl EngineHandle {
     /// answers once they are durable. A full queue answers [`ServiceError::Busy`].
     pub async fn ingest(&self, raw: Vec<Vec<u8>>) -> Result<IngestOutcome, ServiceError> {
         let received = Instant::now();
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let job = self.ingest_job(
-            raw,
-            Vec::new(),
-            "http",
-            received,
-            Box::new(move |r| drop(reply.send(r))),
-        );
-        self.try_submit(job)?;
-        Ok(answer.await.map_err(|_| ServiceError::Stopped)??)
+        let request = IngestRequest::parse_with(raw, &self.intake, "http");
+        self.submit_ingest(request, received).await
     }
 
     /// Applies events already parsed (with this handle's [`EngineHandle::intake`]) in the
     /// next group commit, as [`EngineHandle::ingest`] does.
     pub async fn ingest_request(&self, request: IngestRequest) -> Result<IngestOutcome, ServiceError> {
-        let received = Instant::now();
+        self.submit_ingest(request, Instant::now()).await
+    }
+
+    /// Queues `request` (a full queue answers [`ServiceError::Busy`]) and answers once it
+    /// is durable.
+    async fn submit_ingest(
+        &self,
+        request: IngestRequest,
+        received: Instant,
+    ) -> Result<IngestOutcome, ServiceError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.try_submit(Job::Ingest(IngestJob {
             request,
@@ -313,21 +314,6 @@ impl EngineHandle {
         }));
         self.send(job)?;
         answer.recv().map_err(|_| ServiceError::Stopped)
-    }
-
-    fn ingest_job(
-        &self,
-        raw: Vec<Vec<u8>>,
-        positions: Vec<(String, u64)>,
-        source: &'static str,
-        received: Instant,
-        reply: Reply<Result<IngestOutcome, EngineError>>,
-    ) -> Job {
-        Job::Ingest(IngestJob {
-            request: IngestRequest::parse_with(raw, &self.intake, source).with_positions(positions),
-            received,
-            reply,
-        })
     }
 
     /// Queues a job; a full queue is backpressure (busy), never a wait.
