@@ -1565,9 +1565,17 @@ fn read_state(
         .set("enable.partition.eof", "false")
         .create()
         .map_err(|e| failed("connecting to read", e))?;
-    let (_, end) = consumer
-        .fetch_watermarks(topic, partition as i32, stall)
-        .map_err(|e| failed("finding the end of", e))?;
+    let asked = Instant::now();
+    let mut end = loop {
+        match consumer.fetch_watermarks(topic, partition as i32, stall) {
+            Ok((_, end)) => break end,
+            Err(e) if passing(&e) && asked.elapsed() < stall => {
+                tracing::warn!(error = %e, topic, partition, "finding the end of a state partition, retrying");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => return Err(failed("finding the end of", e)),
+        }
+    };
     if from >= end && !past_end {
         return Ok(());
     }
@@ -1581,23 +1589,67 @@ fn read_state(
         .map_err(|e| failed("reading", e))?;
     consumer.assign(&tpl).map_err(|e| failed("reading", e))?;
     let (mut last, mut reached) = (Instant::now(), from >= end);
+    // The last error the client reported since a record arrived: a broker connection that
+    // drops is reconnected by the client, and only a read that stalls on it fails.
+    let mut trouble: Option<KafkaError> = None;
     loop {
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
                 last = Instant::now();
+                trouble = None;
                 take(&m)?;
                 reached |= m.offset() + 1 >= end;
             }
-            Some(Err(e)) => return Err(failed("reading", e)),
-            None if reached && last.elapsed() >= SETTLE => return Ok(()),
-            None if !reached && last.elapsed() > stall => {
-                return Err(format!(
-                    "reading partition {partition} of `{topic}`: nothing arrived for {stall:?} before its end (offset {end})"
-                ))
+            Some(Err(e)) if !passing(&e) => return Err(failed("reading", e)),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, topic, partition, "reading a state partition, the client retries");
+                trouble = Some(e);
             }
+            // An error since the last record may have hidden records past the end: the
+            // read ends once the broker answers again and names no later end.
+            None if reached && last.elapsed() >= SETTLE && trouble.is_some() => {
+                if let Ok((_, now)) = consumer.fetch_watermarks(topic, partition as i32, SETTLE) {
+                    trouble = None;
+                    if now > end {
+                        (end, reached) = (now, false);
+                    }
+                    last = Instant::now();
+                }
+            }
+            None if reached && last.elapsed() >= SETTLE => return Ok(()),
             None => {}
         }
+        if last.elapsed() > stall && (!reached || trouble.is_some()) {
+            let cause = trouble.map(|e| format!(", last error: {e}")).unwrap_or_default();
+            let when = if reached { "after" } else { "before" };
+            return Err(format!(
+                "reading partition {partition} of `{topic}`: nothing arrived for {stall:?} {when} its end (offset {end}){cause}"
+            ));
+        }
     }
+}
+
+/// Whether an error of a client reading the state topic can pass as the client retries
+/// (a broker restarting, a connection dropped, a request timing out) rather than stay until
+/// someone changes something (no such topic or partition, no right to read it, a refused
+/// login).
+fn passing(error: &KafkaError) -> bool {
+    use RDKafkaErrorCode as Code;
+    !matches!(
+        error.rdkafka_error_code(),
+        Some(
+            Code::UnknownTopicOrPartition
+                | Code::UnknownTopic
+                | Code::UnknownPartition
+                | Code::TopicAuthorizationFailed
+                | Code::GroupAuthorizationFailed
+                | Code::ClusterAuthorizationFailed
+                | Code::SaslAuthenticationFailed
+                | Code::Authentication
+                | Code::Fatal
+                | Code::InvalidArgument
+        )
+    )
 }
 
 /// The commit a state topic record names in its [`crate::changelog::COMMIT_HEADER`], if any.
@@ -1883,6 +1935,85 @@ mod tests {
         status.set_restoring([].into());
         // Owning part of the topic is what a member of several does.
         assert_eq!(status.ready(), Ok(()));
+    }
+
+    /// A read of the state topic outlasts a broker that drops every connection mid-read and
+    /// takes them again a moment later (what failed a restore on a loaded machine): every
+    /// record is read once, in order. One that stays away past the stall fails, naming the
+    /// client's last error.
+    #[test]
+    fn a_state_read_outlasts_a_broker_that_goes_away_and_comes_back() {
+        use rdkafka::mocking::MockCluster;
+        use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+        const RECORDS: i64 = 200;
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("state", 1, 1).unwrap();
+        let brokers = cluster.bootstrap_servers();
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("linger.ms", "0")
+            // One batch per record, so that the reader fetches a few at a time.
+            .set("batch.num.messages", "1")
+            .create()
+            .unwrap();
+        for i in 0..RECORDS {
+            let key = i.to_string();
+            producer
+                .send(BaseRecord::to("state").key(&key).payload(&key))
+                .unwrap();
+        }
+        producer.flush(Duration::from_secs(10)).unwrap();
+        let mut settings = KafkaSettings::new(&brokers, "events", "g-outlast");
+        for (option, value) in [
+            ("fetch.message.max.bytes", "1"),
+            ("queued.min.messages", "1"),
+            ("fetch.queue.backoff.ms", "10"),
+            ("reconnect.backoff.max.ms", "200"),
+        ] {
+            settings.client_options.insert(option.into(), value.into());
+        }
+
+        let read =
+            |stall: Duration, first: std::sync::mpsc::Sender<()>, go: std::sync::mpsc::Receiver<()>| {
+                let settings = settings.clone();
+                std::thread::spawn(move || {
+                    let mut offsets = Vec::new();
+                    let read = read_state_records(&settings, "state", 0, 0, stall, &mut |m| {
+                        if offsets.is_empty() {
+                            // The broker goes down between this record and the next.
+                            first.send(()).unwrap();
+                            go.recv().unwrap();
+                        }
+                        offsets.push(m.offset());
+                        Ok(())
+                    });
+                    read.map(|()| offsets)
+                })
+            };
+        let (first, heard) = std::sync::mpsc::channel();
+        let (go, waiting) = std::sync::mpsc::channel();
+        let reader = read(Duration::from_secs(20), first, waiting);
+        heard.recv().unwrap();
+        cluster.broker_down(-1).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        go.send(()).unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        cluster.broker_up(-1).unwrap();
+        let offsets = reader.join().unwrap().unwrap();
+        assert_eq!(offsets, (0..RECORDS).collect::<Vec<_>>());
+
+        let (first, heard) = std::sync::mpsc::channel();
+        let (go, waiting) = std::sync::mpsc::channel();
+        let reader = read(Duration::from_secs(2), first, waiting);
+        heard.recv().unwrap();
+        cluster.broker_down(-1).unwrap();
+        go.send(()).unwrap();
+        let failed = reader.join().unwrap().unwrap_err();
+        cluster.broker_up(-1).unwrap();
+        assert!(
+            failed.contains("nothing arrived for 2s before its end (offset 200), last error:"),
+            "{failed}"
+        );
     }
 
     #[test]
