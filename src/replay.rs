@@ -80,6 +80,7 @@ pub fn replay(
             parsed: events,
             positions: vec![(source.clone(), offset)],
             source: "replay",
+            owned_only: false,
         };
         engine.submit_group(vec![request]);
         count(engine.take_finished(), &mut report, &mut reasons)?;

@@ -264,6 +264,10 @@ pub struct IngestRequest {
     pub positions: Vec<(String, u64)>,
     /// Where the events came from (`http`, `kafka`, `replay`, …), for the quality record.
     pub source: &'static str,
+    /// Apply only the events of customers of partitions this store holds unparked: the
+    /// others are handed back in [`IngestOutcome::moved`]. For a group member's HTTP
+    /// ingest, whose view of what it owns may be a rebalance behind the engine's.
+    pub owned_only: bool,
 }
 
 impl IngestRequest {
@@ -276,6 +280,7 @@ impl IngestRequest {
             parsed,
             positions: Vec::new(),
             source: "api",
+            owned_only: false,
         }
     }
 
@@ -288,6 +293,7 @@ impl IngestRequest {
             parsed,
             positions: Vec::new(),
             source,
+            owned_only: false,
         }
     }
 
@@ -315,6 +321,19 @@ pub struct IngestOutcome {
     pub errors: Vec<IngestError>,
     #[serde(skip)]
     pub changes: Vec<Change>,
+    /// With [`IngestRequest::owned_only`], the events not applied because their customer's
+    /// partition is parked here (another node owns it, or it is being restored).
+    #[serde(skip)]
+    pub moved: Vec<MovedEvent>,
+}
+
+/// An event handed back unapplied ([`IngestOutcome::moved`]): its index in the request,
+/// its bytes and what they parsed to.
+#[derive(Debug, Clone)]
+pub struct MovedEvent {
+    pub index: usize,
+    pub raw: Vec<u8>,
+    pub event: ValidEvent,
 }
 
 /// A customer as `GET /v1/customers/{id}` shows them.

@@ -58,9 +58,9 @@ pub use engine::{
     ClockMode, CustomerView, DeadLetter, DefinitionSummary, Delta, Engine, EngineConfig, EngineError,
     Explained, Explanation, ExportField, Finished, FiredTimers, GroupAppend, GroupDelta, GroupPage,
     GroupRecord, HeapProbe, HourActivity, IngestError, IngestOutcome, IngestRequest, Log, LogRetention,
-    MembersPage, NextChange, PartitionSummary, PartitionsPage, Preview, PreviewCounts, Proposal, QueryError,
-    QueryPage, ReadHandle, ReadVersions, RuleChange, RuleDiff, RuleEdit, RuleVersion, SavedSegment,
-    SegmentUpdate, TrimPlan, Trimmed, VersionSummary, BACKUP_MANIFEST, PARTITION_EXPORT_MAGIC,
+    MembersPage, MovedEvent, NextChange, PartitionSummary, PartitionsPage, Preview, PreviewCounts, Proposal,
+    QueryError, QueryPage, ReadHandle, ReadVersions, RuleChange, RuleDiff, RuleEdit, RuleVersion,
+    SavedSegment, SegmentUpdate, TrimPlan, Trimmed, VersionSummary, BACKUP_MANIFEST, PARTITION_EXPORT_MAGIC,
 };
 pub use event::{parse_event, EventLimits, Rejection, ValidEvent};
 pub use quality::{Intake, Quality};

@@ -274,6 +274,7 @@ impl EngineHandle {
                 parsed: kept,
                 positions: batch.positions.clone(),
                 source: "kafka",
+                owned_only: false,
             };
             handle.apply_blocking(request, received).map_err(|e| match e {
                 ServiceError::Busy => ApplyError::Busy,

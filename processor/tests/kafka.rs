@@ -1741,6 +1741,48 @@ fn events_read_from_another_customers_partition_are_applied_by_its_owner() {
         .unwrap()
         .expect("the owner holds the customer");
     assert_eq!(events.len(), 1, "forwarded again after a crash: applied once");
+
+    // HTTP ingest decides what its node owns before the engine applies: a partition
+    // released in between is parked there by then, and its events are handed back, not
+    // applied — then sent to their partition like the others.
+    let pick = |owned: &[u32], name: &str| {
+        (0..)
+            .map(|n| format!("{name}-{n}"))
+            .find(|c| owned.contains(&processor::partition::partition_of(c.as_bytes(), PARTITIONS)))
+            .unwrap()
+    };
+    let (mine, theirs) = (pick(&owned_a, "posted-mine"), pick(&owned_b, "posted-theirs"));
+    let raw: Vec<Vec<u8>> = [&mine, &theirs]
+        .iter()
+        .map(|c| {
+            format!(r#"{{"customer_id":"{c}","type":"payment","ts":{now},"props":{{"amount":3}}}}"#)
+                .into_bytes()
+        })
+        .collect();
+    let mut request = processor::IngestRequest::parse_with(raw, a.handle.intake(), "http");
+    request.owned_only = true;
+    let outcome = a
+        .handle
+        .call_blocking(move |engine| engine.ingest_group(vec![request]).unwrap().remove(0))
+        .unwrap();
+    assert_eq!((outcome.accepted, outcome.rejected), (1, 0));
+    let moved: Vec<usize> = outcome.moved.iter().map(|m| m.index).collect();
+    assert_eq!(moved, [1], "the event of the partition another member owns");
+    let timeline = |member: &Member, customer: &str| {
+        let customer = customer.to_owned();
+        member
+            .handle
+            .call_blocking(move |engine| engine.timeline(&customer, None, 10).unwrap())
+            .unwrap()
+            .map_or(0, |events| events.len())
+    };
+    assert_eq!(timeline(&a, &mine), 1);
+    assert_eq!(timeline(&a, &theirs), 0, "not applied where it was posted");
+    let router = a.status.router().expect("a member of a group of two forwards");
+    router.forward_moved(&outcome.moved, None).unwrap();
+    wait_until("the moved event applied by its owner", || {
+        timeline(&b, &theirs) == 1
+    });
     a.leave(PARTITIONS);
     b.leave(PARTITIONS);
 }

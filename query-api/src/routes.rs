@@ -55,16 +55,7 @@ pub async fn ingest(
         ));
     }
     if let Some(kafka) = app.kafka.as_ref().filter(|k| k.group_member()) {
-        let partitions = app.engine.reader().partitions();
-        let owned = kafka.owned_partitions();
-        if owned.len() < partitions as usize {
-            let router = kafka.router().ok_or_else(|| {
-                ApiError::Unavailable(
-                    "this node's Kafka producer for other nodes' events has not started".into(),
-                )
-            })?;
-            return ingest_routed(&app, events, owned.into_iter().collect(), router).await;
-        }
+        return ingest_routed(&app, events, kafka).await;
     }
     let outcome = app.engine.ingest(events).await?;
     Ok(Json(json!({
@@ -76,24 +67,41 @@ pub async fn ingest(
     .into_response())
 }
 
-/// `POST /v1/events` on a member of a group of several that owns only some partitions:
-/// the events of customers of partitions this node owns and holds are applied here and
-/// answered as on one node; the others are produced to the events topic, each to its
-/// customer's partition, and answered once the broker has them, as `forwarded` — their
-/// owners apply them (and count duplicates and rejections there). Rejected events are
-/// rejected here; `errors` index the body.
+/// `POST /v1/events` on a member of a group: the events of customers of partitions this
+/// node owns and holds are applied here and answered as on one node; the others are
+/// produced to the events topic, each to its customer's partition, and answered once the
+/// broker has them, as `forwarded` — their owners apply them (and count duplicates and
+/// rejections there). Rejected events are rejected here; `errors` index the body.
+///
+/// What this node owns is read before the engine applies the events, and a rebalance may
+/// take a partition in between: the engine applies only the events of partitions it still
+/// holds and hands the others back, which are then sent on like the rest (or, if that
+/// fails, answered as errors to send again).
 async fn ingest_routed(
     app: &AppState,
     events: Vec<Vec<u8>>,
-    owned: std::collections::BTreeSet<u32>,
-    router: std::sync::Arc<processor::kafka::route::Router>,
+    kafka: &processor::kafka::KafkaStatus,
 ) -> Result<Response, ApiError> {
+    let owned: std::collections::BTreeSet<u32> = kafka.owned_partitions().into_iter().collect();
+    let router = kafka.router();
+    if router.is_none() && owned.len() < app.engine.reader().partitions() as usize {
+        return Err(ApiError::Unavailable(
+            "this node's Kafka producer for other nodes' events has not started".into(),
+        ));
+    }
     let engine = app.engine.clone();
+    let sender = router.clone();
     let split = tokio::task::spawn_blocking(move || {
         let intake = engine.intake();
         let (parsed, sightings) = intake.parse_unrecorded(&events);
-        let posted = processor::kafka::route::Where::Posted(&owned);
-        let here = router.forward(&events, &parsed, posted, intake.identity.as_deref())?;
+        let here = match &sender {
+            Some(router) => {
+                let posted = processor::kafka::route::Where::Posted(&owned);
+                router.forward(&events, &parsed, posted, intake.identity.as_deref())?
+            }
+            None => vec![true; events.len()],
+        };
+        // (An event handed back by the engine below is counted here and by its owner.)
         intake.record("http", &parsed, sightings, |i| here[i]);
         let (mut raw, mut kept, mut body_index) = (Vec::new(), Vec::new(), Vec::new());
         for (i, (event, parsed)) in events.into_iter().zip(parsed).enumerate() {
@@ -109,18 +117,40 @@ async fn ingest_routed(
             parsed: kept,
             positions: Vec::new(),
             source: "http",
+            owned_only: true,
         };
         Ok::<_, String>((request, body_index, forwarded))
     })
     .await
     .map_err(|e| ApiError::Internal(format!("sending events to their owners: {e}")))?;
-    let (request, body_index, forwarded) = split.map_err(ApiError::Unavailable)?;
+    let (request, body_index, mut forwarded) = split.map_err(ApiError::Unavailable)?;
     let mut outcome = match request.raw.is_empty() {
         true => processor::IngestOutcome::default(),
         false => app.engine.ingest_request(request).await?,
     };
     for error in &mut outcome.errors {
         error.index = body_index[error.index];
+    }
+    let moved = std::mem::take(&mut outcome.moved);
+    if !moved.is_empty() {
+        let indices: Vec<usize> = moved.iter().map(|m| body_index[m.index]).collect();
+        match send_moved(app, moved, router).await {
+            Ok(()) => forwarded += indices.len(),
+            Err(e) => {
+                outcome.rejected += indices.len();
+                outcome
+                    .errors
+                    .extend(indices.into_iter().map(|index| processor::IngestError {
+                        index,
+                        reason: format!(
+                            "its customer's partition moved to another node while this request was \
+                         applied, and sending the event there failed ({e}): send it again"
+                        ),
+                        code: "partition_moved",
+                    }));
+                outcome.errors.sort_by_key(|error| error.index);
+            }
+        }
     }
     Ok(Json(json!({
         "accepted": outcome.accepted,
@@ -130,6 +160,20 @@ async fn ingest_routed(
         "forwarded": forwarded,
     }))
     .into_response())
+}
+
+/// Sends the events the engine handed back ([`processor::IngestOutcome::moved`]) to their
+/// customers' partitions.
+async fn send_moved(
+    app: &AppState,
+    moved: Vec<processor::MovedEvent>,
+    router: Option<std::sync::Arc<processor::kafka::route::Router>>,
+) -> Result<(), String> {
+    let router = router.ok_or("this node's Kafka producer for other nodes' events has not started")?;
+    let engine = app.engine.clone();
+    tokio::task::spawn_blocking(move || router.forward_moved(&moved, engine.intake().identity.as_deref()))
+        .await
+        .map_err(|e| e.to_string())?
 }
 
 #[derive(Deserialize)]

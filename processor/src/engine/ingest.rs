@@ -36,7 +36,7 @@ impl Engine {
         let with_ids = carry_ids(&parsed);
         let (mut outcomes, mut changes) = self.transact(|engine, batch| {
             let outcome = engine.ingest_round(with_ids, |engine, round| {
-                engine.ingest_part(raw_events, parsed, positions, "api", round, batch)
+                engine.ingest_part(raw_events, parsed, positions, ("api", false), round, batch)
             })?;
             Ok(vec![outcome])
         })?;
@@ -74,7 +74,7 @@ impl Engine {
                     &request.raw,
                     request.parsed,
                     &request.positions,
-                    request.source,
+                    (request.source, request.owned_only),
                     round,
                     batch,
                 )?);
@@ -85,13 +85,14 @@ impl Engine {
 
     /// One caller's events: validated, deduplicated and numbered in order here, each
     /// accepted one a job for the shard owning its customer; where its sources stand after
-    /// them goes into the batch.
+    /// them goes into the batch. `(source, owned_only)`: where they came from, and whether
+    /// the events of parked partitions are handed back ([`IngestRequest::owned_only`]).
     fn ingest_part<B: AsRef<[u8]>, S: AsRef<str>>(
         &mut self,
         raw_events: &[B],
         parsed: Vec<Result<ValidEvent, Rejection>>,
         positions: &[(S, u64)],
-        source: &str,
+        (source, owned_only): (&str, bool),
         round: &mut Round<'_>,
         batch: &mut Batch,
     ) -> Result<IngestOutcome, EngineError> {
@@ -100,6 +101,17 @@ impl Engine {
         let wall = wall_ms();
         let partition_clocks = self.config.partition_clocks();
         for (index, (raw, parsed)) in raw_events.iter().zip(parsed).enumerate() {
+            let parsed = match parsed {
+                Ok(event) if owned_only && self.parked_partition_named(&event) => {
+                    outcome.moved.push(MovedEvent {
+                        index,
+                        raw: raw.as_ref().to_vec(),
+                        event,
+                    });
+                    continue;
+                }
+                parsed => parsed,
+            };
             let step = round.next_step;
             round.next_step += 1;
             // The partition whose clock judges the event: the one its id is hashed to (0,
@@ -140,6 +152,26 @@ impl Engine {
             self.store.put_meta_u64(&mut batch.wb, &key, *offset);
         }
         Ok(outcome)
+    }
+
+    /// Whether the customer `event` names ([`crate::kafka::route::named_customer`]) is of a
+    /// partition parked here.
+    fn parked_partition_named(&self, event: &ValidEvent) -> bool {
+        if self.parked.partitions.is_empty() {
+            return false;
+        }
+        let identity = Some(&self.config.identity).filter(|_| event.carries_ids());
+        let prepared;
+        let named = match (&event.prepared, identity) {
+            (None, Some(identity)) if event.customer_id.is_empty() => {
+                prepared = identity.prepare(&event.ids, &event.customer_id).ok();
+                prepared
+                    .as_ref()
+                    .and_then(|p| identity.named_customer(&event.customer_id, p))
+            }
+            _ => crate::kafka::route::named_customer(event, identity),
+        };
+        named.is_some_and(|customer| self.parked.partitions.contains(&self.partition_of(&customer)))
     }
 
     /// Decides what is global about one valid event — its instant, whether it is a

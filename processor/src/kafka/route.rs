@@ -166,6 +166,26 @@ impl Router {
     }
 }
 
+impl Router {
+    /// Sends the events the engine handed back unapplied ([`crate::IngestOutcome::moved`]:
+    /// their partitions moved away between the ownership check and the apply) to their
+    /// customers' partitions, and returns once the broker confirmed them all.
+    pub fn forward_moved(
+        &self,
+        moved: &[crate::MovedEvent],
+        identity: Option<&IdentityConfig>,
+    ) -> Result<(), String> {
+        let raw: Vec<&[u8]> = moved.iter().map(|m| m.raw.as_slice()).collect();
+        let parsed: Vec<Result<ValidEvent, Rejection>> = moved.iter().map(|m| Ok(m.event.clone())).collect();
+        let nowhere = BTreeSet::new();
+        let here = self.forward(&raw, &parsed, Where::Posted(&nowhere), identity)?;
+        match here.iter().filter(|&&stays| stays).count() {
+            0 => Ok(()),
+            n => Err(format!("{n} of them name no customer")),
+        }
+    }
+}
+
 /// The customer an event names ([`IdentityConfig::named_customer`]): the partition it
 /// is sent to.
 pub fn named_customer<'a>(
