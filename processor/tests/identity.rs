@@ -1002,3 +1002,51 @@ fn the_customer_an_event_names_before_resolution_is_the_one_made_of_it() {
         }
     }
 }
+
+/// With a clock per partition (a member of a consumer group), an event named only by
+/// `ids` is judged on the clock of the partition of the customer it names — the one it is
+/// applied in — not on that of the partition an empty `customer_id` hashes to: an event
+/// without `ts` takes that customer's partition's clock.
+#[test]
+fn an_event_named_only_by_ids_takes_the_clock_of_its_customers_partition() {
+    const PARTITIONS: u32 = 4;
+    let dir = TempDir::new("identity-partition-clock");
+    let config = EngineConfig {
+        partitions: PARTITIONS,
+        clock_per_partition: true,
+        ..config(1)
+    };
+    let mut engine = Engine::open(dir.path(), Some(RULES), config).unwrap();
+    let partition = |id: &str| processor::partition::partition_of(id.as_bytes(), PARTITIONS);
+    let nameless = partition("");
+    let phone = (0..)
+        .map(|n| format!("1390000{n:04}"))
+        .find(|p| partition(&format!("phone:{}", normalised("phone", p))) != nameless)
+        .unwrap();
+    let home = partition(&format!("phone:{}", normalised("phone", &phone)));
+    let in_partition = |p: u32, name: &str| {
+        (0..)
+            .map(|n| format!("{name}-{n}"))
+            .find(|c| partition(c) == p)
+            .unwrap()
+    };
+    let (ahead, behind) = (in_partition(nameless, "ahead"), in_partition(home, "behind"));
+    let day = 24 * HOUR;
+    let lines = [
+        format!(r#"{{"customer_id":"{behind}","type":"view","ts":{BASE},"props":{{"p":"tea"}}}}"#),
+        format!(
+            r#"{{"customer_id":"{ahead}","type":"view","ts":{},"props":{{"p":"tea"}}}}"#,
+            BASE + 30 * day
+        ),
+        format!(r#"{{"ids":{{"phone":"{phone}"}},"type":"view","props":{{"p":"fish"}}}}"#),
+    ];
+    let outcome = engine.ingest(&lines).unwrap();
+    assert_eq!(outcome.accepted, 3, "{:?}", outcome.errors);
+    let customer = ask(&engine, "phone", &phone);
+    let events = engine.timeline(&customer, None, 10).unwrap().unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        events[0].event.ts, BASE,
+        "the clock of partition {home}, not of partition {nameless}"
+    );
+}

@@ -114,10 +114,10 @@ impl Engine {
             };
             let step = round.next_step;
             round.next_step += 1;
-            // The partition whose clock judges the event: the one its id is hashed to (0,
+            // The partition whose clock judges the event: that of the customer it names (0,
             // the store's one clock, without a clock per partition).
             let partition = match (&parsed, partition_clocks) {
-                (Ok(ev), true) => self.partition_of(&ev.customer_id),
+                (Ok(ev), true) => self.named_partition(ev).unwrap_or(0),
                 _ => 0,
             };
             let parsed = parsed.and_then(|ev| match ev.ts {
@@ -154,24 +154,33 @@ impl Engine {
         Ok(outcome)
     }
 
-    /// Whether the customer `event` names ([`crate::kafka::route::named_customer`]) is of a
-    /// partition parked here.
+    /// Whether the customer `event` names is of a partition parked here.
     fn parked_partition_named(&self, event: &ValidEvent) -> bool {
-        if self.parked.partitions.is_empty() {
-            return false;
+        !self.parked.partitions.is_empty()
+            && self
+                .named_partition(event)
+                .is_some_and(|partition| self.parked.partitions.contains(&partition))
+    }
+
+    /// The partition of the customer `event` names ([`crate::kafka::route::named_customer`]:
+    /// its `customer_id`, else the id its best-ranked identifier would mint) — where it is
+    /// applied unless identity puts it with another customer; `None` when its identifiers
+    /// name nobody (it is rejected).
+    fn named_partition(&self, event: &ValidEvent) -> Option<u32> {
+        if !event.customer_id.is_empty() {
+            return Some(self.partition_of(&event.customer_id));
         }
-        let identity = Some(&self.config.identity).filter(|_| event.carries_ids());
+        let identity = &self.config.identity;
         let prepared;
-        let named = match (&event.prepared, identity) {
-            (None, Some(identity)) if event.customer_id.is_empty() => {
-                prepared = identity.prepare(&event.ids, &event.customer_id).ok();
-                prepared
-                    .as_ref()
-                    .and_then(|p| identity.named_customer(&event.customer_id, p))
+        let prepared = match &event.prepared {
+            Some(prepared) => prepared,
+            None => {
+                prepared = identity.prepare(&event.ids, &event.customer_id).ok()?;
+                &prepared
             }
-            _ => crate::kafka::route::named_customer(event, identity),
         };
-        named.is_some_and(|customer| self.parked.partitions.contains(&self.partition_of(&customer)))
+        let named = identity.named_customer(&event.customer_id, prepared)?;
+        Some(self.partition_of(&named))
     }
 
     /// Decides what is global about one valid event — its instant, whether it is a
