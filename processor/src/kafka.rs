@@ -1633,7 +1633,7 @@ fn read_state(
 /// (a broker restarting, a connection dropped, a request timing out) rather than stay until
 /// someone changes something (no such topic or partition, no right to read it, a refused
 /// login).
-fn passing(error: &KafkaError) -> bool {
+pub(crate) fn passing(error: &KafkaError) -> bool {
     use RDKafkaErrorCode as Code;
     !matches!(
         error.rdkafka_error_code(),

@@ -191,8 +191,17 @@ fn every_node_runs_the_groups_rule_set_and_each_change_once_in_one_order() {
     assert_eq!(a.members("payers"), ["c0", "c2", "c4", "c6", "c8"]);
     assert_eq!(b.members("payers"), ["c10", "c12", "c14", "c16", "c18"]);
 
-    // A third node, starting after all this, reads the chain and runs its last version.
-    let c = Node::start(&brokers, "control-c", OTHER, 20..22);
+    // A third node, starting after all this, reads the chain and runs its last version —
+    // also when the broker drops every connection as it starts and takes them again a
+    // moment later (the client reconnects; only the start's deadline bounds the wait).
+    cluster.broker_down(-1).unwrap();
+    let starting = std::thread::spawn({
+        let brokers = brokers.clone();
+        move || Node::start(&brokers, "control-c", OTHER, 20..22)
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    cluster.broker_up(-1).unwrap();
+    let c = starting.join().unwrap();
     assert_eq!(c.running(), a.running());
     assert_eq!(c.members("payers"), ["c20"]);
 }

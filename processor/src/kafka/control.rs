@@ -364,7 +364,17 @@ impl Reader {
             let Some(message) = self.consumer.poll(left.min(Duration::from_millis(200))) else {
                 continue;
             };
-            let Some((key, record)) = decode(&message.map_err(|e| e.to_string())?) else {
+            let message = match message {
+                Ok(message) => message,
+                // A connection dropped: the client reconnects, the deadline bounds the wait.
+                Err(e) if super::passing(&e) => {
+                    tracing::warn!(error = %e, topic = %self.control.topic, "reading the control topic, the client retries");
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+                Err(e) => return Err(e.to_string()),
+            };
+            let Some((key, record)) = decode(&message) else {
                 continue;
             };
             let record = match record {
