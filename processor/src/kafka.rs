@@ -24,6 +24,7 @@
 pub mod control;
 mod group;
 pub mod group_log;
+pub mod lease;
 pub mod members;
 pub mod route;
 pub mod standby;
@@ -476,6 +477,7 @@ pub fn start(
             .map_err(|e| KafkaError::Subscription(format!("parking the partitions: {e}")))?;
     }
     let owned = membership.as_ref().map(|m| m.owned.clone());
+    let lease = membership.as_ref().map(|m| m.lease.clone());
     let copies = membership.as_ref().map(|m| m.copies.clone());
     status.group.store(membership.is_some(), Ordering::Release);
     let follower = match (&membership, &settings.changes_topic) {
@@ -548,7 +550,8 @@ pub fn start(
         let Some(topic) = topic else { continue };
         let producer = producer(&settings, feed)?;
         let (stop, drain, reader) = (publishers_stop.clone(), drain.clone(), reader.clone());
-        let (checkpoint_bytes, owned) = (settings.state_checkpoint_bytes, owned.clone());
+        let (checkpoint_bytes, owned, lease) =
+            (settings.state_checkpoint_bytes, owned.clone(), lease.clone());
         // Held before the thread starts, so no trim runs in between.
         match hold_unpublished(&reader, feed, &publish_cursor(feed, &topic)) {
             Ok(confirmed) if matches!(feed, Feed::Changes) => reader.gate_state_on_changes(confirmed),
@@ -569,6 +572,7 @@ pub fn start(
                         let scope = StateScope {
                             checkpoint_bytes,
                             owned,
+                            lease,
                             writer: writer_label(writer),
                         };
                         publish_state(producer, topic, reader, scope, &stop, &drain)
@@ -734,6 +738,7 @@ fn consume(
         if let Some(membership) = membership {
             membership.finish_restores(&consumer);
             membership.sweep_leftovers(&consumer);
+            membership.renew_lease(&consumer);
         }
         let generation = consumer.context().generation.load(Ordering::SeqCst);
         let restoring = membership.map(group::Membership::restoring).unwrap_or_default();
@@ -1157,6 +1162,9 @@ struct StateScope {
     /// (a stale partition's deltas, left from before a crash, never reach the topic after
     /// its new owner's). `None`: every partition.
     owned: Option<Arc<Mutex<std::collections::BTreeSet<u32>>>>,
+    /// In a group of several, whether this member may still count itself the owner of
+    /// those: nothing is sent once the lease ran out ([`lease`]).
+    lease: Option<Arc<lease::Lease>>,
     /// This store's [`state_writer`], in every record's [`WRITER_HEADER`].
     writer: String,
 }
@@ -1198,6 +1206,11 @@ fn state_round(
             }
             Err(e) => return Round::Failed(format!("reading the publisher's position: {e}")),
         }
+    }
+    if scope.lease.as_ref().is_some_and(|lease| !lease.held()) {
+        // Maybe expelled from the group, and no longer the owner: waits until a commit of
+        // the current generation renews the lease (or the partitions are found lost).
+        return Round::Waiting;
     }
     let owned = scope
         .owned

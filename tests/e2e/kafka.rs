@@ -256,16 +256,17 @@ fn consumed(server: &Server) -> f64 {
     metric_sum(server, "tagstream_events_total") + metric_sum(server, "tagstream_events_rejected_total")
 }
 
-/// A copy of the group settings at `config` whose consumer never commits the group's
-/// offsets while it runs (its interval outlasts it), written to `to`.
-fn never_committing(config: &Path, to: &Path) {
+/// A copy of the group settings at `config` under a consumer group of its own, written to
+/// `to`: a node started with it finds no committed offsets, as if the members before it
+/// never committed theirs — what only the state topic can then tell it. (A member commits
+/// its positions at every renewal of its lease, a second or so apart here, so a node
+/// killed after consuming leaves the group's offsets showing it, but only up to its last
+/// renewal.)
+fn in_a_group_of_its_own(config: &Path, to: &Path) {
     let text = std::fs::read_to_string(config).unwrap();
-    let never = text.replace(
-        "\"auto.commit.interval.ms\" = \"200\"",
-        "\"auto.commit.interval.ms\" = \"3600000\"",
-    );
-    assert_ne!(never, text);
-    std::fs::write(to, never).unwrap();
+    let start = text.find("group_id = \"").unwrap() + "group_id = \"".len();
+    let elsewhere = format!("{}elsewhere-{}", &text[..start], &text[start..]);
+    std::fs::write(to, elsewhere).unwrap();
 }
 
 /// `tagstream backup` asks a server that is consuming from Kafka; the machine is then lost.
@@ -993,13 +994,13 @@ fn waiting_up_to(within: Duration) -> impl Fn(&str, &dyn Fn() -> bool) {
 
 /// Fencing by the state topic (issue #21): a node that kept its partition across a stop
 /// resumes it from its store only when no other store wrote the partition's state in the
-/// meantime — the group's committed offsets cannot tell, as a member that took over and
-/// was killed before its first commit leaves them where they were. Here A stops cleanly
-/// (a restart resumes its partition, no restore); B takes over, consumes a third of the
-/// stream, publishes its state and is killed before committing; A comes back: it finds
-/// B's records in the state topic, drops its stale copy and restores, so it consumes on
-/// from where B got to (nothing twice), and its customers, and the state topic's, are a
-/// direct run's.
+/// meantime — the group's committed offsets cannot always tell, as a member that took
+/// over and was killed before its next commit leaves them short of what it published.
+/// Here A stops cleanly (a restart resumes its partition, no restore); B takes over,
+/// consumes a third of the stream, publishes its state and is killed; A comes back where
+/// the group's offsets say nothing of B (a group of its own): it finds B's records in the
+/// state topic, drops its stale copy and restores, so it consumes on from where B got to
+/// (nothing twice), and its customers, and the state topic's, are a direct run's.
 #[test]
 fn a_node_coming_back_after_another_took_over_restores_instead_of_resuming_its_stale_copy() {
     let lines = stream();
@@ -1007,9 +1008,9 @@ fn a_node_coming_back_after_another_took_over_restores_instead_of_resuming_its_s
     let broker = group_broker(1);
     let run = TempDir::new("kafka-fenced");
     let config = group_config(run.path(), &broker, "fenced", 1, "");
-    // B never commits the group's offsets.
-    let config_b = run.path().join("b.toml");
-    never_committing(&config, &config_b);
+    // A's return, to a group whose offsets B never moved.
+    let config_back = run.path().join("back.toml");
+    in_a_group_of_its_own(&config, &config_back);
     // Everything it consumed is in the state topic.
     let settled = |server: &Server, events: usize| {
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -1035,13 +1036,13 @@ fn a_node_coming_back_after_another_took_over_restores_instead_of_resuming_its_s
     assert_eq!(a.metric("tagstream_kafka_partitions_fenced_total"), 0.0);
     a.stop();
 
-    let b = Server::start(&run.path().join("b"), &config_b);
+    let b = Server::start(&run.path().join("b"), &config);
     settled(&b, 0);
     produce(&broker.addr, &lines[third..2 * third]);
     settled(&b, third);
     b.kill();
 
-    let a = Server::start(&a_dir, &config);
+    let a = Server::start(&a_dir, &config_back);
     settled(&a, 0);
     produce(&broker.addr, &lines[2 * third..]);
     settled(&a, lines.len() - 2 * third);
@@ -1081,7 +1082,8 @@ fn a_node_coming_back_after_another_took_over_restores_instead_of_resuming_its_s
 /// state topic after the backup reads as another store's, and the restored node restores
 /// the partition from the topic instead of resuming the backup's older copy — it consumes
 /// only what the lost node had not published, not everything after the backup instant
-/// (the group's offsets cannot tell: the lost node never committed them).
+/// (found from the state topic alone: the restored node starts where the group's offsets
+/// say nothing of the lost node, a group of its own).
 #[test]
 fn a_group_node_restored_from_a_backup_restores_what_the_lost_node_wrote_after_it() {
     let lines = stream();
@@ -1089,7 +1091,8 @@ fn a_group_node_restored_from_a_backup_restores_what_the_lost_node_wrote_after_i
     let broker = group_broker(1);
     let run = TempDir::new("kafka-backup-group");
     let config = group_config(run.path(), &broker, "backup-group", 1, "");
-    never_committing(&config, &config);
+    let config_back = run.path().join("back.toml");
+    in_a_group_of_its_own(&config, &config_back);
     // Half before the backup, the rest after it: the backup is taken mid-stream.
     let half = lines.len() / 2;
     produce(&broker.addr, &lines[..half]);
@@ -1114,7 +1117,7 @@ fn a_group_node_restored_from_a_backup_restores_what_the_lost_node_wrote_after_i
 
     let restored = run.path().join("restored");
     restore_backup(&backup, &restored);
-    let server = Server::start(&restored, &config);
+    let server = Server::start(&restored, &config_back);
     let deadline = Instant::now() + Duration::from_secs(120);
     while request(&server.addr, "GET", "/readyz", b"").status != 200
         || server.metric("tagstream_kafka_partitions_assigned") < 1.0
@@ -2781,6 +2784,161 @@ fn events_in_other_customers_partitions_are_forwarded_and_survive_a_kill_of_the_
     let now = direct.now();
     drop(direct);
     let held = views_at(&run.path().join("a"), three_nodes_config(true), now);
+    let expected = views_at(reference.path(), three_nodes_config(false), now);
+    assert_same_customers(&held, &expected);
+}
+
+/// Sends `signal` (`STOP`, `CONT`) to `server`'s process.
+fn signal(server: &Server, signal: &str) {
+    let sent = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(server.child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(sent.success(), "kill -{signal}");
+}
+
+/// Each partition's state records in offset order: the writer each names, and for a delta
+/// (key `d/COMMIT…`) its commit.
+fn state_writers(brokers: &str, partitions: u32) -> Vec<Vec<(String, Option<u64>)>> {
+    use rdkafka::message::Headers;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("writers-{}", std::process::id()))
+        .create()
+        .unwrap();
+    let mut all = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        all.add_partition_offset("state", p as i32, rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&all).unwrap();
+    let mut records = vec![Vec::new(); partitions as usize];
+    let quiet = Instant::now();
+    let mut last = quiet;
+    while last.elapsed() < Duration::from_secs(3) {
+        let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        last = Instant::now();
+        let writer = m
+            .headers()
+            .and_then(|h| h.iter().find(|h| h.key == "tagstream-writer")?.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_default();
+        let commit = m
+            .key()
+            .and_then(|k| std::str::from_utf8(k).ok())
+            .and_then(|k| k.strip_prefix("d/"))
+            .and_then(|rest| rest.split(['/', '.']).next()?.parse().ok());
+        records[m.partition() as usize].push((writer, commit));
+    }
+    records
+}
+
+/// A node paused past its session — a zombie: `SIGSTOP`, as a frozen VM or a hung disk
+/// would leave it — loses its partitions to the other node, which restores them from the
+/// state topic and consumes on. When it runs again it publishes none of the state it made
+/// before the pause into those partitions after the other node's (its lease on them ran
+/// out, and the client then tells it they were lost): in every partition, each change of
+/// writer starts above every delta before it, as only a restore makes one. Then the group
+/// ends as one store would.
+#[test]
+fn a_node_paused_past_its_session_writes_no_state_after_its_partitions_moved() {
+    const PARTITIONS: u32 = THREE_NODES_PARTITIONS;
+    let lines = stream();
+    let broker = group_broker(PARTITIONS);
+    let run = TempDir::new("kafka-zombie");
+    let config = group_config(run.path(), &broker, "zombie", PARTITIONS, "");
+    let third = lines.len() / 3;
+    produce(&broker.addr, &lines[..third]);
+    let (a, b) = (
+        Server::start(&run.path().join("a"), &config),
+        Server::start(&run.path().join("b"), &config),
+    );
+    let wait = waiting_up_to(Duration::from_secs(240));
+    let owns = |node: &Server, n: u32| {
+        node.metric("tagstream_kafka_partitions_assigned") == f64::from(n)
+            && request(&node.addr, "GET", "/readyz", b"").status == 200
+    };
+    wait("the partitions split", &|| {
+        owns(&a, PARTITIONS / 2) && owns(&b, PARTITIONS / 2)
+    });
+    // The rest of the stream arrives while the first node is paused, so that it is
+    // stopped in the middle of its work: a batch applied and its deltas not yet sent.
+    let feeder = {
+        let (brokers, rest) = (broker.addr.clone(), lines[third..].to_vec());
+        std::thread::spawn(move || {
+            for chunk in rest.chunks(rest.len().div_ceil(30)) {
+                produce(&brokers, chunk);
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        })
+    };
+    let at_start = consumed(&a);
+    wait("the first node consumes the rest", &|| {
+        consumed(&a) > at_start + 40.0
+    });
+    signal(&a, "STOP");
+    wait("the other node owns every partition", &|| owns(&b, PARTITIONS));
+    signal(&a, "CONT");
+    feeder.join().unwrap();
+    wait("the first node is back in the group", &|| {
+        owns(&a, PARTITIONS / 2) && owns(&b, PARTITIONS / 2)
+    });
+    let (mut last, mut quiet) = (-1.0, Instant::now());
+    while quiet.elapsed() < Duration::from_secs(5) {
+        let now = consumed(&a) + consumed(&b);
+        if now != last {
+            (last, quiet) = (now, Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        a.metric("tagstream_kafka_partitions_lost_total") > 0.0,
+        "the paused node was told its partitions were lost"
+    );
+
+    for (p, records) in state_writers(&broker.addr, PARTITIONS).iter().enumerate() {
+        let mut highest = 0;
+        let mut writer: Option<&str> = None;
+        for (i, (by, commit)) in records.iter().enumerate() {
+            let Some(commit) = *commit else { continue };
+            if writer.is_some_and(|w| w != by) {
+                assert!(
+                    commit > highest,
+                    "partition {p}, record {i}: {by} wrote commit {commit} after {} wrote up to {highest}",
+                    writer.unwrap()
+                );
+            }
+            writer = Some(by);
+            highest = highest.max(commit);
+        }
+    }
+
+    // The first node goes for good: the other restores its partitions from the topic,
+    // and holds every customer as one store would.
+    a.kill();
+    wait("the other node owns every partition again", &|| {
+        owns(&b, PARTITIONS)
+    });
+    let (mut last, mut quiet) = (-1.0, Instant::now());
+    while quiet.elapsed() < Duration::from_secs(5) {
+        let now = consumed(&b);
+        if now != last {
+            (last, quiet) = (now, Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    b.stop();
+    let reference = TempDir::new("kafka-zombie-ref");
+    let rules = std::fs::read_to_string(conformance().join("example.trl")).unwrap();
+    let mut direct =
+        processor::Engine::open(reference.path(), Some(&rules), three_nodes_config(false)).unwrap();
+    direct.ingest(&lines).unwrap();
+    let now = direct.now();
+    drop(direct);
+    let held = views_at(&run.path().join("b"), three_nodes_config(true), now);
     let expected = views_at(reference.path(), three_nodes_config(false), now);
     assert_same_customers(&held, &expected);
 }

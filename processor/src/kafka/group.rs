@@ -21,9 +21,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
+use super::lease::Lease;
 use super::standby::Copies;
 use super::{source_name, ConsumerCtx, KafkaSettings, KafkaStatus};
 use crate::changelog::follow::Follower;
@@ -111,6 +112,9 @@ pub(super) struct Membership {
     leftovers: Mutex<BTreeMap<u32, Instant>>,
     /// When [`Membership::sweep_leftovers`] last looked.
     swept: Mutex<Instant>,
+    /// Whether this member may still count itself the owner: the state publisher sends
+    /// nothing once it ran out ([`super::lease`]).
+    pub(super) lease: Arc<Lease>,
 }
 
 impl Membership {
@@ -140,6 +144,58 @@ impl Membership {
             writer,
             leftovers: Mutex::default(),
             swept: Mutex::new(Instant::now()),
+            lease: Arc::new(Lease::new(settings)),
+        }
+    }
+
+    /// Renews the lease when due, between batches: a synchronous commit of where the owned
+    /// partitions stand (everything before is applied), which the coordinator refuses to a
+    /// member of an older generation or one it expelled.
+    pub(super) fn renew_lease(&self, consumer: &BaseConsumer<ConsumerCtx>) {
+        if !self.lease.due() {
+            return;
+        }
+        let owned = self.owned();
+        let sent = Instant::now();
+        if owned.is_empty() {
+            // Nothing to publish for: nothing to fence.
+            self.lease.renewal(sent, false);
+            return;
+        }
+        // Where each owned partition stands in the store (everything before is applied),
+        // else where the consumer stands in it (nothing of it applied yet). No other
+        // request than the commit: this runs on the consumer's thread.
+        let topic = &self.settings.topic;
+        let positions = consumer.position().ok();
+        let mut tpl = TopicPartitionList::new();
+        for &p in &owned {
+            let stored = match self.reader.source_offset(&source_name(topic, p as i32)) {
+                Ok(stored) => stored.map(|next| next as i64),
+                Err(e) => {
+                    tracing::warn!(error = %e, partition = p, "reading a partition's stored offset to renew the lease");
+                    None
+                }
+            };
+            let at = stored.or_else(
+                || match positions.as_ref()?.find_partition(topic, p as i32)?.offset() {
+                    Offset::Offset(at) => Some(at),
+                    _ => None,
+                },
+            );
+            if let Some(at) = at {
+                let _ = tpl.add_partition_offset(topic, p as i32, Offset::Offset(at));
+            }
+        }
+        if tpl.count() == 0 {
+            // Not known yet (the first fetch sets the positions): tried again shortly.
+            return self.lease.renewal(sent, false);
+        }
+        match consumer.commit(&tpl, CommitMode::Sync) {
+            Ok(()) => self.lease.renewal(sent, true),
+            Err(e) => {
+                tracing::debug!(error = %e, "the lease was not renewed");
+                self.lease.renewal(sent, false);
+            }
         }
     }
 
@@ -629,6 +685,12 @@ impl Membership {
     /// or kept when the consumer is closing.
     pub(super) fn revoked(&self, consumer: &BaseConsumer<ConsumerCtx>, tpl: &TopicPartitionList) {
         let closing = self.closing.load(Ordering::SeqCst);
+        // Lost, not revoked: the group expelled this member (paused past its session), and
+        // others may own the partitions already.
+        let lost = consumer.assignment_lost();
+        if lost {
+            self.lease.end();
+        }
         for e in tpl.elements() {
             let p = e.partition() as u32;
             self.copies.unclaim(p);
@@ -638,6 +700,19 @@ impl Membership {
                 continue;
             }
             if closing {
+                continue;
+            }
+            if lost {
+                // Nothing more of it is published from here: what was not is a stale copy
+                // (dropped once the group consumed it further, or found out by the check a
+                // take-back makes), and its new owner consumes on from the state topic.
+                tracing::warn!(
+                    partition = p,
+                    "partition lost: this node was out of the group past its session; its unpublished state stays here unpublished"
+                );
+                metrics::counter!("tagstream_kafka_partitions_lost_total").increment(1);
+                self.park_kept(p);
+                lock(&self.owned).remove(&p);
                 continue;
             }
             let deadline = Instant::now() + RELEASE_WAIT;
