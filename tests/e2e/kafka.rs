@@ -2799,7 +2799,8 @@ fn signal(server: &Server, signal: &str) {
 }
 
 /// Each partition's state records in offset order: the writer each names, and for a delta
-/// (key `d/COMMIT…`) its commit.
+/// (key `d/COMMIT…`, not a tombstone — a checkpoint's tombstones name the deltas it folded,
+/// whoever wrote them) its commit.
 fn state_writers(brokers: &str, partitions: u32) -> Vec<Vec<(String, Option<u64>)>> {
     use rdkafka::message::Headers;
     let consumer: BaseConsumer = ClientConfig::new()
@@ -2828,6 +2829,7 @@ fn state_writers(brokers: &str, partitions: u32) -> Vec<Vec<(String, Option<u64>
             .unwrap_or_default();
         let commit = m
             .key()
+            .filter(|_| m.payload().is_some())
             .and_then(|k| std::str::from_utf8(k).ok())
             .and_then(|k| k.strip_prefix("d/"))
             .and_then(|rest| rest.split(['/', '.']).next()?.parse().ok());
