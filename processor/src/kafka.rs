@@ -835,9 +835,12 @@ fn consume(
             record_consumer_lag(&consumer, &settings.topic);
         }
     }
-    if membership.is_some() {
-        // The group learns how far this node got before it leaves: a partition it keeps
-        // is found stale later only if another member consumed it past that.
+    if let Some(membership) = membership {
+        // Its state goes out while it is still a member (after it leaves, another member
+        // may take the partitions over at once), then the group learns how far this node
+        // got: a partition it keeps is found stale later only if another member consumed
+        // it past that.
+        membership.publish_before_leaving(&consumer);
         if let Err(e) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
             tracing::debug!(error = %e, "committing the group's offsets at shutdown");
         }
@@ -1142,8 +1145,12 @@ fn publish_state(
                 return;
             }
             Round::Idle => std::thread::sleep(Duration::from_millis(50)),
+            // Shutting down, and the consumer has left the group: what was not published
+            // before it left stays in the outbox (the partitions are kept here, and their
+            // next owner consumes on from what the topic has).
+            Round::Unleased if drain.load(Ordering::SeqCst) => return,
             // The changes publisher is behind: it confirms more every few milliseconds.
-            Round::Waiting => std::thread::sleep(Duration::from_millis(10)),
+            Round::Waiting | Round::Unleased => std::thread::sleep(Duration::from_millis(10)),
             Round::Failed(e) => {
                 tracing::warn!(error = %e, topic, "publishing the state changelog failed; retrying");
                 std::thread::sleep(backoff);
@@ -1182,6 +1189,8 @@ enum Round {
     Idle,
     /// Deltas are due whose commits' changes the changes topic has not confirmed yet.
     Waiting,
+    /// The member's lease does not hold ([`lease`]): nothing may be sent now.
+    Unleased,
     Failed(String),
 }
 
@@ -1210,7 +1219,7 @@ fn state_round(
     if scope.lease.as_ref().is_some_and(|lease| !lease.held()) {
         // Maybe expelled from the group, and no longer the owner: waits until a commit of
         // the current generation renews the lease (or the partitions are found lost).
-        return Round::Waiting;
+        return Round::Unleased;
     }
     let owned = scope
         .owned

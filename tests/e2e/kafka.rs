@@ -256,6 +256,20 @@ fn consumed(server: &Server) -> f64 {
     metric_sum(server, "tagstream_events_total") + metric_sum(server, "tagstream_events_rejected_total")
 }
 
+/// Waits until the events `nodes` consumed, together, have not changed for `quiet`;
+/// returns how many.
+fn until_quiet(nodes: &[&Server], quiet: Duration) -> f64 {
+    let (mut last, mut since) = (-1.0, Instant::now());
+    while since.elapsed() < quiet {
+        let now: f64 = nodes.iter().map(|node| consumed(node)).sum();
+        if now != last {
+            (last, since) = (now, Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    last
+}
+
 /// A copy of the group settings at `config` under a consumer group of its own, written to
 /// `to`: a node started with it finds no committed offsets, as if the members before it
 /// never committed theirs — what only the state topic can then tell it. (A member commits
@@ -1125,14 +1139,7 @@ fn a_group_node_restored_from_a_backup_restores_what_the_lost_node_wrote_after_i
         assert!(Instant::now() < deadline, "the restored node is not ready");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let (mut last, mut quiet) = (-1.0, Instant::now());
-    while quiet.elapsed() < Duration::from_secs(3) {
-        let now = consumed(&server);
-        if now != last {
-            (last, quiet) = (now, Instant::now());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let last = until_quiet(&[&server], Duration::from_secs(3));
     assert!(
         last < (lines.len() as u64 - at_backup) as f64,
         "consumed {last} events: everything after the backup ({} events) again",
@@ -1316,14 +1323,7 @@ fn two_nodes_share_a_group_and_the_survivor_of_a_kill_takes_over_without_loss() 
     }
     // A query is answered for the whole group by whichever node is asked: each node
     // answers for the partitions it owns, in id order, and the node asked merges them.
-    let (mut last, mut quiet) = (-1.0, Instant::now());
-    while quiet.elapsed() < Duration::from_secs(2) {
-        let now = consumed(&first) + consumed(&second);
-        if now != last {
-            (last, quiet) = (now, Instant::now());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    until_quiet(&[&first, &second], Duration::from_secs(2));
     let expr = r#"profile.city == "上海" or profile.city == "杭州""#;
     let query = |node: &Server, limit: usize, cursor: Option<&str>| {
         let body = serde_json::json!({ "expr": expr, "limit": limit, "cursor": cursor }).to_string();
@@ -1785,14 +1785,7 @@ fn three_nodes() -> ThreeNodes {
         "each of the dead node's partitions taken over from a standby copy"
     );
     eprintln!("{promoted} of the dead node's partitions taken over from standby copies");
-    let (mut last, mut quiet) = (-1.0, Instant::now());
-    while quiet.elapsed() < Duration::from_secs(5) {
-        let now = consumed(&b) + consumed(&c);
-        if now != last {
-            (last, quiet) = (now, Instant::now());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    until_quiet(&[&b, &c], Duration::from_secs(5));
     let rules = request(&b.addr, "GET", "/v1/rules", b"").text();
     assert_eq!(request(&c.addr, "GET", "/v1/rules", b"").text(), rules);
     assert!(
@@ -2761,14 +2754,7 @@ fn events_in_other_customers_partitions_are_forwarded_and_survive_a_kill_of_the_
         owns(&a, f64::from(PARTITIONS))
     });
     assert!(forwarded(&a) > 0.0, "the first node forwarded too");
-    let (mut last, mut quiet) = (-1.0, Instant::now());
-    while quiet.elapsed() < Duration::from_secs(5) {
-        let now = consumed(&a);
-        if now != last {
-            (last, quiet) = (now, Instant::now());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    until_quiet(&[&a], Duration::from_secs(5));
     a.stop();
 
     let reference = TempDir::new("kafka-forward-ref");
@@ -2888,14 +2874,7 @@ fn a_node_paused_past_its_session_writes_no_state_after_its_partitions_moved() {
     wait("the first node is back in the group", &|| {
         owns(&a, PARTITIONS / 2) && owns(&b, PARTITIONS / 2)
     });
-    let (mut last, mut quiet) = (-1.0, Instant::now());
-    while quiet.elapsed() < Duration::from_secs(5) {
-        let now = consumed(&a) + consumed(&b);
-        if now != last {
-            (last, quiet) = (now, Instant::now());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    until_quiet(&[&a, &b], Duration::from_secs(5));
     assert!(
         a.metric("tagstream_kafka_partitions_lost_total") > 0.0,
         "the paused node was told its partitions were lost"
@@ -2924,14 +2903,7 @@ fn a_node_paused_past_its_session_writes_no_state_after_its_partitions_moved() {
     wait("the other node owns every partition again", &|| {
         owns(&b, PARTITIONS)
     });
-    let (mut last, mut quiet) = (-1.0, Instant::now());
-    while quiet.elapsed() < Duration::from_secs(5) {
-        let now = consumed(&b);
-        if now != last {
-            (last, quiet) = (now, Instant::now());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    until_quiet(&[&b], Duration::from_secs(5));
     b.stop();
     let reference = TempDir::new("kafka-zombie-ref");
     let rules = std::fs::read_to_string(conformance().join("example.trl")).unwrap();

@@ -55,6 +55,25 @@ pub trait PartitionHost: Send + Sync {
 /// Work a [`PartitionHost`] runs on its engine.
 pub type EngineWork = Box<dyn FnOnce(&mut crate::engine::Engine) -> Result<(), String> + Send>;
 
+/// How long a member stopping waits for the broker to confirm its owned partitions'
+/// deltas before it leaves the group.
+const LEAVE_WAIT: Duration = Duration::from_secs(10);
+
+/// Deltas (up to 1,000) of `owned` partitions in the outbox the broker has not confirmed.
+fn unpublished_of(reader: &ReadHandle, owned: &BTreeSet<u32>) -> Result<usize, crate::EngineError> {
+    let mut published: BTreeMap<u32, u64> = reader
+        .changelog_publisher_state()?
+        .into_iter()
+        .map(|(partition, (commit, _))| (partition, commit))
+        .collect();
+    for partition in 0..reader.partitions() {
+        if !owned.contains(&partition) {
+            published.insert(partition, u64::MAX);
+        }
+    }
+    Ok(reader.changelog_unpublished(&published, 1_000)?.len())
+}
+
 /// How long a revoked partition waits for the broker to confirm its deltas before it is
 /// given up unreleased (its next owner restores what the topic has and consumes on from
 /// there; the stale copy here is discarded when it comes back).
@@ -197,6 +216,35 @@ impl Membership {
                 self.lease.renewal(sent, false);
             }
         }
+    }
+
+    /// At shutdown, before the consumer leaves the group: waits (up to [`LEAVE_WAIT`],
+    /// renewing the lease meanwhile) until the broker confirmed every delta of the owned
+    /// partitions, then ends the lease — after the consumer leaves, another member may own
+    /// them at once, so nothing of them is published from here any more.
+    pub(super) fn publish_before_leaving(&self, consumer: &BaseConsumer<ConsumerCtx>) {
+        let deadline = Instant::now() + LEAVE_WAIT;
+        loop {
+            match unpublished_of(&self.reader, &self.owned()) {
+                Ok(0) => break,
+                Ok(_) if Instant::now() < deadline => {
+                    self.renew_lease(consumer);
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Ok(left) => {
+                    tracing::warn!(
+                        deltas = left,
+                        "leaving the group with state deltas the broker has not confirmed: they stay here (the partitions are kept), and their next owner consumes on from what the state topic has"
+                    );
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading what is left to publish before leaving the group");
+                    break;
+                }
+            }
+        }
+        self.lease.end();
     }
 
     /// Parks every partition until the group gives this node some, and drops the standby
