@@ -917,6 +917,16 @@ fn views_at(data: &Path, config: processor::EngineConfig, now: i64) -> BTreeMap<
 /// The customers a group's stores hold (`held`, [`views_at`]) are one store's
 /// (`expected`): the first five that differ are named.
 fn assert_same_customers(held: &BTreeMap<String, String>, expected: &BTreeMap<String, String>) {
+    assert_same_per_customer("customers", held, expected);
+}
+
+/// What the group made of each customer (`held`) is what one store made (`expected`):
+/// the first five customers that differ are named, with `what` differs.
+fn assert_same_per_customer<V: PartialEq + std::fmt::Debug>(
+    what: &str,
+    held: &BTreeMap<String, V>,
+    expected: &BTreeMap<String, V>,
+) {
     let differ: Vec<String> = expected
         .keys()
         .chain(held.keys())
@@ -934,7 +944,7 @@ fn assert_same_customers(held: &BTreeMap<String, String>, expected: &BTreeMap<St
         .collect();
     assert!(
         differ.is_empty(),
-        "customers differ from one store's:\n{}",
+        "{what} differ from one store's:\n{}",
         differ.join("\n")
     );
 }
@@ -2094,20 +2104,7 @@ fn three_nodes_change_logs_replay_to_what_the_survivors_hold() {
             one.entry(c.customer_id.to_string()).or_default().insert(change);
         }
     }
-    let differ: Vec<String> = one
-        .keys()
-        .chain(group.keys())
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .filter(|id| group.get(*id) != one.get(*id))
-        .take(5)
-        .map(|id| format!("{id}:\n  nodes: {:?}\n  one:   {:?}", group.get(id), one.get(id)))
-        .collect();
-    assert!(
-        differ.is_empty(),
-        "changes differ from one store's:\n{}",
-        differ.join("\n")
-    );
+    assert_same_per_customer("changes", &group, &one);
     assert!(one.len() > 20, "{} customers changed", one.len());
 
     // A consumer deduplicates by `(partition, pseq)`: a number two logs both hold names
