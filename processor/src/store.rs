@@ -1026,6 +1026,21 @@ impl Store {
 
     /// Deletes everything a customer holds: the record, the events, the window chunks and
     /// the timer `timer`.
+    /// Deletes the dedup entries of `customer`'s retained events (a partition leaving the
+    /// store: were they kept, the partition's events consumed again here after a restore
+    /// would be dropped as duplicates of what this store no longer holds); returns how many.
+    pub fn delete_dedup_of(&self, batch: &mut WriteBatch, customer: &str) -> Result<u64, StoreError> {
+        let mut deleted = 0;
+        self.scan_events(customer, ReadOptions::default(), |ts, arrival, _, value| {
+            if let Some(event_id) = decode_event(ts, arrival, value)?.event_id {
+                batch.delete_cf(self.cf(CF_DEDUP), event_id.as_bytes());
+                deleted += 1;
+            }
+            Ok(())
+        })?;
+        Ok(deleted)
+    }
+
     pub fn delete_customer(&self, batch: &mut WriteBatch, customer: &str, timer: Option<i64>) {
         batch.delete_cf(self.cf(CF_CUSTOMERS), customer.as_bytes());
         let prefix = event_prefix(customer);

@@ -300,3 +300,37 @@ fn a_moved_partition_takes_its_customers_identifiers_along() {
     assert_eq!(here.identify("email", "a@b.cn").unwrap(), None);
     assert_eq!(&*here.canonical_id("phone:13800000001"), "phone:13800000001");
 }
+
+/// A partition dropped from a store and consumed there again from the start (as when the
+/// state topic held nothing of it to restore) counts every event again: the dedup entries
+/// of its events leave with it, as its customers and events do.
+#[test]
+fn a_dropped_partition_consumed_again_counts_its_events_again() {
+    let rules = rules_text();
+    let stream = ordered_stream();
+    let of_1: Vec<&String> = stream
+        .iter()
+        .filter(|(customer, _)| partition_of(customer.as_bytes(), PARTITIONS) == 1)
+        .map(|(_, line)| line)
+        .collect();
+    let ids: Vec<String> = stream
+        .iter()
+        .filter(|(customer, _)| partition_of(customer.as_bytes(), PARTITIONS) == 1)
+        .map(|(customer, _)| customer.clone())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let dir = TempDir::new("partition-drop-dedup");
+    // A clock per partition, as a group's node has: the dropped partition's goes with it.
+    let config = EngineConfig {
+        clock_per_partition: true,
+        ..config(1)
+    };
+    let mut engine = Engine::open(dir.path(), Some(&rules), config).unwrap();
+    ingest_all(&mut engine, of_1.iter().copied());
+    let first = views(&engine, &ids);
+    let dropped = engine.drop_partition(1).unwrap();
+    assert!(dropped.dedup_entries > 0, "{dropped:?}");
+    ingest_all(&mut engine, of_1.iter().copied());
+    assert_eq!(views(&engine, &ids), first);
+}

@@ -417,6 +417,7 @@ impl Engine {
             if state.number != crate::index::NO_NUMBER {
                 gone.insert(state.number);
             }
+            summary.dedup_entries += self.store.delete_dedup_of(&mut wb, &id)?;
             self.store.delete_customer(&mut wb, &id, state.timer);
             for (key, _) in identity::entries_of(&self.store, &id)? {
                 wb.delete_cf(self.store.cf(crate::store::CF_IDENTITIES), key);
