@@ -325,8 +325,16 @@ pub fn partitions(
                 restore,
                 incomplete,
                 next_offset,
-            } = processor::kafka::read_state_partition(&kafka, &topic, partition, partitions, stall, &|_| {})
-                .map_err(anyhow::Error::msg)?;
+            } = processor::kafka::read_state_partition(
+                &kafka,
+                &topic,
+                partition,
+                partitions,
+                None,
+                stall,
+                &|_| {},
+            )
+            .map_err(anyhow::Error::msg)?;
             let summary = engine.restore_partition(&restore)?;
             // A member serving this store checks the topic from here before it resumes the
             // partition (`docs/cluster.md`, "A node comes back").

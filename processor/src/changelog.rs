@@ -875,11 +875,56 @@ pub fn records(commit: u64, bytes: &[u8], max: usize) -> Vec<(String, &[u8])> {
         .collect()
 }
 
-/// Reads a changelog topic partition's records, in any order, into a [`Restore`]: a delta in
-/// parts counts once all of them are read; one whose parts were not all published (its
-/// writer died midway) is left out, so its input is consumed again.
+/// The key prefix of an owner mark: a record a store writes to a partition of the state
+/// topic when it starts owning the partition, before it reads the partition, naming itself
+/// (its writer id, in the writer header) as the partition's only writer from there on
+/// ([`Fence`]). Keys are unique (`o/WRITER/NONCE`), so compaction keeps every mark.
+pub const OWNER_MARK_PREFIX: &[u8] = b"o/";
+
+/// Which records of a state topic partition count, read in offset order: after an owner
+/// mark, only those its writer wrote. Another store's records there were written by a
+/// member that no longer owned the partition — a *zombie*, paused past its session while
+/// its records were on their way — and are left out, wherever a reader meets them; the
+/// topic's order alone decides, as the broker wrote it.
+#[derive(Debug, Clone, Default)]
+pub struct Fence {
+    owner: Option<Vec<u8>>,
+    fenced: u64,
+}
+
+impl Fence {
+    /// Whether the record keyed `key`, written by `writer` (its writer header), is state to
+    /// read: not a mark (a mark makes its writer the owner), and not written by another
+    /// store than the last mark's.
+    pub fn admits(&mut self, key: &[u8], writer: Option<&[u8]>) -> bool {
+        if key.starts_with(OWNER_MARK_PREFIX) {
+            self.owner = Some(writer.unwrap_or_default().to_vec());
+            return false;
+        }
+        match &self.owner {
+            Some(owner) if writer != Some(&owner[..]) => {
+                self.fenced += 1;
+                metrics::counter!("tagstream_kafka_state_records_fenced_total").increment(1);
+                false
+            }
+            _ => true,
+        }
+    }
+
+    /// How many records were left out as a zombie's.
+    pub fn fenced(&self) -> u64 {
+        self.fenced
+    }
+}
+
+/// Reads a changelog topic partition's records into a [`Restore`]: a delta in parts counts
+/// once all of them are read; one whose parts were not all published (its writer died
+/// midway) is left out, so its input is consumed again. Records fed through
+/// [`Assembler::add_written`] in offset order pass its [`Fence`] first; [`Assembler::add`]
+/// takes them in any order.
 pub struct Assembler {
     restore: Restore,
+    fence: Fence,
     /// Deltas in parts not all read yet: per commit, the part count and the parts read.
     parts: BTreeMap<u64, (usize, BTreeMap<usize, Vec<u8>>)>,
     assembled: std::collections::BTreeSet<u64>,
@@ -889,13 +934,42 @@ impl Assembler {
     pub fn new(partition: u32, partitions: u32) -> Assembler {
         Assembler {
             restore: Restore::new(partition, partitions),
+            fence: Fence::default(),
             parts: BTreeMap::new(),
             assembled: Default::default(),
         }
     }
 
+    /// The next record in the topic's order, with the writer its header names: left out
+    /// when the [`Fence`] does not admit it, otherwise [`Assembler::add`].
+    pub fn add_written(
+        &mut self,
+        key: &[u8],
+        value: Option<&[u8]>,
+        commit_header: Option<u64>,
+        writer: Option<&[u8]>,
+    ) -> Result<(), String> {
+        if self.fence.admits(key, writer) {
+            return self.add(key, value, commit_header);
+        }
+        self.restore.records += 1;
+        if key.starts_with(b"d/") && value.is_some() {
+            // A zombie's delta record: the owner's next checkpoint tombstones it too.
+            self.restore
+                .delta_records
+                .insert(String::from_utf8_lossy(key).into_owned());
+        }
+        Ok(())
+    }
+
+    /// How many records the fence left out as a zombie's.
+    pub fn fenced(&self) -> u64 {
+        self.fence.fenced()
+    }
+
     /// One record: its key, value, and the commit in its [`COMMIT_HEADER`] if it has one.
-    /// A delta's or marker's tombstone is skipped; a keyed record's is a delete.
+    /// A delta's or marker's tombstone is skipped; a keyed record's is a delete; an owner
+    /// mark is not state.
     pub fn add(
         &mut self,
         key: &[u8],
@@ -903,6 +977,9 @@ impl Assembler {
         commit_header: Option<u64>,
     ) -> Result<(), String> {
         self.restore.records += 1;
+        if key.starts_with(OWNER_MARK_PREFIX) {
+            return Ok(());
+        }
         let shown = String::from_utf8_lossy(key).into_owned();
         if let Some(keyed) = key.strip_prefix(b"k/") {
             let keyed = Keyed::decode(keyed, value, commit_header)
@@ -1032,6 +1109,105 @@ mod tests {
         assert_eq!(position_partition("kafka:a:b:1", 4), Some(1));
         assert_eq!(position_partition("kafka:events:4", 4), None);
         assert_eq!(position_partition("file:events.ndjson", 4), None);
+    }
+
+    /// A record of a state topic partition: key, value, writer.
+    type TopicRecord = (String, Option<Vec<u8>>, Vec<u8>);
+
+    /// After an owner mark, only its writer's records count, for a restore and for a copy
+    /// followed record by record alike: a zombie's later records (the same commit numbers
+    /// as the new owner's, other values) are left out, wherever they fall.
+    #[test]
+    fn after_an_owner_mark_only_its_writers_records_count() {
+        let delta = |commit, value: &[u8], offset| {
+            Delta {
+                partition: 0,
+                partitions: 1,
+                commit,
+                clock: Some(commit as i64),
+                positions: vec![("kafka:t:0".into(), offset)],
+                writes: vec![put(Family::Customers, b"a", value)],
+                baseline_from: None,
+                next_pseq: None,
+            }
+            .encode()
+        };
+        let mark = |writer: &[u8]| {
+            (
+                format!("o/{}/1", String::from_utf8_lossy(writer)),
+                None,
+                writer.to_vec(),
+            )
+        };
+        let record = |commit, value: &[u8], offset, writer: &[u8]| {
+            (
+                format!("d/{commit}"),
+                Some(delta(commit, value, offset)),
+                writer.to_vec(),
+            )
+        };
+        // `a` owns and writes 1; `b` takes over at its mark and writes 2 and 3 while `a`,
+        // paused past its session, still sends its 2; `a` takes the partition back and
+        // writes 4 while `b` still sends a 4 of its own.
+        let topic: Vec<TopicRecord> = vec![
+            record(1, b"a1", 10, b"a"),
+            mark(b"b"),
+            record(2, b"b2", 20, b"b"),
+            record(2, b"zombie", 15, b"a"),
+            record(3, b"b3", 30, b"b"),
+            mark(b"a"),
+            record(4, b"a4", 40, b"a"),
+            record(4, b"zombie", 35, b"b"),
+            record(9, b"zombie", 45, b"b"),
+        ];
+        let restored = |records: &[TopicRecord]| {
+            let mut assembler = Assembler::new(0, 1);
+            for (key, value, writer) in records {
+                assembler
+                    .add_written(key.as_bytes(), value.as_deref(), None, Some(writer))
+                    .unwrap();
+            }
+            let fenced = assembler.fenced();
+            let (restore, _) = assembler.finish();
+            // The new owner's first checkpoint tombstones the zombie's delta records too.
+            let tombstoned = restore.take_over_writes().1;
+            assert_eq!(
+                tombstoned.contains(&"d/9".to_owned()),
+                records.iter().any(|r| r.0 == "d/9"),
+                "{tombstoned:?}"
+            );
+            let value = restore.values().map(|(_, _, v)| v.to_vec()).collect::<Vec<_>>();
+            let positions: Vec<u64> = restore.positions().map(|(_, o)| o).collect();
+            (value, positions, restore.commit, fenced)
+        };
+        assert_eq!(restored(&topic), (vec![b"a4".to_vec()], vec![40], 4, 3));
+        assert_eq!(
+            restored(&topic[..5]),
+            (vec![b"b3".to_vec()], vec![30], 3, 1),
+            "before the take-back"
+        );
+        // Without a mark (a topic written before marks existed), every record counts.
+        let unmarked: Vec<_> = topic.iter().filter(|r| !r.0.starts_with("o/")).cloned().collect();
+        assert_eq!(restored(&unmarked[..3]).0, vec![b"zombie".to_vec()]);
+
+        // A copy read up to `b`'s mark and followed from there skips the same records.
+        let mut assembler = Assembler::new(0, 1);
+        for (key, value, writer) in &topic[..2] {
+            assembler
+                .add_written(key.as_bytes(), value.as_deref(), None, Some(writer))
+                .unwrap();
+        }
+        let (_, mut follower) = assembler.into_follower(2);
+        let mut applied = Vec::new();
+        for (i, (key, value, writer)) in topic.iter().enumerate().skip(2) {
+            follower
+                .add(i as i64, key.as_bytes(), value.as_deref(), None, Some(writer))
+                .unwrap();
+            applied.extend(follower.take_pending().into_iter().map(|d| d.commit));
+        }
+        assert_eq!(applied, vec![2, 3, 4], "each commit once, the owner's");
+        assert_eq!((follower.fenced(), follower.next_offset), (3, topic.len() as i64));
+        assert!(follower.promotion().delta_records.contains(&"d/9".to_owned()));
     }
 
     /// Whatever the order the deltas come in, and read twice, each key ends as its highest

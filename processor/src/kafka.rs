@@ -1501,26 +1501,36 @@ fn topic_config(
         .collect())
 }
 
-/// Reads partition `partition` of the state changelog topic `topic` from its start to the
-/// end it had when the read began (and what follows it without a pause), into the
+/// Reads partition `partition` of the state changelog topic `topic` from its start into the
 /// partition's state as its last complete delta left it ([`crate::changelog::Assembler`]);
-/// also returns how many deltas were left out incomplete. Fails when no record arrives for
-/// `stall` while some are still to read. `progress` hears the records read so far, every
-/// thousand and at the end.
+/// also returns how many deltas were left out incomplete. With `owner` (this store's
+/// [`state_writer`], when it takes the partition over), the partition is first marked as
+/// that writer's ([`mark_owner`]) and read up to the mark: the end is where this store's
+/// own record landed, not what the broker names (tansu names ends short of the last
+/// record, even an empty partition's). Without, to the end the broker names and what
+/// follows it without a pause. Records a fenced zombie wrote are left out either way
+/// ([`crate::changelog::Fence`]). Fails when no record arrives for `stall` while some are
+/// still to read. `progress` hears the records read so far, every thousand and at the end.
 pub fn read_state_partition(
     settings: &KafkaSettings,
     topic: &str,
     partition: u32,
     partitions: u32,
+    owner: Option<u64>,
     stall: Duration,
     progress: &dyn Fn(u64),
 ) -> Result<StateRead, String> {
     let mut assembler = crate::changelog::Assembler::new(partition, partitions);
     let (mut read, mut next_offset) = (0u64, 0i64);
-    read_state_records(settings, topic, partition, 0, stall, &mut |m| {
+    let mut take = |m: &rdkafka::message::BorrowedMessage<'_>| {
         next_offset = next_offset.max(m.offset() + 1);
         assembler
-            .add(m.key().unwrap_or_default(), m.payload(), commit_header(m))
+            .add_written(
+                m.key().unwrap_or_default(),
+                m.payload(),
+                commit_header(m),
+                writer_of(m),
+            )
             .map_err(|e| {
                 format!(
                     "{e} (offset {} of partition {partition} of `{topic}`)",
@@ -1532,8 +1542,22 @@ pub fn read_state_partition(
             progress(read);
         }
         Ok(())
-    })?;
+    };
+    match owner {
+        Some(writer) => {
+            let mark = mark_owner(settings, topic, partition, writer, stall)?;
+            read_state_to(settings, topic, partition, 0, mark, stall, &mut take)?
+        }
+        None => read_state(settings, topic, partition, 0, stall, true, &mut take)?,
+    }
     progress(read);
+    if assembler.fenced() > 0 {
+        tracing::warn!(
+            partition,
+            fenced = assembler.fenced(),
+            "the state topic holds records a member wrote after another had taken the partition over: left out"
+        );
+    }
     let (restore, incomplete) = assembler.finish();
     Ok(StateRead {
         restore,
@@ -1553,27 +1577,45 @@ pub struct StateRead {
 
 /// Hands `take` each record of partition `partition` of the state topic `topic` from offset
 /// `from` to the end the broker names when the read begins, and those that follow it
-/// without a pause (some brokers, tansu, name an end short of the last record). Fails when
-/// no record arrives for `stall` before that end, or when `take` fails.
-pub(crate) fn read_state_records(
-    settings: &KafkaSettings,
-    topic: &str,
-    partition: u32,
-    from: i64,
-    stall: Duration,
-    take: &mut dyn FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Result<(), String>,
-) -> Result<(), String> {
-    read_state(settings, topic, partition, from, stall, false, take)
-}
-
-/// [`read_state_records`]; with `past_end`, a read from at or past the end the broker
-/// names still waits a moment for records beyond it (a check that no other store wrote
-/// must not trust a short end).
+/// without a pause (some brokers, tansu, name an end short of the last record); with
+/// `past_end`, a read from at or past the end named still waits a moment for records
+/// beyond it. Fails when no record arrives for `stall` before that end, or when `take`
+/// fails.
 fn read_state(
     settings: &KafkaSettings,
     topic: &str,
     partition: u32,
     from: i64,
+    stall: Duration,
+    past_end: bool,
+    take: &mut dyn FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Result<(), String>,
+) -> Result<(), String> {
+    read_state_until(settings, topic, partition, from, None, stall, past_end, take)
+}
+
+/// Hands `take` each record of partition `partition` of the state topic `topic` from offset
+/// `from` up to and including the record at offset `mark` (an owner mark this store wrote:
+/// [`mark_owner`]). Fails when no record arrives for `stall` before it.
+pub(crate) fn read_state_to(
+    settings: &KafkaSettings,
+    topic: &str,
+    partition: u32,
+    from: i64,
+    mark: i64,
+    stall: Duration,
+    take: &mut dyn FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Result<(), String>,
+) -> Result<(), String> {
+    read_state_until(settings, topic, partition, from, Some(mark), stall, false, take)
+}
+
+/// [`read_state`], or with `mark` [`read_state_to`].
+#[allow(clippy::too_many_arguments)]
+fn read_state_until(
+    settings: &KafkaSettings,
+    topic: &str,
+    partition: u32,
+    from: i64,
+    mark: Option<i64>,
     stall: Duration,
     past_end: bool,
     take: &mut dyn FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Result<(), String>,
@@ -1587,6 +1629,9 @@ fn read_state(
         .set("enable.partition.eof", "false")
         .create()
         .map_err(|e| failed("connecting to read", e))?;
+    if let Some(mark) = mark {
+        return read_to_mark(&consumer, topic, partition, from, mark, stall, take);
+    }
     let asked = Instant::now();
     let mut end = loop {
         match consumer.fetch_watermarks(topic, partition as i32, stall) {
@@ -1651,6 +1696,122 @@ fn read_state(
     }
 }
 
+/// [`read_state_to`] on `consumer`: every record from `from` until the one at `mark`.
+fn read_to_mark(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partition: u32,
+    from: i64,
+    mark: i64,
+    stall: Duration,
+    take: &mut dyn FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Result<(), String>,
+) -> Result<(), String> {
+    let failed = |what: &str, e: KafkaError| format!("{what} partition {partition} of `{topic}`: {e}");
+    let mut tpl = TopicPartitionList::new();
+    let start = if from == 0 {
+        Offset::Beginning
+    } else {
+        Offset::Offset(from)
+    };
+    tpl.add_partition_offset(topic, partition as i32, start)
+        .map_err(|e| failed("reading", e))?;
+    consumer.assign(&tpl).map_err(|e| failed("reading", e))?;
+    let mut last = Instant::now();
+    let mut trouble: Option<KafkaError> = None;
+    loop {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                last = Instant::now();
+                trouble = None;
+                take(&m)?;
+                if m.offset() >= mark {
+                    return Ok(());
+                }
+            }
+            Some(Err(e)) if !passing(&e) => return Err(failed("reading", e)),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, topic, partition, "reading a state partition, the client retries");
+                trouble = Some(e);
+            }
+            None => {}
+        }
+        if last.elapsed() > stall {
+            let cause = trouble.map(|e| format!(", last error: {e}")).unwrap_or_default();
+            return Err(format!(
+                "reading partition {partition} of `{topic}`: nothing arrived for {stall:?} before this node's owner mark (offset {mark}){cause}"
+            ));
+        }
+    }
+}
+
+/// Writes an owner mark ([`crate::changelog::OWNER_MARK_PREFIX`]) to partition `partition`
+/// of the state topic `topic`, naming `writer` (this store's [`state_writer`]) as the only
+/// store whose later records there count ([`crate::changelog::Fence`]), and returns the
+/// offset the broker gave it. A member writes one whenever it starts owning a partition,
+/// before it reads the partition: every reader then leaves out what an earlier owner still
+/// wrote after it (a zombie's records), and the mark's offset is where the read ends.
+pub(crate) fn mark_owner(
+    settings: &KafkaSettings,
+    topic: &str,
+    partition: u32,
+    writer: u64,
+    stall: Duration,
+) -> Result<i64, String> {
+    let failed = |what: &str, e: String| format!("{what} partition {partition} of `{topic}`: {e}");
+    // Not idempotent: one record, and a client that is starts with a round trip for its
+    // producer id (half a second on tansu, on every take-over); a mark written twice by a
+    // retry is the same mark, and the read goes to the later one.
+    let producer: BaseProducer<PublishCtx> = settings
+        .client_config()
+        .set("enable.idempotence", "false")
+        .set("acks", "all")
+        .set("linger.ms", "0")
+        .create_with_context(PublishCtx::default())
+        .map_err(|e| failed("connecting to mark", e.to_string()))?;
+    let label = writer_label(writer);
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let key = format!("o/{label}/{nonce:x}");
+    let record = Outgoing {
+        key: Some(key.into_bytes()),
+        payload: Some(label.clone().into_bytes()),
+        headers: Some(writer_headers(&label, None)),
+        partition: Some(partition as i32),
+    };
+    let stop = AtomicBool::new(false);
+    let began = Instant::now();
+    loop {
+        match send_all(&producer, topic, std::slice::from_ref(&record), &stop) {
+            Ok(()) => break,
+            Err(e) if began.elapsed() < stall => {
+                tracing::warn!(error = %e, topic, partition, "writing an owner mark, retrying");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => return Err(failed("marking", e)),
+        }
+    }
+    producer
+        .context()
+        .take_delivered()
+        .get(&(partition as i32))
+        .copied()
+        .ok_or_else(|| {
+            failed(
+                "marking",
+                "the broker confirmed the mark without its offset".into(),
+            )
+        })
+}
+
+/// The writer a state topic record's [`WRITER_HEADER`] names, if any.
+pub(crate) fn writer_of<'a>(m: &'a rdkafka::message::BorrowedMessage<'_>) -> Option<&'a [u8]> {
+    m.headers()?
+        .iter()
+        .find(|h| h.key == WRITER_HEADER)
+        .and_then(|h| h.value)
+}
+
 /// Whether an error of a client reading the state topic can pass as the client retries
 /// (a broker restarting, a connection dropped, a request timing out) rather than stay until
 /// someone changes something (no such topic or partition, no right to read it, a refused
@@ -1692,7 +1853,7 @@ const STATE_WRITER: &str = "kafka-state-writer";
 /// and kept in the store: every record it publishes there names it ([`WRITER_HEADER`]), so
 /// that a member taking back a partition it kept can tell whether another store wrote to
 /// the partition since ([`foreign_records`]).
-pub(crate) fn state_writer(reader: &ReadHandle) -> Result<u64, crate::EngineError> {
+pub fn state_writer(reader: &ReadHandle) -> Result<u64, crate::EngineError> {
     let id = reader.cursor(STATE_WRITER)?;
     if id != 0 {
         return Ok(id);
@@ -1810,9 +1971,8 @@ pub(crate) struct TailCheck {
     pub next_offset: i64,
 }
 
-/// Reads partition `partition` of the state topic from offset `from` to its end, and past
-/// the end the broker names as long as records keep coming (tansu names a short one), and
-/// counts the records `writer` did not write.
+/// Marks partition `partition` of the state topic as `writer`'s ([`mark_owner`]), reads it
+/// from offset `from` up to the mark, and counts the records `writer` did not write.
 pub(crate) fn foreign_records(
     settings: &KafkaSettings,
     topic: &str,
@@ -1827,14 +1987,9 @@ pub(crate) fn foreign_records(
         own: 0,
         next_offset: from,
     };
-    read_state(settings, topic, partition, from, stall, true, &mut |m| {
-        let by = m.headers().and_then(|headers| {
-            headers
-                .iter()
-                .find(|h| h.key == WRITER_HEADER)
-                .and_then(|h| h.value)
-        });
-        if by == Some(ours.as_bytes()) {
+    let mark = mark_owner(settings, topic, partition, writer, stall)?;
+    read_state_to(settings, topic, partition, from, mark, stall, &mut |m| {
+        if writer_of(m) == Some(ours.as_bytes()) {
             check.own += 1;
         } else {
             check.foreign += 1;
@@ -2000,7 +2155,7 @@ mod tests {
                 let settings = settings.clone();
                 std::thread::spawn(move || {
                     let mut offsets = Vec::new();
-                    let read = read_state_records(&settings, "state", 0, 0, stall, &mut |m| {
+                    let read = read_state(&settings, "state", 0, 0, stall, false, &mut |m| {
                         if offsets.is_empty() {
                             // The broker goes down between this record and the next.
                             first.send(()).unwrap();

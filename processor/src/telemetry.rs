@@ -144,6 +144,7 @@ pub const METRICS: &[(&str, MetricKind, &str)] = &[
     ("tagstream_kafka_partition_releases_total", MetricKind::Counter, "Revoked partitions released to their next owner."),
     ("tagstream_kafka_partitions_fenced_total", MetricKind::Counter, "Kept partitions found stale on assignment because the state topic holds another store's records of them since this store's position (dropped and restored)."),
     ("tagstream_kafka_partitions_lost_total", MetricKind::Counter, "Partitions lost: the group expelled this node (paused past its session) and gave them to others; nothing more of them is published from here."),
+    ("tagstream_kafka_state_records_fenced_total", MetricKind::Counter, "State topic records left out by a reader (restore, check, standby copy) because another store wrote them after the partition's last owner mark: a zombie's."),
     ("tagstream_kafka_lease_held", MetricKind::Gauge, "1 while this member may count itself the owner of its partitions (a synchronous commit of the current generation less than two thirds of the session ago); the state publisher waits while 0."),
     ("tagstream_kafka_kept_partitions_dropped_total", MetricKind::Counter, "Partitions this store kept from when it owned them, dropped: another member consumed them further, or has owned them for state_cleanup_delay."),
     ("tagstream_http_requests_total", MetricKind::Counter, "HTTP requests, by route template, method and status."),

@@ -703,7 +703,9 @@ fn a_standby_copy_followed_delta_by_delta_takes_over_like_a_restore() {
         "{err}"
     );
     for (i, (key, value, commit)) in topic.iter().enumerate().skip(cut) {
-        follower.add(i as i64, key, value.as_deref(), *commit).unwrap();
+        follower
+            .add(i as i64, key, value.as_deref(), *commit, None)
+            .unwrap();
         if i % 7 == 0 {
             standby.apply_standby(p, &follower.take_pending()).unwrap();
         }
@@ -729,8 +731,8 @@ fn a_standby_copy_followed_delta_by_delta_takes_over_like_a_restore() {
         .iter()
         .find(|(k, _, _)| k.starts_with(b"d/") && k.iter().filter(|b| **b == b'/').count() == 1)
         .expect("a delta in one record");
-    replay.add(0, k0, v0.as_deref(), None).unwrap();
-    let again = replay.add(1, k0, v0.as_deref(), None).unwrap_err();
+    replay.add(0, k0, v0.as_deref(), None, None).unwrap();
+    let again = replay.add(1, k0, v0.as_deref(), None, None).unwrap_err();
     assert!(again.to_string().contains("not in commit order"), "{again}");
 
     // Another partition comes and goes meanwhile (its drop renumbers the store's index):

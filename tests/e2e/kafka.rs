@@ -77,7 +77,11 @@ impl Server {
             .arg("--rules")
             .arg(conformance().join("example.trl"))
             .args(["--clock", "event", "--listen", "127.0.0.1:0"])
-            .env("TAGSTREAM_LOG", "warn")
+            // `TAGSTREAM_E2E_LOG` (e.g. `info,processor::kafka=debug`) to follow a run.
+            .env(
+                "TAGSTREAM_LOG",
+                std::env::var("TAGSTREAM_E2E_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
@@ -927,24 +931,29 @@ fn assert_same_per_customer<V: PartialEq + std::fmt::Debug>(
     held: &BTreeMap<String, V>,
     expected: &BTreeMap<String, V>,
 ) {
-    let differ: Vec<String> = expected
+    let differing: Vec<&String> = expected
         .keys()
         .chain(held.keys())
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .filter(|id| held.get(*id) != expected.get(*id))
+        .collect();
+    let differ: Vec<String> = differing
+        .iter()
         .take(5)
         .map(|id| {
             format!(
                 "{id}:\n  group: {:?}\n  one:   {:?}",
-                held.get(id),
-                expected.get(id)
+                held.get(*id),
+                expected.get(*id)
             )
         })
         .collect();
     assert!(
         differ.is_empty(),
-        "{what} differ from one store's:\n{}",
+        "{what} of {} customers of {} differ from one store's, the first five:\n{}",
+        differing.len(),
+        expected.len(),
         differ.join("\n")
     );
 }
@@ -2781,10 +2790,14 @@ fn signal(server: &Server, signal: &str) {
     assert!(sent.success(), "kill -{signal}");
 }
 
-/// Each partition's state records in offset order: the writer each names, and for a delta
-/// (key `d/COMMIT…`, not a tombstone — a checkpoint's tombstones name the deltas it folded,
-/// whoever wrote them) its commit.
-fn state_writers(brokers: &str, partitions: u32) -> Vec<Vec<(String, Option<u64>)>> {
+/// A state topic record as [`state_writers`] gives it: its writer, and a delta's commit.
+type WriterRecord = (String, Option<u64>);
+
+/// Each partition's state records in offset order, as a reader counts them (after an
+/// owner mark, only its writer's): the writer each names, and for a delta (key `d/COMMIT…`,
+/// not a tombstone — a checkpoint's tombstones name the deltas it folded, whoever wrote
+/// them) its commit. Also how many records the marks fenced off.
+fn state_writers(brokers: &str, partitions: u32) -> (Vec<Vec<WriterRecord>>, u64) {
     use rdkafka::message::Headers;
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -2798,6 +2811,7 @@ fn state_writers(brokers: &str, partitions: u32) -> Vec<Vec<(String, Option<u64>
     }
     consumer.assign(&all).unwrap();
     let mut records = vec![Vec::new(); partitions as usize];
+    let (mut owners, mut fenced) = (vec![None; partitions as usize], 0);
     let quiet = Instant::now();
     let mut last = quiet;
     while last.elapsed() < Duration::from_secs(3) {
@@ -2816,25 +2830,30 @@ fn state_writers(brokers: &str, partitions: u32) -> Vec<Vec<(String, Option<u64>
             .and_then(|k| std::str::from_utf8(k).ok())
             .and_then(|k| k.strip_prefix("d/"))
             .and_then(|rest| rest.split(['/', '.']).next()?.parse().ok());
-        records[m.partition() as usize].push((writer, commit));
+        let p = m.partition() as usize;
+        if m.key().is_some_and(|k| k.starts_with(b"o/")) {
+            owners[p] = Some(writer);
+        } else if owners[p].as_ref().is_some_and(|owner| *owner != writer) {
+            fenced += 1;
+        } else {
+            records[p].push((writer, commit));
+        }
     }
-    records
+    (records, fenced)
 }
 
 /// A node paused past its session — a zombie: `SIGSTOP`, as a frozen VM or a hung disk
-/// would leave it — loses its partitions to the other node, which restores them from the
-/// state topic and consumes on. When it runs again it publishes none of the state it made
-/// before the pause into those partitions after the other node's (its lease on them ran
-/// out, and the client then tells it they were lost): in every partition, each change of
-/// writer starts above every delta before it, as only a restore makes one. Then the group
-/// ends as one store would.
-///
-/// Not run by the test command: in 1 of 13 runs (CI, under the load of the other tests) the
-/// survivor ended with one event of two customers counted twice, with the fence in place
-/// (without it: 4 of 6 runs end with other customers). Run it by hand with
-/// `cargo test -p tagstream --test kafka -- --ignored a_node_paused_past_its_session`.
+/// would leave it — loses its partitions to the other node, which marks them as its own in
+/// the state topic, restores them up to its mark and consumes on. When it runs again none
+/// of the state it made before the pause counts in those partitions after the other
+/// node's (its lease on them ran out, the client then tells it they were lost, and what it
+/// had already handed to its client lands after the mark, where readers leave it out): in
+/// every partition, each change of writer among the records that count starts above every
+/// delta before it, as only a restore makes one. Then the group ends as one store would.
+/// (Runs of it found two more ways to end otherwise, both fixed: a restore that trusted
+/// tansu's short high watermark — 0 for a partition with records — and a partition dropped
+/// with its events' dedup entries left behind.)
 #[test]
-#[ignore = "1 run in 13 ends with an event counted twice (under load): being investigated"]
 fn a_node_paused_past_its_session_writes_no_state_after_its_partitions_moved() {
     const PARTITIONS: u32 = THREE_NODES_PARTITIONS;
     let lines = stream();
@@ -2883,7 +2902,9 @@ fn a_node_paused_past_its_session_writes_no_state_after_its_partitions_moved() {
         "the paused node was told its partitions were lost"
     );
 
-    for (p, records) in state_writers(&broker.addr, PARTITIONS).iter().enumerate() {
+    let (writers, fenced) = state_writers(&broker.addr, PARTITIONS);
+    eprintln!("state records fenced off by owner marks: {fenced}");
+    for (p, records) in writers.iter().enumerate() {
         let mut highest = 0;
         let mut writer: Option<&str> = None;
         for (i, (by, commit)) in records.iter().enumerate() {

@@ -49,7 +49,13 @@ impl TempDir {
 }
 
 impl Drop for TempDir {
+    /// Removes the directory; kept when a test fails with `TAGSTREAM_KEEP_FAILED` set, to
+    /// look at a failed run's stores.
     fn drop(&mut self) {
+        if std::thread::panicking() && std::env::var_os("TAGSTREAM_KEEP_FAILED").is_some() {
+            eprintln!("kept {}", self.0.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }

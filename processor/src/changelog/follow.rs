@@ -18,7 +18,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{Assembler, Delta, Family, Keyed, Restore, MARKER_KEY};
+use super::{Assembler, Delta, Family, Fence, Keyed, Restore, MARKER_KEY};
 
 /// Why a copy cannot follow on and is read again from the start.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +57,8 @@ pub struct Follower {
     parts: BTreeMap<u64, (usize, BTreeMap<usize, Vec<u8>>)>,
     /// Complete deltas not applied to the copy yet, in order.
     pending: Vec<Delta>,
+    /// Which records count: a zombie's after another store's owner mark do not.
+    fence: Fence,
 }
 
 /// What a take-over of a followed partition starts from, besides the copy's values.
@@ -108,23 +110,34 @@ impl Assembler {
             delta_records: restore.delta_records.clone(),
             parts: self.parts,
             pending: Vec::new(),
+            fence: self.fence,
         };
         (restore, follower)
     }
 }
 
 impl Follower {
-    /// One record at `offset`: its key, value, and the commit in its header if it has one.
-    /// A complete delta joins [`Follower::take_pending`]; `Err` when the copy cannot
-    /// follow on.
+    /// One record at `offset`, the next in the topic's order: its key, value, the commit in
+    /// its header if it has one, and the writer its header names (a record the [`Fence`]
+    /// does not admit is passed over). A complete delta joins [`Follower::take_pending`];
+    /// `Err` when the copy cannot follow on.
     pub fn add(
         &mut self,
         offset: i64,
         key: &[u8],
         value: Option<&[u8]>,
         commit_header: Option<u64>,
+        writer: Option<&[u8]>,
     ) -> Result<(), StartOver> {
         self.next_offset = self.next_offset.max(offset + 1);
+        if !self.fence.admits(key, writer) {
+            if key.starts_with(b"d/") && value.is_some() {
+                // A zombie's delta record: the owner's next checkpoint tombstones it too.
+                self.delta_records
+                    .insert(String::from_utf8_lossy(key).into_owned());
+            }
+            return Ok(());
+        }
         let shown = || String::from_utf8_lossy(key).into_owned();
         if let Some(keyed) = key.strip_prefix(b"k/") {
             let keyed = Keyed::decode(keyed, value, commit_header)
@@ -237,6 +250,11 @@ impl Follower {
     /// The complete deltas read since the last call, in order.
     pub fn take_pending(&mut self) -> Vec<Delta> {
         std::mem::take(&mut self.pending)
+    }
+
+    /// How many records the fence passed over as a zombie's.
+    pub fn fenced(&self) -> u64 {
+        self.fence.fenced()
     }
 
     /// How many complete deltas wait to be applied.

@@ -541,11 +541,14 @@ impl Membership {
     fn read(&self, partition: u32, delay: Duration) {
         let (settings, topic) = (self.settings.clone(), self.state_topic.clone());
         let (partitions, status) = (self.reader.partitions(), self.status.clone());
+        let owner = Some(self.writer);
         self.read_with(partition, "restore", move || {
             std::thread::sleep(delay);
             let progress = |records| status.restore_read(partition, Some(records));
-            super::read_state_partition(&settings, &topic, partition, partitions, READ_STALL, &progress)
-                .map(Taken::Whole)
+            super::read_state_partition(
+                &settings, &topic, partition, partitions, owner, READ_STALL, &progress,
+            )
+            .map(Taken::Whole)
         });
     }
 
@@ -561,9 +564,9 @@ impl Membership {
 
     /// Reads what followed a standby copy on a thread of its own, to promote it.
     fn read_tail(&self, copy: Follower) {
-        let (settings, topic) = (self.settings.clone(), self.state_topic.clone());
+        let (settings, topic, writer) = (self.settings.clone(), self.state_topic.clone(), self.writer);
         self.read_with(copy.partition, "promote", move || {
-            super::standby::read_tail(&settings, &topic, copy, READ_STALL).map(Taken::Copy)
+            super::standby::read_tail(&settings, &topic, copy, writer, READ_STALL).map(Taken::Copy)
         });
     }
 

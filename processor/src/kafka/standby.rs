@@ -38,6 +38,15 @@ const LOOK_EVERY: Duration = Duration::from_secs(1);
 /// for this long (some brokers name an end short of the last record).
 const SETTLE: Duration = Duration::from_millis(300);
 
+/// A record of the state topic as a copy reads it.
+struct Record<'a> {
+    offset: i64,
+    key: &'a [u8],
+    value: Option<&'a [u8]>,
+    commit: Option<u64>,
+    writer: Option<&'a [u8]>,
+}
+
 /// A copy being made.
 enum Copy {
     /// Read from the start, not in the store yet.
@@ -197,9 +206,14 @@ impl Copier {
                     Some(Ok(m)) => {
                         let commit = super::commit_header(&m);
                         let p = m.partition() as u32;
-                        if let Some(reason) =
-                            self.take(p, m.offset(), m.key().unwrap_or_default(), m.payload(), commit)
-                        {
+                        let record = Record {
+                            offset: m.offset(),
+                            key: m.key().unwrap_or_default(),
+                            value: m.payload(),
+                            commit,
+                            writer: super::writer_of(&m),
+                        };
+                        if let Some(reason) = self.take(p, record) {
                             failed.push((p, reason));
                         }
                     }
@@ -297,14 +311,7 @@ impl Copier {
     }
 
     /// One record of a copied partition; why the copy cannot go on, if it cannot.
-    fn take(
-        &self,
-        p: u32,
-        offset: i64,
-        key: &[u8],
-        value: Option<&[u8]>,
-        commit: Option<u64>,
-    ) -> Option<String> {
+    fn take(&self, p: u32, r: Record<'_>) -> Option<String> {
         let mut copies = lock(&self.copies.copies);
         match copies.get_mut(&p) {
             None => None, // claimed, or dropped since
@@ -314,11 +321,14 @@ impl Copier {
                 last_record,
                 ..
             }) => {
-                *next_offset = offset + 1;
+                *next_offset = r.offset + 1;
                 *last_record = Instant::now();
-                assembler.add(key, value, commit).err()
+                assembler.add_written(r.key, r.value, r.commit, r.writer).err()
             }
-            Some(Copy::Following(follower)) => follower.add(offset, key, value, commit).err().map(|e| e.0),
+            Some(Copy::Following(follower)) => follower
+                .add(r.offset, r.key, r.value, r.commit, r.writer)
+                .err()
+                .map(|e| e.0),
         }
     }
 
@@ -418,22 +428,25 @@ fn write_copy(
     Ok(())
 }
 
-/// Reads `follower`'s partition of `topic` from its position to the end the broker names
-/// (and what follows it without a pause): what a take-over from a copy reads.
+/// Marks `follower`'s partition of `topic` as `writer`'s ([`super::mark_owner`]) and reads
+/// it from the copy's position to the mark: what a take-over from a copy reads.
 pub(super) fn read_tail(
     settings: &KafkaSettings,
     topic: &str,
     mut follower: Follower,
+    writer: u64,
     stall: Duration,
 ) -> Result<Follower, String> {
     let (partition, from) = (follower.partition, follower.next_offset);
-    super::read_state_records(settings, topic, partition, from, stall, &mut |m| {
+    let mark = super::mark_owner(settings, topic, partition, writer, stall)?;
+    super::read_state_to(settings, topic, partition, from, mark, stall, &mut |m| {
         follower
             .add(
                 m.offset(),
                 m.key().unwrap_or_default(),
                 m.payload(),
                 super::commit_header(m),
+                super::writer_of(m),
             )
             .map_err(|e| e.0)
     })?;
