@@ -1590,48 +1590,9 @@ fn read_state(
     past_end: bool,
     take: &mut dyn FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Result<(), String>,
 ) -> Result<(), String> {
-    read_state_until(settings, topic, partition, from, None, stall, past_end, take)
-}
-
-/// Hands `take` each record of partition `partition` of the state topic `topic` from offset
-/// `from` up to and including the record at offset `mark` (an owner mark this store wrote:
-/// [`mark_owner`]). Fails when no record arrives for `stall` before it.
-pub(crate) fn read_state_to(
-    settings: &KafkaSettings,
-    topic: &str,
-    partition: u32,
-    from: i64,
-    mark: i64,
-    stall: Duration,
-    take: &mut dyn FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Result<(), String>,
-) -> Result<(), String> {
-    read_state_until(settings, topic, partition, from, Some(mark), stall, false, take)
-}
-
-/// [`read_state`], or with `mark` [`read_state_to`].
-#[allow(clippy::too_many_arguments)]
-fn read_state_until(
-    settings: &KafkaSettings,
-    topic: &str,
-    partition: u32,
-    from: i64,
-    mark: Option<i64>,
-    stall: Duration,
-    past_end: bool,
-    take: &mut dyn FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Result<(), String>,
-) -> Result<(), String> {
     const SETTLE: Duration = Duration::from_millis(300);
     let failed = |what: &str, e: KafkaError| format!("{what} partition {partition} of `{topic}`: {e}");
-    let consumer: BaseConsumer = settings
-        .client_config()
-        .set("group.id", format!("{}-restore", settings.group_id))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .create()
-        .map_err(|e| failed("connecting to read", e))?;
-    if let Some(mark) = mark {
-        return read_to_mark(&consumer, topic, partition, from, mark, stall, take);
-    }
+    let consumer = state_reader(settings).map_err(|e| failed("connecting to read", e))?;
     let asked = Instant::now();
     let mut end = loop {
         match consumer.fetch_watermarks(topic, partition as i32, stall) {
@@ -1696,9 +1657,11 @@ fn read_state_until(
     }
 }
 
-/// [`read_state_to`] on `consumer`: every record from `from` until the one at `mark`.
-fn read_to_mark(
-    consumer: &BaseConsumer,
+/// Hands `take` each record of partition `partition` of the state topic `topic` from offset
+/// `from` up to and including the record at offset `mark` (an owner mark this store wrote:
+/// [`mark_owner`]). Fails when no record arrives for `stall` before it.
+pub(crate) fn read_state_to(
+    settings: &KafkaSettings,
     topic: &str,
     partition: u32,
     from: i64,
@@ -1707,6 +1670,7 @@ fn read_to_mark(
     take: &mut dyn FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Result<(), String>,
 ) -> Result<(), String> {
     let failed = |what: &str, e: KafkaError| format!("{what} partition {partition} of `{topic}`: {e}");
+    let consumer = state_reader(settings).map_err(|e| failed("connecting to read", e))?;
     let mut tpl = TopicPartitionList::new();
     let start = if from == 0 {
         Offset::Beginning
@@ -1742,6 +1706,16 @@ fn read_to_mark(
             ));
         }
     }
+}
+
+/// A consumer that reads the state topic by assignment (no group membership, no commits).
+fn state_reader(settings: &KafkaSettings) -> Result<BaseConsumer, KafkaError> {
+    settings
+        .client_config()
+        .set("group.id", format!("{}-restore", settings.group_id))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()
 }
 
 /// Writes an owner mark ([`crate::changelog::OWNER_MARK_PREFIX`]) to partition `partition`

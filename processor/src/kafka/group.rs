@@ -3,12 +3,13 @@
 //! their state moves with them through the topic.
 //!
 //! - **Assigned** (cooperative-sticky: only what moves is named): a partition this store
-//!   holds is resumed from its stored offset, unless the group's committed offset is past
-//!   it — another member consumed it since, so what is here is stale: it is discarded and
-//!   restored like one this store does not hold. A partition to restore is paused, read
-//!   from the state topic on a thread of its own (the group is not held up meanwhile),
-//!   applied on the consumer's thread between batches, sought to the restored offset and
-//!   resumed.
+//!   holds is resumed from its stored offset once this store's owner mark is in the state
+//!   topic and no other store's record precedes it past this store's position, unless the
+//!   group's committed offset is past it — another member consumed it since, so what is
+//!   here is stale: it is discarded and restored like one this store does not hold. A
+//!   partition to restore is paused, marked, read from the state topic up to the mark on a
+//!   thread of its own (the group is not held up meanwhile), applied on the consumer's
+//!   thread between batches, sought to the restored offset and resumed.
 //! - **Revoked**: once the broker confirmed every delta of the partition, it is released
 //!   (its customers, outbox and offsets leave the store), for its next owner to restore.
 //!   At shutdown the partitions are kept instead (a restart resumes them from the local
@@ -282,7 +283,7 @@ impl Membership {
             .committed_offsets(all, Duration::from_secs(10))
             .map_err(|e| tracing::warn!(error = %e, "reading the group's committed offsets failed"))
             .ok();
-        let (mut restore, mut resumed) = (Vec::new(), TopicPartitionList::new());
+        let mut restore = Vec::new();
         let (mut promote, mut check) = (Vec::new(), Vec::new());
         for &partition in &partitions {
             let p = partition as u32;
@@ -292,22 +293,15 @@ impl Membership {
                 continue;
             }
             match self.resume_at(&topic, p, committed.as_ref()) {
-                Ok(Some(offset)) if self.position(p).is_some() => {
+                Ok(Some(offset)) => {
                     // Kept here: resumed once the state topic shows no other store wrote
                     // to the partition since (the group's offsets cannot tell a member
-                    // that took over and died before committing).
+                    // that took over and died before committing), and once this store's
+                    // owner mark is in (after another store's mark, its records would not
+                    // count). A store that does not know its position there (an earlier
+                    // version's) is checked from the topic's start.
                     let _ = tpl.set_partition_offset(&topic, partition, offset);
                     check.push(p);
-                }
-                Ok(Some(offset)) => {
-                    if let Err(e) = self.host.activate(p) {
-                        tracing::error!(error = %e, partition, "activating a resumed partition failed");
-                    }
-                    let _ = tpl.set_partition_offset(&topic, partition, offset);
-                    if let Offset::Offset(_) = offset {
-                        let _ = resumed.add_partition_offset(&topic, partition, offset);
-                    }
-                    lock(&self.owned).insert(p);
                 }
                 Ok(None) => restore.push(partition),
                 Err(e) => {
@@ -322,13 +316,6 @@ impl Membership {
         if let Err(e) = consumer.incremental_assign(tpl) {
             tracing::error!(error = %e, "assigning partitions failed");
             return;
-        }
-        // Stored for the group's commit too: lag tools read a partition with nothing new
-        // since as consumed.
-        if resumed.count() > 0 {
-            if let Err(e) = consumer.store_offsets(&resumed) {
-                tracing::debug!(error = %e, "storing the resumed offsets for the group commit");
-            }
         }
         if !restore.is_empty() || !promote.is_empty() || !check.is_empty() {
             let mut paused = TopicPartitionList::new();
@@ -521,7 +508,7 @@ impl Membership {
     }
 
     /// How far this store knows `partition` of the state topic (`None`: not known, as in a
-    /// store an earlier version wrote, which is resumed without a check).
+    /// store an earlier version wrote, which is checked from the topic's start).
     fn position(&self, partition: u32) -> Option<i64> {
         super::state_position(&self.reader, &self.state_topic, partition)
             .map_err(
@@ -692,7 +679,8 @@ impl Membership {
                     lock(&self.restoring).remove(&p);
                     lock(&self.owned).insert(p);
                     if how == "kept" {
-                        // Stored for the group's commit too (as for one resumed at once).
+                        // Stored for the group's commit too: lag tools read a partition with
+                        // nothing new since as consumed.
                         if let Offset::Offset(_) = offset {
                             let mut resumed = TopicPartitionList::new();
                             let _ = resumed.add_partition_offset(&topic, p as i32, offset);
