@@ -1545,8 +1545,7 @@ pub fn read_state_partition(
     };
     match owner {
         Some(writer) => {
-            let mark = mark_owner(settings, topic, partition, writer, stall)?;
-            read_state_to(settings, topic, partition, 0, mark, stall, &mut take)?
+            read_to_own_mark(settings, topic, partition, 0, writer, stall, &mut take)?;
         }
         None => read_state(settings, topic, partition, 0, stall, true, &mut take)?,
     }
@@ -1657,18 +1656,19 @@ fn read_state(
     }
 }
 
-/// Hands `take` each record of partition `partition` of the state topic `topic` from offset
-/// `from` up to and including the record at offset `mark` (an owner mark this store wrote:
-/// [`mark_owner`]). Fails when no record arrives for `stall` before it.
-pub(crate) fn read_state_to(
+/// Marks partition `partition` of the state topic `topic` as `writer`'s ([`mark_owner`]) and
+/// hands `take` each record from offset `from` up to and including the mark; returns the
+/// mark's offset. The reading consumer is assigned before the mark is written, so the two
+/// clients connect at once. Fails when no record arrives for `stall` before the mark.
+pub(crate) fn read_to_own_mark(
     settings: &KafkaSettings,
     topic: &str,
     partition: u32,
     from: i64,
-    mark: i64,
+    writer: u64,
     stall: Duration,
     take: &mut dyn FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Result<(), String>,
-) -> Result<(), String> {
+) -> Result<i64, String> {
     let failed = |what: &str, e: KafkaError| format!("{what} partition {partition} of `{topic}`: {e}");
     let consumer = state_reader(settings).map_err(|e| failed("connecting to read", e))?;
     let mut tpl = TopicPartitionList::new();
@@ -1680,6 +1680,7 @@ pub(crate) fn read_state_to(
     tpl.add_partition_offset(topic, partition as i32, start)
         .map_err(|e| failed("reading", e))?;
     consumer.assign(&tpl).map_err(|e| failed("reading", e))?;
+    let mark = mark_owner(settings, topic, partition, writer, stall)?;
     let mut last = Instant::now();
     let mut trouble: Option<KafkaError> = None;
     loop {
@@ -1689,7 +1690,7 @@ pub(crate) fn read_state_to(
                 trouble = None;
                 take(&m)?;
                 if m.offset() >= mark {
-                    return Ok(());
+                    return Ok(mark);
                 }
             }
             Some(Err(e)) if !passing(&e) => return Err(failed("reading", e)),
@@ -1961,8 +1962,7 @@ pub(crate) fn foreign_records(
         own: 0,
         next_offset: from,
     };
-    let mark = mark_owner(settings, topic, partition, writer, stall)?;
-    read_state_to(settings, topic, partition, from, mark, stall, &mut |m| {
+    read_to_own_mark(settings, topic, partition, from, writer, stall, &mut |m| {
         if writer_of(m) == Some(ours.as_bytes()) {
             check.own += 1;
         } else {

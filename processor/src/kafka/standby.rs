@@ -438,8 +438,7 @@ pub(super) fn read_tail(
     stall: Duration,
 ) -> Result<Follower, String> {
     let (partition, from) = (follower.partition, follower.next_offset);
-    let mark = super::mark_owner(settings, topic, partition, writer, stall)?;
-    super::read_state_to(settings, topic, partition, from, mark, stall, &mut |m| {
+    super::read_to_own_mark(settings, topic, partition, from, writer, stall, &mut |m| {
         follower
             .add(
                 m.offset(),
