@@ -1606,15 +1606,7 @@ fn read_state(
     if from >= end && !past_end {
         return Ok(());
     }
-    let mut tpl = TopicPartitionList::new();
-    let start = if from == 0 {
-        Offset::Beginning
-    } else {
-        Offset::Offset(from)
-    };
-    tpl.add_partition_offset(topic, partition as i32, start)
-        .map_err(|e| failed("reading", e))?;
-    consumer.assign(&tpl).map_err(|e| failed("reading", e))?;
+    assign_from(&consumer, topic, partition, from).map_err(|e| failed("reading", e))?;
     let (mut last, mut reached) = (Instant::now(), from >= end);
     // The last error the client reported since a record arrived: a broker connection that
     // drops is reconnected by the client, and only a read that stalls on it fails.
@@ -1671,15 +1663,7 @@ pub(crate) fn read_to_own_mark(
 ) -> Result<i64, String> {
     let failed = |what: &str, e: KafkaError| format!("{what} partition {partition} of `{topic}`: {e}");
     let consumer = state_reader(settings).map_err(|e| failed("connecting to read", e))?;
-    let mut tpl = TopicPartitionList::new();
-    let start = if from == 0 {
-        Offset::Beginning
-    } else {
-        Offset::Offset(from)
-    };
-    tpl.add_partition_offset(topic, partition as i32, start)
-        .map_err(|e| failed("reading", e))?;
-    consumer.assign(&tpl).map_err(|e| failed("reading", e))?;
+    assign_from(&consumer, topic, partition, from).map_err(|e| failed("reading", e))?;
     let mark = mark_owner(settings, topic, partition, writer, stall)?;
     let mut last = Instant::now();
     let mut trouble: Option<KafkaError> = None;
@@ -1707,6 +1691,17 @@ pub(crate) fn read_to_own_mark(
             ));
         }
     }
+}
+
+/// Assigns `consumer` partition `partition` of `topic` from offset `from`.
+fn assign_from(consumer: &BaseConsumer, topic: &str, partition: u32, from: i64) -> Result<(), KafkaError> {
+    let start = match from {
+        0 => Offset::Beginning,
+        from => Offset::Offset(from),
+    };
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition as i32, start)?;
+    consumer.assign(&tpl)
 }
 
 /// A consumer that reads the state topic by assignment (no group membership, no commits).
