@@ -2850,9 +2850,9 @@ fn state_writers(brokers: &str, partitions: u32) -> (Vec<Vec<WriterRecord>>, u64
 /// had already handed to its client lands after the mark, where readers leave it out): in
 /// every partition, each change of writer among the records that count starts above every
 /// delta before it, as only a restore makes one. Then the group ends as one store would.
-/// (Runs of it found two more ways to end otherwise, both fixed: a restore that trusted
-/// tansu's short high watermark — 0 for a partition with records — and a partition dropped
-/// with its events' dedup entries left behind.)
+/// (Runs of it found two ways to end otherwise, both fixed: the paused node's late records
+/// counted by a later restore — the same events under two stores' arrival numbers — and a
+/// partition dropped with its events' dedup entries left behind.)
 #[test]
 fn a_node_paused_past_its_session_writes_no_state_after_its_partitions_moved() {
     const PARTITIONS: u32 = THREE_NODES_PARTITIONS;
