@@ -1506,10 +1506,10 @@ fn topic_config(
 /// also returns how many deltas were left out incomplete. With `owner` (this store's
 /// [`state_writer`], when it takes the partition over), the partition is first marked as
 /// that writer's ([`mark_owner`]) and read up to the mark: the end is where this store's
-/// own record landed, not what the broker names (tansu names the last batch's base offset
-/// + 1), and after every record an earlier owner's client delivered before it. Without, to the end the broker names and what
-/// follows it without a pause. Records a fenced zombie wrote are left out either way
-/// ([`crate::changelog::Fence`]). Fails when no record arrives for `stall` while some are
+/// own record landed, not what the broker names (tansu names one past the last batch's
+/// base offset), and after every record an earlier owner's client delivered before it.
+/// Without, to the end the broker names and what follows it without a pause. Records a
+/// fenced zombie wrote are left out either way ([`crate::changelog::Fence`]). Fails when no record arrives for `stall` while some are
 /// still to read. `progress` hears the records read so far, every thousand and at the end.
 pub fn read_state_partition(
     settings: &KafkaSettings,
