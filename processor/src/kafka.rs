@@ -1612,17 +1612,11 @@ fn read_state(
     // drops is reconnected by the client, and only a read that stalls on it fails.
     let mut trouble: Option<KafkaError> = None;
     loop {
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
+        match next_state_record(&consumer, topic, partition, &mut trouble)? {
+            Some(m) => {
                 last = Instant::now();
-                trouble = None;
                 take(&m)?;
                 reached |= m.offset() + 1 >= end;
-            }
-            Some(Err(e)) if !passing(&e) => return Err(failed("reading", e)),
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, topic, partition, "reading a state partition, the client retries");
-                trouble = Some(e);
             }
             // An error since the last record may have hidden records past the end: the
             // read ends once the broker answers again and names no later end.
@@ -1668,21 +1662,12 @@ pub(crate) fn read_to_own_mark(
     let mut last = Instant::now();
     let mut trouble: Option<KafkaError> = None;
     loop {
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
-                last = Instant::now();
-                trouble = None;
-                take(&m)?;
-                if m.offset() >= mark {
-                    return Ok(mark);
-                }
+        if let Some(m) = next_state_record(&consumer, topic, partition, &mut trouble)? {
+            last = Instant::now();
+            take(&m)?;
+            if m.offset() >= mark {
+                return Ok(mark);
             }
-            Some(Err(e)) if !passing(&e) => return Err(failed("reading", e)),
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, topic, partition, "reading a state partition, the client retries");
-                trouble = Some(e);
-            }
-            None => {}
         }
         if last.elapsed() > stall {
             let cause = trouble.map(|e| format!(", last error: {e}")).unwrap_or_default();
@@ -1690,6 +1675,30 @@ pub(crate) fn read_to_own_mark(
                 "reading partition {partition} of `{topic}`: nothing arrived for {stall:?} before this node's owner mark (offset {mark}){cause}"
             ));
         }
+    }
+}
+
+/// One poll of a state topic reader: the next record, if one came. An error the client
+/// retries is kept in `trouble` (cleared by a record) for the caller's stall message; any
+/// other fails the read.
+fn next_state_record<'c>(
+    consumer: &'c BaseConsumer,
+    topic: &str,
+    partition: u32,
+    trouble: &mut Option<KafkaError>,
+) -> Result<Option<rdkafka::message::BorrowedMessage<'c>>, String> {
+    match consumer.poll(Duration::from_millis(100)) {
+        Some(Ok(m)) => {
+            *trouble = None;
+            Ok(Some(m))
+        }
+        Some(Err(e)) if !passing(&e) => Err(format!("reading partition {partition} of `{topic}`: {e}")),
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, topic, partition, "reading a state partition, the client retries");
+            *trouble = Some(e);
+            Ok(None)
+        }
+        None => Ok(None),
     }
 }
 
