@@ -62,8 +62,20 @@ struct Server {
 }
 
 impl Server {
+    /// With `TAGSTREAM_E2E_LOG` set, the process's log goes to `DATA.log` beside its data
+    /// directory (kept with `TAGSTREAM_KEEP_FAILED`): one file per node.
     fn start(data: &Path, config: &Path) -> Server {
-        Server::spawn(data, config, Stdio::inherit())
+        let stderr = match std::env::var_os("TAGSTREAM_E2E_LOG") {
+            Some(_) => Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(data.with_extension("log"))
+                    .expect("open the node's log file"),
+            ),
+            None => Stdio::inherit(),
+        };
+        Server::spawn(data, config, stderr)
     }
 
     /// With the process's log (stderr) going to `stderr`.
