@@ -142,6 +142,7 @@ pub const METRICS: &[(&str, MetricKind, &str)] = &[
     ("tagstream_kafka_standby_partitions", MetricKind::Gauge, "Partitions other members own that this node keeps a standby copy of, in its store and followed."),
     ("tagstream_kafka_standby_deltas_applied_total", MetricKind::Counter, "State changelog deltas applied to standby copies."),
     ("tagstream_kafka_partition_releases_total", MetricKind::Counter, "Revoked partitions released to their next owner."),
+    ("tagstream_kafka_partitions_unreleased_total", MetricKind::Counter, "Revoked partitions given up unreleased, kept here, because not all of their state deltas were confirmed, by why: unleased (the lease ran out during the rebalance), timeout (30 s), error; their next owner consumes on from what the state topic has."),
     ("tagstream_kafka_partitions_fenced_total", MetricKind::Counter, "Kept partitions found stale on assignment because the state topic holds another store's records of them since this store's position (dropped and restored)."),
     ("tagstream_kafka_partitions_lost_total", MetricKind::Counter, "Partitions lost: the group expelled this node (paused past its session) and gave them to others; nothing more of them is published from here."),
     ("tagstream_kafka_state_records_fenced_total", MetricKind::Counter, "State topic records left out by a reader (restore, check, standby copy) because another store wrote them after the partition's last owner mark: a zombie's."),

@@ -1626,6 +1626,86 @@ fn a_member_returning_to_partitions_consumed_meanwhile_restores_them() {
     a.leave(PARTITIONS);
 }
 
+/// A rebalance that outlasts a member's lease (the coordinator refuses its renewing
+/// commits: here the mock broker fails every offset commit for a while): its state
+/// publisher stops, so a partition revoked from it can never have its last deltas
+/// confirmed before the revocation returns. It is given up unreleased at once instead of
+/// after the 30 s a release waits for each — which held the consumer, and the group's
+/// rebalance, up for a minute and more — and its next owner restores what the state topic
+/// has and consumes the rest again: the two stores end like one, and so does the topic.
+#[test]
+fn a_partition_revoked_after_the_lease_ran_out_is_handed_over_at_once() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    const PARTITIONS: u32 = 6;
+    let cluster = state_cluster(PARTITIONS);
+    let brokers = cluster.bootstrap_servers();
+    let lines = stream(3_000);
+    let (now, expected) = direct_run(&lines, "kafka-unleased-direct");
+
+    produce(&brokers, "events", &lines[..1_000]);
+    let (dir_a, dir_b) = (TempDir::new("kafka-unleased-a"), TempDir::new("kafka-unleased-b"));
+    let a = Member::join(dir_a.path(), &brokers, "g-unleased", PARTITIONS);
+    let reader = a.handle.reader().clone();
+    wait_until("the first member consumed and published the first part", || {
+        a.consumed() == 1_000 && reader.changelog_unconfirmed(1).unwrap() == 0
+    });
+    // Every commit refused from now on (until cleared below): the lease (two thirds of the
+    // 6 s session) runs out, and what the member consumes next stays unpublished.
+    cluster.request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_COMMIT_OFFSET_SIZE; 20_000],
+    );
+    std::thread::sleep(Duration::from_millis(4_500));
+    produce(&brokers, "events", &lines[1_000..2_000]);
+    wait_until("the first member consumed the second part", || {
+        a.consumed() == 2_000
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        reader.changelog_unconfirmed(1).unwrap() > 0,
+        "the lease ran out: the second part's deltas are not published"
+    );
+
+    let joined = Instant::now();
+    let b = Member::join(dir_b.path(), &brokers, "g-unleased", PARTITIONS);
+    let half = PARTITIONS as usize / 2;
+    wait_until("the partitions split and restored", || {
+        a.status.assigned_partitions() == half
+            && b.status.assigned_partitions() == half
+            && b.status.ready().is_ok()
+    });
+    let took = joined.elapsed();
+    assert!(
+        took < Duration::from_secs(30),
+        "the revoked partitions waited for deltas that could not be sent: split after {took:?}"
+    );
+    // The first member kept what it gave up (its copies are stale: the state topic lacks
+    // their last deltas), and the new owner consumes on from what the topic has.
+    let (held_a, held_b) = (a.counts(PARTITIONS), b.counts(PARTITIONS));
+    assert!(
+        (0..PARTITIONS as usize).any(|p| held_a[p] > 0 && held_b[p] > 0),
+        "{held_a:?} {held_b:?}"
+    );
+
+    cluster.clear_request_errors(RDKafkaApiKey::OffsetCommit);
+    produce(&brokers, "events", &lines[2_000..]);
+    // Once the new owner consumed them further (the group's offsets say so), the first
+    // member drops the copies it kept.
+    wait_until("both consumed the rest, and the kept copies are dropped", || {
+        let (held_a, held_b) = (a.counts(PARTITIONS), b.counts(PARTITIONS));
+        a.consumed() + b.consumed() == lines.len() as u64
+            && (0..PARTITIONS as usize).all(|p| (held_a[p] == 0) != (held_b[p] == 0))
+    });
+    let mut together = a.state_at(now);
+    let of_b = b.state_at(now);
+    assert!(of_b.keys().all(|id| !together.contains_key(id)));
+    together.extend(of_b);
+    assert_eq!(together, expected);
+    a.leave(PARTITIONS);
+    b.leave(PARTITIONS);
+    assert_eq!(restored_from_topic(&brokers, PARTITIONS, now), expected);
+}
+
 /// Events produced to any partition — by a producer that keys them by something else than
 /// their customer, or not at all (issue #21): a member of a group does not apply an event
 /// whose customer is of a partition it does not own; it forwards it to that partition,

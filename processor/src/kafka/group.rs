@@ -763,18 +763,30 @@ impl Membership {
                         tracing::info!(partition = p, "partition released to its next owner");
                         break;
                     }
+                    // Unleased, the publisher sends nothing, and the lease cannot be
+                    // renewed before this callback returns (the consumer's thread is in
+                    // it, and the coordinator refuses the old generation's commits during
+                    // the rebalance): waiting would only hold up the whole group.
+                    Ok(false) if !self.lease.held() => {
+                        tracing::warn!(
+                            partition = p,
+                            "the lease ran out before the broker confirmed this partition's state deltas (a rebalance outlasted it): given up unreleased at once (its next owner consumes on from what the state topic has)"
+                        );
+                        self.give_up(p, "unleased");
+                        break;
+                    }
                     Ok(false) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
                     Ok(false) => {
                         tracing::error!(
                             partition = p,
                             "the broker did not confirm this partition's state deltas within {RELEASE_WAIT:?}: given up unreleased (its next owner consumes on from what the state topic has)"
                         );
-                        self.park_kept(p);
+                        self.give_up(p, "timeout");
                         break;
                     }
                     Err(e) => {
                         tracing::error!(error = %e, partition = p, "releasing a revoked partition failed");
-                        self.park_kept(p);
+                        self.give_up(p, "error");
                         break;
                     }
                 }
@@ -788,6 +800,13 @@ impl Membership {
             tracing::error!(error = %e, "unassigning partitions failed");
         }
         self.report();
+    }
+
+    /// A revoked partition given up unreleased (`why`: `unleased`, `timeout` or `error`):
+    /// kept here, parked.
+    fn give_up(&self, partition: u32, why: &'static str) {
+        metrics::counter!("tagstream_kafka_partitions_unreleased_total", "why" => why).increment(1);
+        self.park_kept(partition);
     }
 
     /// A revoked partition kept here unreleased: its timers wait, as another member owns
