@@ -1706,6 +1706,63 @@ fn a_partition_revoked_after_the_lease_ran_out_is_handed_over_at_once() {
     assert_eq!(restored_from_topic(&brokers, PARTITIONS, now), expected);
 }
 
+/// A member stopping while the coordinator refuses its commits as "rebalance in progress"
+/// (here the mock broker, for every commit) and its lease has run out: it cannot publish
+/// what is left before it rejoins, and it will not rejoin (its consumer polls no more), so
+/// it leaves at once instead of waiting the 10 s a leave gives the publisher. What it did
+/// not publish stays in its store: back in the group, it resumes from there, and the
+/// store and the state topic end like one uninterrupted store.
+#[test]
+fn a_member_leaving_during_a_rebalance_that_outlasted_its_lease_does_not_wait() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    const PARTITIONS: u32 = 6;
+    let cluster = state_cluster(PARTITIONS);
+    let brokers = cluster.bootstrap_servers();
+    let lines = stream(2_000);
+    let (now, expected) = direct_run(&lines, "kafka-leave-direct");
+
+    produce(&brokers, "events", &lines[..800]);
+    let dir = TempDir::new("kafka-leave");
+    let a = Member::join(dir.path(), &brokers, "g-leave", PARTITIONS);
+    let reader = a.handle.reader().clone();
+    wait_until("the member consumed and published the first part", || {
+        a.consumed() == 800 && reader.changelog_unconfirmed(1).unwrap() == 0
+    });
+    cluster.request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS; 20_000],
+    );
+    std::thread::sleep(Duration::from_millis(4_500));
+    produce(&brokers, "events", &lines[800..1_400]);
+    wait_until("the member consumed the second part", || a.consumed() == 1_400);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        reader.changelog_unconfirmed(1).unwrap() > 0,
+        "the lease ran out: the second part's deltas are not published"
+    );
+    drop(reader);
+    let stopping = Instant::now();
+    let held = a.leave(PARTITIONS);
+    let took = stopping.elapsed();
+    assert!(
+        took < Duration::from_secs(8),
+        "the leave waited for deltas that could not be sent: {took:?}"
+    );
+    assert!(held.iter().all(|&n| n > 0), "every partition kept: {held:?}");
+
+    cluster.clear_request_errors(RDKafkaApiKey::OffsetCommit);
+    let a = Member::join(dir.path(), &brokers, "g-leave", PARTITIONS);
+    produce(&brokers, "events", &lines[1_400..]);
+    let reader = a.handle.reader().clone();
+    wait_until("the member consumed and published the rest", || {
+        a.consumed() == lines.len() as u64 && reader.changelog_unconfirmed(1).unwrap() == 0
+    });
+    assert_eq!(a.state_at(now), expected);
+    drop(reader);
+    a.leave(PARTITIONS);
+    assert_eq!(restored_from_topic(&brokers, PARTITIONS, now), expected);
+}
+
 /// Events produced to any partition — by a producer that keys them by something else than
 /// their customer, or not at all (issue #21): a member of a group does not apply an event
 /// whose customer is of a partition it does not own; it forwards it to that partition,

@@ -23,6 +23,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::lease::Lease;
@@ -171,16 +172,19 @@ impl Membership {
     /// Renews the lease when due, between batches: a synchronous commit of where the owned
     /// partitions stand (everything before is applied), which the coordinator refuses to a
     /// member of an older generation or one it expelled.
-    pub(super) fn renew_lease(&self, consumer: &BaseConsumer<ConsumerCtx>) {
+    ///
+    /// Whether the coordinator refused it because this member must rejoin the group (a
+    /// rebalance is on, or its generation or membership is gone): only a poll does that.
+    pub(super) fn renew_lease(&self, consumer: &BaseConsumer<ConsumerCtx>) -> bool {
         if !self.lease.due() {
-            return;
+            return false;
         }
         let owned = self.owned();
         let sent = Instant::now();
         if owned.is_empty() {
             // Nothing to publish for: nothing to fence.
             self.lease.renewal(sent, false);
-            return;
+            return false;
         }
         // Where each owned partition stands in the store (everything before is applied),
         // else where the consumer stands in it (nothing of it applied yet). No other
@@ -208,13 +212,26 @@ impl Membership {
         }
         if tpl.count() == 0 {
             // Not known yet (the first fetch sets the positions): tried again shortly.
-            return self.lease.renewal(sent, false);
+            self.lease.renewal(sent, false);
+            return false;
         }
         match consumer.commit(&tpl, CommitMode::Sync) {
-            Ok(()) => self.lease.renewal(sent, true),
+            Ok(()) => {
+                self.lease.renewal(sent, true);
+                false
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "the lease was not renewed");
                 self.lease.renewal(sent, false);
+                matches!(
+                    e.rdkafka_error_code(),
+                    Some(
+                        RDKafkaErrorCode::RebalanceInProgress
+                            | RDKafkaErrorCode::IllegalGeneration
+                            | RDKafkaErrorCode::UnknownMemberId
+                            | RDKafkaErrorCode::FencedInstanceId
+                    )
+                )
             }
         }
     }
@@ -222,14 +239,24 @@ impl Membership {
     /// At shutdown, before the consumer leaves the group: waits (up to [`LEAVE_WAIT`],
     /// renewing the lease meanwhile) until the broker confirmed every delta of the owned
     /// partitions, then ends the lease — after the consumer leaves, another member may own
-    /// them at once, so nothing of them is published from here any more.
+    /// them at once, so nothing of them is published from here any more. It does not wait
+    /// once the lease ran out and the coordinator wants this member to rejoin first: the
+    /// consumer polls no more, so the lease cannot come back.
     pub(super) fn publish_before_leaving(&self, consumer: &BaseConsumer<ConsumerCtx>) {
         let deadline = Instant::now() + LEAVE_WAIT;
+        let mut rejoin = false;
         loop {
             match unpublished_of(&self.reader, &self.owned()) {
                 Ok(0) => break,
+                Ok(left) if rejoin && !self.lease.held() => {
+                    tracing::warn!(
+                        deltas = left,
+                        "leaving the group during a rebalance that outlasted the lease, with state deltas the broker has not confirmed: they stay here (the partitions are kept), and their next owner consumes on from what the state topic has"
+                    );
+                    break;
+                }
                 Ok(_) if Instant::now() < deadline => {
-                    self.renew_lease(consumer);
+                    rejoin |= self.renew_lease(consumer);
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 Ok(left) => {
@@ -279,10 +306,18 @@ impl Membership {
         for p in 0..self.reader.partitions() {
             all.add_partition(&topic, p as i32);
         }
-        let committed = consumer
-            .committed_offsets(all, Duration::from_secs(10))
-            .map_err(|e| tracing::warn!(error = %e, "reading the group's committed offsets failed"))
-            .ok();
+        // Leaving (the client assigns nothing on its way out), nothing kept is judged now:
+        // the coordinator may not answer a member that is leaving, and the read would hold
+        // the close up for its whole timeout.
+        let leaving = partitions.is_empty() && self.closing.load(Ordering::SeqCst);
+        let committed = if leaving {
+            None
+        } else {
+            consumer
+                .committed_offsets(all, Duration::from_secs(10))
+                .map_err(|e| tracing::warn!(error = %e, "reading the group's committed offsets failed"))
+                .ok()
+        };
         let mut restore = Vec::new();
         let (mut promote, mut check) = (Vec::new(), Vec::new());
         for &partition in &partitions {
