@@ -8,6 +8,7 @@
 //! one for a partition it no longer owns (the partition moved meanwhile) answers 409 or 503
 //! itself, as without routing.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -667,5 +668,234 @@ pub async fn whole_or_scoped(State(app): State<AppState>, request: Request, next
             partitions: (0..partitions).filter(|p| !owned.contains(p)).collect(),
         }
         .into_response()
+    }
+}
+
+/// Where a reader of lists each node keeps of its own (the dead letters, the audit trail)
+/// stands in the group: per node (its advertised URL), the last id it listed.
+#[derive(Debug, Default, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct NodeCursor(pub BTreeMap<String, u64>);
+
+impl NodeCursor {
+    /// `0`: from the start; otherwise a cursor an answer gave (`n:...`).
+    pub fn parse(text: &str) -> Result<NodeCursor, ApiError> {
+        use base64::Engine as _;
+        if text == "0" {
+            return Ok(NodeCursor::default());
+        }
+        text.strip_prefix("n:")
+            .and_then(|c| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(c).ok())
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "`cursor` {text:?} is not one this endpoint gave (`0` for the start, or the `cursor` of an answer: \"n:...\")"
+                ))
+            })
+    }
+
+    pub fn encode(&self) -> String {
+        use base64::Engine as _;
+        let json = serde_json::to_vec(&self.0).expect("a cursor serialises");
+        format!(
+            "n:{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
+        )
+    }
+
+    /// Where `node` stands (0: nothing of it listed yet).
+    pub fn of(&self, node: &str) -> u64 {
+        self.0.get(node).copied().unwrap_or(0)
+    }
+}
+
+/// Every node's list (this node's first, then each other node's answer to the same request)
+/// of something each node keeps of its own, merged: each item names its `node`; each node's
+/// items stay in its own order (by `id`) and the lists are interleaved by `time` — oldest
+/// first, or with `newest_first` newest first — up to `limit` items. The cursor names, per
+/// node, the last id listed (oldest first) or its newest (newest first; a node that listed
+/// nothing keeps where `from` had it). `unanswered`: the nodes that did not answer, and why.
+pub struct NodeLists {
+    pub items: Vec<serde_json::Value>,
+    pub cursor: NodeCursor,
+    pub unanswered: Vec<serde_json::Value>,
+}
+
+/// The shape of a list each node keeps of its own: the answer's field holding it, and each
+/// item's id (rising in the node's order) and time (ms).
+pub struct ListShape {
+    pub field: &'static str,
+    pub id: &'static str,
+    pub time: &'static str,
+}
+
+/// Asks every other live node of the group `path` (which answers `{field: [...]}`, the
+/// caller's `from` and `limit` applied by each node to its own) and merges their lists with
+/// `local` ([`NodeLists`]).
+pub async fn every_node_list(
+    app: &AppState,
+    headers: &axum::http::HeaderMap,
+    path: &str,
+    shape: &ListShape,
+    local: Vec<serde_json::Value>,
+    (from, limit): (&NodeCursor, usize),
+    newest_first: bool,
+) -> NodeLists {
+    let me = my_url(app).unwrap_or_default();
+    let mut lists = vec![(me, local)];
+    let mut unanswered = Vec::new();
+    let answers = every_other_node(app, headers, axum::http::Method::GET, path, Bytes::new()).await;
+    for (url, answer) in answers {
+        let why = match answer {
+            Ok((status, body)) if status.is_success() => {
+                match serde_json::from_slice::<serde_json::Value>(&body) {
+                    Ok(mut answer) => match answer[shape.field].take() {
+                        serde_json::Value::Array(items) => {
+                            lists.push((url, items));
+                            continue;
+                        }
+                        _ => format!("answered without `{}`", shape.field),
+                    },
+                    Err(e) => format!("answered what is not JSON: {e}"),
+                }
+            }
+            Ok((status, body)) => format!("answered {status}: {}", String::from_utf8_lossy(&body)),
+            Err(e) => e,
+        };
+        unanswered.push(serde_json::json!({ "node": url, "error": why }));
+    }
+    let mut merged = merge_node_lists(lists, shape, from, limit, newest_first);
+    merged.unanswered = unanswered;
+    merged
+}
+
+/// [`every_node_list`]'s merge of each node's list.
+pub fn merge_node_lists(
+    lists: Vec<(String, Vec<serde_json::Value>)>,
+    shape: &ListShape,
+    from: &NodeCursor,
+    limit: usize,
+    newest_first: bool,
+) -> NodeLists {
+    let mut cursor = from.clone();
+    if newest_first {
+        // Each node's newest, listed or not: a reader follows on from there.
+        for (node, items) in &lists {
+            if let Some(newest) = items.iter().filter_map(|i| i[shape.id].as_u64()).max() {
+                let at = cursor.0.entry(node.clone()).or_default();
+                *at = (*at).max(newest);
+            }
+        }
+    }
+    let mut heads: Vec<(String, std::collections::VecDeque<serde_json::Value>)> = lists
+        .into_iter()
+        .map(|(node, items)| (node, items.into()))
+        .collect();
+    let mut items = Vec::new();
+    while items.len() < limit {
+        // The node whose next item is the oldest (newest), ties to the first listed.
+        let next = heads
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (_, list))| Some((i, list.front()?[shape.time].as_i64().unwrap_or(0))))
+            .reduce(|best, this| {
+                let better = if newest_first {
+                    this.1 > best.1
+                } else {
+                    this.1 < best.1
+                };
+                if better {
+                    this
+                } else {
+                    best
+                }
+            });
+        let Some((i, _)) = next else {
+            break;
+        };
+        let (node, list) = &mut heads[i];
+        let mut item = list.pop_front().expect("a head");
+        if !newest_first {
+            if let Some(id) = item[shape.id].as_u64() {
+                cursor.0.insert(node.clone(), id);
+            }
+        }
+        item["node"] = node.as_str().into();
+        items.push(item);
+    }
+    NodeLists {
+        items,
+        cursor,
+        unanswered: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHAPE: ListShape = ListShape {
+        field: "items",
+        id: "id",
+        time: "at",
+    };
+
+    fn items(list: &[(u64, i64)]) -> Vec<serde_json::Value> {
+        list.iter()
+            .map(|(id, at)| json!({ "id": id, "at": at }))
+            .collect()
+    }
+
+    fn listed(merged: &NodeLists) -> Vec<(String, u64)> {
+        merged
+            .items
+            .iter()
+            .map(|i| (i["node"].as_str().unwrap().to_owned(), i["id"].as_u64().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn node_lists_interleave_by_time_and_keep_each_nodes_order() {
+        let from = NodeCursor::parse("0").unwrap();
+        // b's clock went back between its 7 and 8: its 8 still follows its 7.
+        let lists = vec![
+            ("a".to_owned(), items(&[(3, 10), (4, 30), (5, 50)])),
+            ("b".to_owned(), items(&[(7, 20), (8, 5), (9, 60)])),
+        ];
+        let merged = merge_node_lists(lists.clone(), &SHAPE, &from, 4, false);
+        let expected: Vec<(String, u64)> = [("a", 3), ("b", 7), ("b", 8), ("a", 4)]
+            .iter()
+            .map(|(n, id)| (n.to_string(), *id))
+            .collect();
+        assert_eq!(listed(&merged), expected);
+        assert_eq!(merged.cursor.of("a"), 4);
+        assert_eq!(merged.cursor.of("b"), 8);
+        // The cursor goes through its text and on from there.
+        let again = NodeCursor::parse(&merged.cursor.encode()).unwrap();
+        assert_eq!(again, merged.cursor);
+        let rest = vec![
+            ("a".to_owned(), items(&[(5, 50)])),
+            ("b".to_owned(), items(&[(9, 60)])),
+        ];
+        let merged = merge_node_lists(rest, &SHAPE, &again, 4, false);
+        assert_eq!(listed(&merged), [("a".to_owned(), 5), ("b".to_owned(), 9)]);
+        // A node with nothing new keeps where it was.
+        let merged = merge_node_lists(vec![("a".to_owned(), Vec::new())], &SHAPE, &again, 4, false);
+        assert_eq!(merged.cursor.of("b"), 8);
+
+        // Newest first: each node's newest is where a reader follows on from.
+        let newest = vec![
+            ("a".to_owned(), items(&[(5, 50), (4, 30)])),
+            ("b".to_owned(), items(&[(9, 60), (8, 5)])),
+        ];
+        let merged = merge_node_lists(newest, &SHAPE, &from, 2, true);
+        assert_eq!(listed(&merged), [("b".to_owned(), 9), ("a".to_owned(), 5)]);
+        assert_eq!((merged.cursor.of("a"), merged.cursor.of("b")), (5, 9));
+    }
+
+    #[test]
+    fn a_node_cursor_that_is_not_one_is_refused() {
+        for bad in ["", "1", "n:", "n:!!", "id:YQ"] {
+            assert!(NodeCursor::parse(bad).is_err(), "{bad}");
+        }
     }
 }

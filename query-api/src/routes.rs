@@ -1737,32 +1737,118 @@ pub struct DlqQuery {
     limit: Option<usize>,
     /// The newest this many instead, newest first.
     last: Option<usize>,
+    /// In a group of several: where a reader of the group's dead letters stands.
+    cursor: Option<String>,
 }
 
+/// How the dead letters are listed in an answer.
+const DEAD_LETTERS: crate::cluster::ListShape = crate::cluster::ListShape {
+    field: "dead_letters",
+    id: "id",
+    time: "received_at",
+};
+
+/// `GET /v1/dlq`: this node's dead letters by `after` (or its newest, `last`); in a group
+/// of several, unless `after` asks for this node's own, every node's, merged by when they
+/// were received, each naming its `node`, paged with a group `cursor`.
 pub async fn dead_letters(
     State(app): State<AppState>,
+    headers: HeaderMap,
     q: Result<Query<DlqQuery>, QueryRejection>,
 ) -> Result<Json<Json_>, ApiError> {
     let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let letters = match q.last {
+    if q.last.is_some() && (q.after.is_some() || q.limit.is_some() || q.cursor.is_some()) {
+        return Err(ApiError::BadRequest(
+            "`last` lists the newest dead letters: it takes no `after`, `limit` or `cursor`".into(),
+        ));
+    }
+    if q.cursor.is_some() && q.after.is_some() {
+        return Err(ApiError::BadRequest(
+            "`after` pages this node's own dead letters and `cursor` the group's: give one".into(),
+        ));
+    }
+    if q.last.is_some_and(|last| !(1..=1000).contains(&last)) {
+        return Err(ApiError::BadRequest("`last` must be between 1 and 1000".into()));
+    }
+    let me = crate::cluster::my_url(&app);
+    let Some(me) = me else {
+        if q.cursor.is_some() {
+            return Err(ApiError::BadRequest(
+                "`cursor` pages a group's dead letters, and this node is in none: page with `after`".into(),
+            ));
+        }
+        let (items, next_after) = local_dead_letters(&app, q.after, q.limit, q.last).await?;
+        return Ok(Json(json!({ "dead_letters": items, "next_after": next_after })));
+    };
+    let from = q
+        .cursor
+        .as_deref()
+        .map(crate::cluster::NodeCursor::parse)
+        .transpose()?
+        .unwrap_or_default();
+    // Asked by another node for its part, or for this node's own (`after`, or
+    // `x-tagstream-scope: node`).
+    if headers.contains_key(crate::cluster::FORWARDED)
+        || q.after.is_some()
+        || crate::cluster::scoped(&headers)
+    {
+        let after = q.after.or_else(|| from.0.get(&me).copied());
+        let (items, next_after) = local_dead_letters(&app, after, q.limit, q.last).await?;
+        return Ok(Json(json!({ "dead_letters": items, "next_after": next_after })));
+    }
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    let (local, mut unanswered) =
+        match local_dead_letters(&app, from.0.get(&me).copied(), Some(limit), q.last).await {
+            Ok((items, _)) => (items, Vec::new()),
+            // Retention deleted what the cursor had not read yet: said, not skipped.
+            Err(e) => (Vec::new(), vec![json!({ "node": me, "error": e.to_string() })]),
+        };
+    let path = match (q.last, &q.cursor) {
+        (Some(last), _) => format!("/v1/dlq?last={last}"),
+        (None, Some(cursor)) => format!(
+            "/v1/dlq?cursor={}&limit={limit}",
+            crate::cluster::path_segment(cursor)
+        ),
+        (None, None) => format!("/v1/dlq?limit={limit}"),
+    };
+    let newest_first = q.last.is_some();
+    let merged = crate::cluster::every_node_list(
+        &app,
+        &headers,
+        &path,
+        &DEAD_LETTERS,
+        local,
+        (&from, q.last.unwrap_or(limit)),
+        newest_first,
+    )
+    .await;
+    unanswered.extend(merged.unanswered);
+    Ok(Json(json!({
+        "dead_letters": merged.items,
+        "cursor": merged.cursor.encode(),
+        "unanswered": unanswered,
+    })))
+}
+
+/// This node's dead letters after `after` (at most `limit`), or its `last` newest (newest
+/// first), with the id to page on from.
+async fn local_dead_letters(
+    app: &AppState,
+    after: Option<u64>,
+    limit: Option<usize>,
+    last: Option<usize>,
+) -> Result<(Vec<Json_>, Option<u64>), ApiError> {
+    let letters = match last {
         Some(last) => {
-            if q.after.is_some() || q.limit.is_some() {
-                return Err(ApiError::BadRequest(
-                    "`last` lists the newest dead letters: it takes no `after` or `limit`".into(),
-                ));
-            }
-            if !(1..=1000).contains(&last) {
-                return Err(ApiError::BadRequest("`last` must be between 1 and 1000".into()));
-            }
             let reader = app.engine.reader().clone();
             tokio::task::spawn_blocking(move || reader.newest_dead_letters(last))
                 .await
                 .map_err(|e| ApiError::Internal(e.to_string()))??
         }
         None => {
-            let limit = q.limit.unwrap_or(100).min(10_000);
+            let limit = limit.unwrap_or(100).min(10_000);
             app.engine
-                .call(move |engine| engine.dead_letters(q.after, limit))
+                .call(move |engine| engine.dead_letters(after, limit))
                 .await??
         }
     };
@@ -1780,7 +1866,7 @@ pub async fn dead_letters(
         .collect();
     // Newest first with `last`: the next page starts after the newest.
     let next_after = letters.iter().map(|d| d.id).max();
-    Ok(Json(json!({ "dead_letters": items, "next_after": next_after })))
+    Ok((items, next_after))
 }
 
 #[derive(Deserialize)]
@@ -1807,9 +1893,43 @@ pub async fn backup(
     ))
 }
 
-pub async fn purge_dead_letters(State(app): State<AppState>) -> Result<Json<Json_>, ApiError> {
-    let purged = app.engine.call(|engine| engine.purge_dead_letters()).await??;
-    Ok(Json(json!({ "purged": purged })))
+/// `DELETE /v1/dlq`: purges the dead letters; in a group of several, every node's (the
+/// counts summed; `unanswered` names the nodes that did not, and why).
+pub async fn purge_dead_letters(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Json_>, ApiError> {
+    let mut purged = app.engine.call(|engine| engine.purge_dead_letters()).await??;
+    if app.cluster.is_none() || headers.contains_key(crate::cluster::FORWARDED) {
+        return Ok(Json(json!({ "purged": purged })));
+    }
+    let mut unanswered = Vec::new();
+    let answers = crate::cluster::every_other_node(
+        &app,
+        &headers,
+        axum::http::Method::DELETE,
+        "/v1/dlq",
+        Bytes::new(),
+    )
+    .await;
+    for (url, answer) in answers {
+        match answer {
+            Ok((status, body)) if status.is_success() => {
+                let theirs = serde_json::from_slice::<Json_>(&body)
+                    .ok()
+                    .and_then(|a| a["purged"].as_u64());
+                match theirs {
+                    Some(n) => purged += n as usize,
+                    None => unanswered.push(json!({ "node": url, "error": "answered without `purged`" })),
+                }
+            }
+            Ok((status, body)) => unanswered.push(
+                json!({ "node": url, "error": format!("answered {status}: {}", String::from_utf8_lossy(&body)) }),
+            ),
+            Err(e) => unanswered.push(json!({ "node": url, "error": e })),
+        }
+    }
+    Ok(Json(json!({ "purged": purged, "unanswered": unanswered })))
 }
 
 pub async fn metrics(State(app): State<AppState>) -> Result<Response, ApiError> {

@@ -2425,6 +2425,116 @@ fn two_nodes_share_api_keys_and_webhook_subscriptions() {
     );
     assert_eq!(r.status, 200, "{}", r.text());
 
+    // The dead letters of ingest, each node's own, listed by any node for the group:
+    // merged by when they were received, paged with a group cursor; purged on every node.
+    for (server, lines) in [
+        (&first, "{\"dlq\": \"first-1\"}\n{\"dlq\": \"first-2\"}\n"),
+        (&second, "{\"dlq\": \"second-1\"}\n"),
+    ] {
+        let r = call(server, Some(&admin), "POST", "/v1/events", lines);
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["rejected"], lines.lines().count(), "{}", r.text());
+    }
+    let own = |server: &Server| -> Vec<(String, u64)> {
+        let auth = format!("Bearer {admin}");
+        let headers = [("Authorization", auth.as_str()), ("x-tagstream-scope", "node")];
+        let r = request_with(&server.addr, "GET", "/v1/dlq?limit=10000", &headers, b"");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(r.json().get("cursor").is_none(), "the node's own: {}", r.text());
+        let node = format!("http://{}", server.addr);
+        r.json()["dead_letters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| (node.clone(), l["id"].as_u64().unwrap()))
+            .collect()
+    };
+    let mut every: Vec<(String, u64)> = own(&first);
+    every.extend(own(&second));
+    every.sort();
+    let mut paged = Vec::new();
+    let mut cursor = "0".to_owned();
+    let mut last_at = 0;
+    loop {
+        let r = call(
+            &second,
+            Some(&admin),
+            "GET",
+            &format!("/v1/dlq?cursor={cursor}&limit=2"),
+            "",
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        let page = r.json();
+        assert_eq!(page["unanswered"], serde_json::json!([]), "{page}");
+        let letters = page["dead_letters"].as_array().unwrap().clone();
+        if letters.is_empty() {
+            break;
+        }
+        assert!(letters.len() <= 2, "{page}");
+        for l in &letters {
+            let at = l["received_at"].as_i64().unwrap();
+            assert!(at >= last_at, "in the order received: {page}");
+            last_at = at;
+            paged.push((l["node"].as_str().unwrap().to_owned(), l["id"].as_u64().unwrap()));
+        }
+        cursor = page["cursor"].as_str().unwrap().to_owned();
+    }
+    paged.sort();
+    assert_eq!(paged, every, "the group's pages hold every node's letters once");
+    let r = call(&first, Some(&admin), "GET", "/v1/dlq?last=3", "");
+    let newest: Vec<String> = r.json()["dead_letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| format!("{} {}", l["node"].as_str().unwrap(), l["raw"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        newest,
+        vec![
+            format!(r#"http://{} {{"dlq": "second-1"}}"#, second.addr),
+            format!(r#"http://{} {{"dlq": "first-2"}}"#, first.addr),
+            format!(r#"http://{} {{"dlq": "first-1"}}"#, first.addr),
+        ],
+        "the group's newest, newest first: {}",
+        r.text()
+    );
+    let r = call(&first, Some(&admin), "DELETE", "/v1/dlq", "");
+    assert_eq!(r.json()["purged"], every.len(), "{}", r.text());
+    assert_eq!(r.json()["unanswered"], serde_json::json!([]), "{}", r.text());
+    let r = call(&second, Some(&admin), "GET", "/v1/dlq", "");
+    assert_eq!(r.json()["dead_letters"], serde_json::json!([]), "{}", r.text());
+
+    // The audit trail, each node's own, listed by any node for the group: the key made on
+    // the second node and the subscriptions made on the first, from either.
+    for server in [&first, &second] {
+        let r = call(server, Some(&admin), "GET", "/v1/audit?limit=10000", "");
+        assert_eq!(r.status, 200, "{}", r.text());
+        let records = r.json()["records"].as_array().unwrap().clone();
+        let done_by = |action: &str| -> std::collections::BTreeSet<String> {
+            records
+                .iter()
+                .filter(|rec| rec["action"] == action && rec["outcome"] == "ok")
+                .map(|rec| rec["node"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        assert_eq!(
+            done_by("POST /v1/webhooks"),
+            [format!("http://{}", first.addr)].into(),
+            "{}",
+            r.text()
+        );
+        assert!(
+            done_by("POST /v1/admin/keys").contains(&format!("http://{}", second.addr)),
+            "{}",
+            r.text()
+        );
+        let ats: Vec<i64> = records.iter().map(|rec| rec["at"].as_i64().unwrap()).collect();
+        assert!(ats.windows(2).all(|w| w[0] <= w[1]), "oldest first: {ats:?}");
+    }
+    // Its own, by `after`: the second node made no subscription.
+    let r = call(&second, Some(&admin), "GET", "/v1/audit?after=0&limit=10000", "");
+    assert!(!r.text().contains("POST /v1/webhooks\""), "{}", r.text());
+
     // Deleted on the second node: gone from both.
     let r = call(
         &second,

@@ -166,20 +166,89 @@ pub async fn revoke_key(
 pub struct AuditQuery {
     after: Option<u64>,
     limit: Option<usize>,
+    /// In a group of several: where a reader of the group's trail stands.
+    cursor: Option<String>,
 }
 
-/// `GET /v1/audit?after=SEQ&limit=N`: records after `after`, oldest first.
+/// How the audit trail is listed in an answer.
+const AUDIT: crate::cluster::ListShape = crate::cluster::ListShape {
+    field: "records",
+    id: "seq",
+    time: "at",
+};
+
+/// `GET /v1/audit?after=SEQ&limit=N`: this node's records after `after`, oldest first; in a
+/// group of several, unless `after` asks for this node's own, every node's, merged by their
+/// time, each naming its `node`, paged with a group `cursor`.
 pub async fn audit(
     State(app): State<AppState>,
+    headers: axum::http::HeaderMap,
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    if q.cursor.is_some() && q.after.is_some() {
+        return Err(ApiError::BadRequest(
+            "`after` pages this node's own audit trail and `cursor` the group's: give one".into(),
+        ));
+    }
     let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
-    let records = app
-        .access
-        .audit
-        .read(q.after.unwrap_or(0), limit)
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let next = records.last().map(|r| r.seq);
-    Ok(Json(json!({ "records": records, "next_after": next })))
+    let local = |after: u64| -> Result<Vec<serde_json::Value>, ApiError> {
+        let records = app
+            .access
+            .audit
+            .read(after, limit)
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        Ok(records
+            .iter()
+            .map(|r| serde_json::to_value(r).expect("an audit record serialises"))
+            .collect())
+    };
+    let Some(me) = crate::cluster::my_url(&app) else {
+        if q.cursor.is_some() {
+            return Err(ApiError::BadRequest(
+                "`cursor` pages a group's audit trail, and this node is in none: page with `after`".into(),
+            ));
+        }
+        let records = local(q.after.unwrap_or(0))?;
+        let next = records.last().and_then(|r| r["seq"].as_u64());
+        return Ok(Json(json!({ "records": records, "next_after": next })));
+    };
+    let from = q
+        .cursor
+        .as_deref()
+        .map(crate::cluster::NodeCursor::parse)
+        .transpose()?
+        .unwrap_or_default();
+    // Asked by another node for its part, or for this node's own (`after`, or
+    // `x-tagstream-scope: node`).
+    if headers.contains_key(crate::cluster::FORWARDED)
+        || q.after.is_some()
+        || crate::cluster::scoped(&headers)
+    {
+        let records = local(q.after.unwrap_or_else(|| from.of(&me)))?;
+        let next = records.last().and_then(|r| r["seq"].as_u64());
+        return Ok(Json(json!({ "records": records, "next_after": next })));
+    }
+    let path = match &q.cursor {
+        Some(cursor) => format!(
+            "/v1/audit?cursor={}&limit={limit}",
+            crate::cluster::path_segment(cursor)
+        ),
+        None => format!("/v1/audit?limit={limit}"),
+    };
+    let merged = crate::cluster::every_node_list(
+        &app,
+        &headers,
+        &path,
+        &AUDIT,
+        local(from.of(&me))?,
+        (&from, limit),
+        false,
+    )
+    .await;
+    Ok(Json(json!({
+        "records": merged.items,
+        "cursor": merged.cursor.encode(),
+        "unanswered": merged.unanswered,
+    })))
 }
