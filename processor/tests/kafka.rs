@@ -1626,6 +1626,29 @@ fn a_member_returning_to_partitions_consumed_meanwhile_restores_them() {
     a.leave(PARTITIONS);
 }
 
+/// Has the mock broker refuse every offset commit with `error` (until the test clears it),
+/// so that `member`'s lease (two thirds of its 6 s session) runs out; then `more` is
+/// produced and consumed, and its deltas stay unpublished.
+fn run_out_the_lease(
+    cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    error: rdkafka::types::RDKafkaRespErr,
+    member: &Member,
+    more: &[String],
+) {
+    cluster.request_errors(rdkafka::types::RDKafkaApiKey::OffsetCommit, &[error; 20_000]);
+    std::thread::sleep(Duration::from_millis(4_500));
+    let before = member.consumed();
+    produce(&cluster.bootstrap_servers(), "events", more);
+    wait_until("the member consumed what followed", || {
+        member.consumed() == before + more.len() as u64
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        member.handle.reader().changelog_unconfirmed(1).unwrap() > 0,
+        "the lease ran out: what followed is not published"
+    );
+}
+
 /// A rebalance that outlasts a member's lease (the coordinator refuses its renewing
 /// commits: here the mock broker fails every offset commit for a while): its state
 /// publisher stops, so a partition revoked from it can never have its last deltas
@@ -1649,21 +1672,12 @@ fn a_partition_revoked_after_the_lease_ran_out_is_handed_over_at_once() {
     wait_until("the first member consumed and published the first part", || {
         a.consumed() == 1_000 && reader.changelog_unconfirmed(1).unwrap() == 0
     });
-    // Every commit refused from now on (until cleared below): the lease (two thirds of the
-    // 6 s session) runs out, and what the member consumes next stays unpublished.
-    cluster.request_errors(
-        RDKafkaApiKey::OffsetCommit,
-        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_COMMIT_OFFSET_SIZE; 20_000],
-    );
-    std::thread::sleep(Duration::from_millis(4_500));
-    produce(&brokers, "events", &lines[1_000..2_000]);
-    wait_until("the first member consumed the second part", || {
-        a.consumed() == 2_000
-    });
-    std::thread::sleep(Duration::from_millis(500));
-    assert!(
-        reader.changelog_unconfirmed(1).unwrap() > 0,
-        "the lease ran out: the second part's deltas are not published"
+    // Every commit refused from now on (until cleared below).
+    run_out_the_lease(
+        &cluster,
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_COMMIT_OFFSET_SIZE,
+        &a,
+        &lines[1_000..2_000],
     );
 
     let joined = Instant::now();
@@ -1728,17 +1742,11 @@ fn a_member_leaving_during_a_rebalance_that_outlasted_its_lease_does_not_wait() 
     wait_until("the member consumed and published the first part", || {
         a.consumed() == 800 && reader.changelog_unconfirmed(1).unwrap() == 0
     });
-    cluster.request_errors(
-        RDKafkaApiKey::OffsetCommit,
-        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS; 20_000],
-    );
-    std::thread::sleep(Duration::from_millis(4_500));
-    produce(&brokers, "events", &lines[800..1_400]);
-    wait_until("the member consumed the second part", || a.consumed() == 1_400);
-    std::thread::sleep(Duration::from_millis(500));
-    assert!(
-        reader.changelog_unconfirmed(1).unwrap() > 0,
-        "the lease ran out: the second part's deltas are not published"
+    run_out_the_lease(
+        &cluster,
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS,
+        &a,
+        &lines[800..1_400],
     );
     drop(reader);
     let stopping = Instant::now();

@@ -708,6 +708,46 @@ impl NodeCursor {
     }
 }
 
+/// How a list each node keeps of its own (the dead letters, the audit trail) is asked for.
+pub enum NodeListAsk {
+    /// This node's own, after this id (none: from the start): outside a group, with
+    /// `after`, with `x-tagstream-scope: node`, or by a node asking for its part of the
+    /// group's (its cursor's entry for this node).
+    Own(Option<u64>),
+    /// Every live node's, from `from` (this node is `me` in it).
+    Group { me: String, from: NodeCursor },
+}
+
+impl NodeListAsk {
+    /// The ask a request makes of `what` (named in errors) by its `cursor` and `after`.
+    pub fn of(
+        app: &AppState,
+        headers: &axum::http::HeaderMap,
+        cursor: Option<&str>,
+        after: Option<u64>,
+        what: &str,
+    ) -> Result<NodeListAsk, ApiError> {
+        if cursor.is_some() && after.is_some() {
+            return Err(ApiError::BadRequest(format!(
+                "`after` pages this node's own {what} and `cursor` the group's: give one"
+            )));
+        }
+        let Some(me) = my_url(app) else {
+            if cursor.is_some() {
+                return Err(ApiError::BadRequest(format!(
+                    "`cursor` pages a group's {what}, and this node is in none: page with `after`"
+                )));
+            }
+            return Ok(NodeListAsk::Own(after));
+        };
+        let from = cursor.map(NodeCursor::parse).transpose()?.unwrap_or_default();
+        if after.is_some() || scoped(headers) || headers.contains_key(FORWARDED) {
+            return Ok(NodeListAsk::Own(after.or_else(|| from.0.get(&me).copied())));
+        }
+        Ok(NodeListAsk::Group { me, from })
+    }
+}
+
 /// Every node's list (this node's first, then each other node's answer to the same request)
 /// of something each node keeps of its own, merged: each item names its `node`; each node's
 /// items stay in its own order (by `id`) and the lists are interleaved by `time` — oldest

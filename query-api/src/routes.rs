@@ -1762,40 +1762,17 @@ pub async fn dead_letters(
             "`last` lists the newest dead letters: it takes no `after`, `limit` or `cursor`".into(),
         ));
     }
-    if q.cursor.is_some() && q.after.is_some() {
-        return Err(ApiError::BadRequest(
-            "`after` pages this node's own dead letters and `cursor` the group's: give one".into(),
-        ));
-    }
     if q.last.is_some_and(|last| !(1..=1000).contains(&last)) {
         return Err(ApiError::BadRequest("`last` must be between 1 and 1000".into()));
     }
-    let me = crate::cluster::my_url(&app);
-    let Some(me) = me else {
-        if q.cursor.is_some() {
-            return Err(ApiError::BadRequest(
-                "`cursor` pages a group's dead letters, and this node is in none: page with `after`".into(),
-            ));
+    let ask = crate::cluster::NodeListAsk::of(&app, &headers, q.cursor.as_deref(), q.after, "dead letters")?;
+    let (me, from) = match ask {
+        crate::cluster::NodeListAsk::Own(after) => {
+            let (items, next_after) = local_dead_letters(&app, after, q.limit, q.last).await?;
+            return Ok(Json(json!({ "dead_letters": items, "next_after": next_after })));
         }
-        let (items, next_after) = local_dead_letters(&app, q.after, q.limit, q.last).await?;
-        return Ok(Json(json!({ "dead_letters": items, "next_after": next_after })));
+        crate::cluster::NodeListAsk::Group { me, from } => (me, from),
     };
-    let from = q
-        .cursor
-        .as_deref()
-        .map(crate::cluster::NodeCursor::parse)
-        .transpose()?
-        .unwrap_or_default();
-    // Asked by another node for its part, or for this node's own (`after`, or
-    // `x-tagstream-scope: node`).
-    if headers.contains_key(crate::cluster::FORWARDED)
-        || q.after.is_some()
-        || crate::cluster::scoped(&headers)
-    {
-        let after = q.after.or_else(|| from.0.get(&me).copied());
-        let (items, next_after) = local_dead_letters(&app, after, q.limit, q.last).await?;
-        return Ok(Json(json!({ "dead_letters": items, "next_after": next_after })));
-    }
     let limit = q.limit.unwrap_or(100).min(10_000);
     let (local, mut unanswered) =
         match local_dead_letters(&app, from.0.get(&me).copied(), Some(limit), q.last).await {

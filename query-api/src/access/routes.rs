@@ -186,11 +186,6 @@ pub async fn audit(
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    if q.cursor.is_some() && q.after.is_some() {
-        return Err(ApiError::BadRequest(
-            "`after` pages this node's own audit trail and `cursor` the group's: give one".into(),
-        ));
-    }
     let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
     let local = |after: u64| -> Result<Vec<serde_json::Value>, ApiError> {
         let records = app
@@ -203,32 +198,15 @@ pub async fn audit(
             .map(|r| serde_json::to_value(r).expect("an audit record serialises"))
             .collect())
     };
-    let Some(me) = crate::cluster::my_url(&app) else {
-        if q.cursor.is_some() {
-            return Err(ApiError::BadRequest(
-                "`cursor` pages a group's audit trail, and this node is in none: page with `after`".into(),
-            ));
+    let ask = crate::cluster::NodeListAsk::of(&app, &headers, q.cursor.as_deref(), q.after, "audit trail")?;
+    let (me, from) = match ask {
+        crate::cluster::NodeListAsk::Own(after) => {
+            let records = local(after.unwrap_or(0))?;
+            let next = records.last().and_then(|r| r["seq"].as_u64());
+            return Ok(Json(json!({ "records": records, "next_after": next })));
         }
-        let records = local(q.after.unwrap_or(0))?;
-        let next = records.last().and_then(|r| r["seq"].as_u64());
-        return Ok(Json(json!({ "records": records, "next_after": next })));
+        crate::cluster::NodeListAsk::Group { me, from } => (me, from),
     };
-    let from = q
-        .cursor
-        .as_deref()
-        .map(crate::cluster::NodeCursor::parse)
-        .transpose()?
-        .unwrap_or_default();
-    // Asked by another node for its part, or for this node's own (`after`, or
-    // `x-tagstream-scope: node`).
-    if headers.contains_key(crate::cluster::FORWARDED)
-        || q.after.is_some()
-        || crate::cluster::scoped(&headers)
-    {
-        let records = local(q.after.unwrap_or_else(|| from.of(&me)))?;
-        let next = records.last().and_then(|r| r["seq"].as_u64());
-        return Ok(Json(json!({ "records": records, "next_after": next })));
-    }
     let path = match &q.cursor {
         Some(cursor) => format!(
             "/v1/audit?cursor={}&limit={limit}",
