@@ -803,9 +803,32 @@ pub async fn every_node_list(
         };
         unanswered.push(serde_json::json!({ "node": url, "error": why }));
     }
+    unanswered.extend(not_heard(from, &lists, &unanswered));
     let mut merged = merge_node_lists(lists, shape, from, limit, newest_first);
     merged.unanswered = unanswered;
     merged
+}
+
+/// The nodes `from` names that neither answered (`lists`) nor failed to (`unanswered`): no
+/// longer live members, whose part is missing too (read on from the cursor once back).
+fn not_heard(
+    from: &NodeCursor,
+    lists: &[(String, Vec<serde_json::Value>)],
+    unanswered: &[serde_json::Value],
+) -> Vec<serde_json::Value> {
+    from.0
+        .keys()
+        .filter(|node| {
+            !lists.iter().any(|(url, _)| url == *node)
+                && !unanswered.iter().any(|u| u["node"] == node.as_str())
+        })
+        .map(|node| {
+            serde_json::json!({
+                "node": node,
+                "error": "not a live member of the group now: read on from the cursor once it is back",
+            })
+        })
+        .collect()
 }
 
 /// [`every_node_list`]'s merge of each node's list.
@@ -930,6 +953,21 @@ mod tests {
         let merged = merge_node_lists(newest, &SHAPE, &from, 2, true);
         assert_eq!(listed(&merged), [("b".to_owned(), 9), ("a".to_owned(), 5)]);
         assert_eq!((merged.cursor.of("a"), merged.cursor.of("b")), (5, 9));
+    }
+
+    #[test]
+    fn a_node_the_cursor_names_that_is_gone_is_named_as_unanswered() {
+        let from = NodeCursor(
+            [("a", 3), ("b", 7), ("c", 1)]
+                .iter()
+                .map(|(n, i)| (n.to_string(), *i))
+                .collect(),
+        );
+        let lists = vec![("a".to_owned(), items(&[(4, 10)]))];
+        let unanswered = vec![json!({ "node": "b", "error": "did not answer" })];
+        let gone = not_heard(&from, &lists, &unanswered);
+        assert_eq!(gone.len(), 1, "{gone:?}");
+        assert_eq!(gone[0]["node"], "c");
     }
 
     #[test]
