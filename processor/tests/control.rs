@@ -20,10 +20,24 @@ const OTHER: &str = "tag viewer on view ttl 7d\n";
 const WAIT: Duration = Duration::from_secs(30);
 
 struct Node {
-    handle: EngineHandle,
+    /// Both `None` only while the node is dropped.
+    handle: Option<EngineHandle>,
+    worker: Option<control::ControlWorker>,
+    thread: Option<std::thread::JoinHandle<()>>,
     status: Arc<KafkaStatus>,
-    worker: control::ControlWorker,
     _dir: TempDir,
+}
+
+/// The engine thread is joined before the store's directory goes: one still closing its
+/// store when the process exits aborts it ("pthread lock: Invalid argument").
+impl Drop for Node {
+    fn drop(&mut self) {
+        drop(self.worker.take());
+        drop(self.handle.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 impl Node {
@@ -45,28 +59,37 @@ impl Node {
             })
             .collect();
         engine.ingest(&events).unwrap();
-        let (handle, _thread) = EngineHandle::spawn(engine, ServiceConfig::default());
+        let (handle, thread) = EngineHandle::spawn(engine, ServiceConfig::default());
         let status = Arc::new(KafkaStatus::default());
         let settings = KafkaSettings::new(brokers, "events", "group");
         let worker =
             control::start(&settings, "control", name, handle.clone(), status.clone(), WAIT).unwrap();
         Node {
-            handle,
+            handle: Some(handle),
+            worker: Some(worker),
+            thread: Some(thread),
             status,
-            worker,
             _dir: dir,
         }
     }
 
+    fn handle(&self) -> &EngineHandle {
+        self.handle.as_ref().expect("a node being dropped")
+    }
+
+    fn control(&self) -> &Arc<control::Control> {
+        self.worker.as_ref().expect("a node being dropped").control()
+    }
+
     /// The rule text, version and generation running.
     fn running(&self) -> (String, u64, u64) {
-        self.handle
+        self.handle()
             .call_blocking(|e| (e.rules().source().to_owned(), e.rules_version(), e.generation()))
             .unwrap()
     }
 
     fn propose(&self, make: impl FnOnce(&Engine) -> Proposal + Send + 'static) -> Proposal {
-        self.handle.call_blocking(move |e| make(e)).unwrap()
+        self.handle().call_blocking(move |e| make(e)).unwrap()
     }
 
     fn wait_for_version(&self, version: u64) {
@@ -83,7 +106,7 @@ impl Node {
 
     /// The members of `name`, judged: the backfill after a full change done first.
     fn members(&self, name: &'static str) -> Vec<String> {
-        self.handle
+        self.handle()
             .call_blocking(move |e| {
                 while e.backfill_pending() {
                     e.backfill_step(1000).unwrap();
@@ -133,7 +156,7 @@ fn every_node_runs_the_groups_rule_set_and_each_change_once_in_one_order() {
             .unwrap()
     });
     assert_eq!(proposal.version.version, 2);
-    match a.worker.control().propose(proposal, WAIT).unwrap() {
+    match a.control().propose(proposal, WAIT).unwrap() {
         Outcome::Applied(_, version) => assert_eq!((version.version, version.author.as_str()), (2, "ann")),
         other => panic!("not applied: {other:?}"),
     }
@@ -153,8 +176,8 @@ fn every_node_runs_the_groups_rule_set_and_each_change_once_in_one_order() {
             .unwrap()
     });
     let (from_a, from_b) = std::thread::scope(|s| {
-        let sent_a = s.spawn(|| a.worker.control().propose(three_a, WAIT).unwrap());
-        let sent_b = s.spawn(|| b.worker.control().propose(three_b, WAIT).unwrap());
+        let sent_a = s.spawn(|| a.control().propose(three_a, WAIT).unwrap());
+        let sent_b = s.spawn(|| b.control().propose(three_b, WAIT).unwrap());
         (sent_a.join().unwrap(), sent_b.join().unwrap())
     });
     let winner = match (&from_a, &from_b) {
@@ -179,7 +202,7 @@ fn every_node_runs_the_groups_rule_set_and_each_change_once_in_one_order() {
             .unwrap()
     });
     assert_eq!(segment.version.version, current + 1);
-    let Outcome::Applied(update, _) = b.worker.control().propose(segment, WAIT).unwrap() else {
+    let Outcome::Applied(update, _) = b.control().propose(segment, WAIT).unwrap() else {
         panic!("a segment put from the current version is accepted");
     };
     assert_eq!(
@@ -276,7 +299,7 @@ fn shared_records_reach_every_nodes_sink_in_order_without_touching_the_chain() {
     let collect = |node: &Node, kind: &str| {
         let got = Arc::new(Mutex::new(Vec::new()));
         let into = got.clone();
-        node.worker.control().on_shared(
+        node.control().on_shared(
             kind,
             Box::new(move |r: &control::Shared| {
                 into.lock().unwrap().push((r.id.clone(), r.body["n"].clone()))
@@ -287,9 +310,9 @@ fn shared_records_reach_every_nodes_sink_in_order_without_touching_the_chain() {
     let a = Node::start(&brokers, "shared-a", FIRST, 0..2);
     let on_a = collect(&a, "key");
     for (id, n) in [("k1", 1), ("k2", 2)] {
-        a.worker.control().share(&record("key", id, n)).unwrap();
+        a.control().share(&record("key", id, n)).unwrap();
     }
-    a.worker.control().share(&record("webhook", "w1", 3)).unwrap();
+    a.control().share(&record("webhook", "w1", 3)).unwrap();
     let b = Node::start(&brokers, "shared-b", OTHER, 2..4);
     assert_eq!(
         b.running().1,
@@ -308,7 +331,7 @@ fn shared_records_reach_every_nodes_sink_in_order_without_touching_the_chain() {
     assert_eq!(*keys_b.lock().unwrap(), expected(&[("k1", 1), ("k2", 2)]));
     assert_eq!(*hooks_b.lock().unwrap(), expected(&[("w1", 3)]));
     // Written by B: read by both as it comes, after what was there.
-    b.worker.control().share(&record("key", "k1", 4)).unwrap();
+    b.control().share(&record("key", "k1", 4)).unwrap();
     let deadline = Instant::now() + WAIT;
     let all = expected(&[("k1", 1), ("k2", 2), ("k1", 4)]);
     while *on_a.lock().unwrap() != all || *keys_b.lock().unwrap() != all {
@@ -322,7 +345,7 @@ fn shared_records_reach_every_nodes_sink_in_order_without_touching_the_chain() {
     });
     assert_eq!(proposal.version.version, 2);
     assert!(matches!(
-        b.worker.control().propose(proposal, WAIT).unwrap(),
+        b.control().propose(proposal, WAIT).unwrap(),
         Outcome::Applied(..)
     ));
     a.wait_for_version(2);
@@ -333,7 +356,7 @@ fn shared_records_reach_every_nodes_sink_in_order_without_touching_the_chain() {
             latest: true,
             ..record("cursor", "c1", n)
         };
-        a.worker.control().share(&position).unwrap();
+        a.control().share(&position).unwrap();
     }
     let as_read = collect(&b, "cursor");
     let deadline = Instant::now() + WAIT;
