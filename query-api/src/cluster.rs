@@ -539,6 +539,45 @@ pub async fn every_other_node(
     answers
 }
 
+/// Every other live node's JSON answer to the same request ([`every_other_node`]).
+pub struct OtherAnswers {
+    /// Each node that answered, with its answer.
+    pub answers: Vec<(String, serde_json::Value)>,
+    /// Each node that did not (`{"node", "error"}`): an answer of every node's but theirs.
+    pub unanswered: Vec<serde_json::Value>,
+}
+
+/// [`every_other_node`], each success read as JSON; with `not_found_is_nothing`, a node
+/// answering 404 (it does not know the thing asked about yet) has nothing of it.
+pub async fn other_nodes_json(
+    app: &AppState,
+    headers: &axum::http::HeaderMap,
+    method: axum::http::Method,
+    path: &str,
+    not_found_is_nothing: bool,
+) -> OtherAnswers {
+    let mut other = OtherAnswers {
+        answers: Vec::new(),
+        unanswered: Vec::new(),
+    };
+    for (url, answer) in every_other_node(app, headers, method, path, Bytes::new()).await {
+        let why = match answer {
+            Ok((status, body)) if status.is_success() => match serde_json::from_slice(&body) {
+                Ok(answer) => {
+                    other.answers.push((url, answer));
+                    continue;
+                }
+                Err(e) => format!("answered what is not JSON: {e}"),
+            },
+            Ok((StatusCode::NOT_FOUND, _)) if not_found_is_nothing => continue,
+            Ok((status, body)) => format!("answered {status}: {}", String::from_utf8_lossy(&body)),
+            Err(e) => e,
+        };
+        other.unanswered.push(json!({ "node": url, "error": why }));
+    }
+    other
+}
+
 /// This node's URL among the group's, outside a group `None`.
 pub fn my_url(app: &AppState) -> Option<String> {
     app.cluster.as_ref().map(|c| c.members.url().to_owned())
@@ -782,26 +821,17 @@ pub async fn every_node_list(
 ) -> NodeLists {
     let me = my_url(app).unwrap_or_default();
     let mut lists = vec![(me, local)];
-    let mut unanswered = Vec::new();
-    let answers = every_other_node(app, headers, axum::http::Method::GET, path, Bytes::new()).await;
-    for (url, answer) in answers {
-        let why = match answer {
-            Ok((status, body)) if status.is_success() => {
-                match serde_json::from_slice::<serde_json::Value>(&body) {
-                    Ok(mut answer) => match answer[shape.field].take() {
-                        serde_json::Value::Array(items) => {
-                            lists.push((url, items));
-                            continue;
-                        }
-                        _ => format!("answered without `{}`", shape.field),
-                    },
-                    Err(e) => format!("answered what is not JSON: {e}"),
-                }
-            }
-            Ok((status, body)) => format!("answered {status}: {}", String::from_utf8_lossy(&body)),
-            Err(e) => e,
-        };
-        unanswered.push(serde_json::json!({ "node": url, "error": why }));
+    let OtherAnswers {
+        answers,
+        mut unanswered,
+    } = other_nodes_json(app, headers, axum::http::Method::GET, path, false).await;
+    for (url, mut answer) in answers {
+        match answer[shape.field].take() {
+            serde_json::Value::Array(items) => lists.push((url, items)),
+            _ => unanswered.push(
+                serde_json::json!({ "node": url, "error": format!("answered without `{}`", shape.field) }),
+            ),
+        }
     }
     unanswered.extend(not_heard(from, &lists, &unanswered));
     let mut merged = merge_node_lists(lists, shape, from, limit, newest_first);

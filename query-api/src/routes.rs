@@ -1880,30 +1880,14 @@ pub async fn purge_dead_letters(
     if app.cluster.is_none() || headers.contains_key(crate::cluster::FORWARDED) {
         return Ok(Json(json!({ "purged": purged })));
     }
-    let mut unanswered = Vec::new();
-    let answers = crate::cluster::every_other_node(
-        &app,
-        &headers,
-        axum::http::Method::DELETE,
-        "/v1/dlq",
-        Bytes::new(),
-    )
-    .await;
+    let crate::cluster::OtherAnswers {
+        answers,
+        mut unanswered,
+    } = crate::cluster::other_nodes_json(&app, &headers, axum::http::Method::DELETE, "/v1/dlq", false).await;
     for (url, answer) in answers {
-        match answer {
-            Ok((status, body)) if status.is_success() => {
-                let theirs = serde_json::from_slice::<Json_>(&body)
-                    .ok()
-                    .and_then(|a| a["purged"].as_u64());
-                match theirs {
-                    Some(n) => purged += n as usize,
-                    None => unanswered.push(json!({ "node": url, "error": "answered without `purged`" })),
-                }
-            }
-            Ok((status, body)) => unanswered.push(
-                json!({ "node": url, "error": format!("answered {status}: {}", String::from_utf8_lossy(&body)) }),
-            ),
-            Err(e) => unanswered.push(json!({ "node": url, "error": e })),
+        match answer["purged"].as_u64() {
+            Some(n) => purged += n as usize,
+            None => unanswered.push(json!({ "node": url, "error": "answered without `purged`" })),
         }
     }
     Ok(Json(json!({ "purged": purged, "unanswered": unanswered })))

@@ -754,27 +754,12 @@ async fn group_parts(
     if headers.contains_key(crate::cluster::FORWARDED) {
         return None;
     }
-    let mut parts = GroupParts {
+    let other = crate::cluster::other_nodes_json(app, headers, method, path, true).await;
+    Some(GroupParts {
         me,
-        answers: Vec::new(),
-        unanswered: Vec::new(),
-    };
-    for (url, answer) in crate::cluster::every_other_node(app, headers, method, path, Bytes::new()).await {
-        let why = match answer {
-            Ok((status, body)) if status.is_success() => match serde_json::from_slice::<Json_>(&body) {
-                Ok(answer) => {
-                    parts.answers.push((url, answer));
-                    continue;
-                }
-                Err(e) => format!("answered what is not JSON: {e}"),
-            },
-            Ok((StatusCode::NOT_FOUND, _)) => continue,
-            Ok((status, body)) => format!("answered {status}: {}", String::from_utf8_lossy(&body)),
-            Err(e) => e,
-        };
-        parts.unanswered.push(json!({ "node": url, "error": why }));
-    }
-    Some(parts)
+        answers: other.answers,
+        unanswered: other.unanswered,
+    })
 }
 
 fn with_node(mut letter: Json_, node: &str) -> Json_ {
