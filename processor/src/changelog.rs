@@ -14,7 +14,8 @@
 //! at a customer's first evaluation, as after a partition import), the customer numbers and
 //! the membership index (each store's own), the change log and the dead letters (the
 //! writing store's). Entries of the identity graph belong to the partition of the customer
-//! they describe (`c`, `s`) or of the identifier they name (`i`), as in the design's §6.
+//! they describe (`c`, `s`, and `m`: a customer handed over to a survivor in another store)
+//! or, for an owner entry (`i`), of its canonical customer ([`Family::partition_of_write`]).
 //!
 //! Restoring ([`Restore`]) is order-free and idempotent: per key, the write of the highest
 //! commit wins, so deltas read in any order, or read twice, give the same state.
@@ -91,7 +92,7 @@ impl Family {
             Family::Timers => key.get(8..),
             Family::Dedup => None,
             Family::Identities => match key.first()? {
-                b'c' | b's' | b'i' => key.get(1..),
+                b'c' | b's' | b'i' | b'm' => key.get(1..),
                 _ => None,
             },
         }

@@ -1050,3 +1050,237 @@ fn an_event_named_only_by_ids_takes_the_clock_of_its_customers_partition() {
         "the clock of partition {home}, not of partition {nameless}"
     );
 }
+
+/// [`tell`], each event's `ts` made unique (kept within its second, by its place in the
+/// story): two stores order events of the same `ts` by their own arrival numbers.
+fn tell_unique(stories: &[Story], first_id: usize, ts: &mut i64) -> (Vec<String>, Vec<String>) {
+    let (lines, named) = tell(stories, first_id, ts);
+    let unique = |lines: Vec<String>| -> Vec<String> {
+        lines
+            .into_iter()
+            .enumerate()
+            .map(|(n, line)| {
+                let mut event: serde_json::Value = serde_json::from_str(&line).unwrap();
+                let ts = event["ts"].as_i64().unwrap();
+                event["ts"] = (ts / 1000 * 1000 + (first_id + n) as i64 % 1000).into();
+                event.to_string()
+            })
+            .collect()
+    };
+    (unique(lines), unique(named))
+}
+
+/// A change as two stores can agree on it: without `seq`.
+fn change_key(c: &processor::Change) -> (String, String, String, String, i64, String) {
+    (
+        c.customer_id.to_string(),
+        format!("{:?}", c.kind),
+        c.name.to_string(),
+        format!("{:?}", c.op),
+        c.at,
+        c.cause.as_string(),
+    )
+}
+
+fn sorted_changes(changes: &[processor::Change]) -> Vec<(String, String, String, String, i64, String)> {
+    let mut keys: Vec<_> = changes.iter().map(change_key).collect();
+    keys.sort();
+    keys
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// A merge across two stores — the absorbed customer handed over by the store holding
+    /// it, taken by the store holding the survivor — ends where a merge in one store holding
+    /// both ends: the same changes, the same survivor as later events go on, and the same
+    /// two customers when it is undone.
+    #[test]
+    fn a_merge_handed_over_between_stores_ends_like_one_in_one_store(
+        before in prop::collection::vec(story_event(), 1..25),
+        during in prop::collection::vec(story_event(), 0..20),
+        workers in 1usize..3,
+    ) {
+        let (one_dir, held_dir, survivor_dir) = (
+            TempDir::new("handover-one"),
+            TempDir::new("handover-absorbed"),
+            TempDir::new("handover-survivor"),
+        );
+        let mut one = open(&one_dir, workers);
+        let mut held = open(&held_dir, workers);
+        let mut kept = open(&survivor_dir, workers);
+        let mut before: Vec<Story> = before.into_iter().map(|s| Story { link: false, ..s }).collect();
+        before.push(Story { who: 0, link: false, kind: 1, amount: 1, dt_minutes: 1, city: None, extra_ids: true });
+        before.push(Story { who: 1, link: false, kind: 2, amount: 3, dt_minutes: 1, city: Some(true), extra_ids: true });
+        let mut ts = BASE;
+        let (lines, _) = tell_unique(&before, 0, &mut ts);
+        let (mine, theirs): (Vec<_>, Vec<_>) = before.iter().zip(&lines).partition(|(s, _)| s.who == 1);
+        let mine: Vec<String> = mine.into_iter().map(|(_, l)| l.clone()).collect();
+        let theirs: Vec<String> = theirs.into_iter().map(|(_, l)| l.clone()).collect();
+        ingest_in_batches(&mut one, &lines, &[]);
+        ingest_in_batches(&mut held, &mine, &[]);
+        ingest_in_batches(&mut kept, &theirs, &[]);
+        let absorbed = "phone:13800000001";
+        for engine in [&mut one, &mut held] {
+            engine.set_manual_tag(absorbed, "seafood", None).unwrap();
+        }
+        // The three clocks at one instant, so that every change is made at the same `at`.
+        let clock = lines
+            .iter()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["ts"].as_i64().unwrap())
+            .max()
+            .unwrap();
+        for engine in [&mut one, &mut held, &mut kept] {
+            engine.advance_clock(clock).unwrap();
+        }
+
+        let merged = one.merge_customers("s", &[absorbed.to_owned()], None).unwrap();
+        let handed = held.hand_over(absorbed, "s", None).unwrap();
+        let taken = kept.take_handover(&handed.frame).unwrap();
+        prop_assert!(taken.changes.iter().any(|c| c.op == processor::Op::Merge));
+        let mut split: Vec<processor::Change> = handed.changes.clone();
+        split.extend(taken.changes.iter().cloned());
+        prop_assert_eq!(sorted_changes(&split), sorted_changes(&merged.changes));
+        // Delivered twice, taken once.
+        prop_assert!(kept.take_handover(&handed.frame).unwrap().changes.is_empty());
+        // Gone from the store that held it, which still knows where it went.
+        prop_assert!(held.customer(absorbed).unwrap().is_none());
+        prop_assert_eq!(&*held.canonical_id(absorbed), "s");
+        prop_assert_eq!(held.identify("phone", "13800000001").unwrap(), None);
+        prop_assert_eq!(ask(&kept, "phone", "13800000001"), Arc::from("s"));
+
+        let (lines, _) = tell_unique(&during, 1000, &mut ts);
+        ingest_in_batches(&mut one, &lines, &[]);
+        ingest_in_batches(&mut kept, &lines, &[]);
+        let end = BASE + 200 * 24 * HOUR;
+        for at in [None, Some(end)] {
+            if let Some(at) = at {
+                one.advance_clock(at).unwrap();
+                kept.advance_clock(at).unwrap();
+            }
+            let got = kept.customer("s").unwrap().expect("the survivor");
+            let want = one.customer("s").unwrap().expect("the survivor");
+            prop_assert_eq!(summary(&got), summary(&want), "at {:?}", at);
+            // The absorbed id names the survivor in both.
+            let by_alias = kept.customer(absorbed).unwrap().expect("the alias");
+            prop_assert_eq!(summary(&by_alias), summary(&want));
+        }
+        prop_assert_eq!(kept.identifiers("s").unwrap(), one.identifiers("s").unwrap());
+
+        // What an unmerge needs came with the handover.
+        one.unmerge_customers("s", &[absorbed.to_owned()], None).unwrap();
+        kept.unmerge_customers("s", &[absorbed.to_owned()], None).unwrap();
+        for customer in ["s", absorbed] {
+            let got = kept.customer(customer).unwrap().expect("both again");
+            let want = one.customer(customer).unwrap().expect("both again");
+            prop_assert_eq!(summary(&got), summary(&want), "customer {} after the unmerge", customer);
+        }
+    }
+}
+
+#[test]
+fn a_handover_waits_in_its_store_until_delivered_and_is_refused_where_it_cannot_be() {
+    let (held_dir, kept_dir) = (TempDir::new("handover-pending"), TempDir::new("handover-kept"));
+    let mut held = open(&held_dir, 1);
+    let mut kept = open(&kept_dir, 1);
+    let event = |customer: &str, n: i64| {
+        serde_json::json!({"customer_id": customer, "type": "payment", "ts": BASE + n, "props": {"amount": 2500}})
+            .to_string()
+    };
+    // `a` and `s` paid at the same instant, each the first event of its store (the same
+    // arrival number there); `x` was merged into `a` before.
+    held.ingest(&[event("a", 1), event("b", 2), event("x", 4)])
+        .unwrap();
+    kept.ingest(&[event("s", 1)]).unwrap();
+    held.set_manual_tag("x", "seafood", None).unwrap();
+    held.merge_customers("a", &["x".to_owned()], None).unwrap();
+    let spend = |engine: &Engine, customer: &str| {
+        let view = engine.customer(customer).unwrap().expect("the customer");
+        view.traits.get("spend").map(|v| v.to_string())
+    };
+
+    // Both held here: a merge here, not a handover. Nothing here by that name: not found.
+    assert!(matches!(
+        held.hand_over("a", "b", None),
+        Err(processor::EngineError::Conflict(_))
+    ));
+    assert!(matches!(
+        held.hand_over("a", "a", None),
+        Err(processor::EngineError::Conflict(_))
+    ));
+    assert!(matches!(
+        held.hand_over("nosuch", "s", None),
+        Err(processor::EngineError::NotFound(_))
+    ));
+    assert!(matches!(
+        kept.take_handover(b"not a frame"),
+        Err(processor::EngineError::Conflict(_))
+    ));
+
+    let handed = held.hand_over("a", "s", Some("crm-staff")).unwrap();
+    assert!(handed.changes.iter().all(|c| &*c.customer_id == "a"
+        && c.op == processor::Op::Remove
+        && c.cause.as_string() == "manual:crm-staff"));
+    assert!(!handed.changes.is_empty(), "a big spender leaves its tag");
+    // Handed over once: the id now names the survivor, held elsewhere.
+    assert!(matches!(
+        held.hand_over("a", "s", None),
+        Err(processor::EngineError::NotFound(_))
+    ));
+    let pending = held.pending_handovers().unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(
+        (pending[0].absorbed.as_str(), pending[0].survivor.as_str()),
+        ("a", "s")
+    );
+    assert_eq!(pending[0].frame, handed.frame);
+
+    // The frame and the alias outlive a restart.
+    drop(held);
+    let mut held = open(&held_dir, 1);
+    assert_eq!(held.pending_handovers().unwrap().len(), 1);
+    assert_eq!(&*held.canonical_id("a"), "s");
+
+    // A store without the survivor cannot take it.
+    let (other_dir, _) = (TempDir::new("handover-other"), ());
+    let mut other = open(&other_dir, 1);
+    assert!(matches!(
+        other.take_handover(&handed.frame),
+        Err(processor::EngineError::NotFound(_))
+    ));
+
+    let taken = kept.take_handover(&handed.frame).unwrap();
+    assert_eq!(
+        taken
+            .changes
+            .iter()
+            .filter(|c| c.op == processor::Op::Merge)
+            .count(),
+        1
+    );
+    assert_eq!(&*kept.canonical_id("a"), "s");
+    assert_eq!(&*kept.canonical_id("x"), "s");
+    // `x`'s payment is ahead of the survivor's clock (its partition has not seen that
+    // instant): it counts once the clock gets there, like any event from its future.
+    assert_eq!(spend(&kept, "s").as_deref(), Some("5000"));
+    kept.advance_clock(BASE + 10).unwrap();
+    // Every payment of the three, none written over another of the same instant.
+    assert_eq!(spend(&kept, "s").as_deref(), Some("7500"));
+    // What was merged into `a` before can be split off where `a` went.
+    kept.unmerge_customers("s", &["x".to_owned()], None).unwrap();
+    assert_eq!(spend(&kept, "x").as_deref(), Some("2500"));
+    let x = kept.customer("x").unwrap().unwrap();
+    assert!(x.tags.contains_key("seafood"), "its manual tag back: {x:?}");
+    assert_eq!(spend(&kept, "s").as_deref(), Some("5000"));
+    held.handover_delivered("a").unwrap();
+    assert!(held.pending_handovers().unwrap().is_empty());
+    held.handover_delivered("a").unwrap();
+    assert!(matches!(
+        held.handover_delivered("nosuch"),
+        Err(processor::EngineError::NotFound(_))
+    ));
+    drop(held);
+    let held = open(&held_dir, 1);
+    assert_eq!(&*held.canonical_id("a"), "s");
+    assert!(held.pending_handovers().unwrap().is_empty());
+}

@@ -65,7 +65,7 @@ pub(super) struct Moved {
 
 /// What an absorbed customer hands to the survivor.
 pub(super) struct Handover {
-    events: Vec<Moved>,
+    pub(super) events: Vec<Moved>,
     pub(super) profile: BTreeMap<Arc<str>, ProfileEntry>,
     pub(super) manual: BTreeMap<Arc<str>, ManualTag>,
     /// Event tag matches older than the retained history (kept, as a rebuild cannot find
@@ -182,6 +182,7 @@ impl Aliases {
                 aliases.insert(Arc::from(id), Arc::from(parse_owner_value(&value).0));
             }
         }
+        super::handover::load_moved(store, &mut aliases)?;
         Ok(aliases)
     }
 
@@ -566,34 +567,8 @@ impl Engine {
                 None => self.id_record(canonical, batch)?,
             };
             for absorbed in &resolution.absorbed {
-                let mut theirs = self.id_record(absorbed, batch)?;
-                if !theirs.owns(CUSTOMER_ID, absorbed) {
-                    // A customer made for an event without `customer_id` is named after its
-                    // best identifier: that name resolves to the survivor too.
-                    theirs.ids.push(IdEntry {
-                        id_type: Arc::from(CUSTOMER_ID),
-                        value: absorbed.to_string(),
-                        origin: absorbed.clone(),
-                    });
-                }
-                for entry in &theirs.ids {
-                    let owner = Some(owner_value(canonical, &entry.origin));
-                    self.identity_put(batch, owner_key(&entry.id_type, &entry.value), owner);
-                    if &*entry.id_type == CUSTOMER_ID {
-                        self.aliases
-                            .insert(Arc::from(entry.value.as_str()), canonical.clone());
-                    }
-                }
-                survivor.ids.append(&mut theirs.ids);
-                survivor.absorbed.append(&mut theirs.absorbed);
-                survivor.absorbed.push((absorbed.clone(), canonical.clone()));
-                // A merge by hand overrides an earlier split; other splits carry over.
-                survivor.apart.retain(|x| self.canonical_id(x) != *canonical);
-                for other in theirs.apart {
-                    if self.canonical_id(&other) != *canonical && !survivor.apart.contains(&other) {
-                        survivor.apart.push(other);
-                    }
-                }
+                let theirs = self.id_record(absorbed, batch)?;
+                self.adopt(canonical, &mut survivor, absorbed, theirs, batch);
                 self.identity_put(batch, record_key(absorbed), None);
             }
             record = Some(survivor);
@@ -641,6 +616,47 @@ impl Engine {
         Ok(origin)
     }
 
+    /// The graph's half of a merge: every identifier `theirs` (the record of `absorbed`)
+    /// holds names `canonical` from now on, and `survivor` (the record of `canonical`)
+    /// takes them over with what `absorbed` had absorbed and been kept apart from. The
+    /// absorbed customer's own record is the caller's to delete where it is held.
+    pub(super) fn adopt(
+        &mut self,
+        canonical: &Arc<str>,
+        survivor: &mut IdRecord,
+        absorbed: &Arc<str>,
+        mut theirs: IdRecord,
+        batch: &mut Batch,
+    ) {
+        if !theirs.owns(CUSTOMER_ID, absorbed) {
+            // A customer made for an event without `customer_id` is named after its best
+            // identifier: that name resolves to the survivor too.
+            theirs.ids.push(IdEntry {
+                id_type: Arc::from(CUSTOMER_ID),
+                value: absorbed.to_string(),
+                origin: absorbed.clone(),
+            });
+        }
+        for entry in &theirs.ids {
+            let owner = Some(owner_value(canonical, &entry.origin));
+            self.identity_put(batch, owner_key(&entry.id_type, &entry.value), owner);
+            if &*entry.id_type == CUSTOMER_ID {
+                self.aliases
+                    .insert(Arc::from(entry.value.as_str()), canonical.clone());
+            }
+        }
+        survivor.ids.append(&mut theirs.ids);
+        survivor.absorbed.append(&mut theirs.absorbed);
+        survivor.absorbed.push((absorbed.clone(), canonical.clone()));
+        // A merge by hand overrides an earlier split; other splits carry over.
+        survivor.apart.retain(|x| self.canonical_id(x) != *canonical);
+        for other in theirs.apart {
+            if self.canonical_id(&other) != *canonical && !survivor.apart.contains(&other) {
+                survivor.apart.push(other);
+            }
+        }
+    }
+
     /// Moves each absorbed customer's retained history, profile and manual tags to
     /// `survivor` and rebuilds the survivor from the union; the absorbed leave every tag and
     /// segment and are deleted. What an unmerge needs is kept in the graph. In a dealt round
@@ -683,7 +699,7 @@ impl Engine {
 impl Worker<'_> {
     /// The survivor's half of a merge: it absorbs the handovers of `absorbed` (in order),
     /// and what an unmerge needs of each is kept in the graph (in this shard's batch).
-    fn take_over(
+    pub(super) fn take_over(
         &mut self,
         survivor: &Arc<str>,
         absorbed: &[Arc<str>],
@@ -849,7 +865,6 @@ impl Worker<'_> {
         now: i64,
         cause: &Cause,
     ) -> Result<Handover, EngineError> {
-        self.shard.batch.placed_out_of_order = true;
         self.record_change(
             survivor,
             MemberKind::Customer,
@@ -858,6 +873,19 @@ impl Worker<'_> {
             now,
             cause,
         );
+        self.depart(customer, now, cause)
+    }
+
+    /// The absorbed customer's half of a merge without its record in the change log (the
+    /// survivor's side makes that): it leaves every tag and segment and is deleted.
+    /// Returns what the survivor takes over.
+    pub(super) fn depart(
+        &mut self,
+        customer: &Arc<str>,
+        now: i64,
+        cause: &Cause,
+    ) -> Result<Handover, EngineError> {
+        self.shard.batch.placed_out_of_order = true;
         let exists = self.shard.cache.contains_key(customer)
             || self
                 .ctx

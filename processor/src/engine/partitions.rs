@@ -425,6 +425,12 @@ impl Engine {
             summary.customers += 1;
             dropped.push((id, state.timer));
         }
+        // Customers handed over from this partition to another store's survivors.
+        for (key, _) in self.store.scan_prefix(crate::store::CF_IDENTITIES, b"m")? {
+            if partition_of(&key[1..], partitions) == partition {
+                wb.delete_cf(self.store.cf(crate::store::CF_IDENTITIES), key);
+            }
+        }
         also(&self.store, &mut wb)?;
         // A partition's own clock goes with it: whoever holds it next brings theirs.
         let clock_key = partition_clock_key(partition);

@@ -1,0 +1,458 @@
+//! A merge across stores (issue #21, `docs/design/cluster.md` §6): the absorbed customer
+//! leaves in the store that holds it and is handed over, as one frame, to the store that
+//! holds its survivor. On one store a merge does both halves in one commit
+//! ([`super::identity`]); in a group the two customers may live in partitions two nodes own,
+//! so each half is a commit of its own store:
+//!
+//! 1. [`Engine::hand_over`], where the absorbed customer is held: it leaves every tag and
+//!    segment (`remove` changes) and is deleted with its identity graph entries; its
+//!    retained events (with the id, origin and profile kept beside each), profile, manual
+//!    tags, event tag matches older than the history, graph record and the snapshots of
+//!    customers merged into it before go into a frame, kept in the graph under `m` + its
+//!    id (the *moved* entry, which belongs to the absorbed customer's partition and moves
+//!    with it) until [`Engine::handover_delivered`] says the survivor's store has it. The
+//!    moved entry stays afterwards, without the frame, naming the survivor: the absorbed id
+//!    resolves to it here, as an alias does on one store.
+//! 2. [`Engine::take_handover`], where the survivor is held: the frame's events are
+//!    numbered after this store's (arrival numbers are each store's own), the identifiers
+//!    re-pointed to the survivor, the merge recorded in the change log, the survivor
+//!    rebuilt over the union of the histories and what an unmerge needs kept — what a
+//!    merge on one store does on the survivor's side. Taking a frame the survivor already
+//!    took changes nothing, so a frame delivered twice counts once.
+//!
+//! Between the two, the person is briefly two customers' worth of state in flight: the
+//! absorbed customer is gone from every count, the survivor not yet judged over the union.
+//! Ties between events of the two customers at the same `ts` are ordered by the survivor's
+//! store (its events first), where one store would order them by arrival.
+
+use super::identity::{snapshot_key, Handover, Moved};
+use super::*;
+use crate::codec::{CodecError, Reader, Writer};
+use crate::identity::{owner_key, record_key, IdRecord, CUSTOMER_ID};
+use crate::state::{read_manual, read_profile, write_manual, write_profile};
+use crate::store::CF_IDENTITIES;
+
+/// The frame encoding's version (its first byte).
+const FRAME_FORMAT: u8 = 1;
+
+/// The graph key of a customer handed over to a survivor in another store: `m` + its id.
+pub fn moved_key(customer: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + customer.len());
+    key.push(b'm');
+    key.extend_from_slice(customer.as_bytes());
+    key
+}
+
+/// A moved entry's value: the survivor, and the frame while it is not yet delivered.
+fn moved_value(survivor: &str, frame: Option<&[u8]>) -> Vec<u8> {
+    let mut w = Writer::new();
+    w.str(survivor);
+    match frame {
+        None => w.u8(0),
+        Some(frame) => {
+            w.u8(1);
+            w.bytes(frame);
+        }
+    }
+    w.buf
+}
+
+/// Reads a moved entry's value back: (survivor, undelivered frame).
+fn parse_moved_value(value: &[u8]) -> Result<(String, Option<Vec<u8>>), CodecError> {
+    let mut r = Reader::new(value);
+    let survivor = r.str()?.to_owned();
+    let frame = match r.u8()? {
+        0 => None,
+        _ => Some(r.bytes()?.to_vec()),
+    };
+    Ok((survivor, frame))
+}
+
+/// A customer handed over by [`Engine::hand_over`].
+#[derive(Debug)]
+pub struct HandedOver {
+    pub absorbed: Arc<str>,
+    pub survivor: Arc<str>,
+    /// What the survivor's store takes ([`Engine::take_handover`]).
+    pub frame: Vec<u8>,
+    /// The absorbed customer leaving its tags and segments.
+    pub changes: Vec<Change>,
+}
+
+/// A handover made here whose frame the survivor's store has not yet been known to take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingHandover {
+    pub absorbed: String,
+    pub survivor: String,
+    pub frame: Vec<u8>,
+}
+
+/// What one store hands another: everything of the absorbed customer a merge moves.
+struct Frame {
+    absorbed: Arc<str>,
+    survivor: Arc<str>,
+    cause: Cause,
+    /// The absorbed customer's graph record (its implicit one when it had none).
+    record: IdRecord,
+    /// Snapshots kept for customers merged into the absorbed one before: (id, value).
+    snapshots: Vec<(Arc<str>, Vec<u8>)>,
+    handover: Handover,
+}
+
+impl Frame {
+    fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u8(FRAME_FORMAT);
+        w.str(&self.absorbed);
+        w.str(&self.survivor);
+        w.str(&self.cause.as_string());
+        w.bytes(&self.record.encode());
+        w.u64(self.snapshots.len() as u64);
+        for (customer, value) in &self.snapshots {
+            w.str(customer);
+            w.bytes(value);
+        }
+        let handover = &self.handover;
+        w.u64(handover.events.len() as u64);
+        for moved in &handover.events {
+            let event = &moved.event;
+            w.str(&event.event_type);
+            w.i64(event.ts);
+            w.u64(event.arrival);
+            w.props(&event.props);
+            match &moved.event_id {
+                None => w.u8(0),
+                Some(id) => {
+                    w.u8(1);
+                    w.str(id);
+                }
+            }
+            w.str(&moved.origin);
+            w.u64(moved.profile.len() as u64);
+            for (name, value) in &moved.profile {
+                w.str(name);
+                match value {
+                    None => w.u8(0),
+                    Some(v) => {
+                        w.u8(1);
+                        w.value(v);
+                    }
+                }
+            }
+        }
+        write_profile(&mut w, &handover.profile);
+        write_manual(&mut w, &handover.manual);
+        w.u64(handover.old_matches.len() as u64);
+        for (name, ts) in &handover.old_matches {
+            w.str(name);
+            w.i64(*ts);
+        }
+        w.buf
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Frame, CodecError> {
+        let mut r = Reader::new(bytes);
+        if r.u8()? != FRAME_FORMAT {
+            return Err(CodecError("a handover frame of an unknown format"));
+        }
+        let absorbed = r.arc_str()?;
+        let survivor = r.arc_str()?;
+        let cause = Cause::parse(r.str()?).ok_or(CodecError("a handover frame's cause"))?;
+        let record = IdRecord::decode(r.bytes()?)?;
+        let mut snapshots = Vec::new();
+        for _ in 0..r.len()? {
+            snapshots.push((r.arc_str()?, r.bytes()?.to_vec()));
+        }
+        let mut events = Vec::new();
+        for _ in 0..r.len()? {
+            let event_type = r.arc_str()?;
+            let (ts, arrival) = (r.i64()?, r.u64()?);
+            let props = r.props()?;
+            let event_id = match r.u8()? {
+                0 => None,
+                _ => Some(r.str()?.to_owned()),
+            };
+            let origin = r.arc_str()?;
+            let mut profile = Vec::new();
+            for _ in 0..r.len()? {
+                let name = r.arc_str()?;
+                let value = match r.u8()? {
+                    0 => None,
+                    _ => Some(r.value()?),
+                };
+                profile.push((name, value));
+            }
+            events.push(Moved {
+                event: rules::Event {
+                    event_type,
+                    ts,
+                    arrival,
+                    props,
+                },
+                event_id,
+                origin,
+                profile,
+            });
+        }
+        let profile = read_profile(&mut r)?;
+        let manual = read_manual(&mut r)?;
+        let mut old_matches = Vec::new();
+        for _ in 0..r.len()? {
+            old_matches.push((r.arc_str()?, r.i64()?));
+        }
+        if !r.is_empty() {
+            return Err(CodecError("bytes after a handover frame's end"));
+        }
+        Ok(Frame {
+            absorbed,
+            survivor,
+            cause,
+            record,
+            snapshots,
+            handover: Handover {
+                events,
+                profile,
+                manual,
+                old_matches,
+            },
+        })
+    }
+}
+
+impl Engine {
+    /// The first half of a merge across stores: `absorbed`, held here, leaves every tag
+    /// and segment and is deleted, and is handed to `survivor` (held by another store) as
+    /// a frame, kept here until [`Engine::handover_delivered`]. The change log records the
+    /// leaving with `by` (the API key's name) as the cause; the survivor's store records
+    /// the merge.
+    pub fn hand_over(
+        &mut self,
+        absorbed: &str,
+        survivor: &str,
+        by: Option<&str>,
+    ) -> Result<HandedOver, EngineError> {
+        self.settle();
+        let absorbed = self.existing_customer(absorbed)?;
+        let survivor: Arc<str> = Arc::from(rules::normalize(survivor).as_ref());
+        if survivor.is_empty() || survivor == absorbed {
+            return Err(EngineError::Conflict(format!(
+                "`{absorbed}` cannot be handed over to `{survivor}`"
+            )));
+        }
+        if self.read_customer(&self.canonical_id(&survivor))?.is_some() {
+            return Err(EngineError::Conflict(format!(
+                "`{survivor}` is held here too: merge the two here"
+            )));
+        }
+        let cause = by.map_or(Cause::Manual, |k| Cause::ManualBy(k.to_owned()));
+        let (frame, changes) = self.transact(|engine, batch| {
+            let record = engine.id_record(&absorbed, batch)?;
+            let mut snapshots = Vec::new();
+            for (customer, _) in &record.absorbed {
+                let key = snapshot_key(customer);
+                if let Some(value) = engine.identity_get(&key, batch)? {
+                    snapshots.push((customer.clone(), value.to_vec()));
+                    engine.identity_put(batch, key, None);
+                }
+            }
+            for entry in &record.ids {
+                engine.identity_put(batch, owner_key(&entry.id_type, &entry.value), None);
+                if &*entry.id_type == CUSTOMER_ID {
+                    engine
+                        .aliases
+                        .insert(Arc::from(entry.value.as_str()), survivor.clone());
+                }
+            }
+            engine.aliases.insert(absorbed.clone(), survivor.clone());
+            engine.identity_put(batch, record_key(&absorbed), None);
+            let now = engine.now_for(&absorbed);
+            let (leaving, why) = (absorbed.clone(), cause.clone());
+            let handover = engine.with_worker(&absorbed, 0, move |w| w.depart(&leaving, now, &why))?;
+            let frame = Frame {
+                absorbed: absorbed.clone(),
+                survivor: survivor.clone(),
+                cause: cause.clone(),
+                record,
+                snapshots,
+                handover,
+            }
+            .encode();
+            engine.identity_put(
+                batch,
+                moved_key(&absorbed),
+                Some(moved_value(&survivor, Some(&frame))),
+            );
+            Ok(frame)
+        })?;
+        Ok(HandedOver {
+            absorbed,
+            survivor,
+            frame,
+            changes,
+        })
+    }
+
+    /// The second half of a merge across stores: the survivor named in `frame` (made by
+    /// [`Engine::hand_over`] in another store) takes the absorbed customer over, as a merge
+    /// on one store does. A frame the survivor took already changes nothing.
+    pub fn take_handover(&mut self, frame: &[u8]) -> Result<Merged, EngineError> {
+        self.settle();
+        let frame =
+            Frame::decode(frame).map_err(|e| EngineError::Conflict(format!("not a handover frame: {e}")))?;
+        let survivor = self.existing_customer(&frame.survivor)?;
+        let absorbed = frame.absorbed.clone();
+        let record = self.id_record(&survivor, &Batch::default())?;
+        if record.absorbed.iter().any(|(a, _)| *a == absorbed) {
+            return Ok(Merged {
+                survivor,
+                absorbed: vec![absorbed],
+                changes: Vec::new(),
+            });
+        }
+        let Frame {
+            cause,
+            record: theirs,
+            snapshots,
+            mut handover,
+            ..
+        } = frame;
+        let (_, changes) = self.transact(|engine, batch| {
+            // Arrival numbers are each store's own: the moved events are numbered after
+            // this store's, in their order.
+            handover.events.sort_by_key(|m| (m.event.ts, m.event.arrival));
+            for moved in &mut handover.events {
+                moved.event.arrival = engine.counters.next_arrival;
+                engine.counters.next_arrival += 1;
+            }
+            let mut record = engine.id_record(&survivor, batch)?;
+            engine.adopt(&survivor, &mut record, &absorbed, theirs, batch);
+            engine.identity_put(batch, record_key(&survivor), Some(record.encode()));
+            for (customer, value) in snapshots {
+                engine.identity_put(batch, snapshot_key(&customer), Some(value));
+            }
+            engine.identity_counts.merged(1);
+            let arrival = engine.counters.next_arrival;
+            let now = engine.now_for(&survivor);
+            let (into, gone) = (survivor.clone(), absorbed.clone());
+            engine.with_worker(&survivor, 0, move |w| {
+                w.shard.batch.placed_out_of_order = true;
+                w.record_change(&into, MemberKind::Customer, gone.clone(), Op::Merge, now, &cause);
+                w.take_over(&into, &[gone], vec![handover], (arrival, now), &cause)
+            })
+        })?;
+        Ok(Merged {
+            survivor,
+            absorbed: vec![absorbed],
+            changes,
+        })
+    }
+
+    /// The handovers made here whose frames are not yet known delivered, oldest id first.
+    pub fn pending_handovers(&self) -> Result<Vec<PendingHandover>, EngineError> {
+        let mut pending = Vec::new();
+        for (key, value) in self.store.scan_prefix(CF_IDENTITIES, b"m")? {
+            let (survivor, frame) = parse_moved_value(&value).map_err(StoreError::from)?;
+            if let Some(frame) = frame {
+                pending.push(PendingHandover {
+                    absorbed: String::from_utf8_lossy(&key[1..]).into_owned(),
+                    survivor,
+                    frame,
+                });
+            }
+        }
+        Ok(pending)
+    }
+
+    /// Records that the survivor's store took the frame of `absorbed`'s handover: the
+    /// frame is dropped, the moved entry naming the survivor stays.
+    pub fn handover_delivered(&mut self, absorbed: &str) -> Result<(), EngineError> {
+        self.settle();
+        let key = moved_key(absorbed);
+        let Some(value) = self.store.get(CF_IDENTITIES, &key)? else {
+            return Err(EngineError::NotFound(format!(
+                "no customer `{absorbed}` was handed over from here"
+            )));
+        };
+        let (survivor, frame) = parse_moved_value(&value).map_err(StoreError::from)?;
+        if frame.is_none() {
+            return Ok(());
+        }
+        self.transact(|engine, batch| {
+            engine.identity_put(batch, key, Some(moved_value(&survivor, None)));
+            Ok(())
+        })?;
+        Ok(())
+    }
+}
+
+/// Adds every customer handed over from `store` to `aliases`, naming its survivor (what
+/// the graph's owner entries give for a merge on one store).
+pub(super) fn load_moved(store: &Store, aliases: &mut super::identity::Aliases) -> Result<(), StoreError> {
+    for (key, value) in store.scan_prefix(CF_IDENTITIES, b"m")? {
+        let (survivor, _) = parse_moved_value(&value)?;
+        aliases.insert(
+            Arc::from(String::from_utf8_lossy(&key[1..]).as_ref()),
+            Arc::from(survivor.as_str()),
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_frame_reads_back_as_written_and_refuses_what_is_not_one() {
+        let frame = Frame {
+            absorbed: Arc::from("phone:13800000001"),
+            survivor: Arc::from("s"),
+            cause: Cause::ManualBy("crm-staff".into()),
+            record: IdRecord::implicit("phone:13800000001"),
+            snapshots: vec![(Arc::from("x"), vec![1, 2, 3])],
+            handover: Handover {
+                events: vec![Moved {
+                    event: rules::Event {
+                        event_type: Arc::from("payment"),
+                        ts: 1_740_000_000_000,
+                        arrival: 7,
+                        props: rules::Props::default(),
+                    },
+                    event_id: Some("e1".into()),
+                    origin: Arc::from("x"),
+                    profile: vec![
+                        (Arc::from("city"), Some(rules::Value::Str(Arc::from("杭州")))),
+                        (Arc::from("tier"), None),
+                    ],
+                }],
+                profile: BTreeMap::new(),
+                manual: BTreeMap::from([(
+                    Arc::from("called"),
+                    ManualTag {
+                        since: 5,
+                        expires_at: Some(9),
+                    },
+                )]),
+                old_matches: vec![(Arc::from("seafood"), 3)],
+            },
+        };
+        let bytes = frame.encode();
+        let back = Frame::decode(&bytes).unwrap();
+        assert_eq!(back.encode(), bytes);
+        assert_eq!(&*back.survivor, "s");
+        assert_eq!(back.cause, Cause::ManualBy("crm-staff".into()));
+        assert_eq!(back.handover.events[0].event.arrival, 7);
+        assert_eq!(back.handover.events[0].profile.len(), 2);
+        assert!(Frame::decode(&bytes[..bytes.len() - 1]).is_err());
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(Frame::decode(&longer).is_err());
+        assert!(Frame::decode(&[9]).is_err());
+        let value = moved_value("s", Some(&bytes));
+        assert_eq!(parse_moved_value(&value).unwrap(), ("s".to_owned(), Some(bytes)));
+        assert_eq!(
+            parse_moved_value(&moved_value("s", None)).unwrap(),
+            ("s".to_owned(), None)
+        );
+    }
+}
