@@ -1271,7 +1271,11 @@ fn a_handover_waits_in_its_store_until_delivered_and_is_refused_where_it_cannot_
     assert_eq!(spend(&kept, "x").as_deref(), Some("2500"));
     let x = kept.customer("x").unwrap().unwrap();
     assert!(x.tags.contains_key("seafood"), "its manual tag back: {x:?}");
-    assert_eq!(spend(&kept, "s").as_deref(), Some("5000"));
+    // And `a` itself; the frame delivered again after that merges nothing again.
+    kept.unmerge_customers("s", &["a".to_owned()], None).unwrap();
+    assert!(kept.take_handover(&handed.frame).unwrap().changes.is_empty());
+    assert_eq!(spend(&kept, "s").as_deref(), Some("2500"));
+    assert_eq!(spend(&kept, "a").as_deref(), Some("2500"));
     held.handover_delivered("a").unwrap();
     assert!(held.pending_handovers().unwrap().is_empty());
     held.handover_delivered("a").unwrap();

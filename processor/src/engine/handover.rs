@@ -17,8 +17,9 @@
 //!    numbered after this store's (arrival numbers are each store's own), the identifiers
 //!    re-pointed to the survivor, the merge recorded in the change log, the survivor
 //!    rebuilt over the union of the histories and what an unmerge needs kept — what a
-//!    merge on one store does on the survivor's side. Taking a frame the survivor already
-//!    took changes nothing, so a frame delivered twice counts once.
+//!    merge on one store does on the survivor's side. Each frame has an id, and the
+//!    survivor's store keeps the ids it took (`t` + survivor + NUL + id, in the survivor's
+//!    partition): a frame delivered twice counts once, even after an unmerge between.
 //!
 //! Between the two, the person is briefly two customers' worth of state in flight: the
 //! absorbed customer is gone from every count, the survivor not yet judged over the union.
@@ -40,6 +41,16 @@ pub fn moved_key(customer: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(1 + customer.len());
     key.push(b'm');
     key.extend_from_slice(customer.as_bytes());
+    key
+}
+
+/// The graph key recording that `survivor` took the handover frame `id`.
+fn taken_key(survivor: &str, id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(2 + survivor.len() + id.len());
+    key.push(b't');
+    key.extend_from_slice(survivor.as_bytes());
+    key.push(0);
+    key.extend_from_slice(id.as_bytes());
     key
 }
 
@@ -89,6 +100,8 @@ pub struct PendingHandover {
 
 /// What one store hands another: everything of the absorbed customer a merge moves.
 struct Frame {
+    /// Unique to this handover: the survivor's store takes each frame once.
+    id: String,
     absorbed: Arc<str>,
     survivor: Arc<str>,
     cause: Cause,
@@ -103,6 +116,7 @@ impl Frame {
     fn encode(&self) -> Vec<u8> {
         let mut w = Writer::new();
         w.u8(FRAME_FORMAT);
+        w.str(&self.id);
         w.str(&self.absorbed);
         w.str(&self.survivor);
         w.str(&self.cause.as_string());
@@ -155,6 +169,7 @@ impl Frame {
         if r.u8()? != FRAME_FORMAT {
             return Err(CodecError("a handover frame of an unknown format"));
         }
+        let id = r.str()?.to_owned();
         let absorbed = r.arc_str()?;
         let survivor = r.arc_str()?;
         let cause = Cause::parse(r.str()?).ok_or(CodecError("a handover frame's cause"))?;
@@ -204,6 +219,7 @@ impl Frame {
             return Err(CodecError("bytes after a handover frame's end"));
         }
         Ok(Frame {
+            id,
             absorbed,
             survivor,
             cause,
@@ -269,6 +285,7 @@ impl Engine {
             let (leaving, why) = (absorbed.clone(), cause.clone());
             let handover = engine.with_worker(&absorbed, 0, move |w| w.depart(&leaving, now, &why))?;
             let frame = Frame {
+                id: format!("{:x}.{:x}", wall_ms(), engine.counters.next_arrival),
                 absorbed: absorbed.clone(),
                 survivor: survivor.clone(),
                 cause: cause.clone(),
@@ -301,8 +318,8 @@ impl Engine {
             Frame::decode(frame).map_err(|e| EngineError::Conflict(format!("not a handover frame: {e}")))?;
         let survivor = self.existing_customer(&frame.survivor)?;
         let absorbed = frame.absorbed.clone();
-        let record = self.id_record(&survivor, &Batch::default())?;
-        if record.absorbed.iter().any(|(a, _)| *a == absorbed) {
+        let taken = taken_key(&survivor, &frame.id);
+        if self.identity_get(&taken, &Batch::default())?.is_some() {
             return Ok(Merged {
                 survivor,
                 absorbed: vec![absorbed],
@@ -327,6 +344,7 @@ impl Engine {
             let mut record = engine.id_record(&survivor, batch)?;
             engine.adopt(&survivor, &mut record, &absorbed, theirs, batch);
             engine.identity_put(batch, record_key(&survivor), Some(record.encode()));
+            engine.identity_put(batch, taken, Some(Vec::new()));
             for (customer, value) in snapshots {
                 engine.identity_put(batch, snapshot_key(&customer), Some(value));
             }
@@ -405,6 +423,7 @@ mod tests {
     #[test]
     fn a_frame_reads_back_as_written_and_refuses_what_is_not_one() {
         let frame = Frame {
+            id: "19a2b.7".into(),
             absorbed: Arc::from("phone:13800000001"),
             survivor: Arc::from("s"),
             cause: Cause::ManualBy("crm-staff".into()),
