@@ -14,8 +14,8 @@
 //! at a customer's first evaluation, as after a partition import), the customer numbers and
 //! the membership index (each store's own), the change log and the dead letters (the
 //! writing store's). Entries of the identity graph belong to the partition of the customer
-//! they describe (`c`, `s`; `m`, a customer handed over to a survivor in another store; `t`,
-//! a handover its survivor took) or, for an owner entry (`i`), of its canonical customer
+//! they describe (`c`, `s`; `m` and `n`, a customer handed over to a survivor in another
+//! store and its frame while undelivered; `t`, a handover its survivor took) or, for an owner entry (`i`), of its canonical customer
 //! ([`Family::partition_of_write`]).
 //!
 //! Restoring ([`Restore`]) is order-free and idempotent: per key, the write of the highest
@@ -93,7 +93,7 @@ impl Family {
             Family::Timers => key.get(8..),
             Family::Dedup => None,
             Family::Identities => match key.first()? {
-                b'c' | b's' | b'i' | b'm' => key.get(1..),
+                b'c' | b's' | b'i' | b'm' | b'n' => key.get(1..),
                 // A handover a survivor took: `t` SURVIVOR NUL FRAME-ID.
                 b't' => {
                     let rest = key.get(1..)?;

@@ -355,6 +355,10 @@ pub struct KafkaBatch {
     /// In a group of several: what sends events read outside their customer's partition
     /// there ([`route`]).
     pub router: Option<Arc<route::Router>>,
+    /// Instead of events: a customer handed over to a survivor of the partition, the
+    /// frame of a record with [`route::HANDOVER_HEADER`] (`positions` its partition's
+    /// offset after it). It is applied alone, after the events read before it.
+    pub handover: Option<Vec<u8>>,
 }
 
 /// Why a batch was not applied. `Busy` is retried soon; `Failed` after a back-off.
@@ -748,6 +752,8 @@ fn consume(
         };
         let mut next: HashMap<i32, i64> = HashMap::new();
         let mut first: HashMap<i32, i64> = HashMap::new();
+        // A handover record ends the batch: it is applied after the events before it.
+        let mut handover: Option<(i32, i64, Vec<u8>)> = None;
         let started = Instant::now();
         // The first poll waits (and serves rebalances and errors); the rest fill the batch
         // until it is full or `max_wait` has passed.
@@ -757,6 +763,19 @@ fn consume(
                 None if batch.events.is_empty() => break,
                 None => {}
                 // Paused while they restore; one fetched before the pause is not theirs yet.
+                Some(Ok(message))
+                    if message.topic() == settings.topic
+                        && !restoring.contains(&(message.partition() as u32))
+                        && is_handover(&message) =>
+                {
+                    first.entry(message.partition()).or_insert(message.offset());
+                    handover = Some((
+                        message.partition(),
+                        message.offset(),
+                        message.payload().unwrap_or_default().to_vec(),
+                    ));
+                    break;
+                }
                 Some(Ok(message))
                     if message.topic() == settings.topic
                         && !restoring.contains(&(message.partition() as u32)) =>
@@ -822,13 +841,26 @@ fn consume(
                 break;
             }
             // The batch is durable: tell the group too, for lag monitoring.
-            let mut tpl = TopicPartitionList::new();
-            for (p, o) in &next {
-                let _ = tpl.add_partition_offset(&settings.topic, *p, Offset::Offset(*o));
+            store_offsets(&consumer, &settings.topic, &next);
+        }
+        if let Some((partition, offset, frame)) = handover {
+            let batch = Arc::new(KafkaBatch {
+                positions: vec![(source_name(&settings.topic, partition), offset as u64 + 1)],
+                router: router.clone(),
+                handover: Some(frame),
+                ..KafkaBatch::default()
+            });
+            if !apply_until_done(&mut apply, &batch, stop) {
+                break;
             }
-            if let Err(e) = consumer.store_offsets(&tpl) {
-                tracing::debug!(error = %e, "storing offsets for the group commit");
-            }
+            store_offsets(
+                &consumer,
+                &settings.topic,
+                &HashMap::from([(partition, offset + 1)]),
+            );
+        }
+        if let (Some(membership), Some(router)) = (membership, &router) {
+            membership.send_handovers(router);
         }
         if last_lag.elapsed() >= Duration::from_secs(5) {
             last_lag = Instant::now();
@@ -847,6 +879,24 @@ fn consume(
     }
     // Dropping the consumer leaves the group (revoking the partitions) before it returns.
     drop(consumer);
+}
+
+/// Whether `message` is a handover ([`route::HANDOVER_HEADER`]) rather than an event.
+fn is_handover(message: &rdkafka::message::BorrowedMessage<'_>) -> bool {
+    message
+        .headers()
+        .is_some_and(|headers| headers.iter().any(|h| h.key == route::HANDOVER_HEADER))
+}
+
+/// Tells the group how far a durable batch got (for lag monitoring).
+fn store_offsets(consumer: &BaseConsumer<ConsumerCtx>, topic: &str, next: &HashMap<i32, i64>) {
+    let mut tpl = TopicPartitionList::new();
+    for (p, o) in next {
+        let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(*o));
+    }
+    if let Err(e) = consumer.store_offsets(&tpl) {
+        tracing::debug!(error = %e, "storing offsets for the group commit");
+    }
 }
 
 /// Applies a batch, retrying while the engine is busy or failing; `false` when asked to

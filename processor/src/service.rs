@@ -243,6 +243,9 @@ impl EngineHandle {
     pub fn kafka_apply(&self) -> Apply {
         let handle = self.clone();
         Box::new(move |batch: Arc<KafkaBatch>| {
+            if let Some(frame) = &batch.handover {
+                return handle.take_handover(frame, &batch);
+            }
             let received = Instant::now();
             let intake = &handle.intake;
             let (mut parsed, sightings) = intake.parse_unrecorded(&batch.events);
@@ -281,6 +284,49 @@ impl EngineHandle {
                 other => ApplyError::Failed(other.to_string()),
             })
         })
+    }
+
+    /// Applies a handover read from the events topic ([`KafkaBatch::handover`]): taken by
+    /// its survivor here, or sent on to the partition the survivor went to since (then its
+    /// position is committed once the broker confirmed that).
+    fn take_handover(&self, frame: &[u8], batch: &KafkaBatch) -> Result<IngestOutcome, ApplyError> {
+        let failed = |e: ServiceError| match e {
+            ServiceError::Busy => ApplyError::Busy,
+            other => ApplyError::Failed(other.to_string()),
+        };
+        let (bytes, positions) = (frame.to_vec(), batch.positions.clone());
+        let handed = self
+            .call_blocking(move |engine| engine.take_handover_at(&bytes, &positions))
+            .map_err(failed)?
+            .map_err(|e| ApplyError::Failed(format!("taking a handover: {e}")))?;
+        match handed {
+            crate::Handed::Taken(merged) => {
+                if !merged.changes.is_empty() {
+                    metrics::counter!("tagstream_kafka_handovers_taken_total").increment(1);
+                    tracing::info!(survivor = %merged.survivor, absorbed = ?merged.absorbed, "took a customer handed over");
+                }
+            }
+            crate::Handed::Elsewhere(survivor) => {
+                let router = batch.router.as_ref().ok_or_else(|| {
+                    ApplyError::Failed("a handover to send on, and no producer to send it with".into())
+                })?;
+                let absorbed = crate::engine::frame_absorbed(frame).unwrap_or_default();
+                router
+                    .send_handover(&absorbed, &survivor, frame)
+                    .map_err(ApplyError::Failed)?;
+                let positions = batch.positions.clone();
+                self.call_blocking(move |engine| {
+                    engine.ingest_parsed::<&[u8], String>(&[], Vec::new(), &positions)
+                })
+                .map_err(failed)?
+                .map_err(|e| ApplyError::Failed(e.to_string()))?;
+            }
+            crate::Handed::Malformed(why) => {
+                metrics::counter!("tagstream_kafka_handovers_malformed_total").increment(1);
+                tracing::error!(reason = %why, "a record marked as a handover is not one; left out");
+            }
+        }
+        Ok(IngestOutcome::default())
     }
 
     /// The engine's side of a consumer group of several ([`crate::kafka::PartitionHost`]).

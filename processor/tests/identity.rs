@@ -1284,7 +1284,7 @@ fn a_handover_waits_in_its_store_until_delivered_and_is_refused_where_it_cannot_
         Err(processor::EngineError::NotFound(_))
     ));
     drop(held);
-    let held = open(&held_dir, 1);
+    let mut held = open(&held_dir, 1);
     assert_eq!(&*held.canonical_id("a"), "s");
     assert!(held.pending_handovers().unwrap().is_empty());
 }

@@ -1975,3 +1975,131 @@ fn produce_forwarded(brokers: &str, partition: i32, line: &str, first_read: &str
     }
     producer.flush(Duration::from_secs(10)).unwrap();
 }
+
+/// Sends `frame` to the events topic as a handover of `absorbed` would be sent, `times`.
+fn produce_handover(brokers: &str, partition: i32, absorbed: &str, frame: &[u8], times: usize) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    for _ in 0..times {
+        let headers = OwnedHeaders::new().insert(Header {
+            key: kafka::route::HANDOVER_HEADER,
+            value: Some(absorbed),
+        });
+        producer
+            .send(
+                BaseRecord::<(), [u8]>::to("events")
+                    .partition(partition)
+                    .payload(frame)
+                    .headers(headers),
+            )
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+}
+
+/// A merge by hand of customers of two members' partitions (issue #21): the member owning
+/// the absorbed customer's partition hands it over; its frame goes through the events topic
+/// to the survivor's partition, where its owner takes it in that partition's order (events
+/// before it first), once — a frame sent again merges nothing, one that is not a frame is
+/// left out; and the members go on consuming. The survivor then holds both customers'
+/// events, exactly as one store merging them holds them.
+#[test]
+fn a_customer_handed_over_between_members_is_taken_once_in_its_survivors_partition() {
+    const PARTITIONS: u32 = 6;
+    let cluster = state_cluster(PARTITIONS);
+    let brokers = cluster.bootstrap_servers();
+    let lines = stream(2_000);
+    produce(&brokers, "events", &lines);
+    let (dir_a, dir_b) = (TempDir::new("kafka-handover-a"), TempDir::new("kafka-handover-b"));
+    let a = Member::join(dir_a.path(), &brokers, "g-handover", PARTITIONS);
+    wait_until("the stream consumed", || a.consumed() == lines.len() as u64);
+    let b = Member::join(dir_b.path(), &brokers, "g-handover", PARTITIONS);
+    wait_split(&a, &b, PARTITIONS);
+    let (owned_a, owned_b) = (a.status.owned_partitions(), b.status.owned_partitions());
+    let customers = |m: &Member, owned: &[u32]| -> Vec<String> {
+        let held = m.handle.call_blocking(|engine| state(engine)).unwrap();
+        held.into_keys()
+            .filter(|id| owned.contains(&processor::partition::partition_of(id.as_bytes(), PARTITIONS)))
+            .collect()
+    };
+    let absorbed = customers(&a, &owned_a).remove(0);
+    let survivor = customers(&b, &owned_b).remove(0);
+
+    // One store holding both, merged there: what the survivor must end as.
+    let (one_dir, _) = (TempDir::new("kafka-handover-one"), ());
+    let mut one = Engine::open(one_dir.path(), Some(RULES), config()).unwrap();
+    one.ingest(&lines).unwrap();
+    let merged = one
+        .merge_customers(&survivor, std::slice::from_ref(&absorbed), Some("crm"))
+        .unwrap();
+
+    let (gone, to) = (absorbed.clone(), survivor.clone());
+    let handed = a
+        .handle
+        .call_blocking(move |engine| engine.hand_over(&gone, &to, Some("crm")))
+        .unwrap()
+        .unwrap();
+    assert!(!handed.changes.is_empty());
+    let took = |m: &Member, absorbed: &str, survivor: &str| {
+        let (absorbed, survivor) = (absorbed.to_owned(), survivor.to_owned());
+        m.handle
+            .call_blocking(move |engine| {
+                engine
+                    .identifiers(&survivor)
+                    .unwrap()
+                    .iter()
+                    .any(|(t, v)| &**t == "customer_id" && *v == absorbed)
+            })
+            .unwrap()
+    };
+    wait_until("the survivor's owner took the handover", || {
+        took(&b, &absorbed, &survivor)
+    });
+    wait_until("the frame recorded delivered", || {
+        a.handle.reader().pending_handovers().unwrap().is_empty()
+    });
+    let gone = absorbed.clone();
+    let (alias, held) = a
+        .handle
+        .call_blocking(move |engine| (engine.canonical_id(&gone), engine.customer(&gone).unwrap()))
+        .unwrap();
+    assert_eq!((&*alias, held.is_none()), (survivor.as_str(), true));
+    let merges = |m: &Member| {
+        m.handle
+            .reader()
+            .changes(0, 1_000_000)
+            .unwrap()
+            .into_iter()
+            .filter(|c| c.op == processor::Op::Merge)
+            .count()
+    };
+    assert_eq!(merges(&b), 1);
+    let now = one.now();
+    assert_eq!(b.state_at(now).remove(&survivor), state(&one).remove(&survivor));
+    let want: Vec<_> = merged
+        .changes
+        .iter()
+        .filter(|c| c.op == processor::Op::Merge)
+        .collect();
+    assert_eq!(want.len(), 1);
+
+    // The same frame again, and a record marked as a handover that is not one: the first
+    // merges nothing, the second is left out; what follows is consumed as ever.
+    let partition = processor::partition::partition_of(survivor.as_bytes(), PARTITIONS) as i32;
+    produce_handover(&brokers, partition, &absorbed, &handed.frame, 2);
+    produce_handover(&brokers, partition, &absorbed, b"not a frame", 1);
+    let more = stream(2_100);
+    produce(&brokers, "events", &more[2_000..]);
+    wait_until("everything consumed", || {
+        let size = topic_size(&brokers, "events", PARTITIONS as i32) as u64;
+        a.consumed() + b.consumed() == size
+    });
+    assert_eq!(merges(&b), 1);
+    assert!(took(&b, &absorbed, &survivor));
+    a.leave(PARTITIONS);
+    b.leave(PARTITIONS);
+}

@@ -8,11 +8,12 @@
 //!    segment (`remove` changes) and is deleted with its identity graph entries; its
 //!    retained events (with the id, origin and profile kept beside each), profile, manual
 //!    tags, event tag matches older than the history, graph record and the snapshots of
-//!    customers merged into it before go into a frame, kept in the graph under `m` + its
-//!    id (the *moved* entry, which belongs to the absorbed customer's partition and moves
-//!    with it) until [`Engine::handover_delivered`] says the survivor's store has it. The
-//!    moved entry stays afterwards, without the frame, naming the survivor: the absorbed id
-//!    resolves to it here, as an alias does on one store.
+//!    customers merged into it before go into a frame, kept in the graph under `n` + its
+//!    id until [`Engine::handover_delivered`] says it is on its way for good (the broker
+//!    confirmed it in the survivor's partition). Beside it, `m` + its id (the *moved*
+//!    entry) names the survivor, for good: the absorbed id resolves to it here, as an alias
+//!    does on one store. Both belong to the absorbed customer's partition and move with it,
+//!    so whoever owns that partition next sends a frame still pending.
 //! 2. [`Engine::take_handover`], where the survivor is held: the frame's events are
 //!    numbered after this store's (arrival numbers are each store's own), the identifiers
 //!    re-pointed to the survivor, the merge recorded in the change log, the survivor
@@ -36,10 +37,19 @@ use crate::store::CF_IDENTITIES;
 /// The frame encoding's version (its first byte).
 const FRAME_FORMAT: u8 = 1;
 
-/// The graph key of a customer handed over to a survivor in another store: `m` + its id.
+/// The graph key naming the survivor a customer was handed over to: `m` + its id.
 pub fn moved_key(customer: &str) -> Vec<u8> {
+    prefixed(b'm', customer)
+}
+
+/// The graph key of a handover's frame not yet delivered: `n` + the absorbed id.
+fn pending_key(customer: &str) -> Vec<u8> {
+    prefixed(b'n', customer)
+}
+
+fn prefixed(prefix: u8, customer: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(1 + customer.len());
-    key.push(b'm');
+    key.push(prefix);
     key.extend_from_slice(customer.as_bytes());
     key
 }
@@ -54,29 +64,24 @@ fn taken_key(survivor: &str, id: &str) -> Vec<u8> {
     key
 }
 
-/// A moved entry's value: the survivor, and the frame while it is not yet delivered.
-fn moved_value(survivor: &str, frame: Option<&[u8]>) -> Vec<u8> {
-    let mut w = Writer::new();
-    w.str(survivor);
-    match frame {
-        None => w.u8(0),
-        Some(frame) => {
-            w.u8(1);
-            w.bytes(frame);
-        }
-    }
-    w.buf
+/// The survivor a frame names, read without decoding the rest.
+pub fn frame_survivor(frame: &[u8]) -> Option<String> {
+    frame_names(frame).map(|(_, survivor)| survivor)
 }
 
-/// Reads a moved entry's value back: (survivor, undelivered frame).
-fn parse_moved_value(value: &[u8]) -> Result<(String, Option<Vec<u8>>), CodecError> {
-    let mut r = Reader::new(value);
-    let survivor = r.str()?.to_owned();
-    let frame = match r.u8()? {
-        0 => None,
-        _ => Some(r.bytes()?.to_vec()),
-    };
-    Ok((survivor, frame))
+/// The absorbed customer a frame hands over.
+pub fn frame_absorbed(frame: &[u8]) -> Option<String> {
+    frame_names(frame).map(|(absorbed, _)| absorbed)
+}
+
+fn frame_names(frame: &[u8]) -> Option<(String, String)> {
+    let mut r = Reader::new(frame);
+    if r.u8().ok()? != FRAME_FORMAT {
+        return None;
+    }
+    r.str().ok()?;
+    let absorbed = r.str().ok()?.to_owned();
+    Some((absorbed, r.str().ok()?.to_owned()))
 }
 
 /// A customer handed over by [`Engine::hand_over`].
@@ -88,6 +93,18 @@ pub struct HandedOver {
     pub frame: Vec<u8>,
     /// The absorbed customer leaving its tags and segments.
     pub changes: Vec<Change>,
+}
+
+/// What became of a handover frame read from a Kafka partition
+/// ([`Engine::take_handover_at`]).
+#[derive(Debug)]
+pub enum Handed {
+    /// Taken (no changes when it was taken before).
+    Taken(Merged),
+    /// The survivor went to this customer of another store since: send the frame there.
+    Elsewhere(Arc<str>),
+    /// Not a frame (why): left out.
+    Malformed(String),
 }
 
 /// A handover made here whose frame the survivor's store has not yet been known to take.
@@ -294,11 +311,8 @@ impl Engine {
                 handover,
             }
             .encode();
-            engine.identity_put(
-                batch,
-                moved_key(&absorbed),
-                Some(moved_value(&survivor, Some(&frame))),
-            );
+            engine.identity_put(batch, moved_key(&absorbed), Some(survivor.as_bytes().to_vec()));
+            engine.identity_put(batch, pending_key(&absorbed), Some(frame.clone()));
             Ok(frame)
         })?;
         Ok(HandedOver {
@@ -317,9 +331,47 @@ impl Engine {
         let frame =
             Frame::decode(frame).map_err(|e| EngineError::Conflict(format!("not a handover frame: {e}")))?;
         let survivor = self.existing_customer(&frame.survivor)?;
+        self.take_frame(survivor, frame, &[] as &[(&str, u64)])
+    }
+
+    /// [`Engine::take_handover`] of a frame read from a Kafka partition, with the
+    /// partition's next offset (`positions`) in the same commit. A survivor this store does
+    /// not hold is made from the frame (nothing handed over is dropped), unless a handover
+    /// took the survivor itself to another store's customer since: then nothing is
+    /// committed and the frame is to be sent on there ([`Handed::Elsewhere`]). A frame
+    /// that does not decode is left out, its position committed.
+    pub fn take_handover_at<S: AsRef<str>>(
+        &mut self,
+        frame: &[u8],
+        positions: &[(S, u64)],
+    ) -> Result<Handed, EngineError> {
+        self.settle();
+        let frame = match Frame::decode(frame) {
+            Ok(frame) => frame,
+            Err(e) => {
+                self.ingest_parsed::<&[u8], S>(&[], Vec::new(), positions)?;
+                return Ok(Handed::Malformed(e.to_string()));
+            }
+        };
+        let survivor = self.canonical_id(&rules::normalize(&frame.survivor));
+        if *survivor != *frame.survivor && self.read_customer(&survivor)?.is_none() {
+            return Ok(Handed::Elsewhere(survivor));
+        }
+        self.take_frame(survivor, frame, positions).map(Handed::Taken)
+    }
+
+    fn take_frame<S: AsRef<str>>(
+        &mut self,
+        survivor: Arc<str>,
+        frame: Frame,
+        positions: &[(S, u64)],
+    ) -> Result<Merged, EngineError> {
         let absorbed = frame.absorbed.clone();
         let taken = taken_key(&survivor, &frame.id);
         if self.identity_get(&taken, &Batch::default())?.is_some() {
+            if !positions.is_empty() {
+                self.ingest_parsed::<&[u8], S>(&[], Vec::new(), positions)?;
+            }
             return Ok(Merged {
                 survivor,
                 absorbed: vec![absorbed],
@@ -348,6 +400,10 @@ impl Engine {
             for (customer, value) in snapshots {
                 engine.identity_put(batch, snapshot_key(&customer), Some(value));
             }
+            for (source, offset) in positions {
+                let key = format!("{META_OFFSET_PREFIX}{}", source.as_ref());
+                engine.store.put_meta_u64(&mut batch.wb, &key, *offset);
+            }
             engine.identity_counts.merged(1);
             let arrival = engine.counters.next_arrival;
             let now = engine.now_for(&survivor);
@@ -365,52 +421,60 @@ impl Engine {
         })
     }
 
-    /// The handovers made here whose frames are not yet known delivered, oldest id first.
-    pub fn pending_handovers(&self) -> Result<Vec<PendingHandover>, EngineError> {
-        let mut pending = Vec::new();
-        for (key, value) in self.store.scan_prefix(CF_IDENTITIES, b"m")? {
-            let (survivor, frame) = parse_moved_value(&value).map_err(StoreError::from)?;
-            if let Some(frame) = frame {
-                pending.push(PendingHandover {
-                    absorbed: String::from_utf8_lossy(&key[1..]).into_owned(),
-                    survivor,
-                    frame,
-                });
-            }
-        }
-        Ok(pending)
-    }
-
-    /// Records that the survivor's store took the frame of `absorbed`'s handover: the
-    /// frame is dropped, the moved entry naming the survivor stays.
+    /// Records that the frame of `absorbed`'s handover is on its way for good (the broker
+    /// confirmed it in the survivor's partition, or the survivor's store took it): the
+    /// frame is dropped; the moved entry naming the survivor stays.
     pub fn handover_delivered(&mut self, absorbed: &str) -> Result<(), EngineError> {
         self.settle();
-        let key = moved_key(absorbed);
-        let Some(value) = self.store.get(CF_IDENTITIES, &key)? else {
+        if self.store.get(CF_IDENTITIES, &moved_key(absorbed))?.is_none() {
             return Err(EngineError::NotFound(format!(
                 "no customer `{absorbed}` was handed over from here"
             )));
-        };
-        let (survivor, frame) = parse_moved_value(&value).map_err(StoreError::from)?;
-        if frame.is_none() {
+        }
+        let key = pending_key(absorbed);
+        if self.store.get(CF_IDENTITIES, &key)?.is_none() {
             return Ok(());
         }
         self.transact(|engine, batch| {
-            engine.identity_put(batch, key, Some(moved_value(&survivor, None)));
+            engine.identity_put(batch, key, None);
             Ok(())
         })?;
         Ok(())
     }
 }
 
+impl ReadHandle {
+    /// The handovers made here whose frames are not yet delivered, by absorbed id.
+    pub fn pending_handovers(&self) -> Result<Vec<PendingHandover>, EngineError> {
+        let mut pending = Vec::new();
+        for (key, frame) in self.store.scan_prefix(CF_IDENTITIES, b"n")? {
+            let survivor = frame_survivor(&frame)
+                .ok_or_else(|| StoreError::from(CodecError("a pending handover's frame")))?;
+            pending.push(PendingHandover {
+                absorbed: String::from_utf8_lossy(&key[1..]).into_owned(),
+                survivor,
+                frame: frame.into_vec(),
+            });
+        }
+        Ok(pending)
+    }
+}
+
+impl Engine {
+    /// [`ReadHandle::pending_handovers`], once the commit being written is in.
+    pub fn pending_handovers(&mut self) -> Result<Vec<PendingHandover>, EngineError> {
+        self.settle();
+        self.reader().pending_handovers()
+    }
+}
+
 /// Adds every customer handed over from `store` to `aliases`, naming its survivor (what
 /// the graph's owner entries give for a merge on one store).
 pub(super) fn load_moved(store: &Store, aliases: &mut super::identity::Aliases) -> Result<(), StoreError> {
-    for (key, value) in store.scan_prefix(CF_IDENTITIES, b"m")? {
-        let (survivor, _) = parse_moved_value(&value)?;
+    for (key, survivor) in store.scan_prefix(CF_IDENTITIES, b"m")? {
         aliases.insert(
             Arc::from(String::from_utf8_lossy(&key[1..]).as_ref()),
-            Arc::from(survivor.as_str()),
+            Arc::from(String::from_utf8_lossy(&survivor).as_ref()),
         );
     }
     Ok(())
@@ -467,11 +531,7 @@ mod tests {
         longer.push(0);
         assert!(Frame::decode(&longer).is_err());
         assert!(Frame::decode(&[9]).is_err());
-        let value = moved_value("s", Some(&bytes));
-        assert_eq!(parse_moved_value(&value).unwrap(), ("s".to_owned(), Some(bytes)));
-        assert_eq!(
-            parse_moved_value(&moved_value("s", None)).unwrap(),
-            ("s".to_owned(), None)
-        );
+        assert_eq!(frame_survivor(&bytes).as_deref(), Some("s"));
+        assert_eq!(frame_survivor(b"x"), None);
     }
 }

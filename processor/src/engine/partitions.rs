@@ -426,9 +426,11 @@ impl Engine {
             dropped.push((id, state.timer));
         }
         // Customers handed over from this partition to another store's survivors.
-        for (key, _) in self.store.scan_prefix(crate::store::CF_IDENTITIES, b"m")? {
-            if partition_of(&key[1..], partitions) == partition {
-                wb.delete_cf(self.store.cf(crate::store::CF_IDENTITIES), key);
+        for prefix in [b"m", b"n"] {
+            for (key, _) in self.store.scan_prefix(crate::store::CF_IDENTITIES, prefix)? {
+                if partition_of(&key[1..], partitions) == partition {
+                    wb.delete_cf(self.store.cf(crate::store::CF_IDENTITIES), key);
+                }
             }
         }
         also(&self.store, &mut wb)?;

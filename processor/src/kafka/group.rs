@@ -444,6 +444,53 @@ impl Membership {
         }
     }
 
+    /// Between batches: sends the frames of handovers made in partitions this member owns
+    /// (a merge by hand across partitions, [`crate::engine::Engine::hand_over`]) to their
+    /// survivors' partitions, and records each delivered once the broker confirmed it. A
+    /// frame is sent again after a crash between the two (its survivor takes it once), and
+    /// by whoever owns the partition next when this member loses it first. Nothing is sent
+    /// without the lease: a member that may no longer own the partition leaves its frames
+    /// to the one that does.
+    pub(super) fn send_handovers(&self, router: &super::route::Router) {
+        if !self.lease.held() {
+            return;
+        }
+        let pending = match self.reader.pending_handovers() {
+            Ok(pending) if pending.is_empty() => return,
+            Ok(pending) => pending,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the handovers to send");
+                return;
+            }
+        };
+        let owned = self.owned();
+        let partitions = self.reader.partitions();
+        for handover in pending {
+            let partition = crate::partition::partition_of(handover.absorbed.as_bytes(), partitions);
+            if !owned.contains(&partition) {
+                continue;
+            }
+            if let Err(e) = router.send_handover(&handover.absorbed, &handover.survivor, &handover.frame) {
+                tracing::warn!(error = %e, "sending a handover; it is sent again later");
+                return;
+            }
+            let absorbed = handover.absorbed.clone();
+            let delivered = self.host.run(Box::new(move |engine| {
+                engine.handover_delivered(&absorbed).map_err(|e| e.to_string())
+            }));
+            match delivered {
+                Ok(()) => tracing::info!(
+                    absorbed = %handover.absorbed,
+                    survivor = %handover.survivor,
+                    "handed a customer over to its survivor's partition"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "recording a handover delivered; it is sent again later")
+                }
+            }
+        }
+    }
+
     /// Between batches, every [`SWEEP_EVERY`]: [`Membership::drop_leftovers`] of what the
     /// consumer is not assigned (as at each assignment).
     pub(super) fn sweep_leftovers(&self, consumer: &BaseConsumer<ConsumerCtx>) {

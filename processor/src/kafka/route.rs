@@ -42,6 +42,11 @@ use crate::identity::IdentityConfig;
 /// The header a forwarded event carries: where it was first read.
 pub const FORWARDED_HEADER: &str = "tagstream-forwarded";
 
+/// The header of a record that is not an event but a customer handed over to a survivor
+/// of its partition (a merge across partitions, [`crate::engine::Engine::hand_over`]): the
+/// absorbed customer's id. The record's value is the handover's frame.
+pub const HANDOVER_HEADER: &str = "tagstream-handover";
+
 /// Where an event of a batch was read.
 #[derive(Debug, Clone, Default)]
 pub struct Origin {
@@ -183,6 +188,28 @@ impl Router {
             0 => Ok(()),
             n => Err(format!("{n} of them name no customer")),
         }
+    }
+}
+
+impl Router {
+    /// Sends a handover's `frame` (`absorbed` handed over to `survivor`) to the survivor's
+    /// partition, keyed by the survivor, and returns once the broker confirmed it.
+    pub fn send_handover(&self, absorbed: &str, survivor: &str, frame: &[u8]) -> Result<(), String> {
+        let partition = crate::partition::partition_of(survivor.as_bytes(), self.partitions);
+        let record = Outgoing {
+            key: Some(survivor.as_bytes().to_vec()),
+            payload: Some(frame.to_vec()),
+            headers: Some(OwnedHeaders::new().insert(Header {
+                key: HANDOVER_HEADER,
+                value: Some(absorbed),
+            })),
+            partition: Some(partition as i32),
+        };
+        let _sending = self.sending.lock().unwrap_or_else(|e| e.into_inner());
+        send_all(&self.producer, &self.topic, &[record], &self.stop)
+            .map_err(|e| format!("sending `{absorbed}`'s handover to partition {partition}: {e}"))?;
+        metrics::counter!("tagstream_kafka_handovers_sent_total").increment(1);
+        Ok(())
     }
 }
 
