@@ -1024,7 +1024,7 @@ impl Engine {
             });
         }
         engine.identity_types = Arc::new(engine.config.identity.clone());
-        engine.aliases = identity::Aliases::load(&engine.store)?;
+        engine.reload_aliases()?;
         engine.owner_cache = std::cell::RefCell::new(identity::load_owner_cache(
             &engine.store,
             engine.config.identity.cache_entries,

@@ -525,7 +525,7 @@ pub fn start(
         true => Some(Arc::new(route::Router::new(
             producer(&settings, Feed::Forward)?,
             settings.topic.clone(),
-            reader.partitions(),
+            reader.clone(),
             stop.clone(),
         ))),
         false => None,

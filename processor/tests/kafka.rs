@@ -2078,8 +2078,29 @@ fn a_customer_handed_over_between_members_is_taken_once_in_its_survivors_partiti
             .count()
     };
     assert_eq!(merges(&b), 1);
+    // An event naming the absorbed id, read where it was: applied to the survivor by the
+    // survivor's owner, as one store applies it to the survivor.
     let now = one.now();
+    let after = serde_json::json!({
+        "event_id": "after-the-merge", "customer_id": absorbed, "type": "payment",
+        "ts": now, "props": {"amount": 777},
+    })
+    .to_string();
+    let own = processor::partition::partition_of(absorbed.as_bytes(), PARTITIONS) as i32;
+    produce_to(&brokers, "events", &[(own, after.clone())]);
+    one.ingest(&[after]).unwrap();
+    wait_until("the event and its forward consumed", || {
+        let size = topic_size(&brokers, "events", PARTITIONS as i32) as u64;
+        a.consumed() + b.consumed() == size
+    });
     assert_eq!(b.state_at(now).remove(&survivor), state(&one).remove(&survivor));
+    assert_eq!(
+        a.handle
+            .call_blocking(|engine| state(engine))
+            .unwrap()
+            .get(&survivor),
+        None
+    );
     let want: Vec<_> = merged
         .changes
         .iter()

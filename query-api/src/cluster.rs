@@ -578,6 +578,73 @@ pub async fn other_nodes_json(
     other
 }
 
+/// The first half of a merge by hand across partitions: asks the node owning `absorbed`'s
+/// partition to hand it over to `survivor` (`POST /v1/customers/{absorbed}/handover`, the
+/// caller's headers and so its key), and returns its answer — or its error, as the caller
+/// would have had it.
+pub async fn hand_over_at_owner(
+    app: &AppState,
+    headers: &axum::http::HeaderMap,
+    absorbed: &str,
+    survivor: &str,
+) -> Result<serde_json::Value, ApiError> {
+    let cluster = app.cluster.as_ref().expect("in a group");
+    let partitions = app.engine.reader().partitions();
+    let partition = processor::partition::partition_of(rules::normalize(absorbed).as_bytes(), partitions);
+    let url = match cluster.members.owner_of(partition) {
+        Owner::Node(url) => url,
+        Owner::Here | Owner::Restoring => {
+            return Err(ApiError::Conflict(format!(
+                "customer `{absorbed}` is in partition {partition} of {partitions}, which this node owns: merge it here"
+            )))
+        }
+        Owner::NodeRestoring(url) => {
+            return Err(ApiError::Unavailable(format!(
+                "customer `{absorbed}` is in partition {partition} of {partitions}, which {url} is restoring from the state topic: ask again shortly"
+            )))
+        }
+        Owner::Unknown => {
+            return Err(ApiError::Unavailable(format!(
+                "customer `{absorbed}` is in partition {partition} of {partitions}, which no live node owns now: ask again shortly"
+            )))
+        }
+    };
+    let body = Bytes::from(json!({ "survivor": survivor }).to_string());
+    let path = format!("/v1/customers/{}/handover", path_segment(absorbed));
+    let request = peer_request(
+        &url,
+        axum::http::Method::POST,
+        &path,
+        headers,
+        body,
+        true,
+        cluster.members.url(),
+    );
+    let (status, body) = ask(&cluster.client, request).await.map_err(|e| {
+        ApiError::BadGateway(format!(
+            "the node that owns customer `{absorbed}` ({url}) could not hand it over: {e}"
+        ))
+    })?;
+    if status.is_success() {
+        return serde_json::from_slice(&body).map_err(|e| {
+            ApiError::BadGateway(format!("{url} answered a handover with what is not JSON: {e}"))
+        });
+    }
+    let message = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+    let message = format!("{url}, handing `{absorbed}` over: {message}");
+    Err(match status {
+        StatusCode::NOT_FOUND => ApiError::NotFound(message),
+        StatusCode::CONFLICT => ApiError::Conflict(message),
+        StatusCode::BAD_REQUEST => ApiError::BadRequest(message),
+        StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED => ApiError::Forbidden(message),
+        StatusCode::SERVICE_UNAVAILABLE => ApiError::Unavailable(message),
+        _ => ApiError::BadGateway(message),
+    })
+}
+
 /// This node's URL among the group's, outside a group `None`.
 pub fn my_url(app: &AppState) -> Option<String> {
     app.cluster.as_ref().map(|c| c.members.url().to_owned())

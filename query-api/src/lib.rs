@@ -227,6 +227,7 @@ pub fn router(state: AppState) -> Router {
             Router::new()
                 .route("/v1/customers/{id}", get(routes::get_customer))
                 .route("/v1/customers/{id}/merge", post(routes::merge_customers))
+                .route("/v1/customers/{id}/handover", post(routes::hand_over))
                 .route("/v1/customers/{id}/unmerge", post(routes::unmerge_customers))
                 .route("/v1/customers/{id}/events", get(routes::customer_events))
                 .route("/v1/customers/{id}/explain/{name}", get(routes::explain))

@@ -532,6 +532,7 @@ fn customer_dto(view: &CustomerView) -> CustomerDto<'_> {
 pub async fn get_customer(
     State(app): State<AppState>,
     principal: Option<Extension<Principal>>,
+    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     check_owner(&app, &id)?;
@@ -540,6 +541,14 @@ pub async fn get_customer(
     let reader = app.engine.reader();
     match reader.customer(&id)? {
         Some(view) => customer_response(reader, view, &masking_of(&principal)),
+        // Handed over to a survivor of another partition (a merge across a group's
+        // nodes): the survivor's owner answers.
+        None if app.cluster.is_some() => match reader.moved_to(&rules::normalize(&id)) {
+            Some(survivor) => {
+                crate::cluster::customer_from_owner(&app, &principal, &headers, &survivor).await
+            }
+            None => Err(ApiError::NotFound(format!("no customer `{id}`"))),
+        },
         None => Err(ApiError::NotFound(format!("no customer `{id}`"))),
     }
 }
@@ -673,26 +682,146 @@ pub struct MergeBody {
 
 /// `POST /v1/customers/{id}/merge {"ids": [...]}`: the customers named join `{id}`, which
 /// survives; the change log records the merge with the key's name.
+///
+/// In a consumer group of several, a customer of a partition another node owns is handed
+/// over by that node (`POST /v1/customers/{it}/handover`) and taken here; the answer lists
+/// it in `handed_over`, with the changes its node made (it leaves its tags), once this
+/// node has taken it (its side of the merge is in the change log), or in `pending` when
+/// that took longer than [`HANDOVER_WAIT`] (it is taken as soon as it arrives).
 pub async fn merge_customers(
+    State(app): State<AppState>,
+    principal: Option<Extension<Principal>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    LimitedBody(body): LimitedBody,
+) -> Result<Response, ApiError> {
+    let ids = customer_ids(&body, "merge into this one")?;
+    check_owner(&app, &id)?;
+    // Customers of partitions another node owns are handed over by it.
+    let (here, away): (Vec<String>, Vec<String>) = ids.into_iter().partition(|other| {
+        !matches!(check_owner(&app, other), Err(ApiError::Conflict(_))) || app.cluster.is_none()
+    });
+    check_owners(&app, &id, &here)?;
+    let mut away = away;
+    let mut seen = std::collections::HashSet::new();
+    away.retain(|other| seen.insert(rules::normalize(other).into_owned()));
+    let by = key_name(&principal);
+    let masking = masking_of(&principal);
+    let (mut survivor, mut absorbed, mut changes) = (None, Vec::new(), Vec::new());
+    if !here.is_empty() || away.is_empty() {
+        let (to, by) = (id.clone(), by.clone());
+        let merged = app
+            .engine
+            .call(move |engine| engine.merge_customers(&to, &here, by.as_deref()))
+            .await??;
+        changes = masked_changes(&merged.changes, &masking)
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        absorbed.extend(merged.absorbed.iter().map(|a| masking.id(a).into_owned()));
+        survivor = Some(merged.survivor);
+    }
+    let survivor = match survivor {
+        Some(survivor) => survivor,
+        None => {
+            let named: std::sync::Arc<str> = std::sync::Arc::from(rules::normalize(&id).as_ref());
+            let survivor = app
+                .engine
+                .reader()
+                .identify("customer_id", &named)?
+                .unwrap_or(named);
+            if app.engine.reader().customer(&survivor)?.is_none() {
+                return Err(ApiError::NotFound(format!("no customer `{survivor}`")));
+            }
+            survivor
+        }
+    };
+    let (mut handed_over, mut pending) = (Vec::new(), Vec::new());
+    for other in away {
+        let answer = crate::cluster::hand_over_at_owner(&app, &headers, &other, &survivor).await?;
+        let gone = answer["customer_id"].as_str().unwrap_or(&other).to_owned();
+        changes.extend(answer["changes"].as_array().cloned().unwrap_or_default());
+        match taken_here(&app, &rules::normalize(&other), &survivor).await {
+            true => handed_over.push(gone),
+            false => pending.push(gone),
+        }
+    }
+    let mut out = json!({ "changes": changes });
+    out["customer_id"] = masking.id(&survivor).into_owned().into();
+    absorbed.extend(handed_over.iter().cloned());
+    out["absorbed"] = absorbed.into();
+    if !handed_over.is_empty() {
+        out["handed_over"] = handed_over.into();
+    }
+    if pending.is_empty() {
+        return Ok(Json(out).into_response());
+    }
+    out["pending"] = pending.into();
+    Ok((StatusCode::ACCEPTED, Json(out)).into_response())
+}
+
+/// How long a merge by hand across partitions waits for this node to take a customer
+/// another node handed over, before it answers `202` naming it pending.
+pub const HANDOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Whether this node's store took the handover of `absorbed` into `survivor` within
+/// [`HANDOVER_WAIT`] (the absorbed id then names the survivor here).
+async fn taken_here(app: &AppState, absorbed: &str, survivor: &str) -> bool {
+    let deadline = std::time::Instant::now() + HANDOVER_WAIT;
+    loop {
+        if app
+            .engine
+            .reader()
+            .identify("customer_id", absorbed)
+            .ok()
+            .flatten()
+            .as_deref()
+            == Some(survivor)
+        {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandoverBody {
+    survivor: String,
+}
+
+/// `POST /v1/customers/{id}/handover {"survivor": "..."}`: the first half of a merge by hand
+/// across partitions (in a consumer group of several; what a node asks of the owner of a
+/// customer it merges into one of its own): `{id}` leaves every tag and segment, is
+/// deleted here and handed to `survivor`'s partition through the events topic, where its
+/// owner takes it as a merge. Answers the changes made here.
+pub async fn hand_over(
     State(app): State<AppState>,
     principal: Option<Extension<Principal>>,
     Path(id): Path<String>,
     LimitedBody(body): LimitedBody,
 ) -> Result<Json<Json_>, ApiError> {
-    let ids = customer_ids(&body, "merge into this one")?;
-    check_owners(&app, &id, &ids)?;
+    let body: HandoverBody = json_body(&body)?;
+    if app.kafka.as_ref().is_none_or(|k| !k.group_member()) {
+        return Err(ApiError::Conflict(
+            "a handover is a step of a merge across the partitions of a consumer group's nodes; this node is not in one: merge with `POST /v1/customers/{id}/merge`".into(),
+        ));
+    }
+    check_owner(&app, &id)?;
     let by = key_name(&principal);
-    let merged = app
+    let survivor = body.survivor;
+    let handed = app
         .engine
-        .call(move |engine| engine.merge_customers(&id, &ids, by.as_deref()))
+        .call(move |engine| engine.hand_over(&id, &survivor, by.as_deref()))
         .await??;
     let masking = masking_of(&principal);
-    Ok(Json(identity_answer(
-        &masking,
-        &merged.survivor,
-        ("absorbed", &merged.absorbed),
-        &merged.changes,
-    )))
+    let mut out = json!({ "changes": masked_changes(&handed.changes, &masking) });
+    out["customer_id"] = masking.id(&handed.absorbed).into_owned().into();
+    out["survivor"] = masking.id(&handed.survivor).into_owned().into();
+    Ok(Json(out))
 }
 
 /// The customers a merge or unmerge names (1 to 100), for `what` they are to do.

@@ -552,6 +552,7 @@ fn the_openapi_document_describes_every_route_the_server_answers() {
         "/v1/customers/{id}/tags/{tag}",
         "/v1/customers/by/{id_type}/{value}",
         "/v1/customers/{id}/merge",
+        "/v1/customers/{id}/handover",
         "/v1/customers/{id}/unmerge",
         "/v1/identities/stats",
         "/v1/definitions",

@@ -1332,7 +1332,8 @@ fn two_nodes_share_a_group_and_the_survivor_of_a_kill_takes_over_without_loss() 
     assert!(tags(owner).to_string().contains("\"vip\""), "{}", tags(owner));
     assert_eq!(request(&other.addr, "DELETE", &tag, b"").status, 200);
     assert!(!tags(owner).to_string().contains("\"vip\""), "{}", tags(owner));
-    // A merge naming a customer of a partition the owner does not own is refused there.
+    // An unmerge naming a customer of a partition the owner does not own is refused there
+    // (a merge hands it over: `a_merge_by_hand_across_two_nodes_...`).
     let elsewhere = lines
         .iter()
         .filter_map(|line| bench::kafka::customer_key(line))
@@ -1343,15 +1344,8 @@ fn two_nodes_share_a_group_and_the_survivor_of_a_kill_takes_over_without_loss() 
         })
         .unwrap();
     let body = serde_json::json!({ "ids": [elsewhere] }).to_string();
-    for action in ["merge", "unmerge"] {
-        let r = request(
-            &other.addr,
-            "POST",
-            &format!("{lookup}/{action}"),
-            body.as_bytes(),
-        );
-        assert_eq!(r.status, 409, "{action}: {}", r.text());
-    }
+    let r = request(&other.addr, "POST", &format!("{lookup}/unmerge"), body.as_bytes());
+    assert_eq!(r.status, 409, "{}", r.text());
     // A query is answered for the whole group by whichever node is asked: each node
     // answers for the partitions it owns, in id order, and the node asked merges them.
     until_quiet(&[&first, &second], Duration::from_secs(2));
@@ -3061,4 +3055,145 @@ fn a_node_paused_past_its_session_writes_no_state_after_its_partitions_moved() {
     let held = views_at(&run.path().join("b"), three_nodes_config(true), now);
     let expected = views_at(reference.path(), three_nodes_config(false), now);
     assert_same_customers(&held, &expected);
+}
+
+/// A merge by hand of two customers whose partitions two nodes own (issue #21): asked of
+/// either node, the survivor's node asks the absorbed customer's node to hand it over; the
+/// absorbed leaves its tags there, its history goes through the events topic to the
+/// survivor's partition, and the survivor's node takes it. Both nodes then answer the
+/// survivor for the absorbed id, the survivor holds both histories, and an event naming
+/// the absorbed id later is applied to the survivor by its node.
+#[test]
+fn a_merge_by_hand_across_two_nodes_hands_the_absorbed_customer_over() {
+    const PARTITIONS: u32 = 2;
+    let broker = group_broker(PARTITIONS);
+    let run = TempDir::new("kafka-merge-across");
+    let config = group_config(run.path(), &broker, "merge-across", PARTITIONS, "");
+    let until = waiting_up_to(Duration::from_secs(120));
+    let first = Server::start(&run.path().join("first"), &config);
+    let second = Server::start(&run.path().join("second"), &config);
+    let owns_one = |server: &Server| {
+        server.metric("tagstream_kafka_partitions_assigned") == 1.0
+            && request(&server.addr, "GET", "/readyz", b"").status == 200
+    };
+    until("the partitions split", &|| owns_one(&first) && owns_one(&second));
+    until("the nodes know each other", &|| {
+        [&first, &second].iter().all(|node| {
+            let cluster = request(&node.addr, "GET", "/v1/cluster", b"").json();
+            cluster["nodes"].as_array().map_or(0, Vec::len) == 2
+                && cluster["unowned_partitions"] == serde_json::json!([])
+        })
+    });
+    // One customer of each partition.
+    let in_partition = |p: u32| {
+        (0..)
+            .map(|n| format!("m{n}"))
+            .find(|id| processor::partition::partition_of(id.as_bytes(), PARTITIONS) == p)
+            .unwrap()
+    };
+    let (survivor, absorbed) = (in_partition(0), in_partition(1));
+    let payment = |id: &str, customer: &str, amount: u32, ts: i64| {
+        format!(
+            r#"{{"event_id":"{id}","customer_id":"{customer}","type":"payment","ts":{ts},"props":{{"amount":{amount}}}}}"#
+        )
+    };
+    let t0 = 1_740_000_000_000i64;
+    let body = [
+        payment("p1", &survivor, 1200, t0),
+        payment("p2", &absorbed, 3000, t0 + 1_000),
+        payment("p3", &absorbed, 500, t0 + 2_000),
+        format!(
+            r#"{{"event_id":"v1","customer_id":"{absorbed}","type":"view","ts":{},"props":{{"category":"seafood"}}}}"#,
+            t0 + 2_500
+        ),
+    ]
+    .join("\n");
+    let r = request(&first.addr, "POST", "/v1/events", body.as_bytes());
+    assert_eq!(r.status, 200, "{}", r.text());
+    let ltv = |node: &Server, customer: &str| {
+        let r = request(&node.addr, "GET", &format!("/v1/customers/{customer}"), b"");
+        (r.status == 200).then(|| {
+            let view = r.json();
+            (
+                view["customer_id"].as_str().unwrap_or_default().to_owned(),
+                view["traits"]["ltv_90d"].to_string(),
+            )
+        })
+    };
+    until("both customers applied", &|| {
+        let r = request(&first.addr, "GET", &format!("/v1/customers/{absorbed}"), b"");
+        r.status == 200
+            && r.json()["tags"].get("viewed_seafood").is_some()
+            && ltv(&second, &survivor).is_some()
+    });
+
+    // Asked of the node that does not own the survivor: sent on to the one that does,
+    // which has the absorbed customer handed over by its node.
+    let survivor_node = |p: u32| {
+        let cluster = request(&first.addr, "GET", "/v1/cluster", b"").json();
+        cluster["partitions"][p as usize]["owner"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let asked = match survivor_node(0) == format!("http://{}", first.addr) {
+        true => &second,
+        false => &first,
+    };
+    let r = request(
+        &asked.addr,
+        "POST",
+        &format!("/v1/customers/{survivor}/merge"),
+        format!(r#"{{"ids":["{absorbed}"]}}"#).as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let answer = r.json();
+    assert_eq!(answer["customer_id"], survivor.as_str(), "{answer}");
+    assert_eq!(answer["handed_over"], serde_json::json!([absorbed]), "{answer}");
+    assert_eq!(answer["absorbed"], serde_json::json!([absorbed]), "{answer}");
+    let left: Vec<&serde_json::Value> = answer["changes"].as_array().unwrap().iter().collect();
+    assert!(
+        !left.is_empty()
+            && left
+                .iter()
+                .all(|c| c["customer_id"] == absorbed.as_str() && c["op"] == "remove"),
+        "the absorbed customer left its tags: {answer}"
+    );
+    for node in [&first, &second] {
+        assert_eq!(ltv(node, &survivor), Some((survivor.clone(), "4700".into())));
+        assert_eq!(ltv(node, &absorbed), Some((survivor.clone(), "4700".into())));
+    }
+    // Named by the absorbed id afterwards, wherever it is posted: the survivor's.
+    let r = request(
+        &second.addr,
+        "POST",
+        "/v1/events",
+        payment("p4", &absorbed, 300, t0 + 3_000).as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    until("the event applied to the survivor", &|| {
+        ltv(&first, &survivor) == Some((survivor.clone(), "5000".into()))
+    });
+    // The merge once in the survivor's change log; the absorbed leaving in its own.
+    let merges: usize = [&first, &second]
+        .iter()
+        .map(|node| {
+            let r = request_with(
+                &node.addr,
+                "GET",
+                "/v1/changes?after=0",
+                &[("x-tagstream-scope", "node")],
+                b"",
+            );
+            r.json()["changes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|c| c["op"] == "merge")
+                .count()
+        })
+        .sum();
+    assert_eq!(merges, 1);
+    first.stop();
+    second.stop();
 }

@@ -457,9 +457,7 @@ impl Engine {
         let capacity = self.config.identity.cache_entries;
         *self.owner_cache.borrow_mut() = identity::load_owner_cache(&self.store, capacity)
             .unwrap_or_else(|_| crate::identity::OwnerCache::new(capacity));
-        if let Ok(aliases) = identity::Aliases::load(&self.store) {
-            self.aliases = aliases;
-        }
+        let _ = self.reload_aliases();
         let stats = self.store.get(CF_META, META_IDENTITY.as_bytes()).ok().flatten();
         self.identity_counts.restore(stats.as_deref());
     }

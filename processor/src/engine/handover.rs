@@ -15,7 +15,9 @@
 //!    does on one store. Both belong to the absorbed customer's partition and move with it,
 //!    so whoever owns that partition next sends a frame still pending.
 //! 2. [`Engine::take_handover`], where the survivor is held: the frame's events are
-//!    numbered after this store's (arrival numbers are each store's own), the identifiers
+//!    numbered after this store's (arrival numbers are each store's own), in event clock
+//!    mode the survivor's partition clock moved up to the newest of them (the partition
+//!    holds them now, as one store that had seen them would be), the identifiers
 //!    re-pointed to the survivor, the merge recorded in the change log, the survivor
 //!    rebuilt over the union of the histories and what an unmerge needs kept — what a
 //!    merge on one store does on the survivor's side. Each frame has an id, and the
@@ -315,6 +317,12 @@ impl Engine {
             engine.identity_put(batch, pending_key(&absorbed), Some(frame.clone()));
             Ok(frame)
         })?;
+        {
+            let mut moved = self.published.moved.write().unwrap_or_else(|e| e.into_inner());
+            let mut now = HashMap::clone(&moved);
+            now.insert(absorbed.clone(), survivor.clone());
+            *moved = Arc::new(now);
+        }
         Ok(HandedOver {
             absorbed,
             survivor,
@@ -406,7 +414,16 @@ impl Engine {
             }
             engine.identity_counts.merged(1);
             let arrival = engine.counters.next_arrival;
-            let now = engine.now_for(&survivor);
+            let mut now = engine.now_for(&survivor);
+            // Event clock: the survivor's partition has now seen the events handed over
+            // (its clock is the newest `ts` of what it holds), as one store would have.
+            let newest = handover.events.iter().map(|m| m.event.ts).max();
+            if let (ClockMode::Event, Some(newest)) = (engine.config.clock, newest) {
+                let partition = engine.partition_of(&survivor);
+                if engine.counters.advance(partition, newest) {
+                    now = now.max(newest);
+                }
+            }
             let (into, gone) = (survivor.clone(), absorbed.clone());
             engine.with_worker(&survivor, 0, move |w| {
                 w.shard.batch.placed_out_of_order = true;
@@ -444,6 +461,16 @@ impl Engine {
 }
 
 impl ReadHandle {
+    /// The survivor `customer` (normalised) was handed over to, when this store handed it
+    /// over. A lookup in memory: nothing when no customer was.
+    pub fn moved_to(&self, customer: &str) -> Option<Arc<str>> {
+        let moved = self.published.moved.read().unwrap_or_else(|e| e.into_inner());
+        if moved.is_empty() {
+            return None;
+        }
+        moved.get(customer).cloned()
+    }
+
     /// The handovers made here whose frames are not yet delivered, by absorbed id.
     pub fn pending_handovers(&self) -> Result<Vec<PendingHandover>, EngineError> {
         let mut pending = Vec::new();
@@ -468,16 +495,32 @@ impl Engine {
     }
 }
 
-/// Adds every customer handed over from `store` to `aliases`, naming its survivor (what
-/// the graph's owner entries give for a merge on one store).
-pub(super) fn load_moved(store: &Store, aliases: &mut super::identity::Aliases) -> Result<(), StoreError> {
+/// Every customer handed over from `store`, and its survivor.
+fn moved_in(store: &Store) -> Result<HashMap<Arc<str>, Arc<str>>, StoreError> {
+    let mut moved = HashMap::new();
     for (key, survivor) in store.scan_prefix(CF_IDENTITIES, b"m")? {
-        aliases.insert(
+        moved.insert(
             Arc::from(String::from_utf8_lossy(&key[1..]).as_ref()),
             Arc::from(String::from_utf8_lossy(&survivor).as_ref()),
         );
     }
-    Ok(())
+    Ok(moved)
+}
+
+impl Engine {
+    /// The aliases as the store has them (after a restore, an import, a drop, a failed
+    /// batch): the graph's absorbed `customer_id`s and the customers handed over from
+    /// here, which readers learn too ([`ReadHandle::moved_to`]).
+    pub(super) fn reload_aliases(&mut self) -> Result<(), StoreError> {
+        let mut aliases = super::identity::Aliases::load(&self.store)?;
+        let moved = moved_in(&self.store)?;
+        for (customer, survivor) in &moved {
+            aliases.insert(customer.clone(), survivor.clone());
+        }
+        self.aliases = aliases;
+        *self.published.moved.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(moved);
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -182,7 +182,6 @@ impl Aliases {
                 aliases.insert(Arc::from(id), Arc::from(parse_owner_value(&value).0));
             }
         }
-        super::handover::load_moved(store, &mut aliases)?;
         Ok(aliases)
     }
 

@@ -565,7 +565,7 @@ impl Engine {
             let i = self.shard_index(&customer);
             self.shards[i].timers.insert((due, customer));
         }
-        self.aliases = identity::Aliases::load(&self.store)?;
+        self.reload_aliases()?;
         *self.owner_cache.borrow_mut() =
             identity::load_owner_cache(&self.store, self.config.identity.cache_entries)?;
         // Only the restored customers are indexed: a node restoring several partitions does

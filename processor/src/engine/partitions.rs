@@ -370,7 +370,7 @@ impl Engine {
             self.shards[i].timers.insert((due, customer));
         }
         // The imported customers' absorbed ids name them here now.
-        self.aliases = identity::Aliases::load(&self.store)?;
+        self.reload_aliases()?;
         *self.owner_cache.borrow_mut() =
             identity::load_owner_cache(&self.store, self.config.identity.cache_entries)?;
         self.reindex()?;
@@ -447,7 +447,7 @@ impl Engine {
             self.published
                 .set_partition_clocks(&self.counters.partition_clocks);
         }
-        self.aliases = identity::Aliases::load(&self.store)?;
+        self.reload_aliases()?;
         *self.owner_cache.borrow_mut() =
             identity::load_owner_cache(&self.store, self.config.identity.cache_entries)?;
         for (id, timer) in dropped {

@@ -48,6 +48,9 @@ pub(super) struct Published {
     /// Customer numbers by partition, for queries limited to some partitions
     /// ([`ReadHandle::query_partitions`]).
     pub(super) by_partition: std::sync::Mutex<super::query::PartitionNumbers>,
+    /// Customers this store handed over to survivors of other partitions, and those
+    /// survivors ([`super::handover`]): where events naming them go.
+    pub(super) moved: RwLock<Arc<HashMap<Arc<str>, Arc<str>>>>,
 }
 
 impl Published {
@@ -70,6 +73,7 @@ impl Published {
             changelog_gate: Default::default(),
             changes_gate: Default::default(),
             by_partition: Default::default(),
+            moved: Default::default(),
         }
     }
 

@@ -211,6 +211,12 @@ impl Membership {
             }
         }
         if tpl.count() == 0 {
+            // Partitions nothing was consumed from (their events, if any, came over HTTP):
+            // the group's committed offset, committed again unchanged, else the earliest
+            // offset the broker keeps — a check of membership that moves nothing back.
+            tpl = self.unmoved_positions(consumer, &owned);
+        }
+        if tpl.count() == 0 {
             // Not known yet (the first fetch sets the positions): tried again shortly.
             self.lease.renewal(sent, false);
             return false;
@@ -234,6 +240,40 @@ impl Membership {
                 )
             }
         }
+    }
+
+    /// For [`Membership::renew_lease`] when no owned partition has a position yet: each
+    /// one's committed offset in the group, or, without one, the earliest the broker keeps.
+    fn unmoved_positions(
+        &self,
+        consumer: &BaseConsumer<ConsumerCtx>,
+        owned: &BTreeSet<u32>,
+    ) -> TopicPartitionList {
+        const ASK: Duration = Duration::from_secs(2);
+        let topic = &self.settings.topic;
+        let mut asked = TopicPartitionList::new();
+        for &p in owned {
+            asked.add_partition(topic, p as i32);
+        }
+        let committed = consumer.committed_offsets(asked, ASK).ok();
+        let mut tpl = TopicPartitionList::new();
+        for &p in owned {
+            let at = match committed
+                .as_ref()
+                .and_then(|c| c.find_partition(topic, p as i32))
+                .map(|e| e.offset())
+            {
+                Some(Offset::Offset(at)) => Some(at),
+                _ => consumer
+                    .fetch_watermarks(topic, p as i32, ASK)
+                    .ok()
+                    .map(|(low, _)| low),
+            };
+            if let Some(at) = at {
+                let _ = tpl.add_partition_offset(topic, p as i32, Offset::Offset(at));
+            }
+        }
+        tpl
     }
 
     /// At shutdown, before the consumer leaves the group: waits (up to [`LEAVE_WAIT`],
@@ -452,9 +492,6 @@ impl Membership {
     /// without the lease: a member that may no longer own the partition leaves its frames
     /// to the one that does.
     pub(super) fn send_handovers(&self, router: &super::route::Router) {
-        if !self.lease.held() {
-            return;
-        }
         let pending = match self.reader.pending_handovers() {
             Ok(pending) if pending.is_empty() => return,
             Ok(pending) => pending,
@@ -463,11 +500,16 @@ impl Membership {
                 return;
             }
         };
+        if !self.lease.held() {
+            tracing::debug!(pending = pending.len(), "handovers wait for the lease");
+            return;
+        }
         let owned = self.owned();
         let partitions = self.reader.partitions();
         for handover in pending {
             let partition = crate::partition::partition_of(handover.absorbed.as_bytes(), partitions);
             if !owned.contains(&partition) {
+                tracing::debug!(absorbed = %handover.absorbed, partition, "a handover of a partition not owned here waits for its owner");
                 continue;
             }
             if let Err(e) = router.send_handover(&handover.absorbed, &handover.survivor, &handover.frame) {

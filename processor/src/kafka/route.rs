@@ -21,7 +21,11 @@
 //!   crash, or a failed apply) is the same event: the owner deduplicates it by its
 //!   `event_id`, or, without one, by the position in the header ([`mark_forwarded`]).
 //! - **At most one hop**: an event that arrives forwarded is in its customer's partition
-//!   and is applied where it arrives.
+//!   and is applied where it arrives — unless its customer was handed over from there to a
+//!   survivor of another partition since (a merge across partitions,
+//!   [`crate::engine::Engine::hand_over`]): then it goes on to the survivor's, keeping the
+//!   header of where it was first read. Every event naming a customer handed over goes to
+//!   its survivor's partition, whose store knows the id as the survivor's.
 //!
 //! Rejected events stay with the member that read them (its dead letters), and each event
 //! is recorded in the data-quality record once, by the member that applies it. Events
@@ -75,6 +79,9 @@ pub struct Router {
     sending: Mutex<()>,
     topic: String,
     partitions: u32,
+    /// Which customers this store handed over to survivors of other partitions
+    /// ([`crate::ReadHandle::moved_to`]): events naming them go to the survivor's.
+    reader: crate::ReadHandle,
     stop: Arc<AtomicBool>,
 }
 
@@ -82,14 +89,15 @@ impl Router {
     pub(super) fn new(
         producer: BaseProducer<PublishCtx>,
         topic: String,
-        partitions: u32,
+        reader: crate::ReadHandle,
         stop: Arc<AtomicBool>,
     ) -> Router {
         Router {
             producer,
             sending: Mutex::new(()),
             topic,
-            partitions,
+            partitions: reader.partitions(),
+            reader,
             stop,
         }
     }
@@ -122,15 +130,22 @@ impl Router {
             let Ok(event) = event else {
                 continue;
             };
+            let Some(customer) = named_customer(event, identity) else {
+                continue;
+            };
+            // A customer handed over from here goes on to its survivor's partition, even
+            // when it arrived forwarded (sent before the handover was known).
+            let moved = self.reader.moved_to(&customer);
             let origin = match from {
                 Where::Read(origins) => match origins.get(i) {
-                    Some(origin) if origin.forwarded.is_none() => Some(origin),
+                    Some(origin) if origin.forwarded.is_none() || moved.is_some() => Some(origin),
                     _ => continue,
                 },
                 Where::Posted(_) => None,
             };
-            let Some(customer) = named_customer(event, identity) else {
-                continue;
+            let customer = match moved {
+                Some(survivor) => std::borrow::Cow::Owned(survivor.to_string()),
+                None => customer,
             };
             let partition = crate::partition::partition_of(customer.as_bytes(), self.partitions);
             let stays = match (from, origin) {
@@ -143,7 +158,10 @@ impl Router {
             }
             here[i] = false;
             let headers = origin.map(|origin| {
-                let first_read = first_read(&self.topic, origin);
+                let first_read = match &origin.forwarded {
+                    Some(first) => first.clone(),
+                    None => first_read(&self.topic, origin),
+                };
                 OwnedHeaders::new().insert(Header {
                     key: FORWARDED_HEADER,
                     value: Some(first_read.as_str()),

@@ -291,6 +291,7 @@ pub const ROUTES: &[RouteAccess] = {
         route("GET", "/v1/customers/{id}", CustomersRead, false),
         route("GET", "/v1/customers/by/{id_type}/{value}", CustomersRead, false),
         route("POST", "/v1/customers/{id}/merge", CustomersMerge, true),
+        route("POST", "/v1/customers/{id}/handover", CustomersMerge, true),
         route("POST", "/v1/customers/{id}/unmerge", CustomersMerge, true),
         route("GET", "/v1/identities/stats", CustomersRead, false),
         route("GET", "/v1/customers/{id}/events", CustomersRead, false),
