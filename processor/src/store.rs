@@ -1064,6 +1064,18 @@ impl Store {
             .map(|r| r.map_err(StoreError::from))
     }
 
+    /// Keys and values of a column family from the last key at or before `start`, in
+    /// reverse key order.
+    pub fn scan_back_from<'s>(
+        &'s self,
+        cf: &str,
+        start: &[u8],
+    ) -> impl Iterator<Item = Result<KeyValue, StoreError>> + 's {
+        self.db
+            .iterator_cf(self.cf(cf), IteratorMode::From(start, Direction::Reverse))
+            .map(|r| r.map_err(StoreError::from))
+    }
+
     /// Keys and values of a column family, newest (largest key) first.
     pub fn scan_reverse<'s>(&'s self, cf: &str) -> impl Iterator<Item = Result<KeyValue, StoreError>> + 's {
         self.db

@@ -152,6 +152,9 @@ async fn ingest_routed(
             }
         }
     }
+    if outcome.accepted > 0 {
+        confirmed_in_group(app).await?;
+    }
     Ok(Json(json!({
         "accepted": outcome.accepted,
         "duplicates": outcome.duplicates,
@@ -720,6 +723,7 @@ pub async fn merge_customers(
             .unwrap_or_default();
         absorbed.extend(merged.absorbed.iter().map(|a| masking.id(a).into_owned()));
         survivor = Some(merged.survivor);
+        confirmed_in_group(&app).await?;
     }
     let survivor = match survivor {
         Some(survivor) => survivor,
@@ -817,6 +821,9 @@ pub async fn hand_over(
         .engine
         .call(move |engine| engine.hand_over(&id, &survivor, by.as_deref()))
         .await??;
+    // The frame waits in this node's state until sent: in the state topic first, so that
+    // whoever owns the partition next sends it if this node cannot.
+    confirmed_in_group(&app).await?;
     let masking = masking_of(&principal);
     let mut out = json!({ "changes": masked_changes(&handed.changes, &masking) });
     out["customer_id"] = masking.id(&handed.absorbed).into_owned().into();
@@ -871,6 +878,7 @@ pub async fn unmerge_customers(
         .engine
         .call(move |engine| engine.unmerge_customers(&id, &ids, by.as_deref()))
         .await??;
+    confirmed_in_group(&app).await?;
     let masking = masking_of(&principal);
     Ok(Json(identity_answer(
         &masking,
@@ -1081,6 +1089,34 @@ fn check_owners(app: &AppState, id: &str, ids: &[String]) -> Result<(), ApiError
         .try_for_each(|customer| check_owner(app, customer))
 }
 
+/// How long a write over HTTP on a member of a group waits for the broker to confirm its
+/// state ([`confirmed_in_group`]) before it answers 503.
+pub const GROUP_CONFIRM_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// On a member of a consumer group (the state topic on): waits until the broker confirmed
+/// the state of everything this node committed of its partitions, so a write acknowledged
+/// over HTTP is in the state topic — a node that takes the partition over has it, even if
+/// this one never comes back. Events read from Kafka need no such wait (a node taking over
+/// consumes them again); events, merges and manual tags sent over HTTP have no other copy.
+async fn confirmed_in_group(app: &AppState) -> Result<(), ApiError> {
+    let Some(kafka) = app.kafka.as_ref().filter(|k| k.group_member()) else {
+        return Ok(());
+    };
+    let owned = kafka.owned_partitions();
+    let reader = app.engine.reader().clone();
+    let confirmed =
+        tokio::task::spawn_blocking(move || reader.wait_changelog_confirmed(&owned, GROUP_CONFIRM_WAIT))
+            .await
+            .map_err(|e| ApiError::Internal(format!("waiting for the state topic: {e}")))??;
+    if confirmed {
+        return Ok(());
+    }
+    Err(ApiError::Unavailable(format!(
+        "written here, but the broker has not confirmed this node's state within {} s (is it still a member of its group? see /readyz and tagstream_kafka_lease_held): it is kept here and published when it can, but a node taking its partitions over before then would not have it; send it again (events are deduplicated by event_id)",
+        GROUP_CONFIRM_WAIT.as_secs()
+    )))
+}
+
 fn changes_json(changes: &[Change]) -> Json_ {
     json!({ "changes": changes })
 }
@@ -1101,6 +1137,7 @@ pub async fn put_manual_tag(
         .engine
         .call(move |engine| engine.set_manual_tag(&id, &tag, ttl))
         .await??;
+    confirmed_in_group(&app).await?;
     Ok(Json(changes_json(&changes)))
 }
 
@@ -1113,6 +1150,7 @@ pub async fn delete_manual_tag(
         .engine
         .call(move |engine| engine.remove_manual_tag(&id, &tag))
         .await??;
+    confirmed_in_group(&app).await?;
     Ok(Json(changes_json(&changes)))
 }
 

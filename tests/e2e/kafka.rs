@@ -3197,3 +3197,57 @@ fn a_merge_by_hand_across_two_nodes_hands_the_absorbed_customer_over() {
     first.stop();
     second.stop();
 }
+
+/// A write acknowledged over HTTP by a member of a group outlives the member (issue #21):
+/// events posted for customers of the partition a node owns have no copy in the events
+/// topic, so the node answers only once the broker confirmed their state; killed right
+/// after the answer, the node that takes its partition over has every one of them.
+#[test]
+fn events_acknowledged_over_http_by_a_group_member_outlive_it() {
+    const PARTITIONS: u32 = 2;
+    let broker = group_broker(PARTITIONS);
+    let run = TempDir::new("kafka-http-durable");
+    let config = group_config(run.path(), &broker, "http-durable", PARTITIONS, "");
+    let until = waiting_up_to(Duration::from_secs(120));
+    let first = Server::start(&run.path().join("first"), &config);
+    let second = Server::start(&run.path().join("second"), &config);
+    let owns = |server: &Server, n: f64| {
+        server.metric("tagstream_kafka_partitions_assigned") == n
+            && request(&server.addr, "GET", "/readyz", b"").status == 200
+    };
+    until("the partitions split", &|| {
+        owns(&first, 1.0) && owns(&second, 1.0)
+    });
+    let mine = (0..PARTITIONS)
+        .find(|&p| {
+            let cluster = request(&first.addr, "GET", "/v1/cluster", b"").json();
+            cluster["partitions"][p as usize]["owner"] == serde_json::json!(format!("http://{}", first.addr))
+        })
+        .expect("the first node owns a partition");
+    let customers: Vec<String> = (0..)
+        .map(|n| format!("h{n}"))
+        .filter(|id| processor::partition::partition_of(id.as_bytes(), PARTITIONS) == mine)
+        .take(60)
+        .collect();
+    let body: Vec<String> = customers
+        .iter()
+        .enumerate()
+        .map(|(n, id)| {
+            format!(
+                r#"{{"event_id":"h-{n}","customer_id":"{id}","type":"payment","ts":{},"props":{{"amount":10}}}}"#,
+                1_740_000_000_000i64 + n as i64
+            )
+        })
+        .collect();
+    let r = request(&first.addr, "POST", "/v1/events", body.join("\n").as_bytes());
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["accepted"], customers.len(), "{}", r.text());
+    assert_eq!(r.json()["forwarded"], 0, "{}", r.text());
+    first.kill();
+    until("the second node took the partition over", &|| owns(&second, 2.0));
+    for id in &customers {
+        let r = request(&second.addr, "GET", &format!("/v1/customers/{id}"), b"");
+        assert_eq!(r.status, 200, "customer {id}, acknowledged: {}", r.text());
+    }
+    second.stop();
+}

@@ -754,6 +754,51 @@ impl ReadHandle {
             .any(|source| crate::changelog::position_partition(source, self.partitions) == Some(partition)))
     }
 
+    /// Waits until the broker has confirmed every delta of `partitions` this store has
+    /// committed so far (the state changelog on), at most `within`; whether it did. What a
+    /// member of a group answers a write over HTTP after: acknowledged, the write is in the
+    /// state topic, so a node taking the partition over has it even if this one never
+    /// comes back.
+    pub fn wait_changelog_confirmed(
+        &self,
+        partitions: &[u32],
+        within: std::time::Duration,
+    ) -> Result<bool, EngineError> {
+        let mut targets = Vec::new();
+        for &partition in partitions {
+            let last = self
+                .store
+                .scan_back_from(CF_OUTBOX, &outbox_key(partition, u64::MAX))
+                .next()
+                .transpose()?;
+            if let Some((key, _)) = last {
+                let (of, commit) = parse_outbox_key(&key)?;
+                if of == partition {
+                    targets.push((partition, commit));
+                }
+            }
+        }
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let mut behind = false;
+            for &(partition, commit) in &targets {
+                let name = format!("{META_CHANGELOG_PUBLISHED}{partition}");
+                let confirmed = match self.store.get(CF_META, name.as_bytes())? {
+                    Some(value) => Reader::new(&value).u64().map_err(StoreError::from)?,
+                    None => 0,
+                };
+                behind |= confirmed < commit;
+            }
+            if !behind {
+                return Ok(true);
+            }
+            if std::time::Instant::now() >= deadline {
+                return Ok(false);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
     /// Every input's position (files, Kafka partitions) as of the last commit.
     pub fn source_offsets(&self) -> Result<std::collections::BTreeMap<String, u64>, EngineError> {
         super::read::source_offsets(&self.store)
