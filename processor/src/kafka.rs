@@ -1194,7 +1194,14 @@ fn publish_state(
                 // Shutting down, and everything committed is published.
                 return;
             }
-            Round::Idle => std::thread::sleep(Duration::from_millis(50)),
+            // Nothing to send: until the next commit (looked for every 2 ms), at most 50 ms,
+            // so that a write waiting for its state to be confirmed waits little.
+            Round::Idle => {
+                let (seen, since) = (reader.commits_made(), Instant::now());
+                while since.elapsed() < Duration::from_millis(50) && reader.commits_made() == seen {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
             // Shutting down, and the consumer has left the group: what was not published
             // before it left stays in the outbox (the partitions are kept here, and their
             // next owner consumes on from what the topic has).

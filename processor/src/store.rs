@@ -909,17 +909,7 @@ impl Store {
                         w.str(o);
                     }
                 }
-                w.u64(profile.len() as u64);
-                for (name, value) in profile {
-                    w.str(name);
-                    match value {
-                        None => w.u8(0),
-                        Some(v) => {
-                            w.u8(1);
-                            w.value(v);
-                        }
-                    }
-                }
+                write_profile_updates(w, profile);
             },
         );
     }
@@ -1199,6 +1189,37 @@ impl Store {
     }
 }
 
+/// The profile attributes an event set (`None`: deleted), as the `events` column family and
+/// handover frames keep them.
+pub(crate) fn write_profile_updates(w: &mut Writer, profile: &[rules::ProfileUpdate]) {
+    w.u64(profile.len() as u64);
+    for (name, value) in profile {
+        w.str(name);
+        match value {
+            None => w.u8(0),
+            Some(v) => {
+                w.u8(1);
+                w.value(v);
+            }
+        }
+    }
+}
+
+/// Reads what [`write_profile_updates`] wrote.
+pub(crate) fn read_profile_updates(r: &mut Reader) -> Result<Vec<rules::ProfileUpdate>, CodecError> {
+    let n = r.u64()? as usize;
+    let mut profile = Vec::with_capacity(n.min(256));
+    for _ in 0..n {
+        let name = r.arc_str()?;
+        let value = match r.u8()? {
+            0 => None,
+            _ => Some(r.value()?),
+        };
+        profile.push((name, value));
+    }
+    Ok(profile)
+}
+
 /// An event of the `events` column family from its key's `ts` and arrival and its value.
 pub(crate) fn decode_event(ts: i64, arrival: u64, value: &[u8]) -> Result<StoredEvent, CodecError> {
     let mut r = Reader::new(value);
@@ -1213,16 +1234,7 @@ pub(crate) fn decode_event(ts: i64, arrival: u64, value: &[u8]) -> Result<Stored
         if r.u8()? != 0 {
             origin = Some(r.str()?.to_owned());
         }
-        let n = r.u64()? as usize;
-        profile.reserve(n.min(256));
-        for _ in 0..n {
-            let name = r.arc_str()?;
-            let value = match r.u8()? {
-                0 => None,
-                _ => Some(r.value()?),
-            };
-            profile.push((name, value));
-        }
+        profile = read_profile_updates(&mut r)?;
     }
     Ok(StoredEvent {
         event: Event {

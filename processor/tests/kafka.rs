@@ -1953,6 +1953,17 @@ fn high_watermark(brokers: &str, topic: &str, partition: i32) -> i64 {
 
 /// Produces `line` `times` to `partition` of `events` as a member forwards it.
 fn produce_forwarded(brokers: &str, partition: i32, line: &str, first_read: &str, times: usize) {
+    produce_marked(
+        brokers,
+        partition,
+        (kafka::route::FORWARDED_HEADER, first_read),
+        line.as_bytes(),
+        times,
+    );
+}
+
+/// Produces `payload` `times` to `partition` of `events` with the header `name: value`.
+fn produce_marked(brokers: &str, partition: i32, (name, value): (&str, &str), payload: &[u8], times: usize) {
     use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
     let producer: BaseProducer = ClientConfig::new()
@@ -1961,14 +1972,14 @@ fn produce_forwarded(brokers: &str, partition: i32, line: &str, first_read: &str
         .unwrap();
     for _ in 0..times {
         let headers = OwnedHeaders::new().insert(Header {
-            key: kafka::route::FORWARDED_HEADER,
-            value: Some(first_read),
+            key: name,
+            value: Some(value),
         });
         producer
             .send(
-                BaseRecord::<(), str>::to("events")
+                BaseRecord::<(), [u8]>::to("events")
                     .partition(partition)
-                    .payload(line)
+                    .payload(payload)
                     .headers(headers),
             )
             .unwrap();
@@ -1978,27 +1989,13 @@ fn produce_forwarded(brokers: &str, partition: i32, line: &str, first_read: &str
 
 /// Sends `frame` to the events topic as a handover of `absorbed` would be sent, `times`.
 fn produce_handover(brokers: &str, partition: i32, absorbed: &str, frame: &[u8], times: usize) {
-    use rdkafka::message::{Header, OwnedHeaders};
-    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-    let producer: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .unwrap();
-    for _ in 0..times {
-        let headers = OwnedHeaders::new().insert(Header {
-            key: kafka::route::HANDOVER_HEADER,
-            value: Some(absorbed),
-        });
-        producer
-            .send(
-                BaseRecord::<(), [u8]>::to("events")
-                    .partition(partition)
-                    .payload(frame)
-                    .headers(headers),
-            )
-            .unwrap();
-    }
-    producer.flush(Duration::from_secs(10)).unwrap();
+    produce_marked(
+        brokers,
+        partition,
+        (kafka::route::HANDOVER_HEADER, absorbed),
+        frame,
+        times,
+    );
 }
 
 /// A merge by hand of customers of two members' partitions (issue #21): the member owning

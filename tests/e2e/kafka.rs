@@ -3057,6 +3057,29 @@ fn a_node_paused_past_its_session_writes_no_state_after_its_partitions_moved() {
     assert_same_customers(&held, &expected);
 }
 
+/// Whether `server` owns `n` partitions and is ready.
+fn owns(server: &Server, n: f64) -> bool {
+    server.metric("tagstream_kafka_partitions_assigned") == n
+        && request(&server.addr, "GET", "/readyz", b"").status == 200
+}
+
+/// Two `serve` nodes of a group (named after `name`) on a 2-partition topic, once each
+/// owns one: the broker, the run's directory, the nodes.
+fn two_nodes_of_two_partitions(
+    name: &str,
+    until: &dyn Fn(&str, &dyn Fn() -> bool),
+) -> (Broker, TempDir, Server, Server) {
+    let broker = group_broker(2);
+    let run = TempDir::new(&format!("kafka-{name}"));
+    let config = group_config(run.path(), &broker, name, 2, "");
+    let first = Server::start(&run.path().join("first"), &config);
+    let second = Server::start(&run.path().join("second"), &config);
+    until("the partitions split", &|| {
+        owns(&first, 1.0) && owns(&second, 1.0)
+    });
+    (broker, run, first, second)
+}
+
 /// A merge by hand of two customers whose partitions two nodes own (issue #21): asked of
 /// either node, the survivor's node asks the absorbed customer's node to hand it over; the
 /// absorbed leaves its tags there, its history goes through the events topic to the
@@ -3066,17 +3089,8 @@ fn a_node_paused_past_its_session_writes_no_state_after_its_partitions_moved() {
 #[test]
 fn a_merge_by_hand_across_two_nodes_hands_the_absorbed_customer_over() {
     const PARTITIONS: u32 = 2;
-    let broker = group_broker(PARTITIONS);
-    let run = TempDir::new("kafka-merge-across");
-    let config = group_config(run.path(), &broker, "merge-across", PARTITIONS, "");
     let until = waiting_up_to(Duration::from_secs(120));
-    let first = Server::start(&run.path().join("first"), &config);
-    let second = Server::start(&run.path().join("second"), &config);
-    let owns_one = |server: &Server| {
-        server.metric("tagstream_kafka_partitions_assigned") == 1.0
-            && request(&server.addr, "GET", "/readyz", b"").status == 200
-    };
-    until("the partitions split", &|| owns_one(&first) && owns_one(&second));
+    let (_broker, _run, first, second) = two_nodes_of_two_partitions("merge-across", &until);
     until("the nodes know each other", &|| {
         [&first, &second].iter().all(|node| {
             let cluster = request(&node.addr, "GET", "/v1/cluster", b"").json();
@@ -3205,19 +3219,8 @@ fn a_merge_by_hand_across_two_nodes_hands_the_absorbed_customer_over() {
 #[test]
 fn events_acknowledged_over_http_by_a_group_member_outlive_it() {
     const PARTITIONS: u32 = 2;
-    let broker = group_broker(PARTITIONS);
-    let run = TempDir::new("kafka-http-durable");
-    let config = group_config(run.path(), &broker, "http-durable", PARTITIONS, "");
     let until = waiting_up_to(Duration::from_secs(120));
-    let first = Server::start(&run.path().join("first"), &config);
-    let second = Server::start(&run.path().join("second"), &config);
-    let owns = |server: &Server, n: f64| {
-        server.metric("tagstream_kafka_partitions_assigned") == n
-            && request(&server.addr, "GET", "/readyz", b"").status == 200
-    };
-    until("the partitions split", &|| {
-        owns(&first, 1.0) && owns(&second, 1.0)
-    });
+    let (_broker, _run, first, second) = two_nodes_of_two_partitions("http-durable", &until);
     let mine = (0..PARTITIONS)
         .find(|&p| {
             let cluster = request(&first.addr, "GET", "/v1/cluster", b"").json();

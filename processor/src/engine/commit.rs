@@ -505,6 +505,7 @@ impl Visible {
         }
         self.published.set_clock(self.clock);
         self.published.set_partition_clocks(&self.partition_clocks);
+        self.published.commit_shown();
         if let Some(last) = self.changes.last() {
             self.durable
                 .fetch_max(last.seq, std::sync::atomic::Ordering::AcqRel);

@@ -161,17 +161,7 @@ impl Frame {
                 }
             }
             w.str(&moved.origin);
-            w.u64(moved.profile.len() as u64);
-            for (name, value) in &moved.profile {
-                w.str(name);
-                match value {
-                    None => w.u8(0),
-                    Some(v) => {
-                        w.u8(1);
-                        w.value(v);
-                    }
-                }
-            }
+            crate::store::write_profile_updates(&mut w, &moved.profile);
         }
         write_profile(&mut w, &handover.profile);
         write_manual(&mut w, &handover.manual);
@@ -207,15 +197,7 @@ impl Frame {
                 _ => Some(r.str()?.to_owned()),
             };
             let origin = r.arc_str()?;
-            let mut profile = Vec::new();
-            for _ in 0..r.len()? {
-                let name = r.arc_str()?;
-                let value = match r.u8()? {
-                    0 => None,
-                    _ => Some(r.value()?),
-                };
-                profile.push((name, value));
-            }
+            let profile = crate::store::read_profile_updates(&mut r)?;
             events.push(Moved {
                 event: rules::Event {
                     event_type,

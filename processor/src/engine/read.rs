@@ -51,6 +51,8 @@ pub(super) struct Published {
     /// Customers this store handed over to survivors of other partitions, and those
     /// survivors ([`super::handover`]): where events naming them go.
     pub(super) moved: RwLock<Arc<HashMap<Arc<str>, Arc<str>>>>,
+    /// Commits made visible so far (what the state publisher waits on when idle).
+    pub(super) commits: std::sync::atomic::AtomicU64,
 }
 
 impl Published {
@@ -74,6 +76,7 @@ impl Published {
             changes_gate: Default::default(),
             by_partition: Default::default(),
             moved: Default::default(),
+            commits: Default::default(),
         }
     }
 
@@ -96,6 +99,11 @@ impl Published {
 
     pub(super) fn set_backfill(&self, progress: Option<BackfillProgress>) {
         *self.backfill.lock().unwrap_or_else(|e| e.into_inner()) = progress;
+    }
+
+    /// Counts a commit made visible ([`ReadHandle::commits_made`]).
+    pub(super) fn commit_shown(&self) {
+        self.commits.fetch_add(1, Ordering::Release);
     }
 
     pub(super) fn set_clock(&self, clock: Option<i64>) {
@@ -147,6 +155,12 @@ pub struct ReadHandle {
 }
 
 impl ReadHandle {
+    /// Commits made visible since the engine started: a reader waiting for new state (the
+    /// state publisher) looks for this to move.
+    pub fn commits_made(&self) -> u64 {
+        self.published.commits.load(Ordering::Acquire)
+    }
+
     /// How far the rule-change backfill (or a saved segment's fill) has come, as of its last
     /// step: read beside the engine, so `/readyz` answers while the engine is busy.
     pub fn backfill_progress(&self) -> Option<BackfillProgress> {
