@@ -1189,11 +1189,29 @@ fn a_handover_waits_in_its_store_until_delivered_and_is_refused_where_it_cannot_
     };
     // `a` and `s` paid at the same instant, each the first event of its store (the same
     // arrival number there); `x` was merged into `a` before.
-    held.ingest(&[event("a", 1), event("b", 2), event("x", 4)])
+    // `x` of `a`'s partition (what a node owning it merged there); `y` of another.
+    let partitions = processor::EngineConfig::default().partitions;
+    let of = |id: &str| processor::partition::partition_of(id.as_bytes(), partitions);
+    let x = (0..)
+        .map(|n| format!("x{n}"))
+        .find(|id| of(id) == of("a"))
         .unwrap();
+    let y = (0..)
+        .map(|n| format!("y{n}"))
+        .find(|id| of(id) != of("c"))
+        .unwrap();
+    held.ingest(&[
+        event("a", 1),
+        event("b", 2),
+        event(&x, 4),
+        event("c", 5),
+        event(&y, 6),
+    ])
+    .unwrap();
     kept.ingest(&[event("s", 1)]).unwrap();
-    held.set_manual_tag("x", "seafood", None).unwrap();
-    held.merge_customers("a", &["x".to_owned()], None).unwrap();
+    held.set_manual_tag(&x, "seafood", None).unwrap();
+    held.merge_customers("a", std::slice::from_ref(&x), None).unwrap();
+    held.merge_customers("c", std::slice::from_ref(&y), None).unwrap();
     let spend = |engine: &Engine, customer: &str| {
         let view = engine.customer(customer).unwrap().expect("the customer");
         view.traits.get("spend").map(|v| v.to_string())
@@ -1216,6 +1234,13 @@ fn a_handover_waits_in_its_store_until_delivered_and_is_refused_where_it_cannot_
         kept.take_handover(b"not a frame"),
         Err(processor::EngineError::Conflict(_))
     ));
+    // A customer holding one merged in from another partition does not move (its id would
+    // have to name the survivor in that partition): refused, nothing changed.
+    match held.hand_over("c", "s", None) {
+        Err(processor::EngineError::Conflict(why)) => assert!(why.contains(y.as_str()), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(held.customer("c").unwrap().is_some());
 
     let handed = held.hand_over("a", "s", Some("crm-staff")).unwrap();
     assert!(handed.changes.iter().all(|c| &*c.customer_id == "a"
@@ -1235,11 +1260,13 @@ fn a_handover_waits_in_its_store_until_delivered_and_is_refused_where_it_cannot_
     );
     assert_eq!(pending[0].frame, handed.frame);
 
-    // The frame and the alias outlive a restart.
+    // The frame and the aliases (of `a`, and of `x` merged into it) outlive a restart.
     drop(held);
     let mut held = open(&held_dir, 1);
     assert_eq!(held.pending_handovers().unwrap().len(), 1);
     assert_eq!(&*held.canonical_id("a"), "s");
+    assert_eq!(&*held.canonical_id(&x), "s");
+    assert_eq!(held.reader().moved_to(&x).as_deref(), Some("s"));
 
     // A store without the survivor cannot take it.
     let (other_dir, _) = (TempDir::new("handover-other"), ());
@@ -1259,16 +1286,17 @@ fn a_handover_waits_in_its_store_until_delivered_and_is_refused_where_it_cannot_
         1
     );
     assert_eq!(&*kept.canonical_id("a"), "s");
-    assert_eq!(&*kept.canonical_id("x"), "s");
+    assert_eq!(&*kept.canonical_id(&x), "s");
     // `x`'s payment was ahead of the survivor's clock: the clock moved to it, as one store
     // that had seen it would be. Every payment of the three, none written over another of
     // the same instant.
     assert_eq!(spend(&kept, "s").as_deref(), Some("7500"));
     // What was merged into `a` before can be split off where `a` went.
-    kept.unmerge_customers("s", &["x".to_owned()], None).unwrap();
-    assert_eq!(spend(&kept, "x").as_deref(), Some("2500"));
-    let x = kept.customer("x").unwrap().unwrap();
-    assert!(x.tags.contains_key("seafood"), "its manual tag back: {x:?}");
+    kept.unmerge_customers("s", std::slice::from_ref(&x), None)
+        .unwrap();
+    assert_eq!(spend(&kept, &x).as_deref(), Some("2500"));
+    let view = kept.customer(&x).unwrap().unwrap();
+    assert!(view.tags.contains_key("seafood"), "its manual tag back: {view:?}");
     // And `a` itself; the frame delivered again after that merges nothing again.
     kept.unmerge_customers("s", &["a".to_owned()], None).unwrap();
     assert!(kept.take_handover(&handed.frame).unwrap().changes.is_empty());

@@ -261,6 +261,27 @@ impl Engine {
                 "`{survivor}` is held here too: merge the two here"
             )));
         }
+        // The ids of customers merged into it before name the survivor from now on, in
+        // the partitions they belong to: only this one's are kept here.
+        let record = self.id_record(&absorbed, &Batch::default())?;
+        let partition = self.partition_of(&absorbed);
+        let ids: Vec<Arc<str>> = record
+            .ids
+            .iter()
+            .filter(|e| &*e.id_type == CUSTOMER_ID)
+            .map(|e| Arc::from(e.value.as_str()))
+            .chain(std::iter::once(absorbed.clone()))
+            .collect();
+        let elsewhere: Vec<&Arc<str>> = ids
+            .iter()
+            .filter(|id| self.partition_of(id) != partition)
+            .collect();
+        if !elsewhere.is_empty() {
+            return Err(EngineError::Conflict(format!(
+                "`{absorbed}` holds customers merged into it from other partitions ({}): they cannot follow it to another node's partition yet; merge `{survivor}` into `{absorbed}` instead, or on a node that owns all of their partitions",
+                elsewhere.iter().map(|id| format!("`{id}`")).collect::<Vec<_>>().join(", ")
+            )));
+        }
         let cause = by.map_or(Cause::Manual, |k| Cause::ManualBy(k.to_owned()));
         let (frame, changes) = self.transact(|engine, batch| {
             let record = engine.id_record(&absorbed, batch)?;
@@ -274,13 +295,13 @@ impl Engine {
             }
             for entry in &record.ids {
                 engine.identity_put(batch, owner_key(&entry.id_type, &entry.value), None);
-                if &*entry.id_type == CUSTOMER_ID {
-                    engine
-                        .aliases
-                        .insert(Arc::from(entry.value.as_str()), survivor.clone());
+            }
+            for id in &ids {
+                engine.aliases.insert(id.clone(), survivor.clone());
+                if *id != absorbed {
+                    engine.identity_put(batch, moved_key(id), Some(survivor.as_bytes().to_vec()));
                 }
             }
-            engine.aliases.insert(absorbed.clone(), survivor.clone());
             engine.identity_put(batch, record_key(&absorbed), None);
             let now = engine.now_for(&absorbed);
             let (leaving, why) = (absorbed.clone(), cause.clone());
@@ -302,7 +323,9 @@ impl Engine {
         {
             let mut moved = self.published.moved.write().unwrap_or_else(|e| e.into_inner());
             let mut now = HashMap::clone(&moved);
-            now.insert(absorbed.clone(), survivor.clone());
+            for id in ids {
+                now.insert(id, survivor.clone());
+            }
             *moved = Arc::new(now);
         }
         Ok(HandedOver {
