@@ -36,7 +36,7 @@ pub use explain::{Explained, Explanation, NextChange};
 pub use group_log::{
     decode_group_cursor, encode_group_cursor, GroupAppend, GroupDelta, GroupPage, GroupRecord,
 };
-pub use handover::{frame_absorbed, frame_survivor, moved_key, Handed, HandedOver, PendingHandover};
+pub use handover::{frame_absorbed, Handed, HandedOver, PendingHandover};
 pub use identity::Merged;
 pub use partitions::{PartitionSummary, MAGIC as PARTITION_EXPORT_MAGIC};
 pub use pipeline::{Answer, Finished};

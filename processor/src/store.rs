@@ -889,28 +889,7 @@ impl Store {
         batch.put_with(
             self.cf(CF_EVENTS),
             &event_key(customer, event.ts, event.arrival),
-            |w| {
-                w.str(&event.event_type);
-                w.props(&event.props);
-                match event_id {
-                    None => w.u8(0),
-                    Some(id) => {
-                        w.u8(1);
-                        w.str(id);
-                    }
-                }
-                if origin.is_none() && profile.is_empty() {
-                    return;
-                }
-                match origin {
-                    None => w.u8(0),
-                    Some(o) => {
-                        w.u8(1);
-                        w.str(o);
-                    }
-                }
-                write_profile_updates(w, profile);
-            },
+            |w| write_event_value(w, event, event_id, origin, profile),
         );
     }
 
@@ -1189,9 +1168,39 @@ impl Store {
     }
 }
 
-/// The profile attributes an event set (`None`: deleted), as the `events` column family and
-/// handover frames keep them.
-pub(crate) fn write_profile_updates(w: &mut Writer, profile: &[rules::ProfileUpdate]) {
+/// A retained event's value in the `events` column family (its `ts` and arrival are in the
+/// key), as [`decode_event`] reads it back; handover frames carry events the same way.
+pub(crate) fn write_event_value(
+    w: &mut Writer,
+    event: &Event,
+    event_id: Option<&str>,
+    origin: Option<&str>,
+    profile: &[rules::ProfileUpdate],
+) {
+    w.str(&event.event_type);
+    w.props(&event.props);
+    match event_id {
+        None => w.u8(0),
+        Some(id) => {
+            w.u8(1);
+            w.str(id);
+        }
+    }
+    if origin.is_none() && profile.is_empty() {
+        return;
+    }
+    match origin {
+        None => w.u8(0),
+        Some(o) => {
+            w.u8(1);
+            w.str(o);
+        }
+    }
+    write_profile_updates(w, profile);
+}
+
+/// The profile attributes an event set (`None`: deleted).
+fn write_profile_updates(w: &mut Writer, profile: &[rules::ProfileUpdate]) {
     w.u64(profile.len() as u64);
     for (name, value) in profile {
         w.str(name);
@@ -1206,7 +1215,7 @@ pub(crate) fn write_profile_updates(w: &mut Writer, profile: &[rules::ProfileUpd
 }
 
 /// Reads what [`write_profile_updates`] wrote.
-pub(crate) fn read_profile_updates(r: &mut Reader) -> Result<Vec<rules::ProfileUpdate>, CodecError> {
+fn read_profile_updates(r: &mut Reader) -> Result<Vec<rules::ProfileUpdate>, CodecError> {
     let n = r.u64()? as usize;
     let mut profile = Vec::with_capacity(n.min(256));
     for _ in 0..n {

@@ -29,7 +29,7 @@
 //! Ties between events of the two customers at the same `ts` are ordered by the survivor's
 //! store (its events first), where one store would order them by arrival.
 
-use super::identity::{snapshot_key, Handover, Moved};
+use super::identity::{read_old_matches, snapshot_key, write_old_matches, Handover, Moved};
 use super::*;
 use crate::codec::{CodecError, Reader, Writer};
 use crate::identity::{owner_key, record_key, IdRecord, CUSTOMER_ID};
@@ -40,7 +40,7 @@ use crate::store::CF_IDENTITIES;
 const FRAME_FORMAT: u8 = 1;
 
 /// The graph key naming the survivor a customer was handed over to: `m` + its id.
-pub fn moved_key(customer: &str) -> Vec<u8> {
+pub(super) fn moved_key(customer: &str) -> Vec<u8> {
     prefixed(b'm', customer)
 }
 
@@ -67,7 +67,7 @@ fn taken_key(survivor: &str, id: &str) -> Vec<u8> {
 }
 
 /// The survivor a frame names, read without decoding the rest.
-pub fn frame_survivor(frame: &[u8]) -> Option<String> {
+fn frame_survivor(frame: &[u8]) -> Option<String> {
     frame_names(frame).map(|(_, survivor)| survivor)
 }
 
@@ -148,28 +148,23 @@ impl Frame {
         let handover = &self.handover;
         w.u64(handover.events.len() as u64);
         for moved in &handover.events {
+            // The store's own encoding of a retained event, its `ts` and arrival before it.
             let event = &moved.event;
-            w.str(&event.event_type);
             w.i64(event.ts);
             w.u64(event.arrival);
-            w.props(&event.props);
-            match &moved.event_id {
-                None => w.u8(0),
-                Some(id) => {
-                    w.u8(1);
-                    w.str(id);
-                }
-            }
-            w.str(&moved.origin);
-            crate::store::write_profile_updates(&mut w, &moved.profile);
+            let mut value = Writer::new();
+            crate::store::write_event_value(
+                &mut value,
+                event,
+                moved.event_id.as_deref(),
+                Some(&moved.origin),
+                &moved.profile,
+            );
+            w.bytes(&value.buf);
         }
         write_profile(&mut w, &handover.profile);
         write_manual(&mut w, &handover.manual);
-        w.u64(handover.old_matches.len() as u64);
-        for (name, ts) in &handover.old_matches {
-            w.str(name);
-            w.i64(*ts);
-        }
+        write_old_matches(&mut w, &handover.old_matches);
         w.buf
     }
 
@@ -189,33 +184,20 @@ impl Frame {
         }
         let mut events = Vec::new();
         for _ in 0..r.len()? {
-            let event_type = r.arc_str()?;
             let (ts, arrival) = (r.i64()?, r.u64()?);
-            let props = r.props()?;
-            let event_id = match r.u8()? {
-                0 => None,
-                _ => Some(r.str()?.to_owned()),
-            };
-            let origin = r.arc_str()?;
-            let profile = crate::store::read_profile_updates(&mut r)?;
+            let stored = crate::store::decode_event(ts, arrival, r.bytes()?)?;
             events.push(Moved {
-                event: rules::Event {
-                    event_type,
-                    ts,
-                    arrival,
-                    props,
-                },
-                event_id,
-                origin,
-                profile,
+                event: stored.event,
+                event_id: stored.event_id,
+                origin: stored
+                    .origin
+                    .map_or_else(|| absorbed.clone(), |o| Arc::from(o.as_str())),
+                profile: stored.profile,
             });
         }
         let profile = read_profile(&mut r)?;
         let manual = read_manual(&mut r)?;
-        let mut old_matches = Vec::new();
-        for _ in 0..r.len()? {
-            old_matches.push((r.arc_str()?, r.i64()?));
-        }
+        let old_matches = read_old_matches(&mut r)?;
         if !r.is_empty() {
             return Err(CodecError("bytes after a handover frame's end"));
         }

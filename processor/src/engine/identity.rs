@@ -99,11 +99,7 @@ impl Snapshot {
         w.u64(self.merged_at);
         write_profile(&mut w, &self.profile);
         write_manual(&mut w, &self.manual);
-        w.u64(self.old_matches.len() as u64);
-        for (name, ts) in &self.old_matches {
-            w.str(name);
-            w.i64(*ts);
-        }
+        write_old_matches(&mut w, &self.old_matches);
         write_profile(&mut w, &self.survivor_profile);
         w.buf
     }
@@ -113,10 +109,7 @@ impl Snapshot {
         let merged_at = r.u64()?;
         let profile = read_profile(&mut r)?;
         let manual = read_manual(&mut r)?;
-        let mut old_matches = Vec::new();
-        for _ in 0..r.u64()? {
-            old_matches.push((r.arc_str()?, r.i64()?));
-        }
+        let old_matches = read_old_matches(&mut r)?;
         Ok(Snapshot {
             merged_at,
             profile,
@@ -125,6 +118,25 @@ impl Snapshot {
             survivor_profile: read_profile(&mut r)?,
         })
     }
+}
+
+/// Event tag matches older than the retained history, as snapshots and handover frames
+/// keep them.
+pub(super) fn write_old_matches(w: &mut Writer, old_matches: &[(Arc<str>, i64)]) {
+    w.u64(old_matches.len() as u64);
+    for (name, ts) in old_matches {
+        w.str(name);
+        w.i64(*ts);
+    }
+}
+
+/// Reads what [`write_old_matches`] wrote.
+pub(super) fn read_old_matches(r: &mut Reader) -> Result<Vec<(Arc<str>, i64)>, crate::codec::CodecError> {
+    let mut old_matches = Vec::new();
+    for _ in 0..r.u64()? {
+        old_matches.push((r.arc_str()?, r.i64()?));
+    }
+    Ok(old_matches)
 }
 
 /// A canonical customer's identity graph entries, raw: its record, its identifiers'
