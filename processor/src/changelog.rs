@@ -109,14 +109,20 @@ impl Family {
     /// The partition a write of `key` belongs to: its owner's ([`Family::owner`]), except
     /// an identity graph owner entry (`i…`), which belongs with its canonical customer, so
     /// that it moves with that customer's partition: the customer named in `value`, or for
-    /// a delete in the value it deletes (`deleted`, read from the store).
+    /// a delete in the value it deletes (`deleted`, read from the store). With `resolver`
+    /// (a group resolving identity in one partition, [`crate::EngineConfig::resolver`]) the
+    /// whole graph — owners (`i`), records (`c`) and the resolver's outbox (`r`) — is
+    /// partition 0's.
     pub fn partition_of_write(
         self,
         key: &[u8],
         value: Option<&[u8]>,
         deleted: impl FnOnce() -> Option<Vec<u8>>,
-        partitions: u32,
+        (partitions, resolver): (u32, bool),
     ) -> Option<u32> {
+        if resolver && self == Family::Identities && matches!(key.first(), Some(b'i' | b'c' | b'r')) {
+            return Some(0);
+        }
         if self == Family::Identities && key.first() == Some(&b'i') {
             let canonical = |value: &[u8]| {
                 let (canonical, _) = crate::identity::parse_owner_value(value);
@@ -326,6 +332,8 @@ struct Borrowed<'w> {
 /// of a key or value until the delta is encoded).
 pub struct DeltaBuilder<'w> {
     partitions: u32,
+    /// The graph is partition 0's ([`Family::partition_of_write`]).
+    resolver: bool,
     /// The partition families' handles' identities.
     families: Vec<(usize, Family)>,
     /// The `meta` family's, where the commit's input positions are.
@@ -335,9 +343,10 @@ pub struct DeltaBuilder<'w> {
 }
 
 impl<'w> DeltaBuilder<'w> {
-    pub fn new(store: &Store, partitions: u32) -> DeltaBuilder<'w> {
+    pub fn new(store: &Store, (partitions, resolver): (u32, bool)) -> DeltaBuilder<'w> {
         DeltaBuilder {
             partitions,
+            resolver,
             families: Family::ALL
                 .into_iter()
                 .map(|f| (cf_id(store.cf(f.cf_name())), f))
@@ -378,7 +387,12 @@ impl<'w> DeltaBuilder<'w> {
                     Some(p) => p,
                     None => continue,
                 },
-                _ => match family.partition_of_write(key, value, || identity_entry(key), self.partitions) {
+                _ => match family.partition_of_write(
+                    key,
+                    value,
+                    || identity_entry(key),
+                    (self.partitions, self.resolver),
+                ) {
                     Some(p) => p,
                     None if family == Family::Identities && value.is_none() && key.first() == Some(&b'i') => {
                         // The delete of an entry the store does not hold yet (put earlier in

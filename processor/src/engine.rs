@@ -21,6 +21,7 @@ mod partitions;
 mod pipeline;
 mod query;
 mod read;
+mod resolver;
 mod retention;
 mod rule_change;
 mod segments;
@@ -42,6 +43,7 @@ pub use partitions::{PartitionSummary, MAGIC as PARTITION_EXPORT_MAGIC};
 pub use pipeline::{Answer, Finished};
 pub use query::{parse_cursor, DefinitionSummary, Delta, HourActivity};
 pub use read::ReadHandle;
+pub use resolver::{HandOverRequest, PendingRecord, Resolved, ResolvedEvent, ResolverRecord};
 pub use retention::{Log, TrimPlan, Trimmed};
 pub use rule_change::{Proposal, RuleChange};
 pub use segments::{SavedSegment, SegmentUpdate};
@@ -167,6 +169,14 @@ pub struct EngineConfig {
     /// taken over by another (with its clock, in the changelog) is judged as one node would
     /// have. On for a node of a consumer group ([`EngineConfig::changelog`]).
     pub clock_per_partition: bool,
+    /// A group member resolving identity in one partition (issue #21,
+    /// `docs/design/cluster.md` §6): the whole identity graph is partition 0's state; an
+    /// event with `ids` is resolved by partition 0's owner, which keeps the graph's changes
+    /// and, in that partition's outbox of records to send (`r`), the event named by its
+    /// canonical customer ([`ResolvedEvent`]) and a handover request for each customer a
+    /// merge absorbs; the owners of those customers' partitions apply them. Off on a node
+    /// alone (every merge is made in its store).
+    pub resolver: bool,
 }
 
 impl EngineConfig {
@@ -215,6 +225,7 @@ impl Default for EngineConfig {
             timers_beside_events: 256,
             segment_round: 50_000,
             changelog: false,
+            resolver: false,
             clock_per_partition: false,
             identity: crate::identity::IdentityConfig::default(),
             heap_probe: None,
@@ -806,6 +817,8 @@ pub struct Engine {
     identity_counts: Arc<crate::identity::IdentityCounts>,
     /// Identifier lookups kept in memory ([`crate::identity::OwnerCache`]).
     owner_cache: std::cell::RefCell<crate::identity::OwnerCache>,
+    /// The number of the group resolver's next record (0: not read yet).
+    next_resolved: std::cell::Cell<u64>,
     /// `config.identity`, shared with the intakes that prepare events' identifiers.
     identity_types: Arc<crate::identity::IdentityConfig>,
     /// Partitions whose timers wait, and their timers ([`Engine::park_partitions`]).
@@ -1007,6 +1020,7 @@ impl Engine {
             aliases: identity::Aliases::default(),
             identity_counts: Arc::default(),
             owner_cache: Default::default(),
+            next_resolved: Default::default(),
             identity_types: Default::default(),
             parked: Parked::default(),
         };

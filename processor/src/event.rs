@@ -74,6 +74,10 @@ pub struct ValidEvent {
     /// customer's partition ([`crate::kafka::route`]): the key it is deduplicated by
     /// instead, made from where it was first read, so a forward sent twice counts once.
     pub position_key: Option<String>,
+    /// For an event a group's identity resolver sent to its customer's partition
+    /// (`tagstream-resolved`, [`crate::kafka::route`]): the customer it is applied to,
+    /// decided there — its identifiers are not resolved again.
+    pub resolved: Option<crate::engine::Resolved>,
 }
 
 impl ValidEvent {
@@ -483,6 +487,7 @@ fn validate_planned(
         ids,
         prepared: None,
         position_key: None,
+        resolved: None,
     })
 }
 

@@ -57,11 +57,11 @@ pub use engine::{
     decode_group_cursor, encode_group_cursor, parse_cursor, Answer, BackfillProgress, BackupManifest,
     ClockMode, CustomerView, DeadLetter, DefinitionSummary, Delta, Engine, EngineConfig, EngineError,
     Explained, Explanation, ExportField, Finished, FiredTimers, GroupAppend, GroupDelta, GroupPage,
-    GroupRecord, Handed, HandedOver, HeapProbe, HourActivity, IngestError, IngestOutcome, IngestRequest, Log,
-    LogRetention, MembersPage, MovedEvent, NextChange, PartitionSummary, PartitionsPage, PendingHandover,
-    Preview, PreviewCounts, Proposal, QueryError, QueryPage, ReadHandle, ReadVersions, RuleChange, RuleDiff,
-    RuleEdit, RuleVersion, SavedSegment, SegmentUpdate, TrimPlan, Trimmed, VersionSummary, BACKUP_MANIFEST,
-    PARTITION_EXPORT_MAGIC,
+    GroupRecord, HandOverRequest, Handed, HandedOver, HeapProbe, HourActivity, IngestError, IngestOutcome,
+    IngestRequest, Log, LogRetention, MembersPage, MovedEvent, NextChange, PartitionSummary, PartitionsPage,
+    PendingHandover, PendingRecord, Preview, PreviewCounts, Proposal, QueryError, QueryPage, ReadHandle,
+    ReadVersions, Resolved, ResolvedEvent, ResolverRecord, RuleChange, RuleDiff, RuleEdit, RuleVersion,
+    SavedSegment, SegmentUpdate, TrimPlan, Trimmed, VersionSummary, BACKUP_MANIFEST, PARTITION_EXPORT_MAGIC,
 };
 pub use event::{parse_event, EventLimits, Rejection, ValidEvent};
 pub use quality::{Intake, Quality};

@@ -306,13 +306,13 @@ impl EngineHandle {
                     tracing::info!(survivor = %merged.survivor, absorbed = ?merged.absorbed, "took a customer handed over");
                 }
             }
-            crate::Handed::Elsewhere(survivor) => {
+            crate::Handed::Elsewhere(survivor, frame) => {
                 let router = batch.router.as_ref().ok_or_else(|| {
                     ApplyError::Failed("a handover to send on, and no producer to send it with".into())
                 })?;
-                let absorbed = crate::engine::frame_absorbed(frame).unwrap_or_default();
+                let absorbed = crate::engine::frame_absorbed(&frame).unwrap_or_default();
                 router
-                    .send_handover(&absorbed, &survivor, frame)
+                    .send_handover(&absorbed, &survivor, &frame)
                     .map_err(ApplyError::Failed)?;
                 let positions = batch.positions.clone();
                 self.call_blocking(move |engine| {

@@ -1314,3 +1314,301 @@ fn a_handover_waits_in_its_store_until_delivered_and_is_refused_where_it_cannot_
     assert_eq!(&*held.canonical_id("a"), "s");
     assert!(held.pending_handovers().unwrap().is_empty());
 }
+
+/// Two stores of a group, each owning two of four partitions, resolving identity in
+/// partition 0 ([`EngineConfig::resolver`]); what the members' Kafka paths do
+/// (`processor::kafka::route` and the group's consumer) is done here by hand: an event with
+/// `ids` goes to partition 0's owner, any other to its customer's (on to its survivor's when
+/// that customer was handed over), and the resolver's records and the handovers' frames are
+/// delivered to the partitions they name.
+struct Group {
+    stores: Vec<Engine>,
+    /// The store owning each partition.
+    owner: [usize; 4],
+}
+
+impl Group {
+    const PARTITIONS: u32 = 4;
+
+    fn open(dirs: &[TempDir; 2], workers: usize) -> Group {
+        let owner = [0, 1, 1, 0];
+        let stores = dirs
+            .iter()
+            .enumerate()
+            .map(|(i, dir)| {
+                let mut engine = Engine::open(dir.path(), Some(RULES), grouped(workers, true)).unwrap();
+                engine.park_partitions((0..Self::PARTITIONS).filter(|&p| owner[p as usize] != i));
+                engine
+            })
+            .collect();
+        Group { stores, owner }
+    }
+
+    fn store_of(&self, customer: &str) -> usize {
+        self.owner[processor::partition::partition_of(customer.as_bytes(), Self::PARTITIONS) as usize]
+    }
+
+    /// An event as a member reading it would route it.
+    fn send(&mut self, line: &str) {
+        let event: serde_json::Value = serde_json::from_str(line).unwrap();
+        if event.get("ids").is_some() {
+            let outcome = self.stores[self.owner[0]].ingest(&[line]).unwrap();
+            assert!(outcome.errors.is_empty(), "{:?}", outcome.errors);
+            return;
+        }
+        let customer = event["customer_id"].as_str().unwrap().to_owned();
+        let resolved = processor::Resolved {
+            canonical: Arc::from(customer.as_str()),
+            origin: None,
+        };
+        self.apply(line.as_bytes(), resolved, false);
+    }
+
+    /// `raw` applied to the customer `resolved` names, or, when that one was handed over,
+    /// to its survivor (as the router sends it on).
+    fn apply(&mut self, raw: &[u8], mut resolved: processor::Resolved, mut named: bool) {
+        loop {
+            let store = self.store_of(&resolved.canonical);
+            let Some(survivor) = self.stores[store].reader().moved_to(&resolved.canonical) else {
+                break;
+            };
+            resolved.origin.get_or_insert_with(|| resolved.canonical.clone());
+            resolved.canonical = survivor;
+            named = true;
+        }
+        let store = self.store_of(&resolved.canonical);
+        let engine = &mut self.stores[store];
+        let mut parsed = engine.intake().parse_batch(&[raw], "kafka");
+        if named {
+            if let Ok(event) = &mut parsed[0] {
+                event.resolved = Some(resolved);
+            }
+        }
+        let outcome = engine
+            .ingest_parsed(&[raw], parsed, &[] as &[(&str, u64)])
+            .unwrap();
+        assert!(outcome.errors.is_empty(), "{:?}", outcome.errors);
+    }
+
+    /// Delivers what the stores have to send, until nothing is left; at most `rounds`
+    /// passes over the stores (`usize::MAX`: until quiet).
+    fn pump(&mut self, rounds: usize) {
+        for _ in 0..rounds {
+            let mut sent = false;
+            for i in 0..self.stores.len() {
+                let outbox = self.stores[i].resolver_outbox().unwrap();
+                let keys: Vec<Vec<u8>> = outbox.iter().map(|p| p.key.clone()).collect();
+                for pending in outbox {
+                    sent = true;
+                    assert_eq!(self.owner[0], i, "only partition 0's owner resolves");
+                    match pending.record {
+                        processor::ResolverRecord::Event(e) => {
+                            assert!(e.first_read.is_none(), "every event has an id");
+                            self.apply(&e.raw, e.resolved, true);
+                        }
+                        processor::ResolverRecord::HandOver(h) => {
+                            let store = self.owner[h.partition as usize];
+                            self.stores[store]
+                                .hand_over_requested(
+                                    &h.absorbed,
+                                    &h.survivor,
+                                    &h.cause,
+                                    &[] as &[(&str, u64)],
+                                )
+                                .unwrap();
+                        }
+                    }
+                }
+                self.stores[i].resolver_delivered(&keys).unwrap();
+                for handover in self.stores[i].pending_handovers().unwrap() {
+                    sent = true;
+                    let mut survivor: Arc<str> = Arc::from(handover.survivor.as_str());
+                    let mut frame = handover.frame.clone();
+                    loop {
+                        let store = self.store_of(&survivor);
+                        match self.stores[store]
+                            .take_handover_at(&frame, &[] as &[(&str, u64)])
+                            .unwrap()
+                        {
+                            processor::Handed::Taken(_) => break,
+                            processor::Handed::Elsewhere(next, sent_on) => {
+                                (survivor, frame) = (next, sent_on)
+                            }
+                            processor::Handed::Malformed(why) => panic!("{why}"),
+                        }
+                    }
+                    self.stores[i].handover_delivered(&handover.absorbed).unwrap();
+                }
+            }
+            if !sent {
+                return;
+            }
+        }
+    }
+}
+
+/// [`config`] as a member of a group: a clock per partition, four partitions, and
+/// identity resolved in partition 0 (`resolver`), or a store alone.
+fn grouped(workers: usize, resolver: bool) -> EngineConfig {
+    EngineConfig {
+        partitions: Group::PARTITIONS,
+        clock_per_partition: true,
+        resolver,
+        retention_ms: 400 * 24 * HOUR,
+        ..config(workers)
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
+
+    /// Identity resolved by a group's resolver — the graph in partition 0's owner, events
+    /// sent on named by their customers, merges made by handovers between the owners of
+    /// the customers' partitions — ends where one store resolving everything ends: the
+    /// same customers with the same tags, segments, traits and profiles, the same
+    /// identifiers, the same members; whenever the records in flight are delivered.
+    #[test]
+    fn a_group_resolving_identity_in_one_partition_ends_like_one_store(
+        gens in prop::collection::vec(gen_event(5), 1..50),
+        pump_after in prop::collection::vec(0usize..3, 50),
+        workers in 1usize..3,
+        reopen_at in prop::option::of(0usize..50),
+        merge_at in prop::option::of(0usize..50),
+    ) {
+        group_ends_like_one_store(&gens, &pump_after, workers, reopen_at, merge_at)?;
+    }
+}
+
+/// The property of [`a_group_resolving_identity_in_one_partition_ends_like_one_store`].
+fn group_ends_like_one_store(
+    gens: &[Gen],
+    pump_after: &[usize],
+    workers: usize,
+    reopen_at: Option<usize>,
+    merge_at: Option<usize>,
+) -> Result<(), TestCaseError> {
+    // Each at an instant of its own: events of two customers at one `ts` are ordered by
+    // arrival, which a handover renumbers in the survivor's store (module doc of
+    // `processor/src/engine/handover.rs`).
+    let stream: Vec<(String, Vec<(&str, String)>)> = render(gens)
+        .into_iter()
+        .enumerate()
+        .map(|(n, (line, carried))| {
+            let mut event: serde_json::Value = serde_json::from_str(&line).unwrap();
+            let ts = event["ts"].as_i64().unwrap();
+            event["ts"] = (ts / 1000 * 1000 + n as i64).into();
+            (event.to_string(), carried)
+        })
+        .collect();
+    let lines: Vec<String> = stream.iter().map(|(l, _)| l.clone()).collect();
+    let one_dir = TempDir::new("resolver-one");
+    let mut one = Engine::open(one_dir.path(), Some(RULES), grouped(1, false)).unwrap();
+    let dirs = [TempDir::new("resolver-a"), TempDir::new("resolver-b")];
+    let mut group = Group::open(&dirs, workers);
+    for (n, (line, rounds)) in lines.iter().zip(pump_after).enumerate() {
+        if reopen_at == Some(n) {
+            // Restarted with records and frames in flight: they are kept.
+            drop(group);
+            group = Group::open(&dirs, workers);
+        }
+        // Two customers merged by hand, on the resolver, where one store can.
+        if merge_at == Some(n) && one.merge_customers("c0", &["c1".into()], None).is_ok() {
+            let resolver = group.owner[0];
+            let merged = group.stores[resolver]
+                .merge_customers("c0", &["c1".into()], None)
+                .unwrap();
+            prop_assert!(merged.changes.is_empty(), "made where the customers are");
+        }
+        one.ingest(&[line]).unwrap();
+        group.send(line);
+        // Sometimes at once, sometimes a step behind, sometimes later.
+        group.pump(*rounds);
+    }
+    group.pump(usize::MAX);
+
+    let end = BASE + 200 * 24 * HOUR;
+    one.advance_clock(end).unwrap();
+    for store in &mut group.stores {
+        store.advance_clock(end).unwrap();
+    }
+    // Each store holds only customers of its partitions, and together the same ones.
+    let mut held = BTreeSet::new();
+    for (i, store) in group.stores.iter().enumerate() {
+        for p in 0..Group::PARTITIONS {
+            let customers = store
+                .reader()
+                .partition_customers(p, Group::PARTITIONS, None, 1000)
+                .unwrap();
+            prop_assert!(
+                customers.is_empty() || group.owner[p as usize] == i,
+                "store {} holds partition {}: {:?}",
+                i,
+                p,
+                customers
+            );
+            held.extend(customers);
+        }
+    }
+    let mut want = BTreeSet::new();
+    for p in 0..Group::PARTITIONS {
+        want.extend(
+            one.reader()
+                .partition_customers(p, Group::PARTITIONS, None, 1000)
+                .unwrap(),
+        );
+    }
+    prop_assert_eq!(&held, &want);
+    for customer in &want {
+        let store = &group.stores[group.store_of(customer)];
+        let got = store
+            .customer(customer)
+            .unwrap()
+            .expect("held by its partition's owner");
+        let expected = one.customer(customer).unwrap().unwrap();
+        prop_assert_eq!(summary(&got), summary(&expected), "customer {}", customer);
+    }
+    // The graph is the resolver's, and says what one store's says.
+    let resolver = &group.stores[group.owner[0]];
+    for (_, carried) in &stream {
+        for (t, v) in carried {
+            let v = normalised(t, v);
+            prop_assert_eq!(
+                resolver.identify(t, &v).unwrap(),
+                one.identify(t, &v).unwrap(),
+                "{} {}",
+                t,
+                v
+            );
+            // Nowhere else.
+            if *t != "customer_id" {
+                let elsewhere = &group.stores[1 - group.owner[0]];
+                prop_assert_eq!(elsewhere.identify(t, &v).unwrap(), None);
+            }
+        }
+    }
+    for customer in &want {
+        prop_assert_eq!(
+            resolver.identifiers(customer).unwrap(),
+            one.identifiers(customer).unwrap(),
+            "ids of {}",
+            customer
+        );
+    }
+    for name in [
+        "big_spender",
+        "active",
+        "seafood",
+        "lapsed",
+        "hangzhou",
+        "vip",
+        "quiet",
+    ] {
+        let mut got = BTreeSet::new();
+        for store in &group.stores {
+            got.extend(store.members(name).unwrap().into_iter().map(|(id, _)| id));
+        }
+        let want: BTreeSet<String> = one.members(name).unwrap().into_iter().map(|(id, _)| id).collect();
+        prop_assert_eq!(got, want, "members of {}", name);
+    }
+    Ok(())
+}

@@ -103,8 +103,10 @@ pub struct HandedOver {
 pub enum Handed {
     /// Taken (no changes when it was taken before).
     Taken(Merged),
-    /// The survivor went to this customer of another store since: send the frame there.
-    Elsewhere(Arc<str>),
+    /// The survivor went to this customer of another store since: send the frame there —
+    /// this one, which names it as the survivor (the store holding it may not know yet
+    /// that the one the frame first named is it).
+    Elsewhere(Arc<str>, Vec<u8>),
     /// Not a frame (why): left out.
     Malformed(String),
 }
@@ -243,6 +245,11 @@ impl Engine {
                 "`{survivor}` is held here too: merge the two here"
             )));
         }
+        if self.config.resolver {
+            return Err(EngineError::Conflict(format!(
+                "`{absorbed}` is handed over when the group's identity resolver (partition 0's owner) merges it: merge there"
+            )));
+        }
         // The ids of customers merged into it before name the survivor from now on, in
         // the partitions they belong to: only this one's are kept here.
         let record = self.id_record(&absorbed, &Batch::default())?;
@@ -265,8 +272,54 @@ impl Engine {
             )));
         }
         let cause = by.map_or(Cause::Manual, |k| Cause::ManualBy(k.to_owned()));
+        self.hand_over_with(absorbed, survivor, ids, cause, &[] as &[(&str, u64)])
+    }
+
+    /// A handover the group's identity resolver asked for ([`super::resolver`]), read
+    /// from the absorbed customer's partition with its next offset (`positions`, committed
+    /// with it): `absorbed` handed over to `survivor` — whose store may be this one — as
+    /// [`Engine::hand_over`] does, leaving the graph to the resolver. A customer not held
+    /// here (handed over already: a request delivered twice) is left alone: `None`.
+    pub fn hand_over_requested<S: AsRef<str>>(
+        &mut self,
+        absorbed: &str,
+        survivor: &str,
+        cause: &str,
+        positions: &[(S, u64)],
+    ) -> Result<Option<HandedOver>, EngineError> {
+        self.settle();
+        let absorbed: Arc<str> = Arc::from(rules::normalize(absorbed).as_ref());
+        let survivor: Arc<str> = Arc::from(rules::normalize(survivor).as_ref());
+        let cause = Cause::parse(cause).unwrap_or(Cause::Event(None));
+        if absorbed.is_empty()
+            || survivor.is_empty()
+            || survivor == absorbed
+            || self.read_customer(&absorbed)?.is_none()
+        {
+            self.ingest_parsed::<&[u8], S>(&[], Vec::new(), positions)?;
+            return Ok(None);
+        }
+        let ids = vec![absorbed.clone()];
+        self.hand_over_with(absorbed, survivor, ids, cause, positions)
+            .map(Some)
+    }
+
+    /// Hands `absorbed` over to `survivor` in one commit (with `positions`): `ids` (its own
+    /// and those of customers merged into it before) name the survivor from now on.
+    fn hand_over_with<S: AsRef<str>>(
+        &mut self,
+        absorbed: Arc<str>,
+        survivor: Arc<str>,
+        ids: Vec<Arc<str>>,
+        cause: Cause,
+        positions: &[(S, u64)],
+    ) -> Result<HandedOver, EngineError> {
         let (frame, changes) = self.transact(|engine, batch| {
-            let record = engine.id_record(&absorbed, batch)?;
+            // A group's resolver keeps the graph: the record handed over is the implicit one.
+            let record = match engine.config.resolver {
+                true => IdRecord::implicit(&absorbed),
+                false => engine.id_record(&absorbed, batch)?,
+            };
             let mut snapshots = Vec::new();
             for (customer, _) in &record.absorbed {
                 let key = snapshot_key(customer);
@@ -275,8 +328,15 @@ impl Engine {
                     engine.identity_put(batch, key, None);
                 }
             }
-            for entry in &record.ids {
-                engine.identity_put(batch, owner_key(&entry.id_type, &entry.value), None);
+            if !engine.config.resolver {
+                for entry in &record.ids {
+                    engine.identity_put(batch, owner_key(&entry.id_type, &entry.value), None);
+                }
+                engine.identity_put(batch, record_key(&absorbed), None);
+            }
+            for (source, offset) in positions {
+                let key = format!("{META_OFFSET_PREFIX}{}", source.as_ref());
+                engine.store.put_meta_u64(&mut batch.wb, &key, *offset);
             }
             for id in &ids {
                 engine.aliases.insert(id.clone(), survivor.clone());
@@ -284,12 +344,13 @@ impl Engine {
                     engine.identity_put(batch, moved_key(id), Some(survivor.as_bytes().to_vec()));
                 }
             }
-            engine.identity_put(batch, record_key(&absorbed), None);
             let now = engine.now_for(&absorbed);
             let (leaving, why) = (absorbed.clone(), cause.clone());
             let handover = engine.with_worker(&absorbed, 0, move |w| w.depart(&leaving, now, &why))?;
             let frame = Frame {
-                id: format!("{:x}.{:x}", wall_ms(), engine.counters.next_arrival),
+                // Two customers handed over at one instant between the same two events
+                // differ by their ids.
+                id: format!("{:x}.{:x}.{absorbed}", wall_ms(), engine.counters.next_arrival),
                 absorbed: absorbed.clone(),
                 survivor: survivor.clone(),
                 cause: cause.clone(),
@@ -350,7 +411,11 @@ impl Engine {
         };
         let survivor = self.canonical_id(&rules::normalize(&frame.survivor));
         if *survivor != *frame.survivor && self.read_customer(&survivor)?.is_none() {
-            return Ok(Handed::Elsewhere(survivor));
+            let frame = Frame {
+                survivor: survivor.clone(),
+                ..frame
+            };
+            return Ok(Handed::Elsewhere(survivor, frame.encode()));
         }
         self.take_frame(survivor, frame, positions).map(Handed::Taken)
     }
@@ -388,18 +453,24 @@ impl Engine {
                 moved.event.arrival = engine.counters.next_arrival;
                 engine.counters.next_arrival += 1;
             }
-            let mut record = engine.id_record(&survivor, batch)?;
-            engine.adopt(&survivor, &mut record, &absorbed, theirs, batch);
-            engine.identity_put(batch, record_key(&survivor), Some(record.encode()));
-            engine.identity_put(batch, taken, Some(Vec::new()));
-            for (customer, value) in snapshots {
-                engine.identity_put(batch, snapshot_key(&customer), Some(value));
+            if engine.config.resolver {
+                // The graph is the resolver's; the survivor keeps the profile its events set
+                // from now on, as one that absorbed another does.
+                engine.aliases.insert(absorbed.clone(), survivor.clone());
+            } else {
+                let mut record = engine.id_record(&survivor, batch)?;
+                engine.adopt(&survivor, &mut record, &absorbed, theirs, batch)?;
+                engine.identity_put(batch, record_key(&survivor), Some(record.encode()));
+                for (customer, value) in snapshots {
+                    engine.identity_put(batch, snapshot_key(&customer), Some(value));
+                }
+                engine.identity_counts.merged(1);
             }
+            engine.identity_put(batch, taken, Some(Vec::new()));
             for (source, offset) in positions {
                 let key = format!("{META_OFFSET_PREFIX}{}", source.as_ref());
                 engine.store.put_meta_u64(&mut batch.wb, &key, *offset);
             }
-            engine.identity_counts.merged(1);
             let arrival = engine.counters.next_arrival;
             let mut now = engine.now_for(&survivor);
             // Event clock: the survivor's partition has now seen the events handed over
@@ -499,7 +570,13 @@ impl Engine {
     /// batch): the graph's absorbed `customer_id`s and the customers handed over from
     /// here, which readers learn too ([`ReadHandle::moved_to`]).
     pub(super) fn reload_aliases(&mut self) -> Result<(), StoreError> {
-        let mut aliases = super::identity::Aliases::load(&self.store)?;
+        // A group's resolver asks the graph ([`Engine::graph_canonical`]); its aliases are
+        // the customers handed over from its partitions alone.
+        let mut aliases = match self.config.resolver {
+            true => super::identity::Aliases::default(),
+            false => super::identity::Aliases::load(&self.store)?,
+        };
+        self.next_resolved.set(0);
         let moved = moved_in(&self.store)?;
         for (customer, survivor) in &moved {
             aliases.insert(customer.clone(), survivor.clone());

@@ -295,6 +295,9 @@ impl Engine {
         by: Option<&str>,
     ) -> Result<Merged, EngineError> {
         self.settle();
+        if self.config.resolver {
+            return self.merge_as_resolver(survivor, others, by);
+        }
         let survivor = self.existing_customer(survivor)?;
         let mut absorbed: Vec<Arc<str>> = Vec::new();
         for other in others {
@@ -412,9 +415,36 @@ impl Engine {
 
     /// True when `a` and `b` were split apart by hand (each record names the other, or an id
     /// merged into it since).
-    fn kept_apart(&self, a: &IdRecord, b_id: &Arc<str>, b: &IdRecord, a_id: &Arc<str>) -> bool {
-        a.apart.iter().any(|x| self.canonical_id(x) == *b_id)
-            || b.apart.iter().any(|x| self.canonical_id(x) == *a_id)
+    fn kept_apart(
+        &self,
+        a: &IdRecord,
+        b_id: &Arc<str>,
+        b: &IdRecord,
+        a_id: &Arc<str>,
+        batch: &Batch,
+    ) -> Result<bool, StoreError> {
+        for (record, other) in [(a, b_id), (b, a_id)] {
+            for x in &record.apart {
+                if self.graph_canonical(x.clone(), batch)? == *other {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// The canonical customer a `customer_id` names in the identity graph: the survivor of
+    /// the merge that absorbed it, or itself. On one store the aliases in memory answer; a
+    /// group's resolver asks the graph (its aliases are only the customers handed over from
+    /// its own partitions, which events applied there follow).
+    pub(super) fn graph_canonical(&self, id: Arc<str>, batch: &Batch) -> Result<Arc<str>, StoreError> {
+        if !self.config.resolver {
+            return Ok(self.aliases.get(&id).cloned().unwrap_or(id));
+        }
+        Ok(match self.owner_of(&owner_key(CUSTOMER_ID, &id), batch)? {
+            Some((canonical, _)) => canonical,
+            None => id,
+        })
     }
 
     /// Where an event's identifiers lead (`prepared`, its `customer_id` among them), or why
@@ -442,18 +472,16 @@ impl Engine {
         let mut key = Vec::new();
         for (i, value) in ids {
             let name = &config.types[i].name;
-            if i == customer_id_type && *value == **customer_id {
-                let owner = self.aliases.get(customer_id).unwrap_or(customer_id);
-                origin.get_or_insert_with(|| customer_id.clone());
-                if !owners.contains(owner) {
-                    owners.push(owner.clone());
-                }
-                continue;
-            }
             if i == customer_id_type {
-                // A customer_id in `ids` beside the event's own.
-                origin.get_or_insert_with(|| Arc::from(value.as_str()));
-                let owner = self.canonical_id(&value);
+                // The event's own customer_id, or another one in `ids` beside it.
+                let own = *value == **customer_id;
+                let named = if own {
+                    customer_id.clone()
+                } else {
+                    Arc::from(value.as_str())
+                };
+                origin.get_or_insert_with(|| named.clone());
+                let owner = self.graph_canonical(named, batch)?;
                 if !owners.contains(&owner) {
                     owners.push(owner);
                 }
@@ -465,9 +493,11 @@ impl Engine {
             key.push(0);
             key.extend_from_slice(value.as_bytes());
             // A customer of a partition parked here (another node owns it) is not this
-            // node's to merge into: identity is resolved among the partitions it owns.
+            // node's to merge into: identity is resolved among the partitions it owns —
+            // unless the graph is the resolver partition's whole.
             let owner = self.owner_of(&key, batch)?.filter(|(canonical, _)| {
-                self.parked.partitions.is_empty()
+                self.config.resolver
+                    || self.parked.partitions.is_empty()
                     || !self.parked.partitions.contains(&crate::partition::partition_of(
                         canonical.as_bytes(),
                         self.config.partitions,
@@ -506,10 +536,12 @@ impl Engine {
                     })
                     .map(|t| &t.name)
                     .collect();
-                let apart = (0..owners.len()).any(|a| {
-                    (a + 1..owners.len())
-                        .any(|b| self.kept_apart(&records[a], &owners[b], &records[b], &owners[a]))
-                });
+                let mut apart = false;
+                for a in 0..owners.len() {
+                    for b in a + 1..owners.len() {
+                        apart |= self.kept_apart(&records[a], &owners[b], &records[b], &owners[a], batch)?;
+                    }
+                }
                 if broken.is_empty() && !apart {
                     let survivor = (0..owners.len())
                         .max_by(|&a, &b| {
@@ -564,8 +596,25 @@ impl Engine {
         // The event belongs with its best known identifier's first customer (an unmerge
         // gives it back there); with none known, with the customer it makes.
         let origin = resolution.origin.clone().filter(|o| o != canonical);
+        self.settle_graph(resolution, arrival, batch)?;
+        if !resolution.absorbed.is_empty() {
+            self.merge(canonical, &resolution.absorbed, (step, arrival), cause, round)?;
+        }
+        Ok(origin)
+    }
+
+    /// The graph's half of a resolution (at arrival `arrival`): the absorbed customers'
+    /// identifiers re-pointed to the canonical one and their records folded into its
+    /// record, the new identifiers attached within their types' limits.
+    pub(super) fn settle_graph(
+        &mut self,
+        resolution: &Resolution,
+        arrival: u64,
+        batch: &mut Batch,
+    ) -> Result<(), EngineError> {
+        let canonical = &resolution.canonical;
         if resolution.absorbed.is_empty() && resolution.attach.is_empty() {
-            return Ok(origin);
+            return Ok(());
         }
         let mut record = match self.identity_get(&record_key(canonical), batch)? {
             Some(bytes) => Some(IdRecord::decode(&bytes).map_err(StoreError::from)?),
@@ -579,12 +628,11 @@ impl Engine {
             };
             for absorbed in &resolution.absorbed {
                 let theirs = self.id_record(absorbed, batch)?;
-                self.adopt(canonical, &mut survivor, absorbed, theirs, batch);
+                self.adopt(canonical, &mut survivor, absorbed, theirs, batch)?;
                 self.identity_put(batch, record_key(absorbed), None);
             }
             record = Some(survivor);
             changed = true;
-            self.merge(canonical, &resolution.absorbed, (step, arrival), cause, round)?;
             self.identity_counts.merged(resolution.absorbed.len());
         }
         let limits = &self.config.identity;
@@ -624,7 +672,7 @@ impl Engine {
                 self.identity_put(batch, record_key(canonical), Some(record.encode()));
             }
         }
-        Ok(origin)
+        Ok(())
     }
 
     /// The graph's half of a merge: every identifier `theirs` (the record of `absorbed`)
@@ -638,7 +686,7 @@ impl Engine {
         absorbed: &Arc<str>,
         mut theirs: IdRecord,
         batch: &mut Batch,
-    ) {
+    ) -> Result<(), StoreError> {
         if !theirs.owns(CUSTOMER_ID, absorbed) {
             // A customer made for an event without `customer_id` is named after its best
             // identifier: that name resolves to the survivor too.
@@ -651,7 +699,8 @@ impl Engine {
         for entry in &theirs.ids {
             let owner = Some(owner_value(canonical, &entry.origin));
             self.identity_put(batch, owner_key(&entry.id_type, &entry.value), owner);
-            if &*entry.id_type == CUSTOMER_ID {
+            // A resolver's aliases are the customers handed over from its partitions alone.
+            if &*entry.id_type == CUSTOMER_ID && !self.config.resolver {
                 self.aliases
                     .insert(Arc::from(entry.value.as_str()), canonical.clone());
             }
@@ -660,12 +709,17 @@ impl Engine {
         survivor.absorbed.append(&mut theirs.absorbed);
         survivor.absorbed.push((absorbed.clone(), canonical.clone()));
         // A merge by hand overrides an earlier split; other splits carry over.
-        survivor.apart.retain(|x| self.canonical_id(x) != *canonical);
-        for other in theirs.apart {
-            if self.canonical_id(&other) != *canonical && !survivor.apart.contains(&other) {
-                survivor.apart.push(other);
+        let mut apart = Vec::with_capacity(survivor.apart.len() + theirs.apart.len());
+        for other in std::mem::take(&mut survivor.apart)
+            .into_iter()
+            .chain(theirs.apart)
+        {
+            if self.graph_canonical(other.clone(), batch)? != *canonical && !apart.contains(&other) {
+                apart.push(other);
             }
         }
+        survivor.apart = apart;
+        Ok(())
     }
 
     /// Moves each absorbed customer's retained history, profile and manual tags to
@@ -729,6 +783,11 @@ impl Worker<'_> {
             })
             .collect();
         let befores = self.absorb(survivor, handovers, now, cause)?;
+        if self.ctx.config.resolver {
+            // Unmerges in a group resolving identity in one partition are not made yet:
+            // nothing is kept for one.
+            return Ok(());
+        }
         let cf = self.ctx.store.cf(CF_IDENTITIES);
         for ((customer, mut snapshot), before) in absorbed.iter().zip(snapshots).zip(befores) {
             snapshot.survivor_profile = before;

@@ -130,7 +130,7 @@ impl Engine {
                 None => Ok(ev),
             });
             let result = match parsed {
-                Ok(ev) => self.accept(ev, partition, step, round, batch)?,
+                Ok(ev) => self.accept(ev, raw.as_ref(), partition, step, round, batch)?,
                 Err(rejection) => Err(rejection),
             };
             match result {
@@ -167,6 +167,9 @@ impl Engine {
     /// applied unless identity puts it with another customer; `None` when its identifiers
     /// name nobody (it is rejected).
     fn named_partition(&self, event: &ValidEvent) -> Option<u32> {
+        if let Some(resolved) = &event.resolved {
+            return Some(self.partition_of(&resolved.canonical));
+        }
         if !event.customer_id.is_empty() {
             return Some(self.partition_of(&event.customer_id));
         }
@@ -191,6 +194,7 @@ impl Engine {
     fn accept(
         &mut self,
         mut ev: ValidEvent,
+        raw: &[u8],
         arrived_in: u32,
         step: u64,
         round: &mut Round<'_>,
@@ -212,7 +216,16 @@ impl Engine {
         let mut origin = None;
         // Whether identity put the event with another customer (of another partition, maybe).
         let mut rehomed = false;
-        if ev.carries_ids() {
+        if let Some(resolved) = ev.resolved.take() {
+            // Resolved by the group's resolver: applied to the customer it decided.
+            ev.ids = Vec::new();
+            ev.prepared = None;
+            origin = resolved.origin;
+            rehomed = resolved.canonical != ev.customer_id;
+            ev.customer_id = resolved.canonical;
+        } else if self.config.resolver && ev.carries_ids() {
+            return self.resolve_for_group(ev, raw, batch);
+        } else if ev.carries_ids() {
             // Prepared where the event was parsed, or here.
             let prepared = match ev.prepared.take() {
                 Some(prepared) => prepared,

@@ -249,7 +249,9 @@ impl Engine {
         for family in [Family::Timers, Family::Identities] {
             for item in store.scan_from(family.cf_name(), &[]) {
                 let (key, value) = item?;
-                if let Some(p) = family.partition_of_write(&key, Some(&value), || None, partitions) {
+                if let Some(p) =
+                    family.partition_of_write(&key, Some(&value), || None, (partitions, self.config.resolver))
+                {
                     baseline.add(family, &key, &value, p)?;
                 }
             }
@@ -278,7 +280,7 @@ impl Engine {
         writes: &[SortedWrites],
         dedup_partitions: &foldhash::HashMap<String, u32>,
     ) -> SortedWrites {
-        let mut builder = DeltaBuilder::new(&self.store, self.config.partitions);
+        let mut builder = DeltaBuilder::new(&self.store, (self.config.partitions, self.config.resolver));
         // An identity entry as it stands before this commit: a commit being written, then
         // the store.
         let pending = self.pending.as_ref().map(|p| &p.done.identities);

@@ -419,11 +419,21 @@ impl Engine {
             }
             summary.dedup_entries += self.store.delete_dedup_of(&mut wb, &id)?;
             self.store.delete_customer(&mut wb, &id, state.timer);
-            for (key, _) in identity::entries_of(&self.store, &id)? {
-                wb.delete_cf(self.store.cf(crate::store::CF_IDENTITIES), key);
+            // A group's resolver keeps the whole graph as partition 0's (below).
+            if !self.config.resolver {
+                for (key, _) in identity::entries_of(&self.store, &id)? {
+                    wb.delete_cf(self.store.cf(crate::store::CF_IDENTITIES), key);
+                }
             }
             summary.customers += 1;
             dropped.push((id, state.timer));
+        }
+        if self.config.resolver && partition == 0 {
+            for prefix in [b"c", b"i", b"r"] {
+                for (key, _) in self.store.scan_prefix(crate::store::CF_IDENTITIES, prefix)? {
+                    wb.delete_cf(self.store.cf(crate::store::CF_IDENTITIES), key);
+                }
+            }
         }
         // Customers handed over from this partition to another store's survivors.
         for prefix in [b"m", b"n"] {

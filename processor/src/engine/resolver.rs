@@ -1,0 +1,413 @@
+//! Identity resolved in one partition of a group (issue #21, `docs/design/cluster.md` §6,
+//! [`EngineConfig::resolver`]).
+//!
+//! On one store an event's identifiers are resolved, the graph changed and the event
+//! applied in one commit ([`super::identity`]). In a group the customers an event's
+//! identifiers name may live in partitions other nodes own, and deciding a merge needs all
+//! of their graph entries read and written together. So the whole graph is the state of
+//! one partition, partition 0 ([`crate::changelog::Family::partition_of_write`]), and moves
+//! with it; the members send every event that carries `ids` there
+//! ([`crate::kafka::route`]). Its owner resolves them in that partition's order and, in one
+//! commit with that partition's offset:
+//!
+//! - changes the graph as one store would (identifiers attached, merges decided, the
+//!   absorbed customers' identifiers re-pointed);
+//! - keeps, in the partition's outbox of records to send (`r` + a sequence number), a
+//!   *handover request* to each absorbed customer's partition (its owner hands the
+//!   customer over to the survivor, [`Engine::hand_over_requested`], whose store takes the
+//!   frame as a merge) and the event itself, named by its canonical customer and the
+//!   origin an unmerge would need ([`Resolved`]), to that customer's partition.
+//!
+//! The event is not applied, and not recorded as seen, where it is resolved: the owner of
+//! its customer's partition applies it (deduplicated there by its `event_id`, or by where
+//! it was first read). The records leave between batches, in order, under the member's
+//! lease, and are deleted once the broker confirmed them ([`Engine::resolver_delivered`]);
+//! a crash between the two sends them again, which their receivers count once. Between the
+//! decision and the handover the person is two customers; events the survivor is sent
+//! meanwhile are judged without the absorbed history, and judged again over the union when
+//! the frame arrives.
+
+use super::*;
+use crate::codec::{CodecError, Reader, Writer};
+use crate::store::CF_IDENTITIES;
+
+/// The customer a group's resolver decided an event is applied to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    pub canonical: Arc<str>,
+    /// The customer the event's best-ranked known identifier first came with, when another
+    /// one (kept with the event for an unmerge).
+    pub origin: Option<Arc<str>>,
+}
+
+/// A record the resolver sends to another partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResolverRecord {
+    /// An event, to its canonical customer's partition.
+    Event(ResolvedEvent),
+    /// A customer a merge absorbed, to be handed over by its partition's owner.
+    HandOver(HandOverRequest),
+}
+
+/// An event resolved by the group's resolver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedEvent {
+    pub partition: u32,
+    pub resolved: Resolved,
+    /// For an event without `event_id`: the key it is deduplicated by where it is applied
+    /// (where it was first read, [`crate::kafka::route::mark_forwarded`]).
+    pub first_read: Option<String>,
+    /// The event as it was sent.
+    pub raw: Vec<u8>,
+}
+
+/// A merge the resolver decided, to be made by the owner of the absorbed customer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandOverRequest {
+    pub partition: u32,
+    pub absorbed: Arc<str>,
+    pub survivor: Arc<str>,
+    /// The merge's cause, as the change log writes it ([`Cause::as_string`]).
+    pub cause: String,
+}
+
+impl ResolverRecord {
+    /// The partition it goes to.
+    pub fn partition(&self) -> u32 {
+        match self {
+            ResolverRecord::Event(e) => e.partition,
+            ResolverRecord::HandOver(h) => h.partition,
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        match self {
+            ResolverRecord::Event(e) => {
+                w.u8(1);
+                w.u64(u64::from(e.partition));
+                w.str(&e.resolved.canonical);
+                w.str(e.resolved.origin.as_deref().unwrap_or(""));
+                w.str(e.first_read.as_deref().unwrap_or(""));
+                w.bytes(&e.raw);
+            }
+            ResolverRecord::HandOver(h) => {
+                w.u8(2);
+                w.u64(u64::from(h.partition));
+                w.str(&h.absorbed);
+                w.str(&h.survivor);
+                w.str(&h.cause);
+            }
+        }
+        w.buf
+    }
+
+    fn decode(bytes: &[u8]) -> Result<ResolverRecord, CodecError> {
+        let mut r = Reader::new(bytes);
+        let kind = r.u8()?;
+        let partition = u32::try_from(r.u64()?).map_err(|_| CodecError("a resolver record's partition"))?;
+        let record = match kind {
+            1 => {
+                let canonical = r.arc_str()?;
+                let origin = r.arc_str()?;
+                let first_read = r.str()?;
+                ResolverRecord::Event(ResolvedEvent {
+                    partition,
+                    resolved: Resolved {
+                        canonical,
+                        origin: (!origin.is_empty()).then_some(origin),
+                    },
+                    first_read: (!first_read.is_empty()).then(|| first_read.to_owned()),
+                    raw: r.bytes()?.to_vec(),
+                })
+            }
+            2 => ResolverRecord::HandOver(HandOverRequest {
+                partition,
+                absorbed: r.arc_str()?,
+                survivor: r.arc_str()?,
+                cause: r.str()?.to_owned(),
+            }),
+            _ => return Err(CodecError("a resolver record of an unknown kind")),
+        };
+        if !r.is_empty() {
+            return Err(CodecError("bytes after a resolver record's end"));
+        }
+        Ok(record)
+    }
+}
+
+/// A record waiting in the resolver's outbox, under its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingRecord {
+    pub key: Vec<u8>,
+    pub record: ResolverRecord,
+}
+
+/// The outbox key of the resolver's record number `seq`: `r` + `seq` big-endian, so that
+/// the records sort in the order they were made.
+fn record_key(seq: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(9);
+    key.push(b'r');
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+/// The dedup key prefix a forwarded event's first-read position makes
+/// ([`crate::kafka::route::mark_forwarded`]).
+const FORWARDED_KEY: &str = "\u{0}forwarded:";
+
+impl Engine {
+    /// Resolves an event with identifiers as the group's resolver: the graph changed, and
+    /// the handover requests and the event, named by its customer, kept to be sent.
+    pub(super) fn resolve_for_group(
+        &mut self,
+        mut ev: ValidEvent,
+        raw: &[u8],
+        batch: &mut Batch,
+    ) -> Result<Result<bool, Rejection>, EngineError> {
+        let prepared = match ev.prepared.take() {
+            Some(prepared) => prepared,
+            None => match self.config.identity.prepare(&ev.ids, &ev.customer_id) {
+                Ok(prepared) => prepared,
+                Err(rejection) => return Ok(Err(rejection)),
+            },
+        };
+        let resolution = match self.resolve(&ev.customer_id, prepared, batch)? {
+            Ok(r) => r,
+            Err(rejection) => return Ok(Err(rejection)),
+        };
+        // The arrival is spent here (records are created in the resolver's order, which
+        // decides survivors); the event gets its own where it is applied.
+        let arrival = self.counters.next_arrival;
+        self.counters.next_arrival += 1;
+        self.settle_graph(&resolution, arrival, batch)?;
+        let canonical = resolution.canonical.clone();
+        let cause = Cause::Event(ev.event_id.clone()).as_string();
+        for absorbed in &resolution.absorbed {
+            let request = ResolverRecord::HandOver(HandOverRequest {
+                partition: self.partition_of(absorbed),
+                absorbed: absorbed.clone(),
+                survivor: canonical.clone(),
+                cause: cause.clone(),
+            });
+            self.keep_resolver_record(&request, batch)?;
+        }
+        let first_read = match (&ev.event_id, ev.position_key.take()) {
+            (Some(_), _) => None,
+            (None, Some(key)) => Some(key.strip_prefix(FORWARDED_KEY).map_or(key.clone(), str::to_owned)),
+            // Read here, without an id to know it by: named after this record.
+            (None, None) => Some(format!(
+                "resolver:{:x}.{:x}",
+                wall_ms(),
+                self.next_resolver_seq(batch)?
+            )),
+        };
+        let event = ResolverRecord::Event(ResolvedEvent {
+            partition: self.partition_of(&canonical),
+            resolved: Resolved {
+                origin: resolution.origin.filter(|o| *o != canonical),
+                canonical,
+            },
+            first_read,
+            raw: raw.to_vec(),
+        });
+        self.keep_resolver_record(&event, batch)?;
+        Ok(Ok(true))
+    }
+
+    fn keep_resolver_record(
+        &mut self,
+        record: &ResolverRecord,
+        batch: &mut Batch,
+    ) -> Result<(), EngineError> {
+        let seq = self.next_resolver_seq(batch)?;
+        self.next_resolved.set(seq + 1);
+        self.identity_put(batch, record_key(seq), Some(record.encode()));
+        Ok(())
+    }
+
+    /// The number the resolver's next record gets: after the last one the store holds
+    /// (read once, then counted here).
+    fn next_resolver_seq(&self, batch: &Batch) -> Result<u64, StoreError> {
+        if self.next_resolved.get() == 0 {
+            let seq_of = |key: &[u8]| match (key.first(), key.get(1..9)) {
+                (Some(b'r'), Some(seq)) => Some(u64::from_be_bytes(seq.try_into().expect("8 bytes"))),
+                _ => None,
+            };
+            let mut next = 1;
+            if let Some(item) = self
+                .store
+                .scan_back_from(CF_IDENTITIES, &record_key(u64::MAX))
+                .next()
+            {
+                let (key, _) = item?;
+                if let Some(seq) = seq_of(&key) {
+                    next = seq + 1;
+                }
+            }
+            for key in batch.identities.keys() {
+                if let Some(seq) = seq_of(key) {
+                    next = next.max(seq + 1);
+                }
+            }
+            self.next_resolved.set(next);
+        }
+        Ok(self.next_resolved.get())
+    }
+
+    /// [`Engine::merge_customers`] on a group's resolver: the graph merged here, and a
+    /// handover request kept for each absorbed customer — its partition's owner hands it
+    /// over, the survivor's takes it, and the changes are made there (none here). The
+    /// customers are not looked for: the resolver holds the graph, not them.
+    pub(super) fn merge_as_resolver(
+        &mut self,
+        survivor: &str,
+        others: &[String],
+        by: Option<&str>,
+    ) -> Result<Merged, EngineError> {
+        if self.parked.partitions.contains(&0) {
+            return Err(EngineError::Conflict(
+                "the group's identity graph is partition 0's: merge on the node that owns it".into(),
+            ));
+        }
+        let none = Batch::default();
+        let canonical = |engine: &Engine, id: &str| -> Result<Arc<str>, EngineError> {
+            let id: Arc<str> = Arc::from(rules::normalize(id).as_ref());
+            if id.is_empty() {
+                return Err(EngineError::NotFound("an empty customer id".into()));
+            }
+            Ok(engine.graph_canonical(id, &none)?)
+        };
+        let survivor = canonical(self, survivor)?;
+        let mut absorbed: Vec<Arc<str>> = Vec::new();
+        for other in others {
+            let other = canonical(self, other)?;
+            if other == survivor {
+                return Err(EngineError::Conflict(format!(
+                    "`{other}` is already customer `{survivor}`"
+                )));
+            }
+            if !absorbed.contains(&other) {
+                absorbed.push(other);
+            }
+        }
+        if absorbed.is_empty() {
+            return Err(EngineError::Conflict(
+                "name at least one customer to merge in `ids`".into(),
+            ));
+        }
+        let cause = by
+            .map_or(Cause::Manual, |k| Cause::ManualBy(k.to_owned()))
+            .as_string();
+        let resolution = super::identity::Resolution {
+            canonical: survivor.clone(),
+            absorbed: absorbed.clone(),
+            attach: Vec::new(),
+            minted: false,
+            origin: None,
+        };
+        self.transact(|engine, batch| {
+            let arrival = engine.counters.next_arrival;
+            engine.settle_graph(&resolution, arrival, batch)?;
+            for customer in &resolution.absorbed {
+                let request = ResolverRecord::HandOver(HandOverRequest {
+                    partition: engine.partition_of(customer),
+                    absorbed: customer.clone(),
+                    survivor: resolution.canonical.clone(),
+                    cause: cause.clone(),
+                });
+                engine.keep_resolver_record(&request, batch)?;
+            }
+            Ok(())
+        })?;
+        Ok(Merged {
+            survivor,
+            absorbed,
+            changes: Vec::new(),
+        })
+    }
+
+    /// [`ReadHandle::resolver_outbox`], once the commit being written is in.
+    pub fn resolver_outbox(&mut self) -> Result<Vec<PendingRecord>, EngineError> {
+        self.settle();
+        self.reader().resolver_outbox()
+    }
+
+    /// Records that the resolver's records under `keys` are on their way for good (the
+    /// broker confirmed them): they are deleted.
+    pub fn resolver_delivered(&mut self, keys: &[Vec<u8>]) -> Result<(), EngineError> {
+        self.settle();
+        if keys.is_empty() {
+            return Ok(());
+        }
+        self.transact(|engine, batch| {
+            for key in keys {
+                if key.first() == Some(&b'r') {
+                    engine.identity_put(batch, key.clone(), None);
+                }
+            }
+            Ok(())
+        })?;
+        Ok(())
+    }
+}
+
+impl ReadHandle {
+    /// The records the group's resolver made and has not yet sent for good, in the order
+    /// they are to be sent.
+    pub fn resolver_outbox(&self) -> Result<Vec<PendingRecord>, EngineError> {
+        let mut pending = Vec::new();
+        for (key, value) in self.store.scan_prefix(CF_IDENTITIES, b"r")? {
+            let record = ResolverRecord::decode(&value).map_err(StoreError::from)?;
+            pending.push(PendingRecord {
+                key: key.into_vec(),
+                record,
+            });
+        }
+        Ok(pending)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_read_back_as_written_and_sort_in_the_order_made() {
+        let records = [
+            ResolverRecord::Event(ResolvedEvent {
+                partition: 3,
+                resolved: Resolved {
+                    canonical: Arc::from("c1"),
+                    origin: Some(Arc::from("phone:13800000001")),
+                },
+                first_read: Some("events:2:17".into()),
+                raw: br#"{"type":"view"}"#.to_vec(),
+            }),
+            ResolverRecord::Event(ResolvedEvent {
+                partition: 0,
+                resolved: Resolved {
+                    canonical: Arc::from("c2"),
+                    origin: None,
+                },
+                first_read: None,
+                raw: Vec::new(),
+            }),
+            ResolverRecord::HandOver(HandOverRequest {
+                partition: 5,
+                absorbed: Arc::from("c3"),
+                survivor: Arc::from("c1"),
+                cause: "event:e9".into(),
+            }),
+        ];
+        for record in &records {
+            assert_eq!(&ResolverRecord::decode(&record.encode()).unwrap(), record);
+        }
+        let mut bytes = records[2].encode();
+        bytes.push(0);
+        assert!(ResolverRecord::decode(&bytes).is_err());
+        assert!(ResolverRecord::decode(&[9, 0]).is_err());
+        assert!(record_key(255) < record_key(256));
+        assert!(record_key(1) < record_key(u64::MAX));
+    }
+}
