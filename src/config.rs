@@ -629,8 +629,8 @@ impl Settings {
             changelog: self.in_group(),
             // A partition moves between nodes with its clock (docs/cluster.md).
             clock_per_partition: self.in_group(),
-            // Not until the members send the resolver's records (issue #21).
-            resolver: false,
+            // Identity is resolved for the group by partition 0's owner (docs/cluster.md).
+            resolver: self.in_group(),
         }
     }
 

@@ -359,6 +359,9 @@ pub struct KafkaBatch {
     /// frame of a record with [`route::HANDOVER_HEADER`] (`positions` its partition's
     /// offset after it). It is applied alone, after the events read before it.
     pub handover: Option<Vec<u8>>,
+    /// Instead of events: a [`route::Request`]'s record value ([`route::REQUEST_HEADER`]),
+    /// applied alone as a handover is.
+    pub request: Option<Vec<u8>>,
 }
 
 /// Why a batch was not applied. `Busy` is retried soon; `Failed` after a back-off.
@@ -752,8 +755,8 @@ fn consume(
         };
         let mut next: HashMap<i32, i64> = HashMap::new();
         let mut first: HashMap<i32, i64> = HashMap::new();
-        // A handover record ends the batch: it is applied after the events before it.
-        let mut handover: Option<(i32, i64, Vec<u8>)> = None;
+        // A handover or a request ends the batch: it is applied after the events before it.
+        let mut control: Option<(i32, i64, Control, Vec<u8>)> = None;
         let started = Instant::now();
         // The first poll waits (and serves rebalances and errors); the rest fill the batch
         // until it is full or `max_wait` has passed.
@@ -766,14 +769,17 @@ fn consume(
                 Some(Ok(message))
                     if message.topic() == settings.topic
                         && !restoring.contains(&(message.partition() as u32))
-                        && is_handover(&message) =>
+                        && control_of(&message).is_some() =>
                 {
                     first.entry(message.partition()).or_insert(message.offset());
-                    handover = Some((
-                        message.partition(),
-                        message.offset(),
-                        message.payload().unwrap_or_default().to_vec(),
-                    ));
+                    control = control_of(&message).map(|kind| {
+                        (
+                            message.partition(),
+                            message.offset(),
+                            kind,
+                            message.payload().unwrap_or_default().to_vec(),
+                        )
+                    });
                     break;
                 }
                 Some(Ok(message))
@@ -784,13 +790,9 @@ fn consume(
                     batch.origins.push(route::Origin {
                         partition: message.partition(),
                         offset: message.offset(),
-                        forwarded: message.headers().and_then(|headers| {
-                            headers
-                                .iter()
-                                .find(|h| h.key == route::FORWARDED_HEADER)
-                                .and_then(|h| h.value)
-                                .map(|v| String::from_utf8_lossy(v).into_owned())
-                        }),
+                        forwarded: header(&message, route::FORWARDED_HEADER)
+                            .map(|v| String::from_utf8_lossy(v).into_owned()),
+                        resolved: header(&message, route::RESOLVED_HEADER).and_then(route::parse_resolved),
                     });
                     next.insert(message.partition(), message.offset() + 1);
                     first.entry(message.partition()).or_insert(message.offset());
@@ -843,13 +845,17 @@ fn consume(
             // The batch is durable: tell the group too, for lag monitoring.
             store_offsets(&consumer, &settings.topic, &next);
         }
-        if let Some((partition, offset, frame)) = handover {
-            let batch = Arc::new(KafkaBatch {
+        if let Some((partition, offset, kind, value)) = control {
+            let mut batch = KafkaBatch {
                 positions: vec![(source_name(&settings.topic, partition), offset as u64 + 1)],
                 router: router.clone(),
-                handover: Some(frame),
                 ..KafkaBatch::default()
-            });
+            };
+            match kind {
+                Control::Handover => batch.handover = Some(value),
+                Control::Request => batch.request = Some(value),
+            }
+            let batch = Arc::new(batch);
             if !apply_until_done(&mut apply, &batch, stop) {
                 break;
             }
@@ -860,6 +866,7 @@ fn consume(
             );
         }
         if let (Some(membership), Some(router)) = (membership, &router) {
+            membership.send_resolved(router);
             membership.send_handovers(router);
         }
         if last_lag.elapsed() >= Duration::from_secs(5) {
@@ -881,11 +888,31 @@ fn consume(
     drop(consumer);
 }
 
-/// Whether `message` is a handover ([`route::HANDOVER_HEADER`]) rather than an event.
-fn is_handover(message: &rdkafka::message::BorrowedMessage<'_>) -> bool {
+/// A record of the events topic that is not an event.
+enum Control {
+    /// A handover's frame ([`route::HANDOVER_HEADER`]).
+    Handover,
+    /// A [`route::Request`] ([`route::REQUEST_HEADER`]).
+    Request,
+}
+
+/// What `message` is when not an event.
+fn control_of(message: &rdkafka::message::BorrowedMessage<'_>) -> Option<Control> {
+    let headers = message.headers()?;
+    headers.iter().find_map(|h| match h.key {
+        route::HANDOVER_HEADER => Some(Control::Handover),
+        route::REQUEST_HEADER => Some(Control::Request),
+        _ => None,
+    })
+}
+
+/// The value of `message`'s header `key`.
+fn header<'m>(message: &'m rdkafka::message::BorrowedMessage<'_>, key: &str) -> Option<&'m [u8]> {
     message
-        .headers()
-        .is_some_and(|headers| headers.iter().any(|h| h.key == route::HANDOVER_HEADER))
+        .headers()?
+        .iter()
+        .find(|h| h.key == key)
+        .and_then(|h| h.value)
 }
 
 /// Tells the group how far a durable batch got (for lag monitoring).

@@ -246,9 +246,13 @@ impl EngineHandle {
             if let Some(frame) = &batch.handover {
                 return handle.take_handover(frame, &batch);
             }
+            if let Some(request) = &batch.request {
+                return handle.take_request(request, &batch);
+            }
             let received = Instant::now();
             let intake = &handle.intake;
             let (mut parsed, sightings) = intake.parse_unrecorded(&batch.events);
+            crate::kafka::route::mark_resolved(&batch, &mut parsed);
             let here = match &batch.router {
                 Some(router) => Some(
                     router
@@ -325,6 +329,53 @@ impl EngineHandle {
                 metrics::counter!("tagstream_kafka_handovers_malformed_total").increment(1);
                 tracing::error!(reason = %why, "a record marked as a handover is not one; left out");
             }
+        }
+        Ok(IngestOutcome::default())
+    }
+
+    /// Applies a request read from the events topic ([`KafkaBatch::request`]): a merge by
+    /// hand for the group's identity resolver, or a customer it asks to hand over. One that
+    /// cannot be read is left out (its position committed).
+    fn take_request(&self, value: &[u8], batch: &KafkaBatch) -> Result<IngestOutcome, ApplyError> {
+        let failed = |e: ServiceError| match e {
+            ServiceError::Busy => ApplyError::Busy,
+            other => ApplyError::Failed(other.to_string()),
+        };
+        let positions = batch.positions.clone();
+        let request = match serde_json::from_slice::<crate::kafka::route::Request>(value) {
+            Ok(request) => request,
+            Err(e) => {
+                metrics::counter!("tagstream_kafka_requests_malformed_total").increment(1);
+                tracing::error!(error = %e, "a record marked as a request is not one; left out");
+                self.call_blocking(move |engine| {
+                    engine.ingest_parsed::<&[u8], String>(&[], Vec::new(), &positions)
+                })
+                .map_err(failed)?
+                .map_err(|e| ApplyError::Failed(e.to_string()))?;
+                return Ok(IngestOutcome::default());
+            }
+        };
+        let done = self
+            .call_blocking(move |engine| match request {
+                crate::kafka::route::Request::Merge {
+                    survivor,
+                    absorbed,
+                    cause,
+                } => engine
+                    .merge_requested(&survivor, &absorbed, &cause, &positions)
+                    .map(|merged| merged.is_some()),
+                crate::kafka::route::Request::HandOver {
+                    absorbed,
+                    survivor,
+                    cause,
+                } => engine
+                    .hand_over_requested(&absorbed, &survivor, &cause, &positions)
+                    .map(|handed| handed.is_some()),
+            })
+            .map_err(failed)?
+            .map_err(|e| ApplyError::Failed(format!("applying a request: {e}")))?;
+        if done {
+            metrics::counter!("tagstream_kafka_requests_applied_total").increment(1);
         }
         Ok(IngestOutcome::default())
     }

@@ -1398,7 +1398,12 @@ struct Member {
 
 impl Member {
     fn join(dir: &std::path::Path, brokers: &str, group: &str, partitions: u32) -> Member {
-        let engine = Engine::open(dir, Some(RULES), keeping(partitions)).unwrap();
+        Member::join_with(dir, brokers, group, keeping(partitions))
+    }
+
+    /// [`Member::join`] with the engine's settings `config`.
+    fn join_with(dir: &std::path::Path, brokers: &str, group: &str, config: EngineConfig) -> Member {
+        let engine = Engine::open(dir, Some(RULES), config).unwrap();
         let (handle, thread) = processor::EngineHandle::spawn(engine, processor::ServiceConfig::default());
         let mut settings = KafkaSettings::new(brokers, "events", group);
         settings.state_topic = Some("state".into());
@@ -2118,6 +2123,198 @@ fn a_customer_handed_over_between_members_is_taken_once_in_its_survivors_partiti
     });
     assert_eq!(merges(&b), 1);
     assert!(took(&b, &absorbed, &survivor));
+    a.leave(PARTITIONS);
+    b.leave(PARTITIONS);
+}
+
+/// A stream of `events` events of `persons` people, each named by a random choice of the
+/// person's identifiers (`customer_id`, phone in two spellings, email, openid) — the same
+/// person arriving as several customers until an event joins them — a fifth without
+/// `event_id`; each at an instant of its own.
+fn identified_stream(persons: u64, events: u64, seed: u64) -> Vec<String> {
+    let mut rng = seed.max(1);
+    let mut next = move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    let base = 1_740_000_000_000_i64;
+    (0..events)
+        .map(|n| {
+            let person = next(persons);
+            let mut event = match next(3) {
+                0 => serde_json::json!({"type": "payment", "props": {"amount": 100 + next(1500)}}),
+                1 => serde_json::json!({"type": "app_open", "props": {}}),
+                _ => serde_json::json!({"type": "view", "props": {"category": if next(2) == 0 { "seafood" } else { "shoes" }}}),
+            };
+            event["ts"] = (base + n as i64 * 60_000 + next(30) as i64 * 1000).into();
+            if next(5) > 0 {
+                event["event_id"] = format!("i{n}").into();
+            }
+            let carried = 1 + next(15);
+            let mut ids = serde_json::Map::new();
+            if carried & 1 != 0 {
+                // Two customer ids of one person: a second system's.
+                let system = if next(3) == 0 { "q" } else { "p" };
+                event["customer_id"] = format!("{system}{person}").into();
+            }
+            if carried & 2 != 0 {
+                let phone = format!("1390000{person:04}");
+                let spelled = match next(2) {
+                    0 => format!("+86 {phone}"),
+                    _ => phone.chars().map(|c| char::from_u32(c as u32 - '0' as u32 + '０' as u32).unwrap()).collect(),
+                };
+                ids.insert("phone".into(), spelled.into());
+            }
+            if carried & 4 != 0 {
+                ids.insert("email".into(), format!("P{person}@Example.com").into());
+            }
+            if carried & 8 != 0 {
+                ids.insert("openid".into(), format!("o{person}").into());
+            }
+            if !ids.is_empty() {
+                event["ids"] = ids.into();
+            }
+            if next(10) == 0 {
+                event["profile"] = serde_json::json!({"city": if next(2) == 0 { "杭州" } else { "上海" }, "follows_official_account": true});
+            }
+            event.to_string()
+        })
+        .collect()
+}
+
+/// Identity resolved for a group in one partition (issue #21, `docs/design/cluster.md` §6):
+/// two members split six partitions; every event with identifiers is sent to partition 0,
+/// whose owner resolves it against the whole graph and sends it on named by its customer,
+/// and asks the owners of the customers a merge absorbs to hand them over. The members end
+/// holding exactly the customers one store resolving the same stream holds, each with the
+/// same tags, segments, traits and profile; the graph is partition 0's owner's alone.
+#[test]
+fn a_group_resolves_identity_in_partition_0_as_one_store_does() {
+    const PARTITIONS: u32 = 6;
+    let cluster = state_cluster(PARTITIONS);
+    let brokers = cluster.bootstrap_servers();
+    let resolving = || EngineConfig {
+        resolver: true,
+        clock_per_partition: true,
+        ..keeping(PARTITIONS)
+    };
+    let (dir_a, dir_b) = (TempDir::new("kafka-resolver-a"), TempDir::new("kafka-resolver-b"));
+    let a = Member::join_with(dir_a.path(), &brokers, "g-resolver", resolving());
+    wait_until("partitions assigned", || {
+        a.status.assigned_partitions() == PARTITIONS as usize
+    });
+    let b = Member::join_with(dir_b.path(), &brokers, "g-resolver", resolving());
+    wait_until("the partitions split", || {
+        a.status.assigned_partitions() == 3 && b.status.assigned_partitions() == 3 && b.status.ready().is_ok()
+    });
+    // Keyed by customer_id where there is one, else unkeyed: events with identifiers land
+    // anywhere, and travel.
+    let lines = identified_stream(60, 1_500, 7);
+    let producer = bench::kafka::producer(&brokers).unwrap();
+    bench::kafka::produce_keyed(&producer, "events", &lines[..1_000], true).unwrap();
+
+    let one_dir = TempDir::new("kafka-resolver-one");
+    let mut one = Engine::open(
+        one_dir.path(),
+        Some(RULES),
+        EngineConfig {
+            partitions: PARTITIONS,
+            clock_per_partition: true,
+            ..config()
+        },
+    )
+    .unwrap();
+    let outcome = one.ingest(&lines).unwrap();
+    assert!(outcome.errors.is_empty(), "{:?}", outcome.errors);
+    let settled = |m: &Member| {
+        m.handle.reader().resolver_outbox().unwrap().is_empty()
+            && m.handle.reader().pending_handovers().unwrap().is_empty()
+    };
+    let quiet = || {
+        let mut last = 0;
+        wait_until("every event, forward, record and frame consumed", || {
+            let size = topic_size(&brokers, "events", PARTITIONS as i32) as u64;
+            let done = a.consumed() + b.consumed() == size && settled(&a) && settled(&b) && size == last;
+            last = size;
+            std::thread::sleep(Duration::from_millis(200));
+            done
+        });
+    };
+    quiet();
+    // The rest once the merges so far are made: events naming customers handed over
+    // follow them to their survivors.
+    bench::kafka::produce_keyed(&producer, "events", &lines[1_000..], true).unwrap();
+    quiet();
+    let resolved = |m: &Member| {
+        m.handle
+            .reader()
+            .changes(0, 1_000_000)
+            .unwrap()
+            .into_iter()
+            .filter(|c| c.op == processor::Op::Merge)
+            .count()
+    };
+    assert!(resolved(&a) + resolved(&b) > 0, "the stream merges customers");
+
+    let end = 1_740_000_000_000_i64 + 400 * 86_400_000;
+    one.advance_clock(end).unwrap();
+    let want = state(&one);
+    let mut got = a.state_at(end);
+    let of_b = b.state_at(end);
+    for id in of_b.keys() {
+        assert!(!got.contains_key(id), "`{id}` is held by both members");
+    }
+    got.extend(of_b);
+    // Which of a person's two customer ids survives a merge of the two is decided by which
+    // record the resolver made first — by the order it read events of different
+    // partitions in, which no consumer of several partitions shares with the file. So
+    // customers are compared per person, without their names.
+    let people = |customers: &BTreeMap<String, CustomerView>| {
+        let mut people: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+        for (id, view) in customers {
+            let digits: String = match id.strip_prefix("phone:") {
+                Some(phone) => phone[phone.len() - 4..].to_owned(),
+                None => id.chars().filter(char::is_ascii_digit).collect(),
+            };
+            let mut view = view.clone();
+            view.customer_id = String::new();
+            people
+                .entry(digits.parse().unwrap())
+                .or_default()
+                .push(format!("{view:?}"));
+        }
+        for views in people.values_mut() {
+            views.sort();
+        }
+        people
+    };
+    let (got_people, want_people) = (people(&got), people(&want));
+    assert_eq!(got_people.len(), want_people.len());
+    for (person, views) in &want_people {
+        assert_eq!(&got_people[person], views, "person {person}");
+    }
+    // The graph answers as one store's does, on partition 0's owner.
+    let resolver = match a.status.owned_partitions().contains(&0) {
+        true => &a,
+        false => &b,
+    };
+    for person in 0..60 {
+        let email = format!("p{person}@example.com");
+        let owner = resolver.handle.reader().identify("email", &email).unwrap();
+        assert_eq!(
+            owner.is_some(),
+            one.identify("email", &email).unwrap().is_some(),
+            "{email}"
+        );
+        if let Some(owner) = owner {
+            assert!(
+                got.contains_key(&*owner),
+                "{email} names `{owner}`, a customer held"
+            );
+        }
+    }
     a.leave(PARTITIONS);
     b.leave(PARTITIONS);
 }

@@ -700,6 +700,9 @@ pub async fn merge_customers(
 ) -> Result<Response, ApiError> {
     let ids = customer_ids(&body, "merge into this one")?;
     check_owner(&app, &id)?;
+    if app.engine.reader().resolver() {
+        return merge_by_resolver(&app, &principal, &headers, &id, ids).await;
+    }
     // Customers of partitions another node owns are handed over by it.
     let (here, away): (Vec<String>, Vec<String>) = ids.into_iter().partition(|other| {
         !matches!(check_owner(&app, other), Err(ApiError::Conflict(_))) || app.cluster.is_none()
@@ -761,6 +764,123 @@ pub async fn merge_customers(
         return Ok(Json(out).into_response());
     }
     out["pending"] = pending.into();
+    Ok((StatusCode::ACCEPTED, Json(out)).into_response())
+}
+
+/// [`merge_customers`] in a group whose identity graph is partition 0's
+/// ([`processor::EngineConfig::resolver`]): the customers are looked for where they are
+/// held, the merge is sent to partition 0, whose owner merges them in the graph and asks
+/// the owner of each absorbed customer to hand it over to `{id}`, here. Answers once this
+/// node took them (`handed_over`), or `202` naming those it had not yet taken after
+/// [`HANDOVER_WAIT`] (`pending`); the changes are in the change log (the absorbed
+/// customers' on their nodes), not in the answer.
+async fn merge_by_resolver(
+    app: &AppState,
+    principal: &Option<Extension<Principal>>,
+    headers: &HeaderMap,
+    id: &str,
+    ids: Vec<String>,
+) -> Result<Response, ApiError> {
+    let reader = app.engine.reader();
+    let survivor = rules::normalize(id).into_owned();
+    if let Some(to) = reader.moved_to(&survivor) {
+        return Err(ApiError::Conflict(format!(
+            "`{survivor}` was merged into `{to}`: merge into that one"
+        )));
+    }
+    if reader.customer(&survivor)?.is_none() {
+        return Err(ApiError::NotFound(format!("no customer `{survivor}`")));
+    }
+    let mut absorbed: Vec<String> = Vec::new();
+    for other in ids {
+        let other = rules::normalize(&other).into_owned();
+        if other == survivor {
+            return Err(ApiError::Conflict(format!(
+                "`{other}` is already customer `{survivor}`"
+            )));
+        }
+        if absorbed.contains(&other) {
+            continue;
+        }
+        // Held, here or by its partition's owner (an id merged into another answers that
+        // one: it is merged already, then).
+        let view = match app.cluster.as_ref() {
+            Some(_) => crate::cluster::customer_from_owner(app, principal, headers, &other).await,
+            None => Err(ApiError::NotFound(String::new())),
+        };
+        let held = match view {
+            Ok(response) if response.status().is_success() => {
+                let body = axum::body::to_bytes(response.into_body(), 16 << 20)
+                    .await
+                    .map_err(|e| ApiError::BadGateway(format!("reading `{other}` from its owner: {e}")))?;
+                serde_json::from_slice::<Json_>(&body)
+                    .ok()
+                    .and_then(|v| v["customer_id"].as_str().map(str::to_owned))
+            }
+            Ok(_) | Err(ApiError::NotFound(_)) => None,
+            Err(e) => return Err(e),
+        };
+        match held {
+            None => return Err(ApiError::NotFound(format!("no customer `{other}`"))),
+            Some(now) if now == survivor => {
+                return Err(ApiError::Conflict(format!(
+                    "`{other}` is already customer `{survivor}`"
+                )))
+            }
+            Some(_) => absorbed.push(other),
+        }
+    }
+    let router = app
+        .kafka
+        .as_ref()
+        .and_then(|k| k.router())
+        .ok_or_else(|| ApiError::Unavailable("this node's Kafka producer has not started".into()))?;
+    let cause = match key_name(principal) {
+        Some(key) => processor::Cause::ManualBy(key),
+        None => processor::Cause::Manual,
+    }
+    .as_string();
+    let (to, named) = (survivor.clone(), absorbed.clone());
+    tokio::task::spawn_blocking(move || router.send_merge(&to, &named, &cause))
+        .await
+        .map_err(|e| ApiError::Internal(format!("sending the merge: {e}")))?
+        .map_err(ApiError::Unavailable)?;
+    let deadline = std::time::Instant::now() + HANDOVER_WAIT;
+    let mut pending = absorbed.clone();
+    loop {
+        let reader = app.engine.reader();
+        let mut waiting = Vec::new();
+        for other in pending {
+            if !reader.has_taken(&survivor, &other)? {
+                waiting.push(other);
+            }
+        }
+        pending = waiting;
+        if pending.is_empty() || std::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let masking = masking_of(principal);
+    let handed_over: Vec<String> = absorbed
+        .iter()
+        .filter(|a| !pending.contains(a))
+        .map(|a| masking.id(a).into_owned())
+        .collect();
+    let mut out = json!({
+        "customer_id": masking.id(&survivor).into_owned(),
+        "absorbed": absorbed.iter().map(|a| masking.id(a).into_owned()).collect::<Vec<_>>(),
+        "changes": [],
+        "handed_over": handed_over,
+    });
+    if pending.is_empty() {
+        return Ok(Json(out).into_response());
+    }
+    out["pending"] = pending
+        .iter()
+        .map(|a| masking.id(a).into_owned())
+        .collect::<Vec<_>>()
+        .into();
     Ok((StatusCode::ACCEPTED, Json(out)).into_response())
 }
 

@@ -279,7 +279,10 @@ impl Engine {
     /// from the absorbed customer's partition with its next offset (`positions`, committed
     /// with it): `absorbed` handed over to `survivor` — whose store may be this one — as
     /// [`Engine::hand_over`] does, leaving the graph to the resolver. A customer not held
-    /// here (handed over already: a request delivered twice) is left alone: `None`.
+    /// here — no event of it applied yet (the one that named it went to the survivor), or
+    /// handed over already (a request delivered twice) — has nothing to hand over (`None`),
+    /// but its id names the survivor from now on here too, so that events naming it
+    /// follow.
     pub fn hand_over_requested<S: AsRef<str>>(
         &mut self,
         absorbed: &str,
@@ -291,12 +294,27 @@ impl Engine {
         let absorbed: Arc<str> = Arc::from(rules::normalize(absorbed).as_ref());
         let survivor: Arc<str> = Arc::from(rules::normalize(survivor).as_ref());
         let cause = Cause::parse(cause).unwrap_or(Cause::Event(None));
-        if absorbed.is_empty()
-            || survivor.is_empty()
-            || survivor == absorbed
-            || self.read_customer(&absorbed)?.is_none()
-        {
+        if absorbed.is_empty() || survivor.is_empty() || survivor == absorbed {
             self.ingest_parsed::<&[u8], S>(&[], Vec::new(), positions)?;
+            return Ok(None);
+        }
+        if self.read_customer(&absorbed)?.is_none() {
+            let key = moved_key(&absorbed);
+            let known = self.store.get(CF_IDENTITIES, &key)?.is_some();
+            self.transact(|engine, batch| {
+                if !known {
+                    engine.identity_put(batch, key, Some(survivor.as_bytes().to_vec()));
+                    engine.aliases.insert(absorbed.clone(), survivor.clone());
+                }
+                for (source, offset) in positions {
+                    let key = format!("{META_OFFSET_PREFIX}{}", source.as_ref());
+                    engine.store.put_meta_u64(&mut batch.wb, &key, *offset);
+                }
+                Ok(())
+            })?;
+            if !known {
+                self.publish_moved(std::slice::from_ref(&absorbed), &survivor);
+            }
             return Ok(None);
         }
         let ids = vec![absorbed.clone()];
@@ -363,20 +381,23 @@ impl Engine {
             engine.identity_put(batch, pending_key(&absorbed), Some(frame.clone()));
             Ok(frame)
         })?;
-        {
-            let mut moved = self.published.moved.write().unwrap_or_else(|e| e.into_inner());
-            let mut now = HashMap::clone(&moved);
-            for id in ids {
-                now.insert(id, survivor.clone());
-            }
-            *moved = Arc::new(now);
-        }
+        self.publish_moved(&ids, &survivor);
         Ok(HandedOver {
             absorbed,
             survivor,
             frame,
             changes,
         })
+    }
+
+    /// Tells readers ([`ReadHandle::moved_to`]) that `ids` name `survivor` from now on.
+    fn publish_moved(&self, ids: &[Arc<str>], survivor: &Arc<str>) {
+        let mut moved = self.published.moved.write().unwrap_or_else(|e| e.into_inner());
+        // In place: readers hold the map only under the lock.
+        let moved = Arc::make_mut(&mut moved);
+        for id in ids {
+            moved.insert(id.clone(), survivor.clone());
+        }
     }
 
     /// The second half of a merge across stores: the survivor named in `frame` (made by
@@ -542,6 +563,20 @@ impl ReadHandle {
             });
         }
         Ok(pending)
+    }
+}
+
+impl ReadHandle {
+    /// Whether this store's `survivor` took a frame handing `absorbed` over (a frame's id
+    /// ends with the customer it hands over).
+    pub fn has_taken(&self, survivor: &str, absorbed: &str) -> Result<bool, EngineError> {
+        let prefix = taken_key(survivor, "");
+        let suffix = format!(".{absorbed}");
+        Ok(self
+            .store
+            .scan_prefix(CF_IDENTITIES, &prefix)?
+            .iter()
+            .any(|(key, _)| key.ends_with(suffix.as_bytes())))
     }
 }
 

@@ -808,13 +808,20 @@ impl ReadHandle {
 
     /// [`ReadHandle::identify`] answered only for customers of `owned` (in a group, each
     /// node answers for its partitions; an identifier's entry is kept, and moves, with its
-    /// customer's partition).
+    /// customer's partition) — or, in a group resolving identity in partition 0
+    /// ([`EngineConfig::resolver`]), by partition 0's owner alone, for every customer.
     pub fn identify_in(
         &self,
         id_type: &str,
         value: &str,
         owned: &[u32],
     ) -> Result<Option<Arc<str>>, EngineError> {
+        if self.resolver {
+            return match owned.contains(&0) {
+                true => self.identify(id_type, value),
+                false => Ok(None),
+            };
+        }
         Ok(self.identify(id_type, value)?.filter(|customer| {
             owned.contains(&crate::partition::partition_of(
                 customer.as_bytes(),

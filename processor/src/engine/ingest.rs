@@ -154,12 +154,17 @@ impl Engine {
         Ok(outcome)
     }
 
-    /// Whether the customer `event` names is of a partition parked here.
+    /// Whether the customer `event` names is of a partition parked here (for an event a
+    /// group's resolver is to resolve, whether partition 0 is).
     fn parked_partition_named(&self, event: &ValidEvent) -> bool {
-        !self.parked.partitions.is_empty()
-            && self
-                .named_partition(event)
-                .is_some_and(|partition| self.parked.partitions.contains(&partition))
+        if self.parked.partitions.is_empty() {
+            return false;
+        }
+        let partition = match self.config.resolver && event.resolved.is_none() && event.carries_ids() {
+            true => Some(0),
+            false => self.named_partition(event),
+        };
+        partition.is_some_and(|partition| self.parked.partitions.contains(&partition))
     }
 
     /// The partition of the customer `event` names ([`crate::kafka::route::named_customer`]:

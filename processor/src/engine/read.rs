@@ -149,6 +149,8 @@ pub struct ReadHandle {
     pub changes_retention: LogRetention,
     /// `[engine] partitions`: what customers are hashed to.
     pub(super) partitions: u32,
+    /// [`EngineConfig::resolver`].
+    pub(super) resolver: bool,
     intake: Intake,
     pub(super) identity: Arc<crate::identity::IdentityConfig>,
     pub(super) identity_counts: Arc<crate::identity::IdentityCounts>,
@@ -170,6 +172,11 @@ impl ReadHandle {
     /// `[engine] partitions`: how many partitions customers are hashed to.
     pub fn partitions(&self) -> u32 {
         self.partitions
+    }
+
+    /// Whether identity is resolved in partition 0 for the group ([`EngineConfig::resolver`]).
+    pub fn resolver(&self) -> bool {
+        self.resolver
     }
 
     /// The limits, tracking plan and quality record events are parsed with.
@@ -520,6 +527,7 @@ impl Engine {
             retention_ms: self.config.retention_ms,
             changes_retention: self.config.changes_retention,
             partitions: self.config.partitions,
+            resolver: self.config.resolver,
             intake: self.intake(),
             identity: Arc::new(self.config.identity.clone()),
             identity_counts: self.identity_counts.clone(),

@@ -265,7 +265,43 @@ impl Engine {
         others: &[String],
         by: Option<&str>,
     ) -> Result<Merged, EngineError> {
-        if self.parked.partitions.contains(&0) {
+        let cause = by
+            .map_or(Cause::Manual, |k| Cause::ManualBy(k.to_owned()))
+            .as_string();
+        self.merge_in_graph(survivor, others, cause, &[] as &[(&str, u64)])
+    }
+
+    /// A merge by hand a member sent to partition 0 for the group's resolver
+    /// ([`crate::kafka::route::REQUEST_HEADER`]), made as [`Engine::merge_customers`] makes
+    /// it there, with the partition's next offset (`positions`) in the same commit. One
+    /// that cannot be made (its customers are one already: a request delivered twice) is
+    /// left out, its position committed: `None`.
+    pub fn merge_requested<S: AsRef<str>>(
+        &mut self,
+        survivor: &str,
+        others: &[String],
+        cause: &str,
+        positions: &[(S, u64)],
+    ) -> Result<Option<Merged>, EngineError> {
+        self.settle();
+        match self.merge_in_graph(survivor, others, cause.to_owned(), positions) {
+            Ok(merged) => Ok(Some(merged)),
+            Err(EngineError::Conflict(_) | EngineError::NotFound(_)) => {
+                self.ingest_parsed::<&[u8], S>(&[], Vec::new(), positions)?;
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn merge_in_graph<S: AsRef<str>>(
+        &mut self,
+        survivor: &str,
+        others: &[String],
+        cause: String,
+        positions: &[(S, u64)],
+    ) -> Result<Merged, EngineError> {
+        if !self.config.resolver || self.parked.partitions.contains(&0) {
             return Err(EngineError::Conflict(
                 "the group's identity graph is partition 0's: merge on the node that owns it".into(),
             ));
@@ -296,9 +332,6 @@ impl Engine {
                 "name at least one customer to merge in `ids`".into(),
             ));
         }
-        let cause = by
-            .map_or(Cause::Manual, |k| Cause::ManualBy(k.to_owned()))
-            .as_string();
         let resolution = super::identity::Resolution {
             canonical: survivor.clone(),
             absorbed: absorbed.clone(),
@@ -317,6 +350,10 @@ impl Engine {
                     cause: cause.clone(),
                 });
                 engine.keep_resolver_record(&request, batch)?;
+            }
+            for (source, offset) in positions {
+                let key = format!("{META_OFFSET_PREFIX}{}", source.as_ref());
+                engine.store.put_meta_u64(&mut batch.wb, &key, *offset);
             }
             Ok(())
         })?;

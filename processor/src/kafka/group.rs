@@ -484,6 +484,43 @@ impl Membership {
         }
     }
 
+    /// Between batches, on the owner of partition 0 (the group's identity resolver,
+    /// [`crate::EngineConfig::resolver`]): sends the records it made — events named by
+    /// their customers, handover requests — in order to their partitions, and deletes them
+    /// once the broker confirmed them all. A crash between the two sends them again (their
+    /// receivers count each once); nothing is sent without the lease.
+    pub(super) fn send_resolved(&self, router: &super::route::Router) {
+        if !self.reader.resolver() || !self.owned().contains(&0) {
+            return;
+        }
+        let pending = match self.reader.resolver_outbox() {
+            Ok(pending) if pending.is_empty() => return,
+            Ok(pending) => pending,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the identity resolver's records to send");
+                return;
+            }
+        };
+        if !self.lease.held() {
+            tracing::debug!(
+                pending = pending.len(),
+                "the identity resolver's records wait for the lease"
+            );
+            return;
+        }
+        if let Err(e) = router.send_resolved(&pending) {
+            tracing::warn!(error = %e, "sending the identity resolver's records; they are sent again later");
+            return;
+        }
+        let keys: Vec<Vec<u8>> = pending.into_iter().map(|p| p.key).collect();
+        let delivered = self.host.run(Box::new(move |engine| {
+            engine.resolver_delivered(&keys).map_err(|e| e.to_string())
+        }));
+        if let Err(e) = delivered {
+            tracing::warn!(error = %e, "recording the identity resolver's records sent; they are sent again later");
+        }
+    }
+
     /// Between batches: sends the frames of handovers made in partitions this member owns
     /// (a merge by hand across partitions, [`crate::engine::Engine::hand_over`]) to their
     /// survivors' partitions, and records each delivered once the broker confirmed it. A

@@ -51,6 +51,36 @@ pub const FORWARDED_HEADER: &str = "tagstream-forwarded";
 /// absorbed customer's id. The record's value is the handover's frame.
 pub const HANDOVER_HEADER: &str = "tagstream-handover";
 
+/// The header of an event the group's identity resolver sent to its customer's partition
+/// (`docs/design/cluster.md` §6, [`crate::engine::Resolved`]): the customer it is applied
+/// to, and after a NUL the customer its best identifier first came with when another.
+pub const RESOLVED_HEADER: &str = "tagstream-resolved";
+
+/// The header of a record that is not an event but a [`Request`] (its JSON value): a merge
+/// by hand for the resolver (to partition 0), or a customer to hand over (to its partition).
+pub const REQUEST_HEADER: &str = "tagstream-request";
+
+/// What a member asks of a partition's owner through the events topic, in that partition's
+/// order.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// To partition 0, whose owner holds the group's identity graph: `absorbed` join
+    /// `survivor` ([`crate::Engine::merge_requested`]).
+    Merge {
+        survivor: String,
+        absorbed: Vec<String>,
+        cause: String,
+    },
+    /// To the absorbed customer's partition: it is handed over to `survivor`
+    /// ([`crate::Engine::hand_over_requested`]).
+    HandOver {
+        absorbed: String,
+        survivor: String,
+        cause: String,
+    },
+}
+
 /// Where an event of a batch was read.
 #[derive(Debug, Clone, Default)]
 pub struct Origin {
@@ -58,6 +88,29 @@ pub struct Origin {
     pub offset: i64,
     /// `TOPIC:PARTITION:OFFSET` where it was first read, when another member forwarded it.
     pub forwarded: Option<String>,
+    /// The customer the group's resolver decided it belongs to ([`RESOLVED_HEADER`]).
+    pub resolved: Option<crate::engine::Resolved>,
+}
+
+/// A [`RESOLVED_HEADER`]'s value.
+pub fn resolved_header(resolved: &crate::engine::Resolved) -> String {
+    match &resolved.origin {
+        Some(origin) => format!("{}\0{origin}", resolved.canonical),
+        None => resolved.canonical.to_string(),
+    }
+}
+
+/// Reads a [`RESOLVED_HEADER`]'s value.
+pub fn parse_resolved(value: &[u8]) -> Option<crate::engine::Resolved> {
+    let value = std::str::from_utf8(value).ok()?;
+    let (canonical, origin) = match value.split_once('\0') {
+        Some((canonical, origin)) => (canonical, Some(Arc::from(origin))),
+        None => (value, None),
+    };
+    (!canonical.is_empty()).then(|| crate::engine::Resolved {
+        canonical: Arc::from(canonical),
+        origin,
+    })
 }
 
 /// Where events to route come from.
@@ -82,6 +135,9 @@ pub struct Router {
     /// Which customers this store handed over to survivors of other partitions
     /// ([`crate::ReadHandle::moved_to`]): events naming them go to the survivor's.
     reader: crate::ReadHandle,
+    /// Identity is resolved in partition 0 ([`crate::EngineConfig::resolver`]): events with
+    /// identifiers go there first.
+    resolver: bool,
     stop: Arc<AtomicBool>,
 }
 
@@ -97,6 +153,7 @@ impl Router {
             sending: Mutex::new(()),
             topic,
             partitions: reader.partitions(),
+            resolver: reader.resolver(),
             reader,
             stop,
         }
@@ -130,12 +187,20 @@ impl Router {
             let Ok(event) = event else {
                 continue;
             };
-            let Some(customer) = named_customer(event, identity) else {
+            // With a resolver, an event with identifiers is resolved in partition 0 first.
+            let to_resolve = self.resolver && event.resolved.is_none() && event.carries_ids();
+            let Some(customer) = (match &event.resolved {
+                Some(resolved) => Some(std::borrow::Cow::Borrowed(&*resolved.canonical)),
+                None => named_customer(event, identity),
+            }) else {
                 continue;
             };
             // A customer handed over from here goes on to its survivor's partition, even
             // when it arrived forwarded (sent before the handover was known).
-            let moved = self.reader.moved_to(&customer);
+            let moved = match to_resolve {
+                true => None,
+                false => self.reader.moved_to(&customer),
+            };
             let origin = match from {
                 Where::Read(origins) => match origins.get(i) {
                     Some(origin) if origin.forwarded.is_none() || moved.is_some() => Some(origin),
@@ -143,11 +208,27 @@ impl Router {
                 },
                 Where::Posted(_) => None,
             };
+            // On a group's resolver the survivor's store does not know the absorbed id: the
+            // event goes on named by the survivor.
+            let resolved = match (&moved, self.resolver) {
+                (Some(survivor), true) => Some(crate::engine::Resolved {
+                    canonical: survivor.clone(),
+                    origin: event
+                        .resolved
+                        .as_ref()
+                        .and_then(|r| r.origin.clone())
+                        .or_else(|| Some(Arc::from(customer.as_ref()))),
+                }),
+                _ => None,
+            };
             let customer = match moved {
                 Some(survivor) => std::borrow::Cow::Owned(survivor.to_string()),
                 None => customer,
             };
-            let partition = crate::partition::partition_of(customer.as_bytes(), self.partitions);
+            let partition = match to_resolve {
+                true => 0,
+                false => crate::partition::partition_of(customer.as_bytes(), self.partitions),
+            };
             let stays = match (from, origin) {
                 (Where::Posted(owned), _) => owned.contains(&partition),
                 (Where::Read(_), Some(origin)) => origin.partition == partition as i32,
@@ -157,7 +238,7 @@ impl Router {
                 continue;
             }
             here[i] = false;
-            let headers = origin.map(|origin| {
+            let mut headers = origin.map(|origin| {
                 let first_read = match &origin.forwarded {
                     Some(first) => first.clone(),
                     None => first_read(&self.topic, origin),
@@ -167,6 +248,13 @@ impl Router {
                     value: Some(first_read.as_str()),
                 })
             });
+            if let Some(resolved) = &resolved {
+                let value = resolved_header(resolved);
+                headers = Some(headers.unwrap_or_default().insert(Header {
+                    key: RESOLVED_HEADER,
+                    value: Some(value.as_str()),
+                }));
+            }
             records.push(Outgoing {
                 key: Some(customer.as_bytes().to_vec()),
                 payload: Some(events[i].as_ref().to_vec()),
@@ -231,6 +319,78 @@ impl Router {
     }
 }
 
+impl Router {
+    /// Sends the records the group's resolver made ([`crate::ReadHandle::resolver_outbox`]),
+    /// in order, and returns once the broker confirmed them all.
+    pub fn send_resolved(&self, pending: &[crate::PendingRecord]) -> Result<(), String> {
+        let records: Vec<Outgoing> = pending.iter().map(|p| resolver_record(&p.record)).collect();
+        let _sending = self.sending.lock().unwrap_or_else(|e| e.into_inner());
+        send_all(&self.producer, &self.topic, &records, &self.stop)
+            .map_err(|e| format!("sending {} records of the identity resolver: {e}", records.len()))?;
+        metrics::counter!("tagstream_kafka_resolved_sent_total").increment(records.len() as u64);
+        Ok(())
+    }
+
+    /// Sends a merge by hand to partition 0, whose owner holds the group's identity graph,
+    /// and returns once the broker confirmed it.
+    pub fn send_merge(&self, survivor: &str, absorbed: &[String], cause: &str) -> Result<(), String> {
+        let request = Request::Merge {
+            survivor: survivor.to_owned(),
+            absorbed: absorbed.to_vec(),
+            cause: cause.to_owned(),
+        };
+        let record = request_record(&request, survivor, 0);
+        let _sending = self.sending.lock().unwrap_or_else(|e| e.into_inner());
+        send_all(&self.producer, &self.topic, &[record], &self.stop)
+            .map_err(|e| format!("sending a merge to the identity resolver (partition 0): {e}"))
+    }
+}
+
+/// The record that carries a resolver's record to its partition.
+fn resolver_record(record: &crate::ResolverRecord) -> Outgoing {
+    match record {
+        crate::ResolverRecord::Event(e) => {
+            let mut headers = OwnedHeaders::new();
+            if let Some(first_read) = &e.first_read {
+                headers = headers.insert(Header {
+                    key: FORWARDED_HEADER,
+                    value: Some(first_read.as_str()),
+                });
+            }
+            let resolved = resolved_header(&e.resolved);
+            Outgoing {
+                key: Some(e.resolved.canonical.as_bytes().to_vec()),
+                payload: Some(e.raw.clone()),
+                headers: Some(headers.insert(Header {
+                    key: RESOLVED_HEADER,
+                    value: Some(resolved.as_str()),
+                })),
+                partition: Some(e.partition as i32),
+            }
+        }
+        crate::ResolverRecord::HandOver(h) => {
+            let request = Request::HandOver {
+                absorbed: h.absorbed.to_string(),
+                survivor: h.survivor.to_string(),
+                cause: h.cause.clone(),
+            };
+            request_record(&request, &h.absorbed, h.partition)
+        }
+    }
+}
+
+fn request_record(request: &Request, key: &str, partition: u32) -> Outgoing {
+    Outgoing {
+        key: Some(key.as_bytes().to_vec()),
+        payload: Some(serde_json::to_vec(request).expect("a request serialises")),
+        headers: Some(OwnedHeaders::new().insert(Header {
+            key: REQUEST_HEADER,
+            value: Some("1"),
+        })),
+        partition: Some(partition as i32),
+    }
+}
+
 /// The customer an event names ([`IdentityConfig::named_customer`]): the partition it
 /// is sent to.
 pub fn named_customer<'a>(
@@ -250,13 +410,42 @@ fn first_read(topic: &str, origin: &Origin) -> String {
 }
 
 /// Gives each event of `batch` that arrived forwarded without an `event_id` the key it is
-/// deduplicated by: where it was first read.
+/// deduplicated by: where it was first read — with a resolver, also one with identifiers
+/// read in partition 0 (where it is resolved, and sent on with that key).
 pub fn mark_forwarded(batch: &KafkaBatch, parsed: &mut [Result<ValidEvent, Rejection>]) {
+    // The topic, on a member whose partition 0 resolves identity.
+    let resolving = batch
+        .router
+        .as_ref()
+        .filter(|router| router.resolver)
+        .map(|router| router.topic.as_str());
     for (event, origin) in parsed.iter_mut().zip(&batch.origins) {
-        if let (Ok(event), Some(first_read)) = (event, &origin.forwarded) {
-            if event.event_id.is_none() {
-                event.position_key = Some(format!("\u{0}forwarded:{first_read}"));
+        let Ok(event) = event else {
+            continue;
+        };
+        if event.event_id.is_some() {
+            continue;
+        }
+        let first_read = match &origin.forwarded {
+            Some(first_read) => first_read.clone(),
+            None if origin.partition == 0 && event.resolved.is_none() && event.carries_ids() => {
+                match resolving {
+                    Some(topic) => first_read(topic, origin),
+                    None => continue,
+                }
             }
+            None => continue,
+        };
+        event.position_key = Some(format!("\u{0}forwarded:{first_read}"));
+    }
+}
+
+/// Names each event of `batch` the group's resolver sent with the customer it decided
+/// ([`RESOLVED_HEADER`]).
+pub fn mark_resolved(batch: &KafkaBatch, parsed: &mut [Result<ValidEvent, Rejection>]) {
+    for (event, origin) in parsed.iter_mut().zip(&batch.origins) {
+        if let (Ok(event), Some(resolved)) = (event, &origin.resolved) {
+            event.resolved = Some(resolved.clone());
         }
     }
 }
