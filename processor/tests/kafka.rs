@@ -2070,15 +2070,6 @@ fn a_customer_handed_over_between_members_is_taken_once_in_its_survivors_partiti
         .call_blocking(move |engine| (engine.canonical_id(&gone), engine.customer(&gone).unwrap()))
         .unwrap();
     assert_eq!((&*alias, held.is_none()), (survivor.as_str(), true));
-    let merges = |m: &Member| {
-        m.handle
-            .reader()
-            .changes(0, 1_000_000)
-            .unwrap()
-            .into_iter()
-            .filter(|c| c.op == processor::Op::Merge)
-            .count()
-    };
     assert_eq!(merges(&b), 1);
     // An event naming the absorbed id, read where it was: applied to the survivor by the
     // survivor's owner, as one store applies it to the survivor.
@@ -2125,6 +2116,17 @@ fn a_customer_handed_over_between_members_is_taken_once_in_its_survivors_partiti
     assert!(took(&b, &absorbed, &survivor));
     a.leave(PARTITIONS);
     b.leave(PARTITIONS);
+}
+
+/// The merges in a member's change log.
+fn merges(m: &Member) -> usize {
+    m.handle
+        .reader()
+        .changes(0, 1_000_000)
+        .unwrap()
+        .into_iter()
+        .filter(|c| c.op == processor::Op::Merge)
+        .count()
 }
 
 /// A stream of `events` events of `persons` people, each named by a random choice of the
@@ -2247,16 +2249,7 @@ fn a_group_resolves_identity_in_partition_0_as_one_store_does() {
     // follow them to their survivors.
     bench::kafka::produce_keyed(&producer, "events", &lines[1_000..], true).unwrap();
     quiet();
-    let resolved = |m: &Member| {
-        m.handle
-            .reader()
-            .changes(0, 1_000_000)
-            .unwrap()
-            .into_iter()
-            .filter(|c| c.op == processor::Op::Merge)
-            .count()
-    };
-    assert!(resolved(&a) + resolved(&b) > 0, "the stream merges customers");
+    assert!(merges(&a) + merges(&b) > 0, "the stream merges customers");
 
     let end = 1_740_000_000_000_i64 + 400 * 86_400_000;
     one.advance_clock(end).unwrap();

@@ -221,6 +221,32 @@ impl Aliases {
     }
 }
 
+/// The customers a merge by hand into `survivor` absorbs: `others` (each its canonical id,
+/// or why not) once each, none of them the survivor, at least one.
+pub(super) fn to_absorb(
+    survivor: &Arc<str>,
+    others: impl Iterator<Item = Result<Arc<str>, EngineError>>,
+) -> Result<Vec<Arc<str>>, EngineError> {
+    let mut absorbed: Vec<Arc<str>> = Vec::new();
+    for other in others {
+        let other = other?;
+        if other == *survivor {
+            return Err(EngineError::Conflict(format!(
+                "`{other}` is already customer `{survivor}`"
+            )));
+        }
+        if !absorbed.contains(&other) {
+            absorbed.push(other);
+        }
+    }
+    if absorbed.is_empty() {
+        return Err(EngineError::Conflict(
+            "name at least one customer to merge in `ids`".into(),
+        ));
+    }
+    Ok(absorbed)
+}
+
 /// Sets `profile`'s attributes from `updates` of an event at (`ts`, `arrival`) where it is
 /// the newest to set them.
 pub(super) fn apply_updates(
@@ -299,23 +325,7 @@ impl Engine {
             return self.merge_as_resolver(survivor, others, by);
         }
         let survivor = self.existing_customer(survivor)?;
-        let mut absorbed: Vec<Arc<str>> = Vec::new();
-        for other in others {
-            let other = self.existing_customer(other)?;
-            if other == survivor {
-                return Err(EngineError::Conflict(format!(
-                    "`{other}` is already customer `{survivor}`"
-                )));
-            }
-            if !absorbed.contains(&other) {
-                absorbed.push(other);
-            }
-        }
-        if absorbed.is_empty() {
-            return Err(EngineError::Conflict(
-                "name at least one customer to merge in `ids`".into(),
-            ));
-        }
+        let absorbed = to_absorb(&survivor, others.iter().map(|o| self.existing_customer(o)))?;
         let cause = by.map_or(Cause::Manual, |k| Cause::ManualBy(k.to_owned()));
         let resolution = Resolution {
             canonical: survivor.clone(),

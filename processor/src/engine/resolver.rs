@@ -315,23 +315,7 @@ impl Engine {
             Ok(engine.graph_canonical(id, &none)?)
         };
         let survivor = canonical(self, survivor)?;
-        let mut absorbed: Vec<Arc<str>> = Vec::new();
-        for other in others {
-            let other = canonical(self, other)?;
-            if other == survivor {
-                return Err(EngineError::Conflict(format!(
-                    "`{other}` is already customer `{survivor}`"
-                )));
-            }
-            if !absorbed.contains(&other) {
-                absorbed.push(other);
-            }
-        }
-        if absorbed.is_empty() {
-            return Err(EngineError::Conflict(
-                "name at least one customer to merge in `ids`".into(),
-            ));
-        }
+        let absorbed = super::identity::to_absorb(&survivor, others.iter().map(|o| canonical(self, o)))?;
         let resolution = super::identity::Resolution {
             canonical: survivor.clone(),
             absorbed: absorbed.clone(),
