@@ -32,7 +32,12 @@ fn main() {
     let runs: usize = args.get(5).map_or(3, |r| r.parse().expect("a run count"));
     println!("{} events, batches of {batch}", lines.len());
     for run in 1..=runs {
+        // `ARM=resolver` or `ARM=alone` runs one (for a profile).
+        let arm = std::env::var("ARM").unwrap_or_default();
         for resolver in [false, true] {
+            if !arm.is_empty() && (arm == "resolver") != resolver {
+                continue;
+            }
             let data = dir.join(if resolver { "resolver" } else { "alone" });
             let _ = std::fs::remove_dir_all(&data);
             let config = EngineConfig {

@@ -612,6 +612,9 @@ impl Engine {
             false => super::identity::Aliases::load(&self.store)?,
         };
         self.next_resolved.set(0);
+        self.published
+            .resolver_floor
+            .store(0, std::sync::atomic::Ordering::Release);
         let moved = moved_in(&self.store)?;
         for (customer, survivor) in &moved {
             aliases.insert(customer.clone(), survivor.clone());

@@ -53,6 +53,9 @@ pub(super) struct Published {
     pub(super) moved: RwLock<Arc<HashMap<Arc<str>, Arc<str>>>>,
     /// Commits made visible so far (what the state publisher waits on when idle).
     pub(super) commits: std::sync::atomic::AtomicU64,
+    /// The lowest number a record of the group resolver's outbox not yet deleted may have
+    /// ([`super::resolver`]): reads start there, not at the tombstones of those sent.
+    pub(super) resolver_floor: std::sync::atomic::AtomicU64,
 }
 
 impl Published {
@@ -76,6 +79,7 @@ impl Published {
             changes_gate: Default::default(),
             by_partition: Default::default(),
             moved: Default::default(),
+            resolver_floor: Default::default(),
             commits: Default::default(),
         }
     }

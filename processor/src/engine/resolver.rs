@@ -152,6 +152,16 @@ fn record_key(seq: u64) -> Vec<u8> {
     key
 }
 
+/// The number of the resolver's record under `key`, if it is one.
+fn seq_of(key: &[u8]) -> Option<u64> {
+    match (key.first(), key.get(1..9)) {
+        (Some(b'r'), Some(seq)) if key.len() == 9 => {
+            Some(u64::from_be_bytes(seq.try_into().expect("8 bytes")))
+        }
+        _ => None,
+    }
+}
+
 /// The dedup key prefix a forwarded event's first-read position makes
 /// ([`crate::kafka::route::mark_forwarded`]).
 const FORWARDED_KEY: &str = "\u{0}forwarded:";
@@ -230,10 +240,6 @@ impl Engine {
     /// (read once, then counted here).
     fn next_resolver_seq(&self, batch: &Batch) -> Result<u64, StoreError> {
         if self.next_resolved.get() == 0 {
-            let seq_of = |key: &[u8]| match (key.first(), key.get(1..9)) {
-                (Some(b'r'), Some(seq)) => Some(u64::from_be_bytes(seq.try_into().expect("8 bytes"))),
-                _ => None,
-            };
             let mut next = 1;
             if let Some(item) = self
                 .store
@@ -369,6 +375,12 @@ impl Engine {
             }
             Ok(())
         })?;
+        // Records are sent and deleted in order: the next to send is after these.
+        if let Some(last) = keys.iter().filter_map(|key| seq_of(key)).max() {
+            self.published
+                .resolver_floor
+                .fetch_max(last + 1, std::sync::atomic::Ordering::AcqRel);
+        }
         Ok(())
     }
 }
@@ -378,7 +390,15 @@ impl ReadHandle {
     /// they are to be sent.
     pub fn resolver_outbox(&self) -> Result<Vec<PendingRecord>, EngineError> {
         let mut pending = Vec::new();
-        for (key, value) in self.store.scan_prefix(CF_IDENTITIES, b"r")? {
+        let floor = self
+            .published
+            .resolver_floor
+            .load(std::sync::atomic::Ordering::Acquire);
+        for item in self.store.scan_from(CF_IDENTITIES, &record_key(floor)) {
+            let (key, value) = item?;
+            if key.first() != Some(&b'r') {
+                break;
+            }
             let record = ResolverRecord::decode(&value).map_err(StoreError::from)?;
             pending.push(PendingRecord {
                 key: key.into_vec(),
