@@ -382,6 +382,9 @@ impl Engine {
             Ok(frame)
         })?;
         self.publish_moved(&ids, &survivor);
+        self.published
+            .handovers_maybe
+            .store(true, std::sync::atomic::Ordering::Release);
         Ok(HandedOver {
             absorbed,
             survivor,
@@ -550,6 +553,23 @@ impl ReadHandle {
         moved.get(customer).cloned()
     }
 
+    /// [`ReadHandle::pending_handovers`] for the one loop that sends them (a member's
+    /// consumer): read only while one may be waiting — once none was found, not again
+    /// until a frame is made or a partition taken in (otherwise every loop would walk the
+    /// tombstones of every frame sent before).
+    pub(crate) fn handovers_to_send(&self) -> Result<Vec<PendingHandover>, EngineError> {
+        use std::sync::atomic::Ordering;
+        // Cleared before the read: a frame made meanwhile sets it again.
+        if !self.published.handovers_maybe.swap(false, Ordering::AcqRel) {
+            return Ok(Vec::new());
+        }
+        let pending = self.pending_handovers();
+        if !matches!(&pending, Ok(found) if found.is_empty()) {
+            self.published.handovers_maybe.store(true, Ordering::Release);
+        }
+        pending
+    }
+
     /// The handovers made here whose frames are not yet delivered, by absorbed id.
     pub fn pending_handovers(&self) -> Result<Vec<PendingHandover>, EngineError> {
         let mut pending = Vec::new();
@@ -615,6 +635,9 @@ impl Engine {
         self.published
             .resolver_floor
             .store(0, std::sync::atomic::Ordering::Release);
+        self.published
+            .handovers_maybe
+            .store(true, std::sync::atomic::Ordering::Release);
         let moved = moved_in(&self.store)?;
         for (customer, survivor) in &moved {
             aliases.insert(customer.clone(), survivor.clone());

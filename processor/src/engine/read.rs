@@ -56,6 +56,10 @@ pub(super) struct Published {
     /// The lowest number a record of the group resolver's outbox not yet deleted may have
     /// ([`super::resolver`]): reads start there, not at the tombstones of those sent.
     pub(super) resolver_floor: std::sync::atomic::AtomicU64,
+    /// Set whenever a handover's frame may be waiting to be sent (one made, a partition
+    /// taken in); cleared by the reader that finds none ([`ReadHandle::pending_handovers`]),
+    /// which then reads nothing — not the tombstones of every frame sent before.
+    pub(super) handovers_maybe: std::sync::atomic::AtomicBool,
 }
 
 impl Published {
@@ -80,6 +84,7 @@ impl Published {
             by_partition: Default::default(),
             moved: Default::default(),
             resolver_floor: Default::default(),
+            handovers_maybe: std::sync::atomic::AtomicBool::new(true),
             commits: Default::default(),
         }
     }

@@ -529,7 +529,7 @@ impl Membership {
     /// without the lease: a member that may no longer own the partition leaves its frames
     /// to the one that does.
     pub(super) fn send_handovers(&self, router: &super::route::Router) {
-        let pending = match self.reader.pending_handovers() {
+        let pending = match self.reader.handovers_to_send() {
             Ok(pending) if pending.is_empty() => return,
             Ok(pending) => pending,
             Err(e) => {
