@@ -226,7 +226,7 @@ pub async fn customer_from_owner(
         Owner::Here => {
             let reader = app.engine.reader();
             match reader.customer(customer)? {
-                Some(view) => crate::routes::customer_response(reader, view, &crate::access::masking_of(principal)),
+                Some(view) => crate::routes::group_customer_response(app, principal, headers, view).await,
                 None => Err(ApiError::NotFound(format!("no customer `{customer}`"))),
             }
         }
@@ -247,6 +247,62 @@ pub async fn customer_from_owner(
             "customer `{customer}` is in partition {partition} of {partitions}, which is moving between nodes or being restored: ask again shortly"
         ))),
     }
+}
+
+/// The identifiers `customer` owns, as partition 0's owner answers them
+/// (`GET /v1/identities/customers/{customer}`, with the caller's headers: masked for the
+/// caller there) — `None` where this node answers from its own graph: outside a group, in
+/// a group whose graph is not partition 0's, on partition 0's owner, or for a request sent
+/// here by another node.
+pub async fn identifiers_from_resolver(
+    app: &AppState,
+    headers: &axum::http::HeaderMap,
+    customer: &str,
+) -> Result<Option<std::collections::BTreeMap<String, Vec<String>>>, ApiError> {
+    let Some(cluster) = app.cluster.as_ref() else {
+        return Ok(None);
+    };
+    if !app.engine.reader().resolver() || headers.contains_key(FORWARDED) {
+        return Ok(None);
+    }
+    let url = match cluster.members.owner_of(0) {
+        Owner::Here => return Ok(None),
+        Owner::Node(url) => url,
+        Owner::Restoring | Owner::NodeRestoring(_) | Owner::Unknown => {
+            return Err(ApiError::Unavailable(
+                "the group's identity graph (partition 0) is moving between nodes or being restored: ask again shortly".into(),
+            ))
+        }
+    };
+    let mut request = axum::http::Request::builder()
+        .method(axum::http::Method::GET)
+        .uri(format!("/v1/identities/customers/{}", path_segment(customer)));
+    for (name, value) in headers {
+        request = request.header(name, value);
+    }
+    let (parts, _) = request
+        .body(())
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .into_parts();
+    let answer = cluster.forward(&url, parts, Bytes::new()).await?;
+    let status = answer.status();
+    let body = axum::body::to_bytes(answer.into_body(), 16 << 20)
+        .await
+        .map_err(|e| ApiError::BadGateway(format!("reading the identifiers from {url}: {e}")))?;
+    if !status.is_success() {
+        return Err(ApiError::BadGateway(format!(
+            "{url} answered the identifiers of `{customer}` with {status}: {}",
+            String::from_utf8_lossy(&body)
+        )));
+    }
+    let answer: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::BadGateway(format!(
+            "{url} answered the identifiers with what is not JSON: {e}"
+        ))
+    })?;
+    serde_json::from_value(answer["identifiers"].clone())
+        .map(Some)
+        .map_err(|e| ApiError::BadGateway(format!("{url} answered identifiers of an unknown shape: {e}")))
 }
 
 /// `GET /v1/cluster`: the nodes of this node's group as their cards say, and each

@@ -205,6 +205,10 @@ pub fn router(state: AppState) -> Router {
             get(routes::customer_by_identifier),
         )
         .route("/v1/identities/stats", get(routes::identity_stats))
+        .route(
+            "/v1/identities/customers/{customer}",
+            get(routes::customer_identifiers),
+        )
         .route("/metrics", get(routes::metrics))
         .route("/healthz", get(routes::healthz))
         .route("/", get(console::index))

@@ -543,6 +543,9 @@ pub async fn get_customer(
     // An id a merge absorbed answers the survivor (the answer's `customer_id` says who).
     let reader = app.engine.reader();
     match reader.customer(&id)? {
+        Some(view) if app.cluster.is_some() => {
+            group_customer_response(&app, &principal, &headers, view).await
+        }
         Some(view) => customer_response(reader, view, &masking_of(&principal)),
         // Handed over to a survivor of another partition (a merge across a group's
         // nodes): the survivor's owner answers.
@@ -642,11 +645,38 @@ async fn group_customer_by_identifier(
 /// identifiers by their name or type (`phone = "mask"`), ids by `customer_id`'s policy.
 pub(crate) fn customer_response(
     reader: &processor::ReadHandle,
-    mut v: CustomerView,
+    v: CustomerView,
     masking: &crate::access::Masking,
 ) -> Result<Response, ApiError> {
+    let identifiers = masked_identifiers(reader, &v.customer_id, masking)?;
+    Ok(customer_with(v, identifiers, masking))
+}
+
+/// [`customer_response`] on a member of a group: the identifiers are the graph's, which is
+/// partition 0's (`GET /v1/identities/customers/{customer}` of its owner, with the
+/// caller's headers) when this node does not own it.
+pub(crate) async fn group_customer_response(
+    app: &AppState,
+    principal: &Option<Extension<Principal>>,
+    headers: &HeaderMap,
+    v: CustomerView,
+) -> Result<Response, ApiError> {
+    let masking = masking_of(principal);
+    let identifiers = match crate::cluster::identifiers_from_resolver(app, headers, &v.customer_id).await? {
+        Some(identifiers) => identifiers,
+        None => masked_identifiers(app.engine.reader(), &v.customer_id, &masking)?,
+    };
+    Ok(customer_with(v, identifiers, &masking))
+}
+
+/// The identifiers `customer` owns in this store's graph, by type, as `masking` shows them.
+fn masked_identifiers(
+    reader: &processor::ReadHandle,
+    customer: &str,
+    masking: &crate::access::Masking,
+) -> Result<BTreeMap<String, Vec<String>>, ApiError> {
     let mut identifiers: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (id_type, value) in reader.identifiers(&v.customer_id)? {
+    for (id_type, value) in reader.identifiers(customer)? {
         let shown = if &*id_type == processor::identity::CUSTOMER_ID {
             Some(masking.id(&value).into_owned())
         } else {
@@ -660,10 +690,19 @@ pub(crate) fn customer_response(
             identifiers.entry(id_type.to_string()).or_default().push(shown);
         }
     }
+    Ok(identifiers)
+}
+
+/// A customer's answer: the view with `identifiers`, masked for the caller.
+fn customer_with(
+    mut v: CustomerView,
+    identifiers: BTreeMap<String, Vec<String>>,
+    masking: &crate::access::Masking,
+) -> Response {
     if masking.is_open() {
         let mut dto = customer_dto(&v);
         dto.identifiers = identifiers;
-        return Ok(Json(dto).into_response());
+        return Json(dto).into_response();
     }
     v.profile = v
         .profile
@@ -674,7 +713,28 @@ pub(crate) fn customer_response(
     let mut dto = customer_dto(&v);
     dto.customer_id = &id;
     dto.identifiers = identifiers;
-    Ok(Json(dto).into_response())
+    Json(dto).into_response()
+}
+
+/// `GET /v1/identities/customers/{customer}`: the identifiers a customer owns, by type, as
+/// the caller's role shows them — from the identity graph, which in a group is partition
+/// 0's: another node sends the request on to its owner.
+pub async fn customer_identifiers(
+    State(app): State<AppState>,
+    principal: Option<Extension<Principal>>,
+    headers: HeaderMap,
+    Path(customer): Path<String>,
+) -> Result<Json<Json_>, ApiError> {
+    let customer = rules::normalize(&customer).into_owned();
+    let masking = masking_of(&principal);
+    let identifiers = match crate::cluster::identifiers_from_resolver(&app, &headers, &customer).await? {
+        Some(identifiers) => identifiers,
+        None => masked_identifiers(app.engine.reader(), &customer, &masking)?,
+    };
+    Ok(Json(json!({
+        "customer_id": masking.id(&customer).into_owned(),
+        "identifiers": identifiers,
+    })))
 }
 
 #[derive(Deserialize)]

@@ -555,6 +555,7 @@ fn the_openapi_document_describes_every_route_the_server_answers() {
         "/v1/customers/{id}/handover",
         "/v1/customers/{id}/unmerge",
         "/v1/identities/stats",
+        "/v1/identities/customers/{customer}",
         "/v1/definitions",
         "/v1/segments",
         "/v1/segments/{name}",
@@ -1043,6 +1044,10 @@ fn identities_are_resolved_looked_up_by_any_identifier_and_merged_by_hand() {
         s.get("/v1/customers/by/phone/13800000001").json()["customer_id"],
         "crm-7"
     );
+    // The same identifiers on their own.
+    let own = s.get("/v1/identities/customers/crm-7").json();
+    assert_eq!(own["customer_id"], "crm-7");
+    assert_eq!(own["identifiers"], survivor["identifiers"]);
     let log = s.get("/v1/changes?after=0").json();
     assert!(log["changes"]
         .as_array()

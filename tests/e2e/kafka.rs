@@ -3251,6 +3251,24 @@ fn a_merge_by_hand_across_two_nodes_hands_the_absorbed_customer_over() {
                 && ltv(node, &y) == Some((x.clone(), "700".into()))
         })
     });
+    // Its identifiers are the graph's, partition 0's: every node answers them, in the
+    // customer's view and on their own.
+    for node in [&first, &second] {
+        let view = request(&node.addr, "GET", &format!("/v1/customers/{y}"), b"").json();
+        let own = request(&node.addr, "GET", &format!("/v1/identities/customers/{x}"), b"").json();
+        for identifiers in [&view["identifiers"], &own["identifiers"]] {
+            assert_eq!(
+                identifiers["phone"],
+                serde_json::json!(["13800000077"]),
+                "{view} {own}"
+            );
+            assert_eq!(
+                identifiers["email"],
+                serde_json::json!(["ann@example.com"]),
+                "{view} {own}"
+            );
+        }
+    }
     first.stop();
     second.stop();
 }

@@ -294,6 +294,7 @@ pub const ROUTES: &[RouteAccess] = {
         route("POST", "/v1/customers/{id}/handover", CustomersMerge, true),
         route("POST", "/v1/customers/{id}/unmerge", CustomersMerge, true),
         route("GET", "/v1/identities/stats", CustomersRead, false),
+        route("GET", "/v1/identities/customers/{customer}", CustomersRead, false),
         route("GET", "/v1/customers/{id}/events", CustomersRead, false),
         route("GET", "/v1/customers/{id}/explain/{name}", CustomersRead, false),
         route("PUT", "/v1/customers/{id}/tags/{tag}", TagsWrite, true),
