@@ -231,22 +231,33 @@ pub async fn customer_from_owner(
             }
         }
         Owner::Node(url) => {
-            let mut request = axum::http::Request::builder()
-                .method(axum::http::Method::GET)
-                .uri(format!("/v1/customers/{}", path_segment(customer)));
-            for (name, value) in headers {
-                request = request.header(name, value);
-            }
-            let (parts, _) = request
-                .body(())
-                .map_err(|e| ApiError::Internal(e.to_string()))?
-                .into_parts();
-            cluster.forward(&url, parts, Bytes::new()).await
+            let path = format!("/v1/customers/{}", path_segment(customer));
+            get_from(cluster, &url, &path, headers).await
         }
         Owner::Restoring | Owner::NodeRestoring(_) | Owner::Unknown => Err(ApiError::Unavailable(format!(
             "customer `{customer}` is in partition {partition} of {partitions}, which is moving between nodes or being restored: ask again shortly"
         ))),
     }
+}
+
+/// `GET path` of the node at `url`, with the caller's `headers`.
+async fn get_from(
+    cluster: &Cluster,
+    url: &str,
+    path: &str,
+    headers: &axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    let mut request = axum::http::Request::builder()
+        .method(axum::http::Method::GET)
+        .uri(path);
+    for (name, value) in headers {
+        request = request.header(name, value);
+    }
+    let (parts, _) = request
+        .body(())
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .into_parts();
+    cluster.forward(url, parts, Bytes::new()).await
 }
 
 /// The identifiers `customer` owns, as partition 0's owner answers them
@@ -274,17 +285,8 @@ pub async fn identifiers_from_resolver(
             ))
         }
     };
-    let mut request = axum::http::Request::builder()
-        .method(axum::http::Method::GET)
-        .uri(format!("/v1/identities/customers/{}", path_segment(customer)));
-    for (name, value) in headers {
-        request = request.header(name, value);
-    }
-    let (parts, _) = request
-        .body(())
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .into_parts();
-    let answer = cluster.forward(&url, parts, Bytes::new()).await?;
+    let path = format!("/v1/identities/customers/{}", path_segment(customer));
+    let answer = get_from(cluster, &url, &path, headers).await?;
     let status = answer.status();
     let body = axum::body::to_bytes(answer.into_body(), 16 << 20)
         .await
