@@ -371,6 +371,16 @@ pub enum ApplyError {
     Failed(String),
 }
 
+impl From<crate::ServiceError> for ApplyError {
+    /// A full queue is retried soon; anything else after a back-off.
+    fn from(e: crate::ServiceError) -> ApplyError {
+        match e {
+            crate::ServiceError::Busy => ApplyError::Busy,
+            other => ApplyError::Failed(other.to_string()),
+        }
+    }
+}
+
 /// Applies a batch to the engine and returns once it is committed.
 pub type Apply = Box<dyn FnMut(Arc<KafkaBatch>) -> Result<IngestOutcome, ApplyError> + Send>;
 

@@ -283,10 +283,7 @@ impl EngineHandle {
                 source: "kafka",
                 owned_only: false,
             };
-            handle.apply_blocking(request, received).map_err(|e| match e {
-                ServiceError::Busy => ApplyError::Busy,
-                other => ApplyError::Failed(other.to_string()),
-            })
+            handle.apply_blocking(request, received).map_err(ApplyError::from)
         })
     }
 
@@ -294,14 +291,10 @@ impl EngineHandle {
     /// its survivor here, or sent on to the partition the survivor went to since (then its
     /// position is committed once the broker confirmed that).
     fn take_handover(&self, frame: &[u8], batch: &KafkaBatch) -> Result<IngestOutcome, ApplyError> {
-        let failed = |e: ServiceError| match e {
-            ServiceError::Busy => ApplyError::Busy,
-            other => ApplyError::Failed(other.to_string()),
-        };
         let (bytes, positions) = (frame.to_vec(), batch.positions.clone());
         let handed = self
             .call_blocking(move |engine| engine.take_handover_at(&bytes, &positions))
-            .map_err(failed)?
+            .map_err(ApplyError::from)?
             .map_err(|e| ApplyError::Failed(format!("taking a handover: {e}")))?;
         match handed {
             crate::Handed::Taken(merged) => {
@@ -318,12 +311,7 @@ impl EngineHandle {
                 router
                     .send_handover(&absorbed, &survivor, &frame)
                     .map_err(ApplyError::Failed)?;
-                let positions = batch.positions.clone();
-                self.call_blocking(move |engine| {
-                    engine.ingest_parsed::<&[u8], String>(&[], Vec::new(), &positions)
-                })
-                .map_err(failed)?
-                .map_err(|e| ApplyError::Failed(e.to_string()))?;
+                self.commit_positions(batch)?;
             }
             crate::Handed::Malformed(why) => {
                 metrics::counter!("tagstream_kafka_handovers_malformed_total").increment(1);
@@ -333,25 +321,25 @@ impl EngineHandle {
         Ok(IngestOutcome::default())
     }
 
+    /// Commits `batch`'s positions alone: its record was sent on, or left out.
+    fn commit_positions(&self, batch: &KafkaBatch) -> Result<(), ApplyError> {
+        let positions = batch.positions.clone();
+        self.call_blocking(move |engine| engine.ingest_parsed::<&[u8], String>(&[], Vec::new(), &positions))?
+            .map(drop)
+            .map_err(|e| ApplyError::Failed(e.to_string()))
+    }
+
     /// Applies a request read from the events topic ([`KafkaBatch::request`]): a merge by
     /// hand for the group's identity resolver, or a customer it asks to hand over. One that
     /// cannot be read is left out (its position committed).
     fn take_request(&self, value: &[u8], batch: &KafkaBatch) -> Result<IngestOutcome, ApplyError> {
-        let failed = |e: ServiceError| match e {
-            ServiceError::Busy => ApplyError::Busy,
-            other => ApplyError::Failed(other.to_string()),
-        };
         let positions = batch.positions.clone();
         let request = match serde_json::from_slice::<crate::kafka::route::Request>(value) {
             Ok(request) => request,
             Err(e) => {
                 metrics::counter!("tagstream_kafka_requests_malformed_total").increment(1);
                 tracing::error!(error = %e, "a record marked as a request is not one; left out");
-                self.call_blocking(move |engine| {
-                    engine.ingest_parsed::<&[u8], String>(&[], Vec::new(), &positions)
-                })
-                .map_err(failed)?
-                .map_err(|e| ApplyError::Failed(e.to_string()))?;
+                self.commit_positions(batch)?;
                 return Ok(IngestOutcome::default());
             }
         };
@@ -372,7 +360,7 @@ impl EngineHandle {
                     .hand_over_requested(&absorbed, &survivor, &cause, &positions)
                     .map(|handed| handed.is_some()),
             })
-            .map_err(failed)?
+            .map_err(ApplyError::from)?
             .map_err(|e| ApplyError::Failed(format!("applying a request: {e}")))?;
         if done {
             metrics::counter!("tagstream_kafka_requests_applied_total").increment(1);

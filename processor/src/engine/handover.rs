@@ -306,10 +306,7 @@ impl Engine {
                     engine.identity_put(batch, key, Some(survivor.as_bytes().to_vec()));
                     engine.aliases.insert(absorbed.clone(), survivor.clone());
                 }
-                for (source, offset) in positions {
-                    let key = format!("{META_OFFSET_PREFIX}{}", source.as_ref());
-                    engine.store.put_meta_u64(&mut batch.wb, &key, *offset);
-                }
+                engine.put_positions(batch, positions);
                 Ok(())
             })?;
             if !known {
@@ -352,10 +349,7 @@ impl Engine {
                 }
                 engine.identity_put(batch, record_key(&absorbed), None);
             }
-            for (source, offset) in positions {
-                let key = format!("{META_OFFSET_PREFIX}{}", source.as_ref());
-                engine.store.put_meta_u64(&mut batch.wb, &key, *offset);
-            }
+            engine.put_positions(batch, positions);
             for id in &ids {
                 engine.aliases.insert(id.clone(), survivor.clone());
                 if *id != absorbed {
@@ -491,10 +485,7 @@ impl Engine {
                 engine.identity_counts.merged(1);
             }
             engine.identity_put(batch, taken, Some(Vec::new()));
-            for (source, offset) in positions {
-                let key = format!("{META_OFFSET_PREFIX}{}", source.as_ref());
-                engine.store.put_meta_u64(&mut batch.wb, &key, *offset);
-            }
+            engine.put_positions(batch, positions);
             let arrival = engine.counters.next_arrival;
             let mut now = engine.now_for(&survivor);
             // Event clock: the survivor's partition has now seen the events handed over

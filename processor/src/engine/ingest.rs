@@ -147,11 +147,17 @@ impl Engine {
                 }
             }
         }
+        self.put_positions(batch, positions);
+        Ok(outcome)
+    }
+
+    /// Records in `batch` where each source stands (`positions`: a file, a Kafka
+    /// partition and its next offset), committed with what was read before it.
+    pub(super) fn put_positions<S: AsRef<str>>(&self, batch: &mut Batch, positions: &[(S, u64)]) {
         for (source, offset) in positions {
             let key = format!("{META_OFFSET_PREFIX}{}", source.as_ref());
             self.store.put_meta_u64(&mut batch.wb, &key, *offset);
         }
-        Ok(outcome)
     }
 
     /// Whether the customer `event` names is of a partition parked here (for an event a

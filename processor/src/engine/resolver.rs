@@ -341,10 +341,7 @@ impl Engine {
                 });
                 engine.keep_resolver_record(&request, batch)?;
             }
-            for (source, offset) in positions {
-                let key = format!("{META_OFFSET_PREFIX}{}", source.as_ref());
-                engine.store.put_meta_u64(&mut batch.wb, &key, *offset);
-            }
+            engine.put_positions(batch, positions);
             Ok(())
         })?;
         Ok(Merged {
