@@ -256,6 +256,13 @@ impl Engine {
                     next = next.max(seq + 1);
                 }
             }
+            // Never below the records already sent and deleted: the outbox is read from
+            // there ([`ReadHandle::resolver_outbox`]).
+            next = next.max(
+                self.published
+                    .resolver_floor
+                    .load(std::sync::atomic::Ordering::Acquire),
+            );
             self.next_resolved.set(next);
         }
         Ok(self.next_resolved.get())
