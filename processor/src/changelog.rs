@@ -94,8 +94,11 @@ impl Family {
             Family::Dedup => None,
             Family::Identities => match key.first()? {
                 b'c' | b's' | b'i' | b'm' | b'n' => key.get(1..),
-                // A handover a survivor took: `t` SURVIVOR NUL FRAME-ID.
-                b't' => {
+                // A handover a survivor took: `t` SURVIVOR NUL FRAME-ID; in a group, what a
+                // merge kept for an unmerge: `u` SURVIVOR NUL ABSORBED; a split's frame not
+                // yet delivered: `p` SURVIVOR NUL ID; a split request to send on from a
+                // customer's store: `q` CUSTOMER NUL ID.
+                b't' | b'u' | b'p' | b'q' => {
                     let rest = key.get(1..)?;
                     rest.get(..rest.iter().position(|b| *b == 0)?)
                 }
@@ -1120,6 +1123,11 @@ mod tests {
         assert_eq!(Family::Customers.owner(b"dave"), Some(&b"dave"[..]));
         assert_eq!(Family::Identities.owner(b"cerin"), Some(&b"erin"[..]));
         assert_eq!(Family::Identities.owner(b"x"), None);
+        for prefix in [b't', b'u', b'p', b'q'] {
+            let key = [&[prefix][..], b"frank\0split-1"].concat();
+            assert_eq!(Family::Identities.owner(&key), Some(&b"frank"[..]));
+        }
+        assert_eq!(Family::Identities.owner(b"ufrank"), None);
         assert_eq!(Family::Dedup.owner(b"event-1"), None);
         assert_eq!(Family::Events.owner(b"\0\0\0\x09ab"), None);
     }

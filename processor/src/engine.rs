@@ -43,11 +43,11 @@ pub use partitions::{PartitionSummary, MAGIC as PARTITION_EXPORT_MAGIC};
 pub use pipeline::{Answer, Finished};
 pub use query::{parse_cursor, DefinitionSummary, Delta, HourActivity};
 pub use read::ReadHandle;
-pub use resolver::{HandOverRequest, PendingRecord, Resolved, ResolvedEvent, ResolverRecord};
+pub use resolver::{HandOverRequest, PendingRecord, Resolved, ResolvedEvent, ResolverRecord, SplitRequest};
 pub use retention::{Log, TrimPlan, Trimmed};
 pub use rule_change::{Proposal, RuleChange};
 pub use segments::{SavedSegment, SegmentUpdate};
-pub use unmerge::Unmerged;
+pub use unmerge::{PendingSplit, Unmerged};
 pub use versions::{DefChange, DefText, ReadVersions, RuleDiff, RuleEdit, RuleVersion, VersionSummary};
 
 use cache::CustomerCache;

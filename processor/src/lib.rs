@@ -59,9 +59,10 @@ pub use engine::{
     Explained, Explanation, ExportField, Finished, FiredTimers, GroupAppend, GroupDelta, GroupPage,
     GroupRecord, HandOverRequest, Handed, HandedOver, HeapProbe, HourActivity, IngestError, IngestOutcome,
     IngestRequest, Log, LogRetention, MembersPage, MovedEvent, NextChange, PartitionSummary, PartitionsPage,
-    PendingHandover, PendingRecord, Preview, PreviewCounts, Proposal, QueryError, QueryPage, ReadHandle,
-    ReadVersions, Resolved, ResolvedEvent, ResolverRecord, RuleChange, RuleDiff, RuleEdit, RuleVersion,
-    SavedSegment, SegmentUpdate, TrimPlan, Trimmed, VersionSummary, BACKUP_MANIFEST, PARTITION_EXPORT_MAGIC,
+    PendingHandover, PendingRecord, PendingSplit, Preview, PreviewCounts, Proposal, QueryError, QueryPage,
+    ReadHandle, ReadVersions, Resolved, ResolvedEvent, ResolverRecord, RuleChange, RuleDiff, RuleEdit,
+    RuleVersion, SavedSegment, SegmentUpdate, SplitRequest, TrimPlan, Trimmed, Unmerged, VersionSummary,
+    BACKUP_MANIFEST, PARTITION_EXPORT_MAGIC,
 };
 pub use event::{parse_event, EventLimits, Rejection, ValidEvent};
 pub use quality::{Intake, Quality};

@@ -313,6 +313,12 @@ impl EngineHandle {
                     .map_err(ApplyError::Failed)?;
                 self.commit_positions(batch)?;
             }
+            crate::Handed::SplitOff(unmerged) => {
+                if !unmerged.changes.is_empty() {
+                    metrics::counter!("tagstream_kafka_splits_taken_total").increment(1);
+                    tracing::info!(customer = ?unmerged.split, from = %unmerged.customer, "a customer split off took its events back");
+                }
+            }
             crate::Handed::Malformed(why) => {
                 metrics::counter!("tagstream_kafka_handovers_malformed_total").increment(1);
                 tracing::error!(reason = %why, "a record marked as a handover is not one; left out");
@@ -359,6 +365,30 @@ impl EngineHandle {
                 } => engine
                     .hand_over_requested(&absorbed, &survivor, &cause, &positions)
                     .map(|handed| handed.is_some()),
+                crate::kafka::route::Request::Merging { survivor, absorbed } => {
+                    engine.merge_noticed(&survivor, &absorbed, &positions)
+                }
+                crate::kafka::route::Request::Unmerge {
+                    survivor,
+                    split,
+                    cause,
+                    id,
+                } => engine
+                    .unmerge_requested(&survivor, &split, &cause, &id, &positions)
+                    .map(|unmerged| unmerged.is_some()),
+                crate::kafka::route::Request::Split {
+                    customer,
+                    at,
+                    members,
+                    cause,
+                    id,
+                } => {
+                    let partitions = engine.config().partitions;
+                    let request = crate::kafka::route::Request::split_request(
+                        &customer, &at, &members, &cause, &id, partitions,
+                    );
+                    engine.split_requested(&request, &positions)
+                }
             })
             .map_err(ApplyError::from)?
             .map_err(|e| ApplyError::Failed(format!("applying a request: {e}")))?;

@@ -1390,6 +1390,29 @@ impl Group {
         assert!(outcome.errors.is_empty(), "{:?}", outcome.errors);
     }
 
+    /// What waits to be sent under `key` waits in a partition of store `i` (whose owner
+    /// sends it, as a member sends only what its partitions hold).
+    fn assert_home(&self, key: &[u8], i: usize) {
+        let owner = processor::changelog::Family::Identities
+            .owner(key)
+            .expect("a key naming its customer");
+        let partition = processor::partition::partition_of(owner, Self::PARTITIONS);
+        assert_eq!(
+            self.owner[partition as usize],
+            i,
+            "{}",
+            String::from_utf8_lossy(key)
+        );
+    }
+
+    /// A split request delivered to the owner of the partition it names.
+    fn split(&mut self, request: &processor::SplitRequest) {
+        let store = self.owner[request.partition as usize];
+        self.stores[store]
+            .split_requested(request, &[] as &[(&str, u64)])
+            .unwrap();
+    }
+
     /// Delivers what the stores have to send, until nothing is left; at most `rounds`
     /// passes over the stores (`usize::MAX`: until quiet).
     fn pump(&mut self, rounds: usize) {
@@ -1417,11 +1440,20 @@ impl Group {
                                 )
                                 .unwrap();
                         }
+                        processor::ResolverRecord::Merging(m) => {
+                            let store = self.owner[m.partition as usize];
+                            self.stores[store]
+                                .merge_noticed(&m.survivor, &m.absorbed, &[] as &[(&str, u64)])
+                                .unwrap();
+                        }
+                        processor::ResolverRecord::Split(split) => self.split(&split),
                     }
                 }
                 self.stores[i].resolver_delivered(&keys).unwrap();
+                // Frames first, then the splits sent on after them (as a member sends).
                 for handover in self.stores[i].pending_handovers().unwrap() {
                     sent = true;
+                    self.assert_home(&handover.key, i);
                     let mut survivor: Arc<str> = Arc::from(handover.survivor.as_str());
                     let mut frame = handover.frame.clone();
                     loop {
@@ -1430,14 +1462,20 @@ impl Group {
                             .take_handover_at(&frame, &[] as &[(&str, u64)])
                             .unwrap()
                         {
-                            processor::Handed::Taken(_) => break,
+                            processor::Handed::Taken(_) | processor::Handed::SplitOff(_) => break,
                             processor::Handed::Elsewhere(next, sent_on) => {
                                 (survivor, frame) = (next, sent_on)
                             }
                             processor::Handed::Malformed(why) => panic!("{why}"),
                         }
                     }
-                    self.stores[i].handover_delivered(&handover.absorbed).unwrap();
+                    self.stores[i].frame_delivered(&handover.key).unwrap();
+                }
+                for pending in self.stores[i].reader().pending_splits().unwrap() {
+                    sent = true;
+                    self.assert_home(&pending.key, i);
+                    self.split(&pending.request);
+                    self.stores[i].frame_delivered(&pending.key).unwrap();
                 }
             }
             if !sent {
@@ -1474,9 +1512,32 @@ proptest! {
         workers in 1usize..3,
         reopen_at in prop::option::of(0usize..50),
         merge_at in prop::option::of(0usize..50),
+        unmerge_at in prop::option::of(0usize..50),
     ) {
-        group_ends_like_one_store(&gens, &pump_after, workers, reopen_at, merge_at)?;
+        group_ends_like_one_store(&gens, &pump_after, workers, reopen_at, merge_at, unmerge_at)?;
     }
+}
+
+/// Splits the first customer (by person, by identifier) merged into another off it again in
+/// `one`: (its survivor, it).
+fn first_unmerge(one: &mut Engine) -> Option<(String, String)> {
+    for person in 0..5 {
+        for (id_type, spellings) in identifiers(person) {
+            let name = match id_type {
+                "customer_id" => spellings[0].clone(),
+                _ => format!("{id_type}:{}", normalised(id_type, &spellings[0])),
+            };
+            let survivor = one.canonical_id(&name).to_string();
+            if survivor != name
+                && one
+                    .unmerge_customers(&survivor, std::slice::from_ref(&name), None)
+                    .is_ok()
+            {
+                return Some((survivor, name));
+            }
+        }
+    }
+    None
 }
 
 /// The property of [`a_group_resolving_identity_in_one_partition_ends_like_one_store`].
@@ -1486,6 +1547,7 @@ fn group_ends_like_one_store(
     workers: usize,
     reopen_at: Option<usize>,
     merge_at: Option<usize>,
+    unmerge_at: Option<usize>,
 ) -> Result<(), TestCaseError> {
     // Each at an instant of its own: events of two customers at one `ts` are ordered by
     // arrival, which a handover renumbers in the survivor's store (module doc of
@@ -1518,6 +1580,17 @@ fn group_ends_like_one_store(
                 .merge_customers("c0", &["c1".into()], None)
                 .unwrap();
             prop_assert!(merged.changes.is_empty(), "made where the customers are");
+        }
+        // The first customer merged into another split off again, where one store can.
+        if unmerge_at == Some(n) {
+            if let Some((survivor, split)) = first_unmerge(&mut one) {
+                let resolver = group.owner[0];
+                let unmerged = group.stores[resolver]
+                    .unmerge_customers(&survivor, std::slice::from_ref(&split), None)
+                    .unwrap();
+                prop_assert!(unmerged.changes.is_empty(), "made where the customers are");
+                prop_assert_eq!(&*unmerged.customer, survivor.as_str());
+            }
         }
         one.ingest(&[line]).unwrap();
         group.send(line);

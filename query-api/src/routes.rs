@@ -1048,10 +1048,15 @@ fn identity_answer(
 pub async fn unmerge_customers(
     State(app): State<AppState>,
     principal: Option<Extension<Principal>>,
+    headers: HeaderMap,
     Path(id): Path<String>,
     LimitedBody(body): LimitedBody,
-) -> Result<Json<Json_>, ApiError> {
+) -> Result<Response, ApiError> {
     let ids = customer_ids(&body, "split off this one")?;
+    if app.engine.reader().resolver() {
+        check_owner(&app, &id)?;
+        return unmerge_by_resolver(&app, &principal, &headers, &id, ids).await;
+    }
     check_owners(&app, &id, &ids)?;
     let by = key_name(&principal);
     let split = app
@@ -1065,7 +1070,110 @@ pub async fn unmerge_customers(
         &split.customer,
         ("split", &split.split),
         &split.changes,
-    )))
+    ))
+    .into_response())
+}
+
+/// An unmerge in a group whose identity graph is partition 0's: checked against the graph
+/// (each customer named must have been merged into `id`), sent to partition 0, whose owner
+/// splits the graph and sends each split on to where the customer's events are — here,
+/// the survivor's store — and answered once this node split them off (`split_off`; their
+/// own nodes take them back as the frames arrive), or `202` naming those not split off yet
+/// after [`HANDOVER_WAIT`] in `pending` (they are, as the requests arrive).
+async fn unmerge_by_resolver(
+    app: &AppState,
+    principal: &Option<Extension<Principal>>,
+    headers: &HeaderMap,
+    id: &str,
+    ids: Vec<String>,
+) -> Result<Response, ApiError> {
+    let reader = app.engine.reader();
+    let survivor = rules::normalize(id).into_owned();
+    if let Some(to) = reader.moved_to(&survivor) {
+        return Err(ApiError::Conflict(format!(
+            "`{survivor}` was merged into `{to}`: unmerge from that one"
+        )));
+    }
+    if reader.customer(&survivor)?.is_none() {
+        return Err(ApiError::NotFound(format!("no customer `{survivor}`")));
+    }
+    // Customers merged into it are named among its `customer_id`s in the graph.
+    let merged: Vec<String> = match crate::cluster::identifiers_from_resolver(app, headers, &survivor).await?
+    {
+        Some(mut by_type) => by_type.remove("customer_id").unwrap_or_default(),
+        None => reader
+            .identifiers(&survivor)?
+            .into_iter()
+            .filter(|(id_type, _)| &**id_type == "customer_id")
+            .map(|(_, value)| value)
+            .collect(),
+    };
+    let mut split: Vec<String> = Vec::new();
+    for other in ids {
+        let other = rules::normalize(&other).into_owned();
+        if other == survivor || !merged.contains(&other) {
+            return Err(ApiError::Conflict(format!(
+                "`{other}` was not merged into `{survivor}`: there is nothing to split off"
+            )));
+        }
+        if !split.contains(&other) {
+            split.push(other);
+        }
+    }
+    let router = app
+        .kafka
+        .as_ref()
+        .and_then(|k| k.router())
+        .ok_or_else(|| ApiError::Unavailable("this node's Kafka producer has not started".into()))?;
+    let cause = match key_name(principal) {
+        Some(key) => processor::Cause::ManualBy(key),
+        None => processor::Cause::Manual,
+    }
+    .as_string();
+    let mut nonce = [0u8; 4];
+    getrandom::fill(&mut nonce).expect("the operating system's random source");
+    let unmerge = format!(
+        "{:x}-{:x}",
+        crate::access::audit::wall_ms(),
+        u32::from_be_bytes(nonce)
+    );
+    let (from, named, request) = (survivor.clone(), split.clone(), unmerge.clone());
+    tokio::task::spawn_blocking(move || router.send_unmerge(&from, &named, &cause, &request))
+        .await
+        .map_err(|e| ApiError::Internal(format!("sending the unmerge: {e}")))?
+        .map_err(ApiError::Unavailable)?;
+    // The resolver names each customer's split `split-{unmerge}-{n}`, in the order sent.
+    let deadline = std::time::Instant::now() + HANDOVER_WAIT;
+    let mut pending: Vec<usize> = (0..split.len()).collect();
+    loop {
+        let reader = app.engine.reader();
+        let mut waiting = Vec::new();
+        for n in pending {
+            if !reader.has_acted_on(&survivor, &format!("split-{unmerge}-{n}"))? {
+                waiting.push(n);
+            }
+        }
+        pending = waiting;
+        if pending.is_empty() || std::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let masking = masking_of(principal);
+    let names = |which: &mut dyn Iterator<Item = &String>| -> Vec<String> {
+        which.map(|a| masking.id(a).into_owned()).collect()
+    };
+    let mut out = json!({
+        "customer_id": masking.id(&survivor).into_owned(),
+        "split": names(&mut split.iter()),
+        "changes": [],
+        "split_off": names(&mut split.iter().enumerate().filter(|(n, _)| !pending.contains(n)).map(|(_, a)| a)),
+    });
+    if pending.is_empty() {
+        return Ok(Json(out).into_response());
+    }
+    out["pending"] = names(&mut pending.iter().map(|n| &split[*n])).into();
+    Ok((StatusCode::ACCEPTED, Json(out)).into_response())
 }
 
 /// `GET /v1/identities/stats`: merges, absorbed customers, identifiers per type, limit hits.

@@ -3085,7 +3085,8 @@ fn two_nodes_of_two_partitions(
 /// absorbed leaves its tags there, its history goes through the events topic to the
 /// survivor's partition, and the survivor's node takes it. Both nodes then answer the
 /// survivor for the absorbed id, the survivor holds both histories, and an event naming
-/// the absorbed id later is applied to the survivor by its node.
+/// the absorbed id later is applied to the survivor by its node. Unmerged by hand, each
+/// takes back its own events (those named by the absorbed id since too) on its own node.
 #[test]
 fn a_merge_by_hand_across_two_nodes_hands_the_absorbed_customer_over() {
     const PARTITIONS: u32 = 2;
@@ -3201,6 +3202,72 @@ fn a_merge_by_hand_across_two_nodes_hands_the_absorbed_customer_over() {
             .any(|c| c["customer_id"] == absorbed.as_str() && c["op"] == "remove"),
         "the absorbed customer left its tags"
     );
+
+    // Split again, asked of the node that does not own the survivor: partition 0's owner
+    // splits the graph, the survivor's node splits the events off (the one named by the
+    // absorbed id after the merge included) and the absorbed customer's node takes them
+    // back.
+    let unmerge = |node: &Server| {
+        request(
+            &node.addr,
+            "POST",
+            &format!("/v1/customers/{survivor}/unmerge"),
+            format!(r#"{{"ids":["{absorbed}"]}}"#).as_bytes(),
+        )
+    };
+    let r = unmerge(asked);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let answer = r.json();
+    assert_eq!(answer["customer_id"], survivor.as_str(), "{answer}");
+    assert_eq!(answer["split_off"], serde_json::json!([absorbed]), "{answer}");
+    until("the customer split off took its events back", &|| {
+        [&first, &second].iter().all(|node| {
+            ltv(node, &survivor) == Some((survivor.clone(), "1200".into()))
+                && ltv(node, &absorbed) == Some((absorbed.clone(), "3800".into()))
+        })
+    });
+    let tags = |customer: &str| {
+        request(&first.addr, "GET", &format!("/v1/customers/{customer}"), b"").json()["tags"].clone()
+    };
+    assert!(
+        tags(&absorbed).get("viewed_seafood").is_some(),
+        "{}",
+        tags(&absorbed)
+    );
+    assert!(
+        tags(&survivor).get("viewed_seafood").is_none(),
+        "{}",
+        tags(&survivor)
+    );
+    // Events naming it are its own again; it is not merged into the survivor any more.
+    let r = request(
+        &second.addr,
+        "POST",
+        "/v1/events",
+        payment("p5", &absorbed, 100, t0 + 4_000).as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    until("the event applied to the customer split off", &|| {
+        ltv(&first, &absorbed) == Some((absorbed.clone(), "3900".into()))
+    });
+    assert_eq!(ltv(&second, &survivor), Some((survivor.clone(), "1200".into())));
+    let r = unmerge(&first);
+    assert_eq!(r.status, 409, "{}", r.text());
+    let unmerges: usize = [&first, &second]
+        .iter()
+        .map(|node| {
+            let r = request_with(
+                &node.addr,
+                "GET",
+                "/v1/changes?after=0",
+                &[("x-tagstream-scope", "node")],
+                b"",
+            );
+            let changes = r.json()["changes"].as_array().unwrap().clone();
+            changes.iter().filter(|c| c["op"] == "unmerge").count()
+        })
+        .sum();
+    assert_eq!(unmerges, 1, "one unmerge, in the survivor's change log");
 
     // Identity resolved by events across the nodes' partitions: two customers of the two
     // partitions, one with a phone, one with an email, and an event carrying both.

@@ -29,15 +29,21 @@
 //! Ties between events of the two customers at the same `ts` are ordered by the survivor's
 //! store (its events first), where one store would order them by arrival.
 
-use super::identity::{read_old_matches, snapshot_key, write_old_matches, Handover, Moved};
+use super::identity::{
+    group_snapshot_key, read_old_matches, snapshot_key, write_old_matches, Handover, Moved,
+};
 use super::*;
 use crate::codec::{CodecError, Reader, Writer};
 use crate::identity::{owner_key, record_key, IdRecord, CUSTOMER_ID};
 use crate::state::{read_manual, read_profile, write_manual, write_profile};
 use crate::store::CF_IDENTITIES;
 
-/// The frame encoding's version (its first byte).
+/// The frame encoding's version (its first byte): a merge's frame.
 const FRAME_FORMAT: u8 = 1;
+
+/// The first byte of a split's frame ([`super::unmerge`]): the same encoding, handing the
+/// events of a customer split off back to its own partition.
+const SPLIT_FORMAT: u8 = 2;
 
 /// The graph key naming the survivor a customer was handed over to: `m` + its id.
 pub(super) fn moved_key(customer: &str) -> Vec<u8> {
@@ -56,19 +62,22 @@ fn prefixed(prefix: u8, customer: &str) -> Vec<u8> {
     key
 }
 
+/// The graph key of a split's frame not yet delivered: `p` + the store's customer it was
+/// split from + NUL + the split's id (a key of that customer's partition).
+pub(super) fn split_pending_key(from: &str, id: &str) -> Vec<u8> {
+    let mut key = taken_key(from, id);
+    key[0] = b'p';
+    key
+}
+
 /// The graph key recording that `survivor` took the handover frame `id`.
-fn taken_key(survivor: &str, id: &str) -> Vec<u8> {
+pub(super) fn taken_key(survivor: &str, id: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(2 + survivor.len() + id.len());
     key.push(b't');
     key.extend_from_slice(survivor.as_bytes());
     key.push(0);
     key.extend_from_slice(id.as_bytes());
     key
-}
-
-/// The survivor a frame names, read without decoding the rest.
-fn frame_survivor(frame: &[u8]) -> Option<String> {
-    frame_names(frame).map(|(_, survivor)| survivor)
 }
 
 /// The absorbed customer a frame hands over.
@@ -78,7 +87,7 @@ pub fn frame_absorbed(frame: &[u8]) -> Option<String> {
 
 fn frame_names(frame: &[u8]) -> Option<(String, String)> {
     let mut r = Reader::new(frame);
-    if r.u8().ok()? != FRAME_FORMAT {
+    if !matches!(r.u8().ok()?, FRAME_FORMAT | SPLIT_FORMAT) {
         return None;
     }
     r.str().ok()?;
@@ -107,6 +116,9 @@ pub enum Handed {
     /// this one, which names it as the survivor (the store holding it may not know yet
     /// that the one the frame first named is it).
     Elsewhere(Arc<str>, Vec<u8>),
+    /// A split's frame ([`Engine::split_requested`]): the customer split off took back its
+    /// events (no changes when it was taken before).
+    SplitOff(super::unmerge::Unmerged),
     /// Not a frame (why): left out.
     Malformed(String),
 }
@@ -114,29 +126,35 @@ pub enum Handed {
 /// A handover made here whose frame the survivor's store has not yet been known to take.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingHandover {
+    /// The customer handed over; for a split's frame, the one it was split from.
     pub absorbed: String,
+    /// The customer the frame goes to.
     pub survivor: String,
     pub frame: Vec<u8>,
+    /// Where it waits ([`Engine::frame_delivered`] drops it).
+    pub key: Vec<u8>,
 }
 
-/// What one store hands another: everything of the absorbed customer a merge moves.
-struct Frame {
+/// What one store hands another: everything of the absorbed customer a merge moves — or,
+/// for a split (`split`), everything of a customer split off that goes back to it.
+pub(super) struct Frame {
+    pub(super) split: bool,
     /// Unique to this handover: the survivor's store takes each frame once.
-    id: String,
-    absorbed: Arc<str>,
-    survivor: Arc<str>,
-    cause: Cause,
+    pub(super) id: String,
+    pub(super) absorbed: Arc<str>,
+    pub(super) survivor: Arc<str>,
+    pub(super) cause: Cause,
     /// The absorbed customer's graph record (its implicit one when it had none).
-    record: IdRecord,
+    pub(super) record: IdRecord,
     /// Snapshots kept for customers merged into the absorbed one before: (id, value).
-    snapshots: Vec<(Arc<str>, Vec<u8>)>,
-    handover: Handover,
+    pub(super) snapshots: Vec<(Arc<str>, Vec<u8>)>,
+    pub(super) handover: Handover,
 }
 
 impl Frame {
-    fn encode(&self) -> Vec<u8> {
+    pub(super) fn encode(&self) -> Vec<u8> {
         let mut w = Writer::new();
-        w.u8(FRAME_FORMAT);
+        w.u8(if self.split { SPLIT_FORMAT } else { FRAME_FORMAT });
         w.str(&self.id);
         w.str(&self.absorbed);
         w.str(&self.survivor);
@@ -172,9 +190,11 @@ impl Frame {
 
     fn decode(bytes: &[u8]) -> Result<Frame, CodecError> {
         let mut r = Reader::new(bytes);
-        if r.u8()? != FRAME_FORMAT {
-            return Err(CodecError("a handover frame of an unknown format"));
-        }
+        let split = match r.u8()? {
+            FRAME_FORMAT => false,
+            SPLIT_FORMAT => true,
+            _ => return Err(CodecError("a handover frame of an unknown format")),
+        };
         let id = r.str()?.to_owned();
         let absorbed = r.arc_str()?;
         let survivor = r.arc_str()?;
@@ -204,6 +224,7 @@ impl Frame {
             return Err(CodecError("bytes after a handover frame's end"));
         }
         Ok(Frame {
+            split,
             id,
             absorbed,
             survivor,
@@ -343,6 +364,15 @@ impl Engine {
                     engine.identity_put(batch, key, None);
                 }
             }
+            if engine.config.resolver {
+                // What merges into it kept for an unmerge is kept where it goes.
+                let prefix = group_snapshot_key(&absorbed, "");
+                for (key, value) in engine.store.scan_prefix(CF_IDENTITIES, &prefix)? {
+                    let customer = String::from_utf8_lossy(&key[prefix.len()..]);
+                    snapshots.push((Arc::from(customer.as_ref()), value.into_vec()));
+                    engine.identity_put(batch, key.into_vec(), None);
+                }
+            }
             if !engine.config.resolver {
                 for entry in &record.ids {
                     engine.identity_put(batch, owner_key(&entry.id_type, &entry.value), None);
@@ -360,6 +390,7 @@ impl Engine {
             let (leaving, why) = (absorbed.clone(), cause.clone());
             let handover = engine.with_worker(&absorbed, 0, move |w| w.depart(&leaving, now, &why))?;
             let frame = Frame {
+                split: false,
                 // Two customers handed over at one instant between the same two events
                 // differ by their ids.
                 id: format!("{:x}.{:x}.{absorbed}", wall_ms(), engine.counters.next_arrival),
@@ -387,6 +418,29 @@ impl Engine {
         })
     }
 
+    /// The instant `customer` is judged at after `events` moved into its store: in event
+    /// clock mode its partition has now seen them (its clock is the newest `ts` of what it
+    /// holds), as one store that had seen them would have.
+    pub(super) fn clock_moved_in(&mut self, customer: &str, events: &[Moved]) -> i64 {
+        let now = self.now_for(customer);
+        let newest = events.iter().map(|m| m.event.ts).max();
+        if let (ClockMode::Event, Some(newest)) = (self.config.clock, newest) {
+            let partition = self.partition_of(customer);
+            if self.counters.advance(partition, newest) {
+                return now.max(newest);
+            }
+        }
+        now
+    }
+
+    /// Tells readers ([`ReadHandle::moved_to`]) that `customer` names itself again.
+    pub(super) fn unpublish_moved(&self, customer: &str) {
+        let mut moved = self.published.moved.write().unwrap_or_else(|e| e.into_inner());
+        if moved.contains_key(customer) {
+            Arc::make_mut(&mut moved).remove(customer);
+        }
+    }
+
     /// Tells readers ([`ReadHandle::moved_to`]) that `ids` name `survivor` from now on.
     fn publish_moved(&self, ids: &[Arc<str>], survivor: &Arc<str>) {
         let mut moved = self.published.moved.write().unwrap_or_else(|e| e.into_inner());
@@ -404,6 +458,11 @@ impl Engine {
         self.settle();
         let frame =
             Frame::decode(frame).map_err(|e| EngineError::Conflict(format!("not a handover frame: {e}")))?;
+        if frame.split {
+            return Err(EngineError::Conflict(
+                "a split's frame is taken from its customer's partition (Engine::take_handover_at)".into(),
+            ));
+        }
         let survivor = self.existing_customer(&frame.survivor)?;
         self.take_frame(survivor, frame, &[] as &[(&str, u64)])
     }
@@ -427,6 +486,9 @@ impl Engine {
                 return Ok(Handed::Malformed(e.to_string()));
             }
         };
+        if frame.split {
+            return self.take_split_frame(frame, positions);
+        }
         let survivor = self.canonical_id(&rules::normalize(&frame.survivor));
         if *survivor != *frame.survivor && self.read_customer(&survivor)?.is_none() {
             let frame = Frame {
@@ -473,8 +535,12 @@ impl Engine {
             }
             if engine.config.resolver {
                 // The graph is the resolver's; the survivor keeps the profile its events set
-                // from now on, as one that absorbed another does.
+                // from now on, as one that absorbed another does, and what merges into the
+                // absorbed one kept for an unmerge.
                 engine.aliases.insert(absorbed.clone(), survivor.clone());
+                for (customer, value) in snapshots {
+                    engine.identity_put(batch, group_snapshot_key(&survivor, &customer), Some(value));
+                }
             } else {
                 let mut record = engine.id_record(&survivor, batch)?;
                 engine.adopt(&survivor, &mut record, &absorbed, theirs, batch)?;
@@ -487,16 +553,7 @@ impl Engine {
             engine.identity_put(batch, taken, Some(Vec::new()));
             engine.put_positions(batch, positions);
             let arrival = engine.counters.next_arrival;
-            let mut now = engine.now_for(&survivor);
-            // Event clock: the survivor's partition has now seen the events handed over
-            // (its clock is the newest `ts` of what it holds), as one store would have.
-            let newest = handover.events.iter().map(|m| m.event.ts).max();
-            if let (ClockMode::Event, Some(newest)) = (engine.config.clock, newest) {
-                let partition = engine.partition_of(&survivor);
-                if engine.counters.advance(partition, newest) {
-                    now = now.max(newest);
-                }
-            }
+            let now = engine.clock_moved_in(&survivor, &handover.events);
             let (into, gone) = (survivor.clone(), absorbed.clone());
             engine.with_worker(&survivor, 0, move |w| {
                 w.shard.batch.placed_out_of_order = true;
@@ -521,7 +578,19 @@ impl Engine {
                 "no customer `{absorbed}` was handed over from here"
             )));
         }
-        let key = pending_key(absorbed);
+        self.frame_delivered(&pending_key(absorbed))
+    }
+
+    /// Records that what waits under `key` ([`PendingHandover::key`], or a split request's
+    /// [`super::unmerge::PendingSplit::key`]) is on its way for good: it is dropped.
+    pub fn frame_delivered(&mut self, key: &[u8]) -> Result<(), EngineError> {
+        self.settle();
+        if !matches!(key.first(), Some(b'n' | b'p' | b'q')) {
+            return Err(EngineError::NotFound(
+                "not a key of something waiting to be sent".into(),
+            ));
+        }
+        let key = key.to_vec();
         if self.store.get(CF_IDENTITIES, &key)?.is_none() {
             return Ok(());
         }
@@ -544,34 +613,43 @@ impl ReadHandle {
         moved.get(customer).cloned()
     }
 
-    /// [`ReadHandle::pending_handovers`] for the one loop that sends them (a member's
-    /// consumer): read only while one may be waiting — once none was found, not again
-    /// until a frame is made or a partition taken in (otherwise every loop would walk the
-    /// tombstones of every frame sent before).
-    pub(crate) fn handovers_to_send(&self) -> Result<Vec<PendingHandover>, EngineError> {
+    /// [`ReadHandle::pending_handovers`] and [`ReadHandle::pending_splits`] for the one
+    /// loop that sends them (a member's consumer): read only while one may be waiting —
+    /// once none was found, not again until one is made or a partition taken in
+    /// (otherwise every loop would walk the tombstones of every one sent before).
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn handovers_to_send(
+        &self,
+    ) -> Result<(Vec<PendingHandover>, Vec<super::unmerge::PendingSplit>), EngineError> {
         use std::sync::atomic::Ordering;
-        // Cleared before the read: a frame made meanwhile sets it again.
+        // Cleared before the read: one made meanwhile sets it again.
         if !self.published.handovers_maybe.swap(false, Ordering::AcqRel) {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         }
-        let pending = self.pending_handovers();
-        if !matches!(&pending, Ok(found) if found.is_empty()) {
+        let pending = self
+            .pending_handovers()
+            .and_then(|frames| Ok((frames, self.pending_splits()?)));
+        if !matches!(&pending, Ok((frames, splits)) if frames.is_empty() && splits.is_empty()) {
             self.published.handovers_maybe.store(true, Ordering::Release);
         }
         pending
     }
 
-    /// The handovers made here whose frames are not yet delivered, by absorbed id.
+    /// The handovers made here whose frames are not yet delivered, by absorbed id, then
+    /// the frames of splits made here.
     pub fn pending_handovers(&self) -> Result<Vec<PendingHandover>, EngineError> {
         let mut pending = Vec::new();
-        for (key, frame) in self.store.scan_prefix(CF_IDENTITIES, b"n")? {
-            let survivor = frame_survivor(&frame)
-                .ok_or_else(|| StoreError::from(CodecError("a pending handover's frame")))?;
-            pending.push(PendingHandover {
-                absorbed: String::from_utf8_lossy(&key[1..]).into_owned(),
-                survivor,
-                frame: frame.into_vec(),
-            });
+        for prefix in [b"n", b"p"] {
+            for (key, frame) in self.store.scan_prefix(CF_IDENTITIES, prefix)? {
+                let (absorbed, survivor) = frame_names(&frame)
+                    .ok_or_else(|| StoreError::from(CodecError("a pending handover's frame")))?;
+                pending.push(PendingHandover {
+                    absorbed,
+                    survivor,
+                    frame: frame.into_vec(),
+                    key: key.into_vec(),
+                });
+            }
         }
         Ok(pending)
     }
@@ -588,6 +666,14 @@ impl ReadHandle {
             .scan_prefix(CF_IDENTITIES, &prefix)?
             .iter()
             .any(|(key, _)| key.ends_with(suffix.as_bytes())))
+    }
+}
+
+impl ReadHandle {
+    /// Whether this store's `customer` acted on the split `id` (the store holding its
+    /// events split them off, [`Engine::split_requested`]).
+    pub fn has_acted_on(&self, customer: &str, id: &str) -> Result<bool, EngineError> {
+        Ok(self.store.get(CF_IDENTITIES, &taken_key(customer, id))?.is_some())
     }
 }
 
@@ -622,6 +708,20 @@ impl Engine {
             true => super::identity::Aliases::default(),
             false => super::identity::Aliases::load(&self.store)?,
         };
+        if self.config.resolver {
+            // The customers merged into survivors held here, as taking their frames named
+            // them ([`super::identity::group_snapshot_key`]): the survivors' events keep the
+            // profile they set, for an unmerge.
+            for (key, _) in self.store.scan_prefix(CF_IDENTITIES, b"u")? {
+                if let Some(survivor) = crate::changelog::Family::Identities.owner(&key) {
+                    let absorbed = &key[2 + survivor.len()..];
+                    aliases.insert(
+                        Arc::from(String::from_utf8_lossy(absorbed).as_ref()),
+                        Arc::from(String::from_utf8_lossy(survivor).as_ref()),
+                    );
+                }
+            }
+        }
         self.next_resolved.set(0);
         self.published
             .resolver_floor
@@ -646,6 +746,7 @@ mod tests {
     #[test]
     fn a_frame_reads_back_as_written_and_refuses_what_is_not_one() {
         let frame = Frame {
+            split: false,
             id: "19a2b.7".into(),
             absorbed: Arc::from("phone:13800000001"),
             survivor: Arc::from("s"),
@@ -690,7 +791,11 @@ mod tests {
         longer.push(0);
         assert!(Frame::decode(&longer).is_err());
         assert!(Frame::decode(&[9]).is_err());
-        assert_eq!(frame_survivor(&bytes).as_deref(), Some("s"));
-        assert_eq!(frame_survivor(b"x"), None);
+        assert_eq!(frame_names(&bytes).map(|(_, s)| s).as_deref(), Some("s"));
+        assert_eq!(frame_names(b"x"), None);
+        let split = Frame { split: true, ..back }.encode();
+        assert_eq!(split[0], SPLIT_FORMAT);
+        assert!(Frame::decode(&split).unwrap().split);
+        assert_eq!(frame_names(&split).map(|(_, s)| s).as_deref(), Some("s"));
     }
 }

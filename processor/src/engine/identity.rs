@@ -93,6 +93,18 @@ pub(super) fn snapshot_key(customer: &str) -> Vec<u8> {
     key
 }
 
+/// In a group resolving identity in one partition, what a merge kept of `absorbed` for an
+/// unmerge is kept where its survivor is: `u` + `survivor` + NUL + `absorbed`, a key of the
+/// survivor's partition (the graph, partition 0's, is not where the survivor's events are).
+pub(super) fn group_snapshot_key(survivor: &str, absorbed: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(2 + survivor.len() + absorbed.len());
+    key.push(b'u');
+    key.extend_from_slice(survivor.as_bytes());
+    key.push(0);
+    key.extend_from_slice(absorbed.as_bytes());
+    key
+}
+
 impl Snapshot {
     pub(super) fn encode(&self) -> Vec<u8> {
         let mut w = Writer::new();
@@ -793,18 +805,26 @@ impl Worker<'_> {
             })
             .collect();
         let befores = self.absorb(survivor, handovers, now, cause)?;
-        if self.ctx.config.resolver {
-            // Unmerges in a group resolving identity in one partition are not made yet:
-            // nothing is kept for one.
-            return Ok(());
-        }
         let cf = self.ctx.store.cf(CF_IDENTITIES);
         for ((customer, mut snapshot), before) in absorbed.iter().zip(snapshots).zip(befores) {
             snapshot.survivor_profile = before;
-            self.shard
-                .batch
-                .wb
-                .put_cf(cf, snapshot_key(customer), snapshot.encode());
+            let key = match self.ctx.config.resolver {
+                true => group_snapshot_key(survivor, customer),
+                false => snapshot_key(customer),
+            };
+            // In a group, where the survivor stood when the merge was decided, if its
+            // partition noticed it ([`Engine::merge_noticed`]): events since may have
+            // come before the frame.
+            let noticed = match self.ctx.config.resolver {
+                true => self.ctx.store.get(CF_IDENTITIES, &key)?,
+                false => None,
+            };
+            if let Some(noticed) = noticed {
+                let noticed = Snapshot::decode(&noticed).map_err(StoreError::from)?;
+                snapshot.merged_at = noticed.merged_at;
+                snapshot.survivor_profile = noticed.survivor_profile;
+            }
+            self.shard.batch.wb.put_cf(cf, key, snapshot.encode());
         }
         Ok(())
     }

@@ -289,8 +289,13 @@ impl Engine {
         let arrival = self.counters.next_arrival;
         self.counters.next_arrival += 1;
         let shard = self.shard_index(&ev.customer_id);
-        // Since a customer absorbed another, its events keep the profile they set.
-        let keep_profile = !self.aliases.is_empty() && self.aliases.is_survivor(&ev.customer_id);
+        // Since a customer absorbed another, its events keep the profile they set. In a
+        // group resolving identity in one partition every event does: a store does not
+        // know in time whether the customer an event is applied to holds another one's
+        // events that an unmerge on its way will split off (its aliases are only the
+        // customers handed over from here, which the unmerge's first step drops).
+        let keep_profile =
+            self.config.resolver || (!self.aliases.is_empty() && self.aliases.is_survivor(&ev.customer_id));
         round.deal(
             shard,
             Job {

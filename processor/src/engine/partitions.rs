@@ -435,10 +435,12 @@ impl Engine {
                 }
             }
         }
-        // Customers handed over from this partition to another store's survivors.
-        for prefix in [b"m", b"n"] {
+        // Customers handed over from this partition to another store's survivors, frames
+        // its survivors took, and splits: what they kept, and what waits to be sent.
+        for prefix in [b"m", b"n", b"p", b"q", b"t", b"u"] {
             for (key, _) in self.store.scan_prefix(crate::store::CF_IDENTITIES, prefix)? {
-                if partition_of(&key[1..], partitions) == partition {
+                let owner = crate::changelog::Family::Identities.owner(&key);
+                if owner.is_some_and(|owner| partition_of(owner, partitions) == partition) {
                     wb.delete_cf(self.store.cf(crate::store::CF_IDENTITIES), key);
                 }
             }

@@ -47,6 +47,13 @@ pub enum ResolverRecord {
     Event(ResolvedEvent),
     /// A customer a merge absorbed, to be handed over by its partition's owner.
     HandOver(HandOverRequest),
+    /// The same merge, to the survivor's partition (`partition` is the survivor's): its
+    /// owner notes, in that partition's order, where the survivor stood when the merge was
+    /// decided ([`Engine::merge_noticed`]) — what an unmerge gives back to it — before any
+    /// event the resolver sent it since, some of which may precede the frame.
+    Merging(HandOverRequest),
+    /// A customer an unmerge split off, to be taken back from where its events are.
+    Split(SplitRequest),
 }
 
 /// An event resolved by the group's resolver.
@@ -71,17 +78,46 @@ pub struct HandOverRequest {
     pub cause: String,
 }
 
+/// An unmerge the resolver decided ([`Engine::unmerge_customers`] in a group), on its way
+/// to the store that holds the split customer's events ([`Engine::split_requested`]): first
+/// to the split customer's own partition (`at` = `customer`), whose owner handed it over
+/// and knows to whom, then on along the handovers that took its events, each hop leaving
+/// after the frame it follows, to the store holding them, which splits them off and sends
+/// them back to `customer`'s partition in a frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SplitRequest {
+    /// The partition of `at`: where the request goes next.
+    pub partition: u32,
+    /// The customer split off.
+    pub customer: Arc<str>,
+    /// The customer whose store is asked next.
+    pub at: Arc<str>,
+    /// The customers whose events go back with it: itself and those merged into it before
+    /// (each event keeps the customer it came with).
+    pub members: Vec<Arc<str>>,
+    /// The unmerge's cause, as the change log writes it ([`Cause::as_string`]).
+    pub cause: String,
+    /// Unique to this split: each store acts on it once.
+    pub id: String,
+}
+
 impl ResolverRecord {
     /// The partition it goes to.
     pub fn partition(&self) -> u32 {
         match self {
             ResolverRecord::Event(e) => e.partition,
-            ResolverRecord::HandOver(h) => h.partition,
+            ResolverRecord::HandOver(h) | ResolverRecord::Merging(h) => h.partition,
+            ResolverRecord::Split(s) => s.partition,
         }
     }
 
-    fn encode(&self) -> Vec<u8> {
+    pub(super) fn encode(&self) -> Vec<u8> {
         let mut w = Writer::new();
+        self.write(&mut w);
+        w.buf
+    }
+
+    fn write(&self, w: &mut Writer) {
         match self {
             ResolverRecord::Event(e) => {
                 w.u8(1);
@@ -91,18 +127,33 @@ impl ResolverRecord {
                 w.str(e.first_read.as_deref().unwrap_or(""));
                 w.bytes(&e.raw);
             }
-            ResolverRecord::HandOver(h) => {
-                w.u8(2);
+            ResolverRecord::HandOver(h) | ResolverRecord::Merging(h) => {
+                w.u8(if matches!(self, ResolverRecord::HandOver(_)) {
+                    2
+                } else {
+                    4
+                });
                 w.u64(u64::from(h.partition));
                 w.str(&h.absorbed);
                 w.str(&h.survivor);
                 w.str(&h.cause);
             }
+            ResolverRecord::Split(s) => {
+                w.u8(3);
+                w.u64(u64::from(s.partition));
+                w.str(&s.customer);
+                w.str(&s.at);
+                w.u64(s.members.len() as u64);
+                for member in &s.members {
+                    w.str(member);
+                }
+                w.str(&s.cause);
+                w.str(&s.id);
+            }
         }
-        w.buf
     }
 
-    fn decode(bytes: &[u8]) -> Result<ResolverRecord, CodecError> {
+    pub(super) fn decode(bytes: &[u8]) -> Result<ResolverRecord, CodecError> {
         let mut r = Reader::new(bytes);
         let kind = r.u8()?;
         let partition = u32::try_from(r.u64()?).map_err(|_| CodecError("a resolver record's partition"))?;
@@ -121,12 +172,33 @@ impl ResolverRecord {
                     raw: r.bytes()?.to_vec(),
                 })
             }
-            2 => ResolverRecord::HandOver(HandOverRequest {
-                partition,
-                absorbed: r.arc_str()?,
-                survivor: r.arc_str()?,
-                cause: r.str()?.to_owned(),
-            }),
+            2 | 4 => {
+                let request = HandOverRequest {
+                    partition,
+                    absorbed: r.arc_str()?,
+                    survivor: r.arc_str()?,
+                    cause: r.str()?.to_owned(),
+                };
+                match kind {
+                    2 => ResolverRecord::HandOver(request),
+                    _ => ResolverRecord::Merging(request),
+                }
+            }
+            3 => {
+                let (customer, at) = (r.arc_str()?, r.arc_str()?);
+                let mut members = Vec::new();
+                for _ in 0..r.len()? {
+                    members.push(r.arc_str()?);
+                }
+                ResolverRecord::Split(SplitRequest {
+                    partition,
+                    customer,
+                    at,
+                    members,
+                    cause: r.str()?.to_owned(),
+                    id: r.str()?.to_owned(),
+                })
+            }
             _ => return Err(CodecError("a resolver record of an unknown kind")),
         };
         if !r.is_empty() {
@@ -193,15 +265,7 @@ impl Engine {
         self.settle_graph(&resolution, arrival, batch)?;
         let canonical = resolution.canonical.clone();
         let cause = Cause::Event(ev.event_id.clone()).as_string();
-        for absorbed in &resolution.absorbed {
-            let request = ResolverRecord::HandOver(HandOverRequest {
-                partition: self.partition_of(absorbed),
-                absorbed: absorbed.clone(),
-                survivor: canonical.clone(),
-                cause: cause.clone(),
-            });
-            self.keep_resolver_record(&request, batch)?;
-        }
+        self.keep_merge_records(&canonical, &resolution.absorbed, &cause, batch)?;
         let first_read = match (&ev.event_id, ev.position_key.take()) {
             (Some(_), _) => None,
             (None, Some(key)) => Some(key.strip_prefix(FORWARDED_KEY).map_or(key.clone(), str::to_owned)),
@@ -225,7 +289,33 @@ impl Engine {
         Ok(Ok(true))
     }
 
-    fn keep_resolver_record(
+    /// The records of a merge the resolver decided: per absorbed customer a handover
+    /// request to its partition, and a notice to the survivor's.
+    fn keep_merge_records(
+        &mut self,
+        survivor: &Arc<str>,
+        absorbed: &[Arc<str>],
+        cause: &str,
+        batch: &mut Batch,
+    ) -> Result<(), EngineError> {
+        for customer in absorbed {
+            let request = HandOverRequest {
+                partition: self.partition_of(customer),
+                absorbed: customer.clone(),
+                survivor: survivor.clone(),
+                cause: cause.to_owned(),
+            };
+            let notice = ResolverRecord::Merging(HandOverRequest {
+                partition: self.partition_of(survivor),
+                ..request.clone()
+            });
+            self.keep_resolver_record(&ResolverRecord::HandOver(request), batch)?;
+            self.keep_resolver_record(&notice, batch)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn keep_resolver_record(
         &mut self,
         record: &ResolverRecord,
         batch: &mut Batch,
@@ -339,15 +429,7 @@ impl Engine {
         self.transact(|engine, batch| {
             let arrival = engine.counters.next_arrival;
             engine.settle_graph(&resolution, arrival, batch)?;
-            for customer in &resolution.absorbed {
-                let request = ResolverRecord::HandOver(HandOverRequest {
-                    partition: engine.partition_of(customer),
-                    absorbed: customer.clone(),
-                    survivor: resolution.canonical.clone(),
-                    cause: cause.clone(),
-                });
-                engine.keep_resolver_record(&request, batch)?;
-            }
+            engine.keep_merge_records(&resolution.canonical, &resolution.absorbed, &cause, batch)?;
             engine.put_positions(batch, positions);
             Ok(())
         })?;
@@ -443,6 +525,20 @@ mod tests {
                 absorbed: Arc::from("c3"),
                 survivor: Arc::from("c1"),
                 cause: "event:e9".into(),
+            }),
+            ResolverRecord::Merging(HandOverRequest {
+                partition: 1,
+                absorbed: Arc::from("c3"),
+                survivor: Arc::from("c1"),
+                cause: "event:e9".into(),
+            }),
+            ResolverRecord::Split(SplitRequest {
+                partition: 2,
+                customer: Arc::from("c3"),
+                at: Arc::from("c1"),
+                members: vec![Arc::from("c3"), Arc::from("phone:13800000001")],
+                cause: "manual:crm".into(),
+                id: "split-19a2b-0".into(),
             }),
         ];
         for record in &records {

@@ -522,15 +522,18 @@ impl Membership {
     }
 
     /// Between batches: sends the frames of handovers made in partitions this member owns
-    /// (a merge by hand across partitions, [`crate::engine::Engine::hand_over`]) to their
-    /// survivors' partitions, and records each delivered once the broker confirmed it. A
-    /// frame is sent again after a crash between the two (its survivor takes it once), and
-    /// by whoever owns the partition next when this member loses it first. Nothing is sent
-    /// without the lease: a member that may no longer own the partition leaves its frames
-    /// to the one that does.
+    /// (a merge across partitions, [`crate::engine::Engine::hand_over`], and the splits of
+    /// unmerges, [`crate::engine::Engine::split_requested`]) to the partitions they go to,
+    /// then the split requests sent on from here — after the frames, so that a request
+    /// following a customer's events reaches their partition after the frame that took
+    /// them — and records each delivered once the broker confirmed it. One is sent again
+    /// after a crash between the two (its receiver acts on it once), and by whoever owns
+    /// the partition next when this member loses it first. Nothing is sent without the
+    /// lease: a member that may no longer own the partition leaves them to the one that
+    /// does.
     pub(super) fn send_handovers(&self, router: &super::route::Router) {
-        let pending = match self.reader.handovers_to_send() {
-            Ok(pending) if pending.is_empty() => return,
+        let (frames, splits) = match self.reader.handovers_to_send() {
+            Ok((frames, splits)) if frames.is_empty() && splits.is_empty() => return,
             Ok(pending) => pending,
             Err(e) => {
                 tracing::warn!(error = %e, "reading the handovers to send");
@@ -538,34 +541,63 @@ impl Membership {
             }
         };
         if !self.lease.held() {
-            tracing::debug!(pending = pending.len(), "handovers wait for the lease");
+            tracing::debug!(
+                pending = frames.len() + splits.len(),
+                "handovers wait for the lease"
+            );
             return;
         }
         let owned = self.owned();
         let partitions = self.reader.partitions();
-        for handover in pending {
-            let partition = crate::partition::partition_of(handover.absorbed.as_bytes(), partitions);
-            if !owned.contains(&partition) {
-                tracing::debug!(absorbed = %handover.absorbed, partition, "a handover of a partition not owned here waits for its owner");
+        // Each waits under a key of the partition it leaves from.
+        let home = |key: &[u8]| {
+            crate::changelog::Family::Identities
+                .owner(key)
+                .map(|owner| crate::partition::partition_of(owner, partitions))
+        };
+        for handover in frames {
+            let partition = home(&handover.key);
+            if !partition.is_some_and(|p| owned.contains(&p)) {
+                tracing::debug!(absorbed = %handover.absorbed, ?partition, "a handover of a partition not owned here waits for its owner");
                 continue;
             }
             if let Err(e) = router.send_handover(&handover.absorbed, &handover.survivor, &handover.frame) {
                 tracing::warn!(error = %e, "sending a handover; it is sent again later");
                 return;
             }
-            let absorbed = handover.absorbed.clone();
-            let delivered = self.host.run(Box::new(move |engine| {
-                engine.handover_delivered(&absorbed).map_err(|e| e.to_string())
-            }));
-            match delivered {
-                Ok(()) => tracing::info!(
+            if self.delivered(handover.key.clone(), "a handover") {
+                tracing::info!(
                     absorbed = %handover.absorbed,
                     survivor = %handover.survivor,
-                    "handed a customer over to its survivor's partition"
-                ),
-                Err(e) => {
-                    tracing::warn!(error = %e, "recording a handover delivered; it is sent again later")
-                }
+                    "handed a customer over to its partition"
+                );
+            }
+        }
+        for split in splits {
+            let partition = home(&split.key);
+            if !partition.is_some_and(|p| owned.contains(&p)) {
+                continue;
+            }
+            if let Err(e) = router.send_split(&split.request) {
+                tracing::warn!(error = %e, "sending a split on; it is sent again later");
+                return;
+            }
+            if self.delivered(split.key.clone(), "a split request sent on") {
+                tracing::info!(customer = %split.request.customer, at = %split.request.at, "sent a split on to where the customer's events are");
+            }
+        }
+    }
+
+    /// Records what waited under `key` delivered ([`crate::Engine::frame_delivered`]).
+    fn delivered(&self, key: Vec<u8>, what: &str) -> bool {
+        let delivered = self.host.run(Box::new(move |engine| {
+            engine.frame_delivered(&key).map_err(|e| e.to_string())
+        }));
+        match delivered {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "recording {what} delivered; it is sent again later");
+                false
             }
         }
     }

@@ -79,6 +79,47 @@ pub enum Request {
         survivor: String,
         cause: String,
     },
+    /// To the survivor's partition: the resolver merged `absorbed` into `survivor`
+    /// ([`crate::Engine::merge_noticed`]).
+    Merging { survivor: String, absorbed: String },
+    /// To partition 0: `split` (customers merged into `survivor`) are split off it again
+    /// ([`crate::Engine::unmerge_requested`]); `id` names the unmerge.
+    Unmerge {
+        survivor: String,
+        split: Vec<String>,
+        cause: String,
+        id: String,
+    },
+    /// To the partition of `at`: a split the resolver decided, on its way to the store that
+    /// holds the customer's events ([`crate::Engine::split_requested`]).
+    Split {
+        customer: String,
+        at: String,
+        members: Vec<String>,
+        cause: String,
+        id: String,
+    },
+}
+
+impl Request {
+    /// A [`Request::Split`]'s request as the engine takes it.
+    pub fn split_request(
+        customer: &str,
+        at: &str,
+        members: &[String],
+        cause: &str,
+        id: &str,
+        partitions: u32,
+    ) -> crate::SplitRequest {
+        crate::SplitRequest {
+            partition: crate::partition::partition_of(at.as_bytes(), partitions),
+            customer: Arc::from(customer),
+            at: Arc::from(at),
+            members: members.iter().map(|m| Arc::from(m.as_str())).collect(),
+            cause: cause.to_owned(),
+            id: id.to_owned(),
+        }
+    }
 }
 
 /// Where an event of a batch was read.
@@ -344,6 +385,36 @@ impl Router {
         send_all(&self.producer, &self.topic, &[record], &self.stop)
             .map_err(|e| format!("sending a merge to the identity resolver (partition 0): {e}"))
     }
+
+    /// Sends an unmerge by hand to partition 0, whose owner holds the group's identity
+    /// graph, and returns once the broker confirmed it.
+    pub fn send_unmerge(
+        &self,
+        survivor: &str,
+        split: &[String],
+        cause: &str,
+        id: &str,
+    ) -> Result<(), String> {
+        let request = Request::Unmerge {
+            survivor: survivor.to_owned(),
+            split: split.to_vec(),
+            cause: cause.to_owned(),
+            id: id.to_owned(),
+        };
+        let record = request_record(&request, survivor, 0);
+        let _sending = self.sending.lock().unwrap_or_else(|e| e.into_inner());
+        send_all(&self.producer, &self.topic, &[record], &self.stop)
+            .map_err(|e| format!("sending an unmerge to the identity resolver (partition 0): {e}"))
+    }
+
+    /// Sends a split request on to the partition of the store it asks next
+    /// ([`crate::Engine::split_requested`]), and returns once the broker confirmed it.
+    pub fn send_split(&self, split: &crate::SplitRequest) -> Result<(), String> {
+        let record = resolver_record(&crate::ResolverRecord::Split(split.clone()));
+        let _sending = self.sending.lock().unwrap_or_else(|e| e.into_inner());
+        send_all(&self.producer, &self.topic, &[record], &self.stop)
+            .map_err(|e| format!("sending a split on to partition {}: {e}", split.partition))
+    }
 }
 
 /// The record that carries a resolver's record to its partition.
@@ -375,6 +446,23 @@ fn resolver_record(record: &crate::ResolverRecord) -> Outgoing {
                 cause: h.cause.clone(),
             };
             request_record(&request, &h.absorbed, h.partition)
+        }
+        crate::ResolverRecord::Merging(h) => {
+            let request = Request::Merging {
+                survivor: h.survivor.to_string(),
+                absorbed: h.absorbed.to_string(),
+            };
+            request_record(&request, &h.survivor, h.partition)
+        }
+        crate::ResolverRecord::Split(s) => {
+            let request = Request::Split {
+                customer: s.customer.to_string(),
+                at: s.at.to_string(),
+                members: s.members.iter().map(|m| m.to_string()).collect(),
+                cause: s.cause.clone(),
+                id: s.id.clone(),
+            };
+            request_record(&request, &s.at, s.partition)
         }
     }
 }
