@@ -841,16 +841,7 @@ async fn merge_by_resolver(
     id: &str,
     ids: Vec<String>,
 ) -> Result<Response, ApiError> {
-    let reader = app.engine.reader();
-    let survivor = rules::normalize(id).into_owned();
-    if let Some(to) = reader.moved_to(&survivor) {
-        return Err(ApiError::Conflict(format!(
-            "`{survivor}` was merged into `{to}`: merge into that one"
-        )));
-    }
-    if reader.customer(&survivor)?.is_none() {
-        return Err(ApiError::NotFound(format!("no customer `{survivor}`")));
-    }
+    let survivor = held_here(app, id, "merge into")?;
     let mut absorbed: Vec<String> = Vec::new();
     for other in ids {
         let other = rules::normalize(&other).into_owned();
@@ -890,58 +881,96 @@ async fn merge_by_resolver(
             Some(_) => absorbed.push(other),
         }
     }
-    let router = app
-        .kafka
-        .as_ref()
-        .and_then(|k| k.router())
-        .ok_or_else(|| ApiError::Unavailable("this node's Kafka producer has not started".into()))?;
-    let cause = match key_name(principal) {
-        Some(key) => processor::Cause::ManualBy(key),
-        None => processor::Cause::Manual,
-    }
-    .as_string();
+    let router = group_router(app)?;
+    let cause = manual_cause(principal);
     let (to, named) = (survivor.clone(), absorbed.clone());
     tokio::task::spawn_blocking(move || router.send_merge(&to, &named, &cause))
         .await
         .map_err(|e| ApiError::Internal(format!("sending the merge: {e}")))?
         .map_err(ApiError::Unavailable)?;
+    let pending = wait_for_each(app, absorbed.clone(), |reader, other| {
+        reader.has_taken(&survivor, other)
+    })
+    .await?;
+    let masking = masking_of(principal);
+    let names = |which: &mut dyn Iterator<Item = &String>| -> Vec<String> {
+        which.map(|a| masking.id(a).into_owned()).collect()
+    };
+    let out = json!({
+        "customer_id": masking.id(&survivor).into_owned(),
+        "absorbed": names(&mut absorbed.iter()),
+        "changes": [],
+        "handed_over": names(&mut absorbed.iter().filter(|a| !pending.contains(a))),
+    });
+    Ok(waited(out, names(&mut pending.iter())))
+}
+
+/// Waits up to [`HANDOVER_WAIT`] until `done` holds for each of `pending` on this node's
+/// store; returns those for which it still does not.
+async fn wait_for_each<T>(
+    app: &AppState,
+    mut pending: Vec<T>,
+    done: impl Fn(&processor::ReadHandle, &T) -> Result<bool, processor::EngineError>,
+) -> Result<Vec<T>, ApiError> {
     let deadline = std::time::Instant::now() + HANDOVER_WAIT;
-    let mut pending = absorbed.clone();
     loop {
         let reader = app.engine.reader();
         let mut waiting = Vec::new();
-        for other in pending {
-            if !reader.has_taken(&survivor, &other)? {
-                waiting.push(other);
+        for item in pending {
+            if !done(reader, &item)? {
+                waiting.push(item);
             }
         }
         pending = waiting;
         if pending.is_empty() || std::time::Instant::now() >= deadline {
-            break;
+            return Ok(pending);
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    let masking = masking_of(principal);
-    let handed_over: Vec<String> = absorbed
-        .iter()
-        .filter(|a| !pending.contains(a))
-        .map(|a| masking.id(a).into_owned())
-        .collect();
-    let mut out = json!({
-        "customer_id": masking.id(&survivor).into_owned(),
-        "absorbed": absorbed.iter().map(|a| masking.id(a).into_owned()).collect::<Vec<_>>(),
-        "changes": [],
-        "handed_over": handed_over,
-    });
+}
+
+/// A merge's or unmerge's answer in a group: `200`, or `202` naming in `pending` what the
+/// other nodes had not done yet.
+fn waited(mut out: Json_, pending: Vec<String>) -> Response {
     if pending.is_empty() {
-        return Ok(Json(out).into_response());
+        return Json(out).into_response();
     }
-    out["pending"] = pending
-        .iter()
-        .map(|a| masking.id(a).into_owned())
-        .collect::<Vec<_>>()
-        .into();
-    Ok((StatusCode::ACCEPTED, Json(out)).into_response())
+    out["pending"] = pending.into();
+    (StatusCode::ACCEPTED, Json(out)).into_response()
+}
+
+/// The customer `id` names, held by this node's store (the survivor of a merge or unmerge
+/// by hand in a group): 409 for one merged into another (`what` that one), 404 for one
+/// not held.
+fn held_here(app: &AppState, id: &str, what: &str) -> Result<String, ApiError> {
+    let reader = app.engine.reader();
+    let survivor = rules::normalize(id).into_owned();
+    if let Some(to) = reader.moved_to(&survivor) {
+        return Err(ApiError::Conflict(format!(
+            "`{survivor}` was merged into `{to}`: {what} that one"
+        )));
+    }
+    if reader.customer(&survivor)?.is_none() {
+        return Err(ApiError::NotFound(format!("no customer `{survivor}`")));
+    }
+    Ok(survivor)
+}
+
+/// This node's producer to the events topic, for a request to another partition's owner.
+fn group_router(app: &AppState) -> Result<std::sync::Arc<processor::kafka::route::Router>, ApiError> {
+    app.kafka
+        .as_ref()
+        .and_then(|k| k.router())
+        .ok_or_else(|| ApiError::Unavailable("this node's Kafka producer has not started".into()))
+}
+
+/// The cause a change made by hand is recorded with: the caller's API key by name.
+fn manual_cause(principal: &Option<Extension<Principal>>) -> String {
+    match key_name(principal) {
+        Some(key) => processor::Cause::ManualBy(key),
+        None => processor::Cause::Manual,
+    }
+    .as_string()
 }
 
 /// How long a merge by hand across partitions waits for this node to take a customer
@@ -1088,15 +1117,7 @@ async fn unmerge_by_resolver(
     ids: Vec<String>,
 ) -> Result<Response, ApiError> {
     let reader = app.engine.reader();
-    let survivor = rules::normalize(id).into_owned();
-    if let Some(to) = reader.moved_to(&survivor) {
-        return Err(ApiError::Conflict(format!(
-            "`{survivor}` was merged into `{to}`: unmerge from that one"
-        )));
-    }
-    if reader.customer(&survivor)?.is_none() {
-        return Err(ApiError::NotFound(format!("no customer `{survivor}`")));
-    }
+    let survivor = held_here(app, id, "unmerge from")?;
     // Customers merged into it are named among its `customer_id`s in the graph.
     let merged: Vec<String> = match crate::cluster::identifiers_from_resolver(app, headers, &survivor).await?
     {
@@ -1120,16 +1141,8 @@ async fn unmerge_by_resolver(
             split.push(other);
         }
     }
-    let router = app
-        .kafka
-        .as_ref()
-        .and_then(|k| k.router())
-        .ok_or_else(|| ApiError::Unavailable("this node's Kafka producer has not started".into()))?;
-    let cause = match key_name(principal) {
-        Some(key) => processor::Cause::ManualBy(key),
-        None => processor::Cause::Manual,
-    }
-    .as_string();
+    let router = group_router(app)?;
+    let cause = manual_cause(principal);
     let mut nonce = [0u8; 4];
     getrandom::fill(&mut nonce).expect("the operating system's random source");
     let unmerge = format!(
@@ -1143,37 +1156,22 @@ async fn unmerge_by_resolver(
         .map_err(|e| ApiError::Internal(format!("sending the unmerge: {e}")))?
         .map_err(ApiError::Unavailable)?;
     // The resolver names each customer's split `split-{unmerge}-{n}`, in the order sent.
-    let deadline = std::time::Instant::now() + HANDOVER_WAIT;
-    let mut pending: Vec<usize> = (0..split.len()).collect();
-    loop {
-        let reader = app.engine.reader();
-        let mut waiting = Vec::new();
-        for n in pending {
-            if !reader.has_acted_on(&survivor, &format!("split-{unmerge}-{n}"))? {
-                waiting.push(n);
-            }
-        }
-        pending = waiting;
-        if pending.is_empty() || std::time::Instant::now() >= deadline {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let pending = wait_for_each(app, (0..split.len()).collect(), |reader, n| {
+        reader.has_acted_on(&survivor, &format!("split-{unmerge}-{n}"))
+    })
+    .await?;
     let masking = masking_of(principal);
     let names = |which: &mut dyn Iterator<Item = &String>| -> Vec<String> {
         which.map(|a| masking.id(a).into_owned()).collect()
     };
-    let mut out = json!({
+    let done = split.iter().enumerate().filter(|(n, _)| !pending.contains(n));
+    let out = json!({
         "customer_id": masking.id(&survivor).into_owned(),
         "split": names(&mut split.iter()),
         "changes": [],
-        "split_off": names(&mut split.iter().enumerate().filter(|(n, _)| !pending.contains(n)).map(|(_, a)| a)),
+        "split_off": names(&mut done.map(|(_, a)| a)),
     });
-    if pending.is_empty() {
-        return Ok(Json(out).into_response());
-    }
-    out["pending"] = names(&mut pending.iter().map(|n| &split[*n])).into();
-    Ok((StatusCode::ACCEPTED, Json(out)).into_response())
+    Ok(waited(out, names(&mut pending.iter().map(|n| &split[*n]))))
 }
 
 /// `GET /v1/identities/stats`: merges, absorbed customers, identifiers per type, limit hits.

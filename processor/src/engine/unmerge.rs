@@ -99,14 +99,19 @@ impl Engine {
             }
             Ok(())
         })?;
+        Ok(self.counted(survivor, split, changes))
+    }
+
+    /// An unmerge made: counted ([`crate::identity::IdentityStats::unmerges`]).
+    fn counted(&self, customer: Arc<str>, split: Vec<Arc<str>>, changes: Vec<Change>) -> Unmerged {
         for _ in &split {
             self.identity_counts.unmerged();
         }
-        Ok(Unmerged {
-            customer: survivor,
+        Unmerged {
+            customer,
             split,
             changes,
-        })
+        }
     }
 
     /// The customers `ids` name, each merged into `survivor` (else a conflict naming it).
@@ -199,14 +204,7 @@ impl Engine {
             engine.put_positions(batch, positions);
             Ok(())
         })?;
-        for _ in &split {
-            self.identity_counts.unmerged();
-        }
-        Ok(Unmerged {
-            customer: survivor,
-            split,
-            changes: Vec::new(),
-        })
+        Ok(self.counted(survivor, split, Vec::new()))
     }
 
     /// The graph's half of splitting `customer` off `survivor`: the identifiers that came
