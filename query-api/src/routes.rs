@@ -1118,21 +1118,31 @@ async fn unmerge_by_resolver(
 ) -> Result<Response, ApiError> {
     let reader = app.engine.reader();
     let survivor = held_here(app, id, "unmerge from")?;
-    // Customers merged into it are named among its `customer_id`s in the graph.
-    let merged: Vec<String> = match crate::cluster::identifiers_from_resolver(app, headers, &survivor).await?
-    {
-        Some(mut by_type) => by_type.remove("customer_id").unwrap_or_default(),
-        None => reader
-            .identifiers(&survivor)?
-            .into_iter()
-            .filter(|(id_type, _)| &**id_type == "customer_id")
-            .map(|(_, value)| value)
-            .collect(),
+    // Customers merged into it are named among its `customer_id`s in the graph: partition
+    // 0's owner answers them as the caller's role shows them, so each name is compared as
+    // shown (a masked or hidden `customer_id` may let a wrong name through, never refuse a
+    // right one: the resolver leaves a wrong one out, and it stays `pending`).
+    let masking = masking_of(principal);
+    let (merged, shown) = match crate::cluster::identifiers_from_resolver(app, headers, &survivor).await? {
+        Some(mut by_type) => (by_type.remove("customer_id").unwrap_or_default(), true),
+        None => (
+            reader
+                .identifiers(&survivor)?
+                .into_iter()
+                .filter(|(id_type, _)| &**id_type == "customer_id")
+                .map(|(_, value)| value)
+                .collect(),
+            false,
+        ),
     };
     let mut split: Vec<String> = Vec::new();
     for other in ids {
         let other = rules::normalize(&other).into_owned();
-        if other == survivor || !merged.contains(&other) {
+        let named = match shown {
+            true => masking.id(&other).into_owned(),
+            false => other.clone(),
+        };
+        if other == survivor || !merged.contains(&named) {
             return Err(ApiError::Conflict(format!(
                 "`{other}` was not merged into `{survivor}`: there is nothing to split off"
             )));
@@ -1160,7 +1170,6 @@ async fn unmerge_by_resolver(
         reader.has_acted_on(&survivor, &format!("split-{unmerge}-{n}"))
     })
     .await?;
-    let masking = masking_of(principal);
     let names = |which: &mut dyn Iterator<Item = &String>| -> Vec<String> {
         which.map(|a| masking.id(a).into_owned()).collect()
     };

@@ -3259,6 +3259,42 @@ fn a_merge_by_hand_across_two_nodes_hands_the_absorbed_customer_over() {
     assert_eq!(r.status, 409, "{}", r.text());
     let unmerges = changes().iter().filter(|c| c["op"] == "unmerge").count();
     assert_eq!(unmerges, 1, "one unmerge, in the survivor's change log");
+    // The other way round, joined again by hand: the survivor's node (partition 1's) does
+    // not hold the graph, and checks the unmerge against partition 0's owner.
+    let r = request(
+        &first.addr,
+        "POST",
+        &format!("/v1/customers/{absorbed}/merge"),
+        format!(r#"{{"ids":["{survivor}"]}}"#).as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(ltv(&second, &survivor), Some((absorbed.clone(), "5100".into())));
+    let r = request(
+        &first.addr,
+        "POST",
+        &format!("/v1/customers/{absorbed}/unmerge"),
+        format!(r#"{{"ids":["{survivor}", "nosuch"]}}"#).as_bytes(),
+    );
+    assert_eq!(r.status, 409, "{}", r.text());
+    let r = request(
+        &second.addr,
+        "POST",
+        &format!("/v1/customers/{absorbed}/unmerge"),
+        format!(r#"{{"ids":["{survivor}"]}}"#).as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.json()["split_off"],
+        serde_json::json!([survivor]),
+        "{}",
+        r.text()
+    );
+    until("each its own again", &|| {
+        [&first, &second].iter().all(|node| {
+            ltv(node, &survivor) == Some((survivor.clone(), "1200".into()))
+                && ltv(node, &absorbed) == Some((absorbed.clone(), "3900".into()))
+        })
+    });
 
     // Identity resolved by events across the nodes' partitions: two customers of the two
     // partitions, one with a phone, one with an email, and an event carrying both.
