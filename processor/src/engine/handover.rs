@@ -316,7 +316,7 @@ impl Engine {
         let survivor: Arc<str> = Arc::from(rules::normalize(survivor).as_ref());
         let cause = Cause::parse(cause).unwrap_or(Cause::Event(None));
         if absorbed.is_empty() || survivor.is_empty() || survivor == absorbed {
-            self.ingest_parsed::<&[u8], S>(&[], Vec::new(), positions)?;
+            self.commit_positions(positions)?;
             return Ok(None);
         }
         if self.read_customer(&absorbed)?.is_none() {
@@ -482,7 +482,7 @@ impl Engine {
         let frame = match Frame::decode(frame) {
             Ok(frame) => frame,
             Err(e) => {
-                self.ingest_parsed::<&[u8], S>(&[], Vec::new(), positions)?;
+                self.commit_positions(positions)?;
                 return Ok(Handed::Malformed(e.to_string()));
             }
         };
@@ -509,9 +509,7 @@ impl Engine {
         let absorbed = frame.absorbed.clone();
         let taken = taken_key(&survivor, &frame.id);
         if self.identity_get(&taken, &Batch::default())?.is_some() {
-            if !positions.is_empty() {
-                self.ingest_parsed::<&[u8], S>(&[], Vec::new(), positions)?;
-            }
+            self.commit_positions(positions)?;
             return Ok(Merged {
                 survivor,
                 absorbed: vec![absorbed],

@@ -153,6 +153,36 @@ impl Engine {
 
     /// Records in `batch` where each source stands (`positions`: a file, a Kafka
     /// partition and its next offset), committed with what was read before it.
+    /// Commits `positions` alone: the record read there was acted on before, or is left
+    /// out (nothing to commit when there are none).
+    pub(super) fn commit_positions<S: AsRef<str>>(
+        &mut self,
+        positions: &[(S, u64)],
+    ) -> Result<(), EngineError> {
+        if !positions.is_empty() {
+            self.ingest_parsed::<&[u8], S>(&[], Vec::new(), positions)?;
+        }
+        Ok(())
+    }
+
+    /// A request read from a partition (`positions`) that `made` could not be made — its
+    /// customers are no longer as it says, e.g. delivered twice — is left out, its
+    /// position committed: `None`.
+    pub(super) fn or_left_out<T, S: AsRef<str>>(
+        &mut self,
+        made: Result<T, EngineError>,
+        positions: &[(S, u64)],
+    ) -> Result<Option<T>, EngineError> {
+        match made {
+            Ok(made) => Ok(Some(made)),
+            Err(EngineError::Conflict(_) | EngineError::NotFound(_)) => {
+                self.commit_positions(positions)?;
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     pub(super) fn put_positions<S: AsRef<str>>(&self, batch: &mut Batch, positions: &[(S, u64)]) {
         for (source, offset) in positions {
             let key = format!("{META_OFFSET_PREFIX}{}", source.as_ref());

@@ -387,14 +387,8 @@ impl Engine {
         positions: &[(S, u64)],
     ) -> Result<Option<Merged>, EngineError> {
         self.settle();
-        match self.merge_in_graph(survivor, others, cause.to_owned(), positions) {
-            Ok(merged) => Ok(Some(merged)),
-            Err(EngineError::Conflict(_) | EngineError::NotFound(_)) => {
-                self.ingest_parsed::<&[u8], S>(&[], Vec::new(), positions)?;
-                Ok(None)
-            }
-            Err(e) => Err(e),
-        }
+        let merged = self.merge_in_graph(survivor, others, cause.to_owned(), positions);
+        self.or_left_out(merged, positions)
     }
 
     fn merge_in_graph<S: AsRef<str>>(

@@ -151,14 +151,8 @@ impl Engine {
         positions: &[(S, u64)],
     ) -> Result<Option<Unmerged>, EngineError> {
         self.settle();
-        match self.unmerge_in_graph(survivor, ids, cause.to_owned(), id, positions) {
-            Ok(unmerged) => Ok(Some(unmerged)),
-            Err(EngineError::Conflict(_) | EngineError::NotFound(_)) => {
-                self.ingest_parsed::<&[u8], S>(&[], Vec::new(), positions)?;
-                Ok(None)
-            }
-            Err(e) => Err(e),
-        }
+        let unmerged = self.unmerge_in_graph(survivor, ids, cause.to_owned(), id, positions);
+        self.or_left_out(unmerged, positions)
     }
 
     /// The graph's half of an unmerge on the group's resolver: the identifiers split as one
@@ -312,7 +306,7 @@ impl Engine {
         let absorbed = rules::normalize(absorbed);
         let key = group_snapshot_key(&survivor, &absorbed);
         if self.identity_get(&key, &Batch::default())?.is_some() {
-            self.ingest_parsed::<&[u8], S>(&[], Vec::new(), positions)?;
+            self.commit_positions(positions)?;
             return Ok(false);
         }
         let held = self.read_customer(&survivor)?.is_some();
@@ -357,7 +351,7 @@ impl Engine {
         let at = request.at.clone();
         let taken = taken_key(&at, &request.id);
         if self.identity_get(&taken, &Batch::default())?.is_some() {
-            self.ingest_parsed::<&[u8], S>(&[], Vec::new(), positions)?;
+            self.commit_positions(positions)?;
             return Ok(false);
         }
         let first = at == request.customer;
@@ -502,7 +496,7 @@ impl Engine {
             changes,
         };
         if self.identity_get(&taken, &Batch::default())?.is_some() {
-            self.ingest_parsed::<&[u8], S>(&[], Vec::new(), positions)?;
+            self.commit_positions(positions)?;
             return Ok(Handed::SplitOff(unmerged(Vec::new())));
         }
         if let Some(next) = self.store.get(CF_IDENTITIES, &moved_key(&customer))? {
