@@ -263,8 +263,10 @@ async fn get_from(
 /// The identifiers `customer` owns, as partition 0's owner answers them
 /// (`GET /v1/identities/customers/{customer}`, with the caller's headers: masked for the
 /// caller there) — `None` where this node answers from its own graph: outside a group, in
-/// a group whose graph is not partition 0's, on partition 0's owner, or for a request sent
-/// here by another node.
+/// a group whose graph is not partition 0's, or on partition 0's owner. Also asked where
+/// the request was sent here by another node (a customer's, to its owner): the question
+/// is a request of its own, marked [`FORWARDED`], which partition 0's owner answers
+/// itself — never sent on.
 pub async fn identifiers_from_resolver(
     app: &AppState,
     headers: &axum::http::HeaderMap,
@@ -273,7 +275,7 @@ pub async fn identifiers_from_resolver(
     let Some(cluster) = app.cluster.as_ref() else {
         return Ok(None);
     };
-    if !app.engine.reader().resolver() || headers.contains_key(FORWARDED) {
+    if !app.engine.reader().resolver() {
         return Ok(None);
     }
     let url = match cluster.members.owner_of(0) {

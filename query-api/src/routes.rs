@@ -727,7 +727,14 @@ pub async fn customer_identifiers(
 ) -> Result<Json<Json_>, ApiError> {
     let customer = rules::normalize(&customer).into_owned();
     let masking = masking_of(&principal);
-    let identifiers = match crate::cluster::identifiers_from_resolver(&app, &headers, &customer).await? {
+    // Asked by another node (it took this one for partition 0's owner): answered here,
+    // never sent on again.
+    let asked_here = headers.contains_key(crate::cluster::FORWARDED);
+    let from_resolver = match asked_here {
+        true => None,
+        false => crate::cluster::identifiers_from_resolver(&app, &headers, &customer).await?,
+    };
+    let identifiers = match from_resolver {
         Some(identifiers) => identifiers,
         None => masked_identifiers(app.engine.reader(), &customer, &masking)?,
     };

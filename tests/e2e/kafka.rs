@@ -3269,6 +3269,14 @@ fn a_merge_by_hand_across_two_nodes_hands_the_absorbed_customer_over() {
     );
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(ltv(&second, &survivor), Some((absorbed.clone(), "5100".into())));
+    // Its view names both as the graph has them, asked of either node (the survivor's node
+    // asks partition 0's owner, also when the request was sent on to it).
+    for node in [&first, &second] {
+        let r = request(&node.addr, "GET", &format!("/v1/customers/{absorbed}"), b"");
+        let names: std::collections::BTreeSet<String> =
+            serde_json::from_value(r.json()["identifiers"]["customer_id"].clone()).unwrap();
+        assert_eq!(names, [absorbed.clone(), survivor.clone()].into(), "{}", r.text());
+    }
     let r = request(
         &first.addr,
         "POST",
@@ -3276,8 +3284,14 @@ fn a_merge_by_hand_across_two_nodes_hands_the_absorbed_customer_over() {
         format!(r#"{{"ids":["{survivor}", "nosuch"]}}"#).as_bytes(),
     );
     assert_eq!(r.status, 409, "{}", r.text());
+    // Asked of the node owning partition 0 (the graph): sent on to the survivor's node,
+    // which asks partition 0's owner for the graph's names.
+    let graph_node = match survivor_node(1) == format!("http://{}", first.addr) {
+        true => &second,
+        false => &first,
+    };
     let r = request(
-        &second.addr,
+        &graph_node.addr,
         "POST",
         &format!("/v1/customers/{absorbed}/unmerge"),
         format!(r#"{{"ids":["{survivor}"]}}"#).as_bytes(),
