@@ -16,6 +16,7 @@ fn stored() -> Vec<Vec<u8>> {
             Change {
                 seq: 1_000_000 + i,
                 pseq: None,
+                rules_version: None,
                 customer_id: format!("1300000{i:04}").into(),
                 kind: if i % 3 == 0 {
                     MemberKind::Segment

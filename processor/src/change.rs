@@ -122,6 +122,11 @@ pub struct Change {
     /// consumer of the `tag-changes` topic drops a change whose `(partition, pseq)` it has
     /// seen.
     pub pseq: Option<(u32, u64)>,
+    /// Beside `pseq`: the version of the rule set the change was made under. Two changes
+    /// with one `(partition, pseq)` are the same change when they carry the same version;
+    /// with different versions they are the two sides of a rule change that reached the
+    /// partition's old and new owner at different points of its input (docs/cluster.md).
+    pub rules_version: Option<u64>,
     pub customer_id: Arc<str>,
     pub kind: MemberKind,
     pub name: Arc<str>,
@@ -132,11 +137,15 @@ pub struct Change {
 
 impl Serialize for Change {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut map = serializer.serialize_map(Some(6 + 2 * usize::from(self.pseq.is_some())))?;
+        let numbered = 2 * usize::from(self.pseq.is_some()) + usize::from(self.rules_version.is_some());
+        let mut map = serializer.serialize_map(Some(6 + numbered))?;
         map.serialize_entry("seq", &self.seq)?;
         if let Some((partition, pseq)) = self.pseq {
             map.serialize_entry("partition", &partition)?;
             map.serialize_entry("pseq", &pseq)?;
+        }
+        if let Some(version) = self.rules_version {
+            map.serialize_entry("rules_version", &version)?;
         }
         map.serialize_entry("customer_id", &*self.customer_id)?;
         map.serialize_entry(self.kind.field(self.op), &*self.name)?;
@@ -187,6 +196,7 @@ impl Change {
         Some(Change {
             seq: f.seq,
             pseq: f.partition.zip(f.pseq),
+            rules_version: f.rules_version,
             customer_id: Arc::from(&*f.customer_id),
             kind,
             name: Arc::from(&*name),
@@ -224,6 +234,7 @@ struct ChangeFields<'a> {
     seq: u64,
     partition: Option<u32>,
     pseq: Option<u64>,
+    rules_version: Option<u64>,
     #[serde(borrow)]
     customer_id: Cow<'a, str>,
     #[serde(borrow)]
@@ -250,6 +261,7 @@ mod tests {
         let c = Change {
             seq: 7,
             pseq: None,
+            rules_version: None,
             customer_id: "13800000000".into(),
             kind: MemberKind::Segment,
             name: "spring_promo".into(),
@@ -271,6 +283,28 @@ mod tests {
     }
 
     #[test]
+    fn a_change_of_a_group_member_prints_its_number_and_rules_version_and_reads_back() {
+        let c = Change {
+            seq: 31,
+            pseq: Some((2, 7)),
+            rules_version: Some(3),
+            customer_id: "c-9".into(),
+            kind: MemberKind::Tag,
+            name: "vip".into(),
+            op: Op::Add,
+            at: 1_767_228_300_001,
+            cause: Cause::Event(Some("e-1".into())),
+        };
+        let json = String::from_utf8(c.to_json()).unwrap();
+        assert_eq!(
+            json,
+            r#"{"seq":31,"partition":2,"pseq":7,"rules_version":3,"customer_id":"c-9","tag":"vip","op":"add","at":1767228300001,"cause":"event:e-1"}"#
+        );
+        assert_eq!(Change::from_json(json.as_bytes()), Some(c.clone()));
+        assert_eq!(Change::decode_stored(&c.encode_stored(5)), Some((Some(5), c)));
+    }
+
+    #[test]
     fn merges_print_the_absorbed_customer_and_read_back() {
         for (op, json) in [
             (
@@ -285,6 +319,7 @@ mod tests {
             let c = Change {
                 seq: 8,
                 pseq: None,
+                rules_version: None,
                 customer_id: "m-1".into(),
                 kind: MemberKind::Customer,
                 name: "phone:13800000001".into(),
@@ -302,6 +337,7 @@ mod tests {
         let c = Change {
             seq: u64::MAX,
             pseq: None,
+            rules_version: None,
             customer_id: "a \"quoted\" \\ id\n上海\u{200b}".into(),
             kind: MemberKind::Tag,
             name: "vip/\t tab".into(),

@@ -938,6 +938,7 @@ mod tests {
         Change {
             seq: 1,
             pseq: None,
+            rules_version: None,
             customer_id: Arc::from("c"),
             kind: crate::change::MemberKind::Tag,
             name: Arc::from("vip"),

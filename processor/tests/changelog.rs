@@ -3,6 +3,8 @@
 //! read in any order, some twice — and its customers carry on there as if they had never
 //! moved.
 
+use std::collections::BTreeSet;
+
 use processor::changelog::{Delta, Restore};
 use processor::partition::partition_of;
 use processor::{ClockMode, Engine, EngineConfig, EngineError};
@@ -264,12 +266,28 @@ fn a_partition_restored_under_another_rule_set_is_brought_up_to_the_one_running(
         .propose_rules(&changed, &processor::RuleEdit::by("t"), "put_rules".into())
         .unwrap();
     let unchanged = judged(&source, &ids);
+    // Each change names the rule set it was made under, beside its number: what a consumer
+    // tells apart when a partition's old and new owner judged the same events under two.
+    let made_under = |engine: &Engine, after: u64| -> BTreeSet<Option<u64>> {
+        engine
+            .changes(after, usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|c| c.rules_version)
+            .collect()
+    };
+    assert_eq!(
+        made_under(&source, 0),
+        BTreeSet::from([Some(source.rules_version())])
+    );
+    assert!(change.version.version > source.rules_version());
 
     // The restoring store runs the change; the source has not applied it yet.
     let (_t, mut ahead) = open("changelog-ahead", &rules);
     ahead.apply_proposal(change.clone()).unwrap();
     settled(&mut ahead);
     let cut = last_commit(&source);
+    let before_restore = ahead.changes(0, usize::MAX).unwrap().last().map_or(0, |c| c.seq);
     ahead
         .restore_partition(&restore(moved, deltas(&source, moved, cut)))
         .unwrap();
@@ -279,6 +297,11 @@ fn a_partition_restored_under_another_rule_set_is_brought_up_to_the_one_running(
     );
     settled(&mut ahead);
     assert_eq!(judged(&ahead, &ids), expected);
+    assert_eq!(
+        made_under(&ahead, before_restore),
+        BTreeSet::from([Some(change.version.version)]),
+        "the sweep of the restored customers is made under the new rules"
+    );
 
     // The source runs the change; a store that has not yet restores from it, then applies
     // the change itself.

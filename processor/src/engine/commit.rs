@@ -341,6 +341,7 @@ impl Engine {
             if changelog {
                 let partition = crate::partition::partition_of(change.customer_id.as_bytes(), partitions);
                 change.pseq = self.counters.take_pseq(partition);
+                change.rules_version = Some(self.rules_version);
             }
             let number = match self.shards[shard].cache.get(&change.customer_id) {
                 Some(state) => state.number,

@@ -190,6 +190,7 @@ impl Worker<'_> {
         batch.changes.push(Change {
             seq: 0,
             pseq: None,
+            rules_version: None,
             customer_id: customer.clone(),
             kind,
             name,
