@@ -140,11 +140,19 @@ pub enum Rejection {
     /// Blocked by the tracking plan: the first violation of a blocking mode. Its code is
     /// the violation class's.
     Plan(Violation),
+    /// A record of the events topic marked (by its header) as one a node of the group sent
+    /// another — a customer handed over (`kind` "handover") or a request ("request") — that
+    /// cannot be read as one: written by something else, or by a build that writes another
+    /// format.
+    ControlRecordMalformed {
+        kind: &'static str,
+        error: String,
+    },
 }
 
 impl Rejection {
     /// Every code, for documentation and for tests that check it.
-    pub const CODES: [&'static str; 31] = [
+    pub const CODES: [&'static str; 32] = [
         "too_large",
         "not_utf8",
         "invalid_json",
@@ -176,6 +184,7 @@ impl Rejection {
         "ids_invalid",
         "id_type_unknown",
         "ids_unusable",
+        "control_record_malformed",
     ];
 
     /// The stable code: what dashboards, alerts and dead-letter filters key on.
@@ -204,6 +213,7 @@ impl Rejection {
             Rejection::IdsInvalid { .. } => 28,
             Rejection::IdTypeUnknown { .. } => 29,
             Rejection::IdsUnusable => 30,
+            Rejection::ControlRecordMalformed { .. } => 31,
             Rejection::Plan(v) => return v.class.code(),
         };
         Self::CODES[i]
@@ -246,6 +256,9 @@ impl std::fmt::Display for Rejection {
                 write!(f, "ids.{id_type}: unknown identifier type (known: {known})")
             }
             Rejection::Plan(v) => write!(f, "tracking plan, {}: {}", v.class, v.detail),
+            Rejection::ControlRecordMalformed { kind, error } => {
+                write!(f, "a record marked as a {kind} between nodes is not one: {error}")
+            }
         }
     }
 }

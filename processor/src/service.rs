@@ -319,9 +319,9 @@ impl EngineHandle {
                     tracing::info!(customer = ?unmerged.split, from = %unmerged.customer, "a customer split off took its events back");
                 }
             }
-            crate::Handed::Malformed(why) => {
+            crate::Handed::Malformed(outcome) => {
                 metrics::counter!("tagstream_kafka_handovers_malformed_total").increment(1);
-                tracing::error!(reason = %why, "a record marked as a handover is not one; left out");
+                return Ok(malformed(outcome, "handover"));
             }
         }
         Ok(IngestOutcome::default())
@@ -344,9 +344,15 @@ impl EngineHandle {
             Ok(request) => request,
             Err(e) => {
                 metrics::counter!("tagstream_kafka_requests_malformed_total").increment(1);
-                tracing::error!(error = %e, "a record marked as a request is not one; left out");
-                self.commit_positions(batch)?;
-                return Ok(IngestOutcome::default());
+                let rejection = crate::Rejection::ControlRecordMalformed {
+                    kind: "request",
+                    error: e.to_string(),
+                };
+                let raw = value.to_vec();
+                let outcome = self
+                    .call_blocking(move |engine| engine.dead_letter_at(&raw, rejection, &positions))?
+                    .map_err(|e| ApplyError::Failed(e.to_string()))?;
+                return Ok(malformed(outcome, "request"));
             }
         };
         let done = self
@@ -473,6 +479,16 @@ struct Service {
 
 /// Tells change streams about `seq` unless they know of a later one (groups are answered
 /// on the writer thread, other jobs' commits here).
+/// A record of the events topic marked as a handover or a request that was not one, kept as
+/// a dead letter (`outcome`): counted with the rejected events, by its code, and logged.
+fn malformed(outcome: IngestOutcome, kind: &str) -> IngestOutcome {
+    for e in &outcome.errors {
+        metrics::counter!("tagstream_events_rejected_total", "reason" => e.code).increment(1);
+        tracing::error!(reason = %e.reason, "a record marked as a {kind} is not one; kept as a dead letter");
+    }
+    outcome
+}
+
 fn announce(committed: &tokio::sync::watch::Sender<u64>, seq: u64) {
     committed.send_if_modified(|known| {
         let later = seq > *known;

@@ -1466,7 +1466,7 @@ impl Group {
                             processor::Handed::Elsewhere(next, sent_on) => {
                                 (survivor, frame) = (next, sent_on)
                             }
-                            processor::Handed::Malformed(why) => panic!("{why}"),
+                            processor::Handed::Malformed(letter) => panic!("{letter:?}"),
                         }
                     }
                     self.stores[i].frame_delivered(&handover.key).unwrap();

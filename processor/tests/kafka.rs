@@ -2007,7 +2007,7 @@ fn produce_handover(brokers: &str, partition: i32, absorbed: &str, frame: &[u8],
 /// the absorbed customer's partition hands it over; its frame goes through the events topic
 /// to the survivor's partition, where its owner takes it in that partition's order (events
 /// before it first), once — a frame sent again merges nothing, one that is not a frame is
-/// left out; and the members go on consuming. The survivor then holds both customers'
+/// kept as a dead letter; and the members go on consuming. The survivor then holds both customers'
 /// events, exactly as one store merging them holds them.
 #[test]
 fn a_customer_handed_over_between_members_is_taken_once_in_its_survivors_partition() {
@@ -2101,11 +2101,20 @@ fn a_customer_handed_over_between_members_is_taken_once_in_its_survivors_partiti
         .collect();
     assert_eq!(want.len(), 1);
 
-    // The same frame again, and a record marked as a handover that is not one: the first
-    // merges nothing, the second is left out; what follows is consumed as ever.
+    // The same frame again, and records marked as a handover or a request that are not
+    // one: the first merges nothing, the others are kept as dead letters (their bytes, the
+    // code `control_record_malformed`); what follows is consumed as ever.
     let partition = processor::partition::partition_of(survivor.as_bytes(), PARTITIONS) as i32;
     produce_handover(&brokers, partition, &absorbed, &handed.frame, 2);
     produce_handover(&brokers, partition, &absorbed, b"not a frame", 1);
+    let not_a_request: &[u8] = br#"{"Merge": {"survivor": 7}}"#;
+    produce_marked(
+        &brokers,
+        partition,
+        (kafka::route::REQUEST_HEADER, &survivor),
+        not_a_request,
+        1,
+    );
     let more = stream(2_100);
     produce(&brokers, "events", &more[2_000..]);
     wait_until("everything consumed", || {
@@ -2114,6 +2123,29 @@ fn a_customer_handed_over_between_members_is_taken_once_in_its_survivors_partiti
     });
     assert_eq!(merges(&b), 1);
     assert!(took(&b, &absorbed, &survivor));
+    let letters = b.handle.reader().dead_letters(None, 1_000).unwrap();
+    let malformed: Vec<(&str, &[u8])> = letters
+        .iter()
+        .filter(|d| d.code == "control_record_malformed")
+        .map(|d| (d.reason.as_str(), &d.raw[..]))
+        .collect();
+    assert_eq!(malformed.len(), 2, "{letters:?}");
+    assert_eq!(malformed[0].1, b"not a frame");
+    assert!(
+        malformed[0]
+            .0
+            .starts_with("a record marked as a handover between nodes is not one: "),
+        "{}",
+        malformed[0].0
+    );
+    assert_eq!(malformed[1].1, not_a_request);
+    assert!(
+        malformed[1]
+            .0
+            .starts_with("a record marked as a request between nodes is not one: "),
+        "{}",
+        malformed[1].0
+    );
     a.leave(PARTITIONS);
     b.leave(PARTITIONS);
 }

@@ -119,8 +119,9 @@ pub enum Handed {
     /// A split's frame ([`Engine::split_requested`]): the customer split off took back its
     /// events (no changes when it was taken before).
     SplitOff(super::unmerge::Unmerged),
-    /// Not a frame (why): left out.
-    Malformed(String),
+    /// Not a frame: kept as a dead letter (code `control_record_malformed`), its position
+    /// committed with it.
+    Malformed(crate::IngestOutcome),
 }
 
 /// A handover made here whose frame the survivor's store has not yet been known to take.
@@ -482,8 +483,13 @@ impl Engine {
         let frame = match Frame::decode(frame) {
             Ok(frame) => frame,
             Err(e) => {
-                self.commit_positions(positions)?;
-                return Ok(Handed::Malformed(e.to_string()));
+                let rejection = Rejection::ControlRecordMalformed {
+                    kind: "handover",
+                    error: e.to_string(),
+                };
+                return self
+                    .dead_letter_at(frame, rejection, positions)
+                    .map(Handed::Malformed);
             }
         };
         if frame.split {
@@ -696,6 +702,14 @@ fn moved_in(store: &Store) -> Result<HashMap<Arc<str>, Arc<str>>, StoreError> {
 }
 
 impl Engine {
+    /// The survivor `customer` was handed over to from here (its moved entry), if it was.
+    pub(super) fn moved_entry(&self, customer: &str) -> Result<Option<Arc<str>>, StoreError> {
+        Ok(self
+            .store
+            .get(CF_IDENTITIES, &moved_key(customer))?
+            .map(|survivor| Arc::from(String::from_utf8_lossy(&survivor).as_ref())))
+    }
+
     /// The aliases as the store has them (after a restore, an import, a drop, a failed
     /// batch): the graph's absorbed `customer_id`s and the customers handed over from
     /// here, which readers learn too ([`ReadHandle::moved_to`]).

@@ -165,6 +165,17 @@ impl Engine {
         Ok(())
     }
 
+    /// Keeps `raw`, read at `positions`, as a dead letter for `rejection`, the positions
+    /// committed with it: a record of the events topic that is not what it is marked as.
+    pub fn dead_letter_at<S: AsRef<str>>(
+        &mut self,
+        raw: &[u8],
+        rejection: Rejection,
+        positions: &[(S, u64)],
+    ) -> Result<IngestOutcome, EngineError> {
+        self.ingest_parsed(&[raw], vec![Err(rejection)], positions)
+    }
+
     /// A request read from a partition (`positions`) that `made` could not be made — its
     /// customers are no longer as it says, e.g. delivered twice — is left out, its
     /// position committed: `None`.

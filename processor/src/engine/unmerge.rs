@@ -355,11 +355,7 @@ impl Engine {
             return Ok(false);
         }
         let first = at == request.customer;
-        let next = self
-            .store
-            .get(CF_IDENTITIES, &moved_key(&at))?
-            .map(|v| Arc::<str>::from(String::from_utf8_lossy(&v).as_ref()));
-        match next {
+        match self.moved_entry(&at)? {
             Some(next) => {
                 self.transact(|engine, batch| {
                     engine.identity_put(batch, taken, Some(Vec::new()));
@@ -499,8 +495,7 @@ impl Engine {
             self.commit_positions(positions)?;
             return Ok(Handed::SplitOff(unmerged(Vec::new())));
         }
-        if let Some(next) = self.store.get(CF_IDENTITIES, &moved_key(&customer))? {
-            let next: Arc<str> = Arc::from(String::from_utf8_lossy(&next).as_ref());
+        if let Some(next) = self.moved_entry(&customer)? {
             let onward = Frame {
                 split: false,
                 absorbed: customer.clone(),
