@@ -1683,5 +1683,79 @@ fn group_ends_like_one_store(
         let want: BTreeSet<String> = one.members(name).unwrap().into_iter().map(|(id, _)| id).collect();
         prop_assert_eq!(got, want, "members of {}", name);
     }
+
+    // Every partition exported from its owner and imported into one store alone: the graph
+    // goes with partition 0, what merges kept for an unmerge with their survivors, and that
+    // store says what one store's says — an unmerge there included.
+    let whole_dir = TempDir::new("resolver-imported");
+    let mut whole = Engine::open(whole_dir.path(), Some(RULES), grouped(1, false)).unwrap();
+    // As many graph entries as one store's exports carry: records, owners, and what each
+    // merge kept.
+    let mut entries = (0, 0);
+    for p in 0..Group::PARTITIONS {
+        let mut file = Vec::new();
+        let exported = group.stores[group.owner[p as usize]]
+            .reader()
+            .export_partition(p, Group::PARTITIONS, &mut file)
+            .unwrap();
+        entries.0 += exported.identity_entries;
+        let imported = whole.import_partition(&mut file.as_slice()).unwrap();
+        prop_assert_eq!(&imported, &exported);
+        entries.1 += one
+            .reader()
+            .export_partition(p, Group::PARTITIONS, &mut std::io::sink())
+            .unwrap()
+            .identity_entries;
+    }
+    prop_assert_eq!(entries.0, entries.1, "identity entries exported");
+    whole.advance_clock(end).unwrap();
+    let same = |whole: &Engine, one: &Engine, what: &str| -> Result<(), TestCaseError> {
+        let customers = one.customer_ids().unwrap();
+        prop_assert_eq!(&whole.customer_ids().unwrap(), &customers, "{} customers", what);
+        for customer in &customers {
+            let got = whole.customer(customer).unwrap().map(|v| summary(&v));
+            let expected = one.customer(customer).unwrap().map(|v| summary(&v));
+            prop_assert_eq!(got, expected, "{} customer {}", what, customer);
+            prop_assert_eq!(
+                whole.identifiers(customer).unwrap(),
+                one.identifiers(customer).unwrap(),
+                "{} ids of {}",
+                what,
+                customer
+            );
+        }
+        for (_, carried) in &stream {
+            for (t, v) in carried {
+                let v = normalised(t, v);
+                prop_assert_eq!(
+                    whole.identify(t, &v).unwrap(),
+                    one.identify(t, &v).unwrap(),
+                    "{} {} {}",
+                    what,
+                    t,
+                    v
+                );
+            }
+        }
+        Ok(())
+    };
+    same(&whole, &one, "imported")?;
+    // And an unmerge once everything has settled, in all three.
+    if let Some((survivor, split)) = first_unmerge(&mut one) {
+        whole
+            .unmerge_customers(&survivor, std::slice::from_ref(&split), None)
+            .unwrap();
+        same(&whole, &one, "imported, then unmerged")?;
+        group.stores[group.owner[0]]
+            .unmerge_customers(&survivor, std::slice::from_ref(&split), None)
+            .unwrap();
+        group.pump(usize::MAX);
+        for customer in one.customer_ids().unwrap() {
+            let store = &group.stores[group.store_of(&customer)];
+            let got = store.customer(&customer).unwrap().map(|v| summary(&v));
+            let expected = one.customer(&customer).unwrap().map(|v| summary(&v));
+            prop_assert_eq!(got, expected, "unmerged at the end: customer {}", customer);
+        }
+    }
     Ok(())
 }

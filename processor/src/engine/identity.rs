@@ -174,6 +174,32 @@ pub(super) fn entries_of(store: &Store, customer: &str) -> Result<Vec<GraphEntry
     Ok(entries)
 }
 
+/// In a group resolving identity in one partition, what merges into `survivor` kept for an
+/// unmerge (its `u` keys), keyed as one store keeps it ([`snapshot_key`] of the absorbed).
+pub(super) fn group_snapshots_of(store: &Store, survivor: &str) -> Result<Vec<GraphEntry>, StoreError> {
+    let prefix = group_snapshot_key(survivor, "");
+    Ok(store
+        .scan_prefix(CF_IDENTITIES, &prefix)?
+        .into_iter()
+        .map(|(key, value)| {
+            (
+                snapshot_key(&String::from_utf8_lossy(&key[prefix.len()..])),
+                value.into_vec(),
+            )
+        })
+        .collect())
+}
+
+/// Every record (`c`) and owner (`i`) entry of the graph.
+pub(super) fn whole_graph(store: &Store) -> Result<Vec<GraphEntry>, StoreError> {
+    let mut entries = store.scan_prefix(CF_IDENTITIES, b"c")?;
+    entries.extend(store.scan_prefix(CF_IDENTITIES, b"i")?);
+    Ok(entries
+        .into_iter()
+        .map(|(key, value)| (key.into_vec(), value.into_vec()))
+        .collect())
+}
+
 /// The engine's cache of the graph's owners and records: the whole graph when it fits (so
 /// a new identifier needs no read to be known new), else as much of it as fits.
 pub(super) fn load_owner_cache(

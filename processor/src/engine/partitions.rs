@@ -11,7 +11,12 @@
 //! what it is: the header (format, partition, partitions), a customer, one of its events,
 //! one of its dedup entries, one of its identity graph entries (its identifiers' owners, its
 //! record, what merges into it kept; format 2), and the trailer with the counts — a file cut
-//! short has none and is refused whole. Format 1 files (no identities) still import.
+//! short has none and is refused whole. In a group whose graph is partition 0's (a
+//! resolver, [`crate::EngineConfig::resolver`]) the graph's entries are not a customer's:
+//! partition 0's export carries the whole graph after its customers (graph frames, format
+//! 3), and each customer what merges into it kept, as one store keeps it — so a group's
+//! partitions, all exported and imported into one store, make that store's graph. Formats
+//! 1 (no identities) and 2 still import.
 
 use std::io::{Read, Write};
 
@@ -21,7 +26,7 @@ use crate::partition::partition_of;
 
 /// The first bytes of a partition export.
 pub const MAGIC: &[u8] = b"TAGSTREAM-PARTITION\n";
-const FORMAT: u64 = 2;
+const FORMAT: u64 = 3;
 
 const FRAME_HEADER: u8 = 1;
 const FRAME_CUSTOMER: u8 = 2;
@@ -29,6 +34,7 @@ const FRAME_EVENT: u8 = 3;
 const FRAME_DEDUP: u8 = 4;
 const FRAME_END: u8 = 5;
 const FRAME_IDENTITY: u8 = 6;
+const FRAME_GRAPH: u8 = 7;
 
 /// The largest frame a reader accepts: a customer record or one event.
 const MAX_FRAME: usize = 64 << 20;
@@ -141,7 +147,10 @@ impl ReadHandle {
             .customers_with_history(
                 |id| partition_of(id, partitions) == partition,
                 |customer| {
-                    let identities = identity::entries_of(&self.store, customer.id)?;
+                    let identities = match self.resolver {
+                        true => identity::group_snapshots_of(&self.store, customer.id)?,
+                        false => identity::entries_of(&self.store, customer.id)?,
+                    };
                     let mut written = || -> std::io::Result<()> {
                         let mut frame = Writer::new();
                         frame.u8(FRAME_CUSTOMER);
@@ -183,6 +192,16 @@ impl ReadHandle {
                 },
             )
             .map_err(|e| failed.take().map_or(EngineError::from(e), io))?;
+        if self.resolver && partition == 0 {
+            for (key, value) in identity::whole_graph(&self.store)? {
+                let mut frame = Writer::new();
+                frame.u8(FRAME_GRAPH);
+                frame.bytes(&key);
+                frame.bytes(&value);
+                write_frame(out, &frame).map_err(io)?;
+                summary.identity_entries += 1;
+            }
+        }
         let mut frame = Writer::new();
         frame.u8(FRAME_END);
         frame.u64(summary.customers);
@@ -235,7 +254,7 @@ impl Engine {
             return Err(bad("it has no header"));
         }
         let format = r.u64().map_err(codec)?;
-        if format != FORMAT && format != 1 {
+        if !(1..=FORMAT).contains(&format) {
             return Err(EngineError::Conflict(format!(
                 "the export has format {format}; this version reads formats 1 to {FORMAT}"
             )));
@@ -249,6 +268,7 @@ impl Engine {
             )));
         }
         let mut customers: Vec<Imported> = Vec::new();
+        let mut graph: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let mut end = None;
         while read_frame(input, &mut buf)? {
             let mut r = Reader::new(&buf);
@@ -287,6 +307,10 @@ impl Engine {
                         .identities
                         .push((key, r.bytes().map_err(codec)?.to_vec()));
                 }
+                FRAME_GRAPH => {
+                    let key = r.bytes().map_err(codec)?.to_vec();
+                    graph.push((key, r.bytes().map_err(codec)?.to_vec()));
+                }
                 FRAME_END => {
                     end = Some((
                         r.u64().map_err(codec)?,
@@ -305,7 +329,8 @@ impl Engine {
             customers: customers.len() as u64,
             events: customers.iter().map(|c| c.events.len() as u64).sum(),
             dedup_entries: customers.iter().map(|c| c.dedup.len() as u64).sum(),
-            identity_entries: customers.iter().map(|c| c.identities.len() as u64).sum(),
+            identity_entries: customers.iter().map(|c| c.identities.len() as u64).sum::<u64>()
+                + graph.len() as u64,
         };
         let counts = (
             summary.customers,
@@ -327,9 +352,23 @@ impl Engine {
                 )));
             }
         }
+        for (key, _) in &graph {
+            if !matches!(key.first(), Some(b'i' | b'c')) {
+                return Err(bad("a graph entry of an unknown kind"));
+            }
+            if self.store.get(crate::store::CF_IDENTITIES, key)?.is_some() {
+                return Err(EngineError::Conflict(format!(
+                    "the identity graph of partition {partition}'s export names `{}`, which this store's graph has already: nothing was imported",
+                    String::from_utf8_lossy(&key[1..])
+                )));
+            }
+        }
         // One batch: the customers, and the index checkpoint forgotten (a crash before the
         // rebuild below rebuilds it at the next open).
         let mut wb = WriteBatch::default();
+        for (key, value) in &graph {
+            wb.put_cf(self.store.cf(crate::store::CF_IDENTITIES), key, value);
+        }
         MembershipIndex::forget_checkpoint(&self.store, &mut wb);
         let mut timers = Vec::new();
         let mut max_arrival = None;

@@ -261,12 +261,13 @@ impl Engine {
             Some(bytes) => Snapshot::decode(&bytes).map_err(StoreError::from)?,
             None => Snapshot::default(),
         };
-        // Customers merged into the survivor after this one keep what they brought.
+        // Customers merged into the survivor after this one, or with it in one merge, keep
+        // what they brought.
         let mut later = Vec::new();
         for (absorbed, _) in &self.id_record(survivor, batch)?.absorbed {
             if let Some(bytes) = self.identity_get(&snapshot_key(absorbed), batch)? {
                 let theirs = Snapshot::decode(&bytes).map_err(StoreError::from)?;
-                if theirs.merged_at > snapshot.merged_at {
+                if theirs.merged_at >= snapshot.merged_at {
                     later.push(theirs.profile);
                 }
             }
@@ -414,8 +415,8 @@ impl Engine {
                 None => Snapshot::default(),
             };
             engine.identity_put(batch, own, None);
-            // Customers merged into the survivor after this one keep what they brought;
-            // what merges into those going back kept goes with them.
+            // Customers merged into the survivor after this one, or with it in one merge,
+            // keep what they brought; what merges into those going back kept goes with them.
             let (mut later, mut carried) = (Vec::new(), Vec::new());
             let prefix = group_snapshot_key(&survivor, "");
             for (key, value) in engine.store.scan_prefix(CF_IDENTITIES, &prefix)? {
@@ -428,7 +429,7 @@ impl Engine {
                     engine.identity_put(batch, key.into_vec(), None);
                 } else {
                     let theirs = Snapshot::decode(&value).map_err(StoreError::from)?;
-                    if theirs.merged_at > snapshot.merged_at {
+                    if theirs.merged_at >= snapshot.merged_at {
                         later.push(theirs.profile);
                     }
                 }
