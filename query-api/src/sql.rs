@@ -215,7 +215,7 @@ fn customers_table(
 /// The columns of a `changes` table being filled (a group's with `partition` and `pseq`).
 struct ChangeColumns {
     seq: UInt64Builder,
-    numbered: Option<(UInt64Builder, UInt64Builder)>,
+    numbered: Option<(UInt64Builder, UInt64Builder, UInt64Builder)>,
     customer: StringBuilder,
     kind: StringBuilder,
     name: StringBuilder,
@@ -224,11 +224,12 @@ struct ChangeColumns {
     cause: StringBuilder,
 }
 
-/// One row of a `changes` table: `seq`, `partition` and `pseq` (a group's), the customer
+/// One row of a `changes` table: `seq`, `partition`, `pseq` and `rules_version` (a
+/// group's; the version `None` for a change of a node that did not record it), the customer
 /// (as shown), kind, name, op, `at` and cause.
 type ChangeRow<'a> = (
     u64,
-    Option<(u64, u64)>,
+    Option<(u64, u64, Option<u64>)>,
     &'a str,
     &'a str,
     &'a str,
@@ -241,7 +242,7 @@ impl ChangeColumns {
     fn new(numbered: bool) -> ChangeColumns {
         ChangeColumns {
             seq: UInt64Builder::new(),
-            numbered: numbered.then(|| (UInt64Builder::new(), UInt64Builder::new())),
+            numbered: numbered.then(|| (UInt64Builder::new(), UInt64Builder::new(), UInt64Builder::new())),
             customer: StringBuilder::new(),
             kind: StringBuilder::new(),
             name: StringBuilder::new(),
@@ -253,10 +254,11 @@ impl ChangeColumns {
 
     fn push(&mut self, (seq, number, customer, kind, name, op, at, cause): ChangeRow<'_>) {
         self.seq.append_value(seq);
-        if let Some((partitions, pseqs)) = &mut self.numbered {
-            let (partition, pseq) = number.unwrap_or_default();
+        if let Some((partitions, pseqs, versions)) = &mut self.numbered {
+            let (partition, pseq, version) = number.unwrap_or_default();
             partitions.append_value(partition);
             pseqs.append_value(pseq);
+            versions.append_option(version);
         }
         self.customer.append_value(customer);
         self.kind.append_value(kind);
@@ -269,11 +271,13 @@ impl ChangeColumns {
     fn finish(mut self) -> Result<RecordBatch, ApiError> {
         let mut fields = vec![Field::new("seq", DataType::UInt64, false)];
         let mut arrays: Vec<ArrayRef> = vec![Arc::new(self.seq.finish())];
-        if let Some((mut partitions, mut pseqs)) = self.numbered.take() {
+        if let Some((mut partitions, mut pseqs, mut versions)) = self.numbered.take() {
             fields.push(Field::new("partition", DataType::UInt64, false));
             fields.push(Field::new("pseq", DataType::UInt64, false));
+            fields.push(Field::new("rules_version", DataType::UInt64, true));
             arrays.push(Arc::new(partitions.finish()));
             arrays.push(Arc::new(pseqs.finish()));
+            arrays.push(Arc::new(versions.finish()));
         }
         for (field, column) in [
             ("customer_id", &mut self.customer),
@@ -399,6 +403,7 @@ fn group_changes_table(
             let number = (
                 c["partition"].as_u64().unwrap_or_default(),
                 c["pseq"].as_u64().unwrap_or_default(),
+                c["rules_version"].as_u64(),
             );
             columns.push((
                 c["seq"].as_u64().unwrap_or_default(),

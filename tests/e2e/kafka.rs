@@ -1937,11 +1937,16 @@ fn three_nodes() -> ThreeNodes {
     assert_eq!(group_sql["customers"].as_i64(), Some(parts));
     let logged = sql(
         &b,
-        "select count(*) as n, count(distinct partition) as p from changes",
+        "select count(*) as n, count(distinct partition) as p, count(rules_version) as versioned, \
+        count(distinct rules_version) as versions from changes",
         false,
     );
     assert_eq!(logged["n"].as_u64(), Some(group_log.len() as u64));
     assert_eq!(logged["p"].as_u64(), Some(u64::from(PARTITIONS)));
+    // Each change names the rules it was made under: the run's first, and those after the
+    // saved segment and the rule change.
+    assert_eq!(logged["versioned"], logged["n"], "{logged}");
+    assert!(logged["versions"].as_u64() >= Some(2), "{logged}");
     b.stop();
     c.stop();
 
