@@ -205,7 +205,8 @@ pub fn restore(from: &Path, data_dir: &Path) -> anyhow::Result<ExitCode> {
 pub enum PartitionAction {
     /// Customers per partition.
     List,
-    /// Write one partition's customers (records, retained events, dedup entries) to a file.
+    /// Write one partition's customers (records, retained events, dedup entries, identity
+    /// entries; partition 0 of a group also its identity graph) to a file.
     Export {
         #[arg(long)]
         partition: u32,
@@ -271,24 +272,26 @@ pub fn partitions(
                 .and_then(|f| f.sync_all())
                 .with_context(|| format!("writing {}", out.display()))?;
             println!(
-                "exported partition {partition} of {partitions} to {}: {} customers, {} events, {} dedup entries",
+                "exported partition {partition} of {partitions} to {}: {} customers, {} events, {} dedup entries, {} identity entries",
                 out.display(),
                 summary.customers,
                 summary.events,
-                summary.dedup_entries
+                summary.dedup_entries,
+                summary.identity_entries
             );
         }
         PartitionAction::Import { file } => {
             let f = std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?;
             let summary = engine.import_partition(&mut std::io::BufReader::new(f))?;
             println!(
-                "imported partition {} of {} from {}: {} customers, {} events, {} dedup entries",
+                "imported partition {} of {} from {}: {} customers, {} events, {} dedup entries, {} identity entries",
                 summary.partition,
                 summary.partitions,
                 file.display(),
                 summary.customers,
                 summary.events,
-                summary.dedup_entries
+                summary.dedup_entries,
+                summary.identity_entries
             );
         }
         PartitionAction::Drop { partition } => {
