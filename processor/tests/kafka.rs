@@ -1039,6 +1039,38 @@ fn the_group_log_holds_each_numbered_change_once_in_order_and_resumes() {
     }
     let (log, _) = group_log(&reader, vec![3, 2], 10);
     assert_eq!(log, vec![(0, 4, "event".to_owned()), (1, 3, "event".to_owned())]);
+
+    // Under a number held: the same change made again (its cause and `at` aside), and
+    // other changes — made under other rules, or of another customer — counted apart; the
+    // first stays.
+    let record = |customer: &str, version: Option<u64>, at: i64, cause: &str| {
+        let mut json = serde_json::json!({
+            "seq": 99, "partition": 1, "pseq": 3, "customer_id": customer,
+            "tag": "t", "op": "add", "at": at, "cause": cause,
+        });
+        if let Some(version) = version {
+            json["rules_version"] = version.into();
+        }
+        processor::GroupRecord {
+            partition: 1,
+            pseq: 3,
+            at,
+            json: json.to_string().into_bytes(),
+        }
+    };
+    let outcome = reader
+        .group_log_append(
+            &[
+                record("c1", None, 701, "again"),
+                record("c1", Some(2), 700, "event"),
+                record("c9", None, 700, "event"),
+            ],
+            &BTreeMap::new(),
+        )
+        .unwrap();
+    assert_eq!((outcome.added, outcome.repeated, outcome.conflicting), (0, 3, 2));
+    let (log, _) = group_log(&reader, vec![3, 2], 10);
+    assert_eq!(log, vec![(0, 4, "event".to_owned()), (1, 3, "event".to_owned())]);
 }
 
 /// Partition `partition` of `topic`, every record in offset order (up to the end the broker

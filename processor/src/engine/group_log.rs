@@ -62,9 +62,38 @@ pub struct GroupAppend {
     pub added: usize,
     /// A `pseq` already held: a change made again after a take-over.
     pub repeated: usize,
+    /// Of those, the ones that are another change than the one held under their number
+    /// (another customer, definition, op or `rules_version`): a rule change that reached
+    /// a partition's old and new owner at different points of its input
+    /// (docs/cluster.md). The first stays; each is logged.
+    pub conflicting: usize,
     /// Records whose `pseq` skipped numbers after the partition's last: changes the topic
     /// never got (kept, and logged — they should not exist).
     pub gaps: usize,
+}
+
+/// Whether two changes as published (JSON) are one change made twice: the same customer,
+/// definition, op and rules version (`seq` is each node's; `at` may differ in wall-clock
+/// mode, `cause` where a node took the partition over).
+fn same_change(a: &[u8], b: &[u8]) -> bool {
+    const FIELDS: [&str; 8] = [
+        "customer_id",
+        "tag",
+        "segment",
+        "absorbed",
+        "split",
+        "op",
+        "rules_version",
+        "partition",
+    ];
+    let fields = |json: &[u8]| {
+        let value: serde_json::Value = serde_json::from_slice(json).ok()?;
+        Some(FIELDS.map(|f| value.get(f).cloned()))
+    };
+    match (fields(a), fields(b)) {
+        (Some(a), Some(b)) => a == b,
+        _ => a == b,
+    }
 }
 
 /// A page of the group log.
@@ -221,6 +250,21 @@ impl ReadHandle {
             };
             if held > 0 && record.pseq <= held {
                 outcome.repeated += 1;
+                let key = entry_key(record.partition, record.pseq);
+                // (Compared with the entry held, when retention left it.)
+                if let Some(kept) = self.store.get(CF_GROUP_CHANGES, &key)? {
+                    let kept = kept.get(8..).unwrap_or_default();
+                    if !same_change(kept, &record.json) {
+                        outcome.conflicting += 1;
+                        tracing::warn!(
+                            partition = record.partition,
+                            pseq = record.pseq,
+                            kept = %String::from_utf8_lossy(kept),
+                            left_out = %String::from_utf8_lossy(&record.json),
+                            "two different changes carry one number of a partition (a rule change while the partition moved between nodes); the group log keeps the first"
+                        );
+                    }
+                }
                 last.insert(record.partition, (first, held));
                 continue;
             }

@@ -139,7 +139,8 @@ fn read(consumer: BaseConsumer, topic: &str, reader: ReadHandle, stop: &AtomicBo
                     metrics::counter!("tagstream_group_log_records_total", "outcome" => outcome).increment(n)
                 };
                 counter("added", outcome.added as u64);
-                counter("repeated", outcome.repeated as u64);
+                counter("repeated", outcome.repeated as u64 - outcome.conflicting as u64);
+                counter("conflicting", outcome.conflicting as u64);
                 counter("gap", outcome.gaps as u64);
                 counter("skipped", skipped);
             }
