@@ -123,9 +123,9 @@ pub struct Change {
     /// seen.
     pub pseq: Option<(u32, u64)>,
     /// Beside `pseq`: the version of the rule set the change was made under. Two changes
-    /// with one `(partition, pseq)` are the same change when they carry the same version;
-    /// with different versions they are the two sides of a rule change that reached the
-    /// partition's old and new owner at different points of its input (docs/cluster.md).
+    /// with one `(partition, pseq)` and different versions are the two sides of a rule
+    /// change that reached the partition's old and new owner at different points of its
+    /// input (docs/cluster.md says when one number names one change).
     pub rules_version: Option<u64>,
     pub customer_id: Arc<str>,
     pub kind: MemberKind,

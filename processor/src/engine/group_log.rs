@@ -76,7 +76,7 @@ pub struct GroupAppend {
 /// definition, op and rules version (`seq` is each node's; `at` may differ in wall-clock
 /// mode, `cause` where a node took the partition over).
 fn same_change(a: &[u8], b: &[u8]) -> bool {
-    const FIELDS: [&str; 8] = [
+    const FIELDS: [&str; 7] = [
         "customer_id",
         "tag",
         "segment",
@@ -84,7 +84,6 @@ fn same_change(a: &[u8], b: &[u8]) -> bool {
         "split",
         "op",
         "rules_version",
-        "partition",
     ];
     let fields = |json: &[u8]| {
         let value: serde_json::Value = serde_json::from_slice(json).ok()?;

@@ -167,7 +167,7 @@ impl Engine {
 
     /// Keeps `raw`, read at `positions`, as a dead letter for `rejection`, the positions
     /// committed with it: a record of the events topic that is not what it is marked as.
-    pub fn dead_letter_at<S: AsRef<str>>(
+    pub(crate) fn dead_letter_at<S: AsRef<str>>(
         &mut self,
         raw: &[u8],
         rejection: Rejection,
