@@ -3157,23 +3157,26 @@ fn a_merge_by_hand_across_two_nodes_hands_the_absorbed_customer_over() {
 
     // Asked of the node that does not own the survivor: sent on to the one that does,
     // which has the absorbed customer handed over by its node.
-    let survivor_node = |p: u32| {
+    // The node not owning partition `p`.
+    let other_than_owner = |p: u32| {
         let cluster = request(&first.addr, "GET", "/v1/cluster", b"").json();
-        cluster["partitions"][p as usize]["owner"]
-            .as_str()
-            .unwrap()
-            .to_owned()
+        match cluster["partitions"][p as usize]["owner"] == format!("http://{}", first.addr) {
+            true => &second,
+            false => &first,
+        }
     };
-    let asked = match survivor_node(0) == format!("http://{}", first.addr) {
-        true => &second,
-        false => &first,
+    // `POST /v1/customers/{id}/{action}` with `ids`, asked of `node`.
+    let by_hand = |node: &Server, action: &str, id: &str, ids: &[&str]| {
+        let body = serde_json::json!({ "ids": ids }).to_string();
+        request(
+            &node.addr,
+            "POST",
+            &format!("/v1/customers/{id}/{action}"),
+            body.as_bytes(),
+        )
     };
-    let r = request(
-        &asked.addr,
-        "POST",
-        &format!("/v1/customers/{survivor}/merge"),
-        format!(r#"{{"ids":["{absorbed}"]}}"#).as_bytes(),
-    );
+    let asked = other_than_owner(0);
+    let r = by_hand(asked, "merge", &survivor, &[&absorbed]);
     assert_eq!(r.status, 200, "{}", r.text());
     let answer = r.json();
     assert_eq!(answer["customer_id"], survivor.as_str(), "{answer}");
@@ -3224,14 +3227,7 @@ fn a_merge_by_hand_across_two_nodes_hands_the_absorbed_customer_over() {
     // splits the graph, the survivor's node splits the events off (the one named by the
     // absorbed id after the merge included) and the absorbed customer's node takes them
     // back.
-    let unmerge = |node: &Server| {
-        request(
-            &node.addr,
-            "POST",
-            &format!("/v1/customers/{survivor}/unmerge"),
-            format!(r#"{{"ids":["{absorbed}"]}}"#).as_bytes(),
-        )
-    };
+    let unmerge = |node: &Server| by_hand(node, "unmerge", &survivor, &[&absorbed]);
     let r = unmerge(asked);
     assert_eq!(r.status, 200, "{}", r.text());
     let answer = r.json();
@@ -3274,12 +3270,7 @@ fn a_merge_by_hand_across_two_nodes_hands_the_absorbed_customer_over() {
     assert_eq!(unmerges, 1, "one unmerge, in the survivor's change log");
     // The other way round, joined again by hand: the survivor's node (partition 1's) does
     // not hold the graph, and checks the unmerge against partition 0's owner.
-    let r = request(
-        &first.addr,
-        "POST",
-        &format!("/v1/customers/{absorbed}/merge"),
-        format!(r#"{{"ids":["{survivor}"]}}"#).as_bytes(),
-    );
+    let r = by_hand(&first, "merge", &absorbed, &[&survivor]);
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(ltv(&second, &survivor), Some((absorbed.clone(), "5100".into())));
     // Its view names both as the graph has them, asked of either node (the survivor's node
@@ -3290,25 +3281,11 @@ fn a_merge_by_hand_across_two_nodes_hands_the_absorbed_customer_over() {
             serde_json::from_value(r.json()["identifiers"]["customer_id"].clone()).unwrap();
         assert_eq!(names, [absorbed.clone(), survivor.clone()].into(), "{}", r.text());
     }
-    let r = request(
-        &first.addr,
-        "POST",
-        &format!("/v1/customers/{absorbed}/unmerge"),
-        format!(r#"{{"ids":["{survivor}", "nosuch"]}}"#).as_bytes(),
-    );
+    let r = by_hand(&first, "unmerge", &absorbed, &[&survivor, "nosuch"]);
     assert_eq!(r.status, 409, "{}", r.text());
-    // Asked of the node owning partition 0 (the graph): sent on to the survivor's node,
-    // which asks partition 0's owner for the graph's names.
-    let graph_node = match survivor_node(1) == format!("http://{}", first.addr) {
-        true => &second,
-        false => &first,
-    };
-    let r = request(
-        &graph_node.addr,
-        "POST",
-        &format!("/v1/customers/{absorbed}/unmerge"),
-        format!(r#"{{"ids":["{survivor}"]}}"#).as_bytes(),
-    );
+    // Asked of the node not owning the survivor's partition (1): sent on to the one that
+    // does, which asks partition 0's owner for the graph's names.
+    let r = by_hand(other_than_owner(1), "unmerge", &absorbed, &[&survivor]);
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(
         r.json()["split_off"],
